@@ -1,0 +1,109 @@
+//! The one error type of the `dsm` crate. Messages name the rank, the address or page, and what to do.
+
+use crate::types::{GlobalAddr, Rank};
+use nix::errno::Errno;
+
+/// Everything that can go wrong in the shared memory layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DsmError {
+    /// userfaultfd(2) refused.
+    #[error("userfaultfd is not permitted ({0}): run as root or set vm.unprivileged_userfaultfd=1")]
+    UffdNotPermitted(Errno),
+    /// userfaultfd exists but lacks a feature this crate needs.
+    #[error("userfaultfd on this kernel lacks {what}: dsm needs Linux 5.7 or newer with userfaultfd write-protect support")]
+    UffdUnsupported {
+        /// The missing feature.
+        what: &'static str,
+    },
+    /// A system call failed.
+    #[error("{call} failed: {errno}")]
+    Sys {
+        /// The call and its arguments, as far as they explain the failure.
+        call: String,
+        /// The error number.
+        errno: Errno,
+    },
+    /// The shared arena could not be placed at the address rank 0 chose.
+    #[error("{rank} cannot map the shared arena at {addr} ({size} bytes): {errno}; set DSM_ARENA_BASE to a free address range, or a smaller DSM_ARENA_SIZE")]
+    ArenaUnavailable {
+        /// The rank that failed.
+        rank: Rank,
+        /// The base rank 0 chose.
+        addr: GlobalAddr,
+        /// The arena size.
+        size: usize,
+        /// Why mmap refused.
+        errno: Errno,
+    },
+    /// A collective allocation does not fit in the arena.
+    #[error("allocating {requested} bytes exceeds the shared arena ({available} bytes left of {size}); set DSM_ARENA_SIZE larger")]
+    ArenaExhausted {
+        /// Bytes asked for (rounded to pages).
+        requested: usize,
+        /// Bytes left.
+        available: usize,
+        /// The arena's size.
+        size: usize,
+    },
+    /// Ranks called a collective operation with different arguments or in a different order.
+    #[error("collective mismatch: {rank} called {what} differently from rank 0 (every rank must allocate the same regions in the same order)")]
+    CollectiveMismatch {
+        /// The first rank that disagreed.
+        rank: Rank,
+        /// The operation.
+        what: &'static str,
+    },
+    /// A peer died or its connection broke.
+    #[error("{rank} failed: {reason}")]
+    PeerFailed {
+        /// The rank that is gone.
+        rank: Rank,
+        /// What was observed.
+        reason: String,
+    },
+    /// A peer sent something that does not parse or does not fit the protocol.
+    #[error("protocol error from {rank}: {what}")]
+    Protocol {
+        /// The peer.
+        rank: Rank,
+        /// What was wrong.
+        what: String,
+    },
+    /// A connection did not present the job's token.
+    #[error("connection refused: {0}")]
+    BadHandshake(String),
+    /// A configuration value is out of range or malformed.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Regions need each rank in its own process.
+    #[error("shared regions need one rank per process; the in-process transport supports messaging, locks and barriers only")]
+    RegionsNeedProcesses,
+    /// An I/O error with context.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Results of this crate.
+pub type Result<T, E = DsmError> = std::result::Result<T, E>;
+
+impl DsmError {
+    pub(crate) fn sys(call: impl Into<String>, errno: Errno) -> DsmError {
+        DsmError::Sys {
+            call: call.into(),
+            errno,
+        }
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> DsmError {
+        DsmError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! dsm: distributed shared memory for Rust.
+pub mod protocol;
+pub mod types;

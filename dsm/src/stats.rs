@@ -1,0 +1,167 @@
+//! Per-rank counters and the fault-latency histogram. Counters are relaxed atomics bumped on the fault path
+//! (no allocation, no lock: safe inside the SIGBUS handler); `Stats` is the snapshot users read.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Histogram buckets: bucket `i` counts latencies in `[2^i, 2^(i+1))` microseconds; bucket 0 also holds 0 us.
+pub const LATENCY_BUCKETS: usize = 24;
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) read_faults: AtomicU64,
+    pub(crate) write_faults: AtomicU64,
+    pub(crate) upgrade_faults: AtomicU64,
+    pub(crate) pages_fetched: AtomicU64,
+    pub(crate) pages_sent: AtomicU64,
+    pub(crate) pages_readahead: AtomicU64,
+    pub(crate) invalidations: AtomicU64,
+    pub(crate) messages_sent: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
+    pub(crate) messages_received: AtomicU64,
+    pub(crate) bytes_received: AtomicU64,
+    pub(crate) lock_acquires: AtomicU64,
+    pub(crate) lock_wait_ns: AtomicU64,
+    pub(crate) barriers: AtomicU64,
+    pub(crate) barrier_wait_ns: AtomicU64,
+    pub(crate) fault_ns: AtomicU64,
+    pub(crate) latency: [AtomicU64; LATENCY_BUCKETS],
+}
+
+impl Counters {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn record_fault_latency(&self, nanos: u64) {
+        self.fault_ns.fetch_add(nanos, Relaxed);
+        let us = nanos / 1000;
+        let bucket = (64 - us.leading_zeros() as usize).saturating_sub(1).min(LATENCY_BUCKETS - 1);
+        self.latency[bucket].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        Stats {
+            read_faults: g(&self.read_faults),
+            write_faults: g(&self.write_faults),
+            upgrade_faults: g(&self.upgrade_faults),
+            pages_fetched: g(&self.pages_fetched),
+            pages_sent: g(&self.pages_sent),
+            pages_readahead: g(&self.pages_readahead),
+            invalidations: g(&self.invalidations),
+            messages_sent: g(&self.messages_sent),
+            bytes_sent: g(&self.bytes_sent),
+            messages_received: g(&self.messages_received),
+            bytes_received: g(&self.bytes_received),
+            lock_acquires: g(&self.lock_acquires),
+            lock_wait_ns: g(&self.lock_wait_ns),
+            barriers: g(&self.barriers),
+            barrier_wait_ns: g(&self.barrier_wait_ns),
+            fault_ns: g(&self.fault_ns),
+            latency_us_log2: std::array::from_fn(|i| g(&self.latency[i])),
+        }
+    }
+}
+
+/// A snapshot of one rank's counters (`Dsm::stats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Faults on a page with no copy here, by a load.
+    pub read_faults: u64,
+    /// Faults on a page with no copy here, by a store.
+    pub write_faults: u64,
+    /// Stores to a read-only copy (write-protect faults).
+    pub upgrade_faults: u64,
+    /// Pages received from other ranks (including read-ahead).
+    pub pages_fetched: u64,
+    /// Pages sent to other ranks.
+    pub pages_sent: u64,
+    /// Pages fetched ahead of a fault by sequential read-ahead.
+    pub pages_readahead: u64,
+    /// Copies dropped here at another rank's request.
+    pub invalidations: u64,
+    /// Frames sent.
+    pub messages_sent: u64,
+    /// Bytes sent, frame headers included.
+    pub bytes_sent: u64,
+    /// Frames received.
+    pub messages_received: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Distributed lock acquisitions.
+    pub lock_acquires: u64,
+    /// Time spent waiting for locks, in nanoseconds.
+    pub lock_wait_ns: u64,
+    /// Barriers passed.
+    pub barriers: u64,
+    /// Time spent in barriers, in nanoseconds.
+    pub barrier_wait_ns: u64,
+    /// Total time spent resolving faults, in nanoseconds.
+    pub fault_ns: u64,
+    /// Fault latency histogram: entry `i` counts faults that took `[2^i, 2^(i+1))` microseconds.
+    pub latency_us_log2: [u64; LATENCY_BUCKETS],
+}
+
+impl Stats {
+    /// All faults resolved by this rank.
+    pub fn faults(&self) -> u64 {
+        self.read_faults + self.write_faults + self.upgrade_faults
+    }
+
+    /// An upper bound of the fault latency quantile `q` (0..=1) in microseconds, from the histogram.
+    pub fn fault_latency_quantile_us(&self, q: f64) -> Option<u64> {
+        let total: u64 = self.latency_us_log2.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let target = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.latency_us_log2.iter().enumerate() {
+            seen += n;
+            if seen >= target {
+                return Some(1u64 << (i + 1));
+            }
+        }
+        None
+    }
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mean_us = if self.faults() > 0 {
+            self.fault_ns as f64 / self.faults() as f64 / 1000.0
+        } else {
+            0.0
+        };
+        writeln!(
+            f,
+            "faults: {} read, {} write, {} upgrade; mean {:.1} us, p50 < {} us, p99 < {} us",
+            self.read_faults,
+            self.write_faults,
+            self.upgrade_faults,
+            mean_us,
+            self.fault_latency_quantile_us(0.5).unwrap_or(0),
+            self.fault_latency_quantile_us(0.99).unwrap_or(0)
+        )?;
+        writeln!(
+            f,
+            "pages: {} fetched ({} read-ahead), {} sent, {} invalidated here",
+            self.pages_fetched, self.pages_readahead, self.pages_sent, self.invalidations
+        )?;
+        writeln!(
+            f,
+            "wire: {} messages / {} bytes sent, {} messages / {} bytes received",
+            self.messages_sent, self.bytes_sent, self.messages_received, self.bytes_received
+        )?;
+        write!(
+            f,
+            "sync: {} lock acquires ({:.3} ms waiting), {} barriers ({:.3} ms waiting)",
+            self.lock_acquires,
+            self.lock_wait_ns as f64 / 1e6,
+            self.barriers,
+            self.barrier_wait_ns as f64 / 1e6
+        )
+    }
+}

@@ -1,0 +1,162 @@
+//! Fault handling on userfaultfd: the descriptor, registration of regions, and the raw operations that
+//! resolve a fault (`UFFDIO_COPY` with or without write-protect, `UFFDIO_WRITEPROTECT`, `MADV_DONTNEED`).
+//!
+//! The operations here are plain system calls on pre-checked arguments: no allocation and no lock, so the
+//! SIGBUS handler (`signal`) may call them. This folder and `region` are the only places with `unsafe` that
+//! touches memory or the kernel; callers uphold one rule stated on each function: the address range is page
+//! aligned and inside a registered region.
+
+pub(crate) mod futex;
+pub(crate) mod signal;
+
+use crate::error::{DsmError, Result};
+use nix::errno::Errno;
+use std::os::fd::{AsRawFd, RawFd};
+use userfaultfd::{FeatureFlags, RegisterMode, UffdBuilder};
+use userfaultfd_sys as sys;
+
+/// A userfaultfd in SIGBUS mode: faults are delivered as SIGBUS to the faulting thread, which resolves them
+/// itself through the operations below.
+#[derive(Debug)]
+pub(crate) struct Uffd {
+    inner: userfaultfd::Uffd,
+}
+
+impl Uffd {
+    /// Opens a userfaultfd with `UFFD_FEATURE_SIGBUS`, failing with a message that says what to do.
+    pub(crate) fn open() -> Result<Uffd> {
+        let inner = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(true)
+            .require_features(FeatureFlags::SIGBUS)
+            .create()
+            .map_err(|e| match e {
+                userfaultfd::Error::SystemError(errno) if matches!(errno, Errno::EPERM | Errno::EACCES) => {
+                    DsmError::UffdNotPermitted(errno)
+                }
+                userfaultfd::Error::UnsupportedFeatures(_) => DsmError::UffdUnsupported {
+                    what: "UFFD_FEATURE_SIGBUS",
+                },
+                userfaultfd::Error::SystemError(errno) => DsmError::sys("userfaultfd(2)", errno),
+                other => DsmError::sys(format!("userfaultfd(2): {other}"), Errno::EINVAL),
+            })?;
+        Ok(Uffd { inner })
+    }
+
+    /// Registers `[addr, addr + len)` for missing and write-protect faults.
+    pub(crate) fn register(&self, addr: usize, len: usize) -> Result<()> {
+        let ioctls = self
+            .inner
+            .register_with_mode(
+                addr as *mut libc::c_void,
+                len,
+                RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
+            )
+            .map_err(|e| match e {
+                userfaultfd::Error::SystemError(Errno::EINVAL) => DsmError::UffdUnsupported {
+                    what: "write-protect registration of anonymous memory",
+                },
+                userfaultfd::Error::SystemError(errno) => {
+                    DsmError::sys(format!("UFFDIO_REGISTER of {addr:#x}+{len:#x}"), errno)
+                }
+                other => DsmError::sys(format!("UFFDIO_REGISTER: {other}"), Errno::EINVAL),
+            })?;
+        if !ioctls.contains(userfaultfd::IoctlFlags::WRITE_PROTECT) {
+            return Err(DsmError::UffdUnsupported {
+                what: "UFFDIO_WRITEPROTECT",
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
+/// Installs `len` bytes from `src` at `dst`, read-only when `write_protect`. Pages that are already present
+/// (`EEXIST`: a concurrent install won) are skipped; `EAGAIN` (the mapping changed meanwhile) is retried.
+///
+/// # Safety
+/// `dst..dst+len` is page aligned and inside a range registered on `fd`; `src` is readable for `len` bytes
+/// and is not inside a registered range.
+pub(crate) unsafe fn copy(fd: RawFd, dst: usize, src: *const u8, len: usize, write_protect: bool) -> Result<(), Errno> {
+    let page = crate::types::PAGE_SIZE;
+    let mut done = 0usize;
+    while done < len {
+        let mut arg = sys::uffdio_copy {
+            dst: (dst + done) as u64,
+            src: src as u64 + done as u64,
+            len: (len - done) as u64,
+            mode: if write_protect { sys::UFFDIO_COPY_MODE_WP } else { 0 },
+            copy: 0,
+        };
+        // SAFETY: the caller guarantees that the destination is registered on `fd` and the source readable;
+        // `arg` is a valid uffdio_copy that lives across the call.
+        let rc = unsafe { libc::ioctl(fd, sys::UFFDIO_COPY as _, &mut arg) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let errno = Errno::last();
+        if arg.copy > 0 {
+            done += arg.copy as usize;
+            continue;
+        }
+        match errno {
+            Errno::EEXIST => done += page,
+            Errno::EAGAIN | Errno::EINTR => continue,
+            e => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Sets (`protect`) or clears write protection on `[addr, addr + len)`.
+pub(crate) fn write_protect(fd: RawFd, addr: usize, len: usize, protect: bool) -> Result<(), Errno> {
+    let mut arg = sys::uffdio_writeprotect {
+        range: sys::uffdio_range {
+            start: addr as u64,
+            len: len as u64,
+        },
+        mode: if protect { sys::UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+    };
+    loop {
+        // SAFETY: UFFDIO_WRITEPROTECT only changes page protection bits of a registered range; it neither
+        // reads nor writes memory through `addr`, and `arg` is valid across the call.
+        let rc = unsafe { libc::ioctl(fd, sys::UFFDIO_WRITEPROTECT as _, &mut arg) };
+        if rc == 0 {
+            return Ok(());
+        }
+        match Errno::last() {
+            Errno::EAGAIN | Errno::EINTR => continue,
+            e => return Err(e),
+        }
+    }
+}
+
+/// Drops the pages of `[addr, addr + len)`: the next access faults as missing.
+pub(crate) fn discard(addr: usize, len: usize) -> Result<(), Errno> {
+    // SAFETY: MADV_DONTNEED on a private anonymous range that this crate mapped; the content is either no
+    // longer needed or was read out by the caller. No Rust reference into the range is held by this crate.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
+}
+
+/// Copies `out.len()` bytes of a present page range starting at `addr` into `out`.
+///
+/// # Safety
+/// `addr..addr+out.len()` is present here (ReadOnly or ReadWrite, so reading it cannot fault) and no other
+/// thread writes it during the copy (it is write-protected, or the caller serializes writers).
+pub(crate) unsafe fn read_present(addr: usize, out: &mut [u8]) {
+    // SAFETY: guaranteed by the caller: the source is mapped, present and not concurrently written; `out` is a
+    // distinct unregistered buffer.
+    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) }
+}
+
+/// Pages of zeros for installing untouched pages.
+pub(crate) static ZERO_PAGE: [u8; crate::types::PAGE_SIZE] = [0; crate::types::PAGE_SIZE];

@@ -1,0 +1,92 @@
+//! The SIGBUS entry point. With `UFFD_FEATURE_SIGBUS` the kernel delivers missing and write-protect faults
+//! on registered memory as SIGBUS to the faulting thread; the thread resolves its own fault (one wake-up
+//! fewer each way than a handler thread). A SIGBUS whose address is not in a region of ours goes on to the
+//! handler installed before ours, or to the default action.
+//!
+//! Everything reached from `on_sigbus` must be async-signal-safe: no allocation, no lock that the interrupted
+//! code could hold. SIGBUS here is synchronous (raised by the faulting instruction), and the crate never
+//! touches registered memory while it holds a lock, so the locks the resolver takes are never held by the
+//! interrupted frame.
+
+use crate::error::{DsmError, Result};
+use nix::errno::Errno;
+use std::sync::OnceLock;
+
+/// Resolves a fault at `addr` (`write`: the access was a store). Returns false when the address is not ours.
+pub(crate) type Resolver = fn(addr: usize, write: bool) -> bool;
+
+static RESOLVER: OnceLock<Resolver> = OnceLock::new();
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+
+/// Installs the SIGBUS handler once per process; later calls return at once.
+pub(crate) fn install(resolver: Resolver) -> Result<()> {
+    if RESOLVER.set(resolver).is_err() {
+        return Ok(());
+    }
+    // SAFETY: a zeroed sigaction is a valid "no handler" value; we fill the fields sigaction(2) reads.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_sigbus as *const () as usize;
+    action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+    // SAFETY: `action.sa_mask` is a valid sigset_t to initialize.
+    unsafe { libc::sigemptyset(&mut action.sa_mask) };
+    // SAFETY: a zeroed sigaction is valid storage for the previous action.
+    let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to valid sigaction structs; `on_sigbus` has the SA_SIGINFO signature.
+    let rc = unsafe { libc::sigaction(libc::SIGBUS, &action, &mut previous) };
+    if rc != 0 {
+        return Err(DsmError::sys("sigaction(SIGBUS)", Errno::last()));
+    }
+    let _ = PREVIOUS.set(previous);
+    Ok(())
+}
+
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler; si_addr is valid for SIGBUS.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    // SAFETY: for an SA_SIGINFO handler on x86-64 Linux, `ctx` points to the interrupted ucontext_t. Bit 1 of
+    // the page-fault error code (REG_ERR) is set for a write access.
+    let write = unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_ERR as usize] } & 2 != 0;
+    if let Some(resolve) = RESOLVER.get() {
+        if resolve(addr, write) {
+            return;
+        }
+    }
+    chain(sig, info, ctx);
+}
+
+/// Passes a SIGBUS that is not ours to the previous handler, or restores the default action so that
+/// returning re-raises it on the faulting instruction.
+fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    if let Some(prev) = PREVIOUS.get() {
+        let h = prev.sa_sigaction;
+        if h != libc::SIG_DFL && h != libc::SIG_IGN {
+            if prev.sa_flags & libc::SA_SIGINFO != 0 {
+                // SAFETY: the previous handler was installed with SA_SIGINFO, so it has this signature.
+                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                    unsafe { std::mem::transmute(h) };
+                f(sig, info, ctx);
+            } else {
+                // SAFETY: a handler installed without SA_SIGINFO takes the signal number only.
+                let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(h) };
+                f(sig);
+            }
+            return;
+        }
+    }
+    // SAFETY: resetting SIGBUS to its default disposition with a zeroed (empty-mask) sigaction.
+    unsafe {
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut());
+    }
+}
+
+/// Writes `msg` to stderr and ends the process: the way out of a fault that cannot be resolved (the memory
+/// access cannot return an error). Async-signal-safe.
+pub(crate) fn fatal(msg: &[u8]) -> ! {
+    // SAFETY: write(2) of a valid buffer to fd 2 and _exit(2) are async-signal-safe.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(70)
+    }
+}
