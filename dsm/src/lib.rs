@@ -1,3 +1,28 @@
-//! dsm: distributed shared memory for Rust.
+//! dsm: distributed shared memory for Rust. Processes on one machine or across a cluster map one shared
+//! address space; a userfaultfd page-fault handler fetches and invalidates pages so that every rank sees
+//! every other's writes under sequential consistency (single writer / multiple readers).
+//!
+//! Parts: `region` (mapping, allocation, typed views), `uffd` (fault delivery and the raw operations that
+//! resolve faults), `fault` (resolving a fault in the faulting thread), `protocol` (coherence as pure state
+//! machines), `engine` (the service loop that answers other ranks), `channel` and `transport` (connections
+//! and frames), `wire` (messages), `stats`. Programs normally join a job through `dsm-runtime`.
+
 pub mod protocol;
+pub mod transport;
 pub mod types;
+
+mod channel;
+mod dsm;
+mod engine;
+mod error;
+mod fault;
+mod region;
+mod stats;
+mod uffd;
+mod wire;
+
+pub use crate::dsm::{Dsm, DsmBuilder, FailurePolicy, LockGuard};
+pub use crate::error::{DsmError, Result};
+pub use crate::region::{GlobalVec, Placement, Region};
+pub use crate::stats::{Stats, LATENCY_BUCKETS};
+pub use crate::types::{GlobalAddr, PageId, Rank, PAGE_SIZE};

@@ -32,13 +32,14 @@ impl Uffd {
             .require_features(FeatureFlags::SIGBUS)
             .create()
             .map_err(|e| match e {
-                userfaultfd::Error::SystemError(errno) if matches!(errno, Errno::EPERM | Errno::EACCES) => {
-                    DsmError::UffdNotPermitted(errno)
-                }
-                userfaultfd::Error::UnsupportedFeatures(_) => DsmError::UffdUnsupported {
-                    what: "UFFD_FEATURE_SIGBUS",
+                userfaultfd::Error::SystemError(errno) => match Errno::from_raw(errno as i32) {
+                    Errno::EPERM | Errno::EACCES => DsmError::UffdNotPermitted(Errno::from_raw(errno as i32)),
+                    // The API handshake refuses features the kernel lacks with EINVAL.
+                    Errno::EINVAL => DsmError::UffdUnsupported {
+                        what: "UFFD_FEATURE_SIGBUS",
+                    },
+                    other => DsmError::sys("userfaultfd(2)", other),
                 },
-                userfaultfd::Error::SystemError(errno) => DsmError::sys("userfaultfd(2)", errno),
                 other => DsmError::sys(format!("userfaultfd(2): {other}"), Errno::EINVAL),
             })?;
         Ok(Uffd { inner })
@@ -54,11 +55,11 @@ impl Uffd {
                 RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
             )
             .map_err(|e| match e {
-                userfaultfd::Error::SystemError(Errno::EINVAL) => DsmError::UffdUnsupported {
+                userfaultfd::Error::SystemError(errno) if errno as i32 == libc::EINVAL => DsmError::UffdUnsupported {
                     what: "write-protect registration of anonymous memory",
                 },
                 userfaultfd::Error::SystemError(errno) => {
-                    DsmError::sys(format!("UFFDIO_REGISTER of {addr:#x}+{len:#x}"), errno)
+                    DsmError::sys(format!("UFFDIO_REGISTER of {addr:#x}+{len:#x}"), Errno::from_raw(errno as i32))
                 }
                 other => DsmError::sys(format!("UFFDIO_REGISTER: {other}"), Errno::EINVAL),
             })?;
@@ -145,17 +146,6 @@ pub(crate) fn discard(addr: usize, len: usize) -> Result<(), Errno> {
     } else {
         Err(Errno::last())
     }
-}
-
-/// Copies `out.len()` bytes of a present page range starting at `addr` into `out`.
-///
-/// # Safety
-/// `addr..addr+out.len()` is present here (ReadOnly or ReadWrite, so reading it cannot fault) and no other
-/// thread writes it during the copy (it is write-protected, or the caller serializes writers).
-pub(crate) unsafe fn read_present(addr: usize, out: &mut [u8]) {
-    // SAFETY: guaranteed by the caller: the source is mapped, present and not concurrently written; `out` is a
-    // distinct unregistered buffer.
-    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) }
 }
 
 /// Pages of zeros for installing untouched pages.

@@ -1,0 +1,158 @@
+//! Channels: the requester side of every exchange. A channel holds one connection to each rank's service
+//! loop and the buffers to receive into; a thread claims a channel, sends requests, reads the replies on
+//! the same connections (so a reply wakes the waiting thread directly), and gives the channel back.
+//!
+//! Claiming is a `try_lock` over a small pool and the I/O is plain system calls into pre-allocated buffers:
+//! the fault path uses channels from the SIGBUS handler. Never touch shared-region memory while holding a
+//! channel.
+
+use crate::stats::Counters;
+use crate::types::{Rank, PAGE_SIZE};
+use crate::wire::{self, FrameError, Reply, Request, MAX_HEADER, PREFIX};
+use nix::errno::Errno;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, TryLockError};
+
+/// Why a receive failed.
+#[derive(Debug)]
+pub(crate) enum RecvError {
+    /// The peer closed the connection.
+    Eof,
+    /// A system call failed.
+    Sys(Errno),
+    /// The frame is malformed.
+    Frame(FrameError),
+}
+
+impl std::fmt::Display for RecvError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecvError::Eof => write!(f, "connection closed"),
+            RecvError::Sys(e) => write!(f, "{e}"),
+            RecvError::Frame(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Writes one frame: `msg`'s header, then the payload slices. Blocks until all is written.
+pub(crate) fn write_frame<T: serde::Serialize>(fd: BorrowedFd<'_>, msg: &T, payload: &[&[u8]], counters: &Counters) -> Result<(), Errno> {
+    let mut head = [0u8; PREFIX + MAX_HEADER];
+    let payload_len: usize = payload.iter().map(|p| p.len()).sum();
+    let n = wire::encode(msg, payload_len, &mut head);
+    let mut slices = [IoSlice::new(&[]); 4];
+    slices[0] = IoSlice::new(&head[..n]);
+    let count = 1 + payload.len().min(3);
+    for (s, p) in slices[1..count].iter_mut().zip(payload) {
+        *s = IoSlice::new(p);
+    }
+    let mut bufs: &mut [IoSlice<'_>] = &mut slices[..count];
+    let total = n + payload_len;
+    while !bufs.is_empty() {
+        match nix::sys::uio::writev(fd, bufs) {
+            Ok(w) => IoSlice::advance_slices(&mut bufs, w),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Counters::add(&counters.messages_sent, 1);
+    Counters::add(&counters.bytes_sent, total as u64);
+    Ok(())
+}
+
+/// Fills `buf` from a blocking descriptor.
+pub(crate) fn read_exact(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(), RecvError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::unistd::read(fd, &mut buf[got..]) {
+            Ok(0) => return Err(RecvError::Eof),
+            Ok(n) => got += n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(RecvError::Sys(e)),
+        }
+    }
+    Ok(())
+}
+
+/// One channel's connections and buffers.
+#[derive(Debug)]
+pub(crate) struct Channel {
+    fds: Vec<OwnedFd>,
+    rx: Vec<u8>,
+    /// Holds a page across receives (a grant's page while the owner's reply is read).
+    pub(crate) page: Vec<u8>,
+}
+
+impl Channel {
+    /// Sends `req` with `payload` to `to`.
+    pub(crate) fn send(&self, counters: &Counters, to: Rank, req: &Request, payload: &[&[u8]]) -> Result<(), Errno> {
+        write_frame(self.fds[to.index()].as_fd(), req, payload, counters)
+    }
+
+    /// Receives the next reply from `from`. Returns the reply, its payload (borrowing the receive buffer)
+    /// and the channel's page buffer, so that a caller can keep a page across further receives.
+    pub(crate) fn recv(&mut self, counters: &Counters, from: Rank) -> Result<(Reply, &[u8], &mut [u8]), RecvError> {
+        let fd = self.fds[from.index()].as_fd();
+        let mut len = [0u8; 4];
+        read_exact(fd, &mut len)?;
+        let n = wire::body_len(len, self.rx.len()).map_err(RecvError::Frame)?;
+        read_exact(fd, &mut self.rx[..n])?;
+        Counters::add(&counters.messages_received, 1);
+        Counters::add(&counters.bytes_received, 4 + n as u64);
+        let (reply, payload) = wire::decode(&self.rx[..n]).map_err(RecvError::Frame)?;
+        Ok((reply, payload, &mut self.page))
+    }
+
+    /// Sends `req` to `to` and waits for its reply.
+    pub(crate) fn call(&mut self, counters: &Counters, to: Rank, req: &Request) -> Result<(Reply, &[u8], &mut [u8]), RecvError> {
+        self.send(counters, to, req, &[]).map_err(RecvError::Sys)?;
+        self.recv(counters, to)
+    }
+}
+
+/// The pool of channels of one rank.
+#[derive(Debug)]
+pub(crate) struct Channels {
+    slots: Box<[Mutex<Channel>]>,
+    next: AtomicUsize,
+}
+
+impl Channels {
+    /// Builds the pool from `outgoing[channel][rank]`; each channel can receive up to `max_pages` pages.
+    pub(crate) fn new(outgoing: Vec<Vec<OwnedFd>>, max_pages: usize) -> Channels {
+        let rx_len = 2 + MAX_HEADER + max_pages * PAGE_SIZE;
+        Channels {
+            slots: outgoing
+                .into_iter()
+                .map(|fds| {
+                    Mutex::new(Channel {
+                        fds,
+                        rx: vec![0; rx_len],
+                        page: vec![0; PAGE_SIZE],
+                    })
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Every channel, one after the other (for shutdown).
+    pub(crate) fn all(&self) -> impl Iterator<Item = MutexGuard<'_, Channel>> {
+        self.slots.iter().map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Takes a free channel, waiting for one when all are in use.
+    pub(crate) fn claim(&self) -> MutexGuard<'_, Channel> {
+        let n = self.slots.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        for i in 0..n {
+            match self.slots[(start + i) % n].try_lock() {
+                Ok(g) => return g,
+                Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        self.slots[start].lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

@@ -1,0 +1,498 @@
+//! The `Dsm` handle: one rank's membership in a job. It owns the channels, the service loop, the arena and
+//! the userfaultfd, and offers collective allocation, barriers, distributed locks and statistics. Dropping
+//! it ends the rank's part in the job: a final barrier, `Goodbye` to every peer, and the service loop stops.
+
+use crate::channel::{Channels, RecvError};
+use crate::engine::{Engine, MAX_READAHEAD};
+use crate::error::{DsmError, Result};
+use crate::region::{Arena, GlobalVec, Placement, Region, RegionShared};
+use crate::stats::{Counters, Stats};
+use crate::transport::{local::local_cluster, Transport};
+use crate::types::{Rank, PAGE_SIZE};
+use crate::uffd::{self, Uffd};
+use crate::wire::{Reply, Request};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// What a rank does when another rank of the job fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Print an error naming the failed rank and exit with status 70 (the default: nothing hangs).
+    #[default]
+    Exit,
+    /// Record the failure (`Dsm::failed_ranks`) and fail the operations that depend on that rank; the
+    /// program decides. Locks held by the failed rank stay held.
+    Report,
+}
+
+/// State shared by the application threads, the fault handler and the service loop of one rank.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) me: Rank,
+    pub(crate) size: usize,
+    pub(crate) channels: Channels,
+    pub(crate) counters: Counters,
+    pub(crate) readahead: u32,
+    pub(crate) waker: EventFd,
+    pub(crate) stop: AtomicBool,
+    pub(crate) failed: Vec<AtomicBool>,
+    pub(crate) policy: FailurePolicy,
+    uffd: OnceLock<Uffd>,
+    regions: RwLock<Vec<Option<Weak<RegionShared>>>>,
+    arena: Mutex<Option<Arena>>,
+    arena_base: Option<usize>,
+    arena_size: usize,
+    epoch: AtomicU64,
+    in_process: bool,
+}
+
+impl Shared {
+    pub(crate) fn uffd(&self) -> Result<&Uffd> {
+        if let Some(u) = self.uffd.get() {
+            return Ok(u);
+        }
+        let u = Uffd::open()?;
+        uffd::signal::install(crate::fault::on_fault)?;
+        let _ = self.uffd.set(u);
+        Ok(self.uffd.get().expect("set just above"))
+    }
+
+    pub(crate) fn wake_service(&self) {
+        let _ = self.waker.write(1);
+    }
+
+    pub(crate) fn region(&self, id: u32) -> Option<Arc<RegionShared>> {
+        let regions = self.regions.read().unwrap_or_else(|p| p.into_inner());
+        regions.get(id as usize)?.as_ref()?.upgrade()
+    }
+
+    pub(crate) fn forget_region(&self, id: u32) {
+        let mut regions = self.regions.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = regions.get_mut(id as usize) {
+            *r = None;
+        }
+    }
+
+    pub(crate) fn arena_base(&self) -> Option<(usize, usize)> {
+        let arena = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+        arena.as_ref().map(|a| (a.base, a.size))
+    }
+
+    fn peer_error(&self, rank: Rank, e: RecvError) -> DsmError {
+        DsmError::PeerFailed {
+            rank,
+            reason: e.to_string(),
+        }
+    }
+
+    /// A barrier whose `tag` must be equal on every rank.
+    pub(crate) fn barrier_tagged(&self, tag: u64) -> Result<(), DsmError> {
+        let t0 = Instant::now();
+        let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
+        let root = Rank(0);
+        let mut ch = self.channels.claim();
+        let (reply, _, _) = ch
+            .call(&self.counters, root, &Request::Barrier { epoch, tag })
+            .map_err(|e| self.peer_error(root, e))?;
+        Counters::add(&self.counters.barriers, 1);
+        Counters::add(&self.counters.barrier_wait_ns, t0.elapsed().as_nanos() as u64);
+        match reply {
+            Reply::BarrierDone => Ok(()),
+            Reply::BarrierMismatch { rank } => Err(DsmError::CollectiveMismatch {
+                rank: Rank(rank),
+                what: "a collective operation (alloc, barrier or region drop)",
+            }),
+            Reply::BarrierFailed { rank } => Err(DsmError::PeerFailed {
+                rank: Rank(rank),
+                reason: "it failed while the others waited at a barrier".into(),
+            }),
+            other => Err(DsmError::Protocol {
+                rank: root,
+                what: format!("unexpected reply to a barrier: {other:?}"),
+            }),
+        }
+    }
+}
+
+/// Options for joining a job. Defaults suit a local job; `dsm-runtime` fills them from the environment.
+#[derive(Debug)]
+pub struct DsmBuilder {
+    rank: Rank,
+    size: usize,
+    transport: Option<Box<dyn Transport>>,
+    channels: usize,
+    readahead: u32,
+    arena_base: Option<usize>,
+    arena_size: usize,
+    policy: FailurePolicy,
+}
+
+impl Default for DsmBuilder {
+    fn default() -> Self {
+        DsmBuilder {
+            rank: Rank(0),
+            size: 1,
+            transport: None,
+            channels: 4,
+            readahead: 16,
+            arena_base: None,
+            arena_size: 1 << 40,
+            policy: FailurePolicy::Exit,
+        }
+    }
+}
+
+impl DsmBuilder {
+    /// This process's rank and the job's size.
+    pub fn rank(mut self, rank: Rank, size: usize) -> Self {
+        self.rank = rank;
+        self.size = size;
+        self
+    }
+
+    /// How ranks reach each other. Without one, a job of one rank uses the in-process transport.
+    pub fn transport(mut self, t: Box<dyn Transport>) -> Self {
+        self.transport = Some(t);
+        self
+    }
+
+    /// How many threads of this rank can fault or call into the job at once (default 4).
+    pub fn channels(mut self, n: usize) -> Self {
+        self.channels = n;
+        self
+    }
+
+    /// The largest sequential read-ahead window in pages (default 16; 1 turns read-ahead off). Read-ahead
+    /// fetches the following pages with the same home when faults walk a region in order.
+    pub fn readahead(mut self, pages: u32) -> Self {
+        self.readahead = pages;
+        self
+    }
+
+    /// Where and how large the shared arena is (default: 1 TiB of address space wherever rank 0's kernel
+    /// puts it; it costs nothing until regions are used).
+    pub fn arena(mut self, base: Option<usize>, size: usize) -> Self {
+        self.arena_base = base;
+        self.arena_size = size;
+        self
+    }
+
+    /// What to do when another rank fails.
+    pub fn failure_policy(mut self, p: FailurePolicy) -> Self {
+        self.policy = p;
+        self
+    }
+
+    /// Joins the job: connects to every rank and starts the service loop.
+    pub fn build(self) -> Result<Dsm> {
+        if self.size == 0 || self.size > crate::protocol::swmr::MAX_RANKS || self.rank.index() >= self.size {
+            return Err(DsmError::Config(format!(
+                "rank {} of a job of {} ranks: the size must be 1..={} and the rank below it",
+                self.rank.0,
+                self.size,
+                crate::protocol::swmr::MAX_RANKS
+            )));
+        }
+        if self.channels == 0 || self.channels > 64 {
+            return Err(DsmError::Config(format!("{} channels: use 1..=64", self.channels)));
+        }
+        if self.readahead == 0 || self.readahead > MAX_READAHEAD {
+            return Err(DsmError::Config(format!(
+                "read-ahead of {} pages: use 1..={MAX_READAHEAD} (1 turns it off)",
+                self.readahead
+            )));
+        }
+        if self.arena_size < PAGE_SIZE || self.arena_size % PAGE_SIZE != 0 {
+            return Err(DsmError::Config(format!(
+                "arena size {} is not a positive multiple of the page size ({PAGE_SIZE})",
+                self.arena_size
+            )));
+        }
+        let in_process = self.transport.is_none();
+        let transport: Box<dyn Transport> = match self.transport {
+            Some(t) => t,
+            None if self.size == 1 => Box::new(local_cluster(1, self.channels)?.remove(0)),
+            None => {
+                return Err(DsmError::Config(
+                    "a job of several ranks needs a transport: use dsm-runtime's Runtime::init or DsmBuilder::transport".into(),
+                ))
+            }
+        };
+        let mesh = transport.establish(self.rank, self.size, self.channels)?;
+        let waker = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| DsmError::sys("eventfd", e))?;
+        let shared = Arc::new(Shared {
+            me: self.rank,
+            size: self.size,
+            channels: Channels::new(mesh.outgoing, self.readahead as usize),
+            counters: Counters::default(),
+            readahead: self.readahead,
+            waker,
+            stop: AtomicBool::new(false),
+            failed: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
+            policy: self.policy,
+            uffd: OnceLock::new(),
+            regions: RwLock::new(Vec::new()),
+            arena: Mutex::new(None),
+            arena_base: self.arena_base,
+            arena_size: self.arena_size,
+            epoch: AtomicU64::new(0),
+            in_process,
+        });
+        let engine = Engine::new(shared.clone(), mesh.incoming)?;
+        let service = std::thread::Builder::new()
+            .name(format!("dsm-service-{}", self.rank.0))
+            .spawn(move || engine.run())
+            .map_err(|e| DsmError::io("spawning the service thread", e))?;
+        Ok(Dsm {
+            shared,
+            service: Some(service),
+            allocated: AtomicU32::new(0),
+        })
+    }
+}
+
+/// One rank's handle on a job's shared memory.
+///
+/// ```no_run
+/// let dsm = dsm::Dsm::builder().build()?; // a job of one rank
+/// let v = dsm.alloc_vec::<u64>(1024)?;
+/// v.set(3, 42);
+/// dsm.barrier()?;
+/// assert_eq!(v.get(3), 42);
+/// # Ok::<(), dsm::DsmError>(())
+/// ```
+#[derive(Debug)]
+pub struct Dsm {
+    shared: Arc<Shared>,
+    service: Option<JoinHandle<()>>,
+    allocated: AtomicU32,
+}
+
+/// A held distributed lock; released on drop.
+#[derive(Debug)]
+pub struct LockGuard<'d> {
+    dsm: &'d Dsm,
+    id: u64,
+}
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        let s = &self.dsm.shared;
+        let home = self.dsm.lock_home(self.id);
+        let ch = s.channels.claim();
+        // A failed release means the home is gone; its failure is reported by the service loop.
+        let _ = ch.send(&s.counters, home, &Request::LockRelease { lock: self.id }, &[]);
+    }
+}
+
+impl Dsm {
+    /// Options for joining a job.
+    pub fn builder() -> DsmBuilder {
+        DsmBuilder::default()
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> Rank {
+        self.shared.me
+    }
+
+    /// The number of ranks in the job.
+    pub fn size(&self) -> usize {
+        self.shared.size
+    }
+
+    /// A snapshot of this rank's counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Ranks seen failing (under `FailurePolicy::Report`).
+    pub fn failed_ranks(&self) -> Vec<Rank> {
+        (0..self.shared.size)
+            .filter(|r| self.shared.failed[*r].load(Ordering::Acquire))
+            .map(|r| Rank(r as u32))
+            .collect()
+    }
+
+    /// Waits until every rank has called `barrier` as many times as this one.
+    pub fn barrier(&self) -> Result<()> {
+        self.shared.barrier_tagged(0)
+    }
+
+    fn lock_home(&self, id: u64) -> Rank {
+        Rank((id % self.shared.size as u64) as u32)
+    }
+
+    /// Takes distributed lock `id` (any number; its home is `id % size`), waiting for it in FIFO order.
+    pub fn lock(&self, id: u64) -> Result<LockGuard<'_>> {
+        let t0 = Instant::now();
+        let home = self.lock_home(id);
+        let s = &self.shared;
+        let mut ch = s.channels.claim();
+        let (reply, _, _) = ch
+            .call(&s.counters, home, &Request::LockAcquire { lock: id })
+            .map_err(|e| s.peer_error(home, e))?;
+        match reply {
+            Reply::LockGranted => {
+                Counters::add(&s.counters.lock_acquires, 1);
+                Counters::add(&s.counters.lock_wait_ns, t0.elapsed().as_nanos() as u64);
+                Ok(LockGuard { dsm: self, id })
+            }
+            other => Err(DsmError::Protocol {
+                rank: home,
+                what: format!("unexpected reply to a lock request: {other:?}"),
+            }),
+        }
+    }
+
+    /// One round trip to `to`'s service loop carrying a `reply_bytes` reply (at most a page): the raw cost
+    /// of the transport under this rank's engine, for benchmarks.
+    pub fn ping(&self, to: Rank, reply_bytes: u32) -> Result<Duration> {
+        let s = &self.shared;
+        let mut ch = s.channels.claim();
+        let t0 = Instant::now();
+        let (reply, payload, _) = ch
+            .call(&s.counters, to, &Request::Ping { reply_bytes })
+            .map_err(|e| s.peer_error(to, e))?;
+        let dt = t0.elapsed();
+        match reply {
+            Reply::Pong if payload.len() == (reply_bytes as usize).min(PAGE_SIZE) => Ok(dt),
+            other => Err(DsmError::Protocol {
+                rank: to,
+                what: format!("unexpected reply to a ping: {other:?}"),
+            }),
+        }
+    }
+
+    fn ensure_arena(&self) -> Result<()> {
+        let s = &self.shared;
+        if s.arena_base().is_some() {
+            return Ok(());
+        }
+        if s.in_process && s.size > 1 {
+            return Err(DsmError::RegionsNeedProcesses);
+        }
+        let mine = if s.me == Rank(0) {
+            Arena::reserve(s.me, s.arena_base, s.arena_size)
+        } else {
+            Err(DsmError::Config(String::new()))
+        };
+        let ok0 = mine.is_ok();
+        if let Ok(a) = mine {
+            *s.arena.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
+        }
+        // Everyone learns rank 0's outcome; then every other rank maps the same range.
+        s.barrier_tagged(u64::from(ok0))?;
+        let mut result = Ok(());
+        if s.me != Rank(0) {
+            let mut ch = s.channels.claim();
+            let (reply, _, _) = ch
+                .call(&s.counters, Rank(0), &Request::ArenaBase)
+                .map_err(|e| s.peer_error(Rank(0), e))?;
+            drop(ch);
+            result = match reply {
+                Reply::Arena { base, size } => Arena::reserve(s.me, Some(base as usize), size as usize).map(|a| {
+                    *s.arena.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
+                }),
+                _ => Err(DsmError::Config("rank 0 could not reserve the shared arena".into())),
+            };
+        }
+        // A rank that could not map the arena says so through its barrier tag.
+        match (s.barrier_tagged(0xA7E4A + u64::from(result.is_ok())), result) {
+            (_, Err(e)) => Err(e),
+            (Err(DsmError::CollectiveMismatch { rank, .. }), Ok(())) => Err(DsmError::Config(format!(
+                "rank {} cannot map the shared arena at the address rank 0 chose; see its error",
+                rank.0
+            ))),
+            (r, Ok(())) => r,
+        }
+    }
+
+    /// Allocates a shared region of at least `bytes` bytes, collectively: every rank calls `alloc` with the
+    /// same arguments in the same order and gets the same address.
+    pub fn alloc(&self, bytes: usize, placement: Placement) -> Result<Region<'_>> {
+        let s = &self.shared;
+        if let Placement::At(r) = placement {
+            if r.index() >= s.size {
+                return Err(DsmError::Config(format!("placement at {r} in a job of {} ranks", s.size)));
+            }
+        }
+        self.ensure_arena()?;
+        let uffd = s.uffd()?.raw_fd();
+        let len = bytes.max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let id = self.allocated.fetch_add(1, Ordering::Relaxed);
+        let tag = (u64::from(id) << 48) ^ (len as u64) ^ placement.code().rotate_left(40);
+        s.barrier_tagged(tag)?;
+        let addr = {
+            let mut arena = s.arena.lock().unwrap_or_else(|p| p.into_inner());
+            arena.as_mut().expect("the arena is reserved").carve(len)?
+        };
+        let inner = Arc::new(RegionShared::new(id, addr, len, placement, uffd, s.clone())?);
+        {
+            let mut regions = s.regions.write().unwrap_or_else(|p| p.into_inner());
+            if regions.len() <= id as usize {
+                regions.resize(id as usize + 1, None);
+            }
+            regions[id as usize] = Some(Arc::downgrade(&inner));
+        }
+        let region = Region::map(inner)?;
+        // No rank may fault on the region before every rank can serve it.
+        s.barrier_tagged(tag ^ 1)?;
+        Ok(region)
+    }
+
+    /// Allocates a shared array of `len` elements with cyclic page placement, collectively.
+    pub fn alloc_vec<T: bytemuck::Pod>(&self, len: usize) -> Result<GlobalVec<'_, T>> {
+        self.alloc_vec_with(len, Placement::Cyclic)
+    }
+
+    /// Allocates a shared array of `len` elements with the given page placement, collectively.
+    pub fn alloc_vec_with<T: bytemuck::Pod>(&self, len: usize, placement: Placement) -> Result<GlobalVec<'_, T>> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| DsmError::Config(format!("{len} elements overflow the address space")))?;
+        Ok(GlobalVec::new(self.alloc(bytes, placement)?, len))
+    }
+
+    /// Leaves the job: a final barrier (so that every rank is done with every page), then `Goodbye` on every
+    /// connection. Called by `drop`; call it yourself to see its error.
+    pub fn finish(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        let Some(service) = self.service.take() else {
+            return Ok(());
+        };
+        let s = &self.shared;
+        let result = if self.failed_ranks().is_empty() {
+            s.barrier_tagged(0x5707)
+        } else {
+            Ok(())
+        };
+        for ch in s.channels.all() {
+            for r in 0..s.size {
+                let _ = ch.send(&s.counters, Rank(r as u32), &Request::Goodbye, &[]);
+            }
+        }
+        s.stop.store(true, Ordering::Release);
+        s.wake_service();
+        let _ = service.join();
+        if std::env::var_os("DSM_STATS").is_some_and(|v| v == "1") {
+            eprintln!("dsm stats, {}:\n{}", s.me, self.stats());
+        }
+        result
+    }
+}
+
+impl Drop for Dsm {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            eprintln!("dsm: {}: leaving the job: {e}", self.shared.me);
+        }
+    }
+}

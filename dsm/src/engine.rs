@@ -1,0 +1,575 @@
+//! The service loop: one thread per rank that serves the other ends of every rank's channels. It owns the
+//! manager side of the pages homed here (with the fault path of this rank's own threads, through the
+//! per-page manager lock), performs leaf operations on this rank's copies (send, downgrade, drop), and runs
+//! the lock and barrier servers. It never waits for another rank: a request that cannot be served yet is
+//! queued, and the reply goes out when it can. That is what keeps the protocol free of distributed deadlock.
+//!
+//! It detects failures: a connection that closes without a `Goodbye`, or that carries a malformed frame,
+//! means its rank is gone; waiting barriers are failed and, under `FailurePolicy::Exit`, the rank ends with
+//! an error naming the failed rank.
+
+use crate::channel::write_frame;
+use crate::dsm::{FailurePolicy, Shared};
+use crate::fault::{set_state, unlock_slot};
+use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
+use crate::region::{RegionShared, INVALID, LOCKED, QUEUED, READ_ONLY, READ_WRITE, STATE_MASK};
+use crate::stats::Counters;
+use crate::types::{Rank, PAGE_SIZE};
+use crate::uffd::ZERO_PAGE;
+use crate::wire::{self, RefusedReason, Reply, Request, MAX_HEADER};
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::socket::{recv, MsgFlags};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The most pages one read-ahead reply carries.
+pub(crate) const MAX_READAHEAD: u32 = 64;
+
+const WAKER: u64 = u64::MAX;
+
+#[derive(Debug)]
+struct Conn {
+    fd: OwnedFd,
+    peer: Rank,
+    buf: Vec<u8>,
+    filled: usize,
+    open: bool,
+    goodbye: bool,
+}
+
+#[derive(Debug, Default)]
+struct LockServer {
+    held: bool,
+    waiters: VecDeque<usize>,
+}
+
+/// The state of the service loop of one rank.
+#[derive(Debug)]
+pub(crate) struct Engine {
+    shared: Arc<Shared>,
+    conns: Vec<Conn>,
+    epoll: Epoll,
+    /// Fault requests waiting for a page's manager lock, by (region, page).
+    queues: HashMap<(u32, u64), VecDeque<(usize, Request)>>,
+    locks: HashMap<u64, LockServer>,
+    /// Barrier arrivals at rank 0: (connection, epoch, tag).
+    arrivals: Vec<(usize, u64, u64)>,
+    scratch: Vec<u8>,
+}
+
+impl Engine {
+    pub(crate) fn new(shared: Arc<Shared>, incoming: Vec<(Rank, OwnedFd)>) -> crate::Result<Engine> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| crate::DsmError::sys("epoll_create", e))?;
+        epoll
+            .add(shared.waker.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKER))
+            .map_err(|e| crate::DsmError::sys("epoll_ctl(eventfd)", e))?;
+        let mut conns = Vec::with_capacity(incoming.len());
+        for (i, (peer, fd)) in incoming.into_iter().enumerate() {
+            epoll
+                .add(fd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
+                .map_err(|e| crate::DsmError::sys("epoll_ctl(connection)", e))?;
+            conns.push(Conn {
+                fd,
+                peer,
+                buf: vec![0; 4 + 2 + MAX_HEADER],
+                filled: 0,
+                open: true,
+                goodbye: false,
+            });
+        }
+        Ok(Engine {
+            shared,
+            conns,
+            epoll,
+            queues: HashMap::new(),
+            locks: HashMap::new(),
+            arrivals: Vec::new(),
+            scratch: vec![0; PAGE_SIZE],
+        })
+    }
+
+    /// Serves until the rank shuts down.
+    pub(crate) fn run(mut self) {
+        let mut events = vec![EpollEvent::empty(); 64];
+        loop {
+            let n = match self.epoll.wait(&mut events, EpollTimeout::from(1000u16)) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    eprintln!("dsm: {}: epoll_wait failed: {e}; the service loop stops", self.shared.me);
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                if ev.data() == WAKER {
+                    let _ = self.shared.waker.read();
+                    if self.shared.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    self.serve_all_queues();
+                } else {
+                    self.read_conn(ev.data() as usize);
+                }
+            }
+            if self.shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+
+    fn read_conn(&mut self, idx: usize) {
+        loop {
+            let conn = &mut self.conns[idx];
+            if !conn.open {
+                return;
+            }
+            let filled = conn.filled;
+            match recv(conn.fd.as_raw_fd(), &mut conn.buf[filled..], MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => {
+                    self.close(idx, "connection closed");
+                    return;
+                }
+                Ok(n) => {
+                    conn.filled += n;
+                    Counters::add(&self.shared.counters.bytes_received, n as u64);
+                    if let Err(reason) = self.parse_frames(idx) {
+                        self.close(idx, &reason);
+                        return;
+                    }
+                }
+                Err(Errno::EAGAIN) => return,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    self.close(idx, &format!("receive failed: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn parse_frames(&mut self, idx: usize) -> Result<(), String> {
+        loop {
+            let conn = &self.conns[idx];
+            if conn.filled < 4 {
+                return Ok(());
+            }
+            let max = conn.buf.len() - 4;
+            let n = wire::body_len(conn.buf[..4].try_into().expect("4 bytes"), max)
+                .map_err(|e| format!("malformed frame: {e}"))?;
+            if conn.filled < 4 + n {
+                return Ok(());
+            }
+            let (req, _payload) =
+                wire::decode::<Request>(&conn.buf[4..4 + n]).map_err(|e| format!("malformed frame: {e}"))?;
+            let conn = &mut self.conns[idx];
+            conn.buf.copy_within(4 + n..conn.filled, 0);
+            conn.filled -= 4 + n;
+            Counters::add(&self.shared.counters.messages_received, 1);
+            self.handle(idx, req);
+        }
+    }
+
+    fn close(&mut self, idx: usize, reason: &str) {
+        let conn = &mut self.conns[idx];
+        if !conn.open {
+            return;
+        }
+        conn.open = false;
+        let _ = self.epoll.delete(conn.fd.as_fd());
+        let peer = conn.peer;
+        if conn.goodbye || self.shared.stop.load(Ordering::Acquire) || peer == self.shared.me {
+            return;
+        }
+        self.peer_failed(peer, reason);
+    }
+
+    fn peer_failed(&mut self, peer: Rank, reason: &str) {
+        if self.shared.failed[peer.index()].swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::error!("{}: {peer} failed: {reason}", self.shared.me);
+        let waiting: Vec<usize> = self.arrivals.drain(..).map(|(c, _, _)| c).collect();
+        for c in waiting {
+            self.reply(c, &Reply::BarrierFailed { rank: peer.0 }, &[]);
+        }
+        if self.shared.policy == FailurePolicy::Exit {
+            eprintln!(
+                "dsm: {}: {peer} failed ({reason}); ending this rank",
+                self.shared.me
+            );
+            std::process::exit(70);
+        }
+    }
+
+    fn reply(&mut self, idx: usize, reply: &Reply, payload: &[&[u8]]) {
+        let conn = &self.conns[idx];
+        if !conn.open {
+            return;
+        }
+        if let Err(e) = write_frame(conn.fd.as_fd(), reply, payload, &self.shared.counters) {
+            self.close(idx, &format!("sending a reply failed: {e}"));
+        }
+    }
+
+    fn handle(&mut self, idx: usize, req: Request) {
+        match req {
+            Request::Acquire { region, page, .. } => {
+                let Some(r) = self.region_for(idx, region, page) else { return };
+                self.acquire_or_queue(idx, &r, req);
+            }
+            Request::Unlock { region, page, count, access, granted } => {
+                let peer = self.conns[idx].peer;
+                let Some(r) = self.shared.region(region) else { return };
+                for p in page..(page + u64::from(count)).min(r.pages) {
+                    let slot = r.slot(p);
+                    if granted {
+                        let mut e = slot.load();
+                        swmr::complete(&mut e, peer, access);
+                        slot.store(&e);
+                    }
+                    if unlock_slot(&slot.lock) {
+                        self.serve_queue(&r, p);
+                    }
+                }
+            }
+            Request::Fetch { region, page } => {
+                let Some(r) = self.region_for(idx, region, page) else { return };
+                self.fetch(idx, &r, page);
+            }
+            Request::Invalidate { region, page, send_data } => {
+                let Some(r) = self.region_for(idx, region, page) else { return };
+                self.invalidate(idx, &r, page, send_data);
+            }
+            Request::LockAcquire { lock } => {
+                let l = self.locks.entry(lock).or_default();
+                if l.held {
+                    l.waiters.push_back(idx);
+                } else {
+                    l.held = true;
+                    self.reply(idx, &Reply::LockGranted, &[]);
+                }
+            }
+            Request::LockRelease { lock } => {
+                let next = self.locks.get_mut(&lock).and_then(|l| {
+                    let next = l.waiters.pop_front();
+                    l.held = next.is_some();
+                    next
+                });
+                if let Some(w) = next {
+                    self.reply(w, &Reply::LockGranted, &[]);
+                }
+            }
+            Request::Barrier { epoch, tag } => self.barrier(idx, epoch, tag),
+            Request::ArenaBase => {
+                let reply = match self.shared.arena_base() {
+                    Some((base, size)) => Reply::Arena { base: base as u64, size: size as u64 },
+                    None => Reply::Refused { reason: RefusedReason::NoArena },
+                };
+                self.reply(idx, &reply, &[]);
+            }
+            Request::Ping { reply_bytes } => {
+                let n = (reply_bytes as usize).min(PAGE_SIZE);
+                self.reply(idx, &Reply::Pong, &[&ZERO_PAGE[..n]]);
+            }
+            Request::Goodbye => self.conns[idx].goodbye = true,
+        }
+    }
+
+    fn region_for(&mut self, idx: usize, region: u32, page: u64) -> Option<Arc<RegionShared>> {
+        let reason = match self.shared.region(region) {
+            Some(r) if page < r.pages => return Some(r),
+            Some(_) => RefusedReason::PageOutOfRange,
+            None => RefusedReason::UnknownRegion,
+        };
+        self.reply(idx, &Reply::Refused { reason }, &[]);
+        None
+    }
+
+    fn barrier(&mut self, idx: usize, epoch: u64, tag: u64) {
+        if self.shared.me != Rank(0) {
+            self.reply(idx, &Reply::Refused { reason: RefusedReason::WrongRank }, &[]);
+            return;
+        }
+        if let Some(dead) = self.shared.failed.iter().position(|f| f.load(Ordering::Acquire)) {
+            self.reply(idx, &Reply::BarrierFailed { rank: dead as u32 }, &[]);
+            return;
+        }
+        self.arrivals.push((idx, epoch, tag));
+        if self.arrivals.len() < self.shared.size {
+            return;
+        }
+        let arrivals = std::mem::take(&mut self.arrivals);
+        let reference = arrivals
+            .iter()
+            .find(|(c, _, _)| self.conns[*c].peer == Rank(0))
+            .map(|(_, e, t)| (*e, *t))
+            .unwrap_or((epoch, tag));
+        let mismatch = arrivals
+            .iter()
+            .find(|(_, e, t)| (*e, *t) != reference)
+            .map(|(c, _, _)| self.conns[*c].peer);
+        let reply = match mismatch {
+            Some(rank) => Reply::BarrierMismatch { rank: rank.0 },
+            None => Reply::BarrierDone,
+        };
+        for (c, _, _) in arrivals {
+            self.reply(c, &reply, &[]);
+        }
+    }
+
+    /// Serves a fault request now if the page's manager lock is free, else queues it.
+    fn acquire_or_queue(&mut self, idx: usize, region: &Arc<RegionShared>, req: Request) {
+        let Request::Acquire { page, .. } = req else { return };
+        let lock = &region.slot(page).lock;
+        loop {
+            let s = lock.load(Ordering::Acquire);
+            if s & LOCKED == 0 {
+                if lock.compare_exchange(s, s | LOCKED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    self.serve_acquire(idx, region, req);
+                    return;
+                }
+                continue;
+            }
+            // Held: mark the page queued so that whoever unlocks wakes this loop, then re-check.
+            if lock.compare_exchange(s, s | QUEUED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                self.queues.entry((region.id, page)).or_default().push_back((idx, req));
+                return;
+            }
+        }
+    }
+
+    fn serve_queue(&mut self, region: &Arc<RegionShared>, page: u64) {
+        let key = (region.id, page);
+        let lock = &region.slot(page).lock;
+        while lock.load(Ordering::Acquire) & LOCKED == 0 {
+            let Some((idx, req)) = self.queues.get_mut(&key).and_then(|q| q.pop_front()) else {
+                lock.fetch_and(!QUEUED, Ordering::AcqRel);
+                self.queues.remove(&key);
+                return;
+            };
+            self.acquire_or_queue(idx, region, req);
+        }
+    }
+
+    fn serve_all_queues(&mut self) {
+        let keys: Vec<(u32, u64)> = self.queues.keys().copied().collect();
+        for (id, page) in keys {
+            match self.shared.region(id) {
+                Some(r) => self.serve_queue(&r, page),
+                None => {
+                    self.queues.remove(&(id, page));
+                }
+            }
+        }
+    }
+
+    /// Applies a home action to this rank's own copy; returns whether `scratch` holds the page bytes taken
+    /// before an invalidation.
+    fn home_action(&mut self, region: &RegionShared, page: u64, action: HomeAction, keep_bytes: bool) -> bool {
+        let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
+        match action {
+            HomeAction::None => false,
+            HomeAction::Downgrade => {
+                if st == READ_WRITE {
+                    self.protect_or_die(region, page);
+                    set_state(region.state(page), READ_ONLY);
+                }
+                false
+            }
+            HomeAction::Invalidate => {
+                if st == INVALID {
+                    return false;
+                }
+                if keep_bytes {
+                    if st == READ_WRITE {
+                        self.protect_or_die(region, page);
+                    }
+                    region.read_page(page, &mut self.scratch);
+                }
+                self.drop_copy(region, page);
+                keep_bytes
+            }
+        }
+    }
+
+    fn serve_acquire(&mut self, idx: usize, region: &Arc<RegionShared>, req: Request) {
+        let Request::Acquire { page, access, count, .. } = req else { return };
+        let requester = self.conns[idx].peer;
+        let me = self.shared.me;
+        if region.home(page) != me {
+            unlock_slot(&region.slot(page).lock);
+            self.reply(idx, &Reply::Refused { reason: RefusedReason::WrongRank }, &[]);
+            return;
+        }
+        let slot = region.slot(page);
+        let mut entry = slot.load();
+        match swmr::decide(&mut entry, me, requester, access) {
+            Decision::Done { home_action, data } => {
+                let copied = self.home_action(region, page, home_action, data == Data::Home);
+                slot.store(&entry);
+                let mut pages = vec![page];
+                if access == Access::Read && data != Data::None {
+                    self.gather_readahead(region, page, count.min(MAX_READAHEAD), requester, &mut pages);
+                }
+                // One page, or several for read-ahead (each present here now, downgraded, or untouched: zeros).
+                let owned = std::mem::take(&mut self.scratch);
+                let reply_data = if pages.len() > 1 { Data::Home } else { data };
+                let slices: Vec<&[u8]> = match reply_data {
+                    Data::Home => pages
+                        .iter()
+                        .map(|p| {
+                            if *p == page && copied {
+                                &owned[..]
+                            } else if region.state(*p).load(Ordering::Acquire) & STATE_MASK == INVALID {
+                                &ZERO_PAGE[..]
+                            } else {
+                                region.present_page(*p)
+                            }
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                Counters::add(&self.shared.counters.pages_sent, slices.len() as u64);
+                let reply = Reply::Done { data: reply_data, count: pages.len() as u32 };
+                if self.conns[idx].open {
+                    if let Err(e) = write_many(self.conns[idx].fd.as_fd(), &reply, &slices, &self.shared.counters) {
+                        drop(slices);
+                        self.close(idx, &format!("sending pages failed: {e}"));
+                    }
+                }
+                self.scratch = owned;
+            }
+            Decision::Grant(grant) => {
+                let copied = self.home_action(region, page, grant.home_action, grant.data_from_home);
+                if grant.data_from_home {
+                    Counters::add(&self.shared.counters.pages_sent, 1);
+                }
+                let owned = std::mem::take(&mut self.scratch);
+                let payload: &[u8] = if copied { &owned } else { &[] };
+                self.reply(idx, &Reply::Granted { grant }, &[payload]);
+                self.scratch = owned;
+            }
+        }
+    }
+
+    /// Adds to `pages` the following pages that the home can hand out read-only at once: homed here, lock
+    /// free, and either untouched or owned by the home. Their locks stay held until the requester's Unlock.
+    fn gather_readahead(&mut self, region: &RegionShared, page: u64, count: u32, requester: Rank, pages: &mut Vec<u64>) {
+        let me = self.shared.me;
+        for k in 1..u64::from(count) {
+            let p = page + k;
+            if p >= region.pages || region.home(p) != me {
+                break;
+            }
+            let lock = &region.slot(p).lock;
+            if lock
+                .compare_exchange(0, LOCKED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                break;
+            }
+            let slot = region.slot(p);
+            let mut entry = slot.load();
+            match swmr::decide(&mut entry, me, requester, Access::Read) {
+                Decision::Done { home_action, data: data @ (Data::Home | Data::Zero) } => {
+                    if data == Data::Zero {
+                        // Untouched: the requester becomes the owner of a zero page; nothing here changes.
+                    } else {
+                        self.home_action(region, p, home_action, false);
+                    }
+                    slot.store(&entry);
+                    pages.push(p);
+                }
+                _ => {
+                    if unlock_slot(lock) {
+                        // A queued request for this page is served when the loop next looks at its queues.
+                        self.shared.wake_service();
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    fn fetch(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64) {
+        let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
+        if st == INVALID {
+            self.reply(idx, &Reply::Refused { reason: RefusedReason::NoCopyHere }, &[]);
+            return;
+        }
+        if st == READ_WRITE {
+            self.protect_or_die(region, page);
+            set_state(region.state(page), READ_ONLY);
+        }
+        Counters::add(&self.shared.counters.pages_sent, 1);
+        let region = region.clone();
+        self.reply(idx, &Reply::Page, &[region.present_page(page)]);
+    }
+
+    fn invalidate(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64, send_data: bool) {
+        let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
+        if st == INVALID {
+            self.reply(idx, &Reply::Refused { reason: RefusedReason::NoCopyHere }, &[]);
+            return;
+        }
+        if send_data {
+            if st == READ_WRITE {
+                self.protect_or_die(region, page);
+            }
+            region.read_page(page, &mut self.scratch);
+        }
+        self.drop_copy(region, page);
+        if send_data {
+            Counters::add(&self.shared.counters.pages_sent, 1);
+            let owned = std::mem::take(&mut self.scratch);
+            self.reply(idx, &Reply::Page, &[&owned]);
+            self.scratch = owned;
+        } else {
+            self.reply(idx, &Reply::Ack, &[]);
+        }
+    }
+
+    /// Drops this rank's copy: the state first (so that a new fault waits for the manager), then the page.
+    fn drop_copy(&mut self, region: &RegionShared, page: u64) {
+        set_state(region.state(page), INVALID);
+        if let Err(e) = region.discard(page) {
+            self.die(&format!("MADV_DONTNEED of page {page} of region {} failed: {e}", region.id));
+        }
+        Counters::add(&self.shared.counters.invalidations, 1);
+    }
+
+    fn protect_or_die(&mut self, region: &RegionShared, page: u64) {
+        if let Err(e) = region.protect(page, 1, true) {
+            self.die(&format!("write-protecting page {page} of region {} failed: {e}", region.id));
+        }
+    }
+
+    fn die(&self, what: &str) -> ! {
+        eprintln!("dsm: {}: {what}; ending this rank", self.shared.me);
+        std::process::exit(70);
+    }
+}
+
+/// Writes a reply whose payload is any number of slices (read-ahead pages), straight from page memory.
+fn write_many(fd: std::os::fd::BorrowedFd<'_>, reply: &Reply, pages: &[&[u8]], counters: &Counters) -> Result<(), Errno> {
+    let mut head = [0u8; wire::PREFIX + MAX_HEADER];
+    let total: usize = pages.iter().map(|p| p.len()).sum();
+    let n = wire::encode(reply, total, &mut head);
+    let mut slices: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(pages.len() + 1);
+    slices.push(std::io::IoSlice::new(&head[..n]));
+    slices.extend(pages.iter().map(|p| std::io::IoSlice::new(p)));
+    let mut bufs: &mut [std::io::IoSlice<'_>] = &mut slices;
+    while !bufs.is_empty() {
+        match nix::sys::uio::writev(fd, bufs) {
+            Ok(w) => std::io::IoSlice::advance_slices(&mut bufs, w),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Counters::add(&counters.messages_sent, 1);
+    Counters::add(&counters.bytes_sent, (n + total) as u64);
+    Ok(())
+}

@@ -1,0 +1,384 @@
+//! Resolving a fault in the faulting thread: the requester side of the SWMR protocol.
+//!
+//! Runs inside the SIGBUS handler, so it allocates nothing and takes only locks that the interrupted code
+//! cannot hold (channels, page words). Threads of one rank that fault on the same page coalesce: the first
+//! marks the page BUSY and fetches, the others sleep on the page word until it is done. A fault on a page
+//! homed here takes the manager lock directly; a fault on a remote page asks its home, which either answers
+//! at once (`Done`) or grants the transaction to the requester, who then talks to the owner and copy holders
+//! itself. Either way the home's lock on the page is held until the requester's `Unlock` arrives, so no
+//! other transaction can see the page in transit.
+
+use crate::channel::{Channel, RecvError};
+use crate::protocol::swmr::{self, Access, Data, Decision, Grant};
+use crate::region::{self, RegionShared, BUSY, INVALID, LOCKED, LOCK_WAITERS, QUEUED, READ_ONLY, READ_WRITE, STATE_MASK, WAITERS};
+use crate::stats::Counters;
+use crate::types::{Rank, PAGE_SIZE};
+use crate::uffd::{futex, signal, ZERO_PAGE};
+use crate::wire::{Reply, Request};
+use nix::errno::Errno;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Instant;
+
+/// Why a fault could not be resolved. Carries no heap data: it is built inside the signal handler.
+#[derive(Debug)]
+pub(crate) enum FaultError {
+    Peer(Rank, RecvError),
+    Send(Rank, Errno),
+    Sys(&'static str, Errno),
+    Protocol(Rank, &'static str),
+}
+
+/// The SIGBUS resolver: returns false when `addr` is not in a region of ours.
+pub(crate) fn on_fault(addr: usize, write: bool) -> bool {
+    let Some(region) = region::lookup(addr) else {
+        return false;
+    };
+    let page = ((addr - region.base) / PAGE_SIZE) as u64;
+    if let Err(e) = resolve(region, page, write) {
+        let mut w = StackWriter::default();
+        let _ = std::fmt::Write::write_fmt(
+            &mut w,
+            format_args!(
+                "dsm: {}: cannot resolve the {} fault at {:#x} (page {} of region {}): {}\n",
+                region.shared.me,
+                if write { "write" } else { "read" },
+                addr,
+                page,
+                region.id,
+                Explain(&e)
+            ),
+        );
+        signal::fatal(w.as_bytes());
+    }
+    true
+}
+
+struct Explain<'a>(&'a FaultError);
+
+impl std::fmt::Display for Explain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            FaultError::Peer(r, e) => write!(f, "{r} failed ({e})"),
+            FaultError::Send(r, e) => write!(f, "sending to {r} failed ({e})"),
+            FaultError::Sys(call, e) => write!(f, "{call} failed ({e})"),
+            FaultError::Protocol(r, what) => write!(f, "protocol error with {r}: {what}"),
+        }
+    }
+}
+
+/// A fixed buffer to format a message into without allocating.
+struct StackWriter {
+    buf: [u8; 512],
+    len: usize,
+}
+
+impl Default for StackWriter {
+    fn default() -> Self {
+        StackWriter { buf: [0; 512], len: 0 }
+    }
+}
+
+impl StackWriter {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::fmt::Write for StackWriter {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+/// Sets the state bits of a page word, keeping BUSY and WAITERS.
+pub(crate) fn set_state(word: &AtomicU32, state: u32) {
+    let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| Some((s & !STATE_MASK) | state));
+}
+
+/// Clears BUSY and wakes the threads that waited for the page.
+fn release_busy(word: &AtomicU32) {
+    let prev = word.fetch_and(!(BUSY | WAITERS), Ordering::AcqRel);
+    if prev & WAITERS != 0 {
+        futex::wake_all(word);
+    }
+}
+
+/// Takes the manager lock of a page homed here, sleeping while a transaction holds it.
+pub(crate) fn lock_slot(lock: &AtomicU32) {
+    loop {
+        let s = lock.load(Ordering::Acquire);
+        if s & LOCKED == 0 {
+            if lock.compare_exchange(s, s | LOCKED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                return;
+            }
+        } else if s & LOCK_WAITERS != 0
+            || lock
+                .compare_exchange(s, s | LOCK_WAITERS, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            futex::wait(lock, s | LOCK_WAITERS);
+        }
+    }
+}
+
+/// Releases a manager lock; returns whether the service loop has requests queued on it.
+pub(crate) fn unlock_slot(lock: &AtomicU32) -> bool {
+    let prev = lock.fetch_and(!(LOCKED | LOCK_WAITERS), Ordering::AcqRel);
+    if prev & LOCK_WAITERS != 0 {
+        futex::wake_all(lock);
+    }
+    prev & QUEUED != 0
+}
+
+fn resolve(region: &RegionShared, page: u64, write: bool) -> Result<(), FaultError> {
+    let shared = &*region.shared;
+    let word = region.state(page);
+    let before = loop {
+        let s = word.load(Ordering::Acquire);
+        let st = s & STATE_MASK;
+        if st == READ_WRITE || (st == READ_ONLY && !write) {
+            return Ok(()); // another thread of this rank resolved it meanwhile
+        }
+        if s & BUSY != 0 {
+            if s & WAITERS != 0
+                || word
+                    .compare_exchange(s, s | WAITERS, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                futex::wait(word, s | WAITERS);
+            }
+            continue;
+        }
+        if word
+            .compare_exchange(s, s | BUSY, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            break st;
+        }
+    };
+    let c = &shared.counters;
+    let access = if write { Access::Write } else { Access::Read };
+    Counters::add(
+        match (write, before) {
+            (false, _) => &c.read_faults,
+            (true, READ_ONLY) => &c.upgrade_faults,
+            (true, _) => &c.write_faults,
+        },
+        1,
+    );
+    let t0 = Instant::now();
+    let result = if region.home(page) == shared.me {
+        local_transaction(region, page, access)
+    } else {
+        remote_transaction(region, page, access)
+    };
+    release_busy(word);
+    c.record_fault_latency(t0.elapsed().as_nanos() as u64);
+    result
+}
+
+/// Marks up to `window - 1` pages after `page` BUSY for read-ahead: same home, not present, not in use.
+/// Returns how many pages the request covers, `page` included.
+fn claim_readahead(region: &RegionShared, page: u64, home: Rank) -> u32 {
+    let max = region.shared.readahead.max(1);
+    let last = region.last_fault.load(Ordering::Relaxed);
+    let window = if last != u64::MAX && page == last.wrapping_add(1) {
+        (region.window.load(Ordering::Relaxed) * 2).min(max)
+    } else {
+        1
+    };
+    region.window.store(window, Ordering::Relaxed);
+    let mut count = 1u32;
+    while count < window {
+        let p = page + u64::from(count);
+        if p >= region.pages || region.home(p) != home {
+            break;
+        }
+        if region
+            .state(p)
+            .compare_exchange(INVALID, BUSY, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            break;
+        }
+        count += 1;
+    }
+    count
+}
+
+fn install(region: &RegionShared, page: u64, count: u64, data: &[u8], access: Access) -> Result<(), FaultError> {
+    region
+        .install(page, count, data, access == Access::Write)
+        .map_err(|e| FaultError::Sys("UFFDIO_COPY", e))
+}
+
+fn upgrade_in_place(region: &RegionShared, page: u64) -> Result<(), FaultError> {
+    let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
+    if st == INVALID {
+        return Err(FaultError::Protocol(region.home(page), "the home says this rank holds a copy it does not have"));
+    }
+    region
+        .protect(page, 1, false)
+        .map_err(|e| FaultError::Sys("UFFDIO_WRITEPROTECT", e))
+}
+
+fn new_state(access: Access) -> u32 {
+    match access {
+        Access::Read => READ_ONLY,
+        Access::Write => READ_WRITE,
+    }
+}
+
+fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Result<(), FaultError> {
+    let shared = &*region.shared;
+    let home = region.home(page);
+    let count = if access == Access::Read && shared.readahead > 1 {
+        claim_readahead(region, page, home)
+    } else {
+        1
+    };
+    let mut ch = shared.channels.claim();
+    let acquire = Request::Acquire {
+        region: region.id,
+        page,
+        access,
+        count,
+    };
+    let outcome = (|| {
+        let (reply, payload, page_buf) = ch.call(&shared.counters, home, &acquire).map_err(|e| FaultError::Peer(home, e))?;
+        match reply {
+            Reply::Done { data, count: served } => {
+                let served = u64::from(served.clamp(1, count));
+                match data {
+                    Data::None => upgrade_in_place(region, page)?,
+                    Data::Zero => install(region, page, 1, &ZERO_PAGE, access)?,
+                    Data::Home => {
+                        if payload.len() < served as usize * PAGE_SIZE {
+                            return Err(FaultError::Protocol(home, "reply shorter than the pages it announces"));
+                        }
+                        install(region, page, served, payload, access)?;
+                        Counters::add(&shared.counters.pages_fetched, served);
+                        Counters::add(&shared.counters.pages_readahead, served - 1);
+                    }
+                }
+                for p in page..page + served {
+                    set_state(region.state(p), new_state(access));
+                }
+                Ok((served, false))
+            }
+            Reply::Granted { grant } => {
+                let mut have = false;
+                if grant.data_from_home {
+                    if payload.len() < PAGE_SIZE {
+                        return Err(FaultError::Protocol(home, "grant without the page it announces"));
+                    }
+                    page_buf.copy_from_slice(&payload[..PAGE_SIZE]);
+                    have = true;
+                    Counters::add(&shared.counters.pages_fetched, 1);
+                }
+                run_grant(&mut ch, region, page, access, &grant, &mut have)?;
+                if have {
+                    install(region, page, 1, &ch.page, access)?;
+                } else {
+                    upgrade_in_place(region, page)?;
+                }
+                set_state(region.state(page), new_state(access));
+                Ok((1, true))
+            }
+            Reply::Refused { .. } => Err(FaultError::Protocol(home, "the home refused the fault request")),
+            _ => Err(FaultError::Protocol(home, "unexpected reply to a fault request")),
+        }
+    })();
+    // Read-ahead pages the home did not serve stay invalid; give them back.
+    let served = outcome.as_ref().map_or(1, |(s, _)| *s);
+    for p in page + served..page + u64::from(count) {
+        release_busy(region.state(p));
+    }
+    let (served, granted) = outcome?;
+    let unlock = Request::Unlock {
+        region: region.id,
+        page,
+        count: served as u32,
+        access,
+        granted,
+    };
+    ch.send(&shared.counters, home, &unlock, &[])
+        .map_err(|e| FaultError::Send(home, e))
+}
+
+fn local_transaction(region: &RegionShared, page: u64, access: Access) -> Result<(), FaultError> {
+    let shared = &*region.shared;
+    let slot = region.slot(page);
+    lock_slot(&slot.lock);
+    let result = (|| {
+        let mut entry = slot.load();
+        match swmr::decide(&mut entry, shared.me, shared.me, access) {
+            Decision::Done { data, .. } => {
+                match data {
+                    Data::Zero => install(region, page, 1, &ZERO_PAGE, access)?,
+                    Data::None => upgrade_in_place(region, page)?,
+                    Data::Home => return Err(FaultError::Protocol(shared.me, "the home asked itself for its own copy")),
+                }
+                slot.store(&entry);
+            }
+            Decision::Grant(grant) => {
+                let mut ch = shared.channels.claim();
+                let mut have = false;
+                run_grant(&mut ch, region, page, access, &grant, &mut have)?;
+                if have {
+                    install(region, page, 1, &ch.page, access)?;
+                } else {
+                    upgrade_in_place(region, page)?;
+                }
+                swmr::complete(&mut entry, shared.me, access);
+                slot.store(&entry);
+            }
+        }
+        set_state(region.state(page), new_state(access));
+        Ok(())
+    })();
+    if unlock_slot(&slot.lock) {
+        shared.wake_service();
+    }
+    result
+}
+
+/// Runs a granted transaction: asks the owner for the page (downgrading or dropping its copy) and every
+/// copy holder to drop theirs, all requests first and then all replies, so they proceed in parallel.
+fn run_grant(ch: &mut Channel, region: &RegionShared, page: u64, access: Access, grant: &Grant, have: &mut bool) -> Result<(), FaultError> {
+    let shared = &*region.shared;
+    let c = &shared.counters;
+    let id = region.id;
+    if let Some(owner) = grant.fetch_from {
+        let req = match access {
+            Access::Read => Request::Fetch { region: id, page },
+            Access::Write => Request::Invalidate { region: id, page, send_data: true },
+        };
+        ch.send(c, owner, &req, &[]).map_err(|e| FaultError::Send(owner, e))?;
+    }
+    for r in grant.invalidate.iter() {
+        let req = Request::Invalidate { region: id, page, send_data: false };
+        ch.send(c, r, &req, &[]).map_err(|e| FaultError::Send(r, e))?;
+    }
+    if let Some(owner) = grant.fetch_from {
+        let (reply, payload, page_buf) = ch.recv(c, owner).map_err(|e| FaultError::Peer(owner, e))?;
+        match reply {
+            Reply::Page if payload.len() >= PAGE_SIZE => {
+                page_buf.copy_from_slice(&payload[..PAGE_SIZE]);
+                *have = true;
+                Counters::add(&c.pages_fetched, 1);
+            }
+            _ => return Err(FaultError::Protocol(owner, "the owner did not send the page")),
+        }
+    }
+    for r in grant.invalidate.iter() {
+        match ch.recv(c, r).map_err(|e| FaultError::Peer(r, e))? {
+            (Reply::Ack, _, _) => {}
+            _ => return Err(FaultError::Protocol(r, "a copy holder did not acknowledge the invalidation")),
+        }
+    }
+    Ok(())
+}

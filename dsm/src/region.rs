@@ -1,0 +1,596 @@
+//! Shared regions: the arena reserved at the same virtual address in every rank, collective allocation of
+//! regions inside it, per-page metadata, and the typed view `GlobalVec`.
+//!
+//! Memory and metadata are mapped `MAP_NORESERVE` and cost nothing until touched: a region of several GiB
+//! is created in microseconds. This module owns the `unsafe` that maps memory and reads or installs page
+//! bytes; it never decides coherence (that is `protocol`) and never sends messages (`engine`, `fault`).
+
+use crate::dsm::Shared;
+use crate::error::{DsmError, Result};
+use crate::protocol::swmr::{CopySet, Entry, MAX_RANKS};
+use crate::types::{GlobalAddr, PageId, Rank, PAGE_SIZE};
+use crate::uffd;
+use nix::errno::Errno;
+use std::marker::PhantomData;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Where the pages of a region have their home (their manager).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// Page `i` is homed at rank `i % size`.
+    #[default]
+    Cyclic,
+    /// The region is cut into `size` contiguous blocks, block `r` homed at rank `r`.
+    Block,
+    /// Every page is homed at one rank.
+    At(Rank),
+}
+
+impl Placement {
+    pub(crate) fn home(self, page: u64, pages: u64, size: usize) -> Rank {
+        match self {
+            Placement::Cyclic => Rank((page % size as u64) as u32),
+            Placement::Block => {
+                let per = pages.div_ceil(size as u64).max(1);
+                Rank((page / per) as u32)
+            }
+            Placement::At(r) => r,
+        }
+    }
+
+    pub(crate) fn code(self) -> u64 {
+        match self {
+            Placement::Cyclic => 1,
+            Placement::Block => 2,
+            Placement::At(r) => 3 + u64::from(r.0),
+        }
+    }
+}
+
+// Local page state, one `AtomicU32` per page per rank.
+pub(crate) const INVALID: u32 = 0;
+pub(crate) const READ_ONLY: u32 = 1;
+pub(crate) const READ_WRITE: u32 = 2;
+pub(crate) const STATE_MASK: u32 = 3;
+/// A thread of this rank is resolving a fault on the page; others wait for it (coalescing).
+pub(crate) const BUSY: u32 = 4;
+/// Threads sleep on the word, waiting for BUSY to clear.
+pub(crate) const WAITERS: u32 = 8;
+
+// Manager lock word bits.
+/// A transaction on the page is in progress.
+pub(crate) const LOCKED: u32 = 1;
+/// Local threads sleep waiting for the lock.
+pub(crate) const LOCK_WAITERS: u32 = 2;
+/// The service loop has queued remote requests for the page.
+pub(crate) const QUEUED: u32 = 4;
+
+/// The manager's record of a page, kept at its home: 40 bytes. With the 4-byte local state every rank keeps
+/// 44 bytes of metadata per page, touched only for pages in use.
+#[derive(Debug)]
+#[repr(C)]
+pub(crate) struct ManagerSlot {
+    pub(crate) lock: AtomicU32,
+    /// Owner rank + 1; 0: never touched.
+    owner: AtomicU32,
+    copyset: [AtomicU64; MAX_RANKS / 64],
+}
+
+impl ManagerSlot {
+    /// Reads the record. Call with the lock held.
+    pub(crate) fn load(&self) -> Entry {
+        let o = self.owner.load(Ordering::Relaxed);
+        Entry {
+            owner: (o != 0).then(|| Rank(o - 1)),
+            copyset: CopySet(std::array::from_fn(|i| self.copyset[i].load(Ordering::Relaxed))),
+        }
+    }
+
+    /// Writes the record. Call with the lock held.
+    pub(crate) fn store(&self, e: &Entry) {
+        self.owner.store(e.owner.map_or(0, |r| r.0 + 1), Ordering::Relaxed);
+        for (slot, w) in self.copyset.iter().zip(e.copyset.0) {
+            slot.store(w, Ordering::Relaxed);
+        }
+    }
+}
+
+/// An array of `T` in anonymous `MAP_NORESERVE` memory, zero-initialized by the kernel and backed only
+/// where touched. `T` must be valid when all-zero (atomics are).
+#[derive(Debug)]
+pub(crate) struct ZeroedArray<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: the array owns its mapping; `T` is only reachable through `&[T]`, so sharing it is as safe as
+// sharing `&[T]`, which needs `T: Sync`.
+unsafe impl<T: Sync> Sync for ZeroedArray<T> {}
+// SAFETY: the mapping is not tied to a thread.
+unsafe impl<T: Send> Send for ZeroedArray<T> {}
+
+impl<T> ZeroedArray<T> {
+    /// # Safety
+    /// The all-zero bit pattern must be a valid `T`.
+    unsafe fn new(len: usize) -> Result<ZeroedArray<T>> {
+        let bytes = (len.max(1) * std::mem::size_of::<T>()).next_multiple_of(PAGE_SIZE);
+        // SAFETY: a fresh private anonymous mapping at an address the kernel chooses; it aliases nothing.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DsmError::sys(format!("mmap of {bytes} bytes of page metadata"), Errno::last()));
+        }
+        Ok(ZeroedArray { ptr: ptr.cast(), len })
+    }
+
+    fn as_slice(&self) -> &[T] {
+        // SAFETY: `ptr` is a live mapping of at least `len` zero-initialized `T`s (valid per `new`'s contract),
+        // page aligned, and only ever accessed through shared references.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl<T> Drop for ZeroedArray<T> {
+    fn drop(&mut self) {
+        let bytes = (self.len.max(1) * std::mem::size_of::<T>()).next_multiple_of(PAGE_SIZE);
+        // SAFETY: unmapping the mapping this value owns; no reference into it outlives `self`.
+        unsafe { libc::munmap(self.ptr.cast(), bytes) };
+    }
+}
+
+/// The shared arena: one reservation at the same address in every rank; regions are carved from it in
+/// allocation order, so every rank computes the same addresses.
+#[derive(Debug)]
+pub(crate) struct Arena {
+    pub(crate) base: usize,
+    pub(crate) size: usize,
+    pub(crate) next: usize,
+}
+
+impl Arena {
+    /// Reserves `size` bytes, at `base` exactly when given (`MAP_FIXED_NOREPLACE`), else where the kernel
+    /// chooses. Reserved memory is `PROT_NONE`: a stray access is a plain segmentation fault.
+    pub(crate) fn reserve(me: Rank, base: Option<usize>, size: usize) -> Result<Arena> {
+        let flags = libc::MAP_PRIVATE
+            | libc::MAP_ANONYMOUS
+            | libc::MAP_NORESERVE
+            | if base.is_some() { libc::MAP_FIXED_NOREPLACE } else { 0 };
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; without it the kernel picks a free
+        // range. Either way no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                base.unwrap_or(0) as *mut libc::c_void,
+                size,
+                libc::PROT_NONE,
+                flags,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED || base.is_some_and(|b| ptr as usize != b) {
+            let errno = Errno::last();
+            return Err(DsmError::ArenaUnavailable {
+                rank: me,
+                addr: GlobalAddr(base.unwrap_or(0)),
+                size,
+                errno,
+            });
+        }
+        Ok(Arena {
+            base: ptr as usize,
+            size,
+            next: 0,
+        })
+    }
+
+    /// Takes the next `len` bytes (a multiple of the page size).
+    pub(crate) fn carve(&mut self, len: usize) -> Result<usize> {
+        if len > self.size - self.next {
+            return Err(DsmError::ArenaExhausted {
+                requested: len,
+                available: self.size - self.next,
+                size: self.size,
+            });
+        }
+        let addr = self.base + self.next;
+        self.next += len;
+        Ok(addr)
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: the arena's regions are gone (they borrow the Dsm that owns the arena); unmapping the
+        // reservation affects no live memory.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.size) };
+    }
+}
+
+/// Everything about one region that the fault path and the service loop share.
+#[derive(Debug)]
+pub(crate) struct RegionShared {
+    pub(crate) id: u32,
+    pub(crate) base: usize,
+    pub(crate) len: usize,
+    pub(crate) pages: u64,
+    pub(crate) placement: Placement,
+    pub(crate) uffd: RawFd,
+    pub(crate) local: ZeroedArray<AtomicU32>,
+    pub(crate) manager: ZeroedArray<ManagerSlot>,
+    pub(crate) shared: Arc<Shared>,
+    /// Sequential read-ahead detector: the last page that faulted and the current window.
+    pub(crate) last_fault: AtomicU64,
+    pub(crate) window: AtomicU32,
+}
+
+impl RegionShared {
+    pub(crate) fn new(id: u32, base: usize, len: usize, placement: Placement, uffd: RawFd, shared: Arc<Shared>) -> Result<RegionShared> {
+        let pages = (len / PAGE_SIZE) as u64;
+        Ok(RegionShared {
+            id,
+            base,
+            len,
+            pages,
+            placement,
+            uffd,
+            // SAFETY: all-zero AtomicU32 is 0 = INVALID, a valid value.
+            local: unsafe { ZeroedArray::new(pages as usize)? },
+            // SAFETY: all-zero ManagerSlot: unlocked, never touched, empty copyset.
+            manager: unsafe { ZeroedArray::new(pages as usize)? },
+            shared,
+            last_fault: AtomicU64::new(u64::MAX),
+            window: AtomicU32::new(1),
+        })
+    }
+
+    pub(crate) fn home(&self, page: u64) -> Rank {
+        self.placement.home(page, self.pages, self.shared.size)
+    }
+
+    pub(crate) fn addr(&self, page: u64) -> usize {
+        self.base + page as usize * PAGE_SIZE
+    }
+
+    pub(crate) fn state(&self, page: u64) -> &AtomicU32 {
+        &self.local.as_slice()[page as usize]
+    }
+
+    pub(crate) fn slot(&self, page: u64) -> &ManagerSlot {
+        &self.manager.as_slice()[page as usize]
+    }
+
+    /// Installs `count` pages from `src` at `page`, read-only unless `writable`.
+    pub(crate) fn install(&self, page: u64, count: u64, src: &[u8], writable: bool) -> Result<(), Errno> {
+        assert!(page + count <= self.pages && src.len() >= count as usize * PAGE_SIZE);
+        // SAFETY: the destination pages lie inside this region, which is registered on `self.uffd`; `src` is
+        // an ordinary buffer (a channel buffer or the static zero page), not registered memory.
+        unsafe {
+            uffd::copy(
+                self.uffd,
+                self.addr(page),
+                src.as_ptr(),
+                count as usize * PAGE_SIZE,
+                !writable,
+            )
+        }
+    }
+
+    /// Sets or clears write protection of `count` pages from `page`.
+    pub(crate) fn protect(&self, page: u64, count: u64, on: bool) -> Result<(), Errno> {
+        assert!(page + count <= self.pages);
+        uffd::write_protect(self.uffd, self.addr(page), count as usize * PAGE_SIZE, on)
+    }
+
+    /// Drops the local copy of `page`.
+    pub(crate) fn discard(&self, page: u64) -> Result<(), Errno> {
+        assert!(page < self.pages);
+        uffd::discard(self.addr(page), PAGE_SIZE)
+    }
+
+    /// The bytes of a page that is present here and write-protected (or otherwise not being written), for
+    /// sending. The protocol guarantees both: callers check the local state first.
+    pub(crate) fn present_page(&self, page: u64) -> &[u8] {
+        assert!(page < self.pages);
+        debug_assert_ne!(self.state(page).load(Ordering::Acquire) & STATE_MASK, INVALID);
+        // SAFETY: the page is inside the region's live mapping and present here (the caller checked the state,
+        // so reading cannot fault), and it is write-protected, so no store changes it while the slice lives.
+        unsafe { std::slice::from_raw_parts(self.addr(page) as *const u8, PAGE_SIZE) }
+    }
+
+    /// Copies a present page into `out`.
+    pub(crate) fn read_page(&self, page: u64, out: &mut [u8]) {
+        out[..PAGE_SIZE].copy_from_slice(self.present_page(page));
+    }
+}
+
+/// A slot of the global table that the SIGBUS handler searches.
+#[derive(Debug)]
+struct RegistrySlot {
+    start: AtomicUsize,
+    end: AtomicUsize,
+    region: AtomicPtr<RegionShared>,
+}
+
+const REGISTRY_SLOTS: usize = 256;
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY_SLOT: RegistrySlot = RegistrySlot {
+    start: AtomicUsize::new(0),
+    end: AtomicUsize::new(0),
+    region: AtomicPtr::new(std::ptr::null_mut()),
+};
+static REGISTRY: [RegistrySlot; REGISTRY_SLOTS] = [EMPTY_SLOT; REGISTRY_SLOTS];
+
+/// Publishes `region` to the fault handler. The registry holds one strong count until `unregister`.
+fn register(region: &Arc<RegionShared>) -> Result<usize> {
+    for (i, slot) in REGISTRY.iter().enumerate() {
+        let raw = Arc::into_raw(region.clone()) as *mut RegionShared;
+        if slot
+            .region
+            .compare_exchange(std::ptr::null_mut(), raw, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            slot.end.store(region.base + region.len, Ordering::Release);
+            slot.start.store(region.base, Ordering::Release);
+            return Ok(i);
+        }
+        // SAFETY: `raw` came from `Arc::into_raw` just above and was not published.
+        drop(unsafe { Arc::from_raw(raw) });
+    }
+    Err(DsmError::Config(format!(
+        "more than {REGISTRY_SLOTS} live regions in one process: free regions or allocate fewer, larger ones"
+    )))
+}
+
+fn unregister(index: usize) {
+    let slot = &REGISTRY[index];
+    slot.start.store(0, Ordering::Release);
+    slot.end.store(0, Ordering::Release);
+    let raw = slot.region.swap(std::ptr::null_mut(), Ordering::AcqRel);
+    if !raw.is_null() {
+        // SAFETY: the pointer was published by `register` from `Arc::into_raw` and is removed exactly once.
+        drop(unsafe { Arc::from_raw(raw) });
+    }
+}
+
+/// Finds the region that contains `addr`, for the SIGBUS handler: lock-free and allocation-free.
+pub(crate) fn lookup<'a>(addr: usize) -> Option<&'a RegionShared> {
+    for slot in REGISTRY.iter() {
+        let start = slot.start.load(Ordering::Acquire);
+        if start != 0 && addr >= start && addr < slot.end.load(Ordering::Acquire) {
+            let ptr = slot.region.load(Ordering::Acquire);
+            // SAFETY: a published pointer holds a strong count until `unregister`, which happens only when the
+            // region is dropped collectively after a barrier: no access to the region (so no fault on it) is in
+            // flight then in a correct program, and the address range is made PROT_NONE right after.
+            return (!ptr.is_null()).then(|| unsafe { &*ptr });
+        }
+    }
+    None
+}
+
+/// A shared region: the same bytes at the same address in every rank.
+///
+/// Created collectively by [`crate::Dsm::alloc`]; dropping it is collective too (every rank drops it; the
+/// drop waits at a barrier so that no rank still uses it).
+#[derive(Debug)]
+pub struct Region<'d> {
+    pub(crate) inner: Arc<RegionShared>,
+    slot: usize,
+    _dsm: PhantomData<&'d crate::Dsm>,
+}
+
+impl<'d> Region<'d> {
+    pub(crate) fn map(inner: Arc<RegionShared>) -> Result<Region<'d>> {
+        // SAFETY: the range lies inside the arena reservation owned by this process's Dsm (PROT_NONE so far,
+        // holding no data); MAP_FIXED replaces only that reservation with fresh anonymous memory.
+        let ptr = unsafe {
+            libc::mmap(
+                inner.base as *mut libc::c_void,
+                inner.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DsmError::sys(
+                format!("mmap of a {} byte region at {:#x}", inner.len, inner.base),
+                Errno::last(),
+            ));
+        }
+        inner
+            .shared
+            .uffd()?
+            .register(inner.base, inner.len)?;
+        let slot = register(&inner)?;
+        Ok(Region {
+            inner,
+            slot,
+            _dsm: PhantomData,
+        })
+    }
+
+    /// The region's address, the same in every rank.
+    pub fn addr(&self) -> GlobalAddr {
+        GlobalAddr(self.inner.base)
+    }
+
+    /// Length in bytes (a multiple of the page size).
+    pub fn len(&self) -> usize {
+        self.inner.len
+    }
+
+    /// Whether the region has no bytes (never: regions have at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.inner.len == 0
+    }
+
+    /// The home rank of a page of this region.
+    pub fn home_of(&self, page: PageId) -> Rank {
+        self.inner.home(page.0)
+    }
+
+    /// The base pointer. Accesses through it are coherent shared memory; see [`GlobalVec`] for typed access.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.inner.base as *mut u8
+    }
+}
+
+impl Drop for Region<'_> {
+    fn drop(&mut self) {
+        let shared = &self.inner.shared;
+        // Every rank stops using the region before any unmaps it; a failed barrier (a dead peer) still unmaps.
+        let _ = shared.barrier_tagged(0xD0_0000 + u64::from(self.inner.id));
+        unregister(self.slot);
+        shared.forget_region(self.inner.id);
+        // SAFETY: the range is this region's mapping inside the arena; replacing it with PROT_NONE memory keeps
+        // the reservation and drops the pages and the userfaultfd registration.
+        unsafe {
+            libc::mmap(
+                self.inner.base as *mut libc::c_void,
+                self.inner.len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            );
+        }
+    }
+}
+
+/// A typed array in a shared region: element `i` is the same memory in every rank.
+///
+/// Reads and writes through [`get`](Self::get) and [`set`](Self::set) are single volatile accesses, so they
+/// are never cached in registers across a synchronization point and every rank sees them under the
+/// region's consistency model. Borrowing the memory as a slice is `unsafe`, because other ranks may change
+/// it while the borrow lives; do it between barriers or under a lock.
+#[derive(Debug)]
+pub struct GlobalVec<'d, T: bytemuck::Pod> {
+    region: Region<'d>,
+    len: usize,
+    _t: PhantomData<T>,
+}
+
+impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
+    pub(crate) fn new(region: Region<'d>, len: usize) -> GlobalVec<'d, T> {
+        GlobalVec {
+            region,
+            len,
+            _t: PhantomData,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The underlying region.
+    pub fn region(&self) -> &Region<'d> {
+        &self.region
+    }
+
+    fn ptr(&self, i: usize) -> *mut T {
+        assert!(i < self.len, "index {i} out of range for a GlobalVec of {} elements", self.len);
+        // SAFETY: `i < len` and the region holds at least `len` elements, so the offset stays inside it.
+        unsafe { (self.region.as_ptr() as *mut T).add(i) }
+    }
+
+    /// Reads element `i` (faults the page in if needed).
+    pub fn get(&self, i: usize) -> T {
+        // SAFETY: the pointer is in bounds and aligned (regions are page aligned, `T: Pod`), and every bit
+        // pattern is a valid `T`. The memory is mapped for the region's lifetime; a fault is resolved by the
+        // SIGBUS handler before the load completes.
+        unsafe { self.ptr(i).read_volatile() }
+    }
+
+    /// Writes element `i` (faults the page in and takes write access if needed).
+    pub fn set(&self, i: usize, value: T) {
+        // SAFETY: as in `get`; the region is writable shared memory, so writes through `&self` are intended
+        // (the coherence protocol, not Rust's borrow rules, orders them between ranks).
+        unsafe { self.ptr(i).write_volatile(value) }
+    }
+
+    /// Copies `src` into elements `start..start + src.len()`.
+    pub fn write_slice(&self, start: usize, src: &[T]) {
+        for (k, v) in src.iter().enumerate() {
+            self.set(start + k, *v);
+        }
+    }
+
+    /// Copies elements `start..start + out.len()` into `out`.
+    pub fn read_slice(&self, start: usize, out: &mut [T]) {
+        for (k, v) in out.iter_mut().enumerate() {
+            *v = self.get(start + k);
+        }
+    }
+
+    /// Borrows the elements as a slice.
+    ///
+    /// # Safety
+    /// No rank (this one included) may write the borrowed elements while the slice lives: borrow between
+    /// barriers, or under a lock that every writer takes.
+    pub unsafe fn as_slice(&self) -> &[T] {
+        // SAFETY: in bounds and aligned; the caller guarantees no concurrent writes.
+        unsafe { std::slice::from_raw_parts(self.region.as_ptr() as *const T, self.len) }
+    }
+
+    /// Borrows the elements mutably.
+    ///
+    /// # Safety
+    /// No other rank or thread may access the borrowed elements while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn as_mut_slice(&self) -> &mut [T] {
+        // SAFETY: in bounds and aligned; the caller guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.region.as_ptr() as *mut T, self.len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placements_spread_pages_as_documented() {
+        assert_eq!(Placement::Cyclic.home(5, 10, 3), Rank(2));
+        assert_eq!(Placement::Block.home(0, 10, 3), Rank(0));
+        assert_eq!(Placement::Block.home(4, 10, 3), Rank(1));
+        assert_eq!(Placement::Block.home(9, 10, 3), Rank(2));
+        assert_eq!(Placement::At(Rank(1)).home(7, 10, 3), Rank(1));
+    }
+
+    #[test]
+    fn page_metadata_fits_the_budget() {
+        let per_page = std::mem::size_of::<ManagerSlot>() + std::mem::size_of::<AtomicU32>();
+        assert!(per_page <= 64, "{per_page} bytes of metadata per page");
+    }
+
+    #[test]
+    fn a_large_reservation_is_cheap_and_carving_checks_space() {
+        let t = std::time::Instant::now();
+        let mut arena = Arena::reserve(Rank(0), None, 64 << 30).unwrap();
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        let a = arena.carve(4 << 30).unwrap();
+        assert_eq!(a, arena.base);
+        let err = arena.carve(61 << 30).unwrap_err();
+        assert!(matches!(err, DsmError::ArenaExhausted { .. }), "{err}");
+        // Another reservation over the same range must be refused, with the address in the message.
+        let err = Arena::reserve(Rank(1), Some(arena.base), 1 << 20).unwrap_err();
+        assert!(err.to_string().contains(&format!("{:#x}", arena.base)), "{err}");
+    }
+}

@@ -1,0 +1,37 @@
+//! Transports establish the connections between ranks; after that every backend is the same: framed byte
+//! streams on file descriptors (`wire` frames), read and written with plain system calls so that the fault
+//! path can use them from a SIGBUS handler.
+//!
+//! A rank opens `channels` connections to every rank, itself included. A channel is a set of one
+//! connection per rank owned by one requester at a time (a faulting thread, a lock call); replies come back
+//! on the connection the request went out on, straight to the thread that waits for them. The other ends of
+//! the connections are served by each rank's service loop (`engine`).
+
+pub mod local;
+pub mod tcp;
+
+use crate::error::Result;
+use crate::types::Rank;
+use std::os::fd::OwnedFd;
+
+/// The established connections of one rank.
+#[derive(Debug)]
+pub struct Mesh {
+    /// `outgoing[channel][rank]`: requests from this rank to `rank`'s service loop.
+    pub outgoing: Vec<Vec<OwnedFd>>,
+    /// Connections from other ranks' channels to this rank's service loop, with the rank at the other end.
+    pub incoming: Vec<(Rank, OwnedFd)>,
+}
+
+/// How ranks reach each other.
+pub trait Transport: Send + std::fmt::Debug {
+    /// Connects this rank (`me` of `size`) to every rank with `channels` connections each, and accepts the
+    /// same from every rank. Returns when the whole mesh of this rank is up.
+    fn establish(self: Box<Self>, me: Rank, size: usize, channels: usize) -> Result<Mesh>;
+
+    /// A short name for messages and statistics.
+    fn name(&self) -> &'static str;
+}
+
+/// Bumped whenever the wire format or the protocol changes: ranks of different builds refuse each other.
+pub(crate) const PROTOCOL_VERSION: u32 = 1;

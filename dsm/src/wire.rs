@@ -1,0 +1,202 @@
+//! Messages between ranks and their framing. A frame is `[u32 LE length of the rest][u16 LE header
+//! length][postcard header][payload]`; page payloads travel as raw bytes after the header so that they can
+//! be written straight from the page (`writev`) and read straight into a buffer that `UFFDIO_COPY` installs.
+//!
+//! Encoding writes into a caller's buffer and decoding borrows from one: neither allocates, which the fault
+//! path (running in a SIGBUS handler) relies on. Every decode failure is an error, never a panic.
+
+use crate::protocol::swmr::{Access, Data, Grant};
+use serde::{Deserialize, Serialize};
+
+/// Requests: from a requester (fault path, locks, barriers) to a service loop.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) enum Request {
+    /// Fault on `count` consecutive pages starting at `page` (count > 1: read-ahead).
+    Acquire { region: u32, page: u64, access: Access, count: u32 },
+    /// End of the transaction on `count` pages from `page`; `granted`: the requester ran a grant.
+    Unlock { region: u32, page: u64, count: u32, access: Access, granted: bool },
+    /// Owner: downgrade your copy to read-only and send it.
+    Fetch { region: u32, page: u64 },
+    /// Drop your copy, sending it first when `send_data`.
+    Invalidate { region: u32, page: u64, send_data: bool },
+    /// Take lock `lock` (its home queues the request until it is free).
+    LockAcquire { lock: u64 },
+    /// Give lock `lock` back.
+    LockRelease { lock: u64 },
+    /// Arrival at barrier `epoch`; `tag` must be equal on every rank (it checks collective arguments).
+    Barrier { epoch: u64, tag: u64 },
+    /// Rank 0: where is the shared arena?
+    ArenaBase,
+    /// Reply with `reply_bytes` bytes of payload: the transport's raw round trip, for benchmarks.
+    Ping { reply_bytes: u32 },
+    /// This connection closes normally: what follows is not a failure.
+    Goodbye,
+}
+
+/// Replies, on the connection the request came on.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) enum Reply {
+    /// The home completed the transaction; with `Data::Home` the payload holds `count` pages.
+    Done { data: Data, count: u32 },
+    /// The requester runs the transaction; the payload holds the page when `grant.data_from_home`.
+    Granted { grant: Grant },
+    /// A page follows.
+    Page,
+    /// Done.
+    Ack,
+    /// The lock is yours.
+    LockGranted,
+    /// Everyone arrived.
+    BarrierDone,
+    /// `rank` arrived with a different tag than rank 0.
+    BarrierMismatch { rank: u32 },
+    /// `rank` failed while the barrier waited for it.
+    BarrierFailed { rank: u32 },
+    /// The arena reserved by rank 0.
+    Arena { base: u64, size: u64 },
+    /// The payload of a ping.
+    Pong,
+    /// The request could not be served.
+    Refused { reason: RefusedReason },
+}
+
+/// Why a service loop refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum RefusedReason {
+    /// The region id is unknown here.
+    UnknownRegion,
+    /// The page is out of the region.
+    PageOutOfRange,
+    /// A leaf request reached a rank without a copy: the ranks disagree about page state.
+    NoCopyHere,
+    /// The arena is not reserved yet.
+    NoArena,
+    /// The request does not belong on this rank.
+    WrongRank,
+}
+
+/// Size of the fixed frame prefix.
+pub(crate) const PREFIX: usize = 6;
+/// Upper bound of an encoded header.
+pub(crate) const MAX_HEADER: usize = 96;
+
+/// A frame that could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FrameError {
+    /// The length fields are inconsistent or over the limit.
+    BadLength(usize),
+    /// The header does not decode.
+    BadHeader,
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::BadLength(n) => write!(f, "frame length {n} is out of range"),
+            FrameError::BadHeader => write!(f, "frame header does not decode"),
+        }
+    }
+}
+
+/// Encodes `msg` as a frame prefix + header into `out`, for a frame whose payload has `payload_len` bytes.
+/// Returns the number of bytes of `out` used.
+pub(crate) fn encode<T: Serialize>(msg: &T, payload_len: usize, out: &mut [u8; PREFIX + MAX_HEADER]) -> usize {
+    let (prefix, rest) = out.split_at_mut(PREFIX);
+    // Our messages are small fixed-shape enums: a failure here is a bug in this file, not bad input.
+    let header_len = postcard::to_slice(msg, rest).map(|s| s.len()).unwrap_or(0);
+    let total = 2 + header_len + payload_len;
+    prefix[..4].copy_from_slice(&(total as u32).to_le_bytes());
+    prefix[4..6].copy_from_slice(&(header_len as u16).to_le_bytes());
+    PREFIX + header_len
+}
+
+/// Reads the length of the frame body (everything after the first 4 bytes) from its first 4 bytes.
+pub(crate) fn body_len(prefix: [u8; 4], max: usize) -> Result<usize, FrameError> {
+    let n = u32::from_le_bytes(prefix) as usize;
+    if !(2..=max).contains(&n) {
+        return Err(FrameError::BadLength(n));
+    }
+    Ok(n)
+}
+
+/// Splits a frame body (after the 4-byte length) into its decoded header and the payload.
+pub(crate) fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<(T, &'a [u8]), FrameError> {
+    if body.len() < 2 {
+        return Err(FrameError::BadLength(body.len()));
+    }
+    let header_len = u16::from_le_bytes([body[0], body[1]]) as usize;
+    if header_len > body.len() - 2 || header_len > MAX_HEADER {
+        return Err(FrameError::BadLength(header_len));
+    }
+    let msg = postcard::from_bytes(&body[2..2 + header_len]).map_err(|_| FrameError::BadHeader)?;
+    Ok((msg, &body[2 + header_len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::swmr::{CopySet, HomeAction};
+
+    fn roundtrip<T: Serialize + for<'a> Deserialize<'a> + std::fmt::Debug>(msg: T, payload: &[u8]) -> (T, Vec<u8>) {
+        let mut buf = [0u8; PREFIX + MAX_HEADER];
+        let n = encode(&msg, payload.len(), &mut buf);
+        let mut frame = buf[..n].to_vec();
+        frame.extend_from_slice(payload);
+        let len = body_len(frame[..4].try_into().unwrap(), 1 << 20).unwrap();
+        assert_eq!(len, frame.len() - 4);
+        let (m, p) = decode::<T>(&frame[4..]).unwrap();
+        (m, p.to_vec())
+    }
+
+    #[test]
+    fn largest_header_fits() {
+        let mut invalidate = CopySet::EMPTY;
+        for r in 0..256 {
+            invalidate.insert(crate::types::Rank(r));
+        }
+        let grant = Grant {
+            home_action: HomeAction::Invalidate,
+            data_from_home: true,
+            fetch_from: Some(crate::types::Rank(u32::MAX)),
+            invalidate,
+        };
+        let mut buf = [0u8; PREFIX + MAX_HEADER];
+        let n = encode(&Reply::Granted { grant }, 4096, &mut buf);
+        assert!(n > PREFIX + 32, "header of a full grant must be encoded, got {n} bytes");
+        let (m, p) = roundtrip(Reply::Granted { grant }, &[7u8; 4096]);
+        assert!(matches!(m, Reply::Granted { grant: g } if g == grant));
+        assert_eq!(p, vec![7u8; 4096]);
+    }
+
+    #[test]
+    fn request_round_trips_with_payload() {
+        let (m, p) = roundtrip(
+            Request::Acquire { region: 3, page: 1 << 40, access: Access::Write, count: 9 },
+            b"xyz",
+        );
+        assert!(matches!(m, Request::Acquire { region: 3, page: p, access: Access::Write, count: 9 } if p == 1 << 40));
+        assert_eq!(p, b"xyz");
+    }
+
+    #[test]
+    fn malformed_frames_are_errors() {
+        assert_eq!(body_len(0u32.to_le_bytes(), 100), Err(FrameError::BadLength(0)));
+        assert_eq!(body_len(1000u32.to_le_bytes(), 100), Err(FrameError::BadLength(1000)));
+        assert!(decode::<Request>(&[5, 0, 1]).is_err(), "header longer than the body");
+        assert!(decode::<Request>(&[2, 0, 0xff, 0xff]).is_err(), "unknown variant");
+        assert!(decode::<Request>(&[0]).is_err());
+        // Random bytes never panic.
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for _ in 0..20000 {
+            let mut b = [0u8; 12];
+            for v in b.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *v = x as u8;
+            }
+            let _ = decode::<Request>(&b);
+            let _ = decode::<Reply>(&b);
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! A job of one rank: real userfaultfd faults on pages homed here (first touch, read then write upgrade),
+//! locks and barriers through the rank's own service loop, and statistics that count what happened.
+
+use dsm::{Dsm, Placement};
+
+#[test]
+fn one_rank_reads_zeros_writes_and_counts_faults() {
+    let dsm = Dsm::builder().build().expect("a job of one rank");
+    let v = dsm.alloc_vec::<u64>(4096).unwrap();
+    // Read first: a missing fault installs a zero page read-only; the write then upgrades it.
+    assert_eq!(v.get(1000), 0);
+    v.set(1000, 7);
+    assert_eq!(v.get(1000), 7);
+    for i in 0..v.len() {
+        v.set(i, i as u64 * 3);
+    }
+    dsm.barrier().unwrap();
+    for i in (0..v.len()).step_by(97) {
+        assert_eq!(v.get(i), i as u64 * 3);
+    }
+    {
+        let _g = dsm.lock(5).unwrap();
+    }
+    let s = dsm.stats();
+    assert_eq!(s.read_faults, 1, "{s}");
+    assert_eq!(s.upgrade_faults, 1, "{s}");
+    // 4096 u64 = 8 pages; one was touched by the read above.
+    assert_eq!(s.write_faults, 7, "{s}");
+    assert_eq!(s.lock_acquires, 1);
+    assert!(s.barriers >= 1);
+}
+
+#[test]
+fn a_large_region_maps_instantly_and_costs_nothing_until_touched() {
+    let dsm = Dsm::builder().build().unwrap();
+    let t = std::time::Instant::now();
+    let r = dsm.alloc(4 << 30, Placement::Block).unwrap();
+    assert!(t.elapsed() < std::time::Duration::from_millis(500), "{:?}", t.elapsed());
+    assert_eq!(r.len(), 4 << 30);
+    let rss_before = rss_kib();
+    let v = dsm.alloc_vec::<u8>(1 << 20).unwrap();
+    v.set(12345, 1);
+    assert!(rss_kib() < rss_before + 16 * 1024, "touching one page must not commit the region");
+}
+
+#[test]
+fn bad_configuration_is_a_clear_error() {
+    let e = Dsm::builder().readahead(0).build().unwrap_err();
+    assert!(e.to_string().contains("read-ahead"), "{e}");
+    let e = Dsm::builder().rank(dsm::Rank(3), 2).build().unwrap_err();
+    assert!(e.to_string().contains("rank 3"), "{e}");
+    let dsm = Dsm::builder().arena(None, 1 << 20).build().unwrap();
+    let e = dsm.alloc(2 << 20, Placement::Cyclic).unwrap_err();
+    assert!(e.to_string().contains("DSM_ARENA_SIZE"), "{e}");
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
