@@ -17,6 +17,9 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Where rank 0 reserves the shared arena unless told otherwise.
+pub const DEFAULT_ARENA_BASE: usize = 0x1000_0000_0000;
+
 /// What a rank does when another rank of the job fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FailurePolicy {
@@ -376,17 +379,18 @@ impl Dsm {
         if s.in_process && s.size > 1 {
             return Err(DsmError::RegionsNeedProcesses);
         }
-        let mine = if s.me == Rank(0) {
-            Arena::reserve(s.me, s.arena_base, s.arena_size)
-        } else {
-            Err(DsmError::Config(String::new()))
-        };
-        let ok0 = mine.is_ok();
-        if let Ok(a) = mine {
+        if s.me == Rank(0) {
+            // If rank 0 cannot reserve, it returns the error and ends; the others see it fail.
+            // The default base sits low in the address space (16 TiB), below where PIE executables, the heap,
+            // shared libraries and thread stacks go, so that every rank finds it free.
+            let a = match s.arena_base {
+                Some(base) => Arena::reserve(s.me, Some(base), s.arena_size)?,
+                None => Arena::reserve(s.me, Some(DEFAULT_ARENA_BASE), s.arena_size)
+                    .or_else(|_| Arena::reserve(s.me, None, s.arena_size))?,
+            };
             *s.arena.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
         }
-        // Everyone learns rank 0's outcome; then every other rank maps the same range.
-        s.barrier_tagged(u64::from(ok0))?;
+        s.barrier_tagged(0xA7E40)?;
         let mut result = Ok(());
         if s.me != Rank(0) {
             let mut ch = s.channels.claim();

@@ -21,7 +21,7 @@ mod stats;
 mod uffd;
 mod wire;
 
-pub use crate::dsm::{Dsm, DsmBuilder, FailurePolicy, LockGuard};
+pub use crate::dsm::{Dsm, DsmBuilder, FailurePolicy, LockGuard, DEFAULT_ARENA_BASE};
 pub use crate::error::{DsmError, Result};
 pub use crate::region::{GlobalVec, Placement, Region};
 pub use crate::stats::{Stats, LATENCY_BUCKETS};

@@ -1,0 +1,128 @@
+//! Multi-process correctness checks, run by the tests under the launcher at 2, 3 and 4 ranks:
+//! - `counter`: lock-protected counters spread over pages reach exact totals;
+//! - `mp`: message passing (data then flag on different pages): a reader that sees the flag sees the data;
+//! - `sb`: store buffering: both ranks reading the other's old value is forbidden under sequential consistency;
+//! - `pages`: every rank writes its own words of the same pages; after a barrier everyone sees all writes;
+//! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging.
+#![forbid(unsafe_code)]
+
+use anyhow::ensure;
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// counter | mp | sb | pages | die
+    check: String,
+    /// Iterations or rounds.
+    #[arg(long, default_value_t = 200)]
+    rounds: usize,
+}
+
+const WORDS_PER_PAGE: usize = 512;
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = dsm_runtime::Runtime::init()?;
+    let dsm = rt.dsm();
+    let (me, n) = (rt.rank().0 as usize, rt.size());
+    match args.check.as_str() {
+        "counter" => {
+            let counters = dsm.alloc_vec::<u64>(4 * WORDS_PER_PAGE)?;
+            for i in 0..args.rounds {
+                let k = (i + me) % 4;
+                let _g = dsm.lock(k as u64)?;
+                let at = k * WORDS_PER_PAGE;
+                counters.set(at, counters.get(at) + 1);
+            }
+            dsm.barrier()?;
+            let total: u64 = (0..4).map(|k| counters.get(k * WORDS_PER_PAGE)).sum();
+            ensure!(total == (args.rounds * n) as u64, "rank {me}: total {total}, expected {}", args.rounds * n);
+            println!("counter ok: {total}");
+        }
+        "mp" => {
+            // Rank 0 writes data then flag; every other rank waits for the flag and checks the data.
+            let v = dsm.alloc_vec::<u64>(2 * WORDS_PER_PAGE)?;
+            let (data, flag) = (0, WORDS_PER_PAGE);
+            for round in 1..=args.rounds as u64 {
+                if me == 0 {
+                    v.set(data, round);
+                    v.set(flag, round);
+                } else {
+                    while v.get(flag) < round {
+                        std::hint::spin_loop();
+                    }
+                    let d = v.get(data);
+                    ensure!(d >= round, "rank {me}: saw flag {round} but data {d}: message passing broken");
+                }
+                dsm.barrier()?;
+            }
+            println!("mp ok: {} rounds", args.rounds);
+        }
+        "sb" => {
+            // Ranks 0 and 1: x = 1; r0 = y  ||  y = 1; r1 = x. Forbidden: r0 == 0 and r1 == 0.
+            let v = dsm.alloc_vec::<u64>(4 * WORDS_PER_PAGE)?;
+            let (x, y, r0, r1) = (0, WORDS_PER_PAGE, 2 * WORDS_PER_PAGE, 3 * WORDS_PER_PAGE);
+            for _ in 0..args.rounds {
+                if me == 0 {
+                    v.set(x, 0);
+                    v.set(y, 0);
+                }
+                dsm.barrier()?;
+                match me {
+                    0 => {
+                        v.set(x, 1);
+                        v.set(r0, v.get(y));
+                    }
+                    1 => {
+                        v.set(y, 1);
+                        v.set(r1, v.get(x));
+                    }
+                    _ => {}
+                }
+                dsm.barrier()?;
+                let (a, b) = (v.get(r0), v.get(r1));
+                ensure!(!(a == 0 && b == 0), "rank {me}: store buffering showed r0 = r1 = 0");
+                dsm.barrier()?;
+            }
+            println!("sb ok: {} rounds", args.rounds);
+        }
+        "pages" => {
+            let pages = 3;
+            let v = dsm.alloc_vec::<u64>(pages * WORDS_PER_PAGE)?;
+            for round in 1..=args.rounds as u64 {
+                for p in 0..pages {
+                    v.set(p * WORDS_PER_PAGE + me, round * 100 + me as u64);
+                }
+                dsm.barrier()?;
+                for p in 0..pages {
+                    for r in 0..n {
+                        let got = v.get(p * WORDS_PER_PAGE + r);
+                        ensure!(got == round * 100 + r as u64, "rank {me}: page {p} word {r} is {got} in round {round}");
+                    }
+                }
+                dsm.barrier()?;
+            }
+            println!("pages ok: {} rounds", args.rounds);
+        }
+        "die" => {
+            let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
+            v.set(me, 1);
+            dsm.barrier()?;
+            if me == n - 1 {
+                nix_kill_self();
+            }
+            // The others wait at a barrier that can never complete.
+            dsm.barrier()?;
+            anyhow::bail!("rank {me}: a barrier completed without the dead rank");
+        }
+        other => anyhow::bail!("unknown check {other:?}: use counter, mp, sb, pages or die"),
+    }
+    rt.finish()?;
+    Ok(())
+}
+
+fn nix_kill_self() -> ! {
+    let me = std::process::id();
+    let _ = std::process::Command::new("kill").args(["-9", &me.to_string()]).status();
+    std::process::exit(99);
+}

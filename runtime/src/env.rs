@@ -1,0 +1,99 @@
+//! Every environment variable the runtime reads, in one place.
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `DSM_RANK`, `DSM_SIZE` | this process's rank and the job's size (set by `dsmrun`) | a job of one rank |
+//! | `DSM_RENDEZVOUS` | `host:port` where ranks exchange their addresses (set by `dsmrun`) | required when `DSM_SIZE` > 1 |
+//! | `DSM_TOKEN` | the job's secret, 64 hex digits (set by `dsmrun`, fresh for every job) | required when `DSM_SIZE` > 1 |
+//! | `DSM_BIND` | the address this rank's listener binds to | `127.0.0.1` |
+//! | `DSM_CHANNELS` | threads of a rank that can fault or call into the job at once | 4 |
+//! | `DSM_READAHEAD` | largest sequential read-ahead window in pages, 1 to 64 (1 = off) | 16 |
+//! | `DSM_ARENA_SIZE` | bytes of address space reserved for shared regions (suffixes K, M, G, T) | 1T |
+//! | `DSM_ARENA_BASE` | where rank 0 reserves the arena (hex), when the default range is taken | kernel's choice |
+//! | `DSM_CONNECT_TIMEOUT` | seconds to wait for every rank to connect | 30 |
+//! | `DSM_STATS` | `1`: print each rank's statistics when it leaves the job | off |
+//! | `DSM_LAUNCHER_PID` | set by `dsmrun`: a rank ends itself when this process dies | unset |
+
+use crate::RuntimeError;
+use std::str::FromStr;
+
+/// Reads `name`, parsing it with `parse`; a malformed value is an error naming the variable and the form.
+pub(crate) fn get<T>(name: &'static str, expected: &'static str, parse: impl Fn(&str) -> Option<T>) -> Result<Option<T>, RuntimeError> {
+    match std::env::var(name) {
+        Ok(v) => parse(v.trim()).map(Some).ok_or(RuntimeError::Env {
+            var: name,
+            value: v,
+            expected,
+        }),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(v)) => Err(RuntimeError::Env {
+            var: name,
+            value: v.to_string_lossy().into_owned(),
+            expected,
+        }),
+    }
+}
+
+/// A number.
+pub(crate) fn number<T: FromStr>(s: &str) -> Option<T> {
+    s.parse().ok()
+}
+
+/// A byte size with an optional K, M, G or T suffix (powers of 1024).
+pub(crate) fn bytes(s: &str) -> Option<usize> {
+    let (digits, shift) = match s.chars().last()? {
+        'K' | 'k' => (&s[..s.len() - 1], 10),
+        'M' | 'm' => (&s[..s.len() - 1], 20),
+        'G' | 'g' => (&s[..s.len() - 1], 30),
+        'T' | 't' => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    digits.parse::<usize>().ok()?.checked_mul(1usize << shift)
+}
+
+/// A hexadecimal address, with or without `0x`.
+pub(crate) fn hex_addr(s: &str) -> Option<usize> {
+    usize::from_str_radix(s.trim_start_matches("0x"), 16).ok()
+}
+
+/// A 32-byte token as 64 hex digits.
+pub(crate) fn token(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut t = [0u8; 32];
+    for (i, b) in t.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(t)
+}
+
+/// Formats a token as 64 hex digits.
+pub(crate) fn token_hex(t: &[u8; 32]) -> String {
+    t.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_tokens_parse_or_refuse() {
+        assert_eq!(bytes("4G"), Some(4 << 30));
+        assert_eq!(bytes("512"), Some(512));
+        assert_eq!(bytes("x"), None);
+        assert_eq!(bytes("99999999999T"), None);
+        let t = [0xabu8; 32];
+        assert_eq!(token(&token_hex(&t)), Some(t));
+        assert_eq!(token("abc"), None);
+        assert_eq!(hex_addr("0x7f0000000000"), Some(0x7f00_0000_0000));
+    }
+
+    #[test]
+    fn a_malformed_variable_names_itself() {
+        std::env::set_var("DSM_TEST_MALFORMED", "four");
+        let e = get("DSM_TEST_MALFORMED", "a number", number::<usize>).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("DSM_TEST_MALFORMED") && msg.contains("four") && msg.contains("a number"), "{msg}");
+    }
+}

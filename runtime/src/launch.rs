@@ -1,0 +1,227 @@
+//! Launching a job of local processes, as `dsmrun` does: N ranks with rank, size, rendezvous address and a
+//! fresh secret token in their environment, output lines prefixed with the rank, and when one rank fails,
+//! the others are ended and its status is returned. No process is left behind: ranks also end themselves if
+//! the launcher dies (`DSM_LAUNCHER_PID`).
+
+use crate::RuntimeError;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How to launch a job.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// Number of ranks.
+    pub ranks: usize,
+    /// The address the rendezvous server and the ranks' listeners bind to.
+    pub bind: IpAddr,
+    /// Prefix every output line with `[rank] `.
+    pub prefix: bool,
+    /// Extra environment for every rank.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for LaunchOptions {
+    fn default() -> Self {
+        LaunchOptions {
+            ranks: 1,
+            bind: IpAddr::from([127, 0, 0, 1]),
+            prefix: true,
+            env: Vec::new(),
+        }
+    }
+}
+
+fn fresh_token() -> Result<[u8; 32], RuntimeError> {
+    let mut t = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut t))
+        .map_err(|e| RuntimeError::Io {
+            context: "reading /dev/urandom for the job token".into(),
+            source: e,
+        })?;
+    Ok(t)
+}
+
+/// Serves the rendezvous: collects every rank's address, then sends the full table to each.
+fn rendezvous(listener: TcpListener, ranks: usize, token: String) {
+    let mut conns: Vec<Option<(std::net::TcpStream, SocketAddr)>> = (0..ranks).map(|_| None).collect();
+    let mut have = 0;
+    while have < ranks {
+        let Ok((stream, from)) = listener.accept() else { return };
+        stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        let mut line = String::new();
+        if BufReader::new(&stream).read_line(&mut line).is_err() {
+            eprintln!("dsmrun: rendezvous from {from}: nothing received");
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let (t, r, a) = (parts.next(), parts.next(), parts.next());
+        let rank = r.and_then(|r| r.parse::<usize>().ok());
+        let addr = a.and_then(|a| a.parse::<SocketAddr>().ok());
+        match (t, rank, addr) {
+            (Some(t), Some(r), Some(addr)) if t == token && r < ranks && conns[r].is_none() => {
+                conns[r] = Some((stream, addr));
+                have += 1;
+            }
+            _ => eprintln!("dsmrun: refused a rendezvous from {from}: wrong token, rank or address"),
+        }
+    }
+    let table: Vec<String> = conns.iter().flatten().map(|(_, a)| a.to_string()).collect();
+    let line = table.join(" ") + "\n";
+    for (mut s, _) in conns.into_iter().flatten() {
+        let _ = s.write_all(line.as_bytes());
+    }
+}
+
+fn forward(rank: usize, stream: impl Read + Send + 'static, to_stderr: bool, prefix: bool) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    let mut out: Vec<u8> = Vec::with_capacity(line.len() + 8);
+                    if prefix {
+                        out.extend_from_slice(format!("[{rank}] ").as_bytes());
+                    }
+                    out.extend_from_slice(&line);
+                    if !out.ends_with(b"\n") {
+                        out.push(b'\n');
+                    }
+                    let _ = if to_stderr {
+                        std::io::stderr().lock().write_all(&out)
+                    } else {
+                        std::io::stdout().lock().write_all(&out)
+                    };
+                }
+            }
+        }
+    })
+}
+
+fn describe(status: ExitStatus) -> (String, i32) {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => (format!("exited with status {c}"), c),
+        (None, Some(s)) => {
+            let name = Signal::try_from(s).map(|s| s.as_str()).unwrap_or("an unknown signal");
+            (format!("was killed by {name}"), 128 + s)
+        }
+        _ => ("ended".into(), 1),
+    }
+}
+
+/// Runs `program args` as a job of `opts.ranks` local processes and returns the job's exit code: 0 when
+/// every rank succeeded, else the status of the first rank that failed (128 + signal for a signal).
+pub fn launch(opts: &LaunchOptions, program: &Path, args: &[OsString]) -> Result<i32, RuntimeError> {
+    if opts.ranks == 0 || opts.ranks > dsm::protocol::swmr::MAX_RANKS {
+        return Err(RuntimeError::Rendezvous(format!(
+            "-n {}: a job has 1 to {} ranks",
+            opts.ranks,
+            dsm::protocol::swmr::MAX_RANKS
+        )));
+    }
+    let token = crate::env::token_hex(&fresh_token()?);
+    let listener = TcpListener::bind((opts.bind, 0)).map_err(|e| RuntimeError::Io {
+        context: format!("binding the rendezvous listener on {}", opts.bind),
+        source: e,
+    })?;
+    let at = listener.local_addr().map_err(|e| RuntimeError::Io { context: "rendezvous address".into(), source: e })?;
+    let ranks = opts.ranks;
+    let server_token = token.clone();
+    std::thread::spawn(move || rendezvous(listener, ranks, server_token));
+
+    let mut children: Vec<Child> = Vec::with_capacity(ranks);
+    let mut pumps = Vec::new();
+    for r in 0..ranks {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env("DSM_RANK", r.to_string())
+            .env("DSM_SIZE", ranks.to_string())
+            .env("DSM_RENDEZVOUS", at.to_string())
+            .env("DSM_TOKEN", &token)
+            .env("DSM_BIND", opts.bind.to_string())
+            .env("DSM_LAUNCHER_PID", std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        match cmd.spawn() {
+            Ok(mut child) => {
+                if let Some(out) = child.stdout.take() {
+                    pumps.push(forward(r, out, false, opts.prefix));
+                }
+                if let Some(err) = child.stderr.take() {
+                    pumps.push(forward(r, err, true, opts.prefix));
+                }
+                children.push(child);
+            }
+            Err(e) => {
+                end_all(&mut children);
+                return Err(RuntimeError::Io {
+                    context: format!("starting {}", program.display()),
+                    source: e,
+                });
+            }
+        }
+    }
+
+    let mut done = vec![false; ranks];
+    let mut code = 0;
+    while done.iter().any(|d| !d) {
+        let mut failed = None;
+        for (r, child) in children.iter_mut().enumerate() {
+            if done[r] {
+                continue;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                done[r] = true;
+                if !status.success() && failed.is_none() {
+                    failed = Some((r, status));
+                }
+            }
+        }
+        if let Some((r, status)) = failed {
+            let (what, c) = describe(status);
+            eprintln!("dsmrun: rank {r} {what}; ending the job");
+            code = c;
+            end_all(&mut children);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for p in pumps {
+        let _ = p.join();
+    }
+    Ok(code)
+}
+
+/// Ends every rank still running: SIGTERM, then SIGKILL after two seconds, and reaps them all.
+fn end_all(children: &mut [Child]) {
+    for c in children.iter_mut() {
+        if let Ok(None) = c.try_wait() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for c in children.iter_mut() {
+        while let Ok(None) = c.try_wait() {
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! dsm-runtime: how a program joins a dsm job. `Runtime::init()` reads what the launcher (`dsmrun`) put in
+//! the environment, meets the other ranks, and returns the rank's [`dsm::Dsm`]. A program started directly,
+//! without a launcher, is a job of one rank. Every environment variable is documented in [`env`].
+#![forbid(unsafe_code)]
+
+pub mod env;
+pub mod launch;
+mod rendezvous;
+
+use dsm::{Dsm, DsmError, Rank};
+use std::time::Duration;
+
+/// Errors of joining or launching a job.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// An environment variable is malformed.
+    #[error("{var}={value:?} is not valid: expected {expected}")]
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// The form it must have.
+        expected: &'static str,
+    },
+    /// A variable the launcher sets is missing.
+    #[error("{0} is not set: start multi-rank jobs with dsmrun -n N program")]
+    Missing(&'static str),
+    /// The process runs under mpirun, but this build has no MPI support.
+    #[error("this program was started by mpirun/mpiexec but dsm-runtime was built without MPI support; run it with dsmrun -n N instead")]
+    MpiNotBuilt,
+    /// Meeting the other ranks failed.
+    #[error("rendezvous: {0}")]
+    Rendezvous(String),
+    /// The shared memory layer failed.
+    #[error(transparent)]
+    Dsm(#[from] DsmError),
+    /// Launching failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A rank's membership in a job. Dropping it leaves the job (a final barrier with every rank).
+#[derive(Debug)]
+pub struct Runtime {
+    dsm: Dsm,
+}
+
+const MPI_VARS: &[&str] = &["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID"];
+
+impl Runtime {
+    /// Joins the job this process belongs to.
+    pub fn init() -> Result<Runtime, RuntimeError> {
+        let rank = env::get("DSM_RANK", "a rank number", env::number::<u32>)?;
+        let Some(rank) = rank else {
+            if MPI_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
+                return Err(RuntimeError::MpiNotBuilt);
+            }
+            return Ok(Runtime {
+                dsm: Self::options()?.build()?,
+            });
+        };
+        let size = env::get("DSM_SIZE", "the number of ranks", env::number::<usize>)?.ok_or(RuntimeError::Missing("DSM_SIZE"))?;
+        if let Some(pid) = env::get("DSM_LAUNCHER_PID", "a process id", env::number::<i32>)? {
+            rendezvous::die_with_launcher(pid);
+        }
+        let mut builder = Self::options()?;
+        if size > 1 {
+            let at = env::get("DSM_RENDEZVOUS", "host:port", |s| s.parse::<std::net::SocketAddr>().ok())?
+                .ok_or(RuntimeError::Missing("DSM_RENDEZVOUS"))?;
+            let token = env::get("DSM_TOKEN", "64 hex digits", env::token)?.ok_or(RuntimeError::Missing("DSM_TOKEN"))?;
+            let bind = env::get("DSM_BIND", "an IP address", |s| s.parse::<std::net::IpAddr>().ok())?
+                .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+            let timeout = env::get("DSM_CONNECT_TIMEOUT", "seconds", env::number::<u64>)?.unwrap_or(30);
+            let transport = rendezvous::join(Rank(rank), size, at, bind, token, Duration::from_secs(timeout))?;
+            builder = builder.transport(Box::new(transport));
+        }
+        Ok(Runtime {
+            dsm: builder.rank(Rank(rank), size).build()?,
+        })
+    }
+
+    fn options() -> Result<dsm::DsmBuilder, RuntimeError> {
+        let mut b = Dsm::builder();
+        if let Some(c) = env::get("DSM_CHANNELS", "a number of channels, 1 to 64", env::number::<usize>)? {
+            b = b.channels(c);
+        }
+        if let Some(r) = env::get("DSM_READAHEAD", "a number of pages, 1 to 64", env::number::<u32>)? {
+            b = b.readahead(r);
+        }
+        let size = env::get("DSM_ARENA_SIZE", "a size such as 64G", env::bytes)?;
+        let base = env::get("DSM_ARENA_BASE", "a hexadecimal address", env::hex_addr)?;
+        if size.is_some() || base.is_some() {
+            b = b.arena(base, size.unwrap_or(1 << 40));
+        }
+        Ok(b)
+    }
+
+    /// The shared memory of this rank.
+    pub fn dsm(&self) -> &Dsm {
+        &self.dsm
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> Rank {
+        self.dsm.rank()
+    }
+
+    /// The number of ranks.
+    pub fn size(&self) -> usize {
+        self.dsm.size()
+    }
+
+    /// Leaves the job, reporting a failure of the final barrier.
+    pub fn finish(self) -> Result<(), RuntimeError> {
+        Ok(self.dsm.finish()?)
+    }
+}

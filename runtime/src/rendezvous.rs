@@ -1,0 +1,43 @@
+//! Meeting the other ranks: each rank binds its listener, tells the launcher's rendezvous server its
+//! address (proving the job token), and receives every rank's address. The TCP transport takes it from there.
+
+use crate::RuntimeError;
+use dsm::transport::tcp::TcpTransport;
+use dsm::Rank;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+pub(crate) fn join(rank: Rank, size: usize, at: SocketAddr, bind: IpAddr, token: [u8; 32], timeout: Duration) -> Result<TcpTransport, RuntimeError> {
+    let listener = TcpListener::bind((bind, 0)).map_err(|e| RuntimeError::Io {
+        context: format!("binding this rank's listener on {bind} (set DSM_BIND to an address of this host)"),
+        source: e,
+    })?;
+    let mine = listener.local_addr().map_err(|e| RuntimeError::Io { context: "listener address".into(), source: e })?;
+    let mut s = TcpStream::connect_timeout(&at, timeout)
+        .map_err(|e| RuntimeError::Rendezvous(format!("cannot reach the launcher at {at}: {e}")))?;
+    s.set_read_timeout(Some(timeout)).ok();
+    writeln!(s, "{} {} {}", crate::env::token_hex(&token), rank.0, mine)
+        .map_err(|e| RuntimeError::Rendezvous(format!("sending to the launcher: {e}")))?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .map_err(|e| RuntimeError::Rendezvous(format!("waiting for the other ranks: {e}")))?;
+    let peers: Vec<SocketAddr> = line.split_whitespace().filter_map(|a| a.parse().ok()).collect();
+    if peers.len() != size {
+        return Err(RuntimeError::Rendezvous(format!(
+            "the launcher sent {} addresses for a job of {size} ranks (reply {line:?})",
+            peers.len()
+        )));
+    }
+    Ok(TcpTransport::new(listener, peers, token, timeout))
+}
+
+/// Ends this process when the launcher dies, so that no rank outlives its job.
+pub(crate) fn die_with_launcher(launcher: i32) {
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    if nix::unistd::getppid().as_raw() != launcher {
+        eprintln!("dsm: the launcher (pid {launcher}) is already gone; ending");
+        std::process::exit(70);
+    }
+}
