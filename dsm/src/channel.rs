@@ -37,7 +37,12 @@ impl std::fmt::Display for RecvError {
 }
 
 /// Writes one frame: `msg`'s header, then the payload slices. Blocks until all is written.
-pub(crate) fn write_frame<T: serde::Serialize>(fd: BorrowedFd<'_>, msg: &T, payload: &[&[u8]], counters: &Counters) -> Result<(), Errno> {
+pub(crate) fn write_frame<T: serde::Serialize>(
+    fd: BorrowedFd<'_>,
+    msg: &T,
+    payload: &[&[u8]],
+    counters: &Counters,
+) -> Result<(), Errno> {
     let mut head = [0u8; PREFIX + MAX_HEADER];
     let payload_len: usize = payload.iter().map(|p| p.len()).sum();
     let n = wire::encode(msg, payload_len, &mut head);
@@ -86,13 +91,23 @@ pub(crate) struct Channel {
 
 impl Channel {
     /// Sends `req` with `payload` to `to`.
-    pub(crate) fn send(&self, counters: &Counters, to: Rank, req: &Request, payload: &[&[u8]]) -> Result<(), Errno> {
+    pub(crate) fn send(
+        &self,
+        counters: &Counters,
+        to: Rank,
+        req: &Request,
+        payload: &[&[u8]],
+    ) -> Result<(), Errno> {
         write_frame(self.fds[to.index()].as_fd(), req, payload, counters)
     }
 
     /// Receives the next reply from `from`. Returns the reply, its payload (borrowing the receive buffer)
     /// and the channel's page buffer, so that a caller can keep a page across further receives.
-    pub(crate) fn recv(&mut self, counters: &Counters, from: Rank) -> Result<(Reply, &[u8], &mut [u8]), RecvError> {
+    pub(crate) fn recv(
+        &mut self,
+        counters: &Counters,
+        from: Rank,
+    ) -> Result<(Reply, &[u8], &mut [u8]), RecvError> {
         let fd = self.fds[from.index()].as_fd();
         let mut len = [0u8; 4];
         read_exact(fd, &mut len)?;
@@ -105,7 +120,12 @@ impl Channel {
     }
 
     /// Sends `req` to `to` and waits for its reply.
-    pub(crate) fn call(&mut self, counters: &Counters, to: Rank, req: &Request) -> Result<(Reply, &[u8], &mut [u8]), RecvError> {
+    pub(crate) fn call(
+        &mut self,
+        counters: &Counters,
+        to: Rank,
+        req: &Request,
+    ) -> Result<(Reply, &[u8], &mut [u8]), RecvError> {
         self.send(counters, to, req, &[]).map_err(RecvError::Sys)?;
         self.recv(counters, to)
     }
@@ -139,7 +159,9 @@ impl Channels {
 
     /// Every channel, one after the other (for shutdown).
     pub(crate) fn all(&self) -> impl Iterator<Item = MutexGuard<'_, Channel>> {
-        self.slots.iter().map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+        self.slots
+            .iter()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Takes a free channel, waiting for one when all are in use.

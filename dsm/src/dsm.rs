@@ -23,7 +23,8 @@ pub const DEFAULT_ARENA_BASE: usize = 0x1000_0000_0000;
 /// What a rank does when another rank of the job fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FailurePolicy {
-    /// Print an error naming the failed rank and exit with status 70 (the default: nothing hangs).
+    /// Print an error naming the failed rank and exit with status `EXIT_PEER_FAILED` (the default: nothing
+    /// hangs).
     #[default]
     Exit,
     /// Record the failure (`Dsm::failed_ranks`) and fail the operations that depend on that rank; the
@@ -101,7 +102,10 @@ impl Shared {
             .call(&self.counters, root, &Request::Barrier { epoch, tag })
             .map_err(|e| self.peer_error(root, e))?;
         Counters::add(&self.counters.barriers, 1);
-        Counters::add(&self.counters.barrier_wait_ns, t0.elapsed().as_nanos() as u64);
+        Counters::add(
+            &self.counters.barrier_wait_ns,
+            t0.elapsed().as_nanos() as u64,
+        );
         match reply {
             Reply::BarrierDone => Ok(()),
             Reply::BarrierMismatch { rank } => Err(DsmError::CollectiveMismatch {
@@ -191,7 +195,10 @@ impl DsmBuilder {
 
     /// Joins the job: connects to every rank and starts the service loop.
     pub fn build(self) -> Result<Dsm> {
-        if self.size == 0 || self.size > crate::protocol::swmr::MAX_RANKS || self.rank.index() >= self.size {
+        if self.size == 0
+            || self.size > crate::protocol::swmr::MAX_RANKS
+            || self.rank.index() >= self.size
+        {
             return Err(DsmError::Config(format!(
                 "rank {} of a job of {} ranks: the size must be 1..={} and the rank below it",
                 self.rank.0,
@@ -200,7 +207,10 @@ impl DsmBuilder {
             )));
         }
         if self.channels == 0 || self.channels > 64 {
-            return Err(DsmError::Config(format!("{} channels: use 1..=64", self.channels)));
+            return Err(DsmError::Config(format!(
+                "{} channels: use 1..=64",
+                self.channels
+            )));
         }
         if self.readahead == 0 || self.readahead > MAX_READAHEAD {
             return Err(DsmError::Config(format!(
@@ -208,7 +218,7 @@ impl DsmBuilder {
                 self.readahead
             )));
         }
-        if self.arena_size < PAGE_SIZE || self.arena_size % PAGE_SIZE != 0 {
+        if self.arena_size < PAGE_SIZE || !self.arena_size.is_multiple_of(PAGE_SIZE) {
             return Err(DsmError::Config(format!(
                 "arena size {} is not a positive multiple of the page size ({PAGE_SIZE})",
                 self.arena_size
@@ -225,8 +235,9 @@ impl DsmBuilder {
             }
         };
         let mesh = transport.establish(self.rank, self.size, self.channels)?;
-        let waker = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-            .map_err(|e| DsmError::sys("eventfd", e))?;
+        let waker =
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| DsmError::sys("eventfd", e))?;
         let shared = Arc::new(Shared {
             me: self.rank,
             size: self.size,
@@ -288,7 +299,12 @@ impl Drop for LockGuard<'_> {
         let home = self.dsm.lock_home(self.id);
         let ch = s.channels.claim();
         // A failed release means the home is gone; its failure is reported by the service loop.
-        let _ = ch.send(&s.counters, home, &Request::LockRelease { lock: self.id }, &[]);
+        let _ = ch.send(
+            &s.counters,
+            home,
+            &Request::LockRelease { lock: self.id },
+            &[],
+        );
     }
 }
 
@@ -399,19 +415,28 @@ impl Dsm {
                 .map_err(|e| s.peer_error(Rank(0), e))?;
             drop(ch);
             result = match reply {
-                Reply::Arena { base, size } => Arena::reserve(s.me, Some(base as usize), size as usize).map(|a| {
-                    *s.arena.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
-                }),
-                _ => Err(DsmError::Config("rank 0 could not reserve the shared arena".into())),
+                Reply::Arena { base, size } => {
+                    Arena::reserve(s.me, Some(base as usize), size as usize).map(|a| {
+                        *s.arena.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
+                    })
+                }
+                _ => Err(DsmError::Config(
+                    "rank 0 could not reserve the shared arena".into(),
+                )),
             };
         }
         // A rank that could not map the arena says so through its barrier tag.
-        match (s.barrier_tagged(0xA7E4A + u64::from(result.is_ok())), result) {
+        match (
+            s.barrier_tagged(0xA7E4A + u64::from(result.is_ok())),
+            result,
+        ) {
             (_, Err(e)) => Err(e),
-            (Err(DsmError::CollectiveMismatch { rank, .. }), Ok(())) => Err(DsmError::Config(format!(
+            (Err(DsmError::CollectiveMismatch { rank, .. }), Ok(())) => {
+                Err(DsmError::Config(format!(
                 "rank {} cannot map the shared arena at the address rank 0 chose; see its error",
                 rank.0
-            ))),
+            )))
+            }
             (r, Ok(())) => r,
         }
     }
@@ -422,7 +447,10 @@ impl Dsm {
         let s = &self.shared;
         if let Placement::At(r) = placement {
             if r.index() >= s.size {
-                return Err(DsmError::Config(format!("placement at {r} in a job of {} ranks", s.size)));
+                return Err(DsmError::Config(format!(
+                    "placement at {r} in a job of {} ranks",
+                    s.size
+                )));
             }
         }
         self.ensure_arena()?;
@@ -435,7 +463,14 @@ impl Dsm {
             let mut arena = s.arena.lock().unwrap_or_else(|p| p.into_inner());
             arena.as_mut().expect("the arena is reserved").carve(len)?
         };
-        let inner = Arc::new(RegionShared::new(id, addr, len, placement, uffd, s.clone())?);
+        let inner = Arc::new(RegionShared::new(
+            id,
+            addr,
+            len,
+            placement,
+            uffd,
+            s.clone(),
+        )?);
         {
             let mut regions = s.regions.write().unwrap_or_else(|p| p.into_inner());
             if regions.len() <= id as usize {
@@ -455,10 +490,14 @@ impl Dsm {
     }
 
     /// Allocates a shared array of `len` elements with the given page placement, collectively.
-    pub fn alloc_vec_with<T: bytemuck::Pod>(&self, len: usize, placement: Placement) -> Result<GlobalVec<'_, T>> {
-        let bytes = len
-            .checked_mul(std::mem::size_of::<T>())
-            .ok_or_else(|| DsmError::Config(format!("{len} elements overflow the address space")))?;
+    pub fn alloc_vec_with<T: bytemuck::Pod>(
+        &self,
+        len: usize,
+        placement: Placement,
+    ) -> Result<GlobalVec<'_, T>> {
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
+            DsmError::Config(format!("{len} elements overflow the address space"))
+        })?;
         Ok(GlobalVec::new(self.alloc(bytes, placement)?, len))
     }
 

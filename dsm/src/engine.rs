@@ -61,10 +61,17 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    pub(crate) fn new(shared: Arc<Shared>, incoming: Vec<(Rank, OwnedFd)>) -> crate::Result<Engine> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(|e| crate::DsmError::sys("epoll_create", e))?;
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        incoming: Vec<(Rank, OwnedFd)>,
+    ) -> crate::Result<Engine> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .map_err(|e| crate::DsmError::sys("epoll_create", e))?;
         epoll
-            .add(shared.waker.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKER))
+            .add(
+                shared.waker.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, WAKER),
+            )
             .map_err(|e| crate::DsmError::sys("epoll_ctl(eventfd)", e))?;
         let mut conns = Vec::with_capacity(incoming.len());
         for (i, (peer, fd)) in incoming.into_iter().enumerate() {
@@ -99,7 +106,10 @@ impl Engine {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
-                    eprintln!("dsm: {}: epoll_wait failed: {e}; the service loop stops", self.shared.me);
+                    eprintln!(
+                        "dsm: {}: epoll_wait failed: {e}; the service loop stops",
+                        self.shared.me
+                    );
                     return;
                 }
             };
@@ -127,7 +137,11 @@ impl Engine {
                 return;
             }
             let filled = conn.filled;
-            match recv(conn.fd.as_raw_fd(), &mut conn.buf[filled..], MsgFlags::MSG_DONTWAIT) {
+            match recv(
+                conn.fd.as_raw_fd(),
+                &mut conn.buf[filled..],
+                MsgFlags::MSG_DONTWAIT,
+            ) {
                 Ok(0) => {
                     self.close(idx, "connection closed");
                     return;
@@ -162,8 +176,8 @@ impl Engine {
             if conn.filled < 4 + n {
                 return Ok(());
             }
-            let (req, _payload) =
-                wire::decode::<Request>(&conn.buf[4..4 + n]).map_err(|e| format!("malformed frame: {e}"))?;
+            let (req, _payload) = wire::decode::<Request>(&conn.buf[4..4 + n])
+                .map_err(|e| format!("malformed frame: {e}"))?;
             let conn = &mut self.conns[idx];
             conn.buf.copy_within(4 + n..conn.filled, 0);
             conn.filled -= 4 + n;
@@ -200,7 +214,7 @@ impl Engine {
                 "dsm: {}: {peer} failed ({reason}); ending this rank",
                 self.shared.me
             );
-            std::process::exit(70);
+            std::process::exit(crate::EXIT_PEER_FAILED);
         }
     }
 
@@ -217,12 +231,22 @@ impl Engine {
     fn handle(&mut self, idx: usize, req: Request) {
         match req {
             Request::Acquire { region, page, .. } => {
-                let Some(r) = self.region_for(idx, region, page) else { return };
+                let Some(r) = self.region_for(idx, region, page) else {
+                    return;
+                };
                 self.acquire_or_queue(idx, &r, req);
             }
-            Request::Unlock { region, page, count, access, granted } => {
+            Request::Unlock {
+                region,
+                page,
+                count,
+                access,
+                granted,
+            } => {
                 let peer = self.conns[idx].peer;
-                let Some(r) = self.shared.region(region) else { return };
+                let Some(r) = self.shared.region(region) else {
+                    return;
+                };
                 for p in page..(page + u64::from(count)).min(r.pages) {
                     let slot = r.slot(p);
                     if granted {
@@ -236,11 +260,19 @@ impl Engine {
                 }
             }
             Request::Fetch { region, page } => {
-                let Some(r) = self.region_for(idx, region, page) else { return };
+                let Some(r) = self.region_for(idx, region, page) else {
+                    return;
+                };
                 self.fetch(idx, &r, page);
             }
-            Request::Invalidate { region, page, send_data } => {
-                let Some(r) = self.region_for(idx, region, page) else { return };
+            Request::Invalidate {
+                region,
+                page,
+                send_data,
+            } => {
+                let Some(r) = self.region_for(idx, region, page) else {
+                    return;
+                };
                 self.invalidate(idx, &r, page, send_data);
             }
             Request::LockAcquire { lock } => {
@@ -265,8 +297,13 @@ impl Engine {
             Request::Barrier { epoch, tag } => self.barrier(idx, epoch, tag),
             Request::ArenaBase => {
                 let reply = match self.shared.arena_base() {
-                    Some((base, size)) => Reply::Arena { base: base as u64, size: size as u64 },
-                    None => Reply::Refused { reason: RefusedReason::NoArena },
+                    Some((base, size)) => Reply::Arena {
+                        base: base as u64,
+                        size: size as u64,
+                    },
+                    None => Reply::Refused {
+                        reason: RefusedReason::NoArena,
+                    },
                 };
                 self.reply(idx, &reply, &[]);
             }
@@ -290,10 +327,21 @@ impl Engine {
 
     fn barrier(&mut self, idx: usize, epoch: u64, tag: u64) {
         if self.shared.me != Rank(0) {
-            self.reply(idx, &Reply::Refused { reason: RefusedReason::WrongRank }, &[]);
+            self.reply(
+                idx,
+                &Reply::Refused {
+                    reason: RefusedReason::WrongRank,
+                },
+                &[],
+            );
             return;
         }
-        if let Some(dead) = self.shared.failed.iter().position(|f| f.load(Ordering::Acquire)) {
+        if let Some(dead) = self
+            .shared
+            .failed
+            .iter()
+            .position(|f| f.load(Ordering::Acquire))
+        {
             self.reply(idx, &Reply::BarrierFailed { rank: dead as u32 }, &[]);
             return;
         }
@@ -322,20 +370,31 @@ impl Engine {
 
     /// Serves a fault request now if the page's manager lock is free, else queues it.
     fn acquire_or_queue(&mut self, idx: usize, region: &Arc<RegionShared>, req: Request) {
-        let Request::Acquire { page, .. } = req else { return };
+        let Request::Acquire { page, .. } = req else {
+            return;
+        };
         let lock = &region.slot(page).lock;
         loop {
             let s = lock.load(Ordering::Acquire);
             if s & LOCKED == 0 {
-                if lock.compare_exchange(s, s | LOCKED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                if lock
+                    .compare_exchange(s, s | LOCKED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
                     self.serve_acquire(idx, region, req);
                     return;
                 }
                 continue;
             }
             // Held: mark the page queued so that whoever unlocks wakes this loop, then re-check.
-            if lock.compare_exchange(s, s | QUEUED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                self.queues.entry((region.id, page)).or_default().push_back((idx, req));
+            if lock
+                .compare_exchange(s, s | QUEUED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.queues
+                    .entry((region.id, page))
+                    .or_default()
+                    .push_back((idx, req));
                 return;
             }
         }
@@ -368,7 +427,13 @@ impl Engine {
 
     /// Applies a home action to this rank's own copy; returns whether `scratch` holds the page bytes taken
     /// before an invalidation.
-    fn home_action(&mut self, region: &RegionShared, page: u64, action: HomeAction, keep_bytes: bool) -> bool {
+    fn home_action(
+        &mut self,
+        region: &RegionShared,
+        page: u64,
+        action: HomeAction,
+        keep_bytes: bool,
+    ) -> bool {
         let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
         match action {
             HomeAction::None => false,
@@ -396,12 +461,26 @@ impl Engine {
     }
 
     fn serve_acquire(&mut self, idx: usize, region: &Arc<RegionShared>, req: Request) {
-        let Request::Acquire { page, access, count, .. } = req else { return };
+        let Request::Acquire {
+            page,
+            access,
+            count,
+            ..
+        } = req
+        else {
+            return;
+        };
         let requester = self.conns[idx].peer;
         let me = self.shared.me;
         if region.home(page) != me {
             unlock_slot(&region.slot(page).lock);
-            self.reply(idx, &Reply::Refused { reason: RefusedReason::WrongRank }, &[]);
+            self.reply(
+                idx,
+                &Reply::Refused {
+                    reason: RefusedReason::WrongRank,
+                },
+                &[],
+            );
             return;
         }
         let slot = region.slot(page);
@@ -412,7 +491,13 @@ impl Engine {
                 slot.store(&entry);
                 let mut pages = vec![page];
                 if access == Access::Read && data != Data::None {
-                    self.gather_readahead(region, page, count.min(MAX_READAHEAD), requester, &mut pages);
+                    self.gather_readahead(
+                        region,
+                        page,
+                        count.min(MAX_READAHEAD),
+                        requester,
+                        &mut pages,
+                    );
                 }
                 // One page, or several for read-ahead (each present here now, downgraded, or untouched: zeros).
                 let owned = std::mem::take(&mut self.scratch);
@@ -423,7 +508,9 @@ impl Engine {
                         .map(|p| {
                             if *p == page && copied {
                                 &owned[..]
-                            } else if region.state(*p).load(Ordering::Acquire) & STATE_MASK == INVALID {
+                            } else if region.state(*p).load(Ordering::Acquire) & STATE_MASK
+                                == INVALID
+                            {
                                 &ZERO_PAGE[..]
                             } else {
                                 region.present_page(*p)
@@ -433,9 +520,17 @@ impl Engine {
                     _ => Vec::new(),
                 };
                 Counters::add(&self.shared.counters.pages_sent, slices.len() as u64);
-                let reply = Reply::Done { data: reply_data, count: pages.len() as u32 };
+                let reply = Reply::Done {
+                    data: reply_data,
+                    count: pages.len() as u32,
+                };
                 if self.conns[idx].open {
-                    if let Err(e) = write_many(self.conns[idx].fd.as_fd(), &reply, &slices, &self.shared.counters) {
+                    if let Err(e) = write_many(
+                        self.conns[idx].fd.as_fd(),
+                        &reply,
+                        &slices,
+                        &self.shared.counters,
+                    ) {
                         drop(slices);
                         self.close(idx, &format!("sending pages failed: {e}"));
                     }
@@ -443,7 +538,8 @@ impl Engine {
                 self.scratch = owned;
             }
             Decision::Grant(grant) => {
-                let copied = self.home_action(region, page, grant.home_action, grant.data_from_home);
+                let copied =
+                    self.home_action(region, page, grant.home_action, grant.data_from_home);
                 if grant.data_from_home {
                     Counters::add(&self.shared.counters.pages_sent, 1);
                 }
@@ -457,7 +553,14 @@ impl Engine {
 
     /// Adds to `pages` the following pages that the home can hand out read-only at once: homed here, lock
     /// free, and either untouched or owned by the home. Their locks stay held until the requester's Unlock.
-    fn gather_readahead(&mut self, region: &RegionShared, page: u64, count: u32, requester: Rank, pages: &mut Vec<u64>) {
+    fn gather_readahead(
+        &mut self,
+        region: &RegionShared,
+        page: u64,
+        count: u32,
+        requester: Rank,
+        pages: &mut Vec<u64>,
+    ) {
         let me = self.shared.me;
         for k in 1..u64::from(count) {
             let p = page + k;
@@ -474,7 +577,10 @@ impl Engine {
             let slot = region.slot(p);
             let mut entry = slot.load();
             match swmr::decide(&mut entry, me, requester, Access::Read) {
-                Decision::Done { home_action, data: data @ (Data::Home | Data::Zero) } => {
+                Decision::Done {
+                    home_action,
+                    data: data @ (Data::Home | Data::Zero),
+                } => {
                     if data == Data::Zero {
                         // Untouched: the requester becomes the owner of a zero page; nothing here changes.
                     } else {
@@ -497,7 +603,13 @@ impl Engine {
     fn fetch(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64) {
         let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
         if st == INVALID {
-            self.reply(idx, &Reply::Refused { reason: RefusedReason::NoCopyHere }, &[]);
+            self.reply(
+                idx,
+                &Reply::Refused {
+                    reason: RefusedReason::NoCopyHere,
+                },
+                &[],
+            );
             return;
         }
         if st == READ_WRITE {
@@ -512,7 +624,13 @@ impl Engine {
     fn invalidate(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64, send_data: bool) {
         let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
         if st == INVALID {
-            self.reply(idx, &Reply::Refused { reason: RefusedReason::NoCopyHere }, &[]);
+            self.reply(
+                idx,
+                &Reply::Refused {
+                    reason: RefusedReason::NoCopyHere,
+                },
+                &[],
+            );
             return;
         }
         if send_data {
@@ -536,25 +654,36 @@ impl Engine {
     fn drop_copy(&mut self, region: &RegionShared, page: u64) {
         set_state(region.state(page), INVALID);
         if let Err(e) = region.discard(page) {
-            self.die(&format!("MADV_DONTNEED of page {page} of region {} failed: {e}", region.id));
+            self.die(&format!(
+                "MADV_DONTNEED of page {page} of region {} failed: {e}",
+                region.id
+            ));
         }
         Counters::add(&self.shared.counters.invalidations, 1);
     }
 
     fn protect_or_die(&mut self, region: &RegionShared, page: u64) {
         if let Err(e) = region.protect(page, 1, true) {
-            self.die(&format!("write-protecting page {page} of region {} failed: {e}", region.id));
+            self.die(&format!(
+                "write-protecting page {page} of region {} failed: {e}",
+                region.id
+            ));
         }
     }
 
     fn die(&self, what: &str) -> ! {
         eprintln!("dsm: {}: {what}; ending this rank", self.shared.me);
-        std::process::exit(70);
+        std::process::exit(crate::EXIT_INTERNAL);
     }
 }
 
 /// Writes a reply whose payload is any number of slices (read-ahead pages), straight from page memory.
-fn write_many(fd: std::os::fd::BorrowedFd<'_>, reply: &Reply, pages: &[&[u8]], counters: &Counters) -> Result<(), Errno> {
+fn write_many(
+    fd: std::os::fd::BorrowedFd<'_>,
+    reply: &Reply,
+    pages: &[&[u8]],
+    counters: &Counters,
+) -> Result<(), Errno> {
     let mut head = [0u8; wire::PREFIX + MAX_HEADER];
     let total: usize = pages.iter().map(|p| p.len()).sum();
     let n = wire::encode(reply, total, &mut head);

@@ -7,7 +7,9 @@ use nix::errno::Errno;
 #[derive(Debug, thiserror::Error)]
 pub enum DsmError {
     /// userfaultfd(2) refused.
-    #[error("userfaultfd is not permitted ({0}): run as root or set vm.unprivileged_userfaultfd=1")]
+    #[error(
+        "userfaultfd is not permitted ({0}): run as root or set vm.unprivileged_userfaultfd=1"
+    )]
     UffdNotPermitted(Errno),
     /// userfaultfd exists but lacks a feature this crate needs.
     #[error("userfaultfd on this kernel lacks {what}: dsm needs Linux 5.7 or newer with userfaultfd write-protect support")]

@@ -10,7 +10,10 @@
 
 use crate::channel::{Channel, RecvError};
 use crate::protocol::swmr::{self, Access, Data, Decision, Grant};
-use crate::region::{self, RegionShared, BUSY, INVALID, LOCKED, LOCK_WAITERS, QUEUED, READ_ONLY, READ_WRITE, STATE_MASK, WAITERS};
+use crate::region::{
+    self, RegionShared, BUSY, INVALID, LOCKED, LOCK_WAITERS, QUEUED, READ_ONLY, READ_WRITE,
+    STATE_MASK, WAITERS,
+};
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::{futex, signal, ZERO_PAGE};
@@ -74,7 +77,10 @@ struct StackWriter {
 
 impl Default for StackWriter {
     fn default() -> Self {
-        StackWriter { buf: [0; 512], len: 0 }
+        StackWriter {
+            buf: [0; 512],
+            len: 0,
+        }
     }
 }
 
@@ -95,7 +101,9 @@ impl std::fmt::Write for StackWriter {
 
 /// Sets the state bits of a page word, keeping BUSY and WAITERS.
 pub(crate) fn set_state(word: &AtomicU32, state: u32) {
-    let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| Some((s & !STATE_MASK) | state));
+    let _ = word.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+        Some((s & !STATE_MASK) | state)
+    });
 }
 
 /// Clears BUSY and wakes the threads that waited for the page.
@@ -111,7 +119,10 @@ pub(crate) fn lock_slot(lock: &AtomicU32) {
     loop {
         let s = lock.load(Ordering::Acquire);
         if s & LOCKED == 0 {
-            if lock.compare_exchange(s, s | LOCKED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            if lock
+                .compare_exchange(s, s | LOCKED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
                 return;
             }
         } else if s & LOCK_WAITERS != 0
@@ -209,7 +220,13 @@ fn claim_readahead(region: &RegionShared, page: u64, home: Rank) -> u32 {
     count
 }
 
-fn install(region: &RegionShared, page: u64, count: u64, data: &[u8], access: Access) -> Result<(), FaultError> {
+fn install(
+    region: &RegionShared,
+    page: u64,
+    count: u64,
+    data: &[u8],
+    access: Access,
+) -> Result<(), FaultError> {
     region
         .install(page, count, data, access == Access::Write)
         .map_err(|e| FaultError::Sys("UFFDIO_COPY", e))
@@ -218,7 +235,10 @@ fn install(region: &RegionShared, page: u64, count: u64, data: &[u8], access: Ac
 fn upgrade_in_place(region: &RegionShared, page: u64) -> Result<(), FaultError> {
     let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
     if st == INVALID {
-        return Err(FaultError::Protocol(region.home(page), "the home says this rank holds a copy it does not have"));
+        return Err(FaultError::Protocol(
+            region.home(page),
+            "the home says this rank holds a copy it does not have",
+        ));
     }
     region
         .protect(page, 1, false)
@@ -248,16 +268,24 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
         count,
     };
     let outcome = (|| {
-        let (reply, payload, page_buf) = ch.call(&shared.counters, home, &acquire).map_err(|e| FaultError::Peer(home, e))?;
+        let (reply, payload, page_buf) = ch
+            .call(&shared.counters, home, &acquire)
+            .map_err(|e| FaultError::Peer(home, e))?;
         match reply {
-            Reply::Done { data, count: served } => {
+            Reply::Done {
+                data,
+                count: served,
+            } => {
                 let served = u64::from(served.clamp(1, count));
                 match data {
                     Data::None => upgrade_in_place(region, page)?,
                     Data::Zero => install(region, page, 1, &ZERO_PAGE, access)?,
                     Data::Home => {
                         if payload.len() < served as usize * PAGE_SIZE {
-                            return Err(FaultError::Protocol(home, "reply shorter than the pages it announces"));
+                            return Err(FaultError::Protocol(
+                                home,
+                                "reply shorter than the pages it announces",
+                            ));
                         }
                         install(region, page, served, payload, access)?;
                         Counters::add(&shared.counters.pages_fetched, served);
@@ -273,7 +301,10 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                 let mut have = false;
                 if grant.data_from_home {
                     if payload.len() < PAGE_SIZE {
-                        return Err(FaultError::Protocol(home, "grant without the page it announces"));
+                        return Err(FaultError::Protocol(
+                            home,
+                            "grant without the page it announces",
+                        ));
                     }
                     page_buf.copy_from_slice(&payload[..PAGE_SIZE]);
                     have = true;
@@ -288,8 +319,14 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                 set_state(region.state(page), new_state(access));
                 Ok((1, true))
             }
-            Reply::Refused { .. } => Err(FaultError::Protocol(home, "the home refused the fault request")),
-            _ => Err(FaultError::Protocol(home, "unexpected reply to a fault request")),
+            Reply::Refused { .. } => Err(FaultError::Protocol(
+                home,
+                "the home refused the fault request",
+            )),
+            _ => Err(FaultError::Protocol(
+                home,
+                "unexpected reply to a fault request",
+            )),
         }
     })();
     // Read-ahead pages the home did not serve stay invalid; give them back.
@@ -320,7 +357,12 @@ fn local_transaction(region: &RegionShared, page: u64, access: Access) -> Result
                 match data {
                     Data::Zero => install(region, page, 1, &ZERO_PAGE, access)?,
                     Data::None => upgrade_in_place(region, page)?,
-                    Data::Home => return Err(FaultError::Protocol(shared.me, "the home asked itself for its own copy")),
+                    Data::Home => {
+                        return Err(FaultError::Protocol(
+                            shared.me,
+                            "the home asked itself for its own copy",
+                        ))
+                    }
                 }
                 slot.store(&entry);
             }
@@ -348,36 +390,64 @@ fn local_transaction(region: &RegionShared, page: u64, access: Access) -> Result
 
 /// Runs a granted transaction: asks the owner for the page (downgrading or dropping its copy) and every
 /// copy holder to drop theirs, all requests first and then all replies, so they proceed in parallel.
-fn run_grant(ch: &mut Channel, region: &RegionShared, page: u64, access: Access, grant: &Grant, have: &mut bool) -> Result<(), FaultError> {
+fn run_grant(
+    ch: &mut Channel,
+    region: &RegionShared,
+    page: u64,
+    access: Access,
+    grant: &Grant,
+    have: &mut bool,
+) -> Result<(), FaultError> {
     let shared = &*region.shared;
     let c = &shared.counters;
     let id = region.id;
     if let Some(owner) = grant.fetch_from {
         let req = match access {
             Access::Read => Request::Fetch { region: id, page },
-            Access::Write => Request::Invalidate { region: id, page, send_data: true },
+            Access::Write => Request::Invalidate {
+                region: id,
+                page,
+                send_data: true,
+            },
         };
-        ch.send(c, owner, &req, &[]).map_err(|e| FaultError::Send(owner, e))?;
+        ch.send(c, owner, &req, &[])
+            .map_err(|e| FaultError::Send(owner, e))?;
     }
     for r in grant.invalidate.iter() {
-        let req = Request::Invalidate { region: id, page, send_data: false };
-        ch.send(c, r, &req, &[]).map_err(|e| FaultError::Send(r, e))?;
+        let req = Request::Invalidate {
+            region: id,
+            page,
+            send_data: false,
+        };
+        ch.send(c, r, &req, &[])
+            .map_err(|e| FaultError::Send(r, e))?;
     }
     if let Some(owner) = grant.fetch_from {
-        let (reply, payload, page_buf) = ch.recv(c, owner).map_err(|e| FaultError::Peer(owner, e))?;
+        let (reply, payload, page_buf) =
+            ch.recv(c, owner).map_err(|e| FaultError::Peer(owner, e))?;
         match reply {
             Reply::Page if payload.len() >= PAGE_SIZE => {
                 page_buf.copy_from_slice(&payload[..PAGE_SIZE]);
                 *have = true;
                 Counters::add(&c.pages_fetched, 1);
             }
-            _ => return Err(FaultError::Protocol(owner, "the owner did not send the page")),
+            _ => {
+                return Err(FaultError::Protocol(
+                    owner,
+                    "the owner did not send the page",
+                ))
+            }
         }
     }
     for r in grant.invalidate.iter() {
         match ch.recv(c, r).map_err(|e| FaultError::Peer(r, e))? {
             (Reply::Ack, _, _) => {}
-            _ => return Err(FaultError::Protocol(r, "a copy holder did not acknowledge the invalidation")),
+            _ => {
+                return Err(FaultError::Protocol(
+                    r,
+                    "a copy holder did not acknowledge the invalidation",
+                ))
+            }
         }
     }
     Ok(())

@@ -26,3 +26,9 @@ pub use crate::error::{DsmError, Result};
 pub use crate::region::{GlobalVec, Placement, Region};
 pub use crate::stats::{Stats, LATENCY_BUCKETS};
 pub use crate::types::{GlobalAddr, PageId, Rank, PAGE_SIZE};
+
+/// Exit status of a rank that ends because another rank failed (so launchers can report the root cause).
+pub const EXIT_PEER_FAILED: i32 = 75;
+/// Exit status of a rank that hit an error it cannot return to the program (for example a fault that could
+/// not be resolved: the memory access has no way to fail).
+pub const EXIT_INTERNAL: i32 = 70;

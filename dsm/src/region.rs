@@ -84,13 +84,16 @@ impl ManagerSlot {
         let o = self.owner.load(Ordering::Relaxed);
         Entry {
             owner: (o != 0).then(|| Rank(o - 1)),
-            copyset: CopySet(std::array::from_fn(|i| self.copyset[i].load(Ordering::Relaxed))),
+            copyset: CopySet(std::array::from_fn(|i| {
+                self.copyset[i].load(Ordering::Relaxed)
+            })),
         }
     }
 
     /// Writes the record. Call with the lock held.
     pub(crate) fn store(&self, e: &Entry) {
-        self.owner.store(e.owner.map_or(0, |r| r.0 + 1), Ordering::Relaxed);
+        self.owner
+            .store(e.owner.map_or(0, |r| r.0 + 1), Ordering::Relaxed);
         for (slot, w) in self.copyset.iter().zip(e.copyset.0) {
             slot.store(w, Ordering::Relaxed);
         }
@@ -128,9 +131,15 @@ impl<T> ZeroedArray<T> {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(DsmError::sys(format!("mmap of {bytes} bytes of page metadata"), Errno::last()));
+            return Err(DsmError::sys(
+                format!("mmap of {bytes} bytes of page metadata"),
+                Errno::last(),
+            ));
         }
-        Ok(ZeroedArray { ptr: ptr.cast(), len })
+        Ok(ZeroedArray {
+            ptr: ptr.cast(),
+            len,
+        })
     }
 
     fn as_slice(&self) -> &[T] {
@@ -164,7 +173,11 @@ impl Arena {
         let flags = libc::MAP_PRIVATE
             | libc::MAP_ANONYMOUS
             | libc::MAP_NORESERVE
-            | if base.is_some() { libc::MAP_FIXED_NOREPLACE } else { 0 };
+            | if base.is_some() {
+                libc::MAP_FIXED_NOREPLACE
+            } else {
+                0
+            };
         // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; without it the kernel picks a free
         // range. Either way no existing memory is affected.
         let ptr = unsafe {
@@ -234,7 +247,14 @@ pub(crate) struct RegionShared {
 }
 
 impl RegionShared {
-    pub(crate) fn new(id: u32, base: usize, len: usize, placement: Placement, uffd: RawFd, shared: Arc<Shared>) -> Result<RegionShared> {
+    pub(crate) fn new(
+        id: u32,
+        base: usize,
+        len: usize,
+        placement: Placement,
+        uffd: RawFd,
+        shared: Arc<Shared>,
+    ) -> Result<RegionShared> {
         let pages = (len / PAGE_SIZE) as u64;
         Ok(RegionShared {
             id,
@@ -270,7 +290,13 @@ impl RegionShared {
     }
 
     /// Installs `count` pages from `src` at `page`, read-only unless `writable`.
-    pub(crate) fn install(&self, page: u64, count: u64, src: &[u8], writable: bool) -> Result<(), Errno> {
+    pub(crate) fn install(
+        &self,
+        page: u64,
+        count: u64,
+        src: &[u8],
+        writable: bool,
+    ) -> Result<(), Errno> {
         assert!(page + count <= self.pages && src.len() >= count as usize * PAGE_SIZE);
         // SAFETY: the destination pages lie inside this region, which is registered on `self.uffd`; `src` is
         // an ordinary buffer (a channel buffer or the static zero page), not registered memory.
@@ -301,7 +327,10 @@ impl RegionShared {
     /// sending. The protocol guarantees both: callers check the local state first.
     pub(crate) fn present_page(&self, page: u64) -> &[u8] {
         assert!(page < self.pages);
-        debug_assert_ne!(self.state(page).load(Ordering::Acquire) & STATE_MASK, INVALID);
+        debug_assert_ne!(
+            self.state(page).load(Ordering::Acquire) & STATE_MASK,
+            INVALID
+        );
         // SAFETY: the page is inside the region's live mapping and present here (the caller checked the state,
         // so reading cannot fault), and it is write-protected, so no store changes it while the slice lives.
         unsafe { std::slice::from_raw_parts(self.addr(page) as *const u8, PAGE_SIZE) }
@@ -336,7 +365,12 @@ fn register(region: &Arc<RegionShared>) -> Result<usize> {
         let raw = Arc::into_raw(region.clone()) as *mut RegionShared;
         if slot
             .region
-            .compare_exchange(std::ptr::null_mut(), raw, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                std::ptr::null_mut(),
+                raw,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok()
         {
             slot.end.store(region.base + region.len, Ordering::Release);
@@ -408,10 +442,7 @@ impl<'d> Region<'d> {
                 Errno::last(),
             ));
         }
-        inner
-            .shared
-            .uffd()?
-            .register(inner.base, inner.len)?;
+        inner.shared.uffd()?.register(inner.base, inner.len)?;
         let slot = register(&inner)?;
         Ok(Region {
             inner,
@@ -506,7 +537,11 @@ impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
     }
 
     fn ptr(&self, i: usize) -> *mut T {
-        assert!(i < self.len, "index {i} out of range for a GlobalVec of {} elements", self.len);
+        assert!(
+            i < self.len,
+            "index {i} out of range for a GlobalVec of {} elements",
+            self.len
+        );
         // SAFETY: `i < len` and the region holds at least `len` elements, so the offset stays inside it.
         unsafe { (self.region.as_ptr() as *mut T).add(i) }
     }
@@ -591,6 +626,9 @@ mod tests {
         assert!(matches!(err, DsmError::ArenaExhausted { .. }), "{err}");
         // Another reservation over the same range must be refused, with the address in the message.
         let err = Arena::reserve(Rank(1), Some(arena.base), 1 << 20).unwrap_err();
-        assert!(err.to_string().contains(&format!("{:#x}", arena.base)), "{err}");
+        assert!(
+            err.to_string().contains(&format!("{:#x}", arena.base)),
+            "{err}"
+        );
     }
 }

@@ -37,7 +37,9 @@ impl Counters {
     pub(crate) fn record_fault_latency(&self, nanos: u64) {
         self.fault_ns.fetch_add(nanos, Relaxed);
         let us = nanos / 1000;
-        let bucket = (64 - us.leading_zeros() as usize).saturating_sub(1).min(LATENCY_BUCKETS - 1);
+        let bucket = (64 - us.leading_zeros() as usize)
+            .saturating_sub(1)
+            .min(LATENCY_BUCKETS - 1);
         self.latency[bucket].fetch_add(1, Relaxed);
     }
 

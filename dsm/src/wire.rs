@@ -12,13 +12,28 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub(crate) enum Request {
     /// Fault on `count` consecutive pages starting at `page` (count > 1: read-ahead).
-    Acquire { region: u32, page: u64, access: Access, count: u32 },
+    Acquire {
+        region: u32,
+        page: u64,
+        access: Access,
+        count: u32,
+    },
     /// End of the transaction on `count` pages from `page`; `granted`: the requester ran a grant.
-    Unlock { region: u32, page: u64, count: u32, access: Access, granted: bool },
+    Unlock {
+        region: u32,
+        page: u64,
+        count: u32,
+        access: Access,
+        granted: bool,
+    },
     /// Owner: downgrade your copy to read-only and send it.
     Fetch { region: u32, page: u64 },
     /// Drop your copy, sending it first when `send_data`.
-    Invalidate { region: u32, page: u64, send_data: bool },
+    Invalidate {
+        region: u32,
+        page: u64,
+        send_data: bool,
+    },
     /// Take lock `lock` (its home queues the request until it is free).
     LockAcquire { lock: u64 },
     /// Give lock `lock` back.
@@ -100,7 +115,11 @@ impl std::fmt::Display for FrameError {
 
 /// Encodes `msg` as a frame prefix + header into `out`, for a frame whose payload has `payload_len` bytes.
 /// Returns the number of bytes of `out` used.
-pub(crate) fn encode<T: Serialize>(msg: &T, payload_len: usize, out: &mut [u8; PREFIX + MAX_HEADER]) -> usize {
+pub(crate) fn encode<T: Serialize>(
+    msg: &T,
+    payload_len: usize,
+    out: &mut [u8; PREFIX + MAX_HEADER],
+) -> usize {
     let (prefix, rest) = out.split_at_mut(PREFIX);
     // Our messages are small fixed-shape enums: a failure here is a bug in this file, not bad input.
     let header_len = postcard::to_slice(msg, rest).map(|s| s.len()).unwrap_or(0);
@@ -137,7 +156,10 @@ mod tests {
     use super::*;
     use crate::protocol::swmr::{CopySet, HomeAction};
 
-    fn roundtrip<T: Serialize + for<'a> Deserialize<'a> + std::fmt::Debug>(msg: T, payload: &[u8]) -> (T, Vec<u8>) {
+    fn roundtrip<T: Serialize + for<'a> Deserialize<'a> + std::fmt::Debug>(
+        msg: T,
+        payload: &[u8],
+    ) -> (T, Vec<u8>) {
         let mut buf = [0u8; PREFIX + MAX_HEADER];
         let n = encode(&msg, payload.len(), &mut buf);
         let mut frame = buf[..n].to_vec();
@@ -162,7 +184,10 @@ mod tests {
         };
         let mut buf = [0u8; PREFIX + MAX_HEADER];
         let n = encode(&Reply::Granted { grant }, 4096, &mut buf);
-        assert!(n > PREFIX + 32, "header of a full grant must be encoded, got {n} bytes");
+        assert!(
+            n > PREFIX + 32,
+            "header of a full grant must be encoded, got {n} bytes"
+        );
         let (m, p) = roundtrip(Reply::Granted { grant }, &[7u8; 4096]);
         assert!(matches!(m, Reply::Granted { grant: g } if g == grant));
         assert_eq!(p, vec![7u8; 4096]);
@@ -171,19 +196,38 @@ mod tests {
     #[test]
     fn request_round_trips_with_payload() {
         let (m, p) = roundtrip(
-            Request::Acquire { region: 3, page: 1 << 40, access: Access::Write, count: 9 },
+            Request::Acquire {
+                region: 3,
+                page: 1 << 40,
+                access: Access::Write,
+                count: 9,
+            },
             b"xyz",
         );
-        assert!(matches!(m, Request::Acquire { region: 3, page: p, access: Access::Write, count: 9 } if p == 1 << 40));
+        assert!(
+            matches!(m, Request::Acquire { region: 3, page: p, access: Access::Write, count: 9 } if p == 1 << 40)
+        );
         assert_eq!(p, b"xyz");
     }
 
     #[test]
     fn malformed_frames_are_errors() {
-        assert_eq!(body_len(0u32.to_le_bytes(), 100), Err(FrameError::BadLength(0)));
-        assert_eq!(body_len(1000u32.to_le_bytes(), 100), Err(FrameError::BadLength(1000)));
-        assert!(decode::<Request>(&[5, 0, 1]).is_err(), "header longer than the body");
-        assert!(decode::<Request>(&[2, 0, 0xff, 0xff]).is_err(), "unknown variant");
+        assert_eq!(
+            body_len(0u32.to_le_bytes(), 100),
+            Err(FrameError::BadLength(0))
+        );
+        assert_eq!(
+            body_len(1000u32.to_le_bytes(), 100),
+            Err(FrameError::BadLength(1000))
+        );
+        assert!(
+            decode::<Request>(&[5, 0, 1]).is_err(),
+            "header longer than the body"
+        );
+        assert!(
+            decode::<Request>(&[2, 0, 0xff, 0xff]).is_err(),
+            "unknown variant"
+        );
         assert!(decode::<Request>(&[0]).is_err());
         // Random bytes never panic.
         let mut x: u64 = 0x9e3779b97f4a7c15;

@@ -35,12 +35,19 @@ fn a_large_region_maps_instantly_and_costs_nothing_until_touched() {
     let dsm = Dsm::builder().build().unwrap();
     let t = std::time::Instant::now();
     let r = dsm.alloc(4 << 30, Placement::Block).unwrap();
-    assert!(t.elapsed() < std::time::Duration::from_millis(500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(r.len(), 4 << 30);
     let rss_before = rss_kib();
     let v = dsm.alloc_vec::<u8>(1 << 20).unwrap();
     v.set(12345, 1);
-    assert!(rss_kib() < rss_before + 16 * 1024, "touching one page must not commit the region");
+    assert!(
+        rss_kib() < rss_before + 16 * 1024,
+        "touching one page must not commit the region"
+    );
 }
 
 #[test]

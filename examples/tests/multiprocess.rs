@@ -1,17 +1,32 @@
 //! Multi-process tests: real processes started by the launcher, real userfaultfd faults, TCP on loopback.
 
-use dsm_runtime::launch::{launch, LaunchOptions};
+use dsm_runtime::launch::{launch, LaunchOptions, Outcome};
 use std::ffi::OsString;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn run(program: &str, ranks: usize, args: &[&str]) -> i32 {
+/// Runs a job and returns its outcome and everything its ranks printed.
+fn job(program: &str, ranks: usize, args: &[&str]) -> (Outcome, String) {
+    let capture = Arc::new(Mutex::new(Vec::new()));
     let opts = LaunchOptions {
         ranks,
+        capture: Some(capture.clone()),
         ..LaunchOptions::default()
     };
     let args: Vec<OsString> = args.iter().map(OsString::from).collect();
-    launch(&opts, Path::new(program), &args).expect("launch")
+    let outcome = launch(&opts, Path::new(program), &args).expect("launch");
+    let out = String::from_utf8_lossy(&capture.lock().unwrap()).into_owned();
+    (outcome, out)
+}
+
+/// Runs a job and returns its exit code, printing its output when it failed.
+fn run(program: &str, ranks: usize, args: &[&str]) -> i32 {
+    let (outcome, out) = job(program, ranks, args);
+    if outcome.code != 0 {
+        eprintln!("{out}");
+    }
+    outcome.code
 }
 
 const CHECK: &str = env!("CARGO_BIN_EXE_dsm-check");
@@ -19,21 +34,33 @@ const CHECK: &str = env!("CARGO_BIN_EXE_dsm-check");
 #[test]
 fn hello_at_2_3_and_4_ranks() {
     for n in [2, 3, 4] {
-        assert_eq!(run(env!("CARGO_BIN_EXE_hello"), n, &[]), 0, "hello at {n} ranks");
+        assert_eq!(
+            run(env!("CARGO_BIN_EXE_hello"), n, &[]),
+            0,
+            "hello at {n} ranks"
+        );
     }
 }
 
 #[test]
 fn lock_protected_counters_are_exact() {
     for n in [2, 3, 4] {
-        assert_eq!(run(CHECK, n, &["counter", "--rounds", "300"]), 0, "counter at {n} ranks");
+        assert_eq!(
+            run(CHECK, n, &["counter", "--rounds", "300"]),
+            0,
+            "counter at {n} ranks"
+        );
     }
 }
 
 #[test]
 fn message_passing_litmus() {
     for n in [2, 3, 4] {
-        assert_eq!(run(CHECK, n, &["mp", "--rounds", "200"]), 0, "mp at {n} ranks");
+        assert_eq!(
+            run(CHECK, n, &["mp", "--rounds", "200"]),
+            0,
+            "mp at {n} ranks"
+        );
     }
 }
 
@@ -46,14 +73,46 @@ fn store_buffering_litmus() {
 #[test]
 fn several_ranks_writing_one_page() {
     for n in [2, 3, 4] {
-        assert_eq!(run(CHECK, n, &["pages", "--rounds", "50"]), 0, "pages at {n} ranks");
+        assert_eq!(
+            run(CHECK, n, &["pages", "--rounds", "50"]),
+            0,
+            "pages at {n} ranks"
+        );
     }
 }
 
 #[test]
 fn a_killed_rank_ends_the_job_quickly() {
     let t = Instant::now();
-    let code = run(CHECK, 3, &["die"]);
-    assert_ne!(code, 0, "the job must fail");
-    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+    let (outcome, out) = job(CHECK, 3, &["die"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        outcome.failed_rank,
+        Some(2),
+        "the killed rank is the cause: {outcome:?}\n{out}"
+    );
+    assert_eq!(outcome.code, 128 + 9, "killed by SIGKILL: {outcome:?}");
+    // Both survivors end with an error that names the dead rank.
+    for r in 0..2 {
+        assert!(
+            out.contains(&format!("[{r}] dsm: rank {r}: rank 2 failed")),
+            "rank {r} must report rank 2's failure:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn hello_checks_what_it_sees() {
+    let (outcome, out) = job(env!("CARGO_BIN_EXE_hello"), 3, &[]);
+    assert_eq!(outcome.code, 0, "{out}");
+    for r in 0..3 {
+        assert!(
+            out.contains(&format!("[{r}] rank {r} of 3 sees [1000, 1001, 1002]")),
+            "{out}"
+        );
+    }
 }

@@ -18,7 +18,11 @@ use crate::RuntimeError;
 use std::str::FromStr;
 
 /// Reads `name`, parsing it with `parse`; a malformed value is an error naming the variable and the form.
-pub(crate) fn get<T>(name: &'static str, expected: &'static str, parse: impl Fn(&str) -> Option<T>) -> Result<Option<T>, RuntimeError> {
+pub(crate) fn get<T>(
+    name: &'static str,
+    expected: &'static str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>, RuntimeError> {
     match std::env::var(name) {
         Ok(v) => parse(v.trim()).map(Some).ok_or(RuntimeError::Env {
             var: name,
@@ -94,6 +98,9 @@ mod tests {
         std::env::set_var("DSM_TEST_MALFORMED", "four");
         let e = get("DSM_TEST_MALFORMED", "a number", number::<usize>).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("DSM_TEST_MALFORMED") && msg.contains("four") && msg.contains("a number"), "{msg}");
+        assert!(
+            msg.contains("DSM_TEST_MALFORMED") && msg.contains("four") && msg.contains("a number"),
+            "{msg}"
+        );
     }
 }

@@ -11,6 +11,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How to launch a job.
@@ -24,6 +25,20 @@ pub struct LaunchOptions {
     pub prefix: bool,
     /// Extra environment for every rank.
     pub env: Vec<(String, String)>,
+    /// Collect the ranks' output (prefixed lines, stdout and stderr together) here instead of printing it.
+    pub capture: Option<Arc<Mutex<Vec<u8>>>>,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// 0 when every rank succeeded; else the status of the rank that failed first (128 + signal for a
+    /// signal), preferring a rank that failed on its own over ranks that ended because of it.
+    pub code: i32,
+    /// The rank whose failure ended the job.
+    pub failed_rank: Option<usize>,
+    /// What happened to it, as printed.
+    pub reason: String,
 }
 
 impl Default for LaunchOptions {
@@ -33,6 +48,7 @@ impl Default for LaunchOptions {
             bind: IpAddr::from([127, 0, 0, 1]),
             prefix: true,
             env: Vec::new(),
+            capture: None,
         }
     }
 }
@@ -50,10 +66,13 @@ fn fresh_token() -> Result<[u8; 32], RuntimeError> {
 
 /// Serves the rendezvous: collects every rank's address, then sends the full table to each.
 fn rendezvous(listener: TcpListener, ranks: usize, token: String) {
-    let mut conns: Vec<Option<(std::net::TcpStream, SocketAddr)>> = (0..ranks).map(|_| None).collect();
+    let mut conns: Vec<Option<(std::net::TcpStream, SocketAddr)>> =
+        (0..ranks).map(|_| None).collect();
     let mut have = 0;
     while have < ranks {
-        let Ok((stream, from)) = listener.accept() else { return };
+        let Ok((stream, from)) = listener.accept() else {
+            return;
+        };
         stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
         let mut line = String::new();
         if BufReader::new(&stream).read_line(&mut line).is_err() {
@@ -69,7 +88,9 @@ fn rendezvous(listener: TcpListener, ranks: usize, token: String) {
                 conns[r] = Some((stream, addr));
                 have += 1;
             }
-            _ => eprintln!("dsmrun: refused a rendezvous from {from}: wrong token, rank or address"),
+            _ => {
+                eprintln!("dsmrun: refused a rendezvous from {from}: wrong token, rank or address")
+            }
         }
     }
     let table: Vec<String> = conns.iter().flatten().map(|(_, a)| a.to_string()).collect();
@@ -79,7 +100,13 @@ fn rendezvous(listener: TcpListener, ranks: usize, token: String) {
     }
 }
 
-fn forward(rank: usize, stream: impl Read + Send + 'static, to_stderr: bool, prefix: bool) -> std::thread::JoinHandle<()> {
+fn forward(
+    rank: usize,
+    stream: impl Read + Send + 'static,
+    to_stderr: bool,
+    prefix: bool,
+    capture: Option<Arc<Mutex<Vec<u8>>>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
         let mut line = Vec::new();
@@ -95,6 +122,12 @@ fn forward(rank: usize, stream: impl Read + Send + 'static, to_stderr: bool, pre
                     out.extend_from_slice(&line);
                     if !out.ends_with(b"\n") {
                         out.push(b'\n');
+                    }
+                    if let Some(c) = &capture {
+                        c.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .extend_from_slice(&out);
+                        continue;
                     }
                     let _ = if to_stderr {
                         std::io::stderr().lock().write_all(&out)
@@ -112,16 +145,21 @@ fn describe(status: ExitStatus) -> (String, i32) {
     match (status.code(), status.signal()) {
         (Some(c), _) => (format!("exited with status {c}"), c),
         (None, Some(s)) => {
-            let name = Signal::try_from(s).map(|s| s.as_str()).unwrap_or("an unknown signal");
+            let name = Signal::try_from(s)
+                .map(|s| s.as_str())
+                .unwrap_or("an unknown signal");
             (format!("was killed by {name}"), 128 + s)
         }
         _ => ("ended".into(), 1),
     }
 }
 
-/// Runs `program args` as a job of `opts.ranks` local processes and returns the job's exit code: 0 when
-/// every rank succeeded, else the status of the first rank that failed (128 + signal for a signal).
-pub fn launch(opts: &LaunchOptions, program: &Path, args: &[OsString]) -> Result<i32, RuntimeError> {
+/// Runs `program args` as a job of `opts.ranks` local processes and returns how it ended.
+pub fn launch(
+    opts: &LaunchOptions,
+    program: &Path,
+    args: &[OsString],
+) -> Result<Outcome, RuntimeError> {
     if opts.ranks == 0 || opts.ranks > dsm::protocol::swmr::MAX_RANKS {
         return Err(RuntimeError::Rendezvous(format!(
             "-n {}: a job has 1 to {} ranks",
@@ -134,7 +172,10 @@ pub fn launch(opts: &LaunchOptions, program: &Path, args: &[OsString]) -> Result
         context: format!("binding the rendezvous listener on {}", opts.bind),
         source: e,
     })?;
-    let at = listener.local_addr().map_err(|e| RuntimeError::Io { context: "rendezvous address".into(), source: e })?;
+    let at = listener.local_addr().map_err(|e| RuntimeError::Io {
+        context: "rendezvous address".into(),
+        source: e,
+    })?;
     let ranks = opts.ranks;
     let server_token = token.clone();
     std::thread::spawn(move || rendezvous(listener, ranks, server_token));
@@ -159,10 +200,10 @@ pub fn launch(opts: &LaunchOptions, program: &Path, args: &[OsString]) -> Result
         match cmd.spawn() {
             Ok(mut child) => {
                 if let Some(out) = child.stdout.take() {
-                    pumps.push(forward(r, out, false, opts.prefix));
+                    pumps.push(forward(r, out, false, opts.prefix, opts.capture.clone()));
                 }
                 if let Some(err) = child.stderr.take() {
-                    pumps.push(forward(r, err, true, opts.prefix));
+                    pumps.push(forward(r, err, true, opts.prefix, opts.capture.clone()));
                 }
                 children.push(child);
             }
@@ -176,34 +217,55 @@ pub fn launch(opts: &LaunchOptions, program: &Path, args: &[OsString]) -> Result
         }
     }
 
+    // Watch the ranks. At the first failure, keep watching briefly so that the rank that failed on its own
+    // is reported rather than the ranks that ended because of it (they exit with EXIT_PEER_FAILED).
     let mut done = vec![false; ranks];
-    let mut code = 0;
+    let mut failures: Vec<(usize, ExitStatus)> = Vec::new();
+    let mut grace_until: Option<Instant> = None;
     while done.iter().any(|d| !d) {
-        let mut failed = None;
         for (r, child) in children.iter_mut().enumerate() {
             if done[r] {
                 continue;
             }
             if let Ok(Some(status)) = child.try_wait() {
                 done[r] = true;
-                if !status.success() && failed.is_none() {
-                    failed = Some((r, status));
+                if !status.success() {
+                    failures.push((r, status));
+                    grace_until.get_or_insert(Instant::now() + Duration::from_millis(300));
                 }
             }
         }
-        if let Some((r, status)) = failed {
-            let (what, c) = describe(status);
-            eprintln!("dsmrun: rank {r} {what}; ending the job");
-            code = c;
-            end_all(&mut children);
+        if grace_until.is_some_and(|g| Instant::now() > g) {
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    let root = failures
+        .iter()
+        .find(|(_, s)| s.code() != Some(dsm::EXIT_PEER_FAILED))
+        .or(failures.first())
+        .copied();
+    let outcome = match root {
+        None => Outcome {
+            code: 0,
+            failed_rank: None,
+            reason: String::new(),
+        },
+        Some((r, status)) => {
+            let (what, code) = describe(status);
+            eprintln!("dsmrun: rank {r} {what}; ending the job");
+            Outcome {
+                code,
+                failed_rank: Some(r),
+                reason: what,
+            }
+        }
+    };
+    end_all(&mut children);
     for p in pumps {
         let _ = p.join();
     }
-    Ok(code)
+    Ok(outcome)
 }
 
 /// Ends every rank still running: SIGTERM, then SIGKILL after two seconds, and reaps them all.

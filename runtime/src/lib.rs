@@ -52,7 +52,12 @@ pub struct Runtime {
     dsm: Dsm,
 }
 
-const MPI_VARS: &[&str] = &["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID"];
+const MPI_VARS: &[&str] = &[
+    "OMPI_COMM_WORLD_RANK",
+    "PMI_RANK",
+    "PMIX_RANK",
+    "MPI_LOCALRANKID",
+];
 
 impl Runtime {
     /// Joins the job this process belongs to.
@@ -66,19 +71,33 @@ impl Runtime {
                 dsm: Self::options()?.build()?,
             });
         };
-        let size = env::get("DSM_SIZE", "the number of ranks", env::number::<usize>)?.ok_or(RuntimeError::Missing("DSM_SIZE"))?;
+        let size = env::get("DSM_SIZE", "the number of ranks", env::number::<usize>)?
+            .ok_or(RuntimeError::Missing("DSM_SIZE"))?;
         if let Some(pid) = env::get("DSM_LAUNCHER_PID", "a process id", env::number::<i32>)? {
             rendezvous::die_with_launcher(pid);
         }
         let mut builder = Self::options()?;
         if size > 1 {
-            let at = env::get("DSM_RENDEZVOUS", "host:port", |s| s.parse::<std::net::SocketAddr>().ok())?
-                .ok_or(RuntimeError::Missing("DSM_RENDEZVOUS"))?;
-            let token = env::get("DSM_TOKEN", "64 hex digits", env::token)?.ok_or(RuntimeError::Missing("DSM_TOKEN"))?;
-            let bind = env::get("DSM_BIND", "an IP address", |s| s.parse::<std::net::IpAddr>().ok())?
-                .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-            let timeout = env::get("DSM_CONNECT_TIMEOUT", "seconds", env::number::<u64>)?.unwrap_or(30);
-            let transport = rendezvous::join(Rank(rank), size, at, bind, token, Duration::from_secs(timeout))?;
+            let at = env::get("DSM_RENDEZVOUS", "host:port", |s| {
+                s.parse::<std::net::SocketAddr>().ok()
+            })?
+            .ok_or(RuntimeError::Missing("DSM_RENDEZVOUS"))?;
+            let token = env::get("DSM_TOKEN", "64 hex digits", env::token)?
+                .ok_or(RuntimeError::Missing("DSM_TOKEN"))?;
+            let bind = env::get("DSM_BIND", "an IP address", |s| {
+                s.parse::<std::net::IpAddr>().ok()
+            })?
+            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+            let timeout =
+                env::get("DSM_CONNECT_TIMEOUT", "seconds", env::number::<u64>)?.unwrap_or(30);
+            let transport = rendezvous::join(
+                Rank(rank),
+                size,
+                at,
+                bind,
+                token,
+                Duration::from_secs(timeout),
+            )?;
             builder = builder.transport(Box::new(transport));
         }
         Ok(Runtime {
@@ -88,10 +107,18 @@ impl Runtime {
 
     fn options() -> Result<dsm::DsmBuilder, RuntimeError> {
         let mut b = Dsm::builder();
-        if let Some(c) = env::get("DSM_CHANNELS", "a number of channels, 1 to 64", env::number::<usize>)? {
+        if let Some(c) = env::get(
+            "DSM_CHANNELS",
+            "a number of channels, 1 to 64",
+            env::number::<usize>,
+        )? {
             b = b.channels(c);
         }
-        if let Some(r) = env::get("DSM_READAHEAD", "a number of pages, 1 to 64", env::number::<u32>)? {
+        if let Some(r) = env::get(
+            "DSM_READAHEAD",
+            "a number of pages, 1 to 64",
+            env::number::<u32>,
+        )? {
             b = b.readahead(r);
         }
         let size = env::get("DSM_ARENA_SIZE", "a size such as 64G", env::bytes)?;

@@ -8,12 +8,24 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-pub(crate) fn join(rank: Rank, size: usize, at: SocketAddr, bind: IpAddr, token: [u8; 32], timeout: Duration) -> Result<TcpTransport, RuntimeError> {
+pub(crate) fn join(
+    rank: Rank,
+    size: usize,
+    at: SocketAddr,
+    bind: IpAddr,
+    token: [u8; 32],
+    timeout: Duration,
+) -> Result<TcpTransport, RuntimeError> {
     let listener = TcpListener::bind((bind, 0)).map_err(|e| RuntimeError::Io {
-        context: format!("binding this rank's listener on {bind} (set DSM_BIND to an address of this host)"),
+        context: format!(
+            "binding this rank's listener on {bind} (set DSM_BIND to an address of this host)"
+        ),
         source: e,
     })?;
-    let mine = listener.local_addr().map_err(|e| RuntimeError::Io { context: "listener address".into(), source: e })?;
+    let mine = listener.local_addr().map_err(|e| RuntimeError::Io {
+        context: "listener address".into(),
+        source: e,
+    })?;
     let mut s = TcpStream::connect_timeout(&at, timeout)
         .map_err(|e| RuntimeError::Rendezvous(format!("cannot reach the launcher at {at}: {e}")))?;
     s.set_read_timeout(Some(timeout)).ok();
@@ -23,7 +35,10 @@ pub(crate) fn join(rank: Rank, size: usize, at: SocketAddr, bind: IpAddr, token:
     BufReader::new(&s)
         .read_line(&mut line)
         .map_err(|e| RuntimeError::Rendezvous(format!("waiting for the other ranks: {e}")))?;
-    let peers: Vec<SocketAddr> = line.split_whitespace().filter_map(|a| a.parse().ok()).collect();
+    let peers: Vec<SocketAddr> = line
+        .split_whitespace()
+        .filter_map(|a| a.parse().ok())
+        .collect();
     if peers.len() != size {
         return Err(RuntimeError::Rendezvous(format!(
             "the launcher sent {} addresses for a job of {size} ranks (reply {line:?})",

@@ -28,15 +28,22 @@ pub fn local_cluster(size: usize, channels: usize) -> Result<Vec<LocalTransport>
     for ch in 0..channels {
         for from in 0..size {
             for to in 0..size {
-                let (a, b) = UnixStream::pair().map_err(|e| DsmError::io("socketpair for the in-process transport", e))?;
+                let (a, b) = UnixStream::pair()
+                    .map_err(|e| DsmError::io("socketpair for the in-process transport", e))?;
                 meshes[from].outgoing[ch].push(OwnedFd::from(a));
-                meshes[to].incoming.push((Rank(from as u32), OwnedFd::from(b)));
+                meshes[to]
+                    .incoming
+                    .push((Rank(from as u32), OwnedFd::from(b)));
             }
         }
     }
     Ok(meshes
         .into_iter()
-        .map(|mesh| LocalTransport { mesh, size, channels })
+        .map(|mesh| LocalTransport {
+            mesh,
+            size,
+            channels,
+        })
         .collect())
 }
 

@@ -28,7 +28,12 @@ pub struct TcpTransport {
 impl TcpTransport {
     /// `listener` is this rank's bound listener; `peers[r]` is rank r's listener address (this rank's
     /// included); `timeout` bounds the whole establishment.
-    pub fn new(listener: TcpListener, peers: Vec<SocketAddr>, token: Token, timeout: Duration) -> TcpTransport {
+    pub fn new(
+        listener: TcpListener,
+        peers: Vec<SocketAddr>,
+        token: Token,
+        timeout: Duration,
+    ) -> TcpTransport {
         TcpTransport {
             listener,
             peers,
@@ -53,7 +58,11 @@ fn same_token(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Checks a handshake; returns the peer's rank or the reason to refuse it.
-fn check_hello(h: &[u8; HELLO_LEN], token: &Token, size: usize) -> std::result::Result<Rank, String> {
+fn check_hello(
+    h: &[u8; HELLO_LEN],
+    token: &Token,
+    size: usize,
+) -> std::result::Result<Rank, String> {
     if &h[..4] != MAGIC {
         return Err("not a dsm connection (bad magic)".into());
     }
@@ -76,7 +85,14 @@ fn check_hello(h: &[u8; HELLO_LEN], token: &Token, size: usize) -> std::result::
 const ACK_OK: u8 = 0;
 const ACK_REFUSED: u8 = 1;
 
-fn accept_all(listener: TcpListener, me: Rank, token: Token, size: usize, expected: usize, deadline: Instant) -> Result<Vec<(Rank, OwnedFd)>> {
+fn accept_all(
+    listener: TcpListener,
+    me: Rank,
+    token: Token,
+    size: usize,
+    expected: usize,
+    deadline: Instant,
+) -> Result<Vec<(Rank, OwnedFd)>> {
     listener
         .set_nonblocking(true)
         .map_err(|e| DsmError::io("listener set_nonblocking", e))?;
@@ -122,7 +138,13 @@ fn accept_all(listener: TcpListener, me: Rank, token: Token, size: usize, expect
     Ok(accepted)
 }
 
-fn connect(me: Rank, to: Rank, addr: SocketAddr, token: &Token, deadline: Instant) -> Result<OwnedFd> {
+fn connect(
+    me: Rank,
+    to: Rank,
+    addr: SocketAddr,
+    token: &Token,
+    deadline: Instant,
+) -> Result<OwnedFd> {
     let mut stream = loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
             Ok(s) => break s,
@@ -130,10 +152,17 @@ fn connect(me: Rank, to: Rank, addr: SocketAddr, token: &Token, deadline: Instan
                 tracing::debug!("{me}: connect to {to} at {addr}: {e}; retrying");
                 std::thread::sleep(Duration::from_millis(10));
             }
-            Err(e) => return Err(DsmError::io(format!("{me}: connecting to {to} at {addr}"), e)),
+            Err(e) => {
+                return Err(DsmError::io(
+                    format!("{me}: connecting to {to} at {addr}"),
+                    e,
+                ))
+            }
         }
     };
-    stream.set_nodelay(true).map_err(|e| DsmError::io("TCP_NODELAY", e))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| DsmError::io("TCP_NODELAY", e))?;
     stream
         .write_all(&hello(me, token))
         .map_err(|e| DsmError::io(format!("handshake to {to} at {addr}"), e))?;
@@ -185,7 +214,9 @@ impl Transport for TcpTransport {
             }
             outgoing.push(row);
         }
-        let incoming = acceptor.join().map_err(|_| DsmError::Config("the accept thread panicked".into()))?;
+        let incoming = acceptor
+            .join()
+            .map_err(|_| DsmError::Config("the accept thread panicked".into()))?;
         if let Some(e) = failure {
             return Err(e);
         }
@@ -209,14 +240,20 @@ mod tests {
         let token = [7u8; 32];
         let good = hello(Rank(1), &token);
         assert_eq!(check_hello(&good, &token, 2), Ok(Rank(1)));
-        assert!(check_hello(&good, &[8u8; 32], 2).unwrap_err().contains("token"));
-        assert!(check_hello(&good, &token, 1).unwrap_err().contains("outside"));
+        assert!(check_hello(&good, &[8u8; 32], 2)
+            .unwrap_err()
+            .contains("token"));
+        assert!(check_hello(&good, &token, 1)
+            .unwrap_err()
+            .contains("outside"));
         let mut bad = good;
         bad[0] = b'X';
         assert!(check_hello(&bad, &token, 2).unwrap_err().contains("magic"));
         let mut old = good;
         old[4] = 99;
-        assert!(check_hello(&old, &token, 2).unwrap_err().contains("version"));
+        assert!(check_hello(&old, &token, 2)
+            .unwrap_err()
+            .contains("version"));
     }
 
     #[test]
@@ -233,7 +270,12 @@ mod tests {
             s.read_exact(&mut ack).unwrap();
             ack[0]
         });
-        let t = Box::new(TcpTransport::new(listener, vec![addr], token, Duration::from_secs(10)));
+        let t = Box::new(TcpTransport::new(
+            listener,
+            vec![addr],
+            token,
+            Duration::from_secs(10),
+        ));
         let mesh = t.establish(Rank(0), 1, 2).unwrap();
         assert_eq!(intruder.join().unwrap(), ACK_REFUSED);
         assert_eq!(mesh.outgoing.len(), 2);

@@ -33,7 +33,9 @@ impl Uffd {
             .create()
             .map_err(|e| match e {
                 userfaultfd::Error::SystemError(errno) => match Errno::from_raw(errno as i32) {
-                    Errno::EPERM | Errno::EACCES => DsmError::UffdNotPermitted(Errno::from_raw(errno as i32)),
+                    Errno::EPERM | Errno::EACCES => {
+                        DsmError::UffdNotPermitted(Errno::from_raw(errno as i32))
+                    }
                     // The API handshake refuses features the kernel lacks with EINVAL.
                     Errno::EINVAL => DsmError::UffdUnsupported {
                         what: "UFFD_FEATURE_SIGBUS",
@@ -55,12 +57,15 @@ impl Uffd {
                 RegisterMode::MISSING | RegisterMode::WRITE_PROTECT,
             )
             .map_err(|e| match e {
-                userfaultfd::Error::SystemError(errno) if errno as i32 == libc::EINVAL => DsmError::UffdUnsupported {
-                    what: "write-protect registration of anonymous memory",
-                },
-                userfaultfd::Error::SystemError(errno) => {
-                    DsmError::sys(format!("UFFDIO_REGISTER of {addr:#x}+{len:#x}"), Errno::from_raw(errno as i32))
+                userfaultfd::Error::SystemError(errno) if errno as i32 == libc::EINVAL => {
+                    DsmError::UffdUnsupported {
+                        what: "write-protect registration of anonymous memory",
+                    }
                 }
+                userfaultfd::Error::SystemError(errno) => DsmError::sys(
+                    format!("UFFDIO_REGISTER of {addr:#x}+{len:#x}"),
+                    Errno::from_raw(errno as i32),
+                ),
                 other => DsmError::sys(format!("UFFDIO_REGISTER: {other}"), Errno::EINVAL),
             })?;
         if !ioctls.contains(userfaultfd::IoctlFlags::WRITE_PROTECT) {
@@ -82,7 +87,13 @@ impl Uffd {
 /// # Safety
 /// `dst..dst+len` is page aligned and inside a range registered on `fd`; `src` is readable for `len` bytes
 /// and is not inside a registered range.
-pub(crate) unsafe fn copy(fd: RawFd, dst: usize, src: *const u8, len: usize, write_protect: bool) -> Result<(), Errno> {
+pub(crate) unsafe fn copy(
+    fd: RawFd,
+    dst: usize,
+    src: *const u8,
+    len: usize,
+    write_protect: bool,
+) -> Result<(), Errno> {
     let page = crate::types::PAGE_SIZE;
     let mut done = 0usize;
     while done < len {
@@ -90,7 +101,11 @@ pub(crate) unsafe fn copy(fd: RawFd, dst: usize, src: *const u8, len: usize, wri
             dst: (dst + done) as u64,
             src: src as u64 + done as u64,
             len: (len - done) as u64,
-            mode: if write_protect { sys::UFFDIO_COPY_MODE_WP } else { 0 },
+            mode: if write_protect {
+                sys::UFFDIO_COPY_MODE_WP
+            } else {
+                0
+            },
             copy: 0,
         };
         // SAFETY: the caller guarantees that the destination is registered on `fd` and the source readable;
@@ -114,13 +129,22 @@ pub(crate) unsafe fn copy(fd: RawFd, dst: usize, src: *const u8, len: usize, wri
 }
 
 /// Sets (`protect`) or clears write protection on `[addr, addr + len)`.
-pub(crate) fn write_protect(fd: RawFd, addr: usize, len: usize, protect: bool) -> Result<(), Errno> {
+pub(crate) fn write_protect(
+    fd: RawFd,
+    addr: usize,
+    len: usize,
+    protect: bool,
+) -> Result<(), Errno> {
     let mut arg = sys::uffdio_writeprotect {
         range: sys::uffdio_range {
             start: addr as u64,
             len: len as u64,
         },
-        mode: if protect { sys::UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        mode: if protect {
+            sys::UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        },
     };
     loop {
         // SAFETY: UFFDIO_WRITEPROTECT only changes page protection bits of a registered range; it neither

@@ -45,7 +45,10 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     let addr = unsafe { (*info).si_addr() } as usize;
     // SAFETY: for an SA_SIGINFO handler on x86-64 Linux, `ctx` points to the interrupted ucontext_t. Bit 1 of
     // the page-fault error code (REG_ERR) is set for a write access.
-    let write = unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_ERR as usize] } & 2 != 0;
+    let write =
+        unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_ERR as usize] }
+            & 2
+            != 0;
     if let Some(resolve) = RESOLVER.get() {
         if resolve(addr, write) {
             return;
@@ -87,6 +90,6 @@ pub(crate) fn fatal(msg: &[u8]) -> ! {
     // SAFETY: write(2) of a valid buffer to fd 2 and _exit(2) are async-signal-safe.
     unsafe {
         libc::write(2, msg.as_ptr().cast(), msg.len());
-        libc::_exit(70)
+        libc::_exit(crate::EXIT_INTERNAL)
     }
 }

@@ -36,7 +36,11 @@ fn main() -> anyhow::Result<()> {
             }
             dsm.barrier()?;
             let total: u64 = (0..4).map(|k| counters.get(k * WORDS_PER_PAGE)).sum();
-            ensure!(total == (args.rounds * n) as u64, "rank {me}: total {total}, expected {}", args.rounds * n);
+            ensure!(
+                total == (args.rounds * n) as u64,
+                "rank {me}: total {total}, expected {}",
+                args.rounds * n
+            );
             println!("counter ok: {total}");
         }
         "mp" => {
@@ -52,7 +56,10 @@ fn main() -> anyhow::Result<()> {
                         std::hint::spin_loop();
                     }
                     let d = v.get(data);
-                    ensure!(d >= round, "rank {me}: saw flag {round} but data {d}: message passing broken");
+                    ensure!(
+                        d >= round,
+                        "rank {me}: saw flag {round} but data {d}: message passing broken"
+                    );
                 }
                 dsm.barrier()?;
             }
@@ -81,7 +88,10 @@ fn main() -> anyhow::Result<()> {
                 }
                 dsm.barrier()?;
                 let (a, b) = (v.get(r0), v.get(r1));
-                ensure!(!(a == 0 && b == 0), "rank {me}: store buffering showed r0 = r1 = 0");
+                ensure!(
+                    !(a == 0 && b == 0),
+                    "rank {me}: store buffering showed r0 = r1 = 0"
+                );
                 dsm.barrier()?;
             }
             println!("sb ok: {} rounds", args.rounds);
@@ -97,7 +107,10 @@ fn main() -> anyhow::Result<()> {
                 for p in 0..pages {
                     for r in 0..n {
                         let got = v.get(p * WORDS_PER_PAGE + r);
-                        ensure!(got == round * 100 + r as u64, "rank {me}: page {p} word {r} is {got} in round {round}");
+                        ensure!(
+                            got == round * 100 + r as u64,
+                            "rank {me}: page {p} word {r} is {got} in round {round}"
+                        );
                     }
                 }
                 dsm.barrier()?;
@@ -123,6 +136,8 @@ fn main() -> anyhow::Result<()> {
 
 fn nix_kill_self() -> ! {
     let me = std::process::id();
-    let _ = std::process::Command::new("kill").args(["-9", &me.to_string()]).status();
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &me.to_string()])
+        .status();
     std::process::exit(99);
 }

@@ -15,7 +15,10 @@ fn main() -> anyhow::Result<()> {
     let seen: Vec<u64> = (0..n).map(|r| slots.get(r * 512)).collect();
     println!("rank {me} of {n} sees {seen:?}");
     for (r, v) in seen.iter().enumerate() {
-        anyhow::ensure!(*v == 1000 + r as u64, "rank {me} saw {v} in the slot of rank {r}");
+        anyhow::ensure!(
+            *v == 1000 + r as u64,
+            "rank {me} saw {v} in the slot of rank {r}"
+        );
     }
     dsm.barrier()?;
     drop(slots);

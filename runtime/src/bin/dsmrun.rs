@@ -33,9 +33,10 @@ fn main() {
         bind: a.bind,
         prefix: !a.no_prefix,
         env: Vec::new(),
+        capture: None,
     };
     match launch(&opts, &a.program, &a.args) {
-        Ok(code) => std::process::exit(code),
+        Ok(outcome) => std::process::exit(outcome.code),
         Err(e) => {
             eprintln!("dsmrun: {e}");
             std::process::exit(2);

@@ -31,20 +31,50 @@ impl Copy {
 
 #[derive(Debug, Clone)]
 enum Msg {
-    Acquire { page: usize, access: Access },
-    Done { page: usize, data: Option<u64>, keep: bool },
-    Granted { page: usize, grant: Grant, data: Option<u64> },
-    Fetch { page: usize },
-    Invalidate { page: usize, send: bool },
-    LeafReply { data: Option<u64> },
-    Unlock { page: usize, access: Access, granted: bool },
+    Acquire {
+        page: usize,
+        access: Access,
+    },
+    Done {
+        page: usize,
+        data: Option<u64>,
+        keep: bool,
+    },
+    Granted {
+        page: usize,
+        grant: Grant,
+        data: Option<u64>,
+    },
+    Fetch {
+        page: usize,
+    },
+    Invalidate {
+        page: usize,
+        send: bool,
+    },
+    LeafReply {
+        data: Option<u64>,
+    },
+    Unlock {
+        page: usize,
+        access: Access,
+        granted: bool,
+    },
 }
 
 #[derive(Debug)]
 enum Phase {
     Waiting,
-    Collecting { pending: BTreeSet<u32>, data: Option<u64>, keep: bool },
-    Installing { data: Option<u64>, keep: bool, granted: bool },
+    Collecting {
+        pending: BTreeSet<u32>,
+        data: Option<u64>,
+        keep: bool,
+    },
+    Installing {
+        data: Option<u64>,
+        keep: bool,
+        granted: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -109,7 +139,10 @@ impl Sim {
         match (access, *copy) {
             (Access::Read, c) => {
                 let v = c.value().expect("read without a copy");
-                assert_eq!(v, self.truth[page], "rank {rank} read a stale value of page {page}");
+                assert_eq!(
+                    v, self.truth[page],
+                    "rank {rank} read a stale value of page {page}"
+                );
                 self.reads_checked += 1;
             }
             (Access::Write, Copy::Writable(_)) => {
@@ -127,7 +160,8 @@ impl Sim {
         let c = self.copies[rank as usize][page];
         let hit = matches!(
             (access, c),
-            (Access::Read, Copy::ReadOnly(_) | Copy::Writable(_)) | (Access::Write, Copy::Writable(_))
+            (Access::Read, Copy::ReadOnly(_) | Copy::Writable(_))
+                | (Access::Write, Copy::Writable(_))
         );
         if hit {
             self.access_locally(rank, page, access);
@@ -188,7 +222,9 @@ impl Sim {
     fn unlock(&mut self, page: usize) {
         self.locks[page] = None;
         while self.locks[page].is_none() {
-            let Some((r, a)) = self.queues[page].pop_front() else { break };
+            let Some((r, a)) = self.queues[page].pop_front() else {
+                break;
+            };
             let home = self.home[page];
             self.serve(home, page, r, a);
         }
@@ -196,7 +232,11 @@ impl Sim {
 
     fn leaf_copy(&self, rank: u32, page: usize) -> Copy {
         let c = self.copies[rank as usize][page];
-        assert_ne!(c, Copy::Invalid, "leaf request for page {page} reached rank {rank}, which holds no copy");
+        assert_ne!(
+            c,
+            Copy::Invalid,
+            "leaf request for page {page} reached rank {rank}, which holds no copy"
+        );
         c
     }
 
@@ -213,7 +253,11 @@ impl Sim {
             Msg::Done { page, data, keep } => {
                 let txn = self.txns[to as usize].as_mut().unwrap();
                 assert_eq!(txn.page, page);
-                txn.phase = Phase::Installing { data, keep, granted: false };
+                txn.phase = Phase::Installing {
+                    data,
+                    keep,
+                    granted: false,
+                };
             }
             Msg::Granted { page, grant, data } => {
                 let txn = self.txns[to as usize].as_mut().unwrap();
@@ -234,9 +278,17 @@ impl Sim {
                 }
                 let keep = data.is_none() && grant.fetch_from.is_none();
                 txn.phase = if pending.is_empty() {
-                    Phase::Installing { data, keep, granted: true }
+                    Phase::Installing {
+                        data,
+                        keep,
+                        granted: true,
+                    }
                 } else {
-                    Phase::Collecting { pending, data, keep }
+                    Phase::Collecting {
+                        pending,
+                        data,
+                        keep,
+                    }
                 };
                 for (dst, m) in out {
                     self.send(to, dst, m);
@@ -250,11 +302,22 @@ impl Sim {
             Msg::Invalidate { page, send } => {
                 let v = self.leaf_copy(to, page).value().unwrap();
                 self.copies[to as usize][page] = Copy::Invalid;
-                self.send(to, from, Msg::LeafReply { data: send.then_some(v) });
+                self.send(
+                    to,
+                    from,
+                    Msg::LeafReply {
+                        data: send.then_some(v),
+                    },
+                );
             }
             Msg::LeafReply { data: d } => {
                 let txn = self.txns[to as usize].as_mut().unwrap();
-                let Phase::Collecting { pending, data, keep } = &mut txn.phase else {
+                let Phase::Collecting {
+                    pending,
+                    data,
+                    keep,
+                } = &mut txn.phase
+                else {
                     panic!("leaf reply outside a transaction")
                 };
                 assert!(pending.remove(&from));
@@ -262,10 +325,18 @@ impl Sim {
                     *data = d;
                 }
                 if pending.is_empty() {
-                    txn.phase = Phase::Installing { data: *data, keep: *keep, granted: true };
+                    txn.phase = Phase::Installing {
+                        data: *data,
+                        keep: *keep,
+                        granted: true,
+                    };
                 }
             }
-            Msg::Unlock { page, access, granted } => {
+            Msg::Unlock {
+                page,
+                access,
+                granted,
+            } => {
                 assert_eq!(self.locks[page], Some(from));
                 if granted {
                     complete(&mut self.entries[page], Rank(from), access);
@@ -277,7 +348,14 @@ impl Sim {
 
     fn install(&mut self, rank: u32) {
         let txn = self.txns[rank as usize].take().unwrap();
-        let Phase::Installing { data, keep, granted } = txn.phase else { unreachable!() };
+        let Phase::Installing {
+            data,
+            keep,
+            granted,
+        } = txn.phase
+        else {
+            unreachable!()
+        };
         let page = txn.page;
         let current = self.copies[rank as usize][page];
         let value = if keep {
@@ -298,7 +376,15 @@ impl Sim {
             }
             self.unlock(page);
         } else {
-            self.send(rank, home, Msg::Unlock { page, access: txn.access, granted });
+            self.send(
+                rank,
+                home,
+                Msg::Unlock {
+                    page,
+                    access: txn.access,
+                    granted,
+                },
+            );
         }
     }
 
@@ -312,7 +398,11 @@ impl Sim {
                 .collect();
             assert!(writers <= 1, "page {page}: {writers} writable copies");
             if writers == 1 {
-                assert_eq!(holders.len(), 1, "page {page}: a writable copy beside other copies");
+                assert_eq!(
+                    holders.len(),
+                    1,
+                    "page {page}: a writable copy beside other copies"
+                );
             }
             for r in &holders {
                 assert_eq!(
@@ -342,15 +432,30 @@ fn run(seed: u64, ranks: usize, pages: usize, steps: usize) -> Sim {
             .filter(|r| sim.txns[*r as usize].is_none())
             .collect();
         let installing: Vec<u32> = (0..ranks as u32)
-            .filter(|r| matches!(sim.txns[*r as usize], Some(Txn { phase: Phase::Installing { .. }, .. })))
+            .filter(|r| {
+                matches!(
+                    sim.txns[*r as usize],
+                    Some(Txn {
+                        phase: Phase::Installing { .. },
+                        ..
+                    })
+                )
+            })
             .collect();
         let deliverable = sim.deliverable();
         let choices = idle.len() + installing.len() + deliverable.len();
-        assert!(choices > 0, "deadlock: no rank can move and no message is in flight");
+        assert!(
+            choices > 0,
+            "deadlock: no rank can move and no message is in flight"
+        );
         let mut k = rng.random_range(0..choices);
         if k < idle.len() {
             let page = rng.random_range(0..pages);
-            let access = if rng.random_bool(0.5) { Access::Read } else { Access::Write };
+            let access = if rng.random_bool(0.5) {
+                Access::Read
+            } else {
+                Access::Write
+            };
             sim.start(idle[k], page, access);
         } else {
             k -= idle.len();
@@ -381,16 +486,27 @@ fn copyset_set_operations() {
 fn first_touch_gives_zeros_and_ownership() {
     let mut e = Entry::default();
     let d = decide(&mut e, Rank(0), Rank(1), Access::Read);
-    assert_eq!(d, Decision::Done { home_action: HomeAction::None, data: Data::Zero });
+    assert_eq!(
+        d,
+        Decision::Done {
+            home_action: HomeAction::None,
+            data: Data::Zero
+        }
+    );
     assert_eq!(e.owner, Some(Rank(1)));
 }
 
 #[test]
 fn write_by_a_reader_invalidates_the_other_readers_and_keeps_its_data() {
-    let mut e = Entry { owner: Some(Rank(1)), copyset: CopySet::EMPTY };
+    let mut e = Entry {
+        owner: Some(Rank(1)),
+        copyset: CopySet::EMPTY,
+    };
     e.copyset.insert(Rank(2));
     e.copyset.insert(Rank(0));
-    let Decision::Grant(g) = decide(&mut e, Rank(0), Rank(2), Access::Write) else { panic!() };
+    let Decision::Grant(g) = decide(&mut e, Rank(0), Rank(2), Access::Write) else {
+        panic!()
+    };
     assert_eq!(g.home_action, HomeAction::Invalidate);
     assert_eq!(g.fetch_from, None, "the writer already holds the data");
     assert_eq!(g.invalidate.iter().collect::<Vec<_>>(), vec![Rank(1)]);
@@ -401,9 +517,18 @@ fn write_by_a_reader_invalidates_the_other_readers_and_keeps_its_data() {
 
 #[test]
 fn read_of_a_page_owned_by_its_home_is_answered_by_the_home() {
-    let mut e = Entry { owner: Some(Rank(0)), copyset: CopySet::EMPTY };
+    let mut e = Entry {
+        owner: Some(Rank(0)),
+        copyset: CopySet::EMPTY,
+    };
     let d = decide(&mut e, Rank(0), Rank(1), Access::Read);
-    assert_eq!(d, Decision::Done { home_action: HomeAction::Downgrade, data: Data::Home });
+    assert_eq!(
+        d,
+        Decision::Done {
+            home_action: HomeAction::Downgrade,
+            data: Data::Home
+        }
+    );
     assert!(e.copyset.contains(Rank(1)));
 }
 
@@ -419,5 +544,8 @@ fn randomized_interleavings_keep_single_writer_and_fresh_reads() {
         writes += sim.writes;
     }
     // The runs must have exercised both kinds of access many times, or the invariants were checked on nothing.
-    assert!(reads > 50_000 && writes > 50_000, "reads {reads}, writes {writes}");
+    assert!(
+        reads > 50_000 && writes > 50_000,
+        "reads {reads}, writes {writes}"
+    );
 }

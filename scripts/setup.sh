@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what building dsm needs beyond a Rust toolchain: libclang (bindgen generates the userfaultfd
+# bindings at build time). Installs with apt-get when run as root; otherwise prints the exact command.
+set -euo pipefail
+
+need=()
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: cargo is not installed: install Rust from https://rustup.rs (stable, 1.80 or newer)" >&2
+    exit 1
+fi
+if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+    need+=(libclang-dev)
+fi
+if [ "${DSM_WITH_MPI:-0}" = 1 ] && ! command -v mpicc >/dev/null 2>&1; then
+    need+=(mpich libmpich-dev)
+fi
+if [ ${#need[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing ${need[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+else
+    echo "setup: missing system packages; run: sudo apt-get install -y ${need[*]}" >&2
+    exit 1
+fi

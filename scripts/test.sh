@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project: formatting, clippy with warnings as errors, and the whole
+# test suite (unit, protocol interleavings, multi-process jobs through the launcher).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ "$(id -u)" != 0 ] && [ "$(cat /proc/sys/vm/unprivileged_userfaultfd 2>/dev/null || echo 0)" != 1 ]; then
+    echo "test: userfaultfd needs root or vm.unprivileged_userfaultfd=1 (sudo sysctl vm.unprivileged_userfaultfd=1)" >&2
+    exit 1
+fi
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
+# One closing line for the whole run, summed from every test binary's own result line.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' "$log"
