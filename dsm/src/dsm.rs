@@ -39,7 +39,8 @@ pub(crate) struct Shared {
     pub(crate) size: usize,
     pub(crate) channels: Channels,
     pub(crate) counters: Counters,
-    pub(crate) readahead: u32,
+    /// The largest read-ahead window in pages (1: off); changeable at run time.
+    pub(crate) readahead: AtomicU32,
     pub(crate) waker: EventFd,
     pub(crate) stop: AtomicBool,
     pub(crate) failed: Vec<AtomicBool>,
@@ -241,9 +242,10 @@ impl DsmBuilder {
         let shared = Arc::new(Shared {
             me: self.rank,
             size: self.size,
-            channels: Channels::new(mesh.outgoing, self.readahead as usize),
+            // Channels are sized for the largest window, so that the window can change at run time.
+            channels: Channels::new(mesh.outgoing, MAX_READAHEAD as usize),
             counters: Counters::default(),
-            readahead: self.readahead,
+            readahead: AtomicU32::new(self.readahead),
             waker,
             stop: AtomicBool::new(false),
             failed: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
@@ -327,6 +329,18 @@ impl Dsm {
     /// A snapshot of this rank's counters.
     pub fn stats(&self) -> Stats {
         self.shared.counters.snapshot()
+    }
+
+    /// Changes this rank's largest sequential read-ahead window (1 turns read-ahead off). Not collective:
+    /// each rank decides for the faults it takes.
+    pub fn set_readahead(&self, pages: u32) -> Result<()> {
+        if pages == 0 || pages > MAX_READAHEAD {
+            return Err(DsmError::Config(format!(
+                "read-ahead of {pages} pages: use 1..={MAX_READAHEAD} (1 turns it off)"
+            )));
+        }
+        self.shared.readahead.store(pages, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Ranks seen failing (under `FailurePolicy::Report`).

@@ -12,7 +12,9 @@ use crate::channel::write_frame;
 use crate::dsm::{FailurePolicy, Shared};
 use crate::fault::{set_state, unlock_slot};
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
-use crate::region::{RegionShared, INVALID, LOCKED, QUEUED, READ_ONLY, READ_WRITE, STATE_MASK};
+use crate::region::{
+    RegionShared, BUSY, DEFERRED, INVALID, LOCKED, QUEUED, READ_ONLY, READ_WRITE, STATE_MASK,
+};
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::ZERO_PAGE;
@@ -55,6 +57,8 @@ pub(crate) struct Engine {
     /// Fault requests waiting for a page's manager lock, by (region, page).
     queues: HashMap<(u32, u64), VecDeque<(usize, Request)>>,
     locks: HashMap<u64, LockServer>,
+    /// Leaf requests waiting for this rank to finish installing the page they name.
+    deferred: Vec<(usize, Request)>,
     /// Barrier arrivals at rank 0: (connection, epoch, tag).
     arrivals: Vec<(usize, u64, u64)>,
     scratch: Vec<u8>,
@@ -93,6 +97,7 @@ impl Engine {
             epoll,
             queues: HashMap::new(),
             locks: HashMap::new(),
+            deferred: Vec::new(),
             arrivals: Vec::new(),
             scratch: vec![0; PAGE_SIZE],
         })
@@ -120,6 +125,9 @@ impl Engine {
                         return;
                     }
                     self.serve_all_queues();
+                    for (idx, req) in std::mem::take(&mut self.deferred) {
+                        self.handle(idx, req);
+                    }
                 } else {
                     self.read_conn(ev.data() as usize);
                 }
@@ -536,6 +544,14 @@ impl Engine {
                     }
                 }
                 self.scratch = owned;
+                if data != Data::None {
+                    // The requester held no copy: release now; no Unlock follows (see `fault`).
+                    for p in pages {
+                        if unlock_slot(&region.slot(p).lock) {
+                            self.serve_queue(region, p);
+                        }
+                    }
+                }
             }
             Decision::Grant(grant) => {
                 let copied =
@@ -600,18 +616,47 @@ impl Engine {
         }
     }
 
+    /// A leaf request found no copy here. If a thread of this rank is installing the page (the home answered
+    /// it and released the page before the install), the request waits for the install; returns true then.
+    /// Otherwise the ranks disagree about the page, and the request is refused (also true: it is handled).
+    /// Returns false when the page got installed meanwhile: serve the request now.
+    fn defer_or_refuse(
+        &mut self,
+        idx: usize,
+        region: &RegionShared,
+        page: u64,
+        req: Request,
+    ) -> bool {
+        let word = region.state(page);
+        loop {
+            let s = word.load(Ordering::Acquire);
+            if s & STATE_MASK != INVALID {
+                return false;
+            }
+            if s & BUSY == 0 {
+                let reason = RefusedReason::NoCopyHere;
+                self.reply(idx, &Reply::Refused { reason }, &[]);
+                return true;
+            }
+            if word
+                .compare_exchange(s, s | DEFERRED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.deferred.push((idx, req));
+                return true;
+            }
+        }
+    }
+
     fn fetch(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64) {
-        let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
-        if st == INVALID {
-            self.reply(
-                idx,
-                &Reply::Refused {
-                    reason: RefusedReason::NoCopyHere,
-                },
-                &[],
-            );
+        let req = Request::Fetch {
+            region: region.id,
+            page,
+        };
+        if self.defer_or_refuse(idx, region, page, req) {
             return;
         }
+        let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
         if st == READ_WRITE {
             self.protect_or_die(region, page);
             set_state(region.state(page), READ_ONLY);
@@ -622,17 +667,15 @@ impl Engine {
     }
 
     fn invalidate(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64, send_data: bool) {
-        let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
-        if st == INVALID {
-            self.reply(
-                idx,
-                &Reply::Refused {
-                    reason: RefusedReason::NoCopyHere,
-                },
-                &[],
-            );
+        let req = Request::Invalidate {
+            region: region.id,
+            page,
+            send_data,
+        };
+        if self.defer_or_refuse(idx, region, page, req) {
             return;
         }
+        let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
         if send_data {
             if st == READ_WRITE {
                 self.protect_or_die(region, page);

@@ -5,14 +5,16 @@
 //! marks the page BUSY and fetches, the others sleep on the page word until it is done. A fault on a page
 //! homed here takes the manager lock directly; a fault on a remote page asks its home, which either answers
 //! at once (`Done`) or grants the transaction to the requester, who then talks to the owner and copy holders
-//! itself. Either way the home's lock on the page is held until the requester's `Unlock` arrives, so no
-//! other transaction can see the page in transit.
+//! itself. The home keeps the page locked until the requester's `Unlock` after a grant or an upgrade; when
+//! the requester had no copy and the home answered at once, the home releases the page as it answers, and
+//! a leaf request that reaches this rank before the install is deferred by the service loop (see
+//! `protocol/README.md`).
 
 use crate::channel::{Channel, RecvError};
 use crate::protocol::swmr::{self, Access, Data, Decision, Grant};
 use crate::region::{
-    self, RegionShared, BUSY, INVALID, LOCKED, LOCK_WAITERS, QUEUED, READ_ONLY, READ_WRITE,
-    STATE_MASK, WAITERS,
+    self, RegionShared, BUSY, DEFERRED, INVALID, LOCKED, LOCK_WAITERS, QUEUED, READ_ONLY,
+    READ_WRITE, STATE_MASK, WAITERS,
 };
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
@@ -106,11 +108,15 @@ pub(crate) fn set_state(word: &AtomicU32, state: u32) {
     });
 }
 
-/// Clears BUSY and wakes the threads that waited for the page.
-fn release_busy(word: &AtomicU32) {
-    let prev = word.fetch_and(!(BUSY | WAITERS), Ordering::AcqRel);
+/// Clears BUSY, wakes the threads that waited for the page, and the service loop if it deferred a request.
+fn release_busy(region: &RegionShared, page: u64) {
+    let word = region.state(page);
+    let prev = word.fetch_and(!(BUSY | WAITERS | DEFERRED), Ordering::AcqRel);
     if prev & WAITERS != 0 {
         futex::wake_all(word);
+    }
+    if prev & DEFERRED != 0 {
+        region.shared.wake_service();
     }
 }
 
@@ -186,7 +192,7 @@ fn resolve(region: &RegionShared, page: u64, write: bool) -> Result<(), FaultErr
     } else {
         remote_transaction(region, page, access)
     };
-    release_busy(word);
+    release_busy(region, page);
     c.record_fault_latency(t0.elapsed().as_nanos() as u64);
     result
 }
@@ -194,7 +200,7 @@ fn resolve(region: &RegionShared, page: u64, write: bool) -> Result<(), FaultErr
 /// Marks up to `window - 1` pages after `page` BUSY for read-ahead: same home, not present, not in use.
 /// Returns how many pages the request covers, `page` included.
 fn claim_readahead(region: &RegionShared, page: u64, home: Rank) -> u32 {
-    let max = region.shared.readahead.max(1);
+    let max = region.shared.readahead.load(Ordering::Relaxed).max(1);
     let last = region.last_fault.load(Ordering::Relaxed);
     let window = if last != u64::MAX && page == last.wrapping_add(1) {
         (region.window.load(Ordering::Relaxed) * 2).min(max)
@@ -255,7 +261,7 @@ fn new_state(access: Access) -> u32 {
 fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Result<(), FaultError> {
     let shared = &*region.shared;
     let home = region.home(page);
-    let count = if access == Access::Read && shared.readahead > 1 {
+    let count = if access == Access::Read && shared.readahead.load(Ordering::Relaxed) > 1 {
         claim_readahead(region, page, home)
     } else {
         1
@@ -295,7 +301,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                 for p in page..page + served {
                     set_state(region.state(p), new_state(access));
                 }
-                Ok((served, false))
+                Ok((served, false, data == Data::None))
             }
             Reply::Granted { grant } => {
                 let mut have = false;
@@ -317,7 +323,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                     upgrade_in_place(region, page)?;
                 }
                 set_state(region.state(page), new_state(access));
-                Ok((1, true))
+                Ok((1, true, false))
             }
             Reply::Refused { .. } => Err(FaultError::Protocol(
                 home,
@@ -330,11 +336,22 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
         }
     })();
     // Read-ahead pages the home did not serve stay invalid; give them back.
-    let served = outcome.as_ref().map_or(1, |(s, _)| *s);
+    let served = outcome.as_ref().map_or(1, |(s, _, _)| *s);
     for p in page + served..page + u64::from(count) {
-        release_busy(region.state(p));
+        release_busy(region, p);
     }
-    let (served, granted) = outcome?;
+    let (served, granted, upgrade) = outcome?;
+    if access == Access::Read {
+        // Where a sequential reader faults next: right after the pages it just received.
+        region
+            .last_fault
+            .store(page + served - 1, Ordering::Relaxed);
+    }
+    if !granted && !upgrade {
+        // The home released the page when it answered: a rank without a copy needs no Unlock, because a
+        // leaf request that reaches it before the install is deferred until the install (`engine`).
+        return Ok(());
+    }
     let unlock = Request::Unlock {
         region: region.id,
         page,

@@ -58,6 +58,8 @@ pub(crate) const STATE_MASK: u32 = 3;
 pub(crate) const BUSY: u32 = 4;
 /// Threads sleep on the word, waiting for BUSY to clear.
 pub(crate) const WAITERS: u32 = 8;
+/// The service loop deferred a leaf request until BUSY clears (the page is being installed here).
+pub(crate) const DEFERRED: u32 = 16;
 
 // Manager lock word bits.
 /// A transaction on the page is in progress.

@@ -6,6 +6,10 @@
 //! - at most one writable copy of a page, and no other valid copy while it exists;
 //! - every valid copy holds the last value written (so every read returns the last write);
 //! - the manager's record covers every valid copy (no copy the manager would forget to invalidate);
+//! - no deadlock: some rank or message can always move.
+//!
+//! A `Done` to a requester that holds no copy releases the page's lock at once (no `Unlock`); a leaf
+//! request that reaches that requester before its install is deferred until the install, as the engine does.
 //! - leaf requests only reach ranks that hold a copy.
 
 use super::*;
@@ -96,6 +100,8 @@ struct Sim {
     /// In-flight messages: (from, to, message), FIFO per (from, to).
     wire: Vec<(u32, u32, Msg)>,
     next_value: u64,
+    /// Leaf requests a rank's service loop deferred until its install.
+    deferred: Vec<Vec<(u32, Msg)>>,
     reads_checked: u64,
     writes: u64,
 }
@@ -113,6 +119,7 @@ impl Sim {
             txns: (0..ranks).map(|_| None).collect(),
             wire: Vec::new(),
             next_value: 1,
+            deferred: vec![Vec::new(); ranks],
             reads_checked: 0,
             writes: 0,
         }
@@ -205,6 +212,11 @@ impl Sim {
                     Data::Zero => (Some(0), false),
                     Data::Home => (Some(before.expect("home data from an absent copy")), false),
                 };
+                if !keep && requester != home {
+                    // The requester has no copy: the home releases the lock now and the requester sends no
+                    // Unlock. A leaf request that reaches it before its install is deferred (see `deliver`).
+                    self.unlock(page);
+                }
                 self.send(home, requester, Msg::Done { page, data, keep });
             }
             Decision::Grant(grant) => {
@@ -242,6 +254,19 @@ impl Sim {
 
     fn deliver(&mut self, i: usize) {
         let (from, to, msg) = self.wire.remove(i);
+        self.handle(from, to, msg);
+    }
+
+    fn handle(&mut self, from: u32, to: u32, msg: Msg) {
+        if let Msg::Fetch { page } | Msg::Invalidate { page, .. } = msg {
+            let busy_here = self.txns[to as usize]
+                .as_ref()
+                .is_some_and(|t| t.page == page);
+            if self.copies[to as usize][page] == Copy::Invalid && busy_here {
+                self.deferred[to as usize].push((from, msg));
+                return;
+            }
+        }
         match msg {
             Msg::Acquire { page, access } => {
                 if self.locks[page].is_some() {
@@ -369,22 +394,28 @@ impl Sim {
         };
         self.access_locally(rank, page, txn.access);
         let home = self.home[page];
+        let waiting = std::mem::take(&mut self.deferred[rank as usize]);
+        let installed_remote_done = !granted && !keep && home != rank;
         if home == rank {
             // The home's own transactions hold the lock until the install, as the fault path does.
             if granted {
                 complete(&mut self.entries[page], Rank(rank), txn.access);
             }
             self.unlock(page);
-        } else {
+        } else if !installed_remote_done {
+            let access = txn.access;
             self.send(
                 rank,
                 home,
                 Msg::Unlock {
                     page,
-                    access: txn.access,
+                    access,
                     granted,
                 },
             );
+        }
+        for (from, msg) in waiting {
+            self.handle(from, rank, msg);
         }
     }
 

@@ -1,0 +1,226 @@
+//! Remote read-fault latency and sequential remote-read bandwidth, beside the raw transport measured in the
+//! same run between the same two processes.
+//!
+//! Rank 1 homes and writes the pages; rank 0 faults them in. Reported:
+//! - the raw floor: a plain TCP connection, 64 B request / 4 KiB reply, blocking reads; and the same
+//!   exchange through dsm's own channel and service loop (`Dsm::ping`);
+//! - read-fault latency (median, p99) with rank 1 idle, and with rank 1's main thread busy computing;
+//! - sequential read bandwidth of a remote region without read-ahead and with windows of 16 and 64 pages,
+//!   beside raw TCP streaming bandwidth.
+//!
+//! Run: `cargo run --release --bin fault-latency -- [--json]` (it launches itself as 2 ranks).
+
+use clap::Parser;
+use dsm::{Placement, Rank};
+use dsm_benches::{quantile, raw_link, report, run_as_job, us, Measurement};
+use std::hint::black_box;
+use std::time::Instant;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// One JSON object per result instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Faults (pages) per latency measurement.
+    #[arg(long, default_value_t = 4000)]
+    faults: usize,
+    /// Raw round trips for the floor.
+    #[arg(long, default_value_t = 4000)]
+    trips: usize,
+    /// MiB of the remote region read sequentially.
+    #[arg(long, default_value_t = 256)]
+    mib: usize,
+}
+
+const WORDS: usize = 512;
+
+fn main() -> anyhow::Result<()> {
+    run_as_job(2);
+    let args = Args::parse();
+    let rt = dsm_runtime::Runtime::init()?;
+    let dsm = rt.dsm();
+    anyhow::ensure!(dsm.size() == 2, "fault-latency runs as 2 ranks");
+    let me = dsm.rank();
+    let mut link = raw_link(dsm)?;
+
+    // The floors: raw TCP, then the same exchange through dsm's channel and service loop.
+    let mut raw = link.round_trips(args.trips, 64, 4096)?;
+    dsm.barrier()?;
+    let mut engine = Vec::new();
+    if me == Rank(0) {
+        for _ in 0..args.trips {
+            engine.push(us(dsm.ping(Rank(1), 4096)?));
+        }
+    }
+    dsm.barrier()?;
+
+    // Read faults with the serving rank idle.
+    dsm.set_readahead(1)?;
+    let idle = dsm.alloc_vec_with::<u64>(args.faults * WORDS, Placement::At(Rank(1)))?;
+    if me == Rank(1) {
+        for p in 0..args.faults {
+            idle.set(p * WORDS, p as u64 + 1);
+        }
+    }
+    dsm.barrier()?;
+    let mut idle_us = Vec::new();
+    if me == Rank(0) {
+        for p in 0..args.faults {
+            let t = Instant::now();
+            let v = idle.get(p * WORDS);
+            idle_us.push(us(t.elapsed()));
+            anyhow::ensure!(v == p as u64 + 1, "page {p}: read {v}");
+        }
+    }
+    dsm.barrier()?;
+
+    // Read faults with the serving rank's main thread computing.
+    let busy = dsm.alloc_vec_with::<u64>(args.faults * WORDS, Placement::At(Rank(1)))?;
+    let done = dsm.alloc_vec_with::<u64>(1, Placement::At(Rank(0)))?;
+    if me == Rank(1) {
+        for p in 0..args.faults {
+            busy.set(p * WORDS, p as u64 + 1);
+        }
+    }
+    dsm.barrier()?;
+    let mut busy_us = Vec::new();
+    if me == Rank(0) {
+        for p in 0..args.faults {
+            let t = Instant::now();
+            let v = busy.get(p * WORDS);
+            busy_us.push(us(t.elapsed()));
+            anyhow::ensure!(v == p as u64 + 1, "page {p}: read {v}");
+        }
+        done.set(0, 1);
+    } else {
+        let mut x = 1u64;
+        while done.get(0) == 0 {
+            for _ in 0..200_000 {
+                x = black_box(
+                    x.wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407),
+                );
+            }
+        }
+        black_box(x);
+    }
+    dsm.barrier()?;
+
+    // Sequential read bandwidth of a remote region, by read-ahead window, and the raw streaming floor.
+    let bytes = args.mib << 20;
+    let raw_mibs = link.stream(bytes)?;
+    dsm.barrier()?;
+    let mut bandwidth = Vec::new();
+    for window in [1u32, 16, 64] {
+        let region = dsm.alloc_vec_with::<u64>(bytes / 8, Placement::At(Rank(1)))?;
+        if me == Rank(1) {
+            for p in 0..bytes / 8 / WORDS {
+                region.set(p * WORDS, p as u64);
+            }
+        }
+        dsm.barrier()?;
+        if me == Rank(0) {
+            dsm.set_readahead(window)?;
+            let before = dsm.stats();
+            let t = Instant::now();
+            // SAFETY: between two barriers nobody writes the region.
+            let sum: u64 = unsafe { region.as_slice() }.iter().sum();
+            let secs = t.elapsed().as_secs_f64();
+            let pages = (bytes / 8 / WORDS) as u64;
+            anyhow::ensure!(
+                sum == pages * (pages - 1) / 2,
+                "the region read back wrong: sum {sum}"
+            );
+            let after = dsm.stats();
+            bandwidth.push((
+                window,
+                args.mib as f64 / secs,
+                after.read_faults - before.read_faults,
+            ));
+        }
+        dsm.barrier()?;
+        drop(region);
+    }
+
+    if me == Rank(0) {
+        let raw_med = quantile(&mut raw, 0.5);
+        let raw_p99 = quantile(&mut raw, 0.99);
+        let eng_med = quantile(&mut engine, 0.5);
+        let floor = "raw TCP round trip 64 B / 4 KiB";
+        let mut out = vec![
+            Measurement::new(
+                "raw TCP round trip, median",
+                raw_med,
+                "us",
+                raw_med,
+                floor,
+                "(floor)",
+            ),
+            Measurement::new(
+                "raw TCP round trip, p99",
+                raw_p99,
+                "us",
+                raw_med,
+                floor,
+                "(floor)",
+            ),
+            Measurement::new(
+                "dsm ping (channel + service loop), median",
+                eng_med,
+                "us",
+                raw_med,
+                floor,
+                "",
+            ),
+            Measurement::new(
+                "read fault, server idle, median",
+                quantile(&mut idle_us, 0.5),
+                "us",
+                raw_med,
+                floor,
+                &format!("<= floor + 15 us = {:.1}", raw_med + 15.0),
+            ),
+            Measurement::new(
+                "read fault, server idle, p99",
+                quantile(&mut idle_us, 0.99),
+                "us",
+                raw_med,
+                floor,
+                "",
+            ),
+            Measurement::new(
+                "read fault, server busy, median",
+                quantile(&mut busy_us, 0.5),
+                "us",
+                raw_med,
+                floor,
+                &format!("<= 3 floors = {:.1}", 3.0 * raw_med),
+            ),
+            Measurement::new(
+                "read fault, server busy, p99",
+                quantile(&mut busy_us, 0.99),
+                "us",
+                raw_med,
+                floor,
+                "",
+            ),
+        ];
+        for (window, mibs, faults) in bandwidth {
+            out.push(Measurement::new(
+                &format!(
+                    "sequential read {} MiB, read-ahead {window} ({faults} faults)",
+                    args.mib
+                ),
+                mibs,
+                "MiB/s",
+                raw_mibs,
+                "raw TCP streaming",
+                ">= 0.30 of floor",
+            ));
+        }
+        report(&out, args.json);
+    }
+    drop((idle, busy, done));
+    rt.finish()?;
+    Ok(())
+}

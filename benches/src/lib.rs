@@ -1,0 +1,206 @@
+//! What the benchmarks share: starting themselves under the launcher, the raw transport floor (a plain TCP
+//! connection between the same two processes, blocking reads), percentiles, and output as a table or as
+//! one JSON object per result.
+#![forbid(unsafe_code)]
+
+use dsm::{Dsm, GlobalVec, Placement, Rank};
+use dsm_runtime::launch::{launch, LaunchOptions};
+use serde::Serialize;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+/// When run directly (not as a rank), launches this program as a job of `ranks` processes and exits with
+/// the job's status. Returns when this process is a rank.
+pub fn run_as_job(ranks: usize) {
+    if std::env::var_os("DSM_RANK").is_some() {
+        return;
+    }
+    let me = std::env::current_exe().expect("the path of this benchmark");
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let opts = LaunchOptions {
+        ranks,
+        prefix: false,
+        ..LaunchOptions::default()
+    };
+    match launch(&opts, &me, &args) {
+        Ok(o) => std::process::exit(o.code),
+        Err(e) => {
+            eprintln!("{}: {e}", me.display());
+            std::process::exit(2);
+        }
+    }
+}
+
+/// One benchmark result beside the floor it is compared with.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    /// What was measured.
+    pub name: String,
+    /// The result.
+    pub value: f64,
+    /// Its unit.
+    pub unit: &'static str,
+    /// The floor measured in the same run, in the same unit.
+    pub floor: f64,
+    /// What the floor is.
+    pub floor_name: String,
+    /// value / floor.
+    pub ratio: f64,
+    /// The target, as a ratio to the floor or an absolute bound, when the issue states one.
+    pub target: String,
+}
+
+impl Measurement {
+    /// A result with its floor and target.
+    pub fn new(
+        name: &str,
+        value: f64,
+        unit: &'static str,
+        floor: f64,
+        floor_name: &str,
+        target: &str,
+    ) -> Measurement {
+        Measurement {
+            name: name.into(),
+            value,
+            unit,
+            floor,
+            floor_name: floor_name.into(),
+            ratio: if floor > 0.0 { value / floor } else { f64::NAN },
+            target: target.into(),
+        }
+    }
+}
+
+/// Prints the results: a readable table, or with `json` one object per line.
+pub fn report(results: &[Measurement], json: bool) {
+    if json {
+        for m in results {
+            println!("{}", serde_json::to_string(m).expect("serializable"));
+        }
+        return;
+    }
+    println!(
+        "{:<44} {:>12} {:<5} {:>12}  {:<34} {:>7}  target",
+        "benchmark", "value", "unit", "floor", "floor is", "ratio"
+    );
+    for m in results {
+        println!(
+            "{:<44} {:>12.2} {:<5} {:>12.2}  {:<34} {:>7.2}  {}",
+            m.name, m.value, m.unit, m.floor, m.floor_name, m.ratio, m.target
+        );
+    }
+}
+
+/// The `q` quantile (0..=1) of `samples`, which it sorts.
+pub fn quantile(samples: &mut [f64], q: f64) -> f64 {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+    samples[i.min(samples.len() - 1)]
+}
+
+/// Microseconds of a duration.
+pub fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// A plain TCP connection between rank 0 (client) and rank 1 (server), set up through shared memory: the
+/// floor that the DSM's own costs are compared with.
+#[derive(Debug)]
+pub enum RawLink {
+    /// Rank 0's end.
+    Client(TcpStream),
+    /// Rank 1's end.
+    Server(TcpStream),
+    /// Ranks other than 0 and 1.
+    None,
+}
+
+/// Connects rank 0 and rank 1 over loopback TCP (`TCP_NODELAY`), exchanging the port through a region.
+pub fn raw_link(dsm: &Dsm) -> anyhow::Result<RawLink> {
+    let port: GlobalVec<'_, u64> = dsm.alloc_vec_with(1, Placement::At(Rank(1)))?;
+    let listener = if dsm.rank() == Rank(1) {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        port.set(0, u64::from(l.local_addr()?.port()));
+        Some(l)
+    } else {
+        None
+    };
+    dsm.barrier()?;
+    let link = match dsm.rank().0 {
+        0 => {
+            let s = TcpStream::connect(("127.0.0.1", port.get(0) as u16))?;
+            s.set_nodelay(true)?;
+            RawLink::Client(s)
+        }
+        1 => {
+            let (s, _) = listener.expect("rank 1 listens").accept()?;
+            s.set_nodelay(true)?;
+            RawLink::Server(s)
+        }
+        _ => RawLink::None,
+    };
+    dsm.barrier()?;
+    Ok(link)
+}
+
+impl RawLink {
+    /// `n` round trips of a `request`-byte request and a `reply`-byte reply with blocking reads; rank 0
+    /// returns the round-trip times in microseconds.
+    pub fn round_trips(
+        &mut self,
+        n: usize,
+        request: usize,
+        reply: usize,
+    ) -> anyhow::Result<Vec<f64>> {
+        let mut req = vec![1u8; request];
+        let mut rep = vec![2u8; reply];
+        let mut times = Vec::with_capacity(n);
+        for _ in 0..n {
+            match self {
+                RawLink::Client(s) => {
+                    let t = Instant::now();
+                    s.write_all(&req)?;
+                    s.read_exact(&mut rep)?;
+                    times.push(us(t.elapsed()));
+                }
+                RawLink::Server(s) => {
+                    s.read_exact(&mut req)?;
+                    s.write_all(&rep)?;
+                }
+                RawLink::None => {}
+            }
+        }
+        Ok(times)
+    }
+
+    /// Streams `bytes` from rank 1 to rank 0 in 64 KiB writes; rank 0 returns MiB/s.
+    pub fn stream(&mut self, bytes: usize) -> anyhow::Result<f64> {
+        let mut buf = vec![3u8; 64 << 10];
+        match self {
+            RawLink::Client(s) => {
+                let t = Instant::now();
+                let mut got = 0;
+                while got < bytes {
+                    let n = s.read(&mut buf)?;
+                    anyhow::ensure!(n > 0, "the raw stream ended early");
+                    got += n;
+                }
+                s.write_all(&[0])?;
+                Ok(bytes as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64())
+            }
+            RawLink::Server(s) => {
+                let mut sent = 0;
+                while sent < bytes {
+                    let n = buf.len().min(bytes - sent);
+                    s.write_all(&buf[..n])?;
+                    sent += n;
+                }
+                s.read_exact(&mut buf[..1])?;
+                Ok(0.0)
+            }
+            RawLink::None => Ok(0.0),
+        }
+    }
+}
