@@ -3,7 +3,7 @@
 //! it ends the rank's part in the job: a final barrier, `Goodbye` to every peer, and the service loop stops.
 
 use crate::channel::{Channels, RecvError};
-use crate::engine::{Engine, MAX_READAHEAD};
+use crate::engine::{Engine, ServicePriority, MAX_READAHEAD};
 use crate::error::{DsmError, Result};
 use crate::region::{Arena, GlobalVec, Placement, Region, RegionShared};
 use crate::stats::{Counters, Stats};
@@ -45,6 +45,7 @@ pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
     pub(crate) failed: Vec<AtomicBool>,
     pub(crate) policy: FailurePolicy,
+    pub(crate) service_priority: ServicePriority,
     uffd: OnceLock<Uffd>,
     regions: RwLock<Vec<Option<Weak<RegionShared>>>>,
     arena: Mutex<Option<Arena>>,
@@ -136,6 +137,7 @@ pub struct DsmBuilder {
     arena_base: Option<usize>,
     arena_size: usize,
     policy: FailurePolicy,
+    service_priority: ServicePriority,
 }
 
 impl Default for DsmBuilder {
@@ -149,6 +151,7 @@ impl Default for DsmBuilder {
             arena_base: None,
             arena_size: 1 << 40,
             policy: FailurePolicy::Exit,
+            service_priority: ServicePriority::Favoured,
         }
     }
 }
@@ -191,6 +194,12 @@ impl DsmBuilder {
     /// What to do when another rank fails.
     pub fn failure_policy(mut self, p: FailurePolicy) -> Self {
         self.policy = p;
+        self
+    }
+
+    /// How the service loop's thread is scheduled (default: favoured over the application's threads).
+    pub fn service_priority(mut self, p: ServicePriority) -> Self {
+        self.service_priority = p;
         self
     }
 
@@ -250,6 +259,7 @@ impl DsmBuilder {
             stop: AtomicBool::new(false),
             failed: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
             policy: self.policy,
+            service_priority: self.service_priority,
             uffd: OnceLock::new(),
             regions: RwLock::new(Vec::new()),
             arena: Mutex::new(None),

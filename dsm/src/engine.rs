@@ -28,7 +28,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The most pages one read-ahead reply carries.
-pub(crate) const MAX_READAHEAD: u32 = 64;
+pub(crate) const MAX_READAHEAD: u32 = 256;
 
 const WAKER: u64 = u64::MAX;
 
@@ -105,6 +105,7 @@ impl Engine {
 
     /// Serves until the rank shuts down.
     pub(crate) fn run(mut self) {
+        favour_this_thread(self.shared.me, self.shared.service_priority);
         let mut events = vec![EpollEvent::empty(); 64];
         loop {
             let n = match self.epoll.wait(&mut events, EpollTimeout::from(1000u16)) {
@@ -578,6 +579,7 @@ impl Engine {
         pages: &mut Vec<u64>,
     ) {
         let me = self.shared.me;
+        let mut run: Option<(u64, u64)> = None;
         for k in 1..u64::from(count) {
             let p = page + k;
             if p >= region.pages || region.home(p) != me {
@@ -597,10 +599,18 @@ impl Engine {
                     home_action,
                     data: data @ (Data::Home | Data::Zero),
                 } => {
-                    if data == Data::Zero {
-                        // Untouched: the requester becomes the owner of a zero page; nothing here changes.
-                    } else {
-                        self.home_action(region, p, home_action, false);
+                    // Untouched pages (zeros) change nothing here. Writable home copies are downgraded below,
+                    // one UFFDIO_WRITEPROTECT per contiguous run rather than one per page.
+                    let writable =
+                        region.state(p).load(Ordering::Acquire) & STATE_MASK == READ_WRITE;
+                    if data == Data::Home && home_action == HomeAction::Downgrade && writable {
+                        match &mut run {
+                            Some((start, len)) if *start + *len == p => *len += 1,
+                            _ => {
+                                self.downgrade_run(region, run.take());
+                                run = Some((p, 1));
+                            }
+                        }
                     }
                     slot.store(&entry);
                     pages.push(p);
@@ -613,6 +623,22 @@ impl Engine {
                     break;
                 }
             }
+        }
+        self.downgrade_run(region, run);
+    }
+
+    /// Write-protects a run of writable home pages `(start, count)` with one ioctl and marks them read-only.
+    fn downgrade_run(&mut self, region: &RegionShared, run: Option<(u64, u64)>) {
+        let Some((start, count)) = run else { return };
+        if let Err(e) = region.protect(start, count, true) {
+            self.die(&format!(
+                "write-protecting pages {start}..{} of region {} failed: {e}",
+                start + count,
+                region.id
+            ));
+        }
+        for p in start..start + count {
+            set_state(region.state(p), READ_ONLY);
         }
     }
 
@@ -744,4 +770,40 @@ fn write_many(
     Counters::add(&counters.messages_sent, 1);
     Counters::add(&counters.bytes_sent, (n + total) as u64);
     Ok(())
+}
+
+/// How the service loop's thread is scheduled relative to the application's threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServicePriority {
+    /// Real-time `SCHED_FIFO` priority 1 when permitted (root or `CAP_SYS_NICE`), else nice -10 when
+    /// permitted, else normal. The loop only runs short bursts and never spins, so a real-time priority lets
+    /// it answer at once even when every core is busy computing, instead of after a scheduler slice.
+    #[default]
+    Favoured,
+    /// Nice -10 when permitted: favoured within the normal scheduler, which keeps its wake-up placement.
+    Nice,
+    /// The same scheduling as the application's threads.
+    Normal,
+}
+
+fn favour_this_thread(me: Rank, how: ServicePriority) {
+    if how == ServicePriority::Normal {
+        return;
+    }
+    let param = libc::sched_param { sched_priority: 1 };
+    if how == ServicePriority::Nice {
+        // SAFETY: setpriority on the calling thread (PRIO_PROCESS with who = 0 names the calling thread).
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
+        return;
+    }
+    // SAFETY: sched_setscheduler(0, ...) changes only the calling thread's policy; `param` is a valid
+    // sched_param that lives across the call.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+        return;
+    }
+    // SAFETY: setpriority on the calling thread (who = 0 with PRIO_PROCESS names the calling thread on Linux).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) } == 0 {
+        return;
+    }
+    tracing::debug!("{me}: the service loop runs at normal priority (no permission to raise it)");
 }

@@ -22,6 +22,7 @@ mod uffd;
 mod wire;
 
 pub use crate::dsm::{Dsm, DsmBuilder, FailurePolicy, LockGuard, DEFAULT_ARENA_BASE};
+pub use crate::engine::ServicePriority;
 pub use crate::error::{DsmError, Result};
 pub use crate::region::{GlobalVec, Placement, Region};
 pub use crate::stats::{Stats, LATENCY_BUCKETS};

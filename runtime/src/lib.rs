@@ -116,10 +116,23 @@ impl Runtime {
         }
         if let Some(r) = env::get(
             "DSM_READAHEAD",
-            "a number of pages, 1 to 64",
+            "a number of pages, 1 to 256",
             env::number::<u32>,
         )? {
             b = b.readahead(r);
+        }
+        let priority = env::get(
+            "DSM_SERVICE_PRIORITY",
+            "favoured, nice or normal",
+            |s| match s {
+                "favoured" => Some(dsm::ServicePriority::Favoured),
+                "normal" => Some(dsm::ServicePriority::Normal),
+                "nice" => Some(dsm::ServicePriority::Nice),
+                _ => None,
+            },
+        )?;
+        if let Some(p) = priority {
+            b = b.service_priority(p);
         }
         let size = env::get("DSM_ARENA_SIZE", "a size such as 64G", env::bytes)?;
         let base = env::get("DSM_ARENA_BASE", "a hexadecimal address", env::hex_addr)?;
