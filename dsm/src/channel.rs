@@ -11,7 +11,7 @@ use crate::types::{Rank, PAGE_SIZE};
 use crate::wire::{self, FrameError, Reply, Request, MAX_HEADER, PREFIX};
 use nix::errno::Errno;
 use std::io::IoSlice;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
@@ -55,7 +55,9 @@ pub(crate) fn write_frame<T: serde::Serialize>(
     let mut bufs: &mut [IoSlice<'_>] = &mut slices[..count];
     let total = n + payload_len;
     while !bufs.is_empty() {
-        match nix::sys::uio::writev(fd, bufs) {
+        // sendmsg with MSG_NOSIGNAL: a peer that is gone is an error on this connection, never a SIGPIPE.
+        let flags = nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+        match nix::sys::socket::sendmsg::<()>(fd.as_raw_fd(), bufs, &[], flags, None) {
             Ok(w) => IoSlice::advance_slices(&mut bufs, w),
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(e),
@@ -162,6 +164,15 @@ impl Channels {
         self.slots
             .iter()
             .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Takes a free channel if there is one, without waiting.
+    pub(crate) fn try_claim(&self) -> Option<MutexGuard<'_, Channel>> {
+        self.slots.iter().find_map(|m| match m.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        })
     }
 
     /// Takes a free channel, waiting for one when all are in use.

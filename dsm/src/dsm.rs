@@ -234,7 +234,6 @@ impl DsmBuilder {
                 self.arena_size
             )));
         }
-        let in_process = self.transport.is_none();
         let transport: Box<dyn Transport> = match self.transport {
             Some(t) => t,
             None if self.size == 1 => Box::new(local_cluster(1, self.channels)?.remove(0)),
@@ -244,6 +243,7 @@ impl DsmBuilder {
                 ))
             }
         };
+        let in_process = transport.ranks_share_a_process();
         let mesh = transport.establish(self.rank, self.size, self.channels)?;
         let waker =
             EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)

@@ -219,6 +219,16 @@ impl Engine {
             self.reply(c, &Reply::BarrierFailed { rank: peer.0 }, &[]);
         }
         if self.shared.policy == FailurePolicy::Exit {
+            // Tell the others which rank is gone before ending, so that they report it rather than this rank,
+            // whose connections close next.
+            if let Some(ch) = self.shared.channels.try_claim() {
+                let lost = Request::PeerLost { rank: peer.0 };
+                for r in (0..self.shared.size as u32).map(Rank) {
+                    if r != self.shared.me && r != peer {
+                        let _ = ch.send(&self.shared.counters, r, &lost, &[]);
+                    }
+                }
+            }
             eprintln!(
                 "dsm: {}: {peer} failed ({reason}); ending this rank",
                 self.shared.me
@@ -321,6 +331,13 @@ impl Engine {
                 self.reply(idx, &Reply::Pong, &[&ZERO_PAGE[..n]]);
             }
             Request::Goodbye => self.conns[idx].goodbye = true,
+            Request::PeerLost { rank } if (rank as usize) < self.shared.size => {
+                let reporter = self.conns[idx].peer;
+                self.peer_failed(Rank(rank), &format!("{reporter} lost its connection to it"));
+            }
+            Request::PeerLost { .. } => {
+                self.close(idx, "a failure report names no rank of this job")
+            }
         }
     }
 
@@ -761,7 +778,9 @@ fn write_many(
     slices.extend(pages.iter().map(|p| std::io::IoSlice::new(p)));
     let mut bufs: &mut [std::io::IoSlice<'_>] = &mut slices;
     while !bufs.is_empty() {
-        match nix::sys::uio::writev(fd, bufs) {
+        // sendmsg with MSG_NOSIGNAL: a peer that is gone is an error on this connection, never a SIGPIPE.
+        let flags = nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+        match nix::sys::socket::sendmsg::<()>(fd.as_raw_fd(), bufs, &[], flags, None) {
             Ok(w) => std::io::IoSlice::advance_slices(&mut bufs, w),
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(e),

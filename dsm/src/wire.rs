@@ -1,6 +1,6 @@
 //! Messages between ranks and their framing. A frame is `[u32 LE length of the rest][u16 LE header
 //! length][postcard header][payload]`; page payloads travel as raw bytes after the header so that they can
-//! be written straight from the page (`writev`) and read straight into a buffer that `UFFDIO_COPY` installs.
+//! be written straight from the page (`sendmsg` with several slices) and read straight into a buffer that `UFFDIO_COPY` installs.
 //!
 //! Encoding writes into a caller's buffer and decoding borrows from one: neither allocates, which the fault
 //! path (running in a SIGBUS handler) relies on. Every decode failure is an error, never a panic.
@@ -46,6 +46,8 @@ pub(crate) enum Request {
     Ping { reply_bytes: u32 },
     /// This connection closes normally: what follows is not a failure.
     Goodbye,
+    /// The sender lost `rank` and is ending: the failure to report is `rank`'s, not the sender's.
+    PeerLost { rank: u32 },
 }
 
 /// Replies, on the connection the request came on.

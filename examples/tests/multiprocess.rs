@@ -116,3 +116,35 @@ fn hello_checks_what_it_sees() {
         );
     }
 }
+
+#[test]
+fn configuration_errors_are_clear() {
+    let hello = env!("CARGO_BIN_EXE_hello");
+    let out = std::process::Command::new(hello)
+        .env("DSM_READAHEAD", "lots")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("DSM_READAHEAD") && err.contains("lots"),
+        "{err}"
+    );
+
+    let out = std::process::Command::new(hello)
+        .env("PMI_RANK", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("mpirun") && err.contains("dsmrun"), "{err}");
+
+    // Run directly, hello is a job of one rank.
+    let out = std::process::Command::new(hello).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rank 0 of 1 sees [1000]"));
+}

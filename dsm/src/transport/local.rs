@@ -61,4 +61,8 @@ impl Transport for LocalTransport {
     fn name(&self) -> &'static str {
         "local"
     }
+
+    fn ranks_share_a_process(&self) -> bool {
+        true
+    }
 }

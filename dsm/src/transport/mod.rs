@@ -31,6 +31,11 @@ pub trait Transport: Send + std::fmt::Debug {
 
     /// A short name for messages and statistics.
     fn name(&self) -> &'static str;
+
+    /// Whether the ranks are threads of one process (and so cannot map regions at one address each).
+    fn ranks_share_a_process(&self) -> bool {
+        false
+    }
 }
 
 /// Bumped whenever the wire format or the protocol changes: ranks of different builds refuse each other.
