@@ -10,10 +10,12 @@ use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
 use crate::wire::{self, FrameError, Reply, Request, MAX_HEADER, PREFIX};
 use nix::errno::Errno;
+use nix::sys::socket::MsgFlags;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::time::Instant;
 
 /// Why a receive failed.
 #[derive(Debug)]
@@ -82,10 +84,32 @@ pub(crate) fn read_exact(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(), RecvE
     Ok(())
 }
 
+/// Polls `fd` for up to `spin_ns` before the caller blocks in `read`: a reply that arrives within that
+/// time is taken without being woken (a wake-up across vCPUs costs tens of microseconds on a VM).
+fn spin_until_readable(fd: BorrowedFd<'_>, spin_ns: u64) {
+    if spin_ns == 0 {
+        return;
+    }
+    let t0 = Instant::now();
+    let mut byte = [0u8; 1];
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_PEEK;
+    loop {
+        match nix::sys::socket::recv(fd.as_raw_fd(), &mut byte, flags) {
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
+            _ => return, // data, end of stream, or an error the read will report
+        }
+        if t0.elapsed().as_nanos() as u64 >= spin_ns {
+            return;
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// One channel's connections and buffers.
 #[derive(Debug)]
 pub(crate) struct Channel {
     fds: Vec<OwnedFd>,
+    spin_ns: u64,
     rx: Vec<u8>,
     /// Holds a page across receives (a grant's page while the owner's reply is read).
     pub(crate) page: Vec<u8>,
@@ -111,6 +135,7 @@ impl Channel {
         from: Rank,
     ) -> Result<(Reply, &[u8], &mut [u8]), RecvError> {
         let fd = self.fds[from.index()].as_fd();
+        spin_until_readable(fd, self.spin_ns);
         let mut len = [0u8; 4];
         read_exact(fd, &mut len)?;
         let n = wire::body_len(len, self.rx.len()).map_err(RecvError::Frame)?;
@@ -142,7 +167,8 @@ pub(crate) struct Channels {
 
 impl Channels {
     /// Builds the pool from `outgoing[channel][rank]`; each channel can receive up to `max_pages` pages.
-    pub(crate) fn new(outgoing: Vec<Vec<OwnedFd>>, max_pages: usize) -> Channels {
+    /// Replies are awaited by spinning for up to `spin_ns` before blocking.
+    pub(crate) fn new(outgoing: Vec<Vec<OwnedFd>>, max_pages: usize, spin_ns: u64) -> Channels {
         let rx_len = 2 + MAX_HEADER + max_pages * PAGE_SIZE;
         Channels {
             slots: outgoing
@@ -150,6 +176,7 @@ impl Channels {
                 .map(|fds| {
                     Mutex::new(Channel {
                         fds,
+                        spin_ns,
                         rx: vec![0; rx_len],
                         page: vec![0; PAGE_SIZE],
                     })

@@ -134,6 +134,9 @@ impl Runtime {
         if let Some(p) = priority {
             b = b.service_priority(p);
         }
+        if let Some(us) = env::get("DSM_SPIN_US", "microseconds", env::number::<u64>)? {
+            b = b.spin(Duration::from_micros(us));
+        }
         let size = env::get("DSM_ARENA_SIZE", "a size such as 64G", env::bytes)?;
         let base = env::get("DSM_ARENA_BASE", "a hexadecimal address", env::hex_addr)?;
         if size.is_some() || base.is_some() {
