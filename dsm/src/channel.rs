@@ -146,6 +146,55 @@ impl Channel {
         Ok((reply, payload, &mut self.page))
     }
 
+    /// Receives the header of the next reply from `from` and leaves its payload unread, so that a large
+    /// payload can be taken in pieces (`recv_payload`). Returns the reply and the payload's length.
+    pub(crate) fn recv_head(
+        &mut self,
+        counters: &Counters,
+        from: Rank,
+    ) -> Result<(Reply, usize), RecvError> {
+        let fd = self.fds[from.index()].as_fd();
+        spin_until_readable(fd, self.spin_ns);
+        let mut len = [0u8; 4];
+        read_exact(fd, &mut len)?;
+        let n = wire::body_len(len, self.rx.len()).map_err(RecvError::Frame)?;
+        read_exact(fd, &mut self.rx[..2])?;
+        let header_len = u16::from_le_bytes([self.rx[0], self.rx[1]]) as usize;
+        if header_len > MAX_HEADER || 2 + header_len > n {
+            return Err(RecvError::Frame(FrameError::BadLength(header_len)));
+        }
+        read_exact(fd, &mut self.rx[2..2 + header_len])?;
+        Counters::add(&counters.messages_received, 1);
+        Counters::add(&counters.bytes_received, 4 + n as u64);
+        let (reply, _) =
+            wire::decode::<Reply>(&self.rx[..2 + header_len]).map_err(RecvError::Frame)?;
+        Ok((reply, n - 2 - header_len))
+    }
+
+    /// Reads the next `len` payload bytes of the reply from `from` whose header `recv_head` returned.
+    pub(crate) fn recv_payload(&mut self, from: Rank, len: usize) -> Result<&[u8], RecvError> {
+        if len > self.rx.len() {
+            return Err(RecvError::Frame(FrameError::BadLength(len)));
+        }
+        read_exact(self.fds[from.index()].as_fd(), &mut self.rx[..len])?;
+        Ok(&self.rx[..len])
+    }
+
+    /// Reads one page of payload from `from` into the channel's page buffer.
+    pub(crate) fn recv_page(&mut self, from: Rank) -> Result<(), RecvError> {
+        read_exact(self.fds[from.index()].as_fd(), &mut self.page)
+    }
+
+    /// Reads and drops `len` payload bytes from `from`, keeping the stream aligned on frames.
+    pub(crate) fn skip_payload(&mut self, from: Rank, mut len: usize) -> Result<(), RecvError> {
+        while len > 0 {
+            let n = len.min(self.rx.len());
+            self.recv_payload(from, n)?;
+            len -= n;
+        }
+        Ok(())
+    }
+
     /// Sends `req` to `to` and waits for its reply.
     pub(crate) fn call(
         &mut self,

@@ -148,7 +148,7 @@ impl Default for DsmBuilder {
             size: 1,
             transport: None,
             channels: 4,
-            readahead: 16,
+            readahead: MAX_READAHEAD,
             arena_base: None,
             arena_size: 1 << 40,
             policy: FailurePolicy::Exit,
@@ -178,7 +178,7 @@ impl DsmBuilder {
         self
     }
 
-    /// The largest sequential read-ahead window in pages (default 16; 1 turns read-ahead off). Read-ahead
+    /// The largest sequential read-ahead window in pages (default 256 = 1 MiB; 1 turns read-ahead off). Read-ahead
     /// fetches the following pages with the same home when faults walk a region in order.
     pub fn readahead(mut self, pages: u32) -> Self {
         self.readahead = pages;

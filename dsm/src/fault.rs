@@ -251,6 +251,9 @@ fn upgrade_in_place(region: &RegionShared, page: u64) -> Result<(), FaultError> 
         .map_err(|e| FaultError::Sys("UFFDIO_WRITEPROTECT", e))
 }
 
+/// Pages installed per `UFFDIO_COPY` while a read-ahead reply is still arriving.
+const INSTALL_CHUNK: u64 = 16;
+
 fn new_state(access: Access) -> u32 {
     match access {
         Access::Read => READ_ONLY,
@@ -273,10 +276,14 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
         access,
         count,
     };
+    let c = &shared.counters;
     let outcome = (|| {
-        let (reply, payload, page_buf) = ch
-            .call(&shared.counters, home, &acquire)
+        ch.send(c, home, &acquire, &[])
+            .map_err(|e| FaultError::Send(home, e))?;
+        let (reply, payload_len) = ch
+            .recv_head(c, home)
             .map_err(|e| FaultError::Peer(home, e))?;
+        let peer = |e| FaultError::Peer(home, e);
         match reply {
             Reply::Done {
                 data,
@@ -284,18 +291,34 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
             } => {
                 let served = u64::from(served.clamp(1, count));
                 match data {
-                    Data::None => upgrade_in_place(region, page)?,
-                    Data::Zero => install(region, page, 1, &ZERO_PAGE, access)?,
+                    Data::None => {
+                        ch.skip_payload(home, payload_len).map_err(peer)?;
+                        upgrade_in_place(region, page)?
+                    }
+                    Data::Zero => {
+                        ch.skip_payload(home, payload_len).map_err(peer)?;
+                        install(region, page, 1, &ZERO_PAGE, access)?
+                    }
                     Data::Home => {
-                        if payload.len() < served as usize * PAGE_SIZE {
+                        if payload_len != served as usize * PAGE_SIZE {
                             return Err(FaultError::Protocol(
                                 home,
-                                "reply shorter than the pages it announces",
+                                "reply length does not match the pages it announces",
                             ));
                         }
-                        install(region, page, served, payload, access)?;
-                        Counters::add(&shared.counters.pages_fetched, served);
-                        Counters::add(&shared.counters.pages_readahead, served - 1);
+                        // Install in pieces as they arrive: copying into pages overlaps with the rest of
+                        // the transfer still in flight.
+                        let mut k = 0;
+                        while k < served {
+                            let n = (served - k).min(INSTALL_CHUNK);
+                            let bytes = ch
+                                .recv_payload(home, n as usize * PAGE_SIZE)
+                                .map_err(peer)?;
+                            install(region, page + k, n, bytes, access)?;
+                            k += n;
+                        }
+                        Counters::add(&c.pages_fetched, served);
+                        Counters::add(&c.pages_readahead, served - 1);
                     }
                 }
                 for p in page..page + served {
@@ -306,15 +329,17 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
             Reply::Granted { grant } => {
                 let mut have = false;
                 if grant.data_from_home {
-                    if payload.len() < PAGE_SIZE {
+                    if payload_len != PAGE_SIZE {
                         return Err(FaultError::Protocol(
                             home,
                             "grant without the page it announces",
                         ));
                     }
-                    page_buf.copy_from_slice(&payload[..PAGE_SIZE]);
+                    ch.recv_page(home).map_err(peer)?;
                     have = true;
-                    Counters::add(&shared.counters.pages_fetched, 1);
+                    Counters::add(&c.pages_fetched, 1);
+                } else {
+                    ch.skip_payload(home, payload_len).map_err(peer)?;
                 }
                 run_grant(&mut ch, region, page, access, &grant, &mut have)?;
                 if have {
