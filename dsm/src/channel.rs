@@ -251,17 +251,31 @@ impl Channels {
         })
     }
 
-    /// Takes a free channel, waiting for one when all are in use.
+    /// Takes a free channel for an exchange that completes without waiting for this rank's application
+    /// threads (a fault, a release, a ping), waiting for one when all are in use.
     pub(crate) fn claim(&self) -> MutexGuard<'_, Channel> {
-        let n = self.slots.len();
+        self.claim_from(0)
+    }
+
+    /// Takes a channel for a call that may wait on other application threads (a lock, a barrier). Such calls
+    /// never take channel 0: if they held every channel, the thread that holds the lock they wait for could
+    /// not resolve a fault, and the rank would hang. Faults use any channel and finish without waiting on
+    /// application threads, so channel 0 always comes free for them.
+    pub(crate) fn claim_for_wait(&self) -> MutexGuard<'_, Channel> {
+        self.claim_from(1.min(self.slots.len() - 1))
+    }
+
+    fn claim_from(&self, first: usize) -> MutexGuard<'_, Channel> {
+        let slots = &self.slots[first..];
+        let n = slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
         for i in 0..n {
-            match self.slots[(start + i) % n].try_lock() {
+            match slots[(start + i) % n].try_lock() {
                 Ok(g) => return g,
                 Err(TryLockError::Poisoned(p)) => return p.into_inner(),
                 Err(TryLockError::WouldBlock) => {}
             }
         }
-        self.slots[start].lock().unwrap_or_else(|p| p.into_inner())
+        slots[start].lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -99,7 +99,7 @@ impl Shared {
         let t0 = Instant::now();
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
         let root = Rank(0);
-        let mut ch = self.channels.claim();
+        let mut ch = self.channels.claim_for_wait();
         let (reply, _, _) = ch
             .call(&self.counters, root, &Request::Barrier { epoch, tag })
             .map_err(|e| self.peer_error(root, e))?;
@@ -172,7 +172,7 @@ impl DsmBuilder {
         self
     }
 
-    /// How many threads of this rank can fault or call into the job at once (default 4).
+    /// How many threads of this rank can fault or call into the job at once (default 4, at least 2).
     pub fn channels(mut self, n: usize) -> Self {
         self.channels = n;
         self
@@ -228,9 +228,9 @@ impl DsmBuilder {
                 crate::protocol::swmr::MAX_RANKS
             )));
         }
-        if self.channels == 0 || self.channels > 64 {
+        if self.channels < 2 || self.channels > 64 {
             return Err(DsmError::Config(format!(
-                "{} channels: use 1..=64",
+                "{} channels: use 2..=64 (one is kept for faults while other threads wait for locks)",
                 self.channels
             )));
         }
@@ -394,7 +394,7 @@ impl Dsm {
         let t0 = Instant::now();
         let home = self.lock_home(id);
         let s = &self.shared;
-        let mut ch = s.channels.claim();
+        let mut ch = s.channels.claim_for_wait();
         let (reply, _, _) = ch
             .call(&s.counters, home, &Request::LockAcquire { lock: id })
             .map_err(|e| s.peer_error(home, e))?;

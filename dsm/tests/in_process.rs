@@ -92,20 +92,21 @@ impl Transport for Given {
 
 /// Rank 0 of a 2-rank job whose rank 1 is played by the test through a raw socket.
 fn rank0_with_fake_peer() -> (Dsm, UnixStream) {
-    let (self_out, self_in) = UnixStream::pair().unwrap();
-    let (to_fake, _fake_listens) = UnixStream::pair().unwrap();
+    let mut outgoing = Vec::new();
+    let mut incoming = Vec::new();
+    for _channel in 0..2 {
+        let (self_out, self_in) = UnixStream::pair().unwrap();
+        let (to_fake, fake_listens) = UnixStream::pair().unwrap();
+        std::mem::forget(fake_listens); // keep rank 0's outgoing connection to the fake rank open
+        outgoing.push(vec![OwnedFd::from(self_out), OwnedFd::from(to_fake)]);
+        incoming.push((Rank(0), OwnedFd::from(self_in)));
+    }
     let (fake_out, from_fake) = UnixStream::pair().unwrap();
-    std::mem::forget(_fake_listens); // keep rank 0's outgoing connection to the fake rank open
-    let mesh = Mesh {
-        outgoing: vec![vec![OwnedFd::from(self_out), OwnedFd::from(to_fake)]],
-        incoming: vec![
-            (Rank(0), OwnedFd::from(self_in)),
-            (Rank(1), OwnedFd::from(from_fake)),
-        ],
-    };
+    incoming.push((Rank(1), OwnedFd::from(from_fake)));
+    let mesh = Mesh { outgoing, incoming };
     let dsm = Dsm::builder()
         .rank(Rank(0), 2)
-        .channels(1)
+        .channels(2)
         .failure_policy(FailurePolicy::Report)
         .transport(Box::new(Given(mesh)))
         .build()

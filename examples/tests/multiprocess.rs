@@ -12,6 +12,7 @@ fn job(program: &str, ranks: usize, args: &[&str]) -> (Outcome, String) {
     let opts = LaunchOptions {
         ranks,
         capture: Some(capture.clone()),
+        timeout: Some(Duration::from_secs(120)),
         ..LaunchOptions::default()
     };
     let args: Vec<OsString> = args.iter().map(OsString::from).collect();
@@ -79,6 +80,25 @@ fn several_ranks_writing_one_page() {
             "pages at {n} ranks"
         );
     }
+}
+
+#[test]
+fn lock_waiters_leave_a_channel_for_faults() {
+    let capture = Arc::new(Mutex::new(Vec::new()));
+    let opts = LaunchOptions {
+        ranks: 2,
+        capture: Some(capture.clone()),
+        env: vec![("DSM_CHANNELS".into(), "2".into())],
+        timeout: Some(Duration::from_secs(120)),
+        ..LaunchOptions::default()
+    };
+    let args: Vec<OsString> = vec!["lockfault".into()];
+    let t = Instant::now();
+    let outcome = launch(&opts, Path::new(CHECK), &args).expect("launch");
+    let out = String::from_utf8_lossy(&capture.lock().unwrap()).into_owned();
+    assert_eq!(outcome.code, 0, "{out}");
+    assert!(out.contains("lockfault ok"), "{out}");
+    assert!(t.elapsed() < Duration::from_secs(20));
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! | `DSM_RENDEZVOUS` | `host:port` where ranks exchange their addresses (set by `dsmrun`) | required when `DSM_SIZE` > 1 |
 //! | `DSM_TOKEN` | the job's secret, 64 hex digits (set by `dsmrun`, fresh for every job) | required when `DSM_SIZE` > 1 |
 //! | `DSM_BIND` | the address this rank's listener binds to | `127.0.0.1` |
-//! | `DSM_CHANNELS` | threads of a rank that can fault or call into the job at once | 4 |
+//! | `DSM_CHANNELS` | threads of a rank that can fault or call into the job at once, 2 to 64 (one is kept for faults) | 4 |
 //! | `DSM_READAHEAD` | largest sequential read-ahead window in pages, 1 to 256 (1 = off); the window doubles from 1 page on each sequential fault | 256 |
 //! | `DSM_ARENA_SIZE` | bytes of address space reserved for shared regions (suffixes K, M, G, T) | 1T |
 //! | `DSM_ARENA_BASE` | where rank 0 reserves the arena (hex), when the default range is taken | kernel's choice |

@@ -27,6 +27,8 @@ pub struct LaunchOptions {
     pub env: Vec<(String, String)>,
     /// Collect the ranks' output (prefixed lines, stdout and stderr together) here instead of printing it.
     pub capture: Option<Arc<Mutex<Vec<u8>>>>,
+    /// End the job, with status 124, if it runs longer than this.
+    pub timeout: Option<Duration>,
 }
 
 /// How a job ended.
@@ -49,6 +51,7 @@ impl Default for LaunchOptions {
             prefix: true,
             env: Vec::new(),
             capture: None,
+            timeout: None,
         }
     }
 }
@@ -222,7 +225,13 @@ pub fn launch(
     let mut done = vec![false; ranks];
     let mut failures: Vec<(usize, ExitStatus)> = Vec::new();
     let mut grace_until: Option<Instant> = None;
+    let started = Instant::now();
+    let mut timed_out = false;
     while done.iter().any(|d| !d) {
+        if opts.timeout.is_some_and(|t| started.elapsed() > t) {
+            timed_out = true;
+            break;
+        }
         for (r, child) in children.iter_mut().enumerate() {
             if done[r] {
                 continue;
@@ -246,6 +255,15 @@ pub fn launch(
         .or(failures.first())
         .copied();
     let outcome = match root {
+        None if timed_out => {
+            let limit = opts.timeout.unwrap_or_default().as_secs_f64();
+            eprintln!("dsmrun: the job ran past its time limit of {limit:.0} s; ending it");
+            Outcome {
+                code: 124,
+                failed_rank: None,
+                reason: format!("ran past its time limit of {limit:.0} s"),
+            }
+        }
         None => Outcome {
             code: 0,
             failed_rank: None,

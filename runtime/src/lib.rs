@@ -109,7 +109,7 @@ impl Runtime {
         let mut b = Dsm::builder();
         if let Some(c) = env::get(
             "DSM_CHANNELS",
-            "a number of channels, 1 to 64",
+            "a number of channels, 2 to 64",
             env::number::<usize>,
         )? {
             b = b.channels(c);

@@ -3,6 +3,7 @@
 //! - `mp`: message passing (data then flag on different pages): a reader that sees the flag sees the data;
 //! - `sb`: store buffering: both ranks reading the other's old value is forbidden under sequential consistency;
 //! - `pages`: every rank writes its own words of the same pages; after a barrier everyone sees all writes;
+//! - `lockfault`: threads waiting for a lock do not keep the lock's holder from resolving faults;
 //! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging.
 #![forbid(unsafe_code)]
 
@@ -11,7 +12,7 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | die
+    /// counter | mp | sb | pages | lockfault | die
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -117,6 +118,40 @@ fn main() -> anyhow::Result<()> {
             }
             println!("pages ok: {} rounds", args.rounds);
         }
+        "lockfault" => {
+            // Threads of rank 0 wait for a lock while the thread that holds it faults on remote pages: the
+            // waiting threads must not take every channel, or the fault could never be resolved.
+            let data =
+                dsm.alloc_vec_with::<u64>(64 * WORDS_PER_PAGE, dsm::Placement::At(dsm::Rank(1)))?;
+            if me == 1 {
+                for p in 0..64 {
+                    data.set(p * WORDS_PER_PAGE, p as u64 + 1);
+                }
+            }
+            dsm.barrier()?;
+            if me == 0 {
+                let guard = dsm.lock(9)?;
+                std::thread::scope(|s| -> anyhow::Result<()> {
+                    let waiters: Vec<_> =
+                        (0..3).map(|_| s.spawn(|| dsm.lock(9).map(drop))).collect();
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    for p in 0..64 {
+                        ensure!(
+                            data.get(p * WORDS_PER_PAGE) == p as u64 + 1,
+                            "page {p} read wrong"
+                        );
+                    }
+                    drop(guard);
+                    for w in waiters {
+                        w.join().expect("a waiter panicked")?;
+                    }
+                    Ok(())
+                })?;
+            }
+            dsm.barrier()?;
+            drop(data);
+            println!("lockfault ok");
+        }
         "die" => {
             let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
             v.set(me, 1);
@@ -128,7 +163,9 @@ fn main() -> anyhow::Result<()> {
             dsm.barrier()?;
             anyhow::bail!("rank {me}: a barrier completed without the dead rank");
         }
-        other => anyhow::bail!("unknown check {other:?}: use counter, mp, sb, pages or die"),
+        other => {
+            anyhow::bail!("unknown check {other:?}: use counter, mp, sb, pages, lockfault or die")
+        }
     }
     rt.finish()?;
     Ok(())

@@ -16,6 +16,9 @@ struct Args {
     /// Address for the ranks' listeners (default 127.0.0.1; also DSM_BIND).
     #[arg(long, env = "DSM_BIND", default_value = "127.0.0.1")]
     bind: std::net::IpAddr,
+    /// End the job (status 124) if it runs longer than this many seconds.
+    #[arg(long)]
+    timeout: Option<f64>,
     /// Do not prefix output lines with the rank.
     #[arg(long)]
     no_prefix: bool,
@@ -34,6 +37,7 @@ fn main() {
         prefix: !a.no_prefix,
         env: Vec::new(),
         capture: None,
+        timeout: a.timeout.map(std::time::Duration::from_secs_f64),
     };
     match launch(&opts, &a.program, &a.args) {
         Ok(outcome) => std::process::exit(outcome.code),
