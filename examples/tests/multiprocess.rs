@@ -168,3 +168,48 @@ fn configuration_errors_are_clear() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("rank 0 of 1 sees [1000]"));
 }
+
+#[test]
+fn an_arena_that_cannot_be_mapped_is_a_clear_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hello"))
+        .env("DSM_ARENA_BASE", "0x800000000000") // beyond the 47-bit user address space
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot map the shared arena at 0x800000000000")
+            && err.contains("DSM_ARENA_BASE"),
+        "{err}"
+    );
+}
+
+/// userfaultfd in user-mode-only mode needs no privilege: a job runs as an ordinary user (here `nobody`,
+/// entered with setpriv when the tests run as root, as CI does).
+#[test]
+fn a_job_runs_without_root() {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .unwrap()
+        .stdout
+        == b"0\n";
+    let setpriv = Path::new("/usr/bin/setpriv").exists();
+    if !(root && setpriv) {
+        eprintln!("not checked: needs root and /usr/bin/setpriv to become another user");
+        return;
+    }
+    let out = std::process::Command::new("/usr/bin/setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_hello"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("rank 0 of 1 sees [1000]"), "{stdout}");
+}

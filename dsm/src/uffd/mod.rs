@@ -25,6 +25,49 @@ pub(crate) struct Uffd {
 impl Uffd {
     /// Opens a userfaultfd with `UFFD_FEATURE_SIGBUS`, failing with a message that says what to do.
     pub(crate) fn open() -> Result<Uffd> {
+        match Self::open_with_builder() {
+            // The crate prefers /dev/userfaultfd and does not fall back to the system call when the device
+            // is there but not accessible; the system call in user-mode-only mode is what unprivileged
+            // processes may use, so try it.
+            Err(DsmError::Sys { call, .. }) if call.contains("/dev/userfaultfd") => {
+                Self::open_by_syscall()
+            }
+            other => other,
+        }
+    }
+
+    fn open_by_syscall() -> Result<Uffd> {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | sys::UFFD_USER_MODE_ONLY as i32;
+        // SAFETY: userfaultfd(2) takes only a flags argument and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        if fd < 0 {
+            return Err(match Errno::last() {
+                e @ (Errno::EPERM | Errno::EACCES) => DsmError::UffdNotPermitted(e),
+                Errno::ENOSYS => DsmError::UffdUnsupported {
+                    what: "the userfaultfd system call",
+                },
+                e => DsmError::sys("userfaultfd(2)", e),
+            });
+        }
+        // SAFETY: `fd` is a fresh descriptor returned above and owned by nobody else; the Uffd takes it.
+        let inner =
+            unsafe { <userfaultfd::Uffd as std::os::fd::FromRawFd>::from_raw_fd(fd as RawFd) };
+        let mut api = sys::uffdio_api {
+            api: sys::UFFD_API,
+            features: sys::UFFD_FEATURE_SIGBUS,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API on the descriptor just opened, with a valid uffdio_api that lives across the call.
+        let rc = unsafe { libc::ioctl(inner.as_raw_fd(), sys::UFFDIO_API as _, &mut api) };
+        if rc != 0 {
+            return Err(DsmError::UffdUnsupported {
+                what: "UFFD_FEATURE_SIGBUS",
+            });
+        }
+        Ok(Uffd { inner })
+    }
+
+    fn open_with_builder() -> Result<Uffd> {
         let inner = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -42,6 +85,10 @@ impl Uffd {
                     },
                     other => DsmError::sys("userfaultfd(2)", other),
                 },
+                userfaultfd::Error::OpenDevUserfaultfd(e) => DsmError::sys(
+                    format!("opening /dev/userfaultfd ({e})"),
+                    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                ),
                 other => DsmError::sys(format!("userfaultfd(2): {other}"), Errno::EINVAL),
             })?;
         Ok(Uffd { inner })
