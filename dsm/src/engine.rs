@@ -763,6 +763,9 @@ impl Engine {
     }
 }
 
+/// The most slices one `sendmsg` accepts (Linux's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
 /// Writes a reply whose payload is any number of slices (read-ahead pages), straight from page memory.
 fn write_many(
     fd: std::os::fd::BorrowedFd<'_>,
@@ -780,7 +783,9 @@ fn write_many(
     while !bufs.is_empty() {
         // sendmsg with MSG_NOSIGNAL: a peer that is gone is an error on this connection, never a SIGPIPE.
         let flags = nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
-        match nix::sys::socket::sendmsg::<()>(fd.as_raw_fd(), bufs, &[], flags, None) {
+        // One call takes at most IOV_MAX slices; a long read-ahead reply goes out in several.
+        let batch = bufs.len().min(IOV_MAX);
+        match nix::sys::socket::sendmsg::<()>(fd.as_raw_fd(), &bufs[..batch], &[], flags, None) {
             Ok(w) => std::io::IoSlice::advance_slices(&mut bufs, w),
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(e),
@@ -825,4 +830,38 @@ fn favour_this_thread(me: Rank, how: ServicePriority) {
         return;
     }
     tracing::debug!("{me}: the service loop runs at normal priority (no permission to raise it)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_reply_of_more_slices_than_one_sendmsg_takes_goes_out_whole() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let pages: Vec<[u8; 3]> = (0..IOV_MAX + 300)
+            .map(|i| [i as u8, (i >> 8) as u8, 7])
+            .collect();
+        let slices: Vec<&[u8]> = pages.iter().map(|p| &p[..]).collect();
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            b.read_to_end(&mut all).unwrap();
+            all
+        });
+        let counters = Counters::default();
+        let reply = Reply::Done {
+            data: Data::Home,
+            count: slices.len() as u32,
+        };
+        write_many(a.as_fd(), &reply, &slices, &counters).unwrap();
+        drop(a);
+        let all = reader.join().unwrap();
+        let body = wire::body_len(all[..4].try_into().unwrap(), usize::MAX >> 1).unwrap();
+        assert_eq!(body, all.len() - 4);
+        let (r, payload) = wire::decode::<Reply>(&all[4..]).unwrap();
+        assert!(matches!(r, Reply::Done { count, .. } if count as usize == pages.len()));
+        assert_eq!(payload, pages.concat());
+    }
 }
