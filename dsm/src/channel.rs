@@ -105,6 +105,14 @@ fn spin_until_readable(fd: BorrowedFd<'_>, spin_ns: u64) {
     }
 }
 
+/// The connection to `rank`. Ranks can come from the wire (a grant names them), so an unknown one is an
+/// error, never an out-of-bounds panic (this runs inside the SIGBUS handler).
+fn fd_of(fds: &[OwnedFd], rank: Rank) -> Result<BorrowedFd<'_>, Errno> {
+    fds.get(rank.index())
+        .map(|f| f.as_fd())
+        .ok_or(Errno::EINVAL)
+}
+
 /// One channel's connections and buffers.
 #[derive(Debug)]
 pub(crate) struct Channel {
@@ -124,7 +132,7 @@ impl Channel {
         req: &Request,
         payload: &[&[u8]],
     ) -> Result<(), Errno> {
-        write_frame(self.fds[to.index()].as_fd(), req, payload, counters)
+        write_frame(fd_of(&self.fds, to)?, req, payload, counters)
     }
 
     /// Receives the next reply from `from`. Returns the reply, its payload (borrowing the receive buffer)
@@ -134,7 +142,7 @@ impl Channel {
         counters: &Counters,
         from: Rank,
     ) -> Result<(Reply, &[u8], &mut [u8]), RecvError> {
-        let fd = self.fds[from.index()].as_fd();
+        let fd = fd_of(&self.fds, from).map_err(RecvError::Sys)?;
         spin_until_readable(fd, self.spin_ns);
         let mut len = [0u8; 4];
         read_exact(fd, &mut len)?;
@@ -153,7 +161,7 @@ impl Channel {
         counters: &Counters,
         from: Rank,
     ) -> Result<(Reply, usize), RecvError> {
-        let fd = self.fds[from.index()].as_fd();
+        let fd = fd_of(&self.fds, from).map_err(RecvError::Sys)?;
         spin_until_readable(fd, self.spin_ns);
         let mut len = [0u8; 4];
         read_exact(fd, &mut len)?;
@@ -176,13 +184,19 @@ impl Channel {
         if len > self.rx.len() {
             return Err(RecvError::Frame(FrameError::BadLength(len)));
         }
-        read_exact(self.fds[from.index()].as_fd(), &mut self.rx[..len])?;
+        read_exact(
+            fd_of(&self.fds, from).map_err(RecvError::Sys)?,
+            &mut self.rx[..len],
+        )?;
         Ok(&self.rx[..len])
     }
 
     /// Reads one page of payload from `from` into the channel's page buffer.
     pub(crate) fn recv_page(&mut self, from: Rank) -> Result<(), RecvError> {
-        read_exact(self.fds[from.index()].as_fd(), &mut self.page)
+        read_exact(
+            fd_of(&self.fds, from).map_err(RecvError::Sys)?,
+            &mut self.page,
+        )
     }
 
     /// Reads and drops `len` payload bytes from `from`, keeping the stream aligned on frames.
@@ -276,6 +290,8 @@ impl Channels {
                 Err(TryLockError::WouldBlock) => {}
             }
         }
-        slots[start].lock().unwrap_or_else(|p| p.into_inner())
+        // All busy: wait for the first slot of the range, which (for faults, slot 0) lock and barrier waits
+        // never hold, so it comes free.
+        slots[0].lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -499,7 +499,9 @@ impl Engine {
         let requester = self.conns[idx].peer;
         let me = self.shared.me;
         if region.home(page) != me {
-            unlock_slot(&region.slot(page).lock);
+            if unlock_slot(&region.slot(page).lock) {
+                self.serve_queue(region, page);
+            }
             self.reply(
                 idx,
                 &Reply::Refused {
@@ -586,7 +588,8 @@ impl Engine {
     }
 
     /// Adds to `pages` the following pages that the home can hand out read-only at once: homed here, lock
-    /// free, and either untouched or owned by the home. Their locks stay held until the requester's Unlock.
+    /// free, and either untouched or owned by the home. Like the faulting page, they are released as soon as
+    /// the reply is sent (the requester held no copy of them; see `fault`).
     fn gather_readahead(
         &mut self,
         region: &RegionShared,

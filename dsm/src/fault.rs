@@ -360,9 +360,9 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
             )),
         }
     })();
-    // Read-ahead pages the home did not serve stay invalid; give them back.
-    let served = outcome.as_ref().map_or(1, |(s, _, _)| *s);
-    for p in page + served..page + u64::from(count) {
+    // Every page claimed for read-ahead is released here: installed or not (the one that faulted is released
+    // by `resolve`). A page left BUSY would hang the next fault on it and every deferred request for it.
+    for p in page + 1..page + u64::from(count) {
         release_busy(region, p);
     }
     let (served, granted, upgrade) = outcome?;

@@ -12,7 +12,7 @@ fn job(program: &str, ranks: usize, args: &[&str]) -> (Outcome, String) {
     let opts = LaunchOptions {
         ranks,
         capture: Some(capture.clone()),
-        timeout: Some(Duration::from_secs(120)),
+        timeout: Some(Duration::from_secs(60)),
         ..LaunchOptions::default()
     };
     let args: Vec<OsString> = args.iter().map(OsString::from).collect();
@@ -83,13 +83,20 @@ fn several_ranks_writing_one_page() {
 }
 
 #[test]
+fn pages_fetched_by_read_ahead_are_ordinary_copies() {
+    for n in [2, 3] {
+        assert_eq!(run(CHECK, n, &["readahead"]), 0, "readahead at {n} ranks");
+    }
+}
+
+#[test]
 fn lock_waiters_leave_a_channel_for_faults() {
     let capture = Arc::new(Mutex::new(Vec::new()));
     let opts = LaunchOptions {
         ranks: 2,
         capture: Some(capture.clone()),
         env: vec![("DSM_CHANNELS".into(), "2".into())],
-        timeout: Some(Duration::from_secs(120)),
+        timeout: Some(Duration::from_secs(60)),
         ..LaunchOptions::default()
     };
     let args: Vec<OsString> = vec!["lockfault".into()];

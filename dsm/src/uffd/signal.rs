@@ -26,7 +26,9 @@ pub(crate) fn install(resolver: Resolver) -> Result<()> {
     // SAFETY: a zeroed sigaction is a valid "no handler" value; we fill the fields sigaction(2) reads.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
     action.sa_sigaction = on_sigbus as *const () as usize;
-    action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+    // No SA_ONSTACK: the resolver needs more stack than a small alternate signal stack offers, and a fault
+    // on registered memory is never a stack overflow, so the thread's own stack is the right one.
+    action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
     // SAFETY: `action.sa_mask` is a valid sigset_t to initialize.
     unsafe { libc::sigemptyset(&mut action.sa_mask) };
     // SAFETY: a zeroed sigaction is valid storage for the previous action.
@@ -41,6 +43,15 @@ pub(crate) fn install(resolver: Resolver) -> Result<()> {
 }
 
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // The resolver makes system calls; the interrupted code must find errno as it left it.
+    // SAFETY: __errno_location returns the calling thread's errno slot, valid for the thread's lifetime.
+    let errno = unsafe { *libc::__errno_location() };
+    handle(sig, info, ctx);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+fn handle(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler; si_addr is valid for SIGBUS.
     let addr = unsafe { (*info).si_addr() } as usize;
     // SAFETY: for an SA_SIGINFO handler on x86-64 Linux, `ctx` points to the interrupted ucontext_t. Bit 1 of

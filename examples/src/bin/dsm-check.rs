@@ -3,6 +3,7 @@
 //! - `mp`: message passing (data then flag on different pages): a reader that sees the flag sees the data;
 //! - `sb`: store buffering: both ranks reading the other's old value is forbidden under sequential consistency;
 //! - `pages`: every rank writes its own words of the same pages; after a barrier everyone sees all writes;
+//! - `readahead`: pages fetched ahead of a sequential reader behave as ordinary copies afterwards;
 //! - `lockfault`: threads waiting for a lock do not keep the lock's holder from resolving faults;
 //! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging.
 #![forbid(unsafe_code)]
@@ -12,7 +13,7 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | lockfault | die
+    /// counter | mp | sb | pages | readahead | lockfault | die
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -118,6 +119,41 @@ fn main() -> anyhow::Result<()> {
             }
             println!("pages ok: {} rounds", args.rounds);
         }
+        "readahead" => {
+            // Rank 0 reads rank 1's pages in order (read-ahead fetches them in growing windows), then writes
+            // some of them, while rank 1 writes others back: pages that came by read-ahead must be ordinary
+            // read-only copies afterwards, writable here and invalidatable from elsewhere.
+            let pages = 600;
+            let v = dsm
+                .alloc_vec_with::<u64>(pages * WORDS_PER_PAGE, dsm::Placement::At(dsm::Rank(1)))?;
+            if me == 1 {
+                for p in 0..pages {
+                    v.set(p * WORDS_PER_PAGE, p as u64);
+                }
+            }
+            dsm.barrier()?;
+            if me == 0 {
+                for p in 0..pages {
+                    ensure!(v.get(p * WORDS_PER_PAGE) == p as u64, "page {p} read wrong");
+                }
+                let s = dsm.stats();
+                ensure!(s.pages_readahead > 0, "read-ahead did not happen: {s}");
+            }
+            dsm.barrier()?;
+            for p in (me..pages).step_by(2) {
+                v.set(p * WORDS_PER_PAGE + 1, 1000 + p as u64);
+            }
+            dsm.barrier()?;
+            for p in 0..pages {
+                ensure!(
+                    v.get(p * WORDS_PER_PAGE + 1) == 1000 + p as u64,
+                    "rank {me}: page {p} lost a write"
+                );
+            }
+            dsm.barrier()?;
+            drop(v);
+            println!("readahead ok");
+        }
         "lockfault" => {
             // Threads of rank 0 wait for a lock while the thread that holds it faults on remote pages: the
             // waiting threads must not take every channel, or the fault could never be resolved.
@@ -164,7 +200,9 @@ fn main() -> anyhow::Result<()> {
             anyhow::bail!("rank {me}: a barrier completed without the dead rank");
         }
         other => {
-            anyhow::bail!("unknown check {other:?}: use counter, mp, sb, pages, lockfault or die")
+            anyhow::bail!(
+                "unknown check {other:?}: use counter, mp, sb, pages, readahead, lockfault or die"
+            )
         }
     }
     rt.finish()?;
