@@ -8,10 +8,24 @@ use std::time::{Duration, Instant};
 
 /// Runs a job and returns its outcome and everything its ranks printed.
 fn job(program: &str, ranks: usize, args: &[&str]) -> (Outcome, String) {
+    job_with_env(program, ranks, args, &[])
+}
+
+/// Runs a job with extra environment for every rank.
+fn job_with_env(
+    program: &str,
+    ranks: usize,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Outcome, String) {
     let capture = Arc::new(Mutex::new(Vec::new()));
     let opts = LaunchOptions {
         ranks,
         capture: Some(capture.clone()),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         timeout: Some(Duration::from_secs(60)),
         ..LaunchOptions::default()
     };
@@ -32,37 +46,26 @@ fn run(program: &str, ranks: usize, args: &[&str]) -> i32 {
 
 const CHECK: &str = env!("CARGO_BIN_EXE_dsm-check");
 
+/// Runs `program args` at each job size and expects every job to succeed.
+fn passes_at(sizes: &[usize], program: &str, args: &[&str]) {
+    for &n in sizes {
+        assert_eq!(run(program, n, args), 0, "{program} {args:?} at {n} ranks");
+    }
+}
+
 #[test]
 fn hello_at_2_3_and_4_ranks() {
-    for n in [2, 3, 4] {
-        assert_eq!(
-            run(env!("CARGO_BIN_EXE_hello"), n, &[]),
-            0,
-            "hello at {n} ranks"
-        );
-    }
+    passes_at(&[2, 3, 4], env!("CARGO_BIN_EXE_hello"), &[]);
 }
 
 #[test]
 fn lock_protected_counters_are_exact() {
-    for n in [2, 3, 4] {
-        assert_eq!(
-            run(CHECK, n, &["counter", "--rounds", "300"]),
-            0,
-            "counter at {n} ranks"
-        );
-    }
+    passes_at(&[2, 3, 4], CHECK, &["counter", "--rounds", "300"]);
 }
 
 #[test]
 fn message_passing_litmus() {
-    for n in [2, 3, 4] {
-        assert_eq!(
-            run(CHECK, n, &["mp", "--rounds", "200"]),
-            0,
-            "mp at {n} ranks"
-        );
-    }
+    passes_at(&[2, 3, 4], CHECK, &["mp", "--rounds", "200"]);
 }
 
 #[test]
@@ -73,36 +76,18 @@ fn store_buffering_litmus() {
 
 #[test]
 fn several_ranks_writing_one_page() {
-    for n in [2, 3, 4] {
-        assert_eq!(
-            run(CHECK, n, &["pages", "--rounds", "50"]),
-            0,
-            "pages at {n} ranks"
-        );
-    }
+    passes_at(&[2, 3, 4], CHECK, &["pages", "--rounds", "50"]);
 }
 
 #[test]
 fn pages_fetched_by_read_ahead_are_ordinary_copies() {
-    for n in [2, 3] {
-        assert_eq!(run(CHECK, n, &["readahead"]), 0, "readahead at {n} ranks");
-    }
+    passes_at(&[2, 3], CHECK, &["readahead"]);
 }
 
 #[test]
 fn lock_waiters_leave_a_channel_for_faults() {
-    let capture = Arc::new(Mutex::new(Vec::new()));
-    let opts = LaunchOptions {
-        ranks: 2,
-        capture: Some(capture.clone()),
-        env: vec![("DSM_CHANNELS".into(), "2".into())],
-        timeout: Some(Duration::from_secs(60)),
-        ..LaunchOptions::default()
-    };
-    let args: Vec<OsString> = vec!["lockfault".into()];
     let t = Instant::now();
-    let outcome = launch(&opts, Path::new(CHECK), &args).expect("launch");
-    let out = String::from_utf8_lossy(&capture.lock().unwrap()).into_owned();
+    let (outcome, out) = job_with_env(CHECK, 2, &["lockfault"], &[("DSM_CHANNELS", "2")]);
     assert_eq!(outcome.code, 0, "{out}");
     assert!(out.contains("lockfault ok"), "{out}");
     assert!(t.elapsed() < Duration::from_secs(20));
