@@ -2,4 +2,5 @@
 //! return what must happen, with no I/O. The engine (`crate::engine`) and the fault path (`crate::fault`)
 //! perform the actions. See `README.md` in this folder for states, messages and invariants.
 
+pub mod diff;
 pub mod swmr;

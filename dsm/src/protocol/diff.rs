@@ -1,0 +1,201 @@
+//! Diffs of a page against its twin, for release consistency: the bytes a rank changed in an interval,
+//! encoded compactly, to be applied at the page's home.
+//!
+//! Pages are compared a word (8 bytes) at a time, and runs are cut at byte precision: a diff never carries
+//! a byte its writer did not change. That is what lets several ranks write disjoint bytes of one page, even
+//! of one word, and have all their writes merged at the home in any order.
+//!
+//! Encoding: a sequence of runs, each `[u16 LE offset][u16 LE length][length bytes]`, in increasing offset
+//! order, non-overlapping. An empty diff is zero bytes. Decoding checks every bound: a malformed diff is an
+//! error, never a panic or a write outside the page.
+
+use crate::types::PAGE_SIZE;
+
+const RUN_HEADER: usize = 4;
+const WORD: usize = 8;
+
+/// Why a diff could not be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiffError {
+    /// The diff ends inside a run header or a run's bytes.
+    Truncated { at: usize },
+    /// A run reaches past the end of the page, or overlaps or precedes the previous run.
+    OutOfOrder { offset: usize, len: usize },
+}
+
+impl std::fmt::Display for DiffError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiffError::Truncated { at } => write!(f, "diff truncated at byte {at}"),
+            DiffError::OutOfOrder { offset, len } => {
+                write!(f, "diff run of {len} bytes at offset {offset} is out of the page or out of order")
+            }
+        }
+    }
+}
+
+/// Appends to `out` the diff that turns `twin` into `page`; returns the number of bytes appended.
+pub fn encode(twin: &[u8], page: &[u8], out: &mut Vec<u8>) -> usize {
+    assert!(twin.len() == PAGE_SIZE && page.len() == PAGE_SIZE, "diffs are of whole pages");
+    let start = out.len();
+    let mut run: Option<usize> = None; // start offset of the open run
+    let close = |out: &mut Vec<u8>, from: usize, to: usize| {
+        out.extend_from_slice(&(from as u16).to_le_bytes());
+        out.extend_from_slice(&((to - from) as u16).to_le_bytes());
+        out.extend_from_slice(&page[from..to]);
+    };
+    for (w, (a, b)) in twin.chunks_exact(WORD).zip(page.chunks_exact(WORD)).enumerate() {
+        if a == b {
+            if let Some(from) = run.take() {
+                close(out, from, w * WORD);
+            }
+            continue;
+        }
+        for i in 0..WORD {
+            let at = w * WORD + i;
+            match (a[i] != b[i], run) {
+                (true, None) => run = Some(at),
+                (false, Some(from)) => {
+                    close(out, from, at);
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+    }
+    if let Some(from) = run {
+        close(out, from, PAGE_SIZE);
+    }
+    out.len() - start
+}
+
+/// Applies `diff` to `page`; returns the number of bytes written.
+pub fn apply(page: &mut [u8], diff: &[u8]) -> Result<usize, DiffError> {
+    let mut at = 0;
+    let mut next_free = 0; // runs must not overlap or go backwards
+    let mut written = 0;
+    while at < diff.len() {
+        let header = diff
+            .get(at..at + RUN_HEADER)
+            .ok_or(DiffError::Truncated { at })?;
+        let offset = u16::from_le_bytes([header[0], header[1]]) as usize;
+        let len = u16::from_le_bytes([header[2], header[3]]) as usize;
+        if len == 0 || offset < next_free || offset + len > page.len() {
+            return Err(DiffError::OutOfOrder { offset, len });
+        }
+        let bytes = diff
+            .get(at + RUN_HEADER..at + RUN_HEADER + len)
+            .ok_or(DiffError::Truncated { at })?;
+        page[offset..offset + len].copy_from_slice(bytes);
+        written += len;
+        next_free = offset + len;
+        at += RUN_HEADER + len;
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn page(rng: &mut StdRng) -> Vec<u8> {
+        (0..PAGE_SIZE).map(|_| rng.random()).collect()
+    }
+
+    #[test]
+    fn identical_pages_give_an_empty_diff() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let p = page(&mut rng);
+        let mut out = Vec::new();
+        assert_eq!(encode(&p, &p, &mut out), 0);
+        let mut q = p.clone();
+        assert_eq!(apply(&mut q, &out), Ok(0));
+        assert_eq!(q, p);
+    }
+
+    #[test]
+    fn a_diff_turns_the_twin_into_the_page_and_carries_only_changed_bytes() {
+        let mut rng = StdRng::seed_from_u64(2);
+        for _ in 0..500 {
+            let twin = page(&mut rng);
+            let mut p = twin.clone();
+            for _ in 0..rng.random_range(0..200) {
+                let i = rng.random_range(0..PAGE_SIZE);
+                p[i] = rng.random();
+            }
+            let mut diff = Vec::new();
+            encode(&twin, &p, &mut diff);
+            let mut q = twin.clone();
+            let written = apply(&mut q, &diff).unwrap();
+            assert_eq!(q, p);
+            let really_changed = twin.iter().zip(&p).filter(|(a, b)| a != b).count();
+            assert_eq!(written, really_changed, "a diff carries exactly the changed bytes");
+        }
+    }
+
+    #[test]
+    fn writers_of_disjoint_bytes_merge_in_any_order() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for round in 0..300 {
+            let base = page(&mut rng);
+            let writers = 2 + round % 3;
+            // Every byte belongs to one writer at random, so writers share words but never bytes.
+            let owner: Vec<usize> = (0..PAGE_SIZE).map(|_| rng.random_range(0..writers)).collect();
+            let mut expected = base.clone();
+            let mut diffs = Vec::new();
+            for w in 0..writers {
+                let mut mine = base.clone();
+                for i in 0..PAGE_SIZE {
+                    if owner[i] == w && rng.random_bool(0.3) {
+                        mine[i] = rng.random();
+                        expected[i] = mine[i];
+                    }
+                }
+                let mut d = Vec::new();
+                encode(&base, &mine, &mut d);
+                diffs.push(d);
+            }
+            // Apply in a random order.
+            let mut order: Vec<usize> = (0..writers).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.random_range(0..=i));
+            }
+            let mut home = base.clone();
+            for w in order {
+                apply(&mut home, &diffs[w]).unwrap();
+            }
+            assert_eq!(home, expected, "round {round}");
+        }
+    }
+
+    #[test]
+    fn runs_are_compact() {
+        let twin = vec![0u8; PAGE_SIZE];
+        let mut p = twin.clone();
+        p[100..108].copy_from_slice(&7u64.to_le_bytes().map(|b| b | 1));
+        let mut out = Vec::new();
+        assert_eq!(encode(&twin, &p, &mut out), RUN_HEADER + 8);
+        p[4095] = 1;
+        out.clear();
+        assert_eq!(encode(&twin, &p, &mut out), 2 * RUN_HEADER + 9, "a run at the last byte closes");
+    }
+
+    #[test]
+    fn malformed_diffs_are_errors() {
+        let mut p = vec![0u8; PAGE_SIZE];
+        assert_eq!(apply(&mut p, &[1, 0]), Err(DiffError::Truncated { at: 0 }));
+        assert_eq!(apply(&mut p, &[0, 0, 4, 0, 1]), Err(DiffError::Truncated { at: 0 }));
+        assert!(matches!(apply(&mut p, &[0xff, 0x0f, 2, 0, 1, 1]), Err(DiffError::OutOfOrder { .. })));
+        assert!(matches!(apply(&mut p, &[8, 0, 1, 0, 1, 0, 0, 1, 0, 1]), Err(DiffError::OutOfOrder { .. })));
+        assert!(matches!(apply(&mut p, &[0, 0, 0, 0]), Err(DiffError::OutOfOrder { .. })));
+        // Random bytes never panic and never write outside the page.
+        let mut rng = StdRng::seed_from_u64(4);
+        for _ in 0..20_000 {
+            let n = rng.random_range(0..40);
+            let d: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+            let _ = apply(&mut p, &d);
+        }
+    }
+}
