@@ -28,7 +28,10 @@ impl std::fmt::Display for DiffError {
         match self {
             DiffError::Truncated { at } => write!(f, "diff truncated at byte {at}"),
             DiffError::OutOfOrder { offset, len } => {
-                write!(f, "diff run of {len} bytes at offset {offset} is out of the page or out of order")
+                write!(
+                    f,
+                    "diff run of {len} bytes at offset {offset} is out of the page or out of order"
+                )
             }
         }
     }
@@ -36,7 +39,10 @@ impl std::fmt::Display for DiffError {
 
 /// Appends to `out` the diff that turns `twin` into `page`; returns the number of bytes appended.
 pub fn encode(twin: &[u8], page: &[u8], out: &mut Vec<u8>) -> usize {
-    assert!(twin.len() == PAGE_SIZE && page.len() == PAGE_SIZE, "diffs are of whole pages");
+    assert!(
+        twin.len() == PAGE_SIZE && page.len() == PAGE_SIZE,
+        "diffs are of whole pages"
+    );
     let start = out.len();
     let mut run: Option<usize> = None; // start offset of the open run
     let close = |out: &mut Vec<u8>, from: usize, to: usize| {
@@ -44,7 +50,11 @@ pub fn encode(twin: &[u8], page: &[u8], out: &mut Vec<u8>) -> usize {
         out.extend_from_slice(&((to - from) as u16).to_le_bytes());
         out.extend_from_slice(&page[from..to]);
     };
-    for (w, (a, b)) in twin.chunks_exact(WORD).zip(page.chunks_exact(WORD)).enumerate() {
+    for (w, (a, b)) in twin
+        .chunks_exact(WORD)
+        .zip(page.chunks_exact(WORD))
+        .enumerate()
+    {
         if a == b {
             if let Some(from) = run.take() {
                 close(out, from, w * WORD);
@@ -131,7 +141,10 @@ mod tests {
             let written = apply(&mut q, &diff).unwrap();
             assert_eq!(q, p);
             let really_changed = twin.iter().zip(&p).filter(|(a, b)| a != b).count();
-            assert_eq!(written, really_changed, "a diff carries exactly the changed bytes");
+            assert_eq!(
+                written, really_changed,
+                "a diff carries exactly the changed bytes"
+            );
         }
     }
 
@@ -142,7 +155,9 @@ mod tests {
             let base = page(&mut rng);
             let writers = 2 + round % 3;
             // Every byte belongs to one writer at random, so writers share words but never bytes.
-            let owner: Vec<usize> = (0..PAGE_SIZE).map(|_| rng.random_range(0..writers)).collect();
+            let owner: Vec<usize> = (0..PAGE_SIZE)
+                .map(|_| rng.random_range(0..writers))
+                .collect();
             let mut expected = base.clone();
             let mut diffs = Vec::new();
             for w in 0..writers {
@@ -179,17 +194,33 @@ mod tests {
         assert_eq!(encode(&twin, &p, &mut out), RUN_HEADER + 8);
         p[4095] = 1;
         out.clear();
-        assert_eq!(encode(&twin, &p, &mut out), 2 * RUN_HEADER + 9, "a run at the last byte closes");
+        assert_eq!(
+            encode(&twin, &p, &mut out),
+            2 * RUN_HEADER + 9,
+            "a run at the last byte closes"
+        );
     }
 
     #[test]
     fn malformed_diffs_are_errors() {
         let mut p = vec![0u8; PAGE_SIZE];
         assert_eq!(apply(&mut p, &[1, 0]), Err(DiffError::Truncated { at: 0 }));
-        assert_eq!(apply(&mut p, &[0, 0, 4, 0, 1]), Err(DiffError::Truncated { at: 0 }));
-        assert!(matches!(apply(&mut p, &[0xff, 0x0f, 2, 0, 1, 1]), Err(DiffError::OutOfOrder { .. })));
-        assert!(matches!(apply(&mut p, &[8, 0, 1, 0, 1, 0, 0, 1, 0, 1]), Err(DiffError::OutOfOrder { .. })));
-        assert!(matches!(apply(&mut p, &[0, 0, 0, 0]), Err(DiffError::OutOfOrder { .. })));
+        assert_eq!(
+            apply(&mut p, &[0, 0, 4, 0, 1]),
+            Err(DiffError::Truncated { at: 0 })
+        );
+        assert!(matches!(
+            apply(&mut p, &[0xff, 0x0f, 2, 0, 1, 1]),
+            Err(DiffError::OutOfOrder { .. })
+        ));
+        assert!(matches!(
+            apply(&mut p, &[8, 0, 1, 0, 1, 0, 0, 1, 0, 1]),
+            Err(DiffError::OutOfOrder { .. })
+        ));
+        assert!(matches!(
+            apply(&mut p, &[0, 0, 0, 0]),
+            Err(DiffError::OutOfOrder { .. })
+        ));
         // Random bytes never panic and never write outside the page.
         let mut rng = StdRng::seed_from_u64(4);
         for _ in 0..20_000 {

@@ -3,4 +3,5 @@
 //! perform the actions. See `README.md` in this folder for states, messages and invariants.
 
 pub mod diff;
+pub mod release;
 pub mod swmr;

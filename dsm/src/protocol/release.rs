@@ -1,0 +1,208 @@
+//! Release consistency: home-based lazy release consistency (HLRC), the decisions of one rank.
+//!
+//! A rank's execution is cut into intervals at releases (lock release, barrier arrival). The first write to
+//! a page in an interval is caught by a write-protect fault: a page homed elsewhere gets a twin (a copy to
+//! diff against later); a page homed here is written in place (the home's copy is the master). At a release
+//! every twinned page is diffed and the diff applied at the page's home before the release completes, every
+//! written page is write-protected again, and the interval's pages become a write notice stamped with this
+//! rank's vector clock entry. Acquires (a lock grant, a barrier) bring the notices this rank has not seen:
+//! it invalidates those pages, except pages homed here (their home copy already holds every released write)
+//! and pages only this rank wrote; the next access fetches the whole page from its home. Notices are
+//! dropped at barriers, after which every rank has seen every notice issued before them.
+//!
+//! This module decides; the engine performs. Its test drives whole jobs of ranks through random
+//! interleavings of writes, reads, locks and barriers against a model of the memory.
+
+use crate::types::Rank;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// A page of a region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PageKey {
+    /// The region's id.
+    pub region: u32,
+    /// The page within the region.
+    pub page: u64,
+}
+
+/// Per rank, the number of intervals it has closed that this rank knows of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VectorClock(pub Vec<u32>);
+
+impl VectorClock {
+    /// All zeros for a job of `size` ranks.
+    pub fn new(size: usize) -> VectorClock {
+        VectorClock(vec![0; size])
+    }
+
+    /// Whether the notice's interval is already known.
+    pub fn covers(&self, n: &WriteNotice) -> bool {
+        self.0.get(n.rank.index()).is_some_and(|&i| i >= n.interval)
+    }
+
+    fn learn(&mut self, n: &WriteNotice) {
+        if let Some(i) = self.0.get_mut(n.rank.index()) {
+            *i = (*i).max(n.interval);
+        }
+    }
+}
+
+/// The pages one rank wrote in one interval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteNotice {
+    /// The writer.
+    pub rank: Rank,
+    /// The writer's interval, counted from 1.
+    pub interval: u32,
+    /// The pages written.
+    pub pages: Vec<PageKey>,
+}
+
+/// What the engine does at a write fault on a read-only (or just fetched) page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnWrite {
+    /// Copy the page to a twin, then make it writable.
+    TwinAndUnprotect,
+    /// Make it writable: the page is homed here and written in place.
+    Unprotect,
+}
+
+/// What the engine does at a release, in this order, before the release counts as done.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Release {
+    /// Diff against the twin, send to the home, wait for its acknowledgement, drop the twin.
+    pub diff: Vec<PageKey>,
+    /// Write-protect again (every page written in the interval that is still here).
+    pub protect: Vec<PageKey>,
+    /// The interval's notice, to be made known to the ranks that acquire after this release.
+    pub notice: Option<WriteNotice>,
+}
+
+/// What the engine does at an acquire, before the acquire returns.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Acquire {
+    /// Pages written here in the open interval that others wrote too: diff and send them first (as at a
+    /// release), so that this rank's writes are not lost, then drop them.
+    pub flush: Vec<PageKey>,
+    /// Pages to drop: the next access fetches the whole page from its home.
+    pub invalidate: Vec<PageKey>,
+}
+
+/// One rank's release-consistency state.
+#[derive(Debug, Clone)]
+pub struct RcRank {
+    me: Rank,
+    clock: VectorClock,
+    /// Pages written in the open interval.
+    written: BTreeSet<PageKey>,
+    /// Of those, pages with a twin that still need a diff (homed elsewhere, not flushed).
+    twinned: BTreeSet<PageKey>,
+    /// Notices known here since the last barrier, this rank's own included.
+    known: Vec<WriteNotice>,
+    /// This rank's own notices since the last barrier.
+    own: Vec<WriteNotice>,
+}
+
+impl RcRank {
+    /// The state of `me` in a job of `size` ranks.
+    pub fn new(me: Rank, size: usize) -> RcRank {
+        RcRank {
+            me,
+            clock: VectorClock::new(size),
+            written: BTreeSet::new(),
+            twinned: BTreeSet::new(),
+            known: Vec::new(),
+            own: Vec::new(),
+        }
+    }
+
+    /// This rank's vector clock.
+    pub fn clock(&self) -> &VectorClock {
+        &self.clock
+    }
+
+    /// A write fault on `page` (`homed_here`: this rank is its home). A page written again in the same
+    /// interval after an acquire dropped it (and flushed its writes) is fetched anew and gets a new twin.
+    pub fn on_write(&mut self, page: PageKey, homed_here: bool) -> OnWrite {
+        self.written.insert(page);
+        if homed_here {
+            OnWrite::Unprotect
+        } else {
+            self.twinned.insert(page);
+            OnWrite::TwinAndUnprotect
+        }
+    }
+
+    /// Closes the interval at a release.
+    pub fn release(&mut self) -> Release {
+        if self.written.is_empty() {
+            return Release::default();
+        }
+        let interval = self.clock.0[self.me.index()] + 1;
+        self.clock.0[self.me.index()] = interval;
+        let notice = WriteNotice {
+            rank: self.me,
+            interval,
+            pages: self.written.iter().copied().collect(),
+        };
+        self.known.push(notice.clone());
+        self.own.push(notice.clone());
+        let diff = std::mem::take(&mut self.twinned).into_iter().collect();
+        let protect = std::mem::take(&mut self.written).into_iter().collect();
+        Release {
+            diff,
+            protect,
+            notice: Some(notice),
+        }
+    }
+
+    /// The notices to hand over with a lock this rank releases: every notice it knows since the last
+    /// barrier (the acquirer keeps those its clock does not cover).
+    pub fn notices_to_pass(&self) -> Vec<WriteNotice> {
+        self.known.clone()
+    }
+
+    /// This rank's own notices since the last barrier, to send at barrier arrival.
+    pub fn own_notices(&self) -> &[WriteNotice] {
+        &self.own
+    }
+
+    /// Takes in the notices of a lock grant or a barrier; `homed_here` tells whether a page's home is this
+    /// rank. Pages homed here and notices this rank issued are skipped.
+    pub fn acquire(
+        &mut self,
+        notices: &[WriteNotice],
+        homed_here: impl Fn(PageKey) -> bool,
+    ) -> Acquire {
+        let mut drop: BTreeSet<PageKey> = BTreeSet::new();
+        for n in notices {
+            if self.clock.covers(n) {
+                continue;
+            }
+            self.clock.learn(n);
+            self.known.push(n.clone());
+            if n.rank == self.me {
+                continue;
+            }
+            drop.extend(n.pages.iter().copied().filter(|p| !homed_here(*p)));
+        }
+        let mut out = Acquire::default();
+        for page in drop {
+            if self.twinned.remove(&page) {
+                out.flush.push(page);
+            }
+            out.invalidate.push(page);
+        }
+        out
+    }
+
+    /// After a barrier every rank has seen every notice issued before it: forget them.
+    pub fn collect_garbage(&mut self) {
+        self.known.clear();
+        self.own.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,323 @@
+//! Whole jobs under release consistency, in random interleavings, against a model of the memory.
+//!
+//! Ranks write bytes of shared pages, each byte owned by one rank per barrier phase (so writers share pages
+//! and words but never bytes: the program is data-race-free), and take a lock around a shared counter. The
+//! simulation performs the state machine's actions the way the engine does: twins at first writes, diffs
+//! applied at homes at releases, invalidation (with a flush of this rank's own writes first) at acquires,
+//! whole-page fetches from the home on the next access. Checked at every step:
+//! - inside the lock, the counter holds the last value written under the lock (no stale read after an
+//!   acquire that follows the write's release);
+//! - a rank always reads its own writes;
+//! - after every barrier, every rank reads every byte's last write (no diff lost).
+
+use super::*;
+use crate::protocol::diff;
+use crate::types::PAGE_SIZE;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const COUNTER: usize = 8; // the counter lives in bytes 0..8 of the last page
+
+struct Sim {
+    ranks: usize,
+    pages: usize,
+    master: Vec<Vec<u8>>,
+    local: Vec<Vec<Option<Vec<u8>>>>,
+    twin: Vec<Vec<Option<Vec<u8>>>>,
+    writable: Vec<Vec<bool>>,
+    rc: Vec<RcRank>,
+    model: Vec<Vec<u8>>,
+    owner: Vec<Vec<usize>>,
+    lock_holder: Option<usize>,
+    lock_notices: Vec<WriteNotice>,
+    in_barrier: Vec<bool>,
+    counter_model: u64,
+    checks: u64,
+    diffs_applied: u64,
+}
+
+fn key(p: usize) -> PageKey {
+    PageKey {
+        region: 0,
+        page: p as u64,
+    }
+}
+
+impl Sim {
+    fn new(ranks: usize, pages: usize, rng: &mut StdRng) -> Sim {
+        let mut sim = Sim {
+            ranks,
+            pages,
+            master: vec![vec![0; PAGE_SIZE]; pages],
+            local: vec![vec![None; pages]; ranks],
+            twin: vec![vec![None; pages]; ranks],
+            writable: vec![vec![false; pages]; ranks],
+            rc: (0..ranks)
+                .map(|r| RcRank::new(Rank(r as u32), ranks))
+                .collect(),
+            model: vec![vec![0; PAGE_SIZE]; pages],
+            owner: Vec::new(),
+            lock_holder: None,
+            lock_notices: Vec::new(),
+            in_barrier: vec![false; ranks],
+            counter_model: 0,
+            checks: 0,
+            diffs_applied: 0,
+        };
+        sim.assign_owners(rng);
+        sim
+    }
+
+    fn home(&self, p: usize) -> usize {
+        p % self.ranks
+    }
+
+    fn assign_owners(&mut self, rng: &mut StdRng) {
+        self.owner = (0..self.pages)
+            .map(|p| {
+                (0..PAGE_SIZE)
+                    .map(|b| {
+                        if p == self.pages - 1 && b < COUNTER {
+                            usize::MAX // the counter: written only under the lock
+                        } else {
+                            rng.random_range(0..self.ranks)
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+    }
+
+    fn read(&mut self, r: usize, p: usize, b: usize) -> u8 {
+        if r == self.home(p) {
+            return self.master[p][b];
+        }
+        if self.local[r][p].is_none() {
+            self.local[r][p] = Some(self.master[p].clone()); // whole-page fetch from the home
+            self.writable[r][p] = false;
+        }
+        self.local[r][p].as_ref().unwrap()[b]
+    }
+
+    fn write(&mut self, r: usize, p: usize, b: usize, v: u8) {
+        let homed = r == self.home(p);
+        if !homed {
+            self.read(r, p, b); // a write to an invalid page fetches it first
+        }
+        if !self.writable[r][p] {
+            match self.rc[r].on_write(key(p), homed) {
+                OnWrite::Unprotect => assert!(homed),
+                OnWrite::TwinAndUnprotect => {
+                    assert!(!homed);
+                    self.twin[r][p] = self.local[r][p].clone();
+                }
+            }
+            self.writable[r][p] = true;
+        }
+        if homed {
+            self.master[p][b] = v;
+        } else {
+            self.local[r][p].as_mut().unwrap()[b] = v;
+        }
+    }
+
+    fn send_diff(&mut self, r: usize, p: usize) {
+        let twin = self.twin[r][p]
+            .take()
+            .expect("a diff of a page without a twin");
+        let local = self.local[r][p]
+            .as_ref()
+            .expect("a diff of a page not here");
+        let mut d = Vec::new();
+        diff::encode(&twin, local, &mut d);
+        diff::apply(&mut self.master[p], &d).expect("a well-formed diff");
+        self.diffs_applied += 1;
+    }
+
+    fn release(&mut self, r: usize) -> Option<WriteNotice> {
+        let rel = self.rc[r].release();
+        for k in &rel.diff {
+            self.send_diff(r, k.page as usize);
+        }
+        for k in &rel.protect {
+            self.writable[r][k.page as usize] = false;
+        }
+        rel.notice
+    }
+
+    fn acquire(&mut self, r: usize, notices: &[WriteNotice]) {
+        let ranks = self.ranks;
+        let a = self.rc[r].acquire(notices, |k| k.page as usize % ranks == r);
+        for k in &a.flush {
+            self.send_diff(r, k.page as usize);
+        }
+        for k in &a.invalidate {
+            let p = k.page as usize;
+            assert!(
+                self.twin[r][p].is_none(),
+                "dropping a page whose writes were not sent"
+            );
+            self.local[r][p] = None;
+            self.writable[r][p] = false;
+        }
+    }
+
+    fn check(&mut self, r: usize, p: usize, b: usize) {
+        let got = self.read(r, p, b);
+        assert_eq!(got, self.model[p][b], "rank {r} reads page {p} byte {b}");
+        self.checks += 1;
+    }
+
+    fn counter(&mut self, r: usize) -> u64 {
+        let p = self.pages - 1;
+        u64::from_le_bytes(std::array::from_fn(|i| self.read(r, p, i)))
+    }
+
+    /// One step of rank `r`.
+    fn step(&mut self, r: usize, rng: &mut StdRng) {
+        if self.in_barrier[r] {
+            return;
+        }
+        match rng.random_range(0..10) {
+            0..=4 => {
+                // Write one of my bytes.
+                let p = rng.random_range(0..self.pages);
+                let b = rng.random_range(0..PAGE_SIZE);
+                if self.owner[p][b] == r {
+                    let v: u8 = rng.random();
+                    self.write(r, p, b, v);
+                    self.model[p][b] = v;
+                }
+            }
+            5..=6 => {
+                // Read one of my bytes back.
+                let p = rng.random_range(0..self.pages);
+                let b = rng.random_range(0..PAGE_SIZE);
+                if self.owner[p][b] == r {
+                    self.check(r, p, b);
+                }
+            }
+            7..=8 => {
+                // A critical section on the counter, if the lock is free.
+                if self.lock_holder.is_none() {
+                    self.lock_holder = Some(r);
+                    let notices = self.lock_notices.clone();
+                    self.acquire(r, &notices);
+                    let c = self.counter(r);
+                    assert_eq!(
+                        c, self.counter_model,
+                        "rank {r} read a stale counter after acquiring the lock"
+                    );
+                    let p = self.pages - 1;
+                    for (i, byte) in (c + 1).to_le_bytes().into_iter().enumerate() {
+                        self.write(r, p, i, byte);
+                        self.model[p][i] = byte;
+                    }
+                    self.counter_model = c + 1;
+                    self.release(r);
+                    self.lock_notices = self.rc[r].notices_to_pass();
+                    self.lock_holder = None;
+                    self.checks += 1;
+                }
+            }
+            _ => {
+                // Arrive at the barrier (a release), then wait for the others.
+                self.release(r);
+                self.in_barrier[r] = true;
+                if self.in_barrier.iter().all(|b| *b) {
+                    self.complete_barrier(rng);
+                }
+            }
+        }
+    }
+
+    fn complete_barrier(&mut self, rng: &mut StdRng) {
+        let all: Vec<WriteNotice> = (0..self.ranks)
+            .flat_map(|r| self.rc[r].own_notices().to_vec())
+            .collect();
+        for r in 0..self.ranks {
+            self.acquire(r, &all);
+        }
+        for r in 0..self.ranks {
+            self.rc[r].collect_garbage();
+            self.in_barrier[r] = false;
+        }
+        self.lock_notices.clear();
+        // Everything before the barrier happens before everything after it: every rank sees every byte.
+        for r in 0..self.ranks {
+            for p in 0..self.pages {
+                for b in 0..PAGE_SIZE {
+                    self.check(r, p, b);
+                }
+            }
+        }
+        self.assign_owners(rng);
+    }
+}
+
+#[test]
+fn a_rank_that_acquires_invalidates_what_others_wrote_except_its_home_pages() {
+    let mut a = RcRank::new(Rank(0), 2);
+    let mut b = RcRank::new(Rank(1), 2);
+    assert_eq!(b.on_write(key(3), false), OnWrite::TwinAndUnprotect);
+    assert_eq!(b.on_write(key(4), true), OnWrite::Unprotect);
+    let rel = b.release();
+    assert_eq!(
+        rel.diff,
+        vec![key(3)],
+        "only the page homed elsewhere is diffed"
+    );
+    assert_eq!(rel.protect, vec![key(3), key(4)]);
+    let notice = rel.notice.unwrap();
+    assert_eq!((notice.rank, notice.interval), (Rank(1), 1));
+    // Rank 0 is the home of page 4 (even pages here): it keeps it.
+    let acq = a.acquire(&b.notices_to_pass(), |k| k.page % 2 == 0);
+    assert_eq!(acq.invalidate, vec![key(3)]);
+    assert!(acq.flush.is_empty());
+    // The same notices again change nothing.
+    assert_eq!(
+        a.acquire(&b.notices_to_pass(), |_| false),
+        Acquire::default()
+    );
+    assert_eq!(a.clock().0, vec![0, 1]);
+}
+
+#[test]
+fn a_page_written_here_and_elsewhere_is_flushed_before_it_is_dropped() {
+    let mut a = RcRank::new(Rank(0), 2);
+    let mut b = RcRank::new(Rank(1), 2);
+    a.on_write(key(1), false);
+    b.on_write(key(1), false);
+    let notices = {
+        b.release();
+        b.notices_to_pass()
+    };
+    let acq = a.acquire(&notices, |_| false);
+    assert_eq!(acq.flush, vec![key(1)]);
+    assert_eq!(acq.invalidate, vec![key(1)]);
+    // The page stays in the interval's notice, but needs no second diff unless written again.
+    let rel = a.release();
+    assert!(rel.diff.is_empty());
+    assert_eq!(rel.notice.unwrap().pages, vec![key(1)]);
+}
+
+#[test]
+fn randomized_jobs_never_read_stale_data_or_lose_a_diff() {
+    let (mut checks, mut diffs) = (0, 0);
+    for seed in 0..60u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let ranks = 2 + (seed % 3) as usize;
+        let pages = 1 + (seed % 4) as usize;
+        let mut sim = Sim::new(ranks, pages, &mut rng);
+        for _ in 0..3000 {
+            let r = rng.random_range(0..ranks);
+            sim.step(r, &mut rng);
+        }
+        checks += sim.checks;
+        diffs += sim.diffs_applied;
+    }
+    assert!(
+        checks > 100_000 && diffs > 1_000,
+        "checks {checks}, diffs {diffs}"
+    );
+}
