@@ -1,18 +1,25 @@
 //! Diffs of a page against its twin, for release consistency: the bytes a rank changed in an interval,
 //! encoded compactly, to be applied at the page's home.
 //!
-//! Pages are compared a word (8 bytes) at a time, and runs are cut at byte precision: a diff never carries
-//! a byte its writer did not change. That is what lets several ranks write disjoint bytes of one page, even
-//! of one word, and have all their writes merged at the home in any order.
+//! Pages are compared a word (8 bytes) at a time, and changes are recorded at byte precision: a diff never
+//! carries a byte its writer did not change. That is what lets several ranks write disjoint bytes of one
+//! page, even of one word, and have all their writes merged at the home in any order.
 //!
-//! Encoding: a sequence of runs, each `[u16 LE offset][u16 LE length][length bytes]`, in increasing offset
-//! order, non-overlapping. An empty diff is zero bytes. Decoding checks every bound: a malformed diff is an
-//! error, never a panic or a write outside the page.
+//! Encoding, whichever of two is smaller (an empty diff is zero bytes):
+//! - runs: `[0]`, then runs `[u16 LE offset][u16 LE length][length bytes]` in increasing offset order,
+//!   non-overlapping: compact for a few contiguous changes;
+//! - masked: `[1]`, then a bit per byte of the page (512 bytes; bit `i % 8` of byte `i / 8` is set when byte
+//!   `i` changed), then the changed bytes in order: at most 513 + 4096 bytes however scattered the changes.
+//!
+//! Decoding checks every bound: a malformed diff is an error, never a panic or a write outside the page.
 
 use crate::types::PAGE_SIZE;
 
 const RUN_HEADER: usize = 4;
 const WORD: usize = 8;
+const RUNS: u8 = 0;
+const MASKED: u8 = 1;
+const MASK_BYTES: usize = PAGE_SIZE / 8;
 
 /// Why a diff could not be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,17 +28,23 @@ pub enum DiffError {
     Truncated { at: usize },
     /// A run reaches past the end of the page, or overlaps or precedes the previous run.
     OutOfOrder { offset: usize, len: usize },
+    /// The first byte names no encoding.
+    UnknownEncoding(u8),
+    /// A masked diff has a different number of bytes than its mask has bits set.
+    MaskMismatch,
 }
 
 impl std::fmt::Display for DiffError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DiffError::Truncated { at } => write!(f, "diff truncated at byte {at}"),
-            DiffError::OutOfOrder { offset, len } => {
-                write!(
-                    f,
-                    "diff run of {len} bytes at offset {offset} is out of the page or out of order"
-                )
+            DiffError::OutOfOrder { offset, len } => write!(
+                f,
+                "diff run of {len} bytes at offset {offset} is out of the page or out of order"
+            ),
+            DiffError::UnknownEncoding(t) => write!(f, "diff encoding {t} is unknown"),
+            DiffError::MaskMismatch => {
+                write!(f, "masked diff does not have one byte per bit of its mask")
             }
         }
     }
@@ -44,6 +57,20 @@ pub fn encode(twin: &[u8], page: &[u8], out: &mut Vec<u8>) -> usize {
         "diffs are of whole pages"
     );
     let start = out.len();
+    out.push(RUNS);
+    let changed = encode_runs(twin, page, out);
+    if changed == 0 {
+        out.truncate(start);
+    } else if out.len() - start > 1 + MASK_BYTES + changed {
+        out.truncate(start);
+        encode_masked(twin, page, out);
+    }
+    out.len() - start
+}
+
+/// Appends the runs encoding (after its tag); returns the number of changed bytes.
+fn encode_runs(twin: &[u8], page: &[u8], out: &mut Vec<u8>) -> usize {
+    let mut changed = 0;
     let mut run: Option<usize> = None; // start offset of the open run
     let close = |out: &mut Vec<u8>, from: usize, to: usize| {
         out.extend_from_slice(&(from as u16).to_le_bytes());
@@ -63,7 +90,9 @@ pub fn encode(twin: &[u8], page: &[u8], out: &mut Vec<u8>) -> usize {
         }
         for i in 0..WORD {
             let at = w * WORD + i;
-            match (a[i] != b[i], run) {
+            let differs = a[i] != b[i];
+            changed += usize::from(differs);
+            match (differs, run) {
                 (true, None) => run = Some(at),
                 (false, Some(from)) => {
                     close(out, from, at);
@@ -76,11 +105,33 @@ pub fn encode(twin: &[u8], page: &[u8], out: &mut Vec<u8>) -> usize {
     if let Some(from) = run {
         close(out, from, PAGE_SIZE);
     }
-    out.len() - start
+    changed
+}
+
+/// Appends the masked encoding, tag included.
+fn encode_masked(twin: &[u8], page: &[u8], out: &mut Vec<u8>) {
+    out.push(MASKED);
+    let mask_at = out.len();
+    out.resize(mask_at + MASK_BYTES, 0);
+    for (i, (a, b)) in twin.iter().zip(page).enumerate() {
+        if a != b {
+            out[mask_at + i / 8] |= 1 << (i % 8);
+            out.push(*b);
+        }
+    }
 }
 
 /// Applies `diff` to `page`; returns the number of bytes written.
 pub fn apply(page: &mut [u8], diff: &[u8]) -> Result<usize, DiffError> {
+    match diff.split_first() {
+        None => Ok(0),
+        Some((&RUNS, runs)) => apply_runs(page, runs),
+        Some((&MASKED, rest)) => apply_masked(page, rest),
+        Some((&tag, _)) => Err(DiffError::UnknownEncoding(tag)),
+    }
+}
+
+fn apply_runs(page: &mut [u8], diff: &[u8]) -> Result<usize, DiffError> {
     let mut at = 0;
     let mut next_free = 0; // runs must not overlap or go backwards
     let mut written = 0;
@@ -102,6 +153,27 @@ pub fn apply(page: &mut [u8], diff: &[u8]) -> Result<usize, DiffError> {
         at += RUN_HEADER + len;
     }
     Ok(written)
+}
+
+fn apply_masked(page: &mut [u8], diff: &[u8]) -> Result<usize, DiffError> {
+    let mask = diff
+        .get(..MASK_BYTES)
+        .ok_or(DiffError::Truncated { at: 0 })?;
+    let bytes = &diff[MASK_BYTES..];
+    let set: usize = mask.iter().map(|m| m.count_ones() as usize).sum();
+    if set != bytes.len() || page.len() < PAGE_SIZE {
+        return Err(DiffError::MaskMismatch);
+    }
+    let mut next = bytes.iter();
+    for (i, m) in mask.iter().enumerate() {
+        let mut m = *m;
+        while m != 0 {
+            let bit = m.trailing_zeros() as usize;
+            page[i * 8 + bit] = *next.next().ok_or(DiffError::MaskMismatch)?;
+            m &= m - 1;
+        }
+    }
+    Ok(set)
 }
 
 #[cfg(test)]
@@ -191,36 +263,68 @@ mod tests {
         let mut p = twin.clone();
         p[100..108].copy_from_slice(&7u64.to_le_bytes().map(|b| b | 1));
         let mut out = Vec::new();
-        assert_eq!(encode(&twin, &p, &mut out), RUN_HEADER + 8);
+        assert_eq!(encode(&twin, &p, &mut out), 1 + RUN_HEADER + 8);
         p[4095] = 1;
         out.clear();
         assert_eq!(
             encode(&twin, &p, &mut out),
-            2 * RUN_HEADER + 9,
+            1 + 2 * RUN_HEADER + 9,
             "a run at the last byte closes"
         );
+        // Scattered changes switch to the masked encoding, which never exceeds mask + page.
+        for (i, b) in p.iter_mut().enumerate() {
+            if i % 2 == 0 {
+                *b = 9;
+            }
+        }
+        out.clear();
+        let n = encode(&twin, &p, &mut out);
+        assert_eq!(out[0], MASKED);
+        let changed = twin.iter().zip(&p).filter(|(a, b)| a != b).count();
+        assert!(changed > PAGE_SIZE / 2);
+        assert_eq!(n, 1 + MASK_BYTES + changed);
+        let mut q = twin.clone();
+        assert_eq!(apply(&mut q, &out), Ok(changed));
+        assert_eq!(q, p);
     }
 
     #[test]
     fn malformed_diffs_are_errors() {
         let mut p = vec![0u8; PAGE_SIZE];
-        assert_eq!(apply(&mut p, &[1, 0]), Err(DiffError::Truncated { at: 0 }));
         assert_eq!(
-            apply(&mut p, &[0, 0, 4, 0, 1]),
+            apply(&mut p, &[RUNS, 1, 0]),
             Err(DiffError::Truncated { at: 0 })
         );
+        assert_eq!(
+            apply(&mut p, &[RUNS, 0, 0, 4, 0, 1]),
+            Err(DiffError::Truncated { at: 0 })
+        );
+        let past_end = [RUNS, 0xff, 0x0f, 2, 0, 1, 1];
         assert!(matches!(
-            apply(&mut p, &[0xff, 0x0f, 2, 0, 1, 1]),
+            apply(&mut p, &past_end),
+            Err(DiffError::OutOfOrder { .. })
+        ));
+        let backwards = [RUNS, 8, 0, 1, 0, 1, 0, 0, 1, 0, 1];
+        assert!(matches!(
+            apply(&mut p, &backwards),
             Err(DiffError::OutOfOrder { .. })
         ));
         assert!(matches!(
-            apply(&mut p, &[8, 0, 1, 0, 1, 0, 0, 1, 0, 1]),
+            apply(&mut p, &[RUNS, 0, 0, 0, 0]),
             Err(DiffError::OutOfOrder { .. })
         ));
-        assert!(matches!(
-            apply(&mut p, &[0, 0, 0, 0]),
-            Err(DiffError::OutOfOrder { .. })
-        ));
+        assert_eq!(apply(&mut p, &[7]), Err(DiffError::UnknownEncoding(7)));
+        assert_eq!(
+            apply(&mut p, &[MASKED, 1, 2]),
+            Err(DiffError::Truncated { at: 0 })
+        );
+        let mut masked = vec![MASKED];
+        masked.extend_from_slice(&[0xff; MASK_BYTES]);
+        assert_eq!(
+            apply(&mut p, &masked),
+            Err(DiffError::MaskMismatch),
+            "a mask with no bytes"
+        );
         // Random bytes never panic and never write outside the page.
         let mut rng = StdRng::seed_from_u64(4);
         for _ in 0..20_000 {
