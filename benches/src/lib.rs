@@ -13,6 +13,11 @@ use std::time::{Duration, Instant};
 /// When run directly (not as a rank), launches this program as a job of `ranks` processes and exits with
 /// the job's status. Returns when this process is a rank.
 pub fn run_as_job(ranks: usize) {
+    run_as_job_of(ranks)
+}
+
+/// `run_as_job` for a size chosen on the command line.
+pub fn run_as_job_of(ranks: usize) {
     if std::env::var_os("DSM_RANK").is_some() {
         return;
     }

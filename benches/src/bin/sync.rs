@@ -1,0 +1,103 @@
+//! Distributed locks and barriers: uncontended remote lock acquire+release, contended lock handoff, and
+//! barrier latency, beside the raw TCP round trip between two ranks measured in the same run.
+//!
+//! Run: `cargo run --release --bin sync -- [--ranks N] [--json]` (it launches itself as N ranks, 2 by
+//! default; the docs record 2, 3 and 4).
+
+use clap::Parser;
+use dsm::Rank;
+use dsm_benches::{quantile, raw_link, report, run_as_job_of, us, Measurement};
+use std::time::Instant;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// One JSON object per result instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Ranks in the job.
+    #[arg(long, default_value_t = 2)]
+    ranks: usize,
+    /// Operations per measurement.
+    #[arg(long, default_value_t = 2000)]
+    ops: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    run_as_job_of(args.ranks);
+    let rt = dsm_runtime::Runtime::init()?;
+    let dsm = rt.dsm();
+    let (me, n) = (dsm.rank(), dsm.size());
+    let mut link = raw_link(dsm)?;
+    let mut raw = link.round_trips(args.ops, 64, 4096)?;
+    dsm.barrier()?;
+
+    // Uncontended: rank 0 takes and releases a lock homed at rank 1 while the others wait at a barrier.
+    let mut uncontended = Vec::new();
+    if me == Rank(0) {
+        for _ in 0..args.ops {
+            let t = Instant::now();
+            drop(dsm.lock(1)?); // lock 1 is homed at rank 1 (id % size)
+            uncontended.push(us(t.elapsed()));
+        }
+    }
+    dsm.barrier()?;
+
+    // Contended: every rank takes lock 1 in turn, `ops` times in all; time per handoff.
+    let per_rank = args.ops / n;
+    let t = Instant::now();
+    for _ in 0..per_rank {
+        drop(dsm.lock(1)?);
+    }
+    dsm.barrier()?;
+    let handoff = us(t.elapsed()) / (per_rank * n) as f64;
+
+    // Barriers back to back.
+    let t = Instant::now();
+    for _ in 0..args.ops {
+        dsm.barrier()?;
+    }
+    let barrier = us(t.elapsed()) / args.ops as f64;
+
+    if me == Rank(0) {
+        let floor = quantile(&mut raw, 0.5);
+        let name = "raw TCP round trip 64 B / 4 KiB";
+        let out = vec![
+            Measurement::new(
+                "raw TCP round trip, median",
+                floor,
+                "us",
+                floor,
+                name,
+                "(floor)",
+            ),
+            Measurement::new(
+                "uncontended remote lock acquire+release, median",
+                quantile(&mut uncontended, 0.5),
+                "us",
+                floor,
+                name,
+                &format!("<= 2.5 floors = {:.1}", 2.5 * floor),
+            ),
+            Measurement::new(
+                &format!("contended lock handoff, {n} ranks"),
+                handoff,
+                "us",
+                floor,
+                name,
+                "",
+            ),
+            Measurement::new(
+                &format!("barrier, {n} ranks"),
+                barrier,
+                "us",
+                floor,
+                name,
+                if n == 4 { "<= 4 floors" } else { "" },
+            ),
+        ];
+        report(&out, args.json);
+    }
+    rt.finish()?;
+    Ok(())
+}
