@@ -205,3 +205,33 @@ fn a_job_runs_without_root() {
     );
     assert!(stdout.contains("rank 0 of 1 sees [1000]"), "{stdout}");
 }
+
+#[test]
+fn jacobi_matches_a_single_rank_run() {
+    let jacobi = env!("CARGO_BIN_EXE_jacobi");
+    let args = ["--n", "96", "--iters", "30"];
+    let checksum = |out: &str| {
+        out.lines()
+            .find_map(|l| l.split_once("checksum ").map(|(_, c)| c.to_string()))
+            .unwrap_or_else(|| panic!("no checksum in:\n{out}"))
+    };
+    let (one, out1) = job(jacobi, 1, &args);
+    assert_eq!(one.code, 0, "{out1}");
+    let expected = checksum(&out1);
+    for n in [2, 3, 4] {
+        let (o, out) = job(jacobi, n, &args);
+        assert_eq!(o.code, 0, "{out}");
+        assert_eq!(checksum(&out), expected, "jacobi at {n} ranks");
+    }
+    // The relaxation really ran: heat spread from the top edge into the grid.
+    let bits = expected
+        .split("bits ")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(')');
+    let sum = f64::from_bits(u64::from_str_radix(bits.trim_start_matches("0x"), 16).unwrap());
+    assert!(
+        sum > 96.0 + 1.0,
+        "checksum {sum}: more than the top edge alone"
+    );
+}
