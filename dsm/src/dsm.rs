@@ -5,7 +5,8 @@
 use crate::channel::{Channels, RecvError};
 use crate::engine::{Engine, ServicePriority, MAX_READAHEAD};
 use crate::error::{DsmError, Result};
-use crate::region::{Arena, GlobalVec, Placement, Region, RegionShared};
+use crate::protocol::release::RcRank;
+use crate::region::{Arena, Consistency, GlobalVec, Placement, Region, RegionShared};
 use crate::stats::{Counters, Stats};
 use crate::transport::{local::local_cluster, Transport};
 use crate::types::{Rank, PAGE_SIZE};
@@ -48,6 +49,8 @@ pub(crate) struct Shared {
     pub(crate) service_priority: ServicePriority,
     uffd: OnceLock<Uffd>,
     regions: RwLock<Vec<Option<Weak<RegionShared>>>>,
+    /// Release consistency: this rank's intervals, vector clock and write notices.
+    pub(crate) rc: Mutex<RcRank>,
     arena: Mutex<Option<Arena>>,
     arena_base: Option<usize>,
     arena_size: usize,
@@ -75,6 +78,16 @@ impl Shared {
         regions.get(id as usize)?.as_ref()?.upgrade()
     }
 
+    /// Every live region of this rank.
+    pub(crate) fn regions_snapshot(&self) -> Vec<Arc<RegionShared>> {
+        let regions = self.regions.read().unwrap_or_else(|p| p.into_inner());
+        regions
+            .iter()
+            .flatten()
+            .filter_map(|w| w.upgrade())
+            .collect()
+    }
+
     pub(crate) fn forget_region(&self, id: u32) {
         let mut regions = self.regions.write().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = regions.get_mut(id as usize) {
@@ -97,12 +110,40 @@ impl Shared {
     /// A barrier whose `tag` must be equal on every rank.
     pub(crate) fn barrier_tagged(&self, tag: u64) -> Result<(), DsmError> {
         let t0 = Instant::now();
+        // A barrier is a release (this rank's writes reach their homes) and then an acquire (every rank's
+        // write notices come back with the barrier).
+        crate::rc::release(self)?;
+        let own = crate::rc::encode_notices(
+            self.rc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .own_notices(),
+        );
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
         let root = Rank(0);
         let mut ch = self.channels.claim_for_wait();
-        let (reply, _, _) = ch
-            .call(&self.counters, root, &Request::Barrier { epoch, tag })
+        ch.send(
+            &self.counters,
+            root,
+            &Request::Barrier { epoch, tag },
+            &[&own],
+        )
+        .map_err(|e| self.peer_error(root, crate::channel::RecvError::Sys(e)))?;
+        let (reply, payload, _) = ch
+            .recv(&self.counters, root)
             .map_err(|e| self.peer_error(root, e))?;
+        let notices = match reply {
+            Reply::BarrierDone => Some(crate::rc::decode_notices(payload, root)?),
+            _ => None,
+        };
+        drop(ch);
+        if let Some(notices) = notices {
+            crate::rc::acquire(self, &notices)?;
+            self.rc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .collect_garbage();
+        }
         Counters::add(&self.counters.barriers, 1);
         Counters::add(
             &self.counters.barrier_wait_ns,
@@ -281,6 +322,7 @@ impl DsmBuilder {
             service_priority: self.service_priority,
             uffd: OnceLock::new(),
             regions: RwLock::new(Vec::new()),
+            rc: Mutex::new(RcRank::new(self.rank, self.size)),
             arena: Mutex::new(None),
             arena_base: self.arena_base,
             arena_size: self.arena_size,
@@ -328,13 +370,24 @@ impl Drop for LockGuard<'_> {
     fn drop(&mut self) {
         let s = &self.dsm.shared;
         let home = self.dsm.lock_home(self.id);
+        // Releasing a lock is a release point: this rank's writes reach their homes first, and its write
+        // notices go to the lock's next holder.
+        if let Err(e) = crate::rc::release(s) {
+            eprintln!("dsm: {}: releasing lock {}: {e}", s.me, self.id);
+        }
+        let notices = crate::rc::encode_notices(
+            &s.rc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .notices_to_pass(),
+        );
         let ch = s.channels.claim();
         // A failed release means the home is gone; its failure is reported by the service loop.
         let _ = ch.send(
             &s.counters,
             home,
             &Request::LockRelease { lock: self.id },
-            &[],
+            &[&notices],
         );
     }
 }
@@ -395,11 +448,18 @@ impl Dsm {
         let home = self.lock_home(id);
         let s = &self.shared;
         let mut ch = s.channels.claim_for_wait();
-        let (reply, _, _) = ch
+        let (reply, payload, _) = ch
             .call(&s.counters, home, &Request::LockAcquire { lock: id })
             .map_err(|e| s.peer_error(home, e))?;
+        let notices = match reply {
+            Reply::LockGranted => crate::rc::decode_notices(payload, home)?,
+            _ => Vec::new(),
+        };
+        drop(ch);
         match reply {
             Reply::LockGranted => {
+                // Acquiring a lock is an acquire point: drop the pages the notices name.
+                crate::rc::acquire(s, &notices)?;
                 Counters::add(&s.counters.lock_acquires, 1);
                 Counters::add(&s.counters.lock_wait_ns, t0.elapsed().as_nanos() as u64);
                 Ok(LockGuard { dsm: self, id })
@@ -487,6 +547,16 @@ impl Dsm {
     /// Allocates a shared region of at least `bytes` bytes, collectively: every rank calls `alloc` with the
     /// same arguments in the same order and gets the same address.
     pub fn alloc(&self, bytes: usize, placement: Placement) -> Result<Region<'_>> {
+        self.alloc_with(bytes, placement, Consistency::Sequential)
+    }
+
+    /// Allocates a shared region with the given memory model, collectively (see [`Dsm::alloc`]).
+    pub fn alloc_with(
+        &self,
+        bytes: usize,
+        placement: Placement,
+        consistency: Consistency,
+    ) -> Result<Region<'_>> {
         let s = &self.shared;
         if let Placement::At(r) = placement {
             if r.index() >= s.size {
@@ -500,7 +570,11 @@ impl Dsm {
         let uffd = s.uffd()?.raw_fd();
         let len = bytes.max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE;
         let id = self.allocated.fetch_add(1, Ordering::Relaxed);
-        let tag = (u64::from(id) << 48) ^ (len as u64) ^ placement.code().rotate_left(40);
+        let model = match consistency {
+            Consistency::Sequential => 0,
+            Consistency::Release => 1u64 << 47,
+        };
+        let tag = (u64::from(id) << 48) ^ (len as u64) ^ placement.code().rotate_left(40) ^ model;
         s.barrier_tagged(tag)?;
         let addr = {
             let mut arena = s.arena.lock().unwrap_or_else(|p| p.into_inner());
@@ -511,6 +585,7 @@ impl Dsm {
             addr,
             len,
             placement,
+            consistency,
             uffd,
             s.clone(),
         )?);
@@ -530,6 +605,23 @@ impl Dsm {
     /// Allocates a shared array of `len` elements with cyclic page placement, collectively.
     pub fn alloc_vec<T: bytemuck::Pod>(&self, len: usize) -> Result<GlobalVec<'_, T>> {
         self.alloc_vec_with(len, Placement::Cyclic)
+    }
+
+    /// Allocates a shared array of `len` elements with the given page placement and memory model,
+    /// collectively.
+    pub fn alloc_vec_in<T: bytemuck::Pod>(
+        &self,
+        len: usize,
+        placement: Placement,
+        consistency: Consistency,
+    ) -> Result<GlobalVec<'_, T>> {
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
+            DsmError::Config(format!("{len} elements overflow the address space"))
+        })?;
+        Ok(GlobalVec::new(
+            self.alloc_with(bytes, placement, consistency)?,
+            len,
+        ))
     }
 
     /// Allocates a shared array of `len` elements with the given page placement, collectively.

@@ -14,6 +14,7 @@ use crate::fault::{set_state, unlock_slot};
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
 use crate::region::{
     RegionShared, BUSY, DEFERRED, INVALID, LOCKED, QUEUED, READ_ONLY, READ_WRITE, STATE_MASK,
+    WRITTEN,
 };
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
@@ -29,6 +30,9 @@ use std::sync::Arc;
 
 /// The most pages one read-ahead reply carries.
 pub(crate) const MAX_READAHEAD: u32 = 256;
+
+/// The largest request frame a service loop accepts (requests carry diffs and write notices).
+const MAX_REQUEST: usize = 16 << 20;
 
 const WAKER: u64 = u64::MAX;
 
@@ -46,6 +50,8 @@ struct Conn {
 struct LockServer {
     held: bool,
     waiters: VecDeque<usize>,
+    /// Release consistency: the write notices the last holder passed on (encoded), for the next holder.
+    notices: Vec<u8>,
 }
 
 /// The state of the service loop of one rank.
@@ -58,9 +64,11 @@ pub(crate) struct Engine {
     queues: HashMap<(u32, u64), VecDeque<(usize, Request)>>,
     locks: HashMap<u64, LockServer>,
     /// Leaf requests waiting for this rank to finish installing the page they name.
-    deferred: Vec<(usize, Request)>,
+    deferred: Vec<(usize, Request, Vec<u8>)>,
     /// Barrier arrivals at rank 0: (connection, epoch, tag).
     arrivals: Vec<(usize, u64, u64)>,
+    /// Release consistency: the write notices the arrivals brought, for everyone at the barrier's end.
+    arrival_notices: Vec<crate::protocol::release::WriteNotice>,
     scratch: Vec<u8>,
 }
 
@@ -99,6 +107,7 @@ impl Engine {
             locks: HashMap::new(),
             deferred: Vec::new(),
             arrivals: Vec::new(),
+            arrival_notices: Vec::new(),
             scratch: vec![0; PAGE_SIZE],
         })
     }
@@ -126,8 +135,8 @@ impl Engine {
                         return;
                     }
                     self.serve_all_queues();
-                    for (idx, req) in std::mem::take(&mut self.deferred) {
-                        self.handle(idx, req);
+                    for (idx, req, payload) in std::mem::take(&mut self.deferred) {
+                        self.handle(idx, req, payload);
                     }
                 } else {
                     self.read_conn(ev.data() as usize);
@@ -146,6 +155,12 @@ impl Engine {
                 return;
             }
             let filled = conn.filled;
+            if filled == conn.buf.len() {
+                // A frame larger than the buffer (a diff, write notices): grow; the frame's length is
+                // checked against MAX_REQUEST when it is parsed.
+                let grown = (conn.buf.len() * 2).min(4 + MAX_REQUEST).max(filled + 1);
+                conn.buf.resize(grown, 0);
+            }
             match recv(
                 conn.fd.as_raw_fd(),
                 &mut conn.buf[filled..],
@@ -179,19 +194,19 @@ impl Engine {
             if conn.filled < 4 {
                 return Ok(());
             }
-            let max = conn.buf.len() - 4;
-            let n = wire::body_len(conn.buf[..4].try_into().expect("4 bytes"), max)
+            let n = wire::body_len(conn.buf[..4].try_into().expect("4 bytes"), MAX_REQUEST)
                 .map_err(|e| format!("malformed frame: {e}"))?;
             if conn.filled < 4 + n {
                 return Ok(());
             }
-            let (req, _payload) = wire::decode::<Request>(&conn.buf[4..4 + n])
+            let (req, payload) = wire::decode::<Request>(&conn.buf[4..4 + n])
                 .map_err(|e| format!("malformed frame: {e}"))?;
+            let payload = payload.to_vec();
             let conn = &mut self.conns[idx];
             conn.buf.copy_within(4 + n..conn.filled, 0);
             conn.filled -= 4 + n;
             Counters::add(&self.shared.counters.messages_received, 1);
-            self.handle(idx, req);
+            self.handle(idx, req, payload);
         }
     }
 
@@ -247,7 +262,7 @@ impl Engine {
         }
     }
 
-    fn handle(&mut self, idx: usize, req: Request) {
+    fn handle(&mut self, idx: usize, req: Request, payload: Vec<u8>) {
         match req {
             Request::Acquire { region, page, .. } => {
                 let Some(r) = self.region_for(idx, region, page) else {
@@ -300,20 +315,34 @@ impl Engine {
                     l.waiters.push_back(idx);
                 } else {
                     l.held = true;
-                    self.reply(idx, &Reply::LockGranted, &[]);
+                    let notices = l.notices.clone();
+                    self.reply(idx, &Reply::LockGranted, &[&notices]);
                 }
             }
             Request::LockRelease { lock } => {
                 let next = self.locks.get_mut(&lock).and_then(|l| {
+                    l.notices = payload;
                     let next = l.waiters.pop_front();
                     l.held = next.is_some();
-                    next
+                    next.map(|w| (w, l.notices.clone()))
                 });
-                if let Some(w) = next {
-                    self.reply(w, &Reply::LockGranted, &[]);
+                if let Some((w, notices)) = next {
+                    self.reply(w, &Reply::LockGranted, &[&notices]);
                 }
             }
-            Request::Barrier { epoch, tag } => self.barrier(idx, epoch, tag),
+            Request::Barrier { epoch, tag } => self.barrier(idx, epoch, tag, payload),
+            Request::FetchPage { region, page } => {
+                let Some(r) = self.region_for(idx, region, page) else {
+                    return;
+                };
+                self.fetch_page(idx, &r, page);
+            }
+            Request::Diff { region, page } => {
+                let Some(r) = self.region_for(idx, region, page) else {
+                    return;
+                };
+                self.apply_diff(idx, &r, page, payload);
+            }
             Request::ArenaBase => {
                 let reply = match self.shared.arena_base() {
                     Some((base, size)) => Reply::Arena {
@@ -351,7 +380,7 @@ impl Engine {
         None
     }
 
-    fn barrier(&mut self, idx: usize, epoch: u64, tag: u64) {
+    fn barrier(&mut self, idx: usize, epoch: u64, tag: u64, notices: Vec<u8>) {
         if self.shared.me != Rank(0) {
             self.reply(
                 idx,
@@ -371,10 +400,18 @@ impl Engine {
             self.reply(idx, &Reply::BarrierFailed { rank: dead as u32 }, &[]);
             return;
         }
+        match crate::rc::decode_notices(&notices, self.conns[idx].peer) {
+            Ok(n) => self.arrival_notices.extend(n),
+            Err(e) => {
+                self.close(idx, &e.to_string());
+                return;
+            }
+        }
         self.arrivals.push((idx, epoch, tag));
         if self.arrivals.len() < self.shared.size {
             return;
         }
+        let all = crate::rc::encode_notices(&std::mem::take(&mut self.arrival_notices));
         let arrivals = std::mem::take(&mut self.arrivals);
         let reference = arrivals
             .iter()
@@ -390,7 +427,7 @@ impl Engine {
             None => Reply::BarrierDone,
         };
         for (c, _, _) in arrivals {
-            self.reply(c, &reply, &[]);
+            self.reply(c, &reply, &[&all]);
         }
     }
 
@@ -688,7 +725,7 @@ impl Engine {
                 .compare_exchange(s, s | DEFERRED, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                self.deferred.push((idx, req));
+                self.deferred.push((idx, req, Vec::new()));
                 return true;
             }
         }
@@ -736,6 +773,99 @@ impl Engine {
             self.scratch = owned;
         } else {
             self.reply(idx, &Reply::Ack, &[]);
+        }
+    }
+
+    /// Release consistency, at the home: sends the home's copy of a page (zeros when never touched here). The
+    /// home's own threads may be writing the page meanwhile; see `RegionShared::snapshot_page`.
+    fn fetch_page(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64) {
+        if region.home(page) != self.shared.me {
+            let reason = RefusedReason::WrongRank;
+            self.reply(idx, &Reply::Refused { reason }, &[]);
+            return;
+        }
+        if region.state(page).load(Ordering::Acquire) & STATE_MASK == INVALID {
+            self.reply(
+                idx,
+                &Reply::Done {
+                    data: Data::Zero,
+                    count: 1,
+                },
+                &[],
+            );
+            return;
+        }
+        let mut bytes = std::mem::take(&mut self.scratch);
+        region.snapshot_page(page, &mut bytes);
+        Counters::add(&self.shared.counters.pages_sent, 1);
+        self.reply(idx, &Reply::Page, &[&bytes]);
+        self.scratch = bytes;
+    }
+
+    /// Release consistency, at the home: applies a diff to the home's copy and acknowledges it. The page is
+    /// made writable here if it was not, and then counts as written in the home's own open interval, so that
+    /// the home write-protects it again and announces it at its next release.
+    fn apply_diff(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64, diff: Vec<u8>) {
+        let word = region.state(page);
+        // Exclude this rank's faults on the page while it changes; a fault in progress finishes first.
+        let claimed = loop {
+            let s = word.load(Ordering::Acquire);
+            if s & BUSY != 0 {
+                if word
+                    .compare_exchange(s, s | DEFERRED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    self.deferred.push((
+                        idx,
+                        Request::Diff {
+                            region: region.id,
+                            page,
+                        },
+                        diff,
+                    ));
+                    return;
+                }
+                continue;
+            }
+            if word
+                .compare_exchange(s, s | BUSY, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                break s;
+            }
+        };
+        let made_writable = match claimed & STATE_MASK {
+            INVALID => region.install(page, 1, &ZERO_PAGE, true).map(|_| true),
+            READ_ONLY => region.protect(page, 1, false).map(|_| true),
+            _ => Ok(false),
+        };
+        let result = match made_writable {
+            Err(e) => Err(format!(
+                "making page {page} writable for a diff failed: {e}"
+            )),
+            Ok(made) => {
+                if made {
+                    set_state(word, READ_WRITE);
+                    if word.fetch_or(WRITTEN, Ordering::AcqRel) & WRITTEN == 0 {
+                        region
+                            .dirty
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(page);
+                    }
+                }
+                region
+                    .apply_diff(page, &diff)
+                    .map_err(|e| format!("a diff for page {page}: {e}"))
+            }
+        };
+        crate::fault::release_busy(region, page);
+        match result {
+            Ok(_) => {
+                Counters::add(&self.shared.counters.diffs_applied, 1);
+                self.reply(idx, &Reply::Ack, &[]);
+            }
+            Err(what) => self.close(idx, &what),
         }
     }
 

@@ -13,8 +13,8 @@
 use crate::channel::{Channel, RecvError};
 use crate::protocol::swmr::{self, Access, Data, Decision, Grant};
 use crate::region::{
-    self, RegionShared, BUSY, DEFERRED, INVALID, LOCKED, LOCK_WAITERS, QUEUED, READ_ONLY,
-    READ_WRITE, STATE_MASK, WAITERS,
+    self, Consistency, RegionShared, BUSY, DEFERRED, INVALID, LOCKED, LOCK_WAITERS, QUEUED,
+    READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WAITERS, WRITTEN,
 };
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
@@ -109,7 +109,7 @@ pub(crate) fn set_state(word: &AtomicU32, state: u32) {
 }
 
 /// Clears BUSY, wakes the threads that waited for the page, and the service loop if it deferred a request.
-fn release_busy(region: &RegionShared, page: u64) {
+pub(crate) fn release_busy(region: &RegionShared, page: u64) {
     let word = region.state(page);
     let prev = word.fetch_and(!(BUSY | WAITERS | DEFERRED), Ordering::AcqRel);
     if prev & WAITERS != 0 {
@@ -187,7 +187,9 @@ fn resolve(region: &RegionShared, page: u64, write: bool) -> Result<(), FaultErr
         1,
     );
     let t0 = Instant::now();
-    let result = if region.home(page) == shared.me {
+    let result = if region.consistency == Consistency::Release {
+        release_fault(region, page, access, before)
+    } else if region.home(page) == shared.me {
         local_transaction(region, page, access)
     } else {
         remote_transaction(region, page, access)
@@ -249,6 +251,79 @@ fn upgrade_in_place(region: &RegionShared, page: u64) -> Result<(), FaultError> 
     region
         .protect(page, 1, false)
         .map_err(|e| FaultError::Sys("UFFDIO_WRITEPROTECT", e))
+}
+
+/// A fault on a page of a release-consistency region. A missing page is fetched whole from its home (zeros
+/// when never touched) and installed read-only, so that the first write of an interval is noticed; a write
+/// marks the page written in the open interval, gives it a twin when it is homed elsewhere (the home writes
+/// in place), and makes it writable.
+fn release_fault(
+    region: &RegionShared,
+    page: u64,
+    access: Access,
+    before: u32,
+) -> Result<(), FaultError> {
+    let shared = &*region.shared;
+    let home = region.home(page);
+    let word = region.state(page);
+    if before == INVALID {
+        if home == shared.me {
+            install(region, page, 1, &ZERO_PAGE, Access::Read)?;
+        } else {
+            let c = &shared.counters;
+            let mut ch = shared.channels.claim();
+            ch.send(
+                c,
+                home,
+                &Request::FetchPage {
+                    region: region.id,
+                    page,
+                },
+                &[],
+            )
+            .map_err(|e| FaultError::Send(home, e))?;
+            let (reply, len) = ch
+                .recv_head(c, home)
+                .map_err(|e| FaultError::Peer(home, e))?;
+            match reply {
+                Reply::Done {
+                    data: Data::Zero, ..
+                } if len == 0 => install(region, page, 1, &ZERO_PAGE, Access::Read)?,
+                Reply::Page if len == PAGE_SIZE => {
+                    ch.recv_page(home).map_err(|e| FaultError::Peer(home, e))?;
+                    install(region, page, 1, &ch.page, Access::Read)?;
+                    Counters::add(&c.pages_fetched, 1);
+                }
+                _ => {
+                    return Err(FaultError::Protocol(
+                        home,
+                        "unexpected reply to a page fetch",
+                    ))
+                }
+            }
+        }
+        set_state(word, READ_ONLY);
+    }
+    if access == Access::Write {
+        let s = word.fetch_or(WRITTEN, Ordering::AcqRel);
+        if s & WRITTEN == 0 {
+            region
+                .dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(page);
+        }
+        if home != shared.me && s & TWINNED == 0 {
+            region.make_twin(page);
+            word.fetch_or(TWINNED, Ordering::AcqRel);
+            Counters::add(&shared.counters.twins, 1);
+        }
+        region
+            .protect(page, 1, false)
+            .map_err(|e| FaultError::Sys("UFFDIO_WRITEPROTECT", e))?;
+        set_state(word, READ_WRITE);
+    }
+    Ok(())
 }
 
 /// Pages installed per `UFFDIO_COPY` while a read-ahead reply is still arriving.

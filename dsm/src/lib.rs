@@ -16,6 +16,7 @@ mod dsm;
 mod engine;
 mod error;
 mod fault;
+mod rc;
 mod region;
 mod stats;
 mod uffd;
@@ -24,7 +25,7 @@ mod wire;
 pub use crate::dsm::{Dsm, DsmBuilder, FailurePolicy, LockGuard, DEFAULT_ARENA_BASE};
 pub use crate::engine::ServicePriority;
 pub use crate::error::{DsmError, Result};
-pub use crate::region::{GlobalVec, Placement, Region};
+pub use crate::region::{Consistency, GlobalVec, Placement, Region};
 pub use crate::stats::{Stats, LATENCY_BUCKETS};
 pub use crate::types::{GlobalAddr, PageId, Rank, PAGE_SIZE};
 

@@ -16,6 +16,18 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+/// The memory model of a region, chosen at allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Consistency {
+    /// Sequential consistency: single writer / multiple readers; every write is seen everywhere at once.
+    #[default]
+    Sequential,
+    /// Release consistency (home-based lazy): several ranks may write a page at once; writes become visible
+    /// to a rank when it acquires (a lock, a barrier) after the writer released. Programs must synchronize
+    /// through the job's locks and barriers.
+    Release,
+}
+
 /// Where the pages of a region have their home (their manager).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Placement {
@@ -58,6 +70,10 @@ pub(crate) const STATE_MASK: u32 = 3;
 pub(crate) const BUSY: u32 = 4;
 /// Threads sleep on the word, waiting for BUSY to clear.
 pub(crate) const WAITERS: u32 = 8;
+/// Release consistency: the page was written in this rank's open interval (it is in the dirty list).
+pub(crate) const WRITTEN: u32 = 32;
+/// Release consistency: the page has a twin whose diff has not been sent.
+pub(crate) const TWINNED: u32 = 64;
 /// The service loop deferred a leaf request until BUSY clears (the page is being installed here).
 pub(crate) const DEFERRED: u32 = 16;
 
@@ -246,6 +262,28 @@ pub(crate) struct RegionShared {
     /// Sequential read-ahead detector: the last page that faulted and the current window.
     pub(crate) last_fault: AtomicU64,
     pub(crate) window: AtomicU32,
+    pub(crate) consistency: Consistency,
+    /// Release consistency: one twin page per page, backed only where used.
+    twins: Option<ZeroedArray<TwinPage>>,
+    /// Release consistency: pages written in the open interval. Its capacity is the page count and each page
+    /// is listed at most once per interval (the WRITTEN bit), so pushing never allocates: the fault handler
+    /// pushes.
+    pub(crate) dirty: std::sync::Mutex<Vec<u64>>,
+}
+
+/// A twin: the copy of a page taken at its first write in an interval.
+#[repr(C, align(4096))]
+pub(crate) struct TwinPage(std::cell::UnsafeCell<[u8; PAGE_SIZE]>);
+
+// SAFETY: a twin is written only by the thread that holds its page's BUSY bit for the page's first write
+// fault of an interval, and read only by a thread that holds the same BUSY bit at a release or acquire; BUSY
+// makes those accesses exclusive.
+unsafe impl Sync for TwinPage {}
+
+impl std::fmt::Debug for TwinPage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TwinPage")
+    }
 }
 
 impl RegionShared {
@@ -254,6 +292,7 @@ impl RegionShared {
         base: usize,
         len: usize,
         placement: Placement,
+        consistency: Consistency,
         uffd: RawFd,
         shared: Arc<Shared>,
     ) -> Result<RegionShared> {
@@ -272,6 +311,16 @@ impl RegionShared {
             shared,
             last_fault: AtomicU64::new(u64::MAX),
             window: AtomicU32::new(1),
+            consistency,
+            twins: match consistency {
+                // SAFETY: an all-zero TwinPage is a page of zeros, a valid value.
+                Consistency::Release => Some(unsafe { ZeroedArray::new(pages as usize)? }),
+                Consistency::Sequential => None,
+            },
+            dirty: std::sync::Mutex::new(match consistency {
+                Consistency::Release => Vec::with_capacity(pages as usize),
+                Consistency::Sequential => Vec::new(),
+            }),
         })
     }
 
@@ -336,6 +385,71 @@ impl RegionShared {
         // SAFETY: the page is inside the region's live mapping and present here (the caller checked the state,
         // so reading cannot fault), and it is write-protected, so no store changes it while the slice lives.
         unsafe { std::slice::from_raw_parts(self.addr(page) as *const u8, PAGE_SIZE) }
+    }
+
+    /// Release consistency: copies a present page into its twin. Call holding the page's BUSY bit.
+    pub(crate) fn make_twin(&self, page: u64) {
+        let twins = self
+            .twins
+            .as_ref()
+            .expect("twins exist in release-consistency regions");
+        let twin = twins.as_slice()[page as usize].0.get();
+        // SAFETY: the caller holds the page's BUSY bit, so no other thread reads or writes this twin; the
+        // source page is present (the caller checked its state) and is 4096 bytes long like the twin.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.addr(page) as *const u8,
+                twin.cast::<u8>(),
+                PAGE_SIZE,
+            )
+        };
+    }
+
+    /// Release consistency: the twin of `page`. Call holding the page's BUSY bit.
+    pub(crate) fn twin(&self, page: u64) -> &[u8] {
+        let twins = self
+            .twins
+            .as_ref()
+            .expect("twins exist in release-consistency regions");
+        // SAFETY: the caller holds the page's BUSY bit, so no thread writes the twin while the slice lives.
+        unsafe { &*twins.as_slice()[page as usize].0.get() }
+    }
+
+    /// Release consistency: returns a twin's memory to the system.
+    pub(crate) fn drop_twin(&self, page: u64) {
+        if let Some(twins) = &self.twins {
+            let addr = twins.as_slice()[page as usize].0.get() as usize;
+            let _ = uffd::discard(addr, PAGE_SIZE);
+        }
+    }
+
+    /// Release consistency, at the home: applies a diff to the page, which must be present and writable here.
+    pub(crate) fn apply_diff(
+        &self,
+        page: u64,
+        diff: &[u8],
+    ) -> std::result::Result<usize, crate::protocol::diff::DiffError> {
+        assert!(page < self.pages);
+        // SAFETY: the page is inside the region, present and writable here (the caller made it so), so the
+        // writes cannot fault. The diff writes only the bytes its writer changed; other threads of this rank
+        // may write other bytes of the page at the same time (a data-race-free program writes different
+        // bytes), and byte stores do not disturb neighbouring bytes.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(self.addr(page) as *mut u8, PAGE_SIZE) };
+        crate::protocol::diff::apply(bytes, diff)
+    }
+
+    /// Copies a present page into `out` while other threads of this rank may be writing some of its bytes
+    /// (release consistency: a home answers a fetch while its own threads write the page). A byte written
+    /// concurrently may be old or new in the copy; a data-race-free reader never depends on such a byte.
+    pub(crate) fn snapshot_page(&self, page: u64, out: &mut [u8]) {
+        assert!(page < self.pages && out.len() >= PAGE_SIZE);
+        // SAFETY: the page is inside the region and present here (the caller checked its state), so reading
+        // cannot fault; the copy goes through raw pointers into a distinct buffer, creating no reference to
+        // memory that other threads write.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.addr(page) as *const u8, out.as_mut_ptr(), PAGE_SIZE)
+        };
     }
 
     /// Copies a present page into `out`.

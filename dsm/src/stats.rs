@@ -27,6 +27,12 @@ pub(crate) struct Counters {
     pub(crate) barrier_wait_ns: AtomicU64,
     pub(crate) fault_ns: AtomicU64,
     pub(crate) latency: [AtomicU64; LATENCY_BUCKETS],
+    pub(crate) twins: AtomicU64,
+    pub(crate) diffs: AtomicU64,
+    pub(crate) diff_bytes: AtomicU64,
+    pub(crate) diffs_applied: AtomicU64,
+    pub(crate) write_notices: AtomicU64,
+    pub(crate) acquire_invalidations: AtomicU64,
 }
 
 impl Counters {
@@ -63,6 +69,12 @@ impl Counters {
             barrier_wait_ns: g(&self.barrier_wait_ns),
             fault_ns: g(&self.fault_ns),
             latency_us_log2: std::array::from_fn(|i| g(&self.latency[i])),
+            twins: g(&self.twins),
+            diffs: g(&self.diffs),
+            diff_bytes: g(&self.diff_bytes),
+            diffs_applied: g(&self.diffs_applied),
+            write_notices: g(&self.write_notices),
+            acquire_invalidations: g(&self.acquire_invalidations),
         }
     }
 }
@@ -104,6 +116,18 @@ pub struct Stats {
     pub fault_ns: u64,
     /// Fault latency histogram: entry `i` counts faults that took `[2^i, 2^(i+1))` microseconds.
     pub latency_us_log2: [u64; LATENCY_BUCKETS],
+    /// Release consistency: twins made at first writes.
+    pub twins: u64,
+    /// Release consistency: diffs sent to homes.
+    pub diffs: u64,
+    /// Release consistency: bytes of those diffs.
+    pub diff_bytes: u64,
+    /// Release consistency: diffs applied here as a home.
+    pub diffs_applied: u64,
+    /// Release consistency: intervals closed with a write notice.
+    pub write_notices: u64,
+    /// Release consistency: pages dropped at acquires because others wrote them.
+    pub acquire_invalidations: u64,
 }
 
 impl Stats {
@@ -164,6 +188,14 @@ impl fmt::Display for Stats {
             self.lock_wait_ns as f64 / 1e6,
             self.barriers,
             self.barrier_wait_ns as f64 / 1e6
-        )
+        )?;
+        if self.twins + self.diffs_applied + self.write_notices > 0 {
+            write!(
+                f,
+                "\nrelease consistency: {} twins, {} diffs sent ({} bytes), {} applied here, {} write notices, {} pages dropped at acquires",
+                self.twins, self.diffs, self.diff_bytes, self.diffs_applied, self.write_notices, self.acquire_invalidations
+            )?;
+        }
+        Ok(())
     }
 }

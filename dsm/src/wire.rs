@@ -34,12 +34,18 @@ pub(crate) enum Request {
         page: u64,
         send_data: bool,
     },
-    /// Take lock `lock` (its home queues the request until it is free).
+    /// Take lock `lock` (its home queues the request until it is free). The grant carries the write notices
+    /// the last releaser passed on.
     LockAcquire { lock: u64 },
-    /// Give lock `lock` back.
+    /// Give lock `lock` back; the payload holds the write notices to pass to the next holder.
     LockRelease { lock: u64 },
-    /// Arrival at barrier `epoch`; `tag` must be equal on every rank (it checks collective arguments).
+    /// Arrival at barrier `epoch`; `tag` must be equal on every rank (it checks collective arguments). The
+    /// payload holds the arriving rank's own write notices since the last barrier.
     Barrier { epoch: u64, tag: u64 },
+    /// Release consistency: send your copy of a page homed here (zeros when it was never touched).
+    FetchPage { region: u32, page: u64 },
+    /// Release consistency: apply the diff in the payload to your copy of a page homed here, then ack.
+    Diff { region: u32, page: u64 },
     /// Rank 0: where is the shared arena?
     ArenaBase,
     /// Reply with `reply_bytes` bytes of payload: the transport's raw round trip, for benchmarks.
@@ -61,9 +67,9 @@ pub(crate) enum Reply {
     Page,
     /// Done.
     Ack,
-    /// The lock is yours.
+    /// The lock is yours; the payload holds write notices.
     LockGranted,
-    /// Everyone arrived.
+    /// Everyone arrived; the payload holds every rank's write notices.
     BarrierDone,
     /// `rank` arrived with a different tag than rank 0.
     BarrierMismatch { rank: u32 },

@@ -235,3 +235,40 @@ fn jacobi_matches_a_single_rank_run() {
         "checksum {sum}: more than the top edge alone"
     );
 }
+
+#[test]
+fn release_consistency_lock_protected_counters_are_exact() {
+    passes_at(
+        &[2, 3, 4],
+        CHECK,
+        &["counter", "--rounds", "100", "--consistency", "release"],
+    );
+}
+
+#[test]
+fn release_consistency_merges_words_written_by_several_ranks() {
+    passes_at(
+        &[2, 3, 4],
+        CHECK,
+        &["pages", "--rounds", "30", "--consistency", "release"],
+    );
+}
+
+#[test]
+fn release_consistency_merges_disjoint_bytes_exactly() {
+    passes_at(
+        &[2, 3, 4],
+        CHECK,
+        &["bytes", "--rounds", "20", "--consistency", "release"],
+    );
+}
+
+#[test]
+fn release_consistency_message_passing_through_a_lock() {
+    passes_at(
+        &[2, 3, 4],
+        CHECK,
+        &["mplock", "--rounds", "30", "--consistency", "release"],
+    );
+    passes_at(&[2, 3], CHECK, &["mplock", "--rounds", "30"]);
+}

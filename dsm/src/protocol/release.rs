@@ -136,25 +136,34 @@ impl RcRank {
 
     /// Closes the interval at a release.
     pub fn release(&mut self) -> Release {
-        if self.written.is_empty() {
-            return Release::default();
+        let diff = std::mem::take(&mut self.twinned).into_iter().collect();
+        let protect: Vec<PageKey> = std::mem::take(&mut self.written).into_iter().collect();
+        let notice = self.close_interval(protect.clone());
+        Release {
+            diff,
+            protect,
+            notice,
         }
+    }
+
+    /// Closes the interval with the pages written in it, when the caller tracks writes itself (the engine
+    /// does, in page state bits, because the fault handler cannot use this structure). Returns the notice.
+    pub fn close_interval(&mut self, mut pages: Vec<PageKey>) -> Option<WriteNotice> {
+        if pages.is_empty() {
+            return None;
+        }
+        pages.sort_unstable();
+        pages.dedup();
         let interval = self.clock.0[self.me.index()] + 1;
         self.clock.0[self.me.index()] = interval;
         let notice = WriteNotice {
             rank: self.me,
             interval,
-            pages: self.written.iter().copied().collect(),
+            pages,
         };
         self.known.push(notice.clone());
         self.own.push(notice.clone());
-        let diff = std::mem::take(&mut self.twinned).into_iter().collect();
-        let protect = std::mem::take(&mut self.written).into_iter().collect();
-        Release {
-            diff,
-            protect,
-            notice: Some(notice),
-        }
+        Some(notice)
     }
 
     /// The notices to hand over with a lock this rank releases: every notice it knows since the last

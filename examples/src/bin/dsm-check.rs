@@ -13,11 +13,25 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | readahead | lockfault | die
+    /// counter | mp | sb | pages | bytes | mplock | readahead | lockfault | die
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
     rounds: usize,
+    /// Memory model of the shared data: sequential or release (counter, pages, bytes, mplock).
+    #[arg(long, default_value = "sequential")]
+    consistency: String,
+}
+
+/// A deterministic hash of small integers, so that every rank can compute what every other rank wrote.
+fn mix(parts: &[u64]) -> u64 {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for p in parts {
+        x ^= p.wrapping_add(0x632b_e59b_d9b4_e019);
+        x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x ^= x >> 31;
+    }
+    x
 }
 
 const WORDS_PER_PAGE: usize = 512;
@@ -27,9 +41,15 @@ fn main() -> anyhow::Result<()> {
     let rt = dsm_runtime::Runtime::init()?;
     let dsm = rt.dsm();
     let (me, n) = (rt.rank().0 as usize, rt.size());
+    let model = match args.consistency.as_str() {
+        "sequential" => dsm::Consistency::Sequential,
+        "release" => dsm::Consistency::Release,
+        other => anyhow::bail!("unknown consistency {other:?}: use sequential or release"),
+    };
     match args.check.as_str() {
         "counter" => {
-            let counters = dsm.alloc_vec::<u64>(4 * WORDS_PER_PAGE)?;
+            let counters =
+                dsm.alloc_vec_in::<u64>(4 * WORDS_PER_PAGE, dsm::Placement::Cyclic, model)?;
             for i in 0..args.rounds {
                 let k = (i + me) % 4;
                 let _g = dsm.lock(k as u64)?;
@@ -100,7 +120,8 @@ fn main() -> anyhow::Result<()> {
         }
         "pages" => {
             let pages = 3;
-            let v = dsm.alloc_vec::<u64>(pages * WORDS_PER_PAGE)?;
+            let v =
+                dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, dsm::Placement::Cyclic, model)?;
             for round in 1..=args.rounds as u64 {
                 for p in 0..pages {
                     v.set(p * WORDS_PER_PAGE + me, round * 100 + me as u64);
@@ -118,6 +139,64 @@ fn main() -> anyhow::Result<()> {
                 dsm.barrier()?;
             }
             println!("pages ok: {} rounds", args.rounds);
+        }
+        "bytes" => {
+            // Every round each byte of three pages belongs to one rank (by a hash), which may write it; after
+            // each barrier every rank checks every byte against the model all ranks compute alike. Ranks
+            // write disjoint bytes of the same pages and words: release consistency must merge them exactly.
+            let pages = 3;
+            let size = pages * dsm::PAGE_SIZE;
+            let v = dsm.alloc_vec_in::<u8>(size, dsm::Placement::Cyclic, model)?;
+            let mut expected = vec![0u8; size];
+            for round in 0..args.rounds as u64 {
+                for (i, e) in expected.iter_mut().enumerate() {
+                    let h = mix(&[round, i as u64]);
+                    if h.is_multiple_of(3) {
+                        let value = (h >> 8) as u8;
+                        if (h >> 16) as usize % n == me {
+                            v.set(i, value);
+                        }
+                        *e = value;
+                    }
+                }
+                dsm.barrier()?;
+                for (i, e) in expected.iter().enumerate() {
+                    let got = v.get(i);
+                    ensure!(
+                        got == *e,
+                        "rank {me}, round {round}: byte {i} is {got}, expected {e}"
+                    );
+                }
+                dsm.barrier()?;
+            }
+            drop(v);
+            println!("bytes ok: {} rounds", args.rounds);
+        }
+        "mplock" => {
+            // Message passing through a lock: rank 0 writes data then a flag under the lock; the others take
+            // the lock until they see the flag, and then must see the data.
+            let v = dsm.alloc_vec_in::<u64>(2 * WORDS_PER_PAGE, dsm::Placement::Cyclic, model)?;
+            let (data, flag) = (0, WORDS_PER_PAGE);
+            for round in 1..=args.rounds as u64 {
+                if me == 0 {
+                    let _g = dsm.lock(7)?;
+                    v.set(data, round * 10);
+                    v.set(flag, round);
+                } else {
+                    loop {
+                        let _g = dsm.lock(7)?;
+                        let f = v.get(flag);
+                        if f >= round {
+                            let d = v.get(data);
+                            ensure!(d >= round * 10, "rank {me}: saw flag {f} but data {d}");
+                            break;
+                        }
+                    }
+                }
+                dsm.barrier()?;
+            }
+            drop(v);
+            println!("mplock ok: {} rounds", args.rounds);
         }
         "readahead" => {
             // Rank 0 reads rank 1's pages in order (read-ahead fetches them in growing windows), then writes
