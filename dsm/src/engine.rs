@@ -12,6 +12,7 @@ use crate::channel::write_frame;
 use crate::dsm::{FailurePolicy, Shared};
 use crate::fault::{set_state, unlock_slot};
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
+use crate::region::SHARED;
 use crate::region::{
     RegionShared, BUSY, DEFERRED, INVALID, LOCKED, QUEUED, READ_ONLY, READ_WRITE, STATE_MASK,
     WRITTEN,
@@ -331,11 +332,15 @@ impl Engine {
                 }
             }
             Request::Barrier { epoch, tag } => self.barrier(idx, epoch, tag, payload),
-            Request::FetchPage { region, page } => {
+            Request::FetchPage {
+                region,
+                page,
+                count,
+            } => {
                 let Some(r) = self.region_for(idx, region, page) else {
                     return;
                 };
-                self.fetch_page(idx, &r, page);
+                self.fetch_page(idx, &r, page, count);
             }
             Request::Diff { region, page } => {
                 let Some(r) = self.region_for(idx, region, page) else {
@@ -778,13 +783,58 @@ impl Engine {
 
     /// Release consistency, at the home: sends the home's copy of a page (zeros when never touched here). The
     /// home's own threads may be writing the page meanwhile; see `RegionShared::snapshot_page`.
-    fn fetch_page(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64) {
+    fn fetch_page(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64, count: u32) {
         if region.home(page) != self.shared.me {
             let reason = RefusedReason::WrongRank;
             self.reply(idx, &Reply::Refused { reason }, &[]);
             return;
         }
-        if region.state(page).load(Ordering::Acquire) & STATE_MASK == INVALID {
+        // From now on the home's writes to these pages must be tracked: take each page (the first one waiting
+        // for a fault of this rank in progress, the following ones only if free at once), mark it shared and
+        // write-protect it, then send them.
+        let word = region.state(page);
+        let first = loop {
+            let s = word.load(Ordering::Acquire);
+            if s & BUSY != 0 {
+                if word
+                    .compare_exchange(s, s | DEFERRED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    let req = Request::FetchPage {
+                        region: region.id,
+                        page,
+                        count,
+                    };
+                    self.deferred.push((idx, req, Vec::new()));
+                    return;
+                }
+                continue;
+            }
+            if word
+                .compare_exchange(s, s | BUSY | SHARED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                break s;
+            }
+        };
+        let mut claimed = vec![(page, first)];
+        for k in 1..u64::from(count.min(MAX_READAHEAD)) {
+            let p = page + k;
+            if p >= region.pages || region.home(p) != self.shared.me {
+                break;
+            }
+            let w = region.state(p);
+            let s = w.load(Ordering::Acquire);
+            if s & BUSY != 0
+                || w.compare_exchange(s, s | BUSY | SHARED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+            {
+                break;
+            }
+            claimed.push((p, s));
+        }
+        if claimed.len() == 1 && first & STATE_MASK == INVALID {
+            crate::fault::release_busy(region, page);
             self.reply(
                 idx,
                 &Reply::Done {
@@ -795,11 +845,31 @@ impl Engine {
             );
             return;
         }
-        let mut bytes = std::mem::take(&mut self.scratch);
-        region.snapshot_page(page, &mut bytes);
-        Counters::add(&self.shared.counters.pages_sent, 1);
-        self.reply(idx, &Reply::Page, &[&bytes]);
-        self.scratch = bytes;
+        let mut bytes = vec![0u8; claimed.len() * PAGE_SIZE];
+        for (i, (p, s)) in claimed.iter().enumerate() {
+            let st = s & STATE_MASK;
+            if st == INVALID {
+                continue; // never touched here: zeros
+            }
+            if st == READ_WRITE && s & WRITTEN == 0 {
+                if let Err(e) = region.protect(*p, 1, true) {
+                    self.die(&format!(
+                        "write-protecting page {p} for a fetch failed: {e}"
+                    ));
+                }
+                set_state(region.state(*p), READ_ONLY);
+            }
+            region.snapshot_page(*p, &mut bytes[i * PAGE_SIZE..]);
+        }
+        for (p, _) in &claimed {
+            crate::fault::release_busy(region, *p);
+        }
+        Counters::add(&self.shared.counters.pages_sent, claimed.len() as u64);
+        let reply = Reply::Done {
+            data: Data::Home,
+            count: claimed.len() as u32,
+        };
+        self.reply(idx, &reply, &[&bytes]);
     }
 
     /// Release consistency, at the home: applies a diff to the home's copy and acknowledges it. The page is

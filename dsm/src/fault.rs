@@ -12,6 +12,7 @@
 
 use crate::channel::{Channel, RecvError};
 use crate::protocol::swmr::{self, Access, Data, Decision, Grant};
+use crate::region::SHARED;
 use crate::region::{
     self, Consistency, RegionShared, BUSY, DEFERRED, INVALID, LOCKED, LOCK_WAITERS, QUEUED,
     READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WAITERS, WRITTEN,
@@ -253,6 +254,76 @@ fn upgrade_in_place(region: &RegionShared, page: u64) -> Result<(), FaultError> 
         .map_err(|e| FaultError::Sys("UFFDIO_WRITEPROTECT", e))
 }
 
+/// Release consistency: fetches a page (and, for a sequential reader, the following pages with the same
+/// home) from its home and installs them read-only. The caller holds `page` BUSY and sets its state; the
+/// following pages are claimed, installed and released here.
+fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), FaultError> {
+    let shared = &*region.shared;
+    let c = &shared.counters;
+    let count = if shared.readahead.load(Ordering::Relaxed) > 1 {
+        claim_readahead(region, page, home)
+    } else {
+        1
+    };
+    let mut ch = shared.channels.claim();
+    let outcome = (|| {
+        let request = Request::FetchPage {
+            region: region.id,
+            page,
+            count,
+        };
+        ch.send(c, home, &request, &[])
+            .map_err(|e| FaultError::Send(home, e))?;
+        let (reply, len) = ch
+            .recv_head(c, home)
+            .map_err(|e| FaultError::Peer(home, e))?;
+        let peer = |e| FaultError::Peer(home, e);
+        match reply {
+            Reply::Done {
+                data: Data::Zero, ..
+            } if len == 0 => {
+                install(region, page, 1, &ZERO_PAGE, Access::Read)?;
+                Ok(1)
+            }
+            Reply::Done {
+                data: Data::Home,
+                count: served,
+            } if served >= 1 && served <= count && len == served as usize * PAGE_SIZE => {
+                let served = u64::from(served);
+                let mut k = 0;
+                while k < served {
+                    let n = (served - k).min(INSTALL_CHUNK);
+                    let bytes = ch
+                        .recv_payload(home, n as usize * PAGE_SIZE)
+                        .map_err(peer)?;
+                    install(region, page + k, n, bytes, Access::Read)?;
+                    k += n;
+                }
+                Counters::add(&c.pages_fetched, served);
+                Counters::add(&c.pages_readahead, served - 1);
+                Ok(served)
+            }
+            _ => Err(FaultError::Protocol(
+                home,
+                "unexpected reply to a page fetch",
+            )),
+        }
+    })();
+    let served = *outcome.as_ref().unwrap_or(&0);
+    for p in page + 1..page + u64::from(count) {
+        if p < page + served {
+            set_state(region.state(p), READ_ONLY);
+        }
+        release_busy(region, p);
+    }
+    if served > 0 {
+        region
+            .last_fault
+            .store(page + served - 1, Ordering::Relaxed);
+    }
+    outcome.map(|_| ())
+}
+
 /// A fault on a page of a release-consistency region. A missing page is fetched whole from its home (zeros
 /// when never touched) and installed read-only, so that the first write of an interval is noticed; a write
 /// marks the page written in the open interval, gives it a twin when it is homed elsewhere (the home writes
@@ -266,41 +337,24 @@ fn release_fault(
     let shared = &*region.shared;
     let home = region.home(page);
     let word = region.state(page);
+    if home == shared.me && word.load(Ordering::Acquire) & SHARED == 0 {
+        // No other rank holds a copy: the home writes in place without tracking. (A fetch from another
+        // rank waits for this fault to finish, then write-protects the page and tracks it from then on.)
+        if before == INVALID {
+            install(region, page, 1, &ZERO_PAGE, Access::Write)?;
+        } else {
+            region
+                .protect(page, 1, false)
+                .map_err(|e| FaultError::Sys("UFFDIO_WRITEPROTECT", e))?;
+        }
+        set_state(word, READ_WRITE);
+        return Ok(());
+    }
     if before == INVALID {
         if home == shared.me {
             install(region, page, 1, &ZERO_PAGE, Access::Read)?;
         } else {
-            let c = &shared.counters;
-            let mut ch = shared.channels.claim();
-            ch.send(
-                c,
-                home,
-                &Request::FetchPage {
-                    region: region.id,
-                    page,
-                },
-                &[],
-            )
-            .map_err(|e| FaultError::Send(home, e))?;
-            let (reply, len) = ch
-                .recv_head(c, home)
-                .map_err(|e| FaultError::Peer(home, e))?;
-            match reply {
-                Reply::Done {
-                    data: Data::Zero, ..
-                } if len == 0 => install(region, page, 1, &ZERO_PAGE, Access::Read)?,
-                Reply::Page if len == PAGE_SIZE => {
-                    ch.recv_page(home).map_err(|e| FaultError::Peer(home, e))?;
-                    install(region, page, 1, &ch.page, Access::Read)?;
-                    Counters::add(&c.pages_fetched, 1);
-                }
-                _ => {
-                    return Err(FaultError::Protocol(
-                        home,
-                        "unexpected reply to a page fetch",
-                    ))
-                }
-            }
+            fetch_from_home(region, page, home)?;
         }
         set_state(word, READ_ONLY);
     }

@@ -74,6 +74,9 @@ pub(crate) const WAITERS: u32 = 8;
 pub(crate) const WRITTEN: u32 = 32;
 /// Release consistency: the page has a twin whose diff has not been sent.
 pub(crate) const TWINNED: u32 = 64;
+/// Release consistency, at a page's home: another rank has fetched the page, so the home's writes to it are
+/// tracked (write-protect faults, notices). Until then the home writes it freely: no other copy exists.
+pub(crate) const SHARED: u32 = 128;
 /// The service loop deferred a leaf request until BUSY clears (the page is being installed here).
 pub(crate) const DEFERRED: u32 = 16;
 

@@ -42,8 +42,9 @@ pub(crate) enum Request {
     /// Arrival at barrier `epoch`; `tag` must be equal on every rank (it checks collective arguments). The
     /// payload holds the arriving rank's own write notices since the last barrier.
     Barrier { epoch: u64, tag: u64 },
-    /// Release consistency: send your copy of a page homed here (zeros when it was never touched).
-    FetchPage { region: u32, page: u64 },
+    /// Release consistency: send your copy of `count` pages homed here from `page` (zeros where never
+    /// touched); the home may send fewer (read-ahead stops at a page it cannot take at once).
+    FetchPage { region: u32, page: u64, count: u32 },
     /// Release consistency: apply the diff in the payload to your copy of a page homed here, then ack.
     Diff { region: u32, page: u64 },
     /// Rank 0: where is the shared arena?

@@ -218,10 +218,18 @@ fn jacobi_matches_a_single_rank_run() {
     let (one, out1) = job(jacobi, 1, &args);
     assert_eq!(one.code, 0, "{out1}");
     let expected = checksum(&out1);
-    for n in [2, 3, 4] {
-        let (o, out) = job(jacobi, n, &args);
-        assert_eq!(o.code, 0, "{out}");
-        assert_eq!(checksum(&out), expected, "jacobi at {n} ranks");
+    for model in ["sequential", "release"] {
+        for n in [2, 3, 4] {
+            let mut with_model = args.to_vec();
+            with_model.extend(["--consistency", model]);
+            let (o, out) = job(jacobi, n, &with_model);
+            assert_eq!(o.code, 0, "{out}");
+            assert_eq!(
+                checksum(&out),
+                expected,
+                "jacobi at {n} ranks under {model} consistency"
+            );
+        }
     }
     // The relaxation really ran: heat spread from the top edge into the grid.
     let bits = expected

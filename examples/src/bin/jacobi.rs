@@ -34,18 +34,18 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.consistency == Consistency::Release {
-        anyhow::bail!(
-            "--consistency release is not available yet: release consistency is being built (issue 3); use --consistency sequential"
-        );
-    }
+
     anyhow::ensure!(args.n >= 3, "--n must be at least 3");
     let rt = dsm_runtime::Runtime::init()?;
     let dsm = rt.dsm();
     let (me, size, n) = (rt.rank().0 as usize, rt.size(), args.n);
+    let model = match args.consistency {
+        Consistency::Sequential => dsm::Consistency::Sequential,
+        Consistency::Release => dsm::Consistency::Release,
+    };
     let grids = [
-        dsm.alloc_vec_with::<f64>(n * n, Placement::Block)?,
-        dsm.alloc_vec_with::<f64>(n * n, Placement::Block)?,
+        dsm.alloc_vec_in::<f64>(n * n, Placement::Block, model)?,
+        dsm.alloc_vec_in::<f64>(n * n, Placement::Block, model)?,
     ];
     // This rank's rows: blocks as even as possible, in rank order.
     let lo = me * n / size;
