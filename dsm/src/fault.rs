@@ -109,6 +109,35 @@ pub(crate) fn set_state(word: &AtomicU32, state: u32) {
     });
 }
 
+/// One step of taking a page's BUSY bit, given the word's value `s` just read: sleeps while another thread
+/// holds the bit (returns false: read the word again), or tries to take it (true when taken).
+pub(crate) fn claim_step(word: &AtomicU32, s: u32) -> bool {
+    if s & BUSY != 0 {
+        if s & WAITERS != 0
+            || word
+                .compare_exchange(s, s | WAITERS, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            futex::wait(word, s | WAITERS);
+        }
+        return false;
+    }
+    word.compare_exchange(s, s | BUSY, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
+/// Sends `request` to `home` on `ch` and reads the reply's header (its payload is left to read).
+fn ask(
+    ch: &mut Channel,
+    c: &Counters,
+    home: Rank,
+    request: &Request,
+) -> Result<(Reply, usize), FaultError> {
+    ch.send(c, home, request, &[])
+        .map_err(|e| FaultError::Send(home, e))?;
+    ch.recv_head(c, home).map_err(|e| FaultError::Peer(home, e))
+}
+
 /// Clears BUSY, wakes the threads that waited for the page, and the service loop if it deferred a request.
 pub(crate) fn release_busy(region: &RegionShared, page: u64) {
     let word = region.state(page);
@@ -160,20 +189,7 @@ fn resolve(region: &RegionShared, page: u64, write: bool) -> Result<(), FaultErr
         if st == READ_WRITE || (st == READ_ONLY && !write) {
             return Ok(()); // another thread of this rank resolved it meanwhile
         }
-        if s & BUSY != 0 {
-            if s & WAITERS != 0
-                || word
-                    .compare_exchange(s, s | WAITERS, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                futex::wait(word, s | WAITERS);
-            }
-            continue;
-        }
-        if word
-            .compare_exchange(s, s | BUSY, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        if claim_step(word, s) {
             break st;
         }
     };
@@ -272,11 +288,7 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
             page,
             count,
         };
-        ch.send(c, home, &request, &[])
-            .map_err(|e| FaultError::Send(home, e))?;
-        let (reply, len) = ch
-            .recv_head(c, home)
-            .map_err(|e| FaultError::Peer(home, e))?;
+        let (reply, len) = ask(&mut ch, c, home, &request)?;
         let peer = |e| FaultError::Peer(home, e);
         match reply {
             Reply::Done {
@@ -407,11 +419,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
     };
     let c = &shared.counters;
     let outcome = (|| {
-        ch.send(c, home, &acquire, &[])
-            .map_err(|e| FaultError::Send(home, e))?;
-        let (reply, payload_len) = ch
-            .recv_head(c, home)
-            .map_err(|e| FaultError::Peer(home, e))?;
+        let (reply, payload_len) = ask(&mut ch, c, home, &acquire)?;
         let peer = |e| FaultError::Peer(home, e);
         match reply {
             Reply::Done {

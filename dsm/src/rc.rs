@@ -6,16 +6,14 @@
 use crate::channel::Channel;
 use crate::dsm::Shared;
 use crate::error::{DsmError, Result};
-use crate::fault::{release_busy, set_state};
+use crate::fault::{claim_step, release_busy, set_state};
 use crate::protocol::diff;
 use crate::protocol::release::{PageKey, WriteNotice};
 use crate::region::{
-    Consistency, RegionShared, BUSY, INVALID, READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WAITERS,
-    WRITTEN,
+    Consistency, RegionShared, INVALID, READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WRITTEN,
 };
 use crate::stats::Counters;
 use crate::types::Rank;
-use crate::uffd::futex;
 use crate::wire::{Reply, Request};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -45,25 +43,7 @@ pub(crate) fn decode_notices(bytes: &[u8], from: Rank) -> Result<Vec<WriteNotice
 /// Takes the page's BUSY bit, waiting while a fault of this rank holds it.
 fn claim(region: &RegionShared, page: u64) {
     let word = region.state(page);
-    loop {
-        let s = word.load(Ordering::Acquire);
-        if s & BUSY != 0 {
-            if s & WAITERS != 0
-                || word
-                    .compare_exchange(s, s | WAITERS, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                futex::wait(word, s | WAITERS);
-            }
-            continue;
-        }
-        if word
-            .compare_exchange(s, s | BUSY, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            return;
-        }
-    }
+    while !claim_step(word, word.load(Ordering::Acquire)) {}
 }
 
 /// Diffs a twinned page (held BUSY and write-protected or invalid-but-present... present here) against its
