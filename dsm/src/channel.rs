@@ -113,6 +113,24 @@ fn fd_of(fds: &[OwnedFd], rank: Rank) -> Result<BorrowedFd<'_>, Errno> {
         .ok_or(Errno::EINVAL)
 }
 
+/// The length of the frame whose prefix is `len`. A frame longer than the buffer is read and dropped (so
+/// that the connection stays aligned on frames for its next user) and reported as an error.
+fn body_len_or_skip(fd: BorrowedFd<'_>, len: [u8; 4], buf: &mut [u8]) -> Result<usize, RecvError> {
+    match wire::body_len(len, buf.len()) {
+        Ok(n) => Ok(n),
+        Err(FrameError::BadLength(n)) if n > buf.len() => {
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(buf.len());
+                read_exact(fd, &mut buf[..k])?;
+                left -= k;
+            }
+            Err(RecvError::Frame(FrameError::BadLength(n)))
+        }
+        Err(e) => Err(RecvError::Frame(e)),
+    }
+}
+
 /// One channel's connections and buffers.
 #[derive(Debug)]
 pub(crate) struct Channel {
@@ -146,7 +164,7 @@ impl Channel {
         spin_until_readable(fd, self.spin_ns);
         let mut len = [0u8; 4];
         read_exact(fd, &mut len)?;
-        let n = wire::body_len(len, self.rx.len()).map_err(RecvError::Frame)?;
+        let n = body_len_or_skip(fd, len, &mut self.rx)?;
         read_exact(fd, &mut self.rx[..n])?;
         Counters::add(&counters.messages_received, 1);
         Counters::add(&counters.bytes_received, 4 + n as u64);
@@ -165,7 +183,7 @@ impl Channel {
         spin_until_readable(fd, self.spin_ns);
         let mut len = [0u8; 4];
         read_exact(fd, &mut len)?;
-        let n = wire::body_len(len, self.rx.len()).map_err(RecvError::Frame)?;
+        let n = body_len_or_skip(fd, len, &mut self.rx)?;
         read_exact(fd, &mut self.rx[..2])?;
         let header_len = u16::from_le_bytes([self.rx[0], self.rx[1]]) as usize;
         if header_len > MAX_HEADER || 2 + header_len > n {

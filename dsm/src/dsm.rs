@@ -113,12 +113,14 @@ impl Shared {
         // A barrier is a release (this rank's writes reach their homes) and then an acquire (every rank's
         // write notices come back with the barrier).
         crate::rc::release(self)?;
-        let own = crate::rc::encode_notices(
-            self.rc
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .own_notices(),
-        );
+        // What this rank tells the others, and the clock that covers it (for garbage collection afterwards).
+        let (own, sent_clock) = {
+            let rc = self.rc.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                crate::rc::encode_notices(rc.own_notices()),
+                rc.clock().clone(),
+            )
+        };
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
         let root = Rank(0);
         let mut ch = self.channels.claim_for_wait();
@@ -139,10 +141,13 @@ impl Shared {
         drop(ch);
         if let Some(notices) = notices {
             crate::rc::acquire(self, &notices)?;
+            // Every rank has now seen every notice exchanged here; notices this rank's other threads closed
+            // meanwhile are not covered and stay.
+            let cut = RcRank::cut_of(&sent_clock, &notices);
             self.rc
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .collect_garbage();
+                .collect_garbage_upto(&cut);
         }
         Counters::add(&self.counters.barriers, 1);
         Counters::add(
@@ -375,12 +380,15 @@ impl Drop for LockGuard<'_> {
         if let Err(e) = crate::rc::release(s) {
             eprintln!("dsm: {}: releasing lock {}: {e}", s.me, self.id);
         }
-        let notices = crate::rc::encode_notices(
-            &s.rc
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .notices_to_pass(),
-        );
+        // Every notice this rank knows since the last barrier, its earlier intervals included: vector clocks
+        // are sound only if learning a rank's interval k brings its intervals before k along. (Passing only
+        // what was new since the grant lost updates: an acquirer could learn interval k through this lock
+        // without interval k-1, issued under another lock, and later skip it.) The lock's home keeps the
+        // union and grants each acquirer only what its clock does not cover.
+        let notices = {
+            let rc = s.rc.lock().unwrap_or_else(|p| p.into_inner());
+            crate::rc::encode_notices(&rc.notices_to_pass())
+        };
         let ch = s.channels.claim();
         // A failed release means the home is gone; its failure is reported by the service loop.
         let _ = ch.send(
@@ -447,15 +455,37 @@ impl Dsm {
         let t0 = Instant::now();
         let home = self.lock_home(id);
         let s = &self.shared;
+        let clock =
+            s.rc.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clock()
+                .clone();
         let mut ch = s.channels.claim_for_wait();
+        let request = Request::LockAcquire { lock: id };
+        ch.send(
+            &s.counters,
+            home,
+            &request,
+            &[&crate::rc::encode_clock(&clock)],
+        )
+        .map_err(|e| s.peer_error(home, crate::channel::RecvError::Sys(e)))?;
         let (reply, payload, _) = ch
-            .call(&s.counters, home, &Request::LockAcquire { lock: id })
+            .recv(&s.counters, home)
             .map_err(|e| s.peer_error(home, e))?;
         let notices = match reply {
-            Reply::LockGranted => crate::rc::decode_notices(payload, home)?,
-            _ => Vec::new(),
+            Reply::LockGranted => crate::rc::decode_notices(payload, home),
+            _ => Ok(Vec::new()),
         };
         drop(ch);
+        let notices = match notices {
+            Ok(n) => n,
+            Err(e) => {
+                // The lock is ours: give it back before reporting, or every other rank waits forever.
+                let ch = s.channels.claim();
+                let _ = ch.send(&s.counters, home, &Request::LockRelease { lock: id }, &[]);
+                return Err(e);
+            }
+        };
         match reply {
             Reply::LockGranted => {
                 // Acquiring a lock is an acquire point: drop the pages the notices name.

@@ -50,9 +50,10 @@ struct Conn {
 #[derive(Debug, Default)]
 struct LockServer {
     held: bool,
-    waiters: VecDeque<usize>,
-    /// Release consistency: the write notices the last holder passed on (encoded), for the next holder.
-    notices: Vec<u8>,
+    waiters: VecDeque<(usize, crate::protocol::release::VectorClock)>,
+    /// Release consistency: the write notices the lock's holders passed on since the last barrier, for the
+    /// next holders (each grant carries those the acquirer's clock does not cover).
+    notices: Vec<crate::protocol::release::WriteNotice>,
 }
 
 /// The state of the service loop of one rank.
@@ -311,24 +312,48 @@ impl Engine {
                 self.invalidate(idx, &r, page, send_data);
             }
             Request::LockAcquire { lock } => {
+                let clock = match crate::rc::decode_clock(&payload, self.conns[idx].peer) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.close(idx, &e.to_string());
+                        return;
+                    }
+                };
                 let l = self.locks.entry(lock).or_default();
                 if l.held {
-                    l.waiters.push_back(idx);
+                    l.waiters.push_back((idx, clock));
                 } else {
                     l.held = true;
-                    let notices = l.notices.clone();
-                    self.reply(idx, &Reply::LockGranted, &[&notices]);
+                    let grant = crate::rc::encode_notices(&unseen(&l.notices, &clock));
+                    self.reply(idx, &Reply::LockGranted, &[&grant]);
                 }
             }
             Request::LockRelease { lock } => {
+                let passed = match crate::rc::decode_notices(&payload, self.conns[idx].peer) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.close(idx, &e.to_string());
+                        return;
+                    }
+                };
                 let next = self.locks.get_mut(&lock).and_then(|l| {
-                    l.notices = payload;
+                    for n in passed {
+                        if !l
+                            .notices
+                            .iter()
+                            .any(|k| k.rank == n.rank && k.interval == n.interval)
+                        {
+                            l.notices.push(n);
+                        }
+                    }
                     let next = l.waiters.pop_front();
                     l.held = next.is_some();
-                    next.map(|w| (w, l.notices.clone()))
+                    next.map(|(w, clock)| {
+                        (w, crate::rc::encode_notices(&unseen(&l.notices, &clock)))
+                    })
                 });
-                if let Some((w, notices)) = next {
-                    self.reply(w, &Reply::LockGranted, &[&notices]);
+                if let Some((w, grant)) = next {
+                    self.reply(w, &Reply::LockGranted, &[&grant]);
                 }
             }
             Request::Barrier { epoch, tag } => self.barrier(idx, epoch, tag, payload),
@@ -997,6 +1022,14 @@ fn write_many(
     Counters::add(&counters.messages_sent, 1);
     Counters::add(&counters.bytes_sent, (n + total) as u64);
     Ok(())
+}
+
+/// The notices of `all` that a rank with `clock` has not seen.
+fn unseen(
+    all: &[crate::protocol::release::WriteNotice],
+    clock: &crate::protocol::release::VectorClock,
+) -> Vec<crate::protocol::release::WriteNotice> {
+    all.iter().filter(|n| !clock.covers(n)).cloned().collect()
 }
 
 /// How the service loop's thread is scheduled relative to the application's threads.

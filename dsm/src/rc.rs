@@ -3,7 +3,6 @@
 //! `protocol::diff`. Runs in ordinary threads, never in the fault handler: the handler only marks pages
 //! written (the WRITTEN bit and the region's dirty list) and makes twins (TWINNED).
 
-use crate::channel::Channel;
 use crate::dsm::Shared;
 use crate::error::{DsmError, Result};
 use crate::fault::{claim_step, release_busy, set_state};
@@ -46,60 +45,68 @@ fn claim(region: &RegionShared, page: u64) {
     while !claim_step(word, word.load(Ordering::Acquire)) {}
 }
 
-/// Diffs a twinned page (held BUSY and write-protected or invalid-but-present... present here) against its
-/// twin and sends the diff to the page's home. Returns the home when a diff went out (an ack will follow).
-fn send_diff(
-    shared: &Shared,
-    ch: &Channel,
-    region: &RegionShared,
-    page: u64,
-) -> Result<Option<Rank>> {
-    let word = region.state(page);
-    word.fetch_and(!TWINNED, Ordering::AcqRel);
+/// The diff of a twinned page (held BUSY, write-protected) against its twin; the twin is kept until the
+/// home has acknowledged the diff.
+fn diff_of(region: &RegionShared, page: u64) -> Vec<u8> {
     let mut bytes = Vec::new();
     diff::encode(region.twin(page), region.present_page(page), &mut bytes);
-    region.drop_twin(page);
-    if bytes.is_empty() {
-        return Ok(None);
-    }
-    let home = region.home(page);
-    let c = &shared.counters;
-    Counters::add(&c.diffs, 1);
-    Counters::add(&c.diff_bytes, bytes.len() as u64);
-    ch.send(
-        c,
-        home,
-        &Request::Diff {
-            region: region.id,
-            page,
-        },
-        &[&bytes],
-    )
-    .map_err(|e| DsmError::PeerFailed {
-        rank: home,
-        reason: format!("sending a diff: {e}"),
-    })?;
-    Ok(Some(home))
+    bytes
 }
 
-fn await_acks(shared: &Shared, ch: &mut Channel, homes: &mut Vec<Rank>) -> Result<()> {
-    for home in homes.drain(..) {
-        match ch.recv(&shared.counters, home) {
+/// Sends diffs to their homes and waits for every acknowledgement. The caller holds the pages BUSY (so no
+/// thread of this rank fetches them again before their homes have the diffs) and no channel.
+fn send_diffs(shared: &Shared, diffs: &[(Rank, u32, u64, Vec<u8>)]) -> Result<()> {
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    let c = &shared.counters;
+    let mut ch = shared.channels.claim();
+    for (home, region, page, bytes) in diffs {
+        Counters::add(&c.diffs, 1);
+        Counters::add(&c.diff_bytes, bytes.len() as u64);
+        ch.send(
+            c,
+            *home,
+            &Request::Diff {
+                region: *region,
+                page: *page,
+            },
+            &[bytes],
+        )
+        .map_err(|e| DsmError::PeerFailed {
+            rank: *home,
+            reason: format!("sending a diff: {e}"),
+        })?;
+    }
+    for (home, ..) in diffs {
+        match ch.recv(c, *home) {
             Ok((Reply::Ack, _, _)) => {}
             Ok((other, _, _)) => {
                 return Err(DsmError::Protocol {
-                    rank: home,
+                    rank: *home,
                     what: format!("expected a diff ack, got {other:?}"),
                 })
             }
             Err(e) => {
                 return Err(DsmError::PeerFailed {
-                    rank: home,
+                    rank: *home,
                     reason: e.to_string(),
                 })
             }
         }
     }
+    Ok(())
+}
+
+/// Write-protects a page held BUSY and marks it read-only.
+fn protect(region: &RegionShared, page: u64) -> Result<()> {
+    region.protect(page, 1, true).map_err(|e| {
+        DsmError::sys(
+            format!("write-protecting page {page} of region {}", region.id),
+            e,
+        )
+    })?;
+    set_state(region.state(page), READ_ONLY);
     Ok(())
 }
 
@@ -113,60 +120,126 @@ fn release_regions(shared: &Shared) -> Vec<Arc<RegionShared>> {
 
 /// A release: every page written in the open interval is write-protected, its diff (if it was homed
 /// elsewhere) applied at its home and acknowledged, and the interval closed with a write notice.
+///
+/// Lock order, as in the fault path: a page's BUSY bit, then a channel; never the reverse. A twinned page
+/// stays BUSY until its home has acknowledged the diff (so no thread of this rank fetches it again from a home
+/// that lacks this rank's writes); other pages are released at once: a home must never keep its own pages BUSY
+/// while it waits for another rank, whose diffs for those pages would wait for them (a cycle). Diffs go out in
+/// batches of `DIFF_WINDOW`. On an error every page is marked written again, so nothing is forgotten.
 pub(crate) fn release(shared: &Shared) -> Result<()> {
     let regions = release_regions(shared);
     if regions.is_empty() {
         return Ok(());
     }
     let mut rc = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
-    let mut ch = shared.channels.claim();
-    let mut written = Vec::new();
-    let mut pending = Vec::new();
-    for region in &regions {
-        let pages: Vec<u64> = region
-            .dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect();
-        for page in pages {
-            claim(region, page);
-            let word = region.state(page);
-            let s = word.load(Ordering::Acquire);
-            if s & STATE_MASK == READ_WRITE {
-                region.protect(page, 1, true).map_err(|e| {
-                    DsmError::sys(format!("write-protecting page {page} at a release"), e)
-                })?;
-                set_state(word, READ_ONLY);
-            }
-            word.fetch_and(!WRITTEN, Ordering::AcqRel);
-            let sent = if s & TWINNED != 0 && s & STATE_MASK != INVALID {
-                send_diff(shared, &ch, region, page)
-            } else {
-                Ok(None)
+    let mut written: Vec<PageKey> = Vec::new();
+    let mut cleared = std::collections::HashSet::new();
+    let result = release_pages(shared, &regions, &mut written, &mut cleared);
+    if result.is_err() {
+        // Every page taken from the dirty lists goes back for the next release. A page still marked WRITTEN
+        // was never cleared, so it is in no list: push it. A page this release cleared is marked again and
+        // pushed unless a fault of this rank marked (and pushed) it meanwhile.
+        for k in &written {
+            let Some(region) = regions.iter().find(|r| r.id == k.region) else {
+                continue;
             };
-            release_busy(region, page);
-            if let Some(home) = sent? {
-                pending.push(home);
-            }
-            written.push(PageKey {
-                region: region.id,
-                page,
-            });
-            if pending.len() >= DIFF_WINDOW {
-                await_acks(shared, &mut ch, &mut pending)?;
+            let was = region.state(k.page).fetch_or(WRITTEN, Ordering::AcqRel);
+            if !cleared.contains(k) || was & WRITTEN == 0 {
+                region
+                    .dirty
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(k.page);
             }
         }
+        return result;
     }
-    await_acks(shared, &mut ch, &mut pending)?;
     if rc.close_interval(written).is_some() {
         Counters::add(&shared.counters.write_notices, 1);
     }
     Ok(())
 }
 
+/// The work of `release`; every page taken from a dirty list is added to `written` as soon as it is taken.
+fn release_pages(
+    shared: &Shared,
+    regions: &[Arc<RegionShared>],
+    written: &mut Vec<PageKey>,
+    cleared: &mut std::collections::HashSet<PageKey>,
+) -> Result<()> {
+    for region in regions {
+        let pages: Vec<u64> = region
+            .dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        written.extend(pages.iter().map(|&page| PageKey {
+            region: region.id,
+            page,
+        }));
+        for batch in pages.chunks(DIFF_WINDOW) {
+            let mut diffs = Vec::new();
+            let mut waiting = Vec::new(); // twinned pages held BUSY until their diffs are acknowledged
+            let mut failed = None;
+            for &page in batch {
+                claim(region, page);
+                let word = region.state(page);
+                let s = word.load(Ordering::Acquire);
+                if s & STATE_MASK == READ_WRITE {
+                    if let Err(e) = protect(region, page) {
+                        release_busy(region, page);
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                let twinned = s & TWINNED != 0 && s & STATE_MASK != INVALID;
+                let bytes = if twinned {
+                    diff_of(region, page)
+                } else {
+                    Vec::new()
+                };
+                if bytes.is_empty() {
+                    if word.fetch_and(!(WRITTEN | TWINNED), Ordering::AcqRel) & TWINNED != 0 {
+                        region.drop_twin(page);
+                    }
+                    cleared.insert(PageKey {
+                        region: region.id,
+                        page,
+                    });
+                    release_busy(region, page);
+                } else {
+                    diffs.push((region.home(page), region.id, page, bytes));
+                    waiting.push(page);
+                }
+            }
+            let sent = match failed {
+                Some(e) => Err(e),
+                None => send_diffs(shared, &diffs),
+            };
+            for &page in &waiting {
+                if sent.is_ok() {
+                    region
+                        .state(page)
+                        .fetch_and(!(WRITTEN | TWINNED), Ordering::AcqRel);
+                    region.drop_twin(page);
+                    cleared.insert(PageKey {
+                        region: region.id,
+                        page,
+                    });
+                }
+                release_busy(region, page);
+            }
+            sent?;
+        }
+    }
+    Ok(())
+}
+
 /// An acquire: pages named by notices this rank has not seen are dropped, except pages homed here; a
-/// dropped page with an unsent twin is flushed first, so that this rank's own writes are not lost.
+/// dropped page with an unsent twin is flushed first, so that this rank's own writes are not lost. The
+/// release-consistency state stays locked until every page is dropped, so that a concurrent acquire by
+/// another thread of this rank cannot find the notices seen while their pages are still here.
 pub(crate) fn acquire(shared: &Shared, notices: &[WriteNotice]) -> Result<()> {
     if notices.is_empty() {
         return Ok(());
@@ -176,8 +249,6 @@ pub(crate) fn acquire(shared: &Shared, notices: &[WriteNotice]) -> Result<()> {
     let plan = rc.acquire(notices, |k| {
         shared.region(k.region).is_none_or(|r| r.home(k.page) == me)
     });
-    drop(rc);
-    let mut ch: Option<std::sync::MutexGuard<'_, Channel>> = None;
     for k in plan.invalidate {
         let Some(region) = shared.region(k.region) else {
             continue;
@@ -186,26 +257,50 @@ pub(crate) fn acquire(shared: &Shared, notices: &[WriteNotice]) -> Result<()> {
             continue;
         }
         claim(&region, k.page);
-        let word = region.state(k.page);
+        let page = k.page;
+        let word = region.state(page);
         let s = word.load(Ordering::Acquire);
         let mut result = Ok(());
         if s & STATE_MASK != INVALID {
             if s & TWINNED != 0 {
-                if s & STATE_MASK == READ_WRITE {
-                    let _ = region.protect(k.page, 1, true);
-                }
-                let ch = ch.get_or_insert_with(|| shared.channels.claim());
-                result = send_diff(shared, ch, &region, k.page).and_then(|home| match home {
-                    Some(h) => await_acks(shared, ch, &mut vec![h]),
-                    None => Ok(()),
-                });
+                // This rank wrote the page too: its writes go to the home before the copy is dropped.
+                result = (|| {
+                    if s & STATE_MASK == READ_WRITE {
+                        protect(&region, page)?;
+                    }
+                    let bytes = diff_of(&region, page);
+                    if !bytes.is_empty() {
+                        send_diffs(shared, &[(region.home(page), region.id, page, bytes)])?;
+                    }
+                    word.fetch_and(!TWINNED, Ordering::AcqRel);
+                    region.drop_twin(page);
+                    Ok(())
+                })();
             }
-            set_state(word, INVALID);
-            let _ = region.discard(k.page);
-            Counters::add(&shared.counters.acquire_invalidations, 1);
+            if result.is_ok() {
+                set_state(word, INVALID);
+                let _ = region.discard(page);
+                Counters::add(&shared.counters.acquire_invalidations, 1);
+            }
         }
-        release_busy(&region, k.page);
+        release_busy(&region, page);
         result?;
     }
     Ok(())
+}
+
+/// Encodes a vector clock (sent with a lock request, so that the grant carries only unseen notices).
+pub(crate) fn encode_clock(clock: &crate::protocol::release::VectorClock) -> Vec<u8> {
+    postcard::to_allocvec(clock).unwrap_or_default()
+}
+
+/// Decodes a vector clock received from `from`.
+pub(crate) fn decode_clock(
+    bytes: &[u8],
+    from: Rank,
+) -> Result<crate::protocol::release::VectorClock> {
+    postcard::from_bytes(bytes).map_err(|e| DsmError::Protocol {
+        rank: from,
+        what: format!("a vector clock does not decode: {e}"),
+    })
 }

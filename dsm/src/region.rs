@@ -433,13 +433,15 @@ impl RegionShared {
         diff: &[u8],
     ) -> std::result::Result<usize, crate::protocol::diff::DiffError> {
         assert!(page < self.pages);
-        // SAFETY: the page is inside the region, present and writable here (the caller made it so), so the
-        // writes cannot fault. The diff writes only the bytes its writer changed; other threads of this rank
-        // may write other bytes of the page at the same time (a data-race-free program writes different
-        // bytes), and byte stores do not disturb neighbouring bytes.
-        let bytes =
-            unsafe { std::slice::from_raw_parts_mut(self.addr(page) as *mut u8, PAGE_SIZE) };
-        crate::protocol::diff::apply(bytes, diff)
+        let base = self.addr(page) as *mut u8;
+        crate::protocol::diff::apply_with(diff, |offset, bytes| {
+            // SAFETY: `apply_with` passes ranges inside one page (checked before any write); the page is inside
+            // the region, present and writable here (the caller made it so), so the writes cannot fault. The
+            // copy goes through a raw pointer: no reference to the page exists, because other threads of this
+            // rank may write other bytes of it at the same time (a data-race-free program writes different
+            // bytes, and byte stores do not disturb their neighbours).
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), base.add(offset), bytes.len()) }
+        })
     }
 
     /// Copies a present page into `out` while other threads of this rank may be writing some of its bytes

@@ -123,12 +123,64 @@ fn encode_masked(twin: &[u8], page: &[u8], out: &mut Vec<u8>) {
 
 /// Applies `diff` to `page`; returns the number of bytes written.
 pub fn apply(page: &mut [u8], diff: &[u8]) -> Result<usize, DiffError> {
-    match diff.split_first() {
-        None => Ok(0),
-        Some((&RUNS, runs)) => apply_runs(page, runs),
-        Some((&MASKED, rest)) => apply_masked(page, rest),
-        Some((&tag, _)) => Err(DiffError::UnknownEncoding(tag)),
+    if page.len() < PAGE_SIZE {
+        return Err(DiffError::OutOfOrder {
+            offset: 0,
+            len: PAGE_SIZE,
+        });
     }
+    apply_with(diff, |offset, bytes| {
+        page[offset..offset + bytes.len()].copy_from_slice(bytes)
+    })
+}
+
+/// Applies `diff` through `write(offset, bytes)`, called only after the whole diff has been checked, with
+/// ranges inside one page that do not overlap. Returns the number of bytes written. For a page that other
+/// threads write at the same time, where a `&mut [u8]` over it must not exist.
+pub fn apply_with(diff: &[u8], mut write: impl FnMut(usize, &[u8])) -> Result<usize, DiffError> {
+    // Check first, then write: a malformed diff writes nothing.
+    let mut scratch = [0u8; PAGE_SIZE];
+    let changed = match diff.split_first() {
+        None => return Ok(0),
+        Some((&RUNS, runs)) => {
+            apply_runs(&mut scratch, runs)?;
+            runs_each(runs, &mut write);
+            return Ok(runs_total(runs));
+        }
+        Some((&MASKED, rest)) => apply_masked(&mut scratch, rest)?,
+        Some((&tag, _)) => return Err(DiffError::UnknownEncoding(tag)),
+    };
+    let (mask, bytes) = diff[1..].split_at(MASK_BYTES);
+    let mut next = bytes.iter();
+    for (i, m) in mask.iter().enumerate() {
+        let mut m = *m;
+        while m != 0 {
+            let bit = m.trailing_zeros() as usize;
+            if let Some(b) = next.next() {
+                write(i * 8 + bit, std::slice::from_ref(b));
+            }
+            m &= m - 1;
+        }
+    }
+    Ok(changed)
+}
+
+/// Calls `write` for each run of a checked runs encoding.
+fn runs_each(diff: &[u8], write: &mut impl FnMut(usize, &[u8])) {
+    let mut at = 0;
+    while at + RUN_HEADER <= diff.len() {
+        let offset = u16::from_le_bytes([diff[at], diff[at + 1]]) as usize;
+        let len = u16::from_le_bytes([diff[at + 2], diff[at + 3]]) as usize;
+        write(offset, &diff[at + RUN_HEADER..at + RUN_HEADER + len]);
+        at += RUN_HEADER + len;
+    }
+}
+
+/// Bytes carried by a checked runs encoding.
+fn runs_total(diff: &[u8]) -> usize {
+    let mut total = 0;
+    runs_each(diff, &mut |_, b| total += b.len());
+    total
 }
 
 fn apply_runs(page: &mut [u8], diff: &[u8]) -> Result<usize, DiffError> {
@@ -332,5 +384,28 @@ mod tests {
             let d: Vec<u8> = (0..n).map(|_| rng.random()).collect();
             let _ = apply(&mut p, &d);
         }
+    }
+
+    #[test]
+    fn apply_with_checks_the_whole_diff_before_writing() {
+        let mut twin = vec![0u8; PAGE_SIZE];
+        twin[10] = 1;
+        let mut page = twin.clone();
+        page[20] = 2;
+        page[4000] = 3;
+        let mut good = Vec::new();
+        encode(&twin, &page, &mut good);
+        let mut writes = Vec::new();
+        assert_eq!(
+            apply_with(&good, |o, b| writes.push((o, b.to_vec()))),
+            Ok(2)
+        );
+        assert_eq!(writes, vec![(20, vec![2]), (4000, vec![3])]);
+        // A valid first run followed by a broken one: nothing may be written at all.
+        let mut bad = good.clone();
+        bad.extend_from_slice(&[0xff, 0xff, 1, 0, 9]);
+        let mut called = false;
+        assert!(apply_with(&bad, |_, _| called = true).is_err());
+        assert!(!called, "a malformed diff wrote bytes");
     }
 }

@@ -211,6 +211,22 @@ impl RcRank {
         self.known.clear();
         self.own.clear();
     }
+
+    /// Forgets the notices covered by `cut`: those every rank has seen once a barrier completes (the notices
+    /// exchanged at it). Notices closed by this rank's other threads during the barrier stay.
+    pub fn collect_garbage_upto(&mut self, cut: &VectorClock) {
+        self.known.retain(|n| !cut.covers(n));
+        self.own.retain(|n| !cut.covers(n));
+    }
+
+    /// The clock covering `base` and every notice in `notices`.
+    pub fn cut_of(base: &VectorClock, notices: &[WriteNotice]) -> VectorClock {
+        let mut cut = base.clone();
+        for n in notices {
+            cut.learn(n);
+        }
+        cut
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,8 @@ use crate::types::PAGE_SIZE;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const COUNTER: usize = 8; // the counter lives in bytes 0..8 of the last page
+const COUNTER: usize = 8; // counter `l` (of lock `l`) lives in bytes 8l..8l+8 of the last page
+const LOCKS: usize = 2;
 
 struct Sim {
     ranks: usize,
@@ -28,10 +29,10 @@ struct Sim {
     rc: Vec<RcRank>,
     model: Vec<Vec<u8>>,
     owner: Vec<Vec<usize>>,
-    lock_holder: Option<usize>,
-    lock_notices: Vec<WriteNotice>,
+    /// Per lock, as the engine's lock server: the union of the notices its holders passed on.
+    lock_notices: Vec<Vec<WriteNotice>>,
     in_barrier: Vec<bool>,
-    counter_model: u64,
+    counter_model: Vec<u64>,
     checks: u64,
     diffs_applied: u64,
 }
@@ -57,10 +58,9 @@ impl Sim {
                 .collect(),
             model: vec![vec![0; PAGE_SIZE]; pages],
             owner: Vec::new(),
-            lock_holder: None,
-            lock_notices: Vec::new(),
+            lock_notices: vec![Vec::new(); LOCKS],
             in_barrier: vec![false; ranks],
-            counter_model: 0,
+            counter_model: vec![0; LOCKS],
             checks: 0,
             diffs_applied: 0,
         };
@@ -77,7 +77,7 @@ impl Sim {
             .map(|p| {
                 (0..PAGE_SIZE)
                     .map(|b| {
-                        if p == self.pages - 1 && b < COUNTER {
+                        if p == self.pages - 1 && b < COUNTER * LOCKS {
                             usize::MAX // the counter: written only under the lock
                         } else {
                             rng.random_range(0..self.ranks)
@@ -168,9 +168,9 @@ impl Sim {
         self.checks += 1;
     }
 
-    fn counter(&mut self, r: usize) -> u64 {
+    fn counter(&mut self, r: usize, lock: usize) -> u64 {
         let p = self.pages - 1;
-        u64::from_le_bytes(std::array::from_fn(|i| self.read(r, p, i)))
+        u64::from_le_bytes(std::array::from_fn(|i| self.read(r, p, COUNTER * lock + i)))
     }
 
     /// One step of rank `r`.
@@ -198,27 +198,38 @@ impl Sim {
                 }
             }
             7..=8 => {
-                // A critical section on the counter, if the lock is free.
-                if self.lock_holder.is_none() {
-                    self.lock_holder = Some(r);
-                    let notices = self.lock_notices.clone();
-                    self.acquire(r, &notices);
-                    let c = self.counter(r);
-                    assert_eq!(
-                        c, self.counter_model,
-                        "rank {r} read a stale counter after acquiring the lock"
-                    );
-                    let p = self.pages - 1;
-                    for (i, byte) in (c + 1).to_le_bytes().into_iter().enumerate() {
-                        self.write(r, p, i, byte);
-                        self.model[p][i] = byte;
-                    }
-                    self.counter_model = c + 1;
-                    self.release(r);
-                    self.lock_notices = self.rc[r].notices_to_pass();
-                    self.lock_holder = None;
-                    self.checks += 1;
+                // A critical section on one of the counters. As in the engine, the grant carries the lock's
+                // notices that the acquirer's clock does not cover, and the release passes every notice the
+                // releaser knows, which the lock's home adds to its union.
+                let lock = rng.random_range(0..LOCKS);
+                let clock = self.rc[r].clock().clone();
+                let grant: Vec<WriteNotice> = self.lock_notices[lock]
+                    .iter()
+                    .filter(|n| !clock.covers(n))
+                    .cloned()
+                    .collect();
+                self.acquire(r, &grant);
+                let c = self.counter(r, lock);
+                assert_eq!(
+                    c, self.counter_model[lock],
+                    "rank {r} read a stale counter {lock} after acquiring its lock"
+                );
+                let p = self.pages - 1;
+                for (i, byte) in (c + 1).to_le_bytes().into_iter().enumerate() {
+                    self.write(r, p, COUNTER * lock + i, byte);
+                    self.model[p][COUNTER * lock + i] = byte;
                 }
+                self.counter_model[lock] = c + 1;
+                self.release(r);
+                for n in self.rc[r].notices_to_pass() {
+                    if !self.lock_notices[lock]
+                        .iter()
+                        .any(|k| k.rank == n.rank && k.interval == n.interval)
+                    {
+                        self.lock_notices[lock].push(n);
+                    }
+                }
+                self.checks += 1;
             }
             _ => {
                 // Arrive at the barrier (a release), then wait for the others.
@@ -242,7 +253,7 @@ impl Sim {
             self.rc[r].collect_garbage();
             self.in_barrier[r] = false;
         }
-        self.lock_notices.clear();
+
         // Everything before the barrier happens before everything after it: every rank sees every byte.
         for r in 0..self.ranks {
             for p in 0..self.pages {
