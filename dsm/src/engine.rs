@@ -806,6 +806,39 @@ impl Engine {
         }
     }
 
+    /// Takes a page's BUSY bit (setting `extra` with it) and returns the page word as it was, with the
+    /// request's payload; or, when a fault of this rank holds the page, marks it DEFERRED and parks the
+    /// request until the fault is done (the faulting thread wakes this loop), returning `None`.
+    fn claim_or_defer(
+        &mut self,
+        idx: usize,
+        region: &RegionShared,
+        page: u64,
+        extra: u32,
+        req: Request,
+        payload: Vec<u8>,
+    ) -> Option<(u32, Vec<u8>)> {
+        let word = region.state(page);
+        loop {
+            let s = word.load(Ordering::Acquire);
+            let next = if s & BUSY != 0 {
+                s | DEFERRED
+            } else {
+                s | BUSY | extra
+            };
+            if word
+                .compare_exchange(s, next, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                if s & BUSY != 0 {
+                    self.deferred.push((idx, req, payload));
+                    return None;
+                }
+                return Some((s, payload));
+            }
+        }
+    }
+
     /// Release consistency, at the home: sends the home's copy of a page (zeros when never touched here). The
     /// home's own threads may be writing the page meanwhile; see `RegionShared::snapshot_page`.
     fn fetch_page(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64, count: u32) {
@@ -817,30 +850,14 @@ impl Engine {
         // From now on the home's writes to these pages must be tracked: take each page (the first one waiting
         // for a fault of this rank in progress, the following ones only if free at once), mark it shared and
         // write-protect it, then send them.
-        let word = region.state(page);
-        let first = loop {
-            let s = word.load(Ordering::Acquire);
-            if s & BUSY != 0 {
-                if word
-                    .compare_exchange(s, s | DEFERRED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    let req = Request::FetchPage {
-                        region: region.id,
-                        page,
-                        count,
-                    };
-                    self.deferred.push((idx, req, Vec::new()));
-                    return;
-                }
-                continue;
-            }
-            if word
-                .compare_exchange(s, s | BUSY | SHARED, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                break s;
-            }
+        let req = Request::FetchPage {
+            region: region.id,
+            page,
+            count,
+        };
+        let Some((first, _)) = self.claim_or_defer(idx, region, page, SHARED, req, Vec::new())
+        else {
+            return;
         };
         let mut claimed = vec![(page, first)];
         for k in 1..u64::from(count.min(MAX_READAHEAD)) {
@@ -903,31 +920,12 @@ impl Engine {
     fn apply_diff(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64, diff: Vec<u8>) {
         let word = region.state(page);
         // Exclude this rank's faults on the page while it changes; a fault in progress finishes first.
-        let claimed = loop {
-            let s = word.load(Ordering::Acquire);
-            if s & BUSY != 0 {
-                if word
-                    .compare_exchange(s, s | DEFERRED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    self.deferred.push((
-                        idx,
-                        Request::Diff {
-                            region: region.id,
-                            page,
-                        },
-                        diff,
-                    ));
-                    return;
-                }
-                continue;
-            }
-            if word
-                .compare_exchange(s, s | BUSY, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                break s;
-            }
+        let req = Request::Diff {
+            region: region.id,
+            page,
+        };
+        let Some((claimed, diff)) = self.claim_or_defer(idx, region, page, 0, req, diff) else {
+            return;
         };
         let made_writable = match claimed & STATE_MASK {
             INVALID => region.install(page, 1, &ZERO_PAGE, true).map(|_| true),

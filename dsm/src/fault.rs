@@ -289,7 +289,6 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
             count,
         };
         let (reply, len) = ask(&mut ch, c, home, &request)?;
-        let peer = |e| FaultError::Peer(home, e);
         match reply {
             Reply::Done {
                 data: Data::Zero, ..
@@ -302,15 +301,7 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
                 count: served,
             } if served >= 1 && served <= count && len == served as usize * PAGE_SIZE => {
                 let served = u64::from(served);
-                let mut k = 0;
-                while k < served {
-                    let n = (served - k).min(INSTALL_CHUNK);
-                    let bytes = ch
-                        .recv_payload(home, n as usize * PAGE_SIZE)
-                        .map_err(peer)?;
-                    install(region, page + k, n, bytes, Access::Read)?;
-                    k += n;
-                }
+                install_chunks(&mut ch, region, home, page, served, Access::Read)?;
                 Counters::add(&c.pages_fetched, served);
                 Counters::add(&c.pages_readahead, served - 1);
                 Ok(served)
@@ -392,6 +383,28 @@ fn release_fault(
     Ok(())
 }
 
+/// Receives `served` pages of a reply's payload from `home` and installs them from `page`, in pieces as
+/// they arrive, so that copying into pages overlaps with the rest of the transfer still in flight.
+fn install_chunks(
+    ch: &mut Channel,
+    region: &RegionShared,
+    home: Rank,
+    page: u64,
+    served: u64,
+    access: Access,
+) -> Result<(), FaultError> {
+    let mut k = 0;
+    while k < served {
+        let n = (served - k).min(INSTALL_CHUNK);
+        let bytes = ch
+            .recv_payload(home, n as usize * PAGE_SIZE)
+            .map_err(|e| FaultError::Peer(home, e))?;
+        install(region, page + k, n, bytes, access)?;
+        k += n;
+    }
+    Ok(())
+}
+
 /// Pages installed per `UFFDIO_COPY` while a read-ahead reply is still arriving.
 const INSTALL_CHUNK: u64 = 16;
 
@@ -445,15 +458,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                         }
                         // Install in pieces as they arrive: copying into pages overlaps with the rest of
                         // the transfer still in flight.
-                        let mut k = 0;
-                        while k < served {
-                            let n = (served - k).min(INSTALL_CHUNK);
-                            let bytes = ch
-                                .recv_payload(home, n as usize * PAGE_SIZE)
-                                .map_err(peer)?;
-                            install(region, page + k, n, bytes, access)?;
-                            k += n;
-                        }
+                        install_chunks(&mut ch, region, home, page, served, access)?;
                         Counters::add(&c.pages_fetched, served);
                         Counters::add(&c.pages_readahead, served - 1);
                     }
