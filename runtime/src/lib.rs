@@ -6,6 +6,8 @@
 pub mod env;
 pub mod launch;
 mod rendezvous;
+pub mod tuple;
+pub mod tuple_store;
 
 use dsm::{Dsm, DsmError, Rank};
 use std::time::Duration;

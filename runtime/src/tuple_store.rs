@@ -1,0 +1,410 @@
+//! The tuples homed on one rank and the requests waiting for them. Pure: no I/O and no blocking. `out`
+//! returns the deliveries it made to waiting requests, and the caller sends them or wakes their threads.
+//!
+//! Tuples are kept in buckets by arity and first field, so a template whose first field is an actual value
+//! finds its candidates with one lookup; a template whose first field is formal scans every bucket of its
+//! arity (the documented slower path). Waiting requests are served in arrival order: an `out` offers its
+//! tuple to the matching waiters oldest first; every reader (`rd`) among them gets a copy, and the first
+//! taker (`in`) gets the tuple itself, which then never goes into the store. So a tuple is taken at most
+//! once, and waiters on one template are served first come, first served.
+
+use crate::tuple::{Template, Tuple, TupleError, Value};
+use std::collections::{HashMap, VecDeque};
+
+/// Identifies a waiting request.
+pub type WaiterId = u64;
+
+/// Whether a request takes the tuple (`in`) or reads a copy (`rd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `in`: remove the tuple.
+    Take,
+    /// `rd`: copy it.
+    Read,
+}
+
+/// A tuple handed to a waiting request by `out`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The request served.
+    pub waiter: WaiterId,
+    /// What it gets.
+    pub tuple: Tuple,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: WaiterId,
+    template: Template,
+    mode: Mode,
+}
+
+/// Arity and first field (none for the empty tuple).
+type Key = (usize, Option<Value>);
+
+fn key_of(t: &Tuple) -> Key {
+    (t.arity(), t.0.first().cloned())
+}
+
+/// One rank's share of the tuple space.
+#[derive(Debug, Default)]
+pub struct TupleStore {
+    buckets: HashMap<Key, VecDeque<Tuple>>,
+    /// Waiters whose template has an actual first field (or no field), by bucket.
+    waiting: HashMap<Key, VecDeque<Waiter>>,
+    /// Waiters whose template's first field is formal: every `out` of their arity looks at them.
+    waiting_formal: VecDeque<Waiter>,
+    next_id: WaiterId,
+    tuples: usize,
+}
+
+impl TupleStore {
+    /// An empty store.
+    pub fn new() -> TupleStore {
+        TupleStore::default()
+    }
+
+    /// Tuples held.
+    pub fn len(&self) -> usize {
+        self.tuples
+    }
+
+    /// Whether no tuple is held.
+    pub fn is_empty(&self) -> bool {
+        self.tuples == 0
+    }
+
+    /// Adds a tuple, or hands it to waiting requests. Returns the deliveries made, oldest waiter first.
+    pub fn out(&mut self, tuple: Tuple) -> Result<Vec<Delivery>, TupleError> {
+        tuple.check()?;
+        let key = key_of(&tuple);
+        // Candidates from both waiting lists, in arrival order (ids grow with arrival).
+        let mut candidates: Vec<(WaiterId, bool)> = Vec::new();
+        if let Some(q) = self.waiting.get(&key) {
+            candidates.extend(
+                q.iter()
+                    .filter(|w| w.template.matches(&tuple))
+                    .map(|w| (w.id, true)),
+            );
+        }
+        candidates.extend(
+            self.waiting_formal
+                .iter()
+                .filter(|w| w.template.matches(&tuple))
+                .map(|w| (w.id, false)),
+        );
+        candidates.sort_unstable();
+        let mut deliveries = Vec::new();
+        let mut taken = false;
+        for (id, keyed) in candidates {
+            let queue = if keyed {
+                self.waiting.get_mut(&key)
+            } else {
+                Some(&mut self.waiting_formal)
+            };
+            let Some(queue) = queue else { continue };
+            let Some(pos) = queue.iter().position(|w| w.id == id) else {
+                continue;
+            };
+            let waiter = queue.remove(pos).expect("position is in range");
+            let take = waiter.mode == Mode::Take;
+            deliveries.push(Delivery {
+                waiter: waiter.id,
+                tuple: tuple.clone(),
+            });
+            if take {
+                taken = true;
+                break;
+            }
+        }
+        if self.waiting.get(&key).is_some_and(|q| q.is_empty()) {
+            self.waiting.remove(&key);
+        }
+        if !taken {
+            self.buckets.entry(key).or_default().push_back(tuple);
+            self.tuples += 1;
+        }
+        Ok(deliveries)
+    }
+
+    /// Finds (oldest first within a bucket) and, for `Mode::Take`, removes a tuple matching `template`.
+    pub fn find(&mut self, template: &Template, mode: Mode) -> Result<Option<Tuple>, TupleError> {
+        template.check()?;
+        let arity = template.arity();
+        let keys: Vec<Key> = match template.first_actual() {
+            Some(first) => vec![(arity, Some(first.clone()))],
+            None if arity == 0 => vec![(0, None)],
+            None => self
+                .buckets
+                .keys()
+                .filter(|k| k.0 == arity)
+                .cloned()
+                .collect(),
+        };
+        for key in keys {
+            let Some(bucket) = self.buckets.get_mut(&key) else {
+                continue;
+            };
+            let Some(pos) = bucket.iter().position(|t| template.matches(t)) else {
+                continue;
+            };
+            if mode == Mode::Read {
+                return Ok(Some(bucket[pos].clone()));
+            }
+            let t = bucket.remove(pos).expect("position is in range");
+            if bucket.is_empty() {
+                self.buckets.remove(&key);
+            }
+            self.tuples -= 1;
+            return Ok(Some(t));
+        }
+        Ok(None)
+    }
+
+    /// `find`, or else registers a waiting request served by a later `out`.
+    pub fn find_or_wait(
+        &mut self,
+        template: Template,
+        mode: Mode,
+    ) -> Result<Result<Tuple, WaiterId>, TupleError> {
+        if let Some(t) = self.find(&template, mode)? {
+            return Ok(Ok(t));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let waiter = Waiter { id, template, mode };
+        match waiter.template.first_actual() {
+            Some(first) => {
+                let key = (waiter.template.arity(), Some(first.clone()));
+                self.waiting.entry(key).or_default().push_back(waiter);
+            }
+            None if waiter.template.arity() == 0 => {
+                self.waiting.entry((0, None)).or_default().push_back(waiter)
+            }
+            None => self.waiting_formal.push_back(waiter),
+        }
+        Ok(Err(id))
+    }
+
+    /// Withdraws a waiting request (a timeout). Returns false when it is no longer waiting: it was served,
+    /// and its delivery must be honoured.
+    pub fn cancel(&mut self, id: WaiterId) -> bool {
+        for q in self
+            .waiting
+            .values_mut()
+            .chain(std::iter::once(&mut self.waiting_formal))
+        {
+            if let Some(pos) = q.iter().position(|w| w.id == id) {
+                q.remove(pos);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The number of tuples matching `template`.
+    pub fn count(&self, template: &Template) -> usize {
+        self.buckets
+            .iter()
+            .filter(|(k, _)| {
+                k.0 == template.arity()
+                    && template
+                        .first_actual()
+                        .is_none_or(|f| k.1.as_ref() == Some(f))
+            })
+            .map(|(_, b)| b.iter().filter(|t| template.matches(t)).count())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{template, tuple};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn waiters_on_a_template_are_served_in_arrival_order() {
+        let mut s = TupleStore::new();
+        let ids: Vec<WaiterId> = (0..3)
+            .map(|_| {
+                s.find_or_wait(template!("job", ?i64), Mode::Take)
+                    .unwrap()
+                    .unwrap_err()
+            })
+            .collect();
+        for n in 0..3 {
+            let d = s.out(tuple!("job", n)).unwrap();
+            assert_eq!(
+                d,
+                vec![Delivery {
+                    waiter: ids[n as usize],
+                    tuple: tuple!("job", n)
+                }]
+            );
+        }
+        assert!(s.is_empty(), "every tuple went to a waiter");
+    }
+
+    #[test]
+    fn readers_get_copies_and_the_first_taker_gets_the_tuple() {
+        let mut s = TupleStore::new();
+        let r1 = s
+            .find_or_wait(template!("x", ?i64), Mode::Read)
+            .unwrap()
+            .unwrap_err();
+        let t1 = s
+            .find_or_wait(template!(?String, 5), Mode::Take)
+            .unwrap()
+            .unwrap_err();
+        let t2 = s
+            .find_or_wait(template!("x", ?i64), Mode::Take)
+            .unwrap()
+            .unwrap_err();
+        let d = s.out(tuple!("x", 5)).unwrap();
+        let served: Vec<WaiterId> = d.iter().map(|d| d.waiter).collect();
+        assert_eq!(
+            served,
+            vec![r1, t1],
+            "the reader, then the oldest taker (a formal-first template)"
+        );
+        assert!(s.is_empty());
+        assert!(s.cancel(t2), "the later taker still waits");
+        assert!(!s.cancel(t1), "a served request cannot be withdrawn");
+    }
+
+    #[test]
+    fn find_count_and_formal_first_templates() {
+        let mut s = TupleStore::new();
+        for i in 0..5 {
+            s.out(tuple!("a", i)).unwrap();
+            s.out(tuple!("b", i)).unwrap();
+        }
+        s.out(tuple!()).unwrap();
+        assert_eq!(s.count(&template!("a", ?i64)), 5);
+        assert_eq!(s.count(&template!(?String, 3)), 2);
+        assert_eq!(s.count(&template!()), 1);
+        assert_eq!(
+            s.find(&template!("a", 3), Mode::Read).unwrap(),
+            Some(tuple!("a", 3))
+        );
+        assert_eq!(
+            s.find(&template!(?String, 4), Mode::Take)
+                .unwrap()
+                .map(|t| t.get::<i64>(1).unwrap()),
+            Some(4)
+        );
+        assert_eq!(s.len(), 10);
+        assert_eq!(s.find(&template!("c", ?i64), Mode::Take).unwrap(), None);
+        assert!(s
+            .out(crate::tuple::Tuple(
+                (0..20).map(crate::tuple::Value::from).collect()
+            ))
+            .is_err());
+    }
+
+    /// Random outs, takes, reads, waits and cancels against a model multiset: a take returns only a
+    /// matching tuple that is there, every tuple is delivered or kept exactly once, nothing appears twice.
+    #[test]
+    fn nothing_is_lost_or_duplicated() {
+        for seed in 0..200u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut s = TupleStore::new();
+            let mut model: Vec<Tuple> = Vec::new();
+            let mut waiting: Vec<(WaiterId, Template, Mode)> = Vec::new();
+            let mut taken_by_waiters = 0usize;
+            let mut outs = 0usize;
+            let mut takes = 0usize;
+            let names = ["a", "b"];
+            let random_template = |rng: &mut StdRng| match rng.random_range(0..4) {
+                0 => template!(names[rng.random_range(0..2)], ?i64),
+                1 => template!(?String, rng.random_range(0..3i64)),
+                2 => template!(names[rng.random_range(0..2)], rng.random_range(0..3i64)),
+                _ => template!(?String, ?i64),
+            };
+            for _ in 0..400 {
+                match rng.random_range(0..5) {
+                    0 | 1 => {
+                        let t = tuple!(names[rng.random_range(0..2)], rng.random_range(0..3i64));
+                        outs += 1;
+                        let deliveries = s.out(t.clone()).unwrap();
+                        let mut kept = true;
+                        for d in deliveries {
+                            assert_eq!(d.tuple, t);
+                            let i = waiting
+                                .iter()
+                                .position(|w| w.0 == d.waiter)
+                                .expect("a known waiter");
+                            let (_, tpl, mode) = waiting.remove(i);
+                            assert!(tpl.matches(&t));
+                            if mode == Mode::Take {
+                                kept = false;
+                                taken_by_waiters += 1;
+                            }
+                        }
+                        if kept {
+                            model.push(t);
+                        }
+                    }
+                    2 => {
+                        let tpl = random_template(&mut rng);
+                        let mode = if rng.random_bool(0.7) {
+                            Mode::Take
+                        } else {
+                            Mode::Read
+                        };
+                        match s.find_or_wait(tpl.clone(), mode).unwrap() {
+                            Ok(t) => {
+                                assert!(tpl.matches(&t));
+                                let i = model
+                                    .iter()
+                                    .position(|m| *m == t)
+                                    .expect("the tuple was in the store");
+                                if mode == Mode::Take {
+                                    model.remove(i);
+                                    takes += 1;
+                                }
+                            }
+                            Err(id) => {
+                                assert!(
+                                    !model.iter().any(|m| tpl.matches(m)),
+                                    "waited although a match was there"
+                                );
+                                waiting.push((id, tpl, mode));
+                            }
+                        }
+                    }
+                    3 => {
+                        let tpl = random_template(&mut rng);
+                        assert_eq!(
+                            s.count(&tpl),
+                            model.iter().filter(|m| tpl.matches(m)).count()
+                        );
+                    }
+                    _ => {
+                        if !waiting.is_empty() {
+                            let i = rng.random_range(0..waiting.len());
+                            assert!(s.cancel(waiting[i].0));
+                            waiting.remove(i);
+                        }
+                    }
+                }
+                assert_eq!(s.len(), model.len());
+            }
+            // Drain: exactly the model's tuples are left.
+            let mut left = Vec::new();
+            while let Some(t) = s.find(&template!(?String, ?i64), Mode::Take).unwrap() {
+                left.push(t);
+            }
+            left.sort_by_key(|t| format!("{t:?}"));
+            model.sort_by_key(|t| format!("{t:?}"));
+            assert_eq!(left, model, "seed {seed}");
+            assert_eq!(
+                outs,
+                left.len() + takes + taken_by_waiters,
+                "every out is kept or taken exactly once"
+            );
+        }
+    }
+}
