@@ -78,6 +78,22 @@ impl Measurement {
     }
 }
 
+/// What the benchmarks compare against: the raw TCP round trip between ranks 0 and 1, 64 B request and
+/// 4 KiB reply with blocking reads ([`RawLink::round_trips`]).
+pub const RAW_ROUND_TRIP: &str = "raw TCP round trip 64 B / 4 KiB";
+
+/// The table row of the floor itself: its median, in microseconds.
+pub fn floor_row(median_us: f64) -> Measurement {
+    Measurement::new(
+        "raw TCP round trip, median",
+        median_us,
+        "us",
+        median_us,
+        RAW_ROUND_TRIP,
+        "(floor)",
+    )
+}
+
 /// Prints the results: a readable table, or with `json` one object per line.
 pub fn report(results: &[Measurement], json: bool) {
     if json {

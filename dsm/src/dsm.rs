@@ -472,33 +472,22 @@ impl Dsm {
         let (reply, payload, _) = ch
             .recv(&s.counters, home)
             .map_err(|e| s.peer_error(home, e))?;
-        let notices = match reply {
-            Reply::LockGranted => crate::rc::decode_notices(payload, home),
-            _ => Ok(Vec::new()),
-        };
-        drop(ch);
-        let notices = match notices {
-            Ok(n) => n,
-            Err(e) => {
-                // The lock is ours: give it back before reporting, or every other rank waits forever.
-                let ch = s.channels.claim();
-                let _ = ch.send(&s.counters, home, &Request::LockRelease { lock: id }, &[]);
-                return Err(e);
-            }
-        };
-        match reply {
-            Reply::LockGranted => {
-                // Acquiring a lock is an acquire point: drop the pages the notices name.
-                crate::rc::acquire(s, &notices)?;
-                Counters::add(&s.counters.lock_acquires, 1);
-                Counters::add(&s.counters.lock_wait_ns, t0.elapsed().as_nanos() as u64);
-                Ok(LockGuard { dsm: self, id })
-            }
-            other => Err(DsmError::Protocol {
+        if !matches!(reply, Reply::LockGranted) {
+            return Err(DsmError::Protocol {
                 rank: home,
-                what: format!("unexpected reply to a lock request: {other:?}"),
-            }),
+                what: format!("unexpected reply to a lock request: {reply:?}"),
+            });
         }
+        let notices = crate::rc::decode_notices(payload, home);
+        drop(ch);
+        // The lock is ours from here: on any error below, dropping the guard gives it back, or every other
+        // rank would wait for it forever.
+        let guard = LockGuard { dsm: self, id };
+        // Acquiring a lock is an acquire point: drop the pages the notices name.
+        crate::rc::acquire(s, &notices?)?;
+        Counters::add(&s.counters.lock_acquires, 1);
+        Counters::add(&s.counters.lock_wait_ns, t0.elapsed().as_nanos() as u64);
+        Ok(guard)
     }
 
     /// One round trip to `to`'s service loop carrying a `reply_bytes` reply (at most a page): the raw cost

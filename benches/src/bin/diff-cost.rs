@@ -9,7 +9,7 @@
 use clap::Parser;
 use dsm::protocol::diff;
 use dsm::{Rank, PAGE_SIZE};
-use dsm_benches::{quantile, raw_link, report, run_as_job, Measurement};
+use dsm_benches::{floor_row, quantile, raw_link, report, run_as_job, Measurement, RAW_ROUND_TRIP};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -32,15 +32,7 @@ fn main() -> anyhow::Result<()> {
     let mut raw = link.round_trips(4000, 64, 4096)?;
     if dsm.rank() == Rank(0) {
         let floor = quantile(&mut raw, 0.5);
-        let floor_name = "raw TCP round trip 64 B / 4 KiB";
-        let mut out = vec![Measurement::new(
-            "raw TCP round trip, median",
-            floor,
-            "us",
-            floor,
-            floor_name,
-            "(floor)",
-        )];
+        let mut out = vec![floor_row(floor)];
         // A deterministic pseudo-random page and changes (xorshift), so runs are comparable.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move || {
@@ -89,7 +81,7 @@ fn main() -> anyhow::Result<()> {
                 encode_us,
                 "us",
                 floor,
-                floor_name,
+                RAW_ROUND_TRIP,
                 target,
             ));
             out.push(Measurement::new(
@@ -97,7 +89,7 @@ fn main() -> anyhow::Result<()> {
                 apply_us,
                 "us",
                 floor,
-                floor_name,
+                RAW_ROUND_TRIP,
                 target,
             ));
             out.push(Measurement::new(

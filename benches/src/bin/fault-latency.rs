@@ -12,7 +12,9 @@
 
 use clap::Parser;
 use dsm::{Placement, Rank};
-use dsm_benches::{quantile, raw_link, report, run_as_job, us, Measurement};
+use dsm_benches::{
+    floor_row, quantile, raw_link, report, run_as_job, us, Measurement, RAW_ROUND_TRIP,
+};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -159,22 +161,14 @@ fn main() -> anyhow::Result<()> {
         let raw_med = quantile(&mut raw, 0.5);
         let raw_p99 = quantile(&mut raw, 0.99);
         let eng_med = quantile(&mut engine, 0.5);
-        let floor = "raw TCP round trip 64 B / 4 KiB";
         let mut out = vec![
-            Measurement::new(
-                "raw TCP round trip, median",
-                raw_med,
-                "us",
-                raw_med,
-                floor,
-                "(floor)",
-            ),
+            floor_row(raw_med),
             Measurement::new(
                 "raw TCP round trip, p99",
                 raw_p99,
                 "us",
                 raw_med,
-                floor,
+                RAW_ROUND_TRIP,
                 "(floor)",
             ),
             Measurement::new(
@@ -182,7 +176,7 @@ fn main() -> anyhow::Result<()> {
                 eng_med,
                 "us",
                 raw_med,
-                floor,
+                RAW_ROUND_TRIP,
                 "",
             ),
             Measurement::new(
@@ -190,7 +184,7 @@ fn main() -> anyhow::Result<()> {
                 quantile(&mut excess, 0.5),
                 "us",
                 raw_med,
-                floor,
+                RAW_ROUND_TRIP,
                 "<= 15 us",
             ),
             Measurement::new(
@@ -198,7 +192,7 @@ fn main() -> anyhow::Result<()> {
                 quantile(&mut idle_us, 0.5),
                 "us",
                 raw_med,
-                floor,
+                RAW_ROUND_TRIP,
                 &format!("<= floor + 15 us = {:.1}", raw_med + 15.0),
             ),
             Measurement::new(
@@ -206,7 +200,7 @@ fn main() -> anyhow::Result<()> {
                 quantile(&mut idle_us, 0.99),
                 "us",
                 raw_med,
-                floor,
+                RAW_ROUND_TRIP,
                 "",
             ),
             Measurement::new(
@@ -214,7 +208,7 @@ fn main() -> anyhow::Result<()> {
                 quantile(&mut zero_us, 0.5),
                 "us",
                 raw_med,
-                floor,
+                RAW_ROUND_TRIP,
                 "",
             ),
             Measurement::new(
@@ -222,7 +216,7 @@ fn main() -> anyhow::Result<()> {
                 quantile(&mut busy_us, 0.5),
                 "us",
                 raw_med,
-                floor,
+                RAW_ROUND_TRIP,
                 &format!("<= 3 floors = {:.1}", 3.0 * raw_med),
             ),
             Measurement::new(
@@ -230,7 +224,7 @@ fn main() -> anyhow::Result<()> {
                 quantile(&mut busy_us, 0.99),
                 "us",
                 raw_med,
-                floor,
+                RAW_ROUND_TRIP,
                 "",
             ),
         ];

@@ -13,7 +13,9 @@
 
 use clap::Parser;
 use dsm::{Placement, Rank};
-use dsm_benches::{quantile, raw_link, report, run_as_job_of, Measurement};
+use dsm_benches::{
+    floor_row, quantile, raw_link, report, run_as_job_of, Measurement, RAW_ROUND_TRIP,
+};
 use std::time::Instant;
 
 #[derive(Debug, Parser)]
@@ -106,17 +108,9 @@ fn main() -> anyhow::Result<()> {
             let sc_total: u64 = (0..n).map(|r| sums.get(r)).sum();
             let rc_total: u64 = (0..n).map(|r| sums.get(512 + r)).sum();
             let floor = quantile(&mut raw, 0.5);
-            let name = "raw TCP round trip 64 B / 4 KiB";
             let label = format!("{n} ranks, K={}, M={}, work={}", args.k, args.m, args.work);
             let out = vec![
-                Measurement::new(
-                    "raw TCP round trip, median",
-                    floor,
-                    "us",
-                    floor,
-                    name,
-                    "(floor)",
-                ),
+                floor_row(floor),
                 Measurement::new(
                     &format!("false sharing, sequential, {label}"),
                     sc_secs * 1e3,
@@ -201,20 +195,13 @@ fn main() -> anyhow::Result<()> {
         let raw_med = quantile(&mut raw, 0.5);
         let per_handoff_us = elapsed.as_secs_f64() * 1e6 / args.handoffs as f64;
         let out = vec![
-            Measurement::new(
-                "raw TCP round trip, median",
-                raw_med,
-                "us",
-                raw_med,
-                "raw TCP round trip 64 B / 4 KiB",
-                "(floor)",
-            ),
+            floor_row(raw_med),
             Measurement::new(
                 "shuttle: time per handoff",
                 per_handoff_us,
                 "us",
                 raw_med,
-                "raw TCP round trip 64 B / 4 KiB",
+                RAW_ROUND_TRIP,
                 &format!("<= 4 floors = {:.1}", 4.0 * raw_med),
             ),
             Measurement::new(

@@ -6,7 +6,9 @@
 
 use clap::Parser;
 use dsm::Rank;
-use dsm_benches::{quantile, raw_link, report, run_as_job_of, us, Measurement};
+use dsm_benches::{
+    floor_row, quantile, raw_link, report, run_as_job_of, us, Measurement, RAW_ROUND_TRIP,
+};
 use std::time::Instant;
 
 #[derive(Debug, Parser)]
@@ -61,22 +63,14 @@ fn main() -> anyhow::Result<()> {
 
     if me == Rank(0) {
         let floor = quantile(&mut raw, 0.5);
-        let name = "raw TCP round trip 64 B / 4 KiB";
         let out = vec![
-            Measurement::new(
-                "raw TCP round trip, median",
-                floor,
-                "us",
-                floor,
-                name,
-                "(floor)",
-            ),
+            floor_row(floor),
             Measurement::new(
                 "uncontended remote lock acquire+release, median",
                 quantile(&mut uncontended, 0.5),
                 "us",
                 floor,
-                name,
+                RAW_ROUND_TRIP,
                 &format!("<= 2.5 floors = {:.1}", 2.5 * floor),
             ),
             Measurement::new(
@@ -84,7 +78,7 @@ fn main() -> anyhow::Result<()> {
                 handoff,
                 "us",
                 floor,
-                name,
+                RAW_ROUND_TRIP,
                 "",
             ),
             Measurement::new(
@@ -92,7 +86,7 @@ fn main() -> anyhow::Result<()> {
                 barrier,
                 "us",
                 floor,
-                name,
+                RAW_ROUND_TRIP,
                 if n == 4 { "<= 4 floors" } else { "" },
             ),
         ];
