@@ -48,27 +48,39 @@ pub(crate) fn write_frame<T: serde::Serialize>(
     let mut head = [0u8; PREFIX + MAX_HEADER];
     let payload_len: usize = payload.iter().map(|p| p.len()).sum();
     let n = wire::encode(msg, payload_len, &mut head);
+    // Up to three payload slices go out without allocating (the fault path sends at most a page); more
+    // take a vector.
     let mut slices = [IoSlice::new(&[]); 4];
-    slices[0] = IoSlice::new(&head[..n]);
-    let count = 1 + payload.len().min(3);
-    for (s, p) in slices[1..count].iter_mut().zip(payload) {
-        *s = IoSlice::new(p);
-    }
-    let mut bufs: &mut [IoSlice<'_>] = &mut slices[..count];
-    let total = n + payload_len;
+    let mut many = Vec::new();
+    let mut bufs: &mut [IoSlice<'_>] = if payload.len() < slices.len() {
+        slices[0] = IoSlice::new(&head[..n]);
+        for (s, p) in slices[1..].iter_mut().zip(payload) {
+            *s = IoSlice::new(p);
+        }
+        &mut slices[..1 + payload.len()]
+    } else {
+        many.push(IoSlice::new(&head[..n]));
+        many.extend(payload.iter().map(|p| IoSlice::new(p)));
+        &mut many[..]
+    };
     while !bufs.is_empty() {
         // sendmsg with MSG_NOSIGNAL: a peer that is gone is an error on this connection, never a SIGPIPE.
         let flags = nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
-        match nix::sys::socket::sendmsg::<()>(fd.as_raw_fd(), bufs, &[], flags, None) {
+        // One call takes at most IOV_MAX slices; a long read-ahead reply goes out in several.
+        let batch = bufs.len().min(IOV_MAX);
+        match nix::sys::socket::sendmsg::<()>(fd.as_raw_fd(), &bufs[..batch], &[], flags, None) {
             Ok(w) => IoSlice::advance_slices(&mut bufs, w),
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(e),
         }
     }
     Counters::add(&counters.messages_sent, 1);
-    Counters::add(&counters.bytes_sent, total as u64);
+    Counters::add(&counters.bytes_sent, (n + payload_len) as u64);
     Ok(())
 }
+
+/// The most slices one `sendmsg` takes on Linux.
+pub(crate) const IOV_MAX: usize = 1024;
 
 /// Fills `buf` from a blocking descriptor.
 pub(crate) fn read_exact(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(), RecvError> {
@@ -225,6 +237,24 @@ impl Channel {
             len -= n;
         }
         Ok(())
+    }
+
+    /// Waits until a reply from `from` can be read, or `deadline` passes (returns false).
+    pub(crate) fn wait_readable(&self, from: Rank, deadline: Instant) -> Result<bool, RecvError> {
+        use nix::poll::{ppoll, PollFd, PollFlags};
+        use nix::sys::time::TimeSpec;
+        let fd = fd_of(&self.fds, from).map_err(RecvError::Sys)?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+            // ppoll: timeouts below a millisecond are kept (poll would round them up to one).
+            match ppoll(&mut fds, Some(TimeSpec::from_duration(left)), None) {
+                Ok(0) if Instant::now() >= deadline => return Ok(false),
+                Ok(0) | Err(Errno::EINTR) => continue,
+                Ok(_) => return Ok(true),
+                Err(e) => return Err(RecvError::Sys(e)),
+            }
+        }
     }
 
     /// Sends `req` to `to` and waits for its reply.

@@ -2,16 +2,17 @@
 //! the userfaultfd, and offers collective allocation, barriers, distributed locks and statistics. Dropping
 //! it ends the rank's part in the job: a final barrier, `Goodbye` to every peer, and the service loop stops.
 
-use crate::channel::{Channels, RecvError};
+use crate::channel::{Channel, Channels, RecvError};
 use crate::engine::{Engine, ServicePriority, MAX_READAHEAD};
 use crate::error::{DsmError, Result};
 use crate::protocol::release::RcRank;
 use crate::region::{Arena, Consistency, GlobalVec, Placement, Region, RegionShared};
+use crate::service::{Service, ServiceId, MAX_SERVICES};
 use crate::stats::{Counters, Stats};
 use crate::transport::{local::local_cluster, Transport};
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::{self, Uffd};
-use crate::wire::{Reply, Request};
+use crate::wire::{RefusedReason, Reply, Request};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
@@ -56,6 +57,8 @@ pub(crate) struct Shared {
     arena_size: usize,
     epoch: AtomicU64,
     in_process: bool,
+    /// Services registered by the layers above, by id.
+    services: RwLock<Vec<Option<Arc<dyn Service>>>>,
 }
 
 impl Shared {
@@ -67,6 +70,16 @@ impl Shared {
         uffd::signal::install(crate::fault::on_fault)?;
         let _ = self.uffd.set(u);
         Ok(self.uffd.get().expect("set just above"))
+    }
+
+    pub(crate) fn service(&self, id: u8) -> Option<Arc<dyn Service>> {
+        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+        services.get(id as usize)?.clone()
+    }
+
+    pub(crate) fn services(&self) -> Vec<Arc<dyn Service>> {
+        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+        services.iter().flatten().cloned().collect()
     }
 
     pub(crate) fn wake_service(&self) {
@@ -333,6 +346,7 @@ impl DsmBuilder {
             arena_size: self.arena_size,
             epoch: AtomicU64::new(0),
             in_process,
+            services: RwLock::new(vec![None; MAX_SERVICES]),
         });
         let engine = Engine::new(shared.clone(), mesh.incoming)?;
         let service = std::thread::Builder::new()
@@ -431,6 +445,106 @@ impl Dsm {
         }
         self.shared.readahead.store(pages, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Registers `service` under `id` on this rank. Every rank registers the same services under the same
+    /// ids, and should do so before any rank calls them (a call that arrives first is refused): register,
+    /// then `barrier`.
+    pub fn register_service(&self, id: ServiceId, service: Arc<dyn Service>) -> Result<()> {
+        let mut services = self
+            .shared
+            .services
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        match services.get_mut(id as usize) {
+            Some(slot @ None) => {
+                *slot = Some(service);
+                Ok(())
+            }
+            Some(Some(_)) => Err(DsmError::Config(format!(
+                "service {id} is already registered on {}",
+                self.shared.me
+            ))),
+            None => Err(DsmError::Config(format!(
+                "service id {id} is out of range: use 0..{MAX_SERVICES}"
+            ))),
+        }
+    }
+
+    /// Sends `payload` (the concatenation of its slices) to the service `id` of rank `to` and returns its
+    /// answer. For requests the service answers without waiting for anything else to happen; use
+    /// [`Dsm::call_waiting`] for those it may hold.
+    pub fn call(&self, to: Rank, id: ServiceId, payload: &[&[u8]]) -> Result<Vec<u8>> {
+        let mut ch = self.shared.channels.claim();
+        self.exchange(&mut ch, to, id, payload, None)
+    }
+
+    /// Like [`Dsm::call`], for a request the service may hold until something else happens (a blocked
+    /// `in`). With a `deadline`, once it passes `cancel` is sent to the service on the same connection, and
+    /// the call returns the service's answer to the original request, which the service must then give
+    /// (either what was asked for, if it was already on its way, or word of the cancellation). Fails with
+    /// `PeerFailed` if `to` fails meanwhile.
+    pub fn call_waiting(
+        &self,
+        to: Rank,
+        id: ServiceId,
+        payload: &[&[u8]],
+        deadline: Option<(Instant, &[u8])>,
+    ) -> Result<Vec<u8>> {
+        let mut ch = self.shared.channels.claim_for_wait();
+        self.exchange(&mut ch, to, id, payload, deadline)
+    }
+
+    fn exchange(
+        &self,
+        ch: &mut Channel,
+        to: Rank,
+        id: ServiceId,
+        payload: &[&[u8]],
+        deadline: Option<(Instant, &[u8])>,
+    ) -> Result<Vec<u8>> {
+        let s = &self.shared;
+        if to.index() >= s.size {
+            return Err(DsmError::Config(format!(
+                "{to} is not in this job of {} ranks",
+                s.size
+            )));
+        }
+        if s.failed[to.index()].load(Ordering::Acquire) {
+            return Err(DsmError::PeerFailed {
+                rank: to,
+                reason: "it failed earlier in this job".into(),
+            });
+        }
+        let lost = |e: RecvError| s.peer_error(to, e);
+        let request = Request::Service { id };
+        ch.send(&s.counters, to, &request, payload)
+            .map_err(|e| lost(RecvError::Sys(e)))?;
+        if let Some((deadline, cancel)) = deadline {
+            if !ch.wait_readable(to, deadline).map_err(lost)? {
+                ch.send(&s.counters, to, &request, &[cancel])
+                    .map_err(|e| lost(RecvError::Sys(e)))?;
+            }
+        }
+        let (reply, len) = ch.recv_head(&s.counters, to).map_err(lost)?;
+        if !matches!(reply, Reply::Service) {
+            ch.skip_payload(to, len).map_err(lost)?;
+            return Err(match reply {
+                Reply::Refused {
+                    reason: RefusedReason::UnknownService,
+                } => DsmError::NoSuchService { rank: to, id },
+                other => DsmError::Protocol {
+                    rank: to,
+                    what: format!("unexpected answer to a service request: {other:?}"),
+                },
+            });
+        }
+        let mut answer = Vec::with_capacity(len);
+        while answer.len() < len {
+            let piece = (len - answer.len()).min(PAGE_SIZE * 64);
+            answer.extend_from_slice(ch.recv_payload(to, piece).map_err(lost)?);
+        }
+        Ok(answer)
     }
 
     /// Ranks seen failing (under `FailurePolicy::Report`).

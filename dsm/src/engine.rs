@@ -39,7 +39,8 @@ const WAKER: u64 = u64::MAX;
 
 #[derive(Debug)]
 struct Conn {
-    fd: OwnedFd,
+    /// Shared with the `Responder`s of services that answer later.
+    fd: Arc<OwnedFd>,
     peer: Rank,
     buf: Vec<u8>,
     filled: usize,
@@ -93,7 +94,7 @@ impl Engine {
                 .add(fd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
                 .map_err(|e| crate::DsmError::sys("epoll_ctl(connection)", e))?;
             conns.push(Conn {
-                fd,
+                fd: Arc::new(fd),
                 peer,
                 buf: vec![0; 4 + 2 + MAX_HEADER],
                 filled: 0,
@@ -231,6 +232,9 @@ impl Engine {
             return;
         }
         tracing::error!("{}: {peer} failed: {reason}", self.shared.me);
+        for service in self.shared.services() {
+            service.peer_failed(peer);
+        }
         let waiting: Vec<usize> = self.arrivals.drain(..).map(|(c, _, _)| c).collect();
         for c in waiting {
             self.reply(c, &Reply::BarrierFailed { rank: peer.0 }, &[]);
@@ -397,6 +401,23 @@ impl Engine {
             Request::PeerLost { .. } => {
                 self.close(idx, "a failure report names no rank of this job")
             }
+            Request::Service { id } => match self.shared.service(id) {
+                Some(service) => {
+                    let reply = crate::service::Responder {
+                        fd: self.conns[idx].fd.clone(),
+                        peer: self.conns[idx].peer,
+                        shared: self.shared.clone(),
+                    };
+                    service.request(self.conns[idx].peer, payload, reply);
+                }
+                None => self.reply(
+                    idx,
+                    &Reply::Refused {
+                        reason: RefusedReason::UnknownService,
+                    },
+                    &[],
+                ),
+            },
         }
     }
 
@@ -620,7 +641,7 @@ impl Engine {
                     count: pages.len() as u32,
                 };
                 if self.conns[idx].open {
-                    if let Err(e) = write_many(
+                    if let Err(e) = write_frame(
                         self.conns[idx].fd.as_fd(),
                         &reply,
                         &slices,
@@ -989,39 +1010,6 @@ impl Engine {
     }
 }
 
-/// The most slices one `sendmsg` accepts (Linux's UIO_MAXIOV).
-const IOV_MAX: usize = 1024;
-
-/// Writes a reply whose payload is any number of slices (read-ahead pages), straight from page memory.
-fn write_many(
-    fd: std::os::fd::BorrowedFd<'_>,
-    reply: &Reply,
-    pages: &[&[u8]],
-    counters: &Counters,
-) -> Result<(), Errno> {
-    let mut head = [0u8; wire::PREFIX + MAX_HEADER];
-    let total: usize = pages.iter().map(|p| p.len()).sum();
-    let n = wire::encode(reply, total, &mut head);
-    let mut slices: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(pages.len() + 1);
-    slices.push(std::io::IoSlice::new(&head[..n]));
-    slices.extend(pages.iter().map(|p| std::io::IoSlice::new(p)));
-    let mut bufs: &mut [std::io::IoSlice<'_>] = &mut slices;
-    while !bufs.is_empty() {
-        // sendmsg with MSG_NOSIGNAL: a peer that is gone is an error on this connection, never a SIGPIPE.
-        let flags = nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
-        // One call takes at most IOV_MAX slices; a long read-ahead reply goes out in several.
-        let batch = bufs.len().min(IOV_MAX);
-        match nix::sys::socket::sendmsg::<()>(fd.as_raw_fd(), &bufs[..batch], &[], flags, None) {
-            Ok(w) => std::io::IoSlice::advance_slices(&mut bufs, w),
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Counters::add(&counters.messages_sent, 1);
-    Counters::add(&counters.bytes_sent, (n + total) as u64);
-    Ok(())
-}
-
 /// The notices of `all` that a rank with `clock` has not seen.
 fn unseen(
     all: &[crate::protocol::release::WriteNotice],
@@ -1075,7 +1063,7 @@ mod tests {
     #[test]
     fn a_reply_of_more_slices_than_one_sendmsg_takes_goes_out_whole() {
         let (a, mut b) = UnixStream::pair().unwrap();
-        let pages: Vec<[u8; 3]> = (0..IOV_MAX + 300)
+        let pages: Vec<[u8; 3]> = (0..crate::channel::IOV_MAX + 300)
             .map(|i| [i as u8, (i >> 8) as u8, 7])
             .collect();
         let slices: Vec<&[u8]> = pages.iter().map(|p| &p[..]).collect();
@@ -1089,7 +1077,7 @@ mod tests {
             data: Data::Home,
             count: slices.len() as u32,
         };
-        write_many(a.as_fd(), &reply, &slices, &counters).unwrap();
+        write_frame(a.as_fd(), &reply, &slices, &counters).unwrap();
         drop(a);
         let all = reader.join().unwrap();
         let body = wire::body_len(all[..4].try_into().unwrap(), usize::MAX >> 1).unwrap();

@@ -71,6 +71,14 @@ pub enum DsmError {
         /// What was wrong.
         what: String,
     },
+    /// A service call reached a rank where no service has the id.
+    #[error("no service {id} is registered on {rank}: every rank registers its services (for example by creating its TupleSpace) before any rank calls them")]
+    NoSuchService {
+        /// The rank called.
+        rank: Rank,
+        /// The service id.
+        id: u8,
+    },
     /// A connection did not present the job's token.
     #[error("connection refused: {0}")]
     BadHandshake(String),

@@ -18,6 +18,7 @@ mod error;
 mod fault;
 mod rc;
 mod region;
+mod service;
 mod stats;
 mod uffd;
 mod wire;
@@ -26,6 +27,7 @@ pub use crate::dsm::{Dsm, DsmBuilder, FailurePolicy, LockGuard, DEFAULT_ARENA_BA
 pub use crate::engine::ServicePriority;
 pub use crate::error::{DsmError, Result};
 pub use crate::region::{Consistency, GlobalVec, Placement, Region};
+pub use crate::service::{Responder, Service, ServiceId, MAX_SERVICES};
 pub use crate::stats::{Stats, LATENCY_BUCKETS};
 pub use crate::types::{GlobalAddr, PageId, Rank, PAGE_SIZE};
 

@@ -55,6 +55,8 @@ pub(crate) enum Request {
     Goodbye,
     /// The sender lost `rank` and is ending: the failure to report is `rank`'s, not the sender's.
     PeerLost { rank: u32 },
+    /// For the service registered as `id`; the payload is its request.
+    Service { id: u8 },
 }
 
 /// Replies, on the connection the request came on.
@@ -80,6 +82,8 @@ pub(crate) enum Reply {
     Arena { base: u64, size: u64 },
     /// The payload of a ping.
     Pong,
+    /// A service's answer; the payload is its content.
+    Service,
     /// The request could not be served.
     Refused { reason: RefusedReason },
 }
@@ -97,6 +101,8 @@ pub(crate) enum RefusedReason {
     NoArena,
     /// The request does not belong on this rank.
     WrongRank,
+    /// No service is registered under the id on this rank.
+    UnknownService,
 }
 
 /// Size of the fixed frame prefix.

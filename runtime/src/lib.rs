@@ -6,10 +6,18 @@
 pub mod env;
 pub mod launch;
 mod rendezvous;
+pub mod task_farm;
 pub mod tuple;
+mod tuple_home;
+pub mod tuple_space;
 pub mod tuple_store;
 
+pub use task_farm::TaskFarm;
+pub use tuple::{Template, Tuple, TupleError, Value};
+pub use tuple_space::{Lease, SpaceBuilder, TupleSpace};
+
 use dsm::{Dsm, DsmError, Rank};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Errors of joining or launching a job.
@@ -37,6 +45,28 @@ pub enum RuntimeError {
     /// The shared memory layer failed.
     #[error(transparent)]
     Dsm(#[from] DsmError),
+    /// A tuple or template is malformed or over the limits, or a field was read as the wrong type.
+    #[error(transparent)]
+    Tuple(#[from] TupleError),
+    /// A rank refused a tuple-space request.
+    #[error("{rank} refused the request: {reason}")]
+    Refused {
+        /// The rank that refused.
+        rank: Rank,
+        /// Why.
+        reason: String,
+    },
+    /// A task or result does not encode or decode.
+    #[error("{what}: {reason}")]
+    Codec {
+        /// Which value.
+        what: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// `finish` was called while tuple-space handles are alive.
+    #[error("the runtime is still in use by {0} tuple-space handle(s): drop them before finish()")]
+    InUse(usize),
     /// Launching failed.
     #[error("{context}: {source}")]
     Io {
@@ -51,7 +81,7 @@ pub enum RuntimeError {
 /// A rank's membership in a job. Dropping it leaves the job (a final barrier with every rank).
 #[derive(Debug)]
 pub struct Runtime {
-    dsm: Dsm,
+    dsm: Arc<Dsm>,
 }
 
 const MPI_VARS: &[&str] = &[
@@ -70,7 +100,7 @@ impl Runtime {
                 return Err(RuntimeError::MpiNotBuilt);
             }
             return Ok(Runtime {
-                dsm: Self::options()?.build()?,
+                dsm: Arc::new(Self::options()?.build()?),
             });
         };
         let size = env::get("DSM_SIZE", "the number of ranks", env::number::<usize>)?
@@ -103,8 +133,14 @@ impl Runtime {
             builder = builder.transport(Box::new(transport));
         }
         Ok(Runtime {
-            dsm: builder.rank(Rank(rank), size).build()?,
+            dsm: Arc::new(builder.rank(Rank(rank), size).build()?),
         })
+    }
+
+    /// A runtime over a `Dsm` the program built itself (for example ranks as threads over the in-process
+    /// transport, or options the environment does not cover).
+    pub fn from_dsm(dsm: Dsm) -> Runtime {
+        Runtime { dsm: Arc::new(dsm) }
     }
 
     fn options() -> Result<dsm::DsmBuilder, RuntimeError> {
@@ -136,6 +172,14 @@ impl Runtime {
         if let Some(p) = priority {
             b = b.service_priority(p);
         }
+        let policy = env::get("DSM_ON_PEER_FAILURE", "exit or report", |s| match s {
+            "exit" => Some(dsm::FailurePolicy::Exit),
+            "report" => Some(dsm::FailurePolicy::Report),
+            _ => None,
+        })?;
+        if let Some(p) = policy {
+            b = b.failure_policy(p);
+        }
         if let Some(us) = env::get("DSM_SPIN_US", "microseconds", env::number::<u64>)? {
             b = b.spin(Duration::from_micros(us));
         }
@@ -152,6 +196,10 @@ impl Runtime {
         &self.dsm
     }
 
+    pub(crate) fn shared_dsm(&self) -> &Arc<Dsm> {
+        &self.dsm
+    }
+
     /// This process's rank.
     pub fn rank(&self) -> Rank {
         self.dsm.rank()
@@ -164,6 +212,10 @@ impl Runtime {
 
     /// Leaves the job, reporting a failure of the final barrier.
     pub fn finish(self) -> Result<(), RuntimeError> {
-        Ok(self.dsm.finish()?)
+        match Arc::try_unwrap(self.dsm) {
+            Ok(dsm) => Ok(dsm.finish()?),
+            // The job is left when the last handle goes.
+            Err(dsm) => Err(RuntimeError::InUse(Arc::strong_count(&dsm) - 1)),
+        }
     }
 }

@@ -104,7 +104,8 @@ impl Value {
         }
     }
 
-    fn byte_len(&self) -> usize {
+    /// The bytes of a string or byte string (0 for other types).
+    pub(crate) fn byte_len(&self) -> usize {
         match self {
             Value::Str(s) => s.len(),
             Value::Bytes(b) => b.len(),

@@ -1,0 +1,67 @@
+//! Services: request handlers that the layers above the shared memory (the tuple space of `dsm-runtime`)
+//! run in every rank's service loop, over the job's own connections. `dsm` carries their bytes and knows
+//! nothing of what they mean.
+//!
+//! A service is called on the service-loop thread and must never block there: it answers at once, or keeps
+//! the [`Responder`] and answers later from any thread (a blocked `in` is answered by the `out` that
+//! satisfies it). Every request gets at most one answer; a request that expects none (a cancellation) is
+//! simply dropped. A requester sends on one channel and waits for the answer on it, so each connection has
+//! at most one request outstanding, and a late answer from an application thread never interleaves with
+//! another frame on its connection.
+
+use crate::channel::write_frame;
+use crate::dsm::Shared;
+use crate::error::{DsmError, Result};
+use crate::types::Rank;
+use crate::wire::Reply;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+/// Names a service; every rank registers the same services under the same ids.
+pub type ServiceId = u8;
+
+/// The largest number of services a job can register.
+pub const MAX_SERVICES: usize = 8;
+
+/// A request handler run in the service loop of every rank.
+pub trait Service: Send + Sync + std::fmt::Debug + 'static {
+    /// A request from `from`. Runs on the service-loop thread: answer through `reply` now, or keep it and
+    /// answer later, but never block.
+    fn request(&self, from: Rank, payload: Vec<u8>, reply: Responder);
+
+    /// `rank` failed (under `FailurePolicy::Report`; under `Exit` this rank ends instead). Requests it has
+    /// waiting here can be dropped, and what it held given back. Runs on the service-loop thread.
+    fn peer_failed(&self, rank: Rank) {
+        let _ = rank;
+    }
+}
+
+/// The way back to one request's sender. Dropping it unanswered sends nothing.
+#[derive(Debug)]
+pub struct Responder {
+    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) peer: Rank,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Responder {
+    /// The rank that sent the request.
+    pub fn peer(&self) -> Rank {
+        self.peer
+    }
+
+    /// Answers the request with the concatenation of `payload`'s slices. An error means the sender is gone
+    /// (the service loop reports its failure separately).
+    pub fn send(self, payload: &[&[u8]]) -> Result<()> {
+        write_frame(
+            self.fd.as_fd(),
+            &Reply::Service,
+            payload,
+            &self.shared.counters,
+        )
+        .map_err(|e| DsmError::PeerFailed {
+            rank: self.peer,
+            reason: format!("answering its request failed: {e}"),
+        })
+    }
+}

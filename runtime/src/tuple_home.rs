@@ -1,0 +1,504 @@
+//! The part of the tuple space homed on this rank: its [`TupleStore`], the requests waiting on it (from this
+//! rank's threads and from other ranks), and the leases of tuples taken by the task farm. It is a `dsm`
+//! service: other ranks' requests arrive on the service-loop thread and are answered at once or, for a
+//! waiting `in`/`rd`, by the `out` that satisfies them, from whichever thread makes it.
+//!
+//! Never blocks and never sends while holding its state lock: answers are collected under the lock and
+//! sent after it.
+
+use crate::tuple::{Template, Tuple, TupleError};
+use crate::tuple_store::{Mode, TupleStore, WaiterId};
+use crossbeam::channel::{Receiver, Sender};
+use dsm::{Rank, Responder, Service, ServiceId};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The service id of the tuple space.
+pub(crate) const SERVICE: ServiceId = 1;
+
+/// A request to a home.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Ask {
+    /// Add these tuples.
+    Out(Vec<Tuple>),
+    /// Find a tuple; with `wait`, wait for one. `lease`: the home keeps the taken tuple until `Complete`
+    /// and puts it back if the taker fails. `ticket` names the request for a later `Cancel`.
+    Find {
+        template: Template,
+        take: bool,
+        wait: bool,
+        lease: bool,
+        ticket: u64,
+    },
+    /// The waiting `Find` with this ticket timed out: answer it `TimedOut` unless it was served.
+    Cancel { ticket: u64 },
+    /// How many tuples match.
+    Count(Template),
+    /// The task held under `lease` is done: drop the lease and add `results` (homed here), in one step;
+    /// then, with `next`, lease the next tuple matching it (waiting for one).
+    Complete {
+        lease: u64,
+        results: Vec<Tuple>,
+        next: Option<(Template, u64)>,
+    },
+    /// Run the registered function on `args` and `out` its result.
+    Eval { function: String, args: Tuple },
+}
+
+/// A home's answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Answer {
+    /// Done.
+    Done,
+    /// A tuple, and its lease when one was asked for.
+    Found { tuple: Tuple, lease: Option<u64> },
+    /// No match (non-blocking find).
+    NotFound,
+    /// The waiting find was cancelled before a tuple came.
+    TimedOut,
+    /// The number of matching tuples.
+    Count(u64),
+    /// The request cannot be served, and why.
+    Refused(String),
+}
+
+/// A tuple found for a request.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Found {
+    pub(crate) tuple: Tuple,
+    pub(crate) lease: Option<u64>,
+}
+
+/// A function `eval` can run.
+pub(crate) type Function = Arc<dyn Fn(&Tuple) -> Tuple + Send + Sync>;
+
+/// An `eval` accepted here, for this rank's evaluator thread.
+pub(crate) struct EvalJob {
+    pub(crate) function: Function,
+    pub(crate) name: String,
+    pub(crate) args: Tuple,
+}
+
+#[derive(Debug)]
+enum Waiter {
+    Local(Sender<Found>),
+    Remote { reply: Responder, ticket: u64 },
+}
+
+#[derive(Debug)]
+struct Pending {
+    waiter: Waiter,
+    holder: Rank,
+    lease: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    store: TupleStore,
+    pending: HashMap<WaiterId, Pending>,
+    /// Tuples taken under a lease: (holder, tuple), by lease id.
+    leases: HashMap<u64, (Rank, Tuple)>,
+    next_lease: u64,
+    /// Ranks seen failing: their late requests are not served (what they would take would be lost).
+    failed: HashSet<Rank>,
+}
+
+/// Answers to send once the state lock is released.
+#[derive(Debug, Default)]
+struct Outbox(Vec<(Waiter, Found)>);
+
+impl Outbox {
+    fn send(self) {
+        for (waiter, found) in self.0 {
+            match waiter {
+                // A local waiter that gave up (timed out) cancels itself first, so a send that fails means
+                // its thread is gone: nothing waits for the tuple.
+                Waiter::Local(tx) => {
+                    let _ = tx.send(found);
+                }
+                // A remote requester that is gone is reported by the service loop, which then gives back
+                // its leases.
+                Waiter::Remote { reply, .. } => {
+                    let _ = answer(reply, &Answer::from(found));
+                }
+            }
+        }
+    }
+}
+
+impl From<Found> for Answer {
+    fn from(f: Found) -> Answer {
+        Answer::Found {
+            tuple: f.tuple,
+            lease: f.lease,
+        }
+    }
+}
+
+fn answer(reply: Responder, a: &Answer) -> dsm::Result<()> {
+    let bytes = postcard::to_allocvec(a).unwrap_or_default();
+    reply.send(&[&bytes])
+}
+
+/// This rank's share of the tuple space.
+pub(crate) struct Home {
+    state: Mutex<State>,
+    functions: HashMap<String, Function>,
+    /// The evaluator's queue; `None` once this rank's tuple space has closed.
+    evals: Mutex<Option<Sender<EvalJob>>>,
+}
+
+impl std::fmt::Debug for Home {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Home")
+            .field("functions", &self.functions.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a find came to.
+enum Outcome {
+    /// Found, giving back the waiter that was not needed.
+    Found(Found, Option<Waiter>),
+    /// Registered as a waiter.
+    Waiting(WaiterId),
+    NotFound,
+}
+
+impl State {
+    fn grant(&mut self, holder: Rank, tuple: Tuple, lease: bool) -> Found {
+        let lease = lease.then(|| {
+            self.next_lease += 1;
+            self.leases.insert(self.next_lease, (holder, tuple.clone()));
+            self.next_lease
+        });
+        Found { tuple, lease }
+    }
+
+    fn out(&mut self, tuple: Tuple, outbox: &mut Outbox) -> Result<(), TupleError> {
+        for d in self.store.out(tuple)? {
+            if let Some(p) = self.pending.remove(&d.waiter) {
+                let found = self.grant(p.holder, d.tuple, p.lease);
+                outbox.0.push((p.waiter, found));
+            }
+        }
+        Ok(())
+    }
+
+    /// Finds a tuple for `holder`; with `waiter`, registers it when there is none yet.
+    fn find(
+        &mut self,
+        holder: Rank,
+        template: Template,
+        mode: Mode,
+        lease: bool,
+        waiter: Option<Waiter>,
+    ) -> Result<Outcome, TupleError> {
+        let Some(waiter) = waiter else {
+            return Ok(match self.store.find(&template, mode)? {
+                Some(t) => Outcome::Found(self.grant(holder, t, lease), None),
+                None => Outcome::NotFound,
+            });
+        };
+        Ok(match self.store.find_or_wait(template, mode)? {
+            Ok(t) => Outcome::Found(self.grant(holder, t, lease), Some(waiter)),
+            Err(id) => {
+                let pending = Pending {
+                    waiter,
+                    holder,
+                    lease,
+                };
+                self.pending.insert(id, pending);
+                Outcome::Waiting(id)
+            }
+        })
+    }
+
+    /// Serves another rank's find. Returns the answer to send now, or `None` when the request waits (its
+    /// responder is kept for the `out` that will serve it).
+    fn find_for(
+        &mut self,
+        from: Rank,
+        template: Template,
+        mode: Mode,
+        lease: bool,
+        wait: Option<u64>,
+        reply: Responder,
+    ) -> Option<(Responder, Answer)> {
+        // Checked before the responder goes into a waiter, so that an error can still be answered.
+        if let Err(e) = template.check() {
+            return Some((reply, Answer::Refused(e.to_string())));
+        }
+        let (waiter, reply) = match wait {
+            Some(ticket) => (Some(Waiter::Remote { reply, ticket }), None),
+            None => (None, Some(reply)),
+        };
+        match self.find(from, template, mode, lease, waiter) {
+            Ok(Outcome::Found(found, Some(Waiter::Remote { reply, .. }))) => {
+                Some((reply, found.into()))
+            }
+            Ok(Outcome::Found(found, _)) => reply.map(|r| (r, found.into())),
+            Ok(Outcome::Waiting(_)) => None,
+            Ok(Outcome::NotFound) => reply.map(|r| (r, Answer::NotFound)),
+            // The template was checked above, and checking is all a find can fail on.
+            Err(e) => reply.map(|r| (r, Answer::Refused(e.to_string()))),
+        }
+    }
+
+    /// Ends lease `lease` held by `holder` and adds `results`, in one step.
+    fn complete(
+        &mut self,
+        holder: Rank,
+        lease: u64,
+        results: Vec<Tuple>,
+        outbox: &mut Outbox,
+    ) -> Result<(), String> {
+        match self.leases.get(&lease) {
+            Some((h, _)) if *h == holder => {
+                self.leases.remove(&lease);
+                results
+                    .into_iter()
+                    .try_for_each(|t| self.out(t, outbox))
+                    .map_err(|e| e.to_string())
+            }
+            _ => Err(format!(
+                "lease {lease} is not held by {holder} (completed twice, or given back when its holder was thought failed)"
+            )),
+        }
+    }
+}
+
+impl Home {
+    pub(crate) fn new(functions: HashMap<String, Function>, evals: Sender<EvalJob>) -> Home {
+        Home {
+            state: Mutex::new(State::default()),
+            functions,
+            evals: Mutex::new(Some(evals)),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops accepting `eval`s (this rank's tuple space is closing).
+    pub(crate) fn close_evals(&self) {
+        self.evals.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// Adds tuples homed here.
+    pub(crate) fn out(&self, tuples: Vec<Tuple>) -> Result<(), TupleError> {
+        let mut outbox = Outbox::default();
+        let result = {
+            let mut s = self.state();
+            tuples.into_iter().try_for_each(|t| s.out(t, &mut outbox))
+        };
+        outbox.send();
+        result
+    }
+
+    /// Finds a tuple without waiting.
+    pub(crate) fn find_now(
+        &self,
+        holder: Rank,
+        template: Template,
+        mode: Mode,
+        lease: bool,
+    ) -> Result<Option<Found>, TupleError> {
+        Ok(
+            match self.state().find(holder, template, mode, lease, None)? {
+                Outcome::Found(f, _) => Some(f),
+                _ => None,
+            },
+        )
+    }
+
+    /// Finds a tuple for a thread of this rank, or registers the thread as a waiter: then the tuple arrives
+    /// on the receiver, unless `cancel_local` withdraws the waiter first.
+    pub(crate) fn find_local(
+        &self,
+        me: Rank,
+        template: Template,
+        mode: Mode,
+        lease: bool,
+    ) -> Result<Result<Found, (WaiterId, Receiver<Found>)>, TupleError> {
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        match self
+            .state()
+            .find(me, template, mode, lease, Some(Waiter::Local(tx)))?
+        {
+            Outcome::Found(f, _) => Ok(Ok(f)),
+            Outcome::Waiting(id) => Ok(Err((id, rx))),
+            Outcome::NotFound => unreachable!("a find with a waiter finds or waits"),
+        }
+    }
+
+    /// Withdraws a local waiter. False when it was already served: its tuple is in its receiver.
+    pub(crate) fn cancel_local(&self, id: WaiterId) -> bool {
+        let mut s = self.state();
+        s.pending.remove(&id);
+        s.store.cancel(id)
+    }
+
+    /// The number of tuples here matching `template`.
+    pub(crate) fn count(&self, template: &Template) -> usize {
+        self.state().store.count(template)
+    }
+
+    /// Ends lease `lease` held by `holder`, adding `results` in the same step.
+    pub(crate) fn complete(
+        &self,
+        holder: Rank,
+        lease: u64,
+        results: Vec<Tuple>,
+    ) -> Result<(), String> {
+        let mut outbox = Outbox::default();
+        let result = self.state().complete(holder, lease, results, &mut outbox);
+        outbox.send();
+        result
+    }
+
+    /// Queues an `eval` for this rank's evaluator.
+    pub(crate) fn eval(&self, function: String, args: Tuple) -> Result<(), String> {
+        let Some(f) = self.functions.get(&function) else {
+            return Err(format!(
+                "no function {function:?} is registered: register it with TupleSpace::builder().function(..) on every rank"
+            ));
+        };
+        let job = EvalJob {
+            function: f.clone(),
+            name: function,
+            args,
+        };
+        let evals = self.evals.lock().unwrap_or_else(|p| p.into_inner());
+        match evals.as_ref().map(|tx| tx.send(job)) {
+            Some(Ok(())) => Ok(()),
+            _ => Err("its tuple space has closed".into()),
+        }
+    }
+
+    fn serve(&self, from: Rank, ask: Ask, reply: Responder) {
+        let mut outbox = Outbox::default();
+        let mut s = self.state();
+        if s.failed.contains(&from) {
+            // A request that was on its way when its sender was declared failed: serving it could hand a
+            // tuple to a rank that will never use it.
+            return;
+        }
+        let now = match ask {
+            Ask::Out(tuples) => match tuples.into_iter().try_for_each(|t| s.out(t, &mut outbox)) {
+                Ok(()) => Some((reply, Answer::Done)),
+                Err(e) => Some((reply, Answer::Refused(e.to_string()))),
+            },
+            Ask::Find {
+                template,
+                take,
+                wait,
+                lease,
+                ticket,
+            } => {
+                let mode = if take { Mode::Take } else { Mode::Read };
+                s.find_for(from, template, mode, lease, wait.then_some(ticket), reply)
+            }
+            Ask::Cancel { ticket } => {
+                let id = s.pending.iter().find_map(|(id, p)| match &p.waiter {
+                    Waiter::Remote { ticket: t, .. } if *t == ticket && p.holder == from => {
+                        Some(*id)
+                    }
+                    _ => None,
+                });
+                // The cancel itself gets no answer; the waiting request gets `TimedOut`, unless it was
+                // served already (its answer is on the way and the requester takes it).
+                if let Some(id) = id {
+                    s.store.cancel(id);
+                    if let Some(Pending {
+                        waiter: Waiter::Remote { reply, .. },
+                        ..
+                    }) = s.pending.remove(&id)
+                    {
+                        drop(s);
+                        let _ = answer(reply, &Answer::TimedOut);
+                        return;
+                    }
+                }
+                return;
+            }
+            Ask::Count(template) => Some((reply, Answer::Count(s.store.count(&template) as u64))),
+            Ask::Complete {
+                lease,
+                results,
+                next,
+            } => match s.complete(from, lease, results, &mut outbox) {
+                Err(e) => Some((reply, Answer::Refused(e))),
+                Ok(()) => match next {
+                    None => Some((reply, Answer::Done)),
+                    Some((template, ticket)) => {
+                        s.find_for(from, template, Mode::Take, true, Some(ticket), reply)
+                    }
+                },
+            },
+            Ask::Eval { function, args } => {
+                drop(s);
+                outbox.send();
+                let a = match self.eval(function, args) {
+                    Ok(()) => Answer::Done,
+                    Err(e) => Answer::Refused(e),
+                };
+                let _ = answer(reply, &a);
+                return;
+            }
+        };
+        drop(s);
+        outbox.send();
+        if let Some((reply, a)) = now {
+            let _ = answer(reply, &a);
+        }
+    }
+}
+
+impl Service for Home {
+    fn request(&self, from: Rank, payload: Vec<u8>, reply: Responder) {
+        match postcard::from_bytes::<Ask>(&payload) {
+            Ok(ask) => self.serve(from, ask, reply),
+            Err(e) => {
+                let _ = answer(
+                    reply,
+                    &Answer::Refused(format!("malformed tuple-space request: {e}")),
+                );
+            }
+        }
+    }
+
+    fn peer_failed(&self, rank: Rank) {
+        let mut outbox = Outbox::default();
+        {
+            let mut s = self.state();
+            s.failed.insert(rank);
+            let gone: Vec<WaiterId> = s
+                .pending
+                .iter()
+                .filter(|(_, p)| p.holder == rank)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in gone {
+                s.pending.remove(&id);
+                s.store.cancel(id);
+            }
+            let held: Vec<u64> = s
+                .leases
+                .iter()
+                .filter(|(_, (h, _))| *h == rank)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in held {
+                if let Some((_, tuple)) = s.leases.remove(&id) {
+                    if let Err(e) = s.out(tuple, &mut outbox) {
+                        eprintln!("dsm-runtime: giving back a tuple {rank} held: {e}");
+                    }
+                }
+            }
+        }
+        outbox.send();
+    }
+}

@@ -1,0 +1,637 @@
+//! The job's Linda tuple space: `out`, `in`, `rd`, `inp`, `rdp`, timeouts, `count`, `eval`, and the leases
+//! the task farm takes tasks under.
+//!
+//! Each tuple lives at a home rank chosen by hashing its first field and its arity, so the space spreads over
+//! the job and a template whose first field is an actual value goes straight to the one rank that can hold
+//! its matches. Operations on tuples homed on the caller's rank touch no network. A template whose first
+//! field is formal could match at any rank: it takes the slower path of asking every rank in turn, and a
+//! blocking one polls them (every 0.1 ms at first, backing off to every 10 ms); its waiters are not served
+//! in FIFO order across ranks.
+//!
+//! ```no_run
+//! use dsm_runtime::{template, tuple, Runtime, TupleSpace};
+//! let rt = Runtime::init()?;
+//! let space = TupleSpace::join(&rt)?; // collective: every rank joins
+//! if rt.rank().0 == 0 {
+//!     space.out(tuple!("task", 7i64))?;
+//! }
+//! let t = space.in_(&template!("task", ?i64))?; // one rank gets it; the others wait
+//! # Ok::<(), dsm_runtime::RuntimeError>(())
+//! ```
+
+use crate::tuple::{Template, Tuple, Value};
+use crate::tuple_home::{Answer, Ask, EvalJob, Found, Function, Home, SERVICE};
+use crate::tuple_store::Mode;
+use crate::{Runtime, RuntimeError};
+use dsm::{Dsm, Rank};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The largest batch of tuples one `out_many` message carries, in encoded bytes (a bigger batch is split).
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// One rank's handle on the tuple space. Cheap to clone and usable from any thread.
+#[derive(Debug, Clone)]
+pub struct TupleSpace {
+    inner: Arc<Inner>,
+    _evaluator: Arc<Evaluator>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dsm: Arc<Dsm>,
+    home: Arc<Home>,
+    me: Rank,
+    size: usize,
+    tickets: AtomicU64,
+    next_eval: AtomicUsize,
+}
+
+/// Runs this rank's `eval`s; stops (after the queued ones) when the last handle on the space is dropped.
+#[derive(Debug)]
+struct Evaluator {
+    home: Arc<Home>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Evaluator {
+    fn drop(&mut self) {
+        self.home.close_evals();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A tuple taken under a lease: its home keeps it until [`TupleSpace::complete`], and puts it back into the
+/// space if this rank fails first.
+#[derive(Debug)]
+#[must_use = "a leased tuple stays held until the lease is completed"]
+pub struct Lease {
+    /// The tuple taken.
+    pub tuple: Tuple,
+    home: Rank,
+    id: u64,
+}
+
+/// Options for joining the tuple space: the functions `eval` can run.
+#[derive(Default)]
+pub struct SpaceBuilder {
+    functions: HashMap<String, Function>,
+}
+
+impl std::fmt::Debug for SpaceBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpaceBuilder")
+            .field("functions", &self.functions.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl SpaceBuilder {
+    /// Registers `f` under `name` for [`TupleSpace::eval`]. Every rank registers the same functions.
+    pub fn function(
+        mut self,
+        name: &str,
+        f: impl Fn(&Tuple) -> Tuple + Send + Sync + 'static,
+    ) -> SpaceBuilder {
+        self.functions.insert(name.to_string(), Arc::new(f));
+        self
+    }
+
+    /// Joins the tuple space. Collective: every rank calls it (it ends with a barrier, so that no request
+    /// reaches a rank before its part of the space exists). A rank joins once.
+    pub fn join(self, rt: &Runtime) -> Result<TupleSpace, RuntimeError> {
+        let dsm = rt.shared_dsm();
+        let (tx, rx) = crossbeam::channel::unbounded::<EvalJob>();
+        let home = Arc::new(Home::new(self.functions, tx));
+        dsm.register_service(SERVICE, home.clone())?;
+        let inner = Arc::new(Inner {
+            me: dsm.rank(),
+            size: dsm.size(),
+            dsm: dsm.clone(),
+            home: home.clone(),
+            tickets: AtomicU64::new(0),
+            next_eval: AtomicUsize::new(0),
+        });
+        let worker = inner.clone();
+        let thread = std::thread::Builder::new()
+            .name("dsm-eval".into())
+            .spawn(move || {
+                for job in rx {
+                    worker.run_eval(job);
+                }
+            })
+            .map_err(|e| RuntimeError::Io {
+                context: "starting the eval thread".into(),
+                source: e,
+            })?;
+        dsm.barrier()?;
+        Ok(TupleSpace {
+            inner,
+            _evaluator: Arc::new(Evaluator {
+                home,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+}
+
+/// How long a find waits.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    No,
+    Until(Option<Instant>),
+}
+
+impl TupleSpace {
+    /// Options: functions for `eval`.
+    pub fn builder() -> SpaceBuilder {
+        SpaceBuilder::default()
+    }
+
+    /// Joins the tuple space without `eval` functions. Collective.
+    pub fn join(rt: &Runtime) -> Result<TupleSpace, RuntimeError> {
+        SpaceBuilder::default().join(rt)
+    }
+
+    /// The rank that holds tuples whose first field is `first` (none for the empty tuple) and whose arity
+    /// is `arity`.
+    pub fn home_of(&self, first: Option<&Value>, arity: usize) -> Rank {
+        home_of(first, arity, self.inner.size)
+    }
+
+    /// Puts `tuple` into the space.
+    pub fn out(&self, tuple: Tuple) -> Result<(), RuntimeError> {
+        self.inner.out(tuple)
+    }
+
+    /// Puts every tuple into the space, in one message per home rank (or a few, for large batches).
+    pub fn out_many(&self, tuples: impl IntoIterator<Item = Tuple>) -> Result<(), RuntimeError> {
+        let mut by_home: HashMap<Rank, Vec<Tuple>> = HashMap::new();
+        for t in tuples {
+            t.check()?;
+            by_home
+                .entry(self.home_of(t.0.first(), t.arity()))
+                .or_default()
+                .push(t);
+        }
+        for (home, tuples) in by_home {
+            if home == self.inner.me {
+                self.inner.home.out(tuples)?;
+                continue;
+            }
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            for t in tuples {
+                let size = t.0.iter().map(|v| 16 + v.byte_len()).sum::<usize>();
+                if bytes + size > MAX_BATCH_BYTES && !batch.is_empty() {
+                    self.inner
+                        .expect_done(home, &Ask::Out(std::mem::take(&mut batch)))?;
+                    bytes = 0;
+                }
+                bytes += size;
+                batch.push(t);
+            }
+            if !batch.is_empty() {
+                self.inner.expect_done(home, &Ask::Out(batch))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a tuple matching `template`, waiting until there is one.
+    pub fn in_(&self, template: &Template) -> Result<Tuple, RuntimeError> {
+        self.inner
+            .find_some(template, Mode::Take, false, None)
+            .map(|(f, _)| f.tuple)
+    }
+
+    /// Reads (copies) a tuple matching `template`, waiting until there is one.
+    pub fn rd(&self, template: &Template) -> Result<Tuple, RuntimeError> {
+        self.inner
+            .find_some(template, Mode::Read, false, None)
+            .map(|(f, _)| f.tuple)
+    }
+
+    /// Takes a tuple matching `template` if there is one now.
+    pub fn inp(&self, template: &Template) -> Result<Option<Tuple>, RuntimeError> {
+        Ok(self
+            .inner
+            .find(template, Mode::Take, false, Wait::No)?
+            .map(|(f, _)| f.tuple))
+    }
+
+    /// Reads a tuple matching `template` if there is one now.
+    pub fn rdp(&self, template: &Template) -> Result<Option<Tuple>, RuntimeError> {
+        Ok(self
+            .inner
+            .find(template, Mode::Read, false, Wait::No)?
+            .map(|(f, _)| f.tuple))
+    }
+
+    /// Takes a tuple matching `template`, waiting at most `timeout` (`None` when none came).
+    pub fn in_timeout(
+        &self,
+        template: &Template,
+        timeout: Duration,
+    ) -> Result<Option<Tuple>, RuntimeError> {
+        let deadline = Some(Instant::now() + timeout);
+        Ok(self
+            .inner
+            .find(template, Mode::Take, false, Wait::Until(deadline))?
+            .map(|(f, _)| f.tuple))
+    }
+
+    /// Reads a tuple matching `template`, waiting at most `timeout` (`None` when none came).
+    pub fn rd_timeout(
+        &self,
+        template: &Template,
+        timeout: Duration,
+    ) -> Result<Option<Tuple>, RuntimeError> {
+        let deadline = Some(Instant::now() + timeout);
+        Ok(self
+            .inner
+            .find(template, Mode::Read, false, Wait::Until(deadline))?
+            .map(|(f, _)| f.tuple))
+    }
+
+    /// The number of tuples matching `template` now.
+    pub fn count(&self, template: &Template) -> Result<usize, RuntimeError> {
+        template.check()?;
+        match template.first_actual() {
+            Some(first) => self
+                .inner
+                .count_at(self.home_of(Some(first), template.arity()), template),
+            None if template.arity() == 0 => self.inner.count_at(self.home_of(None, 0), template),
+            None => (0..self.inner.size)
+                .map(|r| self.inner.count_at(Rank(r as u32), template))
+                .sum(),
+        }
+    }
+
+    /// Runs the function registered as `function` on `args` at a rank the runtime chooses (the ranks in
+    /// turn), which `out`s its result. Returns that rank. The function's result is lost if that rank fails
+    /// before putting it.
+    pub fn eval(&self, function: &str, args: Tuple) -> Result<Rank, RuntimeError> {
+        args.check()?;
+        let i = &self.inner;
+        let at = Rank(
+            ((i.me.index() + 1 + i.next_eval.fetch_add(1, Ordering::Relaxed)) % i.size) as u32,
+        );
+        if at == i.me {
+            i.home
+                .eval(function.to_string(), args)
+                .map_err(|reason| RuntimeError::Refused { rank: at, reason })?;
+        } else {
+            let ask = Ask::Eval {
+                function: function.to_string(),
+                args,
+            };
+            i.expect_done(at, &ask)?;
+        }
+        Ok(at)
+    }
+
+    /// Takes a tuple matching `template` under a lease, waiting until there is one: if this rank fails
+    /// before [`TupleSpace::complete`], the tuple goes back into the space for another rank.
+    pub fn in_leased(&self, template: &Template) -> Result<Lease, RuntimeError> {
+        let found = self.inner.find_some(template, Mode::Take, true, None)?;
+        self.inner.lease_of(template, found)
+    }
+
+    /// Ends a lease and puts `results` in the same step at the lease's home (results homed elsewhere are
+    /// put first, so a failure between the two may put them twice: give results the leased tuple's first
+    /// field and arity to have them put exactly once).
+    pub fn complete(&self, lease: Lease, results: Vec<Tuple>) -> Result<(), RuntimeError> {
+        self.inner.complete(lease, results, None).map(|_| ())
+    }
+
+    /// [`TupleSpace::complete`], then [`TupleSpace::in_leased`] with `next` (homed where the lease is), in
+    /// one round trip.
+    pub fn complete_and_lease(
+        &self,
+        lease: Lease,
+        results: Vec<Tuple>,
+        next: &Template,
+    ) -> Result<Lease, RuntimeError> {
+        next.check()?;
+        let found = self.inner.complete(lease, results, Some(next))?;
+        match found {
+            Some(found) => self.inner.lease_of(next, found),
+            None => self.in_leased(next),
+        }
+    }
+}
+
+/// The home of a tuple with this first field and arity, in a job of `size` ranks. Deterministic across the
+/// job's processes (they run one program).
+fn home_of(first: Option<&Value>, arity: usize, size: usize) -> Rank {
+    let mut h = std::hash::DefaultHasher::new();
+    first.hash(&mut h);
+    arity.hash(&mut h);
+    Rank((h.finish() % size as u64) as u32)
+}
+
+impl Inner {
+    fn out(&self, tuple: Tuple) -> Result<(), RuntimeError> {
+        tuple.check()?;
+        let home = home_of(tuple.0.first(), tuple.arity(), self.size);
+        if home == self.me {
+            return Ok(self.home.out(vec![tuple])?);
+        }
+        self.expect_done(home, &Ask::Out(vec![tuple]))
+    }
+
+    fn run_eval(&self, job: EvalJob) {
+        let f = job.function;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&job.args))) {
+            Ok(result) => {
+                if let Err(e) = self.out(result) {
+                    eprintln!(
+                        "dsm-runtime: {}: putting the result of eval {:?}: {e}",
+                        self.me, job.name
+                    );
+                }
+            }
+            Err(_) => eprintln!(
+                "dsm-runtime: {}: eval {:?} panicked on {:?}; it has no result to put",
+                self.me, job.name, job.args
+            ),
+        }
+    }
+
+    fn template_home(&self, template: &Template) -> Option<Rank> {
+        match template.first_actual() {
+            Some(first) => Some(home_of(Some(first), template.arity(), self.size)),
+            None if template.arity() == 0 => Some(home_of(None, 0, self.size)),
+            None => None,
+        }
+    }
+
+    /// A find that waits (until `deadline`, or for ever): it returns a tuple or an error.
+    fn find_some(
+        &self,
+        template: &Template,
+        mode: Mode,
+        lease: bool,
+        deadline: Option<Instant>,
+    ) -> Result<(Found, Rank), RuntimeError> {
+        self.find(template, mode, lease, Wait::Until(deadline))?
+            .ok_or_else(|| RuntimeError::Refused {
+                rank: self.me,
+                reason: "a find without a deadline came back empty".into(),
+            })
+    }
+
+    fn find(
+        &self,
+        template: &Template,
+        mode: Mode,
+        lease: bool,
+        wait: Wait,
+    ) -> Result<Option<(Found, Rank)>, RuntimeError> {
+        template.check()?;
+        if let Some(home) = self.template_home(template) {
+            return Ok(self
+                .find_at(home, template, mode, lease, wait)?
+                .map(|f| (f, home)));
+        }
+        // The first field is formal: ask every rank, this one first, and poll while waiting.
+        let deadline = match wait {
+            Wait::No => Some(Instant::now()),
+            Wait::Until(d) => d,
+        };
+        let mut pause = Duration::from_micros(100);
+        loop {
+            for i in 0..self.size {
+                let r = Rank(((self.me.index() + i) % self.size) as u32);
+                if let Some(f) = self.find_at(r, template, mode, lease, Wait::No)? {
+                    return Ok(Some((f, r)));
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+            let nap = deadline.map_or(pause, |d| {
+                pause.min(d.saturating_duration_since(Instant::now()))
+            });
+            std::thread::sleep(nap);
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
+    }
+
+    fn find_at(
+        &self,
+        home: Rank,
+        template: &Template,
+        mode: Mode,
+        lease: bool,
+        wait: Wait,
+    ) -> Result<Option<Found>, RuntimeError> {
+        if home == self.me {
+            return self.find_here(template, mode, lease, wait);
+        }
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        let ask = Ask::Find {
+            template: template.clone(),
+            take: mode == Mode::Take,
+            wait: matches!(wait, Wait::Until(_)),
+            lease,
+            ticket,
+        };
+        let answer = match wait {
+            Wait::No => self.ask(home, &ask)?,
+            Wait::Until(deadline) => self.ask_waiting(home, &ask, deadline, ticket)?,
+        };
+        match answer {
+            Answer::Found { tuple, lease } => Ok(Some(Found { tuple, lease })),
+            Answer::NotFound | Answer::TimedOut => Ok(None),
+            other => Err(unexpected(home, other)),
+        }
+    }
+
+    fn find_here(
+        &self,
+        template: &Template,
+        mode: Mode,
+        lease: bool,
+        wait: Wait,
+    ) -> Result<Option<Found>, RuntimeError> {
+        let Wait::Until(deadline) = wait else {
+            return Ok(self.home.find_now(self.me, template.clone(), mode, lease)?);
+        };
+        let (id, rx) = match self
+            .home
+            .find_local(self.me, template.clone(), mode, lease)?
+        {
+            Ok(found) => return Ok(Some(found)),
+            Err(waiting) => waiting,
+        };
+        let got = match deadline {
+            None => rx.recv().ok(),
+            Some(d) => match rx.recv_deadline(d) {
+                Ok(f) => Some(f),
+                // Withdrawn in time: nothing was taken. Otherwise an `out` served it meanwhile, and its
+                // tuple is in the channel.
+                Err(_) if self.home.cancel_local(id) => return Ok(None),
+                Err(_) => rx.recv().ok(),
+            },
+        };
+        got.map(Some).ok_or_else(|| RuntimeError::Refused {
+            rank: self.me,
+            reason: "this rank's tuple space dropped a waiting request".into(),
+        })
+    }
+
+    fn lease_of(&self, template: &Template, found: (Found, Rank)) -> Result<Lease, RuntimeError> {
+        let (found, home) = found;
+        match found.lease {
+            Some(id) => Ok(Lease {
+                tuple: found.tuple,
+                home,
+                id,
+            }),
+            None => Err(RuntimeError::Refused {
+                rank: home,
+                reason: format!("a leased find for {template:?} came back without a lease"),
+            }),
+        }
+    }
+
+    fn complete(
+        &self,
+        lease: Lease,
+        results: Vec<Tuple>,
+        next: Option<&Template>,
+    ) -> Result<Option<(Found, Rank)>, RuntimeError> {
+        let (here, elsewhere): (Vec<Tuple>, Vec<Tuple>) = results
+            .into_iter()
+            .partition(|t| home_of(t.0.first(), t.arity(), self.size) == lease.home);
+        for t in elsewhere {
+            self.out(t)?;
+        }
+        for t in &here {
+            t.check()?;
+        }
+        // `next` rides along only when its tuples are homed where the lease is.
+        let next = next.filter(|n| self.template_home(n) == Some(lease.home));
+        if lease.home == self.me {
+            self.home
+                .complete(self.me, lease.id, here)
+                .map_err(|reason| RuntimeError::Refused {
+                    rank: self.me,
+                    reason,
+                })?;
+            return match next {
+                Some(n) => Ok(self
+                    .find_here(n, Mode::Take, true, Wait::Until(None))?
+                    .map(|f| (f, lease.home))),
+                None => Ok(None),
+            };
+        }
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        let ask = Ask::Complete {
+            lease: lease.id,
+            results: here,
+            next: next.map(|n| (n.clone(), ticket)),
+        };
+        let answer = if next.is_some() {
+            self.ask_waiting(lease.home, &ask, None, ticket)?
+        } else {
+            self.ask(lease.home, &ask)?
+        };
+        match answer {
+            Answer::Done if next.is_none() => Ok(None),
+            Answer::Found { tuple, lease: l } => Ok(Some((Found { tuple, lease: l }, lease.home))),
+            other => Err(unexpected(lease.home, other)),
+        }
+    }
+
+    fn count_at(&self, home: Rank, template: &Template) -> Result<usize, RuntimeError> {
+        if home == self.me {
+            return Ok(self.home.count(template));
+        }
+        match self.ask(home, &Ask::Count(template.clone()))? {
+            Answer::Count(n) => Ok(n as usize),
+            other => Err(unexpected(home, other)),
+        }
+    }
+
+    fn expect_done(&self, home: Rank, ask: &Ask) -> Result<(), RuntimeError> {
+        match self.ask(home, ask)? {
+            Answer::Done => Ok(()),
+            other => Err(unexpected(home, other)),
+        }
+    }
+
+    fn ask(&self, home: Rank, ask: &Ask) -> Result<Answer, RuntimeError> {
+        let bytes = encode(ask);
+        decode(home, &self.dsm.call(home, SERVICE, &[&bytes])?)
+    }
+
+    /// A request the home may hold; past `deadline` it is cancelled (by `ticket`).
+    fn ask_waiting(
+        &self,
+        home: Rank,
+        ask: &Ask,
+        deadline: Option<Instant>,
+        ticket: u64,
+    ) -> Result<Answer, RuntimeError> {
+        let bytes = encode(ask);
+        let cancel = encode(&Ask::Cancel { ticket });
+        let deadline = deadline.map(|d| (d, &cancel[..]));
+        decode(
+            home,
+            &self.dsm.call_waiting(home, SERVICE, &[&bytes], deadline)?,
+        )
+    }
+}
+
+fn encode(ask: &Ask) -> Vec<u8> {
+    // Tuples and templates are plain data: encoding into a vector cannot fail.
+    postcard::to_allocvec(ask).unwrap_or_default()
+}
+
+fn decode(home: Rank, bytes: &[u8]) -> Result<Answer, RuntimeError> {
+    postcard::from_bytes(bytes).map_err(|e| {
+        RuntimeError::Dsm(dsm::DsmError::Protocol {
+            rank: home,
+            what: format!("a tuple-space answer does not decode: {e}"),
+        })
+    })
+}
+
+fn unexpected(home: Rank, answer: Answer) -> RuntimeError {
+    match answer {
+        Answer::Refused(reason) => RuntimeError::Refused { rank: home, reason },
+        other => RuntimeError::Dsm(dsm::DsmError::Protocol {
+            rank: home,
+            what: format!("unexpected tuple-space answer {other:?}"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tuple;
+
+    #[test]
+    fn homes_spread_over_ranks_and_depend_on_first_field_and_arity() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..64i64 {
+            let t = tuple!(i, "x");
+            seen.insert(home_of(t.0.first(), t.arity(), 4));
+        }
+        assert_eq!(seen.len(), 4, "64 first fields reach every one of 4 ranks");
+        let differ = (0..64i64)
+            .any(|i| home_of(Some(&Value::I64(i)), 2, 4) != home_of(Some(&Value::I64(i)), 3, 4));
+        assert!(differ, "arity takes part in the home");
+        assert_eq!(home_of(None, 0, 1), Rank(0));
+    }
+}

@@ -1,0 +1,313 @@
+//! The tuple space with ranks as threads over the in-process transport: the same service loop, channels and
+//! homes as multi-process jobs (those are tested in `examples/tests`), in milliseconds.
+
+use dsm::transport::local::local_cluster;
+use dsm::{Dsm, Rank};
+use dsm_runtime::{template, tuple, Runtime, RuntimeError, TaskFarm, TupleSpace};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Runs `body` on every rank of an in-process job of `ranks` ranks, each with its joined tuple space.
+fn job<F>(ranks: usize, builder: fn() -> dsm_runtime::SpaceBuilder, body: F)
+where
+    F: Fn(&Runtime, &TupleSpace) + Send + Sync + 'static,
+{
+    let body = Arc::new(body);
+    let transports = local_cluster(ranks, 3).unwrap();
+    let threads: Vec<_> = transports
+        .into_iter()
+        .enumerate()
+        .map(|(r, t)| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let dsm = Dsm::builder()
+                    .rank(Rank(r as u32), ranks)
+                    .channels(3)
+                    .transport(Box::new(t))
+                    .build()
+                    .unwrap();
+                let rt = Runtime::from_dsm(dsm);
+                let space = builder().join(&rt).unwrap();
+                // A rank that fails its checks would leave the others waiting at a barrier for ever: end
+                // the whole test process instead (the panic message is printed first).
+                let run = std::panic::AssertUnwindSafe(|| body(&rt, &space));
+                if std::panic::catch_unwind(run).is_err() {
+                    std::process::exit(101);
+                }
+                drop(space);
+                rt.finish().unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a rank panicked");
+    }
+}
+
+fn plain() -> dsm_runtime::SpaceBuilder {
+    TupleSpace::builder()
+}
+
+#[test]
+fn out_in_rd_and_count_across_ranks() {
+    job(3, plain, |rt, space| {
+        let me = rt.rank().0 as i64;
+        // Every rank puts tuples with several first fields, so that they land on every home.
+        for k in 0..6i64 {
+            space.out(tuple!(format!("k{k}"), me, k * 10 + me)).unwrap();
+        }
+        rt.dsm().barrier().unwrap();
+        for k in 0..6i64 {
+            let t = template!(format!("k{k}"), ?i64, ?i64);
+                        assert_eq!(space.count(&t).unwrap(), 3, "three tuples k{k}");
+        }
+        rt.dsm().barrier().unwrap();
+        // Each rank takes the tuples the next rank put: exactly those, from whichever home holds them.
+        let from = (me + 1) % 3;
+        for k in 0..6i64 {
+            let t = space.in_(&template!(format!("k{k}"), from, ?i64)).unwrap();
+            assert_eq!(t.get::<i64>(2).unwrap(), k * 10 + from);
+            assert_eq!(
+                space.inp(&template!(format!("k{k}"), from, ?i64)).unwrap(),
+                None
+            );
+        }
+        rt.dsm().barrier().unwrap();
+        assert_eq!(space.count(&template!(?String, ?i64, ?i64)).unwrap(), 0);
+        // rd copies, rdp finds, inp of a missing tuple does not wait.
+        if me == 0 {
+            space.out(tuple!("shared", 42u64)).unwrap();
+        }
+        assert_eq!(
+            space.rd(&template!("shared", ?u64)).unwrap(),
+            tuple!("shared", 42u64)
+        );
+        assert!(space.rdp(&template!("shared", ?u64)).unwrap().is_some());
+        assert_eq!(space.inp(&template!("absent", ?u64)).unwrap(), None);
+        rt.dsm().barrier().unwrap();
+        if me == 0 {
+            assert!(space.inp(&template!("shared", ?u64)).unwrap().is_some());
+        }
+    });
+}
+
+#[test]
+fn every_tuple_is_taken_exactly_once_by_concurrent_takers() {
+    const N: i64 = 20_000;
+    let seen = Arc::new(Mutex::new(vec![0u8; N as usize]));
+    let s = seen.clone();
+    job(4, plain, move |rt, space| {
+        let me = rt.rank().0 as i64;
+        // Producers and takers run at once on every rank; four queues on (probably) different homes.
+        let producer = {
+            let space = space.clone();
+            std::thread::spawn(move || {
+                let mine: Vec<_> = (0..N)
+                    .filter(|i| i % 4 == me)
+                    .map(|i| tuple!(format!("q{}", i % 7 % 4), i))
+                    .collect();
+                for chunk in mine.chunks(500) {
+                    space.out_many(chunk.to_vec()).unwrap();
+                }
+            })
+        };
+        let mut got = Vec::new();
+        // Queue j holds the values i with i % 7 % 4 == j; each rank takes a quarter of every queue.
+        for j in 0..4i64 {
+            let in_queue = (0..N).filter(|i| i % 7 % 4 == j).count();
+            let share = in_queue / 4 + usize::from((me as usize) < in_queue % 4);
+            for _ in 0..share {
+                let t = space.in_(&template!(format!("q{j}"), ?i64)).unwrap();
+                got.push(t.get::<i64>(1).unwrap());
+            }
+        }
+        producer.join().unwrap();
+        let mut seen = s.lock().unwrap();
+        for v in got {
+            seen[v as usize] += 1;
+        }
+    });
+    let seen = seen.lock().unwrap();
+    let wrong: Vec<usize> = (0..N as usize).filter(|&i| seen[i] != 1).collect();
+    assert!(
+        wrong.is_empty(),
+        "taken other than once: {:?}",
+        &wrong[..wrong.len().min(10)]
+    );
+}
+
+#[test]
+fn blocked_takers_wake_and_timeouts_lose_nothing() {
+    job(2, plain, |rt, space| {
+        let me = rt.rank().0;
+        // A remote and a local waiter wake when the tuple comes.
+        let waiting = template!("wake", ?u64);
+        if me == 1 {
+            let t0 = Instant::now();
+            let t = space.in_(&waiting).unwrap();
+            assert_eq!(t.get::<u64>(1).unwrap(), 7);
+            assert!(
+                t0.elapsed() >= Duration::from_millis(40),
+                "it waited for the out"
+            );
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+            space.out(tuple!("wake", 7u64)).unwrap();
+        }
+        rt.dsm().barrier().unwrap();
+        // Nothing there: the timeout expires, and not early.
+        let t0 = Instant::now();
+        let none = space
+            .in_timeout(&template!("never", ?u64), Duration::from_millis(80))
+            .unwrap();
+        assert_eq!(none, None);
+        assert!(t0.elapsed() >= Duration::from_millis(80));
+        rt.dsm().barrier().unwrap();
+        // Short timeouts racing with outs: every tuple is taken once, none lost to a timed-out request. The
+        // taker (rank 1) waits at its own home (a local waiter) and then at rank 0's (a remote one).
+        for home in [Rank(1), Rank(0)] {
+            let name = (0..)
+                .map(|k| format!("race{k}"))
+                .find(|n| space.home_of(Some(&n.as_str().into()), 2) == home)
+                .unwrap();
+            race(rt, space, &name);
+        }
+    });
+}
+
+fn race(rt: &Runtime, space: &TupleSpace, name: &str) {
+    {
+        let me = rt.rank().0;
+        const N: u64 = 300;
+        let racing = template!(name, ?u64);
+        let mut got = 0u64;
+        if me == 0 {
+            for i in 0..N {
+                space.out(tuple!(name, i)).unwrap();
+                // Bursts and pauses of several lengths: the taker's timeouts expire in the pauses,
+                // some just as the next out arrives.
+                if i % 3 == 0 {
+                    std::thread::sleep(Duration::from_micros(100 + 150 * (i % 7)));
+                }
+            }
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut timeouts = 0;
+            while got < N && Instant::now() < deadline {
+                match space
+                    .in_timeout(&racing, Duration::from_micros(100))
+                    .unwrap()
+                {
+                    Some(_) => got += 1,
+                    None => timeouts += 1,
+                }
+            }
+            assert_eq!(got, N, "every tuple reached the taker");
+            assert!(
+                timeouts > 5,
+                "the test raced timeouts with outs ({timeouts} timeouts)"
+            );
+        }
+        rt.dsm().barrier().unwrap();
+        assert_eq!(space.count(&racing).unwrap(), 0, "none left behind");
+    }
+}
+
+#[test]
+fn formal_first_templates_search_every_rank() {
+    job(3, plain, |rt, space| {
+        let me = rt.rank().0 as i64;
+        space.out(tuple!(format!("from{me}"), me, true)).unwrap();
+        rt.dsm().barrier().unwrap();
+        let any = template!(?String, ?i64, true);
+        assert_eq!(space.count(&any).unwrap(), 3);
+        rt.dsm().barrier().unwrap();
+        let t = space.in_(&any).unwrap();
+        assert!(t.get::<i64>(1).unwrap() < 3);
+        rt.dsm().barrier().unwrap();
+        assert_eq!(
+            space.count(&any).unwrap(),
+            0,
+            "three takers took three tuples"
+        );
+        // A blocking formal-first take waits for a tuple put later.
+        if me == 0 {
+            let t = space
+                .in_timeout(&template!(?String, 99i64), Duration::from_secs(10))
+                .unwrap();
+            assert_eq!(t, Some(tuple!("late", 99i64)));
+        } else if me == 2 {
+            std::thread::sleep(Duration::from_millis(30));
+            space.out(tuple!("late", 99i64)).unwrap();
+        }
+    });
+}
+
+fn with_square() -> dsm_runtime::SpaceBuilder {
+    TupleSpace::builder().function("square", |args| {
+        let x = args.get::<i64>(1).unwrap_or(0);
+        tuple!("squared", x, x * x)
+    })
+}
+
+#[test]
+fn eval_runs_on_the_ranks_in_turn_and_puts_its_result() {
+    job(3, with_square, |rt, space| {
+        if rt.rank().0 == 0 {
+            let mut ranks = Vec::new();
+            for x in 0..6i64 {
+                ranks.push(space.eval("square", tuple!("args", x)).unwrap());
+            }
+            ranks.sort();
+            ranks.dedup();
+            assert_eq!(ranks.len(), 3, "evals went to every rank");
+            for x in 0..6i64 {
+                let t = space.in_(&template!("squared", x, ?i64)).unwrap();
+                assert_eq!(t.get::<i64>(2).unwrap(), x * x);
+            }
+            let unknown = space.eval("cube", tuple!(1i64));
+            assert!(
+                matches!(&unknown, Err(RuntimeError::Refused { reason, .. }) if reason.contains("cube")),
+                "{unknown:?}"
+            );
+        }
+        rt.dsm().barrier().unwrap();
+    });
+}
+
+#[test]
+fn bad_tuples_and_templates_are_refused_with_errors() {
+    job(2, plain, |_rt, space| {
+        let wide = dsm_runtime::Tuple((0..17i64).map(Into::into).collect());
+        assert!(matches!(space.out(wide), Err(RuntimeError::Tuple(_))));
+        let big = tuple!("big", vec![0u8; dsm_runtime::tuple::MAX_FIELD_BYTES + 1]);
+        let e = space.out(big).unwrap_err();
+        assert!(e.to_string().contains("at most"), "{e}");
+        let wide = dsm_runtime::Template(
+            (0..17i64)
+                .map(|i| dsm_runtime::tuple::Field::Actual(i.into()))
+                .collect(),
+        );
+        assert!(matches!(space.inp(&wide), Err(RuntimeError::Tuple(_))));
+        let t = tuple!("x", 1i64);
+        assert!(t.get::<String>(1).is_err());
+    });
+}
+
+#[test]
+fn a_task_farm_does_every_task_once() {
+    job(3, plain, |rt, space| {
+        let farm = TaskFarm::new(space, "squares", Rank(0));
+        if rt.rank().0 == 0 {
+            farm.put((0..500u64).map(|i| (i, i))).unwrap();
+            let mut results: Vec<(u64, u64)> = farm.results(500).unwrap();
+            farm.stop().unwrap();
+            results.sort();
+            assert_eq!(results, (0..500u64).map(|i| (i, i * i)).collect::<Vec<_>>());
+        } else {
+            let done = farm.serve(|_, x: u64| x * x).unwrap();
+            assert!(done <= 500);
+        }
+        rt.dsm().barrier().unwrap();
+    });
+}
