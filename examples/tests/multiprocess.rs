@@ -280,3 +280,92 @@ fn release_consistency_message_passing_through_a_lock() {
     );
     passes_at(&[2, 3], CHECK, &["mplock", "--rounds", "30"]);
 }
+
+const LINDA: &str = env!("CARGO_BIN_EXE_linda-check");
+
+/// Runs a job under `dsmrun --keep-going` semantics: a failing rank does not end the others.
+fn job_keep_going(program: &str, ranks: usize, args: &[&str]) -> (Outcome, String) {
+    let capture = Arc::new(Mutex::new(Vec::new()));
+    let opts = LaunchOptions {
+        ranks,
+        capture: Some(capture.clone()),
+        timeout: Some(Duration::from_secs(60)),
+        keep_going: true,
+        ..LaunchOptions::default()
+    };
+    let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+    let outcome = launch(&opts, Path::new(program), &args).expect("launch");
+    let out = String::from_utf8_lossy(&capture.lock().unwrap()).into_owned();
+    (outcome, out)
+}
+
+#[test]
+fn tuples_taken_by_four_processes_are_taken_exactly_once() {
+    let (o, out) = job(LINDA, 4, &["exactly-once", "--tuples", "100000"]);
+    assert_eq!(o.code, 0, "{out}");
+    assert!(
+        out.contains("exactly-once: 100000 tuples taken once each by 4 ranks"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_blocked_in_returns_an_error_when_its_home_dies() {
+    let t0 = Instant::now();
+    let (o, out) = job_keep_going(LINDA, 3, &["home-dies"]);
+    assert_eq!(o.code, 0, "{out}");
+    assert!(
+        out.contains("home-dies: in returned an error: rank 1 failed"),
+        "{out}"
+    );
+    assert_eq!(o.lost, [(1, "was killed by SIGABRT".to_string())], "{out}");
+    assert!(t0.elapsed() < Duration::from_secs(20), "it did not hang");
+}
+
+#[test]
+fn the_task_farm_finishes_every_task_after_a_worker_dies() {
+    let args = [
+        "farm",
+        "--tasks",
+        "1500",
+        "--die-rank",
+        "2",
+        "--die-after",
+        "20",
+    ];
+    let (o, out) = job_keep_going(LINDA, 4, &args);
+    assert_eq!(o.code, 0, "{out}");
+    assert_eq!(o.lost, [(2, "was killed by SIGABRT".to_string())], "{out}");
+    assert!(out.contains("farm: 1500 tasks done once each"), "{out}");
+    // The task rank 2 held when it died was done by another rank: it put 19 results, not 20.
+    let line = out
+        .lines()
+        .find(|l| l.contains("results per rank"))
+        .unwrap_or_default();
+    let counts: Vec<u64> = line
+        .rsplit_once('[')
+        .map(|(_, r)| r.trim_end_matches(']'))
+        .unwrap_or_default()
+        .split(", ")
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    assert_eq!(counts.get(2), Some(&19), "{out}");
+    assert_eq!(counts.iter().sum::<u64>(), 1500, "{out}");
+}
+
+#[test]
+fn matmul_matches_the_single_rank_product() {
+    let matmul = env!("CARGO_BIN_EXE_matmul");
+    for n in [1, 2, 3] {
+        let (o, out) = job(matmul, n, &["--n", "96", "--block", "8"]);
+        assert_eq!(o.code, 0, "{out}");
+        assert!(out.contains("check passed"), "{out}");
+    }
+    let (o, out) = job(
+        matmul,
+        2,
+        &["--n", "80", "--block", "7", "--consistency", "release"],
+    );
+    assert_eq!(o.code, 0, "{out}");
+    assert!(out.contains("check passed"), "{out}");
+}

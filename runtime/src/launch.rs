@@ -29,6 +29,10 @@ pub struct LaunchOptions {
     pub capture: Option<Arc<Mutex<Vec<u8>>>>,
     /// End the job, with status 124, if it runs longer than this.
     pub timeout: Option<Duration>,
+    /// A failing rank does not end the others: they are told (`DSM_ON_PEER_FAILURE=report`, unless `env`
+    /// says otherwise), the job runs on, and its status is rank 0's. For programs that survive the loss
+    /// of a worker (the task farm).
+    pub keep_going: bool,
 }
 
 /// How a job ended.
@@ -41,6 +45,8 @@ pub struct Outcome {
     pub failed_rank: Option<usize>,
     /// What happened to it, as printed.
     pub reason: String,
+    /// With `keep_going`: the ranks that failed while the job went on, and what happened to them.
+    pub lost: Vec<(usize, String)>,
 }
 
 impl Default for LaunchOptions {
@@ -52,6 +58,7 @@ impl Default for LaunchOptions {
             env: Vec::new(),
             capture: None,
             timeout: None,
+            keep_going: false,
         }
     }
 }
@@ -197,6 +204,9 @@ pub fn launch(
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if opts.keep_going {
+            cmd.env("DSM_ON_PEER_FAILURE", "report");
+        }
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
@@ -225,6 +235,7 @@ pub fn launch(
     let mut done = vec![false; ranks];
     let mut failures: Vec<(usize, ExitStatus)> = Vec::new();
     let mut grace_until: Option<Instant> = None;
+    let mut lost = Vec::new();
     let started = Instant::now();
     let mut timed_out = false;
     while done.iter().any(|d| !d) {
@@ -240,7 +251,13 @@ pub fn launch(
                 done[r] = true;
                 if !status.success() {
                     failures.push((r, status));
-                    grace_until.get_or_insert(Instant::now() + Duration::from_millis(300));
+                    if opts.keep_going && r != 0 {
+                        let (what, _) = describe(status);
+                        eprintln!("dsmrun: rank {r} {what}; the job goes on (--keep-going)");
+                        lost.push((r, what));
+                    } else {
+                        grace_until.get_or_insert(Instant::now() + Duration::from_millis(300));
+                    }
                 }
             }
         }
@@ -248,6 +265,10 @@ pub fn launch(
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+    if opts.keep_going {
+        // Only rank 0's status counts; the failures of others were reported as they happened.
+        failures.retain(|(r, _)| *r == 0);
     }
     let root = failures
         .iter()
@@ -262,12 +283,14 @@ pub fn launch(
                 code: 124,
                 failed_rank: None,
                 reason: format!("ran past its time limit of {limit:.0} s"),
+                lost,
             }
         }
         None => Outcome {
             code: 0,
             failed_rank: None,
             reason: String::new(),
+            lost,
         },
         Some((r, status)) => {
             let (what, code) = describe(status);
@@ -276,6 +299,7 @@ pub fn launch(
                 code,
                 failed_rank: Some(r),
                 reason: what,
+                lost,
             }
         }
     };

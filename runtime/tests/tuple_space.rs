@@ -59,7 +59,7 @@ fn out_in_rd_and_count_across_ranks() {
         rt.dsm().barrier().unwrap();
         for k in 0..6i64 {
             let t = template!(format!("k{k}"), ?i64, ?i64);
-                        assert_eq!(space.count(&t).unwrap(), 3, "three tuples k{k}");
+            assert_eq!(space.count(&t).unwrap(), 3, "three tuples k{k}");
         }
         rt.dsm().barrier().unwrap();
         // Each rank takes the tuples the next rank put: exactly those, from whichever home holds them.

@@ -22,6 +22,10 @@ struct Args {
     /// Do not prefix output lines with the rank.
     #[arg(long)]
     no_prefix: bool,
+    /// A failing rank does not end the job: the others are told and go on, and the job's status is rank
+    /// 0's (for programs that survive losing a worker, such as a task farm).
+    #[arg(long)]
+    keep_going: bool,
     /// The program to run.
     program: PathBuf,
     /// Its arguments.
@@ -38,6 +42,7 @@ fn main() {
         env: Vec::new(),
         capture: None,
         timeout: a.timeout.map(std::time::Duration::from_secs_f64),
+        keep_going: a.keep_going,
     };
     match launch(&opts, &a.program, &a.args) {
         Ok(outcome) => std::process::exit(outcome.code),

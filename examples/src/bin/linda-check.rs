@@ -1,0 +1,186 @@
+//! Multi-process checks of the tuple space, run by the tests under `dsmrun`:
+//!
+//! - `exactly-once --tuples N`: every rank puts its share of N numbered tuples into four queues while every
+//!   rank takes its share out of each; rank 0 gathers each rank's count, sum and sum of squares and checks
+//!   that every tuple was taken exactly once.
+//! - `home-dies`: rank 0 waits in `in` for a tuple homed at rank 1, and rank 1 dies; the `in` must return
+//!   an error naming rank 1 (run with `dsmrun --keep-going`).
+//! - `farm --tasks N [--die-rank R --die-after K]`: a task farm with rank 0 as master; rank R dies while it
+//!   holds its K-th task, and rank 0 checks that every task's result came back exactly once.
+
+use clap::{Parser, Subcommand};
+use dsm::Rank;
+use dsm_runtime::{template, tuple, TaskFarm, TupleSpace};
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[command(subcommand)]
+    check: Check,
+}
+
+#[derive(Debug, Subcommand)]
+enum Check {
+    ExactlyOnce {
+        #[arg(long, default_value_t = 100_000)]
+        tuples: u64,
+    },
+    HomeDies,
+    Farm {
+        #[arg(long, default_value_t = 2000)]
+        tasks: u64,
+        #[arg(long)]
+        die_rank: Option<u32>,
+        #[arg(long, default_value_t = 10)]
+        die_after: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = dsm_runtime::Runtime::init()?;
+    let space = TupleSpace::join(&rt)?;
+    let (me, size) = (rt.rank().0 as u64, rt.size() as u64);
+    match args.check {
+        Check::ExactlyOnce { tuples } => exactly_once(&rt, &space, me, size, tuples)?,
+        Check::HomeDies => {
+            // A first field homed at rank 1.
+            let name = (0..)
+                .map(|k| format!("at1-{k}"))
+                .find(|n| space.home_of(Some(&n.as_str().into()), 2) == Rank(1))
+                .expect("some name is homed at rank 1");
+            rt.dsm().barrier()?;
+            match me {
+                0 => match space.in_(&template!(name.as_str(), ?u64)) {
+                    Err(e) => println!("home-dies: in returned an error: {e}"),
+                    Ok(t) => anyhow::bail!("in returned {t:?} although its home died"),
+                },
+                1 => {
+                    std::thread::sleep(Duration::from_millis(200));
+                    std::process::abort();
+                }
+                _ => {}
+            }
+            // Leave only once rank 1's failure is known here, so that leaving skips the final barrier.
+            let t = std::time::Instant::now();
+            while rt.dsm().failed_ranks() != [Rank(1)] {
+                anyhow::ensure!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "rank 1's failure was not seen"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Check::Farm {
+            tasks,
+            die_rank,
+            die_after,
+        } => {
+            let farm = TaskFarm::new(&space, "check", Rank(0));
+            if me == 0 {
+                farm.put((0..tasks).map(|i| (i, i)))?;
+                let mut results: Vec<(u64, (u64, u64))> = farm.results(tasks as usize)?;
+                farm.stop()?;
+                results.sort();
+                let ids: Vec<u64> = results.iter().map(|r| r.0).collect();
+                anyhow::ensure!(
+                    ids == (0..tasks).collect::<Vec<_>>(),
+                    "results are missing or repeated"
+                );
+                anyhow::ensure!(
+                    results.iter().all(|(i, (sq, _))| *sq == i * i),
+                    "a result is wrong"
+                );
+                let mut per_rank = vec![0; size as usize];
+                for (_, (_, r)) in &results {
+                    per_rank[*r as usize] += 1;
+                }
+                println!("farm: {tasks} tasks done once each; results per rank {per_rank:?}");
+            } else {
+                let mut taken = 0;
+                let done = farm.serve(|_, x: u64| {
+                    taken += 1;
+                    if die_rank == Some(me as u32) && taken == die_after {
+                        // Dies holding this task: its lease must bring it back for another rank.
+                        std::process::abort();
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                    (x * x, me)
+                })?;
+                println!("farm: rank {me} did {done} tasks");
+            }
+        }
+    }
+    if rt.dsm().failed_ranks().is_empty() {
+        rt.dsm().barrier()?;
+    }
+    drop(space);
+    rt.finish()?;
+    Ok(())
+}
+
+fn exactly_once(
+    rt: &dsm_runtime::Runtime,
+    space: &TupleSpace,
+    me: u64,
+    size: u64,
+    n: u64,
+) -> anyhow::Result<()> {
+    let queue = |i: u64| i % 7 % 4;
+    let producer = {
+        let space = space.clone();
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let mine: Vec<_> = (0..n)
+                .filter(|i| i % size == me)
+                .map(|i| tuple!(format!("q{}", queue(i)), i))
+                .collect();
+            for chunk in mine.chunks(1000) {
+                space.out_many(chunk.to_vec())?;
+            }
+            Ok(())
+        })
+    };
+    let (mut count, mut sum, mut squares) = (0u64, 0u128, 0u128);
+    for j in 0..4 {
+        let in_queue = (0..n).filter(|&i| queue(i) == j).count() as u64;
+        let share = in_queue / size + u64::from(me < in_queue % size);
+        for _ in 0..share {
+            let v = space
+                .in_(&template!(format!("q{j}"), ?u64))?
+                .get::<u64>(1)?;
+            count += 1;
+            sum += u128::from(v);
+            squares += u128::from(v) * u128::from(v);
+        }
+    }
+    producer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the producer panicked"))??;
+    space.out(tuple!(
+        "taken",
+        me,
+        count,
+        sum.to_le_bytes().to_vec(),
+        squares.to_le_bytes().to_vec()
+    ))?;
+    if me == 0 {
+        let (mut c, mut s, mut q) = (0u64, 0u128, 0u128);
+        for _ in 0..size {
+            let t = space.in_(&template!("taken", ?u64, ?u64, ?Vec<u8>, ?Vec<u8>))?;
+            c += t.get::<u64>(2)?;
+            s += u128::from_le_bytes(t.get::<Vec<u8>>(3)?.try_into().unwrap_or_default());
+            q += u128::from_le_bytes(t.get::<Vec<u8>>(4)?.try_into().unwrap_or_default());
+        }
+        let want_s: u128 = (0..u128::from(n)).sum();
+        let want_q: u128 = (0..u128::from(n)).map(|i| i * i).sum();
+        anyhow::ensure!(
+            (c, s, q) == (n, want_s, want_q),
+            "taken {c} tuples (sum {s}, squares {q}); expected {n} (sum {want_s}, squares {want_q})"
+        );
+        let left = space.count(&template!(?String, ?u64))?;
+        anyhow::ensure!(left == 0, "{left} tuples were left in the queues");
+        println!("exactly-once: {n} tuples taken once each by {size} ranks");
+    }
+    let _ = rt;
+    Ok(())
+}
