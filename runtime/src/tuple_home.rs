@@ -302,16 +302,13 @@ impl Home {
     pub(crate) fn find_now(
         &self,
         holder: Rank,
-        template: Template,
+        template: &Template,
         mode: Mode,
         lease: bool,
     ) -> Result<Option<Found>, TupleError> {
-        Ok(
-            match self.state().find(holder, template, mode, lease, None)? {
-                Outcome::Found(f, _) => Some(f),
-                _ => None,
-            },
-        )
+        let mut s = self.state();
+        let found = s.store.find(template, mode)?;
+        Ok(found.map(|t| s.grant(holder, t, lease)))
     }
 
     /// Finds a tuple for a thread of this rank, or registers the thread as a waiter: then the tuple arrives

@@ -462,9 +462,14 @@ impl Inner {
         lease: bool,
         wait: Wait,
     ) -> Result<Option<Found>, RuntimeError> {
+        // A present tuple is taken without setting up a wait.
+        let now = self.home.find_now(self.me, template, mode, lease)?;
         let Wait::Until(deadline) = wait else {
-            return Ok(self.home.find_now(self.me, template.clone(), mode, lease)?);
+            return Ok(now);
         };
+        if now.is_some() {
+            return Ok(now);
+        }
         let (id, rx) = match self
             .home
             .find_local(self.me, template.clone(), mode, lease)?
