@@ -18,6 +18,17 @@ fn job_with_env(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (Outcome, String) {
+    launch_captured(program, ranks, args, env, false)
+}
+
+/// Launches a job with a time limit of 60 s, capturing its output.
+fn launch_captured(
+    program: &str,
+    ranks: usize,
+    args: &[&str],
+    env: &[(&str, &str)],
+    keep_going: bool,
+) -> (Outcome, String) {
     let capture = Arc::new(Mutex::new(Vec::new()));
     let opts = LaunchOptions {
         ranks,
@@ -27,6 +38,7 @@ fn job_with_env(
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         timeout: Some(Duration::from_secs(60)),
+        keep_going,
         ..LaunchOptions::default()
     };
     let args: Vec<OsString> = args.iter().map(OsString::from).collect();
@@ -285,18 +297,7 @@ const LINDA: &str = env!("CARGO_BIN_EXE_linda-check");
 
 /// Runs a job under `dsmrun --keep-going` semantics: a failing rank does not end the others.
 fn job_keep_going(program: &str, ranks: usize, args: &[&str]) -> (Outcome, String) {
-    let capture = Arc::new(Mutex::new(Vec::new()));
-    let opts = LaunchOptions {
-        ranks,
-        capture: Some(capture.clone()),
-        timeout: Some(Duration::from_secs(60)),
-        keep_going: true,
-        ..LaunchOptions::default()
-    };
-    let args: Vec<OsString> = args.iter().map(OsString::from).collect();
-    let outcome = launch(&opts, Path::new(program), &args).expect("launch");
-    let out = String::from_utf8_lossy(&capture.lock().unwrap()).into_owned();
-    (outcome, out)
+    launch_captured(program, ranks, args, &[], true)
 }
 
 #[test]

@@ -240,11 +240,7 @@ impl TupleSpace {
         template: &Template,
         timeout: Duration,
     ) -> Result<Option<Tuple>, RuntimeError> {
-        let deadline = Some(Instant::now() + timeout);
-        Ok(self
-            .inner
-            .find(template, Mode::Take, false, Wait::Until(deadline))?
-            .map(|(f, _)| f.tuple))
+        self.find_within(template, Mode::Take, timeout)
     }
 
     /// Reads a tuple matching `template`, waiting at most `timeout` (`None` when none came).
@@ -253,10 +249,19 @@ impl TupleSpace {
         template: &Template,
         timeout: Duration,
     ) -> Result<Option<Tuple>, RuntimeError> {
+        self.find_within(template, Mode::Read, timeout)
+    }
+
+    fn find_within(
+        &self,
+        template: &Template,
+        mode: Mode,
+        timeout: Duration,
+    ) -> Result<Option<Tuple>, RuntimeError> {
         let deadline = Some(Instant::now() + timeout);
         Ok(self
             .inner
-            .find(template, Mode::Read, false, Wait::Until(deadline))?
+            .find(template, mode, false, Wait::Until(deadline))?
             .map(|(f, _)| f.tuple))
     }
 
