@@ -462,13 +462,18 @@ impl Dsm {
                 Ok(())
             }
             Some(Some(_)) => Err(DsmError::Config(format!(
-                "service {id} is already registered on {}",
+                "service {id} is already registered on {}: register each service once per rank",
                 self.shared.me
             ))),
             None => Err(DsmError::Config(format!(
                 "service id {id} is out of range: use 0..{MAX_SERVICES}"
             ))),
         }
+    }
+
+    /// Whether a service is registered under `id` on this rank.
+    pub fn service_registered(&self, id: ServiceId) -> bool {
+        self.shared.service(id).is_some()
     }
 
     /// Sends `payload` (the concatenation of its slices) to the service `id` of rank `to` and returns its

@@ -157,15 +157,6 @@ impl std::fmt::Debug for Home {
     }
 }
 
-/// What a find came to.
-enum Outcome {
-    /// Found, giving back the waiter that was not needed.
-    Found(Found, Option<Waiter>),
-    /// Registered as a waiter.
-    Waiting(WaiterId),
-    NotFound,
-}
-
 impl State {
     fn grant(&mut self, holder: Rank, tuple: Tuple, lease: bool) -> Found {
         let lease = lease.then(|| {
@@ -186,33 +177,35 @@ impl State {
         Ok(())
     }
 
-    /// Finds a tuple for `holder`; with `waiter`, registers it when there is none yet.
+    /// Finds a tuple for `holder` now, granting the lease if one is asked for.
     fn find(
+        &mut self,
+        holder: Rank,
+        template: &Template,
+        mode: Mode,
+        lease: bool,
+    ) -> Result<Option<Found>, TupleError> {
+        let found = self.store.find(template, mode)?;
+        Ok(found.map(|t| self.grant(holder, t, lease)))
+    }
+
+    /// Registers `waiter` for the next matching `out` (after a `find` under the same lock came back empty).
+    fn wait(
         &mut self,
         holder: Rank,
         template: Template,
         mode: Mode,
         lease: bool,
-        waiter: Option<Waiter>,
-    ) -> Result<Outcome, TupleError> {
-        let Some(waiter) = waiter else {
-            return Ok(match self.store.find(&template, mode)? {
-                Some(t) => Outcome::Found(self.grant(holder, t, lease), None),
-                None => Outcome::NotFound,
-            });
+        waiter: Waiter,
+    ) -> Result<WaiterId, TupleError> {
+        let id = self.store.wait(template, mode)?;
+        let pending = Pending {
+            waiter,
+            holder,
+            lease,
         };
-        Ok(match self.store.find_or_wait(template, mode)? {
-            Ok(t) => Outcome::Found(self.grant(holder, t, lease), Some(waiter)),
-            Err(id) => {
-                let pending = Pending {
-                    waiter,
-                    holder,
-                    lease,
-                };
-                self.pending.insert(id, pending);
-                Outcome::Waiting(id)
-            }
-        })
+        self.pending.insert(id, pending);
+        Ok(id)
     }
 
     /// Serves another rank's find. Returns the answer to send now, or `None` when the request waits (its
@@ -226,23 +219,18 @@ impl State {
         wait: Option<u64>,
         reply: Responder,
     ) -> Option<(Responder, Answer)> {
-        // Checked before the responder goes into a waiter, so that an error can still be answered.
-        if let Err(e) = template.check() {
-            return Some((reply, Answer::Refused(e.to_string())));
-        }
-        let (waiter, reply) = match wait {
-            Some(ticket) => (Some(Waiter::Remote { reply, ticket }), None),
-            None => (None, Some(reply)),
-        };
-        match self.find(from, template, mode, lease, waiter) {
-            Ok(Outcome::Found(found, Some(Waiter::Remote { reply, .. }))) => {
-                Some((reply, found.into()))
-            }
-            Ok(Outcome::Found(found, _)) => reply.map(|r| (r, found.into())),
-            Ok(Outcome::Waiting(_)) => None,
-            Ok(Outcome::NotFound) => reply.map(|r| (r, Answer::NotFound)),
-            // The template was checked above, and checking is all a find can fail on.
-            Err(e) => reply.map(|r| (r, Answer::Refused(e.to_string()))),
+        match self.find(from, &template, mode, lease) {
+            Ok(Some(found)) => Some((reply, found.into())),
+            Ok(None) => match wait {
+                // `find` checked the template, and checking is all `wait` can fail on.
+                Some(ticket) => {
+                    let waiter = Waiter::Remote { reply, ticket };
+                    let _ = self.wait(from, template, mode, lease, waiter);
+                    None
+                }
+                None => Some((reply, Answer::NotFound)),
+            },
+            Err(e) => Some((reply, Answer::Refused(e.to_string()))),
         }
     }
 
@@ -306,9 +294,7 @@ impl Home {
         mode: Mode,
         lease: bool,
     ) -> Result<Option<Found>, TupleError> {
-        let mut s = self.state();
-        let found = s.store.find(template, mode)?;
-        Ok(found.map(|t| s.grant(holder, t, lease)))
+        self.state().find(holder, template, mode, lease)
     }
 
     /// Finds a tuple for a thread of this rank, or registers the thread as a waiter: then the tuple arrives
@@ -316,19 +302,18 @@ impl Home {
     pub(crate) fn find_local(
         &self,
         me: Rank,
-        template: Template,
+        template: &Template,
         mode: Mode,
         lease: bool,
     ) -> Result<Result<Found, (WaiterId, Receiver<Found>)>, TupleError> {
-        let (tx, rx) = crossbeam::channel::bounded(1);
-        match self
-            .state()
-            .find(me, template, mode, lease, Some(Waiter::Local(tx)))?
-        {
-            Outcome::Found(f, _) => Ok(Ok(f)),
-            Outcome::Waiting(id) => Ok(Err((id, rx))),
-            Outcome::NotFound => unreachable!("a find with a waiter finds or waits"),
+        let mut s = self.state();
+        if let Some(found) = s.find(me, template, mode, lease)? {
+            return Ok(Ok(found));
         }
+        // Only a request that waits pays for a channel.
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        let id = s.wait(me, template.clone(), mode, lease, Waiter::Local(tx))?;
+        Ok(Err((id, rx)))
     }
 
     /// Withdraws a local waiter. False when it was already served: its tuple is in its receiver.

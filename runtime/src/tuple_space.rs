@@ -109,6 +109,12 @@ impl SpaceBuilder {
         let dsm = rt.shared_dsm();
         let (tx, rx) = crossbeam::channel::unbounded::<EvalJob>();
         let home = Arc::new(Home::new(self.functions, tx));
+        if dsm.service_registered(SERVICE) {
+            return Err(RuntimeError::Refused {
+                rank: dsm.rank(),
+                reason: "this rank has joined the tuple space already: join once and clone the TupleSpace handle".into(),
+            });
+        }
         dsm.register_service(SERVICE, home.clone())?;
         let inner = Arc::new(Inner {
             me: dsm.rank(),
@@ -467,18 +473,10 @@ impl Inner {
         lease: bool,
         wait: Wait,
     ) -> Result<Option<Found>, RuntimeError> {
-        // A present tuple is taken without setting up a wait.
-        let now = self.home.find_now(self.me, template, mode, lease)?;
         let Wait::Until(deadline) = wait else {
-            return Ok(now);
+            return Ok(self.home.find_now(self.me, template, mode, lease)?);
         };
-        if now.is_some() {
-            return Ok(now);
-        }
-        let (id, rx) = match self
-            .home
-            .find_local(self.me, template.clone(), mode, lease)?
-        {
+        let (id, rx) = match self.home.find_local(self.me, template, mode, lease)? {
             Ok(found) => return Ok(Some(found)),
             Err(waiting) => waiting,
         };

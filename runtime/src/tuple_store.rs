@@ -170,6 +170,13 @@ impl TupleStore {
         if let Some(t) = self.find(&template, mode)? {
             return Ok(Ok(t));
         }
+        self.wait(template, mode).map(Err)
+    }
+
+    /// Registers a waiting request without looking for a match first (the caller just did, under the
+    /// same borrow), to be served by a later `out`.
+    pub fn wait(&mut self, template: Template, mode: Mode) -> Result<WaiterId, TupleError> {
+        template.check()?;
         let id = self.next_id;
         self.next_id += 1;
         let waiter = Waiter { id, template, mode };
@@ -183,7 +190,7 @@ impl TupleStore {
             }
             None => self.waiting_formal.push_back(waiter),
         }
-        Ok(Err(id))
+        Ok(id)
     }
 
     /// Withdraws a waiting request (a timeout). Returns false when it is no longer waiting: it was served,

@@ -277,7 +277,12 @@ fn eval_runs_on_the_ranks_in_turn_and_puts_its_result() {
 
 #[test]
 fn bad_tuples_and_templates_are_refused_with_errors() {
-    job(2, plain, |_rt, space| {
+    job(2, plain, |rt, space| {
+        let again = TupleSpace::join(rt);
+        assert!(
+            matches!(&again, Err(RuntimeError::Refused { reason, .. }) if reason.contains("join once")),
+            "{again:?}"
+        );
         let wide = dsm_runtime::Tuple((0..17i64).map(Into::into).collect());
         assert!(matches!(space.out(wide), Err(RuntimeError::Tuple(_))));
         let big = tuple!("big", vec![0u8; dsm_runtime::tuple::MAX_FIELD_BYTES + 1]);
