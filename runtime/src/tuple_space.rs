@@ -165,6 +165,11 @@ impl TupleSpace {
         SpaceBuilder::default().join(rt)
     }
 
+    /// The shared memory (and services) of the rank this handle belongs to.
+    pub fn dsm(&self) -> &Dsm {
+        &self.inner.dsm
+    }
+
     /// The rank that holds tuples whose first field is `first` (none for the empty tuple) and whose arity
     /// is `arity`.
     pub fn home_of(&self, first: Option<&Value>, arity: usize) -> Rank {

@@ -1,0 +1,262 @@
+//! Word count on the MapReduce engine: words are maximal runs of ASCII letters and apostrophes, compared
+//! case-insensitively (lower case in the output). Prints the most frequent words and, with `--output DIR`,
+//! writes every word's count (`word<TAB>count`, one file per partition, keys sorted).
+//!
+//! Without inputs it counts a sample text that ships with the project (Ambrose Bierce's The Devil's
+//! Dictionary, in the public domain). Runs as one rank, under `dsmrun -n N`, or spawns its own ranks with
+//! `--procs N`.
+//!
+//! Run: `wordcount --procs 2 big.txt docs/ --output counts --top 20`
+
+use anyhow::Context;
+use clap::Parser;
+use dsm_mapreduce::{Combiner, Counters, Emitter, Job, JobConfig, MapReduce, ProgressMode, Record};
+use dsm_runtime::launch::{launch, LaunchOptions};
+use dsm_runtime::{Runtime, TupleSpace};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The sample text counted when no input is given.
+const SAMPLE: &[u8] = include_bytes!("../../data/devils-dictionary.txt");
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Input files or directories (default: the sample text).
+    inputs: Vec<PathBuf>,
+    /// Write every word's count into this directory (it must not exist, unless --overwrite).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Replace the part files of an existing output directory.
+    #[arg(long)]
+    overwrite: bool,
+    /// How many of the most frequent words to print.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Start this many ranks on this machine (instead of running under dsmrun or mpirun).
+    #[arg(long)]
+    procs: Option<usize>,
+    /// With --procs: keep going when a worker rank dies (its tasks are done again by the others).
+    #[arg(long)]
+    keep_going: bool,
+    /// Reduce partitions (output files); default twice the ranks.
+    #[arg(long)]
+    partitions: Option<usize>,
+    /// Split size in bytes.
+    #[arg(long, default_value_t = dsm_mapreduce::DEFAULT_SPLIT_SIZE)]
+    split_size: u64,
+    /// Memory a rank's map output may take before it is spilled to disk, in bytes.
+    #[arg(long, default_value_t = dsm_mapreduce::DEFAULT_MEMORY_BUDGET)]
+    memory_budget: u64,
+    /// Threads per rank (default: the cores shared among the ranks).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where ranks keep map output (default: the system's temporary directory).
+    #[arg(long)]
+    spill_dir: Option<PathBuf>,
+    /// Print no summary and no progress.
+    #[arg(long)]
+    quiet: bool,
+    /// For fault-tolerance tests: this rank kills itself (SIGKILL) after mapping --die-after lines.
+    #[arg(long, hide = true, requires = "die_after")]
+    die_rank: Option<u32>,
+    /// See --die-rank.
+    #[arg(long, hide = true)]
+    die_after: Option<u64>,
+}
+
+/// The word alphabet: ASCII letters and the apostrophe.
+const fn word_bytes() -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = (b as u8).is_ascii_alphabetic() || b == b'\'' as usize;
+        b += 1;
+    }
+    t
+}
+static WORD: [bool; 256] = word_bytes();
+
+struct WordCount {
+    /// Lines mapped by this rank, and the line count at which it dies (tests of fault tolerance).
+    lines: AtomicU64,
+    die_after: Option<u64>,
+}
+
+impl Job for WordCount {
+    type Key = String;
+    type Value = u64;
+    type Output = u64;
+
+    fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, String, u64>) {
+        if let Some(limit) = self.die_after {
+            if self.lines.fetch_add(1, Ordering::Relaxed) >= limit {
+                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let line = record.line;
+        let mut word = Vec::with_capacity(32);
+        let mut words = 0;
+        let mut i = 0;
+        while i < line.len() {
+            while i < line.len() && !WORD[line[i] as usize] {
+                i += 1;
+            }
+            word.clear();
+            while i < line.len() && WORD[line[i] as usize] {
+                word.push(line[i].to_ascii_lowercase());
+                i += 1;
+            }
+            // Letters and apostrophes are ASCII, so the word is valid UTF-8.
+            if let Ok(w) = std::str::from_utf8(&word) {
+                if !w.is_empty() {
+                    emit.emit_ref(w, 1);
+                    words += 1;
+                }
+            }
+        }
+        emit.count("lines", 1);
+        emit.count("words", words);
+    }
+
+    fn combiner(&self) -> Option<Combiner<u64>> {
+        Some(|total, n| *total += n)
+    }
+
+    fn reduce(&self, _word: &String, counts: Vec<u64>, counters: &mut Counters) -> Option<u64> {
+        counters.add("distinct words", 1);
+        Some(counts.iter().sum())
+    }
+}
+
+/// The sample text at a path every rank on this machine can read (written once, atomically).
+fn sample_path() -> anyhow::Result<PathBuf> {
+    let path = std::env::temp_dir().join(format!("dsm-wordcount-sample-{}.txt", SAMPLE.len()));
+    if std::fs::read(&path).ok().as_deref() != Some(SAMPLE) {
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        std::fs::write(&tmp, SAMPLE).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(path)
+}
+
+/// The `top` most frequent words in the part files of `dir`: by count, then alphabetically.
+fn top_words(dir: &Path, parts: &[PathBuf], top: usize) -> anyhow::Result<Vec<(u64, String)>> {
+    let mut all = Vec::new();
+    for p in parts {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("reading {} in {}", p.display(), dir.display()))?;
+        for line in text.lines() {
+            let (word, count) = line
+                .split_once('\t')
+                .with_context(|| format!("a line without a tab in {}", p.display()))?;
+            all.push((count.parse::<u64>()?, word.to_string()));
+        }
+    }
+    all.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    all.truncate(top);
+    Ok(all)
+}
+
+/// Runs this program again as `procs` ranks, without `--procs`.
+fn spawn(procs: usize, keep_going: bool) -> anyhow::Result<i32> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut skip = false;
+    for a in std::env::args_os().skip(1) {
+        if skip {
+            skip = false;
+            continue;
+        }
+        let s = a.to_string_lossy();
+        if s == "--procs" {
+            skip = true;
+        } else if !s.starts_with("--procs=") && s != "--keep-going" {
+            args.push(a);
+        }
+    }
+    let opts = LaunchOptions {
+        ranks: procs,
+        keep_going,
+        ..LaunchOptions::default()
+    };
+    let exe = std::env::current_exe().context("finding this program")?;
+    let outcome = launch(&opts, &exe, &args)?;
+    if outcome.code != 0 {
+        eprintln!("wordcount: {}", outcome.reason);
+    }
+    Ok(outcome.code)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(procs) = args.procs {
+        anyhow::ensure!(
+            std::env::var_os("DSM_RANK").is_none(),
+            "--procs starts ranks itself: leave it out under dsmrun or mpirun"
+        );
+        anyhow::ensure!(procs >= 1, "--procs must be at least 1");
+        std::process::exit(spawn(procs, args.keep_going)?);
+    }
+    let rt = Runtime::init()?;
+    let space = TupleSpace::join(&rt)?;
+    let mr = match &args.spill_dir {
+        Some(d) => MapReduce::with_spill_dir(&space, d)?,
+        None => MapReduce::new(&space)?,
+    };
+    let inputs = if args.inputs.is_empty() {
+        vec![sample_path()?]
+    } else {
+        args.inputs.clone()
+    };
+    // Without --output the counts go to a directory of rank 0's that is removed at the end.
+    let (output, temporary) = match &args.output {
+        Some(o) => (o.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("dsm-wordcount-{}", std::process::id())),
+            true,
+        ),
+    };
+    let mut config = JobConfig::new(&output)
+        .inputs(&inputs)
+        .overwrite(args.overwrite)
+        .split_size(args.split_size)
+        .memory_budget(args.memory_budget)
+        .progress(if args.quiet {
+            ProgressMode::Never
+        } else {
+            ProgressMode::Auto
+        });
+    if let Some(p) = args.partitions {
+        config = config.partitions(p);
+    }
+    if let Some(t) = args.threads {
+        config = config.threads(t);
+    }
+    let job = WordCount {
+        lines: AtomicU64::new(0),
+        die_after: args
+            .die_after
+            .filter(|_| args.die_rank == Some(rt.rank().0)),
+    };
+    let report = mr.run(&job, &config);
+    let shown = report.map_err(anyhow::Error::from).and_then(|report| {
+        let Some(report) = report else {
+            return Ok(());
+        };
+        for (count, word) in top_words(&output, &report.output_files, args.top)? {
+            println!("{count:>10} {word}");
+        }
+        if !args.quiet {
+            eprintln!("{report}");
+        }
+        Ok(())
+    });
+    if temporary && rt.rank().0 == 0 {
+        let _ = std::fs::remove_dir_all(&output);
+    }
+    shown?;
+    drop(mr);
+    drop(space);
+    rt.finish()?;
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! What a job runs on and how: inputs, output directory, partitions, split size, memory budget, threads.
+//! Every setting has a default that suits one machine; the master's inputs, output and partitions are the
+//! ones that count (it sends them with the tasks), the budget and threads are each rank's own.
+
+use crate::input::Split;
+use std::path::{Path, PathBuf};
+
+/// When rank 0 shows a progress line on standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProgressMode {
+    /// When standard error is a terminal and the job runs longer than a second.
+    #[default]
+    Auto,
+    /// Never.
+    Never,
+}
+
+/// A job's inputs, output and resources.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    pub(crate) inputs: Vec<PathBuf>,
+    pub(crate) splits: Vec<Split>,
+    pub(crate) output: PathBuf,
+    pub(crate) partitions: Option<usize>,
+    pub(crate) split_size: u64,
+    pub(crate) memory_budget: u64,
+    pub(crate) threads: Option<usize>,
+    pub(crate) overwrite: bool,
+    pub(crate) progress: ProgressMode,
+}
+
+/// The default split size: big enough that a task's fixed costs vanish, small enough to balance the load.
+pub const DEFAULT_SPLIT_SIZE: u64 = 8 << 20;
+/// The default memory budget of a rank's map output held in memory.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 256 << 20;
+/// The smallest memory budget accepted.
+pub const MIN_MEMORY_BUDGET: u64 = 1 << 20;
+
+impl JobConfig {
+    /// A job writing its output (files `part-00000`, `part-00001`, ...) into the directory `output`, which
+    /// must not exist yet unless [`JobConfig::overwrite`] is set.
+    pub fn new(output: impl AsRef<Path>) -> JobConfig {
+        JobConfig {
+            inputs: Vec::new(),
+            splits: Vec::new(),
+            output: output.as_ref().to_path_buf(),
+            partitions: None,
+            split_size: DEFAULT_SPLIT_SIZE,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            threads: None,
+            overwrite: false,
+            progress: ProgressMode::Auto,
+        }
+    }
+
+    /// Adds an input file, or a directory whose files (all of them, recursively, in name order) are inputs.
+    pub fn input(mut self, path: impl AsRef<Path>) -> JobConfig {
+        self.inputs.push(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Adds several inputs.
+    pub fn inputs<P: AsRef<Path>>(mut self, paths: impl IntoIterator<Item = P>) -> JobConfig {
+        self.inputs
+            .extend(paths.into_iter().map(|p| p.as_ref().to_path_buf()));
+        self
+    }
+
+    /// Adds splits chosen by the caller, taken as they are (each becomes one map task; a line belongs to the
+    /// split where it starts, so splits should start at line starts).
+    pub fn splits(mut self, splits: impl IntoIterator<Item = Split>) -> JobConfig {
+        self.splits.extend(splits);
+        self
+    }
+
+    /// The number of reduce partitions, and so of output files (default: twice the number of ranks).
+    pub fn partitions(mut self, n: usize) -> JobConfig {
+        self.partitions = Some(n);
+        self
+    }
+
+    /// The size of the splits input files are cut into (at line boundaries; default 8 MiB).
+    pub fn split_size(mut self, bytes: u64) -> JobConfig {
+        self.split_size = bytes;
+        self
+    }
+
+    /// The memory a rank's map output may take before it is spilled to disk as sorted runs (default 256 MiB).
+    pub fn memory_budget(mut self, bytes: u64) -> JobConfig {
+        self.memory_budget = bytes;
+        self
+    }
+
+    /// The threads each rank uses inside a task (default: this machine's cores shared among the job's ranks
+    /// on it).
+    pub fn threads(mut self, n: usize) -> JobConfig {
+        self.threads = Some(n);
+        self
+    }
+
+    /// Allows writing into an output directory that exists (its `part-*` files are replaced).
+    pub fn overwrite(mut self, yes: bool) -> JobConfig {
+        self.overwrite = yes;
+        self
+    }
+
+    /// Whether rank 0 shows progress.
+    pub fn progress(mut self, mode: ProgressMode) -> JobConfig {
+        self.progress = mode;
+        self
+    }
+
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.split_size == 0 {
+            return Err("the split size must be at least 1 byte".into());
+        }
+        if self.memory_budget < MIN_MEMORY_BUDGET {
+            return Err(format!(
+                "a memory budget of {} bytes is too small: use at least {MIN_MEMORY_BUDGET} (1 MiB)",
+                self.memory_budget
+            ));
+        }
+        if self.partitions == Some(0) || self.partitions.is_some_and(|p| p > u32::MAX as usize) {
+            return Err("the number of partitions must be 1 or more".into());
+        }
+        if self.threads == Some(0) {
+            return Err("the number of threads must be 1 or more".into());
+        }
+        Ok(())
+    }
+
+    /// The threads a rank of a job of `size` ranks uses.
+    pub(crate) fn threads_for(&self, size: usize) -> usize {
+        self.threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            // Ranks of this job on this machine: MPI launchers say; dsmrun starts them all here.
+            let local = ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
+                .iter()
+                .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+                .unwrap_or(size)
+                .max(1);
+            (cores / local).max(1)
+        })
+    }
+}

@@ -1,0 +1,359 @@
+//! Running a job: every rank calls [`MapReduce::run`]. Rank 0 prepares (inputs checked, splits cut, output
+//! directory made), drives the master state machine over a task farm homed on itself, and works on a thread
+//! of its own like every other rank; the others take tasks until the farm stops, then read how the job
+//! ended. A job's spill files live under the rank's spill directory until the job ends.
+
+use crate::config::JobConfig;
+use crate::input;
+use crate::master::{Master, Step, Task, TaskResult, Totals};
+use crate::progress::Progress;
+use crate::shuffle::{self, job_dir};
+use crate::worker::Worker;
+use crate::{Counters, Job, MapReduceError};
+use dsm::Rank;
+use dsm_runtime::{template, tuple, RuntimeError, TaskFarm, TupleSpace};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// One rank's MapReduce engine: create one per rank (collectively), then run jobs on it, every rank the same
+/// jobs in the same order.
+#[derive(Debug)]
+pub struct MapReduce {
+    space: TupleSpace,
+    root: PathBuf,
+    jobs: AtomicU64,
+}
+
+/// What a job did, as the master saw it.
+#[derive(Debug, Clone)]
+pub struct JobReport {
+    /// Map tasks (one per split).
+    pub maps: usize,
+    /// Reduce tasks (one per partition).
+    pub reduces: usize,
+    /// Map tasks done again because the rank holding their output was lost.
+    pub redone_maps: usize,
+    /// Bytes of input read.
+    pub input_bytes: u64,
+    /// Bytes of map output written (after combining).
+    pub map_output_bytes: u64,
+    /// Bytes of map output that crossed between ranks.
+    pub shuffled_bytes: u64,
+    /// Lines written to the output.
+    pub output_records: u64,
+    /// The job's counters, summed.
+    pub counters: Counters,
+    /// From the start until every map output existed for the first time.
+    pub map_time: Duration,
+    /// From the start until every partition was written.
+    pub total_time: Duration,
+    /// The output files, in partition order.
+    pub output_files: Vec<PathBuf>,
+    /// Ranks in the job, and threads per rank on the master.
+    pub ranks: usize,
+    /// Threads each rank used inside a task (the master's setting).
+    pub threads: usize,
+}
+
+impl std::fmt::Display for JobReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mb = |b: u64| b as f64 / 1e6;
+        writeln!(
+            f,
+            "mapreduce: {} ranks x {} threads, {} maps ({} redone), {} reduces",
+            self.ranks, self.threads, self.maps, self.redone_maps, self.reduces
+        )?;
+        writeln!(
+            f,
+            "  input {:.1} MB, map output {:.1} MB, shuffled {:.1} MB, {} output records",
+            mb(self.input_bytes),
+            mb(self.map_output_bytes),
+            mb(self.shuffled_bytes),
+            self.output_records
+        )?;
+        write!(
+            f,
+            "  map phase {:.3} s, total {:.3} s",
+            self.map_time.as_secs_f64(),
+            self.total_time.as_secs_f64()
+        )?;
+        for (name, n) in self.counters.iter() {
+            write!(f, "\n  counter {name}: {n}")?;
+        }
+        Ok(())
+    }
+}
+
+impl MapReduce {
+    /// Creates this rank's engine, keeping map output under the system's temporary directory. Collective.
+    pub fn new(space: &TupleSpace) -> Result<MapReduce, MapReduceError> {
+        MapReduce::with_spill_dir(space, std::env::temp_dir())
+    }
+
+    /// Creates this rank's engine, keeping map output in a directory of its own under `dir` (a local disk
+    /// with room for the rank's share of the map output). Collective.
+    pub fn with_spill_dir(
+        space: &TupleSpace,
+        dir: impl AsRef<Path>,
+    ) -> Result<MapReduce, MapReduceError> {
+        let dsm = space.dsm();
+        if dsm.service_registered(shuffle::SERVICE) {
+            return Err(MapReduceError::Config(format!(
+                "{} has a MapReduce engine already: create one per rank and run every job on it",
+                dsm.rank()
+            )));
+        }
+        let root = dir.as_ref().join(format!(
+            "dsm-mapreduce-{}-{}",
+            std::process::id(),
+            dsm.rank().0
+        ));
+        std::fs::create_dir_all(&root)
+            .map_err(|e| MapReduceError::io(format!("creating {}", root.display()), e))?;
+        let service = shuffle::start(root.clone())
+            .map_err(|e| MapReduceError::io("starting the shuffle thread", e))?;
+        dsm.register_service(shuffle::SERVICE, service)
+            .map_err(RuntimeError::from)?;
+        dsm.barrier().map_err(RuntimeError::from)?;
+        Ok(MapReduce {
+            space: space.clone(),
+            root,
+            jobs: AtomicU64::new(0),
+        })
+    }
+
+    /// Runs `job` as `config` says. Collective: every rank calls it. Returns the report on rank 0 and
+    /// `None` on the others; an error on every rank if the job fails.
+    pub fn run<J: Job>(
+        &self,
+        job: &J,
+        config: &JobConfig,
+    ) -> Result<Option<JobReport>, MapReduceError> {
+        let job_id = self.jobs.fetch_add(1, Ordering::Relaxed);
+        config.check().map_err(MapReduceError::Config)?;
+        let dsm = self.space.dsm();
+        let threads = config.threads_for(dsm.size());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("dsm-mapreduce-{i}"))
+            .build()
+            .map_err(|e| MapReduceError::Config(format!("starting {threads} threads: {e}")))?;
+        let dir = job_dir(&self.root, job_id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| MapReduceError::io(format!("creating {}", dir.display()), e))?;
+        let farm = TaskFarm::new(&self.space, &format!("mapreduce-{job_id}"), Rank(0));
+        let worker = Worker {
+            job,
+            dsm,
+            root: &self.root,
+            job_id,
+            pool: &pool,
+            budget: config.memory_budget,
+        };
+        let result = if dsm.rank() == Rank(0) {
+            self.lead(job_id, &farm, &worker, config, threads)
+        } else {
+            self.follow(job_id, &farm, &worker)
+        };
+        // Every reducer is done with this rank's runs once the master has stopped the farm.
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    /// The tuple that tells every rank how job `job_id` ended: a first field that hashes to rank 0.
+    fn outcome_key(&self, job_id: u64) -> String {
+        (0u64..)
+            .map(|k| format!("mapreduce-{job_id}-outcome#{k}"))
+            .find(|k| self.space.home_of(Some(&k.as_str().into()), 3) == Rank(0))
+            .expect("some suffix hashes to every rank")
+    }
+
+    fn follow<J: Job>(
+        &self,
+        job_id: u64,
+        farm: &TaskFarm,
+        worker: &Worker<'_, J>,
+    ) -> Result<Option<JobReport>, MapReduceError> {
+        let lost = |e: RuntimeError| {
+            if self.space.dsm().failed_ranks().contains(&Rank(0)) {
+                MapReduceError::MasterLost(e.to_string())
+            } else {
+                MapReduceError::Runtime(e)
+            }
+        };
+        farm.serve(|id, task: Task| worker.run(id, task))
+            .map_err(lost)?;
+        let key = self.outcome_key(job_id);
+        let t = self
+            .space
+            .rd(&template!(key.as_str(), ?bool, ?String))
+            .map_err(lost)?;
+        if t.get::<bool>(1).map_err(RuntimeError::from)? {
+            Ok(None)
+        } else {
+            Err(MapReduceError::TaskFailed(
+                t.get::<String>(2).map_err(RuntimeError::from)?,
+            ))
+        }
+    }
+
+    fn lead<J: Job>(
+        &self,
+        job_id: u64,
+        farm: &TaskFarm,
+        worker: &Worker<'_, J>,
+        config: &JobConfig,
+        threads: usize,
+    ) -> Result<Option<JobReport>, MapReduceError> {
+        let started = Instant::now();
+        let outcome = std::thread::scope(|s| {
+            let ours = s.spawn(|| farm.serve(|id, task: Task| worker.run(id, task)));
+            let outcome = self
+                .prepare(config)
+                .and_then(|master| self.drive(master, farm, config, started));
+            // Stop the farm whatever happened, so that every worker (this rank's among them) returns.
+            let stopped = farm.stop();
+            let served = ours.join();
+            let outcome = outcome.and_then(|o| {
+                stopped?;
+                match served {
+                    Ok(r) => r.map(|_| o).map_err(MapReduceError::from),
+                    Err(_) => Err(MapReduceError::TaskFailed(
+                        "the master's worker thread panicked".into(),
+                    )),
+                }
+            });
+            outcome
+        });
+        let message = match &outcome {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        let key = self.outcome_key(job_id);
+        self.space
+            .out(tuple!(key.as_str(), outcome.is_ok(), message))?;
+        let (master, map_time) = outcome?;
+        let t = master.totals();
+        Ok(Some(JobReport {
+            maps: master.maps(),
+            reduces: master.reduces(),
+            redone_maps: master.redone,
+            input_bytes: t.input_bytes,
+            map_output_bytes: t.map_output_bytes,
+            shuffled_bytes: t.shuffled_bytes,
+            output_records: t.records,
+            counters: t.counters,
+            map_time,
+            total_time: started.elapsed(),
+            output_files: (0..master.reduces())
+                .map(|p| config.output.join(format!("part-{p:05}")))
+                .collect(),
+            ranks: self.space.dsm().size(),
+            threads,
+        }))
+    }
+
+    /// Checks the inputs, cuts the splits and makes the output directory; nothing is written if an input
+    /// is missing or the output exists.
+    fn prepare(&self, config: &JobConfig) -> Result<Master, MapReduceError> {
+        if config.inputs.is_empty() && config.splits.is_empty() {
+            return Err(MapReduceError::Config(
+                "no input: give input files, directories or splits".into(),
+            ));
+        }
+        let files = input::expand(&config.inputs)?;
+        let mut splits = input::cut(&files, config.split_size)?;
+        splits.extend(config.splits.iter().cloned());
+        let out = &config.output;
+        match std::fs::metadata(out) {
+            Ok(m) if !m.is_dir() => {
+                return Err(MapReduceError::Config(format!(
+                    "output {} exists and is not a directory",
+                    out.display()
+                )))
+            }
+            Ok(_) if !config.overwrite => return Err(MapReduceError::OutputExists(out.clone())),
+            Ok(_) => remove_parts(out)?,
+            Err(_) => std::fs::create_dir_all(out)
+                .map_err(|e| MapReduceError::io(format!("creating {}", out.display()), e))?,
+        }
+        let partitions = config
+            .partitions
+            .unwrap_or(2 * self.space.dsm().size())
+            .max(1);
+        Ok(Master::new(splits, partitions as u32, out.clone()))
+    }
+
+    /// Hands out tasks and takes results until every partition is written; returns the master and the
+    /// time the map phase took.
+    fn drive(
+        &self,
+        mut master: Master,
+        farm: &TaskFarm,
+        config: &JobConfig,
+        started: Instant,
+    ) -> Result<(Master, Duration), MapReduceError> {
+        let mut tasks: HashMap<u64, Task> = HashMap::new();
+        let put = |tasks: &mut HashMap<u64, Task>, list: Vec<(u64, Task)>| {
+            if list.is_empty() {
+                return Ok(());
+            }
+            tasks.extend(list.iter().cloned());
+            farm.put(list)
+        };
+        put(&mut tasks, master.start())?;
+        let mut progress = Progress::new(config.progress, started);
+        let mut map_time = None;
+        let mut totals = Totals::default();
+        loop {
+            if totals.maps_done == master.maps() && map_time.is_none() {
+                map_time = Some(started.elapsed());
+            }
+            progress.show(&totals, master.maps(), master.reduces());
+            // Map output on a rank known to be gone is made again before a reducer trips over it.
+            for r in self.space.dsm().failed_ranks() {
+                let again = master.lose(r.0);
+                put(&mut tasks, again)?;
+            }
+            let Some((id, result)) = farm.results::<TaskResult>(1)?.pop() else {
+                continue;
+            };
+            let Some(task) = tasks.remove(&id) else {
+                continue;
+            };
+            match master.on_result(id, &task, result) {
+                Step::Put(list) => put(&mut tasks, list)?,
+                Step::Finished => break,
+                Step::Failed(what) => {
+                    progress.finish();
+                    return Err(MapReduceError::TaskFailed(what));
+                }
+            }
+            totals = master.totals();
+        }
+        progress.finish();
+        Ok((master, map_time.unwrap_or_else(|| started.elapsed())))
+    }
+}
+
+/// Removes the `part-*` files (and temporary files of earlier runs) from an output directory.
+fn remove_parts(dir: &Path) -> Result<(), MapReduceError> {
+    let err = |e| MapReduceError::io(format!("clearing {}", dir.display()), e);
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("part-") || (name.starts_with(".part-") && name.ends_with(".tmp")) {
+            std::fs::remove_file(entry.path()).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+impl Drop for MapReduce {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}

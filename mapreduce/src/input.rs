@@ -1,0 +1,247 @@
+//! Input: files and directories expanded to a list of files, files cut into splits at line boundaries, a
+//! split read back and handed to `map` line by line. The master cuts; any rank reads (inputs must be at the
+//! same path on every rank: one machine, or a shared file system).
+
+use crate::MapReduceError;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// A byte range of one file: one map task's input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
+    /// The file.
+    pub file: PathBuf,
+    /// The first byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
+impl Split {
+    /// Its length in bytes.
+    pub fn len(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One input record: a line, without its newline.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    /// The file it comes from.
+    pub file: &'a Path,
+    /// The byte offset of its first byte in the file.
+    pub offset: u64,
+    /// Its bytes (any bytes: input need not be UTF-8).
+    pub line: &'a [u8],
+}
+
+/// The files named by `paths`: files as given, directories walked recursively in name order. Every file
+/// is opened once here, so a missing or unreadable input is reported before any work starts.
+pub(crate) fn expand(paths: &[PathBuf]) -> Result<Vec<(PathBuf, u64)>, MapReduceError> {
+    let mut files = Vec::new();
+    for p in paths {
+        walk(p, &mut files)?;
+    }
+    Ok(files)
+}
+
+fn walk(path: &Path, files: &mut Vec<(PathBuf, u64)>) -> Result<(), MapReduceError> {
+    let err = |source| MapReduceError::Input {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(err)?;
+    if meta.is_dir() {
+        let mut entries = std::fs::read_dir(path)
+            .map_err(err)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        entries.sort();
+        for e in entries {
+            walk(&e, files)?;
+        }
+    } else {
+        File::open(path).map_err(err)?;
+        files.push((path.to_path_buf(), meta.len()));
+    }
+    Ok(())
+}
+
+/// Cuts each file into splits of about `size` bytes, each ending just after a newline (or at the end of
+/// the file). Empty files give no split.
+pub(crate) fn cut(files: &[(PathBuf, u64)], size: u64) -> Result<Vec<Split>, MapReduceError> {
+    let mut splits = Vec::new();
+    for (path, len) in files {
+        let err = |source| MapReduceError::Input {
+            path: path.clone(),
+            source,
+        };
+        let mut f = File::open(path).map_err(err)?;
+        let mut start = 0;
+        while start < *len {
+            let end = if len - start <= size {
+                *len
+            } else {
+                line_end_after(&mut f, start + size - 1, *len).map_err(err)?
+            };
+            splits.push(Split {
+                file: path.clone(),
+                start,
+                end,
+            });
+            start = end;
+        }
+    }
+    Ok(splits)
+}
+
+/// The offset just past the first newline at or after `from` (or `len`).
+fn line_end_after(f: &mut File, from: u64, len: u64) -> std::io::Result<u64> {
+    f.seek(SeekFrom::Start(from))?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut at = from;
+    while at < len {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if let Some(i) = buf[..n].iter().position(|&b| b == b'\n') {
+            return Ok(at + i as u64 + 1);
+        }
+        at += n as u64;
+    }
+    Ok(len)
+}
+
+/// The bytes of `split`. A file that has become shorter than the split is an error.
+pub(crate) fn read_split(split: &Split) -> Result<Vec<u8>, String> {
+    let what = |e: std::io::Error| {
+        format!(
+            "reading {} bytes {}..{}: {e}",
+            split.file.display(),
+            split.start,
+            split.end
+        )
+    };
+    let mut f = File::open(&split.file).map_err(what)?;
+    f.seek(SeekFrom::Start(split.start)).map_err(what)?;
+    let mut data = vec![0u8; split.len() as usize];
+    f.read_exact(&mut data).map_err(what)?;
+    Ok(data)
+}
+
+/// Cuts `data` into at most `n` pieces of about equal size, each ending after a newline (or at the end),
+/// with each piece's offset in `data`.
+pub(crate) fn pieces(data: &[u8], n: usize) -> Vec<(usize, &[u8])> {
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0;
+    let step = data.len().div_ceil(n.max(1)).max(1);
+    while start < data.len() {
+        let target = start + step;
+        let end = if target >= data.len() {
+            data.len()
+        } else {
+            data[target - 1..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(data.len(), |i| target + i)
+        };
+        out.push((start, &data[start..end]));
+        start = end;
+    }
+    out
+}
+
+/// The lines of `data` (without newlines) with their offsets in `data`; a last line without a newline
+/// counts, an empty tail does not.
+pub(crate) fn lines(data: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= data.len() {
+            return None;
+        }
+        let start = at;
+        let end = data[at..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(data.len(), |i| at + i);
+        at = end + 1;
+        Some((start, &data[start..end]))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn splits_end_after_newlines_and_cover_the_file() {
+        let dir = std::env::temp_dir().join(format!("dsm-mr-cut-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("in.txt");
+        let text: String = (0..500)
+            .map(|i| format!("line {i} {}\n", "x".repeat(i % 37)))
+            .collect();
+        File::create(&path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let files = expand(std::slice::from_ref(&dir)).unwrap();
+        assert_eq!(files, vec![(path.clone(), text.len() as u64)]);
+        for size in [1, 7, 100, 4096, 1 << 20] {
+            let splits = cut(&files, size).unwrap();
+            let mut joined = Vec::new();
+            let mut expect_start = 0;
+            for s in &splits {
+                assert_eq!(s.start, expect_start);
+                expect_start = s.end;
+                let data = read_split(s).unwrap();
+                assert_eq!(*data.last().unwrap(), b'\n', "split {s:?} ends mid-line");
+                joined.extend_from_slice(&data);
+            }
+            assert_eq!(joined, text.as_bytes());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pieces_and_lines_cover_the_data_at_line_boundaries() {
+        let data = b"a\nbb\n\nccc\ndddd";
+        for n in 1..8 {
+            let p = pieces(data, n);
+            assert!(p.len() <= n);
+            let joined: Vec<u8> = p.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+            assert_eq!(joined, data);
+            for (off, piece) in &p {
+                assert!(*off == 0 || data[off - 1] == b'\n');
+                assert_eq!(&data[*off..off + piece.len()], *piece);
+            }
+        }
+        let l: Vec<_> = lines(data).collect();
+        assert_eq!(
+            l,
+            vec![
+                (0, &b"a"[..]),
+                (2, b"bb"),
+                (5, b""),
+                (6, b"ccc"),
+                (10, b"dddd")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_input_is_named() {
+        let e = expand(&[PathBuf::from("/no/such/input.txt")]).unwrap_err();
+        assert!(e.to_string().contains("/no/such/input.txt"), "{e}");
+    }
+}

@@ -1,0 +1,158 @@
+//! MapReduce over dsm: a [`Job`] with typed keys and values, run by every rank of a job. Rank 0 is the
+//! master: it cuts the input into splits at line boundaries and hands out map and reduce tasks through the
+//! tuple space (a task farm homed on rank 0), so ranks take work as they become free. A map task combines its
+//! output in memory, partitions it, and keeps it on its own rank as sorted runs on local disk (spilling early
+//! when it outgrows its memory budget); a reduce task fetches its partition's runs from the ranks that hold
+//! them over the job's own connections (a dsm service), merges them, and writes its output file atomically.
+//! `rayon` runs the pieces of one task in parallel inside a rank.
+//!
+//! A worker that dies loses nothing for good: the task it held goes back into the bag (the farm's leases), and
+//! map output it held is recomputed when a reducer finds it gone. The master's death ends the job with an
+//! error on every rank. Run a job that should survive a worker's death with `dsmrun --keep-going`.
+//!
+//! This crate never touches memory directly: no unsafe code, no shared regions; only the tuple space and
+//! services of `dsm-runtime` and `dsm`.
+//!
+//! ```no_run
+//! use dsm_mapreduce::{Counters, Emitter, Job, JobConfig, MapReduce, Record};
+//!
+//! struct LineLengths;
+//! impl Job for LineLengths {
+//!     type Key = u64;
+//!     type Value = u64;
+//!     type Output = u64;
+//!     fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, u64, u64>) {
+//!         emit.emit(record.line.len() as u64, 1);
+//!     }
+//!     fn combiner(&self) -> Option<dsm_mapreduce::Combiner<u64>> {
+//!         Some(|total, n| *total += n)
+//!     }
+//!     fn reduce(&self, _len: &u64, counts: Vec<u64>, _: &mut Counters) -> Option<u64> {
+//!         Some(counts.iter().sum())
+//!     }
+//! }
+//!
+//! let rt = dsm_runtime::Runtime::init()?;
+//! let space = dsm_runtime::TupleSpace::join(&rt)?;
+//! let mr = MapReduce::new(&space)?;
+//! let report = mr.run(&LineLengths, &JobConfig::new("out").input("input.txt"))?;
+//! if let Some(report) = report {
+//!     eprintln!("{report}");
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![forbid(unsafe_code)]
+
+mod config;
+mod emit;
+mod engine;
+mod input;
+mod master;
+mod progress;
+mod runs;
+mod shuffle;
+mod worker;
+
+pub use config::{
+    JobConfig, ProgressMode, DEFAULT_MEMORY_BUDGET, DEFAULT_SPLIT_SIZE, MIN_MEMORY_BUDGET,
+};
+pub use emit::{Counters, Emitter};
+pub use engine::{JobReport, MapReduce};
+pub use input::{Record, Split};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::fmt::Display;
+use std::hash::Hash;
+use std::path::PathBuf;
+
+/// Folds `value` into `total`, the value already held for the same key: a job's combiner. It must be
+/// associative and agree with `reduce` (reducing combined values gives what reducing the originals would).
+pub type Combiner<V> = fn(&mut V, V);
+
+/// A MapReduce computation. Every rank runs the same job; its functions run on any rank, on any thread.
+pub trait Job: Send + Sync {
+    /// Keys: sorted in the output, hashed to partitions.
+    type Key: Serialize + DeserializeOwned + Ord + Hash + Clone + Send + Sync + Display;
+    /// Values emitted by `map` for a key.
+    type Value: Serialize + DeserializeOwned + Send + Sync;
+    /// What `reduce` makes of a key's values; written as `key<TAB>output` lines.
+    type Output: Display;
+
+    /// Emits pairs for one input record (a line, without its newline).
+    fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, Self::Key, Self::Value>);
+
+    /// The combiner, if the job has one: pairs with equal keys are folded together as they are emitted,
+    /// which keeps map output small (word counts).
+    fn combiner(&self) -> Option<Combiner<Self::Value>> {
+        None
+    }
+
+    /// The partition (`0..partitions`) of `key`. The default hashes the key; it must give every rank the
+    /// same answer.
+    fn partition(&self, key: &Self::Key, partitions: usize) -> usize {
+        default_partition(key, partitions)
+    }
+
+    /// Reduces all values of `key` (in no particular order). `None` writes nothing for the key.
+    fn reduce(
+        &self,
+        key: &Self::Key,
+        values: Vec<Self::Value>,
+        counters: &mut Counters,
+    ) -> Option<Self::Output>;
+}
+
+/// The default partitioner: a hash of the key, the same in every process of one build.
+pub fn default_partition<K: Hash>(key: &K, partitions: usize) -> usize {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let h =
+        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key);
+    // The high bits of the product spread evenly over 0..partitions.
+    ((h as u128 * partitions as u128) >> 64) as usize
+}
+
+/// What went wrong with a MapReduce job.
+#[derive(Debug, thiserror::Error)]
+pub enum MapReduceError {
+    /// An input file or directory cannot be used.
+    #[error("input {path}: {source} (check the path and its permissions)")]
+    Input {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// The output directory exists and the job was not told to overwrite it.
+    #[error("output directory {0} exists: choose another, remove it, or allow overwriting (JobConfig::overwrite, --overwrite)")]
+    OutputExists(PathBuf),
+    /// A file operation of the engine failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the engine was doing.
+        context: String,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// A map or reduce task failed (a panic in the job's code, or an input that changed under the job).
+    #[error("{0}")]
+    TaskFailed(String),
+    /// The master rank failed, or could not be reached; the job cannot go on.
+    #[error("the master (rank 0) is gone: {0}")]
+    MasterLost(String),
+    /// A setting is out of range.
+    #[error("job configuration: {0}")]
+    Config(String),
+    /// The runtime (tuple space, transport) failed.
+    #[error(transparent)]
+    Runtime(#[from] dsm_runtime::RuntimeError),
+}
+
+impl MapReduceError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> MapReduceError {
+        MapReduceError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,514 @@
+//! The master's bookkeeping, as a pure state machine: which map outputs exist and on which rank, which
+//! reduce partitions are done, and what to hand out next. It takes task results (and news of lost ranks)
+//! and returns the tasks to put into the bag; the engine does the putting. Map tasks go out first; reduce
+//! tasks once every split's output exists somewhere. When a reducer finds a rank gone, every map output on
+//! that rank is made again and the partitions still to do go out once it is back.
+//!
+//! Every put gets a fresh task id, so a result is matched to the exact put it answers: a late result of an
+//! attempt that was since replaced is ignored, and counters count each map and each partition once.
+
+use crate::emit::Counters;
+use crate::input::Split;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+/// A task in the bag.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum Task {
+    /// Map split number `index` into `partitions` partitions.
+    Map {
+        index: u32,
+        split: Split,
+        partitions: u32,
+    },
+    /// Reduce `partition`, whose runs are at `sources`, into a file in `output`.
+    Reduce {
+        partition: u32,
+        sources: Vec<Source>,
+        output: PathBuf,
+    },
+}
+
+/// The runs one map task left for one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Source {
+    /// The rank that holds them.
+    pub(crate) holder: u32,
+    /// The task id they were written under.
+    pub(crate) task: u64,
+    /// How many.
+    pub(crate) runs: u32,
+}
+
+/// What a worker reports for a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum TaskResult {
+    /// A map task's output is on `holder`: `runs[p]` runs for partition `p`.
+    Mapped {
+        holder: u32,
+        runs: Vec<u32>,
+        input_bytes: u64,
+        output_bytes: u64,
+        counters: Counters,
+    },
+    /// A partition's output file is written.
+    Reduced {
+        records: u64,
+        shuffled_bytes: u64,
+        counters: Counters,
+    },
+    /// A reducer could not fetch from `holder`: that rank is gone.
+    Lost { holder: u32 },
+    /// The task failed for good (the job's code panicked, an input changed, a disk filled).
+    Failed { what: String },
+}
+
+#[derive(Debug, Clone)]
+enum MapState {
+    Running(u64),
+    Done {
+        holder: u32,
+        task: u64,
+        runs: Vec<u32>,
+        input_bytes: u64,
+        output_bytes: u64,
+        counters: Counters,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum ReduceState {
+    Blocked,
+    Running(u64),
+    Done {
+        records: u64,
+        shuffled_bytes: u64,
+        counters: Counters,
+    },
+}
+
+/// What the engine does after a result.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Step {
+    /// Put these tasks (perhaps none) and wait for the next result.
+    Put(Vec<(u64, Task)>),
+    /// Every partition is written.
+    Finished,
+    /// The job cannot finish.
+    Failed(String),
+}
+
+/// The master of one job.
+#[derive(Debug)]
+pub(crate) struct Master {
+    splits: Vec<Split>,
+    output: PathBuf,
+    maps: Vec<MapState>,
+    reduces: Vec<ReduceState>,
+    next_id: u64,
+    lost: BTreeSet<u32>,
+    /// Map tasks put again because the rank holding their output was lost.
+    pub(crate) redone: usize,
+}
+
+/// Totals over the finished tasks.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct Totals {
+    pub(crate) maps_done: usize,
+    pub(crate) reduces_done: usize,
+    pub(crate) input_bytes: u64,
+    pub(crate) map_output_bytes: u64,
+    pub(crate) shuffled_bytes: u64,
+    pub(crate) records: u64,
+    pub(crate) counters: Counters,
+}
+
+impl Master {
+    pub(crate) fn new(splits: Vec<Split>, partitions: u32, output: PathBuf) -> Master {
+        Master {
+            maps: vec![MapState::Running(u64::MAX); splits.len()],
+            reduces: vec![ReduceState::Blocked; partitions as usize],
+            splits,
+            output,
+            next_id: 0,
+            lost: BTreeSet::new(),
+            redone: 0,
+        }
+    }
+
+    /// The first tasks: every map (and, when there is no input, every reduce).
+    pub(crate) fn start(&mut self) -> Vec<(u64, Task)> {
+        let mut put: Vec<_> = (0..self.maps.len()).map(|i| self.put_map(i)).collect();
+        put.extend(self.put_reduces_if_ready());
+        put
+    }
+
+    fn fresh_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id - 1
+    }
+
+    fn put_map(&mut self, index: usize) -> (u64, Task) {
+        let id = self.fresh_id();
+        self.maps[index] = MapState::Running(id);
+        let task = Task::Map {
+            index: index as u32,
+            split: self.splits[index].clone(),
+            partitions: self.reduces.len() as u32,
+        };
+        (id, task)
+    }
+
+    /// Once every map output exists, the blocked partitions' reduce tasks.
+    fn put_reduces_if_ready(&mut self) -> Vec<(u64, Task)> {
+        if !self.maps.iter().all(|m| matches!(m, MapState::Done { .. })) {
+            return Vec::new();
+        }
+        let mut put = Vec::new();
+        for p in 0..self.reduces.len() {
+            if !matches!(self.reduces[p], ReduceState::Blocked) {
+                continue;
+            }
+            let sources = self
+                .maps
+                .iter()
+                .filter_map(|m| match m {
+                    MapState::Done {
+                        holder, task, runs, ..
+                    } if runs[p] > 0 => Some(Source {
+                        holder: *holder,
+                        task: *task,
+                        runs: runs[p],
+                    }),
+                    _ => None,
+                })
+                .collect();
+            let id = self.fresh_id();
+            self.reduces[p] = ReduceState::Running(id);
+            put.push((
+                id,
+                Task::Reduce {
+                    partition: p as u32,
+                    sources,
+                    output: self.output.clone(),
+                },
+            ));
+        }
+        put
+    }
+
+    /// `rank` is gone: the map outputs it held are made again.
+    pub(crate) fn lose(&mut self, rank: u32) -> Vec<(u64, Task)> {
+        if !self.lost.insert(rank) {
+            return Vec::new();
+        }
+        let held: Vec<usize> = (0..self.maps.len())
+            .filter(|i| matches!(self.maps[*i], MapState::Done { holder, .. } if holder == rank))
+            .collect();
+        self.redone += held.len();
+        held.into_iter().map(|i| self.put_map(i)).collect()
+    }
+
+    /// The result of task `id`, which was `task`.
+    pub(crate) fn on_result(&mut self, id: u64, task: &Task, result: TaskResult) -> Step {
+        if let TaskResult::Failed { what } = result {
+            return Step::Failed(what);
+        }
+        match (task, result) {
+            (
+                Task::Map { index, .. },
+                TaskResult::Mapped {
+                    holder,
+                    runs,
+                    input_bytes,
+                    output_bytes,
+                    counters,
+                },
+            ) => {
+                let i = *index as usize;
+                if !matches!(self.maps.get(i), Some(MapState::Running(r)) if *r == id) {
+                    return Step::Put(Vec::new());
+                }
+                if runs.len() != self.reduces.len() {
+                    return Step::Failed(format!(
+                        "map task {id} reported {} partitions, the job has {}",
+                        runs.len(),
+                        self.reduces.len()
+                    ));
+                }
+                if self.lost.contains(&holder) {
+                    // Its output is already gone with its rank.
+                    self.redone += 1;
+                    return Step::Put(vec![self.put_map(i)]);
+                }
+                self.maps[i] = MapState::Done {
+                    holder,
+                    task: id,
+                    runs,
+                    input_bytes,
+                    output_bytes,
+                    counters,
+                };
+                Step::Put(self.put_reduces_if_ready())
+            }
+            (
+                Task::Reduce { partition, .. },
+                TaskResult::Reduced {
+                    records,
+                    shuffled_bytes,
+                    counters,
+                },
+            ) => {
+                let p = *partition as usize;
+                if matches!(self.reduces.get(p), Some(ReduceState::Running(r)) if *r == id) {
+                    self.reduces[p] = ReduceState::Done {
+                        records,
+                        shuffled_bytes,
+                        counters,
+                    };
+                }
+                if self
+                    .reduces
+                    .iter()
+                    .all(|r| matches!(r, ReduceState::Done { .. }))
+                {
+                    Step::Finished
+                } else {
+                    Step::Put(Vec::new())
+                }
+            }
+            (Task::Reduce { partition, .. }, TaskResult::Lost { holder }) => {
+                let p = *partition as usize;
+                if matches!(self.reduces.get(p), Some(ReduceState::Running(r)) if *r == id) {
+                    self.reduces[p] = ReduceState::Blocked;
+                }
+                let mut put = self.lose(holder);
+                put.extend(self.put_reduces_if_ready());
+                Step::Put(put)
+            }
+            (task, result) => Step::Failed(format!(
+                "task {id} ({}) answered with {result:?}",
+                match task {
+                    Task::Map { .. } => "a map",
+                    Task::Reduce { .. } => "a reduce",
+                }
+            )),
+        }
+    }
+
+    /// Totals over the tasks finished so far (each map and each partition once).
+    pub(crate) fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for m in &self.maps {
+            if let MapState::Done {
+                input_bytes,
+                output_bytes,
+                counters,
+                ..
+            } = m
+            {
+                t.maps_done += 1;
+                t.input_bytes += input_bytes;
+                t.map_output_bytes += output_bytes;
+                t.counters.merge(counters);
+            }
+        }
+        for r in &self.reduces {
+            if let ReduceState::Done {
+                records,
+                shuffled_bytes,
+                counters,
+            } = r
+            {
+                t.reduces_done += 1;
+                t.records += records;
+                t.shuffled_bytes += shuffled_bytes;
+                t.counters.merge(counters);
+            }
+        }
+        t
+    }
+
+    pub(crate) fn maps(&self) -> usize {
+        self.maps.len()
+    }
+
+    pub(crate) fn reduces(&self) -> usize {
+        self.reduces.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(i: u64) -> Split {
+        Split {
+            file: "in".into(),
+            start: i * 10,
+            end: i * 10 + 10,
+        }
+    }
+
+    fn mapped(holder: u32, runs: Vec<u32>, lines: u64) -> TaskResult {
+        let mut counters = Counters::default();
+        counters.add("lines", lines);
+        TaskResult::Mapped {
+            holder,
+            runs,
+            input_bytes: 10,
+            output_bytes: 5,
+            counters,
+        }
+    }
+
+    fn reduced() -> TaskResult {
+        TaskResult::Reduced {
+            records: 1,
+            shuffled_bytes: 3,
+            counters: Counters::default(),
+        }
+    }
+
+    fn puts(step: Step) -> Vec<(u64, Task)> {
+        match step {
+            Step::Put(p) => p,
+            other => panic!("expected puts, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reduces_go_out_when_every_map_is_done_with_their_sources() {
+        let mut m = Master::new(vec![split(0), split(1)], 2, "out".into());
+        let first = m.start();
+        assert_eq!(first.len(), 2);
+        assert!(puts(m.on_result(first[0].0, &first[0].1, mapped(0, vec![1, 0], 3))).is_empty());
+        let reduces = puts(m.on_result(first[1].0, &first[1].1, mapped(1, vec![2, 1], 4)));
+        assert_eq!(reduces.len(), 2);
+        let Task::Reduce { sources, .. } = &reduces[0].1 else {
+            panic!("{reduces:?}")
+        };
+        assert_eq!(
+            sources,
+            &vec![
+                Source {
+                    holder: 0,
+                    task: first[0].0,
+                    runs: 1
+                },
+                Source {
+                    holder: 1,
+                    task: first[1].0,
+                    runs: 2
+                }
+            ]
+        );
+        let Task::Reduce { sources, .. } = &reduces[1].1 else {
+            panic!()
+        };
+        assert_eq!(
+            sources.len(),
+            1,
+            "a map with no run for a partition is no source"
+        );
+        assert_eq!(
+            m.on_result(reduces[0].0, &reduces[0].1, reduced()),
+            Step::Put(vec![])
+        );
+        assert_eq!(
+            m.on_result(reduces[1].0, &reduces[1].1, reduced()),
+            Step::Finished
+        );
+        let t = m.totals();
+        assert_eq!((t.maps_done, t.reduces_done, t.records), (2, 2, 2));
+        assert_eq!(t.counters.get("lines"), 7);
+    }
+
+    #[test]
+    fn no_input_puts_the_reduces_at_once() {
+        let mut m = Master::new(vec![], 3, "out".into());
+        let first = m.start();
+        assert_eq!(first.len(), 3);
+        assert!(first
+            .iter()
+            .all(|(_, t)| matches!(t, Task::Reduce { sources, .. } if sources.is_empty())));
+    }
+
+    #[test]
+    fn a_lost_holder_has_its_maps_redone_then_the_partition_again_and_counters_count_once() {
+        let mut m = Master::new(vec![split(0), split(1), split(2)], 2, "out".into());
+        let first = m.start();
+        let holders = [0, 1, 1];
+        let mut reduces = Vec::new();
+        for ((id, task), h) in first.iter().zip(holders) {
+            reduces.extend(puts(m.on_result(*id, task, mapped(h, vec![1, 1], 1))));
+        }
+        assert_eq!(reduces.len(), 2);
+        // Partition 0 is written; partition 1's reducer finds rank 1 gone.
+        assert_eq!(
+            m.on_result(reduces[0].0, &reduces[0].1, reduced()),
+            Step::Put(vec![])
+        );
+        let again = puts(m.on_result(reduces[1].0, &reduces[1].1, TaskResult::Lost { holder: 1 }));
+        let redo: Vec<u32> = again
+            .iter()
+            .map(|(_, t)| match t {
+                Task::Map { index, .. } => *index,
+                other => panic!("only maps until they are back: {other:?}"),
+            })
+            .collect();
+        assert_eq!(redo, vec![1, 2]);
+        assert_eq!(m.redone, 2);
+        // A second reducer reporting the same loss changes nothing.
+        assert!(
+            puts(m.on_result(reduces[1].0, &reduces[1].1, TaskResult::Lost { holder: 1 }))
+                .is_empty()
+        );
+        // A late result from the lost rank is not trusted: its output went with it.
+        let late = puts(m.on_result(again[0].0, &again[0].1, mapped(1, vec![1, 1], 1)));
+        assert_eq!(late.len(), 1);
+        assert!(matches!(late[0].1, Task::Map { index: 1, .. }));
+        assert_eq!(m.redone, 3);
+        // A stale id is ignored.
+        assert!(puts(m.on_result(first[1].0, &first[1].1, mapped(0, vec![1, 1], 1))).is_empty());
+        assert!(puts(m.on_result(late[0].0, &late[0].1, mapped(0, vec![1, 1], 1))).is_empty());
+        let only = puts(m.on_result(again[1].0, &again[1].1, mapped(2, vec![1, 1], 1)));
+        assert_eq!(
+            only.len(),
+            1,
+            "only the partition not yet written goes out again"
+        );
+        let Task::Reduce {
+            partition, sources, ..
+        } = &only[0].1
+        else {
+            panic!()
+        };
+        assert_eq!(*partition, 1);
+        assert!(sources.iter().all(|s| s.holder != 1));
+        assert_eq!(
+            m.on_result(only[0].0, &only[0].1, reduced()),
+            Step::Finished
+        );
+        assert_eq!(
+            m.totals().counters.get("lines"),
+            3,
+            "each split counted once"
+        );
+    }
+
+    #[test]
+    fn a_failed_task_fails_the_job() {
+        let mut m = Master::new(vec![split(0)], 1, "out".into());
+        let first = m.start();
+        let step = m.on_result(
+            first[0].0,
+            &first[0].1,
+            TaskResult::Failed {
+                what: "boom".into(),
+            },
+        );
+        assert_eq!(step, Step::Failed("boom".into()));
+    }
+}

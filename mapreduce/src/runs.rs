@@ -1,0 +1,238 @@
+//! Sorted runs: the files map tasks leave for reducers, and the merge that reads many of them back in key
+//! order. A run is a sequence of records, each a LEB128 length and the postcard encoding of one `(key,
+//! value)` pair, sorted by key.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::io::{self, BufRead, Write};
+
+fn invalid(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+/// Writes `pairs` (sorted) as a run; returns the bytes written.
+pub(crate) fn write_run<K: Serialize, V: Serialize>(
+    out: &mut impl Write,
+    pairs: &[(K, V)],
+) -> io::Result<u64> {
+    let mut buf = Vec::new();
+    let mut written = 0;
+    for pair in pairs {
+        buf.clear();
+        let body = postcard::to_extend(pair, std::mem::take(&mut buf))
+            .map_err(|e| invalid(format!("encoding a map output pair: {e}")))?;
+        let mut len = [0u8; 5];
+        let n = put_varint(&mut len, body.len() as u32);
+        out.write_all(&len[..n])?;
+        out.write_all(&body)?;
+        written += (n + body.len()) as u64;
+        buf = body;
+    }
+    Ok(written)
+}
+
+fn put_varint(out: &mut [u8; 5], mut v: u32) -> usize {
+    let mut i = 0;
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out[i] = byte;
+            return i + 1;
+        }
+        out[i] = byte | 0x80;
+        i += 1;
+    }
+}
+
+/// Reads the pairs of one run in order.
+pub(crate) struct RunReader<K, V> {
+    src: Box<dyn BufRead + Send>,
+    buf: Vec<u8>,
+    what: String,
+    _pair: std::marker::PhantomData<fn() -> (K, V)>,
+}
+
+impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
+    /// A reader of the run in `src`; `what` names it in errors.
+    pub(crate) fn new(src: Box<dyn BufRead + Send>, what: String) -> RunReader<K, V> {
+        RunReader {
+            src,
+            buf: Vec::new(),
+            what,
+            _pair: std::marker::PhantomData,
+        }
+    }
+
+    /// The next pair, or `None` at the end of the run.
+    pub(crate) fn next_pair(&mut self) -> io::Result<Option<(K, V)>> {
+        let mut len: u32 = 0;
+        for i in 0..5 {
+            let mut b = [0u8; 1];
+            if self.src.read(&mut b)? == 0 {
+                if i == 0 {
+                    return Ok(None);
+                }
+                return Err(invalid(format!(
+                    "{}: cut off in a record length",
+                    self.what
+                )));
+            }
+            len |= u32::from(b[0] & 0x7f) << (7 * i);
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+            if i == 4 {
+                return Err(invalid(format!("{}: a record length overflows", self.what)));
+            }
+        }
+        self.buf.resize(len as usize, 0);
+        self.src
+            .read_exact(&mut self.buf)
+            .map_err(|e| invalid(format!("{}: cut off in a record: {e}", self.what)))?;
+        postcard::from_bytes(&self.buf)
+            .map(Some)
+            .map_err(|e| invalid(format!("{}: a record does not decode: {e}", self.what)))
+    }
+}
+
+/// The head of one run in the merge: ordered so that the heap's top is the smallest key (first run first
+/// among equals, which keeps the merge deterministic).
+struct Head<K> {
+    key: K,
+    run: usize,
+}
+
+impl<K: Ord> Ord for Head<K> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .key
+            .cmp(&self.key)
+            .then_with(|| other.run.cmp(&self.run))
+    }
+}
+
+impl<K: Ord> PartialOrd for Head<K> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<K: Ord> PartialEq for Head<K> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl<K: Ord> Eq for Head<K> {}
+
+/// Merges sorted runs and calls `group` once per key, in key order, with all of its values.
+pub(crate) fn merge<K, V>(
+    mut runs: Vec<RunReader<K, V>>,
+    mut group: impl FnMut(K, Vec<V>) -> io::Result<()>,
+) -> io::Result<()>
+where
+    K: Ord + DeserializeOwned,
+    V: DeserializeOwned,
+{
+    let mut values: Vec<Option<V>> = (0..runs.len()).map(|_| None).collect();
+    let mut heap = BinaryHeap::with_capacity(runs.len());
+    for (i, r) in runs.iter_mut().enumerate() {
+        if let Some((key, value)) = r.next_pair()? {
+            values[i] = Some(value);
+            heap.push(Head { key, run: i });
+        }
+    }
+    while let Some(Head { key, run }) = heap.pop() {
+        let mut vals = Vec::new();
+        let mut next = Some(run);
+        loop {
+            if let Some(r) = next.take() {
+                vals.extend(values[r].take());
+                if let Some((k, v)) = runs[r].next_pair()? {
+                    if k < key {
+                        return Err(invalid(format!("{}: keys out of order", runs[r].what)));
+                    }
+                    values[r] = Some(v);
+                    heap.push(Head { key: k, run: r });
+                }
+            }
+            match heap.peek() {
+                Some(h) if h.key == key => next = heap.pop().map(|h| h.run),
+                _ => break,
+            }
+        }
+        group(key, vals)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    fn reader(bytes: Vec<u8>) -> RunReader<String, u64> {
+        RunReader::new(Box::new(io::Cursor::new(bytes)), "test run".into())
+    }
+
+    #[test]
+    fn merge_groups_every_key_once_in_order() {
+        let mut rng = rand::rng();
+        for _ in 0..50 {
+            let mut expect: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+            let mut runs = Vec::new();
+            for r in 0..rng.random_range(0..6u64) {
+                let mut pairs: Vec<(String, u64)> = (0..rng.random_range(0..40))
+                    .map(|i| (format!("k{}", rng.random_range(0..30)), r * 100 + i))
+                    .collect();
+                pairs.sort();
+                for (k, v) in &pairs {
+                    expect.entry(k.clone()).or_default().push(*v);
+                }
+                let mut bytes = Vec::new();
+                write_run(&mut bytes, &pairs).unwrap();
+                runs.push(reader(bytes));
+            }
+            let mut got = std::collections::BTreeMap::new();
+            let mut last: Option<String> = None;
+            merge(runs, |k, mut vs| {
+                assert!(
+                    last.as_ref().map_or(true, |l| *l < k),
+                    "keys in order, once each"
+                );
+                last = Some(k.clone());
+                vs.sort();
+                got.insert(k, vs);
+                Ok(())
+            })
+            .unwrap();
+            for v in expect.values_mut() {
+                v.sort();
+            }
+            assert_eq!(got, expect);
+        }
+    }
+
+    #[test]
+    fn a_damaged_run_is_an_error_not_a_panic() {
+        let mut bytes = Vec::new();
+        write_run(&mut bytes, &[("a".to_string(), 1u64), ("b".to_string(), 2)]).unwrap();
+        let first = write_run(&mut Vec::new(), &[("a".to_string(), 1u64)]).unwrap() as usize;
+        for cut in (1..bytes.len()).filter(|c| *c != first) {
+            let r = reader(bytes[..cut].to_vec());
+            let e = merge(vec![r], |_, _| Ok(())).unwrap_err();
+            assert!(e.to_string().contains("test run"), "{e}");
+        }
+        let mut unsorted = Vec::new();
+        write_run(
+            &mut unsorted,
+            &[("b".to_string(), 1u64), ("a".to_string(), 2)],
+        )
+        .unwrap();
+        let e = merge(vec![reader(unsorted)], |_, _| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("out of order"), "{e}");
+    }
+}

@@ -1,0 +1,349 @@
+//! What a rank does with a task. A map task reads its split, runs `map` over its lines on the rank's
+//! threads (one piece each), and writes what it emitted as sorted runs, one or more per partition, under
+//! the rank's spill directory. A reduce task gathers its partition's runs (its own from disk, others'
+//! through the shuffle), merges them, calls `reduce` once per key in key order, and writes the partition's
+//! file under a temporary name that it then renames.
+//!
+//! A panic in the job's code fails the task with the panic's message and where it happened (the record's
+//! file and byte, or the key); it never takes the rank down.
+
+use crate::emit::{sort_and_combine, Counters, Emitter};
+use crate::input::{self, Record, Split};
+use crate::master::{Source, Task, TaskResult};
+use crate::runs::{self, RunReader};
+use crate::shuffle::{self, FetchError, RunId};
+use crate::Job;
+use dsm::{Dsm, Rank};
+use rayon::prelude::*;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+type Pairs<J> = Vec<(<J as Job>::Key, <J as Job>::Value)>;
+
+/// One rank's means of running tasks of one job.
+pub(crate) struct Worker<'a, J: Job> {
+    pub(crate) job: &'a J,
+    pub(crate) dsm: &'a Dsm,
+    pub(crate) root: &'a Path,
+    pub(crate) job_id: u64,
+    pub(crate) pool: &'a rayon::ThreadPool,
+    pub(crate) budget: u64,
+}
+
+/// The text of a panic's payload.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Where one map task's runs go, from any of its threads.
+struct RunSink<'a> {
+    root: &'a Path,
+    job: u64,
+    task: u64,
+    runs: Mutex<Vec<u32>>,
+    bytes: AtomicU64,
+}
+
+impl RunSink<'_> {
+    fn write<K: serde::Serialize, V: serde::Serialize>(
+        &self,
+        partition: usize,
+        pairs: &[(K, V)],
+    ) -> Result<(), String> {
+        let run = {
+            let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+            runs[partition] += 1;
+            runs[partition] - 1
+        };
+        let id = RunId {
+            job: self.job,
+            task: self.task,
+            partition: partition as u32,
+            run,
+        };
+        let path = id.path(self.root);
+        let what = |e: std::io::Error| format!("writing map output {}: {e}", path.display());
+        let mut out = BufWriter::new(File::create(&path).map_err(what)?);
+        let n = runs::write_run(&mut out, pairs).map_err(what)?;
+        out.flush().map_err(what)?;
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl<J: Job> Worker<'_, J> {
+    /// Runs task `id` and says how it went.
+    pub(crate) fn run(&self, id: u64, task: Task) -> TaskResult {
+        let kind = match &task {
+            Task::Map { .. } => "map",
+            Task::Reduce { .. } => "reduce",
+        };
+        // The job's code runs under its own catch below, with the record or key named; this one catches
+        // what is left (a partitioner or combiner panicking while output is sorted and written).
+        let outcome = catch_unwind(AssertUnwindSafe(|| match task {
+            Task::Map {
+                split, partitions, ..
+            } => self.map(id, &split, partitions as usize),
+            Task::Reduce {
+                partition,
+                sources,
+                output,
+            } => self.reduce(id, partition, &sources, &output),
+        }));
+        match outcome {
+            Ok(Ok(result)) => result,
+            Ok(Err(what)) => TaskResult::Failed { what },
+            Err(panic) => TaskResult::Failed {
+                what: format!(
+                    "{kind} task {id} on {} panicked: {}",
+                    self.dsm.rank(),
+                    panic_message(&*panic)
+                ),
+            },
+        }
+    }
+
+    fn partition(&self, pairs: Pairs<J>, n: usize) -> Result<Vec<Pairs<J>>, String> {
+        let mut parts: Vec<Pairs<J>> = (0..n).map(|_| Vec::new()).collect();
+        for (k, v) in pairs {
+            let p = self.job.partition(&k, n);
+            parts
+                .get_mut(p)
+                .ok_or_else(|| {
+                    format!("the job's partition() gave {p} for key {k}, with {n} partitions")
+                })?
+                .push((k, v));
+        }
+        Ok(parts)
+    }
+
+    fn map(&self, id: u64, split: &Split, partitions: usize) -> Result<TaskResult, String> {
+        let data = input::read_split(split)?;
+        let threads = self.pool.current_num_threads();
+        let sink = RunSink {
+            root: self.root,
+            job: self.job_id,
+            task: id,
+            runs: Mutex::new(vec![0; partitions]),
+            bytes: AtomicU64::new(0),
+        };
+        let budget = (self.budget / threads as u64).max(1);
+        let pieces = input::pieces(&data, threads);
+        let results: Vec<Result<(Pairs<J>, Counters), String>> = self.pool.install(|| {
+            pieces
+                .par_iter()
+                .map(|(off, bytes)| self.map_piece(split, *off, bytes, budget, &sink, partitions))
+                .collect()
+        });
+        let mut counters = Counters::default();
+        let mut by_partition: Vec<Vec<Pairs<J>>> = (0..partitions).map(|_| Vec::new()).collect();
+        for r in results {
+            let (held, c) = r?;
+            counters.merge(&c);
+            for (p, part) in self.partition(held, partitions)?.into_iter().enumerate() {
+                by_partition[p].push(part);
+            }
+        }
+        let combiner = self.job.combiner();
+        self.pool.install(|| {
+            by_partition
+                .into_par_iter()
+                .enumerate()
+                .try_for_each(|(p, lists)| {
+                    let all: Pairs<J> = lists.into_iter().flatten().collect();
+                    let sorted = sort_and_combine(all, combiner);
+                    if sorted.is_empty() {
+                        Ok(())
+                    } else {
+                        sink.write(p, &sorted)
+                    }
+                })
+        })?;
+        Ok(TaskResult::Mapped {
+            holder: self.dsm.rank().0,
+            runs: sink.runs.into_inner().unwrap_or_else(|p| p.into_inner()),
+            input_bytes: data.len() as u64,
+            output_bytes: sink.bytes.into_inner(),
+            counters,
+        })
+    }
+
+    /// Maps the lines of one piece of a split (`bytes`, at `off` in it); returns what is still held.
+    fn map_piece(
+        &self,
+        split: &Split,
+        off: usize,
+        bytes: &[u8],
+        budget: u64,
+        sink: &RunSink<'_>,
+        partitions: usize,
+    ) -> Result<(Pairs<J>, Counters), String> {
+        let combiner = self.job.combiner();
+        let mut spill = |held: Pairs<J>| -> Result<(), String> {
+            for (p, part) in self.partition(held, partitions)?.into_iter().enumerate() {
+                let sorted = sort_and_combine(part, combiner);
+                if !sorted.is_empty() {
+                    sink.write(p, &sorted)?;
+                }
+            }
+            Ok(())
+        };
+        let mut emit = Emitter::new(combiner, budget, &mut spill);
+        let mut at = split.start + off as u64;
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            for (o, line) in input::lines(bytes) {
+                at = split.start + (off + o) as u64;
+                let record = Record {
+                    file: &split.file,
+                    offset: at,
+                    line,
+                };
+                self.job.map(&record, &mut emit);
+            }
+        }));
+        if let Err(panic) = outcome {
+            return Err(format!(
+                "map panicked on the line at byte {at} of {}: {}",
+                split.file.display(),
+                panic_message(&*panic)
+            ));
+        }
+        if let Some(e) = emit.error() {
+            return Err(e);
+        }
+        let held = emit.take();
+        Ok((held, std::mem::take(&mut emit.counters)))
+    }
+
+    /// Opens every run of `partition` at `sources`: its own from disk, others fetched (kept in memory up
+    /// to the budget, then in files of its own).
+    fn gather(
+        &self,
+        id: u64,
+        partition: u32,
+        sources: &[Source],
+    ) -> Result<(Vec<RunReader<J::Key, J::Value>>, u64), TaskResult> {
+        let failed = |what: String| TaskResult::Failed { what };
+        let me = self.dsm.rank();
+        let mut readers = Vec::new();
+        let mut fetched = 0u64;
+        for s in sources {
+            for run in 0..s.runs {
+                let rid = RunId {
+                    job: self.job_id,
+                    task: s.task,
+                    partition,
+                    run,
+                };
+                let what = format!(
+                    "map output {run} of task {} for partition {partition}",
+                    s.task
+                );
+                let src: Box<dyn BufRead + Send> = if s.holder == me.0 {
+                    let path = rid.path(self.root);
+                    let f = File::open(&path)
+                        .map_err(|e| failed(format!("opening {}: {e}", path.display())))?;
+                    Box::new(BufReader::with_capacity(64 << 10, f))
+                } else {
+                    let bytes = match shuffle::fetch(self.dsm, Rank(s.holder), rid) {
+                        Ok(b) => b,
+                        Err(FetchError::Lost) => return Err(TaskResult::Lost { holder: s.holder }),
+                        Err(FetchError::Failed(e)) => return Err(failed(e)),
+                    };
+                    fetched += bytes.len() as u64;
+                    if fetched <= self.budget {
+                        Box::new(std::io::Cursor::new(bytes))
+                    } else {
+                        let path = shuffle::job_dir(self.root, self.job_id)
+                            .join(format!("fetched-{id}-{}-{}-{run}", s.holder, s.task));
+                        std::fs::write(&path, &bytes)
+                            .map_err(|e| failed(format!("writing {}: {e}", path.display())))?;
+                        let f = File::open(&path)
+                            .map_err(|e| failed(format!("opening {}: {e}", path.display())))?;
+                        Box::new(BufReader::with_capacity(64 << 10, f))
+                    }
+                };
+                readers.push(RunReader::new(src, what));
+            }
+        }
+        Ok((readers, fetched))
+    }
+
+    fn reduce(
+        &self,
+        id: u64,
+        partition: u32,
+        sources: &[Source],
+        output: &Path,
+    ) -> Result<TaskResult, String> {
+        let (readers, fetched) = match self.gather(id, partition, sources) {
+            Ok(r) => r,
+            Err(result) => return Ok(result),
+        };
+        let name = format!("part-{partition:05}");
+        let tmp = output.join(format!(".{name}.{}.{id}.tmp", self.dsm.rank().0));
+        let written = self.write_partition(partition, readers, &tmp);
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        let (records, counters) = written?;
+        let done = output.join(&name);
+        std::fs::rename(&tmp, &done)
+            .map_err(|e| format!("renaming {} to {}: {e}", tmp.display(), done.display()))?;
+        Ok(TaskResult::Reduced {
+            records,
+            shuffled_bytes: fetched,
+            counters,
+        })
+    }
+
+    /// Merges `readers`, reduces each key and writes the lines to `tmp`, synced; returns the lines
+    /// written and the counters.
+    fn write_partition(
+        &self,
+        partition: u32,
+        readers: Vec<RunReader<J::Key, J::Value>>,
+        tmp: &Path,
+    ) -> Result<(u64, Counters), String> {
+        let io = |e: std::io::Error| format!("writing {}: {e}", tmp.display());
+        let file = File::create(&tmp).map_err(io)?;
+        let mut out = BufWriter::with_capacity(256 << 10, file);
+        let mut counters = Counters::default();
+        let mut records = 0u64;
+        let mut panicked = None;
+        runs::merge(readers, |key, values| {
+            match catch_unwind(AssertUnwindSafe(|| {
+                self.job.reduce(&key, values, &mut counters)
+            })) {
+                Ok(Some(value)) => {
+                    records += 1;
+                    writeln!(out, "{key}\t{value}")
+                }
+                Ok(None) => Ok(()),
+                Err(panic) => {
+                    panicked = Some(format!(
+                        "reduce panicked on key {key} of partition {partition}: {}",
+                        panic_message(&*panic)
+                    ));
+                    Err(std::io::Error::other("reduce panicked"))
+                }
+            }
+        })
+        .map_err(|e| {
+            panicked
+                .take()
+                .unwrap_or_else(|| format!("reducing partition {partition}: {e}"))
+        })?;
+        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        Ok((records, counters))
+    }
+}
