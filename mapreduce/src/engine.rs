@@ -39,6 +39,8 @@ pub struct JobReport {
     pub input_bytes: u64,
     /// Bytes of map output written (after combining).
     pub map_output_bytes: u64,
+    /// Sorted runs the maps wrote: one per map and partition it had output for, more when maps spilled.
+    pub map_runs: u64,
     /// Bytes of map output that crossed between ranks.
     pub shuffled_bytes: u64,
     /// Lines written to the output.
@@ -67,9 +69,10 @@ impl std::fmt::Display for JobReport {
         )?;
         writeln!(
             f,
-            "  input {:.1} MB, map output {:.1} MB, shuffled {:.1} MB, {} output records",
+            "  input {:.1} MB, map output {:.1} MB in {} runs, shuffled {:.1} MB, {} output records",
             mb(self.input_bytes),
             mb(self.map_output_bytes),
+            self.map_runs,
             mb(self.shuffled_bytes),
             self.output_records
         )?;
@@ -242,6 +245,7 @@ impl MapReduce {
             redone_maps: master.redone,
             input_bytes: t.input_bytes,
             map_output_bytes: t.map_output_bytes,
+            map_runs: t.map_runs,
             shuffled_bytes: t.shuffled_bytes,
             output_records: t.records,
             counters: t.counters,

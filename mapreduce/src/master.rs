@@ -119,6 +119,7 @@ pub(crate) struct Totals {
     pub(crate) reduces_done: usize,
     pub(crate) input_bytes: u64,
     pub(crate) map_output_bytes: u64,
+    pub(crate) map_runs: u64,
     pub(crate) shuffled_bytes: u64,
     pub(crate) records: u64,
     pub(crate) counters: Counters,
@@ -305,10 +306,12 @@ impl Master {
                 input_bytes,
                 output_bytes,
                 counters,
+                runs,
                 ..
             } = m
             {
                 t.maps_done += 1;
+                t.map_runs += runs.iter().map(|r| u64::from(*r)).sum::<u64>();
                 t.input_bytes += input_bytes;
                 t.map_output_bytes += output_bytes;
                 t.counters.merge(counters);

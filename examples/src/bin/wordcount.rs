@@ -13,6 +13,7 @@ use clap::Parser;
 use dsm_mapreduce::{Combiner, Counters, Emitter, Job, JobConfig, MapReduce, ProgressMode, Record};
 use dsm_runtime::launch::{launch, LaunchOptions};
 use dsm_runtime::{Runtime, TupleSpace};
+use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,6 +78,94 @@ const fn word_bytes() -> [bool; 256] {
 }
 static WORD: [bool; 256] = word_bytes();
 
+/// A word as a map key: up to 23 bytes held inline (nearly every word), longer ones on the heap. Inline
+/// words compare and hash as three machine words, without following a pointer or calling `memcmp`, which
+/// is what the map's hash table spends its time on. The bytes are packed big-endian, zero-padded, with the
+/// length last, so comparing the words orders the words' bytes lexicographically.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Word {
+    Inline([u64; 3]),
+    Long(Box<[u8]>),
+}
+
+const INLINE: usize = 23;
+
+impl Word {
+    fn new(bytes: &[u8]) -> Word {
+        if bytes.len() > INLINE {
+            return Word::Long(bytes.into());
+        }
+        let mut b = [0u8; 24];
+        b[..bytes.len()].copy_from_slice(bytes);
+        b[INLINE] = bytes.len() as u8;
+        let word =
+            |i: usize| u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        Word::Inline([word(0), word(1), word(2)])
+    }
+
+    fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        match self {
+            Word::Inline(w) => {
+                let mut b = [0u8; 24];
+                for (i, x) in w.iter().enumerate() {
+                    b[i * 8..i * 8 + 8].copy_from_slice(&x.to_be_bytes());
+                }
+                f(&b[..b[INLINE] as usize])
+            }
+            Word::Long(b) => f(b),
+        }
+    }
+}
+
+impl Ord for Word {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        match (self, other) {
+            (Word::Inline(a), Word::Inline(b)) => a.cmp(b),
+            _ => self.with_bytes(|a| other.with_bytes(|b| a.cmp(b))),
+        }
+    }
+}
+
+impl PartialOrd for Word {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::fmt::Display for Word {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.with_bytes(|b| f.write_str(&String::from_utf8_lossy(b)))
+    }
+}
+
+impl std::fmt::Debug for Word {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.with_bytes(|b| write!(f, "{:?}", String::from_utf8_lossy(b)))
+    }
+}
+
+impl Serialize for Word {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.with_bytes(|b| s.serialize_bytes(b))
+    }
+}
+
+impl<'de> Deserialize<'de> for Word {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Word, D::Error> {
+        struct Bytes;
+        impl serde::de::Visitor<'_> for Bytes {
+            type Value = Word;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("the bytes of a word")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Word, E> {
+                Ok(Word::new(v))
+            }
+        }
+        d.deserialize_bytes(Bytes)
+    }
+}
+
 struct WordCount {
     /// Lines mapped by this rank, and the line count at which it dies (tests of fault tolerance).
     lines: AtomicU64,
@@ -84,18 +173,18 @@ struct WordCount {
 }
 
 impl Job for WordCount {
-    type Key = String;
+    type Key = Word;
     type Value = u64;
     type Output = u64;
 
-    fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, String, u64>) {
+    fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, Word, u64>) {
         if let Some(limit) = self.die_after {
             if self.lines.fetch_add(1, Ordering::Relaxed) >= limit {
                 let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
             }
         }
         let line = record.line;
-        let mut word = Vec::with_capacity(32);
+        let mut word = Vec::with_capacity(64);
         let mut words = 0;
         let mut i = 0;
         while i < line.len() {
@@ -107,12 +196,9 @@ impl Job for WordCount {
                 word.push(line[i].to_ascii_lowercase());
                 i += 1;
             }
-            // Letters and apostrophes are ASCII, so the word is valid UTF-8.
-            if let Ok(w) = std::str::from_utf8(&word) {
-                if !w.is_empty() {
-                    emit.emit_ref(w, 1);
-                    words += 1;
-                }
+            if !word.is_empty() {
+                emit.emit(Word::new(&word), 1);
+                words += 1;
             }
         }
         emit.count("lines", 1);
@@ -123,7 +209,7 @@ impl Job for WordCount {
         Some(|total, n| *total += n)
     }
 
-    fn reduce(&self, _word: &String, counts: Vec<u64>, counters: &mut Counters) -> Option<u64> {
+    fn reduce(&self, _word: &Word, counts: Vec<u64>, counters: &mut Counters) -> Option<u64> {
         counters.add("distinct words", 1);
         Some(counts.iter().sum())
     }

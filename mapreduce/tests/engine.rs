@@ -1,0 +1,407 @@
+//! The MapReduce engine with ranks as threads over the in-process transport: the same task farm, shuffle
+//! service and files as multi-process jobs (`examples/tests` runs those, with ranks killed), in a second.
+
+use dsm::transport::local::local_cluster;
+use dsm::{Dsm, Rank};
+use dsm_mapreduce::{
+    Combiner, Counters, Emitter, Job, JobConfig, MapReduce, MapReduceError, ProgressMode, Record,
+};
+use dsm_runtime::{Runtime, TupleSpace};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Runs `body` on every rank of an in-process job of `ranks` ranks, each with its engine.
+fn job<F>(ranks: usize, body: F)
+where
+    F: Fn(&Runtime, &MapReduce) + Send + Sync + 'static,
+{
+    let body = Arc::new(body);
+    let threads: Vec<_> = local_cluster(ranks, 3)
+        .unwrap()
+        .into_iter()
+        .enumerate()
+        .map(|(r, t)| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let dsm = Dsm::builder()
+                    .rank(Rank(r as u32), ranks)
+                    .channels(3)
+                    .transport(Box::new(t))
+                    .build()
+                    .unwrap();
+                let rt = Runtime::from_dsm(dsm);
+                let space = TupleSpace::join(&rt).unwrap();
+                let mr = MapReduce::new(&space).unwrap();
+                // A rank that fails its checks would leave the others waiting for ever: end the test
+                // process instead (the panic message is printed first).
+                let run = std::panic::AssertUnwindSafe(|| body(&rt, &mr));
+                if std::panic::catch_unwind(run).is_err() {
+                    std::process::exit(101);
+                }
+                drop(mr);
+                drop(space);
+                rt.finish().unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a rank panicked");
+    }
+}
+
+/// A fresh directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dsm-mr-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Counts whitespace-separated words (any bytes, shown lossily), with a combiner.
+struct Words;
+
+impl Job for Words {
+    type Key = String;
+    type Value = u64;
+    type Output = u64;
+    fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, String, u64>) {
+        for w in record.line.split(|b| b.is_ascii_whitespace()) {
+            if !w.is_empty() {
+                emit.emit_ref(String::from_utf8_lossy(w).as_ref(), 1);
+            }
+        }
+        emit.count("lines", 1);
+    }
+    fn combiner(&self) -> Option<Combiner<u64>> {
+        Some(|total, n| *total += n)
+    }
+    fn reduce(&self, _: &String, counts: Vec<u64>, _: &mut Counters) -> Option<u64> {
+        Some(counts.iter().sum())
+    }
+}
+
+/// For every first word of a line, the sorted byte offsets of its lines: no combiner, every value kept.
+struct Offsets;
+
+impl Job for Offsets {
+    type Key = String;
+    type Value = u64;
+    type Output = String;
+    fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, String, u64>) {
+        if let Some(w) = record.line.split(|b| *b == b' ').next() {
+            emit.emit(String::from_utf8_lossy(w).into_owned(), record.offset);
+        }
+    }
+    fn reduce(&self, _: &String, mut offsets: Vec<u64>, c: &mut Counters) -> Option<String> {
+        offsets.sort();
+        c.add("keys", 1);
+        Some(format!("{offsets:?}"))
+    }
+}
+
+/// Writes `files` input files of `lines` lines of words drawn from `vocabulary` words (with a few bytes
+/// that are not UTF-8); returns their paths.
+fn write_inputs(dir: &Path, files: usize, lines: usize, vocabulary: usize) -> Vec<PathBuf> {
+    let mut seed = 7u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    (0..files)
+        .map(|f| {
+            let mut text = Vec::new();
+            for _ in 0..lines {
+                for _ in 0..(next() % 9) {
+                    text.extend_from_slice(format!("w{} ", next() % vocabulary as u64).as_bytes());
+                }
+                if next() % 50 == 0 {
+                    text.extend_from_slice(b"\xff\xfe caf\xc3\xa9 ");
+                }
+                text.push(b'\n');
+            }
+            let p = dir.join(format!("in-{f}.txt"));
+            std::fs::write(&p, text).unwrap();
+            p
+        })
+        .collect()
+}
+
+/// The output of a job: every `key<TAB>value` line of its part files, by key.
+fn read_output(dir: &Path, parts: usize) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for p in 0..parts {
+        let text = std::fs::read_to_string(dir.join(format!("part-{p:05}"))).unwrap();
+        let mut last: Option<String> = None;
+        for line in text.lines() {
+            let (k, v) = line.split_once('\t').unwrap();
+            assert!(last.as_deref() < Some(k), "keys sorted within a part file");
+            last = Some(k.to_string());
+            assert!(
+                out.insert(k.to_string(), v.to_string()).is_none(),
+                "{k} in two partitions"
+            );
+        }
+    }
+    out
+}
+
+fn expected_words(files: &[PathBuf]) -> BTreeMap<String, String> {
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for f in files {
+        for w in std::fs::read(f).unwrap().split(|b| b.is_ascii_whitespace()) {
+            if !w.is_empty() {
+                *counts
+                    .entry(String::from_utf8_lossy(w).into_owned())
+                    .or_default() += 1;
+            }
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect()
+}
+
+#[test]
+fn word_counts_match_a_plain_count_with_and_without_spilling() {
+    let dir = scratch("words");
+    let files = write_inputs(&dir, 6, 10_000, 1_000_000);
+    let expect = expected_words(&files);
+    let lines: u64 = files
+        .iter()
+        .map(|f| {
+            std::fs::read(f)
+                .unwrap()
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count() as u64
+        })
+        .sum();
+    job(3, move |rt, mr| {
+        // Small splits and room to spare; then whole files as splits, one partition, and the smallest
+        // budget, so that maps spill and the reducer keeps fetched runs on disk.
+        for (name, split, budget, threads, parts) in [
+            ("roomy", 64 << 10, 64 << 20, 2, 5),
+            ("tight", 1 << 20, 1 << 20, 1, 1),
+        ] {
+            let out = dir.join(name);
+            let config = JobConfig::new(&out)
+                .inputs(&files)
+                .split_size(split)
+                .memory_budget(budget)
+                .threads(threads)
+                .partitions(parts)
+                .progress(ProgressMode::Never);
+            let report = mr.run(&Words, &config).unwrap();
+            if rt.rank() == Rank(0) {
+                let report = report.expect("rank 0 reports");
+                assert_eq!(read_output(&out, parts), expect, "{name}");
+                assert_eq!(
+                    report.counters.get("lines"),
+                    lines,
+                    "each line counted once"
+                );
+                assert_eq!(report.output_records, expect.len() as u64);
+                if name == "roomy" {
+                    assert!(report.maps > 6, "inputs cut into several splits: {report}");
+                } else {
+                    // About 40,000 distinct words per file do not fit in 1 MiB: every map spilled.
+                    assert_eq!(report.maps, 6, "{report}");
+                    assert!(report.map_runs > 6, "{report}");
+                    assert!(report.shuffled_bytes > 1 << 20, "{report}");
+                }
+            } else {
+                assert!(report.is_none());
+            }
+        }
+    });
+}
+
+#[test]
+fn every_value_reaches_its_key_without_a_combiner() {
+    let dir = scratch("offsets");
+    let files = write_inputs(&dir, 1, 3000, 50);
+    let mut offsets: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let text = std::fs::read(&files[0]).unwrap();
+    let mut at = 0u64;
+    for line in text.split(|b| *b == b'\n') {
+        if at < text.len() as u64 {
+            let first = line.split(|b| *b == b' ').next().unwrap();
+            offsets
+                .entry(String::from_utf8_lossy(first).into_owned())
+                .or_default()
+                .push(at);
+        }
+        at += line.len() as u64 + 1;
+    }
+    let expect: BTreeMap<String, String> = offsets
+        .into_iter()
+        .map(|(k, v)| (k, format!("{v:?}")))
+        .collect();
+    assert!(expect.len() > 10);
+    job(2, move |rt, mr| {
+        let out = dir.join("out");
+        let config = JobConfig::new(&out)
+            .input(&files[0])
+            .split_size(4 << 10)
+            .partitions(3)
+            .progress(ProgressMode::Never);
+        let report = mr.run(&Offsets, &config).unwrap();
+        if rt.rank() == Rank(0) {
+            assert_eq!(read_output(&out, 3), expect);
+            assert_eq!(report.unwrap().counters.get("keys"), expect.len() as u64);
+        }
+    });
+}
+
+#[test]
+fn bad_input_and_output_are_clear_errors_on_every_rank() {
+    let dir = scratch("bad");
+    let files = write_inputs(&dir, 1, 10, 5);
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, b"").unwrap();
+    job(2, move |rt, mr| {
+        let me = rt.rank();
+        // A missing input: named, and nothing written.
+        let out = dir.join("never");
+        let missing = dir.join("no-such-file.txt");
+        let e = mr
+            .run(
+                &Words,
+                &JobConfig::new(&out).input(&files[0]).input(&missing),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("no-such-file.txt"), "{me}: {e}");
+        assert!(
+            !out.exists(),
+            "nothing written for a job with a missing input"
+        );
+
+        // Empty input: a valid, empty output.
+        let out = dir.join("empty-out");
+        let r = mr
+            .run(&Words, &JobConfig::new(&out).input(&empty).partitions(2))
+            .unwrap();
+        if me == Rank(0) {
+            assert_eq!(r.unwrap().output_records, 0);
+            assert!(read_output(&out, 2).is_empty());
+        }
+
+        // An output that exists: refused, unless told to overwrite.
+        let e = mr
+            .run(&Words, &JobConfig::new(&out).input(&files[0]))
+            .unwrap_err();
+        if me == Rank(0) {
+            assert!(matches!(e, MapReduceError::OutputExists(_)), "{e}");
+        }
+        assert!(e.to_string().contains("overwrit"), "{me}: {e}");
+        let r = mr
+            .run(
+                &Words,
+                &JobConfig::new(&out)
+                    .input(&files[0])
+                    .partitions(1)
+                    .overwrite(true),
+            )
+            .unwrap();
+        if me == Rank(0) {
+            assert_eq!(read_output(&out, 1), expected_words(&files[..1]));
+            assert!(!out.join("part-00001").exists(), "old part files removed");
+            assert!(r.is_some());
+        }
+
+        // Settings out of range.
+        for config in [
+            JobConfig::new(dir.join("x")).input(&files[0]).partitions(0),
+            JobConfig::new(dir.join("x"))
+                .input(&files[0])
+                .memory_budget(10),
+            JobConfig::new(dir.join("x")).input(&files[0]).split_size(0),
+        ] {
+            let e = mr.run(&Words, &config).unwrap_err();
+            assert!(matches!(e, MapReduceError::Config(_)), "{e}");
+        }
+    });
+}
+
+/// Panics in map on a line holding `boom`, in reduce on the key `bang`.
+struct Fragile;
+
+impl Job for Fragile {
+    type Key = String;
+    type Value = u64;
+    type Output = u64;
+    fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, String, u64>) {
+        let line = String::from_utf8_lossy(record.line);
+        assert!(!line.contains("boom"), "the map found a bomb");
+        for w in line.split_whitespace() {
+            emit.emit_ref(w, 1);
+        }
+    }
+    fn reduce(&self, key: &String, counts: Vec<u64>, _: &mut Counters) -> Option<u64> {
+        assert_ne!(key, "bang", "the reduce found a bang");
+        Some(counts.len() as u64)
+    }
+}
+
+#[test]
+fn a_panic_in_the_job_fails_it_with_where_it_happened() {
+    let dir = scratch("panic");
+    let map_input = dir.join("map.txt");
+    std::fs::write(
+        &map_input,
+        b"fine line\nanother one\nhere is a boom\nlast\n",
+    )
+    .unwrap();
+    let reduce_input = dir.join("reduce.txt");
+    std::fs::write(&reduce_input, b"a b\nbang c\n").unwrap();
+    job(2, move |_rt, mr| {
+        let e = mr
+            .run(&Fragile, &JobConfig::new(dir.join("m")).input(&map_input))
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("the map found a bomb"), "{text}");
+        assert!(
+            text.contains("map.txt") && text.contains("byte 22"),
+            "{text}"
+        );
+        let e = mr
+            .run(
+                &Fragile,
+                &JobConfig::new(dir.join("r")).input(&reduce_input),
+            )
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("the reduce found a bang"), "{text}");
+        assert!(text.contains("key bang"), "{text}");
+        // The engine is still usable after a failed job.
+        let out = dir.join("ok");
+        mr.run(
+            &Words,
+            &JobConfig::new(&out).input(&reduce_input).partitions(1),
+        )
+        .unwrap();
+    });
+}
+
+#[test]
+fn one_engine_per_rank() {
+    let transports = local_cluster(1, 2).unwrap();
+    let dsm = Dsm::builder()
+        .rank(Rank(0), 1)
+        .channels(2)
+        .transport(Box::new(transports.into_iter().next().unwrap()))
+        .build()
+        .unwrap();
+    let rt = Runtime::from_dsm(dsm);
+    let space = TupleSpace::join(&rt).unwrap();
+    let first = MapReduce::new(&space).unwrap();
+    let e = MapReduce::new(&space).unwrap_err();
+    assert!(e.to_string().contains("one per rank"), "{e}");
+    drop(first);
+    drop(space);
+    rt.finish().unwrap();
+}
