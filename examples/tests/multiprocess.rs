@@ -1,6 +1,7 @@
 //! Multi-process tests: real processes started by the launcher, real userfaultfd faults, TCP on loopback.
 
 use dsm_runtime::launch::{launch, LaunchOptions, Outcome};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -369,4 +370,191 @@ fn matmul_matches_the_single_rank_product() {
     );
     assert_eq!(o.code, 0, "{out}");
     assert!(out.contains("check passed"), "{out}");
+}
+
+const WORDCOUNT: &str = env!("CARGO_BIN_EXE_wordcount");
+
+/// The sample text wordcount ships with.
+fn sample() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/devils-dictionary.txt")
+}
+
+/// A fresh, absent output path for one test.
+fn fresh_output(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("dsm-wc-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Word counts by the shell pipeline that wordcount must agree with.
+fn pipeline_counts(input: &Path) -> BTreeMap<String, u64> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"LC_ALL=C tr -cs "A-Za-z'" '\n' < "$1" | tr A-Z a-z | sort | uniq -c"#)
+        .arg("sh")
+        .arg(input)
+        .output()
+        .expect("running the tr | sort | uniq pipeline");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (count, word) = l.trim_start().split_once(' ')?;
+            Some((word.to_string(), count.parse().ok()?))
+        })
+        .filter(|(w, _)| !w.is_empty())
+        .collect()
+}
+
+/// The counts wordcount wrote into `dir`.
+fn output_counts(dir: &Path) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if !path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("part-")
+        {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let (w, c) = line.split_once('\t').expect("word<TAB>count");
+            assert!(counts.insert(w.to_string(), c.parse().unwrap()).is_none());
+        }
+    }
+    counts
+}
+
+/// Text with everything that separates or joins words: capitals, apostrophes, digits, punctuation,
+/// bytes that are not UTF-8, NULs, CRLF, words longer than 23 bytes, and a last line without newline.
+fn odd_input(path: &Path) {
+    let mut text = Vec::new();
+    for i in 0..3000u32 {
+        text.extend_from_slice(
+            format!("The cat's HAT, the Cat's hat; don't-stop {i} x{} ", i % 37).as_bytes(),
+        );
+        text.extend_from_slice(&[0xff, b'a', 0xc3, 0xa9, b'b', 0, b'Q', b'\r', b'\n']);
+        if i % 100 == 0 {
+            text.extend_from_slice(b"Pneumonoultramicroscopicsilicovolcanoconiosis '' ' end\n");
+        }
+    }
+    text.extend_from_slice(b"no newline at the END");
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn wordcount_matches_the_pipeline_at_1_2_and_3_ranks() {
+    let odd = std::env::temp_dir().join(format!("dsm-wc-odd-{}.txt", std::process::id()));
+    odd_input(&odd);
+    for input in [sample(), odd.clone()] {
+        let expect = pipeline_counts(&input);
+        assert!(expect.len() > 10, "{expect:?}");
+        for (ranks, extra) in [
+            (1, &[][..]),
+            (2, &["--split-size", "32768"][..]),
+            (
+                3,
+                &["--split-size", "20000", "--memory-budget", "1048576"][..],
+            ),
+        ] {
+            let out_dir = fresh_output(&format!("ranks{ranks}"));
+            let mut args = vec![
+                input.to_str().unwrap(),
+                "--output",
+                out_dir.to_str().unwrap(),
+                "--top",
+                "3",
+            ];
+            args.extend_from_slice(extra);
+            let (o, out) = job(WORDCOUNT, ranks, &args);
+            assert_eq!(o.code, 0, "{out}");
+            assert_eq!(
+                output_counts(&out_dir),
+                expect,
+                "{input:?} at {ranks} ranks"
+            );
+            let _ = std::fs::remove_dir_all(&out_dir);
+        }
+    }
+    let _ = std::fs::remove_file(&odd);
+}
+
+#[test]
+fn wordcount_survives_a_killed_worker_with_identical_output() {
+    let input = sample();
+    let expect = pipeline_counts(&input);
+    let out_dir = fresh_output("killed-worker");
+    let args = [
+        input.to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--split-size",
+        "4096",
+        "--die-rank",
+        "2",
+        "--die-after",
+        "500",
+    ];
+    let (o, out) = job_keep_going(WORDCOUNT, 3, &args);
+    assert_eq!(o.code, 0, "{out}");
+    assert_eq!(o.lost, [(2, "was killed by SIGKILL".to_string())], "{out}");
+    assert_eq!(output_counts(&out_dir), expect);
+    // Rank 2 had finished maps before it died: their output went with it and was made again.
+    let redone: u64 = out
+        .split_once(" redone)")
+        .and_then(|(before, _)| before.rsplit_once('(')?.1.parse().ok())
+        .expect("the report says how many maps were redone");
+    assert!(redone > 0, "{out}");
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+#[test]
+fn wordcount_ends_with_a_clear_error_when_the_master_dies() {
+    let t0 = Instant::now();
+    let out_dir = fresh_output("killed-master");
+    let input = sample();
+    let args = [
+        input.to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--split-size",
+        "4096",
+        "--die-rank",
+        "0",
+        "--die-after",
+        "500",
+    ];
+    let (o, out) = job_keep_going(WORDCOUNT, 3, &args);
+    assert_ne!(o.code, 0, "{out}");
+    assert!(out.contains("the master (rank 0) is gone"), "{out}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "it did not hang");
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+#[test]
+fn wordcount_reports_bad_input_and_an_existing_output() {
+    let out_dir = fresh_output("bad");
+    let (o, out) = job(
+        WORDCOUNT,
+        2,
+        &["/no/such/corpus.txt", "--output", out_dir.to_str().unwrap()],
+    );
+    assert_ne!(o.code, 0, "{out}");
+    assert!(out.contains("/no/such/corpus.txt"), "{out}");
+    assert!(!out_dir.exists(), "nothing written");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let (o, out) = job(WORDCOUNT, 1, &["--output", out_dir.to_str().unwrap()]);
+    assert_ne!(o.code, 0, "{out}");
+    assert!(out.contains("exists"), "{out}");
+    let (o, out) = job(
+        WORDCOUNT,
+        1,
+        &["--output", out_dir.to_str().unwrap(), "--overwrite"],
+    );
+    assert_eq!(o.code, 0, "{out}");
+    assert_eq!(output_counts(&out_dir), pipeline_counts(&sample()));
+    let _ = std::fs::remove_dir_all(&out_dir);
 }
