@@ -189,7 +189,9 @@ mod tests {
 
     /// Emits `keys` (each with count 1) through an emitter of `budget` bytes; returns the spills and
     /// what was still held at the end.
-    fn emit_all(keys: &[String], budget: u64) -> (Vec<Vec<(String, u64)>>, Vec<(String, u64)>) {
+    type Held = Vec<(String, u64)>;
+
+    fn emit_all(keys: &[String], budget: u64) -> (Vec<Held>, Held) {
         let mut spilled = Vec::new();
         let mut spill = |held: Vec<(String, u64)>| {
             spilled.push(held);

@@ -153,12 +153,12 @@ impl MapReduce {
             root: &self.root,
             job_id,
             pool: &pool,
-            budget: config.memory_budget,
+            budget: (config.memory_budget / threads as u64).max(1),
         };
         let result = if dsm.rank() == Rank(0) {
             self.lead(job_id, &farm, &worker, config, threads)
         } else {
-            self.follow(job_id, &farm, &worker)
+            self.follow(job_id, &farm, &worker, threads)
         };
         // Every reducer is done with this rank's runs once the master has stopped the farm.
         let _ = std::fs::remove_dir_all(&dir);
@@ -178,6 +178,7 @@ impl MapReduce {
         job_id: u64,
         farm: &TaskFarm,
         worker: &Worker<'_, J>,
+        threads: usize,
     ) -> Result<Option<JobReport>, MapReduceError> {
         let lost = |e: RuntimeError| {
             if self.space.dsm().failed_ranks().contains(&Rank(0)) {
@@ -186,8 +187,21 @@ impl MapReduce {
                 MapReduceError::Runtime(e)
             }
         };
-        farm.serve(|id, task: Task| worker.run(id, task))
-            .map_err(lost)?;
+        let served: Vec<_> = std::thread::scope(|s| {
+            let others: Vec<_> = (1..threads)
+                .map(|_| s.spawn(|| farm.serve(|id, task: Task| worker.run(id, task))))
+                .collect();
+            let mine = farm.serve(|id, task: Task| worker.run(id, task));
+            let mut all: Vec<_> = others
+                .into_iter()
+                .map(|t| t.join().unwrap_or(Ok(0)))
+                .collect();
+            all.push(mine);
+            all
+        });
+        for s in served {
+            s.map_err(lost)?;
+        }
         let key = self.outcome_key(job_id);
         let t = self
             .space
@@ -212,23 +226,29 @@ impl MapReduce {
     ) -> Result<Option<JobReport>, MapReduceError> {
         let started = Instant::now();
         let outcome = std::thread::scope(|s| {
-            let ours = s.spawn(|| farm.serve(|id, task: Task| worker.run(id, task)));
+            let ours: Vec<_> = (0..threads)
+                .map(|_| s.spawn(|| farm.serve(|id, task: Task| worker.run(id, task))))
+                .collect();
             let outcome = self
                 .prepare(config)
                 .and_then(|master| self.drive(master, farm, config, started));
             // Stop the farm whatever happened, so that every worker (this rank's among them) returns.
             let stopped = farm.stop();
-            let served = ours.join();
-            let outcome = outcome.and_then(|o| {
+            let served: Vec<_> = ours.into_iter().map(|t| t.join()).collect();
+            outcome.and_then(|o| {
                 stopped?;
-                match served {
-                    Ok(r) => r.map(|_| o).map_err(MapReduceError::from),
-                    Err(_) => Err(MapReduceError::TaskFailed(
-                        "the master's worker thread panicked".into(),
-                    )),
+                for s in served {
+                    match s {
+                        Ok(r) => r.map(|_| ()).map_err(MapReduceError::from)?,
+                        Err(_) => {
+                            return Err(MapReduceError::TaskFailed(
+                                "a worker thread of the master panicked".into(),
+                            ))
+                        }
+                    }
                 }
-            });
-            outcome
+                Ok(o)
+            })
         });
         let message = match &outcome {
             Ok(_) => String::new(),

@@ -138,28 +138,6 @@ pub(crate) fn read_split(split: &Split) -> Result<Vec<u8>, String> {
     Ok(data)
 }
 
-/// Cuts `data` into at most `n` pieces of about equal size, each ending after a newline (or at the end),
-/// with each piece's offset in `data`.
-pub(crate) fn pieces(data: &[u8], n: usize) -> Vec<(usize, &[u8])> {
-    let mut out = Vec::with_capacity(n);
-    let mut start = 0;
-    let step = data.len().div_ceil(n.max(1)).max(1);
-    while start < data.len() {
-        let target = start + step;
-        let end = if target >= data.len() {
-            data.len()
-        } else {
-            data[target - 1..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(data.len(), |i| target + i)
-        };
-        out.push((start, &data[start..end]));
-        start = end;
-    }
-    out
-}
-
 /// The lines of `data` (without newlines) with their offsets in `data`; a last line without a newline
 /// counts, an empty tail does not.
 pub(crate) fn lines(data: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
@@ -214,18 +192,8 @@ mod tests {
     }
 
     #[test]
-    fn pieces_and_lines_cover_the_data_at_line_boundaries() {
+    fn lines_cover_the_data() {
         let data = b"a\nbb\n\nccc\ndddd";
-        for n in 1..8 {
-            let p = pieces(data, n);
-            assert!(p.len() <= n);
-            let joined: Vec<u8> = p.iter().flat_map(|(_, b)| b.iter().copied()).collect();
-            assert_eq!(joined, data);
-            for (off, piece) in &p {
-                assert!(*off == 0 || data[off - 1] == b'\n');
-                assert_eq!(&data[*off..off + piece.len()], *piece);
-            }
-        }
         let l: Vec<_> = lines(data).collect();
         assert_eq!(
             l,

@@ -4,7 +4,8 @@
 //! output in memory, partitions it, and keeps it on its own rank as sorted runs on local disk (spilling early
 //! when it outgrows its memory budget); a reduce task fetches its partition's runs from the ranks that hold
 //! them over the job's own connections (a dsm service), merges them, and writes its output file atomically.
-//! `rayon` runs the pieces of one task in parallel inside a rank.
+//! Inside a rank, several task slots take tasks at once, and a `rayon` pool sorts and writes a map task's
+//! partitions in parallel.
 //!
 //! A worker that dies loses nothing for good: the task it held goes back into the bag (the farm's leases), and
 //! map output it held is recomputed when a reducer finds it gone. The master's death ends the job with an

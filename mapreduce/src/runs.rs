@@ -200,7 +200,7 @@ mod tests {
             let mut last: Option<String> = None;
             merge(runs, |k, mut vs| {
                 assert!(
-                    last.as_ref().map_or(true, |l| *l < k),
+                    last.as_ref().is_none_or(|l| *l < k),
                     "keys in order, once each"
                 );
                 last = Some(k.clone());

@@ -1,5 +1,5 @@
-//! What a rank does with a task. A map task reads its split, runs `map` over its lines on the rank's
-//! threads (one piece each), and writes what it emitted as sorted runs, one or more per partition, under
+//! What a rank does with a task (each of its task slots runs one at a time). A map task reads its split,
+//! runs `map` over its lines, and writes what it emitted as sorted runs, one or more per partition, under
 //! the rank's spill directory. A reduce task gathers its partition's runs (its own from disk, others'
 //! through the shuffle), merges them, calls `reduce` once per key in key order, and writes the partition's
 //! file under a temporary name that it then renames.
@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 type Pairs<J> = Vec<(<J as Job>::Key, <J as Job>::Value)>;
+type Readers<J> = Vec<RunReader<<J as Job>::Key, <J as Job>::Value>>;
 
 /// One rank's means of running tasks of one job.
 pub(crate) struct Worker<'a, J: Job> {
@@ -31,6 +32,7 @@ pub(crate) struct Worker<'a, J: Job> {
     pub(crate) root: &'a Path,
     pub(crate) job_id: u64,
     pub(crate) pool: &'a rayon::ThreadPool,
+    /// The memory one task's output may take before it spills.
     pub(crate) budget: u64,
 }
 
@@ -127,7 +129,6 @@ impl<J: Job> Worker<'_, J> {
 
     fn map(&self, id: u64, split: &Split, partitions: usize) -> Result<TaskResult, String> {
         let data = input::read_split(split)?;
-        let threads = self.pool.current_num_threads();
         let sink = RunSink {
             root: self.root,
             job: self.job_id,
@@ -135,31 +136,17 @@ impl<J: Job> Worker<'_, J> {
             runs: Mutex::new(vec![0; partitions]),
             bytes: AtomicU64::new(0),
         };
-        let budget = (self.budget / threads as u64).max(1);
-        let pieces = input::pieces(&data, threads);
-        let results: Vec<Result<(Pairs<J>, Counters), String>> = self.pool.install(|| {
-            pieces
-                .par_iter()
-                .map(|(off, bytes)| self.map_piece(split, *off, bytes, budget, &sink, partitions))
-                .collect()
-        });
-        let mut counters = Counters::default();
-        let mut by_partition: Vec<Vec<Pairs<J>>> = (0..partitions).map(|_| Vec::new()).collect();
-        for r in results {
-            let (held, c) = r?;
-            counters.merge(&c);
-            for (p, part) in self.partition(held, partitions)?.into_iter().enumerate() {
-                by_partition[p].push(part);
-            }
-        }
+        let (held, counters) = self.map_lines(split, &data, &sink, partitions)?;
+        // What is still held is sorted and written, one run per partition, on the rank's threads (the
+        // other task slots may be idle at the end of the map phase).
         let combiner = self.job.combiner();
+        let by_partition = self.partition(held, partitions)?;
         self.pool.install(|| {
             by_partition
                 .into_par_iter()
                 .enumerate()
-                .try_for_each(|(p, lists)| {
-                    let all: Pairs<J> = lists.into_iter().flatten().collect();
-                    let sorted = sort_and_combine(all, combiner);
+                .try_for_each(|(p, part)| {
+                    let sorted = sort_and_combine(part, combiner);
                     if sorted.is_empty() {
                         Ok(())
                     } else {
@@ -176,13 +163,11 @@ impl<J: Job> Worker<'_, J> {
         })
     }
 
-    /// Maps the lines of one piece of a split (`bytes`, at `off` in it); returns what is still held.
-    fn map_piece(
+    /// Maps the lines of a split (`bytes`); returns what is still held and the counters.
+    fn map_lines(
         &self,
         split: &Split,
-        off: usize,
         bytes: &[u8],
-        budget: u64,
         sink: &RunSink<'_>,
         partitions: usize,
     ) -> Result<(Pairs<J>, Counters), String> {
@@ -196,11 +181,11 @@ impl<J: Job> Worker<'_, J> {
             }
             Ok(())
         };
-        let mut emit = Emitter::new(combiner, budget, &mut spill);
-        let mut at = split.start + off as u64;
+        let mut emit = Emitter::new(combiner, self.budget, &mut spill);
+        let mut at = split.start;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             for (o, line) in input::lines(bytes) {
-                at = split.start + (off + o) as u64;
+                at = split.start + o as u64;
                 let record = Record {
                     file: &split.file,
                     offset: at,
@@ -230,7 +215,7 @@ impl<J: Job> Worker<'_, J> {
         id: u64,
         partition: u32,
         sources: &[Source],
-    ) -> Result<(Vec<RunReader<J::Key, J::Value>>, u64), TaskResult> {
+    ) -> Result<(Readers<J>, u64), TaskResult> {
         let failed = |what: String| TaskResult::Failed { what };
         let me = self.dsm.rank();
         let mut readers = Vec::new();
@@ -310,11 +295,11 @@ impl<J: Job> Worker<'_, J> {
     fn write_partition(
         &self,
         partition: u32,
-        readers: Vec<RunReader<J::Key, J::Value>>,
+        readers: Readers<J>,
         tmp: &Path,
     ) -> Result<(u64, Counters), String> {
         let io = |e: std::io::Error| format!("writing {}: {e}", tmp.display());
-        let file = File::create(&tmp).map_err(io)?;
+        let file = File::create(tmp).map_err(io)?;
         let mut out = BufWriter::with_capacity(256 << 10, file);
         let mut counters = Counters::default();
         let mut records = 0u64;

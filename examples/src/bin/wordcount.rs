@@ -58,6 +58,9 @@ struct Args {
     /// Print no summary and no progress.
     #[arg(long)]
     quiet: bool,
+    /// Every rank prints its peak resident memory at the end (for checking the memory budget).
+    #[arg(long)]
+    peak_memory: bool,
     /// For fault-tolerance tests: this rank kills itself (SIGKILL) after mapping --die-after lines.
     #[arg(long, hide = true, requires = "die_after")]
     die_rank: Option<u32>,
@@ -244,6 +247,16 @@ fn top_words(dir: &Path, parts: &[PathBuf], top: usize) -> anyhow::Result<Vec<(u
     Ok(all)
 }
 
+/// The peak resident memory of this process (VmHWM), in KiB.
+fn peak_resident_kib() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("no VmHWM line")?;
+    Ok(line.trim().trim_end_matches("kB").trim().parse()?)
+}
+
 /// Runs this program again as `procs` ranks, without `--procs`.
 fn spawn(procs: usize, keep_going: bool) -> anyhow::Result<i32> {
     let mut args: Vec<OsString> = Vec::new();
@@ -329,11 +342,13 @@ fn main() -> anyhow::Result<()> {
         let Some(report) = report else {
             return Ok(());
         };
-        for (count, word) in top_words(&output, &report.output_files, args.top)? {
-            println!("{count:>10} {word}");
+        if args.top > 0 {
+            for (count, word) in top_words(&output, &report.output_files, args.top)? {
+                println!("{count:>10} {word}");
+            }
         }
         if !args.quiet {
-            eprintln!("{report}");
+            println!("{report}");
         }
         Ok(())
     });
@@ -341,6 +356,13 @@ fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&output);
     }
     shown?;
+    if args.peak_memory {
+        println!(
+            "{} peak resident memory: {} KiB",
+            rt.rank(),
+            peak_resident_kib().context("reading /proc/self/status")?
+        );
+    }
     drop(mr);
     drop(space);
     rt.finish()?;
