@@ -5,6 +5,7 @@ use dsm::transport::local::local_cluster;
 use dsm::{Dsm, Rank};
 use dsm_mapreduce::{
     Combiner, Counters, Emitter, Job, JobConfig, MapReduce, MapReduceError, ProgressMode, Record,
+    Split,
 };
 use dsm_runtime::{Runtime, TupleSpace};
 use std::collections::BTreeMap;
@@ -92,6 +93,10 @@ impl Job for Offsets {
         if let Some(w) = record.line.split(|b| *b == b' ').next() {
             emit.emit(String::from_utf8_lossy(w).into_owned(), record.offset);
         }
+    }
+    /// By the key's first byte, so that a test can tell the partitioner was used.
+    fn partition(&self, key: &String, partitions: usize) -> usize {
+        key.bytes().next().map_or(0, |b| b as usize % partitions)
     }
     fn reduce(&self, _: &String, mut offsets: Vec<u64>, c: &mut Counters) -> Option<String> {
         offsets.sort();
@@ -242,17 +247,56 @@ fn every_value_reaches_its_key_without_a_combiner() {
         .map(|(k, v)| (k, format!("{v:?}")))
         .collect();
     assert!(expect.len() > 10);
+    // Splits of the caller's own: the file cut at every 500th line.
+    let mut cuts = vec![0u64];
+    let mut at = 0u64;
+    for (i, line) in text.split(|b| *b == b'\n').enumerate() {
+        at += line.len() as u64 + 1;
+        if i % 500 == 499 && at < text.len() as u64 {
+            cuts.push(at);
+        }
+    }
+    cuts.push(text.len() as u64);
+    let splits: Vec<Split> = cuts
+        .windows(2)
+        .map(|w| Split {
+            file: files[0].clone(),
+            start: w[0],
+            end: w[1],
+        })
+        .collect();
     job(2, move |rt, mr| {
-        let out = dir.join("out");
-        let config = JobConfig::new(&out)
-            .input(&files[0])
-            .split_size(4 << 10)
-            .partitions(3)
-            .progress(ProgressMode::Never);
-        let report = mr.run(&Offsets, &config).unwrap();
-        if rt.rank() == Rank(0) {
-            assert_eq!(read_output(&out, 3), expect);
-            assert_eq!(report.unwrap().counters.get("keys"), expect.len() as u64);
+        for (name, config) in [
+            (
+                "cut",
+                JobConfig::new(dir.join("cut"))
+                    .input(&files[0])
+                    .split_size(4 << 10),
+            ),
+            (
+                "given",
+                JobConfig::new(dir.join("given")).splits(splits.clone()),
+            ),
+        ] {
+            let config = config.partitions(3).progress(ProgressMode::Never);
+            let report = mr.run(&Offsets, &config).unwrap();
+            if rt.rank() == Rank(0) {
+                let report = report.unwrap();
+                let out = dir.join(name);
+                assert_eq!(read_output(&out, 3), expect, "{name}");
+                assert_eq!(report.counters.get("keys"), expect.len() as u64);
+                if name == "given" {
+                    assert_eq!(report.maps, splits.len());
+                }
+                // Every key is in the partition the job's partitioner chose.
+                for p in 0..3 {
+                    let text = std::fs::read_to_string(out.join(format!("part-{p:05}"))).unwrap();
+                    for line in text.lines() {
+                        let key = line.split_once('\t').unwrap().0.to_string();
+                        assert_eq!(Offsets.partition(&key, 3), p, "{key}");
+                    }
+                }
+            }
         }
     });
 }
