@@ -81,7 +81,8 @@ impl JobConfig {
         self
     }
 
-    /// The size of the splits input files are cut into (at line boundaries; default 4 MiB).
+    /// The size of the splits input files are cut into (at line boundaries; default 4 MiB). The last
+    /// splits are smaller, down to a sixteenth, so that the ranks finish their maps close together.
     pub fn split_size(mut self, bytes: u64) -> JobConfig {
         self.split_size = bytes;
         self

@@ -288,7 +288,8 @@ impl MapReduce {
             ));
         }
         let files = input::expand(&config.inputs)?;
-        let mut splits = input::cut(&files, config.split_size)?;
+        let workers = self.space.dsm().size() * config.threads_for(self.space.dsm().size());
+        let mut splits = input::cut(&files, config.split_size, workers)?;
         splits.extend(config.splits.iter().cloned());
         let out = &config.output;
         match std::fs::metadata(out) {

@@ -75,10 +75,25 @@ fn walk(path: &Path, files: &mut Vec<(PathBuf, u64)>) -> Result<(), MapReduceErr
     Ok(())
 }
 
-/// Cuts each file into splits of about `size` bytes, each ending just after a newline (or at the end of
-/// the file). Empty files give no split.
-pub(crate) fn cut(files: &[(PathBuf, u64)], size: u64) -> Result<Vec<Split>, MapReduceError> {
+/// The size of the split cut when `remaining` bytes of input are left for `workers` task slots: `size`,
+/// until the rest no longer gives every slot two splits of that size; from there on smaller (down to
+/// `size / 16`), so that the map phase ends with short tasks instead of one slot busy with a whole split
+/// while the others wait (guided self-scheduling).
+fn split_size_at(remaining: u64, size: u64, workers: usize) -> u64 {
+    let floor = (size / 16).max(1);
+    (remaining / (2 * workers.max(1) as u64)).clamp(floor, size.max(floor))
+}
+
+/// Cuts each file into splits of about `size` bytes (smaller near the end of the input, see
+/// [`split_size_at`]), each ending just after a newline (or at the end of the file). Empty files give no
+/// split.
+pub(crate) fn cut(
+    files: &[(PathBuf, u64)],
+    size: u64,
+    workers: usize,
+) -> Result<Vec<Split>, MapReduceError> {
     let mut splits = Vec::new();
+    let mut remaining: u64 = files.iter().map(|(_, len)| len).sum();
     for (path, len) in files {
         let err = |source| MapReduceError::Input {
             path: path.clone(),
@@ -87,11 +102,13 @@ pub(crate) fn cut(files: &[(PathBuf, u64)], size: u64) -> Result<Vec<Split>, Map
         let mut f = File::open(path).map_err(err)?;
         let mut start = 0;
         while start < *len {
+            let size = split_size_at(remaining, size, workers);
             let end = if len - start <= size {
                 *len
             } else {
                 line_end_after(&mut f, start + size - 1, *len).map_err(err)?
             };
+            remaining = remaining.saturating_sub(end - start);
             splits.push(Split {
                 file: path.clone(),
                 start,
@@ -176,7 +193,7 @@ mod tests {
         let files = expand(std::slice::from_ref(&dir)).unwrap();
         assert_eq!(files, vec![(path.clone(), text.len() as u64)]);
         for size in [1, 7, 100, 4096, 1 << 20] {
-            let splits = cut(&files, size).unwrap();
+            let splits = cut(&files, size, 2).unwrap();
             let mut joined = Vec::new();
             let mut expect_start = 0;
             for s in &splits {
@@ -205,6 +222,17 @@ mod tests {
                 (10, b"dddd")
             ]
         );
+    }
+
+    #[test]
+    fn splits_get_smaller_towards_the_end_of_the_input() {
+        let mb = 1 << 20;
+        assert_eq!(split_size_at(100 * mb, 4 * mb, 2), 4 * mb);
+        assert_eq!(split_size_at(16 * mb, 4 * mb, 2), 4 * mb);
+        assert_eq!(split_size_at(8 * mb, 4 * mb, 2), 2 * mb);
+        assert_eq!(split_size_at(mb, 4 * mb, 2), mb / 4);
+        assert_eq!(split_size_at(1, 4 * mb, 2), mb / 4, "never below a 16th");
+        assert_eq!(split_size_at(0, 0, 0), 1);
     }
 
     #[test]
