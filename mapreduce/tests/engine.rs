@@ -9,6 +9,7 @@ use dsm_mapreduce::{
 };
 use dsm_runtime::{Runtime, TupleSpace};
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -35,9 +36,16 @@ where
                 let space = TupleSpace::join(&rt).unwrap();
                 let mr = MapReduce::new(&space).unwrap();
                 // A rank that fails its checks would leave the others waiting for ever: end the test
-                // process instead (the panic message is printed first).
+                // process instead, saying why on the real stderr (the test harness captures the panic
+                // message, and would lose it with the process).
                 let run = std::panic::AssertUnwindSafe(|| body(&rt, &mr));
-                if std::panic::catch_unwind(run).is_err() {
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    let _ = writeln!(std::io::stderr(), "rank {r} failed a check: {why}");
                     std::process::exit(101);
                 }
                 drop(mr);
@@ -213,9 +221,9 @@ fn word_counts_match_a_plain_count_with_and_without_spilling() {
                 if name == "roomy" {
                     assert!(report.maps > 6, "inputs cut into several splits: {report}");
                 } else {
-                    // About 40,000 distinct words per file do not fit in 1 MiB: every map spilled.
-                    assert_eq!(report.maps, 6, "{report}");
-                    assert!(report.map_runs > 6, "{report}");
+                    // About 40,000 distinct words per file do not fit in 1 MiB: maps spilled, so there
+                    // are more runs than maps (one partition: one run per map without spilling).
+                    assert!(report.map_runs > report.maps as u64, "{report}");
                     assert!(report.shuffled_bytes > 1 << 20, "{report}");
                 }
             } else {
