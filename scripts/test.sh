@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check and test of the project: formatting, clippy with warnings as errors, and the whole
-# test suite (unit, protocol interleavings, multi-process jobs through the launcher).
+# Runs every check and test of the project: formatting, clippy with warnings as errors, the whole test
+# suite (unit, protocol interleavings, multi-process jobs through the launcher), and the examples and
+# correctness checks under mpirun (scripts/mpi-test.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,5 +11,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
 # One closing line for the whole run, summed from every test binary's own result line.
+# The same programs under mpirun, built with the mpi feature (installs MPICH when missing).
+bash scripts/mpi-test.sh
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f; exit (p == 0 || f > 0) }' "$log"

@@ -63,7 +63,7 @@ impl Default for LaunchOptions {
     }
 }
 
-fn fresh_token() -> Result<[u8; 32], RuntimeError> {
+pub(crate) fn fresh_token() -> Result<[u8; 32], RuntimeError> {
     let mut t = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut t))

@@ -5,6 +5,8 @@
 
 pub mod env;
 pub mod launch;
+#[cfg(feature = "mpi")]
+mod mpi_join;
 mod rendezvous;
 pub mod task_farm;
 pub mod tuple;
@@ -37,8 +39,11 @@ pub enum RuntimeError {
     #[error("{0} is not set: start multi-rank jobs with dsmrun -n N program")]
     Missing(&'static str),
     /// The process runs under mpirun, but this build has no MPI support.
-    #[error("this program was started by mpirun/mpiexec but dsm-runtime was built without MPI support; run it with dsmrun -n N instead")]
+    #[error("this program was started by mpirun/mpiexec but was built without MPI support: rebuild it with the `mpi` feature (for example `cargo build --release --features mpi`, which needs an MPI library such as Debian's libmpich-dev), or start it with dsmrun -n N")]
     MpiNotBuilt,
+    /// Joining through MPI failed.
+    #[error("joining through MPI: {0}")]
+    Mpi(String),
     /// Meeting the other ranks failed.
     #[error("rendezvous: {0}")]
     Rendezvous(String),
@@ -81,7 +86,10 @@ pub enum RuntimeError {
 /// A rank's membership in a job. Dropping it leaves the job (a final barrier with every rank).
 #[derive(Debug)]
 pub struct Runtime {
+    // Declared first, so that it is dropped (the job left) before MPI is finalized.
     dsm: Arc<Dsm>,
+    #[cfg(feature = "mpi")]
+    _mpi: Option<mpi_join::Universe>,
 }
 
 const MPI_VARS: &[&str] = &[
@@ -97,11 +105,9 @@ impl Runtime {
         let rank = env::get("DSM_RANK", "a rank number", env::number::<u32>)?;
         let Some(rank) = rank else {
             if MPI_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
-                return Err(RuntimeError::MpiNotBuilt);
+                return Self::init_mpi();
             }
-            return Ok(Runtime {
-                dsm: Arc::new(Self::options()?.build()?),
-            });
+            return Ok(Runtime::from_dsm(Self::options()?.build()?));
         };
         let size = env::get("DSM_SIZE", "the number of ranks", env::number::<usize>)?
             .ok_or(RuntimeError::Missing("DSM_SIZE"))?;
@@ -132,15 +138,41 @@ impl Runtime {
             )?;
             builder = builder.transport(Box::new(transport));
         }
+        Ok(Runtime::from_dsm(builder.rank(Rank(rank), size).build()?))
+    }
+
+    /// Joins a job started by mpirun/mpiexec: MPI gives the rank and size and carries the exchange of
+    /// listener addresses and the job token; the TCP transport takes it from there.
+    #[cfg(feature = "mpi")]
+    fn init_mpi() -> Result<Runtime, RuntimeError> {
+        let bind = env::get("DSM_BIND", "an IP address", |s| {
+            s.parse::<std::net::IpAddr>().ok()
+        })?;
+        let timeout = env::get("DSM_CONNECT_TIMEOUT", "seconds", env::number::<u64>)?.unwrap_or(30);
+        let joined = mpi_join::join(bind, Duration::from_secs(timeout))?;
+        let mut builder = Self::options()?.rank(joined.rank, joined.size);
+        if let Some(t) = joined.transport {
+            builder = builder.transport(Box::new(t));
+        }
         Ok(Runtime {
-            dsm: Arc::new(builder.rank(Rank(rank), size).build()?),
+            dsm: Arc::new(builder.build()?),
+            _mpi: Some(joined.universe),
         })
+    }
+
+    #[cfg(not(feature = "mpi"))]
+    fn init_mpi() -> Result<Runtime, RuntimeError> {
+        Err(RuntimeError::MpiNotBuilt)
     }
 
     /// A runtime over a `Dsm` the program built itself (for example ranks as threads over the in-process
     /// transport, or options the environment does not cover).
     pub fn from_dsm(dsm: Dsm) -> Runtime {
-        Runtime { dsm: Arc::new(dsm) }
+        Runtime {
+            dsm: Arc::new(dsm),
+            #[cfg(feature = "mpi")]
+            _mpi: None,
+        }
     }
 
     fn options() -> Result<dsm::DsmBuilder, RuntimeError> {

@@ -1,0 +1,181 @@
+//! Joining a job started by `mpirun`/`mpiexec` (MPICH, Open MPI, or Slurm's `srun` with PMI): MPI is
+//! initialized, gives this process its rank and the job's size, and carries what the ranks must agree on
+//! before the TCP transport connects them: that they run the same build, one secret token, and every
+//! rank's listener address. MPI is used only here, from the thread that calls `Runtime::init`, so the
+//! funneled thread level is all it must provide; it is finalized when the `Runtime` is dropped, after the
+//! job's final barrier.
+
+use crate::RuntimeError;
+use dsm::transport::tcp::TcpTransport;
+use dsm::Rank;
+use mpi::traits::{Communicator, CommunicatorCollectives, Root};
+use mpi::Threading;
+use std::hash::Hasher;
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
+use std::time::Duration;
+
+/// MPI, initialized; finalized when dropped.
+pub(crate) struct Universe(#[allow(dead_code)] mpi::environment::Universe);
+
+impl std::fmt::Debug for Universe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Universe")
+    }
+}
+
+/// The room one rank's listener address takes in the exchange.
+const ADDR_BYTES: usize = 64;
+
+/// What joining through MPI gives the runtime.
+pub(crate) struct Joined {
+    pub(crate) rank: Rank,
+    pub(crate) size: usize,
+    /// None for a job of one rank.
+    pub(crate) transport: Option<TcpTransport>,
+    pub(crate) universe: Universe,
+}
+
+/// A fingerprint of this program's executable: ranks that run different builds would disagree on the
+/// layout of every message, so they are stopped at the door.
+fn build_id() -> Result<u64, RuntimeError> {
+    let mut f = std::fs::File::open("/proc/self/exe").map_err(|e| RuntimeError::Io {
+        context: "reading this program's executable (/proc/self/exe) to compare builds".into(),
+        source: e,
+    })?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| RuntimeError::Io {
+            context: "reading this program's executable".into(),
+            source: e,
+        })?;
+        if n == 0 {
+            break;
+        }
+        h.write(&buf[..n]);
+    }
+    Ok(h.finish())
+}
+
+/// Whether MPI says every rank of the job runs on this host.
+fn all_local(size: usize) -> bool {
+    [
+        "MPI_LOCALNRANKS",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "SLURM_NTASKS_PER_NODE",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+        == Some(size)
+}
+
+/// The address other ranks reach a listener bound to `bind` at: `bind` itself, or for an unspecified
+/// address (0.0.0.0) this host's own, found by resolving its name.
+fn advertised(bind: IpAddr, port: u16) -> Result<SocketAddr, RuntimeError> {
+    if !bind.is_unspecified() {
+        return Ok(SocketAddr::new(bind, port));
+    }
+    let host = nix::unistd::gethostname()
+        .map_err(|e| RuntimeError::Mpi(format!("this host's name: {e}")))?
+        .to_string_lossy()
+        .into_owned();
+    (host.as_str(), port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.find(|a| a.is_ipv4() && !a.ip().is_loopback()))
+        .ok_or_else(|| {
+            RuntimeError::Mpi(format!(
+                "{host} does not resolve to an address other hosts can reach: set DSM_BIND to this host's address on the network the ranks share"
+            ))
+        })
+}
+
+pub(crate) fn join(bind: Option<IpAddr>, timeout: Duration) -> Result<Joined, RuntimeError> {
+    let (universe, provided) =
+        mpi::initialize_with_threading(Threading::Funneled).ok_or_else(|| {
+            RuntimeError::Mpi(
+                "MPI was initialized already by something else in this process".into(),
+            )
+        })?;
+    if provided < Threading::Funneled {
+        return Err(RuntimeError::Mpi(format!(
+            "the MPI library provides thread level {provided:?}; dsm needs at least Funneled (MPI_THREAD_FUNNELED): use an MPI library built with thread support"
+        )));
+    }
+    let world = universe.world();
+    let rank = world.rank() as usize;
+    let size = world.size() as usize;
+    if size > dsm::protocol::swmr::MAX_RANKS {
+        return Err(RuntimeError::Mpi(format!(
+            "mpirun started {size} ranks; a job has at most {}",
+            dsm::protocol::swmr::MAX_RANKS
+        )));
+    }
+
+    let id = build_id()?;
+    let mut ids = vec![0u64; size];
+    world.all_gather_into(&id, &mut ids[..]);
+    let other: Vec<usize> = (0..size).filter(|r| ids[*r] != id).collect();
+    if !other.is_empty() {
+        return Err(RuntimeError::Mpi(format!(
+            "rank {rank} runs a different build of this program than rank(s) {other:?}: every rank must run the same executable (copy one build to every host)"
+        )));
+    }
+    if size == 1 {
+        return Ok(Joined {
+            rank: Rank(0),
+            size,
+            transport: None,
+            universe: Universe(universe),
+        });
+    }
+
+    let mut token = if rank == 0 {
+        crate::launch::fresh_token()?
+    } else {
+        [0u8; 32]
+    };
+    world.process_at_rank(0).broadcast_into(&mut token[..]);
+
+    let bind = bind.unwrap_or(if all_local(size) {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        IpAddr::from([0, 0, 0, 0])
+    });
+    let listener = TcpListener::bind((bind, 0)).map_err(|e| RuntimeError::Io {
+        context: format!(
+            "binding this rank's listener on {bind} (set DSM_BIND to an address of this host)"
+        ),
+        source: e,
+    })?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| RuntimeError::Io {
+            context: "listener address".into(),
+            source: e,
+        })?
+        .port();
+    let mine = advertised(bind, port)?.to_string();
+    let mut slot = [0u8; ADDR_BYTES];
+    slot[..mine.len()].copy_from_slice(mine.as_bytes());
+    let mut all = vec![0u8; ADDR_BYTES * size];
+    world.all_gather_into(&slot[..], &mut all[..]);
+    let peers = all
+        .chunks(ADDR_BYTES)
+        .enumerate()
+        .map(|(r, c)| {
+            let text = String::from_utf8_lossy(c);
+            let text = text.trim_end_matches('\0');
+            text.parse::<SocketAddr>().map_err(|_| {
+                RuntimeError::Mpi(format!("rank {r} sent an unreadable address {text:?}"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Joined {
+        rank: Rank(rank as u32),
+        size,
+        transport: Some(TcpTransport::new(listener, peers, token, timeout)),
+        universe: Universe(universe),
+    })
+}

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Runs hello, the multi-process correctness checks (lock totals, litmus tests) and wordcount under mpirun
+# (MPICH's Hydra), with -n 2 and -n 3, built with the `mpi` feature, and checks what they print; then that
+# a rank killed under mpirun ends the job with an error naming it, and that a program built without the
+# feature says how to rebuild. Called by scripts/test.sh. Installs MPICH when missing (as root; otherwise
+# prints the apt-get command).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DSM_WITH_MPI=1 bash scripts/setup.sh
+# A target directory of its own, so that this build and `cargo test`'s do not undo each other.
+export CARGO_TARGET_DIR=target/mpi
+cargo clippy -q -p dsm-runtime --features mpi -- -D warnings
+cargo build -q -p dsm-examples --features mpi --bin hello --bin dsm-check --bin wordcount
+unset CARGO_TARGET_DIR
+bin=target/mpi/debug
+passed=0
+
+fail() {
+    echo "mpi-test: FAILED: $*" >&2
+    exit 1
+}
+
+# mpirun N PROGRAM ARGS...: the job's output; fails the test if the job fails or runs past 120 s.
+job() {
+    local n=$1
+    shift
+    timeout 120 mpirun -n "$n" "$@" 2>&1 || fail "mpirun -n $n $* exited with $?"
+}
+
+# expect PATTERN COUNT OUTPUT: PATTERN occurs exactly COUNT times in OUTPUT (counted as occurrences, not
+# lines: the ranks' outputs can run together on one line).
+expect() {
+    local got
+    got=$(grep -o -- "$1" <<<"$3" | wc -l)
+    [ "$got" = "$2" ] || fail "expected $2 occurrence(s) of '$1', got $got in:
+$3"
+    passed=$((passed + 1))
+}
+
+for n in 2 3; do
+    expect "of $n sees \[1000, 1001" "$n" "$(job "$n" $bin/hello)"
+    expect "counter ok: $((n * 300))" "$n" "$(job "$n" $bin/dsm-check counter --rounds 300)"
+    expect "mp ok: 200 rounds" "$n" "$(job "$n" $bin/dsm-check mp --rounds 200)"
+    expect "sb ok: 100 rounds" "$n" "$(job "$n" $bin/dsm-check sb --rounds 100)"
+    expect "mplock ok: 30 rounds" "$n" "$(job "$n" $bin/dsm-check mplock --rounds 30)"
+
+    out=$(mktemp -d)
+    sample=examples/data/devils-dictionary.txt
+    job "$n" $bin/wordcount "$sample" --output "$out/counts" --quiet --top 0 >/dev/null
+    LC_ALL=C tr -cs "A-Za-z'" '\n' <"$sample" | tr A-Z a-z | LC_ALL=C sort | uniq -c |
+        awk '$2 != "" { print $2 "\t" $1 }' | LC_ALL=C sort >"$out/pipeline"
+    cat "$out"/counts/part-* | LC_ALL=C sort >"$out/ours"
+    cmp -s "$out/pipeline" "$out/ours" || fail "wordcount at $n ranks under mpirun differs from the pipeline"
+    passed=$((passed + 1))
+    rm -rf "$out"
+done
+
+# A rank killed under mpirun: the others end at once, naming it; nothing hangs.
+if out=$(timeout 60 mpirun -n 3 $bin/dsm-check die 2>&1); then
+    fail "a job with a killed rank succeeded: $out"
+fi
+expect "rank 2 failed" 2 "$out"
+
+# Built without the feature: a clear error that says how to rebuild.
+if out=$(timeout 60 mpirun -n 2 target/debug/hello 2>&1); then
+    fail "hello built without the mpi feature ran under mpirun: $out"
+fi
+expect "built without MPI support: rebuild it with the \`mpi\` feature" 2 "$out"
+
+echo "mpi tests: $passed passed, 0 failed"
