@@ -5,7 +5,7 @@
 //! | `DSM_RANK`, `DSM_SIZE` | this process's rank and the job's size (set by `dsmrun`) | a job of one rank |
 //! | `DSM_RENDEZVOUS` | `host:port` where ranks exchange their addresses (set by `dsmrun`) | required when `DSM_SIZE` > 1 |
 //! | `DSM_TOKEN` | the job's secret, 64 hex digits (set by `dsmrun`, fresh for every job) | required when `DSM_SIZE` > 1 |
-//! | `DSM_BIND` | the address this rank's listener binds to | `127.0.0.1` |
+//! | `DSM_BIND` | the address this rank's listener binds to (under `mpirun`, `0.0.0.0` listens on all and advertises the address the host name resolves to) | `127.0.0.1`; under `mpirun` across hosts `0.0.0.0` |
 //! | `DSM_CHANNELS` | threads of a rank that can fault or call into the job at once, 2 to 64 (one is kept for faults) | 4 |
 //! | `DSM_READAHEAD` | largest sequential read-ahead window in pages, 1 to 256 (1 = off); the window doubles from 1 page on each sequential fault | 256 |
 //! | `DSM_ARENA_SIZE` | bytes of address space reserved for shared regions (suffixes K, M, G, T) | 1T |
@@ -16,6 +16,11 @@
 //! | `DSM_ON_PEER_FAILURE` | `exit`: a rank ends (status 75) when another fails; `report`: operations that need the failed rank return errors and the program decides (set by `dsmrun --keep-going`) | exit |
 //! | `DSM_STATS` | `1`: print each rank's statistics when it leaves the job | off |
 //! | `DSM_LAUNCHER_PID` | set by `dsmrun`: a rank ends itself when this process dies | unset |
+//!
+//! Under `mpirun`/`mpiexec`/`srun` (built with the `mpi` feature) the rank and size come from MPI instead of
+//! `DSM_RANK`/`DSM_SIZE`, and the token and addresses are exchanged over MPI; the launcher's own variables
+//! (`PMI_RANK`, `OMPI_COMM_WORLD_RANK`, `PMIX_RANK`, `MPI_LOCALNRANKS`, `OMPI_COMM_WORLD_LOCAL_SIZE`) are how
+//! the runtime recognizes such a job and whether all its ranks share this host.
 
 use crate::RuntimeError;
 use std::str::FromStr;
