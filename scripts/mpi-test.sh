@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs hello, the multi-process correctness checks (lock totals, litmus tests) and wordcount under mpirun
 # (MPICH's Hydra), with -n 2 and -n 3, built with the `mpi` feature, and checks what they print; then that
-# a rank killed under mpirun ends the job with an error naming it, and that a program built without the
-# feature says how to rebuild. Called by scripts/test.sh. Installs MPICH when missing (as root; otherwise
+# a rank killed under mpirun ends the job with an error naming it, that ranks of different builds are
+# stopped at join, and that a program built without the feature says how to rebuild. Called by scripts/test.sh. Installs MPICH when missing (as root; otherwise
 # prints the apt-get command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +60,12 @@ if out=$(timeout 60 mpirun -n 3 $bin/dsm-check die 2>&1); then
     fail "a job with a killed rank succeeded: $out"
 fi
 expect "rank 2 failed" 2 "$out"
+
+# Ranks running different executables (MPMD launch): stopped at join, each naming the other.
+if out=$(timeout 60 mpirun -n 1 $bin/hello : -n 1 $bin/dsm-check counter 2>&1); then
+    fail "ranks of different builds joined one job: $out"
+fi
+expect "runs a different build of this program" 2 "$out"
 
 # Built without the feature: a clear error that says how to rebuild.
 if out=$(timeout 60 mpirun -n 2 target/debug/hello 2>&1); then
