@@ -172,6 +172,28 @@ fn main() -> anyhow::Result<()> {
             drop(v);
             println!("bytes ok: {} rounds", args.rounds);
         }
+        "idle" => {
+            // Rank 0 computes for `rounds` milliseconds while the others wait at a barrier; every rank
+            // reports the CPU time it used, so that a waiting rank's cost (polling, progress) shows.
+            let cpu0 = cpu_seconds();
+            let t0 = std::time::Instant::now();
+            if me == 0 {
+                let mut x = 0u64;
+                while t0.elapsed() < std::time::Duration::from_millis(args.rounds as u64) {
+                    for i in 0..100_000u64 {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+                    }
+                }
+                std::hint::black_box(x);
+            }
+            dsm.barrier()?;
+            let wall = t0.elapsed().as_secs_f64();
+            let cpu = cpu_seconds() - cpu0;
+            println!(
+                "idle: rank {me} used {cpu:.3} s of CPU in {wall:.3} s ({:.1}%)",
+                100.0 * cpu / wall
+            );
+        }
         "mplock" => {
             // Message passing through a lock: rank 0 writes data then a flag under the lock; the others take
             // the lock until they see the flag, and then must see the data.
@@ -280,12 +302,22 @@ fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, readahead, lockfault or die"
+                "unknown check {other:?}: use counter, mp, sb, pages, readahead, lockfault, idle or die"
             )
         }
     }
     rt.finish()?;
     Ok(())
+}
+
+/// User and system CPU time of this process so far, in seconds.
+fn cpu_seconds() -> f64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map(|u| {
+            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+            t(u.user_time()) + t(u.system_time())
+        })
+        .unwrap_or(f64::NAN)
 }
 
 fn nix_kill_self() -> ! {
