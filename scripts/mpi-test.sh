@@ -65,7 +65,9 @@ expect "rank 2 failed" 2 "$out"
 if out=$(timeout 60 mpirun -n 1 $bin/hello : -n 1 $bin/dsm-check counter 2>&1); then
     fail "ranks of different builds joined one job: $out"
 fi
-expect "runs a different build of this program" 2 "$out"
+# The first rank to see it aborts the MPI job, so the other may not get to say it too.
+grep -q "runs a different build of this program" <<<"$out" || fail "no word of the different builds in: $out"
+passed=$((passed + 1))
 
 # Built without the feature: a clear error that says how to rebuild.
 if out=$(timeout 60 mpirun -n 2 target/debug/hello 2>&1); then

@@ -163,6 +163,17 @@ fn configuration_errors_are_clear() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("mpirun") && err.contains("dsmrun"), "{err}");
+    assert!(err.contains("rebuild it with the `mpi` feature"), "{err}");
+
+    // One of several srun tasks without PMI: refused, not run as a job of one rank.
+    let out = std::process::Command::new(hello)
+        .env("SLURM_NTASKS", "4")
+        .env("SLURM_PROCID", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("srun --mpi=pmi2"), "{err}");
 
     // Run directly, hello is a job of one rank.
     let out = std::process::Command::new(hello).output().unwrap();

@@ -68,8 +68,9 @@ impl JobConfig {
         self
     }
 
-    /// Adds splits chosen by the caller, taken as they are (each becomes one map task; a line belongs to the
-    /// split where it starts, so splits should start at line starts).
+    /// Adds splits chosen by the caller, taken as they are: each becomes one map task, which reads its byte
+    /// range line by line (a line that crosses a split's end is cut there, so start and end splits at line
+    /// boundaries). Their files are checked before the job starts, like other inputs.
     pub fn splits(mut self, splits: impl IntoIterator<Item = Split>) -> JobConfig {
         self.splits.extend(splits);
         self
@@ -125,7 +126,11 @@ impl JobConfig {
             ));
         }
         if self.partitions == Some(0) || self.partitions.is_some_and(|p| p > u32::MAX as usize) {
-            return Err("the number of partitions must be 1 or more".into());
+            return Err(format!(
+                "{} partitions: use 1 to {}",
+                self.partitions.unwrap_or(0),
+                u32::MAX
+            ));
         }
         if self.threads == Some(0) {
             return Err("the number of threads must be 1 or more".into());

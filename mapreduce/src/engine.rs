@@ -5,7 +5,7 @@
 
 use crate::config::JobConfig;
 use crate::input;
-use crate::master::{Master, Step, Task, TaskResult, Totals};
+use crate::master::{Master, Step, Task, TaskResult};
 use crate::progress::Progress;
 use crate::shuffle::{self, job_dir};
 use crate::worker::Worker;
@@ -115,6 +115,14 @@ impl MapReduce {
         ));
         std::fs::create_dir_all(&root)
             .map_err(|e| MapReduceError::io(format!("creating {}", root.display()), e))?;
+        // A reduce holds one run file open per map (and spill) of its partition: let it have as many
+        // files as the system allows this process, not the usual soft limit of 1024.
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            if soft < hard {
+                let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+            }
+        }
         let service = shuffle::start(root.clone())
             .map_err(|e| MapReduceError::io("starting the shuffle thread", e))?;
         dsm.register_service(shuffle::SERVICE, service)
@@ -135,18 +143,33 @@ impl MapReduce {
         config: &JobConfig,
     ) -> Result<Option<JobReport>, MapReduceError> {
         let job_id = self.jobs.fetch_add(1, Ordering::Relaxed);
-        config.check().map_err(MapReduceError::Config)?;
         let dsm = self.space.dsm();
-        let threads = config.threads_for(dsm.size());
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("dsm-mapreduce-{i}"))
-            .build()
-            .map_err(|e| MapReduceError::Config(format!("starting {threads} threads: {e}")))?;
-        let dir = job_dir(&self.root, job_id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| MapReduceError::io(format!("creating {}", dir.display()), e))?;
         let farm = TaskFarm::new(&self.space, &format!("mapreduce-{job_id}"), Rank(0));
+        let threads = config.threads_for(dsm.size());
+        let dir = job_dir(&self.root, job_id);
+        let setup = config
+            .check()
+            .map_err(MapReduceError::Config)
+            .and_then(|()| {
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| MapReduceError::io(format!("creating {}", dir.display()), e))?;
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("dsm-mapreduce-{i}"))
+                    .build()
+                    .map_err(|e| MapReduceError::Config(format!("starting {threads} threads: {e}")))
+            });
+        let pool = match setup {
+            Ok(pool) => pool,
+            Err(e) => {
+                // The master says so to every rank, which would otherwise wait for tasks for ever.
+                if dsm.rank() == Rank(0) {
+                    let _ = farm.stop();
+                    let _ = self.publish(job_id, &Err(e.to_string()));
+                }
+                return Err(e);
+            }
+        };
         let worker = Worker {
             job,
             dsm,
@@ -173,6 +196,18 @@ impl MapReduce {
             .expect("some suffix hashes to every rank")
     }
 
+    /// Tells every rank how job `job_id` ended (rank 0, after stopping the farm).
+    fn publish(&self, job_id: u64, outcome: &Result<(), String>) -> Result<(), MapReduceError> {
+        let key = self.outcome_key(job_id);
+        let (ok, message) = match outcome {
+            Ok(()) => (true, String::new()),
+            // The tuple space takes fields of up to 1 MiB.
+            Err(e) => (false, e.chars().take(64 << 10).collect()),
+        };
+        self.space.out(tuple!(key.as_str(), ok, message))?;
+        Ok(())
+    }
+
     fn follow<J: Job>(
         &self,
         job_id: u64,
@@ -194,7 +229,14 @@ impl MapReduce {
             let mine = farm.serve(|id, task: Task| worker.run(id, task));
             let mut all: Vec<_> = others
                 .into_iter()
-                .map(|t| t.join().unwrap_or(Ok(0)))
+                .map(|t| {
+                    t.join().unwrap_or_else(|_| {
+                        Err(RuntimeError::Refused {
+                            rank: self.space.dsm().rank(),
+                            reason: "a worker thread panicked".into(),
+                        })
+                    })
+                })
                 .collect();
             all.push(mine);
             all
@@ -232,8 +274,9 @@ impl MapReduce {
             let outcome = self
                 .prepare(config)
                 .and_then(|master| self.drive(master, farm, config, started));
-            // Stop the farm whatever happened, so that every worker (this rank's among them) returns.
-            let stopped = farm.stop();
+            // Stop the farm whatever happened, so that every worker (this rank's among them) returns; tasks
+            // still in the bag (after a failure, or maps redone for partitions written since) are dropped.
+            let stopped = farm.withdraw().and_then(|_| farm.stop());
             let served: Vec<_> = ours.into_iter().map(|t| t.join()).collect();
             outcome.and_then(|o| {
                 stopped?;
@@ -250,13 +293,11 @@ impl MapReduce {
                 Ok(o)
             })
         });
-        let message = match &outcome {
-            Ok(_) => String::new(),
-            Err(e) => e.to_string(),
+        let said = match &outcome {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
         };
-        let key = self.outcome_key(job_id);
-        self.space
-            .out(tuple!(key.as_str(), outcome.is_ok(), message))?;
+        self.publish(job_id, &said)?;
         let (master, map_time) = outcome?;
         let t = master.totals();
         Ok(Some(JobReport {
@@ -290,6 +331,12 @@ impl MapReduce {
         let files = input::expand(&config.inputs)?;
         let workers = self.space.dsm().size() * config.threads_for(self.space.dsm().size());
         let mut splits = input::cut(&files, config.split_size, workers)?;
+        for s in &config.splits {
+            std::fs::File::open(&s.file).map_err(|source| MapReduceError::Input {
+                path: s.file.clone(),
+                source,
+            })?;
+        }
         splits.extend(config.splits.iter().cloned());
         let out = &config.output;
         match std::fs::metadata(out) {
@@ -331,12 +378,11 @@ impl MapReduce {
         put(&mut tasks, master.start())?;
         let mut progress = Progress::new(config.progress, started);
         let mut map_time = None;
-        let mut totals = Totals::default();
         loop {
-            if totals.maps_done == master.maps() && map_time.is_none() {
+            if master.maps_done() == master.maps() && map_time.is_none() {
                 map_time = Some(started.elapsed());
             }
-            progress.show(&totals, master.maps(), master.reduces());
+            progress.show(|| master.totals(), master.maps(), master.reduces());
             // Map output on a rank known to be gone is made again before a reducer trips over it.
             for r in self.space.dsm().failed_ranks() {
                 let again = master.lose(r.0);
@@ -356,7 +402,6 @@ impl MapReduce {
                     return Err(MapReduceError::TaskFailed(what));
                 }
             }
-            totals = master.totals();
         }
         progress.finish();
         Ok((master, map_time.unwrap_or_else(|| started.elapsed())))

@@ -66,7 +66,12 @@ fn walk(path: &Path, files: &mut Vec<(PathBuf, u64)>) -> Result<(), MapReduceErr
             .map_err(err)?;
         entries.sort();
         for e in entries {
-            walk(&e, files)?;
+            // Only regular files and directories: a FIFO or a device found in a directory could block
+            // or never end.
+            let kind = std::fs::metadata(&e).map(|m| m.file_type());
+            if kind.as_ref().map_or(true, |k| k.is_file() || k.is_dir()) {
+                walk(&e, files)?;
+            }
         }
     } else {
         File::open(path).map_err(err)?;

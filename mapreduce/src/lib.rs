@@ -135,7 +135,9 @@ pub enum MapReduceError {
         /// What the system said.
         source: std::io::Error,
     },
-    /// A map or reduce task failed (a panic in the job's code, or an input that changed under the job).
+    /// The job failed: a map or reduce task failed (a panic in the job's code, an input that changed under
+    /// the job), or, on ranks other than the master, the master could not start it (the master's own
+    /// error, as it reported it).
     #[error("{0}")]
     TaskFailed(String),
     /// The master rank failed, or could not be reached; the job cannot go on.

@@ -108,6 +108,8 @@ pub(crate) struct Master {
     reduces: Vec<ReduceState>,
     next_id: u64,
     lost: BTreeSet<u32>,
+    /// How many of `maps` are `Done` (kept as they change: the master looks after every result).
+    done_maps: usize,
     /// Map tasks put again because the rank holding their output was lost.
     pub(crate) redone: usize,
 }
@@ -134,6 +136,7 @@ impl Master {
             output,
             next_id: 0,
             lost: BTreeSet::new(),
+            done_maps: 0,
             redone: 0,
         }
     }
@@ -152,6 +155,9 @@ impl Master {
 
     fn put_map(&mut self, index: usize) -> (u64, Task) {
         let id = self.fresh_id();
+        if matches!(self.maps[index], MapState::Done { .. }) {
+            self.done_maps -= 1;
+        }
         self.maps[index] = MapState::Running(id);
         let task = Task::Map {
             index: index as u32,
@@ -163,7 +169,7 @@ impl Master {
 
     /// Once every map output exists, the blocked partitions' reduce tasks.
     fn put_reduces_if_ready(&mut self) -> Vec<(u64, Task)> {
-        if !self.maps.iter().all(|m| matches!(m, MapState::Done { .. })) {
+        if self.done_maps < self.maps.len() {
             return Vec::new();
         }
         let mut put = Vec::new();
@@ -243,6 +249,7 @@ impl Master {
                     self.redone += 1;
                     return Step::Put(vec![self.put_map(i)]);
                 }
+                self.done_maps += 1;
                 self.maps[i] = MapState::Done {
                     holder,
                     task: id,
@@ -331,6 +338,11 @@ impl Master {
             }
         }
         t
+    }
+
+    /// How many splits have their output somewhere now.
+    pub(crate) fn maps_done(&self) -> usize {
+        self.done_maps
     }
 
     pub(crate) fn maps(&self) -> usize {
@@ -463,6 +475,11 @@ mod tests {
             .collect();
         assert_eq!(redo, vec![1, 2]);
         assert_eq!(m.redone, 2);
+        assert_eq!(
+            m.maps_done(),
+            1,
+            "only the split held by rank 0 has output now"
+        );
         // A second reducer reporting the same loss changes nothing.
         assert!(
             puts(m.on_result(reduces[1].0, &reduces[1].1, TaskResult::Lost { holder: 1 }))
@@ -490,6 +507,7 @@ mod tests {
         };
         assert_eq!(*partition, 1);
         assert!(sources.iter().all(|s| s.holder != 1));
+        assert_eq!(m.maps_done(), 3);
         assert_eq!(
             m.on_result(only[0].0, &only[0].1, reduced()),
             Step::Finished

@@ -25,7 +25,8 @@ impl Progress {
         }
     }
 
-    pub(crate) fn show(&mut self, t: &Totals, maps: usize, reduces: usize) {
+    /// Shows the totals `totals` gives, when it is time to (they are only computed then).
+    pub(crate) fn show(&mut self, totals: impl FnOnce() -> Totals, maps: usize, reduces: usize) {
         let now = Instant::now();
         if !self.enabled
             || now - self.started < QUIET_START
@@ -34,6 +35,7 @@ impl Progress {
             return;
         }
         self.last = Some(now);
+        let t = totals();
         let mut err = std::io::stderr().lock();
         let _ = write!(
             err,

@@ -36,6 +36,26 @@ pub(crate) struct Worker<'a, J: Job> {
     pub(crate) budget: u64,
 }
 
+/// The largest result a task sends back, encoded: well under the tuple space's 1 MiB field limit, so that a
+/// result always reaches the master (one that did not would leave its task held for ever).
+const MAX_RESULT: usize = 256 << 10;
+
+/// `result`, or a failure saying it was too large (a panic message of megabytes, a counter per key).
+fn bounded(result: TaskResult, kind: &str, id: u64) -> TaskResult {
+    let size = postcard::serialize_with_flavor(&result, postcard::ser_flavors::Size::default())
+        .unwrap_or(usize::MAX);
+    if size <= MAX_RESULT {
+        return result;
+    }
+    let what = match result {
+        TaskResult::Failed { what } => what.chars().take(16 << 10).collect(),
+        _ => format!(
+            "{kind} task {id} made a result of {size} bytes (counters, mostly); the limit is {MAX_RESULT}: use fewer distinct counter names"
+        ),
+    };
+    TaskResult::Failed { what }
+}
+
 /// The text of a panic's payload.
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
@@ -100,7 +120,7 @@ impl<J: Job> Worker<'_, J> {
                 output,
             } => self.reduce(id, partition, &sources, &output),
         }));
-        match outcome {
+        let result = match outcome {
             Ok(Ok(result)) => result,
             Ok(Err(what)) => TaskResult::Failed { what },
             Err(panic) => TaskResult::Failed {
@@ -110,7 +130,8 @@ impl<J: Job> Worker<'_, J> {
                     panic_message(&*panic)
                 ),
             },
-        }
+        };
+        bounded(result, kind, id)
     }
 
     fn partition(&self, pairs: Pairs<J>, n: usize) -> Result<Vec<Pairs<J>>, String> {
@@ -253,6 +274,8 @@ impl<J: Job> Worker<'_, J> {
                             .map_err(|e| failed(format!("writing {}: {e}", path.display())))?;
                         let f = File::open(&path)
                             .map_err(|e| failed(format!("opening {}: {e}", path.display())))?;
+                        // Open, it stays readable; unlinked, its space goes back once it is read.
+                        let _ = std::fs::remove_file(&path);
                         Box::new(BufReader::with_capacity(64 << 10, f))
                     }
                 };
@@ -330,5 +353,40 @@ impl<J: Job> Worker<'_, J> {
         let file = out.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
         Ok((records, counters))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_too_large_for_the_tuple_space_become_short_failures() {
+        let huge = "x".repeat(2 << 20);
+        let TaskResult::Failed { what } = bounded(TaskResult::Failed { what: huge }, "map", 1)
+        else {
+            panic!("a failure stays a failure")
+        };
+        assert_eq!(what.len(), 16 << 10);
+
+        let mut counters = Counters::default();
+        for i in 0..50_000 {
+            counters.add(&format!("key {i}"), 1);
+        }
+        let big = TaskResult::Reduced {
+            records: 1,
+            shuffled_bytes: 0,
+            counters,
+        };
+        let TaskResult::Failed { what } = bounded(big, "reduce", 7) else {
+            panic!("a result over the limit becomes a failure")
+        };
+        assert!(
+            what.contains("reduce task 7") && what.contains("counter"),
+            "{what}"
+        );
+
+        let small = TaskResult::Lost { holder: 3 };
+        assert_eq!(bounded(small.clone(), "reduce", 7), small);
     }
 }

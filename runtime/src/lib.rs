@@ -89,7 +89,7 @@ pub struct Runtime {
     // Declared first, so that it is dropped (the job left) before MPI is finalized.
     dsm: Arc<Dsm>,
     #[cfg(feature = "mpi")]
-    _mpi: Option<mpi_join::Universe>,
+    _mpi: Option<mpi_join::Finalizer>,
 }
 
 const MPI_VARS: &[&str] = &[
@@ -106,6 +106,13 @@ impl Runtime {
         let Some(rank) = rank else {
             if MPI_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
                 return Self::init_mpi();
+            }
+            // Slurm's srun without PMI starts every task alone: each would be a job of one rank.
+            let tasks = env::get("SLURM_NTASKS", "a number", env::number::<usize>).unwrap_or(None);
+            if tasks.is_some_and(|n| n > 1) && std::env::var_os("SLURM_PROCID").is_some() {
+                return Err(RuntimeError::Mpi(
+                    "started by srun as one of several tasks, but without PMI: run `srun --mpi=pmi2` (or pmix), or mpirun, with a build that has the mpi feature".into(),
+                ));
             }
             return Ok(Runtime::from_dsm(Self::options()?.build()?));
         };
@@ -154,9 +161,14 @@ impl Runtime {
         if let Some(t) = joined.transport {
             builder = builder.transport(Box::new(t));
         }
+        let dsm = Arc::new(builder.build()?);
+        let finalizer = mpi_join::Finalizer {
+            universe: Some(joined.universe),
+            dsm: Arc::downgrade(&dsm),
+        };
         Ok(Runtime {
-            dsm: Arc::new(builder.build()?),
-            _mpi: Some(joined.universe),
+            dsm,
+            _mpi: Some(finalizer),
         })
     }
 

@@ -15,12 +15,30 @@ use std::io::Read;
 use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
 use std::time::Duration;
 
-/// MPI, initialized; finalized when dropped.
-pub(crate) struct Universe(#[allow(dead_code)] mpi::environment::Universe);
+/// MPI, initialized.
+pub(crate) struct Universe(mpi::environment::Universe);
 
-impl std::fmt::Debug for Universe {
+/// Finalizes MPI when dropped, but only once the job has been left: if handles on the job's `Dsm` (a
+/// tuple space, say) outlive the `Runtime`, MPI stays initialized rather than be finalized under a job
+/// that other ranks are still in.
+pub(crate) struct Finalizer {
+    pub(crate) universe: Option<Universe>,
+    pub(crate) dsm: std::sync::Weak<dsm::Dsm>,
+}
+
+impl Drop for Finalizer {
+    fn drop(&mut self) {
+        if let Some(u) = self.universe.take() {
+            if self.dsm.upgrade().is_some() {
+                std::mem::forget(u.0);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Finalizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Universe")
+        f.write_str("Finalizer")
     }
 }
 
@@ -60,13 +78,9 @@ fn build_id() -> Result<u64, RuntimeError> {
 
 /// Whether MPI says every rank of the job runs on this host.
 fn all_local(size: usize) -> bool {
-    [
-        "MPI_LOCALNRANKS",
-        "OMPI_COMM_WORLD_LOCAL_SIZE",
-        "SLURM_NTASKS_PER_NODE",
-    ]
-    .iter()
-    .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
+    ["MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok())
         == Some(size)
 }
 
@@ -104,6 +118,28 @@ pub(crate) fn join(bind: Option<IpAddr>, timeout: Duration) -> Result<Joined, Ru
         )));
     }
     let world = universe.world();
+    match connect(&world, timeout, bind) {
+        Ok((rank, size, transport)) => Ok(Joined {
+            rank,
+            size,
+            transport,
+            universe: Universe(universe),
+        }),
+        Err(e) => {
+            // The other ranks may be inside a collective this rank will never join: end the whole job,
+            // saying why, rather than leave them waiting.
+            eprintln!("dsm: rank {}: {e}; aborting the MPI job", world.rank());
+            world.abort(70)
+        }
+    }
+}
+
+/// Rank, size and (for more than one rank) the TCP transport, agreed over MPI.
+fn connect(
+    world: &mpi::topology::SimpleCommunicator,
+    timeout: Duration,
+    bind: Option<IpAddr>,
+) -> Result<(Rank, usize, Option<TcpTransport>), RuntimeError> {
     let rank = world.rank() as usize;
     let size = world.size() as usize;
     if size > dsm::protocol::swmr::MAX_RANKS {
@@ -123,12 +159,7 @@ pub(crate) fn join(bind: Option<IpAddr>, timeout: Duration) -> Result<Joined, Ru
         )));
     }
     if size == 1 {
-        return Ok(Joined {
-            rank: Rank(0),
-            size,
-            transport: None,
-            universe: Universe(universe),
-        });
+        return Ok((Rank(0), size, None));
     }
 
     let mut token = if rank == 0 {
@@ -172,10 +203,9 @@ pub(crate) fn join(bind: Option<IpAddr>, timeout: Duration) -> Result<Joined, Ru
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Joined {
-        rank: Rank(rank as u32),
+    Ok((
+        Rank(rank as u32),
         size,
-        transport: Some(TcpTransport::new(listener, peers, token, timeout)),
-        universe: Universe(universe),
-    })
+        Some(TcpTransport::new(listener, peers, token, timeout)),
+    ))
 }

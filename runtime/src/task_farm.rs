@@ -96,6 +96,17 @@ impl TaskFarm {
             .collect()
     }
 
+    /// Takes back the tasks still in the bag (not those a worker holds), so that workers stop sooner after
+    /// [`TaskFarm::stop`]; returns how many. Only the master calls it, before `stop`.
+    pub fn withdraw(&self) -> Result<usize, RuntimeError> {
+        let tasks = self.tasks();
+        let mut n = 0;
+        while self.space.inp(&tasks)?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Tells the workers to stop once the bag is empty of earlier tasks.
     pub fn stop(&self) -> Result<(), RuntimeError> {
         self.space
