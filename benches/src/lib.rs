@@ -11,14 +11,18 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 /// When run directly (not as a rank), launches this program as a job of `ranks` processes and exits with
-/// the job's status. Returns when this process is a rank.
+/// the job's status. Returns when this process is a rank (of a `dsmrun` or an `mpirun` job).
 pub fn run_as_job(ranks: usize) {
     run_as_job_of(ranks)
 }
 
 /// `run_as_job` for a size chosen on the command line.
 pub fn run_as_job_of(ranks: usize) {
-    if std::env::var_os("DSM_RANK").is_some() {
+    // A rank already: started by dsmrun, or by mpirun (which `Runtime::init` joins through MPI).
+    let launched = ["DSM_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    if launched {
         return;
     }
     let me = std::env::current_exe().expect("the path of this benchmark");
@@ -223,5 +227,46 @@ impl RawLink {
             }
             RawLink::None => Ok(0.0),
         }
+    }
+}
+
+/// Under `mpirun` (built with the `mpi` feature): `n` raw MPI round trips between ranks 0 and 1, a
+/// `request`-byte message answered by a `reply`-byte one, timed on rank 0 in microseconds (rank 1 answers
+/// and gets an empty list). `None` when the job was not started through MPI. Both ranks call it.
+pub fn mpi_round_trips(n: usize, request: usize, reply: usize) -> Option<Vec<f64>> {
+    #[cfg(feature = "mpi")]
+    {
+        use mpi::traits::{Communicator, Destination, Source};
+        if !mpi::environment::is_initialized() {
+            return None;
+        }
+        let world = mpi::topology::SimpleCommunicator::world();
+        let (mut ask, mut answer) = (vec![0u8; request], vec![0u8; reply]);
+        let mut samples = Vec::new();
+        match world.rank() {
+            0 => {
+                let peer = world.process_at_rank(1);
+                for _ in 0..n {
+                    let t = Instant::now();
+                    peer.send(&ask[..]);
+                    peer.receive_into(&mut answer[..]);
+                    samples.push(us(t.elapsed()));
+                }
+            }
+            1 => {
+                let peer = world.process_at_rank(0);
+                for _ in 0..n {
+                    peer.receive_into(&mut ask[..]);
+                    peer.send(&answer[..]);
+                }
+            }
+            _ => {}
+        }
+        Some(samples)
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        let _ = (n, request, reply);
+        None
     }
 }

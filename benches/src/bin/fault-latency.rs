@@ -74,6 +74,11 @@ fn main() -> anyhow::Result<()> {
     }
     dsm.barrier()?;
 
+    // Under mpirun: the raw MPI round trip between the same two processes, the floor an MPI transport
+    // would be held to.
+    let mut mpi_raw = dsm_benches::mpi_round_trips(args.faults, 64, 4096);
+    dsm.barrier()?;
+
     // Read faults of pages nobody wrote: the home answers with zeros and changes nothing on its side (no
     // write-protect, so no TLB shootdown): the fault path's own cost without the home's page action.
     let zero = dsm.alloc_vec_with::<u64>(args.faults * WORDS, Placement::At(Rank(1)))?;
@@ -159,6 +164,7 @@ fn main() -> anyhow::Result<()> {
 
     if me == Rank(0) {
         let raw_med = quantile(&mut raw, 0.5);
+        let idle_med = quantile(&mut idle_us, 0.5);
         let raw_p99 = quantile(&mut raw, 0.99);
         let eng_med = quantile(&mut engine, 0.5);
         let mut out = vec![
@@ -189,7 +195,7 @@ fn main() -> anyhow::Result<()> {
             ),
             Measurement::new(
                 "read fault, server idle, median",
-                quantile(&mut idle_us, 0.5),
+                idle_med,
                 "us",
                 raw_med,
                 RAW_ROUND_TRIP,
@@ -228,6 +234,26 @@ fn main() -> anyhow::Result<()> {
                 "",
             ),
         ];
+        if let Some(mpi) = mpi_raw.as_mut().filter(|m| !m.is_empty()) {
+            let mpi_med = quantile(mpi, 0.5);
+            let floor = "raw MPI round trip 64 B / 4 KiB";
+            out.push(Measurement::new(
+                "raw MPI round trip, median",
+                mpi_med,
+                "us",
+                mpi_med,
+                floor,
+                "(floor)",
+            ));
+            out.push(Measurement::new(
+                "read fault, server idle, median, against MPI",
+                idle_med,
+                "us",
+                mpi_med,
+                floor,
+                &format!("<= MPI floor + 15 us = {:.1}", mpi_med + 15.0),
+            ));
+        }
         for (window, mibs, faults) in bandwidth {
             out.push(Measurement::new(
                 &format!(
