@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs hello, the multi-process correctness checks (lock totals, litmus tests) and wordcount under mpirun
-# (MPICH's Hydra), with -n 2 and -n 3, built with the `mpi` feature, and checks what they print; then that
+# (MPICH's Hydra), with -n 2 and -n 3, over the TCP and the MPI transports, built with the `mpi` feature, and checks what they print; then that
 # a rank killed under mpirun ends the job with an error naming it, that ranks of different builds are
 # stopped at join, and that a program built without the feature says how to rebuild. Called by scripts/test.sh. Installs MPICH when missing (as root; otherwise
 # prints the apt-get command).
@@ -37,6 +37,9 @@ $3"
     passed=$((passed + 1))
 }
 
+# Every check over the TCP transport (the default) and over the MPI transport.
+for transport in tcp mpi; do
+export DSM_TRANSPORT=$transport
 for n in 2 3; do
     expect "of $n sees \[1000, 1001" "$n" "$(job "$n" $bin/hello)"
     expect "counter ok: $((n * 300))" "$n" "$(job "$n" $bin/dsm-check counter --rounds 300)"
@@ -50,10 +53,19 @@ for n in 2 3; do
     LC_ALL=C tr -cs "A-Za-z'" '\n' <"$sample" | tr A-Z a-z | LC_ALL=C sort | uniq -c |
         awk '$2 != "" { print $2 "\t" $1 }' | LC_ALL=C sort >"$out/pipeline"
     cat "$out"/counts/part-* | LC_ALL=C sort >"$out/ours"
-    cmp -s "$out/pipeline" "$out/ours" || fail "wordcount at $n ranks under mpirun differs from the pipeline"
+    cmp -s "$out/pipeline" "$out/ours" ||
+        fail "wordcount at $n ranks under mpirun ($transport transport) differs from the pipeline"
     passed=$((passed + 1))
     rm -rf "$out"
 done
+done
+unset DSM_TRANSPORT
+
+# A transport that does not exist: the variable named, with what it takes.
+if out=$(DSM_TRANSPORT=udp timeout 60 mpirun -n 2 $bin/hello 2>&1); then
+    fail "DSM_TRANSPORT=udp was accepted: $out"
+fi
+expect "DSM_TRANSPORT=\"udp\" is not valid: expected tcp or mpi" 2 "$out"
 
 # A rank killed under mpirun: the others end at once, naming it; nothing hangs.
 if out=$(timeout 60 mpirun -n 3 $bin/dsm-check die 2>&1); then

@@ -237,6 +237,8 @@ pub fn mpi_round_trips(n: usize, request: usize, reply: usize) -> Option<Vec<f64
     #[cfg(feature = "mpi")]
     {
         use mpi::traits::{Communicator, Destination, Source};
+        // A tag of its own: the MPI transport's messages (tags from 32000) must not be taken here.
+        const TAG: i32 = 7;
         if !mpi::environment::is_initialized() {
             return None;
         }
@@ -248,16 +250,16 @@ pub fn mpi_round_trips(n: usize, request: usize, reply: usize) -> Option<Vec<f64
                 let peer = world.process_at_rank(1);
                 for _ in 0..n {
                     let t = Instant::now();
-                    peer.send(&ask[..]);
-                    peer.receive_into(&mut answer[..]);
+                    peer.send_with_tag(&ask[..], TAG);
+                    peer.receive_into_with_tag(&mut answer[..], TAG);
                     samples.push(us(t.elapsed()));
                 }
             }
             1 => {
                 let peer = world.process_at_rank(0);
                 for _ in 0..n {
-                    peer.receive_into(&mut ask[..]);
-                    peer.send(&answer[..]);
+                    peer.receive_into_with_tag(&mut ask[..], TAG);
+                    peer.send_with_tag(&answer[..], TAG);
                 }
             }
             _ => {}

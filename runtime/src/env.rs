@@ -17,6 +17,8 @@
 //! | `DSM_STATS` | `1`: print each rank's statistics when it leaves the job | off |
 //! | `DSM_LAUNCHER_PID` | set by `dsmrun`: a rank ends itself when this process dies | unset |
 //!
+//! | `DSM_TRANSPORT` | under `mpirun` (feature `mpi`): `tcp`, connections set up through MPI, or `mpi`, the job's traffic carried by MPI messages (slower here; see docs/BENCHMARKS.md) | tcp |
+//!
 //! Under `mpirun`/`mpiexec`/`srun` (built with the `mpi` feature) the rank and size come from MPI instead of
 //! `DSM_RANK`/`DSM_SIZE`, and the token and addresses are exchanged over MPI; the launcher's own variables
 //! (`PMI_RANK`, `OMPI_COMM_WORLD_RANK`, `PMIX_RANK`, `MPI_LOCALNRANKS`, `OMPI_COMM_WORLD_LOCAL_SIZE`) are how

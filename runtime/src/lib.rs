@@ -6,6 +6,8 @@
 pub mod env;
 pub mod launch;
 #[cfg(feature = "mpi")]
+mod mpi_bridge;
+#[cfg(feature = "mpi")]
 mod mpi_join;
 mod rendezvous;
 pub mod task_farm;
@@ -156,15 +158,22 @@ impl Runtime {
             s.parse::<std::net::IpAddr>().ok()
         })?;
         let timeout = env::get("DSM_CONNECT_TIMEOUT", "seconds", env::number::<u64>)?.unwrap_or(30);
-        let joined = mpi_join::join(bind, Duration::from_secs(timeout))?;
+        let carrier = env::get("DSM_TRANSPORT", "tcp or mpi", |s| match s {
+            "tcp" => Some(mpi_join::Carrier::Tcp),
+            "mpi" => Some(mpi_join::Carrier::Mpi),
+            _ => None,
+        })?
+        .unwrap_or(mpi_join::Carrier::Tcp);
+        let joined = mpi_join::join(bind, Duration::from_secs(timeout), carrier)?;
         let mut builder = Self::options()?.rank(joined.rank, joined.size);
         if let Some(t) = joined.transport {
-            builder = builder.transport(Box::new(t));
+            builder = builder.transport(t);
         }
         let dsm = Arc::new(builder.build()?);
         let finalizer = mpi_join::Finalizer {
             universe: Some(joined.universe),
             dsm: Arc::downgrade(&dsm),
+            bridge: joined.bridge,
         };
         Ok(Runtime {
             dsm,

@@ -5,14 +5,17 @@
 //! funneled thread level is all it must provide; it is finalized when the `Runtime` is dropped, after the
 //! job's final barrier.
 
+use crate::mpi_bridge::{Bridge, MpiTransport, SEND_BUFFER};
 use crate::RuntimeError;
 use dsm::transport::tcp::TcpTransport;
+use dsm::transport::Transport;
 use dsm::Rank;
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 use mpi::Threading;
 use std::hash::Hasher;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// MPI, initialized.
@@ -24,15 +27,40 @@ pub(crate) struct Universe(mpi::environment::Universe);
 pub(crate) struct Finalizer {
     pub(crate) universe: Option<Universe>,
     pub(crate) dsm: std::sync::Weak<dsm::Dsm>,
+    pub(crate) bridge: Option<Bridge>,
 }
+
+/// How long MPI's finalization waits for the bridge thread to see every connection end.
+const BRIDGE_GRACE: Duration = Duration::from_secs(10);
 
 impl Drop for Finalizer {
     fn drop(&mut self) {
-        if let Some(u) = self.universe.take() {
-            if self.dsm.upgrade().is_some() {
-                std::mem::forget(u.0);
-            }
+        let Some(u) = self.universe.take() else {
+            return;
+        };
+        if self.dsm.upgrade().is_some() {
+            std::mem::forget(u.0);
+            return;
         }
+        let thread = self
+            .bridge
+            .as_ref()
+            .and_then(|b| b.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(t) = thread {
+            let deadline = std::time::Instant::now() + BRIDGE_GRACE;
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if !t.is_finished() {
+                eprintln!(
+                    "dsm: the MPI bridge did not end within {BRIDGE_GRACE:?}; leaving MPI unfinalized"
+                );
+                std::mem::forget(u.0);
+                return;
+            }
+            let _ = t.join();
+        }
+        drop(u);
     }
 }
 
@@ -50,8 +78,19 @@ pub(crate) struct Joined {
     pub(crate) rank: Rank,
     pub(crate) size: usize,
     /// None for a job of one rank.
-    pub(crate) transport: Option<TcpTransport>,
+    pub(crate) transport: Option<Box<dyn Transport>>,
     pub(crate) universe: Universe,
+    /// The MPI transport's bridge thread, when the job uses it.
+    pub(crate) bridge: Option<Bridge>,
+}
+
+/// How the ranks of an MPI job carry their traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Carrier {
+    /// TCP connections, set up through MPI.
+    Tcp,
+    /// MPI messages, through a bridge thread.
+    Mpi,
 }
 
 /// A fingerprint of this program's executable: ranks that run different builds would disagree on the
@@ -105,25 +144,38 @@ fn advertised(bind: IpAddr, port: u16) -> Result<SocketAddr, RuntimeError> {
         })
 }
 
-pub(crate) fn join(bind: Option<IpAddr>, timeout: Duration) -> Result<Joined, RuntimeError> {
-    let (universe, provided) =
-        mpi::initialize_with_threading(Threading::Funneled).ok_or_else(|| {
-            RuntimeError::Mpi(
-                "MPI was initialized already by something else in this process".into(),
-            )
-        })?;
-    if provided < Threading::Funneled {
+pub(crate) fn join(
+    bind: Option<IpAddr>,
+    timeout: Duration,
+    carrier: Carrier,
+) -> Result<Joined, RuntimeError> {
+    // The TCP carrier calls MPI only here, on this thread; the MPI carrier's bridge thread calls it while
+    // the program may too (a benchmark's raw round trips).
+    let needed = match carrier {
+        Carrier::Tcp => Threading::Funneled,
+        Carrier::Mpi => Threading::Multiple,
+    };
+    let (mut universe, provided) = mpi::initialize_with_threading(needed).ok_or_else(|| {
+        RuntimeError::Mpi("MPI was initialized already by something else in this process".into())
+    })?;
+    if provided < needed {
         return Err(RuntimeError::Mpi(format!(
-            "the MPI library provides thread level {provided:?}; dsm needs at least Funneled (MPI_THREAD_FUNNELED): use an MPI library built with thread support"
+            "the MPI library provides thread level {provided:?}; dsm needs {needed:?} here: use an MPI library built with thread support{}",
+            if carrier == Carrier::Mpi { ", or DSM_TRANSPORT=tcp" } else { "" }
         )));
     }
+    if carrier == Carrier::Mpi {
+        universe.set_buffer_size(SEND_BUFFER);
+    }
     let world = universe.world();
-    match connect(&world, timeout, bind) {
+    let bridge: Bridge = Arc::new(Mutex::new(None));
+    match connect(&world, timeout, bind, carrier, &bridge) {
         Ok((rank, size, transport)) => Ok(Joined {
             rank,
             size,
             transport,
             universe: Universe(universe),
+            bridge: (carrier == Carrier::Mpi).then_some(bridge),
         }),
         Err(e) => {
             // The other ranks may be inside a collective this rank will never join: end the whole job,
@@ -134,12 +186,17 @@ pub(crate) fn join(bind: Option<IpAddr>, timeout: Duration) -> Result<Joined, Ru
     }
 }
 
-/// Rank, size and (for more than one rank) the TCP transport, agreed over MPI.
+/// Rank, size and (for more than one rank) the transport.
+type Connected = (Rank, usize, Option<Box<dyn Transport>>);
+
+/// Rank, size and (for more than one rank) the transport, agreed over MPI.
 fn connect(
     world: &mpi::topology::SimpleCommunicator,
     timeout: Duration,
     bind: Option<IpAddr>,
-) -> Result<(Rank, usize, Option<TcpTransport>), RuntimeError> {
+    carrier: Carrier,
+    bridge: &Bridge,
+) -> Result<Connected, RuntimeError> {
     let rank = world.rank() as usize;
     let size = world.size() as usize;
     if size > dsm::protocol::swmr::MAX_RANKS {
@@ -160,6 +217,12 @@ fn connect(
     }
     if size == 1 {
         return Ok((Rank(0), size, None));
+    }
+    if carrier == Carrier::Mpi {
+        let transport = MpiTransport {
+            bridge: bridge.clone(),
+        };
+        return Ok((Rank(rank as u32), size, Some(Box::new(transport))));
     }
 
     let mut token = if rank == 0 {
@@ -206,6 +269,6 @@ fn connect(
     Ok((
         Rank(rank as u32),
         size,
-        Some(TcpTransport::new(listener, peers, token, timeout)),
+        Some(Box::new(TcpTransport::new(listener, peers, token, timeout))),
     ))
 }
