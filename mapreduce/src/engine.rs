@@ -216,7 +216,13 @@ impl MapReduce {
         threads: usize,
     ) -> Result<Option<JobReport>, MapReduceError> {
         let lost = |e: RuntimeError| {
-            if self.space.dsm().failed_ranks().contains(&Rank(0)) {
+            // Rank 0 failing is the master lost, whether the error says so itself or the service loop
+            // noticed first.
+            let master_failed = matches!(
+                &e,
+                RuntimeError::Dsm(dsm::DsmError::PeerFailed { rank, .. }) if *rank == Rank(0)
+            );
+            if master_failed || self.space.dsm().failed_ranks().contains(&Rank(0)) {
                 MapReduceError::MasterLost(e.to_string())
             } else {
                 MapReduceError::Runtime(e)
