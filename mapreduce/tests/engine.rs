@@ -9,54 +9,18 @@ use dsm_mapreduce::{
 };
 use dsm_runtime::{Runtime, TupleSpace};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Runs `body` on every rank of an in-process job of `ranks` ranks, each with its engine.
 fn job<F>(ranks: usize, body: F)
 where
     F: Fn(&Runtime, &MapReduce) + Send + Sync + 'static,
 {
-    let body = Arc::new(body);
-    let threads: Vec<_> = local_cluster(ranks, 3)
-        .unwrap()
-        .into_iter()
-        .enumerate()
-        .map(|(r, t)| {
-            let body = body.clone();
-            std::thread::spawn(move || {
-                let dsm = Dsm::builder()
-                    .rank(Rank(r as u32), ranks)
-                    .channels(3)
-                    .transport(Box::new(t))
-                    .build()
-                    .unwrap();
-                let rt = Runtime::from_dsm(dsm);
-                let space = TupleSpace::join(&rt).unwrap();
-                let mr = MapReduce::new(&space).unwrap();
-                // A rank that fails its checks would leave the others waiting for ever: end the test
-                // process instead, saying why on the real stderr (the test harness captures the panic
-                // message, and would lose it with the process).
-                let run = std::panic::AssertUnwindSafe(|| body(&rt, &mr));
-                if let Err(panic) = std::panic::catch_unwind(run) {
-                    let why = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default();
-                    let _ = writeln!(std::io::stderr(), "rank {r} failed a check: {why}");
-                    std::process::exit(101);
-                }
-                drop(mr);
-                drop(space);
-                rt.finish().unwrap();
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().expect("a rank panicked");
-    }
+    dsm_runtime::local::run_local_job(ranks, 3, move |rt| {
+        let space = TupleSpace::join(rt).unwrap();
+        let mr = MapReduce::new(&space).unwrap();
+        body(rt, &mr);
+    });
 }
 
 /// A fresh directory for one test.

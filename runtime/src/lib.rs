@@ -5,6 +5,7 @@
 
 pub mod env;
 pub mod launch;
+pub mod local;
 #[cfg(feature = "mpi")]
 mod mpi_bridge;
 #[cfg(feature = "mpi")]

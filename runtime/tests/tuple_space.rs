@@ -1,8 +1,7 @@
 //! The tuple space with ranks as threads over the in-process transport: the same service loop, channels and
 //! homes as multi-process jobs (those are tested in `examples/tests`), in milliseconds.
 
-use dsm::transport::local::local_cluster;
-use dsm::{Dsm, Rank};
+use dsm::Rank;
 use dsm_runtime::{template, tuple, Runtime, RuntimeError, TaskFarm, TupleSpace};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,36 +11,10 @@ fn job<F>(ranks: usize, builder: fn() -> dsm_runtime::SpaceBuilder, body: F)
 where
     F: Fn(&Runtime, &TupleSpace) + Send + Sync + 'static,
 {
-    let body = Arc::new(body);
-    let transports = local_cluster(ranks, 3).unwrap();
-    let threads: Vec<_> = transports
-        .into_iter()
-        .enumerate()
-        .map(|(r, t)| {
-            let body = body.clone();
-            std::thread::spawn(move || {
-                let dsm = Dsm::builder()
-                    .rank(Rank(r as u32), ranks)
-                    .channels(3)
-                    .transport(Box::new(t))
-                    .build()
-                    .unwrap();
-                let rt = Runtime::from_dsm(dsm);
-                let space = builder().join(&rt).unwrap();
-                // A rank that fails its checks would leave the others waiting at a barrier for ever: end
-                // the whole test process instead (the panic message is printed first).
-                let run = std::panic::AssertUnwindSafe(|| body(&rt, &space));
-                if std::panic::catch_unwind(run).is_err() {
-                    std::process::exit(101);
-                }
-                drop(space);
-                rt.finish().unwrap();
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().expect("a rank panicked");
-    }
+    dsm_runtime::local::run_local_job(ranks, 3, move |rt| {
+        let space = builder().join(rt).unwrap();
+        body(rt, &space);
+    });
 }
 
 fn plain() -> dsm_runtime::SpaceBuilder {
