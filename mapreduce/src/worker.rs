@@ -241,6 +241,10 @@ impl<J: Job> Worker<'_, J> {
         let me = self.dsm.rank();
         let mut readers = Vec::new();
         let mut fetched = 0u64;
+        // One read buffer per run: 64 KiB each while the runs' buffers fit in a quarter of the budget,
+        // smaller (down to 4 KiB) when a partition has very many runs.
+        let runs: u64 = sources.iter().map(|s| u64::from(s.runs)).sum();
+        let buffer = (self.budget / 4 / runs.max(1)).clamp(4 << 10, 64 << 10) as usize;
         for s in sources {
             for run in 0..s.runs {
                 let rid = RunId {
@@ -257,7 +261,7 @@ impl<J: Job> Worker<'_, J> {
                     let path = rid.path(self.root);
                     let f = File::open(&path)
                         .map_err(|e| failed(format!("opening {}: {e}", path.display())))?;
-                    Box::new(BufReader::with_capacity(64 << 10, f))
+                    Box::new(BufReader::with_capacity(buffer, f))
                 } else {
                     let bytes = match shuffle::fetch(self.dsm, Rank(s.holder), rid) {
                         Ok(b) => b,
@@ -276,7 +280,7 @@ impl<J: Job> Worker<'_, J> {
                             .map_err(|e| failed(format!("opening {}: {e}", path.display())))?;
                         // Open, it stays readable; unlinked, its space goes back once it is read.
                         let _ = std::fs::remove_file(&path);
-                        Box::new(BufReader::with_capacity(64 << 10, f))
+                        Box::new(BufReader::with_capacity(buffer, f))
                     }
                 };
                 readers.push(RunReader::new(src, what));
