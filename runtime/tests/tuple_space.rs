@@ -289,3 +289,23 @@ fn a_task_farm_does_every_task_once() {
         rt.dsm().barrier().unwrap();
     });
 }
+
+#[test]
+fn withdrawn_tasks_are_not_done() {
+    job(2, plain, |rt, space| {
+        let farm = TaskFarm::new(space, "withdrawn", Rank(0));
+        if rt.rank().0 == 0 {
+            farm.put((0..100u64).map(|i| (i, i))).unwrap();
+            // Nobody serves yet: every task is still in the bag.
+            assert_eq!(farm.withdraw().unwrap(), 100);
+            assert_eq!(farm.withdraw().unwrap(), 0);
+            farm.stop().unwrap();
+        }
+        rt.dsm().barrier().unwrap();
+        if rt.rank().0 == 1 {
+            let done = farm.serve(|_, x: u64| x).unwrap();
+            assert_eq!(done, 0, "only the stop mark was left");
+        }
+        rt.dsm().barrier().unwrap();
+    });
+}
