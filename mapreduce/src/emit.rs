@@ -165,7 +165,8 @@ pub(crate) fn sort_and_combine<K: Ord, V>(
     mut pairs: Vec<(K, V)>,
     combiner: Option<Combiner<V>>,
 ) -> Vec<(K, V)> {
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    // Unstable: keys are unique after combining, and a key's values reach reduce in no particular order.
+    pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let Some(combine) = combiner else {
         return pairs;
     };
