@@ -19,10 +19,7 @@ pub fn run_as_job(ranks: usize) {
 /// `run_as_job` for a size chosen on the command line.
 pub fn run_as_job_of(ranks: usize) {
     // A rank already: started by dsmrun, or by mpirun (which `Runtime::init` joins through MPI).
-    let launched = ["DSM_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some());
-    if launched {
+    if dsm_runtime::started_as_rank() {
         return;
     }
     let me = std::env::current_exe().expect("the path of this benchmark");

@@ -2,7 +2,7 @@
 //! the same service loop and channels as multi-process jobs; and a service loop that receives malformed
 //! frames from a peer treats that peer as failed without panicking.
 
-use dsm::transport::local::local_cluster;
+use dsm::transport::local::run_local_job;
 use dsm::transport::{Mesh, Transport};
 use dsm::{Dsm, DsmError, FailurePolicy, Placement, Rank};
 use std::io::Write;
@@ -13,27 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn job<F: Fn(Dsm) + Send + Sync + 'static>(ranks: usize, body: F) {
-    let body = Arc::new(body);
-    let transports = local_cluster(ranks, 2).unwrap();
-    let threads: Vec<_> = transports
-        .into_iter()
-        .enumerate()
-        .map(|(r, t)| {
-            let body = body.clone();
-            std::thread::spawn(move || {
-                let dsm = Dsm::builder()
-                    .rank(Rank(r as u32), ranks)
-                    .channels(2)
-                    .transport(Box::new(t))
-                    .build()
-                    .unwrap();
-                body(dsm);
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().expect("a rank panicked");
-    }
+    run_local_job(ranks, 2, body);
 }
 
 #[test]

@@ -102,6 +102,14 @@ const MPI_VARS: &[&str] = &[
     "MPI_LOCALRANKID",
 ];
 
+/// Whether this process was started as a rank of a job, by `dsmrun` or by an MPI launcher (rather than
+/// run directly, which makes it a job of one rank).
+pub fn started_as_rank() -> bool {
+    std::iter::once(&"DSM_RANK")
+        .chain(MPI_VARS)
+        .any(|v| std::env::var_os(v).is_some())
+}
+
 impl Runtime {
     /// Joins the job this process belongs to.
     pub fn init() -> Result<Runtime, RuntimeError> {

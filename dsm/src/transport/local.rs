@@ -66,3 +66,52 @@ impl Transport for LocalTransport {
         true
     }
 }
+
+/// Runs `body` on every rank of an in-process job of `ranks` ranks with `channels` channels each (every
+/// rank a thread with its own `Dsm`), and returns when all have returned. A rank whose body panics would
+/// leave the others waiting for ever at their next collective operation, so the panic's message goes to the
+/// process's own standard error (a test harness capturing output would lose it) and the process exits with
+/// status 101. For tests.
+pub fn run_local_job<F>(ranks: usize, channels: usize, body: F)
+where
+    F: Fn(crate::Dsm) + Send + Sync + 'static,
+{
+    let body = std::sync::Arc::new(body);
+    let transports = local_cluster(ranks, channels)
+        .unwrap_or_else(|e| fail(&format!("making an in-process job of {ranks} ranks: {e}")));
+    let threads: Vec<_> = transports
+        .into_iter()
+        .enumerate()
+        .map(|(r, t)| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let dsm = crate::Dsm::builder()
+                    .rank(Rank(r as u32), ranks)
+                    .channels(channels)
+                    .transport(Box::new(t))
+                    .build()
+                    .unwrap_or_else(|e| fail(&format!("rank {r}: joining: {e}")));
+                let run = std::panic::AssertUnwindSafe(|| body(dsm));
+                if let Err(panic) = std::panic::catch_unwind(run) {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    fail(&format!("rank {r} panicked: {why}"));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        if t.join().is_err() {
+            fail("a rank's thread panicked");
+        }
+    }
+}
+
+fn fail(why: &str) -> ! {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "in-process job: {why}");
+    std::process::exit(101)
+}

@@ -289,11 +289,8 @@ fn spawn(procs: usize, keep_going: bool) -> anyhow::Result<i32> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(procs) = args.procs {
-        let launched = ["DSM_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"]
-            .iter()
-            .any(|v| std::env::var_os(v).is_some());
         anyhow::ensure!(
-            !launched,
+            !dsm_runtime::started_as_rank(),
             "--procs starts ranks itself: leave it out under dsmrun or mpirun"
         );
         anyhow::ensure!(procs >= 1, "--procs must be at least 1");
