@@ -55,6 +55,8 @@ struct Link {
     local_done: bool,
     /// The peer's end arrived (the socket is shut for writing once `pending` is out).
     remote_done: bool,
+    /// The socket has been shut for writing.
+    shut: bool,
 }
 
 /// The first MPI tag of the transport's messages on `MPI_COMM_WORLD`: tags from here up to
@@ -125,6 +127,7 @@ impl Link {
             written: 0,
             local_done: false,
             remote_done: false,
+            shut: false,
         }
     }
 
@@ -147,8 +150,9 @@ impl Link {
         }
         self.pending.clear();
         self.written = 0;
-        if self.remote_done {
+        if self.remote_done && !self.shut {
             let _ = self.stream.shutdown(Shutdown::Write);
+            self.shut = true;
         }
         moved
     }
@@ -207,7 +211,7 @@ fn bridge(mut links: Vec<Link>, route: HashMap<(i32, i32), usize>, channels: usi
         }
         for l in links
             .iter_mut()
-            .filter(|l| !l.pending.is_empty() || l.remote_done)
+            .filter(|l| !l.pending.is_empty() || (l.remote_done && !l.shut))
         {
             moved |= l.flush();
         }
