@@ -237,8 +237,9 @@ impl DsmBuilder {
         self
     }
 
-    /// The largest sequential read-ahead window in pages (default 256 = 1 MiB; 1 turns read-ahead off). Read-ahead
-    /// fetches the following pages with the same home when faults walk a region in order.
+    /// The largest sequential read-ahead window in pages, 1 to [`MAX_READAHEAD`] (the default, 4 MiB; 1 turns
+    /// read-ahead off). Read-ahead fetches the following pages with the same home when faults walk a region
+    /// in order; the window doubles from one page on each fault that continues the walk.
     pub fn readahead(mut self, pages: u32) -> Self {
         self.readahead = pages;
         self
@@ -433,6 +434,11 @@ impl Dsm {
     /// A snapshot of this rank's counters.
     pub fn stats(&self) -> Stats {
         self.shared.counters.snapshot()
+    }
+
+    /// This rank's largest sequential read-ahead window, in pages.
+    pub fn readahead(&self) -> u32 {
+        self.shared.readahead.load(Ordering::Relaxed)
     }
 
     /// Changes this rank's largest sequential read-ahead window (1 turns read-ahead off). Not collective:

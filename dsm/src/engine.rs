@@ -29,8 +29,9 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// The most pages one read-ahead reply carries.
-pub(crate) const MAX_READAHEAD: u32 = 256;
+/// The most pages one read-ahead reply carries, and the default largest window (4 MiB): see
+/// `docs/ARCHITECTURE.md`, "Read-ahead replies are installed as they arrive", for the measurements.
+pub const MAX_READAHEAD: u32 = 1024;
 
 /// The largest request frame a service loop accepts (requests carry diffs and write notices).
 const MAX_REQUEST: usize = 16 << 20;

@@ -24,7 +24,7 @@ mod uffd;
 mod wire;
 
 pub use crate::dsm::{Dsm, DsmBuilder, FailurePolicy, LockGuard, DEFAULT_ARENA_BASE};
-pub use crate::engine::ServicePriority;
+pub use crate::engine::{ServicePriority, MAX_READAHEAD};
 pub use crate::error::{DsmError, Result};
 pub use crate::region::{Consistency, GlobalVec, Placement, Region};
 pub use crate::service::{Responder, Service, ServiceId, MAX_SERVICES};

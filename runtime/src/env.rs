@@ -7,7 +7,7 @@
 //! | `DSM_TOKEN` | the job's secret, 64 hex digits (set by `dsmrun`, fresh for every job) | required when `DSM_SIZE` > 1 |
 //! | `DSM_BIND` | the address this rank's listener binds to (under `mpirun`, `0.0.0.0` listens on all and advertises the address the host name resolves to) | `127.0.0.1`; under `mpirun` across hosts `0.0.0.0` |
 //! | `DSM_CHANNELS` | threads of a rank that can fault or call into the job at once, 2 to 64 (one is kept for faults) | 4 |
-//! | `DSM_READAHEAD` | largest sequential read-ahead window in pages, 1 to 256 (1 = off); the window doubles from 1 page on each sequential fault | 256 |
+//! | `DSM_READAHEAD` | largest sequential read-ahead window in pages, 1 to 1024 (1 = off); the window doubles from 1 page on each sequential fault | 1024 (4 MiB) |
 //! | `DSM_ARENA_SIZE` | bytes of address space reserved for shared regions (suffixes K, M, G, T) | 1T |
 //! | `DSM_ARENA_BASE` | where rank 0 reserves the arena (hex), when the default range is taken | kernel's choice |
 //! | `DSM_CONNECT_TIMEOUT` | seconds to wait for every rank to connect | 30 |

@@ -216,7 +216,7 @@ impl Runtime {
         }
         if let Some(r) = env::get(
             "DSM_READAHEAD",
-            "a number of pages, 1 to 256",
+            "a number of pages, 1 to 1024",
             env::number::<u32>,
         )? {
             b = b.readahead(r);
