@@ -27,6 +27,7 @@ use crate::{template, tuple, RuntimeError, TupleSpace};
 use dsm::Rank;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::time::{Duration, Instant};
 
 /// The task id that tells workers to stop (it is put back for the next worker).
 const STOP: u64 = u64::MAX;
@@ -35,22 +36,29 @@ const STOP: u64 = u64::MAX;
 #[derive(Debug, Clone)]
 pub struct TaskFarm {
     space: TupleSpace,
+    /// The first field of task tuples.
     key: String,
+    /// The first field of result tuples.
+    results_key: String,
 }
 
 impl TaskFarm {
     /// The farm `name` whose master (and bag) is `master`. Every rank that takes part builds it with the
     /// same arguments.
     pub fn new(space: &TupleSpace, name: &str, master: Rank) -> TaskFarm {
-        // Tasks and results have the same first field and arity, so they share one home: a worker ends a
-        // lease and puts its result in one step. Pick the first field so that this home is the master.
-        let key = (0u64..)
-            .map(|k| format!("{name}#{k}"))
-            .find(|k| space.home_of(Some(&k.as_str().into()), 4) == master)
-            .expect("some suffix hashes to every rank");
+        // Tasks and results share one home, the master: a worker ends a lease and puts its result in one
+        // step. They have first fields of their own, so that each kind has its own bucket there: taking a
+        // result never scans past the tasks still in the bag, nor a task past results not yet collected.
+        let homed_at_master = |prefix: String| {
+            (0u64..)
+                .map(|k| format!("{prefix}#{k}"))
+                .find(|k| space.home_of(Some(&k.as_str().into()), 4) == master)
+                .expect("some suffix hashes to every rank")
+        };
         TaskFarm {
             space: space.clone(),
-            key,
+            key: homed_at_master(name.to_string()),
+            results_key: homed_at_master(format!("{name}#results")),
         }
     }
 
@@ -63,7 +71,12 @@ impl TaskFarm {
             what: format!("{kind} {id}"),
             reason: e.to_string(),
         })?;
-        Ok(tuple!(self.key.as_str(), kind, id, bytes))
+        let key = if kind == "result" {
+            &self.results_key
+        } else {
+            &self.key
+        };
+        Ok(tuple!(key.as_str(), kind, id, bytes))
     }
 
     /// Puts tasks into the bag: `(id, task)` pairs, ids below `u64::MAX` (that one means stop).
@@ -86,7 +99,7 @@ impl TaskFarm {
 
     /// Waits for `n` results and returns them as `(task id, result)`, in the order they came.
     pub fn results<R: DeserializeOwned>(&self, n: usize) -> Result<Vec<(u64, R)>, RuntimeError> {
-        let wanted = template!(self.key.as_str(), "result", ?u64, ?Vec<u8>);
+        let wanted = template!(self.results_key.as_str(), "result", ?u64, ?Vec<u8>);
         (0..n)
             .map(|_| {
                 let t = self.space.in_(&wanted)?;
@@ -114,26 +127,97 @@ impl TaskFarm {
     }
 
     /// Takes tasks and runs `f` on each until the farm stops; returns the number of tasks this worker did.
+    ///
+    /// Tasks that take less time than a round trip to the bag are taken several at a time (see [`Batch`]):
+    /// each trip ends the leases of the tasks just done, puts their results, and leases the next ones.
     pub fn serve<T: DeserializeOwned, R: Serialize>(
         &self,
         mut f: impl FnMut(u64, T) -> R,
     ) -> Result<usize, RuntimeError> {
         let tasks = self.tasks();
-        let mut lease = self.space.in_leased(&tasks)?;
+        let mut leases = vec![self.space.in_leased(&tasks)?];
+        let mut batch = Batch::default();
         let mut done = 0;
         loop {
-            let id = lease.tuple.get::<u64>(2)?;
-            if id == STOP {
+            let started = Instant::now();
+            let (mut ended, mut results, mut stop) = (Vec::new(), Vec::new(), None);
+            for lease in leases {
+                let id = lease.tuple.get::<u64>(2)?;
+                if id == STOP {
+                    stop = Some(lease);
+                    continue;
+                }
+                let task = decode(&lease.tuple, "task", id)?;
+                results.push(self.encode("result", id, &f(id, task))?);
+                ended.push(lease);
+            }
+            let ran = ended.len();
+            done += ran;
+            if let Some(mark) = stop {
                 // Leave the stop mark for the other workers.
-                let mark = lease.tuple.clone();
-                self.space.complete(lease, vec![mark])?;
+                results.push(mark.tuple.clone());
+                ended.push(mark);
+                self.space.complete_many(ended, results)?;
                 return Ok(done);
             }
-            let task = decode(&lease.tuple, "task", id)?;
-            let result = self.encode("result", id, &f(id, task))?;
-            lease = self.space.complete_and_lease(lease, vec![result], &tasks)?;
-            done += 1;
+            let work = started.elapsed();
+            let trip = Instant::now();
+            leases = self
+                .space
+                .complete_and_lease_many(ended, results, &tasks, batch.more())?;
+            batch.observe(work, ran, trip.elapsed());
         }
+    }
+}
+
+/// How many tasks a worker takes per trip to the bag: about as many as it runs in one round trip, so that
+/// tiny tasks do not each pay a trip while a task longer than a trip is taken alone (load stays balanced
+/// to within about one round trip of work). Between 1 and [`Batch::MAX`].
+#[derive(Debug, Clone, Copy)]
+struct Batch {
+    /// Estimated time of one task, in nanoseconds (a moving average).
+    task_ns: f64,
+    /// Estimated round trip, in nanoseconds: follows a faster trip at once and a slower one slowly (by at
+    /// most an eighth per trip), since a trip that waited for the master to put tasks says nothing about
+    /// the link.
+    trip_ns: f64,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        // No measurement yet: one task per trip.
+        Batch {
+            task_ns: f64::INFINITY,
+            trip_ns: 0.0,
+        }
+    }
+}
+
+impl Batch {
+    const MAX: u32 = 64;
+
+    /// How many tasks to take beyond the first.
+    fn more(&self) -> u32 {
+        let n = self.trip_ns / self.task_ns.max(1.0);
+        (n as u32).clamp(1, Self::MAX) - 1
+    }
+
+    /// `ran` tasks took `work` in all; the trip that ended them and fetched the next took `trip`.
+    fn observe(&mut self, work: Duration, ran: usize, trip: Duration) {
+        if ran > 0 {
+            let per_task = work.as_nanos() as f64 / ran as f64;
+            self.task_ns = if self.task_ns.is_finite() {
+                0.75 * self.task_ns + 0.25 * per_task
+            } else {
+                per_task
+            };
+        }
+        let t = trip.as_nanos() as f64;
+        self.trip_ns = if self.trip_ns == 0.0 || t < self.trip_ns {
+            t
+        } else {
+            self.trip_ns + (t.min(2.0 * self.trip_ns) - self.trip_ns) / 8.0
+        };
     }
 }
 
@@ -143,4 +227,48 @@ fn decode<T: DeserializeOwned>(t: &Tuple, kind: &str, id: u64) -> Result<T, Runt
         what: format!("{kind} {id}"),
         reason: format!("does not decode as the type asked for: {e}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
+
+    #[test]
+    fn a_worker_takes_one_task_until_it_has_measured() {
+        assert_eq!(Batch::default().more(), 0);
+    }
+
+    #[test]
+    fn tiny_tasks_are_taken_many_per_trip_and_long_ones_alone() {
+        let mut tiny = Batch::default();
+        tiny.observe(us(1), 1, us(100));
+        assert_eq!(
+            tiny.more(),
+            Batch::MAX - 1,
+            "100 tasks fit in a trip: capped"
+        );
+        // 20 us a task now: the average moves to 5.75 us, 17 tasks per 100 us trip.
+        tiny.observe(us(200), 10, us(100));
+        assert_eq!(tiny.more(), 16, "{tiny:?}");
+
+        let mut long = Batch::default();
+        long.observe(Duration::from_millis(50), 1, us(100));
+        assert_eq!(long.more(), 0);
+    }
+
+    #[test]
+    fn a_trip_that_waited_for_tasks_raises_the_batch_only_a_little() {
+        let mut b = Batch::default();
+        b.observe(us(10), 1, us(100));
+        let before = b.more();
+        b.observe(us(10), 1, Duration::from_millis(10));
+        assert_eq!(b.trip_ns, 112_500.0, "{b:?}");
+        assert_eq!(b.more(), before + 1);
+        b.observe(us(10), 1, us(80));
+        assert_eq!(b.trip_ns, 80_000.0, "a faster trip is believed at once");
+    }
 }

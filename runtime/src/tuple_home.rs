@@ -35,12 +35,14 @@ pub(crate) enum Ask {
     Cancel { ticket: u64 },
     /// How many tuples match.
     Count(Template),
-    /// The task held under `lease` is done: drop the lease and add `results` (homed here), in one step;
-    /// then, with `next`, lease the next tuple matching it (waiting for one).
+    /// The tasks held under `leases` are done: drop the leases and add `results` (homed here), in one
+    /// step; then, with `next`, lease the next tuple matching it (waiting for one) and, when that tuple is
+    /// here at once, up to `more` further ones that are (a worker taking several small tasks per trip).
     Complete {
-        lease: u64,
+        leases: Vec<u64>,
         results: Vec<Tuple>,
         next: Option<(Template, u64)>,
+        more: u32,
     },
     /// Run the registered function on `args` and `out` its result.
     Eval { function: String, args: Tuple },
@@ -53,6 +55,8 @@ pub(crate) enum Answer {
     Done,
     /// A tuple, and its lease when one was asked for.
     Found { tuple: Tuple, lease: Option<u64> },
+    /// Several tuples taken under leases (a `Complete` that asked for `more`), with their leases.
+    Leased(Vec<(Tuple, u64)>),
     /// No match (non-blocking find).
     NotFound,
     /// The waiting find was cancelled before a tuple came.
@@ -234,26 +238,50 @@ impl State {
         }
     }
 
-    /// Ends lease `lease` held by `holder` and adds `results`, in one step.
+    /// Ends the leases `leases` held by `holder` and adds `results`, in one step: nothing changes unless
+    /// `holder` holds every one of them.
     fn complete(
         &mut self,
         holder: Rank,
-        lease: u64,
+        leases: &[u64],
         results: Vec<Tuple>,
         outbox: &mut Outbox,
     ) -> Result<(), String> {
-        match self.leases.get(&lease) {
-            Some((h, _)) if *h == holder => {
-                self.leases.remove(&lease);
-                results
-                    .into_iter()
-                    .try_for_each(|t| self.out(t, outbox))
-                    .map_err(|e| e.to_string())
-            }
-            _ => Err(format!(
+        if let Some(lease) = leases
+            .iter()
+            .find(|l| !matches!(self.leases.get(l), Some((h, _)) if *h == holder))
+        {
+            return Err(format!(
                 "lease {lease} is not held by {holder} (completed twice, or given back when its holder was thought failed)"
-            )),
+            ));
         }
+        for lease in leases {
+            self.leases.remove(lease);
+        }
+        results
+            .into_iter()
+            .try_for_each(|t| self.out(t, outbox))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Up to `more` further tuples matching `template` that are here now, leased to `holder`.
+    fn lease_more(
+        &mut self,
+        holder: Rank,
+        template: &Template,
+        more: u32,
+    ) -> Result<Vec<(Tuple, u64)>, TupleError> {
+        let mut taken = Vec::new();
+        while taken.len() < more as usize {
+            match self.find(holder, template, Mode::Take, true)? {
+                Some(Found {
+                    tuple,
+                    lease: Some(id),
+                }) => taken.push((tuple, id)),
+                _ => break,
+            }
+        }
+        Ok(taken)
     }
 }
 
@@ -328,17 +356,27 @@ impl Home {
         self.state().store.count(template)
     }
 
-    /// Ends lease `lease` held by `holder`, adding `results` in the same step.
+    /// Ends the leases `leases` held by `holder`, adding `results` in the same step.
     pub(crate) fn complete(
         &self,
         holder: Rank,
-        lease: u64,
+        leases: &[u64],
         results: Vec<Tuple>,
     ) -> Result<(), String> {
         let mut outbox = Outbox::default();
-        let result = self.state().complete(holder, lease, results, &mut outbox);
+        let result = self.state().complete(holder, leases, results, &mut outbox);
         outbox.send();
         result
+    }
+
+    /// Up to `more` tuples matching `template` that are here now, leased to `holder`.
+    pub(crate) fn lease_now(
+        &self,
+        holder: Rank,
+        template: &Template,
+        more: u32,
+    ) -> Result<Vec<(Tuple, u64)>, TupleError> {
+        self.state().lease_more(holder, template, more)
     }
 
     /// Queues an `eval` for this rank's evaluator.
@@ -408,15 +446,38 @@ impl Home {
             }
             Ask::Count(template) => Some((reply, Answer::Count(s.store.count(&template) as u64))),
             Ask::Complete {
-                lease,
+                leases,
                 results,
                 next,
-            } => match s.complete(from, lease, results, &mut outbox) {
+                more,
+            } => match s.complete(from, &leases, results, &mut outbox) {
                 Err(e) => Some((reply, Answer::Refused(e))),
                 Ok(()) => match next {
                     None => Some((reply, Answer::Done)),
                     Some((template, ticket)) => {
-                        s.find_for(from, template, Mode::Take, true, Some(ticket), reply)
+                        let extra = (more > 0).then(|| template.clone());
+                        match (
+                            s.find_for(from, template, Mode::Take, true, Some(ticket), reply),
+                            extra,
+                        ) {
+                            // The first tuple was here: add what else is, up to `more`.
+                            (
+                                Some((
+                                    reply,
+                                    Answer::Found {
+                                        tuple,
+                                        lease: Some(id),
+                                    },
+                                )),
+                                Some(extra),
+                            ) => {
+                                let mut taken = vec![(tuple, id)];
+                                // `find_for` checked the template, and checking is all this can fail on.
+                                taken.extend(s.lease_more(from, &extra, more).unwrap_or_default());
+                                Some((reply, Answer::Leased(taken)))
+                            }
+                            (now, _) => now,
+                        }
                     }
                 },
             },

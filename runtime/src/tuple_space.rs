@@ -324,7 +324,9 @@ impl TupleSpace {
     /// put first, so a failure between the two may put them twice: give results the leased tuple's first
     /// field and arity to have them put exactly once).
     pub fn complete(&self, lease: Lease, results: Vec<Tuple>) -> Result<(), RuntimeError> {
-        self.inner.complete(lease, results, None).map(|_| ())
+        self.inner
+            .complete(vec![lease], results, None, 0)
+            .map(|_| ())
     }
 
     /// [`TupleSpace::complete`], then [`TupleSpace::in_leased`] with `next` (homed where the lease is), in
@@ -335,12 +337,39 @@ impl TupleSpace {
         results: Vec<Tuple>,
         next: &Template,
     ) -> Result<Lease, RuntimeError> {
+        let mut taken = self.complete_and_lease_many(vec![lease], results, next, 0)?;
+        taken.pop().ok_or_else(|| RuntimeError::Refused {
+            rank: self.inner.me,
+            reason: format!("a leased find for {next:?} came back empty"),
+        })
+    }
+
+    /// [`TupleSpace::complete`] for several leases and their results at once.
+    pub(crate) fn complete_many(
+        &self,
+        leases: Vec<Lease>,
+        results: Vec<Tuple>,
+    ) -> Result<(), RuntimeError> {
+        self.inner.complete(leases, results, None, 0).map(drop)
+    }
+
+    /// Ends every lease in `leases` and puts `results` (as [`TupleSpace::complete`]), then takes a tuple
+    /// matching `next` under a lease, waiting until there is one, and with it up to `more` further matching
+    /// tuples that its home holds at that moment, all in one round trip when `next` is homed where the
+    /// leases are. Returns at least one lease. This is how a worker takes several small tasks per trip.
+    pub(crate) fn complete_and_lease_many(
+        &self,
+        leases: Vec<Lease>,
+        results: Vec<Tuple>,
+        next: &Template,
+        more: u32,
+    ) -> Result<Vec<Lease>, RuntimeError> {
         next.check()?;
-        let found = self.inner.complete(lease, results, Some(next))?;
-        match found {
-            Some(found) => self.inner.lease_of(next, found),
-            None => self.in_leased(next),
+        let taken = self.inner.complete(leases, results, Some(next), more)?;
+        if taken.is_empty() {
+            return Ok(vec![self.in_leased(next)?]);
         }
+        Ok(taken)
     }
 }
 
@@ -516,52 +545,86 @@ impl Inner {
         }
     }
 
+    /// Ends `leases` and puts `results`; then, with `next` homed where the leases are, leases a tuple
+    /// matching it (waiting for one) and up to `more` further ones present at that home. Returns what it
+    /// leased: nothing when `next` is `None` or homed elsewhere (the caller asks for it itself).
     fn complete(
         &self,
-        lease: Lease,
+        mut leases: Vec<Lease>,
         results: Vec<Tuple>,
         next: Option<&Template>,
-    ) -> Result<Option<(Found, Rank)>, RuntimeError> {
+        more: u32,
+    ) -> Result<Vec<Lease>, RuntimeError> {
+        let Some(home) = leases.first().map(|l| l.home) else {
+            return Err(RuntimeError::Refused {
+                rank: self.me,
+                reason: "no lease to complete".into(),
+            });
+        };
+        // Leases homed elsewhere (a caller mixing tuples of several homes) end one by one first.
+        let (ours, others): (Vec<Lease>, Vec<Lease>) =
+            leases.drain(..).partition(|l| l.home == home);
+        for other in others {
+            self.complete(vec![other], Vec::new(), None, 0)?;
+        }
+        let ids: Vec<u64> = ours.iter().map(|l| l.id).collect();
         let (here, elsewhere): (Vec<Tuple>, Vec<Tuple>) = results
             .into_iter()
-            .partition(|t| home_of(t.0.first(), t.arity(), self.size) == lease.home);
+            .partition(|t| home_of(t.0.first(), t.arity(), self.size) == home);
         for t in elsewhere {
             self.out(t)?;
         }
         for t in &here {
             t.check()?;
         }
-        // `next` rides along only when its tuples are homed where the lease is.
-        let next = next.filter(|n| self.template_home(n) == Some(lease.home));
-        if lease.home == self.me {
+        // `next` rides along only when its tuples are homed where the leases are.
+        let next = next.filter(|n| self.template_home(n) == Some(home));
+        let leased = |(tuple, id): (Tuple, u64)| Lease { tuple, home, id };
+        if home == self.me {
             self.home
-                .complete(self.me, lease.id, here)
+                .complete(self.me, &ids, here)
                 .map_err(|reason| RuntimeError::Refused {
                     rank: self.me,
                     reason,
                 })?;
-            return match next {
-                Some(n) => Ok(self
-                    .find_here(n, Mode::Take, true, Wait::Until(None))?
-                    .map(|f| (f, lease.home))),
-                None => Ok(None),
+            let Some(n) = next else {
+                return Ok(Vec::new());
             };
+            let Some(first) = self.find_here(n, Mode::Take, true, Wait::Until(None))? else {
+                return Ok(Vec::new());
+            };
+            let mut taken = vec![self.lease_of(n, (first, home))?];
+            taken.extend(
+                self.home
+                    .lease_now(self.me, n, more)?
+                    .into_iter()
+                    .map(leased),
+            );
+            return Ok(taken);
         }
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let ask = Ask::Complete {
-            lease: lease.id,
+            leases: ids,
             results: here,
             next: next.map(|n| (n.clone(), ticket)),
+            more,
         };
         let answer = if next.is_some() {
-            self.ask_waiting(lease.home, &ask, None, ticket)?
+            self.ask_waiting(home, &ask, None, ticket)?
         } else {
-            self.ask(lease.home, &ask)?
+            self.ask(home, &ask)?
         };
-        match answer {
-            Answer::Done if next.is_none() => Ok(None),
-            Answer::Found { tuple, lease: l } => Ok(Some((Found { tuple, lease: l }, lease.home))),
-            other => Err(unexpected(lease.home, other)),
+        match (answer, next) {
+            (Answer::Done, None) => Ok(Vec::new()),
+            (Answer::Found { tuple, lease }, Some(n)) => {
+                Ok(vec![self.lease_of(n, (Found { tuple, lease }, home))?])
+            }
+            (Answer::Leased(taken), Some(_))
+                if !taken.is_empty() && taken.len() <= more as usize + 1 =>
+            {
+                Ok(taken.into_iter().map(leased).collect())
+            }
+            (other, _) => Err(unexpected(home, other)),
         }
     }
 

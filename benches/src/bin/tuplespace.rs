@@ -99,7 +99,7 @@ fn main() -> anyhow::Result<()> {
     // Bag of empty tasks.
     let farm = TaskFarm::new(&space, "bench", Rank(0));
     let t = Instant::now();
-    std::thread::scope(|s| -> anyhow::Result<()> {
+    let mine = std::thread::scope(|s| -> anyhow::Result<usize> {
         let worker = s.spawn(|| farm.serve(|_, ()| ()));
         if me == Rank(0) {
             farm.put((0..args.tasks).map(|i| (i, ())))?;
@@ -107,12 +107,22 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(results.len() as u64 == args.tasks, "results are missing");
             farm.stop()?;
         }
-        worker
+        Ok(worker
             .join()
-            .map_err(|_| anyhow::anyhow!("a worker panicked"))??;
-        Ok(())
+            .map_err(|_| anyhow::anyhow!("a worker panicked"))??)
     })?;
     let bag = args.tasks as f64 / t.elapsed().as_secs_f64();
+    // How the tasks spread: the master's own worker takes tasks without the network, so the share the
+    // other ranks did says how much of the rate went through round trips.
+    let tally = homed_at(&space, "tally", 2, Rank(0));
+    space.out(tuple!(tally.as_str(), mine as u64))?;
+    let mut remote_done = 0u64;
+    if me == Rank(0) {
+        for _ in 0..dsm.size() {
+            remote_done += space.in_(&template!(tally.as_str(), ?u64))?.get::<u64>(1)?;
+        }
+        remote_done -= mine as u64;
+    }
     dsm.barrier()?;
 
     if me == Rank(0) {
@@ -159,6 +169,17 @@ fn main() -> anyhow::Result<()> {
                     1e6 / floor,
                     "1 / raw round trip",
                     if n == 4 { ">= 20000" } else { "" },
+                ),
+                Measurement::new(
+                    &format!(
+                        "bag of empty tasks, {n} ranks: share done by ranks 1-{}",
+                        n - 1
+                    ),
+                    remote_done as f64 / args.tasks as f64,
+                    "",
+                    1.0,
+                    "all tasks",
+                    "",
                 ),
             ],
             args.json,
