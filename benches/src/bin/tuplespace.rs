@@ -172,8 +172,12 @@ fn main() -> anyhow::Result<()> {
                 ),
                 Measurement::new(
                     &format!(
-                        "bag of empty tasks, {n} ranks: share done by ranks 1-{}",
-                        n - 1
+                        "bag of empty tasks, {n} ranks: share done by {}",
+                        if n == 2 {
+                            "rank 1".to_string()
+                        } else {
+                            format!("ranks 1-{}", n - 1)
+                        }
                     ),
                     remote_done as f64 / args.tasks as f64,
                     "",
