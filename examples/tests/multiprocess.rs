@@ -374,13 +374,12 @@ fn matmul_matches_the_single_rank_product() {
         assert_eq!(o.code, 0, "{out}");
         assert!(out.contains("check passed"), "{out}");
     }
-    let (o, out) = job(
-        matmul,
-        2,
-        &["--n", "80", "--block", "7", "--consistency", "release"],
-    );
-    assert_eq!(o.code, 0, "{out}");
-    assert!(out.contains("check passed"), "{out}");
+    for extra in [&["--consistency", "release"][..], &["--anywhere"]] {
+        let args = [&["--n", "80", "--block", "7"][..], extra].concat();
+        let (o, out) = job(matmul, 2, &args);
+        assert_eq!(o.code, 0, "{out}");
+        assert!(out.contains("check passed"), "{out}");
+    }
 }
 
 const WORDCOUNT: &str = env!("CARGO_BIN_EXE_wordcount");

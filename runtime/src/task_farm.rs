@@ -7,6 +7,11 @@
 //! master puts and collects without the network, and the bag is lost only with the master, which would end
 //! the farm anyway. Tasks and results are serde values, encoded with postcard.
 //!
+//! A task can name the rank it would best run on, where its data lives ([`TaskFarm::put_near`]): each
+//! worker takes the tasks near it first, then tasks for anyone, then the tasks of other ranks that are still
+//! waiting (so a slow or dead rank's share still gets done). Workers take several tasks per trip when tasks
+//! are short (see `Batch`).
+//!
 //! ```no_run
 //! use dsm_runtime::{Runtime, TaskFarm, TupleSpace};
 //! let rt = Runtime::init()?;
@@ -32,6 +37,10 @@ use std::time::{Duration, Instant};
 /// The task id that tells workers to stop (it is put back for the next worker).
 const STOP: u64 = u64::MAX;
 
+/// The task id of a nudge: put with tasks near ranks, so that a worker waiting for tasks for anyone wakes
+/// and looks at its own. Taken and dropped. Task ids stay below it.
+const NUDGE: u64 = u64::MAX - 1;
+
 /// A bag of tasks named `name`, with its master.
 #[derive(Debug, Clone)]
 pub struct TaskFarm {
@@ -40,6 +49,10 @@ pub struct TaskFarm {
     key: String,
     /// The first field of result tuples.
     results_key: String,
+    /// The first field of tasks near each rank, by rank.
+    near: Vec<String>,
+    /// This rank.
+    me: Rank,
 }
 
 impl TaskFarm {
@@ -59,11 +72,42 @@ impl TaskFarm {
             space: space.clone(),
             key: homed_at_master(name.to_string()),
             results_key: homed_at_master(format!("{name}#results")),
+            near: (0..space.dsm().size())
+                .map(|r| homed_at_master(format!("{name}#near{r}")))
+                .collect(),
+            me: space.dsm().rank(),
         }
     }
 
     fn tasks(&self) -> Template {
         template!(self.key.as_str(), "task", ?u64, ?Vec<u8>)
+    }
+
+    fn tasks_near(&self, rank: usize) -> Template {
+        template!(self.near[rank].as_str(), "task", ?u64, ?Vec<u8>)
+    }
+
+    /// What a worker of this rank looks for, in order: tasks near it, tasks for anyone, tasks near the
+    /// other ranks; and, when there are none, it waits for tasks for anyone (where nudges and the stop mark
+    /// go).
+    fn wanted(&self) -> Vec<Template> {
+        let (me, n) = (self.me.index(), self.near.len());
+        let mut order = vec![self.tasks_near(me), self.tasks()];
+        order.extend((1..n).map(|k| self.tasks_near((me + k) % n)));
+        if n > 1 {
+            order.push(self.tasks());
+        }
+        order
+    }
+
+    fn check_id(id: u64) -> Result<(), RuntimeError> {
+        if id >= NUDGE {
+            return Err(RuntimeError::Codec {
+                what: format!("task {id}"),
+                reason: format!("task ids must be below {NUDGE}"),
+            });
+        }
+        Ok(())
     }
 
     fn encode<T: Serialize>(&self, kind: &str, id: u64, value: &T) -> Result<Tuple, RuntimeError> {
@@ -79,20 +123,48 @@ impl TaskFarm {
         Ok(tuple!(key.as_str(), kind, id, bytes))
     }
 
-    /// Puts tasks into the bag: `(id, task)` pairs, ids below `u64::MAX` (that one means stop).
+    /// Puts tasks into the bag: `(id, task)` pairs, ids below `u64::MAX - 1` (the two above are the
+    /// farm's own marks).
     pub fn put<T: Serialize>(
         &self,
         tasks: impl IntoIterator<Item = (u64, T)>,
     ) -> Result<(), RuntimeError> {
         let mut batch = Vec::new();
         for (id, task) in tasks {
-            if id == STOP {
+            Self::check_id(id)?;
+            batch.push(self.encode("task", id, &task)?);
+        }
+        self.space.out_many(batch)
+    }
+
+    /// Puts tasks that would best run on a given rank (where their data is homed): `(id, rank, task)`.
+    /// That rank's workers take them before any other task; other ranks take them once they have nothing
+    /// else to do. Ids as for [`TaskFarm::put`].
+    pub fn put_near<T: Serialize>(
+        &self,
+        tasks: impl IntoIterator<Item = (u64, Rank, T)>,
+    ) -> Result<(), RuntimeError> {
+        let mut batch = Vec::new();
+        for (id, rank, task) in tasks {
+            Self::check_id(id)?;
+            let Some(key) = self.near.get(rank.index()) else {
                 return Err(RuntimeError::Codec {
                     what: format!("task {id}"),
-                    reason: "task ids must be below u64::MAX".into(),
+                    reason: format!(
+                        "it is put near {rank}, and the job has {} ranks",
+                        self.near.len()
+                    ),
                 });
-            }
-            batch.push(self.encode("task", id, &task)?);
+            };
+            let bytes = postcard::to_allocvec(&task).map_err(|e| RuntimeError::Codec {
+                what: format!("task {id}"),
+                reason: e.to_string(),
+            })?;
+            batch.push(tuple!(key.as_str(), "task", id, bytes));
+        }
+        // Workers already waiting wait for tasks for anyone: one nudge per rank wakes them to look.
+        for _ in 0..self.near.len() {
+            batch.push(tuple!(self.key.as_str(), "task", NUDGE, Vec::<u8>::new()));
         }
         self.space.out_many(batch)
     }
@@ -112,10 +184,22 @@ impl TaskFarm {
     /// Takes back the tasks still in the bag (not those a worker holds), so that workers stop sooner after
     /// [`TaskFarm::stop`]; returns how many. Only the master calls it, before `stop`.
     pub fn withdraw(&self) -> Result<usize, RuntimeError> {
-        let tasks = self.tasks();
         let mut n = 0;
-        while self.space.inp(&tasks)?.is_some() {
-            n += 1;
+        let mut stopped = false;
+        let bags =
+            std::iter::once(self.tasks()).chain((0..self.near.len()).map(|r| self.tasks_near(r)));
+        for tasks in bags {
+            while let Some(t) = self.space.inp(&tasks)? {
+                match t.get::<u64>(2)? {
+                    NUDGE => {}
+                    STOP => stopped = true,
+                    _ => n += 1,
+                }
+            }
+        }
+        if stopped {
+            // Called after `stop` after all: the mark stays for the workers.
+            self.stop()?;
         }
         Ok(n)
     }
@@ -134,8 +218,10 @@ impl TaskFarm {
         &self,
         mut f: impl FnMut(u64, T) -> R,
     ) -> Result<usize, RuntimeError> {
-        let tasks = self.tasks();
-        let mut leases = vec![self.space.in_leased(&tasks)?];
+        let wanted = self.wanted();
+        let mut leases = self
+            .space
+            .complete_and_lease_many(Vec::new(), Vec::new(), &wanted, 0)?;
         let mut batch = Batch::default();
         let mut done = 0;
         loop {
@@ -147,11 +233,15 @@ impl TaskFarm {
                     stop = Some(lease);
                     continue;
                 }
+                if id == NUDGE {
+                    ended.push(lease);
+                    continue;
+                }
                 let task = decode(&lease.tuple, "task", id)?;
                 results.push(self.encode("result", id, &f(id, task))?);
                 ended.push(lease);
             }
-            let ran = ended.len();
+            let ran = results.len();
             done += ran;
             if let Some(mark) = stop {
                 // Leave the stop mark for the other workers.
@@ -164,7 +254,7 @@ impl TaskFarm {
             let trip = Instant::now();
             leases = self
                 .space
-                .complete_and_lease_many(ended, results, &tasks, batch.more())?;
+                .complete_and_lease_many(ended, results, &wanted, batch.more())?;
             batch.observe(work, ran, trip.elapsed());
         }
     }

@@ -36,12 +36,13 @@ pub(crate) enum Ask {
     /// How many tuples match.
     Count(Template),
     /// The tasks held under `leases` are done: drop the leases and add `results` (homed here), in one
-    /// step; then, with `next`, lease the next tuple matching it (waiting for one) and, when that tuple is
-    /// here at once, up to `more` further ones that are (a worker taking several small tasks per trip).
+    /// step; then, with `next`, lease a tuple matching the first of its templates that has one here, with
+    /// up to `more` further ones matching the same template (a worker taking several small tasks per
+    /// trip); when none has, wait for one matching the last.
     Complete {
         leases: Vec<u64>,
         results: Vec<Tuple>,
-        next: Option<(Template, u64)>,
+        next: Option<(Vec<Template>, u64)>,
         more: u32,
     },
     /// Run the registered function on `args` and `out` its result.
@@ -264,21 +265,27 @@ impl State {
             .map_err(|e| e.to_string())
     }
 
-    /// Up to `more` further tuples matching `template` that are here now, leased to `holder`.
-    fn lease_more(
+    /// Up to `most` tuples here now that match the first of `templates` that has any, leased to `holder`
+    /// (none when no template has a match).
+    fn lease_first(
         &mut self,
         holder: Rank,
-        template: &Template,
-        more: u32,
+        templates: &[Template],
+        most: u32,
     ) -> Result<Vec<(Tuple, u64)>, TupleError> {
         let mut taken = Vec::new();
-        while taken.len() < more as usize {
-            match self.find(holder, template, Mode::Take, true)? {
-                Some(Found {
-                    tuple,
-                    lease: Some(id),
-                }) => taken.push((tuple, id)),
-                _ => break,
+        for template in templates {
+            while taken.len() < most as usize {
+                match self.find(holder, template, Mode::Take, true)? {
+                    Some(Found {
+                        tuple,
+                        lease: Some(id),
+                    }) => taken.push((tuple, id)),
+                    _ => break,
+                }
+            }
+            if !taken.is_empty() {
+                break;
             }
         }
         Ok(taken)
@@ -369,14 +376,14 @@ impl Home {
         result
     }
 
-    /// Up to `more` tuples matching `template` that are here now, leased to `holder`.
+    /// Up to `most` tuples here now matching the first of `templates` that has any, leased to `holder`.
     pub(crate) fn lease_now(
         &self,
         holder: Rank,
-        template: &Template,
-        more: u32,
+        templates: &[Template],
+        most: u32,
     ) -> Result<Vec<(Tuple, u64)>, TupleError> {
-        self.state().lease_more(holder, template, more)
+        self.state().lease_first(holder, templates, most)
     }
 
     /// Queues an `eval` for this rank's evaluator.
@@ -454,29 +461,19 @@ impl Home {
                 Err(e) => Some((reply, Answer::Refused(e))),
                 Ok(()) => match next {
                     None => Some((reply, Answer::Done)),
-                    Some((template, ticket)) => {
-                        let extra = (more > 0).then(|| template.clone());
-                        match (
-                            s.find_for(from, template, Mode::Take, true, Some(ticket), reply),
-                            extra,
-                        ) {
-                            // The first tuple was here: add what else is, up to `more`.
-                            (
-                                Some((
-                                    reply,
-                                    Answer::Found {
-                                        tuple,
-                                        lease: Some(id),
-                                    },
-                                )),
-                                Some(extra),
-                            ) => {
-                                let mut taken = vec![(tuple, id)];
-                                // `find_for` checked the template, and checking is all this can fail on.
-                                taken.extend(s.lease_more(from, &extra, more).unwrap_or_default());
-                                Some((reply, Answer::Leased(taken)))
-                            }
-                            (now, _) => now,
+                    Some((mut templates, ticket)) => {
+                        match s.lease_first(from, &templates, more.saturating_add(1)) {
+                            Err(e) => Some((reply, Answer::Refused(e.to_string()))),
+                            Ok(taken) if !taken.is_empty() => Some((reply, Answer::Leased(taken))),
+                            // Nothing here for any of them: wait for the last.
+                            Ok(_) => match templates.pop() {
+                                Some(last) => {
+                                    s.find_for(from, last, Mode::Take, true, Some(ticket), reply)
+                                }
+                                None => {
+                                    Some((reply, Answer::Refused("no template to lease".into())))
+                                }
+                            },
                         }
                     }
                 },

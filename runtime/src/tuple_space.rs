@@ -337,7 +337,8 @@ impl TupleSpace {
         results: Vec<Tuple>,
         next: &Template,
     ) -> Result<Lease, RuntimeError> {
-        let mut taken = self.complete_and_lease_many(vec![lease], results, next, 0)?;
+        let mut taken =
+            self.complete_and_lease_many(vec![lease], results, std::slice::from_ref(next), 0)?;
         taken.pop().ok_or_else(|| RuntimeError::Refused {
             rank: self.inner.me,
             reason: format!("a leased find for {next:?} came back empty"),
@@ -353,23 +354,38 @@ impl TupleSpace {
         self.inner.complete(leases, results, None, 0).map(drop)
     }
 
-    /// Ends every lease in `leases` and puts `results` (as [`TupleSpace::complete`]), then takes a tuple
-    /// matching `next` under a lease, waiting until there is one, and with it up to `more` further matching
-    /// tuples that its home holds at that moment, all in one round trip when `next` is homed where the
-    /// leases are. Returns at least one lease. This is how a worker takes several small tasks per trip.
+    /// Ends every lease in `leases` and puts `results` (as [`TupleSpace::complete`]), then takes under
+    /// leases tuples matching the first template in `next` that has any (with the first, up to `more`
+    /// further ones its home holds at that moment), or, when none has, waits for one matching the last.
+    /// One round trip when every template is homed where the leases are. Returns at least one lease. This
+    /// is how a worker takes several small tasks per trip, its own first.
     pub(crate) fn complete_and_lease_many(
         &self,
         leases: Vec<Lease>,
         results: Vec<Tuple>,
-        next: &Template,
+        next: &[Template],
         more: u32,
     ) -> Result<Vec<Lease>, RuntimeError> {
-        next.check()?;
-        let taken = self.inner.complete(leases, results, Some(next), more)?;
-        if taken.is_empty() {
-            return Ok(vec![self.in_leased(next)?]);
+        let Some((last, first)) = next.split_last() else {
+            return Err(RuntimeError::Refused {
+                rank: self.inner.me,
+                reason: "no template to lease the next tuple with".into(),
+            });
+        };
+        for t in next {
+            t.check()?;
         }
-        Ok(taken)
+        let taken = self.inner.complete(leases, results, Some(next), more)?;
+        if !taken.is_empty() {
+            return Ok(taken);
+        }
+        // The templates are not all homed where the leases were: one by one, the last one waiting.
+        for t in first {
+            if let Some(found) = self.inner.find(t, Mode::Take, true, Wait::No)? {
+                return Ok(vec![self.inner.lease_of(t, found)?]);
+            }
+        }
+        Ok(vec![self.in_leased(last)?])
     }
 }
 
@@ -545,21 +561,29 @@ impl Inner {
         }
     }
 
-    /// Ends `leases` and puts `results`; then, with `next` homed where the leases are, leases a tuple
-    /// matching it (waiting for one) and up to `more` further ones present at that home. Returns what it
-    /// leased: nothing when `next` is `None` or homed elsewhere (the caller asks for it itself).
+    /// Ends `leases` and puts `results`; then, with `next` homed where the leases are, leases tuples
+    /// matching the first of its templates that has any there (up to `more` + 1), or waits for one
+    /// matching the last. Returns what it leased: nothing when `next` is `None` or not all homed there
+    /// (the caller asks for it itself).
     fn complete(
         &self,
         mut leases: Vec<Lease>,
         results: Vec<Tuple>,
-        next: Option<&Template>,
+        next: Option<&[Template]>,
         more: u32,
     ) -> Result<Vec<Lease>, RuntimeError> {
-        let Some(home) = leases.first().map(|l| l.home) else {
-            return Err(RuntimeError::Refused {
-                rank: self.me,
-                reason: "no lease to complete".into(),
-            });
+        // Where the request goes: the leases' home or, with none, the home of every template in `next`.
+        let templates_home = next.and_then(|n| {
+            let home = self.template_home(n.first()?)?;
+            n.iter()
+                .all(|t| self.template_home(t) == Some(home))
+                .then_some(home)
+        });
+        let Some(home) = leases.first().map(|l| l.home).or(templates_home) else {
+            for t in results {
+                self.out(t)?;
+            }
+            return Ok(Vec::new());
         };
         // Leases homed elsewhere (a caller mixing tuples of several homes) end one by one first.
         let (ours, others): (Vec<Lease>, Vec<Lease>) =
@@ -578,7 +602,8 @@ impl Inner {
             t.check()?;
         }
         // `next` rides along only when its tuples are homed where the leases are.
-        let next = next.filter(|n| self.template_home(n) == Some(home));
+        let next =
+            next.filter(|n| !n.is_empty() && n.iter().all(|t| self.template_home(t) == Some(home)));
         let leased = |(tuple, id): (Tuple, u64)| Lease { tuple, home, id };
         if home == self.me {
             self.home
@@ -590,23 +615,21 @@ impl Inner {
             let Some(n) = next else {
                 return Ok(Vec::new());
             };
-            let Some(first) = self.find_here(n, Mode::Take, true, Wait::Until(None))? else {
-                return Ok(Vec::new());
+            let taken = self.home.lease_now(self.me, n, more.saturating_add(1))?;
+            if !taken.is_empty() {
+                return Ok(taken.into_iter().map(leased).collect());
+            }
+            let last = &n[n.len() - 1];
+            return match self.find_here(last, Mode::Take, true, Wait::Until(None))? {
+                Some(found) => Ok(vec![self.lease_of(last, (found, home))?]),
+                None => Ok(Vec::new()),
             };
-            let mut taken = vec![self.lease_of(n, (first, home))?];
-            taken.extend(
-                self.home
-                    .lease_now(self.me, n, more)?
-                    .into_iter()
-                    .map(leased),
-            );
-            return Ok(taken);
         }
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let ask = Ask::Complete {
             leases: ids,
             results: here,
-            next: next.map(|n| (n.clone(), ticket)),
+            next: next.map(|n| (n.to_vec(), ticket)),
             more,
         };
         let answer = if next.is_some() {
@@ -617,7 +640,10 @@ impl Inner {
         match (answer, next) {
             (Answer::Done, None) => Ok(Vec::new()),
             (Answer::Found { tuple, lease }, Some(n)) => {
-                Ok(vec![self.lease_of(n, (Found { tuple, lease }, home))?])
+                Ok(vec![self.lease_of(
+                    &n[n.len() - 1],
+                    (Found { tuple, lease }, home),
+                )?])
             }
             (Answer::Leased(taken), Some(_))
                 if !taken.is_empty() && taken.len() <= more as usize + 1 =>

@@ -160,7 +160,7 @@ fn race(rt: &Runtime, space: &TupleSpace, name: &str) {
                 // Bursts and pauses of several lengths: the taker's timeouts expire in the pauses,
                 // some just as the next out arrives.
                 if i % 3 == 0 {
-                    std::thread::sleep(Duration::from_micros(100 + 150 * (i % 7)));
+                    std::thread::sleep(Duration::from_micros(300 + 200 * (i % 7)));
                 }
             }
         } else {
@@ -289,6 +289,58 @@ fn a_task_farm_does_every_task_once() {
         } else {
             let done = farm.serve(|_, x: u64| x * x).unwrap();
             assert!(done <= 20_000);
+        }
+        rt.dsm().barrier().unwrap();
+    });
+}
+
+#[test]
+fn workers_take_tasks_near_them_first_and_the_rest_gets_done() {
+    job(3, plain, |rt, space| {
+        let farm = TaskFarm::new(space, "near", Rank(0));
+        let me = rt.rank().0;
+        if me == 0 {
+            // 300 tasks near rank 1, 300 near rank 2 (which never serves), 300 for anyone.
+            farm.put_near((0..600u64).map(|i| (i, Rank(1 + (i / 300) as u32), i)))
+                .unwrap();
+            farm.put((600..900u64).map(|i| (i, i))).unwrap();
+            let mut results: Vec<(u64, u64)> = farm.results(900).unwrap();
+            farm.stop().unwrap();
+            results.sort();
+            assert_eq!(results, (0..900u64).map(|i| (i, i)).collect::<Vec<_>>());
+        } else if me == 1 {
+            let mut order = Vec::new();
+            let done = farm
+                .serve(|_, x: u64| {
+                    order.push(x);
+                    x
+                })
+                .unwrap();
+            assert_eq!(done, 900, "the only worker does every task, rank 2's too");
+            let mut first: Vec<u64> = order[..300].to_vec();
+            first.sort();
+            assert_eq!(
+                first,
+                (0..300u64).collect::<Vec<_>>(),
+                "its own tasks come first"
+            );
+        }
+        rt.dsm().barrier().unwrap();
+    });
+}
+
+#[test]
+fn tasks_near_a_rank_that_is_not_in_the_job_are_refused() {
+    job(2, plain, |rt, space| {
+        let farm = TaskFarm::new(space, "far", Rank(0));
+        if rt.rank().0 == 0 {
+            let e = farm.put_near([(1u64, Rank(5), ())]).unwrap_err();
+            assert!(e.to_string().contains("2 ranks"), "{e}");
+            let e = farm.put([(u64::MAX - 1, ())]).unwrap_err();
+            assert!(e.to_string().contains("below"), "{e}");
+            farm.stop().unwrap();
+        } else {
+            assert_eq!(farm.serve(|_, ()| ()).unwrap(), 0);
         }
         rt.dsm().barrier().unwrap();
     });

@@ -2,6 +2,10 @@
 //! farm: rank 0 puts one task per block of `--block` rows, every rank (rank 0 too) takes blocks and computes
 //! them, and rank 0 checks C against its own single-rank product.
 //!
+//! Each block is put near the rank that homes its first row of A and C (`TaskFarm::put_near`): ranks
+//! compute their own rows first, reading A and writing C in place, and take other ranks' blocks only once
+//! theirs are done (`--anywhere` hands blocks to whoever asks, for comparison).
+//!
 //! Each rank copies B once into local memory (the pages travel once per rank) and computes its blocks with
 //! a cache-blocked kernel: a tile of B's rows is reused across a block of C's rows while it is in cache, and
 //! the innermost loop runs along contiguous rows (it vectorizes). The check uses the same kernel on the
@@ -36,6 +40,9 @@ struct Args {
     /// Skip the single-rank check (for timing large runs).
     #[arg(long)]
     no_check: bool,
+    /// Hand blocks to whichever rank asks first, ignoring where their rows are homed.
+    #[arg(long)]
+    anywhere: bool,
 }
 
 /// A tile of B is K_TILE rows by J_TILE columns (128 KiB) and the matching part of a block of C's rows is
@@ -152,7 +159,19 @@ fn main() -> anyhow::Result<()> {
             return worker();
         }
         let mine = s.spawn(worker);
-        farm.put(blocks.iter().copied())?;
+        if args.anywhere {
+            farm.put(blocks.iter().copied())?;
+        } else {
+            let home_of_row = |row: u64| {
+                c.region()
+                    .home_of(dsm::PageId(row * n as u64 * 8 / dsm::PAGE_SIZE as u64))
+            };
+            farm.put_near(
+                blocks
+                    .iter()
+                    .map(|&(id, (lo, hi))| (id, home_of_row(lo), (lo, hi))),
+            )?;
+        }
         let results: Vec<(u64, ())> = farm.results(blocks.len())?;
         anyhow::ensure!(results.len() == blocks.len(), "results are missing");
         farm.stop()?;
