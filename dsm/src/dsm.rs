@@ -791,14 +791,20 @@ impl Dsm {
             return Ok(());
         };
         let s = &self.shared;
-        let result = if self.failed_ranks().is_empty() {
+        // A thread unwinding from a panic has failed, not finished: it neither waits at the final barrier
+        // (the others may never reach it) nor says goodbye, so the others see this rank fail when its
+        // connections close.
+        let failing = std::thread::panicking();
+        let result = if self.failed_ranks().is_empty() && !failing {
             s.barrier_tagged(0x5707)
         } else {
             Ok(())
         };
-        for ch in s.channels.all() {
-            for r in 0..s.size {
-                let _ = ch.send(&s.counters, Rank(r as u32), &Request::Goodbye, &[]);
+        if !failing {
+            for ch in s.channels.all() {
+                for r in 0..s.size {
+                    let _ = ch.send(&s.counters, Rank(r as u32), &Request::Goodbye, &[]);
+                }
             }
         }
         s.stop.store(true, Ordering::Release);

@@ -367,6 +367,26 @@ fn the_task_farm_finishes_every_task_after_a_worker_dies() {
 }
 
 #[test]
+fn tasks_near_a_worker_that_dies_are_done_by_the_others() {
+    let t0 = Instant::now();
+    let args = [
+        "farm",
+        "--near",
+        "--tasks",
+        "600",
+        "--die-rank",
+        "2",
+        "--die-after",
+        "20",
+    ];
+    let (o, out) = job_keep_going(LINDA, 4, &args);
+    assert_eq!(o.code, 0, "{out}");
+    assert_eq!(o.lost, [(2, "was killed by SIGABRT".to_string())], "{out}");
+    assert!(out.contains("farm: 600 tasks done once each"), "{out}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "it did not hang");
+}
+
+#[test]
 fn matmul_matches_the_single_rank_product() {
     let matmul = env!("CARGO_BIN_EXE_matmul");
     for n in [1, 2, 3] {

@@ -28,18 +28,14 @@
 //! ```
 
 use crate::tuple::{Template, Tuple};
-use crate::{template, tuple, RuntimeError, TupleSpace};
+use crate::{template, tuple, Lease, RuntimeError, TupleSpace};
 use dsm::Rank;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
-/// The task id that tells workers to stop (it is put back for the next worker).
+/// The task id of the mark that tells workers to stop (each worker puts it back for the next).
 const STOP: u64 = u64::MAX;
-
-/// The task id of a nudge: put with tasks near ranks, so that a worker waiting for tasks for anyone wakes
-/// and looks at its own. Taken and dropped. Task ids stay below it.
-const NUDGE: u64 = u64::MAX - 1;
 
 /// A bag of tasks named `name`, with its master.
 #[derive(Debug, Clone)]
@@ -51,17 +47,21 @@ pub struct TaskFarm {
     results_key: String,
     /// The first field of tasks near each rank, by rank.
     near: Vec<String>,
+    /// The first field of the stop mark.
+    stop_key: String,
     /// This rank.
     me: Rank,
 }
 
 impl TaskFarm {
     /// The farm `name` whose master (and bag) is `master`. Every rank that takes part builds it with the
-    /// same arguments.
+    /// same arguments. Farms whose names differ are independent, as long as the names hold no NUL
+    /// character (the farm's own keys use it to add to the name).
     pub fn new(space: &TupleSpace, name: &str, master: Rank) -> TaskFarm {
-        // Tasks and results share one home, the master: a worker ends a lease and puts its result in one
-        // step. They have first fields of their own, so that each kind has its own bucket there: taking a
-        // result never scans past the tasks still in the bag, nor a task past results not yet collected.
+        // Tasks, results and the stop mark share one home, the master: a worker ends a lease and puts its
+        // result in one step. Each kind has a first field of its own, so each has its own bucket there:
+        // taking a result never scans past the tasks still in the bag, nor a task past results not yet
+        // collected, and the stop mark is taken only once every task bucket is empty.
         let homed_at_master = |prefix: String| {
             (0u64..)
                 .map(|k| format!("{prefix}#{k}"))
@@ -71,10 +71,11 @@ impl TaskFarm {
         TaskFarm {
             space: space.clone(),
             key: homed_at_master(name.to_string()),
-            results_key: homed_at_master(format!("{name}#results")),
+            results_key: homed_at_master(format!("{name}\0results")),
             near: (0..space.dsm().size())
-                .map(|r| homed_at_master(format!("{name}#near{r}")))
+                .map(|r| homed_at_master(format!("{name}\0near{r}")))
                 .collect(),
+            stop_key: homed_at_master(format!("{name}\0stop")),
             me: space.dsm().rank(),
         }
     }
@@ -87,24 +88,21 @@ impl TaskFarm {
         template!(self.near[rank].as_str(), "task", ?u64, ?Vec<u8>)
     }
 
-    /// What a worker of this rank looks for, in order: tasks near it, tasks for anyone, tasks near the
-    /// other ranks; and, when there are none, it waits for tasks for anyone (where nudges and the stop mark
-    /// go).
+    /// What a worker of this rank takes, in order of preference: tasks near it, tasks for anyone, tasks
+    /// near the other ranks, the stop mark. When there is none of them, it waits for the first of any.
     fn wanted(&self) -> Vec<Template> {
         let (me, n) = (self.me.index(), self.near.len());
         let mut order = vec![self.tasks_near(me), self.tasks()];
         order.extend((1..n).map(|k| self.tasks_near((me + k) % n)));
-        if n > 1 {
-            order.push(self.tasks());
-        }
+        order.push(template!(self.stop_key.as_str(), "task", ?u64, ?Vec<u8>));
         order
     }
 
     fn check_id(id: u64) -> Result<(), RuntimeError> {
-        if id >= NUDGE {
+        if id == STOP {
             return Err(RuntimeError::Codec {
                 what: format!("task {id}"),
-                reason: format!("task ids must be below {NUDGE}"),
+                reason: "task ids must be below u64::MAX (that one means stop)".into(),
             });
         }
         Ok(())
@@ -162,10 +160,6 @@ impl TaskFarm {
             })?;
             batch.push(tuple!(key.as_str(), "task", id, bytes));
         }
-        // Workers already waiting wait for tasks for anyone: one nudge per rank wakes them to look.
-        for _ in 0..self.near.len() {
-            batch.push(tuple!(self.key.as_str(), "task", NUDGE, Vec::<u8>::new()));
-        }
         self.space.out_many(batch)
     }
 
@@ -185,29 +179,25 @@ impl TaskFarm {
     /// [`TaskFarm::stop`]; returns how many. Only the master calls it, before `stop`.
     pub fn withdraw(&self) -> Result<usize, RuntimeError> {
         let mut n = 0;
-        let mut stopped = false;
         let bags =
             std::iter::once(self.tasks()).chain((0..self.near.len()).map(|r| self.tasks_near(r)));
         for tasks in bags {
-            while let Some(t) = self.space.inp(&tasks)? {
-                match t.get::<u64>(2)? {
-                    NUDGE => {}
-                    STOP => stopped = true,
-                    _ => n += 1,
-                }
+            while self.space.inp(&tasks)?.is_some() {
+                n += 1;
             }
-        }
-        if stopped {
-            // Called after `stop` after all: the mark stays for the workers.
-            self.stop()?;
         }
         Ok(n)
     }
 
-    /// Tells the workers to stop once the bag is empty of earlier tasks.
+    /// Tells the workers to stop once the bag is empty: a worker takes the stop mark only when no task is
+    /// left for it to take, its own, anyone's or other ranks'.
     pub fn stop(&self) -> Result<(), RuntimeError> {
-        self.space
-            .out(tuple!(self.key.as_str(), "task", STOP, Vec::<u8>::new()))
+        self.space.out(tuple!(
+            self.stop_key.as_str(),
+            "task",
+            STOP,
+            Vec::<u8>::new()
+        ))
     }
 
     /// Takes tasks and runs `f` on each until the farm stops; returns the number of tasks this worker did.
@@ -225,29 +215,30 @@ impl TaskFarm {
         let mut batch = Batch::default();
         let mut done = 0;
         loop {
+            // The stop mark goes back for the other workers before anything else: nothing that goes wrong
+            // below may keep it. (It comes only once the task buckets were empty, so normally alone.)
+            let (marks, tasks): (Vec<Lease>, Vec<Lease>) = leases
+                .into_iter()
+                .partition(|l| matches!(l.tuple.get::<u64>(2), Ok(STOP)));
+            let stopping = !marks.is_empty();
+            for mark in marks {
+                let back = mark.tuple.clone();
+                self.space.complete(mark, vec![back])?;
+            }
             let started = Instant::now();
-            let (mut ended, mut results, mut stop) = (Vec::new(), Vec::new(), None);
-            for lease in leases {
+            let (mut ended, mut results) = (Vec::new(), Vec::new());
+            for lease in tasks {
                 let id = lease.tuple.get::<u64>(2)?;
-                if id == STOP {
-                    stop = Some(lease);
-                    continue;
-                }
-                if id == NUDGE {
-                    ended.push(lease);
-                    continue;
-                }
                 let task = decode(&lease.tuple, "task", id)?;
                 results.push(self.encode("result", id, &f(id, task))?);
                 ended.push(lease);
             }
             let ran = results.len();
             done += ran;
-            if let Some(mark) = stop {
-                // Leave the stop mark for the other workers.
-                results.push(mark.tuple.clone());
-                ended.push(mark);
-                self.space.complete_many(ended, results)?;
+            if stopping {
+                if !ended.is_empty() {
+                    self.space.complete_many(ended, results)?;
+                }
                 return Ok(done);
             }
             let work = started.elapsed();
@@ -269,7 +260,7 @@ struct Batch {
     task_ns: f64,
     /// Estimated round trip, in nanoseconds: follows a faster trip at once and a slower one slowly (by at
     /// most an eighth per trip), since a trip that waited for the master to put tasks says nothing about
-    /// the link.
+    /// the link; the first is believed up to [`Batch::FIRST_TRIP_NS`].
     trip_ns: f64,
 }
 
@@ -285,6 +276,8 @@ impl Default for Batch {
 
 impl Batch {
     const MAX: u32 = 64;
+    /// The most a first trip is believed to take: it often waited for the first tasks to be put.
+    const FIRST_TRIP_NS: f64 = 1e6;
 
     /// How many tasks to take beyond the first.
     fn more(&self) -> u32 {
@@ -303,7 +296,9 @@ impl Batch {
             };
         }
         let t = trip.as_nanos() as f64;
-        self.trip_ns = if self.trip_ns == 0.0 || t < self.trip_ns {
+        self.trip_ns = if self.trip_ns == 0.0 {
+            t.min(Self::FIRST_TRIP_NS)
+        } else if t < self.trip_ns {
             t
         } else {
             self.trip_ns + (t.min(2.0 * self.trip_ns) - self.trip_ns) / 8.0
@@ -360,5 +355,11 @@ mod tests {
         assert_eq!(b.more(), before + 1);
         b.observe(us(10), 1, us(80));
         assert_eq!(b.trip_ns, 80_000.0, "a faster trip is believed at once");
+
+        // A first trip that waited seconds for the first tasks (reduces after maps, say).
+        let mut first = Batch::default();
+        first.observe(Duration::from_millis(5), 1, Duration::from_secs(3));
+        assert_eq!(first.trip_ns, Batch::FIRST_TRIP_NS);
+        assert_eq!(first.more(), 0, "5 ms tasks still go one per trip");
     }
 }

@@ -68,6 +68,9 @@ pub(crate) enum Answer {
     Refused(String),
 }
 
+/// Tuples leased at once, with their lease ids; or the receiver of the one a later `out` will bring.
+pub(crate) type LeasedOrWaiting = Result<Vec<(Tuple, u64)>, Receiver<Found>>;
+
 /// A tuple found for a request.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Found {
@@ -88,7 +91,22 @@ pub(crate) struct EvalJob {
 #[derive(Debug)]
 enum Waiter {
     Local(Sender<Found>),
-    Remote { reply: Responder, ticket: u64 },
+    Remote {
+        reply: Responder,
+        ticket: u64,
+    },
+    /// One template of a request waiting for the first tuple that matches any of several: the group,
+    /// which holds the real waiter.
+    Member(u64),
+}
+
+/// A request waiting on several templates at once: one store waiter per template, all withdrawn when one is
+/// served.
+#[derive(Debug)]
+struct Group {
+    waiter: Waiter,
+    holder: Rank,
+    members: Vec<WaiterId>,
 }
 
 #[derive(Debug)]
@@ -107,6 +125,9 @@ struct State {
     next_lease: u64,
     /// Ranks seen failing: their late requests are not served (what they would take would be lost).
     failed: HashSet<Rank>,
+    /// Requests waiting on several templates, by group id.
+    groups: HashMap<u64, Group>,
+    next_group: u64,
 }
 
 /// Answers to send once the state lock is released.
@@ -127,6 +148,8 @@ impl Outbox {
                 Waiter::Remote { reply, .. } => {
                     let _ = answer(reply, &Answer::from(found));
                 }
+                // `State::out` puts the group's own waiter here, never a member.
+                Waiter::Member(_) => {}
             }
         }
     }
@@ -175,10 +198,67 @@ impl State {
     fn out(&mut self, tuple: Tuple, outbox: &mut Outbox) -> Result<(), TupleError> {
         for d in self.store.out(tuple)? {
             if let Some(p) = self.pending.remove(&d.waiter) {
+                let waiter = match p.waiter {
+                    Waiter::Member(g) => match self.dissolve(g) {
+                        Some(group) => group.waiter,
+                        // Not reached: a group's members go when the group does. Were it reached, the
+                        // tuple goes back rather than nowhere.
+                        None => {
+                            self.out(d.tuple, outbox)?;
+                            continue;
+                        }
+                    },
+                    w => w,
+                };
                 let found = self.grant(p.holder, d.tuple, p.lease);
-                outbox.0.push((p.waiter, found));
+                outbox.0.push((waiter, found));
             }
         }
+        Ok(())
+    }
+
+    /// Withdraws every member of group `g` still waiting; returns the group.
+    fn dissolve(&mut self, g: u64) -> Option<Group> {
+        let group = self.groups.remove(&g)?;
+        for id in &group.members {
+            if self.pending.remove(id).is_some() {
+                self.store.cancel(*id);
+            }
+        }
+        Some(group)
+    }
+
+    /// Registers `waiter` for the next `out` matching any of `templates` (all taken under a lease when
+    /// `lease`), after a look under the same lock found none.
+    fn wait_any(
+        &mut self,
+        holder: Rank,
+        templates: &[Template],
+        lease: bool,
+        waiter: Waiter,
+    ) -> Result<(), TupleError> {
+        if let [template] = templates {
+            return self
+                .wait(holder, template.clone(), Mode::Take, lease, waiter)
+                .map(drop);
+        }
+        for t in templates {
+            t.check()?;
+        }
+        self.next_group += 1;
+        let g = self.next_group;
+        let mut members = Vec::with_capacity(templates.len());
+        for t in templates {
+            members.push(self.wait(holder, t.clone(), Mode::Take, lease, Waiter::Member(g))?);
+        }
+        self.groups.insert(
+            g,
+            Group {
+                waiter,
+                holder,
+                members,
+            },
+        );
         Ok(())
     }
 
@@ -376,14 +456,22 @@ impl Home {
         result
     }
 
-    /// Up to `most` tuples here now matching the first of `templates` that has any, leased to `holder`.
-    pub(crate) fn lease_now(
+    /// Tuples for a thread of this rank (as `lease_now` with `most`), or, when there are none, a receiver
+    /// for the first tuple matching any of `templates`, leased to it.
+    pub(crate) fn lease_or_wait_local(
         &self,
-        holder: Rank,
+        me: Rank,
         templates: &[Template],
         most: u32,
-    ) -> Result<Vec<(Tuple, u64)>, TupleError> {
-        self.state().lease_first(holder, templates, most)
+    ) -> Result<LeasedOrWaiting, TupleError> {
+        let mut s = self.state();
+        let taken = s.lease_first(me, templates, most)?;
+        if !taken.is_empty() {
+            return Ok(Ok(taken));
+        }
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        s.wait_any(me, templates, true, Waiter::Local(tx))?;
+        Ok(Err(rx))
     }
 
     /// Queues an `eval` for this rank's evaluator.
@@ -429,6 +517,21 @@ impl Home {
                 s.find_for(from, template, mode, lease, wait.then_some(ticket), reply)
             }
             Ask::Cancel { ticket } => {
+                let group = s.groups.iter().find_map(|(g, group)| match &group.waiter {
+                    Waiter::Remote { ticket: t, .. } if *t == ticket && group.holder == from => {
+                        Some(*g)
+                    }
+                    _ => None,
+                });
+                if let Some(Group {
+                    waiter: Waiter::Remote { reply, .. },
+                    ..
+                }) = group.and_then(|g| s.dissolve(g))
+                {
+                    drop(s);
+                    let _ = answer(reply, &Answer::TimedOut);
+                    return;
+                }
                 let id = s.pending.iter().find_map(|(id, p)| match &p.waiter {
                     Waiter::Remote { ticket: t, .. } if *t == ticket && p.holder == from => {
                         Some(*id)
@@ -461,19 +564,21 @@ impl Home {
                 Err(e) => Some((reply, Answer::Refused(e))),
                 Ok(()) => match next {
                     None => Some((reply, Answer::Done)),
-                    Some((mut templates, ticket)) => {
+                    Some((templates, ticket)) => {
                         match s.lease_first(from, &templates, more.saturating_add(1)) {
                             Err(e) => Some((reply, Answer::Refused(e.to_string()))),
                             Ok(taken) if !taken.is_empty() => Some((reply, Answer::Leased(taken))),
-                            // Nothing here for any of them: wait for the last.
-                            Ok(_) => match templates.pop() {
-                                Some(last) => {
-                                    s.find_for(from, last, Mode::Take, true, Some(ticket), reply)
-                                }
-                                None => {
-                                    Some((reply, Answer::Refused("no template to lease".into())))
-                                }
-                            },
+                            Ok(_) if templates.is_empty() => {
+                                Some((reply, Answer::Refused("no template to lease".into())))
+                            }
+                            // Nothing here for any of them: wait for the first tuple matching one.
+                            Ok(_) => {
+                                let waiter = Waiter::Remote { reply, ticket };
+                                // `lease_first` checked the templates, and checking is all this can
+                                // fail on.
+                                let _ = s.wait_any(from, &templates, true, waiter);
+                                None
+                            }
                         }
                     }
                 },
@@ -525,6 +630,7 @@ impl Service for Home {
                 s.pending.remove(&id);
                 s.store.cancel(id);
             }
+            s.groups.retain(|_, g| g.holder != rank);
             let held: Vec<u64> = s
                 .leases
                 .iter()

@@ -615,14 +615,18 @@ impl Inner {
             let Some(n) = next else {
                 return Ok(Vec::new());
             };
-            let taken = self.home.lease_now(self.me, n, more.saturating_add(1))?;
-            if !taken.is_empty() {
-                return Ok(taken.into_iter().map(leased).collect());
-            }
-            let last = &n[n.len() - 1];
-            return match self.find_here(last, Mode::Take, true, Wait::Until(None))? {
-                Some(found) => Ok(vec![self.lease_of(last, (found, home))?]),
-                None => Ok(Vec::new()),
+            return match self
+                .home
+                .lease_or_wait_local(self.me, n, more.saturating_add(1))?
+            {
+                Ok(taken) => Ok(taken.into_iter().map(leased).collect()),
+                Err(rx) => {
+                    let found = rx.recv().map_err(|_| RuntimeError::Refused {
+                        rank: self.me,
+                        reason: "this rank's tuple space dropped a waiting request".into(),
+                    })?;
+                    Ok(vec![self.lease_of(&n[0], (found, home))?])
+                }
             };
         }
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);

@@ -3,6 +3,7 @@
 
 use dsm::Rank;
 use dsm_runtime::{template, tuple, Runtime, RuntimeError, TaskFarm, TupleSpace};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -111,7 +112,9 @@ fn every_tuple_is_taken_exactly_once_by_concurrent_takers() {
 
 #[test]
 fn blocked_takers_wake_and_timeouts_lose_nothing() {
-    job(2, plain, |rt, space| {
+    // The taker's timeouts, seen by the putter (ranks are threads of this process here).
+    let timeouts = Arc::new(AtomicU64::new(0));
+    job(2, plain, move |rt, space| {
         let me = rt.rank().0;
         // A remote and a local waiter wake when the tuple comes.
         let waiting = template!("wake", ?u64);
@@ -143,47 +146,55 @@ fn blocked_takers_wake_and_timeouts_lose_nothing() {
                 .map(|k| format!("race{k}"))
                 .find(|n| space.home_of(Some(&n.as_str().into()), 2) == home)
                 .unwrap();
-            race(rt, space, &name);
+            race(rt, space, &name, &timeouts);
         }
     });
 }
 
-fn race(rt: &Runtime, space: &TupleSpace, name: &str) {
-    {
-        let me = rt.rank().0;
-        const N: u64 = 300;
-        let racing = template!(name, ?u64);
-        let mut got = 0u64;
-        if me == 0 {
-            for i in 0..N {
-                space.out(tuple!(name, i)).unwrap();
-                // Bursts and pauses of several lengths: the taker's timeouts expire in the pauses,
-                // some just as the next out arrives.
-                if i % 3 == 0 {
-                    std::thread::sleep(Duration::from_micros(300 + 200 * (i % 7)));
+fn race(rt: &Runtime, space: &TupleSpace, name: &str, timeouts: &AtomicU64) {
+    let me = rt.rank().0;
+    const N: u64 = 300;
+    let racing = template!(name, ?u64);
+    let start = timeouts.load(Ordering::SeqCst);
+    rt.dsm().barrier().unwrap();
+    if me == 0 {
+        for i in 0..N {
+            space.out(tuple!(name, i)).unwrap();
+            // In bursts of three: after each, wait until the taker has timed out again, then put the
+            // next after a pause of a different length each time, so that outs land at every point of
+            // the taker's next wait, some just as it expires.
+            if i % 3 == 0 {
+                let seen = timeouts.load(Ordering::SeqCst);
+                let give_up = Instant::now() + Duration::from_secs(5);
+                while timeouts.load(Ordering::SeqCst) == seen && Instant::now() < give_up {
+                    std::thread::sleep(Duration::from_micros(20));
                 }
+                std::thread::sleep(Duration::from_micros(13 * (i % 11)));
             }
-        } else {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let mut timeouts = 0;
-            while got < N && Instant::now() < deadline {
-                match space
-                    .in_timeout(&racing, Duration::from_micros(100))
-                    .unwrap()
-                {
-                    Some(_) => got += 1,
-                    None => timeouts += 1,
-                }
-            }
-            assert_eq!(got, N, "every tuple reached the taker");
-            assert!(
-                timeouts > 5,
-                "the test raced timeouts with outs ({timeouts} timeouts)"
-            );
         }
-        rt.dsm().barrier().unwrap();
-        assert_eq!(space.count(&racing).unwrap(), 0, "none left behind");
+    } else {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut got = 0u64;
+        while got < N && Instant::now() < deadline {
+            match space
+                .in_timeout(&racing, Duration::from_micros(100))
+                .unwrap()
+            {
+                Some(_) => got += 1,
+                None => {
+                    timeouts.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        assert_eq!(got, N, "every tuple reached the taker");
     }
+    rt.dsm().barrier().unwrap();
+    let raced = timeouts.load(Ordering::SeqCst) - start;
+    assert!(
+        raced >= N / 3,
+        "a timeout expired between every burst of outs ({raced} timeouts)"
+    );
+    assert_eq!(space.count(&racing).unwrap(), 0, "none left behind");
 }
 
 #[test]
@@ -336,7 +347,7 @@ fn tasks_near_a_rank_that_is_not_in_the_job_are_refused() {
         if rt.rank().0 == 0 {
             let e = farm.put_near([(1u64, Rank(5), ())]).unwrap_err();
             assert!(e.to_string().contains("2 ranks"), "{e}");
-            let e = farm.put([(u64::MAX - 1, ())]).unwrap_err();
+            let e = farm.put([(u64::MAX, ())]).unwrap_err();
             assert!(e.to_string().contains("below"), "{e}");
             farm.stop().unwrap();
         } else {

@@ -67,15 +67,39 @@ impl Transport for LocalTransport {
     }
 }
 
+thread_local! {
+    /// The rank this thread runs, on the threads of an in-process job.
+    static RANK: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// The last panic on this rank's thread, with where it happened.
+    static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Keeps the message and place of a panic on a rank's thread for the report (the test harness may have
+/// captured what the panic printed). Panics are passed on to the hook that was there before.
+fn note_where_ranks_panic() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if RANK.with(|r| r.get()).is_some() {
+                LAST_PANIC.with(|p| p.replace(Some(info.to_string())));
+            }
+            before(info)
+        }));
+    });
+}
+
 /// Runs `body` on every rank of an in-process job of `ranks` ranks with `channels` channels each (every
 /// rank a thread with its own `Dsm`), and returns when all have returned. A rank whose body panics would
-/// leave the others waiting for ever at their next collective operation, so the panic's message goes to the
-/// process's own standard error (a test harness capturing output would lose it) and the process exits with
-/// status 101. For tests.
+/// leave the others waiting for ever at their next collective operation, so the panic's message and place
+/// go to the process's own standard error (a test harness capturing output would lose them) and the process
+/// exits at once with status 101. (The panicking rank's `Dsm`, dropped as the panic unwinds, does not wait
+/// for the others.) For tests.
 pub fn run_local_job<F>(ranks: usize, channels: usize, body: F)
 where
     F: Fn(crate::Dsm) + Send + Sync + 'static,
 {
+    note_where_ranks_panic();
     let body = std::sync::Arc::new(body);
     let transports = local_cluster(ranks, channels)
         .unwrap_or_else(|e| fail(&format!("making an in-process job of {ranks} ranks: {e}")));
@@ -85,6 +109,7 @@ where
         .map(|(r, t)| {
             let body = body.clone();
             std::thread::spawn(move || {
+                RANK.with(|c| c.set(Some(r)));
                 let dsm = crate::Dsm::builder()
                     .rank(Rank(r as u32), ranks)
                     .channels(channels)
@@ -93,12 +118,14 @@ where
                     .unwrap_or_else(|e| fail(&format!("rank {r}: joining: {e}")));
                 let run = std::panic::AssertUnwindSafe(|| body(dsm));
                 if let Err(panic) = std::panic::catch_unwind(run) {
-                    let why = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default();
-                    fail(&format!("rank {r} panicked: {why}"));
+                    let why = LAST_PANIC.with(|p| p.take()).unwrap_or_else(|| {
+                        panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default()
+                    });
+                    fail(&format!("rank {r} {why}"));
                 }
             })
         })
@@ -113,5 +140,8 @@ where
 fn fail(why: &str) -> ! {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "in-process job: {why}");
-    std::process::exit(101)
+    // At once, without exit handlers: `exit` from this thread while the other ranks' threads hold locks
+    // was seen to hang the test process instead of ending it.
+    // SAFETY: `_exit` ends the process; it touches no memory of this program.
+    unsafe { libc::_exit(101) }
 }

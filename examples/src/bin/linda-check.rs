@@ -5,8 +5,9 @@
 //!   that every tuple was taken exactly once.
 //! - `home-dies`: rank 0 waits in `in` for a tuple homed at rank 1, and rank 1 dies; the `in` must return
 //!   an error naming rank 1 (run with `dsmrun --keep-going`).
-//! - `farm --tasks N [--die-rank R --die-after K]`: a task farm with rank 0 as master; rank R dies while it
-//!   holds its K-th task, and rank 0 checks that every task's result came back exactly once.
+//! - `farm --tasks N [--near] [--die-rank R --die-after K]`: a task farm with rank 0 as master; rank R dies
+//!   while it holds its K-th task (after a pause in which the others run out of tasks and wait), and rank 0
+//!   checks that every task's result came back exactly once. `--near` puts task i near rank i % ranks.
 
 use clap::{Parser, Subcommand};
 use dsm::Rank;
@@ -33,6 +34,8 @@ enum Check {
         die_rank: Option<u32>,
         #[arg(long, default_value_t = 10)]
         die_after: usize,
+        #[arg(long)]
+        near: bool,
     },
 }
 
@@ -75,10 +78,15 @@ fn main() -> anyhow::Result<()> {
             tasks,
             die_rank,
             die_after,
+            near,
         } => {
             let farm = TaskFarm::new(&space, "check", Rank(0));
             if me == 0 {
-                farm.put((0..tasks).map(|i| (i, i)))?;
+                if near {
+                    farm.put_near((0..tasks).map(|i| (i, Rank((i % size) as u32), i)))?;
+                } else {
+                    farm.put((0..tasks).map(|i| (i, i)))?;
+                }
                 let mut results: Vec<(u64, (u64, u64))> = farm.results(tasks as usize)?;
                 farm.stop()?;
                 results.sort();
@@ -101,7 +109,9 @@ fn main() -> anyhow::Result<()> {
                 let done = farm.serve(|_, x: u64| {
                     taken += 1;
                     if die_rank == Some(me as u32) && taken == die_after {
-                        // Dies holding this task: its lease must bring it back for another rank.
+                        // Dies holding this task, once the others have had time to run out of tasks
+                        // and wait: its lease must bring it back and wake one of them.
+                        std::thread::sleep(Duration::from_millis(500));
                         std::process::abort();
                     }
                     std::thread::sleep(Duration::from_micros(200));
