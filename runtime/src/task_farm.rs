@@ -226,13 +226,20 @@ impl TaskFarm {
                 self.space.complete(mark, vec![back])?;
             }
             let started = Instant::now();
-            let (mut ended, mut results) = (Vec::new(), Vec::new());
-            for lease in tasks {
+            // Until their results are put, the tasks go back to the bag if anything below fails or `f`
+            // panics: another worker does them, and nothing waits for ever on a task held by a rank
+            // that is still alive.
+            let mut held = Held {
+                space: &self.space,
+                leases: tasks,
+            };
+            let mut results = Vec::with_capacity(held.leases.len());
+            for lease in &held.leases {
                 let id = lease.tuple.get::<u64>(2)?;
                 let task = decode(&lease.tuple, "task", id)?;
                 results.push(self.encode("result", id, &f(id, task))?);
-                ended.push(lease);
             }
+            let ended = std::mem::take(&mut held.leases);
             let ran = results.len();
             done += ran;
             if stopping {
@@ -247,6 +254,22 @@ impl TaskFarm {
                 .space
                 .complete_and_lease_many(ended, results, &wanted, batch.more())?;
             batch.observe(work, ran, trip.elapsed());
+        }
+    }
+}
+
+/// Leases of tasks being run, given back if they are dropped before their results are put.
+struct Held<'a> {
+    space: &'a TupleSpace,
+    leases: Vec<Lease>,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if !self.leases.is_empty() {
+            if let Err(e) = self.space.give_back(std::mem::take(&mut self.leases)) {
+                eprintln!("dsm-runtime: giving back tasks this worker did not finish: {e}");
+            }
         }
     }
 }

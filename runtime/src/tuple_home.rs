@@ -47,6 +47,8 @@ pub(crate) enum Ask {
     },
     /// Run the registered function on `args` and `out` its result.
     Eval { function: String, args: Tuple },
+    /// The tuples taken under `leases` go back into the space untouched (their holder will not use them).
+    GiveBack { leases: Vec<u64> },
 }
 
 /// A home's answer.
@@ -345,6 +347,28 @@ impl State {
             .map_err(|e| e.to_string())
     }
 
+    /// Puts the tuples `holder` holds under `leases` back, serving waiters first: nothing changes unless it
+    /// holds every one of them.
+    fn give_back(
+        &mut self,
+        holder: Rank,
+        leases: &[u64],
+        outbox: &mut Outbox,
+    ) -> Result<(), String> {
+        if let Some(lease) = leases
+            .iter()
+            .find(|l| !matches!(self.leases.get(l), Some((h, _)) if *h == holder))
+        {
+            return Err(format!("lease {lease} is not held by {holder}"));
+        }
+        for lease in leases {
+            if let Some((_, tuple)) = self.leases.remove(lease) {
+                self.out(tuple, outbox).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Up to `most` tuples here now that match the first of `templates` that has any, leased to `holder`
     /// (none when no template has a match).
     fn lease_first(
@@ -452,6 +476,14 @@ impl Home {
     ) -> Result<(), String> {
         let mut outbox = Outbox::default();
         let result = self.state().complete(holder, leases, results, &mut outbox);
+        outbox.send();
+        result
+    }
+
+    /// Puts tuples this rank holds under `leases` back.
+    pub(crate) fn give_back(&self, holder: Rank, leases: &[u64]) -> Result<(), String> {
+        let mut outbox = Outbox::default();
+        let result = self.state().give_back(holder, leases, &mut outbox);
         outbox.send();
         result
     }
@@ -582,6 +614,10 @@ impl Home {
                         }
                     }
                 },
+            },
+            Ask::GiveBack { leases } => match s.give_back(from, &leases, &mut outbox) {
+                Ok(()) => Some((reply, Answer::Done)),
+                Err(e) => Some((reply, Answer::Refused(e))),
             },
             Ask::Eval { function, args } => {
                 drop(s);

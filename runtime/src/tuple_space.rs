@@ -320,6 +320,27 @@ impl TupleSpace {
         self.inner.lease_of(template, found)
     }
 
+    /// Puts leased tuples back into the space untouched, for others to take: for a holder that will not do
+    /// what it took (it failed, or is giving up).
+    pub fn give_back(&self, leases: Vec<Lease>) -> Result<(), RuntimeError> {
+        let mut by_home: std::collections::BTreeMap<Rank, Vec<u64>> = Default::default();
+        for l in leases {
+            by_home.entry(l.home).or_default().push(l.id);
+        }
+        for (home, ids) in by_home {
+            if home == self.inner.me {
+                self.inner
+                    .home
+                    .give_back(home, &ids)
+                    .map_err(|reason| RuntimeError::Refused { rank: home, reason })?;
+            } else {
+                self.inner
+                    .expect_done(home, &Ask::GiveBack { leases: ids })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Ends a lease and puts `results` in the same step at the lease's home (results homed elsewhere are
     /// put first, so a failure between the two may put them twice: give results the leased tuple's first
     /// field and arity to have them put exactly once).

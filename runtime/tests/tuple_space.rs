@@ -341,6 +341,39 @@ fn workers_take_tasks_near_them_first_and_the_rest_gets_done() {
 }
 
 #[test]
+fn tasks_held_by_a_worker_whose_function_panics_go_back_to_the_bag() {
+    job(3, plain, |rt, space| {
+        let farm = TaskFarm::new(space, "fragile", Rank(0));
+        match rt.rank().0 {
+            0 => {
+                farm.put((0..200u64).map(|i| (i, i))).unwrap();
+                let mut results: Vec<(u64, u64)> = farm.results(200).unwrap();
+                farm.stop().unwrap();
+                results.sort();
+                assert_eq!(results, (0..200u64).map(|i| (i, i + 1)).collect::<Vec<_>>());
+            }
+            1 => {
+                // Panics on its third task, holding it (and perhaps more of its batch).
+                let mut seen = 0;
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    farm.serve(|_, x: u64| {
+                        seen += 1;
+                        assert!(seen < 3, "a task this worker cannot do");
+                        x + 1
+                    })
+                }));
+                assert!(outcome.is_err(), "the panic comes out of serve");
+            }
+            _ => {
+                std::thread::sleep(Duration::from_millis(20));
+                farm.serve(|_, x: u64| x + 1).unwrap();
+            }
+        }
+        rt.dsm().barrier().unwrap();
+    });
+}
+
+#[test]
 fn tasks_near_a_rank_that_is_not_in_the_job_are_refused() {
     job(2, plain, |rt, space| {
         let farm = TaskFarm::new(space, "far", Rank(0));

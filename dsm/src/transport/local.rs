@@ -94,12 +94,24 @@ fn note_where_ranks_panic() {
 /// leave the others waiting for ever at their next collective operation, so the panic's message and place
 /// go to the process's own standard error (a test harness capturing output would lose them) and the process
 /// exits at once with status 101. (The panicking rank's `Dsm`, dropped as the panic unwinds, does not wait
-/// for the others.) For tests.
+/// for the others.) A job still running after [`LOCAL_JOB_LIMIT`] ends the process the same way, so that a
+/// test that would hang fails instead. For tests.
 pub fn run_local_job<F>(ranks: usize, channels: usize, body: F)
 where
     F: Fn(crate::Dsm) + Send + Sync + 'static,
 {
     note_where_ranks_panic();
+    let (finished, watched) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            watched.recv_timeout(LOCAL_JOB_LIMIT)
+        {
+            fail(&format!(
+                "the job of {ranks} ranks did not finish within {} s",
+                LOCAL_JOB_LIMIT.as_secs()
+            ));
+        }
+    });
     let body = std::sync::Arc::new(body);
     let transports = local_cluster(ranks, channels)
         .unwrap_or_else(|e| fail(&format!("making an in-process job of {ranks} ranks: {e}")));
@@ -135,7 +147,11 @@ where
             fail("a rank's thread panicked");
         }
     }
+    drop(finished);
 }
+
+/// How long an in-process job may run before [`run_local_job`] ends the process.
+pub const LOCAL_JOB_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 fn fail(why: &str) -> ! {
     use std::io::Write;
