@@ -192,6 +192,9 @@ pub fn launch(
 
     let mut children: Vec<Child> = Vec::with_capacity(ranks);
     let mut pumps = Vec::new();
+    // A watcher per rank says when it has exited (without reaping it: that stays with `children`), so the
+    // loop below wakes at once instead of polling.
+    let (exited, exits) = std::sync::mpsc::channel::<()>();
     for r in 0..ranks {
         let mut cmd = Command::new(program);
         cmd.args(args)
@@ -218,6 +221,7 @@ pub fn launch(
                 if let Some(err) = child.stderr.take() {
                     pumps.push(forward(r, err, true, opts.prefix, opts.capture.clone()));
                 }
+                watch(Pid::from_raw(child.id() as i32), exited.clone());
                 children.push(child);
             }
             Err(e) => {
@@ -261,10 +265,18 @@ pub fn launch(
                 }
             }
         }
-        if grace_until.is_some_and(|g| Instant::now() > g) {
+        if grace_until.is_some_and(|g| Instant::now() > g) || done.iter().all(|d| *d) {
             break;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        // Until a rank exits, the grace period ends, or at most 50 ms (a bound should a watcher fail).
+        let mut wait = Duration::from_millis(50);
+        if let Some(g) = grace_until {
+            wait = wait.min(g.saturating_duration_since(Instant::now()));
+        }
+        if let Some(t) = opts.timeout {
+            wait = wait.min(t.saturating_sub(started.elapsed()));
+        }
+        let _ = exits.recv_timeout(wait);
     }
     if opts.keep_going {
         // Only rank 0's status counts; the failures of others were reported as they happened.
@@ -308,6 +320,17 @@ pub fn launch(
         let _ = p.join();
     }
     Ok(outcome)
+}
+
+/// Sends on `exited` once process `pid` (a child of this one) has exited, leaving it to be reaped.
+fn watch(pid: Pid, exited: std::sync::mpsc::Sender<()>) {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag};
+    std::thread::spawn(move || {
+        while let Err(nix::errno::Errno::EINTR) =
+            waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT)
+        {}
+        let _ = exited.send(());
+    });
 }
 
 /// Ends every rank still running: SIGTERM, then SIGKILL after two seconds, and reaps them all.

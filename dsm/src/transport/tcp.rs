@@ -5,9 +5,11 @@
 use super::{Mesh, Transport, PROTOCOL_VERSION};
 use crate::error::{DsmError, Result};
 use crate::types::Rank;
+use nix::poll::{ppoll, PollFd, PollFlags};
+use nix::sys::time::TimeSpec;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// The secret every connection of a job must present.
@@ -124,13 +126,16 @@ fn accept_all(
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
                     return Err(DsmError::Config(format!(
                         "{me}: only {} of {expected} connections arrived before the timeout: a rank did not start or cannot reach this one",
                         accepted.len()
                     )));
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                // Until the next connection arrives (or the deadline): no polling interval to wait out.
+                let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                let _ = ppoll(&mut fds, Some(TimeSpec::from_duration(left)), None);
             }
             Err(e) => return Err(DsmError::io("accept", e)),
         }
