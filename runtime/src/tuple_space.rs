@@ -670,10 +670,17 @@ impl Inner {
                     (Found { tuple, lease }, home),
                 )?])
             }
-            (Answer::Leased(taken), Some(_))
-                if !taken.is_empty() && taken.len() <= more as usize + 1 =>
-            {
-                Ok(taken.into_iter().map(leased).collect())
+            (Answer::Leased(taken), Some(n)) => {
+                let fits = !taken.is_empty()
+                    && taken.len() <= more as usize + 1
+                    && taken.iter().all(|(t, _)| n.iter().any(|m| m.matches(t)));
+                if fits {
+                    return Ok(taken.into_iter().map(leased).collect());
+                }
+                // Not what was asked for: whatever the home leased to this rank goes back.
+                let ids = taken.iter().map(|(_, id)| *id).collect();
+                let _ = self.expect_done(home, &Ask::GiveBack { leases: ids });
+                Err(unexpected(home, Answer::Leased(taken)))
             }
             (other, _) => Err(unexpected(home, other)),
         }
