@@ -1,6 +1,7 @@
 //! The `Dsm` handle: one rank's membership in a job. It owns the channels, the service loop, the arena and
 //! the userfaultfd, and offers collective allocation, barriers, distributed locks and statistics. Dropping
-//! it ends the rank's part in the job: a final barrier, `Goodbye` to every peer, and the service loop stops.
+//! it ends the rank's part in the job: a final barrier, `Goodbye` to every peer, and the service loop stops
+//! (from a thread unwinding a panic, neither barrier nor goodbye: the others see this rank fail).
 
 use crate::channel::{Channel, Channels, RecvError};
 use crate::engine::{Engine, ServicePriority, MAX_READAHEAD};
@@ -795,7 +796,9 @@ impl Dsm {
         // (the others may never reach it) nor says goodbye, so the others see this rank fail when its
         // connections close.
         let failing = std::thread::panicking();
-        let result = if self.failed_ranks().is_empty() && !failing {
+        let result = if failing {
+            Err(DsmError::LeftWhilePanicking)
+        } else if self.failed_ranks().is_empty() {
             s.barrier_tagged(0x5707)
         } else {
             Ok(())

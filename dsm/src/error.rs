@@ -85,6 +85,10 @@ pub enum DsmError {
     /// A configuration value is out of range or malformed.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The rank left the job from a thread that was panicking: it skipped the final barrier and said no
+    /// goodbye, so the other ranks see it fail.
+    #[error("left the job while panicking: the final barrier was skipped and the other ranks see this rank fail")]
+    LeftWhilePanicking,
     /// Regions need each rank in its own process.
     #[error("shared regions need one rank per process; the in-process transport supports messaging, locks and barriers only")]
     RegionsNeedProcesses,

@@ -16,6 +16,7 @@
 //! | `DSM_ON_PEER_FAILURE` | `exit`: a rank ends (status 75) when another fails; `report`: operations that need the failed rank return errors and the program decides (set by `dsmrun --keep-going`) | exit |
 //! | `DSM_STATS` | `1`: print each rank's statistics when it leaves the job | off |
 //! | `DSM_LAUNCHER_PID` | set by `dsmrun`: a rank ends itself when this process dies | unset |
+//! | `DSM_LOCAL_JOB_LIMIT` | tests only: seconds an in-process job (`run_local_job`) may run before it ends the test process as a failure | 120 |
 //!
 //! | `DSM_TRANSPORT` | under `mpirun` (feature `mpi`): `tcp`, connections set up through MPI, or `mpi`, the job's traffic carried by MPI messages (slower here; see docs/BENCHMARKS.md) | tcp |
 //!

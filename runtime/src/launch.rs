@@ -323,14 +323,18 @@ pub fn launch(
 }
 
 /// Sends on `exited` once process `pid` (a child of this one) has exited, leaving it to be reaped.
+/// (Without a watcher, for want of a thread, the launcher looks at that rank every 50 ms.)
 fn watch(pid: Pid, exited: std::sync::mpsc::Sender<()>) {
     use nix::sys::wait::{waitid, Id, WaitPidFlag};
-    std::thread::spawn(move || {
-        while let Err(nix::errno::Errno::EINTR) =
-            waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT)
-        {}
-        let _ = exited.send(());
-    });
+    let _ = std::thread::Builder::new()
+        .name(format!("dsmrun-watch-{pid}"))
+        .stack_size(64 << 10)
+        .spawn(move || {
+            while let Err(nix::errno::Errno::EINTR) =
+                waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT)
+            {}
+            let _ = exited.send(());
+        });
 }
 
 /// Ends every rank still running: SIGTERM, then SIGKILL after two seconds, and reaps them all.

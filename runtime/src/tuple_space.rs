@@ -327,18 +327,22 @@ impl TupleSpace {
         for l in leases {
             by_home.entry(l.home).or_default().push(l.id);
         }
+        // Every home is asked, whatever happens at the others; the first error is returned.
+        let mut first_error = None;
         for (home, ids) in by_home {
-            if home == self.inner.me {
+            let given = if home == self.inner.me {
                 self.inner
                     .home
                     .give_back(home, &ids)
-                    .map_err(|reason| RuntimeError::Refused { rank: home, reason })?;
+                    .map_err(|reason| RuntimeError::Refused { rank: home, reason })
             } else {
-                self.inner
-                    .expect_done(home, &Ask::GiveBack { leases: ids })?;
+                self.inner.expect_done(home, &Ask::GiveBack { leases: ids })
+            };
+            if let Err(e) = given {
+                first_error.get_or_insert(e);
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Ends a lease and puts `results` in the same step at the lease's home (results homed elsewhere are
@@ -682,7 +686,20 @@ impl Inner {
                 let _ = self.expect_done(home, &Ask::GiveBack { leases: ids });
                 Err(unexpected(home, Answer::Leased(taken)))
             }
-            (other, _) => Err(unexpected(home, other)),
+            (other, _) => {
+                // A lease in an answer that should carry none goes back too.
+                let ids: Vec<u64> = match &other {
+                    Answer::Found {
+                        lease: Some(id), ..
+                    } => vec![*id],
+                    Answer::Leased(taken) => taken.iter().map(|(_, id)| *id).collect(),
+                    _ => Vec::new(),
+                };
+                if !ids.is_empty() {
+                    let _ = self.expect_done(home, &Ask::GiveBack { leases: ids });
+                }
+                Err(unexpected(home, other))
+            }
         }
     }
 

@@ -67,51 +67,63 @@ impl Transport for LocalTransport {
     }
 }
 
+/// What a rank thread of an in-process job knows about itself, for the panic hook.
+struct RankThread {
+    rank: usize,
+    /// The first panic on any rank of this job, with its rank: the cause, when later panics are its
+    /// consequences (a peer that lost the panicking rank, say).
+    first: std::sync::Arc<std::sync::OnceLock<String>>,
+}
+
 thread_local! {
-    /// The rank this thread runs, on the threads of an in-process job.
-    static RANK: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    static RANK_THREAD: std::cell::RefCell<Option<RankThread>> = const { std::cell::RefCell::new(None) };
     /// The last panic on this rank's thread, with where it happened.
     static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Keeps the message and place of a panic on a rank's thread for the report (the test harness may have
-/// captured what the panic printed). Panics are passed on to the hook that was there before.
+/// captured what the panic printed), and the job's first panic. Panics are passed on to the hook that was
+/// there before; panics on other threads are not looked at.
 fn note_where_ranks_panic() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let before = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if RANK.with(|r| r.get()).is_some() {
-                LAST_PANIC.with(|p| p.replace(Some(info.to_string())));
-            }
+            let _ = RANK_THREAD.try_with(|t| {
+                if let Some(t) = &*t.borrow() {
+                    let _ = t.first.set(format!("rank {} {info}", t.rank));
+                    let _ = LAST_PANIC.try_with(|p| p.replace(Some(info.to_string())));
+                }
+            });
             before(info)
         }));
     });
 }
 
 /// Runs `body` on every rank of an in-process job of `ranks` ranks with `channels` channels each (every
-/// rank a thread with its own `Dsm`), and returns when all have returned. A rank whose body panics would
-/// leave the others waiting for ever at their next collective operation, so the panic's message and place
-/// go to the process's own standard error (a test harness capturing output would lose them) and the process
-/// exits at once with status 101. (The panicking rank's `Dsm`, dropped as the panic unwinds, does not wait
-/// for the others.) A job still running after [`LOCAL_JOB_LIMIT`] ends the process the same way, so that a
-/// test that would hang fails instead. For tests.
+/// rank a thread with its own `Dsm`, which reports a failed peer instead of exiting), and returns when all
+/// have returned. A rank whose body panics would leave the others waiting for ever at their next collective
+/// operation, so the panic's message and place go to the process's own standard error (a test harness
+/// capturing output would lose them), with the job's first panic when another rank panicked before, and
+/// the process exits at once with status 101. (The panicking rank's `Dsm`, dropped as the panic unwinds,
+/// does not wait for the others.) A job still running after [`local_job_limit`] ends the process the same
+/// way, so that a test that would hang fails instead. For tests.
 pub fn run_local_job<F>(ranks: usize, channels: usize, body: F)
 where
     F: Fn(crate::Dsm) + Send + Sync + 'static,
 {
     note_where_ranks_panic();
+    let limit = local_job_limit();
     let (finished, watched) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-            watched.recv_timeout(LOCAL_JOB_LIMIT)
-        {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watched.recv_timeout(limit) {
             fail(&format!(
-                "the job of {ranks} ranks did not finish within {} s",
-                LOCAL_JOB_LIMIT.as_secs()
+                "the job of {ranks} ranks did not finish within {} s (DSM_LOCAL_JOB_LIMIT)",
+                limit.as_secs()
             ));
         }
     });
+    let first = std::sync::Arc::new(std::sync::OnceLock::new());
     let body = std::sync::Arc::new(body);
     let transports = local_cluster(ranks, channels)
         .unwrap_or_else(|e| fail(&format!("making an in-process job of {ranks} ranks: {e}")));
@@ -120,24 +132,36 @@ where
         .enumerate()
         .map(|(r, t)| {
             let body = body.clone();
+            let first = first.clone();
             std::thread::spawn(move || {
-                RANK.with(|c| c.set(Some(r)));
+                RANK_THREAD.with(|c| {
+                    *c.borrow_mut() = Some(RankThread {
+                        rank: r,
+                        first: first.clone(),
+                    })
+                });
                 let dsm = crate::Dsm::builder()
                     .rank(Rank(r as u32), ranks)
                     .channels(channels)
                     .transport(Box::new(t))
+                    .failure_policy(crate::FailurePolicy::Report)
                     .build()
                     .unwrap_or_else(|e| fail(&format!("rank {r}: joining: {e}")));
                 let run = std::panic::AssertUnwindSafe(|| body(dsm));
                 if let Err(panic) = std::panic::catch_unwind(run) {
                     let why = LAST_PANIC.with(|p| p.take()).unwrap_or_else(|| {
-                        panic
+                        let message = panic
                             .downcast_ref::<String>()
                             .cloned()
                             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_default()
+                            .unwrap_or_default();
+                        format!("panicked: {message}")
                     });
-                    fail(&format!("rank {r} {why}"));
+                    let mine = format!("rank {r} {why}");
+                    match first.get().filter(|f| **f != mine) {
+                        Some(f) => fail(&format!("{mine}\n(the job's first panic: {f})")),
+                        None => fail(&mine),
+                    }
                 }
             })
         })
@@ -150,8 +174,15 @@ where
     drop(finished);
 }
 
-/// How long an in-process job may run before [`run_local_job`] ends the process.
-pub const LOCAL_JOB_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long an in-process job may run before [`run_local_job`] ends the process: `DSM_LOCAL_JOB_LIMIT`
+/// seconds, 120 by default.
+pub fn local_job_limit() -> std::time::Duration {
+    let secs = std::env::var("DSM_LOCAL_JOB_LIMIT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(120);
+    std::time::Duration::from_secs(secs)
+}
 
 fn fail(why: &str) -> ! {
     use std::io::Write;
