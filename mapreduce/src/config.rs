@@ -27,6 +27,7 @@ pub struct JobConfig {
     pub(crate) threads: Option<usize>,
     pub(crate) overwrite: bool,
     pub(crate) progress: ProgressMode,
+    pub(crate) merge_fan_in: usize,
 }
 
 /// The default split size: big enough that a task's fixed costs vanish, small enough to balance the load
@@ -37,6 +38,8 @@ pub const DEFAULT_SPLIT_SIZE: u64 = 4 << 20;
 pub const DEFAULT_MEMORY_BUDGET: u64 = 256 << 20;
 /// The smallest memory budget accepted.
 pub const MIN_MEMORY_BUDGET: u64 = 1 << 20;
+/// The default most runs a reduce merges at once.
+pub const DEFAULT_MERGE_FAN_IN: usize = 128;
 
 impl JobConfig {
     /// A job writing its output (files `part-00000`, `part-00001`, ...) into the directory `output`, which
@@ -52,6 +55,7 @@ impl JobConfig {
             threads: None,
             overwrite: false,
             progress: ProgressMode::Auto,
+            merge_fan_in: DEFAULT_MERGE_FAN_IN,
         }
     }
 
@@ -109,6 +113,15 @@ impl JobConfig {
         self
     }
 
+    /// The most runs a reduce merges at once (default 128, at least 2). A partition with more runs (many
+    /// maps, or maps that spilled) is merged in passes, through intermediate run files on the reducer's
+    /// disk, so that a reduce never holds more open files and read buffers than this; lower it where the
+    /// limit on open files is low.
+    pub fn merge_fan_in(mut self, runs: usize) -> JobConfig {
+        self.merge_fan_in = runs;
+        self
+    }
+
     /// Whether rank 0 shows progress.
     pub fn progress(mut self, mode: ProgressMode) -> JobConfig {
         self.progress = mode;
@@ -134,6 +147,12 @@ impl JobConfig {
         }
         if self.threads == Some(0) {
             return Err("the number of threads must be 1 or more".into());
+        }
+        if self.merge_fan_in < 2 {
+            return Err(format!(
+                "a merge fan-in of {} runs: use 2 or more",
+                self.merge_fan_in
+            ));
         }
         Ok(())
     }

@@ -177,6 +177,7 @@ impl MapReduce {
             job_id,
             pool: &pool,
             budget: (config.memory_budget / threads as u64).max(1),
+            fan_in: config.merge_fan_in,
         };
         let result = if dsm.rank() == Rank(0) {
             self.lead(job_id, &farm, &worker, config, threads)

@@ -55,7 +55,8 @@ mod shuffle;
 mod worker;
 
 pub use config::{
-    JobConfig, ProgressMode, DEFAULT_MEMORY_BUDGET, DEFAULT_SPLIT_SIZE, MIN_MEMORY_BUDGET,
+    JobConfig, ProgressMode, DEFAULT_MEMORY_BUDGET, DEFAULT_MERGE_FAN_IN, DEFAULT_SPLIT_SIZE,
+    MIN_MEMORY_BUDGET,
 };
 pub use emit::{Counters, Emitter};
 pub use engine::{JobReport, MapReduce};

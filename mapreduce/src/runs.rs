@@ -19,17 +19,28 @@ pub(crate) fn write_run<K: Serialize, V: Serialize>(
 ) -> io::Result<u64> {
     let mut buf = Vec::new();
     let mut written = 0;
-    for pair in pairs {
-        buf.clear();
-        let body = postcard::to_extend(pair, std::mem::take(&mut buf))
-            .map_err(|e| invalid(format!("encoding a map output pair: {e}")))?;
-        let mut len = [0u8; 5];
-        let n = put_varint(&mut len, body.len() as u32);
-        out.write_all(&len[..n])?;
-        out.write_all(&body)?;
-        written += (n + body.len()) as u64;
-        buf = body;
+    for (k, v) in pairs {
+        written += write_pair(out, &mut buf, k, v)?;
     }
+    Ok(written)
+}
+
+/// Writes one record of a run, `(key, value)`, with `buf` as scratch space; returns the bytes written.
+pub(crate) fn write_pair<K: Serialize, V: Serialize>(
+    out: &mut impl Write,
+    buf: &mut Vec<u8>,
+    key: &K,
+    value: &V,
+) -> io::Result<u64> {
+    buf.clear();
+    let body = postcard::to_extend(&(key, value), std::mem::take(buf))
+        .map_err(|e| invalid(format!("encoding a map output pair: {e}")))?;
+    let mut len = [0u8; 5];
+    let n = put_varint(&mut len, body.len() as u32);
+    out.write_all(&len[..n])?;
+    out.write_all(&body)?;
+    let written = (n + body.len()) as u64;
+    *buf = body;
     Ok(written)
 }
 

@@ -15,10 +15,11 @@ use crate::shuffle::{self, FetchError, RunId};
 use crate::Job;
 use dsm::{Dsm, Rank};
 use rayon::prelude::*;
+use serde::de::DeserializeOwned;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -34,6 +35,47 @@ pub(crate) struct Worker<'a, J: Job> {
     pub(crate) pool: &'a rayon::ThreadPool,
     /// The memory one task's output may take before it spills.
     pub(crate) budget: u64,
+    /// The most runs one merge takes.
+    pub(crate) fan_in: usize,
+}
+
+/// Where one run a reduce merges is, until it is opened.
+enum RunSource {
+    /// A file that stays (this rank's map output: the job's directory goes at the end of the job).
+    Kept(PathBuf),
+    /// A file of this reduce's own (fetched past the budget, or merged in an earlier pass): removed once
+    /// open, so its space comes back as it is read.
+    Own(PathBuf),
+    /// A fetched run held in memory.
+    Bytes(Vec<u8>),
+}
+
+/// A run and its name in errors.
+struct Located {
+    source: RunSource,
+    what: String,
+}
+
+impl Located {
+    /// A reader of the run, with a read buffer of `buffer` bytes for one in a file.
+    fn open<K: DeserializeOwned, V: DeserializeOwned>(
+        self,
+        buffer: usize,
+    ) -> Result<RunReader<K, V>, String> {
+        let file =
+            |path: &Path| File::open(path).map_err(|e| format!("opening {}: {e}", path.display()));
+        let src: Box<dyn BufRead + Send> = match self.source {
+            RunSource::Kept(path) => Box::new(BufReader::with_capacity(buffer, file(&path)?)),
+            RunSource::Own(path) => {
+                let f = file(&path)?;
+                // Open, it stays readable; unlinked, its space goes back once it is read.
+                let _ = std::fs::remove_file(&path);
+                Box::new(BufReader::with_capacity(buffer, f))
+            }
+            RunSource::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes)),
+        };
+        Ok(RunReader::new(src, self.what))
+    }
 }
 
 /// The largest result a task sends back, encoded: well under the tuple space's 1 MiB field limit, so that a
@@ -229,22 +271,18 @@ impl<J: Job> Worker<'_, J> {
         Ok((held, std::mem::take(&mut emit.counters)))
     }
 
-    /// Opens every run of `partition` at `sources`: its own from disk, others fetched (kept in memory up
-    /// to the budget, then in files of its own).
-    fn gather(
+    /// Finds every run of `partition` at `sources`: its own on disk, others fetched (kept in memory up to
+    /// the budget, then in files of its own). Returns them, unopened, and the bytes fetched.
+    fn locate(
         &self,
         id: u64,
         partition: u32,
         sources: &[Source],
-    ) -> Result<(Readers<J>, u64), TaskResult> {
+    ) -> Result<(Vec<Located>, u64), TaskResult> {
         let failed = |what: String| TaskResult::Failed { what };
         let me = self.dsm.rank();
-        let mut readers = Vec::new();
+        let mut runs = Vec::new();
         let mut fetched = 0u64;
-        // One read buffer per run: 64 KiB each while the runs' buffers fit in a quarter of the budget,
-        // smaller (down to 4 KiB) when a partition has very many runs.
-        let runs: u64 = sources.iter().map(|s| u64::from(s.runs)).sum();
-        let buffer = (self.budget / 4 / runs.max(1)).clamp(4 << 10, 64 << 10) as usize;
         for s in sources {
             for run in 0..s.runs {
                 let rid = RunId {
@@ -257,11 +295,8 @@ impl<J: Job> Worker<'_, J> {
                     "map output {run} of task {} for partition {partition}",
                     s.task
                 );
-                let src: Box<dyn BufRead + Send> = if s.holder == me.0 {
-                    let path = rid.path(self.root);
-                    let f = File::open(&path)
-                        .map_err(|e| failed(format!("opening {}: {e}", path.display())))?;
-                    Box::new(BufReader::with_capacity(buffer, f))
+                let source = if s.holder == me.0 {
+                    RunSource::Kept(rid.path(self.root))
                 } else {
                     let bytes = match shuffle::fetch(self.dsm, Rank(s.holder), rid) {
                         Ok(b) => b,
@@ -270,23 +305,59 @@ impl<J: Job> Worker<'_, J> {
                     };
                     fetched += bytes.len() as u64;
                     if fetched <= self.budget {
-                        Box::new(std::io::Cursor::new(bytes))
+                        RunSource::Bytes(bytes)
                     } else {
                         let path = shuffle::job_dir(self.root, self.job_id)
                             .join(format!("fetched-{id}-{}-{}-{run}", s.holder, s.task));
                         std::fs::write(&path, &bytes)
                             .map_err(|e| failed(format!("writing {}: {e}", path.display())))?;
-                        let f = File::open(&path)
-                            .map_err(|e| failed(format!("opening {}: {e}", path.display())))?;
-                        // Open, it stays readable; unlinked, its space goes back once it is read.
-                        let _ = std::fs::remove_file(&path);
-                        Box::new(BufReader::with_capacity(buffer, f))
+                        RunSource::Own(path)
                     }
                 };
-                readers.push(RunReader::new(src, what));
+                runs.push(Located { source, what });
             }
         }
-        Ok((readers, fetched))
+        Ok((runs, fetched))
+    }
+
+    /// The read buffer of each of `runs` runs merged at once: 64 KiB while their buffers fit in a quarter
+    /// of the budget, smaller (down to 4 KiB) for many.
+    fn buffer_for(&self, runs: usize) -> usize {
+        (self.budget / 4 / runs.max(1) as u64).clamp(4 << 10, 64 << 10) as usize
+    }
+
+    /// Merges `group` into one run written to `path` (values of a key folded by the combiner, or all kept).
+    fn merge_runs(&self, group: Vec<Located>, path: &Path) -> Result<(), String> {
+        let buffer = self.buffer_for(group.len());
+        let readers = group
+            .into_iter()
+            .map(|r| r.open::<J::Key, J::Value>(buffer))
+            .collect::<Result<Vec<_>, String>>()?;
+        let io = |e: std::io::Error| format!("writing {}: {e}", path.display());
+        let mut out = BufWriter::with_capacity(256 << 10, File::create(path).map_err(io)?);
+        let combiner = self.job.combiner();
+        let mut buf = Vec::new();
+        runs::merge(readers, |key, values| {
+            match combiner {
+                Some(combine) => {
+                    let mut values = values.into_iter();
+                    if let Some(mut total) = values.next() {
+                        for v in values {
+                            combine(&mut total, v);
+                        }
+                        runs::write_pair(&mut out, &mut buf, &key, &total)?;
+                    }
+                }
+                None => {
+                    for v in &values {
+                        runs::write_pair(&mut out, &mut buf, &key, v)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| format!("merging runs into {}: {e}", path.display()))?;
+        out.flush().map_err(io)
     }
 
     fn reduce(
@@ -296,10 +367,28 @@ impl<J: Job> Worker<'_, J> {
         sources: &[Source],
         output: &Path,
     ) -> Result<TaskResult, String> {
-        let (readers, fetched) = match self.gather(id, partition, sources) {
+        let (mut runs, fetched) = match self.locate(id, partition, sources) {
             Ok(r) => r,
             Err(result) => return Ok(result),
         };
+        // More runs than one merge takes: merge them a group at a time into runs of this reduce's own,
+        // oldest first, until one merge takes what is left.
+        let mut pass = 0;
+        while runs.len() > self.fan_in {
+            let group: Vec<Located> = runs.drain(..self.fan_in).collect();
+            let path = shuffle::job_dir(self.root, self.job_id).join(format!("merged-{id}-{pass}"));
+            self.merge_runs(group, &path)?;
+            pass += 1;
+            runs.push(Located {
+                source: RunSource::Own(path),
+                what: format!("intermediate merge {pass} of partition {partition}"),
+            });
+        }
+        let buffer = self.buffer_for(runs.len());
+        let readers = runs
+            .into_iter()
+            .map(|r| r.open(buffer))
+            .collect::<Result<Vec<_>, String>>()?;
         let name = format!("part-{partition:05}");
         let tmp = output.join(format!(".{name}.{}.{id}.tmp", self.dsm.rank().0));
         let written = self.write_partition(partition, readers, &tmp);

@@ -159,10 +159,12 @@ fn word_counts_match_a_plain_count_with_and_without_spilling() {
         .sum();
     job(3, move |rt, mr| {
         // Small splits and room to spare; then whole files as splits, one partition, and the smallest
-        // budget, so that maps spill and the reducer keeps fetched runs on disk.
-        for (name, split, budget, threads, parts) in [
-            ("roomy", 64 << 10, 64 << 20, 2, 5),
-            ("tight", 1 << 20, 1 << 20, 1, 1),
+        // budget, so that maps spill and the reducer keeps fetched runs on disk; then many small splits
+        // merged three runs at a time, so that reduces merge in passes.
+        for (name, split, budget, threads, parts, fan_in) in [
+            ("roomy", 64 << 10, 64 << 20, 2, 5, 128),
+            ("tight", 1 << 20, 1 << 20, 1, 1, 128),
+            ("passes", 16 << 10, 64 << 20, 1, 2, 3),
         ] {
             let out = dir.join(name);
             let config = JobConfig::new(&out)
@@ -171,6 +173,7 @@ fn word_counts_match_a_plain_count_with_and_without_spilling() {
                 .memory_budget(budget)
                 .threads(threads)
                 .partitions(parts)
+                .merge_fan_in(fan_in)
                 .progress(ProgressMode::Never);
             let report = mr.run(&Words, &config).unwrap();
             if rt.rank() == Rank(0) {
@@ -184,6 +187,9 @@ fn word_counts_match_a_plain_count_with_and_without_spilling() {
                 assert_eq!(report.output_records, expect.len() as u64);
                 if name == "roomy" {
                     assert!(report.maps > 6, "inputs cut into several splits: {report}");
+                } else if name == "passes" {
+                    // Each partition has a run from most maps: far more than three, so several passes.
+                    assert!(report.map_runs > 20 * parts as u64, "{report}");
                 } else {
                     // About 40,000 distinct words per file do not fit in 1 MiB: maps spilled, so there
                     // are more runs than maps (one partition: one run per map without spilling).
@@ -249,6 +255,12 @@ fn every_value_reaches_its_key_without_a_combiner() {
                 "given",
                 JobConfig::new(dir.join("given")).splits(splits.clone()),
             ),
+            (
+                "passes",
+                JobConfig::new(dir.join("passes"))
+                    .splits(splits.clone())
+                    .merge_fan_in(2),
+            ),
         ] {
             let config = config.partitions(3).progress(ProgressMode::Never);
             let report = mr.run(&Offsets, &config).unwrap();
@@ -257,7 +269,7 @@ fn every_value_reaches_its_key_without_a_combiner() {
                 let out = dir.join(name);
                 assert_eq!(read_output(&out, 3), expect, "{name}");
                 assert_eq!(report.counters.get("keys"), expect.len() as u64);
-                if name == "given" {
+                if name != "cut" {
                     assert_eq!(report.maps, splits.len());
                 }
                 // Every key is in the partition the job's partitioner chose.
@@ -336,6 +348,9 @@ fn bad_input_and_output_are_clear_errors_on_every_rank() {
                 .input(&files[0])
                 .memory_budget(10),
             JobConfig::new(dir.join("x")).input(&files[0]).split_size(0),
+            JobConfig::new(dir.join("x"))
+                .input(&files[0])
+                .merge_fan_in(1),
         ] {
             let e = mr.run(&Words, &config).unwrap_err();
             assert!(matches!(e, MapReduceError::Config(_)), "{e}");
