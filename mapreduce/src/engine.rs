@@ -108,15 +108,17 @@ impl MapReduce {
                 dsm.rank()
             )));
         }
+        let host = spill_host();
+        remove_stale_spill_dirs(dir.as_ref(), &host);
         let root = dir.as_ref().join(format!(
-            "dsm-mapreduce-{}-{}",
+            "dsm-mapreduce-{host}-{}-{}",
             std::process::id(),
             dsm.rank().0
         ));
         std::fs::create_dir_all(&root)
             .map_err(|e| MapReduceError::io(format!("creating {}", root.display()), e))?;
-        // A reduce holds one run file open per map (and spill) of its partition: let it have as many
-        // files as the system allows this process, not the usual soft limit of 1024.
+        // Each task slot's merge holds up to `merge_fan_in` run files open, and map tasks write theirs:
+        // let the process have as many files as the system allows it, not the usual soft limit of 1024.
         use nix::sys::resource::{getrlimit, setrlimit, Resource};
         if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
             if soft < hard {
@@ -427,6 +429,47 @@ fn remove_parts(dir: &Path) -> Result<(), MapReduceError> {
         }
     }
     Ok(())
+}
+
+/// This host's name as it goes into spill directory names (characters other than letters, digits, `.` and
+/// `_` become `_`, so the name has no `-` of its own).
+fn spill_host() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "host".into())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Removes the spill directories under `dir` that engines of processes of this host left behind when they
+/// died (killed before they could remove them): `dsm-mapreduce-HOST-PID-RANK` whose PID is not running.
+/// Directories of other hosts (a spill directory shared across machines) are left alone.
+fn remove_stale_spill_dirs(dir: &Path, host: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!("dsm-mapreduce-{host}-");
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.split('-').collect();
+        let [pid, rank] = parts[..] else { continue };
+        let (Ok(pid), Ok(_)) = (pid.parse::<u32>(), rank.parse::<u32>()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 impl Drop for MapReduce {

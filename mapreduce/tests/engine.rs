@@ -419,6 +419,58 @@ fn a_panic_in_the_job_fails_it_with_where_it_happened() {
 }
 
 #[test]
+fn spill_directories_left_by_dead_processes_are_removed() {
+    let dir = scratch("stale");
+    let transports = local_cluster(1, 2).unwrap();
+    let dsm = Dsm::builder()
+        .rank(Rank(0), 1)
+        .channels(2)
+        .transport(Box::new(transports.into_iter().next().unwrap()))
+        .build()
+        .unwrap();
+    let rt = Runtime::from_dsm(dsm);
+    let space = TupleSpace::join(&rt).unwrap();
+    // This host as the engine writes it in directory names (one engine per rank, so it cannot be
+    // created twice to learn it).
+    let host: String = nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    // A process that has ended, and so no longer runs.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let stale = dir.join(format!("dsm-mapreduce-{host}-{dead}-0"));
+    let other_host = dir.join(format!("dsm-mapreduce-elsewhere-{dead}-0"));
+    let alive = dir.join(format!("dsm-mapreduce-{host}-{}-7", std::process::id()));
+    for d in [&stale, &other_host, &alive] {
+        std::fs::create_dir_all(d.join("job-0")).unwrap();
+        std::fs::write(d.join("job-0").join("t0-p0-r0"), b"old run").unwrap();
+    }
+    let engine = MapReduce::with_spill_dir(&space, &dir).unwrap();
+    assert!(!stale.exists(), "a dead process's directory is removed");
+    assert!(other_host.exists(), "another host's directory stays");
+    assert!(alive.exists(), "a running process's directory stays");
+    let ours = dir.join(format!("dsm-mapreduce-{host}-{}-0", std::process::id()));
+    assert!(
+        ours.is_dir(),
+        "the engine's own directory is named as expected"
+    );
+    drop(engine);
+    assert!(!ours.exists(), "and removed with the engine");
+    drop(space);
+    rt.finish().unwrap();
+}
+
+#[test]
 fn one_engine_per_rank() {
     let transports = local_cluster(1, 2).unwrap();
     let dsm = Dsm::builder()
