@@ -487,7 +487,14 @@ fn wordcount_matches_the_pipeline_at_1_2_and_3_ranks() {
             (2, &["--split-size", "32768"][..]),
             (
                 3,
-                &["--split-size", "20000", "--memory-budget", "1048576"][..],
+                &[
+                    "--split-size",
+                    "20000",
+                    "--memory-budget",
+                    "1048576",
+                    "--merge-fan-in",
+                    "2",
+                ][..],
             ),
         ] {
             let out_dir = fresh_output(&format!("ranks{ranks}"));

@@ -49,6 +49,9 @@ struct Args {
     /// Memory a rank's map output may take before it is spilled to disk, in bytes.
     #[arg(long, default_value_t = dsm_mapreduce::DEFAULT_MEMORY_BUDGET)]
     memory_budget: u64,
+    /// The most runs a reduce merges at once (more are merged in passes; lower it when open files are few).
+    #[arg(long, default_value_t = dsm_mapreduce::DEFAULT_MERGE_FAN_IN)]
+    merge_fan_in: usize,
     /// Threads per rank (default: the cores shared among the ranks).
     #[arg(long)]
     threads: Option<usize>,
@@ -320,6 +323,7 @@ fn main() -> anyhow::Result<()> {
         .overwrite(args.overwrite)
         .split_size(args.split_size)
         .memory_budget(args.memory_budget)
+        .merge_fan_in(args.merge_fan_in)
         .progress(if args.quiet {
             ProgressMode::Never
         } else {
