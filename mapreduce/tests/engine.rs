@@ -418,9 +418,9 @@ fn a_panic_in_the_job_fails_it_with_where_it_happened() {
     });
 }
 
-#[test]
-fn spill_directories_left_by_dead_processes_are_removed() {
-    let dir = scratch("stale");
+/// A job of one rank on this thread, with its tuple space (for tests that need the engine outside
+/// `run_local_job`).
+fn one_rank() -> (Runtime, TupleSpace) {
     let transports = local_cluster(1, 2).unwrap();
     let dsm = Dsm::builder()
         .rank(Rank(0), 1)
@@ -430,6 +430,13 @@ fn spill_directories_left_by_dead_processes_are_removed() {
         .unwrap();
     let rt = Runtime::from_dsm(dsm);
     let space = TupleSpace::join(&rt).unwrap();
+    (rt, space)
+}
+
+#[test]
+fn spill_directories_left_by_dead_processes_are_removed() {
+    let dir = scratch("stale");
+    let (rt, space) = one_rank();
     // This host as the engine writes it in directory names (one engine per rank, so it cannot be
     // created twice to learn it).
     let host: String = nix::unistd::gethostname()
@@ -472,15 +479,7 @@ fn spill_directories_left_by_dead_processes_are_removed() {
 
 #[test]
 fn one_engine_per_rank() {
-    let transports = local_cluster(1, 2).unwrap();
-    let dsm = Dsm::builder()
-        .rank(Rank(0), 1)
-        .channels(2)
-        .transport(Box::new(transports.into_iter().next().unwrap()))
-        .build()
-        .unwrap();
-    let rt = Runtime::from_dsm(dsm);
-    let space = TupleSpace::join(&rt).unwrap();
+    let (rt, space) = one_rank();
     let first = MapReduce::new(&space).unwrap();
     let e = MapReduce::new(&space).unwrap_err();
     assert!(e.to_string().contains("one per rank"), "{e}");
