@@ -44,6 +44,18 @@ pub(crate) fn write_pair<K: Serialize, V: Serialize>(
     Ok(written)
 }
 
+/// The LEB128 length at the start of `bytes` and its size, if it is complete there (and at most 5 bytes).
+fn get_varint(bytes: &[u8]) -> Option<(usize, usize)> {
+    let mut len = 0usize;
+    for (i, b) in bytes.iter().take(5).enumerate() {
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((len, i + 1));
+        }
+    }
+    None
+}
+
 fn put_varint(out: &mut [u8; 5], mut v: u32) -> usize {
     let mut i = 0;
     loop {
@@ -79,6 +91,21 @@ impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
 
     /// The next pair, or `None` at the end of the run.
     pub(crate) fn next_pair(&mut self) -> io::Result<Option<(K, V)>> {
+        // Usually the whole record is in the reader's buffer: decode it in place.
+        let buffered = self.src.fill_buf()?;
+        if buffered.is_empty() {
+            return Ok(None);
+        }
+        if let Some((len, n)) = get_varint(buffered) {
+            if let Some(body) = buffered.get(n..n + len) {
+                let pair = postcard::from_bytes(body).map_err(|e| {
+                    invalid(format!("{}: a record does not decode: {e}", self.what))
+                })?;
+                self.src.consume(n + len);
+                return Ok(Some(pair));
+            }
+        }
+        // A record across the buffer's end: read it piece by piece.
         let mut len: u32 = 0;
         for i in 0..5 {
             let mut b = [0u8; 1];
@@ -224,6 +251,25 @@ mod tests {
                 v.sort();
             }
             assert_eq!(got, expect);
+        }
+    }
+
+    #[test]
+    fn records_across_the_read_buffer_are_read_whole() {
+        let pairs: Vec<(String, u64)> = (0..300)
+            .map(|i| (format!("key-{i:04}-{}", "x".repeat(i % 23)), i as u64))
+            .collect();
+        let mut bytes = Vec::new();
+        write_run(&mut bytes, &pairs).unwrap();
+        // Buffers smaller than a record, and of sizes that cut records and lengths at every place.
+        for capacity in [1, 2, 3, 7, 16, 61, 4096] {
+            let src = io::BufReader::with_capacity(capacity, io::Cursor::new(bytes.clone()));
+            let mut r: RunReader<String, u64> = RunReader::new(Box::new(src), "test".into());
+            let mut got = Vec::new();
+            while let Some(p) = r.next_pair().unwrap() {
+                got.push(p);
+            }
+            assert_eq!(got, pairs, "buffer of {capacity} bytes");
         }
     }
 
