@@ -35,6 +35,12 @@ pub(crate) fn write_pair<K: Serialize, V: Serialize>(
     buf.clear();
     let body = postcard::to_extend(&(key, value), std::mem::take(buf))
         .map_err(|e| invalid(format!("encoding a map output pair: {e}")))?;
+    if body.len() > MAX_RECORD as usize {
+        return Err(invalid(format!(
+            "a map output pair of {} bytes: the limit is {MAX_RECORD}",
+            body.len()
+        )));
+    }
     let mut len = [0u8; 5];
     let n = put_varint(&mut len, body.len() as u32);
     out.write_all(&len[..n])?;
@@ -43,6 +49,9 @@ pub(crate) fn write_pair<K: Serialize, V: Serialize>(
     *buf = body;
     Ok(written)
 }
+
+/// The longest record a run may hold (a key and its value, encoded).
+const MAX_RECORD: u32 = 1 << 30;
 
 /// The LEB128 length at the start of `bytes` and its size, if it is complete there (and at most 5 bytes).
 fn get_varint(bytes: &[u8]) -> Option<(usize, usize)> {
@@ -125,6 +134,13 @@ impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
             if i == 4 {
                 return Err(invalid(format!("{}: a record length overflows", self.what)));
             }
+        }
+        if len > MAX_RECORD {
+            // A damaged run (or one from a confused peer): not a reason to allocate gigabytes.
+            return Err(invalid(format!(
+                "{}: a record of {len} bytes is longer than any this engine writes ({MAX_RECORD})",
+                self.what
+            )));
         }
         self.buf.resize(len as usize, 0);
         self.src
@@ -291,5 +307,10 @@ mod tests {
         .unwrap();
         let e = merge(vec![reader(unsorted)], |_, _| Ok(())).unwrap_err();
         assert!(e.to_string().contains("out of order"), "{e}");
+        // A length no writer produces (2^31), followed by a few bytes.
+        let mut huge = vec![0x80, 0x80, 0x80, 0x80, 0x08];
+        huge.extend_from_slice(b"abc");
+        let e = merge(vec![reader(huge)], |_, _| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("longer than any"), "{e}");
     }
 }
