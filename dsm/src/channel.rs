@@ -221,6 +221,34 @@ impl Channel {
         Ok(&self.rx[..len])
     }
 
+    /// Reads more of a payload of `len` bytes from `from` into the receive buffer, of which `filled` bytes
+    /// are there already: as much as has arrived (at least one byte, waiting for it), in one `read`.
+    /// Returns how many bytes are there now.
+    pub(crate) fn recv_more(
+        &mut self,
+        from: Rank,
+        filled: usize,
+        len: usize,
+    ) -> Result<usize, RecvError> {
+        if len > self.rx.len() {
+            return Err(RecvError::Frame(FrameError::BadLength(len)));
+        }
+        let fd = fd_of(&self.fds, from).map_err(RecvError::Sys)?;
+        loop {
+            match nix::unistd::read(fd, &mut self.rx[filled..len]) {
+                Ok(0) => return Err(RecvError::Eof),
+                Ok(n) => return Ok(filled + n),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(RecvError::Sys(e)),
+            }
+        }
+    }
+
+    /// Bytes of the receive buffer, as `recv_more` filled them.
+    pub(crate) fn received(&self, range: std::ops::Range<usize>) -> &[u8] {
+        &self.rx[range]
+    }
+
     /// Reads one page of payload from `from` into the channel's page buffer.
     pub(crate) fn recv_page(&mut self, from: Rank) -> Result<(), RecvError> {
         read_exact(

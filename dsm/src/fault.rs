@@ -393,20 +393,33 @@ fn install_chunks(
     served: u64,
     access: Access,
 ) -> Result<(), FaultError> {
-    let mut k = 0;
+    // Read whatever has arrived (one `read` for as much as the socket holds) and install the whole pages
+    // among it, at most INSTALL_CHUNK at a time, while the rest is still on its way.
+    let len = served as usize * PAGE_SIZE;
+    let (mut filled, mut k) = (0usize, 0u64);
     while k < served {
-        let n = (served - k).min(INSTALL_CHUNK);
-        let bytes = ch
-            .recv_payload(home, n as usize * PAGE_SIZE)
-            .map_err(|e| FaultError::Peer(home, e))?;
-        install(region, page + k, n, bytes, access)?;
+        while filled < (k as usize + 1) * PAGE_SIZE {
+            filled = ch
+                .recv_more(home, filled, len)
+                .map_err(|e| FaultError::Peer(home, e))?;
+        }
+        let n = (filled / PAGE_SIZE) as u64 - k;
+        let n = n.min(INSTALL_CHUNK);
+        let at = k as usize * PAGE_SIZE;
+        install(
+            region,
+            page + k,
+            n,
+            ch.received(at..at + n as usize * PAGE_SIZE),
+            access,
+        )?;
         k += n;
     }
     Ok(())
 }
 
-/// Pages installed per `UFFDIO_COPY` while a read-ahead reply is still arriving.
-const INSTALL_CHUNK: u64 = 16;
+/// The most pages installed per `UFFDIO_COPY` while a read-ahead reply is still arriving.
+const INSTALL_CHUNK: u64 = 64;
 
 fn new_state(access: Access) -> u32 {
     match access {
