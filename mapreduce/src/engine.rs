@@ -413,7 +413,26 @@ impl MapReduce {
             }
         }
         progress.finish();
+        // Every partition is written: a temporary part file left now is a reducer's that died writing it.
+        remove_part_tmps(&config.output);
         Ok((master, map_time.unwrap_or_else(|| started.elapsed())))
+    }
+}
+
+/// Whether `name` is a part file being written (`.part-NNNNN.RANK.TASK.tmp`).
+fn is_part_tmp(name: &str) -> bool {
+    name.starts_with(".part-") && name.ends_with(".tmp")
+}
+
+/// Removes the temporary part files in `dir` (best effort: the job's output is complete without them).
+fn remove_part_tmps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if is_part_tmp(&entry.file_name().to_string_lossy()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -424,7 +443,7 @@ fn remove_parts(dir: &Path) -> Result<(), MapReduceError> {
         let entry = entry.map_err(err)?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("part-") || (name.starts_with(".part-") && name.ends_with(".tmp")) {
+        if name.starts_with("part-") || is_part_tmp(&name) {
             std::fs::remove_file(entry.path()).map_err(err)?;
         }
     }
@@ -479,5 +498,33 @@ fn remove_stale_spill_dirs(dir: &Path, host: &str) {
 impl Drop for MapReduce {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_finished_job_leaves_no_temporary_part_files() {
+        let dir = std::env::temp_dir().join(format!("dsm-mr-tmps-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in [
+            ".part-00003.2.17.tmp",
+            "part-00003",
+            "notes.tmp",
+            ".part-00001",
+        ] {
+            std::fs::write(dir.join(name), b"x").unwrap();
+        }
+        remove_part_tmps(&dir);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".part-00001", "notes.tmp", "part-00003"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
