@@ -251,10 +251,10 @@ impl Engine {
                     }
                 }
             }
-            eprintln!(
+            say(&format!(
                 "dsm: {}: {peer} failed ({reason}); ending this rank",
                 self.shared.me
-            );
+            ));
             std::process::exit(crate::EXIT_PEER_FAILED);
         }
     }
@@ -1006,9 +1006,20 @@ impl Engine {
     }
 
     fn die(&self, what: &str) -> ! {
-        eprintln!("dsm: {}: {what}; ending this rank", self.shared.me);
+        say(&format!(
+            "dsm: {}: {what}; ending this rank",
+            self.shared.me
+        ));
         std::process::exit(crate::EXIT_INTERNAL);
     }
+}
+
+/// Writes `line` and a newline to standard error in one `write`, so that the lines of ranks whose error
+/// streams a launcher merges (mpirun does, unbuffered) do not run into each other (`eprintln!` writes a
+/// formatted line piece by piece).
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 /// The notices of `all` that a rank with `clock` has not seen.
