@@ -320,19 +320,16 @@ impl<J: Job> Worker<'_, J> {
         Ok((runs, fetched))
     }
 
-    /// The read buffer of each of `runs` runs merged at once: 64 KiB while their buffers fit in a quarter
-    /// of the budget, smaller (down to 4 KiB) for many.
-    fn buffer_for(&self, runs: usize) -> usize {
-        (self.budget / 4 / runs.max(1) as u64).clamp(4 << 10, 64 << 10) as usize
+    /// Opens `runs` to be merged at once, each with a read buffer of 64 KiB while their buffers fit in a
+    /// quarter of the budget, smaller (down to 4 KiB) for many.
+    fn open_all(&self, runs: Vec<Located>) -> Result<Readers<J>, String> {
+        let buffer = (self.budget / 4 / runs.len().max(1) as u64).clamp(4 << 10, 64 << 10) as usize;
+        runs.into_iter().map(|r| r.open(buffer)).collect()
     }
 
     /// Merges `group` into one run written to `path` (values of a key folded by the combiner, or all kept).
     fn merge_runs(&self, group: Vec<Located>, path: &Path) -> Result<(), String> {
-        let buffer = self.buffer_for(group.len());
-        let readers = group
-            .into_iter()
-            .map(|r| r.open::<J::Key, J::Value>(buffer))
-            .collect::<Result<Vec<_>, String>>()?;
+        let readers = self.open_all(group)?;
         let io = |e: std::io::Error| format!("writing {}: {e}", path.display());
         let mut out = BufWriter::with_capacity(256 << 10, File::create(path).map_err(io)?);
         let combiner = self.job.combiner();
@@ -384,11 +381,7 @@ impl<J: Job> Worker<'_, J> {
                 what: format!("intermediate merge {pass} of partition {partition}"),
             });
         }
-        let buffer = self.buffer_for(runs.len());
-        let readers = runs
-            .into_iter()
-            .map(|r| r.open(buffer))
-            .collect::<Result<Vec<_>, String>>()?;
+        let readers = self.open_all(runs)?;
         let name = format!("part-{partition:05}");
         let tmp = output.join(format!(".{name}.{}.{id}.tmp", self.dsm.rank().0));
         let written = self.write_partition(partition, readers, &tmp);

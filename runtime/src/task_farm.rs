@@ -108,21 +108,21 @@ impl TaskFarm {
         Ok(())
     }
 
-    fn encode<T: Serialize>(&self, kind: &str, id: u64, value: &T) -> Result<Tuple, RuntimeError> {
+    /// The tuple `(key, kind, id, value encoded)`.
+    fn encode<T: Serialize>(
+        key: &str,
+        kind: &str,
+        id: u64,
+        value: &T,
+    ) -> Result<Tuple, RuntimeError> {
         let bytes = postcard::to_allocvec(value).map_err(|e| RuntimeError::Codec {
             what: format!("{kind} {id}"),
             reason: e.to_string(),
         })?;
-        let key = if kind == "result" {
-            &self.results_key
-        } else {
-            &self.key
-        };
-        Ok(tuple!(key.as_str(), kind, id, bytes))
+        Ok(tuple!(key, kind, id, bytes))
     }
 
-    /// Puts tasks into the bag: `(id, task)` pairs, ids below `u64::MAX - 1` (the two above are the
-    /// farm's own marks).
+    /// Puts tasks into the bag: `(id, task)` pairs, ids below `u64::MAX` (that one means stop).
     pub fn put<T: Serialize>(
         &self,
         tasks: impl IntoIterator<Item = (u64, T)>,
@@ -130,7 +130,7 @@ impl TaskFarm {
         let mut batch = Vec::new();
         for (id, task) in tasks {
             Self::check_id(id)?;
-            batch.push(self.encode("task", id, &task)?);
+            batch.push(Self::encode(&self.key, "task", id, &task)?);
         }
         self.space.out_many(batch)
     }
@@ -149,16 +149,12 @@ impl TaskFarm {
                 return Err(RuntimeError::Codec {
                     what: format!("task {id}"),
                     reason: format!(
-                        "it is put near {rank}, and the job has {} ranks",
+                        "it is put near {rank}, and the job has {} ranks: put it near one of them",
                         self.near.len()
                     ),
                 });
             };
-            let bytes = postcard::to_allocvec(&task).map_err(|e| RuntimeError::Codec {
-                what: format!("task {id}"),
-                reason: e.to_string(),
-            })?;
-            batch.push(tuple!(key.as_str(), "task", id, bytes));
+            batch.push(Self::encode(key, "task", id, &task)?);
         }
         self.space.out_many(batch)
     }
@@ -237,7 +233,7 @@ impl TaskFarm {
             for lease in &held.leases {
                 let id = lease.tuple.get::<u64>(2)?;
                 let task = decode(&lease.tuple, "task", id)?;
-                results.push(self.encode("result", id, &f(id, task))?);
+                results.push(Self::encode(&self.results_key, "result", id, &f(id, task))?);
             }
             let ended = std::mem::take(&mut held.leases);
             let ran = results.len();

@@ -330,21 +330,28 @@ impl State {
         results: Vec<Tuple>,
         outbox: &mut Outbox,
     ) -> Result<(), String> {
+        self.end_leases(holder, leases)?;
+        results
+            .into_iter()
+            .try_for_each(|t| self.out(t, outbox))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Ends the leases `leases` held by `holder` and returns their tuples: all of them, or none (an error)
+    /// unless `holder` holds every one.
+    fn end_leases(&mut self, holder: Rank, leases: &[u64]) -> Result<Vec<Tuple>, String> {
         if let Some(lease) = leases
             .iter()
             .find(|l| !matches!(self.leases.get(l), Some((h, _)) if *h == holder))
         {
             return Err(format!(
-                "lease {lease} is not held by {holder} (completed twice, or given back when its holder was thought failed)"
+                "lease {lease} is not held by {holder} (ended twice, or given back when its holder was thought failed)"
             ));
         }
-        for lease in leases {
-            self.leases.remove(lease);
-        }
-        results
-            .into_iter()
-            .try_for_each(|t| self.out(t, outbox))
-            .map_err(|e| e.to_string())
+        Ok(leases
+            .iter()
+            .filter_map(|l| self.leases.remove(l).map(|(_, t)| t))
+            .collect())
     }
 
     /// Puts the tuples `holder` holds under `leases` back, serving waiters first: nothing changes unless it
@@ -355,18 +362,10 @@ impl State {
         leases: &[u64],
         outbox: &mut Outbox,
     ) -> Result<(), String> {
-        if let Some(lease) = leases
-            .iter()
-            .find(|l| !matches!(self.leases.get(l), Some((h, _)) if *h == holder))
-        {
-            return Err(format!("lease {lease} is not held by {holder}"));
-        }
-        for lease in leases {
-            if let Some((_, tuple)) = self.leases.remove(lease) {
-                self.out(tuple, outbox).map_err(|e| e.to_string())?;
-            }
-        }
-        Ok(())
+        self.end_leases(holder, leases)?
+            .into_iter()
+            .try_for_each(|t| self.out(t, outbox))
+            .map_err(|e| e.to_string())
     }
 
     /// Up to `most` tuples here now that match the first of `templates` that has any, leased to `holder`

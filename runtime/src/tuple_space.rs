@@ -336,7 +336,7 @@ impl TupleSpace {
                     .give_back(home, &ids)
                     .map_err(|reason| RuntimeError::Refused { rank: home, reason })
             } else {
-                self.inner.expect_done(home, &Ask::GiveBack { leases: ids })
+                self.inner.give_back_at(home, ids)
             };
             if let Err(e) = given {
                 first_error.get_or_insert(e);
@@ -682,8 +682,7 @@ impl Inner {
                     return Ok(taken.into_iter().map(leased).collect());
                 }
                 // Not what was asked for: whatever the home leased to this rank goes back.
-                let ids = taken.iter().map(|(_, id)| *id).collect();
-                let _ = self.expect_done(home, &Ask::GiveBack { leases: ids });
+                let _ = self.give_back_at(home, taken.iter().map(|(_, id)| *id).collect());
                 Err(unexpected(home, Answer::Leased(taken)))
             }
             (other, _) => {
@@ -696,11 +695,16 @@ impl Inner {
                     _ => Vec::new(),
                 };
                 if !ids.is_empty() {
-                    let _ = self.expect_done(home, &Ask::GiveBack { leases: ids });
+                    let _ = self.give_back_at(home, ids);
                 }
                 Err(unexpected(home, other))
             }
         }
+    }
+
+    /// Asks `home` (another rank) to put back the tuples this rank holds there under `leases`.
+    fn give_back_at(&self, home: Rank, leases: Vec<u64>) -> Result<(), RuntimeError> {
+        self.expect_done(home, &Ask::GiveBack { leases })
     }
 
     fn count_at(&self, home: Rank, template: &Template) -> Result<usize, RuntimeError> {

@@ -118,7 +118,7 @@ where
     std::thread::spawn(move || {
         if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watched.recv_timeout(limit) {
             fail(&format!(
-                "the job of {ranks} ranks did not finish within {} s (DSM_LOCAL_JOB_LIMIT)",
+                "the job of {ranks} ranks did not finish within {} s: a hang, or a machine slow enough to need a higher DSM_LOCAL_JOB_LIMIT",
                 limit.as_secs()
             ));
         }
