@@ -121,8 +121,13 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    // Under --keep-going a rank lost during the check (the farm checks kill one) fails this barrier, also
+    // when its death is only noticed here: that is the check going as planned, not an error of this rank.
     if rt.dsm().failed_ranks().is_empty() {
-        rt.dsm().barrier()?;
+        match rt.dsm().barrier() {
+            Err(dsm::DsmError::PeerFailed { .. }) => {}
+            other => other?,
+        }
     }
     drop(space);
     rt.finish()?;
