@@ -46,6 +46,8 @@ for n in 2 3; do
     expect "mp ok: 200 rounds" "$n" "$(job "$n" $bin/dsm-check mp --rounds 200)"
     expect "sb ok: 100 rounds" "$n" "$(job "$n" $bin/dsm-check sb --rounds 100)"
     expect "mplock ok: 30 rounds" "$n" "$(job "$n" $bin/dsm-check mplock --rounds 30)"
+    expect "latehome ok: 300 rounds" "$n" \
+        "$(job "$n" $bin/dsm-check latehome --rounds 300 --consistency release)"
 
     out=$(mktemp -d)
     sample=examples/data/devils-dictionary.txt

@@ -936,9 +936,9 @@ impl Engine {
         self.reply(idx, &reply, &[&bytes]);
     }
 
-    /// Release consistency, at the home: applies a diff to the home's copy and acknowledges it. The page is
-    /// made writable here if it was not, and then counts as written in the home's own open interval, so that
-    /// the home write-protects it again and announces it at its next release.
+    /// Release consistency, at the home: applies a diff to the home's copy and acknowledges it. The page
+    /// counts as written in the home's own open interval (marked before it is made writable here, if it was
+    /// not), so that the home write-protects it again and announces it at its next release.
     fn apply_diff(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64, diff: Vec<u8>) {
         let word = region.state(page);
         // Exclude this rank's faults on the page while it changes; a fault in progress finishes first.
@@ -949,26 +949,28 @@ impl Engine {
         let Some((claimed, diff)) = self.claim_or_defer(idx, region, page, 0, req, diff) else {
             return;
         };
-        let made_writable = match claimed & STATE_MASK {
-            INVALID => region.install(page, 1, &ZERO_PAGE, true).map(|_| true),
-            READ_ONLY => region.protect(page, 1, false).map(|_| true),
-            _ => Ok(false),
+        let st = claimed & STATE_MASK;
+        if word.fetch_or(WRITTEN, Ordering::AcqRel) & WRITTEN == 0 {
+            // Recorded before the page becomes writable: from then on this rank's threads write it without
+            // a fault, so a release that drained the dirty list between the two would leave their writes out
+            // of its notice, and the other ranks would read stale copies for a whole interval.
+            region
+                .dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(page);
+        }
+        let made_writable = match st {
+            INVALID => region.install(page, 1, &ZERO_PAGE, true),
+            READ_ONLY => region.protect(page, 1, false),
+            _ => Ok(()),
         };
         let result = match made_writable {
             Err(e) => Err(format!(
                 "making page {page} writable for a diff failed: {e}"
             )),
-            Ok(made) => {
-                if made {
-                    set_state(word, READ_WRITE);
-                    if word.fetch_or(WRITTEN, Ordering::AcqRel) & WRITTEN == 0 {
-                        region
-                            .dirty
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(page);
-                    }
-                }
+            Ok(()) => {
+                set_state(word, READ_WRITE);
                 region
                     .apply_diff(page, &diff)
                     .map_err(|e| format!("a diff for page {page}: {e}"))

@@ -268,6 +268,21 @@ fn jacobi_matches_a_single_rank_run() {
     );
 }
 
+/// The home of a page applies another rank's diff by making its copy writable; if the home's own thread
+/// then writes the page without a fault, those writes must still be in the home's next write notice. They
+/// once were not when the home's release came between the two (the page was recorded as written only after
+/// it became writable), and the others read the home's words stale for an interval: at 2 ranks this check
+/// failed within a few hundred rounds, and jacobi at 4 ranks gave a wrong checksum now and then.
+#[test]
+fn release_consistency_sees_a_late_homes_writes() {
+    passes_at(
+        &[2, 3],
+        CHECK,
+        &["latehome", "--rounds", "600", "--consistency", "release"],
+    );
+    passes_at(&[2], CHECK, &["latehome", "--rounds", "100"]);
+}
+
 #[test]
 fn release_consistency_lock_protected_counters_are_exact() {
     passes_at(

@@ -3,6 +3,7 @@
 //! - `mp`: message passing (data then flag on different pages): a reader that sees the flag sees the data;
 //! - `sb`: store buffering: both ranks reading the other's old value is forbidden under sequential consistency;
 //! - `pages`: every rank writes its own words of the same pages; after a barrier everyone sees all writes;
+//! - `latehome`: the same on pages homed at rank 0, which writes late, while the others' diffs arrive;
 //! - `readahead`: pages fetched ahead of a sequential reader behave as ordinary copies afterwards;
 //! - `lockfault`: threads waiting for a lock do not keep the lock's holder from resolving faults;
 //! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging.
@@ -13,12 +14,12 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | bytes | mplock | readahead | lockfault | die
+    /// counter | mp | sb | pages | latehome | bytes | mplock | readahead | lockfault | idle | die
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
     rounds: usize,
-    /// Memory model of the shared data: sequential or release (counter, pages, bytes, mplock).
+    /// Memory model of the shared data: sequential or release (counter, pages, latehome, bytes, mplock).
     #[arg(long, default_value = "sequential")]
     consistency: String,
 }
@@ -172,6 +173,44 @@ fn main() -> anyhow::Result<()> {
             drop(v);
             println!("bytes ok: {} rounds", args.rounds);
         }
+        "latehome" => {
+            // Release consistency: every rank writes its own word of pages homed at rank 0, which writes its
+            // word late (after a delay that sweeps from nothing to half a millisecond over the rounds), so
+            // that the others' diffs reach rank 0 before, while and after it writes. However the writes
+            // interleave, after the barrier every rank must see every word: the home's own writes are in
+            // its write notice even when a diff made the page writable before the home touched it.
+            let pages = 4;
+            let v = dsm.alloc_vec_in::<u64>(
+                pages * WORDS_PER_PAGE,
+                dsm::Placement::At(dsm::Rank(0)),
+                model,
+            )?;
+            for round in 1..=args.rounds as u64 {
+                if me == 0 {
+                    let delay = std::time::Duration::from_micros(round % 64 * 8);
+                    let t = std::time::Instant::now();
+                    while t.elapsed() < delay {
+                        std::hint::spin_loop();
+                    }
+                }
+                for p in 0..pages {
+                    v.set(p * WORDS_PER_PAGE + me, mix(&[round, me as u64, p as u64]));
+                }
+                dsm.barrier()?;
+                for p in 0..pages {
+                    for r in 0..n {
+                        let got = v.get(p * WORDS_PER_PAGE + r);
+                        ensure!(
+                            got == mix(&[round, r as u64, p as u64]),
+                            "rank {me}: page {p} word {r} is stale in round {round}"
+                        );
+                    }
+                }
+                dsm.barrier()?;
+            }
+            drop(v);
+            println!("latehome ok: {} rounds", args.rounds);
+        }
         "idle" => {
             // Rank 0 computes for `rounds` milliseconds while the others wait at a barrier; every rank
             // reports the CPU time it used, so that a waiting rank's cost (polling, progress) shows.
@@ -302,7 +341,7 @@ fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, readahead, lockfault, idle or die"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, readahead, lockfault, idle or die"
             )
         }
     }
