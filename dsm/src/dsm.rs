@@ -53,6 +53,10 @@ pub(crate) struct Shared {
     regions: RwLock<Vec<Option<Weak<RegionShared>>>>,
     /// Release consistency: this rank's intervals, vector clock and write notices.
     pub(crate) rc: Mutex<RcRank>,
+    /// Release consistency: notices this cut covers are known to every rank, so the locks homed here need
+    /// not keep them (see `RcRank::barrier_done`). Read by the service loop, hence a mutex of its own: a
+    /// holder of `rc` may be waiting for this rank's service loop.
+    pub(crate) lock_cut: Mutex<Option<crate::protocol::release::VectorClock>>,
     arena: Mutex<Option<Arena>>,
     arena_base: Option<usize>,
     arena_size: usize,
@@ -127,13 +131,10 @@ impl Shared {
         // A barrier is a release (this rank's writes reach their homes) and then an acquire (every rank's
         // write notices come back with the barrier).
         crate::rc::release(self)?;
-        // What this rank tells the others, and the clock that covers it (for garbage collection afterwards).
-        let (own, sent_clock) = {
+        // What this rank tells the others.
+        let own = {
             let rc = self.rc.lock().unwrap_or_else(|p| p.into_inner());
-            (
-                crate::rc::encode_notices(rc.own_notices()),
-                rc.clock().clone(),
-            )
+            crate::rc::encode_notices(rc.own_notices())
         };
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
         let root = Rank(0);
@@ -155,13 +156,14 @@ impl Shared {
         drop(ch);
         if let Some(notices) = notices {
             crate::rc::acquire(self, &notices)?;
-            // Every rank has now seen every notice exchanged here; notices this rank's other threads closed
-            // meanwhile are not covered and stay.
-            let cut = RcRank::cut_of(&sent_clock, &notices);
-            self.rc
+            let stable = self
+                .rc
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .collect_garbage_upto(&cut);
+                .barrier_done(&notices);
+            if stable.is_some() {
+                *self.lock_cut.lock().unwrap_or_else(|p| p.into_inner()) = stable;
+            }
         }
         Counters::add(&self.counters.barriers, 1);
         Counters::add(
@@ -343,6 +345,7 @@ impl DsmBuilder {
             uffd: OnceLock::new(),
             regions: RwLock::new(Vec::new()),
             rc: Mutex::new(RcRank::new(self.rank, self.size)),
+            lock_cut: Mutex::new(None),
             arena: Mutex::new(None),
             arena_base: self.arena_base,
             arena_size: self.arena_size,

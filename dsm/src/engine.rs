@@ -53,8 +53,9 @@ struct Conn {
 struct LockServer {
     held: bool,
     waiters: VecDeque<(usize, crate::protocol::release::VectorClock)>,
-    /// Release consistency: the write notices the lock's holders passed on since the last barrier, for the
-    /// next holders (each grant carries those the acquirer's clock does not cover).
+    /// Release consistency: the write notices the lock's holders passed on that not every rank has seen yet
+    /// (trimmed with `Shared::lock_cut` at each release), for the next holders (each grant carries those the
+    /// acquirer's clock does not cover).
     notices: Vec<crate::protocol::release::WriteNotice>,
 }
 
@@ -341,8 +342,22 @@ impl Engine {
                         return;
                     }
                 };
+                let cut = self
+                    .shared
+                    .lock_cut
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
                 let next = self.locks.get_mut(&lock).and_then(|l| {
+                    // Notices every rank has seen are dropped, so that a lock's union does not grow for
+                    // the whole job.
+                    if let Some(cut) = &cut {
+                        l.notices.retain(|n| !cut.covers(n));
+                    }
                     for n in passed {
+                        if cut.as_ref().is_some_and(|c| c.covers(&n)) {
+                            continue;
+                        }
                         if !l
                             .notices
                             .iter()

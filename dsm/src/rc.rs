@@ -249,6 +249,10 @@ pub(crate) fn acquire(shared: &Shared, notices: &[WriteNotice]) -> Result<()> {
     let plan = rc.acquire(notices, |k| {
         shared.region(k.region).is_none_or(|r| r.home(k.page) == me)
     });
+    // Every page of the plan is visited even after an error: the clock already covers these notices, so a
+    // page left here would never be named again (a program that carries on after a failed peer would read
+    // it stale for good). A page whose flush failed keeps its copy and twin, so that its writes stay.
+    let mut first_error = None;
     for k in plan.invalidate {
         let Some(region) = shared.region(k.region) else {
             continue;
@@ -279,14 +283,21 @@ pub(crate) fn acquire(shared: &Shared, notices: &[WriteNotice]) -> Result<()> {
             }
             if result.is_ok() {
                 set_state(word, INVALID);
-                let _ = region.discard(page);
+                result = region.discard(page).map_err(|e| {
+                    DsmError::sys(
+                        format!("dropping page {page} of region {} at an acquire", region.id),
+                        e,
+                    )
+                });
                 Counters::add(&shared.counters.acquire_invalidations, 1);
             }
         }
         release_busy(&region, page);
-        result?;
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
+        }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Encodes a vector clock (sent with a lock request, so that the grant carries only unseen notices).

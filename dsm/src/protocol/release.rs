@@ -102,6 +102,8 @@ pub struct RcRank {
     known: Vec<WriteNotice>,
     /// This rank's own notices since the last barrier.
     own: Vec<WriteNotice>,
+    /// The cut of the last barrier this rank completed (see `barrier_done`).
+    last_cut: Option<VectorClock>,
 }
 
 impl RcRank {
@@ -114,6 +116,7 @@ impl RcRank {
             twinned: BTreeSet::new(),
             known: Vec::new(),
             own: Vec::new(),
+            last_cut: None,
         }
     }
 
@@ -206,26 +209,26 @@ impl RcRank {
         out
     }
 
-    /// After a barrier every rank has seen every notice issued before it: forget them.
-    pub fn collect_garbage(&mut self) {
-        self.known.clear();
-        self.own.clear();
-    }
-
-    /// Forgets the notices covered by `cut`: those every rank has seen once a barrier completes (the notices
-    /// exchanged at it). Notices closed by this rank's other threads during the barrier stay.
-    pub fn collect_garbage_upto(&mut self, cut: &VectorClock) {
-        self.known.retain(|n| !cut.covers(n));
-        self.own.retain(|n| !cut.covers(n));
-    }
-
-    /// The clock covering `base` and every notice in `notices`.
-    pub fn cut_of(base: &VectorClock, notices: &[WriteNotice]) -> VectorClock {
-        let mut cut = base.clone();
-        for n in notices {
+    /// A barrier completed, and this rank has acquired the notices exchanged at it: forgets the notices
+    /// every rank has now seen, and returns the cut of the barrier before this one (see below).
+    ///
+    /// What every rank has seen is exactly the barrier's cut: per rank, the latest interval exchanged. Each
+    /// rank's earlier intervals were exchanged here or at an earlier barrier, but a later one may be known
+    /// here without having been exchanged: a thread of its rank closed it after its rank arrived, and a lock
+    /// brought it here. Such a notice stays (this rank's clock would cover it, so the cut must not be built
+    /// from the clock) and travels on with the locks this rank releases until a barrier exchanges it.
+    ///
+    /// The returned cut is the one lock homes may use to forget notices: when this barrier completed, every
+    /// rank had arrived at it, so every rank had finished the barrier before it, acquire included, and
+    /// holds no copy of a page that cut's notices name. (Barriers of one rank are called one at a time.)
+    pub fn barrier_done(&mut self, exchanged: &[WriteNotice]) -> Option<VectorClock> {
+        let mut cut = VectorClock::new(self.clock.0.len());
+        for n in exchanged {
             cut.learn(n);
         }
-        cut
+        self.known.retain(|n| !cut.covers(n));
+        self.own.retain(|n| !cut.covers(n));
+        self.last_cut.replace(cut)
     }
 }
 

@@ -250,7 +250,12 @@ impl Sim {
             self.acquire(r, &all);
         }
         for r in 0..self.ranks {
-            self.rc[r].collect_garbage();
+            // As in the engine: lock homes forget the notices of the barrier before this one.
+            if let Some(stable) = self.rc[r].barrier_done(&all) {
+                for notices in &mut self.lock_notices {
+                    notices.retain(|n| !stable.covers(n));
+                }
+            }
             self.in_barrier[r] = false;
         }
 
@@ -331,4 +336,47 @@ fn randomized_jobs_never_read_stale_data_or_lose_a_diff() {
         checks > 100_000 && diffs > 1_000,
         "checks {checks}, diffs {diffs}"
     );
+}
+
+#[test]
+fn a_notice_learned_through_a_lock_but_not_exchanged_survives_the_barrier() {
+    // Rank 1 has two threads: one arrives at the barrier with no notice, then the other closes interval 1
+    // and releases a lock, which rank 0 takes, learning interval 1. The barrier exchanges nothing of rank 1,
+    // so rank 0 must keep interval 1 and pass it with the next lock it releases, or a rank 2 that takes that
+    // lock would never drop its stale copy of page 5 until the next barrier.
+    let mut r0 = RcRank::new(Rank(0), 3);
+    let mut r1 = RcRank::new(Rank(1), 3);
+    let exchanged_by_r1 = r1.own_notices().to_vec();
+    assert!(exchanged_by_r1.is_empty());
+    r1.on_write(key(5), false);
+    r1.release();
+    r0.acquire(&r1.notices_to_pass(), |_| false);
+    assert_eq!(r0.clock().0, vec![0, 1, 0]);
+    assert_eq!(
+        r0.barrier_done(&exchanged_by_r1),
+        None,
+        "no barrier before this one"
+    );
+    let passed = r0.notices_to_pass();
+    assert!(
+        passed.iter().any(|n| n.rank == Rank(1) && n.interval == 1),
+        "interval 1 of rank 1 was dropped: {passed:?}"
+    );
+    let mut r2 = RcRank::new(Rank(2), 3);
+    assert_eq!(r2.acquire(&passed, |_| false).invalidate, vec![key(5)]);
+    // Once a barrier exchanges it, everyone forgets it, and the barrier after that lets lock homes forget it.
+    let exchanged = r1.own_notices().to_vec();
+    for rc in [&mut r0, &mut r2] {
+        rc.acquire(&exchanged, |_| false);
+    }
+    let stable = r0
+        .barrier_done(&exchanged)
+        .expect("the cut of the first barrier");
+    assert!(
+        !stable.covers(&exchanged[0]),
+        "the first barrier exchanged nothing of rank 1"
+    );
+    assert!(r0.notices_to_pass().is_empty());
+    let stable = r0.barrier_done(&[]).expect("the cut of the second barrier");
+    assert!(stable.covers(&exchanged[0]));
 }
