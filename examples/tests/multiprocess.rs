@@ -74,6 +74,11 @@ fn hello_at_2_3_and_4_ranks() {
 #[test]
 fn lock_protected_counters_are_exact() {
     passes_at(&[2, 3, 4], CHECK, &["counter", "--rounds", "300"]);
+    passes_at(
+        &[2, 4],
+        CHECK,
+        &["counter", "--rounds", "150", "--threads", "3"],
+    );
 }
 
 #[test]
@@ -289,6 +294,21 @@ fn release_consistency_lock_protected_counters_are_exact() {
         &[2, 3, 4],
         CHECK,
         &["counter", "--rounds", "100", "--consistency", "release"],
+    );
+    // Three threads per rank take locks while one of them also calls barriers: a rank's releases, acquires
+    // and barriers run at once, and notices travel between them through locks and barriers.
+    passes_at(
+        &[2, 4],
+        CHECK,
+        &[
+            "counter",
+            "--rounds",
+            "200",
+            "--threads",
+            "3",
+            "--consistency",
+            "release",
+        ],
     );
 }
 

@@ -1,5 +1,6 @@
 //! Multi-process correctness checks, run by the tests under the launcher at 2, 3 and 4 ranks:
-//! - `counter`: lock-protected counters spread over pages reach exact totals;
+//! - `counter`: lock-protected counters spread over pages reach exact totals (`--threads T`: T threads per
+//!   rank take the locks at once while one of them also calls barriers);
 //! - `mp`: message passing (data then flag on different pages): a reader that sees the flag sees the data;
 //! - `sb`: store buffering: both ranks reading the other's old value is forbidden under sequential consistency;
 //! - `pages`: every rank writes its own words of the same pages; after a barrier everyone sees all writes;
@@ -19,6 +20,9 @@ struct Args {
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
     rounds: usize,
+    /// Threads per rank (counter).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// Memory model of the shared data: sequential or release (counter, pages, latehome, bytes, mplock).
     #[arg(long, default_value = "sequential")]
     consistency: String,
@@ -49,20 +53,43 @@ fn main() -> anyhow::Result<()> {
     };
     match args.check.as_str() {
         "counter" => {
+            // With --threads T, T threads of each rank take the locks at once, and the first also calls a
+            // barrier every 10 rounds while the others go on: releases, acquires and barriers of one rank
+            // run concurrently.
             let counters =
                 dsm.alloc_vec_in::<u64>(4 * WORDS_PER_PAGE, dsm::Placement::Cyclic, model)?;
-            for i in 0..args.rounds {
-                let k = (i + me) % 4;
-                let _g = dsm.lock(k as u64)?;
-                let at = k * WORDS_PER_PAGE;
-                counters.set(at, counters.get(at) + 1);
-            }
+            let threads = args.threads.max(1);
+            std::thread::scope(|s| -> anyhow::Result<()> {
+                let workers: Vec<_> = (0..threads)
+                    .map(|t| {
+                        let counters = &counters;
+                        s.spawn(move || -> anyhow::Result<()> {
+                            for i in 0..args.rounds {
+                                let k = (i + me + t) % 4;
+                                {
+                                    let _g = dsm.lock(k as u64)?;
+                                    let at = k * WORDS_PER_PAGE;
+                                    counters.set(at, counters.get(at) + 1);
+                                }
+                                if t == 0 && threads > 1 && i % 10 == 0 {
+                                    dsm.barrier()?;
+                                }
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                for w in workers {
+                    w.join().expect("a counter thread panicked")?;
+                }
+                Ok(())
+            })?;
             dsm.barrier()?;
             let total: u64 = (0..4).map(|k| counters.get(k * WORDS_PER_PAGE)).sum();
+            let expected = (args.rounds * n * threads) as u64;
             ensure!(
-                total == (args.rounds * n) as u64,
-                "rank {me}: total {total}, expected {}",
-                args.rounds * n
+                total == expected,
+                "rank {me}: total {total}, expected {expected}"
             );
             println!("counter ok: {total}");
         }
