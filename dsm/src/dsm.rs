@@ -390,15 +390,23 @@ pub struct LockGuard<'d> {
     id: u64,
 }
 
-impl Drop for LockGuard<'_> {
-    fn drop(&mut self) {
+impl LockGuard<'_> {
+    /// Releases the lock and says whether the release went through, which dropping the guard can only
+    /// print: under release consistency a release sends this rank's writes to their homes, which fails
+    /// when a home has failed. The lock passes to its next holder either way, so that no rank waits for it
+    /// forever.
+    pub fn unlock(self) -> Result<()> {
+        let result = self.release_lock();
+        std::mem::forget(self);
+        result
+    }
+
+    fn release_lock(&self) -> Result<()> {
         let s = &self.dsm.shared;
         let home = self.dsm.lock_home(self.id);
         // Releasing a lock is a release point: this rank's writes reach their homes first, and its write
         // notices go to the lock's next holder.
-        if let Err(e) = crate::rc::release(s) {
-            eprintln!("dsm: {}: releasing lock {}: {e}", s.me, self.id);
-        }
+        let released = crate::rc::release(s);
         // Every notice this rank knows since the last barrier, its earlier intervals included: vector clocks
         // are sound only if learning a rank's interval k brings its intervals before k along. (Passing only
         // what was new since the grant lost updates: an acquirer could learn interval k through this lock
@@ -409,13 +417,25 @@ impl Drop for LockGuard<'_> {
             crate::rc::encode_notices(&rc.notices_to_pass())
         };
         let ch = s.channels.claim();
-        // A failed release means the home is gone; its failure is reported by the service loop.
-        let _ = ch.send(
+        let sent = ch.send(
             &s.counters,
             home,
             &Request::LockRelease { lock: self.id },
             &[&notices],
         );
+        released?;
+        sent.map_err(|e| s.peer_error(home, crate::channel::RecvError::Sys(e)))
+    }
+}
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.release_lock() {
+            eprintln!(
+                "dsm: {}: releasing lock {}: {e}",
+                self.dsm.shared.me, self.id
+            );
+        }
     }
 }
 

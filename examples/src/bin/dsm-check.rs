@@ -66,11 +66,10 @@ fn main() -> anyhow::Result<()> {
                         s.spawn(move || -> anyhow::Result<()> {
                             for i in 0..args.rounds {
                                 let k = (i + me + t) % 4;
-                                {
-                                    let _g = dsm.lock(k as u64)?;
-                                    let at = k * WORDS_PER_PAGE;
-                                    counters.set(at, counters.get(at) + 1);
-                                }
+                                let guard = dsm.lock(k as u64)?;
+                                let at = k * WORDS_PER_PAGE;
+                                counters.set(at, counters.get(at) + 1);
+                                guard.unlock()?;
                                 if t == 0 && threads > 1 && i % 10 == 0 {
                                     dsm.barrier()?;
                                 }
