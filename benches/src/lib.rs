@@ -127,6 +127,22 @@ pub fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// MiB/s at which this process gets fresh 4 KiB pages from the kernel: `bytes` of newly mapped memory
+/// touched once per page (a page fault and a zeroed page each; transparent huge pages are used here only
+/// where a program asks for them). Every page a rank installs from another rank is such a fresh page, so
+/// this rate, which on a virtual machine varies with the host, bounds how fast pages can arrive.
+pub fn fresh_page_rate(bytes: usize) -> f64 {
+    let t = Instant::now();
+    // A zeroed allocation this large is a new anonymous mapping, not yet touched.
+    let mut fresh = vec![0u8; bytes];
+    for i in (0..bytes).step_by(dsm::PAGE_SIZE) {
+        fresh[i] = 1;
+    }
+    std::hint::black_box(&fresh);
+    let secs = t.elapsed().as_secs_f64();
+    bytes as f64 / (1 << 20) as f64 / secs
+}
+
 /// A plain TCP connection between rank 0 (client) and rank 1 (server), set up through shared memory: the
 /// floor that the DSM's own costs are compared with.
 #[derive(Debug)]

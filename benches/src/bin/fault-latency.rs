@@ -7,14 +7,16 @@
 //! - read-fault latency (median, p99) with rank 1 idle, and with rank 1's main thread busy computing;
 //! - sequential read bandwidth of a remote region without read-ahead and with windows of 16 to 1024 pages
 //!   (`--windows` picks others; the target applies to the default window), beside raw TCP streaming
-//!   bandwidth.
+//!   bandwidth and the rate at which this process gets fresh pages from the kernel (each installed page
+//!   is one, and on a virtual machine that rate swings with the host).
 //!
 //! Run: `cargo run --release --bin fault-latency -- [--json]` (it launches itself as 2 ranks).
 
 use clap::Parser;
 use dsm::{Placement, Rank};
 use dsm_benches::{
-    floor_row, quantile, raw_link, report, run_as_job, us, Measurement, RAW_ROUND_TRIP,
+    floor_row, fresh_page_rate, quantile, raw_link, report, run_as_job, us, Measurement,
+    RAW_ROUND_TRIP,
 };
 use std::hint::black_box;
 use std::time::Instant;
@@ -138,6 +140,7 @@ fn main() -> anyhow::Result<()> {
     // runs right before each read, and the floor is the best of them all: every window is held to the
     // fastest the link managed anywhere in this run.
     let mut raw_mibs = 0.0f64;
+    let mut fresh_mibs = 0.0f64;
     let mut bandwidth = Vec::new();
     for &window in &args.windows {
         let region = dsm.alloc_vec_with::<u64>(bytes / 8, Placement::At(Rank(1)))?;
@@ -150,6 +153,7 @@ fn main() -> anyhow::Result<()> {
         raw_mibs = raw_mibs.max(link.stream(bytes)?);
         dsm.barrier()?;
         if me == Rank(0) {
+            fresh_mibs = fresh_mibs.max(fresh_page_rate(bytes));
             dsm.set_readahead(window)?;
             let before = dsm.stats();
             let t = Instant::now();
@@ -262,6 +266,16 @@ fn main() -> anyhow::Result<()> {
                 mpi_med,
                 floor,
                 &format!("<= MPI floor + 15 us = {:.1}", mpi_med + 15.0),
+            ));
+        }
+        if fresh_mibs > 0.0 {
+            out.push(Measurement::new(
+                "fresh 4 KiB pages, first touch (a bound on installs)",
+                fresh_mibs,
+                "MiB/s",
+                raw_mibs,
+                "raw TCP streaming",
+                "",
             ));
         }
         for (window, mibs, faults) in bandwidth {
