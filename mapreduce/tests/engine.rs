@@ -160,9 +160,12 @@ fn word_counts_match_a_plain_count_with_and_without_spilling() {
     job(3, move |rt, mr| {
         // Small splits and room to spare; then whole files as splits, one partition, and the smallest
         // budget, so that maps spill and the reducer keeps fetched runs on disk; then many small splits
-        // merged three runs at a time, so that reduces merge in passes.
+        // merged three runs at a time, so that reduces merge in passes; then more threads per rank than
+        // the ranks have channels to wait on (3 channels, 2 for waits), so that workers waiting for tasks
+        // must make room for one that holds a map's result (this job once hung there).
         for (name, split, budget, threads, parts, fan_in) in [
             ("roomy", 64 << 10, 64 << 20, 2, 5, 128),
+            ("crowded", 64 << 10, 64 << 20, 5, 2, 128),
             ("tight", 1 << 20, 1 << 20, 1, 1, 128),
             ("passes", 16 << 10, 64 << 20, 1, 2, 3),
         ] {

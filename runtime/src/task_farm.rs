@@ -233,7 +233,11 @@ impl TaskFarm {
             for lease in &held.leases {
                 let id = lease.tuple.get::<u64>(2)?;
                 let task = decode(&lease.tuple, "task", id)?;
-                results.push(Self::encode(&self.results_key, "result", id, &f(id, task))?);
+                let result = Self::encode(&self.results_key, "result", id, &f(id, task))?;
+                // A result the space refuses (too large) is an error while the tasks are still held, so
+                // that they go back to the bag instead of staying leased to this live rank for ever.
+                result.check()?;
+                results.push(result);
             }
             let ended = std::mem::take(&mut held.leases);
             let ran = results.len();

@@ -330,6 +330,10 @@ impl State {
         results: Vec<Tuple>,
         outbox: &mut Outbox,
     ) -> Result<(), String> {
+        // Checked first: a result refused after the leases ended would lose its task.
+        for t in &results {
+            t.check().map_err(|e| e.to_string())?;
+        }
         self.end_leases(holder, leases)?;
         results
             .into_iter()

@@ -34,6 +34,10 @@ use std::time::{Duration, Instant};
 /// The largest batch of tuples one `out_many` message carries, in encoded bytes (a bigger batch is split).
 const MAX_BATCH_BYTES: usize = 4 << 20;
 
+/// How long a worker's wait for its next task holds a wait channel before it gives the channel up and asks
+/// again (see `Inner::complete`).
+const COMPLETE_WAIT_SLICE: Duration = Duration::from_millis(20);
+
 /// One rank's handle on the tuple space. Cheap to clone and usable from any thread.
 #[derive(Debug, Clone)]
 pub struct TupleSpace {
@@ -654,17 +658,36 @@ impl Inner {
                 }
             };
         }
-        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-        let ask = Ask::Complete {
+        let mut ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        let mut ask = Ask::Complete {
             leases: ids,
             results: here,
             next: next.map(|n| (n.to_vec(), ticket)),
             more,
         };
-        let answer = if next.is_some() {
-            self.ask_waiting(home, &ask, None, ticket)?
-        } else {
-            self.ask(home, &ask)?
+        let answer = match next {
+            None => self.ask(home, &ask)?,
+            // A wait for the next tuple holds one of this rank's wait channels, and a rank has few: with
+            // more threads waiting than channels, a thread holding the result that the others' next tasks
+            // depend on could never send it (the master puts the reduces only once every map is in). So
+            // the wait gives its channel up every `COMPLETE_WAIT_SLICE` and asks again; the leases ended and
+            // the results went in with the first ask.
+            Some(n) => loop {
+                let deadline = Instant::now() + COMPLETE_WAIT_SLICE;
+                match self.ask_waiting(home, &ask, Some(deadline), ticket)? {
+                    Answer::TimedOut => {
+                        std::thread::yield_now();
+                        ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+                        ask = Ask::Complete {
+                            leases: Vec::new(),
+                            results: Vec::new(),
+                            next: Some((n.to_vec(), ticket)),
+                            more,
+                        };
+                    }
+                    answer => break answer,
+                }
+            },
         };
         match (answer, next) {
             (Answer::Done, None) => Ok(Vec::new()),

@@ -374,6 +374,45 @@ fn tasks_held_by_a_worker_whose_function_panics_go_back_to_the_bag() {
 }
 
 #[test]
+fn a_result_too_large_for_the_space_fails_its_worker_and_the_task_goes_back() {
+    job(3, plain, |rt, space| {
+        let farm = TaskFarm::new(space, "oversized", Rank(0));
+        match rt.rank().0 {
+            0 => {
+                // Task 7 is near rank 1, which takes it first; its result would be too large.
+                farm.put_near([(7u64, Rank(1), 7u64)]).unwrap();
+                farm.put((0..50u64).filter(|i| *i != 7).map(|i| (i, i)))
+                    .unwrap();
+                let mut results: Vec<(u64, Vec<u8>)> = farm.results(50).unwrap();
+                farm.stop().unwrap();
+                results.sort();
+                let expected: Vec<(u64, Vec<u8>)> =
+                    (0..50u64).map(|i| (i, vec![i as u8])).collect();
+                assert_eq!(results, expected);
+            }
+            1 => {
+                let e = farm
+                    .serve(|_, x: u64| {
+                        if x == 7 {
+                            vec![0u8; dsm_runtime::tuple::MAX_FIELD_BYTES + 1]
+                        } else {
+                            vec![x as u8]
+                        }
+                    })
+                    .unwrap_err();
+                assert!(matches!(e, RuntimeError::Tuple(_)), "{e}");
+            }
+            _ => {
+                // Starts late, so that rank 1 takes task 7; then does it (and the rest) with small results.
+                std::thread::sleep(Duration::from_millis(50));
+                farm.serve(|_, x: u64| vec![x as u8]).unwrap();
+            }
+        }
+        rt.dsm().barrier().unwrap();
+    });
+}
+
+#[test]
 fn tasks_near_a_rank_that_is_not_in_the_job_are_refused() {
     job(2, plain, |rt, space| {
         let farm = TaskFarm::new(space, "far", Rank(0));
