@@ -289,7 +289,10 @@ impl Engine {
                 let Some(r) = self.shared.region(region) else {
                     return;
                 };
-                for p in page..(page + u64::from(count)).min(r.pages) {
+                // Only pages this rank manages, inside the region (a peer's count is not trusted).
+                let end = page.saturating_add(u64::from(count)).min(r.pages);
+                let me = self.shared.me;
+                for p in (page..end).filter(|p| r.home(*p) == me) {
                     let slot = r.slot(p);
                     if granted {
                         let mut e = slot.load();
