@@ -371,6 +371,32 @@ fn a_blocked_in_returns_an_error_when_its_home_dies() {
 }
 
 #[test]
+fn a_master_whose_every_worker_died_says_so_instead_of_waiting() {
+    let args = [
+        "farm",
+        "--tasks",
+        "100",
+        "--die-rank",
+        "1",
+        "--die-after",
+        "5",
+    ];
+    let started = std::time::Instant::now();
+    let (o, out) = job_keep_going(LINDA, 2, &args);
+    assert_ne!(o.code, 0, "{out}");
+    assert_eq!(o.lost, [(1, "was killed by SIGABRT".to_string())], "{out}");
+    assert!(
+        out.contains("every worker rank of the task farm failed")
+            && out.contains("result(s) will never come"),
+        "{out}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{out}"
+    );
+}
+
+#[test]
 fn the_task_farm_finishes_every_task_after_a_worker_dies() {
     let args = [
         "farm",

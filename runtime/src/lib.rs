@@ -72,6 +72,13 @@ pub enum RuntimeError {
         /// What went wrong.
         reason: String,
     },
+    /// A task farm's master waits for results that can never come: every other rank failed, and no
+    /// worker serves on the master's own rank.
+    #[error("every worker rank of the task farm failed, and none serves on the master's rank: {missing} result(s) will never come")]
+    NoWorkers {
+        /// Results still awaited.
+        missing: usize,
+    },
     /// `finish` was called while tuple-space handles are alive.
     #[error("the runtime is still in use by {0} tuple-space handle(s): drop them before finish()")]
     InUse(usize),

@@ -32,6 +32,8 @@ use crate::{template, tuple, Lease, RuntimeError, TupleSpace};
 use dsm::Rank;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The task id of the mark that tells workers to stop (each worker puts it back for the next).
@@ -51,6 +53,8 @@ pub struct TaskFarm {
     stop_key: String,
     /// This rank.
     me: Rank,
+    /// `serve` calls running on this rank through this farm or its clones.
+    serving: Arc<AtomicUsize>,
 }
 
 impl TaskFarm {
@@ -77,6 +81,7 @@ impl TaskFarm {
                 .collect(),
             stop_key: homed_at_master(format!("{name}\0stop")),
             me: space.dsm().rank(),
+            serving: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -159,17 +164,39 @@ impl TaskFarm {
         self.space.out_many(batch)
     }
 
-    /// Waits for `n` results and returns them as `(task id, result)`, in the order they came.
+    /// Waits for `n` results and returns them as `(task id, result)`, in the order they came. Fails with
+    /// [`RuntimeError::NoWorkers`] instead of waiting for ever once every other rank has failed while no
+    /// `serve` runs on this rank (through this farm or a clone of it).
     pub fn results<R: DeserializeOwned>(&self, n: usize) -> Result<Vec<(u64, R)>, RuntimeError> {
         let wanted = template!(self.results_key.as_str(), "result", ?u64, ?Vec<u8>);
-        (0..n)
-            .map(|_| {
-                let t = self.space.in_(&wanted)?;
-                let id = t.get::<u64>(2)?;
-                Ok((id, decode(&t, "result", id)?))
-            })
-            .collect()
+        let dsm = self.space.dsm();
+        let mut got = Vec::with_capacity(n);
+        // Looks in a row that found no worker anywhere (two are needed, so that a worker thread of this
+        // rank that is only starting is not missed).
+        let mut deserted = 0;
+        while got.len() < n {
+            let Some(t) = self.space.in_timeout(&wanted, Self::RESULTS_LOOK)? else {
+                let alone = dsm.failed_ranks().len() + 1 == dsm.size();
+                if alone && dsm.size() > 1 && self.serving.load(Ordering::Acquire) == 0 {
+                    deserted += 1;
+                    if deserted == 2 {
+                        return Err(RuntimeError::NoWorkers {
+                            missing: n - got.len(),
+                        });
+                    }
+                } else {
+                    deserted = 0;
+                }
+                continue;
+            };
+            let id = t.get::<u64>(2)?;
+            got.push((id, decode(&t, "result", id)?));
+        }
+        Ok(got)
     }
+
+    /// How often a master waiting for results looks whether any worker is left.
+    const RESULTS_LOOK: Duration = Duration::from_millis(200);
 
     /// Takes back the tasks still in the bag (not those a worker holds), so that workers stop sooner after
     /// [`TaskFarm::stop`]; returns how many. Only the master calls it, before `stop`.
@@ -204,6 +231,8 @@ impl TaskFarm {
         &self,
         mut f: impl FnMut(u64, T) -> R,
     ) -> Result<usize, RuntimeError> {
+        self.serving.fetch_add(1, Ordering::AcqRel);
+        let _serving = Serving(&self.serving);
         let wanted = self.wanted();
         let mut leases = self
             .space
@@ -255,6 +284,15 @@ impl TaskFarm {
                 .complete_and_lease_many(ended, results, &wanted, batch.more())?;
             batch.observe(work, ran, trip.elapsed());
         }
+    }
+}
+
+/// A running `serve`, counted in its farm's `serving` until it ends.
+struct Serving<'a>(&'a AtomicUsize);
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
