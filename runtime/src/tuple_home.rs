@@ -306,6 +306,11 @@ impl State {
         wait: Option<u64>,
         reply: Responder,
     ) -> Option<(Responder, Answer)> {
+        if lease && mode == Mode::Read {
+            // A lease on a copy would put a second one into the space when given back.
+            let why = "a lease is only for a tuple that is taken, not read".to_string();
+            return Some((reply, Answer::Refused(why)));
+        }
         match self.find(from, &template, mode, lease) {
             Ok(Some(found)) => Some((reply, found.into())),
             Ok(None) => match wait {
