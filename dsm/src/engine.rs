@@ -67,6 +67,10 @@ pub(crate) struct Engine {
     epoll: Epoll,
     /// Fault requests waiting for a page's manager lock, by (region, page).
     queues: HashMap<(u32, u64), VecDeque<(usize, Request)>>,
+    /// Pages whose manager lock a transaction of another rank holds until its `Unlock` (a grant, or an
+    /// upgrade answered at once), by (region, page): the rank and its access. If that rank fails, the lock
+    /// is released here instead of being held for ever (see `peer_failed`).
+    held_by: HashMap<(u32, u64), (Rank, Access)>,
     locks: HashMap<u64, LockServer>,
     /// Leaf requests waiting for this rank to finish installing the page they name.
     deferred: Vec<(usize, Request, Vec<u8>)>,
@@ -109,6 +113,7 @@ impl Engine {
             conns,
             epoll,
             queues: HashMap::new(),
+            held_by: HashMap::new(),
             locks: HashMap::new(),
             deferred: Vec::new(),
             arrivals: Vec::new(),
@@ -258,6 +263,31 @@ impl Engine {
             ));
             std::process::exit(crate::EXIT_PEER_FAILED);
         }
+        // Transactions the failed rank held here end now, or their pages would stay locked for ever. One
+        // that was writing may have taken the only copy (it invalidated the others before it died): the
+        // page is recorded as the failed rank's, so that a later fault on it fails naming that rank
+        // rather than reading what may be stale. A reader took nothing away.
+        let held: Vec<((u32, u64), Access)> = self
+            .held_by
+            .iter()
+            .filter(|(_, (r, _))| *r == peer)
+            .map(|(k, (_, a))| (*k, *a))
+            .collect();
+        for ((id, page), access) in held {
+            self.held_by.remove(&(id, page));
+            let Some(region) = self.shared.region(id) else {
+                continue;
+            };
+            let slot = region.slot(page);
+            if access == Access::Write {
+                let mut e = slot.load();
+                swmr::complete(&mut e, peer, Access::Write);
+                slot.store(&e);
+            }
+            if unlock_slot(&slot.lock) {
+                self.serve_queue(&region, page);
+            }
+        }
     }
 
     fn reply(&mut self, idx: usize, reply: &Reply, payload: &[&[u8]]) {
@@ -293,6 +323,13 @@ impl Engine {
                 let end = page.saturating_add(u64::from(count)).min(r.pages);
                 let me = self.shared.me;
                 for p in (page..end).filter(|p| r.home(*p) == me) {
+                    if self
+                        .held_by
+                        .get(&(region, p))
+                        .is_some_and(|(holder, _)| *holder == peer)
+                    {
+                        self.held_by.remove(&(region, p));
+                    }
                     let slot = r.slot(p);
                     if granted {
                         let mut e = slot.load();
@@ -605,6 +642,14 @@ impl Engine {
         };
         let requester = self.conns[idx].peer;
         let me = self.shared.me;
+        if self.shared.failed[requester.index()].load(Ordering::Acquire) || !self.conns[idx].open {
+            // A request queued by a rank that has failed since: nobody waits for the answer, and a grant
+            // would keep the page locked for an Unlock that never comes.
+            if unlock_slot(&region.slot(page).lock) {
+                self.serve_queue(region, page);
+            }
+            return;
+        }
         if region.home(page) != me {
             if unlock_slot(&region.slot(page).lock) {
                 self.serve_queue(region, page);
@@ -655,6 +700,11 @@ impl Engine {
                     _ => Vec::new(),
                 };
                 Counters::add(&self.shared.counters.pages_sent, slices.len() as u64);
+                if data == Data::None {
+                    // An upgrade: the lock stays held until the requester's Unlock. Recorded before the
+                    // reply goes out, so that a failure while sending it finds the page to release.
+                    self.held_by.insert((region.id, page), (requester, access));
+                }
                 let reply = Reply::Done {
                     data: reply_data,
                     count: pages.len() as u32,
@@ -688,6 +738,7 @@ impl Engine {
                 }
                 let owned = std::mem::take(&mut self.scratch);
                 let payload: &[u8] = if copied { &owned } else { &[] };
+                self.held_by.insert((region.id, page), (requester, access));
                 self.reply(idx, &Reply::Granted { grant }, &[payload]);
                 self.scratch = owned;
             }

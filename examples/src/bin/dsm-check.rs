@@ -7,7 +7,9 @@
 //! - `latehome`: the same on pages homed at rank 0, which writes late, while the others' diffs arrive;
 //! - `readahead`: pages fetched ahead of a sequential reader behave as ordinary copies afterwards;
 //! - `lockfault`: threads waiting for a lock do not keep the lock's holder from resolving faults;
-//! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging.
+//! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging;
+//! - `diewriting`: (under --keep-going) a rank dies while it and another write one page in turn; the other
+//!   must finish or fail naming it, never hang.
 #![forbid(unsafe_code)]
 
 use anyhow::ensure;
@@ -15,7 +17,8 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | latehome | bytes | mplock | readahead | lockfault | idle | die
+    /// counter | mp | sb | pages | latehome | bytes | mplock | readahead | lockfault | idle | die |
+    /// diewriting
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -354,6 +357,75 @@ fn main() -> anyhow::Result<()> {
             drop(data);
             println!("lockfault ok");
         }
+        "diewriting" => {
+            // Ranks 1 and 2 write one page homed at rank 0 in turn, so that every write moves the page
+            // through a transaction rank 0 grants; rank 1 dies at a random moment, often in the middle of
+            // one. Run under --keep-going: rank 2 must then either finish its writes or fail with an error
+            // naming rank 1 (the page it needs may have died with it), and never wait for ever.
+            anyhow::ensure!(n >= 3, "diewriting needs 3 ranks");
+            let page =
+                dsm.alloc_vec_with::<u64>(WORDS_PER_PAGE, dsm::Placement::At(dsm::Rank(0)))?;
+            let done =
+                dsm.alloc_vec_with::<u64>(WORDS_PER_PAGE, dsm::Placement::At(dsm::Rank(0)))?;
+            dsm.barrier()?;
+            match me {
+                0 => {
+                    let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                    loop {
+                        if done.get(0) != 0 {
+                            done.set(1, 1); // rank 2 may leave now; this rank leaves after it
+                            while !dsm.failed_ranks().contains(&dsm::Rank(2)) {
+                                ensure!(std::time::Instant::now() < limit, "rank 2 did not leave");
+                                std::thread::sleep(std::time::Duration::from_millis(1));
+                            }
+                            println!("diewriting: rank 2 finished");
+                            break;
+                        }
+                        if dsm.failed_ranks().contains(&dsm::Rank(2)) {
+                            println!("diewriting: rank 2 failed");
+                            break;
+                        }
+                        ensure!(
+                            std::time::Instant::now() < limit,
+                            "rank 2 neither finished nor failed in 30 s"
+                        );
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+                1 => {
+                    let ms = 20 + std::process::id() as u64 % 30;
+                    std::thread::spawn(move || {
+                        std::thread::sleep(std::time::Duration::from_millis(ms));
+                        nix_kill_self();
+                    });
+                    for i in 0.. {
+                        page.set(1, i);
+                    }
+                }
+                _ => {
+                    // Writes while rank 1 lives, then `rounds` more.
+                    let mut i = 0u64;
+                    while !dsm.failed_ranks().contains(&dsm::Rank(1)) {
+                        page.set(2, i);
+                        i += 1;
+                    }
+                    for k in 0..args.rounds as u64 {
+                        page.set(2, i + k);
+                    }
+                    done.set(0, 1);
+                    println!(
+                        "diewriting: rank 2 wrote {} times after rank 1 died",
+                        args.rounds
+                    );
+                    // Stays until rank 0 has seen the flag (the page is this rank's until then).
+                    let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                    while done.get(1) == 0 && std::time::Instant::now() < limit {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+            }
+            std::process::exit(0);
+        }
         "die" => {
             let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
             v.set(me, 1);
@@ -367,7 +439,7 @@ fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, readahead, lockfault, idle or die"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, readahead, lockfault, idle, die or diewriting"
             )
         }
     }
