@@ -38,6 +38,9 @@ pub const DEFAULT_SPLIT_SIZE: u64 = 4 << 20;
 pub const DEFAULT_MEMORY_BUDGET: u64 = 256 << 20;
 /// The smallest memory budget accepted.
 pub const MIN_MEMORY_BUDGET: u64 = 1 << 20;
+/// The most reduce partitions a job may have: every map keeps a run count and a buffer per partition, and
+/// reports its runs in a result of bounded size.
+pub const MAX_PARTITIONS: usize = 1 << 16;
 /// The default most runs a reduce merges at once.
 pub const DEFAULT_MERGE_FAN_IN: usize = 128;
 
@@ -138,11 +141,10 @@ impl JobConfig {
                 self.memory_budget
             ));
         }
-        if self.partitions == Some(0) || self.partitions.is_some_and(|p| p > u32::MAX as usize) {
+        if self.partitions == Some(0) || self.partitions.is_some_and(|p| p > MAX_PARTITIONS) {
             return Err(format!(
-                "{} partitions: use 1 to {}",
+                "{} partitions: use 1 to {MAX_PARTITIONS}",
                 self.partitions.unwrap_or(0),
-                u32::MAX
             ));
         }
         if self.threads == Some(0) {

@@ -341,10 +341,22 @@ impl MapReduce {
         let workers = self.space.dsm().size() * config.threads_for(self.space.dsm().size());
         let mut splits = input::cut(&files, config.split_size, workers)?;
         for s in &config.splits {
-            std::fs::File::open(&s.file).map_err(|source| MapReduceError::Input {
+            let err = |source| MapReduceError::Input {
                 path: s.file.clone(),
                 source,
-            })?;
+            };
+            let len = std::fs::File::open(&s.file)
+                .and_then(|f| f.metadata())
+                .map_err(err)?
+                .len();
+            if s.start > s.end || s.end > len {
+                return Err(MapReduceError::Config(format!(
+                    "split {}..{} of {}: a split runs from a start to an end no greater, within the file's {len} bytes",
+                    s.start,
+                    s.end,
+                    s.file.display()
+                )));
+            }
         }
         splits.extend(config.splits.iter().cloned());
         let out = &config.output;

@@ -73,9 +73,15 @@ fn walk(path: &Path, files: &mut Vec<(PathBuf, u64)>) -> Result<(), MapReduceErr
                 walk(&e, files)?;
             }
         }
-    } else {
+    } else if meta.is_file() {
         File::open(path).map_err(err)?;
         files.push((path.to_path_buf(), meta.len()));
+    } else {
+        // A FIFO or a device could block the master for ever, or never end.
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file or a directory",
+        )));
     }
     Ok(())
 }
@@ -143,8 +149,23 @@ fn line_end_after(f: &mut File, from: u64, len: u64) -> std::io::Result<u64> {
     Ok(len)
 }
 
-/// The bytes of `split`. A file that has become shorter than the split is an error.
-pub(crate) fn read_split(split: &Split) -> Result<Vec<u8>, String> {
+/// The most bytes a map task reads into memory for one split, whatever its budget: splits end at line
+/// ends, so a file without newlines (or with one huge line) is one split of any size, which must be an
+/// error rather than an allocation that kills the rank.
+pub(crate) const MIN_SPLIT_LIMIT: u64 = 64 << 20;
+
+/// The bytes of `split`, at most `limit` of them (a longer split is an error: see [`MIN_SPLIT_LIMIT`]). A
+/// file that has become shorter than the split is an error.
+pub(crate) fn read_split(split: &Split, limit: u64) -> Result<Vec<u8>, String> {
+    if split.len() > limit {
+        return Err(format!(
+            "{} bytes {}..{}: a map task reads its split (whole lines) into memory, and this one is {} bytes, over the {limit}-byte limit (the larger of the per-task memory budget and 64 MiB); a line this long needs a larger memory budget",
+            split.file.display(),
+            split.start,
+            split.end,
+            split.len()
+        ));
+    }
     let what = |e: std::io::Error| {
         format!(
             "reading {} bytes {}..{}: {e}",
@@ -204,7 +225,7 @@ mod tests {
             for s in &splits {
                 assert_eq!(s.start, expect_start);
                 expect_start = s.end;
-                let data = read_split(s).unwrap();
+                let data = read_split(s, u64::MAX).unwrap();
                 assert_eq!(*data.last().unwrap(), b'\n', "split {s:?} ends mid-line");
                 joined.extend_from_slice(&data);
             }

@@ -191,7 +191,7 @@ impl<J: Job> Worker<'_, J> {
     }
 
     fn map(&self, id: u64, split: &Split, partitions: usize) -> Result<TaskResult, String> {
-        let data = input::read_split(split)?;
+        let data = input::read_split(split, self.budget.max(input::MIN_SPLIT_LIMIT))?;
         let sink = RunSink {
             root: self.root,
             job: self.job_id,

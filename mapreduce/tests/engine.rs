@@ -354,10 +354,59 @@ fn bad_input_and_output_are_clear_errors_on_every_rank() {
             JobConfig::new(dir.join("x"))
                 .input(&files[0])
                 .merge_fan_in(1),
+            JobConfig::new(dir.join("x"))
+                .input(&files[0])
+                .partitions(dsm_mapreduce::MAX_PARTITIONS + 1),
         ] {
             let e = mr.run(&Words, &config).unwrap_err();
             assert!(matches!(e, MapReduceError::Config(_)), "{e}");
         }
+        // A split past the end of its file, and one that ends before it starts: rank 0 checks the
+        // inputs, and every rank hears why the job did not start.
+        for (start, end) in [(0, 1 << 40), (10, 5)] {
+            let split = Split {
+                file: files[0].clone(),
+                start,
+                end,
+            };
+            let e = mr
+                .run(&Words, &JobConfig::new(dir.join("x")).splits([split]))
+                .unwrap_err();
+            assert!(e.to_string().contains("a split runs from"), "{me}: {e}");
+        }
+        assert!(!dir.join("x").exists(), "nothing written for a refused job");
+
+        // An input that is neither a regular file nor a directory (it could block for ever).
+        let fifo = dir.join("fifo");
+        if me == Rank(0) {
+            nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        }
+        rt.dsm().barrier().unwrap();
+        let e = mr
+            .run(&Words, &JobConfig::new(dir.join("y")).input(&fifo))
+            .unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{me}: {e}");
+
+        // One line of 65 MiB (a sparse file without a newline), with a budget of 4 MiB: a clear error, not
+        // an allocation that could kill the rank.
+        let long = dir.join("one-long-line");
+        if me == Rank(0) {
+            std::fs::File::create(&long)
+                .unwrap()
+                .set_len(65 << 20)
+                .unwrap();
+        }
+        rt.dsm().barrier().unwrap();
+        let e = mr
+            .run(
+                &Words,
+                &JobConfig::new(dir.join("z"))
+                    .input(&long)
+                    .memory_budget(4 << 20)
+                    .progress(ProgressMode::Never),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("a line this long"), "{me}: {e}");
     });
 }
 
