@@ -110,8 +110,12 @@ impl MapReduce {
         }
         let host = spill_host();
         remove_stale_spill_dirs(dir.as_ref(), &host);
+        // The sequence number keeps apart the engines of one process that have the same rank (jobs of
+        // ranks as threads, one after another or side by side): each removes only its own directory.
+        static ENGINES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = ENGINES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let root = dir.as_ref().join(format!(
-            "dsm-mapreduce-{host}-{}-{}",
+            "dsm-mapreduce-{host}-{}-{}-{seq}",
             std::process::id(),
             dsm.rank().0
         ));
@@ -480,7 +484,8 @@ fn spill_host() -> String {
 }
 
 /// Removes the spill directories under `dir` that engines of processes of this host left behind when they
-/// died (killed before they could remove them): `dsm-mapreduce-HOST-PID-RANK` whose PID is not running.
+/// died (killed before they could remove them): `dsm-mapreduce-HOST-PID-RANK-SEQ` (or, from older
+/// versions, without `-SEQ`) whose PID is not running.
 /// Directories of other hosts (a spill directory shared across machines) are left alone.
 fn remove_stale_spill_dirs(dir: &Path, host: &str) {
     // Without /proc nothing says which processes run: leave everything.
@@ -497,7 +502,9 @@ fn remove_stale_spill_dirs(dir: &Path, host: &str) {
             continue;
         };
         let parts: Vec<&str> = rest.split('-').collect();
-        let [pid, rank] = parts[..] else { continue };
+        let (&[pid, rank] | &[pid, rank, _]) = &parts[..] else {
+            continue;
+        };
         let (Ok(pid), Ok(_)) = (pid.parse::<u32>(), rank.parse::<u32>()) else {
             continue;
         };

@@ -518,11 +518,14 @@ fn spill_directories_left_by_dead_processes_are_removed() {
     assert!(!stale.exists(), "a dead process's directory is removed");
     assert!(other_host.exists(), "another host's directory stays");
     assert!(alive.exists(), "a running process's directory stays");
-    let ours = dir.join(format!("dsm-mapreduce-{host}-{}-0", std::process::id()));
-    assert!(
-        ours.is_dir(),
-        "the engine's own directory is named as expected"
-    );
+    let prefix = format!("dsm-mapreduce-{host}-{}-0-", std::process::id());
+    let ours = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .expect("the engine's own directory is named HOST-PID-RANK-SEQ");
+    assert!(ours.is_dir());
     drop(engine);
     assert!(!ours.exists(), "and removed with the engine");
     drop(space);

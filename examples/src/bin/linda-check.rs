@@ -7,7 +7,8 @@
 //!   an error naming rank 1 (run with `dsmrun --keep-going`).
 //! - `farm --tasks N [--near] [--die-rank R --die-after K]`: a task farm with rank 0 as master; rank R dies
 //!   while it holds its K-th task (after a pause in which the others run out of tasks and wait), and rank 0
-//!   checks that every task's result came back exactly once. `--near` puts task i near rank i % ranks.
+//!   checks that every task's result came back exactly once. `--near` puts task i near rank i % ranks. Rank 0
+//!   leaves only once every live worker has said it is done (a barrier cannot hold it while a rank is gone).
 
 use clap::{Parser, Subcommand};
 use dsm::Rank;
@@ -104,6 +105,27 @@ fn main() -> anyhow::Result<()> {
                     per_rank[*r as usize] += 1;
                 }
                 println!("farm: {tasks} tasks done once each; results per rank {per_rank:?}");
+                // Under --keep-going the final barrier cannot hold rank 0 back (a rank is gone), and a
+                // worker may still be passing the stop mark on, which needs the bag: wait for every live
+                // worker to say it is done.
+                let done = template!(done_key(&space).as_str(), ?u64);
+                let limit = std::time::Instant::now() + Duration::from_secs(30);
+                let mut waiting: Vec<u64> = (1..size).collect();
+                loop {
+                    let failed = rt.dsm().failed_ranks();
+                    waiting.retain(|r| !failed.contains(&Rank(*r as u32)));
+                    if waiting.is_empty() {
+                        break;
+                    }
+                    anyhow::ensure!(
+                        std::time::Instant::now() < limit,
+                        "workers {waiting:?} neither finished nor failed"
+                    );
+                    if let Some(t) = space.in_timeout(&done, Duration::from_millis(50))? {
+                        let r = t.get::<u64>(1)?;
+                        waiting.retain(|w| *w != r);
+                    }
+                }
             } else {
                 let mut taken = 0;
                 let done = farm.serve(|_, x: u64| {
@@ -118,6 +140,7 @@ fn main() -> anyhow::Result<()> {
                     (x * x, me)
                 })?;
                 println!("farm: rank {me} did {done} tasks");
+                space.out(tuple!(done_key(&space).as_str(), me))?;
             }
         }
     }
@@ -132,6 +155,15 @@ fn main() -> anyhow::Result<()> {
     drop(space);
     rt.finish()?;
     Ok(())
+}
+
+/// The first field of the workers' "done" tuples: one whose tuples are homed at rank 0, which waits for
+/// them (a rank that dies must not take them along).
+fn done_key(space: &TupleSpace) -> String {
+    (0u64..)
+        .map(|k| format!("farm-done#{k}"))
+        .find(|k| space.home_of(Some(&k.as_str().into()), 2) == Rank(0))
+        .expect("some suffix hashes to rank 0")
 }
 
 fn exactly_once(
