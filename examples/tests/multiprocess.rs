@@ -112,6 +112,18 @@ fn lock_waiters_leave_a_channel_for_faults() {
 }
 
 #[test]
+fn a_sigbus_sent_to_a_rank_kills_it_as_without_dsm() {
+    let (outcome, out) = job(CHECK, 2, &["sentsigbus"]);
+    assert_eq!(outcome.failed_rank, Some(1), "{outcome:?}\n{out}");
+    assert_eq!(
+        outcome.code,
+        128 + 7,
+        "killed by SIGBUS: {outcome:?}\n{out}"
+    );
+    assert!(!out.contains("swallowed"), "{out}");
+}
+
+#[test]
 fn a_killed_rank_ends_the_job_quickly() {
     let t = Instant::now();
     let (outcome, out) = job(CHECK, 3, &["die"]);

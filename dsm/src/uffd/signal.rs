@@ -4,9 +4,11 @@
 //! handler installed before ours, or to the default action.
 //!
 //! Everything reached from `on_sigbus` must be async-signal-safe: no allocation, no lock that the interrupted
-//! code could hold. SIGBUS here is synchronous (raised by the faulting instruction), and the crate never
-//! touches registered memory while it holds a lock, so the locks the resolver takes are never held by the
-//! interrupted frame.
+//! code could hold. SIGBUS here is synchronous (raised by the faulting instruction: only access faults,
+//! `BUS_ADRERR`, are taken as ours), and the crate never touches registered memory while it holds a lock,
+//! so the locks the resolver takes are never held by the interrupted frame. Other signals stay deliverable
+//! while a fault is resolved (a rank waiting for a peer can still be interrupted or terminated), so a
+//! program's own signal handlers must not touch shared regions.
 
 use crate::error::{DsmError, Result};
 use nix::errno::Errno;
@@ -52,7 +54,16 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
 }
 
 fn handle(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler; si_addr is valid for SIGBUS.
+    // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler.
+    let code = unsafe { (*info).si_code };
+    // Only an access fault (which is how userfaultfd reports ours) names an address to resolve. A SIGBUS
+    // sent by kill(2) or tgkill(2), or a hardware memory error, is not a page of ours even if its fields
+    // happen to look like one's address: it goes on as if dsm were not here.
+    if code != libc::BUS_ADRERR {
+        chain(sig, info, ctx);
+        return;
+    }
+    // SAFETY: as above; si_addr is valid for a SIGBUS with an access-fault code.
     let addr = unsafe { (*info).si_addr() } as usize;
     // SAFETY: for an SA_SIGINFO handler on x86-64 Linux, `ctx` points to the interrupted ucontext_t. Bit 1 of
     // the page-fault error code (REG_ERR) is set for a write access.
@@ -84,6 +95,20 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
                 let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(h) };
                 f(sig);
             }
+            // A handler that expects a fault to come back may have restored the default action and
+            // returned (Rust's own stack-overflow handler does); a sent signal would then be lost.
+            // SAFETY: a zeroed sigaction is valid storage for the current action, read with a null new one.
+            let mut now: libc::sigaction = unsafe { std::mem::zeroed() };
+            // SAFETY: reading the disposition of SIGBUS into valid storage; raise(3) is async-signal-safe;
+            // the kernel passes a valid siginfo_t for an SA_SIGINFO handler.
+            unsafe {
+                if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut now) == 0
+                    && now.sa_sigaction == libc::SIG_DFL
+                    && (*info).si_code <= 0
+                {
+                    libc::raise(sig);
+                }
+            }
             return;
         }
     }
@@ -92,6 +117,13 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
         libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut());
+    }
+    // A fault comes back when the instruction runs again; a signal that was sent does not, so it is sent
+    // again (it stays pending until this handler returns, then takes the default action).
+    // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler.
+    if unsafe { (*info).si_code } <= 0 {
+        // SAFETY: raise(3) is async-signal-safe.
+        unsafe { libc::raise(sig) };
     }
 }
 

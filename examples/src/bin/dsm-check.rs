@@ -8,6 +8,7 @@
 //! - `readahead`: pages fetched ahead of a sequential reader behave as ordinary copies afterwards;
 //! - `lockfault`: threads waiting for a lock do not keep the lock's holder from resolving faults;
 //! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging;
+//! - `sentsigbus`: a SIGBUS sent to a rank (not a fault) kills it, as it would without dsm;
 //! - `diewriting`: (under --keep-going) a rank dies while it and another write one page in turn; the other
 //!   must finish or fail naming it, never hang.
 #![forbid(unsafe_code)]
@@ -18,7 +19,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | bytes | mplock | readahead | lockfault | idle | die |
-    /// diewriting
+    /// diewriting | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -426,6 +427,19 @@ fn main() -> anyhow::Result<()> {
             }
             std::process::exit(0);
         }
+        "sentsigbus" => {
+            // A SIGBUS sent to a rank (not raised by a fault) must take its default action, killing the
+            // rank, even though dsm handles SIGBUS for its page faults.
+            let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
+            v.set(me, 1);
+            dsm.barrier()?;
+            if me == n - 1 {
+                nix::sys::signal::raise(nix::sys::signal::Signal::SIGBUS)?;
+                anyhow::bail!("rank {me}: a SIGBUS sent to this rank was swallowed");
+            }
+            dsm.barrier()?;
+            anyhow::bail!("rank {me}: a barrier completed without the signalled rank");
+        }
         "die" => {
             let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
             v.set(me, 1);
@@ -439,7 +453,7 @@ fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, readahead, lockfault, idle, die or diewriting"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, readahead, lockfault, idle, die, diewriting or sentsigbus"
             )
         }
     }
