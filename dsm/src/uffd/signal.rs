@@ -10,6 +10,11 @@
 //! while a fault is resolved (a rank waiting for a peer can still be interrupted or terminated), so a
 //! program's own signal handlers must not touch shared regions.
 
+// The handler tells reads from writes by the x86-64 page-fault error code (`REG_ERR`); another
+// architecture needs its own way (aarch64 keeps it in the ESR record of the signal frame).
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("dsm's SIGBUS handler reads the x86-64 page-fault error code: other architectures are not supported yet");
+
 use crate::error::{DsmError, Result};
 use nix::errno::Errno;
 use std::sync::OnceLock;
