@@ -72,6 +72,32 @@ fn hello_at_2_3_and_4_ranks() {
 }
 
 #[test]
+fn ranks_started_through_a_wrapper_program_join() {
+    // `sh -c 'hello; true'` does not exec hello: the shell stays between the launcher and the rank, which
+    // must still join (it once took the shell for a sign that the launcher was gone).
+    let line = format!("{}; true", env!("CARGO_BIN_EXE_hello"));
+    let (o, out) = job("/bin/sh", 2, &["-c", &line]);
+    assert_eq!(o.code, 0, "{out}");
+    assert!(out.contains("of 2 sees"), "{out}");
+}
+
+#[test]
+fn a_connect_timeout_out_of_range_is_a_clear_error() {
+    let (o, out) = job_with_env(
+        env!("CARGO_BIN_EXE_hello"),
+        2,
+        &[],
+        &[("DSM_CONNECT_TIMEOUT", "18446744073709551615")],
+    );
+    assert_ne!(o.code, 0, "{out}");
+    assert!(
+        out.contains("DSM_CONNECT_TIMEOUT") && out.contains("1 to 86400"),
+        "{out}"
+    );
+    assert!(!out.contains("panicked"), "{out}");
+}
+
+#[test]
 fn lock_protected_counters_are_exact() {
     passes_at(&[2, 3, 4], CHECK, &["counter", "--rounds", "300"]);
     passes_at(

@@ -83,9 +83,14 @@ fn rendezvous(listener: TcpListener, ranks: usize, token: String) {
         let Ok((stream, from)) = listener.accept() else {
             return;
         };
-        stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        // A rank sends its line at once: a connection that sends nothing (or without end) must not hold
+        // the others up for long, nor grow without bound.
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
         let mut line = String::new();
-        if BufReader::new(&stream).read_line(&mut line).is_err() {
+        if BufReader::new((&stream).take(512))
+            .read_line(&mut line)
+            .is_err()
+        {
             eprintln!("dsmrun: rendezvous from {from}: nothing received");
             continue;
         }
@@ -290,11 +295,11 @@ pub fn launch(
     let outcome = match root {
         None if timed_out => {
             let limit = opts.timeout.unwrap_or_default().as_secs_f64();
-            eprintln!("dsmrun: the job ran past its time limit of {limit:.0} s; ending it");
+            eprintln!("dsmrun: the job ran past its time limit of {limit} s; ending it");
             Outcome {
                 code: 124,
                 failed_rank: None,
-                reason: format!("ran past its time limit of {limit:.0} s"),
+                reason: format!("ran past its time limit of {limit} s"),
                 lost,
             }
         }

@@ -49,9 +49,15 @@ pub(crate) fn join(
 }
 
 /// Ends this process when the launcher dies, so that no rank outlives its job.
+///
+/// The signal comes when this process's parent ends: the launcher itself, or a program between them
+/// (`dsmrun -n 2 /usr/bin/time prog`, a shell script), which ends with the launcher in turn. The launcher
+/// may have died before the signal was asked for: then it is gone, which `kill(pid, 0)` tells (a parent
+/// other than the launcher is not the sign of that, since it may be such a program).
 pub(crate) fn die_with_launcher(launcher: i32) {
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-    if nix::unistd::getppid().as_raw() != launcher {
+    let pid = nix::unistd::Pid::from_raw(launcher);
+    if nix::sys::signal::kill(pid, None) == Err(nix::errno::Errno::ESRCH) {
         eprintln!("dsm: the launcher (pid {launcher}) is already gone; ending");
         std::process::exit(70);
     }

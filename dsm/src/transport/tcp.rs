@@ -193,7 +193,10 @@ impl Transport for TcpTransport {
                 self.peers.len()
             )));
         }
-        let deadline = Instant::now() + self.timeout;
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(self.timeout)
+            .unwrap_or(now + Duration::from_secs(86_400));
         let TcpTransport {
             listener,
             peers,

@@ -17,8 +17,8 @@ struct Args {
     #[arg(long, env = "DSM_BIND", default_value = "127.0.0.1")]
     bind: std::net::IpAddr,
     /// End the job (status 124) if it runs longer than this many seconds.
-    #[arg(long)]
-    timeout: Option<f64>,
+    #[arg(long, value_parser = seconds)]
+    timeout: Option<std::time::Duration>,
     /// Do not prefix output lines with the rank.
     #[arg(long)]
     no_prefix: bool,
@@ -33,6 +33,17 @@ struct Args {
     args: Vec<OsString>,
 }
 
+/// A number of seconds, fractions allowed: finite, not negative, at most a year.
+fn seconds(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.0..=31_536_000.0).contains(&secs) {
+        return Err(format!("{s} seconds: use 0 to 31536000 (a year)"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 fn main() {
     let a = Args::parse();
     let opts = LaunchOptions {
@@ -41,7 +52,7 @@ fn main() {
         prefix: !a.no_prefix,
         env: Vec::new(),
         capture: None,
-        timeout: a.timeout.map(std::time::Duration::from_secs_f64),
+        timeout: a.timeout,
         keep_going: a.keep_going,
     };
     match launch(&opts, &a.program, &a.args) {
