@@ -84,6 +84,13 @@ fi
 grep -q "runs a different build of this program" <<<"$out" || fail "no word of the different builds in: $out"
 passed=$((passed + 1))
 
+# Started as if by the launcher of another MPI library (its variables say 2 ranks; this MPI sees a job of
+# one): a clear error instead of ranks that each compute alone.
+if out=$(PMI_SIZE=2 PMI_RANK=0 timeout 60 $bin/hello 2>&1); then
+    fail "a rank whose launcher and MPI disagree on the job's size ran: $out"
+fi
+expect "built against another MPI library" 1 "$out"
+
 # Built without the feature: a clear error that says how to rebuild. (One rank: the error is the
 # program's own `Error:` line, which two ranks' merged error streams could run together.)
 if out=$(timeout 60 mpirun -n 1 target/debug/hello 2>&1); then

@@ -196,12 +196,17 @@ impl Runtime {
             _ => None,
         })?
         .unwrap_or(mpi_join::Carrier::Tcp);
+        // Everything that can fail on this rank's own settings is read before joining.
+        let options = Self::options()?;
         let joined = mpi_join::join(bind, Duration::from_secs(timeout), carrier)?;
-        let mut builder = Self::options()?.rank(joined.rank, joined.size);
+        let mut builder = options.rank(joined.rank, joined.size);
         if let Some(t) = joined.transport {
             builder = builder.transport(t);
         }
-        let dsm = Arc::new(builder.build()?);
+        let dsm = match builder.build() {
+            Ok(dsm) => Arc::new(dsm),
+            Err(e) => mpi_join::abort_job(&e.into()),
+        };
         let finalizer = mpi_join::Finalizer {
             universe: Some(joined.universe),
             dsm: Arc::downgrade(&dsm),

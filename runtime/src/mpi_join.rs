@@ -177,13 +177,19 @@ pub(crate) fn join(
             universe: Universe(universe),
             bridge: (carrier == Carrier::Mpi).then_some(bridge),
         }),
-        Err(e) => {
-            // The other ranks may be inside a collective this rank will never join: end the whole job,
-            // saying why, rather than leave them waiting.
-            eprintln!("dsm: rank {}: {e}; aborting the MPI job", world.rank());
-            world.abort(70)
-        }
+        // The other ranks may be inside a collective this rank will never join: end the whole job, saying
+        // why, rather than leave them waiting.
+        Err(e) => abort_job(&e),
     }
+}
+
+/// Ends the whole MPI job from this rank after a failure past joining, saying why: the other ranks may
+/// wait in a collective this rank will never join, and MPI may not be finalized under the transport's
+/// bridge thread.
+pub(crate) fn abort_job(e: &RuntimeError) -> ! {
+    let world = mpi::topology::SimpleCommunicator::world();
+    eprintln!("dsm: rank {}: {e}; aborting the MPI job", world.rank());
+    world.abort(70)
 }
 
 /// Rank, size and (for more than one rank) the transport.
@@ -199,6 +205,16 @@ fn connect(
 ) -> Result<Connected, RuntimeError> {
     let rank = world.rank() as usize;
     let size = world.size() as usize;
+    // A launcher of another MPI library (Open MPI's mpirun for an MPICH build, or the reverse) starts
+    // processes that MPI_Init takes for jobs of one rank each: every process would compute alone.
+    let launched = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse::<usize>().ok());
+    if let Some(n) = launched.filter(|n| *n != size) {
+        return Err(RuntimeError::Mpi(format!(
+            "the launcher started {n} ranks, but MPI sees a job of {size}: this program was built against another MPI library than the one whose mpirun started it (build it and run it with the same MPI)"
+        )));
+    }
     if size > dsm::protocol::swmr::MAX_RANKS {
         return Err(RuntimeError::Mpi(format!(
             "mpirun started {size} ranks; a job has at most {}",
