@@ -115,20 +115,27 @@ fn rendezvous(listener: TcpListener, ranks: usize, token: String) {
     }
 }
 
+/// Copies a rank's output to ours line by line (prefixed), on a thread of its own that says on `done`
+/// when the rank's end of the pipe is closed.
 fn forward(
     rank: usize,
     stream: impl Read + Send + 'static,
     to_stderr: bool,
     prefix: bool,
     capture: Option<Arc<Mutex<Vec<u8>>>>,
-) -> std::thread::JoinHandle<()> {
+    done: &std::sync::mpsc::Sender<()>,
+) {
+    let done = done.clone();
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
         let mut line = Vec::new();
         loop {
             line.clear();
             match reader.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => {
+                    let _ = done.send(());
+                    return;
+                }
                 Ok(_) => {
                     let mut out: Vec<u8> = Vec::with_capacity(line.len() + 8);
                     if prefix {
@@ -152,7 +159,7 @@ fn forward(
                 }
             }
         }
-    })
+    });
 }
 
 fn describe(status: ExitStatus) -> (String, i32) {
@@ -191,15 +198,18 @@ pub fn launch(
         context: "rendezvous address".into(),
         source: e,
     })?;
+    // A watcher per rank says when it has exited (without reaping it: that stays with `children`), so the
+    // loop below wakes at once instead of polling; so does a signal to the launcher.
+    let (exited, exits) = std::sync::mpsc::channel::<()>();
+    // Before any thread of the launch starts, so that they all leave these signals to `interrupts`.
+    let interrupts = Interrupts::start(exited.clone());
     let ranks = opts.ranks;
     let server_token = token.clone();
     std::thread::spawn(move || rendezvous(listener, ranks, server_token));
 
     let mut children: Vec<Child> = Vec::with_capacity(ranks);
-    let mut pumps = Vec::new();
-    // A watcher per rank says when it has exited (without reaping it: that stays with `children`), so the
-    // loop below wakes at once instead of polling.
-    let (exited, exits) = std::sync::mpsc::channel::<()>();
+    let (pumped, pumps_done) = std::sync::mpsc::channel::<()>();
+    let mut pumps = 0;
     for r in 0..ranks {
         let mut cmd = Command::new(program);
         cmd.args(args)
@@ -212,6 +222,10 @@ pub fn launch(
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // Each rank leads a process group of its own, so that ending the job ends whatever the rank started
+        // too (a background process that kept the rank's output open would otherwise outlive the job and
+        // hold the launcher). The launcher passes on the signals a terminal sends (see `Interrupts`).
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         if opts.keep_going {
             cmd.env("DSM_ON_PEER_FAILURE", "report");
         }
@@ -221,10 +235,12 @@ pub fn launch(
         match cmd.spawn() {
             Ok(mut child) => {
                 if let Some(out) = child.stdout.take() {
-                    pumps.push(forward(r, out, false, opts.prefix, opts.capture.clone()));
+                    forward(r, out, false, opts.prefix, opts.capture.clone(), &pumped);
+                    pumps += 1;
                 }
                 if let Some(err) = child.stderr.take() {
-                    pumps.push(forward(r, err, true, opts.prefix, opts.capture.clone()));
+                    forward(r, err, true, opts.prefix, opts.capture.clone(), &pumped);
+                    pumps += 1;
                 }
                 watch(Pid::from_raw(child.id() as i32), exited.clone());
                 children.push(child);
@@ -250,6 +266,9 @@ pub fn launch(
     while done.iter().any(|d| !d) {
         if opts.timeout.is_some_and(|t| started.elapsed() > t) {
             timed_out = true;
+            break;
+        }
+        if interrupts.signal().is_some() {
             break;
         }
         for (r, child) in children.iter_mut().enumerate() {
@@ -292,39 +311,134 @@ pub fn launch(
         .find(|(_, s)| s.code() != Some(dsm::EXIT_PEER_FAILED))
         .or(failures.first())
         .copied();
-    let outcome = match root {
-        None if timed_out => {
+    let (outcome, message) = match (root, interrupts.signal()) {
+        (None, Some(sig)) => {
+            let reason = format!("was interrupted by {}", sig.as_str());
+            let message = format!("dsmrun: the launcher {reason}; ending the job");
+            let code = 128 + sig as i32;
+            let outcome = Outcome {
+                code,
+                failed_rank: None,
+                reason,
+                lost,
+            };
+            (outcome, Some(message))
+        }
+        (None, None) if timed_out => {
             let limit = opts.timeout.unwrap_or_default().as_secs_f64();
-            eprintln!("dsmrun: the job ran past its time limit of {limit} s; ending it");
-            Outcome {
+            let outcome = Outcome {
                 code: 124,
                 failed_rank: None,
                 reason: format!("ran past its time limit of {limit} s"),
                 lost,
-            }
+            };
+            let message =
+                format!("dsmrun: the job ran past its time limit of {limit} s; ending it");
+            (outcome, Some(message))
         }
-        None => Outcome {
-            code: 0,
-            failed_rank: None,
-            reason: String::new(),
-            lost,
-        },
-        Some((r, status)) => {
+        (None, None) => {
+            let outcome = Outcome {
+                code: 0,
+                failed_rank: None,
+                reason: String::new(),
+                lost,
+            };
+            (outcome, None)
+        }
+        (Some((r, status)), _) => {
             let (what, code) = describe(status);
-            eprintln!("dsmrun: rank {r} {what}; ending the job");
-            Outcome {
+            let message = format!("dsmrun: rank {r} {what}; ending the job");
+            let outcome = Outcome {
                 code,
                 failed_rank: Some(r),
                 reason: what,
                 lost,
-            }
+            };
+            (outcome, Some(message))
         }
     };
     end_all(&mut children);
-    for p in pumps {
-        let _ = p.join();
+    // The ranks' last lines come out before the launcher's own word on the job. A process that left the
+    // ranks' groups but kept their output open does not hold the launcher for more than a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for _ in 0..pumps {
+        if pumps_done
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_err()
+        {
+            break;
+        }
+    }
+    drop(interrupts);
+    if let Some(m) = message {
+        eprintln!("{m}");
     }
     Ok(outcome)
+}
+
+/// The signals a terminal or a job manager sends to end a job (SIGINT, SIGTERM, SIGHUP): while a launch
+/// runs they are blocked in its threads and taken by a thread of its own, which records the first and
+/// wakes the launcher, which then ends every rank (ranks lead process groups of their own, so the terminal
+/// no longer reaches them directly) and returns 128 + the signal. The calling thread's signal mask is
+/// restored when the launch ends, and the thread stops.
+struct Interrupts {
+    got: Arc<std::sync::atomic::AtomicI32>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    restore: Option<nix::sys::signal::SigSet>,
+}
+
+impl Interrupts {
+    fn start(wake: std::sync::mpsc::Sender<()>) -> Interrupts {
+        use nix::sys::signal::{SigSet, SigmaskHow};
+        use nix::sys::signalfd::{SfdFlags, SignalFd};
+        let got = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut set = SigSet::empty();
+        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            set.add(s);
+        }
+        let restore = set.thread_swap_mask(SigmaskHow::SIG_BLOCK).ok();
+        let flags = SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC;
+        if let Ok(fd) = SignalFd::with_flags(&set, flags) {
+            let (got, stop) = (got.clone(), stop.clone());
+            let _ = std::thread::Builder::new()
+                .name("dsmrun-signals".into())
+                .stack_size(64 << 10)
+                .spawn(move || {
+                    use std::os::fd::AsFd;
+                    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                        let mut fds = [nix::poll::PollFd::new(
+                            fd.as_fd(),
+                            nix::poll::PollFlags::POLLIN,
+                        )];
+                        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u8));
+                        if let Ok(Some(info)) = fd.read_signal() {
+                            got.store(info.ssi_signo as i32, std::sync::atomic::Ordering::Release);
+                            let _ = wake.send(());
+                            return;
+                        }
+                    }
+                });
+        }
+        Interrupts { got, stop, restore }
+    }
+
+    /// The first signal that came, if one did.
+    fn signal(&self) -> Option<Signal> {
+        match self.got.load(std::sync::atomic::Ordering::Acquire) {
+            0 => None,
+            s => Signal::try_from(s).ok(),
+        }
+    }
+}
+
+impl Drop for Interrupts {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(old) = self.restore.take() {
+            let _ = old.thread_set_mask();
+        }
+    }
 }
 
 /// Sends on `exited` once process `pid` (a child of this one) has exited, leaving it to be reaped.
@@ -342,22 +456,28 @@ fn watch(pid: Pid, exited: std::sync::mpsc::Sender<()>) {
         });
 }
 
-/// Ends every rank still running: SIGTERM, then SIGKILL after two seconds, and reaps them all.
+/// Ends every rank still running and whatever the ranks started: SIGTERM to each rank's process group,
+/// SIGKILL to what is left of it after two seconds (at once for ranks that have ended), and reaps them.
 fn end_all(children: &mut [Child]) {
-    for c in children.iter_mut() {
-        if let Ok(None) = c.try_wait() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
-        }
+    // Each rank leads its own process group: signal the group, so that what the rank started ends too.
+    let group = |c: &Child| Pid::from_raw(-(c.id() as i32));
+    for c in children.iter() {
+        let _ = kill(group(c), Signal::SIGTERM);
     }
     let deadline = Instant::now() + Duration::from_secs(2);
     for c in children.iter_mut() {
         while let Ok(None) = c.try_wait() {
             if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+    // Whatever is left of each group (a rank that ignored SIGTERM, a process it started) is killed.
+    for c in children.iter() {
+        let _ = kill(group(c), Signal::SIGKILL);
+    }
+    for c in children.iter_mut() {
+        let _ = c.wait();
     }
 }

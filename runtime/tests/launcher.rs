@@ -1,0 +1,93 @@
+//! `dsmrun` as a user runs it: a job whose ranks start background processes, and a launcher that is sent
+//! SIGTERM or SIGINT, must end promptly and leave no process behind.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DSMRUN: &str = env!("CARGO_BIN_EXE_dsmrun");
+
+/// Processes whose command line is exactly `words`.
+fn running(words: &[&str]) -> usize {
+    let want: Vec<u8> = words
+        .iter()
+        .flat_map(|w| [w.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+        .count()
+}
+
+/// Waits up to two seconds for no process with this command line to be left.
+fn gone(words: &[&str]) -> bool {
+    let t = Instant::now();
+    while running(words) > 0 {
+        if t.elapsed() > Duration::from_secs(2) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+#[test]
+fn background_processes_of_the_ranks_neither_hold_the_launcher_nor_outlive_the_job() {
+    // Each rank starts a sleep that keeps the rank's output open; one rank then fails, the other succeeds.
+    for (script, code) in [
+        ("sleep 987001 & exit 3", 3),
+        ("sleep 987002 & echo started", 0),
+    ] {
+        let t = Instant::now();
+        let out = Command::new(DSMRUN)
+            .args(["-n", "2", "/bin/sh", "-c", script])
+            .output()
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{script}: took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(out.status.code(), Some(code), "{script}");
+        let sleep = script.split(" &").next().unwrap();
+        let words: Vec<&str> = sleep.split(' ').collect();
+        assert!(
+            gone(&words),
+            "{script}: the background process outlived the job"
+        );
+    }
+}
+
+#[test]
+fn a_launcher_sent_sigterm_or_sigint_ends_every_rank_and_says_so() {
+    for (signal, code, name) in [
+        (nix::sys::signal::Signal::SIGTERM, 143, "SIGTERM"),
+        (nix::sys::signal::Signal::SIGINT, 130, "SIGINT"),
+    ] {
+        let words = ["sleep", "987003"];
+        let child = Command::new(DSMRUN)
+            .args(["-n", "2", "/bin/sh", "-c", "sleep 987003"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while running(&words) < 2 && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{name}: took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(out.status.code(), Some(code), "{name}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("interrupted by {name}")),
+            "{name}: {err}"
+        );
+        assert!(gone(&words), "{name}: a rank outlived the launcher");
+    }
+}
