@@ -439,6 +439,20 @@ impl Drop for LockGuard<'_> {
     }
 }
 
+/// The bytes of a shared array of `len` elements of `T`, which must fit the address space and be aligned
+/// by a region's start (regions start on a page).
+fn vec_bytes<T>(len: usize) -> Result<usize> {
+    if std::mem::align_of::<T>() > PAGE_SIZE {
+        return Err(DsmError::Config(format!(
+            "{} is aligned to {} bytes: shared arrays hold types aligned to at most a page ({PAGE_SIZE} bytes)",
+            std::any::type_name::<T>(),
+            std::mem::align_of::<T>()
+        )));
+    }
+    len.checked_mul(std::mem::size_of::<T>())
+        .ok_or_else(|| DsmError::Config(format!("{len} elements overflow the address space")))
+}
+
 impl Dsm {
     /// Options for joining a job.
     pub fn builder() -> DsmBuilder {
@@ -736,7 +750,10 @@ impl Dsm {
         }
         self.ensure_arena()?;
         let uffd = s.uffd()?.raw_fd();
-        let len = bytes.max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let len = bytes
+            .max(1)
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or_else(|| DsmError::Config(format!("{bytes} bytes overflow the address space")))?;
         let id = self.allocated.fetch_add(1, Ordering::Relaxed);
         let model = match consistency {
             Consistency::Sequential => 0,
@@ -783,9 +800,7 @@ impl Dsm {
         placement: Placement,
         consistency: Consistency,
     ) -> Result<GlobalVec<'_, T>> {
-        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
-            DsmError::Config(format!("{len} elements overflow the address space"))
-        })?;
+        let bytes = vec_bytes::<T>(len)?;
         Ok(GlobalVec::new(
             self.alloc_with(bytes, placement, consistency)?,
             len,
@@ -798,9 +813,7 @@ impl Dsm {
         len: usize,
         placement: Placement,
     ) -> Result<GlobalVec<'_, T>> {
-        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| {
-            DsmError::Config(format!("{len} elements overflow the address space"))
-        })?;
+        let bytes = vec_bytes::<T>(len)?;
         Ok(GlobalVec::new(self.alloc(bytes, placement)?, len))
     }
 

@@ -315,30 +315,31 @@ impl Engine {
                 access,
                 granted,
             } => {
+                // A transaction holds one page, and only the rank it was granted to ends it: a stale,
+                // duplicate or corrupt Unlock must not free a page lock another transaction holds.
                 let peer = self.conns[idx].peer;
+                let holder = self.held_by.get(&(region, page)).copied();
+                if count != 1 || holder != Some((peer, access)) {
+                    self.close(
+                        idx,
+                        &format!(
+                            "an Unlock of {count} page(s) from page {page} of region {region}, which {peer} does not hold that way"
+                        ),
+                    );
+                    return;
+                }
+                self.held_by.remove(&(region, page));
                 let Some(r) = self.shared.region(region) else {
                     return;
                 };
-                // Only pages this rank manages, inside the region (a peer's count is not trusted).
-                let end = page.saturating_add(u64::from(count)).min(r.pages);
-                let me = self.shared.me;
-                for p in (page..end).filter(|p| r.home(*p) == me) {
-                    if self
-                        .held_by
-                        .get(&(region, p))
-                        .is_some_and(|(holder, _)| *holder == peer)
-                    {
-                        self.held_by.remove(&(region, p));
-                    }
-                    let slot = r.slot(p);
-                    if granted {
-                        let mut e = slot.load();
-                        swmr::complete(&mut e, peer, access);
-                        slot.store(&e);
-                    }
-                    if unlock_slot(&slot.lock) {
-                        self.serve_queue(&r, p);
-                    }
+                let slot = r.slot(page);
+                if granted {
+                    let mut e = slot.load();
+                    swmr::complete(&mut e, peer, access);
+                    slot.store(&e);
+                }
+                if unlock_slot(&slot.lock) {
+                    self.serve_queue(&r, page);
                 }
             }
             Request::Fetch { region, page } => {
@@ -388,6 +389,13 @@ impl Engine {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
+                // Waiters whose rank has failed since they asked are passed over: a grant to them would
+                // keep the lock for ever.
+                let alive: Vec<bool> = self
+                    .conns
+                    .iter()
+                    .map(|c| c.open && !self.shared.failed[c.peer.index()].load(Ordering::Acquire))
+                    .collect();
                 let next = self.locks.get_mut(&lock).and_then(|l| {
                     // Notices every rank has seen are dropped, so that a lock's union does not grow for
                     // the whole job.
@@ -406,7 +414,10 @@ impl Engine {
                             l.notices.push(n);
                         }
                     }
-                    let next = l.waiters.pop_front();
+                    let mut next = l.waiters.pop_front();
+                    while next.as_ref().is_some_and(|(w, _)| !alive[*w]) {
+                        next = l.waiters.pop_front();
+                    }
                     l.held = next.is_some();
                     next.map(|(w, clock)| {
                         (w, crate::rc::encode_notices(&unseen(&l.notices, &clock)))
@@ -450,6 +461,9 @@ impl Engine {
                 self.reply(idx, &Reply::Pong, &[&ZERO_PAGE[..n]]);
             }
             Request::Goodbye => self.conns[idx].goodbye = true,
+            Request::PeerLost { rank } if rank == self.shared.me.0 => {
+                self.close(idx, "a failure report names this rank itself")
+            }
             Request::PeerLost { rank } if (rank as usize) < self.shared.size => {
                 let reporter = self.conns[idx].peer;
                 self.peer_failed(Rank(rank), &format!("{reporter} lost its connection to it"));

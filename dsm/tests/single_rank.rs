@@ -61,6 +61,28 @@ fn bad_configuration_is_a_clear_error() {
     assert!(e.to_string().contains("DSM_ARENA_SIZE"), "{e}");
 }
 
+/// A type aligned past a page: regions start on a page, so it cannot be placed in one.
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(8192))]
+struct TwoPages([u8; 4096], [u8; 4096]);
+
+#[test]
+fn allocations_that_cannot_be_made_are_clear_errors() {
+    let dsm = Dsm::builder().build().unwrap();
+    for e in [
+        dsm.alloc(usize::MAX, Placement::Cyclic).unwrap_err(),
+        dsm.alloc_vec::<u64>(usize::MAX / 4).unwrap_err(),
+    ] {
+        assert!(e.to_string().contains("overflow the address space"), "{e}");
+    }
+    let e = dsm.alloc_vec::<TwoPages>(4).unwrap_err();
+    assert!(e.to_string().contains("aligned to 8192 bytes"), "{e}");
+    // Still usable afterwards.
+    let v = dsm.alloc_vec::<u64>(8).unwrap();
+    v.set(3, 9);
+    assert_eq!(v.get(3), 9);
+}
+
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status
