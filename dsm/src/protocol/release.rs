@@ -209,26 +209,37 @@ impl RcRank {
         out
     }
 
-    /// A barrier completed, and this rank has acquired the notices exchanged at it: forgets the notices
-    /// every rank has now seen, and returns the cut of the barrier before this one (see below).
+    /// A barrier completed, and this rank has acquired the notices exchanged at it: forgets the notices it
+    /// need not send or pass on any more, and returns the cut of the barrier before this one (see below).
     ///
-    /// What every rank has seen is exactly the barrier's cut: per rank, the latest interval exchanged. Each
-    /// rank's earlier intervals were exchanged here or at an earlier barrier, but a later one may be known
-    /// here without having been exchanged: a thread of its rank closed it after its rank arrived, and a lock
-    /// brought it here. Such a notice stays (this rank's clock would cover it, so the cut must not be built
-    /// from the clock) and travels on with the locks this rank releases until a barrier exchanges it.
+    /// A barrier's cut is, per rank, the latest interval exchanged at it. A later interval may be known
+    /// here without having been exchanged (a thread of its rank closed it after its rank arrived, and a
+    /// lock brought it here), so the cut is not built from the clock: such a notice stays and travels on.
     ///
-    /// The returned cut is the one lock homes may use to forget notices: when this barrier completed, every
-    /// rank had arrived at it, so every rank had finished the barrier before it, acquire included, and
-    /// holds no copy of a page that cut's notices name. (Barriers of one rank are called one at a time.)
+    /// This rank's own notices covered by the cut are not sent again at the next barrier. The notices it
+    /// passes on with locks are kept one barrier longer: a rank whose thread is still taking this barrier's
+    /// notices in may meanwhile learn, through a lock, a later interval of the same writer, and a vector
+    /// clock that covers interval k is taken to cover every interval before it. Were the earlier one no
+    /// longer passed along with it, that rank's barrier acquire would then skip the earlier one as seen
+    /// and keep a stale copy of its pages (seen as a lost increment with three threads per rank taking
+    /// locks while one of them calls barriers). When the next barrier completes, every rank has finished
+    /// this one, acquire included.
+    ///
+    /// The returned cut is the one lock homes may use to forget notices, by the same argument: when this
+    /// barrier completed, every rank had arrived at it, so every rank had finished the barrier before it,
+    /// acquire included, and holds no copy of a page that cut's notices name. (Barriers of one rank are
+    /// called one at a time.)
     pub fn barrier_done(&mut self, exchanged: &[WriteNotice]) -> Option<VectorClock> {
         let mut cut = VectorClock::new(self.clock.0.len());
         for n in exchanged {
             cut.learn(n);
         }
-        self.known.retain(|n| !cut.covers(n));
         self.own.retain(|n| !cut.covers(n));
-        self.last_cut.replace(cut)
+        let stable = self.last_cut.replace(cut);
+        if let Some(stable) = &stable {
+            self.known.retain(|n| !stable.covers(n));
+        }
+        stable
     }
 }
 

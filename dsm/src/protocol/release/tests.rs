@@ -364,7 +364,8 @@ fn a_notice_learned_through_a_lock_but_not_exchanged_survives_the_barrier() {
     );
     let mut r2 = RcRank::new(Rank(2), 3);
     assert_eq!(r2.acquire(&passed, |_| false).invalidate, vec![key(5)]);
-    // Once a barrier exchanges it, everyone forgets it, and the barrier after that lets lock homes forget it.
+    // Once a barrier exchanges it, it is still passed on until the barrier after, when lock homes may
+    // forget it too.
     let exchanged = r1.own_notices().to_vec();
     for rc in [&mut r0, &mut r2] {
         rc.acquire(&exchanged, |_| false);
@@ -376,7 +377,34 @@ fn a_notice_learned_through_a_lock_but_not_exchanged_survives_the_barrier() {
         !stable.covers(&exchanged[0]),
         "the first barrier exchanged nothing of rank 1"
     );
-    assert!(r0.notices_to_pass().is_empty());
+    assert_eq!(r0.notices_to_pass().len(), 1);
     let stable = r0.barrier_done(&[]).expect("the cut of the second barrier");
     assert!(stable.covers(&exchanged[0]));
+    assert!(r0.notices_to_pass().is_empty());
+}
+
+#[test]
+fn a_later_interval_learned_through_a_lock_does_not_hide_an_earlier_one_a_barrier_brings() {
+    // Rank 1 (the writer) and rank 0 have passed one barrier. Rank 1 writes page 5 in interval 1 and
+    // arrives at the next barrier with it. That barrier completes at rank 1 first; a thread of rank 1
+    // writes page 6 (interval 2) and releases a lock, which a thread of rank 0 takes before rank 0's own
+    // thread has taken the barrier's notices in. Rank 0 must still drop page 5: the lock must bring
+    // interval 1 along with interval 2, since the clock then covers interval 1 and the barrier's acquire
+    // skips it. (Once, rank 1 forgot interval 1 at that barrier and passed interval 2 alone.)
+    let mut r0 = RcRank::new(Rank(0), 2);
+    let mut r1 = RcRank::new(Rank(1), 2);
+    assert_eq!(r0.barrier_done(&[]), None);
+    assert_eq!(r1.barrier_done(&[]), None);
+    r1.on_write(key(5), false);
+    r1.release();
+    let exchanged = r1.own_notices().to_vec();
+    r1.acquire(&exchanged, |_| false);
+    r1.barrier_done(&exchanged);
+    r1.on_write(key(6), false);
+    r1.release();
+    let mut dropped = r0.acquire(&r1.notices_to_pass(), |_| false).invalidate;
+    dropped.extend(r0.acquire(&exchanged, |_| false).invalidate);
+    r0.barrier_done(&exchanged);
+    dropped.sort();
+    assert_eq!(dropped, vec![key(5), key(6)], "rank 0 kept a stale page");
 }
