@@ -12,7 +12,7 @@ use crate::channel::write_frame;
 use crate::dsm::{FailurePolicy, Shared};
 use crate::fault::{set_state, unlock_slot};
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
-use crate::region::SHARED;
+use crate::region::{Consistency, SHARED};
 use crate::region::{
     RegionShared, BUSY, DEFERRED, INVALID, LOCKED, QUEUED, READ_ONLY, READ_WRITE, STATE_MASK,
     WRITTEN,
@@ -217,6 +217,10 @@ impl Engine {
             conn.filled -= 4 + n;
             Counters::add(&self.shared.counters.messages_received, 1);
             self.handle(idx, req, payload);
+            if !self.conns[idx].open {
+                // Closed while handling (a protocol error, a failed reply): what is left is not served.
+                return Ok(());
+            }
         }
     }
 
@@ -303,7 +307,7 @@ impl Engine {
     fn handle(&mut self, idx: usize, req: Request, payload: Vec<u8>) {
         match req {
             Request::Acquire { region, page, .. } => {
-                let Some(r) = self.region_for(idx, region, page) else {
+                let Some(r) = self.region_for(idx, region, page, Consistency::Sequential) else {
                     return;
                 };
                 self.acquire_or_queue(idx, &r, req);
@@ -343,7 +347,7 @@ impl Engine {
                 }
             }
             Request::Fetch { region, page } => {
-                let Some(r) = self.region_for(idx, region, page) else {
+                let Some(r) = self.region_for(idx, region, page, Consistency::Sequential) else {
                     return;
                 };
                 self.fetch(idx, &r, page);
@@ -353,7 +357,7 @@ impl Engine {
                 page,
                 send_data,
             } => {
-                let Some(r) = self.region_for(idx, region, page) else {
+                let Some(r) = self.region_for(idx, region, page, Consistency::Sequential) else {
                     return;
                 };
                 self.invalidate(idx, &r, page, send_data);
@@ -433,13 +437,13 @@ impl Engine {
                 page,
                 count,
             } => {
-                let Some(r) = self.region_for(idx, region, page) else {
+                let Some(r) = self.region_for(idx, region, page, Consistency::Release) else {
                     return;
                 };
                 self.fetch_page(idx, &r, page, count);
             }
             Request::Diff { region, page } => {
-                let Some(r) = self.region_for(idx, region, page) else {
+                let Some(r) = self.region_for(idx, region, page, Consistency::Release) else {
                     return;
                 };
                 self.apply_diff(idx, &r, page, payload);
@@ -491,9 +495,28 @@ impl Engine {
         }
     }
 
-    fn region_for(&mut self, idx: usize, region: u32, page: u64) -> Option<Arc<RegionShared>> {
+    /// The region a request names, when the page is in it and the request is one of the region's memory
+    /// model (sequential-consistency transactions, or release-consistency fetches and diffs). A request of
+    /// the other model is a peer's protocol error: its connection is closed.
+    fn region_for(
+        &mut self,
+        idx: usize,
+        region: u32,
+        page: u64,
+        model: Consistency,
+    ) -> Option<Arc<RegionShared>> {
         let reason = match self.shared.region(region) {
-            Some(r) if page < r.pages => return Some(r),
+            Some(r) if page < r.pages && r.consistency == model => return Some(r),
+            Some(r) if page < r.pages => {
+                self.close(
+                    idx,
+                    &format!(
+                        "a {model:?}-consistency request for region {region}, which is {:?}",
+                        r.consistency
+                    ),
+                );
+                return None;
+            }
             Some(_) => RefusedReason::PageOutOfRange,
             None => RefusedReason::UnknownRegion,
         };
