@@ -20,12 +20,46 @@ use std::sync::Arc;
 /// Diffs in flight before the release waits for their acknowledgements (bounds what the acks can queue).
 const DIFF_WINDOW: usize = 1024;
 
+/// A write notice as it travels: its pages as runs of consecutive pages of one region, `(region, first
+/// page, pages)`. A rank mostly writes whole blocks, so a notice of a million pages is a few runs, where
+/// page by page it would outgrow the frames that carry it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireNotice {
+    rank: Rank,
+    interval: u32,
+    runs: Vec<(u32, u64, u64)>,
+}
+
+/// The most pages that the notices of one message may name once expanded (a bound on what a peer's
+/// bytes can make this rank allocate): 2^26 pages, 256 GiB of writes.
+const MAX_NOTICE_PAGES: u64 = 1 << 26;
+
 /// Encodes write notices for a lock release or a barrier arrival.
 pub(crate) fn encode_notices(notices: &[WriteNotice]) -> Vec<u8> {
     if notices.is_empty() {
         return Vec::new();
     }
-    postcard::to_allocvec(notices).unwrap_or_default()
+    let wire: Vec<WireNotice> = notices
+        .iter()
+        .map(|n| {
+            let mut runs: Vec<(u32, u64, u64)> = Vec::new();
+            let mut pages = n.pages.clone();
+            pages.sort_unstable();
+            for k in pages {
+                match runs.last_mut() {
+                    Some((r, first, len)) if *r == k.region && *first + *len == k.page => *len += 1,
+                    Some((r, first, len)) if *r == k.region && k.page < *first + *len => {}
+                    _ => runs.push((k.region, k.page, 1)),
+                }
+            }
+            WireNotice {
+                rank: n.rank,
+                interval: n.interval,
+                runs,
+            }
+        })
+        .collect();
+    postcard::to_allocvec(&wire).unwrap_or_default()
 }
 
 /// Decodes write notices received from `from`.
@@ -33,10 +67,34 @@ pub(crate) fn decode_notices(bytes: &[u8], from: Rank) -> Result<Vec<WriteNotice
     if bytes.is_empty() {
         return Ok(Vec::new());
     }
-    postcard::from_bytes(bytes).map_err(|e| DsmError::Protocol {
-        rank: from,
-        what: format!("write notices do not decode: {e}"),
-    })
+    let bad = |what: String| DsmError::Protocol { rank: from, what };
+    let wire: Vec<WireNotice> = postcard::from_bytes(bytes)
+        .map_err(|e| bad(format!("write notices do not decode: {e}")))?;
+    let mut total = 0u64;
+    wire.into_iter()
+        .map(|w| {
+            for (_, first, len) in &w.runs {
+                total = total.saturating_add(*len);
+                if total > MAX_NOTICE_PAGES || first.checked_add(*len).is_none() {
+                    return Err(bad(format!(
+                        "write notices name more than {MAX_NOTICE_PAGES} pages, or pages past the end of any region"
+                    )));
+                }
+            }
+            let pages = w
+                .runs
+                .iter()
+                .flat_map(|&(region, first, len)| {
+                    (first..first + len).map(move |page| PageKey { region, page })
+                })
+                .collect();
+            Ok(WriteNotice {
+                rank: w.rank,
+                interval: w.interval,
+                pages,
+            })
+        })
+        .collect()
 }
 
 /// Takes the page's BUSY bit, waiting while a fault of this rank holds it.
@@ -314,4 +372,65 @@ pub(crate) fn decode_clock(
         rank: from,
         what: format!("a vector clock does not decode: {e}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notice(rank: u32, interval: u32, pages: &[(u32, u64)]) -> WriteNotice {
+        WriteNotice {
+            rank: Rank(rank),
+            interval,
+            pages: pages
+                .iter()
+                .map(|&(region, page)| PageKey { region, page })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn notices_travel_as_runs_and_come_back_whole() {
+        let scattered = notice(
+            1,
+            3,
+            &[(0, 9), (0, 2), (1, 4), (0, 3), (0, 4), (1, 5), (2, 0)],
+        );
+        let block = WriteNotice {
+            rank: Rank(0),
+            interval: 7,
+            pages: (0..1_000_000)
+                .map(|page| PageKey { region: 4, page })
+                .collect(),
+        };
+        let bytes = encode_notices(&[scattered.clone(), block.clone()]);
+        assert!(
+            bytes.len() < 64,
+            "a million consecutive pages take {} bytes",
+            bytes.len()
+        );
+        let back = decode_notices(&bytes, Rank(1)).unwrap();
+        let mut sorted = scattered.pages.clone();
+        sorted.sort_unstable();
+        assert_eq!(back[0].pages, sorted);
+        assert_eq!((back[0].rank, back[0].interval), (Rank(1), 3));
+        assert_eq!(back[1], block);
+    }
+
+    #[test]
+    fn notices_naming_too_many_pages_are_refused() {
+        let wire = vec![WireNotice {
+            rank: Rank(0),
+            interval: 1,
+            runs: vec![(0, 0, MAX_NOTICE_PAGES + 1)],
+        }];
+        let e = decode_notices(&postcard::to_allocvec(&wire).unwrap(), Rank(2)).unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
+        let wire = vec![WireNotice {
+            rank: Rank(0),
+            interval: 1,
+            runs: vec![(0, u64::MAX, 2)],
+        }];
+        assert!(decode_notices(&postcard::to_allocvec(&wire).unwrap(), Rank(2)).is_err());
+    }
 }
