@@ -446,6 +446,11 @@ impl Engine {
                 let Some(r) = self.region_for(idx, region, page, Consistency::Release) else {
                     return;
                 };
+                if r.home(page) != self.shared.me {
+                    let what = format!("a diff for page {page} of region {region}, not homed here");
+                    self.close(idx, &what);
+                    return;
+                }
                 self.apply_diff(idx, &r, page, payload);
             }
             Request::ArenaBase => {
