@@ -267,6 +267,12 @@ impl Engine {
             ));
             std::process::exit(crate::EXIT_PEER_FAILED);
         }
+        // Lock requests the failed rank left waiting are dropped: a grant to it would keep the lock for
+        // ever. (A lock it holds stays held.)
+        let conns = &self.conns;
+        for l in self.locks.values_mut() {
+            l.waiters.retain(|(w, _)| conns[*w].peer != peer);
+        }
         // Transactions the failed rank held here end now, or their pages would stay locked for ever. One
         // that was writing may have taken the only copy (it invalidated the others before it died): the
         // page is recorded as the failed rank's, so that a later fault on it fails naming that rank
@@ -393,13 +399,6 @@ impl Engine {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
-                // Waiters whose rank has failed since they asked are passed over: a grant to them would
-                // keep the lock for ever.
-                let alive: Vec<bool> = self
-                    .conns
-                    .iter()
-                    .map(|c| c.open && !self.shared.failed[c.peer.index()].load(Ordering::Acquire))
-                    .collect();
                 let next = self.locks.get_mut(&lock).and_then(|l| {
                     // Notices every rank has seen are dropped, so that a lock's union does not grow for
                     // the whole job.
@@ -418,10 +417,7 @@ impl Engine {
                             l.notices.push(n);
                         }
                     }
-                    let mut next = l.waiters.pop_front();
-                    while next.as_ref().is_some_and(|(w, _)| !alive[*w]) {
-                        next = l.waiters.pop_front();
-                    }
+                    let next = l.waiters.pop_front();
                     l.held = next.is_some();
                     next.map(|(w, clock)| {
                         (w, crate::rc::encode_notices(&unseen(&l.notices, &clock)))

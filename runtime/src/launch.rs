@@ -369,10 +369,11 @@ pub fn launch(
             break;
         }
     }
-    drop(interrupts);
     if let Some(m) = message {
         eprintln!("{m}");
     }
+    // Only now: a second Ctrl-C pending since would otherwise end the launcher before it said why.
+    drop(interrupts);
     Ok(outcome)
 }
 
@@ -457,7 +458,8 @@ fn watch(pid: Pid, exited: std::sync::mpsc::Sender<()>) {
 }
 
 /// Ends every rank still running and whatever the ranks started: SIGTERM to each rank's process group,
-/// SIGKILL to what is left of it after two seconds (at once for ranks that have ended), and reaps them.
+/// then, once every rank has exited (at most two seconds later), SIGKILL to what is left of the groups,
+/// and reaps them.
 fn end_all(children: &mut [Child]) {
     // Each rank leads its own process group: signal the group, so that what the rank started ends too.
     let group = |c: &Child| Pid::from_raw(-(c.id() as i32));

@@ -93,11 +93,12 @@ pub enum RuntimeError {
     },
 }
 
-const CONNECT_TIMEOUT_EXPECTED: &str = "seconds, 1 to 86400";
-
-/// `DSM_CONNECT_TIMEOUT`: whole seconds, at least one and at most a day.
-fn connect_timeout(s: &str) -> Option<u64> {
-    env::number::<u64>(s).filter(|t| (1..=86_400).contains(t))
+/// `DSM_CONNECT_TIMEOUT`: whole seconds, at least one and at most a day; 30 when unset.
+fn connect_timeout() -> Result<u64, RuntimeError> {
+    Ok(env::get("DSM_CONNECT_TIMEOUT", "seconds, 1 to 86400", |s| {
+        env::number::<u64>(s).filter(|t| (1..=86_400).contains(t))
+    })?
+    .unwrap_or(30))
 }
 
 /// A rank's membership in a job. Dropping it leaves the job (a final barrier with every rank).
@@ -158,12 +159,7 @@ impl Runtime {
                 s.parse::<std::net::IpAddr>().ok()
             })?
             .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-            let timeout = env::get(
-                "DSM_CONNECT_TIMEOUT",
-                CONNECT_TIMEOUT_EXPECTED,
-                connect_timeout,
-            )?
-            .unwrap_or(30);
+            let timeout = connect_timeout()?;
             let transport = rendezvous::join(
                 Rank(rank),
                 size,
@@ -184,12 +180,7 @@ impl Runtime {
         let bind = env::get("DSM_BIND", "an IP address", |s| {
             s.parse::<std::net::IpAddr>().ok()
         })?;
-        let timeout = env::get(
-            "DSM_CONNECT_TIMEOUT",
-            CONNECT_TIMEOUT_EXPECTED,
-            connect_timeout,
-        )?
-        .unwrap_or(30);
+        let timeout = connect_timeout()?;
         let carrier = env::get("DSM_TRANSPORT", "tcp or mpi", |s| match s {
             "tcp" => Some(mpi_join::Carrier::Tcp),
             "mpi" => Some(mpi_join::Carrier::Mpi),

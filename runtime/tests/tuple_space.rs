@@ -401,10 +401,12 @@ fn a_result_too_large_for_the_space_fails_its_worker_and_the_task_goes_back() {
                     })
                     .unwrap_err();
                 assert!(matches!(e, RuntimeError::Tuple(_)), "{e}");
+                space.out(tuple!("oversized: rank 1 is out")).unwrap();
             }
             _ => {
-                // Starts late, so that rank 1 takes task 7; then does it (and the rest) with small results.
-                std::thread::sleep(Duration::from_millis(50));
+                // Starts once rank 1, the only worker until then, has taken task 7 and failed on it; then
+                // does it (and the rest) with small results.
+                space.rd(&template!("oversized: rank 1 is out")).unwrap();
                 farm.serve(|_, x: u64| vec![x as u8]).unwrap();
             }
         }
