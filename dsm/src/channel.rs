@@ -47,6 +47,11 @@ pub(crate) fn write_frame<T: serde::Serialize>(
 ) -> Result<(), Errno> {
     let mut head = [0u8; PREFIX + MAX_HEADER];
     let payload_len: usize = payload.iter().map(|p| p.len()).sum();
+    // A frame's length is 32 bits: a longer one would wrap and the receiver would parse payload bytes as
+    // frames.
+    if payload_len > u32::MAX as usize - 2 - MAX_HEADER {
+        return Err(Errno::EMSGSIZE);
+    }
     let n = wire::encode(msg, payload_len, &mut head);
     // Up to three payload slices go out without allocating (the fault path sends at most a page); more
     // take a vector.
@@ -195,7 +200,8 @@ impl Channel {
         spin_until_readable(fd, self.spin_ns);
         let mut len = [0u8; 4];
         read_exact(fd, &mut len)?;
-        let n = body_len_or_skip(fd, len, &mut self.rx)?;
+        // Only the header must fit the buffer: the caller takes the payload in pieces.
+        let n = wire::body_len(len, u32::MAX as usize).map_err(RecvError::Frame)?;
         read_exact(fd, &mut self.rx[..2])?;
         let header_len = u16::from_le_bytes([self.rx[0], self.rx[1]]) as usize;
         if header_len > MAX_HEADER || 2 + header_len > n {

@@ -453,6 +453,10 @@ fn vec_bytes<T>(len: usize) -> Result<usize> {
         .ok_or_else(|| DsmError::Config(format!("{len} elements overflow the address space")))
 }
 
+/// The most payload bytes a service request (`Dsm::call`) carries: what a service loop accepts in one
+/// frame, less room for the header.
+pub const MAX_SERVICE_REQUEST: usize = crate::engine::MAX_REQUEST - 2 - crate::wire::MAX_HEADER;
+
 impl Dsm {
     /// Options for joining a job.
     pub fn builder() -> DsmBuilder {
@@ -520,9 +524,10 @@ impl Dsm {
         self.shared.service(id).is_some()
     }
 
-    /// Sends `payload` (the concatenation of its slices) to the service `id` of rank `to` and returns its
-    /// answer. For requests the service answers without waiting for anything else to happen; use
-    /// [`Dsm::call_waiting`] for those it may hold.
+    /// Sends `payload` (the concatenation of its slices, at most [`MAX_SERVICE_REQUEST`] bytes; an answer
+    /// may be larger) to the service `id` of rank `to` and returns its answer. For requests the service
+    /// answers without waiting for anything else to happen; use [`Dsm::call_waiting`] for those it may
+    /// hold.
     pub fn call(&self, to: Rank, id: ServiceId, payload: &[&[u8]]) -> Result<Vec<u8>> {
         let mut ch = self.shared.channels.claim();
         self.exchange(&mut ch, to, id, payload, None)
@@ -565,6 +570,12 @@ impl Dsm {
                 reason: "it failed earlier in this job".into(),
             });
         }
+        let bytes: usize = payload.iter().map(|p| p.len()).sum();
+        if bytes > MAX_SERVICE_REQUEST {
+            return Err(DsmError::Config(format!(
+                "a service request of {bytes} bytes: a request carries at most {MAX_SERVICE_REQUEST} bytes (answers may be larger); put large data in a shared region and send where it is"
+            )));
+        }
         let lost = |e: RecvError| s.peer_error(to, e);
         let request = Request::Service { id };
         ch.send(&s.counters, to, &request, payload)
@@ -588,7 +599,8 @@ impl Dsm {
                 },
             });
         }
-        let mut answer = Vec::with_capacity(len);
+        // Grown as the answer arrives, not reserved from the length a peer announces.
+        let mut answer = Vec::with_capacity(len.min(1 << 20));
         while answer.len() < len {
             let piece = (len - answer.len()).min(PAGE_SIZE * 64);
             answer.extend_from_slice(ch.recv_payload(to, piece).map_err(lost)?);

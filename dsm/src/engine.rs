@@ -34,7 +34,7 @@ use std::sync::Arc;
 pub const MAX_READAHEAD: u32 = 1024;
 
 /// The largest request frame a service loop accepts (requests carry diffs and write notices).
-const MAX_REQUEST: usize = 16 << 20;
+pub(crate) const MAX_REQUEST: usize = 16 << 20;
 
 const WAKER: u64 = u64::MAX;
 

@@ -23,7 +23,9 @@ mod stats;
 mod uffd;
 mod wire;
 
-pub use crate::dsm::{Dsm, DsmBuilder, FailurePolicy, LockGuard, DEFAULT_ARENA_BASE};
+pub use crate::dsm::{
+    Dsm, DsmBuilder, FailurePolicy, LockGuard, DEFAULT_ARENA_BASE, MAX_SERVICE_REQUEST,
+};
 pub use crate::engine::{ServicePriority, MAX_READAHEAD};
 pub use crate::error::{DsmError, Result};
 pub use crate::region::{Consistency, GlobalVec, Placement, Region};

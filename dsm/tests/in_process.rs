@@ -125,3 +125,39 @@ fn a_truncated_frame_then_a_closed_connection_is_a_peer_failure() {
     drop(fake);
     assert_eq!(wait_for_failure(&dsm), vec![Rank(1)]);
 }
+
+/// Answers every request with as many bytes as the request names (8 bytes, little endian).
+#[derive(Debug)]
+struct Echo;
+
+impl dsm::Service for Echo {
+    fn request(&self, _: Rank, payload: Vec<u8>, reply: dsm::Responder) {
+        let n = payload
+            .get(..8)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap()) as usize);
+        let _ = reply.send(&[&vec![7u8; n]]);
+    }
+}
+
+#[test]
+fn service_answers_larger_than_a_channel_buffer_arrive_and_oversized_requests_are_refused() {
+    job(2, |dsm| {
+        dsm.register_service(5, Arc::new(Echo)).unwrap();
+        dsm.barrier().unwrap();
+        if dsm.rank() == Rank(1) {
+            let big = 10usize << 20;
+            let answer = dsm
+                .call(Rank(0), 5, &[&(big as u64).to_le_bytes()])
+                .unwrap();
+            assert_eq!(answer.len(), big);
+            assert!(answer.iter().all(|b| *b == 7));
+            let huge = vec![0u8; dsm::MAX_SERVICE_REQUEST + 1];
+            let e = dsm.call(Rank(0), 5, &[&huge]).unwrap_err();
+            assert!(e.to_string().contains("at most"), "{e}");
+            // The connection is untouched: the next call goes through.
+            let answer = dsm.call(Rank(0), 5, &[&5u64.to_le_bytes()]).unwrap();
+            assert_eq!(answer, vec![7u8; 5]);
+        }
+        dsm.barrier().unwrap();
+    });
+}
