@@ -215,6 +215,23 @@ impl Channel {
         Ok((reply, n - 2 - header_len))
     }
 
+    /// Receives the next reply from `from` with its payload, of any length, into a vector of its own
+    /// (taken in pieces through the receive buffer): for replies that may outgrow the buffer, such as the
+    /// write notices a barrier or a lock grant brings.
+    pub(crate) fn recv_owned(
+        &mut self,
+        counters: &Counters,
+        from: Rank,
+    ) -> Result<(Reply, Vec<u8>), RecvError> {
+        let (reply, len) = self.recv_head(counters, from)?;
+        let mut payload = Vec::with_capacity(len.min(self.rx.len()));
+        while payload.len() < len {
+            let piece = (len - payload.len()).min(self.rx.len());
+            payload.extend_from_slice(self.recv_payload(from, piece)?);
+        }
+        Ok((reply, payload))
+    }
+
     /// Reads the next `len` payload bytes of the reply from `from` whose header `recv_head` returned.
     pub(crate) fn recv_payload(&mut self, from: Rank, len: usize) -> Result<&[u8], RecvError> {
         if len > self.rx.len() {

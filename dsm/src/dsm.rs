@@ -146,11 +146,11 @@ impl Shared {
             &[&own],
         )
         .map_err(|e| self.peer_error(root, crate::channel::RecvError::Sys(e)))?;
-        let (reply, payload, _) = ch
-            .recv(&self.counters, root)
+        let (reply, payload) = ch
+            .recv_owned(&self.counters, root)
             .map_err(|e| self.peer_error(root, e))?;
         let notices = match reply {
-            Reply::BarrierDone => Some(crate::rc::decode_notices(payload, root)?),
+            Reply::BarrierDone => Some(crate::rc::decode_notices(&payload, root)?),
             _ => None,
         };
         drop(ch);
@@ -586,26 +586,17 @@ impl Dsm {
                     .map_err(|e| lost(RecvError::Sys(e)))?;
             }
         }
-        let (reply, len) = ch.recv_head(&s.counters, to).map_err(lost)?;
-        if !matches!(reply, Reply::Service) {
-            ch.skip_payload(to, len).map_err(lost)?;
-            return Err(match reply {
-                Reply::Refused {
-                    reason: RefusedReason::UnknownService,
-                } => DsmError::NoSuchService { rank: to, id },
-                other => DsmError::Protocol {
-                    rank: to,
-                    what: format!("unexpected answer to a service request: {other:?}"),
-                },
-            });
+        let (reply, answer) = ch.recv_owned(&s.counters, to).map_err(lost)?;
+        match reply {
+            Reply::Service => Ok(answer),
+            Reply::Refused {
+                reason: RefusedReason::UnknownService,
+            } => Err(DsmError::NoSuchService { rank: to, id }),
+            other => Err(DsmError::Protocol {
+                rank: to,
+                what: format!("unexpected answer to a service request: {other:?}"),
+            }),
         }
-        // Grown as the answer arrives, not reserved from the length a peer announces.
-        let mut answer = Vec::with_capacity(len.min(1 << 20));
-        while answer.len() < len {
-            let piece = (len - answer.len()).min(PAGE_SIZE * 64);
-            answer.extend_from_slice(ch.recv_payload(to, piece).map_err(lost)?);
-        }
-        Ok(answer)
     }
 
     /// Ranks seen failing (under `FailurePolicy::Report`).
@@ -644,8 +635,8 @@ impl Dsm {
             &[&crate::rc::encode_clock(&clock)],
         )
         .map_err(|e| s.peer_error(home, crate::channel::RecvError::Sys(e)))?;
-        let (reply, payload, _) = ch
-            .recv(&s.counters, home)
+        let (reply, payload) = ch
+            .recv_owned(&s.counters, home)
             .map_err(|e| s.peer_error(home, e))?;
         if !matches!(reply, Reply::LockGranted) {
             return Err(DsmError::Protocol {
@@ -653,7 +644,7 @@ impl Dsm {
                 what: format!("unexpected reply to a lock request: {reply:?}"),
             });
         }
-        let notices = crate::rc::decode_notices(payload, home);
+        let notices = crate::rc::decode_notices(&payload, home);
         drop(ch);
         // The lock is ours from here: on any error below, dropping the guard gives it back, or every other
         // rank would wait for it forever.
