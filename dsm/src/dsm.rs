@@ -136,6 +136,13 @@ impl Shared {
             let rc = self.rc.lock().unwrap_or_else(|p| p.into_inner());
             crate::rc::encode_notices(rc.own_notices())
         };
+        if own.len() > MAX_SERVICE_REQUEST {
+            // Rank 0's service loop would refuse the arrival and take this rank for a failed one.
+            return Err(DsmError::Config(format!(
+                "this rank's write notices since the last barrier take {} bytes, over the {MAX_SERVICE_REQUEST} a barrier arrival carries: its writes to release-consistency regions are scattered over too many pages; write in blocks, or call barriers more often",
+                own.len()
+            )));
+        }
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
         let root = Rank(0);
         let mut ch = self.channels.claim_for_wait();
