@@ -31,7 +31,7 @@ impl Split {
     }
 }
 
-/// One input record: a line, without its newline.
+/// One input record: a line, without its `\n` (a `\r` before it, from a CRLF file, stays).
 #[derive(Debug, Clone, Copy)]
 pub struct Record<'a> {
     /// The file it comes from.
