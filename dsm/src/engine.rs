@@ -397,12 +397,11 @@ impl Engine {
                     .shared
                     .lock_cut
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
+                    .unwrap_or_else(|p| p.into_inner());
                 let next = self.locks.get_mut(&lock).and_then(|l| {
                     // Notices every rank has seen are dropped, so that a lock's union does not grow for
                     // the whole job.
-                    if let Some(cut) = &cut {
+                    if let Some(cut) = cut.as_ref() {
                         l.notices.retain(|n| !cut.covers(n));
                     }
                     for n in passed {
@@ -423,6 +422,7 @@ impl Engine {
                         (w, crate::rc::encode_notices(&unseen(&l.notices, &clock)))
                     })
                 });
+                drop(cut);
                 if let Some((w, grant)) = next {
                     self.reply(w, &Reply::LockGranted, &[&grant]);
                 }

@@ -236,7 +236,7 @@ impl TaskFarm {
         let wanted = self.wanted();
         let mut leases = self
             .space
-            .complete_and_lease_many(Vec::new(), Vec::new(), &wanted, 0)?;
+            .complete_and_lease_many(&[], Vec::new(), &wanted, 0)?;
         let mut batch = Batch::default();
         let mut done = 0;
         loop {
@@ -262,26 +262,25 @@ impl TaskFarm {
             for lease in &held.leases {
                 let id = lease.tuple.get::<u64>(2)?;
                 let task = decode(&lease.tuple, "task", id)?;
-                let result = Self::encode(&self.results_key, "result", id, &f(id, task))?;
-                // A result the space refuses (too large) is an error while the tasks are still held, so
-                // that they go back to the bag instead of staying leased to this live rank for ever.
-                result.check()?;
-                results.push(result);
+                results.push(Self::encode(&self.results_key, "result", id, &f(id, task))?);
             }
-            let ended = std::mem::take(&mut held.leases);
             let ran = results.len();
             done += ran;
+            // The tasks stay held until their results are in: if that fails (a result too large for the
+            // space, say), they go back to the bag instead of staying leased to this live rank for ever.
             if stopping {
-                if !ended.is_empty() {
-                    self.space.complete_many(ended, results)?;
+                if ran > 0 {
+                    self.space.complete_many(&held.leases, results)?;
+                    held.leases.clear();
                 }
                 return Ok(done);
             }
             let work = started.elapsed();
             let trip = Instant::now();
-            leases = self
-                .space
-                .complete_and_lease_many(ended, results, &wanted, batch.more())?;
+            leases =
+                self.space
+                    .complete_and_lease_many(&held.leases, results, &wanted, batch.more())?;
+            held.leases.clear();
             batch.observe(work, ran, trip.elapsed());
         }
     }

@@ -354,7 +354,7 @@ impl TupleSpace {
     /// field and arity to have them put exactly once).
     pub fn complete(&self, lease: Lease, results: Vec<Tuple>) -> Result<(), RuntimeError> {
         self.inner
-            .complete(vec![lease], results, None, 0)
+            .complete(std::slice::from_ref(&lease), results, None, 0)
             .map(|_| ())
     }
 
@@ -366,8 +366,12 @@ impl TupleSpace {
         results: Vec<Tuple>,
         next: &Template,
     ) -> Result<Lease, RuntimeError> {
-        let mut taken =
-            self.complete_and_lease_many(vec![lease], results, std::slice::from_ref(next), 0)?;
+        let mut taken = self.complete_and_lease_many(
+            std::slice::from_ref(&lease),
+            results,
+            std::slice::from_ref(next),
+            0,
+        )?;
         taken.pop().ok_or_else(|| RuntimeError::Refused {
             rank: self.inner.me,
             reason: format!("a leased find for {next:?} came back empty"),
@@ -377,7 +381,7 @@ impl TupleSpace {
     /// [`TupleSpace::complete`] for several leases and their results at once.
     pub(crate) fn complete_many(
         &self,
-        leases: Vec<Lease>,
+        leases: &[Lease],
         results: Vec<Tuple>,
     ) -> Result<(), RuntimeError> {
         self.inner.complete(leases, results, None, 0).map(drop)
@@ -390,7 +394,7 @@ impl TupleSpace {
     /// is how a worker takes several small tasks per trip, its own first.
     pub(crate) fn complete_and_lease_many(
         &self,
-        leases: Vec<Lease>,
+        leases: &[Lease],
         results: Vec<Tuple>,
         next: &[Template],
         more: u32,
@@ -594,13 +598,18 @@ impl Inner {
     /// matching the first of its templates that has any there (up to `more` + 1), or waits for one
     /// matching the last. Returns what it leased: nothing when `next` is `None` or not all homed there
     /// (the caller asks for it itself).
+    /// The leases are borrowed: a caller keeps them (to give them back) until this has succeeded; nothing
+    /// is sent when a result is refused.
     fn complete(
         &self,
-        mut leases: Vec<Lease>,
+        leases: &[Lease],
         results: Vec<Tuple>,
         next: Option<&[Template]>,
         more: u32,
     ) -> Result<Vec<Lease>, RuntimeError> {
+        for t in &results {
+            t.check()?;
+        }
         // Where the request goes: the leases' home or, with none, the home of every template in `next`.
         let templates_home = next.and_then(|n| {
             let home = self.template_home(n.first()?)?;
@@ -615,10 +624,10 @@ impl Inner {
             return Ok(Vec::new());
         };
         // Leases homed elsewhere (a caller mixing tuples of several homes) end one by one first.
-        let (ours, others): (Vec<Lease>, Vec<Lease>) =
-            leases.drain(..).partition(|l| l.home == home);
+        let (ours, others): (Vec<&Lease>, Vec<&Lease>) =
+            leases.iter().partition(|l| l.home == home);
         for other in others {
-            self.complete(vec![other], Vec::new(), None, 0)?;
+            self.complete(std::slice::from_ref(other), Vec::new(), None, 0)?;
         }
         let ids: Vec<u64> = ours.iter().map(|l| l.id).collect();
         let (here, elsewhere): (Vec<Tuple>, Vec<Tuple>) = results
@@ -626,9 +635,6 @@ impl Inner {
             .partition(|t| home_of(t.0.first(), t.arity(), self.size) == home);
         for t in elsewhere {
             self.out(t)?;
-        }
-        for t in &here {
-            t.check()?;
         }
         // `next` rides along only when its tuples are homed where the leases are.
         let next =

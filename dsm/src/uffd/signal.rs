@@ -85,50 +85,46 @@ fn handle(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) 
 }
 
 /// Passes a SIGBUS that is not ours to the previous handler, or restores the default action so that
-/// returning re-raises it on the faulting instruction.
+/// returning re-raises it on the faulting instruction. A signal that was sent (`si_code <= 0`) does not come
+/// back by itself: if the default action is in place afterwards (restored here, or by a previous handler
+/// that expected a fault to come back, as Rust's stack-overflow handler does), it is raised again, to be
+/// delivered when this handler returns.
 fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    if let Some(prev) = PREVIOUS.get() {
-        let h = prev.sa_sigaction;
-        if h != libc::SIG_DFL && h != libc::SIG_IGN {
-            if prev.sa_flags & libc::SA_SIGINFO != 0 {
-                // SAFETY: the previous handler was installed with SA_SIGINFO, so it has this signature.
-                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-                    unsafe { std::mem::transmute(h) };
-                f(sig, info, ctx);
-            } else {
-                // SAFETY: a handler installed without SA_SIGINFO takes the signal number only.
-                let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(h) };
-                f(sig);
-            }
-            // A handler that expects a fault to come back may have restored the default action and
-            // returned (Rust's own stack-overflow handler does); a sent signal would then be lost.
-            // SAFETY: a zeroed sigaction is valid storage for the current action, read with a null new one.
-            let mut now: libc::sigaction = unsafe { std::mem::zeroed() };
-            // SAFETY: reading the disposition of SIGBUS into valid storage; raise(3) is async-signal-safe;
-            // the kernel passes a valid siginfo_t for an SA_SIGINFO handler.
-            unsafe {
-                if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut now) == 0
-                    && now.sa_sigaction == libc::SIG_DFL
-                    && (*info).si_code <= 0
-                {
-                    libc::raise(sig);
-                }
-            }
-            return;
+    let previous = PREVIOUS
+        .get()
+        .filter(|p| p.sa_sigaction != libc::SIG_DFL && p.sa_sigaction != libc::SIG_IGN);
+    match previous {
+        Some(prev) if prev.sa_flags & libc::SA_SIGINFO != 0 => {
+            // SAFETY: the previous handler was installed with SA_SIGINFO, so it has this signature.
+            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                unsafe { std::mem::transmute(prev.sa_sigaction) };
+            f(sig, info, ctx);
         }
+        Some(prev) => {
+            // SAFETY: a handler installed without SA_SIGINFO takes the signal number only.
+            let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(prev.sa_sigaction) };
+            f(sig);
+        }
+        // SAFETY: resetting SIGBUS to its default disposition with a zeroed (empty-mask) sigaction.
+        None => unsafe {
+            let mut dfl: libc::sigaction = std::mem::zeroed();
+            dfl.sa_sigaction = libc::SIG_DFL;
+            libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut());
+        },
     }
-    // SAFETY: resetting SIGBUS to its default disposition with a zeroed (empty-mask) sigaction.
-    unsafe {
-        let mut dfl: libc::sigaction = std::mem::zeroed();
-        dfl.sa_sigaction = libc::SIG_DFL;
-        libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut());
-    }
-    // A fault comes back when the instruction runs again; a signal that was sent does not, so it is sent
-    // again (it stays pending until this handler returns, then takes the default action).
     // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler.
-    if unsafe { (*info).si_code } <= 0 {
-        // SAFETY: raise(3) is async-signal-safe.
-        unsafe { libc::raise(sig) };
+    if unsafe { (*info).si_code } > 0 {
+        return;
+    }
+    // SAFETY: a zeroed sigaction is valid storage for the current action, read with a null new one.
+    let mut now: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: reading the disposition of SIGBUS into valid storage; raise(3) is async-signal-safe.
+    unsafe {
+        if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut now) == 0
+            && now.sa_sigaction == libc::SIG_DFL
+        {
+            libc::raise(sig);
+        }
     }
 }
 
