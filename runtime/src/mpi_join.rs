@@ -187,8 +187,13 @@ pub(crate) fn join(
 /// wait in a collective this rank will never join, and MPI may not be finalized under the transport's
 /// bridge thread.
 pub(crate) fn abort_job(e: &RuntimeError) -> ! {
+    use std::io::Write;
     let world = mpi::topology::SimpleCommunicator::world();
-    eprintln!("dsm: rank {}: {e}; aborting the MPI job", world.rank());
+    // One write (`eprintln!` writes a line in pieces, and another rank's abort may end this process between
+    // them), then a moment for the launcher to pass it on before the abort tears the job down.
+    let line = format!("dsm: rank {}: {e}; aborting the MPI job\n", world.rank());
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    std::thread::sleep(Duration::from_millis(200));
     world.abort(70)
 }
 
