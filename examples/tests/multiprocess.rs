@@ -211,12 +211,27 @@ fn configuration_errors_are_clear() {
     // One of several srun tasks without PMI: refused, not run as a job of one rank.
     let out = std::process::Command::new(hello)
         .env("SLURM_NTASKS", "4")
+        .env("SLURM_STEP_NUM_TASKS", "4")
         .env("SLURM_PROCID", "1")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("srun --mpi=pmi2"), "{err}");
+
+    // A batch script of a 4-task allocation (sbatch sets SLURM_NTASKS and SLURM_PROCID=0, srun's step
+    // variables are absent): a program run in it directly is a job of one rank.
+    let out = std::process::Command::new(hello)
+        .env("SLURM_NTASKS", "4")
+        .env("SLURM_PROCID", "0")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rank 0 of 1 sees [1000]"));
 
     // Run directly, hello is a job of one rank.
     let out = std::process::Command::new(hello).output().unwrap();

@@ -63,6 +63,7 @@ impl JobConfig {
     }
 
     /// Adds an input file, or a directory whose files (all of them, recursively, in name order) are inputs.
+    /// Links are followed; a file or directory a walk reaches twice is taken once.
     pub fn input(mut self, path: impl AsRef<Path>) -> JobConfig {
         self.inputs.push(path.as_ref().to_path_buf());
         self

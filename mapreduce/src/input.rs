@@ -44,46 +44,68 @@ pub struct Record<'a> {
 
 /// The files named by `paths`: files as given, directories walked recursively in name order. Every file
 /// is opened once here, so a missing or unreadable input is reported before any work starts.
+///
+/// Symbolic links are followed, and what a walk finds is taken once: a directory reached twice (a link to
+/// a directory already walked, or a cycle of links) is walked only the first time, and a file reached
+/// twice inside walked directories (a link beside its target) is read only the first time. Files named in
+/// `paths` themselves are taken as given, every time they are named.
 pub(crate) fn expand(paths: &[PathBuf]) -> Result<Vec<(PathBuf, u64)>, MapReduceError> {
-    let mut files = Vec::new();
+    let mut walk = Walk::default();
     for p in paths {
-        walk(p, &mut files)?;
+        walk.visit(p, true)?;
     }
-    Ok(files)
+    Ok(walk.files)
 }
 
-fn walk(path: &Path, files: &mut Vec<(PathBuf, u64)>) -> Result<(), MapReduceError> {
-    let err = |source| MapReduceError::Input {
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = std::fs::metadata(path).map_err(err)?;
-    if meta.is_dir() {
-        let mut entries = std::fs::read_dir(path)
-            .map_err(err)?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(err)?;
-        entries.sort();
-        for e in entries {
-            // Only regular files and directories: a FIFO or a device found in a directory could block
-            // or never end.
-            let kind = std::fs::metadata(&e).map(|m| m.file_type());
-            if kind.as_ref().map_or(true, |k| k.is_file() || k.is_dir()) {
-                walk(&e, files)?;
+/// A walk over the inputs: the files found, and the directories and files already taken (by device and
+/// inode).
+#[derive(Default)]
+struct Walk {
+    files: Vec<(PathBuf, u64)>,
+    seen: std::collections::HashSet<(u64, u64)>,
+}
+
+impl Walk {
+    fn visit(&mut self, path: &Path, named: bool) -> Result<(), MapReduceError> {
+        use std::os::unix::fs::MetadataExt;
+        let err = |source| MapReduceError::Input {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(err)?;
+        let first = self.seen.insert((meta.dev(), meta.ino()));
+        if meta.is_dir() {
+            if !first {
+                return Ok(());
             }
+            let mut entries = std::fs::read_dir(path)
+                .map_err(err)?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(err)?;
+            entries.sort();
+            for e in entries {
+                // Only regular files and directories: a FIFO or a device found in a directory could block
+                // or never end.
+                let kind = std::fs::metadata(&e).map(|m| m.file_type());
+                if kind.as_ref().map_or(true, |k| k.is_file() || k.is_dir()) {
+                    self.visit(&e, false)?;
+                }
+            }
+        } else if meta.is_file() {
+            if first || named {
+                File::open(path).map_err(err)?;
+                self.files.push((path.to_path_buf(), meta.len()));
+            }
+        } else {
+            // A FIFO or a device could block the master for ever, or never end.
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file or a directory",
+            )));
         }
-    } else if meta.is_file() {
-        File::open(path).map_err(err)?;
-        files.push((path.to_path_buf(), meta.len()));
-    } else {
-        // A FIFO or a device could block the master for ever, or never end.
-        return Err(err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file or a directory",
-        )));
+        Ok(())
     }
-    Ok(())
 }
 
 /// The size of the split cut when `remaining` bytes of input are left for `workers` task slots: `size`,
@@ -203,6 +225,40 @@ pub(crate) fn lines(data: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_walk_takes_each_file_once_through_links_and_cycles() {
+        use std::os::unix::fs::symlink;
+        let dir = std::env::temp_dir().join(format!("dsm-mr-walk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        std::fs::write(dir.join("a/one.txt"), "one\n").unwrap();
+        std::fs::write(dir.join("a/b/two.txt"), "two two\n").unwrap();
+        symlink(&dir, dir.join("a/b/up")).unwrap(); // a cycle back to the top
+        symlink(dir.join("a/b"), dir.join("also-b")).unwrap(); // a second way into b
+        symlink(dir.join("a/one.txt"), dir.join("a/link-to-one.txt")).unwrap(); // beside its target
+
+        let files = expand(std::slice::from_ref(&dir)).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|(p, _)| p.strip_prefix(&dir).unwrap().to_path_buf())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                PathBuf::from("a/b/two.txt"),
+                PathBuf::from("a/link-to-one.txt")
+            ],
+            "each file once, in name order (the link sorts before its target)"
+        );
+        assert_eq!(files[0].1, 8);
+
+        // A file named twice is taken twice: what the caller names is taken as given.
+        let one = dir.join("a/one.txt");
+        let twice = expand(&[one.clone(), one.clone()]).unwrap();
+        assert_eq!(twice, vec![(one.clone(), 4), (one, 4)]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn splits_end_after_newlines_and_cover_the_file() {

@@ -133,8 +133,11 @@ impl Runtime {
             if MPI_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
                 return Self::init_mpi();
             }
-            // Slurm's srun without PMI starts every task alone: each would be a job of one rank.
-            let tasks = env::get("SLURM_NTASKS", "a number", env::number::<usize>).unwrap_or(None);
+            // Slurm's srun without PMI starts every task alone: each would be a job of one rank. Only srun
+            // sets the step's task count; a batch script (one process, with SLURM_NTASKS of the whole
+            // allocation) runs as a job of one rank like any program started directly.
+            let tasks =
+                env::get("SLURM_STEP_NUM_TASKS", "a number", env::number::<usize>).unwrap_or(None);
             if tasks.is_some_and(|n| n > 1) && std::env::var_os("SLURM_PROCID").is_some() {
                 return Err(RuntimeError::Mpi(
                     "started by srun as one of several tasks, but without PMI: run `srun --mpi=pmi2` (or pmix), or mpirun, with a build that has the mpi feature".into(),
