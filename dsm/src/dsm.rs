@@ -6,7 +6,7 @@
 use crate::channel::{Channel, Channels, RecvError};
 use crate::engine::{Engine, ServicePriority, MAX_READAHEAD};
 use crate::error::{DsmError, Result};
-use crate::protocol::release::RcRank;
+use crate::protocol::release::{RcRank, WriteNotice};
 use crate::region::{Arena, Consistency, GlobalVec, Placement, Region, RegionShared};
 use crate::service::{Service, ServiceId, MAX_SERVICES};
 use crate::stats::{Counters, Stats};
@@ -131,6 +131,54 @@ impl Shared {
         // A barrier is a release (this rank's writes reach their homes) and then an acquire (every rank's
         // write notices come back with the barrier).
         crate::rc::release(self)?;
+        let (reply, notices) = if self.size == 1 {
+            // A job of one rank: its own notices are all there is to exchange, and no message is needed.
+            let own = self
+                .rc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .own_notices()
+                .to_vec();
+            (Reply::BarrierDone, Some(own))
+        } else {
+            self.exchange_at_barrier(tag)?
+        };
+        if let Some(notices) = notices {
+            crate::rc::acquire(self, &notices)?;
+            let stable = self
+                .rc
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .barrier_done(&notices);
+            if stable.is_some() {
+                *self.lock_cut.lock().unwrap_or_else(|p| p.into_inner()) = stable;
+            }
+        }
+        Counters::add(&self.counters.barriers, 1);
+        Counters::add(
+            &self.counters.barrier_wait_ns,
+            t0.elapsed().as_nanos() as u64,
+        );
+        match reply {
+            Reply::BarrierDone => Ok(()),
+            Reply::BarrierMismatch { rank } => Err(DsmError::CollectiveMismatch {
+                rank: Rank(rank),
+                what: "a collective operation (alloc, barrier or region drop)",
+            }),
+            Reply::BarrierFailed { rank } => Err(DsmError::PeerFailed {
+                rank: Rank(rank),
+                reason: "it failed while the others waited at a barrier".into(),
+            }),
+            other => Err(DsmError::Protocol {
+                rank: Rank(0),
+                what: format!("unexpected reply to a barrier: {other:?}"),
+            }),
+        }
+    }
+
+    /// A barrier's messages: this rank's arrival, with the write notices it issued, to rank 0, and rank 0's
+    /// answer, with every rank's notices when the barrier completed.
+    fn exchange_at_barrier(&self, tag: u64) -> Result<(Reply, Option<Vec<WriteNotice>>), DsmError> {
         // What this rank tells the others.
         let own = {
             let rc = self.rc.lock().unwrap_or_else(|p| p.into_inner());
@@ -161,37 +209,7 @@ impl Shared {
             _ => None,
         };
         drop(ch);
-        if let Some(notices) = notices {
-            crate::rc::acquire(self, &notices)?;
-            let stable = self
-                .rc
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .barrier_done(&notices);
-            if stable.is_some() {
-                *self.lock_cut.lock().unwrap_or_else(|p| p.into_inner()) = stable;
-            }
-        }
-        Counters::add(&self.counters.barriers, 1);
-        Counters::add(
-            &self.counters.barrier_wait_ns,
-            t0.elapsed().as_nanos() as u64,
-        );
-        match reply {
-            Reply::BarrierDone => Ok(()),
-            Reply::BarrierMismatch { rank } => Err(DsmError::CollectiveMismatch {
-                rank: Rank(rank),
-                what: "a collective operation (alloc, barrier or region drop)",
-            }),
-            Reply::BarrierFailed { rank } => Err(DsmError::PeerFailed {
-                rank: Rank(rank),
-                reason: "it failed while the others waited at a barrier".into(),
-            }),
-            other => Err(DsmError::Protocol {
-                rank: root,
-                what: format!("unexpected reply to a barrier: {other:?}"),
-            }),
-        }
+        Ok((reply, notices))
     }
 }
 

@@ -1,5 +1,5 @@
 //! A job of one rank: real userfaultfd faults on pages homed here (first touch, read then write upgrade),
-//! locks and barriers through the rank's own service loop, and statistics that count what happened.
+//! locks through the rank's own service loop, barriers without messages, and statistics that count what happened.
 
 use dsm::{Dsm, Placement};
 
@@ -28,6 +28,33 @@ fn one_rank_reads_zeros_writes_and_counts_faults() {
     assert_eq!(s.write_faults, 7, "{s}");
     assert_eq!(s.lock_acquires, 1);
     assert!(s.barriers >= 1);
+}
+
+#[test]
+fn one_rank_barriers_send_nothing_and_release_consistency_keeps_its_writes() {
+    let dsm = Dsm::builder().build().unwrap();
+    let v = dsm
+        .alloc_vec_in::<u64>(8 * 512, Placement::Block, dsm::Consistency::Release)
+        .unwrap();
+    dsm.barrier().unwrap();
+    let before = dsm.stats();
+    for round in 1..=50u64 {
+        for i in (0..v.len()).step_by(64) {
+            v.set(i, round * i as u64);
+        }
+        dsm.barrier().unwrap();
+    }
+    let after = dsm.stats();
+    assert_eq!(
+        after.messages_sent, before.messages_sent,
+        "a barrier of one rank needs no message: {after}"
+    );
+    assert_eq!(after.barriers, before.barriers + 50);
+    for i in (0..v.len()).step_by(64) {
+        assert_eq!(v.get(i), 50 * i as u64);
+    }
+    // A lock of one rank still works after those barriers.
+    drop(dsm.lock(1).unwrap());
 }
 
 #[test]
