@@ -5,7 +5,11 @@ use dsm::{Dsm, Placement};
 
 #[test]
 fn one_rank_reads_zeros_writes_and_counts_faults() {
-    let dsm = Dsm::builder().build().expect("a job of one rank");
+    // Read-ahead off: one fault per page touched (no zero fill ahead of a sequential first touch).
+    let dsm = Dsm::builder()
+        .readahead(1)
+        .build()
+        .expect("a job of one rank");
     let v = dsm.alloc_vec::<u64>(4096).unwrap();
     // Read first: a missing fault installs a zero page read-only; the write then upgrades it.
     assert_eq!(v.get(1000), 0);
@@ -55,6 +59,49 @@ fn one_rank_barriers_send_nothing_and_release_consistency_keeps_its_writes() {
     }
     // A lock of one rank still works after those barriers.
     drop(dsm.lock(1).unwrap());
+}
+
+#[test]
+fn a_sequential_first_touch_fills_pages_ahead_and_a_scattered_one_does_not() {
+    use dsm::Consistency::{Release, Sequential};
+    for model in [Sequential, Release] {
+        let dsm = Dsm::builder().build().unwrap();
+        let pages = 1024;
+        let v = dsm
+            .alloc_vec_in::<u64>(pages * 512, Placement::Block, model)
+            .unwrap();
+        // In order: the fill doubles up to 64 pages per fault.
+        for p in 0..pages {
+            v.set(p * 512 + 1, p as u64);
+        }
+        let s = dsm.stats();
+        let faults = s.read_faults + s.write_faults + s.upgrade_faults;
+        assert!(
+            faults <= 32,
+            "{model:?}: {faults} faults for {pages} pages: {s}"
+        );
+        for p in 0..pages {
+            assert_eq!(v.get(p * 512 + 1), p as u64);
+            assert_eq!(v.get(p * 512), 0);
+        }
+        // Every other page of a second region: no page is sequential, so nothing is filled ahead and
+        // the pages between stay untouched (a fault each when touched later).
+        let w = dsm
+            .alloc_vec_in::<u64>(pages * 512, Placement::Block, model)
+            .unwrap();
+        let before = dsm.stats();
+        for p in (0..pages).step_by(2) {
+            w.set(p * 512, 1);
+        }
+        let after = dsm.stats();
+        assert_eq!(
+            after.write_faults - before.write_faults,
+            pages as u64 / 2,
+            "{model:?}"
+        );
+        assert_eq!(w.get(512), 0);
+        assert_eq!(dsm.stats().read_faults, after.read_faults + 1, "{model:?}");
+    }
 }
 
 #[test]

@@ -129,6 +129,12 @@ fn pages_fetched_by_read_ahead_are_ordinary_copies() {
 }
 
 #[test]
+fn a_home_filling_untouched_pages_keeps_what_others_wrote() {
+    passes_at(&[2, 3], CHECK, &["firsttouch"]);
+    passes_at(&[2, 3], CHECK, &["firsttouch", "--consistency", "release"]);
+}
+
+#[test]
 fn lock_waiters_leave_a_channel_for_faults() {
     let t = Instant::now();
     let (outcome, out) = job_with_env(CHECK, 2, &["lockfault"], &[("DSM_CHANNELS", "2")]);

@@ -219,5 +219,13 @@ pub(crate) fn discard(addr: usize, len: usize) -> Result<(), Errno> {
     }
 }
 
-/// Pages of zeros for installing untouched pages.
+/// The most untouched pages a first touch fills with zeros at once (see `fault::claim_following`).
+pub(crate) const ZERO_FILL_MAX: u64 = 64;
+
+/// Zeros for installing untouched pages: up to [`ZERO_FILL_MAX`] at once. All zero, the array lives in
+/// the process's `.bss`, so it takes no memory until read, and then only the kernel's shared zero page.
+pub(crate) static ZERO_PAGES: [u8; ZERO_FILL_MAX as usize * crate::types::PAGE_SIZE] =
+    [0; ZERO_FILL_MAX as usize * crate::types::PAGE_SIZE];
+
+/// One page of zeros.
 pub(crate) static ZERO_PAGE: [u8; crate::types::PAGE_SIZE] = [0; crate::types::PAGE_SIZE];

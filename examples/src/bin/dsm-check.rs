@@ -6,6 +6,8 @@
 //! - `pages`: every rank writes its own words of the same pages; after a barrier everyone sees all writes;
 //! - `latehome`: the same on pages homed at rank 0, which writes late, while the others' diffs arrive;
 //! - `readahead`: pages fetched ahead of a sequential reader behave as ordinary copies afterwards;
+//! - `firsttouch`: a home filling its untouched pages with zeros ahead of a sequential first touch stops
+//!   at pages other ranks have touched, whose data it must keep;
 //! - `lockfault`: threads waiting for a lock do not keep the lock's holder from resolving faults;
 //! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging;
 //! - `sentsigbus`: a SIGBUS sent to a rank (not a fault) kills it, as it would without dsm;
@@ -18,7 +20,7 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | latehome | bytes | mplock | readahead | lockfault | idle | die |
+    /// counter | mp | sb | pages | latehome | bytes | mplock | readahead | firsttouch | lockfault | idle | die |
     /// diewriting | sentsigbus
     check: String,
     /// Iterations or rounds.
@@ -27,7 +29,8 @@ struct Args {
     /// Threads per rank (counter).
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Memory model of the shared data: sequential or release (counter, pages, latehome, bytes, mplock).
+    /// Memory model of the shared data: sequential or release (counter, pages, latehome, bytes, mplock,
+    /// firsttouch).
     #[arg(long, default_value = "sequential")]
     consistency: String,
 }
@@ -323,6 +326,51 @@ fn main() -> anyhow::Result<()> {
             dsm.barrier()?;
             drop(v);
             println!("readahead ok");
+        }
+        "firsttouch" => {
+            // Pages homed at rank 0; the other ranks touch some of them first (scattered, so they break
+            // rank 0's sequential runs), then rank 0 touches every page in order, reading first in one
+            // region and writing first in the other. Its fills of untouched pages must stop at the
+            // pages the others touched and keep what they wrote.
+            let pages = 300;
+            let theirs = |p: usize| (1..n).find(|&r| p % 7 == r);
+            for read_first in [true, false] {
+                let v = dsm.alloc_vec_in::<u64>(
+                    pages * WORDS_PER_PAGE,
+                    dsm::Placement::At(dsm::Rank(0)),
+                    model,
+                )?;
+                for p in (0..pages).filter(|&p| theirs(p) == Some(me)) {
+                    v.set(p * WORDS_PER_PAGE, mix(&[me as u64, p as u64]));
+                }
+                dsm.barrier()?;
+                if me == 0 {
+                    for p in 0..pages {
+                        let at = p * WORDS_PER_PAGE;
+                        if read_first {
+                            let want = theirs(p).map_or(0, |r| mix(&[r as u64, p as u64]));
+                            ensure!(v.get(at) == want, "page {p}: rank 0 read a wrong word 0");
+                        }
+                        v.set(at + 1, mix(&[0, p as u64]));
+                    }
+                }
+                dsm.barrier()?;
+                for p in 0..pages {
+                    let at = p * WORDS_PER_PAGE;
+                    let want = theirs(p).map_or(0, |r| mix(&[r as u64, p as u64]));
+                    ensure!(
+                        v.get(at) == want,
+                        "rank {me}: page {p} lost word 0 (read first: {read_first})"
+                    );
+                    ensure!(
+                        v.get(at + 1) == mix(&[0, p as u64]),
+                        "rank {me}: page {p} lost word 1 (read first: {read_first})"
+                    );
+                    ensure!(v.get(at + 2) == 0, "rank {me}: page {p} is not zero");
+                }
+                dsm.barrier()?;
+            }
+            println!("firsttouch ok");
         }
         "lockfault" => {
             // Threads of rank 0 wait for a lock while the thread that holds it faults on remote pages: the
