@@ -8,7 +8,9 @@
 //! - sequential read bandwidth of a remote region without read-ahead and with windows of 16 to 1024 pages
 //!   (`--windows` picks others; the target applies to the default window), beside raw TCP streaming
 //!   bandwidth and the rate at which this process gets fresh pages from the kernel (each installed page
-//!   is one, and on a virtual machine that rate swings with the host).
+//!   is one, and on a virtual machine that rate swings with the host);
+//! - first touch of pages homed at the faulting rank, without read-ahead (a fault per page) and with the
+//!   default window (untouched pages filled ahead), beside the kernel's first touch of plain memory.
 //!
 //! Run: `cargo run --release --bin fault-latency -- [--json]` (it launches itself as 2 ranks).
 
@@ -176,6 +178,26 @@ fn main() -> anyhow::Result<()> {
         drop(region);
     }
 
+    // First touch of pages homed here, written in order: one fault per page without read-ahead, and
+    // with the job's window a fault fills the untouched pages after it with zeros (up to 64 pages), beside
+    // the kernel's own first touch of plain memory, measured right before each.
+    let mut first_touch = Vec::new();
+    for window in [1, default_window] {
+        let region = dsm.alloc_vec_with::<u64>(bytes / 8, Placement::At(Rank(0)))?;
+        if me == Rank(0) {
+            dsm.set_readahead(window)?;
+            let kernel = fresh_page_rate(bytes);
+            let t = Instant::now();
+            for p in 0..bytes / 8 / WORDS {
+                region.set(p * WORDS, 1);
+            }
+            first_touch.push((window, args.mib as f64 / t.elapsed().as_secs_f64(), kernel));
+        }
+        dsm.barrier()?;
+        drop(region);
+    }
+    dsm.set_readahead(default_window)?;
+
     if me == Rank(0) {
         let raw_med = quantile(&mut raw, 0.5);
         let idle_med = quantile(&mut idle_us, 0.5);
@@ -275,6 +297,16 @@ fn main() -> anyhow::Result<()> {
                 "MiB/s",
                 raw_mibs,
                 "raw TCP streaming",
+                "",
+            ));
+        }
+        for (window, mibs, kernel) in first_touch {
+            out.push(Measurement::new(
+                &format!("first touch of pages homed here, read-ahead {window}"),
+                mibs,
+                "MiB/s",
+                kernel,
+                "the kernel's first touch",
                 "",
             ));
         }
