@@ -12,11 +12,11 @@
 
 use crate::channel::{Channel, RecvError};
 use crate::protocol::swmr::{self, Access, Data, Decision, Grant};
-use crate::region::SHARED;
 use crate::region::{
     self, Consistency, RegionShared, BUSY, DEFERRED, INVALID, LOCKED, LOCK_WAITERS, QUEUED,
     READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WAITERS, WRITTEN,
 };
+use crate::region::{Sequential, SHARED};
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::{futex, signal, ZERO_FILL_MAX, ZERO_PAGE, ZERO_PAGES};
@@ -220,7 +220,7 @@ fn resolve(region: &RegionShared, page: u64, write: bool) -> Result<(), FaultErr
 /// Returns how many pages the request covers, `page` included.
 fn claim_readahead(region: &RegionShared, page: u64, home: Rank) -> u32 {
     let max = region.shared.readahead.load(Ordering::Relaxed).max(1);
-    claim_following(region, page, home, max)
+    claim_following(region, &region.readahead, page, home, max)
 }
 
 /// For a first touch of `page`, homed here and never touched: marks BUSY the untouched pages after it
@@ -238,7 +238,7 @@ fn claim_zero_fill(region: &RegionShared, page: u64, untouched: impl Fn(u64) -> 
         .readahead
         .load(Ordering::Relaxed)
         .clamp(1, ZERO_FILL_MAX as u32);
-    let count = u64::from(claim_following(region, page, me, max));
+    let count = u64::from(claim_following(region, &region.zero_fill, page, me, max));
     // A claimed page that has been touched (at another rank, or by this one before it dropped its copy)
     // ends the fill there: it holds data, not zeros.
     let mut fill = 1;
@@ -248,19 +248,26 @@ fn claim_zero_fill(region: &RegionShared, page: u64, untouched: impl Fn(u64) -> 
     for p in page + fill..page + count {
         release_busy(region, p);
     }
+    Counters::add(&region.shared.counters.pages_zero_filled, fill - 1);
     fill
 }
 
 /// Marks up to `window - 1` pages after `page` BUSY (same home, not present, not in use), `window`
 /// doubling while faults are sequential, up to `max`. Returns how many pages are covered, `page` included.
-fn claim_following(region: &RegionShared, page: u64, home: Rank, max: u32) -> u32 {
-    let last = region.last_fault.load(Ordering::Relaxed);
+fn claim_following(
+    region: &RegionShared,
+    detector: &Sequential,
+    page: u64,
+    home: Rank,
+    max: u32,
+) -> u32 {
+    let last = detector.last.load(Ordering::Relaxed);
     let window = if last != u64::MAX && page == last.wrapping_add(1) {
-        (region.window.load(Ordering::Relaxed) * 2).min(max)
+        (detector.window.load(Ordering::Relaxed) * 2).min(max)
     } else {
         1
     };
-    region.window.store(window, Ordering::Relaxed);
+    detector.window.store(window, Ordering::Relaxed);
     let mut count = 1u32;
     while count < window {
         let p = page + u64::from(count);
@@ -355,7 +362,8 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
     }
     if served > 0 {
         region
-            .last_fault
+            .readahead
+            .last
             .store(page + served - 1, Ordering::Relaxed);
     }
     outcome.map(|_| ())
@@ -389,7 +397,10 @@ fn release_fault(
                 release_busy(region, p);
             }
             installed?;
-            region.last_fault.store(page + count - 1, Ordering::Relaxed);
+            region
+                .zero_fill
+                .last
+                .store(page + count - 1, Ordering::Relaxed);
         } else {
             region
                 .protect(page, 1, false)
@@ -569,7 +580,8 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
     if access == Access::Read {
         // Where a sequential reader faults next: right after the pages it just received.
         region
-            .last_fault
+            .readahead
+            .last
             .store(page + served - 1, Ordering::Relaxed);
     }
     if !granted && !upgrade {
@@ -687,7 +699,10 @@ fn zero_fill_home(
         release_busy(region, p);
     }
     installed?;
-    region.last_fault.store(page + count - 1, Ordering::Relaxed);
+    region
+        .zero_fill
+        .last
+        .store(page + count - 1, Ordering::Relaxed);
     Ok(())
 }
 

@@ -262,9 +262,11 @@ pub(crate) struct RegionShared {
     pub(crate) local: ZeroedArray<AtomicU32>,
     pub(crate) manager: ZeroedArray<ManagerSlot>,
     pub(crate) shared: Arc<Shared>,
-    /// Sequential read-ahead detector: the last page that faulted and the current window.
-    pub(crate) last_fault: AtomicU64,
-    pub(crate) window: AtomicU32,
+    /// Sequential access detectors: one for read-ahead from other homes, one for zero fills of this
+    /// rank's own untouched pages (kept apart, so that one kind of fault does not reset the other's
+    /// window).
+    pub(crate) readahead: Sequential,
+    pub(crate) zero_fill: Sequential,
     pub(crate) consistency: Consistency,
     /// Release consistency: one twin page per page, backed only where used.
     twins: Option<ZeroedArray<TwinPage>>,
@@ -272,6 +274,23 @@ pub(crate) struct RegionShared {
     /// is listed at most once per interval (the WRITTEN bit), so pushing never allocates: the fault handler
     /// pushes.
     pub(crate) dirty: std::sync::Mutex<Vec<u64>>,
+}
+
+/// A detector of sequential faults: the last page covered by a fault, and the window (in pages) that the
+/// next fault right after it may cover.
+#[derive(Debug)]
+pub(crate) struct Sequential {
+    pub(crate) last: AtomicU64,
+    pub(crate) window: AtomicU32,
+}
+
+impl Default for Sequential {
+    fn default() -> Sequential {
+        Sequential {
+            last: AtomicU64::new(u64::MAX),
+            window: AtomicU32::new(1),
+        }
+    }
 }
 
 /// A twin: the copy of a page taken at its first write in an interval.
@@ -312,8 +331,8 @@ impl RegionShared {
             // SAFETY: all-zero ManagerSlot: unlocked, never touched, empty copyset.
             manager: unsafe { ZeroedArray::new(pages as usize)? },
             shared,
-            last_fault: AtomicU64::new(u64::MAX),
-            window: AtomicU32::new(1),
+            readahead: Sequential::default(),
+            zero_fill: Sequential::default(),
             consistency,
             twins: match consistency {
                 // SAFETY: an all-zero TwinPage is a page of zeros, a valid value.

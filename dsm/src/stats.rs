@@ -16,6 +16,7 @@ pub(crate) struct Counters {
     pub(crate) pages_fetched: AtomicU64,
     pub(crate) pages_sent: AtomicU64,
     pub(crate) pages_readahead: AtomicU64,
+    pub(crate) pages_zero_filled: AtomicU64,
     pub(crate) invalidations: AtomicU64,
     pub(crate) messages_sent: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
@@ -58,6 +59,7 @@ impl Counters {
             pages_fetched: g(&self.pages_fetched),
             pages_sent: g(&self.pages_sent),
             pages_readahead: g(&self.pages_readahead),
+            pages_zero_filled: g(&self.pages_zero_filled),
             invalidations: g(&self.invalidations),
             messages_sent: g(&self.messages_sent),
             bytes_sent: g(&self.bytes_sent),
@@ -94,6 +96,8 @@ pub struct Stats {
     pub pages_sent: u64,
     /// Pages fetched ahead of a fault by sequential read-ahead.
     pub pages_readahead: u64,
+    /// Untouched pages homed here filled with zeros ahead of a sequential first touch.
+    pub pages_zero_filled: u64,
     /// Copies dropped here at another rank's request.
     pub invalidations: u64,
     /// Frames sent.
@@ -173,8 +177,12 @@ impl fmt::Display for Stats {
         )?;
         writeln!(
             f,
-            "pages: {} fetched ({} read-ahead), {} sent, {} invalidated here",
-            self.pages_fetched, self.pages_readahead, self.pages_sent, self.invalidations
+            "pages: {} fetched ({} read-ahead), {} sent, {} invalidated here, {} zero-filled ahead",
+            self.pages_fetched,
+            self.pages_readahead,
+            self.pages_sent,
+            self.invalidations,
+            self.pages_zero_filled
         )?;
         writeln!(
             f,

@@ -222,8 +222,9 @@ pub(crate) fn discard(addr: usize, len: usize) -> Result<(), Errno> {
 /// The most untouched pages a first touch fills with zeros at once (see `fault::claim_following`).
 pub(crate) const ZERO_FILL_MAX: u64 = 64;
 
-/// Zeros for installing untouched pages: up to [`ZERO_FILL_MAX`] at once. All zero, the array lives in
-/// the process's `.bss`, so it takes no memory until read, and then only the kernel's shared zero page.
+/// Zeros for installing untouched pages: up to [`ZERO_FILL_MAX`] at once. An immutable static, it is part
+/// of the binary's read-only data (256 KiB), read from the page cache. It cannot be allocated when first
+/// needed: in SIGBUS mode the fault path runs in a signal handler, where nothing may allocate.
 pub(crate) static ZERO_PAGES: [u8; ZERO_FILL_MAX as usize * crate::types::PAGE_SIZE] =
     [0; ZERO_FILL_MAX as usize * crate::types::PAGE_SIZE];
 

@@ -345,6 +345,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 dsm.barrier()?;
                 if me == 0 {
+                    let filled = dsm.stats().pages_zero_filled;
                     for p in 0..pages {
                         let at = p * WORDS_PER_PAGE;
                         if read_first {
@@ -353,6 +354,11 @@ fn main() -> anyhow::Result<()> {
                         }
                         v.set(at + 1, mix(&[0, p as u64]));
                     }
+                    let s = dsm.stats();
+                    ensure!(
+                        s.pages_zero_filled > filled,
+                        "nothing was filled ahead: {s}"
+                    );
                 }
                 dsm.barrier()?;
                 for p in 0..pages {
