@@ -79,14 +79,26 @@ where
     K: Hash + Eq + Serialize,
     V: Serialize,
 {
+    #[cfg(test)]
     pub(crate) fn new(
         combiner: Option<Combiner<V>>,
         budget: u64,
         spill: &'a mut dyn FnMut(Vec<(K, V)>) -> Result<(), String>,
     ) -> Emitter<'a, K, V> {
+        Emitter::with_table(combiner, budget, spill, FxHashMap::default())
+    }
+
+    /// An emitter that folds into `table` (empty; its allocation is reused).
+    pub(crate) fn with_table(
+        combiner: Option<Combiner<V>>,
+        budget: u64,
+        spill: &'a mut dyn FnMut(Vec<(K, V)>) -> Result<(), String>,
+        table: FxHashMap<K, V>,
+    ) -> Emitter<'a, K, V> {
+        debug_assert!(table.is_empty());
         Emitter {
             combiner,
-            table: FxHashMap::default(),
+            table,
             pairs: Vec::new(),
             bytes: 0,
             budget,
@@ -152,6 +164,12 @@ where
         } else {
             std::mem::take(&mut self.pairs)
         }
+    }
+
+    /// The table, emptied, for the next emitter to reuse its allocation.
+    pub(crate) fn into_table(mut self) -> FxHashMap<K, V> {
+        self.table.clear();
+        self.table
     }
 
     /// The first spill error, if any.

@@ -178,7 +178,10 @@ pub(crate) const MIN_SPLIT_LIMIT: u64 = 64 << 20;
 
 /// The bytes of `split`, at most `limit` of them (a longer split is an error: see [`MIN_SPLIT_LIMIT`]). A
 /// file that has become shorter than the split is an error.
-pub(crate) fn read_split(split: &Split, limit: u64) -> Result<Vec<u8>, String> {
+/// Reads `split` into `data` (replacing what it held), keeping its allocation: a task slot reads split
+/// after split into one buffer instead of a fresh mapping of the split's size each time, whose pages the
+/// kernel would have to zero and fault in again.
+pub(crate) fn read_split_into(split: &Split, limit: u64, data: &mut Vec<u8>) -> Result<(), String> {
     if split.len() > limit {
         return Err(format!(
             "{} bytes {}..{}: a map task reads its split (whole lines) into memory, and this one is {} bytes, over the {limit}-byte limit (the larger of the per-task memory budget and 64 MiB); a line this long needs a larger memory budget",
@@ -198,9 +201,17 @@ pub(crate) fn read_split(split: &Split, limit: u64) -> Result<Vec<u8>, String> {
     };
     let mut f = File::open(&split.file).map_err(what)?;
     f.seek(SeekFrom::Start(split.start)).map_err(what)?;
-    let mut data = vec![0u8; split.len() as usize];
-    f.read_exact(&mut data).map_err(what)?;
-    Ok(data)
+    data.clear();
+    data.reserve(split.len() as usize);
+    // Into the buffer's spare room, without zeroing it first.
+    let n = (&mut f).take(split.len()).read_to_end(data).map_err(what)?;
+    if n as u64 != split.len() {
+        return Err(what(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the file ended after {n} bytes of the split: it changed while the job ran"),
+        )));
+    }
+    Ok(())
 }
 
 /// The lines of `data` (without newlines) with their offsets in `data`; a last line without a newline
@@ -212,10 +223,7 @@ pub(crate) fn lines(data: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
             return None;
         }
         let start = at;
-        let end = data[at..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(data.len(), |i| at + i);
+        let end = memchr::memchr(b'\n', &data[at..]).map_or(data.len(), |i| at + i);
         at = end + 1;
         Some((start, &data[start..end]))
     })
@@ -281,7 +289,8 @@ mod tests {
             for s in &splits {
                 assert_eq!(s.start, expect_start);
                 expect_start = s.end;
-                let data = read_split(s, u64::MAX).unwrap();
+                let mut data = Vec::new();
+                read_split_into(s, u64::MAX, &mut data).unwrap();
                 assert_eq!(*data.last().unwrap(), b'\n', "split {s:?} ends mid-line");
                 joined.extend_from_slice(&data);
             }
@@ -321,5 +330,21 @@ mod tests {
     fn a_missing_input_is_named() {
         let e = expand(&[PathBuf::from("/no/such/input.txt")]).unwrap_err();
         assert!(e.to_string().contains("/no/such/input.txt"), "{e}");
+    }
+
+    #[test]
+    fn a_split_of_a_file_cut_short_meanwhile_is_an_error_and_the_buffer_is_reused() {
+        let path = std::env::temp_dir().join(format!("dsm-mr-short-{}.txt", std::process::id()));
+        std::fs::write(&path, "one line\nanother line\n").unwrap();
+        let files = expand(std::slice::from_ref(&path)).unwrap();
+        let splits = cut(&files, 1 << 20, 1).unwrap();
+        let mut data = Vec::with_capacity(1 << 16);
+        read_split_into(&splits[0], u64::MAX, &mut data).unwrap();
+        assert_eq!(data, b"one line\nanother line\n");
+        assert_eq!(data.capacity(), 1 << 16, "the buffer's allocation is kept");
+        std::fs::write(&path, "one line\n").unwrap();
+        let e = read_split_into(&splits[0], u64::MAX, &mut data).unwrap_err();
+        assert!(e.contains("changed while the job ran"), "{e}");
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -37,7 +37,12 @@ pub(crate) struct Worker<'a, J: Job> {
     pub(crate) budget: u64,
     /// The most runs one merge takes.
     pub(crate) fan_in: usize,
+    /// Emptied tables of finished map tasks, whose allocations the next map tasks reuse (a table that
+    /// grew to a split's distinct keys need not grow again, page by page, for the next split).
+    pub(crate) tables: Mutex<Vec<Table<J>>>,
 }
+
+type Table<J> = rustc_hash::FxHashMap<<J as Job>::Key, <J as Job>::Value>;
 
 /// Where one run a reduce merges is, until it is opened.
 enum RunSource {
@@ -106,6 +111,15 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
 }
+
+thread_local! {
+    /// The buffer a task slot reads its splits into, kept from one map task to the next.
+    static SPLIT_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The largest split buffer a slot keeps between tasks (a larger one, made for a split of very long
+/// lines, is freed after its task).
+const KEPT_BUFFER: usize = 16 << 20;
 
 /// Where one map task's runs go, from any of its threads.
 struct RunSink<'a> {
@@ -191,7 +205,23 @@ impl<J: Job> Worker<'_, J> {
     }
 
     fn map(&self, id: u64, split: &Split, partitions: usize) -> Result<TaskResult, String> {
-        let data = input::read_split(split, self.budget.max(input::MIN_SPLIT_LIMIT))?;
+        // The slot's buffer: taken for this map, given back after it (unless a long line made it large).
+        let mut data = SPLIT_BUFFER.take();
+        input::read_split_into(split, self.budget.max(input::MIN_SPLIT_LIMIT), &mut data)?;
+        let result = self.map_split(id, split, &data, partitions);
+        if data.capacity() <= KEPT_BUFFER {
+            SPLIT_BUFFER.set(data);
+        }
+        result
+    }
+
+    fn map_split(
+        &self,
+        id: u64,
+        split: &Split,
+        data: &[u8],
+        partitions: usize,
+    ) -> Result<TaskResult, String> {
         let sink = RunSink {
             root: self.root,
             job: self.job_id,
@@ -199,7 +229,7 @@ impl<J: Job> Worker<'_, J> {
             runs: Mutex::new(vec![0; partitions]),
             bytes: AtomicU64::new(0),
         };
-        let (held, counters) = self.map_lines(split, &data, &sink, partitions)?;
+        let (held, counters) = self.map_lines(split, data, &sink, partitions)?;
         // What is still held is sorted and written, one run per partition, on the rank's threads (the
         // other task slots may be idle at the end of the map phase).
         let combiner = self.job.combiner();
@@ -244,7 +274,13 @@ impl<J: Job> Worker<'_, J> {
             }
             Ok(())
         };
-        let mut emit = Emitter::new(combiner, self.budget, &mut spill);
+        let table = self
+            .tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        let mut emit = Emitter::with_table(combiner, self.budget, &mut spill, table);
         let mut at = split.start;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             for (o, line) in input::lines(bytes) {
@@ -268,7 +304,13 @@ impl<J: Job> Worker<'_, J> {
             return Err(e);
         }
         let held = emit.take();
-        Ok((held, std::mem::take(&mut emit.counters)))
+        let counters = std::mem::take(&mut emit.counters);
+        let table = emit.into_table();
+        self.tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(table);
+        Ok((held, counters))
     }
 
     /// Finds every run of `partition` at `sources`: its own on disk, others fetched (kept in memory up to

@@ -109,6 +109,21 @@ impl Word {
         Word::Inline([word(0), word(1), word(2)])
     }
 
+    /// The word of `bytes` (letters and apostrophes) in lower case.
+    fn lowercase(bytes: &[u8]) -> Word {
+        if bytes.len() > INLINE {
+            return Word::Long(bytes.iter().map(u8::to_ascii_lowercase).collect());
+        }
+        let mut b = [0u8; 24];
+        for (to, from) in b.iter_mut().zip(bytes) {
+            *to = from.to_ascii_lowercase();
+        }
+        b[INLINE] = bytes.len() as u8;
+        let word =
+            |i: usize| u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        Word::Inline([word(0), word(1), word(2)])
+    }
+
     fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
         match self {
             Word::Inline(w) => {
@@ -190,20 +205,18 @@ impl Job for WordCount {
             }
         }
         let line = record.line;
-        let mut word = Vec::with_capacity(64);
         let mut words = 0;
         let mut i = 0;
         while i < line.len() {
             while i < line.len() && !WORD[line[i] as usize] {
                 i += 1;
             }
-            word.clear();
+            let start = i;
             while i < line.len() && WORD[line[i] as usize] {
-                word.push(line[i].to_ascii_lowercase());
                 i += 1;
             }
-            if !word.is_empty() {
-                emit.emit(Word::new(&word), 1);
+            if i > start {
+                emit.emit(Word::lowercase(&line[start..i]), 1);
                 words += 1;
             }
         }
