@@ -19,7 +19,7 @@ use crate::region::{
 };
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
-use crate::uffd::ZERO_PAGE;
+use crate::uffd::{ZERO_FILL_MAX, ZERO_PAGE};
 use crate::wire::{self, RefusedReason, Reply, Request, MAX_HEADER};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -716,10 +716,23 @@ impl Engine {
                         requester,
                         &mut pages,
                     );
+                } else if access == Access::Write && data == Data::Zero {
+                    self.gather_untouched(
+                        region,
+                        page,
+                        count.min(ZERO_FILL_MAX as u32),
+                        requester,
+                        &mut pages,
+                    );
                 }
-                // One page, or several for read-ahead (each present here now, downgraded, or untouched: zeros).
+                // One page, or several for read-ahead (each present here now, downgraded, or untouched:
+                // zeros), or several untouched pages for a first writer (zeros, no payload).
                 let owned = std::mem::take(&mut self.scratch);
-                let reply_data = if pages.len() > 1 { Data::Home } else { data };
+                let reply_data = if pages.len() > 1 && access == Access::Read {
+                    Data::Home
+                } else {
+                    data
+                };
                 let slices: Vec<&[u8]> = match reply_data {
                     Data::Home => pages
                         .iter()
@@ -841,6 +854,51 @@ impl Engine {
             }
         }
         self.downgrade_run(region, run);
+    }
+
+    /// Adds to `pages` the following pages that nobody has touched, homed here with their manager locks
+    /// free, each handed to `requester` as its first writer (zeros): write-ahead for a sequential first
+    /// writer. Like the faulting page, they are released as soon as the reply is sent.
+    fn gather_untouched(
+        &mut self,
+        region: &RegionShared,
+        page: u64,
+        count: u32,
+        requester: Rank,
+        pages: &mut Vec<u64>,
+    ) {
+        let me = self.shared.me;
+        for k in 1..u64::from(count) {
+            let p = page + k;
+            if p >= region.pages || region.home(p) != me {
+                break;
+            }
+            let lock = &region.slot(p).lock;
+            if lock
+                .compare_exchange(0, LOCKED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                break;
+            }
+            let slot = region.slot(p);
+            let mut entry = slot.load();
+            if entry.owner.is_some() {
+                if unlock_slot(lock) {
+                    self.shared.wake_service();
+                }
+                break;
+            }
+            let decided = swmr::decide(&mut entry, me, requester, Access::Write);
+            debug_assert!(matches!(
+                decided,
+                Decision::Done {
+                    data: Data::Zero,
+                    ..
+                }
+            ));
+            slot.store(&entry);
+            pages.push(p);
+        }
     }
 
     /// Write-protects a run of writable home pages `(start, count)` with one ioctl and marks them read-only.

@@ -487,10 +487,21 @@ fn new_state(access: Access) -> u32 {
 fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Result<(), FaultError> {
     let shared = &*region.shared;
     let home = region.home(page);
-    let count = if access == Access::Read && shared.readahead.load(Ordering::Relaxed) > 1 {
-        claim_readahead(region, page, home)
-    } else {
-        1
+    let missing = region.state(page).load(Ordering::Acquire) & STATE_MASK == INVALID;
+    let window = shared.readahead.load(Ordering::Relaxed);
+    let count = match access {
+        Access::Read if window > 1 => claim_readahead(region, page, home),
+        // A first write of a page not here: the following pages with the same home are asked for too, in
+        // the sequential window, and the home hands over those nobody has touched, as zeros (write-ahead;
+        // a page the home cannot take at once ends the run).
+        Access::Write if missing && window > 1 => claim_following(
+            region,
+            &region.write_ahead,
+            page,
+            home,
+            window.min(ZERO_FILL_MAX as u32),
+        ),
+        _ => 1,
     };
     let mut ch = shared.channels.claim();
     let acquire = Request::Acquire {
@@ -516,7 +527,15 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                     }
                     Data::Zero => {
                         ch.skip_payload(home, payload_len).map_err(peer)?;
-                        install(region, page, 1, &ZERO_PAGE, access)?
+                        if served > 1 && access == Access::Write {
+                            Counters::add(&c.pages_zero_filled, served - 1);
+                        } else if served > 1 {
+                            return Err(FaultError::Protocol(
+                                home,
+                                "several pages of zeros for a read fault",
+                            ));
+                        }
+                        install(region, page, served, zeros(served), access)?
                     }
                     Data::Home => {
                         if payload_len != served as usize * PAGE_SIZE {
@@ -577,12 +596,14 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
         release_busy(region, p);
     }
     let (served, granted, upgrade) = outcome?;
-    if access == Access::Read {
-        // Where a sequential reader faults next: right after the pages it just received.
-        region
-            .readahead
-            .last
-            .store(page + served - 1, Ordering::Relaxed);
+    // Where a sequential reader or first writer faults next: right after the pages it just received.
+    let detector = match access {
+        Access::Read => Some(&region.readahead),
+        Access::Write if missing => Some(&region.write_ahead),
+        Access::Write => None,
+    };
+    if let Some(d) = detector {
+        d.last.store(page + served - 1, Ordering::Relaxed);
     }
     if !granted && !upgrade {
         // The home released the page when it answered: a rank without a copy needs no Unlock, because a

@@ -263,10 +263,11 @@ pub(crate) struct RegionShared {
     pub(crate) manager: ZeroedArray<ManagerSlot>,
     pub(crate) shared: Arc<Shared>,
     /// Sequential access detectors: one for read-ahead from other homes, one for zero fills of this
-    /// rank's own untouched pages (kept apart, so that one kind of fault does not reset the other's
-    /// window).
+    /// rank's own untouched pages, one for first writes of untouched pages homed elsewhere (kept apart, so
+    /// that one kind of fault does not reset another's window).
     pub(crate) readahead: Sequential,
     pub(crate) zero_fill: Sequential,
+    pub(crate) write_ahead: Sequential,
     pub(crate) consistency: Consistency,
     /// Release consistency: one twin page per page, backed only where used.
     twins: Option<ZeroedArray<TwinPage>>,
@@ -333,6 +334,7 @@ impl RegionShared {
             shared,
             readahead: Sequential::default(),
             zero_fill: Sequential::default(),
+            write_ahead: Sequential::default(),
             consistency,
             twins: match consistency {
                 // SAFETY: an all-zero TwinPage is a page of zeros, a valid value.

@@ -96,7 +96,8 @@ pub struct Stats {
     pub pages_sent: u64,
     /// Pages fetched ahead of a fault by sequential read-ahead.
     pub pages_readahead: u64,
-    /// Untouched pages homed here filled with zeros ahead of a sequential first touch.
+    /// Untouched pages filled with zeros ahead of a sequential first touch: homed here, or handed over by
+    /// their home with the page a first write faulted on (write-ahead).
     pub pages_zero_filled: u64,
     /// Copies dropped here at another rank's request.
     pub invalidations: u64,

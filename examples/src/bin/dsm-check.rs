@@ -7,7 +7,8 @@
 //! - `latehome`: the same on pages homed at rank 0, which writes late, while the others' diffs arrive;
 //! - `readahead`: pages fetched ahead of a sequential reader behave as ordinary copies afterwards;
 //! - `firsttouch`: a home filling its untouched pages with zeros ahead of a sequential first touch stops
-//!   at pages other ranks have touched, whose data it must keep;
+//!   at pages other ranks have touched, whose data it must keep; so does a home handing a sequential
+//!   remote writer untouched pages ahead;
 //! - `lockfault`: threads waiting for a lock do not keep the lock's holder from resolving faults;
 //! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging;
 //! - `sentsigbus`: a SIGBUS sent to a rank (not a fault) kills it, as it would without dsm;
@@ -376,6 +377,43 @@ fn main() -> anyhow::Result<()> {
                 }
                 dsm.barrier()?;
             }
+            // Rank 1 writes every page homed at rank 0 in order, after rank 0 touched every 16th: the
+            // pages it is handed ahead as zeros (write-ahead) must stop at rank 0's, which keep their data.
+            let v = dsm.alloc_vec_in::<u64>(
+                pages * WORDS_PER_PAGE,
+                dsm::Placement::At(dsm::Rank(0)),
+                model,
+            )?;
+            let early = |p: usize| p % 16 == 5;
+            if me == 0 {
+                for p in (0..pages).filter(|&p| early(p)) {
+                    v.set(p * WORDS_PER_PAGE, mix(&[0, p as u64]));
+                }
+            }
+            dsm.barrier()?;
+            if me == 1 {
+                let filled = dsm.stats().pages_zero_filled;
+                for p in 0..pages {
+                    v.set(p * WORDS_PER_PAGE + 1, mix(&[1, p as u64]));
+                }
+                let s = dsm.stats();
+                ensure!(
+                    model == dsm::Consistency::Release || s.pages_zero_filled > filled,
+                    "rank 1 was handed no page ahead: {s}"
+                );
+            }
+            dsm.barrier()?;
+            for p in 0..pages {
+                let at = p * WORDS_PER_PAGE;
+                let want = if early(p) { mix(&[0, p as u64]) } else { 0 };
+                ensure!(v.get(at) == want, "rank {me}: page {p} lost rank 0's word");
+                ensure!(
+                    v.get(at + 1) == mix(&[1, p as u64]),
+                    "rank {me}: page {p} lost rank 1's word"
+                );
+                ensure!(v.get(at + 2) == 0, "rank {me}: page {p} is not zero");
+            }
+            dsm.barrier()?;
             println!("firsttouch ok");
         }
         "lockfault" => {
