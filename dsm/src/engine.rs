@@ -760,15 +760,27 @@ impl Engine {
                     data: reply_data,
                     count: pages.len() as u32,
                 };
+                let mut sent = false;
                 if self.conns[idx].open {
-                    if let Err(e) = write_frame(
+                    match write_frame(
                         self.conns[idx].fd.as_fd(),
                         &reply,
                         &slices,
                         &self.shared.counters,
                     ) {
-                        drop(slices);
-                        self.close(idx, &format!("sending pages failed: {e}"));
+                        Ok(()) => sent = true,
+                        Err(e) => {
+                            drop(slices);
+                            self.close(idx, &format!("sending pages failed: {e}"));
+                        }
+                    }
+                }
+                if !sent && data == Data::Zero && access == Access::Write {
+                    // Untouched pages handed to a first writer that never heard of them stay untouched,
+                    // so that nobody later has to ask a failed rank for them. (Each of them was untouched:
+                    // `gather_untouched` takes no other.)
+                    for &p in &pages {
+                        region.slot(p).store(&swmr::Entry::default());
                     }
                 }
                 self.scratch = owned;

@@ -511,6 +511,17 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
         count,
     };
     let c = &shared.counters;
+    // Every page claimed ahead is released once the reply is in: installed or not (the one that faulted is
+    // released by `resolve`). A page left BUSY would hang the next fault on it and every deferred request
+    // for it. A grant releases them before its further round trips, as nothing will be installed there.
+    let extras_held = std::cell::Cell::new(count > 1);
+    let release_extras = || {
+        if extras_held.replace(false) {
+            for p in page + 1..page + u64::from(count) {
+                release_busy(region, p);
+            }
+        }
+    };
     let outcome = (|| {
         let (reply, payload_len) = ask(&mut ch, c, home, &acquire)?;
         let peer = |e| FaultError::Peer(home, e);
@@ -544,6 +555,12 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                                 "reply length does not match the pages it announces",
                             ));
                         }
+                        if served > 1 && access == Access::Write {
+                            return Err(FaultError::Protocol(
+                                home,
+                                "several pages of data for a write fault",
+                            ));
+                        }
                         // Install in pieces as they arrive: copying into pages overlaps with the rest of
                         // the transfer still in flight.
                         install_chunks(&mut ch, region, home, page, served, access)?;
@@ -557,6 +574,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                 Ok((served, false, data == Data::None))
             }
             Reply::Granted { grant } => {
+                release_extras();
                 let mut have = false;
                 if grant.data_from_home {
                     if payload_len != PAGE_SIZE {
@@ -590,11 +608,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
             )),
         }
     })();
-    // Every page claimed for read-ahead is released here: installed or not (the one that faulted is released
-    // by `resolve`). A page left BUSY would hang the next fault on it and every deferred request for it.
-    for p in page + 1..page + u64::from(count) {
-        release_busy(region, p);
-    }
+    release_extras();
     let (served, granted, upgrade) = outcome?;
     // Where a sequential reader or first writer faults next: right after the pages it just received.
     let detector = match access {

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 /// Requests: from a requester (fault path, locks, barriers) to a service loop.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub(crate) enum Request {
-    /// Fault on `count` consecutive pages starting at `page` (count > 1: read-ahead).
+    /// Fault on `count` consecutive pages starting at `page` (count > 1: read-ahead for a read,
+    /// write-ahead of untouched pages for a first write).
     Acquire {
         region: u32,
         page: u64,

@@ -329,6 +329,7 @@ fn main() -> anyhow::Result<()> {
             println!("readahead ok");
         }
         "firsttouch" => {
+            ensure!(n > 1, "firsttouch needs at least 2 ranks");
             // Pages homed at rank 0; the other ranks touch some of them first (scattered, so they break
             // rank 0's sequential runs), then rank 0 touches every page in order, reading first in one
             // region and writing first in the other. Its fills of untouched pages must stop at the
@@ -414,6 +415,31 @@ fn main() -> anyhow::Result<()> {
                 ensure!(v.get(at + 2) == 0, "rank {me}: page {p} is not zero");
             }
             dsm.barrier()?;
+            if n > 2 {
+                // Pages last written by rank 2, written again in order by rank 1, which holds no copy: each
+                // fault claims pages ahead, and the home grants the writes (the data comes from rank 2).
+                let words = [(2, 3), (1, 4)];
+                for (writer, word) in words {
+                    if me == writer {
+                        for p in 0..pages {
+                            v.set(
+                                p * WORDS_PER_PAGE + word,
+                                mix(&[writer as u64, p as u64, 7]),
+                            );
+                        }
+                    }
+                    dsm.barrier()?;
+                }
+                for p in 0..pages {
+                    for (writer, word) in words {
+                        ensure!(
+                            v.get(p * WORDS_PER_PAGE + word) == mix(&[writer as u64, p as u64, 7]),
+                            "rank {me}: page {p} lost rank {writer}'s second write"
+                        );
+                    }
+                }
+                dsm.barrier()?;
+            }
             println!("firsttouch ok");
         }
         "lockfault" => {
