@@ -265,7 +265,7 @@ fn claim_following(
     let window = if last != u64::MAX && page == last.wrapping_add(1) {
         (detector.window.load(Ordering::Relaxed) * 2).min(max)
     } else {
-        1
+        detector.start_run(page, last, max)
     };
     detector.window.store(window, Ordering::Relaxed);
     let mut count = 1u32;

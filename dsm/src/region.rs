@@ -278,19 +278,58 @@ pub(crate) struct RegionShared {
 }
 
 /// A detector of sequential faults: the last page covered by a fault, and the window (in pages) that the
-/// next fault right after it may cover.
+/// next fault right after it may cover. With `remember`, it also keeps where the last few runs started and
+/// how long they were, and a run that starts where one of them did starts with that one's length: a
+/// program that reads the same pages again after every barrier (a neighbour's boundary row, which the
+/// barrier invalidated) gets them in one fault instead of a window growing from one page, while a fault
+/// anywhere else still starts from one page.
 #[derive(Debug)]
 pub(crate) struct Sequential {
     pub(crate) last: AtomicU64,
     pub(crate) window: AtomicU32,
+    /// The first page of the current run.
+    pub(crate) run_start: AtomicU64,
+    /// Recent runs: their first pages and lengths (a heuristic: updated without a lock).
+    pub(crate) runs: Option<[(AtomicU64, AtomicU32); REMEMBERED_RUNS]>,
+    pub(crate) next_slot: AtomicU32,
 }
 
-impl Default for Sequential {
-    fn default() -> Sequential {
+/// How many runs a remembering detector keeps.
+pub(crate) const REMEMBERED_RUNS: usize = 4;
+
+impl Sequential {
+    pub(crate) fn new(remember: bool) -> Sequential {
         Sequential {
             last: AtomicU64::new(u64::MAX),
             window: AtomicU32::new(1),
+            run_start: AtomicU64::new(u64::MAX),
+            runs: remember
+                .then(|| std::array::from_fn(|_| (AtomicU64::new(u64::MAX), AtomicU32::new(0)))),
+            next_slot: AtomicU32::new(0),
         }
+    }
+
+    /// A fault at `page` starts a new run: records the run that ended (from its start to `last`) and
+    /// returns the window to start with, at most `max`.
+    pub(crate) fn start_run(&self, page: u64, last: u64, max: u32) -> u32 {
+        let start = self.run_start.swap(page, Ordering::Relaxed);
+        let Some(runs) = &self.runs else {
+            return 1;
+        };
+        if start != u64::MAX && last != u64::MAX && start <= last {
+            let len = u32::try_from(last - start + 1).unwrap_or(u32::MAX);
+            let slot = runs
+                .iter()
+                .position(|(s, _)| s.load(Ordering::Relaxed) == start)
+                .unwrap_or_else(|| {
+                    self.next_slot.fetch_add(1, Ordering::Relaxed) as usize % REMEMBERED_RUNS
+                });
+            runs[slot].0.store(start, Ordering::Relaxed);
+            runs[slot].1.store(len, Ordering::Relaxed);
+        }
+        runs.iter()
+            .find(|(s, _)| s.load(Ordering::Relaxed) == page)
+            .map_or(1, |(_, len)| len.load(Ordering::Relaxed).clamp(1, max))
     }
 }
 
@@ -332,9 +371,9 @@ impl RegionShared {
             // SAFETY: all-zero ManagerSlot: unlocked, never touched, empty copyset.
             manager: unsafe { ZeroedArray::new(pages as usize)? },
             shared,
-            readahead: Sequential::default(),
-            zero_fill: Sequential::default(),
-            write_ahead: Sequential::default(),
+            readahead: Sequential::new(true),
+            zero_fill: Sequential::new(false),
+            write_ahead: Sequential::new(false),
             consistency,
             twins: match consistency {
                 // SAFETY: an all-zero TwinPage is a page of zeros, a valid value.
@@ -741,6 +780,40 @@ impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remembering_detector_starts_a_run_again_with_its_length_and_others_with_one_page() {
+        let d = Sequential::new(true);
+        // A run over pages 100..107 (faults at 100, 101 and 103, the last covering 103..106).
+        assert_eq!(d.start_run(100, d.last.load(Ordering::Relaxed), 1024), 1);
+        d.last.store(106, Ordering::Relaxed);
+        // Random faults elsewhere start with one page, whatever came before.
+        assert_eq!(d.start_run(5000, 106, 1024), 1);
+        d.last.store(5000, Ordering::Relaxed);
+        assert_eq!(d.start_run(9000, 5000, 1024), 1);
+        d.last.store(9000, Ordering::Relaxed);
+        // The run at 100 again: its length, capped by the window allowed.
+        assert_eq!(d.start_run(100, 9000, 1024), 7);
+        d.last.store(100, Ordering::Relaxed);
+        assert_eq!(
+            d.start_run(100, 100, 4),
+            1,
+            "the last run at 100 was one page"
+        );
+        // Only a few runs are kept: after many others, the run at 100 is forgotten.
+        d.last.store(106, Ordering::Relaxed);
+        for k in 0..REMEMBERED_RUNS as u64 + 1 {
+            let start = 20_000 + 100 * k;
+            assert_eq!(d.start_run(start, d.last.load(Ordering::Relaxed), 1024), 1);
+            d.last.store(start + 1, Ordering::Relaxed);
+        }
+        assert_eq!(d.start_run(100, d.last.load(Ordering::Relaxed), 1024), 1);
+
+        let plain = Sequential::new(false);
+        plain.start_run(100, u64::MAX, 1024);
+        plain.last.store(106, Ordering::Relaxed);
+        assert_eq!(plain.start_run(100, 106, 1024), 1);
+    }
 
     #[test]
     fn placements_spread_pages_as_documented() {
