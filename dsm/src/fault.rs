@@ -263,6 +263,7 @@ fn claim_following(
 ) -> u32 {
     let last = detector.last.load(Ordering::Relaxed);
     let window = if last != u64::MAX && page == last.wrapping_add(1) {
+        detector.continue_run();
         (detector.window.load(Ordering::Relaxed) * 2).min(max)
     } else {
         detector.start_run(page, last, max)

@@ -287,8 +287,9 @@ pub(crate) struct RegionShared {
 pub(crate) struct Sequential {
     pub(crate) last: AtomicU64,
     pub(crate) window: AtomicU32,
-    /// The first page of the current run.
+    /// The first page of the current run, and how many faults continued it.
     pub(crate) run_start: AtomicU64,
+    pub(crate) run_faults: AtomicU32,
     /// Recent runs: their first pages and lengths (a heuristic: updated without a lock).
     pub(crate) runs: Option<[(AtomicU64, AtomicU32); REMEMBERED_RUNS]>,
     pub(crate) next_slot: AtomicU32,
@@ -303,20 +304,36 @@ impl Sequential {
             last: AtomicU64::new(u64::MAX),
             window: AtomicU32::new(1),
             run_start: AtomicU64::new(u64::MAX),
+            run_faults: AtomicU32::new(0),
             runs: remember
                 .then(|| std::array::from_fn(|_| (AtomicU64::new(u64::MAX), AtomicU32::new(0)))),
             next_slot: AtomicU32::new(0),
         }
     }
 
+    /// A fault at `page` continues the current run.
+    pub(crate) fn continue_run(&self) {
+        self.run_faults.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A fault at `page` starts a new run: records the run that ended (from its start to `last`) and
     /// returns the window to start with, at most `max`.
+    ///
+    /// Only a run that a later fault continued is recorded with its length: it shows the pages were
+    /// read. A run of one fault may have fetched pages ahead that nobody read (read-ahead cannot tell), so
+    /// it halves what was recorded for its start instead, and a length once learned decays unless runs
+    /// keep confirming it; a length recorded from a run mixed up with another thread's also decays.
     pub(crate) fn start_run(&self, page: u64, last: u64, max: u32) -> u32 {
         let start = self.run_start.swap(page, Ordering::Relaxed);
+        let continued = self.run_faults.swap(0, Ordering::Relaxed) > 0;
         let Some(runs) = &self.runs else {
             return 1;
         };
-        if start != u64::MAX && last != u64::MAX && start <= last {
+        let at = |start: u64| {
+            runs.iter()
+                .find(|(s, _)| s.load(Ordering::Relaxed) == start)
+        };
+        if continued && start != u64::MAX && last != u64::MAX && start <= last {
             let len = u32::try_from(last - start + 1).unwrap_or(u32::MAX);
             let slot = runs
                 .iter()
@@ -326,6 +343,8 @@ impl Sequential {
                 });
             runs[slot].0.store(start, Ordering::Relaxed);
             runs[slot].1.store(len, Ordering::Relaxed);
+        } else if let Some((_, len)) = at(start) {
+            len.store(len.load(Ordering::Relaxed) / 2, Ordering::Relaxed);
         }
         runs.iter()
             .find(|(s, _)| s.load(Ordering::Relaxed) == page)
@@ -784,34 +803,50 @@ mod tests {
     #[test]
     fn a_remembering_detector_starts_a_run_again_with_its_length_and_others_with_one_page() {
         let d = Sequential::new(true);
-        // A run over pages 100..107 (faults at 100, 101 and 103, the last covering 103..106).
-        assert_eq!(d.start_run(100, d.last.load(Ordering::Relaxed), 1024), 1);
-        d.last.store(106, Ordering::Relaxed);
+        // Starts a run at `page` after one that covered up to `last`; `more` faults continue the new one.
+        let run = |page: u64, last: u64, more: u32| {
+            let w = d.start_run(page, last, 1024);
+            for _ in 0..more {
+                d.continue_run();
+            }
+            w
+        };
+        // A run over pages 100..=106 (faults at 100, 101 and 103, the last covering 103..=106).
+        assert_eq!(run(100, u64::MAX, 2), 1);
         // Random faults elsewhere start with one page, whatever came before.
-        assert_eq!(d.start_run(5000, 106, 1024), 1);
-        d.last.store(5000, Ordering::Relaxed);
-        assert_eq!(d.start_run(9000, 5000, 1024), 1);
-        d.last.store(9000, Ordering::Relaxed);
-        // The run at 100 again: its length, capped by the window allowed.
-        assert_eq!(d.start_run(100, 9000, 1024), 7);
-        d.last.store(100, Ordering::Relaxed);
-        assert_eq!(
-            d.start_run(100, 100, 4),
-            1,
-            "the last run at 100 was one page"
-        );
-        // Only a few runs are kept: after many others, the run at 100 is forgotten.
-        d.last.store(106, Ordering::Relaxed);
-        for k in 0..REMEMBERED_RUNS as u64 + 1 {
-            let start = 20_000 + 100 * k;
-            assert_eq!(d.start_run(start, d.last.load(Ordering::Relaxed), 1024), 1);
-            d.last.store(start + 1, Ordering::Relaxed);
+        assert_eq!(run(5000, 106, 0), 1);
+        assert_eq!(run(9000, 5000, 0), 1);
+        // The run at 100 again: its length at once.
+        assert_eq!(run(100, 9000, 0), 7);
+        // That run was one fault (its pages ahead may not have been read): the length halves each time
+        // a run at 100 is not continued, and is learned again when one is.
+        assert_eq!(run(100, 106, 0), 3);
+        assert_eq!(run(100, 102, 0), 1);
+        assert_eq!(run(100, 100, 1), 1);
+        assert_eq!(run(100, 109, 0), 10);
+        // A length once learned does not renew itself: a pass over 1024 pages from 0, then only page
+        // 0 read in every phase, fetches fewer pages ahead each time.
+        assert_eq!(run(0, 109, 5), 1);
+        let mut windows = Vec::new();
+        let mut last = 1023;
+        for _ in 0..12 {
+            let w = run(0, last, 0);
+            windows.push(w);
+            last = u64::from(w) - 1;
         }
-        assert_eq!(d.start_run(100, d.last.load(Ordering::Relaxed), 1024), 1);
+        assert_eq!(windows, [1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1, 1]);
+        // Only a few runs are kept: after many others, the run at 100 is forgotten.
+        let mut last = 0;
+        for k in 0..REMEMBERED_RUNS as u64 {
+            let start = 20_000 + 100 * k;
+            assert_eq!(run(start, last, 1), 1);
+            last = start + 1;
+        }
+        assert_eq!(run(100, last, 0), 1);
 
         let plain = Sequential::new(false);
         plain.start_run(100, u64::MAX, 1024);
-        plain.last.store(106, Ordering::Relaxed);
+        plain.continue_run();
         assert_eq!(plain.start_run(100, 106, 1024), 1);
     }
 

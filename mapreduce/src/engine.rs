@@ -185,6 +185,7 @@ impl MapReduce {
             budget: (config.memory_budget / threads as u64).max(1),
             fan_in: config.merge_fan_in,
             tables: std::sync::Mutex::new(Vec::new()),
+            buffers: std::sync::Mutex::new(Vec::new()),
         };
         let result = if dsm.rank() == Rank(0) {
             self.lead(job_id, &farm, &worker, config, threads)

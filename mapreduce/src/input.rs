@@ -202,7 +202,7 @@ pub(crate) fn read_split_into(split: &Split, limit: u64, data: &mut Vec<u8>) -> 
     let mut f = File::open(&split.file).map_err(what)?;
     f.seek(SeekFrom::Start(split.start)).map_err(what)?;
     data.clear();
-    data.reserve(split.len() as usize);
+    data.reserve_exact(split.len() as usize);
     // Into the buffer's spare room, without zeroing it first.
     let n = (&mut f).take(split.len()).read_to_end(data).map_err(what)?;
     if n as u64 != split.len() {

@@ -38,8 +38,11 @@ pub(crate) struct Worker<'a, J: Job> {
     /// The most runs one merge takes.
     pub(crate) fan_in: usize,
     /// Emptied tables of finished map tasks, whose allocations the next map tasks reuse (a table that
-    /// grew to a split's distinct keys need not grow again, page by page, for the next split).
+    /// grew to a split's distinct keys need not grow again, page by page, for the next split), and the
+    /// buffers they read their splits into. Both go when the first reduce starts (the reduce phase has a
+    /// budget of its own) and with the worker at the end of the job.
     pub(crate) tables: Mutex<Vec<Table<J>>>,
+    pub(crate) buffers: Mutex<Vec<Vec<u8>>>,
 }
 
 type Table<J> = rustc_hash::FxHashMap<<J as Job>::Key, <J as Job>::Value>;
@@ -112,14 +115,13 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-thread_local! {
-    /// The buffer a task slot reads its splits into, kept from one map task to the next.
-    static SPLIT_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-}
+/// The largest split buffer kept between map tasks (a larger one, made for a split of very long lines, is
+/// freed after its task), unless the per-task budget is smaller.
+const KEPT_BUFFER: u64 = 16 << 20;
 
-/// The largest split buffer a slot keeps between tasks (a larger one, made for a split of very long
-/// lines, is freed after its task).
-const KEPT_BUFFER: usize = 16 << 20;
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Where one map task's runs go, from any of its threads.
 struct RunSink<'a> {
@@ -205,12 +207,12 @@ impl<J: Job> Worker<'_, J> {
     }
 
     fn map(&self, id: u64, split: &Split, partitions: usize) -> Result<TaskResult, String> {
-        // The slot's buffer: taken for this map, given back after it (unless a long line made it large).
-        let mut data = SPLIT_BUFFER.take();
+        // A kept buffer: taken for this map, given back after it (unless a long line made it large).
+        let mut data = lock(&self.buffers).pop().unwrap_or_default();
         input::read_split_into(split, self.budget.max(input::MIN_SPLIT_LIMIT), &mut data)?;
         let result = self.map_split(id, split, &data, partitions);
-        if data.capacity() <= KEPT_BUFFER {
-            SPLIT_BUFFER.set(data);
+        if data.capacity() as u64 <= KEPT_BUFFER.min(self.budget) {
+            lock(&self.buffers).push(data);
         }
         result
     }
@@ -274,12 +276,7 @@ impl<J: Job> Worker<'_, J> {
             }
             Ok(())
         };
-        let table = self
-            .tables
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default();
+        let table = lock(&self.tables).pop().unwrap_or_default();
         let mut emit = Emitter::with_table(combiner, self.budget, &mut spill, table);
         let mut at = split.start;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -305,11 +302,7 @@ impl<J: Job> Worker<'_, J> {
         }
         let held = emit.take();
         let counters = std::mem::take(&mut emit.counters);
-        let table = emit.into_table();
-        self.tables
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(table);
+        lock(&self.tables).push(emit.into_table());
         Ok((held, counters))
     }
 
@@ -406,6 +399,9 @@ impl<J: Job> Worker<'_, J> {
         sources: &[Source],
         output: &Path,
     ) -> Result<TaskResult, String> {
+        // The map phase is over (a map redone after a failure makes its buffers anew).
+        lock(&self.tables).clear();
+        lock(&self.buffers).clear();
         let (mut runs, fetched) = match self.locate(id, partition, sources) {
             Ok(r) => r,
             Err(result) => return Ok(result),
