@@ -63,6 +63,24 @@ done
 done
 unset DSM_TRANSPORT
 
+# The MPI transport with a send buffer far smaller than what moves at once (read-ahead replies of 4 MiB,
+# a shuffle): flow control keeps every connection within its share instead of overflowing MPI_Bsend.
+export DSM_TRANSPORT=mpi DSM_MPI_SEND_BUFFER=256K
+expect "readahead ok" 3 "$(job 3 $bin/dsm-check readahead)"
+expect "counter ok: 600" 2 "$(job 2 $bin/dsm-check counter --rounds 300)"
+out=$(mktemp -d)
+job 2 $bin/wordcount examples/data/devils-dictionary.txt --output "$out/counts" --quiet --top 0 >/dev/null
+[ "$(cat "$out"/counts/part-* | wc -l)" -gt 1000 ] || fail "wordcount with a small MPI send buffer wrote too little"
+passed=$((passed + 1))
+rm -rf "$out"
+# A buffer too small for the job's connections: a clear error naming the variable.
+if out=$(DSM_MPI_SEND_BUFFER=64K timeout 60 mpirun -n 3 $bin/hello 2>&1); then
+    fail "a send buffer too small for the job was accepted: $out"
+fi
+grep -q "set DSM_MPI_SEND_BUFFER to at least" <<<"$out" || fail "no word of the send buffer in: $out"
+passed=$((passed + 1))
+unset DSM_TRANSPORT DSM_MPI_SEND_BUFFER
+
 # A transport that does not exist: the variable named, with what it takes. One rank, so that the message
 # is not interleaved with another rank's copy of it (mpirun merges the ranks' standard error unbuffered).
 if out=$(DSM_TRANSPORT=udp timeout 60 mpirun -n 1 $bin/hello 2>&1); then

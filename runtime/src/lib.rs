@@ -190,9 +190,15 @@ impl Runtime {
             _ => None,
         })?
         .unwrap_or(mpi_join::Carrier::Tcp);
+        let send_buffer = env::get(
+            "DSM_MPI_SEND_BUFFER",
+            "a size in bytes from 64K to 2047M (K, M, G suffixes)",
+            |s| env::bytes(s).filter(|b| (64 << 10..=2047 << 20).contains(b)),
+        )?
+        .unwrap_or(mpi_bridge::SEND_BUFFER);
         // Everything that can fail on this rank's own settings is read before joining.
         let options = Self::options()?;
-        let joined = mpi_join::join(bind, Duration::from_secs(timeout), carrier)?;
+        let joined = mpi_join::join(bind, Duration::from_secs(timeout), carrier, send_buffer)?;
         let mut builder = options.rank(joined.rank, joined.size);
         if let Some(t) = joined.transport {
             builder = builder.transport(t);

@@ -5,7 +5,11 @@
 //!
 //! Each connection of a channel to a peer has its own MPI tag (channel x direction), so bytes arrive in
 //! order per connection. Sends are buffered (`MPI_Bsend` into an attached buffer), so two bridges sending
-//! to each other never wait for each other. A connection's end is sent as an empty message. The bridge
+//! to each other never wait for each other, and flow-controlled so that the buffer never overflows: each
+//! connection may have at most its share of the buffer in flight (its window), and the receiving bridge
+//! gives credit back with an acknowledgement once it has passed the bytes on to its socket, so a rank
+//! that does not read (or many ranks sending to one) slows the senders down instead of failing
+//! `MPI_Bsend`. A connection's end is sent as an empty message. The bridge
 //! polls MPI and its sockets while there is traffic, spins briefly when it stops, then sleeps in `ppoll` on
 //! its sockets for growing intervals (MPI cannot wake it), which bounds a waiting rank's CPU use at the
 //! cost of latency for the first message after a quiet spell.
@@ -27,8 +31,17 @@ use std::time::{Duration, Instant};
 
 /// The most bytes one MPI message carries.
 const CHUNK: usize = 64 << 10;
-/// The buffer attached for buffered sends.
+/// The buffer attached for buffered sends, unless `DSM_MPI_SEND_BUFFER` says otherwise.
 pub(crate) const SEND_BUFFER: usize = 64 << 20;
+/// What one message is counted as taking of the send buffer beyond its bytes: at least the MPI library's
+/// `MPI_BSEND_OVERHEAD` (MPICH's is under 100 bytes, Open MPI's 0).
+const MESSAGE_COST: usize = 512;
+/// An acknowledgement: the tag the acknowledged bytes came with (4 bytes) and their cost (8 bytes).
+const ACK_LEN: usize = 12;
+/// Acknowledgements one connection can have in flight at once (one per quarter of a window, and one more).
+const ACKS_IN_FLIGHT: usize = 5;
+/// The smallest piece a connection may send at once: below this the buffer is too small for the job.
+const MIN_PIECE: usize = 1 << 10;
 /// How long the bridge polls without traffic before it starts to sleep.
 const SPIN: Duration = Duration::from_micros(500);
 /// The longest sleep between looks at MPI when nothing happens.
@@ -41,13 +54,50 @@ pub(crate) type Bridge = Arc<Mutex<Option<JoinHandle<()>>>>;
 #[derive(Debug)]
 pub(crate) struct MpiTransport {
     pub(crate) bridge: Bridge,
+    /// The size of the buffer attached for buffered sends.
+    pub(crate) send_buffer: usize,
+}
+
+/// How much each connection may have in flight, and the largest message it sends, for `links`
+/// connections sharing a send buffer of `buffer` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Credit {
+    window: usize,
+    piece: usize,
+}
+
+impl Credit {
+    fn new(buffer: usize, links: usize) -> dsm::Result<Credit> {
+        let links = links.max(1);
+        // Every connection's acknowledgements and its end message are set aside first.
+        let reserve = links * (ACKS_IN_FLIGHT * (ACK_LEN + MESSAGE_COST) + MESSAGE_COST);
+        let window = buffer.saturating_sub(reserve) / links;
+        // At least two pieces in flight per connection, so that a sender never waits for a whole round
+        // trip between two of them.
+        let piece = (window / 2).saturating_sub(MESSAGE_COST).min(CHUNK);
+        if piece < MIN_PIECE {
+            let need = links * (2 * (MIN_PIECE + MESSAGE_COST)) + reserve;
+            return Err(DsmError::Config(format!(
+                "the MPI send buffer of {buffer} bytes is too small for this job's {links} connections: set DSM_MPI_SEND_BUFFER to at least {need} (or use fewer DSM_CHANNELS)"
+            )));
+        }
+        Ok(Credit { window, piece })
+    }
 }
 
 /// One connection's bridge end.
 struct Link {
     peer: i32,
     send_tag: i32,
+    /// The tag this connection's bytes arrive with (the peer's `send_tag` for it).
+    recv_tag: i32,
     stream: UnixStream,
+    /// Sending: the cost of what was sent and not yet acknowledged.
+    in_flight: usize,
+    /// Receiving: the cost of what arrived and is not yet all written to the socket, and of what was
+    /// written and not yet acknowledged.
+    arrived: usize,
+    to_ack: usize,
     /// Bytes from MPI not yet written to the socket.
     pending: Vec<u8>,
     written: usize,
@@ -60,8 +110,9 @@ struct Link {
 }
 
 /// The first MPI tag of the transport's messages on `MPI_COMM_WORLD`: tags from here up to
-/// `TAG_BASE + 2 x channels` are the transport's (MPI guarantees tags up to 32767), and it only ever
-/// receives those, so a program's own MPI messages on other tags pass it by.
+/// `TAG_BASE + 2 x channels` (that last one for acknowledgements) are the transport's (MPI guarantees
+/// tags up to 32767, and channels are at most 64), and it only ever receives those, so a program's own MPI
+/// messages on other tags pass it by.
 const TAG_BASE: i32 = 32_000;
 
 fn tag(channel: usize, reply: bool) -> i32 {
@@ -91,12 +142,12 @@ impl Transport for MpiTransport {
                 // This rank's requests on channel c to r go out tagged as requests; r's replies come back
                 // tagged as replies.
                 route.insert((r as i32, tag(c, true)), links.len());
-                links.push(Link::new(r as i32, tag(c, false), other));
+                links.push(Link::new(r as i32, tag(c, false), tag(c, true), other));
                 // r's requests on its channel c arrive here and are answered with replies.
                 let (app, other) = pair()?;
                 incoming.push((Rank(r as u32), OwnedFd::from(app)));
                 route.insert((r as i32, tag(c, false)), links.len());
-                links.push(Link::new(r as i32, tag(c, true), other));
+                links.push(Link::new(r as i32, tag(c, true), tag(c, false), other));
             }
         }
         for l in &links {
@@ -104,9 +155,10 @@ impl Transport for MpiTransport {
                 DsmError::Config(format!("a non-blocking socket for the MPI transport: {e}"))
             })?;
         }
+        let credit = Credit::new(self.send_buffer, links.len())?;
         let handle = std::thread::Builder::new()
             .name("dsm-mpi-bridge".into())
-            .spawn(move || bridge(links, route, channels))
+            .spawn(move || bridge(links, route, channels, credit))
             .map_err(|e| DsmError::Config(format!("starting the MPI bridge thread: {e}")))?;
         *self.bridge.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         Ok(Mesh { outgoing, incoming })
@@ -118,11 +170,15 @@ impl Transport for MpiTransport {
 }
 
 impl Link {
-    fn new(peer: i32, send_tag: i32, stream: UnixStream) -> Link {
+    fn new(peer: i32, send_tag: i32, recv_tag: i32, stream: UnixStream) -> Link {
         Link {
             peer,
             send_tag,
+            recv_tag,
             stream,
+            in_flight: 0,
+            arrived: 0,
+            to_ack: 0,
             pending: Vec::new(),
             written: 0,
             local_done: false,
@@ -150,6 +206,8 @@ impl Link {
         }
         self.pending.clear();
         self.written = 0;
+        // Everything that arrived is in the socket now: its cost can go back to the sender.
+        self.to_ack += std::mem::take(&mut self.arrived);
         if self.remote_done && !self.shut {
             let _ = self.stream.shutdown(Shutdown::Write);
             self.shut = true;
@@ -163,22 +221,40 @@ impl Link {
 }
 
 /// Moves bytes until every connection has ended on both sides.
-fn bridge(mut links: Vec<Link>, route: HashMap<(i32, i32), usize>, channels: usize) {
+fn bridge(
+    mut links: Vec<Link>,
+    route: HashMap<(i32, i32), usize>,
+    channels: usize,
+    credit: Credit,
+) {
     let tags: Vec<i32> = (0..channels)
         .flat_map(|c| [tag(c, false), tag(c, true)])
         .collect();
+    let ack_tag = tag(channels, false);
+    // Acknowledgements name the connection by the peer and the tag its bytes were sent with.
+    let acked: HashMap<(i32, i32), usize> = links
+        .iter()
+        .enumerate()
+        .map(|(i, l)| ((l.peer, l.send_tag), i))
+        .collect();
     let world = mpi::topology::SimpleCommunicator::world();
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; credit.piece];
     let mut quiet_since: Option<Instant> = None;
     let mut nap = Duration::from_micros(10);
+    // Room for one more piece (or the end message) within a connection's window.
+    let has_credit = |l: &Link| l.in_flight + credit.piece + MESSAGE_COST <= credit.window;
     loop {
         let mut moved = false;
         for l in links.iter_mut().filter(|l| !l.local_done) {
+            if !has_credit(l) {
+                continue; // until the peer acknowledges what it has passed on
+            }
             match l.stream.read(&mut buf) {
                 Ok(n) if n > 0 => {
                     world
                         .process_at_rank(l.peer)
                         .buffered_send_with_tag(&buf[..n], l.send_tag);
+                    l.in_flight += n + MESSAGE_COST;
                     moved = true;
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
@@ -189,8 +265,22 @@ fn bridge(mut links: Vec<Link>, route: HashMap<(i32, i32), usize>, channels: usi
                     world
                         .process_at_rank(l.peer)
                         .buffered_send_with_tag(&buf[..0], l.send_tag);
+                    l.in_flight += MESSAGE_COST;
                     moved = true;
                 }
+            }
+        }
+        while let Some(probed) = world
+            .any_process()
+            .immediate_matched_probe_with_tag(ack_tag)
+        {
+            let (data, status) = probed.matched_receive_vec::<u8>();
+            moved = true;
+            let Some((t, cost)) = decode_ack(&data) else {
+                continue;
+            };
+            if let Some(&i) = acked.get(&(status.source_rank(), t)) {
+                links[i].in_flight = links[i].in_flight.saturating_sub(cost);
             }
         }
         for &t in &tags {
@@ -201,6 +291,7 @@ fn bridge(mut links: Vec<Link>, route: HashMap<(i32, i32), usize>, channels: usi
                     continue;
                 };
                 let l = &mut links[i];
+                l.arrived += data.len() + MESSAGE_COST;
                 if data.is_empty() {
                     l.remote_done = true;
                 } else {
@@ -215,6 +306,19 @@ fn bridge(mut links: Vec<Link>, route: HashMap<(i32, i32), usize>, channels: usi
         {
             moved |= l.flush();
         }
+        // Credit goes back once a quarter of a window has been passed on (a sender that waits for credit
+        // has more than that in flight, so it always gets some). Not after the peer's end: it sends
+        // nothing more.
+        for l in links
+            .iter_mut()
+            .filter(|l| !l.remote_done && l.to_ack >= credit.window / 4)
+        {
+            let ack = encode_ack(l.recv_tag, std::mem::take(&mut l.to_ack));
+            world
+                .process_at_rank(l.peer)
+                .buffered_send_with_tag(&ack[..], ack_tag);
+            moved = true;
+        }
         if links.iter().all(Link::idle) {
             return;
         }
@@ -228,13 +332,58 @@ fn bridge(mut links: Vec<Link>, route: HashMap<(i32, i32), usize>, channels: usi
             std::hint::spin_loop();
             continue;
         }
-        // Sleep until a socket has bytes, or for a while (MPI messages cannot wake this thread).
+        // Sleep until a socket with credit has bytes, or for a while (MPI messages, acknowledgements among
+        // them, cannot wake this thread).
         let mut fds: Vec<PollFd<'_>> = links
             .iter()
-            .filter(|l| !l.local_done)
+            .filter(|l| !l.local_done && has_credit(l))
             .map(|l| PollFd::new(l.stream.as_fd(), PollFlags::POLLIN))
             .collect();
         let _ = ppoll(&mut fds, Some(TimeSpec::from_duration(nap)), None);
         nap = (nap * 2).min(MAX_NAP);
+    }
+}
+
+fn encode_ack(tag: i32, cost: usize) -> [u8; ACK_LEN] {
+    let mut ack = [0u8; ACK_LEN];
+    ack[..4].copy_from_slice(&tag.to_le_bytes());
+    ack[4..].copy_from_slice(&(cost as u64).to_le_bytes());
+    ack
+}
+
+fn decode_ack(data: &[u8]) -> Option<(i32, usize)> {
+    let data: &[u8; ACK_LEN] = data.try_into().ok()?;
+    let tag = i32::from_le_bytes(data[..4].try_into().ok()?);
+    let cost = u64::from_le_bytes(data[4..].try_into().ok()?);
+    Some((tag, usize::try_from(cost).unwrap_or(usize::MAX)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credit_shares_the_buffer_and_refuses_a_buffer_too_small() {
+        let c = Credit::new(SEND_BUFFER, 12).unwrap();
+        assert_eq!(c.piece, CHUNK, "a few connections send whole chunks");
+        assert!(c.window * 12 <= SEND_BUFFER);
+        // Many connections: smaller pieces, still two in flight each, and the whole within the buffer.
+        let links = 2 * 63 * 4;
+        let c = Credit::new(SEND_BUFFER, links).unwrap();
+        assert!(c.piece < CHUNK && c.piece >= MIN_PIECE, "{c:?}");
+        assert!(2 * (c.piece + MESSAGE_COST) <= c.window);
+        let reserve = links * (ACKS_IN_FLIGHT * (ACK_LEN + MESSAGE_COST) + MESSAGE_COST);
+        assert!(c.window * links + reserve <= SEND_BUFFER);
+        let e = Credit::new(64 << 10, links).unwrap_err().to_string();
+        assert!(e.contains("DSM_MPI_SEND_BUFFER"), "{e}");
+    }
+
+    #[test]
+    fn acknowledgements_travel_whole() {
+        assert_eq!(
+            decode_ack(&encode_ack(32_005, 70_000)),
+            Some((32_005, 70_000))
+        );
+        assert_eq!(decode_ack(&[1, 2, 3]), None);
     }
 }

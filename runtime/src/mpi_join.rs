@@ -5,7 +5,7 @@
 //! funneled thread level is all it must provide; it is finalized when the `Runtime` is dropped, after the
 //! job's final barrier.
 
-use crate::mpi_bridge::{Bridge, MpiTransport, SEND_BUFFER};
+use crate::mpi_bridge::{Bridge, MpiTransport};
 use crate::RuntimeError;
 use dsm::transport::tcp::TcpTransport;
 use dsm::transport::Transport;
@@ -148,6 +148,7 @@ pub(crate) fn join(
     bind: Option<IpAddr>,
     timeout: Duration,
     carrier: Carrier,
+    send_buffer: usize,
 ) -> Result<Joined, RuntimeError> {
     // The TCP carrier calls MPI only here, on this thread; the MPI carrier's bridge thread calls it while
     // the program may too (a benchmark's raw round trips).
@@ -165,11 +166,11 @@ pub(crate) fn join(
         )));
     }
     if carrier == Carrier::Mpi {
-        universe.set_buffer_size(SEND_BUFFER);
+        universe.set_buffer_size(send_buffer);
     }
     let world = universe.world();
     let bridge: Bridge = Arc::new(Mutex::new(None));
-    match connect(&world, timeout, bind, carrier, &bridge) {
+    match connect(&world, timeout, bind, carrier, send_buffer, &bridge) {
         Ok((rank, size, transport)) => Ok(Joined {
             rank,
             size,
@@ -206,6 +207,7 @@ fn connect(
     timeout: Duration,
     bind: Option<IpAddr>,
     carrier: Carrier,
+    send_buffer: usize,
     bridge: &Bridge,
 ) -> Result<Connected, RuntimeError> {
     let rank = world.rank() as usize;
@@ -242,6 +244,7 @@ fn connect(
     if carrier == Carrier::Mpi {
         let transport = MpiTransport {
             bridge: bridge.clone(),
+            send_buffer,
         };
         return Ok((Rank(rank as u32), size, Some(Box::new(transport))));
     }
