@@ -34,7 +34,7 @@ const CHUNK: usize = 64 << 10;
 /// The buffer attached for buffered sends, unless `DSM_MPI_SEND_BUFFER` says otherwise.
 pub(crate) const SEND_BUFFER: usize = 64 << 20;
 /// What one message is counted as taking of the send buffer beyond its bytes: at least the MPI library's
-/// `MPI_BSEND_OVERHEAD` (MPICH's is under 100 bytes, Open MPI's 0).
+/// `MPI_BSEND_OVERHEAD` and alignment (MPICH 4.0's overhead is 96 bytes, Open MPI's of the same order).
 const MESSAGE_COST: usize = 512;
 /// An acknowledgement: the tag the acknowledged bytes came with (4 bytes) and their cost (8 bytes).
 const ACK_LEN: usize = 12;
@@ -215,8 +215,14 @@ impl Link {
         moved
     }
 
+    /// Both ends reached, everything passed on, and every message acknowledged both ways (so that no
+    /// acknowledgement is still on its way when MPI is finalized).
     fn idle(&self) -> bool {
-        self.local_done && self.remote_done && self.pending.is_empty()
+        self.local_done
+            && self.remote_done
+            && self.pending.is_empty()
+            && self.in_flight == 0
+            && self.to_ack == 0
     }
 }
 
@@ -307,12 +313,13 @@ fn bridge(
             moved |= l.flush();
         }
         // Credit goes back once a quarter of a window has been passed on (a sender that waits for credit
-        // has more than that in flight, so it always gets some). Not after the peer's end: it sends
-        // nothing more.
-        for l in links
-            .iter_mut()
-            .filter(|l| !l.remote_done && l.to_ack >= credit.window / 4)
-        {
+        // has more than that in flight, so it always gets some), and once more, for everything, when the
+        // peer's end has been passed on: the last acknowledgement on the connection, which the peer waits
+        // for before its bridge ends.
+        for l in links.iter_mut().filter(|l| {
+            l.to_ack > 0
+                && (l.to_ack >= credit.window / 4 || (l.remote_done && l.pending.is_empty()))
+        }) {
             let ack = encode_ack(l.recv_tag, std::mem::take(&mut l.to_ack));
             world
                 .process_at_rank(l.peer)
