@@ -435,11 +435,13 @@ impl LockGuard<'_> {
         // Every notice this rank knows since the last barrier, its earlier intervals included: vector clocks
         // are sound only if learning a rank's interval k brings its intervals before k along. (Passing only
         // what was new since the grant lost updates: an acquirer could learn interval k through this lock
-        // without interval k-1, issued under another lock, and later skip it.) The lock's home keeps the
-        // union and grants each acquirer only what its clock does not cover.
-        let notices = {
+        // without interval k-1, issued under another lock, and later skip it.) Less what this rank passed
+        // through this same lock before: the lock's home keeps the union (forgetting only what every rank
+        // has seen) and grants each acquirer what its clock does not cover.
+        let (notices, clock) = {
             let rc = s.rc.lock().unwrap_or_else(|p| p.into_inner());
-            crate::rc::encode_notices(&rc.notices_to_pass())
+            let (notices, clock) = rc.notices_to_pass(self.id);
+            (crate::rc::encode_notices(&notices), clock)
         };
         let ch = s.channels.claim();
         let sent = ch.send(
@@ -448,6 +450,11 @@ impl LockGuard<'_> {
             &Request::LockRelease { lock: self.id },
             &[&notices],
         );
+        if sent.is_ok() {
+            s.rc.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .passed_through(self.id, clock);
+        }
         released?;
         sent.map_err(|e| s.peer_error(home, crate::channel::RecvError::Sys(e)))
     }

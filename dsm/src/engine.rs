@@ -56,7 +56,7 @@ struct LockServer {
     /// Release consistency: the write notices the lock's holders passed on that not every rank has seen yet
     /// (trimmed with `Shared::lock_cut` at each release), for the next holders (each grant carries those the
     /// acquirer's clock does not cover).
-    notices: Vec<crate::protocol::release::WriteNotice>,
+    notices: crate::protocol::release::NoticeSet,
 }
 
 /// The state of the service loop of one rank.
@@ -381,7 +381,7 @@ impl Engine {
                     l.waiters.push_back((idx, clock));
                 } else {
                     l.held = true;
-                    let grant = crate::rc::encode_notices(&unseen(&l.notices, &clock));
+                    let grant = crate::rc::encode_notices(&l.notices.unseen(&clock));
                     self.reply(idx, &Reply::LockGranted, &[&grant]);
                 }
             }
@@ -402,25 +402,16 @@ impl Engine {
                     // Notices every rank has seen are dropped, so that a lock's union does not grow for
                     // the whole job.
                     if let Some(cut) = cut.as_ref() {
-                        l.notices.retain(|n| !cut.covers(n));
+                        l.notices.forget_covered(cut);
                     }
                     for n in passed {
-                        if cut.as_ref().is_some_and(|c| c.covers(&n)) {
-                            continue;
-                        }
-                        if !l
-                            .notices
-                            .iter()
-                            .any(|k| k.rank == n.rank && k.interval == n.interval)
-                        {
-                            l.notices.push(n);
+                        if !cut.as_ref().is_some_and(|c| c.covers(&n)) {
+                            l.notices.insert(n);
                         }
                     }
                     let next = l.waiters.pop_front();
                     l.held = next.is_some();
-                    next.map(|(w, clock)| {
-                        (w, crate::rc::encode_notices(&unseen(&l.notices, &clock)))
-                    })
+                    next.map(|(w, clock)| (w, crate::rc::encode_notices(&l.notices.unseen(&clock))))
                 });
                 drop(cut);
                 if let Some((w, grant)) = next {
@@ -1202,13 +1193,6 @@ fn say(line: &str) {
 }
 
 /// The notices of `all` that a rank with `clock` has not seen.
-fn unseen(
-    all: &[crate::protocol::release::WriteNotice],
-    clock: &crate::protocol::release::VectorClock,
-) -> Vec<crate::protocol::release::WriteNotice> {
-    all.iter().filter(|n| !clock.covers(n)).cloned().collect()
-}
-
 /// How the service loop's thread is scheduled relative to the application's threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ServicePriority {

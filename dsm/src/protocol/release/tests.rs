@@ -30,7 +30,7 @@ struct Sim {
     model: Vec<Vec<u8>>,
     owner: Vec<Vec<usize>>,
     /// Per lock, as the engine's lock server: the union of the notices its holders passed on.
-    lock_notices: Vec<Vec<WriteNotice>>,
+    lock_notices: Vec<NoticeSet>,
     in_barrier: Vec<bool>,
     counter_model: Vec<u64>,
     checks: u64,
@@ -58,7 +58,7 @@ impl Sim {
                 .collect(),
             model: vec![vec![0; PAGE_SIZE]; pages],
             owner: Vec::new(),
-            lock_notices: vec![Vec::new(); LOCKS],
+            lock_notices: vec![NoticeSet::default(); LOCKS],
             in_barrier: vec![false; ranks],
             counter_model: vec![0; LOCKS],
             checks: 0,
@@ -199,15 +199,12 @@ impl Sim {
             }
             7..=8 => {
                 // A critical section on one of the counters. As in the engine, the grant carries the lock's
-                // notices that the acquirer's clock does not cover, and the release passes every notice the
-                // releaser knows, which the lock's home adds to its union.
+                // notices that the acquirer's clock does not cover, and the release passes the notices the
+                // releaser knows and has not passed through this lock before, which the lock's home adds to
+                // its union.
                 let lock = rng.random_range(0..LOCKS);
                 let clock = self.rc[r].clock().clone();
-                let grant: Vec<WriteNotice> = self.lock_notices[lock]
-                    .iter()
-                    .filter(|n| !clock.covers(n))
-                    .cloned()
-                    .collect();
+                let grant = self.lock_notices[lock].unseen(&clock);
                 self.acquire(r, &grant);
                 let c = self.counter(r, lock);
                 assert_eq!(
@@ -221,14 +218,11 @@ impl Sim {
                 }
                 self.counter_model[lock] = c + 1;
                 self.release(r);
-                for n in self.rc[r].notices_to_pass() {
-                    if !self.lock_notices[lock]
-                        .iter()
-                        .any(|k| k.rank == n.rank && k.interval == n.interval)
-                    {
-                        self.lock_notices[lock].push(n);
-                    }
+                let (passed, clock) = self.rc[r].notices_to_pass(lock as u64);
+                for n in passed {
+                    self.lock_notices[lock].insert(n);
                 }
+                self.rc[r].passed_through(lock as u64, clock);
                 self.checks += 1;
             }
             _ => {
@@ -253,7 +247,7 @@ impl Sim {
             // As in the engine: lock homes forget the notices of the barrier before this one.
             if let Some(stable) = self.rc[r].barrier_done(&all) {
                 for notices in &mut self.lock_notices {
-                    notices.retain(|n| !stable.covers(n));
+                    notices.forget_covered(&stable);
                 }
             }
             self.in_barrier[r] = false;
@@ -287,12 +281,12 @@ fn a_rank_that_acquires_invalidates_what_others_wrote_except_its_home_pages() {
     let notice = rel.notice.unwrap();
     assert_eq!((notice.rank, notice.interval), (Rank(1), 1));
     // Rank 0 is the home of page 4 (even pages here): it keeps it.
-    let acq = a.acquire(&b.notices_to_pass(), |k| k.page % 2 == 0);
+    let acq = a.acquire(&b.notices_to_pass(0).0, |k| k.page % 2 == 0);
     assert_eq!(acq.invalidate, vec![key(3)]);
     assert!(acq.flush.is_empty());
     // The same notices again change nothing.
     assert_eq!(
-        a.acquire(&b.notices_to_pass(), |_| false),
+        a.acquire(&b.notices_to_pass(0).0, |_| false),
         Acquire::default()
     );
     assert_eq!(a.clock().0, vec![0, 1]);
@@ -306,7 +300,7 @@ fn a_page_written_here_and_elsewhere_is_flushed_before_it_is_dropped() {
     b.on_write(key(1), false);
     let notices = {
         b.release();
-        b.notices_to_pass()
+        b.notices_to_pass(0).0
     };
     let acq = a.acquire(&notices, |_| false);
     assert_eq!(acq.flush, vec![key(1)]);
@@ -350,14 +344,14 @@ fn a_notice_learned_through_a_lock_but_not_exchanged_survives_the_barrier() {
     assert!(exchanged_by_r1.is_empty());
     r1.on_write(key(5), false);
     r1.release();
-    r0.acquire(&r1.notices_to_pass(), |_| false);
+    r0.acquire(&r1.notices_to_pass(0).0, |_| false);
     assert_eq!(r0.clock().0, vec![0, 1, 0]);
     assert_eq!(
         r0.barrier_done(&exchanged_by_r1),
         None,
         "no barrier before this one"
     );
-    let passed = r0.notices_to_pass();
+    let passed = r0.notices_to_pass(0).0;
     assert!(
         passed.iter().any(|n| n.rank == Rank(1) && n.interval == 1),
         "interval 1 of rank 1 was dropped: {passed:?}"
@@ -377,10 +371,10 @@ fn a_notice_learned_through_a_lock_but_not_exchanged_survives_the_barrier() {
         !stable.covers(&exchanged[0]),
         "the first barrier exchanged nothing of rank 1"
     );
-    assert_eq!(r0.notices_to_pass().len(), 1);
+    assert_eq!(r0.notices_to_pass(0).0.len(), 1);
     let stable = r0.barrier_done(&[]).expect("the cut of the second barrier");
     assert!(stable.covers(&exchanged[0]));
-    assert!(r0.notices_to_pass().is_empty());
+    assert!(r0.notices_to_pass(0).0.is_empty());
 }
 
 #[test]
@@ -402,9 +396,92 @@ fn a_later_interval_learned_through_a_lock_does_not_hide_an_earlier_one_a_barrie
     r1.barrier_done(&exchanged);
     r1.on_write(key(6), false);
     r1.release();
-    let mut dropped = r0.acquire(&r1.notices_to_pass(), |_| false).invalidate;
+    let mut dropped = r0.acquire(&r1.notices_to_pass(0).0, |_| false).invalidate;
     dropped.extend(r0.acquire(&exchanged, |_| false).invalidate);
     r0.barrier_done(&exchanged);
     dropped.sort();
     assert_eq!(dropped, vec![key(5), key(6)], "rank 0 kept a stale page");
+}
+
+fn notice(rank: u32, interval: u32, page: u64) -> WriteNotice {
+    WriteNotice {
+        rank: Rank(rank),
+        interval,
+        pages: vec![key(page as usize)],
+    }
+}
+
+#[test]
+fn a_notice_set_keeps_one_of_each_forgets_what_a_cut_covers_and_finds_what_a_clock_lacks() {
+    let mut set = NoticeSet::default();
+    for (r, i) in [(2, 1), (0, 3), (0, 1), (2, 2), (0, 2), (0, 3)] {
+        set.insert(notice(r, i, u64::from(10 * r + i)));
+    }
+    assert_eq!(set.len(), 5, "the second (0, 3) is the same notice");
+    let keys = |v: Vec<WriteNotice>| v.iter().map(|n| (n.rank.0, n.interval)).collect::<Vec<_>>();
+    assert_eq!(keys(set.all()), [(0, 1), (0, 2), (0, 3), (2, 1), (2, 2)]);
+    assert_eq!(
+        keys(set.unseen(&VectorClock(vec![2, 0, 1]))),
+        [(0, 3), (2, 2)]
+    );
+    // A clock shorter than the job, or at the end of the counter, covers what it can.
+    assert_eq!(keys(set.unseen(&VectorClock(vec![3]))), [(2, 1), (2, 2)]);
+    assert!(set.unseen(&VectorClock(vec![u32::MAX; 3])).is_empty());
+    set.forget_covered(&VectorClock(vec![2, 5, 0]));
+    assert_eq!(keys(set.all()), [(0, 3), (2, 1), (2, 2)]);
+    assert_eq!(set.len(), 3);
+    set.forget_covered(&VectorClock(vec![u32::MAX, 0, 2]));
+    assert!(set.is_empty() && set.all().is_empty());
+}
+
+#[test]
+fn a_release_passes_through_a_lock_only_what_it_did_not_pass_before_and_nothing_is_lost() {
+    // Three ranks take turns on two locks, with no barrier: rank 0 writes under lock A, rank 1 takes A
+    // and releases lock B, rank 2 takes B and must drop rank 0's page (transitively), and every release
+    // passes only what is new for its lock.
+    let mut rc: Vec<RcRank> = (0..3).map(|r| RcRank::new(Rank(r), 3)).collect();
+    let mut union = [NoticeSet::default(), NoticeSet::default()];
+    let (a, b) = (0usize, 1usize);
+    let take = |rc: &mut RcRank, union: &NoticeSet| {
+        let grant = union.unseen(rc.clock());
+        rc.acquire(&grant, |_| false).invalidate
+    };
+    let give = |rc: &mut RcRank, union: &mut NoticeSet, lock: usize| {
+        let (passed, clock) = rc.notices_to_pass(lock as u64);
+        let n = passed.len();
+        for p in passed {
+            union.insert(p);
+        }
+        rc.passed_through(lock as u64, clock);
+        n
+    };
+    for round in 1..=50u64 {
+        take(&mut rc[0], &union[a]);
+        rc[0].on_write(key(round as usize), false);
+        rc[0].release();
+        assert!(
+            give(&mut rc[0], &mut union[a], a) <= 1,
+            "rank 0 passes its new interval only"
+        );
+        let dropped = take(&mut rc[1], &union[a]);
+        assert_eq!(dropped, vec![key(round as usize)]);
+        rc[1].release();
+        give(&mut rc[1], &mut union[a], a);
+        take(&mut rc[1], &union[b]);
+        rc[1].release();
+        let passed = give(&mut rc[1], &mut union[b], b);
+        assert!(
+            passed <= 2,
+            "round {round}: rank 1 passed {passed} notices through B"
+        );
+        let dropped = take(&mut rc[2], &union[b]);
+        assert_eq!(
+            dropped,
+            vec![key(round as usize)],
+            "round {round}: rank 2 kept a stale page"
+        );
+        rc[2].release();
+        give(&mut rc[2], &mut union[b], b);
+    }
+    assert_eq!(union[a].len(), 50);
 }
