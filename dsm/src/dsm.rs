@@ -451,6 +451,8 @@ impl LockGuard<'_> {
             &[&notices],
         );
         if sent.is_ok() {
+            // The clock of the snapshot, not the rank's clock now: another thread may have learned notices
+            // since, which this release did not pass.
             s.rc.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .passed_through(self.id, clock);

@@ -485,3 +485,16 @@ fn a_release_passes_through_a_lock_only_what_it_did_not_pass_before_and_nothing_
     }
     assert_eq!(union[a].len(), 50);
 }
+
+#[test]
+fn a_notice_learned_between_passing_and_recording_is_passed_next_time() {
+    // Another thread of the rank learns a notice between the release's snapshot and its record: the record
+    // must be the snapshot, or that notice would never go through this lock.
+    let mut x = RcRank::new(Rank(0), 2);
+    let (passed, clock) = x.notices_to_pass(7);
+    assert!(passed.is_empty());
+    x.acquire(&[notice(1, 1, 3)], |_| false);
+    x.passed_through(7, clock);
+    let (passed, _) = x.notices_to_pass(7);
+    assert_eq!(passed, vec![notice(1, 1, 3)]);
+}
