@@ -41,6 +41,10 @@ pub const MIN_MEMORY_BUDGET: u64 = 1 << 20;
 /// The most reduce partitions a job may have: every map keeps a run count and a buffer per partition, and
 /// reports its runs in a result of bounded size.
 pub const MAX_PARTITIONS: usize = 1 << 16;
+/// The most map tasks (splits) a job may have: every reduce task lists, for each map with output in its
+/// partition, where that output is (about 7 bytes each), in one task of at most the tuple space's 1 MiB
+/// field.
+pub const MAX_MAPS: usize = 131_072;
 /// The default most runs a reduce merges at once.
 pub const DEFAULT_MERGE_FAN_IN: usize = 128;
 

@@ -365,6 +365,14 @@ impl MapReduce {
             }
         }
         splits.extend(config.splits.iter().cloned());
+        if splits.len() > crate::config::MAX_MAPS {
+            return Err(MapReduceError::Config(format!(
+                "{} splits: a job has at most {} map tasks (every reduce task lists them); use larger splits (the split size is {} bytes)",
+                splits.len(),
+                crate::config::MAX_MAPS,
+                config.split_size
+            )));
+        }
         let out = &config.output;
         match std::fs::metadata(out) {
             Ok(m) if !m.is_dir() => {

@@ -108,8 +108,10 @@ pub(crate) struct Master {
     reduces: Vec<ReduceState>,
     next_id: u64,
     lost: BTreeSet<u32>,
-    /// How many of `maps` are `Done` (kept as they change: the master looks after every result).
+    /// How many of `maps` and of `reduces` are `Done` (kept as they change: the master looks after every
+    /// result, and counting them each time made a job of many partitions quadratic).
     done_maps: usize,
+    done_reduces: usize,
     /// Map tasks put again because the rank holding their output was lost.
     pub(crate) redone: usize,
 }
@@ -137,6 +139,7 @@ impl Master {
             next_id: 0,
             lost: BTreeSet::new(),
             done_maps: 0,
+            done_reduces: 0,
             redone: 0,
         }
     }
@@ -275,12 +278,9 @@ impl Master {
                         shuffled_bytes,
                         counters,
                     };
+                    self.done_reduces += 1;
                 }
-                if self
-                    .reduces
-                    .iter()
-                    .all(|r| matches!(r, ReduceState::Done { .. }))
-                {
+                if self.done_reduces == self.reduces.len() {
                     Step::Finished
                 } else {
                     Step::Put(Vec::new())

@@ -361,6 +361,19 @@ fn bad_input_and_output_are_clear_errors_on_every_rank() {
             let e = mr.run(&Words, &config).unwrap_err();
             assert!(matches!(e, MapReduceError::Config(_)), "{e}");
         }
+        // More splits than a reduce task can list: refused before any map runs.
+        let lines = dir.join("many-lines");
+        if me == Rank(0) {
+            std::fs::write(&lines, "a\n".repeat(dsm_mapreduce::MAX_MAPS + 10)).unwrap();
+        }
+        rt.dsm().barrier().unwrap();
+        let e = mr
+            .run(
+                &Words,
+                &JobConfig::new(dir.join("x")).input(&lines).split_size(1),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("use larger splits"), "{me}: {e}");
         // A split past the end of its file, and one that ends before it starts: rank 0 checks the
         // inputs, and every rank hears why the job did not start.
         for (start, end) in [(0, 1 << 40), (10, 5)] {
