@@ -10,7 +10,7 @@
 
 use crate::channel::write_frame;
 use crate::dsm::{FailurePolicy, Shared};
-use crate::fault::{set_state, unlock_slot};
+use crate::fault::{set_state, try_lock_slot, unlock_slot};
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
 use crate::region::{Consistency, SHARED};
 use crate::region::{
@@ -814,16 +814,10 @@ impl Engine {
         let mut run: Option<(u64, u64)> = None;
         for k in 1..u64::from(count) {
             let p = page + k;
-            if p >= region.pages || region.home(p) != me {
+            if !self.lock_following(region, p) {
                 break;
             }
             let lock = &region.slot(p).lock;
-            if lock
-                .compare_exchange(0, LOCKED, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
-                break;
-            }
             let slot = region.slot(p);
             let mut entry = slot.load();
             match swmr::decide(&mut entry, me, requester, Access::Read) {
@@ -873,16 +867,10 @@ impl Engine {
         let me = self.shared.me;
         for k in 1..u64::from(count) {
             let p = page + k;
-            if p >= region.pages || region.home(p) != me {
+            if !self.lock_following(region, p) {
                 break;
             }
             let lock = &region.slot(p).lock;
-            if lock
-                .compare_exchange(0, LOCKED, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
-                break;
-            }
             let slot = region.slot(p);
             let mut entry = slot.load();
             if entry.owner.is_some() {
@@ -902,6 +890,12 @@ impl Engine {
             slot.store(&entry);
             pages.push(p);
         }
+    }
+
+    /// Whether page `p`, following a faulting page, can go in the same reply: inside the region, homed
+    /// here, and its manager lock free and now taken.
+    fn lock_following(&self, region: &RegionShared, p: u64) -> bool {
+        p < region.pages && region.home(p) == self.shared.me && try_lock_slot(&region.slot(p).lock)
     }
 
     /// Write-protects a run of writable home pages `(start, count)` with one ioctl and marks them read-only.

@@ -171,6 +171,13 @@ pub(crate) fn lock_slot(lock: &AtomicU32) {
     }
 }
 
+/// Takes a manager lock only if it is free with nothing queued on it, without waiting: for pages taken
+/// along with another (read-ahead, write-ahead, zero fills), where a busy page ends the run.
+pub(crate) fn try_lock_slot(lock: &AtomicU32) -> bool {
+    lock.compare_exchange(0, LOCKED, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
 /// Releases a manager lock; returns whether the service loop has requests queued on it.
 pub(crate) fn unlock_slot(lock: &AtomicU32) -> bool {
     let prev = lock.fetch_and(!(LOCKED | LOCK_WAITERS), Ordering::AcqRel);
@@ -249,6 +256,10 @@ fn claim_zero_fill(region: &RegionShared, page: u64, untouched: impl Fn(u64) -> 
         release_busy(region, p);
     }
     Counters::add(&region.shared.counters.pages_zero_filled, fill - 1);
+    region
+        .zero_fill
+        .last
+        .store(page + fill - 1, Ordering::Relaxed);
     fill
 }
 
@@ -398,10 +409,6 @@ fn release_fault(
                 release_busy(region, p);
             }
             installed?;
-            region
-                .zero_fill
-                .last
-                .store(page + count - 1, Ordering::Relaxed);
         } else {
             region
                 .protect(page, 1, false)
@@ -694,10 +701,7 @@ fn zero_fill_home(
     // is served meanwhile (the service loop queues them, and is woken below).
     let count = claim_zero_fill(region, page, |p| {
         let lock = &region.slot(p).lock;
-        if lock
-            .compare_exchange(0, LOCKED, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+        if !try_lock_slot(lock) {
             return false;
         }
         if region.slot(p).load().owner.is_some() {
@@ -734,12 +738,7 @@ fn zero_fill_home(
         }
         release_busy(region, p);
     }
-    installed?;
-    region
-        .zero_fill
-        .last
-        .store(page + count - 1, Ordering::Relaxed);
-    Ok(())
+    installed
 }
 
 /// `count` pages of zeros (at most [`ZERO_FILL_MAX`]).
