@@ -10,7 +10,7 @@
 
 use crate::channel::write_frame;
 use crate::dsm::{FailurePolicy, Shared};
-use crate::fault::{set_state, try_lock_slot, unlock_slot};
+use crate::fault::{give_untouched, lock_untouched, set_state, try_lock_slot, unlock_slot};
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
 use crate::region::{Consistency, SHARED};
 use crate::region::{
@@ -867,27 +867,10 @@ impl Engine {
         let me = self.shared.me;
         for k in 1..u64::from(count) {
             let p = page + k;
-            if !self.lock_following(region, p) {
+            if p >= region.pages || region.home(p) != me || !lock_untouched(region, p) {
                 break;
             }
-            let lock = &region.slot(p).lock;
-            let slot = region.slot(p);
-            let mut entry = slot.load();
-            if entry.owner.is_some() {
-                if unlock_slot(lock) {
-                    self.shared.wake_service();
-                }
-                break;
-            }
-            let decided = swmr::decide(&mut entry, me, requester, Access::Write);
-            debug_assert!(matches!(
-                decided,
-                Decision::Done {
-                    data: Data::Zero,
-                    ..
-                }
-            ));
-            slot.store(&entry);
+            give_untouched(region, p, requester, Access::Write);
             pages.push(p);
         }
     }
@@ -1186,7 +1169,6 @@ fn say(line: &str) {
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
-/// The notices of `all` that a rank with `clock` has not seen.
 /// How the service loop's thread is scheduled relative to the application's threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ServicePriority {

@@ -178,6 +178,39 @@ pub(crate) fn try_lock_slot(lock: &AtomicU32) -> bool {
         .is_ok()
 }
 
+/// Takes the manager lock of page `p`, homed here, at once if it is free and the page has never been
+/// touched anywhere; otherwise leaves it as it was (waking the service loop if a request was queued on it
+/// meanwhile). For untouched pages handed out along with another (zero fills, write-ahead).
+pub(crate) fn lock_untouched(region: &RegionShared, p: u64) -> bool {
+    let lock = &region.slot(p).lock;
+    if !try_lock_slot(lock) {
+        return false;
+    }
+    if region.slot(p).load().owner.is_some() {
+        if unlock_slot(lock) {
+            region.shared.wake_service();
+        }
+        return false;
+    }
+    true
+}
+
+/// Makes `owner` the first toucher of page `p` (untouched, its manager lock taken by
+/// [`lock_untouched`]), as `swmr::decide` does for any untouched page: it owns zeros.
+pub(crate) fn give_untouched(region: &RegionShared, p: u64, owner: Rank, access: Access) {
+    let slot = region.slot(p);
+    let mut entry = slot.load();
+    let decided = swmr::decide(&mut entry, region.shared.me, owner, access);
+    debug_assert!(matches!(
+        decided,
+        Decision::Done {
+            data: Data::Zero,
+            ..
+        }
+    ));
+    slot.store(&entry);
+}
+
 /// Releases a manager lock; returns whether the service loop has requests queued on it.
 pub(crate) fn unlock_slot(lock: &AtomicU32) -> bool {
     let prev = lock.fetch_and(!(LOCKED | LOCK_WAITERS), Ordering::AcqRel);
@@ -255,7 +288,6 @@ fn claim_zero_fill(region: &RegionShared, page: u64, untouched: impl Fn(u64) -> 
     for p in page + fill..page + count {
         release_busy(region, p);
     }
-    Counters::add(&region.shared.counters.pages_zero_filled, fill - 1);
     region
         .zero_fill
         .last
@@ -402,6 +434,9 @@ fn release_fault(
             // so without SHARED) are filled too, the same way.
             let count = claim_zero_fill(region, page, |_| true);
             let installed = install(region, page, count, zeros(count), Access::Write);
+            if installed.is_ok() {
+                Counters::add(&shared.counters.pages_zero_filled, count - 1);
+            }
             for p in page + 1..page + count {
                 if installed.is_ok() {
                     set_state(region.state(p), READ_WRITE);
@@ -699,41 +734,20 @@ fn zero_fill_home(
     // Each following page is taken only with its manager lock free and nothing queued on it, and only
     // while it has never been touched; its lock stays held until it is installed, so no request for it
     // is served meanwhile (the service loop queues them, and is woken below).
-    let count = claim_zero_fill(region, page, |p| {
-        let lock = &region.slot(p).lock;
-        if !try_lock_slot(lock) {
-            return false;
-        }
-        if region.slot(p).load().owner.is_some() {
-            if unlock_slot(lock) {
-                shared.wake_service();
-            }
-            return false;
-        }
-        true
-    });
+    let count = claim_zero_fill(region, page, |p| lock_untouched(region, p));
     let installed = install(region, page, count, zeros(count), access);
     if installed.is_ok() {
+        Counters::add(&shared.counters.pages_zero_filled, count - 1);
         region.slot(page).store(&entry);
         set_state(region.state(page), new_state(access));
     }
     for p in page + 1..page + count {
-        let slot = region.slot(p);
         if installed.is_ok() {
-            let mut e = slot.load();
             // The same decision as for `page`: this rank becomes the owner of zeros.
-            let decided = swmr::decide(&mut e, shared.me, shared.me, access);
-            debug_assert!(matches!(
-                decided,
-                Decision::Done {
-                    data: Data::Zero,
-                    ..
-                }
-            ));
-            slot.store(&e);
+            give_untouched(region, p, shared.me, access);
             set_state(region.state(p), new_state(access));
         }
-        if unlock_slot(&slot.lock) {
+        if unlock_slot(&region.slot(p).lock) {
             shared.wake_service();
         }
         release_busy(region, p);

@@ -288,11 +288,11 @@ pub(crate) struct Sequential {
     pub(crate) last: AtomicU64,
     pub(crate) window: AtomicU32,
     /// The first page of the current run, and how many faults continued it.
-    pub(crate) run_start: AtomicU64,
-    pub(crate) run_faults: AtomicU32,
+    run_start: AtomicU64,
+    run_faults: AtomicU32,
     /// Recent runs: their first pages and lengths (a heuristic: updated without a lock).
-    pub(crate) runs: Option<[(AtomicU64, AtomicU32); REMEMBERED_RUNS]>,
-    pub(crate) next_slot: AtomicU32,
+    runs: Option<[(AtomicU64, AtomicU32); REMEMBERED_RUNS]>,
+    next_slot: AtomicU32,
 }
 
 /// How many runs a remembering detector keeps.
@@ -311,7 +311,7 @@ impl Sequential {
         }
     }
 
-    /// A fault at `page` continues the current run.
+    /// A fault continues the current run.
     pub(crate) fn continue_run(&self) {
         self.run_faults.fetch_add(1, Ordering::Relaxed);
     }
@@ -329,26 +329,22 @@ impl Sequential {
         let Some(runs) = &self.runs else {
             return 1;
         };
-        let at = |start: u64| {
+        let slot_of = |start: u64| {
             runs.iter()
-                .find(|(s, _)| s.load(Ordering::Relaxed) == start)
+                .position(|(s, _)| s.load(Ordering::Relaxed) == start)
         };
         if continued && start != u64::MAX && last != u64::MAX && start <= last {
             let len = u32::try_from(last - start + 1).unwrap_or(u32::MAX);
-            let slot = runs
-                .iter()
-                .position(|(s, _)| s.load(Ordering::Relaxed) == start)
-                .unwrap_or_else(|| {
-                    self.next_slot.fetch_add(1, Ordering::Relaxed) as usize % REMEMBERED_RUNS
-                });
+            let slot = slot_of(start).unwrap_or_else(|| {
+                self.next_slot.fetch_add(1, Ordering::Relaxed) as usize % REMEMBERED_RUNS
+            });
             runs[slot].0.store(start, Ordering::Relaxed);
             runs[slot].1.store(len, Ordering::Relaxed);
-        } else if let Some((_, len)) = at(start) {
+        } else if let Some(slot) = slot_of(start) {
+            let len = &runs[slot].1;
             len.store(len.load(Ordering::Relaxed) / 2, Ordering::Relaxed);
         }
-        runs.iter()
-            .find(|(s, _)| s.load(Ordering::Relaxed) == page)
-            .map_or(1, |(_, len)| len.load(Ordering::Relaxed).clamp(1, max))
+        slot_of(page).map_or(1, |slot| runs[slot].1.load(Ordering::Relaxed).clamp(1, max))
     }
 }
 

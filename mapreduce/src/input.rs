@@ -176,11 +176,10 @@ fn line_end_after(f: &mut File, from: u64, len: u64) -> std::io::Result<u64> {
 /// error rather than an allocation that kills the rank.
 pub(crate) const MIN_SPLIT_LIMIT: u64 = 64 << 20;
 
-/// The bytes of `split`, at most `limit` of them (a longer split is an error: see [`MIN_SPLIT_LIMIT`]). A
-/// file that has become shorter than the split is an error.
-/// Reads `split` into `data` (replacing what it held), keeping its allocation: a task slot reads split
-/// after split into one buffer instead of a fresh mapping of the split's size each time, whose pages the
-/// kernel would have to zero and fault in again.
+/// Reads the bytes of `split` into `data` (replacing what it held), keeping its allocation: map tasks read
+/// split after split into kept buffers instead of a fresh mapping of the split's size each time, whose
+/// pages the kernel would have to zero and fault in again. A split longer than `limit` is an error (see
+/// [`MIN_SPLIT_LIMIT`]), and so is a file that has become shorter than the split.
 pub(crate) fn read_split_into(split: &Split, limit: u64, data: &mut Vec<u8>) -> Result<(), String> {
     if split.len() > limit {
         return Err(format!(

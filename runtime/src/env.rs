@@ -7,7 +7,7 @@
 //! | `DSM_TOKEN` | the job's secret, 64 hex digits (set by `dsmrun`, fresh for every job) | required when `DSM_SIZE` > 1 |
 //! | `DSM_BIND` | the address this rank's listener binds to (under `mpirun`, `0.0.0.0` listens on all and advertises the address the host name resolves to) | `127.0.0.1`; under `mpirun` across hosts `0.0.0.0` |
 //! | `DSM_CHANNELS` | threads of a rank that can fault or call into the job at once, 2 to 64 (one is kept for faults) | 4 |
-//! | `DSM_READAHEAD` | largest sequential read-ahead window in pages, 1 to 1024 (1 = off); the window doubles from 1 page on each sequential fault | 1024 (4 MiB) |
+//! | `DSM_READAHEAD` | largest sequential read-ahead window in pages, 1 to 1024 (1 = off); the window doubles from 1 page on each sequential fault (a run that starts where a recent one did starts with that one's length); it also bounds, at 64 pages, the untouched pages filled with zeros ahead of a sequential first touch of pages homed here and, under sequential consistency, those a home hands a first writer; 1 turns those off too | 1024 (4 MiB) |
 //! | `DSM_ARENA_SIZE` | bytes of address space reserved for shared regions (suffixes K, M, G, T) | 1T |
 //! | `DSM_ARENA_BASE` | where rank 0 reserves the arena (hex), when the default range is taken | kernel's choice |
 //! | `DSM_CONNECT_TIMEOUT` | seconds to wait for every rank to connect | 30 |
@@ -19,6 +19,7 @@
 //! | `DSM_LOCAL_JOB_LIMIT` | tests only: seconds an in-process job (`run_local_job`) may run before it ends the test process as a failure | 120 |
 //!
 //! | `DSM_TRANSPORT` | under `mpirun` (feature `mpi`): `tcp`, connections set up through MPI, or `mpi`, the job's traffic carried by MPI messages (slower here; see docs/BENCHMARKS.md) | tcp |
+//! | `DSM_MPI_SEND_BUFFER` | with `DSM_TRANSPORT=mpi`: bytes of the buffer attached for the bridge's buffered sends, shared among the job's connections by flow control, 64K to 2047M (suffixes K, M, G) | 64M |
 //!
 //! Under `mpirun`/`mpiexec`/`srun` (built with the `mpi` feature) the rank and size come from MPI instead of
 //! `DSM_RANK`/`DSM_SIZE`, and the token and addresses are exchanged over MPI; the launcher's own variables

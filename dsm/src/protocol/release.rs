@@ -67,7 +67,6 @@ pub struct WriteNotice {
 pub struct NoticeSet {
     /// Per writer (rank index), its notices by interval.
     by_rank: Vec<BTreeMap<u32, WriteNotice>>,
-    len: usize,
 }
 
 impl NoticeSet {
@@ -77,10 +76,7 @@ impl NoticeSet {
         if self.by_rank.len() <= r {
             self.by_rank.resize_with(r + 1, BTreeMap::new);
         }
-        if let std::collections::btree_map::Entry::Vacant(e) = self.by_rank[r].entry(n.interval) {
-            e.insert(n);
-            self.len += 1;
-        }
+        self.by_rank[r].entry(n.interval).or_insert(n);
     }
 
     /// Forgets the notices `cut` covers.
@@ -88,12 +84,10 @@ impl NoticeSet {
         for (r, notices) in self.by_rank.iter_mut().enumerate() {
             let Some(&upto) = cut.0.get(r) else { break };
             if notices.first_key_value().is_some_and(|(&i, _)| i <= upto) {
-                let kept = match upto.checked_add(1) {
+                *notices = match upto.checked_add(1) {
                     Some(from) => notices.split_off(&from),
                     None => BTreeMap::new(),
                 };
-                self.len -= notices.len();
-                *notices = kept;
             }
         }
     }
@@ -120,12 +114,12 @@ impl NoticeSet {
 
     /// How many notices are kept.
     pub fn len(&self) -> usize {
-        self.len
+        self.by_rank.iter().map(BTreeMap::len).sum()
     }
 
     /// Whether none is kept.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.by_rank.iter().all(BTreeMap::is_empty)
     }
 }
 

@@ -219,7 +219,8 @@ pub(crate) fn discard(addr: usize, len: usize) -> Result<(), Errno> {
     }
 }
 
-/// The most untouched pages a first touch fills with zeros at once (see `fault::claim_following`).
+/// The most untouched pages a first touch fills with zeros at once, and the most a home hands a first
+/// writer at once (see `fault::claim_zero_fill` and write-ahead in `fault::remote_transaction`).
 pub(crate) const ZERO_FILL_MAX: u64 = 64;
 
 /// Zeros for installing untouched pages: up to [`ZERO_FILL_MAX`] at once. An immutable static, it is part
