@@ -812,8 +812,9 @@ impl Engine {
     ) {
         let me = self.shared.me;
         let mut run: Option<(u64, u64)> = None;
+        let stride = region.readahead_stride();
         for k in 1..u64::from(count) {
-            let p = page + k;
+            let p = page + k * stride;
             if !self.lock_following(region, p) {
                 break;
             }
@@ -1027,8 +1028,9 @@ impl Engine {
             return;
         };
         let mut claimed = vec![(page, first)];
+        let stride = region.readahead_stride();
         for k in 1..u64::from(count.min(MAX_READAHEAD)) {
-            let p = page + k;
+            let p = page + k * stride;
             if p >= region.pages || region.home(p) != self.shared.me {
                 break;
             }

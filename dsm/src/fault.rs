@@ -256,11 +256,16 @@ fn resolve(region: &RegionShared, page: u64, write: bool) -> Result<(), FaultErr
     result
 }
 
-/// Marks up to `window - 1` pages after `page` BUSY for read-ahead: same home, not present, not in use.
-/// Returns how many pages the request covers, `page` included.
-fn claim_readahead(region: &RegionShared, page: u64, home: Rank) -> u32 {
+/// Marks up to `window - 1` following pages with the same home BUSY for read-ahead (not present, not in
+/// use): the next pages, or in a cyclic region every size-th page. Returns how many pages the request
+/// covers, `page` included, and the distance between them.
+fn claim_readahead(region: &RegionShared, page: u64, home: Rank) -> (u32, u64) {
     let max = region.shared.readahead.load(Ordering::Relaxed).max(1);
-    claim_following(region, &region.readahead, page, home, max)
+    let detector = region.readahead_for(home);
+    (
+        claim_following(region, detector, page, home, max),
+        detector.stride,
+    )
 }
 
 /// For a first touch of `page`, homed here and never touched: marks BUSY the untouched pages after it
@@ -295,8 +300,9 @@ fn claim_zero_fill(region: &RegionShared, page: u64, untouched: impl Fn(u64) -> 
     fill
 }
 
-/// Marks up to `window - 1` pages after `page` BUSY (same home, not present, not in use), `window`
-/// doubling while faults are sequential, up to `max`. Returns how many pages are covered, `page` included.
+/// Marks up to `window - 1` pages following `page` BUSY (one `detector.stride` apart, same home, not
+/// present, not in use), `window` doubling while faults are sequential, up to `max`. Returns how many
+/// pages are covered, `page` included.
 fn claim_following(
     region: &RegionShared,
     detector: &Sequential,
@@ -304,8 +310,9 @@ fn claim_following(
     home: Rank,
     max: u32,
 ) -> u32 {
+    let stride = detector.stride;
     let last = detector.last.load(Ordering::Relaxed);
-    let window = if last != u64::MAX && page == last.wrapping_add(1) {
+    let window = if last != u64::MAX && page == last.wrapping_add(stride) {
         detector.continue_run();
         (detector.window.load(Ordering::Relaxed) * 2).min(max)
     } else {
@@ -314,7 +321,7 @@ fn claim_following(
     detector.window.store(window, Ordering::Relaxed);
     let mut count = 1u32;
     while count < window {
-        let p = page + u64::from(count);
+        let p = page + u64::from(count) * stride;
         if p >= region.pages || region.home(p) != home {
             break;
         }
@@ -361,10 +368,10 @@ fn upgrade_in_place(region: &RegionShared, page: u64) -> Result<(), FaultError> 
 fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), FaultError> {
     let shared = &*region.shared;
     let c = &shared.counters;
-    let count = if shared.readahead.load(Ordering::Relaxed) > 1 {
+    let (count, stride) = if shared.readahead.load(Ordering::Relaxed) > 1 {
         claim_readahead(region, page, home)
     } else {
-        1
+        (1, 1)
     };
     let mut ch = shared.channels.claim();
     let outcome = (|| {
@@ -386,7 +393,7 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
                 count: served,
             } if served >= 1 && served <= count && len == served as usize * PAGE_SIZE => {
                 let served = u64::from(served);
-                install_chunks(&mut ch, region, home, page, served, Access::Read)?;
+                install_chunks(&mut ch, region, home, page, served, stride, Access::Read)?;
                 Counters::add(&c.pages_fetched, served);
                 Counters::add(&c.pages_readahead, served - 1);
                 Ok(served)
@@ -398,17 +405,18 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
         }
     })();
     let served = *outcome.as_ref().unwrap_or(&0);
-    for p in page + 1..page + u64::from(count) {
-        if p < page + served {
+    for k in 1..u64::from(count) {
+        let p = page + k * stride;
+        if k < served {
             set_state(region.state(p), READ_ONLY);
         }
         release_busy(region, p);
     }
     if served > 0 {
         region
-            .readahead
+            .readahead_for(home)
             .last
-            .store(page + served - 1, Ordering::Relaxed);
+            .store(page + (served - 1) * stride, Ordering::Relaxed);
     }
     outcome.map(|_| ())
 }
@@ -490,6 +498,7 @@ fn install_chunks(
     home: Rank,
     page: u64,
     served: u64,
+    stride: u64,
     access: Access,
 ) -> Result<(), FaultError> {
     // Read whatever has arrived (one `read` for as much as the socket holds) and install the whole pages
@@ -502,12 +511,13 @@ fn install_chunks(
                 .recv_more(home, filled, len)
                 .map_err(|e| FaultError::Peer(home, e))?;
         }
+        // Contiguous pages go in with one copy; pages a stride apart (a cyclic region) one by one.
         let n = (filled / PAGE_SIZE) as u64 - k;
-        let n = n.min(INSTALL_CHUNK);
+        let n = if stride == 1 { n.min(INSTALL_CHUNK) } else { 1 };
         let at = k as usize * PAGE_SIZE;
         install(
             region,
-            page + k,
+            page + k * stride,
             n,
             ch.received(at..at + n as usize * PAGE_SIZE),
             access,
@@ -532,19 +542,22 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
     let home = region.home(page);
     let missing = region.state(page).load(Ordering::Acquire) & STATE_MASK == INVALID;
     let window = shared.readahead.load(Ordering::Relaxed);
-    let count = match access {
+    let (count, stride) = match access {
         Access::Read if window > 1 => claim_readahead(region, page, home),
         // A first write of a page not here: the following pages with the same home are asked for too, in
         // the sequential window, and the home hands over those nobody has touched, as zeros (write-ahead;
-        // a page the home cannot take at once ends the run).
-        Access::Write if missing && window > 1 => claim_following(
-            region,
-            &region.write_ahead,
-            page,
-            home,
-            window.min(ZERO_FILL_MAX as u32),
+        // a page the home cannot take at once ends the run). Contiguous pages only.
+        Access::Write if missing && window > 1 => (
+            claim_following(
+                region,
+                &region.write_ahead,
+                page,
+                home,
+                window.min(ZERO_FILL_MAX as u32),
+            ),
+            1,
         ),
-        _ => 1,
+        _ => (1, 1),
     };
     let mut ch = shared.channels.claim();
     let acquire = Request::Acquire {
@@ -560,8 +573,8 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
     let extras_held = std::cell::Cell::new(count > 1);
     let release_extras = || {
         if extras_held.replace(false) {
-            for p in page + 1..page + u64::from(count) {
-                release_busy(region, p);
+            for k in 1..u64::from(count) {
+                release_busy(region, page + k * stride);
             }
         }
     };
@@ -606,13 +619,13 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                         }
                         // Install in pieces as they arrive: copying into pages overlaps with the rest of
                         // the transfer still in flight.
-                        install_chunks(&mut ch, region, home, page, served, access)?;
+                        install_chunks(&mut ch, region, home, page, served, stride, access)?;
                         Counters::add(&c.pages_fetched, served);
                         Counters::add(&c.pages_readahead, served - 1);
                     }
                 }
-                for p in page..page + served {
-                    set_state(region.state(p), new_state(access));
+                for k in 0..served {
+                    set_state(region.state(page + k * stride), new_state(access));
                 }
                 Ok((served, false, data == Data::None))
             }
@@ -655,12 +668,13 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
     let (served, granted, upgrade) = outcome?;
     // Where a sequential reader or first writer faults next: right after the pages it just received.
     let detector = match access {
-        Access::Read => Some(&region.readahead),
+        Access::Read => Some(region.readahead_for(home)),
         Access::Write if missing => Some(&region.write_ahead),
         Access::Write => None,
     };
     if let Some(d) = detector {
-        d.last.store(page + served - 1, Ordering::Relaxed);
+        d.last
+            .store(page + (served - 1) * d.stride, Ordering::Relaxed);
     }
     if !granted && !upgrade {
         // The home released the page when it answered: a rank without a copy needs no Unlock, because a

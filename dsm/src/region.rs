@@ -262,10 +262,11 @@ pub(crate) struct RegionShared {
     pub(crate) local: ZeroedArray<AtomicU32>,
     pub(crate) manager: ZeroedArray<ManagerSlot>,
     pub(crate) shared: Arc<Shared>,
-    /// Sequential access detectors: one for read-ahead from other homes, one for zero fills of this
-    /// rank's own untouched pages, one for first writes of untouched pages homed elsewhere (kept apart, so
-    /// that one kind of fault does not reset another's window).
-    pub(crate) readahead: Sequential,
+    /// Sequential access detectors: for read-ahead from other homes (one per home in a cyclic region,
+    /// whose homes take turns page by page, so that a sequential reader is seen as one by each), for zero
+    /// fills of this rank's own untouched pages, and for first writes of untouched pages homed elsewhere
+    /// (kept apart, so that one kind of fault does not reset another's window).
+    readahead: Vec<Sequential>,
     pub(crate) zero_fill: Sequential,
     pub(crate) write_ahead: Sequential,
     pub(crate) consistency: Consistency,
@@ -287,6 +288,9 @@ pub(crate) struct RegionShared {
 pub(crate) struct Sequential {
     pub(crate) last: AtomicU64,
     pub(crate) window: AtomicU32,
+    /// The distance between two pages of a run: 1, or the job's size for read-ahead in a cyclic region,
+    /// where the pages one home holds are every size-th page.
+    pub(crate) stride: u64,
     /// The first page of the current run, and how many faults continued it.
     run_start: AtomicU64,
     run_faults: AtomicU32,
@@ -299,10 +303,11 @@ pub(crate) struct Sequential {
 pub(crate) const REMEMBERED_RUNS: usize = 4;
 
 impl Sequential {
-    pub(crate) fn new(remember: bool) -> Sequential {
+    pub(crate) fn new(remember: bool, stride: u64) -> Sequential {
         Sequential {
             last: AtomicU64::new(u64::MAX),
             window: AtomicU32::new(1),
+            stride: stride.max(1),
             run_start: AtomicU64::new(u64::MAX),
             run_faults: AtomicU32::new(0),
             runs: remember
@@ -334,7 +339,7 @@ impl Sequential {
                 .position(|(s, _)| s.load(Ordering::Relaxed) == start)
         };
         if continued && start != u64::MAX && last != u64::MAX && start <= last {
-            let len = u32::try_from(last - start + 1).unwrap_or(u32::MAX);
+            let len = u32::try_from((last - start) / self.stride + 1).unwrap_or(u32::MAX);
             let slot = slot_of(start).unwrap_or_else(|| {
                 self.next_slot.fetch_add(1, Ordering::Relaxed) as usize % REMEMBERED_RUNS
             });
@@ -374,6 +379,7 @@ impl RegionShared {
         shared: Arc<Shared>,
     ) -> Result<RegionShared> {
         let pages = (len / PAGE_SIZE) as u64;
+        let size = shared.size;
         Ok(RegionShared {
             id,
             base,
@@ -386,9 +392,14 @@ impl RegionShared {
             // SAFETY: all-zero ManagerSlot: unlocked, never touched, empty copyset.
             manager: unsafe { ZeroedArray::new(pages as usize)? },
             shared,
-            readahead: Sequential::new(true),
-            zero_fill: Sequential::new(false),
-            write_ahead: Sequential::new(false),
+            readahead: match placement {
+                Placement::Cyclic if size > 1 => (0..size)
+                    .map(|_| Sequential::new(true, size as u64))
+                    .collect(),
+                _ => vec![Sequential::new(true, 1)],
+            },
+            zero_fill: Sequential::new(false, 1),
+            write_ahead: Sequential::new(false, 1),
             consistency,
             twins: match consistency {
                 // SAFETY: an all-zero TwinPage is a page of zeros, a valid value.
@@ -404,6 +415,21 @@ impl RegionShared {
 
     pub(crate) fn home(&self, page: u64) -> Rank {
         self.placement.home(page, self.pages, self.shared.size)
+    }
+
+    /// The distance from a page to the next one with the same home that read-ahead takes: 1, or the job's
+    /// size in a cyclic region.
+    pub(crate) fn readahead_stride(&self) -> u64 {
+        self.readahead[0].stride
+    }
+
+    /// The read-ahead detector for pages homed at `home`; its stride leads from one of them to the next.
+    pub(crate) fn readahead_for(&self, home: Rank) -> &Sequential {
+        if self.readahead.len() > 1 {
+            &self.readahead[home.index() % self.readahead.len()]
+        } else {
+            &self.readahead[0]
+        }
     }
 
     pub(crate) fn addr(&self, page: u64) -> usize {
@@ -798,7 +824,7 @@ mod tests {
 
     #[test]
     fn a_remembering_detector_starts_a_run_again_with_its_length_and_others_with_one_page() {
-        let d = Sequential::new(true);
+        let d = Sequential::new(true, 1);
         // Starts a run at `page` after one that covered up to `last`; `more` faults continue the new one.
         let run = |page: u64, last: u64, more: u32| {
             let w = d.start_run(page, last, 1024);
@@ -840,7 +866,7 @@ mod tests {
         }
         assert_eq!(run(100, last, 0), 1);
 
-        let plain = Sequential::new(false);
+        let plain = Sequential::new(false, 1);
         plain.start_run(100, u64::MAX, 1024);
         plain.continue_run();
         assert_eq!(plain.start_run(100, 106, 1024), 1);

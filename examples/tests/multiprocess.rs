@@ -126,6 +126,7 @@ fn several_ranks_writing_one_page() {
 #[test]
 fn pages_fetched_by_read_ahead_are_ordinary_copies() {
     passes_at(&[2, 3], CHECK, &["readahead"]);
+    passes_at(&[2, 3], CHECK, &["readahead", "--consistency", "release"]);
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! - `sb`: store buffering: both ranks reading the other's old value is forbidden under sequential consistency;
 //! - `pages`: every rank writes its own words of the same pages; after a barrier everyone sees all writes;
 //! - `latehome`: the same on pages homed at rank 0, which writes late, while the others' diffs arrive;
-//! - `readahead`: pages fetched ahead of a sequential reader behave as ordinary copies afterwards;
+//! - `readahead`: pages fetched ahead of a sequential reader (from one home, and a stride apart from every
+//!   home of a cyclic region) behave as ordinary copies afterwards;
 //! - `firsttouch`: a home filling its untouched pages with zeros ahead of a sequential first touch stops
 //!   at pages other ranks have touched, whose data it must keep; so does a home handing a sequential
 //!   remote writer untouched pages ahead;
@@ -31,7 +32,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Memory model of the shared data: sequential or release (counter, pages, latehome, bytes, mplock,
-    /// firsttouch).
+    /// firsttouch, readahead).
     #[arg(long, default_value = "sequential")]
     consistency: String,
 }
@@ -294,38 +295,47 @@ fn main() -> anyhow::Result<()> {
             println!("mplock ok: {} rounds", args.rounds);
         }
         "readahead" => {
-            // Rank 0 reads rank 1's pages in order (read-ahead fetches them in growing windows), then writes
-            // some of them, while rank 1 writes others back: pages that came by read-ahead must be ordinary
-            // read-only copies afterwards, writable here and invalidatable from elsewhere.
+            // Rank 0 reads other ranks' pages in order (read-ahead fetches them in growing windows: from
+            // one home, then from every home of a cyclic region, its pages a stride apart), then writes
+            // some of them, while the others write others back: pages that came by read-ahead must be
+            // ordinary read-only copies afterwards, writable here and invalidatable from elsewhere.
             let pages = 600;
-            let v = dsm
-                .alloc_vec_with::<u64>(pages * WORDS_PER_PAGE, dsm::Placement::At(dsm::Rank(1)))?;
-            if me == 1 {
-                for p in 0..pages {
+            for placement in [dsm::Placement::At(dsm::Rank(1)), dsm::Placement::Cyclic] {
+                let v = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, placement, model)?;
+                let home = |p: usize| v.region().home_of(dsm::PageId(p as u64));
+                for p in (0..pages).filter(|&p| home(p) == rt.rank() && me != 0) {
                     v.set(p * WORDS_PER_PAGE, p as u64);
                 }
-            }
-            dsm.barrier()?;
-            if me == 0 {
-                for p in 0..pages {
-                    ensure!(v.get(p * WORDS_PER_PAGE) == p as u64, "page {p} read wrong");
+                dsm.barrier()?;
+                if me == 0 {
+                    let before = dsm.stats().pages_readahead;
+                    for p in 0..pages {
+                        let want = if home(p) == rt.rank() { 0 } else { p as u64 };
+                        ensure!(
+                            v.get(p * WORDS_PER_PAGE) == want,
+                            "page {p} read wrong ({placement:?})"
+                        );
+                    }
+                    let s = dsm.stats();
+                    ensure!(
+                        s.pages_readahead > before,
+                        "read-ahead did not happen ({placement:?}): {s}"
+                    );
                 }
-                let s = dsm.stats();
-                ensure!(s.pages_readahead > 0, "read-ahead did not happen: {s}");
+                dsm.barrier()?;
+                for p in (me..pages).step_by(2) {
+                    v.set(p * WORDS_PER_PAGE + 1, 1000 + p as u64);
+                }
+                dsm.barrier()?;
+                for p in 0..pages {
+                    ensure!(
+                        v.get(p * WORDS_PER_PAGE + 1) == 1000 + p as u64,
+                        "rank {me}: page {p} lost a write ({placement:?})"
+                    );
+                }
+                dsm.barrier()?;
+                drop(v);
             }
-            dsm.barrier()?;
-            for p in (me..pages).step_by(2) {
-                v.set(p * WORDS_PER_PAGE + 1, 1000 + p as u64);
-            }
-            dsm.barrier()?;
-            for p in 0..pages {
-                ensure!(
-                    v.get(p * WORDS_PER_PAGE + 1) == 1000 + p as u64,
-                    "rank {me}: page {p} lost a write"
-                );
-            }
-            dsm.barrier()?;
-            drop(v);
             println!("readahead ok");
         }
         "firsttouch" => {
