@@ -283,21 +283,40 @@ fn claim_zero_fill(region: &RegionShared, page: u64, untouched: impl Fn(u64) -> 
         .readahead
         .load(Ordering::Relaxed)
         .clamp(1, ZERO_FILL_MAX as u32);
-    let count = u64::from(claim_following(region, &region.zero_fill, page, me, max));
+    let detector = &region.zero_fill;
+    let stride = detector.stride;
+    let count = u64::from(claim_following(region, detector, page, me, max));
     // A claimed page that has been touched (at another rank, or by this one before it dropped its copy)
     // ends the fill there: it holds data, not zeros.
     let mut fill = 1;
-    while fill < count && untouched(page + fill) {
+    while fill < count && untouched(page + fill * stride) {
         fill += 1;
     }
-    for p in page + fill..page + count {
-        release_busy(region, p);
+    for k in fill..count {
+        release_busy(region, page + k * stride);
     }
-    region
-        .zero_fill
+    detector
         .last
-        .store(page + fill - 1, Ordering::Relaxed);
+        .store(page + (fill - 1) * stride, Ordering::Relaxed);
     fill
+}
+
+/// Installs `count` pages of zeros from `page`, `stride` apart (the pages of one home in a cyclic region):
+/// with one copy when they are contiguous.
+fn install_zeros(
+    region: &RegionShared,
+    page: u64,
+    count: u64,
+    stride: u64,
+    access: Access,
+) -> Result<(), FaultError> {
+    if stride == 1 {
+        return install(region, page, count, zeros(count), access);
+    }
+    for k in 0..count {
+        install(region, page + k * stride, 1, &ZERO_PAGE, access)?;
+    }
+    Ok(())
 }
 
 /// Marks up to `window - 1` pages following `page` BUSY (one `detector.stride` apart, same home, not
@@ -441,11 +460,12 @@ fn release_fault(
             // Untouched pages after it that no rank has fetched (claimed in exactly the INVALID state,
             // so without SHARED) are filled too, the same way.
             let count = claim_zero_fill(region, page, |_| true);
-            let installed = install(region, page, count, zeros(count), Access::Write);
+            let stride = region.zero_fill.stride;
+            let installed = install_zeros(region, page, count, stride, Access::Write);
             if installed.is_ok() {
                 Counters::add(&shared.counters.pages_zero_filled, count - 1);
             }
-            for p in page + 1..page + count {
+            for p in (1..count).map(|k| page + k * stride) {
                 if installed.is_ok() {
                     set_state(region.state(p), READ_WRITE);
                 }
@@ -749,13 +769,14 @@ fn zero_fill_home(
     // while it has never been touched; its lock stays held until it is installed, so no request for it
     // is served meanwhile (the service loop queues them, and is woken below).
     let count = claim_zero_fill(region, page, |p| lock_untouched(region, p));
-    let installed = install(region, page, count, zeros(count), access);
+    let stride = region.zero_fill.stride;
+    let installed = install_zeros(region, page, count, stride, access);
     if installed.is_ok() {
         Counters::add(&shared.counters.pages_zero_filled, count - 1);
         region.slot(page).store(&entry);
         set_state(region.state(page), new_state(access));
     }
-    for p in page + 1..page + count {
+    for p in (1..count).map(|k| page + k * stride) {
         if installed.is_ok() {
             // The same decision as for `page`: this rank becomes the owner of zeros.
             give_untouched(region, p, shared.me, access);

@@ -380,6 +380,7 @@ impl RegionShared {
     ) -> Result<RegionShared> {
         let pages = (len / PAGE_SIZE) as u64;
         let size = shared.size;
+        let cyclic = placement == Placement::Cyclic && size > 1;
         Ok(RegionShared {
             id,
             base,
@@ -393,12 +394,13 @@ impl RegionShared {
             manager: unsafe { ZeroedArray::new(pages as usize)? },
             shared,
             readahead: match placement {
-                Placement::Cyclic if size > 1 => (0..size)
+                _ if cyclic => (0..size)
                     .map(|_| Sequential::new(true, size as u64))
                     .collect(),
                 _ => vec![Sequential::new(true, 1)],
             },
-            zero_fill: Sequential::new(false, 1),
+            // The pages homed here are every size-th page of a cyclic region.
+            zero_fill: Sequential::new(false, if cyclic { size as u64 } else { 1 }),
             write_ahead: Sequential::new(false, 1),
             consistency,
             twins: match consistency {

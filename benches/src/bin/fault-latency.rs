@@ -9,6 +9,7 @@
 //!   (`--windows` picks others; the target applies to the default window), beside raw TCP streaming
 //!   bandwidth and the rate at which this process gets fresh pages from the kernel (each installed page
 //!   is one, and on a virtual machine that rate swings with the host);
+//! - sequential read of a cyclic region (the default placement), whose remote pages are every other page;
 //! - first touch of pages homed at the faulting rank, without read-ahead (a fault per page) and with the
 //!   default window (untouched pages filled ahead), beside the kernel's first touch of plain memory.
 //!
@@ -178,6 +179,36 @@ fn main() -> anyhow::Result<()> {
         drop(region);
     }
 
+    // Sequential read of a cyclic region (the default placement), with the job's window: half its pages
+    // are homed at rank 1, every other page, which read-ahead fetches a stride apart.
+    let cyclic_mibs = {
+        dsm.set_readahead(default_window)?;
+        let region = dsm.alloc_vec_with::<u64>(bytes / 8, Placement::Cyclic)?;
+        let pages = bytes / 8 / WORDS;
+        if me == Rank(1) {
+            for p in (1..pages).step_by(2) {
+                region.set(p * WORDS, p as u64);
+            }
+        }
+        dsm.barrier()?;
+        let mut mibs = 0.0;
+        if me == Rank(0) {
+            let t = Instant::now();
+            // SAFETY: between two barriers nobody writes the region.
+            let sum: u64 = unsafe { region.as_slice() }.iter().sum();
+            // Only rank 1's pages crossed the link: half of the region.
+            mibs = args.mib as f64 / 2.0 / t.elapsed().as_secs_f64();
+            let half = (pages / 2) as u64;
+            anyhow::ensure!(
+                sum == half * half,
+                "the cyclic region read back wrong: sum {sum}"
+            );
+        }
+        dsm.barrier()?;
+        drop(region);
+        mibs
+    };
+
     // First touch of pages homed here, written in order: one fault per page without read-ahead, and
     // with the job's window a fault fills the untouched pages after it with zeros (up to 64 pages), beside
     // the kernel's own first touch of plain memory, measured right before each.
@@ -300,6 +331,17 @@ fn main() -> anyhow::Result<()> {
                 "",
             ));
         }
+        out.push(Measurement::new(
+            &format!(
+                "sequential read {} MiB of a cyclic region, remote half, read-ahead {default_window}",
+                args.mib
+            ),
+            cyclic_mibs,
+            "MiB/s",
+            raw_mibs,
+            "raw TCP streaming",
+            "",
+        ));
         for (window, mibs, kernel) in first_touch {
             out.push(Measurement::new(
                 &format!("first touch of pages homed here, read-ahead {window}"),

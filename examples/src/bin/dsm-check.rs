@@ -425,6 +425,40 @@ fn main() -> anyhow::Result<()> {
                 ensure!(v.get(at + 2) == 0, "rank {me}: page {p} is not zero");
             }
             dsm.barrier()?;
+            // A cyclic region: every rank first-touches the pages it homes, every n-th page, in order (its
+            // fills take pages a stride apart), after the other ranks touched some of rank 0's.
+            let c =
+                dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, dsm::Placement::Cyclic, model)?;
+            let home = |p: usize| c.region().home_of(dsm::PageId(p as u64)).0 as usize;
+            let early = |p: usize| (1..n).find(|&r| home(p) == 0 && p % 23 == r);
+            for p in (0..pages).filter(|&p| early(p) == Some(me)) {
+                c.set(p * WORDS_PER_PAGE, mix(&[me as u64, p as u64, 9]));
+            }
+            dsm.barrier()?;
+            let filled = dsm.stats().pages_zero_filled;
+            for p in (0..pages).filter(|&p| home(p) == me) {
+                c.set(p * WORDS_PER_PAGE + 1, mix(&[me as u64, p as u64, 10]));
+            }
+            let s = dsm.stats();
+            ensure!(
+                s.pages_zero_filled > filled,
+                "rank {me} filled nothing ahead in a cyclic region: {s}"
+            );
+            dsm.barrier()?;
+            for p in 0..pages {
+                let at = p * WORDS_PER_PAGE;
+                let want = early(p).map_or(0, |r| mix(&[r as u64, p as u64, 9]));
+                ensure!(
+                    c.get(at) == want,
+                    "rank {me}: cyclic page {p} lost its early word"
+                );
+                ensure!(
+                    c.get(at + 1) == mix(&[home(p) as u64, p as u64, 10]),
+                    "rank {me}: cyclic page {p} lost its home's word"
+                );
+                ensure!(c.get(at + 2) == 0, "rank {me}: cyclic page {p} is not zero");
+            }
+            dsm.barrier()?;
             if n > 2 {
                 // Pages last written by rank 2, written again in order by rank 1, which holds no copy: each
                 // fault claims pages ahead, and the home grants the writes (the data comes from rank 2).
