@@ -299,7 +299,7 @@ fn main() -> anyhow::Result<()> {
             // one home, then from every home of a cyclic region, its pages a stride apart), then writes
             // some of them, while the others write others back: pages that came by read-ahead must be
             // ordinary read-only copies afterwards, writable here and invalidatable from elsewhere.
-            let pages = 600;
+            let pages = 601; // not a multiple of 2 or 3 ranks: a run ends on a partial stride
             for placement in [dsm::Placement::At(dsm::Rank(1)), dsm::Placement::Cyclic] {
                 let v = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, placement, model)?;
                 let home = |p: usize| v.region().home_of(dsm::PageId(p as u64));
