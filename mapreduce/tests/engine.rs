@@ -196,9 +196,15 @@ fn word_counts_match_a_plain_count_with_and_without_spilling() {
                 } else {
                     // About 40,000 distinct words per file do not fit in 1 MiB: maps spilled, so there
                     // are more runs than maps (one partition: one run per map without spilling).
-                    assert!(report.map_runs > report.maps as u64, "{report}");
-                    assert!(report.shuffled_bytes > 1 << 20, "{report}");
+                    assert!(report.map_runs > report.maps as u64, "{name}: {report}");
                 }
+                // What crossed between ranks is map output, counted once. (How much crosses depends on
+                // which rank took which task: asserting a floor here failed once under load, when the
+                // reducer's own rank had taken most of the maps.)
+                assert!(
+                    report.shuffled_bytes <= report.map_output_bytes,
+                    "{name}: {report}"
+                );
             } else {
                 assert!(report.is_none());
             }
