@@ -812,7 +812,7 @@ impl Engine {
     ) {
         let me = self.shared.me;
         let mut run: Option<(u64, u64)> = None;
-        let stride = region.readahead_stride();
+        let stride = region.home_stride();
         for k in 1..u64::from(count) {
             let p = page + k * stride;
             if !self.lock_following(region, p) {
@@ -866,8 +866,9 @@ impl Engine {
         pages: &mut Vec<u64>,
     ) {
         let me = self.shared.me;
+        let stride = region.home_stride();
         for k in 1..u64::from(count) {
-            let p = page + k;
+            let p = page + k * stride;
             if p >= region.pages || region.home(p) != me || !lock_untouched(region, p) {
                 break;
             }
@@ -1028,7 +1029,7 @@ impl Engine {
             return;
         };
         let mut claimed = vec![(page, first)];
-        let stride = region.readahead_stride();
+        let stride = region.home_stride();
         for k in 1..u64::from(count.min(MAX_READAHEAD)) {
             let p = page + k * stride;
             if p >= region.pages || region.home(p) != self.shared.me {

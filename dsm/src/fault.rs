@@ -566,17 +566,20 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
         Access::Read if window > 1 => claim_readahead(region, page, home),
         // A first write of a page not here: the following pages with the same home are asked for too, in
         // the sequential window, and the home hands over those nobody has touched, as zeros (write-ahead;
-        // a page the home cannot take at once ends the run). Contiguous pages only.
-        Access::Write if missing && window > 1 => (
-            claim_following(
-                region,
-                &region.write_ahead,
-                page,
-                home,
-                window.min(ZERO_FILL_MAX as u32),
-            ),
-            1,
-        ),
+        // a page the home cannot take at once ends the run).
+        Access::Write if missing && window > 1 => {
+            let detector = region.write_ahead_for(home);
+            (
+                claim_following(
+                    region,
+                    detector,
+                    page,
+                    home,
+                    window.min(ZERO_FILL_MAX as u32),
+                ),
+                detector.stride,
+            )
+        }
         _ => (1, 1),
     };
     let mut ch = shared.channels.claim();
@@ -622,7 +625,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                                 "several pages of zeros for a read fault",
                             ));
                         }
-                        install(region, page, served, zeros(served), access)?
+                        install_zeros(region, page, served, stride, access)?
                     }
                     Data::Home => {
                         if payload_len != served as usize * PAGE_SIZE {
@@ -689,7 +692,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
     // Where a sequential reader or first writer faults next: right after the pages it just received.
     let detector = match access {
         Access::Read => Some(region.readahead_for(home)),
-        Access::Write if missing => Some(&region.write_ahead),
+        Access::Write if missing => Some(region.write_ahead_for(home)),
         Access::Write => None,
     };
     if let Some(d) = detector {

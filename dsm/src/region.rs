@@ -262,13 +262,13 @@ pub(crate) struct RegionShared {
     pub(crate) local: ZeroedArray<AtomicU32>,
     pub(crate) manager: ZeroedArray<ManagerSlot>,
     pub(crate) shared: Arc<Shared>,
-    /// Sequential access detectors: for read-ahead from other homes (one per home in a cyclic region,
-    /// whose homes take turns page by page, so that a sequential reader is seen as one by each), for zero
-    /// fills of this rank's own untouched pages, and for first writes of untouched pages homed elsewhere
-    /// (kept apart, so that one kind of fault does not reset another's window).
+    /// Sequential access detectors: for read-ahead from other homes and for first writes of untouched
+    /// pages homed elsewhere (one per home in a cyclic region, whose homes take turns page by page, so that
+    /// a sequential reader or writer is seen as one by each), and for zero fills of this rank's own
+    /// untouched pages (kept apart, so that one kind of fault does not reset another's window).
     readahead: Vec<Sequential>,
+    write_ahead: Vec<Sequential>,
     pub(crate) zero_fill: Sequential,
-    pub(crate) write_ahead: Sequential,
     pub(crate) consistency: Consistency,
     /// Release consistency: one twin page per page, backed only where used.
     twins: Option<ZeroedArray<TwinPage>>,
@@ -381,6 +381,15 @@ impl RegionShared {
         let pages = (len / PAGE_SIZE) as u64;
         let size = shared.size;
         let cyclic = placement == Placement::Cyclic && size > 1;
+        let per_home = |remember: bool| -> Vec<Sequential> {
+            if cyclic {
+                (0..size)
+                    .map(|_| Sequential::new(remember, size as u64))
+                    .collect()
+            } else {
+                vec![Sequential::new(remember, 1)]
+            }
+        };
         Ok(RegionShared {
             id,
             base,
@@ -393,15 +402,10 @@ impl RegionShared {
             // SAFETY: all-zero ManagerSlot: unlocked, never touched, empty copyset.
             manager: unsafe { ZeroedArray::new(pages as usize)? },
             shared,
-            readahead: match placement {
-                _ if cyclic => (0..size)
-                    .map(|_| Sequential::new(true, size as u64))
-                    .collect(),
-                _ => vec![Sequential::new(true, 1)],
-            },
+            readahead: per_home(true),
+            write_ahead: per_home(false),
             // The pages homed here are every size-th page of a cyclic region.
             zero_fill: Sequential::new(false, if cyclic { size as u64 } else { 1 }),
-            write_ahead: Sequential::new(false, 1),
             consistency,
             twins: match consistency {
                 // SAFETY: an all-zero TwinPage is a page of zeros, a valid value.
@@ -419,19 +423,20 @@ impl RegionShared {
         self.placement.home(page, self.pages, self.shared.size)
     }
 
-    /// The distance from a page to the next one with the same home that read-ahead takes: 1, or the job's
-    /// size in a cyclic region.
-    pub(crate) fn readahead_stride(&self) -> u64 {
+    /// The distance from a page to the next one with the same home that read-ahead and write-ahead take:
+    /// 1, or the job's size in a cyclic region.
+    pub(crate) fn home_stride(&self) -> u64 {
         self.readahead[0].stride
     }
 
     /// The read-ahead detector for pages homed at `home`; its stride leads from one of them to the next.
     pub(crate) fn readahead_for(&self, home: Rank) -> &Sequential {
-        if self.readahead.len() > 1 {
-            &self.readahead[home.index() % self.readahead.len()]
-        } else {
-            &self.readahead[0]
-        }
+        &self.readahead[home.index() % self.readahead.len()]
+    }
+
+    /// The write-ahead detector for pages homed at `home`, like [`RegionShared::readahead_for`].
+    pub(crate) fn write_ahead_for(&self, home: Rank) -> &Sequential {
+        &self.write_ahead[home.index() % self.write_ahead.len()]
     }
 
     pub(crate) fn addr(&self, page: u64) -> usize {

@@ -459,6 +459,52 @@ fn main() -> anyhow::Result<()> {
                 ensure!(c.get(at + 2) == 0, "rank {me}: cyclic page {p} is not zero");
             }
             dsm.barrier()?;
+            // Rank 1 writes every page of another cyclic region in order, after rank 0 touched some of
+            // them: its own pages are filled ahead, the others' handed over a stride apart as zeros
+            // (write-ahead), both stopping at the pages rank 0 touched. Far fewer faults than pages.
+            let w =
+                dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, dsm::Placement::Cyclic, model)?;
+            let touched_first = |p: usize| p % 23 == 5;
+            if me == 0 {
+                for p in (0..pages).filter(|&p| touched_first(p)) {
+                    w.set(p * WORDS_PER_PAGE, mix(&[0, p as u64, 11]));
+                }
+            }
+            dsm.barrier()?;
+            if me == 1 {
+                let before = dsm.stats();
+                for p in 0..pages {
+                    w.set(p * WORDS_PER_PAGE + 1, mix(&[1, p as u64, 12]));
+                }
+                let s = dsm.stats();
+                let faults = s.write_faults + s.upgrade_faults + s.read_faults
+                    - before.write_faults
+                    - before.upgrade_faults
+                    - before.read_faults;
+                ensure!(
+                    model == dsm::Consistency::Release || faults < pages as u64 / 4,
+                    "rank 1 took {faults} faults writing {pages} pages in order: {s}"
+                );
+            }
+            dsm.barrier()?;
+            for p in 0..pages {
+                let at = p * WORDS_PER_PAGE;
+                let want = if touched_first(p) {
+                    mix(&[0, p as u64, 11])
+                } else {
+                    0
+                };
+                ensure!(
+                    w.get(at) == want,
+                    "rank {me}: page {p} lost rank 0's early word"
+                );
+                ensure!(
+                    w.get(at + 1) == mix(&[1, p as u64, 12]),
+                    "rank {me}: page {p} lost rank 1's word"
+                );
+                ensure!(w.get(at + 2) == 0, "rank {me}: page {p} is not zero");
+            }
+            dsm.barrier()?;
             if n > 2 {
                 // Pages last written by rank 2, written again in order by rank 1, which holds no copy: each
                 // fault claims pages ahead, and the home grants the writes (the data comes from rank 2).
