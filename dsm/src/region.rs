@@ -288,8 +288,8 @@ pub(crate) struct RegionShared {
 pub(crate) struct Sequential {
     pub(crate) last: AtomicU64,
     pub(crate) window: AtomicU32,
-    /// The distance between two pages of a run: 1, or the job's size for read-ahead in a cyclic region,
-    /// where the pages one home holds are every size-th page.
+    /// The distance between two pages of a run: 1, or the job's size in a cyclic region (read-ahead,
+    /// write-ahead and the zero fill alike), where the pages one home holds are every size-th page.
     pub(crate) stride: u64,
     /// The first page of the current run, and how many faults continued it.
     run_start: AtomicU64,
