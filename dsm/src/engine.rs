@@ -812,13 +812,11 @@ impl Engine {
     ) {
         let me = self.shared.me;
         let mut run: Option<(u64, u64)> = None;
-        let stride = region.home_stride();
-        for k in 1..u64::from(count) {
-            let p = page + k * stride;
-            if !self.lock_following(region, p) {
+        for p in following_here(region, page, count, me) {
+            let lock = &region.slot(p).lock;
+            if !try_lock_slot(lock) {
                 break;
             }
-            let lock = &region.slot(p).lock;
             let slot = region.slot(p);
             let mut entry = slot.load();
             match swmr::decide(&mut entry, me, requester, Access::Read) {
@@ -865,22 +863,13 @@ impl Engine {
         requester: Rank,
         pages: &mut Vec<u64>,
     ) {
-        let me = self.shared.me;
-        let stride = region.home_stride();
-        for k in 1..u64::from(count) {
-            let p = page + k * stride;
-            if p >= region.pages || region.home(p) != me || !lock_untouched(region, p) {
+        for p in following_here(region, page, count, self.shared.me) {
+            if !lock_untouched(region, p) {
                 break;
             }
             give_untouched(region, p, requester, Access::Write);
             pages.push(p);
         }
-    }
-
-    /// Whether page `p`, following a faulting page, can go in the same reply: inside the region, homed
-    /// here, and its manager lock free and now taken.
-    fn lock_following(&self, region: &RegionShared, p: u64) -> bool {
-        p < region.pages && region.home(p) == self.shared.me && try_lock_slot(&region.slot(p).lock)
     }
 
     /// Write-protects a run of writable home pages `(start, count)` with one ioctl and marks them read-only.
@@ -1029,12 +1018,7 @@ impl Engine {
             return;
         };
         let mut claimed = vec![(page, first)];
-        let stride = region.home_stride();
-        for k in 1..u64::from(count.min(MAX_READAHEAD)) {
-            let p = page + k * stride;
-            if p >= region.pages || region.home(p) != self.shared.me {
-                break;
-            }
+        for p in following_here(region, page, count.min(MAX_READAHEAD), self.shared.me) {
             let w = region.state(p);
             let s = w.load(Ordering::Acquire);
             if s & BUSY != 0
@@ -1170,6 +1154,20 @@ impl Engine {
 fn say(line: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
+/// The pages after `page` that a reply of up to `count` pages can carry with it: each a stride on (the
+/// next page, or in a cyclic region the next one with the same home), inside the region and homed at `me`.
+fn following_here(
+    region: &RegionShared,
+    page: u64,
+    count: u32,
+    me: Rank,
+) -> impl Iterator<Item = u64> + '_ {
+    let stride = region.home_stride();
+    (1..u64::from(count))
+        .map(move |k| page + k * stride)
+        .take_while(move |&p| p < region.pages && region.home(p) == me)
 }
 
 /// How the service loop's thread is scheduled relative to the application's threads.

@@ -50,6 +50,24 @@ fn mix(parts: &[u64]) -> u64 {
 
 const WORDS_PER_PAGE: usize = 512;
 
+/// Checks the first three words of each of the `pages` pages of `v`: words 0 and 1 as `want` gives them,
+/// word 2 still zero (nothing filled over what was written).
+fn check_words(
+    v: &dsm::GlobalVec<'_, u64>,
+    pages: usize,
+    who: &str,
+    want: impl Fn(usize) -> (u64, u64),
+) -> anyhow::Result<()> {
+    for p in 0..pages {
+        let at = p * WORDS_PER_PAGE;
+        let (w0, w1) = want(p);
+        ensure!(v.get(at) == w0, "{who} page {p} lost word 0");
+        ensure!(v.get(at + 1) == w1, "{who} page {p} lost word 1");
+        ensure!(v.get(at + 2) == 0, "{who} page {p} is not zero");
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let rt = dsm_runtime::Runtime::init()?;
@@ -373,19 +391,17 @@ fn main() -> anyhow::Result<()> {
                     );
                 }
                 dsm.barrier()?;
-                for p in 0..pages {
-                    let at = p * WORDS_PER_PAGE;
-                    let want = theirs(p).map_or(0, |r| mix(&[r as u64, p as u64]));
-                    ensure!(
-                        v.get(at) == want,
-                        "rank {me}: page {p} lost word 0 (read first: {read_first})"
-                    );
-                    ensure!(
-                        v.get(at + 1) == mix(&[0, p as u64]),
-                        "rank {me}: page {p} lost word 1 (read first: {read_first})"
-                    );
-                    ensure!(v.get(at + 2) == 0, "rank {me}: page {p} is not zero");
-                }
+                check_words(
+                    &v,
+                    pages,
+                    &format!("rank {me}, read first: {read_first},"),
+                    |p| {
+                        (
+                            theirs(p).map_or(0, |r| mix(&[r as u64, p as u64])),
+                            mix(&[0, p as u64]),
+                        )
+                    },
+                )?;
                 dsm.barrier()?;
             }
             // Rank 1 writes every page homed at rank 0 in order, after rank 0 touched every 16th: the
@@ -414,16 +430,12 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             dsm.barrier()?;
-            for p in 0..pages {
-                let at = p * WORDS_PER_PAGE;
-                let want = if early(p) { mix(&[0, p as u64]) } else { 0 };
-                ensure!(v.get(at) == want, "rank {me}: page {p} lost rank 0's word");
-                ensure!(
-                    v.get(at + 1) == mix(&[1, p as u64]),
-                    "rank {me}: page {p} lost rank 1's word"
-                );
-                ensure!(v.get(at + 2) == 0, "rank {me}: page {p} is not zero");
-            }
+            check_words(&v, pages, &format!("rank {me}, write-ahead:"), |p| {
+                (
+                    if early(p) { mix(&[0, p as u64]) } else { 0 },
+                    mix(&[1, p as u64]),
+                )
+            })?;
             dsm.barrier()?;
             // A cyclic region: every rank first-touches the pages it homes, every n-th page, in order (its
             // fills take pages a stride apart), after the other ranks touched some of rank 0's.
@@ -445,19 +457,12 @@ fn main() -> anyhow::Result<()> {
                 "rank {me} filled nothing ahead in a cyclic region: {s}"
             );
             dsm.barrier()?;
-            for p in 0..pages {
-                let at = p * WORDS_PER_PAGE;
-                let want = early(p).map_or(0, |r| mix(&[r as u64, p as u64, 9]));
-                ensure!(
-                    c.get(at) == want,
-                    "rank {me}: cyclic page {p} lost its early word"
-                );
-                ensure!(
-                    c.get(at + 1) == mix(&[home(p) as u64, p as u64, 10]),
-                    "rank {me}: cyclic page {p} lost its home's word"
-                );
-                ensure!(c.get(at + 2) == 0, "rank {me}: cyclic page {p} is not zero");
-            }
+            check_words(&c, pages, &format!("rank {me}, cyclic:"), |p| {
+                (
+                    early(p).map_or(0, |r| mix(&[r as u64, p as u64, 9])),
+                    mix(&[home(p) as u64, p as u64, 10]),
+                )
+            })?;
             dsm.barrier()?;
             // Rank 1 writes every page of another cyclic region in order, after rank 0 touched some of
             // them: its own pages are filled ahead, the others' handed over a stride apart as zeros
@@ -487,23 +492,16 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             dsm.barrier()?;
-            for p in 0..pages {
-                let at = p * WORDS_PER_PAGE;
-                let want = if touched_first(p) {
-                    mix(&[0, p as u64, 11])
-                } else {
-                    0
-                };
-                ensure!(
-                    w.get(at) == want,
-                    "rank {me}: page {p} lost rank 0's early word"
-                );
-                ensure!(
-                    w.get(at + 1) == mix(&[1, p as u64, 12]),
-                    "rank {me}: page {p} lost rank 1's word"
-                );
-                ensure!(w.get(at + 2) == 0, "rank {me}: page {p} is not zero");
-            }
+            check_words(&w, pages, &format!("rank {me}, cyclic write-ahead:"), |p| {
+                (
+                    if touched_first(p) {
+                        mix(&[0, p as u64, 11])
+                    } else {
+                        0
+                    },
+                    mix(&[1, p as u64, 12]),
+                )
+            })?;
             dsm.barrier()?;
             if n > 2 {
                 // Pages last written by rank 2, written again in order by rank 1, which holds no copy: each
