@@ -148,6 +148,59 @@ fn body_len_or_skip(fd: BorrowedFd<'_>, len: [u8; 4], buf: &mut [u8]) -> Result<
     }
 }
 
+/// A payload being read into a channel's receive buffer piece by piece (`Channel::payload`), while other
+/// threads install the pieces already there (see `installer.rs`). The buffer is reached through a raw
+/// pointer because the reader writes its tail while installers read its head.
+#[derive(Debug)]
+pub(crate) struct Payload<'c> {
+    channel: &'c Channel,
+    base: *mut u8,
+    len: usize,
+}
+
+impl Payload<'_> {
+    /// Where the payload starts in the receive buffer.
+    pub(crate) fn base(&self) -> *const u8 {
+        self.base
+    }
+
+    /// Reads more of the payload from `from`, of which `filled` bytes are there already: as much as has
+    /// arrived, in one `recv`. Waits for at least one byte when `wait`, else returns `None` when nothing has
+    /// arrived. Returns how many bytes are there now.
+    pub(crate) fn recv_more(
+        &self,
+        from: Rank,
+        filled: usize,
+        wait: bool,
+    ) -> Result<Option<usize>, RecvError> {
+        assert!(filled < self.len);
+        let fd = fd_of(&self.channel.fds, from).map_err(RecvError::Sys)?;
+        let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
+        loop {
+            // SAFETY: `base..base + len` is inside the channel's receive buffer, which the borrow of the
+            // channel keeps alive and unmoved; nothing reads `filled..len` until this call returns, as
+            // installers read only bytes that a returned `filled` covers.
+            let rc = unsafe {
+                libc::recv(
+                    fd.as_raw_fd(),
+                    self.base.add(filled).cast(),
+                    self.len - filled,
+                    flags,
+                )
+            };
+            match rc {
+                0 => return Err(RecvError::Eof),
+                n if n > 0 => return Ok(Some(filled + n as usize)),
+                _ => match Errno::last() {
+                    Errno::EINTR => continue,
+                    Errno::EAGAIN if !wait => return Ok(None),
+                    e => return Err(RecvError::Sys(e)),
+                },
+            }
+        }
+    }
+}
+
 /// One channel's connections and buffers.
 #[derive(Debug)]
 pub(crate) struct Channel {
@@ -244,32 +297,18 @@ impl Channel {
         Ok(&self.rx[..len])
     }
 
-    /// Reads more of a payload of `len` bytes from `from` into the receive buffer, of which `filled` bytes
-    /// are there already: as much as has arrived (at least one byte, waiting for it), in one `read`.
-    /// Returns how many bytes are there now.
-    pub(crate) fn recv_more(
-        &mut self,
-        from: Rank,
-        filled: usize,
-        len: usize,
-    ) -> Result<usize, RecvError> {
+    /// Starts reading a payload of `len` bytes from the reply whose header `recv_head` returned, piece by
+    /// piece (`Payload::recv_more`).
+    pub(crate) fn payload(&mut self, len: usize) -> Result<Payload<'_>, RecvError> {
         if len > self.rx.len() {
             return Err(RecvError::Frame(FrameError::BadLength(len)));
         }
-        let fd = fd_of(&self.fds, from).map_err(RecvError::Sys)?;
-        loop {
-            match nix::unistd::read(fd, &mut self.rx[filled..len]) {
-                Ok(0) => return Err(RecvError::Eof),
-                Ok(n) => return Ok(filled + n),
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(RecvError::Sys(e)),
-            }
-        }
-    }
-
-    /// Bytes of the receive buffer, as `recv_more` filled them.
-    pub(crate) fn received(&self, range: std::ops::Range<usize>) -> &[u8] {
-        &self.rx[range]
+        let base = self.rx.as_mut_ptr();
+        Ok(Payload {
+            channel: self,
+            base,
+            len,
+        })
     }
 
     /// Reads one page of payload from `from` into the channel's page buffer.

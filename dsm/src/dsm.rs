@@ -6,6 +6,7 @@
 use crate::channel::{Channel, Channels, RecvError};
 use crate::engine::{Engine, ServicePriority, MAX_READAHEAD};
 use crate::error::{DsmError, Result};
+use crate::installer::Installer;
 use crate::protocol::release::{RcRank, WriteNotice};
 use crate::region::{Arena, Consistency, GlobalVec, Placement, Region, RegionShared};
 use crate::service::{Service, ServiceId, MAX_SERVICES};
@@ -64,6 +65,8 @@ pub(crate) struct Shared {
     in_process: bool,
     /// Services registered by the layers above, by id.
     services: RwLock<Vec<Option<Arc<dyn Service>>>>,
+    /// The helper that installs pages of long read-ahead replies beside the faulting thread.
+    pub(crate) installer: Installer,
 }
 
 impl Shared {
@@ -226,6 +229,7 @@ pub struct DsmBuilder {
     policy: FailurePolicy,
     service_priority: ServicePriority,
     spin: Option<Duration>,
+    install_helper: Option<bool>,
 }
 
 impl Default for DsmBuilder {
@@ -241,6 +245,7 @@ impl Default for DsmBuilder {
             policy: FailurePolicy::Exit,
             service_priority: ServicePriority::Favoured,
             spin: None,
+            install_helper: None,
         }
     }
 }
@@ -270,6 +275,17 @@ impl DsmBuilder {
     /// in order; the window doubles from one page on each fault that continues the walk.
     pub fn readahead(mut self, pages: u32) -> Self {
         self.readahead = pages;
+        self
+    }
+
+    /// Whether a helper thread installs pages of long read-ahead replies (256 pages or more) beside the
+    /// faulting thread. Installing pages is most of a sequential remote read's time, and two threads
+    /// install twice as fast as one when a core is free; the helper sleeps otherwise. Default: on when the
+    /// job has several ranks and no more ranks than this machine has cores (the job's size, as for the
+    /// polling default of [`DsmBuilder::spin`]: when ranks share cores, a faulting thread could wait for
+    /// a helper that waits for a core). Also switchable at run time: [`Dsm::set_install_helper`].
+    pub fn install_helper(mut self, on: bool) -> Self {
+        self.install_helper = Some(on);
         self
     }
 
@@ -377,15 +393,35 @@ impl DsmBuilder {
             epoch: AtomicU64::new(0),
             in_process,
             services: RwLock::new(vec![None; MAX_SERVICES]),
+            installer: Installer::default(),
         });
         let engine = Engine::new(shared.clone(), mesh.incoming)?;
+        // Only replies from other ranks are installed in pieces: a job of one rank has no helper. Started
+        // before the service loop, so that a failure to start it leaves nothing running.
+        let installer = if self.size > 1 {
+            shared
+                .installer
+                .start(self.install_helper.unwrap_or(self.size <= cores));
+            let s = shared.clone();
+            let helper = std::thread::Builder::new()
+                .name(format!("dsm-install-{}", self.rank.0))
+                .spawn(move || s.installer.run())
+                .map_err(|e| DsmError::io("spawning the install helper", e))?;
+            Some(helper)
+        } else {
+            None
+        };
         let service = std::thread::Builder::new()
             .name(format!("dsm-service-{}", self.rank.0))
             .spawn(move || engine.run())
-            .map_err(|e| DsmError::io("spawning the service thread", e))?;
+            .map_err(|e| {
+                shared.installer.stop();
+                DsmError::io("spawning the service thread", e)
+            })?;
         Ok(Dsm {
             shared,
             service: Some(service),
+            installer,
             allocated: AtomicU32::new(0),
         })
     }
@@ -405,6 +441,7 @@ impl DsmBuilder {
 pub struct Dsm {
     shared: Arc<Shared>,
     service: Option<JoinHandle<()>>,
+    installer: Option<JoinHandle<()>>,
     allocated: AtomicU32,
 }
 
@@ -527,6 +564,26 @@ impl Dsm {
         }
         self.shared.readahead.store(pages, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether the install helper takes part in long read-ahead replies (see
+    /// [`DsmBuilder::install_helper`]); false in a job of one rank, which has no helper.
+    pub fn install_helper(&self) -> bool {
+        self.shared.installer.enabled()
+    }
+
+    /// Switches the install helper on or off for the faults that follow. Blocks while a reply is being
+    /// installed with the helper (a few milliseconds at most). Not collective. An error in a job of one
+    /// rank, which has no helper.
+    pub fn set_install_helper(&self, on: bool) -> Result<()> {
+        if self.shared.installer.set_enabled(on) {
+            Ok(())
+        } else {
+            Err(DsmError::Config(
+                "this rank has no install helper: a job of one rank installs no remote replies"
+                    .into(),
+            ))
+        }
     }
 
     /// Registers `service` under `id` on this rank. Every rank registers the same services under the same
@@ -886,6 +943,10 @@ impl Dsm {
         s.stop.store(true, Ordering::Release);
         s.wake_service();
         let _ = service.join();
+        s.installer.stop();
+        if let Some(helper) = self.installer.take() {
+            let _ = helper.join();
+        }
         if std::env::var_os("DSM_STATS").is_some_and(|v| v == "1") {
             eprintln!("dsm stats, {}:\n{}", s.me, self.stats());
         }

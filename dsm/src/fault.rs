@@ -11,6 +11,7 @@
 //! `protocol/README.md`).
 
 use crate::channel::{Channel, RecvError};
+use crate::installer;
 use crate::protocol::swmr::{self, Access, Data, Decision, Grant};
 use crate::region::{
     self, Consistency, RegionShared, BUSY, DEFERRED, INVALID, LOCKED, LOCK_WAITERS, QUEUED,
@@ -510,8 +511,10 @@ fn release_fault(
     Ok(())
 }
 
-/// Receives `served` pages of a reply's payload from `home` and installs them from `page`, in pieces as
-/// they arrive, so that copying into pages overlaps with the rest of the transfer still in flight.
+/// Receives `served` pages of a reply's payload from `home` and installs them from `page`, `stride` apart,
+/// in pieces as they arrive, so that copying into pages overlaps with the rest of the transfer still in
+/// flight; a long reply is installed by this thread and the rank's install helper together
+/// (`installer.rs`).
 fn install_chunks(
     ch: &mut Channel,
     region: &RegionShared,
@@ -521,34 +524,23 @@ fn install_chunks(
     stride: u64,
     access: Access,
 ) -> Result<(), FaultError> {
-    // Read whatever has arrived (one `read` for as much as the socket holds) and install the whole pages
-    // among it, at most INSTALL_CHUNK at a time, while the rest is still on its way.
-    let len = served as usize * PAGE_SIZE;
-    let (mut filled, mut k) = (0usize, 0u64);
-    while k < served {
-        while filled < (k as usize + 1) * PAGE_SIZE {
-            filled = ch
-                .recv_more(home, filled, len)
-                .map_err(|e| FaultError::Peer(home, e))?;
-        }
-        // Contiguous pages go in with one copy; pages a stride apart (a cyclic region) one by one.
-        let n = (filled / PAGE_SIZE) as u64 - k;
-        let n = if stride == 1 { n.min(INSTALL_CHUNK) } else { 1 };
-        let at = k as usize * PAGE_SIZE;
-        install(
-            region,
-            page + k * stride,
-            n,
-            ch.received(at..at + n as usize * PAGE_SIZE),
-            access,
-        )?;
-        k += n;
-    }
-    Ok(())
+    let payload = ch
+        .payload(served as usize * PAGE_SIZE)
+        .map_err(|e| FaultError::Peer(home, e))?;
+    let incoming = installer::Incoming {
+        region,
+        source: payload.base(),
+        first: page,
+        stride,
+        pages: served,
+        writable: access == Access::Write,
+    };
+    installer::receive_and_install(&region.shared.installer, &incoming, |filled, wait| {
+        payload.recv_more(home, filled, wait)
+    })
+    .map_err(|e| FaultError::Peer(home, e))?
+    .map_err(|e| FaultError::Sys("UFFDIO_COPY", e))
 }
-
-/// The most pages installed per `UFFDIO_COPY` while a read-ahead reply is still arriving.
-const INSTALL_CHUNK: u64 = 64;
 
 fn new_state(access: Access) -> u32 {
     match access {

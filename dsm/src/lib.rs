@@ -16,6 +16,7 @@ mod dsm;
 mod engine;
 mod error;
 mod fault;
+mod installer;
 mod rc;
 mod region;
 mod service;

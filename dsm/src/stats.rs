@@ -17,6 +17,8 @@ pub(crate) struct Counters {
     pub(crate) pages_sent: AtomicU64,
     pub(crate) pages_readahead: AtomicU64,
     pub(crate) pages_zero_filled: AtomicU64,
+    pub(crate) replies_offered_to_helper: AtomicU64,
+    pub(crate) pages_helper_installed: AtomicU64,
     pub(crate) invalidations: AtomicU64,
     pub(crate) messages_sent: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
@@ -60,6 +62,8 @@ impl Counters {
             pages_sent: g(&self.pages_sent),
             pages_readahead: g(&self.pages_readahead),
             pages_zero_filled: g(&self.pages_zero_filled),
+            replies_offered_to_helper: g(&self.replies_offered_to_helper),
+            pages_helper_installed: g(&self.pages_helper_installed),
             invalidations: g(&self.invalidations),
             messages_sent: g(&self.messages_sent),
             bytes_sent: g(&self.bytes_sent),
@@ -99,6 +103,10 @@ pub struct Stats {
     /// Untouched pages filled with zeros ahead of a sequential first touch: homed here, or handed over by
     /// their home with the page a first write faulted on (write-ahead).
     pub pages_zero_filled: u64,
+    /// Long read-ahead replies put on the install helper's board (it joins them when it wakes in time).
+    pub replies_offered_to_helper: u64,
+    /// Pages of those replies that the install helper installed (the faulting thread installed the rest).
+    pub pages_helper_installed: u64,
     /// Copies dropped here at another rank's request.
     pub invalidations: u64,
     /// Frames sent.
@@ -178,9 +186,11 @@ impl fmt::Display for Stats {
         )?;
         writeln!(
             f,
-            "pages: {} fetched ({} read-ahead), {} sent, {} invalidated here, {} zero-filled ahead",
+            "pages: {} fetched ({} read-ahead; {} replies offered to the install helper, {} pages installed by it), {} sent, {} invalidated here, {} zero-filled ahead",
             self.pages_fetched,
             self.pages_readahead,
+            self.replies_offered_to_helper,
+            self.pages_helper_installed,
             self.pages_sent,
             self.invalidations,
             self.pages_zero_filled

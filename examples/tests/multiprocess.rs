@@ -130,6 +130,23 @@ fn pages_fetched_by_read_ahead_are_ordinary_copies() {
 }
 
 #[test]
+fn read_ahead_replies_are_right_with_the_install_helper_forced_on_or_off() {
+    // The defaults above run the helper at 2 ranks (ranks <= cores) and not at 3; here the other way.
+    for (ranks, helper) in [(2, "off"), (3, "on")] {
+        for model in ["sequential", "release"] {
+            let args = ["readahead", "--consistency", model];
+            let (outcome, out) =
+                job_with_env(CHECK, ranks, &args, &[("DSM_INSTALL_HELPER", helper)]);
+            assert_eq!(
+                outcome.code, 0,
+                "{args:?} at {ranks} ranks, helper {helper}:\n{out}"
+            );
+            assert!(out.contains("readahead ok"), "{out}");
+        }
+    }
+}
+
+#[test]
 fn a_home_filling_untouched_pages_keeps_what_others_wrote() {
     passes_at(&[2, 3], CHECK, &["firsttouch"]);
     passes_at(&[2, 3], CHECK, &["firsttouch", "--consistency", "release"]);
@@ -203,6 +220,17 @@ fn configuration_errors_are_clear() {
     assert!(!out.status.success());
     assert!(
         err.contains("DSM_READAHEAD") && err.contains("lots"),
+        "{err}"
+    );
+
+    let out = std::process::Command::new(hello)
+        .env("DSM_INSTALL_HELPER", "yes")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("DSM_INSTALL_HELPER") && err.contains("on or off"),
         "{err}"
     );
 

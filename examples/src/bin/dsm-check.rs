@@ -317,7 +317,9 @@ fn main() -> anyhow::Result<()> {
             // one home, then from every home of a cyclic region, its pages a stride apart), then writes
             // some of them, while the others write others back: pages that came by read-ahead must be
             // ordinary read-only copies afterwards, writable here and invalidatable from elsewhere.
-            let pages = 601; // not a multiple of 2 or 3 ranks: a run ends on a partial stride
+            // Not a multiple of 2 or 3 ranks (a run ends on a partial stride), and long enough for replies
+            // from one home of 256 and 512 pages, which are offered to the install helper.
+            let pages = 1201;
             for placement in [dsm::Placement::At(dsm::Rank(1)), dsm::Placement::Cyclic] {
                 let v = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, placement, model)?;
                 let home = |p: usize| v.region().home_of(dsm::PageId(p as u64));
@@ -327,6 +329,7 @@ fn main() -> anyhow::Result<()> {
                 dsm.barrier()?;
                 if me == 0 {
                     let before = dsm.stats().pages_readahead;
+                    let offered = dsm.stats().replies_offered_to_helper;
                     for p in 0..pages {
                         let want = if home(p) == rt.rank() { 0 } else { p as u64 };
                         ensure!(
@@ -339,6 +342,13 @@ fn main() -> anyhow::Result<()> {
                         s.pages_readahead > before,
                         "read-ahead did not happen ({placement:?}): {s}"
                     );
+                    // Replies from one home grow to 512 pages: long enough for the install helper.
+                    if dsm.install_helper() && placement == dsm::Placement::At(dsm::Rank(1)) {
+                        ensure!(
+                            s.replies_offered_to_helper > offered,
+                            "no reply was offered to the install helper: {s}"
+                        );
+                    }
                 }
                 dsm.barrier()?;
                 for p in (me..pages).step_by(2) {
@@ -354,7 +364,10 @@ fn main() -> anyhow::Result<()> {
                 dsm.barrier()?;
                 drop(v);
             }
-            println!("readahead ok");
+            println!(
+                "readahead ok ({} pages installed by the helper)",
+                dsm.stats().pages_helper_installed
+            );
         }
         "firsttouch" => {
             ensure!(n > 1, "firsttouch needs at least 2 ranks");
