@@ -39,11 +39,11 @@ pub(crate) struct Board {
     first: AtomicU64,
     stride: AtomicU64,
     writable: AtomicBool,
-    /// Whole pages that have arrived, or the pages that ever will once the reply is cut short.
+    /// Whole pages that have arrived.
     arrived: AtomicU64,
     /// Pages claimed for installing.
     claimed: AtomicU64,
-    /// Pages of the reply in all.
+    /// Pages of the reply in all; once the reply is cut short, the pages claimed by then.
     total: AtomicU64,
     /// The first install error (an errno), or 0.
     error: AtomicI32,
