@@ -212,27 +212,22 @@ fn hello_checks_what_it_sees() {
 #[test]
 fn configuration_errors_are_clear() {
     let hello = env!("CARGO_BIN_EXE_hello");
-    let out = std::process::Command::new(hello)
-        .env("DSM_READAHEAD", "lots")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("DSM_READAHEAD") && err.contains("lots"),
-        "{err}"
-    );
-
-    let out = std::process::Command::new(hello)
-        .env("DSM_INSTALL_HELPER", "yes")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("DSM_INSTALL_HELPER") && err.contains("on or off"),
-        "{err}"
-    );
+    // A malformed variable is refused, naming the variable, the value and what it takes.
+    for (var, value, expected) in [
+        ("DSM_READAHEAD", "lots", "1 to 1024"),
+        ("DSM_INSTALL_HELPER", "yes", "on or off"),
+    ] {
+        let out = std::process::Command::new(hello)
+            .env(var, value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains(var) && err.contains(value) && err.contains(expected),
+            "{err}"
+        );
+    }
 
     let out = std::process::Command::new(hello)
         .env("PMI_RANK", "0")
