@@ -437,7 +437,9 @@ impl Drop for Posted<'_> {
 /// (read before the board is free for another reply).
 fn finish(installer: &Installer) -> Result<(), Errno> {
     let s = &installer.state;
-    if s.compare_exchange(POSTED, IDLE, Ordering::SeqCst, Ordering::SeqCst)
+    // A helper that has not joined yet cannot join after this (back to SETUP, not IDLE: another reader
+    // must not take the board before its result is read).
+    if s.compare_exchange(POSTED, SETUP, Ordering::SeqCst, Ordering::SeqCst)
         .is_err()
     {
         loop {
