@@ -56,6 +56,15 @@ pub(crate) fn number<T: FromStr>(s: &str) -> Option<T> {
     s.parse().ok()
 }
 
+/// `on` or `off`.
+pub(crate) fn on_off(s: &str) -> Option<bool> {
+    match s {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
+}
+
 /// A byte size with an optional K, M, G or T suffix (powers of 1024).
 pub(crate) fn bytes(s: &str) -> Option<usize> {
     let (digits, shift) = match s.chars().last()? {

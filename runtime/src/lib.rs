@@ -273,11 +273,7 @@ impl Runtime {
         if let Some(us) = env::get("DSM_SPIN_US", "microseconds", env::number::<u64>)? {
             b = b.spin(Duration::from_micros(us));
         }
-        if let Some(on) = env::get("DSM_INSTALL_HELPER", "on or off", |s| match s {
-            "on" => Some(true),
-            "off" => Some(false),
-            _ => None,
-        })? {
+        if let Some(on) = env::get("DSM_INSTALL_HELPER", "on or off", env::on_off)? {
             b = b.install_helper(on);
         }
         let size = env::get("DSM_ARENA_SIZE", "a size such as 64G", env::bytes)?;
