@@ -144,6 +144,12 @@ fn read_ahead_replies_are_right_with_the_install_helper_forced_on_or_off() {
             assert!(out.contains("readahead ok"), "{out}");
         }
     }
+    // Three threads of one rank reading long runs at once contend for the one helper.
+    for model in ["sequential", "release"] {
+        let args = ["readahead", "--threads", "3", "--consistency", model];
+        let (outcome, out) = job_with_env(CHECK, 2, &args, &[("DSM_INSTALL_HELPER", "on")]);
+        assert_eq!(outcome.code, 0, "{args:?}:\n{out}");
+    }
 }
 
 #[test]

@@ -28,7 +28,7 @@ struct Args {
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
     rounds: usize,
-    /// Threads per rank (counter).
+    /// Threads per rank (counter; readahead: threads of rank 0 reading at once).
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Memory model of the shared data: sequential or release (counter, pages, latehome, bytes, mplock,
@@ -360,6 +360,48 @@ fn main() -> anyhow::Result<()> {
                         v.get(p * WORDS_PER_PAGE + 1) == 1000 + p as u64,
                         "rank {me}: page {p} lost a write ({placement:?})"
                     );
+                }
+                dsm.barrier()?;
+                drop(v);
+            }
+            // With --threads T, T threads of rank 0 each read their own 1024 pages of rank 1's in order,
+            // at once: their long replies compete for the one install helper.
+            let threads = args.threads;
+            if threads > 1 {
+                let per = 1024;
+                let v = dsm.alloc_vec_in::<u64>(
+                    threads * per * WORDS_PER_PAGE,
+                    dsm::Placement::At(dsm::Rank(1)),
+                    model,
+                )?;
+                if me == 1 {
+                    for p in 0..threads * per {
+                        v.set(p * WORDS_PER_PAGE, p as u64 + 1);
+                    }
+                }
+                dsm.barrier()?;
+                if me == 0 {
+                    std::thread::scope(|s| -> anyhow::Result<()> {
+                        let readers: Vec<_> = (0..threads)
+                            .map(|t| {
+                                let v = &v;
+                                s.spawn(move || -> anyhow::Result<()> {
+                                    for p in t * per..(t + 1) * per {
+                                        let got = v.get(p * WORDS_PER_PAGE);
+                                        ensure!(
+                                            got == p as u64 + 1,
+                                            "thread {t}: page {p} read {got}"
+                                        );
+                                    }
+                                    Ok(())
+                                })
+                            })
+                            .collect();
+                        for r in readers {
+                            r.join().expect("a reader thread panicked")?;
+                        }
+                        Ok(())
+                    })?;
                 }
                 dsm.barrier()?;
                 drop(v);
