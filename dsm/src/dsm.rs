@@ -67,6 +67,8 @@ pub(crate) struct Shared {
     services: RwLock<Vec<Option<Arc<dyn Service>>>>,
     /// The helper that installs pages of long read-ahead replies beside the faulting thread.
     pub(crate) installer: Installer,
+    /// Whether this rank's page requests let the sender install the pages itself (`direct.rs`).
+    pub(crate) direct_install: AtomicBool,
 }
 
 impl Shared {
@@ -230,6 +232,7 @@ pub struct DsmBuilder {
     service_priority: ServicePriority,
     spin: Option<Duration>,
     install_helper: Option<bool>,
+    direct_install: bool,
 }
 
 impl Default for DsmBuilder {
@@ -246,6 +249,7 @@ impl Default for DsmBuilder {
             service_priority: ServicePriority::Favoured,
             spin: None,
             install_helper: None,
+            direct_install: true,
         }
     }
 }
@@ -286,6 +290,19 @@ impl DsmBuilder {
     /// a helper that waits for a core). Also switchable at run time: [`Dsm::set_install_helper`].
     pub fn install_helper(mut self, on: bool) -> Self {
         self.install_helper = Some(on);
+        self
+    }
+
+    /// Whether ranks on this host may install the pages they send this rank straight into its memory
+    /// (default: on). This rank then introduces itself to the others when it first maps the arena, and a
+    /// rank on the same host that may (the same user, or root) takes its userfaultfd and copies the pages
+    /// of a read fault in itself: no page bytes on the connection and no copy by this rank, where
+    /// otherwise the faulting thread reads them from the socket and copies them in. Ranks on other hosts,
+    /// and ranks that may not, send the bytes. Switchable for the faults that follow with
+    /// [`Dsm::set_direct_install`]; turning it on at run time works only if it was on when this rank
+    /// introduced itself.
+    pub fn direct_install(mut self, on: bool) -> Self {
+        self.direct_install = on;
         self
     }
 
@@ -394,6 +411,7 @@ impl DsmBuilder {
             in_process,
             services: RwLock::new(vec![None; MAX_SERVICES]),
             installer: Installer::default(),
+            direct_install: AtomicBool::new(self.direct_install),
         });
         let engine = Engine::new(shared.clone(), mesh.incoming)?;
         // Only replies from other ranks are installed in pieces: a job of one rank has no helper. Started
@@ -584,6 +602,19 @@ impl Dsm {
                     .into(),
             ))
         }
+    }
+
+    /// Whether this rank's read faults let ranks on this host install the pages themselves (see
+    /// [`DsmBuilder::direct_install`]).
+    pub fn direct_install(&self) -> bool {
+        self.shared.direct_install.load(Ordering::Relaxed)
+    }
+
+    /// Switches direct install on or off for the faults that follow. Not collective. Turning it on helps only
+    /// if it was on when this rank introduced itself (at its first allocation): otherwise no rank holds
+    /// this rank's userfaultfd, and pages keep coming over the connections.
+    pub fn set_direct_install(&self, on: bool) {
+        self.shared.direct_install.store(on, Ordering::Relaxed);
     }
 
     /// Registers `service` under `id` on this rank. Every rank registers the same services under the same
@@ -816,8 +847,47 @@ impl Dsm {
                 rank.0
             )))
             }
+            (Ok(()), Ok(())) => self.introduce(),
             (r, Ok(())) => r,
         }
+    }
+
+    /// Tells every other rank this process's pid and userfaultfd, so that ranks on the same host can
+    /// install pages here themselves (`direct.rs`). Each answers once it has taken the descriptor or
+    /// decided not to; every rank has done this before it arrives at the barrier of its first allocation,
+    /// so the first fault on a region finds every introduction handled.
+    fn introduce(&self) -> Result<()> {
+        let s = &self.shared;
+        if s.size == 1 || !s.direct_install.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let Some(host) = crate::direct::Host::this() else {
+            return Ok(());
+        };
+        let request = Request::Introduce {
+            pid: std::process::id(),
+            uffd: s.uffd()?.raw_fd(),
+            boot: host.boot,
+            pid_ns: host.pid_ns,
+        };
+        let mut ch = s.channels.claim();
+        for r in (0..s.size as u32).map(Rank).filter(|r| *r != s.me) {
+            let (reply, _, _) = ch
+                .call(&s.counters, r, &request)
+                .map_err(|e| s.peer_error(r, e))?;
+            match reply {
+                Reply::Introduced { accepted } => {
+                    Counters::add(&s.counters.peers_installing_here, u64::from(accepted))
+                }
+                other => {
+                    return Err(DsmError::Protocol {
+                        rank: r,
+                        what: format!("unexpected reply to an introduction: {other:?}"),
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Allocates a shared region of at least `bytes` bytes, collectively: every rank calls `alloc` with the

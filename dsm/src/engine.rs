@@ -9,6 +9,7 @@
 //! an error naming the failed rank.
 
 use crate::channel::write_frame;
+use crate::direct::{self, Host};
 use crate::dsm::{FailurePolicy, Shared};
 use crate::fault::{give_untouched, lock_untouched, set_state, try_lock_slot, unlock_slot};
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
@@ -79,6 +80,11 @@ pub(crate) struct Engine {
     /// Release consistency: the write notices the arrivals brought, for everyone at the barrier's end.
     arrival_notices: Vec<crate::protocol::release::WriteNotice>,
     scratch: Vec<u8>,
+    /// The host this rank runs on, to compare with those of the ranks that introduce themselves.
+    host: Option<Host>,
+    /// The userfaultfds of the ranks on this host that introduced themselves and whose descriptor this
+    /// rank could take, by rank: pages they ask for are installed into them directly (`direct.rs`).
+    direct: Vec<Option<OwnedFd>>,
 }
 
 impl Engine {
@@ -109,7 +115,6 @@ impl Engine {
             });
         }
         Ok(Engine {
-            shared,
             conns,
             epoll,
             queues: HashMap::new(),
@@ -119,6 +124,9 @@ impl Engine {
             arrivals: Vec::new(),
             arrival_notices: Vec::new(),
             scratch: vec![0; PAGE_SIZE],
+            host: Host::this(),
+            direct: (0..shared.size).map(|_| None).collect(),
+            shared,
         })
     }
 
@@ -423,11 +431,12 @@ impl Engine {
                 region,
                 page,
                 count,
+                direct,
             } => {
                 let Some(r) = self.region_for(idx, region, page, Consistency::Release) else {
                     return;
                 };
-                self.fetch_page(idx, &r, page, count);
+                self.fetch_page(idx, &r, page, count, direct);
             }
             Request::Diff { region, page } => {
                 let Some(r) = self.region_for(idx, region, page, Consistency::Release) else {
@@ -451,6 +460,30 @@ impl Engine {
                     },
                 };
                 self.reply(idx, &reply, &[]);
+            }
+            Request::Introduce {
+                pid,
+                uffd,
+                boot,
+                pid_ns,
+            } => {
+                let peer = self.conns[idx].peer;
+                let theirs = Host { boot, pid_ns };
+                let accepted = match direct::take_peer_uffd(self.host.as_ref(), &theirs, pid, uffd)
+                {
+                    Ok(fd) => {
+                        self.direct[peer.index()] = Some(fd);
+                        true
+                    }
+                    Err(why) => {
+                        tracing::info!(
+                            "{}: pages for {peer} go over the connection, not installed directly: {why}",
+                            self.shared.me
+                        );
+                        false
+                    }
+                };
+                self.reply(idx, &Reply::Introduced { accepted }, &[]);
             }
             Request::Ping { reply_bytes } => {
                 let n = (reply_bytes as usize).min(PAGE_SIZE);
@@ -664,6 +697,7 @@ impl Engine {
             page,
             access,
             count,
+            direct,
             ..
         } = req
         else {
@@ -747,16 +781,23 @@ impl Engine {
                     // reply goes out, so that a failure while sending it finds the page to release.
                     self.held_by.insert((region.id, page), (requester, access));
                 }
-                let reply = Reply::Done {
-                    data: reply_data,
-                    count: pages.len() as u32,
-                };
+                let count = pages.len() as u32;
                 let mut sent = false;
                 if self.conns[idx].open {
+                    let writable = access == Access::Write;
+                    let installed = reply_data == Data::Home
+                        && direct
+                        && self.install_directly(requester, region, &pages, &slices, writable);
+                    let (reply, payload) = if installed {
+                        (Reply::Installed { count }, &[][..])
+                    } else {
+                        let data = reply_data;
+                        (Reply::Done { data, count }, &slices[..])
+                    };
                     match write_frame(
                         self.conns[idx].fd.as_fd(),
                         &reply,
-                        &slices,
+                        payload,
                         &self.shared.counters,
                     ) {
                         Ok(()) => sent = true,
@@ -999,7 +1040,14 @@ impl Engine {
 
     /// Release consistency, at the home: sends the home's copy of a page (zeros when never touched here). The
     /// home's own threads may be writing the page meanwhile; see `RegionShared::snapshot_page`.
-    fn fetch_page(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64, count: u32) {
+    fn fetch_page(
+        &mut self,
+        idx: usize,
+        region: &Arc<RegionShared>,
+        page: u64,
+        count: u32,
+        direct: bool,
+    ) {
         if region.home(page) != self.shared.me {
             let reason = RefusedReason::WrongRank;
             self.reply(idx, &Reply::Refused { reason }, &[]);
@@ -1012,6 +1060,7 @@ impl Engine {
             region: region.id,
             page,
             count,
+            direct,
         };
         let Some((first, _)) = self.claim_or_defer(idx, region, page, SHARED, req, Vec::new())
         else {
@@ -1061,11 +1110,53 @@ impl Engine {
             crate::fault::release_busy(region, *p);
         }
         Counters::add(&self.shared.counters.pages_sent, claimed.len() as u64);
-        let reply = Reply::Done {
-            data: Data::Home,
-            count: claimed.len() as u32,
+        let count = claimed.len() as u32;
+        let pages: Vec<u64> = claimed.iter().map(|(p, _)| *p).collect();
+        let sources: Vec<&[u8]> = bytes.chunks(PAGE_SIZE).collect();
+        let requester = self.conns[idx].peer;
+        if direct && self.install_directly(requester, region, &pages, &sources, false) {
+            self.reply(idx, &Reply::Installed { count }, &[]);
+        } else {
+            let reply = Reply::Done {
+                data: Data::Home,
+                count,
+            };
+            self.reply(idx, &reply, &[&bytes]);
+        }
+    }
+
+    /// Installs `pages` (with their bytes in `sources`) straight into `peer`'s memory if this rank holds its
+    /// userfaultfd (`direct.rs`); returns whether it did. After a failure the peer gets the bytes over
+    /// its connection, now and from then on: whatever it had installed already, the install it does itself
+    /// skips (`UFFDIO_COPY` leaves present pages alone, and they hold the same bytes).
+    fn install_directly(
+        &mut self,
+        peer: Rank,
+        region: &RegionShared,
+        pages: &[u64],
+        sources: &[&[u8]],
+        writable: bool,
+    ) -> bool {
+        let Some(fd) = &self.direct[peer.index()] else {
+            return false;
         };
-        self.reply(idx, &reply, &[&bytes]);
+        match direct::install(fd.as_fd(), region, pages, sources, writable) {
+            Ok(()) => {
+                Counters::add(
+                    &self.shared.counters.pages_installed_into_peers,
+                    pages.len() as u64,
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "{}: installing pages into {peer} directly failed ({e}); sending them instead",
+                    self.shared.me
+                );
+                self.direct[peer.index()] = None;
+                false
+            }
+        }
     }
 
     /// Release consistency, at the home: applies a diff to the home's copy and acknowledges it. The page

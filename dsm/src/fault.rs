@@ -399,6 +399,7 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
             region: region.id,
             page,
             count,
+            direct: shared.direct_install.load(Ordering::Relaxed),
         };
         let (reply, len) = ask(&mut ch, c, home, &request)?;
         match reply {
@@ -414,8 +415,12 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
             } if served >= 1 && served <= count && len == served as usize * PAGE_SIZE => {
                 let served = u64::from(served);
                 install_chunks(&mut ch, region, home, page, served, stride, Access::Read)?;
-                Counters::add(&c.pages_fetched, served);
-                Counters::add(&c.pages_readahead, served - 1);
+                count_fetched(c, served, false);
+                Ok(served)
+            }
+            Reply::Installed { count: served } if served >= 1 && served <= count && len == 0 => {
+                let served = u64::from(served);
+                count_fetched(c, served, true);
                 Ok(served)
             }
             _ => Err(FaultError::Protocol(
@@ -542,6 +547,16 @@ fn install_chunks(
     .map_err(|e| FaultError::Sys("UFFDIO_COPY", e))
 }
 
+/// Counts `pages` received from their home, the first for the fault and the others read ahead; `direct`:
+/// the home installed them itself.
+fn count_fetched(c: &Counters, pages: u64, direct: bool) {
+    Counters::add(&c.pages_fetched, pages);
+    Counters::add(&c.pages_readahead, pages - 1);
+    if direct {
+        Counters::add(&c.pages_installed_by_sender, pages);
+    }
+}
+
 fn new_state(access: Access) -> u32 {
     match access {
         Access::Read => READ_ONLY,
@@ -580,6 +595,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
         page,
         access,
         count,
+        direct: shared.direct_install.load(Ordering::Relaxed),
     };
     let c = &shared.counters;
     // Every page claimed ahead is released once the reply is in: installed or not (the one that faulted is
@@ -635,14 +651,34 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                         // Install in pieces as they arrive: copying into pages overlaps with the rest of
                         // the transfer still in flight.
                         install_chunks(&mut ch, region, home, page, served, stride, access)?;
-                        Counters::add(&c.pages_fetched, served);
-                        Counters::add(&c.pages_readahead, served - 1);
+                        count_fetched(c, served, false);
                     }
                 }
                 for k in 0..served {
                     set_state(region.state(page + k * stride), new_state(access));
                 }
                 Ok((served, false, data == Data::None))
+            }
+            Reply::Installed { count: served } => {
+                // As `Done` with the home's copy, installed here by the home itself (`direct.rs`).
+                if payload_len != 0 || served == 0 || served > count {
+                    return Err(FaultError::Protocol(
+                        home,
+                        "a direct install of more pages than asked for, or with a payload",
+                    ));
+                }
+                if served > 1 && access == Access::Write {
+                    return Err(FaultError::Protocol(
+                        home,
+                        "several pages of data for a write fault",
+                    ));
+                }
+                let served = u64::from(served);
+                count_fetched(c, served, true);
+                for k in 0..served {
+                    set_state(region.state(page + k * stride), new_state(access));
+                }
+                Ok((served, false, false))
             }
             Reply::Granted { grant } => {
                 release_extras();

@@ -12,6 +12,7 @@ pub mod transport;
 pub mod types;
 
 mod channel;
+mod direct;
 mod dsm;
 mod engine;
 mod error;

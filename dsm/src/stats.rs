@@ -19,6 +19,9 @@ pub(crate) struct Counters {
     pub(crate) pages_zero_filled: AtomicU64,
     pub(crate) replies_offered_to_helper: AtomicU64,
     pub(crate) pages_helper_installed: AtomicU64,
+    pub(crate) pages_installed_by_sender: AtomicU64,
+    pub(crate) pages_installed_into_peers: AtomicU64,
+    pub(crate) peers_installing_here: AtomicU64,
     pub(crate) invalidations: AtomicU64,
     pub(crate) messages_sent: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
@@ -64,6 +67,9 @@ impl Counters {
             pages_zero_filled: g(&self.pages_zero_filled),
             replies_offered_to_helper: g(&self.replies_offered_to_helper),
             pages_helper_installed: g(&self.pages_helper_installed),
+            pages_installed_by_sender: g(&self.pages_installed_by_sender),
+            pages_installed_into_peers: g(&self.pages_installed_into_peers),
+            peers_installing_here: g(&self.peers_installing_here),
             invalidations: g(&self.invalidations),
             messages_sent: g(&self.messages_sent),
             bytes_sent: g(&self.bytes_sent),
@@ -107,6 +113,13 @@ pub struct Stats {
     pub replies_offered_to_helper: u64,
     /// Pages of those replies that the install helper installed (the faulting thread installed the rest).
     pub pages_helper_installed: u64,
+    /// Fetched pages that the rank sending them installed into this rank's memory itself (direct install,
+    /// on one host): no bytes on the connection, no copy by this rank.
+    pub pages_installed_by_sender: u64,
+    /// Pages this rank installed into other ranks' memory itself (the other side of the above).
+    pub pages_installed_into_peers: u64,
+    /// Ranks that took this rank's userfaultfd when it introduced itself, and so may install pages here.
+    pub peers_installing_here: u64,
     /// Copies dropped here at another rank's request.
     pub invalidations: u64,
     /// Frames sent.
@@ -186,14 +199,21 @@ impl fmt::Display for Stats {
         )?;
         writeln!(
             f,
-            "pages: {} fetched ({} read-ahead; {} replies offered to the install helper, {} pages installed by it), {} sent, {} invalidated here, {} zero-filled ahead",
+            "pages: {} fetched ({} read-ahead; {} installed by their sender; {} replies offered to the install helper, {} pages installed by it), {} sent ({} installed into the receiver), {} invalidated here, {} zero-filled ahead",
             self.pages_fetched,
             self.pages_readahead,
+            self.pages_installed_by_sender,
             self.replies_offered_to_helper,
             self.pages_helper_installed,
             self.pages_sent,
+            self.pages_installed_into_peers,
             self.invalidations,
             self.pages_zero_filled
+        )?;
+        writeln!(
+            f,
+            "direct install: {} other rank(s) may install pages here",
+            self.peers_installing_here
         )?;
         writeln!(
             f,

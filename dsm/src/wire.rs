@@ -12,12 +12,14 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub(crate) enum Request {
     /// Fault on `count` consecutive pages starting at `page` (count > 1: read-ahead for a read,
-    /// write-ahead of untouched pages for a first write).
+    /// write-ahead of untouched pages for a first write). `direct`: the home may install the pages it
+    /// sends straight into the requester's memory (`Reply::Installed`) if the requester introduced itself.
     Acquire {
         region: u32,
         page: u64,
         access: Access,
         count: u32,
+        direct: bool,
     },
     /// End of the transaction on `count` pages from `page`; `granted`: the requester ran a grant.
     Unlock {
@@ -44,12 +46,27 @@ pub(crate) enum Request {
     /// payload holds the arriving rank's own write notices since the last barrier.
     Barrier { epoch: u64, tag: u64 },
     /// Release consistency: send your copy of `count` pages homed here from `page` (zeros where never
-    /// touched); the home may send fewer (read-ahead stops at a page it cannot take at once).
-    FetchPage { region: u32, page: u64, count: u32 },
+    /// touched); the home may send fewer (read-ahead stops at a page it cannot take at once). `direct` as
+    /// for `Acquire`.
+    FetchPage {
+        region: u32,
+        page: u64,
+        count: u32,
+        direct: bool,
+    },
     /// Release consistency: apply the diff in the payload to your copy of a page homed here, then ack.
     Diff { region: u32, page: u64 },
     /// Rank 0: where is the shared arena?
     ArenaBase,
+    /// The sender runs on the same host as the receiver may: process `pid`, whose userfaultfd is its
+    /// descriptor `uffd`, on the machine booted as `boot` in the PID namespace `pid_ns`. The receiver may
+    /// take that descriptor and from then on install pages into the sender itself (`direct.rs`).
+    Introduce {
+        pid: u32,
+        uffd: i32,
+        boot: [u8; 16],
+        pid_ns: u64,
+    },
     /// Reply with `reply_bytes` bytes of payload: the transport's raw round trip, for benchmarks.
     Ping { reply_bytes: u32 },
     /// This connection closes normally: what follows is not a failure.
@@ -65,6 +82,12 @@ pub(crate) enum Request {
 pub(crate) enum Reply {
     /// The home completed the transaction; with `Data::Home` the payload holds `count` pages.
     Done { data: Data, count: u32 },
+    /// The home completed the transaction with its own copy of `count` pages (as `Done` with `Data::Home`)
+    /// and has installed them into the requester's memory itself, read-only unless the fault was a write:
+    /// no payload.
+    Installed { count: u32 },
+    /// The answer to `Introduce`: whether the receiver will install pages into the sender.
+    Introduced { accepted: bool },
     /// The requester runs the transaction; the payload holds the page when `grant.data_from_home`.
     Granted { grant: Grant },
     /// A page follows.
@@ -217,13 +240,29 @@ mod tests {
                 page: 1 << 40,
                 access: Access::Write,
                 count: 9,
+                direct: true,
             },
             b"xyz",
         );
         assert!(
-            matches!(m, Request::Acquire { region: 3, page: p, access: Access::Write, count: 9 } if p == 1 << 40)
+            matches!(m, Request::Acquire { region: 3, page: p, access: Access::Write, count: 9, direct: true } if p == 1 << 40)
         );
         assert_eq!(p, b"xyz");
+    }
+
+    #[test]
+    fn an_introduction_fits_a_header() {
+        let intro = Request::Introduce {
+            pid: u32::MAX,
+            uffd: i32::MAX,
+            boot: [0xff; 16],
+            pid_ns: u64::MAX,
+        };
+        let (m, p) = roundtrip(intro, &[]);
+        assert!(
+            matches!(m, Request::Introduce { pid: u32::MAX, uffd: i32::MAX, boot, pid_ns: u64::MAX } if boot == [0xff; 16])
+        );
+        assert!(p.is_empty());
     }
 
     #[test]

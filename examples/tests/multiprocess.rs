@@ -130,13 +130,50 @@ fn pages_fetched_by_read_ahead_are_ordinary_copies() {
 }
 
 #[test]
+fn read_ahead_pages_are_installed_by_their_home_on_one_host() {
+    // The ranks run on one host: by default each home installs the pages it sends straight into rank 0
+    // (the check requires that of every page read ahead in its first pass, and of none in its second).
+    for ranks in [2, 3] {
+        for model in ["sequential", "release"] {
+            let args = ["readahead", "--consistency", model];
+            let (outcome, out) = job_with_env(CHECK, ranks, &args, &[]);
+            assert_eq!(outcome.code, 0, "{args:?} at {ranks} ranks:\n{out}");
+            let installed: u64 = out
+                .split("readahead ok (")
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no count of pages installed directly:\n{out}"));
+            assert!(installed > 0, "no page was installed directly:\n{out}");
+        }
+    }
+    // Three threads of rank 0 reading long runs at once: the home installs their replies one after another.
+    for model in ["sequential", "release"] {
+        let args = ["readahead", "--threads", "3", "--consistency", model];
+        let (outcome, out) = job_with_env(CHECK, 2, &args, &[]);
+        assert_eq!(outcome.code, 0, "{args:?}:\n{out}");
+    }
+    // Switched off, every page comes over the connections.
+    let (outcome, out) = job_with_env(CHECK, 2, &["readahead"], &[("DSM_DIRECT_INSTALL", "off")]);
+    assert_eq!(outcome.code, 0, "{out}");
+    assert!(
+        out.contains("readahead ok (0 pages installed by their sender"),
+        "{out}"
+    );
+}
+
+#[test]
 fn read_ahead_replies_are_right_with_the_install_helper_forced_on_or_off() {
-    // The defaults above run the helper at 2 ranks (ranks <= cores) and not at 3; here the other way.
+    // The defaults above run the helper at 2 ranks (ranks <= cores) and not at 3; here the other way,
+    // with every page over the connections (the helper installs only what arrives there).
     for (ranks, helper) in [(2, "off"), (3, "on")] {
         for model in ["sequential", "release"] {
             let args = ["readahead", "--consistency", model];
-            let (outcome, out) =
-                job_with_env(CHECK, ranks, &args, &[("DSM_INSTALL_HELPER", helper)]);
+            let env = [
+                ("DSM_INSTALL_HELPER", helper),
+                ("DSM_DIRECT_INSTALL", "off"),
+            ];
+            let (outcome, out) = job_with_env(CHECK, ranks, &args, &env);
             assert_eq!(
                 outcome.code, 0,
                 "{args:?} at {ranks} ranks, helper {helper}:\n{out}"
@@ -147,7 +184,8 @@ fn read_ahead_replies_are_right_with_the_install_helper_forced_on_or_off() {
     // Three threads of one rank reading long runs at once contend for the one helper.
     for model in ["sequential", "release"] {
         let args = ["readahead", "--threads", "3", "--consistency", model];
-        let (outcome, out) = job_with_env(CHECK, 2, &args, &[("DSM_INSTALL_HELPER", "on")]);
+        let env = [("DSM_INSTALL_HELPER", "on"), ("DSM_DIRECT_INSTALL", "off")];
+        let (outcome, out) = job_with_env(CHECK, 2, &args, &env);
         assert_eq!(outcome.code, 0, "{args:?}:\n{out}");
     }
 }
@@ -222,6 +260,7 @@ fn configuration_errors_are_clear() {
     for (var, value, expected) in [
         ("DSM_READAHEAD", "lots", "1 to 1024"),
         ("DSM_INSTALL_HELPER", "yes", "on or off"),
+        ("DSM_DIRECT_INSTALL", "maybe", "on or off"),
     ] {
         let out = std::process::Command::new(hello)
             .env(var, value)

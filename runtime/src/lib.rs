@@ -276,6 +276,9 @@ impl Runtime {
         if let Some(on) = env::get("DSM_INSTALL_HELPER", "on or off", env::on_off)? {
             b = b.install_helper(on);
         }
+        if let Some(on) = env::get("DSM_DIRECT_INSTALL", "on or off", env::on_off)? {
+            b = b.direct_install(on);
+        }
         let size = env::get("DSM_ARENA_SIZE", "a size such as 64G", env::bytes)?;
         let base = env::get("DSM_ARENA_BASE", "a hexadecimal address", env::hex_addr)?;
         if size.is_some() || base.is_some() {

@@ -318,10 +318,18 @@ fn main() -> anyhow::Result<()> {
             // some of them, while the others write others back: pages that came by read-ahead must be
             // ordinary read-only copies afterwards, writable here and invalidatable from elsewhere.
             // Not a multiple of 2 or 3 ranks (a run ends on a partial stride), and long enough for replies
-            // from one home of 256 and 512 pages, which are offered to the install helper.
+            // from one home of 256 and 512 pages, which are offered to the install helper when they come
+            // over the connection. When every other rank installs pages here directly (same host), the
+            // first pass takes them that way and the second, cyclic one over the connections (direct
+            // install switched off for it), so that both paths are checked in one job.
             let pages = 1201;
+            let wanted = dsm.direct_install();
             for placement in [dsm::Placement::At(dsm::Rank(1)), dsm::Placement::Cyclic] {
                 let v = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, placement, model)?;
+                // Ranks introduce themselves at the first allocation.
+                let direct = wanted && dsm.stats().peers_installing_here as usize == n - 1;
+                let direct_now = direct && placement != dsm::Placement::Cyclic;
+                dsm.set_direct_install(direct_now);
                 let home = |p: usize| v.region().home_of(dsm::PageId(p as u64));
                 for p in (0..pages).filter(|&p| home(p) == rt.rank() && me != 0) {
                     v.set(p * WORDS_PER_PAGE, p as u64);
@@ -330,6 +338,7 @@ fn main() -> anyhow::Result<()> {
                 if me == 0 {
                     let before = dsm.stats().pages_readahead;
                     let offered = dsm.stats().replies_offered_to_helper;
+                    let installed_before = dsm.stats().pages_installed_by_sender;
                     for p in 0..pages {
                         let want = if home(p) == rt.rank() { 0 } else { p as u64 };
                         ensure!(
@@ -342,14 +351,27 @@ fn main() -> anyhow::Result<()> {
                         s.pages_readahead > before,
                         "read-ahead did not happen ({placement:?}): {s}"
                     );
-                    // Replies from one home grow to 512 pages: long enough for the install helper.
-                    if dsm.install_helper() && placement == dsm::Placement::At(dsm::Rank(1)) {
+                    let installed = s.pages_installed_by_sender - installed_before;
+                    if direct_now {
                         ensure!(
-                            s.replies_offered_to_helper > offered,
-                            "no reply was offered to the install helper: {s}"
+                            installed >= s.pages_readahead - before,
+                            "pages read ahead were not all installed by their home: {s}"
                         );
+                    } else {
+                        ensure!(
+                            installed == 0,
+                            "a home installed pages with direct install off: {s}"
+                        );
+                        // Replies from one home grow to 512 pages: long enough for the install helper.
+                        if dsm.install_helper() && placement == dsm::Placement::At(dsm::Rank(1)) {
+                            ensure!(
+                                s.replies_offered_to_helper > offered,
+                                "no reply was offered to the install helper: {s}"
+                            );
+                        }
                     }
                 }
+                dsm.set_direct_install(wanted);
                 dsm.barrier()?;
                 for p in (me..pages).step_by(2) {
                     v.set(p * WORDS_PER_PAGE + 1, 1000 + p as u64);
@@ -406,9 +428,10 @@ fn main() -> anyhow::Result<()> {
                 dsm.barrier()?;
                 drop(v);
             }
+            let s = dsm.stats();
             println!(
-                "readahead ok ({} pages installed by the helper)",
-                dsm.stats().pages_helper_installed
+                "readahead ok ({} pages installed by their sender, {} by the helper)",
+                s.pages_installed_by_sender, s.pages_helper_installed
             );
         }
         "firsttouch" => {
