@@ -13,7 +13,11 @@
 //! then on the service loop answers a request that allows it (`direct`) with `Reply::Installed` after
 //! copying the pages itself; if that fails it sends the bytes as before. Why this is the default on one
 //! host, measured: docs/ARCHITECTURE.md, "Direct install on one host".
+//!
+//! The kernel allocates an installed page on behalf of the process that copies it: on a machine with
+//! several memory nodes the page follows the sender's memory policy (`DsmBuilder::direct_install`).
 
+use crate::installer;
 use crate::region::RegionShared;
 use crate::types::PAGE_SIZE;
 use crate::uffd;
@@ -59,12 +63,15 @@ fn parse_boot_id(text: &str) -> Option<[u8; 16]> {
 }
 
 /// Takes the userfaultfd of the peer that introduced itself as process `pid` with descriptor `uffd` on
-/// `theirs`, when it runs on `mine`. The error says why not, for the log.
+/// `theirs`, when it runs on `mine`. `alive` tells whether the peer is still there (its connection open):
+/// asked once the pid is pinned, so that a pid the peer left behind, reused by another process, is never
+/// taken for the peer's. The error says why not, for the log.
 pub(crate) fn take_peer_uffd(
     mine: Option<&Host>,
     theirs: &Host,
     pid: u32,
     uffd: i32,
+    alive: impl FnOnce() -> bool,
 ) -> Result<OwnedFd, String> {
     match mine {
         None => return Err("this rank cannot tell which host it runs on".into()),
@@ -81,6 +88,11 @@ pub(crate) fn take_peer_uffd(
     }
     // SAFETY: the descriptor was just returned by pidfd_open and nothing else owns it.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    // The pidfd names one process for good: if the peer is alive now, it is that process (a peer that
+    // dies from here on makes pidfd_getfd fail).
+    if !alive() {
+        return Err(format!("it left before process {pid} could be looked at"));
+    }
     // SAFETY: pidfd_getfd takes a pidfd, a descriptor number in that process and flags, and returns a new
     // descriptor of this process (close-on-exec) or -1; no memory is passed.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), uffd, 0) };
@@ -92,8 +104,7 @@ pub(crate) fn take_peer_uffd(
     }
     // SAFETY: the descriptor was just returned by pidfd_getfd and nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    // The pid is that of a rank waiting for this answer, so it names that rank and no other process; the
-    // descriptor number it gave must be its userfaultfd.
+    // The descriptor number the peer gave must be its userfaultfd.
     let kind = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .map_err(|e| format!("reading what descriptor {uffd} of process {pid} is: {e}"))?;
     if kind.as_os_str() != "anon_inode:[userfaultfd]" {
@@ -107,9 +118,12 @@ pub(crate) fn take_peer_uffd(
 
 /// Installs pages into the peer whose userfaultfd is `peer`: page `pages[i]` of `region` gets the first
 /// page of `sources[i]`, read-only unless `writable`. Pages that follow each other, with sources that
-/// follow each other in memory, go in one copy.
+/// follow each other in memory, go in one copy. A long run of pages (evenly spaced, from one block of
+/// memory) is shared with this rank's install helper when it is free (`installer.rs`): the copies of
+/// different pages run on two cores at once.
 ///
-/// Every source must be readable without faulting: a page present here (as for sending it) or a buffer.
+/// Every source must be readable without faulting (a page present here, as for sending it, or a buffer)
+/// and must not be written until this returns.
 pub(crate) fn install(
     peer: BorrowedFd<'_>,
     region: &RegionShared,
@@ -118,6 +132,29 @@ pub(crate) fn install(
     writable: bool,
 ) -> Result<(), Errno> {
     assert_eq!(pages.len(), sources.len());
+    if let Some(stride) = one_block(pages, sources) {
+        if pages.len() as u64 >= installer::HELP_MIN_PAGES {
+            let incoming = installer::Incoming {
+                region,
+                source: sources[0].as_ptr(),
+                first: pages[0],
+                stride,
+                pages: pages.len() as u64,
+                writable,
+                target: Some(peer.as_raw_fd()),
+            };
+            let all = pages.len() * PAGE_SIZE;
+            // Every page is here already: the "reply" has arrived whole.
+            let installed =
+                installer::receive_and_install(&region.shared.installer, &incoming, |_, _| {
+                    Ok::<_, std::convert::Infallible>(Some(all))
+                });
+            return match installed {
+                Ok(result) => result,
+                Err(never) => match never {},
+            };
+        }
+    }
     let mut i = 0;
     while i < pages.len() {
         let mut n = 1;
@@ -147,9 +184,40 @@ pub(crate) fn install(
     Ok(())
 }
 
+/// The spacing of `pages` when they are evenly spaced and their sources are consecutive pages of one block
+/// of memory (what the install helper's board describes); `None` otherwise.
+fn one_block(pages: &[u64], sources: &[&[u8]]) -> Option<u64> {
+    let stride = match pages {
+        [] => return None,
+        [_] => 1,
+        [a, b, ..] => b.checked_sub(*a).filter(|s| *s > 0)?,
+    };
+    let base = sources[0].as_ptr();
+    let even = pages.iter().enumerate().all(|(i, p)| {
+        *p == pages[0] + i as u64 * stride
+            && sources[i].as_ptr() == base.wrapping_add(i * PAGE_SIZE)
+            && sources[i].len() >= PAGE_SIZE
+    });
+    even.then_some(stride)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_block_needs_evenly_spaced_pages_from_consecutive_memory() {
+        let buf = vec![0u8; 4 * PAGE_SIZE];
+        let pages: Vec<&[u8]> = buf.chunks(PAGE_SIZE).collect();
+        assert_eq!(one_block(&[5, 6, 7, 8], &pages), Some(1));
+        assert_eq!(one_block(&[1, 4, 7, 10], &pages), Some(3));
+        assert_eq!(one_block(&[5, 6, 8, 9], &pages), None);
+        assert_eq!(one_block(&[6, 5, 4, 3], &pages), None);
+        let shuffled = [pages[0], pages[1], pages[3], pages[2]];
+        assert_eq!(one_block(&[5, 6, 7, 8], &shuffled), None);
+        assert_eq!(one_block(&[9], &pages[..1]), Some(1));
+        assert_eq!(one_block(&[], &[]), None);
+    }
 
     #[test]
     fn boot_ids_parse_as_uuids_and_nothing_else_does() {
@@ -176,11 +244,11 @@ mod tests {
         let mine = Host::this().unwrap();
         let mut theirs = mine;
         theirs.pid_ns ^= 1;
-        let e = take_peer_uffd(Some(&mine), &theirs, 1, 3).unwrap_err();
+        let e = take_peer_uffd(Some(&mine), &theirs, 1, 3, || true).unwrap_err();
         assert!(e.contains("another host"), "{e}");
-        let e = take_peer_uffd(None, &mine, 1, 3).unwrap_err();
+        let e = take_peer_uffd(None, &mine, 1, 3, || true).unwrap_err();
         assert!(e.contains("cannot tell"), "{e}");
-        let e = take_peer_uffd(Some(&mine), &mine, std::process::id(), 3).unwrap_err();
+        let e = take_peer_uffd(Some(&mine), &mine, std::process::id(), 3, || true).unwrap_err();
         assert!(e.contains("names process"), "{e}");
     }
 
@@ -193,10 +261,14 @@ mod tests {
             .spawn()
             .unwrap();
         let mine = Host::this().unwrap();
-        let result = take_peer_uffd(Some(&mine), &mine, child.id(), 0);
+        let result = take_peer_uffd(Some(&mine), &mine, child.id(), 0, || true);
+        // A peer whose connection closed is not looked at, whatever its pid names now.
+        let gone = take_peer_uffd(Some(&mine), &mine, child.id(), 0, || false);
         let _ = child.kill();
         let _ = child.wait();
         let e = result.unwrap_err();
         assert!(e.contains("not a userfaultfd"), "{e}");
+        let e = gone.unwrap_err();
+        assert!(e.contains("left before"), "{e}");
     }
 }

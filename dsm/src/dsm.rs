@@ -296,9 +296,12 @@ impl DsmBuilder {
     /// Whether ranks on this host may install the pages they send this rank straight into its memory
     /// (default: on). This rank then introduces itself to the others when it first maps the arena, and a
     /// rank on the same host that may (the same user, or root) takes its userfaultfd and copies the pages
-    /// of a read fault in itself: no page bytes on the connection and no copy by this rank, where
-    /// otherwise the faulting thread reads them from the socket and copies them in. Ranks on other hosts,
-    /// and ranks that may not, send the bytes. Switchable for the faults that follow with
+    /// it hands this rank's faults (its own copy of a page, and the pages read ahead after it) in itself:
+    /// no page bytes on the connection and no copy by this rank, where otherwise the faulting thread reads
+    /// them from the socket and copies them in. Ranks on other hosts, and ranks that may not, send the
+    /// bytes. The kernel allocates those pages on behalf of the rank that copies them, so on a machine with
+    /// several memory nodes they follow that rank's memory policy, not this one's: turn direct install
+    /// off for a rank bound to its own node. Switchable for the faults that follow with
     /// [`Dsm::set_direct_install`]; turning it on at run time works only if it was on when this rank
     /// introduced itself.
     pub fn direct_install(mut self, on: bool) -> Self {

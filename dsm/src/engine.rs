@@ -251,6 +251,7 @@ impl Engine {
             return;
         }
         tracing::error!("{}: {peer} failed: {reason}", self.shared.me);
+        self.direct[peer.index()] = None;
         for service in self.shared.services() {
             service.peer_failed(peer);
         }
@@ -469,8 +470,15 @@ impl Engine {
             } => {
                 let peer = self.conns[idx].peer;
                 let theirs = Host { boot, pid_ns };
-                let accepted = match direct::take_peer_uffd(self.host.as_ref(), &theirs, pid, uffd)
-                {
+                let conn = self.conns[idx].fd.clone();
+                let alive = || connection_open(conn.as_fd());
+                let accepted = match direct::take_peer_uffd(
+                    self.host.as_ref(),
+                    &theirs,
+                    pid,
+                    uffd,
+                    alive,
+                ) {
                     Ok(fd) => {
                         self.direct[peer.index()] = Some(fd);
                         true
@@ -1114,7 +1122,10 @@ impl Engine {
         let pages: Vec<u64> = claimed.iter().map(|(p, _)| *p).collect();
         let sources: Vec<&[u8]> = bytes.chunks(PAGE_SIZE).collect();
         let requester = self.conns[idx].peer;
-        if direct && self.install_directly(requester, region, &pages, &sources, false) {
+        if direct
+            && self.conns[idx].open
+            && self.install_directly(requester, region, &pages, &sources, false)
+        {
             self.reply(idx, &Reply::Installed { count }, &[]);
         } else {
             let reply = Reply::Done {
@@ -1149,11 +1160,17 @@ impl Engine {
                 true
             }
             Err(e) => {
+                // Out of memory (the peer's, charged to it either way) or a mapping that changed: this
+                // reply goes over the connection. Anything else means the peer's memory is out of reach.
+                let lasting = !matches!(e, Errno::ENOMEM | Errno::EAGAIN | Errno::EINTR);
                 tracing::warn!(
-                    "{}: installing pages into {peer} directly failed ({e}); sending them instead",
-                    self.shared.me
+                    "{}: installing pages into {peer} directly failed ({e}); sending them{}",
+                    self.shared.me,
+                    if lasting { " from now on" } else { "" }
                 );
-                self.direct[peer.index()] = None;
+                if lasting {
+                    self.direct[peer.index()] = None;
+                }
                 false
             }
         }
@@ -1242,6 +1259,17 @@ impl Engine {
 /// Writes `line` and a newline to standard error in one `write`, so that the lines of ranks whose error
 /// streams a launcher merges (mpirun does, unbuffered) do not run into each other (`eprintln!` writes a
 /// formatted line piece by piece).
+/// Whether the peer at the other end of a connection still has it open: a look at what waits to be read,
+/// without taking it (the end of the stream, or an error, means it is gone).
+fn connection_open(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut byte = [0u8; 1];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    match recv(fd.as_raw_fd(), &mut byte, flags) {
+        Ok(n) => n > 0,
+        Err(e) => e == Errno::EAGAIN,
+    }
+}
+
 fn say(line: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());

@@ -539,6 +539,7 @@ fn install_chunks(
         stride,
         pages: served,
         writable: access == Access::Write,
+        target: None,
     };
     installer::receive_and_install(&region.shared.installer, &incoming, |filled, wait| {
         payload.recv_more(home, filled, wait)

@@ -18,8 +18,9 @@
 use crate::region::RegionShared;
 use crate::stats::Counters;
 use crate::types::PAGE_SIZE;
-use crate::uffd::futex;
+use crate::uffd::{self, futex};
 use nix::errno::Errno;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 /// Replies of at least this many pages are worth waking the helper for: waking a thread on another vCPU
@@ -39,6 +40,9 @@ pub(crate) struct Board {
     first: AtomicU64,
     stride: AtomicU64,
     writable: AtomicBool,
+    /// The userfaultfd of the rank the pages go to, for a direct install into another rank (`direct.rs`);
+    /// -1: this rank's own.
+    target: AtomicI32,
     /// Whole pages that have arrived.
     arrived: AtomicU64,
     /// Pages claimed for installing.
@@ -72,6 +76,8 @@ impl Board {
         self.first.store(incoming.first, Ordering::Relaxed);
         self.stride.store(incoming.stride, Ordering::Relaxed);
         self.writable.store(incoming.writable, Ordering::Relaxed);
+        self.target
+            .store(incoming.target.unwrap_or(-1), Ordering::Relaxed);
         self.arrived.store(0, Ordering::SeqCst);
         self.claimed.store(0, Ordering::SeqCst);
         self.total.store(incoming.pages, Ordering::SeqCst);
@@ -145,16 +151,34 @@ impl Board {
                 count as usize * PAGE_SIZE,
             )
         };
+        let target = self.target.load(Ordering::Relaxed);
+        let put = |page: u64, count: u64, bytes: &[u8]| {
+            if target < 0 {
+                return region.install(page, count, bytes, writable);
+            }
+            assert!(page + count <= region.pages && bytes.len() >= count as usize * PAGE_SIZE);
+            // SAFETY: a direct install into another rank: the destination is that rank's copy of the
+            // region, in its address space (the kernel checks it is registered on `target` and writes
+            // nothing of this process); the source is `count` pages that have arrived here (checked long
+            // enough above) and that nobody writes while the reply lasts (the caller's duty).
+            unsafe {
+                uffd::copy(
+                    target,
+                    region.addr(page),
+                    bytes.as_ptr(),
+                    count as usize * PAGE_SIZE,
+                    !writable,
+                )
+            }
+        };
         // Contiguous pages go in with one copy; pages a stride apart (a cyclic region) one by one.
         let result = if stride == 1 {
-            region.install(first + from, count, bytes, writable)
+            put(first + from, count, bytes)
         } else {
             bytes
                 .chunks(PAGE_SIZE)
                 .enumerate()
-                .try_for_each(|(k, page)| {
-                    region.install(first + (from + k as u64) * stride, 1, page, writable)
-                })
+                .try_for_each(|(k, page)| put(first + (from + k as u64) * stride, 1, page))
         };
         if by_helper && result.is_ok() {
             Counters::add(&region.shared.counters.pages_helper_installed, count);
@@ -336,6 +360,9 @@ pub(crate) struct Incoming<'a> {
     pub(crate) stride: u64,
     pub(crate) pages: u64,
     pub(crate) writable: bool,
+    /// Another rank's userfaultfd when the pages go into that rank (a direct install, `direct.rs`); `None`:
+    /// into this rank.
+    pub(crate) target: Option<RawFd>,
 }
 
 /// Reads the reply `incoming` with `recv_more` and installs its pages, with the helper when the reply is

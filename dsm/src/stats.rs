@@ -118,7 +118,8 @@ pub struct Stats {
     pub pages_installed_by_sender: u64,
     /// Pages this rank installed into other ranks' memory itself (the other side of the above).
     pub pages_installed_into_peers: u64,
-    /// Ranks that took this rank's userfaultfd when it introduced itself, and so may install pages here.
+    /// Ranks that took this rank's userfaultfd when it introduced itself, and so may install pages here
+    /// (one that fails to goes back to sending the bytes, without this count changing).
     pub peers_installing_here: u64,
     /// Copies dropped here at another rank's request.
     pub invalidations: u64,

@@ -8,8 +8,10 @@
 //! - sequential read bandwidth of a remote region without read-ahead and with windows of 16 to 1024 pages
 //!   (`--windows` picks others; the target applies to the default window), beside raw TCP streaming
 //!   bandwidth and the rate at which this process gets fresh pages from the kernel (each installed page
-//!   is one, and on a virtual machine that rate swings with the host); the default window is read twice,
-//!   with the install helper on and off;
+//!   is one, and on a virtual machine that rate swings with the host); the default window is read three
+//!   times: as the job is set up (on one host, rank 1 installs the pages into rank 0 itself, with its
+//!   install helper), with the install helpers switched the other way, and with direct install the other
+//!   way (then the pages come over the connection and rank 0 installs them);
 //! - sequential read of a cyclic region (the default placement), whose remote pages are every other page;
 //! - first touch of pages homed at the faulting rank, without read-ahead (a fault per page) and with the
 //!   default window (untouched pages filled ahead), beside the kernel's first touch of plain memory.
@@ -42,6 +44,26 @@ struct Args {
 }
 
 const WORDS: usize = 512;
+
+/// How pages reach the sequential reader: installed by their home itself (on one host), and with the
+/// install helpers taking part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mode {
+    direct: bool,
+    helper: bool,
+}
+
+impl Mode {
+    /// Sets this rank up so (every rank calls it: rank 0's direct-install setting is the one that counts,
+    /// and each rank's helper helps with its own side).
+    fn apply(self, dsm: &dsm::Dsm) -> anyhow::Result<()> {
+        dsm.set_direct_install(self.direct);
+        if self.helper != dsm.install_helper() {
+            dsm.set_install_helper(self.helper)?;
+        }
+        Ok(())
+    }
+}
 
 fn main() -> anyhow::Result<()> {
     run_as_job(2);
@@ -146,14 +168,30 @@ fn main() -> anyhow::Result<()> {
     let mut raw_mibs = 0.0f64;
     let mut fresh_mibs = 0.0f64;
     let mut bandwidth = Vec::new();
-    // The job's window is read twice, with the install helper on and off (the job's setting first), to
-    // show what the second installer is worth in the same run.
-    let default_helper = dsm.install_helper();
+    // The job's window is read three times: as set up, then with the install helpers (both ranks') the
+    // other way, then with direct install the other way, to show what each is worth in the same run.
+    let job = Mode {
+        direct: dsm.direct_install(),
+        helper: dsm.install_helper(),
+    };
     let runs = args.windows.iter().flat_map(|&w| {
-        let other = (w == default_window).then_some((w, !default_helper));
-        std::iter::once((w, default_helper)).chain(other)
+        let others = if w == default_window {
+            vec![
+                Mode {
+                    helper: !job.helper,
+                    ..job
+                },
+                Mode {
+                    direct: !job.direct,
+                    ..job
+                },
+            ]
+        } else {
+            Vec::new()
+        };
+        std::iter::once((w, job)).chain(others.into_iter().map(move |m| (w, m)))
     });
-    for (window, helper) in runs {
+    for (window, mode) in runs {
         let region = dsm.alloc_vec_with::<u64>(bytes / 8, Placement::At(Rank(1)))?;
         if me == Rank(1) {
             for p in 0..bytes / 8 / WORDS {
@@ -162,13 +200,12 @@ fn main() -> anyhow::Result<()> {
         }
         dsm.barrier()?;
         raw_mibs = raw_mibs.max(link.stream(bytes)?);
+        // Rank 1's helper takes part in direct installs, rank 0's in installing what arrives.
+        mode.apply(dsm)?;
         dsm.barrier()?;
         if me == Rank(0) {
             fresh_mibs = fresh_mibs.max(fresh_page_rate(bytes));
             dsm.set_readahead(window)?;
-            if helper != dsm.install_helper() {
-                dsm.set_install_helper(helper)?;
-            }
             let before = dsm.stats();
             let t = Instant::now();
             // SAFETY: between two barriers nobody writes the region.
@@ -180,17 +217,21 @@ fn main() -> anyhow::Result<()> {
                 "the region read back wrong: sum {sum}"
             );
             let after = dsm.stats();
+            let direct_pages = after.pages_installed_by_sender - before.pages_installed_by_sender;
+            anyhow::ensure!(
+                (direct_pages > 0) == mode.direct,
+                "direct install was {} but {direct_pages} pages came that way: {after}",
+                if mode.direct { "on" } else { "off" }
+            );
             bandwidth.push((
                 window,
-                helper,
+                mode,
                 args.mib as f64 / secs,
                 after.read_faults - before.read_faults,
             ));
-            if helper != default_helper {
-                dsm.set_install_helper(default_helper)?;
-            }
         }
         dsm.barrier()?;
+        job.apply(dsm)?;
         drop(region);
     }
 
@@ -367,24 +408,29 @@ fn main() -> anyhow::Result<()> {
                 "",
             ));
         }
-        for (window, helper, mibs, faults) in bandwidth {
+        for (window, mode, mibs, faults) in bandwidth {
             let default = window == default_window;
             out.push(Measurement::new(
                 &format!(
-                    "sequential read {} MiB, read-ahead {window}{}{} ({faults} faults)",
+                    "sequential read {} MiB, read-ahead {window}{}, {}, {} ({faults} faults)",
                     args.mib,
                     if default { " (default)" } else { "" },
-                    if helper {
-                        ", install helper"
+                    if mode.direct {
+                        "direct install"
                     } else {
-                        ", no install helper"
+                        "over the connection"
+                    },
+                    if mode.helper {
+                        "install helper"
+                    } else {
+                        "no install helper"
                     },
                 ),
                 mibs,
                 "MiB/s",
                 raw_mibs,
                 "raw TCP streaming",
-                if default && helper == default_helper {
+                if default && mode == job {
                     ">= 0.30 of floor"
                 } else {
                     ""

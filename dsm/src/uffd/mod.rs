@@ -131,9 +131,12 @@ impl Uffd {
 /// Installs `len` bytes from `src` at `dst`, read-only when `write_protect`. Pages that are already present
 /// (`EEXIST`: a concurrent install won) are skipped; `EAGAIN` (the mapping changed meanwhile) is retried.
 ///
+/// `fd` may be another process's userfaultfd (a direct install, `direct.rs`): the pages then go into that
+/// process, while `src` is always read from this one.
+///
 /// # Safety
 /// `dst..dst+len` is page aligned and inside a range registered on `fd`; `src` is readable for `len` bytes
-/// and is not inside a registered range.
+/// without faulting (an ordinary buffer, or pages of a region present here) and is not written meanwhile.
 pub(crate) unsafe fn copy(
     fd: RawFd,
     dst: usize,

@@ -334,11 +334,13 @@ fn main() -> anyhow::Result<()> {
                 for p in (0..pages).filter(|&p| home(p) == rt.rank() && me != 0) {
                     v.set(p * WORDS_PER_PAGE, p as u64);
                 }
+                let home_before = dsm.stats();
                 dsm.barrier()?;
                 if me == 0 {
                     let before = dsm.stats().pages_readahead;
                     let offered = dsm.stats().replies_offered_to_helper;
                     let installed_before = dsm.stats().pages_installed_by_sender;
+                    let fetched_before = dsm.stats().pages_fetched;
                     for p in 0..pages {
                         let want = if home(p) == rt.rank() { 0 } else { p as u64 };
                         ensure!(
@@ -354,8 +356,8 @@ fn main() -> anyhow::Result<()> {
                     let installed = s.pages_installed_by_sender - installed_before;
                     if direct_now {
                         ensure!(
-                            installed >= s.pages_readahead - before,
-                            "pages read ahead were not all installed by their home: {s}"
+                            installed == s.pages_fetched - fetched_before,
+                            "pages read were not all installed by their home: {s}"
                         );
                     } else {
                         ensure!(
@@ -373,6 +375,21 @@ fn main() -> anyhow::Result<()> {
                 }
                 dsm.set_direct_install(wanted);
                 dsm.barrier()?;
+                // Rank 1, the home of the first pass, installed replies of 256 pages and more into rank 0
+                // itself: with its install helper, when that is on.
+                let s = dsm.stats();
+                if me == 1
+                    && direct_now
+                    && dsm.install_helper()
+                    && placement == dsm::Placement::At(dsm::Rank(1))
+                {
+                    ensure!(
+                        s.pages_installed_into_peers - home_before.pages_installed_into_peers
+                            >= 256
+                            && s.replies_offered_to_helper > home_before.replies_offered_to_helper,
+                        "the home's long direct installs were not shared with its install helper: {s}"
+                    );
+                }
                 for p in (me..pages).step_by(2) {
                     v.set(p * WORDS_PER_PAGE + 1, 1000 + p as u64);
                 }
