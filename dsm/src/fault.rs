@@ -223,18 +223,24 @@ pub(crate) fn unlock_slot(lock: &AtomicU32) -> bool {
 
 fn resolve(region: &RegionShared, page: u64, write: bool) -> Result<(), FaultError> {
     let shared = &*region.shared;
+    let c = &shared.counters;
     let word = region.state(page);
+    let mut waited = false;
     let before = loop {
         let s = word.load(Ordering::Acquire);
         let st = s & STATE_MASK;
         if st == READ_WRITE || (st == READ_ONLY && !write) {
-            return Ok(()); // another thread of this rank resolved it meanwhile
+            // Another thread of this rank resolved it meanwhile: one fetch served both.
+            if waited {
+                Counters::add(&c.faults_coalesced, 1);
+            }
+            return Ok(());
         }
+        waited |= s & BUSY != 0;
         if claim_step(word, s) {
             break st;
         }
     };
-    let c = &shared.counters;
     let access = if write { Access::Write } else { Access::Read };
     Counters::add(
         match (write, before) {

@@ -13,6 +13,7 @@ pub(crate) struct Counters {
     pub(crate) read_faults: AtomicU64,
     pub(crate) write_faults: AtomicU64,
     pub(crate) upgrade_faults: AtomicU64,
+    pub(crate) faults_coalesced: AtomicU64,
     pub(crate) pages_fetched: AtomicU64,
     pub(crate) pages_sent: AtomicU64,
     pub(crate) pages_readahead: AtomicU64,
@@ -61,6 +62,7 @@ impl Counters {
             read_faults: g(&self.read_faults),
             write_faults: g(&self.write_faults),
             upgrade_faults: g(&self.upgrade_faults),
+            faults_coalesced: g(&self.faults_coalesced),
             pages_fetched: g(&self.pages_fetched),
             pages_sent: g(&self.pages_sent),
             pages_readahead: g(&self.pages_readahead),
@@ -100,6 +102,9 @@ pub struct Stats {
     pub write_faults: u64,
     /// Stores to a read-only copy (write-protect faults).
     pub upgrade_faults: u64,
+    /// Faults that another thread's transaction resolved while they waited (a fault of another thread on
+    /// the same page, or read-ahead that covered it): not counted above, and no fetch of their own.
+    pub faults_coalesced: u64,
     /// Pages received from other ranks (including read-ahead).
     pub pages_fetched: u64,
     /// Pages sent to other ranks.
@@ -190,10 +195,11 @@ impl fmt::Display for Stats {
         };
         writeln!(
             f,
-            "faults: {} read, {} write, {} upgrade; mean {:.1} us, p50 < {} us, p99 < {} us",
+            "faults: {} read, {} write, {} upgrade ({} more coalesced); mean {:.1} us, p50 < {} us, p99 < {} us",
             self.read_faults,
             self.write_faults,
             self.upgrade_faults,
+            self.faults_coalesced,
             mean_us,
             self.fault_latency_quantile_us(0.5).unwrap_or(0),
             self.fault_latency_quantile_us(0.99).unwrap_or(0)

@@ -82,6 +82,26 @@ fn ranks_started_through_a_wrapper_program_join() {
 }
 
 #[test]
+fn a_rank_with_the_wrong_token_is_refused_and_the_job_ends() {
+    // Rank 1 presents another job's token: the launcher refuses it, it ends with an error saying so, and
+    // the job ends instead of waiting for it.
+    let line = format!(
+        "if [ \"$DSM_RANK\" = 1 ]; then DSM_TOKEN={}; fi; exec {}",
+        "ab".repeat(32),
+        env!("CARGO_BIN_EXE_hello")
+    );
+    let t = std::time::Instant::now();
+    let (o, out) = job("/bin/sh", 2, &["-c", &line]);
+    assert_ne!(o.code, 0, "{out}");
+    assert!(
+        out.contains("[1]") && out.contains("refused rank 1") && out.contains("DSM_TOKEN"),
+        "{out}"
+    );
+    assert!(!out.contains("panicked"), "{out}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+}
+
+#[test]
 fn a_connect_timeout_out_of_range_is_a_clear_error() {
     let (o, out) = job_with_env(
         env!("CARGO_BIN_EXE_hello"),
@@ -116,6 +136,7 @@ fn message_passing_litmus() {
 fn store_buffering_litmus() {
     assert_eq!(run(CHECK, 2, &["sb", "--rounds", "300"]), 0);
     assert_eq!(run(CHECK, 3, &["sb", "--rounds", "100"]), 0);
+    assert_eq!(run(CHECK, 4, &["sb", "--rounds", "60"]), 0);
 }
 
 #[test]
@@ -241,6 +262,22 @@ fn read_ahead_replies_are_right_with_the_install_helper_forced_on_or_off() {
 }
 
 #[test]
+fn concurrent_faults_on_one_page_make_one_fetch() {
+    for model in ["sequential", "release"] {
+        let args = [
+            "coalesce",
+            "--threads",
+            "3",
+            "--rounds",
+            "100",
+            "--consistency",
+            model,
+        ];
+        assert_eq!(run(CHECK, 2, &args), 0, "{args:?}");
+    }
+}
+
+#[test]
 fn a_home_filling_untouched_pages_keeps_what_others_wrote() {
     passes_at(&[2, 3], CHECK, &["firsttouch"]);
     passes_at(&[2, 3], CHECK, &["firsttouch", "--consistency", "release"]);
@@ -311,6 +348,7 @@ fn configuration_errors_are_clear() {
         ("DSM_READAHEAD", "lots", "1 to 1024"),
         ("DSM_INSTALL_HELPER", "yes", "on or off"),
         ("DSM_DIRECT_INSTALL", "maybe", "on or off"),
+        ("DSM_STATS", "yes", "1 or 0"),
     ] {
         let out = std::process::Command::new(hello)
             .env(var, value)

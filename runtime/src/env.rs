@@ -9,17 +9,16 @@
 //! | `DSM_CHANNELS` | threads of a rank that can fault or call into the job at once, 2 to 64 (one is kept for faults) | 4 |
 //! | `DSM_READAHEAD` | largest sequential read-ahead window in pages, 1 to 1024 (1 = off); the window doubles from 1 page on each sequential fault (a run that starts where a recent one did starts with that one's length); it also bounds, at 64 pages, the untouched pages filled with zeros ahead of a sequential first touch of pages homed here and, under sequential consistency, those a home hands a first writer; 1 turns those off too | 1024 (4 MiB) |
 //! | `DSM_ARENA_SIZE` | bytes of address space reserved for shared regions (suffixes K, M, G, T) | 1T |
-//! | `DSM_ARENA_BASE` | where rank 0 reserves the arena (hex), when the default range is taken | kernel's choice |
+//! | `DSM_ARENA_BASE` | where rank 0 reserves the arena (hex), when the default range is taken | `0x100000000000`, else wherever the kernel puts it |
 //! | `DSM_CONNECT_TIMEOUT` | seconds to wait for every rank to connect | 30 |
-//! | `DSM_SERVICE_PRIORITY` | `favoured`: the service loop runs `SCHED_FIFO` (or nice -10) when permitted; `normal` | favoured |
+//! | `DSM_SERVICE_PRIORITY` | `favoured`: the service loop runs `SCHED_FIFO` when permitted, else at nice -10 when permitted; `nice`: nice -10 only; `normal`: as the program's other threads | favoured |
 //! | `DSM_INSTALL_HELPER` | `on`: a helper thread installs pages of long read-ahead replies (256 pages or more) beside the faulting thread, on another core; `off` | on when ranks <= cores, else off |
 //! | `DSM_DIRECT_INSTALL` | `on`: ranks on this host may install the pages this rank fetches straight into its memory (they take its userfaultfd with `pidfd_getfd`: same user or root); `off`: pages always come over the connections | on |
 //! | `DSM_SPIN_US` | microseconds a thread waiting for a reply polls before it sleeps | 50 when ranks <= cores, else 0 |
 //! | `DSM_ON_PEER_FAILURE` | `exit`: a rank ends (status 75) when another fails; `report`: operations that need the failed rank return errors and the program decides (set by `dsmrun --keep-going`) | exit |
-//! | `DSM_STATS` | `1`: print each rank's statistics when it leaves the job | off |
+//! | `DSM_STATS` | `1`: print each rank's statistics when it leaves the job; `0`: do not | off |
 //! | `DSM_LAUNCHER_PID` | set by `dsmrun`: a rank ends itself when this process dies | unset |
 //! | `DSM_LOCAL_JOB_LIMIT` | tests only: seconds an in-process job (`run_local_job`) may run before it ends the test process as a failure | 120 |
-//!
 //! | `DSM_TRANSPORT` | under `mpirun` (feature `mpi`): `tcp`, connections set up through MPI, or `mpi`, the job's traffic carried by MPI messages (slower here; see docs/BENCHMARKS.md) | tcp |
 //! | `DSM_MPI_SEND_BUFFER` | with `DSM_TRANSPORT=mpi`: bytes of the buffer attached for the bridge's buffered sends, shared among the job's connections by flow control, 64K to 2047M (suffixes K, M, G) | 64M |
 //!
@@ -27,6 +26,9 @@
 //! `DSM_RANK`/`DSM_SIZE`, and the token and addresses are exchanged over MPI; the launcher's own variables
 //! (`PMI_RANK`, `OMPI_COMM_WORLD_RANK`, `PMIX_RANK`, `MPI_LOCALNRANKS`, `OMPI_COMM_WORLD_LOCAL_SIZE`) are how
 //! the runtime recognizes such a job and whether all its ranks share this host.
+//!
+//! The project's scripts read two more: `DSM_DEMO_PROCS` (processes of `scripts/demo.sh`, default 2) and
+//! `DSM_WITH_MPI` (`1`: `scripts/setup.sh` also installs MPICH, as `scripts/test.sh` asks it to).
 
 use crate::RuntimeError;
 use std::str::FromStr;

@@ -104,7 +104,8 @@ fn rendezvous(listener: TcpListener, ranks: usize, token: String) {
                 have += 1;
             }
             _ => {
-                eprintln!("dsmrun: refused a rendezvous from {from}: wrong token, rank or address")
+                eprintln!("dsmrun: refused a rendezvous from {from}: wrong token, rank or address");
+                let _ = (&stream).write_all(b"refused\n");
             }
         }
     }

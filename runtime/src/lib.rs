@@ -279,6 +279,10 @@ impl Runtime {
         if let Some(on) = env::get("DSM_DIRECT_INSTALL", "on or off", env::on_off)? {
             b = b.direct_install(on);
         }
+        // Read by dsm itself when a rank leaves; checked here so that a typo is an error, not silence.
+        env::get("DSM_STATS", "1 or 0", |s| {
+            matches!(s, "0" | "1").then_some(())
+        })?;
         let size = env::get("DSM_ARENA_SIZE", "a size such as 64G", env::bytes)?;
         let base = env::get("DSM_ARENA_BASE", "a hexadecimal address", env::hex_addr)?;
         if size.is_some() || base.is_some() {

@@ -35,6 +35,12 @@ pub(crate) fn join(
     BufReader::new(&s)
         .read_line(&mut line)
         .map_err(|e| RuntimeError::Rendezvous(format!("waiting for the other ranks: {e}")))?;
+    if line.trim() == "refused" || line.is_empty() {
+        return Err(RuntimeError::Rendezvous(format!(
+            "the launcher at {at} refused rank {}: its DSM_TOKEN is not the job's, or another process already joined as that rank (start ranks with dsmrun, which sets both)",
+            rank.0
+        )));
+    }
     let peers: Vec<SocketAddr> = line
         .split_whitespace()
         .filter_map(|a| a.parse().ok())

@@ -177,10 +177,14 @@ where
 /// How long an in-process job may run before [`run_local_job`] ends the process: `DSM_LOCAL_JOB_LIMIT`
 /// seconds, 120 by default.
 pub fn local_job_limit() -> std::time::Duration {
-    let secs = std::env::var("DSM_LOCAL_JOB_LIMIT")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(120);
+    let secs = match std::env::var("DSM_LOCAL_JOB_LIMIT") {
+        Err(_) => 120,
+        Ok(v) => v.trim().parse::<u64>().unwrap_or_else(|_| {
+            fail(&format!(
+                "DSM_LOCAL_JOB_LIMIT={v:?} is not a number of seconds: set it to one, or unset it for 120"
+            ))
+        }),
+    };
     std::time::Duration::from_secs(secs)
 }
 

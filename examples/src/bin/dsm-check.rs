@@ -7,6 +7,7 @@
 //! - `latehome`: the same on pages homed at rank 0, which writes late, while the others' diffs arrive;
 //! - `readahead`: pages fetched ahead of a sequential reader (from one home, and a stride apart from every
 //!   home of a cyclic region) behave as ordinary copies afterwards;
+//! - `coalesce`: threads of one rank faulting on the same page at once make one fetch between them;
 //! - `firsttouch`: a home filling its untouched pages with zeros ahead of a sequential first touch stops
 //!   at pages other ranks have touched, whose data it must keep; so does a home handing a sequential
 //!   remote writer untouched pages ahead;
@@ -22,13 +23,13 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | latehome | bytes | mplock | readahead | firsttouch | lockfault | idle | die |
-    /// diewriting | sentsigbus
+    /// counter | mp | sb | pages | latehome | bytes | mplock | readahead | coalesce | firsttouch | lockfault |
+    /// idle | die | diewriting | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
     rounds: usize,
-    /// Threads per rank (counter; readahead: threads of rank 0 reading at once).
+    /// Threads per rank (counter; readahead, coalesce: threads of rank 0 reading at once).
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Memory model of the shared data: sequential or release (counter, pages, latehome, bytes, mplock,
@@ -451,6 +452,68 @@ fn main() -> anyhow::Result<()> {
                 s.pages_installed_by_sender, s.pages_helper_installed
             );
         }
+        "coalesce" => {
+            // Several threads of rank 0 read the same page of rank 1's at once, page after page: each page
+            // must be fetched once, whatever number of threads fault on it (the others wait for that
+            // fetch), and each thread must read the page's value.
+            ensure!(n > 1, "coalesce needs at least 2 ranks");
+            let threads = args.threads.max(2);
+            let pages = args.rounds;
+            let v = dsm.alloc_vec_in::<u64>(
+                pages * WORDS_PER_PAGE,
+                dsm::Placement::At(dsm::Rank(1)),
+                model,
+            )?;
+            if me == 1 {
+                for p in 0..pages {
+                    v.set(p * WORDS_PER_PAGE, p as u64 + 1);
+                }
+            }
+            dsm.barrier()?;
+            if me == 0 {
+                // One page per fetch, so that each page is exactly one fetch.
+                dsm.set_readahead(1)?;
+                let before = dsm.stats();
+                let start = std::sync::Barrier::new(threads);
+                std::thread::scope(|s| -> anyhow::Result<()> {
+                    let readers: Vec<_> = (0..threads)
+                        .map(|t| {
+                            let (v, start) = (&v, &start);
+                            s.spawn(move || -> anyhow::Result<()> {
+                                for p in 0..pages {
+                                    start.wait();
+                                    let got = v.get(p * WORDS_PER_PAGE);
+                                    ensure!(got == p as u64 + 1, "thread {t}: page {p} read {got}");
+                                }
+                                Ok(())
+                            })
+                        })
+                        .collect();
+                    for r in readers {
+                        r.join().expect("a reader thread panicked")?;
+                    }
+                    Ok(())
+                })?;
+                let after = dsm.stats();
+                let fetched = after.pages_fetched - before.pages_fetched;
+                let faults = after.read_faults - before.read_faults;
+                let coalesced = after.faults_coalesced - before.faults_coalesced;
+                ensure!(
+                    fetched == pages as u64 && faults == pages as u64,
+                    "{pages} pages read by {threads} threads at once took {faults} faults and {fetched} fetches: {after}"
+                );
+                // Threads released together reach a page within microseconds of each other, long before a
+                // fetch returns: some must have waited for another's fetch, or this check tested nothing.
+                ensure!(
+                    coalesced > 0,
+                    "no thread ever waited for another's fetch of the same page: {after}"
+                );
+                println!(
+                    "coalesce ok: {pages} pages, {threads} threads, {coalesced} faults coalesced"
+                );
+            }
+            dsm.barrier()?;
+        }
         "firsttouch" => {
             ensure!(n > 1, "firsttouch needs at least 2 ranks");
             // Pages homed at rank 0; the other ranks touch some of them first (scattered, so they break
@@ -754,7 +817,7 @@ fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, readahead, lockfault, idle, die, diewriting or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, readahead, coalesce, firsttouch, lockfault, idle, die, diewriting or sentsigbus"
             )
         }
     }
