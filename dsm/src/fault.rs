@@ -619,6 +619,24 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
     let outcome = (|| {
         let (reply, payload_len) = ask(&mut ch, c, home, &acquire)?;
         let peer = |e| FaultError::Peer(home, e);
+        // The home's copy installed here by the home itself (`direct.rs`) is `Done` with the home's copy,
+        // without the payload to install.
+        let (reply, installed) = match reply {
+            Reply::Installed { count: served } if served == 0 || served > count => {
+                return Err(FaultError::Protocol(
+                    home,
+                    "a direct install of no pages, or of more than asked for",
+                ))
+            }
+            Reply::Installed { count } => (
+                Reply::Done {
+                    data: Data::Home,
+                    count,
+                },
+                true,
+            ),
+            other => (other, false),
+        };
         match reply {
             Reply::Done {
                 data,
@@ -643,7 +661,12 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                         install_zeros(region, page, served, stride, access)?
                     }
                     Data::Home => {
-                        if payload_len != served as usize * PAGE_SIZE {
+                        let payload = if installed {
+                            0
+                        } else {
+                            served as usize * PAGE_SIZE
+                        };
+                        if payload_len != payload {
                             return Err(FaultError::Protocol(
                                 home,
                                 "reply length does not match the pages it announces",
@@ -657,35 +680,16 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                         }
                         // Install in pieces as they arrive: copying into pages overlaps with the rest of
                         // the transfer still in flight.
-                        install_chunks(&mut ch, region, home, page, served, stride, access)?;
-                        count_fetched(c, served, false);
+                        if !installed {
+                            install_chunks(&mut ch, region, home, page, served, stride, access)?;
+                        }
+                        count_fetched(c, served, installed);
                     }
                 }
                 for k in 0..served {
                     set_state(region.state(page + k * stride), new_state(access));
                 }
                 Ok((served, false, data == Data::None))
-            }
-            Reply::Installed { count: served } => {
-                // As `Done` with the home's copy, installed here by the home itself (`direct.rs`).
-                if payload_len != 0 || served == 0 || served > count {
-                    return Err(FaultError::Protocol(
-                        home,
-                        "a direct install of more pages than asked for, or with a payload",
-                    ));
-                }
-                if served > 1 && access == Access::Write {
-                    return Err(FaultError::Protocol(
-                        home,
-                        "several pages of data for a write fault",
-                    ));
-                }
-                let served = u64::from(served);
-                count_fetched(c, served, true);
-                for k in 0..served {
-                    set_state(region.state(page + k * stride), new_state(access));
-                }
-                Ok((served, false, false))
             }
             Reply::Granted { grant } => {
                 release_extras();

@@ -51,6 +51,24 @@ fn mix(parts: &[u64]) -> u64 {
 
 const WORDS_PER_PAGE: usize = 512;
 
+/// Runs `f(t)` for `t` in `0..threads`, each on a thread of its own, all at once; the first error wins.
+fn on_threads(
+    threads: usize,
+    f: impl Fn(usize) -> anyhow::Result<()> + Sync,
+) -> anyhow::Result<()> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let f = &f;
+                s.spawn(move || f(t))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("a thread of the check panicked"))
+    })
+}
+
 /// Checks the first three words of each of the `pages` pages of `v`: words 0 and 1 as `want` gives them,
 /// word 2 still zero (nothing filled over what was written).
 fn check_words(
@@ -87,27 +105,16 @@ fn main() -> anyhow::Result<()> {
             let counters =
                 dsm.alloc_vec_in::<u64>(4 * WORDS_PER_PAGE, dsm::Placement::Cyclic, model)?;
             let threads = args.threads.max(1);
-            std::thread::scope(|s| -> anyhow::Result<()> {
-                let workers: Vec<_> = (0..threads)
-                    .map(|t| {
-                        let counters = &counters;
-                        s.spawn(move || -> anyhow::Result<()> {
-                            for i in 0..args.rounds {
-                                let k = (i + me + t) % 4;
-                                let guard = dsm.lock(k as u64)?;
-                                let at = k * WORDS_PER_PAGE;
-                                counters.set(at, counters.get(at) + 1);
-                                guard.unlock()?;
-                                if t == 0 && threads > 1 && i % 10 == 0 {
-                                    dsm.barrier()?;
-                                }
-                            }
-                            Ok(())
-                        })
-                    })
-                    .collect();
-                for w in workers {
-                    w.join().expect("a counter thread panicked")?;
+            on_threads(threads, |t| {
+                for i in 0..args.rounds {
+                    let k = (i + me + t) % 4;
+                    let guard = dsm.lock(k as u64)?;
+                    let at = k * WORDS_PER_PAGE;
+                    counters.set(at, counters.get(at) + 1);
+                    guard.unlock()?;
+                    if t == 0 && threads > 1 && i % 10 == 0 {
+                        dsm.barrier()?;
+                    }
                 }
                 Ok(())
             })?;
@@ -421,24 +428,10 @@ fn main() -> anyhow::Result<()> {
                 }
                 dsm.barrier()?;
                 if me == 0 {
-                    std::thread::scope(|s| -> anyhow::Result<()> {
-                        let readers: Vec<_> = (0..threads)
-                            .map(|t| {
-                                let v = &v;
-                                s.spawn(move || -> anyhow::Result<()> {
-                                    for p in t * per..(t + 1) * per {
-                                        let got = v.get(p * WORDS_PER_PAGE);
-                                        ensure!(
-                                            got == p as u64 + 1,
-                                            "thread {t}: page {p} read {got}"
-                                        );
-                                    }
-                                    Ok(())
-                                })
-                            })
-                            .collect();
-                        for r in readers {
-                            r.join().expect("a reader thread panicked")?;
+                    on_threads(threads, |t| {
+                        for p in t * per..(t + 1) * per {
+                            let got = v.get(p * WORDS_PER_PAGE);
+                            ensure!(got == p as u64 + 1, "thread {t}: page {p} read {got}");
                         }
                         Ok(())
                     })?;
@@ -475,24 +468,21 @@ fn main() -> anyhow::Result<()> {
                 dsm.set_readahead(1)?;
                 let before = dsm.stats();
                 let start = std::sync::Barrier::new(threads);
-                std::thread::scope(|s| -> anyhow::Result<()> {
-                    let readers: Vec<_> = (0..threads)
-                        .map(|t| {
-                            let (v, start) = (&v, &start);
-                            s.spawn(move || -> anyhow::Result<()> {
-                                for p in 0..pages {
-                                    start.wait();
-                                    let got = v.get(p * WORDS_PER_PAGE);
-                                    ensure!(got == p as u64 + 1, "thread {t}: page {p} read {got}");
-                                }
-                                Ok(())
-                            })
-                        })
-                        .collect();
-                    for r in readers {
-                        r.join().expect("a reader thread panicked")?;
+                on_threads(threads, |t| {
+                    // Every thread goes through every page's start, even after a wrong read: one that
+                    // stopped early would leave the others waiting at the next start for ever.
+                    let mut wrong = None;
+                    for p in 0..pages {
+                        start.wait();
+                        let got = v.get(p * WORDS_PER_PAGE);
+                        if got != p as u64 + 1 && wrong.is_none() {
+                            wrong = Some((p, got));
+                        }
                     }
-                    Ok(())
+                    match wrong {
+                        Some((p, got)) => anyhow::bail!("thread {t}: page {p} read {got}"),
+                        None => Ok(()),
+                    }
                 })?;
                 let after = dsm.stats();
                 let fetched = after.pages_fetched - before.pages_fetched;
