@@ -20,7 +20,6 @@
 use crate::installer;
 use crate::region::RegionShared;
 use crate::types::PAGE_SIZE;
-use crate::uffd;
 use nix::errno::Errno;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -143,16 +142,7 @@ pub(crate) fn install(
                 writable,
                 target: Some(peer.as_raw_fd()),
             };
-            let all = pages.len() * PAGE_SIZE;
-            // Every page is here already: the "reply" has arrived whole.
-            let installed =
-                installer::receive_and_install(&region.shared.installer, &incoming, |_, _| {
-                    Ok::<_, std::convert::Infallible>(Some(all))
-                });
-            return match installed {
-                Ok(result) => result,
-                Err(never) => match never {},
-            };
+            return installer::install_all(&region.shared.installer, &incoming);
         }
     }
     let mut i = 0;
@@ -164,19 +154,16 @@ pub(crate) fn install(
         {
             n += 1;
         }
-        assert!(pages[i] + n as u64 <= region.pages);
         assert!(sources[i..i + n].iter().all(|s| s.len() >= PAGE_SIZE));
-        // SAFETY: the destination is the peer's copy of this region (at the same address in every rank), in
-        // the peer's address space: the kernel checks that it is registered on `peer` and writes nothing of
-        // this process. The source is `n` pages of memory this process reads: consecutive slices of at least
-        // a page each (checked above), present (the caller's duty), so the kernel's read cannot fault.
+        // SAFETY: the source is `n` pages of this process's memory: adjacent slices of at least a page each
+        // (checked above), readable without faulting and not written meanwhile (this function's contract).
         unsafe {
-            uffd::copy(
+            region.install_through(
                 peer.as_raw_fd(),
-                region.addr(pages[i]),
+                pages[i],
+                n as u64,
                 sources[i].as_ptr(),
-                n * PAGE_SIZE,
-                !writable,
+                writable,
             )?
         };
         i += n;

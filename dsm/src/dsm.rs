@@ -1020,7 +1020,7 @@ impl Dsm {
         if let Some(helper) = self.installer.take() {
             let _ = helper.join();
         }
-        if std::env::var_os("DSM_STATS").is_some_and(|v| v == "1") {
+        if std::env::var("DSM_STATS").is_ok_and(|v| v.trim() == "1") {
             eprintln!("dsm stats, {}:\n{}", s.me, self.stats());
         }
         result

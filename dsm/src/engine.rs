@@ -485,7 +485,7 @@ impl Engine {
                     }
                     Err(why) => {
                         tracing::info!(
-                            "{}: pages for {peer} go over the connection, not installed directly: {why}",
+                            "{}: pages for {peer} go over the connection, not installed directly: {why} (pidfd_getfd needs ptrace's permission: the same user without Yama's ptrace_scope 1 or more, or root; DSM_DIRECT_INSTALL=off stops asking)",
                             self.shared.me
                         );
                         false
@@ -1119,13 +1119,14 @@ impl Engine {
         }
         Counters::add(&self.shared.counters.pages_sent, claimed.len() as u64);
         let count = claimed.len() as u32;
-        let pages: Vec<u64> = claimed.iter().map(|(p, _)| *p).collect();
-        let sources: Vec<&[u8]> = bytes.chunks(PAGE_SIZE).collect();
         let requester = self.conns[idx].peer;
-        if direct
-            && self.conns[idx].open
-            && self.install_directly(requester, region, &pages, &sources, false)
-        {
+        let installed =
+            direct && self.conns[idx].open && self.direct[requester.index()].is_some() && {
+                let pages: Vec<u64> = claimed.iter().map(|(p, _)| *p).collect();
+                let sources: Vec<&[u8]> = bytes.chunks(PAGE_SIZE).collect();
+                self.install_directly(requester, region, &pages, &sources, false)
+            };
+        if installed {
             self.reply(idx, &Reply::Installed { count }, &[]);
         } else {
             let reply = Reply::Done {
@@ -1160,9 +1161,10 @@ impl Engine {
                 true
             }
             Err(e) => {
-                // Out of memory (the peer's, charged to it either way) or a mapping that changed: this
-                // reply goes over the connection. Anything else means the peer's memory is out of reach.
-                let lasting = !matches!(e, Errno::ENOMEM | Errno::EAGAIN | Errno::EINTR);
+                // Out of memory (the peer's, charged to it either way): this reply goes over the
+                // connection. Anything else means the peer's memory is out of reach. (`uffd::copy` retries
+                // EAGAIN and EINTR itself.)
+                let lasting = e != Errno::ENOMEM;
                 tracing::warn!(
                     "{}: installing pages into {peer} directly failed ({e}); sending them{}",
                     self.shared.me,
@@ -1256,11 +1258,9 @@ impl Engine {
     }
 }
 
-/// Writes `line` and a newline to standard error in one `write`, so that the lines of ranks whose error
-/// streams a launcher merges (mpirun does, unbuffered) do not run into each other (`eprintln!` writes a
-/// formatted line piece by piece).
 /// Whether the peer at the other end of a connection still has it open: a look at what waits to be read,
-/// without taking it (the end of the stream, or an error, means it is gone).
+/// without taking it (the end of the stream, or an error, means it is gone). Asked of a peer that is
+/// waiting for an answer, so it has nothing more to send.
 fn connection_open(fd: std::os::fd::BorrowedFd<'_>) -> bool {
     let mut byte = [0u8; 1];
     let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
@@ -1270,6 +1270,9 @@ fn connection_open(fd: std::os::fd::BorrowedFd<'_>) -> bool {
     }
 }
 
+/// Writes `line` and a newline to standard error in one `write`, so that the lines of ranks whose error
+/// streams a launcher merges (mpirun does, unbuffered) do not run into each other (`eprintln!` writes a
+/// formatted line piece by piece).
 fn say(line: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());

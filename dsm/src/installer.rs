@@ -18,7 +18,7 @@
 use crate::region::RegionShared;
 use crate::stats::Counters;
 use crate::types::PAGE_SIZE;
-use crate::uffd::{self, futex};
+use crate::uffd::futex;
 use nix::errno::Errno;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
@@ -152,24 +152,12 @@ impl Board {
             )
         };
         let target = self.target.load(Ordering::Relaxed);
+        let fd = if target < 0 { region.uffd } else { target };
         let put = |page: u64, count: u64, bytes: &[u8]| {
-            if target < 0 {
-                return region.install(page, count, bytes, writable);
-            }
-            assert!(page + count <= region.pages && bytes.len() >= count as usize * PAGE_SIZE);
-            // SAFETY: a direct install into another rank: the destination is that rank's copy of the
-            // region, in its address space (the kernel checks it is registered on `target` and writes
-            // nothing of this process); the source is `count` pages that have arrived here (checked long
-            // enough above) and that nobody writes while the reply lasts (the caller's duty).
-            unsafe {
-                uffd::copy(
-                    target,
-                    region.addr(page),
-                    bytes.as_ptr(),
-                    count as usize * PAGE_SIZE,
-                    !writable,
-                )
-            }
+            assert!(bytes.len() >= count as usize * PAGE_SIZE);
+            // SAFETY: `bytes` holds `count` pages (checked above) that have arrived and that nobody writes
+            // while the reply lasts (this function's contract).
+            unsafe { region.install_through(fd, page, count, bytes.as_ptr(), writable) }
         };
         // Contiguous pages go in with one copy; pages a stride apart (a cyclic region) one by one.
         let result = if stride == 1 {
@@ -447,6 +435,18 @@ pub(crate) fn receive_and_install<E>(
         None => board.result(),
     };
     received.map(|()| installed)
+}
+
+/// Installs `incoming`, whose pages are all in its source buffer already (a direct install into another
+/// rank, `direct.rs`), with the helper when the reply is long and the helper free.
+pub(crate) fn install_all(installer: &Installer, incoming: &Incoming<'_>) -> Result<(), Errno> {
+    let all = incoming.pages as usize * PAGE_SIZE;
+    match receive_and_install(installer, incoming, |_, _| {
+        Ok::<_, std::convert::Infallible>(Some(all))
+    }) {
+        Ok(installed) => installed,
+        Err(never) => match never {},
+    }
 }
 
 /// Lets go of the helper if the reader unwinds (see `receive_and_install`).

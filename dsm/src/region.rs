@@ -459,14 +459,35 @@ impl RegionShared {
         src: &[u8],
         writable: bool,
     ) -> Result<(), Errno> {
-        assert!(page + count <= self.pages && src.len() >= count as usize * PAGE_SIZE);
-        // SAFETY: the destination pages lie inside this region, which is registered on `self.uffd`; `src` is
-        // an ordinary buffer (a channel buffer or the static zero page), not registered memory.
+        assert!(src.len() >= count as usize * PAGE_SIZE);
+        // SAFETY: `src` is an ordinary buffer of `count` pages (checked above): a channel buffer or the
+        // static zero pages, readable, and not written while the copy reads it.
+        unsafe { self.install_through(self.uffd, page, count, src.as_ptr(), writable) }
+    }
+
+    /// Installs `count` pages from `src` at `page` through the userfaultfd `fd`: this rank's own, or another
+    /// rank's, whose copy of the region sits at the same address (a direct install, `direct.rs`).
+    ///
+    /// # Safety
+    /// `src` is readable for `count` pages without faulting (a buffer, or pages present here) and is not
+    /// written until this returns.
+    pub(crate) unsafe fn install_through(
+        &self,
+        fd: RawFd,
+        page: u64,
+        count: u64,
+        src: *const u8,
+        writable: bool,
+    ) -> Result<(), Errno> {
+        assert!(page + count <= self.pages);
+        // SAFETY: the destination pages lie inside this region, registered at this address on `fd`: on this
+        // rank's userfaultfd, or on another rank's, where the kernel checks the range and writes nothing
+        // of this process. The source is the caller's duty.
         unsafe {
             uffd::copy(
-                self.uffd,
+                fd,
                 self.addr(page),
-                src.as_ptr(),
+                src,
                 count as usize * PAGE_SIZE,
                 !writable,
             )

@@ -114,9 +114,11 @@ pub struct Stats {
     /// Untouched pages filled with zeros ahead of a sequential first touch: homed here, or handed over by
     /// their home with the page a first write faulted on (write-ahead).
     pub pages_zero_filled: u64,
-    /// Long read-ahead replies put on the install helper's board (it joins them when it wakes in time).
+    /// Long runs of pages put on the install helper's board (it joins them when it wakes in time): replies
+    /// this rank receives over a connection, and direct installs it makes into other ranks.
     pub replies_offered_to_helper: u64,
-    /// Pages of those replies that the install helper installed (the faulting thread installed the rest).
+    /// Pages of those runs that the install helper installed (the thread that offered them installed the
+    /// rest: a faulting thread, or the service loop).
     pub pages_helper_installed: u64,
     /// Fetched pages that the rank sending them installed into this rank's memory itself (direct install,
     /// on one host): no bytes on the connection, no copy by this rank.
@@ -206,12 +208,10 @@ impl fmt::Display for Stats {
         )?;
         writeln!(
             f,
-            "pages: {} fetched ({} read-ahead; {} installed by their sender; {} replies offered to the install helper, {} pages installed by it), {} sent ({} installed into the receiver), {} invalidated here, {} zero-filled ahead",
+            "pages: {} fetched ({} read-ahead; {} installed by their sender), {} sent ({} installed into the receiver), {} invalidated here, {} zero-filled ahead",
             self.pages_fetched,
             self.pages_readahead,
             self.pages_installed_by_sender,
-            self.replies_offered_to_helper,
-            self.pages_helper_installed,
             self.pages_sent,
             self.pages_installed_into_peers,
             self.invalidations,
@@ -219,8 +219,10 @@ impl fmt::Display for Stats {
         )?;
         writeln!(
             f,
-            "direct install: {} other rank(s) may install pages here",
-            self.peers_installing_here
+            "installs: {} other rank(s) may install pages here directly; {} long runs offered to the install helper, {} pages installed by it",
+            self.peers_installing_here,
+            self.replies_offered_to_helper,
+            self.pages_helper_installed
         )?;
         writeln!(
             f,

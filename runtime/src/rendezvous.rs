@@ -35,10 +35,15 @@ pub(crate) fn join(
     BufReader::new(&s)
         .read_line(&mut line)
         .map_err(|e| RuntimeError::Rendezvous(format!("waiting for the other ranks: {e}")))?;
-    if line.trim() == "refused" || line.is_empty() {
+    if line.trim() == "refused" {
         return Err(RuntimeError::Rendezvous(format!(
-            "the launcher at {at} refused rank {}: its DSM_TOKEN is not the job's, or another process already joined as that rank (start ranks with dsmrun, which sets both)",
+            "the launcher at {at} refused rank {}: its DSM_TOKEN is not the job's, another process already joined as that rank, or its address {mine} did not parse (start ranks with dsmrun, which sets DSM_RANK and DSM_TOKEN)",
             rank.0
+        )));
+    }
+    if line.is_empty() {
+        return Err(RuntimeError::Rendezvous(format!(
+            "the launcher at {at} closed the connection before every rank had joined: it ended, or another rank failed first (see its error)"
         )));
     }
     let peers: Vec<SocketAddr> = line

@@ -170,22 +170,27 @@ fn main() -> anyhow::Result<()> {
     let mut bandwidth = Vec::new();
     // The job's window is read three times: as set up, then with the install helpers (both ranks') the
     // other way, then with direct install the other way, to show what each is worth in the same run.
+    // Direct install happens only where rank 1 took rank 0's userfaultfd when rank 0 introduced itself
+    // (at its first allocation, above): on a machine that refuses that, or with `DSM_DIRECT_INSTALL=off`,
+    // it cannot be switched on now, and the read without it is the job's own.
+    let can_direct = dsm.stats().peers_installing_here > 0;
     let job = Mode {
-        direct: dsm.direct_install(),
+        direct: dsm.direct_install() && can_direct,
         helper: dsm.install_helper(),
     };
     let runs = args.windows.iter().flat_map(|&w| {
         let others = if w == default_window {
-            vec![
-                Mode {
-                    helper: !job.helper,
-                    ..job
-                },
-                Mode {
-                    direct: !job.direct,
-                    ..job
-                },
-            ]
+            let helper_switched = Mode {
+                helper: !job.helper,
+                ..job
+            };
+            let direct_switched = Mode {
+                direct: !job.direct,
+                ..job
+            };
+            std::iter::once(helper_switched)
+                .chain(can_direct.then_some(direct_switched))
+                .collect()
         } else {
             Vec::new()
         };
