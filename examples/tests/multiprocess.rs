@@ -422,6 +422,26 @@ fn an_arena_that_cannot_be_mapped_is_a_clear_error() {
     );
 }
 
+#[test]
+fn an_arena_another_rank_cannot_map_is_a_clear_error_on_every_rank() {
+    // Rank 1 may have only 4 GB of address space (`ulimit -v`), so it cannot map the 1 TiB arena rank 0
+    // reserved: it says why and what to set, rank 0 names it, and the job ends.
+    let line = format!(
+        "if [ \"$DSM_RANK\" = 1 ]; then ulimit -v 4000000; fi; exec {}",
+        env!("CARGO_BIN_EXE_hello")
+    );
+    let (o, out) = job_with_env("/bin/sh", 2, &["-c", &line], &[("RUST_BACKTRACE", "0")]);
+    assert_ne!(o.code, 0, "{out}");
+    assert!(
+        out.contains("[1] Error: rank 1 cannot map the shared arena at")
+            && out.contains("DSM_ARENA_BASE")
+            && out.contains("[0] Error:")
+            && out.contains("rank 1 cannot map the shared arena at the address rank 0 chose"),
+        "{out}"
+    );
+    assert!(!out.contains("panicked"), "{out}");
+}
+
 /// userfaultfd in user-mode-only mode needs no privilege: a job runs as an ordinary user (here `nobody`,
 /// entered with setpriv when the tests run as root, as CI does).
 #[test]
