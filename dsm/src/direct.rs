@@ -131,11 +131,12 @@ pub(crate) fn install(
     writable: bool,
 ) -> Result<(), Errno> {
     assert_eq!(pages.len(), sources.len());
-    if let Some(stride) = one_block(pages, sources) {
+    if let Some((stride, source_step)) = one_block(pages, sources) {
         if pages.len() as u64 >= installer::HELP_MIN_PAGES {
             let incoming = installer::Incoming {
                 region,
                 source: sources[0].as_ptr(),
+                source_step,
                 first: pages[0],
                 stride,
                 pages: pages.len() as u64,
@@ -171,21 +172,28 @@ pub(crate) fn install(
     Ok(())
 }
 
-/// The spacing of `pages` when they are evenly spaced and their sources are consecutive pages of one block
-/// of memory (what the install helper's board describes); `None` otherwise.
-fn one_block(pages: &[u64], sources: &[&[u8]]) -> Option<u64> {
-    let stride = match pages {
-        [] => return None,
-        [_] => 1,
-        [a, b, ..] => b.checked_sub(*a).filter(|s| *s > 0)?,
+/// The spacing of `pages`, and that of their sources in bytes, when both are even, the sources at least a
+/// page apart (what the install helper's board describes: a buffer of consecutive pages, or the pages of
+/// a cyclic region where they are); `None` otherwise.
+fn one_block(pages: &[u64], sources: &[&[u8]]) -> Option<(u64, usize)> {
+    let (stride, step) = match (pages, sources) {
+        ([], _) => return None,
+        ([_], _) => (1, PAGE_SIZE),
+        ([a, b, ..], [x, y, ..]) => (
+            b.checked_sub(*a).filter(|s| *s > 0)?,
+            (y.as_ptr() as usize)
+                .checked_sub(x.as_ptr() as usize)
+                .filter(|s| *s >= PAGE_SIZE)?,
+        ),
+        _ => return None,
     };
     let base = sources[0].as_ptr();
     let even = pages.iter().enumerate().all(|(i, p)| {
         *p == pages[0] + i as u64 * stride
-            && sources[i].as_ptr() == base.wrapping_add(i * PAGE_SIZE)
+            && sources[i].as_ptr() == base.wrapping_add(i * step)
             && sources[i].len() >= PAGE_SIZE
     });
-    even.then_some(stride)
+    even.then_some((stride, step))
 }
 
 #[cfg(test)]
@@ -196,14 +204,23 @@ mod tests {
     fn one_block_needs_evenly_spaced_pages_from_consecutive_memory() {
         let buf = vec![0u8; 4 * PAGE_SIZE];
         let pages: Vec<&[u8]> = buf.chunks(PAGE_SIZE).collect();
-        assert_eq!(one_block(&[5, 6, 7, 8], &pages), Some(1));
-        assert_eq!(one_block(&[1, 4, 7, 10], &pages), Some(3));
+        assert_eq!(one_block(&[5, 6, 7, 8], &pages), Some((1, PAGE_SIZE)));
+        assert_eq!(one_block(&[1, 4, 7, 10], &pages), Some((3, PAGE_SIZE)));
         assert_eq!(one_block(&[5, 6, 8, 9], &pages), None);
         assert_eq!(one_block(&[6, 5, 4, 3], &pages), None);
         let shuffled = [pages[0], pages[1], pages[3], pages[2]];
         assert_eq!(one_block(&[5, 6, 7, 8], &shuffled), None);
-        assert_eq!(one_block(&[9], &pages[..1]), Some(1));
+        assert_eq!(one_block(&[9], &pages[..1]), Some((1, PAGE_SIZE)));
         assert_eq!(one_block(&[], &[]), None);
+        // The pages of a cyclic region where they are: every other page of the memory.
+        let wide = vec![0u8; 8 * PAGE_SIZE];
+        let every_other: Vec<&[u8]> = wide.chunks(PAGE_SIZE).step_by(2).collect();
+        assert_eq!(
+            one_block(&[1, 3, 5, 7], &every_other),
+            Some((2, 2 * PAGE_SIZE))
+        );
+        let overlapping = [&wide[..PAGE_SIZE], &wide[8..PAGE_SIZE + 8]];
+        assert_eq!(one_block(&[1, 2], &overlapping), None);
     }
 
     #[test]

@@ -541,6 +541,7 @@ fn install_chunks(
     let incoming = installer::Incoming {
         region,
         source: payload.base(),
+        source_step: PAGE_SIZE,
         first: page,
         stride,
         pages: served,

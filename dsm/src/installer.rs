@@ -21,7 +21,9 @@ use crate::types::PAGE_SIZE;
 use crate::uffd::futex;
 use nix::errno::Errno;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
 
 /// Replies of at least this many pages are worth waking the helper for: waking a thread on another vCPU
 /// takes about 40 us here, and 256 pages take 350-450 us to install.
@@ -37,6 +39,8 @@ const CLAIM_PAGES: u64 = 64;
 pub(crate) struct Board {
     region: AtomicPtr<RegionShared>,
     source: AtomicPtr<u8>,
+    /// Bytes from one page's source to the next one's.
+    source_step: AtomicUsize,
     first: AtomicU64,
     stride: AtomicU64,
     writable: AtomicBool,
@@ -73,6 +77,8 @@ impl Board {
         self.region.store(region, Ordering::Relaxed);
         self.source
             .store(incoming.source as *mut u8, Ordering::Relaxed);
+        self.source_step
+            .store(incoming.source_step, Ordering::Relaxed);
         self.first.store(incoming.first, Ordering::Relaxed);
         self.stride.store(incoming.stride, Ordering::Relaxed);
         self.writable.store(incoming.writable, Ordering::Relaxed);
@@ -142,31 +148,30 @@ impl Board {
         let stride = self.stride.load(Ordering::Relaxed);
         let first = self.first.load(Ordering::Relaxed);
         let writable = self.writable.load(Ordering::Relaxed);
-        // SAFETY: the caller guarantees that the claimed pages have arrived and are not written meanwhile.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                self.source
-                    .load(Ordering::Relaxed)
-                    .add(from as usize * PAGE_SIZE),
-                count as usize * PAGE_SIZE,
-            )
-        };
+        let source = self.source.load(Ordering::Relaxed);
+        let step = self.source_step.load(Ordering::Relaxed);
         let target = self.target.load(Ordering::Relaxed);
         let fd = if target < 0 { region.uffd } else { target };
-        let put = |page: u64, count: u64, bytes: &[u8]| {
-            assert!(bytes.len() >= count as usize * PAGE_SIZE);
-            // SAFETY: `bytes` holds `count` pages (checked above) that have arrived and that nobody writes
-            // while the reply lasts (this function's contract).
-            unsafe { region.install_through(fd, page, count, bytes.as_ptr(), writable) }
+        let put = |k: u64, pages: u64, page: u64| {
+            // SAFETY: the source of page `k` of the reply is the page at `source + k * step` (consecutive for
+            // `pages` pages when `step` is a page), which has arrived (it is claimed) and which nobody writes
+            // while the reply lasts: this function's contract.
+            unsafe {
+                region.install_through(
+                    fd,
+                    page,
+                    pages,
+                    source.wrapping_add(k as usize * step),
+                    writable,
+                )
+            }
         };
-        // Contiguous pages go in with one copy; pages a stride apart (a cyclic region) one by one.
-        let result = if stride == 1 {
-            put(first + from, count, bytes)
+        // Pages that follow each other in the region and in the source go in with one copy; pages a stride
+        // apart (a cyclic region) one by one.
+        let result = if stride == 1 && step == PAGE_SIZE {
+            put(from, count, first + from)
         } else {
-            bytes
-                .chunks(PAGE_SIZE)
-                .enumerate()
-                .try_for_each(|(k, page)| put(first + (from + k as u64) * stride, 1, page))
+            (from..from + count).try_for_each(|k| put(k, 1, first + k * stride))
         };
         if by_helper && result.is_ok() {
             Counters::add(&region.shared.counters.pages_helper_installed, count);
@@ -341,8 +346,11 @@ impl Installer {
 /// A reply's pages on their way in: where they arrive and where they go.
 pub(crate) struct Incoming<'a> {
     pub(crate) region: &'a RegionShared,
-    /// The receive buffer the reply's payload is read into.
+    /// The receive buffer the reply's payload is read into, or for a direct install the first page's bytes.
     pub(crate) source: *const u8,
+    /// Bytes from one page's source to the next one's: a page for a receive buffer, more for the pages of a
+    /// cyclic region installed from where they are.
+    pub(crate) source_step: usize,
     /// The page the first one goes to; the others follow `stride` pages apart.
     pub(crate) first: u64,
     pub(crate) stride: u64,

@@ -202,7 +202,7 @@ fn installed_into_rank_0(out: &str) -> u64 {
 #[test]
 fn read_ahead_pages_are_installed_by_their_home_on_one_host() {
     // The ranks run on one host: by default each home installs the pages it sends straight into rank 0
-    // (the check requires that of every page of its first pass, and of none in its second), where the
+    // (the check requires that of every page of its first two passes, and of none in its third), where the
     // machine allows it; where it does not, every page comes over the connections.
     let may = siblings_may_take_descriptors();
     if !may {

@@ -328,15 +328,21 @@ fn main() -> anyhow::Result<()> {
             // Not a multiple of 2 or 3 ranks (a run ends on a partial stride), and long enough for replies
             // from one home of 256 and 512 pages, which are offered to the install helper when they come
             // over the connection. When every other rank installs pages here directly (same host), the
-            // first pass takes them that way and the second, cyclic one over the connections (direct
-            // install switched off for it), so that both paths are checked in one job.
+            // first two passes take them that way (at 2 ranks the cyclic one's replies of 256 pages a
+            // stride apart are shared with the home's helper) and the third, cyclic too, over the
+            // connections (direct install switched off for it), so that both paths are checked in one job.
             let pages = 1201;
             let wanted = dsm.direct_install();
-            for placement in [dsm::Placement::At(dsm::Rank(1)), dsm::Placement::Cyclic] {
+            let passes = [
+                (dsm::Placement::At(dsm::Rank(1)), true),
+                (dsm::Placement::Cyclic, true),
+                (dsm::Placement::Cyclic, false),
+            ];
+            for (placement, want_direct) in passes {
                 let v = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, placement, model)?;
                 // Ranks introduce themselves at the first allocation.
                 let direct = wanted && dsm.stats().peers_installing_here as usize == n - 1;
-                let direct_now = direct && placement != dsm::Placement::Cyclic;
+                let direct_now = direct && want_direct;
                 dsm.set_direct_install(direct_now);
                 let home = |p: usize| v.region().home_of(dsm::PageId(p as u64));
                 for p in (0..pages).filter(|&p| home(p) == rt.rank() && me != 0) {
