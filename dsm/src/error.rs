@@ -8,7 +8,7 @@ use nix::errno::Errno;
 pub enum DsmError {
     /// userfaultfd(2) refused.
     #[error(
-        "userfaultfd is not permitted ({0}): run as root or set vm.unprivileged_userfaultfd=1"
+        "userfaultfd is not permitted ({0}): run as root or set vm.unprivileged_userfaultfd=1 (in a container, its seccomp profile must also allow the userfaultfd system call)"
     )]
     UffdNotPermitted(Errno),
     /// userfaultfd exists but lacks a feature this crate needs.

@@ -442,6 +442,74 @@ fn an_arena_another_rank_cannot_map_is_a_clear_error_on_every_rank() {
     assert!(!out.contains("panicked"), "{out}");
 }
 
+/// Denies this process (and what it executes) userfaultfd: the system call and the `/dev/userfaultfd`
+/// ioctl that makes one fail with EPERM, as a container's seccomp policy can make them. For a child
+/// between fork and exec: it makes only the two `prctl` calls.
+fn deny_userfaultfd() -> std::io::Result<()> {
+    const USERFAULTFD_IOC_NEW: u32 = 0xAA00; // _IO(0xAA, 0x00)
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let deny = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    let mut filter = [
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0), // the system call's number
+        jump(libc::SYS_userfaultfd as u32, 0, 1),
+        stmt(libc::BPF_RET | libc::BPF_K, deny),
+        jump(libc::SYS_ioctl as u32, 0, 3),
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 24), // the low half of its second argument
+        jump(USERFAULTFD_IOC_NEW, 0, 1),
+        stmt(libc::BPF_RET | libc::BPF_K, deny),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ];
+    let program = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: PR_SET_SECCOMP reads the filter program, which lives across the call.
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &program as *const libc::sock_fprog,
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[test]
+fn without_userfaultfd_a_program_says_what_to_do() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hello"));
+    cmd.env("RUST_BACKTRACE", "0");
+    // SAFETY: the hook runs in the child between fork and exec and only builds a filter on its stack and
+    // calls prctl.
+    unsafe { cmd.pre_exec(deny_userfaultfd) };
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("userfaultfd is not permitted") && err.contains("vm.unprivileged_userfaultfd"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// userfaultfd in user-mode-only mode needs no privilege: a job runs as an ordinary user (here `nobody`,
 /// entered with setpriv when the tests run as root, as CI does).
 #[test]
