@@ -289,4 +289,35 @@ mod tests {
         assert_eq!(mesh.outgoing.len(), 2);
         assert_eq!(mesh.incoming.len(), 2);
     }
+
+    #[test]
+    fn silent_and_truncated_handshakes_are_dropped_and_the_mesh_still_forms() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = [1u8; 32];
+        // A connection that sends nothing holds the accept loop up for its read timeout, no longer; one that
+        // sends half a handshake and closes is refused at once. Neither counts among the mesh's connections.
+        let silent = TcpStream::connect(addr).unwrap();
+        let mut truncated = TcpStream::connect(addr).unwrap();
+        truncated
+            .write_all(&hello(Rank(0), &token)[..HELLO_LEN / 2])
+            .unwrap();
+        drop(truncated);
+        let t = Box::new(TcpTransport::new(
+            listener,
+            vec![addr],
+            token,
+            Duration::from_secs(20),
+        ));
+        let started = Instant::now();
+        let mesh = t.establish(Rank(0), 1, 2).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(mesh.outgoing.len(), 2);
+        assert_eq!(mesh.incoming.len(), 2);
+        drop(silent);
+    }
 }
