@@ -295,7 +295,8 @@ impl DsmBuilder {
 
     /// Whether ranks on this host may install the pages they send this rank straight into its memory
     /// (default: on). This rank then introduces itself to the others when it first maps the arena, and a
-    /// rank on the same host that may (the same user, or root) takes its userfaultfd and copies the pages
+    /// rank on the same host that may (with ptrace's permission: root, or the same user where Yama's
+    /// `ptrace_scope` is 0) takes its userfaultfd and copies the pages
     /// it hands this rank's faults (its own copy of a page, and the pages read ahead after it) in itself:
     /// no page bytes on the connection and no copy by this rank, where otherwise the faulting thread reads
     /// them from the socket and copies them in. Ranks on other hosts, and ranks that may not, send the

@@ -408,6 +408,7 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
             direct: shared.direct_install.load(Ordering::Relaxed),
         };
         let (reply, len) = ask(&mut ch, c, home, &request)?;
+        let (reply, installed) = installed_as_done(reply, count, home)?;
         match reply {
             Reply::Done {
                 data: Data::Zero, ..
@@ -418,15 +419,20 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
             Reply::Done {
                 data: Data::Home,
                 count: served,
-            } if served >= 1 && served <= count && len == served as usize * PAGE_SIZE => {
+            } if served >= 1
+                && served <= count
+                && len
+                    == if installed {
+                        0
+                    } else {
+                        served as usize * PAGE_SIZE
+                    } =>
+            {
                 let served = u64::from(served);
-                install_chunks(&mut ch, region, home, page, served, stride, Access::Read)?;
-                count_fetched(c, served, false);
-                Ok(served)
-            }
-            Reply::Installed { count: served } if served >= 1 && served <= count && len == 0 => {
-                let served = u64::from(served);
-                count_fetched(c, served, true);
+                if !installed {
+                    install_chunks(&mut ch, region, home, page, served, stride, Access::Read)?;
+                }
+                count_fetched(c, served, installed);
                 Ok(served)
             }
             _ => Err(FaultError::Protocol(
@@ -555,6 +561,27 @@ fn install_chunks(
     .map_err(|e| FaultError::Sys("UFFDIO_COPY", e))
 }
 
+/// Reads a reply to a request for `count` pages that let the home install them directly (`direct.rs`):
+/// `Installed` is `Done` with the home's copy, already in place (true), with no payload to install.
+fn installed_as_done(reply: Reply, count: u32, home: Rank) -> Result<(Reply, bool), FaultError> {
+    match reply {
+        Reply::Installed { count: served } if served == 0 || served > count => {
+            Err(FaultError::Protocol(
+                home,
+                "a direct install of no pages, or of more than asked for",
+            ))
+        }
+        Reply::Installed { count } => Ok((
+            Reply::Done {
+                data: Data::Home,
+                count,
+            },
+            true,
+        )),
+        other => Ok((other, false)),
+    }
+}
+
 /// Counts `pages` received from their home, the first for the fault and the others read ahead; `direct`:
 /// the home installed them itself.
 fn count_fetched(c: &Counters, pages: u64, direct: bool) {
@@ -620,24 +647,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
     let outcome = (|| {
         let (reply, payload_len) = ask(&mut ch, c, home, &acquire)?;
         let peer = |e| FaultError::Peer(home, e);
-        // The home's copy installed here by the home itself (`direct.rs`) is `Done` with the home's copy,
-        // without the payload to install.
-        let (reply, installed) = match reply {
-            Reply::Installed { count: served } if served == 0 || served > count => {
-                return Err(FaultError::Protocol(
-                    home,
-                    "a direct install of no pages, or of more than asked for",
-                ))
-            }
-            Reply::Installed { count } => (
-                Reply::Done {
-                    data: Data::Home,
-                    count,
-                },
-                true,
-            ),
-            other => (other, false),
-        };
+        let (reply, installed) = installed_as_done(reply, count, home)?;
         match reply {
             Reply::Done {
                 data,

@@ -351,10 +351,7 @@ fn main() -> anyhow::Result<()> {
                 let home_before = dsm.stats();
                 dsm.barrier()?;
                 if me == 0 {
-                    let before = dsm.stats().pages_readahead;
-                    let offered = dsm.stats().replies_offered_to_helper;
-                    let installed_before = dsm.stats().pages_installed_by_sender;
-                    let fetched_before = dsm.stats().pages_fetched;
+                    let before = dsm.stats();
                     for p in 0..pages {
                         let want = if home(p) == rt.rank() { 0 } else { p as u64 };
                         ensure!(
@@ -364,13 +361,13 @@ fn main() -> anyhow::Result<()> {
                     }
                     let s = dsm.stats();
                     ensure!(
-                        s.pages_readahead > before,
+                        s.pages_readahead > before.pages_readahead,
                         "read-ahead did not happen ({placement:?}): {s}"
                     );
-                    let installed = s.pages_installed_by_sender - installed_before;
+                    let installed = s.pages_installed_by_sender - before.pages_installed_by_sender;
                     if direct_now {
                         ensure!(
-                            installed == s.pages_fetched - fetched_before,
+                            installed == s.pages_fetched - before.pages_fetched,
                             "pages read were not all installed by their home: {s}"
                         );
                     } else {
@@ -381,7 +378,7 @@ fn main() -> anyhow::Result<()> {
                         // Replies from one home grow to 512 pages: long enough for the install helper.
                         if dsm.install_helper() && placement == dsm::Placement::At(dsm::Rank(1)) {
                             ensure!(
-                                s.replies_offered_to_helper > offered,
+                                s.replies_offered_to_helper > before.replies_offered_to_helper,
                                 "no reply was offered to the install helper: {s}"
                             );
                         }
