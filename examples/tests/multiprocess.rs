@@ -910,6 +910,19 @@ fn wordcount_matches_the_pipeline_at_1_2_and_3_ranks() {
                 expect,
                 "{input:?} at {ranks} ranks"
             );
+            // The three most frequent words are printed, by count and then alphabetically, in order.
+            let mut ranked: Vec<(&String, &u64)> = expect.iter().collect();
+            ranked.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+            let want: Vec<String> = ranked[..3]
+                .iter()
+                .map(|(w, c)| format!("{c:>10} {w}"))
+                .collect();
+            let printed: Vec<&str> = out
+                .lines()
+                .map(|l| l.strip_prefix("[0] ").unwrap_or(l))
+                .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+                .collect();
+            assert_eq!(printed, want, "{input:?} at {ranks} ranks: {out}");
             let _ = std::fs::remove_dir_all(&out_dir);
         }
     }

@@ -244,9 +244,17 @@ fn sample_path() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// The `top` most frequent words in the part files of `dir`: by count, then alphabetically.
+/// The `top` most frequent words in the part files of `dir`: by count, then alphabetically. Keeps only
+/// the best `top` seen so far (the worst of them on top of a heap), so that a word is copied only when it
+/// enters them: sorting every distinct word took a tenth of the whole job on the 100 MB corpus.
 fn top_words(dir: &Path, parts: &[PathBuf], top: usize) -> anyhow::Result<Vec<(u64, String)>> {
-    let mut all = Vec::new();
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    if top == 0 {
+        return Ok(Vec::new());
+    }
+    // Ordered so that the greatest entry is the worst: the lowest count, then the latest word.
+    let mut best: BinaryHeap<(Reverse<u64>, String)> = BinaryHeap::with_capacity(top + 1);
     for p in parts {
         let text = std::fs::read_to_string(p)
             .with_context(|| format!("reading {} in {}", p.display(), dir.display()))?;
@@ -254,12 +262,29 @@ fn top_words(dir: &Path, parts: &[PathBuf], top: usize) -> anyhow::Result<Vec<(u
             let (word, count) = line
                 .split_once('\t')
                 .with_context(|| format!("a line without a tab in {}", p.display()))?;
-            all.push((count.parse::<u64>()?, word.to_string()));
+            let count: u64 = count
+                .parse()
+                .with_context(|| format!("a count that is not a number in {}", p.display()))?;
+            let enters = match best.peek() {
+                _ if best.len() < top => true,
+                Some((Reverse(worst), worst_word)) => {
+                    count > *worst || (count == *worst && word < worst_word.as_str())
+                }
+                None => true,
+            };
+            if enters {
+                best.push((Reverse(count), word.to_string()));
+                if best.len() > top {
+                    best.pop();
+                }
+            }
         }
     }
-    all.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-    all.truncate(top);
-    Ok(all)
+    Ok(best
+        .into_sorted_vec()
+        .into_iter()
+        .map(|(Reverse(count), word)| (count, word))
+        .collect())
 }
 
 /// The peak resident memory of this process (VmHWM), in KiB.
