@@ -7,7 +7,9 @@ use crate::channel::{Channel, Channels, RecvError};
 use crate::engine::{Engine, ServicePriority, MAX_READAHEAD};
 use crate::error::{DsmError, Result};
 use crate::installer::Installer;
-use crate::protocol::release::{RcRank, WriteNotice};
+use crate::protocol::release::{
+    RcRank, VectorClock, WriteNotice, DEFAULT_NOTICE_MEMORY, MIN_NOTICE_MEMORY,
+};
 use crate::region::{Arena, Consistency, GlobalVec, Placement, Region, RegionShared};
 use crate::service::{Service, ServiceId, MAX_SERVICES};
 use crate::stats::{Counters, Stats};
@@ -58,6 +60,9 @@ pub(crate) struct Shared {
     /// not keep them (see `RcRank::barrier_done`). Read by the service loop, hence a mutex of its own: a
     /// holder of `rc` may be waiting for this rank's service loop.
     pub(crate) lock_cut: Mutex<Option<crate::protocol::release::VectorClock>>,
+    /// The bound on the memory of the write notices kept by the locks homed here (and, in `rc`, by this
+    /// rank) between barriers.
+    pub(crate) notice_memory: usize,
     arena: Mutex<Option<Arena>>,
     arena_base: Option<usize>,
     arena_size: usize,
@@ -70,6 +75,9 @@ pub(crate) struct Shared {
     /// Whether this rank's page requests let the sender install the pages itself (`direct.rs`).
     pub(crate) direct_install: AtomicBool,
 }
+
+/// Write notices and the horizon that came with them (see `protocol::release`).
+type Notices = (Vec<WriteNotice>, VectorClock);
 
 impl Shared {
     pub(crate) fn uffd(&self) -> Result<&Uffd> {
@@ -138,23 +146,19 @@ impl Shared {
         crate::rc::release(self)?;
         let (reply, notices) = if self.size == 1 {
             // A job of one rank: its own notices are all there is to exchange, and no message is needed.
-            let own = self
-                .rc
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .own_notices()
-                .to_vec();
+            let rc = self.rc.lock().unwrap_or_else(|p| p.into_inner());
+            let own = (rc.own_notices().to_vec(), rc.own_horizon());
             (Reply::BarrierDone, Some(own))
         } else {
             self.exchange_at_barrier(tag)?
         };
-        if let Some(notices) = notices {
-            crate::rc::acquire(self, &notices)?;
+        if let Some((notices, horizon)) = notices {
+            crate::rc::acquire(self, &notices, &horizon)?;
             let stable = self
                 .rc
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .barrier_done(&notices);
+                .barrier_done(&notices, &horizon);
             if stable.is_some() {
                 *self.lock_cut.lock().unwrap_or_else(|p| p.into_inner()) = stable;
             }
@@ -183,11 +187,11 @@ impl Shared {
 
     /// A barrier's messages: this rank's arrival, with the write notices it issued, to rank 0, and rank 0's
     /// answer, with every rank's notices when the barrier completed.
-    fn exchange_at_barrier(&self, tag: u64) -> Result<(Reply, Option<Vec<WriteNotice>>), DsmError> {
+    fn exchange_at_barrier(&self, tag: u64) -> Result<(Reply, Option<Notices>), DsmError> {
         // What this rank tells the others.
         let own = {
             let rc = self.rc.lock().unwrap_or_else(|p| p.into_inner());
-            crate::rc::encode_notices(rc.own_notices())
+            crate::rc::encode_notices(rc.own_notices(), &rc.own_horizon())
         };
         if own.len() > MAX_SERVICE_REQUEST {
             // Rank 0's service loop would refuse the arrival and take this rank for a failed one.
@@ -210,7 +214,7 @@ impl Shared {
             .recv_owned(&self.counters, root)
             .map_err(|e| self.peer_error(root, e))?;
         let notices = match reply {
-            Reply::BarrierDone => Some(crate::rc::decode_notices(&payload, root)?),
+            Reply::BarrierDone => Some(crate::rc::decode_notices(&payload, root, self.size)?),
             _ => None,
         };
         drop(ch);
@@ -233,6 +237,7 @@ pub struct DsmBuilder {
     spin: Option<Duration>,
     install_helper: Option<bool>,
     direct_install: bool,
+    notice_memory: usize,
 }
 
 impl Default for DsmBuilder {
@@ -250,6 +255,7 @@ impl Default for DsmBuilder {
             spin: None,
             install_helper: None,
             direct_install: true,
+            notice_memory: DEFAULT_NOTICE_MEMORY,
         }
     }
 }
@@ -310,6 +316,17 @@ impl DsmBuilder {
         self
     }
 
+    /// Release consistency: the memory that the write notices kept by this rank between barriers may take,
+    /// and as much again for those of the locks it is the home of (default 8 MiB; at least
+    /// [`MIN_NOTICE_MEMORY`]). A program that synchronizes only through locks would otherwise keep every
+    /// notice of the job until its next barrier. Past the bound the oldest notices are forgotten: a rank
+    /// that then acquires without having seen them drops every cached page of release-consistency regions
+    /// not homed here (counted in [`Stats::full_invalidations`]), and fetches again what it reads next.
+    pub fn notice_memory(mut self, bytes: usize) -> Self {
+        self.notice_memory = bytes;
+        self
+    }
+
     /// Where and how large the shared arena is (default: 1 TiB of address space wherever rank 0's kernel
     /// puts it; it costs nothing until regions are used).
     pub fn arena(mut self, base: Option<usize>, size: usize) -> Self {
@@ -365,6 +382,12 @@ impl DsmBuilder {
                 self.readahead
             )));
         }
+        if self.notice_memory < MIN_NOTICE_MEMORY {
+            return Err(DsmError::Config(format!(
+                "notice memory of {} bytes: use at least {MIN_NOTICE_MEMORY}",
+                self.notice_memory
+            )));
+        }
         if self.arena_size < PAGE_SIZE || !self.arena_size.is_multiple_of(PAGE_SIZE) {
             return Err(DsmError::Config(format!(
                 "arena size {} is not a positive multiple of the page size ({PAGE_SIZE})",
@@ -406,7 +429,10 @@ impl DsmBuilder {
             service_priority: self.service_priority,
             uffd: OnceLock::new(),
             regions: RwLock::new(Vec::new()),
-            rc: Mutex::new(RcRank::new(self.rank, self.size)),
+            rc: Mutex::new(
+                RcRank::new(self.rank, self.size).with_notice_memory(self.notice_memory),
+            ),
+            notice_memory: self.notice_memory,
             lock_cut: Mutex::new(None),
             arena: Mutex::new(None),
             arena_base: self.arena_base,
@@ -500,7 +526,7 @@ impl LockGuard<'_> {
         let (notices, clock) = {
             let rc = s.rc.lock().unwrap_or_else(|p| p.into_inner());
             let (notices, clock) = rc.notices_to_pass(self.id);
-            (crate::rc::encode_notices(&notices), clock)
+            (crate::rc::encode_notices(&notices, rc.horizon()), clock)
         };
         let ch = s.channels.claim();
         let sent = ch.send(
@@ -770,13 +796,14 @@ impl Dsm {
                 what: format!("unexpected reply to a lock request: {reply:?}"),
             });
         }
-        let notices = crate::rc::decode_notices(&payload, home);
+        let grant = crate::rc::decode_notices(&payload, home, s.size);
         drop(ch);
         // The lock is ours from here: on any error below, dropping the guard gives it back, or every other
         // rank would wait for it forever.
         let guard = LockGuard { dsm: self, id };
         // Acquiring a lock is an acquire point: drop the pages the notices name.
-        crate::rc::acquire(s, &notices?)?;
+        let (notices, horizon) = grant?;
+        crate::rc::acquire(s, &notices, &horizon)?;
         Counters::add(&s.counters.lock_acquires, 1);
         Counters::add(&s.counters.lock_wait_ns, t0.elapsed().as_nanos() as u64);
         Ok(guard)

@@ -12,6 +12,7 @@ use crate::channel::write_frame;
 use crate::direct::{self, Host};
 use crate::dsm::{FailurePolicy, Shared};
 use crate::fault::{give_untouched, lock_untouched, set_state, try_lock_slot, unlock_slot};
+use crate::protocol::release::{NoticeSet, VectorClock};
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
 use crate::region::{Consistency, SHARED};
 use crate::region::{
@@ -50,14 +51,28 @@ struct Conn {
     goodbye: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct LockServer {
     held: bool,
-    waiters: VecDeque<(usize, crate::protocol::release::VectorClock)>,
+    waiters: VecDeque<(usize, VectorClock)>,
     /// Release consistency: the write notices the lock's holders passed on that not every rank has seen yet
     /// (trimmed with `Shared::lock_cut` at each release), for the next holders (each grant carries those the
     /// acquirer's clock does not cover).
-    notices: crate::protocol::release::NoticeSet,
+    notices: NoticeSet,
+    /// The intervals whose notices this lock may lack (forgotten here or by a holder to bound their
+    /// memory): sent with every grant, so that an acquirer that has not seen them drops its cached pages.
+    horizon: VectorClock,
+}
+
+impl LockServer {
+    fn new(size: usize) -> LockServer {
+        LockServer {
+            held: false,
+            waiters: VecDeque::new(),
+            notices: NoticeSet::default(),
+            horizon: VectorClock::new(size),
+        }
+    }
 }
 
 /// The state of the service loop of one rank.
@@ -77,8 +92,13 @@ pub(crate) struct Engine {
     deferred: Vec<(usize, Request, Vec<u8>)>,
     /// Barrier arrivals at rank 0: (connection, epoch, tag).
     arrivals: Vec<(usize, u64, u64)>,
-    /// Release consistency: the write notices the arrivals brought, for everyone at the barrier's end.
+    /// Release consistency: the write notices the arrivals brought, and their horizons merged, for everyone
+    /// at the barrier's end.
     arrival_notices: Vec<crate::protocol::release::WriteNotice>,
+    arrival_horizon: VectorClock,
+    /// Release consistency: what the notices of all the locks homed here take (bounded by
+    /// `Shared::notice_memory`).
+    lock_notice_bytes: usize,
     scratch: Vec<u8>,
     /// The host this rank runs on, to compare with those of the ranks that introduce themselves.
     host: Option<Host>,
@@ -123,6 +143,8 @@ impl Engine {
             deferred: Vec::new(),
             arrivals: Vec::new(),
             arrival_notices: Vec::new(),
+            arrival_horizon: VectorClock::new(shared.size),
+            lock_notice_bytes: 0,
             scratch: vec![0; PAGE_SIZE],
             host: Host::this(),
             direct: (0..shared.size).map(|_| None).collect(),
@@ -385,44 +407,30 @@ impl Engine {
                         return;
                     }
                 };
-                let l = self.locks.entry(lock).or_default();
+                let size = self.shared.size;
+                let l = self
+                    .locks
+                    .entry(lock)
+                    .or_insert_with(|| LockServer::new(size));
                 if l.held {
                     l.waiters.push_back((idx, clock));
                 } else {
                     l.held = true;
-                    let grant = crate::rc::encode_notices(&l.notices.unseen(&clock));
+                    let grant = crate::rc::encode_notices(&l.notices.unseen(&clock), &l.horizon);
                     self.reply(idx, &Reply::LockGranted, &[&grant]);
                 }
             }
             Request::LockRelease { lock } => {
-                let passed = match crate::rc::decode_notices(&payload, self.conns[idx].peer) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        self.close(idx, &e.to_string());
-                        return;
-                    }
-                };
-                let cut = self
-                    .shared
-                    .lock_cut
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                let next = self.locks.get_mut(&lock).and_then(|l| {
-                    // Notices every rank has seen are dropped, so that a lock's union does not grow for
-                    // the whole job.
-                    if let Some(cut) = cut.as_ref() {
-                        l.notices.forget_covered(cut);
-                    }
-                    for n in passed {
-                        if !cut.as_ref().is_some_and(|c| c.covers(&n)) {
-                            l.notices.insert(n);
+                let peer = self.conns[idx].peer;
+                let (passed, horizon) =
+                    match crate::rc::decode_notices(&payload, peer, self.shared.size) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            self.close(idx, &e.to_string());
+                            return;
                         }
-                    }
-                    let next = l.waiters.pop_front();
-                    l.held = next.is_some();
-                    next.map(|(w, clock)| (w, crate::rc::encode_notices(&l.notices.unseen(&clock))))
-                });
-                drop(cut);
+                    };
+                let next = self.lock_released(lock, passed, &horizon);
                 if let Some((w, grant)) = next {
                     self.reply(w, &Reply::LockGranted, &[&grant]);
                 }
@@ -557,6 +565,54 @@ impl Engine {
         None
     }
 
+    /// A holder released `lock`, passing on `passed` and its horizon: the lock's union takes them in (less
+    /// what every rank has seen), the notices of the locks homed here are kept under their bound, and the
+    /// lock goes to its next waiter, if any, with the grant to send it.
+    fn lock_released(
+        &mut self,
+        lock: u64,
+        passed: Vec<crate::protocol::release::WriteNotice>,
+        horizon: &VectorClock,
+    ) -> Option<(usize, Vec<u8>)> {
+        let cut = self
+            .shared
+            .lock_cut
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let l = self.locks.get_mut(&lock)?;
+        let before = l.notices.bytes();
+        // Notices every rank has seen are dropped, so that a lock's union does not grow for the whole job.
+        if let Some(cut) = cut.as_ref() {
+            l.notices.forget_covered(cut);
+        }
+        for n in passed {
+            if !cut.as_ref().is_some_and(|c| c.covers(&n)) {
+                l.notices.insert(n);
+            }
+        }
+        l.horizon.merge(horizon);
+        self.lock_notice_bytes = self.lock_notice_bytes - before + l.notices.bytes();
+        if self.lock_notice_bytes > self.shared.notice_memory {
+            // Every lock homed here keeps the newer half of its notices (a program with few locks and
+            // one with many are bounded alike).
+            let mut forgotten = 0;
+            for l in self.locks.values_mut() {
+                let target = l.notices.bytes() / 2;
+                forgotten += l.notices.forget_oldest(target, &mut l.horizon);
+            }
+            self.lock_notice_bytes = self.locks.values().map(|l| l.notices.bytes()).sum();
+            Counters::add(&self.shared.counters.notices_forgotten, forgotten as u64);
+        }
+        let l = self.locks.get_mut(&lock)?;
+        let next = l.waiters.pop_front();
+        l.held = next.is_some();
+        next.map(|(w, clock)| {
+            let grant = crate::rc::encode_notices(&l.notices.unseen(&clock), &l.horizon);
+            (w, grant)
+        })
+    }
+
     fn barrier(&mut self, idx: usize, epoch: u64, tag: u64, notices: Vec<u8>) {
         if self.shared.me != Rank(0) {
             self.reply(
@@ -577,8 +633,11 @@ impl Engine {
             self.reply(idx, &Reply::BarrierFailed { rank: dead as u32 }, &[]);
             return;
         }
-        match crate::rc::decode_notices(&notices, self.conns[idx].peer) {
-            Ok(n) => self.arrival_notices.extend(n),
+        match crate::rc::decode_notices(&notices, self.conns[idx].peer, self.shared.size) {
+            Ok((n, horizon)) => {
+                self.arrival_notices.extend(n);
+                self.arrival_horizon.merge(&horizon);
+            }
             Err(e) => {
                 self.close(idx, &e.to_string());
                 return;
@@ -588,7 +647,11 @@ impl Engine {
         if self.arrivals.len() < self.shared.size {
             return;
         }
-        let all = crate::rc::encode_notices(&std::mem::take(&mut self.arrival_notices));
+        let horizon = std::mem::replace(
+            &mut self.arrival_horizon,
+            VectorClock::new(self.shared.size),
+        );
+        let all = crate::rc::encode_notices(&std::mem::take(&mut self.arrival_notices), &horizon);
         let arrivals = std::mem::take(&mut self.arrivals);
         let reference = arrivals
             .iter()

@@ -30,6 +30,7 @@ pub use crate::dsm::{
 };
 pub use crate::engine::{ServicePriority, MAX_READAHEAD};
 pub use crate::error::{DsmError, Result};
+pub use crate::protocol::release::{DEFAULT_NOTICE_MEMORY, MIN_NOTICE_MEMORY};
 pub use crate::region::{Consistency, GlobalVec, Placement, Region};
 pub use crate::service::{Responder, Service, ServiceId, MAX_SERVICES};
 pub use crate::stats::{Stats, LATENCY_BUCKETS};

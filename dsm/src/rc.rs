@@ -7,9 +7,9 @@ use crate::dsm::Shared;
 use crate::error::{DsmError, Result};
 use crate::fault::{claim_step, release_busy, set_state};
 use crate::protocol::diff;
-use crate::protocol::release::{PageKey, WriteNotice};
+use crate::protocol::release::{PageKey, VectorClock, WriteNotice};
 use crate::region::{
-    Consistency, RegionShared, INVALID, READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WRITTEN,
+    Consistency, RegionShared, BUSY, INVALID, READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WRITTEN,
 };
 use crate::stats::Counters;
 use crate::types::Rank;
@@ -30,16 +30,23 @@ struct WireNotice {
     runs: Vec<(u32, u64, u64)>,
 }
 
+/// Write notices as they travel, with the horizon that comes with them (empty when it is all zeros).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireNotices {
+    horizon: Vec<u32>,
+    notices: Vec<WireNotice>,
+}
+
 /// The most pages that the notices of one message may name once expanded (a bound on what a peer's
 /// bytes can make this rank allocate): 2^26 pages, 256 GiB of writes.
 const MAX_NOTICE_PAGES: u64 = 1 << 26;
 
-/// Encodes write notices for a lock release or a barrier arrival.
-pub(crate) fn encode_notices(notices: &[WriteNotice]) -> Vec<u8> {
-    if notices.is_empty() {
+/// Encodes write notices and their horizon for a lock release or grant, or a barrier's messages.
+pub(crate) fn encode_notices(notices: &[WriteNotice], horizon: &VectorClock) -> Vec<u8> {
+    if notices.is_empty() && horizon.is_zero() {
         return Vec::new();
     }
-    let wire: Vec<WireNotice> = notices
+    let notices: Vec<WireNotice> = notices
         .iter()
         .map(|n| {
             // Pages come sorted (an interval's pages are sorted when it closes); any order would still
@@ -58,19 +65,38 @@ pub(crate) fn encode_notices(notices: &[WriteNotice]) -> Vec<u8> {
             }
         })
         .collect();
-    postcard::to_allocvec(&wire).unwrap_or_default()
+    let horizon = if horizon.is_zero() {
+        Vec::new()
+    } else {
+        horizon.0.clone()
+    };
+    postcard::to_allocvec(&WireNotices { horizon, notices }).unwrap_or_default()
 }
 
-/// Decodes write notices received from `from`.
-pub(crate) fn decode_notices(bytes: &[u8], from: Rank) -> Result<Vec<WriteNotice>> {
+/// Decodes write notices and their horizon received from `from`, in a job of `size` ranks.
+pub(crate) fn decode_notices(
+    bytes: &[u8],
+    from: Rank,
+    size: usize,
+) -> Result<(Vec<WriteNotice>, VectorClock)> {
+    let mut horizon = VectorClock::new(size);
     if bytes.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), horizon));
     }
     let bad = |what: String| DsmError::Protocol { rank: from, what };
-    let wire: Vec<WireNotice> = postcard::from_bytes(bytes)
+    let wire: WireNotices = postcard::from_bytes(bytes)
         .map_err(|e| bad(format!("write notices do not decode: {e}")))?;
+    if wire.horizon.len() > size {
+        return Err(bad(format!(
+            "a horizon of {} ranks in a job of {size}",
+            wire.horizon.len()
+        )));
+    }
+    horizon.0[..wire.horizon.len()].copy_from_slice(&wire.horizon);
     let mut total = 0u64;
-    wire.into_iter()
+    let notices = wire
+        .notices
+        .into_iter()
         .map(|w| {
             for (_, first, len) in &w.runs {
                 total = total.saturating_add(*len);
@@ -87,13 +113,20 @@ pub(crate) fn decode_notices(bytes: &[u8], from: Rank) -> Result<Vec<WriteNotice
                     (first..first + len).map(move |page| PageKey { region, page })
                 })
                 .collect();
+            if w.rank.index() >= size {
+                return Err(bad(format!(
+                    "a write notice of {} in a job of {size} ranks",
+                    w.rank
+                )));
+            }
             Ok(WriteNotice {
                 rank: w.rank,
                 interval: w.interval,
                 pages,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok((notices, horizon))
 }
 
 /// Takes the page's BUSY bit, waiting while a fault of this rank holds it.
@@ -214,6 +247,10 @@ pub(crate) fn release(shared: &Shared) -> Result<()> {
     if rc.close_interval(written).is_some() {
         Counters::add(&shared.counters.write_notices, 1);
     }
+    Counters::add(
+        &shared.counters.notices_forgotten,
+        rc.take_forgotten() as u64,
+    );
     Ok(())
 }
 
@@ -294,22 +331,49 @@ fn release_pages(
 }
 
 /// An acquire: pages named by notices this rank has not seen are dropped, except pages homed here; a
-/// dropped page with an unsent twin is flushed first, so that this rank's own writes are not lost. The
-/// release-consistency state stays locked until every page is dropped, so that a concurrent acquire by
-/// another thread of this rank cannot find the notices seen while their pages are still here.
-pub(crate) fn acquire(shared: &Shared, notices: &[WriteNotice]) -> Result<()> {
-    if notices.is_empty() {
+/// dropped page with an unsent twin is flushed first, so that this rank's own writes are not lost. When
+/// the horizon that came with the notices names intervals this rank has not seen (their notices were
+/// forgotten on the way), every cached page of release-consistency regions not homed here is dropped.
+/// The release-consistency state stays locked until every page is dropped, so that a concurrent acquire
+/// by another thread of this rank cannot find the notices seen while their pages are still here.
+pub(crate) fn acquire(
+    shared: &Shared,
+    notices: &[WriteNotice],
+    horizon: &VectorClock,
+) -> Result<()> {
+    if notices.is_empty() && horizon.is_zero() {
         return Ok(());
     }
     let mut rc = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
     let me = shared.me;
-    let plan = rc.acquire(notices, |k| {
+    let plan = rc.acquire(notices, horizon, |k| {
         shared.region(k.region).is_none_or(|r| r.home(k.page) == me)
     });
+    Counters::add(
+        &shared.counters.notices_forgotten,
+        rc.take_forgotten() as u64,
+    );
     // Every page of the plan is visited even after an error: the clock already covers these notices, so a
     // page left here would never be named again (a program that carries on after a failed peer would read
     // it stale for good). A page whose flush failed keeps its copy and twin, so that its writes stay.
     let mut first_error = None;
+    if plan.everything {
+        Counters::add(&shared.counters.full_invalidations, 1);
+        for region in release_regions(shared) {
+            for page in 0..region.pages {
+                // A page neither here nor being fetched is passed over; one a thread of this rank is
+                // fetching (BUSY) is waited for, as its copy may predate the forgotten intervals. A fetch
+                // that starts after this look gets a copy that holds them.
+                let s = region.state(page).load(Ordering::Acquire);
+                let cached = s & STATE_MASK != INVALID || s & BUSY != 0;
+                if cached && region.home(page) != me {
+                    if let Err(e) = drop_page(shared, &region, page) {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+    }
     for k in plan.invalidate {
         let Some(region) = shared.region(k.region) else {
             continue;
@@ -317,56 +381,57 @@ pub(crate) fn acquire(shared: &Shared, notices: &[WriteNotice]) -> Result<()> {
         if region.consistency != Consistency::Release || k.page >= region.pages {
             continue;
         }
-        claim(&region, k.page);
-        let page = k.page;
-        let word = region.state(page);
-        let s = word.load(Ordering::Acquire);
-        let mut result = Ok(());
-        if s & STATE_MASK != INVALID {
-            if s & TWINNED != 0 {
-                // This rank wrote the page too: its writes go to the home before the copy is dropped.
-                result = (|| {
-                    if s & STATE_MASK == READ_WRITE {
-                        protect(&region, page)?;
-                    }
-                    let bytes = diff_of(&region, page);
-                    if !bytes.is_empty() {
-                        send_diffs(shared, &[(region.home(page), region.id, page, bytes)])?;
-                    }
-                    word.fetch_and(!TWINNED, Ordering::AcqRel);
-                    region.drop_twin(page);
-                    Ok(())
-                })();
-            }
-            if result.is_ok() {
-                set_state(word, INVALID);
-                result = region.discard(page).map_err(|e| {
-                    DsmError::sys(
-                        format!("dropping page {page} of region {} at an acquire", region.id),
-                        e,
-                    )
-                });
-                Counters::add(&shared.counters.acquire_invalidations, 1);
-            }
-        }
-        release_busy(&region, page);
-        if let Err(e) = result {
+        if let Err(e) = drop_page(shared, &region, k.page) {
             first_error.get_or_insert(e);
         }
     }
     first_error.map_or(Ok(()), Err)
 }
 
+/// Drops this rank's copy of `page` at an acquire, flushing this rank's writes to it first.
+fn drop_page(shared: &Shared, region: &Arc<RegionShared>, page: u64) -> Result<()> {
+    claim(region, page);
+    let word = region.state(page);
+    let s = word.load(Ordering::Acquire);
+    let mut result = Ok(());
+    if s & STATE_MASK != INVALID {
+        if s & TWINNED != 0 {
+            // This rank wrote the page too: its writes go to the home before the copy is dropped.
+            result = (|| {
+                if s & STATE_MASK == READ_WRITE {
+                    protect(region, page)?;
+                }
+                let bytes = diff_of(region, page);
+                if !bytes.is_empty() {
+                    send_diffs(shared, &[(region.home(page), region.id, page, bytes)])?;
+                }
+                word.fetch_and(!TWINNED, Ordering::AcqRel);
+                region.drop_twin(page);
+                Ok(())
+            })();
+        }
+        if result.is_ok() {
+            set_state(word, INVALID);
+            result = region.discard(page).map_err(|e| {
+                DsmError::sys(
+                    format!("dropping page {page} of region {} at an acquire", region.id),
+                    e,
+                )
+            });
+            Counters::add(&shared.counters.acquire_invalidations, 1);
+        }
+    }
+    release_busy(region, page);
+    result
+}
+
 /// Encodes a vector clock (sent with a lock request, so that the grant carries only unseen notices).
-pub(crate) fn encode_clock(clock: &crate::protocol::release::VectorClock) -> Vec<u8> {
+pub(crate) fn encode_clock(clock: &VectorClock) -> Vec<u8> {
     postcard::to_allocvec(clock).unwrap_or_default()
 }
 
 /// Decodes a vector clock received from `from`.
-pub(crate) fn decode_clock(
-    bytes: &[u8],
-    from: Rank,
-) -> Result<crate::protocol::release::VectorClock> {
+pub(crate) fn decode_clock(bytes: &[u8], from: Rank) -> Result<VectorClock> {
     postcard::from_bytes(bytes).map_err(|e| DsmError::Protocol {
         rank: from,
         what: format!("a vector clock does not decode: {e}"),
@@ -402,32 +467,58 @@ mod tests {
                 .map(|page| PageKey { region: 4, page })
                 .collect(),
         };
-        let bytes = encode_notices(&[scattered.clone(), block.clone()]);
+        let none = VectorClock::new(2);
+        let bytes = encode_notices(&[scattered.clone(), block.clone()], &none);
         assert!(
             bytes.len() < 64,
             "a million consecutive pages take {} bytes",
             bytes.len()
         );
-        let back = decode_notices(&bytes, Rank(1)).unwrap();
+        let (back, horizon) = decode_notices(&bytes, Rank(1), 2).unwrap();
         assert_eq!(back[0].pages, scattered.pages);
         assert_eq!((back[0].rank, back[0].interval), (Rank(1), 3));
         assert_eq!(back[1], block);
+        assert_eq!(horizon, none);
+        // A horizon travels with the notices, or alone.
+        let h = VectorClock(vec![4, 0]);
+        let (back, horizon) = decode_notices(
+            &encode_notices(std::slice::from_ref(&scattered), &h),
+            Rank(1),
+            2,
+        )
+        .unwrap();
+        assert_eq!((back.len(), horizon), (1, h.clone()));
+        let (back, horizon) = decode_notices(&encode_notices(&[], &h), Rank(1), 2).unwrap();
+        assert!(back.is_empty());
+        assert_eq!(horizon, h);
+        assert!(encode_notices(&[], &none).is_empty());
+    }
+
+    #[test]
+    fn notices_or_horizons_of_ranks_outside_the_job_are_refused() {
+        let h = VectorClock(vec![1, 2, 3]);
+        let e = decode_notices(&encode_notices(&[], &h), Rank(1), 2).unwrap_err();
+        assert!(e.to_string().contains("horizon of 3 ranks"), "{e}");
+        let n = notice(5, 1, &[(0, 1)]);
+        let e =
+            decode_notices(&encode_notices(&[n], &VectorClock::new(2)), Rank(1), 2).unwrap_err();
+        assert!(e.to_string().contains("rank 5 in a job of 2"), "{e}");
     }
 
     #[test]
     fn notices_naming_too_many_pages_are_refused() {
-        let wire = vec![WireNotice {
-            rank: Rank(0),
-            interval: 1,
-            runs: vec![(0, 0, MAX_NOTICE_PAGES + 1)],
-        }];
-        let e = decode_notices(&postcard::to_allocvec(&wire).unwrap(), Rank(2)).unwrap_err();
+        let wire = |runs| WireNotices {
+            horizon: Vec::new(),
+            notices: vec![WireNotice {
+                rank: Rank(0),
+                interval: 1,
+                runs,
+            }],
+        };
+        let bytes = postcard::to_allocvec(&wire(vec![(0, 0, MAX_NOTICE_PAGES + 1)])).unwrap();
+        let e = decode_notices(&bytes, Rank(2), 3).unwrap_err();
         assert!(e.to_string().contains("more than"), "{e}");
-        let wire = vec![WireNotice {
-            rank: Rank(0),
-            interval: 1,
-            runs: vec![(0, u64::MAX, 2)],
-        }];
-        assert!(decode_notices(&postcard::to_allocvec(&wire).unwrap(), Rank(2)).is_err());
+        let bytes = postcard::to_allocvec(&wire(vec![(0, u64::MAX, 2)])).unwrap();
+        assert!(decode_notices(&bytes, Rank(2), 3).is_err());
     }
 }

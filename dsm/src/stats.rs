@@ -40,6 +40,8 @@ pub(crate) struct Counters {
     pub(crate) diffs_applied: AtomicU64,
     pub(crate) write_notices: AtomicU64,
     pub(crate) acquire_invalidations: AtomicU64,
+    pub(crate) full_invalidations: AtomicU64,
+    pub(crate) notices_forgotten: AtomicU64,
 }
 
 impl Counters {
@@ -89,6 +91,8 @@ impl Counters {
             diffs_applied: g(&self.diffs_applied),
             write_notices: g(&self.write_notices),
             acquire_invalidations: g(&self.acquire_invalidations),
+            full_invalidations: g(&self.full_invalidations),
+            notices_forgotten: g(&self.notices_forgotten),
         }
     }
 }
@@ -162,6 +166,12 @@ pub struct Stats {
     pub write_notices: u64,
     /// Release consistency: pages dropped at acquires because others wrote them.
     pub acquire_invalidations: u64,
+    /// Release consistency: acquires that dropped every cached page not homed here, because notices this
+    /// rank had not seen were forgotten before they reached it (see `DSM_NOTICE_MEMORY`).
+    pub full_invalidations: u64,
+    /// Release consistency: write notices forgotten here (by this rank, or by the locks it is the home of)
+    /// to keep their memory under the bound between barriers.
+    pub notices_forgotten: u64,
 }
 
 impl Stats {
@@ -243,6 +253,13 @@ impl fmt::Display for Stats {
                 "\nrelease consistency: {} twins, {} diffs sent ({} bytes), {} applied here, {} write notices, {} pages dropped at acquires",
                 self.twins, self.diffs, self.diff_bytes, self.diffs_applied, self.write_notices, self.acquire_invalidations
             )?;
+            if self.notices_forgotten + self.full_invalidations > 0 {
+                write!(
+                    f,
+                    "; {} notices forgotten to bound their memory, {} acquires that dropped every cached page",
+                    self.notices_forgotten, self.full_invalidations
+                )?;
+            }
         }
         Ok(())
     }

@@ -144,6 +144,11 @@ fn a_large_region_maps_instantly_and_costs_nothing_until_touched() {
 fn bad_configuration_is_a_clear_error() {
     let e = Dsm::builder().readahead(0).build().unwrap_err();
     assert!(e.to_string().contains("read-ahead"), "{e}");
+    let e = Dsm::builder()
+        .notice_memory(dsm::MIN_NOTICE_MEMORY - 1)
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("notice memory"), "{e}");
     let e = Dsm::builder().rank(dsm::Rank(3), 2).build().unwrap_err();
     assert!(e.to_string().contains("rank 3"), "{e}");
     let dsm = Dsm::builder().arena(None, 1 << 20).build().unwrap();

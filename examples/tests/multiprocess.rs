@@ -617,6 +617,37 @@ fn release_consistency_lock_protected_counters_are_exact() {
 }
 
 #[test]
+fn release_consistency_stays_exact_when_notices_are_forgotten_all_the_time() {
+    // Notices bounded to 4 KiB: ranks and lock homes forget them every few lock operations, and ranks that
+    // acquire behind the horizon drop every cached page. Counters and message passing through a lock stay
+    // exact, and the statistics show that the forgetting happened.
+    let env = [("DSM_NOTICE_MEMORY", "4K"), ("DSM_STATS", "1")];
+    for (ranks, args) in [
+        (2, &["counter", "--rounds", "400", "--threads", "3"][..]),
+        (3, &["counter", "--rounds", "300"][..]),
+        (4, &["counter", "--rounds", "200", "--threads", "2"][..]),
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--consistency", "release"]);
+        let (o, out) = job_with_env(CHECK, ranks, &args, &env);
+        assert_eq!(o.code, 0, "{args:?} at {ranks} ranks: {out}");
+        let total = |what: &str| -> u64 {
+            let what = format!(" {what}");
+            out.lines()
+                .filter_map(|l| {
+                    let (before, _) = l.split_once(&what)?;
+                    before.rsplit(' ').next()?.parse::<u64>().ok()
+                })
+                .sum()
+        };
+        assert!(
+            total("notices forgotten") > 0 && total("acquires that dropped every cached page") > 0,
+            "{args:?} at {ranks} ranks forgot nothing: {out}"
+        );
+    }
+}
+
+#[test]
 fn release_consistency_merges_words_written_by_several_ranks() {
     passes_at(
         &[2, 3, 4],

@@ -14,6 +14,7 @@
 //! | `DSM_SERVICE_PRIORITY` | `favoured`: the service loop runs `SCHED_FIFO` when permitted, else at nice -10 when permitted; `nice`: nice -10 only; `normal`: as the program's other threads | favoured |
 //! | `DSM_INSTALL_HELPER` | `on`: a helper thread installs pages of long read-ahead replies (256 pages or more) beside the faulting thread, on another core; `off` | on when ranks <= cores, else off |
 //! | `DSM_DIRECT_INSTALL` | `on`: ranks on this host may install the pages this rank fetches straight into its memory (they take its userfaultfd with `pidfd_getfd`, which needs ptrace's permission: root, or the same user where Yama's `ptrace_scope` is 0; refused, pages come over the connections); `off`: pages always come over the connections | on |
+//! | `DSM_NOTICE_MEMORY` | release consistency: memory the write notices kept by a rank between barriers may take, and as much again for those of the locks it is the home of (suffixes K, M, G); past it the oldest are forgotten, and a rank that acquires without having seen them drops every cached page of release-consistency regions not homed here | 8M |
 //! | `DSM_SPIN_US` | microseconds a thread waiting for a reply polls before it sleeps | 50 when ranks <= cores, else 0 |
 //! | `DSM_ON_PEER_FAILURE` | `exit`: a rank ends (status 75) when another fails; `report`: operations that need the failed rank return errors and the program decides (set by `dsmrun --keep-going`) | exit |
 //! | `DSM_STATS` | `1`: print each rank's statistics when it leaves the job; `0`: do not | off |

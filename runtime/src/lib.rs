@@ -279,6 +279,13 @@ impl Runtime {
         if let Some(on) = env::get("DSM_DIRECT_INSTALL", "on or off", env::on_off)? {
             b = b.direct_install(on);
         }
+        if let Some(m) = env::get(
+            "DSM_NOTICE_MEMORY",
+            "a size such as 8M (at least 4K)",
+            env::bytes,
+        )? {
+            b = b.notice_memory(m);
+        }
         // Read by dsm itself when a rank leaves; checked here so that a typo is an error, not silence.
         env::get("DSM_STATS", "1 or 0", |s| {
             matches!(s, "0" | "1").then_some(())

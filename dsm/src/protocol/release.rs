@@ -10,6 +10,12 @@
 //! and pages only this rank wrote; the next access fetches the whole page from its home. Notices are
 //! dropped at barriers, after which every rank has seen every notice issued before them.
 //!
+//! Between barriers the notices kept by a rank and by a lock's home are bounded (a program that only takes
+//! locks would otherwise keep every notice of the job): past the bound, the oldest are forgotten and their
+//! intervals recorded in a *horizon*, a vector clock that travels with the remaining notices. An acquirer
+//! whose clock does not cover the horizon it receives may have missed forgotten notices, so it drops every
+//! cached page of release-consistency regions not homed here, and then counts the horizon as seen.
+//!
 //! This module decides; the engine performs. Its test drives whole jobs of ranks through random
 //! interleavings of writes, reads, locks and barriers against a model of the memory.
 
@@ -46,7 +52,42 @@ impl VectorClock {
             *i = (*i).max(n.interval);
         }
     }
+
+    /// Whether every interval `other` counts is counted here too.
+    pub fn covers_clock(&self, other: &VectorClock) -> bool {
+        other
+            .0
+            .iter()
+            .enumerate()
+            .all(|(r, &i)| i == 0 || self.0.get(r).is_some_and(|&mine| mine >= i))
+    }
+
+    /// Raises every entry to `other`'s where that is later (entries past this clock's length are ignored:
+    /// clocks are as long as the job).
+    pub fn merge(&mut self, other: &VectorClock) {
+        for (mine, &i) in self.0.iter_mut().zip(&other.0) {
+            *mine = (*mine).max(i);
+        }
+    }
+
+    /// Whether every entry is zero.
+    pub fn is_zero(&self) -> bool {
+        self.0.iter().all(|&i| i == 0)
+    }
 }
+
+/// What a kept notice is counted as taking, for the bound on notices kept between barriers: the notice
+/// and its place in a set, and each page it names.
+const NOTICE_BYTES: usize = 160;
+const PAGE_KEY_BYTES: usize = 16;
+
+/// The memory a rank's write notices, and those of the locks it is the home of, may take between barriers
+/// before the oldest are forgotten (`DSM_NOTICE_MEMORY`).
+pub const DEFAULT_NOTICE_MEMORY: usize = 8 << 20;
+
+/// The smallest bound accepted (a few dozen notices): small bounds are for tests, which want notices
+/// forgotten often.
+pub const MIN_NOTICE_MEMORY: usize = 4 << 10;
 
 /// The pages one rank wrote in one interval.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +108,12 @@ pub struct WriteNotice {
 pub struct NoticeSet {
     /// Per writer (rank index), its notices by interval.
     by_rank: Vec<BTreeMap<u32, WriteNotice>>,
+    /// What the notices are counted as taking (`NOTICE_BYTES` each and `PAGE_KEY_BYTES` per page).
+    bytes: usize,
+}
+
+fn weight(n: &WriteNotice) -> usize {
+    NOTICE_BYTES + n.pages.len() * PAGE_KEY_BYTES
 }
 
 impl NoticeSet {
@@ -76,7 +123,10 @@ impl NoticeSet {
         if self.by_rank.len() <= r {
             self.by_rank.resize_with(r + 1, BTreeMap::new);
         }
-        self.by_rank[r].entry(n.interval).or_insert(n);
+        if let std::collections::btree_map::Entry::Vacant(e) = self.by_rank[r].entry(n.interval) {
+            self.bytes += weight(&n);
+            e.insert(n);
+        }
     }
 
     /// Forgets the notices `cut` covers.
@@ -84,12 +134,46 @@ impl NoticeSet {
         for (r, notices) in self.by_rank.iter_mut().enumerate() {
             let Some(&upto) = cut.0.get(r) else { break };
             if notices.first_key_value().is_some_and(|(&i, _)| i <= upto) {
-                *notices = match upto.checked_add(1) {
+                let kept = match upto.checked_add(1) {
                     Some(from) => notices.split_off(&from),
                     None => BTreeMap::new(),
                 };
+                self.bytes -= notices.values().map(weight).sum::<usize>();
+                *notices = kept;
             }
         }
+    }
+
+    /// What the notices kept are counted as taking, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// While the notices take more than `target` bytes, forgets each writer's oldest in turn; raises
+    /// `horizon` (a clock of the job's length) to the latest interval forgotten of each writer. Returns how
+    /// many were forgotten.
+    pub fn forget_oldest(&mut self, target: usize, horizon: &mut VectorClock) -> usize {
+        let mut forgotten = 0;
+        while self.bytes > target {
+            let mut any = false;
+            for (r, notices) in self.by_rank.iter_mut().enumerate() {
+                if self.bytes <= target {
+                    break;
+                }
+                if let Some((interval, n)) = notices.pop_first() {
+                    self.bytes -= weight(&n);
+                    if let Some(h) = horizon.0.get_mut(r) {
+                        *h = (*h).max(interval);
+                    }
+                    forgotten += 1;
+                    any = true;
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        forgotten
     }
 
     /// The notices `clock` does not cover, by writer and interval.
@@ -151,6 +235,9 @@ pub struct Acquire {
     pub flush: Vec<PageKey>,
     /// Pages to drop: the next access fetches the whole page from its home.
     pub invalidate: Vec<PageKey>,
+    /// Drop every cached page of release-consistency regions that is not homed here (flushing this rank's
+    /// writes first, as for `flush`): notices this rank had not seen were forgotten before they reached it.
+    pub everything: bool,
 }
 
 /// One rank's release-consistency state.
@@ -170,8 +257,20 @@ pub struct RcRank {
     passed: HashMap<u64, VectorClock>,
     /// This rank's own notices since the last barrier.
     own: Vec<WriteNotice>,
+    /// What `own` takes, counted as in `NoticeSet`.
+    own_bytes: usize,
     /// The cut of the last barrier this rank completed (see `barrier_done`).
     last_cut: Option<VectorClock>,
+    /// Per writer, the latest interval that this rank counts as seen but whose notice it may no longer
+    /// pass on (forgotten here, or never received because the rank it came from had forgotten it). Passed
+    /// on with the notices, so that acquirers who have not seen those intervals drop every cached page.
+    horizon: VectorClock,
+    /// The latest of this rank's own intervals forgotten from `own` (sent with the barrier arrival).
+    own_horizon: u32,
+    /// The bytes `known`, and `own`, may take before their oldest notices are forgotten.
+    notice_memory: usize,
+    /// Notices forgotten since `take_forgotten` was last called (for statistics).
+    forgotten: usize,
 }
 
 impl RcRank {
@@ -185,8 +284,64 @@ impl RcRank {
             known: NoticeSet::default(),
             passed: HashMap::new(),
             own: Vec::new(),
+            own_bytes: 0,
             last_cut: None,
+            horizon: VectorClock::new(size),
+            own_horizon: 0,
+            notice_memory: DEFAULT_NOTICE_MEMORY,
+            forgotten: 0,
         }
+    }
+
+    /// How many notices were forgotten (to bound their memory) since the last call.
+    pub fn take_forgotten(&mut self) -> usize {
+        std::mem::take(&mut self.forgotten)
+    }
+
+    /// Bounds the notices kept between barriers to `bytes` (counted as the engine counts them), each of
+    /// `known` and `own`. At least one notice per writer is always kept.
+    pub fn with_notice_memory(mut self, bytes: usize) -> RcRank {
+        self.notice_memory = bytes;
+        self
+    }
+
+    /// Forgets the oldest notices while `known` or `own` take more than the bound allows, down to half of
+    /// it (so that forgetting happens once per many intervals). Returns how many were forgotten.
+    fn bound_notices(&mut self) -> usize {
+        let mut forgotten = 0;
+        if self.known.bytes() > self.notice_memory {
+            forgotten += self
+                .known
+                .forget_oldest(self.notice_memory / 2, &mut self.horizon);
+        }
+        if self.own_bytes > self.notice_memory {
+            let mut drop = 0;
+            let mut left = self.own_bytes;
+            while left > self.notice_memory / 2 && drop + 1 < self.own.len() {
+                left -= weight(&self.own[drop]);
+                drop += 1;
+            }
+            if drop > 0 {
+                self.own_horizon = self.own_horizon.max(self.own[drop - 1].interval);
+                self.own.drain(..drop);
+                self.own_bytes = left;
+                forgotten += drop;
+            }
+        }
+        forgotten
+    }
+
+    /// See `horizon`: sent with the notices of every lock release.
+    pub fn horizon(&self) -> &VectorClock {
+        &self.horizon
+    }
+
+    /// The horizon of this rank's own notices, sent with its barrier arrival: only its own entry can be
+    /// set (a barrier brings every rank's own notices since the last barrier).
+    pub fn own_horizon(&self) -> VectorClock {
+        let mut h = VectorClock::new(self.clock.0.len());
+        h.0[self.me.index()] = self.own_horizon;
+        h
     }
 
     /// This rank's vector clock.
@@ -234,7 +389,9 @@ impl RcRank {
             pages,
         };
         self.known.insert(notice.clone());
+        self.own_bytes += weight(&notice);
         self.own.push(notice.clone());
+        self.forgotten += self.bound_notices();
         Some(notice)
     }
 
@@ -266,13 +423,30 @@ impl RcRank {
         &self.own
     }
 
-    /// Takes in the notices of a lock grant or a barrier; `homed_here` tells whether a page's home is this
-    /// rank. Pages homed here and notices this rank issued are skipped.
+    /// Takes in the notices of a lock grant or a barrier and the horizon that came with them; `homed_here`
+    /// tells whether a page's home is this rank. Pages homed here and notices this rank issued are skipped.
+    /// When the horizon names intervals this rank has not seen, their notices may have been forgotten on
+    /// the way: every cached page not homed here is dropped (`Acquire::everything`), and the horizon's
+    /// intervals count as seen from then on (and are passed on as part of this rank's horizon).
     pub fn acquire(
         &mut self,
         notices: &[WriteNotice],
+        horizon: &VectorClock,
         homed_here: impl Fn(PageKey) -> bool,
     ) -> Acquire {
+        let mut out = Acquire::default();
+        if !self.clock.covers_clock(horizon) {
+            out.everything = true;
+            out.flush = std::mem::take(&mut self.twinned).into_iter().collect();
+            // Only the entries this rank had not seen widen its own horizon: intervals its clock covered
+            // already are in `known`, or under its horizon.
+            for (r, &h) in horizon.0.iter().enumerate() {
+                if self.clock.0.get(r).is_some_and(|&c| c < h) {
+                    self.clock.0[r] = h;
+                    self.horizon.0[r] = self.horizon.0[r].max(h);
+                }
+            }
+        }
         let mut drop: BTreeSet<PageKey> = BTreeSet::new();
         for n in notices {
             if self.clock.covers(n) {
@@ -283,15 +457,17 @@ impl RcRank {
             if n.rank == self.me {
                 continue;
             }
-            drop.extend(n.pages.iter().copied().filter(|p| !homed_here(*p)));
+            if !out.everything {
+                drop.extend(n.pages.iter().copied().filter(|p| !homed_here(*p)));
+            }
         }
-        let mut out = Acquire::default();
         for page in drop {
             if self.twinned.remove(&page) {
                 out.flush.push(page);
             }
             out.invalidate.push(page);
         }
+        self.forgotten += self.bound_notices();
         out
     }
 
@@ -315,12 +491,19 @@ impl RcRank {
     /// barrier completed, every rank had arrived at it, so every rank had finished the barrier before it,
     /// acquire included, and holds no copy of a page that cut's notices name. (Barriers of one rank are
     /// called one at a time.)
-    pub fn barrier_done(&mut self, exchanged: &[WriteNotice]) -> Option<VectorClock> {
+    pub fn barrier_done(
+        &mut self,
+        exchanged: &[WriteNotice],
+        horizon: &VectorClock,
+    ) -> Option<VectorClock> {
         let mut cut = VectorClock::new(self.clock.0.len());
         for n in exchanged {
             cut.learn(n);
         }
+        // Intervals forgotten before the exchange were dropped everywhere by the barrier's acquire.
+        cut.merge(horizon);
         self.own.retain(|n| !cut.covers(n));
+        self.own_bytes = self.own.iter().map(weight).sum();
         let stable = self.last_cut.replace(cut);
         if let Some(stable) = &stable {
             self.known.forget_covered(stable);

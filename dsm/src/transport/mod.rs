@@ -39,4 +39,4 @@ pub trait Transport: Send + std::fmt::Debug {
 }
 
 /// Bumped whenever the wire format or the protocol changes: ranks of different builds refuse each other.
-pub(crate) const PROTOCOL_VERSION: u32 = 5;
+pub(crate) const PROTOCOL_VERSION: u32 = 6;

@@ -9,6 +9,9 @@
 //!   acquire that follows the write's release);
 //! - a rank always reads its own writes;
 //! - after every barrier, every rank reads every byte's last write (no diff lost).
+//!
+//! Some jobs bound the notices kept between barriers so tightly that ranks and locks forget them all the
+//! time, and acquirers behind the horizon drop every cached page.
 
 use super::*;
 use crate::protocol::diff;
@@ -16,7 +19,11 @@ use crate::types::PAGE_SIZE;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// No horizon: nothing forgotten.
+const Z: VectorClock = VectorClock(Vec::new());
+
 const COUNTER: usize = 8; // counter `l` (of lock `l`) lives in bytes 8l..8l+8 of the last page
+const LOCK_DATA: usize = 64; // byte 64 + l of every page is data written and read only under lock `l`
 const LOCKS: usize = 2;
 
 struct Sim {
@@ -29,8 +36,15 @@ struct Sim {
     rc: Vec<RcRank>,
     model: Vec<Vec<u8>>,
     owner: Vec<Vec<usize>>,
-    /// Per lock, as the engine's lock server: the union of the notices its holders passed on.
+    /// Per lock, as the engine's lock server: the union of the notices its holders passed on, and its
+    /// horizon.
     lock_notices: Vec<NoticeSet>,
+    lock_horizons: Vec<VectorClock>,
+    /// The bound on the notices kept by the locks' home (each rank's is in its `RcRank`).
+    lock_memory: usize,
+    full_invalidations: u64,
+    /// One in this many steps that would arrive at a barrier does; the others take a lock instead.
+    barrier_odds: u32,
     in_barrier: Vec<bool>,
     counter_model: Vec<u64>,
     checks: u64,
@@ -45,7 +59,7 @@ fn key(p: usize) -> PageKey {
 }
 
 impl Sim {
-    fn new(ranks: usize, pages: usize, rng: &mut StdRng) -> Sim {
+    fn new(ranks: usize, pages: usize, notice_memory: usize, rng: &mut StdRng) -> Sim {
         let mut sim = Sim {
             ranks,
             pages,
@@ -54,11 +68,15 @@ impl Sim {
             twin: vec![vec![None; pages]; ranks],
             writable: vec![vec![false; pages]; ranks],
             rc: (0..ranks)
-                .map(|r| RcRank::new(Rank(r as u32), ranks))
+                .map(|r| RcRank::new(Rank(r as u32), ranks).with_notice_memory(notice_memory))
                 .collect(),
             model: vec![vec![0; PAGE_SIZE]; pages],
             owner: Vec::new(),
             lock_notices: vec![NoticeSet::default(); LOCKS],
+            lock_horizons: vec![VectorClock::new(ranks); LOCKS],
+            lock_memory: notice_memory,
+            full_invalidations: 0,
+            barrier_odds: 1,
             in_barrier: vec![false; ranks],
             counter_model: vec![0; LOCKS],
             checks: 0,
@@ -77,8 +95,10 @@ impl Sim {
             .map(|p| {
                 (0..PAGE_SIZE)
                     .map(|b| {
-                        if p == self.pages - 1 && b < COUNTER * LOCKS {
-                            usize::MAX // the counter: written only under the lock
+                        if (p == self.pages - 1 && b < COUNTER * LOCKS)
+                            || (LOCK_DATA..LOCK_DATA + LOCKS).contains(&b)
+                        {
+                            usize::MAX // a counter, or a lock's data: written only under the lock
                         } else {
                             rng.random_range(0..self.ranks)
                         }
@@ -145,13 +165,21 @@ impl Sim {
         rel.notice
     }
 
-    fn acquire(&mut self, r: usize, notices: &[WriteNotice]) {
+    fn acquire(&mut self, r: usize, notices: &[WriteNotice], horizon: &VectorClock) {
         let ranks = self.ranks;
-        let a = self.rc[r].acquire(notices, |k| k.page as usize % ranks == r);
+        let a = self.rc[r].acquire(notices, horizon, |k| k.page as usize % ranks == r);
         for k in &a.flush {
             self.send_diff(r, k.page as usize);
         }
-        for k in &a.invalidate {
+        let mut invalidate = a.invalidate;
+        if a.everything {
+            self.full_invalidations += 1;
+            invalidate = (0..self.pages)
+                .filter(|&p| self.home(p) != r && self.local[r][p].is_some())
+                .map(key)
+                .collect();
+        }
+        for k in &invalidate {
             let p = k.page as usize;
             assert!(
                 self.twin[r][p].is_none(),
@@ -197,33 +225,9 @@ impl Sim {
                     self.check(r, p, b);
                 }
             }
-            7..=8 => {
-                // A critical section on one of the counters. As in the engine, the grant carries the lock's
-                // notices that the acquirer's clock does not cover, and the release passes the notices the
-                // releaser knows and has not passed through this lock before, which the lock's home adds to
-                // its union.
-                let lock = rng.random_range(0..LOCKS);
-                let clock = self.rc[r].clock().clone();
-                let grant = self.lock_notices[lock].unseen(&clock);
-                self.acquire(r, &grant);
-                let c = self.counter(r, lock);
-                assert_eq!(
-                    c, self.counter_model[lock],
-                    "rank {r} read a stale counter {lock} after acquiring its lock"
-                );
-                let p = self.pages - 1;
-                for (i, byte) in (c + 1).to_le_bytes().into_iter().enumerate() {
-                    self.write(r, p, COUNTER * lock + i, byte);
-                    self.model[p][COUNTER * lock + i] = byte;
-                }
-                self.counter_model[lock] = c + 1;
-                self.release(r);
-                let (passed, clock) = self.rc[r].notices_to_pass(lock as u64);
-                for n in passed {
-                    self.lock_notices[lock].insert(n);
-                }
-                self.rc[r].passed_through(lock as u64, clock);
-                self.checks += 1;
+            7..=8 => self.critical_section(r, rng),
+            _ if self.barrier_odds > 1 && rng.random_range(0..self.barrier_odds) != 0 => {
+                self.critical_section(r, rng)
             }
             _ => {
                 // Arrive at the barrier (a release), then wait for the others.
@@ -236,16 +240,73 @@ impl Sim {
         }
     }
 
+    /// A critical section of rank `r` on one of the counters.
+    fn critical_section(&mut self, r: usize, rng: &mut StdRng) {
+        // A critical section on one of the counters. As in the engine, the grant carries the lock's
+        // notices that the acquirer's clock does not cover, and the release passes the notices the
+        // releaser knows and has not passed through this lock before, which the lock's home adds to
+        // its union.
+        let lock = rng.random_range(0..LOCKS);
+        let clock = self.rc[r].clock().clone();
+        let grant = self.lock_notices[lock].unseen(&clock);
+        let horizon = self.lock_horizons[lock].clone();
+        self.acquire(r, &grant, &horizon);
+        let c = self.counter(r, lock);
+        assert_eq!(
+            c, self.counter_model[lock],
+            "rank {r} read a stale counter {lock} after acquiring its lock"
+        );
+        // The lock's data on every page is as its last holders left it; then some of it changes.
+        for p in 0..self.pages {
+            let got = self.read(r, p, LOCK_DATA + lock);
+            assert_eq!(
+                got,
+                self.model[p][LOCK_DATA + lock],
+                "rank {r} read stale data of lock {lock} on page {p}"
+            );
+            self.checks += 1;
+        }
+        let p = rng.random_range(0..self.pages);
+        let v: u8 = rng.random();
+        self.write(r, p, LOCK_DATA + lock, v);
+        self.model[p][LOCK_DATA + lock] = v;
+        let p = self.pages - 1;
+        for (i, byte) in (c + 1).to_le_bytes().into_iter().enumerate() {
+            self.write(r, p, COUNTER * lock + i, byte);
+            self.model[p][COUNTER * lock + i] = byte;
+        }
+        self.counter_model[lock] = c + 1;
+        self.release(r);
+        let (passed, clock) = self.rc[r].notices_to_pass(lock as u64);
+        for n in passed {
+            self.lock_notices[lock].insert(n);
+        }
+        self.lock_horizons[lock].merge(self.rc[r].horizon());
+        self.rc[r].passed_through(lock as u64, clock);
+        // As the engine's lock home: past the bound, every lock keeps the newer half.
+        let total: usize = self.lock_notices.iter().map(NoticeSet::bytes).sum();
+        if total > self.lock_memory {
+            for (set, h) in self.lock_notices.iter_mut().zip(&mut self.lock_horizons) {
+                set.forget_oldest(set.bytes() / 2, h);
+            }
+        }
+        self.checks += 1;
+    }
+
     fn complete_barrier(&mut self, rng: &mut StdRng) {
         let all: Vec<WriteNotice> = (0..self.ranks)
             .flat_map(|r| self.rc[r].own_notices().to_vec())
             .collect();
+        let mut horizon = VectorClock::new(self.ranks);
         for r in 0..self.ranks {
-            self.acquire(r, &all);
+            horizon.merge(&self.rc[r].own_horizon());
+        }
+        for r in 0..self.ranks {
+            self.acquire(r, &all, &horizon);
         }
         for r in 0..self.ranks {
             // As in the engine: lock homes forget the notices of the barrier before this one.
-            if let Some(stable) = self.rc[r].barrier_done(&all) {
+            if let Some(stable) = self.rc[r].barrier_done(&all, &horizon) {
                 for notices in &mut self.lock_notices {
                     notices.forget_covered(&stable);
                 }
@@ -281,12 +342,12 @@ fn a_rank_that_acquires_invalidates_what_others_wrote_except_its_home_pages() {
     let notice = rel.notice.unwrap();
     assert_eq!((notice.rank, notice.interval), (Rank(1), 1));
     // Rank 0 is the home of page 4 (even pages here): it keeps it.
-    let acq = a.acquire(&b.notices_to_pass(0).0, |k| k.page % 2 == 0);
+    let acq = a.acquire(&b.notices_to_pass(0).0, &Z, |k| k.page % 2 == 0);
     assert_eq!(acq.invalidate, vec![key(3)]);
     assert!(acq.flush.is_empty());
     // The same notices again change nothing.
     assert_eq!(
-        a.acquire(&b.notices_to_pass(0).0, |_| false),
+        a.acquire(&b.notices_to_pass(0).0, &Z, |_| false),
         Acquire::default()
     );
     assert_eq!(a.clock().0, vec![0, 1]);
@@ -302,7 +363,7 @@ fn a_page_written_here_and_elsewhere_is_flushed_before_it_is_dropped() {
         b.release();
         b.notices_to_pass(0).0
     };
-    let acq = a.acquire(&notices, |_| false);
+    let acq = a.acquire(&notices, &Z, |_| false);
     assert_eq!(acq.flush, vec![key(1)]);
     assert_eq!(acq.invalidate, vec![key(1)]);
     // The page stays in the interval's notice, but needs no second diff unless written again.
@@ -318,17 +379,62 @@ fn randomized_jobs_never_read_stale_data_or_lose_a_diff() {
         let mut rng = StdRng::seed_from_u64(seed);
         let ranks = 2 + (seed % 3) as usize;
         let pages = 1 + (seed % 4) as usize;
-        let mut sim = Sim::new(ranks, pages, &mut rng);
+        let mut sim = Sim::new(ranks, pages, DEFAULT_NOTICE_MEMORY, &mut rng);
         for _ in 0..3000 {
             let r = rng.random_range(0..ranks);
             sim.step(r, &mut rng);
         }
+        assert_eq!(
+            sim.full_invalidations, 0,
+            "nothing is forgotten under the default bound"
+        );
         checks += sim.checks;
         diffs += sim.diffs_applied;
     }
     assert!(
         checks > 100_000 && diffs > 1_000,
         "checks {checks}, diffs {diffs}"
+    );
+}
+
+#[test]
+fn randomized_jobs_that_forget_notices_all_the_time_never_read_stale_data() {
+    // A bound of a few notices: ranks and the locks' home forget notices at most releases, and acquirers
+    // behind the horizon drop every cached page. Long runs between barriers (barriers are rare here), so
+    // that the lock path carries the forgetting.
+    let (mut checks, mut full) = (0, 0);
+    for seed in 0..60u64 {
+        let mut rng = StdRng::seed_from_u64(1000 + seed);
+        let ranks = 2 + (seed % 3) as usize;
+        let pages = 1 + (seed % 4) as usize;
+        let memory = 2 * (NOTICE_BYTES + PAGE_KEY_BYTES) * (1 + (seed % 3) as usize);
+        let mut sim = Sim::new(ranks, pages, memory, &mut rng);
+        sim.barrier_odds = 20;
+        if seed % 2 == 0 {
+            // Only the ranks forget: what reaches a lock's home without a notice must bring its horizon.
+            sim.lock_memory = DEFAULT_NOTICE_MEMORY;
+        }
+        for step in 0..4000 {
+            let r = rng.random_range(0..ranks);
+            sim.step(r, &mut rng);
+            if step % 500 == 0 {
+                for rc in &sim.rc {
+                    assert!(
+                        rc.known.bytes() <= memory && rc.own_bytes <= memory,
+                        "{} keeps {} and {} bytes of notices over a bound of {memory}",
+                        rc.me,
+                        rc.known.bytes(),
+                        rc.own_bytes
+                    );
+                }
+            }
+        }
+        checks += sim.checks;
+        full += sim.full_invalidations;
+    }
+    assert!(
+        checks > 50_000 && full > 1_000,
+        "checks {checks}, acquires that dropped everything {full}"
     );
 }
 
@@ -344,10 +450,10 @@ fn a_notice_learned_through_a_lock_but_not_exchanged_survives_the_barrier() {
     assert!(exchanged_by_r1.is_empty());
     r1.on_write(key(5), false);
     r1.release();
-    r0.acquire(&r1.notices_to_pass(0).0, |_| false);
+    r0.acquire(&r1.notices_to_pass(0).0, &Z, |_| false);
     assert_eq!(r0.clock().0, vec![0, 1, 0]);
     assert_eq!(
-        r0.barrier_done(&exchanged_by_r1),
+        r0.barrier_done(&exchanged_by_r1, &Z),
         None,
         "no barrier before this one"
     );
@@ -357,22 +463,24 @@ fn a_notice_learned_through_a_lock_but_not_exchanged_survives_the_barrier() {
         "interval 1 of rank 1 was dropped: {passed:?}"
     );
     let mut r2 = RcRank::new(Rank(2), 3);
-    assert_eq!(r2.acquire(&passed, |_| false).invalidate, vec![key(5)]);
+    assert_eq!(r2.acquire(&passed, &Z, |_| false).invalidate, vec![key(5)]);
     // Once a barrier exchanges it, it is still passed on until the barrier after, when lock homes may
     // forget it too.
     let exchanged = r1.own_notices().to_vec();
     for rc in [&mut r0, &mut r2] {
-        rc.acquire(&exchanged, |_| false);
+        rc.acquire(&exchanged, &Z, |_| false);
     }
     let stable = r0
-        .barrier_done(&exchanged)
+        .barrier_done(&exchanged, &Z)
         .expect("the cut of the first barrier");
     assert!(
         !stable.covers(&exchanged[0]),
         "the first barrier exchanged nothing of rank 1"
     );
     assert_eq!(r0.notices_to_pass(0).0.len(), 1);
-    let stable = r0.barrier_done(&[]).expect("the cut of the second barrier");
+    let stable = r0
+        .barrier_done(&[], &Z)
+        .expect("the cut of the second barrier");
     assert!(stable.covers(&exchanged[0]));
     assert!(r0.notices_to_pass(0).0.is_empty());
 }
@@ -387,18 +495,20 @@ fn a_later_interval_learned_through_a_lock_does_not_hide_an_earlier_one_a_barrie
     // skips it. (Once, rank 1 forgot interval 1 at that barrier and passed interval 2 alone.)
     let mut r0 = RcRank::new(Rank(0), 2);
     let mut r1 = RcRank::new(Rank(1), 2);
-    assert_eq!(r0.barrier_done(&[]), None);
-    assert_eq!(r1.barrier_done(&[]), None);
+    assert_eq!(r0.barrier_done(&[], &Z), None);
+    assert_eq!(r1.barrier_done(&[], &Z), None);
     r1.on_write(key(5), false);
     r1.release();
     let exchanged = r1.own_notices().to_vec();
-    r1.acquire(&exchanged, |_| false);
-    r1.barrier_done(&exchanged);
+    r1.acquire(&exchanged, &Z, |_| false);
+    r1.barrier_done(&exchanged, &Z);
     r1.on_write(key(6), false);
     r1.release();
-    let mut dropped = r0.acquire(&r1.notices_to_pass(0).0, |_| false).invalidate;
-    dropped.extend(r0.acquire(&exchanged, |_| false).invalidate);
-    r0.barrier_done(&exchanged);
+    let mut dropped = r0
+        .acquire(&r1.notices_to_pass(0).0, &Z, |_| false)
+        .invalidate;
+    dropped.extend(r0.acquire(&exchanged, &Z, |_| false).invalidate);
+    r0.barrier_done(&exchanged, &Z);
     dropped.sort();
     assert_eq!(dropped, vec![key(5), key(6)], "rank 0 kept a stale page");
 }
@@ -444,7 +554,7 @@ fn a_release_passes_through_a_lock_only_what_it_did_not_pass_before_and_nothing_
     let (a, b) = (0usize, 1usize);
     let take = |rc: &mut RcRank, union: &NoticeSet| {
         let grant = union.unseen(rc.clock());
-        rc.acquire(&grant, |_| false).invalidate
+        rc.acquire(&grant, &Z, |_| false).invalidate
     };
     let give = |rc: &mut RcRank, union: &mut NoticeSet, lock: usize| {
         let (passed, clock) = rc.notices_to_pass(lock as u64);
@@ -493,8 +603,74 @@ fn a_notice_learned_between_passing_and_recording_is_passed_next_time() {
     let mut x = RcRank::new(Rank(0), 2);
     let (passed, clock) = x.notices_to_pass(7);
     assert!(passed.is_empty());
-    x.acquire(&[notice(1, 1, 3)], |_| false);
+    x.acquire(&[notice(1, 1, 3)], &Z, |_| false);
     x.passed_through(7, clock);
     let (passed, _) = x.notices_to_pass(7);
     assert_eq!(passed, vec![notice(1, 1, 3)]);
+}
+
+#[test]
+fn an_acquirer_behind_a_horizon_drops_everything_and_passes_the_horizon_on() {
+    // Rank 0 writes page 1 in interval 1 and page 2 in interval 2. Rank 1 takes a lock whose home forgot
+    // interval 1: the grant brings interval 2 and a horizon of interval 1. Rank 1 cannot know what interval
+    // 1 wrote, so it drops every cached page; then it passes both notices it has and the horizon through
+    // another lock, and rank 2, which has seen nothing of rank 0, must drop everything too (interval 2
+    // alone would leave its copy of page 1).
+    let mut w = RcRank::new(Rank(0), 3);
+    let mut y = RcRank::new(Rank(1), 3);
+    let mut z = RcRank::new(Rank(2), 3);
+    w.on_write(key(1), false);
+    w.release();
+    w.on_write(key(2), false);
+    w.release();
+    let interval_2: Vec<WriteNotice> = w
+        .notices_to_pass(0)
+        .0
+        .into_iter()
+        .filter(|n| n.interval == 2)
+        .collect();
+    let forgot_1 = VectorClock(vec![1, 0, 0]);
+    let a = y.acquire(&interval_2, &forgot_1, |_| false);
+    assert!(a.everything, "rank 1 could not know what interval 1 wrote");
+    assert_eq!(y.clock().0, vec![2, 0, 0]);
+    assert_eq!(y.horizon(), &forgot_1);
+    // Seen from now on: the same horizon again changes nothing.
+    assert!(!y.acquire(&[], &forgot_1, |_| false).everything);
+    let (passed, _) = y.notices_to_pass(7);
+    assert_eq!(passed, interval_2);
+    let a = z.acquire(&passed, y.horizon(), |_| false);
+    assert!(a.everything, "rank 2 kept its copy of page 1");
+    // A rank whose clock covered the horizon already takes the notices as usual.
+    let mut v = RcRank::new(Rank(2), 3);
+    let all = w.notices_to_pass(0).0;
+    v.acquire(&all[..1], &Z, |_| false);
+    let a = v.acquire(&passed, y.horizon(), |_| false);
+    assert!(!a.everything);
+    assert_eq!(a.invalidate, vec![key(2)]);
+}
+
+#[test]
+fn a_notice_set_over_its_bound_forgets_each_writers_oldest_first() {
+    let mut set = NoticeSet::default();
+    for i in 1..=6 {
+        set.insert(notice(0, i, u64::from(i)));
+        set.insert(notice(2, i, u64::from(10 + i)));
+    }
+    let one = NOTICE_BYTES + PAGE_KEY_BYTES;
+    assert_eq!(set.bytes(), 12 * one);
+    let mut horizon = VectorClock::new(3);
+    assert_eq!(set.forget_oldest(7 * one, &mut horizon), 5);
+    assert_eq!(set.bytes(), 7 * one);
+    assert_eq!(horizon.0, vec![3, 0, 2], "writers take turns, oldest first");
+    let keys: Vec<_> = set.all().iter().map(|n| (n.rank.0, n.interval)).collect();
+    assert_eq!(
+        keys,
+        [(0, 4), (0, 5), (0, 6), (2, 3), (2, 4), (2, 5), (2, 6)]
+    );
+    // Forgetting what a cut covers keeps the count right.
+    set.forget_covered(&VectorClock(vec![5, 0, 3]));
+    assert_eq!(set.bytes(), 4 * one);
+    assert_eq!(set.forget_oldest(0, &mut horizon), 4);
+    assert!(set.is_empty() && set.bytes() == 0);
+    assert_eq!(horizon.0, vec![6, 0, 6]);
 }
