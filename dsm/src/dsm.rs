@@ -316,12 +316,13 @@ impl DsmBuilder {
         self
     }
 
-    /// Release consistency: the memory that the write notices kept by this rank between barriers may take,
-    /// and as much again for those of the locks it is the home of (default 8 MiB; at least
-    /// [`MIN_NOTICE_MEMORY`]). A program that synchronizes only through locks would otherwise keep every
-    /// notice of the job until its next barrier. Past the bound the oldest notices are forgotten: a rank
-    /// that then acquires without having seen them drops every cached page of release-consistency regions
-    /// not homed here (counted in [`Stats::full_invalidations`]), and fetches again what it reads next.
+    /// Release consistency: the memory that each list of write notices kept between barriers may take
+    /// (default 8 MiB; at least [`MIN_NOTICE_MEMORY`]): this rank keeps two (the notices it knows, and its
+    /// own), and the locks it is the home of share one bound. A program that synchronizes only through
+    /// locks would otherwise keep every notice of the job until its next barrier. Past the bound the
+    /// oldest notices are forgotten (each writer's latest is kept): a rank that then acquires without
+    /// having seen them drops every cached page of release-consistency regions not homed here (counted in
+    /// [`Stats::full_invalidations`]), and fetches again what it reads next.
     pub fn notice_memory(mut self, bytes: usize) -> Self {
         self.notice_memory = bytes;
         self

@@ -149,9 +149,10 @@ impl NoticeSet {
         self.bytes
     }
 
-    /// While the notices take more than `target` bytes, forgets each writer's oldest in turn; raises
-    /// `horizon` (a clock of the job's length) to the latest interval forgotten of each writer. Returns how
-    /// many were forgotten.
+    /// While the notices take more than `target` bytes, forgets each writer's oldest in turn, but never a
+    /// writer's latest (an acquirer that has not seen the latest interval of a writer would then drop
+    /// everything, where the notice lets it drop the few pages it names); raises `horizon` (a clock of the
+    /// job's length) to the latest interval forgotten of each writer. Returns how many were forgotten.
     pub fn forget_oldest(&mut self, target: usize, horizon: &mut VectorClock) -> usize {
         let mut forgotten = 0;
         while self.bytes > target {
@@ -159,6 +160,9 @@ impl NoticeSet {
             for (r, notices) in self.by_rank.iter_mut().enumerate() {
                 if self.bytes <= target {
                     break;
+                }
+                if notices.len() < 2 {
+                    continue;
                 }
                 if let Some((interval, n)) = notices.pop_first() {
                     self.bytes -= weight(&n);
@@ -299,7 +303,8 @@ impl RcRank {
     }
 
     /// Bounds the notices kept between barriers to `bytes` (counted as the engine counts them), each of
-    /// `known` and `own`. At least one notice per writer is always kept.
+    /// `known` and `own`. Each writer's latest notice is always kept (so a list goes over the bound only
+    /// when those alone take more).
     pub fn with_notice_memory(mut self, bytes: usize) -> RcRank {
         self.notice_memory = bytes;
         self
@@ -435,12 +440,18 @@ impl RcRank {
         homed_here: impl Fn(PageKey) -> bool,
     ) -> Acquire {
         let mut out = Acquire::default();
-        if !self.clock.covers_clock(horizon) {
+        // This rank's own entry cannot be ahead of its clock (only a faulty peer would say so, and taking
+        // it would move this rank's own interval counter).
+        let mut others = horizon.clone();
+        if let Some(mine) = others.0.get_mut(self.me.index()) {
+            *mine = 0;
+        }
+        if !self.clock.covers_clock(&others) {
             out.everything = true;
             out.flush = std::mem::take(&mut self.twinned).into_iter().collect();
             // Only the entries this rank had not seen widen its own horizon: intervals its clock covered
             // already are in `known`, or under its horizon.
-            for (r, &h) in horizon.0.iter().enumerate() {
+            for (r, &h) in others.0.iter().enumerate() {
                 if self.clock.0.get(r).is_some_and(|&c| c < h) {
                     self.clock.0[r] = h;
                     self.horizon.0[r] = self.horizon.0[r].max(h);
@@ -449,14 +460,13 @@ impl RcRank {
         }
         let mut drop: BTreeSet<PageKey> = BTreeSet::new();
         for n in notices {
-            if self.clock.covers(n) {
+            // This rank's own notices are known here already (one this rank never issued could only come
+            // from a faulty peer, and learning it would move this rank's own interval counter).
+            if n.rank == self.me || self.clock.covers(n) {
                 continue;
             }
             self.clock.learn(n);
             self.known.insert(n.clone());
-            if n.rank == self.me {
-                continue;
-            }
             if !out.everything {
                 drop.extend(n.pages.iter().copied().filter(|p| !homed_here(*p)));
             }
