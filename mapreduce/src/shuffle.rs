@@ -36,10 +36,23 @@ pub(crate) fn job_dir(root: &Path, job: u64) -> PathBuf {
     root.join(format!("job-{job}"))
 }
 
+/// A reducer asks a holder for several runs at once, from a position on: the run `at` of `runs`, from
+/// byte `offset`. The answer carries as much as fits in [`CHUNK`], run after run, so a reducer fetches all
+/// it needs from one holder in one round trip per chunk, not one per run (a job of M maps on P ranks has
+/// M/P runs of each partition on each rank).
 #[derive(Debug, Serialize, Deserialize)]
 struct Fetch {
-    run: RunId,
+    runs: Vec<RunId>,
+    at: u32,
     offset: u64,
+}
+
+/// A piece of one run in an answer: its index in the fetch's `runs`, the bytes, and whether they end it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Piece {
+    index: u32,
+    bytes: Vec<u8>,
+    last: bool,
 }
 
 /// The service half: hands requests to the reading thread.
@@ -70,18 +83,37 @@ pub(crate) fn start(root: PathBuf) -> std::io::Result<Arc<ShuffleService>> {
     Ok(Arc::new(ShuffleService { requests: tx }))
 }
 
-/// The answer to one fetch: `0` and up to `CHUNK` bytes of the run from the offset asked for, or `1` and
-/// what went wrong.
+/// The answer to one fetch: `0` and the pieces (up to `CHUNK` bytes of runs from the position asked
+/// for), or `1` and what went wrong.
 fn serve(root: &Path, payload: &[u8]) -> Vec<u8> {
     let read = || -> Result<Vec<u8>, String> {
         let fetch: Fetch =
             postcard::from_bytes(payload).map_err(|e| format!("a malformed fetch: {e}"))?;
-        let path = fetch.run.path(root);
-        let what = |e: std::io::Error| format!("reading {}: {e}", path.display());
-        let mut f = File::open(&path).map_err(what)?;
-        f.seek(SeekFrom::Start(fetch.offset)).map_err(what)?;
+        let mut pieces = Vec::new();
+        let mut room = CHUNK as u64;
+        let mut offset = fetch.offset;
+        for (index, run) in fetch.runs.iter().enumerate().skip(fetch.at as usize) {
+            if room == 0 {
+                break;
+            }
+            let path = run.path(root);
+            let what = |e: std::io::Error| format!("reading {}: {e}", path.display());
+            let mut f = File::open(&path).map_err(what)?;
+            f.seek(SeekFrom::Start(offset)).map_err(what)?;
+            let mut bytes = Vec::new();
+            f.take(room).read_to_end(&mut bytes).map_err(what)?;
+            room -= bytes.len() as u64;
+            // A run that filled the room may end exactly there: the next fetch then gets its empty end.
+            let last = room > 0;
+            pieces.push(Piece {
+                index: index as u32,
+                bytes,
+                last,
+            });
+            offset = 0;
+        }
         let mut out = vec![0u8];
-        f.take(CHUNK as u64).read_to_end(&mut out).map_err(what)?;
+        postcard::to_io(&pieces, &mut out).map_err(|e| format!("encoding an answer: {e}"))?;
         Ok(out)
     };
     read().unwrap_or_else(|e| {
@@ -100,39 +132,151 @@ pub(crate) enum FetchError {
     Failed(String),
 }
 
-/// Fetches the whole run `run` from `holder`.
-pub(crate) fn fetch(dsm: &Dsm, holder: Rank, run: RunId) -> Result<Vec<u8>, FetchError> {
-    let mut out = Vec::new();
-    loop {
+/// Fetches the runs `runs` from `holder`, handing each to `each` (with its index in `runs`) as soon as
+/// it is whole, so that no more than one answer and one run are held here at once.
+pub(crate) fn fetch_all(
+    dsm: &Dsm,
+    holder: Rank,
+    runs: &[RunId],
+    each: impl FnMut(usize, Vec<u8>) -> Result<(), FetchError>,
+) -> Result<(), FetchError> {
+    let call = |request: &[u8]| {
+        dsm.call(holder, SERVICE, &[request]).map_err(|e| match e {
+            DsmError::PeerFailed { .. } => FetchError::Lost,
+            other => FetchError::Failed(format!("fetching map output from {holder}: {other}")),
+        })
+    };
+    fetch_through(call, holder, runs, each)
+}
+
+/// `fetch_all` over `call`, which sends a fetch and returns the answer.
+fn fetch_through(
+    mut call: impl FnMut(&[u8]) -> Result<Vec<u8>, FetchError>,
+    holder: Rank,
+    runs: &[RunId],
+    mut each: impl FnMut(usize, Vec<u8>) -> Result<(), FetchError>,
+) -> Result<(), FetchError> {
+    let malformed = || FetchError::Failed(format!("{holder} sent a malformed answer to a fetch"));
+    let mut at = 0usize;
+    let mut current = Vec::new();
+    while at < runs.len() {
         let request = postcard::to_allocvec(&Fetch {
-            run,
-            offset: out.len() as u64,
+            runs: runs.to_vec(),
+            at: at as u32,
+            offset: current.len() as u64,
         })
         .map_err(|e| FetchError::Failed(format!("encoding a fetch: {e}")))?;
-        let answer = dsm
-            .call(holder, SERVICE, &[&request])
-            .map_err(|e| match e {
-                DsmError::PeerFailed { .. } => FetchError::Lost,
-                other => FetchError::Failed(format!("fetching map output from {holder}: {other}")),
-            })?;
-        match answer.split_first() {
-            Some((0, bytes)) => {
-                out.extend_from_slice(bytes);
-                if bytes.len() < CHUNK {
-                    return Ok(out);
-                }
-            }
+        let answer = call(&request)?;
+        let pieces: Vec<Piece> = match answer.split_first() {
+            Some((0, bytes)) => postcard::from_bytes(bytes).map_err(|_| malformed())?,
             Some((1, message)) => {
                 return Err(FetchError::Failed(format!(
                     "{holder} could not serve map output: {}",
                     String::from_utf8_lossy(message)
                 )))
             }
-            _ => {
-                return Err(FetchError::Failed(format!(
-                    "{holder} sent a malformed answer to a fetch"
-                )))
+            _ => return Err(malformed()),
+        };
+        if pieces.is_empty() {
+            return Err(malformed());
+        }
+        for piece in pieces {
+            // Pieces come in order, from the position asked for: anything else would misplace bytes.
+            if piece.index as usize != at {
+                return Err(malformed());
+            }
+            current.extend_from_slice(&piece.bytes);
+            if piece.last {
+                each(at, std::mem::take(&mut current))?;
+                at += 1;
             }
         }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(task: u64) -> RunId {
+        RunId {
+            job: 0,
+            task,
+            partition: 0,
+            run: 0,
+        }
+    }
+
+    #[test]
+    fn runs_of_any_size_arrive_whole_and_in_order_in_few_answers() {
+        let root = std::env::temp_dir().join(format!("dsm-shuffle-test-{}", std::process::id()));
+        std::fs::create_dir_all(job_dir(&root, 0)).unwrap();
+        // Empty runs, runs that end exactly at the end of an answer, and one that spans several answers.
+        let sizes = [0, 10, CHUNK - 10, 0, 20, CHUNK, 3 * CHUNK + 5, 7, 0];
+        let runs: Vec<RunId> = (0..sizes.len() as u64).map(run).collect();
+        let content =
+            |i: usize, n: usize| -> Vec<u8> { (0..n).map(|b| (b * 7 + i) as u8).collect() };
+        for (i, (&n, r)) in sizes.iter().zip(&runs).enumerate() {
+            std::fs::write(r.path(&root), content(i, n)).unwrap();
+        }
+        let mut answers = 0;
+        let mut got = Vec::new();
+        fetch_through(
+            |request| {
+                answers += 1;
+                Ok(serve(&root, request))
+            },
+            Rank(1),
+            &runs,
+            |index, bytes| {
+                got.push((index, bytes));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(got.len(), sizes.len());
+        for (i, (index, bytes)) in got.iter().enumerate() {
+            assert_eq!(*index, i);
+            assert!(*bytes == content(i, sizes[i]), "run {i} differs");
+        }
+        let total: usize = sizes.iter().sum();
+        assert!(
+            answers <= total / CHUNK + 2,
+            "{answers} answers for {total} bytes"
+        );
+        // A run that is missing is an error naming it, not a hang or a short run.
+        std::fs::remove_file(runs[4].path(&root)).unwrap();
+        let e = fetch_through(|r| Ok(serve(&root, r)), Rank(1), &runs, |_, _| Ok(())).unwrap_err();
+        let FetchError::Failed(what) = e else {
+            panic!("a missing run is a failure")
+        };
+        assert!(
+            what.contains("t4-p0-r0") && what.contains("rank 1"),
+            "{what}"
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn answers_out_of_order_or_empty_are_refused() {
+        let runs = [run(0), run(1)];
+        let answer = |pieces: Vec<Piece>| {
+            let mut out = vec![0u8];
+            out.extend(postcard::to_allocvec(&pieces).unwrap());
+            out
+        };
+        let wrong = answer(vec![Piece {
+            index: 1,
+            bytes: vec![1],
+            last: true,
+        }]);
+        let e = fetch_through(|_| Ok(wrong.clone()), Rank(2), &runs, |_, _| Ok(())).unwrap_err();
+        assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
+        let empty = answer(Vec::new());
+        let e = fetch_through(|_| Ok(empty.clone()), Rank(2), &runs, |_, _| Ok(())).unwrap_err();
+        assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
+        let e = fetch_through(|_| Ok(vec![9]), Rank(2), &runs, |_, _| Ok(())).unwrap_err();
+        assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
     }
 }

@@ -307,7 +307,8 @@ impl<J: Job> Worker<'_, J> {
     }
 
     /// Finds every run of `partition` at `sources`: its own on disk, others fetched (kept in memory up to
-    /// the budget, then in files of its own). Returns them, unopened, and the bytes fetched.
+    /// the budget, then in files of its own), all of one holder's in one exchange. Returns them, unopened,
+    /// and the bytes fetched.
     fn locate(
         &self,
         id: u64,
@@ -318,38 +319,64 @@ impl<J: Job> Worker<'_, J> {
         let me = self.dsm.rank();
         let mut runs = Vec::new();
         let mut fetched = 0u64;
+        let job = self.job_id;
+        let run_ids = |s: &Source| {
+            let task = s.task;
+            (0..s.runs).map(move |run| RunId {
+                job,
+                task,
+                partition,
+                run,
+            })
+        };
+        let what = |rid: &RunId| {
+            format!(
+                "map output {} of task {} for partition {partition}",
+                rid.run, rid.task
+            )
+        };
+        let mut holders: Vec<u32> = Vec::new();
         for s in sources {
-            for run in 0..s.runs {
-                let rid = RunId {
-                    job: self.job_id,
-                    task: s.task,
-                    partition,
-                    run,
-                };
-                let what = format!(
-                    "map output {run} of task {} for partition {partition}",
-                    s.task
-                );
-                let source = if s.holder == me.0 {
-                    RunSource::Kept(rid.path(self.root))
+            if s.holder == me.0 {
+                for rid in run_ids(s) {
+                    runs.push(Located {
+                        source: RunSource::Kept(rid.path(self.root)),
+                        what: what(&rid),
+                    });
+                }
+            } else if !holders.contains(&s.holder) {
+                holders.push(s.holder);
+            }
+        }
+        for holder in holders {
+            let wanted: Vec<RunId> = sources
+                .iter()
+                .filter(|s| s.holder == holder)
+                .flat_map(run_ids)
+                .collect();
+            let mut keep = |index: usize, bytes: Vec<u8>| -> Result<(), FetchError> {
+                let rid = &wanted[index];
+                fetched += bytes.len() as u64;
+                let source = if fetched <= self.budget {
+                    RunSource::Bytes(bytes)
                 } else {
-                    let bytes = match shuffle::fetch(self.dsm, Rank(s.holder), rid) {
-                        Ok(b) => b,
-                        Err(FetchError::Lost) => return Err(TaskResult::Lost { holder: s.holder }),
-                        Err(FetchError::Failed(e)) => return Err(failed(e)),
-                    };
-                    fetched += bytes.len() as u64;
-                    if fetched <= self.budget {
-                        RunSource::Bytes(bytes)
-                    } else {
-                        let path = shuffle::job_dir(self.root, self.job_id)
-                            .join(format!("fetched-{id}-{}-{}-{run}", s.holder, s.task));
-                        std::fs::write(&path, &bytes)
-                            .map_err(|e| failed(format!("writing {}: {e}", path.display())))?;
-                        RunSource::Own(path)
-                    }
+                    let path = shuffle::job_dir(self.root, self.job_id)
+                        .join(format!("fetched-{id}-{holder}-{}-{}", rid.task, rid.run));
+                    std::fs::write(&path, &bytes).map_err(|e| {
+                        FetchError::Failed(format!("writing {}: {e}", path.display()))
+                    })?;
+                    RunSource::Own(path)
                 };
-                runs.push(Located { source, what });
+                runs.push(Located {
+                    source,
+                    what: what(rid),
+                });
+                Ok(())
+            };
+            match shuffle::fetch_all(self.dsm, Rank(holder), &wanted, &mut keep) {
+                Ok(()) => {}
+                Err(FetchError::Lost) => return Err(TaskResult::Lost { holder }),
+                Err(FetchError::Failed(e)) => return Err(failed(e)),
             }
         }
         Ok((runs, fetched))
