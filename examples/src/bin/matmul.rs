@@ -6,10 +6,13 @@
 //! compute their own rows first, reading A and writing C in place, and take other ranks' blocks only once
 //! theirs are done (`--anywhere` hands blocks to whoever asks, for comparison).
 //!
-//! Each rank copies B once into local memory (the pages travel once per rank) and computes its blocks with
-//! a cache-blocked kernel: a tile of B's rows is reused across a block of C's rows while it is in cache, and
-//! the innermost loop runs along contiguous rows (it vectorizes). The check uses the same kernel on the
-//! whole matrix, so the product is bit-identical whatever the number of ranks.
+//! Each rank reads B where it is, in the shared region: the rows it homes are already here, and a helper
+//! thread reads the others in order (read-ahead brings them in long runs, once per rank) while the rank
+//! computes its first block, whose tiles of B are taken row band by row band as they arrive. Blocks are
+//! computed with a cache-blocked kernel: a tile of B's rows is reused across a block of C's rows while it
+//! is in cache, and the innermost loop runs along contiguous rows (it vectorizes). Every element of C gets
+//! its terms in the same order (by k) on every path, and the check uses the same kernel on the whole
+//! matrix, so the product is bit-identical whatever the number of ranks.
 //!
 //! Prints the time of the product (from the tasks being put to the last result) and GFLOP/s.
 //!
@@ -59,21 +62,57 @@ fn multiply_rows(a: &[f64], b: &[f64], c: &mut [f64], n: usize) {
         let j1 = (j0 + J_TILE).min(n);
         for k0 in (0..n).step_by(K_TILE) {
             let k1 = (k0 + K_TILE).min(n);
-            for i in 0..rows {
-                let c_row = &mut c[i * n + j0..i * n + j1];
-                for k in k0..k1 {
-                    let aik = a[i * n + k];
-                    let b_row = &b[k * n + j0..k * n + j1];
-                    for (cj, bj) in c_row.iter_mut().zip(b_row) {
-                        *cj += aik * bj;
-                    }
-                }
+            tile(a, b, c, n, rows, (j0, j1), (k0, k1));
+        }
+    }
+}
+
+/// C's rows (`rows` of them) += A's columns `k` x B's rows `k`, on columns `j`: a tile of B reused across
+/// C's rows while it is in cache.
+fn tile(
+    a: &[f64],
+    b: &[f64],
+    c: &mut [f64],
+    n: usize,
+    rows: usize,
+    (j0, j1): (usize, usize),
+    (k0, k1): (usize, usize),
+) {
+    for i in 0..rows {
+        let c_row = &mut c[i * n + j0..i * n + j1];
+        for k in k0..k1 {
+            let aik = a[i * n + k];
+            let b_row = &b[k * n + j0..k * n + j1];
+            for (cj, bj) in c_row.iter_mut().zip(b_row) {
+                *cj += aik * bj;
             }
         }
     }
 }
 
-/// The inputs: small integers, so that sums are exact in f64 and any wrong element shows.
+/// `multiply_rows` with the tiles of B's rows taken in order as they arrive: `ready(k)` waits until
+/// rows `..k` of B are here. Each element of C gets its terms in the same order as in `multiply_rows`
+/// (by `k`), so the result is bit-identical; only the tiles go k-first, so that the rows of B still
+/// on their way are needed last.
+fn multiply_rows_as_b_arrives(
+    a: &[f64],
+    b: &[f64],
+    c: &mut [f64],
+    n: usize,
+    mut ready: impl FnMut(usize),
+) {
+    c.fill(0.0);
+    let rows = a.len() / n;
+    for k0 in (0..n).step_by(K_TILE) {
+        let k1 = (k0 + K_TILE).min(n);
+        ready(k1);
+        for j0 in (0..n).step_by(J_TILE) {
+            let j1 = (j0 + J_TILE).min(n);
+            tile(a, b, c, n, rows, (j0, j1), (k0, k1));
+        }
+    }
+}
+
 fn a_at(i: usize, j: usize) -> f64 {
     ((i * 7 + j * 3) % 11) as f64 - 5.0
 }
@@ -135,26 +174,57 @@ fn main() -> anyhow::Result<()> {
         .enumerate()
         .map(|(id, lo)| (id as u64, (lo as u64, (lo + args.block).min(n) as u64)))
         .collect();
+    // B is read where it is. Its rows homed elsewhere come in by read-ahead: a helper thread reads them
+    // in order, one word a page, while this rank computes its first block, whose tiles of B go k-first
+    // and wait only for the rows they need. (The rows homed here are already here.)
+    // SAFETY: no rank writes B after the barrier above; the slice is dropped before B is.
+    let b_rows: &[f64] = unsafe { b.as_slice() };
     let worker = {
         let farm = farm.clone();
         let (a, b, c) = (&a, &b, &c);
         move || -> anyhow::Result<(usize, f64)> {
             let t = Instant::now();
-            let mut local_b = vec![0.0; n * n];
-            b.read_slice(0, &mut local_b);
-            let copy = t.elapsed().as_secs_f64();
-            let done = farm.serve(|_, (lo, hi): (u64, u64)| {
-                let (lo, hi) = (lo as usize, hi as usize);
-                let mut rows_a = vec![0.0; (hi - lo) * n];
-                a.read_slice(lo * n, &mut rows_a);
-                let mut rows_c = vec![0.0; (hi - lo) * n];
-                multiply_rows(&rows_a, &local_b, &mut rows_c, n);
-                c.write_slice(lo * n, &rows_c);
+            let arrived = std::sync::Mutex::new(0usize);
+            let more = std::sync::Condvar::new();
+            let fetch = || {
+                let words_per_page = dsm::PAGE_SIZE / 8;
+                for row in 0..n {
+                    for w in (row * n..(row + 1) * n).step_by(words_per_page) {
+                        std::hint::black_box(b.get(w));
+                    }
+                    *arrived.lock().unwrap_or_else(|p| p.into_inner()) = row + 1;
+                    more.notify_all();
+                }
+            };
+            let ready = |k: usize| {
+                let mut got = arrived.lock().unwrap_or_else(|p| p.into_inner());
+                while *got < k {
+                    got = more.wait(got).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let mut first_block = 0.0;
+            let done = std::thread::scope(|s| {
+                s.spawn(fetch);
+                let mut is_first = true;
+                farm.serve(|_, (lo, hi): (u64, u64)| {
+                    let (lo, hi) = (lo as usize, hi as usize);
+                    let mut rows_a = vec![0.0; (hi - lo) * n];
+                    a.read_slice(lo * n, &mut rows_a);
+                    let mut rows_c = vec![0.0; (hi - lo) * n];
+                    if is_first {
+                        multiply_rows_as_b_arrives(&rows_a, b_rows, &mut rows_c, n, ready);
+                        first_block = t.elapsed().as_secs_f64();
+                        is_first = false;
+                    } else {
+                        multiply_rows(&rows_a, b_rows, &mut rows_c, n);
+                    }
+                    c.write_slice(lo * n, &rows_c);
+                })
             })?;
-            Ok((done, copy))
+            Ok((done, first_block))
         }
     };
-    let (done, copy) = std::thread::scope(|s| -> anyhow::Result<(usize, f64)> {
+    let (done, first) = std::thread::scope(|s| -> anyhow::Result<(usize, f64)> {
         if me != 0 {
             return worker();
         }
@@ -182,7 +252,7 @@ fn main() -> anyhow::Result<()> {
     dsm.barrier()?;
     let secs = t.elapsed().as_secs_f64();
     println!(
-        "matmul: rank {me} computed {done} of {} blocks (copying B took {copy:.3} s)",
+        "matmul: rank {me} computed {done} of {} blocks (the first, as B's rows arrived, in {first:.3} s)",
         blocks.len()
     );
     if me == 0 {
