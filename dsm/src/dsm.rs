@@ -385,7 +385,7 @@ impl DsmBuilder {
         }
         if self.notice_memory < MIN_NOTICE_MEMORY {
             return Err(DsmError::Config(format!(
-                "notice memory of {} bytes: use at least {MIN_NOTICE_MEMORY}",
+                "write-notice memory of {} bytes (DSM_NOTICE_MEMORY, or DsmBuilder::notice_memory): use at least {MIN_NOTICE_MEMORY} (4K)",
                 self.notice_memory
             )));
         }

@@ -98,6 +98,12 @@ pub(crate) fn decode_notices(
         .notices
         .into_iter()
         .map(|w| {
+            if w.rank.index() >= size {
+                return Err(bad(format!(
+                    "a write notice of {} in a job of {size} ranks",
+                    w.rank
+                )));
+            }
             for (_, first, len) in &w.runs {
                 total = total.saturating_add(*len);
                 if total > MAX_NOTICE_PAGES || first.checked_add(*len).is_none() {
@@ -113,12 +119,6 @@ pub(crate) fn decode_notices(
                     (first..first + len).map(move |page| PageKey { region, page })
                 })
                 .collect();
-            if w.rank.index() >= size {
-                return Err(bad(format!(
-                    "a write notice of {} in a job of {size} ranks",
-                    w.rank
-                )));
-            }
             Ok(WriteNotice {
                 rank: w.rank,
                 interval: w.interval,

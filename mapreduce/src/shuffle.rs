@@ -1,6 +1,7 @@
 //! The shuffle: every rank serves the runs its map tasks wrote to reducers on other ranks, through a dsm
 //! service over the job's own connections. Reads happen on a thread of their own, never on the service loop
-//! (which also resolves page faults). Runs travel in chunks, so no message is larger than [`CHUNK`].
+//! (which also resolves page faults). A reducer asks a holder for all the runs it needs from it at once,
+//! and each answer carries up to [`CHUNK`] bytes of them, run after run.
 
 use dsm::{Dsm, DsmError, Rank, Responder, Service, ServiceId};
 use serde::{Deserialize, Serialize};
@@ -12,7 +13,7 @@ use std::sync::Arc;
 /// The service id of the shuffle (the tuple space has 1).
 pub(crate) const SERVICE: ServiceId = 2;
 
-/// The largest piece of a run one answer carries.
+/// The most bytes of runs one answer carries.
 const CHUNK: usize = 4 << 20;
 
 /// Names one run a map task wrote.
@@ -36,14 +37,13 @@ pub(crate) fn job_dir(root: &Path, job: u64) -> PathBuf {
     root.join(format!("job-{job}"))
 }
 
-/// A reducer asks a holder for several runs at once, from a position on: the run `at` of `runs`, from
-/// byte `offset`. The answer carries as much as fits in [`CHUNK`], run after run, so a reducer fetches all
-/// it needs from one holder in one round trip per chunk, not one per run (a job of M maps on P ranks has
-/// M/P runs of each partition on each rank).
+/// A reducer asks a holder for the runs it still needs from it, the first from byte `offset` on. The
+/// answer carries as much as fits in [`CHUNK`], run after run, so a reducer fetches all it needs from one
+/// holder in one round trip per chunk, not one per run (a job of M maps on P ranks has M/P runs of each
+/// partition on each rank).
 #[derive(Debug, Serialize, Deserialize)]
 struct Fetch {
     runs: Vec<RunId>,
-    at: u32,
     offset: u64,
 }
 
@@ -92,7 +92,7 @@ fn serve(root: &Path, payload: &[u8]) -> Vec<u8> {
         let mut pieces = Vec::new();
         let mut room = CHUNK as u64;
         let mut offset = fetch.offset;
-        for (index, run) in fetch.runs.iter().enumerate().skip(fetch.at as usize) {
+        for (index, run) in fetch.runs.iter().enumerate() {
             if room == 0 {
                 break;
             }
@@ -133,7 +133,8 @@ pub(crate) enum FetchError {
 }
 
 /// Fetches the runs `runs` from `holder`, handing each to `each` (with its index in `runs`) as soon as
-/// it is whole, so that no more than one answer and one run are held here at once.
+/// it is whole, so that no more than an answer and a run are held here at once (and the run being
+/// assembled: a run longer than an answer comes in several).
 pub(crate) fn fetch_all(
     dsm: &Dsm,
     holder: Rank,
@@ -161,8 +162,7 @@ fn fetch_through(
     let mut current = Vec::new();
     while at < runs.len() {
         let request = postcard::to_allocvec(&Fetch {
-            runs: runs.to_vec(),
-            at: at as u32,
+            runs: runs[at..].to_vec(),
             offset: current.len() as u64,
         })
         .map_err(|e| FetchError::Failed(format!("encoding a fetch: {e}")))?;
@@ -177,18 +177,29 @@ fn fetch_through(
             }
             _ => return Err(malformed()),
         };
-        if pieces.is_empty() {
+        drop(answer);
+        // An answer that neither brings bytes nor ends a run would have the same fetch asked for ever.
+        if !pieces.iter().any(|p| p.last || !p.bytes.is_empty()) {
             return Err(malformed());
         }
-        for piece in pieces {
-            // Pieces come in order, from the position asked for: anything else would misplace bytes.
-            if piece.index as usize != at {
+        let (first, count) = (at, pieces.len());
+        for (k, piece) in pieces.into_iter().enumerate() {
+            // Pieces come in order from the position asked for, name only runs asked for, and only the
+            // last may leave its run unfinished: anything else would misplace bytes.
+            if piece.index as usize != k
+                || first + k >= runs.len()
+                || (!piece.last && k + 1 < count)
+            {
                 return Err(malformed());
             }
-            current.extend_from_slice(&piece.bytes);
+            if current.is_empty() {
+                current = piece.bytes;
+            } else {
+                current.extend_from_slice(&piece.bytes);
+            }
             if piece.last {
-                each(at, std::mem::take(&mut current))?;
-                at += 1;
+                each(first + k, std::mem::take(&mut current))?;
+                at = first + k + 1;
             }
         }
     }
@@ -212,7 +223,7 @@ mod tests {
     fn runs_of_any_size_arrive_whole_and_in_order_in_few_answers() {
         let root = std::env::temp_dir().join(format!("dsm-shuffle-test-{}", std::process::id()));
         std::fs::create_dir_all(job_dir(&root, 0)).unwrap();
-        // Empty runs, runs that end exactly at the end of an answer, and one that spans several answers.
+        // Empty runs, a run that ends exactly at the end of an answer, and one that spans several answers.
         let sizes = [0, 10, CHUNK - 10, 0, 20, CHUNK, 3 * CHUNK + 5, 7, 0];
         let runs: Vec<RunId> = (0..sizes.len() as u64).map(run).collect();
         let content =
@@ -278,5 +289,36 @@ mod tests {
         assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
         let e = fetch_through(|_| Ok(vec![9]), Rank(2), &runs, |_, _| Ok(())).unwrap_err();
         assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
+        // A piece past the runs asked for, one that brings nothing and ends nothing (asked again, it would
+        // be asked for ever), and an unfinished piece before others: each is refused.
+        let piece = |index, bytes: &[u8], last| Piece {
+            index,
+            bytes: bytes.to_vec(),
+            last,
+        };
+        for bad in [
+            vec![
+                piece(0, b"a", true),
+                piece(1, b"b", true),
+                piece(2, b"c", true),
+            ],
+            vec![piece(0, b"", false)],
+            vec![piece(0, b"a", false), piece(1, b"b", true)],
+        ] {
+            let bad = answer(bad);
+            let mut calls = 0;
+            let e = fetch_through(
+                |_| {
+                    calls += 1;
+                    Ok(bad.clone())
+                },
+                Rank(2),
+                &runs,
+                |_, _| Ok(()),
+            )
+            .unwrap_err();
+            assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
+            assert_eq!(calls, 1);
+        }
     }
 }
