@@ -8,14 +8,15 @@
 
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
+use crate::uffd::futex;
 use crate::wire::{self, FrameError, Reply, Request, MAX_HEADER, PREFIX};
 use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Why a receive failed.
 #[derive(Debug)]
@@ -364,7 +365,49 @@ impl Channel {
 pub(crate) struct Channels {
     slots: Box<[Mutex<Channel>]>,
     next: AtomicUsize,
+    /// Bumped whenever a claimed channel is given back: threads waiting for any channel sleep on it.
+    freed: AtomicU32,
+    /// How many threads wait for a channel (a channel given back wakes them only when there are some).
+    waiting: AtomicU32,
 }
+
+/// A claimed channel; given back (and a thread waiting for one woken) when dropped. Dropping it is
+/// async-signal-safe: the fault path claims channels from the SIGBUS handler.
+pub(crate) struct Claimed<'a> {
+    guard: Option<MutexGuard<'a, Channel>>,
+    pool: &'a Channels,
+}
+
+impl std::ops::Deref for Claimed<'_> {
+    type Target = Channel;
+    fn deref(&self) -> &Channel {
+        self.guard
+            .as_ref()
+            .expect("a claimed channel is held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Claimed<'_> {
+    fn deref_mut(&mut self) -> &mut Channel {
+        self.guard
+            .as_mut()
+            .expect("a claimed channel is held until dropped")
+    }
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        self.pool.freed.fetch_add(1, Ordering::SeqCst);
+        if self.pool.waiting.load(Ordering::SeqCst) > 0 {
+            futex::wake_all(&self.pool.freed);
+        }
+    }
+}
+
+/// The longest a thread waiting for a channel sleeps before it looks again (a wake-up is never needed
+/// for correctness, only for speed).
+const CLAIM_NAP: Duration = Duration::from_millis(10);
 
 impl Channels {
     /// Builds the pool from `outgoing[channel][rank]`; each channel can receive up to `max_pages` pages.
@@ -384,6 +427,8 @@ impl Channels {
                 })
                 .collect(),
             next: AtomicUsize::new(0),
+            freed: AtomicU32::new(0),
+            waiting: AtomicU32::new(0),
         }
     }
 
@@ -394,42 +439,122 @@ impl Channels {
             .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Takes a free channel if there is one, without waiting.
-    pub(crate) fn try_claim(&self) -> Option<MutexGuard<'_, Channel>> {
-        self.slots.iter().find_map(|m| match m.try_lock() {
-            Ok(g) => Some(g),
-            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+    fn claimed<'a>(&'a self, guard: MutexGuard<'a, Channel>) -> Claimed<'a> {
+        Claimed {
+            guard: Some(guard),
+            pool: self,
+        }
+    }
+
+    /// Takes a free channel of `slots[first..]` if there is one, without waiting.
+    fn try_claim_from(&self, first: usize) -> Option<Claimed<'_>> {
+        let slots = &self.slots[first..];
+        let n = slots.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n).find_map(|i| match slots[(start + i) % n].try_lock() {
+            Ok(g) => Some(self.claimed(g)),
+            Err(TryLockError::Poisoned(p)) => Some(self.claimed(p.into_inner())),
             Err(TryLockError::WouldBlock) => None,
         })
     }
 
+    /// Takes a free channel if there is one, without waiting.
+    pub(crate) fn try_claim(&self) -> Option<Claimed<'_>> {
+        self.try_claim_from(0)
+    }
+
     /// Takes a free channel for an exchange that completes without waiting for this rank's application
     /// threads (a fault, a release, a ping), waiting for one when all are in use.
-    pub(crate) fn claim(&self) -> MutexGuard<'_, Channel> {
-        self.claim_from(0)
+    pub(crate) fn claim(&self) -> Claimed<'_> {
+        self.claim_from(0, None)
+            .expect("a claim without a deadline waits until it gets a channel")
     }
 
     /// Takes a channel for a call that may wait on other application threads (a lock, a barrier). Such calls
     /// never take channel 0: if they held every channel, the thread that holds the lock they wait for could
     /// not resolve a fault, and the rank would hang. Faults use any channel and finish without waiting on
     /// application threads, so channel 0 always comes free for them.
-    pub(crate) fn claim_for_wait(&self) -> MutexGuard<'_, Channel> {
-        self.claim_from(1.min(self.slots.len() - 1))
+    pub(crate) fn claim_for_wait(&self) -> Claimed<'_> {
+        self.claim_for_wait_until(None)
+            .expect("a claim without a deadline waits until it gets a channel")
     }
 
-    fn claim_from(&self, first: usize) -> MutexGuard<'_, Channel> {
-        let slots = &self.slots[first..];
-        let n = slots.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        for i in 0..n {
-            match slots[(start + i) % n].try_lock() {
-                Ok(g) => return g,
-                Err(TryLockError::Poisoned(p)) => return p.into_inner(),
-                Err(TryLockError::WouldBlock) => {}
+    /// `claim_for_wait`, giving up (`None`) once `deadline` passes: the other channels may be held by
+    /// calls that wait for ever (blocked `in`s of other threads).
+    pub(crate) fn claim_for_wait_until(&self, deadline: Option<Instant>) -> Option<Claimed<'_>> {
+        self.claim_from(1.min(self.slots.len() - 1), deadline)
+    }
+
+    /// Takes the first channel of `slots[first..]` to come free, or gives up at `deadline`.
+    fn claim_from(&self, first: usize, deadline: Option<Instant>) -> Option<Claimed<'_>> {
+        loop {
+            if let Some(c) = self.try_claim_from(first) {
+                return Some(c);
+            }
+            // Counted as waiting before looking again, so that a channel given back after this look
+            // wakes this thread (its `freed` no longer matches what was seen).
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let seen = self.freed.load(Ordering::SeqCst);
+            let got = self.try_claim_from(first);
+            if got.is_none() {
+                let nap = match deadline {
+                    Some(d) => d.saturating_duration_since(Instant::now()).min(CLAIM_NAP),
+                    None => CLAIM_NAP,
+                };
+                if !nap.is_zero() {
+                    futex::wait_for(&self.freed, seen, nap);
+                }
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            if got.is_some() {
+                return got;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return self.try_claim_from(first);
             }
         }
-        // All busy: wait for the first slot of the range, which (for faults, slot 0) lock and barrier waits
-        // never hold, so it comes free.
-        slots[0].lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn pool(n: usize) -> Channels {
+        Channels::new((0..n).map(|_| Vec::new()).collect(), 1, 0)
+    }
+
+    #[test]
+    fn a_wait_for_a_channel_takes_whichever_comes_free_and_a_deadline_bounds_it() {
+        let p = pool(4);
+        // Channels 1-3 are held (by calls that wait for ever, say): a waiting claim with a deadline gives
+        // up at it, and channel 0 stays for faults.
+        let held: Vec<_> = (0..3).map(|_| p.claim_for_wait()).collect();
+        let t0 = Instant::now();
+        assert!(p
+            .claim_for_wait_until(Some(t0 + Duration::from_millis(30)))
+            .is_none());
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_millis(30) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+        assert!(p.try_claim().is_some(), "channel 0 is free for faults");
+        // The last channel given back goes to a thread that waits without a deadline, at once (not after
+        // the first channel of the range comes free, which here it never does).
+        let mut held = held;
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let t = Instant::now();
+                let c = p.claim_for_wait();
+                (t.elapsed(), c.fds.len())
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            drop(held.pop());
+            let (waited, _) = waiter.join().unwrap();
+            assert!(waited < Duration::from_secs(2), "{waited:?}");
+        });
+        drop(held);
     }
 }

@@ -690,7 +690,8 @@ impl Dsm {
     /// `in`). With a `deadline`, once it passes `cancel` is sent to the service on the same connection, and
     /// the call returns the service's answer to the original request, which the service must then give
     /// (either what was asked for, if it was already on its way, or word of the cancellation). Fails with
-    /// `PeerFailed` if `to` fails meanwhile.
+    /// `TimedOut` if the deadline passes before the request could be sent (other threads' waiting calls
+    /// held every channel), and with `PeerFailed` if `to` fails meanwhile.
     pub fn call_waiting(
         &self,
         to: Rank,
@@ -698,7 +699,19 @@ impl Dsm {
         payload: &[&[u8]],
         deadline: Option<(Instant, &[u8])>,
     ) -> Result<Vec<u8>> {
-        let mut ch = self.shared.channels.claim_for_wait();
+        // Other threads' calls may hold every channel for as long as they wait: the deadline also bounds
+        // the wait for one.
+        let Some(mut ch) = self
+            .shared
+            .channels
+            .claim_for_wait_until(deadline.map(|(d, _)| d))
+        else {
+            return Err(DsmError::TimedOut {
+                what: format!(
+                    "a call to service {id} of {to} waited for a channel (every one was taken by other threads' waiting calls; DSM_CHANNELS sets how many there are)"
+                ),
+            });
+        };
         self.exchange(&mut ch, to, id, payload, deadline)
     }
 

@@ -82,6 +82,12 @@ pub enum DsmError {
     /// A connection did not present the job's token.
     #[error("connection refused: {0}")]
     BadHandshake(String),
+    /// A call with a deadline could not even be sent before the deadline passed.
+    #[error("timed out: {what}")]
+    TimedOut {
+        /// What waited.
+        what: String,
+    },
     /// A configuration value is out of range or malformed.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -150,7 +150,7 @@ impl MapReduce {
     ) -> Result<Option<JobReport>, MapReduceError> {
         let job_id = self.jobs.fetch_add(1, Ordering::Relaxed);
         let dsm = self.space.dsm();
-        let farm = TaskFarm::new(&self.space, &format!("mapreduce-{job_id}"), Rank(0));
+        let farm = TaskFarm::new(&self.space, &format!("mapreduce-{job_id}"), Rank(0))?;
         let threads = config.threads_for(dsm.size());
         let dir = job_dir(&self.root, job_id);
         let setup = config

@@ -16,7 +16,7 @@
 //! use dsm_runtime::{Runtime, TaskFarm, TupleSpace};
 //! let rt = Runtime::init()?;
 //! let space = TupleSpace::join(&rt)?;
-//! let farm = TaskFarm::new(&space, "squares", dsm::Rank(0));
+//! let farm = TaskFarm::new(&space, "squares", dsm::Rank(0))?;
 //! if rt.rank().0 == 0 {
 //!     farm.put((0..100u64).map(|i| (i, i)))?;
 //!     let results: Vec<(u64, u64)> = farm.results(100)?;
@@ -27,7 +27,7 @@
 //! # Ok::<(), dsm_runtime::RuntimeError>(())
 //! ```
 
-use crate::tuple::{Template, Tuple};
+use crate::tuple::{Template, Tuple, MAX_TUPLE_BYTES};
 use crate::{template, tuple, Lease, RuntimeError, TupleSpace};
 use dsm::Rank;
 use serde::de::DeserializeOwned;
@@ -61,7 +61,14 @@ impl TaskFarm {
     /// The farm `name` whose master (and bag) is `master`. Every rank that takes part builds it with the
     /// same arguments. Farms whose names differ are independent, as long as the names hold no NUL
     /// character (the farm's own keys use it to add to the name).
-    pub fn new(space: &TupleSpace, name: &str, master: Rank) -> TaskFarm {
+    pub fn new(space: &TupleSpace, name: &str, master: Rank) -> Result<TaskFarm, RuntimeError> {
+        let size = space.dsm().size();
+        if master.index() >= size {
+            return Err(RuntimeError::Refused {
+                rank: space.dsm().rank(),
+                reason: format!("a task farm's master must be a rank of the job: {master} is not in a job of {size} ranks"),
+            });
+        }
         // Tasks, results and the stop mark share one home, the master: a worker ends a lease and puts its
         // result in one step. Each kind has a first field of its own, so each has its own bucket there:
         // taking a result never scans past the tasks still in the bag, nor a task past results not yet
@@ -72,7 +79,7 @@ impl TaskFarm {
                 .find(|k| space.home_of(Some(&k.as_str().into()), 4) == master)
                 .expect("some suffix hashes to every rank")
         };
-        TaskFarm {
+        Ok(TaskFarm {
             space: space.clone(),
             key: homed_at_master(name.to_string()),
             results_key: homed_at_master(format!("{name}\0results")),
@@ -82,7 +89,7 @@ impl TaskFarm {
             stop_key: homed_at_master(format!("{name}\0stop")),
             me: space.dsm().rank(),
             serving: Arc::new(AtomicUsize::new(0)),
-        }
+        })
     }
 
     fn tasks(&self) -> Template {
@@ -266,6 +273,18 @@ impl TaskFarm {
             }
             let ran = results.len();
             done += ran;
+            // Results go to the space in requests of at most MAX_TUPLE_BYTES of data each (with the
+            // leases they end), so that many large results never make one request too large to send.
+            while let Some(k) = first_requests_worth(&results) {
+                let rest = results.split_off(k);
+                let leases: Vec<Lease> = held.leases.drain(..k).collect();
+                if let Err(e) = self.space.complete_many(&leases, results) {
+                    // Those tasks go back to the bag with the rest of the batch.
+                    held.leases.splice(0..0, leases);
+                    return Err(e);
+                }
+                results = rest;
+            }
             // The tasks stay held until their results are in: if that fails (a result too large for the
             // space, say), they go back to the bag instead of staying leased to this live rank for ever.
             if stopping {
@@ -284,6 +303,19 @@ impl TaskFarm {
             batch.observe(work, ran, trip.elapsed());
         }
     }
+}
+
+/// How many of `results`, from the first, to send in a request of their own before the rest: `None` when
+/// all fit in one (at most [`MAX_TUPLE_BYTES`] of strings and byte strings in all). Always at least one.
+fn first_requests_worth(results: &[Tuple]) -> Option<usize> {
+    let mut total = 0;
+    for (k, r) in results.iter().enumerate() {
+        total += r.byte_len();
+        if total > MAX_TUPLE_BYTES {
+            return Some(k.max(1));
+        }
+    }
+    None
 }
 
 /// A running `serve`, counted in its farm's `serving` until it ends.
@@ -377,6 +409,25 @@ fn decode<T: DeserializeOwned>(t: &Tuple, kind: &str, id: u64) -> Result<T, Runt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn results_are_cut_into_requests_of_at_most_a_tuples_worth() {
+        let mb = |n: usize| tuple!(vec![0u8; n << 20]);
+        // Small results all go in one request.
+        assert_eq!(first_requests_worth(&[tuple!(1u64), tuple!(2u64)]), None);
+        assert_eq!(first_requests_worth(&[]), None);
+        // 1 MiB each: eight fit in one request, the ninth starts the next.
+        let nine: Vec<Tuple> = (0..9).map(|_| mb(1)).collect();
+        assert_eq!(first_requests_worth(&nine), Some(8));
+        assert_eq!(first_requests_worth(&nine[8..]), None);
+        // One result that is a request's worth on its own goes alone.
+        let big = Tuple(
+            (0..9)
+                .map(|_| crate::Value::from(vec![0u8; 1 << 20]))
+                .collect(),
+        );
+        assert_eq!(first_requests_worth(&[big.clone(), mb(1)]), Some(1));
+    }
 
     fn us(n: u64) -> Duration {
         Duration::from_micros(n)

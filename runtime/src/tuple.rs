@@ -12,8 +12,9 @@
 //! assert_eq!(t.get::<i64>(1).unwrap(), 3);
 //! ```
 //!
-//! Limits, checked when a tuple or template enters the space: at most [`MAX_FIELDS`] fields, and at most
-//! [`MAX_FIELD_BYTES`] bytes in one string or byte-string field.
+//! Limits, checked when a tuple or template enters the space: at most [`MAX_FIELDS`] fields, at most
+//! [`MAX_FIELD_BYTES`] bytes in one string or byte-string field, and at most [`MAX_TUPLE_BYTES`] in all of
+//! them together.
 
 use serde::{Deserialize, Serialize};
 use std::hash::{Hash, Hasher};
@@ -22,6 +23,9 @@ use std::hash::{Hash, Hasher};
 pub const MAX_FIELDS: usize = 16;
 /// The largest string or byte-string field, in bytes.
 pub const MAX_FIELD_BYTES: usize = 1 << 20;
+/// The most bytes of strings and byte strings one tuple or template holds in all (so that any tuple fits
+/// in one request to its home, with room to spare).
+pub const MAX_TUPLE_BYTES: usize = 8 << 20;
 
 /// Errors of building, checking and reading tuples.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +41,9 @@ pub enum TupleError {
         /// Its size.
         len: usize,
     },
+    /// The strings and byte strings together are too large.
+    #[error("{0} bytes of strings and byte strings: a tuple or template holds at most {MAX_TUPLE_BYTES} in all; put large data in a shared region and pass its index")]
+    TooLarge(usize),
     /// No field at this index.
     #[error("field {index} does not exist: the tuple has {arity} fields")]
     NoSuchField {
@@ -237,16 +244,26 @@ impl Tuple {
             self.0.iter().enumerate().map(|(i, v)| (i, v.byte_len())),
         )
     }
+
+    /// The bytes of its strings and byte strings (what [`MAX_TUPLE_BYTES`] bounds).
+    pub(crate) fn byte_len(&self) -> usize {
+        self.0.iter().map(Value::byte_len).sum()
+    }
 }
 
 fn check_fields(n: usize, sizes: impl Iterator<Item = (usize, usize)>) -> Result<(), TupleError> {
     if n > MAX_FIELDS {
         return Err(TupleError::TooManyFields(n));
     }
+    let mut total = 0usize;
     for (index, len) in sizes {
         if len > MAX_FIELD_BYTES {
             return Err(TupleError::FieldTooLarge { index, len });
         }
+        total += len;
+    }
+    if total > MAX_TUPLE_BYTES {
+        return Err(TupleError::TooLarge(total));
     }
     Ok(())
 }
@@ -401,6 +418,15 @@ mod tests {
             .to_string()
             .contains("shared region"));
         assert!(tuple!("ok", 1).check().is_ok());
+        // Each field within its limit, all of them together over the tuple's.
+        let field = vec![0u8; MAX_FIELD_BYTES];
+        let heavy = Tuple((0..9).map(|_| Value::from(field.clone())).collect());
+        assert_eq!(
+            heavy.check(),
+            Err(TupleError::TooLarge(9 * MAX_FIELD_BYTES))
+        );
+        let fits = Tuple((0..8).map(|_| Value::from(field.clone())).collect());
+        assert!(fits.check().is_ok());
         assert_eq!(
             Template(vec![Field::Formal(Kind::I64); 20]).check(),
             Err(TupleError::TooManyFields(20))

@@ -538,7 +538,15 @@ impl Home {
         let mut s = self.state();
         if s.failed.contains(&from) {
             // A request that was on its way when its sender was declared failed: serving it could hand a
-            // tuple to a rank that will never use it.
+            // tuple to a rank that will never use it. It is refused, in case the sender lives on (a rank
+            // is declared failed when one of its connections breaks): it then gets an error, not silence.
+            drop(s);
+            let _ = answer(
+                reply,
+                &Answer::Refused(format!(
+                    "this home declared {from} failed and serves it no more"
+                )),
+            );
             return;
         }
         let now = match ask {

@@ -71,8 +71,9 @@ impl Drop for Evaluator {
     }
 }
 
-/// A tuple taken under a lease: its home keeps it until [`TupleSpace::complete`], and puts it back into the
-/// space if this rank fails first.
+/// A tuple taken under a lease: its home keeps it until [`TupleSpace::complete`] (or
+/// [`TupleSpace::give_back`]), and puts it back into the space if this rank fails first. A lease dropped
+/// without either stays held at its home for as long as this rank lives.
 #[derive(Debug)]
 #[must_use = "a leased tuple stays held until the lease is completed"]
 pub struct Lease {
@@ -273,7 +274,8 @@ impl TupleSpace {
         mode: Mode,
         timeout: Duration,
     ) -> Result<Option<Tuple>, RuntimeError> {
-        let deadline = Some(Instant::now() + timeout);
+        // A timeout too long to add to the clock (`Duration::MAX`, say) waits for ever.
+        let deadline = Instant::now().checked_add(timeout);
         Ok(self
             .inner
             .find(template, mode, false, Wait::Until(deadline))?
@@ -288,33 +290,54 @@ impl TupleSpace {
                 .inner
                 .count_at(self.home_of(Some(first), template.arity()), template),
             None if template.arity() == 0 => self.inner.count_at(self.home_of(None, 0), template),
-            None => (0..self.inner.size)
-                .map(|r| self.inner.count_at(Rank(r as u32), template))
-                .sum(),
+            // Every rank's share, less those of failed ranks (their tuples went with them).
+            None => {
+                let failed = self.dsm().failed_ranks();
+                (0..self.inner.size)
+                    .map(|r| Rank(r as u32))
+                    .filter(|r| !failed.contains(r))
+                    .map(|r| self.inner.count_at(r, template))
+                    .sum()
+            }
         }
     }
 
-    /// Runs the function registered as `function` on `args` at a rank the runtime chooses (the ranks in
-    /// turn), which `out`s its result. Returns that rank. The function's result is lost if that rank fails
-    /// before putting it.
+    /// Runs the function registered as `function` on `args` at a rank the runtime chooses (the live ranks
+    /// in turn), which `out`s its result. Returns that rank. The function's result is lost if that rank
+    /// fails before putting it.
     pub fn eval(&self, function: &str, args: Tuple) -> Result<Rank, RuntimeError> {
         args.check()?;
         let i = &self.inner;
-        let at = Rank(
-            ((i.me.index() + 1 + i.next_eval.fetch_add(1, Ordering::Relaxed)) % i.size) as u32,
-        );
-        if at == i.me {
-            i.home
-                .eval(function.to_string(), args)
-                .map_err(|reason| RuntimeError::Refused { rank: at, reason })?;
-        } else {
+        let first = i.me.index() + 1 + i.next_eval.fetch_add(1, Ordering::Relaxed);
+        let mut last_error = None;
+        for k in 0..i.size {
+            let at = Rank(((first + k) % i.size) as u32);
+            if at == i.me {
+                i.home
+                    .eval(function.to_string(), args)
+                    .map_err(|reason| RuntimeError::Refused { rank: at, reason })?;
+                return Ok(at);
+            }
+            if self.dsm().failed_ranks().contains(&at) {
+                continue;
+            }
             let ask = Ask::Eval {
                 function: function.to_string(),
-                args,
+                args: args.clone(),
             };
-            i.expect_done(at, &ask)?;
+            match i.expect_done(at, &ask) {
+                Ok(()) => return Ok(at),
+                // That rank failed before it took the function: the next one runs it.
+                Err(e @ RuntimeError::Dsm(dsm::DsmError::PeerFailed { .. })) => {
+                    last_error = Some(e)
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(at)
+        Err(last_error.unwrap_or_else(|| RuntimeError::Refused {
+            rank: i.me,
+            reason: "no live rank to run the function on".into(),
+        }))
     }
 
     /// Takes a tuple matching `template` under a lease, waiting until there is one: if this rank fails
@@ -502,8 +525,13 @@ impl Inner {
         };
         let mut pause = Duration::from_micros(100);
         loop {
+            // Failed ranks are passed over: their tuples went with them.
+            let failed = self.dsm.failed_ranks();
             for i in 0..self.size {
                 let r = Rank(((self.me.index() + i) % self.size) as u32);
+                if failed.contains(&r) {
+                    continue;
+                }
                 if let Some(f) = self.find_at(r, template, mode, lease, Wait::No)? {
                     return Ok(Some((f, r)));
                 }
@@ -540,7 +568,9 @@ impl Inner {
         };
         let answer = match wait {
             Wait::No => self.ask(home, &ask)?,
-            Wait::Until(deadline) => self.ask_waiting(home, &ask, deadline, ticket)?,
+            Wait::Until(deadline) => self
+                .ask_waiting(home, &ask, deadline, ticket)?
+                .unwrap_or(Answer::TimedOut),
         };
         match answer {
             Answer::Found { tuple, lease } => Ok(Some(Found { tuple, lease })),
@@ -681,7 +711,9 @@ impl Inner {
             Some(n) => loop {
                 let deadline = Instant::now() + COMPLETE_WAIT_SLICE;
                 match self.ask_waiting(home, &ask, Some(deadline), ticket)? {
-                    Answer::TimedOut => {
+                    // Not sent: the leases and results are still to go, in the same ask.
+                    None => std::thread::yield_now(),
+                    Some(Answer::TimedOut) => {
                         std::thread::yield_now();
                         ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
                         ask = Ask::Complete {
@@ -691,7 +723,7 @@ impl Inner {
                             more,
                         };
                     }
-                    answer => break answer,
+                    Some(answer) => break answer,
                 }
             },
         };
@@ -758,21 +790,25 @@ impl Inner {
         decode(home, &self.dsm.call(home, SERVICE, &[&bytes])?)
     }
 
-    /// A request the home may hold; past `deadline` it is cancelled (by `ticket`).
+    /// A request the home may hold; past `deadline` it is cancelled (by `ticket`). `None`: the deadline
+    /// passed before the request could be sent (other threads' waits held every channel), so the home
+    /// never saw it.
     fn ask_waiting(
         &self,
         home: Rank,
         ask: &Ask,
         deadline: Option<Instant>,
         ticket: u64,
-    ) -> Result<Answer, RuntimeError> {
+    ) -> Result<Option<Answer>, RuntimeError> {
         let bytes = encode(ask);
         let cancel = encode(&Ask::Cancel { ticket });
         let deadline = deadline.map(|d| (d, &cancel[..]));
-        decode(
-            home,
-            &self.dsm.call_waiting(home, SERVICE, &[&bytes], deadline)?,
-        )
+        match self.dsm.call_waiting(home, SERVICE, &[&bytes], deadline) {
+            Ok(answer) => decode(home, &answer).map(Some),
+            // Never sent: the deadline passed while other threads' waits held every channel.
+            Err(dsm::DsmError::TimedOut { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

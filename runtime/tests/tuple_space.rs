@@ -111,6 +111,49 @@ fn every_tuple_is_taken_exactly_once_by_concurrent_takers() {
 }
 
 #[test]
+fn a_timeout_holds_when_other_threads_waits_hold_every_channel() {
+    // Three channels, one kept for faults: two threads of rank 0 wait at rank 1's home for tuples that
+    // come only at the end, holding both waiting channels. A third thread's timed `in` must still give up
+    // at its deadline (it once waited for the first of those channels, for as long as its wait lasted),
+    // and the waits must then end as usual.
+    dsm_runtime::local::run_local_job(2, 3, |rt| {
+        let space = TupleSpace::join(rt).unwrap();
+        let name = (0..)
+            .map(|k| format!("late{k}"))
+            .find(|n| space.home_of(Some(&n.as_str().into()), 2) == Rank(1))
+            .unwrap();
+        if rt.rank() == Rank(0) {
+            std::thread::scope(|s| {
+                let waits: Vec<_> = (0..2u64)
+                    .map(|k| {
+                        let (space, name) = (&space, &name);
+                        s.spawn(move || space.in_(&template!(name.as_str(), k)).unwrap())
+                    })
+                    .collect();
+                std::thread::sleep(Duration::from_millis(100));
+                let t0 = Instant::now();
+                let none = space
+                    .in_timeout(&template!(name.as_str(), 9u64), Duration::from_millis(50))
+                    .unwrap();
+                let waited = t0.elapsed();
+                assert_eq!(none, None);
+                assert!(
+                    waited >= Duration::from_millis(50) && waited < Duration::from_secs(5),
+                    "the timed in returned after {waited:?}"
+                );
+                for k in 0..2u64 {
+                    space.out(tuple!(name.as_str(), k)).unwrap();
+                }
+                for w in waits {
+                    w.join().unwrap();
+                }
+            });
+        }
+        rt.dsm().barrier().unwrap();
+    });
+}
+
+#[test]
 fn blocked_takers_wake_and_timeouts_lose_nothing() {
     // The taker's timeouts, seen by the putter (ranks are threads of this process here).
     let timeouts = Arc::new(AtomicU64::new(0));
@@ -138,6 +181,17 @@ fn blocked_takers_wake_and_timeouts_lose_nothing() {
             .unwrap();
         assert_eq!(none, None);
         assert!(t0.elapsed() >= Duration::from_millis(80));
+        rt.dsm().barrier().unwrap();
+        // A timeout too long to add to the clock waits for ever: here until the tuple comes.
+        if me == 1 {
+            let t = space
+                .in_timeout(&template!("forever", ?u64), Duration::MAX)
+                .unwrap();
+            assert_eq!(t.map(|t| t.get::<u64>(1).unwrap()), Some(3));
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+            space.out(tuple!("forever", 3u64)).unwrap();
+        }
         rt.dsm().barrier().unwrap();
         // Short timeouts racing with outs: every tuple is taken once, none lost to a timed-out request. The
         // taker (rank 1) waits at its own home (a local waiter) and then at rank 0's (a remote one).
@@ -286,7 +340,7 @@ fn bad_tuples_and_templates_are_refused_with_errors() {
 #[test]
 fn a_task_farm_does_every_task_once() {
     job(3, plain, |rt, space| {
-        let farm = TaskFarm::new(space, "squares", Rank(0));
+        let farm = TaskFarm::new(space, "squares", Rank(0)).unwrap();
         if rt.rank().0 == 0 {
             // Tiny tasks: workers take them many per trip (and the last trips find the bag short).
             farm.put((0..20_000u64).map(|i| (i, i))).unwrap();
@@ -308,7 +362,7 @@ fn a_task_farm_does_every_task_once() {
 #[test]
 fn workers_take_tasks_near_them_first_and_the_rest_gets_done() {
     job(3, plain, |rt, space| {
-        let farm = TaskFarm::new(space, "near", Rank(0));
+        let farm = TaskFarm::new(space, "near", Rank(0)).unwrap();
         let me = rt.rank().0;
         if me == 0 {
             // 300 tasks near rank 1, 300 near rank 2 (which never serves), 300 for anyone.
@@ -343,7 +397,7 @@ fn workers_take_tasks_near_them_first_and_the_rest_gets_done() {
 #[test]
 fn tasks_held_by_a_worker_whose_function_panics_go_back_to_the_bag() {
     job(3, plain, |rt, space| {
-        let farm = TaskFarm::new(space, "fragile", Rank(0));
+        let farm = TaskFarm::new(space, "fragile", Rank(0)).unwrap();
         match rt.rank().0 {
             0 => {
                 farm.put((0..200u64).map(|i| (i, i))).unwrap();
@@ -376,7 +430,7 @@ fn tasks_held_by_a_worker_whose_function_panics_go_back_to_the_bag() {
 #[test]
 fn a_result_too_large_for_the_space_fails_its_worker_and_the_task_goes_back() {
     job(3, plain, |rt, space| {
-        let farm = TaskFarm::new(space, "oversized", Rank(0));
+        let farm = TaskFarm::new(space, "oversized", Rank(0)).unwrap();
         match rt.rank().0 {
             0 => {
                 // Task 7 is near rank 1, which takes it first; its result would be too large.
@@ -417,7 +471,7 @@ fn a_result_too_large_for_the_space_fails_its_worker_and_the_task_goes_back() {
 #[test]
 fn tasks_near_a_rank_that_is_not_in_the_job_are_refused() {
     job(2, plain, |rt, space| {
-        let farm = TaskFarm::new(space, "far", Rank(0));
+        let farm = TaskFarm::new(space, "far", Rank(0)).unwrap();
         if rt.rank().0 == 0 {
             let e = farm.put_near([(1u64, Rank(5), ())]).unwrap_err();
             assert!(e.to_string().contains("2 ranks"), "{e}");
@@ -434,7 +488,7 @@ fn tasks_near_a_rank_that_is_not_in_the_job_are_refused() {
 #[test]
 fn withdrawn_tasks_are_not_done() {
     job(2, plain, |rt, space| {
-        let farm = TaskFarm::new(space, "withdrawn", Rank(0));
+        let farm = TaskFarm::new(space, "withdrawn", Rank(0)).unwrap();
         if rt.rank().0 == 0 {
             farm.put((0..100u64).map(|i| (i, i))).unwrap();
             // Nobody serves yet: every task is still in the bag.

@@ -97,7 +97,7 @@ fn main() -> anyhow::Result<()> {
     dsm.barrier()?;
 
     // Bag of empty tasks.
-    let farm = TaskFarm::new(&space, "bench", Rank(0));
+    let farm = TaskFarm::new(&space, "bench", Rank(0))?;
     let t = Instant::now();
     let mine = std::thread::scope(|s| -> anyhow::Result<usize> {
         let worker = s.spawn(|| farm.serve(|_, ()| ()));

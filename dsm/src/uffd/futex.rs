@@ -2,6 +2,7 @@
 //! (a system call, no allocation, no lock of the interrupted code).
 
 use std::sync::atomic::AtomicU32;
+use std::time::Duration;
 
 /// Sleeps while `word` holds `expected` (returns at once otherwise, or on a spurious wake-up).
 pub(crate) fn wait(word: &AtomicU32, expected: u32) {
@@ -14,6 +15,26 @@ pub(crate) fn wait(word: &AtomicU32, expected: u32) {
             libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
             expected,
             std::ptr::null::<libc::timespec>(),
+        );
+    }
+}
+
+/// Sleeps while `word` holds `expected`, for at most `timeout` (returns at once otherwise, or on a
+/// spurious wake-up).
+pub(crate) fn wait_for(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: FUTEX_WAIT reads the aligned u32 behind a live reference; the timeout is a valid relative
+    // timespec that outlives the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            &ts as *const libc::timespec,
         );
     }
 }

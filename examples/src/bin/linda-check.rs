@@ -43,7 +43,15 @@ enum Check {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let rt = dsm_runtime::Runtime::init()?;
-    let space = TupleSpace::join(&rt)?;
+    let space = TupleSpace::builder()
+        // Puts (name, 2 k) for (name, k): the caller picks a name homed where it likes.
+        .function("double", |t| {
+            tuple!(
+                t.get::<String>(0).unwrap_or_default(),
+                t.get::<u64>(1).unwrap_or(0) * 2
+            )
+        })
+        .join(&rt)?;
     let (me, size) = (rt.rank().0 as u64, rt.size() as u64);
     match args.check {
         Check::ExactlyOnce { tuples } => exactly_once(&rt, &space, me, size, tuples)?,
@@ -74,6 +82,40 @@ fn main() -> anyhow::Result<()> {
                 );
                 std::thread::sleep(Duration::from_millis(5));
             }
+            // The live ranks go on: evals run on them (never on the dead rank), and a template whose
+            // first field is formal searches the live ranks' shares. Rank 2 runs evals until rank 0 says
+            // it is done, and says it heard.
+            let homed_at_0 = |prefix: &str, arity: usize| {
+                (0..)
+                    .map(|k| format!("{prefix}{k}"))
+                    .find(|n| space.home_of(Some(&n.as_str().into()), arity) == Rank(0))
+                    .expect("some name is homed at rank 0")
+            };
+            let (here, done) = (homed_at_0("at0-", 2), homed_at_0("done-", 1));
+            if me == 2 {
+                space.in_(&template!(done.as_str()))?;
+                space.out(tuple!(done.as_str(), 2u64))?;
+            }
+            if me == 0 {
+                for k in 0..6u64 {
+                    let at = space.eval("double", tuple!(here.as_str(), k))?;
+                    anyhow::ensure!(at != Rank(1), "an eval went to the dead rank");
+                    let t = space.in_(&template!(here.as_str(), ?u64))?;
+                    anyhow::ensure!(t.get::<u64>(1)? == 2 * k, "an eval's result is wrong");
+                }
+                space.out(tuple!("left", 5u64))?;
+                let n = space.count(&template!(?String, ?u64))?;
+                let found = space.inp(&template!(?String, 5u64))?;
+                anyhow::ensure!(
+                    n == 1 && found.is_some(),
+                    "the live ranks' tuples: {n}, {found:?}"
+                );
+                println!("home-dies: evals and searches went on without the dead rank");
+                // Rank 0 leaves once rank 2 has its word (the other way, the word could reach a rank
+                // that has left).
+                space.out(tuple!(done.as_str()))?;
+                space.in_(&template!(done.as_str(), 2u64))?;
+            }
         }
         Check::Farm {
             tasks,
@@ -81,7 +123,7 @@ fn main() -> anyhow::Result<()> {
             die_after,
             near,
         } => {
-            let farm = TaskFarm::new(&space, "check", Rank(0));
+            let farm = TaskFarm::new(&space, "check", Rank(0))?;
             if me == 0 {
                 if near {
                     farm.put_near((0..tasks).map(|i| (i, Rank((i % size) as u32), i)))?;

@@ -182,7 +182,7 @@ fn main() -> anyhow::Result<()> {
     let b = dsm.alloc_vec_in::<f64>(n * n, Placement::Block, model)?;
     let c = dsm.alloc_vec_in::<f64>(n * n, Placement::Block, model)?;
     let space = TupleSpace::join(&rt)?;
-    let farm = TaskFarm::new(&space, "matmul", dsm::Rank(0));
+    let farm = TaskFarm::new(&space, "matmul", dsm::Rank(0))?;
     let band = |m: &dsm::GlobalVec<'_, f64>| -> (usize, usize) {
         // The elements of the pages homed here (Block placement: an even share of pages, in rank order).
         let pages = (n * n * 8).div_ceil(dsm::PAGE_SIZE);
