@@ -349,6 +349,12 @@ fn configuration_errors_are_clear() {
         ("DSM_INSTALL_HELPER", "yes", "on or off"),
         ("DSM_DIRECT_INSTALL", "maybe", "on or off"),
         ("DSM_STATS", "yes", "1 or 0"),
+        // Out of range, not only malformed.
+        ("DSM_READAHEAD", "0", "1 to 1024"),
+        ("DSM_CHANNELS", "100", "2 to 64"),
+        ("DSM_SPIN_US", "99999999999", "0 to 1000000"),
+        ("DSM_NOTICE_MEMORY", "1K", "at least 4K"),
+        ("DSM_ARENA_SIZE", "1000", "multiple of the 4 KiB page"),
     ] {
         let out = std::process::Command::new(hello)
             .env(var, value)
@@ -1046,4 +1052,63 @@ fn wordcount_reports_bad_input_and_an_existing_output() {
     assert_eq!(o.code, 0, "{out}");
     assert_eq!(output_counts(&out_dir), pipeline_counts(&sample()));
     let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+/// Processes whose command line is exactly `words`.
+fn running(words: &[&str]) -> usize {
+    let want: Vec<u8> = words
+        .iter()
+        .flat_map(|w| [w.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+        .count()
+}
+
+#[test]
+fn ranks_behind_a_wrapper_end_when_the_launcher_is_killed() {
+    // `dsmrun -n 2 sh -c 'dsm-check ...; true'`: the ranks' parent is the shell, which does not die with the
+    // launcher, so the parent-death signal cannot end them; they must notice the launcher is gone.
+    let dsmrun = Path::new(CHECK).with_file_name("dsmrun");
+    assert!(
+        dsmrun.exists(),
+        "{} is missing: build the workspace's binaries (cargo test --workspace does)",
+        dsmrun.display()
+    );
+    let words = [CHECK, "idle", "--rounds", "600000"];
+    let mut launcher = std::process::Command::new(&dsmrun)
+        .args([
+            "-n",
+            "2",
+            "/bin/sh",
+            "-c",
+            &format!("{}; true", words.join(" ")),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while running(&words) < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the ranks did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Both have joined once a rank computes; give the other a moment past the rendezvous too.
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = nix::unistd::Pid::from_raw(launcher.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    launcher.wait().unwrap();
+    let killed = Instant::now();
+    while running(&words) > 0 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "the ranks outlived their launcher"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

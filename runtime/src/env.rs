@@ -8,14 +8,14 @@
 //! | `DSM_BIND` | the address this rank's listener binds to (under `mpirun`, `0.0.0.0` listens on all and advertises the address the host name resolves to) | `127.0.0.1`; under `mpirun` across hosts `0.0.0.0` |
 //! | `DSM_CHANNELS` | threads of a rank that can fault or call into the job at once, 2 to 64 (one is kept for faults) | 4 |
 //! | `DSM_READAHEAD` | largest sequential read-ahead window in pages, 1 to 1024 (1 = off); the window doubles from 1 page on each sequential fault (a run that starts where a recent one did starts with that one's length); it also bounds, at 64 pages, the untouched pages filled with zeros ahead of a sequential first touch of pages homed here and, under sequential consistency, those a home hands a first writer; 1 turns those off too | 1024 (4 MiB) |
-//! | `DSM_ARENA_SIZE` | bytes of address space reserved for shared regions (suffixes K, M, G, T) | 1T |
+//! | `DSM_ARENA_SIZE` | bytes of address space reserved for shared regions, a multiple of 4 KiB (suffixes K, M, G, T) | 1T |
 //! | `DSM_ARENA_BASE` | where rank 0 reserves the arena (hex), when the default range is taken | `0x100000000000`, else wherever the kernel puts it |
 //! | `DSM_CONNECT_TIMEOUT` | seconds to wait for every rank to connect | 30 |
 //! | `DSM_SERVICE_PRIORITY` | `favoured`: the service loop runs `SCHED_FIFO` when permitted, else at nice -10 when permitted; `nice`: nice -10 only; `normal`: as the program's other threads | favoured |
 //! | `DSM_INSTALL_HELPER` | `on`: a helper thread installs pages of long read-ahead replies (256 pages or more) beside the faulting thread, on another core; `off` | on when ranks <= cores, else off |
 //! | `DSM_DIRECT_INSTALL` | `on`: ranks on this host may install the pages this rank fetches straight into its memory (they take its userfaultfd with `pidfd_getfd`, which needs ptrace's permission: root, or the same user where Yama's `ptrace_scope` is 0; refused, pages come over the connections); `off`: pages always come over the connections | on |
 //! | `DSM_NOTICE_MEMORY` | release consistency: memory each list of write notices kept between barriers may take (a rank's known notices, its own, and those of the locks it is the home of; suffixes K, M, G; at least 4K); past it the oldest are forgotten (each writer's latest is kept), and a rank that acquires without having seen them drops every cached page of release-consistency regions not homed here | 8M |
-//! | `DSM_SPIN_US` | microseconds a thread waiting for a reply polls before it sleeps | 50 when ranks <= cores, else 0 |
+//! | `DSM_SPIN_US` | microseconds a thread waiting for a reply polls before it sleeps, 0 to 1000000 | 50 when ranks <= cores, else 0 |
 //! | `DSM_ON_PEER_FAILURE` | `exit`: a rank ends (status 75) when another fails; `report`: operations that need the failed rank return errors and the program decides (set by `dsmrun --keep-going`) | exit |
 //! | `DSM_STATS` | `1`: print each rank's statistics when it leaves the job; `0`: do not | off |
 //! | `DSM_LAUNCHER_PID` | set by `dsmrun`: a rank ends itself when this process dies | unset |

@@ -91,7 +91,7 @@ fn rendezvous(listener: TcpListener, ranks: usize, token: String) {
             .read_line(&mut line)
             .is_err()
         {
-            eprintln!("dsmrun: rendezvous from {from}: nothing received");
+            say(&format!("dsmrun: rendezvous from {from}: nothing received"));
             continue;
         }
         let mut parts = line.split_whitespace();
@@ -104,7 +104,9 @@ fn rendezvous(listener: TcpListener, ranks: usize, token: String) {
                 have += 1;
             }
             _ => {
-                eprintln!("dsmrun: refused a rendezvous from {from}: wrong token, rank or address");
+                say(&format!(
+                    "dsmrun: refused a rendezvous from {from}: wrong token, rank or address"
+                ));
                 let _ = (&stream).write_all(b"refused\n");
             }
         }
@@ -116,8 +118,16 @@ fn rendezvous(listener: TcpListener, ranks: usize, token: String) {
     }
 }
 
+/// Held while a forwarded line (or the launcher's own word) is written, so that lines of stdout and stderr
+/// never interleave inside one another when both go to one pipe (a line longer than the pipe's atomic
+/// write size is written in pieces).
+static WRITING: Mutex<()> = Mutex::new(());
+
+/// Bytes of the ranks' output forwarded so far (the launcher waits for the last lines while this grows).
+static FORWARDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Copies a rank's output to ours line by line (prefixed), on a thread of its own that says on `done`
-/// when the rank's end of the pipe is closed.
+/// when the rank's end of the pipe is closed and everything read was written.
 fn forward(
     rank: usize,
     stream: impl Read + Send + 'static,
@@ -125,42 +135,74 @@ fn forward(
     prefix: bool,
     capture: Option<Arc<Mutex<Vec<u8>>>>,
     done: &std::sync::mpsc::Sender<()>,
-) {
+) -> std::io::Result<()> {
     let done = done.clone();
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stream);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match reader.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => {
-                    let _ = done.send(());
-                    return;
-                }
-                Ok(_) => {
-                    let mut out: Vec<u8> = Vec::with_capacity(line.len() + 8);
-                    if prefix {
-                        out.extend_from_slice(format!("[{rank}] ").as_bytes());
+    std::thread::Builder::new()
+        .name(format!("dsmrun-output-{rank}"))
+        .spawn(move || {
+            let mut reader = BufReader::new(stream);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => {
+                        let _ = done.send(());
+                        return;
                     }
-                    out.extend_from_slice(&line);
-                    if !out.ends_with(b"\n") {
-                        out.push(b'\n');
+                    Ok(_) => {
+                        let mut out: Vec<u8> = Vec::with_capacity(line.len() + 8);
+                        if prefix {
+                            out.extend_from_slice(format!("[{rank}] ").as_bytes());
+                        }
+                        out.extend_from_slice(&line);
+                        if !out.ends_with(b"\n") {
+                            out.push(b'\n');
+                        }
+                        if let Some(c) = &capture {
+                            c.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .extend_from_slice(&out);
+                            continue;
+                        }
+                        let _writing = WRITING.lock().unwrap_or_else(|p| p.into_inner());
+                        let _ = if to_stderr {
+                            std::io::stderr().lock().write_all(&out)
+                        } else {
+                            std::io::stdout().lock().write_all(&out)
+                        };
+                        FORWARDED.fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     }
-                    if let Some(c) = &capture {
-                        c.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .extend_from_slice(&out);
-                        continue;
-                    }
-                    let _ = if to_stderr {
-                        std::io::stderr().lock().write_all(&out)
-                    } else {
-                        std::io::stdout().lock().write_all(&out)
-                    };
                 }
             }
-        }
-    });
+        })
+        .map(drop)
+}
+
+/// Says `what` on the launcher's standard error, between the ranks' lines (a standard error nobody reads
+/// any more is no reason to stop: eprintln! would panic).
+fn say(what: &str) {
+    let _writing = WRITING.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = writeln!(std::io::stderr(), "{what}");
+}
+
+/// The status of `child` if it has exited, leaving it unreaped: a rank's pid stays taken (a zombie) until
+/// `end_all` has signalled its process group, so that the group's id can never be a new process's by then.
+fn exit_status(child: &Child) -> Option<ExitStatus> {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    use std::os::unix::process::ExitStatusExt;
+    let pid = Pid::from_raw(child.id() as i32);
+    loop {
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        return match waitid(Id::Pid(pid), flags) {
+            Ok(WaitStatus::Exited(_, code)) => Some(ExitStatus::from_raw((code & 0xff) << 8)),
+            Ok(WaitStatus::Signaled(_, sig, core)) => Some(ExitStatus::from_raw(
+                sig as i32 | if core { 0x80 } else { 0 },
+            )),
+            Err(nix::errno::Errno::EINTR) => continue,
+            // Still running, or no longer there to look at (reaped by the caller): nothing new.
+            _ => None,
+        };
+    }
 }
 
 fn describe(status: ExitStatus) -> (String, i32) {
@@ -206,7 +248,13 @@ pub fn launch(
     let interrupts = Interrupts::start(exited.clone());
     let ranks = opts.ranks;
     let server_token = token.clone();
-    std::thread::spawn(move || rendezvous(listener, ranks, server_token));
+    std::thread::Builder::new()
+        .name("dsmrun-rendezvous".into())
+        .spawn(move || rendezvous(listener, ranks, server_token))
+        .map_err(|e| RuntimeError::Io {
+            context: "starting the rendezvous thread".into(),
+            source: e,
+        })?;
 
     let mut children: Vec<Child> = Vec::with_capacity(ranks);
     let (pumped, pumps_done) = std::sync::mpsc::channel::<()>();
@@ -233,26 +281,32 @@ pub fn launch(
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
-        match cmd.spawn() {
-            Ok(mut child) => {
-                if let Some(out) = child.stdout.take() {
-                    forward(r, out, false, opts.prefix, opts.capture.clone(), &pumped);
-                    pumps += 1;
-                }
-                if let Some(err) = child.stderr.take() {
-                    forward(r, err, true, opts.prefix, opts.capture.clone(), &pumped);
-                    pumps += 1;
-                }
-                watch(Pid::from_raw(child.id() as i32), exited.clone());
-                children.push(child);
+        let started = cmd.spawn().and_then(|mut child| {
+            let streams = (child.stdout.take(), child.stderr.take());
+            children.push(child);
+            if let Some(out) = streams.0 {
+                forward(r, out, false, opts.prefix, opts.capture.clone(), &pumped)?;
+                pumps += 1;
             }
-            Err(e) => {
-                end_all(&mut children);
-                return Err(RuntimeError::Io {
-                    context: format!("starting {}", program.display()),
-                    source: e,
-                });
+            if let Some(err) = streams.1 {
+                forward(r, err, true, opts.prefix, opts.capture.clone(), &pumped)?;
+                pumps += 1;
             }
+            Ok(())
+        });
+        if let Err(e) = started {
+            end_all(&mut children);
+            return Err(RuntimeError::Io {
+                context: format!(
+                    "starting rank {r} of {}: {} (the system may allow fewer processes or threads: try a smaller -n)",
+                    ranks,
+                    program.display()
+                ),
+                source: e,
+            });
+        }
+        if let Some(child) = children.last() {
+            watch(Pid::from_raw(child.id() as i32), exited.clone());
         }
     }
 
@@ -276,13 +330,15 @@ pub fn launch(
             if done[r] {
                 continue;
             }
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Some(status) = exit_status(child) {
                 done[r] = true;
                 if !status.success() {
                     failures.push((r, status));
                     if opts.keep_going && r != 0 {
                         let (what, _) = describe(status);
-                        eprintln!("dsmrun: rank {r} {what}; the job goes on (--keep-going)");
+                        say(&format!(
+                            "dsmrun: rank {r} {what}; the job goes on (--keep-going)"
+                        ));
                         lost.push((r, what));
                     } else {
                         grace_until.get_or_insert(Instant::now() + Duration::from_millis(300));
@@ -359,19 +415,25 @@ pub fn launch(
         }
     };
     end_all(&mut children);
-    // The ranks' last lines come out before the launcher's own word on the job. A process that left the
-    // ranks' groups but kept their output open does not hold the launcher for more than a moment.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    for _ in 0..pumps {
-        if pumps_done
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .is_err()
-        {
-            break;
+    // The ranks' last lines come out before the launcher's own word on the job, however slowly the reader
+    // takes them. Only a pipe that stays open and quiet ends the wait: a process that left the ranks'
+    // groups but kept their output open does not hold the launcher for more than two seconds.
+    let mut ended = 0;
+    let mut seen = FORWARDED.load(std::sync::atomic::Ordering::Relaxed);
+    while ended < pumps {
+        match pumps_done.recv_timeout(Duration::from_secs(2)) {
+            Ok(()) => ended += 1,
+            Err(_) => {
+                let now = FORWARDED.load(std::sync::atomic::Ordering::Relaxed);
+                if now == seen {
+                    break;
+                }
+                seen = now;
+            }
         }
     }
     if let Some(m) = message {
-        eprintln!("{m}");
+        say(&m);
     }
     // Only now: a second Ctrl-C pending since would otherwise end the launcher before it said why.
     drop(interrupts);
@@ -399,11 +461,11 @@ impl Interrupts {
         for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
             set.add(s);
         }
-        let restore = set.thread_swap_mask(SigmaskHow::SIG_BLOCK).ok();
+        let mut restore = set.thread_swap_mask(SigmaskHow::SIG_BLOCK).ok();
         let flags = SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC;
-        if let Ok(fd) = SignalFd::with_flags(&set, flags) {
+        let taken = SignalFd::with_flags(&set, flags).ok().and_then(|fd| {
             let (got, stop) = (got.clone(), stop.clone());
-            let _ = std::thread::Builder::new()
+            std::thread::Builder::new()
                 .name("dsmrun-signals".into())
                 .stack_size(64 << 10)
                 .spawn(move || {
@@ -420,7 +482,15 @@ impl Interrupts {
                             return;
                         }
                     }
-                });
+                })
+                .ok()
+        });
+        if taken.is_none() {
+            // Nothing would take the signals: they are left as they were (a Ctrl-C then ends the launcher
+            // at once, and the ranks with it, through their parent-death signal).
+            if let Some(old) = restore.take() {
+                let _ = old.thread_set_mask();
+            }
         }
         Interrupts { got, stop, restore }
     }
@@ -468,8 +538,9 @@ fn end_all(children: &mut [Child]) {
         let _ = kill(group(c), Signal::SIGTERM);
     }
     let deadline = Instant::now() + Duration::from_secs(2);
-    for c in children.iter_mut() {
-        while let Ok(None) = c.try_wait() {
+    for c in children.iter() {
+        // Not reaped yet (see `exit_status`): until every group has been signalled, no rank's pid is free.
+        while exit_status(c).is_none() {
             if Instant::now() > deadline {
                 break;
             }

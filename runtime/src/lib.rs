@@ -235,18 +235,16 @@ impl Runtime {
 
     fn options() -> Result<dsm::DsmBuilder, RuntimeError> {
         let mut b = Dsm::builder();
-        if let Some(c) = env::get(
-            "DSM_CHANNELS",
-            "a number of channels, 2 to 64",
-            env::number::<usize>,
-        )? {
+        // Ranges are checked here too (the builder checks them again), so that the error names the
+        // variable.
+        if let Some(c) = env::get("DSM_CHANNELS", "a number of channels, 2 to 64", |s| {
+            env::number::<usize>(s).filter(|c| (2..=64).contains(c))
+        })? {
             b = b.channels(c);
         }
-        if let Some(r) = env::get(
-            "DSM_READAHEAD",
-            "a number of pages, 1 to 1024",
-            env::number::<u32>,
-        )? {
+        if let Some(r) = env::get("DSM_READAHEAD", "a number of pages, 1 to 1024", |s| {
+            env::number::<u32>(s).filter(|r| (1..=dsm::MAX_READAHEAD).contains(r))
+        })? {
             b = b.readahead(r);
         }
         let priority = env::get(
@@ -270,7 +268,9 @@ impl Runtime {
         if let Some(p) = policy {
             b = b.failure_policy(p);
         }
-        if let Some(us) = env::get("DSM_SPIN_US", "microseconds", env::number::<u64>)? {
+        if let Some(us) = env::get("DSM_SPIN_US", "microseconds, 0 to 1000000", |s| {
+            env::number::<u64>(s).filter(|us| *us <= 1_000_000)
+        })? {
             b = b.spin(Duration::from_micros(us));
         }
         if let Some(on) = env::get("DSM_INSTALL_HELPER", "on or off", env::on_off)? {
@@ -282,7 +282,7 @@ impl Runtime {
         if let Some(m) = env::get(
             "DSM_NOTICE_MEMORY",
             "a size such as 8M (at least 4K)",
-            env::bytes,
+            |s| env::bytes(s).filter(|m| *m >= dsm::MIN_NOTICE_MEMORY),
         )? {
             b = b.notice_memory(m);
         }
@@ -290,7 +290,11 @@ impl Runtime {
         env::get("DSM_STATS", "1 or 0", |s| {
             matches!(s, "0" | "1").then_some(())
         })?;
-        let size = env::get("DSM_ARENA_SIZE", "a size such as 64G", env::bytes)?;
+        let size = env::get(
+            "DSM_ARENA_SIZE",
+            "a size such as 64G (a multiple of the 4 KiB page)",
+            |s| env::bytes(s).filter(|n| *n >= dsm::PAGE_SIZE && n % dsm::PAGE_SIZE == 0),
+        )?;
         let base = env::get("DSM_ARENA_BASE", "a hexadecimal address", env::hex_addr)?;
         if size.is_some() || base.is_some() {
             b = b.arena(base, size.unwrap_or(1 << 40));

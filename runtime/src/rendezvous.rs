@@ -32,9 +32,15 @@ pub(crate) fn join(
     writeln!(s, "{} {} {}", crate::env::token_hex(&token), rank.0, mine)
         .map_err(|e| RuntimeError::Rendezvous(format!("sending to the launcher: {e}")))?;
     let mut line = String::new();
-    BufReader::new(&s)
-        .read_line(&mut line)
-        .map_err(|e| RuntimeError::Rendezvous(format!("waiting for the other ranks: {e}")))?;
+    BufReader::new(&s).read_line(&mut line).map_err(|e| {
+        RuntimeError::Rendezvous(match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                "not every rank joined within {} s: a rank failed before joining (see its error), or the ranks take longer than that to start (raise DSM_CONNECT_TIMEOUT)",
+                timeout.as_secs_f64()
+            ),
+            _ => format!("waiting for the other ranks: {e}"),
+        })
+    })?;
     if line.trim() == "refused" {
         return Err(RuntimeError::Rendezvous(format!(
             "the launcher at {at} refused rank {}: its DSM_TOKEN is not the job's, another process already joined as that rank, or its address {mine} did not parse (start ranks with dsmrun, which sets DSM_RANK and DSM_TOKEN)",
@@ -61,15 +67,42 @@ pub(crate) fn join(
 
 /// Ends this process when the launcher dies, so that no rank outlives its job.
 ///
-/// The signal comes when this process's parent ends: the launcher itself, or a program between them
-/// (`dsmrun -n 2 /usr/bin/time prog`, a shell script), which ends with the launcher in turn. The launcher
-/// may have died before the signal was asked for: then it is gone, which `kill(pid, 0)` tells (a parent
-/// other than the launcher is not the sign of that, since it may be such a program).
+/// When the launcher is this process's parent, the parent-death signal does it. When a program stands
+/// between them (`dsmrun -n 2 /usr/bin/time prog`, a shell script), that program does not die with the
+/// launcher if the launcher is killed outright, so a thread looks for the launcher every quarter second
+/// instead. The launcher may have died before either was set up: then it is gone, which `kill(pid, 0)`
+/// tells.
 pub(crate) fn die_with_launcher(launcher: i32) {
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     let pid = nix::unistd::Pid::from_raw(launcher);
-    if nix::sys::signal::kill(pid, None) == Err(nix::errno::Errno::ESRCH) {
-        eprintln!("dsm: the launcher (pid {launcher}) is already gone; ending");
+    let gone = move || nix::sys::signal::kill(pid, None) == Err(nix::errno::Errno::ESRCH);
+    let end = move || {
+        // Not eprintln!: with the launcher gone, standard error is likely a pipe nobody reads, and
+        // eprintln! panics when the write fails.
+        let _ = writeln!(
+            std::io::stderr(),
+            "dsm: the launcher (pid {launcher}) is gone; ending"
+        );
         std::process::exit(70);
+    };
+    if gone() {
+        end();
+    }
+    if nix::unistd::getppid() != pid {
+        let watcher = std::thread::Builder::new()
+            .name("dsm-launcher-watch".into())
+            .stack_size(64 << 10)
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(250));
+                if gone() {
+                    end();
+                }
+            });
+        if watcher.is_err() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "dsm: cannot watch the launcher (pid {launcher}); this rank may outlive it if it is killed"
+            );
+        }
     }
 }
