@@ -83,6 +83,9 @@ pub(crate) struct Found {
 /// A function `eval` can run.
 pub(crate) type Function = Arc<dyn Fn(&Tuple) -> Tuple + Send + Sync>;
 
+/// The most evals that wait for a rank's evaluator at once.
+pub(crate) const MAX_QUEUED_EVALS: usize = 4096;
+
 /// An `eval` accepted here, for this rank's evaluator thread.
 pub(crate) struct EvalJob {
     pub(crate) function: Function,
@@ -514,7 +517,8 @@ impl Home {
         Ok(Err(rx))
     }
 
-    /// Queues an `eval` for this rank's evaluator.
+    /// Queues an `eval` for this rank's evaluator (at most [`MAX_QUEUED_EVALS`] wait at once: past that the
+    /// eval is refused, so that a rank that sends evals faster than they run cannot fill this one's memory).
     pub(crate) fn eval(&self, function: String, args: Tuple) -> Result<(), String> {
         let Some(f) = self.functions.get(&function) else {
             return Err(format!(
@@ -527,8 +531,11 @@ impl Home {
             args,
         };
         let evals = self.evals.lock().unwrap_or_else(|p| p.into_inner());
-        match evals.as_ref().map(|tx| tx.send(job)) {
+        match evals.as_ref().map(|tx| tx.try_send(job)) {
             Some(Ok(())) => Ok(()),
+            Some(Err(crossbeam::channel::TrySendError::Full(_))) => Err(format!(
+                "its evaluator has {MAX_QUEUED_EVALS} evals waiting already: try again later, or spread the work with a task farm"
+            )),
             _ => Err("its tuple space has closed".into()),
         }
     }

@@ -20,7 +20,7 @@
 //! ```
 
 use crate::tuple::{Template, Tuple, Value};
-use crate::tuple_home::{Answer, Ask, EvalJob, Found, Function, Home, SERVICE};
+use crate::tuple_home::{Answer, Ask, EvalJob, Found, Function, Home, MAX_QUEUED_EVALS, SERVICE};
 use crate::tuple_store::Mode;
 use crate::{Runtime, RuntimeError};
 use dsm::{Dsm, Rank};
@@ -112,7 +112,7 @@ impl SpaceBuilder {
     /// reaches a rank before its part of the space exists). A rank joins once.
     pub fn join(self, rt: &Runtime) -> Result<TupleSpace, RuntimeError> {
         let dsm = rt.shared_dsm();
-        let (tx, rx) = crossbeam::channel::unbounded::<EvalJob>();
+        let (tx, rx) = crossbeam::channel::bounded::<EvalJob>(MAX_QUEUED_EVALS);
         let home = Arc::new(Home::new(self.functions, tx));
         if dsm.service_registered(SERVICE) {
             return Err(RuntimeError::Refused {
