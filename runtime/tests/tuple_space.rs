@@ -504,3 +504,41 @@ fn withdrawn_tasks_are_not_done() {
         rt.dsm().barrier().unwrap();
     });
 }
+
+#[test]
+fn a_rank_refuses_evals_past_its_queue_and_runs_those_it_took() {
+    // The evaluator is held until the queue is full: the evals past it are refused with an error that
+    // says why, and every eval taken runs and puts its result.
+    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let held = gate.clone();
+    let builder = move || {
+        let held = held.clone();
+        TupleSpace::builder().function("held", move |t| {
+            let (open, opened) = &*held;
+            let mut o = open.lock().unwrap();
+            while !*o {
+                o = opened.wait(o).unwrap();
+            }
+            tuple!("ran", t.get::<u64>(0).unwrap())
+        })
+    };
+    dsm_runtime::local::run_local_job(1, 3, move |rt| {
+        let space = builder().join(rt).unwrap();
+        let mut taken = 0u64;
+        let refused = loop {
+            match space.eval("held", tuple!(taken)) {
+                Ok(_) => taken += 1,
+                Err(e) => break e.to_string(),
+            }
+            assert!(taken < 100_000, "the queue has no bound");
+        };
+        assert!(refused.contains("evals waiting already"), "{refused}");
+        assert!(taken >= 4096, "refused after {taken}");
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        for _ in 0..taken {
+            space.in_(&template!("ran", ?u64)).unwrap();
+        }
+        assert_eq!(space.inp(&template!("ran", ?u64)).unwrap(), None);
+    });
+}
