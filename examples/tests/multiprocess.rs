@@ -958,6 +958,10 @@ fn wordcount_matches_the_pipeline_at_1_2_and_3_ranks() {
                 expect,
                 "{input:?} at {ranks} ranks"
             );
+            assert!(
+                out_dir.join(dsm_mapreduce::SUCCESS).exists(),
+                "a finished job marks its output"
+            );
             // The three most frequent words are printed, by count and then alphabetically, in order.
             let mut ranked: Vec<(&String, &u64)> = expect.iter().collect();
             ranked.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
@@ -1040,6 +1044,53 @@ fn wordcount_reports_bad_input_and_an_existing_output() {
     assert_ne!(o.code, 0, "{out}");
     assert!(out.contains("/no/such/corpus.txt"), "{out}");
     assert!(!out_dir.exists(), "nothing written");
+    // An input whose name is not UTF-8: refused, naming it, before the output is made.
+    {
+        use std::os::unix::ffi::OsStringExt;
+        let mut name = format!("dsm-wc-{}-", std::process::id()).into_bytes();
+        name.push(0xff);
+        let odd = std::env::temp_dir().join(OsString::from_vec(name));
+        std::fs::write(&odd, b"a b\n").unwrap();
+        let capture = Arc::new(Mutex::new(Vec::new()));
+        let opts = LaunchOptions {
+            ranks: 1,
+            capture: Some(capture.clone()),
+            timeout: Some(Duration::from_secs(60)),
+            ..LaunchOptions::default()
+        };
+        let args = [
+            odd.clone().into_os_string(),
+            "--output".into(),
+            out_dir.clone().into_os_string(),
+        ];
+        let o = launch(&opts, Path::new(WORDCOUNT), &args).unwrap();
+        let out = String::from_utf8_lossy(&capture.lock().unwrap()).into_owned();
+        assert_ne!(o.code, 0, "{out}");
+        assert!(out.contains("not valid UTF-8"), "{out}");
+        assert!(!out_dir.exists(), "nothing written");
+        let _ = std::fs::remove_file(&odd);
+    }
+    // Splits of one byte over many lines: refused at once for too many map tasks, not after reading the
+    // input for every one of them.
+    let lines = std::env::temp_dir().join(format!("dsm-wc-lines-{}.txt", std::process::id()));
+    std::fs::write(&lines, "a\n".repeat(140_000)).unwrap();
+    let t = Instant::now();
+    let (o, out) = job(
+        WORDCOUNT,
+        1,
+        &[
+            lines.to_str().unwrap(),
+            "--split-size",
+            "1",
+            "--output",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    assert_ne!(o.code, 0, "{out}");
+    assert!(out.contains("map tasks"), "{out}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert!(!out_dir.exists(), "nothing written");
+    let _ = std::fs::remove_file(&lines);
     std::fs::create_dir_all(&out_dir).unwrap();
     let (o, out) = job(WORDCOUNT, 1, &["--output", out_dir.to_str().unwrap()]);
     assert_ne!(o.code, 0, "{out}");

@@ -308,6 +308,18 @@ impl MapReduce {
                 Ok(o)
             })
         });
+        // The output is complete only with its marker: a job that failed leaves none, and its part files
+        // are removed (best effort: a rank still finishing a reduce may rename one in after this).
+        let outcome = outcome.and_then(|o| {
+            let marker = config.output.join(SUCCESS);
+            std::fs::File::create(&marker)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| MapReduceError::io(format!("writing {}", marker.display()), e))?;
+            Ok(o)
+        });
+        if outcome.is_err() {
+            let _ = remove_parts(&config.output);
+        }
         let said = match &outcome {
             Ok(_) => Ok(()),
             Err(e) => Err(e.to_string()),
@@ -365,6 +377,19 @@ impl MapReduce {
             }
         }
         splits.extend(config.splits.iter().cloned());
+        // Paths travel with the tasks as text: one that is not UTF-8 is refused here, naming it, before
+        // the output is touched.
+        let paths = files.iter().map(|(p, _)| p);
+        let paths = paths.chain(config.splits.iter().map(|s| &s.file));
+        if let Some(p) = paths
+            .chain(std::iter::once(&config.output))
+            .find(|p| p.to_str().is_none())
+        {
+            return Err(MapReduceError::Config(format!(
+                "{}: the path is not valid UTF-8, which the job's tasks cannot carry; rename it",
+                p.display()
+            )));
+        }
         if splits.len() > crate::config::MAX_MAPS {
             return Err(MapReduceError::Config(format!(
                 "{} splits: a job has at most {} map tasks (every reduce task lists them); use larger splits (the split size is {} bytes)",
@@ -462,14 +487,19 @@ fn remove_part_tmps(dir: &Path) {
     }
 }
 
-/// Removes the `part-*` files (and temporary files of earlier runs) from an output directory.
+/// The empty file a job writes into its output directory once every part file is in place: its absence
+/// says the output is incomplete (the job failed, or still runs).
+pub const SUCCESS: &str = "_SUCCESS";
+
+/// Removes the `part-*` files, the success marker and temporary files of earlier runs from an output
+/// directory.
 fn remove_parts(dir: &Path) -> Result<(), MapReduceError> {
     let err = |e| MapReduceError::io(format!("clearing {}", dir.display()), e);
     for entry in std::fs::read_dir(dir).map_err(err)? {
         let entry = entry.map_err(err)?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("part-") || is_part_tmp(&name) {
+        if name.starts_with("part-") || name == SUCCESS || is_part_tmp(&name) {
             std::fs::remove_file(entry.path()).map_err(err)?;
         }
     }

@@ -126,6 +126,12 @@ pub(crate) fn cut(
     workers: usize,
 ) -> Result<Vec<Split>, MapReduceError> {
     let mut splits = Vec::new();
+    let too_many = |n: usize| {
+        MapReduceError::Config(format!(
+            "{n} splits or more: a job has at most {} map tasks (every reduce task lists them); use larger splits (the split size is {size} bytes)",
+            crate::config::MAX_MAPS
+        ))
+    };
     let mut remaining: u64 = files.iter().map(|(_, len)| len).sum();
     for (path, len) in files {
         let err = |source| MapReduceError::Input {
@@ -142,6 +148,11 @@ pub(crate) fn cut(
                 line_end_after(&mut f, start + size - 1, *len).map_err(err)?
             };
             remaining = remaining.saturating_sub(end - start);
+            // Stopped as soon as there are too many: cutting a large input into tiny splits would
+            // otherwise read it all first.
+            if splits.len() >= crate::config::MAX_MAPS {
+                return Err(too_many(splits.len() + 1));
+            }
             splits.push(Split {
                 file: path.clone(),
                 start,
@@ -153,10 +164,12 @@ pub(crate) fn cut(
     Ok(splits)
 }
 
-/// The offset just past the first newline at or after `from` (or `len`).
+/// The offset just past the first newline at or after `from` (or `len`). Reads 4 KiB first and twice as
+/// much each time up to 64 KiB: most lines are short, and an input cut into tiny splits looks for as many
+/// line ends as it has splits.
 fn line_end_after(f: &mut File, from: u64, len: u64) -> std::io::Result<u64> {
     f.seek(SeekFrom::Start(from))?;
-    let mut buf = vec![0u8; 64 << 10];
+    let mut buf = vec![0u8; 4 << 10];
     let mut at = from;
     while at < len {
         let n = f.read(&mut buf)?;
@@ -167,6 +180,9 @@ fn line_end_after(f: &mut File, from: u64, len: u64) -> std::io::Result<u64> {
             return Ok(at + i as u64 + 1);
         }
         at += n as u64;
+        if buf.len() < 64 << 10 {
+            buf.resize(buf.len() * 2, 0);
+        }
     }
     Ok(len)
 }

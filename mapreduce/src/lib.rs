@@ -59,7 +59,7 @@ pub use config::{
     MAX_MAPS, MAX_PARTITIONS, MIN_MEMORY_BUDGET,
 };
 pub use emit::{Counters, Emitter};
-pub use engine::{JobReport, MapReduce};
+pub use engine::{JobReport, MapReduce, SUCCESS};
 pub use input::{Record, Split};
 
 use serde::de::DeserializeOwned;

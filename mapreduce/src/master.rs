@@ -71,10 +71,17 @@ enum MapState {
         holder: u32,
         task: u64,
         runs: Vec<u32>,
-        input_bytes: u64,
-        output_bytes: u64,
-        counters: Counters,
     },
+}
+
+/// What the last accepted run of a split reported: kept apart from the split's state, so that a split
+/// put again after its holder was lost still counts (once) if the job finishes before the new run does.
+#[derive(Debug, Clone)]
+struct MapStats {
+    runs: u64,
+    input_bytes: u64,
+    output_bytes: u64,
+    counters: Counters,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +112,7 @@ pub(crate) struct Master {
     splits: Vec<Split>,
     output: PathBuf,
     maps: Vec<MapState>,
+    map_stats: Vec<Option<MapStats>>,
     reduces: Vec<ReduceState>,
     next_id: u64,
     lost: BTreeSet<u32>,
@@ -133,6 +141,7 @@ impl Master {
     pub(crate) fn new(splits: Vec<Split>, partitions: u32, output: PathBuf) -> Master {
         Master {
             maps: vec![MapState::Running(u64::MAX); splits.len()],
+            map_stats: vec![None; splits.len()],
             reduces: vec![ReduceState::Blocked; partitions as usize],
             splits,
             output,
@@ -208,13 +217,23 @@ impl Master {
         put
     }
 
-    /// `rank` is gone: the map outputs it held are made again.
+    /// `rank` is gone: the map outputs it held that a partition not yet written needs are made again
+    /// (those only written partitions needed stay done: making them again would be wasted, and a job
+    /// could end before the new runs did).
     pub(crate) fn lose(&mut self, rank: u32) -> Vec<(u64, Task)> {
         if !self.lost.insert(rank) {
             return Vec::new();
         }
+        let reduces = &self.reduces;
+        let needed = |runs: &[u32]| {
+            runs.iter()
+                .zip(reduces)
+                .any(|(&r, state)| r > 0 && !matches!(state, ReduceState::Done { .. }))
+        };
         let held: Vec<usize> = (0..self.maps.len())
-            .filter(|i| matches!(self.maps[*i], MapState::Done { holder, .. } if holder == rank))
+            .filter(|i| {
+                matches!(&self.maps[*i], MapState::Done { holder, runs, .. } if *holder == rank && needed(runs))
+            })
             .collect();
         self.redone += held.len();
         held.into_iter().map(|i| self.put_map(i)).collect()
@@ -253,13 +272,16 @@ impl Master {
                     return Step::Put(vec![self.put_map(i)]);
                 }
                 self.done_maps += 1;
+                self.map_stats[i] = Some(MapStats {
+                    runs: runs.iter().map(|r| u64::from(*r)).sum(),
+                    input_bytes,
+                    output_bytes,
+                    counters,
+                });
                 self.maps[i] = MapState::Done {
                     holder,
                     task: id,
                     runs,
-                    input_bytes,
-                    output_bytes,
-                    counters,
                 };
                 Step::Put(self.put_reduces_if_ready())
             }
@@ -308,21 +330,12 @@ impl Master {
     /// Totals over the tasks finished so far (each map and each partition once).
     pub(crate) fn totals(&self) -> Totals {
         let mut t = Totals::default();
-        for m in &self.maps {
-            if let MapState::Done {
-                input_bytes,
-                output_bytes,
-                counters,
-                runs,
-                ..
-            } = m
-            {
-                t.maps_done += 1;
-                t.map_runs += runs.iter().map(|r| u64::from(*r)).sum::<u64>();
-                t.input_bytes += input_bytes;
-                t.map_output_bytes += output_bytes;
-                t.counters.merge(counters);
-            }
+        for m in self.map_stats.iter().flatten() {
+            t.maps_done += 1;
+            t.map_runs += m.runs;
+            t.input_bytes += m.input_bytes;
+            t.map_output_bytes += m.output_bytes;
+            t.counters.merge(&m.counters);
         }
         for r in &self.reduces {
             if let ReduceState::Done {
@@ -517,6 +530,47 @@ mod tests {
             3,
             "each split counted once"
         );
+    }
+
+    #[test]
+    fn a_holder_lost_in_the_reduce_phase_has_only_needed_maps_redone_and_every_split_counts() {
+        // Three splits; rank 1 holds splits 1 and 2. Split 1 has output for partition 0 only, split 2 for
+        // both. Partition 0 is written, then rank 1 is lost while partition 1's reduce runs.
+        let mut m = Master::new(vec![split(0), split(1), split(2)], 2, "out".into());
+        let first = m.start();
+        let mut reduces = Vec::new();
+        for ((id, task), (h, runs)) in
+            first
+                .iter()
+                .zip([(0, vec![1, 1]), (1, vec![1, 0]), (1, vec![1, 1])])
+        {
+            reduces.extend(puts(m.on_result(*id, task, mapped(h, runs, 1))));
+        }
+        assert_eq!(
+            m.on_result(reduces[0].0, &reduces[0].1, reduced()),
+            Step::Put(vec![])
+        );
+        let again = m.lose(1);
+        let redo: Vec<u32> = again
+            .iter()
+            .map(|(_, t)| match t {
+                Task::Map { index, .. } => *index,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(redo, vec![2], "split 1 fed only the written partition");
+        // Partition 1's reducer had fetched everything before the loss: the job ends before split 2's new
+        // run does, and every split's counters are in the totals.
+        assert_eq!(
+            m.on_result(reduces[1].0, &reduces[1].1, reduced()),
+            Step::Finished
+        );
+        let t = m.totals();
+        assert_eq!(t.counters.get("lines"), 3);
+        assert_eq!((t.maps_done, t.input_bytes), (3, 30));
+        // The new run, if it ends after all, replaces split 2's figures rather than adding to them.
+        let _ = m.on_result(again[0].0, &again[0].1, mapped(0, vec![1, 1], 1));
+        assert_eq!(m.totals().counters.get("lines"), 3);
     }
 
     #[test]

@@ -47,6 +47,17 @@ pub(crate) struct Worker<'a, J: Job> {
 
 type Table<J> = rustc_hash::FxHashMap<<J as Job>::Key, <J as Job>::Value>;
 
+/// A file being written, removed when dropped unless it was finished (`.0` taken).
+struct Unfinished(Option<PathBuf>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Where one run a reduce merges is, until it is opened.
 enum RunSource {
     /// A file that stays (this rank's map output: the job's directory goes at the end of the job).
@@ -449,14 +460,13 @@ impl<J: Job> Worker<'_, J> {
         let readers = self.open_all(runs)?;
         let name = format!("part-{partition:05}");
         let tmp = output.join(format!(".{name}.{}.{id}.tmp", self.dsm.rank().0));
-        let written = self.write_partition(partition, readers, &tmp);
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        let (records, counters) = written?;
+        // Removed unless renamed into place, even if writing it panics.
+        let mut unfinished = Unfinished(Some(tmp.clone()));
+        let (records, counters) = self.write_partition(partition, readers, &tmp)?;
         let done = output.join(&name);
         std::fs::rename(&tmp, &done)
             .map_err(|e| format!("renaming {} to {}: {e}", tmp.display(), done.display()))?;
+        unfinished.0 = None;
         Ok(TaskResult::Reduced {
             records,
             shuffled_bytes: fetched,

@@ -479,13 +479,18 @@ fn a_panic_in_the_job_fails_it_with_where_it_happened() {
         let text = e.to_string();
         assert!(text.contains("the reduce found a bang"), "{text}");
         assert!(text.contains("key bang"), "{text}");
-        // The engine is still usable after a failed job.
+        // A failed job does not mark its output complete.
+        for failed in ["m", "r"] {
+            assert!(!dir.join(failed).join(dsm_mapreduce::SUCCESS).exists());
+        }
+        // The engine is still usable after a failed job, and marks a finished job's output.
         let out = dir.join("ok");
         mr.run(
             &Words,
             &JobConfig::new(&out).input(&reduce_input).partitions(1),
         )
         .unwrap();
+        assert!(out.join(dsm_mapreduce::SUCCESS).exists());
     });
 }
 
