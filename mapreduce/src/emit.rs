@@ -178,29 +178,29 @@ where
     }
 }
 
-/// Sorts `pairs` by key and, with a combiner, folds pairs of equal keys into one.
-pub(crate) fn sort_and_combine<K: Ord, V>(
-    mut pairs: Vec<(K, V)>,
-    combiner: Option<Combiner<V>>,
-) -> Vec<(K, V)> {
-    // Unstable: keys are unique after combining, and a key's values reach reduce in no particular order.
-    pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let Some(combine) = combiner else {
-        return pairs;
-    };
-    let mut out: Vec<(K, V)> = Vec::with_capacity(pairs.len());
-    for (k, v) in pairs {
-        match out.last_mut() {
-            Some((last, total)) if *last == k => combine(total, v),
-            _ => out.push((k, v)),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sorts `pairs` by key and, with a combiner, folds pairs of equal keys into one.
+    fn sort_and_combine<K: Ord, V>(
+        mut pairs: Vec<(K, V)>,
+        combiner: Option<Combiner<V>>,
+    ) -> Vec<(K, V)> {
+        // Unstable: keys are unique after combining, and a key's values reach reduce in no particular order.
+        pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let Some(combine) = combiner else {
+            return pairs;
+        };
+        let mut out: Vec<(K, V)> = Vec::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            match out.last_mut() {
+                Some((last, total)) if *last == k => combine(total, v),
+                _ => out.push((k, v)),
+            }
+        }
+        out
+    }
 
     fn add(total: &mut u64, n: u64) {
         *total += n;

@@ -7,7 +7,7 @@
 //! A panic in the job's code fails the task with the panic's message and where it happened (the record's
 //! file and byte, or the key); it never takes the rank down.
 
-use crate::emit::{sort_and_combine, Counters, Emitter};
+use crate::emit::{Counters, Emitter};
 use crate::input::{self, Record, Split};
 use crate::master::{Source, Task, TaskResult};
 use crate::runs::{self, RunReader};
@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 type Pairs<J> = Vec<(<J as Job>::Key, <J as Job>::Value)>;
+/// One partition's pairs, in place: its number and its slice.
+type Slice<'a, J> = (usize, &'a mut [(<J as Job>::Key, <J as Job>::Value)]);
 type Readers<J> = Vec<RunReader<<J as Job>::Key, <J as Job>::Value>>;
 
 /// One rank's means of running tasks of one job.
@@ -203,18 +205,47 @@ impl<J: Job> Worker<'_, J> {
         bounded(result, kind, id)
     }
 
-    fn partition(&self, pairs: Pairs<J>, n: usize) -> Result<Vec<Pairs<J>>, String> {
-        let mut parts: Vec<Pairs<J>> = (0..n).map(|_| Vec::new()).collect();
-        for (k, v) in pairs {
-            let p = self.job.partition(&k, n);
-            parts
-                .get_mut(p)
-                .ok_or_else(|| {
-                    format!("the job's partition() gave {p} for key {k}, with {n} partitions")
-                })?
-                .push((k, v));
+    /// Sorts `pairs` by partition and then by key, in place, and writes each partition's pairs as one run
+    /// (the partitions' sorts and writes in parallel when `parallel`). The pairs' keys need no combining
+    /// here: with a combiner they come from its table, one pair per key; without one, all are kept.
+    fn write_runs(
+        &self,
+        mut pairs: Pairs<J>,
+        n: usize,
+        sink: &RunSink<'_>,
+        parallel: bool,
+    ) -> Result<(), String> {
+        let part = |k: &J::Key| self.job.partition(k, n);
+        // Stable, and each key's partition is computed once.
+        pairs.sort_by_cached_key(|(k, _)| part(k));
+        if let Some((k, _)) = pairs.last() {
+            let p = part(k);
+            if p >= n {
+                return Err(format!(
+                    "the job's partition() gave {p} for key {k}, with {n} partitions"
+                ));
+            }
         }
-        Ok(parts)
+        // Each partition's slice, found by bisection (a few more partition() calls per partition).
+        let mut slices: Vec<Slice<'_, J>> = Vec::with_capacity(n);
+        let mut rest: &mut [(J::Key, J::Value)] = &mut pairs;
+        for p in 0..n {
+            let len = rest.partition_point(|(k, _)| part(k) <= p);
+            let (mine, after) = std::mem::take(&mut rest).split_at_mut(len);
+            if !mine.is_empty() {
+                slices.push((p, mine));
+            }
+            rest = after;
+        }
+        let each = |(p, slice): Slice<'_, J>| {
+            slice.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            sink.write(p, slice)
+        };
+        if parallel {
+            slices.into_par_iter().try_for_each(each)
+        } else {
+            slices.into_iter().try_for_each(each)
+        }
     }
 
     fn map(&self, id: u64, split: &Split, partitions: usize) -> Result<TaskResult, String> {
@@ -245,21 +276,8 @@ impl<J: Job> Worker<'_, J> {
         let (held, counters) = self.map_lines(split, data, &sink, partitions)?;
         // What is still held is sorted and written, one run per partition, on the rank's threads (the
         // other task slots may be idle at the end of the map phase).
-        let combiner = self.job.combiner();
-        let by_partition = self.partition(held, partitions)?;
-        self.pool.install(|| {
-            by_partition
-                .into_par_iter()
-                .enumerate()
-                .try_for_each(|(p, part)| {
-                    let sorted = sort_and_combine(part, combiner);
-                    if sorted.is_empty() {
-                        Ok(())
-                    } else {
-                        sink.write(p, &sorted)
-                    }
-                })
-        })?;
+        self.pool
+            .install(|| self.write_runs(held, partitions, &sink, true))?;
         Ok(TaskResult::Mapped {
             holder: self.dsm.rank().0,
             runs: sink.runs.into_inner().unwrap_or_else(|p| p.into_inner()),
@@ -279,13 +297,7 @@ impl<J: Job> Worker<'_, J> {
     ) -> Result<(Pairs<J>, Counters), String> {
         let combiner = self.job.combiner();
         let mut spill = |held: Pairs<J>| -> Result<(), String> {
-            for (p, part) in self.partition(held, partitions)?.into_iter().enumerate() {
-                let sorted = sort_and_combine(part, combiner);
-                if !sorted.is_empty() {
-                    sink.write(p, &sorted)?;
-                }
-            }
-            Ok(())
+            self.write_runs(held, partitions, sink, false)
         };
         let table = lock(&self.tables).pop().unwrap_or_default();
         let mut emit = Emitter::with_table(combiner, self.budget, &mut spill, table);

@@ -54,6 +54,31 @@ impl Job for Words {
     }
 }
 
+/// Word count whose partitioner answers a partition past the last for the word "far".
+struct BadPartition;
+
+impl Job for BadPartition {
+    type Key = String;
+    type Value = u64;
+    type Output = u64;
+    fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, String, u64>) {
+        Words.map(record, emit)
+    }
+    fn combiner(&self) -> Option<Combiner<u64>> {
+        Words.combiner()
+    }
+    fn partition(&self, key: &String, partitions: usize) -> usize {
+        if key == "far" {
+            partitions
+        } else {
+            0
+        }
+    }
+    fn reduce(&self, k: &String, counts: Vec<u64>, c: &mut Counters) -> Option<u64> {
+        Words.reduce(k, counts, c)
+    }
+}
+
 /// For every first word of a line, the sorted byte offsets of its lines: no combiner, every value kept.
 struct Offsets;
 
@@ -459,7 +484,7 @@ fn a_panic_in_the_job_fails_it_with_where_it_happened() {
     )
     .unwrap();
     let reduce_input = dir.join("reduce.txt");
-    std::fs::write(&reduce_input, b"a b\nbang c\n").unwrap();
+    std::fs::write(&reduce_input, b"a b\nbang c\nfar\n").unwrap();
     job(2, move |_rt, mr| {
         let e = mr
             .run(&Fragile, &JobConfig::new(dir.join("m")).input(&map_input))
@@ -479,6 +504,18 @@ fn a_panic_in_the_job_fails_it_with_where_it_happened() {
         let text = e.to_string();
         assert!(text.contains("the reduce found a bang"), "{text}");
         assert!(text.contains("key bang"), "{text}");
+        // A partitioner that answers past the last partition fails the job, saying so.
+        let e = mr
+            .run(
+                &BadPartition,
+                &JobConfig::new(dir.join("p")).input(&reduce_input),
+            )
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("partition() gave") && text.contains("far"),
+            "{text}"
+        );
         // A failed job does not mark its output complete.
         for failed in ["m", "r"] {
             assert!(!dir.join(failed).join(dsm_mapreduce::SUCCESS).exists());
