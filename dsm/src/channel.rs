@@ -369,6 +369,9 @@ pub(crate) struct Channels {
     freed: AtomicU32,
     /// How many threads wait for a channel (a channel given back wakes them only when there are some).
     waiting: AtomicU32,
+    /// The longest a waiting thread sleeps before it looks again ([`CLAIM_NAP`]; longer in a test that
+    /// must see the wake-up do the work).
+    nap: Duration,
 }
 
 /// A claimed channel; given back (and a thread waiting for one woken) when dropped. Dropping it is
@@ -429,6 +432,7 @@ impl Channels {
             next: AtomicUsize::new(0),
             freed: AtomicU32::new(0),
             waiting: AtomicU32::new(0),
+            nap: CLAIM_NAP,
         }
     }
 
@@ -498,8 +502,8 @@ impl Channels {
             let got = self.try_claim_from(first);
             if got.is_none() {
                 let nap = match deadline {
-                    Some(d) => d.saturating_duration_since(Instant::now()).min(CLAIM_NAP),
-                    None => CLAIM_NAP,
+                    Some(d) => d.saturating_duration_since(Instant::now()).min(self.nap),
+                    None => self.nap,
                 };
                 if !nap.is_zero() {
                     futex::wait_for(&self.freed, seen, nap);
@@ -541,19 +545,26 @@ mod tests {
             "{waited:?}"
         );
         assert!(p.try_claim().is_some(), "channel 0 is free for faults");
-        // The last channel given back goes to a thread that waits without a deadline, at once (not after
-        // the first channel of the range comes free, which here it never does).
-        let mut held = held;
+        drop(held);
+        // The last channel given back goes to a waiting thread at once: woken by the give-back, not by its
+        // next look (naps are made long here so that only the wake-up can be in time), and not only once
+        // the first channel of the range comes free, which here it never does.
+        let mut p = p;
+        p.nap = Duration::from_secs(10);
+        let p = p;
+        let mut held: Vec<_> = (0..3).map(|_| p.claim_for_wait()).collect();
         std::thread::scope(|s| {
             let waiter = s.spawn(|| {
-                let t = Instant::now();
-                let c = p.claim_for_wait();
-                (t.elapsed(), c.fds.len())
+                let c = p.claim_for_wait_until(Some(Instant::now() + Duration::from_secs(5)));
+                (Instant::now(), c.is_some())
             });
             std::thread::sleep(Duration::from_millis(50));
+            let given = Instant::now();
             drop(held.pop());
-            let (waited, _) = waiter.join().unwrap();
-            assert!(waited < Duration::from_secs(2), "{waited:?}");
+            let (got_at, got) = waiter.join().unwrap();
+            assert!(got, "the waiter got no channel");
+            let after = got_at.saturating_duration_since(given);
+            assert!(after < Duration::from_secs(1), "it took {after:?}");
         });
         drop(held);
     }

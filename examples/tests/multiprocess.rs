@@ -1102,6 +1102,12 @@ fn wordcount_reports_bad_input_and_an_existing_output() {
     );
     assert_eq!(o.code, 0, "{out}");
     assert_eq!(output_counts(&out_dir), pipeline_counts(&sample()));
+    // A job refused for an existing output leaves that output as it was, marker included.
+    let (o, out) = job(WORDCOUNT, 2, &["--output", out_dir.to_str().unwrap()]);
+    assert_ne!(o.code, 0, "{out}");
+    assert!(out.contains("exists"), "{out}");
+    assert_eq!(output_counts(&out_dir), pipeline_counts(&sample()));
+    assert!(out_dir.join(dsm_mapreduce::SUCCESS).exists());
     let _ = std::fs::remove_dir_all(&out_dir);
 }
 
@@ -1151,9 +1157,9 @@ fn ranks_behind_a_wrapper_end_when_the_launcher_is_killed() {
     }
     // Both have joined once a rank computes; give the other a moment past the rendezvous too.
     std::thread::sleep(Duration::from_millis(300));
+    // Killed and not collected yet: a zombie, which counts as gone.
     let pid = nix::unistd::Pid::from_raw(launcher.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
-    launcher.wait().unwrap();
     let killed = Instant::now();
     while running(&words) > 0 {
         assert!(
@@ -1162,4 +1168,5 @@ fn ranks_behind_a_wrapper_end_when_the_launcher_is_killed() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    launcher.wait().unwrap();
 }

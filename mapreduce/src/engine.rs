@@ -282,13 +282,17 @@ impl MapReduce {
         threads: usize,
     ) -> Result<Option<JobReport>, MapReduceError> {
         let started = Instant::now();
+        // Whether this job made or cleared the output directory: only then are its part files its own, to
+        // remove if it fails (a job refused up front leaves an earlier job's output alone).
+        let mut ours_to_clear = false;
         let outcome = std::thread::scope(|s| {
             let ours: Vec<_> = (0..threads)
                 .map(|_| s.spawn(|| farm.serve(|id, task: Task| worker.run(id, task))))
                 .collect();
-            let outcome = self
-                .prepare(config)
-                .and_then(|master| self.drive(master, farm, config, started));
+            let outcome = self.prepare(config).and_then(|master| {
+                ours_to_clear = true;
+                self.drive(master, farm, config, started)
+            });
             // Stop the farm whatever happened, so that every worker (this rank's among them) returns; tasks
             // still in the bag (after a failure, or maps redone for partitions written since) are dropped.
             let stopped = farm.withdraw().and_then(|_| farm.stop());
@@ -317,7 +321,7 @@ impl MapReduce {
                 .map_err(|e| MapReduceError::io(format!("writing {}", marker.display()), e))?;
             Ok(o)
         });
-        if outcome.is_err() {
+        if outcome.is_err() && ours_to_clear {
             let _ = remove_parts(&config.output);
         }
         let said = match &outcome {
@@ -378,7 +382,7 @@ impl MapReduce {
         }
         splits.extend(config.splits.iter().cloned());
         // Paths travel with the tasks as text: one that is not UTF-8 is refused here, naming it, before
-        // the output is touched.
+        // the output is touched (nothing is written or removed).
         let paths = files.iter().map(|(p, _)| p);
         let paths = paths.chain(config.splits.iter().map(|s| &s.file));
         if let Some(p) = paths

@@ -123,9 +123,6 @@ fn rendezvous(listener: TcpListener, ranks: usize, token: String) {
 /// write size is written in pieces).
 static WRITING: Mutex<()> = Mutex::new(());
 
-/// Bytes of the ranks' output forwarded so far (the launcher waits for the last lines while this grows).
-static FORWARDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// Copies a rank's output to ours line by line (prefixed), on a thread of its own that says on `done`
 /// when the rank's end of the pipe is closed and everything read was written.
 fn forward(
@@ -135,8 +132,10 @@ fn forward(
     prefix: bool,
     capture: Option<Arc<Mutex<Vec<u8>>>>,
     done: &std::sync::mpsc::Sender<()>,
+    forwarded: &Arc<std::sync::atomic::AtomicU64>,
 ) -> std::io::Result<()> {
     let done = done.clone();
+    let forwarded = forwarded.clone();
     std::thread::Builder::new()
         .name(format!("dsmrun-output-{rank}"))
         .spawn(move || {
@@ -162,15 +161,15 @@ fn forward(
                             c.lock()
                                 .unwrap_or_else(|p| p.into_inner())
                                 .extend_from_slice(&out);
-                            continue;
-                        }
-                        let _writing = WRITING.lock().unwrap_or_else(|p| p.into_inner());
-                        let _ = if to_stderr {
-                            std::io::stderr().lock().write_all(&out)
                         } else {
-                            std::io::stdout().lock().write_all(&out)
-                        };
-                        FORWARDED.fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                            let _writing = WRITING.lock().unwrap_or_else(|p| p.into_inner());
+                            let _ = if to_stderr {
+                                std::io::stderr().lock().write_all(&out)
+                            } else {
+                                std::io::stdout().lock().write_all(&out)
+                            };
+                        }
+                        forwarded.fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
             }
@@ -258,6 +257,7 @@ pub fn launch(
 
     let mut children: Vec<Child> = Vec::with_capacity(ranks);
     let (pumped, pumps_done) = std::sync::mpsc::channel::<()>();
+    let forwarded = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut pumps = 0;
     for r in 0..ranks {
         let mut cmd = Command::new(program);
@@ -285,11 +285,27 @@ pub fn launch(
             let streams = (child.stdout.take(), child.stderr.take());
             children.push(child);
             if let Some(out) = streams.0 {
-                forward(r, out, false, opts.prefix, opts.capture.clone(), &pumped)?;
+                forward(
+                    r,
+                    out,
+                    false,
+                    opts.prefix,
+                    opts.capture.clone(),
+                    &pumped,
+                    &forwarded,
+                )?;
                 pumps += 1;
             }
             if let Some(err) = streams.1 {
-                forward(r, err, true, opts.prefix, opts.capture.clone(), &pumped)?;
+                forward(
+                    r,
+                    err,
+                    true,
+                    opts.prefix,
+                    opts.capture.clone(),
+                    &pumped,
+                    &forwarded,
+                )?;
                 pumps += 1;
             }
             Ok(())
@@ -416,15 +432,16 @@ pub fn launch(
     };
     end_all(&mut children);
     // The ranks' last lines come out before the launcher's own word on the job, however slowly the reader
-    // takes them. Only a pipe that stays open and quiet ends the wait: a process that left the ranks'
-    // groups but kept their output open does not hold the launcher for more than two seconds.
+    // takes them (for up to half a minute). A pipe that stays open and quiet ends the wait sooner: a
+    // process that left the ranks' groups but kept their output open holds the launcher for two seconds.
     let mut ended = 0;
-    let mut seen = FORWARDED.load(std::sync::atomic::Ordering::Relaxed);
-    while ended < pumps {
+    let mut seen = forwarded.load(std::sync::atomic::Ordering::Relaxed);
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while ended < pumps && Instant::now() < give_up {
         match pumps_done.recv_timeout(Duration::from_secs(2)) {
             Ok(()) => ended += 1,
             Err(_) => {
-                let now = FORWARDED.load(std::sync::atomic::Ordering::Relaxed);
+                let now = forwarded.load(std::sync::atomic::Ordering::Relaxed);
                 if now == seen {
                     break;
                 }

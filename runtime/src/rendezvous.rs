@@ -69,13 +69,12 @@ pub(crate) fn join(
 ///
 /// When the launcher is this process's parent, the parent-death signal does it. When a program stands
 /// between them (`dsmrun -n 2 /usr/bin/time prog`, a shell script), that program does not die with the
-/// launcher if the launcher is killed outright, so a thread looks for the launcher every quarter second
-/// instead. The launcher may have died before either was set up: then it is gone, which `kill(pid, 0)`
-/// tells.
+/// launcher if the launcher is killed outright, so a thread looks at the launcher every quarter second
+/// instead. The launcher may have died before either was set up. It counts as gone when its process is
+/// no more, is a zombie (dead, its parent has not collected it yet), or is another process that got its
+/// pid (its start time differs).
 pub(crate) fn die_with_launcher(launcher: i32) {
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-    let pid = nix::unistd::Pid::from_raw(launcher);
-    let gone = move || nix::sys::signal::kill(pid, None) == Err(nix::errno::Errno::ESRCH);
     let end = move || {
         // Not eprintln!: with the launcher gone, standard error is likely a pipe nobody reads, and
         // eprintln! panics when the write fails.
@@ -85,16 +84,17 @@ pub(crate) fn die_with_launcher(launcher: i32) {
         );
         std::process::exit(70);
     };
-    if gone() {
+    let Some(started) = launcher_alive_since(launcher, None) else {
         end();
-    }
-    if nix::unistd::getppid() != pid {
+        return;
+    };
+    if nix::unistd::getppid() != nix::unistd::Pid::from_raw(launcher) {
         let watcher = std::thread::Builder::new()
             .name("dsm-launcher-watch".into())
             .stack_size(64 << 10)
             .spawn(move || loop {
                 std::thread::sleep(Duration::from_millis(250));
-                if gone() {
+                if launcher_alive_since(launcher, Some(started)).is_none() {
                     end();
                 }
             });
@@ -105,4 +105,20 @@ pub(crate) fn die_with_launcher(launcher: i32) {
             );
         }
     }
+}
+
+/// The start time of process `pid` (in clock ticks since boot, from `/proc/PID/stat`) if it is alive, not
+/// a zombie, and (when `since` is given) started then.
+fn launcher_alive_since(pid: i32, since: Option<u64>) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces and parentheses: the fields follow the last one.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    // Fields 3 (state) and 22 (start time) of proc(5), counted from the first after the name.
+    let state = fields.first()?;
+    let start: u64 = fields.get(19)?.parse().ok()?;
+    let dead = *state == "Z" || *state == "X" || since.is_some_and(|s| s != start);
+    (!dead).then_some(start)
 }

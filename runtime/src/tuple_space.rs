@@ -309,35 +309,25 @@ impl TupleSpace {
         args.check()?;
         let i = &self.inner;
         let first = i.me.index() + 1 + i.next_eval.fetch_add(1, Ordering::Relaxed);
-        let mut last_error = None;
-        for k in 0..i.size {
-            let at = Rank(((first + k) % i.size) as u32);
-            if at == i.me {
-                i.home
-                    .eval(function.to_string(), args)
-                    .map_err(|reason| RuntimeError::Refused { rank: at, reason })?;
-                return Ok(at);
-            }
-            if self.dsm().failed_ranks().contains(&at) {
-                continue;
-            }
+        // Ranks known to have failed are passed over. One that fails while it is asked is an error, not a
+        // reason to ask the next: it may have taken the function already, which would then run twice.
+        let failed = self.dsm().failed_ranks();
+        let at = (0..i.size)
+            .map(|k| Rank(((first + k) % i.size) as u32))
+            .find(|r| !failed.contains(r))
+            .unwrap_or(i.me);
+        if at == i.me {
+            i.home
+                .eval(function.to_string(), args)
+                .map_err(|reason| RuntimeError::Refused { rank: at, reason })?;
+        } else {
             let ask = Ask::Eval {
                 function: function.to_string(),
-                args: args.clone(),
+                args,
             };
-            match i.expect_done(at, &ask) {
-                Ok(()) => return Ok(at),
-                // That rank failed before it took the function: the next one runs it.
-                Err(e @ RuntimeError::Dsm(dsm::DsmError::PeerFailed { .. })) => {
-                    last_error = Some(e)
-                }
-                Err(e) => return Err(e),
-            }
+            i.expect_done(at, &ask)?;
         }
-        Err(last_error.unwrap_or_else(|| RuntimeError::Refused {
-            rank: i.me,
-            reason: "no live rank to run the function on".into(),
-        }))
+        Ok(at)
     }
 
     /// Takes a tuple matching `template` under a lease, waiting until there is one: if this rank fails
