@@ -282,31 +282,23 @@ pub fn launch(
             cmd.env(k, v);
         }
         let started = cmd.spawn().and_then(|mut child| {
-            let streams = (child.stdout.take(), child.stderr.take());
+            let out: Option<Box<dyn Read + Send>> = child.stdout.take().map(|s| Box::new(s) as _);
+            let err: Option<Box<dyn Read + Send>> = child.stderr.take().map(|s| Box::new(s) as _);
             children.push(child);
-            if let Some(out) = streams.0 {
-                forward(
-                    r,
-                    out,
-                    false,
-                    opts.prefix,
-                    opts.capture.clone(),
-                    &pumped,
-                    &forwarded,
-                )?;
-                pumps += 1;
-            }
-            if let Some(err) = streams.1 {
-                forward(
-                    r,
-                    err,
-                    true,
-                    opts.prefix,
-                    opts.capture.clone(),
-                    &pumped,
-                    &forwarded,
-                )?;
-                pumps += 1;
+            for (stream, to_stderr) in [(out, false), (err, true)] {
+                if let Some(stream) = stream {
+                    let capture = opts.capture.clone();
+                    forward(
+                        r,
+                        stream,
+                        to_stderr,
+                        opts.prefix,
+                        capture,
+                        &pumped,
+                        &forwarded,
+                    )?;
+                    pumps += 1;
+                }
             }
             Ok(())
         });

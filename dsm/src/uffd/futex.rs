@@ -6,17 +6,7 @@ use std::time::Duration;
 
 /// Sleeps while `word` holds `expected` (returns at once otherwise, or on a spurious wake-up).
 pub(crate) fn wait(word: &AtomicU32, expected: u32) {
-    // SAFETY: FUTEX_WAIT reads the aligned u32 behind a live reference; the remaining arguments are null
-    // (no timeout) or ignored.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            expected,
-            std::ptr::null::<libc::timespec>(),
-        );
-    }
+    futex_wait(word, expected, None);
 }
 
 /// Sleeps while `word` holds `expected`, for at most `timeout` (returns at once otherwise, or on a
@@ -26,15 +16,20 @@ pub(crate) fn wait_for(word: &AtomicU32, expected: u32, timeout: Duration) {
         tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
-    // SAFETY: FUTEX_WAIT reads the aligned u32 behind a live reference; the timeout is a valid relative
-    // timespec that outlives the call.
+    futex_wait(word, expected, Some(&ts));
+}
+
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<&libc::timespec>) {
+    let timeout = timeout.map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: FUTEX_WAIT reads the aligned u32 behind a live reference; the timeout is null (none) or a
+    // valid relative timespec that outlives the call.
     unsafe {
         libc::syscall(
             libc::SYS_futex,
             word.as_ptr(),
             libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
             expected,
-            &ts as *const libc::timespec,
+            timeout,
         );
     }
 }
