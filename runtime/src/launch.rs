@@ -74,8 +74,14 @@ pub(crate) fn fresh_token() -> Result<[u8; 32], RuntimeError> {
     Ok(t)
 }
 
-/// Serves the rendezvous: collects every rank's address, then sends the full table to each.
-fn rendezvous(listener: TcpListener, ranks: usize, token: String) {
+/// Serves the rendezvous: collects every rank's address, then sends the full table to each. Ends early
+/// once `stop` is set (and a connection wakes it): the job ended before every rank joined.
+fn rendezvous(
+    listener: TcpListener,
+    ranks: usize,
+    token: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut conns: Vec<Option<(std::net::TcpStream, SocketAddr)>> =
         (0..ranks).map(|_| None).collect();
     let mut have = 0;
@@ -83,6 +89,9 @@ fn rendezvous(listener: TcpListener, ranks: usize, token: String) {
         let Ok((stream, from)) = listener.accept() else {
             return;
         };
+        if stop.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         // A rank sends its line at once: a connection that sends nothing (or without end) must not hold
         // the others up for long, nor grow without bound.
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
@@ -177,6 +186,19 @@ fn forward(
         .map(drop)
 }
 
+/// Ends the rendezvous thread when dropped: sets its `stop` and connects once, to wake its `accept`.
+struct EndRendezvous {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    at: SocketAddr,
+}
+
+impl Drop for EndRendezvous {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = std::net::TcpStream::connect_timeout(&self.at, Duration::from_secs(1));
+    }
+}
+
 /// Says `what` on the launcher's standard error, between the ranks' lines (a standard error nobody reads
 /// any more is no reason to stop: eprintln! would panic).
 fn say(what: &str) {
@@ -247,13 +269,18 @@ pub fn launch(
     let interrupts = Interrupts::start(exited.clone());
     let ranks = opts.ranks;
     let server_token = token.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_server = stop.clone();
     std::thread::Builder::new()
         .name("dsmrun-rendezvous".into())
-        .spawn(move || rendezvous(listener, ranks, server_token))
+        .spawn(move || rendezvous(listener, ranks, server_token, stop_server))
         .map_err(|e| RuntimeError::Io {
             context: "starting the rendezvous thread".into(),
             source: e,
         })?;
+    // However the launch ends, the rendezvous thread ends with it (a program that launches jobs would
+    // otherwise keep a thread and a listening port for every job that ended before all its ranks joined).
+    let _rendezvous = EndRendezvous { stop, at };
 
     let mut children: Vec<Child> = Vec::with_capacity(ranks);
     let (pumped, pumps_done) = std::sync::mpsc::channel::<()>();

@@ -91,3 +91,38 @@ fn a_launcher_sent_sigterm_or_sigint_ends_every_rank_and_says_so() {
         assert!(gone(&words), "{name}: a rank outlived the launcher");
     }
 }
+
+/// Threads of this process whose name begins with `prefix` (names are cut to 15 bytes).
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .count()
+}
+
+#[test]
+fn a_launch_whose_ranks_never_join_leaves_no_rendezvous_thread_behind() {
+    // Ranks that exit without joining (a program that is not a dsm program): the rendezvous thread, which
+    // waited for them, ends with the launch instead of staying for the life of the program.
+    let opts = dsm_runtime::launch::LaunchOptions {
+        ranks: 2,
+        capture: Some(Default::default()),
+        ..Default::default()
+    };
+    for _ in 0..3 {
+        let o = dsm_runtime::launch::launch(&opts, std::path::Path::new("/bin/true"), &[]).unwrap();
+        assert_eq!(o.code, 0);
+    }
+    let t = Instant::now();
+    while threads_named("dsmrun-rendezv") > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{} rendezvous threads are left",
+            threads_named("dsmrun-rendezv")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
