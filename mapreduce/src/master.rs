@@ -399,6 +399,17 @@ mod tests {
         }
     }
 
+    /// The splits of `tasks`, which must all be maps (reduces wait until the maps are back).
+    fn map_indices(tasks: &[(u64, Task)]) -> Vec<u32> {
+        tasks
+            .iter()
+            .map(|(_, t)| match t {
+                Task::Map { index, .. } => *index,
+                other => panic!("only maps until they are back: {other:?}"),
+            })
+            .collect()
+    }
+
     fn puts(step: Step) -> Vec<(u64, Task)> {
         match step {
             Step::Put(p) => p,
@@ -479,14 +490,7 @@ mod tests {
             Step::Put(vec![])
         );
         let again = puts(m.on_result(reduces[1].0, &reduces[1].1, TaskResult::Lost { holder: 1 }));
-        let redo: Vec<u32> = again
-            .iter()
-            .map(|(_, t)| match t {
-                Task::Map { index, .. } => *index,
-                other => panic!("only maps until they are back: {other:?}"),
-            })
-            .collect();
-        assert_eq!(redo, vec![1, 2]);
+        assert_eq!(map_indices(&again), vec![1, 2]);
         assert_eq!(m.redone, 2);
         assert_eq!(
             m.maps_done(),
@@ -551,14 +555,11 @@ mod tests {
             Step::Put(vec![])
         );
         let again = m.lose(1);
-        let redo: Vec<u32> = again
-            .iter()
-            .map(|(_, t)| match t {
-                Task::Map { index, .. } => *index,
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(redo, vec![2], "split 1 fed only the written partition");
+        assert_eq!(
+            map_indices(&again),
+            vec![2],
+            "split 1 fed only the written partition"
+        );
         // Partition 1's reducer had fetched everything before the loss: the job ends before split 2's new
         // run does, and every split's counters are in the totals.
         assert_eq!(

@@ -92,9 +92,10 @@ fn main() -> anyhow::Result<()> {
                     .expect("some name is homed at rank 0")
             };
             let (here, done) = (homed_at_0("at0-", 2), homed_at_0("done-", 1));
+            let heard = homed_at_0("heard-", 1);
             if me == 2 {
                 space.in_(&template!(done.as_str()))?;
-                space.out(tuple!(done.as_str(), 2u64))?;
+                space.out(tuple!(heard.as_str()))?;
             }
             if me == 0 {
                 for k in 0..6u64 {
@@ -112,9 +113,10 @@ fn main() -> anyhow::Result<()> {
                 );
                 println!("home-dies: evals and searches went on without the dead rank");
                 // Rank 0 leaves once rank 2 has its word (the other way, the word could reach a rank
-                // that has left).
+                // that has left). Both words are homed here, so neither waits on a rank that may have
+                // left: rank 2's `out` returns once the word is here.
                 space.out(tuple!(done.as_str()))?;
-                space.in_(&template!(done.as_str(), 2u64))?;
+                space.in_(&template!(heard.as_str()))?;
             }
         }
         Check::Farm {
