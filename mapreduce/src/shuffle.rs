@@ -48,11 +48,43 @@ struct Fetch {
 }
 
 /// A piece of one run in an answer: its index in the fetch's `runs`, the bytes, and whether they end it.
-#[derive(Debug, Serialize, Deserialize)]
-struct Piece {
+#[derive(Debug, PartialEq)]
+struct Piece<'a> {
     index: u32,
-    bytes: Vec<u8>,
+    bytes: &'a [u8],
     last: bool,
+}
+
+/// A piece's header in an answer: its index (u32), whether it ends its run (u8) and its length (u64),
+/// little-endian; its bytes follow. Framed by hand rather than by serde, which moves a `Vec<u8>` a byte
+/// at a time (a few milliseconds for the 1.6 MB one reducer of the 100 MB word count fetches).
+const PIECE_HEADER: usize = 4 + 1 + 8;
+
+fn piece_header(index: u32, last: bool, len: u64) -> [u8; PIECE_HEADER] {
+    let mut h = [0u8; PIECE_HEADER];
+    h[..4].copy_from_slice(&index.to_le_bytes());
+    h[4] = u8::from(last);
+    h[5..].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+/// The pieces of an answer's body, or `None` if it is not a sequence of whole pieces.
+fn pieces(mut body: &[u8]) -> Option<Vec<Piece<'_>>> {
+    let mut pieces = Vec::new();
+    while !body.is_empty() {
+        let (header, rest) = body.split_at_checked(PIECE_HEADER)?;
+        let index = u32::from_le_bytes(header[..4].try_into().ok()?);
+        let last = match header[4] {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        let len = usize::try_from(u64::from_le_bytes(header[5..].try_into().ok()?)).ok()?;
+        let (bytes, rest) = rest.split_at_checked(len)?;
+        pieces.push(Piece { index, bytes, last });
+        body = rest;
+    }
+    Some(pieces)
 }
 
 /// The service half: hands requests to the reading thread.
@@ -89,7 +121,7 @@ fn serve(root: &Path, payload: &[u8]) -> Vec<u8> {
     let read = || -> Result<Vec<u8>, String> {
         let fetch: Fetch =
             postcard::from_bytes(payload).map_err(|e| format!("a malformed fetch: {e}"))?;
-        let mut pieces = Vec::new();
+        let mut out = vec![0u8];
         let mut room = CHUNK as u64;
         let mut offset = fetch.offset;
         for (index, run) in fetch.runs.iter().enumerate() {
@@ -100,20 +132,20 @@ fn serve(root: &Path, payload: &[u8]) -> Vec<u8> {
             let what = |e: std::io::Error| format!("reading {}: {e}", path.display());
             let mut f = File::open(&path).map_err(what)?;
             f.seek(SeekFrom::Start(offset)).map_err(what)?;
-            let mut bytes = Vec::new();
-            f.take(room).read_to_end(&mut bytes).map_err(what)?;
-            room -= bytes.len() as u64;
+            // The header is written once the length is known.
+            let header = out.len();
+            out.resize(header + PIECE_HEADER, 0);
+            let len = f.take(room).read_to_end(&mut out).map_err(what)? as u64;
+            room -= len;
             // A run that filled the room may end exactly there: the next fetch then gets its empty end.
             let last = room > 0;
-            pieces.push(Piece {
-                index: index as u32,
-                bytes,
+            out[header..header + PIECE_HEADER].copy_from_slice(&piece_header(
+                index as u32,
                 last,
-            });
+                len,
+            ));
             offset = 0;
         }
-        let mut out = vec![0u8];
-        postcard::to_io(&pieces, &mut out).map_err(|e| format!("encoding an answer: {e}"))?;
         Ok(out)
     };
     read().unwrap_or_else(|e| {
@@ -167,8 +199,8 @@ fn fetch_through(
         })
         .map_err(|e| FetchError::Failed(format!("encoding a fetch: {e}")))?;
         let answer = call(&request)?;
-        let pieces: Vec<Piece> = match answer.split_first() {
-            Some((0, bytes)) => postcard::from_bytes(bytes).map_err(|_| malformed())?,
+        let pieces = match answer.split_first() {
+            Some((0, body)) => pieces(body).ok_or_else(malformed)?,
             Some((1, message)) => {
                 return Err(FetchError::Failed(format!(
                     "{holder} could not serve map output: {}",
@@ -177,7 +209,6 @@ fn fetch_through(
             }
             _ => return Err(malformed()),
         };
-        drop(answer);
         // An answer that neither brings bytes nor ends a run would have the same fetch asked for ever.
         if !pieces.iter().any(|p| p.last || !p.bytes.is_empty()) {
             return Err(malformed());
@@ -192,11 +223,7 @@ fn fetch_through(
             {
                 return Err(malformed());
             }
-            if current.is_empty() {
-                current = piece.bytes;
-            } else {
-                current.extend_from_slice(&piece.bytes);
-            }
+            current.extend_from_slice(piece.bytes);
             if piece.last {
                 each(first + k, std::mem::take(&mut current))?;
                 at = first + k + 1;
@@ -274,12 +301,15 @@ mod tests {
         let runs = [run(0), run(1)];
         let answer = |pieces: Vec<Piece>| {
             let mut out = vec![0u8];
-            out.extend(postcard::to_allocvec(&pieces).unwrap());
+            for p in pieces {
+                out.extend_from_slice(&piece_header(p.index, p.last, p.bytes.len() as u64));
+                out.extend_from_slice(p.bytes);
+            }
             out
         };
         let wrong = answer(vec![Piece {
             index: 1,
-            bytes: vec![1],
+            bytes: &[1],
             last: true,
         }]);
         let e = fetch_through(|_| Ok(wrong.clone()), Rank(2), &runs, |_, _| Ok(())).unwrap_err();
@@ -291,11 +321,7 @@ mod tests {
         assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
         // A piece past the runs asked for, one that brings nothing and ends nothing (asked again, it would
         // be asked for ever), and an unfinished piece before others: each is refused.
-        let piece = |index, bytes: &[u8], last| Piece {
-            index,
-            bytes: bytes.to_vec(),
-            last,
-        };
+        let piece = |index, bytes: &'static [u8], last| Piece { index, bytes, last };
         for bad in [
             vec![
                 piece(0, b"a", true),
@@ -319,6 +345,28 @@ mod tests {
             .unwrap_err();
             assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
             assert_eq!(calls, 1);
+        }
+        // A header cut short, a length past the answer's end, and an end flag neither 0 nor 1.
+        let whole = answer(vec![piece(0, b"abc", true), piece(1, b"d", true)]);
+        let mut got = Vec::new();
+        fetch_through(
+            |_| Ok(whole.clone()),
+            Rank(2),
+            &runs,
+            |i, b| {
+                got.push((i, b));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(got, vec![(0, b"abc".to_vec()), (1, b"d".to_vec())]);
+        let mut long = whole.clone();
+        long.truncate(long.len() - 1);
+        let mut flag = whole.clone();
+        flag[1 + 4] = 7;
+        for bad in [vec![0, 0, 0], long, flag] {
+            let e = fetch_through(|_| Ok(bad.clone()), Rank(2), &runs, |_, _| Ok(())).unwrap_err();
+            assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
         }
     }
 }
