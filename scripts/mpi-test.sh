@@ -46,6 +46,7 @@ for n in 2 3; do
     expect "mp ok: 200 rounds" "$n" "$(job "$n" $bin/dsm-check mp --rounds 200)"
     expect "sb ok: 100 rounds" "$n" "$(job "$n" $bin/dsm-check sb --rounds 100)"
     expect "mplock ok: 30 rounds" "$n" "$(job "$n" $bin/dsm-check mplock --rounds 30)"
+    expect "ownmpi ok: 200 rounds" "$n" "$(job "$n" $bin/dsm-check ownmpi --rounds 200)"
     expect "latehome ok: 300 rounds" "$n" \
         "$(job "$n" $bin/dsm-check latehome --rounds 300 --consistency release)"
 
@@ -81,6 +82,12 @@ grep -q "set DSM_MPI_SEND_BUFFER to at least" <<<"$out" || fail "no word of the 
 passed=$((passed + 1))
 unset DSM_TRANSPORT DSM_MPI_SEND_BUFFER
 
+# Over MPI a dead rank closes no connection: the policy that would wait for word of it is refused.
+if out=$(DSM_TRANSPORT=mpi DSM_ON_PEER_FAILURE=report timeout 60 mpirun -n 1 $bin/hello 2>&1); then
+    fail "DSM_ON_PEER_FAILURE=report was accepted with DSM_TRANSPORT=mpi: $out"
+fi
+expect "DSM_ON_PEER_FAILURE=report needs DSM_TRANSPORT=tcp" 1 "$out"
+
 # A transport that does not exist: the variable named, with what it takes. One rank, so that the message
 # is not interleaved with another rank's copy of it (mpirun merges the ranks' standard error unbuffered).
 if out=$(DSM_TRANSPORT=udp timeout 60 mpirun -n 1 $bin/hello 2>&1); then
@@ -114,6 +121,6 @@ expect "built against another MPI library" 1 "$out"
 if out=$(timeout 60 mpirun -n 1 target/debug/hello 2>&1); then
     fail "hello built without the mpi feature ran under mpirun: $out"
 fi
-expect "built without MPI support: rebuild it with the \`mpi\` feature" 1 "$out"
+expect "built without MPI support: rebuild it with dsm-runtime's \`mpi\` feature" 1 "$out"
 
 echo "mpi tests: $passed passed, 0 failed"

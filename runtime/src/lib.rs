@@ -42,7 +42,7 @@ pub enum RuntimeError {
     #[error("{0} is not set: start multi-rank jobs with dsmrun -n N program")]
     Missing(&'static str),
     /// The process runs under mpirun, but this build has no MPI support.
-    #[error("this program was started by mpirun/mpiexec but was built without MPI support: rebuild it with the `mpi` feature (for example `cargo build --release --features mpi`, which needs an MPI library such as Debian's libmpich-dev), or start it with dsmrun -n N")]
+    #[error("this program was started by mpirun/mpiexec but was built without MPI support: rebuild it with dsm-runtime's `mpi` feature (`dsm-runtime = {{ features = [\"mpi\"] }}` in Cargo.toml, or `cargo build --release --features dsm-runtime/mpi`; it needs an MPI library and libclang, such as Debian's libmpich-dev and libclang-dev), or start it with dsmrun -n N")]
     MpiNotBuilt,
     /// Joining through MPI failed.
     #[error("joining through MPI: {0}")]
@@ -101,6 +101,18 @@ fn connect_timeout() -> Result<u64, RuntimeError> {
     .unwrap_or(30))
 }
 
+/// Lets the process open as many files as the system allows it, not the usual soft limit of 1024: a rank
+/// keeps `channels` connections to every rank and back (2,048 descriptors for 256 ranks over TCP at the
+/// default 4 channels, twice that over MPI's socket pairs), and MapReduce merges hold many run files open.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 /// A rank's membership in a job. Dropping it leaves the job (a final barrier with every rank).
 #[derive(Debug)]
 pub struct Runtime {
@@ -128,6 +140,7 @@ pub fn started_as_rank() -> bool {
 impl Runtime {
     /// Joins the job this process belongs to.
     pub fn init() -> Result<Runtime, RuntimeError> {
+        raise_open_file_limit();
         let rank = env::get("DSM_RANK", "a rank number", env::number::<u32>)?;
         let Some(rank) = rank else {
             if MPI_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
@@ -190,6 +203,14 @@ impl Runtime {
             _ => None,
         })?
         .unwrap_or(mpi_join::Carrier::Tcp);
+        if carrier == mpi_join::Carrier::Mpi
+            && std::env::var("DSM_ON_PEER_FAILURE").is_ok_and(|p| p.trim() == "report")
+        {
+            // Over TCP a rank that dies closes its connections; over MPI nothing tells the others.
+            return Err(RuntimeError::Mpi(
+                "DSM_ON_PEER_FAILURE=report needs DSM_TRANSPORT=tcp: the MPI transport cannot tell that a rank died, so the others would wait for it for ever".into(),
+            ));
+        }
         let send_buffer = env::get(
             "DSM_MPI_SEND_BUFFER",
             "a size in bytes from 64K to 2047M (K, M, G suffixes)",
@@ -226,6 +247,7 @@ impl Runtime {
     /// A runtime over a `Dsm` the program built itself (for example ranks as threads over the in-process
     /// transport, or options the environment does not cover).
     pub fn from_dsm(dsm: Dsm) -> Runtime {
+        raise_open_file_limit();
         Runtime {
             dsm: Arc::new(dsm),
             #[cfg(feature = "mpi")]

@@ -20,12 +20,14 @@ use dsm::transport::{Mesh, Transport};
 use dsm::{DsmError, Rank};
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::topology::Communicator;
+use nix::errno::Errno;
 use nix::poll::{ppoll, PollFd, PollFlags};
+use nix::sys::socket::{send, MsgFlags};
 use nix::sys::time::TimeSpec;
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -111,10 +113,10 @@ struct Link {
     shut: bool,
 }
 
-/// The first MPI tag of the transport's messages on `MPI_COMM_WORLD`: tags from here up to
-/// `TAG_BASE + 2 x channels` (that last one for acknowledgements) are the transport's (MPI guarantees
-/// tags up to 32767, and channels are at most 64), and it only ever receives those, so a program's own MPI
-/// messages on other tags pass it by.
+/// The first MPI tag of the transport's messages on its own communicator (a duplicate of
+/// `MPI_COMM_WORLD`, so a program's MPI messages never meet them): tags from here up to
+/// `TAG_BASE + 2 x channels` (that last one for acknowledgements; MPI guarantees tags up to 32767, and
+/// channels are at most 64).
 const TAG_BASE: i32 = 32_000;
 
 fn tag(channel: usize, reply: bool) -> i32 {
@@ -158,10 +160,22 @@ impl Transport for MpiTransport {
             })?;
         }
         let credit = Credit::new(self.send_buffer, links.len())?;
+        let (ready, started) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("dsm-mpi-bridge".into())
-            .spawn(move || bridge(links, route, channels, credit))
+            .spawn(move || {
+                // The bridge's own communicator, so that a program's MPI messages on MPI_COMM_WORLD
+                // (wildcard receives included) and the bridge's never meet. It is made here while the
+                // thread that initializes the runtime waits below: no other collective on
+                // MPI_COMM_WORLD runs beside this one.
+                let comm = mpi::topology::SimpleCommunicator::world().duplicate();
+                let _ = ready.send(());
+                bridge(&comm, links, route, channels, credit)
+            })
             .map_err(|e| DsmError::Config(format!("starting the MPI bridge thread: {e}")))?;
+        started.recv().map_err(|_| {
+            DsmError::Config("the MPI bridge thread ended before it started".into())
+        })?;
         *self.bridge.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         Ok(Mesh { outgoing, incoming })
     }
@@ -194,12 +208,19 @@ impl Link {
     fn flush(&mut self) -> bool {
         let mut moved = false;
         while self.written < self.pending.len() {
-            match self.stream.write(&self.pending[self.written..]) {
+            // MSG_NOSIGNAL: an engine that closed its end is an error here, not a SIGPIPE (which a
+            // program that restored the default action would die of).
+            match send(
+                self.stream.as_raw_fd(),
+                &self.pending[self.written..],
+                MsgFlags::MSG_NOSIGNAL,
+            ) {
                 Ok(n) if n > 0 => {
                     self.written += n;
                     moved = true;
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return moved,
+                Err(Errno::EAGAIN) => return moved,
+                Err(Errno::EINTR) => {}
                 // The engine closed its end: nothing more can be delivered.
                 _ => {
                     self.written = self.pending.len();
@@ -230,6 +251,7 @@ impl Link {
 
 /// Moves bytes until every connection has ended on both sides.
 fn bridge(
+    comm: &mpi::topology::SimpleCommunicator,
     mut links: Vec<Link>,
     route: HashMap<(i32, i32), usize>,
     channels: usize,
@@ -245,7 +267,6 @@ fn bridge(
         .enumerate()
         .map(|(i, l)| ((l.peer, l.send_tag), i))
         .collect();
-    let world = mpi::topology::SimpleCommunicator::world();
     let mut buf = vec![0u8; credit.piece];
     let mut quiet_since: Option<Instant> = None;
     let mut nap = Duration::from_micros(10);
@@ -259,8 +280,7 @@ fn bridge(
             }
             match l.stream.read(&mut buf) {
                 Ok(n) if n > 0 => {
-                    world
-                        .process_at_rank(l.peer)
+                    comm.process_at_rank(l.peer)
                         .buffered_send_with_tag(&buf[..n], l.send_tag);
                     l.in_flight += n + MESSAGE_COST;
                     moved = true;
@@ -270,18 +290,14 @@ fn bridge(
                 // message.
                 _ => {
                     l.local_done = true;
-                    world
-                        .process_at_rank(l.peer)
+                    comm.process_at_rank(l.peer)
                         .buffered_send_with_tag(&buf[..0], l.send_tag);
                     l.in_flight += MESSAGE_COST;
                     moved = true;
                 }
             }
         }
-        while let Some(probed) = world
-            .any_process()
-            .immediate_matched_probe_with_tag(ack_tag)
-        {
+        while let Some(probed) = comm.any_process().immediate_matched_probe_with_tag(ack_tag) {
             let (data, status) = probed.matched_receive_vec::<u8>();
             moved = true;
             let Some((t, cost)) = decode_ack(&data) else {
@@ -292,7 +308,7 @@ fn bridge(
             }
         }
         for &t in &tags {
-            while let Some(probed) = world.any_process().immediate_matched_probe_with_tag(t) {
+            while let Some(probed) = comm.any_process().immediate_matched_probe_with_tag(t) {
                 let (data, status) = probed.matched_receive_vec::<u8>();
                 moved = true;
                 let Some(&i) = route.get(&(status.source_rank(), status.tag())) else {
@@ -323,8 +339,7 @@ fn bridge(
                 && (l.to_ack >= credit.window / 4 || (l.remote_done && l.pending.is_empty()))
         }) {
             let ack = encode_ack(l.recv_tag, std::mem::take(&mut l.to_ack));
-            world
-                .process_at_rank(l.peer)
+            comm.process_at_rank(l.peer)
                 .buffered_send_with_tag(&ack[..], ack_tag);
             moved = true;
         }

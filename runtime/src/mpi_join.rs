@@ -39,6 +39,16 @@ impl Drop for Finalizer {
             return;
         };
         if self.dsm.upgrade().is_some() {
+            // Finalizing MPI belongs to the thread that initialized it, which is this one, now.
+            eprintln!(
+                "dsm: the Runtime was dropped while handles on the job (a TupleSpace, say) live on, so MPI is left unfinalized and mpirun may report this rank as failed: drop them before the Runtime"
+            );
+            std::mem::forget(u.0);
+            return;
+        }
+        if std::thread::panicking() {
+            // The rank is ending with a panic: waiting for the bridge to see the other ranks' ends would
+            // only delay that.
             std::mem::forget(u.0);
             return;
         }

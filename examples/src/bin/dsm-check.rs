@@ -12,6 +12,8 @@
 //!   at pages other ranks have touched, whose data it must keep; so does a home handing a sequential
 //!   remote writer untouched pages ahead;
 //! - `lockfault`: threads waiting for a lock do not keep the lock's holder from resolving faults;
+//! - `ownmpi`: (under mpirun) the program's own MPI messages, received with wildcards on `MPI_COMM_WORLD`
+//!   beside the job's traffic, are exactly the program's, whichever transport carries the job;
 //! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging;
 //! - `sentsigbus`: a SIGBUS sent to a rank (not a fault) kills it, as it would without dsm;
 //! - `diewriting`: (under --keep-going) a rank dies while it and another write one page in turn; the other
@@ -24,7 +26,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | bytes | mplock | readahead | coalesce | firsttouch | lockfault |
-    /// idle | die | diewriting | sentsigbus
+    /// idle | ownmpi | die | diewriting | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -797,6 +799,7 @@ fn main() -> anyhow::Result<()> {
             dsm.barrier()?;
             anyhow::bail!("rank {me}: a barrier completed without the signalled rank");
         }
+        "ownmpi" => own_mpi(dsm, me, n, args.rounds)?,
         "die" => {
             let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
             v.set(me, 1);
@@ -810,12 +813,66 @@ fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, readahead, coalesce, firsttouch, lockfault, idle, die, diewriting or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, readahead, coalesce, firsttouch, lockfault, idle, ownmpi, die, diewriting or sentsigbus"
             )
         }
     }
     rt.finish()?;
     Ok(())
+}
+
+/// Each round, a locked increment of a shared counter (the job's traffic) and a message of the program's
+/// own to the next rank, received with any source and any tag, on tags the MPI transport once used on
+/// `MPI_COMM_WORLD` itself: every message received must be the one the previous rank sent.
+#[cfg(feature = "mpi")]
+fn own_mpi(dsm: &dsm::Dsm, me: usize, n: usize, rounds: usize) -> anyhow::Result<()> {
+    use mpi::traits::{Communicator, Destination, Source};
+    ensure!(
+        mpi::environment::is_initialized(),
+        "ownmpi runs under mpirun"
+    );
+    let world = mpi::topology::SimpleCommunicator::world();
+    let counter = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
+    let (next, prev) = ((me + 1) % n, (me + n - 1) % n);
+    for round in 0..rounds {
+        let guard = dsm.lock(0)?;
+        counter.set(0, counter.get(0) + 1);
+        guard.unlock()?;
+        let tag = 32_000 + (round % 3) as i32;
+        let sent = format!("own {me} {round}");
+        let (got, status) = mpi::request::scope(|scope| {
+            let request = world.process_at_rank(next as i32).immediate_send_with_tag(
+                scope,
+                sent.as_bytes(),
+                tag,
+            );
+            let got = world.any_process().receive_vec::<u8>();
+            request.wait();
+            got
+        });
+        let want = format!("own {prev} {round}");
+        ensure!(
+            got == want.as_bytes() && status.tag() == tag && status.source_rank() == prev as i32,
+            "rank {me} round {round}: received {:?} with tag {} from rank {}, expected {want:?} with tag {tag} from rank {prev}",
+            String::from_utf8_lossy(&got),
+            status.tag(),
+            status.source_rank()
+        );
+    }
+    dsm.barrier()?;
+    let total = counter.get(0);
+    ensure!(
+        total == (rounds * n) as u64,
+        "rank {me}: counter {total}, expected {}",
+        rounds * n
+    );
+    println!("ownmpi ok: {rounds} rounds");
+    Ok(())
+}
+
+#[cfg(not(feature = "mpi"))]
+fn own_mpi(_: &dsm::Dsm, _: usize, _: usize, _: usize) -> anyhow::Result<()> {
+    anyhow::bail!("ownmpi needs a build with the mpi feature, run under mpirun")
 }
 
 /// User and system CPU time of this process so far, in seconds.
