@@ -527,7 +527,9 @@ impl LockGuard<'_> {
         let (notices, clock) = {
             let rc = s.rc.lock().unwrap_or_else(|p| p.into_inner());
             let (notices, clock) = rc.notices_to_pass(self.id);
-            (crate::rc::encode_notices(&notices, rc.horizon()), clock)
+            let bytes =
+                crate::rc::encode_notices_within(&notices, rc.horizon(), MAX_SERVICE_REQUEST);
+            (bytes, clock)
         };
         let ch = s.channels.claim();
         let sent = ch.send(

@@ -1270,24 +1270,25 @@ impl Engine {
             READ_ONLY => region.protect(page, 1, false),
             _ => Ok(()),
         };
-        let result = match made_writable {
-            Err(e) => Err(format!(
-                "making page {page} writable for a diff failed: {e}"
-            )),
-            Ok(()) => {
-                set_state(word, READ_WRITE);
-                region
-                    .apply_diff(page, &diff)
-                    .map_err(|e| format!("a diff for page {page}: {e}"))
-            }
-        };
+        if let Err(e) = made_writable {
+            // This rank's own failure (the kernel refused), not the sender's: the home cannot keep its
+            // pages right, and blaming the sender would end the job naming a healthy rank.
+            crate::fault::release_busy(region, page);
+            self.die(&format!(
+                "making page {page} of region {} writable for a diff failed: {e}",
+                region.id
+            ));
+        }
+        set_state(word, READ_WRITE);
+        let applied = region.apply_diff(page, &diff);
         crate::fault::release_busy(region, page);
-        match result {
+        match applied {
             Ok(_) => {
                 Counters::add(&self.shared.counters.diffs_applied, 1);
                 self.reply(idx, &Reply::Ack, &[]);
             }
-            Err(what) => self.close(idx, &what),
+            // A diff that does not decode: the sender is broken.
+            Err(e) => self.close(idx, &format!("a diff for page {page}: {e}")),
         }
     }
 

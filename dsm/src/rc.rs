@@ -74,6 +74,28 @@ pub(crate) fn encode_notices(notices: &[WriteNotice], horizon: &VectorClock) -> 
 }
 
 /// Decodes write notices and their horizon received from `from`, in a job of `size` ranks.
+/// The notices and horizon a lock release passes, encoded in at most `max` bytes: when they do not fit,
+/// no notice goes and the horizon is raised over them all, so that an acquirer that has not seen them
+/// drops every cached page of release-consistency regions instead (as for notices forgotten on the way).
+/// A release the lock's home would refuse as too large would leave the lock held for ever.
+pub(crate) fn encode_notices_within(
+    notices: &[WriteNotice],
+    horizon: &VectorClock,
+    max: usize,
+) -> Vec<u8> {
+    let bytes = encode_notices(notices, horizon);
+    if bytes.len() <= max {
+        return bytes;
+    }
+    let mut raised = horizon.clone();
+    for n in notices {
+        if let Some(i) = raised.0.get_mut(n.rank.index()) {
+            *i = (*i).max(n.interval);
+        }
+    }
+    encode_notices(&[], &raised)
+}
+
 pub(crate) fn decode_notices(
     bytes: &[u8],
     from: Rank,
@@ -143,49 +165,68 @@ fn diff_of(region: &RegionShared, page: u64) -> Vec<u8> {
     bytes
 }
 
-/// Sends diffs to their homes and waits for every acknowledgement. The caller holds the pages BUSY (so no
-/// thread of this rank fetches them again before their homes have the diffs) and no channel.
-fn send_diffs(shared: &Shared, diffs: &[(Rank, u32, u64, Vec<u8>)]) -> Result<()> {
+/// Sends diffs to their homes and waits for their acknowledgements. The caller holds the pages BUSY (so no
+/// thread of this rank fetches them again before their homes have the diffs) and no channel. Returns which
+/// diffs their homes acknowledged (`true` at their index), and the first error. A home that fails takes
+/// no more diffs, but the others' are still sent and their acknowledgements read: a diff a home applied
+/// must not stay twinned (sent again after later writes by others, it would undo them), and an
+/// acknowledgement left unread would go back to the pool with the channel and be taken by its next user
+/// for an answer of its own.
+fn send_diffs(shared: &Shared, diffs: &[(Rank, u32, u64, Vec<u8>)]) -> (Vec<bool>, Result<()>) {
+    let mut acked = vec![false; diffs.len()];
     if diffs.is_empty() {
-        return Ok(());
+        return (acked, Ok(()));
     }
     let c = &shared.counters;
     let mut ch = shared.channels.claim();
-    for (home, region, page, bytes) in diffs {
+    // Homes whose connection on this channel failed or fell out of step: nothing more is sent to them
+    // or read from them.
+    let mut broken: Vec<Rank> = Vec::new();
+    let mut first_error = None;
+    let mut sent = vec![false; diffs.len()];
+    for (i, (home, region, page, bytes)) in diffs.iter().enumerate() {
+        if broken.contains(home) {
+            continue;
+        }
         Counters::add(&c.diffs, 1);
         Counters::add(&c.diff_bytes, bytes.len() as u64);
-        ch.send(
-            c,
-            *home,
-            &Request::Diff {
-                region: *region,
-                page: *page,
-            },
-            &[bytes],
-        )
-        .map_err(|e| DsmError::PeerFailed {
-            rank: *home,
-            reason: format!("sending a diff: {e}"),
-        })?;
-    }
-    for (home, ..) in diffs {
-        match ch.recv(c, *home) {
-            Ok((Reply::Ack, _, _)) => {}
-            Ok((other, _, _)) => {
-                return Err(DsmError::Protocol {
-                    rank: *home,
-                    what: format!("expected a diff ack, got {other:?}"),
-                })
-            }
+        let request = Request::Diff {
+            region: *region,
+            page: *page,
+        };
+        match ch.send(c, *home, &request, &[bytes]) {
+            Ok(()) => sent[i] = true,
             Err(e) => {
-                return Err(DsmError::PeerFailed {
+                broken.push(*home);
+                first_error.get_or_insert(DsmError::PeerFailed {
                     rank: *home,
-                    reason: e.to_string(),
-                })
+                    reason: format!("sending a diff: {e}"),
+                });
             }
         }
     }
-    Ok(())
+    for (i, (home, ..)) in diffs.iter().enumerate() {
+        if !sent[i] || broken.contains(home) {
+            continue;
+        }
+        let error = match ch.recv(c, *home) {
+            Ok((Reply::Ack, _, _)) => {
+                acked[i] = true;
+                continue;
+            }
+            Ok((other, _, _)) => DsmError::Protocol {
+                rank: *home,
+                what: format!("expected a diff ack, got {other:?}"),
+            },
+            Err(e) => DsmError::PeerFailed {
+                rank: *home,
+                reason: e.to_string(),
+            },
+        };
+        broken.push(*home);
+        first_error.get_or_insert(error);
+    }
+    (acked, first_error.map_or(Ok(()), Err))
 }
 
 /// Write-protects a page held BUSY and marks it read-only.
@@ -307,12 +348,14 @@ fn release_pages(
                     waiting.push(page);
                 }
             }
-            let sent = match failed {
-                Some(e) => Err(e),
+            let (acked, sent) = match failed {
+                Some(e) => (vec![false; diffs.len()], Err(e)),
                 None => send_diffs(shared, &diffs),
             };
-            for &page in &waiting {
-                if sent.is_ok() {
+            // A page whose diff its home did not acknowledge keeps its twin: `release` puts it back on the
+            // dirty list, and its writes go at the next release.
+            for (&page, acked) in waiting.iter().zip(acked) {
+                if acked {
                     region
                         .state(page)
                         .fetch_and(!(WRITTEN | TWINNED), Ordering::AcqRel);
@@ -403,7 +446,7 @@ fn drop_page(shared: &Shared, region: &Arc<RegionShared>, page: u64) -> Result<(
                 }
                 let bytes = diff_of(region, page);
                 if !bytes.is_empty() {
-                    send_diffs(shared, &[(region.home(page), region.id, page, bytes)])?;
+                    send_diffs(shared, &[(region.home(page), region.id, page, bytes)]).1?;
                 }
                 word.fetch_and(!TWINNED, Ordering::AcqRel);
                 region.drop_twin(page);
@@ -492,6 +535,24 @@ mod tests {
         assert!(back.is_empty());
         assert_eq!(horizon, h);
         assert!(encode_notices(&[], &none).is_empty());
+    }
+
+    #[test]
+    fn notices_too_large_for_a_release_become_a_horizon_over_them() {
+        let scattered: Vec<(u32, u64)> = (0..1000).map(|p| (0, 2 * p)).collect();
+        let notices = [
+            notice(0, 3, &scattered),
+            notice(2, 5, &scattered),
+            notice(2, 4, &[(1, 1)]),
+        ];
+        let h = VectorClock(vec![1, 2, 0]);
+        let whole = encode_notices(&notices, &h);
+        assert_eq!(encode_notices_within(&notices, &h, whole.len()), whole);
+        let small = encode_notices_within(&notices, &h, whole.len() - 1);
+        let (back, horizon) = decode_notices(&small, Rank(1), 3).unwrap();
+        assert!(back.is_empty());
+        // Every notice left out is covered, and what the horizon had stays.
+        assert_eq!(horizon, VectorClock(vec![3, 2, 5]));
     }
 
     #[test]

@@ -695,6 +695,26 @@ fn job_keep_going(program: &str, ranks: usize, args: &[&str]) -> (Outcome, Strin
     launch_captured(program, ranks, args, &[], true)
 }
 
+/// Under --keep-going, a release whose diffs go to a dead home and a live one fails naming the dead one;
+/// the live one applies its diff, and the releasing rank reads pages from it afterwards over the same
+/// channels (two of them, without read-ahead, so that the channel of the release is soon used again).
+#[test]
+fn a_release_with_a_dead_home_fails_and_leaves_the_channels_in_step() {
+    let (o, out) = launch_captured(
+        CHECK,
+        3,
+        &["diffhomedies"],
+        &[("DSM_CHANNELS", "2"), ("DSM_READAHEAD", "1")],
+        true,
+    );
+    assert_eq!(o.code, 0, "{out}");
+    assert!(
+        out.contains("diffhomedies: rank 1 applied rank 0's diff")
+            && out.contains("diffhomedies: the release failed naming rank 2, and rank 0 went on"),
+        "{out}"
+    );
+}
+
 #[test]
 fn tuples_taken_by_four_processes_are_taken_exactly_once() {
     let (o, out) = job(LINDA, 4, &["exactly-once", "--tuples", "100000"]);

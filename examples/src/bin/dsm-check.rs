@@ -15,6 +15,8 @@
 //! - `ownmpi`: (under mpirun) the program's own MPI messages, received with wildcards on `MPI_COMM_WORLD`
 //!   beside the job's traffic, are exactly the program's, whichever transport carries the job;
 //! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging;
+//! - `diffhomedies`: (under --keep-going, 3 ranks) a release sends diffs to two homes, one of them dead: it
+//!   fails naming the dead one, the live one applies its diff, and the releasing rank goes on;
 //! - `sentsigbus`: a SIGBUS sent to a rank (not a fault) kills it, as it would without dsm;
 //! - `diewriting`: (under --keep-going) a rank dies while it and another write one page in turn; the other
 //!   must finish or fail naming it, never hang.
@@ -26,7 +28,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | bytes | mplock | readahead | coalesce | firsttouch | lockfault |
-    /// idle | ownmpi | die | diewriting | sentsigbus
+    /// idle | ownmpi | die | diewriting | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -786,6 +788,61 @@ fn main() -> anyhow::Result<()> {
             }
             std::process::exit(0);
         }
+        "diffhomedies" => {
+            // Rank 0 writes a page homed at rank 2, then one homed at rank 1, so that one release sends a
+            // diff to each, rank 2's first; rank 2 has died by then. The release fails naming rank 2, rank
+            // 1 applies its diff, and rank 0 reads pages from rank 1 afterwards: the channel of the release
+            // must go back to the pool with rank 1's acknowledgement read (left there, it was taken for the
+            // answer to a later page fetch, and the rank ended).
+            anyhow::ensure!(n == 3, "diffhomedies needs 3 ranks");
+            let pages = 48; // page p homed at rank p % 3
+            let v = dsm.alloc_vec_in::<u64>(
+                pages * WORDS_PER_PAGE,
+                dsm::Placement::Cyclic,
+                dsm::Consistency::Release,
+            )?;
+            if me == 0 {
+                // Copies of both pages, so that writing them later needs no home.
+                ensure!(v.get(2 * WORDS_PER_PAGE) + v.get(WORDS_PER_PAGE) == 0);
+            }
+            dsm.barrier()?;
+            let until = |what: &str, done: &dyn Fn() -> bool| -> anyhow::Result<()> {
+                let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while !done() {
+                    ensure!(std::time::Instant::now() < limit, "rank {me}: {what}");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Ok(())
+            };
+            let failed = |r: u32| dsm.failed_ranks().contains(&dsm::Rank(r));
+            match me {
+                2 => nix_kill_self(),
+                1 => {
+                    until("rank 0's diff did not arrive in 30 s", &|| {
+                        v.get(WORDS_PER_PAGE) == 11
+                    })?;
+                    println!("diffhomedies: rank 1 applied rank 0's diff");
+                    until("rank 0 did not leave in 30 s", &|| failed(0))?;
+                }
+                _ => {
+                    until("rank 2's death was not noticed in 30 s", &|| failed(2))?;
+                    let guard = dsm.lock(0)?; // homed here
+                    v.set(2 * WORDS_PER_PAGE, 7);
+                    v.set(WORDS_PER_PAGE, 11);
+                    let Err(e) = guard.unlock() else {
+                        anyhow::bail!("a release with a diff for a dead home succeeded");
+                    };
+                    ensure!(e.to_string().contains("rank 2"), "the release failed: {e}");
+                    // Faults on the pages homed at rank 1, one page each, over every channel.
+                    for p in (4..pages).step_by(3) {
+                        ensure!(v.get(p * WORDS_PER_PAGE) == 0, "page {p} is not zero");
+                    }
+                    ensure!(v.get(WORDS_PER_PAGE) == 11, "rank 0 lost its own write");
+                    println!("diffhomedies: the release failed naming rank 2, and rank 0 went on");
+                }
+            }
+            std::process::exit(0);
+        }
         "sentsigbus" => {
             // A SIGBUS sent to a rank (not raised by a fault) must take its default action, killing the
             // rank, even though dsm handles SIGBUS for its page faults.
@@ -813,7 +870,7 @@ fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, readahead, coalesce, firsttouch, lockfault, idle, ownmpi, die, diewriting or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, readahead, coalesce, firsttouch, lockfault, idle, ownmpi, die, diewriting, diffhomedies or sentsigbus"
             )
         }
     }
