@@ -375,7 +375,10 @@ fn configuration_errors_are_clear() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("mpirun") && err.contains("dsmrun"), "{err}");
-    assert!(err.contains("rebuild it with the `mpi` feature"), "{err}");
+    assert!(
+        err.contains("rebuild it with dsm-runtime's `mpi` feature"),
+        "{err}"
+    );
 
     // One of several srun tasks without PMI: refused, not run as a job of one rank.
     let out = std::process::Command::new(hello)
