@@ -526,9 +526,8 @@ impl LockGuard<'_> {
         // has seen) and grants each acquirer what its clock does not cover.
         let (notices, clock) = {
             let rc = s.rc.lock().unwrap_or_else(|p| p.into_inner());
-            let (notices, clock) = rc.notices_to_pass(self.id);
-            let bytes =
-                crate::rc::encode_notices_within(&notices, rc.horizon(), MAX_SERVICE_REQUEST);
+            let (notices, horizon, clock) = rc.notices_to_pass(self.id);
+            let bytes = crate::rc::encode_notices_within(&notices, &horizon, MAX_SERVICE_REQUEST);
             (bytes, clock)
         };
         let ch = s.channels.claim();

@@ -65,15 +65,21 @@ struct LockServer {
 }
 
 impl LockServer {
-    fn new(size: usize) -> LockServer {
+    /// A lock server whose horizon starts at `horizon` (what the servers let go of may have known).
+    fn new(horizon: VectorClock) -> LockServer {
         LockServer {
             held: false,
             waiters: VecDeque::new(),
             notices: NoticeSet::default(),
-            horizon: VectorClock::new(size),
+            horizon,
         }
     }
 }
+
+/// Lock servers a rank keeps before it lets idle ones go (`Engine::let_idle_locks_go`): a program that
+/// takes many distinct locks (one per bucket of a table, say) would otherwise keep a server for every lock
+/// it ever took.
+const KEPT_LOCKS: usize = 1024;
 
 /// The state of the service loop of one rank.
 #[derive(Debug)]
@@ -99,6 +105,9 @@ pub(crate) struct Engine {
     /// Release consistency: what the notices of all the locks homed here take (bounded by
     /// `Shared::notice_memory`).
     lock_notice_bytes: usize,
+    /// Release consistency: what the lock servers let go of may have known that not every rank has seen
+    /// (their notices and horizons, as a horizon), which every new lock server starts with.
+    gone_locks_horizon: VectorClock,
     scratch: Vec<u8>,
     /// The host this rank runs on, to compare with those of the ranks that introduce themselves.
     host: Option<Host>,
@@ -145,6 +154,7 @@ impl Engine {
             arrival_notices: Vec::new(),
             arrival_horizon: VectorClock::new(shared.size),
             lock_notice_bytes: 0,
+            gone_locks_horizon: VectorClock::new(shared.size),
             scratch: vec![0; PAGE_SIZE],
             host: Host::this(),
             direct: (0..shared.size).map(|_| None).collect(),
@@ -407,11 +417,11 @@ impl Engine {
                         return;
                     }
                 };
-                let size = self.shared.size;
+                let gone = &self.gone_locks_horizon;
                 let l = self
                     .locks
                     .entry(lock)
-                    .or_insert_with(|| LockServer::new(size));
+                    .or_insert_with(|| LockServer::new(gone.clone()));
                 if l.held {
                     l.waiters.push_back((idx, clock));
                 } else {
@@ -607,10 +617,43 @@ impl Engine {
         let l = self.locks.get_mut(&lock)?;
         let next = l.waiters.pop_front();
         l.held = next.is_some();
-        next.map(|(w, clock)| {
+        let next = next.map(|(w, clock)| {
             let grant = crate::rc::encode_notices(&l.notices.unseen(&clock), &l.horizon);
             (w, grant)
-        })
+        });
+        if self.locks.len() > 2 * KEPT_LOCKS {
+            self.let_idle_locks_go(cut.as_ref());
+        }
+        next
+    }
+
+    /// Lets every lock server go that nobody holds or waits for. What a later holder of such a lock could
+    /// need from it, its notices that not every rank has seen (`cut` covers the rest) and its horizon, is
+    /// folded into the horizon new lock servers start with: an acquirer that has not seen those intervals
+    /// drops its cached pages of release-consistency regions, as for notices forgotten on the way. Under
+    /// sequential consistency there is nothing to fold. Called when more than twice [`KEPT_LOCKS`] servers
+    /// are kept, so the look at them all is paid for by the locks taken since the last one.
+    fn let_idle_locks_go(&mut self, cut: Option<&VectorClock>) {
+        let gone = &mut self.gone_locks_horizon;
+        let before = self.locks.len();
+        self.locks.retain(|_, l| {
+            if l.held || !l.waiters.is_empty() {
+                return true;
+            }
+            if let Some(cut) = cut {
+                l.notices.forget_covered(cut);
+            }
+            l.notices.raise_over(&mut l.horizon);
+            if !cut.is_some_and(|c| c.covers_clock(&l.horizon)) {
+                gone.merge(&l.horizon);
+            }
+            false
+        });
+        self.lock_notice_bytes = self.locks.values().map(|l| l.notices.bytes()).sum();
+        Counters::add(
+            &self.shared.counters.locks_let_go,
+            (before - self.locks.len()) as u64,
+        );
     }
 
     fn barrier(&mut self, idx: usize, epoch: u64, tag: u64, notices: Vec<u8>) {

@@ -42,6 +42,7 @@ pub(crate) struct Counters {
     pub(crate) acquire_invalidations: AtomicU64,
     pub(crate) full_invalidations: AtomicU64,
     pub(crate) notices_forgotten: AtomicU64,
+    pub(crate) locks_let_go: AtomicU64,
 }
 
 impl Counters {
@@ -93,6 +94,7 @@ impl Counters {
             acquire_invalidations: g(&self.acquire_invalidations),
             full_invalidations: g(&self.full_invalidations),
             notices_forgotten: g(&self.notices_forgotten),
+            locks_let_go: g(&self.locks_let_go),
         }
     }
 }
@@ -172,6 +174,9 @@ pub struct Stats {
     /// Release consistency: write notices forgotten here (by this rank, or by the locks it is the home of)
     /// to keep their memory under the bound between barriers.
     pub notices_forgotten: u64,
+    /// Idle lock servers this rank let go of, as the home of more locks than it keeps (their state
+    /// folded into a horizon: see `Engine::let_idle_locks_go`).
+    pub locks_let_go: u64,
 }
 
 impl Stats {
@@ -247,6 +252,9 @@ impl fmt::Display for Stats {
             self.barriers,
             self.barrier_wait_ns as f64 / 1e6
         )?;
+        if self.locks_let_go > 0 {
+            write!(f, "; {} idle lock servers let go of", self.locks_let_go)?;
+        }
         if self.twins + self.diffs_applied + self.write_notices > 0 {
             write!(
                 f,

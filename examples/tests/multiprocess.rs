@@ -127,6 +127,17 @@ fn lock_protected_counters_are_exact() {
     );
 }
 
+/// More locks than a home keeps servers for (idle ones are let go of): exact counters under both models.
+#[test]
+fn counters_behind_thousands_of_locks_are_exact() {
+    passes_at(&[2], CHECK, &["manylocks", "--rounds", "12000"]);
+    passes_at(
+        &[3],
+        CHECK,
+        &["manylocks", "--rounds", "9000", "--consistency", "release"],
+    );
+}
+
 #[test]
 fn message_passing_litmus() {
     passes_at(&[2, 3, 4], CHECK, &["mp", "--rounds", "200"]);

@@ -11,6 +11,9 @@
 //! - `firsttouch`: a home filling its untouched pages with zeros ahead of a sequential first touch stops
 //!   at pages other ranks have touched, whose data it must keep; so does a home handing a sequential
 //!   remote writer untouched pages ahead;
+//! - `manylocks`: counters each behind a lock of its own, more locks than a home keeps servers for, reach
+//!   exact values (idle lock servers are let go of, and under release consistency what they knew is kept
+//!   as a horizon);
 //! - `lockfault`: threads waiting for a lock do not keep the lock's holder from resolving faults;
 //! - `ownmpi`: (under mpirun) the program's own MPI messages, received with wildcards on `MPI_COMM_WORLD`
 //!   beside the job's traffic, are exactly the program's, whichever transport carries the job;
@@ -27,7 +30,7 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | latehome | bytes | mplock | readahead | coalesce | firsttouch | lockfault |
+    /// counter | mp | sb | pages | latehome | bytes | mplock | manylocks | readahead | coalesce | firsttouch | lockfault |
     /// idle | ownmpi | die | diewriting | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
@@ -297,6 +300,39 @@ fn main() -> anyhow::Result<()> {
                 "idle: rank {me} used {cpu:.3} s of CPU in {wall:.3} s ({:.1}%)",
                 100.0 * cpu / wall
             );
+        }
+        "manylocks" => {
+            // Counter k behind lock k, for 8192 of them: every home has more locks than the servers it
+            // keeps (`KEPT_LOCKS` in dsm's engine), so idle ones are let go of and made again as the
+            // rounds come back to them.
+            let locks = 8192;
+            let counters = dsm.alloc_vec_in::<u64>(locks, dsm::Placement::Cyclic, model)?;
+            dsm.barrier()?;
+            let pick = |rank: usize, i: usize| (i * 7 + rank * 3) % locks;
+            for i in 0..args.rounds {
+                let k = pick(me, i);
+                let guard = dsm.lock(k as u64)?;
+                counters.set(k, counters.get(k) + 1);
+                guard.unlock()?;
+            }
+            dsm.barrier()?;
+            let mut want = vec![0u64; locks];
+            for rank in 0..n {
+                for i in 0..args.rounds {
+                    want[pick(rank, i)] += 1;
+                }
+            }
+            for (k, w) in want.iter().enumerate() {
+                let got = counters.get(k);
+                ensure!(got == *w, "rank {me}: counter {k} is {got}, expected {w}");
+            }
+            let gone = dsm.stats().locks_let_go;
+            ensure!(
+                locks / n <= 2048 || args.rounds < locks || gone > 0,
+                "rank {me} is the home of {} locks and let none go",
+                locks / n
+            );
+            println!("manylocks ok: {} rounds", args.rounds);
         }
         "mplock" => {
             // Message passing through a lock: rank 0 writes data then a flag under the lock; the others take
@@ -870,7 +906,7 @@ fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, readahead, coalesce, firsttouch, lockfault, idle, ownmpi, die, diewriting, diffhomedies or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, idle, ownmpi, die, diewriting, diffhomedies or sentsigbus"
             )
         }
     }

@@ -286,14 +286,14 @@ impl Sim {
         }
         self.counter_model[lock] = c + 1;
         self.release(r);
-        let (passed, clock) = self.rc[r].notices_to_pass(lock as u64);
+        let (passed, horizon, clock) = self.rc[r].notices_to_pass(lock as u64);
         // As the engine's lock home: what the last stable cut covers every rank has seen.
         for n in passed {
             if !self.lock_cut.as_ref().is_some_and(|c| c.covers(&n)) {
                 self.lock_notices[lock].insert(n);
             }
         }
-        self.lock_horizons[lock].merge(self.rc[r].horizon());
+        self.lock_horizons[lock].merge(&horizon);
         self.rc[r].passed_through(lock as u64, clock);
         // As the engine's lock home (rank `lock % ranks`): past the bound, every lock it homes keeps the
         // newer half of its notices.
@@ -578,7 +578,7 @@ fn a_release_passes_through_a_lock_only_what_it_did_not_pass_before_and_nothing_
         rc.acquire(&grant, &Z, |_| false).invalidate
     };
     let give = |rc: &mut RcRank, union: &mut NoticeSet, lock: usize| {
-        let (passed, clock) = rc.notices_to_pass(lock as u64);
+        let (passed, _, clock) = rc.notices_to_pass(lock as u64);
         let n = passed.len();
         for p in passed {
             union.insert(p);
@@ -622,11 +622,11 @@ fn a_notice_learned_between_passing_and_recording_is_passed_next_time() {
     // Another thread of the rank learns a notice between the release's snapshot and its record: the record
     // must be the snapshot, or that notice would never go through this lock.
     let mut x = RcRank::new(Rank(0), 2);
-    let (passed, clock) = x.notices_to_pass(7);
+    let (passed, _, clock) = x.notices_to_pass(7);
     assert!(passed.is_empty());
     x.acquire(&[notice(1, 1, 3)], &Z, |_| false);
     x.passed_through(7, clock);
-    let (passed, _) = x.notices_to_pass(7);
+    let (passed, ..) = x.notices_to_pass(7);
     assert_eq!(passed, vec![notice(1, 1, 3)]);
 }
 
@@ -657,7 +657,7 @@ fn an_acquirer_behind_a_horizon_drops_everything_and_passes_the_horizon_on() {
     assert_eq!(y.horizon(), &forgot_1);
     // Seen from now on: the same horizon again changes nothing.
     assert!(!y.acquire(&[], &forgot_1, |_| false).everything);
-    let (passed, _) = y.notices_to_pass(7);
+    let (passed, ..) = y.notices_to_pass(7);
     assert_eq!(passed, interval_2);
     let a = z.acquire(&passed, y.horizon(), |_| false);
     assert!(a.everything, "rank 2 kept its copy of page 1");
