@@ -111,8 +111,12 @@ impl Walk {
 /// The size of the split cut when `remaining` bytes of input are left for `workers` task slots: `size`,
 /// until the rest no longer gives every slot two splits of that size; from there on smaller (down to
 /// `size / 16`), so that the map phase ends with short tasks instead of one slot busy with a whole split
-/// while the others wait (guided self-scheduling).
+/// while the others wait (guided self-scheduling). A single slot has nobody to wait for it: its splits are
+/// all `size` (smaller ones only add tasks, each with its own sorted runs to write and merge).
 fn split_size_at(remaining: u64, size: u64, workers: usize) -> u64 {
+    if workers <= 1 {
+        return size.max(1);
+    }
     let floor = (size / 16).max(1);
     (remaining / (2 * workers.max(1) as u64)).clamp(floor, size.max(floor))
 }
@@ -339,6 +343,7 @@ mod tests {
         assert_eq!(split_size_at(mb, 4 * mb, 2), mb / 4);
         assert_eq!(split_size_at(1, 4 * mb, 2), mb / 4, "never below a 16th");
         assert_eq!(split_size_at(0, 0, 0), 1);
+        assert_eq!(split_size_at(mb, 4 * mb, 1), 4 * mb, "one slot: no smaller splits");
     }
 
     #[test]
