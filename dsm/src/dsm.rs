@@ -523,7 +523,9 @@ impl LockGuard<'_> {
         // what was new since the grant lost updates: an acquirer could learn interval k through this lock
         // without interval k-1, issued under another lock, and later skip it.) Less what this rank passed
         // through this same lock before: the lock's home keeps the union (forgetting only what every rank
-        // has seen) and grants each acquirer what its clock does not cover.
+        // has seen) and grants each acquirer what its clock does not cover. Where those notices are too
+        // many (a first pass through a lock, or more than one request holds), a horizon over them goes
+        // instead (`notices_to_pass`, `encode_notices_within`).
         let (notices, clock) = {
             let rc = s.rc.lock().unwrap_or_else(|p| p.into_inner());
             let (notices, horizon, clock) = rc.notices_to_pass(self.id);

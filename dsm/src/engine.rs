@@ -76,9 +76,9 @@ impl LockServer {
     }
 }
 
-/// Lock servers a rank keeps before it lets idle ones go (`Engine::let_idle_locks_go`): a program that
-/// takes many distinct locks (one per bucket of a table, say) would otherwise keep a server for every lock
-/// it ever took.
+/// Past twice this many lock servers, a rank lets every idle one go (`Engine::let_idle_locks_go`): a
+/// program that takes many distinct locks (one per bucket of a table, say) would otherwise keep a server
+/// for every lock it ever took.
 const KEPT_LOCKS: usize = 1024;
 
 /// The state of the service loop of one rank.

@@ -73,7 +73,6 @@ pub(crate) fn encode_notices(notices: &[WriteNotice], horizon: &VectorClock) -> 
     postcard::to_allocvec(&WireNotices { horizon, notices }).unwrap_or_default()
 }
 
-/// Decodes write notices and their horizon received from `from`, in a job of `size` ranks.
 /// The notices and horizon a lock release passes, encoded in at most `max` bytes: when they do not fit,
 /// no notice goes and the horizon is raised over them all, so that an acquirer that has not seen them
 /// drops every cached page of release-consistency regions instead (as for notices forgotten on the way).
@@ -96,6 +95,7 @@ pub(crate) fn encode_notices_within(
     encode_notices(&[], &raised)
 }
 
+/// Decodes write notices and their horizon received from `from`, in a job of `size` ranks.
 pub(crate) fn decode_notices(
     bytes: &[u8],
     from: Rank,
@@ -179,8 +179,9 @@ fn send_diffs(shared: &Shared, diffs: &[(Rank, u32, u64, Vec<u8>)]) -> (Vec<bool
     }
     let c = &shared.counters;
     let mut ch = shared.channels.claim();
-    // Homes whose connection on this channel failed or fell out of step: nothing more is sent to them
-    // or read from them.
+    // Homes whose connection on this channel failed: nothing more is sent to them or read from them. A
+    // home that answers a diff with something other than an acknowledgement (refusing it) is not one of
+    // them: it answers each diff once, so the rest of its answers are still read.
     let mut broken: Vec<Rank> = Vec::new();
     let mut first_error = None;
     let mut sent = vec![false; diffs.len()];
@@ -209,22 +210,22 @@ fn send_diffs(shared: &Shared, diffs: &[(Rank, u32, u64, Vec<u8>)]) -> (Vec<bool
         if !sent[i] || broken.contains(home) {
             continue;
         }
-        let error = match ch.recv(c, *home) {
-            Ok((Reply::Ack, _, _)) => {
-                acked[i] = true;
-                continue;
+        match ch.recv(c, *home) {
+            Ok((Reply::Ack, _, _)) => acked[i] = true,
+            Ok((other, _, _)) => {
+                first_error.get_or_insert(DsmError::Protocol {
+                    rank: *home,
+                    what: format!("expected a diff ack, got {other:?}"),
+                });
             }
-            Ok((other, _, _)) => DsmError::Protocol {
-                rank: *home,
-                what: format!("expected a diff ack, got {other:?}"),
-            },
-            Err(e) => DsmError::PeerFailed {
-                rank: *home,
-                reason: e.to_string(),
-            },
-        };
-        broken.push(*home);
-        first_error.get_or_insert(error);
+            Err(e) => {
+                broken.push(*home);
+                first_error.get_or_insert(DsmError::PeerFailed {
+                    rank: *home,
+                    reason: e.to_string(),
+                });
+            }
+        }
     }
     (acked, first_error.map_or(Ok(()), Err))
 }

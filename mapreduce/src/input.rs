@@ -343,7 +343,11 @@ mod tests {
         assert_eq!(split_size_at(mb, 4 * mb, 2), mb / 4);
         assert_eq!(split_size_at(1, 4 * mb, 2), mb / 4, "never below a 16th");
         assert_eq!(split_size_at(0, 0, 0), 1);
-        assert_eq!(split_size_at(mb, 4 * mb, 1), 4 * mb, "one slot: no smaller splits");
+        assert_eq!(
+            split_size_at(mb, 4 * mb, 1),
+            4 * mb,
+            "one slot: no smaller splits"
+        );
     }
 
     #[test]

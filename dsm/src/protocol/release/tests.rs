@@ -42,6 +42,14 @@ struct Sim {
     lock_horizons: Vec<VectorClock>,
     /// The bound on the notices kept by the locks' home (each rank's is in its `RcRank`).
     lock_memory: usize,
+    /// One in this many critical sections is followed by the lock's home letting an idle lock server go
+    /// (0: never), as the engine's `let_idle_locks_go` does: what the server knew is folded into its home's
+    /// `gone` horizon, which the lock's next server starts with.
+    let_go_odds: u32,
+    gone: Vec<VectorClock>,
+    /// Locks whose server was let go and not made again yet.
+    absent: Vec<bool>,
+    lock_servers_let_go: u64,
     full_invalidations: u64,
     /// Acquires that dropped only the pages their notices named.
     targeted_invalidations: u64,
@@ -79,6 +87,10 @@ impl Sim {
             lock_notices: vec![NoticeSet::default(); LOCKS],
             lock_horizons: vec![VectorClock::new(ranks); LOCKS],
             lock_memory: notice_memory,
+            let_go_odds: 0,
+            gone: vec![VectorClock::new(ranks); ranks],
+            absent: vec![false; LOCKS],
+            lock_servers_let_go: 0,
             full_invalidations: 0,
             targeted_invalidations: 0,
             lock_cut: None,
@@ -256,6 +268,11 @@ impl Sim {
         // releaser knows and has not passed through this lock before, which the lock's home adds to
         // its union.
         let lock = rng.random_range(0..LOCKS);
+        if std::mem::take(&mut self.absent[lock]) {
+            // A new server, as the engine makes one: no notices, the home's horizon of those let go.
+            self.lock_notices[lock] = NoticeSet::default();
+            self.lock_horizons[lock] = self.gone[lock % self.ranks].clone();
+        }
         let clock = self.rc[r].clock().clone();
         let grant = self.lock_notices[lock].unseen(&clock);
         let horizon = self.lock_horizons[lock].clone();
@@ -304,6 +321,27 @@ impl Sim {
             for l in homed {
                 let target = self.lock_notices[l].bytes() / 2;
                 self.lock_notices[l].forget_oldest(target, &mut self.lock_horizons[l]);
+            }
+        }
+        if self.let_go_odds > 0 && rng.random_range(0..self.let_go_odds) == 0 {
+            // Every lock is idle between steps here: any may go, as the engine lets idle ones go.
+            let l = rng.random_range(0..LOCKS);
+            if !self.absent[l] {
+                let mut notices = std::mem::take(&mut self.lock_notices[l]);
+                let mut horizon = self.lock_horizons[l].clone();
+                if let Some(cut) = &self.lock_cut {
+                    notices.forget_covered(cut);
+                }
+                notices.raise_over(&mut horizon);
+                if !self
+                    .lock_cut
+                    .as_ref()
+                    .is_some_and(|c| c.covers_clock(&horizon))
+                {
+                    self.gone[l % self.ranks].merge(&horizon);
+                }
+                self.absent[l] = true;
+                self.lock_servers_let_go += 1;
             }
         }
         self.checks += 1;
@@ -411,6 +449,32 @@ fn randomized_jobs_never_read_stale_data_or_lose_a_diff() {
     assert!(
         checks > 100_000 && diffs > 1_000,
         "checks {checks}, diffs {diffs}"
+    );
+}
+
+#[test]
+fn randomized_jobs_whose_lock_homes_let_servers_go_never_read_stale_data() {
+    // Lock servers let go after one critical section in three, and made again, with the horizon of what
+    // they knew, at the lock's next use. Nothing else is forgotten (the default bound).
+    let (mut checks, mut gone, mut full) = (0, 0, 0);
+    for seed in 0..60u64 {
+        let mut rng = StdRng::seed_from_u64(5000 + seed);
+        let ranks = 2 + (seed % 3) as usize;
+        let pages = 1 + (seed % 4) as usize;
+        let mut sim = Sim::new(ranks, pages, DEFAULT_NOTICE_MEMORY, &mut rng);
+        sim.barrier_odds = 10;
+        sim.let_go_odds = 3;
+        for _ in 0..3000 {
+            let r = rng.random_range(0..ranks);
+            sim.step(r, &mut rng);
+        }
+        checks += sim.checks;
+        gone += sim.lock_servers_let_go;
+        full += sim.full_invalidations;
+    }
+    assert!(
+        checks > 50_000 && gone > 1_000 && full > 100,
+        "checks {checks}, lock servers let go {gone}, acquires that dropped everything {full}"
     );
 }
 
