@@ -5,7 +5,7 @@ set -euo pipefail
 
 need=()
 if ! command -v cargo >/dev/null 2>&1; then
-    echo "setup: cargo is not installed: install Rust from https://rustup.rs (stable, 1.80 or newer)" >&2
+    echo "setup: cargo is not installed: install Rust from https://rustup.rs (stable, 1.87 or newer)" >&2
     exit 1
 fi
 if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
