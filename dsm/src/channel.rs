@@ -258,15 +258,22 @@ impl Channel {
         let n = wire::body_len(len, u32::MAX as usize).map_err(RecvError::Frame)?;
         read_exact(fd, &mut self.rx[..2])?;
         let header_len = u16::from_le_bytes([self.rx[0], self.rx[1]]) as usize;
+        // A frame that is refused is still read to its end, so that the connection stays aligned on
+        // frames for the channel's next user.
         if header_len > MAX_HEADER || 2 + header_len > n {
+            self.skip_payload(from, n - 2)?;
             return Err(RecvError::Frame(FrameError::BadLength(header_len)));
         }
         read_exact(fd, &mut self.rx[2..2 + header_len])?;
         Counters::add(&counters.messages_received, 1);
         Counters::add(&counters.bytes_received, 4 + n as u64);
-        let (reply, _) =
-            wire::decode::<Reply>(&self.rx[..2 + header_len]).map_err(RecvError::Frame)?;
-        Ok((reply, n - 2 - header_len))
+        match wire::decode::<Reply>(&self.rx[..2 + header_len]) {
+            Ok((reply, _)) => Ok((reply, n - 2 - header_len)),
+            Err(e) => {
+                self.skip_payload(from, n - 2 - header_len)?;
+                Err(RecvError::Frame(e))
+            }
+        }
     }
 
     /// Receives the next reply from `from` with its payload, of any length, into a vector of its own
@@ -527,6 +534,39 @@ mod tests {
 
     fn pool(n: usize) -> Channels {
         Channels::new((0..n).map(|_| Vec::new()).collect(), 1, 0)
+    }
+
+    #[test]
+    fn a_refused_reply_is_read_to_its_end_and_the_next_one_arrives_whole() {
+        use std::io::Write;
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let p = Channels::new(vec![vec![OwnedFd::from(ours)]], 1, 0);
+        let counters = Counters::default();
+        // A header longer than any header, then one that does not decode, each with a payload; then a
+        // good reply.
+        let mut bytes = Vec::new();
+        for (header_len, header, payload) in [
+            (MAX_HEADER as u16 + 1, vec![7u8; 10], vec![]),
+            (3, vec![0xff; 3], vec![9u8; 5]),
+        ] {
+            let n = (2 + header.len() + payload.len()) as u32;
+            bytes.extend_from_slice(&n.to_le_bytes());
+            bytes.extend_from_slice(&header_len.to_le_bytes());
+            bytes.extend_from_slice(&header);
+            bytes.extend_from_slice(&payload);
+        }
+        theirs.write_all(&bytes).unwrap();
+        write_frame(theirs.as_fd(), &Reply::Ack, &[b"xyz"], &counters).unwrap();
+        let mut ch = p.claim();
+        for _ in 0..2 {
+            assert!(matches!(
+                ch.recv_owned(&counters, Rank(0)),
+                Err(RecvError::Frame(_))
+            ));
+        }
+        let (reply, payload) = ch.recv_owned(&counters, Rank(0)).unwrap();
+        assert!(matches!(reply, Reply::Ack), "{reply:?}");
+        assert_eq!(payload, b"xyz");
     }
 
     #[test]
