@@ -842,6 +842,8 @@ impl Engine {
         }
         let slot = region.slot(page);
         let mut entry = slot.load();
+        let failed = &self.shared.failed;
+        entry.forget_readers(|r| failed[r.index()].load(Ordering::Acquire));
         match swmr::decide(&mut entry, me, requester, access) {
             Decision::Done { home_action, data } => {
                 let copied = self.home_action(region, page, home_action, data == Data::Home);

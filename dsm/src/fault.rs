@@ -12,7 +12,7 @@
 
 use crate::channel::{Channel, RecvError};
 use crate::installer;
-use crate::protocol::swmr::{self, Access, Data, Decision, Grant};
+use crate::protocol::swmr::{self, Access, CopySet, Data, Decision, Grant};
 use crate::region::{
     self, Consistency, RegionShared, BUSY, DEFERRED, INVALID, LOCKED, LOCK_WAITERS, QUEUED,
     READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WAITERS, WRITTEN,
@@ -771,6 +771,7 @@ fn local_transaction(region: &RegionShared, page: u64, access: Access) -> Result
     lock_slot(&slot.lock);
     let result = (|| {
         let mut entry = slot.load();
+        entry.forget_readers(|r| shared.failed[r.index()].load(Ordering::Acquire));
         match swmr::decide(&mut entry, shared.me, shared.me, access) {
             Decision::Done { data, .. } => {
                 match data {
@@ -873,14 +874,21 @@ fn run_grant(
         ch.send(c, owner, &req, &[])
             .map_err(|e| FaultError::Send(owner, e))?;
     }
+    // A copy holder that has failed by now (after the home decided) lost its copy with it: asking it
+    // fails, and is not waited for.
+    let failed = |r: Rank| shared.failed[r.index()].load(Ordering::Acquire);
+    let mut asked = CopySet::EMPTY;
     for r in grant.invalidate.iter() {
         let req = Request::Invalidate {
             region: id,
             page,
             send_data: false,
         };
-        ch.send(c, r, &req, &[])
-            .map_err(|e| FaultError::Send(r, e))?;
+        match ch.send(c, r, &req, &[]) {
+            Ok(()) => asked.insert(r),
+            Err(_) if failed(r) => {}
+            Err(e) => return Err(FaultError::Send(r, e)),
+        }
     }
     if let Some(owner) = grant.fetch_from {
         let (reply, payload, page_buf) =
@@ -899,10 +907,12 @@ fn run_grant(
             }
         }
     }
-    for r in grant.invalidate.iter() {
-        match ch.recv(c, r).map_err(|e| FaultError::Peer(r, e))? {
-            (Reply::Ack, _, _) => {}
-            _ => {
+    for r in asked.iter() {
+        match ch.recv(c, r) {
+            Ok((Reply::Ack, _, _)) => {}
+            Err(_) if failed(r) => {}
+            Err(e) => return Err(FaultError::Peer(r, e)),
+            Ok(_) => {
                 return Err(FaultError::Protocol(
                     r,
                     "a copy holder did not acknowledge the invalidation",

@@ -709,6 +709,19 @@ fn job_keep_going(program: &str, ranks: usize, args: &[&str]) -> (Outcome, Strin
     launch_captured(program, ranks, args, &[], true)
 }
 
+/// Under --keep-going, pages a dead rank had read are written afterwards, by their home and by another
+/// rank, without asking the dead rank to drop its copy (which failed the writer).
+#[test]
+fn pages_a_dead_rank_read_can_be_written() {
+    let (o, out) = job_keep_going(CHECK, 3, &["readerdies"]);
+    assert_eq!(o.code, 0, "{out}");
+    assert!(
+        out.contains("readerdies: the home wrote a page the dead rank had read")
+            && out.contains("readerdies: rank 1 wrote a page the dead rank had read"),
+        "{out}"
+    );
+}
+
 /// Under --keep-going, a release whose diffs go to a dead home and a live one fails naming the dead one;
 /// the live one applies its diff, and the releasing rank reads pages from it afterwards over the same
 /// channels (two of them, without read-ahead, so that the channel of the release is soon used again).

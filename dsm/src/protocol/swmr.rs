@@ -72,6 +72,22 @@ impl Entry {
     fn has_copy(&self, rank: Rank) -> bool {
         self.owner == Some(rank) || self.copyset.contains(rank)
     }
+
+    /// Takes the ranks for which `gone` holds out of the copyset: a failed rank's read-only copy went
+    /// with it, and a writer told to have it dropped there would fail. (A failed owner stays: its copy may
+    /// have been the only one, and the next fault must say so.) Allocates nothing: the fault path calls it.
+    pub fn forget_readers(&mut self, gone: impl Fn(Rank) -> bool) {
+        for (w, word) in self.copyset.0.iter_mut().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let b = bits.trailing_zeros();
+                bits &= bits - 1;
+                if gone(Rank(w as u32 * 64 + b)) {
+                    *word &= !(1u64 << b);
+                }
+            }
+        }
+    }
 }
 
 /// What the home does to its own copy of the page before answering.

@@ -18,6 +18,8 @@
 //! - `ownmpi`: (under mpirun) the program's own MPI messages, received with wildcards on `MPI_COMM_WORLD`
 //!   beside the job's traffic, are exactly the program's, whichever transport carries the job;
 //! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging;
+//! - `readerdies`: (under --keep-going, 3 ranks) a rank that read two pages dies; the home, then another
+//!   rank, write them: neither waits for the dead reader nor fails for it;
 //! - `diffhomedies`: (under --keep-going, 3 ranks) a release sends diffs to two homes, one of them dead: it
 //!   fails naming the dead one, the live one applies its diff, and the releasing rank goes on;
 //! - `sentsigbus`: a SIGBUS sent to a rank (not a fault) kills it, as it would without dsm;
@@ -31,7 +33,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | bytes | mplock | manylocks | readahead | coalesce | firsttouch | lockfault |
-    /// idle | ownmpi | die | diewriting | diffhomedies | sentsigbus
+    /// idle | ownmpi | die | diewriting | readerdies | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -824,6 +826,54 @@ fn main() -> anyhow::Result<()> {
             }
             std::process::exit(0);
         }
+        "readerdies" => {
+            // Rank 2 reads two pages homed at rank 0 (so it is in their copysets) and dies. Then rank 0
+            // writes the first (its own fault path) and rank 1 the second (a grant from the home): a
+            // writer told to have the dead rank's copy dropped failed, and ended its rank.
+            anyhow::ensure!(n == 3, "readerdies needs 3 ranks");
+            let v =
+                dsm.alloc_vec_with::<u64>(2 * WORDS_PER_PAGE, dsm::Placement::At(dsm::Rank(0)))?;
+            if me == 0 {
+                v.set(0, 1);
+                v.set(WORDS_PER_PAGE, 1);
+            }
+            dsm.barrier()?;
+            if me == 2 {
+                ensure!(
+                    v.get(0) + v.get(WORDS_PER_PAGE) == 2,
+                    "rank 2 read stale pages"
+                );
+            }
+            dsm.barrier()?;
+            let until = |what: &str, done: &dyn Fn() -> bool| -> anyhow::Result<()> {
+                let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while !done() {
+                    ensure!(std::time::Instant::now() < limit, "rank {me}: {what}");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Ok(())
+            };
+            let failed = |r: u32| dsm.failed_ranks().contains(&dsm::Rank(r));
+            match me {
+                2 => nix_kill_self(),
+                1 => {
+                    until("rank 2's death was not noticed in 30 s", &|| failed(2))?;
+                    v.set(WORDS_PER_PAGE, 21);
+                    println!("readerdies: rank 1 wrote a page the dead rank had read");
+                    until("rank 0 did not leave in 30 s", &|| failed(0))?;
+                }
+                _ => {
+                    until("rank 2's death was not noticed in 30 s", &|| failed(2))?;
+                    v.set(0, 10);
+                    println!("readerdies: the home wrote a page the dead rank had read");
+                    until("rank 1's write did not show in 30 s", &|| {
+                        v.get(WORDS_PER_PAGE) == 21
+                    })?;
+                    ensure!(v.get(0) == 10, "the home lost its own write");
+                }
+            }
+            std::process::exit(0);
+        }
         "diffhomedies" => {
             // Rank 0 writes a page homed at rank 2, then one homed at rank 1, so that one release sends a
             // diff to each, rank 2's first; rank 2 has died by then. The release fails naming rank 2, rank
@@ -906,7 +956,7 @@ fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, idle, ownmpi, die, diewriting, diffhomedies or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, idle, ownmpi, die, diewriting, readerdies, diffhomedies or sentsigbus"
             )
         }
     }

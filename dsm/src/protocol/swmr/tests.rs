@@ -580,3 +580,30 @@ fn randomized_interleavings_keep_single_writer_and_fresh_reads() {
         "reads {reads}, writes {writes}"
     );
 }
+
+#[test]
+fn readers_that_failed_leave_the_copyset_and_the_owner_stays() {
+    let mut e = Entry {
+        owner: Some(Rank(3)),
+        copyset: CopySet::EMPTY,
+    };
+    for r in [1, 63, 64, 65, 200, 255] {
+        e.copyset.insert(Rank(r));
+    }
+    e.forget_readers(|r| [3, 63, 65, 255].contains(&r.0));
+    let left: Vec<u32> = e.copyset.iter().map(|r| r.0).collect();
+    assert_eq!(left, vec![1, 64, 200]);
+    assert_eq!(e.owner, Some(Rank(3)), "a failed owner is not forgotten");
+    // A write by rank 1 has no failed reader's copy dropped.
+    match decide(&mut e, Rank(0), Rank(1), Access::Write) {
+        Decision::Grant(g) => {
+            let asked: Vec<u32> = g.invalidate.iter().map(|r| r.0).collect();
+            assert!(asked.contains(&64) && asked.contains(&200), "{asked:?}");
+            assert!(
+                !asked.iter().any(|r| [63, 65, 255].contains(r)),
+                "{asked:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
