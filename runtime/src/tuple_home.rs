@@ -366,18 +366,33 @@ impl State {
             .collect())
     }
 
-    /// Puts the tuples `holder` holds under `leases` back, serving waiters first: nothing changes unless it
-    /// holds every one of them.
+    /// Puts the tuples `holder` holds under `leases` back, serving waiters first. Leases it does not hold
+    /// (given back already, or taken from it when it was thought failed) are named in the error, and the
+    /// others go back all the same: one stale lease must not strand the tasks of the rest.
     fn give_back(
         &mut self,
         holder: Rank,
         leases: &[u64],
         outbox: &mut Outbox,
     ) -> Result<(), String> {
-        self.end_leases(holder, leases)?
-            .into_iter()
-            .try_for_each(|t| self.out(t, outbox))
-            .map_err(|e| e.to_string())
+        let mut stale = Vec::new();
+        for lease in leases {
+            match self.leases.get(lease) {
+                Some((h, _)) if *h == holder => {
+                    if let Some((_, tuple)) = self.leases.remove(lease) {
+                        self.out(tuple, outbox).map_err(|e| e.to_string())?;
+                    }
+                }
+                _ => stale.push(*lease),
+            }
+        }
+        if stale.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "lease(s) {stale:?} are not held by {holder} (given back twice, or when it was thought failed); the others went back"
+            ))
+        }
     }
 
     /// Up to `most` tuples here now that match the first of `templates` that has any, leased to `holder`
@@ -705,5 +720,35 @@ impl Service for Home {
             }
         }
         outbox.send();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tuple;
+
+    #[test]
+    fn leases_given_back_go_back_even_beside_one_not_held() {
+        let mut s = State::default();
+        let mut outbox = Outbox::default();
+        let a = s.grant(Rank(1), tuple!("task", 1i64), true).lease.unwrap();
+        let b = s.grant(Rank(1), tuple!("task", 2i64), true).lease.unwrap();
+        let theirs = s.grant(Rank(2), tuple!("task", 3i64), true).lease.unwrap();
+        let e = s
+            .give_back(Rank(1), &[a, theirs, 99, b], &mut outbox)
+            .unwrap_err();
+        assert!(e.contains(&format!("[{theirs}, 99]")), "{e}");
+        let template = crate::template!("task", ?i64);
+        assert_eq!(
+            s.store.count(&template),
+            2,
+            "both of rank 1's tasks are back"
+        );
+        assert!(s.leases.contains_key(&theirs), "rank 2 still holds its own");
+        assert!(
+            s.give_back(Rank(1), &[a], &mut outbox).is_err(),
+            "given back twice"
+        );
     }
 }
