@@ -6,6 +6,7 @@
 //! the fault path uses channels from the SIGBUS handler. Never touch shared-region memory while holding a
 //! channel.
 
+use crate::keepawake::KeepAwake;
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::futex;
@@ -15,7 +16,7 @@ use nix::sys::socket::MsgFlags;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 /// Why a receive failed.
@@ -379,6 +380,8 @@ pub(crate) struct Channels {
     /// The longest a waiting thread sleeps before it looks again ([`CLAIM_NAP`]; longer in a test that
     /// must see the wake-up do the work).
     nap: Duration,
+    /// Told of every claim: a claim is a request about to go out.
+    awake: Arc<KeepAwake>,
 }
 
 /// A claimed channel; given back (and a thread waiting for one woken) when dropped. Dropping it is
@@ -422,7 +425,12 @@ const CLAIM_NAP: Duration = Duration::from_millis(10);
 impl Channels {
     /// Builds the pool from `outgoing[channel][rank]`; each channel can receive up to `max_pages` pages.
     /// Replies are awaited by spinning for up to `spin_ns` before blocking.
-    pub(crate) fn new(outgoing: Vec<Vec<OwnedFd>>, max_pages: usize, spin_ns: u64) -> Channels {
+    pub(crate) fn new(
+        outgoing: Vec<Vec<OwnedFd>>,
+        max_pages: usize,
+        spin_ns: u64,
+        awake: Arc<KeepAwake>,
+    ) -> Channels {
         let rx_len = 2 + MAX_HEADER + max_pages * PAGE_SIZE;
         Channels {
             slots: outgoing
@@ -440,6 +448,7 @@ impl Channels {
             freed: AtomicU32::new(0),
             waiting: AtomicU32::new(0),
             nap: CLAIM_NAP,
+            awake,
         }
     }
 
@@ -451,6 +460,7 @@ impl Channels {
     }
 
     fn claimed<'a>(&'a self, guard: MutexGuard<'a, Channel>) -> Claimed<'a> {
+        self.awake.touch();
         Claimed {
             guard: Some(guard),
             pool: self,
@@ -533,14 +543,24 @@ mod tests {
     use std::time::Duration;
 
     fn pool(n: usize) -> Channels {
-        Channels::new((0..n).map(|_| Vec::new()).collect(), 1, 0)
+        Channels::new(
+            (0..n).map(|_| Vec::new()).collect(),
+            1,
+            0,
+            Arc::new(KeepAwake::new(Duration::ZERO)),
+        )
     }
 
     #[test]
     fn a_refused_reply_is_read_to_its_end_and_the_next_one_arrives_whole() {
         use std::io::Write;
         let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-        let p = Channels::new(vec![vec![OwnedFd::from(ours)]], 1, 0);
+        let p = Channels::new(
+            vec![vec![OwnedFd::from(ours)]],
+            1,
+            0,
+            Arc::new(KeepAwake::new(Duration::ZERO)),
+        );
         let counters = Counters::default();
         // A header longer than any header, then one that does not decode, each with a payload; then a
         // good reply.

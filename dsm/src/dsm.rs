@@ -7,6 +7,7 @@ use crate::channel::{Channel, Channels, RecvError};
 use crate::engine::{Engine, ServicePriority, MAX_READAHEAD};
 use crate::error::{DsmError, Result};
 use crate::installer::Installer;
+use crate::keepawake::{KeepAwake, DEFAULT_KEEP_AWAKE};
 use crate::protocol::release::{
     RcRank, VectorClock, WriteNotice, DEFAULT_NOTICE_MEMORY, MIN_NOTICE_MEMORY,
 };
@@ -44,6 +45,8 @@ pub(crate) struct Shared {
     pub(crate) me: Rank,
     pub(crate) size: usize,
     pub(crate) channels: Channels,
+    /// Keeps idle CPUs awake for a moment after each request (`keepawake.rs`).
+    pub(crate) awake: Arc<KeepAwake>,
     pub(crate) counters: Counters,
     /// The largest read-ahead window in pages (1: off); changeable at run time.
     pub(crate) readahead: AtomicU32,
@@ -235,6 +238,7 @@ pub struct DsmBuilder {
     policy: FailurePolicy,
     service_priority: ServicePriority,
     spin: Option<Duration>,
+    keep_awake: Option<Duration>,
     install_helper: Option<bool>,
     direct_install: bool,
     notice_memory: usize,
@@ -253,6 +257,7 @@ impl Default for DsmBuilder {
             policy: FailurePolicy::Exit,
             service_priority: ServicePriority::Favoured,
             spin: None,
+            keep_awake: None,
             install_helper: None,
             direct_install: true,
             notice_memory: DEFAULT_NOTICE_MEMORY,
@@ -358,6 +363,17 @@ impl DsmBuilder {
         self
     }
 
+    /// For how long after each request this rank sends or serves a thread of its own spins at
+    /// `SCHED_IDLE`, keeping CPUs that have nothing else to do from going to sleep, so that the next
+    /// message does not wait for a CPU to wake up (on a VM, most of a loopback round trip). The thread
+    /// runs only where no other thread wants the CPU, and sleeps once the window has passed without a
+    /// request. `Duration::ZERO`: off. Default: [`DEFAULT_KEEP_AWAKE`] when the job has several ranks and
+    /// no more ranks than this machine has cores, else off.
+    pub fn keep_awake(mut self, window: Duration) -> Self {
+        self.keep_awake = Some(window);
+        self
+    }
+
     /// Joins the job: connects to every rank and starts the service loop.
     pub fn build(self) -> Result<Dsm> {
         if self.size == 0
@@ -416,11 +432,23 @@ impl DsmBuilder {
         let waker =
             EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| DsmError::sys("eventfd", e))?;
+        let keep_awake = match self.keep_awake {
+            Some(d) if self.size > 1 => d,
+            None if self.size > 1 && self.size <= cores => DEFAULT_KEEP_AWAKE,
+            _ => Duration::ZERO,
+        };
+        let awake = Arc::new(KeepAwake::new(keep_awake));
         let shared = Arc::new(Shared {
             me: self.rank,
             size: self.size,
             // Channels are sized for the largest window, so that the window can change at run time.
-            channels: Channels::new(mesh.outgoing, MAX_READAHEAD as usize, spin_ns),
+            channels: Channels::new(
+                mesh.outgoing,
+                MAX_READAHEAD as usize,
+                spin_ns,
+                awake.clone(),
+            ),
+            awake,
             counters: Counters::default(),
             readahead: AtomicU32::new(self.readahead),
             waker,
@@ -460,17 +488,35 @@ impl DsmBuilder {
         } else {
             None
         };
+        // One spinner per CPU this rank may use, each on its CPU: a CPU without one could still fall asleep.
+        let mut awake = Vec::new();
+        if shared.awake.enabled() {
+            for cpu in crate::keepawake::allowed_cpus() {
+                let s = shared.clone();
+                let spinner = std::thread::Builder::new()
+                    .name(format!("dsm-awake-{}-{cpu}", self.rank.0))
+                    .spawn(move || s.awake.run(cpu))
+                    .map_err(|e| {
+                        shared.installer.stop();
+                        shared.awake.stop();
+                        DsmError::io("spawning a keep-awake thread", e)
+                    })?;
+                awake.push(spinner);
+            }
+        }
         let service = std::thread::Builder::new()
             .name(format!("dsm-service-{}", self.rank.0))
             .spawn(move || engine.run())
             .map_err(|e| {
                 shared.installer.stop();
+                shared.awake.stop();
                 DsmError::io("spawning the service thread", e)
             })?;
         Ok(Dsm {
             shared,
             service: Some(service),
             installer,
+            awake,
             allocated: AtomicU32::new(0),
         })
     }
@@ -491,6 +537,7 @@ pub struct Dsm {
     shared: Arc<Shared>,
     service: Option<JoinHandle<()>>,
     installer: Option<JoinHandle<()>>,
+    awake: Vec<JoinHandle<()>>,
     allocated: AtomicU32,
 }
 
@@ -1064,6 +1111,10 @@ impl Dsm {
         s.installer.stop();
         if let Some(helper) = self.installer.take() {
             let _ = helper.join();
+        }
+        s.awake.stop();
+        for spinner in self.awake.drain(..) {
+            let _ = spinner.join();
         }
         if std::env::var("DSM_STATS").is_ok_and(|v| v.trim() == "1") {
             eprintln!("dsm stats, {}:\n{}", s.me, self.stats());

@@ -178,6 +178,10 @@ impl Engine {
                     return;
                 }
             };
+            if n > 0 {
+                // A request is being served: CPUs stay awake for the next one (`keepawake.rs`).
+                self.shared.awake.touch();
+            }
             for ev in &events[..n] {
                 if ev.data() == WAKER {
                     let _ = self.shared.waker.read();

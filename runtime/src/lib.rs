@@ -295,6 +295,11 @@ impl Runtime {
         })? {
             b = b.spin(Duration::from_micros(us));
         }
+        if let Some(us) = env::get("DSM_KEEP_AWAKE_US", "microseconds, 0 to 1000000", |s| {
+            env::number::<u64>(s).filter(|us| *us <= 1_000_000)
+        })? {
+            b = b.keep_awake(Duration::from_micros(us));
+        }
         if let Some(on) = env::get("DSM_INSTALL_HELPER", "on or off", env::on_off)? {
             b = b.install_helper(on);
         }
