@@ -7,7 +7,7 @@ use crate::channel::{Channel, Channels, RecvError};
 use crate::engine::{Engine, ServicePriority, MAX_READAHEAD};
 use crate::error::{DsmError, Result};
 use crate::installer::Installer;
-use crate::keepawake::{KeepAwake, DEFAULT_KEEP_AWAKE};
+use crate::keepawake::KeepAwake;
 use crate::protocol::release::{
     RcRank, VectorClock, WriteNotice, DEFAULT_NOTICE_MEMORY, MIN_NOTICE_MEMORY,
 };
@@ -363,12 +363,15 @@ impl DsmBuilder {
         self
     }
 
-    /// For how long after each request this rank sends or serves a thread of its own spins at
-    /// `SCHED_IDLE`, keeping CPUs that have nothing else to do from going to sleep, so that the next
-    /// message does not wait for a CPU to wake up (on a VM, most of a loopback round trip). The thread
-    /// runs only where no other thread wants the CPU, and sleeps once the window has passed without a
-    /// request. `Duration::ZERO`: off. Default: [`DEFAULT_KEEP_AWAKE`] when the job has several ranks and
-    /// no more ranks than this machine has cores, else off.
+    /// For how long after each request this rank sends or serves, threads of its own (one per CPU) spin
+    /// at `SCHED_IDLE`, keeping CPUs that have nothing else to do from going to sleep, so that the next
+    /// message does not wait for a CPU to wake up (on a VM, most of a loopback round trip: 1 ms here took
+    /// a remote fault with the serving rank idle from 66 to 49 us). They run only where no other thread
+    /// wants the CPU, and sleep once the window has passed without a request. Default: off
+    /// (`Duration::ZERO`), because a CPU that runs a spinner never goes idle, and the kernel pulls waiting
+    /// threads onto a CPU as it goes idle: with spinners, three threads of one rank often shared one CPU
+    /// while the other ran spinners (see docs/ARCHITECTURE.md). Worth trying where a job has a thread per
+    /// CPU at most and waits on many round trips.
     pub fn keep_awake(mut self, window: Duration) -> Self {
         self.keep_awake = Some(window);
         self
@@ -434,7 +437,6 @@ impl DsmBuilder {
                 .map_err(|e| DsmError::sys("eventfd", e))?;
         let keep_awake = match self.keep_awake {
             Some(d) if self.size > 1 => d,
-            None if self.size > 1 && self.size <= cores => DEFAULT_KEEP_AWAKE,
             _ => Duration::ZERO,
         };
         let awake = Arc::new(KeepAwake::new(keep_awake));

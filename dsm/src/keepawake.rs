@@ -12,9 +12,6 @@ use crate::uffd::futex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// The default window (`DsmBuilder::keep_awake`).
-pub const DEFAULT_KEEP_AWAKE: Duration = Duration::from_millis(1);
-
 /// The longest a sleeping spinner waits before it looks at the clock again (only a bound: a request wakes
 /// it at once).
 const NAP: Duration = Duration::from_millis(100);

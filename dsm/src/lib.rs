@@ -31,7 +31,6 @@ pub use crate::dsm::{
 };
 pub use crate::engine::{ServicePriority, MAX_READAHEAD};
 pub use crate::error::{DsmError, Result};
-pub use crate::keepawake::DEFAULT_KEEP_AWAKE;
 pub use crate::protocol::release::{DEFAULT_NOTICE_MEMORY, MIN_NOTICE_MEMORY};
 pub use crate::region::{Consistency, GlobalVec, Placement, Region};
 pub use crate::service::{Responder, Service, ServiceId, MAX_SERVICES};
