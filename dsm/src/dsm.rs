@@ -53,6 +53,11 @@ pub(crate) struct Shared {
     pub(crate) waker: EventFd,
     pub(crate) stop: AtomicBool,
     pub(crate) failed: Vec<AtomicBool>,
+    /// Ranks whose process is gone as far as this rank can tell: they closed (or reset) their connection
+    /// to this rank's service loop. A rank never closes its connections before it leaves the job, so this,
+    /// unlike `failed` (set on any broken connection, protocol errors included), means its memory went with
+    /// it: no copy of a page survives there to be kept coherent.
+    pub(crate) gone: Vec<AtomicBool>,
     pub(crate) policy: FailurePolicy,
     pub(crate) service_priority: ServicePriority,
     uffd: OnceLock<Uffd>,
@@ -456,6 +461,7 @@ impl DsmBuilder {
             waker,
             stop: AtomicBool::new(false),
             failed: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
+            gone: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
             policy: self.policy,
             service_priority: self.service_priority,
             uffd: OnceLock::new(),

@@ -221,6 +221,7 @@ impl Engine {
                 MsgFlags::MSG_DONTWAIT,
             ) {
                 Ok(0) => {
+                    self.shared.gone[conn.peer.index()].store(true, Ordering::Release);
                     self.close(idx, "connection closed");
                     return;
                 }
@@ -235,6 +236,9 @@ impl Engine {
                 Err(Errno::EAGAIN) => return,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
+                    if e == Errno::ECONNRESET {
+                        self.shared.gone[conn.peer.index()].store(true, Ordering::Release);
+                    }
                     self.close(idx, &format!("receive failed: {e}"));
                     return;
                 }
@@ -846,8 +850,8 @@ impl Engine {
         }
         let slot = region.slot(page);
         let mut entry = slot.load();
-        let failed = &self.shared.failed;
-        entry.forget_readers(|r| failed[r.index()].load(Ordering::Acquire));
+        let gone = &self.shared.gone;
+        entry.forget_readers(|r| gone[r.index()].load(Ordering::Acquire));
         match swmr::decide(&mut entry, me, requester, access) {
             Decision::Done { home_action, data } => {
                 let copied = self.home_action(region, page, home_action, data == Data::Home);

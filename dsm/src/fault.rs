@@ -771,7 +771,7 @@ fn local_transaction(region: &RegionShared, page: u64, access: Access) -> Result
     lock_slot(&slot.lock);
     let result = (|| {
         let mut entry = slot.load();
-        entry.forget_readers(|r| shared.failed[r.index()].load(Ordering::Acquire));
+        entry.forget_readers(|r| shared.gone[r.index()].load(Ordering::Acquire));
         match swmr::decide(&mut entry, shared.me, shared.me, access) {
             Decision::Done { data, .. } => {
                 match data {
@@ -874,9 +874,10 @@ fn run_grant(
         ch.send(c, owner, &req, &[])
             .map_err(|e| FaultError::Send(owner, e))?;
     }
-    // A copy holder that has failed by now (after the home decided) lost its copy with it: asking it
-    // fails, and is not waited for.
-    let failed = |r: Rank| shared.failed[r.index()].load(Ordering::Acquire);
+    // A copy holder whose end of this channel's connection is closed (the connection was closed or reset
+    // by it) is gone, and its copy with it: a rank never closes its connections before it leaves the job.
+    // Nothing more is asked of it. (Any other error, and a rank that lives on, still ends this fault.)
+    let closed_send = |e: Errno| matches!(e, Errno::EPIPE | Errno::ECONNRESET);
     let mut asked = CopySet::EMPTY;
     for r in grant.invalidate.iter() {
         let req = Request::Invalidate {
@@ -886,7 +887,7 @@ fn run_grant(
         };
         match ch.send(c, r, &req, &[]) {
             Ok(()) => asked.insert(r),
-            Err(_) if failed(r) => {}
+            Err(e) if closed_send(e) => {}
             Err(e) => return Err(FaultError::Send(r, e)),
         }
     }
@@ -910,7 +911,8 @@ fn run_grant(
     for r in asked.iter() {
         match ch.recv(c, r) {
             Ok((Reply::Ack, _, _)) => {}
-            Err(_) if failed(r) => {}
+            Err(RecvError::Eof) => {}
+            Err(RecvError::Sys(e)) if closed_send(e) => {}
             Err(e) => return Err(FaultError::Peer(r, e)),
             Ok(_) => {
                 return Err(FaultError::Protocol(

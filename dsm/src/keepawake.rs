@@ -5,8 +5,10 @@
 //! when they stay awake. So for a short window after each request this rank sends or serves, a thread of
 //! its own spins at `SCHED_IDLE`: it runs only on a CPU that nothing else wants (it never takes a CPU from
 //! a computing thread, of this process or another), and keeps that CPU from going to sleep. After the
-//! window it sleeps until the next request, so a rank that waits for a long time (at a barrier, for a
-//! tuple) uses no CPU for it.
+//! window it sleeps until the next request, so a rank that waits for a long time at a barrier uses no CPU
+//! for it. (A wait that polls, such as a blocking tuple-space call whose template starts with a formal,
+//! which asks every rank every 10 ms, keeps the spinners of the ranks involved spinning about a tenth of
+//! the time with a 1 ms window.) Off by default: see `DsmBuilder::keep_awake`.
 
 use crate::uffd::futex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -24,9 +26,16 @@ pub(crate) struct KeepAwake {
     window_ns: AtomicU64,
     /// When the latest request was sent or served, in nanoseconds since `start`.
     last: AtomicU64,
-    /// 1 while the spinner sleeps (a futex word).
-    asleep: AtomicU32,
+    /// Spinners asleep, or about to be.
+    sleepers: AtomicU32,
+    /// The futex word sleeping spinners wait on: bumped by a request that finds sleepers, and at `stop`.
+    seq: AtomicU32,
     stop: AtomicBool,
+    /// The longest a sleeping spinner waits before it looks again ([`NAP`]; longer in a test that must
+    /// see a request do the waking).
+    nap: Duration,
+    /// Rounds of spinning done (for the tests).
+    spins: AtomicU64,
 }
 
 impl KeepAwake {
@@ -36,8 +45,11 @@ impl KeepAwake {
             start: Instant::now(),
             window_ns: AtomicU64::new(window.as_nanos().min(u64::MAX as u128) as u64),
             last: AtomicU64::new(0),
-            asleep: AtomicU32::new(0),
+            sleepers: AtomicU32::new(0),
+            seq: AtomicU32::new(0),
             stop: AtomicBool::new(false),
+            nap: NAP,
+            spins: AtomicU64::new(0),
         }
     }
 
@@ -56,16 +68,19 @@ impl KeepAwake {
             return;
         }
         self.last.store(self.now_ns(), Ordering::SeqCst);
-        if self.asleep.load(Ordering::SeqCst) == 1 && self.asleep.swap(0, Ordering::SeqCst) == 1 {
-            futex::wake_all(&self.asleep);
+        // A spinner counts itself a sleeper before it looks at `last` for the last time, and waits only
+        // while `seq` is what it read before that: either it sees this request, or this sees it.
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            self.seq.fetch_add(1, Ordering::SeqCst);
+            futex::wake_all(&self.seq);
         }
     }
 
-    /// Ends the spinner.
+    /// Ends the spinners.
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        self.asleep.store(0, Ordering::SeqCst);
-        futex::wake_all(&self.asleep);
+        self.seq.fetch_add(1, Ordering::SeqCst);
+        futex::wake_all(&self.seq);
     }
 
     /// A spinner, on `cpu`: spins while the latest request is within the window, sleeps otherwise.
@@ -76,8 +91,13 @@ impl KeepAwake {
             return;
         }
         pin_to(cpu);
+        self.spin_or_sleep();
+    }
+
+    /// The spinner's loop, until `stop`.
+    fn spin_or_sleep(&self) {
         let window = self.window_ns.load(Ordering::Relaxed);
-        while !self.stop.load(Ordering::Acquire) {
+        while !self.stop.load(Ordering::SeqCst) {
             let quiet = self
                 .now_ns()
                 .saturating_sub(self.last.load(Ordering::SeqCst));
@@ -85,18 +105,18 @@ impl KeepAwake {
                 for _ in 0..256 {
                     std::hint::spin_loop();
                 }
+                self.spins.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            // Asleep first, then one more look at the clock: a request that came in between either is
-            // seen here or finds the flag set and wakes this thread.
-            self.asleep.store(1, Ordering::SeqCst);
+            let seq = self.seq.load(Ordering::SeqCst);
+            self.sleepers.fetch_add(1, Ordering::SeqCst);
             let quiet = self
                 .now_ns()
                 .saturating_sub(self.last.load(Ordering::SeqCst));
-            if quiet >= window && !self.stop.load(Ordering::Acquire) {
-                futex::wait_for(&self.asleep, 1, NAP);
+            if quiet >= window && !self.stop.load(Ordering::SeqCst) {
+                futex::wait_for(&self.seq, seq, self.nap);
             }
-            self.asleep.store(0, Ordering::SeqCst);
+            self.sleepers.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -143,11 +163,11 @@ fn pin_to(cpu: usize) {
 mod tests {
     use super::*;
 
-    /// Waits (at most 20 s, polling) until the spinner's sleep flag reads `want`.
-    fn until_asleep_is(a: &KeepAwake, want: u32) -> bool {
+    /// Waits (at most 20 s, polling) until `done` holds.
+    fn until(done: impl Fn() -> bool) -> bool {
         let limit = Instant::now() + Duration::from_secs(20);
         while Instant::now() < limit {
-            if a.asleep.load(Ordering::SeqCst) == want {
+            if done() {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -156,17 +176,45 @@ mod tests {
     }
 
     #[test]
-    fn the_spinner_sleeps_when_quiet_wakes_at_a_request_and_stops() {
-        let a = KeepAwake::new(Duration::from_millis(5));
+    fn the_spinner_sleeps_when_quiet_spins_after_a_request_and_stops() {
+        // The loop itself, at ordinary priority (a SCHED_IDLE thread may get no CPU while other tests
+        // run), with a window long enough to be seen.
+        let mut a = KeepAwake::new(Duration::from_millis(300));
+        a.nap = Duration::from_secs(30);
+        let a = a;
+        // Stopped however the test ends: a failed assertion must not leave the scope waiting for it.
+        struct StopOnDrop<'a>(&'a KeepAwake);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.stop();
+            }
+        }
         std::thread::scope(|s| {
-            let spinner = s.spawn(|| a.run(allowed_cpus()[0]));
-            // Nothing was sent yet: it goes to sleep.
-            assert!(until_asleep_is(&a, 1), "the spinner never slept");
-            // A request wakes it (the flag is cleared by the request itself), and it sleeps again once
-            // the window has passed.
+            let spinner = s.spawn(|| a.spin_or_sleep());
+            let _stop = StopOnDrop(&a);
+            // Nothing was sent yet: it goes to sleep, and stays asleep.
+            assert!(
+                until(|| a.sleepers.load(Ordering::SeqCst) == 1),
+                "it never slept"
+            );
+            let spins = a.spins.load(Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(
+                a.spins.load(Ordering::SeqCst),
+                spins,
+                "it spun with nothing sent"
+            );
+            // A request wakes it (its nap here is 30 s: only the request can) and it spins...
             a.touch();
-            assert_eq!(a.asleep.load(Ordering::SeqCst), 0);
-            assert!(until_asleep_is(&a, 1), "the spinner did not sleep again");
+            assert!(
+                until(|| a.spins.load(Ordering::SeqCst) > spins),
+                "it did not wake"
+            );
+            // ...then sleeps again once the window has passed.
+            assert!(
+                until(|| a.sleepers.load(Ordering::SeqCst) == 1),
+                "it did not sleep again"
+            );
             a.stop();
             spinner.join().unwrap();
         });

@@ -3,6 +3,7 @@
 //! `protocol::diff`. Runs in ordinary threads, never in the fault handler: the handler only marks pages
 //! written (the WRITTEN bit and the region's dirty list) and makes twins (TWINNED).
 
+use crate::channel::RecvError;
 use crate::dsm::Shared;
 use crate::error::{DsmError, Result};
 use crate::fault::{claim_step, release_busy, set_state};
@@ -180,8 +181,9 @@ fn send_diffs(shared: &Shared, diffs: &[(Rank, u32, u64, Vec<u8>)]) -> (Vec<bool
     let c = &shared.counters;
     let mut ch = shared.channels.claim();
     // Homes whose connection on this channel failed: nothing more is sent to them or read from them. A
-    // home that answers a diff with something other than an acknowledgement (refusing it) is not one of
-    // them: it answers each diff once, so the rest of its answers are still read.
+    // home that answers a diff with something other than an acknowledgement (refusing it, or with a
+    // malformed frame, which is read to its end) is not one of them: it answers each diff once, so the
+    // rest of its answers are still read.
     let mut broken: Vec<Rank> = Vec::new();
     let mut first_error = None;
     let mut sent = vec![false; diffs.len()];
@@ -216,6 +218,14 @@ fn send_diffs(shared: &Shared, diffs: &[(Rank, u32, u64, Vec<u8>)]) -> (Vec<bool
                 first_error.get_or_insert(DsmError::Protocol {
                     rank: *home,
                     what: format!("expected a diff ack, got {other:?}"),
+                });
+            }
+            // A malformed answer was read to its end (the connection stays aligned on frames), so the
+            // home's other answers are still read.
+            Err(RecvError::Frame(e)) => {
+                first_error.get_or_insert(DsmError::Protocol {
+                    rank: *home,
+                    what: format!("a malformed answer to a diff: {e}"),
                 });
             }
             Err(e) => {
