@@ -845,14 +845,7 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             dsm.barrier()?;
-            let until = |what: &str, done: &dyn Fn() -> bool| -> anyhow::Result<()> {
-                let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
-                while !done() {
-                    ensure!(std::time::Instant::now() < limit, "rank {me}: {what}");
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                Ok(())
-            };
+            let until = |what: &str, done: &dyn Fn() -> bool| within_30_s(me, what, done);
             let failed = |r: u32| dsm.failed_ranks().contains(&dsm::Rank(r));
             match me {
                 2 => nix_kill_self(),
@@ -892,14 +885,7 @@ fn main() -> anyhow::Result<()> {
                 ensure!(v.get(2 * WORDS_PER_PAGE) + v.get(WORDS_PER_PAGE) == 0);
             }
             dsm.barrier()?;
-            let until = |what: &str, done: &dyn Fn() -> bool| -> anyhow::Result<()> {
-                let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
-                while !done() {
-                    ensure!(std::time::Instant::now() < limit, "rank {me}: {what}");
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                Ok(())
-            };
+            let until = |what: &str, done: &dyn Fn() -> bool| within_30_s(me, what, done);
             let failed = |r: u32| dsm.failed_ranks().contains(&dsm::Rank(r));
             match me {
                 2 => nix_kill_self(),
@@ -1016,6 +1002,16 @@ fn own_mpi(dsm: &dsm::Dsm, me: usize, n: usize, rounds: usize) -> anyhow::Result
 #[cfg(not(feature = "mpi"))]
 fn own_mpi(_: &dsm::Dsm, _: usize, _: usize, _: usize) -> anyhow::Result<()> {
     anyhow::bail!("ownmpi needs a build with the mpi feature, run under mpirun")
+}
+
+/// Waits (polling every millisecond) until `done` holds, or fails with `what` after 30 s.
+fn within_30_s(me: usize, what: &str, done: &dyn Fn() -> bool) -> anyhow::Result<()> {
+    let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done() {
+        ensure!(std::time::Instant::now() < limit, "rank {me}: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    Ok(())
 }
 
 /// User and system CPU time of this process so far, in seconds.
