@@ -107,7 +107,7 @@ pub(crate) struct Engine {
     lock_notice_bytes: usize,
     /// Release consistency: what the lock servers let go of may have known that not every rank has seen
     /// (their notices and horizons, as a horizon), which every new lock server starts with.
-    gone_locks_horizon: VectorClock,
+    let_go_horizon: VectorClock,
     scratch: Vec<u8>,
     /// The host this rank runs on, to compare with those of the ranks that introduce themselves.
     host: Option<Host>,
@@ -154,7 +154,7 @@ impl Engine {
             arrival_notices: Vec::new(),
             arrival_horizon: VectorClock::new(shared.size),
             lock_notice_bytes: 0,
-            gone_locks_horizon: VectorClock::new(shared.size),
+            let_go_horizon: VectorClock::new(shared.size),
             scratch: vec![0; PAGE_SIZE],
             host: Host::this(),
             direct: (0..shared.size).map(|_| None).collect(),
@@ -425,11 +425,11 @@ impl Engine {
                         return;
                     }
                 };
-                let gone = &self.gone_locks_horizon;
+                let let_go = &self.let_go_horizon;
                 let l = self
                     .locks
                     .entry(lock)
-                    .or_insert_with(|| LockServer::new(gone.clone()));
+                    .or_insert_with(|| LockServer::new(let_go.clone()));
                 if l.held {
                     l.waiters.push_back((idx, clock));
                 } else {
@@ -642,7 +642,7 @@ impl Engine {
     /// sequential consistency there is nothing to fold. Called when more than twice [`KEPT_LOCKS`] servers
     /// are kept, so the look at them all is paid for by the locks taken since the last one.
     fn let_idle_locks_go(&mut self, cut: Option<&VectorClock>) {
-        let gone = &mut self.gone_locks_horizon;
+        let let_go = &mut self.let_go_horizon;
         let before = self.locks.len();
         self.locks.retain(|_, l| {
             if l.held || !l.waiters.is_empty() {
@@ -653,7 +653,7 @@ impl Engine {
             }
             l.notices.raise_over(&mut l.horizon);
             if !cut.is_some_and(|c| c.covers_clock(&l.horizon)) {
-                gone.merge(&l.horizon);
+                let_go.merge(&l.horizon);
             }
             false
         });

@@ -73,9 +73,10 @@ impl Entry {
         self.owner == Some(rank) || self.copyset.contains(rank)
     }
 
-    /// Takes the ranks for which `gone` holds out of the copyset: a failed rank's read-only copy went
-    /// with it, and a writer told to have it dropped there would fail. (A failed owner stays: its copy may
-    /// have been the only one, and the next fault must say so.) Allocates nothing: the fault path calls it.
+    /// Takes the ranks for which `gone` holds out of the copyset: a rank that left the job (or died) took
+    /// its read-only copy with it, and a writer told to have it dropped there would fail. (Such an owner
+    /// stays: its copy may have been the only one, and the next fault must say so.) Allocates nothing: the
+    /// fault path calls it.
     pub fn forget_readers(&mut self, gone: impl Fn(Rank) -> bool) {
         for (w, word) in self.copyset.0.iter_mut().enumerate() {
             let mut bits = *word;
