@@ -12,7 +12,7 @@ use crate::channel::write_frame;
 use crate::direct::{self, Host};
 use crate::dsm::{FailurePolicy, Shared};
 use crate::fault::{give_untouched, lock_untouched, set_state, try_lock_slot, unlock_slot};
-use crate::protocol::release::{NoticeSet, VectorClock};
+use crate::protocol::release::{self, NoticeSet, VectorClock};
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
 use crate::region::{Consistency, SHARED};
 use crate::region::{
@@ -648,12 +648,9 @@ impl Engine {
             if l.held || !l.waiters.is_empty() {
                 return true;
             }
-            if let Some(cut) = cut {
-                l.notices.forget_covered(cut);
-            }
-            l.notices.raise_over(&mut l.horizon);
-            if !cut.is_some_and(|c| c.covers_clock(&l.horizon)) {
-                let_go.merge(&l.horizon);
+            let notices = std::mem::take(&mut l.notices);
+            if let Some(left) = release::left_by_lock(notices, &l.horizon, cut) {
+                let_go.merge(&left);
             }
             false
         });

@@ -221,6 +221,22 @@ impl NoticeSet {
     }
 }
 
+/// What a lock server that is let go of leaves behind, as a horizon for the lock servers made after it:
+/// its notices that not every rank has seen (`cut`, the last stable cut, covers the rest) and its own
+/// horizon. `None` when every rank has seen all of it: there is nothing to remember.
+pub fn left_by_lock(
+    mut notices: NoticeSet,
+    horizon: &VectorClock,
+    cut: Option<&VectorClock>,
+) -> Option<VectorClock> {
+    if let Some(cut) = cut {
+        notices.forget_covered(cut);
+    }
+    let mut left = horizon.clone();
+    notices.raise_over(&mut left);
+    (!cut.is_some_and(|c| c.covers_clock(&left))).then_some(left)
+}
+
 /// What the engine does at a write fault on a read-only (or just fetched) page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnWrite {

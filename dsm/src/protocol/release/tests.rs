@@ -327,18 +327,12 @@ impl Sim {
             // Every lock is idle between steps here: any may go, as the engine lets idle ones go.
             let l = rng.random_range(0..LOCKS);
             if !self.absent[l] {
-                let mut notices = std::mem::take(&mut self.lock_notices[l]);
-                let mut horizon = self.lock_horizons[l].clone();
-                if let Some(cut) = &self.lock_cut {
-                    notices.forget_covered(cut);
-                }
-                notices.raise_over(&mut horizon);
-                if !self
-                    .lock_cut
-                    .as_ref()
-                    .is_some_and(|c| c.covers_clock(&horizon))
+                // As the engine's `let_idle_locks_go`.
+                let notices = std::mem::take(&mut self.lock_notices[l]);
+                if let Some(left) =
+                    left_by_lock(notices, &self.lock_horizons[l], self.lock_cut.as_ref())
                 {
-                    self.gone[l % self.ranks].merge(&horizon);
+                    self.gone[l % self.ranks].merge(&left);
                 }
                 self.absent[l] = true;
                 self.lock_servers_let_go += 1;
