@@ -384,6 +384,7 @@ impl DsmBuilder {
 
     /// Joins the job: connects to every rank and starts the service loop.
     pub fn build(self) -> Result<Dsm> {
+        raise_open_file_limit();
         if self.size == 0
             || self.size > crate::protocol::swmr::MAX_RANKS
             || self.rank.index() >= self.size
@@ -527,6 +528,19 @@ impl DsmBuilder {
             awake,
             allocated: AtomicU32::new(0),
         })
+    }
+}
+
+/// Lets the process open as many files as the system allows it, not the usual soft limit of 1024: a rank
+/// keeps `channels` connections to every rank and back (2,048 descriptors for 256 ranks over TCP at the
+/// default 4 channels, twice that over the MPI transport's socket pairs), and MapReduce merges hold many
+/// run files open.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
     }
 }
 

@@ -61,6 +61,12 @@ impl KeepAwake {
         self.start.elapsed().as_nanos().min(u64::MAX as u128) as u64
     }
 
+    /// How long since the latest request, in nanoseconds.
+    fn quiet_ns(&self) -> u64 {
+        self.now_ns()
+            .saturating_sub(self.last.load(Ordering::SeqCst))
+    }
+
     /// A request was sent or served: the spinner spins for the window from now. Async-signal-safe (the
     /// fault path calls it): a clock read, atomics, and a futex wake only when the spinner sleeps.
     pub(crate) fn touch(&self) {
@@ -98,9 +104,7 @@ impl KeepAwake {
     fn spin_or_sleep(&self) {
         let window = self.window_ns.load(Ordering::Relaxed);
         while !self.stop.load(Ordering::SeqCst) {
-            let quiet = self
-                .now_ns()
-                .saturating_sub(self.last.load(Ordering::SeqCst));
+            let quiet = self.quiet_ns();
             if quiet < window {
                 for _ in 0..256 {
                     std::hint::spin_loop();
@@ -110,9 +114,7 @@ impl KeepAwake {
             }
             let seq = self.seq.load(Ordering::SeqCst);
             self.sleepers.fetch_add(1, Ordering::SeqCst);
-            let quiet = self
-                .now_ns()
-                .saturating_sub(self.last.load(Ordering::SeqCst));
+            let quiet = self.quiet_ns();
             if quiet >= window && !self.stop.load(Ordering::SeqCst) {
                 futex::wait_for(&self.seq, seq, self.nap);
             }

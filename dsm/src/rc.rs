@@ -89,9 +89,7 @@ pub(crate) fn encode_notices_within(
     }
     let mut raised = horizon.clone();
     for n in notices {
-        if let Some(i) = raised.0.get_mut(n.rank.index()) {
-            *i = (*i).max(n.interval);
-        }
+        raised.learn(n);
     }
     encode_notices(&[], &raised)
 }

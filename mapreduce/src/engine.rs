@@ -122,7 +122,7 @@ impl MapReduce {
         std::fs::create_dir_all(&root)
             .map_err(|e| MapReduceError::io(format!("creating {}", root.display()), e))?;
         // Each task slot's merge holds up to `merge_fan_in` run files open, and map tasks write theirs:
-        // `Runtime::init` let the process have as many files as the system allows.
+        // Joining the job (`DsmBuilder::build`) let the process have as many files as the system allows.
         let service = shuffle::start(root.clone())
             .map_err(|e| MapReduceError::io("starting the shuffle thread", e))?;
         dsm.register_service(shuffle::SERVICE, service)

@@ -101,18 +101,6 @@ fn connect_timeout() -> Result<u64, RuntimeError> {
     .unwrap_or(30))
 }
 
-/// Lets the process open as many files as the system allows it, not the usual soft limit of 1024: a rank
-/// keeps `channels` connections to every rank and back (2,048 descriptors for 256 ranks over TCP at the
-/// default 4 channels, twice that over MPI's socket pairs), and MapReduce merges hold many run files open.
-fn raise_open_file_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
-    }
-}
-
 /// A rank's membership in a job. Dropping it leaves the job (a final barrier with every rank).
 #[derive(Debug)]
 pub struct Runtime {
@@ -140,7 +128,6 @@ pub fn started_as_rank() -> bool {
 impl Runtime {
     /// Joins the job this process belongs to.
     pub fn init() -> Result<Runtime, RuntimeError> {
-        raise_open_file_limit();
         let rank = env::get("DSM_RANK", "a rank number", env::number::<u32>)?;
         let Some(rank) = rank else {
             if MPI_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
@@ -247,7 +234,6 @@ impl Runtime {
     /// A runtime over a `Dsm` the program built itself (for example ranks as threads over the in-process
     /// transport, or options the environment does not cover).
     pub fn from_dsm(dsm: Dsm) -> Runtime {
-        raise_open_file_limit();
         Runtime {
             dsm: Arc::new(dsm),
             #[cfg(feature = "mpi")]

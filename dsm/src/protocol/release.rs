@@ -47,7 +47,8 @@ impl VectorClock {
         self.0.get(n.rank.index()).is_some_and(|&i| i >= n.interval)
     }
 
-    fn learn(&mut self, n: &WriteNotice) {
+    /// Counts `n`'s interval as known.
+    pub(crate) fn learn(&mut self, n: &WriteNotice) {
         if let Some(i) = self.0.get_mut(n.rank.index()) {
             *i = (*i).max(n.interval);
         }

@@ -774,14 +774,14 @@ fn main() -> anyhow::Result<()> {
                     loop {
                         if done.get(0) != 0 {
                             done.set(1, 1); // rank 2 may leave now; this rank leaves after it
-                            while !dsm.failed_ranks().contains(&dsm::Rank(2)) {
+                            while !has_failed(dsm, 2) {
                                 ensure!(std::time::Instant::now() < limit, "rank 2 did not leave");
                                 std::thread::sleep(std::time::Duration::from_millis(1));
                             }
                             println!("diewriting: rank 2 finished");
                             break;
                         }
-                        if dsm.failed_ranks().contains(&dsm::Rank(2)) {
+                        if has_failed(dsm, 2) {
                             println!("diewriting: rank 2 failed");
                             break;
                         }
@@ -805,7 +805,7 @@ fn main() -> anyhow::Result<()> {
                 _ => {
                     // Writes while rank 1 lives, then `rounds` more.
                     let mut i = 0u64;
-                    while !dsm.failed_ranks().contains(&dsm::Rank(1)) {
+                    while !has_failed(dsm, 1) {
                         page.set(2, i);
                         i += 1;
                     }
@@ -846,7 +846,7 @@ fn main() -> anyhow::Result<()> {
             }
             dsm.barrier()?;
             let until = |what: &str, done: &dyn Fn() -> bool| within_30_s(me, what, done);
-            let failed = |r: u32| dsm.failed_ranks().contains(&dsm::Rank(r));
+            let failed = |r: u32| has_failed(dsm, r);
             match me {
                 2 => nix_kill_self(),
                 1 => {
@@ -886,7 +886,7 @@ fn main() -> anyhow::Result<()> {
             }
             dsm.barrier()?;
             let until = |what: &str, done: &dyn Fn() -> bool| within_30_s(me, what, done);
-            let failed = |r: u32| dsm.failed_ranks().contains(&dsm::Rank(r));
+            let failed = |r: u32| has_failed(dsm, r);
             match me {
                 2 => nix_kill_self(),
                 1 => {
@@ -1002,6 +1002,11 @@ fn own_mpi(dsm: &dsm::Dsm, me: usize, n: usize, rounds: usize) -> anyhow::Result
 #[cfg(not(feature = "mpi"))]
 fn own_mpi(_: &dsm::Dsm, _: usize, _: usize, _: usize) -> anyhow::Result<()> {
     anyhow::bail!("ownmpi needs a build with the mpi feature, run under mpirun")
+}
+
+/// Whether this rank has seen rank `r` fail.
+fn has_failed(dsm: &dsm::Dsm, r: u32) -> bool {
+    dsm.failed_ranks().contains(&dsm::Rank(r))
 }
 
 /// Waits (polling every millisecond) until `done` holds, or fails with `what` after 30 s.
