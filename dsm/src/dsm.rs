@@ -361,7 +361,9 @@ impl DsmBuilder {
     /// How long a thread waiting for a reply (a fault, a lock, a barrier) polls before it sleeps. Polling
     /// saves the wake-up (tens of microseconds across vCPUs on a VM) when the answer comes quickly, and costs
     /// the CPU of a thread that is stalled anyway. Default: 50 us when the job has no more ranks than this
-    /// machine has cores, else 0 (then a polling rank would take the core another rank needs to answer).
+    /// machine has cores, else 0 (then a polling rank would take the core another rank needs to answer),
+    /// and 0 over a transport whose own thread polls for replies (the MPI transport's bridge: a requester
+    /// polling beside it took the core it needed and doubled the time of a remote fault).
     /// The service loop never polls: it runs at real-time priority, where polling could starve others.
     pub fn spin(mut self, d: Duration) -> Self {
         self.spin = Some(d);
@@ -431,11 +433,10 @@ impl DsmBuilder {
         };
         let in_process = transport.ranks_share_a_process();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let spin_ns = match self.spin {
-            Some(d) => d.as_nanos() as u64,
-            None if self.size > 1 && self.size <= cores => 50_000,
-            None => 0,
-        };
+        let spin_ns = self
+            .spin
+            .unwrap_or_else(|| default_spin(transport.polls_for_replies(), self.size, cores))
+            .as_nanos() as u64;
 
         let mesh = transport.establish(self.rank, self.size, self.channels)?;
         let waker =
@@ -535,6 +536,16 @@ impl DsmBuilder {
 /// keeps `channels` connections to every rank and back (2,048 descriptors for 256 ranks over TCP at the
 /// default 4 channels, twice that over the MPI transport's socket pairs), and MapReduce merges hold many
 /// run files open.
+/// How long a thread waiting for a reply polls when the program did not say ([`DsmBuilder::spin`]): only
+/// when every rank can have a core of its own and no thread of the transport polls already.
+fn default_spin(transport_polls: bool, size: usize, cores: usize) -> Duration {
+    if !transport_polls && size > 1 && size <= cores {
+        Duration::from_micros(50)
+    } else {
+        Duration::ZERO
+    }
+}
+
 fn raise_open_file_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
@@ -1150,5 +1161,31 @@ impl Drop for Dsm {
         if let Err(e) = self.shutdown() {
             eprintln!("dsm: {}: leaving the job: {e}", self.shared.me);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requesters_poll_only_with_a_core_each_and_no_polling_transport() {
+        let poll = Duration::from_micros(50);
+        assert_eq!(default_spin(false, 2, 2), poll);
+        assert_eq!(
+            default_spin(false, 3, 2),
+            Duration::ZERO,
+            "ranks share cores"
+        );
+        assert_eq!(
+            default_spin(false, 1, 2),
+            Duration::ZERO,
+            "nobody to wait for"
+        );
+        assert_eq!(
+            default_spin(true, 2, 2),
+            Duration::ZERO,
+            "the transport's own thread polls (the MPI bridge)"
+        );
     }
 }

@@ -15,7 +15,7 @@
 //! | `DSM_INSTALL_HELPER` | `on`: a helper thread installs pages of long read-ahead replies (256 pages or more) beside the faulting thread, on another core; `off` | on when ranks <= cores, else off |
 //! | `DSM_DIRECT_INSTALL` | `on`: ranks on this host may install the pages this rank fetches straight into its memory (they take its userfaultfd with `pidfd_getfd`, which needs ptrace's permission: root, or the same user where Yama's `ptrace_scope` is 0; refused, pages come over the connections); `off`: pages always come over the connections | on |
 //! | `DSM_NOTICE_MEMORY` | release consistency: memory each list of write notices kept between barriers may take (a rank's known notices, its own, and those of the locks it is the home of; suffixes K, M, G; at least 4K); past it the oldest are forgotten (each writer's latest is kept), and a rank that acquires without having seen them drops every cached page of release-consistency regions not homed here | 8M |
-//! | `DSM_SPIN_US` | microseconds a thread waiting for a reply polls before it sleeps, 0 to 1000000 | 50 when ranks <= cores, else 0 |
+//! | `DSM_SPIN_US` | microseconds a thread waiting for a reply polls before it sleeps, 0 to 1000000 | 50 when ranks <= cores, else 0; 0 with `DSM_TRANSPORT=mpi` (its bridge polls) |
 //! | `DSM_KEEP_AWAKE_US` | microseconds after each request during which `SCHED_IDLE` threads keep idle CPUs awake, 0 (off) to 1000000 | 0 |
 //! | `DSM_ON_PEER_FAILURE` | `exit`: a rank ends (status 75) when another fails; `report`: operations that need the failed rank return errors and the program decides (set by `dsmrun --keep-going`) | exit |
 //! | `DSM_STATS` | `1`: print each rank's statistics when it leaves the job; `0`: do not | off |

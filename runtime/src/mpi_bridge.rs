@@ -183,6 +183,10 @@ impl Transport for MpiTransport {
     fn name(&self) -> &'static str {
         "mpi"
     }
+
+    fn polls_for_replies(&self) -> bool {
+        true
+    }
 }
 
 impl Link {

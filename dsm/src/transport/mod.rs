@@ -36,6 +36,13 @@ pub trait Transport: Send + std::fmt::Debug {
     fn ranks_share_a_process(&self) -> bool {
         false
     }
+
+    /// Whether a thread of the transport itself polls for the replies this rank waits for (a bridge that
+    /// carries the connections' bytes over another medium). A requester that polled as well would only
+    /// take the CPU that thread needs, so [`DsmBuilder::spin`](crate::DsmBuilder::spin) defaults to 0.
+    fn polls_for_replies(&self) -> bool {
+        false
+    }
 }
 
 /// Bumped whenever the wire format or the protocol changes: ranks of different builds refuse each other.
