@@ -502,8 +502,13 @@ impl RegionShared {
 
     /// Drops the local copy of `page`.
     pub(crate) fn discard(&self, page: u64) -> Result<(), Errno> {
-        assert!(page < self.pages);
-        uffd::discard(self.addr(page), PAGE_SIZE)
+        self.discard_run(page, 1)
+    }
+
+    /// Drops the local copies of `count` pages from `page`, with one system call.
+    pub(crate) fn discard_run(&self, page: u64, count: u64) -> Result<(), Errno> {
+        assert!(page + count <= self.pages);
+        uffd::discard(self.addr(page), count as usize * PAGE_SIZE)
     }
 
     /// The bytes of a page that is present here and write-protected (or otherwise not being written), for

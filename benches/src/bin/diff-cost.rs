@@ -4,12 +4,19 @@
 //! For several densities of change (one word, 10%, 50%, every byte of a page changed), rank 0 times
 //! `diff::encode` (twin against page) and `diff::apply` (at the home), and reports the encoded size.
 //!
+//! Then the other per-page costs of a barrier: rank 0 reads `--drop-pages` pages homed at rank 1, rank 1
+//! writes a word of each, and rank 0 times the barrier after those writes (rank 1's release write-protects
+//! every page again, and rank 0's acquire drops every one), beside plain barriers timed right after; the
+//! difference per page is what a page written at one rank and cached at another costs the barrier.
+//!
 //! Run: `cargo run --release --bin diff-cost -- [--json]` (it launches itself as 2 ranks).
 
 use clap::Parser;
 use dsm::protocol::diff;
-use dsm::{Rank, PAGE_SIZE};
-use dsm_benches::{floor_row, quantile, raw_link, report, run_as_job, Measurement, RAW_ROUND_TRIP};
+use dsm::{Consistency, Placement, Rank, PAGE_SIZE};
+use dsm_benches::{
+    floor_row, quantile, raw_link, report, run_as_job, us, Measurement, RawLink, RAW_ROUND_TRIP,
+};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -21,6 +28,59 @@ struct Args {
     /// Pages diffed per density.
     #[arg(long, default_value_t = 20_000)]
     pages: usize,
+    /// Cached pages dropped by one acquire.
+    #[arg(long, default_value_t = 16_384)]
+    drop_pages: usize,
+}
+
+/// Words of a page.
+const WORDS: usize = PAGE_SIZE / 8;
+
+/// Rank 0's time for a barrier whose acquire drops `pages` cached pages, and the median of plain barriers
+/// timed right after, in microseconds (0 and 0 on the other ranks).
+fn drop_cost(dsm: &dsm::Dsm, link: &mut RawLink, pages: usize) -> anyhow::Result<(f64, f64)> {
+    let region =
+        dsm.alloc_vec_in::<u64>(pages * WORDS, Placement::At(Rank(1)), Consistency::Release)?;
+    if dsm.rank() == Rank(1) {
+        for p in 0..pages {
+            region.set(p * WORDS, 1);
+        }
+    }
+    dsm.barrier()?;
+    if dsm.rank() == Rank(0) {
+        let sum: u64 = (0..pages).map(|p| region.get(p * WORDS)).sum();
+        anyhow::ensure!(sum == pages as u64, "read {sum} before the writes");
+    }
+    dsm.barrier()?;
+    if dsm.rank() == Rank(1) {
+        for p in 0..pages {
+            region.set(p * WORDS, 2);
+        }
+    }
+    // Rank 0 times the barrier only once rank 1 has written every page (rank 1 answers this round trip
+    // after its writes), so that the time is the barrier's and the acquire's, not the wait for the writer.
+    link.round_trips(1, 64, 64)?;
+    let t = Instant::now();
+    dsm.barrier()?;
+    let dropping = us(t.elapsed());
+    let mut plain = Vec::new();
+    for _ in 0..20 {
+        link.round_trips(1, 64, 64)?;
+        let t = Instant::now();
+        dsm.barrier()?;
+        plain.push(us(t.elapsed()));
+    }
+    if dsm.rank() == Rank(0) {
+        let sum: u64 = (0..pages).map(|p| region.get(p * WORDS)).sum();
+        anyhow::ensure!(sum == 2 * pages as u64, "read {sum} after the writes");
+        let dropped = dsm.stats().acquire_invalidations;
+        anyhow::ensure!(
+            dropped >= pages as u64,
+            "{dropped} pages dropped, expected {pages}"
+        );
+    }
+    dsm.barrier()?;
+    Ok((dropping, quantile(&mut plain, 0.5)))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,6 +90,7 @@ fn main() -> anyhow::Result<()> {
     let dsm = rt.dsm();
     let mut link = raw_link(dsm)?;
     let mut raw = link.round_trips(4000, 64, 4096)?;
+    let (dropping, plain) = drop_cost(dsm, &mut link, args.drop_pages)?;
     if dsm.rank() == Rank(0) {
         let floor = quantile(&mut raw, 0.5);
         let mut out = vec![floor_row(floor)];
@@ -101,6 +162,23 @@ fn main() -> anyhow::Result<()> {
                 "",
             ));
         }
+        let pages = args.drop_pages;
+        out.push(Measurement::new(
+            &format!("barrier dropping {pages} cached pages"),
+            dropping,
+            "us",
+            plain,
+            "plain barrier, median",
+            "",
+        ));
+        out.push(Measurement::new(
+            "page written there, dropped here, each",
+            (dropping - plain) / pages as f64,
+            "us",
+            floor,
+            RAW_ROUND_TRIP,
+            "well under the floor",
+        ));
         report(&out, args.json);
     }
     rt.finish()?;
