@@ -1211,19 +1211,25 @@ impl Engine {
             );
             return;
         }
+        // Pages written here in place are write-protected before they are copied, a run of neighbours per
+        // system call (a page each cost a TLB shootdown each while this rank's threads run).
+        let writable: Vec<u64> = claimed
+            .iter()
+            .filter(|(_, s)| s & STATE_MASK == READ_WRITE && s & WRITTEN == 0)
+            .map(|&(p, _)| p)
+            .collect();
+        if let Err((p, e)) = region.protect_runs(&writable, true) {
+            self.die(&format!(
+                "write-protecting page {p} for a fetch failed: {e}"
+            ));
+        }
+        for &p in &writable {
+            set_state(region.state(p), READ_ONLY);
+        }
         let mut bytes = vec![0u8; claimed.len() * PAGE_SIZE];
         for (i, (p, s)) in claimed.iter().enumerate() {
-            let st = s & STATE_MASK;
-            if st == INVALID {
+            if s & STATE_MASK == INVALID {
                 continue; // never touched here: zeros
-            }
-            if st == READ_WRITE && s & WRITTEN == 0 {
-                if let Err(e) = region.protect(*p, 1, true) {
-                    self.die(&format!(
-                        "write-protecting page {p} for a fetch failed: {e}"
-                    ));
-                }
-                set_state(region.state(*p), READ_ONLY);
             }
             region.snapshot_page(*p, &mut bytes[i * PAGE_SIZE..]);
         }

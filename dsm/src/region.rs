@@ -500,6 +500,24 @@ impl RegionShared {
         uffd::write_protect(self.uffd, self.addr(page), count as usize * PAGE_SIZE, on)
     }
 
+    /// Sets write protection of `pages` (in ascending order), one system call per run of neighbours: each
+    /// call flushes the TLB of every CPU running a thread of this process, which on a VM costs far more
+    /// than the protection itself (docs/ARCHITECTURE.md). On an error, the first page of the run it hit.
+    pub(crate) fn protect_runs(&self, pages: &[u64], on: bool) -> Result<(), (u64, Errno)> {
+        let mut rest = pages;
+        while let Some(&first) = rest.first() {
+            let len = rest
+                .iter()
+                .zip(first..)
+                .take_while(|(&p, expected)| p == *expected)
+                .count();
+            self.protect(first, len as u64, on)
+                .map_err(|e| (first, e))?;
+            rest = &rest[len..];
+        }
+        Ok(())
+    }
+
     /// Drops the local copy of `page`.
     pub(crate) fn discard(&self, page: u64) -> Result<(), Errno> {
         self.discard_run(page, 1)

@@ -299,27 +299,14 @@ fn settle(
 /// Write-protects `pages` (sorted, held BUSY) and marks them read-only, one system call per run of
 /// neighbours.
 fn protect_runs(region: &RegionShared, pages: &[u64]) -> Result<()> {
-    let mut rest = pages;
-    while let Some(&first) = rest.first() {
-        let len = rest
-            .iter()
-            .enumerate()
-            .take_while(|&(i, &p)| p == first + i as u64)
-            .count();
-        region.protect(first, len as u64, true).map_err(|e| {
-            DsmError::sys(
-                format!(
-                    "write-protecting pages {first}..{} of region {}",
-                    first + len as u64,
-                    region.id
-                ),
-                e,
-            )
-        })?;
-        for &page in &rest[..len] {
-            set_state(region.state(page), READ_ONLY);
-        }
-        rest = &rest[len..];
+    region.protect_runs(pages, true).map_err(|(page, e)| {
+        DsmError::sys(
+            format!("write-protecting page {page} of region {}", region.id),
+            e,
+        )
+    })?;
+    for &page in pages {
+        set_state(region.state(page), READ_ONLY);
     }
     Ok(())
 }
