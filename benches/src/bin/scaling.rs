@@ -86,6 +86,24 @@ fn finish(child: Child, what: &str) -> anyhow::Result<f64> {
     reported_secs(&stdout).with_context(|| format!("{what} printed no time: {stdout}"))
 }
 
+/// Two single-rank runs started together: the slower one's time. Both are waited for before either is
+/// judged, and the first is stopped if the second cannot start, so that no run outlives the benchmark.
+fn side_by_side_run(bin: &Path, p: &Program) -> anyhow::Result<f64> {
+    let first = start(&mut single(bin, p))?;
+    let second = match start(&mut single(bin, p)) {
+        Ok(c) => c,
+        Err(e) => {
+            let mut first = first;
+            let _ = first.kill();
+            let _ = first.wait();
+            return Err(e);
+        }
+    };
+    let what = format!("{} side by side", p.name);
+    let (a, b) = (finish(first, &what), finish(second, &what));
+    Ok(a?.max(b?))
+}
+
 fn single(bin: &Path, p: &Program) -> Command {
     let mut cmd = Command::new(bin);
     cmd.args(p.args);
@@ -117,10 +135,7 @@ fn main() -> anyhow::Result<()> {
                 start(&mut single(&bin, p))?,
                 &format!("{} at 1 rank", p.name),
             )?;
-            let first = start(&mut single(&bin, p))?;
-            let second = start(&mut single(&bin, p))?;
-            let what = format!("{} side by side", p.name);
-            let slower = finish(first, &what)?.max(finish(second, &what)?);
+            let slower = side_by_side_run(&bin, p)?;
             let mut two = Command::new(&dsmrun);
             two.args(["-n", "2"]).arg(&bin).args(p.args);
             let j = finish(start(&mut two)?, &format!("{} at 2 ranks", p.name))?;

@@ -182,21 +182,31 @@ fn main() -> anyhow::Result<()> {
         }
         // Two single-rank runs at once, one per core: the speedup two independent copies reach now.
         let t0 = Instant::now();
-        let copies = (0..2)
-            .map(|c| {
-                let out = scratch.join(format!("out-side-{c}"));
-                Command::new(&wordcount)
-                    .arg(&corpus)
-                    .args(["--output", out.to_str().context("scratch path")?])
-                    .args(["--overwrite", "--quiet", "--top", "0", "--threads", "1"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .context("starting wordcount")
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        for c in copies {
-            let out = c.wait_with_output()?;
+        let mut copies = Vec::new();
+        for c in 0..2 {
+            let out = scratch.join(format!("out-side-{c}"));
+            let spawned = Command::new(&wordcount)
+                .arg(&corpus)
+                .args(["--output", out.to_str().context("scratch path")?])
+                .args(["--overwrite", "--quiet", "--top", "0", "--threads", "1"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn();
+            match spawned {
+                Ok(child) => copies.push(child),
+                Err(e) => {
+                    for mut child in copies {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                    return Err(anyhow::Error::new(e).context("starting wordcount"));
+                }
+            }
+        }
+        // Both are waited for before either is judged.
+        let outs: Vec<_> = copies.into_iter().map(|c| c.wait_with_output()).collect();
+        for out in outs {
+            let out = out.context("waiting for wordcount")?;
             anyhow::ensure!(
                 out.status.success(),
                 "wordcount side by side failed: {}",
