@@ -532,10 +532,6 @@ impl DsmBuilder {
     }
 }
 
-/// Lets the process open as many files as the system allows it, not the usual soft limit of 1024: a rank
-/// keeps `channels` connections to every rank and back (2,048 descriptors for 256 ranks over TCP at the
-/// default 4 channels, twice that over the MPI transport's socket pairs), and MapReduce merges hold many
-/// run files open.
 /// How long a thread waiting for a reply polls when the program did not say ([`DsmBuilder::spin`]): only
 /// when every rank can have a core of its own and no thread of the transport polls already.
 fn default_spin(transport_polls: bool, size: usize, cores: usize) -> Duration {
@@ -546,6 +542,10 @@ fn default_spin(transport_polls: bool, size: usize, cores: usize) -> Duration {
     }
 }
 
+/// Lets the process open as many files as the system allows it, not the usual soft limit of 1024: a rank
+/// keeps `channels` connections to every rank and back (2,048 descriptors for 256 ranks over TCP at the
+/// default 4 channels, twice that over the MPI transport's socket pairs), and MapReduce merges hold many
+/// run files open.
 fn raise_open_file_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {

@@ -1218,9 +1218,10 @@ impl Engine {
             .filter(|(_, s)| s & STATE_MASK == READ_WRITE && s & WRITTEN == 0)
             .map(|&(p, _)| p)
             .collect();
-        if let Err((p, e)) = region.protect_runs(&writable, true) {
+        if let Err((done, e)) = region.protect_runs(&writable, true) {
             self.die(&format!(
-                "write-protecting page {p} for a fetch failed: {e}"
+                "write-protecting page {} for a fetch failed: {e}",
+                writable[done]
             ));
         }
         for &p in &writable {

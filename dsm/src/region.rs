@@ -502,18 +502,18 @@ impl RegionShared {
 
     /// Sets write protection of `pages` (in ascending order), one system call per run of neighbours: each
     /// call flushes the TLB of every CPU running a thread of this process, which on a VM costs far more
-    /// than the protection itself (docs/ARCHITECTURE.md). On an error, the first page of the run it hit.
-    pub(crate) fn protect_runs(&self, pages: &[u64], on: bool) -> Result<(), (u64, Errno)> {
-        let mut rest = pages;
-        while let Some(&first) = rest.first() {
-            let len = rest
+    /// than the protection itself (docs/ARCHITECTURE.md). On an error, how many of `pages` (from the
+    /// first) had been set, and the error.
+    pub(crate) fn protect_runs(&self, pages: &[u64], on: bool) -> Result<(), (usize, Errno)> {
+        let mut done = 0;
+        while let Some(&first) = pages.get(done) {
+            let len = pages[done..]
                 .iter()
                 .zip(first..)
                 .take_while(|(&p, expected)| p == *expected)
                 .count();
-            self.protect(first, len as u64, on)
-                .map_err(|e| (first, e))?;
-            rest = &rest[len..];
+            self.protect(first, len as u64, on).map_err(|e| (done, e))?;
+            done += len;
         }
         Ok(())
     }

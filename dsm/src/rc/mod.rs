@@ -200,11 +200,12 @@ fn release_pages(
         }));
         for batch in pages.chunks(DIFF_WINDOW) {
             let mut diffs = Vec::new();
-            let mut waiting = Vec::new(); // twinned pages held BUSY until their diffs are acknowledged
-                                          // Pages taken and not yet settled, with their state word when taken. They are taken without
-                                          // waiting, so that their write protection can go a run of neighbours at a time; a page that
-                                          // another thread of this rank holds is waited for only once the held pages are settled (the
-                                          // home's own pages among them released: requests for them wait while they are held).
+            // Twinned pages, held BUSY until their diffs are acknowledged.
+            let mut waiting = Vec::new();
+            // Pages taken and not yet settled, with their state word when taken. They are taken without
+            // waiting, so that their write protection can go a run of neighbours at a time; a page that
+            // another thread of this rank holds is waited for only once the held pages are settled (the
+            // home's own pages among them released: requests for them wait while they are held).
             let mut held = Vec::new();
             let mut failed = None;
             for &page in batch {
@@ -297,18 +298,26 @@ fn settle(
 }
 
 /// Write-protects `pages` (sorted, held BUSY) and marks them read-only, one system call per run of
-/// neighbours.
+/// neighbours. On an error the pages protected before it are marked read-only too, so that no page is
+/// left protected and marked writable (a write to it would fault for ever).
 fn protect_runs(region: &RegionShared, pages: &[u64]) -> Result<()> {
-    region.protect_runs(pages, true).map_err(|(page, e)| {
-        DsmError::sys(
-            format!("write-protecting page {page} of region {}", region.id),
-            e,
-        )
-    })?;
-    for &page in pages {
+    let protected = region.protect_runs(pages, true);
+    let done = match protected {
+        Ok(()) => pages.len(),
+        Err((done, _)) => done,
+    };
+    for &page in &pages[..done] {
         set_state(region.state(page), READ_ONLY);
     }
-    Ok(())
+    protected.map_err(|(done, e)| {
+        DsmError::sys(
+            format!(
+                "write-protecting page {} of region {}",
+                pages[done], region.id
+            ),
+            e,
+        )
+    })
 }
 
 /// An acquire: pages named by notices this rank has not seen are dropped, except pages homed here; a
@@ -353,6 +362,9 @@ pub(crate) fn acquire(
                 let cached = s & STATE_MASK != INVALID || s & BUSY != 0;
                 if cached && region.home(page) != me {
                     dropper.drop(&region, page);
+                } else {
+                    // The run cannot go on past this page: its pages are not held while the scan goes on.
+                    dropper.end_run();
                 }
             }
         }
