@@ -1,0 +1,657 @@
+//! The service loop: one thread per rank that serves the other ends of every rank's channels. It owns the
+//! manager side of the pages homed here (with the fault path of this rank's own threads, through the
+//! per-page manager lock), performs leaf operations on this rank's copies (send, downgrade, drop), and runs
+//! the lock and barrier servers. It never waits for another rank: a request that cannot be served yet is
+//! queued, and the reply goes out when it can. That is what keeps the protocol free of distributed deadlock.
+//!
+//! It detects failures: a connection that closes without a `Goodbye`, or that carries a malformed frame,
+//! means its rank is gone; waiting barriers are failed and, under `FailurePolicy::Exit`, the rank ends with
+//! an error naming the failed rank.
+//!
+//! This file holds the loop itself (connections, dispatch, failures); `pages` the pages homed here and
+//! this rank's copies; `sync` the lock and barrier servers.
+
+use crate::channel::write_frame;
+use crate::direct::{self, Host};
+use crate::dsm::{FailurePolicy, Shared};
+use crate::fault::unlock_slot;
+use crate::protocol::release::VectorClock;
+use crate::protocol::swmr::{self, Access};
+use crate::region::{Consistency, RegionShared};
+use crate::stats::Counters;
+use crate::types::{Rank, PAGE_SIZE};
+use crate::uffd::ZERO_PAGE;
+use crate::wire::{self, RefusedReason, Reply, Request, MAX_HEADER};
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::socket::{recv, MsgFlags};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The most pages one read-ahead reply carries, and the default largest window (4 MiB): see
+/// `docs/ARCHITECTURE.md`, "Read-ahead replies are installed as they arrive", for the measurements.
+pub const MAX_READAHEAD: u32 = 1024;
+
+/// The largest request frame a service loop accepts (requests carry diffs and write notices).
+pub(crate) const MAX_REQUEST: usize = 16 << 20;
+
+const WAKER: u64 = u64::MAX;
+
+#[derive(Debug)]
+struct Conn {
+    /// Shared with the `Responder`s of services that answer later.
+    fd: Arc<OwnedFd>,
+    peer: Rank,
+    buf: Vec<u8>,
+    filled: usize,
+    open: bool,
+    goodbye: bool,
+}
+
+mod pages;
+mod sync;
+
+use sync::LockServer;
+
+/// The state of the service loop of one rank.
+#[derive(Debug)]
+pub(crate) struct Engine {
+    shared: Arc<Shared>,
+    conns: Vec<Conn>,
+    epoll: Epoll,
+    /// Fault requests waiting for a page's manager lock, by (region, page).
+    queues: HashMap<(u32, u64), VecDeque<(usize, Request)>>,
+    /// Pages whose manager lock a transaction of another rank holds until its `Unlock` (a grant, or an
+    /// upgrade answered at once), by (region, page): the rank and its access. If that rank fails, the lock
+    /// is released here instead of being held for ever (see `peer_failed`).
+    held_by: HashMap<(u32, u64), (Rank, Access)>,
+    locks: HashMap<u64, LockServer>,
+    /// Leaf requests waiting for this rank to finish installing the page they name.
+    deferred: Vec<(usize, Request, Vec<u8>)>,
+    /// Barrier arrivals at rank 0: (connection, epoch, tag).
+    arrivals: Vec<(usize, u64, u64)>,
+    /// Release consistency: the write notices the arrivals brought, and their horizons merged, for everyone
+    /// at the barrier's end.
+    arrival_notices: Vec<crate::protocol::release::WriteNotice>,
+    arrival_horizon: VectorClock,
+    /// Release consistency: what the notices of all the locks homed here take (bounded by
+    /// `Shared::notice_memory`).
+    lock_notice_bytes: usize,
+    /// Release consistency: what the lock servers let go of may have known that not every rank has seen
+    /// (their notices and horizons, as a horizon), which every new lock server starts with.
+    let_go_horizon: VectorClock,
+    scratch: Vec<u8>,
+    /// The host this rank runs on, to compare with those of the ranks that introduce themselves.
+    host: Option<Host>,
+    /// The userfaultfds of the ranks on this host that introduced themselves and whose descriptor this
+    /// rank could take, by rank: pages they ask for are installed into them directly (`direct.rs`).
+    direct: Vec<Option<OwnedFd>>,
+}
+
+impl Engine {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        incoming: Vec<(Rank, OwnedFd)>,
+    ) -> crate::Result<Engine> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .map_err(|e| crate::DsmError::sys("epoll_create", e))?;
+        epoll
+            .add(
+                shared.waker.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, WAKER),
+            )
+            .map_err(|e| crate::DsmError::sys("epoll_ctl(eventfd)", e))?;
+        let mut conns = Vec::with_capacity(incoming.len());
+        for (i, (peer, fd)) in incoming.into_iter().enumerate() {
+            epoll
+                .add(fd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
+                .map_err(|e| crate::DsmError::sys("epoll_ctl(connection)", e))?;
+            conns.push(Conn {
+                fd: Arc::new(fd),
+                peer,
+                buf: vec![0; 4 + 2 + MAX_HEADER],
+                filled: 0,
+                open: true,
+                goodbye: false,
+            });
+        }
+        Ok(Engine {
+            conns,
+            epoll,
+            queues: HashMap::new(),
+            held_by: HashMap::new(),
+            locks: HashMap::new(),
+            deferred: Vec::new(),
+            arrivals: Vec::new(),
+            arrival_notices: Vec::new(),
+            arrival_horizon: VectorClock::new(shared.size),
+            lock_notice_bytes: 0,
+            let_go_horizon: VectorClock::new(shared.size),
+            scratch: vec![0; PAGE_SIZE],
+            host: Host::this(),
+            direct: (0..shared.size).map(|_| None).collect(),
+            shared,
+        })
+    }
+
+    /// Serves until the rank shuts down.
+    pub(crate) fn run(mut self) {
+        favour_this_thread(self.shared.me, self.shared.service_priority);
+        let mut events = vec![EpollEvent::empty(); 64];
+        loop {
+            let n = match self.epoll.wait(&mut events, EpollTimeout::from(1000u16)) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    eprintln!(
+                        "dsm: {}: epoll_wait failed: {e}; the service loop stops",
+                        self.shared.me
+                    );
+                    return;
+                }
+            };
+            if n > 0 {
+                // A request is being served: CPUs stay awake for the next one (`keepawake.rs`).
+                self.shared.awake.touch();
+            }
+            for ev in &events[..n] {
+                if ev.data() == WAKER {
+                    let _ = self.shared.waker.read();
+                    if self.shared.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    self.serve_all_queues();
+                    for (idx, req, payload) in std::mem::take(&mut self.deferred) {
+                        self.handle(idx, req, payload);
+                    }
+                } else {
+                    self.read_conn(ev.data() as usize);
+                }
+            }
+            if self.shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+
+    fn read_conn(&mut self, idx: usize) {
+        loop {
+            let conn = &mut self.conns[idx];
+            if !conn.open {
+                return;
+            }
+            let filled = conn.filled;
+            if filled == conn.buf.len() {
+                // A frame larger than the buffer (a diff, write notices): grow; the frame's length is
+                // checked against MAX_REQUEST when it is parsed.
+                let grown = (conn.buf.len() * 2).min(4 + MAX_REQUEST).max(filled + 1);
+                conn.buf.resize(grown, 0);
+            }
+            match recv(
+                conn.fd.as_raw_fd(),
+                &mut conn.buf[filled..],
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(0) => {
+                    self.shared.gone[conn.peer.index()].store(true, Ordering::Release);
+                    self.close(idx, "connection closed");
+                    return;
+                }
+                Ok(n) => {
+                    conn.filled += n;
+                    Counters::add(&self.shared.counters.bytes_received, n as u64);
+                    if let Err(reason) = self.parse_frames(idx) {
+                        self.close(idx, &reason);
+                        return;
+                    }
+                }
+                Err(Errno::EAGAIN) => return,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    if e == Errno::ECONNRESET {
+                        self.shared.gone[conn.peer.index()].store(true, Ordering::Release);
+                    }
+                    self.close(idx, &format!("receive failed: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn parse_frames(&mut self, idx: usize) -> Result<(), String> {
+        loop {
+            let conn = &self.conns[idx];
+            if conn.filled < 4 {
+                return Ok(());
+            }
+            let n = wire::body_len(conn.buf[..4].try_into().expect("4 bytes"), MAX_REQUEST)
+                .map_err(|e| format!("malformed frame: {e}"))?;
+            if conn.filled < 4 + n {
+                return Ok(());
+            }
+            let (req, payload) = wire::decode::<Request>(&conn.buf[4..4 + n])
+                .map_err(|e| format!("malformed frame: {e}"))?;
+            let payload = payload.to_vec();
+            let conn = &mut self.conns[idx];
+            conn.buf.copy_within(4 + n..conn.filled, 0);
+            conn.filled -= 4 + n;
+            Counters::add(&self.shared.counters.messages_received, 1);
+            self.handle(idx, req, payload);
+            if !self.conns[idx].open {
+                // Closed while handling (a protocol error, a failed reply): what is left is not served.
+                return Ok(());
+            }
+        }
+    }
+
+    fn close(&mut self, idx: usize, reason: &str) {
+        let conn = &mut self.conns[idx];
+        if !conn.open {
+            return;
+        }
+        conn.open = false;
+        let _ = self.epoll.delete(conn.fd.as_fd());
+        let peer = conn.peer;
+        if conn.goodbye || self.shared.stop.load(Ordering::Acquire) || peer == self.shared.me {
+            return;
+        }
+        self.peer_failed(peer, reason);
+    }
+
+    fn peer_failed(&mut self, peer: Rank, reason: &str) {
+        if self.shared.failed[peer.index()].swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::error!("{}: {peer} failed: {reason}", self.shared.me);
+        self.direct[peer.index()] = None;
+        for service in self.shared.services() {
+            service.peer_failed(peer);
+        }
+        let waiting: Vec<usize> = self.arrivals.drain(..).map(|(c, _, _)| c).collect();
+        for c in waiting {
+            self.reply(c, &Reply::BarrierFailed { rank: peer.0 }, &[]);
+        }
+        if self.shared.policy == FailurePolicy::Exit {
+            // Tell the others which rank is gone before ending, so that they report it rather than this rank,
+            // whose connections close next.
+            if let Some(ch) = self.shared.channels.try_claim() {
+                let lost = Request::PeerLost { rank: peer.0 };
+                for r in (0..self.shared.size as u32).map(Rank) {
+                    if r != self.shared.me && r != peer {
+                        let _ = ch.send(&self.shared.counters, r, &lost, &[]);
+                    }
+                }
+            }
+            say(&format!(
+                "dsm: {}: {peer} failed ({reason}); ending this rank",
+                self.shared.me
+            ));
+            std::process::exit(crate::EXIT_PEER_FAILED);
+        }
+        // Lock requests the failed rank left waiting are dropped: a grant to it would keep the lock for
+        // ever. (A lock it holds stays held.)
+        let conns = &self.conns;
+        for l in self.locks.values_mut() {
+            l.waiters.retain(|(w, _)| conns[*w].peer != peer);
+        }
+        // Transactions the failed rank held here end now, or their pages would stay locked for ever. One
+        // that was writing may have taken the only copy (it invalidated the others before it died): the
+        // page is recorded as the failed rank's, so that a later fault on it fails naming that rank
+        // rather than reading what may be stale. A reader took nothing away.
+        let held: Vec<((u32, u64), Access)> = self
+            .held_by
+            .iter()
+            .filter(|(_, (r, _))| *r == peer)
+            .map(|(k, (_, a))| (*k, *a))
+            .collect();
+        for ((id, page), access) in held {
+            self.held_by.remove(&(id, page));
+            let Some(region) = self.shared.region(id) else {
+                continue;
+            };
+            let slot = region.slot(page);
+            if access == Access::Write {
+                let mut e = slot.load();
+                swmr::complete(&mut e, peer, Access::Write);
+                slot.store(&e);
+            }
+            if unlock_slot(&slot.lock) {
+                self.serve_queue(&region, page);
+            }
+        }
+    }
+
+    fn reply(&mut self, idx: usize, reply: &Reply, payload: &[&[u8]]) {
+        let conn = &self.conns[idx];
+        if !conn.open {
+            return;
+        }
+        if let Err(e) = write_frame(conn.fd.as_fd(), reply, payload, &self.shared.counters) {
+            self.close(idx, &format!("sending a reply failed: {e}"));
+        }
+    }
+
+    fn handle(&mut self, idx: usize, req: Request, payload: Vec<u8>) {
+        match req {
+            Request::Acquire { region, page, .. } => {
+                let Some(r) = self.region_for(idx, region, page, Consistency::Sequential) else {
+                    return;
+                };
+                self.acquire_or_queue(idx, &r, req);
+            }
+            Request::Unlock {
+                region,
+                page,
+                count,
+                access,
+                granted,
+            } => {
+                // A transaction holds one page, and only the rank it was granted to ends it: a stale,
+                // duplicate or corrupt Unlock must not free a page lock another transaction holds.
+                let peer = self.conns[idx].peer;
+                let holder = self.held_by.get(&(region, page)).copied();
+                if count != 1 || holder != Some((peer, access)) {
+                    self.close(
+                        idx,
+                        &format!(
+                            "an Unlock of {count} page(s) from page {page} of region {region}, which {peer} does not hold that way"
+                        ),
+                    );
+                    return;
+                }
+                self.held_by.remove(&(region, page));
+                let Some(r) = self.shared.region(region) else {
+                    return;
+                };
+                let slot = r.slot(page);
+                if granted {
+                    let mut e = slot.load();
+                    swmr::complete(&mut e, peer, access);
+                    slot.store(&e);
+                }
+                if unlock_slot(&slot.lock) {
+                    self.serve_queue(&r, page);
+                }
+            }
+            Request::Fetch { region, page } => {
+                let Some(r) = self.region_for(idx, region, page, Consistency::Sequential) else {
+                    return;
+                };
+                self.fetch(idx, &r, page);
+            }
+            Request::Invalidate {
+                region,
+                page,
+                send_data,
+            } => {
+                let Some(r) = self.region_for(idx, region, page, Consistency::Sequential) else {
+                    return;
+                };
+                self.invalidate(idx, &r, page, send_data);
+            }
+            Request::LockAcquire { lock } => {
+                let clock = match crate::rc::decode_clock(&payload, self.conns[idx].peer) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.close(idx, &e.to_string());
+                        return;
+                    }
+                };
+                let let_go = &self.let_go_horizon;
+                let l = self
+                    .locks
+                    .entry(lock)
+                    .or_insert_with(|| LockServer::new(let_go.clone()));
+                if l.held {
+                    l.waiters.push_back((idx, clock));
+                } else {
+                    l.held = true;
+                    let grant = crate::rc::encode_notices(&l.notices.unseen(&clock), &l.horizon);
+                    self.reply(idx, &Reply::LockGranted, &[&grant]);
+                }
+            }
+            Request::LockRelease { lock } => {
+                let peer = self.conns[idx].peer;
+                let (passed, horizon) =
+                    match crate::rc::decode_notices(&payload, peer, self.shared.size) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            self.close(idx, &e.to_string());
+                            return;
+                        }
+                    };
+                let next = self.lock_released(lock, passed, &horizon);
+                if let Some((w, grant)) = next {
+                    self.reply(w, &Reply::LockGranted, &[&grant]);
+                }
+            }
+            Request::Barrier { epoch, tag } => self.barrier(idx, epoch, tag, payload),
+            Request::FetchPage {
+                region,
+                page,
+                count,
+                direct,
+            } => {
+                let Some(r) = self.region_for(idx, region, page, Consistency::Release) else {
+                    return;
+                };
+                self.fetch_page(idx, &r, page, count, direct);
+            }
+            Request::Diff { region, page } => {
+                let Some(r) = self.region_for(idx, region, page, Consistency::Release) else {
+                    return;
+                };
+                if r.home(page) != self.shared.me {
+                    let what = format!("a diff for page {page} of region {region}, not homed here");
+                    self.close(idx, &what);
+                    return;
+                }
+                self.apply_diff(idx, &r, page, payload);
+            }
+            Request::ArenaBase => {
+                let reply = match self.shared.arena_base() {
+                    Some((base, size)) => Reply::Arena {
+                        base: base as u64,
+                        size: size as u64,
+                    },
+                    None => Reply::Refused {
+                        reason: RefusedReason::NoArena,
+                    },
+                };
+                self.reply(idx, &reply, &[]);
+            }
+            Request::Introduce {
+                pid,
+                uffd,
+                boot,
+                pid_ns,
+            } => {
+                let peer = self.conns[idx].peer;
+                let theirs = Host { boot, pid_ns };
+                let conn = self.conns[idx].fd.clone();
+                let alive = || connection_open(conn.as_fd());
+                let accepted = match direct::take_peer_uffd(
+                    self.host.as_ref(),
+                    &theirs,
+                    pid,
+                    uffd,
+                    alive,
+                ) {
+                    Ok(fd) => {
+                        self.direct[peer.index()] = Some(fd);
+                        true
+                    }
+                    Err(why) => {
+                        tracing::info!(
+                            "{}: pages for {peer} go over the connection, not installed directly: {why} (pidfd_getfd needs ptrace's permission: the same user without Yama's ptrace_scope 1 or more, or root; DSM_DIRECT_INSTALL=off stops asking)",
+                            self.shared.me
+                        );
+                        false
+                    }
+                };
+                self.reply(idx, &Reply::Introduced { accepted }, &[]);
+            }
+            Request::Ping { reply_bytes } => {
+                let n = (reply_bytes as usize).min(PAGE_SIZE);
+                self.reply(idx, &Reply::Pong, &[&ZERO_PAGE[..n]]);
+            }
+            Request::Goodbye => self.conns[idx].goodbye = true,
+            Request::PeerLost { rank } if rank == self.shared.me.0 => {
+                self.close(idx, "a failure report names this rank itself")
+            }
+            Request::PeerLost { rank } if (rank as usize) < self.shared.size => {
+                let reporter = self.conns[idx].peer;
+                self.peer_failed(Rank(rank), &format!("{reporter} lost its connection to it"));
+            }
+            Request::PeerLost { .. } => {
+                self.close(idx, "a failure report names no rank of this job")
+            }
+            Request::Service { id } => match self.shared.service(id) {
+                Some(service) => {
+                    let reply = crate::service::Responder {
+                        fd: self.conns[idx].fd.clone(),
+                        peer: self.conns[idx].peer,
+                        shared: self.shared.clone(),
+                    };
+                    service.request(self.conns[idx].peer, payload, reply);
+                }
+                None => self.reply(
+                    idx,
+                    &Reply::Refused {
+                        reason: RefusedReason::UnknownService,
+                    },
+                    &[],
+                ),
+            },
+        }
+    }
+
+    /// The region a request names, when the page is in it and the request is one of the region's memory
+    /// model (sequential-consistency transactions, or release-consistency fetches and diffs). A request of
+    /// the other model is a peer's protocol error: its connection is closed.
+    fn region_for(
+        &mut self,
+        idx: usize,
+        region: u32,
+        page: u64,
+        model: Consistency,
+    ) -> Option<Arc<RegionShared>> {
+        let reason = match self.shared.region(region) {
+            Some(r) if page < r.pages && r.consistency == model => return Some(r),
+            Some(r) if page < r.pages => {
+                self.close(
+                    idx,
+                    &format!(
+                        "a {model:?}-consistency request for region {region}, which is {:?}",
+                        r.consistency
+                    ),
+                );
+                return None;
+            }
+            Some(_) => RefusedReason::PageOutOfRange,
+            None => RefusedReason::UnknownRegion,
+        };
+        self.reply(idx, &Reply::Refused { reason }, &[]);
+        None
+    }
+    fn die(&self, what: &str) -> ! {
+        say(&format!(
+            "dsm: {}: {what}; ending this rank",
+            self.shared.me
+        ));
+        std::process::exit(crate::EXIT_INTERNAL);
+    }
+}
+
+/// Whether the peer at the other end of a connection still has it open: a look at what waits to be read,
+/// without taking it (the end of the stream, or an error, means it is gone). Asked of a peer that is
+/// waiting for an answer, so it has nothing more to send.
+fn connection_open(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut byte = [0u8; 1];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    match recv(fd.as_raw_fd(), &mut byte, flags) {
+        Ok(n) => n > 0,
+        Err(e) => e == Errno::EAGAIN,
+    }
+}
+
+/// Writes `line` and a newline to standard error in one `write`, so that the lines of ranks whose error
+/// streams a launcher merges (mpirun does, unbuffered) do not run into each other (`eprintln!` writes a
+/// formatted line piece by piece).
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
+/// How the service loop's thread is scheduled relative to the application's threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServicePriority {
+    /// Real-time `SCHED_FIFO` priority 1 when permitted (root or `CAP_SYS_NICE`), else nice -10 when
+    /// permitted, else normal. The loop only runs short bursts and never spins, so a real-time priority lets
+    /// it answer at once even when every core is busy computing, instead of after a scheduler slice.
+    #[default]
+    Favoured,
+    /// Nice -10 when permitted: favoured within the normal scheduler, which keeps its wake-up placement.
+    Nice,
+    /// The same scheduling as the application's threads.
+    Normal,
+}
+
+fn favour_this_thread(me: Rank, how: ServicePriority) {
+    if how == ServicePriority::Normal {
+        return;
+    }
+    let param = libc::sched_param { sched_priority: 1 };
+    if how == ServicePriority::Nice {
+        // SAFETY: setpriority on the calling thread (PRIO_PROCESS with who = 0 names the calling thread).
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
+        return;
+    }
+    // SAFETY: sched_setscheduler(0, ...) changes only the calling thread's policy; `param` is a valid
+    // sched_param that lives across the call.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+        return;
+    }
+    // SAFETY: setpriority on the calling thread (who = 0 with PRIO_PROCESS names the calling thread on Linux).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) } == 0 {
+        return;
+    }
+    tracing::debug!("{me}: the service loop runs at normal priority (no permission to raise it)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::swmr::Data;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_reply_of_more_slices_than_one_sendmsg_takes_goes_out_whole() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let pages: Vec<[u8; 3]> = (0..crate::channel::IOV_MAX + 300)
+            .map(|i| [i as u8, (i >> 8) as u8, 7])
+            .collect();
+        let slices: Vec<&[u8]> = pages.iter().map(|p| &p[..]).collect();
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            b.read_to_end(&mut all).unwrap();
+            all
+        });
+        let counters = Counters::default();
+        let reply = Reply::Done {
+            data: Data::Home,
+            count: slices.len() as u32,
+        };
+        write_frame(a.as_fd(), &reply, &slices, &counters).unwrap();
+        drop(a);
+        let all = reader.join().unwrap();
+        let body = wire::body_len(all[..4].try_into().unwrap(), usize::MAX >> 1).unwrap();
+        assert_eq!(body, all.len() - 4);
+        let (r, payload) = wire::decode::<Reply>(&all[4..]).unwrap();
+        assert!(matches!(r, Reply::Done { count, .. } if count as usize == pages.len()));
+        assert_eq!(payload, pages.concat());
+    }
+}

@@ -1,0 +1,707 @@
+//! The pages of the service loop: the manager side of the pages homed at this rank (fault requests served
+//! or queued under the per-page manager lock, with read-ahead and write-ahead), the leaf operations on
+//! this rank's copies (send, downgrade, drop), page fetches and diffs under release consistency.
+
+use super::Engine;
+use super::MAX_READAHEAD;
+use crate::channel::write_frame;
+use crate::direct::{self};
+use crate::fault::{give_untouched, lock_untouched, set_state, try_lock_slot, unlock_slot};
+use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
+use crate::region::SHARED;
+use crate::region::{
+    RegionShared, BUSY, DEFERRED, INVALID, LOCKED, QUEUED, READ_ONLY, READ_WRITE, STATE_MASK,
+    WRITTEN,
+};
+use crate::stats::Counters;
+use crate::types::{Rank, PAGE_SIZE};
+use crate::uffd::{ZERO_FILL_MAX, ZERO_PAGE};
+use crate::wire::{RefusedReason, Reply, Request};
+use nix::errno::Errno;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+impl Engine {
+    /// Serves a fault request now if the page's manager lock is free, else queues it.
+    pub(super) fn acquire_or_queue(
+        &mut self,
+        idx: usize,
+        region: &Arc<RegionShared>,
+        req: Request,
+    ) {
+        let Request::Acquire { page, .. } = req else {
+            return;
+        };
+        let lock = &region.slot(page).lock;
+        loop {
+            let s = lock.load(Ordering::Acquire);
+            if s & LOCKED == 0 {
+                if lock
+                    .compare_exchange(s, s | LOCKED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    self.serve_acquire(idx, region, req);
+                    return;
+                }
+                continue;
+            }
+            // Held: mark the page queued so that whoever unlocks wakes this loop, then re-check.
+            if lock
+                .compare_exchange(s, s | QUEUED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.queues
+                    .entry((region.id, page))
+                    .or_default()
+                    .push_back((idx, req));
+                return;
+            }
+        }
+    }
+
+    pub(super) fn serve_queue(&mut self, region: &Arc<RegionShared>, page: u64) {
+        let key = (region.id, page);
+        let lock = &region.slot(page).lock;
+        while lock.load(Ordering::Acquire) & LOCKED == 0 {
+            let Some((idx, req)) = self.queues.get_mut(&key).and_then(|q| q.pop_front()) else {
+                lock.fetch_and(!QUEUED, Ordering::AcqRel);
+                self.queues.remove(&key);
+                return;
+            };
+            self.acquire_or_queue(idx, region, req);
+        }
+    }
+
+    pub(super) fn serve_all_queues(&mut self) {
+        let keys: Vec<(u32, u64)> = self.queues.keys().copied().collect();
+        for (id, page) in keys {
+            match self.shared.region(id) {
+                Some(r) => self.serve_queue(&r, page),
+                None => {
+                    self.queues.remove(&(id, page));
+                }
+            }
+        }
+    }
+
+    /// Applies a home action to this rank's own copy; returns whether `scratch` holds the page bytes taken
+    /// before an invalidation.
+    fn home_action(
+        &mut self,
+        region: &RegionShared,
+        page: u64,
+        action: HomeAction,
+        keep_bytes: bool,
+    ) -> bool {
+        let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
+        match action {
+            HomeAction::None => false,
+            HomeAction::Downgrade => {
+                if st == READ_WRITE {
+                    self.protect_or_die(region, page);
+                    set_state(region.state(page), READ_ONLY);
+                }
+                false
+            }
+            HomeAction::Invalidate => {
+                if st == INVALID {
+                    return false;
+                }
+                if keep_bytes {
+                    if st == READ_WRITE {
+                        self.protect_or_die(region, page);
+                    }
+                    region.read_page(page, &mut self.scratch);
+                }
+                self.drop_copy(region, page);
+                keep_bytes
+            }
+        }
+    }
+
+    fn serve_acquire(&mut self, idx: usize, region: &Arc<RegionShared>, req: Request) {
+        let Request::Acquire {
+            page,
+            access,
+            count,
+            direct,
+            ..
+        } = req
+        else {
+            return;
+        };
+        let requester = self.conns[idx].peer;
+        let me = self.shared.me;
+        if self.shared.failed[requester.index()].load(Ordering::Acquire) || !self.conns[idx].open {
+            // A request queued by a rank that has failed since: nobody waits for the answer, and a grant
+            // would keep the page locked for an Unlock that never comes.
+            if unlock_slot(&region.slot(page).lock) {
+                self.serve_queue(region, page);
+            }
+            return;
+        }
+        if region.home(page) != me {
+            if unlock_slot(&region.slot(page).lock) {
+                self.serve_queue(region, page);
+            }
+            self.reply(
+                idx,
+                &Reply::Refused {
+                    reason: RefusedReason::WrongRank,
+                },
+                &[],
+            );
+            return;
+        }
+        let slot = region.slot(page);
+        let mut entry = slot.load();
+        let gone = &self.shared.gone;
+        entry.forget_readers(|r| gone[r.index()].load(Ordering::Acquire));
+        match swmr::decide(&mut entry, me, requester, access) {
+            Decision::Done { home_action, data } => {
+                let copied = self.home_action(region, page, home_action, data == Data::Home);
+                slot.store(&entry);
+                let mut pages = vec![page];
+                if access == Access::Read && data != Data::None {
+                    self.gather_readahead(
+                        region,
+                        page,
+                        count.min(MAX_READAHEAD),
+                        requester,
+                        &mut pages,
+                    );
+                } else if access == Access::Write && data == Data::Zero {
+                    self.gather_untouched(
+                        region,
+                        page,
+                        count.min(ZERO_FILL_MAX as u32),
+                        requester,
+                        &mut pages,
+                    );
+                }
+                // One page, or several for read-ahead (each present here now, downgraded, or untouched:
+                // zeros), or several untouched pages for a first writer (zeros, no payload).
+                let owned = std::mem::take(&mut self.scratch);
+                let reply_data = if pages.len() > 1 && access == Access::Read {
+                    Data::Home
+                } else {
+                    data
+                };
+                let slices: Vec<&[u8]> = match reply_data {
+                    Data::Home => pages
+                        .iter()
+                        .map(|p| {
+                            if *p == page && copied {
+                                &owned[..]
+                            } else if region.state(*p).load(Ordering::Acquire) & STATE_MASK
+                                == INVALID
+                            {
+                                &ZERO_PAGE[..]
+                            } else {
+                                region.present_page(*p)
+                            }
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                Counters::add(&self.shared.counters.pages_sent, slices.len() as u64);
+                if data == Data::None {
+                    // An upgrade: the lock stays held until the requester's Unlock. Recorded before the
+                    // reply goes out, so that a failure while sending it finds the page to release.
+                    self.held_by.insert((region.id, page), (requester, access));
+                }
+                let count = pages.len() as u32;
+                let mut sent = false;
+                if self.conns[idx].open {
+                    let writable = access == Access::Write;
+                    let installed = reply_data == Data::Home
+                        && direct
+                        && self.install_directly(requester, region, &pages, &slices, writable);
+                    let (reply, payload) = if installed {
+                        (Reply::Installed { count }, &[][..])
+                    } else {
+                        let data = reply_data;
+                        (Reply::Done { data, count }, &slices[..])
+                    };
+                    match write_frame(
+                        self.conns[idx].fd.as_fd(),
+                        &reply,
+                        payload,
+                        &self.shared.counters,
+                    ) {
+                        Ok(()) => sent = true,
+                        Err(e) => {
+                            drop(slices);
+                            self.close(idx, &format!("sending pages failed: {e}"));
+                        }
+                    }
+                }
+                if !sent && data == Data::Zero && access == Access::Write {
+                    // Untouched pages handed to a first writer that never heard of them stay untouched,
+                    // so that nobody later has to ask a failed rank for them. (Each of them was untouched:
+                    // `gather_untouched` takes no other.)
+                    for &p in &pages {
+                        region.slot(p).store(&swmr::Entry::default());
+                    }
+                }
+                self.scratch = owned;
+                if data != Data::None {
+                    // The requester held no copy: release now; no Unlock follows (see `fault`).
+                    for p in pages {
+                        if unlock_slot(&region.slot(p).lock) {
+                            self.serve_queue(region, p);
+                        }
+                    }
+                }
+            }
+            Decision::Grant(grant) => {
+                let copied =
+                    self.home_action(region, page, grant.home_action, grant.data_from_home);
+                if grant.data_from_home {
+                    Counters::add(&self.shared.counters.pages_sent, 1);
+                }
+                let owned = std::mem::take(&mut self.scratch);
+                let payload: &[u8] = if copied { &owned } else { &[] };
+                self.held_by.insert((region.id, page), (requester, access));
+                self.reply(idx, &Reply::Granted { grant }, &[payload]);
+                self.scratch = owned;
+            }
+        }
+    }
+
+    /// Adds to `pages` the following pages that the home can hand out read-only at once: homed here, lock
+    /// free, and either untouched or owned by the home. Like the faulting page, they are released as soon as
+    /// the reply is sent (the requester held no copy of them; see `fault`).
+    fn gather_readahead(
+        &mut self,
+        region: &RegionShared,
+        page: u64,
+        count: u32,
+        requester: Rank,
+        pages: &mut Vec<u64>,
+    ) {
+        let me = self.shared.me;
+        let mut run: Option<(u64, u64)> = None;
+        for p in following_here(region, page, count, me) {
+            let lock = &region.slot(p).lock;
+            if !try_lock_slot(lock) {
+                break;
+            }
+            let slot = region.slot(p);
+            let mut entry = slot.load();
+            match swmr::decide(&mut entry, me, requester, Access::Read) {
+                Decision::Done {
+                    home_action,
+                    data: data @ (Data::Home | Data::Zero),
+                } => {
+                    // Untouched pages (zeros) change nothing here. Writable home copies are downgraded below,
+                    // one UFFDIO_WRITEPROTECT per contiguous run rather than one per page.
+                    let writable =
+                        region.state(p).load(Ordering::Acquire) & STATE_MASK == READ_WRITE;
+                    if data == Data::Home && home_action == HomeAction::Downgrade && writable {
+                        match &mut run {
+                            Some((start, len)) if *start + *len == p => *len += 1,
+                            _ => {
+                                self.downgrade_run(region, run.take());
+                                run = Some((p, 1));
+                            }
+                        }
+                    }
+                    slot.store(&entry);
+                    pages.push(p);
+                }
+                _ => {
+                    if unlock_slot(lock) {
+                        // A queued request for this page is served when the loop next looks at its queues.
+                        self.shared.wake_service();
+                    }
+                    break;
+                }
+            }
+        }
+        self.downgrade_run(region, run);
+    }
+
+    /// Adds to `pages` the following pages that nobody has touched, homed here with their manager locks
+    /// free, each handed to `requester` as its first writer (zeros): write-ahead for a sequential first
+    /// writer. Like the faulting page, they are released as soon as the reply is sent.
+    fn gather_untouched(
+        &mut self,
+        region: &RegionShared,
+        page: u64,
+        count: u32,
+        requester: Rank,
+        pages: &mut Vec<u64>,
+    ) {
+        for p in following_here(region, page, count, self.shared.me) {
+            if !lock_untouched(region, p) {
+                break;
+            }
+            give_untouched(region, p, requester, Access::Write);
+            pages.push(p);
+        }
+    }
+
+    /// Write-protects a run of writable home pages `(start, count)` with one ioctl and marks them read-only.
+    fn downgrade_run(&mut self, region: &RegionShared, run: Option<(u64, u64)>) {
+        let Some((start, count)) = run else { return };
+        if let Err(e) = region.protect(start, count, true) {
+            self.die(&format!(
+                "write-protecting pages {start}..{} of region {} failed: {e}",
+                start + count,
+                region.id
+            ));
+        }
+        for p in start..start + count {
+            set_state(region.state(p), READ_ONLY);
+        }
+    }
+
+    /// A leaf request found no copy here. If a thread of this rank is installing the page (the home answered
+    /// it and released the page before the install), the request waits for the install; returns true then.
+    /// Otherwise the ranks disagree about the page, and the request is refused (also true: it is handled).
+    /// Returns false when the page got installed meanwhile: serve the request now.
+    fn defer_or_refuse(
+        &mut self,
+        idx: usize,
+        region: &RegionShared,
+        page: u64,
+        req: Request,
+    ) -> bool {
+        let word = region.state(page);
+        loop {
+            let s = word.load(Ordering::Acquire);
+            if s & STATE_MASK != INVALID {
+                return false;
+            }
+            if s & BUSY == 0 {
+                let reason = RefusedReason::NoCopyHere;
+                self.reply(idx, &Reply::Refused { reason }, &[]);
+                return true;
+            }
+            if word
+                .compare_exchange(s, s | DEFERRED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                self.deferred.push((idx, req, Vec::new()));
+                return true;
+            }
+        }
+    }
+
+    pub(super) fn fetch(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64) {
+        let req = Request::Fetch {
+            region: region.id,
+            page,
+        };
+        if self.defer_or_refuse(idx, region, page, req) {
+            return;
+        }
+        let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
+        if st == READ_WRITE {
+            self.protect_or_die(region, page);
+            set_state(region.state(page), READ_ONLY);
+        }
+        Counters::add(&self.shared.counters.pages_sent, 1);
+        let region = region.clone();
+        self.reply(idx, &Reply::Page, &[region.present_page(page)]);
+    }
+
+    pub(super) fn invalidate(
+        &mut self,
+        idx: usize,
+        region: &Arc<RegionShared>,
+        page: u64,
+        send_data: bool,
+    ) {
+        let req = Request::Invalidate {
+            region: region.id,
+            page,
+            send_data,
+        };
+        if self.defer_or_refuse(idx, region, page, req) {
+            return;
+        }
+        let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
+        if send_data {
+            if st == READ_WRITE {
+                self.protect_or_die(region, page);
+            }
+            region.read_page(page, &mut self.scratch);
+        }
+        self.drop_copy(region, page);
+        if send_data {
+            Counters::add(&self.shared.counters.pages_sent, 1);
+            let owned = std::mem::take(&mut self.scratch);
+            self.reply(idx, &Reply::Page, &[&owned]);
+            self.scratch = owned;
+        } else {
+            self.reply(idx, &Reply::Ack, &[]);
+        }
+    }
+
+    /// Takes a page's BUSY bit (setting `extra` with it) and returns the page word as it was, with the
+    /// request's payload; or, when a fault of this rank holds the page, marks it DEFERRED and parks the
+    /// request until the fault is done (the faulting thread wakes this loop), returning `None`.
+    fn claim_or_defer(
+        &mut self,
+        idx: usize,
+        region: &RegionShared,
+        page: u64,
+        extra: u32,
+        req: Request,
+        payload: Vec<u8>,
+    ) -> Option<(u32, Vec<u8>)> {
+        let word = region.state(page);
+        loop {
+            let s = word.load(Ordering::Acquire);
+            let next = if s & BUSY != 0 {
+                s | DEFERRED
+            } else {
+                s | BUSY | extra
+            };
+            if word
+                .compare_exchange(s, next, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                if s & BUSY != 0 {
+                    self.deferred.push((idx, req, payload));
+                    return None;
+                }
+                return Some((s, payload));
+            }
+        }
+    }
+
+    /// Release consistency, at the home: sends the home's copy of a page (zeros when never touched here). The
+    /// home's own threads may be writing the page meanwhile; see `RegionShared::snapshot_page`.
+    pub(super) fn fetch_page(
+        &mut self,
+        idx: usize,
+        region: &Arc<RegionShared>,
+        page: u64,
+        count: u32,
+        direct: bool,
+    ) {
+        if region.home(page) != self.shared.me {
+            let reason = RefusedReason::WrongRank;
+            self.reply(idx, &Reply::Refused { reason }, &[]);
+            return;
+        }
+        // From now on the home's writes to these pages must be tracked: take each page (the first one waiting
+        // for a fault of this rank in progress, the following ones only if free at once), mark it shared and
+        // write-protect it, then send them.
+        let req = Request::FetchPage {
+            region: region.id,
+            page,
+            count,
+            direct,
+        };
+        let Some((first, _)) = self.claim_or_defer(idx, region, page, SHARED, req, Vec::new())
+        else {
+            return;
+        };
+        let mut claimed = vec![(page, first)];
+        for p in following_here(region, page, count.min(MAX_READAHEAD), self.shared.me) {
+            let w = region.state(p);
+            let s = w.load(Ordering::Acquire);
+            if s & BUSY != 0
+                || w.compare_exchange(s, s | BUSY | SHARED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+            {
+                break;
+            }
+            claimed.push((p, s));
+        }
+        if claimed.len() == 1 && first & STATE_MASK == INVALID {
+            crate::fault::release_busy(region, page);
+            self.reply(
+                idx,
+                &Reply::Done {
+                    data: Data::Zero,
+                    count: 1,
+                },
+                &[],
+            );
+            return;
+        }
+        // Pages written here in place are write-protected before they are copied, a run of neighbours per
+        // system call (a page each cost a TLB shootdown each while this rank's threads run).
+        let writable: Vec<u64> = claimed
+            .iter()
+            .filter(|(_, s)| s & STATE_MASK == READ_WRITE && s & WRITTEN == 0)
+            .map(|&(p, _)| p)
+            .collect();
+        if let Err((done, e)) = region.protect_runs(&writable, true) {
+            self.die(&format!(
+                "write-protecting page {} for a fetch failed: {e}",
+                writable[done]
+            ));
+        }
+        for &p in &writable {
+            set_state(region.state(p), READ_ONLY);
+        }
+        let mut bytes = vec![0u8; claimed.len() * PAGE_SIZE];
+        for (i, (p, s)) in claimed.iter().enumerate() {
+            if s & STATE_MASK == INVALID {
+                continue; // never touched here: zeros
+            }
+            region.snapshot_page(*p, &mut bytes[i * PAGE_SIZE..]);
+        }
+        for (p, _) in &claimed {
+            crate::fault::release_busy(region, *p);
+        }
+        Counters::add(&self.shared.counters.pages_sent, claimed.len() as u64);
+        let count = claimed.len() as u32;
+        let requester = self.conns[idx].peer;
+        let installed =
+            direct && self.conns[idx].open && self.direct[requester.index()].is_some() && {
+                let pages: Vec<u64> = claimed.iter().map(|(p, _)| *p).collect();
+                let sources: Vec<&[u8]> = bytes.chunks(PAGE_SIZE).collect();
+                self.install_directly(requester, region, &pages, &sources, false)
+            };
+        if installed {
+            self.reply(idx, &Reply::Installed { count }, &[]);
+        } else {
+            let reply = Reply::Done {
+                data: Data::Home,
+                count,
+            };
+            self.reply(idx, &reply, &[&bytes]);
+        }
+    }
+
+    /// Installs `pages` (with their bytes in `sources`) straight into `peer`'s memory if this rank holds its
+    /// userfaultfd (`direct.rs`); returns whether it did. After a failure the peer gets the bytes over
+    /// its connection, now and from then on: whatever it had installed already, the install it does itself
+    /// skips (`UFFDIO_COPY` leaves present pages alone, and they hold the same bytes).
+    fn install_directly(
+        &mut self,
+        peer: Rank,
+        region: &RegionShared,
+        pages: &[u64],
+        sources: &[&[u8]],
+        writable: bool,
+    ) -> bool {
+        let Some(fd) = &self.direct[peer.index()] else {
+            return false;
+        };
+        match direct::install(fd.as_fd(), region, pages, sources, writable) {
+            Ok(()) => {
+                Counters::add(
+                    &self.shared.counters.pages_installed_into_peers,
+                    pages.len() as u64,
+                );
+                true
+            }
+            Err(e) => {
+                // Out of memory (the peer's, charged to it either way): this reply goes over the
+                // connection. Anything else means the peer's memory is out of reach. (`uffd::copy` retries
+                // EAGAIN and EINTR itself.)
+                let lasting = e != Errno::ENOMEM;
+                tracing::warn!(
+                    "{}: installing pages into {peer} directly failed ({e}); sending them{}",
+                    self.shared.me,
+                    if lasting { " from now on" } else { "" }
+                );
+                if lasting {
+                    self.direct[peer.index()] = None;
+                }
+                false
+            }
+        }
+    }
+
+    /// Release consistency, at the home: applies a diff to the home's copy and acknowledges it. The page
+    /// counts as written in the home's own open interval (marked before it is made writable here, if it was
+    /// not), so that the home write-protects it again and announces it at its next release.
+    pub(super) fn apply_diff(
+        &mut self,
+        idx: usize,
+        region: &Arc<RegionShared>,
+        page: u64,
+        diff: Vec<u8>,
+    ) {
+        let word = region.state(page);
+        // Exclude this rank's faults on the page while it changes; a fault in progress finishes first.
+        let req = Request::Diff {
+            region: region.id,
+            page,
+        };
+        let Some((claimed, diff)) = self.claim_or_defer(idx, region, page, 0, req, diff) else {
+            return;
+        };
+        let st = claimed & STATE_MASK;
+        if word.fetch_or(WRITTEN, Ordering::AcqRel) & WRITTEN == 0 {
+            // Recorded before the page becomes writable: from then on this rank's threads write it without
+            // a fault, so a release that drained the dirty list between the two would leave their writes out
+            // of its notice, and the other ranks would read stale copies for a whole interval.
+            region
+                .dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(page);
+        }
+        let made_writable = match st {
+            INVALID => region.install(page, 1, &ZERO_PAGE, true),
+            READ_ONLY => region.protect(page, 1, false),
+            _ => Ok(()),
+        };
+        if let Err(e) = made_writable {
+            // This rank's own failure (the kernel refused), not the sender's: the home cannot keep its
+            // pages right, and blaming the sender would end the job naming a healthy rank.
+            crate::fault::release_busy(region, page);
+            self.die(&format!(
+                "making page {page} of region {} writable for a diff failed: {e}",
+                region.id
+            ));
+        }
+        set_state(word, READ_WRITE);
+        let applied = region.apply_diff(page, &diff);
+        crate::fault::release_busy(region, page);
+        match applied {
+            Ok(_) => {
+                Counters::add(&self.shared.counters.diffs_applied, 1);
+                self.reply(idx, &Reply::Ack, &[]);
+            }
+            // A diff that does not decode: the sender is broken.
+            Err(e) => self.close(idx, &format!("a diff for page {page}: {e}")),
+        }
+    }
+
+    /// Drops this rank's copy: the state first (so that a new fault waits for the manager), then the page.
+    fn drop_copy(&mut self, region: &RegionShared, page: u64) {
+        set_state(region.state(page), INVALID);
+        if let Err(e) = region.discard(page) {
+            self.die(&format!(
+                "MADV_DONTNEED of page {page} of region {} failed: {e}",
+                region.id
+            ));
+        }
+        Counters::add(&self.shared.counters.invalidations, 1);
+    }
+
+    fn protect_or_die(&mut self, region: &RegionShared, page: u64) {
+        if let Err(e) = region.protect(page, 1, true) {
+            self.die(&format!(
+                "write-protecting page {page} of region {} failed: {e}",
+                region.id
+            ));
+        }
+    }
+}
+
+/// The pages after `page` that a reply of up to `count` pages can carry with it: each a stride on (the
+/// next page, or in a cyclic region the next one with the same home), inside the region and homed at `me`.
+fn following_here(
+    region: &RegionShared,
+    page: u64,
+    count: u32,
+    me: Rank,
+) -> impl Iterator<Item = u64> + '_ {
+    let stride = region.home_stride();
+    (1..u64::from(count))
+        .map(move |k| page + k * stride)
+        .take_while(move |&p| p < region.pages && region.home(p) == me)
+}

@@ -1,0 +1,178 @@
+//! The lock and barrier servers of the service loop: a lock's queue of waiters and the write notices its
+//! holders pass on, and a barrier's arrivals, answered together once every rank has arrived.
+
+use super::Engine;
+use crate::protocol::release::{self, NoticeSet, VectorClock};
+use crate::stats::Counters;
+use crate::types::Rank;
+use crate::wire::{RefusedReason, Reply};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+
+#[derive(Debug)]
+pub(super) struct LockServer {
+    pub(super) held: bool,
+    pub(super) waiters: VecDeque<(usize, VectorClock)>,
+    /// Release consistency: the write notices the lock's holders passed on that not every rank has seen yet
+    /// (trimmed with `Shared::lock_cut` at each release), for the next holders (each grant carries those the
+    /// acquirer's clock does not cover).
+    pub(super) notices: NoticeSet,
+    /// The intervals whose notices this lock may lack (forgotten here or by a holder to bound their
+    /// memory): sent with every grant, so that an acquirer that has not seen them drops its cached pages.
+    pub(super) horizon: VectorClock,
+}
+
+impl LockServer {
+    /// A lock server whose horizon starts at `horizon` (what the servers let go of may have known).
+    pub(super) fn new(horizon: VectorClock) -> LockServer {
+        LockServer {
+            held: false,
+            waiters: VecDeque::new(),
+            notices: NoticeSet::default(),
+            horizon,
+        }
+    }
+}
+
+/// Past twice this many lock servers, a rank lets every idle one go (`Engine::let_idle_locks_go`): a
+/// program that takes many distinct locks (one per bucket of a table, say) would otherwise keep a server
+/// for every lock it ever took.
+pub(super) const KEPT_LOCKS: usize = 1024;
+
+impl Engine {
+    /// A holder released `lock`, passing on `passed` and its horizon: the lock's union takes them in (less
+    /// what every rank has seen), the notices of the locks homed here are kept under their bound, and the
+    /// lock goes to its next waiter, if any, with the grant to send it.
+    pub(super) fn lock_released(
+        &mut self,
+        lock: u64,
+        passed: Vec<crate::protocol::release::WriteNotice>,
+        horizon: &VectorClock,
+    ) -> Option<(usize, Vec<u8>)> {
+        let cut = self
+            .shared
+            .lock_cut
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let l = self.locks.get_mut(&lock)?;
+        let before = l.notices.bytes();
+        // Notices every rank has seen are dropped, so that a lock's union does not grow for the whole job.
+        if let Some(cut) = cut.as_ref() {
+            l.notices.forget_covered(cut);
+        }
+        for n in passed {
+            if !cut.as_ref().is_some_and(|c| c.covers(&n)) {
+                l.notices.insert(n);
+            }
+        }
+        l.horizon.merge(horizon);
+        self.lock_notice_bytes = self.lock_notice_bytes - before + l.notices.bytes();
+        if self.lock_notice_bytes > self.shared.notice_memory {
+            // Every lock homed here keeps the newer half of its notices (a program with few locks and
+            // one with many are bounded alike).
+            let mut forgotten = 0;
+            for l in self.locks.values_mut() {
+                let target = l.notices.bytes() / 2;
+                forgotten += l.notices.forget_oldest(target, &mut l.horizon);
+            }
+            self.lock_notice_bytes = self.locks.values().map(|l| l.notices.bytes()).sum();
+            Counters::add(&self.shared.counters.notices_forgotten, forgotten as u64);
+        }
+        let l = self.locks.get_mut(&lock)?;
+        let next = l.waiters.pop_front();
+        l.held = next.is_some();
+        let next = next.map(|(w, clock)| {
+            let grant = crate::rc::encode_notices(&l.notices.unseen(&clock), &l.horizon);
+            (w, grant)
+        });
+        if self.locks.len() > 2 * KEPT_LOCKS {
+            self.let_idle_locks_go(cut.as_ref());
+        }
+        next
+    }
+
+    /// Lets every lock server go that nobody holds or waits for. What a later holder of such a lock could
+    /// need from it, its notices that not every rank has seen (`cut` covers the rest) and its horizon, is
+    /// folded into the horizon new lock servers start with: an acquirer that has not seen those intervals
+    /// drops its cached pages of release-consistency regions, as for notices forgotten on the way. Under
+    /// sequential consistency there is nothing to fold. Called when more than twice [`KEPT_LOCKS`] servers
+    /// are kept, so the look at them all is paid for by the locks taken since the last one.
+    fn let_idle_locks_go(&mut self, cut: Option<&VectorClock>) {
+        let let_go = &mut self.let_go_horizon;
+        let before = self.locks.len();
+        self.locks.retain(|_, l| {
+            if l.held || !l.waiters.is_empty() {
+                return true;
+            }
+            let notices = std::mem::take(&mut l.notices);
+            if let Some(left) = release::left_by_lock(notices, &l.horizon, cut) {
+                let_go.merge(&left);
+            }
+            false
+        });
+        self.lock_notice_bytes = self.locks.values().map(|l| l.notices.bytes()).sum();
+        Counters::add(
+            &self.shared.counters.locks_let_go,
+            (before - self.locks.len()) as u64,
+        );
+    }
+
+    pub(super) fn barrier(&mut self, idx: usize, epoch: u64, tag: u64, notices: Vec<u8>) {
+        if self.shared.me != Rank(0) {
+            self.reply(
+                idx,
+                &Reply::Refused {
+                    reason: RefusedReason::WrongRank,
+                },
+                &[],
+            );
+            return;
+        }
+        if let Some(dead) = self
+            .shared
+            .failed
+            .iter()
+            .position(|f| f.load(Ordering::Acquire))
+        {
+            self.reply(idx, &Reply::BarrierFailed { rank: dead as u32 }, &[]);
+            return;
+        }
+        match crate::rc::decode_notices(&notices, self.conns[idx].peer, self.shared.size) {
+            Ok((n, horizon)) => {
+                self.arrival_notices.extend(n);
+                self.arrival_horizon.merge(&horizon);
+            }
+            Err(e) => {
+                self.close(idx, &e.to_string());
+                return;
+            }
+        }
+        self.arrivals.push((idx, epoch, tag));
+        if self.arrivals.len() < self.shared.size {
+            return;
+        }
+        let horizon = std::mem::replace(
+            &mut self.arrival_horizon,
+            VectorClock::new(self.shared.size),
+        );
+        let all = crate::rc::encode_notices(&std::mem::take(&mut self.arrival_notices), &horizon);
+        let arrivals = std::mem::take(&mut self.arrivals);
+        let reference = arrivals
+            .iter()
+            .find(|(c, _, _)| self.conns[*c].peer == Rank(0))
+            .map(|(_, e, t)| (*e, *t))
+            .unwrap_or((epoch, tag));
+        let mismatch = arrivals
+            .iter()
+            .find(|(_, e, t)| (*e, *t) != reference)
+            .map(|(c, _, _)| self.conns[*c].peer);
+        let reply = match mismatch {
+            Some(rank) => Reply::BarrierMismatch { rank: rank.0 },
+            None => Reply::BarrierDone,
+        };
+        for (c, _, _) in arrivals {
+            self.reply(c, &reply, &[&all]);
+        }
+    }
+}
