@@ -4,25 +4,26 @@
 //! (from a thread unwinding a panic, neither barrier nor goodbye: the others see this rank fail).
 
 use crate::channel::{Channel, Channels, RecvError};
-use crate::engine::{Engine, ServicePriority, MAX_READAHEAD};
+use crate::engine::{ServicePriority, MAX_READAHEAD};
 use crate::error::{DsmError, Result};
 use crate::installer::Installer;
 use crate::keepawake::KeepAwake;
-use crate::protocol::release::{
-    RcRank, VectorClock, WriteNotice, DEFAULT_NOTICE_MEMORY, MIN_NOTICE_MEMORY,
-};
+use crate::protocol::release::{RcRank, VectorClock, WriteNotice};
 use crate::region::{Arena, Consistency, GlobalVec, Placement, Region, RegionShared};
 use crate::service::{Service, ServiceId, MAX_SERVICES};
 use crate::stats::{Counters, Stats};
-use crate::transport::{local::local_cluster, Transport};
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::{self, Uffd};
 use crate::wire::{RefusedReason, Reply, Request};
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::eventfd::EventFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+mod builder;
+
+pub use builder::DsmBuilder;
 
 /// Where rank 0 reserves the shared arena unless told otherwise.
 pub const DEFAULT_ARENA_BASE: usize = 0x1000_0000_0000;
@@ -227,331 +228,6 @@ impl Shared {
         };
         drop(ch);
         Ok((reply, notices))
-    }
-}
-
-/// Options for joining a job. Defaults suit a local job; `dsm-runtime` fills them from the environment.
-#[derive(Debug)]
-pub struct DsmBuilder {
-    rank: Rank,
-    size: usize,
-    transport: Option<Box<dyn Transport>>,
-    channels: usize,
-    readahead: u32,
-    arena_base: Option<usize>,
-    arena_size: usize,
-    policy: FailurePolicy,
-    service_priority: ServicePriority,
-    spin: Option<Duration>,
-    keep_awake: Option<Duration>,
-    install_helper: Option<bool>,
-    direct_install: bool,
-    notice_memory: usize,
-}
-
-impl Default for DsmBuilder {
-    fn default() -> Self {
-        DsmBuilder {
-            rank: Rank(0),
-            size: 1,
-            transport: None,
-            channels: 4,
-            readahead: MAX_READAHEAD,
-            arena_base: None,
-            arena_size: 1 << 40,
-            policy: FailurePolicy::Exit,
-            service_priority: ServicePriority::Favoured,
-            spin: None,
-            keep_awake: None,
-            install_helper: None,
-            direct_install: true,
-            notice_memory: DEFAULT_NOTICE_MEMORY,
-        }
-    }
-}
-
-impl DsmBuilder {
-    /// This process's rank and the job's size.
-    pub fn rank(mut self, rank: Rank, size: usize) -> Self {
-        self.rank = rank;
-        self.size = size;
-        self
-    }
-
-    /// How ranks reach each other. Without one, a job of one rank uses the in-process transport.
-    pub fn transport(mut self, t: Box<dyn Transport>) -> Self {
-        self.transport = Some(t);
-        self
-    }
-
-    /// How many threads of this rank can fault or call into the job at once (default 4, at least 2).
-    pub fn channels(mut self, n: usize) -> Self {
-        self.channels = n;
-        self
-    }
-
-    /// The largest sequential read-ahead window in pages, 1 to [`MAX_READAHEAD`] (the default, 4 MiB; 1 turns
-    /// read-ahead off). Read-ahead fetches the following pages with the same home when faults walk a region
-    /// in order; the window doubles from one page on each fault that continues the walk.
-    pub fn readahead(mut self, pages: u32) -> Self {
-        self.readahead = pages;
-        self
-    }
-
-    /// Whether a helper thread installs pages of long read-ahead replies (256 pages or more) beside the
-    /// faulting thread. Installing pages is most of a sequential remote read's time, and two threads
-    /// install twice as fast as one when a core is free; the helper sleeps otherwise. Default: on when the
-    /// job has several ranks and no more ranks than this machine has cores (the job's size, as for the
-    /// polling default of [`DsmBuilder::spin`]: when ranks share cores, a faulting thread could wait for
-    /// a helper that waits for a core). Also switchable at run time: [`Dsm::set_install_helper`].
-    pub fn install_helper(mut self, on: bool) -> Self {
-        self.install_helper = Some(on);
-        self
-    }
-
-    /// Whether ranks on this host may install the pages they send this rank straight into its memory
-    /// (default: on). This rank then introduces itself to the others when it first maps the arena, and a
-    /// rank on the same host that may (with ptrace's permission: root, or the same user where Yama's
-    /// `ptrace_scope` is 0) takes its userfaultfd and copies the pages
-    /// it hands this rank's faults (its own copy of a page, and the pages read ahead after it) in itself:
-    /// no page bytes on the connection and no copy by this rank, where otherwise the faulting thread reads
-    /// them from the socket and copies them in. Ranks on other hosts, and ranks that may not, send the
-    /// bytes. The kernel allocates those pages on behalf of the rank that copies them, so on a machine with
-    /// several memory nodes they follow that rank's memory policy, not this one's: turn direct install
-    /// off for a rank bound to its own node. Switchable for the faults that follow with
-    /// [`Dsm::set_direct_install`]; turning it on at run time works only if it was on when this rank
-    /// introduced itself.
-    pub fn direct_install(mut self, on: bool) -> Self {
-        self.direct_install = on;
-        self
-    }
-
-    /// Release consistency: the memory that each list of write notices kept between barriers may take
-    /// (default 8 MiB; at least [`MIN_NOTICE_MEMORY`]): this rank keeps two (the notices it knows, and its
-    /// own), and the locks it is the home of share one bound. A program that synchronizes only through
-    /// locks would otherwise keep every notice of the job until its next barrier. Past the bound the
-    /// oldest notices are forgotten (each writer's latest is kept): a rank that then acquires without
-    /// having seen them drops every cached page of release-consistency regions not homed here (counted in
-    /// [`Stats::full_invalidations`]), and fetches again what it reads next.
-    pub fn notice_memory(mut self, bytes: usize) -> Self {
-        self.notice_memory = bytes;
-        self
-    }
-
-    /// Where and how large the shared arena is (default: 1 TiB of address space wherever rank 0's kernel
-    /// puts it; it costs nothing until regions are used).
-    pub fn arena(mut self, base: Option<usize>, size: usize) -> Self {
-        self.arena_base = base;
-        self.arena_size = size;
-        self
-    }
-
-    /// What to do when another rank fails.
-    pub fn failure_policy(mut self, p: FailurePolicy) -> Self {
-        self.policy = p;
-        self
-    }
-
-    /// How the service loop's thread is scheduled (default: favoured over the application's threads).
-    pub fn service_priority(mut self, p: ServicePriority) -> Self {
-        self.service_priority = p;
-        self
-    }
-
-    /// How long a thread waiting for a reply (a fault, a lock, a barrier) polls before it sleeps. Polling
-    /// saves the wake-up (tens of microseconds across vCPUs on a VM) when the answer comes quickly, and costs
-    /// the CPU of a thread that is stalled anyway. Default: 50 us when the job has no more ranks than this
-    /// machine has cores, else 0 (then a polling rank would take the core another rank needs to answer),
-    /// and 0 over a transport whose own thread polls for replies (the MPI transport's bridge: a requester
-    /// polling beside it took the core it needed and doubled the time of a remote fault).
-    /// The service loop never polls: it runs at real-time priority, where polling could starve others.
-    pub fn spin(mut self, d: Duration) -> Self {
-        self.spin = Some(d);
-        self
-    }
-
-    /// For how long after each request this rank sends or serves, threads of its own (one per CPU) spin
-    /// at `SCHED_IDLE`, keeping CPUs that have nothing else to do from going to sleep, so that the next
-    /// message does not wait for a CPU to wake up (on a VM, most of a loopback round trip: 1 ms here took
-    /// a remote fault with the serving rank idle from 66 to 49 us). They run only where no other thread
-    /// wants the CPU, and sleep once the window has passed without a request. Default: off
-    /// (`Duration::ZERO`), because a CPU that runs a spinner never goes idle, and the kernel pulls waiting
-    /// threads onto a CPU as it goes idle: with spinners, three threads of one rank often shared one CPU
-    /// while the other ran spinners (see docs/ARCHITECTURE.md). Worth trying where a job has a thread per
-    /// CPU at most and waits on many round trips.
-    pub fn keep_awake(mut self, window: Duration) -> Self {
-        self.keep_awake = Some(window);
-        self
-    }
-
-    /// Joins the job: connects to every rank and starts the service loop.
-    pub fn build(self) -> Result<Dsm> {
-        raise_open_file_limit();
-        if self.size == 0
-            || self.size > crate::protocol::swmr::MAX_RANKS
-            || self.rank.index() >= self.size
-        {
-            return Err(DsmError::Config(format!(
-                "rank {} of a job of {} ranks: the size must be 1..={} and the rank below it",
-                self.rank.0,
-                self.size,
-                crate::protocol::swmr::MAX_RANKS
-            )));
-        }
-        if self.channels < 2 || self.channels > 64 {
-            return Err(DsmError::Config(format!(
-                "{} channels: use 2..=64 (one is kept for faults while other threads wait for locks)",
-                self.channels
-            )));
-        }
-        if self.readahead == 0 || self.readahead > MAX_READAHEAD {
-            return Err(DsmError::Config(format!(
-                "read-ahead of {} pages: use 1..={MAX_READAHEAD} (1 turns it off)",
-                self.readahead
-            )));
-        }
-        if self.notice_memory < MIN_NOTICE_MEMORY {
-            return Err(DsmError::Config(format!(
-                "write-notice memory of {} bytes (DSM_NOTICE_MEMORY, or DsmBuilder::notice_memory): use at least {MIN_NOTICE_MEMORY} (4K)",
-                self.notice_memory
-            )));
-        }
-        if self.arena_size < PAGE_SIZE || !self.arena_size.is_multiple_of(PAGE_SIZE) {
-            return Err(DsmError::Config(format!(
-                "arena size {} is not a positive multiple of the page size ({PAGE_SIZE})",
-                self.arena_size
-            )));
-        }
-        let transport: Box<dyn Transport> = match self.transport {
-            Some(t) => t,
-            None if self.size == 1 => Box::new(local_cluster(1, self.channels)?.remove(0)),
-            None => {
-                return Err(DsmError::Config(
-                    "a job of several ranks needs a transport: use dsm-runtime's Runtime::init or DsmBuilder::transport".into(),
-                ))
-            }
-        };
-        let in_process = transport.ranks_share_a_process();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let spin_ns = self
-            .spin
-            .unwrap_or_else(|| default_spin(transport.polls_for_replies(), self.size, cores))
-            .as_nanos() as u64;
-
-        let mesh = transport.establish(self.rank, self.size, self.channels)?;
-        let waker =
-            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                .map_err(|e| DsmError::sys("eventfd", e))?;
-        let keep_awake = match self.keep_awake {
-            Some(d) if self.size > 1 => d,
-            _ => Duration::ZERO,
-        };
-        let awake = Arc::new(KeepAwake::new(keep_awake));
-        let shared = Arc::new(Shared {
-            me: self.rank,
-            size: self.size,
-            // Channels are sized for the largest window, so that the window can change at run time.
-            channels: Channels::new(
-                mesh.outgoing,
-                MAX_READAHEAD as usize,
-                spin_ns,
-                awake.clone(),
-            ),
-            awake,
-            counters: Counters::default(),
-            readahead: AtomicU32::new(self.readahead),
-            waker,
-            stop: AtomicBool::new(false),
-            failed: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
-            gone: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
-            policy: self.policy,
-            service_priority: self.service_priority,
-            uffd: OnceLock::new(),
-            regions: RwLock::new(Vec::new()),
-            rc: Mutex::new(
-                RcRank::new(self.rank, self.size).with_notice_memory(self.notice_memory),
-            ),
-            notice_memory: self.notice_memory,
-            lock_cut: Mutex::new(None),
-            arena: Mutex::new(None),
-            arena_base: self.arena_base,
-            arena_size: self.arena_size,
-            epoch: AtomicU64::new(0),
-            in_process,
-            services: RwLock::new(vec![None; MAX_SERVICES]),
-            installer: Installer::default(),
-            direct_install: AtomicBool::new(self.direct_install),
-        });
-        let engine = Engine::new(shared.clone(), mesh.incoming)?;
-        // Only replies from other ranks are installed in pieces: a job of one rank has no helper. Started
-        // before the service loop, so that a failure to start it leaves nothing running.
-        let installer = if self.size > 1 {
-            shared
-                .installer
-                .start(self.install_helper.unwrap_or(self.size <= cores));
-            let s = shared.clone();
-            let helper = std::thread::Builder::new()
-                .name(format!("dsm-install-{}", self.rank.0))
-                .spawn(move || s.installer.run())
-                .map_err(|e| DsmError::io("spawning the install helper", e))?;
-            Some(helper)
-        } else {
-            None
-        };
-        // One spinner per CPU this rank may use, each on its CPU: a CPU without one could still fall asleep.
-        let mut awake = Vec::new();
-        if shared.awake.enabled() {
-            for cpu in crate::keepawake::allowed_cpus() {
-                let s = shared.clone();
-                let spinner = std::thread::Builder::new()
-                    .name(format!("dsm-awake-{}-{cpu}", self.rank.0))
-                    .spawn(move || s.awake.run(cpu))
-                    .map_err(|e| {
-                        shared.installer.stop();
-                        shared.awake.stop();
-                        DsmError::io("spawning a keep-awake thread", e)
-                    })?;
-                awake.push(spinner);
-            }
-        }
-        let service = std::thread::Builder::new()
-            .name(format!("dsm-service-{}", self.rank.0))
-            .spawn(move || engine.run())
-            .map_err(|e| {
-                shared.installer.stop();
-                shared.awake.stop();
-                DsmError::io("spawning the service thread", e)
-            })?;
-        Ok(Dsm {
-            shared,
-            service: Some(service),
-            installer,
-            awake,
-            allocated: AtomicU32::new(0),
-        })
-    }
-}
-
-/// How long a thread waiting for a reply polls when the program did not say ([`DsmBuilder::spin`]): only
-/// when every rank can have a core of its own and no thread of the transport polls already.
-fn default_spin(transport_polls: bool, size: usize, cores: usize) -> Duration {
-    if !transport_polls && size > 1 && size <= cores {
-        Duration::from_micros(50)
-    } else {
-        Duration::ZERO
-    }
-}
-
-/// Lets the process open as many files as the system allows it, not the usual soft limit of 1024: a rank
-/// keeps `channels` connections to every rank and back (2,048 descriptors for 256 ranks over TCP at the
-/// default 4 channels, twice that over the MPI transport's socket pairs), and MapReduce merges hold many
-/// run files open.
-fn raise_open_file_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
     }
 }
 
@@ -1161,31 +837,5 @@ impl Drop for Dsm {
         if let Err(e) = self.shutdown() {
             eprintln!("dsm: {}: leaving the job: {e}", self.shared.me);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requesters_poll_only_with_a_core_each_and_no_polling_transport() {
-        let poll = Duration::from_micros(50);
-        assert_eq!(default_spin(false, 2, 2), poll);
-        assert_eq!(
-            default_spin(false, 3, 2),
-            Duration::ZERO,
-            "ranks share cores"
-        );
-        assert_eq!(
-            default_spin(false, 1, 2),
-            Duration::ZERO,
-            "nobody to wait for"
-        );
-        assert_eq!(
-            default_spin(true, 2, 2),
-            Duration::ZERO,
-            "the transport's own thread polls (the MPI bridge)"
-        );
     }
 }
