@@ -103,10 +103,20 @@ pub(crate) fn read_exact(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(), RecvE
     Ok(())
 }
 
-/// Polls `fd` for up to `spin_ns` before the caller blocks in `read`: a reply that arrives within that
-/// time is taken without being woken (a wake-up across vCPUs costs tens of microseconds on a VM).
-fn spin_until_readable(fd: BorrowedFd<'_>, spin_ns: u64) {
-    if spin_ns == 0 {
+/// How a thread waiting for a reply polls for it before it blocks in `read`: a reply that arrives within
+/// that time is taken without being woken (a wake-up across vCPUs costs tens of microseconds on a VM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct ReplyPoll {
+    /// For how long, in nanoseconds (0: block at once).
+    pub(crate) ns: u64,
+    /// Whether to yield the CPU between looks, where a thread of the transport carries the reply (the MPI
+    /// bridge): a spinning requester would keep that thread off the CPU.
+    pub(crate) yielding: bool,
+}
+
+/// Polls `fd` as `poll` says before the caller blocks in `read`.
+fn poll_until_readable(fd: BorrowedFd<'_>, poll: ReplyPoll) {
+    if poll.ns == 0 {
         return;
     }
     let t0 = Instant::now();
@@ -117,10 +127,14 @@ fn spin_until_readable(fd: BorrowedFd<'_>, spin_ns: u64) {
             Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
             _ => return, // data, end of stream, or an error the read will report
         }
-        if t0.elapsed().as_nanos() as u64 >= spin_ns {
+        if t0.elapsed().as_nanos() as u64 >= poll.ns {
             return;
         }
-        std::hint::spin_loop();
+        if poll.yielding {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
     }
 }
 
@@ -207,7 +221,7 @@ impl Payload<'_> {
 #[derive(Debug)]
 pub(crate) struct Channel {
     fds: Vec<OwnedFd>,
-    spin_ns: u64,
+    poll: ReplyPoll,
     rx: Vec<u8>,
     /// Holds a page across receives (a grant's page while the owner's reply is read).
     pub(crate) page: Vec<u8>,
@@ -233,7 +247,7 @@ impl Channel {
         from: Rank,
     ) -> Result<(Reply, &[u8], &mut [u8]), RecvError> {
         let fd = fd_of(&self.fds, from).map_err(RecvError::Sys)?;
-        spin_until_readable(fd, self.spin_ns);
+        poll_until_readable(fd, self.poll);
         let mut len = [0u8; 4];
         read_exact(fd, &mut len)?;
         let n = body_len_or_skip(fd, len, &mut self.rx)?;
@@ -252,7 +266,7 @@ impl Channel {
         from: Rank,
     ) -> Result<(Reply, usize), RecvError> {
         let fd = fd_of(&self.fds, from).map_err(RecvError::Sys)?;
-        spin_until_readable(fd, self.spin_ns);
+        poll_until_readable(fd, self.poll);
         let mut len = [0u8; 4];
         read_exact(fd, &mut len)?;
         // Only the header must fit the buffer: the caller takes the payload in pieces.
@@ -424,11 +438,11 @@ const CLAIM_NAP: Duration = Duration::from_millis(10);
 
 impl Channels {
     /// Builds the pool from `outgoing[channel][rank]`; each channel can receive up to `max_pages` pages.
-    /// Replies are awaited by spinning for up to `spin_ns` before blocking.
+    /// Replies are polled for as `poll` says before blocking.
     pub(crate) fn new(
         outgoing: Vec<Vec<OwnedFd>>,
         max_pages: usize,
-        spin_ns: u64,
+        poll: ReplyPoll,
         awake: Arc<KeepAwake>,
     ) -> Channels {
         let rx_len = 2 + MAX_HEADER + max_pages * PAGE_SIZE;
@@ -438,7 +452,7 @@ impl Channels {
                 .map(|fds| {
                     Mutex::new(Channel {
                         fds,
-                        spin_ns,
+                        poll,
                         rx: vec![0; rx_len],
                         page: vec![0; PAGE_SIZE],
                     })
@@ -546,7 +560,7 @@ mod tests {
         Channels::new(
             (0..n).map(|_| Vec::new()).collect(),
             1,
-            0,
+            ReplyPoll::default(),
             Arc::new(KeepAwake::new(Duration::ZERO)),
         )
     }
@@ -558,7 +572,7 @@ mod tests {
         let p = Channels::new(
             vec![vec![OwnedFd::from(ours)]],
             1,
-            0,
+            ReplyPoll::default(),
             Arc::new(KeepAwake::new(Duration::ZERO)),
         );
         let counters = Counters::default();

@@ -2,7 +2,7 @@
 //! the rank to the others and starts its service loop.
 
 use super::{Dsm, FailurePolicy, Shared};
-use crate::channel::Channels;
+use crate::channel::{Channels, ReplyPoll};
 use crate::engine::{Engine, ServicePriority, MAX_READAHEAD};
 use crate::error::{DsmError, Result};
 use crate::installer::Installer;
@@ -147,9 +147,10 @@ impl DsmBuilder {
     /// How long a thread waiting for a reply (a fault, a lock, a barrier) polls before it sleeps. Polling
     /// saves the wake-up (tens of microseconds across vCPUs on a VM) when the answer comes quickly, and costs
     /// the CPU of a thread that is stalled anyway. Default: 50 us when the job has no more ranks than this
-    /// machine has cores, else 0 (then a polling rank would take the core another rank needs to answer),
-    /// and 0 over a transport whose own thread polls for replies (the MPI transport's bridge: a requester
-    /// polling beside it took the core it needed and doubled the time of a remote fault).
+    /// machine has cores, else 0 (then a polling rank would take the core another rank needs to answer).
+    /// Over a transport whose own thread polls for replies (the MPI transport's bridge) the waiting thread
+    /// yields the CPU between looks: spinning beside the bridge took the core it needed and doubled the
+    /// time of a remote fault.
     /// The service loop never polls: it runs at real-time priority, where polling could starve others.
     pub fn spin(mut self, d: Duration) -> Self {
         self.spin = Some(d);
@@ -219,10 +220,13 @@ impl DsmBuilder {
         };
         let in_process = transport.ranks_share_a_process();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let spin_ns = self
-            .spin
-            .unwrap_or_else(|| default_spin(transport.polls_for_replies(), self.size, cores))
-            .as_nanos() as u64;
+        let poll = ReplyPoll {
+            ns: self
+                .spin
+                .unwrap_or_else(|| default_spin(self.size, cores))
+                .as_nanos() as u64,
+            yielding: transport.polls_for_replies(),
+        };
 
         let mesh = transport.establish(self.rank, self.size, self.channels)?;
         let waker =
@@ -237,12 +241,7 @@ impl DsmBuilder {
             me: self.rank,
             size: self.size,
             // Channels are sized for the largest window, so that the window can change at run time.
-            channels: Channels::new(
-                mesh.outgoing,
-                MAX_READAHEAD as usize,
-                spin_ns,
-                awake.clone(),
-            ),
+            channels: Channels::new(mesh.outgoing, MAX_READAHEAD as usize, poll, awake.clone()),
             awake,
             counters: Counters::default(),
             readahead: AtomicU32::new(self.readahead),
@@ -319,9 +318,9 @@ impl DsmBuilder {
 }
 
 /// How long a thread waiting for a reply polls when the program did not say ([`DsmBuilder::spin`]): only
-/// when every rank can have a core of its own and no thread of the transport polls already.
-fn default_spin(transport_polls: bool, size: usize, cores: usize) -> Duration {
-    if !transport_polls && size > 1 && size <= cores {
+/// when every rank can have a core of its own.
+fn default_spin(size: usize, cores: usize) -> Duration {
+    if size > 1 && size <= cores {
         Duration::from_micros(50)
     } else {
         Duration::ZERO
@@ -346,23 +345,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requesters_poll_only_with_a_core_each_and_no_polling_transport() {
-        let poll = Duration::from_micros(50);
-        assert_eq!(default_spin(false, 2, 2), poll);
-        assert_eq!(
-            default_spin(false, 3, 2),
-            Duration::ZERO,
-            "ranks share cores"
-        );
-        assert_eq!(
-            default_spin(false, 1, 2),
-            Duration::ZERO,
-            "nobody to wait for"
-        );
-        assert_eq!(
-            default_spin(true, 2, 2),
-            Duration::ZERO,
-            "the transport's own thread polls (the MPI bridge)"
-        );
+    fn requesters_poll_only_when_every_rank_has_a_core() {
+        assert_eq!(default_spin(2, 2), Duration::from_micros(50));
+        assert_eq!(default_spin(3, 2), Duration::ZERO, "ranks share cores");
+        assert_eq!(default_spin(1, 2), Duration::ZERO, "nobody to wait for");
     }
 }

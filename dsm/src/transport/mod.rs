@@ -38,8 +38,9 @@ pub trait Transport: Send + std::fmt::Debug {
     }
 
     /// Whether a thread of the transport itself polls for the replies this rank waits for (a bridge that
-    /// carries the connections' bytes over another medium). A requester that polled as well would only
-    /// take the CPU that thread needs, so [`DsmBuilder::spin`](crate::DsmBuilder::spin) defaults to 0.
+    /// carries the connections' bytes over another medium). A requester polling for its reply then yields
+    /// the CPU between looks ([`DsmBuilder::spin`](crate::DsmBuilder::spin)): spinning, it would take the
+    /// CPU that thread needs.
     fn polls_for_replies(&self) -> bool {
         false
     }
