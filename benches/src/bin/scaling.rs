@@ -162,32 +162,21 @@ fn main() -> anyhow::Result<()> {
                 per_round(&side_by_side)
             );
         }
-        let time_floor = "1 rank, median";
         let one = quantile(&mut alone, 0.5);
-        results.push(Measurement::new(
-            &format!("{} 1 rank, median", p.name),
-            one,
-            "s",
-            one,
-            time_floor,
-            "",
-        ));
-        results.push(Measurement::new(
-            &format!("{} 2 ranks, median", p.name),
-            quantile(&mut job, 0.5),
-            "s",
-            one,
-            time_floor,
-            "",
-        ));
-        results.push(Measurement::new(
-            &format!("{} two 1-rank runs side by side, median", p.name),
-            quantile(&mut side, 0.5),
-            "s",
-            one,
-            time_floor,
-            "",
-        ));
+        for (what, times) in [
+            ("1 rank", &mut alone),
+            ("2 ranks", &mut job),
+            ("two 1-rank runs side by side", &mut side),
+        ] {
+            results.push(Measurement::new(
+                &format!("{} {what}, median", p.name),
+                quantile(times, 0.5),
+                "s",
+                one,
+                "1 rank, median",
+                "",
+            ));
+        }
         results.push(Measurement::new(
             &format!("{} side-by-side speedup, median", p.name),
             pair,
