@@ -88,7 +88,8 @@ impl JobConfig {
         self
     }
 
-    /// The number of reduce partitions, and so of output files (default: twice the number of ranks).
+    /// The number of reduce partitions, and so of output files (default: one per task slot, the ranks times
+    /// the threads of a rank).
     pub fn partitions(mut self, n: usize) -> JobConfig {
         self.partitions = Some(n);
         self

@@ -409,9 +409,12 @@ impl MapReduce {
             Err(_) => std::fs::create_dir_all(out)
                 .map_err(|e| MapReduceError::io(format!("creating {}", out.display()), e))?,
         }
+        // One partition per task slot (every rank running as many tasks at once as this one): a single
+        // wave of reduces, which measured faster here than two (docs/BENCHMARKS.md, eighth session).
+        let size = self.space.dsm().size();
         let partitions = config
             .partitions
-            .unwrap_or(2 * self.space.dsm().size())
+            .unwrap_or(size * config.threads_for(size))
             .max(1);
         Ok(Master::new(splits, partitions as u32, out.clone()))
     }

@@ -40,7 +40,7 @@ struct Args {
     /// With --procs: keep going when a worker rank dies (its tasks are done again by the others).
     #[arg(long)]
     keep_going: bool,
-    /// Reduce partitions (output files); default twice the ranks.
+    /// Reduce partitions (output files); default one per task slot: ranks x threads.
     #[arg(long)]
     partitions: Option<usize>,
     /// Split size in bytes.
