@@ -414,7 +414,7 @@ impl MapReduce {
         let size = self.space.dsm().size();
         let partitions = config
             .partitions
-            .unwrap_or(size * config.threads_for(size))
+            .unwrap_or((size * config.threads_for(size)).min(crate::config::MAX_PARTITIONS))
             .max(1);
         Ok(Master::new(splits, partitions as u32, out.clone()))
     }

@@ -37,7 +37,7 @@ impl LockServer {
 /// Past twice this many lock servers, a rank lets every idle one go (`Engine::let_idle_locks_go`): a
 /// program that takes many distinct locks (one per bucket of a table, say) would otherwise keep a server
 /// for every lock it ever took.
-pub(super) const KEPT_LOCKS: usize = 1024;
+const KEPT_LOCKS: usize = 1024;
 
 impl Engine {
     /// A holder released `lock`, passing on `passed` and its horizon: the lock's union takes them in (less
