@@ -409,12 +409,10 @@ impl MapReduce {
             Err(_) => std::fs::create_dir_all(out)
                 .map_err(|e| MapReduceError::io(format!("creating {}", out.display()), e))?,
         }
-        // One partition per task slot (every rank running as many tasks at once as this one): a single
-        // wave of reduces, which measured faster here than two (docs/BENCHMARKS.md, eighth session).
         let size = self.space.dsm().size();
         let partitions = config
             .partitions
-            .unwrap_or((size * config.threads_for(size)).min(crate::config::MAX_PARTITIONS))
+            .unwrap_or_else(|| default_partitions(size, config.threads_for(size)))
             .max(1);
         Ok(Master::new(splits, partitions as u32, out.clone()))
     }
@@ -561,9 +559,30 @@ impl Drop for MapReduce {
     }
 }
 
+/// The reduce partitions of a job that does not say: one per task slot (every rank running `threads` tasks
+/// at once, like the master), a single wave of reduces, which measured faster here than two
+/// (docs/BENCHMARKS.md, eighth session); within `MAX_PARTITIONS`.
+fn default_partitions(ranks: usize, threads: usize) -> usize {
+    ranks
+        .saturating_mul(threads)
+        .clamp(1, crate::config::MAX_PARTITIONS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_gets_a_partition_per_task_slot_within_the_limit() {
+        assert_eq!(default_partitions(2, 1), 2);
+        assert_eq!(default_partitions(1, 1), 1);
+        assert_eq!(default_partitions(4, 3), 12);
+        assert_eq!(
+            default_partitions(256, 384),
+            crate::config::MAX_PARTITIONS,
+            "many ranks of many threads stay within the limit"
+        );
+    }
 
     #[test]
     fn a_finished_job_leaves_no_temporary_part_files() {
