@@ -517,13 +517,7 @@ impl Engine {
                     };
                     service.request(self.conns[idx].peer, payload, reply);
                 }
-                None => self.reply(
-                    idx,
-                    &Reply::Refused {
-                        reason: RefusedReason::UnknownService,
-                    },
-                    &[],
-                ),
+                None => self.refuse(idx, RefusedReason::UnknownService),
             },
         }
     }
@@ -553,9 +547,15 @@ impl Engine {
             Some(_) => RefusedReason::PageOutOfRange,
             None => RefusedReason::UnknownRegion,
         };
-        self.reply(idx, &Reply::Refused { reason }, &[]);
+        self.refuse(idx, reason);
         None
     }
+
+    /// Answers the request on connection `idx` with a refusal.
+    fn refuse(&mut self, idx: usize, reason: RefusedReason) {
+        self.reply(idx, &Reply::Refused { reason }, &[]);
+    }
+
     fn die(&self, what: &str) -> ! {
         say(&format!(
             "dsm: {}: {what}; ending this rank",

@@ -145,13 +145,7 @@ impl Engine {
             if unlock_slot(&region.slot(page).lock) {
                 self.serve_queue(region, page);
             }
-            self.reply(
-                idx,
-                &Reply::Refused {
-                    reason: RefusedReason::WrongRank,
-                },
-                &[],
-            );
+            self.refuse(idx, RefusedReason::WrongRank);
             return;
         }
         let slot = region.slot(page);
@@ -376,8 +370,7 @@ impl Engine {
                 return false;
             }
             if s & BUSY == 0 {
-                let reason = RefusedReason::NoCopyHere;
-                self.reply(idx, &Reply::Refused { reason }, &[]);
+                self.refuse(idx, RefusedReason::NoCopyHere);
                 return true;
             }
             if word
@@ -485,8 +478,7 @@ impl Engine {
         direct: bool,
     ) {
         if region.home(page) != self.shared.me {
-            let reason = RefusedReason::WrongRank;
-            self.reply(idx, &Reply::Refused { reason }, &[]);
+            self.refuse(idx, RefusedReason::WrongRank);
             return;
         }
         // From now on the home's writes to these pages must be tracked: take each page (the first one waiting

@@ -120,13 +120,7 @@ impl Engine {
 
     pub(super) fn barrier(&mut self, idx: usize, epoch: u64, tag: u64, notices: Vec<u8>) {
         if self.shared.me != Rank(0) {
-            self.reply(
-                idx,
-                &Reply::Refused {
-                    reason: RefusedReason::WrongRank,
-                },
-                &[],
-            );
+            self.refuse(idx, RefusedReason::WrongRank);
             return;
         }
         if let Some(dead) = self
