@@ -115,6 +115,34 @@ pub fn report(results: &[Measurement], json: bool) {
     }
 }
 
+/// Runs `commands` at once (stdout and stderr captured) and returns their outputs in order, once every one
+/// has ended: for runs side by side. If one cannot start, those already started are stopped and waited for,
+/// so that none outlives the benchmark. Failed runs are the caller's to judge, from their status.
+pub fn run_together(
+    commands: &mut [std::process::Command],
+) -> anyhow::Result<Vec<std::process::Output>> {
+    use std::process::Stdio;
+    let mut children = Vec::with_capacity(commands.len());
+    for cmd in commands.iter_mut() {
+        match cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn() {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                for mut child in children {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                return Err(anyhow::Error::new(e).context(format!("starting {cmd:?}")));
+            }
+        }
+    }
+    // Every run is waited for before any error is returned.
+    let outputs: Vec<_> = children.into_iter().map(|c| c.wait_with_output()).collect();
+    outputs
+        .into_iter()
+        .map(|o| o.map_err(|e| anyhow::Error::new(e).context("waiting for a run")))
+        .collect()
+}
+
 /// The `q` quantile (0..=1) of `samples`, which it sorts.
 pub fn quantile(samples: &mut [f64], q: f64) -> f64 {
     samples.sort_by(|a, b| a.total_cmp(b));

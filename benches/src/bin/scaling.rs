@@ -14,9 +14,9 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use dsm_benches::{quantile, report, Measurement};
+use dsm_benches::{quantile, report, run_together, Measurement};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -63,45 +63,24 @@ fn reported_secs(stdout: &str) -> Option<f64> {
         })
 }
 
-fn start(cmd: &mut Command) -> anyhow::Result<Child> {
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {cmd:?}"))
-}
-
-/// Waits for a run and returns the seconds it reported, failing with its output if it failed.
-fn finish(child: Child, what: &str) -> anyhow::Result<f64> {
-    let out = child
-        .wait_with_output()
-        .with_context(|| format!("waiting for {what}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {stdout}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    reported_secs(&stdout).with_context(|| format!("{what} printed no time: {stdout}"))
-}
-
-/// Two single-rank runs started together: the slower one's time. Both are waited for before either is
-/// judged, and the first is stopped if the second cannot start, so that no run outlives the benchmark.
-fn side_by_side_run(bin: &Path, p: &Program) -> anyhow::Result<f64> {
-    let first = start(&mut single(bin, p))?;
-    let second = match start(&mut single(bin, p)) {
-        Ok(c) => c,
-        Err(e) => {
-            let mut first = first;
-            let _ = first.kill();
-            let _ = first.wait();
-            return Err(e);
+/// Runs `cmds` at once and returns the slowest of the times they reported, failing with the output of
+/// any that failed.
+fn timed_together(cmds: &mut [Command], what: &str) -> anyhow::Result<f64> {
+    let mut slowest = 0.0f64;
+    for out in run_together(cmds)? {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "{what} failed ({}): {stdout}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-    };
-    let what = format!("{} side by side", p.name);
-    let (a, b) = (finish(first, &what), finish(second, &what));
-    Ok(a?.max(b?))
+        let secs =
+            reported_secs(&stdout).with_context(|| format!("{what} printed no time: {stdout}"))?;
+        slowest = slowest.max(secs);
+    }
+    Ok(slowest)
 }
 
 fn single(bin: &Path, p: &Program) -> Command {
@@ -131,14 +110,14 @@ fn main() -> anyhow::Result<()> {
         let (mut alone, mut side, mut job) = (Vec::new(), Vec::new(), Vec::new());
         let (mut speedups, mut side_by_side) = (Vec::new(), Vec::new());
         for _ in 0..args.rounds {
-            let a = finish(
-                start(&mut single(&bin, p))?,
-                &format!("{} at 1 rank", p.name),
+            let a = timed_together(&mut [single(&bin, p)], &format!("{} at 1 rank", p.name))?;
+            let slower = timed_together(
+                &mut [single(&bin, p), single(&bin, p)],
+                &format!("{} side by side", p.name),
             )?;
-            let slower = side_by_side_run(&bin, p)?;
             let mut two = Command::new(&dsmrun);
             two.args(["-n", "2"]).arg(&bin).args(p.args);
-            let j = finish(start(&mut two)?, &format!("{} at 2 ranks", p.name))?;
+            let j = timed_together(&mut [two], &format!("{} at 2 ranks", p.name))?;
             alone.push(a);
             side.push(slower);
             job.push(j);

@@ -16,10 +16,10 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use dsm_benches::{quantile, report, Measurement};
+use dsm_benches::{quantile, report, run_together, Measurement};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 #[derive(Debug, Parser)]
@@ -182,31 +182,17 @@ fn main() -> anyhow::Result<()> {
         }
         // Two single-rank runs at once, one per core: the speedup two independent copies reach now.
         let t0 = Instant::now();
-        let mut copies = Vec::new();
-        for c in 0..2 {
-            let out = scratch.join(format!("out-side-{c}"));
-            let spawned = Command::new(&wordcount)
-                .arg(&corpus)
-                .args(["--output", out.to_str().context("scratch path")?])
-                .args(["--overwrite", "--quiet", "--top", "0", "--threads", "1"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn();
-            match spawned {
-                Ok(child) => copies.push(child),
-                Err(e) => {
-                    for mut child in copies {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                    }
-                    return Err(anyhow::Error::new(e).context("starting wordcount"));
-                }
-            }
-        }
-        // Both are waited for before either is judged.
-        let outs: Vec<_> = copies.into_iter().map(|c| c.wait_with_output()).collect();
-        for out in outs {
-            let out = out.context("waiting for wordcount")?;
+        let mut copies = (0..2)
+            .map(|c| {
+                let out = scratch.join(format!("out-side-{c}"));
+                let mut cmd = Command::new(&wordcount);
+                cmd.arg(&corpus)
+                    .args(["--output", out.to_str().context("scratch path")?])
+                    .args(["--overwrite", "--quiet", "--top", "0", "--threads", "1"]);
+                Ok(cmd)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for out in run_together(&mut copies)? {
             anyhow::ensure!(
                 out.status.success(),
                 "wordcount side by side failed: {}",

@@ -361,7 +361,7 @@ pub(crate) fn acquire(
                 let s = region.state(page).load(Ordering::Acquire);
                 let cached = s & STATE_MASK != INVALID || s & BUSY != 0;
                 if cached && region.home(page) != me {
-                    dropper.drop(&region, page);
+                    dropper.add(&region, page);
                 } else {
                     // The run cannot go on past this page: its pages are not held while the scan goes on.
                     dropper.end_run();
@@ -377,7 +377,7 @@ pub(crate) fn acquire(
         if region.consistency != Consistency::Release || k.page >= region.pages {
             continue;
         }
-        dropper.drop(&region, k.page);
+        dropper.add(&region, k.page);
     }
     dropper.finish()
 }
@@ -398,7 +398,8 @@ struct Dropper<'a> {
 }
 
 impl Dropper<'_> {
-    fn drop(&mut self, region: &Arc<RegionShared>, page: u64) {
+    /// Drops `page`: with the open run when it extends it, else on its own or in a new run.
+    fn add(&mut self, region: &Arc<RegionShared>, page: u64) {
         let Some(s) = try_claim(region, page) else {
             self.end_run();
             let result = drop_page(self.shared, region, page);
