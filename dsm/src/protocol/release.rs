@@ -32,6 +32,64 @@ pub struct PageKey {
     pub page: u64,
 }
 
+/// Consecutive pages of one region: `len` pages from `first`. Notices name pages this way: a rank mostly
+/// writes whole blocks, so the pages of an interval are a few runs however many they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PageRun {
+    /// The region's id.
+    pub region: u32,
+    /// The first page.
+    pub first: u64,
+    /// How many pages (at least one; `first + len` does not overflow: decoding checks both).
+    pub len: u64,
+}
+
+impl PageRun {
+    /// The page after the last.
+    pub fn end(&self) -> u64 {
+        self.first + self.len
+    }
+
+    /// Its pages, in order.
+    pub fn pages(self) -> impl Iterator<Item = PageKey> {
+        (self.first..self.end()).map(move |page| PageKey {
+            region: self.region,
+            page,
+        })
+    }
+}
+
+/// The runs of `pages` (sorted and without repeats; any order still names the same pages, in more runs).
+pub fn runs_of(pages: impl IntoIterator<Item = PageKey>) -> Vec<PageRun> {
+    let mut runs: Vec<PageRun> = Vec::new();
+    for k in pages {
+        match runs.last_mut() {
+            Some(r) if r.region == k.region && r.end() == k.page => r.len += 1,
+            _ => runs.push(PageRun {
+                region: k.region,
+                first: k.page,
+                len: 1,
+            }),
+        }
+    }
+    runs
+}
+
+/// Sorts `runs` and merges those that overlap or touch, so that each page is named once.
+fn coalesce(mut runs: Vec<PageRun>) -> Vec<PageRun> {
+    runs.sort_unstable();
+    let mut out: Vec<PageRun> = Vec::with_capacity(runs.len());
+    for r in runs {
+        match out.last_mut() {
+            Some(last) if last.region == r.region && r.first <= last.end() => {
+                last.len = last.len.max(r.end() - last.first);
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
 /// Per rank, the number of intervals it has closed that this rank knows of.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VectorClock(pub Vec<u32>);
@@ -78,9 +136,9 @@ impl VectorClock {
 }
 
 /// What a kept notice is counted as taking, for the bound on notices kept between barriers: the notice
-/// and its place in a set, and each page it names.
+/// and its place in a set, and each run of pages it names.
 const NOTICE_BYTES: usize = 160;
-const PAGE_KEY_BYTES: usize = 16;
+const RUN_BYTES: usize = std::mem::size_of::<PageRun>();
 
 /// The memory a rank's write notices, and those of the locks it is the home of, may take between barriers
 /// before the oldest are forgotten (`DSM_NOTICE_MEMORY`).
@@ -97,8 +155,15 @@ pub struct WriteNotice {
     pub rank: Rank,
     /// The writer's interval, counted from 1.
     pub interval: u32,
-    /// The pages written.
-    pub pages: Vec<PageKey>,
+    /// The pages written, as runs in order.
+    pub runs: Vec<PageRun>,
+}
+
+impl WriteNotice {
+    /// The pages written, in order.
+    pub fn pages(&self) -> impl Iterator<Item = PageKey> + '_ {
+        self.runs.iter().flat_map(|r| r.pages())
+    }
 }
 
 /// Write notices kept by writer and interval: adding one already there, forgetting those a cut covers and
@@ -109,12 +174,12 @@ pub struct WriteNotice {
 pub struct NoticeSet {
     /// Per writer (rank index), its notices by interval.
     by_rank: Vec<BTreeMap<u32, WriteNotice>>,
-    /// What the notices are counted as taking (`NOTICE_BYTES` each and `PAGE_KEY_BYTES` per page).
+    /// What the notices are counted as taking (`NOTICE_BYTES` each and `RUN_BYTES` per run of pages).
     bytes: usize,
 }
 
 fn weight(n: &WriteNotice) -> usize {
-    NOTICE_BYTES + n.pages.len() * PAGE_KEY_BYTES
+    NOTICE_BYTES + n.runs.len() * RUN_BYTES
 }
 
 impl NoticeSet {
@@ -264,8 +329,9 @@ pub struct Acquire {
     /// Pages written here in the open interval that others wrote too: diff and send them first (as at a
     /// release), so that this rank's writes are not lost, then drop them.
     pub flush: Vec<PageKey>,
-    /// Pages to drop: the next access fetches the whole page from its home.
-    pub invalidate: Vec<PageKey>,
+    /// Pages to drop, as runs in order, each page once: the next access fetches the whole page from its
+    /// home.
+    pub invalidate: Vec<PageRun>,
     /// Drop every cached page of release-consistency regions that is not homed here (flushing this rank's
     /// writes first, as for `flush`): notices this rank had not seen were forgotten before they reached it.
     pub everything: bool,
@@ -418,7 +484,7 @@ impl RcRank {
         let notice = WriteNotice {
             rank: self.me,
             interval,
-            pages,
+            runs: runs_of(pages),
         };
         self.known.insert(notice.clone());
         self.own_bytes += weight(&notice);
@@ -466,8 +532,10 @@ impl RcRank {
         &self.own
     }
 
-    /// Takes in the notices of a lock grant or a barrier and the horizon that came with them; `homed_here`
-    /// tells whether a page's home is this rank. Pages homed here and notices this rank issued are skipped.
+    /// Takes in the notices of a lock grant or a barrier and the horizon that came with them. `droppable`
+    /// passes on the parts of a run of pages that this rank would drop: those of its release-consistency
+    /// regions, not homed here (the engine clamps a run to its region, so that a run naming pages past
+    /// any region costs nothing). Notices this rank issued are skipped.
     /// When the horizon names intervals this rank has not seen, their notices may have been forgotten on
     /// the way: every cached page not homed here is dropped (`Acquire::everything`), and the horizon's
     /// intervals count as seen from then on (and are passed on as part of this rank's horizon).
@@ -475,7 +543,7 @@ impl RcRank {
         &mut self,
         notices: &[WriteNotice],
         horizon: &VectorClock,
-        homed_here: impl Fn(PageKey) -> bool,
+        droppable: impl Fn(PageRun, &mut Vec<PageRun>),
     ) -> Acquire {
         let mut out = Acquire::default();
         // This rank's own entry cannot be ahead of its clock (only a faulty peer would say so, and taking
@@ -496,7 +564,7 @@ impl RcRank {
                 }
             }
         }
-        let mut drop: BTreeSet<PageKey> = BTreeSet::new();
+        let mut drop: Vec<PageRun> = Vec::new();
         for n in notices {
             // This rank's own notices are known here already (one this rank never issued could only come
             // from a faulty peer, and learning it would move this rank's own interval counter).
@@ -506,14 +574,27 @@ impl RcRank {
             self.clock.learn(n);
             self.known.insert(n.clone());
             if !out.everything {
-                drop.extend(n.pages.iter().copied().filter(|p| !homed_here(*p)));
+                for &run in &n.runs {
+                    droppable(run, &mut drop);
+                }
             }
         }
-        for page in drop {
-            if self.twinned.remove(&page) {
-                out.flush.push(page);
-            }
-            out.invalidate.push(page);
+        out.invalidate = coalesce(drop);
+        for run in &out.invalidate {
+            let (from, to) = (
+                PageKey {
+                    region: run.region,
+                    page: run.first,
+                },
+                PageKey {
+                    region: run.region,
+                    page: run.end(),
+                },
+            );
+            out.flush.extend(self.twinned.range(from..to).copied());
+        }
+        for k in &out.flush {
+            self.twinned.remove(k);
         }
         self.forgotten += self.bound_notices();
         out

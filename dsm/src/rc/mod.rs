@@ -8,7 +8,7 @@ use crate::dsm::Shared;
 use crate::error::{DsmError, Result};
 use crate::fault::{claim_step, release_busy, set_state};
 use crate::protocol::diff;
-use crate::protocol::release::{PageKey, VectorClock, WriteNotice};
+use crate::protocol::release::{PageKey, PageRun, VectorClock, WriteNotice};
 use crate::region::{
     Consistency, RegionShared, BUSY, INVALID, READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WRITTEN,
 };
@@ -336,8 +336,33 @@ pub(crate) fn acquire(
     }
     let mut rc = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
     let me = shared.me;
-    let plan = rc.acquire(notices, horizon, |k| {
-        shared.region(k.region).is_none_or(|r| r.home(k.page) == me)
+    let plan = rc.acquire(notices, horizon, |run, out| {
+        let Some(region) = shared.region(run.region) else {
+            return;
+        };
+        if region.consistency != Consistency::Release {
+            return;
+        }
+        // Pages past the region's end name nothing here (and a run of any length costs no more than
+        // the region's pages); pages homed here are kept.
+        let end = run.end().min(region.pages);
+        let mut page = run.first;
+        while page < end {
+            while page < end && region.home(page) == me {
+                page += 1;
+            }
+            let first = page;
+            while page < end && region.home(page) != me {
+                page += 1;
+            }
+            if page > first {
+                out.push(PageRun {
+                    region: run.region,
+                    first,
+                    len: page - first,
+                });
+            }
+        }
     });
     Counters::add(
         &shared.counters.notices_forgotten,
@@ -369,15 +394,14 @@ pub(crate) fn acquire(
             }
         }
     }
-    // The plan's pages come in order (region, then page), so neighbours form runs.
-    for k in plan.invalidate {
-        let Some(region) = shared.region(k.region) else {
+    // The plan's runs come in order (region, then page), each page once.
+    for run in plan.invalidate {
+        let Some(region) = shared.region(run.region) else {
             continue;
         };
-        if region.consistency != Consistency::Release || k.page >= region.pages {
-            continue;
+        for page in run.first..run.end() {
+            dropper.add(&region, page);
         }
-        dropper.add(&region, k.page);
     }
     dropper.finish()
 }

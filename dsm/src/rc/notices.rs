@@ -1,10 +1,11 @@
-//! How write notices, their horizons and vector clocks travel between ranks: notices as runs of
-//! consecutive pages, every decoded message checked against the job's size and a bound on the pages it
-//! may name, so that a peer's bytes can neither name ranks that do not exist nor make this rank allocate
-//! without bound.
+//! How write notices, their horizons and vector clocks travel between ranks: notices with their runs of
+//! consecutive pages, every decoded message checked against the job's size and its runs for overflow, so
+//! that a peer's bytes can neither name ranks that do not exist nor make this rank allocate more than the
+//! message's own size (a run of any length takes the same memory; the engine clamps it to its region
+//! before it walks its pages).
 
 use crate::error::{DsmError, Result};
-use crate::protocol::release::{PageKey, VectorClock, WriteNotice};
+use crate::protocol::release::{PageRun, VectorClock, WriteNotice};
 use crate::types::Rank;
 
 /// A write notice as it travels: its pages as runs of consecutive pages of one region, `(region, first
@@ -14,7 +15,7 @@ use crate::types::Rank;
 struct WireNotice {
     rank: Rank,
     interval: u32,
-    runs: Vec<(u32, u64, u64)>,
+    runs: Vec<PageRun>,
 }
 
 /// Write notices as they travel, with the horizon that comes with them (empty when it is all zeros).
@@ -24,10 +25,6 @@ struct WireNotices {
     notices: Vec<WireNotice>,
 }
 
-/// The most pages that the notices of one message may name once expanded (a bound on what a peer's
-/// bytes can make this rank allocate): 2^26 pages, 256 GiB of writes.
-const MAX_NOTICE_PAGES: u64 = 1 << 26;
-
 /// Encodes write notices and their horizon for a lock release or grant, or a barrier's messages.
 pub(crate) fn encode_notices(notices: &[WriteNotice], horizon: &VectorClock) -> Vec<u8> {
     if notices.is_empty() && horizon.is_zero() {
@@ -35,21 +32,10 @@ pub(crate) fn encode_notices(notices: &[WriteNotice], horizon: &VectorClock) -> 
     }
     let notices: Vec<WireNotice> = notices
         .iter()
-        .map(|n| {
-            // Pages come sorted (an interval's pages are sorted when it closes); any order would still
-            // give the same pages, in more runs.
-            let mut runs: Vec<(u32, u64, u64)> = Vec::new();
-            for k in &n.pages {
-                match runs.last_mut() {
-                    Some((r, first, len)) if *r == k.region && *first + *len == k.page => *len += 1,
-                    _ => runs.push((k.region, k.page, 1)),
-                }
-            }
-            WireNotice {
-                rank: n.rank,
-                interval: n.interval,
-                runs,
-            }
+        .map(|n| WireNotice {
+            rank: n.rank,
+            interval: n.interval,
+            runs: n.runs.clone(),
         })
         .collect();
     let horizon = if horizon.is_zero() {
@@ -100,7 +86,6 @@ pub(crate) fn decode_notices(
         )));
     }
     horizon.0[..wire.horizon.len()].copy_from_slice(&wire.horizon);
-    let mut total = 0u64;
     let notices = wire
         .notices
         .into_iter()
@@ -111,25 +96,20 @@ pub(crate) fn decode_notices(
                     w.rank
                 )));
             }
-            for (_, first, len) in &w.runs {
-                total = total.saturating_add(*len);
-                if total > MAX_NOTICE_PAGES || first.checked_add(*len).is_none() {
-                    return Err(bad(format!(
-                        "write notices name more than {MAX_NOTICE_PAGES} pages, or pages past the end of any region"
-                    )));
-                }
-            }
-            let pages = w
+            if let Some(r) = w
                 .runs
                 .iter()
-                .flat_map(|&(region, first, len)| {
-                    (first..first + len).map(move |page| PageKey { region, page })
-                })
-                .collect();
+                .find(|r| r.len == 0 || r.first.checked_add(r.len).is_none())
+            {
+                return Err(bad(format!(
+                    "a write notice names a run of {} pages from page {} of region {}",
+                    r.len, r.first, r.region
+                )));
+            }
             Ok(WriteNotice {
                 rank: w.rank,
                 interval: w.interval,
-                pages,
+                runs: w.runs,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -152,32 +132,36 @@ pub(crate) fn decode_clock(bytes: &[u8], from: Rank) -> Result<VectorClock> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::release::{runs_of, PageKey};
 
     fn notice(rank: u32, interval: u32, pages: &[(u32, u64)]) -> WriteNotice {
         WriteNotice {
             rank: Rank(rank),
             interval,
-            pages: pages
-                .iter()
-                .map(|&(region, page)| PageKey { region, page })
-                .collect(),
+            runs: runs_of(pages.iter().map(|&(region, page)| PageKey { region, page })),
         }
     }
 
     #[test]
     fn notices_travel_as_runs_and_come_back_whole() {
-        let scattered = notice(
-            1,
-            3,
-            &[(0, 9), (0, 2), (1, 4), (0, 3), (0, 4), (1, 5), (2, 0)],
-        );
+        let pages = [(0, 9), (0, 2), (1, 4), (0, 3), (0, 4), (1, 5), (2, 0)];
+        let scattered = notice(1, 3, &pages);
         let block = WriteNotice {
             rank: Rank(0),
             interval: 7,
-            pages: (0..1_000_000)
-                .map(|page| PageKey { region: 4, page })
-                .collect(),
+            runs: runs_of((0..1_000_000).map(|page| PageKey { region: 4, page })),
         };
+        assert_eq!(block.runs.len(), 1);
+        assert_eq!(
+            (scattered.runs.len(), scattered.pages().collect::<Vec<_>>()),
+            (
+                6,
+                pages
+                    .map(|(region, page)| PageKey { region, page })
+                    .to_vec()
+            ),
+            "pages out of order start new runs, and none is lost"
+        );
         let none = VectorClock::new(2);
         let bytes = encode_notices(&[scattered.clone(), block.clone()], &none);
         assert!(
@@ -186,7 +170,7 @@ mod tests {
             bytes.len()
         );
         let (back, horizon) = decode_notices(&bytes, Rank(1), 2).unwrap();
-        assert_eq!(back[0].pages, scattered.pages);
+        assert_eq!(back[0].runs, scattered.runs);
         assert_eq!((back[0].rank, back[0].interval), (Rank(1), 3));
         assert_eq!(back[1], block);
         assert_eq!(horizon, none);
@@ -235,19 +219,27 @@ mod tests {
     }
 
     #[test]
-    fn notices_naming_too_many_pages_are_refused() {
-        let wire = |runs| WireNotices {
-            horizon: Vec::new(),
-            notices: vec![WireNotice {
-                rank: Rank(0),
-                interval: 1,
-                runs,
-            }],
+    fn runs_of_any_length_decode_as_they_came_and_broken_ones_are_refused() {
+        let wire = |(region, first, len)| {
+            let runs = vec![PageRun { region, first, len }];
+            let bytes = postcard::to_allocvec(&WireNotices {
+                horizon: Vec::new(),
+                notices: vec![WireNotice {
+                    rank: Rank(0),
+                    interval: 1,
+                    runs: runs.clone(),
+                }],
+            })
+            .unwrap();
+            (bytes, runs)
         };
-        let bytes = postcard::to_allocvec(&wire(vec![(0, 0, MAX_NOTICE_PAGES + 1)])).unwrap();
-        let e = decode_notices(&bytes, Rank(2), 3).unwrap_err();
-        assert!(e.to_string().contains("more than"), "{e}");
-        let bytes = postcard::to_allocvec(&wire(vec![(0, u64::MAX, 2)])).unwrap();
-        assert!(decode_notices(&bytes, Rank(2), 3).is_err());
+        // 2^40 pages (4 PiB) named in a few bytes take a few bytes here too.
+        let (bytes, runs) = wire((3, 7, 1 << 40));
+        let (back, _) = decode_notices(&bytes, Rank(2), 3).unwrap();
+        assert_eq!(back[0].runs, runs);
+        for broken in [(0, u64::MAX, 2), (0, 5, 0)] {
+            let e = decode_notices(&wire(broken).0, Rank(2), 3).unwrap_err();
+            assert!(e.to_string().contains("names a run of"), "{e}");
+        }
     }
 }

@@ -63,6 +63,16 @@ struct Sim {
     diffs_applied: u64,
 }
 
+/// `droppable` for an acquire: the pages of a run that are not homed here, as runs.
+fn not_homed(homed_here: impl Fn(PageKey) -> bool) -> impl Fn(PageRun, &mut Vec<PageRun>) {
+    move |run, out| out.extend(runs_of(run.pages().filter(|&k| !homed_here(k))))
+}
+
+/// The pages of `runs`, in order.
+fn pages_of(runs: &[PageRun]) -> Vec<PageKey> {
+    runs.iter().flat_map(|r| r.pages()).collect()
+}
+
 fn key(p: usize) -> PageKey {
     PageKey {
         region: 0,
@@ -185,11 +195,15 @@ impl Sim {
 
     fn acquire(&mut self, r: usize, notices: &[WriteNotice], horizon: &VectorClock) {
         let ranks = self.ranks;
-        let a = self.rc[r].acquire(notices, horizon, |k| k.page as usize % ranks == r);
+        let a = self.rc[r].acquire(
+            notices,
+            horizon,
+            not_homed(|k| k.page as usize % ranks == r),
+        );
         for k in &a.flush {
             self.send_diff(r, k.page as usize);
         }
-        let mut invalidate = a.invalidate;
+        let mut invalidate = pages_of(&a.invalidate);
         if !a.everything && !invalidate.is_empty() {
             self.targeted_invalidations += 1;
         }
@@ -391,15 +405,47 @@ fn a_rank_that_acquires_invalidates_what_others_wrote_except_its_home_pages() {
     let notice = rel.notice.unwrap();
     assert_eq!((notice.rank, notice.interval), (Rank(1), 1));
     // Rank 0 is the home of page 4 (even pages here): it keeps it.
-    let acq = a.acquire(&b.notices_to_pass(0).0, &Z, |k| k.page % 2 == 0);
-    assert_eq!(acq.invalidate, vec![key(3)]);
+    let acq = a.acquire(&b.notices_to_pass(0).0, &Z, not_homed(|k| k.page % 2 == 0));
+    assert_eq!(pages_of(&acq.invalidate), vec![key(3)]);
     assert!(acq.flush.is_empty());
     // The same notices again change nothing.
     assert_eq!(
-        a.acquire(&b.notices_to_pass(0).0, &Z, |_| false),
+        a.acquire(&b.notices_to_pass(0).0, &Z, not_homed(|_| false)),
         Acquire::default()
     );
     assert_eq!(a.clock().0, vec![0, 1]);
+}
+
+#[test]
+fn an_acquire_drops_each_page_of_overlapping_runs_once_and_flushes_only_pages_it_drops() {
+    let run = |first, len| PageRun {
+        region: 0,
+        first,
+        len,
+    };
+    let notice = |rank, runs| WriteNotice {
+        rank: Rank(rank),
+        interval: 1,
+        runs,
+    };
+    let mut a = RcRank::new(Rank(0), 3);
+    for p in [3, 12, 40] {
+        a.on_write(key(p), false);
+    }
+    // Two writers' runs overlap (10..20 and 15..30) and touch (30..35); page 40 is not named.
+    let notices = [
+        notice(1, vec![run(10, 10), run(30, 5)]),
+        notice(2, vec![run(2, 2), run(15, 15)]),
+    ];
+    let acq = a.acquire(&notices, &Z, not_homed(|k| k.page == 16));
+    assert_eq!(
+        acq.invalidate,
+        vec![run(2, 2), run(10, 6), run(17, 18)],
+        "sorted, merged, without the page homed here"
+    );
+    assert_eq!(acq.flush, vec![key(3), key(12)]);
+    // Page 40 keeps its twin: the release diffs it.
+    assert_eq!(a.release().diff, vec![key(40)]);
 }
 
 #[test]
@@ -412,13 +458,16 @@ fn a_page_written_here_and_elsewhere_is_flushed_before_it_is_dropped() {
         b.release();
         b.notices_to_pass(0).0
     };
-    let acq = a.acquire(&notices, &Z, |_| false);
+    let acq = a.acquire(&notices, &Z, not_homed(|_| false));
     assert_eq!(acq.flush, vec![key(1)]);
-    assert_eq!(acq.invalidate, vec![key(1)]);
+    assert_eq!(pages_of(&acq.invalidate), vec![key(1)]);
     // The page stays in the interval's notice, but needs no second diff unless written again.
     let rel = a.release();
     assert!(rel.diff.is_empty());
-    assert_eq!(rel.notice.unwrap().pages, vec![key(1)]);
+    assert_eq!(
+        rel.notice.unwrap().pages().collect::<Vec<_>>(),
+        vec![key(1)]
+    );
 }
 
 #[test]
@@ -482,7 +531,7 @@ fn randomized_jobs_that_forget_notices_all_the_time_never_read_stale_data() {
         let mut rng = StdRng::seed_from_u64(1000 + seed);
         let ranks = 2 + (seed % 3) as usize;
         let pages = 1 + (seed % 4) as usize;
-        let memory = 2 * (NOTICE_BYTES + PAGE_KEY_BYTES) * (1 + (seed % 3) as usize);
+        let memory = 2 * (NOTICE_BYTES + RUN_BYTES) * (1 + (seed % 3) as usize);
         let mut sim = Sim::new(ranks, pages, memory, &mut rng);
         sim.barrier_odds = 20;
         if seed % 2 == 0 {
@@ -494,7 +543,7 @@ fn randomized_jobs_that_forget_notices_all_the_time_never_read_stale_data() {
             sim.step(r, &mut rng);
             if step % 500 == 0 {
                 // Over the bound only by writers' latest notices, which are always kept.
-                let bound = memory.max(ranks * (NOTICE_BYTES + pages * PAGE_KEY_BYTES));
+                let bound = memory.max(ranks * (NOTICE_BYTES + pages * RUN_BYTES));
                 for rc in &sim.rc {
                     assert!(
                         rc.known.bytes() <= bound && rc.own_bytes <= memory,
@@ -529,7 +578,7 @@ fn a_notice_learned_through_a_lock_but_not_exchanged_survives_the_barrier() {
     assert!(exchanged_by_r1.is_empty());
     r1.on_write(key(5), false);
     r1.release();
-    r0.acquire(&r1.notices_to_pass(0).0, &Z, |_| false);
+    r0.acquire(&r1.notices_to_pass(0).0, &Z, not_homed(|_| false));
     assert_eq!(r0.clock().0, vec![0, 1, 0]);
     assert_eq!(
         r0.barrier_done(&exchanged_by_r1, &Z),
@@ -542,12 +591,15 @@ fn a_notice_learned_through_a_lock_but_not_exchanged_survives_the_barrier() {
         "interval 1 of rank 1 was dropped: {passed:?}"
     );
     let mut r2 = RcRank::new(Rank(2), 3);
-    assert_eq!(r2.acquire(&passed, &Z, |_| false).invalidate, vec![key(5)]);
+    assert_eq!(
+        pages_of(&r2.acquire(&passed, &Z, not_homed(|_| false)).invalidate),
+        vec![key(5)]
+    );
     // Once a barrier exchanges it, it is still passed on until the barrier after, when lock homes may
     // forget it too.
     let exchanged = r1.own_notices().to_vec();
     for rc in [&mut r0, &mut r2] {
-        rc.acquire(&exchanged, &Z, |_| false);
+        rc.acquire(&exchanged, &Z, not_homed(|_| false));
     }
     let stable = r0
         .barrier_done(&exchanged, &Z)
@@ -579,14 +631,17 @@ fn a_later_interval_learned_through_a_lock_does_not_hide_an_earlier_one_a_barrie
     r1.on_write(key(5), false);
     r1.release();
     let exchanged = r1.own_notices().to_vec();
-    r1.acquire(&exchanged, &Z, |_| false);
+    r1.acquire(&exchanged, &Z, not_homed(|_| false));
     r1.barrier_done(&exchanged, &Z);
     r1.on_write(key(6), false);
     r1.release();
-    let mut dropped = r0
-        .acquire(&r1.notices_to_pass(0).0, &Z, |_| false)
-        .invalidate;
-    dropped.extend(r0.acquire(&exchanged, &Z, |_| false).invalidate);
+    let mut dropped = pages_of(
+        &r0.acquire(&r1.notices_to_pass(0).0, &Z, not_homed(|_| false))
+            .invalidate,
+    );
+    dropped.extend(pages_of(
+        &r0.acquire(&exchanged, &Z, not_homed(|_| false)).invalidate,
+    ));
     r0.barrier_done(&exchanged, &Z);
     dropped.sort();
     assert_eq!(dropped, vec![key(5), key(6)], "rank 0 kept a stale page");
@@ -596,7 +651,7 @@ fn notice(rank: u32, interval: u32, page: u64) -> WriteNotice {
     WriteNotice {
         rank: Rank(rank),
         interval,
-        pages: vec![key(page as usize)],
+        runs: runs_of([key(page as usize)]),
     }
 }
 
@@ -633,7 +688,7 @@ fn a_release_passes_through_a_lock_only_what_it_did_not_pass_before_and_nothing_
     let (a, b) = (0usize, 1usize);
     let take = |rc: &mut RcRank, union: &NoticeSet| {
         let grant = union.unseen(rc.clock());
-        rc.acquire(&grant, &Z, |_| false).invalidate
+        pages_of(&rc.acquire(&grant, &Z, not_homed(|_| false)).invalidate)
     };
     let give = |rc: &mut RcRank, union: &mut NoticeSet, lock: usize| {
         let (passed, _, clock) = rc.notices_to_pass(lock as u64);
@@ -682,7 +737,7 @@ fn a_notice_learned_between_passing_and_recording_is_passed_next_time() {
     let mut x = RcRank::new(Rank(0), 2);
     let (passed, _, clock) = x.notices_to_pass(7);
     assert!(passed.is_empty());
-    x.acquire(&[notice(1, 1, 3)], &Z, |_| false);
+    x.acquire(&[notice(1, 1, 3)], &Z, not_homed(|_| false));
     x.passed_through(7, clock);
     let (passed, ..) = x.notices_to_pass(7);
     assert_eq!(passed, vec![notice(1, 1, 3)]);
@@ -709,23 +764,23 @@ fn an_acquirer_behind_a_horizon_drops_everything_and_passes_the_horizon_on() {
         .filter(|n| n.interval == 2)
         .collect();
     let forgot_1 = VectorClock(vec![1, 0, 0]);
-    let a = y.acquire(&interval_2, &forgot_1, |_| false);
+    let a = y.acquire(&interval_2, &forgot_1, not_homed(|_| false));
     assert!(a.everything, "rank 1 could not know what interval 1 wrote");
     assert_eq!(y.clock().0, vec![2, 0, 0]);
     assert_eq!(y.horizon(), &forgot_1);
     // Seen from now on: the same horizon again changes nothing.
-    assert!(!y.acquire(&[], &forgot_1, |_| false).everything);
+    assert!(!y.acquire(&[], &forgot_1, not_homed(|_| false)).everything);
     let (passed, ..) = y.notices_to_pass(7);
     assert_eq!(passed, interval_2);
-    let a = z.acquire(&passed, y.horizon(), |_| false);
+    let a = z.acquire(&passed, y.horizon(), not_homed(|_| false));
     assert!(a.everything, "rank 2 kept its copy of page 1");
     // A rank whose clock covered the horizon already takes the notices as usual.
     let mut v = RcRank::new(Rank(2), 3);
     let all = w.notices_to_pass(0).0;
-    v.acquire(&all[..1], &Z, |_| false);
-    let a = v.acquire(&passed, y.horizon(), |_| false);
+    v.acquire(&all[..1], &Z, not_homed(|_| false));
+    let a = v.acquire(&passed, y.horizon(), not_homed(|_| false));
     assert!(!a.everything);
-    assert_eq!(a.invalidate, vec![key(2)]);
+    assert_eq!(pages_of(&a.invalidate), vec![key(2)]);
 }
 
 #[test]
@@ -735,7 +790,7 @@ fn a_notice_set_over_its_bound_forgets_each_writers_oldest_first() {
         set.insert(notice(0, i, u64::from(i)));
         set.insert(notice(2, i, u64::from(10 + i)));
     }
-    let one = NOTICE_BYTES + PAGE_KEY_BYTES;
+    let one = NOTICE_BYTES + RUN_BYTES;
     assert_eq!(set.bytes(), 12 * one);
     let mut horizon = VectorClock::new(3);
     assert_eq!(set.forget_oldest(7 * one, &mut horizon), 5);
@@ -765,7 +820,7 @@ fn a_peer_cannot_move_a_ranks_own_interval_counter() {
     let a = x.acquire(
         &[notice(1, u32::MAX, 4)],
         &VectorClock(vec![0, u32::MAX]),
-        |_| false,
+        not_homed(|_| false),
     );
     assert_eq!(a, Acquire::default());
     assert_eq!(x.clock().0, vec![0, 0]);
