@@ -5,7 +5,7 @@
 use dsm::transport::local::run_local_job;
 use dsm::transport::{Mesh, Transport};
 use dsm::{Dsm, DsmError, FailurePolicy, Placement, Rank};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -70,8 +70,9 @@ impl Transport for Given {
     }
 }
 
-/// Rank 0 of a 2-rank job whose rank 1 is played by the test through a raw socket.
-fn rank0_with_fake_peer() -> (Dsm, UnixStream) {
+/// Rank 0 of a 2-rank job whose rank 1 is played by the test through raw sockets: the first of rank 1's
+/// two connections to rank 0, and the second.
+fn rank0_with_fake_peer() -> (Dsm, UnixStream, UnixStream) {
     let mut outgoing = Vec::new();
     let mut incoming = Vec::new();
     for _channel in 0..2 {
@@ -83,6 +84,8 @@ fn rank0_with_fake_peer() -> (Dsm, UnixStream) {
     }
     let (fake_out, from_fake) = UnixStream::pair().unwrap();
     incoming.push((Rank(1), OwnedFd::from(from_fake)));
+    let (fake_other, from_fake) = UnixStream::pair().unwrap();
+    incoming.push((Rank(1), OwnedFd::from(from_fake)));
     let mesh = Mesh { outgoing, incoming };
     let dsm = Dsm::builder()
         .rank(Rank(0), 2)
@@ -91,7 +94,7 @@ fn rank0_with_fake_peer() -> (Dsm, UnixStream) {
         .transport(Box::new(Given(mesh)))
         .build()
         .unwrap();
-    (dsm, fake_out)
+    (dsm, fake_out, fake_other)
 }
 
 fn wait_for_failure(dsm: &Dsm) -> Vec<Rank> {
@@ -110,9 +113,20 @@ fn a_malformed_frame_is_an_error_for_that_peer_not_a_panic() {
         &[6, 0, 0, 0, 4, 0, 0xee, 0xee, 0xee, 0xee], // a header that does not decode
     ];
     for bytes in cases {
-        let (dsm, mut fake) = rank0_with_fake_peer();
+        let (dsm, mut fake, mut other) = rank0_with_fake_peer();
         fake.write_all(bytes).unwrap();
         assert_eq!(wait_for_failure(&dsm), vec![Rank(1)], "after {bytes:?}");
+        // The peer, should it live on, learns it too: both its connections end (it would otherwise wait
+        // for ever for replies to what it sent on them).
+        for conn in [&mut fake, &mut other] {
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut byte = [0u8; 1];
+            assert_eq!(
+                conn.read(&mut byte).unwrap(),
+                0,
+                "after {bytes:?}, a connection of the failed peer is still open"
+            );
+        }
         // The rank still serves itself.
         dsm.ping(Rank(0), 64).unwrap();
     }
@@ -120,7 +134,7 @@ fn a_malformed_frame_is_an_error_for_that_peer_not_a_panic() {
 
 #[test]
 fn a_truncated_frame_then_a_closed_connection_is_a_peer_failure() {
-    let (dsm, mut fake) = rank0_with_fake_peer();
+    let (dsm, mut fake, _other) = rank0_with_fake_peer();
     fake.write_all(&[40, 0, 0, 0, 2, 0]).unwrap();
     drop(fake);
     assert_eq!(wait_for_failure(&dsm), vec![Rank(1)]);

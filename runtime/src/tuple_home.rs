@@ -562,7 +562,13 @@ impl Home {
             // A request that was on its way when its sender was declared failed: serving it could hand a
             // tuple to a rank that will never use it. It is refused, in case the sender lives on (a rank
             // is declared failed when one of its connections breaks): it then gets an error, not silence.
+            // A cancel is never answered: the request it cancels was answered when it was served, or
+            // never will be (the engine ended the sender's connections when it declared it failed), and
+            // a second answer would be read as the reply to the next request on that connection.
             drop(s);
+            if matches!(ask, Ask::Cancel { .. }) {
+                return;
+            }
             let _ = answer(
                 reply,
                 &Answer::Refused(format!(
@@ -691,6 +697,9 @@ impl Service for Home {
 
     fn peer_failed(&self, rank: Rank) {
         let mut outbox = Outbox::default();
+        // The rank's waiting requests go unanswered: the engine has ended the rank's connections to this
+        // one, so a rank that lives on (declared failed because one of its connections broke) gets an
+        // error for its blocked `in`, not silence.
         {
             let mut s = self.state();
             s.failed.insert(rank);

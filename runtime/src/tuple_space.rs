@@ -296,8 +296,9 @@ impl TupleSpace {
                 (0..self.inner.size)
                     .map(|r| Rank(r as u32))
                     .filter(|r| !failed.contains(r))
-                    .map(|r| self.inner.count_at(r, template))
-                    .sum()
+                    .try_fold(0usize, |total, r| {
+                        Ok(total.saturating_add(self.inner.count_at(r, template)?))
+                    })
             }
         }
     }
@@ -763,7 +764,7 @@ impl Inner {
             return Ok(self.home.count(template));
         }
         match self.ask(home, &Ask::Count(template.clone()))? {
-            Answer::Count(n) => Ok(n as usize),
+            Answer::Count(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
             other => Err(unexpected(home, other)),
         }
     }

@@ -257,6 +257,10 @@ impl Engine {
         if conn.goodbye || self.shared.stop.load(Ordering::Acquire) || peer == self.shared.me {
             return;
         }
+        // The connection is ended both ways, not just left unread: a peer that lives on (one whose
+        // connection broke, or that sent a frame this rank could not take) then gets an error for the
+        // requests it sent on it, instead of waiting for ever for replies that will not come.
+        let _ = nix::sys::socket::shutdown(conn.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         self.peer_failed(peer, reason);
     }
 
@@ -266,6 +270,13 @@ impl Engine {
         }
         tracing::error!("{}: {peer} failed: {reason}", self.shared.me);
         self.direct[peer.index()] = None;
+        // Its other connections end too: nothing it sends is served any more, and it must not wait.
+        let others: Vec<usize> = (0..self.conns.len())
+            .filter(|&i| self.conns[i].open && self.conns[i].peer == peer)
+            .collect();
+        for i in others {
+            self.close(i, reason);
+        }
         for service in self.shared.services() {
             service.peer_failed(peer);
         }
