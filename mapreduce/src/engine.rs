@@ -279,12 +279,15 @@ impl MapReduce {
         // Whether this job made or cleared the output directory: only then are its part files its own, to
         // remove if it fails (a job refused up front leaves an earlier job's output alone).
         let mut ours_to_clear = false;
+        // Whether this job made the output directory: a failed job then removes it too.
+        let mut made_dir = false;
         let outcome = std::thread::scope(|s| {
             let ours: Vec<_> = (0..threads)
                 .map(|_| s.spawn(|| farm.serve(|id, task: Task| worker.run(id, task))))
                 .collect();
-            let outcome = self.prepare(config).and_then(|master| {
+            let outcome = self.prepare(config).and_then(|(master, made)| {
                 ours_to_clear = true;
+                made_dir = made;
                 self.drive(master, farm, config, started)
             });
             // Stop the farm whatever happened, so that every worker (this rank's among them) returns; tasks
@@ -317,6 +320,10 @@ impl MapReduce {
         });
         if outcome.is_err() && ours_to_clear {
             let _ = remove_parts(&config.output);
+            if made_dir {
+                // Only if empty: a file of anyone else's that appeared in it meanwhile stays.
+                let _ = std::fs::remove_dir(&config.output);
+            }
         }
         let said = match &outcome {
             Ok(_) => Ok(()),
@@ -345,9 +352,9 @@ impl MapReduce {
         }))
     }
 
-    /// Checks the inputs, cuts the splits and makes the output directory; nothing is written if an input
-    /// is missing or the output exists.
-    fn prepare(&self, config: &JobConfig) -> Result<Master, MapReduceError> {
+    /// Checks the inputs, cuts the splits and makes the output directory (saying whether it made it, or
+    /// took one that was there); nothing is written if an input is missing or the output exists.
+    fn prepare(&self, config: &JobConfig) -> Result<(Master, bool), MapReduceError> {
         if config.inputs.is_empty() && config.splits.is_empty() {
             return Err(MapReduceError::Config(
                 "no input: give input files, directories or splits".into(),
@@ -361,10 +368,16 @@ impl MapReduce {
                 path: s.file.clone(),
                 source,
             };
-            let len = std::fs::File::open(&s.file)
-                .and_then(|f| f.metadata())
-                .map_err(err)?
-                .len();
+            // Its kind is looked at before it is opened: opening a FIFO would block the master for ever.
+            let meta = std::fs::metadata(&s.file).map_err(err)?;
+            if !meta.is_file() {
+                return Err(err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a regular file",
+                )));
+            }
+            std::fs::File::open(&s.file).map_err(err)?;
+            let len = meta.len();
             if s.start > s.end || s.end > len {
                 return Err(MapReduceError::Config(format!(
                     "split {}..{} of {}: a split runs from a start to an end no greater, within the file's {len} bytes",
@@ -397,7 +410,7 @@ impl MapReduce {
             )));
         }
         let out = &config.output;
-        match std::fs::metadata(out) {
+        let made = match std::fs::metadata(out) {
             Ok(m) if !m.is_dir() => {
                 return Err(MapReduceError::Config(format!(
                     "output {} exists and is not a directory",
@@ -405,16 +418,22 @@ impl MapReduce {
                 )))
             }
             Ok(_) if !config.overwrite => return Err(MapReduceError::OutputExists(out.clone())),
-            Ok(_) => remove_parts(out)?,
-            Err(_) => std::fs::create_dir_all(out)
-                .map_err(|e| MapReduceError::io(format!("creating {}", out.display()), e))?,
-        }
+            Ok(_) => {
+                remove_parts(out)?;
+                false
+            }
+            Err(_) => {
+                std::fs::create_dir_all(out)
+                    .map_err(|e| MapReduceError::io(format!("creating {}", out.display()), e))?;
+                true
+            }
+        };
         let size = self.space.dsm().size();
         let partitions = config
             .partitions
             .unwrap_or_else(|| default_partitions(size, config.threads_for(size)))
             .max(1);
-        Ok(Master::new(splits, partitions as u32, out.clone()))
+        Ok((Master::new(splits, partitions as u32, out.clone()), made))
     }
 
     /// Hands out tasks and takes results until every partition is written; returns the master and the

@@ -73,6 +73,13 @@ impl Walk {
             source,
         };
         let meta = std::fs::metadata(path).map_err(err)?;
+        if named && meta.is_file() {
+            // Taken as given, and not counted as seen: a walk that reaches it takes it too, whichever
+            // comes first (the order of the inputs does not change what is read).
+            File::open(path).map_err(err)?;
+            self.files.push((path.to_path_buf(), meta.len()));
+            return Ok(());
+        }
         let first = self.seen.insert((meta.dev(), meta.ino()));
         if meta.is_dir() {
             if !first {
@@ -93,7 +100,7 @@ impl Walk {
                 }
             }
         } else if meta.is_file() {
-            if first || named {
+            if first {
                 File::open(path).map_err(err)?;
                 self.files.push((path.to_path_buf(), meta.len()));
             }
@@ -283,7 +290,18 @@ mod tests {
         // A file named twice is taken twice: what the caller names is taken as given.
         let one = dir.join("a/one.txt");
         let twice = expand(&[one.clone(), one.clone()]).unwrap();
-        assert_eq!(twice, vec![(one.clone(), 4), (one, 4)]);
+        assert_eq!(twice, vec![(one.clone(), 4), (one.clone(), 4)]);
+        // Named and walked: taken by name and by the walk, in either order.
+        let a = dir.join("a");
+        for inputs in [[one.clone(), a.clone()], [a.clone(), one.clone()]] {
+            let files = expand(&inputs).unwrap();
+            let target = std::fs::canonicalize(&one).unwrap();
+            let ones = files
+                .iter()
+                .filter(|(p, _)| std::fs::canonicalize(p).unwrap() == target)
+                .count();
+            assert_eq!(ones, 2, "{inputs:?} gave {files:?}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -5,7 +5,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::cmp::Ordering;
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, Read, Write};
 
 fn invalid(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
@@ -126,12 +126,13 @@ impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
                     self.what
                 )));
             }
+            // The fifth byte holds the top 4 bits of 32: any more is a length no run holds.
+            if i == 4 && b[0] & 0xf0 != 0 {
+                return Err(invalid(format!("{}: a record length overflows", self.what)));
+            }
             len |= u32::from(b[0] & 0x7f) << (7 * i);
             if b[0] & 0x80 == 0 {
                 break;
-            }
-            if i == 4 {
-                return Err(invalid(format!("{}: a record length overflows", self.what)));
             }
         }
         if len > MAX_RECORD {
@@ -141,10 +142,20 @@ impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
                 self.what
             )));
         }
-        self.buf.resize(len as usize, 0);
-        self.src
-            .read_exact(&mut self.buf)
+        // Read as it comes, not into a buffer of the length given first: a damaged length costs only the
+        // bytes that are really there.
+        self.buf.clear();
+        let src: &mut Box<dyn BufRead + Send> = &mut self.src;
+        let got = src
+            .take(u64::from(len))
+            .read_to_end(&mut self.buf)
             .map_err(|e| invalid(format!("{}: cut off in a record: {e}", self.what)))?;
+        if got < len as usize {
+            return Err(invalid(format!(
+                "{}: cut off in a record: {got} of its {len} bytes",
+                self.what
+            )));
+        }
         postcard::from_bytes(&self.buf)
             .map(Some)
             .map_err(|e| invalid(format!("{}: a record does not decode: {e}", self.what)))
@@ -340,5 +351,17 @@ mod tests {
         huge.extend_from_slice(b"abc");
         let e = merge(vec![reader(huge)], |_, _| Ok(())).unwrap_err();
         assert!(e.to_string().contains("longer than any"), "{e}");
+        // A length past 32 bits (2^32: its bits would wrap to 0), and a length within the limit with
+        // fewer bytes behind it.
+        for (bytes, says) in [
+            (&[0x80, 0x80, 0x80, 0x80, 0x10, 1, 2][..], "overflows"),
+            (
+                &[0x80, 0x80, 0x80, 0x08, 1, 2, 3][..],
+                "3 of its 16777216 bytes",
+            ),
+        ] {
+            let e = merge(vec![reader(bytes.to_vec())], |_, _| Ok(())).unwrap_err();
+            assert!(e.to_string().contains(says), "{bytes:?}: {e}");
+        }
     }
 }

@@ -430,6 +430,16 @@ fn bad_input_and_output_are_clear_errors_on_every_rank() {
             .run(&Words, &JobConfig::new(dir.join("y")).input(&fifo))
             .unwrap_err();
         assert!(e.to_string().contains("not a regular file"), "{me}: {e}");
+        // Given as a split, too: opening it to check the split would block the master for ever.
+        let split = Split {
+            file: fifo.clone(),
+            start: 0,
+            end: 0,
+        };
+        let e = mr
+            .run(&Words, &JobConfig::new(dir.join("y")).splits([split]))
+            .unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{me}: {e}");
 
         // One line of 65 MiB (a sparse file without a newline), with a budget of 4 MiB: a clear error, not
         // an allocation that could kill the rank.
@@ -516,10 +526,20 @@ fn a_panic_in_the_job_fails_it_with_where_it_happened() {
             text.contains("partition() gave") && text.contains("far"),
             "{text}"
         );
-        // A failed job does not mark its output complete.
-        for failed in ["m", "r"] {
-            assert!(!dir.join(failed).join(dsm_mapreduce::SUCCESS).exists());
+        // A failed job leaves no output: the directory it made goes with its part files.
+        for failed in ["m", "r", "p"] {
+            assert!(!dir.join(failed).exists(), "{failed} left behind");
         }
+        // One that was there before (overwritten) stays, without the failed job's part files.
+        let there = dir.join("there");
+        std::fs::create_dir_all(&there).unwrap();
+        mr.run(
+            &Fragile,
+            &JobConfig::new(&there).input(&reduce_input).overwrite(true),
+        )
+        .unwrap_err();
+        assert!(there.exists());
+        assert!(!there.join("part-00000").exists() && !there.join(dsm_mapreduce::SUCCESS).exists());
         // The engine is still usable after a failed job, and marks a finished job's output.
         let out = dir.join("ok");
         mr.run(

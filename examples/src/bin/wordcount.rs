@@ -233,6 +233,26 @@ impl Job for WordCount {
     }
 }
 
+/// A new, empty directory for a job's counts, under the temporary directory: made here, so that removing it
+/// at the end removes nothing of anyone else's.
+fn fresh_dir() -> anyhow::Result<PathBuf> {
+    let base = std::env::temp_dir();
+    for n in 0..1000 {
+        let dir = base.join(format!("dsm-wordcount-{}-{n}", std::process::id()));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("making the directory {}", dir.display()))
+            }
+        }
+    }
+    anyhow::bail!(
+        "could not make a new directory for the counts under {}: give one with --output",
+        base.display()
+    )
+}
+
 /// The sample text at a path every rank on this machine can read (written once, atomically).
 fn sample_path() -> anyhow::Result<PathBuf> {
     let path = std::env::temp_dir().join(format!("dsm-wordcount-sample-{}.txt", SAMPLE.len()));
@@ -254,7 +274,8 @@ fn top_words(dir: &Path, parts: &[PathBuf], top: usize) -> anyhow::Result<Vec<(u
         return Ok(Vec::new());
     }
     // Ordered so that the greatest entry is the worst: the lowest count, then the latest word.
-    let mut best: BinaryHeap<(Reverse<u64>, String)> = BinaryHeap::with_capacity(top + 1);
+    // The heap grows with what it holds, not with `top` (which may be far above the words there are).
+    let mut best: BinaryHeap<(Reverse<u64>, String)> = BinaryHeap::new();
     for p in parts {
         let text = std::fs::read_to_string(p)
             .with_context(|| format!("reading {} in {}", p.display(), dir.display()))?;
@@ -347,17 +368,16 @@ fn main() -> anyhow::Result<()> {
     } else {
         args.inputs.clone()
     };
-    // Without --output the counts go to a directory of rank 0's that is removed at the end.
+    // Without --output the counts go to a directory that rank 0 makes, new, and removes at the end (the
+    // master's output directory is the job's: the other ranks' goes unused).
     let (output, temporary) = match &args.output {
         Some(o) => (o.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("dsm-wordcount-{}", std::process::id())),
-            true,
-        ),
+        None if rt.rank().0 == 0 => (fresh_dir()?, true),
+        None => (std::env::temp_dir(), false),
     };
     let mut config = JobConfig::new(&output)
         .inputs(&inputs)
-        .overwrite(args.overwrite)
+        .overwrite(args.overwrite || temporary)
         .split_size(args.split_size)
         .memory_budget(args.memory_budget)
         .merge_fan_in(args.merge_fan_in)
@@ -408,4 +428,26 @@ fn main() -> anyhow::Result<()> {
     drop(space);
     rt.finish()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_temporary_output_directory_is_always_a_new_one() {
+        // Another job's directory under the name this process would try first stays as it is.
+        let theirs = std::env::temp_dir().join(format!("dsm-wordcount-{}-0", std::process::id()));
+        std::fs::create_dir_all(&theirs).unwrap();
+        std::fs::write(theirs.join("part-00000"), "theirs\t1\n").unwrap();
+        let mine = fresh_dir().unwrap();
+        assert_ne!(mine, theirs);
+        assert_eq!(std::fs::read_dir(&mine).unwrap().count(), 0, "made new");
+        assert_eq!(
+            std::fs::read_to_string(theirs.join("part-00000")).unwrap(),
+            "theirs\t1\n"
+        );
+        std::fs::remove_dir(&mine).unwrap();
+        std::fs::remove_dir_all(&theirs).unwrap();
+    }
 }
