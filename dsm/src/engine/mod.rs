@@ -25,7 +25,7 @@ use crate::wire::{self, RefusedReason, Reply, Request, MAX_HEADER};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::socket::{recv, MsgFlags};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -63,6 +63,9 @@ pub(crate) struct Engine {
     epoll: Epoll,
     /// Fault requests waiting for a page's manager lock, by (region, page).
     queues: HashMap<(u32, u64), VecDeque<(usize, Request)>>,
+    /// Pages whose queue is being served, by (region, page): a request served from a queue may unlock
+    /// its page at once, and serving the queue from there again would recurse once per queued request.
+    serving: HashSet<(u32, u64)>,
     /// Pages whose manager lock a transaction of another rank holds until its `Unlock` (a grant, or an
     /// upgrade answered at once), by (region, page): the rank and its access. If that rank fails, the lock
     /// is released here instead of being held for ever (see `peer_failed`).
@@ -121,6 +124,7 @@ impl Engine {
             conns,
             epoll,
             queues: HashMap::new(),
+            serving: HashSet::new(),
             held_by: HashMap::new(),
             locks: HashMap::new(),
             deferred: Vec::new(),

@@ -62,15 +62,20 @@ impl Engine {
 
     pub(super) fn serve_queue(&mut self, region: &Arc<RegionShared>, page: u64) {
         let key = (region.id, page);
+        // Called again from a request this loop serves: the loop below goes on with the next one.
+        if !self.serving.insert(key) {
+            return;
+        }
         let lock = &region.slot(page).lock;
         while lock.load(Ordering::Acquire) & LOCKED == 0 {
             let Some((idx, req)) = self.queues.get_mut(&key).and_then(|q| q.pop_front()) else {
                 lock.fetch_and(!QUEUED, Ordering::AcqRel);
                 self.queues.remove(&key);
-                return;
+                break;
             };
             self.acquire_or_queue(idx, region, req);
         }
+        self.serving.remove(&key);
     }
 
     pub(super) fn serve_all_queues(&mut self) {
