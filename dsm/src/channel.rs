@@ -146,11 +146,13 @@ fn fd_of(fds: &[OwnedFd], rank: Rank) -> Result<BorrowedFd<'_>, Errno> {
         .ok_or(Errno::EINVAL)
 }
 
-/// The length of the frame whose prefix is `len`. A frame longer than the buffer is read and dropped (so
-/// that the connection stays aligned on frames for its next user) and reported as an error.
+/// The length of the frame whose prefix is `len`. A frame longer than the buffer, or too short to hold a
+/// header's length, is read and dropped (so that the connection stays aligned on frames for its next
+/// user) and reported as an error.
 fn body_len_or_skip(fd: BorrowedFd<'_>, len: [u8; 4], buf: &mut [u8]) -> Result<usize, RecvError> {
     match wire::body_len(len, buf.len()) {
         Ok(n) => Ok(n),
+        Err(FrameError::BadLength(n)) if n < 2 => skip_short(fd, n),
         Err(FrameError::BadLength(n)) if n > buf.len() => {
             let mut left = n;
             while left > 0 {
@@ -162,6 +164,13 @@ fn body_len_or_skip(fd: BorrowedFd<'_>, len: [u8; 4], buf: &mut [u8]) -> Result<
         }
         Err(e) => Err(RecvError::Frame(e)),
     }
+}
+
+/// Reads and drops the body of a frame of `n` (0 or 1) bytes, too short for a header's length; reports it.
+fn skip_short<T>(fd: BorrowedFd<'_>, n: usize) -> Result<T, RecvError> {
+    let mut body = [0u8; 1];
+    read_exact(fd, &mut body[..n.min(1)])?;
+    Err(RecvError::Frame(FrameError::BadLength(n)))
 }
 
 /// A payload being read into a channel's receive buffer piece by piece (`Channel::payload`), while other
@@ -270,7 +279,11 @@ impl Channel {
         let mut len = [0u8; 4];
         read_exact(fd, &mut len)?;
         // Only the header must fit the buffer: the caller takes the payload in pieces.
-        let n = wire::body_len(len, u32::MAX as usize).map_err(RecvError::Frame)?;
+        let n = match wire::body_len(len, u32::MAX as usize) {
+            Ok(n) => n,
+            Err(FrameError::BadLength(n)) if n < 2 => return skip_short(fd, n),
+            Err(e) => return Err(RecvError::Frame(e)),
+        };
         read_exact(fd, &mut self.rx[..2])?;
         let header_len = u16::from_le_bytes([self.rx[0], self.rx[1]]) as usize;
         // A frame that is refused is still read to its end, so that the connection stays aligned on
@@ -576,9 +589,9 @@ mod tests {
             Arc::new(KeepAwake::new(Duration::ZERO)),
         );
         let counters = Counters::default();
-        // A header longer than any header, then one that does not decode, each with a payload; then a
-        // good reply.
-        let mut bytes = Vec::new();
+        // Frames too short for a header's length (1 byte, then none); a header longer than any header,
+        // then one that does not decode, each with a payload; then a good reply.
+        let mut bytes = vec![1, 0, 0, 0, 0xee, 0, 0, 0, 0];
         for (header_len, header, payload) in [
             (MAX_HEADER as u16 + 1, vec![7u8; 10], vec![]),
             (3, vec![0xff; 3], vec![9u8; 5]),
@@ -592,7 +605,7 @@ mod tests {
         theirs.write_all(&bytes).unwrap();
         write_frame(theirs.as_fd(), &Reply::Ack, &[b"xyz"], &counters).unwrap();
         let mut ch = p.claim();
-        for _ in 0..2 {
+        for _ in 0..4 {
             assert!(matches!(
                 ch.recv_owned(&counters, Rank(0)),
                 Err(RecvError::Frame(_))
