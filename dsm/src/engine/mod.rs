@@ -419,12 +419,12 @@ impl Engine {
                     .locks
                     .entry(lock)
                     .or_insert_with(|| LockServer::new(let_go.clone()));
-                if l.held {
+                if l.held.is_some() {
                     l.waiters.push_back((idx, clock));
                 } else {
-                    l.held = true;
+                    l.held = Some(self.conns[idx].peer);
                     let grant = crate::rc::encode_notices(&l.notices.unseen(&clock), &l.horizon);
-                    self.reply(idx, &Reply::LockGranted, &[&grant]);
+                    self.grant_lock(lock, idx, grant);
                 }
             }
             Request::LockRelease { lock } => {
@@ -437,9 +437,16 @@ impl Engine {
                             return;
                         }
                     };
-                let next = self.lock_released(lock, passed, &horizon);
-                if let Some((w, grant)) = next {
-                    self.reply(w, &Reply::LockGranted, &[&grant]);
+                // Only the holder releases (once): a stray release would hand the lock to a second holder.
+                if self.locks.get(&lock).and_then(|l| l.held) != Some(peer) {
+                    self.close(
+                        idx,
+                        &format!("{peer} released lock {lock}, which it does not hold"),
+                    );
+                    return;
+                }
+                if let Some((w, grant)) = self.lock_released(lock, passed, &horizon) {
+                    self.grant_lock(lock, w, grant);
                 }
             }
             Request::Barrier { epoch, tag } => self.barrier(idx, epoch, tag, payload),
@@ -640,8 +647,130 @@ fn favour_this_thread(me: Rank, how: ServicePriority) {
 mod tests {
     use super::*;
     use crate::protocol::swmr::Data;
+    use crate::transport::{Mesh, Transport};
+    use crate::wire::Request;
+    use crate::Dsm;
     use std::io::Read;
     use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    /// A transport that hands over a mesh built by the test.
+    #[derive(Debug)]
+    struct Given(Mesh);
+
+    impl crate::transport::Transport for Given {
+        fn establish(self: Box<Self>, _: Rank, _: usize, _: usize) -> crate::Result<Mesh> {
+            Ok(self.0)
+        }
+        fn name(&self) -> &'static str {
+            "given"
+        }
+    }
+
+    /// Rank 0 of a 2-rank job that reports failures, whose rank 1 is played by the test: its connection
+    /// to rank 0's service loop.
+    fn rank0_with_fake_peer() -> (Dsm, UnixStream) {
+        let mut outgoing = Vec::new();
+        let mut incoming = Vec::new();
+        for _channel in 0..2 {
+            let (self_out, self_in) = UnixStream::pair().unwrap();
+            let (to_fake, fake_listens) = UnixStream::pair().unwrap();
+            std::mem::forget(fake_listens);
+            outgoing.push(vec![OwnedFd::from(self_out), OwnedFd::from(to_fake)]);
+            incoming.push((Rank(0), OwnedFd::from(self_in)));
+        }
+        let (fake, from_fake) = UnixStream::pair().unwrap();
+        incoming.push((Rank(1), OwnedFd::from(from_fake)));
+        let given: Box<dyn Transport> = Box::new(Given(Mesh { outgoing, incoming }));
+        let dsm = Dsm::builder()
+            .rank(Rank(0), 2)
+            .channels(2)
+            .failure_policy(FailurePolicy::Report)
+            .transport(given)
+            .build()
+            .unwrap();
+        (dsm, fake)
+    }
+
+    fn failed_within(dsm: &Dsm, limit: Duration) -> Vec<Rank> {
+        let t = Instant::now();
+        while dsm.failed_ranks().is_empty() && t.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        dsm.failed_ranks()
+    }
+
+    /// When another thread of rank 0 gets lock 0 (homed at rank 0), asking while `guard` is held for 200
+    /// ms, and when the guard went: `None` if it did not get it within 5 s (the thread is left waiting, so
+    /// that a lost lock fails the test instead of hanging it).
+    fn next_taker_gets_it(
+        dsm: &Arc<Dsm>,
+        guard: crate::LockGuard<'_>,
+    ) -> Option<(Instant, Instant)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let taker = Arc::clone(dsm);
+        std::thread::spawn(move || {
+            if let Ok(g) = taker.lock(0) {
+                let _ = tx.send(Instant::now());
+                drop(g);
+            }
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let released = Instant::now();
+        drop(guard);
+        let got = rx.recv_timeout(Duration::from_secs(5)).ok()?;
+        Some((released, got))
+    }
+
+    #[test]
+    fn a_release_by_a_rank_that_does_not_hold_the_lock_is_refused() {
+        let (dsm, fake) = rank0_with_fake_peer();
+        let dsm = Arc::new(dsm);
+        let guard = dsm.lock(0).unwrap();
+        // Rank 1 releases lock 0, which rank 0 holds: a protocol error, and rank 1 is cut off.
+        let counters = Counters::default();
+        write_frame(
+            fake.as_fd(),
+            &Request::LockRelease { lock: 0 },
+            &[],
+            &counters,
+        )
+        .unwrap();
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+        // The lock is still rank 0's: another taker gets it only once the guard goes.
+        let (released, got) = next_taker_gets_it(&dsm, guard).expect("the lock was lost");
+        assert!(
+            got >= released,
+            "a second holder got the lock while the first held it"
+        );
+    }
+
+    #[test]
+    fn a_grant_that_cannot_be_sent_passes_the_lock_on() {
+        let (dsm, fake) = rank0_with_fake_peer();
+        let dsm = Arc::new(dsm);
+        let guard = dsm.lock(0).unwrap();
+        // Rank 1 waits for lock 0, then stops reading (as a rank that dies does, before its end of the
+        // connection is seen): the grant to it fails when rank 0 releases.
+        let counters = Counters::default();
+        let clock = crate::rc::encode_clock(&VectorClock::new(2));
+        write_frame(
+            fake.as_fd(),
+            &Request::LockAcquire { lock: 0 },
+            &[&clock],
+            &counters,
+        )
+        .unwrap();
+        // The wait is queued before rank 0's own next request (the loop serves in order of arrival).
+        std::thread::sleep(Duration::from_millis(100));
+        fake.shutdown(std::net::Shutdown::Read).unwrap();
+        // Rank 0's next taker (queued behind rank 1) gets the lock after all.
+        assert!(
+            next_taker_gets_it(&dsm, guard).is_some(),
+            "the lock stayed with a rank that never got it"
+        );
+        assert_eq!(dsm.failed_ranks(), vec![Rank(1)]);
+    }
 
     #[test]
     fn a_reply_of_more_slices_than_one_sendmsg_takes_goes_out_whole() {

@@ -11,7 +11,8 @@ use std::sync::atomic::Ordering;
 
 #[derive(Debug)]
 pub(super) struct LockServer {
-    pub(super) held: bool,
+    /// The rank holding the lock (one of its threads does), if any: only it may release it.
+    pub(super) held: Option<Rank>,
     pub(super) waiters: VecDeque<(usize, VectorClock)>,
     /// Release consistency: the write notices the lock's holders passed on that not every rank has seen yet
     /// (trimmed with `Shared::lock_cut` at each release), for the next holders (each grant carries those the
@@ -26,7 +27,7 @@ impl LockServer {
     /// A lock server whose horizon starts at `horizon` (what the servers let go of may have known).
     pub(super) fn new(horizon: VectorClock) -> LockServer {
         LockServer {
-            held: false,
+            held: None,
             waiters: VecDeque::new(),
             notices: NoticeSet::default(),
             horizon,
@@ -81,7 +82,7 @@ impl Engine {
         }
         let l = self.locks.get_mut(&lock)?;
         let next = l.waiters.pop_front();
-        l.held = next.is_some();
+        l.held = next.as_ref().map(|(w, _)| self.conns[*w].peer);
         let next = next.map(|(w, clock)| {
             let grant = crate::rc::encode_notices(&l.notices.unseen(&clock), &l.horizon);
             (w, grant)
@@ -90,6 +91,23 @@ impl Engine {
             self.let_idle_locks_go(cut.as_ref());
         }
         next
+    }
+
+    /// Grants `lock` to the waiter on connection `w`, sending it `grant`. A grant that cannot be sent (its
+    /// rank is gone, and declared failed, which drops its other waits) passes the lock on to the next
+    /// waiter: that rank never held it, so nothing it protects was left half done.
+    pub(super) fn grant_lock(&mut self, lock: u64, mut w: usize, mut grant: Vec<u8>) {
+        loop {
+            self.reply(w, &Reply::LockGranted, &[&grant]);
+            if self.conns[w].open {
+                return;
+            }
+            let nothing = VectorClock::new(self.shared.size);
+            match self.lock_released(lock, Vec::new(), &nothing) {
+                Some(next) => (w, grant) = next,
+                None => return,
+            }
+        }
     }
 
     /// Lets every lock server go that nobody holds or waits for. What a later holder of such a lock could
@@ -102,7 +120,7 @@ impl Engine {
         let let_go = &mut self.let_go_horizon;
         let before = self.locks.len();
         self.locks.retain(|_, l| {
-            if l.held || !l.waiters.is_empty() {
+            if l.held.is_some() || !l.waiters.is_empty() {
                 return true;
             }
             let notices = std::mem::take(&mut l.notices);
