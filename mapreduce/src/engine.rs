@@ -12,6 +12,7 @@ use crate::worker::Worker;
 use crate::{Counters, Job, MapReduceError};
 use dsm::Rank;
 use dsm_runtime::{template, tuple, RuntimeError, TaskFarm, TupleSpace};
+use nix::fcntl::{Flock, FlockArg};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +25,9 @@ pub struct MapReduce {
     space: TupleSpace,
     root: PathBuf,
     jobs: AtomicU64,
+    /// The lock on the spill directory's [`ALIVE`] file, held for the engine's life: what tells other
+    /// engines that the directory is in use.
+    _alive: Flock<std::fs::File>,
 }
 
 /// What a job did, as the master saw it.
@@ -114,13 +118,13 @@ impl MapReduce {
         // ranks as threads, one after another or side by side): each removes only its own directory.
         static ENGINES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let seq = ENGINES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let root = dir.as_ref().join(format!(
+        let name = format!(
             "dsm-mapreduce-{host}-{}-{}-{seq}",
             std::process::id(),
             dsm.rank().0
-        ));
-        std::fs::create_dir_all(&root)
-            .map_err(|e| MapReduceError::io(format!("creating {}", root.display()), e))?;
+        );
+        let root = dir.as_ref().join(&name);
+        let alive = make_spill_dir(dir.as_ref(), &name)?;
         // Each task slot's merge holds up to `merge_fan_in` run files open, and map tasks write theirs:
         // Joining the job (`DsmBuilder::build`) let the process have as many files as the system allows.
         let service = shuffle::start(root.clone())
@@ -132,6 +136,7 @@ impl MapReduce {
             space: space.clone(),
             root,
             jobs: AtomicU64::new(0),
+            _alive: alive,
         })
     }
 
@@ -541,10 +546,32 @@ fn spill_host() -> String {
         .collect()
 }
 
+/// The file in a spill directory that its engine holds an exclusive `flock` on while it lives. Another
+/// engine removes a spill directory only if it can take that lock: a process id says nothing about a
+/// process in another PID namespace (containers sharing a spill directory and a host name), where the
+/// same number may be running, or not, whatever runs here.
+const ALIVE: &str = "alive.lock";
+
+/// Makes the spill directory `name` under `dir`, with its [`ALIVE`] file locked: made under a hidden name
+/// and renamed into place, so that no other engine ever sees it without its lock held.
+fn make_spill_dir(dir: &Path, name: &str) -> Result<Flock<std::fs::File>, MapReduceError> {
+    let hidden = dir.join(format!(".{name}"));
+    let root = dir.join(name);
+    let io = |what: &Path, e| MapReduceError::io(format!("creating {}", what.display()), e);
+    let _ = std::fs::remove_dir_all(&hidden);
+    std::fs::create_dir_all(&hidden).map_err(|e| io(&hidden, e))?;
+    let file = std::fs::File::create(hidden.join(ALIVE)).map_err(|e| io(&hidden, e))?;
+    let alive = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| io(&hidden, std::io::Error::from(e)))?;
+    std::fs::rename(&hidden, &root).map_err(|e| io(&root, e))?;
+    Ok(alive)
+}
+
 /// Removes the spill directories under `dir` that engines of processes of this host left behind when they
-/// died (killed before they could remove them): `dsm-mapreduce-HOST-PID-RANK-SEQ` (or, from older
-/// versions, without `-SEQ`) whose PID is not running.
-/// Directories of other hosts (a spill directory shared across machines) are left alone.
+/// died (killed before they could remove them): `dsm-mapreduce-HOST-PID-RANK-SEQ` whose [`ALIVE`] file
+/// nobody holds a lock on (or, from older versions, without that file and without `-SEQ`, whose PID is
+/// not running here). Directories of other hosts (a spill directory shared across machines) are left
+/// alone.
 fn remove_stale_spill_dirs(dir: &Path, host: &str) {
     // Without /proc nothing says which processes run: leave everything.
     if !Path::new("/proc/self").exists() {
@@ -566,7 +593,15 @@ fn remove_stale_spill_dirs(dir: &Path, host: &str) {
         let (Ok(pid), Ok(_)) = (pid.parse::<u32>(), rank.parse::<u32>()) else {
             continue;
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        // A lock taken means nobody holds it; it is held until the directory is gone.
+        let (stale, _taken) = match std::fs::File::open(entry.path().join(ALIVE)) {
+            Ok(file) => match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(taken) => (true, Some(taken)),
+                Err(_) => (false, None),
+            },
+            Err(_) => (!Path::new(&format!("/proc/{pid}")).exists(), None),
+        };
+        if stale {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

@@ -591,14 +591,37 @@ fn spill_directories_left_by_dead_processes_are_removed() {
     let stale = dir.join(format!("dsm-mapreduce-{host}-{dead}-0"));
     let other_host = dir.join(format!("dsm-mapreduce-elsewhere-{dead}-0"));
     let alive = dir.join(format!("dsm-mapreduce-{host}-{}-7", std::process::id()));
-    for d in [&stale, &other_host, &alive] {
+    // With the lock file engines hold for their life: one whose number names no process here, but
+    // whose lock is held (an engine in another PID namespace), and one whose number names a process
+    // here but whose lock nobody holds (the engine died and its number was used again).
+    let locked_elsewhere = dir.join(format!("dsm-mapreduce-{host}-{dead}-1-0"));
+    let number_reused = dir.join(format!("dsm-mapreduce-{host}-{}-9-0", std::process::id()));
+    for d in [
+        &stale,
+        &other_host,
+        &alive,
+        &locked_elsewhere,
+        &number_reused,
+    ] {
         std::fs::create_dir_all(d.join("job-0")).unwrap();
         std::fs::write(d.join("job-0").join("t0-p0-r0"), b"old run").unwrap();
     }
+    std::fs::File::create(number_reused.join("alive.lock")).unwrap();
+    let held = std::fs::File::create(locked_elsewhere.join("alive.lock")).unwrap();
+    let held = nix::fcntl::Flock::lock(held, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
     let engine = MapReduce::with_spill_dir(&space, &dir).unwrap();
     assert!(!stale.exists(), "a dead process's directory is removed");
     assert!(other_host.exists(), "another host's directory stays");
     assert!(alive.exists(), "a running process's directory stays");
+    assert!(
+        locked_elsewhere.exists(),
+        "a directory whose lock is held stays"
+    );
+    assert!(
+        !number_reused.exists(),
+        "a directory whose lock nobody holds is removed"
+    );
+    drop(held);
     let prefix = format!("dsm-mapreduce-{host}-{}-0-", std::process::id());
     let ours = std::fs::read_dir(&dir)
         .unwrap()
@@ -607,6 +630,9 @@ fn spill_directories_left_by_dead_processes_are_removed() {
         .map(|e| e.path())
         .expect("the engine's own directory is named HOST-PID-RANK-SEQ");
     assert!(ours.is_dir());
+    // Its lock is held: another engine would leave it alone.
+    let lock = std::fs::File::open(ours.join("alive.lock")).unwrap();
+    assert!(nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err());
     drop(engine);
     assert!(!ours.exists(), "and removed with the engine");
     drop(space);
