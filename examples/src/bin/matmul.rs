@@ -9,11 +9,14 @@
 //! Each rank reads B where it is, in the shared region: a helper thread reads it in order, one word a
 //! page (the rows homed here are here already; read-ahead brings the others in long runs, once per rank),
 //! while the rank computes its first block, whose tiles of B are taken row band by row band as they
-//! arrive. Blocks are
-//! computed with a cache-blocked kernel: a tile of B's rows is reused across a block of C's rows while it
-//! is in cache, and the innermost loop runs along contiguous rows (it vectorizes). Every element of C gets
-//! its terms in the same order (by k) on every path, and the check uses the same kernel on the whole
-//! matrix, so the product is bit-identical whatever the number of ranks.
+//! arrive. Blocks are computed with a cache-blocked kernel: a tile of B's rows is reused across a block of
+//! C's rows while it is in cache. On a CPU with AVX2 and FMA (checked at run time) blocks of 4 x 8
+//! elements of C stay in registers across the tile (about 23 GFLOP/s on one core of this project's
+//! machine, against 7 for the loop along contiguous rows that other CPUs run). Every element of C gets its
+//! terms in the same order (by k) on every path, and the check uses the same kernel on the whole matrix,
+//! so the product is bit-identical whatever the number of ranks, as long as every rank's CPU takes the
+//! same path (an FMA rounds once where a multiply and an add round twice: a job whose ranks run on CPUs
+//! with and without FMA gets products that differ in the last bits, and fails its check).
 //!
 //! Prints the time of the product (from the tasks being put to the last result) and GFLOP/s.
 //!
@@ -69,7 +72,8 @@ fn multiply_rows(a: &[f64], b: &[f64], c: &mut [f64], n: usize) {
 }
 
 /// C's rows (`rows` of them) += A's columns `k` x B's rows `k`, on columns `j`: a tile of B reused across
-/// C's rows while it is in cache.
+/// C's rows while it is in cache. With AVX2 and FMA (checked once, at run time), blocks of 4 x 8 elements
+/// of C stay in registers over the tile's `k`.
 fn tile(
     a: &[f64],
     b: &[f64],
@@ -79,6 +83,17 @@ fn tile(
     (j0, j1): (usize, usize),
     (k0, k1): (usize, usize),
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        assert!(
+            a.len() >= rows * n && c.len() >= rows * n && b.len() >= k1 * n && j1 <= n && k1 <= n,
+            "a tile past the matrices"
+        );
+        // SAFETY: the CPU has AVX2 and FMA (checked above), and every index `tile_fma` forms lies within
+        // the slices (their lengths are checked above).
+        unsafe { tile_fma(a, b, c, n, rows, (j0, j1), (k0, k1)) };
+        return;
+    }
     for i in 0..rows {
         let c_row = &mut c[i * n + j0..i * n + j1];
         for k in k0..k1 {
@@ -86,6 +101,79 @@ fn tile(
             let b_row = &b[k * n + j0..k * n + j1];
             for (cj, bj) in c_row.iter_mut().zip(b_row) {
                 *cj += aik * bj;
+            }
+        }
+    }
+}
+
+/// `tile` with AVX2 and FMA: C's rows four at a time and its columns eight at a time, each 4 x 8 block of
+/// C held in registers while the tile's `k` runs (two loads of B and four broadcasts of A per eight fused
+/// multiply-adds), and the rows and columns left over one element at a time. Every element gets its terms
+/// by `k` in the same order, each with one fused multiply-add, on either path: which path an element takes
+/// (it depends on where a block of rows starts) does not change it.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `a` and `c` must hold `rows * n` elements, `b` at least `k1 * n`, and
+/// `j1` and `k1` be at most `n`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_fma(
+    a: &[f64],
+    b: &[f64],
+    c: &mut [f64],
+    n: usize,
+    rows: usize,
+    (j0, j1): (usize, usize),
+    (k0, k1): (usize, usize),
+) {
+    use std::arch::x86_64::*;
+    let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    // SAFETY: every index is `r * n + x` with row r < rows and x < n (a column j < j1 <= n of `c`, or
+    // k < k1 <= n of `a`), within their `rows * n` elements, or `k * n + j` with k < k1 and j < j1 <= n,
+    // within `b`'s `k1 * n` (the caller's contract); loads and stores are unaligned ones.
+    unsafe {
+        let mut i = 0;
+        while i + 4 <= rows {
+            let mut j = j0;
+            while j + 8 <= j1 {
+                let mut acc = [[_mm256_setzero_pd(); 2]; 4];
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    acc[0] = _mm256_loadu_pd(cp.add((i + r) * n + j));
+                    acc[1] = _mm256_loadu_pd(cp.add((i + r) * n + j + 4));
+                }
+                for k in k0..k1 {
+                    let b0 = _mm256_loadu_pd(bp.add(k * n + j));
+                    let b1 = _mm256_loadu_pd(bp.add(k * n + j + 4));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let av = _mm256_set1_pd(*ap.add((i + r) * n + k));
+                        acc[0] = _mm256_fmadd_pd(av, b0, acc[0]);
+                        acc[1] = _mm256_fmadd_pd(av, b1, acc[1]);
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_pd(cp.add((i + r) * n + j), acc[0]);
+                    _mm256_storeu_pd(cp.add((i + r) * n + j + 4), acc[1]);
+                }
+                j += 8;
+            }
+            for r in i..i + 4 {
+                for jj in j..j1 {
+                    let mut x = *cp.add(r * n + jj);
+                    for k in k0..k1 {
+                        x = (*ap.add(r * n + k)).mul_add(*bp.add(k * n + jj), x);
+                    }
+                    *cp.add(r * n + jj) = x;
+                }
+            }
+            i += 4;
+        }
+        for r in i..rows {
+            for jj in j0..j1 {
+                let mut x = *cp.add(r * n + jj);
+                for k in k0..k1 {
+                    x = (*ap.add(r * n + k)).mul_add(*bp.add(k * n + jj), x);
+                }
+                *cp.add(r * n + jj) = x;
             }
         }
     }
@@ -335,4 +423,62 @@ fn main() -> anyhow::Result<()> {
     drop((a, b, c, farm, space));
     rt.finish()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_split_into_row_blocks_gives_the_same_bits_as_the_whole_product() {
+        // Sizes that leave rows and columns over (not multiples of 4 and 8) and more than one tile of
+        // each kind.
+        for n in [37, 300] {
+            let a: Vec<f64> = (0..n * n).map(|x| a_at(x / n, x % n) * 0.37).collect();
+            let b: Vec<f64> = (0..n * n).map(|x| b_at(x / n, x % n) / 3.0).collect();
+            let mut whole = vec![0.0; n * n];
+            multiply_rows(&a, &b, &mut whole, n);
+            // Each element as the kernel defines it: its terms by k, each added by one rounding step
+            // (fused where the CPU has FMA).
+            #[cfg(target_arch = "x86_64")]
+            let fused = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma");
+            #[cfg(not(target_arch = "x86_64"))]
+            let fused = false;
+            for (i, j) in [(0, 0), (n - 1, n - 1), (n / 2, 5), (3, n - 2)] {
+                let mut x = 0.0f64;
+                for k in 0..n {
+                    let (p, q) = (a[i * n + k], b[k * n + j]);
+                    x = if fused { p.mul_add(q, x) } else { x + p * q };
+                }
+                assert_eq!(
+                    x.to_bits(),
+                    whole[i * n + j].to_bits(),
+                    "n {n}, element {i},{j}"
+                );
+            }
+            for block in [1, 3, 5, 7, 32] {
+                let mut pieces = vec![0.0; n * n];
+                let mut lo = 0;
+                while lo < n {
+                    let hi = (lo + block).min(n);
+                    multiply_rows(&a[lo * n..hi * n], &b, &mut pieces[lo * n..hi * n], n);
+                    lo = hi;
+                }
+                assert!(
+                    pieces
+                        .iter()
+                        .zip(&whole)
+                        .all(|(p, w)| p.to_bits() == w.to_bits()),
+                    "n {n}, blocks of {block} rows"
+                );
+                let mut arriving = vec![0.0; block.min(n) * n];
+                multiply_rows_as_b_arrives(&a[..block.min(n) * n], &b, &mut arriving, n, |_| {});
+                assert!(arriving
+                    .iter()
+                    .zip(&whole)
+                    .all(|(p, w)| p.to_bits() == w.to_bits()));
+            }
+        }
+    }
 }
