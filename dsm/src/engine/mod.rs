@@ -261,10 +261,12 @@ impl Engine {
         if conn.goodbye || self.shared.stop.load(Ordering::Acquire) || peer == self.shared.me {
             return;
         }
-        // The connection is ended both ways, not just left unread: a peer that lives on (one whose
-        // connection broke, or that sent a frame this rank could not take) then gets an error for the
-        // requests it sent on it, instead of waiting for ever for replies that will not come.
-        let _ = nix::sys::socket::shutdown(conn.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        // The connection is shut for writing, not just left unread: a peer that lives on (one whose
+        // connection broke, or that sent a frame this rank could not take) then reads its end, and gets
+        // an error for the requests it sent, instead of waiting for ever for replies that will not come.
+        // Only for writing: what it sends still goes in (unread), since a send that fails means that the
+        // receiving rank has left the job (`fault.rs` then counts its copies as gone with it).
+        let _ = nix::sys::socket::shutdown(conn.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
         self.peer_failed(peer, reason);
     }
 
