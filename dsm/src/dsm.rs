@@ -563,11 +563,20 @@ impl Dsm {
         let (reply, payload) = ch
             .recv_owned(&s.counters, home)
             .map_err(|e| s.peer_error(home, e))?;
-        if !matches!(reply, Reply::LockGranted) {
-            return Err(DsmError::Protocol {
-                rank: home,
-                what: format!("unexpected reply to a lock request: {reply:?}"),
-            });
+        match reply {
+            Reply::LockGranted => {}
+            Reply::LockFailed { rank } => return Err(DsmError::PeerFailed {
+                rank: Rank(rank),
+                reason: format!(
+                    "it held lock {id} when it failed (what the lock protects may be half written)"
+                ),
+            }),
+            other => {
+                return Err(DsmError::Protocol {
+                    rank: home,
+                    what: format!("unexpected reply to a lock request: {other:?}"),
+                })
+            }
         }
         let grant = crate::rc::decode_notices(&payload, home, s.size);
         drop(ch);

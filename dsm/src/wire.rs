@@ -96,6 +96,9 @@ pub(crate) enum Reply {
     Ack,
     /// The lock is yours; the payload holds write notices.
     LockGranted,
+    /// `rank` held the lock when it failed: the lock stays held (what it protects may be half written),
+    /// and nobody waits for it.
+    LockFailed { rank: u32 },
     /// Everyone arrived; the payload holds every rank's write notices.
     BarrierDone,
     /// `rank` arrived with a different tag than rank 0.

@@ -308,10 +308,18 @@ impl Engine {
             std::process::exit(crate::EXIT_PEER_FAILED);
         }
         // Lock requests the failed rank left waiting are dropped: a grant to it would keep the lock for
-        // ever. (A lock it holds stays held.)
+        // ever. A lock it holds stays held (what it protects may be half written), and those waiting for
+        // it, and any that ask later, are told so instead of waiting for ever.
         let conns = &self.conns;
+        let mut told: Vec<usize> = Vec::new();
         for l in self.locks.values_mut() {
             l.waiters.retain(|(w, _)| conns[*w].peer != peer);
+            if l.held == Some(peer) {
+                told.extend(l.waiters.drain(..).map(|(w, _)| w));
+            }
+        }
+        for w in told {
+            self.reply(w, &Reply::LockFailed { rank: peer.0 }, &[]);
         }
         // Transactions the failed rank held here end now, or their pages would stay locked for ever. One
         // that was writing may have taken the only copy (it invalidated the others before it died): the
@@ -421,10 +429,14 @@ impl Engine {
                     .locks
                     .entry(lock)
                     .or_insert_with(|| LockServer::new(let_go.clone()));
-                if l.held.is_some() {
+                if let Some(holder) = l
+                    .held
+                    .filter(|h| self.shared.failed[h.index()].load(Ordering::Acquire))
+                {
+                    self.reply(idx, &Reply::LockFailed { rank: holder.0 }, &[]);
+                } else if l.held.is_some() {
                     l.waiters.push_back((idx, clock));
                 } else {
-                    l.held = Some(self.conns[idx].peer);
                     let grant = crate::rc::encode_notices(&l.notices.unseen(&clock), &l.horizon);
                     self.grant_lock(lock, idx, grant);
                 }
@@ -745,6 +757,42 @@ mod tests {
             got >= released,
             "a second holder got the lock while the first held it"
         );
+    }
+
+    #[test]
+    fn those_waiting_for_a_lock_whose_holder_failed_are_told_and_later_takers_too() {
+        let (dsm, fake) = rank0_with_fake_peer();
+        let dsm = Arc::new(dsm);
+        let counters = Counters::default();
+        // Rank 1 takes lock 0 (homed at rank 0), then a thread of rank 0 waits for it.
+        let clock = crate::rc::encode_clock(&VectorClock::new(2));
+        write_frame(
+            fake.as_fd(),
+            &Request::LockAcquire { lock: 0 },
+            &[&clock],
+            &counters,
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = Arc::clone(&dsm);
+        std::thread::spawn(move || {
+            let _ = tx.send(waiter.lock(0).map(drop));
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        // Rank 1 fails holding it (a frame rank 0 cannot take).
+        write_frame(fake.as_fd(), &Reply::Ack, &[], &counters).unwrap();
+        let told = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the waiter was left waiting");
+        match told {
+            Err(crate::DsmError::PeerFailed { rank, .. }) => assert_eq!(rank, Rank(1)),
+            other => panic!("{other:?}"),
+        }
+        match dsm.lock(0).map(drop) {
+            Err(crate::DsmError::PeerFailed { rank, .. }) => assert_eq!(rank, Rank(1)),
+            other => panic!("a later taker: {other:?}"),
+        }
     }
 
     #[test]

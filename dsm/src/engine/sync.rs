@@ -82,7 +82,8 @@ impl Engine {
         }
         let l = self.locks.get_mut(&lock)?;
         let next = l.waiters.pop_front();
-        l.held = next.as_ref().map(|(w, _)| self.conns[*w].peer);
+        // Held again once the grant has gone out (`grant_lock`).
+        l.held = None;
         let next = next.map(|(w, clock)| {
             let grant = crate::rc::encode_notices(&l.notices.unseen(&clock), &l.horizon);
             (w, grant)
@@ -93,13 +94,18 @@ impl Engine {
         next
     }
 
-    /// Grants `lock` to the waiter on connection `w`, sending it `grant`. A grant that cannot be sent (its
-    /// rank is gone, and declared failed, which drops its other waits) passes the lock on to the next
-    /// waiter: that rank never held it, so nothing it protects was left half done.
+    /// Grants `lock` (free) to the waiter on connection `w`, sending it `grant`; its rank holds the lock once
+    /// the grant has gone out. A grant that cannot be sent (its rank is gone, and declared failed, which
+    /// drops its other waits) passes the lock on to the next waiter: that rank never held it, so nothing
+    /// it protects was left half done.
     pub(super) fn grant_lock(&mut self, lock: u64, mut w: usize, mut grant: Vec<u8>) {
         loop {
             self.reply(w, &Reply::LockGranted, &[&grant]);
             if self.conns[w].open {
+                let peer = self.conns[w].peer;
+                if let Some(l) = self.locks.get_mut(&lock) {
+                    l.held = Some(peer);
+                }
                 return;
             }
             let nothing = VectorClock::new(self.shared.size);

@@ -564,7 +564,7 @@ impl RcRank {
                 }
             }
         }
-        let mut drop: Vec<PageRun> = Vec::new();
+        let mut named: Vec<PageRun> = Vec::new();
         for n in notices {
             // This rank's own notices are known here already (one this rank never issued could only come
             // from a faulty peer, and learning it would move this rank's own interval counter).
@@ -574,12 +574,14 @@ impl RcRank {
             self.clock.learn(n);
             self.known.insert(n.clone());
             if !out.everything {
-                for &run in &n.runs {
-                    droppable(run, &mut drop);
-                }
+                named.extend_from_slice(&n.runs);
             }
         }
-        out.invalidate = coalesce(drop);
+        // Merged first, so that a page named by many notices is looked at once (`droppable` walks a run
+        // page by page); its parts of disjoint runs in order are disjoint and in order.
+        for run in coalesce(named) {
+            droppable(run, &mut out.invalidate);
+        }
         for run in &out.invalidate {
             let (from, to) = (
                 PageKey {

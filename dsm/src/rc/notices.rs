@@ -1,8 +1,9 @@
 //! How write notices, their horizons and vector clocks travel between ranks: notices with their runs of
 //! consecutive pages, every decoded message checked against the job's size and its runs for overflow, so
-//! that a peer's bytes can neither name ranks that do not exist nor make this rank allocate more than the
-//! message's own size (a run of any length takes the same memory; the engine clamps it to its region
-//! before it walks its pages).
+//! that a peer's bytes can neither name ranks that do not exist nor make decoding allocate more than in
+//! proportion to the message's size (a run of any length takes the same memory). An acquire then merges
+//! the runs of every notice it takes before the engine walks them, each clamped to its region, so the
+//! pages it looks at are at most the regions' pages, however many notices or runs name them.
 
 use crate::error::{DsmError, Result};
 use crate::protocol::release::{PageRun, VectorClock, WriteNotice};

@@ -449,6 +449,38 @@ fn an_acquire_drops_each_page_of_overlapping_runs_once_and_flushes_only_pages_it
 }
 
 #[test]
+fn runs_named_by_many_notices_are_walked_once() {
+    // A thousand intervals of one writer, each writing the same 2^20 pages (a lock-protected sweep, say):
+    // the acquire hands the engine one run to walk, not a thousand.
+    let mut a = RcRank::new(Rank(0), 2);
+    let notices: Vec<WriteNotice> = (1..=1000)
+        .map(|interval| WriteNotice {
+            rank: Rank(1),
+            interval,
+            runs: vec![PageRun {
+                region: 3,
+                first: 0,
+                len: 1 << 20,
+            }],
+        })
+        .collect();
+    let calls = std::cell::Cell::new(0);
+    let acq = a.acquire(&notices, &Z, |run, out| {
+        calls.set(calls.get() + 1);
+        out.push(run);
+    });
+    assert_eq!(calls.get(), 1);
+    assert_eq!(
+        acq.invalidate,
+        vec![PageRun {
+            region: 3,
+            first: 0,
+            len: 1 << 20
+        }]
+    );
+}
+
+#[test]
 fn a_page_written_here_and_elsewhere_is_flushed_before_it_is_dropped() {
     let mut a = RcRank::new(Rank(0), 2);
     let mut b = RcRank::new(Rank(1), 2);
