@@ -565,12 +565,14 @@ impl Dsm {
             .map_err(|e| s.peer_error(home, e))?;
         match reply {
             Reply::LockGranted => {}
-            Reply::LockFailed { rank } => return Err(DsmError::PeerFailed {
-                rank: Rank(rank),
-                reason: format!(
+            Reply::LockFailed { rank } => {
+                return Err(DsmError::PeerFailed {
+                    rank: Rank(rank),
+                    reason: format!(
                     "it held lock {id} when it failed (what the lock protects may be half written)"
                 ),
-            }),
+                })
+            }
             other => {
                 return Err(DsmError::Protocol {
                     rank: home,

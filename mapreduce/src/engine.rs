@@ -12,6 +12,7 @@ use crate::worker::Worker;
 use crate::{Counters, Job, MapReduceError};
 use dsm::Rank;
 use dsm_runtime::{template, tuple, RuntimeError, TaskFarm, TupleSpace};
+use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,8 +27,8 @@ pub struct MapReduce {
     root: PathBuf,
     jobs: AtomicU64,
     /// The lock on the spill directory's [`ALIVE`] file, held for the engine's life: what tells other
-    /// engines that the directory is in use.
-    _alive: Flock<std::fs::File>,
+    /// engines that the directory is in use (`None` on a file system without `flock`).
+    _alive: Option<Flock<std::fs::File>>,
 }
 
 /// What a job did, as the master saw it.
@@ -123,8 +124,7 @@ impl MapReduce {
             std::process::id(),
             dsm.rank().0
         );
-        let root = dir.as_ref().join(&name);
-        let alive = make_spill_dir(dir.as_ref(), &name)?;
+        let (root, alive) = make_spill_dir(dir.as_ref(), &name)?;
         // Each task slot's merge holds up to `merge_fan_in` run files open, and map tasks write theirs:
         // Joining the job (`DsmBuilder::build`) let the process have as many files as the system allows.
         let service = shuffle::start(root.clone())
@@ -552,26 +552,56 @@ fn spill_host() -> String {
 /// same number may be running, or not, whatever runs here.
 const ALIVE: &str = "alive.lock";
 
-/// Makes the spill directory `name` under `dir`, with its [`ALIVE`] file locked: made under a hidden name
-/// and renamed into place, so that no other engine ever sees it without its lock held.
-fn make_spill_dir(dir: &Path, name: &str) -> Result<Flock<std::fs::File>, MapReduceError> {
-    let hidden = dir.join(format!(".{name}"));
-    let root = dir.join(name);
+/// Makes a spill directory `NAME-NONCE` under `dir` (the nonce random, so that engines whose process ids,
+/// ranks and host names match, in other PID namespaces, never take the same name), with its [`ALIVE`]
+/// file locked: made under a hidden name and renamed into place, so that no other engine ever sees it
+/// without its lock held. Returns its path and the lock (none on a file system without `flock`, where
+/// others judge it by its process id, as they did before there was a lock).
+fn make_spill_dir(
+    dir: &Path,
+    name: &str,
+) -> Result<(PathBuf, Option<Flock<std::fs::File>>), MapReduceError> {
+    use std::hash::{BuildHasher, Hasher};
     let io = |what: &Path, e| MapReduceError::io(format!("creating {}", what.display()), e);
-    let _ = std::fs::remove_dir_all(&hidden);
-    std::fs::create_dir_all(&hidden).map_err(|e| io(&hidden, e))?;
-    let file = std::fs::File::create(hidden.join(ALIVE)).map_err(|e| io(&hidden, e))?;
-    let alive = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| io(&hidden, std::io::Error::from(e)))?;
-    std::fs::rename(&hidden, &root).map_err(|e| io(&root, e))?;
-    Ok(alive)
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let mut tries = 0;
+    let (hidden, root) = loop {
+        let nonce = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish() as u32;
+        let full = format!("{name}-{nonce:08x}");
+        let hidden = dir.join(format!(".{full}"));
+        match std::fs::create_dir(&hidden) {
+            Ok(()) => break (hidden, dir.join(full)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 16 => tries += 1,
+            Err(e) => return Err(io(&hidden, e)),
+        }
+    };
+    let made = (|| {
+        let file = std::fs::File::create(hidden.join(ALIVE))?;
+        let alive = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(alive) => Some(alive),
+            Err((_, Errno::ENOLCK | Errno::EOPNOTSUPP)) => None,
+            Err((_, e)) => return Err(std::io::Error::from(e)),
+        };
+        std::fs::rename(&hidden, &root)?;
+        Ok(alive)
+    })();
+    match made {
+        Ok(alive) => Ok((root, alive)),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&hidden);
+            Err(io(&root, e))
+        }
+    }
 }
 
 /// Removes the spill directories under `dir` that engines of processes of this host left behind when they
-/// died (killed before they could remove them): `dsm-mapreduce-HOST-PID-RANK-SEQ` whose [`ALIVE`] file
-/// nobody holds a lock on (or, from older versions, without that file and without `-SEQ`, whose PID is
-/// not running here). Directories of other hosts (a spill directory shared across machines) are left
-/// alone.
+/// died (killed before they could remove them): `dsm-mapreduce-HOST-PID-RANK-SEQ-NONCE` whose [`ALIVE`]
+/// file nobody holds a lock on, and the same hidden (`.dsm-...`, made by an engine that died before it
+/// renamed it into place) with such a file; from older versions, or on a file system without `flock`,
+/// those whose PID is not running here (older names have no nonce, and the oldest no sequence number).
+/// Directories of other hosts (a spill directory shared across machines) are left alone.
 fn remove_stale_spill_dirs(dir: &Path, host: &str) {
     // Without /proc nothing says which processes run: leave everything.
     if !Path::new("/proc/self").exists() {
@@ -583,23 +613,30 @@ fn remove_stale_spill_dirs(dir: &Path, host: &str) {
     let prefix = format!("dsm-mapreduce-{host}-");
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(&prefix) else {
+        let (hidden, shown) = match name.strip_prefix('.') {
+            Some(shown) => (true, shown),
+            None => (false, name.as_str()),
+        };
+        let Some(rest) = shown.strip_prefix(&prefix) else {
             continue;
         };
         let parts: Vec<&str> = rest.split('-').collect();
-        let (&[pid, rank] | &[pid, rank, _]) = &parts[..] else {
+        let (&[pid, rank] | &[pid, rank, _] | &[pid, rank, _, _]) = &parts[..] else {
             continue;
         };
         let (Ok(pid), Ok(_)) = (pid.parse::<u32>(), rank.parse::<u32>()) else {
             continue;
         };
         // A lock taken means nobody holds it; it is held until the directory is gone.
+        // A hidden one without its file is being made (or its engine died in that moment): left alone.
+        let by_pid = || !hidden && !Path::new(&format!("/proc/{pid}")).exists();
         let (stale, _taken) = match std::fs::File::open(entry.path().join(ALIVE)) {
             Ok(file) => match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(taken) => (true, Some(taken)),
-                Err(_) => (false, None),
+                Err((_, Errno::EWOULDBLOCK)) => (false, None),
+                Err(_) => (by_pid(), None),
             },
-            Err(_) => (!Path::new(&format!("/proc/{pid}")).exists(), None),
+            Err(_) => (by_pid(), None),
         };
         if stale {
             let _ = std::fs::remove_dir_all(entry.path());

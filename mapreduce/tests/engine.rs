@@ -526,8 +526,11 @@ fn a_panic_in_the_job_fails_it_with_where_it_happened() {
             text.contains("partition() gave") && text.contains("far"),
             "{text}"
         );
-        // A failed job leaves no output: the directory it made goes with its part files.
-        for failed in ["m", "r", "p"] {
+        // A failed job does not mark its output complete; one that failed in its map phase leaves no
+        // output at all: the directory it made goes with it. (One that failed in a reduce may still get
+        // a part file renamed in by another rank's reduce finishing after the failure: best effort.)
+        assert!(!dir.join("r").join(dsm_mapreduce::SUCCESS).exists());
+        for failed in ["m", "p"] {
             assert!(!dir.join(failed).exists(), "{failed} left behind");
         }
         // One that was there before (overwritten) stays, without the failed job's part files.
@@ -606,6 +609,13 @@ fn spill_directories_left_by_dead_processes_are_removed() {
         std::fs::create_dir_all(d.join("job-0")).unwrap();
         std::fs::write(d.join("job-0").join("t0-p0-r0"), b"old run").unwrap();
     }
+    // Hidden ones: one whose engine died before renaming it into place (its lock file there, nobody
+    // holding it), and one being made (no lock file yet).
+    let died_hidden = dir.join(format!(".dsm-mapreduce-{host}-{dead}-2-0-0000abcd"));
+    let being_made = dir.join(format!(".dsm-mapreduce-{host}-{dead}-3-0-0000abce"));
+    std::fs::create_dir_all(&died_hidden).unwrap();
+    std::fs::create_dir_all(&being_made).unwrap();
+    std::fs::File::create(died_hidden.join("alive.lock")).unwrap();
     std::fs::File::create(number_reused.join("alive.lock")).unwrap();
     let held = std::fs::File::create(locked_elsewhere.join("alive.lock")).unwrap();
     let held = nix::fcntl::Flock::lock(held, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
@@ -621,6 +631,12 @@ fn spill_directories_left_by_dead_processes_are_removed() {
         !number_reused.exists(),
         "a directory whose lock nobody holds is removed"
     );
+    assert!(!died_hidden.exists(), "so is a hidden one");
+    assert!(
+        being_made.exists(),
+        "a hidden one without its lock file stays"
+    );
+    let _ = std::fs::remove_dir_all(&being_made);
     drop(held);
     let prefix = format!("dsm-mapreduce-{host}-{}-0-", std::process::id());
     let ours = std::fs::read_dir(&dir)
@@ -628,7 +644,7 @@ fn spill_directories_left_by_dead_processes_are_removed() {
         .flatten()
         .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
         .map(|e| e.path())
-        .expect("the engine's own directory is named HOST-PID-RANK-SEQ");
+        .expect("the engine's own directory is named HOST-PID-RANK-SEQ-NONCE");
     assert!(ours.is_dir());
     // Its lock is held: another engine would leave it alone.
     let lock = std::fs::File::open(ours.join("alive.lock")).unwrap();
