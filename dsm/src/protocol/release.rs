@@ -45,9 +45,10 @@ pub struct PageRun {
 }
 
 impl PageRun {
-    /// The page after the last.
+    /// The page after the last (saturating: decoding refuses runs that overflow, but a run can be built
+    /// by hand).
     pub fn end(&self) -> u64 {
-        self.first + self.len
+        self.first.saturating_add(self.len)
     }
 
     /// Its pages, in order.
