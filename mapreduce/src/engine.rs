@@ -578,12 +578,16 @@ fn make_spill_dir(
         }
     };
     let made = (|| {
-        let file = std::fs::File::create(hidden.join(ALIVE))?;
+        // Locked under another name first, then renamed to its own (the lock goes with the file): an
+        // engine cleaning up never finds the file unlocked while this one is being made.
+        let new = hidden.join(format!("{ALIVE}.new"));
+        let file = std::fs::File::create(&new)?;
         let alive = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(alive) => Some(alive),
             Err((_, Errno::ENOLCK | Errno::EOPNOTSUPP)) => None,
             Err((_, e)) => return Err(std::io::Error::from(e)),
         };
+        std::fs::rename(&new, hidden.join(ALIVE))?;
         std::fs::rename(&hidden, &root)?;
         Ok(alive)
     })();

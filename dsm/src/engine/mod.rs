@@ -796,6 +796,62 @@ mod tests {
     }
 
     #[test]
+    fn a_lock_being_granted_is_not_let_go_with_the_idle_ones() {
+        let (dsm, fake) = rank0_with_fake_peer();
+        let dsm = Arc::new(dsm);
+        let counters = Counters::default();
+        // Idle lock servers (even ids are homed at rank 0), as many as the home keeps less one: a
+        // release lets the idle ones go once there are more (servers are let go only at releases).
+        for k in 0..(2 * sync::KEPT_LOCKS as u64 - 1) {
+            drop(dsm.lock(1000 + 2 * k).unwrap());
+        }
+        // Rank 0 holds lock 0 and rank 1 waits for it; with one more lock held, rank 0's release of lock
+        // 0 hands it to rank 1 while the home lets its idle servers go.
+        let guard = dsm.lock(0).unwrap();
+        let clock = crate::rc::encode_clock(&VectorClock::new(2));
+        write_frame(
+            fake.as_fd(),
+            &Request::LockAcquire { lock: 0 },
+            &[&clock],
+            &counters,
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let other = dsm.lock(998).unwrap();
+        drop(guard);
+        // Rank 1 holds it now: rank 0 gets it again only after rank 1's release.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let taker = Arc::clone(&dsm);
+        std::thread::spawn(move || {
+            if let Ok(g) = taker.lock(0) {
+                let _ = tx.send(Instant::now());
+                drop(g);
+            }
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "rank 0 got the lock while rank 1 held it"
+        );
+        let released = Instant::now();
+        write_frame(
+            fake.as_fd(),
+            &Request::LockRelease { lock: 0 },
+            &[],
+            &counters,
+        )
+        .unwrap();
+        let got = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("rank 1's release did not hand the lock on");
+        assert!(got >= released);
+        assert!(dsm.failed_ranks().is_empty());
+        drop(other);
+        // Rank 1 leaves, so that rank 0's end of the job does not wait for it.
+        drop(fake);
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+    }
+
+    #[test]
     fn a_grant_that_cannot_be_sent_passes_the_lock_on() {
         let (dsm, fake) = rank0_with_fake_peer();
         let dsm = Arc::new(dsm);

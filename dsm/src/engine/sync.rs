@@ -38,7 +38,7 @@ impl LockServer {
 /// Past twice this many lock servers, a rank lets every idle one go (`Engine::let_idle_locks_go`): a
 /// program that takes many distinct locks (one per bucket of a table, say) would otherwise keep a server
 /// for every lock it ever took.
-const KEPT_LOCKS: usize = 1024;
+pub(super) const KEPT_LOCKS: usize = 1024;
 
 impl Engine {
     /// A holder released `lock`, passing on `passed` and its horizon: the lock's union takes them in (less
@@ -89,7 +89,9 @@ impl Engine {
             (w, grant)
         });
         if self.locks.len() > 2 * KEPT_LOCKS {
-            self.let_idle_locks_go(cut.as_ref());
+            // A lock whose grant is about to go out is not idle, though nobody holds it yet.
+            let granting = next.as_ref().map(|_| lock);
+            self.let_idle_locks_go(cut.as_ref(), granting);
         }
         next
     }
@@ -122,11 +124,11 @@ impl Engine {
     /// drops its cached pages of release-consistency regions, as for notices forgotten on the way. Under
     /// sequential consistency there is nothing to fold. Called when more than twice [`KEPT_LOCKS`] servers
     /// are kept, so the look at them all is paid for by the locks taken since the last one.
-    fn let_idle_locks_go(&mut self, cut: Option<&VectorClock>) {
+    fn let_idle_locks_go(&mut self, cut: Option<&VectorClock>, granting: Option<u64>) {
         let let_go = &mut self.let_go_horizon;
         let before = self.locks.len();
-        self.locks.retain(|_, l| {
-            if l.held.is_some() || !l.waiters.is_empty() {
+        self.locks.retain(|id, l| {
+            if l.held.is_some() || !l.waiters.is_empty() || granting == Some(*id) {
                 return true;
             }
             let notices = std::mem::take(&mut l.notices);
