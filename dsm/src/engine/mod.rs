@@ -714,25 +714,39 @@ mod tests {
         dsm.failed_ranks()
     }
 
+    /// The fake rank 1 sends `req` (a lock request carries a clock of its own).
+    fn fake_sends(fake: &UnixStream, req: Request) {
+        let clock = crate::rc::encode_clock(&VectorClock::new(2));
+        let payload: &[&[u8]] = match req {
+            Request::LockAcquire { .. } => &[&clock],
+            _ => &[],
+        };
+        write_frame(fake.as_fd(), &req, payload, &Counters::default()).unwrap();
+    }
+
+    /// A thread of rank 0 that takes lock 0 and says what came of it (the time it got the lock, or the
+    /// error). The thread is left to itself, so that a lock lost for good fails a test instead of hanging
+    /// it.
+    fn taker(dsm: &Arc<Dsm>) -> std::sync::mpsc::Receiver<crate::Result<Instant>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dsm = Arc::clone(dsm);
+        std::thread::spawn(move || {
+            let _ = tx.send(dsm.lock(0).map(|_g| Instant::now()));
+        });
+        rx
+    }
+
     /// When another thread of rank 0 gets lock 0 (homed at rank 0), asking while `guard` is held for 200
-    /// ms, and when the guard went: `None` if it did not get it within 5 s (the thread is left waiting, so
-    /// that a lost lock fails the test instead of hanging it).
+    /// ms, and when the guard went: `None` if it did not get it within 5 s.
     fn next_taker_gets_it(
         dsm: &Arc<Dsm>,
         guard: crate::LockGuard<'_>,
     ) -> Option<(Instant, Instant)> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let taker = Arc::clone(dsm);
-        std::thread::spawn(move || {
-            if let Ok(g) = taker.lock(0) {
-                let _ = tx.send(Instant::now());
-                drop(g);
-            }
-        });
+        let rx = taker(dsm);
         std::thread::sleep(Duration::from_millis(200));
         let released = Instant::now();
         drop(guard);
-        let got = rx.recv_timeout(Duration::from_secs(5)).ok()?;
+        let got = rx.recv_timeout(Duration::from_secs(5)).ok()?.ok()?;
         Some((released, got))
     }
 
@@ -742,14 +756,7 @@ mod tests {
         let dsm = Arc::new(dsm);
         let guard = dsm.lock(0).unwrap();
         // Rank 1 releases lock 0, which rank 0 holds: a protocol error, and rank 1 is cut off.
-        let counters = Counters::default();
-        write_frame(
-            fake.as_fd(),
-            &Request::LockRelease { lock: 0 },
-            &[],
-            &counters,
-        )
-        .unwrap();
+        fake_sends(&fake, Request::LockRelease { lock: 0 });
         assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
         // The lock is still rank 0's: another taker gets it only once the guard goes.
         let (released, got) = next_taker_gets_it(&dsm, guard).expect("the lock was lost");
@@ -763,25 +770,13 @@ mod tests {
     fn those_waiting_for_a_lock_whose_holder_failed_are_told_and_later_takers_too() {
         let (dsm, fake) = rank0_with_fake_peer();
         let dsm = Arc::new(dsm);
-        let counters = Counters::default();
         // Rank 1 takes lock 0 (homed at rank 0), then a thread of rank 0 waits for it.
-        let clock = crate::rc::encode_clock(&VectorClock::new(2));
-        write_frame(
-            fake.as_fd(),
-            &Request::LockAcquire { lock: 0 },
-            &[&clock],
-            &counters,
-        )
-        .unwrap();
+        fake_sends(&fake, Request::LockAcquire { lock: 0 });
         std::thread::sleep(Duration::from_millis(100));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let waiter = Arc::clone(&dsm);
-        std::thread::spawn(move || {
-            let _ = tx.send(waiter.lock(0).map(drop));
-        });
+        let rx = taker(&dsm);
         std::thread::sleep(Duration::from_millis(100));
-        // Rank 1 fails holding it (a frame rank 0 cannot take).
-        write_frame(fake.as_fd(), &Reply::Ack, &[], &counters).unwrap();
+        // Rank 1 fails holding it (a frame rank 0 cannot take: a reply where a request belongs).
+        write_frame(fake.as_fd(), &Reply::Ack, &[], &Counters::default()).unwrap();
         let told = rx
             .recv_timeout(Duration::from_secs(5))
             .expect("the waiter was left waiting");
@@ -799,7 +794,6 @@ mod tests {
     fn a_lock_being_granted_is_not_let_go_with_the_idle_ones() {
         let (dsm, fake) = rank0_with_fake_peer();
         let dsm = Arc::new(dsm);
-        let counters = Counters::default();
         // Idle lock servers (even ids are homed at rank 0), as many as the home keeps less one: a
         // release lets the idle ones go once there are more (servers are let go only at releases).
         for k in 0..(2 * sync::KEPT_LOCKS as u64 - 1) {
@@ -808,41 +802,22 @@ mod tests {
         // Rank 0 holds lock 0 and rank 1 waits for it; with one more lock held, rank 0's release of lock
         // 0 hands it to rank 1 while the home lets its idle servers go.
         let guard = dsm.lock(0).unwrap();
-        let clock = crate::rc::encode_clock(&VectorClock::new(2));
-        write_frame(
-            fake.as_fd(),
-            &Request::LockAcquire { lock: 0 },
-            &[&clock],
-            &counters,
-        )
-        .unwrap();
+        fake_sends(&fake, Request::LockAcquire { lock: 0 });
         std::thread::sleep(Duration::from_millis(100));
         let other = dsm.lock(998).unwrap();
         drop(guard);
         // Rank 1 holds it now: rank 0 gets it again only after rank 1's release.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let taker = Arc::clone(&dsm);
-        std::thread::spawn(move || {
-            if let Ok(g) = taker.lock(0) {
-                let _ = tx.send(Instant::now());
-                drop(g);
-            }
-        });
+        let rx = taker(&dsm);
         assert!(
             rx.recv_timeout(Duration::from_millis(300)).is_err(),
             "rank 0 got the lock while rank 1 held it"
         );
         let released = Instant::now();
-        write_frame(
-            fake.as_fd(),
-            &Request::LockRelease { lock: 0 },
-            &[],
-            &counters,
-        )
-        .unwrap();
+        fake_sends(&fake, Request::LockRelease { lock: 0 });
         let got = rx
             .recv_timeout(Duration::from_secs(5))
-            .expect("rank 1's release did not hand the lock on");
+            .expect("rank 1's release did not hand the lock on")
+            .unwrap();
         assert!(got >= released);
         assert!(dsm.failed_ranks().is_empty());
         drop(other);
@@ -858,15 +833,7 @@ mod tests {
         let guard = dsm.lock(0).unwrap();
         // Rank 1 waits for lock 0, then stops reading (as a rank that dies does, before its end of the
         // connection is seen): the grant to it fails when rank 0 releases.
-        let counters = Counters::default();
-        let clock = crate::rc::encode_clock(&VectorClock::new(2));
-        write_frame(
-            fake.as_fd(),
-            &Request::LockAcquire { lock: 0 },
-            &[&clock],
-            &counters,
-        )
-        .unwrap();
+        fake_sends(&fake, Request::LockAcquire { lock: 0 });
         // The wait is queued before rank 0's own next request (the loop serves in order of arrival).
         std::thread::sleep(Duration::from_millis(100));
         fake.shutdown(std::net::Shutdown::Read).unwrap();

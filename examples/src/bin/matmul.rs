@@ -131,11 +131,10 @@ unsafe fn tile_fma(
     // SAFETY: every index is `r * n + x` with row r < rows and x < n (a column j < j1 <= n of `c`, or
     // k < k1 <= n of `a`), within their `rows * n` elements, or `k * n + j` with k < k1 and j < j1 <= n,
     // within `b`'s `k1 * n` (the caller's contract); loads and stores are unaligned ones.
+    let (i_end, j_end) = (rows / 4 * 4, j0 + (j1 - j0) / 8 * 8);
     unsafe {
-        let mut i = 0;
-        while i + 4 <= rows {
-            let mut j = j0;
-            while j + 8 <= j1 {
+        for i in (0..i_end).step_by(4) {
+            for j in (j0..j_end).step_by(8) {
                 let mut acc = [[_mm256_setzero_pd(); 2]; 4];
                 for (r, acc) in acc.iter_mut().enumerate() {
                     acc[0] = _mm256_loadu_pd(cp.add((i + r) * n + j));
@@ -154,21 +153,12 @@ unsafe fn tile_fma(
                     _mm256_storeu_pd(cp.add((i + r) * n + j), acc[0]);
                     _mm256_storeu_pd(cp.add((i + r) * n + j + 4), acc[1]);
                 }
-                j += 8;
             }
-            for r in i..i + 4 {
-                for jj in j..j1 {
-                    let mut x = *cp.add(r * n + jj);
-                    for k in k0..k1 {
-                        x = (*ap.add(r * n + k)).mul_add(*bp.add(k * n + jj), x);
-                    }
-                    *cp.add(r * n + jj) = x;
-                }
-            }
-            i += 4;
         }
-        for r in i..rows {
-            for jj in j0..j1 {
+        // What the blocks leave, an element at a time: the last columns of their rows, and whole rows
+        // after them.
+        for r in 0..rows {
+            for jj in if r < i_end { j_end } else { j0 }..j1 {
                 let mut x = *cp.add(r * n + jj);
                 for k in k0..k1 {
                     x = (*ap.add(r * n + k)).mul_add(*bp.add(k * n + jj), x);
