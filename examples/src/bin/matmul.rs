@@ -128,10 +128,11 @@ unsafe fn tile_fma(
 ) {
     use std::arch::x86_64::*;
     let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    // The 4 x 8 blocks cover rows ..i_end and columns j0..j_end.
+    let (i_end, j_end) = (rows / 4 * 4, j0 + (j1 - j0) / 8 * 8);
     // SAFETY: every index is `r * n + x` with row r < rows and x < n (a column j < j1 <= n of `c`, or
     // k < k1 <= n of `a`), within their `rows * n` elements, or `k * n + j` with k < k1 and j < j1 <= n,
     // within `b`'s `k1 * n` (the caller's contract); loads and stores are unaligned ones.
-    let (i_end, j_end) = (rows / 4 * 4, j0 + (j1 - j0) / 8 * 8);
     unsafe {
         for i in (0..i_end).step_by(4) {
             for j in (j0..j_end).step_by(8) {
