@@ -664,7 +664,7 @@ mod tests {
     use crate::transport::{Mesh, Transport};
     use crate::wire::Request;
     use crate::Dsm;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
     use std::time::{Duration, Instant};
 
@@ -681,9 +681,9 @@ mod tests {
         }
     }
 
-    /// Rank 0 of a 2-rank job that reports failures, whose rank 1 is played by the test: its connection
-    /// to rank 0's service loop.
-    fn rank0_with_fake_peer() -> (Dsm, UnixStream) {
+    /// Rank 0 of a 2-rank job that reports failures, whose rank 1 is played by the test through raw
+    /// sockets: the first of rank 1's two connections to rank 0's service loop, and the second.
+    fn rank0_with_fake_peer() -> (Dsm, UnixStream, UnixStream) {
         let mut outgoing = Vec::new();
         let mut incoming = Vec::new();
         for _channel in 0..2 {
@@ -695,6 +695,8 @@ mod tests {
         }
         let (fake, from_fake) = UnixStream::pair().unwrap();
         incoming.push((Rank(1), OwnedFd::from(from_fake)));
+        let (other, from_fake) = UnixStream::pair().unwrap();
+        incoming.push((Rank(1), OwnedFd::from(from_fake)));
         let given: Box<dyn Transport> = Box::new(Given(Mesh { outgoing, incoming }));
         let dsm = Dsm::builder()
             .rank(Rank(0), 2)
@@ -703,7 +705,7 @@ mod tests {
             .transport(given)
             .build()
             .unwrap();
-        (dsm, fake)
+        (dsm, fake, other)
     }
 
     fn failed_within(dsm: &Dsm, limit: Duration) -> Vec<Rank> {
@@ -751,8 +753,50 @@ mod tests {
     }
 
     #[test]
+    fn a_malformed_frame_is_an_error_for_that_peer_not_a_panic() {
+        let cases: [&[u8]; 3] = [
+            &[0, 0, 0, 0],                               // a frame of length zero
+            &[0xff, 0xff, 0xff, 0x7f, 1, 2, 3],          // a length far over the limit
+            &[6, 0, 0, 0, 4, 0, 0xee, 0xee, 0xee, 0xee], // a header that does not decode
+        ];
+        for bytes in cases {
+            let (dsm, mut fake, mut other) = rank0_with_fake_peer();
+            fake.write_all(bytes).unwrap();
+            assert_eq!(
+                failed_within(&dsm, Duration::from_secs(5)),
+                vec![Rank(1)],
+                "after {bytes:?}"
+            );
+            // The peer, should it live on, learns it too: both its connections end (it would otherwise wait
+            // for ever for replies to what it sent on them).
+            for conn in [&mut fake, &mut other] {
+                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut byte = [0u8; 1];
+                assert_eq!(
+                    conn.read(&mut byte).unwrap(),
+                    0,
+                    "after {bytes:?}, a connection of the failed peer is still open"
+                );
+                // Its sends still go in: a send that fails would say this rank had left the job, and the
+                // peer would take its copies of pages for gone with it.
+                conn.write_all(&[0u8; 64]).unwrap();
+            }
+            // The rank still serves itself.
+            dsm.ping(Rank(0), 64).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_truncated_frame_then_a_closed_connection_is_a_peer_failure() {
+        let (dsm, mut fake, _other) = rank0_with_fake_peer();
+        fake.write_all(&[40, 0, 0, 0, 2, 0]).unwrap();
+        drop(fake);
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+    }
+
+    #[test]
     fn a_release_by_a_rank_that_does_not_hold_the_lock_is_refused() {
-        let (dsm, fake) = rank0_with_fake_peer();
+        let (dsm, fake, _other) = rank0_with_fake_peer();
         let dsm = Arc::new(dsm);
         let guard = dsm.lock(0).unwrap();
         // Rank 1 releases lock 0, which rank 0 holds: a protocol error, and rank 1 is cut off.
@@ -768,7 +812,7 @@ mod tests {
 
     #[test]
     fn those_waiting_for_a_lock_whose_holder_failed_are_told_and_later_takers_too() {
-        let (dsm, fake) = rank0_with_fake_peer();
+        let (dsm, fake, _other) = rank0_with_fake_peer();
         let dsm = Arc::new(dsm);
         // Rank 1 takes lock 0 (homed at rank 0), then a thread of rank 0 waits for it.
         fake_sends(&fake, Request::LockAcquire { lock: 0 });
@@ -792,7 +836,7 @@ mod tests {
 
     #[test]
     fn a_lock_being_granted_is_not_let_go_with_the_idle_ones() {
-        let (dsm, fake) = rank0_with_fake_peer();
+        let (dsm, fake, _other) = rank0_with_fake_peer();
         let dsm = Arc::new(dsm);
         // Idle lock servers (even ids are homed at rank 0), as many as the home keeps less one: a
         // release lets the idle ones go once there are more (servers are let go only at releases).
@@ -828,7 +872,7 @@ mod tests {
 
     #[test]
     fn a_grant_that_cannot_be_sent_passes_the_lock_on() {
-        let (dsm, fake) = rank0_with_fake_peer();
+        let (dsm, fake, _other) = rank0_with_fake_peer();
         let dsm = Arc::new(dsm);
         let guard = dsm.lock(0).unwrap();
         // Rank 1 waits for lock 0, then stops reading (as a rank that dies does, before its end of the
