@@ -327,8 +327,8 @@ fn install_zeros(
 }
 
 /// Marks up to `window - 1` pages following `page` BUSY (one `detector.stride` apart, same home, not
-/// present, not in use), `window` doubling while faults are sequential, up to `max`. Returns how many
-/// pages are covered, `page` included.
+/// present, not in use), `window` doubling while faults are sequential, up to `max`, or the length of a
+/// run announced from `page` (up to `max`). Returns how many pages are covered, `page` included.
 fn claim_following(
     region: &RegionShared,
     detector: &Sequential,
@@ -338,11 +338,19 @@ fn claim_following(
 ) -> u32 {
     let stride = detector.stride;
     let last = detector.last.load(Ordering::Relaxed);
+    let announced = detector.take_announced(page);
     let window = if last != u64::MAX && page == last.wrapping_add(stride) {
         detector.continue_run();
         (detector.window.load(Ordering::Relaxed) * 2).min(max)
     } else {
         detector.start_run(page, last, max)
+    };
+    // An announced run is taken as it is: no further (pages past it may be another rank's to write first,
+    // and a home that filled them with zeros would have to hand each over again).
+    let window = if announced > 0 {
+        announced.min(max)
+    } else {
+        window
     };
     detector.window.store(window, Ordering::Relaxed);
     let mut count = 1u32;

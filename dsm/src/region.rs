@@ -297,6 +297,9 @@ pub(crate) struct Sequential {
     /// Recent runs: their first pages and lengths (a heuristic: updated without a lock).
     runs: Option<[(AtomicU64, AtomicU32); REMEMBERED_RUNS]>,
     next_slot: AtomicU32,
+    /// A run a thread announced before touching it ([`Sequential::announce`]): its first page and length
+    /// packed as `page << 16 | length` (0: none), taken by the fault that reaches that page.
+    announced: AtomicU64,
 }
 
 /// How many runs a remembering detector keeps.
@@ -313,6 +316,34 @@ impl Sequential {
             runs: remember
                 .then(|| std::array::from_fn(|_| (AtomicU64::new(u64::MAX), AtomicU32::new(0)))),
             next_slot: AtomicU32::new(0),
+            announced: AtomicU64::new(0),
+        }
+    }
+
+    /// Announces that `pages` pages from `page` (`stride` apart) are about to be touched in order: the
+    /// fault at `page` covers them (up to the window's maximum), no fewer and no more, instead of a window
+    /// that starts from one page and doubles. One announcement is kept (the latest); it is a hint, and a
+    /// fault elsewhere leaves it in place.
+    pub(crate) fn announce(&self, page: u64, pages: u64) {
+        if pages > 1 && page < 1 << 47 {
+            self.announced
+                .store(page << 16 | pages.min(0xffff), Ordering::Relaxed);
+        }
+    }
+
+    /// The length announced for a run from `page`, taken (one fault uses it), or 0.
+    pub(crate) fn take_announced(&self, page: u64) -> u32 {
+        let a = self.announced.load(Ordering::Relaxed);
+        if a != 0
+            && a >> 16 == page
+            && self
+                .announced
+                .compare_exchange(a, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            (a & 0xffff) as u32
+        } else {
+            0
         }
     }
 
@@ -437,6 +468,54 @@ impl RegionShared {
     /// The write-ahead detector for pages homed at `home`, like [`RegionShared::readahead_for`].
     pub(crate) fn write_ahead_for(&self, home: Rank) -> &Sequential {
         &self.write_ahead[home.index() % self.write_ahead.len()]
+    }
+
+    /// Announces that this thread is about to touch the pages holding bytes `start..end` of the region in
+    /// order (`write`: to write them): each run of them with one home is then taken by the fault at its
+    /// first page that is not here yet, up to the window's maximum, instead of by a window growing from
+    /// one page (a few round trips more for every short copy). Pages homed here that were never touched
+    /// are filled with zeros the same way.
+    pub(crate) fn announce(&self, start: usize, end: usize, write: bool) {
+        if start >= end || end > self.len {
+            return;
+        }
+        let (first, last) = ((start / PAGE_SIZE) as u64, ((end - 1) / PAGE_SIZE) as u64);
+        let faults = |p: u64| {
+            let st = self.state(p).load(Ordering::Relaxed) & STATE_MASK;
+            st == INVALID || (write && st != READ_WRITE)
+        };
+        // The pages `from..=to`, `stride` apart, all homed at `home`.
+        let announce_run = |home: Rank, from: u64, to: u64, stride: u64| {
+            let Some(p) = (from..=to).step_by(stride as usize).find(|&p| faults(p)) else {
+                return;
+            };
+            let detector = if home == self.shared.me {
+                &self.zero_fill
+            } else if write && self.consistency == Consistency::Sequential {
+                // Under release consistency a first write fetches the page as a read does.
+                self.write_ahead_for(home)
+            } else {
+                self.readahead_for(home)
+            };
+            detector.announce(p, (to - p) / stride + 1);
+        };
+        let stride = self.home_stride();
+        if stride > 1 {
+            // Cyclic: each of the range's first `stride` pages starts its home's run.
+            for p in first..=last.min(first + stride - 1) {
+                announce_run(self.home(p), p, last, stride);
+            }
+            return;
+        }
+        let mut p = first;
+        while p <= last {
+            let home = self.home(p);
+            let next = (p..=last)
+                .find(|&q| self.home(q) != home)
+                .unwrap_or(last + 1);
+            announce_run(home, p, next - 1, 1);
+            p = next;
+        }
     }
 
     pub(crate) fn addr(&self, page: u64) -> usize {
@@ -834,17 +913,77 @@ impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
         unsafe { self.ptr(i).write_volatile(value) }
     }
 
+    /// The byte range of elements `start..start + len`, which must lie within the vector.
+    fn bytes_of(&self, start: usize, len: usize) -> std::ops::Range<usize> {
+        assert!(
+            start.checked_add(len).is_some_and(|end| end <= self.len),
+            "elements {start}..{} out of range for a GlobalVec of {} elements",
+            start.saturating_add(len),
+            self.len
+        );
+        let size = std::mem::size_of::<T>();
+        start * size..(start + len) * size
+    }
+
     /// Copies `src` into elements `start..start + src.len()`.
+    ///
+    /// The pages are taken as the copy reaches them, each run of pages with one home in one request (up to
+    /// the read-ahead window; see [`Region::announce`](crate::Region)), not a page at a time.
     pub fn write_slice(&self, start: usize, src: &[T]) {
-        for (k, v) in src.iter().enumerate() {
-            self.set(start + k, *v);
+        let bytes = self.bytes_of(start, src.len());
+        if bytes.is_empty() {
+            return;
+        }
+        self.region.inner.announce(bytes.start, bytes.end, true);
+        // SAFETY: the destination is `src.len()` elements inside the region (checked above), aligned, and
+        // mapped for the region's lifetime (faults are resolved by the SIGBUS handler as the copy goes);
+        // `src` is a separate Rust slice, so the two do not overlap. As with `set`, the coherence protocol,
+        // not Rust's borrow rules, orders these writes between ranks.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr(),
+                (self.region.as_ptr() as *mut T).add(start),
+                src.len(),
+            )
         }
     }
 
-    /// Copies elements `start..start + out.len()` into `out`.
+    /// Copies elements `start..start + out.len()` into `out`, taking the pages it needs as
+    /// [`write_slice`](Self::write_slice) does.
     pub fn read_slice(&self, start: usize, out: &mut [T]) {
-        for (k, v) in out.iter_mut().enumerate() {
-            *v = self.get(start + k);
+        let bytes = self.bytes_of(start, out.len());
+        if bytes.is_empty() {
+            return;
+        }
+        self.region.inner.announce(bytes.start, bytes.end, false);
+        // SAFETY: as in `write_slice`, with the region as the source; `out` is an exclusive Rust slice.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (self.region.as_ptr() as *const T).add(start),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        }
+    }
+
+    /// Brings the pages holding elements `range` here for reading, so that the accesses that follow do
+    /// not fault: each run of them with one home comes in one request (up to the read-ahead window,
+    /// [`Dsm::readahead`](crate::Dsm::readahead)) rather than in a window growing from one page. A thread
+    /// that reads a large part of a remote region can prefetch it piece by piece beside the computation
+    /// that needs it.
+    pub fn prefetch(&self, range: std::ops::Range<usize>) {
+        let bytes = self.bytes_of(range.start, range.end.saturating_sub(range.start));
+        if bytes.is_empty() {
+            return;
+        }
+        self.region.inner.announce(bytes.start, bytes.end, false);
+        let mut at = bytes.start;
+        while at < bytes.end {
+            // SAFETY: `at` is inside the region (within the checked range), any byte is a valid `u8`, and
+            // the memory is mapped for the region's lifetime; the fault is resolved before the load
+            // completes, as in `get`.
+            unsafe { std::hint::black_box(self.region.as_ptr().add(at).read_volatile()) };
+            at = (at / PAGE_SIZE + 1) * PAGE_SIZE;
         }
     }
 
@@ -872,6 +1011,24 @@ impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_announced_run_is_taken_once_by_the_fault_at_its_first_page() {
+        let d = Sequential::new(true, 1);
+        assert_eq!(d.take_announced(7), 0);
+        // One page is no run: nothing to announce.
+        d.announce(7, 1);
+        assert_eq!(d.take_announced(7), 0);
+        d.announce(7, 40);
+        assert_eq!(d.take_announced(8), 0, "a fault elsewhere leaves it");
+        assert_eq!(d.take_announced(7), 40);
+        assert_eq!(d.take_announced(7), 0, "taken once");
+        // Only the latest is kept, and a length past what fits is cut (windows are far shorter).
+        d.announce(3, 5);
+        d.announce(0, 1 << 20);
+        assert_eq!(d.take_announced(3), 0);
+        assert_eq!(d.take_announced(0), 0xffff);
+    }
 
     #[test]
     fn a_remembering_detector_starts_a_run_again_with_its_length_and_others_with_one_page() {

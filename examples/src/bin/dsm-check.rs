@@ -7,6 +7,8 @@
 //! - `latehome`: the same on pages homed at rank 0, which writes late, while the others' diffs arrive;
 //! - `readahead`: pages fetched ahead of a sequential reader (from one home, and a stride apart from every
 //!   home of a cyclic region) behave as ordinary copies afterwards;
+//! - `slices`: copies into and out of a region (`read_slice`, `write_slice`, `prefetch`) take each run of
+//!   pages with one home in one fault, and copy the right values;
 //! - `coalesce`: threads of one rank faulting on the same page at once make one fetch between them;
 //! - `firsttouch`: a home filling its untouched pages with zeros ahead of a sequential first touch stops
 //!   at pages other ranks have touched, whose data it must keep; so does a home handing a sequential
@@ -32,7 +34,7 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | latehome | bytes | mplock | manylocks | readahead | coalesce | firsttouch | lockfault |
+    /// counter | mp | sb | pages | latehome | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault |
     /// idle | ownmpi | die | diewriting | readerdies | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
@@ -489,6 +491,118 @@ fn main() -> anyhow::Result<()> {
                 "readahead ok ({} pages installed by their sender, {} by the helper)",
                 s.pages_installed_by_sender, s.pages_helper_installed
             );
+        }
+        "slices" => {
+            // Copies into and out of a region (`read_slice`, `write_slice`, `prefetch`) announce the pages
+            // they are about to touch: each run of them with one home comes in one fault, whatever its
+            // length (up to the window), where a sequential reader's window grows from one page. Checked
+            // on a region homed at rank 1 and a cyclic one, by counting rank 0's faults; the contents are
+            // checked everywhere.
+            let pages = 50;
+            let value = |i: usize| (i as u64).wrapping_mul(0x9e37_79b9) ^ 7;
+            for placement in [dsm::Placement::At(dsm::Rank(1)), dsm::Placement::Cyclic] {
+                let v = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, placement, model)?;
+                let home = |p: usize| v.region().home_of(dsm::PageId(p as u64));
+                // The homes a range of pages needs a fault from: every home but this rank's own pages,
+                // which it wrote (they are here).
+                let remote_homes = |pages: std::ops::Range<usize>, me: usize| {
+                    let mut h: Vec<_> = pages.map(home).filter(|h| h.0 as usize != me).collect();
+                    h.sort();
+                    h.dedup();
+                    h.len() as u64
+                };
+                let faults = || {
+                    let s = dsm.stats();
+                    (s.read_faults, s.write_faults + s.upgrade_faults)
+                };
+                // Each rank fills its own pages; rank 1 copies its whole run of a region homed at it in
+                // one write (its untouched pages filled with zeros by one fault).
+                let before = faults();
+                let mine: Vec<usize> = (0..pages).filter(|&p| home(p) == rt.rank()).collect();
+                if placement == dsm::Placement::At(dsm::Rank(1)) {
+                    if me == 1 {
+                        let all: Vec<u64> = (0..pages * WORDS_PER_PAGE).map(value).collect();
+                        v.write_slice(0, &all);
+                        ensure!(
+                            faults().1 - before.1 == 1,
+                            "rank 1 wrote {pages} untouched pages of its own in {} faults, not 1 ({placement:?})",
+                            faults().1 - before.1
+                        );
+                    }
+                } else {
+                    for p in mine {
+                        let words: Vec<u64> = (p * WORDS_PER_PAGE..(p + 1) * WORDS_PER_PAGE)
+                            .map(value)
+                            .collect();
+                        v.write_slice(p * WORDS_PER_PAGE, &words);
+                    }
+                }
+                dsm.barrier()?;
+                if me == 0 {
+                    // From the middle of page 3 to the middle of page 40.
+                    let (from, to) = (3 * WORDS_PER_PAGE + 100, 40 * WORDS_PER_PAGE + 7);
+                    let mut got = vec![0; to - from];
+                    let before = faults();
+                    v.read_slice(from, &mut got);
+                    let (reads, want) = (faults().0 - before.0, remote_homes(3..41, 0));
+                    ensure!(
+                        reads == want,
+                        "reading pages 3..=40 took {reads} faults, not {want} ({placement:?}, {model:?})"
+                    );
+                    ensure!(
+                        got.iter().enumerate().all(|(k, &x)| x == value(from + k)),
+                        "read_slice read wrong values ({placement:?}, {model:?})"
+                    );
+                    // Pages 41..50 prefetched, then read without a fault.
+                    let before = faults();
+                    v.prefetch(41 * WORDS_PER_PAGE..pages * WORDS_PER_PAGE);
+                    let (reads, want) = (faults().0 - before.0, remote_homes(41..pages, 0));
+                    ensure!(
+                        reads == want,
+                        "prefetching pages 41..50 took {reads} faults, not {want} ({placement:?}, {model:?})"
+                    );
+                    let before = faults();
+                    for i in 41 * WORDS_PER_PAGE..pages * WORDS_PER_PAGE {
+                        ensure!(v.get(i) == value(i), "word {i} read wrong after a prefetch");
+                    }
+                    ensure!(
+                        faults().0 == before.0,
+                        "prefetched pages faulted again ({placement:?}, {model:?})"
+                    );
+                }
+                dsm.barrier()?;
+                // Rank 0 writes pages 2..=30 of a region nobody has touched. Under sequential consistency
+                // each home hands over its untouched pages of the run in one fault (rank 0's own, in a
+                // cyclic region, are filled with zeros by one); under release consistency a first write
+                // fetches the pages as a read does, and then marks each page written (one fault a page).
+                let w = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, placement, model)?;
+                let (from, to) = (2 * WORDS_PER_PAGE, 31 * WORDS_PER_PAGE);
+                if me == 0 {
+                    let words: Vec<u64> = (from..to).map(value).collect();
+                    let before = faults();
+                    w.write_slice(from, &words);
+                    let homes = {
+                        let mut h: Vec<_> = (2..31).map(home).collect();
+                        h.sort();
+                        h.dedup();
+                        h.len() as u64
+                    };
+                    let writes = faults().1 - before.1;
+                    if model == dsm::Consistency::Sequential {
+                        ensure!(
+                            writes == homes,
+                            "writing pages 2..=30 took {writes} faults, not {homes} ({placement:?})"
+                        );
+                    }
+                }
+                dsm.barrier()?;
+                for i in 0..pages * WORDS_PER_PAGE {
+                    let want = if (from..to).contains(&i) { value(i) } else { 0 };
+                    ensure!(w.get(i) == want, "rank {me}: word {i} of the written region is wrong ({placement:?}, {model:?})");
+                }
+                dsm.barrier()?;
+            }
+            println!("slices ok");
         }
         "coalesce" => {
             // Several threads of rank 0 read the same page of rank 1's at once, page after page: each page
