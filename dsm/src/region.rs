@@ -297,10 +297,16 @@ pub(crate) struct Sequential {
     /// Recent runs: their first pages and lengths (a heuristic: updated without a lock).
     runs: Option<[(AtomicU64, AtomicU32); REMEMBERED_RUNS]>,
     next_slot: AtomicU32,
-    /// A run a thread announced before touching it ([`Sequential::announce`]): its first page and length
-    /// packed as `page << 16 | length` (0: none), taken by the fault that reaches that page.
-    announced: AtomicU64,
+    /// Runs threads announced before touching them ([`Sequential::announce`]): first page and length packed
+    /// as `page << 16 | length` (0: none), each taken by the fault that reaches its page; the oldest is
+    /// replaced first.
+    announced: [AtomicU64; ANNOUNCED_RUNS],
+    next_announced: AtomicU32,
 }
+
+/// How many announced runs a detector keeps: a copy across several homes of a region placed in blocks
+/// announces one run per home to the same detector.
+pub(crate) const ANNOUNCED_RUNS: usize = 4;
 
 /// How many runs a remembering detector keeps.
 pub(crate) const REMEMBERED_RUNS: usize = 4;
@@ -316,35 +322,37 @@ impl Sequential {
             runs: remember
                 .then(|| std::array::from_fn(|_| (AtomicU64::new(u64::MAX), AtomicU32::new(0)))),
             next_slot: AtomicU32::new(0),
-            announced: AtomicU64::new(0),
+            announced: std::array::from_fn(|_| AtomicU64::new(0)),
+            next_announced: AtomicU32::new(0),
         }
     }
 
     /// Announces that `pages` pages from `page` (`stride` apart) are about to be touched in order: the
     /// fault at `page` covers them (up to the window's maximum), no fewer and no more, instead of a window
-    /// that starts from one page and doubles. One announcement is kept (the latest); it is a hint, and a
-    /// fault elsewhere leaves it in place.
+    /// that starts from one page and doubles. The latest [`ANNOUNCED_RUNS`] announcements are kept; they
+    /// are hints: one that no fault takes is replaced by later ones, and a fault elsewhere leaves them.
     pub(crate) fn announce(&self, page: u64, pages: u64) {
         if pages > 1 && page < 1 << 47 {
-            self.announced
-                .store(page << 16 | pages.min(0xffff), Ordering::Relaxed);
+            let slot =
+                self.next_announced.fetch_add(1, Ordering::Relaxed) as usize % ANNOUNCED_RUNS;
+            self.announced[slot].store(page << 16 | pages.min(0xffff), Ordering::Relaxed);
         }
     }
 
     /// The length announced for a run from `page`, taken (one fault uses it), or 0.
     pub(crate) fn take_announced(&self, page: u64) -> u32 {
-        let a = self.announced.load(Ordering::Relaxed);
-        if a != 0
-            && a >> 16 == page
-            && self
-                .announced
-                .compare_exchange(a, 0, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            (a & 0xffff) as u32
-        } else {
-            0
+        for slot in &self.announced {
+            let a = slot.load(Ordering::Relaxed);
+            if a != 0
+                && a >> 16 == page
+                && slot
+                    .compare_exchange(a, 0, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return (a & 0xffff) as u32;
+            }
         }
+        0
     }
 
     /// A fault continues the current run.
@@ -480,10 +488,8 @@ impl RegionShared {
             return;
         }
         let (first, last) = ((start / PAGE_SIZE) as u64, ((end - 1) / PAGE_SIZE) as u64);
-        let faults = |p: u64| {
-            let st = self.state(p).load(Ordering::Relaxed) & STATE_MASK;
-            st == INVALID || (write && st != READ_WRITE)
-        };
+        // Only a missing page's fault takes pages with it (an upgrade of a copy here takes none).
+        let faults = |p: u64| self.state(p).load(Ordering::Relaxed) & STATE_MASK == INVALID;
         // The pages `from..=to`, `stride` apart, all homed at `home`.
         let announce_run = |home: Rank, from: u64, to: u64, stride: u64| {
             let Some(p) = (from..=to).step_by(stride as usize).find(|&p| faults(p)) else {
@@ -507,8 +513,13 @@ impl RegionShared {
             }
             return;
         }
+        // Blocks: every home's run goes to one detector of each kind, which keeps the first few (the copy
+        // reaches them first).
         let mut p = first;
-        while p <= last {
+        for _ in 0..ANNOUNCED_RUNS {
+            if p > last {
+                break;
+            }
             let home = self.home(p);
             let next = (p..=last)
                 .find(|&q| self.home(q) != home)
@@ -851,6 +862,23 @@ impl Drop for Region<'_> {
     }
 }
 
+/// Copies `len` bytes from `src` to `dst` a page of the region at a time, in ascending order (`at` is the
+/// offset in the region of whichever side lives there), so that its pages fault in the order their
+/// announcement expects: `memcpy` may take a long copy backwards (glibc does, to avoid 4 KiB aliasing
+/// between source and destination) or touch its end first, and each page would then fault alone.
+///
+/// # Safety
+/// Both ranges must be valid for `len` bytes and not overlap, as for `copy_nonoverlapping`.
+unsafe fn copy_in_page_order(src: *const u8, dst: *mut u8, len: usize, at: usize) {
+    let mut done = 0;
+    while done < len {
+        let piece = (PAGE_SIZE - (at + done) % PAGE_SIZE).min(len - done);
+        // SAFETY: `done + piece <= len`, within both ranges (the caller's contract).
+        unsafe { std::ptr::copy_nonoverlapping(src.add(done), dst.add(done), piece) };
+        done += piece;
+    }
+}
+
 /// A typed array in a shared region: element `i` is the same memory in every rank.
 ///
 /// Reads and writes through [`get`](Self::get) and [`set`](Self::set) are single volatile accesses, so they
@@ -935,15 +963,16 @@ impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
             return;
         }
         self.region.inner.announce(bytes.start, bytes.end, true);
-        // SAFETY: the destination is `src.len()` elements inside the region (checked above), aligned, and
+        // SAFETY: the destination is the bytes of `src.len()` elements inside the region (checked above),
         // mapped for the region's lifetime (faults are resolved by the SIGBUS handler as the copy goes);
-        // `src` is a separate Rust slice, so the two do not overlap. As with `set`, the coherence protocol,
-        // not Rust's borrow rules, orders these writes between ranks.
+        // `src` is a separate Rust slice of the same length, so the two do not overlap. As with `set`, the
+        // coherence protocol, not Rust's borrow rules, orders these writes between ranks.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                src.as_ptr(),
-                (self.region.as_ptr() as *mut T).add(start),
-                src.len(),
+            copy_in_page_order(
+                src.as_ptr().cast(),
+                self.region.as_ptr().add(bytes.start),
+                bytes.len(),
+                bytes.start,
             )
         }
     }
@@ -956,12 +985,14 @@ impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
             return;
         }
         self.region.inner.announce(bytes.start, bytes.end, false);
-        // SAFETY: as in `write_slice`, with the region as the source; `out` is an exclusive Rust slice.
+        // SAFETY: as in `write_slice`, with the region as the source; `out` is an exclusive Rust slice, and
+        // any bytes are a valid `T` (`T: Pod`).
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                (self.region.as_ptr() as *const T).add(start),
-                out.as_mut_ptr(),
-                out.len(),
+            copy_in_page_order(
+                self.region.as_ptr().add(bytes.start),
+                out.as_mut_ptr().cast(),
+                bytes.len(),
+                bytes.start,
             )
         }
     }
@@ -1023,10 +1054,17 @@ mod tests {
         assert_eq!(d.take_announced(8), 0, "a fault elsewhere leaves it");
         assert_eq!(d.take_announced(7), 40);
         assert_eq!(d.take_announced(7), 0, "taken once");
-        // Only the latest is kept, and a length past what fits is cut (windows are far shorter).
+        // The latest few are kept (a copy across several homes of a block-placed region announces one run
+        // per home here), and a length past what fits is cut (windows are far shorter).
         d.announce(3, 5);
+        for k in 0..ANNOUNCED_RUNS as u64 {
+            d.announce(100 + 10 * k, 2 + k);
+        }
+        assert_eq!(d.take_announced(3), 0, "the oldest was replaced");
+        for k in (0..ANNOUNCED_RUNS as u64).rev() {
+            assert_eq!(u64::from(d.take_announced(100 + 10 * k)), 2 + k);
+        }
         d.announce(0, 1 << 20);
-        assert_eq!(d.take_announced(3), 0);
         assert_eq!(d.take_announced(0), 0xffff);
     }
 

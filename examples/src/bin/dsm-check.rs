@@ -496,17 +496,22 @@ fn main() -> anyhow::Result<()> {
             // Copies into and out of a region (`read_slice`, `write_slice`, `prefetch`) announce the pages
             // they are about to touch: each run of them with one home comes in one fault, whatever its
             // length (up to the window), where a sequential reader's window grows from one page. Checked
-            // on a region homed at rank 1 and a cyclic one, by counting rank 0's faults; the contents are
-            // checked everywhere.
-            let pages = 50;
+            // on a region homed at rank 1, one placed in blocks (a copy across several homes) and a cyclic
+            // one, by counting rank 0's faults; the contents are checked everywhere.
+            let pages = 400;
             let value = |i: usize| (i as u64).wrapping_mul(0x9e37_79b9) ^ 7;
-            for placement in [dsm::Placement::At(dsm::Rank(1)), dsm::Placement::Cyclic] {
+            let placements = [
+                dsm::Placement::At(dsm::Rank(1)),
+                dsm::Placement::Block,
+                dsm::Placement::Cyclic,
+            ];
+            for placement in placements {
                 let v = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, placement, model)?;
                 let home = |p: usize| v.region().home_of(dsm::PageId(p as u64));
-                // The homes a range of pages needs a fault from: every home but this rank's own pages,
-                // which it wrote (they are here).
-                let remote_homes = |pages: std::ops::Range<usize>, me: usize| {
-                    let mut h: Vec<_> = pages.map(home).filter(|h| h.0 as usize != me).collect();
+                // The homes a range of pages needs a fault from: every home but this rank, whose own pages
+                // are here (it wrote them).
+                let remote_homes = |pages: std::ops::Range<usize>| {
+                    let mut h: Vec<_> = pages.map(home).filter(|&h| h != rt.rank()).collect();
                     h.sort();
                     h.dedup();
                     h.len() as u64
@@ -515,54 +520,60 @@ fn main() -> anyhow::Result<()> {
                     let s = dsm.stats();
                     (s.read_faults, s.write_faults + s.upgrade_faults)
                 };
-                // Each rank fills its own pages; rank 1 copies its whole run of a region homed at it in
-                // one write (its untouched pages filled with zeros by one fault).
-                let before = faults();
+                // Each rank fills its own pages; rank 1 the first 50 pages of a region homed at it in one
+                // copy (its untouched pages filled with zeros by one fault), then the rest.
                 let mine: Vec<usize> = (0..pages).filter(|&p| home(p) == rt.rank()).collect();
+                let words = |pages: std::ops::Range<usize>| -> Vec<u64> {
+                    (pages.start * WORDS_PER_PAGE..pages.end * WORDS_PER_PAGE)
+                        .map(value)
+                        .collect()
+                };
                 if placement == dsm::Placement::At(dsm::Rank(1)) {
                     if me == 1 {
-                        let all: Vec<u64> = (0..pages * WORDS_PER_PAGE).map(value).collect();
-                        v.write_slice(0, &all);
+                        let before = faults();
+                        v.write_slice(0, &words(0..50));
+                        let writes = faults().1 - before.1;
                         ensure!(
-                            faults().1 - before.1 == 1,
-                            "rank 1 wrote {pages} untouched pages of its own in {} faults, not 1 ({placement:?})",
-                            faults().1 - before.1
+                            writes == 1,
+                            "rank 1 wrote 50 untouched pages of its own in {writes} faults, not 1"
                         );
+                        v.write_slice(50 * WORDS_PER_PAGE, &words(50..pages));
                     }
                 } else {
                     for p in mine {
-                        let words: Vec<u64> = (p * WORDS_PER_PAGE..(p + 1) * WORDS_PER_PAGE)
-                            .map(value)
-                            .collect();
-                        v.write_slice(p * WORDS_PER_PAGE, &words);
+                        v.write_slice(p * WORDS_PER_PAGE, &words(p..p + 1));
                     }
                 }
                 dsm.barrier()?;
                 if me == 0 {
-                    // From the middle of page 3 to the middle of page 40.
-                    let (from, to) = (3 * WORDS_PER_PAGE + 100, 40 * WORDS_PER_PAGE + 7);
+                    // Pages 3..=340, from the start of page 3 (where a copy into a fresh vector is one that
+                    // glibc's memcpy takes backwards) to the middle of page 340: longer than the caches,
+                    // where memcpy changes strategy.
+                    let (from, to) = (3 * WORDS_PER_PAGE, 340 * WORDS_PER_PAGE + 7);
                     let mut got = vec![0; to - from];
                     let before = faults();
                     v.read_slice(from, &mut got);
-                    let (reads, want) = (faults().0 - before.0, remote_homes(3..41, 0));
+                    let (reads, want) = (faults().0 - before.0, remote_homes(3..341));
                     ensure!(
                         reads == want,
-                        "reading pages 3..=40 took {reads} faults, not {want} ({placement:?}, {model:?})"
+                        "reading pages 3..=340 took {reads} faults, not {want} ({placement:?}, {model:?})"
                     );
                     ensure!(
                         got.iter().enumerate().all(|(k, &x)| x == value(from + k)),
                         "read_slice read wrong values ({placement:?}, {model:?})"
                     );
-                    // Pages 41..50 prefetched, then read without a fault.
+                    // Pages 345..400 prefetched (not where the last run ended, so no window carries
+                    // over), then read without a fault.
+                    let prefetched = 345 * WORDS_PER_PAGE..pages * WORDS_PER_PAGE;
                     let before = faults();
-                    v.prefetch(41 * WORDS_PER_PAGE..pages * WORDS_PER_PAGE);
-                    let (reads, want) = (faults().0 - before.0, remote_homes(41..pages, 0));
+                    v.prefetch(prefetched.clone());
+                    let (reads, want) = (faults().0 - before.0, remote_homes(345..pages));
                     ensure!(
                         reads == want,
-                        "prefetching pages 41..50 took {reads} faults, not {want} ({placement:?}, {model:?})"
+                        "prefetching pages 345..400 took {reads} faults, not {want} ({placement:?}, {model:?})"
                     );
                     let before = faults();
-                    for i in 41 * WORDS_PER_PAGE..pages * WORDS_PER_PAGE {
+                    for i in prefetched {
                         ensure!(v.get(i) == value(i), "word {i} read wrong after a prefetch");
                     }
                     ensure!(
@@ -572,15 +583,14 @@ fn main() -> anyhow::Result<()> {
                 }
                 dsm.barrier()?;
                 // Rank 0 writes pages 2..=30 of a region nobody has touched. Under sequential consistency
-                // each home hands over its untouched pages of the run in one fault (rank 0's own, in a
-                // cyclic region, are filled with zeros by one); under release consistency a first write
-                // fetches the pages as a read does, and then marks each page written (one fault a page).
+                // each home hands over its untouched pages of the run in one fault (rank 0's own are
+                // filled with zeros by one); under release consistency a first write fetches the pages as
+                // a read does, and then marks each page written (one fault a page).
                 let w = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, placement, model)?;
                 let (from, to) = (2 * WORDS_PER_PAGE, 31 * WORDS_PER_PAGE);
                 if me == 0 {
-                    let words: Vec<u64> = (from..to).map(value).collect();
                     let before = faults();
-                    w.write_slice(from, &words);
+                    w.write_slice(from, &words(2..31));
                     let homes = {
                         let mut h: Vec<_> = (2..31).map(home).collect();
                         h.sort();
@@ -598,7 +608,10 @@ fn main() -> anyhow::Result<()> {
                 dsm.barrier()?;
                 for i in 0..pages * WORDS_PER_PAGE {
                     let want = if (from..to).contains(&i) { value(i) } else { 0 };
-                    ensure!(w.get(i) == want, "rank {me}: word {i} of the written region is wrong ({placement:?}, {model:?})");
+                    ensure!(
+                        w.get(i) == want,
+                        "rank {me}: word {i} of the written region is wrong ({placement:?}, {model:?})"
+                    );
                 }
                 dsm.barrier()?;
             }
