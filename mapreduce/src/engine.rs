@@ -367,7 +367,11 @@ impl MapReduce {
         }
         let files = input::expand(&config.inputs)?;
         let workers = self.space.dsm().size() * config.threads_for(self.space.dsm().size());
-        let mut splits = input::cut(&files, config.split_size, workers)?;
+        let (mut splits, mut versions): (Vec<_>, Vec<_>) =
+            input::cut(&files, config.split_size, workers)?
+                .into_iter()
+                .map(|(split, version)| (split, Some(version)))
+                .unzip();
         for s in &config.splits {
             let err = |source| MapReduceError::Input {
                 path: s.file.clone(),
@@ -381,7 +385,9 @@ impl MapReduce {
                     "not a regular file",
                 )));
             }
-            std::fs::File::open(&s.file).map_err(err)?;
+            let opened = std::fs::File::open(&s.file).map_err(err)?;
+            let meta = opened.metadata().map_err(err)?;
+            versions.push(Some(input::FileVersion::of(&meta)));
             let len = meta.len();
             if s.start > s.end || s.end > len {
                 return Err(MapReduceError::Config(format!(
@@ -438,7 +444,10 @@ impl MapReduce {
             .partitions
             .unwrap_or_else(|| default_partitions(size, config.threads_for(size)))
             .max(1);
-        Ok((Master::new(splits, partitions as u32, out.clone()), made))
+        Ok((
+            Master::new(splits, partitions as u32, out.clone()).with_versions(versions),
+            made,
+        ))
     }
 
     /// Hands out tasks and takes results until every partition is written; returns the master and the

@@ -31,6 +31,29 @@ impl Split {
     }
 }
 
+/// What identifies the contents of an input file when the master cut it: its length, modification time
+/// and identity (device and inode). A map task compares the file it read with it, so that a file changed
+/// or replaced while the job runs fails the job instead of counting parts of two versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct FileVersion {
+    len: u64,
+    modified: (i64, i64),
+    dev: u64,
+    ino: u64,
+}
+
+impl FileVersion {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> FileVersion {
+        use std::os::unix::fs::MetadataExt;
+        FileVersion {
+            len: meta.len(),
+            modified: (meta.mtime(), meta.mtime_nsec()),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+}
+
 /// One input record: a line, without its `\n` (a `\r` before it, from a CRLF file, stays).
 #[derive(Debug, Clone, Copy)]
 pub struct Record<'a> {
@@ -129,13 +152,14 @@ fn split_size_at(remaining: u64, size: u64, workers: usize) -> u64 {
 }
 
 /// Cuts each file into splits of about `size` bytes (smaller near the end of the input, see
-/// [`split_size_at`]), each ending just after a newline (or at the end of the file). Empty files give no
-/// split.
+/// [`split_size_at`]), each ending just after a newline (or at the end of the file), with the version of
+/// the file it was cut from. Empty files give no split; a file whose length is no longer the one listed
+/// is an error (it changed while the job started).
 pub(crate) fn cut(
     files: &[(PathBuf, u64)],
     size: u64,
     workers: usize,
-) -> Result<Vec<Split>, MapReduceError> {
+) -> Result<Vec<(Split, FileVersion)>, MapReduceError> {
     let mut splits = Vec::new();
     let too_many = |n: usize| {
         MapReduceError::Config(format!(
@@ -150,6 +174,10 @@ pub(crate) fn cut(
             source,
         };
         let mut f = File::open(path).map_err(err)?;
+        let version = FileVersion::of(&f.metadata().map_err(err)?);
+        if version.len != *len {
+            return Err(err(changed()));
+        }
         let mut start = 0;
         while start < *len {
             let size = split_size_at(remaining, size, workers);
@@ -164,11 +192,14 @@ pub(crate) fn cut(
             if splits.len() >= crate::config::MAX_MAPS {
                 return Err(too_many(splits.len() + 1));
             }
-            splits.push(Split {
-                file: path.clone(),
-                start,
-                end,
-            });
+            splits.push((
+                Split {
+                    file: path.clone(),
+                    start,
+                    end,
+                },
+                version,
+            ));
             start = end;
         }
     }
@@ -206,8 +237,14 @@ pub(crate) const MIN_SPLIT_LIMIT: u64 = 64 << 20;
 /// Reads the bytes of `split` into `data` (replacing what it held), keeping its allocation: map tasks read
 /// split after split into kept buffers instead of a fresh mapping of the split's size each time, whose
 /// pages the kernel would have to zero and fault in again. A split longer than `limit` is an error (see
-/// [`MIN_SPLIT_LIMIT`]), and so is a file that has become shorter than the split.
-pub(crate) fn read_split_into(split: &Split, limit: u64, data: &mut Vec<u8>) -> Result<(), String> {
+/// [`MIN_SPLIT_LIMIT`]), and so is a file that is no longer `version` (when given) after the read, or has
+/// become shorter than the split.
+pub(crate) fn read_split_into(
+    split: &Split,
+    version: Option<&FileVersion>,
+    limit: u64,
+    data: &mut Vec<u8>,
+) -> Result<(), String> {
     if split.len() > limit {
         return Err(format!(
             "{} bytes {}..{}: a map task reads its split (whole lines) into memory, and this one is {} bytes, over the {limit}-byte limit (the larger of the per-task memory budget and 64 MiB); a line this long needs a larger memory budget",
@@ -237,7 +274,20 @@ pub(crate) fn read_split_into(split: &Split, limit: u64, data: &mut Vec<u8>) -> 
             format!("the file ended after {n} bytes of the split: it changed while the job ran"),
         )));
     }
+    // Looked at after the read, so that a change made while it read is seen too.
+    if let Some(version) = version {
+        if FileVersion::of(&f.metadata().map_err(what)?) != *version {
+            return Err(what(changed()));
+        }
+    }
     Ok(())
+}
+
+/// The error for an input file that is not what the job cut into splits.
+fn changed() -> std::io::Error {
+    std::io::Error::other(
+        "it changed while the job ran (its length, modification time or identity differ from when the job cut it into splits); run the job on input that does not change meanwhile",
+    )
 }
 
 /// The lines of `data` (without newlines) with their offsets in `data`; a last line without a newline
@@ -323,11 +373,11 @@ mod tests {
             let splits = cut(&files, size, 2).unwrap();
             let mut joined = Vec::new();
             let mut expect_start = 0;
-            for s in &splits {
+            for (s, version) in &splits {
                 assert_eq!(s.start, expect_start);
                 expect_start = s.end;
                 let mut data = Vec::new();
-                read_split_into(s, u64::MAX, &mut data).unwrap();
+                read_split_into(s, Some(version), u64::MAX, &mut data).unwrap();
                 assert_eq!(*data.last().unwrap(), b'\n', "split {s:?} ends mid-line");
                 joined.extend_from_slice(&data);
             }
@@ -381,12 +431,71 @@ mod tests {
         let files = expand(std::slice::from_ref(&path)).unwrap();
         let splits = cut(&files, 1 << 20, 1).unwrap();
         let mut data = Vec::with_capacity(1 << 16);
-        read_split_into(&splits[0], u64::MAX, &mut data).unwrap();
+        read_split_into(&splits[0].0, None, u64::MAX, &mut data).unwrap();
         assert_eq!(data, b"one line\nanother line\n");
         assert_eq!(data.capacity(), 1 << 16, "the buffer's allocation is kept");
         std::fs::write(&path, "one line\n").unwrap();
-        let e = read_split_into(&splits[0], u64::MAX, &mut data).unwrap_err();
+        let e = read_split_into(&splits[0].0, None, u64::MAX, &mut data).unwrap_err();
         assert!(e.contains("changed while the job ran"), "{e}");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_split_of_a_file_changed_or_replaced_meanwhile_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("dsm-mr-changed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("in.txt");
+        let text = "one line\nanother line\n";
+        let reads = |splits: &[(Split, FileVersion)]| {
+            let mut data = Vec::new();
+            read_split_into(&splits[0].0, Some(&splits[0].1), u64::MAX, &mut data).map(|_| data)
+        };
+        let fresh = || {
+            std::fs::write(&path, text).unwrap();
+            let files = expand(std::slice::from_ref(&path)).unwrap();
+            cut(&files, 1 << 20, 1).unwrap()
+        };
+        let splits = fresh();
+        assert_eq!(reads(&splits).unwrap(), text.as_bytes());
+        // Rewritten with as many bytes (and a modification time of its own, whatever the clock's grain).
+        std::fs::write(&path, text.to_uppercase()).unwrap();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(7))
+            .unwrap();
+        let e = reads(&splits).unwrap_err();
+        assert!(e.contains("changed while the job ran"), "{e}");
+        // Grown: the split's bytes are still there, but the file is not the one cut.
+        let splits = fresh();
+        File::options()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"more\n")
+            .unwrap();
+        assert!(reads(&splits)
+            .unwrap_err()
+            .contains("changed while the job ran"));
+        // Replaced by another file of the same length and modification time.
+        let splits = fresh();
+        let other = dir.join("other.txt");
+        std::fs::write(&other, text).unwrap();
+        let when = std::fs::metadata(&path).unwrap().modified().unwrap();
+        File::options()
+            .write(true)
+            .open(&other)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        assert!(reads(&splits)
+            .unwrap_err()
+            .contains("changed while the job ran"));
+        // Untouched, it reads.
+        let splits = fresh();
+        assert_eq!(reads(&splits).unwrap(), text.as_bytes());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

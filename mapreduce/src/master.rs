@@ -8,7 +8,7 @@
 //! attempt that was since replaced is ignored, and counters count each map and each partition once.
 
 use crate::emit::Counters;
-use crate::input::Split;
+use crate::input::{FileVersion, Split};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -20,6 +20,8 @@ pub(crate) enum Task {
     Map {
         index: u32,
         split: Split,
+        /// The version of the split's file when the job cut it, when the master knows it.
+        version: Option<FileVersion>,
         partitions: u32,
     },
     /// Reduce `partition`, whose runs are at `sources`, into a file in `output`.
@@ -110,6 +112,8 @@ pub(crate) enum Step {
 #[derive(Debug)]
 pub(crate) struct Master {
     splits: Vec<Split>,
+    /// The versions of the splits' files, by split (see [`Master::with_versions`]).
+    versions: Vec<Option<FileVersion>>,
     output: PathBuf,
     maps: Vec<MapState>,
     map_stats: Vec<Option<MapStats>>,
@@ -140,6 +144,7 @@ pub(crate) struct Totals {
 impl Master {
     pub(crate) fn new(splits: Vec<Split>, partitions: u32, output: PathBuf) -> Master {
         Master {
+            versions: vec![None; splits.len()],
             maps: vec![MapState::Running(u64::MAX); splits.len()],
             map_stats: vec![None; splits.len()],
             reduces: vec![ReduceState::Blocked; partitions as usize],
@@ -151,6 +156,14 @@ impl Master {
             done_reduces: 0,
             redone: 0,
         }
+    }
+
+    /// Gives each split the version of its file when the job cut it (`versions` by split): a map task
+    /// fails if the file it reads is no longer that one.
+    pub(crate) fn with_versions(mut self, versions: Vec<Option<FileVersion>>) -> Master {
+        assert_eq!(versions.len(), self.splits.len(), "one version per split");
+        self.versions = versions;
+        self
     }
 
     /// The first tasks: every map (and, when there is no input, every reduce).
@@ -174,6 +187,7 @@ impl Master {
         let task = Task::Map {
             index: index as u32,
             split: self.splits[index].clone(),
+            version: self.versions[index],
             partitions: self.reduces.len() as u32,
         };
         (id, task)

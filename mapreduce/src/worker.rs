@@ -8,7 +8,7 @@
 //! file and byte, or the key); it never takes the rank down.
 
 use crate::emit::{Counters, Emitter};
-use crate::input::{self, Record, Split};
+use crate::input::{self, FileVersion, Record, Split};
 use crate::master::{Source, Task, TaskResult};
 use crate::runs::{self, RunReader};
 use crate::shuffle::{self, FetchError, RunId};
@@ -183,8 +183,11 @@ impl<J: Job> Worker<'_, J> {
         // what is left (a partitioner or combiner panicking while output is sorted and written).
         let outcome = catch_unwind(AssertUnwindSafe(|| match task {
             Task::Map {
-                split, partitions, ..
-            } => self.map(id, &split, partitions as usize),
+                split,
+                version,
+                partitions,
+                ..
+            } => self.map(id, &split, version.as_ref(), partitions as usize),
             Task::Reduce {
                 partition,
                 sources,
@@ -248,10 +251,17 @@ impl<J: Job> Worker<'_, J> {
         }
     }
 
-    fn map(&self, id: u64, split: &Split, partitions: usize) -> Result<TaskResult, String> {
+    fn map(
+        &self,
+        id: u64,
+        split: &Split,
+        version: Option<&FileVersion>,
+        partitions: usize,
+    ) -> Result<TaskResult, String> {
         // A kept buffer: taken for this map, given back after it (unless a long line made it large).
         let mut data = lock(&self.buffers).pop().unwrap_or_default();
-        input::read_split_into(split, self.budget.max(input::MIN_SPLIT_LIMIT), &mut data)?;
+        let limit = self.budget.max(input::MIN_SPLIT_LIMIT);
+        input::read_split_into(split, version, limit, &mut data)?;
         let result = self.map_split(id, split, &data, partitions);
         if data.capacity() as u64 <= KEPT_BUFFER.min(self.budget) {
             lock(&self.buffers).push(data);

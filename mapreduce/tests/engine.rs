@@ -554,6 +554,65 @@ fn a_panic_in_the_job_fails_it_with_where_it_happened() {
     });
 }
 
+/// Word count whose first map rewrites its input file: as many bytes, other words, another modification
+/// time (a file changed while the job runs).
+struct Rewriter {
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl Job for Rewriter {
+    type Key = String;
+    type Value = u64;
+    type Output = u64;
+    fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, String, u64>) {
+        if !self.done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let text = std::fs::read(record.file).unwrap().to_ascii_uppercase();
+            std::fs::write(record.file, text).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(record.file)
+                .unwrap()
+                .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(7))
+                .unwrap();
+        }
+        Words.map(record, emit)
+    }
+    fn combiner(&self) -> Option<Combiner<u64>> {
+        Words.combiner()
+    }
+    fn reduce(&self, k: &String, counts: Vec<u64>, c: &mut Counters) -> Option<u64> {
+        Words.reduce(k, counts, c)
+    }
+}
+
+#[test]
+fn an_input_changed_while_the_job_runs_fails_it_naming_the_file() {
+    let dir = scratch("changed");
+    let input = dir.join("changing.txt");
+    let text: String = (0..400).map(|i| format!("line {i} of words\n")).collect();
+    std::fs::write(&input, &text).unwrap();
+    let (rt, space) = one_rank();
+    let mr = MapReduce::new(&space).unwrap();
+    let job = Rewriter {
+        done: std::sync::atomic::AtomicBool::new(false),
+    };
+    // Splits of about 1 KiB, taken one at a time: the splits after the first read the rewritten file.
+    let config = JobConfig::new(dir.join("out"))
+        .input(&input)
+        .split_size(1024)
+        .threads(1)
+        .progress(ProgressMode::Never);
+    let e = mr.run(&job, &config).unwrap_err().to_string();
+    assert!(
+        e.contains("changed while the job ran") && e.contains("changing.txt"),
+        "{e}"
+    );
+    assert!(!dir.join("out").exists(), "a failed job leaves no output");
+    drop(mr);
+    drop(space);
+    rt.finish().unwrap();
+}
+
 /// A job of one rank on this thread, with its tuple space (for tests that need the engine outside
 /// `run_local_job`).
 fn one_rank() -> (Runtime, TupleSpace) {
