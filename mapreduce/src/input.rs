@@ -32,13 +32,14 @@ impl Split {
 }
 
 /// What identifies the contents of an input file when the master cut it: its length, modification time
-/// and identity (device and inode). A map task compares the file it read with it, so that a file changed
-/// or replaced while the job runs fails the job instead of counting parts of two versions.
+/// and inode. A map task compares the file it read with it, so that a file changed or replaced while the
+/// job runs fails the job instead of counting parts of two versions. (Not the device: ranks on other
+/// hosts see a shared file system under device numbers of their own; its inodes and times are the
+/// server's.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct FileVersion {
     len: u64,
     modified: (i64, i64),
-    dev: u64,
     ino: u64,
 }
 
@@ -48,7 +49,6 @@ impl FileVersion {
         FileVersion {
             len: meta.len(),
             modified: (meta.mtime(), meta.mtime_nsec()),
-            dev: meta.dev(),
             ino: meta.ino(),
         }
     }
@@ -286,7 +286,7 @@ pub(crate) fn read_split_into(
 /// The error for an input file that is not what the job cut into splits.
 fn changed() -> std::io::Error {
     std::io::Error::other(
-        "it changed while the job ran (its length, modification time or identity differ from when the job cut it into splits); run the job on input that does not change meanwhile",
+        "it changed while the job ran (its length, modification time or inode differ from when the job cut it into splits); run the job on input that does not change meanwhile",
     )
 }
 
