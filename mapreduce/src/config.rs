@@ -82,7 +82,8 @@ impl JobConfig {
 
     /// Adds splits chosen by the caller, taken as they are: each becomes one map task, which reads its byte
     /// range line by line (a line that crosses a split's end is cut there, so start and end splits at line
-    /// boundaries). Their files are checked before the job starts, like other inputs.
+    /// boundaries). Their files are checked before the job starts, like other inputs, and must not change
+    /// while it runs (a change anywhere in a file fails the job, as for files given as inputs).
     pub fn splits(mut self, splits: impl IntoIterator<Item = Split>) -> JobConfig {
         self.splits.extend(splits);
         self

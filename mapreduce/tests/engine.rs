@@ -608,6 +608,28 @@ fn an_input_changed_while_the_job_runs_fails_it_naming_the_file() {
         "{e}"
     );
     assert!(!dir.join("out").exists(), "a failed job leaves no output");
+    // Files given as inputs and as splits in one job, none changing: each split is checked against its
+    // own file's version (two files of different lengths, so that a version given to the wrong split
+    // fails the job).
+    let (a, b) = (dir.join("a.txt"), dir.join("b.txt"));
+    std::fs::write(&a, "alpha beta\n".repeat(300)).unwrap();
+    std::fs::write(&b, "gamma\n".repeat(100)).unwrap();
+    let split = Split {
+        file: b.clone(),
+        start: 0,
+        end: 600,
+    };
+    let config = JobConfig::new(dir.join("both"))
+        .input(&a)
+        .splits([split])
+        .input(&input)
+        .split_size(1024)
+        .partitions(1)
+        .progress(ProgressMode::Never);
+    mr.run(&Words, &config).unwrap();
+    let counts = read_output(&dir.join("both"), 1);
+    assert_eq!(counts.get("gamma").map(String::as_str), Some("100"));
+    assert_eq!(counts.get("alpha").map(String::as_str), Some("300"));
     drop(mr);
     drop(space);
     rt.finish().unwrap();
