@@ -941,8 +941,9 @@ impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
         unsafe { self.ptr(i).write_volatile(value) }
     }
 
-    /// The byte range of elements `start..start + len`, which must lie within the vector.
-    fn bytes_of(&self, start: usize, len: usize) -> std::ops::Range<usize> {
+    /// The byte range of elements `start..start + len`, which must lie within the vector, announced to the
+    /// fault handler as about to be touched (`write`: to be written); `None` when it is empty.
+    fn announce(&self, start: usize, len: usize, write: bool) -> Option<std::ops::Range<usize>> {
         assert!(
             start.checked_add(len).is_some_and(|end| end <= self.len),
             "elements {start}..{} out of range for a GlobalVec of {} elements",
@@ -950,19 +951,22 @@ impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
             self.len
         );
         let size = std::mem::size_of::<T>();
-        start * size..(start + len) * size
+        let bytes = start * size..(start + len) * size;
+        if bytes.is_empty() {
+            return None;
+        }
+        self.region.inner.announce(bytes.start, bytes.end, write);
+        Some(bytes)
     }
 
     /// Copies `src` into elements `start..start + src.len()`.
     ///
     /// The pages are taken as the copy reaches them, each run of pages with one home in one request (up to
-    /// the read-ahead window; see [`Region::announce`](crate::Region)), not a page at a time.
+    /// the read-ahead window, [`Dsm::readahead`](crate::Dsm::readahead)), not a page at a time.
     pub fn write_slice(&self, start: usize, src: &[T]) {
-        let bytes = self.bytes_of(start, src.len());
-        if bytes.is_empty() {
+        let Some(bytes) = self.announce(start, src.len(), true) else {
             return;
-        }
-        self.region.inner.announce(bytes.start, bytes.end, true);
+        };
         // SAFETY: the destination is the bytes of `src.len()` elements inside the region (checked above),
         // mapped for the region's lifetime (faults are resolved by the SIGBUS handler as the copy goes);
         // `src` is a separate Rust slice of the same length, so the two do not overlap. As with `set`, the
@@ -980,11 +984,9 @@ impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
     /// Copies elements `start..start + out.len()` into `out`, taking the pages it needs as
     /// [`write_slice`](Self::write_slice) does.
     pub fn read_slice(&self, start: usize, out: &mut [T]) {
-        let bytes = self.bytes_of(start, out.len());
-        if bytes.is_empty() {
+        let Some(bytes) = self.announce(start, out.len(), false) else {
             return;
-        }
-        self.region.inner.announce(bytes.start, bytes.end, false);
+        };
         // SAFETY: as in `write_slice`, with the region as the source; `out` is an exclusive Rust slice, and
         // any bytes are a valid `T` (`T: Pod`).
         unsafe {
@@ -1003,11 +1005,10 @@ impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
     /// that reads a large part of a remote region can prefetch it piece by piece beside the computation
     /// that needs it.
     pub fn prefetch(&self, range: std::ops::Range<usize>) {
-        let bytes = self.bytes_of(range.start, range.end.saturating_sub(range.start));
-        if bytes.is_empty() {
+        let Some(bytes) = self.announce(range.start, range.end.saturating_sub(range.start), false)
+        else {
             return;
-        }
-        self.region.inner.announce(bytes.start, bytes.end, false);
+        };
         let mut at = bytes.start;
         while at < bytes.end {
             // SAFETY: `at` is inside the region (within the checked range), any byte is a valid `u8`, and
