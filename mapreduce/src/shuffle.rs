@@ -121,7 +121,17 @@ fn serve(root: &Path, payload: &[u8]) -> Vec<u8> {
     let read = || -> Result<Vec<u8>, String> {
         let fetch: Fetch =
             postcard::from_bytes(payload).map_err(|e| format!("a malformed fetch: {e}"))?;
-        let mut out = vec![0u8];
+        // Room for what the answer will carry (the runs' sizes on disk, up to the chunk), so that reading
+        // them does not grow the buffer by doubling, copying what it holds each time.
+        let on_disk: u64 = fetch
+            .runs
+            .iter()
+            .map(|r| std::fs::metadata(r.path(root)).map_or(0, |m| m.len()))
+            .sum();
+        let carried = on_disk.saturating_sub(fetch.offset).min(CHUNK as u64) as usize;
+        let headers = fetch.runs.len().saturating_mul(PIECE_HEADER);
+        let mut out = Vec::with_capacity((1 + carried).saturating_add(headers).min(2 * CHUNK));
+        out.push(0u8);
         let mut room = CHUNK as u64;
         let mut offset = fetch.offset;
         for (index, run) in fetch.runs.iter().enumerate() {
