@@ -797,7 +797,8 @@ impl Dsm {
     }
 
     /// Leaves the job: a final barrier (so that every rank is done with every page), then `Goodbye` on every
-    /// connection. Called by `drop`; call it yourself to see its error.
+    /// connection. Called by `drop`; call it yourself to see its error. Under [`FailurePolicy::Report`], a
+    /// job that has lost a rank skips the barrier (or has it fail) and the ranks left finish without error.
     pub fn finish(mut self) -> Result<()> {
         self.shutdown()
     }
@@ -814,7 +815,12 @@ impl Dsm {
         let result = if failing {
             Err(DsmError::LeftWhilePanicking)
         } else if self.failed_ranks().is_empty() {
-            s.barrier_tagged(0x5707)
+            match s.barrier_tagged(0x5707) {
+                // A rank failed, and the barrier said so before this rank's own connections did: under
+                // `Report` that is the branch below (the others finish), however the news came.
+                Err(DsmError::PeerFailed { .. }) if s.policy == FailurePolicy::Report => Ok(()),
+                other => other,
+            }
         } else {
             Ok(())
         };
