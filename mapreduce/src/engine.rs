@@ -370,7 +370,6 @@ impl MapReduce {
         let (mut splits, mut versions): (Vec<_>, Vec<_>) =
             input::cut(&files, config.split_size, workers)?
                 .into_iter()
-                .map(|(split, version)| (split, Some(version)))
                 .unzip();
         for s in &config.splits {
             let err = |source| MapReduceError::Input {
@@ -387,7 +386,7 @@ impl MapReduce {
             }
             let opened = std::fs::File::open(&s.file).map_err(err)?;
             let meta = opened.metadata().map_err(err)?;
-            versions.push(Some(input::FileVersion::of(&meta)));
+            versions.push(input::FileVersion::of(&meta));
             let len = meta.len();
             if s.start > s.end || s.end > len {
                 return Err(MapReduceError::Config(format!(

@@ -160,9 +160,9 @@ impl Master {
 
     /// Gives each split the version of its file when the job cut it (`versions` by split): a map task
     /// fails if the file it reads is no longer that one.
-    pub(crate) fn with_versions(mut self, versions: Vec<Option<FileVersion>>) -> Master {
+    pub(crate) fn with_versions(mut self, versions: Vec<FileVersion>) -> Master {
         assert_eq!(versions.len(), self.splits.len(), "one version per split");
-        self.versions = versions;
+        self.versions = versions.into_iter().map(Some).collect();
         self
     }
 

@@ -508,10 +508,13 @@ fn main() -> anyhow::Result<()> {
             for placement in placements {
                 let v = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, placement, model)?;
                 let home = |p: usize| v.region().home_of(dsm::PageId(p as u64));
-                // The homes a range of pages needs a fault from: every home but this rank, whose own pages
-                // are here (it wrote them).
-                let remote_homes = |pages: std::ops::Range<usize>| {
-                    let mut h: Vec<_> = pages.map(home).filter(|&h| h != rt.rank()).collect();
+                // How many homes the pages have, leaving out this rank with `but_mine` (when it wrote its
+                // own pages, which are then here and take no fault).
+                let homes = |pages: std::ops::Range<usize>, but_mine: bool| {
+                    let mut h: Vec<_> = pages
+                        .map(home)
+                        .filter(|&h| !(but_mine && h == rt.rank()))
+                        .collect();
                     h.sort();
                     h.dedup();
                     h.len() as u64
@@ -553,7 +556,7 @@ fn main() -> anyhow::Result<()> {
                     let mut got = vec![0; to - from];
                     let before = faults();
                     v.read_slice(from, &mut got);
-                    let (reads, want) = (faults().0 - before.0, remote_homes(3..341));
+                    let (reads, want) = (faults().0 - before.0, homes(3..341, true));
                     ensure!(
                         reads == want,
                         "reading pages 3..=340 took {reads} faults, not {want} ({placement:?}, {model:?})"
@@ -567,7 +570,7 @@ fn main() -> anyhow::Result<()> {
                     let prefetched = 345 * WORDS_PER_PAGE..pages * WORDS_PER_PAGE;
                     let before = faults();
                     v.prefetch(prefetched.clone());
-                    let (reads, want) = (faults().0 - before.0, remote_homes(345..pages));
+                    let (reads, want) = (faults().0 - before.0, homes(345..pages, true));
                     ensure!(
                         reads == want,
                         "prefetching pages 345..400 took {reads} faults, not {want} ({placement:?}, {model:?})"
@@ -591,13 +594,7 @@ fn main() -> anyhow::Result<()> {
                 if me == 0 {
                     let before = faults();
                     w.write_slice(from, &words(2..31));
-                    let homes = {
-                        let mut h: Vec<_> = (2..31).map(home).collect();
-                        h.sort();
-                        h.dedup();
-                        h.len() as u64
-                    };
-                    let writes = faults().1 - before.1;
+                    let (writes, homes) = (faults().1 - before.1, homes(2..31, false));
                     if model == dsm::Consistency::Sequential {
                         ensure!(
                             writes == homes,

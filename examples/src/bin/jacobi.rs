@@ -64,11 +64,13 @@ fn main() -> anyhow::Result<()> {
         let (a, b) = unsafe { (from.as_slice(), to.as_mut_slice()) };
         // The neighbours' rows next to this block, each in one request (they changed in the last
         // iteration, so the barrier dropped them here).
-        if lo > 0 && lo < hi {
-            from.prefetch((lo - 1) * n..lo * n);
-        }
-        if hi < n && lo < hi {
-            from.prefetch(hi * n..(hi + 1) * n);
+        if lo < hi {
+            if lo > 0 {
+                from.prefetch((lo - 1) * n..lo * n);
+            }
+            if hi < n {
+                from.prefetch(hi * n..(hi + 1) * n);
+            }
         }
         for i in lo.max(1)..hi.min(n - 1) {
             for j in 1..n - 1 {

@@ -9,8 +9,8 @@
 //! Each rank reads B where it is, in the shared region: a helper thread prefetches it in order, a band of
 //! `K_TILE` rows at a time (`GlobalVec::prefetch`: a band homed elsewhere comes in one request; the rows
 //! homed here are here already), while the rank computes its first block, whose tiles of B are taken band
-//! by band as they arrive. Blocks are computed with a cache-blocked kernel: a tile of B's rows is reused across a block of
-//! C's rows while it is in cache. On a CPU with AVX2 and FMA (checked at run time) blocks of 4 x 8
+//! by band as they arrive. Blocks are computed with a cache-blocked kernel: a tile of B's rows is reused
+//! across a block of C's rows while it is in cache. On a CPU with AVX2 and FMA (checked at run time) blocks of 4 x 8
 //! elements of C stay in registers across the tile (about 23 GFLOP/s on one core of this project's
 //! machine, against 7 for the loop along contiguous rows that other CPUs run). Every element of C gets its
 //! terms in the same order (by k) on every path, and the check uses the same kernel on the whole matrix,
