@@ -568,7 +568,10 @@ fn a_job_runs_without_root() {
 #[test]
 fn jacobi_matches_a_single_rank_run() {
     let jacobi = env!("CARGO_BIN_EXE_jacobi");
-    let args = ["--n", "96", "--iters", "30"];
+    // Heat spreads from the top edge a row per iteration: after 80 iterations it has reached every
+    // boundary between blocks at 2 to 4 ranks (the deepest is row 48), so a rank that got its neighbours'
+    // rows wrong changes the checksum. (Rows it has not reached yet are exactly zero everywhere.)
+    let args = ["--n", "64", "--iters", "80"];
     let checksum = |out: &str| {
         out.lines()
             .find_map(|l| l.split_once("checksum ").map(|(_, c)| c.to_string()))
@@ -578,18 +581,25 @@ fn jacobi_matches_a_single_rank_run() {
     assert_eq!(one.code, 0, "{out1}");
     let expected = checksum(&out1);
     for model in ["sequential", "release"] {
-        for n in [2, 3, 4] {
+        // The default fusion (4 iterations a step), one iteration a step, one that does not divide 80 (the
+        // last step has 3), and steps that reach past the next rank's block into the one after (16 rows a
+        // rank at 4 ranks).
+        for (n, fuse) in [(2, "4"), (3, "4"), (4, "4"), (2, "1"), (3, "7"), (4, "30")] {
             let mut with_model = args.to_vec();
-            with_model.extend(["--consistency", model]);
+            with_model.extend(["--consistency", model, "--fuse", fuse]);
             let (o, out) = job(jacobi, n, &with_model);
             assert_eq!(o.code, 0, "{out}");
             assert_eq!(
                 checksum(&out),
                 expected,
-                "jacobi at {n} ranks under {model} consistency"
+                "jacobi at {n} ranks under {model} consistency, {fuse} iterations a step"
             );
         }
     }
+    // One rank relaxing one iteration at a time computes the same bits as the fused default.
+    let (o, out) = job(jacobi, 1, &[&args[..], &["--fuse", "1"]].concat());
+    assert_eq!(o.code, 0, "{out}");
+    assert_eq!(checksum(&out), expected, "one rank, one iteration a step");
     // The relaxation really ran: heat spread from the top edge into the grid.
     let bits = expected
         .split("bits ")
@@ -598,7 +608,7 @@ fn jacobi_matches_a_single_rank_run() {
         .trim_end_matches(')');
     let sum = f64::from_bits(u64::from_str_radix(bits.trim_start_matches("0x"), 16).unwrap());
     assert!(
-        sum > 96.0 + 1.0,
+        sum > 64.0 + 1.0,
         "checksum {sum}: more than the top edge alone"
     );
 }
