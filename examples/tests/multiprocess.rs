@@ -1174,6 +1174,79 @@ fn wordcount_reports_bad_input_and_an_existing_output() {
     let _ = std::fs::remove_dir_all(&out_dir);
 }
 
+/// Without inputs every rank counts the sample text from its own temporary directory: on different hosts,
+/// a file at the same path but a copy of its own. The copies must agree with the master's in length and
+/// modification time (a job fails when an input changes while it runs). Here each rank runs in a mount
+/// namespace of its own, with its own directory mounted at one path, and rank 1's copy is an older one:
+/// the same bytes, an earlier time. It once kept that copy, and every map it took failed the job.
+#[test]
+fn wordcount_counts_the_sample_from_each_hosts_own_copy() {
+    let base = fresh_output("own-sample");
+    let out_dir = base.join("out");
+    for dir in ["tmp0", "tmp1", "shared"] {
+        std::fs::create_dir_all(base.join(dir)).unwrap();
+    }
+    let text = std::fs::read(sample()).unwrap();
+    let old = base
+        .join("tmp1")
+        .join(format!("dsm-wordcount-sample-{}.txt", text.len()));
+    std::fs::write(&old, &text).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000))
+        .unwrap();
+    // Small splits, so that rank 1 takes maps too.
+    let line = in_own_directory(
+        &base,
+        &format!(
+            "TMPDIR={}/shared exec {WORDCOUNT} --top 0 --split-size 16384 --output {}",
+            base.display(),
+            out_dir.display()
+        ),
+    );
+    let (o, out) = job("/bin/sh", 2, &["-c", &line]);
+    assert_eq!(o.code, 0, "{out}");
+    assert_eq!(output_counts(&out_dir), pipeline_counts(&sample()));
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// A shell command line that runs `command` in a mount namespace of its own, with `base/tmpR` (R the
+/// rank) mounted at `base/shared`: each rank finds its own files at one path, as ranks on different
+/// hosts do when a directory is not shared between them.
+fn in_own_directory(base: &Path, command: &str) -> String {
+    let b = base.display();
+    format!("exec unshare --mount sh -c 'mount --bind {b}/tmp$DSM_RANK {b}/shared && {command}'")
+}
+
+/// An output directory that is not the same for every rank: a part file written where the master does not
+/// look fails the job, which would otherwise mark its output complete without it.
+#[test]
+fn wordcount_fails_when_a_part_is_written_where_the_master_does_not_look() {
+    let base = fresh_output("unshared-output");
+    for dir in ["tmp0", "tmp1/out", "shared"] {
+        std::fs::create_dir_all(base.join(dir)).unwrap();
+    }
+    // Many partitions, so that rank 1 reduces some.
+    let line = in_own_directory(
+        &base,
+        &format!(
+            "exec {WORDCOUNT} {} --top 0 --partitions 8 --output {}/shared/out",
+            sample().display(),
+            base.display()
+        ),
+    );
+    let (o, out) = job("/bin/sh", 2, &["-c", &line]);
+    assert_ne!(o.code, 0, "{out}");
+    assert!(
+        out.contains("is not there") && out.contains("same path"),
+        "{out}"
+    );
+    assert!(!base.join("tmp0/out").join(dsm_mapreduce::SUCCESS).exists());
+    let _ = std::fs::remove_dir_all(&base);
+}
+
 /// Processes whose command line is exactly `words`.
 fn running(words: &[&str]) -> usize {
     let want: Vec<u8> = words

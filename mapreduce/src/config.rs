@@ -45,6 +45,10 @@ pub const MAX_PARTITIONS: usize = 1 << 16;
 /// partition, where that output is (about 7 bytes each), in one task of at most the tuple space's 1 MiB
 /// field.
 pub const MAX_MAPS: usize = 131_072;
+
+/// The most threads a rank runs a job with (`JobConfig::threads`): each is a worker and a thread of the
+/// rank's pool.
+pub const MAX_THREADS: usize = 1024;
 /// The default most runs a reduce merges at once.
 pub const DEFAULT_MERGE_FAN_IN: usize = 128;
 
@@ -154,8 +158,11 @@ impl JobConfig {
                 self.partitions.unwrap_or(0),
             ));
         }
-        if self.threads == Some(0) {
-            return Err("the number of threads must be 1 or more".into());
+        if self.threads == Some(0) || self.threads.is_some_and(|t| t > MAX_THREADS) {
+            return Err(format!(
+                "{} threads a rank: use 1 to {MAX_THREADS}",
+                self.threads.unwrap_or(0)
+            ));
         }
         if self.merge_fan_in < 2 {
             return Err(format!(

@@ -204,6 +204,41 @@ impl MapReduce {
             .expect("some suffix hashes to every rank")
     }
 
+    /// The key of the marks other ranks put once their workers of job `job_id` have returned (homed at rank
+    /// 0, where the master takes them).
+    fn stopped_key(&self, job_id: u64) -> String {
+        (0u64..)
+            .map(|k| format!("mapreduce-{job_id}-stopped#{k}"))
+            .find(|k| self.space.home_of(Some(&k.as_str().into()), 2) == Rank(0))
+            .expect("some suffix hashes to every rank")
+    }
+
+    /// Waits until every other rank's workers of job `job_id` have returned (each rank says so with a
+    /// mark) or the rank has failed. After that no task of the job runs anywhere, so no part file can
+    /// appear in the output any more: a reduce still running when another failed the job has finished.
+    fn wait_for_workers(&self, job_id: u64) -> Result<(), MapReduceError> {
+        let dsm = self.space.dsm();
+        let key = self.stopped_key(job_id);
+        let mut stopped = vec![false; dsm.size()];
+        stopped[dsm.rank().index()] = true;
+        loop {
+            let failed = dsm.failed_ranks();
+            let waiting = (0..dsm.size()).any(|r| !stopped[r] && !failed.contains(&Rank(r as u32)));
+            if !waiting {
+                return Ok(());
+            }
+            let mark = self
+                .space
+                .in_timeout(&template!(key.as_str(), ?u64), STOPPED_LOOK)?;
+            if let Some(t) = mark {
+                let rank = t.get::<u64>(1).map_err(RuntimeError::from)?;
+                if let Some(s) = usize::try_from(rank).ok().and_then(|r| stopped.get_mut(r)) {
+                    *s = true;
+                }
+            }
+        }
+    }
+
     /// Tells every rank how job `job_id` ended (rank 0, after stopping the farm).
     fn publish(&self, job_id: u64, outcome: &Result<(), String>) -> Result<(), MapReduceError> {
         let key = self.outcome_key(job_id);
@@ -237,9 +272,11 @@ impl MapReduce {
             }
         };
         let served: Vec<_> = std::thread::scope(|s| {
-            let others: Vec<_> = (1..threads)
-                .map(|_| s.spawn(|| farm.serve(|id, task: Task| worker.run(id, task))))
-                .collect();
+            let others = match spawn_workers(s, threads - 1, farm, worker) {
+                Ok(others) => others,
+                // This rank takes no task: the others do them all.
+                Err(e) => return vec![Err(e)],
+            };
             let mine = farm.serve(|id, task: Task| worker.run(id, task));
             let mut all: Vec<_> = others
                 .into_iter()
@@ -255,6 +292,12 @@ impl MapReduce {
             all.push(mine);
             all
         });
+        // The master cleans up after a failed job only once no reduce of this rank can still rename a
+        // part file into the output. (If it is gone, reading the outcome below says so.)
+        let me = self.space.dsm().rank().0 as u64;
+        let _ = self
+            .space
+            .out(tuple!(self.stopped_key(job_id).as_str(), me));
         for s in served {
             s.map_err(lost)?;
         }
@@ -287,20 +330,31 @@ impl MapReduce {
         // Whether this job made the output directory: a failed job then removes it too.
         let mut made_dir = false;
         let outcome = std::thread::scope(|s| {
-            let ours: Vec<_> = (0..threads)
-                .map(|_| s.spawn(|| farm.serve(|id, task: Task| worker.run(id, task))))
-                .collect();
-            let outcome = self.prepare(config).and_then(|(master, made)| {
-                ours_to_clear = true;
-                made_dir = made;
-                self.drive(master, farm, config, started)
-            });
+            let (ours, outcome) = match spawn_workers(s, threads, farm, worker) {
+                Ok(ours) => {
+                    let outcome = self.prepare(config).and_then(|(master, made)| {
+                        ours_to_clear = true;
+                        made_dir = made;
+                        self.drive(master, farm, config, started)
+                    });
+                    (ours, outcome)
+                }
+                Err(e) => (Vec::new(), Err(MapReduceError::from(e))),
+            };
             // Stop the farm whatever happened, so that every worker (this rank's among them) returns; tasks
             // still in the bag (after a failure, or maps redone for partitions written since) are dropped.
-            let stopped = farm.withdraw().and_then(|_| farm.stop());
+            let withdrawn = farm.withdraw();
+            let stopped = farm.stop();
             let served: Vec<_> = ours.into_iter().map(|t| t.join()).collect();
+            let all_stopped = stopped
+                .and(withdrawn)
+                .map_err(MapReduceError::from)
+                .and_then(|_| {
+                    // Before anything is cleaned up or published.
+                    self.wait_for_workers(job_id)
+                });
             outcome.and_then(|o| {
-                stopped?;
+                all_stopped?;
                 for s in served {
                     match s {
                         Ok(r) => r.map(|_| ()).map_err(MapReduceError::from)?,
@@ -315,8 +369,19 @@ impl MapReduce {
             })
         });
         // The output is complete only with its marker: a job that failed leaves none, and its part files
-        // are removed (best effort: a rank still finishing a reduce may rename one in after this).
+        // are removed (every rank's workers have returned: none can rename one in after this).
         let outcome = outcome.and_then(|o| {
+            // Every reducer said it wrote its part: one missing here was written where this rank does not
+            // look (an output directory that is not shared between hosts).
+            for p in 0..o.0.reduces() {
+                let part = config.output.join(format!("part-{p:05}"));
+                if !part.exists() {
+                    return Err(MapReduceError::TaskFailed(format!(
+                        "partition {p} was reduced, but {} is not there: every rank must see the output directory at the same path (a directory shared between hosts)",
+                        part.display()
+                    )));
+                }
+            }
             let marker = config.output.join(SUCCESS);
             std::fs::File::create(&marker)
                 .and_then(|f| f.sync_all())
@@ -365,8 +430,13 @@ impl MapReduce {
                 "no input: give input files, directories or splits".into(),
             ));
         }
-        let files = input::expand(&config.inputs)?;
-        let workers = self.space.dsm().size() * config.threads_for(self.space.dsm().size());
+        // Paths go to other ranks as the master names them: absolute, so that a rank started in another
+        // working directory (mpirun on another host) reads and writes the same files.
+        let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let inputs: Vec<PathBuf> = config.inputs.iter().map(|p| absolute(p)).collect();
+        let files = input::expand(&inputs)?;
+        let size = self.space.dsm().size();
+        let workers = size.saturating_mul(config.threads_for(size));
         let (mut splits, mut versions): (Vec<_>, Vec<_>) =
             input::cut(&files, config.split_size, workers)?
                 .into_iter()
@@ -397,7 +467,10 @@ impl MapReduce {
                 )));
             }
         }
-        splits.extend(config.splits.iter().cloned());
+        splits.extend(config.splits.iter().map(|s| input::Split {
+            file: absolute(&s.file),
+            ..s.clone()
+        }));
         // Paths travel with the tasks as text: one that is not UTF-8 is refused here, naming it, before
         // the output is touched (nothing is written or removed).
         let paths = files.iter().map(|(p, _)| p);
@@ -444,7 +517,7 @@ impl MapReduce {
             .unwrap_or_else(|| default_partitions(size, config.threads_for(size)))
             .max(1);
         Ok((
-            Master::new(splits, partitions as u32, out.clone()).with_versions(versions),
+            Master::new(splits, partitions as u32, absolute(out)).with_versions(versions),
             made,
         ))
     }
@@ -500,6 +573,34 @@ impl MapReduce {
         Ok((master, map_time.unwrap_or_else(|| started.elapsed())))
     }
 }
+
+/// Starts `n` threads that serve `farm`'s tasks with `worker`. A thread that cannot be started is an
+/// error; the ones started serve until the farm stops (the scope waits for them).
+fn spawn_workers<'scope, 'env, J: Job>(
+    s: &'scope std::thread::Scope<'scope, 'env>,
+    n: usize,
+    farm: &'env TaskFarm,
+    worker: &'env Worker<'env, J>,
+) -> Result<Vec<std::thread::ScopedJoinHandle<'scope, Result<usize, RuntimeError>>>, RuntimeError> {
+    (0..n)
+        .map(|i| {
+            std::thread::Builder::new()
+                .name(format!("dsm-mr-worker-{i}"))
+                .spawn_scoped(s, || farm.serve(|id, task: Task| worker.run(id, task)))
+                .map_err(|source| RuntimeError::Io {
+                    context: format!(
+                        "starting worker thread {} of {n} (run the job with fewer threads)",
+                        i + 1
+                    ),
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// How long the master waits for another rank's mark that its workers have returned before it looks at
+/// which ranks have failed again.
+const STOPPED_LOOK: Duration = Duration::from_millis(50);
 
 /// Whether `name` is a part file being written (`.part-NNNNN.RANK.TASK.tmp`).
 fn is_part_tmp(name: &str) -> bool {

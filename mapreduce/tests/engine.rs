@@ -388,6 +388,10 @@ fn bad_input_and_output_are_clear_errors_on_every_rank() {
             JobConfig::new(dir.join("x"))
                 .input(&files[0])
                 .partitions(dsm_mapreduce::MAX_PARTITIONS + 1),
+            JobConfig::new(dir.join("x")).input(&files[0]).threads(0),
+            JobConfig::new(dir.join("x"))
+                .input(&files[0])
+                .threads(dsm_mapreduce::MAX_THREADS + 1),
         ] {
             let e = mr.run(&Words, &config).unwrap_err();
             assert!(matches!(e, MapReduceError::Config(_)), "{e}");
@@ -526,11 +530,9 @@ fn a_panic_in_the_job_fails_it_with_where_it_happened() {
             text.contains("partition() gave") && text.contains("far"),
             "{text}"
         );
-        // A failed job does not mark its output complete; one that failed in its map phase leaves no
-        // output at all: the directory it made goes with it. (One that failed in a reduce may still get
-        // a part file renamed in by another rank's reduce finishing after the failure: best effort.)
-        assert!(!dir.join("r").join(dsm_mapreduce::SUCCESS).exists());
-        for failed in ["m", "p"] {
+        // A failed job leaves no output at all: the directory it made goes with it, once every rank's
+        // reduces have ended.
+        for failed in ["m", "r", "p"] {
             assert!(!dir.join(failed).exists(), "{failed} left behind");
         }
         // One that was there before (overwritten) stays, without the failed job's part files.
@@ -551,6 +553,66 @@ fn a_panic_in_the_job_fails_it_with_where_it_happened() {
         )
         .unwrap();
         assert!(out.join(dsm_mapreduce::SUCCESS).exists());
+    });
+}
+
+/// Reduces running at any rank of the in-process job, for `SlowFollower`.
+static REDUCING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Word count whose reduce fails at once on rank 0 and slowly on the other ranks (after 400 ms, counted in
+/// `REDUCING` meanwhile).
+struct SlowFollower {
+    rank: Rank,
+}
+
+impl Job for SlowFollower {
+    type Key = String;
+    type Value = u64;
+    type Output = u64;
+    fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, String, u64>) {
+        Words.map(record, emit)
+    }
+    fn reduce(&self, _: &String, _: Vec<u64>, _: &mut Counters) -> Option<u64> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.rank != Rank(0) {
+            REDUCING.fetch_add(1, SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(400));
+            REDUCING.fetch_sub(1, SeqCst);
+        }
+        panic!("the reduce failed at {}", self.rank)
+    }
+}
+
+/// A job that fails while another rank is still reducing ends only once that reduce has ended, so that no
+/// part file of it can appear after the failed job cleaned up (into the output of the next job, even):
+/// the master once returned as soon as its own threads had stopped.
+#[test]
+fn a_failed_job_ends_once_every_rank_has_stopped_reducing() {
+    let dir = scratch("failstop");
+    let input = dir.join("in.txt");
+    std::fs::write(
+        &input,
+        b"a b c d
+e f g h
+",
+    )
+    .unwrap();
+    job(2, move |rt, mr| {
+        let job = SlowFollower { rank: rt.rank() };
+        let out = dir.join("out");
+        // Both ranks reduce at once: one partition each (one thread each).
+        let config = JobConfig::new(&out).input(&input).partitions(2).threads(1);
+        let e = mr.run(&job, &config).unwrap_err();
+        assert!(e.to_string().contains("the reduce failed"), "{e}");
+        assert_eq!(
+            REDUCING.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "{} saw a reduce of the failed job still running",
+            rt.rank()
+        );
+        // Nothing of the failed job is left (it made the directory).
+        rt.dsm().barrier().unwrap();
+        assert!(!out.exists(), "the failed job left {}", out.display());
     });
 }
 

@@ -253,12 +253,27 @@ fn fresh_dir() -> anyhow::Result<PathBuf> {
     )
 }
 
-/// The sample text at a path every rank on this machine can read (written once, atomically).
+/// The modification time of every copy of the sample text, whichever rank writes it. A job checks that
+/// its inputs keep the length and modification time the master saw (`dsm_mapreduce::input`), and each
+/// rank writes the sample where it reads it: ranks on other hosts have copies of their own, and on one
+/// host a rank may replace the file after the master has cut it.
+const SAMPLE_MODIFIED: std::time::Duration = std::time::Duration::from_secs(1_700_000_000);
+
+/// The sample text at a path this rank can read (written once, atomically, with the same modification
+/// time everywhere).
 fn sample_path() -> anyhow::Result<PathBuf> {
+    use std::io::Write;
     let path = std::env::temp_dir().join(format!("dsm-wordcount-sample-{}.txt", SAMPLE.len()));
-    if std::fs::read(&path).ok().as_deref() != Some(SAMPLE) {
+    let modified = std::time::UNIX_EPOCH + SAMPLE_MODIFIED;
+    let current = std::fs::metadata(&path).and_then(|m| m.modified()).ok() == Some(modified)
+        && std::fs::read(&path).ok().as_deref() == Some(SAMPLE);
+    if !current {
         let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-        std::fs::write(&tmp, SAMPLE).with_context(|| format!("writing {}", tmp.display()))?;
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            f.write_all(SAMPLE)?;
+            f.set_modified(modified)
+        });
+        written.with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(path)
