@@ -197,18 +197,18 @@ impl Shared {
     /// A barrier's messages: this rank's arrival, with the write notices it issued, to rank 0, and rank 0's
     /// answer, with every rank's notices when the barrier completed.
     fn exchange_at_barrier(&self, tag: u64) -> Result<(Reply, Option<Notices>), DsmError> {
-        // What this rank tells the others.
+        // What this rank tells the others: its notices, or, when they are more than an arrival carries
+        // (writes scattered over millions of pages), none and a horizon past them, as a lock release
+        // does: the ranks that had not seen them then drop every page they cache from other homes.
+        // (Refusing to arrive would leave the others waiting at the barrier.)
         let own = {
             let rc = self.rc.lock().unwrap_or_else(|p| p.into_inner());
-            crate::rc::encode_notices(rc.own_notices(), &rc.own_horizon())
+            crate::rc::encode_notices_within(
+                rc.own_notices(),
+                &rc.own_horizon(),
+                MAX_SERVICE_REQUEST,
+            )
         };
-        if own.len() > MAX_SERVICE_REQUEST {
-            // Rank 0's service loop would refuse the arrival and take this rank for a failed one.
-            return Err(DsmError::Config(format!(
-                "this rank's write notices since the last barrier take {} bytes, over the {MAX_SERVICE_REQUEST} a barrier arrival carries: its writes to release-consistency regions are scattered over too many pages; write in blocks, or call barriers more often",
-                own.len()
-            )));
-        }
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
         let root = Rank(0);
         let mut ch = self.channels.claim_for_wait();

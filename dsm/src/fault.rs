@@ -773,47 +773,65 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
         .map_err(|e| FaultError::Send(home, e))
 }
 
+/// A fault on a page homed here: decided under the page's manager lock, and run under it too.
+///
+/// A transaction that must ask other ranks takes a channel, and never waits for one with the manager lock
+/// held: the channels may all be held by this rank's threads waiting in `lock`, `barrier` or a service
+/// call, and by a fault waiting for another rank's page, whose home may be stuck the same way on a page
+/// whose request waits for this one's lock (two ranks each waiting for the other, for ever). With no
+/// channel free, the lock is let go while one is awaited, and the fault decided again.
 fn local_transaction(region: &RegionShared, page: u64, access: Access) -> Result<(), FaultError> {
     let shared = &*region.shared;
     let slot = region.slot(page);
-    lock_slot(&slot.lock);
-    let result = (|| {
-        let mut entry = slot.load();
-        entry.forget_readers(|r| shared.gone[r.index()].load(Ordering::Acquire));
-        match swmr::decide(&mut entry, shared.me, shared.me, access) {
-            Decision::Done { data, .. } => {
-                match data {
-                    Data::Zero => return zero_fill_home(region, page, access, entry),
-                    Data::None => upgrade_in_place(region, page)?,
-                    Data::Home => {
-                        return Err(FaultError::Protocol(
-                            shared.me,
-                            "the home asked itself for its own copy",
-                        ))
+    let mut channel = None;
+    loop {
+        lock_slot(&slot.lock);
+        let result = (|| {
+            let mut entry = slot.load();
+            entry.forget_readers(|r| shared.gone[r.index()].load(Ordering::Acquire));
+            match swmr::decide(&mut entry, shared.me, shared.me, access) {
+                Decision::Done { data, .. } => {
+                    match data {
+                        Data::Zero => {
+                            return zero_fill_home(region, page, access, entry).map(|()| true)
+                        }
+                        Data::None => upgrade_in_place(region, page)?,
+                        Data::Home => {
+                            return Err(FaultError::Protocol(
+                                shared.me,
+                                "the home asked itself for its own copy",
+                            ))
+                        }
                     }
+                    slot.store(&entry);
                 }
-                slot.store(&entry);
-            }
-            Decision::Grant(grant) => {
-                let mut ch = shared.channels.claim();
-                let mut have = false;
-                run_grant(&mut ch, region, page, access, &grant, &mut have)?;
-                if have {
-                    install(region, page, 1, &ch.page, access)?;
-                } else {
-                    upgrade_in_place(region, page)?;
+                Decision::Grant(grant) => {
+                    let Some(mut ch) = channel.take().or_else(|| shared.channels.try_claim())
+                    else {
+                        return Ok(false);
+                    };
+                    let mut have = false;
+                    run_grant(&mut ch, region, page, access, &grant, &mut have)?;
+                    if have {
+                        install(region, page, 1, &ch.page, access)?;
+                    } else {
+                        upgrade_in_place(region, page)?;
+                    }
+                    swmr::complete(&mut entry, shared.me, access);
+                    slot.store(&entry);
                 }
-                swmr::complete(&mut entry, shared.me, access);
-                slot.store(&entry);
             }
+            set_state(region.state(page), new_state(access));
+            Ok(true)
+        })();
+        if unlock_slot(&slot.lock) {
+            shared.wake_service();
         }
-        set_state(region.state(page), new_state(access));
-        Ok(())
-    })();
-    if unlock_slot(&slot.lock) {
-        shared.wake_service();
+        match result {
+            Ok(false) => channel = Some(shared.channels.claim()),
+            done => return done.map(|_| ()),
+        }
     }
-    result
 }
 
 /// A first touch of `page` (homed here, never touched, its manager lock held, `entry` decided): installs

@@ -765,10 +765,19 @@ pub(crate) fn lookup<'a>(addr: usize) -> Option<&'a RegionShared> {
         let start = slot.start.load(Ordering::Acquire);
         if start != 0 && addr >= start && addr < slot.end.load(Ordering::Acquire) {
             let ptr = slot.region.load(Ordering::Acquire);
+            if ptr.is_null() {
+                continue;
+            }
             // SAFETY: a published pointer holds a strong count until `unregister`, which happens only when the
             // region is dropped collectively after a barrier: no access to the region (so no fault on it) is in
             // flight then in a correct program, and the address range is made PROT_NONE right after.
-            return (!ptr.is_null()).then(|| unsafe { &*ptr });
+            let region = unsafe { &*ptr };
+            // The slot's fields are read one by one: between two reads it may have been emptied and taken by
+            // a region allocated since (while this thread faults on another region), and the bounds read
+            // may mix the two. The region's own bounds decide.
+            if addr >= region.base && addr < region.base + region.len {
+                return Some(region);
+            }
         }
     }
     None

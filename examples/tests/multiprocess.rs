@@ -301,6 +301,20 @@ fn a_home_filling_untouched_pages_keeps_what_others_wrote() {
 }
 
 #[test]
+fn a_home_waits_for_a_channel_without_holding_the_page() {
+    let t = Instant::now();
+    let (outcome, out) = job_with_env(
+        CHECK,
+        2,
+        &["grantwait", "--rounds", "300"],
+        &[("DSM_CHANNELS", "2")],
+    );
+    assert_eq!(outcome.code, 0, "{out}");
+    assert!(out.contains("grantwait ok"), "{out}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
 fn lock_waiters_leave_a_channel_for_faults() {
     let t = Instant::now();
     let (outcome, out) = job_with_env(CHECK, 2, &["lockfault"], &[("DSM_CHANNELS", "2")]);

@@ -34,7 +34,7 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | latehome | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault |
+    /// counter | mp | sb | pages | latehome | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait |
     /// idle | ownmpi | die | diewriting | readerdies | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
@@ -880,6 +880,74 @@ fn main() -> anyhow::Result<()> {
             dsm.barrier()?;
             drop(data);
             println!("lockfault ok");
+        }
+        "grantwait" => {
+            // Run with two channels a rank. On each rank at once: a thread waits for a lock (holding one
+            // channel), a thread writes the other rank's page (taking the other channel, and waiting at
+            // that page's home), and a thread writes this rank's own page, of which the other rank holds
+            // a copy: a transaction that needs a channel to drop that copy, and finds none free in some
+            // rounds (about one in six on a 2-core machine). If it waited for one with the page's
+            // manager lock held, and both ranks did so before the other's remote write reached them,
+            // each remote write would wait at the other's home for that lock, the lock for a channel,
+            // the channel for the remote write: for ever. (That timing was not reproduced here; the
+            // rounds check what the writes leave.)
+            anyhow::ensure!(n == 2, "grantwait runs at 2 ranks");
+            let pages = dsm.alloc_vec_with::<u64>(2 * WORDS_PER_PAGE, dsm::Placement::Cyclic)?;
+            let (own, other) = (me * WORDS_PER_PAGE, (1 - me) * WORDS_PER_PAGE);
+            for round in 1..=args.rounds as u64 {
+                // Each rank holds a copy of the other's page.
+                ensure!(
+                    pages.get(other) == round - 1,
+                    "rank {me}, round {round}: the other page holds {}",
+                    pages.get(other)
+                );
+                dsm.barrier()?;
+                let guard = dsm.lock(100 + me as u64)?;
+                std::thread::scope(|s| -> anyhow::Result<()> {
+                    let waiter = s.spawn(|| dsm.lock(100 + me as u64).map(drop));
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    // The remote write starts first, and this rank's own write right after it, while
+                    // the remote one holds the other channel and its request is still on its way. Both
+                    // ranks start at the same moment of the machine's clock, so that each own write
+                    // takes its page's manager lock before the other rank's request for the page comes.
+                    fn now() -> u128 {
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_nanos()
+                    }
+                    fn wait_until(nanos: u128) {
+                        while now() < nanos {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    let tick = 4_000_000;
+                    let start = (now() / tick + 2) * tick;
+                    let pages = &pages;
+                    let remote = s.spawn(move || {
+                        wait_until(start);
+                        pages.set(other + 1, round)
+                    });
+                    wait_until(start + 10_000);
+                    pages.set(own, round);
+                    remote.join().expect("the remote write panicked");
+                    drop(guard);
+                    waiter.join().expect("the lock waiter panicked")?;
+                    Ok(())
+                })?;
+                dsm.barrier()?;
+                for (page, at) in [(me, own), (1 - me, other)] {
+                    ensure!(
+                        pages.get(at) == round && pages.get(at + 1) == round,
+                        "rank {me}, round {round}: page {page} holds {} and {}",
+                        pages.get(at),
+                        pages.get(at + 1)
+                    );
+                }
+                dsm.barrier()?;
+            }
+            drop(pages);
+            println!("grantwait ok");
         }
         "diewriting" => {
             // Ranks 1 and 2 write one page homed at rank 0 in turn, so that every write moves the page
