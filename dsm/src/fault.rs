@@ -24,7 +24,7 @@ use crate::uffd::{futex, signal, ZERO_FILL_MAX, ZERO_PAGE, ZERO_PAGES};
 use crate::wire::{Reply, Request};
 use nix::errno::Errno;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Why a fault could not be resolved. Carries no heap data: it is built inside the signal handler.
 #[derive(Debug)]
@@ -875,6 +875,10 @@ fn zeros(count: u64) -> &'static [u8] {
     &ZERO_PAGES[..count as usize * PAGE_SIZE]
 }
 
+/// How long a fault waits, after a copy holder's connection ended, for this rank's service loop to see
+/// the holder's other connections end (it left the job) before taking it for a rank that lives on.
+const LEAVING: Duration = Duration::from_millis(500);
+
 /// Runs a granted transaction: asks the owner for the page (downgrading or dropping its copy) and every
 /// copy holder to drop theirs, all requests first and then all replies, so they proceed in parallel.
 fn run_grant(
@@ -901,9 +905,23 @@ fn run_grant(
             .map_err(|e| FaultError::Send(owner, e))?;
     }
     // A copy holder whose end of this channel's connection is closed (the connection was closed or reset
-    // by it) is gone, and its copy with it: a rank never closes its connections before it leaves the job.
-    // Nothing more is asked of it. (Any other error, and a rank that lives on, still ends this fault.)
+    // by it) is gone, and its copy with it, once this rank's service loop has seen its connections end
+    // too (a rank closes them all when it leaves the job), or has taken it for failed. Nothing more is
+    // asked of it. One that only shut this connection lives on, having taken this rank for failed (under
+    // `FailurePolicy::Report`): its copy is still there and cannot be dropped, and this fault ends with an
+    // error, as for any other error.
     let closed_send = |e: Errno| matches!(e, Errno::EPIPE | Errno::ECONNRESET);
+    let left_the_job = |r: Rank| {
+        let known = || {
+            shared.gone[r.index()].load(Ordering::Acquire)
+                || shared.failed[r.index()].load(Ordering::Acquire)
+        };
+        let deadline = Instant::now() + LEAVING;
+        while !known() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        known()
+    };
     let mut asked = CopySet::EMPTY;
     for r in grant.invalidate.iter() {
         let req = Request::Invalidate {
@@ -913,7 +931,7 @@ fn run_grant(
         };
         match ch.send(c, r, &req, &[]) {
             Ok(()) => asked.insert(r),
-            Err(e) if closed_send(e) => {}
+            Err(e) if closed_send(e) && left_the_job(r) => {}
             Err(e) => return Err(FaultError::Send(r, e)),
         }
     }
@@ -937,8 +955,8 @@ fn run_grant(
     for r in asked.iter() {
         match ch.recv(c, r) {
             Ok((Reply::Ack, _, _)) => {}
-            Err(RecvError::Eof) => {}
-            Err(RecvError::Sys(e)) if closed_send(e) => {}
+            Err(RecvError::Eof) if left_the_job(r) => {}
+            Err(RecvError::Sys(e)) if closed_send(e) && left_the_job(r) => {}
             Err(e) => return Err(FaultError::Peer(r, e)),
             Ok(_) => {
                 return Err(FaultError::Protocol(

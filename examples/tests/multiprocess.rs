@@ -767,7 +767,8 @@ fn a_release_with_a_dead_home_fails_and_leaves_the_channels_in_step() {
     assert_eq!(o.code, 0, "{out}");
     assert!(
         out.contains("diffhomedies: rank 1 applied rank 0's diff")
-            && out.contains("diffhomedies: the release failed naming rank 2, and rank 0 went on"),
+            && out.contains("diffhomedies: the release failed naming rank 2, and rank 0 went on")
+            && out.contains("diffhomedies: rank 1 read what rank 0 wrote under the lock"),
         "{out}"
     );
 }

@@ -168,6 +168,17 @@ pub(crate) fn release(shared: &Shared) -> Result<()> {
                     .push(k.page);
             }
         }
+        // The pages whose writes reached their homes are announced all the same: the lock whose release
+        // failed is passed on even so, and its next holder would keep a stale copy of them. (Naming them
+        // again at the next release, with the rest, is harmless.)
+        let delivered: Vec<PageKey> = written
+            .iter()
+            .filter(|k| cleared.contains(k))
+            .copied()
+            .collect();
+        if !delivered.is_empty() && rc.close_interval(delivered).is_some() {
+            Counters::add(&shared.counters.write_notices, 1);
+        }
         return result;
     }
     if rc.close_interval(written).is_some() {

@@ -1076,6 +1076,10 @@ fn main() -> anyhow::Result<()> {
                 // Copies of both pages, so that writing them later needs no home.
                 ensure!(v.get(2 * WORDS_PER_PAGE) + v.get(WORDS_PER_PAGE) == 0);
             }
+            if me == 1 {
+                // A copy of page 3 (homed at rank 0), which rank 0 writes in the failing release.
+                ensure!(v.get(3 * WORDS_PER_PAGE) == 0);
+            }
             dsm.barrier()?;
             let until = |what: &str, done: &dyn Fn() -> bool| within_30_s(me, what, done);
             let failed = |r: u32| has_failed(dsm, r);
@@ -1086,6 +1090,16 @@ fn main() -> anyhow::Result<()> {
                         v.get(WORDS_PER_PAGE) == 11
                     })?;
                     println!("diffhomedies: rank 1 applied rank 0's diff");
+                    // The lock the failed release passed on tells its next holder what reached the
+                    // homes: rank 0's write of page 3 did, and this rank's copy of it is dropped.
+                    let guard = dsm.lock(0)?;
+                    ensure!(
+                        v.get(3 * WORDS_PER_PAGE) == 13,
+                        "rank 1 read page 3 stale after taking the lock rank 0 wrote it under"
+                    );
+                    v.set(6 * WORDS_PER_PAGE, 1); // homed at rank 0: rank 0 may leave
+                    guard.unlock()?;
+                    println!("diffhomedies: rank 1 read what rank 0 wrote under the lock");
                     until("rank 0 did not leave in 30 s", &|| failed(0))?;
                 }
                 _ => {
@@ -1093,6 +1107,7 @@ fn main() -> anyhow::Result<()> {
                     let guard = dsm.lock(0)?; // homed here
                     v.set(2 * WORDS_PER_PAGE, 7);
                     v.set(WORDS_PER_PAGE, 11);
+                    v.set(3 * WORDS_PER_PAGE, 13);
                     let Err(e) = guard.unlock() else {
                         anyhow::bail!("a release with a diff for a dead home succeeded");
                     };
@@ -1103,6 +1118,9 @@ fn main() -> anyhow::Result<()> {
                     }
                     ensure!(v.get(WORDS_PER_PAGE) == 11, "rank 0 lost its own write");
                     println!("diffhomedies: the release failed naming rank 2, and rank 0 went on");
+                    until("rank 1 did not take the lock after rank 0 in 30 s", &|| {
+                        v.get(6 * WORDS_PER_PAGE) == 1
+                    })?;
                 }
             }
             std::process::exit(0);
