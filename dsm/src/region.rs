@@ -814,13 +814,22 @@ impl<'d> Region<'d> {
                 Errno::last(),
             ));
         }
-        inner.shared.uffd()?.register(inner.base, inner.len)?;
-        let slot = register(&inner)?;
-        Ok(Region {
-            inner,
-            slot,
-            _dsm: PhantomData,
-        })
+        let registered = inner
+            .shared
+            .uffd()
+            .and_then(|uffd| uffd.register(inner.base, inner.len))
+            .and_then(|()| register(&inner));
+        match registered {
+            Ok(slot) => Ok(Region {
+                inner,
+                slot,
+                _dsm: PhantomData,
+            }),
+            Err(e) => {
+                unmap(&inner);
+                Err(e)
+            }
+        }
     }
 
     /// The region's address, the same in every rank.
@@ -856,18 +865,24 @@ impl Drop for Region<'_> {
         let _ = shared.barrier_tagged(0xD0_0000 + u64::from(self.inner.id));
         unregister(self.slot);
         shared.forget_region(self.inner.id);
-        // SAFETY: the range is this region's mapping inside the arena; replacing it with PROT_NONE memory keeps
-        // the reservation and drops the pages and the userfaultfd registration.
-        unsafe {
-            libc::mmap(
-                self.inner.base as *mut libc::c_void,
-                self.inner.len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                -1,
-                0,
-            );
-        }
+        unmap(&self.inner);
+    }
+}
+
+/// Gives a region's range back to the arena's reservation: `PROT_NONE` memory in place of its pages (which
+/// are dropped, with the userfaultfd registration), so that a stray access is a plain segmentation fault.
+fn unmap(region: &RegionShared) {
+    // SAFETY: the range is this region's mapping inside the arena (no other memory of the process is
+    // there); replacing it with PROT_NONE memory keeps the reservation.
+    unsafe {
+        libc::mmap(
+            region.base as *mut libc::c_void,
+            region.len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        );
     }
 }
 
