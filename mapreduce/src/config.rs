@@ -46,6 +46,11 @@ pub const MAX_PARTITIONS: usize = 1 << 16;
 /// field.
 pub const MAX_MAPS: usize = 131_072;
 
+/// The most map outputs (splits times partitions) a job may have: the master keeps each map's run count in
+/// every partition, and lists the maps with output in a partition in its reduce task (about 20 bytes each
+/// at most: 2.7 GB at this bound, where the two limits above allow 8.6 billion).
+pub const MAX_MAP_OUTPUTS: usize = 1 << 27;
+
 /// The most threads a rank runs a job with (`JobConfig::threads`): each is a worker and a thread of the
 /// rank's pool.
 pub const MAX_THREADS: usize = 1024;

@@ -492,6 +492,19 @@ impl MapReduce {
                 config.split_size
             )));
         }
+        let size = self.space.dsm().size();
+        let partitions = config
+            .partitions
+            .unwrap_or_else(|| default_partitions(size, config.threads_for(size)))
+            .max(1);
+        if splits.len().saturating_mul(partitions) > crate::config::MAX_MAP_OUTPUTS {
+            return Err(MapReduceError::Config(format!(
+                "{} splits and {partitions} partitions: the master keeps track of every map's output in every partition, at most {} of them; use larger splits (the split size is {} bytes) or fewer partitions",
+                splits.len(),
+                crate::config::MAX_MAP_OUTPUTS,
+                config.split_size
+            )));
+        }
         let out = &config.output;
         let made = match std::fs::metadata(out) {
             Ok(m) if !m.is_dir() => {
@@ -511,11 +524,6 @@ impl MapReduce {
                 true
             }
         };
-        let size = self.space.dsm().size();
-        let partitions = config
-            .partitions
-            .unwrap_or_else(|| default_partitions(size, config.threads_for(size)))
-            .max(1);
         Ok((
             Master::new(splits, partitions as u32, absolute(out)).with_versions(versions),
             made,

@@ -56,7 +56,7 @@ mod worker;
 
 pub use config::{
     JobConfig, ProgressMode, DEFAULT_MEMORY_BUDGET, DEFAULT_MERGE_FAN_IN, DEFAULT_SPLIT_SIZE,
-    MAX_MAPS, MAX_PARTITIONS, MAX_THREADS, MIN_MEMORY_BUDGET,
+    MAX_MAPS, MAX_MAP_OUTPUTS, MAX_PARTITIONS, MAX_THREADS, MIN_MEMORY_BUDGET,
 };
 pub use emit::{Counters, Emitter};
 pub use engine::{JobReport, MapReduce, SUCCESS};

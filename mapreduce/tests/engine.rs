@@ -409,6 +409,23 @@ fn bad_input_and_output_are_clear_errors_on_every_rank() {
             )
             .unwrap_err();
         assert!(e.to_string().contains("use larger splits"), "{me}: {e}");
+        // Splits times partitions over what the master keeps track of: refused, saying what to change.
+        let some_lines = dir.join("some-lines");
+        let splits = dsm_mapreduce::MAX_MAP_OUTPUTS / dsm_mapreduce::MAX_PARTITIONS + 10;
+        if me == Rank(0) {
+            std::fs::write(&some_lines, "a\n".repeat(splits)).unwrap();
+        }
+        rt.dsm().barrier().unwrap();
+        let e = mr
+            .run(
+                &Words,
+                &JobConfig::new(dir.join("x"))
+                    .input(&some_lines)
+                    .split_size(1)
+                    .partitions(dsm_mapreduce::MAX_PARTITIONS),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("fewer partitions"), "{me}: {e}");
         // A split past the end of its file, and one that ends before it starts: rank 0 checks the
         // inputs, and every rank hears why the job did not start.
         for (start, end) in [(0, 1 << 40), (10, 5)] {
