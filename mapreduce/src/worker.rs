@@ -24,8 +24,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 type Pairs<J> = Vec<(<J as Job>::Key, <J as Job>::Value)>;
-/// One partition's pairs, in place: its number and its slice.
-type Slice<'a, J> = (usize, &'a mut [(<J as Job>::Key, <J as Job>::Value)]);
 type Readers<J> = Vec<RunReader<<J as Job>::Key, <J as Job>::Value>>;
 
 /// One rank's means of running tasks of one job.
@@ -208,46 +206,51 @@ impl<J: Job> Worker<'_, J> {
         bounded(result, kind, id)
     }
 
-    /// Sorts `pairs` by partition and then by key, in place, and writes each partition's pairs as one run
-    /// (the partitions' sorts and writes in parallel when `parallel`). The pairs' keys need no combining
+    /// Groups `pairs` by partition and sorts each group by key, and writes each partition's pairs as one
+    /// run (the partitions' sorts and writes in parallel when `parallel`). The pairs' keys need no combining
     /// here: with a combiner they come from its table, one pair per key; without one, all are kept.
     fn write_runs(
         &self,
-        mut pairs: Pairs<J>,
+        pairs: Pairs<J>,
         n: usize,
         sink: &RunSink<'_>,
         parallel: bool,
     ) -> Result<(), String> {
-        let part = |k: &J::Key| self.job.partition(k, n);
-        // Stable, and each key's partition is computed once.
-        pairs.sort_by_cached_key(|(k, _)| part(k));
-        if let Some((k, _)) = pairs.last() {
-            let p = part(k);
+        // Each key's partition, computed once; the pairs then go to their partition's group in one pass
+        // (a sort by partition took as long as the sorts by key that follow, for two partitions).
+        let mut parts = Vec::with_capacity(pairs.len());
+        let mut sizes = vec![0usize; n];
+        for (k, _) in &pairs {
+            let p = self.job.partition(k, n);
             if p >= n {
                 return Err(format!(
                     "the job's partition() gave {p} for key {k}, with {n} partitions"
                 ));
             }
+            sizes[p] += 1;
+            parts.push(p);
         }
-        // Each partition's slice, found by bisection (a few more partition() calls per partition).
-        let mut slices: Vec<Slice<'_, J>> = Vec::with_capacity(n);
-        let mut rest: &mut [(J::Key, J::Value)] = &mut pairs;
-        for p in 0..n {
-            let len = rest.partition_point(|(k, _)| part(k) <= p);
-            let (mine, after) = std::mem::take(&mut rest).split_at_mut(len);
-            if !mine.is_empty() {
-                slices.push((p, mine));
+        let mut groups: Vec<(usize, Pairs<J>)> = Vec::new();
+        if let Some(p) = sizes.iter().position(|&s| s == pairs.len()) {
+            groups.push((p, pairs)); // all in one partition (always so with one)
+        } else {
+            let mut slot = vec![usize::MAX; n];
+            for (p, &size) in sizes.iter().enumerate().filter(|(_, s)| **s > 0) {
+                slot[p] = groups.len();
+                groups.push((p, Vec::with_capacity(size)));
             }
-            rest = after;
+            for (pair, p) in pairs.into_iter().zip(parts) {
+                groups[slot[p]].1.push(pair);
+            }
         }
-        let each = |(p, slice): Slice<'_, J>| {
-            slice.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            sink.write(p, slice)
+        let each = |(p, mut group): (usize, Pairs<J>)| {
+            group.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            sink.write(p, &group)
         };
         if parallel {
-            slices.into_par_iter().try_for_each(each)
+            groups.into_par_iter().try_for_each(each)
         } else {
-            slices.into_iter().try_for_each(each)
+            groups.into_iter().try_for_each(each)
         }
     }
 
