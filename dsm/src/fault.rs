@@ -337,22 +337,7 @@ fn claim_following(
     max: u32,
 ) -> u32 {
     let stride = detector.stride;
-    let last = detector.last.load(Ordering::Relaxed);
-    let announced = detector.take_announced(page);
-    let window = if last != u64::MAX && page == last.wrapping_add(stride) {
-        detector.continue_run();
-        (detector.window.load(Ordering::Relaxed) * 2).min(max)
-    } else {
-        detector.start_run(page, last, max)
-    };
-    // An announced run is taken as it is: no further (pages past it may be another rank's to write first,
-    // and a home that filled them with zeros would have to hand each over again).
-    let window = if announced > 0 {
-        announced.min(max)
-    } else {
-        window
-    };
-    detector.window.store(window, Ordering::Relaxed);
+    let window = detector.window_at(page, max);
     let mut count = 1u32;
     while count < window {
         let p = page + u64::from(count) * stride;

@@ -302,6 +302,8 @@ pub(crate) struct Sequential {
     /// replaced first.
     announced: [AtomicU64; ANNOUNCED_RUNS],
     next_announced: AtomicU32,
+    /// The page after the announced run the current run is in (0: none).
+    announced_end: AtomicU64,
 }
 
 /// How many announced runs a detector keeps: a copy across several homes of a region placed in blocks
@@ -324,7 +326,45 @@ impl Sequential {
             next_slot: AtomicU32::new(0),
             announced: std::array::from_fn(|_| AtomicU64::new(0)),
             next_announced: AtomicU32::new(0),
+            announced_end: AtomicU64::new(0),
         }
+    }
+
+    /// The window (pages, `page` included, at most `max`) of a fault at `page`, which it records as the
+    /// window of the current run.
+    ///
+    /// An announced run is taken as it is: no further (pages past it may be another rank's to write first,
+    /// and a home that filled them with zeros would have to hand each over again). When its first fault
+    /// got only part of it (the home served fewer pages), the fault that continues it takes the rest.
+    /// Otherwise a fault right after the last one's pages doubles the window, and one anywhere else starts
+    /// a run (see [`Sequential::start_run`]).
+    pub(crate) fn window_at(&self, page: u64, max: u32) -> u32 {
+        let last = self.last.load(Ordering::Relaxed);
+        let announced = self.take_announced(page);
+        let continuing = last != u64::MAX && page == last.wrapping_add(self.stride);
+        let end = self.announced_end.load(Ordering::Relaxed);
+        let window = if continuing {
+            self.continue_run();
+            (self.window.load(Ordering::Relaxed) * 2).min(max)
+        } else {
+            self.start_run(page, last, max)
+        };
+        let window = if announced > 0 {
+            self.announced_end.store(
+                page.saturating_add(u64::from(announced) * self.stride),
+                Ordering::Relaxed,
+            );
+            announced.min(max)
+        } else if continuing && end > page {
+            u32::try_from((end - page).div_ceil(self.stride))
+                .unwrap_or(u32::MAX)
+                .min(max)
+        } else {
+            self.announced_end.store(0, Ordering::Relaxed);
+            window
+        };
+        self.window.store(window, Ordering::Relaxed);
+        window
     }
 
     /// Announces that `pages` pages from `page` (`stride` apart) are about to be touched in order: the
@@ -1067,6 +1107,30 @@ impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fault_continuing_an_announced_run_takes_its_rest_and_no_more() {
+        let d = Sequential::new(false, 1);
+        d.announce(10, 5);
+        assert_eq!(d.window_at(10, 1024), 5);
+        // The home served only page 10: the next fault, at 11, takes 11 to 14.
+        d.last.store(10, Ordering::Relaxed);
+        assert_eq!(d.window_at(11, 1024), 4, "past the announced run");
+        // The run served whole, a fault right after it grows the window as usual.
+        d.last.store(14, Ordering::Relaxed);
+        assert_eq!(d.window_at(15, 1024), 8);
+        // A cyclic region's detector counts a home's pages, `stride` apart.
+        let d = Sequential::new(false, 3);
+        d.announce(6, 4); // pages 6, 9, 12, 15
+        assert_eq!(d.window_at(6, 1024), 4);
+        d.last.store(9, Ordering::Relaxed);
+        assert_eq!(d.window_at(12, 1024), 2);
+        // A fault elsewhere starts a run of its own.
+        d.announce(30, 10);
+        assert_eq!(d.window_at(30, 1024), 10);
+        d.last.store(30, Ordering::Relaxed);
+        assert_eq!(d.window_at(100, 1024), 1);
+    }
 
     #[test]
     fn an_announced_run_is_taken_once_by_the_fault_at_its_first_page() {
