@@ -196,10 +196,21 @@ impl TaskFarm {
                 }
                 continue;
             };
-            let id = t.get::<u64>(2)?;
-            got.push((id, decode(&t, "result", id)?));
+            got.push(t);
         }
-        Ok(got)
+        // Decoded once all are taken: a result that does not decode as `R` puts every one taken back
+        // (another type may read them), instead of losing those before it.
+        let decoded: Result<Vec<(u64, R)>, RuntimeError> = got
+            .iter()
+            .map(|t| {
+                let id = t.get::<u64>(2)?;
+                Ok((id, decode(t, "result", id)?))
+            })
+            .collect();
+        if decoded.is_err() {
+            self.space.out_many(got)?;
+        }
+        decoded
     }
 
     /// How often a master waiting for results looks whether any worker is left.

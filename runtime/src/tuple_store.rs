@@ -54,6 +54,9 @@ pub struct TupleStore {
     waiting: HashMap<Key, VecDeque<Waiter>>,
     /// Waiters whose template's first field is formal: every `out` of their arity looks at them.
     waiting_formal: VecDeque<Waiter>,
+    /// Where each waiter waits: its bucket's key, or `None` for the formal list (so that withdrawing one
+    /// looks in its own queue only).
+    waiter_keys: HashMap<WaiterId, Option<Key>>,
     next_id: WaiterId,
     tuples: usize,
 }
@@ -107,6 +110,7 @@ impl TupleStore {
                 continue;
             };
             let waiter = queue.remove(pos).expect("position is in range");
+            self.waiter_keys.remove(&waiter.id);
             let take = waiter.mode == Mode::Take;
             deliveries.push(Delivery {
                 waiter: waiter.id,
@@ -180,33 +184,45 @@ impl TupleStore {
         let id = self.next_id;
         self.next_id += 1;
         let waiter = Waiter { id, template, mode };
-        match waiter.template.first_actual() {
-            Some(first) => {
-                let key = (waiter.template.arity(), Some(first.clone()));
-                self.waiting.entry(key).or_default().push_back(waiter);
-            }
-            None if waiter.template.arity() == 0 => {
-                self.waiting.entry((0, None)).or_default().push_back(waiter)
-            }
+        let key = match waiter.template.first_actual() {
+            Some(first) => Some((waiter.template.arity(), Some(first.clone()))),
+            None if waiter.template.arity() == 0 => Some((0, None)),
+            None => None,
+        };
+        match &key {
+            Some(key) => self
+                .waiting
+                .entry(key.clone())
+                .or_default()
+                .push_back(waiter),
             None => self.waiting_formal.push_back(waiter),
         }
+        self.waiter_keys.insert(id, key);
         Ok(id)
     }
 
     /// Withdraws a waiting request (a timeout). Returns false when it is no longer waiting: it was served,
-    /// and its delivery must be honoured.
+    /// and its delivery must be honoured. A queue left empty goes (templates with first fields used once
+    /// each, such as per-request reply keys, would otherwise pile up).
     pub fn cancel(&mut self, id: WaiterId) -> bool {
-        for q in self
-            .waiting
-            .values_mut()
-            .chain(std::iter::once(&mut self.waiting_formal))
-        {
-            if let Some(pos) = q.iter().position(|w| w.id == id) {
-                q.remove(pos);
-                return true;
-            }
+        let Some(key) = self.waiter_keys.remove(&id) else {
+            return false;
+        };
+        let queue = match &key {
+            Some(key) => self.waiting.get_mut(key),
+            None => Some(&mut self.waiting_formal),
+        };
+        let Some(queue) = queue else {
+            return false;
+        };
+        let Some(pos) = queue.iter().position(|w| w.id == id) else {
+            return false;
+        };
+        queue.remove(pos);
+        if let Some(key) = key.filter(|k| self.waiting.get(k).is_some_and(|q| q.is_empty())) {
+            self.waiting.remove(&key);
         }
-        false
+        true
     }
 
     /// The number of tuples matching `template`.
@@ -252,6 +268,26 @@ mod tests {
             );
         }
         assert!(s.is_empty(), "every tuple went to a waiter");
+    }
+
+    #[test]
+    fn withdrawn_waiters_leave_nothing_behind() {
+        let mut s = TupleStore::new();
+        // Reply keys used once each, all timing out: nothing of them stays.
+        for i in 0..10_000i64 {
+            let id = s.wait(template!(i, ?i64), Mode::Take).unwrap();
+            assert!(s.cancel(id));
+            assert!(!s.cancel(id), "withdrawn once");
+        }
+        let formal = s.wait(template!(?i64, ?i64), Mode::Read).unwrap();
+        assert!(s.cancel(formal));
+        assert!(s.waiting.is_empty() && s.waiting_formal.is_empty());
+        assert!(s.waiter_keys.is_empty());
+        // A served waiter is forgotten too.
+        let id = s.wait(template!("k", ?i64), Mode::Take).unwrap();
+        assert_eq!(s.out(tuple!("k", 1)).unwrap().len(), 1);
+        assert!(!s.cancel(id));
+        assert!(s.waiting.is_empty() && s.waiter_keys.is_empty());
     }
 
     #[test]

@@ -428,6 +428,26 @@ fn tasks_held_by_a_worker_whose_function_panics_go_back_to_the_bag() {
 }
 
 #[test]
+fn results_that_do_not_decode_stay_in_the_space() {
+    job(2, plain, |rt, space| {
+        let farm = TaskFarm::new(space, "mistyped", Rank(0)).unwrap();
+        if rt.rank().0 == 0 {
+            farm.put((0..20u64).map(|i| (i, i))).unwrap();
+            // Read as strings, the u64 results do not decode: an error, and none of them is lost.
+            let e = farm.results::<String>(20).unwrap_err();
+            assert!(e.to_string().contains("result"), "{e}");
+            let mut results: Vec<(u64, u64)> = farm.results(20).unwrap();
+            farm.stop().unwrap();
+            results.sort();
+            assert_eq!(results, (0..20u64).map(|i| (i, i * 2)).collect::<Vec<_>>());
+        } else {
+            farm.serve(|_, x: u64| x * 2).unwrap();
+        }
+        rt.dsm().barrier().unwrap();
+    });
+}
+
+#[test]
 fn a_result_too_large_for_the_space_fails_its_worker_and_the_task_goes_back() {
     job(3, plain, |rt, space| {
         let farm = TaskFarm::new(space, "oversized", Rank(0)).unwrap();
