@@ -302,6 +302,7 @@ pub fn launch(
         // too (a background process that kept the rank's output open would otherwise outlive the job and
         // hold the launcher). The launcher passes on the signals a terminal sends (see `Interrupts`).
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        in_child_before_exec(&mut cmd, Pid::this());
         if opts.keep_going {
             cmd.env("DSM_ON_PEER_FAILURE", "report");
         }
@@ -546,6 +547,33 @@ impl Drop for Interrupts {
         if let Some(old) = self.restore.take() {
             let _ = old.thread_set_mask();
         }
+    }
+}
+
+/// Sets up a rank's process between its fork and its exec:
+/// - no signal blocked: the launcher blocks SIGINT, SIGTERM and SIGHUP on the thread that starts the ranks,
+///   to take them through a signalfd (`Interrupts`), and a child keeps its parent's mask through exec. A
+///   rank that inherited it ignored the SIGTERM that ends a job (it waited out the two seconds before
+///   SIGKILL), and its own handlers never ran;
+/// - the rank ends with the launcher (SIGKILL when the launcher's thread that started it exits), from its
+///   first instruction: `Runtime::init` does the same, but a rank may run long before it calls it, or
+///   never. A launcher already gone by then fails the start.
+#[allow(unsafe_code)]
+fn in_child_before_exec(cmd: &mut Command, launcher: Pid) {
+    use nix::sys::signal::{SigSet, SigmaskHow};
+    let none = SigSet::empty();
+    // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe functions
+    // may be called: it calls sigprocmask, prctl(PR_SET_PDEATHSIG) and getppid, which are, and allocates
+    // nothing (its errors are raw OS errors; `none` was made before the fork).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&none), None)?;
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            if nix::unistd::getppid() != launcher {
+                return Err(nix::errno::Errno::ESRCH.into());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -126,3 +126,51 @@ fn a_launch_whose_ranks_never_join_leaves_no_rendezvous_thread_behind() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn ranks_start_with_no_signal_blocked_and_end_at_the_first_sigterm() {
+    // The launcher blocks the signals it takes through a signalfd; its ranks must not inherit that.
+    let out = Command::new(DSMRUN)
+        .args(["-n", "1", "grep", "SigBlk", "/proc/self/status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("SigBlk:\t0000000000000000"), "{text}");
+    // `sleep` keeps the mask it is given: with SIGTERM blocked it waited out the two seconds the launcher
+    // gives the ranks before SIGKILL, and the job took three seconds.
+    let t = Instant::now();
+    let out = Command::new(DSMRUN)
+        .args(["--timeout", "1", "-n", "2", "sleep", "987003"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(gone(&["sleep", "987003"]));
+}
+
+#[test]
+fn ranks_end_with_a_launcher_killed_before_they_join() {
+    // These ranks never call Runtime::init (which also ties a rank to its launcher): they must go all the
+    // same when the launcher is killed.
+    let mut launcher = Command::new(DSMRUN)
+        .args(["-n", "2", "sleep", "987004"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while running(&["sleep", "987004"]) < 2 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the ranks did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    assert!(gone(&["sleep", "987004"]), "ranks outlived their launcher");
+}
