@@ -824,7 +824,11 @@ impl Dsm {
         } else {
             Ok(())
         };
-        if !failing {
+        // Goodbye says this rank left the job as it should: the others then take its connections'
+        // end for no failure. A final barrier that failed otherwise (this rank called it where the others
+        // called another collective) is no way to leave: without goodbyes the others see this rank fail,
+        // instead of waiting for it at their own final barrier for ever.
+        if result.is_ok() {
             for ch in s.channels.all() {
                 for r in 0..s.size {
                     let _ = ch.send(&s.counters, Rank(r as u32), &Request::Goodbye, &[]);

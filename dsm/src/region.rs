@@ -901,6 +901,12 @@ impl<'d> Region<'d> {
 impl Drop for Region<'_> {
     fn drop(&mut self) {
         let shared = &self.inner.shared;
+        if std::thread::panicking() {
+            // A thread unwinding a panic has failed, and does not wait at the barrier: the others may never
+            // reach it (they may be waiting for what this rank was to write). The region stays as it is,
+            // its pages served to the others, until they see this rank fail when its connections close.
+            return;
+        }
         // Every rank stops using the region before any unmaps it; a failed barrier (a dead peer) still unmaps.
         let _ = shared.barrier_tagged(0xD0_0000 + u64::from(self.inner.id));
         unregister(self.slot);
