@@ -365,27 +365,40 @@ impl TupleSpace {
 
     /// Ends a lease and puts `results` in the same step at the lease's home (results homed elsewhere are
     /// put first, so a failure between the two may put them twice: give results the leased tuple's first
-    /// field and arity to have them put exactly once).
+    /// field and arity to have them put exactly once). On an error (a result over the limits, a home that
+    /// cannot be reached) the lease is given back, if its home still holds it: the tuple returns to the
+    /// space instead of staying held by this rank, which could no longer name it.
     pub fn complete(&self, lease: Lease, results: Vec<Tuple>) -> Result<(), RuntimeError> {
-        self.inner
-            .complete(std::slice::from_ref(&lease), results, None, 0)
-            .map(|_| ())
+        let done = self
+            .inner
+            .complete(std::slice::from_ref(&lease), results, None, 0);
+        if done.is_err() {
+            let _ = self.give_back(vec![lease]);
+        }
+        done.map(|_| ())
     }
 
     /// [`TupleSpace::complete`], then [`TupleSpace::in_leased`] with `next` (homed where the lease is), in
-    /// one round trip.
+    /// one round trip. On an error the lease is given back, as by `complete`.
     pub fn complete_and_lease(
         &self,
         lease: Lease,
         results: Vec<Tuple>,
         next: &Template,
     ) -> Result<Lease, RuntimeError> {
-        let mut taken = self.complete_and_lease_many(
+        let taken = self.complete_and_lease_many(
             std::slice::from_ref(&lease),
             results,
             std::slice::from_ref(next),
             0,
-        )?;
+        );
+        let mut taken = match taken {
+            Ok(taken) => taken,
+            Err(e) => {
+                let _ = self.give_back(vec![lease]);
+                return Err(e);
+            }
+        };
         taken.pop().ok_or_else(|| RuntimeError::Refused {
             rank: self.inner.me,
             reason: format!("a leased find for {next:?} came back empty"),

@@ -428,6 +428,36 @@ fn tasks_held_by_a_worker_whose_function_panics_go_back_to_the_bag() {
 }
 
 #[test]
+fn a_lease_whose_completion_fails_is_given_back() {
+    job(2, plain, |rt, space| {
+        // A first field homed at rank 1, so that completing goes over the network.
+        let key = (0..)
+            .map(|k| format!("leased#{k}"))
+            .find(|k| space.home_of(Some(&k.as_str().into()), 2) == Rank(1))
+            .unwrap();
+        let tpl = template!(key.as_str(), ?i64);
+        if rt.rank().0 == 0 {
+            space.out(tuple!(key.as_str(), 5)).unwrap();
+            let too_many = dsm_runtime::tuple::Tuple(
+                (0..17i64).map(dsm_runtime::tuple::Value::from).collect(),
+            );
+            let lease = space.in_leased(&tpl).unwrap();
+            assert!(space.complete(lease, vec![too_many.clone()]).is_err());
+            assert_eq!(space.count(&tpl).unwrap(), 1, "the tuple went back");
+            let lease = space.in_leased(&tpl).unwrap();
+            assert!(space
+                .complete_and_lease(lease, vec![too_many], &tpl)
+                .is_err());
+            assert_eq!(space.count(&tpl).unwrap(), 1, "the tuple went back");
+            let lease = space.in_leased(&tpl).unwrap();
+            space.complete(lease, Vec::new()).unwrap();
+            assert_eq!(space.count(&tpl).unwrap(), 0);
+        }
+        rt.dsm().barrier().unwrap();
+    });
+}
+
+#[test]
 fn results_that_do_not_decode_stay_in_the_space() {
     job(2, plain, |rt, space| {
         let farm = TaskFarm::new(space, "mistyped", Rank(0)).unwrap();
