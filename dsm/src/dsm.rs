@@ -838,6 +838,7 @@ impl Dsm {
         s.stop.store(true, Ordering::Release);
         s.wake_service();
         let _ = service.join();
+        crate::region::unregister_all_of(s);
         s.installer.stop();
         if let Some(helper) = self.installer.take() {
             let _ = helper.join();

@@ -799,6 +799,21 @@ fn unregister(index: usize) {
     }
 }
 
+/// Takes out of the table the regions of the job whose shared state is `shared` that are still in it: those
+/// a thread unwinding a panic dropped (`Region::drop` leaves them for the other ranks), when the rank
+/// leaves the job. Its arena is unmapped next, and a later job of this process may reserve the same
+/// addresses.
+pub(crate) fn unregister_all_of(shared: &crate::dsm::Shared) {
+    for (i, slot) in REGISTRY.iter().enumerate() {
+        let ptr = slot.region.load(Ordering::Acquire);
+        // SAFETY: a published pointer holds a strong count until `unregister`, which only this rank's
+        // leaving (this call, on the thread that ends the job) or the region's own drop does.
+        if !ptr.is_null() && std::ptr::eq(unsafe { &*ptr }.shared.as_ref(), shared) {
+            unregister(i);
+        }
+    }
+}
+
 /// Finds the region that contains `addr`, for the SIGBUS handler: lock-free and allocation-free.
 pub(crate) fn lookup<'a>(addr: usize) -> Option<&'a RegionShared> {
     for slot in REGISTRY.iter() {
@@ -810,7 +825,9 @@ pub(crate) fn lookup<'a>(addr: usize) -> Option<&'a RegionShared> {
             }
             // SAFETY: a published pointer holds a strong count until `unregister`, which happens only when the
             // region is dropped collectively after a barrier: no access to the region (so no fault on it) is in
-            // flight then in a correct program, and the address range is made PROT_NONE right after.
+            // flight then in a correct program, and the address range is made PROT_NONE right after. (The
+            // pointer of a slot emptied and taken again meanwhile, below, is a region just allocated: its
+            // own drop would need another barrier first.)
             let region = unsafe { &*ptr };
             // The slot's fields are read one by one: between two reads it may have been emptied and taken by
             // a region allocated since (while this thread faults on another region), and the bounds read
@@ -1113,6 +1130,40 @@ impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regions of the job whose shared state is `shared` in the table.
+    fn registered_of(shared: &crate::dsm::Shared) -> usize {
+        REGISTRY
+            .iter()
+            .filter(|slot| {
+                let ptr = slot.region.load(Ordering::Acquire);
+                // SAFETY: a published pointer holds a strong count until `unregister`; this test's job is
+                // the only one that unregisters its own regions.
+                !ptr.is_null() && std::ptr::eq(unsafe { &*ptr }.shared.as_ref(), shared)
+            })
+            .count()
+    }
+
+    #[test]
+    fn a_region_dropped_while_panicking_leaves_the_table_with_its_job() {
+        let dsm = crate::Dsm::builder().build().unwrap();
+        let kept = dsm.alloc_vec::<u64>(512).unwrap();
+        let shared = kept.region.inner.shared.clone();
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _v = dsm.alloc_vec::<u64>(512).unwrap();
+            panic!("a thread of this test unwinds with a region");
+        }));
+        assert!(unwound.is_err());
+        assert_eq!(
+            registered_of(&shared),
+            2,
+            "the unwound region stays for the other ranks"
+        );
+        drop(kept);
+        assert_eq!(registered_of(&shared), 1);
+        dsm.finish().unwrap();
+        assert_eq!(registered_of(&shared), 0, "left in the table with its job");
+    }
 
     #[test]
     fn a_fault_continuing_an_announced_run_takes_its_rest_and_no_more() {

@@ -646,6 +646,13 @@ fn jacobi_matches_a_single_rank_run() {
     let (o, out) = job(jacobi, 1, &[&args[..], &["--fuse", "1"]].concat());
     assert_eq!(o.code, 0, "{out}");
     assert_eq!(checksum(&out), expected, "one rank, one iteration a step");
+    // A grid so small that some ranks hold no interior row, and steps reach over every other rank.
+    let tiny = ["--n", "5", "--iters", "7", "--fuse", "3"];
+    let (o, one) = job(jacobi, 1, &tiny);
+    assert_eq!(o.code, 0, "{one}");
+    let (o, four) = job(jacobi, 4, &tiny);
+    assert_eq!(o.code, 0, "{four}");
+    assert_eq!(checksum(&four), checksum(&one), "a 5x5 grid at 4 ranks");
     // The relaxation really ran: heat spread from the top edge into the grid.
     let bits = expected
         .split("bits ")

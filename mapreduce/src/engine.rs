@@ -149,6 +149,13 @@ impl MapReduce {
     ) -> Result<Option<JobReport>, MapReduceError> {
         let job_id = self.jobs.fetch_add(1, Ordering::Relaxed);
         let dsm = self.space.dsm();
+        // Put however this rank leaves the job, an early error or a panic included: the master waits
+        // for it.
+        let mut mark = (dsm.rank() != Rank(0)).then(|| StoppedMark {
+            engine: self,
+            job_id,
+            put: false,
+        });
         let farm = TaskFarm::new(&self.space, &format!("mapreduce-{job_id}"), Rank(0))?;
         let threads = config.threads_for(dsm.size());
         let dir = job_dir(&self.root, job_id);
@@ -186,31 +193,33 @@ impl MapReduce {
             tables: std::sync::Mutex::new(Vec::new()),
             buffers: std::sync::Mutex::new(Vec::new()),
         };
-        let result = if dsm.rank() == Rank(0) {
-            self.lead(job_id, &farm, &worker, config, threads)
-        } else {
-            self.follow(job_id, &farm, &worker, threads)
+        let result = match &mut mark {
+            None => self.lead(job_id, &farm, &worker, config, threads),
+            Some(mark) => self.follow(job_id, &farm, &worker, threads, mark),
         };
         // Every reducer is done with this rank's runs once the master has stopped the farm.
         let _ = std::fs::remove_dir_all(&dir);
         result
     }
 
-    /// The tuple that tells every rank how job `job_id` ended: a first field that hashes to rank 0.
-    fn outcome_key(&self, job_id: u64) -> String {
+    /// A first field for tuples of `arity` fields about job `job_id`, named `what`, homed at rank 0 (the
+    /// master's own operations on them stay off the network).
+    fn key_at_master(&self, job_id: u64, what: &str, arity: usize) -> String {
         (0u64..)
-            .map(|k| format!("mapreduce-{job_id}-outcome#{k}"))
-            .find(|k| self.space.home_of(Some(&k.as_str().into()), 3) == Rank(0))
+            .map(|k| format!("mapreduce-{job_id}-{what}#{k}"))
+            .find(|k| self.space.home_of(Some(&k.as_str().into()), arity) == Rank(0))
             .expect("some suffix hashes to every rank")
+    }
+
+    /// The tuple that tells every rank how job `job_id` ended.
+    fn outcome_key(&self, job_id: u64) -> String {
+        self.key_at_master(job_id, "outcome", 3)
     }
 
     /// The key of the marks other ranks put once their workers of job `job_id` have returned (homed at rank
     /// 0, where the master takes them).
     fn stopped_key(&self, job_id: u64) -> String {
-        (0u64..)
-            .map(|k| format!("mapreduce-{job_id}-stopped#{k}"))
-            .find(|k| self.space.home_of(Some(&k.as_str().into()), 2) == Rank(0))
-            .expect("some suffix hashes to every rank")
+        self.key_at_master(job_id, "stopped", 2)
     }
 
     /// Waits until every other rank's workers of job `job_id` have returned (each rank says so with a
@@ -257,6 +266,7 @@ impl MapReduce {
         farm: &TaskFarm,
         worker: &Worker<'_, J>,
         threads: usize,
+        mark: &mut StoppedMark<'_>,
     ) -> Result<Option<JobReport>, MapReduceError> {
         let lost = |e: RuntimeError| {
             // Rank 0 failing is the master lost, whether the error says so itself or the service loop
@@ -294,10 +304,7 @@ impl MapReduce {
         });
         // The master cleans up after a failed job only once no reduce of this rank can still rename a
         // part file into the output. (If it is gone, reading the outcome below says so.)
-        let me = self.space.dsm().rank().0 as u64;
-        let _ = self
-            .space
-            .out(tuple!(self.stopped_key(job_id).as_str(), me));
+        mark.put();
         for s in served {
             s.map_err(lost)?;
         }
@@ -346,13 +353,15 @@ impl MapReduce {
             let withdrawn = farm.withdraw();
             let stopped = farm.stop();
             let served: Vec<_> = ours.into_iter().map(|t| t.join()).collect();
-            let all_stopped = stopped
-                .and(withdrawn)
-                .map_err(MapReduceError::from)
-                .and_then(|_| {
-                    // Before anything is cleaned up or published.
-                    self.wait_for_workers(job_id)
-                });
+            // Before anything is cleaned up or published. (Without the stop mark the workers do not
+            // return, and their marks never come.)
+            let all_stopped = match stopped {
+                Ok(()) => {
+                    let waited = self.wait_for_workers(job_id);
+                    withdrawn.map_err(MapReduceError::from).and(waited)
+                }
+                Err(e) => Err(MapReduceError::from(e)),
+            };
             outcome.and_then(|o| {
                 all_stopped?;
                 for s in served {
@@ -579,6 +588,34 @@ impl MapReduce {
         // Every partition is written: a temporary part file left now is a reducer's that died writing it.
         remove_part_tmps(&config.output);
         Ok((master, map_time.unwrap_or_else(|| started.elapsed())))
+    }
+}
+
+/// A rank's mark that its workers of a job have returned, which the master waits for
+/// (`MapReduce::wait_for_workers`) before it cleans up and publishes how the job ended. Put once: by `put`
+/// once the workers have returned, or, on any other way out of `MapReduce::run` (an error before the
+/// workers started, a panic), when dropped.
+struct StoppedMark<'a> {
+    engine: &'a MapReduce,
+    job_id: u64,
+    put: bool,
+}
+
+impl StoppedMark<'_> {
+    fn put(&mut self) {
+        if std::mem::replace(&mut self.put, true) {
+            return;
+        }
+        let space = &self.engine.space;
+        let me = space.dsm().rank().0 as u64;
+        // If this fails, rank 0 is out of reach, and sees this rank fail once its connections end.
+        let _ = space.out(tuple!(self.engine.stopped_key(self.job_id).as_str(), me));
+    }
+}
+
+impl Drop for StoppedMark<'_> {
+    fn drop(&mut self) {
+        self.put();
     }
 }
 

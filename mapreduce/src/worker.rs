@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 type Pairs<J> = Vec<(<J as Job>::Key, <J as Job>::Value)>;
+/// One partition's pairs, in place: its number and its slice.
+type Slice<'a, J> = (usize, &'a mut [(<J as Job>::Key, <J as Job>::Value)]);
 type Readers<J> = Vec<RunReader<<J as Job>::Key, <J as Job>::Value>>;
 
 /// One rank's means of running tasks of one job.
@@ -206,20 +208,21 @@ impl<J: Job> Worker<'_, J> {
         bounded(result, kind, id)
     }
 
-    /// Groups `pairs` by partition and sorts each group by key, and writes each partition's pairs as one
-    /// run (the partitions' sorts and writes in parallel when `parallel`). The pairs' keys need no combining
-    /// here: with a combiner they come from its table, one pair per key; without one, all are kept.
+    /// Groups `pairs` by partition and sorts each group by key, in place, and writes each partition's
+    /// pairs as one run (the partitions' sorts and writes in parallel when `parallel`). The pairs' keys
+    /// need no combining here: with a combiner they come from its table, one pair per key; without one,
+    /// all are kept.
     fn write_runs(
         &self,
-        pairs: Pairs<J>,
+        mut pairs: Pairs<J>,
         n: usize,
         sink: &RunSink<'_>,
         parallel: bool,
     ) -> Result<(), String> {
-        // Each key's partition, computed once; the pairs then go to their partition's group in one pass
-        // (a sort by partition took as long as the sorts by key that follow, for two partitions).
+        // Each key's partition, computed once; then each pair is swapped straight into its partition's
+        // place (a sort by partition took as long as the sorts by key that follow, for two partitions).
         let mut parts = Vec::with_capacity(pairs.len());
-        let mut sizes = vec![0usize; n];
+        let mut ends = vec![0usize; n];
         for (k, _) in &pairs {
             let p = self.job.partition(k, n);
             if p >= n {
@@ -227,30 +230,52 @@ impl<J: Job> Worker<'_, J> {
                     "the job's partition() gave {p} for key {k}, with {n} partitions"
                 ));
             }
-            sizes[p] += 1;
+            ends[p] += 1;
             parts.push(p);
         }
-        let mut groups: Vec<(usize, Pairs<J>)> = Vec::new();
-        if let Some(p) = sizes.iter().position(|&s| s == pairs.len()) {
-            groups.push((p, pairs)); // all in one partition (always so with one)
-        } else {
-            let mut slot = vec![usize::MAX; n];
-            for (p, &size) in sizes.iter().enumerate().filter(|(_, s)| **s > 0) {
-                slot[p] = groups.len();
-                groups.push((p, Vec::with_capacity(size)));
-            }
-            for (pair, p) in pairs.into_iter().zip(parts) {
-                groups[slot[p]].1.push(pair);
+        let mut next = Vec::with_capacity(n);
+        let mut at = 0;
+        for end in ends.iter_mut() {
+            next.push(at);
+            at += *end;
+            *end = at;
+        }
+        for p in 0..n {
+            // The pairs before `next[p]` in partition p's place belong there. The one at `next[p]` does,
+            // or goes to the first unsettled place of its own partition (a later one: the earlier ones
+            // are full), whose pair comes here to be looked at in turn.
+            while next[p] < ends[p] {
+                let i = next[p];
+                let q = parts[i];
+                if q == p {
+                    next[p] += 1;
+                } else {
+                    let j = next[q];
+                    pairs.swap(i, j);
+                    parts.swap(i, j);
+                    next[q] += 1;
+                }
             }
         }
-        let each = |(p, mut group): (usize, Pairs<J>)| {
-            group.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            sink.write(p, &group)
+        let mut slices: Vec<Slice<'_, J>> = Vec::new();
+        let mut rest: &mut [(J::Key, J::Value)] = &mut pairs;
+        let mut start = 0;
+        for (p, &end) in ends.iter().enumerate() {
+            let (mine, after) = std::mem::take(&mut rest).split_at_mut(end - start);
+            if !mine.is_empty() {
+                slices.push((p, mine));
+            }
+            rest = after;
+            start = end;
+        }
+        let each = |(p, slice): Slice<'_, J>| {
+            slice.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            sink.write(p, slice)
         };
         if parallel {
-            groups.into_par_iter().try_for_each(each)
+            slices.into_par_iter().try_for_each(each)
         } else {
-            groups.into_iter().try_for_each(each)
+            slices.into_iter().try_for_each(each)
         }
     }
 

@@ -573,11 +573,13 @@ fn a_panic_in_the_job_fails_it_with_where_it_happened() {
     });
 }
 
-/// Reduces running at any rank of the in-process job, for `SlowFollower`.
+/// Reduces running at any rank of the in-process job, and reduces begun on other ranks than 0, for
+/// `SlowFollower`.
 static REDUCING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static FOLLOWER_REDUCES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Word count whose reduce fails at once on rank 0 and slowly on the other ranks (after 400 ms, counted in
-/// `REDUCING` meanwhile).
+/// Word count whose reduce fails on rank 0 after 200 ms (time for the other rank to take the other
+/// partition), and on the other ranks after 400 ms (counted in `REDUCING` meanwhile).
 struct SlowFollower {
     rank: Rank,
 }
@@ -591,7 +593,10 @@ impl Job for SlowFollower {
     }
     fn reduce(&self, _: &String, _: Vec<u64>, _: &mut Counters) -> Option<u64> {
         use std::sync::atomic::Ordering::SeqCst;
-        if self.rank != Rank(0) {
+        if self.rank == Rank(0) {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        } else {
+            FOLLOWER_REDUCES.fetch_add(1, SeqCst);
             REDUCING.fetch_add(1, SeqCst);
             std::thread::sleep(std::time::Duration::from_millis(400));
             REDUCING.fetch_sub(1, SeqCst);
@@ -630,6 +635,10 @@ e f g h
         // Nothing of the failed job is left (it made the directory).
         rt.dsm().barrier().unwrap();
         assert!(!out.exists(), "the failed job left {}", out.display());
+        assert!(
+            FOLLOWER_REDUCES.load(std::sync::atomic::Ordering::SeqCst) > 0,
+            "rank 1 never reduced: the test tested nothing"
+        );
     });
 }
 

@@ -181,15 +181,23 @@ impl TaskFarm {
         // Looks in a row that found no worker anywhere (two are needed, so that a worker thread of this
         // rank that is only starting is not missed).
         let mut deserted = 0;
+        // Results taken go back to the space if this call fails: a later call may still take them.
+        let fail = |got: Vec<Tuple>, e: RuntimeError| {
+            let _ = self.space.out_many(got);
+            Err(e)
+        };
         while got.len() < n {
-            let Some(t) = self.space.in_timeout(&wanted, Self::RESULTS_LOOK)? else {
+            let t = match self.space.in_timeout(&wanted, Self::RESULTS_LOOK) {
+                Ok(t) => t,
+                Err(e) => return fail(got, e),
+            };
+            let Some(t) = t else {
                 let alone = dsm.failed_ranks().len() + 1 == dsm.size();
                 if alone && dsm.size() > 1 && self.serving.load(Ordering::Acquire) == 0 {
                     deserted += 1;
                     if deserted == 2 {
-                        return Err(RuntimeError::NoWorkers {
-                            missing: n - got.len(),
-                        });
+                        let missing = n - got.len();
+                        return fail(got, RuntimeError::NoWorkers { missing });
                     }
                 } else {
                     deserted = 0;
@@ -207,10 +215,10 @@ impl TaskFarm {
                 Ok((id, decode(t, "result", id)?))
             })
             .collect();
-        if decoded.is_err() {
-            self.space.out_many(got)?;
+        match decoded {
+            Ok(results) => Ok(results),
+            Err(e) => fail(got, e),
         }
-        decoded
     }
 
     /// How often a master waiting for results looks whether any worker is left.
