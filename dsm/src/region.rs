@@ -805,12 +805,22 @@ fn unregister(index: usize) {
 /// addresses.
 pub(crate) fn unregister_all_of(shared: &crate::dsm::Shared) {
     for (i, slot) in REGISTRY.iter().enumerate() {
-        let ptr = slot.region.load(Ordering::Acquire);
-        // SAFETY: a published pointer holds a strong count until `unregister`, which only this rank's
-        // leaving (this call, on the thread that ends the job) or the region's own drop does.
-        if !ptr.is_null() && std::ptr::eq(unsafe { &*ptr }.shared.as_ref(), shared) {
+        if slot.holds_one_of(shared) {
             unregister(i);
         }
+    }
+}
+
+impl RegistrySlot {
+    /// Whether the slot holds a region of the job whose shared state is `shared`. Called by the thread
+    /// that ends that job (or its tests): only it or the region's own drop, on that job's threads, empties
+    /// such a slot.
+    fn holds_one_of(&self, shared: &crate::dsm::Shared) -> bool {
+        let ptr = self.region.load(Ordering::Acquire);
+        // SAFETY: a published pointer holds a strong count until `unregister`; a region of this job is
+        // not unregistered while the caller looks (see above), and another job's region is only compared
+        // by the address of its shared state, read while the count is held.
+        !ptr.is_null() && std::ptr::eq(unsafe { &*ptr }.shared.as_ref(), shared)
     }
 }
 
@@ -1135,12 +1145,7 @@ mod tests {
     fn registered_of(shared: &crate::dsm::Shared) -> usize {
         REGISTRY
             .iter()
-            .filter(|slot| {
-                let ptr = slot.region.load(Ordering::Acquire);
-                // SAFETY: a published pointer holds a strong count until `unregister`; this test's job is
-                // the only one that unregisters its own regions.
-                !ptr.is_null() && std::ptr::eq(unsafe { &*ptr }.shared.as_ref(), shared)
-            })
+            .filter(|slot| slot.holds_one_of(shared))
             .count()
     }
 

@@ -380,9 +380,10 @@ impl MapReduce {
         // The output is complete only with its marker: a job that failed leaves none, and its part files
         // are removed (every rank's workers have returned: none can rename one in after this).
         let outcome = outcome.and_then(|o| {
+            let (master, _) = &o;
             // Every reducer said it wrote its part: one missing here was written where this rank does not
             // look (an output directory that is not shared between hosts).
-            for p in 0..o.0.reduces() {
+            for p in 0..master.reduces() {
                 let part = config.output.join(format!("part-{p:05}"));
                 if !part.exists() {
                     return Err(MapReduceError::TaskFailed(format!(

@@ -372,10 +372,20 @@ impl TupleSpace {
         let done = self
             .inner
             .complete(std::slice::from_ref(&lease), results, None, 0);
+        self.given_back_on_error(lease, done).map(|_| ())
+    }
+
+    /// `done`, having given `lease` back if it is an error (a home that ended the lease already refuses
+    /// it, which changes nothing).
+    fn given_back_on_error<T>(
+        &self,
+        lease: Lease,
+        done: Result<T, RuntimeError>,
+    ) -> Result<T, RuntimeError> {
         if done.is_err() {
             let _ = self.give_back(vec![lease]);
         }
-        done.map(|_| ())
+        done
     }
 
     /// [`TupleSpace::complete`], then [`TupleSpace::in_leased`] with `next` (homed where the lease is), in
@@ -392,13 +402,7 @@ impl TupleSpace {
             std::slice::from_ref(next),
             0,
         );
-        let mut taken = match taken {
-            Ok(taken) => taken,
-            Err(e) => {
-                let _ = self.give_back(vec![lease]);
-                return Err(e);
-            }
-        };
+        let mut taken = self.given_back_on_error(lease, taken)?;
         taken.pop().ok_or_else(|| RuntimeError::Refused {
             rank: self.inner.me,
             reason: format!("a leased find for {next:?} came back empty"),

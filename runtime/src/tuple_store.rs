@@ -46,6 +46,17 @@ fn key_of(t: &Tuple) -> Key {
     (t.arity(), t.0.first().cloned())
 }
 
+/// The one bucket whose tuples a template can match: its first field's and arity's, or that of tuples
+/// with no field; `None` for a template whose first field is formal (it may match any bucket of its
+/// arity).
+fn bucket_of(template: &Template) -> Option<Key> {
+    match template.first_actual() {
+        Some(first) => Some((template.arity(), Some(first.clone()))),
+        None if template.arity() == 0 => Some((0, None)),
+        None => None,
+    }
+}
+
 /// One rank's share of the tuple space.
 #[derive(Debug, Default)]
 pub struct TupleStore {
@@ -135,9 +146,8 @@ impl TupleStore {
     pub fn find(&mut self, template: &Template, mode: Mode) -> Result<Option<Tuple>, TupleError> {
         template.check()?;
         let arity = template.arity();
-        let keys: Vec<Key> = match template.first_actual() {
-            Some(first) => vec![(arity, Some(first.clone()))],
-            None if arity == 0 => vec![(0, None)],
+        let keys: Vec<Key> = match bucket_of(template) {
+            Some(key) => vec![key],
             None => self
                 .buckets
                 .keys()
@@ -183,12 +193,8 @@ impl TupleStore {
         template.check()?;
         let id = self.next_id;
         self.next_id += 1;
+        let key = bucket_of(&template);
         let waiter = Waiter { id, template, mode };
-        let key = match waiter.template.first_actual() {
-            Some(first) => Some((waiter.template.arity(), Some(first.clone()))),
-            None if waiter.template.arity() == 0 => Some((0, None)),
-            None => None,
-        };
         match &key {
             Some(key) => self
                 .waiting
