@@ -101,6 +101,16 @@ if out=$(timeout 60 mpirun -n 3 $bin/dsm-check die 2>&1); then
 fi
 expect "rank 2 failed" 2 "$out"
 
+# A rank that returns an error from main while another waits for it outside any collective: it leaves as
+# a failed rank, without waiting (before, both waited for each other for ever).
+for t in tcp mpi; do
+    if out=$(DSM_TRANSPORT=$t timeout 60 mpirun -n 2 $bin/dsm-check errorwaited 2>&1); then
+        fail "a job whose rank returned an error succeeded ($t): $out"
+    fi
+    expect "rank 1 gives up on an error" 1 "$out"
+    grep -q "neither wrote" <<<"$out" && fail "rank 0 waited out its time limit ($t): $out"
+done
+
 # Ranks running different executables (MPMD launch): stopped at join, each naming the other.
 if out=$(timeout 60 mpirun -n 1 $bin/hello : -n 1 $bin/dsm-check counter 2>&1); then
     fail "ranks of different builds joined one job: $out"

@@ -1,7 +1,8 @@
 //! The `Dsm` handle: one rank's membership in a job. It owns the channels, the service loop, the arena and
 //! the userfaultfd, and offers collective allocation, barriers, distributed locks and statistics. Dropping
 //! it ends the rank's part in the job: a final barrier, `Goodbye` to every peer, and the service loop stops
-//! (from a thread unwinding a panic, neither barrier nor goodbye: the others see this rank fail).
+//! (from a thread unwinding a panic, or after [`Dsm::abandon`], neither barrier nor goodbye: the others see
+//! this rank fail).
 
 use crate::channel::{Channel, Channels, RecvError};
 use crate::engine::{ServicePriority, MAX_READAHEAD};
@@ -9,7 +10,7 @@ use crate::error::{DsmError, Result};
 use crate::installer::Installer;
 use crate::keepawake::KeepAwake;
 use crate::protocol::release::{RcRank, VectorClock, WriteNotice};
-use crate::region::{Arena, Consistency, GlobalVec, Placement, Region, RegionShared};
+use crate::region::{Arena, Consistency, GlobalVec, Placement, Region, RegionShared, Retired};
 use crate::service::{Service, ServiceId, MAX_SERVICES};
 use crate::stats::{Counters, Stats};
 use crate::types::{Rank, PAGE_SIZE};
@@ -79,6 +80,9 @@ pub(crate) struct Shared {
     in_process: bool,
     /// Services registered by the layers above, by id.
     services: RwLock<Vec<Option<Arc<dyn Service>>>>,
+    /// Regions this rank has dropped, oldest first, each freed at the rank's next collective operation
+    /// (see `Region::drop`).
+    pub(crate) retired: Mutex<Vec<Retired>>,
     /// The helper that installs pages of long read-ahead replies beside the faulting thread.
     pub(crate) installer: Installer,
     /// Whether this rank's page requests let the sender install the pages itself (`direct.rs`).
@@ -147,8 +151,24 @@ impl Shared {
         }
     }
 
-    /// A barrier whose `tag` must be equal on every rank.
+    /// A barrier whose `tag` must be equal on every rank. The regions this rank dropped since its last
+    /// collective operation are freed first, each after a barrier of its own, in the order they were
+    /// dropped (as every rank drops them).
     pub(crate) fn barrier_tagged(&self, tag: u64) -> Result<(), DsmError> {
+        loop {
+            let next = {
+                let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+                (!retired.is_empty()).then(|| retired.remove(0))
+            };
+            match next {
+                Some(region) => region.free(self)?,
+                None => return self.barrier_once(tag),
+            }
+        }
+    }
+
+    /// One barrier: see `barrier_tagged`.
+    pub(crate) fn barrier_once(&self, tag: u64) -> Result<(), DsmError> {
         let t0 = Instant::now();
         // A barrier is a release (this rank's writes reach their homes) and then an acquire (every rank's
         // write notices come back with the barrier).
@@ -248,6 +268,8 @@ pub struct Dsm {
     installer: Option<JoinHandle<()>>,
     awake: Vec<JoinHandle<()>>,
     allocated: AtomicU32,
+    /// Set by [`Dsm::abandon`]: the rank leaves the job as a failed one.
+    abandoned: AtomicBool,
 }
 
 /// A held distributed lock; released on drop.
@@ -803,6 +825,14 @@ impl Dsm {
         self.shutdown()
     }
 
+    /// Makes this rank leave the job as a failed one when its `Dsm` goes (dropped or finished): no
+    /// final barrier and no `Goodbye`, so the other ranks see it fail when its connections close, as if it
+    /// had panicked, instead of waiting for what it will never do. For a rank that stops on an error:
+    /// `dsm_runtime::Runtime` calls it when it is dropped without being finished.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+    }
+
     fn shutdown(&mut self) -> Result<()> {
         let Some(service) = self.service.take() else {
             return Ok(());
@@ -811,9 +841,10 @@ impl Dsm {
         // A thread unwinding from a panic has failed, not finished: it neither waits at the final barrier
         // (the others may never reach it) nor says goodbye, so the others see this rank fail when its
         // connections close.
-        let failing = std::thread::panicking();
-        let result = if failing {
+        let result = if std::thread::panicking() {
             Err(DsmError::LeftWhilePanicking)
+        } else if self.abandoned.load(Ordering::Acquire) {
+            Err(DsmError::Abandoned)
         } else if self.failed_ranks().is_empty() {
             match s.barrier_tagged(0x5707) {
                 // A rank failed, and the barrier said so before this rank's own connections did: under
@@ -839,6 +870,9 @@ impl Dsm {
         s.wake_service();
         let _ = service.join();
         crate::region::unregister_all_of(s);
+        // Regions dropped since the last collective operation (all of them when the rank failed) hold the
+        // shared state: they go with the arena, when it does.
+        s.retired.lock().unwrap_or_else(|p| p.into_inner()).clear();
         s.installer.stop();
         if let Some(helper) = self.installer.take() {
             let _ = helper.join();

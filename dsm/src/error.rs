@@ -95,6 +95,10 @@ pub enum DsmError {
     /// goodbye, so the other ranks see it fail.
     #[error("left the job while panicking: the final barrier was skipped and the other ranks see this rank fail")]
     LeftWhilePanicking,
+    /// The rank was abandoned ([`crate::Dsm::abandon`]): it skipped the final barrier and said no goodbye,
+    /// so the other ranks see it fail.
+    #[error("left the job unfinished (without Runtime::finish, as when main returns an error): the other ranks see this rank fail")]
+    Abandoned,
     /// Regions need each rank in its own process.
     #[error("shared regions need one rank per process; the in-process transport supports messaging, locks and barriers only")]
     RegionsNeedProcesses,

@@ -852,8 +852,12 @@ pub(crate) fn lookup<'a>(addr: usize) -> Option<&'a RegionShared> {
 
 /// A shared region: the same bytes at the same address in every rank.
 ///
-/// Created collectively by [`crate::Dsm::alloc`]; dropping it is collective too (every rank drops it; the
-/// drop waits at a barrier so that no rank still uses it).
+/// Created collectively by [`crate::Dsm::alloc`]; dropping it is collective too: every rank drops its
+/// regions in the same order. A drop does not wait for the others: the region stays mapped, its pages
+/// served to the ranks still using it, until this rank's next collective operation (a barrier, an
+/// allocation, or leaving the job), which first waits at a barrier of the region's own so that no rank
+/// still uses it, and then unmaps it. A rank that ends on an error therefore never waits in a drop for
+/// ranks that wait for it.
 #[derive(Debug)]
 pub struct Region<'d> {
     pub(crate) inner: Arc<RegionShared>,
@@ -927,18 +931,43 @@ impl<'d> Region<'d> {
 
 impl Drop for Region<'_> {
     fn drop(&mut self) {
-        let shared = &self.inner.shared;
         if std::thread::panicking() {
-            // A thread unwinding a panic has failed, and does not wait at the barrier: the others may never
-            // reach it (they may be waiting for what this rank was to write). The region stays as it is,
-            // its pages served to the others, until they see this rank fail when its connections close.
+            // Not a collective drop but a thread unwinding: the other ranks may go on using the region. It
+            // stays as it is, its pages served to the others, until the job ends.
             return;
         }
-        // Every rank stops using the region before any unmaps it; a failed barrier (a dead peer) still unmaps.
-        let _ = shared.barrier_tagged(0xD0_0000 + u64::from(self.inner.id));
+        // No barrier here: the others may be waiting, outside any collective, for what this rank was to
+        // write before it dropped the region on its way out of a failed job. The barrier comes with the
+        // rank's next collective operation, which a failing rank never calls.
+        let retired = Retired {
+            region: self.inner.clone(),
+            slot: self.slot,
+        };
+        let shared = &self.inner.shared;
+        shared
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(retired);
+    }
+}
+
+/// A region this rank has dropped, still mapped and served until every rank has dropped it.
+#[derive(Debug)]
+pub(crate) struct Retired {
+    region: Arc<RegionShared>,
+    slot: usize,
+}
+
+impl Retired {
+    /// Waits until every rank has dropped the region, then unmaps it. A failed barrier (a dead peer, or a
+    /// rank that called another collective) still unmaps it, and says why.
+    pub(crate) fn free(self, shared: &crate::dsm::Shared) -> Result<()> {
+        let waited = shared.barrier_once(0xD0_0000 + u64::from(self.region.id));
         unregister(self.slot);
-        shared.forget_region(self.inner.id);
-        unmap(&self.inner);
+        shared.forget_region(self.region.id);
+        unmap(&self.region);
+        waited
     }
 }
 
@@ -1150,7 +1179,7 @@ mod tests {
     }
 
     #[test]
-    fn a_region_dropped_while_panicking_leaves_the_table_with_its_job() {
+    fn regions_leave_the_table_at_the_next_collective_or_while_panicking_with_their_job() {
         let dsm = crate::Dsm::builder().build().unwrap();
         let kept = dsm.alloc_vec::<u64>(512).unwrap();
         let shared = kept.region.inner.shared.clone();
@@ -1165,6 +1194,12 @@ mod tests {
             "the unwound region stays for the other ranks"
         );
         drop(kept);
+        assert_eq!(
+            registered_of(&shared),
+            2,
+            "a dropped region stays until the rank's next collective operation"
+        );
+        dsm.barrier().unwrap();
         assert_eq!(registered_of(&shared), 1);
         dsm.finish().unwrap();
         assert_eq!(registered_of(&shared), 0, "left in the table with its job");

@@ -103,13 +103,31 @@ fn connect_timeout() -> Result<u64, RuntimeError> {
     .unwrap_or(30))
 }
 
-/// A rank's membership in a job. Dropping it leaves the job (a final barrier with every rank).
+/// A rank's membership in a job. End a job that went well with [`Runtime::finish`] (a final barrier with
+/// every rank). A `Runtime` dropped without it (the program returned an error from `main`, say) leaves the
+/// job as a failed rank ([`Dsm::abandon`]): the other ranks see it fail, which ends the job (or, under
+/// `dsmrun --keep-going`, makes their calls to it fail), instead of waiting for what it will never do.
 #[derive(Debug)]
 pub struct Runtime {
     // Declared first, so that it is dropped (the job left) before MPI is finalized.
     dsm: Arc<Dsm>,
     #[cfg(feature = "mpi")]
     _mpi: Option<mpi_join::Finalizer>,
+    finished: bool,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if !self.finished {
+            // A rank that stops on an error cannot say so any other way: Rust drops the `Runtime` the same
+            // whether `main` returned `Ok` or `Err`.
+            self.dsm.abandon();
+            #[cfg(feature = "mpi")]
+            if let Some(f) = &mut self._mpi {
+                f.abandoned = true;
+            }
+        }
+    }
 }
 
 const MPI_VARS: &[&str] = &[
@@ -221,10 +239,12 @@ impl Runtime {
             universe: Some(joined.universe),
             dsm: Arc::downgrade(&dsm),
             bridge: joined.bridge,
+            abandoned: false,
         };
         Ok(Runtime {
             dsm,
             _mpi: Some(finalizer),
+            finished: false,
         })
     }
 
@@ -240,6 +260,7 @@ impl Runtime {
             dsm: Arc::new(dsm),
             #[cfg(feature = "mpi")]
             _mpi: None,
+            finished: false,
         }
     }
 
@@ -336,9 +357,16 @@ impl Runtime {
         self.dsm.size()
     }
 
-    /// Leaves the job, reporting a failure of the final barrier.
-    pub fn finish(self) -> Result<(), RuntimeError> {
-        match Arc::try_unwrap(self.dsm) {
+    /// Leaves the job, reporting a failure of the final barrier. Every rank whose work went well calls it
+    /// (see [`Runtime`] for a rank that does not).
+    pub fn finish(mut self) -> Result<(), RuntimeError> {
+        self.finished = true;
+        // MPI is finalized when this function returns, after the job has been left.
+        #[cfg(feature = "mpi")]
+        let _mpi = self._mpi.take();
+        let dsm = self.dsm.clone();
+        drop(self);
+        match Arc::try_unwrap(dsm) {
             Ok(dsm) => Ok(dsm.finish()?),
             // The job is left when the last handle goes.
             Err(dsm) => Err(RuntimeError::InUse(Arc::strong_count(&dsm) - 1)),

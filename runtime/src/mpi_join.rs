@@ -28,6 +28,8 @@ pub(crate) struct Finalizer {
     pub(crate) universe: Option<Universe>,
     pub(crate) dsm: std::sync::Weak<dsm::Dsm>,
     pub(crate) bridge: Option<Bridge>,
+    /// The rank left the job as a failed one (its `Runtime` was dropped unfinished).
+    pub(crate) abandoned: bool,
 }
 
 /// How long MPI's finalization waits for the bridge thread to see every connection end.
@@ -46,9 +48,10 @@ impl Drop for Finalizer {
             std::mem::forget(u.0);
             return;
         }
-        if std::thread::panicking() {
-            // The rank is ending with a panic: waiting for the bridge to see the other ranks' ends would
-            // only delay that.
+        if std::thread::panicking() || self.abandoned {
+            // The rank is ending with a panic or an error: waiting for the bridge to see the other ranks'
+            // ends would only delay that, and MPI's finalization may wait for ranks that wait for this one.
+            // The launcher sees a rank end without finalizing, and ends the job.
             std::mem::forget(u.0);
             return;
         }

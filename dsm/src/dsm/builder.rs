@@ -264,6 +264,7 @@ impl DsmBuilder {
             epoch: AtomicU64::new(0),
             in_process,
             services: RwLock::new(vec![None; MAX_SERVICES]),
+            retired: Mutex::new(Vec::new()),
             installer: Installer::default(),
             direct_install: AtomicBool::new(self.direct_install),
         });
@@ -313,6 +314,7 @@ impl DsmBuilder {
             installer,
             awake,
             allocated: AtomicU32::new(0),
+            abandoned: AtomicBool::new(false),
         })
     }
 }

@@ -35,7 +35,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
-    /// idle | ownmpi | die | diewriting | readerdies | diffhomedies | sentsigbus
+    /// errorwaited | idle | ownmpi | die | diewriting | readerdies | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -1163,6 +1163,19 @@ fn main() -> anyhow::Result<()> {
             })?;
             anyhow::bail!("rank {me}: rank 1 wrote after all");
         }
+        "errorwaited" => {
+            // As `panicwaited`, but rank 1 returns an error from `main`, dropping its region and its
+            // `Runtime` as at a normal end. Neither drop may wait for rank 0, which waits for rank 1.
+            let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
+            dsm.barrier()?;
+            if me == 1 {
+                anyhow::bail!("rank 1 gives up on an error before writing");
+            }
+            within_30_s(me, "rank 1 neither wrote nor was seen to fail", &|| {
+                v.get(0) != 0
+            })?;
+            anyhow::bail!("rank {me}: rank 1 wrote after all");
+        }
         "die" => {
             let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
             v.set(me, 1);
@@ -1176,7 +1189,7 @@ fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, idle, ownmpi, die, diewriting, readerdies, diffhomedies or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, idle, ownmpi, die, diewriting, readerdies, diffhomedies or sentsigbus"
             )
         }
     }
