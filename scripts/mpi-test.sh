@@ -119,6 +119,14 @@ fi
 grep -q "runs a different build of this program" <<<"$out" || fail "no word of the different builds in: $out"
 passed=$((passed + 1))
 
+# Ranks given different DSM_CHANNELS (through a wrapper): stopped at join, saying so.
+line='if [ "$PMI_RANK" = 1 ]; then export DSM_CHANNELS=3; fi; exec '"$bin"'/hello'
+if out=$(timeout 60 mpirun -n 2 sh -c "$line" 2>&1); then
+    fail "ranks with different DSM_CHANNELS joined one job: $out"
+fi
+grep -q "give every rank the same DSM_CHANNELS" <<<"$out" || fail "no word of the channels in: $out"
+passed=$((passed + 1))
+
 # Started as if by the launcher of another MPI library (its variables say 2 ranks; this MPI sees a job of
 # one): a clear error instead of ranks that each compute alone.
 if out=$(PMI_SIZE=2 PMI_RANK=0 timeout 60 $bin/hello 2>&1); then

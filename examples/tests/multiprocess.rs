@@ -102,6 +102,25 @@ fn a_rank_with_the_wrong_token_is_refused_and_the_job_ends() {
 }
 
 #[test]
+fn ranks_with_different_channel_counts_stop_at_once_saying_why() {
+    // A wrapper gives rank 1 another DSM_CHANNELS: its mesh cannot match rank 0's. Both must say so
+    // at the handshake, instead of waiting out the connect timeout (30 s) for connections that never come.
+    let line = format!(
+        "if [ \"$DSM_RANK\" = 1 ]; then export DSM_CHANNELS=3; fi; exec {}",
+        env!("CARGO_BIN_EXE_hello")
+    );
+    let t = std::time::Instant::now();
+    let (o, out) = job("/bin/sh", 2, &["-c", &line]);
+    assert_ne!(o.code, 0, "{out}");
+    assert!(
+        out.contains("rank 1 opens 3 channels to each rank, this rank 4: give every rank the same DSM_CHANNELS")
+            || out.contains("rank 0 opens 4 channels to each rank, this rank 3: give every rank the same DSM_CHANNELS"),
+        "{out}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+#[test]
 fn a_connect_timeout_out_of_range_is_a_clear_error() {
     let (o, out) = job_with_env(
         env!("CARGO_BIN_EXE_hello"),

@@ -226,7 +226,13 @@ impl Runtime {
         .unwrap_or(mpi_bridge::SEND_BUFFER);
         // Everything that can fail on this rank's own settings is read before joining.
         let options = Self::options()?;
-        let joined = mpi_join::join(bind, Duration::from_secs(timeout), carrier, send_buffer)?;
+        let joined = mpi_join::join(
+            bind,
+            Duration::from_secs(timeout),
+            carrier,
+            send_buffer,
+            options.channel_count(),
+        )?;
         let mut builder = options.rank(joined.rank, joined.size);
         if let Some(t) = joined.transport {
             builder = builder.transport(t);

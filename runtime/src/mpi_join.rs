@@ -162,6 +162,7 @@ pub(crate) fn join(
     timeout: Duration,
     carrier: Carrier,
     send_buffer: usize,
+    channels: usize,
 ) -> Result<Joined, RuntimeError> {
     // The TCP carrier calls MPI only here, on this thread; the MPI carrier's bridge thread calls it while
     // the program may too (a benchmark's raw round trips).
@@ -183,7 +184,14 @@ pub(crate) fn join(
     }
     let world = universe.world();
     let bridge: Bridge = Arc::new(Mutex::new(None));
-    match connect(&world, timeout, bind, carrier, send_buffer, &bridge) {
+    let how = How {
+        timeout,
+        bind,
+        carrier,
+        send_buffer,
+        channels,
+    };
+    match connect(&world, &how, &bridge) {
         Ok((rank, size, transport)) => Ok(Joined {
             rank,
             size,
@@ -214,15 +222,28 @@ pub(crate) fn abort_job(e: &RuntimeError) -> ! {
 /// Rank, size and (for more than one rank) the transport.
 type Connected = (Rank, usize, Option<Box<dyn Transport>>);
 
-/// Rank, size and (for more than one rank) the transport, agreed over MPI.
-fn connect(
-    world: &mpi::topology::SimpleCommunicator,
+/// How this rank means to join: what every rank must agree on, and its own settings.
+struct How {
     timeout: Duration,
     bind: Option<IpAddr>,
     carrier: Carrier,
     send_buffer: usize,
+    channels: usize,
+}
+
+/// Rank, size and (for more than one rank) the transport, agreed over MPI.
+fn connect(
+    world: &mpi::topology::SimpleCommunicator,
+    how: &How,
     bridge: &Bridge,
 ) -> Result<Connected, RuntimeError> {
+    let How {
+        timeout,
+        bind,
+        carrier,
+        send_buffer,
+        channels,
+    } = *how;
     let rank = world.rank() as usize;
     let size = world.size() as usize;
     // A launcher of another MPI library (Open MPI's mpirun for an MPICH build, or the reverse) starts
@@ -242,13 +263,25 @@ fn connect(
         )));
     }
 
-    let id = build_id()?;
-    let mut ids = vec![0u64; size];
-    world.all_gather_into(&id, &mut ids[..]);
-    let other: Vec<usize> = (0..size).filter(|r| ids[*r] != id).collect();
+    // Each rank's build and channels.
+    let mine = [build_id()?, channels as u64];
+    let mut all = vec![0u64; 2 * size];
+    world.all_gather_into(&mine[..], &mut all[..]);
+    let differ = |field: usize| -> Vec<usize> {
+        (0..size)
+            .filter(|r| all[2 * r + field] != mine[field])
+            .collect()
+    };
+    let other = differ(0);
     if !other.is_empty() {
         return Err(RuntimeError::Mpi(format!(
             "rank {rank} runs a different build of this program than rank(s) {other:?}: every rank must run the same executable (copy one build to every host)"
+        )));
+    }
+    let other = differ(1);
+    if !other.is_empty() {
+        return Err(RuntimeError::Mpi(format!(
+            "rank {rank} opens {channels} channels to each rank, and rank(s) {other:?} another number: give every rank the same DSM_CHANNELS"
         )));
     }
     if size == 1 {

@@ -76,6 +76,11 @@ impl DsmBuilder {
         self
     }
 
+    /// The number of channels set so far (every rank of a job must have the same).
+    pub fn channel_count(&self) -> usize {
+        self.channels
+    }
+
     /// The largest sequential read-ahead window in pages, 1 to [`MAX_READAHEAD`] (the default, 4 MiB; 1 turns
     /// read-ahead off). Read-ahead fetches the following pages with the same home when faults walk a region
     /// in order; the window doubles from one page on each fault that continues the walk.

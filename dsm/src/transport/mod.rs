@@ -47,4 +47,4 @@ pub trait Transport: Send + std::fmt::Debug {
 }
 
 /// Bumped whenever the wire format or the protocol changes: ranks of different builds refuse each other.
-pub(crate) const PROTOCOL_VERSION: u32 = 6;
+pub(crate) const PROTOCOL_VERSION: u32 = 7;

@@ -10,13 +10,12 @@ use nix::sys::time::TimeSpec;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The secret every connection of a job must present.
 pub type Token = [u8; 32];
-
-const MAGIC: &[u8; 4] = b"DSM\x01";
-const HELLO_LEN: usize = 4 + 4 + 4 + 32;
 
 /// The mesh of one rank over TCP.
 #[derive(Debug)]
@@ -45,12 +44,19 @@ impl TcpTransport {
     }
 }
 
-fn hello(me: Rank, token: &Token) -> [u8; HELLO_LEN] {
+const MAGIC: &[u8; 4] = b"DSM\x01";
+/// A handshake: magic, protocol version, job token, rank, channels. The first 40 bytes (magic, version and
+/// token) keep this layout in every version, so that a rank of another build is still known for one of
+/// the job's (its token is right) and told why it is refused, instead of being taken for a stranger.
+const HELLO_LEN: usize = 4 + 4 + 32 + 4 + 4;
+
+fn hello(me: Rank, channels: usize, token: &Token) -> [u8; HELLO_LEN] {
     let mut h = [0u8; HELLO_LEN];
     h[..4].copy_from_slice(MAGIC);
     h[4..8].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    h[8..12].copy_from_slice(&me.0.to_le_bytes());
-    h[12..].copy_from_slice(token);
+    h[8..40].copy_from_slice(token);
+    h[40..44].copy_from_slice(&me.0.to_le_bytes());
+    h[44..48].copy_from_slice(&(channels as u32).to_le_bytes());
     h
 }
 
@@ -59,42 +65,132 @@ fn same_token(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Checks a handshake; returns the peer's rank or the reason to refuse it.
+/// Why a handshake is refused.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// Not a rank of this job (bad magic, wrong token): refused, and the mesh goes on forming.
+    Stranger(String),
+    /// A rank of this job that cannot be part of the mesh (another build, another number of channels, a
+    /// rank outside the job): the job cannot start, and every rank says why at once.
+    Member(String),
+}
+
+/// Checks a handshake from a rank that means to join a job of `size` ranks with `channels` channels each;
+/// returns the peer's rank or why it is refused.
 fn check_hello(
     h: &[u8; HELLO_LEN],
     token: &Token,
     size: usize,
-) -> std::result::Result<Rank, String> {
+    channels: usize,
+) -> std::result::Result<Rank, Refusal> {
+    let word = |at: usize| u32::from_le_bytes(h[at..at + 4].try_into().expect("4 bytes"));
     if &h[..4] != MAGIC {
-        return Err("not a dsm connection (bad magic)".into());
+        return Err(Refusal::Stranger("not a dsm connection (bad magic)".into()));
     }
-    let version = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+    if !same_token(&h[8..40], token) {
+        return Err(Refusal::Stranger("wrong job token".into()));
+    }
+    let (version, rank, theirs) = (word(4), word(40), word(44));
     if version != PROTOCOL_VERSION {
-        return Err(format!(
-            "protocol version {version} does not match ours ({PROTOCOL_VERSION}): every rank must run the same build"
-        ));
+        return Err(Refusal::Member(format!(
+            "rank {rank} speaks protocol version {version}, this rank {PROTOCOL_VERSION}: every rank must run the same build"
+        )));
     }
-    if !same_token(&h[12..], token) {
-        return Err("wrong job token".into());
-    }
-    let rank = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
     if rank as usize >= size {
-        return Err(format!("rank {rank} is outside a job of {size}"));
+        return Err(Refusal::Member(format!(
+            "rank {rank} is outside a job of {size}"
+        )));
+    }
+    if theirs as usize != channels {
+        return Err(Refusal::Member(format!(
+            "rank {rank} opens {theirs} channels to each rank, this rank {channels}: give every rank the same DSM_CHANNELS"
+        )));
     }
     Ok(Rank(rank))
 }
 
 const ACK_OK: u8 = 0;
+/// Followed by the reason: its length (u16, little-endian) and its bytes.
 const ACK_REFUSED: u8 = 1;
+const MAX_REASON: usize = 1024;
 
-fn accept_all(
-    listener: TcpListener,
+fn refuse(stream: &mut TcpStream, reason: &str) {
+    let mut reply = vec![ACK_REFUSED];
+    let reason = &reason.as_bytes()[..reason.len().min(MAX_REASON)];
+    reply.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+    reply.extend_from_slice(reason);
+    let _ = stream.write_all(&reply);
+}
+
+/// The reason that follows a refusal, as far as it can be read.
+fn read_reason(stream: &mut TcpStream) -> String {
+    let mut len = [0u8; 2];
+    if stream.read_exact(&mut len).is_err() {
+        return "no reason given".into();
+    }
+    let mut reason = vec![0u8; (u16::from_le_bytes(len) as usize).min(MAX_REASON)];
+    match stream.read_exact(&mut reason) {
+        Ok(()) => String::from_utf8_lossy(&reason).into_owned(),
+        Err(_) => "no reason given".into(),
+    }
+}
+
+/// How long the accept loop sleeps, at most, before it looks whether the rank's own connecting gave up.
+const ABORT_CHECK: Duration = Duration::from_millis(50);
+
+/// One rank's setting up of its mesh: who it is, what it expects, and which side (accepting or connecting)
+/// failed first, which stops the other.
+#[derive(Clone)]
+struct Setup {
     me: Rank,
-    token: Token,
     size: usize,
-    expected: usize,
+    channels: usize,
+    token: Token,
     deadline: Instant,
-) -> Result<Vec<(Rank, OwnedFd)>> {
+    first_failure: Arc<AtomicU8>,
+}
+
+const NO_FAILURE: u8 = 0;
+const ACCEPTING: u8 = 1;
+const CONNECTING: u8 = 2;
+
+impl Setup {
+    /// Records that `side` failed; the first side to fail is the one whose error the rank reports.
+    fn failed(&self, side: u8) {
+        let _ = self.first_failure.compare_exchange(
+            NO_FAILURE,
+            side,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    fn stopping(&self) -> bool {
+        self.first_failure.load(Ordering::Acquire) != NO_FAILURE
+    }
+}
+
+fn accept_all(listener: TcpListener, setup: Setup) -> Result<Vec<(Rank, OwnedFd)>> {
+    let result = accept_each(&listener, &setup);
+    if result.is_err() {
+        // Before the listener closes: the connections this rank's own connecting side has under way
+        // then fail, and they must not pass for the first failure.
+        setup.failed(ACCEPTING);
+    }
+    drop(listener);
+    result
+}
+
+fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<(Rank, OwnedFd)>> {
+    let Setup {
+        me,
+        size,
+        channels,
+        ref token,
+        deadline,
+        ..
+    } = *setup;
+    let expected = channels * size;
     listener
         .set_nonblocking(true)
         .map_err(|e| DsmError::io("listener set_nonblocking", e))?;
@@ -106,8 +202,8 @@ fn accept_all(
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                 let mut h = [0u8; HELLO_LEN];
                 let verdict = match stream.read_exact(&mut h) {
-                    Ok(()) => check_hello(&h, &token, size),
-                    Err(e) => Err(format!("handshake not received: {e}")),
+                    Ok(()) => check_hello(&h, token, size, channels),
+                    Err(e) => Err(Refusal::Stranger(format!("handshake not received: {e}"))),
                 };
                 match verdict {
                     Ok(rank) => {
@@ -118,14 +214,26 @@ fn accept_all(
                         let _ = stream.set_nodelay(true);
                         accepted.push((rank, OwnedFd::from(stream)));
                     }
-                    Err(reason) => {
+                    Err(Refusal::Stranger(reason)) => {
                         tracing::warn!("{me}: refused a connection from {addr}: {reason}");
                         eprintln!("dsm: {me}: refused a connection from {addr}: {reason}");
-                        let _ = stream.write_all(&[ACK_REFUSED]);
+                        refuse(&mut stream, &reason);
+                    }
+                    Err(Refusal::Member(reason)) => {
+                        // Marked before the refusal goes: what the refused rank does next (it stops, and
+                        // this rank's connections to it fail) must not pass for the first failure here.
+                        setup.failed(ACCEPTING);
+                        refuse(&mut stream, &reason);
+                        return Err(DsmError::BadHandshake(format!("{me}: {reason}")));
                     }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if setup.stopping() {
+                    return Err(DsmError::Config(format!(
+                        "{me}: stopped waiting for connections: this rank could not connect to the others"
+                    )));
+                }
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Err(DsmError::Config(format!(
@@ -133,9 +241,14 @@ fn accept_all(
                         accepted.len()
                     )));
                 }
-                // Until the next connection arrives (or the deadline): no polling interval to wait out.
+                // Until the next connection arrives (or the deadline, or a look at whether this rank's
+                // connecting failed): a connection is taken at once, with no polling interval to wait out.
                 let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-                let _ = ppoll(&mut fds, Some(TimeSpec::from_duration(left)), None);
+                let _ = ppoll(
+                    &mut fds,
+                    Some(TimeSpec::from_duration(left.min(ABORT_CHECK))),
+                    None,
+                );
             }
             Err(e) => return Err(DsmError::io("accept", e)),
         }
@@ -143,17 +256,12 @@ fn accept_all(
     Ok(accepted)
 }
 
-fn connect(
-    me: Rank,
-    to: Rank,
-    addr: SocketAddr,
-    token: &Token,
-    deadline: Instant,
-) -> Result<OwnedFd> {
+fn connect(setup: &Setup, to: Rank, addr: SocketAddr) -> Result<OwnedFd> {
+    let me = setup.me;
     let mut stream = loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
             Ok(s) => break s,
-            Err(e) if Instant::now() < deadline => {
+            Err(e) if Instant::now() < setup.deadline && !setup.stopping() => {
                 tracing::debug!("{me}: connect to {to} at {addr}: {e}; retrying");
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -169,7 +277,7 @@ fn connect(
         .set_nodelay(true)
         .map_err(|e| DsmError::io("TCP_NODELAY", e))?;
     stream
-        .write_all(&hello(me, token))
+        .write_all(&hello(me, setup.channels, &setup.token))
         .map_err(|e| DsmError::io(format!("handshake to {to} at {addr}"), e))?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut ack = [0u8; 1];
@@ -178,7 +286,8 @@ fn connect(
         .map_err(|e| DsmError::io(format!("handshake reply from {to} at {addr}"), e))?;
     if ack[0] != ACK_OK {
         return Err(DsmError::BadHandshake(format!(
-            "{to} at {addr} refused our handshake (wrong token or a different build)"
+            "{me}: {to} at {addr} refused this rank's handshake: {}",
+            read_reason(&mut stream)
         )));
     }
     let _ = stream.set_read_timeout(None);
@@ -203,18 +312,28 @@ impl Transport for TcpTransport {
             token,
             ..
         } = *self;
+        let setup = Setup {
+            me,
+            size,
+            channels,
+            token,
+            deadline,
+            first_failure: Arc::new(AtomicU8::new(NO_FAILURE)),
+        };
+        let accepting = setup.clone();
         let acceptor = std::thread::Builder::new()
             .name("dsm-accept".into())
-            .spawn(move || accept_all(listener, me, token, size, channels * size, deadline))
+            .spawn(move || accept_all(listener, accepting))
             .map_err(|e| DsmError::io("spawning the accept thread", e))?;
         let mut outgoing = Vec::with_capacity(channels);
         let mut failure = None;
         'outer: for _ in 0..channels {
             let mut row = Vec::with_capacity(size);
             for (r, addr) in peers.iter().enumerate() {
-                match connect(me, Rank(r as u32), *addr, &token, deadline) {
+                match connect(&setup, Rank(r as u32), *addr) {
                     Ok(fd) => row.push(fd),
                     Err(e) => {
+                        setup.failed(CONNECTING);
                         failure = Some(e);
                         break 'outer;
                     }
@@ -225,13 +344,12 @@ impl Transport for TcpTransport {
         let incoming = acceptor
             .join()
             .map_err(|_| DsmError::Config("the accept thread panicked".into()))?;
-        if let Some(e) = failure {
-            return Err(e);
+        // The side that failed first says why; the other only stopped because of it.
+        match (incoming, failure) {
+            (Ok(incoming), None) => Ok(Mesh { outgoing, incoming }),
+            (Err(e), Some(_)) if setup.first_failure.load(Ordering::Acquire) == ACCEPTING => Err(e),
+            (_, Some(e)) | (Err(e), None) => Err(e),
         }
-        Ok(Mesh {
-            outgoing,
-            incoming: incoming?,
-        })
     }
 
     fn name(&self) -> &'static str {
@@ -244,24 +362,99 @@ mod tests {
     use super::*;
 
     #[test]
-    fn handshake_checks_magic_version_token_and_rank() {
+    fn handshake_checks_magic_token_version_rank_and_channels() {
         let token = [7u8; 32];
-        let good = hello(Rank(1), &token);
-        assert_eq!(check_hello(&good, &token, 2), Ok(Rank(1)));
-        assert!(check_hello(&good, &[8u8; 32], 2)
-            .unwrap_err()
-            .contains("token"));
-        assert!(check_hello(&good, &token, 1)
-            .unwrap_err()
-            .contains("outside"));
+        let good = hello(Rank(1), 4, &token);
+        assert_eq!(check_hello(&good, &token, 2, 4), Ok(Rank(1)));
+        let stranger = |r| matches!(r, Err(Refusal::Stranger(why)) if why.contains("token") || why.contains("magic"));
+        let member = |r: std::result::Result<Rank, Refusal>, what: &str| matches!(&r, Err(Refusal::Member(why)) if why.contains(what));
+        assert!(stranger(check_hello(&good, &[8u8; 32], 2, 4)));
         let mut bad = good;
         bad[0] = b'X';
-        assert!(check_hello(&bad, &token, 2).unwrap_err().contains("magic"));
+        assert!(stranger(check_hello(&bad, &token, 2, 4)));
+        assert!(member(
+            check_hello(&good, &token, 1, 4),
+            "outside a job of 1"
+        ));
+        assert!(member(
+            check_hello(&good, &token, 2, 3),
+            "rank 1 opens 4 channels to each rank, this rank 3: give every rank the same DSM_CHANNELS"
+        ));
         let mut old = good;
         old[4] = 99;
-        assert!(check_hello(&old, &token, 2)
-            .unwrap_err()
-            .contains("version"));
+        assert!(member(
+            check_hello(&old, &token, 2, 4),
+            "protocol version 99"
+        ));
+        // Another build with the wrong token is a stranger: only a rank of this job is told why.
+        assert!(stranger(check_hello(&old, &[8u8; 32], 2, 4)));
+    }
+
+    #[test]
+    fn ranks_with_different_channel_counts_both_fail_at_once_saying_why() {
+        let (a, b) = (
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+        );
+        let peers = vec![a.local_addr().unwrap(), b.local_addr().unwrap()];
+        let token = [3u8; 32];
+        let started = Instant::now();
+        let ranks: Vec<_> = [(a, 0u32, 4usize), (b, 1, 3)]
+            .into_iter()
+            .map(|(listener, me, channels)| {
+                let t = Box::new(TcpTransport::new(
+                    listener,
+                    peers.clone(),
+                    token,
+                    Duration::from_secs(20),
+                ));
+                std::thread::spawn(move || t.establish(Rank(me), 2, channels))
+            })
+            .collect();
+        for rank in ranks {
+            let e = rank.join().unwrap().unwrap_err().to_string();
+            assert!(e.contains("give every rank the same DSM_CHANNELS"), "{e}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_rank_refused_by_another_stops_waiting_for_connections_and_says_why() {
+        // Rank 1 here is a stand-in that refuses rank 0's handshake and never connects: rank 0's accepting
+        // side must stop with its connecting side, not wait out the timeout for rank 1's connections.
+        let mine = TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peers = vec![mine.local_addr().unwrap(), other.local_addr().unwrap()];
+        let stand_in = std::thread::spawn(move || {
+            let (mut s, _) = other.accept().unwrap();
+            let mut h = [0u8; HELLO_LEN];
+            s.read_exact(&mut h).unwrap();
+            refuse(&mut s, "rank 1 is of another mind");
+            // Held open until rank 0 has read the refusal and gone.
+            let _ = s.read(&mut h);
+        });
+        let t = Box::new(TcpTransport::new(
+            mine,
+            peers,
+            [5u8; 32],
+            Duration::from_secs(20),
+        ));
+        let started = Instant::now();
+        let e = t.establish(Rank(0), 2, 2).unwrap_err().to_string();
+        assert!(
+            e.contains("refused this rank's handshake: rank 1 is of another mind"),
+            "{e}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        stand_in.join().unwrap();
     }
 
     #[test]
@@ -272,7 +465,7 @@ mod tests {
         // An intruder with the wrong token connects first (the backlog is FIFO); it must be refused and not
         // counted among the mesh's connections.
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(&hello(Rank(0), &[2u8; 32])).unwrap();
+        s.write_all(&hello(Rank(0), 2, &[2u8; 32])).unwrap();
         let intruder = std::thread::spawn(move || {
             let mut ack = [0u8; 1];
             s.read_exact(&mut ack).unwrap();
@@ -300,7 +493,7 @@ mod tests {
         let silent = TcpStream::connect(addr).unwrap();
         let mut truncated = TcpStream::connect(addr).unwrap();
         truncated
-            .write_all(&hello(Rank(0), &token)[..HELLO_LEN / 2])
+            .write_all(&hello(Rank(0), 2, &token)[..HELLO_LEN / 2])
             .unwrap();
         drop(truncated);
         let t = Box::new(TcpTransport::new(
