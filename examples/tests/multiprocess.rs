@@ -102,6 +102,27 @@ fn a_rank_with_the_wrong_token_is_refused_and_the_job_ends() {
 }
 
 #[test]
+fn a_rank_that_exits_before_joining_ends_the_job_at_once_naming_it() {
+    // Rank 1 exits with status 0 without joining: the others, waiting at the rendezvous, are told at
+    // once (they waited out the 30 s connect timeout), and the launcher names rank 1, not a rank that
+    // failed because of it.
+    let line = format!(
+        "if [ \"$DSM_RANK\" = 1 ]; then exit 0; fi; exec {}",
+        env!("CARGO_BIN_EXE_hello")
+    );
+    let t = std::time::Instant::now();
+    let (o, out) = job("/bin/sh", 3, &["-c", &line]);
+    assert_ne!(o.code, 0, "{out}");
+    assert_eq!(o.failed_rank, Some(1), "{out}");
+    assert!(o.reason.contains("before it joined the job"), "{o:?}");
+    assert!(
+        out.contains("the job cannot start: rank 1 exited with status 0 before it joined the job"),
+        "{out}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+#[test]
 fn ranks_with_different_channel_counts_stop_at_once_saying_why() {
     // A wrapper gives rank 1 another DSM_CHANNELS: its mesh cannot match rank 0's. Both must say so
     // at the handshake, instead of waiting out the connect timeout (30 s) for connections that never come.

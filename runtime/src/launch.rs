@@ -74,23 +74,61 @@ pub(crate) fn fresh_token() -> Result<[u8; 32], RuntimeError> {
     Ok(t)
 }
 
+/// What the launch loop and the rendezvous know of ranks that will never join.
+#[derive(Default)]
+struct Meeting {
+    /// Ranks that exited, as the launch loop saw them, and how.
+    exited: Vec<(usize, ExitStatus)>,
+    /// The first rank the rendezvous found to have exited before it joined, and how it ended: the job
+    /// cannot start, and that rank is the one to name.
+    never: Option<(usize, ExitStatus)>,
+}
+
+type Exits = Arc<Mutex<Meeting>>;
+
+/// What the launch loop sends the rendezvous to wake it (after noting an exit in `Exits`).
+const WAKE: &str = "wake";
+
 /// Serves the rendezvous: collects every rank's address, then sends the full table to each. Ends early
-/// once `stop` is set (and a connection wakes it): the job ended before every rank joined.
+/// once `stop` is set (and a connection wakes it): the job ended before every rank joined. A rank that
+/// exits before it joined (noted in `exits`) can never join: the ranks waiting, and any that come later,
+/// are told so at once, instead of waiting out their connect timeout.
 fn rendezvous(
     listener: TcpListener,
     ranks: usize,
     token: String,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    exits: Exits,
 ) {
     let mut conns: Vec<Option<(std::net::TcpStream, SocketAddr)>> =
         (0..ranks).map(|_| None).collect();
     let mut have = 0;
+    let mut never: Option<String> = None;
     while have < ranks {
-        let Ok((stream, from)) = listener.accept() else {
+        let Ok((mut stream, from)) = listener.accept() else {
             return;
         };
         if stop.load(std::sync::atomic::Ordering::Acquire) {
             return;
+        }
+        if never.is_none() {
+            let mut meeting = lock(&exits);
+            meeting.never = meeting
+                .exited
+                .iter()
+                .find(|(r, _)| conns[*r].is_none())
+                .cloned();
+            never = (meeting.never.as_ref()).map(|(r, status)| {
+                format!(
+                    "ended: rank {r} {} before it joined the job",
+                    describe(*status).0
+                )
+            });
+            if let Some(why) = &never {
+                for (mut s, _) in conns.iter_mut().filter_map(Option::take) {
+                    let _ = writeln!(s, "{why}");
+                }
+            }
         }
         // A rank sends its line at once: a connection that sends nothing (or without end) must not hold
         // the others up for long, nor grow without bound.
@@ -101,6 +139,13 @@ fn rendezvous(
             .is_err()
         {
             say(&format!("dsmrun: rendezvous from {from}: nothing received"));
+            continue;
+        }
+        if line.trim() == WAKE {
+            continue;
+        }
+        if let Some(why) = &never {
+            let _ = writeln!(stream, "{why}");
             continue;
         }
         let mut parts = line.split_whitespace();
@@ -125,6 +170,10 @@ fn rendezvous(
     for (mut s, _) in conns.into_iter().flatten() {
         let _ = s.write_all(line.as_bytes());
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Held while a forwarded line (or the launcher's own word) is written, so that lines of stdout and stderr
@@ -271,9 +320,11 @@ pub fn launch(
     let server_token = token.clone();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_server = stop.clone();
+    let exits_seen: Exits = Arc::default();
+    let exits_told = exits_seen.clone();
     std::thread::Builder::new()
         .name("dsmrun-rendezvous".into())
-        .spawn(move || rendezvous(listener, ranks, server_token, stop_server))
+        .spawn(move || rendezvous(listener, ranks, server_token, stop_server, exits_told))
         .map_err(|e| RuntimeError::Io {
             context: "starting the rendezvous thread".into(),
             source: e,
@@ -368,6 +419,12 @@ pub fn launch(
             }
             if let Some(status) = exit_status(child) {
                 done[r] = true;
+                // The rendezvous tells those waiting for this rank if it never joined.
+                lock(&exits_seen).exited.push((r, status));
+                if let Ok(mut s) = std::net::TcpStream::connect_timeout(&at, Duration::from_secs(1))
+                {
+                    let _ = writeln!(s, "{WAKE}");
+                }
                 if !status.success() {
                     failures.push((r, status));
                     if opts.keep_going && r != 0 {
@@ -404,6 +461,9 @@ pub fn launch(
         .find(|(_, s)| s.code() != Some(dsm::EXIT_PEER_FAILED))
         .or(failures.first())
         .copied();
+    // A rank that ended before it joined (even with status 0) failed the ranks that waited for it: it is
+    // the one to name.
+    let never = lock(&exits_seen).never.clone().filter(|_| root.is_some());
     let (outcome, message) = match (root, interrupts.signal()) {
         (None, Some(sig)) => {
             let reason = format!("was interrupted by {}", sig.as_str());
@@ -437,6 +497,21 @@ pub fn launch(
                 lost,
             };
             (outcome, None)
+        }
+        (Some(_), _) if never.is_some() => {
+            let (r, status) = never.expect("checked by the guard");
+            let (how, code) = describe(status);
+            // Status 0 is no failure of the rank's own, but the job's.
+            let code = if code == 0 { 1 } else { code };
+            let what = format!("{how} before it joined the job");
+            let message = format!("dsmrun: rank {r} {what}; the others could not start");
+            let outcome = Outcome {
+                code,
+                failed_rank: Some(r),
+                reason: what,
+                lost,
+            };
+            (outcome, Some(message))
         }
         (Some((r, status)), _) => {
             let (what, code) = describe(status);

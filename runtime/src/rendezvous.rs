@@ -47,6 +47,11 @@ pub(crate) fn join(
             rank.0
         )));
     }
+    if let Some(why) = line.trim().strip_prefix("ended: ") {
+        return Err(RuntimeError::Rendezvous(format!(
+            "the job cannot start: {why} (see its output)"
+        )));
+    }
     if line.is_empty() {
         return Err(RuntimeError::Rendezvous(format!(
             "the launcher at {at} closed the connection before every rank had joined: it ended, or another rank failed first (see its error)"
