@@ -463,7 +463,7 @@ pub fn launch(
         .copied();
     // A rank that ended before it joined (even with status 0) failed the ranks that waited for it: it is
     // the one to name.
-    let never = lock(&exits_seen).never.clone().filter(|_| root.is_some());
+    let never = lock(&exits_seen).never.filter(|_| root.is_some());
     let (outcome, message) = match (root, interrupts.signal()) {
         (None, Some(sig)) => {
             let reason = format!("was interrupted by {}", sig.as_str());
