@@ -152,13 +152,15 @@ impl Shared {
     }
 
     /// A barrier whose `tag` must be equal on every rank. The regions this rank dropped since its last
-    /// collective operation are freed first, each after a barrier of its own, in the order they were
-    /// dropped (as every rank drops them).
+    /// collective operation are freed first, each after a barrier of its own, oldest first.
     pub(crate) fn barrier_tagged(&self, tag: u64) -> Result<(), DsmError> {
         loop {
+            // Oldest region first, as every rank allocated them (and, in a correct program, drops them):
+            // an order that two threads dropping regions at once cannot make differ between ranks.
             let next = {
                 let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-                (!retired.is_empty()).then(|| retired.remove(0))
+                let oldest = (0..retired.len()).min_by_key(|&i| retired[i].id());
+                oldest.map(|i| retired.remove(i))
             };
             match next {
                 Some(region) => region.free(self)?,

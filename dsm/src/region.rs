@@ -852,8 +852,8 @@ pub(crate) fn lookup<'a>(addr: usize) -> Option<&'a RegionShared> {
 
 /// A shared region: the same bytes at the same address in every rank.
 ///
-/// Created collectively by [`crate::Dsm::alloc`]; dropping it is collective too: every rank drops its
-/// regions in the same order. A drop does not wait for the others: the region stays mapped, its pages
+/// Created collectively by [`crate::Dsm::alloc`]; dropping it is collective too: every rank drops it
+/// between the same two collective operations. A drop does not wait for the others: the region stays mapped, its pages
 /// served to the ranks still using it, until this rank's next collective operation (a barrier, an
 /// allocation, or leaving the job), which first waits at a barrier of the region's own so that no rank
 /// still uses it, and then unmaps it. A rank that ends on an error therefore never waits in a drop for
@@ -960,6 +960,11 @@ pub(crate) struct Retired {
 }
 
 impl Retired {
+    /// The region's id: regions are numbered in allocation order.
+    pub(crate) fn id(&self) -> u32 {
+        self.region.id
+    }
+
     /// Waits until every rank has dropped the region, then unmaps it. A failed barrier (a dead peer, or a
     /// rank that called another collective) still unmaps it, and says why.
     pub(crate) fn free(self, shared: &crate::dsm::Shared) -> Result<()> {

@@ -40,6 +40,9 @@
 //! if let Some(report) = report {
 //!     eprintln!("{report}");
 //! }
+//! drop(mr);
+//! drop(space);
+//! rt.finish()?; // the job went well (a rank that ends without it leaves as a failed one)
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![forbid(unsafe_code)]

@@ -369,11 +369,20 @@ impl Runtime {
         self.finished = true;
         // MPI is finalized when this function returns, after the job has been left.
         #[cfg(feature = "mpi")]
-        let _mpi = self._mpi.take();
+        let mut mpi = self._mpi.take();
         let dsm = self.dsm.clone();
         drop(self);
         match Arc::try_unwrap(dsm) {
-            Ok(dsm) => Ok(dsm.finish()?),
+            Ok(dsm) => {
+                let left = dsm.finish();
+                // A final barrier that failed left the job without goodbyes, as a failed rank: MPI's
+                // finalization could wait for ranks that wait for this one.
+                #[cfg(feature = "mpi")]
+                if let (Err(_), Some(f)) = (&left, &mut mpi) {
+                    f.abandoned = true;
+                }
+                Ok(left?)
+            }
             // The job is left when the last handle goes.
             Err(dsm) => Err(RuntimeError::InUse(Arc::strong_count(&dsm) - 1)),
         }

@@ -2,8 +2,8 @@
 //! initialized, gives this process its rank and the job's size, and carries what the ranks must agree on
 //! before the TCP transport connects them: that they run the same build, one secret token, and every
 //! rank's listener address. MPI is used only here, from the thread that calls `Runtime::init`, so the
-//! funneled thread level is all it must provide; it is finalized when the `Runtime` is dropped, after the
-//! job's final barrier.
+//! funneled thread level is all it must provide; it is finalized by `Runtime::finish`, after the job's
+//! final barrier (a rank that leaves the job as a failed one is not finalized: `mpirun` sees it fail).
 
 use crate::mpi_bridge::{Bridge, MpiTransport};
 use crate::RuntimeError;

@@ -24,6 +24,9 @@
 //! } else {
 //!     farm.serve(|_id, x: u64| x * x)?;
 //! }
+//! drop(farm);
+//! drop(space);
+//! rt.finish()?; // the job went well (a rank that ends without it leaves as a failed one)
 //! # Ok::<(), dsm_runtime::RuntimeError>(())
 //! ```
 

@@ -16,6 +16,8 @@
 //!     space.out(tuple!("task", 7i64))?;
 //! }
 //! let t = space.in_(&template!("task", ?i64))?; // one rank gets it; the others wait
+//! drop(space);
+//! rt.finish()?; // the job went well (a rank that ends without it leaves as a failed one)
 //! # Ok::<(), dsm_runtime::RuntimeError>(())
 //! ```
 

@@ -122,18 +122,57 @@ fn refuse(stream: &mut TcpStream, reason: &str) {
     let _ = stream.write_all(&reply);
 }
 
-/// The reason that follows a refusal, as far as it can be read.
+/// The reason that follows a refusal, as far as it can be read within a second.
 fn read_reason(stream: &mut TcpStream) -> String {
+    let until = Instant::now() + Duration::from_secs(1);
     let mut len = [0u8; 2];
-    if stream.read_exact(&mut len).is_err() {
+    if read_by(stream, &mut len, until, &|| false).is_err() {
         return "no reason given".into();
     }
     let mut reason = vec![0u8; (u16::from_le_bytes(len) as usize).min(MAX_REASON)];
-    match stream.read_exact(&mut reason) {
+    match read_by(stream, &mut reason, until, &|| false) {
         Ok(()) => String::from_utf8_lossy(&reason).into_owned(),
         Err(_) => "no reason given".into(),
     }
 }
+
+/// Reads `buf` in full by `until` (a bound on the whole, not on each read: a peer that sends a byte at a
+/// time holds the reader no longer), or gives up as soon as `give_up` says so.
+fn read_by(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    until: Instant,
+    give_up: &dyn Fn() -> bool,
+) -> std::io::Result<()> {
+    use std::io::ErrorKind;
+    let mut got = 0;
+    while got < buf.len() {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        if give_up() {
+            return Err(std::io::Error::other(
+                "this rank stopped setting up the job",
+            ));
+        }
+        stream.set_read_timeout(Some(left.min(ABORT_CHECK)))?;
+        match stream.read(&mut buf[got..]) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// How long a connection may take to send its handshake, in all.
+const HELLO_TIME: Duration = Duration::from_secs(5);
 
 /// How long the accept loop sleeps, at most, before it looks whether the rank's own connecting gave up.
 const ABORT_CHECK: Duration = Duration::from_millis(50);
@@ -199,9 +238,9 @@ fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<(Rank, Owned
         match listener.accept() {
             Ok((mut stream, addr)) => {
                 let _ = stream.set_nonblocking(false);
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                 let mut h = [0u8; HELLO_LEN];
-                let verdict = match stream.read_exact(&mut h) {
+                let until = (Instant::now() + HELLO_TIME).min(deadline);
+                let verdict = match read_by(&mut stream, &mut h, until, &|| setup.stopping()) {
                     Ok(()) => check_hello(&h, token, size, channels),
                     Err(e) => Err(Refusal::Stranger(format!("handshake not received: {e}"))),
                 };
@@ -261,6 +300,15 @@ fn connect(setup: &Setup, to: Rank, addr: SocketAddr) -> Result<OwnedFd> {
     let mut stream = loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
             Ok(s) => break s,
+            // Its listener was bound before its address was handed out: refused means that the rank
+            // has stopped setting up the job (or a firewall rejects the connection). Retrying would only
+            // wait out the timeout.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Err(DsmError::io(
+                    format!("{me}: connecting to {to} at {addr} (it has stopped setting up the job, or cannot be reached: see its error)"),
+                    e,
+                ))
+            }
             Err(e) if Instant::now() < setup.deadline && !setup.stopping() => {
                 tracing::debug!("{me}: connect to {to} at {addr}: {e}; retrying");
                 std::thread::sleep(Duration::from_millis(10));
@@ -279,10 +327,9 @@ fn connect(setup: &Setup, to: Rank, addr: SocketAddr) -> Result<OwnedFd> {
     stream
         .write_all(&hello(me, setup.channels, &setup.token))
         .map_err(|e| DsmError::io(format!("handshake to {to} at {addr}"), e))?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    // Until the job's deadline: the other rank's accepting may be held up by a slow stranger's handshake.
     let mut ack = [0u8; 1];
-    stream
-        .read_exact(&mut ack)
+    read_by(&mut stream, &mut ack, setup.deadline, &|| setup.stopping())
         .map_err(|e| DsmError::io(format!("handshake reply from {to} at {addr}"), e))?;
     if ack[0] != ACK_OK {
         return Err(DsmError::BadHandshake(format!(
@@ -423,6 +470,40 @@ mod tests {
     }
 
     #[test]
+    fn a_rank_of_other_channels_among_three_stops_all_three_at_once() {
+        // Rank 2 has another number of channels. Ranks 0 and 1 may not hear it from rank 2 itself (a
+        // rank that refused it closes its listener): the one left must stop at the closed listener too,
+        // not retry until the timeout.
+        let listeners: Vec<TcpListener> = (0..3)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let started = Instant::now();
+        let ranks: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(me, listener)| {
+                let t = Box::new(TcpTransport::new(
+                    listener,
+                    peers.clone(),
+                    [4u8; 32],
+                    Duration::from_secs(25),
+                ));
+                let channels = if me == 2 { 3 } else { 2 };
+                std::thread::spawn(move || t.establish(Rank(me as u32), 3, channels))
+            })
+            .collect();
+        for rank in ranks {
+            assert!(rank.join().unwrap().is_err());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
     fn a_rank_refused_by_another_stops_waiting_for_connections_and_says_why() {
         // Rank 1 here is a stand-in that refuses rank 0's handshake and never connects: rank 0's accepting
         // side must stop with its connecting side, not wait out the timeout for rank 1's connections.
@@ -455,6 +536,41 @@ mod tests {
             started.elapsed()
         );
         stand_in.join().unwrap();
+    }
+
+    #[test]
+    fn a_stranger_sending_its_handshake_a_byte_at_a_time_holds_the_mesh_up_no_longer_than_one_handshake(
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = [1u8; 32];
+        // Connected first (the backlog is FIFO), it sends a byte every half second: its whole handshake
+        // would take 24 s, and each read alone stays well within any per-read timeout.
+        let mut s = TcpStream::connect(addr).unwrap();
+        let stranger = std::thread::spawn(move || {
+            for b in hello(Rank(0), 2, &[2u8; 32]) {
+                if s.write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        let t = Box::new(TcpTransport::new(
+            listener,
+            vec![addr],
+            token,
+            Duration::from_secs(30),
+        ));
+        let started = Instant::now();
+        let mesh = t.establish(Rank(0), 1, 2).unwrap();
+        assert!(
+            started.elapsed() < HELLO_TIME + Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(mesh.incoming.len(), 2);
+        drop(mesh);
+        stranger.join().unwrap();
     }
 
     #[test]
