@@ -853,11 +853,11 @@ pub(crate) fn lookup<'a>(addr: usize) -> Option<&'a RegionShared> {
 /// A shared region: the same bytes at the same address in every rank.
 ///
 /// Created collectively by [`crate::Dsm::alloc`]; dropping it is collective too: every rank drops it
-/// between the same two collective operations. A drop does not wait for the others: the region stays mapped, its pages
-/// served to the ranks still using it, until this rank's next collective operation (a barrier, an
-/// allocation, or leaving the job), which first waits at a barrier of the region's own so that no rank
-/// still uses it, and then unmaps it. A rank that ends on an error therefore never waits in a drop for
-/// ranks that wait for it.
+/// between the same two collective operations. A drop does not wait for the others: the region stays
+/// mapped, its pages served to the ranks still using it, until this rank's next collective operation (a
+/// barrier, an allocation, or leaving the job), which first waits at a barrier of the region's own so
+/// that no rank still uses it, and then unmaps it. A rank that ends on an error therefore never waits in
+/// a drop for ranks that wait for it.
 #[derive(Debug)]
 pub struct Region<'d> {
     pub(crate) inner: Arc<RegionShared>,

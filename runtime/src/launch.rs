@@ -461,9 +461,7 @@ pub fn launch(
         .find(|(_, s)| s.code() != Some(dsm::EXIT_PEER_FAILED))
         .or(failures.first())
         .copied();
-    // A rank that ended before it joined (even with status 0) failed the ranks that waited for it: it is
-    // the one to name.
-    let never = lock(&exits_seen).never.filter(|_| root.is_some());
+    let never = lock(&exits_seen).never;
     let (outcome, message) = match (root, interrupts.signal()) {
         (None, Some(sig)) => {
             let reason = format!("was interrupted by {}", sig.as_str());
@@ -498,26 +496,23 @@ pub fn launch(
             };
             (outcome, None)
         }
-        (Some(_), _) if never.is_some() => {
-            let (r, status) = never.expect("checked by the guard");
-            let (how, code) = describe(status);
-            // Status 0 is no failure of the rank's own, but the job's.
-            let code = if code == 0 { 1 } else { code };
-            let what = format!("{how} before it joined the job");
-            let message = format!("dsmrun: rank {r} {what}; the others could not start");
-            let outcome = Outcome {
-                code,
-                failed_rank: Some(r),
-                reason: what,
-                lost,
+        (Some(root), _) => {
+            // A rank that ended before it joined (even with status 0) failed the ranks that waited for it:
+            // it is the one to name.
+            let ((r, status), joined) = match never {
+                Some(n) => (n, false),
+                None => (root, true),
             };
-            (outcome, Some(message))
-        }
-        (Some((r, status)), _) => {
-            let (what, code) = describe(status);
-            let message = format!("dsmrun: rank {r} {what}; ending the job");
+            let (mut what, code) = describe(status);
+            let message = if joined {
+                format!("dsmrun: rank {r} {what}; ending the job")
+            } else {
+                what += " before it joined the job";
+                format!("dsmrun: rank {r} {what}; the others could not start")
+            };
             let outcome = Outcome {
-                code,
+                // Status 0 is no failure of the rank's own, but the job's.
+                code: if code == 0 { 1 } else { code },
                 failed_rank: Some(r),
                 reason: what,
                 lost,
