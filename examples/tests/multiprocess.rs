@@ -359,26 +359,25 @@ fn a_home_waits_for_a_channel_without_holding_the_page() {
     assert!(t.elapsed() < Duration::from_secs(30));
 }
 
-#[test]
-fn a_rank_that_panics_while_another_waits_on_it_ends_the_job() {
+/// Runs `check` (`panicwaited` or `errorwaited`): rank 1 gives up, printing `says`, while rank 0 waits for it.
+fn gives_up_while_another_waits(check: &str, says: &str) {
     let t = Instant::now();
-    let (o, out) = job(CHECK, 2, &["panicwaited"]);
+    let (o, out) = job(CHECK, 2, &[check]);
     assert_ne!(o.code, 0, "{out}");
-    assert!(out.contains("rank 1 gives up"), "{out}");
+    assert!(out.contains(says), "{out}");
     assert_eq!(o.failed_rank, Some(1), "{out}");
     assert!(!out.contains("neither wrote"), "{out}");
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
 }
 
 #[test]
+fn a_rank_that_panics_while_another_waits_on_it_ends_the_job() {
+    gives_up_while_another_waits("panicwaited", "rank 1 gives up");
+}
+
+#[test]
 fn a_rank_that_returns_an_error_while_another_waits_on_it_ends_the_job() {
-    let t = Instant::now();
-    let (o, out) = job(CHECK, 2, &["errorwaited"]);
-    assert_ne!(o.code, 0, "{out}");
-    assert!(out.contains("rank 1 gives up on an error"), "{out}");
-    assert_eq!(o.failed_rank, Some(1), "{out}");
-    assert!(!out.contains("neither wrote"), "{out}");
-    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    gives_up_while_another_waits("errorwaited", "rank 1 gives up on an error");
 }
 
 #[test]

@@ -437,36 +437,42 @@ mod tests {
         assert!(stranger(check_hello(&old, &[8u8; 32], 2, 4)));
     }
 
-    #[test]
-    fn ranks_with_different_channel_counts_both_fail_at_once_saying_why() {
-        let (a, b) = (
-            TcpListener::bind("127.0.0.1:0").unwrap(),
-            TcpListener::bind("127.0.0.1:0").unwrap(),
-        );
-        let peers = vec![a.local_addr().unwrap(), b.local_addr().unwrap()];
-        let token = [3u8; 32];
+    /// Sets up a job of one rank per entry of `channels` (each with that many channels), each on a thread
+    /// of its own; returns how each rank's setting up ended, and how long they all took.
+    fn establish_all(channels: &[usize]) -> (Vec<Result<Mesh>>, Duration) {
+        let listeners: Vec<TcpListener> = channels
+            .iter()
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
         let started = Instant::now();
-        let ranks: Vec<_> = [(a, 0u32, 4usize), (b, 1, 3)]
+        let size = channels.len();
+        let ranks: Vec<_> = listeners
             .into_iter()
-            .map(|(listener, me, channels)| {
+            .zip(channels.iter().copied())
+            .enumerate()
+            .map(|(me, (listener, channels))| {
                 let t = Box::new(TcpTransport::new(
                     listener,
                     peers.clone(),
-                    token,
-                    Duration::from_secs(20),
+                    [3u8; 32],
+                    Duration::from_secs(25),
                 ));
-                std::thread::spawn(move || t.establish(Rank(me), 2, channels))
+                std::thread::spawn(move || t.establish(Rank(me as u32), size, channels))
             })
             .collect();
-        for rank in ranks {
-            let e = rank.join().unwrap().unwrap_err().to_string();
+        let ended = ranks.into_iter().map(|r| r.join().unwrap()).collect();
+        (ended, started.elapsed())
+    }
+
+    #[test]
+    fn ranks_with_different_channel_counts_both_fail_at_once_saying_why() {
+        let (ended, took) = establish_all(&[4, 3]);
+        for rank in ended {
+            let e = rank.unwrap_err().to_string();
             assert!(e.contains("give every rank the same DSM_CHANNELS"), "{e}");
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(took < Duration::from_secs(10), "{took:?}");
     }
 
     #[test]
@@ -474,33 +480,11 @@ mod tests {
         // Rank 2 has another number of channels. Ranks 0 and 1 may not hear it from rank 2 itself (a
         // rank that refused it closes its listener): the one left must stop at the closed listener too,
         // not retry until the timeout.
-        let listeners: Vec<TcpListener> = (0..3)
-            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-        let started = Instant::now();
-        let ranks: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(me, listener)| {
-                let t = Box::new(TcpTransport::new(
-                    listener,
-                    peers.clone(),
-                    [4u8; 32],
-                    Duration::from_secs(25),
-                ));
-                let channels = if me == 2 { 3 } else { 2 };
-                std::thread::spawn(move || t.establish(Rank(me as u32), 3, channels))
-            })
-            .collect();
-        for rank in ranks {
-            assert!(rank.join().unwrap().is_err());
+        let (ended, took) = establish_all(&[2, 2, 3]);
+        for rank in ended {
+            assert!(rank.is_err());
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(took < Duration::from_secs(10), "{took:?}");
     }
 
     #[test]
