@@ -8,7 +8,10 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "setup: cargo is not installed: install Rust from https://rustup.rs (stable, 1.87 or newer)" >&2
     exit 1
 fi
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+# libclang itself (libclang.so.N, libclang-N.so.N), not libclang-cpp, which other packages bring and
+# bindgen cannot use.
+if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
+    /usr/lib/*-linux-gnu/libclang.so* /usr/lib/*-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1; then
     need+=(libclang-dev)
 fi
 if [ "${DSM_WITH_MPI:-0}" = 1 ] && ! command -v mpicc >/dev/null 2>&1; then
