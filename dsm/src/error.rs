@@ -131,3 +131,13 @@ impl DsmError {
         }
     }
 }
+
+/// The message of a caught panic (its payload, as `std::panic::catch_unwind` returns it), for reporting a
+/// panic of a rank, a task or an `eval` that was caught so that the job could end cleanly.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}

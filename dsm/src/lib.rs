@@ -30,7 +30,7 @@ pub use crate::dsm::{
     Dsm, DsmBuilder, FailurePolicy, LockGuard, DEFAULT_ARENA_BASE, MAX_SERVICE_REQUEST,
 };
 pub use crate::engine::{ServicePriority, MAX_READAHEAD};
-pub use crate::error::{DsmError, Result};
+pub use crate::error::{panic_message, DsmError, Result};
 pub use crate::protocol::release::{DEFAULT_NOTICE_MEMORY, MIN_NOTICE_MEMORY};
 pub use crate::region::{Consistency, GlobalVec, Placement, Region};
 pub use crate::service::{Responder, Service, ServiceId, MAX_SERVICES};

@@ -889,6 +889,35 @@ fn a_blocked_in_returns_an_error_when_its_home_dies() {
     assert!(t0.elapsed() < Duration::from_secs(20), "it did not hang");
 }
 
+/// An eval whose function panics, or whose result the space cannot hold, ends the rank that ran it, and so
+/// the job: the rank waiting in `in` for the result that will not come does not wait for ever.
+#[test]
+fn a_failed_eval_ends_the_job_instead_of_leaving_its_waiter_hanging() {
+    for (how, why) in [
+        ("panic", "it panicked: boom: this eval fails on purpose"),
+        (
+            "bad-result",
+            "its result is not a tuple the space can hold: 17 fields",
+        ),
+    ] {
+        let t0 = Instant::now();
+        let (o, out) = job(LINDA, 2, &["eval-fails", "--how", how]);
+        assert!(out.contains("eval-fails: the eval runs at rank 1"), "{out}");
+        assert_eq!((o.failed_rank, o.code), (Some(1), 101), "{how}: {out}");
+        assert!(
+            out.contains(&format!(
+                "eval \"{}\"",
+                if how == "panic" { "boom" } else { "too-wide" }
+            )) && out.contains(why),
+            "{how}: {out}"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{how}: it did not hang"
+        );
+    }
+}
+
 /// Under --keep-going, a rank that dies while it and another rank write one page in turn (each write a
 /// transaction at the page's home) leaves the other either finishing its writes or failing with an error
 /// that names the dead rank; nobody waits for ever. (The home also releases a page lock the dead rank held

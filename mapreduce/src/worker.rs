@@ -13,7 +13,7 @@ use crate::master::{Source, Task, TaskResult};
 use crate::runs::{self, RunReader};
 use crate::shuffle::{self, FetchError, RunId};
 use crate::Job;
-use dsm::{Dsm, Rank};
+use dsm::{panic_message, Dsm, Rank};
 use rayon::prelude::*;
 use serde::de::DeserializeOwned;
 use std::fs::File;
@@ -117,15 +117,6 @@ fn bounded(result: TaskResult, kind: &str, id: u64) -> TaskResult {
         ),
     };
     TaskResult::Failed { what }
-}
-
-/// The text of a panic's payload.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// The largest split buffer kept between map tasks (a larger one, made for a split of very long lines, is

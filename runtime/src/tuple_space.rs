@@ -307,7 +307,9 @@ impl TupleSpace {
 
     /// Runs the function registered as `function` on `args` at a rank the runtime chooses (the live ranks
     /// in turn), which `out`s its result. Returns that rank. The function's result is lost if that rank
-    /// fails before putting it.
+    /// fails before putting it. A function that panics, or returns a tuple the space cannot hold (see
+    /// [`Tuple::check`]), ends the rank that runs it as a failed one (status 101, as a panic of its main
+    /// thread would), which ends the job: a rank waiting for the result would otherwise wait for ever.
     pub fn eval(&self, function: &str, args: Tuple) -> Result<Rank, RuntimeError> {
         args.check()?;
         let i = &self.inner;
@@ -474,22 +476,33 @@ impl Inner {
         self.expect_done(home, &Ask::Out(vec![tuple]))
     }
 
+    /// Runs one eval and puts its result. An eval whose function panics, or whose result cannot be a
+    /// tuple of the space, ends this rank as a failed one (status 101, as a panic of its main thread
+    /// would): its result will never come, and a rank waiting for it would otherwise wait for ever.
     fn run_eval(&self, job: EvalJob) {
         let f = job.function;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&job.args))) {
-            Ok(result) => {
-                if let Err(e) = self.out(result) {
-                    eprintln!(
-                        "dsm-runtime: {}: putting the result of eval {:?}: {e}",
-                        self.me, job.name
-                    );
+        let failure = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&job.args)))
+        {
+            Ok(result) => match result.check() {
+                Ok(()) => {
+                    // A valid result that cannot be put: its home failed (the job sees that failure).
+                    if let Err(e) = self.out(result) {
+                        eprintln!(
+                            "dsm-runtime: {}: putting the result of eval {:?}: {e}",
+                            self.me, job.name
+                        );
+                    }
+                    return;
                 }
-            }
-            Err(_) => eprintln!(
-                "dsm-runtime: {}: eval {:?} panicked on {:?}; it has no result to put",
-                self.me, job.name, job.args
-            ),
-        }
+                Err(e) => format!("its result is not a tuple the space can hold: {e}"),
+            },
+            Err(panic) => format!("it panicked: {}", dsm::panic_message(&*panic)),
+        };
+        eprintln!(
+            "dsm-runtime: {}: eval {:?} on {:?} failed: {failure}. This rank ends as a failed one (status 101), so that no rank waits for ever for the result",
+            self.me, job.name, job.args
+        );
+        std::process::exit(101);
     }
 
     fn template_home(&self, template: &Template) -> Option<Rank> {

@@ -149,14 +149,9 @@ where
                     .unwrap_or_else(|e| fail(&format!("rank {r}: joining: {e}")));
                 let run = std::panic::AssertUnwindSafe(|| body(dsm));
                 if let Err(panic) = std::panic::catch_unwind(run) {
-                    let why = LAST_PANIC.with(|p| p.take()).unwrap_or_else(|| {
-                        let message = panic
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_default();
-                        format!("panicked: {message}")
-                    });
+                    let why = LAST_PANIC
+                        .with(|p| p.take())
+                        .unwrap_or_else(|| format!("panicked: {}", crate::panic_message(&*panic)));
                     let mine = format!("rank {r} {why}");
                     match first.get().filter(|f| **f != mine) {
                         Some(f) => fail(&format!("{mine}\n(the job's first panic: {f})")),

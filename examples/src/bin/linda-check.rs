@@ -9,6 +9,9 @@
 //!   while it holds its K-th task (after a pause in which the others run out of tasks and wait), and rank 0
 //!   checks that every task's result came back exactly once. `--near` puts task i near rank i % ranks. Rank 0
 //!   leaves only once every live worker has said it is done (a barrier cannot hold it while a rank is gone).
+//! - `eval-fails --how panic|bad-result`: rank 0 has an eval run at rank 1 whose function panics (or returns
+//!   a tuple too large for the space) and waits in `in` for its result; the job must end with rank 1 failed,
+//!   not wait for ever.
 
 use clap::{Parser, Subcommand};
 use dsm::Rank;
@@ -28,6 +31,10 @@ enum Check {
         tuples: u64,
     },
     HomeDies,
+    EvalFails {
+        #[arg(long, value_enum)]
+        how: EvalFailure,
+    },
     Farm {
         #[arg(long, default_value_t = 2000)]
         tasks: u64,
@@ -38,6 +45,12 @@ enum Check {
         #[arg(long)]
         near: bool,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum EvalFailure {
+    Panic,
+    BadResult,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,10 +64,34 @@ fn main() -> anyhow::Result<()> {
                 t.get::<u64>(1).unwrap_or(0) * 2
             )
         })
+        .function("boom", |_| panic!("boom: this eval fails on purpose"))
+        // A result with more fields than a tuple may have.
+        .function("too-wide", |_| {
+            dsm_runtime::Tuple(
+                (0..=dsm_runtime::tuple::MAX_FIELDS as u64)
+                    .map(Into::into)
+                    .collect(),
+            )
+        })
         .join(&rt)?;
     let (me, size) = (rt.rank().0 as u64, rt.size() as u64);
     match args.check {
         Check::ExactlyOnce { tuples } => exactly_once(&rt, &space, me, size, tuples)?,
+        Check::EvalFails { how } => {
+            if me == 0 {
+                let function = match how {
+                    EvalFailure::Panic => "boom",
+                    EvalFailure::BadResult => "too-wide",
+                };
+                // With two ranks, rank 0's first eval runs at rank 1.
+                let at = space.eval(function, tuple!("args"))?;
+                println!("eval-fails: the eval runs at {at}");
+                let got = space.in_(&template!("never", ?u64));
+                anyhow::bail!("eval-fails: in returned {got:?}");
+            }
+            // Rank 1 waits for rank 0 (it runs the eval meanwhile).
+            rt.dsm().barrier()?;
+        }
         Check::HomeDies => {
             // A first field homed at rank 1.
             let name = (0..)
