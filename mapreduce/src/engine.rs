@@ -248,6 +248,19 @@ impl MapReduce {
         }
     }
 
+    /// What jobs leave in the space once it is sure no rank needs it (rank 0, once every rank's workers of
+    /// job `job_id` have returned): the job's stop mark, and the previous job's outcome, which every live
+    /// rank read before its workers of this job started. So a program that runs many jobs keeps one
+    /// outcome tuple, not one per job.
+    fn clear_after(&self, job_id: u64, farm: &TaskFarm) -> Result<(), RuntimeError> {
+        farm.close()?;
+        if let Some(previous) = job_id.checked_sub(1) {
+            let key = self.outcome_key(previous);
+            self.space.inp(&template!(key.as_str(), ?bool, ?String))?;
+        }
+        Ok(())
+    }
+
     /// Tells every rank how job `job_id` ended (rank 0, after stopping the farm).
     fn publish(&self, job_id: u64, outcome: &Result<(), String>) -> Result<(), MapReduceError> {
         let key = self.outcome_key(job_id);
@@ -357,7 +370,9 @@ impl MapReduce {
             // return, and their marks never come.)
             let all_stopped = match stopped {
                 Ok(()) => {
-                    let waited = self.wait_for_workers(job_id);
+                    let waited = self.wait_for_workers(job_id).and_then(|()| {
+                        self.clear_after(job_id, farm).map_err(MapReduceError::from)
+                    });
                     withdrawn.map_err(MapReduceError::from).and(waited)
                 }
                 Err(e) => Err(MapReduceError::from(e)),

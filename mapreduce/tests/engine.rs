@@ -238,6 +238,42 @@ fn word_counts_match_a_plain_count_with_and_without_spilling() {
 }
 
 #[test]
+fn jobs_leave_no_tuples_behind_but_the_last_outcome() {
+    let dir = scratch("leftovers");
+    let files = write_inputs(&dir, 2, 500, 1000);
+    let expect = expected_words(&files);
+    dsm_runtime::local::run_local_job(2, 3, move |rt| {
+        let space = TupleSpace::join(rt).unwrap();
+        let mr = MapReduce::new(&space).unwrap();
+        for k in 0..4 {
+            let out = dir.join(format!("out-{k}"));
+            let config = JobConfig::new(&out)
+                .inputs(&files)
+                .split_size(4 << 10)
+                .partitions(2)
+                .progress(ProgressMode::Never);
+            mr.run(&Words, &config).unwrap();
+            if rt.rank() == Rank(0) {
+                assert_eq!(read_output(&out, 2), expect, "job {k}");
+            }
+        }
+        rt.dsm().barrier().unwrap();
+        if rt.rank() == Rank(0) {
+            // The farms' stop marks (key, "task", id, bytes) and the jobs' outcomes (key, ok, message):
+            // of all four jobs, only the last one's outcome is left.
+            let marks = space
+                .count(&dsm_runtime::template!(?String, "task", ?u64, ?Vec<u8>))
+                .unwrap();
+            let outcomes = space
+                .count(&dsm_runtime::template!(?String, ?bool, ?String))
+                .unwrap();
+            assert_eq!((marks, outcomes), (0, 1));
+        }
+        rt.dsm().barrier().unwrap();
+    });
+}
+
+#[test]
 fn every_value_reaches_its_key_without_a_combiner() {
     let dir = scratch("offsets");
     let files = write_inputs(&dir, 1, 3000, 50);

@@ -252,6 +252,15 @@ impl TaskFarm {
         ))
     }
 
+    /// Takes the stop mark back out of the space, so that a farm that is done leaves nothing behind (a
+    /// program that runs many farms would otherwise keep one mark per farm). Only the master calls it, and
+    /// only once every worker of the farm, on every rank, has returned from [`TaskFarm::serve`]: a worker
+    /// still serving would find neither task nor mark and wait for ever. Whether the mark was there.
+    pub fn close(&self) -> Result<bool, RuntimeError> {
+        let mark = template!(self.stop_key.as_str(), "task", STOP, ?Vec<u8>);
+        Ok(self.space.inp(&mark)?.is_some())
+    }
+
     /// Takes tasks and runs `f` on each until the farm stops; returns the number of tasks this worker did.
     ///
     /// Tasks that take less time than a round trip to the bag are taken several at a time (see [`Batch`]):
