@@ -180,7 +180,8 @@ impl TaskFarm {
     pub fn results<R: DeserializeOwned>(&self, n: usize) -> Result<Vec<(u64, R)>, RuntimeError> {
         let wanted = template!(self.results_key.as_str(), "result", ?u64, ?Vec<u8>);
         let dsm = self.space.dsm();
-        let mut got = Vec::with_capacity(n);
+        // Room for the results as they come (n is the caller's: it may be far more than will fit).
+        let mut got = Vec::with_capacity(n.min(4096));
         // Looks in a row that found no worker anywhere (two are needed, so that a worker thread of this
         // rank that is only starting is not missed).
         let mut deserted = 0;

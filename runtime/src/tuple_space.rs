@@ -393,7 +393,10 @@ impl TupleSpace {
     }
 
     /// [`TupleSpace::complete`], then [`TupleSpace::in_leased`] with `next` (homed where the lease is), in
-    /// one round trip. On an error the lease is given back, as by `complete`.
+    /// one round trip. On an error the lease is given back, as by `complete`. Unlike `in_leased`, a wait
+    /// at another rank's home gives up its channel every 20 ms and asks again, each time at the end of
+    /// the template's queue: it is not served in FIFO order with the other waiters (the task farm's
+    /// workers wait this way, so that any number of them can wait on a few channels).
     pub fn complete_and_lease(
         &self,
         lease: Lease,
