@@ -15,10 +15,10 @@ use std::hash::Hash;
 pub struct Counters(BTreeMap<String, u64>);
 
 impl Counters {
-    /// Adds `n` to the counter `name`.
+    /// Adds `n` to the counter `name` (a sum past `u64::MAX` stays there).
     pub fn add(&mut self, name: &str, n: u64) {
         match self.0.get_mut(name) {
-            Some(c) => *c += n,
+            Some(c) => *c = c.saturating_add(n),
             None => {
                 self.0.insert(name.to_string(), n);
             }

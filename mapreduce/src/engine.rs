@@ -544,9 +544,23 @@ impl MapReduce {
                 false
             }
             Err(_) => {
-                std::fs::create_dir_all(out)
-                    .map_err(|e| MapReduceError::io(format!("creating {}", out.display()), e))?;
-                true
+                // The directory itself with create_dir, which fails if it exists: of two jobs started at
+                // once on one new output directory, only one takes it (create_dir_all succeeds for both,
+                // and the failing one's clean-up would remove the other's parts).
+                if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent).map_err(|e| {
+                        MapReduceError::io(format!("creating {}", parent.display()), e)
+                    })?;
+                }
+                match std::fs::create_dir(out) {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        return Err(MapReduceError::OutputExists(out.clone()))
+                    }
+                    Err(e) => {
+                        return Err(MapReduceError::io(format!("creating {}", out.display()), e))
+                    }
+                }
             }
         };
         Ok((
@@ -688,6 +702,12 @@ pub const SUCCESS: &str = "_SUCCESS";
 /// directory.
 fn remove_parts(dir: &Path) -> Result<(), MapReduceError> {
     let err = |e| MapReduceError::io(format!("clearing {}", dir.display()), e);
+    // The marker first: if a part cannot be removed below (or the process dies meanwhile), what is left
+    // is not taken for a complete output.
+    match std::fs::remove_file(dir.join(SUCCESS)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
     for entry in std::fs::read_dir(dir).map_err(err)? {
         let entry = entry.map_err(err)?;
         let name = entry.file_name();
