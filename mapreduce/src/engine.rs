@@ -26,6 +26,8 @@ pub struct MapReduce {
     space: TupleSpace,
     root: PathBuf,
     jobs: AtomicU64,
+    /// Rank 0: the first job whose outcome may still be in the space (see `clear_after`).
+    outcomes_from: AtomicU64,
     /// The lock on the spill directory's [`ALIVE`] file, held for the engine's life: what tells other
     /// engines that the directory is in use (`None` on a file system without `flock`).
     _alive: Option<Flock<std::fs::File>>,
@@ -136,6 +138,7 @@ impl MapReduce {
             space: space.clone(),
             root,
             jobs: AtomicU64::new(0),
+            outcomes_from: AtomicU64::new(0),
             _alive: alive,
         })
     }
@@ -174,9 +177,12 @@ impl MapReduce {
         let pool = match setup {
             Ok(pool) => pool,
             Err(e) => {
-                // The master says so to every rank, which would otherwise wait for tasks for ever.
+                // The master says so to every rank, which would otherwise wait for tasks for ever, once
+                // their workers (if any started) have returned, and clears up as after any job.
                 if dsm.rank() == Rank(0) {
-                    let _ = farm.stop();
+                    if farm.stop().is_ok() && self.wait_for_workers(job_id).is_ok() {
+                        let _ = self.clear_after(job_id, &farm);
+                    }
                     let _ = self.publish(job_id, &Err(e.to_string()));
                 }
                 return Err(e);
@@ -249,13 +255,13 @@ impl MapReduce {
     }
 
     /// What jobs leave in the space once it is sure no rank needs it (rank 0, once every rank's workers of
-    /// job `job_id` have returned): the job's stop mark, and the previous job's outcome, which every live
-    /// rank read before its workers of this job started. So a program that runs many jobs keeps one
-    /// outcome tuple, not one per job.
+    /// job `job_id` have returned): the job's stop mark, and the outcomes of the jobs before it, which
+    /// every live rank read before its workers of this job started (those of jobs that ended before
+    /// this step included). So a program that runs many jobs keeps one outcome tuple, not one per job.
     fn clear_after(&self, job_id: u64, farm: &TaskFarm) -> Result<(), RuntimeError> {
         farm.close()?;
-        if let Some(previous) = job_id.checked_sub(1) {
-            let key = self.outcome_key(previous);
+        for earlier in self.outcomes_from.swap(job_id, Ordering::AcqRel)..job_id {
+            let key = self.outcome_key(earlier);
             self.space.inp(&template!(key.as_str(), ?bool, ?String))?;
         }
         Ok(())

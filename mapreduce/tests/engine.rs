@@ -252,6 +252,9 @@ fn jobs_leave_no_tuples_behind_but_the_last_outcome() {
                 .split_size(4 << 10)
                 .partitions(2)
                 .progress(ProgressMode::Never);
+            // A job that fails before it starts (settings out of range) leaves nothing either.
+            let bad = config.clone().merge_fan_in(1);
+            assert!(mr.run(&Words, &bad).is_err());
             mr.run(&Words, &config).unwrap();
             if rt.rank() == Rank(0) {
                 assert_eq!(read_output(&out, 2), expect, "job {k}");
@@ -260,7 +263,7 @@ fn jobs_leave_no_tuples_behind_but_the_last_outcome() {
         rt.dsm().barrier().unwrap();
         if rt.rank() == Rank(0) {
             // The farms' stop marks (key, "task", id, bytes) and the jobs' outcomes (key, ok, message):
-            // of all four jobs, only the last one's outcome is left.
+            // of all eight jobs, only the last one's outcome is left.
             let marks = space
                 .count(&dsm_runtime::template!(?String, "task", ?u64, ?Vec<u8>))
                 .unwrap();
