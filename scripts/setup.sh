@@ -10,8 +10,15 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 # libclang itself (libclang.so.N, libclang-N.so.N), not libclang-cpp, which other packages bring and
 # bindgen cannot use.
-if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
-    /usr/lib/*-linux-gnu/libclang.so* /usr/lib/*-linux-gnu/libclang-[0-9]*.so* >/dev/null 2>&1; then
+have_libclang() {
+    local f
+    for f in /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* \
+        /usr/lib/*-linux-gnu/libclang.so* /usr/lib/*-linux-gnu/libclang-[0-9]*.so*; do
+        [ -e "$f" ] && return 0
+    done
+    return 1
+}
+if ! have_libclang; then
     need+=(libclang-dev)
 fi
 if [ "${DSM_WITH_MPI:-0}" = 1 ] && ! command -v mpicc >/dev/null 2>&1; then
@@ -23,8 +30,10 @@ fi
 if [ "$(id -u)" = 0 ]; then
     echo "setup: installing ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${need[@]}" >/dev/null
+    if ! { apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; }; then
+        echo "setup: apt-get could not install ${need[*]} (see above); install them and run again" >&2
+        exit 1
+    fi
 else
     echo "setup: missing system packages; run: sudo apt-get install -y ${need[*]}" >&2
     exit 1
