@@ -22,6 +22,16 @@ fn job_with_env(
     launch_captured(program, ranks, args, env, false)
 }
 
+/// Runs a job of `hello` in which rank 1 first runs the shell command `first` (another setting, or no
+/// start at all), with extra environment for every rank.
+fn hello_where_rank1_first(ranks: usize, first: &str, env: &[(&str, &str)]) -> (Outcome, String) {
+    let line = format!(
+        "if [ \"$DSM_RANK\" = 1 ]; then {first}; fi; exec {}",
+        env!("CARGO_BIN_EXE_hello")
+    );
+    job_with_env("/bin/sh", ranks, &["-c", &line], env)
+}
+
 /// Launches a job with a time limit of 60 s, capturing its output.
 fn launch_captured(
     program: &str,
@@ -85,13 +95,8 @@ fn ranks_started_through_a_wrapper_program_join() {
 fn a_rank_with_the_wrong_token_is_refused_and_the_job_ends() {
     // Rank 1 presents another job's token: the launcher refuses it, it ends with an error saying so, and
     // the job ends instead of waiting for it.
-    let line = format!(
-        "if [ \"$DSM_RANK\" = 1 ]; then DSM_TOKEN={}; fi; exec {}",
-        "ab".repeat(32),
-        env!("CARGO_BIN_EXE_hello")
-    );
     let t = std::time::Instant::now();
-    let (o, out) = job("/bin/sh", 2, &["-c", &line]);
+    let (o, out) = hello_where_rank1_first(2, &format!("DSM_TOKEN={}", "ab".repeat(32)), &[]);
     assert_ne!(o.code, 0, "{out}");
     assert!(
         out.contains("[1]") && out.contains("refused rank 1") && out.contains("DSM_TOKEN"),
@@ -106,12 +111,8 @@ fn a_rank_that_exits_before_joining_ends_the_job_at_once_naming_it() {
     // Rank 1 exits with status 0 without joining: the others, waiting at the rendezvous, are told at
     // once (they waited out the 30 s connect timeout), and the launcher names rank 1, not a rank that
     // failed because of it.
-    let line = format!(
-        "if [ \"$DSM_RANK\" = 1 ]; then exit 0; fi; exec {}",
-        env!("CARGO_BIN_EXE_hello")
-    );
     let t = std::time::Instant::now();
-    let (o, out) = job("/bin/sh", 3, &["-c", &line]);
+    let (o, out) = hello_where_rank1_first(3, "exit 0", &[]);
     assert_ne!(o.code, 0, "{out}");
     assert_eq!(o.failed_rank, Some(1), "{out}");
     assert!(o.reason.contains("before it joined the job"), "{o:?}");
@@ -126,12 +127,8 @@ fn a_rank_that_exits_before_joining_ends_the_job_at_once_naming_it() {
 fn ranks_with_different_channel_counts_stop_at_once_saying_why() {
     // A wrapper gives rank 1 another DSM_CHANNELS: its mesh cannot match rank 0's. Both must say so
     // at the handshake, instead of waiting out the connect timeout (30 s) for connections that never come.
-    let line = format!(
-        "if [ \"$DSM_RANK\" = 1 ]; then export DSM_CHANNELS=3; fi; exec {}",
-        env!("CARGO_BIN_EXE_hello")
-    );
     let t = std::time::Instant::now();
-    let (o, out) = job("/bin/sh", 2, &["-c", &line]);
+    let (o, out) = hello_where_rank1_first(2, "export DSM_CHANNELS=3", &[]);
     assert_ne!(o.code, 0, "{out}");
     assert!(
         out.contains("rank 1 opens 3 channels to each rank, this rank 4: give every rank the same DSM_CHANNELS")
@@ -548,11 +545,7 @@ fn an_arena_that_cannot_be_mapped_is_a_clear_error() {
 fn an_arena_another_rank_cannot_map_is_a_clear_error_on_every_rank() {
     // Rank 1 may have only 4 GB of address space (`ulimit -v`), so it cannot map the 1 TiB arena rank 0
     // reserved: it says why and what to set, rank 0 names it, and the job ends.
-    let line = format!(
-        "if [ \"$DSM_RANK\" = 1 ]; then ulimit -v 4000000; fi; exec {}",
-        env!("CARGO_BIN_EXE_hello")
-    );
-    let (o, out) = job_with_env("/bin/sh", 2, &["-c", &line], &[("RUST_BACKTRACE", "0")]);
+    let (o, out) = hello_where_rank1_first(2, "ulimit -v 4000000", &[("RUST_BACKTRACE", "0")]);
     assert_ne!(o.code, 0, "{out}");
     assert!(
         out.contains("[1] Error: rank 1 cannot map the shared arena at")
