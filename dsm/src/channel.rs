@@ -14,7 +14,7 @@ use crate::wire::{self, FrameError, Reply, Request, MAX_HEADER, PREFIX};
 use nix::errno::Errno;
 use nix::sys::socket::MsgFlags;
 use std::io::IoSlice;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
@@ -409,6 +409,10 @@ pub(crate) struct Channels {
     nap: Duration,
     /// Told of every claim: a claim is a request about to go out.
     awake: Arc<KeepAwake>,
+    /// `raw[channel][rank]`: the descriptors of the channels' connections, to end their reading side
+    /// without claiming the channel ([`Channels::stop_reading_from`]). Valid as long as `slots`, which
+    /// owns them and never replaces them.
+    raw: Vec<Vec<RawFd>>,
 }
 
 /// A claimed channel; given back (and a thread waiting for one woken) when dropped. Dropping it is
@@ -459,7 +463,12 @@ impl Channels {
         awake: Arc<KeepAwake>,
     ) -> Channels {
         let rx_len = 2 + MAX_HEADER + max_pages * PAGE_SIZE;
+        let raw = outgoing
+            .iter()
+            .map(|fds| fds.iter().map(|fd| fd.as_raw_fd()).collect())
+            .collect();
         Channels {
+            raw,
             slots: outgoing
                 .into_iter()
                 .map(|fds| {
@@ -476,6 +485,20 @@ impl Channels {
             waiting: AtomicU32::new(0),
             nap: CLAIM_NAP,
             awake,
+        }
+    }
+
+    /// Ends the reading side of every channel's connection to `rank`, which has failed: threads waiting
+    /// for its replies (a blocked `in` at its home, say) wake with an error instead of waiting for ever
+    /// on a rank that, failed here for a broken connection or a bad frame, may live on and never answer.
+    /// Later requests to it fail the same way. The writing side stays open, as the service loop leaves
+    /// the failed rank's connections to it: a send that fails would mean that it has left the job.
+    pub(crate) fn stop_reading_from(&self, rank: Rank) {
+        for fds in &self.raw {
+            if let Some(&fd) = fds.get(rank.index()) {
+                // `fd` is open: `slots` owns it for as long as `self` lives.
+                let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+            }
         }
     }
 

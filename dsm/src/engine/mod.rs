@@ -307,6 +307,8 @@ impl Engine {
             ));
             std::process::exit(crate::EXIT_PEER_FAILED);
         }
+        // Threads of this rank waiting for its replies are told, whether or not it lives on.
+        self.shared.channels.stop_reading_from(peer);
         // Lock requests the failed rank left waiting are dropped: a grant to it would keep the lock for
         // ever. A lock it holds stays held (what it protects may be half written), and those waiting for
         // it, and any that ask later, are told so instead of waiting for ever.
@@ -784,6 +786,36 @@ mod tests {
             // The rank still serves itself.
             dsm.ping(Rank(0), 64).unwrap();
         }
+    }
+
+    #[test]
+    fn a_call_waiting_at_a_rank_that_fails_but_lives_on_ends_with_an_error() {
+        let (dsm, mut fake, _other) = rank0_with_fake_peer();
+        let dsm = Arc::new(dsm);
+        // A call that rank 1 holds (a blocked `in`, say): the fake rank 1 never answers.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = dsm.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(d.call_waiting(Rank(1), 3, &[b"wait"], None));
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "the call returned before rank 1 failed"
+        );
+        // Rank 1 sends a frame rank 0 cannot take, and lives on (its connections stay open).
+        fake.write_all(&[0, 0, 0, 0]).unwrap();
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Err(crate::DsmError::PeerFailed { rank, .. })) => assert_eq!(rank, Rank(1)),
+            Ok(other) => panic!("the waiting call ended with {other:?}"),
+            Err(_) => panic!("the waiting call still waits 5 s after its rank failed"),
+        }
+        // A later call to it fails at once, and the rank still serves itself.
+        assert!(matches!(
+            dsm.call_waiting(Rank(1), 3, &[b"again"], None),
+            Err(crate::DsmError::PeerFailed { .. })
+        ));
+        dsm.ping(Rank(0), 64).unwrap();
     }
 
     #[test]
