@@ -14,7 +14,7 @@
 //! is traffic, goes on polling briefly when it stops (yielding the
 //! core between looks to any other thread that can run, such as the rank's computing thread or its service
 //! loop: with a pure spin, a busy rank answered a fault in about a millisecond, with yields in about 0.25
-//! ms), then sleeps in `ppoll` on its sockets for growing intervals (MPI cannot wake it), which bounds a
+//! ms), then sleeps on its sockets' epoll set for growing intervals (MPI cannot wake it), which bounds a
 //! waiting rank's CPU use at the cost of latency for the first message after a quiet spell.
 
 use dsm::transport::{Mesh, Transport};
@@ -386,11 +386,11 @@ impl Bridging {
             while let Some(probed) = comm.any_process().immediate_matched_probe_with_tag(t) {
                 let (data, status) = probed.matched_receive_vec::<u8>();
                 moved = true;
-                if status.tag() == self.ack_tag {
-                    let Some((t, cost)) = decode_ack(&data) else {
+                if t == self.ack_tag {
+                    let Some((sent_with, cost)) = decode_ack(&data) else {
                         continue;
                     };
-                    if let Some(&i) = self.acked.get(&(status.source_rank(), t)) {
+                    if let Some(&i) = self.acked.get(&(status.source_rank(), sent_with)) {
                         let l = &mut self.links[i];
                         l.in_flight = l.in_flight.saturating_sub(cost);
                         if !l.watched && !l.local_done && Self::has_credit(credit, l) {
@@ -400,7 +400,7 @@ impl Bridging {
                     }
                     continue;
                 }
-                let Some(&i) = self.route.get(&(status.source_rank(), status.tag())) else {
+                let Some(&i) = self.route.get(&(status.source_rank(), t)) else {
                     continue;
                 };
                 let l = &mut self.links[i];
