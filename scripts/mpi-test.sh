@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs hello, the multi-process correctness checks (lock totals, litmus tests) and wordcount under mpirun
 # (MPICH's Hydra), with -n 2 and -n 3, over the TCP and the MPI transports, built with the `mpi` feature, and checks what they print; then that
-# a rank killed under mpirun ends the job with an error naming it, that ranks of different builds are
+# a rank killed or stopped under mpirun ends the job with an error naming it, that ranks of different builds are
 # stopped at join, and that a program built without the feature says how to rebuild. Called by scripts/test.sh. Installs MPICH when missing (as root; otherwise
 # prints the apt-get command).
 set -euo pipefail
@@ -100,6 +100,17 @@ if out=$(timeout 60 mpirun -n 3 $bin/dsm-check die 2>&1); then
     fail "a job with a killed rank succeeded: $out"
 fi
 expect "rank 2 failed" 2 "$out"
+
+# A rank stopped under mpirun (SIGSTOP: its connections stay open and silent): the others give up on it
+# after the peer timeout, naming it, over either transport; mpirun then ends the job.
+for t in tcp mpi; do
+    if out=$(DSM_TRANSPORT=$t DSM_PEER_TIMEOUT=2 timeout 60 mpirun -n 3 $bin/dsm-check stop 2>&1); then
+        fail "a job with a stopped rank succeeded ($t): $out"
+    fi
+    # The first to give up tells the other, which may then report that instead of its own silence.
+    expect "rank 2 failed" 2 "$out"
+    grep -q "rank 2 failed (nothing heard from it for 2 s" <<<"$out" || fail "no word of the silence ($t): $out"
+done
 
 # A rank that returns an error from main while another waits for it outside any collective: it leaves as
 # a failed rank, without waiting (before, both waited for each other for ever).

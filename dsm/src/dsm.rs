@@ -17,6 +17,7 @@ use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::{self, Uffd};
 use crate::wire::{RefusedReason, Reply, Request};
 use nix::sys::eventfd::EventFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 
 mod builder;
 
-pub use builder::DsmBuilder;
+pub use builder::{DsmBuilder, DEFAULT_PEER_TIMEOUT};
 
 /// Where rank 0 reserves the shared arena unless told otherwise.
 pub const DEFAULT_ARENA_BASE: usize = 0x1000_0000_0000;
@@ -55,6 +56,12 @@ pub(crate) struct Shared {
     pub(crate) waker: EventFd,
     pub(crate) stop: AtomicBool,
     pub(crate) failed: Vec<AtomicBool>,
+    /// The service loop's own connection to every rank's, for messages that expect no answer: heartbeats,
+    /// failure reports, `Goodbye`. The one to this rank itself is never written to, but stays open: its
+    /// end closing would tell this rank's service loop that this rank is gone.
+    pub(crate) control: Mutex<Vec<OwnedFd>>,
+    /// How long a rank may go unheard before it is taken for failed (`DsmBuilder::peer_timeout`).
+    pub(crate) peer_timeout: Option<std::time::Duration>,
     /// Ranks whose process is gone as far as this rank can tell: they closed (or reset) their connection
     /// to this rank's service loop. A rank never closes its connections before it leaves the job, so this,
     /// unlike `failed` (set on any broken connection, protocol errors included), means its memory went with
@@ -111,6 +118,20 @@ impl Shared {
     pub(crate) fn services(&self) -> Vec<Arc<dyn Service>> {
         let services = self.services.read().unwrap_or_else(|p| p.into_inner());
         services.iter().flatten().cloned().collect()
+    }
+
+    /// Sends `req` (a message that expects no answer) on the service loop's own connection to every rank
+    /// not failed here, but `except`. A rank that has not read for a second is not waited for (its
+    /// connection's send timeout): the message is dropped, and that rank's own silence is what fails it.
+    pub(crate) fn tell_others(&self, req: &Request, except: Option<Rank>) {
+        let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        for (r, fd) in control.iter().enumerate() {
+            let to = Rank(r as u32);
+            if to == self.me || except == Some(to) || self.failed[r].load(Ordering::Acquire) {
+                continue;
+            }
+            let _ = crate::channel::write_frame(fd.as_fd(), req, &[], &self.counters);
+        }
     }
 
     pub(crate) fn wake_service(&self) {
@@ -867,6 +888,7 @@ impl Dsm {
                     let _ = ch.send(&s.counters, Rank(r as u32), &Request::Goodbye, &[]);
                 }
             }
+            s.tell_others(&Request::Goodbye, None);
         }
         s.stop.store(true, Ordering::Release);
         s.wake_service();

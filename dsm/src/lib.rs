@@ -27,7 +27,8 @@ mod uffd;
 mod wire;
 
 pub use crate::dsm::{
-    Dsm, DsmBuilder, FailurePolicy, LockGuard, DEFAULT_ARENA_BASE, MAX_SERVICE_REQUEST,
+    Dsm, DsmBuilder, FailurePolicy, LockGuard, DEFAULT_ARENA_BASE, DEFAULT_PEER_TIMEOUT,
+    MAX_SERVICE_REQUEST,
 };
 pub use crate::engine::{ServicePriority, MAX_READAHEAD};
 pub use crate::error::{panic_message, DsmError, Result};

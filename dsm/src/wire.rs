@@ -73,6 +73,9 @@ pub(crate) enum Request {
     Goodbye,
     /// The sender lost `rank` and is ending: the failure to report is `rank`'s, not the sender's.
     PeerLost { rank: u32 },
+    /// The sender's service loop is alive (sent on its control connection when nothing else has gone to
+    /// the receiver for a while; no answer).
+    Heartbeat,
     /// For the service registered as `id`; the payload is its request.
     Service { id: u8 },
 }

@@ -131,8 +131,10 @@ fn ranks_with_different_channel_counts_stop_at_once_saying_why() {
     let (o, out) = hello_where_rank1_first(2, "export DSM_CHANNELS=3", &[]);
     assert_ne!(o.code, 0, "{out}");
     assert!(
-        out.contains("rank 1 opens 3 channels to each rank, this rank 4: give every rank the same DSM_CHANNELS")
-            || out.contains("rank 0 opens 4 channels to each rank, this rank 3: give every rank the same DSM_CHANNELS"),
+        out.contains("rank 1 has 3 channels, this rank 4: give every rank the same DSM_CHANNELS")
+            || out.contains(
+                "rank 0 has 4 channels, this rank 3: give every rank the same DSM_CHANNELS"
+            ),
         "{out}"
     );
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
@@ -415,6 +417,48 @@ fn a_sigbus_sent_to_a_rank_kills_it_as_without_dsm() {
 }
 
 #[test]
+fn a_stopped_rank_is_given_up_on_after_the_peer_timeout_and_named() {
+    // Its connections stay open: only its silence tells.
+    let t = Instant::now();
+    let (outcome, out) = job_with_env(CHECK, 3, &["stop"], &[("DSM_PEER_TIMEOUT", "2")]);
+    let took = t.elapsed();
+    assert_eq!(outcome.failed_rank, Some(2), "{outcome:?}\n{out}");
+    assert!(
+        outcome
+            .reason
+            .starts_with("was stopped (SIGSTOP, or a debugger)"),
+        "{outcome:?}"
+    );
+    for r in 0..2 {
+        assert!(
+            out.contains(&format!(
+                "[{r}] dsm: rank {r}: rank 2 failed (nothing heard from it for 2 s"
+            )),
+            "rank {r} must report rank 2's silence:\n{out}"
+        );
+    }
+    // The timeout, a heartbeat interval, and the launcher ending the stopped rank (SIGCONT lets it take
+    // its SIGTERM, instead of waiting two seconds for SIGKILL).
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(15),
+        "took {took:?}"
+    );
+}
+
+#[test]
+fn a_job_stopped_whole_and_resumed_goes_on() {
+    // Stopped for 4 s with a peer timeout of 2 s: every service loop sees that it was held up itself.
+    let t = Instant::now();
+    let (outcome, out) = job_with_env(CHECK, 3, &["pause"], &[("DSM_PEER_TIMEOUT", "2")]);
+    assert_eq!(outcome.code, 0, "{outcome:?}\n{out}");
+    assert_eq!(out.matches("pause ok").count(), 3, "{out}");
+    assert!(
+        t.elapsed() >= Duration::from_secs(4),
+        "the job was not stopped: {out}"
+    );
+}
+
+#[test]
 fn a_killed_rank_ends_the_job_quickly() {
     let t = Instant::now();
     let (outcome, out) = job(CHECK, 3, &["die"]);
@@ -459,7 +503,9 @@ fn configuration_errors_are_clear() {
         ("DSM_INSTALL_HELPER", "yes", "on or off"),
         ("DSM_DIRECT_INSTALL", "maybe", "on or off"),
         ("DSM_STATS", "yes", "1 or 0"),
+        ("DSM_PEER_TIMEOUT", "2.5", "whole seconds"),
         // Out of range, not only malformed.
+        ("DSM_PEER_TIMEOUT", "100000", "0 (never) or 1 to 86400"),
         ("DSM_READAHEAD", "0", "1 to 1024"),
         ("DSM_CHANNELS", "100", "2 to 64"),
         ("DSM_SPIN_US", "99999999999", "0 to 1000000"),

@@ -11,6 +11,7 @@
 //! | `DSM_ARENA_SIZE` | bytes of address space reserved for shared regions, a multiple of 4 KiB (suffixes K, M, G, T) | 1T |
 //! | `DSM_ARENA_BASE` | where rank 0 reserves the arena (hex), when the default range is taken | `0x100000000000`, else wherever the kernel puts it |
 //! | `DSM_CONNECT_TIMEOUT` | seconds to wait for every rank to connect | 30 |
+//! | `DSM_PEER_TIMEOUT` | seconds a rank may go unheard before the others take it for failed (a stopped or hung process, a host or network that went down: none of them closes a connection); each rank's service loop sends heartbeats four times a timeout; 0 never takes a rank for failed on silence (for a rank stopped in a debugger) | 30 |
 //! | `DSM_SERVICE_PRIORITY` | `favoured`: the service loop runs `SCHED_FIFO` when permitted, else at nice -10 when permitted; `nice`: nice -10 only; `normal`: as the program's other threads | favoured |
 //! | `DSM_INSTALL_HELPER` | `on`: a helper thread installs pages of long read-ahead replies (256 pages or more) beside the faulting thread, on another core; `off` | on when ranks <= cores, else off |
 //! | `DSM_DIRECT_INSTALL` | `on`: ranks on this host may install the pages this rank fetches straight into its memory (they take its userfaultfd with `pidfd_getfd`, which needs ptrace's permission: root, or the same user where Yama's `ptrace_scope` is 0; refused, pages come over the connections); `off`: pages always come over the connections | on |

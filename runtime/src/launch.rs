@@ -504,11 +504,22 @@ pub fn launch(
                 None => (root, true),
             };
             let (mut what, code) = describe(status);
-            let message = if joined {
-                format!("dsmrun: rank {r} {what}; ending the job")
+            // Every rank that ended did so because of another: one that is stopped (it closes no connection,
+            // and the others gave up hearing from it) is the cause.
+            let stopped = (status.code() == Some(dsm::EXIT_PEER_FAILED))
+                .then(|| (0..ranks).find(|&s| !done[s] && is_stopped(&children[s])))
+                .flatten();
+            let (r, message) = if let Some(s) = stopped {
+                what = "was stopped (SIGSTOP, or a debugger) and the others gave up waiting for it (DSM_PEER_TIMEOUT)".into();
+                (s, format!("dsmrun: rank {s} {what}; ending the job"))
+            } else if joined {
+                (r, format!("dsmrun: rank {r} {what}; ending the job"))
             } else {
                 what += " before it joined the job";
-                format!("dsmrun: rank {r} {what}; the others could not start")
+                (
+                    r,
+                    format!("dsmrun: rank {r} {what}; the others could not start"),
+                )
             };
             let outcome = Outcome {
                 // Status 0 is no failure of the rank's own, but the job's.
@@ -662,14 +673,27 @@ fn watch(pid: Pid, exited: std::sync::mpsc::Sender<()>) {
         });
 }
 
-/// Ends every rank still running and whatever the ranks started: SIGTERM to each rank's process group,
-/// then, once every rank has exited (at most two seconds later), SIGKILL to what is left of the groups,
-/// and reaps them.
+/// Whether the rank's process is stopped (by a signal, or by a debugger): `T` or `t` in
+/// `/proc/PID/stat`.
+fn is_stopped(child: &Child) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", child.id())) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may hold anything.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state == "T" || state == "t")
+}
+
+/// Ends every rank still running and whatever the ranks started: SIGTERM to each rank's process group
+/// (and SIGCONT, which a stopped process needs to take it), then, once every rank has exited (at most two
+/// seconds later), SIGKILL to what is left of the groups, and reaps them.
 fn end_all(children: &mut [Child]) {
     // Each rank leads its own process group: signal the group, so that what the rank started ends too.
     let group = |c: &Child| Pid::from_raw(-(c.id() as i32));
     for c in children.iter() {
         let _ = kill(group(c), Signal::SIGTERM);
+        let _ = kill(group(c), Signal::SIGCONT);
     }
     let deadline = Instant::now() + Duration::from_secs(2);
     for c in children.iter() {

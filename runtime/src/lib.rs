@@ -279,6 +279,13 @@ impl Runtime {
         })? {
             b = b.channels(c);
         }
+        if let Some(t) = env::get(
+            "DSM_PEER_TIMEOUT",
+            "whole seconds, 0 (never) or 1 to 86400",
+            |s| env::number::<u64>(s).filter(|t| *t <= 86_400),
+        )? {
+            b = b.peer_timeout((t > 0).then(|| std::time::Duration::from_secs(t)));
+        }
         if let Some(r) = env::get("DSM_READAHEAD", "a number of pages, 1 to 1024", |s| {
             env::number::<u32>(s).filter(|r| (1..=dsm::MAX_READAHEAD).contains(r))
         })? {

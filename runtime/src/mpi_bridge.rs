@@ -119,8 +119,8 @@ struct Link {
 
 /// The first MPI tag of the transport's messages on its own communicator (a duplicate of
 /// `MPI_COMM_WORLD`, so a program's MPI messages never meet them): tags from here up to
-/// `TAG_BASE + 2 x channels` (that last one for acknowledgements; MPI guarantees tags up to 32767, and
-/// channels are at most 64).
+/// `TAG_BASE + 2 x connections` (that last one for acknowledgements; MPI guarantees tags up to 32767, and
+/// a rank has at most 65 connections to each: 64 channels and its service loop's).
 const TAG_BASE: i32 = 32_000;
 
 fn tag(channel: usize, reply: bool) -> i32 {

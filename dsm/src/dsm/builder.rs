@@ -10,7 +10,7 @@ use crate::keepawake::KeepAwake;
 use crate::protocol::release::{RcRank, DEFAULT_NOTICE_MEMORY, MIN_NOTICE_MEMORY};
 use crate::service::MAX_SERVICES;
 use crate::stats::Counters;
-use crate::transport::{local::local_cluster, Transport};
+use crate::transport::{connections, local::local_cluster, Transport};
 use crate::types::{Rank, PAGE_SIZE};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
@@ -33,7 +33,12 @@ pub struct DsmBuilder {
     install_helper: Option<bool>,
     direct_install: bool,
     notice_memory: usize,
+    peer_timeout: Option<Duration>,
 }
+
+/// How long a rank waits to hear from another before it takes it for failed, unless told otherwise
+/// ([`DsmBuilder::peer_timeout`]).
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for DsmBuilder {
     fn default() -> Self {
@@ -52,6 +57,7 @@ impl Default for DsmBuilder {
             install_helper: None,
             direct_install: true,
             notice_memory: DEFAULT_NOTICE_MEMORY,
+            peer_timeout: Some(DEFAULT_PEER_TIMEOUT),
         }
     }
 }
@@ -137,6 +143,20 @@ impl DsmBuilder {
         self
     }
 
+    /// How long this rank waits to hear from another rank before it takes it for failed (default
+    /// [`DEFAULT_PEER_TIMEOUT`], 30 s; `None`: never). A rank whose process is stopped or hung, or whose
+    /// host or network went down, closes no connection: without this, threads waiting for it would wait
+    /// for ever. Each rank's service loop sends every other rank a heartbeat four times a timeout, on a
+    /// connection of its own, whatever the program does (a rank computing for an hour is heard from);
+    /// anything it sends counts too. The rank not heard from fails as if its connection had broken (see
+    /// [`FailurePolicy`]). A service loop that itself was held up for half a timeout (the whole job
+    /// stopped and resumed) gives every rank a fresh timeout. Turn it off to stop a rank in a debugger.
+    /// At least 1 s.
+    pub fn peer_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.peer_timeout = timeout;
+        self
+    }
+
     /// What to do when another rank fails.
     pub fn failure_policy(mut self, p: FailurePolicy) -> Self {
         self.policy = p;
@@ -208,6 +228,15 @@ impl DsmBuilder {
                 self.notice_memory
             )));
         }
+        if self
+            .peer_timeout
+            .is_some_and(|t| t < Duration::from_secs(1))
+        {
+            return Err(DsmError::Config(format!(
+                "a peer timeout of {:?} (DSM_PEER_TIMEOUT, or DsmBuilder::peer_timeout): use at least 1 s, or none",
+                self.peer_timeout.unwrap_or_default()
+            )));
+        }
         if self.arena_size < PAGE_SIZE || !self.arena_size.is_multiple_of(PAGE_SIZE) {
             return Err(DsmError::Config(format!(
                 "arena size {} is not a positive multiple of the page size ({PAGE_SIZE})",
@@ -224,6 +253,7 @@ impl DsmBuilder {
             }
         };
         let in_process = transport.ranks_share_a_process();
+        let transport_name = transport.name();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let poll = ReplyPoll {
             ns: self
@@ -233,7 +263,19 @@ impl DsmBuilder {
             yielding: transport.polls_for_replies(),
         };
 
-        let mesh = transport.establish(self.rank, self.size, self.channels)?;
+        let mut mesh = transport.establish(self.rank, self.size, connections(self.channels))?;
+        let control = match mesh.outgoing.pop() {
+            Some(set) if mesh.outgoing.len() == self.channels && set.len() == self.size => set,
+            _ => {
+                return Err(DsmError::Config(format!(
+                    "the {} transport set up {} sets of connections, not {} ({} channels and the service loop's)",
+                    transport_name,
+                    mesh.outgoing.len() + 1,
+                    connections(self.channels),
+                    self.channels
+                )))
+            }
+        };
         let waker =
             EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| DsmError::sys("eventfd", e))?;
@@ -253,6 +295,8 @@ impl DsmBuilder {
             waker,
             stop: AtomicBool::new(false),
             failed: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
+            control: Mutex::new(control),
+            peer_timeout: self.peer_timeout,
             gone: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
             policy: self.policy,
             service_priority: self.service_priority,
@@ -335,9 +379,9 @@ fn default_spin(size: usize, cores: usize) -> Duration {
 }
 
 /// Lets the process open as many files as the system allows it, not the usual soft limit of 1024: a rank
-/// keeps `channels` connections to every rank and back (2,048 descriptors for 256 ranks over TCP at the
-/// default 4 channels, twice that over the MPI transport's socket pairs), and MapReduce merges hold many
-/// run files open.
+/// keeps a connection per channel and one more to every rank and back (2,560 descriptors for 256 ranks
+/// over TCP at the default 4 channels, twice that over the MPI transport's socket pairs), and MapReduce
+/// merges hold many run files open.
 fn raise_open_file_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {

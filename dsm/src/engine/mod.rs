@@ -5,8 +5,9 @@
 //! queued, and the reply goes out when it can. That is what keeps the protocol free of distributed deadlock.
 //!
 //! It detects failures: a connection that closes without a `Goodbye`, or that carries a malformed frame,
-//! means its rank is gone; waiting barriers are failed and, under `FailurePolicy::Exit`, the rank ends with
-//! an error naming the failed rank.
+//! means its rank is gone, and so does a rank not heard from for the peer timeout (`Liveness`: each
+//! service loop sends the others heartbeats); waiting barriers are failed and, under
+//! `FailurePolicy::Exit`, the rank ends with an error naming the failed rank.
 //!
 //! This file holds the loop itself (connections, dispatch, failures); `pages` the pages homed here and
 //! this rank's copies; `sync` the lock and barrier servers.
@@ -29,6 +30,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// The most pages one read-ahead reply carries, and the default largest window (4 MiB): see
 /// `docs/ARCHITECTURE.md`, "Read-ahead replies are installed as they arrive", for the measurements.
@@ -48,6 +50,26 @@ struct Conn {
     filled: usize,
     open: bool,
     goodbye: bool,
+}
+
+/// When this rank last heard from every other rank, and when it last sent them its heartbeat (with a peer
+/// timeout: `DsmBuilder::peer_timeout`).
+#[derive(Debug)]
+struct Liveness {
+    timeout: Duration,
+    heard: Vec<Instant>,
+    /// Ranks that said `Goodbye`: they left the job and send nothing more.
+    left: Vec<bool>,
+    beat: Instant,
+    /// When the loop last looked at the time: a long gap means that the loop itself was held up.
+    looked: Instant,
+}
+
+impl Liveness {
+    /// How often heartbeats go out: four in a timeout, so that one late or lost is no failure.
+    fn interval(&self) -> Duration {
+        self.timeout / 4
+    }
 }
 
 mod pages;
@@ -91,6 +113,7 @@ pub(crate) struct Engine {
     /// The userfaultfds of the ranks on this host that introduced themselves and whose descriptor this
     /// rank could take, by rank: pages they ask for are installed into them directly (`direct.rs`).
     direct: Vec<Option<OwnedFd>>,
+    liveness: Option<Liveness>,
 }
 
 impl Engine {
@@ -106,6 +129,18 @@ impl Engine {
                 EpollEvent::new(EpollFlags::EPOLLIN, WAKER),
             )
             .map_err(|e| crate::DsmError::sys("epoll_ctl(eventfd)", e))?;
+        if let Some(t) = shared.peer_timeout {
+            // A reply to a rank that stopped reading (a stopped process: its socket buffer fills up) fails
+            // after half a timeout instead of holding this loop, and with it this rank's heartbeats, for ever.
+            for (_, fd) in &incoming {
+                send_timeout(fd, t / 2)?;
+            }
+            // The loop's own messages are tiny: a rank that has not read them for a second is not waited for.
+            let control = shared.control.lock().unwrap_or_else(|p| p.into_inner());
+            for fd in control.iter() {
+                send_timeout(fd, Duration::from_secs(1))?;
+            }
+        }
         let mut conns = Vec::with_capacity(incoming.len());
         for (i, (peer, fd)) in incoming.into_iter().enumerate() {
             epoll
@@ -136,6 +171,16 @@ impl Engine {
             scratch: vec![0; PAGE_SIZE],
             host: Host::this(),
             direct: (0..shared.size).map(|_| None).collect(),
+            liveness: shared.peer_timeout.map(|timeout| {
+                let now = Instant::now();
+                Liveness {
+                    timeout,
+                    heard: vec![now; shared.size],
+                    left: vec![false; shared.size],
+                    beat: now,
+                    looked: now,
+                }
+            }),
             shared,
         })
     }
@@ -144,8 +189,12 @@ impl Engine {
     pub(crate) fn run(mut self) {
         favour_this_thread(self.shared.me, self.shared.service_priority);
         let mut events = vec![EpollEvent::empty(); 64];
+        let wait_ms = self
+            .liveness
+            .as_ref()
+            .map_or(1000, |l| l.interval().as_millis().min(1000) as u16);
         loop {
-            let n = match self.epoll.wait(&mut events, EpollTimeout::from(1000u16)) {
+            let n = match self.epoll.wait(&mut events, EpollTimeout::from(wait_ms)) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
@@ -177,6 +226,57 @@ impl Engine {
             if self.shared.stop.load(Ordering::Acquire) {
                 return;
             }
+            self.keep_time();
+        }
+    }
+
+    /// With a peer timeout: sends heartbeats when they are due, and fails the ranks not heard from for the
+    /// timeout.
+    fn keep_time(&mut self) {
+        let me = self.shared.me;
+        let Some(l) = &mut self.liveness else {
+            return;
+        };
+        let now = Instant::now();
+        if now.duration_since(l.looked) > l.timeout / 2 {
+            // This loop was held up itself (the whole job stopped and resumed, the host paused, a reply
+            // that took long to go out): the others' silence in that time says nothing about them, and
+            // they are heard from again within an interval.
+            l.heard.fill(now);
+        }
+        l.looked = now;
+        if now.duration_since(l.beat) >= l.interval() {
+            l.beat = now;
+            self.shared.tell_others(&Request::Heartbeat, None);
+        }
+        let Some(l) = &self.liveness else {
+            return;
+        };
+        let timeout = l.timeout;
+        let late: Vec<Rank> = (0..self.shared.size)
+            .filter(|&r| {
+                r != me.index()
+                    && !l.left[r]
+                    && !self.shared.failed[r].load(Ordering::Acquire)
+                    && now.duration_since(l.heard[r]) > timeout
+            })
+            .map(|r| Rank(r as u32))
+            .collect();
+        for r in late {
+            self.peer_failed(
+                r,
+                &format!(
+                    "nothing heard from it for {} s (DSM_PEER_TIMEOUT): its process is stopped or hung, or its host or the network to it is down",
+                    timeout.as_secs_f64()
+                ),
+            );
+        }
+    }
+
+    /// Something came from `peer`: it is alive.
+    fn heard(&mut self, peer: Rank) {
+        if let Some(l) = &mut self.liveness {
+            l.heard[peer.index()] = Instant::now();
         }
     }
 
@@ -205,7 +305,9 @@ impl Engine {
                 }
                 Ok(n) => {
                     conn.filled += n;
+                    let peer = conn.peer;
                     Counters::add(&self.shared.counters.bytes_received, n as u64);
+                    self.heard(peer);
                     if let Err(reason) = self.parse_frames(idx) {
                         self.close(idx, &reason);
                         return;
@@ -293,14 +395,8 @@ impl Engine {
         if self.shared.policy == FailurePolicy::Exit {
             // Tell the others which rank is gone before ending, so that they report it rather than this rank,
             // whose connections close next.
-            if let Some(ch) = self.shared.channels.try_claim() {
-                let lost = Request::PeerLost { rank: peer.0 };
-                for r in (0..self.shared.size as u32).map(Rank) {
-                    if r != self.shared.me && r != peer {
-                        let _ = ch.send(&self.shared.counters, r, &lost, &[]);
-                    }
-                }
-            }
+            self.shared
+                .tell_others(&Request::PeerLost { rank: peer.0 }, Some(peer));
             say(&format!(
                 "dsm: {}: {peer} failed ({reason}); ending this rank",
                 self.shared.me
@@ -535,7 +631,13 @@ impl Engine {
                 let n = (reply_bytes as usize).min(PAGE_SIZE);
                 self.reply(idx, &Reply::Pong, &[&ZERO_PAGE[..n]]);
             }
-            Request::Goodbye => self.conns[idx].goodbye = true,
+            Request::Goodbye => {
+                self.conns[idx].goodbye = true;
+                if let Some(l) = &mut self.liveness {
+                    l.left[self.conns[idx].peer.index()] = true;
+                }
+            }
+            Request::Heartbeat => {}
             Request::PeerLost { rank } if rank == self.shared.me.0 => {
                 self.close(idx, "a failure report names this rank itself")
             }
@@ -601,6 +703,16 @@ impl Engine {
         ));
         std::process::exit(crate::EXIT_INTERNAL);
     }
+}
+
+/// Makes sends on `fd` fail (`EAGAIN`) after `t` without progress instead of blocking for ever.
+fn send_timeout(fd: &OwnedFd, t: Duration) -> crate::Result<()> {
+    let tv = nix::sys::time::TimeVal::new(
+        t.as_secs() as nix::sys::time::time_t,
+        t.subsec_micros() as nix::sys::time::suseconds_t,
+    );
+    nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::SendTimeout, &tv)
+        .map_err(|e| crate::DsmError::sys("setsockopt(SO_SNDTIMEO)", e))
 }
 
 /// Whether the peer at the other end of a connection still has it open: a look at what waits to be read,
@@ -686,9 +798,17 @@ mod tests {
     /// Rank 0 of a 2-rank job that reports failures, whose rank 1 is played by the test through raw
     /// sockets: the first of rank 1's two connections to rank 0's service loop, and the second.
     fn rank0_with_fake_peer() -> (Dsm, UnixStream, UnixStream) {
+        rank0_with_fake_peer_and_timeout(Some(crate::DEFAULT_PEER_TIMEOUT))
+    }
+
+    /// The same, with a peer timeout of the test's.
+    fn rank0_with_fake_peer_and_timeout(
+        timeout: Option<Duration>,
+    ) -> (Dsm, UnixStream, UnixStream) {
         let mut outgoing = Vec::new();
         let mut incoming = Vec::new();
-        for _channel in 0..2 {
+        // Two channels and the service loop's own connections.
+        for _set in 0..3 {
             let (self_out, self_in) = UnixStream::pair().unwrap();
             let (to_fake, fake_listens) = UnixStream::pair().unwrap();
             std::mem::forget(fake_listens);
@@ -704,6 +824,7 @@ mod tests {
             .rank(Rank(0), 2)
             .channels(2)
             .failure_policy(FailurePolicy::Report)
+            .peer_timeout(timeout)
             .transport(given)
             .build()
             .unwrap();
@@ -752,6 +873,50 @@ mod tests {
         drop(guard);
         let got = rx.recv_timeout(Duration::from_secs(5)).ok()?.ok()?;
         Some((released, got))
+    }
+
+    #[test]
+    fn a_rank_is_failed_once_it_has_not_been_heard_from_for_the_peer_timeout() {
+        let (dsm, fake, _other) = rank0_with_fake_peer_and_timeout(Some(Duration::from_secs(1)));
+        // Heartbeats every 200 ms for 2.5 s keep it alive, past two timeouts.
+        let t = Instant::now();
+        let mut last = t;
+        while t.elapsed() < Duration::from_millis(2500) {
+            fake_sends(&fake, Request::Heartbeat);
+            last = Instant::now();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(
+            dsm.failed_ranks().is_empty(),
+            "rank 1 failed while it sent heartbeats"
+        );
+        // Silent since the last one: failed after the timeout (and a check interval), not before.
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), [Rank(1)]);
+        let took = last.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+            "failed {took:?} after it fell silent"
+        );
+    }
+
+    #[test]
+    fn without_a_peer_timeout_a_silent_rank_is_not_failed() {
+        let (dsm, _fake, _other) = rank0_with_fake_peer_and_timeout(None);
+        std::thread::sleep(Duration::from_millis(2500));
+        assert!(dsm.failed_ranks().is_empty());
+    }
+
+    #[test]
+    fn a_peer_timeout_under_a_second_is_refused() {
+        let e = Dsm::builder()
+            .peer_timeout(Some(Duration::from_millis(500)))
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("DSM_PEER_TIMEOUT") && e.contains("at least 1 s"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! process per rank (each rank maps the same addresses), so this backend serves fast tests of messaging,
 //! locks and barriers.
 
-use super::{Mesh, Transport};
+use super::{connections, Mesh, Transport};
 use crate::error::{DsmError, Result};
 use crate::types::Rank;
 use std::os::fd::OwnedFd;
@@ -19,13 +19,14 @@ pub struct LocalTransport {
 
 /// Creates the transports of an in-process job of `size` ranks with `channels` channels per rank.
 pub fn local_cluster(size: usize, channels: usize) -> Result<Vec<LocalTransport>> {
+    let sets = connections(channels);
     let mut meshes: Vec<Mesh> = (0..size)
         .map(|_| Mesh {
-            outgoing: (0..channels).map(|_| Vec::with_capacity(size)).collect(),
+            outgoing: (0..sets).map(|_| Vec::with_capacity(size)).collect(),
             incoming: Vec::new(),
         })
         .collect();
-    for ch in 0..channels {
+    for ch in 0..sets {
         for from in 0..size {
             for to in 0..size {
                 let (a, b) = UnixStream::pair()
@@ -48,11 +49,13 @@ pub fn local_cluster(size: usize, channels: usize) -> Result<Vec<LocalTransport>
 }
 
 impl Transport for LocalTransport {
-    fn establish(self: Box<Self>, _me: Rank, size: usize, channels: usize) -> Result<Mesh> {
-        if size != self.size || channels != self.channels {
+    fn establish(self: Box<Self>, _me: Rank, size: usize, sets: usize) -> Result<Mesh> {
+        if size != self.size || sets != connections(self.channels) {
             return Err(DsmError::Config(format!(
-                "the in-process cluster was made for {} ranks with {} channels, not {size} with {channels}",
-                self.size, self.channels
+                "the in-process cluster was made for {} ranks with {} channels, not {size} with {}",
+                self.size,
+                self.channels,
+                sets.saturating_sub(1)
             )));
         }
         Ok(self.mesh)

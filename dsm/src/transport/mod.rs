@@ -2,10 +2,11 @@
 //! streams on file descriptors (`wire` frames), read and written with plain system calls so that the fault
 //! path can use them from a SIGBUS handler.
 //!
-//! A rank opens `channels` connections to every rank, itself included. A channel is a set of one
-//! connection per rank owned by one requester at a time (a faulting thread, a lock call); replies come back
-//! on the connection the request went out on, straight to the thread that waits for them. The other ends of
-//! the connections are served by each rank's service loop (`engine`).
+//! A rank opens a set of connections to every rank, itself included, per channel and one more. A channel is
+//! a set of one connection per rank owned by one requester at a time (a faulting thread, a lock call);
+//! replies come back on the connection the request went out on, straight to the thread that waits for
+//! them. The last set is the service loop's own, for messages that expect no answer (heartbeats, failure
+//! reports). The other ends of all the connections are served by each rank's service loop (`engine`).
 
 pub mod local;
 pub mod tcp;
@@ -17,7 +18,8 @@ use std::os::fd::OwnedFd;
 /// The established connections of one rank.
 #[derive(Debug)]
 pub struct Mesh {
-    /// `outgoing[channel][rank]`: requests from this rank to `rank`'s service loop.
+    /// `outgoing[set][rank]`: requests from this rank to `rank`'s service loop; a set per channel, and the
+    /// service loop's own last.
     pub outgoing: Vec<Vec<OwnedFd>>,
     /// Connections from other ranks' channels to this rank's service loop, with the rank at the other end.
     pub incoming: Vec<(Rank, OwnedFd)>,
@@ -25,9 +27,10 @@ pub struct Mesh {
 
 /// How ranks reach each other.
 pub trait Transport: Send + std::fmt::Debug {
-    /// Connects this rank (`me` of `size`) to every rank with `channels` connections each, and accepts the
-    /// same from every rank. Returns when the whole mesh of this rank is up.
-    fn establish(self: Box<Self>, me: Rank, size: usize, channels: usize) -> Result<Mesh>;
+    /// Connects this rank (`me` of `size`) to every rank with `connections` connections each (the rank's
+    /// channels and one more, [`connections`]), and accepts the same from every rank. Returns when the
+    /// whole mesh of this rank is up.
+    fn establish(self: Box<Self>, me: Rank, size: usize, connections: usize) -> Result<Mesh>;
 
     /// A short name for messages and statistics.
     fn name(&self) -> &'static str;
@@ -47,4 +50,11 @@ pub trait Transport: Send + std::fmt::Debug {
 }
 
 /// Bumped whenever the wire format or the protocol changes: ranks of different builds refuse each other.
-pub(crate) const PROTOCOL_VERSION: u32 = 7;
+pub(crate) const PROTOCOL_VERSION: u32 = 8;
+
+/// The connections a rank of `channels` channels opens to every rank: one per channel, and one more for
+/// its service loop's own messages (heartbeats, failure reports, `Goodbye`), which it can send whatever
+/// the channels are waiting for. The service loop takes the last.
+pub(crate) fn connections(channels: usize) -> usize {
+    channels + 1
+}

@@ -45,7 +45,8 @@ impl TcpTransport {
 }
 
 const MAGIC: &[u8; 4] = b"DSM\x01";
-/// A handshake: magic, protocol version, job token, rank, channels. The first 40 bytes (magic, version and
+/// A handshake: magic, protocol version, job token, rank, connections per rank (its channels and one
+/// more: `transport::connections`). The first 40 bytes (magic, version and
 /// token) keep this layout in every version, so that a rank of another build is still known for one of
 /// the job's (its token is right) and told why it is refused, instead of being taken for a stranger.
 const HELLO_LEN: usize = 4 + 4 + 32 + 4 + 4;
@@ -75,8 +76,8 @@ enum Refusal {
     Member(String),
 }
 
-/// Checks a handshake from a rank that means to join a job of `size` ranks with `channels` channels each;
-/// returns the peer's rank or why it is refused.
+/// Checks a handshake from a rank that means to join a job of `size` ranks with `channels` connections to
+/// each rank (its channels and one more); returns the peer's rank or why it is refused.
 fn check_hello(
     h: &[u8; HELLO_LEN],
     token: &Token,
@@ -102,8 +103,11 @@ fn check_hello(
         )));
     }
     if theirs as usize != channels {
+        // In the user's terms: a rank opens a connection per channel and one for its service loop.
         return Err(Refusal::Member(format!(
-            "rank {rank} opens {theirs} channels to each rank, this rank {channels}: give every rank the same DSM_CHANNELS"
+            "rank {rank} has {} channels, this rank {}: give every rank the same DSM_CHANNELS",
+            theirs.saturating_sub(1),
+            channels.saturating_sub(1)
         )));
     }
     Ok(Rank(rank))
@@ -425,7 +429,7 @@ mod tests {
         ));
         assert!(member(
             check_hello(&good, &token, 2, 3),
-            "rank 1 opens 4 channels to each rank, this rank 3: give every rank the same DSM_CHANNELS"
+            "rank 1 has 3 channels, this rank 2: give every rank the same DSM_CHANNELS"
         ));
         let mut old = good;
         old[4] = 99;

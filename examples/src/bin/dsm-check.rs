@@ -20,6 +20,10 @@
 //! - `ownmpi`: (under mpirun) the program's own MPI messages, received with wildcards on `MPI_COMM_WORLD`
 //!   beside the job's traffic, are exactly the program's, whichever transport carries the job;
 //! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging;
+//! - `stop`: one rank stops itself (SIGSTOP) mid-job, its connections open and silent; the others must end
+//!   with an error naming it once the peer timeout (`DSM_PEER_TIMEOUT`) has passed;
+//! - `pause`: the whole job is stopped for twice the peer timeout (`DSM_PEER_TIMEOUT`, which must be set)
+//!   while its ranks wait at a barrier, then resumed: no rank may take another for failed;
 //! - `readerdies`: (under --keep-going, 3 ranks) a rank that read two pages dies; the home, then another
 //!   rank, write them: neither waits for the dead reader nor fails for it;
 //! - `diffhomedies`: (under --keep-going, 3 ranks) a release sends diffs to two homes, one of them dead: it
@@ -29,13 +33,13 @@
 //!   must finish or fail naming it, never hang.
 #![forbid(unsafe_code)]
 
-use anyhow::ensure;
+use anyhow::{ensure, Context};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
-    /// errorwaited | idle | ownmpi | die | diewriting | readerdies | diffhomedies | sentsigbus
+    /// errorwaited | idle | ownmpi | die | stop | pause | diewriting | readerdies | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -1178,9 +1182,54 @@ fn main() -> anyhow::Result<()> {
             dsm.barrier()?;
             anyhow::bail!("rank {me}: a barrier completed without the dead rank");
         }
+        "pause" => {
+            let timeout: u64 = std::env::var("DSM_PEER_TIMEOUT")
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .filter(|t| *t > 0)
+                .context("the pause check needs DSM_PEER_TIMEOUT set to a few seconds")?;
+            let pids = dsm.alloc_vec::<u64>(n)?;
+            pids.set(me, u64::from(std::process::id()));
+            dsm.barrier()?;
+            if me == 0 {
+                let list: Vec<String> = (0..n).map(|r| pids.get(r).to_string()).collect();
+                let list = list.join(" ");
+                // Every rank stopped at once, as a terminal's Ctrl-Z or a batch system's suspend does.
+                std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(format!(
+                        "kill -STOP {list}; sleep {}; kill -CONT {list}",
+                        2 * timeout
+                    ))
+                    .spawn()
+                    .context("starting sh to stop the job")?;
+                // Stopped in this sleep, while the others wait at the barrier.
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            dsm.barrier()?;
+            // The job was stopped while every rank waited at the barrier (the launcher's own run time shows
+            // it); after it, a second round of messages.
+            pids.set(me, 0);
+            dsm.barrier()?;
+            anyhow::ensure!((0..n).all(|r| pids.get(r) == 0), "a rank's write was lost");
+            println!("pause ok");
+        }
+        "stop" => {
+            let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
+            v.set(me, 1);
+            dsm.barrier()?;
+            if me == n - 1 {
+                // Stopped until the launcher kills it: it closes nothing and says nothing.
+                nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP)?;
+                anyhow::bail!("rank {me} went on after SIGSTOP");
+            }
+            // The others wait at a barrier the stopped rank never comes to.
+            dsm.barrier()?;
+            anyhow::bail!("rank {me}: a barrier completed without the stopped rank");
+        }
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, idle, ownmpi, die, diewriting, readerdies, diffhomedies or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, idle, ownmpi, die, stop, pause, diewriting, readerdies, diffhomedies or sentsigbus"
             )
         }
     }
