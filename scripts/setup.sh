@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building dsm needs beyond a Rust toolchain: libclang (bindgen generates the userfaultfd
-# bindings at build time). Installs with apt-get when run as root; otherwise prints the exact command.
+# bindings at build time); with DSM_WITH_MPI=1 also MPICH, and with DSM_FOR_TESTS=1 everything the tests
+# use (MPICH, and iproute2's `ip` for the test that takes a network namespace's loopback down). Installs
+# with apt-get when run as root; otherwise prints the exact command.
 set -euo pipefail
 
 need=()
@@ -21,8 +23,11 @@ have_libclang() {
 if ! have_libclang; then
     need+=(libclang-dev)
 fi
-if [ "${DSM_WITH_MPI:-0}" = 1 ] && ! command -v mpicc >/dev/null 2>&1; then
-    need+=(mpich libmpich-dev)
+if [ "${DSM_WITH_MPI:-0}" = 1 ] || [ "${DSM_FOR_TESTS:-0}" = 1 ]; then
+    command -v mpicc >/dev/null 2>&1 || need+=(mpich libmpich-dev)
+fi
+if [ "${DSM_FOR_TESTS:-0}" = 1 ]; then
+    command -v ip >/dev/null 2>&1 || need+=(iproute2)
 fi
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

@@ -4,8 +4,8 @@
 # correctness checks under mpirun (scripts/mpi-test.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Every system package at once, MPICH for the mpirun checks included.
-DSM_WITH_MPI=1 bash scripts/setup.sh
+# Every system package at once, MPICH for the mpirun checks and iproute2 included.
+DSM_FOR_TESTS=1 bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 log=$(mktemp)

@@ -446,6 +446,44 @@ fn a_stopped_rank_is_given_up_on_after_the_peer_timeout_and_named() {
 }
 
 #[test]
+fn ranks_cut_off_by_a_network_that_went_down_give_up_after_the_peer_timeout() {
+    // The whole job in a network namespace of its own, whose loopback interface rank 0 takes down
+    // mid-job: TCP connections stay open and accept sends, but nothing arrives, as when a link or a switch
+    // fails between hosts. Needs root (as the tests do for userfaultfd) and iproute2 (scripts/setup.sh).
+    let dsmrun = Path::new(CHECK).with_file_name("dsmrun");
+    let line = format!(
+        "ip link set lo up && exec {} -n 3 --timeout 60 -- env DSM_PEER_TIMEOUT=2 {CHECK} partition",
+        dsmrun.display()
+    );
+    let t = Instant::now();
+    let out = std::process::Command::new("unshare")
+        .args(["--net", "--", "sh", "-c", &line])
+        .output()
+        .expect("running unshare (util-linux)");
+    let took = t.elapsed();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        !text.contains("unshare failed") && !text.contains("Operation not permitted"),
+        "this test needs root, to make a network namespace: {text}"
+    );
+    // Each rank gives up on its own (the failure reports the first one sends cannot arrive either).
+    for r in 0..3 {
+        assert!(
+            text.contains(&format!("[{r}] dsm: rank {r}: rank "))
+                && text.contains("(nothing heard from it for 2 s"),
+            "rank {r} must report a silent rank:\n{text}"
+        );
+    }
+    assert!(!text.contains("time limit"), "{text}");
+    assert!(took < Duration::from_secs(20), "took {took:?}: {text}");
+}
+
+#[test]
 fn a_job_stopped_whole_and_resumed_goes_on() {
     // Stopped for 4 s with a peer timeout of 2 s: every service loop sees that it was held up itself.
     let t = Instant::now();

@@ -30,8 +30,9 @@
 //! (`PMI_RANK`, `OMPI_COMM_WORLD_RANK`, `PMIX_RANK`, `MPI_LOCALNRANKS`, `OMPI_COMM_WORLD_LOCAL_SIZE`) are how
 //! the runtime recognizes such a job and whether all its ranks share this host.
 //!
-//! The project's scripts read two more: `DSM_DEMO_PROCS` (processes of `scripts/demo.sh`, default 2) and
-//! `DSM_WITH_MPI` (`1`: `scripts/setup.sh` also installs MPICH, as `scripts/test.sh` asks it to).
+//! The project's scripts read three more: `DSM_DEMO_PROCS` (processes of `scripts/demo.sh`, default 2),
+//! `DSM_WITH_MPI` (`1`: `scripts/setup.sh` also installs MPICH) and `DSM_FOR_TESTS` (`1`: it installs
+//! everything the tests use, MPICH and iproute2, as `scripts/test.sh` asks it to).
 
 use crate::RuntimeError;
 use std::str::FromStr;

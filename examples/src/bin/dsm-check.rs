@@ -22,6 +22,9 @@
 //! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging;
 //! - `stop`: one rank stops itself (SIGSTOP) mid-job, its connections open and silent; the others must end
 //!   with an error naming it once the peer timeout (`DSM_PEER_TIMEOUT`) has passed;
+//! - `partition`: (in a network namespace of its own, as root) rank 0 takes the loopback interface down
+//!   mid-job: connections stay open and sends succeed, but nothing arrives; every rank must end with an
+//!   error once the peer timeout (`DSM_PEER_TIMEOUT`) has passed;
 //! - `pause`: the whole job is stopped for twice the peer timeout (`DSM_PEER_TIMEOUT`, which must be set)
 //!   while its ranks wait at a barrier, then resumed: no rank may take another for failed;
 //! - `readerdies`: (under --keep-going, 3 ranks) a rank that read two pages dies; the home, then another
@@ -39,7 +42,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
-    /// errorwaited | idle | ownmpi | die | stop | pause | diewriting | readerdies | diffhomedies | sentsigbus
+    /// errorwaited | idle | ownmpi | die | stop | partition | pause | diewriting | readerdies | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -1214,6 +1217,21 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!((0..n).all(|r| pids.get(r) == 0), "a rank's write was lost");
             println!("pause ok");
         }
+        "partition" => {
+            let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
+            v.set(me, 1);
+            dsm.barrier()?;
+            if me == 0 {
+                let down = std::process::Command::new("ip")
+                    .args(["link", "set", "lo", "down"])
+                    .status()
+                    .context("running ip (iproute2)")?;
+                ensure!(down.success(), "ip link set lo down: {down}");
+            }
+            // Nobody hears anybody from here: every rank waits at the barrier until it gives up.
+            dsm.barrier()?;
+            anyhow::bail!("rank {me}: a barrier completed across a network that is down");
+        }
         "stop" => {
             let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
             v.set(me, 1);
@@ -1229,7 +1247,7 @@ fn main() -> anyhow::Result<()> {
         }
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, idle, ownmpi, die, stop, pause, diewriting, readerdies, diffhomedies or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, idle, ownmpi, die, stop, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
             )
         }
     }
