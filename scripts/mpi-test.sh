@@ -107,9 +107,10 @@ for t in tcp mpi; do
     if out=$(DSM_TRANSPORT=$t DSM_PEER_TIMEOUT=2 timeout 60 mpirun -n 3 $bin/dsm-check stop 2>&1); then
         fail "a job with a stopped rank succeeded ($t): $out"
     fi
-    # The first to give up tells the other, which may then report that instead of its own silence.
-    expect "rank 2 failed" 2 "$out"
+    # The first to give up tells the other, which may then report that instead of its own silence, or be
+    # ended by mpirun before it says anything.
     grep -q "rank 2 failed (nothing heard from it for 2 s" <<<"$out" || fail "no word of the silence ($t): $out"
+    passed=$((passed + 1))
 done
 
 # A rank that returns an error from main while another waits for it outside any collective: it leaves as

@@ -494,10 +494,22 @@ impl Channels {
     /// Later requests to it fail the same way. The writing side stays open, as the service loop leaves
     /// the failed rank's connections to it: a send that fails would mean that it has left the job.
     pub(crate) fn stop_reading_from(&self, rank: Rank) {
+        self.shut(rank, nix::sys::socket::Shutdown::Read);
+    }
+
+    /// Ends both sides of every channel's connection to `rank`, which has failed for its silence (stopped,
+    /// hung, or cut off): a thread blocked sending it a large request (its socket buffer full) wakes with
+    /// an error too. A send that fails means that the receiver has left the job (its copies go with it),
+    /// which is how the job must treat a rank it has cut off: it can never take part again.
+    pub(crate) fn cut_off(&self, rank: Rank) {
+        self.shut(rank, nix::sys::socket::Shutdown::Both);
+    }
+
+    fn shut(&self, rank: Rank, how: nix::sys::socket::Shutdown) {
         for fds in &self.raw {
             if let Some(&fd) = fds.get(rank.index()) {
                 // `fd` is open: `slots` owns it for as long as `self` lives.
-                let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+                let _ = nix::sys::socket::shutdown(fd, how);
             }
         }
     }

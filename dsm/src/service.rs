@@ -14,7 +14,7 @@ use crate::dsm::Shared;
 use crate::error::{DsmError, Result};
 use crate::types::Rank;
 use crate::wire::Reply;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 /// Names a service; every rank registers the same services under the same ids.
@@ -50,8 +50,8 @@ impl Responder {
         self.peer
     }
 
-    /// Answers the request with the concatenation of `payload`'s slices. An error means the sender is gone
-    /// (the service loop reports its failure separately).
+    /// Answers the request with the concatenation of `payload`'s slices. An error means the sender is gone,
+    /// or stopped reading for half the peer timeout (the service loop reports its failure separately).
     pub fn send(self, payload: &[&[u8]]) -> Result<()> {
         write_frame(
             self.fd.as_fd(),
@@ -59,9 +59,15 @@ impl Responder {
             payload,
             &self.shared.counters,
         )
-        .map_err(|e| DsmError::PeerFailed {
-            rank: self.peer,
-            reason: format!("answering its request failed: {e}"),
+        .map_err(|e| {
+            // Part of the answer may have gone out: the connection ends, so that a sender that reads on
+            // (one that was stopped, and resumes) sees it end instead of waiting for ever for the rest.
+            let _ =
+                nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+            DsmError::PeerFailed {
+                rank: self.peer,
+                reason: format!("answering its request failed: {e}"),
+            }
         })
     }
 }

@@ -673,16 +673,25 @@ fn watch(pid: Pid, exited: std::sync::mpsc::Sender<()>) {
         });
 }
 
-/// Whether the rank's process is stopped (by a signal, or by a debugger): `T` or `t` in
-/// `/proc/PID/stat`.
+/// Whether a process of the rank's process group (the rank, or the program a wrapper it was started
+/// with runs) is stopped, by a signal or a debugger: `T` or `t` in its `/proc/PID/stat`.
 fn is_stopped(child: &Child) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", child.id())) else {
+    let group = child.id().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
         return false;
     };
-    // The state follows the command name, which is in parentheses and may hold anything.
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .is_some_and(|state| state == "T" || state == "t")
+    procs.flatten().any(|p| {
+        let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else {
+            return false;
+        };
+        // After the command name, which is in parentheses and may hold anything: the state, the parent's
+        // pid, the process group.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().take(3).collect();
+        matches!(fields[..], [state, _, pgrp] if (state == "T" || state == "t") && pgrp == group)
+    })
 }
 
 /// Ends every rank still running and whatever the ranks started: SIGTERM to each rank's process group

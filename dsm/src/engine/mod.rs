@@ -270,6 +270,9 @@ impl Engine {
                     timeout.as_secs_f64()
                 ),
             );
+            // (Under `FailurePolicy::Report`.) A thread of this rank blocked sending to it would otherwise
+            // wait for ever: it does not read.
+            self.shared.channels.cut_off(r);
         }
     }
 
@@ -897,6 +900,25 @@ mod tests {
             took >= Duration::from_millis(900) && took < Duration::from_secs(3),
             "failed {took:?} after it fell silent"
         );
+    }
+
+    #[test]
+    fn a_thread_blocked_sending_to_a_rank_failed_for_its_silence_is_told() {
+        // The fake rank 1 reads nothing: a request larger than the socket's buffer blocks its sender.
+        let (dsm, _fake, _other) = rank0_with_fake_peer_and_timeout(Some(Duration::from_secs(1)));
+        let dsm = Arc::new(dsm);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let caller = Arc::clone(&dsm);
+        std::thread::spawn(move || {
+            let big = vec![7u8; 8 << 20];
+            let _ = tx.send(caller.call(Rank(1), 0, &[&big]).map(|_| ()));
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Err(crate::DsmError::PeerFailed { rank, .. })) => assert_eq!(rank, Rank(1)),
+            Ok(other) => panic!("the call ended with {other:?}"),
+            Err(_) => panic!("the sending thread still waits 10 s after its rank fell silent"),
+        }
+        assert_eq!(dsm.failed_ranks(), [Rank(1)]);
     }
 
     #[test]

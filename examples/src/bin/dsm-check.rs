@@ -1198,20 +1198,21 @@ fn main() -> anyhow::Result<()> {
                 let list: Vec<String> = (0..n).map(|r| pids.get(r).to_string()).collect();
                 let list = list.join(" ");
                 // Every rank stopped at once, as a terminal's Ctrl-Z or a batch system's suspend does.
-                std::process::Command::new("sh")
+                // This rank waits for the shell, so the job is stopped while the others wait at the
+                // barrier, and resumed before this rank comes to it.
+                let status = std::process::Command::new("sh")
                     .arg("-c")
                     .arg(format!(
-                        "kill -STOP {list}; sleep {}; kill -CONT {list}",
+                        "kill -STOP {list} && sleep {} && kill -CONT {list} && echo \"pause: the job was stopped for {} s\"",
+                        2 * timeout,
                         2 * timeout
                     ))
-                    .spawn()
-                    .context("starting sh to stop the job")?;
-                // Stopped in this sleep, while the others wait at the barrier.
-                std::thread::sleep(std::time::Duration::from_secs(1));
+                    .status()
+                    .context("running sh to stop the job")?;
+                ensure!(status.success(), "stopping the job: {status}");
             }
             dsm.barrier()?;
-            // The job was stopped while every rank waited at the barrier (the launcher's own run time shows
-            // it); after it, a second round of messages.
+            // After the pause, a second round of messages.
             pids.set(me, 0);
             dsm.barrier()?;
             anyhow::ensure!((0..n).all(|r| pids.get(r) == 0), "a rank's write was lost");
