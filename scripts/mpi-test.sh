@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 DSM_WITH_MPI=1 bash scripts/setup.sh
 # A target directory of its own, so that this build and `cargo test`'s do not undo each other.
 export CARGO_TARGET_DIR=target/mpi
-cargo clippy -q -p dsm-runtime --features mpi -- -D warnings
+cargo clippy -q -p dsm-runtime -p dsm-benches --features mpi -- -D warnings
 cargo build -q -p dsm-examples --features mpi --bin hello --bin dsm-check --bin wordcount
+cargo build -q -p dsm-benches --features mpi --bin mpi-handoff
 unset CARGO_TARGET_DIR
 bin=target/mpi/debug
 passed=0
@@ -94,6 +95,11 @@ if out=$(DSM_TRANSPORT=udp timeout 60 mpirun -n 1 $bin/hello 2>&1); then
     fail "DSM_TRANSPORT=udp was accepted: $out"
 fi
 expect "DSM_TRANSPORT=\"udp\" is not valid: expected tcp or mpi" 1 "$out"
+
+# The floor of a message-level MPI transport (a benchmark, run here only to see that it runs and reports
+# every row; its numbers are in docs/BENCHMARKS.md).
+out=$(job 2 $bin/mpi-handoff --iters 200)
+expect "handed-off round trip, requester" 12 "$out"
 
 # A rank killed under mpirun: the others end at once, naming it; nothing hangs.
 if out=$(timeout 60 mpirun -n 3 $bin/dsm-check die 2>&1); then

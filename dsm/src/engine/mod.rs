@@ -646,7 +646,7 @@ impl Engine {
             }
             Request::PeerLost { rank } if (rank as usize) < self.shared.size => {
                 let reporter = self.conns[idx].peer;
-                self.peer_failed(Rank(rank), &format!("{reporter} lost its connection to it"));
+                self.peer_failed(Rank(rank), &format!("{reporter} lost it and ended"));
             }
             Request::PeerLost { .. } => {
                 self.close(idx, "a failure report names no rank of this job")
