@@ -61,7 +61,7 @@ pub(crate) struct Shared {
     /// end closing would tell this rank's service loop that this rank is gone.
     pub(crate) control: Mutex<Vec<OwnedFd>>,
     /// How long a rank may go unheard before it is taken for failed (`DsmBuilder::peer_timeout`).
-    pub(crate) peer_timeout: Option<std::time::Duration>,
+    pub(crate) peer_timeout: Option<Duration>,
     /// Ranks whose process is gone as far as this rank can tell: they closed (or reset) their connection
     /// to this rank's service loop. A rank never closes its connections before it leaves the job, so this,
     /// unlike `failed` (set on any broken connection, protocol errors included), means its memory went with

@@ -263,19 +263,18 @@ impl DsmBuilder {
             yielding: transport.polls_for_replies(),
         };
 
-        let mut mesh = transport.establish(self.rank, self.size, connections(self.channels))?;
-        let control = match mesh.outgoing.pop() {
-            Some(set) if mesh.outgoing.len() == self.channels && set.len() == self.size => set,
-            _ => {
-                return Err(DsmError::Config(format!(
-                    "the {} transport set up {} sets of connections, not {} ({} channels and the service loop's)",
-                    transport_name,
-                    mesh.outgoing.len() + 1,
-                    connections(self.channels),
-                    self.channels
-                )))
-            }
-        };
+        let sets = connections(self.channels);
+        let mut mesh = transport.establish(self.rank, self.size, sets)?;
+        if mesh.outgoing.len() != sets || mesh.outgoing.iter().any(|s| s.len() != self.size) {
+            return Err(DsmError::Config(format!(
+                "the {transport_name} transport set up {} sets of connections, not {sets} of {} ({} channels and the service loop's)",
+                mesh.outgoing.len(),
+                self.size,
+                self.channels
+            )));
+        }
+        // The service loop's own set is the last.
+        let control = mesh.outgoing.pop().unwrap_or_default();
         let waker =
             EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| DsmError::sys("eventfd", e))?;

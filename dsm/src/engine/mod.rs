@@ -245,13 +245,10 @@ impl Engine {
             l.heard.fill(now);
         }
         l.looked = now;
-        if now.duration_since(l.beat) >= l.interval() {
+        let beat = now.duration_since(l.beat) >= l.interval();
+        if beat {
             l.beat = now;
-            self.shared.tell_others(&Request::Heartbeat, None);
         }
-        let Some(l) = &self.liveness else {
-            return;
-        };
         let timeout = l.timeout;
         let late: Vec<Rank> = (0..self.shared.size)
             .filter(|&r| {
@@ -262,6 +259,9 @@ impl Engine {
             })
             .map(|r| Rank(r as u32))
             .collect();
+        if beat {
+            self.shared.tell_others(&Request::Heartbeat, None);
+        }
         for r in late {
             self.peer_failed(
                 r,
