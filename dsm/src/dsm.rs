@@ -120,17 +120,18 @@ impl Shared {
         services.iter().flatten().cloned().collect()
     }
 
-    /// Sends `req` (a message that expects no answer) on the service loop's own connection to every rank
-    /// not failed here, but `except`. A rank that has not read for a second is not waited for (its
-    /// connection's send timeout): the message is dropped, and that rank's own silence is what fails it.
-    pub(crate) fn tell_others(&self, req: &Request, except: Option<Rank>) {
+    /// Sends `req` (a message that expects no answer) with `payload` on the service loop's own connection to
+    /// every rank not failed here, but `except`. A rank that has not read for a second is not waited for
+    /// (its connection's send timeout): the message is dropped, and that rank's own silence is what fails
+    /// it.
+    pub(crate) fn tell_others(&self, req: &Request, payload: &[u8], except: Option<Rank>) {
         let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
         for (r, fd) in control.iter().enumerate() {
             let to = Rank(r as u32);
             if to == self.me || except == Some(to) || self.failed[r].load(Ordering::Acquire) {
                 continue;
             }
-            let _ = crate::channel::write_frame(fd.as_fd(), req, &[], &self.counters);
+            let _ = crate::channel::write_frame(fd.as_fd(), req, &[payload], &self.counters);
         }
     }
 
@@ -888,7 +889,7 @@ impl Dsm {
                     let _ = ch.send(&s.counters, Rank(r as u32), &Request::Goodbye, &[]);
                 }
             }
-            s.tell_others(&Request::Goodbye, None);
+            s.tell_others(&Request::Goodbye, &[], None);
         }
         s.stop.store(true, Ordering::Release);
         s.wake_service();

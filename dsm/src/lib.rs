@@ -30,7 +30,7 @@ pub use crate::dsm::{
     Dsm, DsmBuilder, FailurePolicy, LockGuard, DEFAULT_ARENA_BASE, DEFAULT_PEER_TIMEOUT,
     MAX_SERVICE_REQUEST,
 };
-pub use crate::engine::{ServicePriority, MAX_READAHEAD};
+pub use crate::engine::{ServicePriority, MAX_READAHEAD, MIN_PEER_TIMEOUT};
 pub use crate::error::{panic_message, DsmError, Result};
 pub use crate::protocol::release::{DEFAULT_NOTICE_MEMORY, MIN_NOTICE_MEMORY};
 pub use crate::region::{Consistency, GlobalVec, Placement, Region};

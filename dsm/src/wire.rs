@@ -71,7 +71,8 @@ pub(crate) enum Request {
     Ping { reply_bytes: u32 },
     /// This connection closes normally: what follows is not a failure.
     Goodbye,
-    /// The sender lost `rank` and is ending: the failure to report is `rank`'s, not the sender's.
+    /// The sender lost `rank` and is ending: the failure to report is `rank`'s, not the sender's. The
+    /// payload says why (UTF-8, at most 512 bytes).
     PeerLost { rank: u32 },
     /// The sender's service loop is alive (sent on its control connection when nothing else has gone to
     /// the receiver for a while; no answer).

@@ -449,6 +449,25 @@ fn a_stopped_rank_is_given_up_on_after_the_peer_timeout_and_named() {
 }
 
 #[test]
+fn the_first_rank_to_give_up_on_a_silent_one_tells_the_others_why() {
+    // Rank 0 would wait 60 s: it can only hear of rank 2's silence from rank 1 (timeout 2 s).
+    let line =
+        format!("if [ \"$DSM_RANK\" = 0 ]; then export DSM_PEER_TIMEOUT=60; fi; exec {CHECK} stop");
+    let (outcome, out) = job_with_env("/bin/sh", 3, &["-c", &line], &[("DSM_PEER_TIMEOUT", "2")]);
+    assert_eq!(outcome.failed_rank, Some(2), "{outcome:?}\n{out}");
+    assert!(
+        out.contains("[1] dsm: rank 1: rank 2 failed (nothing heard from it for 2 s"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "[0] dsm: rank 0: rank 2 failed (rank 1 gave up on it: nothing heard from it for 2 s"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
 fn ranks_cut_off_by_a_network_that_went_down_give_up_after_the_peer_timeout() {
     // The whole job in a network namespace of its own, whose loopback interface rank 0 takes down
     // mid-job: TCP connections stay open and accept sends, but nothing arrives, as when a link or a switch
@@ -544,7 +563,8 @@ fn configuration_errors_are_clear() {
         ("DSM_STATS", "yes", "1 or 0"),
         ("DSM_PEER_TIMEOUT", "2.5", "whole seconds"),
         // Out of range, not only malformed.
-        ("DSM_PEER_TIMEOUT", "100000", "0 (never) or 1 to 86400"),
+        ("DSM_PEER_TIMEOUT", "100000", "0 (never) or 2 to 86400"),
+        ("DSM_PEER_TIMEOUT", "1", "0 (never) or 2 to 86400"),
         ("DSM_READAHEAD", "0", "1 to 1024"),
         ("DSM_CHANNELS", "100", "2 to 64"),
         ("DSM_SPIN_US", "99999999999", "0 to 1000000"),

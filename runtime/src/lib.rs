@@ -281,8 +281,8 @@ impl Runtime {
         }
         if let Some(t) = env::get(
             "DSM_PEER_TIMEOUT",
-            "whole seconds, 0 (never) or 1 to 86400",
-            |s| env::number::<u64>(s).filter(|t| *t <= 86_400),
+            "whole seconds, 0 (never) or 2 to 86400",
+            |s| env::number::<u64>(s).filter(|t| *t == 0 || (2..=86_400).contains(t)),
         )? {
             b = b.peer_timeout((t > 0).then(|| std::time::Duration::from_secs(t)));
         }

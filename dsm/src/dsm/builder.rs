@@ -3,7 +3,7 @@
 
 use super::{Dsm, FailurePolicy, Shared};
 use crate::channel::{Channels, ReplyPoll};
-use crate::engine::{Engine, ServicePriority, MAX_READAHEAD};
+use crate::engine::{Engine, ServicePriority, MAX_READAHEAD, MIN_PEER_TIMEOUT};
 use crate::error::{DsmError, Result};
 use crate::installer::Installer;
 use crate::keepawake::KeepAwake;
@@ -146,12 +146,13 @@ impl DsmBuilder {
     /// How long this rank waits to hear from another rank before it takes it for failed (default
     /// [`DEFAULT_PEER_TIMEOUT`], 30 s; `None`: never). A rank whose process is stopped or hung, or whose
     /// host or network went down, closes no connection: without this, threads waiting for it would wait
-    /// for ever. Each rank's service loop sends every other rank a heartbeat four times a timeout, on a
+    /// for ever. Each rank's service loop sends every other rank a heartbeat four times a timeout and at
+    /// least once a second (also with the timeout off: ranks may be given different timeouts), on a
     /// connection of its own, whatever the program does (a rank computing for an hour is heard from);
     /// anything it sends counts too. The rank not heard from fails as if its connection had broken (see
     /// [`FailurePolicy`]). A service loop that itself was held up for half a timeout (the whole job
-    /// stopped and resumed) gives every rank a fresh timeout. Turn it off to stop a rank in a debugger.
-    /// At least 1 s.
+    /// stopped and resumed) gives every rank a fresh timeout. Turn it off on the ranks that must not give
+    /// up on one stopped in a debugger. At least [`MIN_PEER_TIMEOUT`] (2 s).
     pub fn peer_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.peer_timeout = timeout;
         self
@@ -228,13 +229,11 @@ impl DsmBuilder {
                 self.notice_memory
             )));
         }
-        if self
-            .peer_timeout
-            .is_some_and(|t| t < Duration::from_secs(1))
-        {
+        if self.peer_timeout.is_some_and(|t| t < MIN_PEER_TIMEOUT) {
             return Err(DsmError::Config(format!(
-                "a peer timeout of {:?} (DSM_PEER_TIMEOUT, or DsmBuilder::peer_timeout): use at least 1 s, or none",
-                self.peer_timeout.unwrap_or_default()
+                "a peer timeout of {:?} (DSM_PEER_TIMEOUT, or DsmBuilder::peer_timeout): use at least {:?}, or none",
+                self.peer_timeout.unwrap_or_default(),
+                MIN_PEER_TIMEOUT
             )));
         }
         if self.arena_size < PAGE_SIZE || !self.arena_size.is_multiple_of(PAGE_SIZE) {

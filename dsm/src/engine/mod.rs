@@ -52,11 +52,13 @@ struct Conn {
     goodbye: bool,
 }
 
-/// When this rank last heard from every other rank, and when it last sent them its heartbeat (with a peer
-/// timeout: `DsmBuilder::peer_timeout`).
+/// When this rank last sent every other rank its heartbeat, and (with a peer timeout:
+/// `DsmBuilder::peer_timeout`) when it last heard from each.
 #[derive(Debug)]
 struct Liveness {
-    timeout: Duration,
+    /// `None`: this rank takes nobody for failed on silence, but still sends heartbeats, for the ranks
+    /// that do.
+    timeout: Option<Duration>,
     heard: Vec<Instant>,
     /// Ranks that said `Goodbye`: they left the job and send nothing more.
     left: Vec<bool>,
@@ -65,10 +67,18 @@ struct Liveness {
     looked: Instant,
 }
 
+/// The longest time between two heartbeats, whatever this rank's own timeout: ranks may be given
+/// different ones, and every timeout (at least [`MIN_PEER_TIMEOUT`]) must see two.
+const MAX_BEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The shortest peer timeout a rank may be given (`DsmBuilder::peer_timeout`): two heartbeat intervals.
+pub const MIN_PEER_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl Liveness {
-    /// How often heartbeats go out: four in a timeout, so that one late or lost is no failure.
+    /// How often heartbeats go out: four in this rank's timeout, and at least once a second.
     fn interval(&self) -> Duration {
-        self.timeout / 4
+        self.timeout
+            .map_or(MAX_BEAT_INTERVAL, |t| (t / 4).min(MAX_BEAT_INTERVAL))
     }
 }
 
@@ -113,7 +123,7 @@ pub(crate) struct Engine {
     /// The userfaultfds of the ranks on this host that introduced themselves and whose descriptor this
     /// rank could take, by rank: pages they ask for are installed into them directly (`direct.rs`).
     direct: Vec<Option<OwnedFd>>,
-    liveness: Option<Liveness>,
+    liveness: Liveness,
 }
 
 impl Engine {
@@ -171,16 +181,16 @@ impl Engine {
             scratch: vec![0; PAGE_SIZE],
             host: Host::this(),
             direct: (0..shared.size).map(|_| None).collect(),
-            liveness: shared.peer_timeout.map(|timeout| {
+            liveness: {
                 let now = Instant::now();
                 Liveness {
-                    timeout,
+                    timeout: shared.peer_timeout,
                     heard: vec![now; shared.size],
                     left: vec![false; shared.size],
                     beat: now,
                     looked: now,
                 }
-            }),
+            },
             shared,
         })
     }
@@ -189,10 +199,7 @@ impl Engine {
     pub(crate) fn run(mut self) {
         favour_this_thread(self.shared.me, self.shared.service_priority);
         let mut events = vec![EpollEvent::empty(); 64];
-        let wait_ms = self
-            .liveness
-            .as_ref()
-            .map_or(1000, |l| l.interval().as_millis().min(1000) as u16);
+        let wait_ms = self.liveness.interval().as_millis().min(1000) as u16;
         loop {
             let n = match self.epoll.wait(&mut events, EpollTimeout::from(wait_ms)) {
                 Ok(n) => n,
@@ -230,26 +237,28 @@ impl Engine {
         }
     }
 
-    /// With a peer timeout: sends heartbeats when they are due, and fails the ranks not heard from for the
-    /// timeout.
+    /// Sends heartbeats when they are due and, with a peer timeout, fails the ranks not heard from for it.
     fn keep_time(&mut self) {
         let me = self.shared.me;
-        let Some(l) = &mut self.liveness else {
+        let l = &mut self.liveness;
+        let now = Instant::now();
+        let beat = now.duration_since(l.beat) >= l.interval();
+        if beat {
+            l.beat = now;
+            if self.shared.size > 1 {
+                self.shared.tell_others(&Request::Heartbeat, &[], None);
+            }
+        }
+        let Some(timeout) = l.timeout else {
             return;
         };
-        let now = Instant::now();
-        if now.duration_since(l.looked) > l.timeout / 2 {
+        if now.duration_since(l.looked) > timeout / 2 {
             // This loop was held up itself (the whole job stopped and resumed, the host paused, a reply
             // that took long to go out): the others' silence in that time says nothing about them, and
             // they are heard from again within an interval.
             l.heard.fill(now);
         }
         l.looked = now;
-        let beat = now.duration_since(l.beat) >= l.interval();
-        if beat {
-            l.beat = now;
-        }
-        let timeout = l.timeout;
         let late: Vec<Rank> = (0..self.shared.size)
             .filter(|&r| {
                 r != me.index()
@@ -259,9 +268,6 @@ impl Engine {
             })
             .map(|r| Rank(r as u32))
             .collect();
-        if beat {
-            self.shared.tell_others(&Request::Heartbeat, None);
-        }
         for r in late {
             self.peer_failed(
                 r,
@@ -278,8 +284,8 @@ impl Engine {
 
     /// Something came from `peer`: it is alive.
     fn heard(&mut self, peer: Rank) {
-        if let Some(l) = &mut self.liveness {
-            l.heard[peer.index()] = Instant::now();
+        if self.liveness.timeout.is_some() {
+            self.liveness.heard[peer.index()] = Instant::now();
         }
     }
 
@@ -398,8 +404,12 @@ impl Engine {
         if self.shared.policy == FailurePolicy::Exit {
             // Tell the others which rank is gone before ending, so that they report it rather than this rank,
             // whose connections close next.
-            self.shared
-                .tell_others(&Request::PeerLost { rank: peer.0 }, Some(peer));
+            let why = truncated(reason, MAX_LOST_REASON);
+            self.shared.tell_others(
+                &Request::PeerLost { rank: peer.0 },
+                why.as_bytes(),
+                Some(peer),
+            );
             say(&format!(
                 "dsm: {}: {peer} failed ({reason}); ending this rank",
                 self.shared.me
@@ -636,9 +646,7 @@ impl Engine {
             }
             Request::Goodbye => {
                 self.conns[idx].goodbye = true;
-                if let Some(l) = &mut self.liveness {
-                    l.left[self.conns[idx].peer.index()] = true;
-                }
+                self.liveness.left[self.conns[idx].peer.index()] = true;
             }
             Request::Heartbeat => {}
             Request::PeerLost { rank } if rank == self.shared.me.0 => {
@@ -646,7 +654,8 @@ impl Engine {
             }
             Request::PeerLost { rank } if (rank as usize) < self.shared.size => {
                 let reporter = self.conns[idx].peer;
-                self.peer_failed(Rank(rank), &format!("{reporter} lost it and ended"));
+                let why = String::from_utf8_lossy(&payload[..payload.len().min(MAX_LOST_REASON)]);
+                self.peer_failed(Rank(rank), &format!("{reporter} gave up on it: {why}"));
             }
             Request::PeerLost { .. } => {
                 self.close(idx, "a failure report names no rank of this job")
@@ -706,6 +715,18 @@ impl Engine {
         ));
         std::process::exit(crate::EXIT_INTERNAL);
     }
+}
+
+/// The most bytes of the reason a `PeerLost` carries.
+const MAX_LOST_REASON: usize = 512;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn truncated(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Makes sends on `fd` fail (`EAGAIN`) after `t` without progress instead of blocking for ever.
@@ -808,13 +829,27 @@ mod tests {
     fn rank0_with_fake_peer_and_timeout(
         timeout: Option<Duration>,
     ) -> (Dsm, UnixStream, UnixStream) {
+        let (dsm, fake, other, control) = rank0_with_fake_peer_listening(timeout);
+        std::mem::forget(control);
+        (dsm, fake, other)
+    }
+
+    /// The same, with rank 1's end of rank 0's service loop's own connection to it (heartbeats).
+    fn rank0_with_fake_peer_listening(
+        timeout: Option<Duration>,
+    ) -> (Dsm, UnixStream, UnixStream, UnixStream) {
         let mut outgoing = Vec::new();
         let mut incoming = Vec::new();
-        // Two channels and the service loop's own connections.
-        for _set in 0..3 {
+        let mut control = None;
+        // Two channels and the service loop's own connections (the last set).
+        for set in 0..3 {
             let (self_out, self_in) = UnixStream::pair().unwrap();
             let (to_fake, fake_listens) = UnixStream::pair().unwrap();
-            std::mem::forget(fake_listens);
+            if set == 2 {
+                control = Some(fake_listens);
+            } else {
+                std::mem::forget(fake_listens);
+            }
             outgoing.push(vec![OwnedFd::from(self_out), OwnedFd::from(to_fake)]);
             incoming.push((Rank(0), OwnedFd::from(self_in)));
         }
@@ -831,7 +866,7 @@ mod tests {
             .transport(given)
             .build()
             .unwrap();
-        (dsm, fake, other)
+        (dsm, fake, other, control.expect("three sets"))
     }
 
     fn failed_within(dsm: &Dsm, limit: Duration) -> Vec<Rank> {
@@ -880,11 +915,11 @@ mod tests {
 
     #[test]
     fn a_rank_is_failed_once_it_has_not_been_heard_from_for_the_peer_timeout() {
-        let (dsm, fake, _other) = rank0_with_fake_peer_and_timeout(Some(Duration::from_secs(1)));
-        // Heartbeats every 200 ms for 2.5 s keep it alive, past two timeouts.
+        let (dsm, fake, _other) = rank0_with_fake_peer_and_timeout(Some(Duration::from_secs(2)));
+        // Heartbeats every 200 ms for 4.5 s keep it alive, past two timeouts.
         let t = Instant::now();
         let mut last = t;
-        while t.elapsed() < Duration::from_millis(2500) {
+        while t.elapsed() < Duration::from_millis(4500) {
             fake_sends(&fake, Request::Heartbeat);
             last = Instant::now();
             std::thread::sleep(Duration::from_millis(200));
@@ -897,15 +932,43 @@ mod tests {
         assert_eq!(failed_within(&dsm, Duration::from_secs(5)), [Rank(1)]);
         let took = last.elapsed();
         assert!(
-            took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
             "failed {took:?} after it fell silent"
+        );
+    }
+
+    #[test]
+    fn heartbeats_go_out_at_least_once_a_second_even_without_a_timeout() {
+        // Another rank may have a timeout, and must hear from this one.
+        let (_dsm, _fake, _other, control) = rank0_with_fake_peer_listening(None);
+        control
+            .set_read_timeout(Some(Duration::from_millis(2500)))
+            .unwrap();
+        let mut beats = 0;
+        let t = Instant::now();
+        let mut frame = [0u8; 64];
+        while beats < 2 {
+            let mut len = [0u8; 4];
+            (&control)
+                .read_exact(&mut len)
+                .expect("a heartbeat within 2.5 s");
+            let n = u32::from_le_bytes(len) as usize;
+            (&control).read_exact(&mut frame[..n]).unwrap();
+            let (req, _) = wire::decode::<Request>(&frame[..n]).unwrap();
+            assert!(matches!(req, Request::Heartbeat), "{req:?}");
+            beats += 1;
+        }
+        assert!(
+            t.elapsed() < Duration::from_millis(2500),
+            "{:?}",
+            t.elapsed()
         );
     }
 
     #[test]
     fn a_thread_blocked_sending_to_a_rank_failed_for_its_silence_is_told() {
         // The fake rank 1 reads nothing: a request larger than the socket's buffer blocks its sender.
-        let (dsm, _fake, _other) = rank0_with_fake_peer_and_timeout(Some(Duration::from_secs(1)));
+        let (dsm, _fake, _other) = rank0_with_fake_peer_and_timeout(Some(Duration::from_secs(2)));
         let dsm = Arc::new(dsm);
         let (tx, rx) = std::sync::mpsc::channel();
         let caller = Arc::clone(&dsm);
@@ -929,14 +992,14 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_timeout_under_a_second_is_refused() {
+    fn a_peer_timeout_under_two_seconds_is_refused() {
         let e = Dsm::builder()
-            .peer_timeout(Some(Duration::from_millis(500)))
+            .peer_timeout(Some(Duration::from_millis(1500)))
             .build()
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("DSM_PEER_TIMEOUT") && e.contains("at least 1 s"),
+            e.contains("DSM_PEER_TIMEOUT") && e.contains("at least 2s"),
             "{e}"
         );
     }
