@@ -32,7 +32,9 @@ job() {
 # lines: the ranks' outputs can run together on one line).
 expect() {
     local got
-    got=$(grep -o -- "$1" <<<"$3" | wc -l)
+    # (grep finds nothing: under pipefail that is the pipeline's status, which must not end the script
+    # before it says what was missing.)
+    got=$(grep -o -- "$1" <<<"$3" | wc -l || true)
     [ "$got" = "$2" ] || fail "expected $2 occurrence(s) of '$1', got $got in:
 $3"
     passed=$((passed + 1))
@@ -105,7 +107,9 @@ expect "handed-off round trip, requester" 12 "$out"
 if out=$(timeout 60 mpirun -n 3 $bin/dsm-check die 2>&1); then
     fail "a job with a killed rank succeeded: $out"
 fi
-expect "rank 2 failed" 2 "$out"
+# At least one survivor says so: mpirun may end the other before it does.
+grep -q "rank 2 failed" <<<"$out" || fail "no survivor named the killed rank: $out"
+passed=$((passed + 1))
 
 # A rank stopped under mpirun (SIGSTOP: its connections stay open and silent): the others give up on it
 # after the peer timeout, naming it, over either transport; mpirun then ends the job.
