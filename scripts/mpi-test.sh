@@ -40,6 +40,13 @@ $3"
     passed=$((passed + 1))
 }
 
+# mentions PATTERN OUTPUT WHAT: PATTERN occurs at least once in OUTPUT (WHAT names it if not).
+mentions() {
+    grep -q -- "$1" <<<"$2" || fail "no word of $3 in:
+$2"
+    passed=$((passed + 1))
+}
+
 # Every check over the TCP transport (the default) and over the MPI transport.
 for transport in tcp mpi; do
 export DSM_TRANSPORT=$transport
@@ -81,8 +88,7 @@ rm -rf "$out"
 if out=$(DSM_MPI_SEND_BUFFER=64K timeout 60 mpirun -n 3 $bin/hello 2>&1); then
     fail "a send buffer too small for the job was accepted: $out"
 fi
-grep -q "set DSM_MPI_SEND_BUFFER to at least" <<<"$out" || fail "no word of the send buffer in: $out"
-passed=$((passed + 1))
+mentions "set DSM_MPI_SEND_BUFFER to at least" "$out" "the send buffer"
 unset DSM_TRANSPORT DSM_MPI_SEND_BUFFER
 
 # Over MPI a dead rank closes no connection: the policy that would wait for word of it is refused.
@@ -108,8 +114,7 @@ if out=$(timeout 60 mpirun -n 3 $bin/dsm-check die 2>&1); then
     fail "a job with a killed rank succeeded: $out"
 fi
 # At least one survivor says so: mpirun may end the other before it does.
-grep -q "rank 2 failed" <<<"$out" || fail "no survivor named the killed rank: $out"
-passed=$((passed + 1))
+mentions "rank 2 failed" "$out" "a survivor naming the killed rank"
 
 # A rank stopped under mpirun (SIGSTOP: its connections stay open and silent): the others give up on it
 # after the peer timeout, naming it, over either transport; mpirun then ends the job.
@@ -119,8 +124,7 @@ for t in tcp mpi; do
     fi
     # The first to give up tells the other, which may then report that instead of its own silence, or be
     # ended by mpirun before it says anything.
-    grep -q "rank 2 failed (nothing heard from it for 2 s" <<<"$out" || fail "no word of the silence ($t): $out"
-    passed=$((passed + 1))
+    mentions "rank 2 failed (nothing heard from it for 2 s" "$out" "the silence ($t)"
 done
 
 # A rank that returns an error from main while another waits for it outside any collective: it leaves as
@@ -138,16 +142,14 @@ if out=$(timeout 60 mpirun -n 1 $bin/hello : -n 1 $bin/dsm-check counter 2>&1); 
     fail "ranks of different builds joined one job: $out"
 fi
 # The first rank to see it aborts the MPI job, so the other may not get to say it too.
-grep -q "runs a different build of this program" <<<"$out" || fail "no word of the different builds in: $out"
-passed=$((passed + 1))
+mentions "runs a different build of this program" "$out" "the different builds"
 
 # Ranks given different DSM_CHANNELS (through a wrapper): stopped at join, saying so.
 line='if [ "$PMI_RANK" = 1 ]; then export DSM_CHANNELS=3; fi; exec '"$bin"'/hello'
 if out=$(timeout 60 mpirun -n 2 sh -c "$line" 2>&1); then
     fail "ranks with different DSM_CHANNELS joined one job: $out"
 fi
-grep -q "give every rank the same DSM_CHANNELS" <<<"$out" || fail "no word of the channels in: $out"
-passed=$((passed + 1))
+mentions "give every rank the same DSM_CHANNELS" "$out" "the channels"
 
 # Started as if by the launcher of another MPI library (its variables say 2 ranks; this MPI sees a job of
 # one): a clear error instead of ranks that each compute alone.

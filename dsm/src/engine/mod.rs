@@ -145,11 +145,16 @@ impl Engine {
             for (_, fd) in &incoming {
                 send_timeout(fd, t / 2)?;
             }
-            // The loop's own messages are tiny: a rank that has not read them for a second is not waited for.
-            let control = shared.control.lock().unwrap_or_else(|p| p.into_inner());
-            for fd in control.iter() {
-                send_timeout(fd, Duration::from_secs(1))?;
-            }
+        }
+        // The loop's own messages (heartbeats go out with or without a timeout) are tiny: a rank that has
+        // not read them for a second is not waited for.
+        for fd in shared
+            .control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            send_timeout(fd, Duration::from_secs(1))?;
         }
         let mut conns = Vec::with_capacity(incoming.len());
         for (i, (peer, fd)) in incoming.into_iter().enumerate() {
@@ -199,7 +204,8 @@ impl Engine {
     pub(crate) fn run(mut self) {
         favour_this_thread(self.shared.me, self.shared.service_priority);
         let mut events = vec![EpollEvent::empty(); 64];
-        let wait_ms = self.liveness.interval().as_millis().min(1000) as u16;
+        // At most a second (`MAX_BEAT_INTERVAL`).
+        let wait_ms = self.liveness.interval().as_millis() as u16;
         loop {
             let n = match self.epoll.wait(&mut events, EpollTimeout::from(wait_ms)) {
                 Ok(n) => n,
@@ -245,9 +251,7 @@ impl Engine {
         let beat = now.duration_since(l.beat) >= l.interval();
         if beat {
             l.beat = now;
-            if self.shared.size > 1 {
-                self.shared.tell_others(&Request::Heartbeat, &[], None);
-            }
+            self.shared.tell_others(&Request::Heartbeat, &[], None);
         }
         let Some(timeout) = l.timeout else {
             return;

@@ -3,7 +3,7 @@
 //! process per rank (each rank maps the same addresses), so this backend serves fast tests of messaging,
 //! locks and barriers.
 
-use super::{connections, Mesh, Transport};
+use super::{channels_in, connections, Mesh, Transport};
 use crate::error::{DsmError, Result};
 use crate::types::Rank;
 use std::os::fd::OwnedFd;
@@ -55,7 +55,7 @@ impl Transport for LocalTransport {
                 "the in-process cluster was made for {} ranks with {} channels, not {size} with {}",
                 self.size,
                 self.channels,
-                sets.saturating_sub(1)
+                channels_in(sets)
             )));
         }
         Ok(self.mesh)

@@ -58,3 +58,9 @@ pub(crate) const PROTOCOL_VERSION: u32 = 8;
 pub(crate) fn connections(channels: usize) -> usize {
     channels + 1
 }
+
+/// The channels of a rank that opens `connections` connections to every rank (the other way round from
+/// [`connections`], for messages that speak in the user's terms).
+pub(crate) fn channels_in(connections: usize) -> usize {
+    connections.saturating_sub(1)
+}

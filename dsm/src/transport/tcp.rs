@@ -2,7 +2,7 @@
 //! proves knowledge of the job's secret token; a wrong token, protocol version or rank is refused and logged.
 //! Listeners bind to 127.0.0.1 unless the launcher is told otherwise (`DSM_BIND`).
 
-use super::{Mesh, Transport, PROTOCOL_VERSION};
+use super::{channels_in, Mesh, Transport, PROTOCOL_VERSION};
 use crate::error::{DsmError, Result};
 use crate::types::Rank;
 use nix::poll::{ppoll, PollFd, PollFlags};
@@ -103,11 +103,10 @@ fn check_hello(
         )));
     }
     if theirs as usize != channels {
-        // In the user's terms: a rank opens a connection per channel and one for its service loop.
         return Err(Refusal::Member(format!(
             "rank {rank} has {} channels, this rank {}: give every rank the same DSM_CHANNELS",
-            theirs.saturating_sub(1),
-            channels.saturating_sub(1)
+            channels_in(theirs as usize),
+            channels_in(channels)
         )));
     }
     Ok(Rank(rank))

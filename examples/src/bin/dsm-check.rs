@@ -1145,15 +1145,12 @@ fn main() -> anyhow::Result<()> {
         "sentsigbus" => {
             // A SIGBUS sent to a rank (not raised by a fault) must take its default action, killing the
             // rank, even though dsm handles SIGBUS for its page faults.
-            let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
-            v.set(me, 1);
-            dsm.barrier()?;
-            if me == n - 1 {
-                nix::sys::signal::raise(nix::sys::signal::Signal::SIGBUS)?;
-                anyhow::bail!("rank {me}: a SIGBUS sent to this rank was swallowed");
-            }
-            dsm.barrier()?;
-            anyhow::bail!("rank {me}: a barrier completed without the signalled rank");
+            last_rank_leaves(dsm, "the signalled rank", || match nix::sys::signal::raise(
+                nix::sys::signal::Signal::SIGBUS,
+            ) {
+                Ok(()) => anyhow::anyhow!("rank {me}: a SIGBUS sent to this rank was swallowed"),
+                Err(e) => e.into(),
+            })?
         }
         "ownmpi" => own_mpi(dsm, me, n, args.rounds)?,
         "panicwaited" | "errorwaited" => {
@@ -1174,17 +1171,7 @@ fn main() -> anyhow::Result<()> {
             })?;
             anyhow::bail!("rank {me}: rank 1 wrote after all");
         }
-        "die" => {
-            let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
-            v.set(me, 1);
-            dsm.barrier()?;
-            if me == n - 1 {
-                nix_kill_self();
-            }
-            // The others wait at a barrier that can never complete.
-            dsm.barrier()?;
-            anyhow::bail!("rank {me}: a barrier completed without the dead rank");
-        }
+        "die" => last_rank_leaves(dsm, "the dead rank", || nix_kill_self())?,
         "pause" => {
             let timeout: u64 = std::env::var("DSM_PEER_TIMEOUT")
                 .ok()
@@ -1215,7 +1202,7 @@ fn main() -> anyhow::Result<()> {
             // After the pause, a second round of messages.
             pids.set(me, 0);
             dsm.barrier()?;
-            anyhow::ensure!((0..n).all(|r| pids.get(r) == 0), "a rank's write was lost");
+            ensure!((0..n).all(|r| pids.get(r) == 0), "a rank's write was lost");
             println!("pause ok");
         }
         "partition" => {
@@ -1233,19 +1220,13 @@ fn main() -> anyhow::Result<()> {
             dsm.barrier()?;
             anyhow::bail!("rank {me}: a barrier completed across a network that is down");
         }
-        "stop" => {
-            let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
-            v.set(me, 1);
-            dsm.barrier()?;
-            if me == n - 1 {
-                // Stopped until the launcher kills it: it closes nothing and says nothing.
-                nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP)?;
-                anyhow::bail!("rank {me} went on after SIGSTOP");
+        "stop" => last_rank_leaves(dsm, "the stopped rank", || {
+            // Stopped until the launcher kills it: it closes nothing and says nothing.
+            match nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP) {
+                Ok(()) => anyhow::anyhow!("rank {me} went on after SIGSTOP"),
+                Err(e) => e.into(),
             }
-            // The others wait at a barrier the stopped rank never comes to.
-            dsm.barrier()?;
-            anyhow::bail!("rank {me}: a barrier completed without the stopped rank");
-        }
+        })?,
         other => {
             anyhow::bail!(
                 "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, idle, ownmpi, die, stop, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
@@ -1333,6 +1314,26 @@ fn cpu_seconds() -> f64 {
             t(u.user_time()) + t(u.system_time())
         })
         .unwrap_or(f64::NAN)
+}
+
+/// Every rank writes its word of one page and meets the others at a barrier; then the last rank calls
+/// `leave` (which kills, stops or signals it, and returns only with the error that it did not), and the
+/// others wait at a barrier it never comes to: they must end with an error naming it instead of hanging.
+/// `who` names the last rank should that barrier complete all the same.
+fn last_rank_leaves(
+    dsm: &dsm::Dsm,
+    who: &str,
+    leave: impl FnOnce() -> anyhow::Error,
+) -> anyhow::Result<()> {
+    let (me, n) = (dsm.rank().index(), dsm.size());
+    let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
+    v.set(me, 1);
+    dsm.barrier()?;
+    if me == n - 1 {
+        return Err(leave());
+    }
+    dsm.barrier()?;
+    anyhow::bail!("rank {me}: a barrier completed without {who}")
 }
 
 fn nix_kill_self() -> ! {
