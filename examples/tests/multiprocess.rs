@@ -656,9 +656,16 @@ fn an_arena_another_rank_cannot_map_is_a_clear_error_on_every_rank() {
     assert_ne!(o.code, 0, "{out}");
     assert!(
         out.contains("[1] Error: rank 1 cannot map the shared arena at")
-            && out.contains("DSM_ARENA_BASE")
-            && out.contains("[0] Error:")
-            && out.contains("rank 1 cannot map the shared arena at the address rank 0 chose"),
+            && out.contains("DSM_ARENA_BASE"),
+        "{out}"
+    );
+    // Rank 0 names rank 1 either way: its allocation's error, or (when rank 1's connections close
+    // before rank 0's main thread has printed that, as on a loaded machine) its service loop's word on the
+    // failed rank, which ends the process first.
+    assert!(
+        (out.contains("[0] Error:")
+            && out.contains("rank 1 cannot map the shared arena at the address rank 0 chose"))
+            || out.contains("[0] dsm: rank 0: rank 1 failed"),
         "{out}"
     );
     assert!(!out.contains("panicked"), "{out}");
