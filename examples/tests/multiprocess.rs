@@ -1314,6 +1314,40 @@ fn wordcount_survives_a_killed_worker_with_identical_output() {
 }
 
 #[test]
+fn wordcount_survives_a_worker_killed_while_reducing_with_identical_output() {
+    // Rank 2 dies in its first reduce, once every map is done: the output it held (written for the
+    // reduces, some of which may have read it already) is made again, into a new batch, and the
+    // partitions not yet written are reduced again from that.
+    let input = sample();
+    let expect = pipeline_counts(&input);
+    let out_dir = fresh_output("killed-reducer");
+    let args = [
+        input.to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+        "--split-size",
+        "4096",
+        // Many partitions, so that rank 2 surely takes one.
+        "--partitions",
+        "24",
+        "--die-rank",
+        "2",
+        "--die-after-keys",
+        "10",
+    ];
+    let (o, out) = job_keep_going(WORDCOUNT, 3, &args);
+    assert_eq!(o.code, 0, "{out}");
+    assert_eq!(o.lost, [(2, "was killed by SIGKILL".to_string())], "{out}");
+    assert_eq!(output_counts(&out_dir), expect);
+    let redone: u64 = out
+        .split_once(" redone)")
+        .and_then(|(before, _)| before.rsplit_once('(')?.1.parse().ok())
+        .expect("the report says how many maps were redone");
+    assert!(redone > 0, "{out}");
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+#[test]
 fn wordcount_ends_with_a_clear_error_when_the_master_dies() {
     let t0 = Instant::now();
     let out_dir = fresh_output("killed-master");

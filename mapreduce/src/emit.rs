@@ -1,6 +1,7 @@
 //! Map output as it is emitted: pairs folded by the combiner into a hash table (or kept as a list when the
 //! job has none), with an estimate of the memory they take; past the budget they are handed to the spill,
-//! which writes them to disk as sorted runs. And user counters, summed over every task of the job.
+//! which writes them to disk as sorted runs. What is held outlives the map task: the next map of the same
+//! batch on the same task slot folds into it. And user counters, summed over every task of the job.
 
 use crate::Combiner;
 use rustc_hash::FxHashMap;
@@ -42,12 +43,43 @@ impl Counters {
     }
 }
 
-/// Where `map` emits its pairs.
-pub struct Emitter<'a, K, V> {
-    combiner: Option<Combiner<V>>,
+/// Map output held in memory: values folded by key (a job with a combiner) or every pair (one without),
+/// and an estimate of the memory they take.
+#[derive(Debug)]
+pub(crate) struct Held<K, V> {
     table: FxHashMap<K, V>,
     pairs: Vec<(K, V)>,
     bytes: u64,
+}
+
+impl<K, V> Default for Held<K, V> {
+    fn default() -> Self {
+        Held {
+            table: FxHashMap::default(),
+            pairs: Vec::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<K: Hash + Eq, V> Held<K, V> {
+    /// Everything held, unsorted, leaving it empty (the table keeps its allocation).
+    pub(crate) fn take(&mut self) -> Vec<(K, V)> {
+        self.bytes = 0;
+        let mut all: Vec<(K, V)> = self.table.drain().collect();
+        if all.is_empty() {
+            all = std::mem::take(&mut self.pairs);
+        } else {
+            all.append(&mut self.pairs);
+        }
+        all
+    }
+}
+
+/// Where `map` emits its pairs.
+pub struct Emitter<'a, K, V> {
+    combiner: Option<Combiner<V>>,
+    held: Held<K, V>,
     budget: u64,
     spill: &'a mut dyn FnMut(Vec<(K, V)>) -> Result<(), String>,
     error: Option<String>,
@@ -57,8 +89,8 @@ pub struct Emitter<'a, K, V> {
 impl<K, V> std::fmt::Debug for Emitter<'_, K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Emitter")
-            .field("held", &(self.table.len() + self.pairs.len()))
-            .field("bytes", &self.bytes)
+            .field("held", &(self.held.table.len() + self.held.pairs.len()))
+            .field("bytes", &self.held.bytes)
             .field("budget", &self.budget)
             .finish()
     }
@@ -85,22 +117,19 @@ where
         budget: u64,
         spill: &'a mut dyn FnMut(Vec<(K, V)>) -> Result<(), String>,
     ) -> Emitter<'a, K, V> {
-        Emitter::with_table(combiner, budget, spill, FxHashMap::default())
+        Emitter::folding_into(combiner, budget, spill, Held::default())
     }
 
-    /// An emitter that folds into `table` (empty; its allocation is reused).
-    pub(crate) fn with_table(
+    /// An emitter that folds into `held` (output earlier maps left, or nothing).
+    pub(crate) fn folding_into(
         combiner: Option<Combiner<V>>,
         budget: u64,
         spill: &'a mut dyn FnMut(Vec<(K, V)>) -> Result<(), String>,
-        table: FxHashMap<K, V>,
+        held: Held<K, V>,
     ) -> Emitter<'a, K, V> {
-        debug_assert!(table.is_empty());
         Emitter {
             combiner,
-            table,
-            pairs: Vec::new(),
-            bytes: 0,
+            held,
             budget,
             spill,
             error: None,
@@ -110,17 +139,18 @@ where
 
     /// Emits `(key, value)`.
     pub fn emit(&mut self, key: K, value: V) {
+        let held = &mut self.held;
         match self.combiner {
-            Some(combine) => match self.table.get_mut(&key) {
+            Some(combine) => match held.table.get_mut(&key) {
                 Some(total) => combine(total, value),
                 None => {
-                    self.bytes += overhead::<K, V>() + encoded_size(&key) + encoded_size(&value);
-                    self.table.insert(key, value);
+                    held.bytes += overhead::<K, V>() + encoded_size(&key) + encoded_size(&value);
+                    held.table.insert(key, value);
                 }
             },
             None => {
-                self.bytes += overhead::<K, V>() + encoded_size(&key) + encoded_size(&value);
-                self.pairs.push((key, value));
+                held.bytes += overhead::<K, V>() + encoded_size(&key) + encoded_size(&value);
+                held.pairs.push((key, value));
             }
         }
         self.spill_if_over();
@@ -134,7 +164,7 @@ where
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         if let Some(combine) = self.combiner {
-            if let Some(total) = self.table.get_mut(key) {
+            if let Some(total) = self.held.table.get_mut(key) {
                 combine(total, value);
                 return;
             }
@@ -148,8 +178,8 @@ where
     }
 
     fn spill_if_over(&mut self) {
-        if self.bytes > self.budget && self.error.is_none() {
-            let held = self.take();
+        if self.held.bytes > self.budget && self.error.is_none() {
+            let held = self.held.take();
             if let Err(e) = (self.spill)(held) {
                 self.error = Some(e);
             }
@@ -157,19 +187,14 @@ where
     }
 
     /// Everything held, unsorted, leaving the emitter empty.
+    #[cfg(test)]
     pub(crate) fn take(&mut self) -> Vec<(K, V)> {
-        self.bytes = 0;
-        if self.combiner.is_some() {
-            self.table.drain().collect()
-        } else {
-            std::mem::take(&mut self.pairs)
-        }
+        self.held.take()
     }
 
-    /// The table, emptied, for the next emitter to reuse its allocation.
-    pub(crate) fn into_table(mut self) -> FxHashMap<K, V> {
-        self.table.clear();
-        self.table
+    /// What is held, for the next map of the batch to fold into.
+    pub(crate) fn into_held(self) -> Held<K, V> {
+        self.held
     }
 
     /// The first spill error, if any.
@@ -240,6 +265,47 @@ mod tests {
         let counts = sort_and_combine(all, Some(add));
         assert_eq!(counts.len(), 1000);
         assert!(counts.iter().all(|(_, n)| *n == 1));
+    }
+
+    #[test]
+    fn a_second_emitter_folds_into_what_the_first_held_and_counts_its_memory() {
+        let mut spilled: Vec<Held> = Vec::new();
+        let mut spill = |held: Vec<(String, u64)>| {
+            spilled.push(held);
+            Ok(())
+        };
+        let mut first = Emitter::new(Some(add as Combiner<u64>), 2000, &mut spill);
+        for k in ["a", "b", "a"] {
+            first.emit_ref(k, 1);
+        }
+        let held = first.into_held();
+        let bytes = held.bytes;
+        assert!(bytes > 0);
+        let mut second = Emitter::folding_into(Some(add), 2000, &mut spill, held);
+        second.emit_ref("a", 1);
+        assert_eq!(
+            second.held.bytes, bytes,
+            "a key already held costs nothing more"
+        );
+        second.emit_ref("c", 1);
+        let mut all = second.take();
+        all.sort();
+        assert_eq!(all, [("a".into(), 3), ("b".into(), 1), ("c".into(), 1)]);
+        // Held output past the budget spills at the next new key, whichever emitter added the rest.
+        let many: Vec<String> = (0..40).map(|i| format!("w{i}")).collect();
+        let mut third = Emitter::new(Some(add as Combiner<u64>), 2000, &mut spill);
+        for k in &many[..20] {
+            third.emit_ref(k.as_str(), 1);
+        }
+        let held = third.into_held();
+        let mut fourth = Emitter::folding_into(Some(add), 2000, &mut spill, held);
+        for k in &many[20..] {
+            fourth.emit_ref(k.as_str(), 1);
+        }
+        let rest = fourth.take();
+        let total: usize = spilled.iter().map(Vec::len).sum::<usize>() + rest.len();
+        assert!(!spilled.is_empty(), "40 keys do not fit in 2000 bytes");
+        assert_eq!(total, 40, "each key once");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 pub struct MapReduce {
     space: TupleSpace,
     root: PathBuf,
+    shuffle: std::sync::Arc<shuffle::ShuffleService>,
     jobs: AtomicU64,
     /// Rank 0: the first job whose outcome may still be in the space (see `clear_after`).
     outcomes_from: AtomicU64,
@@ -44,9 +45,11 @@ pub struct JobReport {
     pub redone_maps: usize,
     /// Bytes of input read.
     pub input_bytes: u64,
-    /// Bytes of map output written (after combining).
+    /// Bytes of map output the reduces read (after combining: each rank folds the output of the maps it
+    /// runs together).
     pub map_output_bytes: u64,
-    /// Sorted runs the maps wrote: one per map and partition it had output for, more when maps spilled.
+    /// Sorted runs of map output the reduces read: for each partition, one per task slot that ran maps
+    /// (ranks times threads), more when map output spilled past the memory budget.
     pub map_runs: u64,
     /// Bytes of map output that crossed between ranks.
     pub shuffled_bytes: u64,
@@ -129,14 +132,14 @@ impl MapReduce {
         let (root, alive) = make_spill_dir(dir.as_ref(), &name)?;
         // Each task slot's merge holds up to `merge_fan_in` run files open, and map tasks write theirs:
         // Joining the job (`DsmBuilder::build`) let the process have as many files as the system allows.
-        let service = shuffle::start(root.clone())
-            .map_err(|e| MapReduceError::io("starting the shuffle thread", e))?;
-        dsm.register_service(shuffle::SERVICE, service)
+        let service = std::sync::Arc::new(shuffle::ShuffleService::default());
+        dsm.register_service(shuffle::SERVICE, service.clone())
             .map_err(RuntimeError::from)?;
         dsm.barrier().map_err(RuntimeError::from)?;
         Ok(MapReduce {
             space: space.clone(),
             root,
+            shuffle: service,
             jobs: AtomicU64::new(0),
             outcomes_from: AtomicU64::new(0),
             _alive: alive,
@@ -176,17 +179,7 @@ impl MapReduce {
             });
         let pool = match setup {
             Ok(pool) => pool,
-            Err(e) => {
-                // The master says so to every rank, which would otherwise wait for tasks for ever, once
-                // their workers (if any started) have returned, and clears up as after any job.
-                if dsm.rank() == Rank(0) {
-                    if farm.stop().is_ok() && self.wait_for_workers(job_id).is_ok() {
-                        let _ = self.clear_after(job_id, &farm);
-                    }
-                    let _ = self.publish(job_id, &Err(e.to_string()));
-                }
-                return Err(e);
-            }
+            Err(e) => return Err(self.fail_early(job_id, &farm, e)),
         };
         let worker = Worker {
             job,
@@ -196,16 +189,58 @@ impl MapReduce {
             pool: &pool,
             budget: (config.memory_budget / threads as u64).max(1),
             fan_in: config.merge_fan_in,
-            tables: std::sync::Mutex::new(Vec::new()),
+            batches: std::sync::Mutex::new(HashMap::new()),
+            sealing: std::sync::Mutex::new(()),
             buffers: std::sync::Mutex::new(Vec::new()),
         };
-        let result = match &mut mark {
-            None => self.lead(job_id, &farm, &worker, config, threads),
-            Some(mark) => self.follow(job_id, &farm, &worker, threads, mark),
-        };
+        let requests = self.shuffle.open(job_id);
+        let result = std::thread::scope(|s| {
+            // Other ranks' reducers' requests for this rank's map output, answered until the job is over
+            // here (every reduce done: the master has stopped the farm).
+            let answering = std::thread::Builder::new()
+                .name(format!("dsm-shuffle-{job_id}"))
+                .spawn_scoped(s, || {
+                    for (request, reply) in requests {
+                        let answer = match request {
+                            shuffle::Request::Seal {
+                                partition, sources, ..
+                            } => shuffle::sealed(worker.seal_for(partition, &sources)),
+                            shuffle::Request::Fetch(fetch) => shuffle::serve(&self.root, &fetch),
+                        };
+                        // An error means the reducer is gone; the master learns of it separately.
+                        let _ = reply.send(&[&answer]);
+                    }
+                });
+            let result = match answering {
+                Ok(_) => match &mut mark {
+                    None => self.lead(job_id, &farm, &worker, config, threads),
+                    Some(mark) => self.follow(job_id, &farm, &worker, threads, mark),
+                },
+                Err(e) => Err(self.fail_early(
+                    job_id,
+                    &farm,
+                    MapReduceError::io("starting the shuffle thread", e),
+                )),
+            };
+            self.shuffle.close(job_id);
+            result
+        });
         // Every reducer is done with this rank's runs once the master has stopped the farm.
         let _ = std::fs::remove_dir_all(&dir);
         result
+    }
+
+    /// `e`, which ended job `job_id` on this rank before its workers started. The master says so to every
+    /// rank, which would otherwise wait for tasks for ever, once their workers (if any started) have
+    /// returned, and clears up as after any job.
+    fn fail_early(&self, job_id: u64, farm: &TaskFarm, e: MapReduceError) -> MapReduceError {
+        if self.space.dsm().rank() == Rank(0) {
+            if farm.stop().is_ok() && self.wait_for_workers(job_id).is_ok() {
+                let _ = self.clear_after(job_id, farm);
+            }
+            let _ = self.publish(job_id, &Err(e.to_string()));
+        }
+        e
     }
 
     /// A first field for tuples of `arity` fields about job `job_id`, named `what`, homed at rank 0 (the

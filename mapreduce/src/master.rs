@@ -4,6 +4,12 @@
 //! tasks once every split's output exists somewhere. When a reducer finds a rank gone, every map output on
 //! that rank is made again and the partitions still to do go out once it is back.
 //!
+//! A rank folds the output of all the maps it runs of one *batch* together (a word counted by ten maps is
+//! held once, not ten times) and writes it as runs only when a reduce first asks for it. Every map put
+//! before the first reduces goes into batch 0; each time reduces go out the batch number moves on, so a
+//! map redone after that (its holder lost) never joins a batch a reduce has already been told about. A
+//! reduce's sources name each batch with the map tasks it must hold, which the holder checks.
+//!
 //! Every put gets a fresh task id, so a result is matched to the exact put it answers: a late result of an
 //! attempt that was since replaced is ignored, and counters count each map and each partition once.
 
@@ -16,13 +22,15 @@ use std::path::PathBuf;
 /// A task in the bag.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum Task {
-    /// Map split number `index` into `partitions` partitions.
+    /// Map split number `index` into `partitions` partitions, folding its output into batch `batch` of the
+    /// rank that runs it.
     Map {
         index: u32,
         split: Split,
         /// The version of the split's file when the job cut it, when the master knows it.
         version: Option<FileVersion>,
         partitions: u32,
+        batch: u64,
     },
     /// Reduce `partition`, whose runs are at `sources`, into a file in `output`.
     Reduce {
@@ -32,31 +40,33 @@ pub(crate) enum Task {
     },
 }
 
-/// The runs one map task left for one partition.
+/// One batch of map output a reduce reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Source {
-    /// The rank that holds them.
+    /// The rank that holds it.
     pub(crate) holder: u32,
-    /// The task id they were written under.
-    pub(crate) task: u64,
-    /// How many.
-    pub(crate) runs: u32,
+    /// The batch.
+    pub(crate) batch: u64,
+    /// The map tasks whose output it holds, in increasing order: the holder checks that it holds exactly
+    /// these, so that a map folded in twice, or missing, fails the job instead of changing its counts.
+    pub(crate) tasks: Vec<u64>,
 }
 
 /// What a worker reports for a task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum TaskResult {
-    /// A map task's output is on `holder`: `runs[p]` runs for partition `p`.
+    /// A map task's output is folded into the task's batch on `holder`.
     Mapped {
         holder: u32,
-        runs: Vec<u32>,
         input_bytes: u64,
-        output_bytes: u64,
         counters: Counters,
     },
-    /// A partition's output file is written.
+    /// A partition's output file is written, from `runs` runs of map output of `run_bytes` bytes in all,
+    /// `shuffled_bytes` of them fetched from other ranks.
     Reduced {
         records: u64,
+        runs: u64,
+        run_bytes: u64,
         shuffled_bytes: u64,
         counters: Counters,
     },
@@ -69,20 +79,14 @@ pub(crate) enum TaskResult {
 #[derive(Debug, Clone)]
 enum MapState {
     Running(u64),
-    Done {
-        holder: u32,
-        task: u64,
-        runs: Vec<u32>,
-    },
+    Done { holder: u32, task: u64, batch: u64 },
 }
 
 /// What the last accepted run of a split reported: kept apart from the split's state, so that a split
 /// put again after its holder was lost still counts (once) if the job finishes before the new run does.
 #[derive(Debug, Clone)]
 struct MapStats {
-    runs: u64,
     input_bytes: u64,
-    output_bytes: u64,
     counters: Counters,
 }
 
@@ -92,6 +96,8 @@ enum ReduceState {
     Running(u64),
     Done {
         records: u64,
+        runs: u64,
+        run_bytes: u64,
         shuffled_bytes: u64,
         counters: Counters,
     },
@@ -119,6 +125,8 @@ pub(crate) struct Master {
     map_stats: Vec<Option<MapStats>>,
     reduces: Vec<ReduceState>,
     next_id: u64,
+    /// The batch maps put now fold into.
+    batch: u64,
     lost: BTreeSet<u32>,
     /// How many of `maps` and of `reduces` are `Done` (kept as they change: the master looks after every
     /// result, and counting them each time made a job of many partitions quadratic).
@@ -151,6 +159,7 @@ impl Master {
             splits,
             output,
             next_id: 0,
+            batch: 0,
             lost: BTreeSet::new(),
             done_maps: 0,
             done_reduces: 0,
@@ -189,6 +198,7 @@ impl Master {
             split: self.splits[index].clone(),
             version: self.versions[index],
             partitions: self.reduces.len() as u32,
+            batch: self.batch,
         };
         (id, task)
     }
@@ -198,25 +208,35 @@ impl Master {
         if self.done_maps < self.maps.len() {
             return Vec::new();
         }
+        // Every partition reads every batch (a batch with nothing for a partition has no runs of it).
+        let mut batches: std::collections::BTreeMap<(u32, u64), Vec<u64>> = Default::default();
+        for m in &self.maps {
+            if let MapState::Done {
+                holder,
+                task,
+                batch,
+            } = m
+            {
+                batches.entry((*holder, *batch)).or_default().push(*task);
+            }
+        }
+        let sources: Vec<Source> = batches
+            .into_iter()
+            .map(|((holder, batch), mut tasks)| {
+                tasks.sort_unstable();
+                Source {
+                    holder,
+                    batch,
+                    tasks,
+                }
+            })
+            .collect();
         let mut put = Vec::new();
         for p in 0..self.reduces.len() {
             if !matches!(self.reduces[p], ReduceState::Blocked) {
                 continue;
             }
-            let sources = self
-                .maps
-                .iter()
-                .filter_map(|m| match m {
-                    MapState::Done {
-                        holder, task, runs, ..
-                    } if runs[p] > 0 => Some(Source {
-                        holder: *holder,
-                        task: *task,
-                        runs: runs[p],
-                    }),
-                    _ => None,
-                })
-                .collect();
+            let sources = sources.clone();
             let id = self.fresh_id();
             self.reduces[p] = ReduceState::Running(id);
             put.push((
@@ -228,26 +248,25 @@ impl Master {
                 },
             ));
         }
+        if !put.is_empty() {
+            // The batches these reduces read are closed: maps from now on go into new ones.
+            self.batch += 1;
+        }
         put
     }
 
-    /// `rank` is gone: the map outputs it held that a partition not yet written needs are made again
-    /// (those only written partitions needed stay done: making them again would be wasted, and a job
-    /// could end before the new runs did).
+    /// `rank` is gone: the map outputs it held are made again while a partition is still to be written
+    /// (once all are written nothing needs them: making them again would be wasted, and a job could end
+    /// before the new maps did).
     pub(crate) fn lose(&mut self, rank: u32) -> Vec<(u64, Task)> {
         if !self.lost.insert(rank) {
             return Vec::new();
         }
-        let reduces = &self.reduces;
-        let needed = |runs: &[u32]| {
-            runs.iter()
-                .zip(reduces)
-                .any(|(&r, state)| r > 0 && !matches!(state, ReduceState::Done { .. }))
-        };
+        if self.done_reduces == self.reduces.len() {
+            return Vec::new();
+        }
         let held: Vec<usize> = (0..self.maps.len())
-            .filter(|i| {
-                matches!(&self.maps[*i], MapState::Done { holder, runs, .. } if *holder == rank && needed(runs))
-            })
+            .filter(|i| matches!(&self.maps[*i], MapState::Done { holder, .. } if *holder == rank))
             .collect();
         self.redone += held.len();
         held.into_iter().map(|i| self.put_map(i)).collect()
@@ -260,25 +279,16 @@ impl Master {
         }
         match (task, result) {
             (
-                Task::Map { index, .. },
+                Task::Map { index, batch, .. },
                 TaskResult::Mapped {
                     holder,
-                    runs,
                     input_bytes,
-                    output_bytes,
                     counters,
                 },
             ) => {
                 let i = *index as usize;
                 if !matches!(self.maps.get(i), Some(MapState::Running(r)) if *r == id) {
                     return Step::Put(Vec::new());
-                }
-                if runs.len() != self.reduces.len() {
-                    return Step::Failed(format!(
-                        "map task {id} reported {} partitions, the job has {}",
-                        runs.len(),
-                        self.reduces.len()
-                    ));
                 }
                 if self.lost.contains(&holder) {
                     // Its output is already gone with its rank.
@@ -287,15 +297,13 @@ impl Master {
                 }
                 self.done_maps += 1;
                 self.map_stats[i] = Some(MapStats {
-                    runs: runs.iter().map(|r| u64::from(*r)).sum(),
                     input_bytes,
-                    output_bytes,
                     counters,
                 });
                 self.maps[i] = MapState::Done {
                     holder,
                     task: id,
-                    runs,
+                    batch: *batch,
                 };
                 Step::Put(self.put_reduces_if_ready())
             }
@@ -303,6 +311,8 @@ impl Master {
                 Task::Reduce { partition, .. },
                 TaskResult::Reduced {
                     records,
+                    runs,
+                    run_bytes,
                     shuffled_bytes,
                     counters,
                 },
@@ -311,6 +321,8 @@ impl Master {
                 if matches!(self.reduces.get(p), Some(ReduceState::Running(r)) if *r == id) {
                     self.reduces[p] = ReduceState::Done {
                         records,
+                        runs,
+                        run_bytes,
                         shuffled_bytes,
                         counters,
                     };
@@ -346,19 +358,21 @@ impl Master {
         let mut t = Totals::default();
         for m in self.map_stats.iter().flatten() {
             t.maps_done += 1;
-            t.map_runs += m.runs;
             t.input_bytes += m.input_bytes;
-            t.map_output_bytes += m.output_bytes;
             t.counters.merge(&m.counters);
         }
         for r in &self.reduces {
             if let ReduceState::Done {
                 records,
+                runs,
+                run_bytes,
                 shuffled_bytes,
                 counters,
             } = r
             {
                 t.reduces_done += 1;
+                t.map_runs += runs;
+                t.map_output_bytes += run_bytes;
                 t.records += records;
                 t.shuffled_bytes += shuffled_bytes;
                 t.counters.merge(counters);
@@ -393,14 +407,12 @@ mod tests {
         }
     }
 
-    fn mapped(holder: u32, runs: Vec<u32>, lines: u64) -> TaskResult {
+    fn mapped(holder: u32, lines: u64) -> TaskResult {
         let mut counters = Counters::default();
         counters.add("lines", lines);
         TaskResult::Mapped {
             holder,
-            runs,
             input_bytes: 10,
-            output_bytes: 5,
             counters,
         }
     }
@@ -408,17 +420,19 @@ mod tests {
     fn reduced() -> TaskResult {
         TaskResult::Reduced {
             records: 1,
+            runs: 2,
+            run_bytes: 5,
             shuffled_bytes: 3,
             counters: Counters::default(),
         }
     }
 
-    /// The splits of `tasks`, which must all be maps (reduces wait until the maps are back).
-    fn map_indices(tasks: &[(u64, Task)]) -> Vec<u32> {
+    /// The splits and batches of `tasks`, which must all be maps (reduces wait until the maps are back).
+    fn maps(tasks: &[(u64, Task)]) -> Vec<(u32, u64)> {
         tasks
             .iter()
             .map(|(_, t)| match t {
-                Task::Map { index, .. } => *index,
+                Task::Map { index, batch, .. } => (*index, *batch),
                 other => panic!("only maps until they are back: {other:?}"),
             })
             .collect()
@@ -431,40 +445,37 @@ mod tests {
         }
     }
 
+    fn sources(task: &Task) -> &[Source] {
+        match task {
+            Task::Reduce { sources, .. } => sources,
+            other => panic!("a reduce expected: {other:?}"),
+        }
+    }
+
     #[test]
-    fn reduces_go_out_when_every_map_is_done_with_their_sources() {
-        let mut m = Master::new(vec![split(0), split(1)], 2, "out".into());
+    fn reduces_go_out_when_every_map_is_done_with_each_batch_and_its_tasks() {
+        let mut m = Master::new(vec![split(0), split(1), split(2)], 2, "out".into());
         let first = m.start();
-        assert_eq!(first.len(), 2);
-        assert!(puts(m.on_result(first[0].0, &first[0].1, mapped(0, vec![1, 0], 3))).is_empty());
-        let reduces = puts(m.on_result(first[1].0, &first[1].1, mapped(1, vec![2, 1], 4)));
+        assert_eq!(maps(&first), vec![(0, 0), (1, 0), (2, 0)]);
+        assert!(puts(m.on_result(first[0].0, &first[0].1, mapped(1, 3))).is_empty());
+        assert!(puts(m.on_result(first[1].0, &first[1].1, mapped(0, 4))).is_empty());
+        let reduces = puts(m.on_result(first[2].0, &first[2].1, mapped(1, 5)));
         assert_eq!(reduces.len(), 2);
-        let Task::Reduce { sources, .. } = &reduces[0].1 else {
-            panic!("{reduces:?}")
-        };
-        assert_eq!(
-            sources,
-            &vec![
-                Source {
-                    holder: 0,
-                    task: first[0].0,
-                    runs: 1
-                },
-                Source {
-                    holder: 1,
-                    task: first[1].0,
-                    runs: 2
-                }
-            ]
-        );
-        let Task::Reduce { sources, .. } = &reduces[1].1 else {
-            panic!()
-        };
-        assert_eq!(
-            sources.len(),
-            1,
-            "a map with no run for a partition is no source"
-        );
+        let expect = vec![
+            Source {
+                holder: 0,
+                batch: 0,
+                tasks: vec![first[1].0],
+            },
+            Source {
+                holder: 1,
+                batch: 0,
+                tasks: vec![first[0].0, first[2].0],
+            },
+        ];
+        // Every partition reads every batch.
+        assert_eq!(sources(&reduces[0].1), expect);
+        assert_eq!(sources(&reduces[1].1), expect);
         assert_eq!(
             m.on_result(reduces[0].0, &reduces[0].1, reduced()),
             Step::Put(vec![])
@@ -474,8 +485,13 @@ mod tests {
             Step::Finished
         );
         let t = m.totals();
-        assert_eq!((t.maps_done, t.reduces_done, t.records), (2, 2, 2));
-        assert_eq!(t.counters.get("lines"), 7);
+        assert_eq!((t.maps_done, t.reduces_done, t.records), (3, 2, 2));
+        assert_eq!(t.counters.get("lines"), 12);
+        // Runs and their bytes as the reduces read them.
+        assert_eq!(
+            (t.map_runs, t.map_output_bytes, t.shuffled_bytes),
+            (4, 10, 6)
+        );
     }
 
     #[test]
@@ -489,13 +505,31 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_holder_has_its_maps_redone_then_the_partition_again_and_counters_count_once() {
+    fn a_holder_lost_in_the_map_phase_has_its_maps_redone_into_the_first_batch() {
+        let mut m = Master::new(vec![split(0), split(1), split(2)], 2, "out".into());
+        let first = m.start();
+        assert!(puts(m.on_result(first[0].0, &first[0].1, mapped(2, 1))).is_empty());
+        // No reduce has been told of any batch yet: the map made again joins batch 0 too.
+        let again = m.lose(2);
+        assert_eq!(maps(&again), vec![(0, 0)]);
+        assert_eq!(m.redone, 1);
+        assert!(puts(m.on_result(first[1].0, &first[1].1, mapped(0, 1))).is_empty());
+        assert!(puts(m.on_result(first[2].0, &first[2].1, mapped(1, 1))).is_empty());
+        let reduces = puts(m.on_result(again[0].0, &again[0].1, mapped(1, 1)));
+        assert_eq!(reduces.len(), 2);
+        let s = sources(&reduces[0].1);
+        assert!(s.iter().all(|s| s.holder != 2 && s.batch == 0), "{s:?}");
+        assert_eq!(s.iter().map(|s| s.tasks.len()).sum::<usize>(), 3);
+    }
+
+    #[test]
+    fn a_lost_holder_has_its_maps_redone_into_a_new_batch_then_the_partition_again() {
         let mut m = Master::new(vec![split(0), split(1), split(2)], 2, "out".into());
         let first = m.start();
         let holders = [0, 1, 1];
         let mut reduces = Vec::new();
         for ((id, task), h) in first.iter().zip(holders) {
-            reduces.extend(puts(m.on_result(*id, task, mapped(h, vec![1, 1], 1))));
+            reduces.extend(puts(m.on_result(*id, task, mapped(h, 1))));
         }
         assert_eq!(reduces.len(), 2);
         // Partition 0 is written; partition 1's reducer finds rank 1 gone.
@@ -504,7 +538,8 @@ mod tests {
             Step::Put(vec![])
         );
         let again = puts(m.on_result(reduces[1].0, &reduces[1].1, TaskResult::Lost { holder: 1 }));
-        assert_eq!(map_indices(&again), vec![1, 2]);
+        // Batch 0 was named to reduces: the maps made again go into batch 1.
+        assert_eq!(maps(&again), vec![(1, 1), (2, 1)]);
         assert_eq!(m.redone, 2);
         assert_eq!(
             m.maps_done(),
@@ -517,14 +552,13 @@ mod tests {
                 .is_empty()
         );
         // A late result from the lost rank is not trusted: its output went with it.
-        let late = puts(m.on_result(again[0].0, &again[0].1, mapped(1, vec![1, 1], 1)));
-        assert_eq!(late.len(), 1);
-        assert!(matches!(late[0].1, Task::Map { index: 1, .. }));
+        let late = puts(m.on_result(again[0].0, &again[0].1, mapped(1, 1)));
+        assert_eq!(maps(&late), vec![(1, 1)]);
         assert_eq!(m.redone, 3);
         // A stale id is ignored.
-        assert!(puts(m.on_result(first[1].0, &first[1].1, mapped(0, vec![1, 1], 1))).is_empty());
-        assert!(puts(m.on_result(late[0].0, &late[0].1, mapped(0, vec![1, 1], 1))).is_empty());
-        let only = puts(m.on_result(again[1].0, &again[1].1, mapped(2, vec![1, 1], 1)));
+        assert!(puts(m.on_result(first[1].0, &first[1].1, mapped(0, 1))).is_empty());
+        assert!(puts(m.on_result(late[0].0, &late[0].1, mapped(0, 1))).is_empty());
+        let only = puts(m.on_result(again[1].0, &again[1].1, mapped(2, 1)));
         assert_eq!(
             only.len(),
             1,
@@ -537,45 +571,65 @@ mod tests {
             panic!()
         };
         assert_eq!(*partition, 1);
-        assert!(sources.iter().all(|s| s.holder != 1));
-        assert_eq!(m.maps_done(), 3);
         assert_eq!(
-            m.on_result(only[0].0, &only[0].1, reduced()),
-            Step::Finished
+            sources,
+            &vec![
+                Source {
+                    holder: 0,
+                    batch: 0,
+                    tasks: vec![first[0].0]
+                },
+                Source {
+                    holder: 0,
+                    batch: 1,
+                    tasks: vec![late[0].0]
+                },
+                Source {
+                    holder: 2,
+                    batch: 1,
+                    tasks: vec![again[1].0]
+                }
+            ]
         );
-        assert_eq!(
-            m.totals().counters.get("lines"),
-            3,
-            "each split counted once"
-        );
+        // Maps put after this reduce would go into batch 2.
+        assert_eq!(maps(&m.lose(2)), vec![(2, 2)]);
     }
 
     #[test]
-    fn a_holder_lost_in_the_reduce_phase_has_only_needed_maps_redone_and_every_split_counts() {
-        // Three splits; rank 1 holds splits 1 and 2. Split 1 has output for partition 0 only, split 2 for
-        // both. Partition 0 is written, then rank 1 is lost while partition 1's reduce runs.
+    fn a_holder_lost_once_every_partition_is_written_costs_nothing_and_every_split_counts() {
+        let mut m = Master::new(vec![split(0), split(1)], 1, "out".into());
+        let first = m.start();
+        let mut reduces = Vec::new();
+        for ((id, task), h) in first.iter().zip([0, 1]) {
+            reduces.extend(puts(m.on_result(*id, task, mapped(h, 1))));
+        }
+        assert_eq!(
+            m.on_result(reduces[0].0, &reduces[0].1, reduced()),
+            Step::Finished
+        );
+        assert!(m.lose(1).is_empty());
+        let t = m.totals();
+        assert_eq!(t.counters.get("lines"), 2);
+        assert_eq!((t.maps_done, t.input_bytes), (2, 20));
+    }
+
+    #[test]
+    fn a_holder_lost_in_the_reduce_phase_has_its_maps_redone_and_every_split_counts_once() {
+        // Rank 1 is lost while partition 1's reduce runs, after partition 0 is written.
         let mut m = Master::new(vec![split(0), split(1), split(2)], 2, "out".into());
         let first = m.start();
         let mut reduces = Vec::new();
-        for ((id, task), (h, runs)) in
-            first
-                .iter()
-                .zip([(0, vec![1, 1]), (1, vec![1, 0]), (1, vec![1, 1])])
-        {
-            reduces.extend(puts(m.on_result(*id, task, mapped(h, runs, 1))));
+        for ((id, task), h) in first.iter().zip([0, 1, 1]) {
+            reduces.extend(puts(m.on_result(*id, task, mapped(h, 1))));
         }
         assert_eq!(
             m.on_result(reduces[0].0, &reduces[0].1, reduced()),
             Step::Put(vec![])
         );
         let again = m.lose(1);
-        assert_eq!(
-            map_indices(&again),
-            vec![2],
-            "split 1 fed only the written partition"
-        );
-        // Partition 1's reducer had fetched everything before the loss: the job ends before split 2's new
-        // run does, and every split's counters are in the totals.
+        assert_eq!(maps(&again), vec![(1, 1), (2, 1)]);
+        // Partition 1's reducer had fetched everything before the loss: the job ends before the new maps
+        // do, and every split's counters are in the totals.
         assert_eq!(
             m.on_result(reduces[1].0, &reduces[1].1, reduced()),
             Step::Finished
@@ -583,8 +637,8 @@ mod tests {
         let t = m.totals();
         assert_eq!(t.counters.get("lines"), 3);
         assert_eq!((t.maps_done, t.input_bytes), (3, 30));
-        // The new run, if it ends after all, replaces split 2's figures rather than adding to them.
-        let _ = m.on_result(again[0].0, &again[0].1, mapped(0, vec![1, 1], 1));
+        // A new map, if it ends after all, replaces its split's figures rather than adding to them.
+        let _ = m.on_result(again[0].0, &again[0].1, mapped(0, 1));
         assert_eq!(m.totals().counters.get("lines"), 3);
     }
 

@@ -1,14 +1,18 @@
-//! The shuffle: every rank serves the runs its map tasks wrote to reducers on other ranks, through a dsm
-//! service over the job's own connections. Reads happen on a thread of their own, never on the service loop
-//! (which also resolves page faults). A reducer asks a holder for all the runs it needs from it at once,
-//! and each answer carries up to [`CHUNK`] bytes of them, run after run.
+//! The shuffle: every rank serves the map output it holds to reducers on other ranks, through a dsm service
+//! over the job's own connections. A reducer first asks a holder to write the batches it needs (if no
+//! reduce has asked before) and how many runs of its partition each has; then it asks for all those runs at
+//! once, and each answer carries up to [`CHUNK`] bytes of them, run after run. Requests are handed to a
+//! thread of the job's own (`MapReduce::run`), never handled on the service loop (which also resolves page
+//! faults).
 
+use crate::master::Source;
 use dsm::{Dsm, DsmError, Rank, Responder, Service, ServiceId};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::Mutex;
 
 /// The service id of the shuffle (the tuple space has 1).
 pub(crate) const SERVICE: ServiceId = 2;
@@ -16,11 +20,11 @@ pub(crate) const SERVICE: ServiceId = 2;
 /// The most bytes of runs one answer carries.
 const CHUNK: usize = 4 << 20;
 
-/// Names one run a map task wrote.
+/// Names one run of a batch of map output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RunId {
     pub(crate) job: u64,
-    pub(crate) task: u64,
+    pub(crate) batch: u64,
     pub(crate) partition: u32,
     pub(crate) run: u32,
 }
@@ -28,7 +32,7 @@ pub(crate) struct RunId {
 impl RunId {
     /// Where the rank that wrote the run keeps it.
     pub(crate) fn path(&self, root: &Path) -> PathBuf {
-        job_dir(root, self.job).join(format!("t{}-p{}-r{}", self.task, self.partition, self.run))
+        job_dir(root, self.job).join(format!("b{}-p{}-r{}", self.batch, self.partition, self.run))
     }
 }
 
@@ -42,9 +46,32 @@ pub(crate) fn job_dir(root: &Path, job: u64) -> PathBuf {
 /// holder in one round trip per chunk, not one per run (a job of M maps on P ranks has M/P runs of each
 /// partition on each rank).
 #[derive(Debug, Serialize, Deserialize)]
-struct Fetch {
+pub(crate) struct Fetch {
     runs: Vec<RunId>,
     offset: u64,
+}
+
+/// What a reducer asks of a holder.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Request {
+    /// Write these batches of job `job` (those not yet written) and say how many runs of `partition` each
+    /// has; each must hold exactly the map tasks its source names.
+    Seal {
+        job: u64,
+        partition: u32,
+        sources: Vec<Source>,
+    },
+    /// Send runs.
+    Fetch(Fetch),
+}
+
+impl Request {
+    fn job(&self) -> Option<u64> {
+        match self {
+            Request::Seal { job, .. } => Some(*job),
+            Request::Fetch(f) => f.runs.first().map(|r| r.job),
+        }
+    }
 }
 
 /// A piece of one run in an answer: its index in the fetch's `runs`, the bytes, and whether they end it.
@@ -87,40 +114,126 @@ fn pieces(mut body: &[u8]) -> Option<Vec<Piece<'_>>> {
     Some(pieces)
 }
 
-/// The service half: hands requests to the reading thread.
-#[derive(Debug)]
+/// A job's requests, and where each answer goes.
+pub(crate) type Requests = crossbeam::channel::Receiver<(Request, Responder)>;
+
+/// The service half: hands each request to the thread of its job on this rank.
+#[derive(Debug, Default)]
 pub(crate) struct ShuffleService {
-    requests: crossbeam::channel::Sender<(Vec<u8>, Responder)>,
+    jobs: Mutex<HashMap<u64, crossbeam::channel::Sender<(Request, Responder)>>>,
 }
 
-impl Service for ShuffleService {
-    fn request(&self, _from: Rank, payload: Vec<u8>, reply: Responder) {
-        // The reading thread lives as long as the process; a send cannot fail while it does.
-        let _ = self.requests.send((payload, reply));
+impl ShuffleService {
+    /// Job `job`'s requests from now on, until [`ShuffleService::close`].
+    pub(crate) fn open(&self, job: u64) -> Requests {
+        let (tx, rx) = crossbeam::channel::unbounded();
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job, tx);
+        rx
+    }
+
+    /// No more requests of job `job`: its thread ends once it has answered those it has.
+    pub(crate) fn close(&self, job: u64) {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job);
     }
 }
 
-/// Starts the reading thread for runs under `root`.
-pub(crate) fn start(root: PathBuf) -> std::io::Result<Arc<ShuffleService>> {
-    let (tx, rx) = crossbeam::channel::unbounded::<(Vec<u8>, Responder)>();
-    std::thread::Builder::new()
-        .name("dsm-shuffle".into())
-        .spawn(move || {
-            for (payload, reply) in rx {
-                let answer = serve(&root, &payload);
-                // An error means the reducer is gone; the master learns of it separately.
-                let _ = reply.send(&[&answer]);
+impl Service for ShuffleService {
+    fn request(&self, from: Rank, payload: Vec<u8>, reply: Responder) {
+        let request: Request = match postcard::from_bytes(&payload) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = reply.send(&[&failure(&format!("a malformed request from {from}: {e}"))]);
+                return;
             }
-        })?;
-    Ok(Arc::new(ShuffleService { requests: tx }))
+        };
+        let job = request.job();
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        match job.and_then(|j| jobs.get(&j)) {
+            // The job's thread lives until the job is closed here; a send cannot fail while it does.
+            Some(tx) => {
+                let _ = tx.send((request, reply));
+            }
+            None => {
+                drop(jobs);
+                let what = match job {
+                    Some(j) => {
+                        format!("job {j} is not running here (it has ended, or never began)")
+                    }
+                    None => "a fetch of no runs".to_string(),
+                };
+                let _ = reply.send(&[&failure(&what)]);
+            }
+        }
+    }
+}
+
+/// An answer saying what went wrong: `1` and the message.
+pub(crate) fn failure(what: &str) -> Vec<u8> {
+    let mut out = vec![1u8];
+    out.extend_from_slice(what.as_bytes());
+    out
+}
+
+/// The answer to a seal: `0` and the run counts, or the failure.
+pub(crate) fn sealed(counts: Result<Vec<u32>, String>) -> Vec<u8> {
+    counts
+        .and_then(|c| {
+            postcard::to_extend(&c, vec![0u8]).map_err(|e| format!("encoding run counts: {e}"))
+        })
+        .unwrap_or_else(|e| failure(&e))
+}
+
+/// Asks `holder` to write the batches of `sources` (all its own) and returns how many runs of
+/// `partition` each has.
+pub(crate) fn seal(
+    dsm: &Dsm,
+    holder: Rank,
+    job: u64,
+    partition: u32,
+    sources: &[Source],
+) -> Result<Vec<u32>, FetchError> {
+    let request = postcard::to_allocvec(&Request::Seal {
+        job,
+        partition,
+        sources: sources.to_vec(),
+    })
+    .map_err(|e| FetchError::Failed(format!("encoding a request: {e}")))?;
+    let answer = call(dsm, holder, &request)?;
+    let malformed = || FetchError::Failed(format!("{holder} sent a malformed answer to a seal"));
+    match answer.split_first() {
+        Some((0, body)) => {
+            let counts: Vec<u32> = postcard::from_bytes(body).map_err(|_| malformed())?;
+            if counts.len() != sources.len() {
+                return Err(malformed());
+            }
+            Ok(counts)
+        }
+        Some((1, message)) => Err(FetchError::Failed(format!(
+            "{holder} could not write its map output: {}",
+            String::from_utf8_lossy(message)
+        ))),
+        _ => Err(malformed()),
+    }
+}
+
+/// Sends `request` to `holder`'s shuffle and returns the answer.
+fn call(dsm: &Dsm, holder: Rank, request: &[u8]) -> Result<Vec<u8>, FetchError> {
+    dsm.call(holder, SERVICE, &[request]).map_err(|e| match e {
+        DsmError::PeerFailed { .. } => FetchError::Lost,
+        other => FetchError::Failed(format!("fetching map output from {holder}: {other}")),
+    })
 }
 
 /// The answer to one fetch: `0` and the pieces (up to `CHUNK` bytes of runs from the position asked
 /// for), or `1` and what went wrong.
-fn serve(root: &Path, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn serve(root: &Path, fetch: &Fetch) -> Vec<u8> {
     let read = || -> Result<Vec<u8>, String> {
-        let fetch: Fetch =
-            postcard::from_bytes(payload).map_err(|e| format!("a malformed fetch: {e}"))?;
         // Room for what the answer will carry (the runs' sizes on disk, up to the chunk), so that reading
         // them does not grow the buffer by doubling, copying what it holds each time.
         let on_disk: u64 = fetch
@@ -158,11 +271,7 @@ fn serve(root: &Path, payload: &[u8]) -> Vec<u8> {
         }
         Ok(out)
     };
-    read().unwrap_or_else(|e| {
-        let mut out = vec![1u8];
-        out.extend_from_slice(e.as_bytes());
-        out
-    })
+    read().unwrap_or_else(|e| failure(&e))
 }
 
 /// Why a fetch failed.
@@ -183,13 +292,7 @@ pub(crate) fn fetch_all(
     runs: &[RunId],
     each: impl FnMut(usize, Vec<u8>) -> Result<(), FetchError>,
 ) -> Result<(), FetchError> {
-    let call = |request: &[u8]| {
-        dsm.call(holder, SERVICE, &[request]).map_err(|e| match e {
-            DsmError::PeerFailed { .. } => FetchError::Lost,
-            other => FetchError::Failed(format!("fetching map output from {holder}: {other}")),
-        })
-    };
-    fetch_through(call, holder, runs, each)
+    fetch_through(|request| call(dsm, holder, request), holder, runs, each)
 }
 
 /// `fetch_all` over `call`, which sends a fetch and returns the answer.
@@ -203,10 +306,10 @@ fn fetch_through(
     let mut at = 0usize;
     let mut current = Vec::new();
     while at < runs.len() {
-        let request = postcard::to_allocvec(&Fetch {
+        let request = postcard::to_allocvec(&Request::Fetch(Fetch {
             runs: runs[at..].to_vec(),
             offset: current.len() as u64,
-        })
+        }))
         .map_err(|e| FetchError::Failed(format!("encoding a fetch: {e}")))?;
         let answer = call(&request)?;
         let pieces = match answer.split_first() {
@@ -247,12 +350,20 @@ fn fetch_through(
 mod tests {
     use super::*;
 
-    fn run(task: u64) -> RunId {
+    fn run(batch: u64) -> RunId {
         RunId {
             job: 0,
-            task,
+            batch,
             partition: 0,
             run: 0,
+        }
+    }
+
+    /// Serves `request` as the job's thread does a fetch.
+    fn serve_encoded(root: &Path, request: &[u8]) -> Vec<u8> {
+        match postcard::from_bytes(request) {
+            Ok(Request::Fetch(f)) => serve(root, &f),
+            other => panic!("a fetch expected: {other:?}"),
         }
     }
 
@@ -273,7 +384,7 @@ mod tests {
         fetch_through(
             |request| {
                 answers += 1;
-                Ok(serve(&root, request))
+                Ok(serve_encoded(&root, request))
             },
             Rank(1),
             &runs,
@@ -295,12 +406,18 @@ mod tests {
         );
         // A run that is missing is an error naming it, not a hang or a short run.
         std::fs::remove_file(runs[4].path(&root)).unwrap();
-        let e = fetch_through(|r| Ok(serve(&root, r)), Rank(1), &runs, |_, _| Ok(())).unwrap_err();
+        let e = fetch_through(
+            |r| Ok(serve_encoded(&root, r)),
+            Rank(1),
+            &runs,
+            |_, _| Ok(()),
+        )
+        .unwrap_err();
         let FetchError::Failed(what) = e else {
             panic!("a missing run is a failure")
         };
         assert!(
-            what.contains("t4-p0-r0") && what.contains("rank 1"),
+            what.contains("b4-p0-r0") && what.contains("rank 1"),
             "{what}"
         );
         let _ = std::fs::remove_dir_all(&root);

@@ -1,13 +1,19 @@
 //! What a rank does with a task (each of its task slots runs one at a time). A map task reads its split,
-//! runs `map` over its lines, and writes what it emitted as sorted runs, one or more per partition, under
-//! the rank's spill directory. A reduce task gathers its partition's runs (its own from disk, others'
-//! through the shuffle), merges them, calls `reduce` once per key in key order, and writes the partition's
-//! file under a temporary name that it then renames.
+//! runs `map` over its lines, and folds what it emitted into the output its task slot holds for the
+//! task's batch (spilling sorted runs under the rank's spill directory past the memory budget). The first
+//! reduce to need a batch has it written: what is held becomes sorted runs, one per partition. A reduce
+//! task gathers its partition's runs (its own rank's from disk, others' through the shuffle), merges
+//! them, calls `reduce` once per key in key order, and writes the partition's file under a temporary name
+//! that it then renames.
+//!
+//! Folding the maps of a batch together is what Phoenix++ does with its per-thread containers: a word
+//! counted by every map is sorted, written, shuffled and merged once per task slot instead of once per
+//! map (word count of 100 MB on 2 ranks: 2 runs per partition to merge instead of 34).
 //!
 //! A panic in the job's code fails the task with the panic's message and where it happened (the record's
 //! file and byte, or the key); it never takes the rank down.
 
-use crate::emit::{Counters, Emitter};
+use crate::emit::{Counters, Emitter, Held};
 use crate::input::{self, FileVersion, Record, Split};
 use crate::master::{Source, Task, TaskResult};
 use crate::runs::{self, RunReader};
@@ -16,17 +22,21 @@ use crate::Job;
 use dsm::{panic_message, Dsm, Rank};
 use rayon::prelude::*;
 use serde::de::DeserializeOwned;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 type Pairs<J> = Vec<(<J as Job>::Key, <J as Job>::Value)>;
 /// One partition's pairs, in place: its number and its slice.
 type Slice<'a, J> = (usize, &'a mut [(<J as Job>::Key, <J as Job>::Value)]);
 type Readers<J> = Vec<RunReader<<J as Job>::Key, <J as Job>::Value>>;
+/// A job's map output held in memory.
+type HeldOf<J> = Held<<J as Job>::Key, <J as Job>::Value>;
+/// A job's batches on this rank, by number.
+type Batches<J> = HashMap<u64, Batch<<J as Job>::Key, <J as Job>::Value>>;
 
 /// One rank's means of running tasks of one job.
 pub(crate) struct Worker<'a, J: Job> {
@@ -39,15 +49,42 @@ pub(crate) struct Worker<'a, J: Job> {
     pub(crate) budget: u64,
     /// The most runs one merge takes.
     pub(crate) fan_in: usize,
-    /// Emptied tables of finished map tasks, whose allocations the next map tasks reuse (a table that
-    /// grew to a split's distinct keys need not grow again, page by page, for the next split), and the
-    /// buffers they read their splits into. Both go when the first reduce starts (the reduce phase has a
-    /// budget of its own) and with the worker at the end of the job.
-    pub(crate) tables: Mutex<Vec<Table<J>>>,
+    /// The batches of map output this rank holds.
+    pub(crate) batches: Mutex<Batches<J>>,
+    /// Held by the one writing a batch (a reduce of this rank, or the shuffle for another's), so that
+    /// another that needs it waits until it is written.
+    pub(crate) sealing: Mutex<()>,
+    /// The buffers map tasks read their splits into, kept for the next ones; they go when the first
+    /// reduce starts (the reduce phase has a budget of its own) and with the worker at the end of the job.
     pub(crate) buffers: Mutex<Vec<Vec<u8>>>,
 }
 
-type Table<J> = rustc_hash::FxHashMap<<J as Job>::Key, <J as Job>::Value>;
+/// One batch of map output on this rank (see `master`).
+pub(crate) struct Batch<K, V> {
+    /// What the maps of the batch emitted, one held output per task slot that mapped into it, not
+    /// counting those a map is folding into now.
+    idle: Vec<Held<K, V>>,
+    /// The map tasks whose output is folded in, whole.
+    tasks: BTreeSet<u64>,
+    /// Where its runs go (spilled by maps, or written when it is sealed).
+    sink: Arc<RunSink>,
+    /// Written as runs: no map may fold into it any more.
+    sealed: bool,
+    /// Why its output cannot be trusted (a map failed folding into it, or it could not be written).
+    failed: Option<String>,
+}
+
+impl<K, V> Batch<K, V> {
+    pub(crate) fn new(sink: RunSink) -> Batch<K, V> {
+        Batch {
+            idle: Vec::new(),
+            tasks: BTreeSet::new(),
+            sink: Arc::new(sink),
+            sealed: false,
+            failed: None,
+        }
+    }
+}
 
 /// A file being written, removed when dropped unless it was finished (`.0` taken).
 struct Unfinished(Option<PathBuf>);
@@ -127,16 +164,32 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Where one map task's runs go, from any of its threads.
-struct RunSink<'a> {
-    root: &'a Path,
+/// Where one batch's runs go, from any thread.
+pub(crate) struct RunSink {
+    root: PathBuf,
     job: u64,
-    task: u64,
+    batch: u64,
+    /// Runs written, by partition.
     runs: Mutex<Vec<u32>>,
-    bytes: AtomicU64,
 }
 
-impl RunSink<'_> {
+impl RunSink {
+    /// The run ids of partition `partition` written so far.
+    fn ids(&self, partition: u32) -> Vec<RunId> {
+        let n = lock(&self.runs)
+            .get(partition as usize)
+            .copied()
+            .unwrap_or(0);
+        (0..n)
+            .map(|run| RunId {
+                job: self.job,
+                batch: self.batch,
+                partition,
+                run,
+            })
+            .collect()
+    }
+
     fn write<K: serde::Serialize, V: serde::Serialize>(
         &self,
         partition: usize,
@@ -149,17 +202,77 @@ impl RunSink<'_> {
         };
         let id = RunId {
             job: self.job,
-            task: self.task,
+            batch: self.batch,
             partition: partition as u32,
             run,
         };
-        let path = id.path(self.root);
+        let path = id.path(&self.root);
         let what = |e: std::io::Error| format!("writing map output {}: {e}", path.display());
         let mut out = BufWriter::new(File::create(&path).map_err(what)?);
-        let n = runs::write_run(&mut out, pairs).map_err(what)?;
-        out.flush().map_err(what)?;
-        self.bytes.fetch_add(n, Ordering::Relaxed);
-        Ok(())
+        runs::write_run(&mut out, pairs).map_err(what)?;
+        out.flush().map_err(what)
+    }
+}
+
+/// A map task folding into a batch's held output: taken from the batch when the map starts, given back
+/// when it ends well. Dropped without that (the map failed, or panicked), it marks the batch failed: part
+/// of the map's output is in what it held.
+struct Folding<'w, J: Job> {
+    worker: &'w Worker<'w, J>,
+    batch: u64,
+    task: u64,
+    held: Option<HeldOf<J>>,
+    sink: Arc<RunSink>,
+    finished: bool,
+}
+
+impl<J: Job> Folding<'_, J> {
+    /// Gives the held output back to the batch, with the task in it.
+    fn finish(mut self) -> Result<(), String> {
+        self.finished = true;
+        let held = self.held.take();
+        let mut batches = lock(&self.worker.batches);
+        let b = batches
+            .get_mut(&self.batch)
+            .ok_or_else(|| format!("batch {} went while map task {} ran", self.batch, self.task))?;
+        let problem = if b.sealed {
+            Some(format!(
+                "map task {} ended after batch {} was written (it ran twice, or late)",
+                self.task, self.batch
+            ))
+        } else if !b.tasks.insert(self.task) {
+            Some(format!(
+                "map task {} was folded into batch {} twice",
+                self.task, self.batch
+            ))
+        } else {
+            None
+        };
+        match problem {
+            None => {
+                b.idle.extend(held);
+                Ok(())
+            }
+            Some(what) => {
+                b.failed.get_or_insert_with(|| what.clone());
+                Err(what)
+            }
+        }
+    }
+}
+
+impl<J: Job> Drop for Folding<'_, J> {
+    fn drop(&mut self) {
+        if !self.finished {
+            if let Some(b) = lock(&self.worker.batches).get_mut(&self.batch) {
+                b.failed.get_or_insert_with(|| {
+                    format!(
+                        "map task {} failed while folding into batch {}",
+                        self.task, self.batch
+                    )
+                });
+            }
+        }
     }
 }
 
@@ -177,8 +290,9 @@ impl<J: Job> Worker<'_, J> {
                 split,
                 version,
                 partitions,
+                batch,
                 ..
-            } => self.map(id, &split, version.as_ref(), partitions as usize),
+            } => self.map(id, &split, version.as_ref(), partitions as usize, batch),
             Task::Reduce {
                 partition,
                 sources,
@@ -207,7 +321,7 @@ impl<J: Job> Worker<'_, J> {
         &self,
         mut pairs: Pairs<J>,
         n: usize,
-        sink: &RunSink<'_>,
+        sink: &RunSink,
         parallel: bool,
     ) -> Result<(), String> {
         // Each key's partition, computed once; then each pair is swapped straight into its partition's
@@ -276,16 +390,49 @@ impl<J: Job> Worker<'_, J> {
         split: &Split,
         version: Option<&FileVersion>,
         partitions: usize,
+        batch: u64,
     ) -> Result<TaskResult, String> {
         // A kept buffer: taken for this map, given back after it (unless a long line made it large).
         let mut data = lock(&self.buffers).pop().unwrap_or_default();
         let limit = self.budget.max(input::MIN_SPLIT_LIMIT);
         input::read_split_into(split, version, limit, &mut data)?;
-        let result = self.map_split(id, split, &data, partitions);
+        let result = self.map_split(id, split, &data, partitions, batch);
         if data.capacity() as u64 <= KEPT_BUFFER.min(self.budget) {
             lock(&self.buffers).push(data);
         }
         result
+    }
+
+    /// Takes held output of batch `batch` (made when the batch is new) for map task `task` to fold into.
+    fn join(&self, task: u64, batch: u64, partitions: usize) -> Result<Folding<'_, J>, String> {
+        let mut batches = lock(&self.batches);
+        let b = batches.entry(batch).or_insert_with(|| {
+            Batch::new(RunSink {
+                root: self.root.to_path_buf(),
+                job: self.job_id,
+                batch,
+                runs: Mutex::new(vec![0; partitions]),
+            })
+        });
+        if b.sealed {
+            return Err(format!(
+                "map task {task} came after batch {batch} was written (the master puts no map into a batch a reduce has read)"
+            ));
+        }
+        if lock(&b.sink.runs).len() != partitions {
+            return Err(format!(
+                "map task {task} has {partitions} partitions, other maps of batch {batch} had {}",
+                lock(&b.sink.runs).len()
+            ));
+        }
+        Ok(Folding {
+            worker: self,
+            batch,
+            task,
+            held: Some(b.idle.pop().unwrap_or_default()),
+            sink: b.sink.clone(),
+            finished: false,
+        })
     }
 
     fn map_split(
@@ -294,42 +441,35 @@ impl<J: Job> Worker<'_, J> {
         split: &Split,
         data: &[u8],
         partitions: usize,
+        batch: u64,
     ) -> Result<TaskResult, String> {
-        let sink = RunSink {
-            root: self.root,
-            job: self.job_id,
-            task: id,
-            runs: Mutex::new(vec![0; partitions]),
-            bytes: AtomicU64::new(0),
-        };
-        let (held, counters) = self.map_lines(split, data, &sink, partitions)?;
-        // What is still held is sorted and written, one run per partition, on the rank's threads (the
-        // other task slots may be idle at the end of the map phase).
-        self.pool
-            .install(|| self.write_runs(held, partitions, &sink, true))?;
+        let mut folding = self.join(id, batch, partitions)?;
+        let held = folding.held.take().unwrap_or_default();
+        let (held, counters) = self.map_lines(split, data, held, &folding.sink, partitions)?;
+        folding.held = Some(held);
+        folding.finish()?;
         Ok(TaskResult::Mapped {
             holder: self.dsm.rank().0,
-            runs: sink.runs.into_inner().unwrap_or_else(|p| p.into_inner()),
             input_bytes: data.len() as u64,
-            output_bytes: sink.bytes.into_inner(),
             counters,
         })
     }
 
-    /// Maps the lines of a split (`bytes`); returns what is still held and the counters.
+    /// Maps the lines of a split (`bytes`), folding into `held`; returns what is held after it and the
+    /// counters.
     fn map_lines(
         &self,
         split: &Split,
         bytes: &[u8],
-        sink: &RunSink<'_>,
+        held: HeldOf<J>,
+        sink: &RunSink,
         partitions: usize,
-    ) -> Result<(Pairs<J>, Counters), String> {
+    ) -> Result<(HeldOf<J>, Counters), String> {
         let combiner = self.job.combiner();
         let mut spill = |held: Pairs<J>| -> Result<(), String> {
             self.write_runs(held, partitions, sink, false)
         };
-        let table = lock(&self.tables).pop().unwrap_or_default();
-        let mut emit = Emitter::with_table(combiner, self.budget, &mut spill, table);
+        let mut emit = Emitter::folding_into(combiner, self.budget, &mut spill, held);
         let mut at = split.start;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             for (o, line) in input::lines(bytes) {
@@ -352,48 +492,103 @@ impl<J: Job> Worker<'_, J> {
         if let Some(e) = emit.error() {
             return Err(e);
         }
-        let held = emit.take();
         let counters = std::mem::take(&mut emit.counters);
-        lock(&self.tables).push(emit.into_table());
-        Ok((held, counters))
+        Ok((emit.into_held(), counters))
     }
 
-    /// Finds every run of `partition` at `sources`: its own on disk, others fetched (kept in memory up to
-    /// the budget, then in files of its own), all of one holder's in one exchange. Returns them, unopened,
-    /// and the bytes fetched.
+    /// Writes batch `batch`'s held output as runs, one per partition and held output (once: after that
+    /// it is found written), checks that it holds exactly the map tasks `tasks`, and returns its runs of
+    /// `partition`.
+    pub(crate) fn seal(
+        &self,
+        batch: u64,
+        tasks: &[u64],
+        partition: u32,
+    ) -> Result<Vec<RunId>, String> {
+        let me = self.dsm.rank();
+        let _one = lock(&self.sealing);
+        let to_write = {
+            let mut batches = lock(&self.batches);
+            let b = batches.get_mut(&batch).ok_or_else(|| {
+                format!("{me} holds no map output of batch {batch} (a reduce expects that of map tasks {tasks:?})")
+            })?;
+            if b.sealed {
+                None
+            } else {
+                b.sealed = true;
+                Some((std::mem::take(&mut b.idle), b.sink.clone()))
+            }
+        };
+        if let Some((held, sink)) = to_write {
+            let partitions = lock(&sink.runs).len();
+            // Each held output's partitions are sorted and written on the rank's threads.
+            let written = self.pool.install(|| {
+                held.into_iter()
+                    .try_for_each(|mut h| self.write_runs(h.take(), partitions, &sink, true))
+            });
+            if let Err(e) = written {
+                if let Some(b) = lock(&self.batches).get_mut(&batch) {
+                    b.failed.get_or_insert(e);
+                }
+            }
+        }
+        let batches = lock(&self.batches);
+        let b = batches
+            .get(&batch)
+            .ok_or_else(|| format!("{me} lost batch {batch} while writing it"))?;
+        if let Some(e) = &b.failed {
+            return Err(format!("batch {batch} on {me}: {e}"));
+        }
+        if !b.tasks.iter().eq(tasks.iter()) {
+            return Err(format!(
+                "batch {batch} on {me} holds the output of map tasks {:?}, a reduce expects that of {tasks:?}",
+                b.tasks.iter().collect::<Vec<_>>()
+            ));
+        }
+        Ok(b.sink.ids(partition))
+    }
+
+    /// Seals batches of this rank for the shuffle: their runs of `partition`, counted.
+    pub(crate) fn seal_for(&self, partition: u32, sources: &[Source]) -> Result<Vec<u32>, String> {
+        sources
+            .iter()
+            .map(|s| {
+                self.seal(s.batch, &s.tasks, partition)
+                    .map(|ids| ids.len() as u32)
+            })
+            .collect()
+    }
+
+    /// Finds every run of `partition` in the batches `sources`: this rank's own on disk (written now if
+    /// no reduce has asked for them before), others fetched (kept in memory up to the budget, then in files
+    /// of this reduce's own), all of one holder's in one exchange once it has written them. Returns them,
+    /// unopened, their bytes in all, and the bytes fetched.
     fn locate(
         &self,
         id: u64,
         partition: u32,
         sources: &[Source],
-    ) -> Result<(Vec<Located>, u64), TaskResult> {
+    ) -> Result<(Vec<Located>, u64, u64), TaskResult> {
         let failed = |what: String| TaskResult::Failed { what };
         let me = self.dsm.rank();
         let mut runs = Vec::new();
+        let mut bytes = 0u64;
         let mut fetched = 0u64;
-        let job = self.job_id;
-        let run_ids = |s: &Source| {
-            let task = s.task;
-            (0..s.runs).map(move |run| RunId {
-                job,
-                task,
-                partition,
-                run,
-            })
-        };
-        let what = |rid: &RunId| {
+        let what = |holder: u32, rid: &RunId| {
             format!(
-                "map output {} of task {} for partition {partition}",
-                rid.run, rid.task
+                "map output {} of batch {} of rank {holder} for partition {partition}",
+                rid.run, rid.batch
             )
         };
         let mut holders: Vec<u32> = Vec::new();
         for s in sources {
             if s.holder == me.0 {
-                for rid in run_ids(s) {
+                for rid in self.seal(s.batch, &s.tasks, partition).map_err(failed)? {
+                    let path = rid.path(self.root);
+                    bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
                     runs.push(Located {
-                        source: RunSource::Kept(rid.path(self.root)),
-                        what: what(&rid),
+                        source: RunSource::Kept(path),
+                        what: what(me.0, &rid),
                     });
                 }
             } else if !holders.contains(&s.holder) {
@@ -401,37 +596,51 @@ impl<J: Job> Worker<'_, J> {
             }
         }
         for holder in holders {
-            let wanted: Vec<RunId> = sources
+            let theirs: Vec<Source> = sources
                 .iter()
                 .filter(|s| s.holder == holder)
-                .flat_map(run_ids)
+                .cloned()
                 .collect();
-            let mut keep = |index: usize, bytes: Vec<u8>| -> Result<(), FetchError> {
+            let lost = |e: FetchError| match e {
+                FetchError::Lost => TaskResult::Lost { holder },
+                FetchError::Failed(e) => failed(e),
+            };
+            let counts = shuffle::seal(self.dsm, Rank(holder), self.job_id, partition, &theirs)
+                .map_err(lost)?;
+            let wanted: Vec<RunId> = theirs
+                .iter()
+                .zip(counts)
+                .flat_map(|(s, n)| {
+                    (0..n).map(move |run| RunId {
+                        job: self.job_id,
+                        batch: s.batch,
+                        partition,
+                        run,
+                    })
+                })
+                .collect();
+            let mut keep = |index: usize, got: Vec<u8>| -> Result<(), FetchError> {
                 let rid = &wanted[index];
-                fetched += bytes.len() as u64;
+                fetched += got.len() as u64;
                 let source = if fetched <= self.budget {
-                    RunSource::Bytes(bytes)
+                    RunSource::Bytes(got)
                 } else {
                     let path = shuffle::job_dir(self.root, self.job_id)
-                        .join(format!("fetched-{id}-{holder}-{}-{}", rid.task, rid.run));
-                    std::fs::write(&path, &bytes).map_err(|e| {
+                        .join(format!("fetched-{id}-{holder}-{}-{}", rid.batch, rid.run));
+                    std::fs::write(&path, &got).map_err(|e| {
                         FetchError::Failed(format!("writing {}: {e}", path.display()))
                     })?;
                     RunSource::Own(path)
                 };
                 runs.push(Located {
                     source,
-                    what: what(rid),
+                    what: what(holder, rid),
                 });
                 Ok(())
             };
-            match shuffle::fetch_all(self.dsm, Rank(holder), &wanted, &mut keep) {
-                Ok(()) => {}
-                Err(FetchError::Lost) => return Err(TaskResult::Lost { holder }),
-                Err(FetchError::Failed(e)) => return Err(failed(e)),
-            }
+            shuffle::fetch_all(self.dsm, Rank(holder), &wanted, &mut keep).map_err(lost)?;
         }
-        Ok((runs, fetched))
+        Ok((runs, bytes + fetched, fetched))
     }
 
     /// Opens `runs` to be merged at once, each with a read buffer of 64 KiB while their buffers fit in a
@@ -478,13 +687,13 @@ impl<J: Job> Worker<'_, J> {
         sources: &[Source],
         output: &Path,
     ) -> Result<TaskResult, String> {
-        // The map phase is over (a map redone after a failure makes its buffers anew).
-        lock(&self.tables).clear();
+        // The map phase is over (a map redone after a failure makes its buffer anew).
         lock(&self.buffers).clear();
-        let (mut runs, fetched) = match self.locate(id, partition, sources) {
+        let (mut runs, run_bytes, fetched) = match self.locate(id, partition, sources) {
             Ok(r) => r,
             Err(result) => return Ok(result),
         };
+        let run_count = runs.len() as u64;
         // More runs than one merge takes: merge them a group at a time into runs of this reduce's own,
         // oldest first, until one merge takes what is left.
         let mut pass = 0;
@@ -510,6 +719,8 @@ impl<J: Job> Worker<'_, J> {
         unfinished.0 = None;
         Ok(TaskResult::Reduced {
             records,
+            runs: run_count,
+            run_bytes,
             shuffled_bytes: fetched,
             counters,
         })
@@ -562,6 +773,131 @@ impl<J: Job> Worker<'_, J> {
 mod tests {
     use super::*;
 
+    /// Counts words; panics on a line that says so.
+    struct Count;
+
+    impl Job for Count {
+        type Key = String;
+        type Value = u64;
+        type Output = u64;
+
+        fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, String, u64>) {
+            let line = String::from_utf8_lossy(record.line);
+            assert!(line != "panic", "asked to");
+            for w in line.split_whitespace() {
+                emit.emit_ref(w, 1);
+            }
+        }
+
+        fn combiner(&self) -> Option<crate::Combiner<u64>> {
+            Some(|total, n| *total += n)
+        }
+
+        fn reduce(&self, _: &String, counts: Vec<u64>, _: &mut Counters) -> Option<u64> {
+            Some(counts.iter().sum())
+        }
+    }
+
+    /// What the runs of `ids` hold, summed by key.
+    fn read_runs(root: &Path, ids: &[RunId]) -> std::collections::BTreeMap<String, u64> {
+        let mut all = std::collections::BTreeMap::new();
+        for id in ids {
+            let file = File::open(id.path(root)).unwrap();
+            let mut r: RunReader<String, u64> =
+                RunReader::new(Box::new(BufReader::new(file)), "t".into());
+            while let Some((k, v)) = r.next_pair().unwrap() {
+                *all.entry(k).or_insert(0) += v;
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn a_batch_folds_its_maps_is_written_once_and_is_checked_against_what_a_reduce_expects() {
+        dsm_runtime::local::run_local_job(1, 2, |rt| {
+            let root = std::env::temp_dir().join(format!("dsm-batch-test-{}", std::process::id()));
+            std::fs::create_dir_all(shuffle::job_dir(&root, 0)).unwrap();
+            let input = root.join("in.txt");
+            std::fs::write(&input, "a b a\nc a\npanic\n").unwrap();
+            let split = |start, end| Split {
+                file: input.clone(),
+                start,
+                end,
+            };
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let w = Worker {
+                job: &Count,
+                dsm: rt.dsm(),
+                root: &root,
+                job_id: 0,
+                pool: &pool,
+                budget: 1 << 20,
+                fan_in: 8,
+                batches: Mutex::new(HashMap::new()),
+                sealing: Mutex::new(()),
+                buffers: Mutex::new(Vec::new()),
+            };
+            let map = |task: u64, start, end, batch| {
+                w.run(
+                    task,
+                    Task::Map {
+                        index: 0,
+                        split: split(start, end),
+                        version: None,
+                        partitions: 2,
+                        batch,
+                    },
+                )
+            };
+            assert!(matches!(map(1, 0, 6, 0), TaskResult::Mapped { .. }));
+            assert!(matches!(map(2, 6, 10, 0), TaskResult::Mapped { .. }));
+            // The maps' output is folded: one run per partition, with both maps' counts.
+            let ids: Vec<RunId> = (0..2)
+                .flat_map(|p| w.seal(0, &[1, 2], p).unwrap())
+                .collect();
+            assert_eq!(ids.len(), 2);
+            let counts = read_runs(&root, &ids);
+            let expect = [("a", 3), ("b", 1), ("c", 1)];
+            assert_eq!(
+                counts,
+                expect.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+            );
+            // Written once: asked again, the same runs.
+            assert_eq!(w.seal(0, &[1, 2], 0).unwrap(), ids[..1]);
+            // A reduce expecting other tasks is refused, naming both sets.
+            let e = w.seal(0, &[1], 0).unwrap_err();
+            assert!(e.contains("[1, 2]") && e.contains("[1]"), "{e}");
+            // No map joins a written batch.
+            let TaskResult::Failed { what } = map(3, 0, 6, 0) else {
+                panic!("a map into a written batch fails")
+            };
+            assert!(what.contains("after batch 0 was written"), "{what}");
+            // A map folded twice into one batch, or failing halfway, leaves a batch no reduce may read.
+            assert!(matches!(map(4, 0, 6, 1), TaskResult::Mapped { .. }));
+            let TaskResult::Failed { what } = map(4, 0, 6, 1) else {
+                panic!("the same map twice fails")
+            };
+            assert!(what.contains("twice"), "{what}");
+            assert!(w.seal(1, &[4], 0).unwrap_err().contains("twice"));
+            assert!(matches!(map(5, 0, 6, 2), TaskResult::Mapped { .. }));
+            let TaskResult::Failed { what } = map(6, 10, 16, 2) else {
+                panic!("a panicking map fails")
+            };
+            assert!(what.contains("asked to"), "{what}");
+            let e = w.seal(2, &[5], 0).unwrap_err();
+            assert!(e.contains("map task 6 failed"), "{e}");
+            // A batch this rank never had.
+            assert!(w
+                .seal(9, &[1], 0)
+                .unwrap_err()
+                .contains("no map output of batch 9"));
+            let _ = std::fs::remove_dir_all(&root);
+        });
+    }
+
     #[test]
     fn results_too_large_for_the_tuple_space_become_short_failures() {
         let huge = "x".repeat(2 << 20);
@@ -577,6 +913,8 @@ mod tests {
         }
         let big = TaskResult::Reduced {
             records: 1,
+            runs: 1,
+            run_bytes: 0,
             shuffled_bytes: 0,
             counters,
         };

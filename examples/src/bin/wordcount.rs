@@ -64,12 +64,16 @@ struct Args {
     /// Every rank prints its peak resident memory at the end (for checking the memory budget).
     #[arg(long)]
     peak_memory: bool,
-    /// For fault-tolerance tests: this rank kills itself (SIGKILL) after mapping --die-after lines.
-    #[arg(long, hide = true, requires = "die_after")]
+    /// For fault-tolerance tests: this rank kills itself (SIGKILL) after mapping --die-after lines, or
+    /// after reducing --die-after-keys keys.
+    #[arg(long, hide = true, requires = "dying")]
     die_rank: Option<u32>,
     /// See --die-rank.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, group = "dying")]
     die_after: Option<u64>,
+    /// See --die-rank.
+    #[arg(long, hide = true, group = "dying")]
+    die_after_keys: Option<u64>,
 }
 
 /// The word alphabet: ASCII letters and the apostrophe.
@@ -190,6 +194,18 @@ struct WordCount {
     /// Lines mapped by this rank, and the line count at which it dies (tests of fault tolerance).
     lines: AtomicU64,
     die_after: Option<u64>,
+    /// Keys reduced by this rank, and the count at which it dies.
+    keys: AtomicU64,
+    die_after_keys: Option<u64>,
+}
+
+/// Ends this process as a crash would (tests of fault tolerance).
+fn die_if_past(count: &AtomicU64, limit: Option<u64>) {
+    if let Some(limit) = limit {
+        if count.fetch_add(1, Ordering::Relaxed) >= limit {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
+    }
 }
 
 impl Job for WordCount {
@@ -198,11 +214,7 @@ impl Job for WordCount {
     type Output = u64;
 
     fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, Word, u64>) {
-        if let Some(limit) = self.die_after {
-            if self.lines.fetch_add(1, Ordering::Relaxed) >= limit {
-                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-            }
-        }
+        die_if_past(&self.lines, self.die_after);
         let line = record.line;
         let mut words = 0;
         let mut i = 0;
@@ -228,6 +240,7 @@ impl Job for WordCount {
     }
 
     fn reduce(&self, _word: &Word, counts: Vec<u64>, counters: &mut Counters) -> Option<u64> {
+        die_if_past(&self.keys, self.die_after_keys);
         counters.add("distinct words", 1);
         Some(counts.iter().sum())
     }
@@ -407,11 +420,12 @@ fn main() -> anyhow::Result<()> {
     if let Some(t) = args.threads {
         config = config.threads(t);
     }
+    let dies = args.die_rank == Some(rt.rank().0);
     let job = WordCount {
         lines: AtomicU64::new(0),
-        die_after: args
-            .die_after
-            .filter(|_| args.die_rank == Some(rt.rank().0)),
+        die_after: args.die_after.filter(|_| dies),
+        keys: AtomicU64::new(0),
+        die_after_keys: args.die_after_keys.filter(|_| dies),
     };
     let report = mr.run(&job, &config);
     let shown = report.map_err(anyhow::Error::from).and_then(|report| {
