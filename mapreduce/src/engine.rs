@@ -195,6 +195,12 @@ impl MapReduce {
         };
         let requests = self.shuffle.open(job_id);
         let result = std::thread::scope(|s| {
+            // However this closure ends (a panic included), the job's requests end, and with them the
+            // thread below, which the scope waits for.
+            let _closing = Closing {
+                shuffle: &self.shuffle,
+                job_id,
+            };
             // Other ranks' reducers' requests for this rank's map output, answered until the job is over
             // here (every reduce done: the master has stopped the farm).
             let answering = std::thread::Builder::new()
@@ -211,7 +217,7 @@ impl MapReduce {
                         let _ = reply.send(&[&answer]);
                     }
                 });
-            let result = match answering {
+            match answering {
                 Ok(_) => match &mut mark {
                     None => self.lead(job_id, &farm, &worker, config, threads),
                     Some(mark) => self.follow(job_id, &farm, &worker, threads, mark),
@@ -221,9 +227,7 @@ impl MapReduce {
                     &farm,
                     MapReduceError::io("starting the shuffle thread", e),
                 )),
-            };
-            self.shuffle.close(job_id);
-            result
+            }
         });
         // Every reducer is done with this rank's runs once the master has stopped the farm.
         let _ = std::fs::remove_dir_all(&dir);
@@ -659,6 +663,18 @@ impl MapReduce {
         // Every partition is written: a temporary part file left now is a reducer's that died writing it.
         remove_part_tmps(&config.output);
         Ok((master, map_time.unwrap_or_else(|| started.elapsed())))
+    }
+}
+
+/// Closes a job's requests to the shuffle when dropped.
+struct Closing<'a> {
+    shuffle: &'a shuffle::ShuffleService,
+    job_id: u64,
+}
+
+impl Drop for Closing<'_> {
+    fn drop(&mut self) {
+        self.shuffle.close(self.job_id);
     }
 }
 

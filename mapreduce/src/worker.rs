@@ -521,10 +521,16 @@ impl<J: Job> Worker<'_, J> {
         };
         if let Some((held, sink)) = to_write {
             let partitions = lock(&sink.runs).len();
-            // Each held output's partitions are sorted and written on the rank's threads.
-            let written = self.pool.install(|| {
-                held.into_iter()
-                    .try_for_each(|mut h| self.write_runs(h.take(), partitions, &sink, true))
+            // Each held output's partitions are sorted and written on the rank's threads. A panic (of
+            // the job's partitioner) leaves the batch failed, not taken for written with runs missing.
+            let written = catch_unwind(AssertUnwindSafe(|| {
+                self.pool.install(|| {
+                    held.into_iter()
+                        .try_for_each(|mut h| self.write_runs(h.take(), partitions, &sink, true))
+                })
+            }))
+            .unwrap_or_else(|panic| {
+                Err(format!("writing it panicked: {}", panic_message(&*panic)))
             });
             if let Err(e) = written {
                 if let Some(b) = lock(&self.batches).get_mut(&batch) {
@@ -773,7 +779,7 @@ impl<J: Job> Worker<'_, J> {
 mod tests {
     use super::*;
 
-    /// Counts words; panics on a line that says so.
+    /// Counts words; panics on a line that says so, and has no partition for the word "boom".
     struct Count;
 
     impl Job for Count {
@@ -791,6 +797,11 @@ mod tests {
 
         fn combiner(&self) -> Option<crate::Combiner<u64>> {
             Some(|total, n| *total += n)
+        }
+
+        fn partition(&self, key: &String, partitions: usize) -> usize {
+            assert!(key != "boom", "no partition for boom");
+            crate::default_partition(key, partitions)
         }
 
         fn reduce(&self, _: &String, counts: Vec<u64>, _: &mut Counters) -> Option<u64> {
@@ -818,7 +829,7 @@ mod tests {
             let root = std::env::temp_dir().join(format!("dsm-batch-test-{}", std::process::id()));
             std::fs::create_dir_all(shuffle::job_dir(&root, 0)).unwrap();
             let input = root.join("in.txt");
-            std::fs::write(&input, "a b a\nc a\npanic\n").unwrap();
+            std::fs::write(&input, "a b a\nc a\npanic\nboom\n").unwrap();
             let split = |start, end| Split {
                 file: input.clone(),
                 start,
@@ -889,6 +900,12 @@ mod tests {
             assert!(what.contains("asked to"), "{what}");
             let e = w.seal(2, &[5], 0).unwrap_err();
             assert!(e.contains("map task 6 failed"), "{e}");
+            // A batch whose writing panicked stays failed: asked again, it is not taken for written.
+            assert!(matches!(map(7, 16, 21, 3), TaskResult::Mapped { .. }));
+            for _ in 0..2 {
+                let e = w.seal(3, &[7], 0).unwrap_err();
+                assert!(e.contains("no partition for boom"), "{e}");
+            }
             // A batch this rank never had.
             assert!(w
                 .seal(9, &[1], 0)
