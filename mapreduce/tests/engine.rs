@@ -244,6 +244,8 @@ fn jobs_leave_no_tuples_behind_but_the_last_outcome() {
     let dir = scratch("leftovers");
     let files = write_inputs(&dir, 2, 500, 1000);
     let expect = expected_words(&files);
+    let bomb = dir.join("bomb.txt");
+    std::fs::write(&bomb, b"a boom\n").unwrap();
     dsm_runtime::local::run_local_job(2, 3, move |rt| {
         let space = TupleSpace::join(rt).unwrap();
         let mr = MapReduce::new(&space).unwrap();
@@ -254,9 +256,17 @@ fn jobs_leave_no_tuples_behind_but_the_last_outcome() {
                 .split_size(4 << 10)
                 .partitions(2)
                 .progress(ProgressMode::Never);
-            // A job that fails before it starts (settings out of range) leaves nothing either.
+            // A job that fails before it starts (settings out of range) leaves nothing either, nor does
+            // one that fails while other maps still run (their results come after the master stopped
+            // taking them).
             let bad = config.clone().merge_fan_in(1);
             assert!(mr.run(&Words, &bad).is_err());
+            let failing = JobConfig::new(dir.join(format!("failed-{k}")))
+                .input(&bomb)
+                .inputs(&files)
+                .split_size(4 << 10)
+                .progress(ProgressMode::Never);
+            assert!(mr.run(&Fragile, &failing).is_err());
             mr.run(&Words, &config).unwrap();
             if rt.rank() == Rank(0) {
                 assert_eq!(read_output(&out, 2), expect, "job {k}");
@@ -264,15 +274,19 @@ fn jobs_leave_no_tuples_behind_but_the_last_outcome() {
         }
         rt.dsm().barrier().unwrap();
         if rt.rank() == Rank(0) {
-            // The farms' stop marks (key, "task", id, bytes) and the jobs' outcomes (key, ok, message):
-            // of all eight jobs, only the last one's outcome is left.
+            // The farms' stop marks (key, "task", id, bytes), results nobody took (key, "result", id,
+            // bytes) and the jobs' outcomes (key, ok, message): of all twelve jobs, only the last one's
+            // outcome is left.
             let marks = space
                 .count(&dsm_runtime::template!(?String, "task", ?u64, ?Vec<u8>))
+                .unwrap();
+            let results = space
+                .count(&dsm_runtime::template!(?String, "result", ?u64, ?Vec<u8>))
                 .unwrap();
             let outcomes = space
                 .count(&dsm_runtime::template!(?String, ?bool, ?String))
                 .unwrap();
-            assert_eq!((marks, outcomes), (0, 1));
+            assert_eq!((marks, results, outcomes), (0, 0, 1));
         }
         rt.dsm().barrier().unwrap();
     });

@@ -253,13 +253,18 @@ impl TaskFarm {
         ))
     }
 
-    /// Takes the stop mark back out of the space, so that a farm that is done leaves nothing behind (a
-    /// program that runs many farms would otherwise keep one mark per farm). Only the master calls it, and
-    /// only once every worker of the farm, on every rank, has returned from [`TaskFarm::serve`]: a worker
-    /// still serving would find neither task nor mark and wait for ever. Whether the mark was there.
+    /// Takes the stop mark back out of the space, and the results nobody took (those of tasks that
+    /// ended after the master stopped waiting, as when a job fails while others run), so that a farm that
+    /// is done leaves nothing behind (a program that runs many farms would otherwise keep a mark, and
+    /// perhaps results, per farm). Only the master calls it, and only once every worker of the farm, on
+    /// every rank, has returned from [`TaskFarm::serve`]: a worker still serving would find neither task
+    /// nor mark and wait for ever. Whether the mark was there.
     pub fn close(&self) -> Result<bool, RuntimeError> {
         let mark = template!(self.stop_key.as_str(), "task", STOP, ?Vec<u8>);
-        Ok(self.space.inp(&mark)?.is_some())
+        let found = self.space.inp(&mark)?.is_some();
+        let results = template!(self.results_key.as_str(), "result", ?u64, ?Vec<u8>);
+        while self.space.inp(&results)?.is_some() {}
+        Ok(found)
     }
 
     /// Takes tasks and runs `f` on each until the farm stops; returns the number of tasks this worker did.
