@@ -1284,12 +1284,14 @@ fn wordcount_matches_the_pipeline_at_1_2_and_3_ranks() {
     let _ = std::fs::remove_file(&odd);
 }
 
-#[test]
-fn wordcount_survives_a_killed_worker_with_identical_output() {
+/// Runs wordcount on the sample text at 3 ranks with `--keep-going`, rank 2 killing itself as `dying`
+/// says (`--die-after N` lines mapped, or `--die-after-keys N` keys reduced), beside `extra` arguments;
+/// checks that the job ends well with the pipeline's counts and with maps made again.
+fn wordcount_survives_rank_2_killed(name: &str, dying: [&str; 2], extra: &[&str]) {
     let input = sample();
     let expect = pipeline_counts(&input);
-    let out_dir = fresh_output("killed-worker");
-    let args = [
+    let out_dir = fresh_output(name);
+    let mut args = vec![
         input.to_str().unwrap(),
         "--output",
         out_dir.to_str().unwrap(),
@@ -1297,9 +1299,9 @@ fn wordcount_survives_a_killed_worker_with_identical_output() {
         "4096",
         "--die-rank",
         "2",
-        "--die-after",
-        "500",
     ];
+    args.extend(dying);
+    args.extend(extra);
     let (o, out) = job_keep_going(WORDCOUNT, 3, &args);
     assert_eq!(o.code, 0, "{out}");
     assert_eq!(o.lost, [(2, "was killed by SIGKILL".to_string())], "{out}");
@@ -1314,37 +1316,21 @@ fn wordcount_survives_a_killed_worker_with_identical_output() {
 }
 
 #[test]
+fn wordcount_survives_a_killed_worker_with_identical_output() {
+    wordcount_survives_rank_2_killed("killed-worker", ["--die-after", "500"], &[]);
+}
+
+#[test]
 fn wordcount_survives_a_worker_killed_while_reducing_with_identical_output() {
     // Rank 2 dies in its first reduce, once every map is done: the output it held (written for the
     // reduces, some of which may have read it already) is made again, into a new batch, and the
-    // partitions not yet written are reduced again from that.
-    let input = sample();
-    let expect = pipeline_counts(&input);
-    let out_dir = fresh_output("killed-reducer");
-    let args = [
-        input.to_str().unwrap(),
-        "--output",
-        out_dir.to_str().unwrap(),
-        "--split-size",
-        "4096",
-        // Many partitions, so that rank 2 surely takes one.
-        "--partitions",
-        "24",
-        "--die-rank",
-        "2",
-        "--die-after-keys",
-        "10",
-    ];
-    let (o, out) = job_keep_going(WORDCOUNT, 3, &args);
-    assert_eq!(o.code, 0, "{out}");
-    assert_eq!(o.lost, [(2, "was killed by SIGKILL".to_string())], "{out}");
-    assert_eq!(output_counts(&out_dir), expect);
-    let redone: u64 = out
-        .split_once(" redone)")
-        .and_then(|(before, _)| before.rsplit_once('(')?.1.parse().ok())
-        .expect("the report says how many maps were redone");
-    assert!(redone > 0, "{out}");
-    let _ = std::fs::remove_dir_all(&out_dir);
+    // partitions not yet written are reduced again from that. Many partitions, so that rank 2 surely
+    // takes one.
+    wordcount_survives_rank_2_killed(
+        "killed-reducer",
+        ["--die-after-keys", "10"],
+        &["--partitions", "24"],
+    );
 }
 
 #[test]

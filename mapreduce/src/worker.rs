@@ -75,7 +75,7 @@ pub(crate) struct Batch<K, V> {
 }
 
 impl<K, V> Batch<K, V> {
-    pub(crate) fn new(sink: RunSink) -> Batch<K, V> {
+    fn new(sink: RunSink) -> Batch<K, V> {
         Batch {
             idle: Vec::new(),
             tasks: BTreeSet::new(),
@@ -214,23 +214,21 @@ impl RunSink {
     }
 }
 
-/// A map task folding into a batch's held output: taken from the batch when the map starts, given back
-/// when it ends well. Dropped without that (the map failed, or panicked), it marks the batch failed: part
-/// of the map's output is in what it held.
+/// A map task folding into held output of a batch, which it took from the batch when it started
+/// ([`Worker::join`]) and gives back when it ends well. Dropped without that (the map failed, or
+/// panicked), it marks the batch failed: part of the map's output is in what it held.
 struct Folding<'w, J: Job> {
     worker: &'w Worker<'w, J>,
     batch: u64,
     task: u64,
-    held: Option<HeldOf<J>>,
     sink: Arc<RunSink>,
     finished: bool,
 }
 
 impl<J: Job> Folding<'_, J> {
-    /// Gives the held output back to the batch, with the task in it.
-    fn finish(mut self) -> Result<(), String> {
+    /// Gives `held` back to the batch, with the task in it.
+    fn finish(mut self, held: HeldOf<J>) -> Result<(), String> {
         self.finished = true;
-        let held = self.held.take();
         let mut batches = lock(&self.worker.batches);
         let b = batches
             .get_mut(&self.batch)
@@ -250,7 +248,7 @@ impl<J: Job> Folding<'_, J> {
         };
         match problem {
             None => {
-                b.idle.extend(held);
+                b.idle.push(held);
                 Ok(())
             }
             Some(what) => {
@@ -404,7 +402,12 @@ impl<J: Job> Worker<'_, J> {
     }
 
     /// Takes held output of batch `batch` (made when the batch is new) for map task `task` to fold into.
-    fn join(&self, task: u64, batch: u64, partitions: usize) -> Result<Folding<'_, J>, String> {
+    fn join(
+        &self,
+        task: u64,
+        batch: u64,
+        partitions: usize,
+    ) -> Result<(Folding<'_, J>, HeldOf<J>), String> {
         let mut batches = lock(&self.batches);
         let b = batches.entry(batch).or_insert_with(|| {
             Batch::new(RunSink {
@@ -425,14 +428,14 @@ impl<J: Job> Worker<'_, J> {
                 lock(&b.sink.runs).len()
             ));
         }
-        Ok(Folding {
+        let folding = Folding {
             worker: self,
             batch,
             task,
-            held: Some(b.idle.pop().unwrap_or_default()),
             sink: b.sink.clone(),
             finished: false,
-        })
+        };
+        Ok((folding, b.idle.pop().unwrap_or_default()))
     }
 
     fn map_split(
@@ -443,11 +446,9 @@ impl<J: Job> Worker<'_, J> {
         partitions: usize,
         batch: u64,
     ) -> Result<TaskResult, String> {
-        let mut folding = self.join(id, batch, partitions)?;
-        let held = folding.held.take().unwrap_or_default();
+        let (folding, held) = self.join(id, batch, partitions)?;
         let (held, counters) = self.map_lines(split, data, held, &folding.sink, partitions)?;
-        folding.held = Some(held);
-        folding.finish()?;
+        folding.finish(held)?;
         Ok(TaskResult::Mapped {
             holder: self.dsm.rank().0,
             input_bytes: data.len() as u64,
