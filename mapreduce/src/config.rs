@@ -38,17 +38,16 @@ pub const DEFAULT_SPLIT_SIZE: u64 = 4 << 20;
 pub const DEFAULT_MEMORY_BUDGET: u64 = 256 << 20;
 /// The smallest memory budget accepted.
 pub const MIN_MEMORY_BUDGET: u64 = 1 << 20;
-/// The most reduce partitions a job may have: every map keeps a run count and a buffer per partition, and
-/// reports its runs in a result of bounded size.
+/// The most reduce partitions a job may have: every batch of map output keeps a run count per partition,
+/// and is written as at least one run per partition it has output for.
 pub const MAX_PARTITIONS: usize = 1 << 16;
-/// The most map tasks (splits) a job may have: every reduce task lists, for each map with output in its
-/// partition, where that output is (about 7 bytes each), in one task of at most the tuple space's 1 MiB
-/// field.
+/// The most map tasks (splits) a job may have: every reduce task names every map task, by the batch
+/// holding its output (its id, about 4 bytes each), in one task of at most the tuple space's 1 MiB field.
 pub const MAX_MAPS: usize = 131_072;
 
-/// The most map outputs (splits times partitions) a job may have: the master keeps each map's run count in
-/// every partition, and lists the maps with output in a partition in its reduce task (about 20 bytes each
-/// at most: 2.7 GB at this bound, where the two limits above allow 8.6 billion).
+/// The most map outputs (splits times partitions) a job may have: every reduce task names every map task,
+/// so the reduce tasks the master puts hold this many ids (about 4 bytes each: 512 MiB at this bound, where
+/// the two limits above allow 8.6 billion).
 pub const MAX_MAP_OUTPUTS: usize = 1 << 27;
 
 /// The most threads a rank runs a job with (`JobConfig::threads`): each is a worker and a thread of the
