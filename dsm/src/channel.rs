@@ -8,13 +8,13 @@
 
 use crate::keepawake::KeepAwake;
 use crate::stats::Counters;
+use crate::transport::memory::Shut;
+use crate::transport::{Conn, Readiness};
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::futex;
 use crate::wire::{self, FrameError, Reply, Request, MAX_HEADER, PREFIX};
 use nix::errno::Errno;
-use nix::sys::socket::MsgFlags;
 use std::io::IoSlice;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
@@ -42,7 +42,7 @@ impl std::fmt::Display for RecvError {
 
 /// Writes one frame: `msg`'s header, then the payload slices. Blocks until all is written.
 pub(crate) fn write_frame<T: serde::Serialize>(
-    fd: BorrowedFd<'_>,
+    conn: &Conn,
     msg: &T,
     payload: &[&[u8]],
     counters: &Counters,
@@ -59,7 +59,7 @@ pub(crate) fn write_frame<T: serde::Serialize>(
     // take a vector.
     let mut slices = [IoSlice::new(&[]); 4];
     let mut many = Vec::new();
-    let mut bufs: &mut [IoSlice<'_>] = if payload.len() < slices.len() {
+    let bufs: &mut [IoSlice<'_>] = if payload.len() < slices.len() {
         slices[0] = IoSlice::new(&head[..n]);
         for (s, p) in slices[1..].iter_mut().zip(payload) {
             *s = IoSlice::new(p);
@@ -70,33 +70,20 @@ pub(crate) fn write_frame<T: serde::Serialize>(
         many.extend(payload.iter().map(|p| IoSlice::new(p)));
         &mut many[..]
     };
-    while !bufs.is_empty() {
-        // sendmsg with MSG_NOSIGNAL: a peer that is gone is an error on this connection, never a SIGPIPE.
-        let flags = nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
-        // One call takes at most IOV_MAX slices; a long read-ahead reply goes out in several.
-        let batch = bufs.len().min(IOV_MAX);
-        match nix::sys::socket::sendmsg::<()>(fd.as_raw_fd(), &bufs[..batch], &[], flags, None) {
-            Ok(w) => IoSlice::advance_slices(&mut bufs, w),
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    conn.write_all(bufs)?;
     Counters::add(&counters.messages_sent, 1);
     Counters::add(&counters.bytes_sent, (n + payload_len) as u64);
     Ok(())
 }
 
-/// The most slices one `sendmsg` takes on Linux.
-pub(crate) const IOV_MAX: usize = 1024;
-
-/// Fills `buf` from a blocking descriptor.
-pub(crate) fn read_exact(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(), RecvError> {
+/// Fills `buf` from `conn`, waiting for the bytes.
+pub(crate) fn read_exact(conn: &Conn, buf: &mut [u8]) -> Result<(), RecvError> {
     let mut got = 0;
     while got < buf.len() {
-        match nix::unistd::read(fd, &mut buf[got..]) {
-            Ok(0) => return Err(RecvError::Eof),
-            Ok(n) => got += n,
-            Err(Errno::EINTR) => continue,
+        match conn.recv(&mut buf[got..], true) {
+            Ok(Some(0)) => return Err(RecvError::Eof),
+            Ok(Some(n)) => got += n,
+            Ok(None) => continue,
             Err(e) => return Err(RecvError::Sys(e)),
         }
     }
@@ -114,18 +101,15 @@ pub(crate) struct ReplyPoll {
     pub(crate) yielding: bool,
 }
 
-/// Polls `fd` as `poll` says before the caller blocks in `read`.
-fn poll_until_readable(fd: BorrowedFd<'_>, poll: ReplyPoll) {
+/// Polls `conn` as `poll` says before the caller blocks in a read.
+fn poll_until_readable(conn: &Conn, poll: ReplyPoll) {
     if poll.ns == 0 {
         return;
     }
     let t0 = Instant::now();
-    let mut byte = [0u8; 1];
-    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_PEEK;
     loop {
-        match nix::sys::socket::recv(fd.as_raw_fd(), &mut byte, flags) {
-            Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
-            _ => return, // data, end of stream, or an error the read will report
+        if conn.readiness() != Readiness::Waiting {
+            return; // data, end of stream, or an error the read will report
         }
         if t0.elapsed().as_nanos() as u64 >= poll.ns {
             return;
@@ -140,16 +124,14 @@ fn poll_until_readable(fd: BorrowedFd<'_>, poll: ReplyPoll) {
 
 /// The connection to `rank`. Ranks can come from the wire (a grant names them), so an unknown one is an
 /// error, never an out-of-bounds panic (this runs inside the SIGBUS handler).
-fn fd_of(fds: &[OwnedFd], rank: Rank) -> Result<BorrowedFd<'_>, Errno> {
-    fds.get(rank.index())
-        .map(|f| f.as_fd())
-        .ok_or(Errno::EINVAL)
+fn conn_of(conns: &[Arc<Conn>], rank: Rank) -> Result<&Conn, Errno> {
+    conns.get(rank.index()).map(|c| &**c).ok_or(Errno::EINVAL)
 }
 
 /// The length of the frame whose prefix is `len`. A frame longer than the buffer, or too short to hold a
 /// header's length, is read and dropped (so that the connection stays aligned on frames for its next
 /// user) and reported as an error.
-fn body_len_or_skip(fd: BorrowedFd<'_>, len: [u8; 4], buf: &mut [u8]) -> Result<usize, RecvError> {
+fn body_len_or_skip(fd: &Conn, len: [u8; 4], buf: &mut [u8]) -> Result<usize, RecvError> {
     match wire::body_len(len, buf.len()) {
         Ok(n) => Ok(n),
         Err(FrameError::BadLength(n)) if n < 2 => skip_short(fd, n),
@@ -167,7 +149,7 @@ fn body_len_or_skip(fd: BorrowedFd<'_>, len: [u8; 4], buf: &mut [u8]) -> Result<
 }
 
 /// Reads and drops the body of a frame of `n` (0 or 1) bytes, too short for a header's length; reports it.
-fn skip_short<T>(fd: BorrowedFd<'_>, n: usize) -> Result<T, RecvError> {
+fn skip_short<T>(fd: &Conn, n: usize) -> Result<T, RecvError> {
     let mut body = [0u8; 1];
     read_exact(fd, &mut body[..n.min(1)])?;
     Err(RecvError::Frame(FrameError::BadLength(n)))
@@ -199,29 +181,17 @@ impl Payload<'_> {
         wait: bool,
     ) -> Result<Option<usize>, RecvError> {
         assert!(filled < self.len);
-        let fd = fd_of(&self.channel.fds, from).map_err(RecvError::Sys)?;
-        let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
-        loop {
-            // SAFETY: `base..base + len` is inside the channel's receive buffer, which the borrow of the
-            // channel keeps alive and unmoved; nothing reads `filled..len` until this call returns, as
-            // installers read only bytes that a returned `filled` covers.
-            let rc = unsafe {
-                libc::recv(
-                    fd.as_raw_fd(),
-                    self.base.add(filled).cast(),
-                    self.len - filled,
-                    flags,
-                )
-            };
-            match rc {
-                0 => return Err(RecvError::Eof),
-                n if n > 0 => return Ok(Some(filled + n as usize)),
-                _ => match Errno::last() {
-                    Errno::EINTR => continue,
-                    Errno::EAGAIN if !wait => return Ok(None),
-                    e => return Err(RecvError::Sys(e)),
-                },
-            }
+        let conn = conn_of(&self.channel.conns, from).map_err(RecvError::Sys)?;
+        // SAFETY: `base..base + len` is inside the channel's receive buffer, which the borrow of the
+        // channel keeps alive and unmoved; nothing else reads or writes `filled..len` until this call
+        // returns, as installers read only bytes that a returned `filled` covers.
+        let tail =
+            unsafe { std::slice::from_raw_parts_mut(self.base.add(filled), self.len - filled) };
+        match conn.recv(tail, wait) {
+            Ok(Some(0)) => Err(RecvError::Eof),
+            Ok(Some(n)) => Ok(Some(filled + n)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(RecvError::Sys(e)),
         }
     }
 }
@@ -229,7 +199,7 @@ impl Payload<'_> {
 /// One channel's connections and buffers.
 #[derive(Debug)]
 pub(crate) struct Channel {
-    fds: Vec<OwnedFd>,
+    conns: Vec<Arc<Conn>>,
     poll: ReplyPoll,
     rx: Vec<u8>,
     /// Holds a page across receives (a grant's page while the owner's reply is read).
@@ -245,7 +215,7 @@ impl Channel {
         req: &Request,
         payload: &[&[u8]],
     ) -> Result<(), Errno> {
-        write_frame(fd_of(&self.fds, to)?, req, payload, counters)
+        write_frame(conn_of(&self.conns, to)?, req, payload, counters)
     }
 
     /// Receives the next reply from `from`. Returns the reply, its payload (borrowing the receive buffer)
@@ -255,7 +225,7 @@ impl Channel {
         counters: &Counters,
         from: Rank,
     ) -> Result<(Reply, &[u8], &mut [u8]), RecvError> {
-        let fd = fd_of(&self.fds, from).map_err(RecvError::Sys)?;
+        let fd = conn_of(&self.conns, from).map_err(RecvError::Sys)?;
         poll_until_readable(fd, self.poll);
         let mut len = [0u8; 4];
         read_exact(fd, &mut len)?;
@@ -274,7 +244,7 @@ impl Channel {
         counters: &Counters,
         from: Rank,
     ) -> Result<(Reply, usize), RecvError> {
-        let fd = fd_of(&self.fds, from).map_err(RecvError::Sys)?;
+        let fd = conn_of(&self.conns, from).map_err(RecvError::Sys)?;
         poll_until_readable(fd, self.poll);
         let mut len = [0u8; 4];
         read_exact(fd, &mut len)?;
@@ -327,7 +297,7 @@ impl Channel {
             return Err(RecvError::Frame(FrameError::BadLength(len)));
         }
         read_exact(
-            fd_of(&self.fds, from).map_err(RecvError::Sys)?,
+            conn_of(&self.conns, from).map_err(RecvError::Sys)?,
             &mut self.rx[..len],
         )?;
         Ok(&self.rx[..len])
@@ -350,7 +320,7 @@ impl Channel {
     /// Reads one page of payload from `from` into the channel's page buffer.
     pub(crate) fn recv_page(&mut self, from: Rank) -> Result<(), RecvError> {
         read_exact(
-            fd_of(&self.fds, from).map_err(RecvError::Sys)?,
+            conn_of(&self.conns, from).map_err(RecvError::Sys)?,
             &mut self.page,
         )
     }
@@ -367,20 +337,10 @@ impl Channel {
 
     /// Waits until a reply from `from` can be read, or `deadline` passes (returns false).
     pub(crate) fn wait_readable(&self, from: Rank, deadline: Instant) -> Result<bool, RecvError> {
-        use nix::poll::{ppoll, PollFd, PollFlags};
-        use nix::sys::time::TimeSpec;
-        let fd = fd_of(&self.fds, from).map_err(RecvError::Sys)?;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-            // ppoll: timeouts below a millisecond are kept (poll would round them up to one).
-            match ppoll(&mut fds, Some(TimeSpec::from_duration(left)), None) {
-                Ok(0) if Instant::now() >= deadline => return Ok(false),
-                Ok(0) | Err(Errno::EINTR) => continue,
-                Ok(_) => return Ok(true),
-                Err(e) => return Err(RecvError::Sys(e)),
-            }
-        }
+        conn_of(&self.conns, from)
+            .map_err(RecvError::Sys)?
+            .wait_readable(deadline)
+            .map_err(RecvError::Sys)
     }
 
     /// Sends `req` to `to` and waits for its reply.
@@ -409,10 +369,9 @@ pub(crate) struct Channels {
     nap: Duration,
     /// Told of every claim: a claim is a request about to go out.
     awake: Arc<KeepAwake>,
-    /// `raw[channel][rank]`: the descriptors of the channels' connections, to end their reading side
-    /// without claiming the channel ([`Channels::stop_reading_from`]). Valid as long as `slots`, which
-    /// owns them and never replaces them.
-    raw: Vec<Vec<RawFd>>,
+    /// `conns[channel][rank]`: the channels' connections, to end their reading side without claiming the
+    /// channel ([`Channels::stop_reading_from`]).
+    conns: Vec<Vec<Arc<Conn>>>,
 }
 
 /// A claimed channel; given back (and a thread waiting for one woken) when dropped. Dropping it is
@@ -457,29 +416,29 @@ impl Channels {
     /// Builds the pool from `outgoing[channel][rank]`; each channel can receive up to `max_pages` pages.
     /// Replies are polled for as `poll` says before blocking.
     pub(crate) fn new(
-        outgoing: Vec<Vec<OwnedFd>>,
+        outgoing: Vec<Vec<Conn>>,
         max_pages: usize,
         poll: ReplyPoll,
         awake: Arc<KeepAwake>,
     ) -> Channels {
         let rx_len = 2 + MAX_HEADER + max_pages * PAGE_SIZE;
-        let raw = outgoing
-            .iter()
-            .map(|fds| fds.iter().map(|fd| fd.as_raw_fd()).collect())
+        let conns: Vec<Vec<Arc<Conn>>> = outgoing
+            .into_iter()
+            .map(|set| set.into_iter().map(Arc::new).collect())
             .collect();
         Channels {
-            raw,
-            slots: outgoing
-                .into_iter()
-                .map(|fds| {
+            slots: conns
+                .iter()
+                .map(|set| {
                     Mutex::new(Channel {
-                        fds,
+                        conns: set.clone(),
                         poll,
                         rx: vec![0; rx_len],
                         page: vec![0; PAGE_SIZE],
                     })
                 })
                 .collect(),
+            conns,
             next: AtomicUsize::new(0),
             freed: AtomicU32::new(0),
             waiting: AtomicU32::new(0),
@@ -494,7 +453,7 @@ impl Channels {
     /// Later requests to it fail the same way. The writing side stays open, as the service loop leaves
     /// the failed rank's connections to it: a send that fails would mean that it has left the job.
     pub(crate) fn stop_reading_from(&self, rank: Rank) {
-        self.shut(rank, nix::sys::socket::Shutdown::Read);
+        self.shut(rank, Shut::Read);
     }
 
     /// Ends both sides of every channel's connection to `rank`, which has failed for its silence (stopped,
@@ -502,14 +461,13 @@ impl Channels {
     /// an error too. A send that fails means that the receiver has left the job (its copies go with it),
     /// which is how the job must treat a rank it has cut off: it can never take part again.
     pub(crate) fn cut_off(&self, rank: Rank) {
-        self.shut(rank, nix::sys::socket::Shutdown::Both);
+        self.shut(rank, Shut::Both);
     }
 
-    fn shut(&self, rank: Rank, how: nix::sys::socket::Shutdown) {
-        for fds in &self.raw {
-            if let Some(&fd) = fds.get(rank.index()) {
-                // `fd` is open: `slots` owns it for as long as `self` lives.
-                let _ = nix::sys::socket::shutdown(fd, how);
+    fn shut(&self, rank: Rank, how: Shut) {
+        for set in &self.conns {
+            if let Some(conn) = set.get(rank.index()) {
+                conn.shutdown(how);
             }
         }
     }
@@ -618,7 +576,7 @@ mod tests {
         use std::io::Write;
         let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let p = Channels::new(
-            vec![vec![OwnedFd::from(ours)]],
+            vec![vec![Conn::from(std::os::fd::OwnedFd::from(ours))]],
             1,
             ReplyPoll::default(),
             Arc::new(KeepAwake::new(Duration::ZERO)),
@@ -638,7 +596,8 @@ mod tests {
             bytes.extend_from_slice(&payload);
         }
         theirs.write_all(&bytes).unwrap();
-        write_frame(theirs.as_fd(), &Reply::Ack, &[b"xyz"], &counters).unwrap();
+        let theirs = Conn::from(std::os::fd::OwnedFd::from(theirs));
+        write_frame(&theirs, &Reply::Ack, &[b"xyz"], &counters).unwrap();
         let mut ch = p.claim();
         for _ in 0..4 {
             assert!(matches!(

@@ -13,11 +13,11 @@ use crate::protocol::release::{RcRank, VectorClock, WriteNotice};
 use crate::region::{Arena, Consistency, GlobalVec, Placement, Region, RegionShared, Retired};
 use crate::service::{Service, ServiceId, MAX_SERVICES};
 use crate::stats::{Counters, Stats};
+use crate::transport::Conn;
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::{self, Uffd};
 use crate::wire::{RefusedReason, Reply, Request};
 use nix::sys::eventfd::EventFd;
-use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
@@ -59,7 +59,7 @@ pub(crate) struct Shared {
     /// The service loop's own connection to every rank's, for messages that expect no answer: heartbeats,
     /// failure reports, `Goodbye`. The one to this rank itself is never written to, but stays open: its
     /// end closing would tell this rank's service loop that this rank is gone.
-    pub(crate) control: Mutex<Vec<OwnedFd>>,
+    pub(crate) control: Mutex<Vec<Conn>>,
     /// How long a rank may go unheard before it is taken for failed (`DsmBuilder::peer_timeout`).
     pub(crate) peer_timeout: Option<Duration>,
     /// Ranks whose process is gone as far as this rank can tell: they closed (or reset) their connection
@@ -126,12 +126,12 @@ impl Shared {
     /// it.
     pub(crate) fn tell_others(&self, req: &Request, payload: &[u8], except: Option<Rank>) {
         let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
-        for (r, fd) in control.iter().enumerate() {
+        for (r, conn) in control.iter().enumerate() {
             let to = Rank(r as u32);
             if to == self.me || except == Some(to) || self.failed[r].load(Ordering::Acquire) {
                 continue;
             }
-            let _ = crate::channel::write_frame(fd.as_fd(), req, &[payload], &self.counters);
+            let _ = crate::channel::write_frame(conn, req, &[payload], &self.counters);
         }
     }
 

@@ -12,9 +12,10 @@
 use crate::channel::write_frame;
 use crate::dsm::Shared;
 use crate::error::{DsmError, Result};
+use crate::transport::memory::Shut;
+use crate::transport::Conn;
 use crate::types::Rank;
 use crate::wire::Reply;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 /// Names a service; every rank registers the same services under the same ids.
@@ -39,7 +40,7 @@ pub trait Service: Send + Sync + std::fmt::Debug + 'static {
 /// The way back to one request's sender. Dropping it unanswered sends nothing.
 #[derive(Debug)]
 pub struct Responder {
-    pub(crate) fd: Arc<OwnedFd>,
+    pub(crate) link: Arc<Conn>,
     pub(crate) peer: Rank,
     pub(crate) shared: Arc<Shared>,
 }
@@ -53,17 +54,10 @@ impl Responder {
     /// Answers the request with the concatenation of `payload`'s slices. An error means the sender is gone,
     /// or stopped reading for half the peer timeout (the service loop reports its failure separately).
     pub fn send(self, payload: &[&[u8]]) -> Result<()> {
-        write_frame(
-            self.fd.as_fd(),
-            &Reply::Service,
-            payload,
-            &self.shared.counters,
-        )
-        .map_err(|e| {
+        write_frame(&self.link, &Reply::Service, payload, &self.shared.counters).map_err(|e| {
             // Part of the answer may have gone out: the connection ends, so that a sender that reads on
             // (one that was stopped, and resumes) sees it end instead of waiting for ever for the rest.
-            let _ =
-                nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+            self.link.shutdown(Shut::Write);
             DsmError::PeerFailed {
                 rank: self.peer,
                 reason: format!("answering its request failed: {e}"),

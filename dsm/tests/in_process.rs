@@ -1,24 +1,34 @@
 //! Ranks as threads of one process over the in-process transport: locks, barriers and round trips through
-//! the same service loop and channels as multi-process jobs. (What a service loop does with a peer's
+//! the same service loop and channels as multi-process jobs, over socket pairs and over in-memory
+//! connections. (What a service loop does with a peer's
 //! malformed frames is tested in the engine's own tests, with a fake peer on raw sockets.)
 
-use dsm::transport::local::run_local_job;
+use dsm::transport::local::{run_local_job_with, Links};
 use dsm::{Dsm, DsmError, Placement, Rank};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 fn job<F: Fn(Dsm) + Send + Sync + 'static>(ranks: usize, body: F) {
-    run_local_job(ranks, 2, body);
+    run_local_job_with(Links::Sockets, ranks, 2, body);
 }
 
 #[test]
 fn locks_exclude_and_barriers_separate_phases() {
+    locks_and_barriers(Links::Sockets);
+}
+
+#[test]
+fn locks_exclude_and_barriers_separate_phases_over_in_memory_connections() {
+    locks_and_barriers(Links::Memory);
+}
+
+fn locks_and_barriers(links: Links) {
     let inside = Arc::new(AtomicBool::new(false));
     let entries = Arc::new(AtomicUsize::new(0));
     let arrived = Arc::new(AtomicUsize::new(0));
     let (i2, e2, a2) = (inside.clone(), entries.clone(), arrived.clone());
-    job(3, move |dsm| {
+    run_local_job_with(links, 3, 2, move |dsm| {
         for round in 0..20 {
             {
                 let _g = dsm.lock(round % 2).unwrap();
@@ -68,7 +78,16 @@ impl dsm::Service for Echo {
 
 #[test]
 fn service_answers_larger_than_a_channel_buffer_arrive_and_oversized_requests_are_refused() {
-    job(2, |dsm| {
+    large_answers(Links::Sockets);
+}
+
+#[test]
+fn service_answers_larger_than_a_connection_s_memory_arrive_over_in_memory_connections() {
+    large_answers(Links::Memory);
+}
+
+fn large_answers(links: Links) {
+    run_local_job_with(links, 2, 2, |dsm| {
         dsm.register_service(5, Arc::new(Echo)).unwrap();
         dsm.barrier().unwrap();
         if dsm.rank() == Rank(1) {

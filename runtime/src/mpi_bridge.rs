@@ -1,7 +1,8 @@
-//! The MPI transport (`DSM_TRANSPORT=mpi` under `mpirun`): the job's connections are local socket pairs,
-//! and a bridge thread carries their bytes between ranks as MPI messages. The rest of dsm is unchanged: the
-//! fault path and the service loop read and write file descriptors with plain system calls (MPI is not
-//! async-signal-safe and offers nothing to wait on), and only the bridge thread calls MPI.
+//! The MPI transport (`DSM_TRANSPORT=mpi` under `mpirun`): the job's connections are in-memory
+//! connections (`dsm::transport::memory`), and a bridge thread carries their bytes between ranks as MPI
+//! messages. The fault path and the service loop read and write them as they would sockets, without a
+//! system call (MPI is not async-signal-safe and offers nothing to wait on), and only the bridge thread
+//! calls MPI.
 //!
 //! Each connection of a channel to a peer has its own MPI tag (channel x direction), so bytes arrive in
 //! order per connection. Sends are buffered (`MPI_Bsend` into an attached buffer), so two bridges sending
@@ -10,33 +11,30 @@
 //! gives credit back with an acknowledgement once it has passed the bytes on to its socket, so a rank
 //! that does not read (or many ranks sending to one) slows the senders down instead of failing
 //! `MPI_Bsend`. A connection's end is sent as an empty message. The bridge
-//! looks at MPI (a probe per tag, on its own communicator) and at its sockets (one epoll set) while there
-//! is traffic, goes on polling briefly when it stops (yielding the
+//! looks at MPI (a probe per tag, on its own communicator) and at its connections (atomic loads) while
+//! there is traffic, goes on polling briefly when it stops (yielding the
 //! core between looks to any other thread that can run, such as the rank's computing thread or its service
 //! loop: with a pure spin, a busy rank answered a fault in about a millisecond, with yields in about 0.25
-//! ms), then sleeps on its sockets' epoll set for growing intervals (MPI cannot wake it), which bounds a
-//! waiting rank's CPU use at the cost of latency for the first message after a quiet spell.
+//! ms), then sleeps on a doorbell that its connections ring when bytes arrive, for growing intervals (MPI
+//! cannot wake it), which bounds a waiting rank's CPU use at the cost of latency for the first message
+//! from another rank after a quiet spell.
 
-use dsm::transport::{Mesh, Transport};
+use dsm::transport::memory::{self, Doorbell, Shut};
+use dsm::transport::{Conn, Mesh, Transport};
 use dsm::{DsmError, Rank};
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use nix::errno::Errno;
-use nix::poll::{ppoll, PollFd, PollFlags};
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::socket::{send, MsgFlags};
-use nix::sys::time::TimeSpec;
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read};
-use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The most bytes one MPI message carries.
 const CHUNK: usize = 64 << 10;
+/// The room of each direction of a connection between the job and the bridge: two messages' worth, so
+/// that the bridge can take one while the other is being written.
+const CONNECTION_ROOM: usize = 2 * CHUNK;
 /// The buffer attached for buffered sends, unless `DSM_MPI_SEND_BUFFER` says otherwise.
 pub(crate) const SEND_BUFFER: usize = 64 << 20;
 /// What one message is counted as taking of the send buffer beyond its bytes: at least the MPI library's
@@ -97,24 +95,23 @@ struct Link {
     send_tag: i32,
     /// The tag this connection's bytes arrive with (the peer's `send_tag` for it).
     recv_tag: i32,
-    stream: UnixStream,
+    /// The bridge's end of the connection.
+    end: memory::End,
     /// Sending: the cost of what was sent and not yet acknowledged.
     in_flight: usize,
     /// Receiving: the cost of what arrived and is not yet all written to the socket, and of what was
     /// written and not yet acknowledged.
     arrived: usize,
     to_ack: usize,
-    /// Bytes from MPI not yet written to the socket.
+    /// Bytes from MPI not yet written to the connection (it was full).
     pending: Vec<u8>,
     written: usize,
     /// This side's socket reached its end (and the end was sent on).
     local_done: bool,
     /// The peer's end arrived (the socket is shut for writing once `pending` is out).
     remote_done: bool,
-    /// The socket has been shut for writing.
+    /// The connection has been shut for writing.
     shut: bool,
-    /// The socket is in the bridge's epoll set ([`Readable`]).
-    watched: bool,
 }
 
 /// The first MPI tag of the transport's messages on its own communicator (a duplicate of
@@ -127,24 +124,23 @@ fn tag(channel: usize, reply: bool) -> i32 {
     TAG_BASE + (channel * 2 + usize::from(reply)) as i32
 }
 
-fn pair() -> dsm::Result<(UnixStream, UnixStream)> {
-    UnixStream::pair()
-        .map_err(|e| DsmError::Config(format!("a socket pair for the MPI transport: {e}")))
+fn pair() -> (memory::End, memory::End) {
+    memory::pair(CONNECTION_ROOM)
 }
 
 impl Transport for MpiTransport {
     fn establish(self: Box<Self>, me: Rank, size: usize, channels: usize) -> dsm::Result<Mesh> {
-        let mut outgoing: Vec<Vec<OwnedFd>> = (0..channels).map(|_| Vec::new()).collect();
+        let mut outgoing: Vec<Vec<Conn>> = (0..channels).map(|_| Vec::new()).collect();
         let mut incoming = Vec::new();
         let mut links = Vec::new();
         let mut route = HashMap::new();
         for (c, out) in outgoing.iter_mut().enumerate() {
             for r in 0..size {
-                let (app, other) = pair()?;
-                out.push(OwnedFd::from(app));
+                let (app, other) = pair();
+                out.push(Conn::from(app));
                 if r == me.index() {
                     // Requests to this rank itself never leave the process.
-                    incoming.push((me, OwnedFd::from(other)));
+                    incoming.push((me, Conn::from(other)));
                     continue;
                 }
                 // This rank's requests on channel c to r go out tagged as requests; r's replies come back
@@ -152,19 +148,17 @@ impl Transport for MpiTransport {
                 route.insert((r as i32, tag(c, true)), links.len());
                 links.push(Link::new(r as i32, tag(c, false), tag(c, true), other));
                 // r's requests on its channel c arrive here and are answered with replies.
-                let (app, other) = pair()?;
-                incoming.push((Rank(r as u32), OwnedFd::from(app)));
+                let (app, other) = pair();
+                incoming.push((Rank(r as u32), Conn::from(app)));
                 route.insert((r as i32, tag(c, false)), links.len());
                 links.push(Link::new(r as i32, tag(c, true), tag(c, false), other));
             }
         }
+        let doorbell = Doorbell::new();
         for l in &links {
-            l.stream.set_nonblocking(true).map_err(|e| {
-                DsmError::Config(format!("a non-blocking socket for the MPI transport: {e}"))
-            })?;
+            l.end.ring_on_input(&doorbell);
         }
         let credit = Credit::new(self.send_buffer, links.len())?;
-        let readable = Readable::new(&links)?;
         let acked = links
             .iter()
             .enumerate()
@@ -174,14 +168,13 @@ impl Transport for MpiTransport {
             links,
             route,
             acked,
-            readable,
+            doorbell,
             ack_tag: tag(channels, false),
             tags: std::iter::once(tag(channels, false))
                 .chain((0..channels).flat_map(|c| [tag(c, false), tag(c, true)]))
                 .collect(),
             credit,
             buf: vec![0u8; credit.piece],
-            ready: Vec::new(),
         };
         let (ready, started) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
@@ -213,12 +206,12 @@ impl Transport for MpiTransport {
 }
 
 impl Link {
-    fn new(peer: i32, send_tag: i32, recv_tag: i32, stream: UnixStream) -> Link {
+    fn new(peer: i32, send_tag: i32, recv_tag: i32, end: memory::End) -> Link {
         Link {
             peer,
             send_tag,
             recv_tag,
-            stream,
+            end,
             in_flight: 0,
             arrived: 0,
             to_ack: 0,
@@ -227,40 +220,46 @@ impl Link {
             local_done: false,
             remote_done: false,
             shut: false,
-            watched: true,
         }
     }
 
-    /// Writes what it can of `pending`; shuts the socket for writing once the peer's end is reached and
-    /// everything is out. Whether anything moved.
+    /// Passes on `data`, which arrived from the peer: what the connection has no room for waits in
+    /// `pending`.
+    fn deliver(&mut self, data: &[u8]) {
+        let mut given = 0;
+        if self.pending.is_empty() {
+            given = match self.end.send(data, false) {
+                Ok(n) => n,
+                Err(Errno::EAGAIN) => 0,
+                // The engine closed its end: nothing more can be delivered.
+                Err(_) => data.len(),
+            };
+        }
+        self.pending.extend_from_slice(&data[given..]);
+        self.flush();
+    }
+
+    /// Writes what it can of `pending`; shuts the connection for writing once the peer's end is reached
+    /// and everything is out. Whether anything moved.
     fn flush(&mut self) -> bool {
         let mut moved = false;
         while self.written < self.pending.len() {
-            // MSG_NOSIGNAL: an engine that closed its end is an error here, not a SIGPIPE (which a
-            // program that restored the default action would die of).
-            match send(
-                self.stream.as_raw_fd(),
-                &self.pending[self.written..],
-                MsgFlags::MSG_NOSIGNAL,
-            ) {
-                Ok(n) if n > 0 => {
+            match self.end.send(&self.pending[self.written..], false) {
+                Ok(n) => {
                     self.written += n;
                     moved = true;
                 }
                 Err(Errno::EAGAIN) => return moved,
-                Err(Errno::EINTR) => {}
                 // The engine closed its end: nothing more can be delivered.
-                _ => {
-                    self.written = self.pending.len();
-                }
+                Err(_) => self.written = self.pending.len(),
             }
         }
         self.pending.clear();
         self.written = 0;
-        // Everything that arrived is in the socket now: its cost can go back to the sender.
+        // Everything that arrived is in the connection now: its cost can go back to the sender.
         self.to_ack += std::mem::take(&mut self.arrived);
         if self.remote_done && !self.shut {
-            let _ = self.stream.shutdown(Shutdown::Write);
+            self.end.shutdown(Shut::Write);
             self.shut = true;
         }
         moved
@@ -277,66 +276,20 @@ impl Link {
     }
 }
 
-/// The sockets the bridge reads, in one epoll set: one system call finds the connections with bytes to
-/// send, however many there are (a read of every socket on every look cost a system call per connection,
-/// eight of them at two ranks with four channels, more than the rest of a look). A connection is in the set
-/// while it has credit and its socket has not ended.
-struct Readable {
-    epoll: Epoll,
-    events: Vec<EpollEvent>,
-}
-
-impl Readable {
-    fn new(links: &[Link]) -> dsm::Result<Readable> {
-        let failed = |e| DsmError::Config(format!("an epoll set for the MPI transport: {e}"));
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(failed)?;
-        let set = Readable {
-            epoll,
-            events: vec![EpollEvent::empty(); links.len().clamp(1, 256)],
-        };
-        for (i, l) in links.iter().enumerate() {
-            set.watch(i, l, true).map_err(failed)?;
-        }
-        Ok(set)
-    }
-
-    /// Puts link `i` in the set (`on`) or takes it out.
-    fn watch(&self, i: usize, l: &Link, on: bool) -> nix::Result<()> {
-        if on {
-            self.epoll.add(
-                l.stream.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, i as u64),
-            )
-        } else {
-            self.epoll.delete(l.stream.as_fd())
-        }
-    }
-
-    /// The links with bytes (or an end) to read now, into `ready`.
-    fn ready(&mut self, ready: &mut Vec<usize>) {
-        ready.clear();
-        let n = self
-            .epoll
-            .wait(&mut self.events, EpollTimeout::ZERO)
-            .unwrap_or(0);
-        ready.extend(self.events[..n].iter().map(|e| e.data() as usize));
-    }
-}
-
-/// Everything one look at MPI and the sockets works on.
+/// Everything one look at MPI and the connections works on.
 struct Bridging {
     links: Vec<Link>,
     /// The link each (peer, tag) of arriving bytes belongs to.
     route: HashMap<(i32, i32), usize>,
     /// Acknowledgements name the connection by the peer and the tag its bytes were sent with.
     acked: HashMap<(i32, i32), usize>,
-    readable: Readable,
+    /// Rung when bytes (or an end) arrive on any connection from the job.
+    doorbell: Arc<Doorbell>,
     ack_tag: i32,
     /// The tags the bridge receives: acknowledgements first, then every channel's both ways.
     tags: Vec<i32>,
     credit: Credit,
     buf: Vec<u8>,
-    ready: Vec<usize>,
 }
 
 impl Bridging {
@@ -345,26 +298,25 @@ impl Bridging {
         l.in_flight + credit.piece + MESSAGE_COST <= credit.window
     }
 
-    /// One look at the sockets and at MPI, moving what can move. Whether anything moved.
+    /// One look at the connections and at MPI, moving what can move. Whether anything moved.
     fn step(&mut self, comm: &SimpleCommunicator) -> bool {
         let mut moved = false;
         let credit = self.credit;
-        self.readable.ready(&mut self.ready);
-        for &i in &self.ready {
-            let l = &mut self.links[i];
-            if l.local_done || !Self::has_credit(credit, l) {
-                continue; // (not in the set any more: the event is from before)
-            }
-            match l.stream.read(&mut self.buf) {
+        // A connection with no credit waits until the peer acknowledges what it has passed on.
+        for l in self
+            .links
+            .iter_mut()
+            .filter(|l| !l.local_done && Self::has_credit(credit, l) && l.end.readable())
+        {
+            match l.end.recv(&mut self.buf, false) {
                 Ok(n) if n > 0 => {
                     comm.process_at_rank(l.peer)
                         .buffered_send_with_tag(&self.buf[..n], l.send_tag);
                     l.in_flight += n + MESSAGE_COST;
                     moved = true;
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-                // The end of this side's connection (or an error on it): the peer is told with an empty
-                // message.
+                Err(Errno::EAGAIN) => {}
+                // The end of this side's connection: the peer is told with an empty message.
                 _ => {
                     l.local_done = true;
                     comm.process_at_rank(l.peer)
@@ -372,11 +324,6 @@ impl Bridging {
                     l.in_flight += MESSAGE_COST;
                     moved = true;
                 }
-            }
-            if l.watched && (l.local_done || !Self::has_credit(credit, l)) {
-                // Until the peer acknowledges what it has passed on (or for good, at the end).
-                let _ = self.readable.watch(i, l, false);
-                l.watched = false;
             }
         }
         // Acknowledgements first, then bytes, tag by tag. (One probe for any tag, which would find any
@@ -393,10 +340,6 @@ impl Bridging {
                     if let Some(&i) = self.acked.get(&(status.source_rank(), sent_with)) {
                         let l = &mut self.links[i];
                         l.in_flight = l.in_flight.saturating_sub(cost);
-                        if !l.watched && !l.local_done && Self::has_credit(credit, l) {
-                            let _ = self.readable.watch(i, l, true);
-                            l.watched = true;
-                        }
                     }
                     continue;
                 }
@@ -407,10 +350,8 @@ impl Bridging {
                 l.arrived += data.len() + MESSAGE_COST;
                 if data.is_empty() {
                     l.remote_done = true;
-                } else {
-                    l.pending.extend_from_slice(&data);
                 }
-                l.flush();
+                l.deliver(&data);
             }
         }
         for l in self
@@ -444,11 +385,13 @@ impl Bridging {
 
 /// The bridge thread: moves bytes until every connection has ended on both sides. It looks while there is
 /// traffic and for `SPIN` after it stops (yielding its CPU between looks), then sleeps for growing naps
-/// on its sockets (MPI messages cannot wake it).
+/// on its doorbell (MPI messages cannot wake it).
 fn bridge(comm: &SimpleCommunicator, mut bridging: Bridging) {
     let mut quiet_since: Option<Instant> = None;
     let mut nap = Duration::ZERO;
     loop {
+        // Taken before the look, so that bytes that arrive after it ring the doorbell for the sleep below.
+        let seen = bridging.doorbell.seen();
         if bridging.step(comm) {
             quiet_since = None;
             nap = Duration::ZERO;
@@ -462,13 +405,9 @@ fn bridge(comm: &SimpleCommunicator, mut bridging: Bridging) {
             std::thread::yield_now();
             continue;
         }
-        // Sleep until a socket with credit has bytes, or for a while.
+        // Sleep until bytes arrive from the job, or for a while.
         nap = (nap * 2).clamp(Duration::from_micros(10), MAX_NAP);
-        let mut fds = [PollFd::new(
-            bridging.readable.epoll.0.as_fd(),
-            PollFlags::POLLIN,
-        )];
-        let _ = ppoll(&mut fds, Some(TimeSpec::from_duration(nap)), None);
+        bridging.doorbell.wait(seen, nap);
     }
 }
 

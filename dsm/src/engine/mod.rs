@@ -20,14 +20,15 @@ use crate::protocol::release::VectorClock;
 use crate::protocol::swmr::{self, Access};
 use crate::region::{Consistency, RegionShared};
 use crate::stats::Counters;
+use crate::transport::memory::{Doorbell, Shut};
+use crate::transport::{Conn, Readiness};
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::ZERO_PAGE;
 use crate::wire::{self, RefusedReason, Reply, Request, MAX_HEADER};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::socket::{recv, MsgFlags};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,12 +40,16 @@ pub const MAX_READAHEAD: u32 = 1024;
 /// The largest request frame a service loop accepts (requests carry diffs and write notices).
 pub(crate) const MAX_REQUEST: usize = 16 << 20;
 
+/// The epoll tokens of the loop's eventfd and of its in-memory connections' doorbell; a socket's token
+/// is its index in `conns`.
 const WAKER: u64 = u64::MAX;
+const MEMORY: u64 = u64::MAX - 1;
 
+/// A connection the loop serves.
 #[derive(Debug)]
-struct Conn {
+struct Served {
     /// Shared with the `Responder`s of services that answer later.
-    fd: Arc<OwnedFd>,
+    link: Arc<Conn>,
     peer: Rank,
     buf: Vec<u8>,
     filled: usize,
@@ -91,8 +96,12 @@ use sync::LockServer;
 #[derive(Debug)]
 pub(crate) struct Engine {
     shared: Arc<Shared>,
-    conns: Vec<Conn>,
+    conns: Vec<Served>,
     epoll: Epoll,
+    /// Rung when bytes arrive on any in-memory connection (which epoll cannot watch); `memory` lists
+    /// them.
+    doorbell: Arc<Doorbell>,
+    memory: Vec<usize>,
     /// Fault requests waiting for a page's manager lock, by (region, page).
     queues: HashMap<(u32, u64), VecDeque<(usize, Request)>>,
     /// Pages whose queue is being served, by (region, page): a request served from a queue may unlock
@@ -127,10 +136,7 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        incoming: Vec<(Rank, OwnedFd)>,
-    ) -> crate::Result<Engine> {
+    pub(crate) fn new(shared: Arc<Shared>, incoming: Vec<(Rank, Conn)>) -> crate::Result<Engine> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|e| crate::DsmError::sys("epoll_create", e))?;
         epoll
@@ -139,30 +145,45 @@ impl Engine {
                 EpollEvent::new(EpollFlags::EPOLLIN, WAKER),
             )
             .map_err(|e| crate::DsmError::sys("epoll_ctl(eventfd)", e))?;
+        let doorbell = Doorbell::with_eventfd().map_err(|e| crate::DsmError::sys("eventfd", e))?;
+        epoll
+            .add(
+                doorbell.fd().expect("made with an eventfd"),
+                EpollEvent::new(EpollFlags::EPOLLIN, MEMORY),
+            )
+            .map_err(|e| crate::DsmError::sys("epoll_ctl(eventfd)", e))?;
         if let Some(t) = shared.peer_timeout {
             // A reply to a rank that stopped reading (a stopped process: its socket buffer fills up) fails
             // after half a timeout instead of holding this loop, and with it this rank's heartbeats, for ever.
-            for (_, fd) in &incoming {
-                send_timeout(fd, t / 2)?;
+            for (_, conn) in &incoming {
+                send_timeout(conn, t / 2)?;
             }
         }
         // The loop's own messages (heartbeats go out with or without a timeout) are tiny: a rank that has
         // not read them for a second is not waited for.
-        for fd in shared
+        for conn in shared
             .control
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            send_timeout(fd, Duration::from_secs(1))?;
+            send_timeout(conn, Duration::from_secs(1))?;
         }
         let mut conns = Vec::with_capacity(incoming.len());
-        for (i, (peer, fd)) in incoming.into_iter().enumerate() {
-            epoll
-                .add(fd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
-                .map_err(|e| crate::DsmError::sys("epoll_ctl(connection)", e))?;
-            conns.push(Conn {
-                fd: Arc::new(fd),
+        let mut memory = Vec::new();
+        for (i, (peer, link)) in incoming.into_iter().enumerate() {
+            match (link.socket(), link.memory()) {
+                (Some(fd), _) => epoll
+                    .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
+                    .map_err(|e| crate::DsmError::sys("epoll_ctl(connection)", e))?,
+                (None, Some(end)) => {
+                    end.ring_on_input(&doorbell);
+                    memory.push(i);
+                }
+                (None, None) => unreachable!("a connection is a socket or in memory"),
+            }
+            conns.push(Served {
+                link: Arc::new(link),
                 peer,
                 buf: vec![0; 4 + 2 + MAX_HEADER],
                 filled: 0,
@@ -173,6 +194,8 @@ impl Engine {
         Ok(Engine {
             conns,
             epoll,
+            doorbell,
+            memory,
             queues: HashMap::new(),
             serving: HashSet::new(),
             held_by: HashMap::new(),
@@ -223,7 +246,17 @@ impl Engine {
                 self.shared.awake.touch();
             }
             for ev in &events[..n] {
-                if ev.data() == WAKER {
+                if ev.data() == MEMORY {
+                    self.doorbell.drain();
+                    for i in 0..self.memory.len() {
+                        let idx = self.memory[i];
+                        if self.conns[idx].open
+                            && self.conns[idx].link.readiness() != Readiness::Waiting
+                        {
+                            self.read_conn(idx);
+                        }
+                    }
+                } else if ev.data() == WAKER {
                     let _ = self.shared.waker.read();
                     if self.shared.stop.load(Ordering::Acquire) {
                         return;
@@ -306,17 +339,13 @@ impl Engine {
                 let grown = (conn.buf.len() * 2).min(4 + MAX_REQUEST).max(filled + 1);
                 conn.buf.resize(grown, 0);
             }
-            match recv(
-                conn.fd.as_raw_fd(),
-                &mut conn.buf[filled..],
-                MsgFlags::MSG_DONTWAIT,
-            ) {
-                Ok(0) => {
+            match conn.link.recv(&mut conn.buf[filled..], false) {
+                Ok(Some(0)) => {
                     self.shared.gone[conn.peer.index()].store(true, Ordering::Release);
                     self.close(idx, "connection closed");
                     return;
                 }
-                Ok(n) => {
+                Ok(Some(n)) => {
                     conn.filled += n;
                     let peer = conn.peer;
                     Counters::add(&self.shared.counters.bytes_received, n as u64);
@@ -326,8 +355,7 @@ impl Engine {
                         return;
                     }
                 }
-                Err(Errno::EAGAIN) => return,
-                Err(Errno::EINTR) => continue,
+                Ok(None) => return,
                 Err(e) => {
                     if e == Errno::ECONNRESET {
                         self.shared.gone[conn.peer.index()].store(true, Ordering::Release);
@@ -371,7 +399,9 @@ impl Engine {
             return;
         }
         conn.open = false;
-        let _ = self.epoll.delete(conn.fd.as_fd());
+        if let Some(fd) = conn.link.socket() {
+            let _ = self.epoll.delete(fd);
+        }
         let peer = conn.peer;
         if conn.goodbye || self.shared.stop.load(Ordering::Acquire) || peer == self.shared.me {
             return;
@@ -381,7 +411,7 @@ impl Engine {
         // an error for the requests it sent, instead of waiting for ever for replies that will not come.
         // Only for writing: what it sends still goes in (unread), since a send that fails means that the
         // receiving rank has left the job (`fault.rs` then counts its copies as gone with it).
-        let _ = nix::sys::socket::shutdown(conn.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        conn.link.shutdown(Shut::Write);
         self.peer_failed(peer, reason);
     }
 
@@ -468,7 +498,7 @@ impl Engine {
         if !conn.open {
             return;
         }
-        if let Err(e) = write_frame(conn.fd.as_fd(), reply, payload, &self.shared.counters) {
+        if let Err(e) = write_frame(&conn.link, reply, payload, &self.shared.counters) {
             self.close(idx, &format!("sending a reply failed: {e}"));
         }
     }
@@ -621,8 +651,8 @@ impl Engine {
             } => {
                 let peer = self.conns[idx].peer;
                 let theirs = Host { boot, pid_ns };
-                let conn = self.conns[idx].fd.clone();
-                let alive = || connection_open(conn.as_fd());
+                let conn = self.conns[idx].link.clone();
+                let alive = || conn.readiness() != Readiness::Ended;
                 let accepted = match direct::take_peer_uffd(
                     self.host.as_ref(),
                     &theirs,
@@ -667,7 +697,7 @@ impl Engine {
             Request::Service { id } => match self.shared.service(id) {
                 Some(service) => {
                     let reply = crate::service::Responder {
-                        fd: self.conns[idx].fd.clone(),
+                        link: self.conns[idx].link.clone(),
                         peer: self.conns[idx].peer,
                         shared: self.shared.clone(),
                     };
@@ -733,26 +763,10 @@ fn truncated(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// Makes sends on `fd` fail (`EAGAIN`) after `t` without progress instead of blocking for ever.
-fn send_timeout(fd: &OwnedFd, t: Duration) -> crate::Result<()> {
-    let tv = nix::sys::time::TimeVal::new(
-        t.as_secs() as nix::sys::time::time_t,
-        t.subsec_micros() as nix::sys::time::suseconds_t,
-    );
-    nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::SendTimeout, &tv)
+/// Makes sends on `conn` fail (`EAGAIN`) after `t` without progress instead of blocking for ever.
+fn send_timeout(conn: &Conn, t: Duration) -> crate::Result<()> {
+    conn.set_send_timeout(t)
         .map_err(|e| crate::DsmError::sys("setsockopt(SO_SNDTIMEO)", e))
-}
-
-/// Whether the peer at the other end of a connection still has it open: a look at what waits to be read,
-/// without taking it (the end of the stream, or an error, means it is gone). Asked of a peer that is
-/// waiting for an answer, so it has nothing more to send.
-fn connection_open(fd: std::os::fd::BorrowedFd<'_>) -> bool {
-    let mut byte = [0u8; 1];
-    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
-    match recv(fd.as_raw_fd(), &mut byte, flags) {
-        Ok(n) => n > 0,
-        Err(e) => e == Errno::EAGAIN,
-    }
 }
 
 /// Writes `line` and a newline to standard error in one `write`, so that the lines of ranks whose error
@@ -854,13 +868,13 @@ mod tests {
             } else {
                 std::mem::forget(fake_listens);
             }
-            outgoing.push(vec![OwnedFd::from(self_out), OwnedFd::from(to_fake)]);
-            incoming.push((Rank(0), OwnedFd::from(self_in)));
+            outgoing.push(vec![socket(self_out), socket(to_fake)]);
+            incoming.push((Rank(0), socket(self_in)));
         }
         let (fake, from_fake) = UnixStream::pair().unwrap();
-        incoming.push((Rank(1), OwnedFd::from(from_fake)));
+        incoming.push((Rank(1), socket(from_fake)));
         let (other, from_fake) = UnixStream::pair().unwrap();
-        incoming.push((Rank(1), OwnedFd::from(from_fake)));
+        incoming.push((Rank(1), socket(from_fake)));
         let given: Box<dyn Transport> = Box::new(Given(Mesh { outgoing, incoming }));
         let dsm = Dsm::builder()
             .rank(Rank(0), 2)
@@ -888,7 +902,16 @@ mod tests {
             Request::LockAcquire { .. } => &[&clock],
             _ => &[],
         };
-        write_frame(fake.as_fd(), &req, payload, &Counters::default()).unwrap();
+        write_frame(&dup(fake), &req, payload, &Counters::default()).unwrap();
+    }
+
+    fn socket(s: UnixStream) -> Conn {
+        Conn::from(OwnedFd::from(s))
+    }
+
+    /// A connection on a copy of `s`'s descriptor, to write frames with: dropped, it closes only the copy.
+    fn dup(s: &UnixStream) -> Conn {
+        socket(s.try_clone().unwrap())
     }
 
     /// A thread of rank 0 that takes lock 0 and says what came of it (the time it got the lock, or the
@@ -1106,7 +1129,7 @@ mod tests {
         let rx = taker(&dsm);
         std::thread::sleep(Duration::from_millis(100));
         // Rank 1 fails holding it (a frame rank 0 cannot take: a reply where a request belongs).
-        write_frame(fake.as_fd(), &Reply::Ack, &[], &Counters::default()).unwrap();
+        write_frame(&dup(&fake), &Reply::Ack, &[], &Counters::default()).unwrap();
         let told = rx
             .recv_timeout(Duration::from_secs(5))
             .expect("the waiter was left waiting");
@@ -1178,7 +1201,7 @@ mod tests {
     #[test]
     fn a_reply_of_more_slices_than_one_sendmsg_takes_goes_out_whole() {
         let (a, mut b) = UnixStream::pair().unwrap();
-        let pages: Vec<[u8; 3]> = (0..crate::channel::IOV_MAX + 300)
+        let pages: Vec<[u8; 3]> = (0..crate::transport::IOV_MAX + 300)
             .map(|i| [i as u8, (i >> 8) as u8, 7])
             .collect();
         let slices: Vec<&[u8]> = pages.iter().map(|p| &p[..]).collect();
@@ -1192,7 +1215,7 @@ mod tests {
             data: Data::Home,
             count: slices.len() as u32,
         };
-        write_frame(a.as_fd(), &reply, &slices, &counters).unwrap();
+        write_frame(&dup(&a), &reply, &slices, &counters).unwrap();
         drop(a);
         let all = reader.join().unwrap();
         let body = wire::body_len(all[..4].try_into().unwrap(), usize::MAX >> 1).unwrap();

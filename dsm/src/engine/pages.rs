@@ -224,7 +224,7 @@ impl Engine {
                         (Reply::Done { data, count }, &slices[..])
                     };
                     match write_frame(
-                        self.conns[idx].fd.as_fd(),
+                        &self.conns[idx].link,
                         &reply,
                         payload,
                         &self.shared.counters,

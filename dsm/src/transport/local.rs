@@ -1,9 +1,10 @@
-//! In-process transport: ranks are threads of one process and connections are Unix socket pairs. The same
-//! service loop and requester code run as over TCP; only the establishment differs. Shared regions need one
+//! In-process transport: ranks are threads of one process and connections are Unix socket pairs, or
+//! in-memory connections ([`Links::Memory`]). The same service loop and requester code run as over
+//! TCP; only the establishment differs. Shared regions need one
 //! process per rank (each rank maps the same addresses), so this backend serves fast tests of messaging,
 //! locks and barriers.
 
-use super::{channels_in, connections, Mesh, Transport};
+use super::{channels_in, connections, memory, Conn, Mesh, Transport};
 use crate::error::{DsmError, Result};
 use crate::types::Rank;
 use std::os::fd::OwnedFd;
@@ -17,8 +18,42 @@ pub struct LocalTransport {
     channels: usize,
 }
 
-/// Creates the transports of an in-process job of `size` ranks with `channels` channels per rank.
+/// How the ranks of an in-process job are connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Links {
+    /// Unix socket pairs, as the TCP transport's connections are sockets.
+    #[default]
+    Sockets,
+    /// In-memory connections (`memory`), as a transport with a thread of its own hands them out.
+    Memory,
+}
+
+/// Creates the transports of an in-process job of `size` ranks with `channels` channels per rank,
+/// connected by Unix socket pairs.
 pub fn local_cluster(size: usize, channels: usize) -> Result<Vec<LocalTransport>> {
+    local_cluster_with(Links::Sockets, size, channels)
+}
+
+/// Creates the transports of an in-process job of `size` ranks with `channels` channels per rank,
+/// connected as `links` says.
+pub fn local_cluster_with(
+    links: Links,
+    size: usize,
+    channels: usize,
+) -> Result<Vec<LocalTransport>> {
+    let pair = || -> Result<(Conn, Conn)> {
+        match links {
+            Links::Sockets => {
+                let (a, b) = UnixStream::pair()
+                    .map_err(|e| DsmError::io("socketpair for the in-process transport", e))?;
+                Ok((OwnedFd::from(a).into(), OwnedFd::from(b).into()))
+            }
+            Links::Memory => {
+                let (a, b) = memory::pair(memory::DEFAULT_CAPACITY);
+                Ok((a.into(), b.into()))
+            }
+        }
+    };
     let sets = connections(channels);
     let mut meshes: Vec<Mesh> = (0..size)
         .map(|_| Mesh {
@@ -29,12 +64,9 @@ pub fn local_cluster(size: usize, channels: usize) -> Result<Vec<LocalTransport>
     for ch in 0..sets {
         for from in 0..size {
             for to in 0..size {
-                let (a, b) = UnixStream::pair()
-                    .map_err(|e| DsmError::io("socketpair for the in-process transport", e))?;
-                meshes[from].outgoing[ch].push(OwnedFd::from(a));
-                meshes[to]
-                    .incoming
-                    .push((Rank(from as u32), OwnedFd::from(b)));
+                let (a, b) = pair()?;
+                meshes[from].outgoing[ch].push(a);
+                meshes[to].incoming.push((Rank(from as u32), b));
             }
         }
     }
@@ -115,6 +147,14 @@ pub fn run_local_job<F>(ranks: usize, channels: usize, body: F)
 where
     F: Fn(crate::Dsm) + Send + Sync + 'static,
 {
+    run_local_job_with(Links::Sockets, ranks, channels, body)
+}
+
+/// [`run_local_job`] with the ranks connected as `links` says.
+pub fn run_local_job_with<F>(links: Links, ranks: usize, channels: usize, body: F)
+where
+    F: Fn(crate::Dsm) + Send + Sync + 'static,
+{
     note_where_ranks_panic();
     let limit = local_job_limit();
     let (finished, watched) = std::sync::mpsc::channel::<()>();
@@ -128,7 +168,7 @@ where
     });
     let first = std::sync::Arc::new(std::sync::OnceLock::new());
     let body = std::sync::Arc::new(body);
-    let transports = local_cluster(ranks, channels)
+    let transports = local_cluster_with(links, ranks, channels)
         .unwrap_or_else(|e| fail(&format!("making an in-process job of {ranks} ranks: {e}")));
     let threads: Vec<_> = transports
         .into_iter()

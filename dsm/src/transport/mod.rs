@@ -1,6 +1,7 @@
 //! Transports establish the connections between ranks; after that every backend is the same: framed byte
-//! streams on file descriptors (`wire` frames), read and written with plain system calls so that the fault
-//! path can use them from a SIGBUS handler.
+//! streams (`wire` frames) on sockets read and written with plain system calls, or on in-memory connections
+//! (`memory`) whose other end a thread of the transport serves, so that the fault path can use them from a
+//! SIGBUS handler.
 //!
 //! A rank opens a set of connections to every rank, itself included, per channel and one more. A channel is
 //! a set of one connection per rank owned by one requester at a time (a faulting thread, a lock call);
@@ -8,21 +9,27 @@
 //! them. The last set is the service loop's own, for messages that expect no answer (heartbeats, failure
 //! reports). The other ends of all the connections are served by each rank's service loop (`engine`).
 
+mod conn;
 pub mod local;
+pub mod memory;
 pub mod tcp;
+
+pub use conn::Conn;
+pub(crate) use conn::Readiness;
+#[cfg(test)]
+pub(crate) use conn::IOV_MAX;
 
 use crate::error::Result;
 use crate::types::Rank;
-use std::os::fd::OwnedFd;
 
 /// The established connections of one rank.
 #[derive(Debug)]
 pub struct Mesh {
     /// `outgoing[set][rank]`: requests from this rank to `rank`'s service loop; a set per channel, and the
     /// service loop's own last.
-    pub outgoing: Vec<Vec<OwnedFd>>,
+    pub outgoing: Vec<Vec<Conn>>,
     /// Connections from other ranks' channels to this rank's service loop, with the rank at the other end.
-    pub incoming: Vec<(Rank, OwnedFd)>,
+    pub incoming: Vec<(Rank, Conn)>,
 }
 
 /// How ranks reach each other.

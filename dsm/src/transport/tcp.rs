@@ -2,7 +2,7 @@
 //! proves knowledge of the job's secret token; a wrong token, protocol version or rank is refused and logged.
 //! Listeners bind to 127.0.0.1 unless the launcher is told otherwise (`DSM_BIND`).
 
-use super::{channels_in, Mesh, Transport, PROTOCOL_VERSION};
+use super::{channels_in, Conn, Mesh, Transport, PROTOCOL_VERSION};
 use crate::error::{DsmError, Result};
 use crate::types::Rank;
 use nix::poll::{ppoll, PollFd, PollFlags};
@@ -381,7 +381,7 @@ impl Transport for TcpTransport {
             let mut row = Vec::with_capacity(size);
             for (r, addr) in peers.iter().enumerate() {
                 match connect(&setup, Rank(r as u32), *addr) {
-                    Ok(fd) => row.push(fd),
+                    Ok(fd) => row.push(Conn::from(fd)),
                     Err(e) => {
                         setup.failed(CONNECTING);
                         failure = Some(e);
@@ -396,7 +396,13 @@ impl Transport for TcpTransport {
             .map_err(|_| DsmError::Config("the accept thread panicked".into()))?;
         // The side that failed first says why; the other only stopped because of it.
         match (incoming, failure) {
-            (Ok(incoming), None) => Ok(Mesh { outgoing, incoming }),
+            (Ok(incoming), None) => Ok(Mesh {
+                outgoing,
+                incoming: incoming
+                    .into_iter()
+                    .map(|(r, fd)| (r, Conn::from(fd)))
+                    .collect(),
+            }),
             (Err(e), Some(_)) if setup.first_failure.load(Ordering::Acquire) == ACCEPTING => Err(e),
             (_, Some(e)) | (Err(e), None) => Err(e),
         }

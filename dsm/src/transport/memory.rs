@@ -1,0 +1,537 @@
+//! In-memory connections: byte streams between threads of one process, with what the fault path and the
+//! service loop rely on from a socket (blocking and non-blocking reads, writes that wait for room, ends
+//! and shutdowns, a send timeout), made of two single-producer single-consumer rings.
+//!
+//! A transport whose own thread carries the bytes on (the MPI transport of `dsm-runtime`) gives the job
+//! in-memory connections instead of socket pairs: a request reaches that thread without a system call,
+//! and a reply wakes its requester with a futex instead of a socket. A thread that serves many
+//! connections (the service loop, a transport's thread) hangs one [`Doorbell`] on all of them and sleeps
+//! on it. Every operation is async-signal-safe (atomics, copies, futexes, an eventfd write): the fault
+//! path uses them from the SIGBUS handler.
+//!
+//! One writer and one reader at a time on each direction: a connection is used by one requester (the
+//! holder of a channel) at one end and one server at the other, as a socket is.
+
+use crate::uffd::futex;
+use nix::errno::Errno;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use std::cell::UnsafeCell;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The room of each direction of a connection made by [`pair`] unless told otherwise: as much as a Unix
+/// socket pair buffers on Linux by default, so that a reply of a few pages goes in without waiting.
+pub const DEFAULT_CAPACITY: usize = 256 << 10;
+
+/// Wakes a thread that waits on many connections at once: rung whenever bytes, or an end, arrive on any
+/// connection it hangs on ([`End::ring_on_input`]). The thread either sleeps on it ([`Doorbell::wait`]),
+/// or, made with [`Doorbell::with_eventfd`], waits for its descriptor in an epoll set with other things.
+#[derive(Debug)]
+pub struct Doorbell {
+    rung: AtomicU32,
+    sleepers: AtomicU32,
+    eventfd: Option<EventFd>,
+}
+
+impl Doorbell {
+    /// A doorbell to sleep on with [`Doorbell::wait`].
+    pub fn new() -> Arc<Doorbell> {
+        Arc::new(Doorbell {
+            rung: AtomicU32::new(0),
+            sleepers: AtomicU32::new(0),
+            eventfd: None,
+        })
+    }
+
+    /// A doorbell that also makes its descriptor ([`Doorbell::fd`]) readable whenever it rings, for a
+    /// thread that waits in `epoll`; it reads the count away with [`Doorbell::drain`].
+    pub fn with_eventfd() -> Result<Arc<Doorbell>, Errno> {
+        let fd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+        Ok(Arc::new(Doorbell {
+            rung: AtomicU32::new(0),
+            sleepers: AtomicU32::new(0),
+            eventfd: Some(fd),
+        }))
+    }
+
+    /// The descriptor that becomes readable when the doorbell rings (made [`Doorbell::with_eventfd`]).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.eventfd.as_ref().map(|e| e.as_fd())
+    }
+
+    /// Takes the rings counted on the descriptor, so that it waits for the next one.
+    pub fn drain(&self) {
+        if let Some(e) = &self.eventfd {
+            let _ = e.read();
+        }
+    }
+
+    /// Rings: a thread sleeping on the doorbell wakes.
+    pub fn ring(&self) {
+        self.rung.fetch_add(1, Ordering::SeqCst);
+        if let Some(e) = &self.eventfd {
+            let _ = e.write(1);
+        } else if self.sleepers.load(Ordering::SeqCst) > 0 {
+            futex::wake_all(&self.rung);
+        }
+    }
+
+    /// The count of rings so far: take it before looking for work, and pass it to [`Doorbell::wait`], so
+    /// that a ring between the look and the sleep is not missed.
+    pub fn seen(&self) -> u32 {
+        self.rung.load(Ordering::SeqCst)
+    }
+
+    /// Sleeps until the doorbell rings after `seen` was taken, or `timeout` passes.
+    pub fn wait(&self, seen: u32, timeout: Duration) {
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        if self.rung.load(Ordering::SeqCst) == seen {
+            futex::wait_for(&self.rung, seen, timeout);
+        }
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One direction of a connection.
+struct Ring {
+    buf: Box<[UnsafeCell<u8>]>,
+    /// Bytes ever taken by the reader, and ever put by the writer: `tail - head` are waiting.
+    head: AtomicUsize,
+    tail: AtomicUsize,
+    /// Bumped whenever bytes or an end arrive (the reader sleeps on it), and whenever room is made or
+    /// either side ends (the writer sleeps on it); with the number of threads asleep on each.
+    data: AtomicU32,
+    readers: AtomicU32,
+    room: AtomicU32,
+    writers: AtomicU32,
+    /// The writer's end: the reader reads what is left, then the end of the stream.
+    writer_done: AtomicBool,
+    /// The reader's end: nothing more is read, writes fail.
+    reader_done: AtomicBool,
+    /// Rung with every arrival, for a reader that waits on many rings.
+    bell: OnceLock<Arc<Doorbell>>,
+    /// How long a write may wait for room without any being made (0: for ever), in nanoseconds.
+    send_timeout: AtomicU64,
+}
+
+// SAFETY: the bytes in `buf` are shared between one writer and one reader at a time. The writer only
+// writes the free part (`tail..head + capacity`), then publishes it with a release store of `tail`; the
+// reader only reads the waiting part (`head..tail`, seen through an acquire load of `tail`), then gives it
+// back with a release store of `head`, which the writer loads with acquire before writing there again.
+// Everything else is atomic.
+unsafe impl Sync for Ring {}
+
+impl Ring {
+    fn new(capacity: usize) -> Ring {
+        let capacity = capacity.max(64).next_power_of_two();
+        Ring {
+            buf: (0..capacity).map(|_| UnsafeCell::new(0)).collect(),
+            head: AtomicUsize::new(0),
+            tail: AtomicUsize::new(0),
+            data: AtomicU32::new(0),
+            readers: AtomicU32::new(0),
+            room: AtomicU32::new(0),
+            writers: AtomicU32::new(0),
+            writer_done: AtomicBool::new(false),
+            reader_done: AtomicBool::new(false),
+            bell: OnceLock::new(),
+            send_timeout: AtomicU64::new(0),
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// A pointer to byte `i` (mod the capacity) of the buffer.
+    fn at(&self, i: usize) -> *mut u8 {
+        self.buf[i & (self.capacity() - 1)].get()
+    }
+
+    fn tell_reader(&self) {
+        self.data.fetch_add(1, Ordering::SeqCst);
+        if self.readers.load(Ordering::SeqCst) > 0 {
+            futex::wake_all(&self.data);
+        }
+        if let Some(bell) = self.bell.get() {
+            bell.ring();
+        }
+    }
+
+    fn tell_writer(&self) {
+        self.room.fetch_add(1, Ordering::SeqCst);
+        if self.writers.load(Ordering::SeqCst) > 0 {
+            futex::wake_all(&self.room);
+        }
+    }
+
+    /// Puts as much of `bytes` as there is room for; `Ok(0)` when there is none.
+    fn put(&self, bytes: &[u8]) -> Result<usize, Errno> {
+        if self.reader_done.load(Ordering::Acquire) || self.writer_done.load(Ordering::Acquire) {
+            return Err(Errno::EPIPE);
+        }
+        let tail = self.tail.load(Ordering::Acquire);
+        let head = self.head.load(Ordering::Acquire);
+        let n = bytes.len().min(self.capacity() - (tail - head));
+        if n == 0 {
+            return Ok(0);
+        }
+        let start = tail & (self.capacity() - 1);
+        let first = n.min(self.capacity() - start);
+        // SAFETY: `tail..tail + n` is free (n is at most the room), so the reader reads none of it until
+        // `tail` is published below; the two copies stay inside the buffer (`first` ends at its end, the
+        // rest starts at its beginning), and `bytes` cannot overlap the ring's own buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.at(tail), first);
+            std::ptr::copy_nonoverlapping(bytes[first..].as_ptr(), self.at(0), n - first);
+        }
+        self.tail.store(tail + n, Ordering::Release);
+        self.tell_reader();
+        Ok(n)
+    }
+
+    /// Takes up to `buf.len()` waiting bytes: `Some(n)`, `Some(0)` at the end of the stream, `None` when
+    /// nothing waits.
+    fn take(&self, buf: &mut [u8]) -> Option<usize> {
+        // The end is looked at before the bytes: bytes put before the end was marked are then seen.
+        let ended =
+            self.writer_done.load(Ordering::Acquire) || self.reader_done.load(Ordering::Acquire);
+        if self.reader_done.load(Ordering::Acquire) {
+            return Some(0);
+        }
+        let head = self.head.load(Ordering::Acquire);
+        let tail = self.tail.load(Ordering::Acquire);
+        let n = buf.len().min(tail - head);
+        if n == 0 {
+            return if ended || buf.is_empty() {
+                Some(0)
+            } else {
+                None
+            };
+        }
+        let start = head & (self.capacity() - 1);
+        let first = n.min(self.capacity() - start);
+        // SAFETY: `head..head + n` was published by the writer (acquire load of `tail` above) and the
+        // writer does not touch it until `head` moves past it below; the copies stay inside the buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.at(head), buf.as_mut_ptr(), first);
+            std::ptr::copy_nonoverlapping(self.at(0), buf[first..].as_mut_ptr(), n - first);
+        }
+        self.head.store(head + n, Ordering::Release);
+        self.tell_writer();
+        Some(n)
+    }
+
+    /// Whether a read would return at once (bytes, or the end).
+    fn ready(&self) -> bool {
+        self.writer_done.load(Ordering::Acquire)
+            || self.reader_done.load(Ordering::Acquire)
+            || self.tail.load(Ordering::Acquire) != self.head.load(Ordering::Acquire)
+    }
+
+    /// Sleeps until `ready`, or `deadline`; whether it is ready.
+    fn wait_ready(&self, deadline: Option<Instant>) -> bool {
+        loop {
+            if self.ready() {
+                return true;
+            }
+            self.readers.fetch_add(1, Ordering::SeqCst);
+            let seen = self.data.load(Ordering::SeqCst);
+            if !self.ready() {
+                match deadline {
+                    None => futex::wait(&self.data, seen),
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now());
+                        if !left.is_zero() {
+                            futex::wait_for(&self.data, seen, left);
+                        }
+                    }
+                }
+            }
+            self.readers.fetch_sub(1, Ordering::SeqCst);
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return self.ready();
+            }
+        }
+    }
+
+    /// Sleeps until there is room to write or a side ends, or `deadline` passes.
+    fn wait_room(&self, deadline: Option<Instant>) {
+        self.writers.fetch_add(1, Ordering::SeqCst);
+        let seen = self.room.load(Ordering::SeqCst);
+        let full = self.tail.load(Ordering::Acquire) - self.head.load(Ordering::Acquire)
+            == self.capacity();
+        let ended =
+            self.reader_done.load(Ordering::Acquire) || self.writer_done.load(Ordering::Acquire);
+        if full && !ended {
+            match deadline {
+                None => futex::wait(&self.room, seen),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if !left.is_zero() {
+                        futex::wait_for(&self.room, seen, left);
+                    }
+                }
+            }
+        }
+        self.writers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn end_writing(&self) {
+        self.writer_done.store(true, Ordering::Release);
+        self.tell_reader();
+        self.tell_writer();
+    }
+
+    fn end_reading(&self) {
+        self.reader_done.store(true, Ordering::Release);
+        self.tell_reader();
+        self.tell_writer();
+    }
+}
+
+/// Which sides of an [`End`] to shut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shut {
+    /// Reading: this end's reads return the end of the stream, the other end's writes fail.
+    Read,
+    /// Writing: the other end reads what was written, then the end of the stream.
+    Write,
+    /// Both.
+    Both,
+}
+
+/// One end of an in-memory connection ([`pair`]). Dropping it shuts both sides, as closing a socket does.
+pub struct End {
+    tx: Arc<Ring>,
+    rx: Arc<Ring>,
+}
+
+impl std::fmt::Debug for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("End")
+            .field("sent", &self.tx.tail.load(Ordering::Relaxed))
+            .field("received", &self.rx.head.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// A connection: two ends, each sending `capacity` bytes (rounded up to a power of two) before it waits
+/// for the other to read.
+pub fn pair(capacity: usize) -> (End, End) {
+    let a = Arc::new(Ring::new(capacity));
+    let b = Arc::new(Ring::new(capacity));
+    (
+        End {
+            tx: a.clone(),
+            rx: b.clone(),
+        },
+        End { tx: b, rx: a },
+    )
+}
+
+impl End {
+    /// Writes what there is room for of `bytes`, waiting for room when there is none and `wait` (for at
+    /// most the send timeout, then `EAGAIN`). Returns how many bytes went in: at least one unless `bytes` is
+    /// empty, or `EAGAIN` when there is no room and not `wait`. `EPIPE` once either end has ended.
+    pub fn send(&self, bytes: &[u8], wait: bool) -> Result<usize, Errno> {
+        let timeout = self.tx.send_timeout.load(Ordering::Relaxed);
+        let deadline = (timeout > 0).then(|| Instant::now() + Duration::from_nanos(timeout));
+        loop {
+            let n = self.tx.put(bytes)?;
+            if n > 0 || bytes.is_empty() {
+                return Ok(n);
+            }
+            if !wait || deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Errno::EAGAIN);
+            }
+            self.tx.wait_room(deadline);
+        }
+    }
+
+    /// Writes all of `bytes`, waiting for room as [`End::send`] does.
+    pub fn send_all(&self, mut bytes: &[u8]) -> Result<(), Errno> {
+        while !bytes.is_empty() {
+            let n = self.send(bytes, true)?;
+            bytes = &bytes[n..];
+        }
+        Ok(())
+    }
+
+    /// Reads what has arrived into `buf`, waiting for at least one byte when `wait`: `Ok(n)`, `Ok(0)` at
+    /// the end of the stream, `EAGAIN` when nothing has arrived and not `wait`.
+    pub fn recv(&self, buf: &mut [u8], wait: bool) -> Result<usize, Errno> {
+        loop {
+            if let Some(n) = self.rx.take(buf) {
+                return Ok(n);
+            }
+            if !wait {
+                return Err(Errno::EAGAIN);
+            }
+            self.rx.wait_ready(None);
+        }
+    }
+
+    /// Whether a read would return at once: bytes have arrived, or the end.
+    pub fn readable(&self) -> bool {
+        self.rx.ready()
+    }
+
+    /// Whether the other end has ended (shut its writing, or this end's reading), with nothing left to
+    /// read.
+    pub fn at_end(&self) -> bool {
+        let ended = self.rx.writer_done.load(Ordering::Acquire)
+            || self.rx.reader_done.load(Ordering::Acquire);
+        ended && self.rx.tail.load(Ordering::Acquire) == self.rx.head.load(Ordering::Acquire)
+    }
+
+    /// Waits until a read would return at once, or `deadline` passes (false).
+    pub fn wait_readable(&self, deadline: Instant) -> bool {
+        self.rx.wait_ready(Some(deadline))
+    }
+
+    /// Ends one side or both; threads waiting on them wake.
+    pub fn shutdown(&self, how: Shut) {
+        if how != Shut::Write {
+            self.rx.end_reading();
+        }
+        if how != Shut::Read {
+            self.tx.end_writing();
+        }
+    }
+
+    /// Makes writes that wait for room longer than `t` fail with `EAGAIN` (zero: wait for ever).
+    pub fn set_send_timeout(&self, t: Duration) {
+        let ns = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
+        self.tx.send_timeout.store(ns, Ordering::Relaxed);
+    }
+
+    /// Rings `bell` whenever bytes or an end arrive at this end, from now on (and once now, so that what
+    /// arrived before is looked at). An end rings one doorbell: a second one is refused (false).
+    pub fn ring_on_input(&self, bell: &Arc<Doorbell>) -> bool {
+        let set = self.rx.bell.set(bell.clone()).is_ok();
+        if set {
+            bell.ring();
+        }
+        set
+    }
+}
+
+impl Drop for End {
+    fn drop(&mut self) {
+        self.shutdown(Shut::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_arrive_in_order_across_the_ring_s_wrap_and_a_full_ring_waits_for_the_reader() {
+        let (a, b) = pair(64);
+        let sent: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let got = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 37];
+                loop {
+                    match b.recv(&mut buf, true).unwrap() {
+                        0 => return got,
+                        n => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+            for piece in sent.chunks(100) {
+                a.send_all(piece).unwrap();
+            }
+            a.shutdown(Shut::Write);
+            reader.join().unwrap()
+        });
+        assert_eq!(got, sent);
+    }
+
+    #[test]
+    fn a_read_without_waiting_says_nothing_has_come_and_ends_are_seen_after_the_last_bytes() {
+        let (a, b) = pair(64);
+        let mut buf = [0u8; 8];
+        assert_eq!(b.recv(&mut buf, false), Err(Errno::EAGAIN));
+        assert!(!b.readable());
+        a.send_all(b"abc").unwrap();
+        drop(a);
+        assert!(b.readable() && !b.at_end());
+        assert_eq!(b.recv(&mut buf, false), Ok(3));
+        assert_eq!(&buf[..3], b"abc");
+        assert!(b.at_end());
+        assert_eq!(b.recv(&mut buf, true), Ok(0), "the end, not a wait");
+        assert_eq!(b.send(b"x", true), Err(Errno::EPIPE), "its reader is gone");
+    }
+
+    #[test]
+    fn shutting_reading_wakes_a_blocked_reader_and_fails_the_writer() {
+        let (a, b) = pair(64);
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| b.recv(&mut [0u8; 4], true));
+            std::thread::sleep(Duration::from_millis(20));
+            b.shutdown(Shut::Read);
+            assert_eq!(reader.join().unwrap(), Ok(0));
+        });
+        assert_eq!(a.send(b"late", true), Err(Errno::EPIPE));
+    }
+
+    #[test]
+    fn a_writer_waiting_for_room_gives_up_at_its_timeout_and_an_end_wakes_it() {
+        let (a, b) = pair(64);
+        a.send_all(&[1u8; 64]).unwrap();
+        a.set_send_timeout(Duration::from_millis(30));
+        let t0 = Instant::now();
+        assert_eq!(a.send(b"more", true), Err(Errno::EAGAIN));
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_millis(30), "{waited:?}");
+        assert_eq!(a.send(b"more", false), Err(Errno::EAGAIN));
+        a.set_send_timeout(Duration::ZERO);
+        std::thread::scope(|s| {
+            let writer = s.spawn(|| a.send(b"more", true));
+            std::thread::sleep(Duration::from_millis(20));
+            drop(b);
+            assert_eq!(writer.join().unwrap(), Err(Errno::EPIPE));
+        });
+    }
+
+    #[test]
+    fn a_doorbell_wakes_its_sleeper_for_bytes_on_any_of_its_connections() {
+        let bell = Doorbell::new();
+        let ends: Vec<(End, End)> = (0..3).map(|_| pair(64)).collect();
+        for (_, theirs) in &ends {
+            assert!(theirs.ring_on_input(&bell));
+            assert!(!theirs.ring_on_input(&Doorbell::new()), "one doorbell each");
+        }
+        std::thread::scope(|s| {
+            let sleeper = s.spawn(|| {
+                let t0 = Instant::now();
+                loop {
+                    let seen = bell.seen();
+                    if ends[2].1.readable() {
+                        return t0.elapsed();
+                    }
+                    bell.wait(seen, Duration::from_secs(10));
+                }
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            ends[2].0.send_all(b"x").unwrap();
+            assert!(sleeper.join().unwrap() < Duration::from_secs(5));
+        });
+        let bell = Doorbell::with_eventfd().unwrap();
+        let (a, b) = pair(64);
+        b.ring_on_input(&bell);
+        bell.drain();
+        a.send_all(b"y").unwrap();
+        let mut fds = [nix::poll::PollFd::new(
+            bell.fd().unwrap(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        assert_eq!(nix::poll::poll(&mut fds, 1000u16), Ok(1));
+    }
+}
