@@ -327,31 +327,15 @@ impl Bridging {
             }
         }
         // Acknowledgements first, then bytes, tag by tag. (One probe for any tag, which would find any
-        // message with one call, made sequential reads of a cyclic region 15-20% slower: measured in
-        // docs/BENCHMARKS.md, fourteenth session.)
-        for &t in &self.tags {
+        // message with one call, made sequential reads of a cyclic region 15-20% slower over the socket
+        // pairs, and measured no faster over the in-memory connections: docs/BENCHMARKS.md, fourteenth and
+        // seventeenth sessions.)
+        for k in 0..self.tags.len() {
+            let t = self.tags[k];
             while let Some(probed) = comm.any_process().immediate_matched_probe_with_tag(t) {
                 let (data, status) = probed.matched_receive_vec::<u8>();
                 moved = true;
-                if t == self.ack_tag {
-                    let Some((sent_with, cost)) = decode_ack(&data) else {
-                        continue;
-                    };
-                    if let Some(&i) = self.acked.get(&(status.source_rank(), sent_with)) {
-                        let l = &mut self.links[i];
-                        l.in_flight = l.in_flight.saturating_sub(cost);
-                    }
-                    continue;
-                }
-                let Some(&i) = self.route.get(&(status.source_rank(), t)) else {
-                    continue;
-                };
-                let l = &mut self.links[i];
-                l.arrived += data.len() + MESSAGE_COST;
-                if data.is_empty() {
-                    l.remote_done = true;
-                }
-                l.deliver(&data);
+                self.arrived(status.source_rank(), t, &data);
             }
         }
         for l in self
@@ -375,6 +359,29 @@ impl Bridging {
             moved = true;
         }
         moved
+    }
+
+    /// A message from `peer` with tag `t`: an acknowledgement, or bytes for one of the connections.
+    fn arrived(&mut self, peer: i32, t: i32, data: &[u8]) {
+        if t == self.ack_tag {
+            let Some((sent_with, cost)) = decode_ack(data) else {
+                return;
+            };
+            if let Some(&i) = self.acked.get(&(peer, sent_with)) {
+                let l = &mut self.links[i];
+                l.in_flight = l.in_flight.saturating_sub(cost);
+            }
+            return;
+        }
+        let Some(&i) = self.route.get(&(peer, t)) else {
+            return;
+        };
+        let l = &mut self.links[i];
+        l.arrived += data.len() + MESSAGE_COST;
+        if data.is_empty() {
+            l.remote_done = true;
+        }
+        l.deliver(data);
     }
 
     /// Every connection has ended on both sides and everything is acknowledged.

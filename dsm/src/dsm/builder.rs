@@ -378,7 +378,7 @@ fn default_spin(size: usize, cores: usize) -> Duration {
 
 /// Lets the process open as many files as the system allows it, not the usual soft limit of 1024: a rank
 /// keeps a connection per channel and one more to every rank and back (2,560 descriptors for 256 ranks
-/// over TCP at the default 4 channels, twice that over the MPI transport's socket pairs), and MapReduce
+/// over TCP at the default 4 channels), and MapReduce
 /// merges hold many run files open.
 fn raise_open_file_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
