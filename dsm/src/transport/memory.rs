@@ -9,8 +9,10 @@
 //! on it. Every operation is async-signal-safe (atomics, copies, futexes, an eventfd write): the fault
 //! path uses them from the SIGBUS handler.
 //!
-//! One writer and one reader at a time on each direction: a connection is used by one requester (the
-//! holder of a channel) at one end and one server at the other, as a socket is.
+//! Writers of one direction take turns (a lock held for a whole frame: the service loop's replies and a
+//! service's late answer can share a connection), so frames never interleave. Reads need no lock: each
+//! direction has one reader, the holder of a channel at one end and the server at the other; and however
+//! an `End` is misused, a copy never leaves the ring's buffer.
 
 use crate::uffd::futex;
 use nix::errno::Errno;
@@ -97,6 +99,8 @@ impl Doorbell {
 /// One direction of a connection.
 struct Ring {
     buf: Box<[UnsafeCell<u8>]>,
+    /// The writers' lock: 0 free, 1 held, 2 held with writers asleep on it.
+    writing: AtomicU32,
     /// Bytes ever taken by the reader, and ever put by the writer: `tail - head` are waiting.
     head: AtomicUsize,
     tail: AtomicUsize,
@@ -116,18 +120,25 @@ struct Ring {
     send_timeout: AtomicU64,
 }
 
-// SAFETY: the bytes in `buf` are shared between one writer and one reader at a time. The writer only
-// writes the free part (`tail..head + capacity`), then publishes it with a release store of `tail`; the
-// reader only reads the waiting part (`head..tail`, seen through an acquire load of `tail`), then gives it
-// back with a release store of `head`, which the writer loads with acquire before writing there again.
-// Everything else is atomic.
+// SAFETY: the bytes in `buf` are shared between one writer (the holder of `writing`) and the reader. The
+// writer only writes the free part (`tail..head + capacity`), then publishes it with a release store of
+// `tail`; the reader only reads the waiting part (`head..tail`, seen through an acquire load of `tail`),
+// then gives it back with a release store of `head`, which the writer loads with acquire before writing
+// there again. Two readers at once (a misuse nothing in dsm does) may read the same bytes, but every copy
+// is bounded by the buffer's length, so it stays inside the allocation. Everything else is atomic.
 unsafe impl Sync for Ring {}
 
 impl Ring {
     fn new(capacity: usize) -> Ring {
         let capacity = capacity.max(64).next_power_of_two();
+        // Zeroed by the allocator (`calloc`: pages the ring never reaches are never touched).
+        let bytes: Box<[u8]> = vec![0u8; capacity].into_boxed_slice();
+        // SAFETY: `UnsafeCell<u8>` has the layout of `u8` (`repr(transparent)`), so the allocation is a
+        // valid `[UnsafeCell<u8>]` of the same length, freed with the same layout.
+        let buf = unsafe { Box::from_raw(Box::into_raw(bytes) as *mut [UnsafeCell<u8>]) };
         Ring {
-            buf: (0..capacity).map(|_| UnsafeCell::new(0)).collect(),
+            buf,
+            writing: AtomicU32::new(0),
             head: AtomicUsize::new(0),
             tail: AtomicUsize::new(0),
             data: AtomicU32::new(0),
@@ -145,9 +156,38 @@ impl Ring {
         self.buf.len()
     }
 
-    /// A pointer to byte `i` (mod the capacity) of the buffer.
+    /// A pointer to byte `i` (mod the capacity) of the buffer, valid for the bytes from there to the
+    /// buffer's end.
     fn at(&self, i: usize) -> *mut u8 {
-        self.buf[i & (self.capacity() - 1)].get()
+        // SAFETY: the offset is below the capacity, so the pointer stays inside the buffer; it comes from
+        // the whole slice, so it may reach the rest of it.
+        UnsafeCell::raw_get(unsafe { self.buf.as_ptr().add(i & (self.capacity() - 1)) })
+    }
+
+    /// How many bytes wait between `head` and `tail`, at most the capacity whatever the two hold.
+    fn waiting(&self, head: usize, tail: usize) -> usize {
+        tail.wrapping_sub(head).min(self.capacity())
+    }
+
+    /// Takes the writers' lock (a futex lock: the fault path writes from the SIGBUS handler, where only a
+    /// system call may wait).
+    fn lock_writing(&self) {
+        if self
+            .writing
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            return;
+        }
+        while self.writing.swap(2, Ordering::Acquire) != 0 {
+            futex::wait(&self.writing, 2);
+        }
+    }
+
+    fn unlock_writing(&self) {
+        if self.writing.swap(0, Ordering::Release) == 2 {
+            futex::wake_all(&self.writing);
+        }
     }
 
     fn tell_reader(&self) {
@@ -174,7 +214,7 @@ impl Ring {
         }
         let tail = self.tail.load(Ordering::Acquire);
         let head = self.head.load(Ordering::Acquire);
-        let n = bytes.len().min(self.capacity() - (tail - head));
+        let n = bytes.len().min(self.capacity() - self.waiting(head, tail));
         if n == 0 {
             return Ok(0);
         }
@@ -187,8 +227,13 @@ impl Ring {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.at(tail), first);
             std::ptr::copy_nonoverlapping(bytes[first..].as_ptr(), self.at(0), n - first);
         }
-        self.tail.store(tail + n, Ordering::Release);
+        self.tail.store(tail.wrapping_add(n), Ordering::Release);
         self.tell_reader();
+        // Ended while the bytes went in: the reader may have stopped before them, so the write fails, as
+        // a socket's does once it is shut.
+        if self.reader_done.load(Ordering::Acquire) || self.writer_done.load(Ordering::Acquire) {
+            return Err(Errno::EPIPE);
+        }
         Ok(n)
     }
 
@@ -203,7 +248,7 @@ impl Ring {
         }
         let head = self.head.load(Ordering::Acquire);
         let tail = self.tail.load(Ordering::Acquire);
-        let n = buf.len().min(tail - head);
+        let n = buf.len().min(self.waiting(head, tail));
         if n == 0 {
             return if ended || buf.is_empty() {
                 Some(0)
@@ -219,7 +264,7 @@ impl Ring {
             std::ptr::copy_nonoverlapping(self.at(head), buf.as_mut_ptr(), first);
             std::ptr::copy_nonoverlapping(self.at(0), buf[first..].as_mut_ptr(), n - first);
         }
-        self.head.store(head + n, Ordering::Release);
+        self.head.store(head.wrapping_add(n), Ordering::Release);
         self.tell_writer();
         Some(n)
     }
@@ -261,8 +306,10 @@ impl Ring {
     fn wait_room(&self, deadline: Option<Instant>) {
         self.writers.fetch_add(1, Ordering::SeqCst);
         let seen = self.room.load(Ordering::SeqCst);
-        let full = self.tail.load(Ordering::Acquire) - self.head.load(Ordering::Acquire)
-            == self.capacity();
+        let full = self.waiting(
+            self.head.load(Ordering::Acquire),
+            self.tail.load(Ordering::Acquire),
+        ) == self.capacity();
         let ended =
             self.reader_done.load(Ordering::Acquire) || self.writer_done.load(Ordering::Acquire);
         if full && !ended {
@@ -337,6 +384,14 @@ impl End {
     /// most the send timeout, then `EAGAIN`). Returns how many bytes went in: at least one unless `bytes` is
     /// empty, or `EAGAIN` when there is no room and not `wait`. `EPIPE` once either end has ended.
     pub fn send(&self, bytes: &[u8], wait: bool) -> Result<usize, Errno> {
+        self.tx.lock_writing();
+        let sent = self.send_locked(bytes, wait);
+        self.tx.unlock_writing();
+        sent
+    }
+
+    /// [`End::send`], with the writers' lock held.
+    fn send_locked(&self, bytes: &[u8], wait: bool) -> Result<usize, Errno> {
         let timeout = self.tx.send_timeout.load(Ordering::Relaxed);
         let deadline = (timeout > 0).then(|| Instant::now() + Duration::from_nanos(timeout));
         loop {
@@ -352,12 +407,24 @@ impl End {
     }
 
     /// Writes all of `bytes`, waiting for room as [`End::send`] does.
-    pub fn send_all(&self, mut bytes: &[u8]) -> Result<(), Errno> {
-        while !bytes.is_empty() {
-            let n = self.send(bytes, true)?;
-            bytes = &bytes[n..];
-        }
-        Ok(())
+    pub fn send_all(&self, bytes: &[u8]) -> Result<(), Errno> {
+        self.send_all_of(&[bytes])
+    }
+
+    /// Writes all of `pieces`, one after the other, with no other writer's bytes between them (a frame's
+    /// header and payload), waiting for room as [`End::send`] does.
+    pub fn send_all_of(&self, pieces: &[&[u8]]) -> Result<(), Errno> {
+        self.tx.lock_writing();
+        let sent = pieces.iter().try_for_each(|piece| {
+            let mut left = *piece;
+            while !left.is_empty() {
+                let n = self.send_locked(left, true)?;
+                left = &left[n..];
+            }
+            Ok(())
+        });
+        self.tx.unlock_writing();
+        sent
     }
 
     /// Reads what has arrived into `buf`, waiting for at least one byte when `wait`: `Ok(n)`, `Ok(0)` at
@@ -384,7 +451,11 @@ impl End {
     pub fn at_end(&self) -> bool {
         let ended = self.rx.writer_done.load(Ordering::Acquire)
             || self.rx.reader_done.load(Ordering::Acquire);
-        ended && self.rx.tail.load(Ordering::Acquire) == self.rx.head.load(Ordering::Acquire)
+        ended
+            && self.rx.waiting(
+                self.rx.head.load(Ordering::Acquire),
+                self.rx.tail.load(Ordering::Acquire),
+            ) == 0
     }
 
     /// Waits until a read would return at once, or `deadline` passes (false).
@@ -451,6 +522,35 @@ mod tests {
             reader.join().unwrap()
         });
         assert_eq!(got, sent);
+    }
+
+    #[test]
+    fn frames_of_writers_on_several_threads_never_interleave() {
+        let (a, b) = pair(64);
+        let a = Arc::new(a);
+        let writers: Vec<_> = (0..4u8)
+            .map(|w| {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        // A frame: its writer's number, then 50 copies of it, in two pieces.
+                        a.send_all_of(&[&[w], &[w; 50]]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 97];
+        while got.len() < 4 * 200 * 51 {
+            let n = b.recv(&mut buf, true).unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        for frame in got.chunks(51) {
+            assert!(frame.iter().all(|&x| x == frame[0]), "{frame:?}");
+        }
     }
 
     #[test]
