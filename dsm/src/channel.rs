@@ -131,15 +131,15 @@ fn conn_of(conns: &[Arc<Conn>], rank: Rank) -> Result<&Conn, Errno> {
 /// The length of the frame whose prefix is `len`. A frame longer than the buffer, or too short to hold a
 /// header's length, is read and dropped (so that the connection stays aligned on frames for its next
 /// user) and reported as an error.
-fn body_len_or_skip(fd: &Conn, len: [u8; 4], buf: &mut [u8]) -> Result<usize, RecvError> {
+fn body_len_or_skip(conn: &Conn, len: [u8; 4], buf: &mut [u8]) -> Result<usize, RecvError> {
     match wire::body_len(len, buf.len()) {
         Ok(n) => Ok(n),
-        Err(FrameError::BadLength(n)) if n < 2 => skip_short(fd, n),
+        Err(FrameError::BadLength(n)) if n < 2 => skip_short(conn, n),
         Err(FrameError::BadLength(n)) if n > buf.len() => {
             let mut left = n;
             while left > 0 {
                 let k = left.min(buf.len());
-                read_exact(fd, &mut buf[..k])?;
+                read_exact(conn, &mut buf[..k])?;
                 left -= k;
             }
             Err(RecvError::Frame(FrameError::BadLength(n)))
@@ -149,9 +149,9 @@ fn body_len_or_skip(fd: &Conn, len: [u8; 4], buf: &mut [u8]) -> Result<usize, Re
 }
 
 /// Reads and drops the body of a frame of `n` (0 or 1) bytes, too short for a header's length; reports it.
-fn skip_short<T>(fd: &Conn, n: usize) -> Result<T, RecvError> {
+fn skip_short<T>(conn: &Conn, n: usize) -> Result<T, RecvError> {
     let mut body = [0u8; 1];
-    read_exact(fd, &mut body[..n.min(1)])?;
+    read_exact(conn, &mut body[..n.min(1)])?;
     Err(RecvError::Frame(FrameError::BadLength(n)))
 }
 
@@ -225,12 +225,12 @@ impl Channel {
         counters: &Counters,
         from: Rank,
     ) -> Result<(Reply, &[u8], &mut [u8]), RecvError> {
-        let fd = conn_of(&self.conns, from).map_err(RecvError::Sys)?;
-        poll_until_readable(fd, self.poll);
+        let conn = conn_of(&self.conns, from).map_err(RecvError::Sys)?;
+        poll_until_readable(conn, self.poll);
         let mut len = [0u8; 4];
-        read_exact(fd, &mut len)?;
-        let n = body_len_or_skip(fd, len, &mut self.rx)?;
-        read_exact(fd, &mut self.rx[..n])?;
+        read_exact(conn, &mut len)?;
+        let n = body_len_or_skip(conn, len, &mut self.rx)?;
+        read_exact(conn, &mut self.rx[..n])?;
         Counters::add(&counters.messages_received, 1);
         Counters::add(&counters.bytes_received, 4 + n as u64);
         let (reply, payload) = wire::decode(&self.rx[..n]).map_err(RecvError::Frame)?;
@@ -244,17 +244,17 @@ impl Channel {
         counters: &Counters,
         from: Rank,
     ) -> Result<(Reply, usize), RecvError> {
-        let fd = conn_of(&self.conns, from).map_err(RecvError::Sys)?;
-        poll_until_readable(fd, self.poll);
+        let conn = conn_of(&self.conns, from).map_err(RecvError::Sys)?;
+        poll_until_readable(conn, self.poll);
         let mut len = [0u8; 4];
-        read_exact(fd, &mut len)?;
+        read_exact(conn, &mut len)?;
         // Only the header must fit the buffer: the caller takes the payload in pieces.
         let n = match wire::body_len(len, u32::MAX as usize) {
             Ok(n) => n,
-            Err(FrameError::BadLength(n)) if n < 2 => return skip_short(fd, n),
+            Err(FrameError::BadLength(n)) if n < 2 => return skip_short(conn, n),
             Err(e) => return Err(RecvError::Frame(e)),
         };
-        read_exact(fd, &mut self.rx[..2])?;
+        read_exact(conn, &mut self.rx[..2])?;
         let header_len = u16::from_le_bytes([self.rx[0], self.rx[1]]) as usize;
         // A frame that is refused is still read to its end, so that the connection stays aligned on
         // frames for the channel's next user.
@@ -262,7 +262,7 @@ impl Channel {
             self.skip_payload(from, n - 2)?;
             return Err(RecvError::Frame(FrameError::BadLength(header_len)));
         }
-        read_exact(fd, &mut self.rx[2..2 + header_len])?;
+        read_exact(conn, &mut self.rx[2..2 + header_len])?;
         Counters::add(&counters.messages_received, 1);
         Counters::add(&counters.bytes_received, 4 + n as u64);
         match wire::decode::<Reply>(&self.rx[..2 + header_len]) {

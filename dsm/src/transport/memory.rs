@@ -285,15 +285,7 @@ impl Ring {
             self.readers.fetch_add(1, Ordering::SeqCst);
             let seen = self.data.load(Ordering::SeqCst);
             if !self.ready() {
-                match deadline {
-                    None => futex::wait(&self.data, seen),
-                    Some(d) => {
-                        let left = d.saturating_duration_since(Instant::now());
-                        if !left.is_zero() {
-                            futex::wait_for(&self.data, seen, left);
-                        }
-                    }
-                }
+                sleep_on(&self.data, seen, deadline);
             }
             self.readers.fetch_sub(1, Ordering::SeqCst);
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -313,15 +305,7 @@ impl Ring {
         let ended =
             self.reader_done.load(Ordering::Acquire) || self.writer_done.load(Ordering::Acquire);
         if full && !ended {
-            match deadline {
-                None => futex::wait(&self.room, seen),
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if !left.is_zero() {
-                        futex::wait_for(&self.room, seen, left);
-                    }
-                }
-            }
+            sleep_on(&self.room, seen, deadline);
         }
         self.writers.fetch_sub(1, Ordering::SeqCst);
     }
@@ -336,6 +320,19 @@ impl Ring {
         self.reader_done.store(true, Ordering::Release);
         self.tell_reader();
         self.tell_writer();
+    }
+}
+
+/// Sleeps while `word` holds `seen`, until `deadline` if there is one.
+fn sleep_on(word: &AtomicU32, seen: u32, deadline: Option<Instant>) {
+    match deadline {
+        None => futex::wait(word, seen),
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                futex::wait_for(word, seen, left);
+            }
+        }
     }
 }
 
