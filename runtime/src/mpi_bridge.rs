@@ -226,16 +226,7 @@ impl Link {
     /// Passes on `data`, which arrived from the peer: what the connection has no room for waits in
     /// `pending`.
     fn deliver(&mut self, data: &[u8]) {
-        let mut given = 0;
-        if self.pending.is_empty() {
-            given = match self.end.send(data, false) {
-                Ok(n) => n,
-                Err(Errno::EAGAIN) => 0,
-                // The engine closed its end: nothing more can be delivered.
-                Err(_) => data.len(),
-            };
-        }
-        self.pending.extend_from_slice(&data[given..]);
+        self.pending.extend_from_slice(data);
         self.flush();
     }
 
@@ -306,7 +297,7 @@ impl Bridging {
         for l in self
             .links
             .iter_mut()
-            .filter(|l| !l.local_done && Self::has_credit(credit, l) && l.end.readable())
+            .filter(|l| !l.local_done && Self::has_credit(credit, l))
         {
             match l.end.recv(&mut self.buf, false) {
                 Ok(n) if n > 0 => {

@@ -248,13 +248,9 @@ impl Engine {
             for ev in &events[..n] {
                 if ev.data() == MEMORY {
                     self.doorbell.drain();
+                    // Reading a connection with nothing waiting returns at once.
                     for i in 0..self.memory.len() {
-                        let idx = self.memory[i];
-                        if self.conns[idx].open
-                            && self.conns[idx].link.readiness() != Readiness::Waiting
-                        {
-                            self.read_conn(idx);
-                        }
+                        self.read_conn(self.memory[i]);
                     }
                 } else if ev.data() == WAKER {
                     let _ = self.shared.waker.read();

@@ -68,20 +68,7 @@ impl Conn {
                 }
                 Ok(())
             }
-            Conn::Memory(end) => {
-                // One frame is at most a header and three payload slices on the fault path; longer
-                // frames (many read-ahead pages) go out as they come, a frame at a time either way.
-                let mut pieces: [&[u8]; 8] = [&[]; 8];
-                if bufs.len() <= pieces.len() {
-                    for (p, b) in pieces.iter_mut().zip(bufs.iter()) {
-                        *p = b;
-                    }
-                    end.send_all_of(&pieces[..bufs.len()])
-                } else {
-                    let all: Vec<&[u8]> = bufs.iter().map(|b| &**b).collect();
-                    end.send_all_of(&all)
-                }
-            }
+            Conn::Memory(end) => end.send_all_of(bufs),
         }
     }
 

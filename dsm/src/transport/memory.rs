@@ -410,10 +410,13 @@ impl End {
 
     /// Writes all of `pieces`, one after the other, with no other writer's bytes between them (a frame's
     /// header and payload), waiting for room as [`End::send`] does.
-    pub fn send_all_of(&self, pieces: &[&[u8]]) -> Result<(), Errno> {
+    pub fn send_all_of<P: std::ops::Deref<Target = [u8]>>(
+        &self,
+        pieces: &[P],
+    ) -> Result<(), Errno> {
         self.tx.lock_writing();
         let sent = pieces.iter().try_for_each(|piece| {
-            let mut left = *piece;
+            let mut left: &[u8] = piece;
             while !left.is_empty() {
                 let n = self.send_locked(left, true)?;
                 left = &left[n..];
@@ -531,7 +534,7 @@ mod tests {
                 std::thread::spawn(move || {
                     for _ in 0..200 {
                         // A frame: its writer's number, then 50 copies of it, in two pieces.
-                        a.send_all_of(&[&[w], &[w; 50]]).unwrap();
+                        a.send_all_of(&[&[w][..], &[w; 50][..]]).unwrap();
                     }
                 })
             })
