@@ -89,6 +89,12 @@ type Exits = Arc<Mutex<Meeting>>;
 /// What the launch loop sends the rendezvous to wake it (after noting an exit in `Exits`).
 const WAKE: &str = "wake";
 
+/// How long the launcher keeps watching after a rank that failed on its own exits, for the others' exits.
+const GRACE: Duration = Duration::from_millis(300);
+/// How long it keeps watching after the first failure while only ranks that ended because of another
+/// (`EXIT_PEER_FAILED`) have exited, for the rank that failed first.
+const CAUSE_GRACE: Duration = Duration::from_secs(2);
+
 /// Serves the rendezvous: collects every rank's address, then sends the full table to each. Ends early
 /// once `stop` is set (and a connection wakes it): the job ended before every rank joined. A rank that
 /// exits before it joined (noted in `exits`) can never join: the ranks waiting, and any that come later,
@@ -397,10 +403,14 @@ pub fn launch(
         }
     }
 
-    // Watch the ranks. At the first failure, keep watching briefly so that the rank that failed on its own
-    // is reported rather than the ranks that ended because of it (they exit with EXIT_PEER_FAILED).
+    // Watch the ranks. At the first failure, keep watching for a while so that the rank that failed on its
+    // own is reported rather than the ranks that ended because of it (they exit with EXIT_PEER_FAILED):
+    // briefly once that rank has exited, longer while only ranks that ended because of another have (the
+    // one that failed first may have closed its connections well before its process ends: on a loaded
+    // machine, more than 300 ms before).
     let mut done = vec![false; ranks];
     let mut failures: Vec<(usize, ExitStatus)> = Vec::new();
+    let mut first_failure: Option<Instant> = None;
     let mut grace_until: Option<Instant> = None;
     let mut lost = Vec::new();
     let started = Instant::now();
@@ -434,7 +444,11 @@ pub fn launch(
                         ));
                         lost.push((r, what));
                     } else {
-                        grace_until.get_or_insert(Instant::now() + Duration::from_millis(300));
+                        let since = *first_failure.get_or_insert_with(Instant::now);
+                        let cause_seen = failures
+                            .iter()
+                            .any(|(_, s)| s.code() != Some(dsm::EXIT_PEER_FAILED));
+                        grace_until = Some(since + if cause_seen { GRACE } else { CAUSE_GRACE });
                     }
                 }
             }
