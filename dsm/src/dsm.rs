@@ -13,6 +13,7 @@ use crate::protocol::release::{RcRank, VectorClock, WriteNotice};
 use crate::region::{Arena, Consistency, GlobalVec, Placement, Region, RegionShared, Retired};
 use crate::service::{Service, ServiceId, MAX_SERVICES};
 use crate::stats::{Counters, Stats};
+use crate::transport::memory::Doorbell;
 use crate::transport::Conn;
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::{self, Uffd};
@@ -54,6 +55,10 @@ pub(crate) struct Shared {
     /// The largest read-ahead window in pages (1: off); changeable at run time.
     pub(crate) readahead: AtomicU32,
     pub(crate) waker: EventFd,
+    /// The service loop's doorbell when a thread of the transport runs the loop (`Mesh::host`): waking
+    /// the loop rings it, with `woken` set, instead of writing `waker`.
+    pub(crate) hosted: Option<Arc<Doorbell>>,
+    pub(crate) woken: AtomicBool,
     pub(crate) stop: AtomicBool,
     pub(crate) failed: Vec<AtomicBool>,
     /// The service loop's own connection to every rank's, for messages that expect no answer: heartbeats,
@@ -136,7 +141,15 @@ impl Shared {
     }
 
     pub(crate) fn wake_service(&self) {
-        let _ = self.waker.write(1);
+        match &self.hosted {
+            Some(bell) => {
+                self.woken.store(true, Ordering::Release);
+                bell.ring();
+            }
+            None => {
+                let _ = self.waker.write(1);
+            }
+        }
     }
 
     pub(crate) fn region(&self, id: u32) -> Option<Arc<RegionShared>> {
@@ -288,7 +301,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct Dsm {
     shared: Arc<Shared>,
-    service: Option<JoinHandle<()>>,
+    service: Option<ServiceThread>,
     installer: Option<JoinHandle<()>>,
     awake: Vec<JoinHandle<()>>,
     allocated: AtomicU32,
@@ -893,7 +906,7 @@ impl Dsm {
         }
         s.stop.store(true, Ordering::Release);
         s.wake_service();
-        let _ = service.join();
+        service.join();
         crate::region::unregister_all_of(s);
         // Regions dropped since the last collective operation (all of them when the rank failed) hold the
         // shared state: they go with the arena, when it does.
@@ -910,6 +923,33 @@ impl Dsm {
             eprintln!("dsm stats, {}:\n{}", s.me, self.stats());
         }
         result
+    }
+}
+
+/// The thread that runs a rank's service loop.
+#[derive(Debug)]
+pub(crate) enum ServiceThread {
+    /// A thread of its own.
+    Own(JoinHandle<()>),
+    /// A thread of the transport (`Mesh::host`): the receiver ends when the loop is dropped. (In a
+    /// mutex: a `Dsm` is shared between threads, and a receiver alone cannot be.)
+    Hosted(Mutex<std::sync::mpsc::Receiver<()>>),
+}
+
+impl ServiceThread {
+    /// Waits until the loop has ended (the rank's `stop` is set and the loop woken).
+    fn join(self) {
+        match self {
+            ServiceThread::Own(thread) => {
+                let _ = thread.join();
+            }
+            ServiceThread::Hosted(running) => {
+                let _ = running
+                    .into_inner()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .recv();
+            }
+        }
     }
 }
 

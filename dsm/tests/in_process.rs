@@ -1,6 +1,6 @@
 //! Ranks as threads of one process over the in-process transport: locks, barriers and round trips through
 //! the same service loop and channels as multi-process jobs, over socket pairs and over in-memory
-//! connections. (What a service loop does with a peer's
+//! connections, with service loops on threads of their own or run by the transport's. (What a service loop does with a peer's
 //! malformed frames is tested in the engine's own tests, with a fake peer on raw sockets.)
 
 use dsm::transport::local::{run_local_job_with, Links};
@@ -21,6 +21,11 @@ fn locks_exclude_and_barriers_separate_phases() {
 #[test]
 fn locks_exclude_and_barriers_separate_phases_over_in_memory_connections() {
     locks_and_barriers(Links::Memory);
+}
+
+#[test]
+fn locks_exclude_and_barriers_separate_phases_with_service_loops_run_by_the_transport() {
+    locks_and_barriers(Links::Hosted);
 }
 
 fn locks_and_barriers(links: Links) {
@@ -84,6 +89,12 @@ fn service_answers_larger_than_a_channel_buffer_arrive_and_oversized_requests_ar
 #[test]
 fn service_answers_larger_than_a_connection_s_memory_arrive_over_in_memory_connections() {
     large_answers(Links::Memory);
+}
+
+#[test]
+fn service_answers_larger_than_a_connection_s_memory_arrive_from_service_loops_run_by_the_transport(
+) {
+    large_answers(Links::Hosted);
 }
 
 fn large_answers(links: Links) {

@@ -1,14 +1,20 @@
 //! The MPI transport (`DSM_TRANSPORT=mpi` under `mpirun`): the job's connections are in-memory
 //! connections (`dsm::transport::memory`), and a bridge thread carries their bytes between ranks as MPI
-//! messages. The fault path and the service loop read and write them as they would sockets, without a
-//! system call (MPI is not async-signal-safe and offers nothing to wait on), and only the bridge thread
-//! calls MPI.
+//! messages. The fault path reads and writes them as it would sockets, without a system call (MPI is not
+//! async-signal-safe and offers nothing to wait on), and only the bridge thread calls MPI.
+//!
+//! The bridge thread also runs the rank's service loop (`Mesh::host`): a request that arrives is served
+//! on the thread that received it, and its reply goes out with the bridge's next look, instead of waking
+//! a service-loop thread and waiting for the bridge to look again (docs/BENCHMARKS.md, eighteenth
+//! session: the remote fault fell from about 51 to about 35 us). So that the loop never waits for the
+//! thread it runs on, what it writes (its replies, and its own messages to the other ranks) never waits
+//! for room in a connection (`End::never_wait_to_send`).
 //!
 //! Each connection of a channel to a peer has its own MPI tag (channel x direction), so bytes arrive in
 //! order per connection. Sends are buffered (`MPI_Bsend` into an attached buffer), so two bridges sending
 //! to each other never wait for each other, and flow-controlled so that the buffer never overflows: each
 //! connection may have at most its share of the buffer in flight (its window), and the receiving bridge
-//! gives credit back with an acknowledgement once it has passed the bytes on to its socket, so a rank
+//! gives credit back with an acknowledgement once it has passed the bytes on to their connection, so a rank
 //! that does not read (or many ranks sending to one) slows the senders down instead of failing
 //! `MPI_Bsend`. A connection's end is sent as an empty message. The bridge
 //! looks at MPI (a probe per tag, on its own communicator) and at its connections (atomic loads) while
@@ -20,12 +26,13 @@
 //! from another rank after a quiet spell.
 
 use dsm::transport::memory::{self, Doorbell, Shut};
-use dsm::transport::{Conn, Mesh, Transport};
+use dsm::transport::{Conn, Host, Mesh, Polled, ServiceLoop, Transport};
 use dsm::{DsmError, Rank};
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use nix::errno::Errno;
 use std::collections::HashMap;
+use std::sync::mpsc::{self, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -46,8 +53,12 @@ const ACK_LEN: usize = 12;
 const ACKS_IN_FLIGHT: usize = 5;
 /// The smallest piece a connection may send at once: below this the buffer is too small for the job.
 const MIN_PIECE: usize = 1 << 10;
-/// How long the bridge polls without traffic (yielding between looks) before it starts to sleep.
-const SPIN: Duration = Duration::from_micros(500);
+/// How long the bridge polls without traffic (yielding between looks) before it starts to sleep: long
+/// enough to cover the gap between a fault's reply and the next request of a thread that faults on, short
+/// enough to leave a computing rank its core (with 500 us, `matmul` under `mpirun -n 2` took 0.150-0.190 s
+/// against 0.125-0.154 s; with 20 us the bridge napped between back-to-back faults, and they took 120 us:
+/// docs/BENCHMARKS.md, eighteenth session).
+const SPIN: Duration = Duration::from_micros(100);
 /// The longest sleep between looks at MPI when nothing happens.
 const MAX_NAP: Duration = Duration::from_micros(200);
 
@@ -137,18 +148,25 @@ impl Transport for MpiTransport {
         for (c, out) in outgoing.iter_mut().enumerate() {
             for r in 0..size {
                 let (app, other) = pair();
-                out.push(Conn::from(app));
                 if r == me.index() {
                     // Requests to this rank itself never leave the process.
+                    out.push(Conn::from(app));
                     incoming.push((me, Conn::from(other)));
                     continue;
                 }
+                if c == channels - 1 {
+                    // The service loop's own messages (the last set), written on the bridge thread.
+                    app.never_wait_to_send();
+                }
+                out.push(Conn::from(app));
                 // This rank's requests on channel c to r go out tagged as requests; r's replies come back
                 // tagged as replies.
                 route.insert((r as i32, tag(c, true)), links.len());
                 links.push(Link::new(r as i32, tag(c, false), tag(c, true), other));
                 // r's requests on its channel c arrive here and are answered with replies.
                 let (app, other) = pair();
+                // The service loop's replies, written on the bridge thread.
+                app.never_wait_to_send();
                 incoming.push((Rank(r as u32), Conn::from(app)));
                 route.insert((r as i32, tag(c, false)), links.len());
                 links.push(Link::new(r as i32, tag(c, true), tag(c, false), other));
@@ -164,7 +182,20 @@ impl Transport for MpiTransport {
             .enumerate()
             .map(|(i, l)| ((l.peer, l.send_tag), i))
             .collect();
+        let (hand, handed) = mpsc::channel::<ServiceLoop>();
+        let host = Host {
+            bell: doorbell.clone(),
+            start: Box::new(move |service| {
+                hand.send(service).map_err(|_| {
+                    DsmError::Config(
+                        "the MPI bridge thread ended before the service loop started".into(),
+                    )
+                })
+            }),
+        };
         let bridging = Bridging {
+            service: None,
+            handed: Some(handed),
             links,
             route,
             acked,
@@ -193,7 +224,11 @@ impl Transport for MpiTransport {
             DsmError::Config("the MPI bridge thread ended before it started".into())
         })?;
         *self.bridge.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
-        Ok(Mesh { outgoing, incoming })
+        Ok(Mesh {
+            outgoing,
+            incoming,
+            host: Some(host),
+        })
     }
 
     fn name(&self) -> &'static str {
@@ -269,6 +304,10 @@ impl Link {
 
 /// Everything one look at MPI and the connections works on.
 struct Bridging {
+    /// The rank's service loop, which the bridge runs (`Mesh::host`), once handed over and until the rank
+    /// stops.
+    service: Option<ServiceLoop>,
+    handed: Option<mpsc::Receiver<ServiceLoop>>,
     links: Vec<Link>,
     /// The link each (peer, tag) of arriving bytes belongs to.
     route: HashMap<(i32, i32), usize>,
@@ -352,6 +391,33 @@ impl Bridging {
         moved
     }
 
+    /// Runs the service loop on what has arrived for it. Whether it served anything.
+    fn serve(&mut self) -> bool {
+        if let Some(handed) = &self.handed {
+            match handed.try_recv() {
+                Ok(service) => {
+                    self.service = Some(service);
+                    self.handed = None;
+                }
+                Err(TryRecvError::Empty) => {}
+                // The rank never started (its build failed after the mesh was up).
+                Err(TryRecvError::Disconnected) => self.handed = None,
+            }
+        }
+        let Some(service) = &mut self.service else {
+            return false;
+        };
+        match service.poll() {
+            Polled::Idle => false,
+            Polled::Served => true,
+            Polled::Stopped => {
+                // Dropping the loop ends its connections: their ends go out with the next steps.
+                self.service = None;
+                true
+            }
+        }
+    }
+
     /// A message from `peer` with tag `t`: an acknowledgement, or bytes for one of the connections.
     fn arrived(&mut self, peer: i32, t: i32, data: &[u8]) {
         if t == self.ack_tag {
@@ -390,7 +456,9 @@ fn bridge(comm: &SimpleCommunicator, mut bridging: Bridging) {
     loop {
         // Taken before the look, so that bytes that arrive after it ring the doorbell for the sleep below.
         let seen = bridging.doorbell.seen();
-        if bridging.step(comm) {
+        // Bytes that arrived are served at once, and the replies go out with the next step.
+        let moved = bridging.step(comm);
+        if bridging.serve() || moved {
             quiet_since = None;
             nap = Duration::ZERO;
             continue;

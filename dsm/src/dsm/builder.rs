@@ -1,15 +1,16 @@
 //! Joining a job: the options of a rank (`DsmBuilder`) with their defaults, and `build`, which connects
 //! the rank to the others and starts its service loop.
 
-use super::{Dsm, FailurePolicy, Shared};
+use super::{Dsm, FailurePolicy, ServiceThread, Shared};
 use crate::channel::{Channels, ReplyPoll};
-use crate::engine::{Engine, ServicePriority, MAX_READAHEAD, MIN_PEER_TIMEOUT};
+use crate::engine::{Engine, ServiceLoop, ServicePriority, MAX_READAHEAD, MIN_PEER_TIMEOUT};
 use crate::error::{DsmError, Result};
 use crate::installer::Installer;
 use crate::keepawake::KeepAwake;
 use crate::protocol::release::{RcRank, DEFAULT_NOTICE_MEMORY, MIN_NOTICE_MEMORY};
 use crate::service::MAX_SERVICES;
 use crate::stats::Counters;
+use crate::transport::memory::Doorbell;
 use crate::transport::{connections, local::local_cluster, Transport};
 use crate::types::{Rank, PAGE_SIZE};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -165,6 +166,7 @@ impl DsmBuilder {
     }
 
     /// How the service loop's thread is scheduled (default: favoured over the application's threads).
+    /// Not for a loop that a thread of the transport runs (`Mesh::host`): it runs as that thread does.
     pub fn service_priority(mut self, p: ServicePriority) -> Self {
         self.service_priority = p;
         self
@@ -264,6 +266,7 @@ impl DsmBuilder {
 
         let sets = connections(self.channels);
         let mut mesh = transport.establish(self.rank, self.size, sets)?;
+        let host = mesh.host.take();
         if mesh.outgoing.len() != sets || mesh.outgoing.iter().any(|s| s.len() != self.size) {
             return Err(DsmError::Config(format!(
                 "the {transport_name} transport set up {} sets of connections, not {sets} of {} ({} channels and the service loop's)",
@@ -291,6 +294,8 @@ impl DsmBuilder {
             counters: Counters::default(),
             readahead: AtomicU32::new(self.readahead),
             waker,
+            hosted: host.as_ref().map(|h| Doorbell::chained(h.bell.clone())),
+            woken: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             failed: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
             control: Mutex::new(control),
@@ -347,14 +352,25 @@ impl DsmBuilder {
                 awake.push(spinner);
             }
         }
-        let service = std::thread::Builder::new()
-            .name(format!("dsm-service-{}", self.rank.0))
-            .spawn(move || engine.run())
-            .map_err(|e| {
-                shared.installer.stop();
-                shared.awake.stop();
-                DsmError::io("spawning the service thread", e)
-            })?;
+        let service = match host {
+            Some(host) => {
+                let (running, ended) = std::sync::mpsc::channel();
+                (host.start)(ServiceLoop::new(engine, running)).inspect_err(|_| {
+                    shared.installer.stop();
+                    shared.awake.stop();
+                })?;
+                ServiceThread::Hosted(Mutex::new(ended))
+            }
+            None => std::thread::Builder::new()
+                .name(format!("dsm-service-{}", self.rank.0))
+                .spawn(move || engine.run())
+                .map(ServiceThread::Own)
+                .map_err(|e| {
+                    shared.installer.stop();
+                    shared.awake.stop();
+                    DsmError::io("spawning the service thread", e)
+                })?,
+        };
         Ok(Dsm {
             shared,
             service: Some(service),

@@ -136,6 +136,8 @@ pub(crate) struct Engine {
 }
 
 impl Engine {
+    /// The service loop of the rank `shared` describes, serving `incoming`. Run by a transport's thread
+    /// (`ServiceLoop`) when `shared.hosted` holds the loop's doorbell, else by [`Engine::run`].
     pub(crate) fn new(shared: Arc<Shared>, incoming: Vec<(Rank, Conn)>) -> crate::Result<Engine> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|e| crate::DsmError::sys("epoll_create", e))?;
@@ -145,13 +147,20 @@ impl Engine {
                 EpollEvent::new(EpollFlags::EPOLLIN, WAKER),
             )
             .map_err(|e| crate::DsmError::sys("epoll_ctl(eventfd)", e))?;
-        let doorbell = Doorbell::with_eventfd().map_err(|e| crate::DsmError::sys("eventfd", e))?;
-        epoll
-            .add(
-                doorbell.fd().expect("made with an eventfd"),
-                EpollEvent::new(EpollFlags::EPOLLIN, MEMORY),
-            )
-            .map_err(|e| crate::DsmError::sys("epoll_ctl(eventfd)", e))?;
+        let doorbell = match &shared.hosted {
+            Some(bell) => bell.clone(),
+            None => {
+                let bell =
+                    Doorbell::with_eventfd().map_err(|e| crate::DsmError::sys("eventfd", e))?;
+                epoll
+                    .add(
+                        bell.fd().expect("made with an eventfd"),
+                        EpollEvent::new(EpollFlags::EPOLLIN, MEMORY),
+                    )
+                    .map_err(|e| crate::DsmError::sys("epoll_ctl(eventfd)", e))?;
+                bell
+            }
+        };
         if let Some(t) = shared.peer_timeout {
             // A reply to a rank that stopped reading (a stopped process: its socket buffer fills up) fails
             // after half a timeout instead of holding this loop, and with it this rank's heartbeats, for ever.
@@ -173,6 +182,11 @@ impl Engine {
         let mut memory = Vec::new();
         for (i, (peer, link)) in incoming.into_iter().enumerate() {
             match (link.socket(), link.memory()) {
+                (Some(_), _) if shared.hosted.is_some() => {
+                    return Err(crate::DsmError::Config(
+                        "a transport that runs the service loop itself gave it a socket: it serves in-memory connections only".into(),
+                    ))
+                }
                 (Some(fd), _) => epoll
                     .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
                     .map_err(|e| crate::DsmError::sys("epoll_ctl(connection)", e))?,
@@ -248,19 +262,13 @@ impl Engine {
             for ev in &events[..n] {
                 if ev.data() == MEMORY {
                     self.doorbell.drain();
-                    // Reading a connection with nothing waiting returns at once.
-                    for i in 0..self.memory.len() {
-                        self.read_conn(self.memory[i]);
-                    }
+                    self.read_memory();
                 } else if ev.data() == WAKER {
                     let _ = self.shared.waker.read();
                     if self.shared.stop.load(Ordering::Acquire) {
                         return;
                     }
-                    self.serve_all_queues();
-                    for (idx, req, payload) in std::mem::take(&mut self.deferred) {
-                        self.handle(idx, req, payload);
-                    }
+                    self.woken();
                 } else {
                     self.read_conn(ev.data() as usize);
                 }
@@ -269,6 +277,15 @@ impl Engine {
                 return;
             }
             self.keep_time();
+        }
+    }
+
+    /// This rank's threads woke the loop: pages were unlocked (their queued requests can be served) or
+    /// installed (requests deferred for them can be).
+    fn woken(&mut self) {
+        self.serve_all_queues();
+        for (idx, req, payload) in std::mem::take(&mut self.deferred) {
+            self.handle(idx, req, payload);
         }
     }
 
@@ -319,6 +336,13 @@ impl Engine {
     fn heard(&mut self, peer: Rank) {
         if self.liveness.timeout.is_some() {
             self.liveness.heard[peer.index()] = Instant::now();
+        }
+    }
+
+    /// Reads every in-memory connection (one with nothing waiting returns at once): their doorbell rang.
+    fn read_memory(&mut self) {
+        for i in 0..self.memory.len() {
+            self.read_conn(self.memory[i]);
         }
     }
 
@@ -747,6 +771,66 @@ impl Engine {
     }
 }
 
+/// A rank's service loop run by a thread of its transport ([`Mesh::host`](crate::transport::Mesh::host))
+/// instead of a thread of its own: the host calls [`ServiceLoop::poll`] whenever its doorbell rings, and
+/// now and then without (heartbeats go out at least once a second), until the rank stops; then it drops
+/// the loop, which ends its connections. The loop runs at the host thread's priority
+/// (`DsmBuilder::service_priority` does not apply).
+#[derive(Debug)]
+pub struct ServiceLoop {
+    engine: Engine,
+    /// The doorbell's count when the loop last looked at its connections.
+    looked: u32,
+    /// Dropped with the loop: the rank's shutdown waits for that.
+    _running: std::sync::mpsc::Sender<()>,
+}
+
+/// What one [`ServiceLoop::poll`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Polled {
+    /// Nothing had arrived.
+    Idle,
+    /// It served what had arrived (replies may be waiting to go out).
+    Served,
+    /// The rank has stopped: drop the loop.
+    Stopped,
+}
+
+impl ServiceLoop {
+    pub(crate) fn new(engine: Engine, running: std::sync::mpsc::Sender<()>) -> ServiceLoop {
+        ServiceLoop {
+            looked: engine.doorbell.seen().wrapping_sub(1),
+            engine,
+            _running: running,
+        }
+    }
+
+    /// Serves what has arrived on the loop's connections and what this rank's threads woke it for, and
+    /// sends heartbeats when they are due. Never waits.
+    pub fn poll(&mut self) -> Polled {
+        let e = &mut self.engine;
+        let mut polled = Polled::Idle;
+        let seen = e.doorbell.seen();
+        if seen != self.looked {
+            self.looked = seen;
+            if e.shared.woken.swap(false, Ordering::AcqRel) {
+                if e.shared.stop.load(Ordering::Acquire) {
+                    return Polled::Stopped;
+                }
+                e.woken();
+            }
+            e.read_memory();
+            e.shared.awake.touch();
+            polled = Polled::Served;
+        }
+        if e.shared.stop.load(Ordering::Acquire) {
+            return Polled::Stopped;
+        }
+        e.keep_time();
+        polled
+    }
+}
+
 /// The most bytes of the reason a `PeerLost` carries.
 const MAX_LOST_REASON: usize = 512;
 
@@ -871,7 +955,11 @@ mod tests {
         incoming.push((Rank(1), socket(from_fake)));
         let (other, from_fake) = UnixStream::pair().unwrap();
         incoming.push((Rank(1), socket(from_fake)));
-        let given: Box<dyn Transport> = Box::new(Given(Mesh { outgoing, incoming }));
+        let given: Box<dyn Transport> = Box::new(Given(Mesh {
+            outgoing,
+            incoming,
+            host: None,
+        }));
         let dsm = Dsm::builder()
             .rank(Rank(0), 2)
             .channels(2)

@@ -1,10 +1,10 @@
 //! In-process transport: ranks are threads of one process and connections are Unix socket pairs, or
-//! in-memory connections ([`Links::Memory`]). The same service loop and requester code run as over
-//! TCP; only the establishment differs. Shared regions need one
+//! in-memory connections ([`Links::Memory`], [`Links::Hosted`]). The same service loop and requester
+//! code run as over TCP; only the establishment differs. Shared regions need one
 //! process per rank (each rank maps the same addresses), so this backend serves fast tests of messaging,
 //! locks and barriers.
 
-use super::{channels_in, connections, memory, Conn, Mesh, Transport};
+use super::{channels_in, connections, memory, Conn, Host, Mesh, Polled, Transport};
 use crate::error::{DsmError, Result};
 use crate::types::Rank;
 use std::os::fd::OwnedFd;
@@ -26,6 +26,9 @@ pub enum Links {
     Sockets,
     /// In-memory connections (`memory`), as a transport with a thread of its own hands them out.
     Memory,
+    /// In-memory connections, and each rank's service loop run by a thread of the transport
+    /// ([`Mesh::host`]), as the MPI transport of `dsm-runtime` runs it on its bridge thread.
+    Hosted,
 }
 
 /// Creates the transports of an in-process job of `size` ranks with `channels` channels per rank,
@@ -48,7 +51,7 @@ pub fn local_cluster_with(
                     .map_err(|e| DsmError::io("socketpair for the in-process transport", e))?;
                 Ok((OwnedFd::from(a).into(), OwnedFd::from(b).into()))
             }
-            Links::Memory => {
+            Links::Memory | Links::Hosted => {
                 let (a, b) = memory::pair(memory::DEFAULT_CAPACITY);
                 Ok((a.into(), b.into()))
             }
@@ -56,15 +59,24 @@ pub fn local_cluster_with(
     };
     let sets = connections(channels);
     let mut meshes: Vec<Mesh> = (0..size)
-        .map(|_| Mesh {
+        .map(|r| Mesh {
             outgoing: (0..sets).map(|_| Vec::with_capacity(size)).collect(),
             incoming: Vec::new(),
+            host: (links == Links::Hosted).then(|| host(r)),
         })
         .collect();
     for ch in 0..sets {
         for from in 0..size {
             for to in 0..size {
                 let (a, b) = pair()?;
+                if links == Links::Hosted && from != to {
+                    // What the hosted service loops write (replies, and their own messages on the last
+                    // set) never waits for room, as `Host` asks.
+                    b.memory().expect("in memory").never_wait_to_send();
+                    if ch == sets - 1 {
+                        a.memory().expect("in memory").never_wait_to_send();
+                    }
+                }
                 meshes[from].outgoing[ch].push(a);
                 meshes[to].incoming.push((Rank(from as u32), b));
             }
@@ -78,6 +90,30 @@ pub fn local_cluster_with(
             channels,
         })
         .collect())
+}
+
+/// A host for rank `rank`'s service loop: a thread that polls it whenever its doorbell rings, and at
+/// least every 100 ms for its heartbeats.
+fn host(rank: usize) -> Host {
+    let bell = memory::Doorbell::new();
+    let sleep_on = bell.clone();
+    Host {
+        bell,
+        start: Box::new(move |mut service| {
+            std::thread::Builder::new()
+                .name(format!("dsm-host-{rank}"))
+                .spawn(move || loop {
+                    let seen = sleep_on.seen();
+                    match service.poll() {
+                        Polled::Stopped => return,
+                        Polled::Served => {}
+                        Polled::Idle => sleep_on.wait(seen, std::time::Duration::from_millis(100)),
+                    }
+                })
+                .map(drop)
+                .map_err(|e| DsmError::io("spawning the thread that hosts a service loop", e))
+        }),
+    }
 }
 
 impl Transport for LocalTransport {

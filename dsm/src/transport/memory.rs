@@ -7,7 +7,9 @@
 //! and a reply wakes its requester with a futex instead of a socket. A thread that serves many
 //! connections (the service loop, a transport's thread) hangs one [`Doorbell`] on all of them and sleeps
 //! on it. Every operation is async-signal-safe (atomics, copies, futexes, an eventfd write): the fault
-//! path uses them from the SIGBUS handler.
+//! path uses them from the SIGBUS handler. (But for a direction made to never wait for room,
+//! [`End::never_wait_to_send`], which takes a lock and allocates: the service loop's replies to other
+//! ranks when its transport's thread runs it, never read or written by the fault path.)
 //!
 //! Writers of one direction take turns (a lock held for a whole frame: the service loop's replies and a
 //! service's late answer can share a connection), so frames never interleave. Reads need no lock: each
@@ -18,9 +20,10 @@ use crate::uffd::futex;
 use nix::errno::Errno;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::cell::UnsafeCell;
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The room of each direction of a connection made by [`pair`] unless told otherwise: as much as a Unix
@@ -35,27 +38,37 @@ pub struct Doorbell {
     rung: AtomicU32,
     sleepers: AtomicU32,
     eventfd: Option<EventFd>,
+    /// Rung whenever this one is ([`Doorbell::chained`]).
+    next: Option<Arc<Doorbell>>,
 }
 
 impl Doorbell {
     /// A doorbell to sleep on with [`Doorbell::wait`].
     pub fn new() -> Arc<Doorbell> {
+        Doorbell::made(None, None)
+    }
+
+    fn made(eventfd: Option<EventFd>, next: Option<Arc<Doorbell>>) -> Arc<Doorbell> {
         Arc::new(Doorbell {
             rung: AtomicU32::new(0),
             sleepers: AtomicU32::new(0),
-            eventfd: None,
+            eventfd,
+            next,
         })
+    }
+
+    /// A doorbell that rings `next` too whenever it rings: for a server run by another thread, which
+    /// sleeps on `next` and wakes for everything, while the server tells its own arrivals apart by this
+    /// doorbell's count ([`Doorbell::seen`]).
+    pub fn chained(next: Arc<Doorbell>) -> Arc<Doorbell> {
+        Doorbell::made(None, Some(next))
     }
 
     /// A doorbell that also makes its descriptor ([`Doorbell::fd`]) readable whenever it rings, for a
     /// thread that waits in `epoll`; it reads the count away with [`Doorbell::drain`].
     pub fn with_eventfd() -> Result<Arc<Doorbell>, Errno> {
         let fd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
-        Ok(Arc::new(Doorbell {
-            rung: AtomicU32::new(0),
-            sleepers: AtomicU32::new(0),
-            eventfd: Some(fd),
-        }))
+        Ok(Doorbell::made(Some(fd), None))
     }
 
     /// The descriptor that becomes readable when the doorbell rings (made [`Doorbell::with_eventfd`]).
@@ -77,6 +90,9 @@ impl Doorbell {
             let _ = e.write(1);
         } else if self.sleepers.load(Ordering::SeqCst) > 0 {
             futex::wake_all(&self.rung);
+        }
+        if let Some(next) = &self.next {
+            next.ring();
         }
     }
 
@@ -118,6 +134,23 @@ struct Ring {
     bell: OnceLock<Arc<Doorbell>>,
     /// How long a write may wait for room without any being made (0: for ever), in nanoseconds.
     send_timeout: AtomicU64,
+    /// Set for a direction whose writes never wait ([`End::never_wait_to_send`]).
+    spill: OnceLock<Spill>,
+}
+
+/// What a direction whose writes never wait had no room for, in order, until its reader takes it. Once
+/// anything waits here, every later write comes here too, so the reader reads the ring empty, then this.
+#[derive(Default)]
+struct Spill {
+    bytes: Mutex<VecDeque<u8>>,
+    /// `bytes.len()`, for the reader's look without the lock.
+    len: AtomicUsize,
+}
+
+impl Spill {
+    fn waiting(&self) -> bool {
+        self.len.load(Ordering::Acquire) > 0
+    }
 }
 
 // SAFETY: the bytes in `buf` are shared between one writer (the holder of `writing`) and the reader. The
@@ -149,6 +182,7 @@ impl Ring {
             reader_done: AtomicBool::new(false),
             bell: OnceLock::new(),
             send_timeout: AtomicU64::new(0),
+            spill: OnceLock::new(),
         }
     }
 
@@ -237,9 +271,57 @@ impl Ring {
         Ok(n)
     }
 
+    /// Puts all of `bytes`: what the ring has no room for goes to `spill` (and everything once anything
+    /// waits there, to keep the order).
+    fn put_or_spill(&self, spill: &Spill, bytes: &[u8]) -> Result<usize, Errno> {
+        let mut spilled = spill.bytes.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = if spilled.is_empty() {
+            self.put(bytes)?
+        } else {
+            0
+        };
+        if n < bytes.len() {
+            if self.reader_done.load(Ordering::Acquire) || self.writer_done.load(Ordering::Acquire)
+            {
+                return Err(Errno::EPIPE);
+            }
+            spilled.extend(&bytes[n..]);
+            spill.len.store(spilled.len(), Ordering::Release);
+            drop(spilled);
+            self.tell_reader();
+        }
+        Ok(bytes.len())
+    }
+
     /// Takes up to `buf.len()` waiting bytes: `Some(n)`, `Some(0)` at the end of the stream, `None` when
     /// nothing waits.
     fn take(&self, buf: &mut [u8]) -> Option<usize> {
+        let got = self.take_from_ring(buf);
+        let Some(spill) = self.spill.get() else {
+            return got;
+        };
+        // The ring is read empty before what waits in the spill, which came after all of it; and nothing
+        // goes into the ring while anything waits there.
+        if got.is_some_and(|n| n > 0)
+            || buf.is_empty()
+            || !spill.waiting()
+            || self.reader_done.load(Ordering::Acquire)
+        {
+            return got;
+        }
+        let mut spilled = spill.bytes.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = buf.len().min(spilled.len());
+        let (front, back) = spilled.as_slices();
+        let first = n.min(front.len());
+        buf[..first].copy_from_slice(&front[..first]);
+        buf[first..n].copy_from_slice(&back[..n - first]);
+        spilled.drain(..n);
+        spill.len.store(spilled.len(), Ordering::Release);
+        Some(n)
+    }
+
+    /// [`Ring::take`] from the ring alone.
+    fn take_from_ring(&self, buf: &mut [u8]) -> Option<usize> {
         // The end is looked at before the bytes: bytes put before the end was marked are then seen.
         let ended =
             self.writer_done.load(Ordering::Acquire) || self.reader_done.load(Ordering::Acquire);
@@ -274,6 +356,7 @@ impl Ring {
         self.writer_done.load(Ordering::Acquire)
             || self.reader_done.load(Ordering::Acquire)
             || self.tail.load(Ordering::Acquire) != self.head.load(Ordering::Acquire)
+            || self.spill.get().is_some_and(Spill::waiting)
     }
 
     /// Sleeps until `ready`, or `deadline`; whether it is ready.
@@ -389,6 +472,9 @@ impl End {
 
     /// [`End::send`], with the writers' lock held.
     fn send_locked(&self, bytes: &[u8], wait: bool) -> Result<usize, Errno> {
+        if let Some(spill) = self.tx.spill.get() {
+            return self.tx.put_or_spill(spill, bytes);
+        }
         let timeout = self.tx.send_timeout.load(Ordering::Relaxed);
         let deadline = (timeout > 0).then(|| Instant::now() + Duration::from_nanos(timeout));
         loop {
@@ -456,6 +542,7 @@ impl End {
                 self.rx.head.load(Ordering::Acquire),
                 self.rx.tail.load(Ordering::Acquire),
             ) == 0
+            && !self.rx.spill.get().is_some_and(Spill::waiting)
     }
 
     /// Waits until a read would return at once, or `deadline` passes (false).
@@ -477,6 +564,16 @@ impl End {
     pub fn set_send_timeout(&self, t: Duration) {
         let ns = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
         self.tx.send_timeout.store(ns, Ordering::Relaxed);
+    }
+
+    /// Makes this end's writes never wait for room: what the connection has no room for waits in memory,
+    /// in order, until the other end reads it, and a write fails only once either end has ended. For a
+    /// direction whose reader may be the very thread that writes into it (a service loop run by its
+    /// transport's thread, [`Mesh::host`](super::Mesh::host)), which would otherwise wait for itself.
+    /// What waits in memory is bounded only by what the writer sends without an answer. Writes, and reads
+    /// of what waited, take a lock: not for a direction that a signal handler writes or reads.
+    pub fn never_wait_to_send(&self) {
+        let _ = self.tx.spill.set(Spill::default());
     }
 
     /// Rings `bell` whenever bytes or an end arrive at this end, from now on (and once now, so that what
@@ -598,6 +695,55 @@ mod tests {
             drop(b);
             assert_eq!(writer.join().unwrap(), Err(Errno::EPIPE));
         });
+    }
+
+    #[test]
+    fn an_end_that_never_waits_to_send_keeps_what_has_no_room_in_order() {
+        let (a, b) = pair(64);
+        a.never_wait_to_send();
+        let bell = Doorbell::new();
+        b.ring_on_input(&bell);
+        let sent: Vec<u8> = (0..5_000u32).map(|i| (i * 13 % 253) as u8).collect();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 41];
+        // Rounds of writing far more than the ring holds with nobody reading, then reading part of it,
+        // so that writes go to the ring, to the spill behind it, and to the ring again once it is read.
+        for (round, piece) in sent.chunks(1_000).enumerate() {
+            let rung = bell.seen();
+            assert_eq!(a.send(piece, false), Ok(piece.len()), "never EAGAIN");
+            assert_ne!(
+                bell.seen(),
+                rung,
+                "what was spilled rang the reader's doorbell"
+            );
+            let want = got.len() + piece.len() - 100 * (round % 2);
+            while got.len() < want {
+                let n = b
+                    .recv(&mut buf[..(want - got.len()).min(41)], false)
+                    .unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        a.send_all(b"!").unwrap();
+        drop(a);
+        assert!(b.readable() && !b.at_end(), "bytes wait before the end");
+        loop {
+            match b.recv(&mut buf, true).unwrap() {
+                0 => break,
+                n => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        assert_eq!(got.pop(), Some(b'!'));
+        assert_eq!(got, sent);
+        assert!(b.at_end());
+        let (a, b) = pair(64);
+        a.never_wait_to_send();
+        drop(b);
+        assert_eq!(
+            a.send(&[0u8; 200], false),
+            Err(Errno::EPIPE),
+            "its reader is gone"
+        );
     }
 
     #[test]

@@ -30,7 +30,33 @@ pub struct Mesh {
     pub outgoing: Vec<Vec<Conn>>,
     /// Connections from other ranks' channels to this rank's service loop, with the rank at the other end.
     pub incoming: Vec<(Rank, Conn)>,
+    /// A thread of the transport that runs this rank's service loop itself, in place of a thread of its
+    /// own (`None`: the loop has its own thread). A transport whose thread carries the connections' bytes
+    /// over another medium saves each request a wake-up and a hop that way.
+    pub host: Option<Host>,
 }
+
+/// A transport's offer to run the service loop ([`Mesh::host`]). The loop then serves in-memory
+/// connections only, and must never wait for the thread that runs it: the transport makes the service
+/// loop's replies and its own messages never wait for room (`memory::End::never_wait_to_send` on the
+/// `incoming` connections' ends and on the last set of `outgoing`, the loop's own), except on the
+/// connections of this rank to itself, whose replies go to a thread of its own.
+pub struct Host {
+    /// The doorbell the host sleeps on: the service loop's connections, and this rank's threads that wake
+    /// the loop, ring it.
+    pub bell: std::sync::Arc<memory::Doorbell>,
+    /// Hands the service loop to the host's thread, which calls [`ServiceLoop::poll`] until it says the
+    /// rank has stopped, then drops it. An error: the thread is gone.
+    pub start: Box<dyn FnOnce(ServiceLoop) -> Result<()> + Send>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").field("bell", &self.bell).finish()
+    }
+}
+
+pub use crate::engine::{Polled, ServiceLoop};
 
 /// How ranks reach each other.
 pub trait Transport: Send + std::fmt::Debug {

@@ -402,6 +402,7 @@ impl Transport for TcpTransport {
                     .into_iter()
                     .map(|(r, fd)| (r, Conn::from(fd)))
                     .collect(),
+                host: None,
             }),
             (Err(e), Some(_)) if setup.first_failure.load(Ordering::Acquire) == ACCEPTING => Err(e),
             (_, Some(e)) | (Err(e), None) => Err(e),
