@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     /// it: no copy of a page survives there to be kept coherent.
     pub(crate) gone: Vec<AtomicBool>,
     pub(crate) policy: FailurePolicy,
+    /// Under `FailurePolicy::Exit`, how long a rank ending because another failed waits before it exits.
+    pub(crate) exit_grace: Duration,
     pub(crate) service_priority: ServicePriority,
     uffd: OnceLock<Uffd>,
     regions: RwLock<Vec<Option<Weak<RegionShared>>>>,

@@ -1284,12 +1284,20 @@ fn wordcount_matches_the_pipeline_at_1_2_and_3_ranks() {
     let _ = std::fs::remove_file(&odd);
 }
 
-/// Runs wordcount on the sample text at 3 ranks with `--keep-going`, rank 2 killing itself as `dying`
-/// says (`--die-after N` lines mapped, or `--die-after-keys N` keys reduced), beside `extra` arguments;
-/// checks that the job ends well with the pipeline's counts and with maps made again.
-fn wordcount_survives_rank_2_killed(name: &str, dying: [&str; 2], extra: &[&str]) {
-    let input = sample();
-    let expect = pipeline_counts(&input);
+/// The sample text ten times over, in a file of its own: work enough that a rank meant to die at some point
+/// of it surely gets there. (With the sample alone, 94 splits mapped in about 5 ms, the other ranks
+/// sometimes did every map before rank 2 had mapped 500 lines, and it never died.)
+fn tenfold_sample(name: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("dsm-wc-{name}-{}.txt", std::process::id()));
+    std::fs::write(&path, std::fs::read(sample()).unwrap().repeat(10)).unwrap();
+    path
+}
+
+/// Runs wordcount on `input` at 3 ranks with `--keep-going`, rank 2 killing itself as `dying` says
+/// (`--die-after N` lines mapped, or `--die-after-keys N` keys reduced), beside `extra` arguments; checks
+/// that the job ends well with the pipeline's counts and with maps made again.
+fn wordcount_survives_rank_2_killed(name: &str, input: &Path, dying: [&str; 2], extra: &[&str]) {
+    let expect = pipeline_counts(input);
     let out_dir = fresh_output(name);
     let mut args = vec![
         input.to_str().unwrap(),
@@ -1306,7 +1314,9 @@ fn wordcount_survives_rank_2_killed(name: &str, dying: [&str; 2], extra: &[&str]
     assert_eq!(o.code, 0, "{out}");
     assert_eq!(o.lost, [(2, "was killed by SIGKILL".to_string())], "{out}");
     assert_eq!(output_counts(&out_dir), expect);
-    // Rank 2 had finished maps before it died: their output went with it and was made again.
+    // Rank 2 had finished maps before it died: their output went with it and was made again. (A worker
+    // takes a single task on its first trip, and its result reaches the master with the next trip,
+    // before the worker maps another line.)
     let redone: u64 = out
         .split_once(" redone)")
         .and_then(|(before, _)| before.rsplit_once('(')?.1.parse().ok())
@@ -1317,7 +1327,10 @@ fn wordcount_survives_rank_2_killed(name: &str, dying: [&str; 2], extra: &[&str]
 
 #[test]
 fn wordcount_survives_a_killed_worker_with_identical_output() {
-    wordcount_survives_rank_2_killed("killed-worker", ["--die-after", "500"], &[]);
+    // Rank 2 dies once it has mapped 500 lines, more than one split's worth.
+    let input = tenfold_sample("killed-worker");
+    wordcount_survives_rank_2_killed("killed-worker", &input, ["--die-after", "500"], &[]);
+    let _ = std::fs::remove_file(&input);
 }
 
 #[test]
@@ -1326,11 +1339,14 @@ fn wordcount_survives_a_worker_killed_while_reducing_with_identical_output() {
     // reduces, some of which may have read it already) is made again, into a new batch, and the
     // partitions not yet written are reduced again from that. Many partitions, so that rank 2 surely
     // takes one.
+    let input = tenfold_sample("killed-reducer");
     wordcount_survives_rank_2_killed(
         "killed-reducer",
+        &input,
         ["--die-after-keys", "10"],
         &["--partitions", "24"],
     );
+    let _ = std::fs::remove_file(&input);
 }
 
 #[test]

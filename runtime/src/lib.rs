@@ -95,6 +95,11 @@ pub enum RuntimeError {
     },
 }
 
+/// Under an MPI launcher, how long a rank ending because another failed waits before it exits
+/// (`DsmBuilder::exit_grace`; `dsmrun` waits as long for the first failure itself).
+#[cfg(feature = "mpi")]
+const MPI_EXIT_GRACE: Duration = Duration::from_secs(2);
+
 /// `DSM_CONNECT_TIMEOUT`: whole seconds, at least one and at most a day; 30 when unset.
 fn connect_timeout() -> Result<u64, RuntimeError> {
     Ok(env::get("DSM_CONNECT_TIMEOUT", "seconds, 1 to 86400", |s| {
@@ -233,7 +238,11 @@ impl Runtime {
             send_buffer,
             options.channel_count(),
         )?;
-        let mut builder = options.rank(joined.rank, joined.size);
+        // mpirun ends the job at the first rank to exit with an error: a rank ending because another failed
+        // gives the one that failed first time to say why, and to be the one mpirun names.
+        let mut builder = options
+            .rank(joined.rank, joined.size)
+            .exit_grace(MPI_EXIT_GRACE);
         if let Some(t) = joined.transport {
             builder = builder.transport(t);
         }

@@ -28,6 +28,7 @@ pub struct DsmBuilder {
     arena_base: Option<usize>,
     arena_size: usize,
     policy: FailurePolicy,
+    exit_grace: Duration,
     service_priority: ServicePriority,
     spin: Option<Duration>,
     keep_awake: Option<Duration>,
@@ -52,6 +53,7 @@ impl Default for DsmBuilder {
             arena_base: None,
             arena_size: 1 << 40,
             policy: FailurePolicy::Exit,
+            exit_grace: Duration::ZERO,
             service_priority: ServicePriority::Favoured,
             spin: None,
             keep_awake: None,
@@ -162,6 +164,17 @@ impl DsmBuilder {
     /// What to do when another rank fails.
     pub fn failure_policy(mut self, p: FailurePolicy) -> Self {
         self.policy = p;
+        self
+    }
+
+    /// Under [`FailurePolicy::Exit`], how long a rank that ends because another rank failed waits, once it
+    /// has said which, before it exits (default: not at all). A launcher that ends the whole job at the
+    /// first process to exit with an error (`mpirun`) would otherwise often end the rank that failed first
+    /// before it printed why (its `main` returns its error only after the `Runtime` has left the job, and
+    /// the others notice at once): that rank's own exit then ends the job, and the launcher names it.
+    /// `dsm-runtime` sets 2 s under an MPI launcher; `dsmrun` waits for the first failure itself.
+    pub fn exit_grace(mut self, wait: Duration) -> Self {
+        self.exit_grace = wait;
         self
     }
 
@@ -302,6 +315,7 @@ impl DsmBuilder {
             peer_timeout: self.peer_timeout,
             gone: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
             policy: self.policy,
+            exit_grace: self.exit_grace,
             service_priority: self.service_priority,
             uffd: OnceLock::new(),
             regions: RwLock::new(Vec::new()),

@@ -468,6 +468,8 @@ impl Engine {
                 "dsm: {}: {peer} failed ({reason}); ending this rank",
                 self.shared.me
             ));
+            // Nothing is served meanwhile: the rank is ending (`DsmBuilder::exit_grace`).
+            std::thread::sleep(self.shared.exit_grace);
             std::process::exit(crate::EXIT_PEER_FAILED);
         }
         // Threads of this rank waiting for its replies are told, whether or not it lives on.
