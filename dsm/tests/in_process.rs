@@ -1,7 +1,8 @@
 //! Ranks as threads of one process over the in-process transport: locks, barriers and round trips through
 //! the same service loop and channels as multi-process jobs, over socket pairs and over in-memory
-//! connections, with service loops on threads of their own or run by the transport's. (What a service loop does with a peer's
-//! malformed frames is tested in the engine's own tests, with a fake peer on raw sockets.)
+//! connections, with service loops on threads of their own or run by the transport's. (What a service
+//! loop does with a peer's malformed frames is tested in the engine's own tests, with a fake peer on raw
+//! sockets.)
 
 use dsm::transport::local::{run_local_job_with, Links};
 use dsm::{Dsm, DsmError, Placement, Rank};

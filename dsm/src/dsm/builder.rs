@@ -369,22 +369,19 @@ impl DsmBuilder {
         let service = match host {
             Some(host) => {
                 let (running, ended) = std::sync::mpsc::channel();
-                (host.start)(ServiceLoop::new(engine, running)).inspect_err(|_| {
-                    shared.installer.stop();
-                    shared.awake.stop();
-                })?;
-                ServiceThread::Hosted(Mutex::new(ended))
+                (host.start)(ServiceLoop::new(engine, running))
+                    .map(|()| ServiceThread::Hosted(Mutex::new(ended)))
             }
             None => std::thread::Builder::new()
                 .name(format!("dsm-service-{}", self.rank.0))
                 .spawn(move || engine.run())
                 .map(ServiceThread::Own)
-                .map_err(|e| {
-                    shared.installer.stop();
-                    shared.awake.stop();
-                    DsmError::io("spawning the service thread", e)
-                })?,
-        };
+                .map_err(|e| DsmError::io("spawning the service thread", e)),
+        }
+        .inspect_err(|_| {
+            shared.installer.stop();
+            shared.awake.stop();
+        })?;
         Ok(Dsm {
             shared,
             service: Some(service),

@@ -468,7 +468,8 @@ impl Engine {
                 "dsm: {}: {peer} failed ({reason}); ending this rank",
                 self.shared.me
             ));
-            // Nothing is served meanwhile: the rank is ending (`DsmBuilder::exit_grace`).
+            // Nothing is served meanwhile (nor, when a transport's thread runs this loop, carried by that
+            // thread): the rank is ending (`DsmBuilder::exit_grace`).
             std::thread::sleep(self.shared.exit_grace);
             std::process::exit(crate::EXIT_PEER_FAILED);
         }
