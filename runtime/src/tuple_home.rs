@@ -7,7 +7,7 @@
 //! sent after it.
 
 use crate::tuple::{Template, Tuple, TupleError};
-use crate::tuple_store::{Mode, TupleStore, WaiterId};
+use crate::tuple_store::{Delivery, Mode, TupleStore, WaiterId};
 use crossbeam::channel::{Receiver, Sender};
 use dsm::{Rank, Responder, Service, ServiceId};
 use serde::{Deserialize, Serialize};
@@ -202,23 +202,45 @@ impl State {
 
     fn out(&mut self, tuple: Tuple, outbox: &mut Outbox) -> Result<(), TupleError> {
         for d in self.store.out(tuple)? {
-            if let Some(p) = self.pending.remove(&d.waiter) {
-                let waiter = match p.waiter {
-                    Waiter::Member(g) => match self.dissolve(g) {
-                        Some(group) => group.waiter,
-                        // Not reached: a group's members go when the group does. Were it reached, the
-                        // tuple goes back rather than nowhere.
-                        None => {
-                            self.out(d.tuple, outbox)?;
-                            continue;
-                        }
-                    },
-                    w => w,
-                };
-                let found = self.grant(p.holder, d.tuple, p.lease);
-                outbox.0.push((waiter, found));
+            self.deliver(d, outbox)?;
+        }
+        Ok(())
+    }
+
+    /// Adds several tuples in one step. A request waiting on several templates (a worker of the task
+    /// farm: its own tasks first, then anyone's, then other ranks') gets the tuple it prefers among those
+    /// the batch brings, not the first of the batch that it matches: a worker already waiting when the
+    /// master puts every rank's tasks at once still starts with its own.
+    fn out_many(&mut self, tuples: Vec<Tuple>, outbox: &mut Outbox) -> Result<(), TupleError> {
+        // One tuple has nothing to be preferred to: the plain path, without the batch's bookkeeping.
+        if tuples.len() < 2 {
+            return tuples.into_iter().try_for_each(|t| self.out(t, outbox));
+        }
+        for id in self.store.put_quietly(tuples)? {
+            if let Some(d) = self.store.serve(id) {
+                self.deliver(d, outbox)?;
             }
         }
+        Ok(())
+    }
+
+    /// Hands a tuple the store gave a waiting request to that request's waiter (a group's own waiter for
+    /// a member, withdrawing the group's other members).
+    fn deliver(&mut self, d: Delivery, outbox: &mut Outbox) -> Result<(), TupleError> {
+        let Some(p) = self.pending.remove(&d.waiter) else {
+            return Ok(());
+        };
+        let waiter = match p.waiter {
+            Waiter::Member(g) => match self.dissolve(g) {
+                Some(group) => group.waiter,
+                // Not reached: a group's members go when the group does. Were it reached, the tuple goes
+                // back rather than nowhere.
+                None => return self.out(d.tuple, outbox),
+            },
+            w => w,
+        };
+        let found = self.grant(p.holder, d.tuple, p.lease);
+        outbox.0.push((waiter, found));
         Ok(())
     }
 
@@ -343,10 +365,7 @@ impl State {
             t.check().map_err(|e| e.to_string())?;
         }
         self.end_leases(holder, leases)?;
-        results
-            .into_iter()
-            .try_for_each(|t| self.out(t, outbox))
-            .map_err(|e| e.to_string())
+        self.out_many(results, outbox).map_err(|e| e.to_string())
     }
 
     /// Ends the leases `leases` held by `holder` and returns their tuples: all of them, or none (an error)
@@ -375,17 +394,18 @@ impl State {
         leases: &[u64],
         outbox: &mut Outbox,
     ) -> Result<(), String> {
-        let mut stale = Vec::new();
+        let (mut stale, mut back) = (Vec::new(), Vec::new());
         for lease in leases {
             match self.leases.get(lease) {
                 Some((h, _)) if *h == holder => {
                     if let Some((_, tuple)) = self.leases.remove(lease) {
-                        self.out(tuple, outbox).map_err(|e| e.to_string())?;
+                        back.push(tuple);
                     }
                 }
                 _ => stale.push(*lease),
             }
         }
+        self.out_many(back, outbox).map_err(|e| e.to_string())?;
         if stale.is_empty() {
             Ok(())
         } else {
@@ -445,7 +465,7 @@ impl Home {
         let mut outbox = Outbox::default();
         let result = {
             let mut s = self.state();
-            tuples.into_iter().try_for_each(|t| s.out(t, &mut outbox))
+            s.out_many(tuples, &mut outbox)
         };
         outbox.send();
         result
@@ -578,7 +598,7 @@ impl Home {
             return;
         }
         let now = match ask {
-            Ask::Out(tuples) => match tuples.into_iter().try_for_each(|t| s.out(t, &mut outbox)) {
+            Ask::Out(tuples) => match s.out_many(tuples, &mut outbox) {
                 Ok(()) => Some((reply, Answer::Done)),
                 Err(e) => Some((reply, Answer::Refused(e.to_string()))),
             },
@@ -720,12 +740,12 @@ impl Service for Home {
                 .filter(|(_, (h, _))| *h == rank)
                 .map(|(id, _)| *id)
                 .collect();
-            for id in held {
-                if let Some((_, tuple)) = s.leases.remove(&id) {
-                    if let Err(e) = s.out(tuple, &mut outbox) {
-                        eprintln!("dsm-runtime: giving back a tuple {rank} held: {e}");
-                    }
-                }
+            let back: Vec<Tuple> = held
+                .into_iter()
+                .filter_map(|id| s.leases.remove(&id).map(|(_, tuple)| tuple))
+                .collect();
+            if let Err(e) = s.out_many(back, &mut outbox) {
+                eprintln!("dsm-runtime: giving back the tuples {rank} held: {e}");
             }
         }
         outbox.send();
@@ -736,6 +756,42 @@ impl Service for Home {
 mod tests {
     use super::*;
     use crate::tuple;
+
+    #[test]
+    fn a_worker_waiting_when_every_ranks_tasks_come_at_once_takes_its_own() {
+        let mut s = State::default();
+        let mut outbox = Outbox::default();
+        let (tx, rx) = crossbeam::channel::unbounded();
+        let own = crate::template!("near 1", ?i64);
+        let others = crate::template!("near 0", ?i64);
+        s.wait_any(
+            Rank(1),
+            &[own.clone(), others.clone()],
+            true,
+            Waiter::Local(tx),
+        )
+        .unwrap();
+        // The master's batch holds rank 0's tasks first.
+        s.out_many(
+            vec![
+                tuple!("near 0", 1i64),
+                tuple!("near 0", 2i64),
+                tuple!("near 1", 3i64),
+            ],
+            &mut outbox,
+        )
+        .unwrap();
+        outbox.send();
+        let found = rx.try_recv().expect("the waiting worker got a task");
+        assert_eq!(found.tuple, tuple!("near 1", 3i64));
+        assert!(found.lease.is_some(), "taken under a lease");
+        assert!(rx.try_recv().is_err(), "one task for one request");
+        assert_eq!(s.store.count(&others), 2, "rank 0's tasks stay for rank 0");
+        assert!(
+            s.groups.is_empty() && s.pending.is_empty(),
+            "the request waits no more"
+        );
+    }
 
     #[test]
     fn leases_given_back_go_back_even_beside_one_not_held() {

@@ -6,7 +6,9 @@
 //! arity (the documented slower path). Waiting requests are served in arrival order: an `out` offers its
 //! tuple to the matching waiters oldest first; every reader (`rd`) among them gets a copy, and the first
 //! taker (`in`) gets the tuple itself, which then never goes into the store. So a tuple is taken at most
-//! once, and waiters on one template are served first come, first served.
+//! once, and waiters on one template are served first come, first served. Several tuples put at once go
+//! in together, and then the waiters they concern are served oldest first, each with the oldest match:
+//! a request waiting on several templates gets the one it prefers among them (`put_quietly`).
 
 use crate::tuple::{Template, Tuple, TupleError, Value};
 use std::collections::{HashMap, VecDeque};
@@ -140,6 +142,50 @@ impl TupleStore {
             self.tuples += 1;
         }
         Ok(deliveries)
+    }
+
+    /// Adds several tuples at once without offering them to anyone, and returns the waiting requests that
+    /// at least one of them matches, oldest first, for the caller to [`serve`](TupleStore::serve) in that
+    /// order. A request waiting on several templates at once (one waiter per template, registered in order
+    /// of preference) is then served by the template it prefers among those the batch matches, not by
+    /// whichever tuple of the batch happens to come first. Nothing is added if any tuple is invalid.
+    pub fn put_quietly(&mut self, tuples: Vec<Tuple>) -> Result<Vec<WaiterId>, TupleError> {
+        for t in &tuples {
+            t.check()?;
+        }
+        let mut waiting = std::collections::BTreeSet::new();
+        for tuple in tuples {
+            let key = key_of(&tuple);
+            let matching = |q: &VecDeque<Waiter>| {
+                q.iter()
+                    .filter(|w| w.template.matches(&tuple))
+                    .map(|w| w.id)
+                    .collect::<Vec<_>>()
+            };
+            if let Some(q) = self.waiting.get(&key) {
+                waiting.extend(matching(q));
+            }
+            waiting.extend(matching(&self.waiting_formal));
+            self.buckets.entry(key).or_default().push_back(tuple);
+            self.tuples += 1;
+        }
+        Ok(waiting.into_iter().collect())
+    }
+
+    /// Serves waiting request `id` with the oldest tuple held that its template matches (a copy for a
+    /// reader), if there is one; it then waits no more. `None` when nothing matches or it waits no more.
+    pub fn serve(&mut self, id: WaiterId) -> Option<Delivery> {
+        let key = self.waiter_keys.get(&id)?.clone();
+        let queue = match &key {
+            Some(key) => self.waiting.get(key)?,
+            None => &self.waiting_formal,
+        };
+        let waiter = queue.iter().find(|w| w.id == id)?;
+        let (template, mode) = (waiter.template.clone(), waiter.mode);
+        // Its template was checked when it began to wait.
+        let tuple = self.find(&template, mode).ok().flatten()?;
+        self.cancel(id);
+        Some(Delivery { waiter: id, tuple })
     }
 
     /// Finds (oldest first within a bucket) and, for `Mode::Take`, removes a tuple matching `template`.
@@ -277,6 +323,44 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_serves_each_waiter_the_template_it_registered_first() {
+        // One request waiting on two templates, preferring "mine" (registered first), as a task farm's
+        // worker does; the batch brings the other kind first.
+        let mut s = TupleStore::new();
+        let mine = s.wait(template!("mine", ?i64), Mode::Take).unwrap();
+        let theirs = s.wait(template!("theirs", ?i64), Mode::Take).unwrap();
+        let later = s.wait(template!("theirs", ?i64), Mode::Take).unwrap();
+        let concerned = s
+            .put_quietly(vec![
+                tuple!("theirs", 1),
+                tuple!("theirs", 2),
+                tuple!("mine", 3),
+            ])
+            .unwrap();
+        assert_eq!(concerned, vec![mine, theirs, later]);
+        assert_eq!(
+            s.serve(mine),
+            Some(Delivery {
+                waiter: mine,
+                tuple: tuple!("mine", 3)
+            })
+        );
+        // The request is served: its other template stops waiting (the tuple space withdraws it).
+        assert!(s.cancel(theirs));
+        assert_eq!(s.serve(theirs), None);
+        assert_eq!(s.serve(later).map(|d| d.tuple), Some(tuple!("theirs", 1)));
+        assert_eq!(s.len(), 1, "the second of theirs stays");
+        // An invalid tuple in a batch: nothing goes in.
+        let too_big = Tuple(
+            (0..crate::tuple::MAX_FIELDS + 1)
+                .map(|_| Value::Bool(true))
+                .collect(),
+        );
+        assert!(s.put_quietly(vec![tuple!("mine", 4), too_big]).is_err());
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
     fn withdrawn_waiters_leave_nothing_behind() {
         let mut s = TupleStore::new();
         // Reply keys used once each, all timing out: nothing of them stays.
@@ -373,7 +457,7 @@ mod tests {
                 _ => template!(?String, ?i64),
             };
             for _ in 0..400 {
-                match rng.random_range(0..5) {
+                match rng.random_range(0..6) {
                     0 | 1 => {
                         let t = tuple!(names[rng.random_range(0..2)], rng.random_range(0..3i64));
                         outs += 1;
@@ -423,6 +507,43 @@ mod tests {
                                 waiting.push((id, tpl, mode));
                             }
                         }
+                    }
+                    5 => {
+                        // A batch: every tuple goes in, then the waiters it concerns are served oldest
+                        // first, each with the oldest match held.
+                        let batch: Vec<Tuple> = (0..rng.random_range(2..6))
+                            .map(|_| {
+                                tuple!(names[rng.random_range(0..2)], rng.random_range(0..3i64))
+                            })
+                            .collect();
+                        outs += batch.len();
+                        model.extend(batch.iter().cloned());
+                        let concerned = s.put_quietly(batch).unwrap();
+                        assert!(concerned.windows(2).all(|w| w[0] < w[1]), "oldest first");
+                        for id in concerned {
+                            let Some(d) = s.serve(id) else { continue };
+                            assert_eq!(d.waiter, id);
+                            let i = waiting
+                                .iter()
+                                .position(|w| w.0 == id)
+                                .expect("a known waiter");
+                            let (_, tpl, mode) = waiting.remove(i);
+                            assert!(tpl.matches(&d.tuple));
+                            let m = model
+                                .iter()
+                                .position(|m| *m == d.tuple)
+                                .expect("the tuple was in the store");
+                            if mode == Mode::Take {
+                                model.remove(m);
+                                taken_by_waiters += 1;
+                            }
+                        }
+                        assert!(
+                            !waiting
+                                .iter()
+                                .any(|(_, tpl, _)| model.iter().any(|m| tpl.matches(m))),
+                            "a request still waits although a match is held"
+                        );
                     }
                     3 => {
                         let tpl = random_template(&mut rng);
