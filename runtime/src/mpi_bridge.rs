@@ -174,7 +174,10 @@ impl Transport for MpiTransport {
         }
         let doorbell = Doorbell::new();
         for l in &links {
+            // Woken for bytes from the job, and for room in a connection that had none for what came
+            // from MPI (the reader may take longer than the bridge polls).
             l.end.ring_on_input(&doorbell);
+            l.end.ring_on_room(&doorbell);
         }
         let credit = Credit::new(self.send_buffer, links.len())?;
         let acked = links

@@ -6,7 +6,8 @@
 //! in-memory connections instead of socket pairs: a request reaches that thread without a system call,
 //! and a reply wakes its requester with a futex instead of a socket. A thread that serves many
 //! connections (the service loop, a transport's thread) hangs one [`Doorbell`] on all of them and sleeps
-//! on it. Every operation is async-signal-safe (atomics, copies, futexes, an eventfd write): the fault
+//! on it; one that also writes into many without waiting has it rung when room is made in any of them
+//! that was full. Every operation is async-signal-safe (atomics, copies, futexes, an eventfd write): the fault
 //! path uses them from the SIGBUS handler. (But for a direction made to never wait for room,
 //! [`End::never_wait_to_send`], which takes a lock and allocates: the service loop's replies to other
 //! ranks when its transport's thread runs it, never read or written by the fault path.)
@@ -31,7 +32,8 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_CAPACITY: usize = 256 << 10;
 
 /// Wakes a thread that waits on many connections at once: rung whenever bytes, or an end, arrive on any
-/// connection it hangs on ([`End::ring_on_input`]). The thread either sleeps on it ([`Doorbell::wait`]),
+/// connection it hangs on ([`End::ring_on_input`]), or room is made in one it found full
+/// ([`End::ring_on_room`]). The thread either sleeps on it ([`Doorbell::wait`]),
 /// or, made with [`Doorbell::with_eventfd`], waits for its descriptor in an epoll set with other things.
 #[derive(Debug)]
 pub struct Doorbell {
@@ -132,6 +134,11 @@ struct Ring {
     reader_done: AtomicBool,
     /// Rung with every arrival, for a reader that waits on many rings.
     bell: OnceLock<Arc<Doorbell>>,
+    /// Rung when room is made after a write that would not wait found none, for a writer that waits on
+    /// many rings ([`End::ring_on_room`]).
+    room_bell: OnceLock<Arc<Doorbell>>,
+    /// A write that would not wait found no room, and `room_bell` is to ring when the reader makes some.
+    room_wanted: AtomicBool,
     /// How long a write may wait for room without any being made (0: for ever), in nanoseconds.
     send_timeout: AtomicU64,
     /// Set for a direction whose writes never wait ([`End::never_wait_to_send`]).
@@ -181,6 +188,8 @@ impl Ring {
             writer_done: AtomicBool::new(false),
             reader_done: AtomicBool::new(false),
             bell: OnceLock::new(),
+            room_bell: OnceLock::new(),
+            room_wanted: AtomicBool::new(false),
             send_timeout: AtomicU64::new(0),
             spill: OnceLock::new(),
         }
@@ -239,6 +248,32 @@ impl Ring {
         if self.writers.load(Ordering::SeqCst) > 0 {
             futex::wake_all(&self.room);
         }
+        if let Some(bell) = self.room_bell.get() {
+            // Pairs with the fence in `want_room`: either the writer's second look sees the room made
+            // before this, or this sees its wish.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if self.room_wanted.load(Ordering::Relaxed)
+                && self.room_wanted.swap(false, Ordering::Relaxed)
+            {
+                bell.ring();
+            }
+        }
+    }
+
+    /// A write that would not wait found no room: asks for `room_bell` to ring when the reader makes
+    /// some, then looks once more (room made just before the wish was seen would ring nothing). Whether
+    /// there is room now.
+    fn want_room(&self) -> bool {
+        if self.room_bell.get().is_none() {
+            return false;
+        }
+        self.room_wanted.store(true, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let (head, tail) = (
+            self.head.load(Ordering::Acquire),
+            self.tail.load(Ordering::Acquire),
+        );
+        self.waiting(head, tail) < self.capacity()
     }
 
     /// Puts as much of `bytes` as there is room for; `Ok(0)` when there is none.
@@ -482,7 +517,13 @@ impl End {
             if n > 0 || bytes.is_empty() {
                 return Ok(n);
             }
-            if !wait || deadline.is_some_and(|d| Instant::now() >= d) {
+            if !wait {
+                if self.tx.want_room() {
+                    continue;
+                }
+                return Err(Errno::EAGAIN);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(Errno::EAGAIN);
             }
             self.tx.wait_room(deadline);
@@ -584,6 +625,14 @@ impl End {
             bell.ring();
         }
         set
+    }
+
+    /// Rings `bell` when the other end makes room after a write of this end that would not wait
+    /// ([`End::send`] without `wait`) found none, or ends: for a thread that writes into many
+    /// connections, keeps what did not fit, and sleeps on one doorbell until it can go on. An end rings
+    /// one such doorbell: a second one is refused (false).
+    pub fn ring_on_room(&self, bell: &Arc<Doorbell>) -> bool {
+        self.tx.room_bell.set(bell.clone()).is_ok()
     }
 }
 
@@ -779,5 +828,56 @@ mod tests {
             nix::poll::PollFlags::POLLIN,
         )];
         assert_eq!(nix::poll::poll(&mut fds, 1000u16), Ok(1));
+    }
+
+    #[test]
+    fn a_writer_that_found_no_room_is_rung_when_the_reader_makes_some_and_only_then() {
+        let bell = Doorbell::new();
+        let (a, b) = pair(64);
+        assert!(a.ring_on_room(&bell));
+        assert!(!a.ring_on_room(&Doorbell::new()), "one doorbell each");
+        let mut buf = [0u8; 16];
+        // Reads while the writer wants nothing ring nothing.
+        a.send_all(&[1; 16]).unwrap();
+        let seen = bell.seen();
+        assert_eq!(b.recv(&mut buf, false), Ok(16));
+        assert_eq!(
+            bell.seen(),
+            seen,
+            "a read rang though no writer wanted room"
+        );
+        // A write that would not wait fills the ring, and the next finds no room.
+        assert_eq!(a.send(&[2; 100], false), Ok(64));
+        assert_eq!(a.send(&[3; 10], false), Err(Errno::EAGAIN));
+        let seen = bell.seen();
+        // A thread sleeping on the doorbell, as the MPI bridge does, wakes when the reader reads.
+        std::thread::scope(|s| {
+            let sleeper = s.spawn(|| {
+                let t0 = Instant::now();
+                while bell.seen() == seen && t0.elapsed() < Duration::from_secs(10) {
+                    bell.wait(seen, Duration::from_secs(10));
+                }
+                t0.elapsed()
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(b.recv(&mut buf, false), Ok(16));
+            assert!(sleeper.join().unwrap() < Duration::from_secs(5));
+        });
+        assert_eq!(a.send(&[3; 10], false), Ok(10), "room was made");
+        // Rung once per wish: further reads ring nothing until a write finds no room again.
+        let seen = bell.seen();
+        assert_eq!(b.recv(&mut buf, false), Ok(16));
+        assert_eq!(bell.seen(), seen);
+        // The reader's end rings a writer that waits for room too.
+        assert_eq!(
+            a.send(&[4; 64], false),
+            Ok(22),
+            "the room left: 64 - (64 - 16 + 10 - 16)"
+        );
+        assert_eq!(a.send(&[4; 1], false), Err(Errno::EAGAIN));
+        let seen = bell.seen();
+        b.shutdown(Shut::Read);
+        assert_ne!(bell.seen(), seen, "the reader's end rang nothing");
+        assert_eq!(a.send(&[5; 1], false), Err(Errno::EPIPE));
     }
 }
