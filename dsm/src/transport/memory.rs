@@ -7,8 +7,8 @@
 //! and a reply wakes its requester with a futex instead of a socket. A thread that serves many
 //! connections (the service loop, a transport's thread) hangs one [`Doorbell`] on all of them and sleeps
 //! on it; one that also writes into many without waiting has it rung when room is made in any of them
-//! that was full. Every operation is async-signal-safe (atomics, copies, futexes, an eventfd write): the fault
-//! path uses them from the SIGBUS handler. (But for a direction made to never wait for room,
+//! that was full. Every operation is async-signal-safe (atomics, copies, futexes, an eventfd write): the
+//! fault path uses them from the SIGBUS handler. (But for a direction made to never wait for room,
 //! [`End::never_wait_to_send`], which takes a lock and allocates: the service loop's replies to other
 //! ranks when its transport's thread runs it, never read or written by the fault path.)
 //!
@@ -33,8 +33,8 @@ pub const DEFAULT_CAPACITY: usize = 256 << 10;
 
 /// Wakes a thread that waits on many connections at once: rung whenever bytes, or an end, arrive on any
 /// connection it hangs on ([`End::ring_on_input`]), or room is made in one it found full
-/// ([`End::ring_on_room`]). The thread either sleeps on it ([`Doorbell::wait`]),
-/// or, made with [`Doorbell::with_eventfd`], waits for its descriptor in an epoll set with other things.
+/// ([`End::ring_on_room`]). The thread either sleeps on it ([`Doorbell::wait`]), or, made with
+/// [`Doorbell::with_eventfd`], waits for its descriptor in an epoll set with other things.
 #[derive(Debug)]
 pub struct Doorbell {
     rung: AtomicU32,
