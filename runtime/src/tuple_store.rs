@@ -11,7 +11,7 @@
 //! a request waiting on several templates gets the one it prefers among them (`put_quietly`).
 
 use crate::tuple::{Template, Tuple, TupleError, Value};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 /// Identifies a waiting request.
 pub type WaiterId = u64;
@@ -153,19 +153,17 @@ impl TupleStore {
         for t in &tuples {
             t.check()?;
         }
-        let mut waiting = std::collections::BTreeSet::new();
+        let mut waiting = BTreeSet::new();
         for tuple in tuples {
             let key = key_of(&tuple);
-            let matching = |q: &VecDeque<Waiter>| {
-                q.iter()
+            let queues = self.waiting.get(&key).into_iter();
+            waiting.extend(
+                queues
+                    .chain([&self.waiting_formal])
+                    .flatten()
                     .filter(|w| w.template.matches(&tuple))
-                    .map(|w| w.id)
-                    .collect::<Vec<_>>()
-            };
-            if let Some(q) = self.waiting.get(&key) {
-                waiting.extend(matching(q));
-            }
-            waiting.extend(matching(&self.waiting_formal));
+                    .map(|w| w.id),
+            );
             self.buckets.entry(key).or_default().push_back(tuple);
             self.tuples += 1;
         }

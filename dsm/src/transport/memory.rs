@@ -269,11 +269,15 @@ impl Ring {
         }
         self.room_wanted.store(true, Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::SeqCst);
-        let (head, tail) = (
+        !self.full()
+    }
+
+    /// Whether the ring holds as many bytes as it can.
+    fn full(&self) -> bool {
+        self.waiting(
             self.head.load(Ordering::Acquire),
             self.tail.load(Ordering::Acquire),
-        );
-        self.waiting(head, tail) < self.capacity()
+        ) == self.capacity()
     }
 
     /// Puts as much of `bytes` as there is room for; `Ok(0)` when there is none.
@@ -416,13 +420,9 @@ impl Ring {
     fn wait_room(&self, deadline: Option<Instant>) {
         self.writers.fetch_add(1, Ordering::SeqCst);
         let seen = self.room.load(Ordering::SeqCst);
-        let full = self.waiting(
-            self.head.load(Ordering::Acquire),
-            self.tail.load(Ordering::Acquire),
-        ) == self.capacity();
         let ended =
             self.reader_done.load(Ordering::Acquire) || self.writer_done.load(Ordering::Acquire);
-        if full && !ended {
+        if self.full() && !ended {
             sleep_on(&self.room, seen, deadline);
         }
         self.writers.fetch_sub(1, Ordering::SeqCst);
