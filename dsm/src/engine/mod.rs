@@ -97,7 +97,10 @@ use sync::LockServer;
 pub(crate) struct Engine {
     shared: Arc<Shared>,
     conns: Vec<Served>,
-    epoll: Epoll,
+    /// What the loop waits on when it runs on its own thread ([`Engine::run`]): its eventfd, its sockets and
+    /// the in-memory connections' doorbell. A loop a transport's thread runs (`shared.hosted`) waits on
+    /// that doorbell instead, and has none.
+    epoll: Option<Epoll>,
     /// Rung when bytes arrive on any in-memory connection (which epoll cannot watch); `memory` lists
     /// them.
     doorbell: Arc<Doorbell>,
@@ -139,17 +142,17 @@ impl Engine {
     /// The service loop of the rank `shared` describes, serving `incoming`. Run by a transport's thread
     /// (`ServiceLoop`) when `shared.hosted` holds the loop's doorbell, else by [`Engine::run`].
     pub(crate) fn new(shared: Arc<Shared>, incoming: Vec<(Rank, Conn)>) -> crate::Result<Engine> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
-            .map_err(|e| crate::DsmError::sys("epoll_create", e))?;
-        epoll
-            .add(
-                shared.waker.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, WAKER),
-            )
-            .map_err(|e| crate::DsmError::sys("epoll_ctl(eventfd)", e))?;
-        let doorbell = match &shared.hosted {
-            Some(bell) => bell.clone(),
+        let (epoll, doorbell) = match &shared.hosted {
+            Some(bell) => (None, bell.clone()),
             None => {
+                let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+                    .map_err(|e| crate::DsmError::sys("epoll_create", e))?;
+                epoll
+                    .add(
+                        shared.waker.as_fd(),
+                        EpollEvent::new(EpollFlags::EPOLLIN, WAKER),
+                    )
+                    .map_err(|e| crate::DsmError::sys("epoll_ctl(eventfd)", e))?;
                 let bell =
                     Doorbell::with_eventfd().map_err(|e| crate::DsmError::sys("eventfd", e))?;
                 epoll
@@ -158,7 +161,7 @@ impl Engine {
                         EpollEvent::new(EpollFlags::EPOLLIN, MEMORY),
                     )
                     .map_err(|e| crate::DsmError::sys("epoll_ctl(eventfd)", e))?;
-                bell
+                (Some(epoll), bell)
             }
         };
         if let Some(t) = shared.peer_timeout {
@@ -182,14 +185,14 @@ impl Engine {
         let mut memory = Vec::new();
         for (i, (peer, link)) in incoming.into_iter().enumerate() {
             match (link.socket(), link.memory()) {
-                (Some(_), _) if shared.hosted.is_some() => {
-                    return Err(crate::DsmError::Config(
+                (Some(fd), _) => match &epoll {
+                    Some(epoll) => epoll
+                        .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
+                        .map_err(|e| crate::DsmError::sys("epoll_ctl(connection)", e))?,
+                    None => return Err(crate::DsmError::Config(
                         "a transport that runs the service loop itself gave it a socket: it serves in-memory connections only".into(),
-                    ))
-                }
-                (Some(fd), _) => epoll
-                    .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
-                    .map_err(|e| crate::DsmError::sys("epoll_ctl(connection)", e))?,
+                    )),
+                },
                 (None, Some(end)) => {
                     end.ring_on_input(&doorbell);
                     memory.push(i);
@@ -244,7 +247,14 @@ impl Engine {
         // At most a second (`MAX_BEAT_INTERVAL`).
         let wait_ms = self.liveness.interval().as_millis() as u16;
         loop {
-            let n = match self.epoll.wait(&mut events, EpollTimeout::from(wait_ms)) {
+            let Some(epoll) = &self.epoll else {
+                eprintln!(
+                    "dsm: {}: a service loop meant for a transport's thread was run on its own; it stops",
+                    self.shared.me
+                );
+                return;
+            };
+            let n = match epoll.wait(&mut events, EpollTimeout::from(wait_ms)) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
@@ -419,8 +429,8 @@ impl Engine {
             return;
         }
         conn.open = false;
-        if let Some(fd) = conn.link.socket() {
-            let _ = self.epoll.delete(fd);
+        if let (Some(fd), Some(epoll)) = (conn.link.socket(), &self.epoll) {
+            let _ = epoll.delete(fd);
         }
         let peer = conn.peer;
         if conn.goodbye || self.shared.stop.load(Ordering::Acquire) || peer == self.shared.me {
