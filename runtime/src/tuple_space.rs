@@ -143,13 +143,16 @@ impl SpaceBuilder {
                 context: "starting the eval thread".into(),
                 source: e,
             })?;
+        // Made before the barrier, so that a barrier that fails (another rank failed) stops the eval
+        // thread again: it holds this rank's `Dsm`, which would otherwise never be let go of.
+        let evaluator = Arc::new(Evaluator {
+            home,
+            thread: Mutex::new(Some(thread)),
+        });
         dsm.barrier()?;
         Ok(TupleSpace {
             inner,
-            _evaluator: Arc::new(Evaluator {
-                home,
-                thread: Mutex::new(Some(thread)),
-            }),
+            _evaluator: evaluator,
         })
     }
 }

@@ -592,3 +592,22 @@ fn a_rank_refuses_evals_past_its_queue_and_runs_those_it_took() {
         assert_eq!(space.inp(&template!("ran", ?u64)).unwrap(), None);
     });
 }
+
+#[test]
+fn a_join_whose_barrier_fails_lets_go_of_the_rank() {
+    dsm::transport::local::run_local_job(2, 2, |dsm| {
+        if dsm.rank() == Rank(1) {
+            // Leaves without joining the space: rank 0's join cannot end its barrier.
+            drop(dsm);
+            return;
+        }
+        let rt = Runtime::from_dsm(dsm);
+        let joined = TupleSpace::join(&rt);
+        assert!(joined.is_err(), "joined without rank 1");
+        // The eval thread the join started has stopped again, so nothing else holds this rank's `Dsm`:
+        // leaving the job finds it in use by no one (it may still fail, rank 1 having gone).
+        if let Err(RuntimeError::InUse(n)) = rt.finish() {
+            panic!("after a failed join, {n} other handles still hold the rank's Dsm");
+        }
+    });
+}
