@@ -909,6 +909,11 @@ impl Dsm {
         s.stop.store(true, Ordering::Release);
         s.wake_service();
         service.join();
+        // The layers' services (the tuple space's homes, the shuffle) may still hold answers owed to other
+        // ranks, and with them this rank's connections and shared state: they go now, so that the
+        // connections close and the ranks still waiting for those answers learn that this rank has left.
+        let services = std::mem::take(&mut *s.services.write().unwrap_or_else(|p| p.into_inner()));
+        drop(services);
         crate::region::unregister_all_of(s);
         // Regions dropped since the last collective operation (all of them when the rank failed) hold the
         // shared state: they go with the arena, when it does.
