@@ -135,28 +135,38 @@ struct State {
     next_group: u64,
 }
 
-/// Answers to send once the state lock is released.
+/// Answers to send once the state lock is released: the waiter, what it gets, and whether the tuple
+/// left the space for it (a take).
 #[derive(Debug, Default)]
-struct Outbox(Vec<(Waiter, Found)>);
+struct Outbox(Vec<(Waiter, Found, bool)>);
 
 impl Outbox {
-    fn send(self) {
-        for (waiter, found) in self.0 {
-            match waiter {
+    /// Sends the answers. A tuple taken for an answer that cannot be delivered goes back into `home`
+    /// (a leased one is given back by the failed holder's leases instead).
+    fn send(self, home: &Home) {
+        for (waiter, found, taken) in self.0 {
+            let undelivered = match waiter {
                 // A local waiter that gave up (timed out) cancels itself first, so a send that fails means
-                // its thread is gone: nothing waits for the tuple.
-                Waiter::Local(tx) => {
-                    let _ = tx.send(found);
-                }
+                // its thread is gone.
+                Waiter::Local(tx) => tx.send(found).err().map(|e| e.0.tuple),
                 // A remote requester that is gone is reported by the service loop, which then gives back
-                // its leases.
-                Waiter::Remote { reply, .. } => {
-                    let _ = answer(reply, &Answer::from(found));
-                }
+                // its leases; the frame did not reach it whole.
+                Waiter::Remote { reply, .. } => undelivered(reply, Answer::from(found)),
                 // `State::out` puts the group's own waiter here, never a member.
-                Waiter::Member(_) => {}
+                Waiter::Member(_) => None,
+            };
+            if taken {
+                home.put_back(undelivered);
             }
         }
+    }
+}
+
+/// Sends `a`; returns the tuple it carries without a lease if it could not be sent.
+fn undelivered(reply: Responder, a: Answer) -> Option<Tuple> {
+    match (answer(reply, &a), a) {
+        (Err(_), Answer::Found { tuple, lease: None }) => Some(tuple),
+        _ => None,
     }
 }
 
@@ -240,7 +250,7 @@ impl State {
             w => w,
         };
         let found = self.grant(p.holder, d.tuple, p.lease);
-        outbox.0.push((waiter, found));
+        outbox.0.push((waiter, found, d.taken));
         Ok(())
     }
 
@@ -461,13 +471,21 @@ impl Home {
     }
 
     /// Adds tuples homed here.
+    /// Puts back a tuple taken for an answer that did not reach its requester: it was never delivered.
+    fn put_back(&self, tuple: Option<Tuple>) {
+        if let Some(t) = tuple {
+            // It was in the space before, so it fits the space's limits.
+            let _ = self.out(vec![t]);
+        }
+    }
+
     pub(crate) fn out(&self, tuples: Vec<Tuple>) -> Result<(), TupleError> {
         let mut outbox = Outbox::default();
         let result = {
             let mut s = self.state();
             s.out_many(tuples, &mut outbox)
         };
-        outbox.send();
+        outbox.send(self);
         result
     }
 
@@ -522,7 +540,7 @@ impl Home {
     ) -> Result<(), String> {
         let mut outbox = Outbox::default();
         let result = self.state().complete(holder, leases, results, &mut outbox);
-        outbox.send();
+        outbox.send(self);
         result
     }
 
@@ -530,7 +548,7 @@ impl Home {
     pub(crate) fn give_back(&self, holder: Rank, leases: &[u64]) -> Result<(), String> {
         let mut outbox = Outbox::default();
         let result = self.state().give_back(holder, leases, &mut outbox);
-        outbox.send();
+        outbox.send(self);
         result
     }
 
@@ -597,6 +615,8 @@ impl Home {
             );
             return;
         }
+        // A tuple an immediate answer carries left the space only for a take.
+        let takes = matches!(ask, Ask::Find { take: true, .. });
         let now = match ask {
             Ask::Out(tuples) => match s.out_many(tuples, &mut outbox) {
                 Ok(()) => Some((reply, Answer::Done)),
@@ -685,7 +705,7 @@ impl Home {
             },
             Ask::Eval { function, args } => {
                 drop(s);
-                outbox.send();
+                outbox.send(self);
                 let a = match self.eval(function, args) {
                     Ok(()) => Answer::Done,
                     Err(e) => Answer::Refused(e),
@@ -695,9 +715,12 @@ impl Home {
             }
         };
         drop(s);
-        outbox.send();
+        outbox.send(self);
         if let Some((reply, a)) = now {
-            let _ = answer(reply, &a);
+            let back = undelivered(reply, a);
+            if takes {
+                self.put_back(back);
+            }
         }
     }
 }
@@ -748,7 +771,7 @@ impl Service for Home {
                 eprintln!("dsm-runtime: giving back the tuples {rank} held: {e}");
             }
         }
-        outbox.send();
+        outbox.send(self);
     }
 }
 
@@ -756,6 +779,47 @@ impl Service for Home {
 mod tests {
     use super::*;
     use crate::tuple;
+
+    /// A home of no functions, whose eval queue no one reads.
+    fn home() -> Home {
+        Home::new(HashMap::new(), crossbeam::channel::bounded(1).0)
+    }
+
+    #[test]
+    fn a_tuple_taken_for_a_waiter_that_is_gone_goes_back() {
+        let home = home();
+        let jobs = crate::template!("job", ?i64);
+        let (take, taker) = crossbeam::channel::unbounded();
+        let (read, reader) = crossbeam::channel::unbounded();
+        home.state()
+            .wait(
+                Rank(0),
+                jobs.clone(),
+                Mode::Read,
+                false,
+                Waiter::Local(read),
+            )
+            .unwrap();
+        home.state()
+            .wait(
+                Rank(0),
+                jobs.clone(),
+                Mode::Take,
+                false,
+                Waiter::Local(take),
+            )
+            .unwrap();
+        // Both waiting threads are gone (a panic, say) without withdrawing their requests.
+        drop((taker, reader));
+        home.out(vec![tuple!("job", 7i64)]).unwrap();
+        let s = home.state();
+        assert_eq!(
+            s.store.count(&jobs),
+            1,
+            "the tuple is in the space once: read in place, taken, and put back"
+        );
+        assert!(s.pending.is_empty(), "no request waits any more");
+    }
 
     #[test]
     fn a_worker_waiting_when_every_ranks_tasks_come_at_once_takes_its_own() {
@@ -781,7 +845,7 @@ mod tests {
             &mut outbox,
         )
         .unwrap();
-        outbox.send();
+        outbox.send(&home());
         let found = rx.try_recv().expect("the waiting worker got a task");
         assert_eq!(found.tuple, tuple!("near 1", 3i64));
         assert!(found.lease.is_some(), "taken under a lease");

@@ -32,6 +32,8 @@ pub struct Delivery {
     pub waiter: WaiterId,
     /// What it gets.
     pub tuple: Tuple,
+    /// Whether the tuple left the store for it (a take), or is still there (a read).
+    pub taken: bool,
 }
 
 #[derive(Debug)]
@@ -128,6 +130,7 @@ impl TupleStore {
             deliveries.push(Delivery {
                 waiter: waiter.id,
                 tuple: tuple.clone(),
+                taken: take,
             });
             if take {
                 taken = true;
@@ -183,7 +186,11 @@ impl TupleStore {
         // Its template was checked when it began to wait.
         let tuple = self.find(&template, mode).ok().flatten()?;
         self.cancel(id);
-        Some(Delivery { waiter: id, tuple })
+        Some(Delivery {
+            waiter: id,
+            tuple,
+            taken: mode == Mode::Take,
+        })
     }
 
     /// Finds (oldest first within a bucket) and, for `Mode::Take`, removes a tuple matching `template`.
@@ -313,7 +320,8 @@ mod tests {
                 d,
                 vec![Delivery {
                     waiter: ids[n as usize],
-                    tuple: tuple!("job", n)
+                    tuple: tuple!("job", n),
+                    taken: true,
                 }]
             );
         }
@@ -340,7 +348,8 @@ mod tests {
             s.serve(mine),
             Some(Delivery {
                 waiter: mine,
-                tuple: tuple!("mine", 3)
+                tuple: tuple!("mine", 3),
+                taken: true,
             })
         );
         // The request is served: its other template stops waiting (the tuple space withdraws it).
