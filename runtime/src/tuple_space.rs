@@ -191,7 +191,10 @@ impl TupleSpace {
         self.inner.out(tuple)
     }
 
-    /// Puts every tuple into the space, in one message per home rank (or a few, for large batches).
+    /// Puts every tuple into the space, in one message per home rank (or a few, for large batches). Not
+    /// atomic across homes: a tuple that fails its checks puts none, but when a home fails (it left the
+    /// job, say) the tuples of the other homes still go in, and the error names the first home that
+    /// failed; its tuples may be in the space or not.
     pub fn out_many(&self, tuples: impl IntoIterator<Item = Tuple>) -> Result<(), RuntimeError> {
         let mut by_home: HashMap<Rank, Vec<Tuple>> = HashMap::new();
         for t in tuples {
@@ -201,26 +204,34 @@ impl TupleSpace {
                 .or_default()
                 .push(t);
         }
+        let mut first_error = None;
         for (home, tuples) in by_home {
-            if home == self.inner.me {
-                self.inner.home.out(tuples)?;
-                continue;
+            if let Err(e) = self.out_at(home, tuples) {
+                first_error.get_or_insert(e);
             }
-            let mut batch = Vec::new();
-            let mut bytes = 0;
-            for t in tuples {
-                let size = t.0.iter().map(|v| 16 + v.byte_len()).sum::<usize>();
-                if bytes + size > MAX_BATCH_BYTES && !batch.is_empty() {
-                    self.inner
-                        .expect_done(home, &Ask::Out(std::mem::take(&mut batch)))?;
-                    bytes = 0;
-                }
-                bytes += size;
-                batch.push(t);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Puts `tuples`, all homed at `home`, in as few messages as fit.
+    fn out_at(&self, home: Rank, tuples: Vec<Tuple>) -> Result<(), RuntimeError> {
+        if home == self.inner.me {
+            return Ok(self.inner.home.out(tuples)?);
+        }
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for t in tuples {
+            let size = t.0.iter().map(|v| 16 + v.byte_len()).sum::<usize>();
+            if bytes + size > MAX_BATCH_BYTES && !batch.is_empty() {
+                self.inner
+                    .expect_done(home, &Ask::Out(std::mem::take(&mut batch)))?;
+                bytes = 0;
             }
-            if !batch.is_empty() {
-                self.inner.expect_done(home, &Ask::Out(batch))?;
-            }
+            bytes += size;
+            batch.push(t);
+        }
+        if !batch.is_empty() {
+            self.inner.expect_done(home, &Ask::Out(batch))?;
         }
         Ok(())
     }

@@ -611,3 +611,99 @@ fn a_join_whose_barrier_fails_lets_go_of_the_rank() {
         }
     });
 }
+
+#[test]
+fn a_waiter_at_a_home_that_leaves_hears_that_it_left() {
+    // Ranks as threads take a failure as a report: rank 2 fails, then rank 0 leaves the job (with no final
+    // barrier, a rank having failed) while rank 1 waits at rank 0's home for a tuple no one puts. Rank 0's
+    // connections must close as it leaves, ending rank 1's wait with an error, instead of being kept open
+    // by the answer its home still owed rank 1 for as long as rank 0's process lives.
+    dsm::transport::local::run_local_job(3, 3, |dsm| {
+        let rt = Runtime::from_dsm(dsm);
+        let space = TupleSpace::join(&rt).unwrap();
+        let name = (0..)
+            .map(|k| format!("never{k}"))
+            .find(|n| space.home_of(Some(&n.as_str().into()), 2) == Rank(0))
+            .unwrap();
+        match rt.rank() {
+            Rank(2) => {
+                // Dropped unfinished: the rank fails.
+                drop(space);
+                drop(rt);
+            }
+            Rank(1) => {
+                let got = space.in_(&template!(name.as_str(), ?i64));
+                assert!(got.is_err(), "took {got:?} from a home that left");
+                drop(space);
+                let _ = rt.finish();
+            }
+            _ => {
+                let t0 = Instant::now();
+                while !rt.dsm().failed_ranks().contains(&Rank(2)) {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(30),
+                        "rank 2's failure unseen"
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                // Time for rank 1's request to be waiting here (if it came later, it finds this rank gone,
+                // and fails all the same).
+                std::thread::sleep(Duration::from_millis(200));
+                drop(space);
+                rt.finish().unwrap();
+            }
+        }
+    });
+}
+
+#[test]
+fn out_many_puts_what_it_can_when_a_home_has_failed() {
+    dsm::transport::local::run_local_job(3, 3, |dsm| {
+        let rt = Runtime::from_dsm(dsm);
+        let space = TupleSpace::join(&rt).unwrap();
+        let homed_at = |rank: u32, arity: usize| {
+            (0..)
+                .map(|k| format!("kind{k}"))
+                .find(|n| space.home_of(Some(&n.as_str().into()), arity) == Rank(rank))
+                .unwrap()
+        };
+        let (at1, at2, done) = (homed_at(1, 2), homed_at(2, 2), homed_at(1, 1));
+        match rt.rank() {
+            Rank(2) => {
+                // Dropped unfinished: the rank fails.
+                drop(space);
+                drop(rt);
+            }
+            Rank(1) => {
+                space.in_(&template!(done.as_str())).unwrap();
+                assert_eq!(space.count(&template!(at1.as_str(), ?i64)).unwrap(), 10);
+                drop(space);
+                let _ = rt.finish();
+            }
+            _ => {
+                let t0 = Instant::now();
+                while !rt.dsm().failed_ranks().contains(&Rank(2)) {
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(30),
+                        "rank 2's failure unseen"
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                // Whichever home the call asks first, rank 1 gets its tuples.
+                for round in 0..5i64 {
+                    let batch = (0..2i64).flat_map(|k| {
+                        [
+                            tuple!(at1.as_str(), round * 2 + k),
+                            tuple!(at2.as_str(), round * 2 + k),
+                        ]
+                    });
+                    let e = space.out_many(batch).unwrap_err();
+                    assert!(e.to_string().contains("rank 2"), "{e}");
+                }
+                space.out(tuple!(done.as_str())).unwrap();
+                drop(space);
+                let _ = rt.finish();
+            }
+        }
+    });
+}
