@@ -139,6 +139,11 @@ where
 
     /// Emits `(key, value)`.
     pub fn emit(&mut self, key: K, value: V) {
+        if self.error.is_some() {
+            // A spill failed: the map fails with it, and what it emits meanwhile is not kept (it would
+            // grow past the budget).
+            return;
+        }
         let held = &mut self.held;
         match self.combiner {
             Some(combine) => match held.table.get_mut(&key) {
@@ -195,6 +200,11 @@ where
     /// What is held, for the next map of the batch to fold into.
     pub(crate) fn into_held(self) -> Held<K, V> {
         self.held
+    }
+
+    /// Whether a spill failed.
+    pub(crate) fn failed(&self) -> bool {
+        self.error.is_some()
     }
 
     /// The first spill error, if any.
@@ -265,6 +275,28 @@ mod tests {
         let counts = sort_and_combine(all, Some(add));
         assert_eq!(counts.len(), 1000);
         assert!(counts.iter().all(|(_, n)| *n == 1));
+    }
+
+    #[test]
+    fn after_a_spill_fails_nothing_more_is_held() {
+        let mut tries = 0;
+        let mut spill = |_: Vec<(String, u64)>| {
+            tries += 1;
+            Err("disk full".to_string())
+        };
+        let mut e = Emitter::new(Some(add as Combiner<u64>), 200, &mut spill);
+        for i in 0..1000 {
+            e.emit_ref(format!("w{i}").as_str(), 1);
+        }
+        assert!(e.failed());
+        assert!(
+            e.held.table.is_empty() && e.held.bytes == 0,
+            "{} keys held after the spill failed",
+            e.held.table.len()
+        );
+        assert_eq!(e.error().as_deref(), Some("disk full"));
+        drop(e);
+        assert_eq!(tries, 1, "a failed spill is not tried again");
     }
 
     #[test]

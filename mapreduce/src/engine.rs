@@ -133,9 +133,14 @@ impl MapReduce {
         // Each task slot's merge holds up to `merge_fan_in` run files open, and map tasks write theirs:
         // Joining the job (`DsmBuilder::build`) let the process have as many files as the system allows.
         let service = std::sync::Arc::new(shuffle::ShuffleService::default());
-        dsm.register_service(shuffle::SERVICE, service.clone())
-            .map_err(RuntimeError::from)?;
-        dsm.barrier().map_err(RuntimeError::from)?;
+        let joined = dsm
+            .register_service(shuffle::SERVICE, service.clone())
+            .and_then(|()| dsm.barrier());
+        if let Err(e) = joined {
+            // No engine owns the directory to remove it when dropped.
+            let _ = std::fs::remove_dir_all(&root);
+            return Err(RuntimeError::from(e).into());
+        }
         Ok(MapReduce {
             space: space.clone(),
             root,

@@ -20,6 +20,10 @@ pub(crate) const SERVICE: ServiceId = 2;
 /// The most bytes of runs one answer carries.
 const CHUNK: usize = 4 << 20;
 
+/// The most runs of one holder a reduce fetches: a fetch names every run still wanted, each in at least
+/// four bytes, and a request is at most [`dsm::MAX_SERVICE_REQUEST`] bytes.
+const MAX_RUNS: u64 = (dsm::MAX_SERVICE_REQUEST / 4) as u64;
+
 /// Names one run of a batch of map output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RunId {
@@ -205,12 +209,28 @@ pub(crate) fn seal(
     })
     .map_err(|e| FetchError::Failed(format!("encoding a request: {e}")))?;
     let answer = call(dsm, holder, &request)?;
+    counts_in(&answer, holder, partition, sources.len())
+}
+
+/// The run counts in `holder`'s answer to a seal of `sources` batches.
+fn counts_in(
+    answer: &[u8],
+    holder: Rank,
+    partition: u32,
+    sources: usize,
+) -> Result<Vec<u32>, FetchError> {
     let malformed = || FetchError::Failed(format!("{holder} sent a malformed answer to a seal"));
     match answer.split_first() {
         Some((0, body)) => {
             let counts: Vec<u32> = postcard::from_bytes(body).map_err(|_| malformed())?;
-            if counts.len() != sources.len() {
+            if counts.len() != sources {
                 return Err(malformed());
+            }
+            let runs: u64 = counts.iter().map(|&c| u64::from(c)).sum();
+            if runs > MAX_RUNS {
+                return Err(FetchError::Failed(format!(
+                    "{holder} holds {runs} runs of partition {partition} for one reduce, more than a fetch can name ({MAX_RUNS}): a larger memory budget makes maps spill fewer"
+                )));
             }
             Ok(counts)
         }
@@ -495,5 +515,32 @@ mod tests {
             let e = fetch_through(|_| Ok(bad.clone()), Rank(2), &runs, |_, _| Ok(())).unwrap_err();
             assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
         }
+    }
+
+    #[test]
+    fn seal_answers_are_read_and_bad_ones_refused() {
+        let holder = Rank(1);
+        assert_eq!(
+            counts_in(&sealed(Ok(vec![3, 0])), holder, 0, 2).unwrap(),
+            [3, 0]
+        );
+        let e = counts_in(&sealed(Err("disk full".into())), holder, 0, 2).unwrap_err();
+        assert!(matches!(e, FetchError::Failed(w) if w.contains("disk full")));
+        // A count per batch asked about, no more and no fewer; a reply neither 0 nor 1.
+        for bad in [
+            sealed(Ok(vec![1])),
+            sealed(Ok(vec![1, 2, 3])),
+            vec![7],
+            Vec::new(),
+        ] {
+            let e = counts_in(&bad, holder, 0, 2).unwrap_err();
+            assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
+        }
+        // Counts past what a fetch can name are refused before anything is made for them.
+        let e = counts_in(&sealed(Ok(vec![u32::MAX, 1])), holder, 0, 2).unwrap_err();
+        assert!(matches!(e, FetchError::Failed(w) if w.contains("more than a fetch can name")));
+        let most = MAX_RUNS as u32;
+        assert!(counts_in(&sealed(Ok(vec![most - 1, 1])), holder, 0, 2).is_ok());
+        assert!(counts_in(&sealed(Ok(vec![most, 1])), holder, 0, 2).is_err());
     }
 }

@@ -474,6 +474,10 @@ impl<J: Job> Worker<'_, J> {
         let mut at = split.start;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             for (o, line) in input::lines(bytes) {
+                if emit.failed() {
+                    // The map fails with its spill's error (below); the rest of the split is not read.
+                    break;
+                }
                 at = split.start + o as u64;
                 let record = Record {
                     file: &split.file,

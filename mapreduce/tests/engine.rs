@@ -910,3 +910,29 @@ fn one_engine_per_rank() {
     drop(space);
     rt.finish().unwrap();
 }
+
+#[test]
+fn an_engine_whose_barrier_fails_leaves_no_spill_directory() {
+    let dir = scratch("failed-barrier");
+    let under = dir.clone();
+    dsm::transport::local::run_local_job(2, 3, move |dsm| {
+        let rt = Runtime::from_dsm(dsm);
+        let space = TupleSpace::join(&rt).unwrap();
+        if rt.rank() == Rank(1) {
+            // Leaves the job instead of creating its engine: rank 0's barrier cannot end.
+            drop(space);
+            let _ = rt.finish();
+            return;
+        }
+        let e = MapReduce::with_spill_dir(&space, &under).err();
+        assert!(e.is_some(), "an engine was made without rank 1");
+        let left: Vec<_> = std::fs::read_dir(&under)
+            .unwrap()
+            .map(|d| d.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        drop(space);
+        let _ = rt.finish();
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
