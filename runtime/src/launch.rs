@@ -4,6 +4,7 @@
 //! the launcher dies (`DSM_LAUNCHER_PID`).
 
 use crate::RuntimeError;
+use nix::libc;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::ffi::OsString;
@@ -99,6 +100,38 @@ const CAUSE_GRACE: Duration = Duration::from_secs(2);
 /// once `stop` is set (and a connection wakes it): the job ended before every rank joined. A rank that
 /// exits before it joined (noted in `exits`) can never join: the ranks waiting, and any that come later,
 /// are told so at once, instead of waiting out their connect timeout.
+/// How long a connection to the rendezvous may take to send its line.
+const LINE_WITHIN: Duration = Duration::from_secs(5);
+
+/// The first line `stream` sends (without its newline, at most `max` bytes, invalid UTF-8 replaced), all
+/// of it within `within`; an error if none comes in time.
+fn read_line_within(
+    stream: &std::net::TcpStream,
+    within: Duration,
+    max: usize,
+) -> std::io::Result<String> {
+    let deadline = Instant::now() + within;
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 512];
+    while !bytes.contains(&b'\n') && bytes.len() < max {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left))?;
+        let room = (max - bytes.len()).min(buf.len());
+        match (&*stream).read(&mut buf[..room])? {
+            0 => break,
+            n => bytes.extend_from_slice(&buf[..n]),
+        }
+    }
+    let end = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(bytes.len());
+    Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
+}
+
 fn rendezvous(
     listener: TcpListener,
     ranks: usize,
@@ -136,17 +169,14 @@ fn rendezvous(
                 }
             }
         }
-        // A rank sends its line at once: a connection that sends nothing (or without end) must not hold
-        // the others up for long, nor grow without bound.
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        let mut line = String::new();
-        if BufReader::new((&stream).take(512))
-            .read_line(&mut line)
-            .is_err()
-        {
-            say(&format!("dsmrun: rendezvous from {from}: nothing received"));
+        // A rank sends its line at once: a connection that sends nothing, or a byte now and then, must
+        // not hold the others up for long, nor grow without bound.
+        let Ok(line) = read_line_within(&stream, LINE_WITHIN, 512) else {
+            say(&format!(
+                "dsmrun: rendezvous from {from}: no line received within {LINE_WITHIN:?}"
+            ));
             continue;
-        }
+        };
         if line.trim() == WAKE {
             continue;
         }
@@ -389,10 +419,18 @@ pub fn launch(
         });
         if let Err(e) = started {
             end_all(&mut children);
+            let advice = match e.raw_os_error() {
+                Some(libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR) => {
+                    " (it cannot be run: give the path of an executable file)"
+                }
+                Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE) => {
+                    " (the system may allow fewer processes, threads or files: try a smaller -n)"
+                }
+                _ => "",
+            };
             return Err(RuntimeError::Io {
                 context: format!(
-                    "starting rank {r} of {}: {} (the system may allow fewer processes or threads: try a smaller -n)",
-                    ranks,
+                    "starting rank {r} of {ranks}: {}{advice}",
                     program.display()
                 ),
                 source: e,
@@ -475,7 +513,9 @@ pub fn launch(
         .find(|(_, s)| s.code() != Some(dsm::EXIT_PEER_FAILED))
         .or(failures.first())
         .copied();
-    let never = lock(&exits_seen).never;
+    // A rank of a one-rank job joins no one (it never meets the others at the rendezvous): its ending
+    // failed no rank waiting for it.
+    let never = lock(&exits_seen).never.filter(|_| ranks > 1);
     let (outcome, message) = match (root, interrupts.signal()) {
         (None, Some(sig)) => {
             let reason = format!("was interrupted by {}", sig.as_str());
@@ -590,8 +630,13 @@ impl Interrupts {
         let got = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut set = SigSet::empty();
+        // A signal this process ignores stays ignored: `nohup` ignores SIGHUP, and a shell ignores SIGINT
+        // in a script's background jobs. Blocked, it would still be taken here (a blocked signal stays
+        // pending even when ignored) and end the job.
         for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-            set.add(s);
+            if !ignored(s) {
+                set.add(s);
+            }
         }
         let mut restore = set.thread_swap_mask(SigmaskHow::SIG_BLOCK).ok();
         let flags = SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC;
@@ -634,6 +679,18 @@ impl Interrupts {
             s => Signal::try_from(s).ok(),
         }
     }
+}
+
+/// Whether this process ignores `sig` (the kernel's mask of ignored signals, `SigIgn` in
+/// `/proc/self/status`; not ignored where it cannot be read).
+fn ignored(sig: Signal) -> bool {
+    let mask = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("SigIgn:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        });
+    mask.is_some_and(|m| m >> (sig as u32 - 1) & 1 == 1)
 }
 
 impl Drop for Interrupts {
@@ -734,5 +791,57 @@ fn end_all(children: &mut [Child]) {
     }
     for c in children.iter_mut() {
         let _ = c.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener on loopback and a connection to it from a thread that sends `bytes`, one every
+    /// `every`, then stays connected for a second.
+    fn trickle(bytes: &'static [u8], every: Duration) -> std::net::TcpStream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            for b in bytes {
+                if s.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(every);
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        });
+        listener.accept().unwrap().0
+    }
+
+    #[test]
+    fn a_line_must_come_whole_within_its_time() {
+        let s = trickle(b"0 1 127.0.0.1:5\nafter", Duration::ZERO);
+        let line = read_line_within(&s, Duration::from_secs(5), 512).unwrap();
+        assert_eq!(line, "0 1 127.0.0.1:5");
+        // A byte every 50 ms never ends its line within 300 ms, though each read gets a byte in time.
+        let s = trickle(
+            b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            Duration::from_millis(50),
+        );
+        let t = Instant::now();
+        let e = read_line_within(&s, Duration::from_millis(300), 512).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            t.elapsed()
+        );
+        // A line without end stops at the limit.
+        let s = trickle(&[b'x'; 64], Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            read_line_within(&s, Duration::from_secs(5), 16)
+                .unwrap()
+                .len(),
+            16
+        );
     }
 }

@@ -174,3 +174,39 @@ fn ranks_end_with_a_launcher_killed_before_they_join() {
     launcher.wait().unwrap();
     assert!(gone(&["sleep", "987004"]), "ranks outlived their launcher");
 }
+
+#[test]
+fn a_signal_the_launcher_ignores_stays_ignored() {
+    // `nohup dsmrun ...` ignores SIGHUP: the hang-up of its terminal must not end the job.
+    let words = ["sleep", "1.5"];
+    let child = Command::new("nohup")
+        .args([
+            DSMRUN,
+            "-n",
+            "2",
+            "/bin/sh",
+            "-c",
+            "sleep 1.5; echo finished",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while running(&words) < 2 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // `nohup` has become dsmrun (it execs it).
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("finished")
+            .count(),
+        2,
+        "{err}"
+    );
+}
