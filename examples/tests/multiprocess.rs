@@ -380,6 +380,16 @@ fn a_rank_that_returns_an_error_while_another_waits_on_it_ends_the_job() {
 }
 
 #[test]
+fn a_rank_that_exits_well_without_leaving_the_job_is_named() {
+    let t = Instant::now();
+    let (o, out) = job(CHECK, 2, &["quitwaited"]);
+    assert_ne!(o.code, 0, "{out}");
+    assert_eq!(o.failed_rank, Some(1), "{out}");
+    assert!(o.reason.contains("without leaving the job"), "{}", o.reason);
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+}
+
+#[test]
 fn a_rank_whose_final_barrier_fails_is_a_failure_to_the_others() {
     // Rank 1 runs one round of `mp`, the others two: its final barrier meets their second round's, and
     // fails. It then left without a goodbye, so the others see it fail (under --keep-going they finish)

@@ -451,6 +451,12 @@ pub fn launch(
     let mut first_failure: Option<Instant> = None;
     let mut grace_until: Option<Instant> = None;
     let mut lost = Vec::new();
+    // The first rank seen to end well. If ranks then fail, all because a rank went (`EXIT_PEER_FAILED`)
+    // and none on its own, it is the one that went: it left without finishing the job
+    // (`Runtime::finish`). (Ranks end well only after every rank has come to the final barrier, and then
+    // none fails for want of another; which of the ranks' exits is seen first says nothing, the one that
+    // went being slower to end than the one it failed.)
+    let mut ended_well: Option<(usize, ExitStatus)> = None;
     let started = Instant::now();
     let mut timed_out = false;
     while done.iter().any(|d| !d) {
@@ -473,7 +479,9 @@ pub fn launch(
                 {
                     let _ = writeln!(s, "{WAKE}");
                 }
-                if !status.success() {
+                if status.success() {
+                    ended_well.get_or_insert((r, status));
+                } else {
                     failures.push((r, status));
                     if opts.keep_going && r != 0 {
                         let (what, _) = describe(status);
@@ -508,11 +516,13 @@ pub fn launch(
         // Only rank 0's status counts; the failures of others were reported as they happened.
         failures.retain(|(r, _)| *r == 0);
     }
-    let root = failures
+    let cause = failures
         .iter()
         .find(|(_, s)| s.code() != Some(dsm::EXIT_PEER_FAILED))
-        .or(failures.first())
         .copied();
+    let root = cause
+        .or(ended_well.filter(|_| !failures.is_empty()))
+        .or(failures.first().copied());
     // A rank of a one-rank job joins no one (it never meets the others at the rendezvous): its ending
     // failed no rank waiting for it.
     let never = lock(&exits_seen).never.filter(|_| ranks > 1);
@@ -566,6 +576,9 @@ pub fn launch(
             let (r, message) = if let Some(s) = stopped {
                 what = "was stopped (SIGSTOP, or a debugger) and the others gave up waiting for it (DSM_PEER_TIMEOUT)".into();
                 (s, format!("dsmrun: rank {s} {what}; ending the job"))
+            } else if joined && status.success() {
+                what += " while the others ran, without leaving the job (Runtime::finish), and they could not go on without it";
+                (r, format!("dsmrun: rank {r} {what}; ending the job"))
             } else if joined {
                 (r, format!("dsmrun: rank {r} {what}; ending the job"))
             } else {

@@ -42,7 +42,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
-    /// errorwaited | idle | ownmpi | die | stop | partition | pause | diewriting | readerdies | diffhomedies | sentsigbus
+    /// errorwaited | quitwaited | idle | ownmpi | die | stop | partition | pause | diewriting | readerdies | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -1153,6 +1153,20 @@ fn main() -> anyhow::Result<()> {
             })?
         }
         "ownmpi" => own_mpi(dsm, me, n, args.rounds)?,
+        "quitwaited" => {
+            // Rank 1 ends with status 0 without leaving the job (`process::exit`, no `Runtime::finish`)
+            // while rank 0 waits for it: the launcher must name rank 1, not rank 0, which ends because
+            // rank 1 went.
+            let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
+            dsm.barrier()?;
+            if me == 1 {
+                std::process::exit(0);
+            }
+            within_30_s(me, "rank 1 neither wrote nor was seen to go", &|| {
+                v.get(0) != 0
+            })?;
+            anyhow::bail!("rank {me}: rank 1 wrote after all");
+        }
         "panicwaited" | "errorwaited" => {
             // Rank 1 gives up while rank 0 waits, outside any barrier, for a word only rank 1 would write:
             // by a panic, or by returning an error from `main` (dropping its region and its `Runtime` as at
@@ -1229,7 +1243,7 @@ fn main() -> anyhow::Result<()> {
         })?,
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, idle, ownmpi, die, stop, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, idle, ownmpi, die, stop, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
             )
         }
     }
