@@ -114,15 +114,26 @@ struct Located {
     what: String,
 }
 
+impl Drop for Located {
+    fn drop(&mut self) {
+        // A file of this reduce's own that was never opened (the reduce failed first) goes with it, not
+        // with the job's directory at the end of the job.
+        if let RunSource::Own(path) = &self.source {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 impl Located {
     /// A reader of the run, with a read buffer of `buffer` bytes for one in a file.
     fn open<K: DeserializeOwned, V: DeserializeOwned>(
-        self,
+        mut self,
         buffer: usize,
     ) -> Result<RunReader<K, V>, String> {
         let file =
             |path: &Path| File::open(path).map_err(|e| format!("opening {}: {e}", path.display()));
-        let src: Box<dyn BufRead + Send> = match self.source {
+        let source = std::mem::replace(&mut self.source, RunSource::Bytes(Vec::new()));
+        let src: Box<dyn BufRead + Send> = match source {
             RunSource::Kept(path) => Box::new(BufReader::with_capacity(buffer, file(&path)?)),
             RunSource::Own(path) => {
                 let f = file(&path)?;
@@ -132,7 +143,7 @@ impl Located {
             }
             RunSource::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes)),
         };
-        Ok(RunReader::new(src, self.what))
+        Ok(RunReader::new(src, std::mem::take(&mut self.what)))
     }
 }
 
@@ -711,12 +722,13 @@ impl<J: Job> Worker<'_, J> {
         while runs.len() > self.fan_in {
             let group: Vec<Located> = runs.drain(..self.fan_in).collect();
             let path = shuffle::job_dir(self.root, self.job_id).join(format!("merged-{id}-{pass}"));
-            self.merge_runs(group, &path)?;
             pass += 1;
+            // Counted among the runs before it is written: a merge that fails leaves no file behind.
             runs.push(Located {
-                source: RunSource::Own(path),
+                source: RunSource::Own(path.clone()),
                 what: format!("intermediate merge {pass} of partition {partition}"),
             });
+            self.merge_runs(group, &path)?;
         }
         let readers = self.open_all(runs)?;
         let name = format!("part-{partition:05}");
@@ -918,6 +930,27 @@ mod tests {
                 .contains("no map output of batch 9"));
             let _ = std::fs::remove_dir_all(&root);
         });
+    }
+
+    #[test]
+    fn a_reduces_own_run_files_go_when_dropped_unopened_and_kept_ones_stay() {
+        let dir = std::env::temp_dir().join(format!("dsm-mr-located-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (own, kept) = (dir.join("fetched"), dir.join("map-output"));
+        for p in [&own, &kept] {
+            std::fs::write(p, b"").unwrap();
+        }
+        drop(Located {
+            source: RunSource::Own(own.clone()),
+            what: "a fetched run".into(),
+        });
+        drop(Located {
+            source: RunSource::Kept(kept.clone()),
+            what: "a map output".into(),
+        });
+        assert!(!own.exists(), "a reduce's own file outlived it");
+        assert!(kept.exists(), "map output went with a reduce");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
