@@ -211,14 +211,24 @@ impl Shared {
         let t0 = Instant::now();
         // A barrier is a release (this rank's writes reach their homes) and then an acquire (every rank's
         // write notices come back with the barrier).
-        crate::rc::release(self)?;
-        let (reply, notices) = if self.size == 1 {
+        // A release that failed (a home taken for failed) still arrives, as a lock's release still passes
+        // the lock on: the others would otherwise wait for this rank at the barrier for ever. Its error is
+        // this barrier's, once the barrier is over.
+        let released = crate::rc::release(self);
+        let exchanged = if self.size == 1 {
             // A job of one rank: its own notices are all there is to exchange, and no message is needed.
             let rc = self.rc.lock().unwrap_or_else(|p| p.into_inner());
             let own = (rc.own_notices().to_vec(), rc.own_horizon());
-            (Reply::BarrierDone, Some(own))
+            Ok((Reply::BarrierDone, Some(own)))
         } else {
-            self.exchange_at_barrier(tag)?
+            self.exchange_at_barrier(tag)
+        };
+        let (reply, notices) = match exchanged {
+            Ok(exchanged) => exchanged,
+            Err(e) => {
+                released?;
+                return Err(e);
+            }
         };
         if let Some((notices, horizon)) = notices {
             crate::rc::acquire(self, &notices, &horizon)?;
@@ -236,6 +246,7 @@ impl Shared {
             &self.counters.barrier_wait_ns,
             t0.elapsed().as_nanos() as u64,
         );
+        released?;
         match reply {
             Reply::BarrierDone => Ok(()),
             Reply::BarrierMismatch { rank } => Err(DsmError::CollectiveMismatch {

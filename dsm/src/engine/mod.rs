@@ -502,7 +502,9 @@ impl Engine {
         // Transactions the failed rank held here end now, or their pages would stay locked for ever. One
         // that was writing may have taken the only copy (it invalidated the others before it died): the
         // page is recorded as the failed rank's, so that a later fault on it fails naming that rank
-        // rather than reading what may be stale. A reader took nothing away.
+        // rather than reading what may be stale. A reader is recorded as holding its copy: taken for
+        // failed, it may live on and have installed the page, and a writer must then invalidate it (the
+        // copy set forgets it once it is gone).
         let held: Vec<((u32, u64), Access)> = self
             .held_by
             .iter()
@@ -515,11 +517,9 @@ impl Engine {
                 continue;
             };
             let slot = region.slot(page);
-            if access == Access::Write {
-                let mut e = slot.load();
-                swmr::complete(&mut e, peer, Access::Write);
-                slot.store(&e);
-            }
+            let mut e = slot.load();
+            swmr::complete(&mut e, peer, access);
+            slot.store(&e);
             if unlock_slot(&slot.lock) {
                 self.serve_queue(&region, page);
             }
@@ -595,7 +595,8 @@ impl Engine {
                 self.invalidate(idx, &r, page, send_data);
             }
             Request::LockAcquire { lock } => {
-                let clock = match crate::rc::decode_clock(&payload, self.conns[idx].peer) {
+                let peer = self.conns[idx].peer;
+                let clock = match crate::rc::decode_clock(&payload, peer, self.shared.size) {
                     Ok(c) => c,
                     Err(e) => {
                         self.close(idx, &e.to_string());

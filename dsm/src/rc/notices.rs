@@ -122,18 +122,43 @@ pub(crate) fn encode_clock(clock: &VectorClock) -> Vec<u8> {
     postcard::to_allocvec(clock).unwrap_or_default()
 }
 
-/// Decodes a vector clock received from `from`.
-pub(crate) fn decode_clock(bytes: &[u8], from: Rank) -> Result<VectorClock> {
-    postcard::from_bytes(bytes).map_err(|e| DsmError::Protocol {
+/// Decodes a vector clock received from `from`, in a job of `size` ranks (one entry a rank: a clock of
+/// another length is refused, so that a peer's request holds no more than that).
+pub(crate) fn decode_clock(bytes: &[u8], from: Rank, size: usize) -> Result<VectorClock> {
+    let clock: VectorClock = postcard::from_bytes(bytes).map_err(|e| DsmError::Protocol {
         rank: from,
         what: format!("a vector clock does not decode: {e}"),
-    })
+    })?;
+    if clock.0.len() != size {
+        return Err(DsmError::Protocol {
+            rank: from,
+            what: format!(
+                "a vector clock of {} entries in a job of {size} ranks",
+                clock.0.len()
+            ),
+        });
+    }
+    Ok(clock)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::release::{runs_of, PageKey};
+
+    #[test]
+    fn a_clock_of_another_length_than_the_job_is_refused() {
+        let clock = VectorClock(vec![3, 0, 7]);
+        assert_eq!(
+            decode_clock(&encode_clock(&clock), Rank(1), 3).unwrap(),
+            clock
+        );
+        for size in [2, 4] {
+            let e = decode_clock(&encode_clock(&clock), Rank(1), size).unwrap_err();
+            assert!(e.to_string().contains("3 entries"), "{e}");
+        }
+        assert!(decode_clock(&[0xff, 0xff], Rank(1), 3).is_err());
+    }
 
     fn notice(rank: u32, interval: u32, pages: &[(u32, u64)]) -> WriteNotice {
         WriteNotice {
