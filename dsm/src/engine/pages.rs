@@ -621,11 +621,20 @@ impl Engine {
         diff: Vec<u8>,
     ) {
         let word = region.state(page);
-        // Exclude this rank's faults on the page while it changes; a fault in progress finishes first.
         let req = Request::Diff {
             region: region.id,
             page,
         };
+        // A release sends its diffs to a home one after another and takes the acknowledgements in the
+        // same order, crediting each to its diff by position: a diff that comes after one parked here
+        // waits behind it, so that its acknowledgement does not overtake the parked one's (were the
+        // connection to break in between, the releaser would count the parked page delivered and the
+        // other not). It is served when the parked one is, from the same list, in order.
+        if self.deferred.iter().any(|(i, _, _)| *i == idx) {
+            self.deferred.push((idx, req, diff));
+            return;
+        }
+        // Exclude this rank's faults on the page while it changes; a fault in progress finishes first.
         let Some((claimed, diff)) = self.claim_or_defer(idx, region, page, 0, req, diff) else {
             return;
         };
