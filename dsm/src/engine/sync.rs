@@ -78,6 +78,21 @@ impl Engine {
                 forgotten += l.notices.forget_oldest(target, &mut l.horizon);
             }
             self.lock_notice_bytes = self.locks.values().map(|l| l.notices.bytes()).sum();
+            // Each writer's latest notice stays with every lock it passed through: large ones (a release
+            // of writes scattered over many pages) through many locks can still take more than the
+            // bound. The largest sets then go whole, behind a horizon (their acquirers drop every cached
+            // page instead of the few the notices name).
+            if self.lock_notice_bytes > self.shared.notice_memory {
+                let mut largest: Vec<&mut LockServer> = self.locks.values_mut().collect();
+                largest.sort_by_key(|l| std::cmp::Reverse(l.notices.bytes()));
+                for l in largest {
+                    if self.lock_notice_bytes <= self.shared.notice_memory {
+                        break;
+                    }
+                    self.lock_notice_bytes -= l.notices.bytes();
+                    forgotten += l.notices.forget_all(&mut l.horizon);
+                }
+            }
             Counters::add(&self.shared.counters.notices_forgotten, forgotten as u64);
         }
         let l = self.locks.get_mut(&lock)?;

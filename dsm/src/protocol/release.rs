@@ -216,6 +216,23 @@ impl NoticeSet {
         self.bytes
     }
 
+    /// Forgets every notice, each writer's latest too, raising `horizon` (a clock of the job's length) to
+    /// the latest interval forgotten of each writer: for when keeping even the latest takes too much (an
+    /// acquirer that has not seen them then drops every cached page). Returns how many were forgotten.
+    pub fn forget_all(&mut self, horizon: &mut VectorClock) -> usize {
+        let mut forgotten = 0;
+        for (r, notices) in self.by_rank.iter_mut().enumerate() {
+            if let (Some((&latest, _)), Some(h)) = (notices.last_key_value(), horizon.0.get_mut(r))
+            {
+                *h = (*h).max(latest);
+            }
+            forgotten += notices.len();
+            notices.clear();
+        }
+        self.bytes = 0;
+        forgotten
+    }
+
     /// While the notices take more than `target` bytes, forgets each writer's oldest in turn, but never a
     /// writer's latest (an acquirer that has not seen the latest interval of a writer would then drop
     /// everything, where the notice lets it drop the few pages it names); raises `horizon` (a clock of the

@@ -332,9 +332,20 @@ impl Sim {
         let homed: Vec<usize> = (0..LOCKS).filter(|l| l % self.ranks == home).collect();
         let total: usize = homed.iter().map(|&l| self.lock_notices[l].bytes()).sum();
         if total > self.lock_memory {
-            for l in homed {
+            for &l in &homed {
                 let target = self.lock_notices[l].bytes() / 2;
                 self.lock_notices[l].forget_oldest(target, &mut self.lock_horizons[l]);
+            }
+            // Still over (each writer's latest stays): the largest sets go whole, behind their horizons.
+            let mut total: usize = homed.iter().map(|&l| self.lock_notices[l].bytes()).sum();
+            let mut largest = homed;
+            largest.sort_by_key(|&l| std::cmp::Reverse(self.lock_notices[l].bytes()));
+            for l in largest {
+                if total <= self.lock_memory {
+                    break;
+                }
+                total -= self.lock_notices[l].bytes();
+                self.lock_notices[l].forget_all(&mut self.lock_horizons[l]);
             }
         }
         if self.let_go_odds > 0 && rng.random_range(0..self.let_go_odds) == 0 {
@@ -842,6 +853,11 @@ fn a_notice_set_over_its_bound_forgets_each_writers_oldest_first() {
     assert_eq!(keys, [(0, 6), (2, 6)]);
     assert_eq!(set.bytes(), 2 * one);
     assert_eq!(horizon.0, vec![3, 0, 5]);
+    // Forgetting them all takes the latest too, behind the horizon.
+    assert_eq!(set.forget_all(&mut horizon), 2);
+    assert!(set.all().is_empty());
+    assert_eq!(set.bytes(), 0);
+    assert_eq!(horizon.0, vec![6, 0, 6]);
 }
 
 #[test]
