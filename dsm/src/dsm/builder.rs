@@ -130,7 +130,8 @@ impl DsmBuilder {
     /// (default 8 MiB; at least [`MIN_NOTICE_MEMORY`]): this rank keeps two (the notices it knows, and its
     /// own), and the locks it is the home of share one bound. A program that synchronizes only through
     /// locks would otherwise keep every notice of the job until its next barrier. Past the bound the
-    /// oldest notices are forgotten (each writer's latest is kept): a rank that then acquires without
+    /// oldest notices are forgotten (each writer's latest is kept, but by a lock home that the latest
+    /// alone would put over the bound): a rank that then acquires without
     /// having seen them drops every cached page of release-consistency regions not homed here (counted in
     /// [`Stats::full_invalidations`](crate::Stats::full_invalidations)), and fetches again what it reads next.
     pub fn notice_memory(mut self, bytes: usize) -> Self {
