@@ -19,6 +19,14 @@ fn running(words: &[&str]) -> usize {
         .count()
 }
 
+/// Waits up to ten seconds for `n` processes with this command line to run.
+fn until_running(words: &[&str], n: usize) {
+    let t = Instant::now();
+    while running(words) < n && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits up to two seconds for no process with this command line to be left.
 fn gone(words: &[&str]) -> bool {
     let t = Instant::now();
@@ -71,9 +79,7 @@ fn a_launcher_sent_sigterm_or_sigint_ends_every_rank_and_says_so() {
             .spawn()
             .unwrap();
         let t = Instant::now();
-        while running(&words) < 2 && t.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        until_running(&words, 2);
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, signal).unwrap();
         let out = child.wait_with_output().unwrap();
@@ -192,10 +198,7 @@ fn a_signal_the_launcher_ignores_stays_ignored() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while running(&words) < 2 && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    until_running(&words, 2);
     // `nohup` has become dsmrun (it execs it).
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();

@@ -612,6 +612,18 @@ fn a_join_whose_barrier_fails_lets_go_of_the_rank() {
     });
 }
 
+/// Waits (up to 30 s) until `rt`'s rank has taken `rank` for failed.
+fn until_failed(rt: &Runtime, rank: Rank) {
+    let t0 = Instant::now();
+    while !rt.dsm().failed_ranks().contains(&rank) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{rank}'s failure unseen"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn a_waiter_at_a_home_that_leaves_hears_that_it_left() {
     // Ranks as threads take a failure as a report: rank 2 fails, then rank 0 leaves the job (with no final
@@ -638,14 +650,7 @@ fn a_waiter_at_a_home_that_leaves_hears_that_it_left() {
                 let _ = rt.finish();
             }
             _ => {
-                let t0 = Instant::now();
-                while !rt.dsm().failed_ranks().contains(&Rank(2)) {
-                    assert!(
-                        t0.elapsed() < Duration::from_secs(30),
-                        "rank 2's failure unseen"
-                    );
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                until_failed(&rt, Rank(2));
                 // Time for rank 1's request to be waiting here (if it came later, it finds this rank gone,
                 // and fails all the same).
                 std::thread::sleep(Duration::from_millis(200));
@@ -681,14 +686,7 @@ fn out_many_puts_what_it_can_when_a_home_has_failed() {
                 let _ = rt.finish();
             }
             _ => {
-                let t0 = Instant::now();
-                while !rt.dsm().failed_ranks().contains(&Rank(2)) {
-                    assert!(
-                        t0.elapsed() < Duration::from_secs(30),
-                        "rank 2's failure unseen"
-                    );
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                until_failed(&rt, Rank(2));
                 // Whichever home the call asks first, rank 1 gets its tuples.
                 for round in 0..5i64 {
                     let batch = (0..2i64).flat_map(|k| {
