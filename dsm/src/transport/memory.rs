@@ -349,6 +349,13 @@ impl Ring {
             return got;
         }
         let mut spilled = spill.bytes.lock().unwrap_or_else(PoisonError::into_inner);
+        // The ring is looked at again under the spill's lock, which writers hold while they fill it: a
+        // write between the look above and the lock may have filled the ring and spilled the rest, and
+        // the ring's bytes come first.
+        let again = self.take_from_ring(buf);
+        if again.is_some_and(|n| n > 0) {
+            return again;
+        }
         let n = buf.len().min(spilled.len());
         let (front, back) = spilled.as_slices();
         let first = n.min(front.len());
@@ -744,6 +751,47 @@ mod tests {
             drop(b);
             assert_eq!(writer.join().unwrap(), Err(Errno::EPIPE));
         });
+    }
+
+    #[test]
+    fn a_reader_racing_a_writer_that_spills_takes_the_ring_first() {
+        // The writer puts pieces larger than the ring, each filling it and spilling the rest, while the
+        // reader takes what is there: a reader that found the ring empty, and then the spill full, must
+        // still take what the ring got in between first.
+        let (a, b) = pair(64);
+        a.never_wait_to_send();
+        const PIECES: u32 = 300_000;
+        let got = std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut next = 0u32;
+                for _ in 0..PIECES {
+                    let piece: Vec<u8> = (0..150)
+                        .map(|_| {
+                            next += 1;
+                            (next % 251) as u8
+                        })
+                        .collect();
+                    a.send(&piece, false).unwrap();
+                }
+                a.shutdown(Shut::Write);
+            });
+            let mut got = 0u32;
+            let mut buf = [0u8; 97];
+            loop {
+                match b.recv(&mut buf, false) {
+                    Ok(0) => return got,
+                    Ok(n) => {
+                        for &x in &buf[..n] {
+                            got += 1;
+                            assert_eq!(x, (got % 251) as u8, "byte {got} out of order");
+                        }
+                    }
+                    Err(Errno::EAGAIN) => std::hint::spin_loop(),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+        assert_eq!(got, PIECES * 150);
     }
 
     #[test]
