@@ -151,6 +151,18 @@ if out=$(timeout 60 mpirun -n 2 sh -c "$line" 2>&1); then
 fi
 mentions "give every rank the same DSM_CHANNELS" "$out" "the channels"
 
+# Ranks given different transports, or different MPI send buffers: stopped at join, saying so.
+line='if [ "$PMI_RANK" = 1 ]; then export DSM_TRANSPORT=tcp; fi; exec '"$bin"'/hello'
+if out=$(DSM_TRANSPORT=mpi timeout 60 mpirun -n 2 sh -c "$line" 2>&1); then
+    fail "ranks with different DSM_TRANSPORT joined one job: $out"
+fi
+mentions "give every rank the same DSM_TRANSPORT" "$out" "the transports"
+line='if [ "$PMI_RANK" = 1 ]; then export DSM_MPI_SEND_BUFFER=8M; fi; exec '"$bin"'/hello'
+if out=$(DSM_TRANSPORT=mpi timeout 60 mpirun -n 2 sh -c "$line" 2>&1); then
+    fail "ranks with different DSM_MPI_SEND_BUFFER joined one job: $out"
+fi
+mentions "give every rank the same DSM_MPI_SEND_BUFFER" "$out" "the send buffers"
+
 # Started as if by the launcher of another MPI library (its variables say 2 ranks; this MPI sees a job of
 # one): a clear error instead of ranks that each compute alone.
 if out=$(PMI_SIZE=2 PMI_RANK=0 timeout 60 $bin/hello 2>&1); then

@@ -263,13 +263,21 @@ fn connect(
         )));
     }
 
-    // Each rank's build and channels.
-    let mine = [build_id()?, channels as u64];
-    let mut all = vec![0u64; 2 * size];
+    // Each rank's build, channels, transport and (over MPI) the buffer its bridge's flow control is
+    // sized by: ranks that differ in any would wait for each other for ever (a window more than twice
+    // another's is never acknowledged in time, and the transports set up differently).
+    let over_mpi = carrier == Carrier::Mpi;
+    let mine = [
+        build_id()?,
+        channels as u64,
+        u64::from(over_mpi),
+        if over_mpi { send_buffer as u64 } else { 0 },
+    ];
+    let mut all = vec![0u64; mine.len() * size];
     world.all_gather_into(&mine[..], &mut all[..]);
     let differ = |field: usize| -> Vec<usize> {
         (0..size)
-            .filter(|r| all[2 * r + field] != mine[field])
+            .filter(|r| all[mine.len() * r + field] != mine[field])
             .collect()
     };
     let other = differ(0);
@@ -282,6 +290,19 @@ fn connect(
     if !other.is_empty() {
         return Err(RuntimeError::Mpi(format!(
             "rank {rank} opens {channels} channels to each rank, and rank(s) {other:?} another number: give every rank the same DSM_CHANNELS"
+        )));
+    }
+    let other = differ(2);
+    if !other.is_empty() {
+        let (mine, theirs) = if over_mpi { ("mpi", "tcp") } else { ("tcp", "mpi") };
+        return Err(RuntimeError::Mpi(format!(
+            "rank {rank} carries the job's traffic over {mine}, and rank(s) {other:?} over {theirs}: give every rank the same DSM_TRANSPORT"
+        )));
+    }
+    let other = differ(3);
+    if !other.is_empty() {
+        return Err(RuntimeError::Mpi(format!(
+            "rank {rank} has a send buffer of {send_buffer} bytes, and rank(s) {other:?} another size: give every rank the same DSM_MPI_SEND_BUFFER"
         )));
     }
     if size == 1 {
