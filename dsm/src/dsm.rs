@@ -579,7 +579,7 @@ impl Dsm {
             .map_err(|e| lost(RecvError::Sys(e)))?;
         if let Some((deadline, cancel)) = deadline {
             if !ch.wait_readable(to, deadline).map_err(lost)? {
-                ch.send(&s.counters, to, &request, &[cancel])
+                ch.send(&s.counters, to, &Request::ServiceCancel { id }, &[cancel])
                     .map_err(|e| lost(RecvError::Sys(e)))?;
             }
         }

@@ -79,6 +79,10 @@ pub(crate) enum Request {
     Heartbeat,
     /// For the service registered as `id`; the payload is its request.
     Service { id: u8 },
+    /// For the service registered as `id`: the payload withdraws a request sent before on this connection
+    /// (a call that gave up waiting), and is never answered here, even when no service `id` is registered
+    /// (the request it withdraws got the refusal, and a second would be read as the next call's answer).
+    ServiceCancel { id: u8 },
 }
 
 /// Replies, on the connection the request came on.

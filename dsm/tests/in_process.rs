@@ -8,7 +8,7 @@ use dsm::transport::local::{run_local_job_with, Links};
 use dsm::{Dsm, DsmError, Placement, Rank};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn job<F: Fn(Dsm) + Send + Sync + 'static>(ranks: usize, body: F) {
     run_local_job_with(Links::Sockets, ranks, 2, body);
@@ -115,6 +115,30 @@ fn large_answers(links: Links) {
             // The connection is untouched: the next call goes through.
             let answer = dsm.call(Rank(0), 5, &[&5u64.to_le_bytes()]).unwrap();
             assert_eq!(answer, vec![7u8; 5]);
+        }
+        dsm.barrier().unwrap();
+    });
+}
+
+#[test]
+fn a_call_that_gives_up_on_a_service_not_there_leaves_its_connection_clean() {
+    // Rank 1 calls a service rank 0 has not registered, with a deadline already past: the request and
+    // its cancellation go out, and only the request is answered (refused). Every later call, on every
+    // channel, then gets its own answer, not a second refusal left behind.
+    run_local_job_with(Links::Sockets, 2, 2, |dsm| {
+        dsm.register_service(5, Arc::new(Echo)).unwrap();
+        dsm.barrier().unwrap();
+        if dsm.rank() == Rank(1) {
+            for _ in 0..8 {
+                let e = dsm
+                    .call_waiting(Rank(0), 6, &[b"ask"], Some((Instant::now(), b"cancel")))
+                    .unwrap_err();
+                assert!(matches!(e, DsmError::NoSuchService { .. }), "{e}");
+            }
+            for n in 1..=16u64 {
+                let answer = dsm.call(Rank(0), 5, &[&n.to_le_bytes()]).unwrap();
+                assert_eq!(answer, vec![7u8; n as usize]);
+            }
         }
         dsm.barrier().unwrap();
     });

@@ -739,6 +739,16 @@ impl Engine {
                 }
                 None => self.refuse(idx, RefusedReason::UnknownService),
             },
+            Request::ServiceCancel { id } => {
+                if let Some(service) = self.shared.service(id) {
+                    let reply = crate::service::Responder {
+                        link: self.conns[idx].link.clone(),
+                        peer: self.conns[idx].peer,
+                        shared: self.shared.clone(),
+                    };
+                    service.request(self.conns[idx].peer, payload, reply);
+                }
+            }
         }
     }
 
