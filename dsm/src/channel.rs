@@ -15,7 +15,7 @@ use crate::uffd::futex;
 use crate::wire::{self, FrameError, Reply, Request, MAX_HEADER, PREFIX};
 use nix::errno::Errno;
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -200,6 +200,9 @@ impl Payload<'_> {
 #[derive(Debug)]
 pub(crate) struct Channel {
     conns: Vec<Arc<Conn>>,
+    /// By rank: whether the reading side of every channel's connection to it was ended
+    /// ([`Channels::stop_reading_from`]); shared by the channels.
+    unread: Arc<[AtomicBool]>,
     poll: ReplyPoll,
     rx: Vec<u8>,
     /// Holds a page across receives (a grant's page while the owner's reply is read).
@@ -215,6 +218,15 @@ impl Channel {
         req: &Request,
         payload: &[&[u8]],
     ) -> Result<(), Errno> {
+        // A connection whose reading side was ended may still hold a late reply to a request that gave
+        // up (ending it discards nothing that arrives): a new request would take that as its answer.
+        if self
+            .unread
+            .get(to.index())
+            .is_some_and(|u| u.load(Ordering::Acquire))
+        {
+            return Err(Errno::EPIPE);
+        }
         write_frame(conn_of(&self.conns, to)?, req, payload, counters)
     }
 
@@ -372,6 +384,8 @@ pub(crate) struct Channels {
     /// `conns[channel][rank]`: the channels' connections, to end their reading side without claiming the
     /// channel ([`Channels::stop_reading_from`]).
     conns: Vec<Vec<Arc<Conn>>>,
+    /// By rank: the reading side of its connections was ended, and no request goes to it any more.
+    unread: Arc<[AtomicBool]>,
 }
 
 /// A claimed channel; given back (and a thread waiting for one woken) when dropped. Dropping it is
@@ -426,12 +440,15 @@ impl Channels {
             .into_iter()
             .map(|set| set.into_iter().map(Arc::new).collect())
             .collect();
+        let ranks = conns.first().map_or(0, Vec::len);
+        let unread: Arc<[AtomicBool]> = (0..ranks).map(|_| AtomicBool::new(false)).collect();
         Channels {
             slots: conns
                 .iter()
                 .map(|set| {
                     Mutex::new(Channel {
                         conns: set.clone(),
+                        unread: unread.clone(),
                         poll,
                         rx: vec![0; rx_len],
                         page: vec![0; PAGE_SIZE],
@@ -439,6 +456,7 @@ impl Channels {
                 })
                 .collect(),
             conns,
+            unread,
             next: AtomicUsize::new(0),
             freed: AtomicU32::new(0),
             waiting: AtomicU32::new(0),
@@ -465,6 +483,10 @@ impl Channels {
     }
 
     fn shut(&self, rank: Rank, how: Shut) {
+        // Marked first: a request sent after it would read whatever late reply the connection holds.
+        if let Some(u) = self.unread.get(rank.index()) {
+            u.store(true, Ordering::Release);
+        }
         for set in &self.conns {
             if let Some(conn) = set.get(rank.index()) {
                 conn.shutdown(how);
@@ -608,6 +630,29 @@ mod tests {
         let (reply, payload) = ch.recv_owned(&counters, Rank(0)).unwrap();
         assert!(matches!(reply, Reply::Ack), "{reply:?}");
         assert_eq!(payload, b"xyz");
+    }
+
+    #[test]
+    fn a_late_reply_after_reading_stopped_is_never_taken_for_a_new_request_s() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let p = Channels::new(
+            vec![vec![Conn::from(std::os::fd::OwnedFd::from(ours))]],
+            1,
+            ReplyPoll::default(),
+            Arc::new(KeepAwake::new(Duration::ZERO)),
+        );
+        let counters = Counters::default();
+        let theirs = Conn::from(std::os::fd::OwnedFd::from(theirs));
+        // A reply to a request that gave up waits unread when the rank is taken for failed (over TCP it
+        // may also come after: ending the reading side does not stop the peer's writes there).
+        write_frame(&theirs, &Reply::Ack, &[], &counters).unwrap();
+        p.stop_reading_from(Rank(0));
+        let ch = p.claim();
+        assert_eq!(
+            ch.send(&counters, Rank(0), &Request::Heartbeat, &[]),
+            Err(Errno::EPIPE),
+            "a request went out to read the late reply as its own"
+        );
     }
 
     #[test]
