@@ -290,18 +290,18 @@ impl TaskFarm {
                 .into_iter()
                 .partition(|l| matches!(l.tuple.get::<u64>(2), Ok(STOP)));
             let stopping = !marks.is_empty();
+            // Until their results are put, the tasks go back to the bag if anything below fails (putting
+            // the stop mark back included) or `f` panics: another worker does them, and nothing waits for
+            // ever on a task held by a rank that is still alive.
+            let mut held = Held {
+                space: &self.space,
+                leases: tasks,
+            };
             for mark in marks {
                 let back = mark.tuple.clone();
                 self.space.complete(mark, vec![back])?;
             }
             let started = Instant::now();
-            // Until their results are put, the tasks go back to the bag if anything below fails or `f`
-            // panics: another worker does them, and nothing waits for ever on a task held by a rank
-            // that is still alive.
-            let mut held = Held {
-                space: &self.space,
-                leases: tasks,
-            };
             let mut results = Vec::with_capacity(held.leases.len());
             for lease in &held.leases {
                 let id = lease.tuple.get::<u64>(2)?;
