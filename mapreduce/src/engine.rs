@@ -402,7 +402,7 @@ impl MapReduce {
         let outcome = std::thread::scope(|s| {
             let (ours, outcome) = match spawn_workers(s, threads, farm, worker) {
                 Ok(ours) => {
-                    let outcome = self.prepare(config).and_then(|(master, made)| {
+                    let outcome = self.prepare(job_id, config).and_then(|(master, made)| {
                         ours_to_clear = true;
                         made_dir = made;
                         self.drive(master, farm, config, started)
@@ -445,26 +445,11 @@ impl MapReduce {
         // The output is complete only with its marker: a job that failed leaves none, and its part files
         // are removed (every rank's workers have returned: none can rename one in after this).
         let outcome = outcome.and_then(|o| {
-            let (master, _) = &o;
-            // Every reducer said it wrote its part: one missing here was written where this rank does not
-            // look (an output directory that is not shared between hosts).
-            for p in 0..master.reduces() {
-                let part = config.output.join(format!("part-{p:05}"));
-                if !part.exists() {
-                    return Err(MapReduceError::TaskFailed(format!(
-                        "partition {p} was reduced, but {} is not there: every rank must see the output directory at the same path (a directory shared between hosts)",
-                        part.display()
-                    )));
-                }
-            }
-            let marker = config.output.join(SUCCESS);
-            std::fs::File::create(&marker)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| MapReduceError::io(format!("writing {}", marker.display()), e))?;
+            commit(&o.0, &config.output)?;
             Ok(o)
         });
         if outcome.is_err() && ours_to_clear {
-            let _ = remove_parts(&config.output);
+            let _ = std::fs::remove_dir_all(config.output.join(self.staging_name(job_id)));
             if made_dir {
                 // Only if empty: a file of anyone else's that appeared in it meanwhile stays.
                 let _ = std::fs::remove_dir(&config.output);
@@ -499,7 +484,14 @@ impl MapReduce {
 
     /// Checks the inputs, cuts the splits and makes the output directory (saying whether it made it, or
     /// took one that was there); nothing is written if an input is missing or the output exists.
-    fn prepare(&self, config: &JobConfig) -> Result<(Master, bool), MapReduceError> {
+    /// The directory of job `job_id`'s part files inside its output directory until the job succeeds:
+    /// named after this engine's spill directory, which no other engine's name is.
+    fn staging_name(&self, job_id: u64) -> String {
+        let engine = self.root.file_name().unwrap_or_default().to_string_lossy();
+        format!("{STAGING}{engine}-{job_id}")
+    }
+
+    fn prepare(&self, job_id: u64, config: &JobConfig) -> Result<(Master, bool), MapReduceError> {
         if config.inputs.is_empty() && config.splits.is_empty() {
             return Err(MapReduceError::Config(
                 "no input: give input files, directories or splits".into(),
@@ -589,10 +581,8 @@ impl MapReduce {
                 )))
             }
             Ok(_) if !config.overwrite => return Err(MapReduceError::OutputExists(out.clone())),
-            Ok(_) => {
-                remove_parts(out)?;
-                false
-            }
+            // What it holds is replaced only when the job has succeeded (`commit`).
+            Ok(_) => false,
             Err(_) => {
                 // The directory itself with create_dir, which fails if it exists: of two jobs started at
                 // once on one new output directory, only one takes it (create_dir_all succeeds for both,
@@ -613,8 +603,21 @@ impl MapReduce {
                 }
             }
         };
+        // The reduces write into a directory of the job's own inside the output, moved into place once
+        // every part is there: a job that fails, or whose master dies, leaves an earlier output as it was
+        // and no partial one beside it.
+        let staging = out.join(self.staging_name(job_id));
+        if let Err(e) = std::fs::create_dir(&staging) {
+            if made {
+                let _ = std::fs::remove_dir(out);
+            }
+            return Err(MapReduceError::io(
+                format!("creating {}", staging.display()),
+                e,
+            ));
+        }
         Ok((
-            Master::new(splits, partitions as u32, absolute(out)).with_versions(versions),
+            Master::new(splits, partitions as u32, absolute(&staging)).with_versions(versions),
             made,
         ))
     }
@@ -666,7 +669,7 @@ impl MapReduce {
         }
         progress.finish();
         // Every partition is written: a temporary part file left now is a reducer's that died writing it.
-        remove_part_tmps(&config.output);
+        remove_part_tmps(master.output());
         Ok((master, map_time.unwrap_or_else(|| started.elapsed())))
     }
 }
@@ -754,6 +757,46 @@ fn remove_part_tmps(dir: &Path) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+}
+
+/// How the names of jobs' staging directories begin.
+const STAGING: &str = ".dsm-job-";
+
+/// Puts a finished job's part files in place: checks that every reducer's part is in the job's staging
+/// directory, replaces the output's earlier part files (and any staging directories a job whose master
+/// died left) with them, and writes the success marker.
+fn commit(master: &Master, out: &Path) -> Result<(), MapReduceError> {
+    let staging = master.output();
+    // Every reducer said it wrote its part: one missing here was written where this rank does not look
+    // (an output directory that is not shared between hosts).
+    for p in 0..master.reduces() {
+        let part = staging.join(format!("part-{p:05}"));
+        if !part.exists() {
+            return Err(MapReduceError::TaskFailed(format!(
+                "partition {p} was reduced, but {} is not there: every rank must see the output directory at the same path (a directory shared between hosts)",
+                part.display()
+            )));
+        }
+    }
+    remove_parts(out)?;
+    let err =
+        |what: &Path, e| MapReduceError::io(format!("moving {} into place", what.display()), e);
+    for p in 0..master.reduces() {
+        let name = format!("part-{p:05}");
+        let part = staging.join(&name);
+        std::fs::rename(&part, out.join(&name)).map_err(|e| err(&part, e))?;
+    }
+    if let Ok(entries) = std::fs::read_dir(out) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(STAGING) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let marker = out.join(SUCCESS);
+    std::fs::File::create(&marker)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| MapReduceError::io(format!("writing {}", marker.display()), e))
 }
 
 /// The empty file a job writes into its output directory once every part file is in place: its absence

@@ -150,6 +150,11 @@ pub(crate) struct Totals {
 }
 
 impl Master {
+    /// Where the reduces write their part files.
+    pub(crate) fn output(&self) -> &std::path::Path {
+        &self.output
+    }
+
     pub(crate) fn new(splits: Vec<Split>, partitions: u32, output: PathBuf) -> Master {
         Master {
             versions: vec![None; splits.len()],

@@ -758,7 +758,16 @@ impl<J: Job> Worker<'_, J> {
         tmp: &Path,
     ) -> Result<(u64, Counters), String> {
         let io = |e: std::io::Error| format!("writing {}: {e}", tmp.display());
-        let file = File::create(tmp).map_err(io)?;
+        let file = File::create(tmp).map_err(|e| match tmp.parent() {
+            // The job's directory in the output, which rank 0 made: not there is not the same directory.
+            Some(dir) if e.kind() == std::io::ErrorKind::NotFound && !dir.exists() => format!(
+                "{} made {} for this job, but it is not there on {}: every rank must see the output directory at the same path (a directory shared between hosts)",
+                Rank(0),
+                dir.display(),
+                self.dsm.rank()
+            ),
+            _ => io(e),
+        })?;
         let mut out = BufWriter::with_capacity(256 << 10, file);
         let mut counters = Counters::default();
         let mut records = 0u64;

@@ -936,3 +936,50 @@ fn an_engine_whose_barrier_fails_leaves_no_spill_directory() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_overwrite_replaces_the_output_only_when_it_succeeds() {
+    let dir = scratch("overwrite");
+    let files = write_inputs(&dir, 2, 2_000, 1_000);
+    let expect = expected_words(&files);
+    let far = dir.join("far.txt");
+    std::fs::write(&far, "near far\n").unwrap();
+    job(2, move |rt, mr| {
+        let out = dir.join("out");
+        let config = |inputs: &[PathBuf], parts| {
+            JobConfig::new(&out)
+                .inputs(inputs)
+                .partitions(parts)
+                .overwrite(true)
+                .progress(ProgressMode::Never)
+        };
+        mr.run(&Words, &config(&files, 3)).unwrap();
+        // A job that fails (its partitioner is out of range for "far") leaves the earlier output as it
+        // was, complete, and nothing of its own.
+        let e = mr
+            .run(&BadPartition, &config(std::slice::from_ref(&far), 2))
+            .unwrap_err();
+        assert!(e.to_string().contains("partition"), "{e}");
+        let listing = |d: &Path| -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        if rt.rank() == Rank(0) {
+            assert_eq!(
+                listing(&out),
+                ["_SUCCESS", "part-00000", "part-00001", "part-00002"]
+            );
+            assert_eq!(read_output(&out, 3), expect);
+        }
+        // One that succeeds replaces it whole: fewer partitions leave no part of the earlier output.
+        mr.run(&Words, &config(&files, 2)).unwrap();
+        if rt.rank() == Rank(0) {
+            assert_eq!(listing(&out), ["_SUCCESS", "part-00000", "part-00001"]);
+            assert_eq!(read_output(&out, 2), expect);
+        }
+    });
+}
