@@ -294,7 +294,11 @@ fn connect(
     }
     let other = differ(2);
     if !other.is_empty() {
-        let (mine, theirs) = if over_mpi { ("mpi", "tcp") } else { ("tcp", "mpi") };
+        let (mine, theirs) = if over_mpi {
+            ("mpi", "tcp")
+        } else {
+            ("tcp", "mpi")
+        };
         return Err(RuntimeError::Mpi(format!(
             "rank {rank} carries the job's traffic over {mine}, and rank(s) {other:?} over {theirs}: give every rank the same DSM_TRANSPORT"
         )));
