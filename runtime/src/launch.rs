@@ -521,7 +521,7 @@ pub fn launch(
         .find(|(_, s)| s.code() != Some(dsm::EXIT_PEER_FAILED))
         .copied();
     let root = cause
-        .or(ended_well.filter(|_| !failures.is_empty()))
+        .or(ended_well.filter(|_| !failures.is_empty() && !opts.keep_going))
         .or(failures.first().copied());
     // A rank of a one-rank job joins no one (it never meets the others at the rendezvous): its ending
     // failed no rank waiting for it.

@@ -537,6 +537,7 @@ impl Engine {
     }
 
     fn handle(&mut self, idx: usize, req: Request, payload: Vec<u8>) {
+        let cancel = matches!(req, Request::ServiceCancel { .. });
         match req {
             Request::Acquire { region, page, .. } => {
                 let Some(r) = self.region_for(idx, region, page, Consistency::Sequential) else {
@@ -728,25 +729,19 @@ impl Engine {
             Request::PeerLost { .. } => {
                 self.close(idx, "a failure report names no rank of this job")
             }
-            Request::Service { id } => match self.shared.service(id) {
-                Some(service) => {
-                    let reply = crate::service::Responder {
-                        link: self.conns[idx].link.clone(),
-                        peer: self.conns[idx].peer,
-                        shared: self.shared.clone(),
-                    };
-                    service.request(self.conns[idx].peer, payload, reply);
-                }
-                None => self.refuse(idx, RefusedReason::UnknownService),
-            },
-            Request::ServiceCancel { id } => {
-                if let Some(service) = self.shared.service(id) {
-                    let reply = crate::service::Responder {
-                        link: self.conns[idx].link.clone(),
-                        peer: self.conns[idx].peer,
-                        shared: self.shared.clone(),
-                    };
-                    service.request(self.conns[idx].peer, payload, reply);
+            Request::Service { id } | Request::ServiceCancel { id } => {
+                match self.shared.service(id) {
+                    Some(service) => {
+                        let reply = crate::service::Responder {
+                            link: self.conns[idx].link.clone(),
+                            peer: self.conns[idx].peer,
+                            shared: self.shared.clone(),
+                        };
+                        service.request(self.conns[idx].peer, payload, reply);
+                    }
+                    // A cancellation is never answered here (see `Request::ServiceCancel`).
+                    None if cancel => {}
+                    None => self.refuse(idx, RefusedReason::UnknownService),
                 }
             }
         }
