@@ -1019,7 +1019,10 @@ fn a_failed_eval_ends_the_job_instead_of_leaving_its_waiter_hanging() {
     ] {
         let t0 = Instant::now();
         let (o, out) = job(LINDA, 2, &["eval-fails", "--how", how]);
-        assert!(out.contains("eval-fails: the eval runs at rank 1"), "{out}");
+        assert!(
+            out.contains("eval-fails: rank 0 asks rank 1 to run"),
+            "{out}"
+        );
         assert_eq!((o.failed_rank, o.code), (Some(1), 101), "{how}: {out}");
         assert!(
             out.contains(&format!(

@@ -83,9 +83,14 @@ fn main() -> anyhow::Result<()> {
                     EvalFailure::Panic => "boom",
                     EvalFailure::BadResult => "too-wide",
                 };
-                // With two ranks, rank 0's first eval runs at rank 1.
+                // With two ranks, rank 0's first eval runs at rank 1. Said before it is asked for: rank 1
+                // may fail, and end this rank, before a line printed after it came out.
+                println!("eval-fails: rank 0 asks rank 1 to run {function}");
                 let at = space.eval(function, tuple!("args"))?;
-                println!("eval-fails: the eval runs at {at}");
+                anyhow::ensure!(
+                    at == Rank(1),
+                    "eval-fails: the eval runs at {at}, not rank 1"
+                );
                 let got = space.in_(&template!("never", ?u64));
                 anyhow::bail!("eval-fails: in returned {got:?}");
             }
