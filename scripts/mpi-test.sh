@@ -137,6 +137,15 @@ for t in tcp mpi; do
     grep -q "neither wrote" <<<"$out" && fail "rank 0 waited out its time limit ($t): $out"
 done
 
+# A service that touches shared memory on the bridge thread (which would wait for ever for its own fault):
+# the rank ends saying why.
+for t in tcp mpi; do
+    if out=$(DSM_TRANSPORT=$t timeout 60 mpirun -n 2 $bin/dsm-check servicefault 2>&1); then
+        fail "a service touching shared memory was answered ($t): $out"
+    fi
+    mentions "a Service must not read or write shared regions" "$out" "the service's fault ($t)"
+done
+
 # Ranks running different executables (MPMD launch): stopped at join, each naming the other.
 if out=$(timeout 60 mpirun -n 1 $bin/hello : -n 1 $bin/dsm-check counter 2>&1); then
     fail "ranks of different builds joined one job: $out"

@@ -513,6 +513,15 @@ impl Dsm {
     /// answers without waiting for anything else to happen; use [`Dsm::call_waiting`] for those it may
     /// hold.
     pub fn call(&self, to: Rank, id: ServiceId, payload: &[&[u8]]) -> Result<Vec<u8>> {
+        let copy = copied_if_shared(payload);
+        let one;
+        let payload = match &copy {
+            Some(bytes) => {
+                one = [bytes.as_slice()];
+                &one[..]
+            }
+            None => payload,
+        };
         let mut ch = self.shared.channels.claim();
         self.exchange(&mut ch, to, id, payload, None)
     }
@@ -530,6 +539,15 @@ impl Dsm {
         payload: &[&[u8]],
         deadline: Option<(Instant, &[u8])>,
     ) -> Result<Vec<u8>> {
+        let copy = copied_if_shared(payload);
+        let one;
+        let payload = match &copy {
+            Some(bytes) => {
+                one = [bytes.as_slice()];
+                &one[..]
+            }
+            None => payload,
+        };
         // Other threads' calls may hold every channel for as long as they wait: the deadline also bounds
         // the wait for one.
         let Some(mut ch) = self
@@ -977,4 +995,21 @@ impl Drop for Dsm {
             eprintln!("dsm: {}: leaving the job: {e}", self.shared.me);
         }
     }
+}
+
+/// A request's payload copied out of shared memory, when a slice of it lies in a region (the error for
+/// an oversized request tells programs to send where data is, and some send it from there): the pages it
+/// touches fault here, before a channel is claimed, instead of while a claimed channel's connection is
+/// being written, where the fault would need a channel of its own and could wait for ever for one.
+fn copied_if_shared(payload: &[&[u8]]) -> Option<Vec<u8>> {
+    let in_region = |p: &[u8]| {
+        let start = p.as_ptr() as usize;
+        !p.is_empty()
+            && (crate::region::lookup(start).is_some()
+                || crate::region::lookup(start + p.len() - 1).is_some())
+    };
+    payload
+        .iter()
+        .any(|p| in_region(p))
+        .then(|| payload.concat())
 }

@@ -35,12 +35,35 @@ pub(crate) enum FaultError {
     Protocol(Rank, &'static str),
 }
 
+thread_local! {
+    /// Set on a thread that runs a rank's service loop (its own thread, or a transport's thread that hosts
+    /// it, such as the MPI bridge, which also carries the rank's messages).
+    static SERVING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread as one that runs a service loop: a fault on a shared page here cannot be served (the
+/// loop, or the transport that carries its messages, is what would serve it), and ends the rank saying so.
+pub(crate) fn mark_serving() {
+    SERVING.with(|s| s.set(true));
+}
+
 /// The SIGBUS resolver: returns false when `addr` is not in a region of ours.
 pub(crate) fn on_fault(addr: usize, write: bool) -> bool {
     let Some(region) = region::lookup(addr) else {
         return false;
     };
     let page = ((addr - region.base) / PAGE_SIZE) as u64;
+    if SERVING.with(std::cell::Cell::get) {
+        let mut w = StackWriter::default();
+        let _ = std::fmt::Write::write_fmt(
+            &mut w,
+            format_args!(
+                "dsm: {}: the thread that serves this rank's requests touched shared memory at {:#x} (page {} of region {}): a Service must not read or write shared regions while it answers (the fault would wait for the loop it stops)\n",
+                region.shared.me, addr, page, region.id
+            ),
+        );
+        signal::fatal(w.as_bytes());
+    }
     if let Err(e) = resolve(region, page, write) {
         let mut w = StackWriter::default();
         let _ = std::fmt::Write::write_fmt(

@@ -27,7 +27,9 @@ pub const MAX_SERVICES: usize = 8;
 /// A request handler run in the service loop of every rank.
 pub trait Service: Send + Sync + std::fmt::Debug + 'static {
     /// A request from `from`. Runs on the service-loop thread: answer through `reply` now, or keep it and
-    /// answer later, but never block.
+    /// answer later, but never block, and never read or write shared regions (a page fault there could
+    /// not be served, this loop, or the transport thread running it, being what serves it: the rank ends
+    /// saying so).
     fn request(&self, from: Rank, payload: Vec<u8>, reply: Responder);
 
     /// `rank` failed (under `FailurePolicy::Report`; under `Exit` this rank ends instead). Requests it has

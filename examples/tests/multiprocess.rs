@@ -380,6 +380,19 @@ fn a_rank_that_returns_an_error_while_another_waits_on_it_ends_the_job() {
 }
 
 #[test]
+fn a_service_that_touches_shared_memory_ends_its_rank_saying_why() {
+    let t = Instant::now();
+    let (o, out) = job(CHECK, 2, &["servicefault"]);
+    assert_eq!(o.failed_rank, Some(0), "{out}");
+    assert!(
+        out.contains("a Service must not read or write shared regions"),
+        "{out}"
+    );
+    assert!(!out.contains("the service answered"), "{out}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+}
+
+#[test]
 fn a_rank_that_exits_well_without_leaving_the_job_is_named() {
     let t = Instant::now();
     let (o, out) = job(CHECK, 2, &["quitwaited"]);

@@ -242,6 +242,7 @@ impl Engine {
 
     /// Serves until the rank shuts down.
     pub(crate) fn run(mut self) {
+        crate::fault::mark_serving();
         favour_this_thread(self.shared.me, self.shared.service_priority);
         let mut events = vec![EpollEvent::empty(); 64];
         // At most a second (`MAX_BEAT_INTERVAL`).
@@ -827,6 +828,7 @@ impl ServiceLoop {
     /// Serves what has arrived on the loop's connections and what this rank's threads woke it for, and
     /// sends heartbeats when they are due. Never waits.
     pub fn poll(&mut self) -> Polled {
+        crate::fault::mark_serving();
         let e = &mut self.engine;
         let mut polled = Polled::Idle;
         let seen = e.doorbell.seen();

@@ -42,7 +42,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
-    /// errorwaited | quitwaited | idle | ownmpi | die | stop | partition | pause | diewriting | readerdies | diffhomedies | sentsigbus
+    /// errorwaited | quitwaited | servicefault | idle | ownmpi | die | stop | partition | pause | diewriting | readerdies | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -108,6 +108,10 @@ fn check_words(
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let rt = dsm_runtime::Runtime::init()?;
+    if args.check == "servicefault" {
+        // The service holds the region for as long as the process lives, and the process ends in it.
+        return service_fault(Box::leak(Box::new(rt)));
+    }
     let dsm = rt.dsm();
     let (me, n) = (rt.rank().0 as usize, rt.size());
     let model = match args.consistency.as_str() {
@@ -1243,11 +1247,45 @@ fn main() -> anyhow::Result<()> {
         })?,
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, idle, ownmpi, die, stop, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
             )
         }
     }
     rt.finish()?;
+    Ok(())
+}
+
+/// A service that answers with the last word of a shared array (what a service must not do: that word's
+/// page is homed at the last rank and not present here).
+#[derive(Debug)]
+struct ReadsShared(dsm::GlobalVec<'static, u64>);
+
+impl dsm::Service for ReadsShared {
+    fn request(&self, _: dsm::Rank, _: Vec<u8>, reply: dsm::Responder) {
+        let word = self.0.get(self.0.len() - 1);
+        let _ = reply.send(&[&word.to_le_bytes()]);
+    }
+}
+
+/// `servicefault`: rank 1 calls a service of rank 0's that reads a page of rank 1's while it answers.
+/// Rank 0 must end saying why, not hang with its service loop waiting for its own fault.
+fn service_fault(rt: &'static dsm_runtime::Runtime) -> anyhow::Result<()> {
+    let dsm = rt.dsm();
+    anyhow::ensure!(rt.size() == 2, "servicefault runs at 2 ranks");
+    let v = dsm.alloc_vec_in::<u64>(
+        2 * WORDS_PER_PAGE,
+        dsm::Placement::Block,
+        dsm::Consistency::Sequential,
+    )?;
+    dsm.register_service(7, std::sync::Arc::new(ReadsShared(v)))?;
+    dsm.barrier()?;
+    if rt.rank().0 == 1 {
+        let answer = dsm.call(dsm::Rank(0), 7, &[]);
+        anyhow::bail!("rank 1: the service answered {answer:?}");
+    }
+    within_30_s(0, "rank 0's service neither answered nor ended it", &|| {
+        false
+    })?;
     Ok(())
 }
 
