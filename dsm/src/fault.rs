@@ -1,7 +1,8 @@
 //! Resolving a fault in the faulting thread: the requester side of the SWMR protocol.
 //!
 //! Runs inside the SIGBUS handler, so it allocates nothing and takes only locks that the interrupted code
-//! cannot hold (channels, page words). Threads of one rank that fault on the same page coalesce: the first
+//! cannot hold (channels, page words, and a release-consistency region's `dirty` list, whose holders
+//! never touch registered memory and whose push never grows it: one entry a page an interval). Threads of one rank that fault on the same page coalesce: the first
 //! marks the page BUSY and fetches, the others sleep on the page word until it is done. A fault on a page
 //! homed here takes the manager lock directly; a fault on a remote page asks its home, which either answers
 //! at once (`Done`) or grants the transaction to the requester, who then talks to the owner and copy holders
