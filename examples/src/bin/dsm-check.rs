@@ -1280,7 +1280,8 @@ fn service_fault(rt: &'static dsm_runtime::Runtime) -> anyhow::Result<()> {
     dsm.register_service(7, std::sync::Arc::new(ReadsShared(v)))?;
     dsm.barrier()?;
     if rt.rank().0 == 1 {
-        let answer = dsm.call(dsm::Rank(0), 7, &[]);
+        // Rank 0 ends, and the call fails with it; an answer means the service touched the page.
+        let answer = dsm.call(dsm::Rank(0), 7, &[])?;
         anyhow::bail!("rank 1: the service answered {answer:?}");
     }
     within_30_s(0, "rank 0's service neither answered nor ended it", &|| {
