@@ -513,17 +513,10 @@ impl Dsm {
     /// answers without waiting for anything else to happen; use [`Dsm::call_waiting`] for those it may
     /// hold.
     pub fn call(&self, to: Rank, id: ServiceId, payload: &[&[u8]]) -> Result<Vec<u8>> {
-        let copy = copied_if_shared(payload);
-        let one;
-        let payload = match &copy {
-            Some(bytes) => {
-                one = [bytes.as_slice()];
-                &one[..]
-            }
-            None => payload,
-        };
-        let mut ch = self.shared.channels.claim();
-        self.exchange(&mut ch, to, id, payload, None)
+        outside_regions(payload, |payload| {
+            let mut ch = self.shared.channels.claim();
+            self.exchange(&mut ch, to, id, payload, None)
+        })
     }
 
     /// Like [`Dsm::call`], for a request the service may hold until something else happens (a blocked
@@ -539,29 +532,22 @@ impl Dsm {
         payload: &[&[u8]],
         deadline: Option<(Instant, &[u8])>,
     ) -> Result<Vec<u8>> {
-        let copy = copied_if_shared(payload);
-        let one;
-        let payload = match &copy {
-            Some(bytes) => {
-                one = [bytes.as_slice()];
-                &one[..]
-            }
-            None => payload,
-        };
-        // Other threads' calls may hold every channel for as long as they wait: the deadline also bounds
-        // the wait for one.
-        let Some(mut ch) = self
-            .shared
-            .channels
-            .claim_for_wait_until(deadline.map(|(d, _)| d))
-        else {
-            return Err(DsmError::TimedOut {
-                what: format!(
-                    "a call to service {id} of {to} waited for a channel (every one was taken by other threads' waiting calls; DSM_CHANNELS sets how many there are)"
-                ),
-            });
-        };
-        self.exchange(&mut ch, to, id, payload, deadline)
+        outside_regions(payload, |payload| {
+            // Other threads' calls may hold every channel for as long as they wait: the deadline also
+            // bounds the wait for one.
+            let Some(mut ch) = self
+                .shared
+                .channels
+                .claim_for_wait_until(deadline.map(|(d, _)| d))
+            else {
+                return Err(DsmError::TimedOut {
+                    what: format!(
+                        "a call to service {id} of {to} waited for a channel (every one was taken by other threads' waiting calls; DSM_CHANNELS sets how many there are)"
+                    ),
+                });
+            };
+            self.exchange(&mut ch, to, id, payload, deadline)
+        })
     }
 
     fn exchange(
@@ -997,19 +983,21 @@ impl Drop for Dsm {
     }
 }
 
-/// A request's payload copied out of shared memory, when a slice of it lies in a region (the error for
+/// Runs `f` with a request's payload, copied out of shared memory first when a slice of it lies in a
+/// region (the error for
 /// an oversized request tells programs to send where data is, and some send it from there): the pages it
 /// touches fault here, before a channel is claimed, instead of while a claimed channel's connection is
 /// being written, where the fault would need a channel of its own and could wait for ever for one.
-fn copied_if_shared(payload: &[&[u8]]) -> Option<Vec<u8>> {
+fn outside_regions<R>(payload: &[&[u8]], f: impl FnOnce(&[&[u8]]) -> R) -> R {
     let in_region = |p: &[u8]| {
         let start = p.as_ptr() as usize;
         !p.is_empty()
             && (crate::region::lookup(start).is_some()
                 || crate::region::lookup(start + p.len() - 1).is_some())
     };
-    payload
-        .iter()
-        .any(|p| in_region(p))
-        .then(|| payload.concat())
+    if payload.iter().any(|p| in_region(p)) {
+        f(&[payload.concat().as_slice()])
+    } else {
+        f(payload)
+    }
 }

@@ -120,9 +120,14 @@ fn read_line_within(
         }
         stream.set_read_timeout(Some(left))?;
         let room = (max - bytes.len()).min(buf.len());
-        match (&*stream).read(&mut buf[..room])? {
-            0 => break,
-            n => bytes.extend_from_slice(&buf[..n]),
+        match (&*stream).read(&mut buf[..room]) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            // A read that waited out its timeout says so as `WouldBlock` here.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::ErrorKind::TimedOut.into())
+            }
+            Err(e) => return Err(e),
         }
     }
     let end = bytes
@@ -847,6 +852,10 @@ mod tests {
             "took {:?}",
             t.elapsed()
         );
+        // A connection that sends nothing at all: the read itself waits out the time.
+        let s = trickle(b"", Duration::ZERO);
+        let e = read_line_within(&s, Duration::from_millis(200), 512).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         // A line without end stops at the limit.
         let s = trickle(&[b'x'; 64], Duration::ZERO);
         std::thread::sleep(Duration::from_millis(100));
