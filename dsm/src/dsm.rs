@@ -984,10 +984,10 @@ impl Drop for Dsm {
 }
 
 /// Runs `f` with a request's payload, copied out of shared memory first when a slice of it lies in a
-/// region (the error for
-/// an oversized request tells programs to send where data is, and some send it from there): the pages it
-/// touches fault here, before a channel is claimed, instead of while a claimed channel's connection is
-/// being written, where the fault would need a channel of its own and could wait for ever for one.
+/// region (the error for an oversized request tells programs to send where data is, and some send it from
+/// there): the pages it touches fault here, before a channel is claimed, instead of while a claimed
+/// channel's connection is being written, where the fault would need a channel of its own and could wait
+/// for ever for one.
 fn outside_regions<R>(payload: &[&[u8]], f: impl FnOnce(&[&[u8]]) -> R) -> R {
     let in_region = |p: &[u8]| {
         let start = p.as_ptr() as usize;
