@@ -426,7 +426,10 @@ pub fn launch(
             end_all(&mut children);
             let advice = match e.raw_os_error() {
                 Some(libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR) => {
-                    " (it cannot be run: give the path of an executable file)"
+                    return Err(RuntimeError::CannotRun {
+                        program: program.to_path_buf(),
+                        source: e,
+                    });
                 }
                 Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE) => {
                     " (the system may allow fewer processes, threads or files: try a smaller -n)"

@@ -52,6 +52,15 @@ pub enum RuntimeError {
     /// Meeting the other ranks failed.
     #[error("rendezvous: {0}")]
     Rendezvous(String),
+    /// The launcher could not start a rank's program: it is missing, not executable, or not a program.
+    #[error("{}: it cannot be run ({source}): give the path of an executable file", program.display())]
+    CannotRun {
+        /// The program as given.
+        program: std::path::PathBuf,
+        /// Why it could not be run.
+        #[source]
+        source: std::io::Error,
+    },
     /// The shared memory layer failed.
     #[error(transparent)]
     Dsm(#[from] DsmError),

@@ -213,3 +213,27 @@ fn a_signal_the_launcher_ignores_stays_ignored() {
         "{err}"
     );
 }
+
+#[test]
+fn a_program_that_cannot_be_run_is_said_to_be_one_with_the_shell_s_status() {
+    let plain = std::env::temp_dir().join(format!("dsmrun-not-a-program-{}", std::process::id()));
+    std::fs::write(&plain, b"just text").unwrap();
+    for (program, code) in [
+        (std::path::PathBuf::from("/nonexistent/dsm-program"), 127),
+        (plain.clone(), 126),
+    ] {
+        let out = Command::new(DSMRUN)
+            .args(["-n", "2"])
+            .arg(&program)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{err}");
+        assert!(
+            err.contains("it cannot be run") && err.contains("executable file"),
+            "{err}"
+        );
+        assert!(!err.contains("smaller -n"), "{err}");
+    }
+    std::fs::remove_file(&plain).unwrap();
+}

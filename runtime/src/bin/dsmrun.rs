@@ -3,6 +3,7 @@
 
 use clap::Parser;
 use dsm_runtime::launch::{launch, LaunchOptions};
+use dsm_runtime::RuntimeError;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -59,7 +60,16 @@ fn main() {
         Ok(outcome) => std::process::exit(outcome.code),
         Err(e) => {
             eprintln!("dsmrun: {e}");
-            std::process::exit(2);
+            // As shells say it: 127 for a program not found, 126 for one found but not runnable.
+            std::process::exit(match &e {
+                RuntimeError::CannotRun { source, .. }
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    127
+                }
+                RuntimeError::CannotRun { .. } => 126,
+                _ => 2,
+            });
         }
     }
 }
