@@ -280,34 +280,34 @@ fn connect(
             .filter(|r| all[mine.len() * r + field] != mine[field])
             .collect()
     };
-    let other = differ(0);
-    if !other.is_empty() {
-        return Err(RuntimeError::Mpi(format!(
+    let say = |field: usize, other: &[usize]| {
+        match field {
+        0 => format!(
             "rank {rank} runs a different build of this program than rank(s) {other:?}: every rank must run the same executable (copy one build to every host)"
-        )));
-    }
-    let other = differ(1);
-    if !other.is_empty() {
-        return Err(RuntimeError::Mpi(format!(
+        ),
+        1 => format!(
             "rank {rank} opens {channels} channels to each rank, and rank(s) {other:?} another number: give every rank the same DSM_CHANNELS"
-        )));
-    }
-    let other = differ(2);
-    if !other.is_empty() {
-        let (mine, theirs) = if over_mpi {
-            ("mpi", "tcp")
-        } else {
-            ("tcp", "mpi")
-        };
-        return Err(RuntimeError::Mpi(format!(
-            "rank {rank} carries the job's traffic over {mine}, and rank(s) {other:?} over {theirs}: give every rank the same DSM_TRANSPORT"
-        )));
-    }
-    let other = differ(3);
-    if !other.is_empty() {
-        return Err(RuntimeError::Mpi(format!(
+        ),
+        2 => {
+            let (mine, theirs) = if over_mpi {
+                ("mpi", "tcp")
+            } else {
+                ("tcp", "mpi")
+            };
+            format!(
+                "rank {rank} carries the job's traffic over {mine}, and rank(s) {other:?} over {theirs}: give every rank the same DSM_TRANSPORT"
+            )
+        }
+        _ => format!(
             "rank {rank} has a send buffer of {send_buffer} bytes, and rank(s) {other:?} another size: give every rank the same DSM_MPI_SEND_BUFFER"
-        )));
+        ),
+    }
+    };
+    if let Some((field, other)) = (0..mine.len())
+        .map(|field| (field, differ(field)))
+        .find(|(_, other)| !other.is_empty())
+    {
+        return Err(RuntimeError::Mpi(say(field, &other)));
     }
     if size == 1 {
         return Ok((Rank(0), size, None));
