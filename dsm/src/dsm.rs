@@ -301,6 +301,26 @@ impl Shared {
     }
 }
 
+/// The tag of the barrier after which rank 0 has reserved the shared arena (at a job's first allocation).
+pub(crate) const ARENA_RESERVED: u64 = 0xA7E40;
+/// The tag of the barrier after which every rank has mapped the arena, plus one on a rank that did.
+pub(crate) const ARENA_MAPPED: u64 = 0xA7E4A;
+
+/// The tag of the barriers that allocate region `id` of `len` bytes: ranks that allocate different regions
+/// at the same point of a program meet at barriers of different tags, and are told so.
+pub(crate) fn alloc_tag(
+    id: u32,
+    len: usize,
+    placement: Placement,
+    consistency: Consistency,
+) -> u64 {
+    let model = match consistency {
+        Consistency::Sequential => 0,
+        Consistency::Release => 1u64 << 47,
+    };
+    (u64::from(id) << 48) ^ (len as u64) ^ placement.code().rotate_left(40) ^ model
+}
+
 /// One rank's handle on a job's shared memory.
 ///
 /// ```no_run
@@ -707,7 +727,7 @@ impl Dsm {
             };
             *s.arena.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
         }
-        s.barrier_tagged(0xA7E40)?;
+        s.barrier_tagged(ARENA_RESERVED)?;
         let mut result = Ok(());
         if s.me != Rank(0) {
             let mut ch = s.channels.claim();
@@ -728,7 +748,7 @@ impl Dsm {
         }
         // A rank that could not map the arena says so through its barrier tag.
         match (
-            s.barrier_tagged(0xA7E4A + u64::from(result.is_ok())),
+            s.barrier_tagged(ARENA_MAPPED + u64::from(result.is_ok())),
             result,
         ) {
             (_, Err(e)) => Err(e),
@@ -810,11 +830,7 @@ impl Dsm {
             .checked_next_multiple_of(PAGE_SIZE)
             .ok_or_else(|| DsmError::Config(format!("{bytes} bytes overflow the address space")))?;
         let id = self.allocated.fetch_add(1, Ordering::Relaxed);
-        let model = match consistency {
-            Consistency::Sequential => 0,
-            Consistency::Release => 1u64 << 47,
-        };
-        let tag = (u64::from(id) << 48) ^ (len as u64) ^ placement.code().rotate_left(40) ^ model;
+        let tag = alloc_tag(id, len, placement, consistency);
         s.barrier_tagged(tag)?;
         let addr = {
             let mut arena = s.arena.lock().unwrap_or_else(|p| p.into_inner());

@@ -392,13 +392,19 @@ fn install(
         .map_err(|e| FaultError::Sys("UFFDIO_COPY", e))
 }
 
-fn upgrade_in_place(region: &RegionShared, page: u64) -> Result<(), FaultError> {
+/// The manager found the copy this rank holds enough: for a write, it is made writable; for a read (a
+/// copy that came back while this thread waited, as the home's own does when an answer could not be
+/// sent), it stays as it is.
+fn upgrade_in_place(region: &RegionShared, page: u64, access: Access) -> Result<(), FaultError> {
     let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
     if st == INVALID {
         return Err(FaultError::Protocol(
             region.home(page),
             "the home says this rank holds a copy it does not have",
         ));
+    }
+    if access == Access::Read {
+        return Ok(());
     }
     region
         .protect(page, 1, false)
@@ -674,7 +680,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                 match data {
                     Data::None => {
                         ch.skip_payload(home, payload_len).map_err(peer)?;
-                        upgrade_in_place(region, page)?
+                        upgrade_in_place(region, page, access)?
                     }
                     Data::Zero => {
                         ch.skip_payload(home, payload_len).map_err(peer)?;
@@ -739,7 +745,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                 if have {
                     install(region, page, 1, &ch.page, access)?;
                 } else {
-                    upgrade_in_place(region, page)?;
+                    upgrade_in_place(region, page, access)?;
                 }
                 set_state(region.state(page), new_state(access));
                 Ok((1, true, false))
@@ -804,7 +810,7 @@ fn local_transaction(region: &RegionShared, page: u64, access: Access) -> Result
                         Data::Zero => {
                             return zero_fill_home(region, page, access, entry).map(|()| true)
                         }
-                        Data::None => upgrade_in_place(region, page)?,
+                        Data::None => upgrade_in_place(region, page, access)?,
                         Data::Home => {
                             return Err(FaultError::Protocol(
                                 shared.me,
@@ -824,7 +830,7 @@ fn local_transaction(region: &RegionShared, page: u64, access: Access) -> Result
                     if have {
                         install(region, page, 1, &ch.page, access)?;
                     } else {
-                        upgrade_in_place(region, page)?;
+                        upgrade_in_place(region, page, access)?;
                     }
                     swmr::complete(&mut entry, shared.me, access);
                     slot.store(&entry);

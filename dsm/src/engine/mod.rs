@@ -527,14 +527,17 @@ impl Engine {
         }
     }
 
-    fn reply(&mut self, idx: usize, reply: &Reply, payload: &[&[u8]]) {
+    /// Sends a reply on connection `idx`; false when it could not be sent (the connection is closed then).
+    fn reply(&mut self, idx: usize, reply: &Reply, payload: &[&[u8]]) -> bool {
         let conn = &self.conns[idx];
         if !conn.open {
-            return;
+            return false;
         }
         if let Err(e) = write_frame(&conn.link, reply, payload, &self.shared.counters) {
             self.close(idx, &format!("sending a reply failed: {e}"));
+            return false;
         }
+        true
     }
 
     fn handle(&mut self, idx: usize, req: Request, payload: Vec<u8>) {
@@ -918,6 +921,8 @@ fn favour_this_thread(me: Rank, how: ServicePriority) {
 mod tests {
     use super::*;
     use crate::protocol::swmr::Data;
+    use crate::protocol::swmr::{self, Access};
+    use crate::region::{Placement, Region, RegionShared, READ_ONLY, READ_WRITE, STATE_MASK};
     use crate::transport::{Mesh, Transport};
     use crate::wire::Request;
     use crate::Dsm;
@@ -957,39 +962,66 @@ mod tests {
     fn rank0_with_fake_peer_listening(
         timeout: Option<Duration>,
     ) -> (Dsm, UnixStream, UnixStream, UnixStream) {
+        let (dsm, mut fakes) = rank0_with_fakes(2, timeout);
+        let f = fakes.pop().expect("one fake rank");
+        (dsm, f.fake, f.other, f.control)
+    }
+
+    /// One rank played by the test: its two connections to rank 0's service loop, and its end of the loop's
+    /// own connection to it.
+    struct FakeRank {
+        fake: UnixStream,
+        other: UnixStream,
+        control: UnixStream,
+    }
+
+    /// Rank 0 of a job of `size` ranks that reports failures, whose ranks 1 and up are played by the test.
+    fn rank0_with_fakes(size: usize, timeout: Option<Duration>) -> (Dsm, Vec<FakeRank>) {
         let mut outgoing = Vec::new();
         let mut incoming = Vec::new();
-        let mut control = None;
+        let mut controls: Vec<UnixStream> = Vec::new();
         // Two channels and the service loop's own connections (the last set).
         for set in 0..3 {
             let (self_out, self_in) = UnixStream::pair().unwrap();
-            let (to_fake, fake_listens) = UnixStream::pair().unwrap();
-            if set == 2 {
-                control = Some(fake_listens);
-            } else {
-                std::mem::forget(fake_listens);
+            let mut row = vec![socket(self_out)];
+            for _ in 1..size {
+                let (to_fake, fake_listens) = UnixStream::pair().unwrap();
+                if set == 2 {
+                    controls.push(fake_listens);
+                } else {
+                    std::mem::forget(fake_listens);
+                }
+                row.push(socket(to_fake));
             }
-            outgoing.push(vec![socket(self_out), socket(to_fake)]);
+            outgoing.push(row);
             incoming.push((Rank(0), socket(self_in)));
         }
-        let (fake, from_fake) = UnixStream::pair().unwrap();
-        incoming.push((Rank(1), socket(from_fake)));
-        let (other, from_fake) = UnixStream::pair().unwrap();
-        incoming.push((Rank(1), socket(from_fake)));
+        let mut fakes = Vec::new();
+        for (r, control) in (1..size as u32).zip(controls) {
+            let (fake, from_fake) = UnixStream::pair().unwrap();
+            incoming.push((Rank(r), socket(from_fake)));
+            let (other, from_fake) = UnixStream::pair().unwrap();
+            incoming.push((Rank(r), socket(from_fake)));
+            fakes.push(FakeRank {
+                fake,
+                other,
+                control,
+            });
+        }
         let given: Box<dyn Transport> = Box::new(Given(Mesh {
             outgoing,
             incoming,
             host: None,
         }));
         let dsm = Dsm::builder()
-            .rank(Rank(0), 2)
+            .rank(Rank(0), size)
             .channels(2)
             .failure_policy(FailurePolicy::Report)
             .peer_timeout(timeout)
             .transport(given)
             .build()
             .unwrap();
-        (dsm, fake, other, control.expect("three sets"))
+        (dsm, fakes)
     }
 
     fn failed_within(dsm: &Dsm, limit: Duration) -> Vec<Rank> {
@@ -1301,6 +1333,151 @@ mod tests {
             "the lock stayed with a rank that never got it"
         );
         assert_eq!(dsm.failed_ranks(), vec![Rank(1)]);
+    }
+
+    /// The fake rank 1 reads the next frame rank 0 sends it on `fake`.
+    fn fake_reads(mut fake: &UnixStream) -> (Reply, Vec<u8>) {
+        let mut header = [0u8; 4];
+        fake.read_exact(&mut header).unwrap();
+        let mut body = vec![0u8; wire::body_len(header, usize::MAX >> 1).unwrap()];
+        fake.read_exact(&mut body).unwrap();
+        let (reply, payload) = wire::decode::<Reply>(&body).unwrap();
+        (reply, payload.to_vec())
+    }
+
+    /// A fake rank's side of rank 0's first `alloc` (of `len` bytes at `placement`, with direct install off)
+    /// in a job of `size` ranks: the barriers around the arena's reservation, then the region's own two.
+    fn fake_allocates_first(fake: &UnixStream, size: usize, len: usize, placement: Placement) {
+        let tag = crate::dsm::alloc_tag(0, len, placement, Consistency::Sequential);
+        let tags = [
+            crate::dsm::ARENA_RESERVED,
+            crate::dsm::ARENA_MAPPED + 1,
+            tag,
+            tag ^ 1,
+        ];
+        let notices = crate::rc::encode_notices(&[], &VectorClock::new(size));
+        for (epoch, tag) in (0..).zip(tags) {
+            let arrive = Request::Barrier { epoch, tag };
+            write_frame(&dup(fake), &arrive, &[&notices], &Counters::default()).unwrap();
+            let (reply, _) = fake_reads(fake);
+            assert!(matches!(reply, Reply::BarrierDone), "{reply:?}");
+        }
+    }
+
+    /// The bytes rank 0 writes into its page in the tests below.
+    fn pattern() -> Vec<u8> {
+        (0..PAGE_SIZE).map(|i| (i * 7 + 3) as u8).collect()
+    }
+
+    /// Rank 0 and the `fakes` allocate a one-page region homed at rank 0, and rank 0 writes `pattern()`
+    /// into it (owning the only copy).
+    fn home_page<'d>(dsm: &'d Dsm, fakes: &[FakeRank]) -> Region<'d> {
+        let placement = Placement::At(Rank(0));
+        let size = fakes.len() + 1;
+        let arriving: Vec<_> = fakes
+            .iter()
+            .map(|f| {
+                let fake = f.fake.try_clone().unwrap();
+                std::thread::spawn(move || fake_allocates_first(&fake, size, PAGE_SIZE, placement))
+            })
+            .collect();
+        // The ranks played by the test take no descriptors.
+        dsm.set_direct_install(false);
+        let region = dsm.alloc(PAGE_SIZE, placement).unwrap();
+        for a in arriving {
+            a.join().unwrap();
+        }
+        // SAFETY: the region is one page long, and its test's only user of it.
+        unsafe { std::ptr::copy_nonoverlapping(pattern().as_ptr(), region.as_ptr(), PAGE_SIZE) };
+        region
+    }
+
+    /// The fake rank asks rank 0 for page 0 of `region`.
+    fn fake_faults(fake: &UnixStream, region: &RegionShared, access: Access) {
+        let acquire = Request::Acquire {
+            region: region.id,
+            page: 0,
+            access,
+            count: 1,
+            direct: false,
+        };
+        fake_sends(fake, acquire);
+    }
+
+    /// Once rank 1 is failed and the request it made is done with, rank 0 still holds the page as it was
+    /// (read-only: the copy was put back), with the manager's entry `expected`.
+    fn home_kept_it(dsm: &Dsm, region: &Region<'_>, expected: swmr::Entry) {
+        assert_eq!(failed_within(dsm, Duration::from_secs(5)), vec![Rank(1)]);
+        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        // The failure is recorded while the request is served, under the page's manager lock: once the
+        // lock is free, the request is done with.
+        let slot = shared.slot(0);
+        crate::fault::lock_slot(&slot.lock);
+        let entry = slot.load();
+        crate::fault::unlock_slot(&slot.lock);
+        let state = || shared.state(0).load(Ordering::Acquire) & STATE_MASK;
+        assert_eq!(
+            state(),
+            READ_ONLY,
+            "the home's copy went with a rank that never got it"
+        );
+        assert_eq!(entry, expected);
+        // SAFETY: the region is one page long, present here, so reading it does not fault.
+        let now = unsafe { std::slice::from_raw_parts(region.as_ptr(), PAGE_SIZE) };
+        assert!(now == &pattern()[..], "the page came back changed");
+    }
+
+    #[test]
+    fn a_home_whose_page_cannot_reach_a_writer_keeps_it() {
+        let (dsm, fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
+        let region = home_page(&dsm, &fakes);
+        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        let before = shared.slot(0).load();
+        assert_eq!(before.owner, Some(Rank(0)));
+        // Rank 1 asks to write the page, then stops reading, as a rank that dies does: the page the home
+        // gives up for it cannot be sent.
+        fakes[0].fake.shutdown(std::net::Shutdown::Read).unwrap();
+        fake_faults(&fakes[0].fake, shared, Access::Write);
+        home_kept_it(&dsm, &region, before);
+        // And the home writes it again, an upgrade of the copy it holds.
+        // SAFETY: the region is one page long, and this test's only user of it.
+        unsafe { *region.as_ptr() = 0xAB };
+        assert_eq!(
+            shared.state(0).load(Ordering::Acquire) & STATE_MASK,
+            READ_WRITE
+        );
+    }
+
+    #[test]
+    fn a_home_whose_grant_cannot_reach_a_writer_keeps_its_copy() {
+        let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
+        let region = home_page(&dsm, &fakes);
+        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        // Rank 2 reads the page: the home keeps a copy beside it.
+        fake_faults(&fakes[1].fake, shared, Access::Read);
+        let (reply, payload) = fake_reads(&fakes[1].fake);
+        assert!(
+            matches!(
+                reply,
+                Reply::Done {
+                    data: Data::Home,
+                    count: 1
+                }
+            ),
+            "{reply:?}"
+        );
+        assert!(payload == pattern(), "rank 2 read another page");
+        // Rank 1 asks to write it, and stops reading: the grant (the home's copy, and rank 2's to
+        // invalidate) cannot reach it, and rank 2's copy stays valid.
+        let mut readers = swmr::CopySet::EMPTY;
+        readers.insert(Rank(2));
+        let expected = swmr::Entry {
+            owner: Some(Rank(0)),
+            copyset: readers,
+        };
+        fakes[0].fake.shutdown(std::net::Shutdown::Read).unwrap();
+        fake_faults(&fakes[0].fake, shared, Access::Write);
+        home_kept_it(&dsm, &region, expected);
     }
 
     #[test]

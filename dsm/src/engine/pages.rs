@@ -157,6 +157,7 @@ impl Engine {
         let mut entry = slot.load();
         let gone = &self.shared.gone;
         entry.forget_readers(|r| gone[r.index()].load(Ordering::Acquire));
+        let before = entry;
         match swmr::decide(&mut entry, me, requester, access) {
             Decision::Done { home_action, data } => {
                 let copied = self.home_action(region, page, home_action, data == Data::Home);
@@ -243,6 +244,12 @@ impl Engine {
                     for &p in &pages {
                         region.slot(p).store(&swmr::Entry::default());
                     }
+                } else if !sent && copied && access == Access::Write {
+                    // The home gave up the only copy for a writer that never got it (a requester whose
+                    // reply cannot be sent is gone, or ends at the fault it waits in): the home keeps the
+                    // page, as if it had not been asked.
+                    self.restore_home_copy(region, page, &owned);
+                    slot.store(&before);
                 }
                 self.scratch = owned;
                 if data != Data::None {
@@ -255,15 +262,31 @@ impl Engine {
                 }
             }
             Decision::Grant(grant) => {
-                let copied =
-                    self.home_action(region, page, grant.home_action, grant.data_from_home);
+                // The home's copy is kept aside even when the grant does not carry it: were the grant not
+                // sent, it is put back (the entry, unchanged until `complete`, still lists it).
+                let copied = self.home_action(region, page, grant.home_action, true);
                 if grant.data_from_home {
                     Counters::add(&self.shared.counters.pages_sent, 1);
                 }
                 let owned = std::mem::take(&mut self.scratch);
-                let payload: &[u8] = if copied { &owned } else { &[] };
-                self.held_by.insert((region.id, page), (requester, access));
-                self.reply(idx, &Reply::Granted { grant }, &[payload]);
+                let payload: &[u8] = if copied && grant.data_from_home {
+                    &owned
+                } else {
+                    &[]
+                };
+                if self.reply(idx, &Reply::Granted { grant }, &[payload]) {
+                    // Held until the requester's Unlock; should the requester fail before, `peer_failed`
+                    // ends the transaction as if it had completed (it may have invalidated the others).
+                    self.held_by.insert((region.id, page), (requester, access));
+                } else {
+                    // The requester never heard of the grant, so nothing changed anywhere but here.
+                    if copied {
+                        self.restore_home_copy(region, page, &owned);
+                    }
+                    if unlock_slot(&slot.lock) {
+                        self.serve_queue(region, page);
+                    }
+                }
                 self.scratch = owned;
             }
         }
@@ -674,6 +697,20 @@ impl Engine {
             // A diff that does not decode: the sender is broken.
             Err(e) => self.close(idx, &format!("a diff for page {page}: {e}")),
         }
+    }
+
+    /// Puts back the home's copy of `page` (its bytes in `bytes`), dropped for a request whose answer could
+    /// not be sent. Read-only: the caller restores the manager's entry, in which the home holds the page, and
+    /// a write by the home then upgrades it as usual. A thread of this rank faulting on the page meanwhile
+    /// waits for the manager lock, which the caller holds, and finds the copy present when it gets it.
+    fn restore_home_copy(&mut self, region: &RegionShared, page: u64, bytes: &[u8]) {
+        if let Err(e) = region.install(page, 1, bytes, false) {
+            self.die(&format!(
+                "putting back page {page} of region {} failed: {e}",
+                region.id
+            ));
+        }
+        set_state(region.state(page), READ_ONLY);
     }
 
     /// Drops this rank's copy: the state first (so that a new fault waits for the manager), then the page.
