@@ -143,8 +143,29 @@ pub fn run_together(
         .collect()
 }
 
-/// The `q` quantile (0..=1) of `samples`, which it sorts.
+/// A count given on the command line, which must be at least 1 (`#[arg(value_parser = at_least_one::<usize>)]`).
+pub fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(s: &str) -> Result<T, String> {
+    match s.parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
+    }
+}
+
+/// A number of ranks given on the command line, for a benchmark that needs at least two.
+pub fn two_or_more_ranks(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 2 => Ok(n),
+        Ok(_) => Err("this benchmark measures between ranks: give at least 2".into()),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
+    }
+}
+
+/// The `q` quantile (0..=1) of `samples`, which it sorts; NaN when there are none.
 pub fn quantile(samples: &mut [f64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
     samples.sort_by(|a, b| a.total_cmp(b));
     let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
     samples[i.min(samples.len() - 1)]

@@ -73,6 +73,10 @@ pub(crate) struct Shared {
     /// it: no copy of a page survives there to be kept coherent.
     pub(crate) gone: Vec<AtomicBool>,
     pub(crate) policy: FailurePolicy,
+    /// Set when an operation of this rank returned `PeerFailed` (`Shared::peer_failed_error`): a rank that
+    /// then leaves unfinished under `FailurePolicy::Exit` lets the service loop end it as a failure's
+    /// consequence (see `Dsm::shutdown`).
+    pub(crate) heard_of_failure: AtomicBool,
     /// Under `FailurePolicy::Exit`, how long a rank ending because another failed waits before it exits.
     pub(crate) exit_grace: Duration,
     pub(crate) service_priority: ServicePriority,
@@ -97,6 +101,8 @@ pub(crate) struct Shared {
     /// Regions this rank has dropped, oldest first, each freed at the rank's next collective operation
     /// (see `Region::drop`).
     pub(crate) retired: Mutex<Vec<Retired>>,
+    /// Regions whose freeing barrier failed: mapped and served until this rank leaves the job.
+    pub(crate) kept: Mutex<Vec<Retired>>,
     /// The helper that installs pages of long read-ahead replies beside the faulting thread.
     pub(crate) installer: Installer,
     /// Whether this rank's page requests let the sender install the pages itself (`direct.rs`).
@@ -182,10 +188,13 @@ impl Shared {
     }
 
     fn peer_error(&self, rank: Rank, e: RecvError) -> DsmError {
-        DsmError::PeerFailed {
-            rank,
-            reason: e.to_string(),
-        }
+        self.peer_failed_error(rank, e.to_string())
+    }
+
+    /// The error of an operation that needed `rank`, which has failed (or whose connection broke).
+    pub(crate) fn peer_failed_error(&self, rank: Rank, reason: String) -> DsmError {
+        self.heard_of_failure.store(true, Ordering::Release);
+        DsmError::PeerFailed { rank, reason }
     }
 
     /// A barrier whose `tag` must be equal on every rank. The regions this rank dropped since its last
@@ -253,10 +262,10 @@ impl Shared {
                 rank: Rank(rank),
                 what: "a collective operation (alloc, barrier or region drop)",
             }),
-            Reply::BarrierFailed { rank } => Err(DsmError::PeerFailed {
-                rank: Rank(rank),
-                reason: "it failed while the others waited at a barrier".into(),
-            }),
+            Reply::BarrierFailed { rank } => Err(self.peer_failed_error(
+                Rank(rank),
+                "it failed while the others waited at a barrier".into(),
+            )),
             other => Err(DsmError::Protocol {
                 rank: Rank(0),
                 what: format!("unexpected reply to a barrier: {other:?}"),
@@ -300,6 +309,10 @@ impl Shared {
         Ok((reply, notices))
     }
 }
+
+/// How long, beyond the exit grace, a rank that gives up because another failed waits for its service
+/// loop to end it for that failure (`Dsm::shutdown`).
+const FAILURE_NOTICED_WITHIN: Duration = Duration::from_secs(2);
 
 /// The tag of the barrier after which rank 0 has reserved the shared arena (at a job's first allocation).
 pub(crate) const ARENA_RESERVED: u64 = 0xA7E40;
@@ -586,10 +599,7 @@ impl Dsm {
             )));
         }
         if s.failed[to.index()].load(Ordering::Acquire) {
-            return Err(DsmError::PeerFailed {
-                rank: to,
-                reason: "it failed earlier in this job".into(),
-            });
+            return Err(s.peer_failed_error(to, "it failed earlier in this job".into()));
         }
         let bytes: usize = payload.iter().map(|p| p.len()).sum();
         if bytes > MAX_SERVICE_REQUEST {
@@ -662,12 +672,12 @@ impl Dsm {
         match reply {
             Reply::LockGranted => {}
             Reply::LockFailed { rank } => {
-                return Err(DsmError::PeerFailed {
-                    rank: Rank(rank),
-                    reason: format!(
+                return Err(s.peer_failed_error(
+                    Rank(rank),
+                    format!(
                     "it held lock {id} when it failed (what the lock protects may be half written)"
                 ),
-                })
+                ))
             }
             other => {
                 return Err(DsmError::Protocol {
@@ -925,6 +935,19 @@ impl Dsm {
         } else {
             Ok(())
         };
+        if result.is_err()
+            && s.policy == FailurePolicy::Exit
+            && s.size > 1
+            && (s.heard_of_failure.load(Ordering::Acquire) || !self.failed_ranks().is_empty())
+        {
+            // This rank fails because another did (an error from it, returned from `main` or unwrapped,
+            // or met at the final barrier). Under `Exit` its service loop ends the rank for that failure,
+            // with `EXIT_PEER_FAILED`, once it sees it too (at once, or after the exit grace): waiting for
+            // that, rather than ending first with a status of its own, lets the launcher tell the
+            // failure's cause from its consequences. Bounded, for a failure the loop never sees (a rank
+            // that had said goodbye, say).
+            std::thread::sleep(s.exit_grace + FAILURE_NOTICED_WITHIN);
+        }
         // Goodbye says this rank left the job as it should: the others then take its connections'
         // end for no failure. A final barrier that failed otherwise (this rank called it where the others
         // called another collective) is no way to leave: without goodbyes the others see this rank fail,
@@ -949,6 +972,7 @@ impl Dsm {
         // Regions dropped since the last collective operation (all of them when the rank failed) hold the
         // shared state: they go with the arena, when it does.
         s.retired.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        s.kept.lock().unwrap_or_else(|p| p.into_inner()).clear();
         s.installer.stop();
         if let Some(helper) = self.installer.take() {
             let _ = helper.join();
@@ -993,8 +1017,11 @@ impl ServiceThread {
 
 impl Drop for Dsm {
     fn drop(&mut self) {
-        if let Err(e) = self.shutdown() {
-            eprintln!("dsm: {}: leaving the job: {e}", self.shared.me);
+        match self.shutdown() {
+            // A job of one rank: nobody else to see it fail, and the program says why it failed.
+            Err(DsmError::Abandoned | DsmError::LeftWhilePanicking) if self.shared.size == 1 => {}
+            Err(e) => eprintln!("dsm: {}: leaving the job: {e}", self.shared.me),
+            Ok(()) => {}
         }
     }
 }
@@ -1004,7 +1031,7 @@ impl Drop for Dsm {
 /// there): the pages it touches fault here, before a channel is claimed, instead of while a claimed
 /// channel's connection is being written, where the fault would need a channel of its own and could wait
 /// for ever for one.
-fn outside_regions<R>(payload: &[&[u8]], f: impl FnOnce(&[&[u8]]) -> R) -> R {
+pub(crate) fn outside_regions<R>(payload: &[&[u8]], f: impl FnOnce(&[&[u8]]) -> R) -> R {
     let in_region = |p: &[u8]| {
         let start = p.as_ptr() as usize;
         !p.is_empty()

@@ -1,11 +1,16 @@
 //! dsm: distributed shared memory for Rust. Processes on one machine or across a cluster map one shared
 //! address space; a userfaultfd page-fault handler fetches and invalidates pages so that every rank sees
-//! every other's writes under sequential consistency (single writer / multiple readers).
+//! every other's writes under sequential consistency (single writer / multiple readers) or, for regions
+//! allocated with [`Consistency::Release`], release consistency (multiple writers, diffs merged at locks and
+//! barriers).
 //!
 //! Parts: `region` (mapping, allocation, typed views), `uffd` (fault delivery and the raw operations that
-//! resolve faults), `fault` (resolving a fault in the faulting thread), `protocol` (coherence as pure state
-//! machines), `engine` (the service loop that answers other ranks), `channel` and `transport` (connections
-//! and frames), `wire` (messages), `stats`. Programs normally join a job through `dsm-runtime`.
+//! resolve faults), `fault` (resolving a fault in the faulting thread), `installer` (a helper thread that
+//! installs long read-ahead replies), `direct` (installing pages straight into another rank's memory on the
+//! same host), `rc` (release consistency's twins, diffs and write notices at this rank), `protocol`
+//! (coherence as pure state machines), `engine` (the service loop that answers other ranks), `service`
+//! (services programs register on it), `channel` and `transport` (connections and frames), `wire`
+//! (messages), `keepawake`, `stats`. Programs normally join a job through `dsm-runtime`.
 
 pub mod protocol;
 pub mod transport;

@@ -191,6 +191,12 @@ impl Arena {
     /// Reserves `size` bytes, at `base` exactly when given (`MAP_FIXED_NOREPLACE`), else where the kernel
     /// chooses. Reserved memory is `PROT_NONE`: a stray access is a plain segmentation fault.
     pub(crate) fn reserve(me: Rank, base: Option<usize>, size: usize) -> Result<Arena> {
+        // Address 0 would also be taken for no region at all (the registry's empty slots start at 0).
+        if let Some(b) = base.filter(|b| *b == 0 || b % PAGE_SIZE != 0) {
+            return Err(DsmError::Config(format!(
+                "the arena's base {b:#x} must be a non-zero multiple of the {PAGE_SIZE}-byte page"
+            )));
+        }
         let flags = libc::MAP_PRIVATE
             | libc::MAP_ANONYMOUS
             | libc::MAP_NORESERVE
@@ -751,6 +757,9 @@ struct RegistrySlot {
     start: AtomicUsize,
     end: AtomicUsize,
     region: AtomicPtr<RegionShared>,
+    /// The address of the region's job's shared state (0 while the slot is free), compared without
+    /// reading the region, which another job may be freeing meanwhile.
+    owner: AtomicUsize,
 }
 
 const REGISTRY_SLOTS: usize = 256;
@@ -759,6 +768,7 @@ const EMPTY_SLOT: RegistrySlot = RegistrySlot {
     start: AtomicUsize::new(0),
     end: AtomicUsize::new(0),
     region: AtomicPtr::new(std::ptr::null_mut()),
+    owner: AtomicUsize::new(0),
 };
 static REGISTRY: [RegistrySlot; REGISTRY_SLOTS] = [EMPTY_SLOT; REGISTRY_SLOTS];
 
@@ -776,6 +786,8 @@ fn register(region: &Arc<RegionShared>) -> Result<usize> {
             )
             .is_ok()
         {
+            slot.owner
+                .store(Arc::as_ptr(&region.shared) as usize, Ordering::Release);
             slot.end.store(region.base + region.len, Ordering::Release);
             slot.start.store(region.base, Ordering::Release);
             return Ok(i);
@@ -792,6 +804,9 @@ fn unregister(index: usize) {
     let slot = &REGISTRY[index];
     slot.start.store(0, Ordering::Release);
     slot.end.store(0, Ordering::Release);
+    // Cleared before the slot is free to be taken, so that a new occupant is never taken for this one's
+    // job.
+    slot.owner.store(0, Ordering::Release);
     let raw = slot.region.swap(std::ptr::null_mut(), Ordering::AcqRel);
     if !raw.is_null() {
         // SAFETY: the pointer was published by `register` from `Arc::into_raw` and is removed exactly once.
@@ -816,11 +831,8 @@ impl RegistrySlot {
     /// that ends that job (or its tests): only it or the region's own drop, on that job's threads, empties
     /// such a slot.
     fn holds_one_of(&self, shared: &crate::dsm::Shared) -> bool {
-        let ptr = self.region.load(Ordering::Acquire);
-        // SAFETY: a published pointer holds a strong count until `unregister`; a region of this job is
-        // not unregistered while the caller looks (see above), and another job's region is only compared
-        // by the address of its shared state, read while the count is held.
-        !ptr.is_null() && std::ptr::eq(unsafe { &*ptr }.shared.as_ref(), shared)
+        self.owner.load(Ordering::Acquire) == std::ptr::from_ref(shared) as usize
+            && !self.region.load(Ordering::Acquire).is_null()
     }
 }
 
@@ -965,10 +977,20 @@ impl Retired {
         self.region.id
     }
 
-    /// Waits until every rank has dropped the region, then unmaps it. A failed barrier (a dead peer, or a
-    /// rank that called another collective) still unmaps it, and says why.
+    /// Waits until every rank has dropped the region, then unmaps it. After a failed barrier (a dead peer,
+    /// or a rank that called another collective) it stays mapped and served until this rank leaves the
+    /// job, and the barrier's error is returned: a live rank may still be using it (faulting on the pages
+    /// homed here), and this rank's service loop may be serving it.
     pub(crate) fn free(self, shared: &crate::dsm::Shared) -> Result<()> {
         let waited = shared.barrier_once(0xD0_0000 + u64::from(self.region.id));
+        if waited.is_err() {
+            shared
+                .kept
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(self);
+            return waited;
+        }
         unregister(self.slot);
         shared.forget_region(self.region.id);
         unmap(&self.region);

@@ -11,7 +11,7 @@
 
 use crate::channel::write_frame;
 use crate::dsm::Shared;
-use crate::error::{DsmError, Result};
+use crate::error::Result;
 use crate::transport::memory::Shut;
 use crate::transport::Conn;
 use crate::types::Rank;
@@ -55,15 +55,21 @@ impl Responder {
 
     /// Answers the request with the concatenation of `payload`'s slices. An error means the sender is gone,
     /// or stopped reading for half the peer timeout (the service loop reports its failure separately).
+    ///
+    /// A payload that lies in a shared region is copied out of it first (a thread answering later may
+    /// send from there; the service loop's own thread may not, see [`Service`]): the kernel, writing the
+    /// connection, would take a page not present here for a bad address, and the answer would fail.
     pub fn send(self, payload: &[&[u8]]) -> Result<()> {
+        crate::dsm::outside_regions(payload, |payload| self.write(payload))
+    }
+
+    fn write(&self, payload: &[&[u8]]) -> Result<()> {
         write_frame(&self.link, &Reply::Service, payload, &self.shared.counters).map_err(|e| {
             // Part of the answer may have gone out: the connection ends, so that a sender that reads on
             // (one that was stopped, and resumes) sees it end instead of waiting for ever for the rest.
             self.link.shutdown(Shut::Write);
-            DsmError::PeerFailed {
-                rank: self.peer,
-                reason: format!("answering its request failed: {e}"),
-            }
+            self.shared
+                .peer_failed_error(self.peer, format!("answering its request failed: {e}"))
         })
     }
 }

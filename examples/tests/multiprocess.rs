@@ -403,6 +403,27 @@ fn a_rank_that_exits_well_without_leaving_the_job_is_named() {
 }
 
 #[test]
+fn ranks_that_give_up_because_another_failed_end_as_its_consequence() {
+    // Rank 0 panics; the others, waiting at a barrier, get an error and return it from `main`. They and
+    // their service loops learn of the failure at about the same time: they used to end with a status of
+    // their own (1, "Error: rank 0 failed" from `main`), which the launcher takes for a failure of theirs
+    // and named as the cause whenever it came before rank 0's. Now they end as the failure's consequence,
+    // their service loops saying why.
+    for ranks in [2, 3] {
+        let (o, out) = job(CHECK, ranks, &["panicbarrier"]);
+        assert_eq!(o.failed_rank, Some(0), "{out}");
+        assert_eq!(o.code, 101, "{out}");
+        for r in 1..ranks {
+            assert!(
+                out.contains(&format!("[{r}] dsm: rank {r}: rank 0 failed")),
+                "{out}"
+            );
+            assert!(!out.contains(&format!("[{r}] Error:")), "{out}");
+        }
+    }
+}
+
+#[test]
 fn a_rank_whose_final_barrier_fails_is_a_failure_to_the_others() {
     // Rank 1 runs one round of `mp`, the others two: its final barrier meets their second round's, and
     // fails. It then left without a goodbye, so the others see it fail (under --keep-going they finish)
@@ -437,6 +458,19 @@ fn a_sigbus_sent_to_a_rank_kills_it_as_without_dsm() {
         "killed by SIGBUS: {outcome:?}\n{out}"
     );
     assert!(!out.contains("swallowed"), "{out}");
+}
+
+#[test]
+fn a_sigbus_a_rank_ignores_stays_ignored() {
+    // The program ignored SIGBUS before dsm took it for its faults (here inherited from the shell): a
+    // SIGBUS sent to it is still ignored, so `sentsigbus` finds it swallowed, as it would without dsm.
+    let line = format!("trap '' BUS; exec {CHECK} sentsigbus");
+    let (outcome, out) = launch_captured("/bin/sh", 2, &["-c", &line], &[], false);
+    assert!(
+        out.contains("[1] Error: rank 1: a SIGBUS sent to this rank was swallowed"),
+        "{out}"
+    );
+    assert_eq!(outcome.failed_rank, Some(1), "{outcome:?}\n{out}");
 }
 
 #[test]
@@ -669,6 +703,24 @@ fn an_arena_that_cannot_be_mapped_is_a_clear_error() {
             && err.contains("DSM_ARENA_BASE"),
         "{err}"
     );
+}
+
+#[test]
+fn an_arena_base_of_zero_or_off_a_page_is_refused() {
+    // Address 0 mapped (root may map it) once made every fault on the arena a plain SIGBUS, unexplained.
+    for base in ["0", "0x1001"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hello"))
+            .env("DSM_ARENA_BASE", base)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{base}: {err}");
+        assert!(
+            err.contains("DSM_ARENA_BASE") && err.contains("non-zero hexadecimal address"),
+            "{base}: {err}"
+        );
+    }
 }
 
 #[test]

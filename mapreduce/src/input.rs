@@ -87,6 +87,20 @@ struct Walk {
     seen: std::collections::HashSet<(u64, u64)>,
 }
 
+/// Checks that the regular file `path` (with metadata `meta`) can be read, and that its size says how much
+/// there is to read: a file of the kernel's (under /proc or /sys) says 0 and has content, which splits cut
+/// by its size would silently leave out.
+fn opened(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
+    let mut f = File::open(path)?;
+    if meta.len() == 0 && f.read(&mut [0u8; 1])? > 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "its size is 0 but it has content (a file of the kernel's, under /proc or /sys?): copy it to an ordinary file and count that",
+        ));
+    }
+    Ok(())
+}
+
 impl Walk {
     fn visit(&mut self, path: &Path, named: bool) -> Result<(), MapReduceError> {
         use std::os::unix::fs::MetadataExt;
@@ -98,7 +112,7 @@ impl Walk {
         if named && meta.is_file() {
             // Taken as given, and not counted as seen: a walk that reaches it takes it too, whichever
             // comes first (the order of the inputs does not change what is read).
-            File::open(path).map_err(err)?;
+            opened(path, &meta).map_err(err)?;
             self.files.push((path.to_path_buf(), meta.len()));
             return Ok(());
         }
@@ -123,7 +137,7 @@ impl Walk {
             }
         } else if meta.is_file() {
             if first {
-                File::open(path).map_err(err)?;
+                opened(path, &meta).map_err(err)?;
                 self.files.push((path.to_path_buf(), meta.len()));
             }
         } else {
@@ -415,6 +429,23 @@ mod tests {
             4 * mb,
             "one slot: no smaller splits"
         );
+    }
+
+    #[test]
+    fn a_file_whose_size_hides_its_content_is_refused_and_an_empty_one_is_not() {
+        // /proc files say 0 bytes and have content: counting them by their size would read nothing.
+        let e = expand(&[PathBuf::from("/proc/self/status")]).unwrap_err();
+        assert!(
+            e.to_string().contains("/proc/self/status") && e.to_string().contains("copy it"),
+            "{e}"
+        );
+        let empty = std::env::temp_dir().join(format!("dsm-mr-empty-{}", std::process::id()));
+        std::fs::write(&empty, "").unwrap();
+        assert_eq!(
+            expand(std::slice::from_ref(&empty)).unwrap(),
+            vec![(empty.clone(), 0)]
+        );
+        std::fs::remove_file(&empty).unwrap();
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! MapReduce over dsm: a [`Job`] with typed keys and values, run by every rank of a job. Rank 0 is the
 //! master: it cuts the input into splits at line boundaries and hands out map and reduce tasks through the
-//! tuple space (a task farm homed on rank 0), so ranks take work as they become free. A map task combines its
-//! output in memory, partitions it, and keeps it on its own rank as sorted runs on local disk (spilling early
-//! when it outgrows its memory budget); a reduce task fetches its partition's runs from the ranks that hold
-//! them over the job's own connections (a dsm service), merges them, and writes its output file atomically.
-//! Inside a rank, several task slots take tasks at once, and a `rayon` pool sorts and writes a map task's
-//! partitions in parallel.
+//! tuple space (a task farm homed on rank 0), so ranks take work as they become free. Map output is folded
+//! by the combiner into one table per task slot, shared by every map that slot runs, and stays in memory
+//! (spilled to local disk as sorted runs when it outgrows the memory budget); when the first reduce needs
+//! it, each rank cuts what it holds into partitions, sorts them and writes them as runs on local disk. A
+//! reduce task fetches its partition's runs from the ranks that hold them over the job's own connections
+//! (a dsm service), merges them, and writes its output file atomically. Inside a rank, several task slots
+//! take tasks at once, and a `rayon` pool sorts and writes the partitions in parallel.
 //!
 //! A worker that dies loses nothing for good: the task it held goes back into the bag (the farm's leases), and
 //! map output it held is recomputed when a reducer finds it gone. The master's death ends the job with an

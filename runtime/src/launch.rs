@@ -337,11 +337,10 @@ pub fn launch(
     args: &[OsString],
 ) -> Result<Outcome, RuntimeError> {
     if opts.ranks == 0 || opts.ranks > dsm::protocol::swmr::MAX_RANKS {
-        return Err(RuntimeError::Rendezvous(format!(
-            "-n {}: a job has 1 to {} ranks",
-            opts.ranks,
-            dsm::protocol::swmr::MAX_RANKS
-        )));
+        return Err(RuntimeError::RankCount {
+            asked: opts.ranks,
+            max: dsm::protocol::swmr::MAX_RANKS,
+        });
     }
     let token = crate::env::token_hex(&fresh_token()?);
     let listener = TcpListener::bind((opts.bind, 0)).map_err(|e| RuntimeError::Io {

@@ -52,6 +52,14 @@ pub enum RuntimeError {
     /// Meeting the other ranks failed.
     #[error("rendezvous: {0}")]
     Rendezvous(String),
+    /// A job of no ranks, or of more than a job can have, was asked for.
+    #[error("{asked} ranks asked for: a job has 1 to {max} ranks")]
+    RankCount {
+        /// The ranks asked for.
+        asked: usize,
+        /// The most a job can have.
+        max: usize,
+    },
     /// The launcher could not start a rank's program: it is missing, not executable, or not a program.
     #[error("{}: it cannot be run ({source}): give the path of an executable file", program.display())]
     CannotRun {
@@ -181,14 +189,19 @@ impl Runtime {
         };
         let size = env::get("DSM_SIZE", "the number of ranks", env::number::<usize>)?
             .ok_or(RuntimeError::Missing("DSM_SIZE"))?;
-        if let Some(pid) = env::get("DSM_LAUNCHER_PID", "a process id", env::number::<i32>)? {
+        let launcher = env::get("DSM_LAUNCHER_PID", "a process id (1 or more)", |s| {
+            env::number::<i32>(s).filter(|pid| *pid > 0)
+        })?;
+        if let Some(pid) = launcher {
             rendezvous::die_with_launcher(pid);
         }
         let mut builder = Self::options()?;
         if size > 1 {
-            let at = env::get("DSM_RENDEZVOUS", "host:port", |s| {
-                s.parse::<std::net::SocketAddr>().ok()
-            })?
+            let at = env::get(
+                "DSM_RENDEZVOUS",
+                "an IP address and port, such as 127.0.0.1:4000",
+                |s| s.parse::<std::net::SocketAddr>().ok(),
+            )?
             .ok_or(RuntimeError::Missing("DSM_RENDEZVOUS"))?;
             let token = env::get("DSM_TOKEN", "64 hex digits", env::token)?
                 .ok_or(RuntimeError::Missing("DSM_TOKEN"))?;
@@ -362,7 +375,11 @@ impl Runtime {
             "a size such as 64G (a multiple of the 4 KiB page)",
             |s| env::bytes(s).filter(|n| *n >= dsm::PAGE_SIZE && n % dsm::PAGE_SIZE == 0),
         )?;
-        let base = env::get("DSM_ARENA_BASE", "a hexadecimal address", env::hex_addr)?;
+        let base = env::get(
+            "DSM_ARENA_BASE",
+            "a non-zero hexadecimal address, a multiple of the 4 KiB page (such as 0x100000000000)",
+            |s| env::hex_addr(s).filter(|a| *a != 0 && a % dsm::PAGE_SIZE == 0),
+        )?;
         if size.is_some() || base.is_some() {
             b = b.arena(base, size.unwrap_or(1 << 40));
         }

@@ -27,10 +27,10 @@ struct Args {
     #[arg(long)]
     json: bool,
     /// Pages diffed per density.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000, value_parser = dsm_benches::at_least_one::<usize>)]
     pages: usize,
     /// Cached pages dropped by one acquire.
-    #[arg(long, default_value_t = 16_384)]
+    #[arg(long, default_value_t = 16_384, value_parser = dsm_benches::at_least_one::<usize>)]
     drop_pages: usize,
 }
 
@@ -86,8 +86,9 @@ fn drop_cost(dsm: &dsm::Dsm, link: &mut RawLink, pages: usize) -> anyhow::Result
 }
 
 fn main() -> anyhow::Result<()> {
-    run_as_job(2);
+    // Parsed before the ranks start, so that a bad argument is said once, by the command itself.
     let args = Args::parse();
+    run_as_job(2);
     let rt = dsm_runtime::Runtime::init()?;
     let dsm = rt.dsm();
     let mut link = raw_link(dsm)?;

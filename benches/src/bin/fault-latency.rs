@@ -33,10 +33,10 @@ struct Args {
     #[arg(long)]
     json: bool,
     /// Faults (pages) per latency measurement.
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 4000, value_parser = dsm_benches::at_least_one::<usize>)]
     faults: usize,
     /// MiB of the remote region read sequentially.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = dsm_benches::at_least_one::<usize>)]
     mib: usize,
     /// Read-ahead windows (pages) to measure sequential bandwidth with.
     #[arg(long, value_delimiter = ',', default_values_t = [1u32, 16, 64, 256, 1024])]
@@ -66,8 +66,9 @@ impl Mode {
 }
 
 fn main() -> anyhow::Result<()> {
-    run_as_job(2);
+    // Parsed before the ranks start, so that a bad argument is said once, by the command itself.
     let args = Args::parse();
+    run_as_job(2);
     let rt = dsm_runtime::Runtime::init()?;
     let dsm = rt.dsm();
     anyhow::ensure!(dsm.size() == 2, "fault-latency runs as 2 ranks");

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Parser)]
 struct Args {
     /// Round trips per measurement.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000, value_parser = dsm_benches::at_least_one::<usize>)]
     iters: usize,
     /// One JSON object per result instead of a table.
     #[arg(long)]

@@ -31,7 +31,7 @@ struct Args {
     #[arg(long)]
     json: bool,
     /// Pages timed in each case (each page once).
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 4000, value_parser = dsm_benches::at_least_one::<usize>)]
     pages: usize,
 }
 

@@ -21,7 +21,7 @@ use std::process::Command;
 #[derive(Debug, Parser)]
 struct Args {
     /// Rounds of each program (each round: 1 rank, two 1-rank runs side by side, 2 ranks).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = dsm_benches::at_least_one::<usize>)]
     rounds: usize,
     /// One JSON object per result instead of a table.
     #[arg(long)]

@@ -27,19 +27,19 @@ struct Args {
     #[arg(long)]
     json: bool,
     /// Handoffs of the counter between the ranks.
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 4000, value_parser = dsm_benches::at_least_one::<u64>)]
     handoffs: u64,
     /// Measure false sharing under both memory models instead of handoffs.
     #[arg(long)]
     false_sharing: bool,
     /// Ranks (false sharing; handoffs always use 2).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = dsm_benches::two_or_more_ranks)]
     ranks: usize,
     /// Increments per rank (false sharing).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = dsm_benches::at_least_one::<u64>)]
     k: u64,
     /// Increments between barriers (false sharing).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = dsm_benches::at_least_one::<u64>)]
     m: u64,
     /// Steps of local computation between two increments (false sharing); 0 increments back to back.
     #[arg(long, default_value_t = 0)]

@@ -17,10 +17,10 @@ struct Args {
     #[arg(long)]
     json: bool,
     /// Ranks in the job.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = dsm_benches::two_or_more_ranks)]
     ranks: usize,
     /// Operations per measurement.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = dsm_benches::at_least_one::<usize>)]
     ops: usize,
 }
 

@@ -28,13 +28,13 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     ranks: usize,
     /// Local pairs per measurement.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = dsm_benches::at_least_one::<u64>)]
     pairs: u64,
     /// Remote `in`s per measurement.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 5000, value_parser = dsm_benches::at_least_one::<usize>)]
     ops: usize,
     /// Tasks in the bag.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 50_000, value_parser = dsm_benches::at_least_one::<u64>)]
     tasks: u64,
 }
 

@@ -28,7 +28,7 @@ struct Args {
     #[arg(long)]
     corpus: Option<PathBuf>,
     /// Runs of each configuration.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = dsm_benches::at_least_one::<usize>)]
     runs: usize,
     /// Also run 2 ranks on a corpus of this many MB under the memory budget, reporting peak memory.
     #[arg(long)]

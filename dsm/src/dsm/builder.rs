@@ -139,8 +139,9 @@ impl DsmBuilder {
         self
     }
 
-    /// Where and how large the shared arena is (default: 1 TiB of address space wherever rank 0's kernel
-    /// puts it; it costs nothing until regions are used).
+    /// Where and how large the shared arena is (default: 1 TiB of address space at `DEFAULT_ARENA_BASE`,
+    /// 16 TiB, or wherever rank 0's kernel puts it when that range is taken; it costs nothing until regions
+    /// are used).
     pub fn arena(mut self, base: Option<usize>, size: usize) -> Self {
         self.arena_base = base;
         self.arena_size = size;
@@ -316,6 +317,7 @@ impl DsmBuilder {
             peer_timeout: self.peer_timeout,
             gone: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
             policy: self.policy,
+            heard_of_failure: AtomicBool::new(false),
             exit_grace: self.exit_grace,
             service_priority: self.service_priority,
             uffd: OnceLock::new(),
@@ -332,6 +334,7 @@ impl DsmBuilder {
             in_process,
             services: RwLock::new(vec![None; MAX_SERVICES]),
             retired: Mutex::new(Vec::new()),
+            kept: Mutex::new(Vec::new()),
             installer: Installer::default(),
             direct_install: AtomicBool::new(self.direct_install),
         });

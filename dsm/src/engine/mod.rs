@@ -462,10 +462,6 @@ impl Engine {
         for service in self.shared.services() {
             service.peer_failed(peer);
         }
-        let waiting: Vec<usize> = self.arrivals.drain(..).map(|(c, _, _)| c).collect();
-        for c in waiting {
-            self.reply(c, &Reply::BarrierFailed { rank: peer.0 }, &[]);
-        }
         if self.shared.policy == FailurePolicy::Exit {
             // Tell the others which rank is gone before ending, so that they report it rather than this rank,
             // whose connections close next.
@@ -483,6 +479,13 @@ impl Engine {
             // thread): the rank is ending (`DsmBuilder::exit_grace`).
             std::thread::sleep(self.shared.exit_grace);
             std::process::exit(crate::EXIT_PEER_FAILED);
+        }
+        // Those waiting at a barrier are told it failed (not under `Exit`, where every rank ends for the
+        // failure with `EXIT_PEER_FAILED`: a waiter told first might end before that with a status of
+        // its own, which the launcher would take for a second failure).
+        let waiting: Vec<usize> = self.arrivals.drain(..).map(|(c, _, _)| c).collect();
+        for c in waiting {
+            self.reply(c, &Reply::BarrierFailed { rank: peer.0 }, &[]);
         }
         // Threads of this rank waiting for its replies are told, whether or not it lives on.
         self.shared.channels.stop_reading_from(peer);

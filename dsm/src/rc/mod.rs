@@ -87,9 +87,8 @@ fn send_diffs(shared: &Shared, diffs: &[(Rank, u32, u64, Vec<u8>)]) -> (Vec<bool
             Ok(()) => sent[i] = true,
             Err(e) => {
                 broken.push(*home);
-                first_error.get_or_insert(DsmError::PeerFailed {
-                    rank: *home,
-                    reason: format!("sending a diff: {e}"),
+                first_error.get_or_insert_with(|| {
+                    shared.peer_failed_error(*home, format!("sending a diff: {e}"))
                 });
             }
         }
@@ -116,10 +115,7 @@ fn send_diffs(shared: &Shared, diffs: &[(Rank, u32, u64, Vec<u8>)]) -> (Vec<bool
             }
             Err(e) => {
                 broken.push(*home);
-                first_error.get_or_insert(DsmError::PeerFailed {
-                    rank: *home,
-                    reason: e.to_string(),
-                });
+                first_error.get_or_insert_with(|| shared.peer_failed_error(*home, e.to_string()));
             }
         }
     }

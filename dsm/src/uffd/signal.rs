@@ -84,12 +84,24 @@ fn handle(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) 
     chain(sig, info, ctx);
 }
 
-/// Passes a SIGBUS that is not ours to the previous handler, or restores the default action so that
+/// Passes a SIGBUS that is not ours to the previous handler (a sent one that was ignored stays ignored), or
+/// restores the default action so that
 /// returning re-raises it on the faulting instruction. A signal that was sent (`si_code <= 0`) does not come
 /// back by itself: if the default action is in place afterwards (restored here, or by a previous handler
 /// that expected a fault to come back, as Rust's stack-overflow handler does), it is raised again, to be
 /// delivered when this handler returns.
 fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // A sent SIGBUS that the program ignored before dsm took the signal stays ignored. (A fault cannot be
+    // ignored: the kernel would force it on the program anyway, so it goes to the default action below.)
+    // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler.
+    let sent = unsafe { (*info).si_code } <= 0;
+    if sent
+        && PREVIOUS
+            .get()
+            .is_some_and(|p| p.sa_sigaction == libc::SIG_IGN)
+    {
+        return;
+    }
     let previous = PREVIOUS
         .get()
         .filter(|p| p.sa_sigaction != libc::SIG_DFL && p.sa_sigaction != libc::SIG_IGN);

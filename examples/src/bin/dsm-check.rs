@@ -20,6 +20,9 @@
 //! - `ownmpi`: (under mpirun) the program's own MPI messages, received with wildcards on `MPI_COMM_WORLD`
 //!   beside the job's traffic, are exactly the program's, whichever transport carries the job;
 //! - `die`: one rank kills itself mid-job; the others must end with an error instead of hanging;
+//! - `panicbarrier`: rank 0 panics while the others wait at a barrier (which rank 0 serves) and return
+//!   its error from `main`: they end as the failure's consequence (`EXIT_PEER_FAILED`), so that the
+//!   launcher names rank 0;
 //! - `stop`: one rank stops itself (SIGSTOP) mid-job, its connections open and silent; the others must end
 //!   with an error naming it once the peer timeout (`DSM_PEER_TIMEOUT`) has passed;
 //! - `partition`: (in a network namespace of its own, as root) rank 0 takes the loopback interface down
@@ -42,7 +45,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
-    /// errorwaited | quitwaited | servicefault | idle | ownmpi | die | stop | partition | pause | diewriting | readerdies | diffhomedies | sentsigbus
+    /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | pause | diewriting | readerdies | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -1190,6 +1193,14 @@ fn main() -> anyhow::Result<()> {
             anyhow::bail!("rank {me}: rank 1 wrote after all");
         }
         "die" => last_rank_leaves(dsm, "the dead rank", || nix_kill_self())?,
+        "panicbarrier" => {
+            dsm.barrier()?;
+            if me == 0 {
+                panic!("rank 0 gives up");
+            }
+            dsm.barrier()?;
+            anyhow::bail!("rank {me}: a barrier completed without rank 0");
+        }
         "pause" => {
             let timeout: u64 = std::env::var("DSM_PEER_TIMEOUT")
                 .ok()

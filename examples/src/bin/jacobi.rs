@@ -54,6 +54,14 @@ fn main() -> anyhow::Result<()> {
 
     anyhow::ensure!(args.n >= 3, "--n must be at least 3");
     anyhow::ensure!(
+        args.n
+            .checked_mul(args.n)
+            .and_then(|e| e.checked_mul(8))
+            .is_some(),
+        "--n {} is too large: an n x n grid of f64 would not fit in the address space",
+        args.n
+    );
+    anyhow::ensure!(
         (1..=MAX_FUSE).contains(&args.fuse),
         "--fuse must be between 1 and {MAX_FUSE}"
     );

@@ -244,6 +244,14 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.n >= 1, "--n must be at least 1");
     anyhow::ensure!(
+        args.n
+            .checked_mul(args.n)
+            .and_then(|e| e.checked_mul(8))
+            .is_some(),
+        "--n {} is too large: an n x n matrix of f64 would not fit in the address space",
+        args.n
+    );
+    anyhow::ensure!(
         (1..=args.n).contains(&args.block),
         "--block must be between 1 and --n ({})",
         args.n

@@ -14,8 +14,9 @@ struct Args {
     /// Number of ranks.
     #[arg(short = 'n', long = "ranks", default_value_t = 1)]
     ranks: usize,
-    /// Address for the ranks' listeners (default 127.0.0.1; also DSM_BIND).
-    #[arg(long, env = "DSM_BIND", default_value = "127.0.0.1")]
+    /// Address for the ranks' listeners, an IP address (default 127.0.0.1; also DSM_BIND, which a value
+    /// of --bind overrides).
+    #[arg(long, env = "DSM_BIND", default_value = "127.0.0.1", value_parser = ip_address)]
     bind: std::net::IpAddr,
     /// End the job (status 124) if it runs longer than this many seconds.
     #[arg(long, value_parser = seconds)]
@@ -34,13 +35,21 @@ struct Args {
     args: Vec<OsString>,
 }
 
-/// A number of seconds, fractions allowed: finite, not negative, at most a year.
+/// An IP address for `--bind`, which may come from `DSM_BIND`: the error names both.
+fn ip_address(s: &str) -> Result<std::net::IpAddr, String> {
+    s.parse().map_err(|_| {
+        "not an IP address (from --bind, or DSM_BIND when --bind is not given); give one such as 127.0.0.1"
+            .to_string()
+    })
+}
+
+/// A number of seconds, fractions allowed: finite, at least a millisecond, at most a year.
 fn seconds(s: &str) -> Result<std::time::Duration, String> {
     let secs: f64 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(0.0..=31_536_000.0).contains(&secs) {
-        return Err(format!("{s} seconds: use 0 to 31536000 (a year)"));
+    if !(0.001..=31_536_000.0).contains(&secs) {
+        return Err(format!("{s} seconds: use 0.001 to 31536000 (a year)"));
     }
     Ok(std::time::Duration::from_secs_f64(secs))
 }
