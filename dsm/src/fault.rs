@@ -424,14 +424,15 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
     };
     let mut ch = shared.channels.claim();
     let outcome = (|| {
+        let direct = shared.direct_install.load(Ordering::Relaxed);
         let request = Request::FetchPage {
             region: region.id,
             page,
             count,
-            direct: shared.direct_install.load(Ordering::Relaxed),
+            direct,
         };
         let (reply, len) = ask(&mut ch, c, home, &request)?;
-        let (reply, installed) = installed_as_done(reply, count, home)?;
+        let (reply, installed) = installed_as_done(reply, count, direct, home)?;
         match reply {
             Reply::Done {
                 data: Data::Zero, ..
@@ -584,10 +585,33 @@ fn install_chunks(
     .map_err(|e| FaultError::Sys("UFFDIO_COPY", e))
 }
 
+/// Refuses a grant that the home's manager could not have made: one that names this rank or the home as
+/// a rank to fetch from or to invalidate (this rank would ask its own service loop, which defers the
+/// request until this very fault ends: a wait for ever), or a read grant with copies to invalidate.
+fn check_grant(grant: &Grant, me: Rank, home: Rank, access: Access) -> Result<(), FaultError> {
+    let names = |r: Rank| grant.fetch_from == Some(r) || grant.invalidate.contains(r);
+    if names(me) || names(home) || (access == Access::Read && grant.invalidate != CopySet::EMPTY) {
+        return Err(FaultError::Protocol(
+            home,
+            "a grant the manager cannot make",
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a reply to a request for `count` pages that let the home install them directly (`direct.rs`):
 /// `Installed` is `Done` with the home's copy, already in place (true), with no payload to install.
-fn installed_as_done(reply: Reply, count: u32, home: Rank) -> Result<(Reply, bool), FaultError> {
+fn installed_as_done(
+    reply: Reply,
+    count: u32,
+    direct: bool,
+    home: Rank,
+) -> Result<(Reply, bool), FaultError> {
     match reply {
+        Reply::Installed { .. } if !direct => Err(FaultError::Protocol(
+            home,
+            "a direct install this rank did not allow",
+        )),
         Reply::Installed { count: served } if served == 0 || served > count => {
             Err(FaultError::Protocol(
                 home,
@@ -648,12 +672,13 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
         _ => (1, 1),
     };
     let mut ch = shared.channels.claim();
+    let direct = shared.direct_install.load(Ordering::Relaxed);
     let acquire = Request::Acquire {
         region: region.id,
         page,
         access,
         count,
-        direct: shared.direct_install.load(Ordering::Relaxed),
+        direct,
     };
     let c = &shared.counters;
     // Every page claimed ahead is released once the reply is in: installed or not (the one that faulted is
@@ -670,7 +695,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
     let outcome = (|| {
         let (reply, payload_len) = ask(&mut ch, c, home, &acquire)?;
         let peer = |e| FaultError::Peer(home, e);
-        let (reply, installed) = installed_as_done(reply, count, home)?;
+        let (reply, installed) = installed_as_done(reply, count, direct, home)?;
         match reply {
             Reply::Done {
                 data,
@@ -678,6 +703,14 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
             } => {
                 let served = u64::from(served.clamp(1, count));
                 match data {
+                    // The pages after the first were claimed for read-ahead, not held: only the first can
+                    // already be here.
+                    Data::None if served > 1 => {
+                        return Err(FaultError::Protocol(
+                            home,
+                            "several pages said to be here already",
+                        ))
+                    }
                     Data::None => {
                         ch.skip_payload(home, payload_len).map_err(peer)?;
                         upgrade_in_place(region, page, access)?
@@ -727,6 +760,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
             }
             Reply::Granted { grant } => {
                 release_extras();
+                check_grant(&grant, shared.me, home, access)?;
                 let mut have = false;
                 if grant.data_from_home {
                     if payload_len != PAGE_SIZE {

@@ -579,8 +579,9 @@ fn a_job_stopped_whole_and_resumed_goes_on() {
 fn a_killed_rank_ends_the_job_quickly() {
     let t = Instant::now();
     let (outcome, out) = job(CHECK, 3, &["die"]);
+    // Ended by the failure, not by a timeout (30 s) or the launcher's limit (60 s).
     assert!(
-        t.elapsed() < Duration::from_secs(5),
+        t.elapsed() < Duration::from_secs(20),
         "took {:?}",
         t.elapsed()
     );
@@ -1176,7 +1177,8 @@ fn the_task_farm_finishes_every_task_after_a_worker_dies() {
     assert_eq!(o.code, 0, "{out}");
     assert_eq!(o.lost, [(2, "was killed by SIGABRT".to_string())], "{out}");
     assert!(out.contains("farm: 1500 tasks done once each"), "{out}");
-    // The task rank 2 held when it died was done by another rank: it put 19 results, not 20.
+    // The tasks rank 2 held when it died (the one it died in, and any others of the batch it had taken,
+    // whose results go back with the batch) were done by other ranks: it put fewer than 20 results.
     let line = out
         .lines()
         .find(|l| l.contains("results per rank"))
@@ -1188,7 +1190,7 @@ fn the_task_farm_finishes_every_task_after_a_worker_dies() {
         .split(", ")
         .filter_map(|c| c.parse().ok())
         .collect();
-    assert_eq!(counts.get(2), Some(&19), "{out}");
+    assert!(counts.get(2).is_some_and(|c| *c < 20), "{out}");
     assert_eq!(counts.iter().sum::<u64>(), 1500, "{out}");
 }
 

@@ -358,12 +358,13 @@ impl Master {
         }
     }
 
-    /// Totals over the tasks finished so far (each map and each partition once).
+    /// Totals over the tasks finished so far (each map and each partition once), as the workers reported
+    /// them (saturating: a report is a peer's word).
     pub(crate) fn totals(&self) -> Totals {
         let mut t = Totals::default();
         for m in self.map_stats.iter().flatten() {
             t.maps_done += 1;
-            t.input_bytes += m.input_bytes;
+            t.input_bytes = t.input_bytes.saturating_add(m.input_bytes);
             t.counters.merge(&m.counters);
         }
         for r in &self.reduces {
@@ -376,10 +377,10 @@ impl Master {
             } = r
             {
                 t.reduces_done += 1;
-                t.map_runs += runs;
-                t.map_output_bytes += run_bytes;
-                t.records += records;
-                t.shuffled_bytes += shuffled_bytes;
+                t.map_runs = t.map_runs.saturating_add(*runs);
+                t.map_output_bytes = t.map_output_bytes.saturating_add(*run_bytes);
+                t.records = t.records.saturating_add(*records);
+                t.shuffled_bytes = t.shuffled_bytes.saturating_add(*shuffled_bytes);
                 t.counters.merge(counters);
             }
         }

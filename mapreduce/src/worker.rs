@@ -75,6 +75,17 @@ pub(crate) struct Batch<K, V> {
 }
 
 impl<K, V> Batch<K, V> {
+    /// Whether the batch holds the output of exactly the map tasks `tasks` (those a reduce expects).
+    fn holds_exactly(&self, tasks: &[u64], batch: u64, me: Rank) -> Result<(), String> {
+        if self.tasks.iter().eq(tasks.iter()) {
+            return Ok(());
+        }
+        Err(format!(
+            "batch {batch} on {me} holds the output of map tasks {:?}, a reduce expects that of {tasks:?}",
+            self.tasks.iter().collect::<Vec<_>>()
+        ))
+    }
+
     fn new(sink: RunSink) -> Batch<K, V> {
         Batch {
             idle: Vec::new(),
@@ -419,6 +430,12 @@ impl<J: Job> Worker<'_, J> {
         batch: u64,
         partitions: usize,
     ) -> Result<(Folding<'_, J>, HeldOf<J>), String> {
+        if partitions == 0 || partitions > crate::config::MAX_PARTITIONS {
+            return Err(format!(
+                "map task {task} has {partitions} partitions (a job has 1 to {})",
+                crate::config::MAX_PARTITIONS
+            ));
+        }
         let mut batches = lock(&self.batches);
         let b = batches.entry(batch).or_insert_with(|| {
             Batch::new(RunSink {
@@ -531,6 +548,8 @@ impl<J: Job> Worker<'_, J> {
             if b.sealed {
                 None
             } else {
+                // Refused before anything changes: the batch stays open to the maps still to come.
+                b.holds_exactly(tasks, batch, me)?;
                 b.sealed = true;
                 Some((std::mem::take(&mut b.idle), b.sink.clone()))
             }
@@ -561,12 +580,7 @@ impl<J: Job> Worker<'_, J> {
         if let Some(e) = &b.failed {
             return Err(format!("batch {batch} on {me}: {e}"));
         }
-        if !b.tasks.iter().eq(tasks.iter()) {
-            return Err(format!(
-                "batch {batch} on {me} holds the output of map tasks {:?}, a reduce expects that of {tasks:?}",
-                b.tasks.iter().collect::<Vec<_>>()
-            ));
-        }
+        b.holds_exactly(tasks, batch, me)?;
         Ok(b.sink.ids(partition))
     }
 

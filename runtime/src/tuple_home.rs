@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// The most tuples beyond the first that one `Complete` may lease (`TaskFarm` asks for far fewer).
+const MAX_MORE: u32 = 1024;
 /// The service id of the tuple space.
 pub(crate) const SERVICE: ServiceId = 1;
 
@@ -681,7 +683,10 @@ impl Home {
                 Ok(()) => match next {
                     None => Some((reply, Answer::Done)),
                     Some((templates, ticket)) => {
-                        match s.lease_first(from, &templates, more.saturating_add(1)) {
+                        // A worker asks for a batch of a few dozen at most; the cap keeps a request
+                        // from leasing more than one answer can carry.
+                        let wanted = more.min(MAX_MORE).saturating_add(1);
+                        match s.lease_first(from, &templates, wanted) {
                             Err(e) => Some((reply, Answer::Refused(e.to_string()))),
                             Ok(taken) if !taken.is_empty() => Some((reply, Answer::Leased(taken))),
                             Ok(_) if templates.is_empty() => {

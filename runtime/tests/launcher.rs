@@ -47,8 +47,9 @@ fn background_processes_of_the_ranks_neither_hold_the_launcher_nor_outlive_the_j
         ("sleep 987002 & echo started", 0),
     ] {
         let t = Instant::now();
-        let out = Command::new(DSMRUN)
-            .args(["-n", "2", "/bin/sh", "-c", script])
+        // (Bounded: a launcher held by the background process would otherwise hang the test.)
+        let out = Command::new("timeout")
+            .args(["60", DSMRUN, "-n", "2", "/bin/sh", "-c", script])
             .output()
             .unwrap();
         assert!(
@@ -74,7 +75,16 @@ fn a_launcher_sent_sigterm_or_sigint_ends_every_rank_and_says_so() {
     ] {
         let words = ["sleep", "987003"];
         let child = Command::new(DSMRUN)
-            .args(["-n", "2", "/bin/sh", "-c", "sleep 987003"])
+            // (Bounded: a launcher that ignored the signal would otherwise hang the test.)
+            .args([
+                "--timeout",
+                "60",
+                "-n",
+                "2",
+                "/bin/sh",
+                "-c",
+                "sleep 987003",
+            ])
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();

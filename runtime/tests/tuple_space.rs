@@ -3,7 +3,7 @@
 
 use dsm::Rank;
 use dsm_runtime::{template, tuple, Runtime, RuntimeError, TaskFarm, TupleSpace};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -157,20 +157,19 @@ fn a_timeout_holds_when_other_threads_waits_hold_every_channel() {
 fn blocked_takers_wake_and_timeouts_lose_nothing() {
     // The taker's timeouts, seen by the putter (ranks are threads of this process here).
     let timeouts = Arc::new(AtomicU64::new(0));
+    // Set by the putter just before its `out` (ranks share this process's memory here).
+    let put = Arc::new(AtomicBool::new(false));
     job(2, plain, move |rt, space| {
         let me = rt.rank().0;
         // A remote and a local waiter wake when the tuple comes.
         let waiting = template!("wake", ?u64);
         if me == 1 {
-            let t0 = Instant::now();
             let t = space.in_(&waiting).unwrap();
             assert_eq!(t.get::<u64>(1).unwrap(), 7);
-            assert!(
-                t0.elapsed() >= Duration::from_millis(40),
-                "it waited for the out"
-            );
+            assert!(put.load(Ordering::Acquire), "it waited for the out");
         } else {
             std::thread::sleep(Duration::from_millis(50));
+            put.store(true, Ordering::Release);
             space.out(tuple!("wake", 7u64)).unwrap();
         }
         rt.dsm().barrier().unwrap();

@@ -411,7 +411,21 @@ impl Engine {
         }
     }
 
+    /// Refuses a leaf request (a fetch or an invalidation from a granted requester) for a page homed here:
+    /// the manager deals with the home's copy itself, and never grants a transaction that asks the home
+    /// for it. (Served, an invalidation would drop a copy the manager's entry still lists.)
+    fn leaf_request_at_home(&mut self, idx: usize, region: &RegionShared, page: u64) -> bool {
+        if region.home(page) != self.shared.me {
+            return false;
+        }
+        self.refuse(idx, RefusedReason::WrongRank);
+        true
+    }
+
     pub(super) fn fetch(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64) {
+        if self.leaf_request_at_home(idx, region, page) {
+            return;
+        }
         let req = Request::Fetch {
             region: region.id,
             page,
@@ -436,6 +450,9 @@ impl Engine {
         page: u64,
         send_data: bool,
     ) {
+        if self.leaf_request_at_home(idx, region, page) {
+            return;
+        }
         let req = Request::Invalidate {
             region: region.id,
             page,

@@ -173,7 +173,18 @@ impl Engine {
             self.reply(idx, &Reply::BarrierFailed { rank: dead as u32 }, &[]);
             return;
         }
-        match crate::rc::decode_notices(&notices, self.conns[idx].peer, self.shared.size) {
+        // A rank arrives once: a second arrival (on another connection) would let the barrier end
+        // without a rank that has not come.
+        let peer = self.conns[idx].peer;
+        if self
+            .arrivals
+            .iter()
+            .any(|(c, _, _)| self.conns[*c].peer == peer)
+        {
+            self.close(idx, "it arrived twice at one barrier");
+            return;
+        }
+        match crate::rc::decode_notices(&notices, peer, self.shared.size) {
             Ok((n, horizon)) => {
                 self.arrival_notices.extend(n);
                 self.arrival_horizon.merge(&horizon);

@@ -370,7 +370,10 @@ fn spawn(procs: usize, keep_going: bool) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("finding this program")?;
     let outcome = launch(&opts, &exe, &args)?;
     if outcome.code != 0 {
-        eprintln!("wordcount: {}", outcome.reason);
+        match outcome.failed_rank {
+            Some(r) => eprintln!("wordcount: the job failed: rank {r} {}", outcome.reason),
+            None => eprintln!("wordcount: the job failed: {}", outcome.reason),
+        }
     }
     Ok(outcome.code)
 }
