@@ -77,6 +77,11 @@ impl Measurement {
             target: target.into(),
         }
     }
+
+    /// The row of a floor itself: its value beside itself, marked as the floor.
+    pub fn floor(name: &str, value: f64, unit: &'static str, floor_name: &str) -> Measurement {
+        Measurement::new(name, value, unit, value, floor_name, "(floor)")
+    }
 }
 
 /// What the benchmarks compare against: the raw TCP round trip between ranks 0 and 1, 64 B request and
@@ -85,13 +90,11 @@ pub const RAW_ROUND_TRIP: &str = "raw TCP round trip 64 B / 4 KiB";
 
 /// The table row of the floor itself: its median, in microseconds.
 pub fn floor_row(median_us: f64) -> Measurement {
-    Measurement::new(
+    Measurement::floor(
         "raw TCP round trip, median",
         median_us,
         "us",
-        median_us,
         RAW_ROUND_TRIP,
-        "(floor)",
     )
 }
 
@@ -145,18 +148,27 @@ pub fn run_together(
 
 /// A count given on the command line, which must be at least 1 (`#[arg(value_parser = at_least_one::<usize>)]`).
 pub fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(s: &str) -> Result<T, String> {
-    match s.parse::<T>() {
-        Ok(n) if n >= T::from(1) => Ok(n),
-        Ok(_) => Err("must be at least 1".into()),
-        Err(_) => Err(format!("`{s}` is not a whole number")),
-    }
+    at_least(s, 1, "must be at least 1")
 }
 
 /// A number of ranks given on the command line, for a benchmark that needs at least two.
 pub fn two_or_more_ranks(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(n) if n >= 2 => Ok(n),
-        Ok(_) => Err("this benchmark measures between ranks: give at least 2".into()),
+    at_least(
+        s,
+        2,
+        "this benchmark measures between ranks: give at least 2",
+    )
+}
+
+/// A whole number given on the command line, refused with `why` below `min`.
+fn at_least<T: std::str::FromStr + PartialOrd + From<u8>>(
+    s: &str,
+    min: u8,
+    why: &str,
+) -> Result<T, String> {
+    match s.parse::<T>() {
+        Ok(n) if n >= T::from(min) => Ok(n),
+        Ok(_) => Err(why.into()),
         Err(_) => Err(format!("`{s}` is not a whole number")),
     }
 }

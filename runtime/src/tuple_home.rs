@@ -685,7 +685,7 @@ impl Home {
                     Some((templates, ticket)) => {
                         // A worker asks for a batch of a few dozen at most; the cap keeps a request
                         // from leasing more than one answer can carry.
-                        let wanted = more.min(MAX_MORE).saturating_add(1);
+                        let wanted = more.min(MAX_MORE) + 1;
                         match s.lease_first(from, &templates, wanted) {
                             Err(e) => Some((reply, Answer::Refused(e.to_string()))),
                             Ok(taken) if !taken.is_empty() => Some((reply, Answer::Leased(taken))),

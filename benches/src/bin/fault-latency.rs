@@ -366,13 +366,11 @@ fn main() -> anyhow::Result<()> {
         if let Some(mpi) = mpi_raw.as_mut().filter(|m| !m.is_empty()) {
             let mpi_med = quantile(mpi, 0.5);
             let floor = "raw MPI round trip 64 B / 4 KiB";
-            out.push(Measurement::new(
+            out.push(Measurement::floor(
                 "raw MPI round trip, median",
                 mpi_med,
                 "us",
-                mpi_med,
                 floor,
-                "(floor)",
             ));
             out.push(Measurement::new(
                 "read fault, server idle, median, against MPI",

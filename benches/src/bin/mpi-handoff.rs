@@ -142,13 +142,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if me == 0 {
-        let mut all = vec![Measurement::new(
+        let mut all = vec![Measurement::floor(
             "raw MPI round trip, median",
             floor,
             "us",
-            floor,
             "raw MPI round trip 64 B / 4 KiB",
-            "(floor)",
         )];
         all.extend(results);
         report(&all, args.json);

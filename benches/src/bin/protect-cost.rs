@@ -167,13 +167,11 @@ fn main() -> anyhow::Result<()> {
     let floor = quantile(&mut syscall, 0.5);
     let floor_name = "a system call (getppid)";
 
-    let mut out = vec![Measurement::new(
+    let mut out = vec![Measurement::floor(
         "system call, median",
         floor,
         "us",
-        floor,
         floor_name,
-        "(floor)",
     )];
     for (neighbour, label) in [
         (Neighbour::None, "no other thread running"),

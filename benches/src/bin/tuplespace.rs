@@ -130,13 +130,11 @@ fn main() -> anyhow::Result<()> {
         let n = dsm.size();
         report(
             &[
-                Measurement::new(
+                Measurement::floor(
                     "mutex queue push+pop pairs per second",
                     local.1,
                     "1/s",
-                    local.1,
                     "the floor itself",
-                    "(floor)",
                 ),
                 Measurement::new(
                     "local out+in pairs per second",
@@ -146,13 +144,11 @@ fn main() -> anyhow::Result<()> {
                     "mutex queue push+pop",
                     ">= 1000000",
                 ),
-                Measurement::new(
+                Measurement::floor(
                     "raw TCP round trip 64 B / 64 B, median",
                     floor,
                     "us",
-                    floor,
                     "the floor itself",
-                    "(floor)",
                 ),
                 Measurement::new(
                     "remote in of a present tuple, median",

@@ -933,8 +933,7 @@ fn favour_this_thread(me: Rank, how: ServicePriority) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::swmr::Data;
-    use crate::protocol::swmr::{self, Access};
+    use crate::protocol::swmr::{self, Access, Data};
     use crate::region::{Placement, Region, RegionShared, READ_ONLY, READ_WRITE, STATE_MASK};
     use crate::transport::{Mesh, Transport};
     use crate::wire::Request;

@@ -85,9 +85,8 @@ fn handle(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) 
 }
 
 /// Passes a SIGBUS that is not ours to the previous handler (a sent one that was ignored stays ignored), or
-/// restores the default action so that
-/// returning re-raises it on the faulting instruction. A signal that was sent (`si_code <= 0`) does not come
-/// back by itself: if the default action is in place afterwards (restored here, or by a previous handler
+/// restores the default action so that returning re-raises it on the faulting instruction. A signal that was
+/// sent (`si_code <= 0`) does not come back by itself: if the default action is in place afterwards (restored here, or by a previous handler
 /// that expected a fault to come back, as Rust's stack-overflow handler does), it is raised again, to be
 /// delivered when this handler returns.
 fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
