@@ -1347,10 +1347,9 @@ mod tests {
     }
 
     #[test]
-    fn a_large_reservation_is_cheap_and_carving_checks_space() {
-        let t = std::time::Instant::now();
+    fn a_large_reservation_succeeds_and_carving_checks_space() {
+        // Address space only, more of it than the machine has memory.
         let mut arena = Arena::reserve(Rank(0), None, 64 << 30).unwrap();
-        assert!(t.elapsed() < std::time::Duration::from_secs(1));
         let a = arena.carve(4 << 30).unwrap();
         assert_eq!(a, arena.base);
         let err = arena.carve(61 << 30).unwrap_err();

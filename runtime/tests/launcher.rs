@@ -27,11 +27,11 @@ fn until_running(words: &[&str], n: usize) {
     }
 }
 
-/// Waits up to two seconds for no process with this command line to be left.
+/// Waits up to ten seconds for no process with this command line to be left.
 fn gone(words: &[&str]) -> bool {
     let t = Instant::now();
     while running(words) > 0 {
-        if t.elapsed() > Duration::from_secs(2) {
+        if t.elapsed() > Duration::from_secs(10) {
             return false;
         }
         std::thread::sleep(Duration::from_millis(20));
