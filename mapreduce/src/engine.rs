@@ -658,6 +658,17 @@ impl MapReduce {
             let Some(task) = tasks.remove(&id) else {
                 continue;
             };
+            let result = match result {
+                TaskResult::Lost { holder } if !self.has_failed(Rank(holder)) => {
+                    TaskResult::Failed {
+                        what: format!(
+                            "a reducer could not fetch map output from {}, which has not failed (its connection broke): the job cannot go on without it",
+                            Rank(holder)
+                        ),
+                    }
+                }
+                other => other,
+            };
             match master.on_result(id, &task, result) {
                 Step::Put(list) => put(&mut tasks, list)?,
                 Step::Finished => break,
@@ -672,7 +683,27 @@ impl MapReduce {
         remove_part_tmps(master.output());
         Ok((master, map_time.unwrap_or_else(|| started.elapsed())))
     }
+
+    /// Whether `rank`, whose map output a reducer lost, has failed, as this rank sees within a few
+    /// seconds (its own connection to a rank that died breaks at about the same time). A rank that has
+    /// not is not taken for lost: its maps would be done again, and their output refused, for ever.
+    fn has_failed(&self, rank: Rank) -> bool {
+        let dsm = self.space.dsm();
+        let t0 = Instant::now();
+        loop {
+            if dsm.failed_ranks().contains(&rank) {
+                return true;
+            }
+            if rank == dsm.rank() || t0.elapsed() > LOST_NOTICED_WITHIN {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
+
+/// How long the master waits to see a rank fail that a reducer says it lost.
+const LOST_NOTICED_WITHIN: Duration = Duration::from_secs(3);
 
 /// Closes a job's requests to the shuffle when dropped.
 struct Closing<'a> {

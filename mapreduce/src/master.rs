@@ -561,7 +561,8 @@ mod tests {
         let late = puts(m.on_result(again[0].0, &again[0].1, mapped(1, 1)));
         assert_eq!(maps(&late), vec![(1, 1)]);
         assert_eq!(m.redone, 3);
-        // A stale id is ignored.
+        // A stale id is ignored; map 1's current attempt is taken, and nothing goes out while map 2
+        // runs (`only` below shows that it was taken: partition 1 goes out once map 2 is done).
         assert!(puts(m.on_result(first[1].0, &first[1].1, mapped(0, 1))).is_empty());
         assert!(puts(m.on_result(late[0].0, &late[0].1, mapped(0, 1))).is_empty());
         let only = puts(m.on_result(again[1].0, &again[1].1, mapped(2, 1)));
@@ -643,9 +644,10 @@ mod tests {
         let t = m.totals();
         assert_eq!(t.counters.get("lines"), 3);
         assert_eq!((t.maps_done, t.input_bytes), (3, 30));
-        // A new map, if it ends after all, replaces its split's figures rather than adding to them.
-        let _ = m.on_result(again[0].0, &again[0].1, mapped(0, 1));
-        assert_eq!(m.totals().counters.get("lines"), 3);
+        // A new map, if it ends after all, replaces its split's figures rather than adding to them: 1
+        // line each for splits 0 and 2, and now 5 for split 1.
+        let _ = m.on_result(again[0].0, &again[0].1, mapped(0, 5));
+        assert_eq!(m.totals().counters.get("lines"), 7);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Sorted runs: the files map tasks leave for reducers, and the merge that reads many of them back in key
 //! order. A run is a sequence of records, each a LEB128 length and the postcard encoding of one `(key,
-//! value)` pair, sorted by key.
+//! value)` pair, sorted by key, and then an end mark: the length [`END`], which no record has, and the
+//! number of records, 8 bytes little-endian. A run cut off anywhere, even between two records, or with
+//! anything after its end mark, is an error to its reader, not a shorter run.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -11,7 +13,7 @@ fn invalid(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
-/// Writes `pairs` (sorted) as a run; returns the bytes written.
+/// Writes `pairs` (sorted) as a run, with its end mark; returns the bytes written.
 pub(crate) fn write_run<K: Serialize, V: Serialize>(
     out: &mut impl Write,
     pairs: &[(K, V)],
@@ -21,10 +23,20 @@ pub(crate) fn write_run<K: Serialize, V: Serialize>(
     for (k, v) in pairs {
         written += write_pair(out, &mut buf, k, v)?;
     }
-    Ok(written)
+    Ok(written + write_end(out, pairs.len() as u64)?)
+}
+
+/// Ends a run of `records` records written with [`write_pair`]; returns the bytes written.
+pub(crate) fn write_end(out: &mut impl Write, records: u64) -> io::Result<u64> {
+    let mut len = [0u8; 5];
+    let n = put_varint(&mut len, END);
+    out.write_all(&len[..n])?;
+    out.write_all(&records.to_le_bytes())?;
+    Ok(n as u64 + 8)
 }
 
 /// Writes one record of a run, `(key, value)`, with `buf` as scratch space; returns the bytes written.
+/// The run is ended with [`write_end`].
 pub(crate) fn write_pair<K: Serialize, V: Serialize>(
     out: &mut impl Write,
     buf: &mut Vec<u8>,
@@ -52,10 +64,17 @@ pub(crate) fn write_pair<K: Serialize, V: Serialize>(
 /// The longest record a run may hold (a key and its value, encoded).
 const MAX_RECORD: u32 = 1 << 30;
 
-/// The LEB128 length at the start of `bytes` and its size, if it is complete there (and at most 5 bytes).
+/// The length that marks the end of a run (longer than any record).
+const END: u32 = MAX_RECORD + 1;
+
+/// The LEB128 length at the start of `bytes` and its size, if it is complete there and fits in 32 bits.
 fn get_varint(bytes: &[u8]) -> Option<(usize, usize)> {
     let mut len = 0usize;
     for (i, b) in bytes.iter().take(5).enumerate() {
+        if i == 4 && b & 0xf0 != 0 {
+            // Read again byte by byte, which says what is wrong.
+            return None;
+        }
         len |= usize::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
             return Some((len, i + 1));
@@ -78,11 +97,27 @@ fn put_varint(out: &mut [u8; 5], mut v: u32) -> usize {
     }
 }
 
+/// The pair encoded in `body`, which must be all of it; `what` names the run in errors.
+fn decode<K: DeserializeOwned, V: DeserializeOwned>(body: &[u8], what: &str) -> io::Result<(K, V)> {
+    match postcard::take_from_bytes(body) {
+        Ok((pair, [])) => Ok(pair),
+        Ok((_, rest)) => Err(invalid(format!(
+            "{what}: a record has {} bytes after its pair",
+            rest.len()
+        ))),
+        Err(e) => Err(invalid(format!("{what}: a record does not decode: {e}"))),
+    }
+}
+
 /// Reads the pairs of one run in order.
 pub(crate) struct RunReader<K, V> {
     src: Box<dyn BufRead + Send>,
     buf: Vec<u8>,
     what: String,
+    /// Records read so far.
+    records: u64,
+    /// Whether the end mark was read.
+    ended: bool,
     _pair: std::marker::PhantomData<fn() -> (K, V)>,
 }
 
@@ -93,34 +128,58 @@ impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
             src,
             buf: Vec::new(),
             what,
+            records: 0,
+            ended: false,
             _pair: std::marker::PhantomData,
         }
     }
 
+    /// Reads the rest of the end mark, whose length was just read, and checks it and that nothing follows.
+    fn end(&mut self) -> io::Result<()> {
+        let mut count = [0u8; 8];
+        self.src
+            .read_exact(&mut count)
+            .map_err(|e| invalid(format!("{}: cut off in its end mark: {e}", self.what)))?;
+        let count = u64::from_le_bytes(count);
+        if count != self.records {
+            return Err(invalid(format!(
+                "{}: its end mark counts {count} records, and {} came before it",
+                self.what, self.records
+            )));
+        }
+        if !self.src.fill_buf()?.is_empty() {
+            return Err(invalid(format!("{}: bytes after its end mark", self.what)));
+        }
+        self.ended = true;
+        Ok(())
+    }
+
     /// The next pair, or `None` at the end of the run.
     pub(crate) fn next_pair(&mut self) -> io::Result<Option<(K, V)>> {
+        if self.ended {
+            return Ok(None);
+        }
         // Usually the whole record is in the reader's buffer: decode it in place.
         let buffered = self.src.fill_buf()?;
         if buffered.is_empty() {
-            return Ok(None);
+            return Err(invalid(format!(
+                "{}: cut off after {} records, without its end mark",
+                self.what, self.records
+            )));
         }
         if let Some((len, n)) = get_varint(buffered) {
             if let Some(body) = buffered.get(n..n + len) {
-                let pair = postcard::from_bytes(body).map_err(|e| {
-                    invalid(format!("{}: a record does not decode: {e}", self.what))
-                })?;
+                let pair = decode(body, &self.what)?;
+                self.records += 1;
                 self.src.consume(n + len);
                 return Ok(Some(pair));
             }
         }
-        // A record across the buffer's end: read it piece by piece.
+        // A record across the buffer's end, or the end mark: read it piece by piece.
         let mut len: u32 = 0;
         for i in 0..5 {
             let mut b = [0u8; 1];
             if self.src.read(&mut b)? == 0 {
-                if i == 0 {
-                    return Ok(None);
-                }
                 return Err(invalid(format!(
                     "{}: cut off in a record length",
                     self.what
@@ -135,6 +194,10 @@ impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
                 break;
             }
         }
+        if len == END {
+            self.end()?;
+            return Ok(None);
+        }
         if len > MAX_RECORD {
             // A damaged run (or one from a confused peer): not a reason to allocate gigabytes.
             return Err(invalid(format!(
@@ -144,11 +207,12 @@ impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
         }
         // Read as it comes, not into a buffer of the length given first: a damaged length costs only the
         // bytes that are really there.
-        self.buf.clear();
+        let mut body = std::mem::take(&mut self.buf);
+        body.clear();
         let src: &mut Box<dyn BufRead + Send> = &mut self.src;
         let got = src
             .take(u64::from(len))
-            .read_to_end(&mut self.buf)
+            .read_to_end(&mut body)
             .map_err(|e| invalid(format!("{}: cut off in a record: {e}", self.what)))?;
         if got < len as usize {
             return Err(invalid(format!(
@@ -156,9 +220,10 @@ impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
                 self.what
             )));
         }
-        postcard::from_bytes(&self.buf)
-            .map(Some)
-            .map_err(|e| invalid(format!("{}: a record does not decode: {e}", self.what)))
+        let pair = decode(&body, &self.what);
+        self.buf = body;
+        self.records += 1;
+        pair.map(Some)
     }
 }
 
@@ -311,13 +376,22 @@ mod tests {
 
     #[test]
     fn records_across_the_read_buffer_are_read_whole() {
+        // Keys of every length up to 22 bytes, and some of 200 and 20000 bytes: lengths of one, two
+        // and three bytes.
         let pairs: Vec<(String, u64)> = (0..300)
-            .map(|i| (format!("key-{i:04}-{}", "x".repeat(i % 23)), i as u64))
+            .map(|i| {
+                let tail = match i % 50 {
+                    7 => 200,
+                    13 => 20_000,
+                    _ => i % 23,
+                };
+                (format!("key-{i:04}-{}", "x".repeat(tail)), i as u64)
+            })
             .collect();
         let mut bytes = Vec::new();
         write_run(&mut bytes, &pairs).unwrap();
         // Buffers smaller than a record, and of sizes that cut records and lengths at every place.
-        for capacity in [1, 2, 3, 7, 16, 61, 4096] {
+        for capacity in [1, 2, 3, 7, 16, 61, 4096, 64 << 10] {
             let src = io::BufReader::with_capacity(capacity, io::Cursor::new(bytes.clone()));
             let mut r: RunReader<String, u64> = RunReader::new(Box::new(src), "test".into());
             let mut got = Vec::new();
@@ -332,12 +406,33 @@ mod tests {
     fn a_damaged_run_is_an_error_not_a_panic() {
         let mut bytes = Vec::new();
         write_run(&mut bytes, &[("a".to_string(), 1u64), ("b".to_string(), 2)]).unwrap();
-        let first = write_run(&mut Vec::new(), &[("a".to_string(), 1u64)]).unwrap() as usize;
-        for cut in (1..bytes.len()).filter(|c| *c != first) {
+        // Cut anywhere, between the two records too, or with a byte more: never a shorter run.
+        for cut in 0..bytes.len() {
             let r = reader(bytes[..cut].to_vec());
             let e = merge(vec![r], |_, _| Ok(())).unwrap_err();
             assert!(e.to_string().contains("test run"), "{e}");
         }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        let e = merge(vec![reader(longer)], |_, _| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("after its end mark"), "{e}");
+        // The record "b" dropped, its end mark kept: the count tells.
+        let first = {
+            let mut one = Vec::new();
+            write_pair(&mut one, &mut Vec::new(), &"a".to_string(), &1u64).unwrap() as usize
+        };
+        let mut dropped = bytes[..first].to_vec();
+        dropped.extend_from_slice(&bytes[bytes.len() - 13..]);
+        let e = merge(vec![reader(dropped)], |_, _| Ok(())).unwrap_err();
+        assert!(
+            e.to_string().contains("counts 2 records, and 1 came"),
+            "{e}"
+        );
+        // A record whose length covers the next one as well: bytes left after its pair.
+        let mut swallowed = bytes.clone();
+        swallowed[0] += u8::try_from(first).unwrap();
+        let e = merge(vec![reader(swallowed)], |_, _| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("bytes after its pair"), "{e}");
         let mut unsorted = Vec::new();
         write_run(
             &mut unsorted,

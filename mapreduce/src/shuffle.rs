@@ -20,9 +20,10 @@ pub(crate) const SERVICE: ServiceId = 2;
 /// The most bytes of runs one answer carries.
 const CHUNK: usize = 4 << 20;
 
-/// The most runs of one holder a reduce fetches: a fetch names every run still wanted, each in at least
-/// four bytes, and a request is at most [`dsm::MAX_SERVICE_REQUEST`] bytes.
-const MAX_RUNS: u64 = (dsm::MAX_SERVICE_REQUEST / 4) as u64;
+/// The most runs of one holder a reduce fetches: a fetch names every run still wanted, each in at most
+/// 30 bytes (a `RunId`'s varints: 10, 10, 5 and 5), with 64 bytes for the rest of the request, and a
+/// request is at most [`dsm::MAX_SERVICE_REQUEST`] bytes.
+const MAX_RUNS: u64 = ((dsm::MAX_SERVICE_REQUEST - 64) / 30) as u64;
 
 /// Names one run of a batch of map output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,9 +160,13 @@ impl Service for ShuffleService {
         let job = request.job();
         let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         match job.and_then(|j| jobs.get(&j)) {
-            // The job's thread lives until the job is closed here; a send cannot fail while it does.
+            // The job's thread lives until the job is closed here, unless it panicked: then the request
+            // comes back, and is answered, not left without an answer for its caller to wait on.
             Some(tx) => {
-                let _ = tx.send((request, reply));
+                if let Err(crossbeam::channel::SendError((_, reply))) = tx.send((request, reply)) {
+                    let what = "the rank's shuffle thread for the job has ended";
+                    let _ = reply.send(&[&failure(what)]);
+                }
             }
             None => {
                 drop(jobs);
@@ -542,5 +547,18 @@ mod tests {
         let most = MAX_RUNS as u32;
         assert!(counts_in(&sealed(Ok(vec![most - 1, 1])), holder, 0, 2).is_ok());
         assert!(counts_in(&sealed(Ok(vec![most, 1])), holder, 0, 2).is_err());
+        // A fetch naming that many runs, each of the longest encoding, fits in one request.
+        let longest = RunId {
+            job: u64::MAX,
+            batch: u64::MAX,
+            partition: u32::MAX,
+            run: u32::MAX,
+        };
+        let fetch = Request::Fetch(Fetch {
+            runs: vec![longest; MAX_RUNS as usize],
+            offset: u64::MAX,
+        });
+        let bytes = postcard::to_allocvec(&fetch).unwrap().len();
+        assert!(bytes <= dsm::MAX_SERVICE_REQUEST, "{bytes} bytes");
     }
 }

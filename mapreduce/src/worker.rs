@@ -693,6 +693,7 @@ impl<J: Job> Worker<'_, J> {
         let mut out = BufWriter::with_capacity(256 << 10, File::create(path).map_err(io)?);
         let combiner = self.job.combiner();
         let mut buf = Vec::new();
+        let mut records = 0u64;
         runs::merge(readers, |key, values| {
             match combiner {
                 Some(combine) => {
@@ -702,17 +703,20 @@ impl<J: Job> Worker<'_, J> {
                             combine(&mut total, v);
                         }
                         runs::write_pair(&mut out, &mut buf, &key, &total)?;
+                        records += 1;
                     }
                 }
                 None => {
                     for v in &values {
                         runs::write_pair(&mut out, &mut buf, &key, v)?;
                     }
+                    records += values.len() as u64;
                 }
             }
             Ok(())
         })
         .map_err(|e| format!("merging runs into {}: {e}", path.display()))?;
+        runs::write_end(&mut out, records).map_err(io)?;
         out.flush().map_err(io)
     }
 
