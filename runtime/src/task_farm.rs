@@ -35,7 +35,7 @@ use crate::{template, tuple, Lease, RuntimeError, TupleSpace};
 use dsm::Rank;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,8 @@ pub struct TaskFarm {
     me: Rank,
     /// `serve` calls running on this rank through this farm or its clones.
     serving: Arc<AtomicUsize>,
+    /// Whether this farm or a clone of it put the stop mark.
+    stopped: Arc<AtomicBool>,
 }
 
 impl TaskFarm {
@@ -92,6 +94,7 @@ impl TaskFarm {
             stop_key: homed_at_master(format!("{name}\0stop")),
             me: space.dsm().rank(),
             serving: Arc::new(AtomicUsize::new(0)),
+            stopped: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -177,7 +180,17 @@ impl TaskFarm {
     /// Waits for `n` results and returns them as `(task id, result)`, in the order they came. Fails with
     /// [`RuntimeError::NoWorkers`] instead of waiting for ever once every other rank has failed while no
     /// `serve` runs on this rank (through this farm or a clone of it).
+    ///
+    /// Refused once the farm is stopped ([`TaskFarm::stop`]): workers that found the bag empty have left,
+    /// and a task that a failed worker held, back in the bag, would wait for a worker that never comes.
+    /// Stop the farm after its results are in.
     pub fn results<R: DeserializeOwned>(&self, n: usize) -> Result<Vec<(u64, R)>, RuntimeError> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(RuntimeError::Refused {
+                rank: self.me,
+                reason: "results were asked for after the task farm was stopped: call stop() once the results are in (workers leave when they find the bag empty, and would not come back for a task a failed worker held)".into(),
+            });
+        }
         let wanted = template!(self.results_key.as_str(), "result", ?u64, ?Vec<u8>);
         let dsm = self.space.dsm();
         // Room for the results as they come (n is the caller's: it may be far more than will fit).
@@ -243,8 +256,10 @@ impl TaskFarm {
     }
 
     /// Tells the workers to stop once the bag is empty: a worker takes the stop mark only when no task is
-    /// left for it to take, its own, anyone's or other ranks'.
+    /// left for it to take, its own, anyone's or other ranks'. Call it once the results are in
+    /// ([`TaskFarm::results`] is refused afterwards), or to give up on the tasks left.
     pub fn stop(&self) -> Result<(), RuntimeError> {
+        self.stopped.store(true, Ordering::Release);
         self.space.out(tuple!(
             self.stop_key.as_str(),
             "task",

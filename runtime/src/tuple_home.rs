@@ -6,7 +6,7 @@
 //! Never blocks and never sends while holding its state lock: answers are collected under the lock and
 //! sent after it.
 
-use crate::tuple::{Template, Tuple, TupleError};
+use crate::tuple::{Template, Tuple, TupleError, MAX_TUPLE_BYTES};
 use crate::tuple_store::{Delivery, Mode, TupleStore, WaiterId};
 use crossbeam::channel::{Receiver, Sender};
 use dsm::{Rank, Responder, Service, ServiceId};
@@ -144,13 +144,19 @@ struct Outbox(Vec<(Waiter, Found, bool)>);
 
 impl Outbox {
     /// Sends the answers. A tuple taken for an answer that cannot be delivered goes back into `home`
-    /// (a leased one is given back by the failed holder's leases instead).
+    /// (a remote holder's leased one is given back with the failed holder's leases instead; a local
+    /// one's lease ends here, as this rank never fails to itself).
     fn send(self, home: &Home) {
         for (waiter, found, taken) in self.0 {
             let undelivered = match waiter {
                 // A local waiter that gave up (timed out) cancels itself first, so a send that fails means
                 // its thread is gone.
-                Waiter::Local(tx) => tx.send(found).err().map(|e| e.0.tuple),
+                Waiter::Local(tx) => tx.send(found).err().map(|e| {
+                    if let Some(id) = e.0.lease {
+                        home.state().leases.remove(&id);
+                    }
+                    e.0.tuple
+                }),
                 // A remote requester that is gone is reported by the service loop, which then gives back
                 // its leases; the frame did not reach it whole.
                 Waiter::Remote { reply, .. } => undelivered(reply, Answer::from(found)),
@@ -428,21 +434,26 @@ impl State {
     }
 
     /// Up to `most` tuples here now that match the first of `templates` that has any, leased to `holder`
-    /// (none when no template has a match).
+    /// (none when no template has a match); no more once they hold [`MAX_TUPLE_BYTES`] of data, so that
+    /// an answer of many large tuples stays the size of one.
     fn lease_first(
         &mut self,
         holder: Rank,
         templates: &[Template],
         most: u32,
     ) -> Result<Vec<(Tuple, u64)>, TupleError> {
-        let mut taken = Vec::new();
+        let mut taken: Vec<(Tuple, u64)> = Vec::new();
+        let mut bytes = 0;
         for template in templates {
-            while taken.len() < most as usize {
+            while taken.len() < most as usize && bytes < MAX_TUPLE_BYTES {
                 match self.find(holder, template, Mode::Take, true)? {
                     Some(Found {
                         tuple,
                         lease: Some(id),
-                    }) => taken.push((tuple, id)),
+                    }) => {
+                        bytes += tuple.byte_len();
+                        taken.push((tuple, id));
+                    }
                     _ => break,
                 }
             }
@@ -575,6 +586,8 @@ impl Home {
     /// Queues an `eval` for this rank's evaluator (at most [`MAX_QUEUED_EVALS`] wait at once: past that the
     /// eval is refused, so that a rank that sends evals faster than they run cannot fill this one's memory).
     pub(crate) fn eval(&self, function: String, args: Tuple) -> Result<(), String> {
+        // The caller checks them too; a peer's are checked here as well, as every tuple is.
+        args.check().map_err(|e| e.to_string())?;
         let Some(f) = self.functions.get(&function) else {
             return Err(format!(
                 "no function {function:?} is registered: register it with TupleSpace::builder().function(..) on every rank"
@@ -672,7 +685,10 @@ impl Home {
                 }
                 return;
             }
-            Ask::Count(template) => Some((reply, Answer::Count(s.store.count(&template) as u64))),
+            Ask::Count(template) => match template.check() {
+                Err(e) => Some((reply, Answer::Refused(e.to_string()))),
+                Ok(()) => Some((reply, Answer::Count(s.store.count(&template) as u64))),
+            },
             Ask::Complete {
                 leases,
                 results,
@@ -860,6 +876,42 @@ mod tests {
             s.groups.is_empty() && s.pending.is_empty(),
             "the request waits no more"
         );
+    }
+
+    #[test]
+    fn a_lease_for_a_local_waiter_that_is_gone_ends_with_it() {
+        let home = home();
+        let (tx, rx) = crossbeam::channel::unbounded();
+        let jobs = crate::template!("job", ?i64);
+        home.state()
+            .wait(Rank(0), jobs.clone(), Mode::Take, true, Waiter::Local(tx))
+            .unwrap();
+        drop(rx);
+        home.out(vec![tuple!("job", 7i64)]).unwrap();
+        let s = home.state();
+        assert_eq!(s.store.count(&jobs), 1, "the tuple is back");
+        assert!(s.leases.is_empty(), "and no lease holds it");
+    }
+
+    #[test]
+    fn a_batch_of_leases_stops_at_the_data_one_answer_carries() {
+        let mut s = State::default();
+        let mut outbox = Outbox::default();
+        let mb = || vec![7u8; 1 << 20];
+        // Three tuples of 5 MiB each: two make more than MAX_TUPLE_BYTES (8 MiB).
+        let big = || tuple!("big", mb(), mb(), mb(), mb(), mb());
+        s.out_many(vec![big(), big(), big()], &mut outbox).unwrap();
+        let template = crate::template!("big", ?Vec<u8>, ?Vec<u8>, ?Vec<u8>, ?Vec<u8>, ?Vec<u8>);
+        let taken = s.lease_first(Rank(1), &[template.clone()], 10).unwrap();
+        assert_eq!(taken.len(), 2);
+        assert_eq!(s.store.count(&template), 1);
+        // Small ones go by the count asked for.
+        let small: Vec<Tuple> = (0..20i64).map(|i| tuple!("small", i)).collect();
+        s.out_many(small, &mut outbox).unwrap();
+        let taken = s
+            .lease_first(Rank(1), &[crate::template!("small", ?i64)], 10)
+            .unwrap();
+        assert_eq!(taken.len(), 10);
     }
 
     #[test]

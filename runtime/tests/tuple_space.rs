@@ -544,6 +544,12 @@ fn withdrawn_tasks_are_not_done() {
             assert_eq!(farm.withdraw().unwrap(), 100);
             assert_eq!(farm.withdraw().unwrap(), 0);
             farm.stop().unwrap();
+            // Asked for after the stop, results are refused, not waited for (also through a clone).
+            let e = farm.clone().results::<u64>(1).unwrap_err();
+            assert!(
+                e.to_string().contains("after the task farm was stopped"),
+                "{e}"
+            );
         }
         rt.dsm().barrier().unwrap();
         if rt.rank().0 == 1 {
