@@ -902,7 +902,9 @@ mod tests {
         let big = || tuple!("big", mb(), mb(), mb(), mb(), mb());
         s.out_many(vec![big(), big(), big()], &mut outbox).unwrap();
         let template = crate::template!("big", ?Vec<u8>, ?Vec<u8>, ?Vec<u8>, ?Vec<u8>, ?Vec<u8>);
-        let taken = s.lease_first(Rank(1), &[template.clone()], 10).unwrap();
+        let taken = s
+            .lease_first(Rank(1), std::slice::from_ref(&template), 10)
+            .unwrap();
         assert_eq!(taken.len(), 2);
         assert_eq!(s.store.count(&template), 1);
         // Small ones go by the count asked for.
