@@ -91,6 +91,9 @@ pub enum DsmError {
     /// A configuration value is out of range or malformed.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A release could not announce its writes ([`crate::protocol::release::IntervalsExhausted`]).
+    #[error("{0}")]
+    IntervalsExhausted(#[from] crate::protocol::release::IntervalsExhausted),
     /// The rank left the job from a thread that was panicking: it skipped the final barrier and said no
     /// goodbye, so the other ranks see it fail.
     #[error("left the job while panicking: the final barrier was skipped and the other ranks see this rank fail")]

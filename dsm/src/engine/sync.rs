@@ -202,7 +202,13 @@ impl Engine {
             &mut self.arrival_horizon,
             VectorClock::new(self.shared.size),
         );
-        let all = crate::rc::encode_notices(&std::mem::take(&mut self.arrival_notices), &horizon);
+        // Each arrival is at most a request; all of them together, sent to every rank, are bounded the
+        // same way: past that the horizon is raised over them (every rank drops its cached copies).
+        let all = crate::rc::encode_notices_within(
+            &std::mem::take(&mut self.arrival_notices),
+            &horizon,
+            crate::MAX_SERVICE_REQUEST,
+        );
         let arrivals = std::mem::take(&mut self.arrivals);
         let reference = arrivals
             .iter()

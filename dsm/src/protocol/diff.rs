@@ -377,11 +377,47 @@ mod tests {
             Err(DiffError::MaskMismatch),
             "a mask with no bytes"
         );
-        // Random bytes never panic and never write outside the page.
+        // Random bytes never panic and never write outside the page: short ones of any first byte, and
+        // long ones of either encoding's tag (a masked diff is at least 513 bytes).
         let mut rng = StdRng::seed_from_u64(4);
-        for _ in 0..20_000 {
-            let n = rng.random_range(0..40);
-            let d: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+        let inside = |o: usize, b: &[u8]| assert!(o + b.len() <= PAGE_SIZE, "{o} + {}", b.len());
+        for i in 0..20_000 {
+            let n = if i % 2 == 0 {
+                rng.random_range(0..40)
+            } else {
+                rng.random_range(1..5000)
+            };
+            let mut d: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+            if i % 2 == 1 {
+                d[0] = [RUNS, MASKED][i / 2 % 2];
+            }
+            let _ = apply_with(&d, inside);
+            let _ = apply(&mut p, &d);
+        }
+        // Real diffs of both encodings, damaged: bytes changed, cut short, or grown.
+        for i in 0..5_000 {
+            let twin: Vec<u8> = (0..PAGE_SIZE).map(|_| rng.random()).collect();
+            let mut page = twin.clone();
+            // A few runs of changes, or changes scattered over the page (the masked encoding).
+            let changes = if i % 2 == 0 { 3 } else { 600 };
+            for _ in 0..changes {
+                let at = rng.random_range(0..PAGE_SIZE);
+                page[at] = page[at].wrapping_add(1);
+            }
+            let mut d = Vec::new();
+            encode(&twin, &page, &mut d);
+            assert_eq!(d[0], [RUNS, MASKED][i % 2], "the encoding meant");
+            match rng.random_range(0..3) {
+                0 => {
+                    for _ in 0..rng.random_range(1..4) {
+                        let at = rng.random_range(0..d.len());
+                        d[at] = rng.random();
+                    }
+                }
+                1 => d.truncate(rng.random_range(0..d.len())),
+                _ => d.extend((0..rng.random_range(1..16)).map(|_| rng.random::<u8>())),
+            }
+            let _ = apply_with(&d, inside);
             let _ = apply(&mut p, &d);
         }
     }

@@ -355,6 +355,23 @@ pub struct Acquire {
     pub everything: bool,
 }
 
+/// A rank has closed as many intervals as their 32-bit numbers allow (about four billion releases that
+/// wrote something): it cannot announce more writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntervalsExhausted;
+
+impl std::fmt::Display for IntervalsExhausted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "this rank has made {} releases that wrote shared data, the most one job can announce",
+            u32::MAX
+        )
+    }
+}
+
+impl std::error::Error for IntervalsExhausted {}
+
 /// One rank's release-consistency state.
 #[derive(Debug, Clone)]
 pub struct RcRank {
@@ -478,26 +495,32 @@ impl RcRank {
     }
 
     /// Closes the interval at a release.
-    pub fn release(&mut self) -> Release {
+    pub fn release(&mut self) -> Result<Release, IntervalsExhausted> {
+        let notice = self.close_interval(self.written.iter().copied().collect())?;
         let diff = std::mem::take(&mut self.twinned).into_iter().collect();
         let protect: Vec<PageKey> = std::mem::take(&mut self.written).into_iter().collect();
-        let notice = self.close_interval(protect.clone());
-        Release {
+        Ok(Release {
             diff,
             protect,
             notice,
-        }
+        })
     }
 
     /// Closes the interval with the pages written in it, when the caller tracks writes itself (the engine
     /// does, in page state bits, because the fault handler cannot use this structure). Returns the notice.
-    pub fn close_interval(&mut self, mut pages: Vec<PageKey>) -> Option<WriteNotice> {
+    pub fn close_interval(
+        &mut self,
+        mut pages: Vec<PageKey>,
+    ) -> Result<Option<WriteNotice>, IntervalsExhausted> {
         if pages.is_empty() {
-            return None;
+            return Ok(None);
         }
         pages.sort_unstable();
         pages.dedup();
-        let interval = self.clock.0[self.me.index()] + 1;
+        // (A number that wrapped to 0 would be taken for one every rank has seen: its notice ignored.)
+        let interval = self.clock.0[self.me.index()]
+            .checked_add(1)
+            .ok_or(IntervalsExhausted)?;
         self.clock.0[self.me.index()] = interval;
         let notice = WriteNotice {
             rank: self.me,
@@ -508,7 +531,7 @@ impl RcRank {
         self.own_bytes += weight(&notice);
         self.own.push(notice.clone());
         self.forgotten += self.bound_notices();
-        Some(notice)
+        Ok(Some(notice))
     }
 
     /// The notices to hand over with `lock` as this rank releases it, the horizon to pass with them, and

@@ -172,12 +172,12 @@ pub(crate) fn release(shared: &Shared) -> Result<()> {
             .filter(|k| cleared.contains(k))
             .copied()
             .collect();
-        if !delivered.is_empty() && rc.close_interval(delivered).is_some() {
+        if !delivered.is_empty() && rc.close_interval(delivered)?.is_some() {
             Counters::add(&shared.counters.write_notices, 1);
         }
         return result;
     }
-    if rc.close_interval(written).is_some() {
+    if rc.close_interval(written)?.is_some() {
         Counters::add(&shared.counters.write_notices, 1);
     }
     Counters::add(

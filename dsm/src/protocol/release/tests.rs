@@ -183,7 +183,7 @@ impl Sim {
     }
 
     fn release(&mut self, r: usize) -> Option<WriteNotice> {
-        let rel = self.rc[r].release();
+        let rel = self.rc[r].release().unwrap();
         for k in &rel.diff {
             self.send_diff(r, k.page as usize);
         }
@@ -406,7 +406,7 @@ fn a_rank_that_acquires_invalidates_what_others_wrote_except_its_home_pages() {
     let mut b = RcRank::new(Rank(1), 2);
     assert_eq!(b.on_write(key(3), false), OnWrite::TwinAndUnprotect);
     assert_eq!(b.on_write(key(4), true), OnWrite::Unprotect);
-    let rel = b.release();
+    let rel = b.release().unwrap();
     assert_eq!(
         rel.diff,
         vec![key(3)],
@@ -456,7 +456,7 @@ fn an_acquire_drops_each_page_of_overlapping_runs_once_and_flushes_only_pages_it
     );
     assert_eq!(acq.flush, vec![key(3), key(12)]);
     // Page 40 keeps its twin: the release diffs it.
-    assert_eq!(a.release().diff, vec![key(40)]);
+    assert_eq!(a.release().unwrap().diff, vec![key(40)]);
 }
 
 #[test]
@@ -498,14 +498,14 @@ fn a_page_written_here_and_elsewhere_is_flushed_before_it_is_dropped() {
     a.on_write(key(1), false);
     b.on_write(key(1), false);
     let notices = {
-        b.release();
+        b.release().unwrap();
         b.notices_to_pass(0).0
     };
     let acq = a.acquire(&notices, &Z, not_homed(|_| false));
     assert_eq!(acq.flush, vec![key(1)]);
     assert_eq!(pages_of(&acq.invalidate), vec![key(1)]);
     // The page stays in the interval's notice, but needs no second diff unless written again.
-    let rel = a.release();
+    let rel = a.release().unwrap();
     assert!(rel.diff.is_empty());
     assert_eq!(
         rel.notice.unwrap().pages().collect::<Vec<_>>(),
@@ -620,7 +620,7 @@ fn a_notice_learned_through_a_lock_but_not_exchanged_survives_the_barrier() {
     let exchanged_by_r1 = r1.own_notices().to_vec();
     assert!(exchanged_by_r1.is_empty());
     r1.on_write(key(5), false);
-    r1.release();
+    r1.release().unwrap();
     r0.acquire(&r1.notices_to_pass(0).0, &Z, not_homed(|_| false));
     assert_eq!(r0.clock().0, vec![0, 1, 0]);
     assert_eq!(
@@ -672,12 +672,12 @@ fn a_later_interval_learned_through_a_lock_does_not_hide_an_earlier_one_a_barrie
     assert_eq!(r0.barrier_done(&[], &Z), None);
     assert_eq!(r1.barrier_done(&[], &Z), None);
     r1.on_write(key(5), false);
-    r1.release();
+    r1.release().unwrap();
     let exchanged = r1.own_notices().to_vec();
     r1.acquire(&exchanged, &Z, not_homed(|_| false));
     r1.barrier_done(&exchanged, &Z);
     r1.on_write(key(6), false);
-    r1.release();
+    r1.release().unwrap();
     let mut dropped = pages_of(
         &r0.acquire(&r1.notices_to_pass(0).0, &Z, not_homed(|_| false))
             .invalidate,
@@ -745,17 +745,17 @@ fn a_release_passes_through_a_lock_only_what_it_did_not_pass_before_and_nothing_
     for round in 1..=50u64 {
         take(&mut rc[0], &union[a]);
         rc[0].on_write(key(round as usize), false);
-        rc[0].release();
+        rc[0].release().unwrap();
         assert!(
             give(&mut rc[0], &mut union[a], a) <= 1,
             "rank 0 passes its new interval only"
         );
         let dropped = take(&mut rc[1], &union[a]);
         assert_eq!(dropped, vec![key(round as usize)]);
-        rc[1].release();
+        rc[1].release().unwrap();
         give(&mut rc[1], &mut union[a], a);
         take(&mut rc[1], &union[b]);
-        rc[1].release();
+        rc[1].release().unwrap();
         let passed = give(&mut rc[1], &mut union[b], b);
         assert!(
             passed <= 2,
@@ -767,7 +767,7 @@ fn a_release_passes_through_a_lock_only_what_it_did_not_pass_before_and_nothing_
             vec![key(round as usize)],
             "round {round}: rank 2 kept a stale page"
         );
-        rc[2].release();
+        rc[2].release().unwrap();
         give(&mut rc[2], &mut union[b], b);
     }
     assert_eq!(union[a].len(), 50);
@@ -797,9 +797,9 @@ fn an_acquirer_behind_a_horizon_drops_everything_and_passes_the_horizon_on() {
     let mut y = RcRank::new(Rank(1), 3);
     let mut z = RcRank::new(Rank(2), 3);
     w.on_write(key(1), false);
-    w.release();
+    w.release().unwrap();
     w.on_write(key(2), false);
-    w.release();
+    w.release().unwrap();
     let interval_2: Vec<WriteNotice> = w
         .notices_to_pass(0)
         .0
@@ -873,5 +873,20 @@ fn a_peer_cannot_move_a_ranks_own_interval_counter() {
     assert_eq!(a, Acquire::default());
     assert_eq!(x.clock().0, vec![0, 0]);
     x.on_write(key(4), false);
-    assert_eq!(x.release().notice.map(|n| n.interval), Some(1));
+    assert_eq!(x.release().unwrap().notice.map(|n| n.interval), Some(1));
+}
+
+#[test]
+fn the_last_interval_number_is_used_and_then_releases_are_refused() {
+    let mut x = RcRank::new(Rank(0), 2);
+    x.clock.0[0] = u32::MAX - 1;
+    let last = x.close_interval(vec![key(1)]).unwrap();
+    assert_eq!(last.map(|n| n.interval), Some(u32::MAX));
+    // The next would wrap to 0, an interval every rank takes for seen.
+    assert_eq!(x.close_interval(vec![key(2)]), Err(IntervalsExhausted));
+    assert_eq!(x.clock().0, vec![u32::MAX, 0], "nothing changed");
+    x.on_write(key(3), false);
+    assert!(x.release().is_err());
+    // Nothing written, nothing to announce: not refused.
+    assert_eq!(x.close_interval(Vec::new()), Ok(None));
 }
