@@ -15,50 +15,69 @@ fn invalid(what: impl Into<String>) -> io::Error {
 
 /// Writes `pairs` (sorted) as a run, with its end mark; returns the bytes written.
 pub(crate) fn write_run<K: Serialize, V: Serialize>(
-    out: &mut impl Write,
+    out: impl Write,
     pairs: &[(K, V)],
 ) -> io::Result<u64> {
-    let mut buf = Vec::new();
-    let mut written = 0;
+    let mut run = RunWriter::new(out);
     for (k, v) in pairs {
-        written += write_pair(out, &mut buf, k, v)?;
+        run.push(k, v)?;
     }
-    Ok(written + write_end(out, pairs.len() as u64)?)
+    run.finish()
 }
 
-/// Ends a run of `records` records written with [`write_pair`]; returns the bytes written.
-pub(crate) fn write_end(out: &mut impl Write, records: u64) -> io::Result<u64> {
-    let mut len = [0u8; 5];
-    let n = put_varint(&mut len, END);
-    out.write_all(&len[..n])?;
-    out.write_all(&records.to_le_bytes())?;
-    Ok(n as u64 + 8)
+/// Writes a run record by record (pairs in key order), counting them for its end mark.
+pub(crate) struct RunWriter<W: Write> {
+    out: W,
+    /// Scratch space for one record's encoding.
+    buf: Vec<u8>,
+    records: u64,
+    bytes: u64,
 }
 
-/// Writes one record of a run, `(key, value)`, with `buf` as scratch space; returns the bytes written.
-/// The run is ended with [`write_end`].
-pub(crate) fn write_pair<K: Serialize, V: Serialize>(
-    out: &mut impl Write,
-    buf: &mut Vec<u8>,
-    key: &K,
-    value: &V,
-) -> io::Result<u64> {
-    buf.clear();
-    let body = postcard::to_extend(&(key, value), std::mem::take(buf))
-        .map_err(|e| invalid(format!("encoding a map output pair: {e}")))?;
-    if body.len() > MAX_RECORD as usize {
-        return Err(invalid(format!(
-            "a map output pair of {} bytes: the limit is {MAX_RECORD}",
-            body.len()
-        )));
+impl<W: Write> RunWriter<W> {
+    pub(crate) fn new(out: W) -> RunWriter<W> {
+        RunWriter {
+            out,
+            buf: Vec::new(),
+            records: 0,
+            bytes: 0,
+        }
     }
-    let mut len = [0u8; 5];
-    let n = put_varint(&mut len, body.len() as u32);
-    out.write_all(&len[..n])?;
-    out.write_all(&body)?;
-    let written = (n + body.len()) as u64;
-    *buf = body;
-    Ok(written)
+
+    /// Writes the record `(key, value)`.
+    pub(crate) fn push<K: Serialize, V: Serialize>(
+        &mut self,
+        key: &K,
+        value: &V,
+    ) -> io::Result<()> {
+        self.buf.clear();
+        let body = postcard::to_extend(&(key, value), std::mem::take(&mut self.buf))
+            .map_err(|e| invalid(format!("encoding a map output pair: {e}")))?;
+        if body.len() > MAX_RECORD as usize {
+            return Err(invalid(format!(
+                "a map output pair of {} bytes: the limit is {MAX_RECORD}",
+                body.len()
+            )));
+        }
+        let mut len = [0u8; 5];
+        let n = put_varint(&mut len, body.len() as u32);
+        self.out.write_all(&len[..n])?;
+        self.out.write_all(&body)?;
+        self.bytes += (n + body.len()) as u64;
+        self.records += 1;
+        self.buf = body;
+        Ok(())
+    }
+
+    /// Writes the end mark and flushes; returns the bytes of the whole run.
+    pub(crate) fn finish(mut self) -> io::Result<u64> {
+        let mut len = [0u8; 5];
+        let n = put_varint(&mut len, END);
+        self.out.write_all(&len[..n])?;
+        self.out.write_all(&self.records.to_le_bytes())?;
+        self.out.flush()?;
+        Ok(self.bytes + n as u64 + 8)
+    }
 }
 
 /// The longest record a run may hold (a key and its value, encoded).
@@ -207,12 +226,11 @@ impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
         }
         // Read as it comes, not into a buffer of the length given first: a damaged length costs only the
         // bytes that are really there.
-        let mut body = std::mem::take(&mut self.buf);
-        body.clear();
+        self.buf.clear();
         let src: &mut Box<dyn BufRead + Send> = &mut self.src;
         let got = src
             .take(u64::from(len))
-            .read_to_end(&mut body)
+            .read_to_end(&mut self.buf)
             .map_err(|e| invalid(format!("{}: cut off in a record: {e}", self.what)))?;
         if got < len as usize {
             return Err(invalid(format!(
@@ -220,10 +238,9 @@ impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
                 self.what
             )));
         }
-        let pair = decode(&body, &self.what);
-        self.buf = body;
+        let pair = decode(&self.buf, &self.what)?;
         self.records += 1;
-        pair.map(Some)
+        Ok(Some(pair))
     }
 }
 
@@ -417,12 +434,14 @@ mod tests {
         let e = merge(vec![reader(longer)], |_, _| Ok(())).unwrap_err();
         assert!(e.to_string().contains("after its end mark"), "{e}");
         // The record "b" dropped, its end mark kept: the count tells.
-        let first = {
-            let mut one = Vec::new();
-            write_pair(&mut one, &mut Vec::new(), &"a".to_string(), &1u64).unwrap() as usize
+        let (first, end) = {
+            let mut one = RunWriter::new(Vec::new());
+            one.push(&"a".to_string(), &1u64).unwrap();
+            let first = one.bytes as usize;
+            (first, one.finish().unwrap() as usize - first)
         };
         let mut dropped = bytes[..first].to_vec();
-        dropped.extend_from_slice(&bytes[bytes.len() - 13..]);
+        dropped.extend_from_slice(&bytes[bytes.len() - end..]);
         let e = merge(vec![reader(dropped)], |_, _| Ok(())).unwrap_err();
         assert!(
             e.to_string().contains("counts 2 records, and 1 came"),

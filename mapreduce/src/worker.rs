@@ -230,9 +230,8 @@ impl RunSink {
         };
         let path = id.path(&self.root);
         let what = |e: std::io::Error| format!("writing map output {}: {e}", path.display());
-        let mut out = BufWriter::new(File::create(&path).map_err(what)?);
-        runs::write_run(&mut out, pairs).map_err(what)?;
-        out.flush().map_err(what)
+        let out = BufWriter::new(File::create(&path).map_err(what)?);
+        runs::write_run(out, pairs).map(drop).map_err(what)
     }
 }
 
@@ -690,10 +689,9 @@ impl<J: Job> Worker<'_, J> {
     fn merge_runs(&self, group: Vec<Located>, path: &Path) -> Result<(), String> {
         let readers = self.open_all(group)?;
         let io = |e: std::io::Error| format!("writing {}: {e}", path.display());
-        let mut out = BufWriter::with_capacity(256 << 10, File::create(path).map_err(io)?);
+        let out = BufWriter::with_capacity(256 << 10, File::create(path).map_err(io)?);
+        let mut run = runs::RunWriter::new(out);
         let combiner = self.job.combiner();
-        let mut buf = Vec::new();
-        let mut records = 0u64;
         runs::merge(readers, |key, values| {
             match combiner {
                 Some(combine) => {
@@ -702,22 +700,19 @@ impl<J: Job> Worker<'_, J> {
                         for v in values {
                             combine(&mut total, v);
                         }
-                        runs::write_pair(&mut out, &mut buf, &key, &total)?;
-                        records += 1;
+                        run.push(&key, &total)?;
                     }
                 }
                 None => {
                     for v in &values {
-                        runs::write_pair(&mut out, &mut buf, &key, v)?;
+                        run.push(&key, v)?;
                     }
-                    records += values.len() as u64;
                 }
             }
             Ok(())
         })
         .map_err(|e| format!("merging runs into {}: {e}", path.display()))?;
-        runs::write_end(&mut out, records).map_err(io)?;
-        out.flush().map_err(io)
+        run.finish().map(drop).map_err(io)
     }
 
     fn reduce(

@@ -654,36 +654,28 @@ mod tests {
     use super::*;
 
     /// Held by a test whose threads wait for bytes: a connection that lost some would leave them waiting
-    /// for ever, so the test process ends, naming the test, if it is still held after a minute.
-    struct Watchdog(Arc<AtomicBool>);
-
-    fn watchdog(test: &'static str) -> Watchdog {
-        let done = Arc::new(AtomicBool::new(false));
-        let seen = done.clone();
+    /// for ever, so the test process ends, naming the test (its thread's name), if the test still holds
+    /// it after a minute. Dropping it ends the watch.
+    fn watchdog() -> std::sync::mpsc::Sender<()> {
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("a test")
+            .to_string();
+        let (held, watch) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
-            let t0 = Instant::now();
-            while !seen.load(Ordering::Acquire) {
-                if t0.elapsed() > Duration::from_secs(60) {
-                    eprintln!("{test} still waits after a minute: the test process ends");
-                    std::process::exit(101);
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                watch.recv_timeout(Duration::from_secs(60))
+            {
+                eprintln!("{test} still waits after a minute: the test process ends");
+                std::process::exit(101);
             }
         });
-        Watchdog(done)
-    }
-
-    impl Drop for Watchdog {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Release);
-        }
+        held
     }
 
     #[test]
     fn bytes_arrive_in_order_across_the_ring_s_wrap_and_a_full_ring_waits_for_the_reader() {
-        let _bounded = watchdog(
-            "bytes_arrive_in_order_across_the_ring_s_wrap_and_a_full_ring_waits_for_the_reader",
-        );
+        let _bounded = watchdog();
         let (a, b) = pair(64);
         let sent: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let got = std::thread::scope(|s| {
@@ -708,7 +700,7 @@ mod tests {
 
     #[test]
     fn frames_of_writers_on_several_threads_never_interleave() {
-        let _bounded = watchdog("frames_of_writers_on_several_threads_never_interleave");
+        let _bounded = watchdog();
         let (a, b) = pair(64);
         let a = Arc::new(a);
         let writers: Vec<_> = (0..4u8)
@@ -754,7 +746,7 @@ mod tests {
 
     #[test]
     fn shutting_reading_wakes_a_blocked_reader_and_fails_the_writer() {
-        let _bounded = watchdog("shutting_reading_wakes_a_blocked_reader_and_fails_the_writer");
+        let _bounded = watchdog();
         let (a, b) = pair(64);
         std::thread::scope(|s| {
             let reader = s.spawn(|| b.recv(&mut [0u8; 4], true));
@@ -767,8 +759,7 @@ mod tests {
 
     #[test]
     fn a_writer_waiting_for_room_gives_up_at_its_timeout_and_an_end_wakes_it() {
-        let _bounded =
-            watchdog("a_writer_waiting_for_room_gives_up_at_its_timeout_and_an_end_wakes_it");
+        let _bounded = watchdog();
         let (a, b) = pair(64);
         a.send_all(&[1u8; 64]).unwrap();
         a.set_send_timeout(Duration::from_millis(30));
@@ -788,7 +779,7 @@ mod tests {
 
     #[test]
     fn a_reader_racing_a_writer_that_spills_takes_the_ring_first() {
-        let _bounded = watchdog("a_reader_racing_a_writer_that_spills_takes_the_ring_first");
+        let _bounded = watchdog();
         // The writer puts pieces larger than the ring, each filling it and spilling the rest, while the
         // reader takes what is there: a reader that found the ring empty, and then the spill full, must
         // still take what the ring got in between first.
@@ -830,7 +821,7 @@ mod tests {
 
     #[test]
     fn an_end_that_never_waits_to_send_keeps_what_has_no_room_in_order() {
-        let _bounded = watchdog("an_end_that_never_waits_to_send_keeps_what_has_no_room_in_order");
+        let _bounded = watchdog();
         let (a, b) = pair(64);
         a.never_wait_to_send();
         let bell = Doorbell::new();
