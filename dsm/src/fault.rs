@@ -13,12 +13,13 @@
 
 use crate::channel::{Channel, RecvError};
 use crate::installer;
+use crate::protocol::release::marks;
 use crate::protocol::swmr::{self, Access, CopySet, Data, Decision, Grant};
+use crate::region::Sequential;
 use crate::region::{
     self, Consistency, RegionShared, BUSY, DEFERRED, INVALID, LOCKED, LOCK_WAITERS, QUEUED,
     READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WAITERS, WRITTEN,
 };
-use crate::region::{Sequential, SHARED};
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::{futex, signal, ZERO_FILL_MAX, ZERO_PAGE, ZERO_PAGES};
@@ -495,7 +496,7 @@ fn release_fault(
     let shared = &*region.shared;
     let home = region.home(page);
     let word = region.state(page);
-    if home == shared.me && word.load(Ordering::Acquire) & SHARED == 0 {
+    if !marks::tracked(word.load(Ordering::Acquire), home == shared.me) {
         // No other rank holds a copy: the home writes in place without tracking. (A fetch from another
         // rank waits for this fault to finish, then write-protects the page and tracks it from then on.)
         if before == INVALID {
@@ -531,15 +532,15 @@ fn release_fault(
         set_state(word, READ_ONLY);
     }
     if access == Access::Write {
-        let s = word.fetch_or(WRITTEN, Ordering::AcqRel);
-        if s & WRITTEN == 0 {
+        let at = marks::at_write(word.fetch_or(WRITTEN, Ordering::AcqRel), home == shared.me);
+        if at.list {
             region
                 .dirty
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(page);
         }
-        if home != shared.me && s & TWINNED == 0 {
+        if at.twin {
             region.make_twin(page);
             word.fetch_or(TWINNED, Ordering::AcqRel);
             Counters::add(&shared.counters.twins, 1);

@@ -7,6 +7,7 @@ use super::MAX_READAHEAD;
 use crate::channel::write_frame;
 use crate::direct::{self};
 use crate::fault::{give_untouched, lock_untouched, set_state, try_lock_slot, unlock_slot};
+use crate::protocol::release::marks;
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
 use crate::region::SHARED;
 use crate::region::{
@@ -567,7 +568,7 @@ impl Engine {
         // system call (a page each cost a TLB shootdown each while this rank's threads run).
         let writable: Vec<u64> = claimed
             .iter()
-            .filter(|(_, s)| s & STATE_MASK == READ_WRITE && s & WRITTEN == 0)
+            .filter(|&&(_, s)| marks::protect_for_fetch(s))
             .map(|&(p, _)| p)
             .collect();
         if let Err((done, e)) = region.protect_runs(&writable, true) {
@@ -679,7 +680,7 @@ impl Engine {
             return;
         };
         let st = claimed & STATE_MASK;
-        if word.fetch_or(WRITTEN, Ordering::AcqRel) & WRITTEN == 0 {
+        if marks::at_write(word.fetch_or(WRITTEN, Ordering::AcqRel), true).list {
             // Recorded before the page becomes writable: from then on this rank's threads write it without
             // a fault, so a release that drained the dirty list between the two would leave their writes out
             // of its notice, and the other ranks would read stale copies for a whole interval.

@@ -16,12 +16,16 @@
 //! whose clock does not cover the horizon it receives may have missed forgotten notices, so it drops every
 //! cached page of release-consistency regions not homed here, and then counts the horizon as seen.
 //!
-//! This module decides; the engine performs. Its test drives whole jobs of ranks through random
-//! interleavings of writes, reads, locks and barriers against a model of the memory.
+//! This module decides about intervals, clocks and notices; `marks` holds the rules by which the engine
+//! records, per page, what a rank writes between its releases. The engine performs. The test beside this
+//! file drives whole jobs of ranks, following both, through random interleavings of writes, reads, locks
+//! and barriers against a model of the memory.
 
 use crate::types::Rank;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
+
+pub(crate) mod marks;
 
 /// A page of a region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -321,37 +325,14 @@ pub fn left_by_lock(
     (!cut.is_some_and(|c| c.covers_clock(&left))).then_some(left)
 }
 
-/// What the engine does at a write fault on a read-only (or just fetched) page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnWrite {
-    /// Copy the page to a twin, then make it writable.
-    TwinAndUnprotect,
-    /// Make it writable: the page is homed here and written in place.
-    Unprotect,
-}
-
-/// What the engine does at a release, in this order, before the release counts as done.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Release {
-    /// Diff against the twin, send to the home, wait for its acknowledgement, drop the twin.
-    pub diff: Vec<PageKey>,
-    /// Write-protect again (every page written in the interval that is still here).
-    pub protect: Vec<PageKey>,
-    /// The interval's notice, to be made known to the ranks that acquire after this release.
-    pub notice: Option<WriteNotice>,
-}
-
 /// What the engine does at an acquire, before the acquire returns.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Acquire {
-    /// Pages written here in the open interval that others wrote too: diff and send them first (as at a
-    /// release), so that this rank's writes are not lost, then drop them.
-    pub flush: Vec<PageKey>,
-    /// Pages to drop, as runs in order, each page once: the next access fetches the whole page from its
-    /// home.
+    /// Pages to drop, as runs in order, each page once (`marks::at_drop` says how: a page this rank wrote
+    /// too has its writes sent to its home first): the next access fetches the whole page from its home.
     pub invalidate: Vec<PageRun>,
-    /// Drop every cached page of release-consistency regions that is not homed here (flushing this rank's
-    /// writes first, as for `flush`): notices this rank had not seen were forgotten before they reached it.
+    /// Drop every cached page of release-consistency regions that is not homed here (as for
+    /// `invalidate`): notices this rank had not seen were forgotten before they reached it.
     pub everything: bool,
 }
 
@@ -377,10 +358,6 @@ impl std::error::Error for IntervalsExhausted {}
 pub struct RcRank {
     me: Rank,
     clock: VectorClock,
-    /// Pages written in the open interval.
-    written: BTreeSet<PageKey>,
-    /// Of those, pages with a twin that still need a diff (homed elsewhere, not flushed).
-    twinned: BTreeSet<PageKey>,
     /// Notices known here since the last barrier, this rank's own included.
     known: NoticeSet,
     /// Per lock this rank released lately, its clock when it passed its notices on through that lock:
@@ -411,8 +388,6 @@ impl RcRank {
         RcRank {
             me,
             clock: VectorClock::new(size),
-            written: BTreeSet::new(),
-            twinned: BTreeSet::new(),
             known: NoticeSet::default(),
             passed: HashMap::new(),
             own: Vec::new(),
@@ -482,32 +457,8 @@ impl RcRank {
         &self.clock
     }
 
-    /// A write fault on `page` (`homed_here`: this rank is its home). A page written again in the same
-    /// interval after an acquire dropped it (and flushed its writes) is fetched anew and gets a new twin.
-    pub fn on_write(&mut self, page: PageKey, homed_here: bool) -> OnWrite {
-        self.written.insert(page);
-        if homed_here {
-            OnWrite::Unprotect
-        } else {
-            self.twinned.insert(page);
-            OnWrite::TwinAndUnprotect
-        }
-    }
-
-    /// Closes the interval at a release.
-    pub fn release(&mut self) -> Result<Release, IntervalsExhausted> {
-        let notice = self.close_interval(self.written.iter().copied().collect())?;
-        let diff = std::mem::take(&mut self.twinned).into_iter().collect();
-        let protect: Vec<PageKey> = std::mem::take(&mut self.written).into_iter().collect();
-        Ok(Release {
-            diff,
-            protect,
-            notice,
-        })
-    }
-
-    /// Closes the interval with the pages written in it, when the caller tracks writes itself (the engine
-    /// does, in page state bits, because the fault handler cannot use this structure). Returns the notice.
+    /// Closes the interval at a release, with the pages written in it (the engine records them as `marks`
+    /// says). Returns the notice, or `None` when nothing was written.
     pub fn close_interval(
         &mut self,
         mut pages: Vec<PageKey>,
@@ -595,7 +546,6 @@ impl RcRank {
         }
         if !self.clock.covers_clock(&others) {
             out.everything = true;
-            out.flush = std::mem::take(&mut self.twinned).into_iter().collect();
             // Only the entries this rank had not seen widen its own horizon: intervals its clock covered
             // already are in `known`, or under its horizon.
             for (r, &h) in others.0.iter().enumerate() {
@@ -622,22 +572,6 @@ impl RcRank {
         // page by page); its parts of disjoint runs in order are disjoint and in order.
         for run in coalesce(named) {
             droppable(run, &mut out.invalidate);
-        }
-        for run in &out.invalidate {
-            let (from, to) = (
-                PageKey {
-                    region: run.region,
-                    page: run.first,
-                },
-                PageKey {
-                    region: run.region,
-                    page: run.end(),
-                },
-            );
-            out.flush.extend(self.twinned.range(from..to).copied());
-        }
-        for k in &out.flush {
-            self.twinned.remove(k);
         }
         self.forgotten += self.bound_notices();
         out

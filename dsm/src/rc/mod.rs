@@ -8,6 +8,7 @@ use crate::dsm::Shared;
 use crate::error::{DsmError, Result};
 use crate::fault::{claim_step, release_busy, set_state};
 use crate::protocol::diff;
+use crate::protocol::release::marks::{self, AtDrop};
 use crate::protocol::release::{PageKey, PageRun, VectorClock, WriteNotice};
 use crate::region::{
     Consistency, RegionShared, BUSY, INVALID, READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WRITTEN,
@@ -281,8 +282,7 @@ fn settle(
     }
     for (page, s) in held.drain(..) {
         let word = region.state(page);
-        let twinned = s & TWINNED != 0 && s & STATE_MASK != INVALID;
-        let bytes = if twinned {
+        let bytes = if marks::diffs_at_release(s) {
             diff_of(region, page)
         } else {
             Vec::new()
@@ -437,18 +437,20 @@ impl Dropper<'_> {
             self.note(result);
             return;
         };
-        if s & STATE_MASK == INVALID {
-            release_busy(region, page);
-            return;
+        match marks::at_drop(s) {
+            AtDrop::Absent => {
+                release_busy(region, page);
+                return;
+            }
+            AtDrop::FlushThenDiscard => {
+                // This rank's writes to it go to its home first: one page at a time, as at a release.
+                self.end_run();
+                let result = drop_claimed(self.shared, region, page);
+                self.note(result);
+                return;
+            }
+            AtDrop::Discard => set_state(region.state(page), INVALID),
         }
-        if s & TWINNED != 0 {
-            // This rank's writes to it go to its home first: one page at a time, as at a release.
-            self.end_run();
-            let result = drop_claimed(self.shared, region, page);
-            self.note(result);
-            return;
-        }
-        set_state(region.state(page), INVALID);
         match &mut self.run {
             Some((r, first, len)) if Arc::ptr_eq(r, region) && *first + *len == page => *len += 1,
             _ => {
@@ -502,9 +504,10 @@ fn drop_page(shared: &Shared, region: &Arc<RegionShared>, page: u64) -> Result<(
 fn drop_claimed(shared: &Shared, region: &Arc<RegionShared>, page: u64) -> Result<()> {
     let word = region.state(page);
     let s = word.load(Ordering::Acquire);
+    let at = marks::at_drop(s);
     let mut result = Ok(());
-    if s & STATE_MASK != INVALID {
-        if s & TWINNED != 0 {
+    if at != AtDrop::Absent {
+        if at == AtDrop::FlushThenDiscard {
             // This rank wrote the page too: its writes go to the home before the copy is dropped.
             result = (|| {
                 if s & STATE_MASK == READ_WRITE {

@@ -2,9 +2,11 @@
 //!
 //! Ranks write bytes of shared pages, each byte owned by one rank per barrier phase (so writers share pages
 //! and words but never bytes: the program is data-race-free), and take a lock around a shared counter. The
-//! simulation performs the state machine's actions the way the engine does: twins at first writes, diffs
-//! applied at homes at releases, invalidation (with a flush of this rank's own writes first) at acquires,
-//! whole-page fetches from the home on the next access. Checked at every step:
+//! simulation keeps each rank's page states and marks as the engine does and follows the same rules
+//! (`marks`): twins at first writes of pages homed elsewhere, written lists, diffs applied at homes at
+//! releases (the home recording them as its own writes), invalidation at acquires (with a flush of this
+//! rank's own writes first), whole-page fetches from the home on the next access, and homes writing in
+//! place unseen until another rank fetches the page. Checked at every step:
 //! - inside the lock, the counter holds the last value written under the lock (no stale read after an
 //!   acquire that follows the write's release);
 //! - a rank always reads its own writes;
@@ -13,8 +15,10 @@
 //! Some jobs bound the notices kept between barriers so tightly that ranks and locks forget them all the
 //! time, and acquirers behind the horizon drop every cached page.
 
+use super::marks::{self, AtDrop};
 use super::*;
 use crate::protocol::diff;
+use crate::region::{INVALID, READ_ONLY, READ_WRITE, SHARED, STATE_MASK, TWINNED, WRITTEN};
 use crate::types::PAGE_SIZE;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -29,10 +33,16 @@ const LOCKS: usize = 2;
 struct Sim {
     ranks: usize,
     pages: usize,
+    /// Each page's copy at its home (the home reads and writes it in place).
     master: Vec<Vec<u8>>,
+    /// Per rank and page homed elsewhere, the rank's copy.
     local: Vec<Vec<Option<Vec<u8>>>>,
     twin: Vec<Vec<Option<Vec<u8>>>>,
-    writable: Vec<Vec<bool>>,
+    /// Per rank and page, its state word as the engine keeps it: INVALID, READ_ONLY or READ_WRITE, and
+    /// the marks.
+    state: Vec<Vec<u32>>,
+    /// Per rank, the pages on its written list, in the order listed.
+    listed: Vec<Vec<usize>>,
     rc: Vec<RcRank>,
     model: Vec<Vec<u8>>,
     owner: Vec<Vec<usize>>,
@@ -61,6 +71,14 @@ struct Sim {
     counter_model: Vec<u64>,
     checks: u64,
     diffs_applied: u64,
+    /// Pages whose writes an acquire sent to their home before dropping them.
+    flushed: u64,
+    /// Writes by a home to a page no other rank had fetched (not recorded).
+    unseen_home_writes: u64,
+}
+
+fn with_state(word: u32, state: u32) -> u32 {
+    (word & !STATE_MASK) | state
 }
 
 /// `droppable` for an acquire: the pages of a run that are not homed here, as runs.
@@ -88,7 +106,8 @@ impl Sim {
             master: vec![vec![0; PAGE_SIZE]; pages],
             local: vec![vec![None; pages]; ranks],
             twin: vec![vec![None; pages]; ranks],
-            writable: vec![vec![false; pages]; ranks],
+            state: vec![vec![INVALID; pages]; ranks],
+            listed: vec![Vec::new(); ranks],
             rc: (0..ranks)
                 .map(|r| RcRank::new(Rank(r as u32), ranks).with_notice_memory(notice_memory))
                 .collect(),
@@ -109,6 +128,8 @@ impl Sim {
             counter_model: vec![0; LOCKS],
             checks: 0,
             diffs_applied: 0,
+            flushed: 0,
+            unseen_home_writes: 0,
         };
         sim.assign_owners(rng);
         sim
@@ -136,31 +157,58 @@ impl Sim {
             .collect();
     }
 
+    /// A whole-page fetch by rank `r` from the page's home, as the home serves it: from then on the
+    /// home's writes to the page are recorded.
+    fn fetch(&mut self, r: usize, p: usize) {
+        let h = self.home(p);
+        let hs = self.state[h][p];
+        let hs = if marks::protect_for_fetch(hs) {
+            with_state(hs, READ_ONLY)
+        } else {
+            hs
+        };
+        self.state[h][p] = hs | SHARED;
+        self.local[r][p] = Some(self.master[p].clone());
+        self.state[r][p] = with_state(self.state[r][p], READ_ONLY);
+    }
+
     fn read(&mut self, r: usize, p: usize, b: usize) -> u8 {
+        if self.state[r][p] & STATE_MASK == INVALID {
+            if r == self.home(p) {
+                // Never touched here: the home installs zeros.
+                assert!(self.master[p].iter().all(|&x| x == 0), "home page {p} lost");
+                self.state[r][p] = with_state(self.state[r][p], READ_ONLY);
+            } else {
+                self.fetch(r, p);
+            }
+        }
         if r == self.home(p) {
-            return self.master[p][b];
+            self.master[p][b]
+        } else {
+            self.local[r][p].as_ref().expect("a valid page has a copy")[b]
         }
-        if self.local[r][p].is_none() {
-            self.local[r][p] = Some(self.master[p].clone()); // whole-page fetch from the home
-            self.writable[r][p] = false;
-        }
-        self.local[r][p].as_ref().unwrap()[b]
     }
 
     fn write(&mut self, r: usize, p: usize, b: usize, v: u8) {
         let homed = r == self.home(p);
-        if !homed {
+        if self.state[r][p] & STATE_MASK != READ_WRITE {
             self.read(r, p, b); // a write to an invalid page fetches it first
-        }
-        if !self.writable[r][p] {
-            match self.rc[r].on_write(key(p), homed) {
-                OnWrite::Unprotect => assert!(homed),
-                OnWrite::TwinAndUnprotect => {
-                    assert!(!homed);
-                    self.twin[r][p] = self.local[r][p].clone();
+            let s = self.state[r][p];
+            if marks::tracked(s, homed) {
+                let at = marks::at_write(s, homed);
+                if at.list {
+                    self.listed[r].push(p);
                 }
+                let mut s = s | WRITTEN;
+                if at.twin {
+                    self.twin[r][p] = self.local[r][p].clone();
+                    s |= TWINNED;
+                }
+                self.state[r][p] = with_state(s, READ_WRITE);
+            } else {
+                self.unseen_home_writes += 1;
+                self.state[r][p] = with_state(s, READ_WRITE);
             }
-            self.writable[r][p] = true;
         }
         if homed {
             self.master[p][b] = v;
@@ -169,6 +217,8 @@ impl Sim {
         }
     }
 
+    /// Sends rank `r`'s writes to page `p` (write-protected, twinned) to its home, which applies them and
+    /// records them as its own writes; drops the twin.
     fn send_diff(&mut self, r: usize, p: usize) {
         let twin = self.twin[r][p]
             .take()
@@ -178,19 +228,43 @@ impl Sim {
             .expect("a diff of a page not here");
         let mut d = Vec::new();
         diff::encode(&twin, local, &mut d);
+        self.state[r][p] &= !TWINNED;
+        if d.is_empty() {
+            return;
+        }
+        let h = self.home(p);
         diff::apply(&mut self.master[p], &d).expect("a well-formed diff");
+        let hs = self.state[h][p];
+        if marks::at_write(hs, true).list {
+            self.listed[h].push(p);
+        }
+        self.state[h][p] = with_state(hs | WRITTEN, READ_WRITE);
         self.diffs_applied += 1;
     }
 
     fn release(&mut self, r: usize) -> Option<WriteNotice> {
-        let rel = self.rc[r].release().unwrap();
-        for k in &rel.diff {
-            self.send_diff(r, k.page as usize);
+        let listed = std::mem::take(&mut self.listed[r]);
+        for &p in &listed {
+            let s = self.state[r][p];
+            assert!(s & WRITTEN != 0, "rank {r} lists page {p} unmarked");
+            let s = if s & STATE_MASK == READ_WRITE {
+                with_state(s, READ_ONLY)
+            } else {
+                s
+            };
+            self.state[r][p] = s;
+            if marks::diffs_at_release(s) {
+                self.send_diff(r, p);
+            }
+            assert!(
+                self.state[r][p] & TWINNED == 0,
+                "rank {r} closes its interval with writes to page {p} unsent"
+            );
+            self.state[r][p] &= !WRITTEN;
         }
-        for k in &rel.protect {
-            self.writable[r][k.page as usize] = false;
-        }
-        rel.notice
+        self.rc[r]
+            .close_interval(listed.into_iter().map(key).collect())
+            .unwrap()
     }
 
     fn acquire(&mut self, r: usize, notices: &[WriteNotice], horizon: &VectorClock) {
@@ -200,9 +274,6 @@ impl Sim {
             horizon,
             not_homed(|k| k.page as usize % ranks == r),
         );
-        for k in &a.flush {
-            self.send_diff(r, k.page as usize);
-        }
         let mut invalidate = pages_of(&a.invalidate);
         if !a.everything && !invalidate.is_empty() {
             self.targeted_invalidations += 1;
@@ -210,18 +281,28 @@ impl Sim {
         if a.everything {
             self.full_invalidations += 1;
             invalidate = (0..self.pages)
-                .filter(|&p| self.home(p) != r && self.local[r][p].is_some())
+                .filter(|&p| self.home(p) != r && self.state[r][p] & STATE_MASK != INVALID)
                 .map(key)
                 .collect();
         }
         for k in &invalidate {
             let p = k.page as usize;
+            assert_ne!(self.home(p), r, "rank {r} drops page {p}, homed here");
+            match marks::at_drop(self.state[r][p]) {
+                AtDrop::Absent => continue,
+                AtDrop::FlushThenDiscard => {
+                    self.state[r][p] = with_state(self.state[r][p], READ_ONLY);
+                    self.send_diff(r, p);
+                    self.flushed += 1;
+                }
+                AtDrop::Discard => {}
+            }
             assert!(
                 self.twin[r][p].is_none(),
                 "dropping a page whose writes were not sent"
             );
             self.local[r][p] = None;
-            self.writable[r][p] = false;
+            self.state[r][p] = with_state(self.state[r][p], INVALID);
         }
     }
 
@@ -404,21 +485,13 @@ impl Sim {
 fn a_rank_that_acquires_invalidates_what_others_wrote_except_its_home_pages() {
     let mut a = RcRank::new(Rank(0), 2);
     let mut b = RcRank::new(Rank(1), 2);
-    assert_eq!(b.on_write(key(3), false), OnWrite::TwinAndUnprotect);
-    assert_eq!(b.on_write(key(4), true), OnWrite::Unprotect);
-    let rel = b.release().unwrap();
-    assert_eq!(
-        rel.diff,
-        vec![key(3)],
-        "only the page homed elsewhere is diffed"
-    );
-    assert_eq!(rel.protect, vec![key(3), key(4)]);
-    let notice = rel.notice.unwrap();
+    let notice = b.close_interval(vec![key(4), key(3), key(4)]).unwrap();
+    let notice = notice.expect("pages were written");
     assert_eq!((notice.rank, notice.interval), (Rank(1), 1));
+    assert_eq!(notice.pages().collect::<Vec<_>>(), vec![key(3), key(4)]);
     // Rank 0 is the home of page 4 (even pages here): it keeps it.
     let acq = a.acquire(&b.notices_to_pass(0).0, &Z, not_homed(|k| k.page % 2 == 0));
     assert_eq!(pages_of(&acq.invalidate), vec![key(3)]);
-    assert!(acq.flush.is_empty());
     // The same notices again change nothing.
     assert_eq!(
         a.acquire(&b.notices_to_pass(0).0, &Z, not_homed(|_| false)),
@@ -428,7 +501,7 @@ fn a_rank_that_acquires_invalidates_what_others_wrote_except_its_home_pages() {
 }
 
 #[test]
-fn an_acquire_drops_each_page_of_overlapping_runs_once_and_flushes_only_pages_it_drops() {
+fn an_acquire_drops_each_page_of_overlapping_runs_once() {
     let run = |first, len| PageRun {
         region: 0,
         first,
@@ -440,10 +513,7 @@ fn an_acquire_drops_each_page_of_overlapping_runs_once_and_flushes_only_pages_it
         runs,
     };
     let mut a = RcRank::new(Rank(0), 3);
-    for p in [3, 12, 40] {
-        a.on_write(key(p), false);
-    }
-    // Two writers' runs overlap (10..20 and 15..30) and touch (30..35); page 40 is not named.
+    // Two writers' runs overlap (10..20 and 15..30) and touch (30..35).
     let notices = [
         notice(1, vec![run(10, 10), run(30, 5)]),
         notice(2, vec![run(2, 2), run(15, 15)]),
@@ -454,9 +524,6 @@ fn an_acquire_drops_each_page_of_overlapping_runs_once_and_flushes_only_pages_it
         vec![run(2, 2), run(10, 6), run(17, 18)],
         "sorted, merged, without the page homed here"
     );
-    assert_eq!(acq.flush, vec![key(3), key(12)]);
-    // Page 40 keeps its twin: the release diffs it.
-    assert_eq!(a.release().unwrap().diff, vec![key(40)]);
 }
 
 #[test]
@@ -493,29 +560,60 @@ fn runs_named_by_many_notices_are_walked_once() {
 
 #[test]
 fn a_page_written_here_and_elsewhere_is_flushed_before_it_is_dropped() {
-    let mut a = RcRank::new(Rank(0), 2);
-    let mut b = RcRank::new(Rank(1), 2);
-    a.on_write(key(1), false);
-    b.on_write(key(1), false);
-    let notices = {
-        b.release().unwrap();
-        b.notices_to_pass(0).0
-    };
-    let acq = a.acquire(&notices, &Z, not_homed(|_| false));
-    assert_eq!(acq.flush, vec![key(1)]);
-    assert_eq!(pages_of(&acq.invalidate), vec![key(1)]);
-    // The page stays in the interval's notice, but needs no second diff unless written again.
-    let rel = a.release().unwrap();
-    assert!(rel.diff.is_empty());
+    // Page 1 is homed at rank 1. Rank 0 writes byte 0 of it (a twin), rank 1 byte 1 (recorded: rank 0
+    // fetched the page), then rank 1 releases and rank 0 acquires its notice before releasing.
+    let mut sim = Sim::new(2, 2, DEFAULT_NOTICE_MEMORY, &mut StdRng::seed_from_u64(0));
+    sim.write(0, 1, 0, 7);
+    sim.write(1, 1, 1, 9);
+    assert_eq!(sim.unseen_home_writes, 0);
+    let notice = sim.release(1).expect("the home's write is recorded");
+    sim.acquire(0, &[notice], &Z);
+    assert_eq!(sim.flushed, 1);
+    assert_eq!(sim.master[1][..2], [7, 9], "both writes at the home");
     assert_eq!(
-        rel.notice.unwrap().pages().collect::<Vec<_>>(),
-        vec![key(1)]
+        sim.state[0][1],
+        INVALID | WRITTEN,
+        "dropped, still listed for the notice"
     );
+    assert_eq!(sim.read(0, 1, 1), 9);
+    // The release names the page but sends no second diff, since it was not written again.
+    let diffs = sim.diffs_applied;
+    let notice = sim.release(0).expect("rank 0 wrote page 1");
+    assert_eq!(notice.pages().collect::<Vec<_>>(), vec![key(1)]);
+    assert_eq!(sim.diffs_applied, diffs);
+    // Written again after the flush, in a new interval: a new twin, and a diff of that write alone.
+    sim.write(0, 1, 0, 8);
+    sim.release(0);
+    assert_eq!(sim.master[1][..2], [8, 9]);
+}
+
+#[test]
+fn a_home_writes_unseen_until_another_rank_fetches_its_page() {
+    let mut sim = Sim::new(2, 2, DEFAULT_NOTICE_MEMORY, &mut StdRng::seed_from_u64(0));
+    sim.write(1, 1, 5, 3);
+    assert_eq!(sim.unseen_home_writes, 1);
+    assert_eq!(
+        sim.release(1),
+        None,
+        "no copy elsewhere: nothing to announce"
+    );
+    assert_eq!(sim.read(0, 1, 5), 3);
+    assert_eq!(
+        sim.state[1][1],
+        READ_ONLY | SHARED,
+        "the fetch write-protects the home's page"
+    );
+    sim.write(1, 1, 5, 4);
+    assert_eq!(sim.unseen_home_writes, 1);
+    let notice = sim.release(1).expect("recorded once shared");
+    assert_eq!(sim.read(0, 1, 5), 3, "stale until rank 0 acquires");
+    sim.acquire(0, &[notice], &Z);
+    assert_eq!(sim.read(0, 1, 5), 4);
 }
 
 #[test]
 fn randomized_jobs_never_read_stale_data_or_lose_a_diff() {
-    let (mut checks, mut diffs) = (0, 0);
+    let (mut checks, mut diffs, mut flushed, mut unseen) = (0, 0, 0, 0);
     for seed in 0..60u64 {
         let mut rng = StdRng::seed_from_u64(seed);
         let ranks = 2 + (seed % 3) as usize;
@@ -531,10 +629,13 @@ fn randomized_jobs_never_read_stale_data_or_lose_a_diff() {
         );
         checks += sim.checks;
         diffs += sim.diffs_applied;
+        flushed += sim.flushed;
+        unseen += sim.unseen_home_writes;
     }
+    // Every path is taken: diffs at releases, flushes at acquires, homes' writes before any fetch.
     assert!(
-        checks > 100_000 && diffs > 1_000,
-        "checks {checks}, diffs {diffs}"
+        checks > 100_000 && diffs > 1_000 && flushed > 100 && unseen > 10,
+        "checks {checks}, diffs {diffs}, flushed at acquires {flushed}, unseen home writes {unseen}"
     );
 }
 
@@ -619,8 +720,7 @@ fn a_notice_learned_through_a_lock_but_not_exchanged_survives_the_barrier() {
     let mut r1 = RcRank::new(Rank(1), 3);
     let exchanged_by_r1 = r1.own_notices().to_vec();
     assert!(exchanged_by_r1.is_empty());
-    r1.on_write(key(5), false);
-    r1.release().unwrap();
+    r1.close_interval(vec![key(5)]).unwrap();
     r0.acquire(&r1.notices_to_pass(0).0, &Z, not_homed(|_| false));
     assert_eq!(r0.clock().0, vec![0, 1, 0]);
     assert_eq!(
@@ -671,13 +771,11 @@ fn a_later_interval_learned_through_a_lock_does_not_hide_an_earlier_one_a_barrie
     let mut r1 = RcRank::new(Rank(1), 2);
     assert_eq!(r0.barrier_done(&[], &Z), None);
     assert_eq!(r1.barrier_done(&[], &Z), None);
-    r1.on_write(key(5), false);
-    r1.release().unwrap();
+    r1.close_interval(vec![key(5)]).unwrap();
     let exchanged = r1.own_notices().to_vec();
     r1.acquire(&exchanged, &Z, not_homed(|_| false));
     r1.barrier_done(&exchanged, &Z);
-    r1.on_write(key(6), false);
-    r1.release().unwrap();
+    r1.close_interval(vec![key(6)]).unwrap();
     let mut dropped = pages_of(
         &r0.acquire(&r1.notices_to_pass(0).0, &Z, not_homed(|_| false))
             .invalidate,
@@ -744,18 +842,15 @@ fn a_release_passes_through_a_lock_only_what_it_did_not_pass_before_and_nothing_
     };
     for round in 1..=50u64 {
         take(&mut rc[0], &union[a]);
-        rc[0].on_write(key(round as usize), false);
-        rc[0].release().unwrap();
+        rc[0].close_interval(vec![key(round as usize)]).unwrap();
         assert!(
             give(&mut rc[0], &mut union[a], a) <= 1,
             "rank 0 passes its new interval only"
         );
         let dropped = take(&mut rc[1], &union[a]);
         assert_eq!(dropped, vec![key(round as usize)]);
-        rc[1].release().unwrap();
         give(&mut rc[1], &mut union[a], a);
         take(&mut rc[1], &union[b]);
-        rc[1].release().unwrap();
         let passed = give(&mut rc[1], &mut union[b], b);
         assert!(
             passed <= 2,
@@ -767,7 +862,6 @@ fn a_release_passes_through_a_lock_only_what_it_did_not_pass_before_and_nothing_
             vec![key(round as usize)],
             "round {round}: rank 2 kept a stale page"
         );
-        rc[2].release().unwrap();
         give(&mut rc[2], &mut union[b], b);
     }
     assert_eq!(union[a].len(), 50);
@@ -796,10 +890,8 @@ fn an_acquirer_behind_a_horizon_drops_everything_and_passes_the_horizon_on() {
     let mut w = RcRank::new(Rank(0), 3);
     let mut y = RcRank::new(Rank(1), 3);
     let mut z = RcRank::new(Rank(2), 3);
-    w.on_write(key(1), false);
-    w.release().unwrap();
-    w.on_write(key(2), false);
-    w.release().unwrap();
+    w.close_interval(vec![key(1)]).unwrap();
+    w.close_interval(vec![key(2)]).unwrap();
     let interval_2: Vec<WriteNotice> = w
         .notices_to_pass(0)
         .0
@@ -872,8 +964,10 @@ fn a_peer_cannot_move_a_ranks_own_interval_counter() {
     );
     assert_eq!(a, Acquire::default());
     assert_eq!(x.clock().0, vec![0, 0]);
-    x.on_write(key(4), false);
-    assert_eq!(x.release().unwrap().notice.map(|n| n.interval), Some(1));
+    assert_eq!(
+        x.close_interval(vec![key(4)]).unwrap().map(|n| n.interval),
+        Some(1)
+    );
 }
 
 #[test]
@@ -885,8 +979,6 @@ fn the_last_interval_number_is_used_and_then_releases_are_refused() {
     // The next would wrap to 0, an interval every rank takes for seen.
     assert_eq!(x.close_interval(vec![key(2)]), Err(IntervalsExhausted));
     assert_eq!(x.clock().0, vec![u32::MAX, 0], "nothing changed");
-    x.on_write(key(3), false);
-    assert!(x.release().is_err());
     // Nothing written, nothing to announce: not refused.
     assert_eq!(x.close_interval(Vec::new()), Ok(None));
 }

@@ -1,0 +1,133 @@
+//! What a rank writes, as the engine records it: marks in each page's state word (`crate::region`), because
+//! the fault handler must not wait for the rank's `RcRank` (a release holds it while it waits for homes).
+//! `RcRank` learns the pages only when an interval closes, from the rank's written lists.
+//!
+//! - `WRITTEN`: written in the open interval; the page is on its region's written list once.
+//! - `TWINNED`: a twin whose diff has not reached the page's home.
+//! - `SHARED`, at the home: another rank has fetched the page, so the home's own writes to it are tracked.
+//!   Until then the home writes in place unseen: no other copy exists to go stale.
+//!
+//! These rules are the whole of how the marks change. The fault handler, a release, an acquire and a home's
+//! service loop follow them (`fault.rs`, `rc/`, `engine/pages.rs`), and so does the randomized whole-job
+//! test beside this file, on its model of each rank's memory.
+
+use crate::region::{INVALID, READ_WRITE, SHARED, STATE_MASK, TWINNED, WRITTEN};
+
+/// Whether a write to the page is recorded: always, unless the page is homed here and no other rank has
+/// fetched it.
+pub(crate) fn tracked(state: u32, homed_here: bool) -> bool {
+    !homed_here || state & SHARED != 0
+}
+
+/// What a recorded write to a page that is not writable does, besides marking it `WRITTEN` and making it
+/// writable. A home applying another rank's diff records it the same way (as a write homed here): its
+/// threads may then write the page without a fault, so its next release must protect it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AtWrite {
+    /// Put the page on the written list: its first write in the interval.
+    pub(crate) list: bool,
+    /// Copy the page to a twin (and mark it `TWINNED`): homed elsewhere and without a twin. A page whose
+    /// twin was flushed at an acquire, and which is written again in the same interval, gets a new one.
+    pub(crate) twin: bool,
+}
+
+/// The rule for a write, given the page's state word before the write marks it.
+pub(crate) fn at_write(state: u32, homed_here: bool) -> AtWrite {
+    AtWrite {
+        list: state & WRITTEN == 0,
+        twin: !homed_here && state & TWINNED == 0,
+    }
+}
+
+/// At a release, for a page taken from the written list (after it is write-protected, if it was
+/// writable): whether its writes go to its home as a diff. After that the page loses `WRITTEN` and
+/// `TWINNED` (a diff only once its home has acknowledged it).
+pub(crate) fn diffs_at_release(state: u32) -> bool {
+    state & TWINNED != 0 && state & STATE_MASK != INVALID
+}
+
+/// What an acquire does with a page a notice names (not homed here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AtDrop {
+    /// Nothing: no copy here.
+    Absent,
+    /// This rank wrote the page too, and the writes are not at the home yet: write-protect it if
+    /// writable, send its diff and wait for the acknowledgement, drop the twin (clear `TWINNED`), then
+    /// discard it as for `Discard`. It stays `WRITTEN` and listed: the interval's notice still names it.
+    FlushThenDiscard,
+    /// Mark it invalid and discard the copy: the next access fetches it from its home.
+    Discard,
+}
+
+/// The rule for a page an acquire drops.
+pub(crate) fn at_drop(state: u32) -> AtDrop {
+    if state & STATE_MASK == INVALID {
+        AtDrop::Absent
+    } else if state & TWINNED != 0 {
+        AtDrop::FlushThenDiscard
+    } else {
+        AtDrop::Discard
+    }
+}
+
+/// At the home, serving another rank's fetch (the page is marked `SHARED` from then on): whether to
+/// write-protect the page first, so that the home's next write is recorded. A page written in the open
+/// interval stays writable: it is listed, and the home's release protects it and announces it.
+pub(crate) fn protect_for_fetch(state: u32) -> bool {
+    state & STATE_MASK == READ_WRITE && state & WRITTEN == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::region::READ_ONLY;
+
+    #[test]
+    fn a_first_write_lists_the_page_and_twins_it_only_when_homed_elsewhere() {
+        assert_eq!(
+            at_write(READ_ONLY, false),
+            AtWrite {
+                list: true,
+                twin: true
+            }
+        );
+        assert_eq!(
+            at_write(READ_ONLY | SHARED, true),
+            AtWrite {
+                list: true,
+                twin: false
+            }
+        );
+        // Written again after a release protected it, in the same interval: listed already.
+        assert_eq!(
+            at_write(READ_ONLY | WRITTEN | TWINNED, false),
+            AtWrite {
+                list: false,
+                twin: false
+            }
+        );
+        // Written again after an acquire flushed and dropped it: a new twin, not a second listing.
+        assert_eq!(
+            at_write(READ_ONLY | WRITTEN, false),
+            AtWrite {
+                list: false,
+                twin: true
+            }
+        );
+        assert!(!tracked(READ_WRITE, true) && tracked(READ_WRITE | SHARED, true));
+        assert!(tracked(INVALID, false));
+    }
+
+    #[test]
+    fn only_a_present_twinned_page_is_diffed_or_flushed() {
+        assert!(diffs_at_release(READ_ONLY | WRITTEN | TWINNED));
+        assert!(!diffs_at_release(READ_ONLY | WRITTEN));
+        assert!(!diffs_at_release(INVALID | WRITTEN | TWINNED));
+        assert_eq!(at_drop(INVALID | WRITTEN), AtDrop::Absent);
+        assert_eq!(at_drop(READ_WRITE | TWINNED), AtDrop::FlushThenDiscard);
+        assert_eq!(at_drop(READ_ONLY | WRITTEN), AtDrop::Discard);
+        assert!(protect_for_fetch(READ_WRITE));
+        assert!(!protect_for_fetch(READ_WRITE | WRITTEN));
+        assert!(!protect_for_fetch(READ_ONLY));
+    }
+}
