@@ -295,7 +295,7 @@ impl TaskFarm {
         let wanted = self.wanted();
         let mut leases = self
             .space
-            .complete_and_lease_many(&[], Vec::new(), &wanted, 0)?;
+            .complete_and_lease_many(&mut [], Vec::new(), &wanted, 0)?;
         let mut batch = Batch::default();
         let mut done = 0;
         loop {
@@ -329,8 +329,8 @@ impl TaskFarm {
             // leases they end), so that many large results never make one request too large to send.
             while let Some(k) = first_requests_worth(&results) {
                 let rest = results.split_off(k);
-                let leases: Vec<Lease> = held.leases.drain(..k).collect();
-                if let Err(e) = self.space.complete_many(&leases, results) {
+                let mut leases: Vec<Lease> = held.leases.drain(..k).collect();
+                if let Err(e) = self.space.complete_many(&mut leases, results) {
                     // Those tasks go back to the bag with the rest of the batch.
                     held.leases.splice(0..0, leases);
                     return Err(e);
@@ -341,16 +341,19 @@ impl TaskFarm {
             // space, say), they go back to the bag instead of staying leased to this live rank for ever.
             if stopping {
                 if ran > 0 {
-                    self.space.complete_many(&held.leases, results)?;
+                    self.space.complete_many(&mut held.leases, results)?;
                     held.leases.clear();
                 }
                 return Ok(done);
             }
             let work = started.elapsed();
             let trip = Instant::now();
-            leases =
-                self.space
-                    .complete_and_lease_many(&held.leases, results, &wanted, batch.more())?;
+            leases = self.space.complete_and_lease_many(
+                &mut held.leases,
+                results,
+                &wanted,
+                batch.more(),
+            )?;
             held.leases.clear();
             batch.observe(work, ran, trip.elapsed());
         }

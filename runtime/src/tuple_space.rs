@@ -29,7 +29,7 @@ use dsm::{Dsm, Rank};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,8 @@ pub struct TupleSpace {
 
 #[derive(Debug)]
 struct Inner {
+    /// Itself, for the leases it grants (a lease dropped unfinished gives its tuple back through it).
+    this: Weak<Inner>,
     dsm: Arc<Dsm>,
     home: Arc<Home>,
     me: Rank,
@@ -75,14 +77,39 @@ impl Drop for Evaluator {
 
 /// A tuple taken under a lease: its home keeps it until [`TupleSpace::complete`] (or
 /// [`TupleSpace::give_back`]), and puts it back into the space if this rank fails first. A lease dropped
-/// without either stays held at its home for as long as this rank lives.
+/// without either (its holder returned early, or panicked) gives the tuple back as it is dropped, so that
+/// another rank can take it; that costs a round trip to the tuple's home, and a failure to reach the home
+/// is printed (the home puts the tuple back when it sees this rank fail).
 #[derive(Debug)]
-#[must_use = "a leased tuple stays held until the lease is completed"]
+#[must_use = "a leased tuple is given back when the lease is dropped: complete it"]
 pub struct Lease {
     /// The tuple taken.
     pub tuple: Tuple,
     home: Rank,
     id: u64,
+    /// Until the lease ends, the space that granted it, to give the tuple back to if it is dropped.
+    space: Option<Weak<Inner>>,
+}
+
+impl Lease {
+    /// The lease has ended at its home (completed, or given back): dropping it does nothing more.
+    fn ended(&mut self) {
+        self.space = None;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(space) = self.space.take().and_then(|s| s.upgrade()) else {
+            return;
+        };
+        if let Err(e) = space.give_back_to(self.home, vec![self.id]) {
+            eprintln!(
+                "dsm-runtime: giving back a dropped lease of {:?} to {}: {e}",
+                self.tuple, self.home
+            );
+        }
+    }
 }
 
 /// Options for joining the tuple space: the functions `eval` can run.
@@ -123,7 +150,8 @@ impl SpaceBuilder {
             });
         }
         dsm.register_service(SERVICE, home.clone())?;
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|this| Inner {
+            this: this.clone(),
             me: dsm.rank(),
             size: dsm.size(),
             dsm: dsm.clone(),
@@ -360,21 +388,14 @@ impl TupleSpace {
     /// what it took (it failed, or is giving up).
     pub fn give_back(&self, leases: Vec<Lease>) -> Result<(), RuntimeError> {
         let mut by_home: std::collections::BTreeMap<Rank, Vec<u64>> = Default::default();
-        for l in leases {
+        for mut l in leases {
             by_home.entry(l.home).or_default().push(l.id);
+            l.ended();
         }
         // Every home is asked, whatever happens at the others; the first error is returned.
         let mut first_error = None;
         for (home, ids) in by_home {
-            let given = if home == self.inner.me {
-                self.inner
-                    .home
-                    .give_back(home, &ids)
-                    .map_err(|reason| RuntimeError::Refused { rank: home, reason })
-            } else {
-                self.inner.give_back_at(home, ids)
-            };
-            if let Err(e) = given {
+            if let Err(e) = self.inner.give_back_to(home, ids) {
                 first_error.get_or_insert(e);
             }
         }
@@ -397,11 +418,13 @@ impl TupleSpace {
     /// it, which changes nothing).
     fn given_back_on_error<T>(
         &self,
-        lease: Lease,
+        mut lease: Lease,
         done: Result<T, RuntimeError>,
     ) -> Result<T, RuntimeError> {
         if done.is_err() {
             let _ = self.give_back(vec![lease]);
+        } else {
+            lease.ended();
         }
         done
     }
@@ -413,12 +436,12 @@ impl TupleSpace {
     /// workers wait this way, so that any number of them can wait on a few channels).
     pub fn complete_and_lease(
         &self,
-        lease: Lease,
+        mut lease: Lease,
         results: Vec<Tuple>,
         next: &Template,
     ) -> Result<Lease, RuntimeError> {
         let taken = self.complete_and_lease_many(
-            std::slice::from_ref(&lease),
+            std::slice::from_mut(&mut lease),
             results,
             std::slice::from_ref(next),
             0,
@@ -431,12 +454,15 @@ impl TupleSpace {
     }
 
     /// [`TupleSpace::complete`] for several leases and their results at once.
+    /// The leases stay the caller's until this has succeeded (to give them back), and then are ended.
     pub(crate) fn complete_many(
         &self,
-        leases: &[Lease],
+        leases: &mut [Lease],
         results: Vec<Tuple>,
     ) -> Result<(), RuntimeError> {
-        self.inner.complete(leases, results, None, 0).map(drop)
+        self.inner.complete(leases, results, None, 0)?;
+        leases.iter_mut().for_each(Lease::ended);
+        Ok(())
     }
 
     /// Ends every lease in `leases` and puts `results` (as [`TupleSpace::complete`]), then takes under
@@ -446,7 +472,7 @@ impl TupleSpace {
     /// is how a worker takes several small tasks per trip, its own first.
     pub(crate) fn complete_and_lease_many(
         &self,
-        leases: &[Lease],
+        leases: &mut [Lease],
         results: Vec<Tuple>,
         next: &[Template],
         more: u32,
@@ -461,6 +487,7 @@ impl TupleSpace {
             t.check()?;
         }
         let taken = self.inner.complete(leases, results, Some(next), more)?;
+        leases.iter_mut().for_each(Lease::ended);
         if !taken.is_empty() {
             return Ok(taken);
         }
@@ -656,6 +683,7 @@ impl Inner {
                 tuple: found.tuple,
                 home,
                 id,
+                space: Some(self.this.clone()),
             }),
             None => Err(RuntimeError::Refused {
                 rank: home,
@@ -709,7 +737,12 @@ impl Inner {
         // `next` rides along only when its tuples are homed where the leases are.
         let next =
             next.filter(|n| !n.is_empty() && n.iter().all(|t| self.template_home(t) == Some(home)));
-        let leased = |(tuple, id): (Tuple, u64)| Lease { tuple, home, id };
+        let leased = |(tuple, id): (Tuple, u64)| Lease {
+            tuple,
+            home,
+            id,
+            space: Some(self.this.clone()),
+        };
         if home == self.me {
             self.home
                 .complete(self.me, &ids, here)
@@ -806,6 +839,17 @@ impl Inner {
     /// Asks `home` (another rank) to put back the tuples this rank holds there under `leases`.
     fn give_back_at(&self, home: Rank, leases: Vec<u64>) -> Result<(), RuntimeError> {
         self.expect_done(home, &Ask::GiveBack { leases })
+    }
+
+    /// Gives back the tuples held under `leases` at `home`, this rank's own or another's.
+    fn give_back_to(&self, home: Rank, leases: Vec<u64>) -> Result<(), RuntimeError> {
+        if home == self.me {
+            self.home
+                .give_back(home, &leases)
+                .map_err(|reason| RuntimeError::Refused { rank: home, reason })
+        } else {
+            self.give_back_at(home, leases)
+        }
     }
 
     fn count_at(&self, home: Rank, template: &Template) -> Result<usize, RuntimeError> {

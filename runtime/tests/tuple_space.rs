@@ -457,6 +457,42 @@ fn a_lease_whose_completion_fails_is_given_back() {
 }
 
 #[test]
+fn a_lease_dropped_unfinished_gives_its_tuple_back() {
+    job(2, plain, |rt, space| {
+        if rt.rank().0 == 0 {
+            // Tuples homed at each rank: giving back is local for one, over the network for the other.
+            for home in [Rank(0), Rank(1)] {
+                let key = (0..)
+                    .map(|k| format!("dropped#{k}"))
+                    .find(|k| space.home_of(Some(&k.as_str().into()), 2) == home)
+                    .unwrap();
+                let tpl = template!(key.as_str(), ?i64);
+                space.out(tuple!(key.as_str(), 5)).unwrap();
+                drop(space.in_leased(&tpl).unwrap());
+                assert_eq!(space.count(&tpl).unwrap(), 1, "dropped at {home}");
+                // A holder that panics gives it back as it unwinds.
+                let held = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let lease = space.in_leased(&tpl).unwrap();
+                    panic!("the holder of {:?} failed", lease.tuple);
+                }));
+                assert!(held.is_err());
+                assert_eq!(space.count(&tpl).unwrap(), 1, "panicked at {home}");
+                // Completed, it stays taken (and its drop gives nothing back).
+                space
+                    .complete(space.in_leased(&tpl).unwrap(), Vec::new())
+                    .unwrap();
+                assert_eq!(space.count(&tpl).unwrap(), 0, "completed at {home}");
+                space.out(tuple!(key.as_str(), 6)).unwrap();
+                let given = space.in_leased(&tpl).unwrap();
+                space.give_back(vec![given]).unwrap();
+                assert_eq!(space.in_(&tpl).unwrap(), tuple!(key.as_str(), 6));
+            }
+        }
+        rt.dsm().barrier().unwrap();
+    });
+}
+
+#[test]
 fn results_that_do_not_decode_stay_in_the_space() {
     job(2, plain, |rt, space| {
         let farm = TaskFarm::new(space, "mistyped", Rank(0)).unwrap();
