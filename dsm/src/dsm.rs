@@ -638,6 +638,29 @@ impl Dsm {
             .collect()
     }
 
+    /// Whether `rank` is seen failing (as [`Dsm::failed_ranks`] reports) within `within`: for telling,
+    /// after an error from a call to `rank`, whether it is gone. A rank that dies is noticed at about the
+    /// time its connections break; a connection that broke to a rank still alive gives the same error, and
+    /// that rank is not seen failing. Never true of this rank.
+    pub fn fails_within(&self, rank: Rank, within: std::time::Duration) -> bool {
+        let failed = || {
+            self.shared
+                .failed
+                .get(rank.index())
+                .is_some_and(|f| f.load(Ordering::Acquire))
+        };
+        let t0 = std::time::Instant::now();
+        loop {
+            if failed() {
+                return true;
+            }
+            if rank == self.shared.me || t0.elapsed() > within {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// Waits until every rank has called `barrier` as many times as this one.
     pub fn barrier(&self) -> Result<()> {
         self.shared.barrier_tagged(0)

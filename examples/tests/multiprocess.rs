@@ -1074,6 +1074,10 @@ fn a_blocked_in_returns_an_error_when_its_home_dies() {
         out.contains("home-dies: evals and searches went on without the dead rank"),
         "{out}"
     );
+    assert!(
+        out.contains("searches of every rank went on while rank 1 died"),
+        "{out}"
+    );
     assert_eq!(o.lost, [(1, "was killed by SIGABRT".to_string())], "{out}");
     assert!(t0.elapsed() < Duration::from_secs(20), "it did not hang");
 }

@@ -688,17 +688,7 @@ impl MapReduce {
     /// seconds (its own connection to a rank that died breaks at about the same time). A rank that has
     /// not is not taken for lost: its maps would be done again, and their output refused, for ever.
     fn has_failed(&self, rank: Rank) -> bool {
-        let dsm = self.space.dsm();
-        let t0 = Instant::now();
-        loop {
-            if dsm.failed_ranks().contains(&rank) {
-                return true;
-            }
-            if rank == dsm.rank() || t0.elapsed() > LOST_NOTICED_WITHIN {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.space.dsm().fails_within(rank, LOST_NOTICED_WITHIN)
     }
 }
 

@@ -40,6 +40,10 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 /// again (see `Inner::complete`).
 const COMPLETE_WAIT_SLICE: Duration = Duration::from_millis(20);
 
+/// How long a path that asks every rank waits to see a rank fail whose answer was an error, before taking
+/// the error for the answer (see `Dsm::fails_within`).
+const FAILURE_NOTICED_WITHIN: Duration = Duration::from_secs(3);
+
 /// One rank's handle on the tuple space. Cheap to clone and usable from any thread.
 #[derive(Debug, Clone)]
 pub struct TupleSpace {
@@ -341,7 +345,11 @@ impl TupleSpace {
                     .map(|r| Rank(r as u32))
                     .filter(|r| !failed.contains(r))
                     .try_fold(0usize, |total, r| {
-                        Ok(total.saturating_add(self.inner.count_at(r, template)?))
+                        let here = match self.inner.count_at(r, template) {
+                            Ok(n) => n,
+                            Err(e) => self.inner.unless_failed(r, e).map(|()| 0)?,
+                        };
+                        Ok(total.saturating_add(here))
                     })
             }
         }
@@ -599,8 +607,10 @@ impl Inner {
                 if failed.contains(&r) {
                     continue;
                 }
-                if let Some(f) = self.find_at(r, template, mode, lease, Wait::No)? {
-                    return Ok(Some((f, r)));
+                match self.find_at(r, template, mode, lease, Wait::No) {
+                    Ok(Some(f)) => return Ok(Some((f, r))),
+                    Ok(None) => {}
+                    Err(e) => self.unless_failed(r, e)?,
                 }
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -611,6 +621,16 @@ impl Inner {
             });
             std::thread::sleep(nap);
             pause = (pause * 2).min(Duration::from_millis(10));
+        }
+    }
+
+    /// `Err(e)` for an error `e` from asking `rank`, unless `rank` has failed (seen within a few seconds):
+    /// the paths that ask every rank pass over failed ranks, whose tuples went with them.
+    fn unless_failed(&self, rank: Rank, e: RuntimeError) -> Result<(), RuntimeError> {
+        if self.dsm.fails_within(rank, FAILURE_NOTICED_WITHIN) {
+            Ok(())
+        } else {
+            Err(e)
         }
     }
 

@@ -113,7 +113,22 @@ fn main() -> anyhow::Result<()> {
                     std::thread::sleep(Duration::from_millis(200));
                     std::process::abort();
                 }
-                _ => {}
+                _ => {
+                    // Searches of every rank's share go on while rank 1 dies: each passes over it, known
+                    // to have failed when asked or failing while asked.
+                    let t = std::time::Instant::now();
+                    let mut searches = 0u64;
+                    while !rt.dsm().failed_ranks().contains(&Rank(1))
+                        && t.elapsed() < Duration::from_secs(10)
+                    {
+                        space.count(&template!(?String, ?u64))?;
+                        space.rdp(&template!(?String, ?u64))?;
+                        searches += 1;
+                    }
+                    println!(
+                        "home-dies: {searches} searches of every rank went on while rank 1 died"
+                    );
+                }
             }
             // Leave only once rank 1's failure is known here, so that leaving skips the final barrier.
             let t = std::time::Instant::now();
