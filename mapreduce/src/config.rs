@@ -177,6 +177,11 @@ impl JobConfig {
         Ok(())
     }
 
+    /// The memory budget of one map or reduce task, on a rank of a job of `size` ranks.
+    pub(crate) fn task_budget(&self, size: usize) -> u64 {
+        (self.memory_budget / self.threads_for(size) as u64).max(1)
+    }
+
     /// The threads a rank of a job of `size` ranks uses.
     pub(crate) fn threads_for(&self, size: usize) -> usize {
         self.threads.unwrap_or_else(|| {

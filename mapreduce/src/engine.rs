@@ -192,7 +192,7 @@ impl MapReduce {
             root: &self.root,
             job_id,
             pool: &pool,
-            budget: (config.memory_budget / threads as u64).max(1),
+            budget: config.task_budget(dsm.size()),
             fan_in: config.merge_fan_in,
             batches: std::sync::Mutex::new(HashMap::new()),
             sealing: std::sync::Mutex::new(()),
@@ -444,11 +444,14 @@ impl MapReduce {
         });
         // The output is complete only with its marker: a job that failed leaves none, and its part files
         // are removed (every rank's workers have returned: none can rename one in after this).
+        // Once the commit has begun to clear the old output, the new one stays in the staging directory
+        // (the error names it): removing it then would leave neither.
+        let mut clearing = false;
         let outcome = outcome.and_then(|o| {
-            commit(&o.0, &config.output)?;
+            commit(&o.0, &config.output, &mut clearing)?;
             Ok(o)
         });
-        if outcome.is_err() && ours_to_clear {
+        if outcome.is_err() && ours_to_clear && !clearing {
             let _ = std::fs::remove_dir_all(config.output.join(self.staging_name(job_id)));
             if made_dir {
                 // Only if empty: a file of anyone else's that appeared in it meanwhile stays.
@@ -482,8 +485,6 @@ impl MapReduce {
         }))
     }
 
-    /// Checks the inputs, cuts the splits and makes the output directory (saying whether it made it, or
-    /// took one that was there); nothing is written if an input is missing or the output exists.
     /// The directory of job `job_id`'s part files inside its output directory until the job succeeds:
     /// named after this engine's spill directory, which no other engine's name is.
     fn staging_name(&self, job_id: u64) -> String {
@@ -491,6 +492,8 @@ impl MapReduce {
         format!("{STAGING}{engine}-{job_id}")
     }
 
+    /// Checks the inputs, cuts the splits and makes the output directory (saying whether it made it, or
+    /// took one that was there); nothing is written if an input is missing or the output exists.
     fn prepare(&self, job_id: u64, config: &JobConfig) -> Result<(Master, bool), MapReduceError> {
         if config.inputs.is_empty() && config.splits.is_empty() {
             return Err(MapReduceError::Config(
@@ -503,6 +506,14 @@ impl MapReduce {
         let inputs: Vec<PathBuf> = config.inputs.iter().map(|p| absolute(p)).collect();
         let files = input::expand(&inputs)?;
         let size = self.space.dsm().size();
+        // A map task reads its split into memory: a split size over what it may read fails every task.
+        let limit = config.task_budget(size).max(input::MIN_SPLIT_LIMIT);
+        if config.split_size > limit {
+            return Err(MapReduceError::Config(format!(
+                "a split size of {} bytes is more than a map task may read into memory here, {limit} bytes (the larger of the memory budget per thread and 64 MiB): use smaller splits or a larger memory budget",
+                config.split_size
+            )));
+        }
         let workers = size.saturating_mul(config.threads_for(size));
         let (mut splits, mut versions): (Vec<_>, Vec<_>) =
             input::cut(&files, config.split_size, workers)?
@@ -581,8 +592,13 @@ impl MapReduce {
                 )))
             }
             Ok(_) if !config.overwrite => return Err(MapReduceError::OutputExists(out.clone())),
-            // What it holds is replaced only when the job has succeeded (`commit`).
-            Ok(_) => false,
+            // What it holds is replaced only when the job has succeeded (`commit`), which could then
+            // fail halfway through on an entry it cannot remove: such entries are refused now, while
+            // the old output is whole.
+            Ok(_) => {
+                check_replaceable(out)?;
+                false
+            }
             Err(_) => {
                 // The directory itself with create_dir, which fails if it exists: of two jobs started at
                 // once on one new output directory, only one takes it (create_dir_all succeeds for both,
@@ -786,7 +802,7 @@ const STAGING: &str = ".dsm-job-";
 /// Puts a finished job's part files in place: checks that every reducer's part is in the job's staging
 /// directory, replaces the output's earlier part files (and any staging directories a job whose master
 /// died left) with them, and writes the success marker.
-fn commit(master: &Master, out: &Path) -> Result<(), MapReduceError> {
+fn commit(master: &Master, out: &Path, clearing: &mut bool) -> Result<(), MapReduceError> {
     let staging = master.output();
     // Every reducer said it wrote its part: one missing here was written where this rank does not look
     // (an output directory that is not shared between hosts).
@@ -799,13 +815,21 @@ fn commit(master: &Master, out: &Path) -> Result<(), MapReduceError> {
             )));
         }
     }
-    remove_parts(out)?;
+    *clearing = true;
+    let kept = |e: MapReduceError| {
+        MapReduceError::TaskFailed(format!(
+            "{e}; the job's output is complete in {}: move its part-* files into {} and create {SUCCESS} there",
+            staging.display(),
+            out.display()
+        ))
+    };
+    remove_parts(out).map_err(kept)?;
     let err =
         |what: &Path, e| MapReduceError::io(format!("moving {} into place", what.display()), e);
     for p in 0..master.reduces() {
         let name = format!("part-{p:05}");
         let part = staging.join(&name);
-        std::fs::rename(&part, out.join(&name)).map_err(|e| err(&part, e))?;
+        std::fs::rename(&part, out.join(&name)).map_err(|e| kept(err(&part, e)))?;
     }
     if let Ok(entries) = std::fs::read_dir(out) {
         for entry in entries.flatten() {
@@ -823,6 +847,25 @@ fn commit(master: &Master, out: &Path) -> Result<(), MapReduceError> {
 /// The empty file a job writes into its output directory once every part file is in place: its absence
 /// says the output is incomplete (the job failed, or still runs).
 pub const SUCCESS: &str = "_SUCCESS";
+
+/// Whether `remove_parts` would remove whatever it should in `dir`: it removes files only.
+fn check_replaceable(dir: &Path) -> Result<(), MapReduceError> {
+    let err = |e| MapReduceError::io(format!("reading {}", dir.display()), e);
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let ours = name.starts_with("part-") || name == SUCCESS || is_part_tmp(&name);
+        if ours && entry.file_type().map_err(err)?.is_dir() {
+            return Err(MapReduceError::Config(format!(
+                "{} is a directory, where the job would replace a file of the old output: move it out of {} first",
+                entry.path().display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// Removes the `part-*` files, the success marker and temporary files of earlier runs from an output
 /// directory.

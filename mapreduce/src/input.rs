@@ -174,6 +174,14 @@ pub(crate) fn cut(
     workers: usize,
 ) -> Result<Vec<(Split, FileVersion)>, MapReduceError> {
     let mut splits = Vec::new();
+    // Splits never span files: each file is a map task at least.
+    let nonempty = files.iter().filter(|(_, len)| *len > 0).count();
+    if nonempty > crate::config::MAX_MAPS {
+        return Err(MapReduceError::Config(format!(
+            "{nonempty} input files: a job has at most {} map tasks, and each non-empty file is one at least; concatenate small files into fewer",
+            crate::config::MAX_MAPS
+        )));
+    }
     let too_many = |n: usize| {
         MapReduceError::Config(format!(
             "{n} splits or more: a job has at most {} map tasks (every reduce task lists them); use larger splits (the split size is {size} bytes)",
@@ -260,7 +268,7 @@ pub(crate) fn read_split_into(
 ) -> Result<(), String> {
     if split.len() > limit {
         return Err(format!(
-            "{} bytes {}..{}: a map task reads its split (whole lines) into memory, and this one is {} bytes, over the {limit}-byte limit (the larger of the per-task memory budget and 64 MiB); a line this long needs a larger memory budget",
+            "{} bytes {}..{}: a map task reads its split (whole lines) into memory, and this one is {} bytes, over the {limit}-byte limit (the larger of the per-task memory budget and 64 MiB): a line this long, or splits this large, need a larger memory budget",
             split.file.display(),
             split.start,
             split.end,
@@ -468,6 +476,19 @@ mod tests {
         let e = read_split_into(&splits[0].0, None, u64::MAX, &mut data).unwrap_err();
         assert!(e.contains("changed while the job ran"), "{e}");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn more_files_than_map_tasks_are_refused_naming_the_files() {
+        // Refused before any file is opened (these do not exist).
+        let files: Vec<(PathBuf, u64)> = (0..=crate::config::MAX_MAPS)
+            .map(|i| (PathBuf::from(format!("/nonexistent/f{i}")), 1))
+            .collect();
+        let e = cut(&files, 1 << 20, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("131073 input files") && e.contains("concatenate"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -89,7 +89,9 @@ pub trait Job: Send + Sync {
     fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, Self::Key, Self::Value>);
 
     /// The combiner, if the job has one: pairs with equal keys are folded together as they are emitted,
-    /// which keeps map output small (word counts).
+    /// which keeps map output small (word counts). A combiner may grow its total (appending to a list):
+    /// the growth of one combine in a few hundred is measured and counted against the memory budget, for
+    /// all of them.
     fn combiner(&self) -> Option<Combiner<Self::Value>> {
         None
     }

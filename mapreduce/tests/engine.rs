@@ -428,9 +428,9 @@ fn bad_input_and_output_are_clear_errors_on_every_rank() {
             assert_eq!(read_output(&out, 1), expected_words(&files[..1]));
             assert!(!out.join("part-00001").exists(), "old part files removed");
             assert!(r.is_some());
-            // Parts that cannot be removed (directories of such names) fail the overwrite; the old
-            // output's marker goes first, so what is left is not taken for a complete output. (Several,
-            // so that some come before the marker in the directory's order, whatever that is.)
+            // Parts that cannot be removed (directories of such names) are refused before the job runs,
+            // and the old output stays whole (once, they failed the commit halfway, after the old parts
+            // were gone).
             for k in 0..16 {
                 std::fs::create_dir(out.join(format!("part-x{k}"))).unwrap();
             }
@@ -442,9 +442,11 @@ fn bad_input_and_output_are_clear_errors_on_every_rank() {
                 &JobConfig::new(&out).input(&files[0]).overwrite(true),
             )
             .unwrap_err();
+        assert!(e.to_string().contains("is a directory"), "{me}: {e}");
         if me == Rank(0) {
-            assert!(e.to_string().contains("clearing"), "{e}");
-            assert!(!out.join("_SUCCESS").exists(), "{e}");
+            assert!(matches!(e, MapReduceError::Config(_)), "{e}");
+            assert!(out.join("_SUCCESS").exists(), "{e}");
+            assert_eq!(read_output(&out, 1), expected_words(&files[..1]));
             for k in 0..16 {
                 std::fs::remove_dir(out.join(format!("part-x{k}"))).unwrap();
             }
@@ -472,6 +474,19 @@ fn bad_input_and_output_are_clear_errors_on_every_rank() {
             let e = mr.run(&Words, &config).unwrap_err();
             assert!(matches!(e, MapReduceError::Config(_)), "{e}");
         }
+        // Splits larger than a map task may read: refused before anything is written.
+        let e = mr
+            .run(
+                &Words,
+                &JobConfig::new(dir.join("x"))
+                    .input(&files[0])
+                    .memory_budget(64 << 20)
+                    .threads(1)
+                    .split_size(65 << 20),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("use smaller splits"), "{me}: {e}");
+        assert!(!dir.join("x").exists(), "{me}: an output was made");
         // More splits than a reduce task can list: refused before any map runs.
         let lines = dir.join("many-lines");
         if me == Rank(0) {

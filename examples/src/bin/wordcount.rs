@@ -304,11 +304,19 @@ fn top_words(dir: &Path, parts: &[PathBuf], top: usize) -> anyhow::Result<Vec<(u
     // Ordered so that the greatest entry is the worst: the lowest count, then the latest word.
     // The heap grows with what it holds, not with `top` (which may be far above the words there are).
     let mut best: BinaryHeap<(Reverse<u64>, String)> = BinaryHeap::new();
+    // Read a line at a time: a part file can be as large as the vocabulary, and this rank's memory
+    // (reported with --peak-memory) is the job's, not the output's.
+    let mut line = String::new();
     for p in parts {
-        let text = std::fs::read_to_string(p)
-            .with_context(|| format!("reading {} in {}", p.display(), dir.display()))?;
-        for line in text.lines() {
+        let reading = || format!("reading {} in {}", p.display(), dir.display());
+        let mut file = std::io::BufReader::new(std::fs::File::open(p).with_context(reading)?);
+        loop {
+            line.clear();
+            if std::io::BufRead::read_line(&mut file, &mut line).with_context(reading)? == 0 {
+                break;
+            }
             let (word, count) = line
+                .trim_end_matches('\n')
                 .split_once('\t')
                 .with_context(|| format!("a line without a tab in {}", p.display()))?;
             let count: u64 = count
