@@ -1017,6 +1017,28 @@ fn job_keep_going(program: &str, ranks: usize, args: &[&str]) -> (Outcome, Strin
     launch_captured(program, ranks, args, &[], true)
 }
 
+/// Under --keep-going, a rank that stops for good (it never exits) does not keep the launcher waiting
+/// once rank 0 has finished: it is ended after a grace period and reported lost.
+#[test]
+fn under_keep_going_a_stopped_rank_is_ended_once_rank_0_has_finished() {
+    let t = Instant::now();
+    let (o, out) = launch_captured(CHECK, 3, &["stopkeep"], &[("DSM_PEER_TIMEOUT", "2")], true);
+    assert_eq!(o.code, 0, "{o:?}\n{out}");
+    for r in 0..2 {
+        assert!(
+            out.contains(&format!(
+                "stopkeep: rank {r} went on without the stopped rank"
+            )),
+            "{out}"
+        );
+    }
+    assert_eq!(o.lost.len(), 1, "{o:?}");
+    assert_eq!(o.lost[0].0, 2, "{o:?}");
+    assert!(o.lost[0].1.contains("still running"), "{o:?}");
+    // The peer timeout, the grace period (10 s) and the ending, well under the 60 s limit.
+    assert!(t.elapsed() < Duration::from_secs(40), "{:?}", t.elapsed());
+}
+
 /// Under --keep-going, pages a dead rank had read are written afterwards, by their home and by another
 /// rank, without asking the dead rank to drop its copy (which failed the writer).
 #[test]

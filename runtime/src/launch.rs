@@ -95,6 +95,9 @@ const GRACE: Duration = Duration::from_millis(300);
 /// How long it keeps watching after the first failure while only ranks that ended because of another
 /// (`EXIT_PEER_FAILED`) have exited, for the rank that failed first.
 const CAUSE_GRACE: Duration = Duration::from_secs(2);
+/// Under `--keep-going`, how long the launcher waits for the other ranks once rank 0 has ended well, before
+/// it ends those still running (stopped, or hung in their own code: the job went on without them).
+const KEEP_GOING_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves the rendezvous: collects every rank's address, then sends the full table to each. Ends early
 /// once `stop` is set (and a connection wakes it): the job ended before every rank joined. A rank that
@@ -466,6 +469,8 @@ pub fn launch(
     let mut ended_well: Option<(usize, ExitStatus)> = None;
     let started = Instant::now();
     let mut timed_out = false;
+    // Under --keep-going: every other rank has ended and rank 0 is stopped.
+    let mut root_stopped = false;
     while done.iter().any(|d| !d) {
         if opts.timeout.is_some_and(|t| started.elapsed() > t) {
             timed_out = true;
@@ -488,6 +493,9 @@ pub fn launch(
                 }
                 if status.success() {
                     ended_well.get_or_insert((r, status));
+                    if opts.keep_going && r == 0 {
+                        grace_until.get_or_insert(Instant::now() + KEEP_GOING_GRACE);
+                    }
                 } else {
                     failures.push((r, status));
                     if opts.keep_going && r != 0 {
@@ -509,6 +517,10 @@ pub fn launch(
         if grace_until.is_some_and(|g| Instant::now() > g) || done.iter().all(|d| *d) {
             break;
         }
+        if opts.keep_going && !done[0] && done[1..].iter().all(|d| *d) && is_stopped(&children[0]) {
+            root_stopped = true;
+            break;
+        }
         // Until a rank exits, the grace period ends, or at most 50 ms (a bound should a watcher fail).
         let mut wait = Duration::from_millis(50);
         if let Some(g) = grace_until {
@@ -522,6 +534,17 @@ pub fn launch(
     if opts.keep_going {
         // Only rank 0's status counts; the failures of others were reported as they happened.
         failures.retain(|(r, _)| *r == 0);
+        if done[0] {
+            // Rank 0 ended and the grace period passed: the ranks still running are ended below.
+            for r in (1..ranks).filter(|&r| !done[r]) {
+                let what = format!(
+                    "was still running {} s after rank 0 ended (stopped, or hung), and was ended",
+                    KEEP_GOING_GRACE.as_secs()
+                );
+                say(&format!("dsmrun: rank {r} {what}"));
+                lost.push((r, what));
+            }
+        }
     }
     let cause = failures
         .iter()
@@ -534,6 +557,18 @@ pub fn launch(
     // failed no rank waiting for it.
     let never = lock(&exits_seen).never.filter(|_| ranks > 1);
     let (outcome, message) = match (root, interrupts.signal()) {
+        (_, None) if root_stopped => {
+            let reason =
+                "was stopped (SIGSTOP, or a debugger) after every other rank had ended".to_string();
+            let message = format!("dsmrun: rank 0 {reason}; ending the job");
+            let outcome = Outcome {
+                code: 1,
+                failed_rank: Some(0),
+                reason,
+                lost,
+            };
+            (outcome, Some(message))
+        }
         (None, Some(sig)) => {
             let reason = format!("was interrupted by {}", sig.as_str());
             let message = format!("dsmrun: the launcher {reason}; ending the job");

@@ -91,6 +91,13 @@ impl Engine {
         }
     }
 
+    /// The scratch buffer, a page long. (An answer being sent borrows it, leaving it empty; when sending
+    /// fails, the failure's handling serves requests queued behind the failed rank's, which use it too.)
+    fn scratch_page(&mut self) -> &mut [u8] {
+        self.scratch.resize(PAGE_SIZE, 0);
+        &mut self.scratch
+    }
+
     /// Applies a home action to this rank's own copy; returns whether `scratch` holds the page bytes taken
     /// before an invalidation.
     fn home_action(
@@ -118,7 +125,7 @@ impl Engine {
                     if st == READ_WRITE {
                         self.protect_or_die(region, page);
                     }
-                    region.read_page(page, &mut self.scratch);
+                    region.read_page(page, self.scratch_page());
                 }
                 self.drop_copy(region, page);
                 keep_bytes
@@ -467,7 +474,7 @@ impl Engine {
             if st == READ_WRITE {
                 self.protect_or_die(region, page);
             }
-            region.read_page(page, &mut self.scratch);
+            region.read_page(page, self.scratch_page());
         }
         self.drop_copy(region, page);
         if send_data {

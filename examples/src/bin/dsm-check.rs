@@ -1261,6 +1261,20 @@ fn main() -> anyhow::Result<()> {
             dsm.barrier()?;
             anyhow::bail!("rank {me}: a barrier completed across a network that is down");
         }
+        "stopkeep" => {
+            // Under --keep-going: the last rank stops for good; the others go on once they have given
+            // up hearing from it, and finish.
+            let last = n - 1;
+            dsm.barrier()?;
+            if me == last {
+                nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP)?;
+                anyhow::bail!("rank {me} went on after SIGSTOP");
+            }
+            within_30_s(me, "the stopped rank was not seen to fail", &|| {
+                has_failed(dsm, last as u32)
+            })?;
+            println!("stopkeep: rank {me} went on without the stopped rank");
+        }
         "stop" => last_rank_leaves(dsm, "the stopped rank", || {
             // Stopped until the launcher kills it: it closes nothing and says nothing.
             match nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP) {
@@ -1270,7 +1284,7 @@ fn main() -> anyhow::Result<()> {
         })?,
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
             )
         }
     }
