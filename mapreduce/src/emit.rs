@@ -50,8 +50,10 @@ pub(crate) struct Held<K, V> {
     table: FxHashMap<K, V>,
     pairs: Vec<(K, V)>,
     bytes: u64,
-    /// Combines done into `table`, for sampling their growth (see `COMBINE_SAMPLE`).
-    combines: u32,
+    /// Combines into `table` until the next one is measured, and how many apart measured ones are (see
+    /// `COMBINE_SAMPLE`).
+    until_sample: u64,
+    sample_every: u64,
 }
 
 impl<K, V> Default for Held<K, V> {
@@ -60,31 +62,42 @@ impl<K, V> Default for Held<K, V> {
             table: FxHashMap::default(),
             pairs: Vec::new(),
             bytes: 0,
-            combines: 0,
+            until_sample: COMBINE_SAMPLE,
+            sample_every: COMBINE_SAMPLE,
         }
     }
 }
 
-/// One combine in this many is measured, and the growth of its total (in encoded bytes), times this, is
-/// counted against the budget: a combiner that grows its total (one that appends to a list, for an
-/// inverted index) would otherwise fill memory unseen, since only new keys are measured. Sampled, so that
-/// a cheap combine (word count's sum, run for nearly every word of the input) does not also pay for two
-/// size computations.
-const COMBINE_SAMPLE: u32 = 256;
+/// One combine in at least this many is measured, and the growth of its total (in encoded bytes), times
+/// the combines since the last measured one, is counted against the budget: a combiner that grows its
+/// total (one that appends to a list, for an inverted index) would otherwise fill memory unseen, since
+/// only new keys are measured. Sampled, so that a cheap combine (word count's sum, run for nearly every
+/// word of the input) does not also pay for two size computations; and measured ones are further apart
+/// the larger the total measured last, as many as would grow it by a quarter at the growth measured,
+/// since measuring walks the whole total: its cost per combine stays a few times the growth of one,
+/// however long the lists get, and a total grows by about a quarter at most unmeasured.
+const COMBINE_SAMPLE: u64 = 256;
 
-impl<K, V: Serialize> Held<K, V> {
-    /// Folds `value` into `total` (an entry of `table`), counting its growth now and then.
-    fn combine(combines: &mut u32, bytes: &mut u64, combine: Combiner<V>, total: &mut V, value: V) {
-        *combines = combines.wrapping_add(1);
-        if !combines.is_multiple_of(COMBINE_SAMPLE) {
-            combine(total, value);
-            return;
-        }
-        let before = encoded_size(total);
+/// Folds `value` into `total` (an entry of a `Held`'s table), counting its growth now and then (see
+/// `COMBINE_SAMPLE`): `held` is the `Held`'s `until_sample`, `sample_every` and `bytes`.
+fn combine_counted<V: Serialize>(
+    held: (&mut u64, &mut u64, &mut u64),
+    combine: Combiner<V>,
+    total: &mut V,
+    value: V,
+) {
+    let (until_sample, sample_every, bytes) = held;
+    *until_sample -= 1;
+    if *until_sample > 0 {
         combine(total, value);
-        let grown = encoded_size(total).saturating_sub(before);
-        *bytes = bytes.saturating_add(grown.saturating_mul(u64::from(COMBINE_SAMPLE)));
+        return;
     }
+    let before = encoded_size(total);
+    combine(total, value);
+    let grown = encoded_size(total).saturating_sub(before);
+    *bytes = bytes.saturating_add(grown.saturating_mul(*sample_every));
+    *sample_every = (before / 4 / grown.max(1)).max(COMBINE_SAMPLE);
+    *until_sample = *sample_every;
 }
 
 impl<K: Hash + Eq, V> Held<K, V> {
@@ -172,9 +185,12 @@ where
         let held = &mut self.held;
         match self.combiner {
             Some(combine) => match held.table.get_mut(&key) {
-                Some(total) => Held::<K, V>::combine(
-                    &mut held.combines,
-                    &mut held.bytes,
+                Some(total) => combine_counted(
+                    (
+                        &mut held.until_sample,
+                        &mut held.sample_every,
+                        &mut held.bytes,
+                    ),
                     combine,
                     total,
                     value,
@@ -202,7 +218,16 @@ where
         if let Some(combine) = self.combiner {
             let held = &mut self.held;
             if let Some(total) = held.table.get_mut(key) {
-                Held::<K, V>::combine(&mut held.combines, &mut held.bytes, combine, total, value);
+                combine_counted(
+                    (
+                        &mut held.until_sample,
+                        &mut held.sample_every,
+                        &mut held.bytes,
+                    ),
+                    combine,
+                    total,
+                    value,
+                );
                 self.spill_if_over();
                 return;
             }

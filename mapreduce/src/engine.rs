@@ -816,20 +816,26 @@ fn commit(master: &Master, out: &Path, clearing: &mut bool) -> Result<(), MapRed
         }
     }
     *clearing = true;
-    let kept = |e: MapReduceError| {
+    // The new output stays where it is, and the error says how to finish the commit by hand.
+    let kept = |e: MapReduceError, left: &str| {
         MapReduceError::TaskFailed(format!(
-            "{e}; the job's output is complete in {}: move its part-* files into {} and create {SUCCESS} there",
+            "{e}; the job's output is kept in {}: {left}, move its part-* files into {} and create {SUCCESS} there",
             staging.display(),
             out.display()
         ))
     };
-    remove_parts(out).map_err(kept)?;
+    remove_parts(out).map_err(|e| kept(e, "remove the old part-* files left beside it"))?;
     let err =
         |what: &Path, e| MapReduceError::io(format!("moving {} into place", what.display()), e);
     for p in 0..master.reduces() {
         let name = format!("part-{p:05}");
         let part = staging.join(&name);
-        std::fs::rename(&part, out.join(&name)).map_err(|e| kept(err(&part, e)))?;
+        std::fs::rename(&part, out.join(&name)).map_err(|e| {
+            kept(
+                err(&part, e),
+                "the old output is gone and some new parts are in place",
+            )
+        })?;
     }
     if let Ok(entries) = std::fs::read_dir(out) {
         for entry in entries.flatten() {

@@ -469,8 +469,12 @@ pub fn launch(
     let mut ended_well: Option<(usize, ExitStatus)> = None;
     let started = Instant::now();
     let mut timed_out = false;
-    // Under --keep-going: every other rank has ended and rank 0 is stopped.
+    // Under --keep-going: rank 0 ended well (the others then have `KEEP_GOING_GRACE` to end); rank 0 is
+    // stopped, every other rank having ended (seen when it last looked, at most once a second), since when.
+    let mut root_ended_well = false;
     let mut root_stopped = false;
+    let mut root_stopped_since: Option<Instant> = None;
+    let mut looked_stopped = started;
     while done.iter().any(|d| !d) {
         if opts.timeout.is_some_and(|t| started.elapsed() > t) {
             timed_out = true;
@@ -494,6 +498,7 @@ pub fn launch(
                 if status.success() {
                     ended_well.get_or_insert((r, status));
                     if opts.keep_going && r == 0 {
+                        root_ended_well = true;
                         grace_until.get_or_insert(Instant::now() + KEEP_GOING_GRACE);
                     }
                 } else {
@@ -517,9 +522,25 @@ pub fn launch(
         if grace_until.is_some_and(|g| Instant::now() > g) || done.iter().all(|d| *d) {
             break;
         }
-        if opts.keep_going && !done[0] && done[1..].iter().all(|d| *d) && is_stopped(&children[0]) {
-            root_stopped = true;
-            break;
+        // A rank 0 left alone and stopped (a debugger's breakpoint, say) is given the same time as the
+        // others get once it ends, then taken for the cause.
+        if opts.keep_going
+            && ranks > 1
+            && !done[0]
+            && done[1..].iter().all(|d| *d)
+            && looked_stopped.elapsed() >= Duration::from_secs(1)
+        {
+            looked_stopped = Instant::now();
+            if !is_stopped(&children[0]) {
+                root_stopped_since = None;
+            } else if root_stopped_since
+                .get_or_insert_with(Instant::now)
+                .elapsed()
+                >= KEEP_GOING_GRACE
+            {
+                root_stopped = true;
+                break;
+            }
         }
         // Until a rank exits, the grace period ends, or at most 50 ms (a bound should a watcher fail).
         let mut wait = Duration::from_millis(50);
@@ -534,8 +555,8 @@ pub fn launch(
     if opts.keep_going {
         // Only rank 0's status counts; the failures of others were reported as they happened.
         failures.retain(|(r, _)| *r == 0);
-        if done[0] {
-            // Rank 0 ended and the grace period passed: the ranks still running are ended below.
+        if root_ended_well && !timed_out && interrupts.signal().is_none() {
+            // Rank 0 ended well and the grace period passed: the ranks still running are ended below.
             for r in (1..ranks).filter(|&r| !done[r]) {
                 let what = format!(
                     "was still running {} s after rank 0 ended (stopped, or hung), and was ended",
@@ -558,8 +579,10 @@ pub fn launch(
     let never = lock(&exits_seen).never.filter(|_| ranks > 1);
     let (outcome, message) = match (root, interrupts.signal()) {
         (_, None) if root_stopped => {
-            let reason =
-                "was stopped (SIGSTOP, or a debugger) after every other rank had ended".to_string();
+            let reason = format!(
+                "was stopped (SIGSTOP, or a debugger) for {} s after every other rank had ended",
+                KEEP_GOING_GRACE.as_secs()
+            );
             let message = format!("dsmrun: rank 0 {reason}; ending the job");
             let outcome = Outcome {
                 code: 1,

@@ -627,7 +627,9 @@ impl Inner {
     /// `Err(e)` for an error `e` from asking `rank`, unless `rank` has failed (seen within a few seconds):
     /// the paths that ask every rank pass over failed ranks, whose tuples went with them.
     fn unless_failed(&self, rank: Rank, e: RuntimeError) -> Result<(), RuntimeError> {
-        if self.dsm.fails_within(rank, FAILURE_NOTICED_WITHIN) {
+        // Only a broken connection may mean a failed rank (an answer refused came from a live one).
+        let broken = matches!(e, RuntimeError::Dsm(dsm::DsmError::PeerFailed { .. }));
+        if broken && self.dsm.fails_within(rank, FAILURE_NOTICED_WITHIN) {
             Ok(())
         } else {
             Err(e)
