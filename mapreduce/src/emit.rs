@@ -78,26 +78,32 @@ impl<K, V> Default for Held<K, V> {
 /// however long the lists get, and a total grows by about a quarter at most unmeasured.
 const COMBINE_SAMPLE: u64 = 256;
 
-/// Folds `value` into `total` (an entry of a `Held`'s table), counting its growth now and then (see
-/// `COMBINE_SAMPLE`): `held` is the `Held`'s `until_sample`, `sample_every` and `bytes`.
-fn combine_counted<V: Serialize>(
-    held: (&mut u64, &mut u64, &mut u64),
-    combine: Combiner<V>,
-    total: &mut V,
-    value: V,
-) {
-    let (until_sample, sample_every, bytes) = held;
-    *until_sample -= 1;
-    if *until_sample > 0 {
+impl<K: Hash + Eq, V: Serialize> Held<K, V> {
+    /// Folds `value` into the total of `key` if the table holds it, counting its growth now and then (see
+    /// `COMBINE_SAMPLE`); gives `value` back if it does not.
+    fn fold<Q>(&mut self, key: &Q, value: V, combine: Combiner<V>) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let Some(total) = self.table.get_mut(key) else {
+            return Some(value);
+        };
+        self.until_sample -= 1;
+        if self.until_sample > 0 {
+            combine(total, value);
+            return None;
+        }
+        let before = encoded_size(total);
         combine(total, value);
-        return;
+        let grown = encoded_size(total).saturating_sub(before);
+        self.bytes = self
+            .bytes
+            .saturating_add(grown.saturating_mul(self.sample_every));
+        self.sample_every = (before / 4 / grown.max(1)).max(COMBINE_SAMPLE);
+        self.until_sample = self.sample_every;
+        None
     }
-    let before = encoded_size(total);
-    combine(total, value);
-    let grown = encoded_size(total).saturating_sub(before);
-    *bytes = bytes.saturating_add(grown.saturating_mul(*sample_every));
-    *sample_every = (before / 4 / grown.max(1)).max(COMBINE_SAMPLE);
-    *until_sample = *sample_every;
 }
 
 impl<K: Hash + Eq, V> Held<K, V> {
@@ -184,22 +190,12 @@ where
         }
         let held = &mut self.held;
         match self.combiner {
-            Some(combine) => match held.table.get_mut(&key) {
-                Some(total) => combine_counted(
-                    (
-                        &mut held.until_sample,
-                        &mut held.sample_every,
-                        &mut held.bytes,
-                    ),
-                    combine,
-                    total,
-                    value,
-                ),
-                None => {
+            Some(combine) => {
+                if let Some(value) = held.fold(&key, value, combine) {
                     held.bytes += overhead::<K, V>() + encoded_size(&key) + encoded_size(&value);
                     held.table.insert(key, value);
                 }
-            },
+            }
             None => {
                 held.bytes += overhead::<K, V>() + encoded_size(&key) + encoded_size(&value);
                 held.pairs.push((key, value));
@@ -215,23 +211,16 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        if let Some(combine) = self.combiner {
-            let held = &mut self.held;
-            if let Some(total) = held.table.get_mut(key) {
-                combine_counted(
-                    (
-                        &mut held.until_sample,
-                        &mut held.sample_every,
-                        &mut held.bytes,
-                    ),
-                    combine,
-                    total,
-                    value,
-                );
-                self.spill_if_over();
-                return;
-            }
-        }
+        let value = match self.combiner {
+            Some(combine) => match self.held.fold(key, value, combine) {
+                Some(value) => value,
+                None => {
+                    self.spill_if_over();
+                    return;
+                }
+            },
+            None => value,
+        };
         self.emit(key.to_owned(), value);
     }
 
