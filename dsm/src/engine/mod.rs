@@ -1409,24 +1409,31 @@ mod tests {
         (0..PAGE_SIZE).map(|i| (i * 7 + 3) as u8).collect()
     }
 
-    /// Rank 0 and the `fakes` allocate a one-page region homed at rank 0, and rank 0 writes `pattern()`
-    /// into it (owning the only copy).
-    fn home_page<'d>(dsm: &'d Dsm, fakes: &[FakeRank]) -> Region<'d> {
+    /// Rank 0 and the `fakes` allocate a region of `pages` pages homed at rank 0, untouched.
+    fn homed_region<'d>(dsm: &'d Dsm, fakes: &[FakeRank], pages: usize) -> Region<'d> {
         let placement = Placement::At(Rank(0));
         let size = fakes.len() + 1;
+        let len = pages * PAGE_SIZE;
         let arriving: Vec<_> = fakes
             .iter()
             .map(|f| {
                 let fake = f.fake.try_clone().unwrap();
-                std::thread::spawn(move || fake_allocates_first(&fake, size, PAGE_SIZE, placement))
+                std::thread::spawn(move || fake_allocates_first(&fake, size, len, placement))
             })
             .collect();
         // The ranks played by the test take no descriptors.
         dsm.set_direct_install(false);
-        let region = dsm.alloc(PAGE_SIZE, placement).unwrap();
+        let region = dsm.alloc(len, placement).unwrap();
         for a in arriving {
             a.join().unwrap();
         }
+        region
+    }
+
+    /// Rank 0 and the `fakes` allocate a one-page region homed at rank 0, and rank 0 writes `pattern()`
+    /// into it (owning the only copy).
+    fn home_page<'d>(dsm: &'d Dsm, fakes: &[FakeRank]) -> Region<'d> {
+        let region = homed_region(dsm, fakes, 1);
         // SAFETY: the region is one page long, and its test's only user of it.
         unsafe { std::ptr::copy_nonoverlapping(pattern().as_ptr(), region.as_ptr(), PAGE_SIZE) };
         region
@@ -1434,14 +1441,29 @@ mod tests {
 
     /// The fake rank asks rank 0 for page 0 of `region`.
     fn fake_faults(fake: &UnixStream, region: &RegionShared, access: Access) {
+        fake_faults_ahead(fake, region, access, 1);
+    }
+
+    /// The fake rank asks rank 0 for page 0 of `region` and up to `count` pages from it.
+    fn fake_faults_ahead(fake: &UnixStream, region: &RegionShared, access: Access, count: u32) {
         let acquire = Request::Acquire {
             region: region.id,
             page: 0,
             access,
-            count: 1,
+            count,
             direct: false,
         };
         fake_sends(fake, acquire);
+    }
+
+    /// Page `page`'s entry at its manager, read under the page's manager lock: once the request being
+    /// served is done with it.
+    fn entry_when_free(shared: &RegionShared, page: u64) -> swmr::Entry {
+        let slot = shared.slot(page);
+        crate::fault::lock_slot(&slot.lock);
+        let entry = slot.load();
+        crate::fault::unlock_slot(&slot.lock);
+        entry
     }
 
     /// Once rank 1 is failed and the request it made is done with, rank 0 still holds the page as it was
@@ -1449,12 +1471,8 @@ mod tests {
     fn home_kept_it(dsm: &Dsm, region: &Region<'_>, expected: swmr::Entry) {
         assert_eq!(failed_within(dsm, Duration::from_secs(5)), vec![Rank(1)]);
         let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
-        // The failure is recorded while the request is served, under the page's manager lock: once the
-        // lock is free, the request is done with.
-        let slot = shared.slot(0);
-        crate::fault::lock_slot(&slot.lock);
-        let entry = slot.load();
-        crate::fault::unlock_slot(&slot.lock);
+        // The failure is recorded while the request is served, under the page's manager lock.
+        let entry = entry_when_free(shared, 0);
         let state = || shared.state(0).load(Ordering::Acquire) & STATE_MASK;
         assert_eq!(
             state(),
@@ -1518,6 +1536,62 @@ mod tests {
         fakes[0].fake.shutdown(std::net::Shutdown::Read).unwrap();
         fake_faults(&fakes[0].fake, shared, Access::Write);
         home_kept_it(&dsm, &region, expected);
+    }
+
+    #[test]
+    fn a_home_whose_upgrade_cannot_reach_its_reader_keeps_its_copy() {
+        let (dsm, fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
+        let region = home_page(&dsm, &fakes);
+        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        // Rank 1 reads the page: the home keeps its copy, read-only, beside rank 1's.
+        fake_faults(&fakes[0].fake, shared, Access::Read);
+        let (reply, payload) = fake_reads(&fakes[0].fake);
+        assert!(
+            matches!(
+                reply,
+                Reply::Done {
+                    data: Data::Home,
+                    ..
+                }
+            ),
+            "{reply:?}"
+        );
+        assert!(payload == pattern(), "rank 1 read another page");
+        let before = shared.slot(0).load();
+        assert!(before.owner == Some(Rank(0)) && before.copyset.contains(Rank(1)));
+        // Rank 1 asks to write the copy it holds, and stops reading: the home drops its copy for an
+        // upgrade that cannot be sent, and rank 1's copy, the only other one, is with a failed rank.
+        fakes[0].fake.shutdown(std::net::Shutdown::Read).unwrap();
+        fake_faults(&fakes[0].fake, shared, Access::Write);
+        home_kept_it(&dsm, &region, before);
+    }
+
+    #[test]
+    fn untouched_pages_stay_untouched_when_their_first_reader_cannot_be_answered() {
+        let (dsm, fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
+        let pages = 4;
+        let region = homed_region(&dsm, &fakes, pages);
+        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        // Rank 1 reads the first page, with read-ahead over the others, and stops reading: each would be
+        // its (zeros, as their first toucher), but the answer cannot be sent.
+        fakes[0].fake.shutdown(std::net::Shutdown::Read).unwrap();
+        fake_faults_ahead(&fakes[0].fake, shared, Access::Read, pages as u32);
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+        for p in 0..pages as u64 {
+            assert_eq!(
+                entry_when_free(shared, p),
+                swmr::Entry::default(),
+                "page {p} is recorded as the failed rank's"
+            );
+        }
+        // So the home writes them as their first toucher, without asking the failed rank for them.
+        for p in 0..pages {
+            // SAFETY: the region is `pages` pages long, and this test's only user of it.
+            unsafe { *region.as_ptr().add(p * PAGE_SIZE) = p as u8 + 1 };
+        }
+        for p in 0..pages as u64 {
+            assert_eq!(entry_when_free(shared, p).owner, Some(Rank(0)), "page {p}");
+        }
     }
 
     #[test]

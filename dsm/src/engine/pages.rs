@@ -99,14 +99,9 @@ impl Engine {
     }
 
     /// Applies a home action to this rank's own copy; returns whether `scratch` holds the page bytes taken
-    /// before an invalidation.
-    fn home_action(
-        &mut self,
-        region: &RegionShared,
-        page: u64,
-        action: HomeAction,
-        keep_bytes: bool,
-    ) -> bool {
+    /// before an invalidation. They are kept whether or not the answer carries them: should it not reach
+    /// the requester, the home puts its copy back (a 4 KiB copy, against the round trip it answers).
+    fn home_action(&mut self, region: &RegionShared, page: u64, action: HomeAction) -> bool {
         let st = region.state(page).load(Ordering::Acquire) & STATE_MASK;
         match action {
             HomeAction::None => false,
@@ -121,14 +116,12 @@ impl Engine {
                 if st == INVALID {
                     return false;
                 }
-                if keep_bytes {
-                    if st == READ_WRITE {
-                        self.protect_or_die(region, page);
-                    }
-                    region.read_page(page, self.scratch_page());
+                if st == READ_WRITE {
+                    self.protect_or_die(region, page);
                 }
+                region.read_page(page, self.scratch_page());
                 self.drop_copy(region, page);
-                keep_bytes
+                true
             }
         }
     }
@@ -168,7 +161,7 @@ impl Engine {
         let before = entry;
         match swmr::decide(&mut entry, me, requester, access) {
             Decision::Done { home_action, data } => {
-                let copied = self.home_action(region, page, home_action, data == Data::Home);
+                let copied = self.home_action(region, page, home_action);
                 slot.store(&entry);
                 let mut pages = vec![page];
                 if access == Access::Read && data != Data::None {
@@ -214,16 +207,12 @@ impl Engine {
                     _ => Vec::new(),
                 };
                 Counters::add(&self.shared.counters.pages_sent, slices.len() as u64);
-                if data == Data::None {
-                    // An upgrade: the lock stays held until the requester's Unlock. Recorded before the
-                    // reply goes out, so that a failure while sending it finds the page to release.
-                    self.held_by.insert((region.id, page), (requester, access));
-                }
                 let count = pages.len() as u32;
                 let mut sent = false;
+                let mut installed = false;
                 if self.conns[idx].open {
                     let writable = access == Access::Write;
-                    let installed = reply_data == Data::Home
+                    installed = reply_data == Data::Home
                         && direct
                         && self.install_directly(requester, region, &pages, &slices, writable);
                     let (reply, payload) = if installed {
@@ -241,27 +230,39 @@ impl Engine {
                         Ok(()) => sent = true,
                         Err(e) => {
                             drop(slices);
+                            // The pages stay locked meanwhile (and out of `held_by`): the failure's
+                            // handling serves no request for them before they are taken back below.
                             self.close(idx, &format!("sending pages failed: {e}"));
                         }
                     }
                 }
-                if !sent && data == Data::Zero && access == Access::Write {
-                    // Untouched pages handed to a first writer that never heard of them stay untouched,
-                    // so that nobody later has to ask a failed rank for them. (Each of them was untouched:
-                    // `gather_untouched` takes no other.)
-                    for &p in &pages {
-                        region.slot(p).store(&swmr::Entry::default());
+                if sent && data == Data::None {
+                    // An upgrade (or a read of a copy the requester holds): the lock stays held until the
+                    // requester's Unlock, or its failure (`peer_failed`).
+                    self.held_by.insert((region.id, page), (requester, access));
+                }
+                let requester_holds_them = installed && access == Access::Read;
+                if !sent && !requester_holds_them {
+                    // Whatever a requester that never got its answer was to have goes back to the way it
+                    // was, so that nobody later has to ask a failed rank for a page it never had, and the
+                    // home keeps a copy it gave up. (A read installed straight into its memory woke its
+                    // fault: the requester holds those pages, answer or not, and stays listed with them.
+                    // A writer's page is taken back even so: it is this home's only copy.)
+                    if copied {
+                        self.restore_home_copy(region, page, &owned);
                     }
-                } else if !sent && copied && access == Access::Write {
-                    // The home gave up the only copy for a writer that never got it (a requester whose
-                    // reply cannot be sent is gone, or ends at the fault it waits in): the home keeps the
-                    // page, as if it had not been asked.
-                    self.restore_home_copy(region, page, &owned);
                     slot.store(&before);
+                    for &p in &pages[1..] {
+                        let s = region.slot(p);
+                        let mut e = s.load();
+                        swmr::withdraw(&mut e, requester);
+                        s.store(&e);
+                    }
                 }
                 self.scratch = owned;
-                if data != Data::None {
-                    // The requester held no copy: release now; no Unlock follows (see `fault`).
+                if data != Data::None || !sent {
+                    // The requester held no copy (or never heard of the upgrade): release now; no Unlock
+                    // follows (see `fault`).
                     for p in pages {
                         if unlock_slot(&region.slot(p).lock) {
                             self.serve_queue(region, p);
@@ -272,7 +273,7 @@ impl Engine {
             Decision::Grant(grant) => {
                 // The home's copy is kept aside even when the grant does not carry it: were the grant not
                 // sent, it is put back (the entry, unchanged until `complete`, still lists it).
-                let copied = self.home_action(region, page, grant.home_action, true);
+                let copied = self.home_action(region, page, grant.home_action);
                 if grant.data_from_home {
                     Counters::add(&self.shared.counters.pages_sent, 1);
                 }

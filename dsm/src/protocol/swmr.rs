@@ -222,5 +222,17 @@ pub fn complete(entry: &mut Entry, requester: Rank, access: Access) {
     }
 }
 
+/// Takes back a page that a `Done` decision handed to `requester` together with the one decided (a
+/// read-ahead or write-ahead page) when the answer never reached it: a read-only copy leaves the copy set,
+/// and a page it was to own as its first toucher (zeros) is untouched again. (Such a decision makes the
+/// requester owner only of an untouched page; the page decided itself goes back to its entry as it was.)
+pub fn withdraw(entry: &mut Entry, requester: Rank) {
+    if entry.owner == Some(requester) {
+        *entry = Entry::default();
+    } else {
+        entry.copyset.remove(requester);
+    }
+}
+
 #[cfg(test)]
 mod tests;

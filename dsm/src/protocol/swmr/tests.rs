@@ -564,6 +564,36 @@ fn read_of_a_page_owned_by_its_home_is_answered_by_the_home() {
 }
 
 #[test]
+fn a_page_handed_out_with_an_answer_that_never_arrived_is_withdrawn_to_what_it_was() {
+    let home = Rank(0);
+    let owned_by_home = {
+        let mut e = Entry {
+            owner: Some(home),
+            copyset: CopySet::EMPTY,
+        };
+        e.copyset.insert(Rank(2));
+        e
+    };
+    for (before, access) in [
+        (Entry::default(), Access::Read),
+        (Entry::default(), Access::Write),
+        (owned_by_home, Access::Read),
+    ] {
+        let mut e = before;
+        assert!(matches!(
+            decide(&mut e, home, Rank(1), access),
+            Decision::Done {
+                data: Data::Zero | Data::Home,
+                ..
+            }
+        ));
+        assert_ne!(e, before, "{access:?} of {before:?} changed nothing");
+        withdraw(&mut e, Rank(1));
+        assert_eq!(e, before, "{access:?}");
+    }
+}
+
+#[test]
 fn randomized_interleavings_keep_single_writer_and_fresh_reads() {
     let mut reads = 0;
     let mut writes = 0;
