@@ -399,13 +399,17 @@ impl MapReduce {
         let mut ours_to_clear = false;
         // Whether this job made the output directory: a failed job then removes it too.
         let mut made_dir = false;
+        // The lock on the job's staging directory, held until the job is done with it: another job's
+        // commit into the same output leaves the directory alone meanwhile.
+        let mut _staging_alive = None;
         let outcome = std::thread::scope(|s| {
             let (ours, outcome) = match spawn_workers(s, threads, farm, worker) {
                 Ok(ours) => {
-                    let outcome = self.prepare(job_id, config).and_then(|(master, made)| {
+                    let outcome = self.prepare(job_id, config).and_then(|prepared| {
                         ours_to_clear = true;
-                        made_dir = made;
-                        self.drive(master, farm, config, started)
+                        made_dir = prepared.made_dir;
+                        _staging_alive = prepared.staging_alive;
+                        self.drive(prepared.master, farm, config, started)
                     });
                     (ours, outcome)
                 }
@@ -493,8 +497,9 @@ impl MapReduce {
     }
 
     /// Checks the inputs, cuts the splits and makes the output directory (saying whether it made it, or
-    /// took one that was there); nothing is written if an input is missing or the output exists.
-    fn prepare(&self, job_id: u64, config: &JobConfig) -> Result<(Master, bool), MapReduceError> {
+    /// took one that was there) and the job's staging directory in it; nothing is written if an input is
+    /// missing or the output exists.
+    fn prepare(&self, job_id: u64, config: &JobConfig) -> Result<Prepared, MapReduceError> {
         if config.inputs.is_empty() && config.splits.is_empty() {
             return Err(MapReduceError::Config(
                 "no input: give input files, directories or splits".into(),
@@ -623,19 +628,29 @@ impl MapReduce {
         // every part is there: a job that fails, or whose master dies, leaves an earlier output as it was
         // and no partial one beside it.
         let staging = out.join(self.staging_name(job_id));
-        if let Err(e) = std::fs::create_dir(&staging) {
-            if made {
-                let _ = std::fs::remove_dir(out);
+        let staging_alive = std::fs::create_dir(&staging).and_then(|()| {
+            lock_alive(&staging).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&staging);
+            })
+        });
+        let staging_alive = match staging_alive {
+            Ok(alive) => alive,
+            Err(e) => {
+                if made {
+                    let _ = std::fs::remove_dir(out);
+                }
+                return Err(MapReduceError::io(
+                    format!("creating {}", staging.display()),
+                    e,
+                ));
             }
-            return Err(MapReduceError::io(
-                format!("creating {}", staging.display()),
-                e,
-            ));
-        }
-        Ok((
-            Master::new(splits, partitions as u32, absolute(&staging)).with_versions(versions),
-            made,
-        ))
+        };
+        Ok(Prepared {
+            master: Master::new(splits, partitions as u32, absolute(&staging))
+                .with_versions(versions),
+            made_dir: made,
+            staging_alive,
+        })
     }
 
     /// Hands out tasks and takes results until every partition is written; returns the master and the
@@ -796,12 +811,20 @@ fn remove_part_tmps(dir: &Path) {
     }
 }
 
+/// A job ready to run: its master, whether the job made the output directory, and the lock on its
+/// staging directory's [`ALIVE`] file (`None` on a file system without `flock`).
+struct Prepared {
+    master: Master,
+    made_dir: bool,
+    staging_alive: Option<Flock<std::fs::File>>,
+}
+
 /// How the names of jobs' staging directories begin.
 const STAGING: &str = ".dsm-job-";
 
 /// Puts a finished job's part files in place: checks that every reducer's part is in the job's staging
-/// directory, replaces the output's earlier part files (and any staging directories a job whose master
-/// died left) with them, and writes the success marker.
+/// directory, replaces the output's earlier part files with them, removes the staging directory (and any
+/// that a job whose master died left; a running job's stays), and writes the success marker.
 fn commit(master: &Master, out: &Path, clearing: &mut bool) -> Result<(), MapReduceError> {
     let staging = master.output();
     // Every reducer said it wrote its part: one missing here was written where this rank does not look
@@ -837,13 +860,8 @@ fn commit(master: &Master, out: &Path, clearing: &mut bool) -> Result<(), MapRed
             )
         })?;
     }
-    if let Ok(entries) = std::fs::read_dir(out) {
-        for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(STAGING) {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
+    let _ = std::fs::remove_dir_all(staging);
+    remove_stale_staging_dirs(out, &spill_host());
     let marker = out.join(SUCCESS);
     std::fs::File::create(&marker)
         .and_then(|f| f.sync_all())
@@ -942,25 +960,85 @@ fn make_spill_dir(
             Err(e) => return Err(io(&hidden, e)),
         }
     };
-    let made = (|| {
-        // Locked under another name first, then renamed to its own (the lock goes with the file): an
-        // engine cleaning up never finds the file unlocked while this one is being made.
-        let new = hidden.join(format!("{ALIVE}.new"));
-        let file = std::fs::File::create(&new)?;
-        let alive = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(alive) => Some(alive),
-            Err((_, Errno::ENOLCK | Errno::EOPNOTSUPP)) => None,
-            Err((_, e)) => return Err(std::io::Error::from(e)),
-        };
-        std::fs::rename(&new, hidden.join(ALIVE))?;
+    let made = lock_alive(&hidden).and_then(|alive| {
         std::fs::rename(&hidden, &root)?;
         Ok(alive)
-    })();
+    });
     match made {
         Ok(alive) => Ok((root, alive)),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&hidden);
             Err(io(&root, e))
+        }
+    }
+}
+
+/// Makes `dir`'s [`ALIVE`] file, locked for as long as the returned lock lives (`None` on a file system
+/// without `flock`). Locked under another name first, then renamed to its own (the lock goes with the
+/// file): whoever cleans up never finds the file unlocked while `dir` is being made.
+fn lock_alive(dir: &Path) -> std::io::Result<Option<Flock<std::fs::File>>> {
+    let new = dir.join(format!("{ALIVE}.new"));
+    let file = std::fs::File::create(&new)?;
+    let alive = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(alive) => Some(alive),
+        Err((_, Errno::ENOLCK | Errno::EOPNOTSUPP)) => None,
+        Err((_, e)) => return Err(std::io::Error::from(e)),
+    };
+    std::fs::rename(&new, dir.join(ALIVE))?;
+    Ok(alive)
+}
+
+/// What the [`ALIVE`] file of a directory says about the process that made it.
+enum Alive {
+    /// Its lock is held: the process lives.
+    Held,
+    /// Nobody held its lock, which is now taken (hold it while removing the directory).
+    Free(Flock<std::fs::File>),
+    /// No such file (from an older version, or being made), or no `flock` on this file system.
+    Unknown,
+}
+
+fn alive(dir: &Path) -> Alive {
+    match std::fs::File::open(dir.join(ALIVE)) {
+        Ok(file) => match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(taken) => Alive::Free(taken),
+            Err((_, Errno::EWOULDBLOCK)) => Alive::Held,
+            Err(_) => Alive::Unknown,
+        },
+        Err(_) => Alive::Unknown,
+    }
+}
+
+/// Removes the staging directories in the output directory `out` that jobs whose master died left
+/// (`.dsm-job-ENGINE-JOB`): those whose [`ALIVE`] file nobody holds a lock on, or, without one, whose
+/// engine name says a process of this host that no longer runs. A running job's stays: it writes its parts
+/// there, and takes the output over when it commits.
+fn remove_stale_staging_dirs(out: &Path, host: &str) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    let here = format!("dsm-mapreduce-{host}-");
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(engine) = name.strip_prefix(STAGING) else {
+            continue;
+        };
+        let (stale, _taken) = match alive(&entry.path()) {
+            Alive::Free(taken) => (true, Some(taken)),
+            Alive::Held => (false, None),
+            Alive::Unknown => {
+                let pid = engine
+                    .strip_prefix(&here)
+                    .and_then(|rest| rest.split('-').next())
+                    .and_then(|pid| pid.parse::<u32>().ok());
+                let gone = pid.is_some_and(|pid| {
+                    Path::new("/proc/self").exists() && !Path::new(&format!("/proc/{pid}")).exists()
+                });
+                (gone, None)
+            }
+        };
+        if stale {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
@@ -999,13 +1077,10 @@ fn remove_stale_spill_dirs(dir: &Path, host: &str) {
         // A lock taken means nobody holds it; it is held until the directory is gone.
         // A hidden one without its file is being made (or its engine died in that moment): left alone.
         let by_pid = || !hidden && !Path::new(&format!("/proc/{pid}")).exists();
-        let (stale, _taken) = match std::fs::File::open(entry.path().join(ALIVE)) {
-            Ok(file) => match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(taken) => (true, Some(taken)),
-                Err((_, Errno::EWOULDBLOCK)) => (false, None),
-                Err(_) => (by_pid(), None),
-            },
-            Err(_) => (by_pid(), None),
+        let (stale, _taken) = match alive(&entry.path()) {
+            Alive::Free(taken) => (true, Some(taken)),
+            Alive::Held => (false, None),
+            Alive::Unknown => (by_pid(), None),
         };
         if stale {
             let _ = std::fs::remove_dir_all(entry.path());

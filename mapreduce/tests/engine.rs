@@ -8,6 +8,7 @@ use dsm_mapreduce::{
     Split,
 };
 use dsm_runtime::{Runtime, TupleSpace};
+use nix::fcntl::{Flock, FlockArg};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -23,12 +24,51 @@ where
     });
 }
 
-/// A fresh directory for one test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dsm-mr-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh directory for one test, removed when the test ends (passing or failing).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("dsm-mr-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+
+    /// The directory's path (to move into a job's ranks).
+    fn path(&self) -> PathBuf {
+        self.0.clone()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// This host's name as the engine writes it in directory names.
+fn this_host() -> String {
+    nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The id of a process that has ended, and so no longer runs.
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    dead
 }
 
 /// Counts whitespace-separated words (any bytes, shown lossily), with a combiner.
@@ -169,7 +209,8 @@ fn expected_words(files: &[PathBuf]) -> BTreeMap<String, String> {
 
 #[test]
 fn word_counts_match_a_plain_count_with_and_without_spilling() {
-    let dir = scratch("words");
+    let scratch = Scratch::new("words");
+    let dir = scratch.path();
     let files = write_inputs(&dir, 6, 10_000, 1_000_000);
     let expect = expected_words(&files);
     let lines: u64 = files
@@ -241,7 +282,8 @@ fn word_counts_match_a_plain_count_with_and_without_spilling() {
 
 #[test]
 fn jobs_leave_no_tuples_behind_but_the_last_outcome() {
-    let dir = scratch("leftovers");
+    let scratch = Scratch::new("leftovers");
+    let dir = scratch.path();
     let files = write_inputs(&dir, 2, 500, 1000);
     let expect = expected_words(&files);
     let bomb = dir.join("bomb.txt");
@@ -294,7 +336,8 @@ fn jobs_leave_no_tuples_behind_but_the_last_outcome() {
 
 #[test]
 fn every_value_reaches_its_key_without_a_combiner() {
-    let dir = scratch("offsets");
+    let scratch = Scratch::new("offsets");
+    let dir = scratch.path();
     let files = write_inputs(&dir, 1, 3000, 50);
     let mut offsets: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let text = std::fs::read(&files[0]).unwrap();
@@ -376,7 +419,8 @@ fn every_value_reaches_its_key_without_a_combiner() {
 
 #[test]
 fn bad_input_and_output_are_clear_errors_on_every_rank() {
-    let dir = scratch("bad");
+    let scratch = Scratch::new("bad");
+    let dir = scratch.path();
     let files = write_inputs(&dir, 1, 10, 5);
     let empty = dir.join("empty.txt");
     std::fs::write(&empty, b"").unwrap();
@@ -598,7 +642,8 @@ impl Job for Fragile {
 
 #[test]
 fn a_panic_in_the_job_fails_it_with_where_it_happened() {
-    let dir = scratch("panic");
+    let scratch = Scratch::new("panic");
+    let dir = scratch.path();
     let map_input = dir.join("map.txt");
     std::fs::write(
         &map_input,
@@ -701,7 +746,8 @@ impl Job for SlowFollower {
 /// the master once returned as soon as its own threads had stopped.
 #[test]
 fn a_failed_job_ends_once_every_rank_has_stopped_reducing() {
-    let dir = scratch("failstop");
+    let scratch = Scratch::new("failstop");
+    let dir = scratch.path();
     let input = dir.join("in.txt");
     std::fs::write(
         &input,
@@ -766,7 +812,8 @@ impl Job for Rewriter {
 
 #[test]
 fn an_input_changed_while_the_job_runs_fails_it_naming_the_file() {
-    let dir = scratch("changed");
+    let scratch = Scratch::new("changed");
+    let dir = scratch.path();
     let input = dir.join("changing.txt");
     let text: String = (0..400).map(|i| format!("line {i} of words\n")).collect();
     std::fs::write(&input, &text).unwrap();
@@ -831,26 +878,11 @@ fn one_rank() -> (Runtime, TupleSpace) {
 
 #[test]
 fn spill_directories_left_by_dead_processes_are_removed() {
-    let dir = scratch("stale");
+    let scratch = Scratch::new("stale");
+    let dir = scratch.path();
     let (rt, space) = one_rank();
-    // This host as the engine writes it in directory names (one engine per rank, so it cannot be
-    // created twice to learn it).
-    let host: String = nix::unistd::gethostname()
-        .unwrap()
-        .to_string_lossy()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    // A process that has ended, and so no longer runs.
-    let mut child = std::process::Command::new("true").spawn().unwrap();
-    let dead = child.id();
-    child.wait().unwrap();
+    let host = this_host();
+    let dead = dead_pid();
     let stale = dir.join(format!("dsm-mapreduce-{host}-{dead}-0"));
     let other_host = dir.join(format!("dsm-mapreduce-elsewhere-{dead}-0"));
     let alive = dir.join(format!("dsm-mapreduce-{host}-{}-7", std::process::id()));
@@ -878,7 +910,7 @@ fn spill_directories_left_by_dead_processes_are_removed() {
     std::fs::File::create(died_hidden.join("alive.lock")).unwrap();
     std::fs::File::create(number_reused.join("alive.lock")).unwrap();
     let held = std::fs::File::create(locked_elsewhere.join("alive.lock")).unwrap();
-    let held = nix::fcntl::Flock::lock(held, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap();
+    let held = Flock::lock(held, FlockArg::LockExclusiveNonblock).unwrap();
     let engine = MapReduce::with_spill_dir(&space, &dir).unwrap();
     assert!(!stale.exists(), "a dead process's directory is removed");
     assert!(other_host.exists(), "another host's directory stays");
@@ -908,7 +940,7 @@ fn spill_directories_left_by_dead_processes_are_removed() {
     assert!(ours.is_dir());
     // Its lock is held: another engine would leave it alone.
     let lock = std::fs::File::open(ours.join("alive.lock")).unwrap();
-    assert!(nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err());
+    assert!(Flock::lock(lock, FlockArg::LockExclusiveNonblock).is_err());
     drop(engine);
     assert!(!ours.exists(), "and removed with the engine");
     drop(space);
@@ -928,7 +960,8 @@ fn one_engine_per_rank() {
 
 #[test]
 fn an_engine_whose_barrier_fails_leaves_no_spill_directory() {
-    let dir = scratch("failed-barrier");
+    let scratch = Scratch::new("failed-barrier");
+    let dir = scratch.path();
     let under = dir.clone();
     dsm::transport::local::run_local_job(2, 3, move |dsm| {
         let rt = Runtime::from_dsm(dsm);
@@ -949,12 +982,12 @@ fn an_engine_whose_barrier_fails_leaves_no_spill_directory() {
         drop(space);
         let _ = rt.finish();
     });
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn an_overwrite_replaces_the_output_only_when_it_succeeds() {
-    let dir = scratch("overwrite");
+    let scratch = Scratch::new("overwrite");
+    let dir = scratch.path();
     let files = write_inputs(&dir, 2, 2_000, 1_000);
     let expect = expected_words(&files);
     let far = dir.join("far.txt");
@@ -990,9 +1023,43 @@ fn an_overwrite_replaces_the_output_only_when_it_succeeds() {
             );
             assert_eq!(read_output(&out, 3), expect);
         }
+        // Staging directories of other jobs in the same output: a running one's, whose lock is held (on
+        // another host), and one's whose number names a process here; those of masters that died, one
+        // with its lock file nobody holds, one without (a process of this host that no longer runs).
+        let host = this_host();
+        let staged =
+            |engine: String| out.join(format!(".dsm-job-dsm-mapreduce-{engine}-0-0-0000abcd-7"));
+        let running_elsewhere = staged("elsewhere-1".into());
+        let running_here = staged(format!("{host}-{}", std::process::id()));
+        let unlocked = staged("elsewhere-2".into());
+        let dead_here = staged(format!("{host}-{}", dead_pid()));
+        let mut held = None;
+        if rt.rank() == Rank(0) {
+            for d in [&running_elsewhere, &running_here, &unlocked, &dead_here] {
+                std::fs::create_dir(d).unwrap();
+                std::fs::write(d.join("part-00000"), b"theirs\t1\n").unwrap();
+            }
+            std::fs::File::create(unlocked.join("alive.lock")).unwrap();
+            let lock = std::fs::File::create(running_elsewhere.join("alive.lock")).unwrap();
+            held = Some(Flock::lock(lock, FlockArg::LockExclusiveNonblock).unwrap());
+        }
         // One that succeeds replaces it whole: fewer partitions leave no part of the earlier output.
         mr.run(&Words, &config(&files, 2)).unwrap();
         if rt.rank() == Rank(0) {
+            assert!(
+                running_elsewhere.join("part-00000").exists()
+                    && running_here.join("part-00000").exists(),
+                "a running job's staging directory was removed: {:?}",
+                listing(&out)
+            );
+            assert!(
+                !unlocked.exists() && !dead_here.exists(),
+                "a dead master's staging directory stayed: {:?}",
+                listing(&out)
+            );
+            drop(held);
+            std::fs::remove_dir_all(&running_elsewhere).unwrap();
+            std::fs::remove_dir_all(&running_here).unwrap();
             assert_eq!(listing(&out), ["_SUCCESS", "part-00000", "part-00001"]);
             assert_eq!(read_output(&out, 2), expect);
         }
