@@ -637,6 +637,7 @@ fn configuration_errors_are_clear() {
         ("DSM_SPIN_US", "99999999999", "0 to 1000000"),
         ("DSM_NOTICE_MEMORY", "1K", "at least 4K"),
         ("DSM_ARENA_SIZE", "1000", "multiple of the 4 KiB page"),
+        ("DSM_TRANSPORT", "tpc", "tcp or mpi"),
     ] {
         let out = std::process::Command::new(hello)
             .env(var, value)
@@ -648,6 +649,35 @@ fn configuration_errors_are_clear() {
             err.contains(var) && err.contains(value) && err.contains(expected),
             "{err}"
         );
+    }
+
+    // A rank of a dsmrun job (as dsmrun starts it) with a rank outside the job, or asking for the MPI
+    // transport, which only mpirun's jobs have: refused before it looks for the others.
+    for (vars, expected) in [
+        (
+            [
+                ("DSM_RANK", "2"),
+                ("DSM_SIZE", "2"),
+                ("DSM_TRANSPORT", "tcp"),
+            ],
+            "DSM_RANK=\"2\" is not valid: expected a rank below DSM_SIZE",
+        ),
+        (
+            [
+                ("DSM_RANK", "0"),
+                ("DSM_SIZE", "2"),
+                ("DSM_TRANSPORT", "mpi"),
+            ],
+            "DSM_TRANSPORT=\"mpi\" is not valid: expected tcp",
+        ),
+    ] {
+        let out = std::process::Command::new(hello)
+            .envs(vars)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains(expected), "{err}");
     }
 
     let out = std::process::Command::new(hello)

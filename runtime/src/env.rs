@@ -22,7 +22,7 @@
 //! | `DSM_STATS` | `1`: print each rank's statistics when it leaves the job; `0`: do not | off |
 //! | `DSM_LAUNCHER_PID` | set by `dsmrun`: a rank ends itself when this process dies | unset |
 //! | `DSM_LOCAL_JOB_LIMIT` | tests only: seconds an in-process job (`run_local_job`) may run before it ends the test process as a failure | 120 |
-//! | `DSM_TRANSPORT` | under `mpirun` (feature `mpi`): `tcp`, connections set up through MPI, or `mpi`, the job's traffic carried by MPI messages (slower here; see docs/BENCHMARKS.md) | tcp |
+//! | `DSM_TRANSPORT` | under `mpirun` (feature `mpi`): `tcp`, connections set up through MPI, or `mpi`, the job's traffic carried by MPI messages (slower here; see docs/BENCHMARKS.md); under `dsmrun` only `tcp`, and any other value is refused | tcp |
 //! | `DSM_MPI_SEND_BUFFER` | with `DSM_TRANSPORT=mpi`: bytes of the buffer attached for the bridge's buffered sends, shared among the job's connections by flow control, 64K to 2047M (suffixes K, M, G) | 64M |
 //!
 //! Under `mpirun`/`mpiexec`/`srun` (built with the `mpi` feature) the rank and size come from MPI instead of

@@ -185,10 +185,32 @@ impl Runtime {
                     "started by srun as one of several tasks, but without PMI: run `srun --mpi=pmi2` (or pmix), or mpirun, with a build that has the mpi feature".into(),
                 ));
             }
+            // A job of one rank carries no traffic, but a misspelt transport is still an error.
+            env::get("DSM_TRANSPORT", "tcp or mpi", |s| {
+                matches!(s, "tcp" | "mpi").then_some(())
+            })?;
             return Ok(Runtime::from_dsm(Self::options()?.build()?));
         };
+        env::get(
+            "DSM_TRANSPORT",
+            "tcp: the ranks dsmrun starts connect over TCP (DSM_TRANSPORT=mpi is for jobs started by mpirun)",
+            |s| (s == "tcp").then_some(()),
+        )?;
         let size = env::get("DSM_SIZE", "the number of ranks", env::number::<usize>)?
             .ok_or(RuntimeError::Missing("DSM_SIZE"))?;
+        if size == 0 || size > dsm::protocol::swmr::MAX_RANKS {
+            return Err(RuntimeError::RankCount {
+                asked: size,
+                max: dsm::protocol::swmr::MAX_RANKS,
+            });
+        }
+        if rank as usize >= size {
+            return Err(RuntimeError::Env {
+                var: "DSM_RANK",
+                value: rank.to_string(),
+                expected: "a rank below DSM_SIZE (ranks count from 0)",
+            });
+        }
         let launcher = env::get("DSM_LAUNCHER_PID", "a process id (1 or more)", |s| {
             env::number::<i32>(s).filter(|pid| *pid > 0)
         })?;
