@@ -124,6 +124,46 @@ fn a_rank_that_exits_before_joining_ends_the_job_at_once_naming_it() {
 }
 
 #[test]
+fn a_rank_that_never_comes_to_the_rendezvous_is_named() {
+    // Rank 1 is still busy before it joins when the others give up waiting for it: the launcher names
+    // rank 1, not rank 0, whose error (the connect timeout) comes first.
+    let t = std::time::Instant::now();
+    let (o, out) = hello_where_rank1_first(3, "sleep 30", &[("DSM_CONNECT_TIMEOUT", "2")]);
+    assert_ne!(o.code, 0, "{out}");
+    assert_eq!(o.failed_rank, Some(1), "{out}");
+    assert!(o.reason.contains("never joined the job"), "{o:?}");
+    assert!(
+        o.reason
+            .contains("gave up waiting for it at the rendezvous"),
+        "{o:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+}
+
+#[test]
+fn under_keep_going_a_rank_that_exits_before_joining_is_not_said_to_leave_the_job_going() {
+    let dsmrun = Path::new(CHECK).with_file_name("dsmrun");
+    let line = format!(
+        "if [ \"$DSM_RANK\" = 1 ]; then exit 3; fi; exec {}",
+        env!("CARGO_BIN_EXE_hello")
+    );
+    let out = std::process::Command::new(dsmrun)
+        .args(["-n", "3", "--keep-going", "--timeout", "60", "--"])
+        .args(["/bin/sh", "-c", &line])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "dsmrun: rank 1 exited with status 3 before it joined the job; the others cannot start"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("the job goes on"), "{err}");
+}
+
+#[test]
 fn ranks_with_different_channel_counts_stop_at_once_saying_why() {
     // A wrapper gives rank 1 another DSM_CHANNELS: its mesh cannot match rank 0's. Both must say so
     // at the handshake, instead of waiting out the connect timeout (30 s) for connections that never come.

@@ -83,6 +83,23 @@ struct Meeting {
     /// The first rank the rendezvous found to have exited before it joined, and how it ended: the job
     /// cannot start, and that rank is the one to name.
     never: Option<(usize, ExitStatus)>,
+    /// The ranks that have joined at the rendezvous (sent their address), by rank.
+    joined: Vec<bool>,
+    /// Whether every rank joined and the table was sent out.
+    met: bool,
+}
+
+impl Meeting {
+    /// The rank to blame when rank `failed`, which joined and waited at the rendezvous, ended with an
+    /// exit code (not a signal) before the others all came: the first rank that has neither joined nor
+    /// exited (`done`), which the ranks that came gave up waiting for (`DSM_CONNECT_TIMEOUT`).
+    fn never_came(&self, failed: (usize, ExitStatus), done: &[bool]) -> Option<usize> {
+        let (r, status) = failed;
+        let waited = !self.met && self.joined.get(r) == Some(&true) && status.code().is_some();
+        waited
+            .then(|| (0..done.len()).find(|&s| self.joined.get(s) == Some(&false) && !done[s]))
+            .flatten()
+    }
 }
 
 type Exits = Arc<Mutex<Meeting>>;
@@ -199,6 +216,7 @@ fn rendezvous(
         match (t, rank, addr) {
             (Some(t), Some(r), Some(addr)) if t == token && r < ranks && conns[r].is_none() => {
                 conns[r] = Some((stream, addr));
+                lock(&exits).joined[r] = true;
                 have += 1;
             }
             _ => {
@@ -209,6 +227,7 @@ fn rendezvous(
             }
         }
     }
+    lock(&exits).met = true;
     let table: Vec<String> = conns.iter().flatten().map(|(_, a)| a.to_string()).collect();
     let line = table.join(" ") + "\n";
     for (mut s, _) in conns.into_iter().flatten() {
@@ -363,7 +382,10 @@ pub fn launch(
     let server_token = token.clone();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_server = stop.clone();
-    let exits_seen: Exits = Arc::default();
+    let exits_seen: Exits = Arc::new(Mutex::new(Meeting {
+        joined: vec![false; ranks],
+        ..Meeting::default()
+    }));
     let exits_told = exits_seen.clone();
     std::thread::Builder::new()
         .name("dsmrun-rendezvous".into())
@@ -474,6 +496,8 @@ pub fn launch(
     let mut root_ended_well = false;
     let mut root_stopped = false;
     let mut root_stopped_since: Option<Instant> = None;
+    // Under --keep-going: the first rank seen to exit before it joined, before the job started.
+    let mut unmet: Option<usize> = None;
     let mut looked_stopped = started;
     while done.iter().any(|d| !d) {
         if opts.timeout.is_some_and(|t| started.elapsed() > t) {
@@ -505,9 +529,26 @@ pub fn launch(
                     failures.push((r, status));
                     if opts.keep_going && r != 0 {
                         let (what, _) = describe(status);
-                        say(&format!(
-                            "dsmrun: rank {r} {what}; the job goes on (--keep-going)"
-                        ));
+                        let (met, joined) = {
+                            let m = lock(&exits_seen);
+                            (m.met, m.joined[r])
+                        };
+                        match unmet {
+                            _ if met => say(&format!(
+                                "dsmrun: rank {r} {what}; the job goes on (--keep-going)"
+                            )),
+                            // The others wait for it at the rendezvous, and are told it will not come.
+                            None if !joined => {
+                                unmet = Some(r);
+                                say(&format!(
+                                    "dsmrun: rank {r} {what} before it joined the job; the others cannot start"
+                                ));
+                            }
+                            Some(f) => say(&format!(
+                                "dsmrun: rank {r} {what}: the job could not start without rank {f}"
+                            )),
+                            None => say(&format!("dsmrun: rank {r} {what} before the job started")),
+                        }
                         lost.push((r, what));
                     } else {
                         let since = *first_failure.get_or_insert_with(Instant::now);
@@ -577,6 +618,7 @@ pub fn launch(
     // A rank of a one-rank job joins no one (it never meets the others at the rendezvous): its ending
     // failed no rank waiting for it.
     let never = lock(&exits_seen).never.filter(|_| ranks > 1);
+    let never_came = root.and_then(|root| lock(&exits_seen).never_came(root, &done));
     let (outcome, message) = match (root, interrupts.signal()) {
         (_, None) if root_stopped => {
             let reason = format!(
@@ -640,6 +682,11 @@ pub fn launch(
                 .flatten();
             let (r, message) = if let Some(s) = stopped {
                 what = "was stopped (SIGSTOP, or a debugger) and the others gave up waiting for it (DSM_PEER_TIMEOUT)".into();
+                (s, format!("dsmrun: rank {s} {what}; ending the job"))
+            } else if let Some(s) = never_came.filter(|_| joined) {
+                what = format!(
+                    "never joined the job: rank {r} gave up waiting for it at the rendezvous (DSM_CONNECT_TIMEOUT); is it stuck or slow before Runtime::init, or stopped?"
+                );
                 (s, format!("dsmrun: rank {s} {what}; ending the job"))
             } else if joined && status.success() {
                 what += " while the others ran, without leaving the job (Runtime::finish), and they could not go on without it";
