@@ -302,8 +302,29 @@ fn beats<K: Ord, V>(heads: &[Option<(K, V)>], a: usize, b: usize) -> bool {
 /// Merges sorted runs and calls `group` once per key, in key order, with all of its values (the first
 /// run's first).
 pub(crate) fn merge<K, V>(
-    mut runs: Vec<RunReader<K, V>>,
+    runs: Vec<RunReader<K, V>>,
     mut group: impl FnMut(K, Vec<V>) -> io::Result<()>,
+) -> io::Result<()>
+where
+    K: Ord + DeserializeOwned,
+    V: DeserializeOwned,
+{
+    let mut values = Vec::new();
+    merge_records(runs, |key, value, more| {
+        values.push(value);
+        if more {
+            return Ok(());
+        }
+        group(key, std::mem::take(&mut values))
+    })
+}
+
+/// Merges sorted runs and calls `record` once per record, in key order (a key's values in run order, the
+/// first run's first), saying whether the next record has the same key: what merges one record at a time
+/// need, holding no key's values together.
+pub(crate) fn merge_records<K, V>(
+    mut runs: Vec<RunReader<K, V>>,
+    mut record: impl FnMut(K, V, bool) -> io::Result<()>,
 ) -> io::Result<()>
 where
     K: Ord + DeserializeOwned,
@@ -317,8 +338,9 @@ where
         return Ok(());
     }
     let mut tree = Tournament::new(&heads);
-    // Takes run `run`'s head and reads its next record (which may not come before the head taken).
-    let mut advance = |heads: &mut [Option<(K, V)>], run: usize| -> io::Result<(K, V)> {
+    while heads[tree.winner()].is_some() {
+        let run = tree.winner();
+        // Takes the run's head and reads its next record (which may not come before the head taken).
         let Some((key, value)) = heads[run].take() else {
             return Err(invalid("the merge advanced a run past its end"));
         };
@@ -326,22 +348,9 @@ where
         if matches!(&heads[run], Some((k, _)) if *k < key) {
             return Err(invalid(format!("{}: keys out of order", runs[run].what)));
         }
-        Ok((key, value))
-    };
-    while heads[tree.winner()].is_some() {
-        let run = tree.winner();
-        let (key, value) = advance(&mut heads, run)?;
         tree.replay(&heads, run);
-        let mut values = vec![value];
-        loop {
-            let run = tree.winner();
-            if !matches!(&heads[run], Some((k, _)) if *k == key) {
-                break;
-            }
-            values.push(advance(&mut heads, run)?.1);
-            tree.replay(&heads, run);
-        }
-        group(key, values)?;
+        let more = matches!(&heads[tree.winner()], Some((k, _)) if *k == key);
+        record(key, value, more)?;
     }
     Ok(())
 }

@@ -692,24 +692,21 @@ impl<J: Job> Worker<'_, J> {
         let out = BufWriter::with_capacity(256 << 10, File::create(path).map_err(io)?);
         let mut run = runs::RunWriter::new(out);
         let combiner = self.job.combiner();
-        runs::merge(readers, |key, values| {
-            match combiner {
-                Some(combine) => {
-                    let mut values = values.into_iter();
-                    if let Some(mut total) = values.next() {
-                        for v in values {
-                            combine(&mut total, v);
-                        }
-                        run.push(&key, &total)?;
-                    }
-                }
-                None => {
-                    for v in &values {
-                        run.push(&key, v)?;
-                    }
-                }
+        // One record at a time: a key's values are folded as they come, or passed on, never held together
+        // (a key with more values than the memory budget takes merges like any other).
+        let mut total = None;
+        runs::merge_records(readers, |key, value, more| {
+            let Some(combine) = combiner else {
+                return run.push(&key, &value);
+            };
+            match &mut total {
+                Some(t) => combine(t, value),
+                None => total = Some(value),
             }
-            Ok(())
+            match total.take_if(|_| !more) {
+                Some(t) => run.push(&key, &t),
+                None => Ok(()),
+            }
         })
         .map_err(|e| format!("merging runs into {}: {e}", path.display()))?;
         run.finish().map(drop).map_err(io)
