@@ -400,15 +400,16 @@ impl MapReduce {
         // Whether this job made the output directory: a failed job then removes it too.
         let mut made_dir = false;
         // The lock on the job's staging directory, held until the job is done with it: another job's
-        // commit into the same output leaves the directory alone meanwhile.
-        let mut _staging_alive = None;
+        // commit into the same output leaves the directory alone meanwhile. (Let go before the directory
+        // is removed: on NFS a file removed while open stays, as `.nfs*`, and the directory with it.)
+        let mut staging_alive = None;
         let outcome = std::thread::scope(|s| {
             let (ours, outcome) = match spawn_workers(s, threads, farm, worker) {
                 Ok(ours) => {
                     let outcome = self.prepare(job_id, config).and_then(|prepared| {
                         ours_to_clear = true;
                         made_dir = prepared.made_dir;
-                        _staging_alive = prepared.staging_alive;
+                        staging_alive = prepared.staging_alive;
                         self.drive(prepared.master, farm, config, started)
                     });
                     (ours, outcome)
@@ -452,10 +453,11 @@ impl MapReduce {
         // (the error names it): removing it then would leave neither.
         let mut clearing = false;
         let outcome = outcome.and_then(|o| {
-            commit(&o.0, &config.output, &mut clearing)?;
+            commit(&o.0, &config.output, &mut clearing, staging_alive.take())?;
             Ok(o)
         });
         if outcome.is_err() && ours_to_clear && !clearing {
+            drop(staging_alive.take());
             let _ = std::fs::remove_dir_all(config.output.join(self.staging_name(job_id)));
             if made_dir {
                 // Only if empty: a file of anyone else's that appeared in it meanwhile stays.
@@ -825,7 +827,12 @@ const STAGING: &str = ".dsm-job-";
 /// Puts a finished job's part files in place: checks that every reducer's part is in the job's staging
 /// directory, replaces the output's earlier part files with them, removes the staging directory (and any
 /// that a job whose master died left; a running job's stays), and writes the success marker.
-fn commit(master: &Master, out: &Path, clearing: &mut bool) -> Result<(), MapReduceError> {
+fn commit(
+    master: &Master,
+    out: &Path,
+    clearing: &mut bool,
+    alive: Option<Flock<std::fs::File>>,
+) -> Result<(), MapReduceError> {
     let staging = master.output();
     // Every reducer said it wrote its part: one missing here was written where this rank does not look
     // (an output directory that is not shared between hosts).
@@ -860,6 +867,7 @@ fn commit(master: &Master, out: &Path, clearing: &mut bool) -> Result<(), MapRed
             )
         })?;
     }
+    drop(alive);
     let _ = std::fs::remove_dir_all(staging);
     remove_stale_staging_dirs(out, &spill_host());
     let marker = out.join(SUCCESS);
@@ -999,7 +1007,12 @@ enum Alive {
 }
 
 fn alive(dir: &Path) -> Alive {
-    match std::fs::File::open(dir.join(ALIVE)) {
+    // Open for writing too: NFS makes an exclusive `flock` a byte-range lock, which needs it.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join(ALIVE));
+    match file {
         Ok(file) => match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(taken) => Alive::Free(taken),
             Err((_, Errno::EWOULDBLOCK)) => Alive::Held,
@@ -1010,9 +1023,11 @@ fn alive(dir: &Path) -> Alive {
 }
 
 /// Removes the staging directories in the output directory `out` that jobs whose master died left
-/// (`.dsm-job-ENGINE-JOB`): those whose [`ALIVE`] file nobody holds a lock on, or, without one, whose
-/// engine name says a process of this host that no longer runs. A running job's stays: it writes its parts
-/// there, and takes the output over when it commits.
+/// (`.dsm-job-ENGINE-JOB`), of masters of this host only: those whose [`ALIVE`] file nobody holds a lock
+/// on, or, without one, whose engine name says a process that no longer runs. A running job's stays: it
+/// writes its parts there, and takes the output over when it commits. (Another host's are left: on a file
+/// system mounted without shared locks, as clusters often mount NFS or Lustre, a lock held there does not
+/// show here, and leaving a dead job's directory beats removing a running job's parts.)
 fn remove_stale_staging_dirs(out: &Path, host: &str) {
     let Ok(entries) = std::fs::read_dir(out) else {
         return;
@@ -1020,16 +1035,19 @@ fn remove_stale_staging_dirs(out: &Path, host: &str) {
     let here = format!("dsm-mapreduce-{host}-");
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(engine) = name.strip_prefix(STAGING) else {
+        let Some(rest) = name
+            .strip_prefix(STAGING)
+            .and_then(|engine| engine.strip_prefix(&here))
+        else {
             continue;
         };
         let (stale, _taken) = match alive(&entry.path()) {
             Alive::Free(taken) => (true, Some(taken)),
             Alive::Held => (false, None),
             Alive::Unknown => {
-                let pid = engine
-                    .strip_prefix(&here)
-                    .and_then(|rest| rest.split('-').next())
+                let pid = rest
+                    .split('-')
+                    .next()
                     .and_then(|pid| pid.parse::<u32>().ok());
                 let gone = pid.is_some_and(|pid| {
                     Path::new("/proc/self").exists() && !Path::new(&format!("/proc/{pid}")).exists()

@@ -1023,43 +1023,57 @@ fn an_overwrite_replaces_the_output_only_when_it_succeeds() {
             );
             assert_eq!(read_output(&out, 3), expect);
         }
-        // Staging directories of other jobs in the same output: a running one's, whose lock is held (on
-        // another host), and one's whose number names a process here; those of masters that died, one
-        // with its lock file nobody holds, one without (a process of this host that no longer runs).
+        // Staging directories of other jobs in the same output. Running ones: one of this host whose lock
+        // is held, one of this host without a lock file whose number names a running process. Those of
+        // masters of this host that died: one with its lock file nobody holds, one without a lock file
+        // whose number names no process. And another host's, with its lock file nobody holds here (a lock
+        // held there may not show here): left alone.
         let host = this_host();
         let staged =
             |engine: String| out.join(format!(".dsm-job-dsm-mapreduce-{engine}-0-0-0000abcd-7"));
-        let running_elsewhere = staged("elsewhere-1".into());
-        let running_here = staged(format!("{host}-{}", std::process::id()));
-        let unlocked = staged("elsewhere-2".into());
-        let dead_here = staged(format!("{host}-{}", dead_pid()));
+        let me = std::process::id();
+        let running_locked = staged(format!("{host}-{me}-1"));
+        let running_here = staged(format!("{host}-{me}-2"));
+        let unlocked = staged(format!("{host}-{me}-3"));
+        let dead_here = staged(format!("{host}-{}-4", dead_pid()));
+        let elsewhere = staged("elsewhere-1-5".into());
         let mut held = None;
         if rt.rank() == Rank(0) {
-            for d in [&running_elsewhere, &running_here, &unlocked, &dead_here] {
+            for d in [
+                &running_locked,
+                &running_here,
+                &unlocked,
+                &dead_here,
+                &elsewhere,
+            ] {
                 std::fs::create_dir(d).unwrap();
                 std::fs::write(d.join("part-00000"), b"theirs\t1\n").unwrap();
             }
             std::fs::File::create(unlocked.join("alive.lock")).unwrap();
-            let lock = std::fs::File::create(running_elsewhere.join("alive.lock")).unwrap();
+            std::fs::File::create(elsewhere.join("alive.lock")).unwrap();
+            let lock = std::fs::File::create(running_locked.join("alive.lock")).unwrap();
             held = Some(Flock::lock(lock, FlockArg::LockExclusiveNonblock).unwrap());
         }
         // One that succeeds replaces it whole: fewer partitions leave no part of the earlier output.
         mr.run(&Words, &config(&files, 2)).unwrap();
         if rt.rank() == Rank(0) {
-            assert!(
-                running_elsewhere.join("part-00000").exists()
-                    && running_here.join("part-00000").exists(),
-                "a running job's staging directory was removed: {:?}",
-                listing(&out)
-            );
+            for kept in [&running_locked, &running_here, &elsewhere] {
+                assert!(
+                    kept.join("part-00000").exists(),
+                    "{} was removed: {:?}",
+                    kept.display(),
+                    listing(&out)
+                );
+            }
             assert!(
                 !unlocked.exists() && !dead_here.exists(),
                 "a dead master's staging directory stayed: {:?}",
                 listing(&out)
             );
             drop(held);
-            std::fs::remove_dir_all(&running_elsewhere).unwrap();
-            std::fs::remove_dir_all(&running_here).unwrap();
+            for kept in [&running_locked, &running_here, &elsewhere] {
+                std::fs::remove_dir_all(kept).unwrap();
+            }
             assert_eq!(listing(&out), ["_SUCCESS", "part-00000", "part-00001"]);
             assert_eq!(read_output(&out, 2), expect);
         }

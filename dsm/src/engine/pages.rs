@@ -209,11 +209,15 @@ impl Engine {
                 Counters::add(&self.shared.counters.pages_sent, slices.len() as u64);
                 let count = pages.len() as u32;
                 let mut sent = false;
-                let mut installed = false;
+                // Whether pages may be in the requester's memory whatever becomes of the reply: an
+                // install straight into it wakes its fault, and one that failed may have put some there.
+                let mut tried_direct = false;
                 if self.conns[idx].open {
                     let writable = access == Access::Write;
-                    installed = reply_data == Data::Home
+                    tried_direct = reply_data == Data::Home
                         && direct
+                        && self.direct[requester.index()].is_some();
+                    let installed = tried_direct
                         && self.install_directly(requester, region, &pages, &slices, writable);
                     let (reply, payload) = if installed {
                         (Reply::Installed { count }, &[][..])
@@ -241,13 +245,29 @@ impl Engine {
                     // requester's Unlock, or its failure (`peer_failed`).
                     self.held_by.insert((region.id, page), (requester, access));
                 }
-                let requester_holds_them = installed && access == Access::Read;
-                if !sent && !requester_holds_them {
+                let may_hold_them = tried_direct && access == Access::Read;
+                if !sent && may_hold_them {
+                    // Pages it may hold stay listed as its copies (a writer invalidates them, should it
+                    // live on), but the zeros of an untouched page it was to own become the home's, held
+                    // read-only here: a later fault on the page finds them instead of a failed owner.
+                    for &p in &pages {
+                        let s = region.slot(p);
+                        let mut e = s.load();
+                        if e.owner == Some(requester) {
+                            self.restore_home_copy(region, p, &ZERO_PAGE);
+                            e.owner = Some(me);
+                            e.copyset = swmr::CopySet::EMPTY;
+                            e.copyset.insert(requester);
+                            s.store(&e);
+                        }
+                    }
+                } else if !sent {
                     // Whatever a requester that never got its answer was to have goes back to the way it
                     // was, so that nobody later has to ask a failed rank for a page it never had, and the
-                    // home keeps a copy it gave up. (A read installed straight into its memory woke its
-                    // fault: the requester holds those pages, answer or not, and stays listed with them.
-                    // A writer's page is taken back even so: it is this home's only copy.)
+                    // home keeps a copy it gave up. (A writer's page is taken back even if it was installed
+                    // straight into the requester's memory, which woke its fault: the home's copy may be the
+                    // only one, and the requester, failed, is out of the job; should it live on, what it
+                    // writes there is its own.)
                     if copied {
                         self.restore_home_copy(region, page, &owned);
                     }
