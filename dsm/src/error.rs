@@ -55,6 +55,9 @@ pub enum DsmError {
         /// The operation.
         what: &'static str,
     },
+    /// An argument outside what the call takes (a byte range beyond a region's end, say).
+    #[error("{0}")]
+    InvalidArgument(String),
     /// A peer died or its connection broke.
     #[error("{rank} failed: {reason}")]
     PeerFailed {

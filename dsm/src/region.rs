@@ -939,6 +939,55 @@ impl<'d> Region<'d> {
     pub fn as_ptr(&self) -> *mut u8 {
         self.inner.base as *mut u8
     }
+
+    /// Selective release of the bytes `bytes` (offsets in the region) under release consistency: this
+    /// rank's writes to the pages holding them reach the pages' homes before it returns, without the rest
+    /// of a release (no other page is flushed, no write notice is made: the next lock release or barrier
+    /// still announces these pages with the others). Pair it with [`acquire_range`](Self::acquire_range) on
+    /// the reading rank, ordered after this call by some other means (a tuple, a message, a flag in a
+    /// region of sequential consistency): the reader then sees these writes. Under sequential consistency
+    /// it does nothing: every access is coherent already.
+    pub fn release_range(&self, bytes: std::ops::Range<usize>) -> Result<()> {
+        let Some(pages) = self.pages_of(bytes, "release_range")? else {
+            return Ok(());
+        };
+        crate::rc::release_range(&self.inner.shared, &self.inner, pages)
+    }
+
+    /// Selective acquire of the bytes `bytes` (offsets in the region) under release consistency: this
+    /// rank's copies of the pages holding them (other than pages homed here) are dropped, so that the next
+    /// access fetches them from their homes and sees every write released to them before (by a lock
+    /// release, a barrier or [`release_range`](Self::release_range)). Nothing else is invalidated, so
+    /// other pages may stay stale until the next lock acquire or barrier. This rank's own unreleased
+    /// writes to those pages go to their homes first, and are kept. Under sequential consistency it does
+    /// nothing.
+    pub fn acquire_range(&self, bytes: std::ops::Range<usize>) -> Result<()> {
+        let Some(pages) = self.pages_of(bytes, "acquire_range")? else {
+            return Ok(());
+        };
+        crate::rc::acquire_range(&self.inner.shared, &self.inner, pages)
+    }
+
+    /// The pages holding `bytes` of a release-consistency region; `None` when there are none, or the
+    /// region is of sequential consistency; an error when the range does not lie within the region.
+    fn pages_of(
+        &self,
+        bytes: std::ops::Range<usize>,
+        call: &str,
+    ) -> Result<Option<std::ops::Range<u64>>> {
+        if bytes.start > bytes.end || bytes.end > self.inner.len {
+            return Err(DsmError::InvalidArgument(format!(
+                "{call} of bytes {}..{} of a region of {} bytes: give a range within the region",
+                bytes.start, bytes.end, self.inner.len
+            )));
+        }
+        if bytes.is_empty() || self.inner.consistency != Consistency::Release {
+            return Ok(None);
+        }
+        let first = (bytes.start / PAGE_SIZE) as u64;
+        let end = bytes.end.div_ceil(PAGE_SIZE) as u64;
+        Ok(Some(first..end))
+    }
 }
 
 impl Drop for Region<'_> {
@@ -1170,6 +1219,29 @@ impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
             unsafe { std::hint::black_box(self.region.as_ptr().add(at).read_volatile()) };
             at = (at / PAGE_SIZE + 1) * PAGE_SIZE;
         }
+    }
+
+    /// [`Region::release_range`] of the bytes of elements `range`, which must lie within the vector.
+    pub fn release_range(&self, range: std::ops::Range<usize>) -> Result<()> {
+        self.region.release_range(self.bytes_of(range))
+    }
+
+    /// [`Region::acquire_range`] of the bytes of elements `range`, which must lie within the vector.
+    pub fn acquire_range(&self, range: std::ops::Range<usize>) -> Result<()> {
+        self.region.acquire_range(self.bytes_of(range))
+    }
+
+    /// The byte range of elements `range`, which must lie within the vector (as an index must).
+    fn bytes_of(&self, range: std::ops::Range<usize>) -> std::ops::Range<usize> {
+        assert!(
+            range.start <= range.end && range.end <= self.len,
+            "elements {}..{} out of range for a GlobalVec of {} elements",
+            range.start,
+            range.end,
+            self.len
+        );
+        let size = std::mem::size_of::<T>();
+        range.start * size..range.end * size
     }
 
     /// Borrows the elements as a slice.

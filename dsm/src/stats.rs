@@ -40,6 +40,8 @@ pub(crate) struct Counters {
     pub(crate) diffs_applied: AtomicU64,
     pub(crate) write_notices: AtomicU64,
     pub(crate) acquire_invalidations: AtomicU64,
+    pub(crate) selective_releases: AtomicU64,
+    pub(crate) selective_acquires: AtomicU64,
     pub(crate) full_invalidations: AtomicU64,
     pub(crate) notices_forgotten: AtomicU64,
     pub(crate) locks_let_go: AtomicU64,
@@ -92,6 +94,8 @@ impl Counters {
             diffs_applied: g(&self.diffs_applied),
             write_notices: g(&self.write_notices),
             acquire_invalidations: g(&self.acquire_invalidations),
+            selective_releases: g(&self.selective_releases),
+            selective_acquires: g(&self.selective_acquires),
             full_invalidations: g(&self.full_invalidations),
             notices_forgotten: g(&self.notices_forgotten),
             locks_let_go: g(&self.locks_let_go),
@@ -166,8 +170,13 @@ pub struct Stats {
     pub diffs_applied: u64,
     /// Release consistency: intervals closed with a write notice.
     pub write_notices: u64,
-    /// Release consistency: pages dropped at acquires because others wrote them.
+    /// Release consistency: pages dropped at acquires because others wrote them (or, at selective
+    /// acquires, because they were in the range).
     pub acquire_invalidations: u64,
+    /// Release consistency: selective releases of a range ([`crate::Region::release_range`]).
+    pub selective_releases: u64,
+    /// Release consistency: selective acquires of a range ([`crate::Region::acquire_range`]).
+    pub selective_acquires: u64,
     /// Release consistency: acquires that dropped every cached page not homed here, because notices this
     /// rank had not seen were forgotten before they reached it (see `DSM_NOTICE_MEMORY`).
     pub full_invalidations: u64,
@@ -261,6 +270,13 @@ impl fmt::Display for Stats {
                 "\nrelease consistency: {} twins, {} diffs sent ({} bytes), {} applied here, {} write notices, {} pages dropped at acquires",
                 self.twins, self.diffs, self.diff_bytes, self.diffs_applied, self.write_notices, self.acquire_invalidations
             )?;
+            if self.selective_releases + self.selective_acquires > 0 {
+                write!(
+                    f,
+                    "; {} selective releases, {} selective acquires",
+                    self.selective_releases, self.selective_acquires
+                )?;
+            }
             if self.notices_forgotten + self.full_invalidations > 0 {
                 write!(
                     f,

@@ -990,6 +990,13 @@ fn release_consistency_sees_a_late_homes_writes() {
     passes_at(&[2], CHECK, &["latehome", "--rounds", "100"]);
 }
 
+/// A selective release and acquire of a range move exactly that range's writes from one rank to another,
+/// with nothing else to order them but a flag of sequential consistency; the rest come at the barrier.
+#[test]
+fn a_selective_release_and_acquire_move_exactly_their_range() {
+    passes_at(&[3, 4], CHECK, &["selective", "--rounds", "100"]);
+}
+
 #[test]
 fn release_consistency_lock_protected_counters_are_exact() {
     passes_at(

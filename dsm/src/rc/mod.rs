@@ -206,66 +206,132 @@ fn release_pages(
             region: region.id,
             page,
         }));
-        for batch in pages.chunks(DIFF_WINDOW) {
-            let mut diffs = Vec::new();
-            // Twinned pages, held BUSY until their diffs are acknowledged.
-            let mut waiting = Vec::new();
-            // Pages taken and not yet settled, with their state word when taken. They are taken without
-            // waiting, so that their write protection can go a run of neighbours at a time; a page that
-            // another thread of this rank holds is waited for only once the held pages are settled (the
-            // home's own pages among them released: requests for them wait while they are held).
-            let mut held = Vec::new();
-            let mut failed = None;
-            for &page in batch {
-                if let Some(s) = try_claim(region, page) {
-                    held.push((page, s));
-                    continue;
-                }
-                let settled = settle(region, &mut held, &mut diffs, &mut waiting, cleared);
-                if let Err(e) = settled {
-                    failed = Some(e);
-                    break;
-                }
-                claim(region, page);
-                held.push((page, region.state(page).load(Ordering::Acquire)));
-            }
-            if failed.is_none() {
-                failed = settle(region, &mut held, &mut diffs, &mut waiting, cleared).err();
-            }
-            let (acked, sent) = match failed {
-                Some(e) => (vec![false; diffs.len()], Err(e)),
-                None => send_diffs(shared, &diffs),
-            };
-            // A page whose diff its home did not acknowledge keeps its twin: `release` puts it back on the
-            // dirty list, and its writes go at the next release.
-            for (&page, acked) in waiting.iter().zip(acked) {
-                if acked {
-                    region
-                        .state(page)
-                        .fetch_and(!(WRITTEN | TWINNED), Ordering::AcqRel);
-                    region.drop_twin(page);
-                    cleared.insert(PageKey {
-                        region: region.id,
-                        page,
-                    });
-                }
-                release_busy(region, page);
-            }
-            sent?;
-        }
+        let clear = marks::cleared_at_release(false);
+        flush_pages(shared, region, &pages, clear, cleared)?;
     }
     Ok(())
 }
 
+/// Write-protects `pages` of `region` and sends the diffs of those twinned to their homes, in batches of
+/// `DIFF_WINDOW`; a page is then cleared of the marks in `clear` (for a release, `WRITTEN | TWINNED`: its
+/// interval is closing; for a selective release, `TWINNED` only: it stays listed for the next one) and
+/// added to `cleared`, the diff of one that has any once its home has acknowledged it.
+fn flush_pages(
+    shared: &Shared,
+    region: &Arc<RegionShared>,
+    pages: &[u64],
+    clear: u32,
+    cleared: &mut std::collections::HashSet<PageKey>,
+) -> Result<()> {
+    for batch in pages.chunks(DIFF_WINDOW) {
+        let mut diffs = Vec::new();
+        // Twinned pages, held BUSY until their diffs are acknowledged.
+        let mut waiting = Vec::new();
+        // Pages taken and not yet settled, with their state word when taken. They are taken without
+        // waiting, so that their write protection can go a run of neighbours at a time; a page that
+        // another thread of this rank holds is waited for only once the held pages are settled (the
+        // home's own pages among them released: requests for them wait while they are held).
+        let mut held = Vec::new();
+        let mut failed = None;
+        for &page in batch {
+            if let Some(s) = try_claim(region, page) {
+                held.push((page, s));
+                continue;
+            }
+            let settled = settle(region, &mut held, &mut diffs, &mut waiting, clear, cleared);
+            if let Err(e) = settled {
+                failed = Some(e);
+                break;
+            }
+            claim(region, page);
+            held.push((page, region.state(page).load(Ordering::Acquire)));
+        }
+        if failed.is_none() {
+            failed = settle(region, &mut held, &mut diffs, &mut waiting, clear, cleared).err();
+        }
+        let (acked, sent) = match failed {
+            Some(e) => (vec![false; diffs.len()], Err(e)),
+            None => send_diffs(shared, &diffs),
+        };
+        // A page whose diff its home did not acknowledge keeps its twin: `release` puts it back on the
+        // dirty list, and its writes go at the next release.
+        for (&page, acked) in waiting.iter().zip(acked) {
+            if acked {
+                region.state(page).fetch_and(!clear, Ordering::AcqRel);
+                region.drop_twin(page);
+                cleared.insert(PageKey {
+                    region: region.id,
+                    page,
+                });
+            }
+            release_busy(region, page);
+        }
+        sent?;
+    }
+    Ok(())
+}
+
+/// A selective release of `pages` of `region`: this rank's writes to those of them homed elsewhere reach
+/// their homes before it returns (diffs, acknowledged), and the pages are write-protected again (a later
+/// write makes a new twin). They stay `WRITTEN` and listed: the next release's write notice still names
+/// them, so that ranks synchronizing through locks and barriers learn of the writes as before. Pages homed
+/// here need nothing: readers fetch them from here.
+pub(crate) fn release_range(
+    shared: &Shared,
+    region: &Arc<RegionShared>,
+    pages: std::ops::Range<u64>,
+) -> Result<()> {
+    let unsent: Vec<u64> = pages
+        .filter(|&page| {
+            region.home(page) != shared.me
+                && marks::diffs_at_release(region.state(page).load(Ordering::Acquire))
+        })
+        .collect();
+    Counters::add(&shared.counters.selective_releases, 1);
+    flush_pages(
+        shared,
+        region,
+        &unsent,
+        marks::cleared_at_release(true),
+        &mut std::collections::HashSet::new(),
+    )
+}
+
+/// A selective acquire of `pages` of `region`: this rank's copies of those of them homed elsewhere are
+/// dropped (its own unsent writes to them flushed to their homes first), so that the next access fetches
+/// each from its home, which by then holds every write released to it before (by a release or a selective
+/// release). Pages homed here are their homes' copies already.
+pub(crate) fn acquire_range(
+    shared: &Shared,
+    region: &Arc<RegionShared>,
+    pages: std::ops::Range<u64>,
+) -> Result<()> {
+    Counters::add(&shared.counters.selective_acquires, 1);
+    let mut dropper = Dropper {
+        shared,
+        run: None,
+        first_error: None,
+    };
+    for page in pages {
+        if region.home(page) == shared.me {
+            dropper.end_run();
+        } else {
+            dropper.add(region, page);
+        }
+    }
+    dropper.finish()
+}
+
 /// Settles the pages a release holds: write-protects the writable ones (one system call per run of
-/// neighbours: one per page cost a TLB shootdown per page, see `Dropper`), then clears and releases each
-/// page without a diff, and queues each page with one (held until its home acknowledges it). On an error
-/// every held page is released as it is, still marked written.
+/// neighbours: one per page cost a TLB shootdown per page, see `Dropper`), then clears (of the marks in
+/// `clear`) and releases each page without a diff, and queues each page with one (held until its home
+/// acknowledges it). On an error every held page is released as it is, still marked written.
 fn settle(
     region: &Arc<RegionShared>,
     held: &mut Vec<(u64, u32)>,
     diffs: &mut Vec<(Rank, u32, u64, Vec<u8>)>,
     waiting: &mut Vec<u64>,
+    clear: u32,
     cleared: &mut std::collections::HashSet<PageKey>,
 ) -> Result<()> {
     let mut writable: Vec<u64> = held
@@ -288,7 +354,7 @@ fn settle(
             Vec::new()
         };
         if bytes.is_empty() {
-            if word.fetch_and(!(WRITTEN | TWINNED), Ordering::AcqRel) & TWINNED != 0 {
+            if word.fetch_and(!clear, Ordering::AcqRel) & TWINNED != 0 {
                 region.drop_twin(page);
             }
             cleared.insert(PageKey {

@@ -5,6 +5,10 @@
 //! - `sb`: store buffering: both ranks reading the other's old value is forbidden under sequential consistency;
 //! - `pages`: every rank writes its own words of the same pages; after a barrier everyone sees all writes;
 //! - `latehome`: the same on pages homed at rank 0, which writes late, while the others' diffs arrive;
+//! - `selective`: (3 ranks or more) rank 1 writes pages homed at rank 2 and at itself, releases some of
+//!   them selectively and says so through a flag of sequential consistency; rank 0, which holds old copies,
+//!   sees the new bytes of exactly those pages once it acquires them selectively, and the rest after a
+//!   barrier;
 //! - `readahead`: pages fetched ahead of a sequential reader (from one home, and a stride apart from every
 //!   home of a cyclic region) behave as ordinary copies afterwards;
 //! - `slices`: copies into and out of a region (`read_slice`, `write_slice`, `prefetch`) take each run of
@@ -44,7 +48,7 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | latehome | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
+    /// counter | mp | sb | pages | latehome | selective | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
     /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | pause | diewriting | readerdies | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
@@ -308,6 +312,114 @@ fn main() -> anyhow::Result<()> {
             }
             drop(v);
             println!("latehome ok: {} rounds", args.rounds);
+        }
+        "selective" => {
+            ensure!(n >= 3, "selective needs 3 ranks or more");
+            let release = dsm::Consistency::Release;
+            let (pages, released) = (4, 3);
+            // Rank 1 writes both: `far`'s writes go to rank 2 as diffs, `own`'s stay in place at rank 1.
+            let far = dsm.alloc_vec_in::<u64>(
+                pages * WORDS_PER_PAGE,
+                dsm::Placement::At(dsm::Rank(2)),
+                release,
+            )?;
+            let own = dsm.alloc_vec_in::<u64>(
+                pages * WORDS_PER_PAGE,
+                dsm::Placement::At(dsm::Rank(1)),
+                release,
+            )?;
+            // Rank 1 says it has released through a region of sequential consistency: every access to it
+            // is coherent, and none is an acquire or a release of the others.
+            let flag = dsm.alloc_vec_in::<u64>(
+                1,
+                dsm::Placement::At(dsm::Rank(0)),
+                dsm::Consistency::Sequential,
+            )?;
+            let value = |round: u64, p: usize, word: u64| {
+                if round == 0 {
+                    0
+                } else {
+                    mix(&[round, p as u64, word])
+                }
+            };
+            let first_words = |v: &dsm::GlobalVec<'_, u64>, ps: std::ops::Range<usize>| {
+                ps.map(|p| v.get(p * WORDS_PER_PAGE)).collect::<Vec<_>>()
+            };
+            let expect = |round: u64, ps: std::ops::Range<usize>| {
+                ps.map(|p| value(round, p, 0)).collect::<Vec<_>>()
+            };
+            for round in 1..=args.rounds as u64 {
+                if me == 0 {
+                    // Copies of every page, as they were at the last barrier.
+                    for v in [&far, &own] {
+                        ensure!(
+                            first_words(v, 0..pages) == expect(round - 1, 0..pages),
+                            "round {round}: rank 0 started from stale pages"
+                        );
+                    }
+                }
+                dsm.barrier()?;
+                if me == 1 {
+                    for v in [&far, &own] {
+                        for p in 0..pages {
+                            v.set(p * WORDS_PER_PAGE, value(round, p, 0));
+                        }
+                        v.release_range(0..released * WORDS_PER_PAGE)?;
+                    }
+                    flag.set(0, round);
+                    // Written again after the selective release, in the same interval: the barrier's
+                    // release sends it.
+                    far.set(1, value(round, 0, 1));
+                } else if me == 0 {
+                    let t = std::time::Instant::now();
+                    while flag.get(0) != round {
+                        ensure!(
+                            t.elapsed() < std::time::Duration::from_secs(20),
+                            "round {round}: rank 1 did not raise the flag"
+                        );
+                        std::thread::yield_now();
+                    }
+                    // `own`'s copies here are the old ones until acquired: nothing announced its pages
+                    // since rank 0 fetched them. (`far`'s may have been dropped at the barrier, and
+                    // fetched anew since: its home announces the pages whose diffs it applied.)
+                    ensure!(
+                        first_words(&own, 0..pages) == expect(round - 1, 0..pages),
+                        "round {round}: old copies changed before an acquire"
+                    );
+                    for (name, v) in [("far", &far), ("own", &own)] {
+                        v.acquire_range(0..released * WORDS_PER_PAGE)?;
+                        ensure!(
+                            first_words(v, 0..released) == expect(round, 0..released),
+                            "round {round}: {name}'s released pages are stale after the selective acquire"
+                        );
+                    }
+                    // Only the range was dropped: the page past it keeps its old copy.
+                    ensure!(
+                        first_words(&own, released..pages) == expect(round - 1, released..pages),
+                        "round {round}: a page outside the range was dropped"
+                    );
+                }
+                dsm.barrier()?;
+                for v in [&far, &own] {
+                    ensure!(
+                        first_words(v, 0..pages) == expect(round, 0..pages),
+                        "round {round}: rank {me} sees stale pages after the barrier"
+                    );
+                }
+                ensure!(
+                    far.get(1) == value(round, 0, 1),
+                    "round {round}: rank {me} lost the write made after the selective release"
+                );
+            }
+            let stats = dsm.stats();
+            if me == 0 {
+                ensure!(stats.selective_acquires == 2 * args.rounds as u64);
+            }
+            if me == 1 {
+                ensure!(stats.selective_releases == 2 * args.rounds as u64);
+            }
+            drop((far, own, flag));
+            println!("selective ok: {} rounds", args.rounds);
         }
         "idle" => {
             // Rank 0 computes for `rounds` milliseconds while the others wait at a barrier; every rank
@@ -1284,7 +1396,7 @@ fn main() -> anyhow::Result<()> {
         })?,
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, selective, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
             )
         }
     }

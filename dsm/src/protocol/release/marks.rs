@@ -7,6 +7,9 @@
 //! - `SHARED`, at the home: another rank has fetched the page, so the home's own writes to it are tracked.
 //!   Until then the home writes in place unseen: no other copy exists to go stale.
 //!
+//! A selective release of a range sends its pages' diffs as a release does, but closes no interval; a
+//! selective acquire of a range drops its pages as an acquire drops the pages notices name.
+//!
 //! These rules are the whole of how the marks change. The fault handler, a release, an acquire and a home's
 //! service loop follow them (`fault.rs`, `rc/`, `engine/pages.rs`), and so does the randomized whole-job
 //! test beside this file, on its model of each rank's memory.
@@ -44,6 +47,19 @@ pub(crate) fn at_write(state: u32, homed_here: bool) -> AtWrite {
 /// `TWINNED` (a diff only once its home has acknowledged it).
 pub(crate) fn diffs_at_release(state: u32) -> bool {
     state & TWINNED != 0 && state & STATE_MASK != INVALID
+}
+
+/// The marks a page loses once its writes are at its home (or it has none to send): at a release every
+/// one, `WRITTEN | TWINNED` (its interval is closing); at a selective release (`Region::release_range`)
+/// only `TWINNED`: the page stays `WRITTEN` and listed, so that the interval's write notice still names it
+/// (ranks that synchronize through locks and barriers learn of the writes as before), and its next write
+/// in the interval makes a new twin.
+pub(crate) fn cleared_at_release(selective: bool) -> u32 {
+    if selective {
+        TWINNED
+    } else {
+        WRITTEN | TWINNED
+    }
 }
 
 /// What an acquire does with a page a notice names (not homed here).
