@@ -7,13 +7,12 @@ use super::MAX_READAHEAD;
 use crate::channel::write_frame;
 use crate::direct::{self};
 use crate::fault::{give_untouched, lock_untouched, set_state, try_lock_slot, unlock_slot};
-use crate::protocol::diff;
-use crate::protocol::release::marks::{self, AtDiff};
+use crate::protocol::release::marks;
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
 use crate::region::SHARED;
 use crate::region::{
     RegionShared, BUSY, DEFERRED, INVALID, LOCKED, QUEUED, READ_ONLY, READ_WRITE, STATE_MASK,
-   
+    WRITTEN,
 };
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
@@ -680,9 +679,9 @@ impl Engine {
         }
     }
 
-    /// Release consistency, at the home: applies a diff to the home's copy and acknowledges it, as
-    /// `marks::at_diff` says: in place on a page this rank is writing, else into a copy installed
-    /// read-only in the page's place (the page is never writable here unrecorded).
+    /// Release consistency, at the home: applies a diff to the home's copy and acknowledges it. The page
+    /// counts as written in the home's own open interval (marked before it is made writable here, if it was
+    /// not), so that the home write-protects it again and announces it at its next release.
     pub(super) fn apply_diff(
         &mut self,
         idx: usize,
@@ -709,41 +708,32 @@ impl Engine {
             return;
         };
         let st = claimed & STATE_MASK;
-        let applied = match marks::at_diff(claimed) {
-            // Other threads of this rank may be writing other bytes of it meanwhile.
-            AtDiff::InPlace => region.apply_diff(page, &diff),
-            AtDiff::Reinstall => {
-                let bytes = self.scratch_page();
-                if st == INVALID {
-                    bytes.copy_from_slice(&ZERO_PAGE[..PAGE_SIZE]);
-                } else {
-                    region.read_page(page, bytes);
-                }
-                let applied = diff::apply(bytes, &diff);
-                if applied.is_ok() {
-                    // The page is held BUSY: a thread of this rank that faults on it meanwhile waits.
-                    set_state(word, INVALID);
-                    let replaced = if st == INVALID {
-                        Ok(())
-                    } else {
-                        region.discard(page)
-                    }
-                    .and_then(|()| region.install(page, 1, &self.scratch, false));
-                    if let Err(e) = replaced {
-                        // This rank's own failure (the kernel refused), not the sender's: the home
-                        // cannot keep its pages right, and blaming the sender would end the job naming a
-                        // healthy rank.
-                        crate::fault::release_busy(region, page);
-                        self.die(&format!(
-                            "installing page {page} of region {} with a diff applied failed: {e}",
-                            region.id
-                        ));
-                    }
-                    set_state(word, READ_ONLY);
-                }
-                applied
-            }
+        if marks::at_write(word.fetch_or(WRITTEN, Ordering::AcqRel), true).list {
+            // Recorded before the page becomes writable: from then on this rank's threads write it without
+            // a fault, so a release that drained the dirty list between the two would leave their writes out
+            // of its notice, and the other ranks would read stale copies for a whole interval.
+            region
+                .dirty
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(page);
+        }
+        let made_writable = match st {
+            INVALID => region.install(page, 1, &ZERO_PAGE, true),
+            READ_ONLY => region.protect(page, 1, false),
+            _ => Ok(()),
         };
+        if let Err(e) = made_writable {
+            // This rank's own failure (the kernel refused), not the sender's: the home cannot keep its
+            // pages right, and blaming the sender would end the job naming a healthy rank.
+            crate::fault::release_busy(region, page);
+            self.die(&format!(
+                "making page {page} of region {} writable for a diff failed: {e}",
+                region.id
+            ));
+        }
+        set_state(word, READ_WRITE);
+        let applied = region.apply_diff(page, &diff);
         crate::fault::release_busy(region, page);
         match applied {
             Ok(_) => {

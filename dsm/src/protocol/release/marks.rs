@@ -23,7 +23,8 @@ pub(crate) fn tracked(state: u32, homed_here: bool) -> bool {
 }
 
 /// What a recorded write to a page that is not writable does, besides marking it `WRITTEN` and making it
-/// writable.
+/// writable. A home applying another rank's diff records it the same way (as a write homed here): its
+/// threads may then write the page without a fault, so its next release must protect it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct AtWrite {
     /// Put the page on the written list: its first write in the interval.
@@ -82,29 +83,6 @@ pub(crate) fn at_drop(state: u32) -> AtDrop {
         AtDrop::FlushThenDiscard
     } else {
         AtDrop::Discard
-    }
-}
-
-/// How a home applies another rank's diff to its copy of a page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AtDiff {
-    /// In place: the page is writable here, so this rank is writing it in the open interval (it is
-    /// listed: its release write-protects it and announces it).
-    InPlace,
-    /// Into a copy of the page (zeros if it is not here), installed read-only in its place: the page never
-    /// becomes writable to this rank's threads, so their next write to it faults and is recorded as
-    /// usual. Nothing else is marked: the diff's writes are announced by their writer, whose notice names
-    /// the page (a notice of the home's own would have the other ranks drop and fetch again a page they
-    /// have no need to).
-    Reinstall,
-}
-
-/// The rule for a diff a home applies, given the page's state word there.
-pub(crate) fn at_diff(state: u32) -> AtDiff {
-    if state & STATE_MASK == READ_WRITE {
-        AtDiff::InPlace
-    } else {
-        AtDiff::Reinstall
     }
 }
 

@@ -4,7 +4,7 @@
 //! and words but never bytes: the program is data-race-free), and take a lock around a shared counter. The
 //! simulation keeps each rank's page states and marks as the engine does and follows the same rules
 //! (`marks`): twins at first writes of pages homed elsewhere, written lists, diffs applied at homes at
-//! releases (in place on a page the home is writing, else into a copy installed read-only), invalidation at acquires (with a flush of this
+//! releases (the home recording them as its own writes), invalidation at acquires (with a flush of this
 //! rank's own writes first), whole-page fetches from the home on the next access, and homes writing in
 //! place unseen until another rank fetches the page. Checked at every step:
 //! - inside the lock, the counter holds the last value written under the lock (no stale read after an
@@ -17,7 +17,7 @@
 //! a selective release and acquire (`Region::release_range`, `acquire_range`), ordered by nothing else:
 //! the acquirer must then read every byte of the page whose last write was released (by any release).
 
-use super::marks::{self, AtDiff, AtDrop};
+use super::marks::{self, AtDrop};
 use super::*;
 use crate::protocol::diff;
 use crate::region::{INVALID, READ_ONLY, READ_WRITE, SHARED, STATE_MASK, TWINNED, WRITTEN};
@@ -230,8 +230,8 @@ impl Sim {
         }
     }
 
-    /// Sends rank `r`'s writes to page `p` (write-protected, twinned) to its home, which applies them as
-    /// `marks::at_diff` says; drops the twin.
+    /// Sends rank `r`'s writes to page `p` (write-protected, twinned) to its home, which applies them and
+    /// records them as its own writes; drops the twin.
     fn send_diff(&mut self, r: usize, p: usize) {
         let twin = self.twin[r][p]
             .take()
@@ -248,10 +248,10 @@ impl Sim {
         let h = self.home(p);
         diff::apply(&mut self.master[p], &d).expect("a well-formed diff");
         let hs = self.state[h][p];
-        match marks::at_diff(hs) {
-            AtDiff::InPlace => {}
-            AtDiff::Reinstall => self.state[h][p] = with_state(hs, READ_ONLY),
+        if marks::at_write(hs, true).list {
+            self.listed[h].push(p);
         }
+        self.state[h][p] = with_state(hs | WRITTEN, READ_WRITE);
         self.diffs_applied += 1;
     }
 
