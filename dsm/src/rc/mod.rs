@@ -213,7 +213,8 @@ fn release_pages(
 }
 
 /// Write-protects `pages` of `region` and sends the diffs of those twinned to their homes, in batches of
-/// `DIFF_WINDOW`; a page is then cleared of the marks in `clear` (for a release, `WRITTEN | TWINNED`: its
+/// `DIFF_WINDOW`. The caller holds the rank's release-consistency state (`Shared::rc`): a flush may hold
+/// pages while it waits for another, so two at once could wait for each other; a page is then cleared of the marks in `clear` (for a release, `WRITTEN | TWINNED`: its
 /// interval is closing; for a selective release, `TWINNED` only: it stays listed for the next one) and
 /// added to `cleared`, the diff of one that has any once its home has acknowledged it.
 fn flush_pages(
@@ -288,6 +289,10 @@ pub(crate) fn release_range(
         })
         .collect();
     Counters::add(&shared.counters.selective_releases, 1);
+    // One flush at a time on this rank, as for releases: a flush holds the twinned pages it has taken while
+    // it waits for one another thread holds, so two flushes taking the same pages in different orders
+    // would each wait for the other for ever.
+    let _one_at_a_time = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
     flush_pages(
         shared,
         region,

@@ -313,6 +313,7 @@ impl Sim {
             AtDrop::FlushThenDiscard => {
                 self.state[r][p] = with_state(self.state[r][p], READ_ONLY);
                 self.send_diff(r, p);
+                self.unreleased[r][p].clear();
                 self.flushed += 1;
             }
             AtDrop::Discard => {}
