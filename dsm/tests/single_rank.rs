@@ -179,3 +179,48 @@ fn resident_pages(start: *mut u8, len: usize) -> usize {
     assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
     in_memory.iter().filter(|&&b| b & 1 == 1).count()
 }
+
+#[test]
+fn a_selective_range_outside_its_region_is_refused_and_an_empty_one_is_nothing() {
+    let dsm = Dsm::builder().build().unwrap();
+    let pages = 4;
+    for model in [dsm::Consistency::Release, dsm::Consistency::Sequential] {
+        let v = dsm
+            .alloc_vec_in::<u64>(pages * 512, Placement::Block, model)
+            .unwrap();
+        let region = v.region();
+        let len = region.len();
+        for bad in [0..len + 1, len..len + 8] {
+            let e = region.release_range(bad.clone()).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!(
+                    "release_range of bytes {}..{}",
+                    bad.start, bad.end
+                )) && e.contains(&format!("a region of {len} bytes")),
+                "{e}"
+            );
+            let e = region.acquire_range(bad).unwrap_err().to_string();
+            assert!(e.contains("acquire_range of bytes"), "{e}");
+        }
+        #[allow(clippy::reversed_empty_ranges)]
+        let backwards = 100..10;
+        assert!(region.release_range(backwards).is_err());
+        // Empty, or the whole region: fine (a job of one rank homes every page, so there is nothing to
+        // send or drop).
+        region.release_range(8..8).unwrap();
+        v.set(0, 5);
+        region.release_range(0..len).unwrap();
+        region.acquire_range(0..len).unwrap();
+        v.release_range(0..v.len()).unwrap();
+        v.acquire_range(1..3).unwrap();
+        assert_eq!(v.get(0), 5);
+        let s = dsm.stats();
+        match model {
+            dsm::Consistency::Release => assert!(
+                s.selective_releases >= 2 && s.selective_acquires >= 2,
+                "{s}"
+            ),
+            dsm::Consistency::Sequential => {}
+        }
+    }
+}
