@@ -678,27 +678,40 @@ fn a_home_writes_unseen_until_another_rank_fetches_its_page() {
     assert_eq!(sim.read(0, 1, 5), 4);
 }
 
-#[test]
-fn randomized_jobs_never_read_stale_data_or_lose_a_diff() {
-    let (mut checks, mut diffs, mut flushed, mut unseen) = (0, 0, 0, 0);
+/// Runs 60 jobs of 2 to 4 ranks and 1 to 4 pages (the seeds from `first` on), 3000 random steps each
+/// after `setup`, and hands each finished job to `each`.
+fn sixty_jobs(first: u64, setup: impl Fn(&mut Sim), mut each: impl FnMut(&Sim)) {
     for seed in 0..60u64 {
-        let mut rng = StdRng::seed_from_u64(seed);
+        let mut rng = StdRng::seed_from_u64(first + seed);
         let ranks = 2 + (seed % 3) as usize;
         let pages = 1 + (seed % 4) as usize;
         let mut sim = Sim::new(ranks, pages, DEFAULT_NOTICE_MEMORY, &mut rng);
+        setup(&mut sim);
         for _ in 0..3000 {
             let r = rng.random_range(0..ranks);
             sim.step(r, &mut rng);
         }
-        assert_eq!(
-            sim.full_invalidations, 0,
-            "nothing is forgotten under the default bound"
-        );
-        checks += sim.checks;
-        diffs += sim.diffs_applied;
-        flushed += sim.flushed;
-        unseen += sim.unseen_home_writes;
+        each(&sim);
     }
+}
+
+#[test]
+fn randomized_jobs_never_read_stale_data_or_lose_a_diff() {
+    let (mut checks, mut diffs, mut flushed, mut unseen) = (0, 0, 0, 0);
+    sixty_jobs(
+        0,
+        |_| {},
+        |sim| {
+            assert_eq!(
+                sim.full_invalidations, 0,
+                "nothing is forgotten under the default bound"
+            );
+            checks += sim.checks;
+            diffs += sim.diffs_applied;
+            flushed += sim.flushed;
+            unseen += sim.unseen_home_writes;
+        },
+    );
     // Every path is taken: diffs at releases, flushes at acquires, homes' writes before any fetch.
     assert!(
         checks > 100_000 && diffs > 1_000 && flushed > 100 && unseen > 10,
@@ -709,21 +722,15 @@ fn randomized_jobs_never_read_stale_data_or_lose_a_diff() {
 #[test]
 fn randomized_jobs_that_hand_pages_over_selectively_never_read_stale_data() {
     let (mut checks, mut selective, mut diffs) = (0, 0, 0);
-    for seed in 0..60u64 {
-        let mut rng = StdRng::seed_from_u64(9000 + seed);
-        let ranks = 2 + (seed % 3) as usize;
-        let pages = 1 + (seed % 4) as usize;
-        let mut sim = Sim::new(ranks, pages, DEFAULT_NOTICE_MEMORY, &mut rng);
+    let setup = |sim: &mut Sim| {
         sim.selective_odds = 8;
         sim.barrier_odds = 4;
-        for _ in 0..3000 {
-            let r = rng.random_range(0..ranks);
-            sim.step(r, &mut rng);
-        }
+    };
+    sixty_jobs(9000, setup, |sim| {
         checks += sim.checks;
         selective += sim.selective_checks;
         diffs += sim.diffs_applied;
-    }
+    });
     // Handoffs happen often, and between them the usual checks (locks, barriers) still hold.
     assert!(
         checks > 50_000 && selective > 1_000_000 && diffs > 1_000,
@@ -736,21 +743,15 @@ fn randomized_jobs_whose_lock_homes_let_servers_go_never_read_stale_data() {
     // Lock servers let go after one critical section in three, and made again, with the horizon of what
     // they knew, at the lock's next use. Nothing else is forgotten (the default bound).
     let (mut checks, mut gone, mut full) = (0, 0, 0);
-    for seed in 0..60u64 {
-        let mut rng = StdRng::seed_from_u64(5000 + seed);
-        let ranks = 2 + (seed % 3) as usize;
-        let pages = 1 + (seed % 4) as usize;
-        let mut sim = Sim::new(ranks, pages, DEFAULT_NOTICE_MEMORY, &mut rng);
+    let setup = |sim: &mut Sim| {
         sim.barrier_odds = 10;
         sim.let_go_odds = 3;
-        for _ in 0..3000 {
-            let r = rng.random_range(0..ranks);
-            sim.step(r, &mut rng);
-        }
+    };
+    sixty_jobs(5000, setup, |sim| {
         checks += sim.checks;
         gone += sim.lock_servers_let_go;
         full += sim.full_invalidations;
-    }
+    });
     assert!(
         checks > 50_000 && gone > 1_000 && full > 100,
         "checks {checks}, lock servers let go {gone}, acquires that dropped everything {full}"
