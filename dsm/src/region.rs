@@ -79,6 +79,10 @@ pub(crate) const TWINNED: u32 = 64;
 pub(crate) const SHARED: u32 = 128;
 /// The service loop deferred a leaf request until BUSY clears (the page is being installed here).
 pub(crate) const DEFERRED: u32 = 16;
+/// Release consistency, at a page's home: listed for the open interval because another rank's diff made
+/// the page writable here, with a twin of what the diffs alone left in it; the home's release announces
+/// the page only if its bytes differ from the twin (the home's threads wrote it too).
+pub(crate) const DIFFED: u32 = 256;
 
 // Manager lock word bits.
 /// A transaction on the page is in progress.
@@ -706,11 +710,40 @@ impl RegionShared {
         unsafe { &*twins.as_slice()[page as usize].0.get() }
     }
 
+    /// Release consistency: a twin to write (at a home, the twin of a page diffs reached: `DIFFED`). Call
+    /// holding the page's BUSY bit.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) fn twin_mut(&self, page: u64) -> &mut [u8] {
+        let twins = self
+            .twins
+            .as_ref()
+            .expect("twins exist in release-consistency regions");
+        // SAFETY: the caller holds the page's BUSY bit, so no other thread reads or writes the twin while
+        // the slice lives; the twin is 4096 bytes of this region's private shadow mapping.
+        unsafe { &mut *twins.as_slice()[page as usize].0.get() }
+    }
+
     /// Release consistency: returns a twin's memory to the system.
     pub(crate) fn drop_twin(&self, page: u64) {
         if let Some(twins) = &self.twins {
             let addr = twins.as_slice()[page as usize].0.get() as usize;
             let _ = uffd::discard(addr, PAGE_SIZE);
+        }
+    }
+
+    /// Release consistency: returns the twins of `pages` (held BUSY) to the system, one call per run of
+    /// neighbouring pages (their twins are neighbours too).
+    pub(crate) fn drop_twins(&self, pages: &[u64]) {
+        let Some(twins) = &self.twins else { return };
+        let mut i = 0;
+        while i < pages.len() {
+            let mut n = 1;
+            while i + n < pages.len() && pages[i + n] == pages[i] + n as u64 {
+                n += 1;
+            }
+            let addr = twins.as_slice()[pages[i] as usize].0.get() as usize;
+            let _ = uffd::discard(addr, n * PAGE_SIZE);
+            i += n;
         }
     }
 
@@ -941,12 +974,16 @@ impl<'d> Region<'d> {
     }
 
     /// Selective release of the bytes `bytes` (offsets in the region) under release consistency: this
-    /// rank's writes to the pages holding them reach the pages' homes before it returns, without the rest
-    /// of a release (no other page is flushed, no write notice is made: the next lock release or barrier
-    /// still announces these pages with the others). Pair it with [`acquire_range`](Self::acquire_range) on
-    /// the reading rank, ordered after this call by some other means (a tuple, a message, a flag in a
-    /// region of sequential consistency): the reader then sees these writes. Under sequential consistency
-    /// it does nothing: every access is coherent already.
+    /// rank's writes to the pages holding them (whole pages: the range is rounded out to them) reach the
+    /// pages' homes before it returns. Nothing else of a release happens: no other page is flushed, and no
+    /// write notice is made (the next lock release or barrier announces these pages with the others).
+    ///
+    /// Pair it with [`acquire_range`](Self::acquire_range) of the same range on the reading rank, ordered
+    /// after this call by some other means (a tuple, a message, a flag in a region of sequential
+    /// consistency): the reader then sees these writes. Only the two ranks are synchronized: a third rank
+    /// that later acquires a lock the reader releases does not learn of them (no notice names them yet);
+    /// it sees them once it acquires after this rank's next lock release or barrier. Under sequential
+    /// consistency it does nothing: every access is coherent already.
     pub fn release_range(&self, bytes: std::ops::Range<usize>) -> Result<()> {
         let Some(pages) = self.pages_of(bytes, "release_range")? else {
             return Ok(());
@@ -955,12 +992,13 @@ impl<'d> Region<'d> {
     }
 
     /// Selective acquire of the bytes `bytes` (offsets in the region) under release consistency: this
-    /// rank's copies of the pages holding them (other than pages homed here) are dropped, so that the next
-    /// access fetches them from their homes and sees every write released to them before (by a lock
-    /// release, a barrier or [`release_range`](Self::release_range)). Nothing else is invalidated, so
-    /// other pages may stay stale until the next lock acquire or barrier. This rank's own unreleased
-    /// writes to those pages go to their homes first, and are kept. Under sequential consistency it does
-    /// nothing.
+    /// rank's copies of the pages holding them (whole pages), other than pages homed here, are dropped,
+    /// so that the next access fetches them from their homes. A reader may rely on seeing every write to
+    /// those bytes released before (by a lock release, a barrier or [`release_range`](Self::release_range))
+    /// and ordered before this call; it may see more (the pages come whole, with whatever else their homes
+    /// hold), and other pages may stay stale until its next lock acquire or barrier. This rank's own
+    /// unreleased writes to those pages are sent to their homes first, so they are kept. Under sequential
+    /// consistency it does nothing.
     pub fn acquire_range(&self, bytes: std::ops::Range<usize>) -> Result<()> {
         let Some(pages) = self.pages_of(bytes, "acquire_range")? else {
             return Ok(());

@@ -990,6 +990,13 @@ fn release_consistency_sees_a_late_homes_writes() {
     passes_at(&[2], CHECK, &["latehome", "--rounds", "100"]);
 }
 
+/// A home does not announce pages only other ranks' diffs wrote (the writers do), and does announce one
+/// its own threads wrote too.
+#[test]
+fn a_home_announces_only_the_diffed_pages_it_wrote_itself() {
+    passes_at(&[2], CHECK, &["homediffs", "--rounds", "200"]);
+}
+
 /// A selective release and acquire of a range move exactly that range's writes from one rank to another,
 /// with nothing else to order them but a flag of sequential consistency; the rest come at the barrier.
 #[test]

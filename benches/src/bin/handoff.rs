@@ -3,20 +3,27 @@
 //! (`Region::release_range` of the block, `Region::acquire_range` of it), beside the raw TCP round trip
 //! measured in the same run.
 //!
-//! Each round, rank 1 writes a word of each of `--block` pages and of `--dirty` other pages (all homed at
-//! rank 0, the consumer), then hands the block to rank 0, which reads it and checks it:
-//! - through a lock: rank 1 writes under lock 1 and lets it go (a release: the diffs of every page it
-//!   wrote go to their home), then says so; rank 0 takes the lock (an acquire) and reads the block;
-//! - selectively: rank 1 releases the block's range only, then says so; rank 0 acquires the range and
-//!   reads the block. The other pages' writes stay at rank 1 until the barrier that ends the run, which
-//!   sends each page's diff once instead of once a round.
+//! Each round, rank 1 writes a word of each of `--block` pages and of `--dirty` other pages (homed at
+//! rank 0, the consumer; the block too, or with `--block-home producer` at rank 1), then hands the block
+//! to rank 0, which reads it and checks it:
+//! - through a lock: rank 1 writes under lock 1 (homed at rank 1) and lets it go (a release: the diffs
+//!   of every page it wrote go to their homes, and its notice names them), then says so; rank 0 takes the
+//!   lock (an acquire: it drops the pages the notice names that are not homed here) and reads the block.
+//!   Rank 0's release of the lock announces the pages whose diffs it applied as its own writes (how a
+//!   home records a diff, docs/ARCHITECTURE.md), so rank 1 drops those and fetches them again at its next
+//!   acquire: part of what a lock costs here;
+//! - selectively: rank 1 releases the block's range only, then says so; rank 0 acquires the range (which
+//!   drops nothing when the block is homed at rank 0) and reads the block. The other pages' writes stay at
+//!   rank 1 until the barrier that ends each set of rounds, which sends each page's diff once instead of
+//!   once a round; that barrier is timed with the rounds.
 //!
 //! "Says so" is a message on the raw link in both (rank 1 answers rank 0's round trip), and so is rank 0's
 //! word that it has read the block (before rank 1 writes the next round's), so that the handoffs differ
-//! only in what they synchronize. Time per round, at rank 0, over `--rounds` rounds.
+//! only in what they synchronize. Time per round, at rank 0: a set of `--rounds` rounds and the barrier
+//! after it, divided by the rounds.
 //!
-//! Run: `cargo run --release --bin handoff -- [--block B] [--dirty D] [--rounds R] [--json]` (it launches
-//! itself as 2 ranks).
+//! Run: `cargo run --release --bin handoff -- [--block B] [--dirty D] [--rounds R] [--block-home
+//! consumer|producer] [--json]` (it launches itself as 2 ranks).
 
 use clap::Parser;
 use dsm::{Consistency, GlobalVec, Placement, Rank, PAGE_SIZE};
@@ -39,6 +46,9 @@ struct Args {
     /// Handoffs per way of handing over.
     #[arg(long, default_value_t = 300, value_parser = dsm_benches::at_least_one::<usize>)]
     rounds: usize,
+    /// The rank that homes the block: consumer (rank 0) or producer (rank 1).
+    #[arg(long, default_value = "consumer", value_parser = ["consumer", "producer"])]
+    block_home: String,
 }
 
 /// Words of a page.
@@ -108,9 +118,8 @@ impl Pages<'_> {
             // Rank 0 has read the block: rank 1 may write the next round's.
             link.round_trips(1, 64, 64)?;
         }
-        let per_round = us(t.elapsed()) / rounds as f64;
         dsm.barrier()?;
-        Ok(per_round)
+        Ok(us(t.elapsed()) / rounds as f64)
     }
 }
 
@@ -122,8 +131,12 @@ fn main() -> anyhow::Result<()> {
     let mut link = raw_link(dsm)?;
     let mut raw = link.round_trips(1000, 64, 4096)?;
     let at0 = Placement::At(Rank(0));
+    let block_home = match args.block_home.as_str() {
+        "producer" => Placement::At(Rank(1)),
+        _ => at0,
+    };
     let pages = Pages {
-        block: dsm.alloc_vec_in::<u64>(args.block * WORDS, at0, Consistency::Release)?,
+        block: dsm.alloc_vec_in::<u64>(args.block * WORDS, block_home, Consistency::Release)?,
         // At least one page: a region is never empty (with `--dirty 0` the producer writes none of it).
         dirty: dsm.alloc_vec_in::<u64>(args.dirty.max(1) * WORDS, at0, Consistency::Release)?,
         dirty_pages: args.dirty,
@@ -156,8 +169,8 @@ fn main() -> anyhow::Result<()> {
     if dsm.rank() == Rank(0) {
         let floor = quantile(&mut raw, 0.5);
         let what = format!(
-            "{} pages handed over, {} other pages written",
-            args.block, args.dirty
+            "{} pages (homed at the {}) handed over, {} other pages written",
+            args.block, args.block_home, args.dirty
         );
         let l = quantile(&mut lock, 0.5);
         let s = quantile(&mut selective, 0.5);

@@ -7,12 +7,13 @@ use super::MAX_READAHEAD;
 use crate::channel::write_frame;
 use crate::direct::{self};
 use crate::fault::{give_untouched, lock_untouched, set_state, try_lock_slot, unlock_slot};
-use crate::protocol::release::marks;
+use crate::protocol::diff;
+use crate::protocol::release::marks::{self, AtDiff};
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
 use crate::region::SHARED;
 use crate::region::{
-    RegionShared, BUSY, DEFERRED, INVALID, LOCKED, QUEUED, READ_ONLY, READ_WRITE, STATE_MASK,
-    WRITTEN,
+    RegionShared, BUSY, DEFERRED, DIFFED, INVALID, LOCKED, QUEUED, READ_ONLY, READ_WRITE,
+    STATE_MASK, WRITTEN,
 };
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
@@ -679,9 +680,12 @@ impl Engine {
         }
     }
 
-    /// Release consistency, at the home: applies a diff to the home's copy and acknowledges it. The page
-    /// counts as written in the home's own open interval (marked before it is made writable here, if it was
-    /// not), so that the home write-protects it again and announces it at its next release.
+    /// Release consistency, at the home: applies a diff to the home's copy and acknowledges it, as
+    /// `marks::at_diff` says. The page is recorded as written (listed) before it becomes writable here:
+    /// from then on this rank's threads write it without a fault, so a release that drained the list in
+    /// between would leave their writes out of its notice. A page only diffs write keeps a twin of what
+    /// they left in it (`DIFFED`), so that the home's release announces it only if its threads wrote it
+    /// too.
     pub(super) fn apply_diff(
         &mut self,
         idx: usize,
@@ -708,10 +712,33 @@ impl Engine {
             return;
         };
         let st = claimed & STATE_MASK;
-        if marks::at_write(word.fetch_or(WRITTEN, Ordering::AcqRel), true).list {
-            // Recorded before the page becomes writable: from then on this rank's threads write it without
-            // a fault, so a release that drained the dirty list between the two would leave their writes out
-            // of its notice, and the other ranks would read stale copies for a whole interval.
+        let rule = marks::at_diff(claimed);
+        let twinned = match rule {
+            AtDiff::Twin => {
+                // The page is not writable here (nobody writes it meanwhile): its twin is its bytes, or
+                // zeros, as the diff leaves them.
+                let twin = region.twin_mut(page);
+                if st == INVALID {
+                    twin.fill(0);
+                } else {
+                    twin.copy_from_slice(region.present_page(page));
+                }
+                diff::apply(twin, &diff)
+            }
+            AtDiff::Both => diff::apply(region.twin_mut(page), &diff),
+            AtDiff::Own => Ok(0),
+        };
+        if let Err(e) = twinned {
+            // A diff that does not decode: the sender is broken. Nothing changed here.
+            crate::fault::release_busy(region, page);
+            self.close(idx, &format!("a diff for page {page}: {e}"));
+            return;
+        }
+        let mark = match rule {
+            AtDiff::Twin => WRITTEN | DIFFED,
+            AtDiff::Both | AtDiff::Own => WRITTEN,
+        };
+        if marks::at_write(word.fetch_or(mark, Ordering::AcqRel), true).list {
             region
                 .dirty
                 .lock()
@@ -726,7 +753,6 @@ impl Engine {
         if let Err(e) = made_writable {
             // This rank's own failure (the kernel refused), not the sender's: the home cannot keep its
             // pages right, and blaming the sender would end the job naming a healthy rank.
-            crate::fault::release_busy(region, page);
             self.die(&format!(
                 "making page {page} of region {} writable for a diff failed: {e}",
                 region.id

@@ -11,7 +11,8 @@ use crate::protocol::diff;
 use crate::protocol::release::marks::{self, AtDrop};
 use crate::protocol::release::{PageKey, PageRun, VectorClock, WriteNotice};
 use crate::region::{
-    Consistency, RegionShared, BUSY, INVALID, READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WRITTEN,
+    Consistency, RegionShared, BUSY, DIFFED, INVALID, READ_ONLY, READ_WRITE, STATE_MASK, TWINNED,
+    WRITTEN,
 };
 use crate::stats::Counters;
 use crate::types::Rank;
@@ -146,8 +147,14 @@ pub(crate) fn release(shared: &Shared) -> Result<()> {
     }
     let mut rc = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
     let mut written: Vec<PageKey> = Vec::new();
-    let mut cleared = std::collections::HashSet::new();
-    let result = release_pages(shared, &regions, &mut written, &mut cleared);
+    let mut settled = Settled::default();
+    let result = release_pages(shared, &regions, &mut written, &mut settled);
+    let Settled {
+        cleared,
+        unannounced,
+    } = settled;
+    // Pages only other ranks' diffs wrote here: their writers announce them.
+    written.retain(|k| !unannounced.contains(k));
     if result.is_err() {
         // Every page taken from the dirty lists goes back for the next release. A page still marked WRITTEN
         // was never cleared, so it is in no list: push it. A page this release cleared is marked again and
@@ -188,12 +195,21 @@ pub(crate) fn release(shared: &Shared) -> Result<()> {
     Ok(())
 }
 
+/// What a flush did with the pages it took.
+#[derive(Default)]
+struct Settled {
+    /// Pages whose writes are at their homes (or that had none to send), their marks cleared.
+    cleared: std::collections::HashSet<PageKey>,
+    /// Of those, pages homed here that only other ranks' diffs wrote (`marks::announced_at_release`).
+    unannounced: std::collections::HashSet<PageKey>,
+}
+
 /// The work of `release`; every page taken from a dirty list is added to `written` as soon as it is taken.
 fn release_pages(
     shared: &Shared,
     regions: &[Arc<RegionShared>],
     written: &mut Vec<PageKey>,
-    cleared: &mut std::collections::HashSet<PageKey>,
+    settled: &mut Settled,
 ) -> Result<()> {
     for region in regions {
         let pages: Vec<u64> = region
@@ -207,7 +223,7 @@ fn release_pages(
             page,
         }));
         let clear = marks::cleared_at_release(false);
-        flush_pages(shared, region, &pages, clear, cleared)?;
+        flush_pages(shared, region, &pages, clear, settled)?;
     }
     Ok(())
 }
@@ -222,7 +238,7 @@ fn flush_pages(
     region: &Arc<RegionShared>,
     pages: &[u64],
     clear: u32,
-    cleared: &mut std::collections::HashSet<PageKey>,
+    settled: &mut Settled,
 ) -> Result<()> {
     for batch in pages.chunks(DIFF_WINDOW) {
         let mut diffs = Vec::new();
@@ -239,8 +255,8 @@ fn flush_pages(
                 held.push((page, s));
                 continue;
             }
-            let settled = settle(region, &mut held, &mut diffs, &mut waiting, clear, cleared);
-            if let Err(e) = settled {
+            let result = settle(region, &mut held, &mut diffs, &mut waiting, clear, settled);
+            if let Err(e) = result {
                 failed = Some(e);
                 break;
             }
@@ -248,7 +264,7 @@ fn flush_pages(
             held.push((page, region.state(page).load(Ordering::Acquire)));
         }
         if failed.is_none() {
-            failed = settle(region, &mut held, &mut diffs, &mut waiting, clear, cleared).err();
+            failed = settle(region, &mut held, &mut diffs, &mut waiting, clear, settled).err();
         }
         let (acked, sent) = match failed {
             Some(e) => (vec![false; diffs.len()], Err(e)),
@@ -256,15 +272,23 @@ fn flush_pages(
         };
         // A page whose diff its home did not acknowledge keeps its twin: `release` puts it back on the
         // dirty list, and its writes go at the next release.
-        for (&page, acked) in waiting.iter().zip(acked) {
-            if acked {
-                region.state(page).fetch_and(!clear, Ordering::AcqRel);
-                region.drop_twin(page);
-                cleared.insert(PageKey {
-                    region: region.id,
-                    page,
-                });
-            }
+        let mut delivered: Vec<u64> = waiting
+            .iter()
+            .zip(&acked)
+            .filter(|(_, a)| **a)
+            .map(|(p, _)| *p)
+            .collect();
+        delivered.sort_unstable();
+        // Before the pages are released: a fault of this rank then makes a new twin in the same memory.
+        region.drop_twins(&delivered);
+        for page in delivered {
+            region.state(page).fetch_and(!clear, Ordering::AcqRel);
+            settled.cleared.insert(PageKey {
+                region: region.id,
+                page,
+            });
+        }
+        for &page in &waiting {
             release_busy(region, page);
         }
         sent?;
@@ -298,7 +322,7 @@ pub(crate) fn release_range(
         region,
         &unsent,
         marks::cleared_at_release(true),
-        &mut std::collections::HashSet::new(),
+        &mut Settled::default(),
     )
 }
 
@@ -337,7 +361,7 @@ fn settle(
     diffs: &mut Vec<(Rank, u32, u64, Vec<u8>)>,
     waiting: &mut Vec<u64>,
     clear: u32,
-    cleared: &mut std::collections::HashSet<PageKey>,
+    settled: &mut Settled,
 ) -> Result<()> {
     let mut writable: Vec<u64> = held
         .iter()
@@ -351,26 +375,45 @@ fn settle(
         }
         return Err(e);
     }
+    // Pages with nothing to send, and which of them have a twin to drop (dropped in runs of neighbours,
+    // one `madvise` each: see `Dropper` for what one per page costs).
+    let mut done = Vec::new();
+    let mut twins = Vec::new();
     for (page, s) in held.drain(..) {
-        let word = region.state(page);
         let bytes = if marks::diffs_at_release(s) {
             diff_of(region, page)
         } else {
             Vec::new()
         };
-        if bytes.is_empty() {
-            if word.fetch_and(!clear, Ordering::AcqRel) & TWINNED != 0 {
-                region.drop_twin(page);
-            }
-            cleared.insert(PageKey {
-                region: region.id,
-                page,
-            });
-            release_busy(region, page);
-        } else {
+        if !bytes.is_empty() {
             diffs.push((region.home(page), region.id, page, bytes));
             waiting.push(page);
+            continue;
         }
+        if s & DIFFED != 0 {
+            // Homed here, write-protected above: its bytes now are all it holds this interval.
+            let same = region.twin(page) == region.present_page(page);
+            if !marks::announced_at_release(s, same) {
+                settled.unannounced.insert(PageKey {
+                    region: region.id,
+                    page,
+                });
+            }
+        }
+        if s & (TWINNED | DIFFED) != 0 {
+            twins.push(page);
+        }
+        done.push(page);
+    }
+    twins.sort_unstable();
+    region.drop_twins(&twins);
+    for page in done {
+        region.state(page).fetch_and(!clear, Ordering::AcqRel);
+        settled.cleared.insert(PageKey {
+            region: region.id,
+            page,
+        });
+        release_busy(region, page);
     }
     Ok(())
 }

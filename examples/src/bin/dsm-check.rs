@@ -5,6 +5,9 @@
 //! - `sb`: store buffering: both ranks reading the other's old value is forbidden under sequential consistency;
 //! - `pages`: every rank writes its own words of the same pages; after a barrier everyone sees all writes;
 //! - `latehome`: the same on pages homed at rank 0, which writes late, while the others' diffs arrive;
+//! - `homediffs`: (release consistency, 2 ranks) rank 1 writes pages homed at rank 0 under a lock, and rank
+//!   0 under the same lock writes one of them too: rank 1 sees rank 0's writes, and drops and fetches
+//!   again only the page rank 0 wrote (a home's notice does not name pages only others' diffs wrote);
 //! - `selective`: (3 ranks or more) rank 1 writes pages homed at rank 2 and at itself, releases some of
 //!   them selectively and says so through a flag of sequential consistency; rank 0, which holds old copies,
 //!   sees the new bytes of exactly those pages once it acquires them selectively, and the rest after a
@@ -48,7 +51,7 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | latehome | selective | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
+    /// counter | mp | sb | pages | latehome | homediffs | selective | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
     /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | pause | diewriting | readerdies | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
@@ -312,6 +315,61 @@ fn main() -> anyhow::Result<()> {
             }
             drop(v);
             println!("latehome ok: {} rounds", args.rounds);
+        }
+        "homediffs" => {
+            ensure!(n == 2, "homediffs needs 2 ranks");
+            let pages = 8;
+            let v = dsm.alloc_vec_in::<u64>(
+                pages * WORDS_PER_PAGE,
+                dsm::Placement::At(dsm::Rank(0)),
+                dsm::Consistency::Release,
+            )?;
+            // Rank 1 writes word 1 of every page, rank 0 word 0 of the last one, in turns under lock 1; each
+            // checks the other's latest words. Rank 0 applies rank 1's diffs as their home.
+            let last = (pages - 1) * WORDS_PER_PAGE;
+            dsm.barrier()?;
+            let before = dsm.stats().acquire_invalidations;
+            let mut turn = 0u64;
+            let mut turns_here = 0u64;
+            while turn < 2 * args.rounds as u64 {
+                let _g = dsm.lock(1)?;
+                let (r1_turns, r0_turns) = (v.get(1), v.get(last));
+                turn = r1_turns + r0_turns;
+                // Rank 1 goes on even turns, rank 0 on odd ones.
+                if turn as usize % 2 != 1 - me || turn >= 2 * args.rounds as u64 {
+                    continue;
+                }
+                if me == 1 {
+                    ensure!(
+                        r1_turns == r0_turns,
+                        "turn {turn}: rank 1 saw rank 0's count {r0_turns} stale"
+                    );
+                    for p in 0..pages {
+                        v.set(p * WORDS_PER_PAGE + 1, r1_turns + 1);
+                    }
+                } else {
+                    for p in 0..pages {
+                        ensure!(
+                            v.get(p * WORDS_PER_PAGE + 1) == r1_turns,
+                            "turn {turn}: rank 0 sees page {p} stale"
+                        );
+                    }
+                    v.set(last, r0_turns + 1);
+                }
+                turns_here += 1;
+                turn += 1;
+            }
+            let dropped = dsm.stats().acquire_invalidations - before;
+            if me == 1 {
+                // Only the page rank 0 wrote, once per turn of rank 0's (the first turn has none before it).
+                ensure!(
+                    dropped <= turns_here,
+                    "rank 1 dropped {dropped} pages at {turns_here} acquires: pages only its own diffs wrote were announced by their home"
+                );
+            }
+            dsm.barrier()?;
+            drop(v);
+            println!("homediffs ok: {} rounds", args.rounds);
         }
         "selective" => {
             ensure!(n >= 3, "selective needs 3 ranks or more");
@@ -1396,7 +1454,7 @@ fn main() -> anyhow::Result<()> {
         })?,
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, selective, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, homediffs, selective, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
             )
         }
     }

@@ -6,6 +6,8 @@
 //! - `TWINNED`: a twin whose diff has not reached the page's home.
 //! - `SHARED`, at the home: another rank has fetched the page, so the home's own writes to it are tracked.
 //!   Until then the home writes in place unseen: no other copy exists to go stale.
+//! - `DIFFED`, at the home: listed because a diff made the page writable here, with a twin of what the
+//!   diffs alone left in it (see `at_diff`).
 //!
 //! A selective release of a range sends its pages' diffs as a release does, but closes no interval; a
 //! selective acquire of a range drops its pages as an acquire drops the pages notices name.
@@ -14,7 +16,7 @@
 //! service loop follow them (`fault.rs`, `rc/`, `engine/pages.rs`), and so does the randomized whole-job
 //! test beside this file, on its model of each rank's memory.
 
-use crate::region::{INVALID, READ_WRITE, SHARED, STATE_MASK, TWINNED, WRITTEN};
+use crate::region::{DIFFED, INVALID, READ_WRITE, SHARED, STATE_MASK, TWINNED, WRITTEN};
 
 /// Whether a write to the page is recorded: always, unless the page is homed here and no other rank has
 /// fetched it.
@@ -23,8 +25,7 @@ pub(crate) fn tracked(state: u32, homed_here: bool) -> bool {
 }
 
 /// What a recorded write to a page that is not writable does, besides marking it `WRITTEN` and making it
-/// writable. A home applying another rank's diff records it the same way (as a write homed here): its
-/// threads may then write the page without a fault, so its next release must protect it again.
+/// writable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct AtWrite {
     /// Put the page on the written list: its first write in the interval.
@@ -58,8 +59,45 @@ pub(crate) fn cleared_at_release(selective: bool) -> u32 {
     if selective {
         TWINNED
     } else {
-        WRITTEN | TWINNED
+        WRITTEN | TWINNED | DIFFED
     }
+}
+
+/// How a home applies another rank's diff to its copy of a page, given the page's state word there. The
+/// page becomes writable here (its threads may then write it without a fault), so it is listed for the
+/// home's release to protect again, *before* it becomes writable: listed after, a release draining the
+/// list in between would leave the home's writes out of its notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AtDiff {
+    /// Not writable here and not written in the open interval: twin the page as the diff leaves it (its
+    /// bytes, or zeros if not here, with the diff applied), mark it `WRITTEN | DIFFED` and list it, make
+    /// it writable, apply the diff.
+    Twin,
+    /// `DIFFED` already: apply the diff to the page and to its twin.
+    Both,
+    /// Any other: the home is writing it (listed), or writes it unseen (no other rank has fetched it),
+    /// or it is listed already (put back by a release that failed); mark it `WRITTEN` and list it if it
+    /// was not, make it writable, apply in place: announced as the home's own write.
+    Own,
+}
+
+/// The rule for a diff a home applies.
+pub(crate) fn at_diff(state: u32) -> AtDiff {
+    if state & STATE_MASK != READ_WRITE && state & WRITTEN == 0 {
+        AtDiff::Twin
+    } else if state & DIFFED != 0 {
+        AtDiff::Both
+    } else {
+        AtDiff::Own
+    }
+}
+
+/// At a home's release, for a page taken from its written list (write-protected by then): whether the
+/// interval's notice names it. A `DIFFED` page only if its bytes differ from its twin: then the home's
+/// threads wrote it too; else the diffs' writers announce their writes themselves, and a notice of the
+/// home's would have every rank holding the page drop it and fetch it again for nothing.
+pub(crate) fn announced_at_release(state: u32, same_as_twin: bool) -> bool {
+    state & DIFFED == 0 || !same_as_twin
 }
 
 /// What an acquire does with a page a notice names (not homed here).
