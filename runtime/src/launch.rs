@@ -83,21 +83,31 @@ struct Meeting {
     /// The first rank the rendezvous found to have exited before it joined, and how it ended: the job
     /// cannot start, and that rank is the one to name.
     never: Option<(usize, ExitStatus)>,
-    /// The ranks that have joined at the rendezvous (sent their address), by rank.
-    joined: Vec<bool>,
+    /// When each rank joined at the rendezvous (sent its address), by rank.
+    joined: Vec<Option<Instant>>,
     /// Whether every rank joined and the table was sent out.
     met: bool,
 }
 
 impl Meeting {
-    /// The rank to blame when rank `failed`, which joined and waited at the rendezvous, ended with an
-    /// exit code (not a signal) before the others all came: the first rank that has neither joined nor
-    /// exited (`done`), which the ranks that came gave up waiting for (`DSM_CONNECT_TIMEOUT`).
-    fn never_came(&self, failed: (usize, ExitStatus), done: &[bool]) -> Option<usize> {
+    /// The rank to blame when rank `failed` ended with an exit code (not a signal) at `ended`, having
+    /// joined at the rendezvous at least `waited` before, while the others had not all come: the first
+    /// rank that has neither joined nor exited (`done`), which the rank gave up waiting for
+    /// (`DSM_CONNECT_TIMEOUT`). A rank that ended sooner after joining failed for a reason of its own.
+    fn never_came(
+        &self,
+        failed: (usize, ExitStatus),
+        ended: Instant,
+        waited: Duration,
+        done: &[bool],
+    ) -> Option<usize> {
         let (r, status) = failed;
-        let waited = !self.met && self.joined.get(r) == Some(&true) && status.code().is_some();
-        waited
-            .then(|| (0..done.len()).find(|&s| self.joined.get(s) == Some(&false) && !done[s]))
+        let joined = self.joined.get(r).copied().flatten();
+        let gave_up = !self.met
+            && status.code().is_some()
+            && joined.is_some_and(|t| ended.saturating_duration_since(t) >= waited);
+        gave_up
+            .then(|| (0..done.len()).find(|&s| self.joined.get(s) == Some(&None) && !done[s]))
             .flatten()
     }
 }
@@ -216,7 +226,7 @@ fn rendezvous(
         match (t, rank, addr) {
             (Some(t), Some(r), Some(addr)) if t == token && r < ranks && conns[r].is_none() => {
                 conns[r] = Some((stream, addr));
-                lock(&exits).joined[r] = true;
+                lock(&exits).joined[r] = Some(Instant::now());
                 have += 1;
             }
             _ => {
@@ -353,6 +363,22 @@ fn describe(status: ExitStatus) -> (String, i32) {
 }
 
 /// Runs `program args` as a job of `opts.ranks` local processes and returns how it ended.
+/// The value of `name` the ranks will see: the launch's environment for them, else the launcher's own.
+fn ranks_env(opts: &LaunchOptions, name: &str) -> Option<String> {
+    opts.env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+        .or_else(|| std::env::var(name).ok())
+}
+
+/// The ranks' `DSM_CONNECT_TIMEOUT`, or its default.
+fn connect_timeout(opts: &LaunchOptions) -> Duration {
+    let secs = ranks_env(opts, "DSM_CONNECT_TIMEOUT").and_then(|v| v.trim().parse::<u64>().ok());
+    Duration::from_secs(secs.unwrap_or(crate::DEFAULT_CONNECT_TIMEOUT))
+}
+
 pub fn launch(
     opts: &LaunchOptions,
     program: &Path,
@@ -362,6 +388,14 @@ pub fn launch(
         return Err(RuntimeError::RankCount {
             asked: opts.ranks,
             max: dsm::protocol::swmr::MAX_RANKS,
+        });
+    }
+    // Every rank would refuse it: said once, here.
+    if let Some(t) = ranks_env(opts, "DSM_TRANSPORT").filter(|t| t.trim() != "tcp") {
+        return Err(RuntimeError::Env {
+            var: "DSM_TRANSPORT",
+            value: t,
+            expected: crate::DSMRUN_TRANSPORT,
         });
     }
     let token = crate::env::token_hex(&fresh_token()?);
@@ -383,7 +417,7 @@ pub fn launch(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_server = stop.clone();
     let exits_seen: Exits = Arc::new(Mutex::new(Meeting {
-        joined: vec![false; ranks],
+        joined: vec![None; ranks],
         ..Meeting::default()
     }));
     let exits_told = exits_seen.clone();
@@ -498,6 +532,10 @@ pub fn launch(
     let mut root_stopped_since: Option<Instant> = None;
     // Under --keep-going: the first rank seen to exit before it joined, before the job started.
     let mut unmet: Option<usize> = None;
+    // Per rank that failed, the rank that never came to the rendezvous, if it gave up waiting for one
+    // (`Meeting::never_came`), judged when its exit was seen: what a rank's wait there ended by.
+    let mut blame_for: Vec<Option<usize>> = vec![None; ranks];
+    let gave_up_after = connect_timeout(opts).mul_f64(0.8);
     let mut looked_stopped = started;
     while done.iter().any(|d| !d) {
         if opts.timeout.is_some_and(|t| started.elapsed() > t) {
@@ -531,7 +569,7 @@ pub fn launch(
                         let (what, _) = describe(status);
                         let (met, joined) = {
                             let m = lock(&exits_seen);
-                            (m.met, m.joined[r])
+                            (m.met, m.joined[r].is_some())
                         };
                         match unmet {
                             _ if met => say(&format!(
@@ -551,6 +589,12 @@ pub fn launch(
                         }
                         lost.push((r, what));
                     } else {
+                        blame_for[r] = lock(&exits_seen).never_came(
+                            (r, status),
+                            Instant::now(),
+                            gave_up_after,
+                            &done,
+                        );
                         let since = *first_failure.get_or_insert_with(Instant::now);
                         let cause_seen = failures
                             .iter()
@@ -618,7 +662,8 @@ pub fn launch(
     // A rank of a one-rank job joins no one (it never meets the others at the rendezvous): its ending
     // failed no rank waiting for it.
     let never = lock(&exits_seen).never.filter(|_| ranks > 1);
-    let never_came = root.and_then(|root| lock(&exits_seen).never_came(root, &done));
+    // Judged as each failure was seen (a rank joining after it would make the others meet).
+    let never_came = root.and_then(|(r, _)| blame_for[r]);
     let (outcome, message) = match (root, interrupts.signal()) {
         (_, None) if root_stopped => {
             let reason = format!(

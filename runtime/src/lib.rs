@@ -118,11 +118,18 @@ pub enum RuntimeError {
 const MPI_EXIT_GRACE: Duration = Duration::from_secs(2);
 
 /// `DSM_CONNECT_TIMEOUT`: whole seconds, at least one and at most a day; 30 when unset.
+/// What `DSM_TRANSPORT` may be for ranks that dsmrun starts, as an error says it.
+pub(crate) const DSMRUN_TRANSPORT: &str =
+    "tcp: the ranks dsmrun starts connect over TCP (DSM_TRANSPORT=mpi is for jobs started by mpirun)";
+
+/// Seconds a rank waits at the rendezvous for the others when `DSM_CONNECT_TIMEOUT` does not say.
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: u64 = 30;
+
 fn connect_timeout() -> Result<u64, RuntimeError> {
     Ok(env::get("DSM_CONNECT_TIMEOUT", "seconds, 1 to 86400", |s| {
         env::number::<u64>(s).filter(|t| (1..=86_400).contains(t))
     })?
-    .unwrap_or(30))
+    .unwrap_or(DEFAULT_CONNECT_TIMEOUT))
 }
 
 /// A rank's membership in a job. End a job that went well with [`Runtime::finish`] (a final barrier with
@@ -191,11 +198,9 @@ impl Runtime {
             })?;
             return Ok(Runtime::from_dsm(Self::options()?.build()?));
         };
-        env::get(
-            "DSM_TRANSPORT",
-            "tcp: the ranks dsmrun starts connect over TCP (DSM_TRANSPORT=mpi is for jobs started by mpirun)",
-            |s| (s == "tcp").then_some(()),
-        )?;
+        env::get("DSM_TRANSPORT", DSMRUN_TRANSPORT, |s| {
+            (s == "tcp").then_some(())
+        })?;
         let size = env::get("DSM_SIZE", "the number of ranks", env::number::<usize>)?
             .ok_or(RuntimeError::Missing("DSM_SIZE"))?;
         if size == 0 || size > dsm::protocol::swmr::MAX_RANKS {

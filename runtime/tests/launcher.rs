@@ -247,3 +247,22 @@ fn a_program_that_cannot_be_run_is_said_to_be_one_with_the_shell_s_status() {
     }
     std::fs::remove_file(&plain).unwrap();
 }
+
+#[test]
+fn a_transport_the_ranks_would_refuse_is_refused_once_before_any_starts() {
+    let out = Command::new(DSMRUN)
+        .env("DSM_TRANSPORT", "mpi")
+        .args(["-n", "2", "/bin/sh", "-c", "echo started"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("DSM_TRANSPORT=\"mpi\" is not valid: expected tcp"),
+        "{err}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("started"),
+        "a rank started"
+    );
+}

@@ -8,10 +8,7 @@
 //! to rank 0, which reads it and checks it:
 //! - through a lock: rank 1 writes under lock 1 (homed at rank 1) and lets it go (a release: the diffs
 //!   of every page it wrote go to their homes, and its notice names them), then says so; rank 0 takes the
-//!   lock (an acquire: it drops the pages the notice names that are not homed here) and reads the block.
-//!   Rank 0's release of the lock announces the pages whose diffs it applied as its own writes (how a
-//!   home records a diff, docs/ARCHITECTURE.md), so rank 1 drops those and fetches them again at its next
-//!   acquire: part of what a lock costs here;
+//!   lock (an acquire: it drops the pages the notice names that are not homed here) and reads the block;
 //! - selectively: rank 1 releases the block's range only, then says so; rank 0 acquires the range (which
 //!   drops nothing when the block is homed at rank 0) and reads the block. The other pages' writes stay at
 //!   rank 1 until the barrier that ends each set of rounds, which sends each page's diff once instead of

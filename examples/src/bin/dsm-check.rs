@@ -438,8 +438,8 @@ fn main() -> anyhow::Result<()> {
                         std::thread::yield_now();
                     }
                     // `own`'s copies here are the old ones until acquired: nothing announced its pages
-                    // since rank 0 fetched them. (`far`'s may have been dropped at the barrier, and
-                    // fetched anew since: its home announces the pages whose diffs it applied.)
+                    // since rank 0 fetched them. (`far`'s are not looked at before the acquire: whether
+                    // its home's notices name them is not what this check is about.)
                     ensure!(
                         first_words(&own, 0..pages) == expect(round - 1, 0..pages),
                         "round {round}: old copies changed before an acquire"
