@@ -55,7 +55,12 @@ pub(crate) enum Request {
         direct: bool,
     },
     /// Release consistency: apply the diff in the payload to your copy of a page homed here, then ack.
-    Diff { region: u32, page: u64 },
+    /// `selective`: sent by a selective release, which makes no write notice (`marks::at_diff`).
+    Diff {
+        region: u32,
+        page: u64,
+        selective: bool,
+    },
     /// Rank 0: where is the shared arena?
     ArenaBase,
     /// The sender runs on the same host as the receiver may: process `pid`, whose userfaultfd is its

@@ -683,7 +683,11 @@ impl Engine {
                 };
                 self.fetch_page(idx, &r, page, count, direct);
             }
-            Request::Diff { region, page } => {
+            Request::Diff {
+                region,
+                page,
+                selective,
+            } => {
                 let Some(r) = self.region_for(idx, region, page, Consistency::Release) else {
                     return;
                 };
@@ -692,7 +696,7 @@ impl Engine {
                     self.close(idx, &what);
                     return;
                 }
-                self.apply_diff(idx, &r, page, payload);
+                self.apply_diff(idx, &r, page, payload, selective);
             }
             Request::ArenaBase => {
                 let reply = match self.shared.arena_base() {

@@ -692,11 +692,13 @@ impl Engine {
         region: &Arc<RegionShared>,
         page: u64,
         diff: Vec<u8>,
+        selective: bool,
     ) {
         let word = region.state(page);
         let req = Request::Diff {
             region: region.id,
             page,
+            selective,
         };
         // A release sends its diffs to a home one after another and takes the acknowledgements in the
         // same order, crediting each to its diff by position: a diff that comes after one parked here
@@ -712,7 +714,7 @@ impl Engine {
             return;
         };
         let st = claimed & STATE_MASK;
-        let rule = marks::at_diff(claimed);
+        let rule = marks::at_diff(claimed, selective);
         let twinned = match rule {
             AtDiff::Twin => {
                 // The page is not writable here (nobody writes it meanwhile): its twin is its bytes, or
@@ -734,11 +736,21 @@ impl Engine {
             self.close(idx, &format!("a diff for page {page}: {e}"));
             return;
         }
-        let mark = match rule {
-            AtDiff::Twin => WRITTEN | DIFFED,
-            AtDiff::Both | AtDiff::Own => WRITTEN,
+        // Own: announced whatever its twin says, so the twin (if any) goes.
+        let (mark, unmark) = match rule {
+            AtDiff::Twin => (WRITTEN | DIFFED, 0),
+            AtDiff::Both => (WRITTEN, 0),
+            AtDiff::Own => (WRITTEN, DIFFED),
         };
-        if marks::at_write(word.fetch_or(mark, Ordering::AcqRel), true).list {
+        let was = word
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                Some((s | mark) & !unmark)
+            })
+            .unwrap_or_else(|s| s);
+        if was & unmark != 0 {
+            region.drop_twin(page);
+        }
+        if marks::at_write(was, true).list {
             region
                 .dirty
                 .lock()

@@ -61,7 +61,11 @@ fn diff_of(region: &RegionShared, page: u64) -> Vec<u8> {
 /// must not stay twinned (sent again after later writes by others, it would undo them), and an
 /// acknowledgement left unread would go back to the pool with the channel and be taken by its next user
 /// for an answer of its own.
-fn send_diffs(shared: &Shared, diffs: &[(Rank, u32, u64, Vec<u8>)]) -> (Vec<bool>, Result<()>) {
+fn send_diffs(
+    shared: &Shared,
+    diffs: &[(Rank, u32, u64, Vec<u8>)],
+    selective: bool,
+) -> (Vec<bool>, Result<()>) {
     let mut acked = vec![false; diffs.len()];
     if diffs.is_empty() {
         return (acked, Ok(()));
@@ -84,6 +88,7 @@ fn send_diffs(shared: &Shared, diffs: &[(Rank, u32, u64, Vec<u8>)]) -> (Vec<bool
         let request = Request::Diff {
             region: *region,
             page: *page,
+            selective,
         };
         match ch.send(c, *home, &request, &[bytes]) {
             Ok(()) => sent[i] = true,
@@ -222,24 +227,24 @@ fn release_pages(
             region: region.id,
             page,
         }));
-        let clear = marks::cleared_at_release(false);
-        flush_pages(shared, region, &pages, clear, settled)?;
+        flush_pages(shared, region, &pages, false, settled)?;
     }
     Ok(())
 }
 
 /// Write-protects `pages` of `region` and sends the diffs of those twinned to their homes, in batches of
-/// `DIFF_WINDOW`. The caller holds the rank's release-consistency state (`Shared::rc`): a flush may hold
-/// pages while it waits for another, so two at once could wait for each other; a page is then cleared of the marks in `clear` (for a release, `WRITTEN | TWINNED`: its
-/// interval is closing; for a selective release, `TWINNED` only: it stays listed for the next one) and
-/// added to `cleared`, the diff of one that has any once its home has acknowledged it.
+/// `DIFF_WINDOW` (`selective`: for a selective release, which the homes are told). The caller holds the
+/// rank's release-consistency state (`Shared::rc`): a flush may hold pages while it waits for another, so
+/// two at once could wait for each other. A page is then cleared of `marks::cleared_at_release`'s marks
+/// and added to `settled.cleared`, one with a diff once its home has acknowledged it.
 fn flush_pages(
     shared: &Shared,
     region: &Arc<RegionShared>,
     pages: &[u64],
-    clear: u32,
+    selective: bool,
     settled: &mut Settled,
 ) -> Result<()> {
+    let clear = marks::cleared_at_release(selective);
     for batch in pages.chunks(DIFF_WINDOW) {
         let mut diffs = Vec::new();
         // Twinned pages, held BUSY until their diffs are acknowledged.
@@ -268,7 +273,7 @@ fn flush_pages(
         }
         let (acked, sent) = match failed {
             Some(e) => (vec![false; diffs.len()], Err(e)),
-            None => send_diffs(shared, &diffs),
+            None => send_diffs(shared, &diffs, selective),
         };
         // A page whose diff its home did not acknowledge keeps its twin: `release` puts it back on the
         // dirty list, and its writes go at the next release.
@@ -317,13 +322,7 @@ pub(crate) fn release_range(
     // it waits for one another thread holds, so two flushes taking the same pages in different orders
     // would each wait for the other for ever.
     let _one_at_a_time = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
-    flush_pages(
-        shared,
-        region,
-        &unsent,
-        marks::cleared_at_release(true),
-        &mut Settled::default(),
-    )
+    flush_pages(shared, region, &unsent, true, &mut Settled::default())
 }
 
 /// A selective acquire of `pages` of `region`: this rank's copies of those of them homed elsewhere are
@@ -390,6 +389,8 @@ fn settle(
             waiting.push(page);
             continue;
         }
+        // DIFFED pages are homed here, and only a release (which clears DIFFED) takes them.
+        debug_assert!(s & DIFFED == 0 || clear & DIFFED != 0);
         if s & DIFFED != 0 {
             // Homed here, write-protected above: its bytes now are all it holds this interval.
             let same = region.twin(page) == region.present_page(page);
@@ -629,7 +630,8 @@ fn drop_claimed(shared: &Shared, region: &Arc<RegionShared>, page: u64) -> Resul
                 }
                 let bytes = diff_of(region, page);
                 if !bytes.is_empty() {
-                    send_diffs(shared, &[(region.home(page), region.id, page, bytes)]).1?;
+                    let diff = [(region.home(page), region.id, page, bytes)];
+                    send_diffs(shared, &diff, false).1?;
                 }
                 word.fetch_and(!TWINNED, Ordering::AcqRel);
                 region.drop_twin(page);

@@ -331,10 +331,21 @@ fn main() -> anyhow::Result<()> {
             let before = dsm.stats().acquire_invalidations;
             let mut turn = 0u64;
             let mut turns_here = 0u64;
+            let mut waiting_since = std::time::Instant::now();
             while turn < 2 * args.rounds as u64 {
                 let _g = dsm.lock(1)?;
                 let (r1_turns, r0_turns) = (v.get(1), v.get(last));
-                turn = r1_turns + r0_turns;
+                let seen = r1_turns + r0_turns;
+                if seen != turn {
+                    waiting_since = std::time::Instant::now();
+                }
+                // The other rank's turn never seen to end: a stale read of its count, which no later
+                // acquire corrects.
+                ensure!(
+                    waiting_since.elapsed() < std::time::Duration::from_secs(20),
+                    "rank {me} waited 20 s for the other's turn {turn} to end"
+                );
+                turn = seen;
                 // Rank 1 goes on even turns, rank 0 on odd ones.
                 if turn as usize % 2 != 1 - me || turn >= 2 * args.rounds as u64 {
                     continue;

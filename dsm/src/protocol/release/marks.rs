@@ -75,15 +75,20 @@ pub(crate) enum AtDiff {
     Twin,
     /// `DIFFED` already: apply the diff to the page and to its twin.
     Both,
-    /// Any other: the home is writing it (listed), or writes it unseen (no other rank has fetched it),
-    /// or it is listed already (put back by a release that failed); mark it `WRITTEN` and list it if it
-    /// was not, make it writable, apply in place: announced as the home's own write.
+    /// Any other, and any diff of a selective release: the home is writing the page (listed), or writes
+    /// it unseen (no other rank has fetched it), or it is listed already (put back by a release that
+    /// failed), or the diff's writer has made no notice of it yet (a selective release makes none, so a
+    /// rank that learns of the home's later writes through the home must drop the page even if those
+    /// writes left its bytes as the diff did). Mark it `WRITTEN` (not `DIFFED`) and list it if it was
+    /// not, make it writable, apply in place: announced as the home's own write.
     Own,
 }
 
-/// The rule for a diff a home applies.
-pub(crate) fn at_diff(state: u32) -> AtDiff {
-    if state & STATE_MASK != READ_WRITE && state & WRITTEN == 0 {
+/// The rule for a diff a home applies (`selective`: sent by a selective release).
+pub(crate) fn at_diff(state: u32, selective: bool) -> AtDiff {
+    if selective {
+        AtDiff::Own
+    } else if state & STATE_MASK != READ_WRITE && state & WRITTEN == 0 {
         AtDiff::Twin
     } else if state & DIFFED != 0 {
         AtDiff::Both

@@ -235,7 +235,7 @@ impl Sim {
 
     /// Sends rank `r`'s writes to page `p` (write-protected, twinned) to its home, which applies them and
     /// records them as its own writes; drops the twin.
-    fn send_diff(&mut self, r: usize, p: usize) {
+    fn send_diff(&mut self, r: usize, p: usize, selective: bool) {
         let twin = self.twin[r][p]
             .take()
             .expect("a diff of a page without a twin");
@@ -250,7 +250,7 @@ impl Sim {
         }
         let h = self.home(p);
         let hs = self.state[h][p];
-        match marks::at_diff(hs) {
+        match marks::at_diff(hs, selective) {
             AtDiff::Twin => {
                 let mut twin = self.master[p].clone();
                 diff::apply(&mut twin, &d).expect("a well-formed diff");
@@ -268,7 +268,8 @@ impl Sim {
                 if marks::at_write(hs, true).list {
                     self.listed[h].push(p);
                 }
-                self.state[h][p] = with_state(hs | WRITTEN, READ_WRITE);
+                self.twin[h][p] = None;
+                self.state[h][p] = with_state((hs | WRITTEN) & !DIFFED, READ_WRITE);
             }
         }
         diff::apply(&mut self.master[p], &d).expect("a well-formed diff");
@@ -288,7 +289,7 @@ impl Sim {
             };
             self.state[r][p] = s;
             if marks::diffs_at_release(s) {
-                self.send_diff(r, p);
+                self.send_diff(r, p, false);
             }
             assert!(
                 self.state[r][p] & TWINNED == 0,
@@ -344,7 +345,7 @@ impl Sim {
             AtDrop::Absent => return,
             AtDrop::FlushThenDiscard => {
                 self.state[r][p] = with_state(self.state[r][p], READ_ONLY);
-                self.send_diff(r, p);
+                self.send_diff(r, p, false);
                 self.unreleased[r][p].clear();
                 self.flushed += 1;
             }
@@ -371,7 +372,7 @@ impl Sim {
             } else {
                 s
             };
-            self.send_diff(r, p);
+            self.send_diff(r, p, true);
         }
         self.state[r][p] &= !marks::cleared_at_release(true);
         self.unreleased[r][p].clear();
@@ -708,6 +709,24 @@ fn a_home_writes_unseen_until_another_rank_fetches_its_page() {
     assert_eq!(sim.read(0, 1, 5), 3, "stale until rank 0 acquires");
     sim.acquire(0, &[notice], &Z);
     assert_eq!(sim.read(0, 1, 5), 4);
+}
+
+/// A home's write that leaves a byte as another rank's diff made it is a write all the same: a rank that
+/// acquires from the home after it must drop its copy, though the diff's writer, whose release was
+/// selective, has made no notice of the page yet.
+#[test]
+fn a_home_announces_its_write_over_a_selectively_released_diff_even_of_the_same_value() {
+    let mut sim = Sim::new(3, 1, DEFAULT_NOTICE_MEMORY, &mut StdRng::seed_from_u64(0));
+    let (home, writer, reader) = (0, 1, 2);
+    assert_eq!(sim.read(reader, 0, 5), 0);
+    sim.write(writer, 0, 5, 1);
+    sim.release_page(writer, 0);
+    // Ordered after the selective release by other means, the home stores the value the byte has.
+    assert_eq!(sim.read(home, 0, 5), 1);
+    sim.write(home, 0, 5, 1);
+    let notice = sim.release(home).expect("the home wrote the page");
+    sim.acquire(reader, &[notice], &Z);
+    assert_eq!(sim.read(reader, 0, 5), 1, "the reader kept its stale copy");
 }
 
 /// Runs 60 jobs of 2 to 4 ranks and 1 to 4 pages (the seeds from `first` on), 3000 random steps each
