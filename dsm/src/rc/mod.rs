@@ -277,22 +277,13 @@ fn flush_pages(
         };
         // A page whose diff its home did not acknowledge keeps its twin: `release` puts it back on the
         // dirty list, and its writes go at the next release.
-        let mut delivered: Vec<u64> = waiting
+        let delivered: Vec<u64> = waiting
             .iter()
             .zip(&acked)
             .filter(|(_, a)| **a)
             .map(|(p, _)| *p)
             .collect();
-        delivered.sort_unstable();
-        // Before the pages are released: a fault of this rank then makes a new twin in the same memory.
-        region.drop_twins(&delivered);
-        for page in delivered {
-            region.state(page).fetch_and(!clear, Ordering::AcqRel);
-            settled.cleared.insert(PageKey {
-                region: region.id,
-                page,
-            });
-        }
+        clear_settled(region, delivered.clone(), &delivered, clear, settled);
         for &page in &waiting {
             release_busy(region, page);
         }
@@ -406,17 +397,32 @@ fn settle(
         }
         done.push(page);
     }
+    clear_settled(region, twins, &done, clear, settled);
+    for page in done {
+        release_busy(region, page);
+    }
+    Ok(())
+}
+
+/// Drops the twins of `twins` (a run of neighbouring pages at a time) and clears `pages` of the marks in
+/// `clear`, counting them settled. All are held BUSY, and stay so until their twins are gone: once a page
+/// is released, a fault of this rank may make a new twin in the same memory.
+fn clear_settled(
+    region: &RegionShared,
+    mut twins: Vec<u64>,
+    pages: &[u64],
+    clear: u32,
+    settled: &mut Settled,
+) {
     twins.sort_unstable();
     region.drop_twins(&twins);
-    for page in done {
+    for &page in pages {
         region.state(page).fetch_and(!clear, Ordering::AcqRel);
         settled.cleared.insert(PageKey {
             region: region.id,
             page,
         });
-        release_busy(region, page);
     }
-    Ok(())
 }
 
 /// Write-protects `pages` (sorted, held BUSY) and marks them read-only, one system call per run of
