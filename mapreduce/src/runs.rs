@@ -309,10 +309,14 @@ where
     K: Ord + DeserializeOwned,
     V: DeserializeOwned,
 {
+    // The group's key as its first record has it (keys that compare equal may still differ).
+    let mut first = None;
     let mut values = Vec::new();
     merge_records(runs, |key, value, more| {
+        let key = first.take().unwrap_or(key);
         values.push(value);
         if more {
+            first = Some(key);
             return Ok(());
         }
         group(key, std::mem::take(&mut values))
@@ -362,6 +366,46 @@ mod tests {
 
     fn reader(bytes: Vec<u8>) -> RunReader<String, u64> {
         RunReader::new(Box::new(io::Cursor::new(bytes)), "test run".into())
+    }
+
+    /// A key compared without regard to case: keys that compare equal, yet differ.
+    #[derive(Debug, serde::Serialize, serde::Deserialize)]
+    struct Caseless(String);
+
+    impl PartialEq for Caseless {
+        fn eq(&self, other: &Self) -> bool {
+            self.cmp(other) == Ordering::Equal
+        }
+    }
+    impl Eq for Caseless {}
+    impl PartialOrd for Caseless {
+        fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    impl Ord for Caseless {
+        fn cmp(&self, other: &Self) -> Ordering {
+            self.0.to_lowercase().cmp(&other.0.to_lowercase())
+        }
+    }
+
+    #[test]
+    fn a_group_has_its_first_record_s_key() {
+        let runs: Vec<RunReader<Caseless, u64>> = [("apple", 1u64), ("APPLE", 2), ("Apple", 3)]
+            .into_iter()
+            .map(|(k, v)| {
+                let mut bytes = Vec::new();
+                write_run(&mut bytes, &[(Caseless(k.into()), v)]).unwrap();
+                RunReader::new(Box::new(io::Cursor::new(bytes)), "test run".into())
+            })
+            .collect();
+        let mut groups = Vec::new();
+        merge(runs, |k, vs| {
+            groups.push((k.0, vs));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(groups, [("apple".to_string(), vec![1, 2, 3])]);
     }
 
     #[test]

@@ -694,17 +694,18 @@ impl<J: Job> Worker<'_, J> {
         let combiner = self.job.combiner();
         // One record at a time: a key's values are folded as they come, or passed on, never held together
         // (a key with more values than the memory budget takes merges like any other).
+        // The key as the group's first record has it, and the total so far.
         let mut total = None;
         runs::merge_records(readers, |key, value, more| {
             let Some(combine) = combiner else {
                 return run.push(&key, &value);
             };
             match &mut total {
-                Some(t) => combine(t, value),
-                None => total = Some(value),
+                Some((_, t)) => combine(t, value),
+                None => total = Some((key, value)),
             }
             match total.take_if(|_| !more) {
-                Some(t) => run.push(&key, &t),
+                Some((k, t)) => run.push(&k, &t),
                 None => Ok(()),
             }
         })
