@@ -725,10 +725,7 @@ impl RegionShared {
 
     /// Release consistency: returns a twin's memory to the system.
     pub(crate) fn drop_twin(&self, page: u64) {
-        if let Some(twins) = &self.twins {
-            let addr = twins.as_slice()[page as usize].0.get() as usize;
-            let _ = uffd::discard(addr, PAGE_SIZE);
-        }
+        self.drop_twins(&[page]);
     }
 
     /// Release consistency: returns the twins of `pages` (held BUSY) to the system, one call per run of

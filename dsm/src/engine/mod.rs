@@ -1460,6 +1460,23 @@ mod tests {
         fake_sends(fake, acquire);
     }
 
+    /// The fake rank reads page 0 of `region`, which the home answers with its copy, `pattern()`.
+    fn fake_reads_the_home_page(fake: &UnixStream, region: &RegionShared) {
+        fake_faults(fake, region, Access::Read);
+        let (reply, payload) = fake_reads(fake);
+        assert!(
+            matches!(
+                reply,
+                Reply::Done {
+                    data: Data::Home,
+                    count: 1
+                }
+            ),
+            "{reply:?}"
+        );
+        assert!(payload == pattern(), "the fake rank read another page");
+    }
+
     /// Page `page`'s entry at its manager, read under the page's manager lock: once the request being
     /// served is done with it.
     fn entry_when_free(shared: &RegionShared, page: u64) -> swmr::Entry {
@@ -1516,19 +1533,7 @@ mod tests {
         let region = home_page(&dsm, &fakes);
         let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
         // Rank 2 reads the page: the home keeps a copy beside it.
-        fake_faults(&fakes[1].fake, shared, Access::Read);
-        let (reply, payload) = fake_reads(&fakes[1].fake);
-        assert!(
-            matches!(
-                reply,
-                Reply::Done {
-                    data: Data::Home,
-                    count: 1
-                }
-            ),
-            "{reply:?}"
-        );
-        assert!(payload == pattern(), "rank 2 read another page");
+        fake_reads_the_home_page(&fakes[1].fake, shared);
         // Rank 1 asks to write it, and stops reading: the grant (the home's copy, and rank 2's to
         // invalidate) cannot reach it, and rank 2's copy stays valid.
         let mut readers = swmr::CopySet::EMPTY;
@@ -1548,19 +1553,7 @@ mod tests {
         let region = home_page(&dsm, &fakes);
         let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
         // Rank 1 reads the page: the home keeps its copy, read-only, beside rank 1's.
-        fake_faults(&fakes[0].fake, shared, Access::Read);
-        let (reply, payload) = fake_reads(&fakes[0].fake);
-        assert!(
-            matches!(
-                reply,
-                Reply::Done {
-                    data: Data::Home,
-                    ..
-                }
-            ),
-            "{reply:?}"
-        );
-        assert!(payload == pattern(), "rank 1 read another page");
+        fake_reads_the_home_page(&fakes[0].fake, shared);
         let before = shared.slot(0).load();
         assert!(before.owner == Some(Rank(0)) && before.copyset.contains(Rank(1)));
         // Rank 1 asks to write the copy it holds, and stops reading: the home drops its copy for an
