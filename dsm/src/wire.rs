@@ -54,11 +54,12 @@ pub(crate) enum Request {
         count: u32,
         direct: bool,
     },
-    /// Release consistency: apply the diff in the payload to your copy of a page homed here, then ack.
-    /// `selective`: sent by a selective release, which makes no write notice (`marks::at_diff`).
-    Diff {
+    /// Release consistency: apply the `count` diffs in the payload, a batch (`protocol::diff`), to your
+    /// copies of pages homed here, then ack once. `selective`: sent by a selective release, which makes no
+    /// write notice (`marks::at_diff`).
+    Diffs {
         region: u32,
-        page: u64,
+        count: u32,
         selective: bool,
     },
     /// Rank 0: where is the shared arena?

@@ -683,20 +683,11 @@ impl Engine {
                 };
                 self.fetch_page(idx, &r, page, count, direct);
             }
-            Request::Diff {
-                region,
-                page,
-                selective,
-            } => {
-                let Some(r) = self.region_for(idx, region, page, Consistency::Release) else {
+            Request::Diffs { region, .. } => {
+                let Some(r) = self.region_for(idx, region, 0, Consistency::Release) else {
                     return;
                 };
-                if r.home(page) != self.shared.me {
-                    let what = format!("a diff for page {page} of region {region}, not homed here");
-                    self.close(idx, &what);
-                    return;
-                }
-                self.apply_diff(idx, &r, page, payload, selective);
+                self.apply_diffs(idx, &r, req, payload);
             }
             Request::ArenaBase => {
                 let reply = match self.shared.arena_base() {
@@ -1389,10 +1380,17 @@ mod tests {
         (reply, payload.to_vec())
     }
 
-    /// A fake rank's side of rank 0's first `alloc` (of `len` bytes at `placement`, with direct install off)
-    /// in a job of `size` ranks: the barriers around the arena's reservation, then the region's own two.
-    fn fake_allocates_first(fake: &UnixStream, size: usize, len: usize, placement: Placement) {
-        let tag = crate::dsm::alloc_tag(0, len, placement, Consistency::Sequential);
+    /// A fake rank's side of rank 0's first `alloc` (of `len` bytes at `placement`, of `model`, with direct
+    /// install off) in a job of `size` ranks: the barriers around the arena's reservation, then the
+    /// region's own two.
+    fn fake_allocates_first_with(
+        fake: &UnixStream,
+        size: usize,
+        len: usize,
+        placement: Placement,
+        model: Consistency,
+    ) {
+        let tag = crate::dsm::alloc_tag(0, len, placement, model);
         let tags = [
             crate::dsm::ARENA_RESERVED,
             crate::dsm::ARENA_MAPPED + 1,
@@ -1415,6 +1413,16 @@ mod tests {
 
     /// Rank 0 and the `fakes` allocate a region of `pages` pages homed at rank 0, untouched.
     fn homed_region<'d>(dsm: &'d Dsm, fakes: &[FakeRank], pages: usize) -> Region<'d> {
+        homed_region_with(dsm, fakes, pages, Consistency::Sequential)
+    }
+
+    /// The same, of a region of `model`.
+    fn homed_region_with<'d>(
+        dsm: &'d Dsm,
+        fakes: &[FakeRank],
+        pages: usize,
+        model: Consistency,
+    ) -> Region<'d> {
         let placement = Placement::At(Rank(0));
         let size = fakes.len() + 1;
         let len = pages * PAGE_SIZE;
@@ -1422,12 +1430,14 @@ mod tests {
             .iter()
             .map(|f| {
                 let fake = f.fake.try_clone().unwrap();
-                std::thread::spawn(move || fake_allocates_first(&fake, size, len, placement))
+                std::thread::spawn(move || {
+                    fake_allocates_first_with(&fake, size, len, placement, model)
+                })
             })
             .collect();
         // The ranks played by the test take no descriptors.
         dsm.set_direct_install(false);
-        let region = dsm.alloc(len, placement).unwrap();
+        let region = dsm.alloc_with(len, placement, model).unwrap();
         for a in arriving {
             a.join().unwrap();
         }
@@ -1475,6 +1485,108 @@ mod tests {
             "{reply:?}"
         );
         assert!(payload == pattern(), "the fake rank read another page");
+    }
+
+    /// The fake rank's batch of diffs setting byte `at` of each of `pages` of `region` to `value` (pages in
+    /// the order given).
+    fn fake_sends_diffs(
+        fake: &UnixStream,
+        region: &RegionShared,
+        pages: &[u64],
+        at: usize,
+        value: u8,
+    ) {
+        let twin = vec![0u8; PAGE_SIZE];
+        let mut page = twin.clone();
+        page[at] = value;
+        let mut batch = Vec::new();
+        for &p in pages {
+            crate::protocol::diff::push_entry(p, &twin, &page, &mut batch);
+        }
+        let req = Request::Diffs {
+            region: region.id,
+            count: pages.len() as u32,
+            selective: false,
+        };
+        write_frame(&dup(fake), &req, &[&batch], &Counters::default()).unwrap();
+    }
+
+    #[test]
+    fn a_batch_of_diffs_waits_whole_for_a_page_a_fault_of_the_home_holds() {
+        let (dsm, mut fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
+        let f = fakes.pop().unwrap();
+        let region = homed_region_with(&dsm, std::slice::from_ref(&f), 3, Consistency::Release);
+        let shared = &region.inner;
+        // Rank 0 writes its pages: present and writable here.
+        // SAFETY: the region is three pages long, and its test's only user of it.
+        unsafe { std::ptr::write_bytes(region.as_ptr(), 1, 3 * PAGE_SIZE) };
+        // A fault of rank 0 holds page 1 (as the fault path does, with its BUSY bit).
+        shared
+            .state(1)
+            .fetch_or(crate::region::BUSY, Ordering::AcqRel);
+        fake_sends_diffs(&f.fake, shared, &[0, 1, 2], 100, 7);
+        let mut fake = &f.fake;
+        fake.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        assert!(
+            fake.read(&mut byte).is_err(),
+            "the batch was answered while a page of it was held"
+        );
+        let bytes = |page: usize| {
+            // SAFETY: the pages are present here (written above); diffs write them only under their BUSY
+            // bits, held by this test or checked free below.
+            unsafe { *region.as_ptr().add(page * PAGE_SIZE + 100) }
+        };
+        assert_eq!(
+            (bytes(0), bytes(2)),
+            (1, 1),
+            "a page of a waiting batch changed: the batch is applied whole or not at all"
+        );
+        crate::fault::release_busy(shared, 1);
+        let (reply, _) = fake_reads(&f.fake);
+        assert!(matches!(reply, Reply::Ack), "{reply:?}");
+        assert_eq!((bytes(0), bytes(1), bytes(2)), (7, 7, 7));
+        assert_eq!(dsm.stats().diffs_applied, 3);
+        assert!(dsm.failed_ranks().is_empty());
+    }
+
+    #[test]
+    fn a_malformed_batch_of_diffs_fails_its_sender_and_changes_nothing() {
+        // Pages out of order, a page twice (it would be taken twice, and wait for itself), and a page past
+        // the region's end (refused: the sender may have a stale view of the region).
+        for (pages, sender_fails) in [(&[1u64, 0][..], true), (&[1, 1], true), (&[0, 3], false)] {
+            let (dsm, mut fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
+            let f = fakes.pop().unwrap();
+            let region = homed_region_with(&dsm, std::slice::from_ref(&f), 2, Consistency::Release);
+            // SAFETY: the region is two pages long, and its test's only user of it.
+            unsafe { std::ptr::write_bytes(region.as_ptr(), 1, 2 * PAGE_SIZE) };
+            fake_sends_diffs(&f.fake, &region.inner, pages, 5, 9);
+            if sender_fails {
+                assert_eq!(
+                    failed_within(&dsm, Duration::from_secs(5)),
+                    vec![Rank(1)],
+                    "{pages:?}"
+                );
+            } else {
+                let (reply, _) = fake_reads(&f.fake);
+                assert!(
+                    matches!(
+                        reply,
+                        Reply::Refused {
+                            reason: RefusedReason::PageOutOfRange
+                        }
+                    ),
+                    "{pages:?}: {reply:?}"
+                );
+            }
+            for page in 0..2 {
+                // SAFETY: the pages are present here (written above) and nothing writes them now.
+                let b = unsafe { *region.as_ptr().add(page * PAGE_SIZE + 5) };
+                assert_eq!(b, 1, "{pages:?}: page {page} changed");
+            }
+            assert_eq!(dsm.stats().diffs_applied, 0);
+        }
     }
 
     /// Page `page`'s entry at its manager, read under the page's manager lock: once the request being

@@ -521,23 +521,11 @@ impl Engine {
         req: Request,
         payload: Vec<u8>,
     ) -> Option<(u32, Vec<u8>)> {
-        let word = region.state(page);
-        loop {
-            let s = word.load(Ordering::Acquire);
-            let next = if s & BUSY != 0 {
-                s | DEFERRED
-            } else {
-                s | BUSY | extra
-            };
-            if word
-                .compare_exchange(s, next, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                if s & BUSY != 0 {
-                    self.deferred.push((idx, req, payload));
-                    return None;
-                }
-                return Some((s, payload));
+        match claim_or_flag(region.state(page), extra) {
+            Some(s) => Some((s, payload)),
+            None => {
+                self.deferred.push((idx, req, payload));
+                None
             }
         }
     }
@@ -680,107 +668,154 @@ impl Engine {
         }
     }
 
-    /// Release consistency, at the home: applies a diff to the home's copy and acknowledges it, as
-    /// `marks::at_diff` says. The page is recorded as written (listed) before it becomes writable here:
-    /// from then on this rank's threads write it without a fault, so a release that drained the list in
-    /// between would leave their writes out of its notice. A page only diffs write keeps a twin of what
-    /// they left in it (`DIFFED`), so that the home's release announces it only if its threads wrote it
-    /// too.
-    pub(super) fn apply_diff(
+    /// Release consistency, at the home: applies a batch of diffs (`protocol::diff`) to the home's copies
+    /// and acknowledges it once, each page as `marks::at_diff` says. The batch is checked whole before
+    /// anything changes, and its pages taken all at once (or none: it waits for a fault of this rank, as
+    /// one diff would). A page is recorded as written (listed) before it becomes writable here: from then
+    /// on this rank's threads write it without a fault, so a release that drained the list in between
+    /// would leave their writes out of its notice. A page only diffs write keeps a twin of what they left
+    /// in it (`DIFFED`), so that the home's release announces it only if its threads wrote it too.
+    /// Neighbouring pages are made writable with one system call.
+    pub(super) fn apply_diffs(
         &mut self,
         idx: usize,
         region: &Arc<RegionShared>,
-        page: u64,
-        diff: Vec<u8>,
-        selective: bool,
+        req: Request,
+        batch: Vec<u8>,
     ) {
-        let word = region.state(page);
-        let req = Request::Diff {
-            region: region.id,
-            page,
-            selective,
+        let Request::Diffs {
+            count, selective, ..
+        } = req
+        else {
+            return;
         };
-        // A release sends its diffs to a home one after another and takes the acknowledgements in the
-        // same order, crediting each to its diff by position: a diff that comes after one parked here
+        // A release sends its batches to a home one after another and takes the acknowledgements in the
+        // same order, crediting each to its batch by position: a batch that comes after one parked here
         // waits behind it, so that its acknowledgement does not overtake the parked one's (were the
-        // connection to break in between, the releaser would count the parked page delivered and the
-        // other not). It is served when the parked one is, from the same list, in order.
+        // connection to break in between, the releaser would count the parked pages delivered and the
+        // others not). It is served when the parked one is, from the same list, in order.
         if self.deferred.iter().any(|(i, _, _)| *i == idx) {
-            self.deferred.push((idx, req, diff));
+            self.deferred.push((idx, req, batch));
             return;
         }
-        // Exclude this rank's faults on the page while it changes; a fault in progress finishes first.
-        let Some((claimed, diff)) = self.claim_or_defer(idx, region, page, 0, req, diff) else {
-            return;
-        };
-        let st = claimed & STATE_MASK;
-        let rule = marks::at_diff(claimed, selective);
-        let twinned = match rule {
-            AtDiff::Twin => {
-                // The page is not writable here (nobody writes it meanwhile): its twin is its bytes, or
-                // zeros, as the diff leaves them.
-                let twin = region.twin_mut(page);
-                if st == INVALID {
-                    twin.fill(0);
-                } else {
-                    twin.copy_from_slice(region.present_page(page));
-                }
-                diff::apply(twin, &diff)
+        let entries = match diff::decode_batch(&batch, count) {
+            Ok(entries) => entries,
+            // The sender is broken. Nothing changed here.
+            Err(e) => {
+                self.close(idx, &format!("diffs for region {}: {e}", region.id));
+                return;
             }
-            AtDiff::Both => diff::apply(region.twin_mut(page), &diff),
-            AtDiff::Own => Ok(0),
         };
-        if let Err(e) = twinned {
-            // A diff that does not decode: the sender is broken. Nothing changed here.
-            crate::fault::release_busy(region, page);
-            self.close(idx, &format!("a diff for page {page}: {e}"));
+        if entries
+            .last()
+            .is_some_and(|(page, _)| *page >= region.pages)
+        {
+            self.refuse(idx, RefusedReason::PageOutOfRange);
             return;
         }
-        // Own: announced whatever its twin says, so the twin (if any) goes.
-        let (mark, unmark) = match rule {
-            AtDiff::Twin => (WRITTEN | DIFFED, 0),
-            AtDiff::Both => (WRITTEN, 0),
-            AtDiff::Own => (WRITTEN, DIFFED),
-        };
-        let was = word
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
-                Some((s | mark) & !unmark)
-            })
-            .unwrap_or_else(|s| s);
-        if was & unmark != 0 {
-            region.drop_twin(page);
+        let me = self.shared.me;
+        if let Some((page, _)) = entries.iter().find(|(page, _)| region.home(*page) != me) {
+            let what = format!(
+                "a diff for page {page} of region {}, not homed here",
+                region.id
+            );
+            self.close(idx, &what);
+            return;
         }
-        if marks::at_write(was, true).list {
+        // Exclude this rank's faults on the pages while they change; a fault in progress finishes first.
+        let mut claimed = Vec::with_capacity(entries.len());
+        for (page, _) in &entries {
+            match claim_or_flag(region.state(*page), 0) {
+                Some(s) => claimed.push(s),
+                None => {
+                    for (page, _) in &entries[..claimed.len()] {
+                        crate::fault::release_busy(region, *page);
+                    }
+                    self.deferred.push((idx, req, batch));
+                    return;
+                }
+            }
+        }
+        let mut dropped_twins = Vec::new();
+        let mut listed = Vec::new();
+        let mut untouched = Vec::new();
+        let mut protected = Vec::new();
+        for ((page, diff), &s) in entries.iter().zip(&claimed) {
+            let (page, diff) = (*page, &batch[diff.clone()]);
+            let rule = marks::at_diff(s, selective);
+            // Checked whole above: applying cannot fail.
+            let _ = match rule {
+                AtDiff::Twin => {
+                    // The page is not writable here (nobody writes it meanwhile): its twin is its bytes, or
+                    // zeros, as the diff leaves them.
+                    let twin = region.twin_mut(page);
+                    if s & STATE_MASK == INVALID {
+                        twin.fill(0);
+                    } else {
+                        twin.copy_from_slice(region.present_page(page));
+                    }
+                    diff::apply(twin, diff)
+                }
+                AtDiff::Both => diff::apply(region.twin_mut(page), diff),
+                AtDiff::Own => Ok(0),
+            };
+            // Own: announced whatever its twin says, so the twin (if any) goes.
+            let (mark, unmark) = match rule {
+                AtDiff::Twin => (WRITTEN | DIFFED, 0),
+                AtDiff::Both => (WRITTEN, 0),
+                AtDiff::Own => (WRITTEN, DIFFED),
+            };
+            let was = region
+                .state(page)
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                    Some((w | mark) & !unmark)
+                })
+                .unwrap_or_else(|w| w);
+            if was & unmark != 0 {
+                dropped_twins.push(page);
+            }
+            if marks::at_write(was, true).list {
+                listed.push(page);
+            }
+            match s & STATE_MASK {
+                INVALID => untouched.push(page),
+                READ_ONLY => protected.push(page),
+                _ => {}
+            }
+        }
+        region.drop_twins(&dropped_twins);
+        if !listed.is_empty() {
             region
                 .dirty
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(page);
+                .extend(listed);
         }
-        let made_writable = match st {
-            INVALID => region.install(page, 1, &ZERO_PAGE, true),
-            READ_ONLY => region.protect(page, 1, false),
-            _ => Ok(()),
-        };
-        if let Err(e) = made_writable {
-            // This rank's own failure (the kernel refused), not the sender's: the home cannot keep its
-            // pages right, and blaming the sender would end the job naming a healthy rank.
-            self.die(&format!(
-                "making page {page} of region {} writable for a diff failed: {e}",
-                region.id
-            ));
-        }
-        set_state(word, READ_WRITE);
-        let applied = region.apply_diff(page, &diff);
-        crate::fault::release_busy(region, page);
-        match applied {
-            Ok(_) => {
-                Counters::add(&self.shared.counters.diffs_applied, 1);
-                self.reply(idx, &Reply::Ack, &[]);
+        for page in untouched {
+            if let Err(e) = region.install(page, 1, &ZERO_PAGE, true) {
+                self.not_writable(region, page, e);
             }
-            // A diff that does not decode: the sender is broken.
-            Err(e) => self.close(idx, &format!("a diff for page {page}: {e}")),
         }
+        if let Err((done, e)) = region.protect_runs(&protected, false) {
+            self.not_writable(region, protected[done], e);
+        }
+        for (page, diff) in &entries {
+            set_state(region.state(*page), READ_WRITE);
+            // Checked whole above: applying cannot fail.
+            let _ = region.apply_diff(*page, &batch[diff.clone()]);
+            crate::fault::release_busy(region, *page);
+        }
+        Counters::add(&self.shared.counters.diffs_applied, entries.len() as u64);
+        self.reply(idx, &Reply::Ack, &[]);
+    }
+
+    /// The kernel refused to make a page writable for a diff: this rank's own failure, not the sender's.
+    /// The home cannot keep its pages right, and blaming the sender would end the job naming a healthy rank.
+    fn not_writable(&self, region: &RegionShared, page: u64, e: Errno) -> ! {
+        self.die(&format!(
+            "making page {page} of region {} writable for a diff failed: {e}",
+            region.id
+        ))
     }
 
     /// Puts back the home's copy of `page` (its bytes in `bytes`), dropped for a request whose answer could
@@ -815,6 +850,26 @@ impl Engine {
                 "write-protecting page {page} of region {} failed: {e}",
                 region.id
             ));
+        }
+    }
+}
+
+/// Takes a page's BUSY bit (setting `extra` with it) and returns its word as it was; or, when a thread of
+/// this rank holds the page, marks it DEFERRED (the thread wakes this loop when it lets the page go) and
+/// returns `None`.
+fn claim_or_flag(word: &std::sync::atomic::AtomicU32, extra: u32) -> Option<u32> {
+    loop {
+        let s = word.load(Ordering::Acquire);
+        let next = if s & BUSY != 0 {
+            s | DEFERRED
+        } else {
+            s | BUSY | extra
+        };
+        if word
+            .compare_exchange(s, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            return (s & BUSY == 0).then_some(s);
         }
     }
 }

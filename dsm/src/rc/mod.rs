@@ -26,8 +26,13 @@ pub(crate) use notices::{
     decode_clock, decode_notices, encode_clock, encode_notices, encode_notices_within,
 };
 
-/// Diffs in flight before the release waits for their acknowledgements (bounds what the acks can queue).
+/// Diffs in flight before the release waits for their acknowledgements (bounds the pages held and the
+/// diffs' memory).
 const DIFF_WINDOW: usize = 1024;
+
+/// Diff bytes past which a batch to a home is closed and the next one begun: a home applies a batch in one
+/// go, so the bound keeps its service loop answering others meanwhile, and its receive buffer small.
+const BATCH_BYTES: usize = 256 << 10;
 
 /// Takes the page's BUSY bit, waiting while a fault of this rank holds it.
 fn claim(region: &RegionShared, page: u64) {
@@ -46,28 +51,85 @@ fn try_claim(region: &RegionShared, page: u64) -> Option<u32> {
     .then_some(s)
 }
 
-/// The diff of a twinned page (held BUSY, write-protected) against its twin; the twin is kept until the
-/// home has acknowledged the diff.
-fn diff_of(region: &RegionShared, page: u64) -> Vec<u8> {
-    let mut bytes = Vec::new();
-    diff::encode(region.twin(page), region.present_page(page), &mut bytes);
-    bytes
+/// The diffs of one region's pages to their homes, a message to a home at a time (a batch: see
+/// `protocol::diff`). Their pages are held BUSY until their homes acknowledge them; the twins are kept till
+/// then.
+#[derive(Default)]
+struct Outbox {
+    batches: Vec<Batch>,
 }
 
-/// Sends diffs to their homes and waits for their acknowledgements. The caller holds the pages BUSY (so no
-/// thread of this rank fetches them again before their homes have the diffs) and no channel. Returns which
-/// diffs their homes acknowledged (`true` at their index), and the first error. A home that fails takes
-/// no more diffs, but the others' are still sent and their acknowledgements read: a diff a home applied
-/// must not stay twinned (sent again after later writes by others, it would undo them), and an
-/// acknowledgement left unread would go back to the pool with the channel and be taken by its next user
-/// for an answer of its own.
+struct Batch {
+    home: Rank,
+    /// In increasing order, as the batch holds them.
+    pages: Vec<u64>,
+    bytes: Vec<u8>,
+    /// Of `bytes`, those of diffs (the rest are the entries' headers).
+    diff_bytes: usize,
+}
+
+impl Outbox {
+    /// Adds the diff of a twinned page (held BUSY, write-protected) against its twin to a batch for its
+    /// home: the last one, unless it is full or holds a later page. Returns false (adding nothing) when the
+    /// page equals its twin.
+    fn add(&mut self, region: &RegionShared, page: u64) -> bool {
+        let home = region.home(page);
+        let open = self.batches.iter().rposition(|b| b.home == home);
+        let i = match open {
+            Some(i)
+                if self.batches[i].bytes.len() < BATCH_BYTES
+                    && self.batches[i].pages.last().is_some_and(|&p| p < page) =>
+            {
+                i
+            }
+            _ => {
+                self.batches.push(Batch {
+                    home,
+                    pages: Vec::new(),
+                    bytes: Vec::new(),
+                    diff_bytes: 0,
+                });
+                self.batches.len() - 1
+            }
+        };
+        let batch = &mut self.batches[i];
+        let n = diff::push_entry(
+            page,
+            region.twin(page),
+            region.present_page(page),
+            &mut batch.bytes,
+        );
+        if n == 0 {
+            if batch.pages.is_empty() {
+                self.batches.remove(i);
+            }
+            return false;
+        }
+        batch.pages.push(page);
+        batch.diff_bytes += n;
+        true
+    }
+
+    fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.batches.iter().flat_map(|b| b.pages.iter().copied())
+    }
+}
+
+/// Sends batches of diffs of `region`'s pages to their homes and waits for their acknowledgements. The
+/// caller holds the pages BUSY (so no thread of this rank fetches them again before their homes have the
+/// diffs) and no channel. Returns which batches their homes acknowledged (`true` at their index), and the
+/// first error. A home that fails takes no more diffs, but the others' are still sent and their
+/// acknowledgements read: a diff a home applied must not stay twinned (sent again after later writes by
+/// others, it would undo them), and an acknowledgement left unread would go back to the pool with the
+/// channel and be taken by its next user for an answer of its own.
 fn send_diffs(
     shared: &Shared,
-    diffs: &[(Rank, u32, u64, Vec<u8>)],
+    region: u32,
+    batches: &[Batch],
     selective: bool,
 ) -> (Vec<bool>, Result<()>) {
-    let mut acked = vec![false; diffs.len()];
-    if diffs.is_empty() {
+    let mut acked = vec![false; batches.len()];
+    if batches.is_empty() {
         return (acked, Ok(()));
     }
     let c = &shared.counters;
@@ -78,37 +140,39 @@ fn send_diffs(
     // rest of its answers are still read.
     let mut broken: Vec<Rank> = Vec::new();
     let mut first_error = None;
-    let mut sent = vec![false; diffs.len()];
-    for (i, (home, region, page, bytes)) in diffs.iter().enumerate() {
-        if broken.contains(home) {
+    let mut sent = vec![false; batches.len()];
+    for (i, batch) in batches.iter().enumerate() {
+        let home = batch.home;
+        if broken.contains(&home) {
             continue;
         }
-        Counters::add(&c.diffs, 1);
-        Counters::add(&c.diff_bytes, bytes.len() as u64);
-        let request = Request::Diff {
-            region: *region,
-            page: *page,
+        Counters::add(&c.diffs, batch.pages.len() as u64);
+        Counters::add(&c.diff_bytes, batch.diff_bytes as u64);
+        let request = Request::Diffs {
+            region,
+            count: batch.pages.len() as u32,
             selective,
         };
-        match ch.send(c, *home, &request, &[bytes]) {
+        match ch.send(c, home, &request, &[&batch.bytes]) {
             Ok(()) => sent[i] = true,
             Err(e) => {
-                broken.push(*home);
+                broken.push(home);
                 first_error.get_or_insert_with(|| {
-                    shared.peer_failed_error(*home, format!("sending a diff: {e}"))
+                    shared.peer_failed_error(home, format!("sending diffs: {e}"))
                 });
             }
         }
     }
-    for (i, (home, ..)) in diffs.iter().enumerate() {
-        if !sent[i] || broken.contains(home) {
+    for (i, batch) in batches.iter().enumerate() {
+        let home = batch.home;
+        if !sent[i] || broken.contains(&home) {
             continue;
         }
-        match ch.recv(c, *home) {
+        match ch.recv(c, home) {
             Ok((Reply::Ack, _, _)) => acked[i] = true,
             Ok((other, _, _)) => {
                 first_error.get_or_insert(DsmError::Protocol {
-                    rank: *home,
+                    rank: home,
                     what: format!("expected a diff ack, got {other:?}"),
                 });
             }
@@ -116,13 +180,13 @@ fn send_diffs(
             // home's other answers are still read.
             Err(RecvError::Frame(e)) => {
                 first_error.get_or_insert(DsmError::Protocol {
-                    rank: *home,
-                    what: format!("a malformed answer to a diff: {e}"),
+                    rank: home,
+                    what: format!("a malformed answer to diffs: {e}"),
                 });
             }
             Err(e) => {
-                broken.push(*home);
-                first_error.get_or_insert_with(|| shared.peer_failed_error(*home, e.to_string()));
+                broken.push(home);
+                first_error.get_or_insert_with(|| shared.peer_failed_error(home, e.to_string()));
             }
         }
     }
@@ -232,11 +296,12 @@ fn release_pages(
     Ok(())
 }
 
-/// Write-protects `pages` of `region` and sends the diffs of those twinned to their homes, in batches of
-/// `DIFF_WINDOW` (`selective`: for a selective release, which the homes are told). The caller holds the
-/// rank's release-consistency state (`Shared::rc`): a flush may hold pages while it waits for another, so
-/// two at once could wait for each other. A page is then cleared of `marks::cleared_at_release`'s marks
-/// and added to `settled.cleared`, one with a diff once its home has acknowledged it.
+/// Write-protects `pages` of `region` and sends the diffs of those twinned to their homes, `DIFF_WINDOW`
+/// pages at a time, in page order (`selective`: for a selective release, which the homes are told). The
+/// caller holds the rank's release-consistency state (`Shared::rc`): a flush may hold pages while it waits
+/// for another, so two at once could wait for each other. A page is then cleared of
+/// `marks::cleared_at_release`'s marks and added to `settled.cleared`, one with a diff once its home has
+/// acknowledged it.
 fn flush_pages(
     shared: &Shared,
     region: &Arc<RegionShared>,
@@ -245,10 +310,11 @@ fn flush_pages(
     settled: &mut Settled,
 ) -> Result<()> {
     let clear = marks::cleared_at_release(selective);
+    let mut pages = pages.to_vec();
+    pages.sort_unstable();
     for batch in pages.chunks(DIFF_WINDOW) {
-        let mut diffs = Vec::new();
-        // Twinned pages, held BUSY until their diffs are acknowledged.
-        let mut waiting = Vec::new();
+        // Twinned pages with their diffs, held BUSY until the diffs are acknowledged.
+        let mut outbox = Outbox::default();
         // Pages taken and not yet settled, with their state word when taken. They are taken without
         // waiting, so that their write protection can go a run of neighbours at a time; a page that
         // another thread of this rank holds is waited for only once the held pages are settled (the
@@ -260,7 +326,7 @@ fn flush_pages(
                 held.push((page, s));
                 continue;
             }
-            let result = settle(region, &mut held, &mut diffs, &mut waiting, clear, settled);
+            let result = settle(region, &mut held, &mut outbox, clear, settled);
             if let Err(e) = result {
                 failed = Some(e);
                 break;
@@ -269,22 +335,23 @@ fn flush_pages(
             held.push((page, region.state(page).load(Ordering::Acquire)));
         }
         if failed.is_none() {
-            failed = settle(region, &mut held, &mut diffs, &mut waiting, clear, settled).err();
+            failed = settle(region, &mut held, &mut outbox, clear, settled).err();
         }
         let (acked, sent) = match failed {
-            Some(e) => (vec![false; diffs.len()], Err(e)),
-            None => send_diffs(shared, &diffs, selective),
+            Some(e) => (vec![false; outbox.batches.len()], Err(e)),
+            None => send_diffs(shared, region.id, &outbox.batches, selective),
         };
         // A page whose diff its home did not acknowledge keeps its twin: `release` puts it back on the
         // dirty list, and its writes go at the next release.
-        let delivered: Vec<u64> = waiting
+        let delivered: Vec<u64> = outbox
+            .batches
             .iter()
             .zip(&acked)
             .filter(|(_, a)| **a)
-            .map(|(p, _)| *p)
+            .flat_map(|(b, _)| b.pages.iter().copied())
             .collect();
         clear_settled(region, delivered.clone(), &delivered, clear, settled);
-        for &page in &waiting {
+        for page in outbox.pages() {
             release_busy(region, page);
         }
         sent?;
@@ -343,13 +410,12 @@ pub(crate) fn acquire_range(
 
 /// Settles the pages a release holds: write-protects the writable ones (one system call per run of
 /// neighbours: one per page cost a TLB shootdown per page, see `Dropper`), then clears (of the marks in
-/// `clear`) and releases each page without a diff, and queues each page with one (held until its home
-/// acknowledges it). On an error every held page is released as it is, still marked written.
+/// `clear`) and releases each page without a diff, and puts each page with one in the outbox (held until
+/// its home acknowledges it). On an error every held page is released as it is, still marked written.
 fn settle(
     region: &Arc<RegionShared>,
     held: &mut Vec<(u64, u32)>,
-    diffs: &mut Vec<(Rank, u32, u64, Vec<u8>)>,
-    waiting: &mut Vec<u64>,
+    outbox: &mut Outbox,
     clear: u32,
     settled: &mut Settled,
 ) -> Result<()> {
@@ -370,14 +436,7 @@ fn settle(
     let mut done = Vec::new();
     let mut twins = Vec::new();
     for (page, s) in held.drain(..) {
-        let bytes = if marks::diffs_at_release(s) {
-            diff_of(region, page)
-        } else {
-            Vec::new()
-        };
-        if !bytes.is_empty() {
-            diffs.push((region.home(page), region.id, page, bytes));
-            waiting.push(page);
+        if marks::diffs_at_release(s) && outbox.add(region, page) {
             continue;
         }
         // DIFFED pages are homed here, and only a release (which clears DIFFED) takes them.
@@ -634,10 +693,9 @@ fn drop_claimed(shared: &Shared, region: &Arc<RegionShared>, page: u64) -> Resul
                 if s & STATE_MASK == READ_WRITE {
                     protect_runs(region, &[page])?;
                 }
-                let bytes = diff_of(region, page);
-                if !bytes.is_empty() {
-                    let diff = [(region.home(page), region.id, page, bytes)];
-                    send_diffs(shared, &diff, false).1?;
+                let mut outbox = Outbox::default();
+                if outbox.add(region, page) {
+                    send_diffs(shared, region.id, &outbox.batches, false).1?;
                 }
                 word.fetch_and(!TWINNED, Ordering::AcqRel);
                 region.drop_twin(page);
