@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 mod builder;
 
-pub use builder::{DsmBuilder, DEFAULT_PEER_TIMEOUT};
+pub use builder::{DsmBuilder, DEFAULT_PEER_TIMEOUT, DEFAULT_TWIN_MEMORY};
 
 /// Where rank 0 reserves the shared arena unless told otherwise.
 pub const DEFAULT_ARENA_BASE: usize = 0x1000_0000_0000;
@@ -84,6 +84,9 @@ pub(crate) struct Shared {
     regions: RwLock<Vec<Option<Weak<RegionShared>>>>,
     /// Release consistency: this rank's intervals, vector clock and write notices.
     pub(crate) rc: Mutex<RcRank>,
+    /// Release consistency: how many more twins may keep their memory between intervals
+    /// (`DsmBuilder::twin_memory`, in pages; `RegionShared::drop_twins`).
+    pub(crate) twin_budget: AtomicU64,
     /// Release consistency: notices this cut covers are known to every rank, so the locks homed here need
     /// not keep them (see `RcRank::barrier_done`). Read by the service loop, hence a mutex of its own: a
     /// holder of `rc` may be waiting for this rank's service loop.

@@ -33,7 +33,7 @@ mod wire;
 
 pub use crate::dsm::{
     Dsm, DsmBuilder, FailurePolicy, LockGuard, DEFAULT_ARENA_BASE, DEFAULT_PEER_TIMEOUT,
-    MAX_SERVICE_REQUEST,
+    DEFAULT_TWIN_MEMORY, MAX_SERVICE_REQUEST,
 };
 pub use crate::engine::{ServicePriority, MAX_READAHEAD, MIN_PEER_TIMEOUT};
 pub use crate::error::{panic_message, DsmError, Result};

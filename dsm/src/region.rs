@@ -281,11 +281,21 @@ pub(crate) struct RegionShared {
     pub(crate) zero_fill: Sequential,
     pub(crate) consistency: Consistency,
     /// Release consistency: one twin page per page, backed only where used.
-    twins: Option<ZeroedArray<TwinPage>>,
+    twins: Option<Twins>,
     /// Release consistency: pages written in the open interval. Its capacity is the page count and each page
     /// is listed at most once per interval (the WRITTEN bit), so pushing never allocates: the fault handler
     /// pushes.
     pub(crate) dirty: std::sync::Mutex<Vec<u64>>,
+}
+
+impl Drop for RegionShared {
+    fn drop(&mut self) {
+        // The twins' memory goes with the region's mappings: what they kept goes back to the rank's budget.
+        if let Some(twins) = &self.twins {
+            let kept = twins.kept_count.load(Ordering::Acquire);
+            self.shared.twin_budget.fetch_add(kept, Ordering::AcqRel);
+        }
+    }
 }
 
 /// A detector of sequential faults: the last page covered by a fault, and the window (in pages) that the
@@ -446,6 +456,17 @@ impl Sequential {
 #[repr(C, align(4096))]
 pub(crate) struct TwinPage(std::cell::UnsafeCell<[u8; PAGE_SIZE]>);
 
+/// A release-consistency region's twins, and which of them keep their memory once let go.
+#[derive(Debug)]
+struct Twins {
+    pages: ZeroedArray<TwinPage>,
+    /// A bit per page: the page's twin keeps its memory between intervals (counted against the rank's
+    /// twin memory, `Shared::twin_budget`).
+    kept: ZeroedArray<AtomicU64>,
+    /// How many bits of `kept` are set: given back to the budget when the region goes.
+    kept_count: AtomicU64,
+}
+
 // SAFETY: a twin is written only by the thread that holds its page's BUSY bit for the page's first write
 // fault of an interval, and read only by a thread that holds the same BUSY bit at a release or acquire; BUSY
 // makes those accesses exclusive.
@@ -497,8 +518,13 @@ impl RegionShared {
             zero_fill: Sequential::new(false, if cyclic { size as u64 } else { 1 }),
             consistency,
             twins: match consistency {
-                // SAFETY: an all-zero TwinPage is a page of zeros, a valid value.
-                Consistency::Release => Some(unsafe { ZeroedArray::new(pages as usize)? }),
+                Consistency::Release => Some(Twins {
+                    // SAFETY: an all-zero TwinPage is a page of zeros, a valid value.
+                    pages: unsafe { ZeroedArray::new(pages as usize)? },
+                    // SAFETY: an all-zero AtomicU64 is 0, a valid value.
+                    kept: unsafe { ZeroedArray::new(pages.div_ceil(64) as usize)? },
+                    kept_count: AtomicU64::new(0),
+                }),
                 Consistency::Sequential => None,
             },
             dirty: std::sync::Mutex::new(match consistency {
@@ -684,11 +710,7 @@ impl RegionShared {
 
     /// Release consistency: copies a present page into its twin. Call holding the page's BUSY bit.
     pub(crate) fn make_twin(&self, page: u64) {
-        let twins = self
-            .twins
-            .as_ref()
-            .expect("twins exist in release-consistency regions");
-        let twin = twins.as_slice()[page as usize].0.get();
+        let twin = self.twin_page(page).0.get();
         // SAFETY: the caller holds the page's BUSY bit, so no other thread reads or writes this twin; the
         // source page is present (the caller checked its state) and is 4096 bytes long like the twin.
         unsafe {
@@ -702,46 +724,78 @@ impl RegionShared {
 
     /// Release consistency: the twin of `page`. Call holding the page's BUSY bit.
     pub(crate) fn twin(&self, page: u64) -> &[u8] {
-        let twins = self
-            .twins
-            .as_ref()
-            .expect("twins exist in release-consistency regions");
         // SAFETY: the caller holds the page's BUSY bit, so no thread writes the twin while the slice lives.
-        unsafe { &*twins.as_slice()[page as usize].0.get() }
+        unsafe { &*self.twin_page(page).0.get() }
     }
 
     /// Release consistency: a twin to write (at a home, the twin of a page diffs reached: `DIFFED`). Call
     /// holding the page's BUSY bit.
     #[allow(clippy::mut_from_ref)]
     pub(crate) fn twin_mut(&self, page: u64) -> &mut [u8] {
+        // SAFETY: the caller holds the page's BUSY bit, so no other thread reads or writes the twin while
+        // the slice lives; the twin is 4096 bytes of this region's private shadow mapping.
+        unsafe { &mut *self.twin_page(page).0.get() }
+    }
+
+    fn twin_page(&self, page: u64) -> &TwinPage {
         let twins = self
             .twins
             .as_ref()
             .expect("twins exist in release-consistency regions");
-        // SAFETY: the caller holds the page's BUSY bit, so no other thread reads or writes the twin while
-        // the slice lives; the twin is 4096 bytes of this region's private shadow mapping.
-        unsafe { &mut *twins.as_slice()[page as usize].0.get() }
+        &twins.pages.as_slice()[page as usize]
     }
 
-    /// Release consistency: returns a twin's memory to the system.
+    /// Release consistency: lets a twin go.
     pub(crate) fn drop_twin(&self, page: u64) {
         self.drop_twins(&[page]);
     }
 
-    /// Release consistency: returns the twins of `pages` (held BUSY) to the system, one call per run of
-    /// neighbouring pages (their twins are neighbours too).
+    /// Release consistency: lets the twins of `pages` (held BUSY) go. A twin keeps its memory for the
+    /// page's next twin while the rank's twin memory allows (`DsmBuilder::twin_memory`): made again in
+    /// memory that stayed, a twin costs a copy; in memory given back, a page fault and a zeroed page first,
+    /// and a `madvise` to give it back again. Past the budget the memory goes back to the system, one call
+    /// per run of neighbouring pages (their twins are neighbours too).
     pub(crate) fn drop_twins(&self, pages: &[u64]) {
         let Some(twins) = &self.twins else { return };
-        let mut i = 0;
-        while i < pages.len() {
-            let mut n = 1;
-            while i + n < pages.len() && pages[i + n] == pages[i] + n as u64 {
-                n += 1;
-            }
-            let addr = twins.as_slice()[pages[i] as usize].0.get() as usize;
+        let give_back = |(first, n): (u64, usize)| {
+            let addr = twins.pages.as_slice()[first as usize].0.get() as usize;
             let _ = uffd::discard(addr, n * PAGE_SIZE);
-            i += n;
+        };
+        // The open run of twins whose memory goes back: its first page and length.
+        let mut run: Option<(u64, usize)> = None;
+        for &page in pages {
+            if self.keep_twin(twins, page) {
+                continue;
+            }
+            run = match run {
+                Some((first, n)) if first + n as u64 == page => Some((first, n + 1)),
+                other => {
+                    other.map(give_back);
+                    Some((page, 1))
+                }
+            };
         }
+        run.map(give_back);
+    }
+
+    /// Whether the twin of `page` keeps its memory: it did before, or the rank's twin memory has room for
+    /// it (which it then takes).
+    fn keep_twin(&self, twins: &Twins, page: u64) -> bool {
+        let word = &twins.kept.as_slice()[page as usize / 64];
+        let bit = 1u64 << (page % 64);
+        if word.load(Ordering::Acquire) & bit != 0 {
+            return true;
+        }
+        let room = self
+            .shared
+            .twin_budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if room.is_err() {
+            return false;
+        }
+        word.fetch_or(bit, Ordering::AcqRel);
+        twins.kept_count.fetch_add(1, Ordering::AcqRel);
+        true
     }
 
     /// Release consistency, at the home: applies a diff to the page, which must be present and writable here.
@@ -1337,6 +1391,57 @@ mod tests {
         assert_eq!(registered_of(&shared), 1);
         dsm.finish().unwrap();
         assert_eq!(registered_of(&shared), 0, "left in the table with its job");
+    }
+
+    /// Whether the page of memory at `addr` is resident.
+    fn resident(addr: *const u8) -> bool {
+        let mut vec = [0u8; 1];
+        // SAFETY: `addr` is the page-aligned start of a page of a live mapping of this process; `vec` has
+        // room for the one page's answer.
+        let r = unsafe { libc::mincore(addr as *mut libc::c_void, PAGE_SIZE, vec.as_mut_ptr()) };
+        assert_eq!(r, 0, "mincore: {}", Errno::last());
+        vec[0] & 1 == 1
+    }
+
+    #[test]
+    fn twins_keep_their_memory_up_to_the_rank_s_twin_memory_which_their_region_gives_back() {
+        let dsm = crate::Dsm::builder()
+            .twin_memory(2 * PAGE_SIZE + 100)
+            .build()
+            .unwrap();
+        let budget = |r: &Region<'_>| r.inner.shared.twin_budget.load(Ordering::Acquire);
+        let region = dsm
+            .alloc_with(4 * PAGE_SIZE, Placement::Block, Consistency::Release)
+            .unwrap();
+        let inner = &region.inner;
+        assert_eq!(budget(&region), 2, "whole pages");
+        // Twins made (as a fault makes them, holding each page's BUSY bit), then let go.
+        for page in 0..4 {
+            inner.state(page).fetch_or(BUSY, Ordering::AcqRel);
+            inner.twin_mut(page).fill(1);
+            assert!(resident(inner.twin(page).as_ptr()));
+        }
+        inner.drop_twins(&[0, 1, 2, 3]);
+        let kept: Vec<bool> = (0..4).map(|p| resident(inner.twin(p).as_ptr())).collect();
+        assert_eq!(kept, [true, true, false, false]);
+        assert_eq!(budget(&region), 0);
+        // Made and let go again: the same two keep theirs, counted once.
+        for page in 0..4 {
+            inner.twin_mut(page).fill(2);
+        }
+        inner.drop_twins(&[0, 1, 2, 3]);
+        let kept: Vec<bool> = (0..4).map(|p| resident(inner.twin(p).as_ptr())).collect();
+        assert_eq!(kept, [true, true, false, false]);
+        assert_eq!(budget(&region), 0);
+        for page in 0..4 {
+            crate::fault::release_busy(inner, page);
+        }
+        // A region freed gives its twins' memory back to the rank's budget.
+        let shared = inner.shared.clone();
+        drop(region);
+        dsm.barrier().unwrap();
+        assert_eq!(shared.twin_budget.load(Ordering::Acquire), 2);
+        dsm.finish().unwrap();
     }
 
     #[test]

@@ -676,6 +676,7 @@ fn configuration_errors_are_clear() {
         ("DSM_CHANNELS", "100", "2 to 64"),
         ("DSM_SPIN_US", "99999999999", "0 to 1000000"),
         ("DSM_NOTICE_MEMORY", "1K", "at least 4K"),
+        ("DSM_TWIN_MEMORY", "32Q", "a size such as 32M, or 0"),
         ("DSM_ARENA_SIZE", "1000", "multiple of the 4 KiB page"),
         ("DSM_TRANSPORT", "tpc", "tcp or mpi"),
     ] {

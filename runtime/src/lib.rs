@@ -393,6 +393,9 @@ impl Runtime {
         )? {
             b = b.notice_memory(m);
         }
+        if let Some(m) = env::get("DSM_TWIN_MEMORY", "a size such as 32M, or 0", env::bytes)? {
+            b = b.twin_memory(m);
+        }
         // Read by dsm itself when a rank leaves; checked here so that a typo is an error, not silence.
         env::get("DSM_STATS", "1 or 0", |s| {
             matches!(s, "0" | "1").then_some(())

@@ -35,8 +35,13 @@ pub struct DsmBuilder {
     install_helper: Option<bool>,
     direct_install: bool,
     notice_memory: usize,
+    twin_memory: usize,
     peer_timeout: Option<Duration>,
 }
+
+/// Memory the twins of a rank's release-consistency pages keep between intervals unless told otherwise
+/// ([`DsmBuilder::twin_memory`]).
+pub const DEFAULT_TWIN_MEMORY: usize = 32 << 20;
 
 /// How long a rank waits to hear from another before it takes it for failed, unless told otherwise
 /// ([`DsmBuilder::peer_timeout`]).
@@ -60,6 +65,7 @@ impl Default for DsmBuilder {
             install_helper: None,
             direct_install: true,
             notice_memory: DEFAULT_NOTICE_MEMORY,
+            twin_memory: DEFAULT_TWIN_MEMORY,
             peer_timeout: Some(DEFAULT_PEER_TIMEOUT),
         }
     }
@@ -136,6 +142,18 @@ impl DsmBuilder {
     /// [`Stats::full_invalidations`](crate::Stats::full_invalidations)), and fetches again what it reads next.
     pub fn notice_memory(mut self, bytes: usize) -> Self {
         self.notice_memory = bytes;
+        self
+    }
+
+    /// Release consistency: memory the twins of this rank's pages may keep once their writes are released
+    /// (default 32 MiB, [`DEFAULT_TWIN_MEMORY`]; 0 gives every twin's memory back at once). A page written
+    /// again in a later interval then gets its twin in memory that is already there: in a program that
+    /// writes the same pages interval after interval (a lock's data, a partition's rows), that saves a
+    /// page fault, a zeroed page and a `madvise` per page and interval. The first pages whose twins are
+    /// let go keep their memory until it is used up (rounded down to whole pages), and keep it until their
+    /// region is freed.
+    pub fn twin_memory(mut self, bytes: usize) -> Self {
+        self.twin_memory = bytes;
         self
     }
 
@@ -326,6 +344,7 @@ impl DsmBuilder {
                 RcRank::new(self.rank, self.size).with_notice_memory(self.notice_memory),
             ),
             notice_memory: self.notice_memory,
+            twin_budget: AtomicU64::new((self.twin_memory / PAGE_SIZE) as u64),
             lock_cut: Mutex::new(None),
             arena: Mutex::new(None),
             arena_base: self.arena_base,
