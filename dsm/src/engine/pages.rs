@@ -670,8 +670,8 @@ impl Engine {
 
     /// Release consistency, at the home: applies a batch of diffs (`protocol::diff`) to the home's copies
     /// and acknowledges it once, each page as `marks::at_diff` says. The batch is checked whole before
-    /// anything changes, and its pages taken all at once (or none: it waits for a fault of this rank, as
-    /// one diff would). A page is recorded as written (listed) before it becomes writable here: from then
+    /// anything changes, and its pages taken all at once, or none: while a thread of this rank holds one
+    /// (a fault, a release), the batch waits for it, and is checked and taken again when it is let go. A page is recorded as written (listed) before it becomes writable here: from then
     /// on this rank's threads write it without a fault, so a release that drained the list in between
     /// would leave their writes out of its notice. A page only diffs write keeps a twin of what they left
     /// in it (`DIFFED`), so that the home's release announces it only if its threads wrote it too.

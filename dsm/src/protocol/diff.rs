@@ -263,6 +263,8 @@ pub enum BatchError {
     Count { said: u32, found: usize },
     /// The diff of `page` is malformed.
     Diff { page: u64, error: DiffError },
+    /// The diff of `page` is empty: a page with no changes has no entry.
+    Empty { page: u64 },
 }
 
 impl std::fmt::Display for BatchError {
@@ -276,6 +278,7 @@ impl std::fmt::Display for BatchError {
                 write!(f, "a batch said to hold {said} diffs holds {found}")
             }
             BatchError::Diff { page, error } => write!(f, "the diff of page {page}: {error}"),
+            BatchError::Empty { page } => write!(f, "the diff of page {page} is empty"),
         }
     }
 }
@@ -300,6 +303,9 @@ pub fn decode_batch(
             .ok_or(BatchError::Truncated { at })?;
         if entries.last().is_some_and(|(last, _)| *last >= page) {
             return Err(BatchError::PagesOutOfOrder { page });
+        }
+        if len == 0 {
+            return Err(BatchError::Empty { page });
         }
         apply_with(bytes, |_, _| {}).map_err(|error| BatchError::Diff { page, error })?;
         at = diff.end;
@@ -578,6 +584,13 @@ mod tests {
                 page: 3,
                 error: DiffError::UnknownEncoding(9)
             })
+        );
+        // An empty entry (the home would list the page as written for nothing).
+        let mut empty = 4u64.to_le_bytes().to_vec();
+        empty.extend_from_slice(&[0; 4]);
+        assert_eq!(
+            decode_batch(&[entry(3), empty].concat(), 2),
+            Err(BatchError::Empty { page: 4 })
         );
         // A length past the end, however large, is an error and no allocation.
         let mut long = entry(3);

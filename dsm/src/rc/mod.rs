@@ -135,8 +135,8 @@ fn send_diffs(
     let c = &shared.counters;
     let mut ch = shared.channels.claim();
     // Homes whose connection on this channel failed: nothing more is sent to them or read from them. A
-    // home that answers a diff with something other than an acknowledgement (refusing it, or with a
-    // malformed frame, which is read to its end) is not one of them: it answers each diff once, so the
+    // home that answers a batch with something other than an acknowledgement (refusing it, or with a
+    // malformed frame, which is read to its end) is not one of them: it answers each batch once, so the
     // rest of its answers are still read.
     let mut broken: Vec<Rank> = Vec::new();
     let mut first_error = None;
@@ -207,8 +207,9 @@ fn release_regions(shared: &Shared) -> Vec<Arc<RegionShared>> {
 /// Lock order, as in the fault path: a page's BUSY bit, then a channel; never the reverse. A twinned page
 /// stays BUSY until its home has acknowledged the diff (so no thread of this rank fetches it again from a home
 /// that lacks this rank's writes); other pages are released at once: a home must never keep its own pages BUSY
-/// while it waits for another rank, whose diffs for those pages would wait for them (a cycle). Diffs go out in
-/// batches of `DIFF_WINDOW`. On an error every page is marked written again, so nothing is forgotten.
+/// while it waits for another rank, whose diffs for those pages would wait for them (a cycle). Pages are
+/// flushed `DIFF_WINDOW` at a time. On an error every page is marked written again, so nothing is
+/// forgotten.
 pub(crate) fn release(shared: &Shared) -> Result<()> {
     let regions = release_regions(shared);
     if regions.is_empty() {
