@@ -83,6 +83,10 @@ pub(crate) const DEFERRED: u32 = 16;
 /// the page writable here, with a twin of what the diffs alone left in it; the home's release announces
 /// the page only if its bytes differ from the twin (the home's threads wrote it too).
 pub(crate) const DIFFED: u32 = 256;
+/// Release consistency: twinned and made writable ahead of a write, with the page before it that a write
+/// faulted on (`fault::twin_ahead`), and not known to be written since: no write fault has marked it, and
+/// no diff of it has gone to its home. A release that finds it unchanged leaves it out of its notice.
+pub(crate) const AHEAD: u32 = 512;
 
 // Manager lock word bits.
 /// A transaction on the page is in progress.
@@ -776,6 +780,15 @@ impl RegionShared {
             };
         }
         run.map(give_back);
+    }
+
+    /// Release consistency: whether the twin of `page` has kept its memory: a twin of it was let go before
+    /// (so the page was written in an earlier interval), and the rank's twin memory had room for it.
+    pub(crate) fn twin_kept(&self, page: u64) -> bool {
+        self.twins.as_ref().is_some_and(|twins| {
+            twins.kept.as_slice()[page as usize / 64].load(Ordering::Acquire) & (1 << (page % 64))
+                != 0
+        })
     }
 
     /// Whether the twin of `page` keeps its memory: it did before, or the rank's twin memory has room for

@@ -35,6 +35,7 @@ pub(crate) struct Counters {
     pub(crate) fault_ns: AtomicU64,
     pub(crate) latency: [AtomicU64; LATENCY_BUCKETS],
     pub(crate) twins: AtomicU64,
+    pub(crate) twins_ahead: AtomicU64,
     pub(crate) diffs: AtomicU64,
     pub(crate) diff_bytes: AtomicU64,
     pub(crate) diffs_applied: AtomicU64,
@@ -89,6 +90,7 @@ impl Counters {
             fault_ns: g(&self.fault_ns),
             latency_us_log2: std::array::from_fn(|i| g(&self.latency[i])),
             twins: g(&self.twins),
+            twins_ahead: g(&self.twins_ahead),
             diffs: g(&self.diffs),
             diff_bytes: g(&self.diff_bytes),
             diffs_applied: g(&self.diffs_applied),
@@ -162,6 +164,9 @@ pub struct Stats {
     pub latency_us_log2: [u64; LATENCY_BUCKETS],
     /// Release consistency: twins made at first writes.
     pub twins: u64,
+    /// Release consistency: of those, twins made ahead of a write, beside a page a write faulted on
+    /// (pages this rank wrote in an earlier interval; see [`DsmBuilder::twin_memory`](crate::DsmBuilder::twin_memory)).
+    pub twins_ahead: u64,
     /// Release consistency: diffs sent to homes.
     pub diffs: u64,
     /// Release consistency: bytes of those diffs.
@@ -267,8 +272,8 @@ impl fmt::Display for Stats {
         if self.twins + self.diffs_applied + self.write_notices > 0 {
             write!(
                 f,
-                "\nrelease consistency: {} twins, {} diffs sent ({} bytes), {} applied here, {} write notices, {} pages dropped at acquires",
-                self.twins, self.diffs, self.diff_bytes, self.diffs_applied, self.write_notices, self.acquire_invalidations
+                "\nrelease consistency: {} twins ({} ahead), {} diffs sent ({} bytes), {} applied here, {} write notices, {} pages dropped at acquires",
+                self.twins, self.twins_ahead, self.diffs, self.diff_bytes, self.diffs_applied, self.write_notices, self.acquire_invalidations
             )?;
             if self.selective_releases + self.selective_acquires > 0 {
                 write!(

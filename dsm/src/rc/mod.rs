@@ -11,8 +11,8 @@ use crate::protocol::diff;
 use crate::protocol::release::marks::{self, AtDrop};
 use crate::protocol::release::{PageKey, PageRun, VectorClock, WriteNotice};
 use crate::region::{
-    Consistency, RegionShared, BUSY, DIFFED, INVALID, READ_ONLY, READ_WRITE, STATE_MASK, TWINNED,
-    WRITTEN,
+    Consistency, RegionShared, AHEAD, BUSY, DIFFED, INVALID, READ_ONLY, READ_WRITE, STATE_MASK,
+    TWINNED, WRITTEN,
 };
 use crate::stats::Counters;
 use crate::types::Rank;
@@ -351,7 +351,14 @@ fn flush_pages(
             .filter(|(_, a)| **a)
             .flat_map(|(b, _)| b.pages.iter().copied())
             .collect();
-        clear_settled(region, delivered.clone(), &delivered, clear, settled);
+        // Their diffs carried writes: no longer only twinned ahead.
+        clear_settled(
+            region,
+            delivered.clone(),
+            &delivered,
+            clear | AHEAD,
+            settled,
+        );
         for page in outbox.pages() {
             release_busy(region, page);
         }
@@ -442,15 +449,13 @@ fn settle(
         }
         // DIFFED pages are homed here, and only a release (which clears DIFFED) takes them.
         debug_assert!(s & DIFFED == 0 || clear & DIFFED != 0);
-        if s & DIFFED != 0 {
-            // Homed here, write-protected above: its bytes now are all it holds this interval.
-            let same = region.twin(page) == region.present_page(page);
-            if !marks::announced_at_release(s, same) {
-                settled.unannounced.insert(PageKey {
-                    region: region.id,
-                    page,
-                });
-            }
+        // A DIFFED page is write-protected above: its bytes now are all it holds this interval.
+        let same = s & DIFFED != 0 && region.twin(page) == region.present_page(page);
+        if !marks::announced_at_release(s, same) {
+            settled.unannounced.insert(PageKey {
+                region: region.id,
+                page,
+            });
         }
         if s & (TWINNED | DIFFED) != 0 {
             twins.push(page);
@@ -695,10 +700,13 @@ fn drop_claimed(shared: &Shared, region: &Arc<RegionShared>, page: u64) -> Resul
                     protect_runs(region, &[page])?;
                 }
                 let mut outbox = Outbox::default();
+                let mut written = 0;
                 if outbox.add(region, page) {
                     send_diffs(shared, region.id, &outbox.batches, false).1?;
+                    // The diff carried writes: no longer only twinned ahead.
+                    written = AHEAD;
                 }
-                word.fetch_and(!TWINNED, Ordering::AcqRel);
+                word.fetch_and(!(TWINNED | written), Ordering::AcqRel);
                 region.drop_twin(page);
                 Ok(())
             })();

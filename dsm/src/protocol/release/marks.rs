@@ -8,6 +8,9 @@
 //!   Until then the home writes in place unseen: no other copy exists to go stale.
 //! - `DIFFED`, at the home: listed because a diff made the page writable here, with a twin of what the
 //!   diffs alone left in it (see `at_diff`).
+//! - `AHEAD`: listed and twinned ahead of a write (`ahead`), and no write of the page seen since: no
+//!   write fault has marked it and no diff of it has gone to its home. Unchanged at a release, it is left
+//!   out of the notice (`announced_at_release`).
 //!
 //! A selective release of a range sends its pages' diffs as a release does, but closes no interval; a
 //! selective acquire of a range drops its pages as an acquire drops the pages notices name.
@@ -16,7 +19,9 @@
 //! service loop follow them (`fault.rs`, `rc/`, `engine/pages.rs`), and so does the randomized whole-job
 //! test beside this file, on its model of each rank's memory.
 
-use crate::region::{DIFFED, INVALID, READ_WRITE, SHARED, STATE_MASK, TWINNED, WRITTEN};
+use crate::region::{
+    AHEAD, DIFFED, INVALID, READ_ONLY, READ_WRITE, SHARED, STATE_MASK, TWINNED, WRITTEN,
+};
 
 /// Whether a write to the page is recorded: always, unless the page is homed here and no other rank has
 /// fetched it.
@@ -35,6 +40,19 @@ pub(crate) struct AtWrite {
     pub(crate) twin: bool,
 }
 
+/// The marks a write fault sets and clears: `WRITTEN` on, `AHEAD` off (the page is written).
+pub(crate) fn marked_at_write(state: u32) -> u32 {
+    (state | WRITTEN) & !AHEAD
+}
+
+/// Whether a page homed elsewhere may be twinned and made writable ahead of a write, beside a page a write
+/// faulted on: present read-only and neither written nor twinned in the open interval. It is then marked
+/// `WRITTEN | TWINNED | AHEAD` and listed, as a write would, with `AHEAD` saying that no write has been
+/// seen.
+pub(crate) fn ahead(state: u32) -> bool {
+    state & STATE_MASK == READ_ONLY && state & (WRITTEN | TWINNED) == 0
+}
+
 /// The rule for a write, given the page's state word before the write marks it.
 pub(crate) fn at_write(state: u32, homed_here: bool) -> AtWrite {
     AtWrite {
@@ -45,7 +63,8 @@ pub(crate) fn at_write(state: u32, homed_here: bool) -> AtWrite {
 
 /// At a release, for a page taken from the written list (after it is write-protected, if it was
 /// writable): whether its writes go to its home as a diff. After that the page loses `WRITTEN` and
-/// `TWINNED` (a diff only once its home has acknowledged it).
+/// `TWINNED` (a diff only once its home has acknowledged it). A diff that is not empty (at a release, a
+/// selective release or an acquire's flush) also clears `AHEAD`: the page was written.
 pub(crate) fn diffs_at_release(state: u32) -> bool {
     state & TWINNED != 0 && state & STATE_MASK != INVALID
 }
@@ -59,7 +78,7 @@ pub(crate) fn cleared_at_release(selective: bool) -> u32 {
     if selective {
         TWINNED
     } else {
-        WRITTEN | TWINNED | DIFFED
+        WRITTEN | TWINNED | DIFFED | AHEAD
     }
 }
 
@@ -97,12 +116,13 @@ pub(crate) fn at_diff(state: u32, selective: bool) -> AtDiff {
     }
 }
 
-/// At a home's release, for a page taken from its written list (write-protected by then): whether the
-/// interval's notice names it. A `DIFFED` page only if its bytes differ from its twin: then the home's
-/// threads wrote it too; else the diffs' writers announce their writes themselves, and a notice of the
-/// home's would have every rank holding the page drop it and fetch it again for nothing.
+/// At a release, for a page taken from its written list (write-protected by then) that sends no diff:
+/// whether the interval's notice names it. Not an `AHEAD` page: nothing wrote it. At a home, a `DIFFED`
+/// page only if its bytes differ from its twin: then the home's threads wrote it too; else the diffs'
+/// writers announce their writes themselves, and a notice of the home's would have every rank holding the
+/// page drop it and fetch it again for nothing. (A page whose diff goes to its home is named.)
 pub(crate) fn announced_at_release(state: u32, same_as_twin: bool) -> bool {
-    state & DIFFED == 0 || !same_as_twin
+    state & AHEAD == 0 && (state & DIFFED == 0 || !same_as_twin)
 }
 
 /// What an acquire does with a page a notice names (not homed here).
@@ -175,6 +195,30 @@ mod tests {
         );
         assert!(!tracked(READ_WRITE, true) && tracked(READ_WRITE | SHARED, true));
         assert!(tracked(INVALID, false));
+        // A write fault marks a page written, and written it is no longer only twinned ahead.
+        assert_eq!(
+            marked_at_write(READ_ONLY | AHEAD | TWINNED),
+            READ_ONLY | WRITTEN | TWINNED
+        );
+    }
+
+    #[test]
+    fn only_an_untouched_read_only_copy_is_twinned_ahead_and_announced_only_once_written() {
+        assert!(ahead(READ_ONLY));
+        assert!(
+            !ahead(READ_ONLY | WRITTEN),
+            "written in the interval already"
+        );
+        assert!(!ahead(READ_ONLY | TWINNED));
+        assert!(!ahead(READ_WRITE) && !ahead(INVALID));
+        assert!(!announced_at_release(READ_ONLY | WRITTEN | AHEAD, false));
+        assert!(announced_at_release(READ_ONLY | WRITTEN, false));
+        assert_ne!(cleared_at_release(false) & AHEAD, 0);
+        assert_eq!(
+            cleared_at_release(true) & AHEAD,
+            0,
+            "cleared only by a diff"
+        );
     }
 
     #[test]
