@@ -559,7 +559,7 @@ fn release_fault(
         };
         let lifted = region.protect(page, 1 + ahead, false);
         for p in page + 1..=page + ahead {
-            // Left protected on an error, they stay twinned and unchanged: a release leaves them out.
+            // Left protected on an error (which ends the rank), they stay twinned and unchanged.
             if lifted.is_ok() {
                 set_state(region.state(p), READ_WRITE);
             }
@@ -592,24 +592,34 @@ fn twin_ahead(region: &RegionShared, page: u64) -> u64 {
         }
         let word = region.state(p);
         let s = word.load(Ordering::Acquire);
+        // Taken and marked written in one step, as a write marks a page: a page is listed once in an
+        // interval, by whoever sets WRITTEN (a failed release puts back those it finds unmarked).
         if s & BUSY != 0
             || !marks::ahead(s)
             || word
-                .compare_exchange(s, s | BUSY, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(
+                    s,
+                    s | BUSY | WRITTEN | AHEAD,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
                 .is_err()
         {
             break;
         }
+        region.make_twin(p);
+        word.fetch_or(TWINNED, Ordering::AcqRel);
+        n += 1;
+    }
+    if n > 0 {
+        // Listed before the fault makes them writable, as a write's page is.
         region
             .dirty
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(p);
-        region.make_twin(p);
-        word.fetch_or(WRITTEN | TWINNED | AHEAD, Ordering::AcqRel);
-        Counters::add(&shared.counters.twins, 1);
-        Counters::add(&shared.counters.twins_ahead, 1);
-        n += 1;
+            .extend(page + 1..=page + n);
+        Counters::add(&shared.counters.twins, n);
+        Counters::add(&shared.counters.twins_ahead, n);
     }
     n
 }

@@ -760,6 +760,17 @@ impl RegionShared {
     /// and a `madvise` to give it back again. Past the budget the memory goes back to the system, one call
     /// per run of neighbouring pages (their twins are neighbours too).
     pub(crate) fn drop_twins(&self, pages: &[u64]) {
+        self.let_twins_go(pages, true);
+    }
+
+    /// Release consistency: gives back the memory of the twins of `pages` (held BUSY, in increasing
+    /// order) whatever the budget, and keeps it no more: pages twinned ahead of writes that did not come,
+    /// which `fault::twin_ahead`, guessing from kept twins, should not twin ahead again.
+    pub(crate) fn forget_twins(&self, pages: &[u64]) {
+        self.let_twins_go(pages, false);
+    }
+
+    fn let_twins_go(&self, pages: &[u64], keep: bool) {
         let Some(twins) = &self.twins else { return };
         let give_back = |(first, n): (u64, usize)| {
             let addr = twins.pages.as_slice()[first as usize].0.get() as usize;
@@ -768,8 +779,11 @@ impl RegionShared {
         // The open run of twins whose memory goes back: its first page and length.
         let mut run: Option<(u64, usize)> = None;
         for &page in pages {
-            if self.keep_twin(twins, page) {
+            if keep && self.keep_twin(twins, page) {
                 continue;
+            }
+            if !keep {
+                self.unkeep_twin(twins, page);
             }
             run = match run {
                 Some((first, n)) if first + n as u64 == page => Some((first, n + 1)),
@@ -806,9 +820,23 @@ impl RegionShared {
         if room.is_err() {
             return false;
         }
-        word.fetch_or(bit, Ordering::AcqRel);
-        twins.kept_count.fetch_add(1, Ordering::AcqRel);
+        if word.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+            // Kept meanwhile (the caller holds the page, so not by another twin of it): counted once.
+            self.shared.twin_budget.fetch_add(1, Ordering::AcqRel);
+        } else {
+            twins.kept_count.fetch_add(1, Ordering::AcqRel);
+        }
         true
+    }
+
+    /// Stops keeping the memory of `page`'s twin, giving its share of the budget back.
+    fn unkeep_twin(&self, twins: &Twins, page: u64) {
+        let bit = 1u64 << (page % 64);
+        let word = &twins.kept.as_slice()[page as usize / 64];
+        if word.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+            twins.kept_count.fetch_sub(1, Ordering::AcqRel);
+            self.shared.twin_budget.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Release consistency, at the home: applies a diff to the page, which must be present and writable here.
@@ -1446,6 +1474,11 @@ mod tests {
         let kept: Vec<bool> = (0..4).map(|p| resident(inner.twin(p).as_ptr())).collect();
         assert_eq!(kept, [true, true, false, false]);
         assert_eq!(budget(&region), 0);
+        // A twin forgotten (twinned ahead of a write that did not come) gives its memory and budget back.
+        assert!(inner.twin_kept(1) && !inner.twin_kept(2));
+        inner.forget_twins(&[1]);
+        assert!(!inner.twin_kept(1) && !resident(inner.twin(1).as_ptr()));
+        assert_eq!(budget(&region), 1);
         for page in 0..4 {
             crate::fault::release_busy(inner, page);
         }

@@ -151,7 +151,10 @@ impl DsmBuilder {
     /// writes the same pages interval after interval (a lock's data, a partition's rows), that saves a
     /// page fault, a zeroed page and a `madvise` per page and interval. The first pages whose twins are
     /// let go keep their memory until it is used up (rounded down to whole pages), and keep it until their
-    /// region is freed.
+    /// region is freed. A kept twin also tells a write fault that its page was written before: the fault
+    /// twins such pages after its own ahead of their writes and makes them writable with it, one fault
+    /// for the run ([`Stats::twins_ahead`](crate::Stats::twins_ahead)); a page so twinned and left
+    /// unwritten keeps its twin's memory no more. 0 turns that off too.
     pub fn twin_memory(mut self, bytes: usize) -> Self {
         self.twin_memory = bytes;
         self

@@ -351,12 +351,11 @@ fn flush_pages(
             .filter(|(_, a)| **a)
             .flat_map(|(b, _)| b.pages.iter().copied())
             .collect();
-        // Their diffs carried writes: no longer only twinned ahead.
         clear_settled(
             region,
             delivered.clone(),
             &delivered,
-            clear | AHEAD,
+            clear | marks::cleared_at_diff(),
             settled,
         );
         for page in outbox.pages() {
@@ -443,6 +442,7 @@ fn settle(
     // one `madvise` each: see `Dropper` for what one per page costs).
     let mut done = Vec::new();
     let mut twins = Vec::new();
+    let mut forgotten = Vec::new();
     for (page, s) in held.drain(..) {
         if marks::diffs_at_release(s) && outbox.add(region, page) {
             continue;
@@ -457,11 +457,15 @@ fn settle(
                 page,
             });
         }
-        if s & (TWINNED | DIFFED) != 0 {
+        if s & AHEAD != 0 {
+            forgotten.push(page);
+        } else if s & (TWINNED | DIFFED) != 0 {
             twins.push(page);
         }
         done.push(page);
     }
+    // Twinned ahead of writes that did not come: `fault::twin_ahead` guesses no more from them.
+    region.forget_twins(&forgotten);
     clear_settled(region, twins, &done, clear, settled);
     for page in done {
         release_busy(region, page);
@@ -703,11 +707,15 @@ fn drop_claimed(shared: &Shared, region: &Arc<RegionShared>, page: u64) -> Resul
                 let mut written = 0;
                 if outbox.add(region, page) {
                     send_diffs(shared, region.id, &outbox.batches, false).1?;
-                    // The diff carried writes: no longer only twinned ahead.
-                    written = AHEAD;
+                    written = marks::cleared_at_diff();
                 }
-                word.fetch_and(!(TWINNED | written), Ordering::AcqRel);
-                region.drop_twin(page);
+                let was = word.fetch_and(!(TWINNED | written), Ordering::AcqRel);
+                if was & !written & AHEAD != 0 {
+                    // Twinned ahead of a write that has not come: guess no more from it.
+                    region.forget_twins(&[page]);
+                } else {
+                    region.drop_twin(page);
+                }
                 Ok(())
             })();
         }

@@ -8,9 +8,11 @@
 //!   Until then the home writes in place unseen: no other copy exists to go stale.
 //! - `DIFFED`, at the home: listed because a diff made the page writable here, with a twin of what the
 //!   diffs alone left in it (see `at_diff`).
-//! - `AHEAD`: listed and twinned ahead of a write (`ahead`), and no write of the page seen since: no
-//!   write fault has marked it and no diff of it has gone to its home. Unchanged at a release, it is left
-//!   out of the notice (`announced_at_release`).
+//! - `AHEAD`: listed (and twinned) ahead of a write (`ahead`), and no write of the page seen since: no
+//!   write fault has marked it and no diff of it that carried writes has gone to its home
+//!   (`cleared_at_diff`). Unchanged at a release, it is left out of the notice (`announced_at_release`).
+//!   Its twin may be gone (a selective release or an acquire's flush found it unchanged) while it stays
+//!   listed.
 //!
 //! A selective release of a range sends its pages' diffs as a release does, but closes no interval; a
 //! selective acquire of a range drops its pages as an acquire drops the pages notices name.
@@ -62,16 +64,21 @@ pub(crate) fn at_write(state: u32, homed_here: bool) -> AtWrite {
 }
 
 /// At a release, for a page taken from the written list (after it is write-protected, if it was
-/// writable): whether its writes go to its home as a diff. After that the page loses `WRITTEN` and
-/// `TWINNED` (a diff only once its home has acknowledged it). A diff that is not empty (at a release, a
-/// selective release or an acquire's flush) also clears `AHEAD`: the page was written.
+/// writable): whether its writes go to its home as a diff. After that the page loses the marks of
+/// `cleared_at_release` (a page with a diff only once its home has acknowledged it).
 pub(crate) fn diffs_at_release(state: u32) -> bool {
     state & TWINNED != 0 && state & STATE_MASK != INVALID
 }
 
+/// The marks a page loses, besides `TWINNED`, once a diff of it that is not empty reaches its home (at a
+/// release, a selective release or an acquire's flush): `AHEAD`, since the diff shows it written.
+pub(crate) fn cleared_at_diff() -> u32 {
+    AHEAD
+}
+
 /// The marks a page loses once its writes are at its home (or it has none to send): at a release every
-/// one, `WRITTEN | TWINNED` (its interval is closing); at a selective release (`Region::release_range`)
-/// only `TWINNED`: the page stays `WRITTEN` and listed, so that the interval's write notice still names it
+/// one of the interval's, `WRITTEN | TWINNED | DIFFED | AHEAD` (its interval is closing); at a selective
+/// release (`Region::release_range`) only `TWINNED` (and `AHEAD` with a diff, `cleared_at_diff`): the page stays `WRITTEN` and listed, so that the interval's write notice still names it
 /// (ranks that synchronize through locks and barriers learn of the writes as before), and its next write
 /// in the interval makes a new twin.
 pub(crate) fn cleared_at_release(selective: bool) -> u32 {

@@ -258,8 +258,7 @@ impl Sim {
         if d.is_empty() {
             return;
         }
-        // The diff carries writes: the page is no longer only twinned ahead.
-        self.state[r][p] &= !AHEAD;
+        self.state[r][p] &= !marks::cleared_at_diff();
         let h = self.home(p);
         let hs = self.state[h][p];
         match marks::at_diff(hs, selective) {
