@@ -85,7 +85,8 @@ pub(crate) const DEFERRED: u32 = 16;
 pub(crate) const DIFFED: u32 = 256;
 /// Release consistency: twinned and made writable ahead of a write, with the page before it that a write
 /// faulted on (`fault::twin_ahead`), and not known to be written since: no write fault has marked it, and
-/// no diff of it has gone to its home. A release that finds it unchanged leaves it out of its notice.
+/// no diff of it that carried writes has gone to its home. A release that finds it unchanged leaves it out
+/// of its notice.
 pub(crate) const AHEAD: u32 = 512;
 
 // Manager lock word bits.
