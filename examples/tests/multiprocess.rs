@@ -998,6 +998,13 @@ fn a_home_announces_only_the_diffed_pages_it_wrote_itself() {
     passes_at(&[2], CHECK, &["homediffs", "--rounds", "200"]);
 }
 
+/// An acquire that drops pages this rank wrote too sends their diffs to their home in one batch first, and
+/// no write is lost.
+#[test]
+fn an_acquire_flushes_the_pages_it_drops_in_one_batch() {
+    passes_at(&[2], CHECK, &["flushbatch", "--rounds", "50"]);
+}
+
 /// A selective release and acquire of a range move exactly that range's writes from one rank to another,
 /// with nothing else to order them but a flag of sequential consistency; the rest come at the barrier.
 #[test]

@@ -292,25 +292,38 @@ fn release_pages(
             region: region.id,
             page,
         }));
-        flush_pages(shared, region, &pages, false, settled)?;
+        flush_pages(shared, region, &pages, Flush::Release, settled)?;
     }
     Ok(())
 }
 
+/// What a flush of pages is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    /// A release: the interval closes.
+    Release,
+    /// A selective release, which the homes are told (`marks::at_diff`).
+    Selective,
+    /// An acquire, before it drops pages this rank wrote too: as a selective release, the pages stay
+    /// written and listed for the interval's notice; the homes are told nothing, as at a release, since
+    /// that notice will announce the writes.
+    Acquire,
+}
+
 /// Write-protects `pages` of `region` and sends the diffs of those twinned to their homes, `DIFF_WINDOW`
-/// pages at a time, in page order (`selective`: for a selective release, which the homes are told). The
-/// caller holds the rank's release-consistency state (`Shared::rc`): a flush may hold pages while it waits
-/// for another, so two at once could wait for each other. A page is then cleared of
-/// `marks::cleared_at_release`'s marks and added to `settled.cleared`, one with a diff once its home has
-/// acknowledged it.
+/// pages at a time, in page order. The caller holds the rank's release-consistency state (`Shared::rc`): a
+/// flush may hold pages while it waits for another, so two at once could wait for each other. A page is
+/// then cleared of `marks::cleared_at_release`'s marks (all of them only for `Flush::Release`) and added to
+/// `settled.cleared`, one with a diff once its home has acknowledged it.
 fn flush_pages(
     shared: &Shared,
     region: &Arc<RegionShared>,
     pages: &[u64],
-    selective: bool,
+    why: Flush,
     settled: &mut Settled,
 ) -> Result<()> {
-    let clear = marks::cleared_at_release(selective);
+    let clear = marks::cleared_at_release(why != Flush::Release);
+    let selective = why == Flush::Selective;
     let mut pages = pages.to_vec();
     pages.sort_unstable();
     for batch in pages.chunks(DIFF_WINDOW) {
@@ -387,7 +400,13 @@ pub(crate) fn release_range(
     // it waits for one another thread holds, so two flushes taking the same pages in different orders
     // would each wait for the other for ever.
     let _one_at_a_time = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
-    flush_pages(shared, region, &unsent, true, &mut Settled::default())
+    flush_pages(
+        shared,
+        region,
+        &unsent,
+        Flush::Selective,
+        &mut Settled::default(),
+    )
 }
 
 /// A selective acquire of `pages` of `region`: this rank's copies of those of them homed elsewhere are
@@ -400,9 +419,13 @@ pub(crate) fn acquire_range(
     pages: std::ops::Range<u64>,
 ) -> Result<()> {
     Counters::add(&shared.counters.selective_acquires, 1);
+    // One flush at a time on this rank (see `release_range`): the pages this rank wrote too are flushed
+    // together at the end, held while their diffs are out.
+    let _one_at_a_time = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
     let mut dropper = Dropper {
         shared,
         run: None,
+        flush: Vec::new(),
         first_error: None,
     };
     for page in pages {
@@ -571,6 +594,7 @@ pub(crate) fn acquire(
     let mut dropper = Dropper {
         shared,
         run: None,
+        flush: Vec::new(),
         first_error: None,
     };
     if plan.everything {
@@ -610,11 +634,16 @@ pub(crate) fn acquire(
 ///
 /// The pages of the open run are held BUSY. A page another thread of this rank holds is not waited for
 /// while the run is held: the run is discarded and released first, so that this thread never waits for
-/// one page while holding others (a thread holding that page may be waiting for one of them).
+/// one page while holding others (a thread holding that page may be waiting for one of them). Pages this
+/// rank wrote too are set aside, not held, and flushed together when the dropping ends (`finish`); the
+/// caller holds the rank's release-consistency state, as for every flush.
 struct Dropper<'a> {
     shared: &'a Shared,
     /// The open run: its region, first page and length; every page held BUSY and already marked invalid.
     run: Option<(Arc<RegionShared>, u64, u64)>,
+    /// Pages this rank wrote too (twinned), in the order met: flushed together at the end, a batch to
+    /// each home, then dropped. Not held meanwhile.
+    flush: Vec<(Arc<RegionShared>, u64)>,
     first_error: Option<DsmError>,
 }
 
@@ -633,10 +662,9 @@ impl Dropper<'_> {
                 return;
             }
             AtDrop::FlushThenDiscard => {
-                // This rank's writes to it go to its home first: one page at a time, as at a release.
-                self.end_run();
-                let result = drop_claimed(self.shared, region, page);
-                self.note(result);
+                // This rank's writes to it go to its home first, with the others' at the end.
+                release_busy(region, page);
+                self.flush.push((region.clone(), page));
                 return;
             }
             AtDrop::Discard => set_state(region.state(page), INVALID),
@@ -678,8 +706,34 @@ impl Dropper<'_> {
         }
     }
 
+    /// Drops the open run, then flushes the pages this rank wrote too, a region at a time (one batch of
+    /// diffs to each of their homes, where one page went per round trip), and drops them. A page written
+    /// again meanwhile by another thread of this rank is flushed on its own when dropped; one whose flush
+    /// failed keeps its copy and twin, so that its writes stay.
     fn finish(mut self) -> Result<()> {
         self.end_run();
+        let flush = std::mem::take(&mut self.flush);
+        for group in flush.chunk_by(|(a, _), (b, _)| Arc::ptr_eq(a, b)) {
+            let region = &group[0].0;
+            let pages: Vec<u64> = group.iter().map(|(_, page)| *page).collect();
+            let flushed = flush_pages(
+                self.shared,
+                region,
+                &pages,
+                Flush::Acquire,
+                &mut Settled::default(),
+            );
+            self.note(flushed);
+            for page in pages {
+                self.add(region, page);
+            }
+            self.end_run();
+        }
+        // Pages still twinned (a flush that failed, or writes since): one at a time.
+        for (region, page) in std::mem::take(&mut self.flush) {
+            let result = drop_page(self.shared, &region, page);
+            self.note(result);
+        }
         self.first_error.take().map_or(Ok(()), Err)
     }
 }

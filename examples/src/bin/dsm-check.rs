@@ -8,6 +8,10 @@
 //! - `homediffs`: (release consistency, 2 ranks) rank 1 writes pages homed at rank 0 under a lock, and rank
 //!   0 under the same lock writes one of them too: rank 1 sees rank 0's writes, and drops and fetches
 //!   again only the page rank 0 wrote (a home's notice does not name pages only others' diffs wrote);
+//! - `flushbatch`: (release consistency, 2 ranks) rank 1 writes its words of pages homed at rank 0 and,
+//!   without a release in between, takes a lock that rank 0 let go after writing its own words of the same
+//!   pages: rank 1's acquire sends its writes to those pages to their home in one batch (not one round trip
+//!   a page) before it drops them, and both ranks see both writes;
 //! - `selective`: (3 ranks or more) rank 1 writes pages homed at rank 2 and at itself, releases some of
 //!   them selectively and says so through a flag of sequential consistency; rank 0, which holds old copies,
 //!   sees the new bytes of exactly those pages once it acquires them selectively, and the rest after a
@@ -51,7 +55,7 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | latehome | homediffs | selective | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
+    /// counter | mp | sb | pages | latehome | homediffs | flushbatch | selective | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
     /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | pause | diewriting | readerdies | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
@@ -381,6 +385,71 @@ fn main() -> anyhow::Result<()> {
             dsm.barrier()?;
             drop(v);
             println!("homediffs ok: {} rounds", args.rounds);
+        }
+        "flushbatch" => {
+            ensure!(n == 2, "flushbatch needs 2 ranks");
+            let pages = 32;
+            let v = dsm.alloc_vec_in::<u64>(
+                pages * WORDS_PER_PAGE,
+                dsm::Placement::At(dsm::Rank(0)),
+                dsm::Consistency::Release,
+            )?;
+            for round in 1..=args.rounds as u64 {
+                // Rank 0 holds lock 1 from before the barrier, so rank 1 takes it after rank 0's writes.
+                let held = if me == 0 { Some(dsm.lock(1)?) } else { None };
+                if me == 1 {
+                    // Copies here, so that rank 0's writes are recorded and announced.
+                    for p in 0..pages {
+                        ensure!(
+                            v.get(p * WORDS_PER_PAGE) == round - 1,
+                            "round {round}: page {p} stale"
+                        );
+                    }
+                }
+                dsm.barrier()?;
+                if me == 1 {
+                    for p in 0..pages {
+                        v.set(p * WORDS_PER_PAGE + 1, round);
+                    }
+                    let sent = dsm.stats().messages_sent;
+                    let g = dsm.lock(1)?;
+                    let messages = dsm.stats().messages_sent - sent;
+                    // The lock request, one batch of diffs, and what the fault after the drops fetches.
+                    ensure!(
+                        messages < 8,
+                        "round {round}: taking the lock sent {messages} messages: the {pages} pages' diffs went one at a time"
+                    );
+                    for p in 0..pages {
+                        let (theirs, mine) =
+                            (v.get(p * WORDS_PER_PAGE), v.get(p * WORDS_PER_PAGE + 1));
+                        ensure!(
+                            (theirs, mine) == (round, round),
+                            "round {round}: page {p} holds {theirs}, {mine} after the acquire"
+                        );
+                    }
+                    drop(g);
+                } else {
+                    for p in 0..pages {
+                        v.set(p * WORDS_PER_PAGE, round);
+                    }
+                    drop(held);
+                }
+                dsm.barrier()?;
+                for p in 0..pages {
+                    let mine = v.get(p * WORDS_PER_PAGE + 1);
+                    ensure!(
+                        mine == round,
+                        "round {round}: rank {me} sees page {p}'s word 1 at {mine}"
+                    );
+                }
+            }
+            let flushed = dsm.stats().acquire_invalidations;
+            ensure!(
+                me == 0 || flushed >= args.rounds as u64 * pages as u64,
+                "rank 1 dropped only {flushed} pages at its acquires"
+            );
+            drop(v);
+            println!("flushbatch ok: {} rounds", args.rounds);
         }
         "selective" => {
             ensure!(n >= 3, "selective needs 3 ranks or more");
@@ -1465,7 +1534,7 @@ fn main() -> anyhow::Result<()> {
         })?,
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, homediffs, selective, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, homediffs, flushbatch, selective, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
             )
         }
     }
