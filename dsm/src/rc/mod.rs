@@ -326,6 +326,8 @@ fn flush_pages(
     let selective = why == Flush::Selective;
     let mut pages = pages.to_vec();
     pages.sort_unstable();
+    // A page twice would be taken twice, and the second taking would wait for the first for ever.
+    pages.dedup();
     for batch in pages.chunks(DIFF_WINDOW) {
         // Twinned pages with their diffs, held BUSY until the diffs are acknowledged.
         let mut outbox = Outbox::default();
@@ -355,8 +357,9 @@ fn flush_pages(
             Some(e) => (vec![false; outbox.batches.len()], Err(e)),
             None => send_diffs(shared, region.id, &outbox.batches, selective),
         };
-        // A page whose diff its home did not acknowledge keeps its twin: `release` puts it back on the
-        // dirty list, and its writes go at the next release.
+        // A page whose diff its home did not acknowledge keeps its twin, and its writes go later: a release
+        // puts it back on the dirty list for the next one; an acquire keeps the copy and tries it once
+        // more on its own (`Dropper::finish`).
         let delivered: Vec<u64> = outbox
             .batches
             .iter()

@@ -414,7 +414,7 @@ fn main() -> anyhow::Result<()> {
                     let sent = dsm.stats().messages_sent;
                     let g = dsm.lock(1)?;
                     let messages = dsm.stats().messages_sent - sent;
-                    // The lock request, one batch of diffs, and what the fault after the drops fetches.
+                    // The lock request, the grant (lock 1 is homed here), and one batch of diffs.
                     ensure!(
                         messages < 8,
                         "round {round}: taking the lock sent {messages} messages: the {pages} pages' diffs went one at a time"

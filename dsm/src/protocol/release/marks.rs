@@ -138,8 +138,9 @@ pub(crate) enum AtDrop {
     /// Nothing: no copy here.
     Absent,
     /// This rank wrote the page too, and the writes are not at the home yet: write-protect it if
-    /// writable, send its diff and wait for the acknowledgement, drop the twin (clear `TWINNED`), then
-    /// discard it as for `Discard`. It stays `WRITTEN` and listed: the interval's notice still names it.
+    /// writable, send its diff (with the acquire's others, a batch to each home) and wait for the
+    /// acknowledgement, drop the twin (clear `TWINNED`), then discard it as for `Discard`. It stays
+    /// `WRITTEN` and listed: the interval's notice still names it.
     FlushThenDiscard,
     /// Mark it invalid and discard the copy: the next access fetches it from its home.
     Discard,
