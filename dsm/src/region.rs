@@ -472,6 +472,13 @@ struct Twins {
     kept_count: AtomicU64,
 }
 
+impl Twins {
+    /// The word of `kept` that holds `page`'s bit, and the bit.
+    fn kept_bit(&self, page: u64) -> (&AtomicU64, u64) {
+        (&self.kept.as_slice()[page as usize / 64], 1 << (page % 64))
+    }
+}
+
 // SAFETY: a twin is written only by the thread that holds its page's BUSY bit for the page's first write
 // fault of an interval, and read only by a thread that holds the same BUSY bit at a release or acquire; BUSY
 // makes those accesses exclusive.
@@ -780,11 +787,14 @@ impl RegionShared {
         // The open run of twins whose memory goes back: its first page and length.
         let mut run: Option<(u64, usize)> = None;
         for &page in pages {
-            if keep && self.keep_twin(twins, page) {
-                continue;
-            }
-            if !keep {
+            let kept = if keep {
+                self.keep_twin(twins, page)
+            } else {
                 self.unkeep_twin(twins, page);
+                false
+            };
+            if kept {
+                continue;
             }
             run = match run {
                 Some((first, n)) if first + n as u64 == page => Some((first, n + 1)),
@@ -801,16 +811,15 @@ impl RegionShared {
     /// (so the page was written in an earlier interval), and the rank's twin memory had room for it.
     pub(crate) fn twin_kept(&self, page: u64) -> bool {
         self.twins.as_ref().is_some_and(|twins| {
-            twins.kept.as_slice()[page as usize / 64].load(Ordering::Acquire) & (1 << (page % 64))
-                != 0
+            let (word, bit) = twins.kept_bit(page);
+            word.load(Ordering::Acquire) & bit != 0
         })
     }
 
     /// Whether the twin of `page` keeps its memory: it did before, or the rank's twin memory has room for
     /// it (which it then takes).
     fn keep_twin(&self, twins: &Twins, page: u64) -> bool {
-        let word = &twins.kept.as_slice()[page as usize / 64];
-        let bit = 1u64 << (page % 64);
+        let (word, bit) = twins.kept_bit(page);
         if word.load(Ordering::Acquire) & bit != 0 {
             return true;
         }
@@ -832,8 +841,7 @@ impl RegionShared {
 
     /// Stops keeping the memory of `page`'s twin, giving its share of the budget back.
     fn unkeep_twin(&self, twins: &Twins, page: u64) {
-        let bit = 1u64 << (page % 64);
-        let word = &twins.kept.as_slice()[page as usize / 64];
+        let (word, bit) = twins.kept_bit(page);
         if word.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
             twins.kept_count.fetch_sub(1, Ordering::AcqRel);
             self.shared.twin_budget.fetch_add(1, Ordering::AcqRel);

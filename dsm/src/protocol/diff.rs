@@ -140,33 +140,39 @@ pub fn apply(page: &mut [u8], diff: &[u8]) -> Result<usize, DiffError> {
     })
 }
 
+/// Checks `diff` whole without applying it; returns the number of bytes it would write.
+pub fn check(diff: &[u8]) -> Result<usize, DiffError> {
+    match diff.split_first() {
+        None => Ok(0),
+        Some((&RUNS, runs)) => check_runs(runs),
+        Some((&MASKED, rest)) => check_masked(rest),
+        Some((&tag, _)) => Err(DiffError::UnknownEncoding(tag)),
+    }
+}
+
 /// Applies `diff` through `write(offset, bytes)`, called only after the whole diff has been checked, with
 /// ranges inside one page that do not overlap. Returns the number of bytes written. For a page that other
 /// threads write at the same time, where a `&mut [u8]` over it must not exist.
 pub fn apply_with(diff: &[u8], mut write: impl FnMut(usize, &[u8])) -> Result<usize, DiffError> {
     // Check first, then write: a malformed diff writes nothing.
-    let mut scratch = [0u8; PAGE_SIZE];
-    let changed = match diff.split_first() {
-        None => return Ok(0),
-        Some((&RUNS, runs)) => {
-            apply_runs(&mut scratch, runs)?;
-            runs_each(runs, &mut write);
-            return Ok(runs_total(runs));
-        }
-        Some((&MASKED, rest)) => apply_masked(&mut scratch, rest)?,
-        Some((&tag, _)) => return Err(DiffError::UnknownEncoding(tag)),
-    };
-    let (mask, bytes) = diff[1..].split_at(MASK_BYTES);
-    let mut next = bytes.iter();
-    for (i, m) in mask.iter().enumerate() {
-        let mut m = *m;
-        while m != 0 {
-            let bit = m.trailing_zeros() as usize;
-            if let Some(b) = next.next() {
-                write(i * 8 + bit, std::slice::from_ref(b));
+    let changed = check(diff)?;
+    match diff.split_first() {
+        Some((&RUNS, runs)) => runs_each(runs, &mut write),
+        Some((_, rest)) => {
+            let (mask, bytes) = rest.split_at(MASK_BYTES);
+            let mut next = bytes.iter();
+            for (i, m) in mask.iter().enumerate() {
+                let mut m = *m;
+                while m != 0 {
+                    let bit = m.trailing_zeros() as usize;
+                    if let Some(b) = next.next() {
+                        write(i * 8 + bit, std::slice::from_ref(b));
+                    }
+                    m &= m - 1;
+                }
             }
-            m &= m - 1;
         }
+        None => {}
     }
     Ok(changed)
 }
@@ -182,54 +188,40 @@ fn runs_each(diff: &[u8], write: &mut impl FnMut(usize, &[u8])) {
     }
 }
 
-/// Bytes carried by a checked runs encoding.
-fn runs_total(diff: &[u8]) -> usize {
-    let mut total = 0;
-    runs_each(diff, &mut |_, b| total += b.len());
-    total
-}
-
-fn apply_runs(page: &mut [u8], diff: &[u8]) -> Result<usize, DiffError> {
+/// Checks a runs encoding (after its tag): every run whole, inside the page, after the one before it.
+/// Returns the bytes its runs carry.
+fn check_runs(diff: &[u8]) -> Result<usize, DiffError> {
     let mut at = 0;
     let mut next_free = 0; // runs must not overlap or go backwards
-    let mut written = 0;
+    let mut carried = 0;
     while at < diff.len() {
         let header = diff
             .get(at..at + RUN_HEADER)
             .ok_or(DiffError::Truncated { at })?;
         let offset = u16::from_le_bytes([header[0], header[1]]) as usize;
         let len = u16::from_le_bytes([header[2], header[3]]) as usize;
-        if len == 0 || offset < next_free || offset + len > page.len() {
+        if len == 0 || offset < next_free || offset + len > PAGE_SIZE {
             return Err(DiffError::OutOfOrder { offset, len });
         }
-        let bytes = diff
-            .get(at + RUN_HEADER..at + RUN_HEADER + len)
-            .ok_or(DiffError::Truncated { at })?;
-        page[offset..offset + len].copy_from_slice(bytes);
-        written += len;
+        if at + RUN_HEADER + len > diff.len() {
+            return Err(DiffError::Truncated { at });
+        }
+        carried += len;
         next_free = offset + len;
         at += RUN_HEADER + len;
     }
-    Ok(written)
+    Ok(carried)
 }
 
-fn apply_masked(page: &mut [u8], diff: &[u8]) -> Result<usize, DiffError> {
+/// Checks a masked encoding (after its tag): a whole mask, and one byte per bit set in it. Returns the
+/// bytes it carries.
+fn check_masked(diff: &[u8]) -> Result<usize, DiffError> {
     let mask = diff
         .get(..MASK_BYTES)
         .ok_or(DiffError::Truncated { at: 0 })?;
-    let bytes = &diff[MASK_BYTES..];
     let set: usize = mask.iter().map(|m| m.count_ones() as usize).sum();
-    if set != bytes.len() || page.len() < PAGE_SIZE {
+    if set != diff.len() - MASK_BYTES {
         return Err(DiffError::MaskMismatch);
-    }
-    let mut next = bytes.iter();
-    for (i, m) in mask.iter().enumerate() {
-        let mut m = *m;
-        while m != 0 {
-            let bit = m.trailing_zeros() as usize;
-            page[i * 8 + bit] = *next.next().ok_or(DiffError::MaskMismatch)?;
-            m &= m - 1;
-        }
     }
     Ok(set)
 }
@@ -307,7 +299,7 @@ pub fn decode_batch(
         if len == 0 {
             return Err(BatchError::Empty { page });
         }
-        apply_with(bytes, |_, _| {}).map_err(|error| BatchError::Diff { page, error })?;
+        check(bytes).map_err(|error| BatchError::Diff { page, error })?;
         at = diff.end;
         entries.push((page, diff));
     }
