@@ -113,7 +113,12 @@ pub(crate) struct Shared {
 }
 
 /// Write notices and the horizon that came with them (see `protocol::release`).
-type Notices = (Vec<WriteNotice>, VectorClock);
+/// What a barrier hands each rank: every rank's notices, their horizon, and the updates of their pages.
+type Notices = (
+    Vec<WriteNotice>,
+    VectorClock,
+    Vec<crate::protocol::release::Update>,
+);
 
 impl Shared {
     pub(crate) fn uffd(&self) -> Result<&Uffd> {
@@ -226,14 +231,19 @@ impl Shared {
         // A release that failed (a home taken for failed) still arrives, as a lock's release still passes
         // the lock on: the others would otherwise wait for this rank at the barrier for ever. Its error is
         // this barrier's, once the barrier is over.
-        let released = crate::rc::release(self);
+        // Its small diffs go with the arrival, so that ranks holding their pages can apply them instead of
+        // dropping the pages (`protocol::release::Update`).
+        let (released, updates) = match crate::rc::release_for_barrier(self) {
+            Ok(updates) => (Ok(()), updates),
+            Err(e) => (Err(e), Vec::new()),
+        };
         let exchanged = if self.size == 1 {
             // A job of one rank: its own notices are all there is to exchange, and no message is needed.
             let rc = self.rc.lock().unwrap_or_else(|p| p.into_inner());
-            let own = (rc.own_notices().to_vec(), rc.own_horizon());
+            let own = (rc.own_notices().to_vec(), rc.own_horizon(), Vec::new());
             Ok((Reply::BarrierDone, Some(own)))
         } else {
-            self.exchange_at_barrier(tag)
+            self.exchange_at_barrier(tag, &updates)
         };
         let (reply, notices) = match exchanged {
             Ok(exchanged) => exchanged,
@@ -242,8 +252,8 @@ impl Shared {
                 return Err(e);
             }
         };
-        if let Some((notices, horizon)) = notices {
-            crate::rc::acquire(self, &notices, &horizon)?;
+        if let Some((notices, horizon, updates)) = notices {
+            crate::rc::acquire(self, &notices, &horizon, &updates)?;
             let stable = self
                 .rc
                 .lock()
@@ -276,9 +286,14 @@ impl Shared {
         }
     }
 
-    /// A barrier's messages: this rank's arrival, with the write notices it issued, to rank 0, and rank 0's
-    /// answer, with every rank's notices when the barrier completed.
-    fn exchange_at_barrier(&self, tag: u64) -> Result<(Reply, Option<Notices>), DsmError> {
+    /// A barrier's messages: this rank's arrival, with the write notices it issued and `updates` of their
+    /// pages, to rank 0, and rank 0's answer, with every rank's notices and updates when the barrier
+    /// completed.
+    fn exchange_at_barrier(
+        &self,
+        tag: u64,
+        updates: &[crate::protocol::release::Update],
+    ) -> Result<(Reply, Option<Notices>), DsmError> {
         // What this rank tells the others: its notices, or, when they are more than an arrival carries
         // (writes scattered over millions of pages), none and a horizon past them, as a lock release
         // does: the ranks that had not seen them then drop every page they cache from other homes.
@@ -288,6 +303,7 @@ impl Shared {
             crate::rc::encode_notices_within(
                 rc.own_notices(),
                 &rc.own_horizon(),
+                updates,
                 MAX_SERVICE_REQUEST,
             )
         };
@@ -305,7 +321,7 @@ impl Shared {
             .recv_owned(&self.counters, root)
             .map_err(|e| self.peer_error(root, e))?;
         let notices = match reply {
-            Reply::BarrierDone => Some(crate::rc::decode_notices(&payload, root, self.size)?),
+            Reply::BarrierDone => Some(crate::rc::decode_exchange(&payload, root, self.size)?),
             _ => None,
         };
         drop(ch);
@@ -393,7 +409,8 @@ impl LockGuard<'_> {
         let (notices, clock) = {
             let rc = s.rc.lock().unwrap_or_else(|p| p.into_inner());
             let (notices, horizon, clock) = rc.notices_to_pass(self.id);
-            let bytes = crate::rc::encode_notices_within(&notices, &horizon, MAX_SERVICE_REQUEST);
+            let bytes =
+                crate::rc::encode_notices_within(&notices, &horizon, &[], MAX_SERVICE_REQUEST);
             (bytes, clock)
         };
         let ch = s.channels.claim();
@@ -719,7 +736,7 @@ impl Dsm {
         let guard = LockGuard { dsm: self, id };
         // Acquiring a lock is an acquire point: drop the pages the notices name.
         let (notices, horizon) = grant?;
-        crate::rc::acquire(s, &notices, &horizon)?;
+        crate::rc::acquire(s, &notices, &horizon, &[])?;
         Counters::add(&s.counters.lock_acquires, 1);
         Counters::add(&s.counters.lock_wait_ns, t0.elapsed().as_nanos() as u64);
         Ok(guard)

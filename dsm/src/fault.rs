@@ -17,8 +17,8 @@ use crate::protocol::release::marks;
 use crate::protocol::swmr::{self, Access, CopySet, Data, Decision, Grant};
 use crate::region::Sequential;
 use crate::region::{
-    self, Consistency, RegionShared, AHEAD, BUSY, DEFERRED, INVALID, LOCKED, LOCK_WAITERS, QUEUED,
-    READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WAITERS, WRITTEN,
+    self, Consistency, RegionShared, AHEAD, BUSY, DEFERRED, DIFFED, INVALID, LOCKED, LOCK_WAITERS,
+    QUEUED, READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WAITERS, WRITTEN,
 };
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
@@ -548,6 +548,13 @@ fn release_fault(
         if at.twin {
             region.make_twin(page);
             word.fetch_or(TWINNED, Ordering::AcqRel);
+            Counters::add(&shared.counters.twins, 1);
+        }
+        if at.home_twin {
+            // Other ranks hold copies: the home's release diffs its own writes against this twin, to
+            // send them with its barrier arrival (diffs applied here meanwhile go to both).
+            region.make_twin(page);
+            word.fetch_or(DIFFED, Ordering::AcqRel);
             Counters::add(&shared.counters.twins, 1);
         }
         // This rank wrote the page in an earlier interval (its twin kept its memory): the pages after it

@@ -88,6 +88,10 @@ pub(crate) const DIFFED: u32 = 256;
 /// no diff of it that carried writes has gone to its home. A release that finds it unchanged leaves it out
 /// of its notice.
 pub(crate) const AHEAD: u32 = 512;
+/// Release consistency: some of the open interval's writes to the page (homed elsewhere) went to its home
+/// before the interval closed (a selective release, an acquire's flush), so the release's diff does not
+/// carry all of them and the page's barrier update is not sent (`protocol::release::Update`).
+pub(crate) const PARTIAL: u32 = 1024;
 
 // Manager lock word bits.
 /// A transaction on the page is in progress.

@@ -41,6 +41,7 @@ pub(crate) struct Counters {
     pub(crate) diffs_applied: AtomicU64,
     pub(crate) write_notices: AtomicU64,
     pub(crate) acquire_invalidations: AtomicU64,
+    pub(crate) pages_updated: AtomicU64,
     pub(crate) selective_releases: AtomicU64,
     pub(crate) selective_acquires: AtomicU64,
     pub(crate) full_invalidations: AtomicU64,
@@ -96,6 +97,7 @@ impl Counters {
             diffs_applied: g(&self.diffs_applied),
             write_notices: g(&self.write_notices),
             acquire_invalidations: g(&self.acquire_invalidations),
+            pages_updated: g(&self.pages_updated),
             selective_releases: g(&self.selective_releases),
             selective_acquires: g(&self.selective_acquires),
             full_invalidations: g(&self.full_invalidations),
@@ -178,6 +180,9 @@ pub struct Stats {
     /// Release consistency: pages dropped at acquires because others wrote them (or, at selective
     /// acquires, because they were in the range).
     pub acquire_invalidations: u64,
+    /// Release consistency: pages brought up to date in place at barriers by other ranks' small diffs,
+    /// which travel with the barrier, instead of dropped (and fetched whole when next read).
+    pub pages_updated: u64,
     /// Release consistency: selective releases of a range ([`crate::Region::release_range`]).
     pub selective_releases: u64,
     /// Release consistency: selective acquires of a range ([`crate::Region::acquire_range`]).
@@ -272,8 +277,8 @@ impl fmt::Display for Stats {
         if self.twins + self.diffs_applied + self.write_notices > 0 {
             write!(
                 f,
-                "\nrelease consistency: {} twins ({} ahead), {} diffs sent ({} bytes), {} applied here, {} write notices, {} pages dropped at acquires",
-                self.twins, self.twins_ahead, self.diffs, self.diff_bytes, self.diffs_applied, self.write_notices, self.acquire_invalidations
+                "\nrelease consistency: {} twins ({} ahead), {} diffs sent ({} bytes), {} applied here, {} write notices, {} pages dropped at acquires, {} brought up to date at barriers",
+                self.twins, self.twins_ahead, self.diffs, self.diff_bytes, self.diffs_applied, self.write_notices, self.acquire_invalidations, self.pages_updated
             )?;
             if self.selective_releases + self.selective_acquires > 0 {
                 write!(

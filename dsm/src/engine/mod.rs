@@ -140,6 +140,10 @@ pub(crate) struct Engine {
     /// at the barrier's end.
     arrival_notices: Vec<crate::protocol::release::WriteNotice>,
     arrival_horizon: VectorClock,
+    /// Release consistency: the updates the arrivals brought (`ALL_UPDATE_BYTES` of diffs at most), and
+    /// their diffs' bytes.
+    arrival_updates: Vec<crate::protocol::release::Update>,
+    arrival_update_bytes: usize,
     /// Release consistency: what the notices of all the locks homed here take (bounded by
     /// `Shared::notice_memory`).
     lock_notice_bytes: usize,
@@ -238,6 +242,8 @@ impl Engine {
             arrivals: Vec::new(),
             arrival_notices: Vec::new(),
             arrival_horizon: VectorClock::new(shared.size),
+            arrival_updates: Vec::new(),
+            arrival_update_bytes: 0,
             lock_notice_bytes: 0,
             let_go_horizon: VectorClock::new(shared.size),
             scratch: vec![0; PAGE_SIZE],

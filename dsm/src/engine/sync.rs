@@ -23,6 +23,10 @@ pub(super) struct LockServer {
     pub(super) horizon: VectorClock,
 }
 
+/// The most diff bytes of updates a barrier hands every rank (`protocol::release::Update`): four ranks'
+/// worth of arrivals (`rc::UPDATE_BYTES` each). Sent to every rank, so bounded whatever the job's size.
+const ALL_UPDATE_BYTES: usize = 4 * crate::rc::UPDATE_BYTES;
+
 impl LockServer {
     /// A lock server whose horizon starts at `horizon` (what the servers let go of may have known).
     pub(super) fn new(horizon: VectorClock) -> LockServer {
@@ -184,10 +188,18 @@ impl Engine {
             self.close(idx, "it arrived twice at one barrier");
             return;
         }
-        match crate::rc::decode_notices(&notices, peer, self.shared.size) {
-            Ok((n, horizon)) => {
+        match crate::rc::decode_exchange(&notices, peer, self.shared.size) {
+            Ok((n, horizon, updates)) => {
                 self.arrival_notices.extend(n);
                 self.arrival_horizon.merge(&horizon);
+                // Every rank gets all of them: past a bound the rest are left out (their pages are
+                // dropped where cached, as without updates).
+                for u in updates {
+                    if self.arrival_update_bytes + u.diff.len() <= ALL_UPDATE_BYTES {
+                        self.arrival_update_bytes += u.diff.len();
+                        self.arrival_updates.push(u);
+                    }
+                }
             }
             Err(e) => {
                 self.close(idx, &e.to_string());
@@ -204,9 +216,11 @@ impl Engine {
         );
         // Each arrival is at most a request; all of them together, sent to every rank, are bounded the
         // same way: past that the horizon is raised over them (every rank drops its cached copies).
+        self.arrival_update_bytes = 0;
         let all = crate::rc::encode_notices_within(
             &std::mem::take(&mut self.arrival_notices),
             &horizon,
+            &std::mem::take(&mut self.arrival_updates),
             crate::MAX_SERVICE_REQUEST,
         );
         let arrivals = std::mem::take(&mut self.arrivals);

@@ -150,6 +150,18 @@ pub fn check(diff: &[u8]) -> Result<usize, DiffError> {
     }
 }
 
+/// The bytes of the page `diff` writes, a bit per byte (bit `i % 64` of word `i / 64`): two diffs whose
+/// masks share no bit can be applied in either order.
+pub fn written_mask(diff: &[u8]) -> Result<[u64; PAGE_SIZE / 64], DiffError> {
+    let mut mask = [0u64; PAGE_SIZE / 64];
+    apply_with(diff, |offset, bytes| {
+        for i in offset..offset + bytes.len() {
+            mask[i / 64] |= 1 << (i % 64);
+        }
+    })?;
+    Ok(mask)
+}
+
 /// Applies `diff` through `write(offset, bytes)`, called only after the whole diff has been checked, with
 /// ranges inside one page that do not overlap. Returns the number of bytes written. For a page that other
 /// threads write at the same time, where a `&mut [u8]` over it must not exist.

@@ -325,6 +325,29 @@ pub fn left_by_lock(
     (!cut.is_some_and(|c| c.covers_clock(&left))).then_some(left)
 }
 
+/// The bytes one rank changed in one page in one interval (the diff its release sent to the page's home,
+/// or a home's diff of its own writes against its twin), sent with the rank's barrier arrival and handed
+/// by the barrier to every rank, so that a rank holding a clean copy of the page can bring it up to date in
+/// place instead of dropping it and fetching it whole again (`Acquire::update`). Only small diffs of the
+/// interval a barrier closes travel so; anything else is dropped as before, which is always correct.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Update {
+    /// The writer, and the interval whose notice names the page.
+    pub rank: Rank,
+    pub interval: u32,
+    pub page: PageKey,
+    /// Encoded as `protocol::diff` encodes, and checked: never empty.
+    pub diff: Vec<u8>,
+}
+
+/// A page an acquire brings up to date in place: the indices, in the acquire's updates, of the diffs to
+/// apply, which write disjoint bytes (so in any order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageUpdate {
+    pub page: PageKey,
+    pub diffs: Vec<usize>,
+}
+
 /// What the engine does at an acquire, before the acquire returns.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Acquire {
@@ -334,6 +357,120 @@ pub struct Acquire {
     /// Drop every cached page of release-consistency regions that is not homed here (as for
     /// `invalidate`): notices this rank had not seen were forgotten before they reached it.
     pub everything: bool,
+    /// Pages (not homed here, and in no run of `invalidate`) that every notice this acquire takes in
+    /// names with an update: a copy here that is clean (`marks::updated`) gets their diffs applied instead
+    /// of being dropped; any other copy is dropped as for `invalidate`. In page order.
+    pub update: Vec<PageUpdate>,
+}
+
+/// Of the pages `updates` name, those that every notice of `taken` naming them names with an update, from
+/// that notice alone, and whose updates write disjoint bytes: with the indices of those updates, in page
+/// order.
+fn updatable(taken: &[&WriteNotice], updates: &[Update]) -> BTreeMap<PageKey, Vec<usize>> {
+    let fresh: std::collections::HashSet<(Rank, u32)> =
+        taken.iter().map(|n| (n.rank, n.interval)).collect();
+    // Per page: the updates of taken-in notices, how many taken-in notices name it, and whether one of
+    // them names it without exactly one update.
+    let mut pages: BTreeMap<PageKey, (Vec<usize>, usize, bool)> = BTreeMap::new();
+    for (i, u) in updates.iter().enumerate() {
+        if fresh.contains(&(u.rank, u.interval)) {
+            pages.entry(u.page).or_default().0.push(i);
+        }
+    }
+    if pages.is_empty() {
+        return BTreeMap::new();
+    }
+    for n in taken {
+        for run in &n.runs {
+            let from = PageKey {
+                region: run.region,
+                page: run.first,
+            };
+            let to = PageKey {
+                region: run.region,
+                page: run.end(),
+            };
+            for (_, (diffs, named, missing)) in pages.range_mut(from..to) {
+                *named += 1;
+                let with = diffs
+                    .iter()
+                    .filter(|&&i| updates[i].rank == n.rank && updates[i].interval == n.interval)
+                    .count();
+                // None, or (from a faulty peer) two for one notice and page: the page is dropped.
+                *missing |= with != 1;
+            }
+        }
+    }
+    // Each naming notice with its one update, and no update besides (one whose notice does not name its
+    // page is counted by no notice above).
+    pages
+        .into_iter()
+        .filter(|(_, (diffs, named, missing))| {
+            !missing && *named == diffs.len() && disjoint(diffs.iter().map(|&i| &updates[i].diff))
+        })
+        .map(|(page, (diffs, _, _))| (page, diffs))
+        .collect()
+}
+
+/// Whether the diffs write disjoint bytes (a malformed one counts as overlapping).
+fn disjoint<'a>(diffs: impl Iterator<Item = &'a Vec<u8>>) -> bool {
+    let mut seen = [0u64; crate::types::PAGE_SIZE / 64];
+    for d in diffs {
+        let Ok(mask) = crate::protocol::diff::written_mask(d) else {
+            return false;
+        };
+        for (s, m) in seen.iter_mut().zip(mask) {
+            if *s & m != 0 {
+                return false;
+            }
+            *s |= m;
+        }
+    }
+    true
+}
+
+/// Takes the pages of `spared` out of the runs of `invalidate` (in order, each page once), and returns
+/// those it took, with their updates, in page order.
+fn spare(invalidate: &mut Vec<PageRun>, spared: BTreeMap<PageKey, Vec<usize>>) -> Vec<PageUpdate> {
+    if spared.is_empty() {
+        return Vec::new();
+    }
+    let mut kept = Vec::with_capacity(invalidate.len());
+    let mut update = Vec::new();
+    for run in invalidate.drain(..) {
+        let from = PageKey {
+            region: run.region,
+            page: run.first,
+        };
+        let to = PageKey {
+            region: run.region,
+            page: run.end(),
+        };
+        let mut first = run.first;
+        for (page, diffs) in spared.range(from..to) {
+            if page.page > first {
+                kept.push(PageRun {
+                    region: run.region,
+                    first,
+                    len: page.page - first,
+                });
+            }
+            first = page.page + 1;
+            update.push(PageUpdate {
+                page: *page,
+                diffs: diffs.clone(),
+            });
+        }
+        if run.end() > first {
+            kept.push(PageRun {
+                region: run.region,
+                first,
+                len: run.end() - first,
+            });
+        }
+    }
+    *invalidate = kept;
+    update
 }
 
 /// A rank has closed as many intervals as their 32-bit numbers allow (about four billion releases that
@@ -531,10 +668,19 @@ impl RcRank {
     /// When the horizon names intervals this rank has not seen, their notices may have been forgotten on
     /// the way: every cached page not homed here is dropped (`Acquire::everything`), and the horizon's
     /// intervals count as seen from then on (and are passed on as part of this rank's horizon).
+    ///
+    /// `updates` (a barrier's; a lock grant carries none) may spare pages: a page every taken-in notice
+    /// that names it names with an update, whose updates write disjoint bytes, goes to `Acquire::update`
+    /// instead of `invalidate`. Its copy here then holds everything the notices this rank has seen say
+    /// (as any copy it keeps), and the diffs bring the rest: every write of those intervals to the page,
+    /// and no write of any other rank since this copy was made that this rank has not seen, since such a
+    /// write's notice would name the page without an update. Updates of notices this rank does not take
+    /// in (its own, or seen already) are passed over: its copy holds their writes.
     pub fn acquire(
         &mut self,
         notices: &[WriteNotice],
         horizon: &VectorClock,
+        updates: &[Update],
         droppable: impl Fn(PageRun, &mut Vec<PageRun>),
     ) -> Acquire {
         let mut out = Acquire::default();
@@ -556,6 +702,7 @@ impl RcRank {
             }
         }
         let mut named: Vec<PageRun> = Vec::new();
+        let mut taken: Vec<&WriteNotice> = Vec::new();
         for n in notices {
             // This rank's own notices are known here already (one this rank never issued could only come
             // from a faulty peer, and learning it would move this rank's own interval counter).
@@ -566,12 +713,17 @@ impl RcRank {
             self.known.insert(n.clone());
             if !out.everything {
                 named.extend_from_slice(&n.runs);
+                taken.push(n);
             }
         }
         // Merged first, so that a page named by many notices is looked at once (`droppable` walks a run
         // page by page); its parts of disjoint runs in order are disjoint and in order.
         for run in coalesce(named) {
             droppable(run, &mut out.invalidate);
+        }
+        if !updates.is_empty() && !out.invalidate.is_empty() {
+            let spared = updatable(&taken, updates);
+            out.update = spare(&mut out.invalidate, spared);
         }
         self.forgotten += self.bound_notices();
         out

@@ -9,7 +9,7 @@ use crate::error::{DsmError, Result};
 use crate::fault::{claim_step, release_busy, set_state};
 use crate::protocol::diff;
 use crate::protocol::release::marks::{self, AtDrop};
-use crate::protocol::release::{PageKey, PageRun, VectorClock, WriteNotice};
+use crate::protocol::release::{PageKey, PageRun, PageUpdate, Update, VectorClock, WriteNotice};
 use crate::region::{
     Consistency, RegionShared, AHEAD, BUSY, DIFFED, INVALID, READ_ONLY, READ_WRITE, STATE_MASK,
     TWINNED, WRITTEN,
@@ -23,7 +23,8 @@ use std::sync::Arc;
 mod notices;
 
 pub(crate) use notices::{
-    decode_clock, decode_notices, encode_clock, encode_notices, encode_notices_within,
+    decode_clock, decode_exchange, decode_notices, encode_clock, encode_notices,
+    encode_notices_within,
 };
 
 /// Diffs in flight before the release waits for their acknowledgements (bounds the pages held and the
@@ -33,6 +34,13 @@ const DIFF_WINDOW: usize = 1024;
 /// Diff bytes past which a batch to a home is closed and the next one begun: a home applies a batch in one
 /// go, so the bound keeps its service loop answering others meanwhile, and its receive buffer small.
 const BATCH_BYTES: usize = 256 << 10;
+
+/// The largest diff of a page that a barrier arrival carries as an update (`Update`): a quarter of a page.
+/// A larger one reaches only its home, and a rank that needs the page fetches it whole, as before.
+const UPDATE_DIFF_MAX: usize = crate::types::PAGE_SIZE / 4;
+
+/// The most diff bytes one barrier arrival carries as updates; the pages past it are dropped where cached.
+pub(crate) const UPDATE_BYTES: usize = 64 << 10;
 
 /// Takes the page's BUSY bit, waiting while a fault of this rank holds it.
 fn claim(region: &RegionShared, page: u64) {
@@ -57,6 +65,8 @@ fn try_claim(region: &RegionShared, page: u64) -> Option<u32> {
 #[derive(Default)]
 struct Outbox {
     batches: Vec<Batch>,
+    /// Where the diff `add` added last is: its batch, and its bytes there.
+    last: Option<(usize, std::ops::Range<usize>)>,
 }
 
 struct Batch {
@@ -107,11 +117,20 @@ impl Outbox {
         }
         batch.pages.push(page);
         batch.diff_bytes += n;
+        self.last = Some((i, batch.bytes.len() - n..batch.bytes.len()));
         true
     }
 
     fn pages(&self) -> impl Iterator<Item = u64> + '_ {
         self.batches.iter().flat_map(|b| b.pages.iter().copied())
+    }
+
+    /// The diff `add` put in a batch last (after it returned true).
+    fn last_diff(&self) -> &[u8] {
+        self.last
+            .as_ref()
+            .and_then(|(i, r)| self.batches.get(*i)?.bytes.get(r.clone()))
+            .unwrap_or_default()
     }
 }
 
@@ -211,17 +230,29 @@ fn release_regions(shared: &Shared) -> Vec<Arc<RegionShared>> {
 /// flushed `DIFF_WINDOW` at a time. On an error every page is marked written again, so nothing is
 /// forgotten.
 pub(crate) fn release(shared: &Shared) -> Result<()> {
+    release_collecting(shared, false).map(|_| ())
+}
+
+/// A release at a barrier: as `release`, and returns the small diffs of the interval it closes as updates
+/// for the other ranks (see `Update`), none if it failed.
+pub(crate) fn release_for_barrier(shared: &Shared) -> Result<Vec<Update>> {
+    release_collecting(shared, shared.size > 1)
+}
+
+fn release_collecting(shared: &Shared, collect: bool) -> Result<Vec<Update>> {
     let regions = release_regions(shared);
     if regions.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let mut rc = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
     let mut written: Vec<PageKey> = Vec::new();
-    let mut settled = Settled::default();
+    let mut settled = Settled::collecting(collect);
     let result = release_pages(shared, &regions, &mut written, &mut settled);
     let Settled {
         cleared,
         unannounced,
+        updates,
+        ..
     } = settled;
     // Pages only other ranks' diffs wrote here: their writers announce them.
     written.retain(|k| !unannounced.contains(k));
@@ -253,16 +284,30 @@ pub(crate) fn release(shared: &Shared) -> Result<()> {
         if !delivered.is_empty() && rc.close_interval(delivered)?.is_some() {
             Counters::add(&shared.counters.write_notices, 1);
         }
-        return result;
+        return result.map(|()| Vec::new());
     }
-    if rc.close_interval(written)?.is_some() {
-        Counters::add(&shared.counters.write_notices, 1);
-    }
+    let notice = rc.close_interval(written)?;
     Counters::add(
         &shared.counters.notices_forgotten,
         rc.take_forgotten() as u64,
     );
-    Ok(())
+    let Some(notice) = notice else {
+        return Ok(Vec::new());
+    };
+    Counters::add(&shared.counters.write_notices, 1);
+    // Every page offered is named by the notice: a page with a diff always is, and a home's page only
+    // when its own writes changed it (`marks::announced_at_release`), which is when it has a diff.
+    Ok(updates
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(page, _)| !unannounced.contains(page))
+        .map(|(page, diff)| Update {
+            rank: shared.me,
+            interval: notice.interval,
+            page,
+            diff,
+        })
+        .collect())
 }
 
 /// What a flush did with the pages it took.
@@ -272,6 +317,34 @@ struct Settled {
     cleared: std::collections::HashSet<PageKey>,
     /// Of those, pages homed here that only other ranks' diffs wrote (`marks::announced_at_release`).
     unannounced: std::collections::HashSet<PageKey>,
+    /// At a barrier's release: the small diffs of the interval's pages, this rank's whole writes to each
+    /// (`marks::whole_interval`), to go with the arrival as updates, `UPDATE_BYTES` at most.
+    updates: Option<Vec<(PageKey, Vec<u8>)>>,
+    update_bytes: usize,
+}
+
+impl Settled {
+    /// A release's settled pages, collecting updates if `updates`.
+    fn collecting(updates: bool) -> Settled {
+        Settled {
+            updates: updates.then(Vec::new),
+            ..Settled::default()
+        }
+    }
+
+    /// Offers the diff of this rank's writes to `page` in the interval that is closing as an update.
+    fn offer(&mut self, region: u32, page: u64, diff: &[u8]) {
+        let Some(updates) = &mut self.updates else {
+            return;
+        };
+        if !diff.is_empty()
+            && diff.len() <= UPDATE_DIFF_MAX
+            && self.update_bytes + diff.len() <= UPDATE_BYTES
+        {
+            self.update_bytes += diff.len();
+            updates.push((PageKey { region, page }, diff.to_vec()));
+        }
+    }
 }
 
 /// The work of `release`; every page taken from a dirty list is added to `written` as soon as it is taken.
@@ -374,6 +447,14 @@ fn flush_pages(
             clear | marks::cleared_at_diff(),
             settled,
         );
+        if why != Flush::Release {
+            // The interval's diff at its release will lack these writes: no update of it.
+            for &page in &delivered {
+                region
+                    .state(page)
+                    .fetch_or(marks::partial_after_flush(), Ordering::AcqRel);
+            }
+        }
         for page in outbox.pages() {
             release_busy(region, page);
         }
@@ -469,14 +550,28 @@ fn settle(
     let mut done = Vec::new();
     let mut twins = Vec::new();
     let mut forgotten = Vec::new();
+    let mut own = Vec::new();
     for (page, s) in held.drain(..) {
         if marks::diffs_at_release(s) && outbox.add(region, page) {
+            if marks::whole_interval(s) {
+                settled.offer(region.id, page, outbox.last_diff());
+            }
             continue;
         }
         // DIFFED pages are homed here, and only a release (which clears DIFFED) takes them.
         debug_assert!(s & DIFFED == 0 || clear & DIFFED != 0);
-        // A DIFFED page is write-protected above: its bytes now are all it holds this interval.
-        let same = s & DIFFED != 0 && region.twin(page) == region.present_page(page);
+        // A DIFFED page is write-protected above: its bytes now are all it holds this interval, and
+        // those that differ from its twin are the home's own writes.
+        let same = if s & DIFFED == 0 {
+            false
+        } else if settled.updates.is_some() {
+            own.clear();
+            diff::encode(region.twin(page), region.present_page(page), &mut own);
+            settled.offer(region.id, page, &own);
+            own.is_empty()
+        } else {
+            region.twin(page) == region.present_page(page)
+        };
         if !marks::announced_at_release(s, same) {
             settled.unannounced.insert(PageKey {
                 region: region.id,
@@ -549,17 +644,21 @@ fn protect_runs(region: &RegionShared, pages: &[u64]) -> Result<()> {
 /// forgotten on the way), every cached page of release-consistency regions not homed here is dropped.
 /// The release-consistency state stays locked until every page is dropped, so that a concurrent acquire
 /// by another thread of this rank cannot find the notices seen while their pages are still here.
+///
+/// `updates` (a barrier's) spare the pages the protocol says they may (`Acquire::update`): a clean copy
+/// of such a page here is brought up to date in place (`bring_up_to_date`), any other is dropped.
 pub(crate) fn acquire(
     shared: &Shared,
     notices: &[WriteNotice],
     horizon: &VectorClock,
+    updates: &[Update],
 ) -> Result<()> {
     if notices.is_empty() && horizon.is_zero() {
         return Ok(());
     }
     let mut rc = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
     let me = shared.me;
-    let plan = rc.acquire(notices, horizon, |run, out| {
+    let plan = rc.acquire(notices, horizon, updates, |run, out| {
         let Some(region) = shared.region(run.region) else {
             return;
         };
@@ -627,7 +726,107 @@ pub(crate) fn acquire(
             dropper.add(&region, page);
         }
     }
+    for group in plan.update.chunk_by(|a, b| a.page.region == b.page.region) {
+        let Some(region) = shared.region(group[0].page.region) else {
+            continue;
+        };
+        let result = bring_up_to_date(shared, &region, group, updates, &mut dropper);
+        dropper.note(result);
+    }
     dropper.finish()
+}
+
+/// Applies other ranks' diffs (`updates`, as `pages` index them) to this rank's copies of `pages` of
+/// `region`, each taken without waiting; a copy that is not clean read-only (`marks::updated`), or that
+/// another thread of this rank holds, is dropped with `dropper` instead, once the others are let go. Each
+/// page brought up to date is twinned as the diffs leave it (before it becomes writable, so that a write
+/// of another thread of this rank is caught by the twin), marked `WRITTEN | TWINNED | AHEAD` and listed,
+/// made writable (a run of neighbours in one call) and written: left out of the next notice unless
+/// written, and written with no fault. A page that could not be made writable is dropped.
+fn bring_up_to_date(
+    shared: &Shared,
+    region: &Arc<RegionShared>,
+    pages: &[PageUpdate],
+    updates: &[Update],
+    dropper: &mut Dropper,
+) -> Result<()> {
+    fn diffs<'a>(u: &'a PageUpdate, updates: &'a [Update]) -> impl Iterator<Item = &'a [u8]> {
+        u.diffs
+            .iter()
+            .filter_map(|&i| updates.get(i).map(|d| d.diff.as_slice()))
+    }
+    let mut taken = Vec::with_capacity(pages.len());
+    let mut others = Vec::new();
+    for u in pages {
+        let page = u.page.page;
+        match try_claim(region, page) {
+            Some(s) if marks::updated(s) => taken.push(u),
+            Some(s) => {
+                release_busy(region, page);
+                if s & STATE_MASK != INVALID {
+                    others.push(page);
+                }
+            }
+            None => others.push(page),
+        }
+    }
+    let mut listed = Vec::with_capacity(taken.len());
+    for u in &taken {
+        let page = u.page.page;
+        let twin = region.twin_mut(page);
+        twin.copy_from_slice(region.present_page(page));
+        for d in diffs(u, updates) {
+            // Checked when they arrived (`decode_exchange`): applying cannot fail.
+            let _ = diff::apply(twin, d);
+        }
+        region
+            .state(page)
+            .fetch_or(WRITTEN | TWINNED | AHEAD, Ordering::AcqRel);
+        listed.push(page);
+    }
+    region
+        .dirty
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend_from_slice(&listed);
+    let lifted = region.protect_runs(&listed, false);
+    let writable = match &lifted {
+        Ok(()) => listed.len(),
+        Err((done, _)) => *done,
+    };
+    for u in &taken[..writable] {
+        for d in diffs(u, updates) {
+            let _ = region.apply_diff(u.page.page, d);
+        }
+        set_state(region.state(u.page.page), READ_WRITE);
+        release_busy(region, u.page.page);
+    }
+    // Still write-protected and unchanged: stale, so dropped (its twin with it; it stays listed, as a
+    // page twinned ahead that an acquire dropped does).
+    let stale = &listed[writable..];
+    for &page in stale {
+        region.state(page).fetch_and(!TWINNED, Ordering::AcqRel);
+        set_state(region.state(page), INVALID);
+    }
+    region.forget_twins(stale);
+    let discarded = stale.iter().try_for_each(|&page| region.discard(page));
+    for &page in stale {
+        release_busy(region, page);
+    }
+    Counters::add(&shared.counters.pages_updated, writable as u64);
+    for page in others {
+        dropper.add(region, page);
+    }
+    lifted.map_err(|(done, e)| {
+        DsmError::sys(
+            format!(
+                "making page {} of region {} writable for a barrier's update",
+                listed[done], region.id
+            ),
+            e,
+        )
+    })?;
+    discarded.map_err(|e| DsmError::sys(format!("dropping a page of region {}", region.id), e))
 }
 
 /// Drops pages at an acquire, a run of neighbouring clean pages at a time: the pages are marked invalid

@@ -6,7 +6,8 @@
 //! pages it looks at are at most the regions' pages, however many notices or runs name them.
 
 use crate::error::{DsmError, Result};
-use crate::protocol::release::{PageRun, VectorClock, WriteNotice};
+use crate::protocol::diff;
+use crate::protocol::release::{PageKey, PageRun, Update, VectorClock, WriteNotice};
 use crate::types::Rank;
 
 /// A write notice as it travels: its pages as runs of consecutive pages of one region, `(region, first
@@ -19,16 +20,32 @@ struct WireNotice {
     runs: Vec<PageRun>,
 }
 
-/// Write notices as they travel, with the horizon that comes with them (empty when it is all zeros).
+/// An update as it travels (`Update`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WireUpdate {
+    rank: Rank,
+    interval: u32,
+    page: PageKey,
+    diff: Vec<u8>,
+}
+
+/// Write notices as they travel, with the horizon that comes with them (empty when it is all zeros), and
+/// at barriers the updates of their pages.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct WireNotices {
     horizon: Vec<u32>,
     notices: Vec<WireNotice>,
+    updates: Vec<WireUpdate>,
 }
 
-/// Encodes write notices and their horizon for a lock release or grant, or a barrier's messages.
+/// Encodes write notices and their horizon for a lock release or grant.
 pub(crate) fn encode_notices(notices: &[WriteNotice], horizon: &VectorClock) -> Vec<u8> {
-    if notices.is_empty() && horizon.is_zero() {
+    encode_exchange(notices, horizon, &[])
+}
+
+/// Encodes write notices, their horizon and updates of their pages, for a barrier's messages.
+fn encode_exchange(notices: &[WriteNotice], horizon: &VectorClock, updates: &[Update]) -> Vec<u8> {
+    if notices.is_empty() && horizon.is_zero() && updates.is_empty() {
         return Vec::new();
     }
     let notices: Vec<WireNotice> = notices
@@ -44,19 +61,40 @@ pub(crate) fn encode_notices(notices: &[WriteNotice], horizon: &VectorClock) -> 
     } else {
         horizon.0.clone()
     };
-    postcard::to_allocvec(&WireNotices { horizon, notices }).unwrap_or_default()
+    let updates = updates
+        .iter()
+        .map(|u| WireUpdate {
+            rank: u.rank,
+            interval: u.interval,
+            page: u.page,
+            diff: u.diff.clone(),
+        })
+        .collect();
+    postcard::to_allocvec(&WireNotices {
+        horizon,
+        notices,
+        updates,
+    })
+    .unwrap_or_default()
 }
 
-/// The notices and horizon a lock release passes, encoded in at most `max` bytes: when they do not fit,
-/// no notice goes and the horizon is raised over them all, so that an acquirer that has not seen them
-/// drops every cached page of release-consistency regions instead (as for notices forgotten on the way).
-/// A release the lock's home would refuse as too large would leave the lock held for ever.
+/// The notices and horizon a lock release passes (or a barrier's message, with `updates`), encoded in at
+/// most `max` bytes: when they do not fit, the updates are left out (their pages are dropped, which is
+/// always correct), and if still too large no notice goes and the horizon is raised over them all, so that
+/// an acquirer that has not seen them drops every cached page of release-consistency regions instead (as
+/// for notices forgotten on the way). A release the lock's home would refuse as too large would leave the
+/// lock held for ever.
 pub(crate) fn encode_notices_within(
     notices: &[WriteNotice],
     horizon: &VectorClock,
+    updates: &[Update],
     max: usize,
 ) -> Vec<u8> {
-    let bytes = encode_notices(notices, horizon);
+    let bytes = encode_exchange(notices, horizon, updates);
+    if bytes.len() <= max {
+        return bytes;
+    }
+    let bytes = encode_exchange(notices, horizon, &[]);
     if bytes.len() <= max {
         return bytes;
     }
@@ -67,15 +105,26 @@ pub(crate) fn encode_notices_within(
     encode_notices(&[], &raised)
 }
 
-/// Decodes write notices and their horizon received from `from`, in a job of `size` ranks.
+/// Decodes write notices and their horizon received from `from`, in a job of `size` ranks (updates, which
+/// only a barrier's messages carry, are passed over).
 pub(crate) fn decode_notices(
     bytes: &[u8],
     from: Rank,
     size: usize,
 ) -> Result<(Vec<WriteNotice>, VectorClock)> {
+    decode_exchange(bytes, from, size).map(|(notices, horizon, _)| (notices, horizon))
+}
+
+/// Decodes a barrier's message from `from`: write notices, their horizon and updates of their pages, each
+/// update's writer a rank of the job and its diff well formed and not empty.
+pub(crate) fn decode_exchange(
+    bytes: &[u8],
+    from: Rank,
+    size: usize,
+) -> Result<(Vec<WriteNotice>, VectorClock, Vec<Update>)> {
     let mut horizon = VectorClock::new(size);
     if bytes.is_empty() {
-        return Ok((Vec::new(), horizon));
+        return Ok((Vec::new(), horizon, Vec::new()));
     }
     let bad = |what: String| DsmError::Protocol { rank: from, what };
     let wire: WireNotices = postcard::from_bytes(bytes)
@@ -114,7 +163,35 @@ pub(crate) fn decode_notices(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok((notices, horizon))
+    let updates = wire
+        .updates
+        .into_iter()
+        .map(|w| {
+            if w.rank.index() >= size {
+                return Err(bad(format!(
+                    "an update from {} in a job of {size} ranks",
+                    w.rank
+                )));
+            }
+            match diff::check(&w.diff) {
+                Ok(n) if n > 0 => Ok(Update {
+                    rank: w.rank,
+                    interval: w.interval,
+                    page: w.page,
+                    diff: w.diff,
+                }),
+                Ok(_) => Err(bad(format!(
+                    "an empty update of page {} of region {}",
+                    w.page.page, w.page.region
+                ))),
+                Err(e) => Err(bad(format!(
+                    "an update of page {} of region {}: {e}",
+                    w.page.page, w.page.region
+                ))),
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((notices, horizon, updates))
 }
 
 /// Encodes a vector clock (sent with a lock request, so that the grant carries only unseen notices).
@@ -225,8 +302,8 @@ mod tests {
         ];
         let h = VectorClock(vec![1, 2, 0]);
         let whole = encode_notices(&notices, &h);
-        assert_eq!(encode_notices_within(&notices, &h, whole.len()), whole);
-        let small = encode_notices_within(&notices, &h, whole.len() - 1);
+        assert_eq!(encode_notices_within(&notices, &h, &[], whole.len()), whole);
+        let small = encode_notices_within(&notices, &h, &[], whole.len() - 1);
         let (back, horizon) = decode_notices(&small, Rank(1), 3).unwrap();
         assert!(back.is_empty());
         // Every notice left out is covered, and what the horizon had stays.
@@ -255,6 +332,7 @@ mod tests {
                     interval: 1,
                     runs: runs.clone(),
                 }],
+                updates: Vec::new(),
             })
             .unwrap();
             (bytes, runs)
@@ -266,6 +344,64 @@ mod tests {
         for broken in [(0, u64::MAX, 2), (0, 5, 0)] {
             let e = decode_notices(&wire(broken).0, Rank(2), 3).unwrap_err();
             assert!(e.to_string().contains("names a run of"), "{e}");
+        }
+    }
+
+    fn update(rank: u32, interval: u32, page: u64, diff: Vec<u8>) -> Update {
+        Update {
+            rank: Rank(rank),
+            interval,
+            page: PageKey { region: 1, page },
+            diff,
+        }
+    }
+
+    /// A diff that writes `value` at `offset` of a page.
+    fn diff_at(offset: usize, value: u8) -> Vec<u8> {
+        let twin = vec![0u8; crate::types::PAGE_SIZE];
+        let mut page = twin.clone();
+        page[offset] = value;
+        let mut d = Vec::new();
+        diff::encode(&twin, &page, &mut d);
+        d
+    }
+
+    #[test]
+    fn updates_travel_with_a_barrier_s_notices_and_are_the_first_thing_left_out() {
+        let notices = [notice(0, 3, &[(1, 4)]), notice(2, 5, &[(1, 4), (1, 9)])];
+        let updates = [
+            update(0, 3, 4, diff_at(8, 1)),
+            update(2, 5, 9, diff_at(100, 2)),
+        ];
+        let h = VectorClock::new(3);
+        let bytes = encode_notices_within(&notices, &h, &updates, usize::MAX);
+        let (back, _, got) = decode_exchange(&bytes, Rank(0), 3).unwrap();
+        assert_eq!(back, notices);
+        assert_eq!(got, updates);
+        // A lock's grant has none: its decoder passes them over.
+        assert_eq!(decode_notices(&bytes, Rank(0), 3).unwrap().0, notices);
+        // Too large with the updates: the notices go without them.
+        let bare = encode_notices(&notices, &h);
+        let within = encode_notices_within(&notices, &h, &updates, bytes.len() - 1);
+        assert_eq!(within, bare);
+        assert!(decode_exchange(&within, Rank(0), 3).unwrap().2.is_empty());
+    }
+
+    #[test]
+    fn updates_of_ranks_outside_the_job_or_with_broken_or_empty_diffs_are_refused() {
+        let h = VectorClock::new(2);
+        let n = [notice(0, 1, &[(1, 4)])];
+        for (u, what) in [
+            (update(5, 1, 4, diff_at(8, 1)), "update from rank 5"),
+            (update(0, 1, 4, Vec::new()), "empty update"),
+            (
+                update(0, 1, 4, vec![0, 0xff, 0x0f, 2, 0, 7, 7]),
+                "update of page 4",
+            ),
+        ] {
+            let bytes = encode_notices_within(&n, &h, &[u], usize::MAX);
+            let e = decode_exchange(&bytes, Rank(1), 2).unwrap_err();
+            assert!(e.to_string().contains(what), "{e}");
         }
     }
 }

@@ -6,13 +6,17 @@
 //! - `TWINNED`: a twin whose diff has not reached the page's home.
 //! - `SHARED`, at the home: another rank has fetched the page, so the home's own writes to it are tracked.
 //!   Until then the home writes in place unseen: no other copy exists to go stale.
-//! - `DIFFED`, at the home: listed because a diff made the page writable here, with a twin of what the
-//!   diffs alone left in it (see `at_diff`).
+//! - `DIFFED`, at the home: listed, with a twin of the page without the home's own writes of the open
+//!   interval: made by the home's first write to a page other ranks hold (`AtWrite::home_twin`), or by a
+//!   diff that made the page writable here (see `at_diff`); later diffs go to the twin too.
 //! - `AHEAD`: listed (and twinned) ahead of a write (`ahead`), and no write of the page seen since: no
 //!   write fault has marked it and no diff of it that carried writes has gone to its home
 //!   (`cleared_at_diff`). Unchanged at a release, it is left out of the notice (`announced_at_release`).
 //!   Its twin may be gone (a selective release or an acquire's flush found it unchanged) while it stays
-//!   listed.
+//!   listed. A page brought up to date at a barrier by other ranks' diffs (`updated`) is marked the same
+//!   way.
+//! - `PARTIAL`: homed elsewhere, and some of the open interval's writes to it already went to its home
+//!   (`partial_after_flush`): the release's diff lacks them, so it is not sent as an update.
 //!
 //! A selective release of a range sends its pages' diffs as a release does, but closes no interval; a
 //! selective acquire of a range drops its pages as an acquire drops the pages notices name.
@@ -22,7 +26,7 @@
 //! test beside this file, on its model of each rank's memory.
 
 use crate::region::{
-    AHEAD, DIFFED, INVALID, READ_ONLY, READ_WRITE, SHARED, STATE_MASK, TWINNED, WRITTEN,
+    AHEAD, DIFFED, INVALID, PARTIAL, READ_ONLY, READ_WRITE, SHARED, STATE_MASK, TWINNED, WRITTEN,
 };
 
 /// Whether a write to the page is recorded: always, unless the page is homed here and no other rank has
@@ -40,6 +44,10 @@ pub(crate) struct AtWrite {
     /// Copy the page to a twin (and mark it `TWINNED`): homed elsewhere and without a twin. A page whose
     /// twin was flushed at an acquire, and which is written again in the same interval, gets a new one.
     pub(crate) twin: bool,
+    /// Homed here (and tracked: another rank holds a copy), first written in the interval: copy the page
+    /// to a twin and mark it `DIFFED`, so that the home's release can tell, and send, its own writes
+    /// apart from the diffs applied here (which go to the twin too: `AtDiff::Both`).
+    pub(crate) home_twin: bool,
 }
 
 /// The marks a write fault sets and clears: `WRITTEN` on, `AHEAD` off (the page is written).
@@ -60,7 +68,29 @@ pub(crate) fn at_write(state: u32, homed_here: bool) -> AtWrite {
     AtWrite {
         list: state & WRITTEN == 0,
         twin: !homed_here && state & TWINNED == 0,
+        home_twin: homed_here && state & (WRITTEN | DIFFED) == 0,
     }
+}
+
+/// Whether a page homed elsewhere may be brought up to date in place at a barrier by other ranks' diffs of
+/// it (`Acquire::update`) instead of dropped: the same pages as `ahead`, a clean read-only copy. It is
+/// then twinned as the diffs leave it, marked `WRITTEN | TWINNED | AHEAD`, listed, made writable and
+/// written: a write by another thread of this rank once it is writable is caught by its twin, and the next
+/// write to it by this rank takes no fault. Unchanged at the next release, it is left out of the notice.
+pub(crate) fn updated(state: u32) -> bool {
+    ahead(state)
+}
+
+/// The marks a page homed elsewhere gains once a diff of it that is not empty reaches its home before its
+/// interval closes (a selective release, an acquire's flush): `PARTIAL`.
+pub(crate) fn partial_after_flush() -> u32 {
+    PARTIAL
+}
+
+/// At a release, whether the diff of a page homed elsewhere may go to the other ranks as an update: it
+/// carries every write of the interval (`PARTIAL` is not set).
+pub(crate) fn whole_interval(state: u32) -> bool {
+    state & PARTIAL == 0
 }
 
 /// At a release, for a page taken from the written list (after it is write-protected, if it was
@@ -77,7 +107,7 @@ pub(crate) fn cleared_at_diff() -> u32 {
 }
 
 /// The marks a page loses once its writes are at its home (or it has none to send): at a release every
-/// one of the interval's, `WRITTEN | TWINNED | DIFFED | AHEAD` (its interval is closing); at a selective
+/// one of the interval's, `WRITTEN | TWINNED | DIFFED | AHEAD | PARTIAL` (its interval is closing); at a selective
 /// release (`Region::release_range`) only `TWINNED` (and `AHEAD` with a diff, `cleared_at_diff`): the page stays `WRITTEN` and listed, so that the interval's write notice still names it
 /// (ranks that synchronize through locks and barriers learn of the writes as before), and its next write
 /// in the interval makes a new twin.
@@ -85,7 +115,7 @@ pub(crate) fn cleared_at_release(selective: bool) -> u32 {
     if selective {
         TWINNED
     } else {
-        WRITTEN | TWINNED | DIFFED | AHEAD
+        WRITTEN | TWINNED | DIFFED | AHEAD | PARTIAL
     }
 }
 
@@ -175,14 +205,16 @@ mod tests {
             at_write(READ_ONLY, false),
             AtWrite {
                 list: true,
-                twin: true
+                twin: true,
+                home_twin: false
             }
         );
         assert_eq!(
             at_write(READ_ONLY | SHARED, true),
             AtWrite {
                 list: true,
-                twin: false
+                twin: false,
+                home_twin: true
             }
         );
         // Written again after a release protected it, in the same interval: listed already.
@@ -190,7 +222,8 @@ mod tests {
             at_write(READ_ONLY | WRITTEN | TWINNED, false),
             AtWrite {
                 list: false,
-                twin: false
+                twin: false,
+                home_twin: false
             }
         );
         // Written again after an acquire flushed and dropped it: a new twin, not a second listing.
@@ -198,9 +231,14 @@ mod tests {
             at_write(READ_ONLY | WRITTEN, false),
             AtWrite {
                 list: false,
-                twin: true
+                twin: true,
+                home_twin: false
             }
         );
+        // A home page a diff made writable has its twin already; one the home listed without a twin
+        // (a selective release's diff) is announced whatever its bytes.
+        assert!(!at_write(READ_ONLY | SHARED | WRITTEN | DIFFED, true).home_twin);
+        assert!(!at_write(READ_ONLY | SHARED | WRITTEN, true).home_twin);
         assert!(!tracked(READ_WRITE, true) && tracked(READ_WRITE | SHARED, true));
         assert!(tracked(INVALID, false));
         // A write fault marks a page written, and written it is no longer only twinned ahead.
@@ -220,6 +258,10 @@ mod tests {
         assert!(!ahead(READ_ONLY | TWINNED));
         assert!(!ahead(READ_WRITE) && !ahead(INVALID));
         assert!(!announced_at_release(READ_ONLY | WRITTEN | AHEAD, false));
+        assert!(updated(READ_ONLY) && !updated(READ_ONLY | TWINNED) && !updated(READ_WRITE));
+        assert!(!whole_interval(READ_ONLY | WRITTEN | partial_after_flush()));
+        assert_ne!(cleared_at_release(false) & PARTIAL, 0);
+        assert_eq!(cleared_at_release(true) & PARTIAL, 0);
         assert!(announced_at_release(READ_ONLY | WRITTEN, false));
         assert_ne!(cleared_at_release(false) & AHEAD, 0);
         assert_eq!(

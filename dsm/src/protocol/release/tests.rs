@@ -12,6 +12,11 @@
 //! - a rank always reads its own writes;
 //! - after every barrier, every rank reads every byte's last write (no diff lost).
 //!
+//! Barrier arrivals carry small diffs as updates (homes' own writes included, diffed against the twin a
+//! home makes at its first write to a page others hold), and acquirers bring clean copies up to date
+//! with them instead of dropping them; some jobs leave out updates at random, as a barrier past its bound
+//! does.
+//!
 //! Some jobs bound the notices kept between barriers so tightly that ranks and locks forget them all the
 //! time, and acquirers behind the horizon drop every cached page. In others, ranks also hand pages over by
 //! a selective release and acquire (`Region::release_range`, `acquire_range`), ordered by nothing else:
@@ -21,7 +26,7 @@ use super::marks::{self, AtDiff, AtDrop};
 use super::*;
 use crate::protocol::diff;
 use crate::region::{
-    AHEAD, DIFFED, INVALID, READ_ONLY, READ_WRITE, SHARED, STATE_MASK, TWINNED, WRITTEN,
+    AHEAD, DIFFED, INVALID, PARTIAL, READ_ONLY, READ_WRITE, SHARED, STATE_MASK, TWINNED, WRITTEN,
 };
 use crate::types::PAGE_SIZE;
 use rand::rngs::StdRng;
@@ -93,6 +98,16 @@ struct Sim {
     selective_checks: u64,
     /// Pages a home's release left out of its notice: only diffs had written them.
     home_notices_spared: u64,
+    /// 1 in this many updates is left out of a barrier (0: no updates at all, as before them).
+    update_odds: u32,
+    /// Per rank, the updates its barrier arrival carries.
+    pending: Vec<Vec<Update>>,
+    /// Updates barriers handed over, and pages brought up to date with them.
+    updates_sent: u64,
+    pages_updated: u64,
+    /// Diffs at barriers' releases kept from going as updates: some of their interval's writes went
+    /// before (`PARTIAL`).
+    partial_withheld: u64,
 }
 
 fn with_state(word: u32, state: u32) -> u32 {
@@ -155,6 +170,11 @@ impl Sim {
             unreleased: vec![vec![Default::default(); pages]; ranks],
             selective_checks: 0,
             home_notices_spared: 0,
+            update_odds: 0,
+            pending: vec![Vec::new(); ranks],
+            updates_sent: 0,
+            pages_updated: 0,
+            partial_withheld: 0,
         };
         sim.assign_owners(rng);
         sim
@@ -229,6 +249,10 @@ impl Sim {
                     self.twin[r][p] = self.local[r][p].clone();
                     s |= TWINNED;
                 }
+                if at.home_twin {
+                    self.twin[r][p] = Some(self.master[p].clone());
+                    s |= DIFFED;
+                }
                 self.state[r][p] = with_state(s, READ_WRITE);
             } else {
                 self.unseen_home_writes += 1;
@@ -244,8 +268,8 @@ impl Sim {
     }
 
     /// Sends rank `r`'s writes to page `p` (write-protected, twinned) to its home, which applies them and
-    /// records them as its own writes; drops the twin.
-    fn send_diff(&mut self, r: usize, p: usize, selective: bool) {
+    /// records them as its own writes; drops the twin. Returns the diff.
+    fn send_diff(&mut self, r: usize, p: usize, selective: bool) -> Vec<u8> {
         let twin = self.twin[r][p]
             .take()
             .expect("a diff of a page without a twin");
@@ -256,7 +280,7 @@ impl Sim {
         diff::encode(&twin, local, &mut d);
         self.state[r][p] &= !TWINNED;
         if d.is_empty() {
-            return;
+            return d;
         }
         self.state[r][p] &= !marks::cleared_at_diff();
         let h = self.home(p);
@@ -285,11 +309,23 @@ impl Sim {
         }
         diff::apply(&mut self.master[p], &d).expect("a well-formed diff");
         self.diffs_applied += 1;
+        d
     }
 
     fn release(&mut self, r: usize) -> Option<WriteNotice> {
+        self.release_collecting(r, false).0
+    }
+
+    /// A release; at a barrier (`collect`), with the updates its arrival carries: the diffs it sent that
+    /// hold the whole interval's writes, and a home's diff of its own writes against its twin.
+    fn release_collecting(
+        &mut self,
+        r: usize,
+        collect: bool,
+    ) -> (Option<WriteNotice>, Vec<Update>) {
         let listed = std::mem::take(&mut self.listed[r]);
         let mut announced = Vec::new();
+        let mut offered = Vec::new();
         for &p in &listed {
             let s = self.state[r][p];
             assert!(s & WRITTEN != 0, "rank {r} lists page {p} unmarked");
@@ -300,7 +336,14 @@ impl Sim {
             };
             self.state[r][p] = s;
             if marks::diffs_at_release(s) {
-                self.send_diff(r, p, false);
+                let d = self.send_diff(r, p, false);
+                if collect && !d.is_empty() {
+                    if marks::whole_interval(s) {
+                        offered.push((p, d));
+                    } else {
+                        self.partial_withheld += 1;
+                    }
+                }
             }
             assert!(
                 self.state[r][p] & TWINNED == 0,
@@ -309,6 +352,11 @@ impl Sim {
             let s = self.state[r][p];
             let same = s & DIFFED != 0
                 && self.twin[r][p].as_ref().expect("a DIFFED page has a twin") == &self.master[p];
+            if collect && s & DIFFED != 0 && !same {
+                let mut d = Vec::new();
+                diff::encode(self.twin[r][p].as_ref().unwrap(), &self.master[p], &mut d);
+                offered.push((p, d));
+            }
             if marks::announced_at_release(s, same) {
                 announced.push(p);
             } else if s & AHEAD != 0 {
@@ -322,18 +370,65 @@ impl Sim {
             self.state[r][p] &= !marks::cleared_at_release(false);
             self.unreleased[r][p].clear();
         }
-        self.rc[r]
-            .close_interval(announced.into_iter().map(key).collect())
-            .unwrap()
+        let notice = self.rc[r]
+            .close_interval(announced.iter().copied().map(key).collect())
+            .unwrap();
+        let updates = match &notice {
+            Some(n) => offered
+                .into_iter()
+                .map(|(p, d)| {
+                    assert!(announced.contains(&p), "an update of page {p}, unannounced");
+                    Update {
+                        rank: Rank(r as u32),
+                        interval: n.interval,
+                        page: key(p),
+                        diff: d,
+                    }
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        (notice, updates)
     }
 
     fn acquire(&mut self, r: usize, notices: &[WriteNotice], horizon: &VectorClock) {
+        self.acquire_with(r, notices, horizon, &[]);
+    }
+
+    /// An acquire with a barrier's updates: the clean copies it may bring up to date are, as the engine
+    /// does (`marks::updated`); the others are dropped.
+    fn acquire_with(
+        &mut self,
+        r: usize,
+        notices: &[WriteNotice],
+        horizon: &VectorClock,
+        updates: &[Update],
+    ) {
         let ranks = self.ranks;
         let a = self.rc[r].acquire(
             notices,
             horizon,
+            updates,
             not_homed(|k| k.page as usize % ranks == r),
         );
+        for u in &a.update {
+            let p = u.page.page as usize;
+            assert_ne!(self.home(p), r, "rank {r} updates page {p}, homed here");
+            let s = self.state[r][p];
+            if !marks::updated(s) {
+                self.drop_copy(r, p);
+                continue;
+            }
+            let mut copy = self.local[r][p].clone().expect("a clean copy is here");
+            for &i in &u.diffs {
+                diff::apply(&mut copy, &updates[i].diff).expect("a well-formed update");
+            }
+            self.twin[r][p] = Some(copy.clone());
+            self.local[r][p] = Some(copy);
+            self.listed[r].push(p);
+            self.state[r][p] = with_state(s | WRITTEN | TWINNED | AHEAD, READ_WRITE);
+            self.pages_updated += 1;
+        }
         let mut invalidate = pages_of(&a.invalidate);
         if !a.everything && !invalidate.is_empty() {
             self.targeted_invalidations += 1;
@@ -358,7 +453,9 @@ impl Sim {
             AtDrop::Absent => return,
             AtDrop::FlushThenDiscard => {
                 self.state[r][p] = with_state(self.state[r][p], READ_ONLY);
-                self.send_diff(r, p, false);
+                if !self.send_diff(r, p, false).is_empty() {
+                    self.state[r][p] |= marks::partial_after_flush();
+                }
                 self.unreleased[r][p].clear();
                 self.flushed += 1;
             }
@@ -398,7 +495,9 @@ impl Sim {
             } else {
                 s
             };
-            self.send_diff(r, p, true);
+            if !self.send_diff(r, p, true).is_empty() {
+                self.state[r][p] |= marks::partial_after_flush();
+            }
         }
         self.state[r][p] &= !marks::cleared_at_release(true);
         self.unreleased[r][p].clear();
@@ -476,8 +575,8 @@ impl Sim {
                 self.critical_section(r, rng)
             }
             _ => {
-                // Arrive at the barrier (a release), then wait for the others.
-                self.release(r);
+                // Arrive at the barrier (a release, with updates), then wait for the others.
+                self.pending[r] = self.release_collecting(r, self.update_odds > 0).1;
                 self.in_barrier[r] = true;
                 if self.in_barrier.iter().all(|b| *b) {
                     self.complete_barrier(rng);
@@ -585,8 +684,17 @@ impl Sim {
         for r in 0..self.ranks {
             horizon.merge(&self.rc[r].own_horizon());
         }
+        let mut updates = Vec::new();
         for r in 0..self.ranks {
-            self.acquire(r, &all, &horizon);
+            for u in std::mem::take(&mut self.pending[r]) {
+                if rng.random_range(0..self.update_odds.max(1)) != 0 {
+                    updates.push(u);
+                }
+            }
+        }
+        self.updates_sent += updates.len() as u64;
+        for r in 0..self.ranks {
+            self.acquire_with(r, &all, &horizon, &updates);
         }
         for r in 0..self.ranks {
             // As in the engine: lock homes forget the notices of the barrier before this one.
@@ -620,11 +728,16 @@ fn a_rank_that_acquires_invalidates_what_others_wrote_except_its_home_pages() {
     assert_eq!((notice.rank, notice.interval), (Rank(1), 1));
     assert_eq!(notice.pages().collect::<Vec<_>>(), vec![key(3), key(4)]);
     // Rank 0 is the home of page 4 (even pages here): it keeps it.
-    let acq = a.acquire(&b.notices_to_pass(0).0, &Z, not_homed(|k| k.page % 2 == 0));
+    let acq = a.acquire(
+        &b.notices_to_pass(0).0,
+        &Z,
+        &[],
+        not_homed(|k| k.page % 2 == 0),
+    );
     assert_eq!(pages_of(&acq.invalidate), vec![key(3)]);
     // The same notices again change nothing.
     assert_eq!(
-        a.acquire(&b.notices_to_pass(0).0, &Z, not_homed(|_| false)),
+        a.acquire(&b.notices_to_pass(0).0, &Z, &[], not_homed(|_| false)),
         Acquire::default()
     );
     assert_eq!(a.clock().0, vec![0, 1]);
@@ -648,7 +761,7 @@ fn an_acquire_drops_each_page_of_overlapping_runs_once() {
         notice(1, vec![run(10, 10), run(30, 5)]),
         notice(2, vec![run(2, 2), run(15, 15)]),
     ];
-    let acq = a.acquire(&notices, &Z, not_homed(|k| k.page == 16));
+    let acq = a.acquire(&notices, &Z, &[], not_homed(|k| k.page == 16));
     assert_eq!(
         acq.invalidate,
         vec![run(2, 2), run(10, 6), run(17, 18)],
@@ -673,7 +786,7 @@ fn runs_named_by_many_notices_are_walked_once() {
         })
         .collect();
     let calls = std::cell::Cell::new(0);
-    let acq = a.acquire(&notices, &Z, |run, out| {
+    let acq = a.acquire(&notices, &Z, &[], |run, out| {
         calls.set(calls.get() + 1);
         out.push(run);
     });
@@ -702,8 +815,8 @@ fn a_page_written_here_and_elsewhere_is_flushed_before_it_is_dropped() {
     assert_eq!(sim.master[1][..2], [7, 9], "both writes at the home");
     assert_eq!(
         sim.state[0][1],
-        INVALID | WRITTEN,
-        "dropped, still listed for the notice"
+        INVALID | WRITTEN | PARTIAL,
+        "dropped, still listed for the notice, its write sent before the interval closes"
     );
     assert_eq!(sim.read(0, 1, 1), 9);
     // The release names the page but sends no second diff, since it was not written again.
@@ -823,6 +936,110 @@ fn randomized_jobs_that_twin_pages_ahead_of_writes_never_read_stale_data() {
 }
 
 #[test]
+fn randomized_jobs_whose_barriers_carry_updates_never_read_stale_data() {
+    let (mut checks, mut sent, mut updated, mut diffs, mut withheld) = (0, 0, 0, 0, 0);
+    let setup = |sim: &mut Sim| {
+        // Some updates left out; some pages handed over selectively or flushed at acquires (PARTIAL), some
+        // twinned ahead.
+        sim.update_odds = 5;
+        sim.selective_odds = 16;
+        sim.ahead_odds = 8;
+    };
+    sixty_jobs(15000, setup, |sim| {
+        checks += sim.checks;
+        sent += sim.updates_sent;
+        updated += sim.pages_updated;
+        diffs += sim.diffs_applied;
+        withheld += sim.partial_withheld;
+    });
+    assert!(
+        checks > 50_000 && sent > 1_000 && updated > 500 && diffs > 1_000 && withheld > 10,
+        "checks {checks}, updates handed over {sent}, pages brought up to date {updated}, diffs {diffs}, partial diffs withheld {withheld}"
+    );
+}
+
+/// A diff that writes `value` at each of `offsets` of a zeroed page.
+fn diff_at(offsets: &[usize], value: u8) -> Vec<u8> {
+    let twin = vec![0u8; PAGE_SIZE];
+    let mut page = twin.clone();
+    for &o in offsets {
+        page[o] = value;
+    }
+    let mut d = Vec::new();
+    diff::encode(&twin, &page, &mut d);
+    d
+}
+
+fn update(rank: u32, interval: u32, page: u64, offsets: &[usize]) -> Update {
+    Update {
+        rank: Rank(rank),
+        interval,
+        page: key(page as usize),
+        diff: diff_at(offsets, rank as u8 + 1),
+    }
+}
+
+#[test]
+fn a_page_is_brought_up_to_date_only_when_every_unseen_notice_of_it_comes_with_disjoint_bytes() {
+    // Rank 0 acquires what ranks 1 and 2 wrote; rank 1's interval 1 was a lock's (no updates), its
+    // interval 2 and rank 2's interval 1 a barrier's.
+    let notices = [
+        WriteNotice {
+            rank: Rank(1),
+            interval: 1,
+            runs: runs_of([key(7)]),
+        },
+        WriteNotice {
+            rank: Rank(1),
+            interval: 2,
+            runs: runs_of([1, 2, 3, 4, 7].map(key)),
+        },
+        WriteNotice {
+            rank: Rank(2),
+            interval: 1,
+            runs: runs_of([2, 3, 5].map(key)),
+        },
+    ];
+    let updates = [
+        update(1, 2, 1, &[8]),
+        update(1, 2, 2, &[8, 9]),
+        update(2, 1, 2, &[10]),
+        update(1, 2, 3, &[8]),
+        update(2, 1, 3, &[8]), // the same byte as rank 1's: the order would matter
+        update(1, 2, 7, &[8]), // page 7 is named by interval 1 too, with no update
+        update(2, 1, 6, &[8]), // page 6 is not named by rank 2's notice
+        update(2, 1, 5, &[8]),
+    ];
+    let mut a = RcRank::new(Rank(0), 3);
+    let acq = a.acquire(&notices, &Z, &updates, not_homed(|k| k.page == 5));
+    let spared: Vec<(u64, Vec<usize>)> = acq
+        .update
+        .iter()
+        .map(|u| (u.page.page, u.diffs.clone()))
+        .collect();
+    // Page 5 is homed here (neither dropped nor updated), page 6 named by no notice.
+    assert_eq!(spared, vec![(1, vec![0]), (2, vec![1, 2])]);
+    assert_eq!(pages_of(&acq.invalidate), [3, 4, 7].map(key).to_vec());
+
+    // Notices seen already bring nothing, their updates included: the copies here hold their writes, and
+    // rank 2's updates alone decide.
+    let mut b = RcRank::new(Rank(0), 3);
+    b.acquire(&notices[..2], &Z, &[], not_homed(|_| false));
+    let acq = b.acquire(&notices, &Z, &updates, not_homed(|_| false));
+    assert!(acq.invalidate.is_empty(), "{:?}", acq.invalidate);
+    let spared: Vec<(u64, Vec<usize>)> = acq
+        .update
+        .iter()
+        .map(|u| (u.page.page, u.diffs.clone()))
+        .collect();
+    assert_eq!(spared, vec![(2, vec![2]), (3, vec![4]), (5, vec![7])]);
+    // The writer itself takes nothing from its own notices.
+    let mut c = RcRank::new(Rank(1), 3);
+    let acq = c.acquire(&notices[1..2], &Z, &updates, not_homed(|_| false));
+    assert_eq!(acq, Acquire::default());
+}
+
+#[test]
 fn randomized_jobs_that_hand_pages_over_selectively_never_read_stale_data() {
     let (mut checks, mut selective, mut diffs) = (0, 0, 0);
     let setup = |sim: &mut Sim| {
@@ -917,7 +1134,7 @@ fn a_notice_learned_through_a_lock_but_not_exchanged_survives_the_barrier() {
     let exchanged_by_r1 = r1.own_notices().to_vec();
     assert!(exchanged_by_r1.is_empty());
     r1.close_interval(vec![key(5)]).unwrap();
-    r0.acquire(&r1.notices_to_pass(0).0, &Z, not_homed(|_| false));
+    r0.acquire(&r1.notices_to_pass(0).0, &Z, &[], not_homed(|_| false));
     assert_eq!(r0.clock().0, vec![0, 1, 0]);
     assert_eq!(
         r0.barrier_done(&exchanged_by_r1, &Z),
@@ -931,14 +1148,17 @@ fn a_notice_learned_through_a_lock_but_not_exchanged_survives_the_barrier() {
     );
     let mut r2 = RcRank::new(Rank(2), 3);
     assert_eq!(
-        pages_of(&r2.acquire(&passed, &Z, not_homed(|_| false)).invalidate),
+        pages_of(
+            &r2.acquire(&passed, &Z, &[], not_homed(|_| false))
+                .invalidate
+        ),
         vec![key(5)]
     );
     // Once a barrier exchanges it, it is still passed on until the barrier after, when lock homes may
     // forget it too.
     let exchanged = r1.own_notices().to_vec();
     for rc in [&mut r0, &mut r2] {
-        rc.acquire(&exchanged, &Z, not_homed(|_| false));
+        rc.acquire(&exchanged, &Z, &[], not_homed(|_| false));
     }
     let stable = r0
         .barrier_done(&exchanged, &Z)
@@ -969,15 +1189,16 @@ fn a_later_interval_learned_through_a_lock_does_not_hide_an_earlier_one_a_barrie
     assert_eq!(r1.barrier_done(&[], &Z), None);
     r1.close_interval(vec![key(5)]).unwrap();
     let exchanged = r1.own_notices().to_vec();
-    r1.acquire(&exchanged, &Z, not_homed(|_| false));
+    r1.acquire(&exchanged, &Z, &[], not_homed(|_| false));
     r1.barrier_done(&exchanged, &Z);
     r1.close_interval(vec![key(6)]).unwrap();
     let mut dropped = pages_of(
-        &r0.acquire(&r1.notices_to_pass(0).0, &Z, not_homed(|_| false))
+        &r0.acquire(&r1.notices_to_pass(0).0, &Z, &[], not_homed(|_| false))
             .invalidate,
     );
     dropped.extend(pages_of(
-        &r0.acquire(&exchanged, &Z, not_homed(|_| false)).invalidate,
+        &r0.acquire(&exchanged, &Z, &[], not_homed(|_| false))
+            .invalidate,
     ));
     r0.barrier_done(&exchanged, &Z);
     dropped.sort();
@@ -1025,7 +1246,7 @@ fn a_release_passes_through_a_lock_only_what_it_did_not_pass_before_and_nothing_
     let (a, b) = (0usize, 1usize);
     let take = |rc: &mut RcRank, union: &NoticeSet| {
         let grant = union.unseen(rc.clock());
-        pages_of(&rc.acquire(&grant, &Z, not_homed(|_| false)).invalidate)
+        pages_of(&rc.acquire(&grant, &Z, &[], not_homed(|_| false)).invalidate)
     };
     let give = |rc: &mut RcRank, union: &mut NoticeSet, lock: usize| {
         let (passed, _, clock) = rc.notices_to_pass(lock as u64);
@@ -1070,7 +1291,7 @@ fn a_notice_learned_between_passing_and_recording_is_passed_next_time() {
     let mut x = RcRank::new(Rank(0), 2);
     let (passed, _, clock) = x.notices_to_pass(7);
     assert!(passed.is_empty());
-    x.acquire(&[notice(1, 1, 3)], &Z, not_homed(|_| false));
+    x.acquire(&[notice(1, 1, 3)], &Z, &[], not_homed(|_| false));
     x.passed_through(7, clock);
     let (passed, ..) = x.notices_to_pass(7);
     assert_eq!(passed, vec![notice(1, 1, 3)]);
@@ -1095,21 +1316,24 @@ fn an_acquirer_behind_a_horizon_drops_everything_and_passes_the_horizon_on() {
         .filter(|n| n.interval == 2)
         .collect();
     let forgot_1 = VectorClock(vec![1, 0, 0]);
-    let a = y.acquire(&interval_2, &forgot_1, not_homed(|_| false));
+    let a = y.acquire(&interval_2, &forgot_1, &[], not_homed(|_| false));
     assert!(a.everything, "rank 1 could not know what interval 1 wrote");
     assert_eq!(y.clock().0, vec![2, 0, 0]);
     assert_eq!(y.horizon(), &forgot_1);
     // Seen from now on: the same horizon again changes nothing.
-    assert!(!y.acquire(&[], &forgot_1, not_homed(|_| false)).everything);
+    assert!(
+        !y.acquire(&[], &forgot_1, &[], not_homed(|_| false))
+            .everything
+    );
     let (passed, ..) = y.notices_to_pass(7);
     assert_eq!(passed, interval_2);
-    let a = z.acquire(&passed, y.horizon(), not_homed(|_| false));
+    let a = z.acquire(&passed, y.horizon(), &[], not_homed(|_| false));
     assert!(a.everything, "rank 2 kept its copy of page 1");
     // A rank whose clock covered the horizon already takes the notices as usual.
     let mut v = RcRank::new(Rank(2), 3);
     let all = w.notices_to_pass(0).0;
-    v.acquire(&all[..1], &Z, not_homed(|_| false));
-    let a = v.acquire(&passed, y.horizon(), not_homed(|_| false));
+    v.acquire(&all[..1], &Z, &[], not_homed(|_| false));
+    let a = v.acquire(&passed, y.horizon(), &[], not_homed(|_| false));
     assert!(!a.everything);
     assert_eq!(pages_of(&a.invalidate), vec![key(2)]);
 }
@@ -1156,6 +1380,7 @@ fn a_peer_cannot_move_a_ranks_own_interval_counter() {
     let a = x.acquire(
         &[notice(1, u32::MAX, 4)],
         &VectorClock(vec![0, u32::MAX]),
+        &[],
         not_homed(|_| false),
     );
     assert_eq!(a, Acquire::default());
