@@ -164,7 +164,8 @@ pub struct Stats {
     pub fault_ns: u64,
     /// Fault latency histogram: entry `i` counts faults that took `[2^i, 2^(i+1))` microseconds.
     pub latency_us_log2: [u64; LATENCY_BUCKETS],
-    /// Release consistency: twins made at first writes.
+    /// Release consistency: twins made at first writes (at a home, of pages other ranks hold: see
+    /// [`Stats::pages_updated`]).
     pub twins: u64,
     /// Release consistency: of those, twins made ahead of a write, beside a page a write faulted on
     /// (pages this rank wrote in an earlier interval; see [`DsmBuilder::twin_memory`](crate::DsmBuilder::twin_memory)).

@@ -335,6 +335,27 @@ mod tests {
     }
 
     #[test]
+    fn a_diff_s_mask_has_a_bit_for_exactly_the_bytes_it_writes_in_either_encoding() {
+        let mut rng = StdRng::seed_from_u64(9);
+        for changes in [1, 3, 40, 900, 4096] {
+            let twin = page(&mut rng);
+            let mut p = twin.clone();
+            for _ in 0..changes {
+                let i = rng.random_range(0..PAGE_SIZE);
+                p[i] = p[i].wrapping_add(1);
+            }
+            let mut d = Vec::new();
+            encode(&twin, &p, &mut d);
+            let mask = written_mask(&d).unwrap();
+            for i in 0..PAGE_SIZE {
+                let bit = mask[i / 64] >> (i % 64) & 1 == 1;
+                assert_eq!(bit, twin[i] != p[i], "byte {i}, {changes} changes");
+            }
+        }
+        assert!(written_mask(&[7]).is_err());
+    }
+
+    #[test]
     fn identical_pages_give_an_empty_diff() {
         let mut rng = StdRng::seed_from_u64(1);
         let p = page(&mut rng);

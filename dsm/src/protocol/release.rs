@@ -7,8 +7,10 @@
 //! written page is write-protected again, and the interval's pages become a write notice stamped with this
 //! rank's vector clock entry. Acquires (a lock grant, a barrier) bring the notices this rank has not seen:
 //! it invalidates those pages, except pages homed here (their home copy already holds every released write)
-//! and pages only this rank wrote; the next access fetches the whole page from its home. Notices are
-//! dropped at barriers, after which every rank has seen every notice issued before them.
+//! and pages only this rank wrote; the next access fetches the whole page from its home. At a barrier, the
+//! small diffs of the intervals it closes come along (`Update`), and a page whose every new notice comes
+//! with one is brought up to date in place instead (`Acquire::update`). Notices are dropped at barriers,
+//! after which every rank has seen every notice issued before them.
 //!
 //! Between barriers the notices kept by a rank and by a lock's home are bounded (a program that only takes
 //! locks would otherwise keep every notice of the job): past the bound, the oldest are forgotten and their
