@@ -87,6 +87,11 @@ pub(crate) struct Shared {
     /// Release consistency: how many more twins may keep their memory between intervals
     /// (`DsmBuilder::twin_memory`, in pages; `RegionShared::drop_twins`).
     pub(crate) twin_budget: AtomicU64,
+    /// Release consistency: selective acquires begun on this rank, counted under `rc`. A barrier whose
+    /// acquire finds it moved since the barrier began applies no updates (`rc::acquire`): a thread of
+    /// this rank may have dropped and fetched again a page with writes newer than the barrier's updates
+    /// of it, which a selective acquire does without moving the rank's clock.
+    pub(crate) selective_acquires: AtomicU64,
     /// Release consistency: notices this cut covers are known to every rank, so the locks homed here need
     /// not keep them (see `RcRank::barrier_done`). Read by the service loop, hence a mutex of its own: a
     /// holder of `rc` may be waiting for this rank's service loop.
@@ -233,6 +238,7 @@ impl Shared {
         // this barrier's, once the barrier is over.
         // Its small diffs go with the arrival, so that ranks holding their pages can apply them instead of
         // dropping the pages (`protocol::release::Update`).
+        let selective_acquires = self.selective_acquires.load(Ordering::Acquire);
         let (released, updates) = match crate::rc::release_for_barrier(self) {
             Ok(updates) => (Ok(()), updates),
             Err(e) => (Err(e), Vec::new()),
@@ -253,7 +259,12 @@ impl Shared {
             }
         };
         if let Some((notices, horizon, updates)) = notices {
-            crate::rc::acquire(self, &notices, &horizon, &updates)?;
+            crate::rc::acquire(
+                self,
+                &notices,
+                &horizon,
+                Some((&updates, selective_acquires)),
+            )?;
             let stable = self
                 .rc
                 .lock()
@@ -736,7 +747,7 @@ impl Dsm {
         let guard = LockGuard { dsm: self, id };
         // Acquiring a lock is an acquire point: drop the pages the notices name.
         let (notices, horizon) = grant?;
-        crate::rc::acquire(s, &notices, &horizon, &[])?;
+        crate::rc::acquire(s, &notices, &horizon, None)?;
         Counters::add(&s.counters.lock_acquires, 1);
         Counters::add(&s.counters.lock_wait_ns, t0.elapsed().as_nanos() as u64);
         Ok(guard)

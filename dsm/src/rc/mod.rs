@@ -506,6 +506,8 @@ pub(crate) fn acquire_range(
     // One flush at a time on this rank (see `release_range`): the pages this rank wrote too are flushed
     // together at the end, held while their diffs are out.
     let _one_at_a_time = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
+    // A barrier of this rank in progress applies no updates now (`acquire`).
+    shared.selective_acquires.fetch_add(1, Ordering::AcqRel);
     let mut dropper = Dropper {
         shared,
         run: None,
@@ -645,18 +647,31 @@ fn protect_runs(region: &RegionShared, pages: &[u64]) -> Result<()> {
 /// The release-consistency state stays locked until every page is dropped, so that a concurrent acquire
 /// by another thread of this rank cannot find the notices seen while their pages are still here.
 ///
-/// `updates` (a barrier's) spare the pages the protocol says they may (`Acquire::update`): a clean copy
-/// of such a page here is brought up to date in place (`bring_up_to_date`), any other is dropped.
+/// A barrier's `updates` spare the pages the protocol says they may (`Acquire::update`): a clean copy of
+/// such a page here is brought up to date in place (`bring_up_to_date`), any other is dropped. They come
+/// with `Shared::selective_acquires` as the barrier began, and are passed over if it has moved since: a
+/// page dropped by a selective acquire meanwhile and fetched again by another thread of this rank may
+/// hold writes newer than the updates, made after other ranks passed the barrier, and a selective
+/// acquire moves no clock to say so (a lock's acquire does: it takes in the barrier's notices).
 pub(crate) fn acquire(
     shared: &Shared,
     notices: &[WriteNotice],
     horizon: &VectorClock,
-    updates: &[Update],
+    updates: Option<(&[Update], u64)>,
 ) -> Result<()> {
     if notices.is_empty() && horizon.is_zero() {
         return Ok(());
     }
     let mut rc = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
+    // Read under `rc`, under which selective acquires count themselves.
+    let updates = match updates {
+        Some((updates, selective))
+            if shared.selective_acquires.load(Ordering::Acquire) == selective =>
+        {
+            updates
+        }
+        _ => &[],
+    };
     let me = shared.me;
     let plan = rc.acquire(notices, horizon, updates, |run, out| {
         let Some(region) = shared.region(run.region) else {
@@ -964,6 +979,8 @@ fn drop_claimed(shared: &Shared, region: &Arc<RegionShared>, page: u64) -> Resul
                 if outbox.add(region, page) {
                     send_diffs(shared, region.id, &outbox.batches, false).1?;
                     written = marks::cleared_at_diff();
+                    // The interval's diff at its release will lack these writes: no update of it.
+                    word.fetch_or(marks::partial_after_flush(), Ordering::AcqRel);
                 }
                 let was = word.fetch_and(!(TWINNED | written), Ordering::AcqRel);
                 if was & !written & AHEAD != 0 {
