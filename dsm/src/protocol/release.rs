@@ -57,6 +57,15 @@ impl PageRun {
         self.first.saturating_add(self.len)
     }
 
+    /// Its pages as a range of keys (for ordered maps by page).
+    pub fn keys(&self) -> std::ops::Range<PageKey> {
+        let key = |page| PageKey {
+            region: self.region,
+            page,
+        };
+        key(self.first)..key(self.end())
+    }
+
     /// Its pages, in order.
     pub fn pages(self) -> impl Iterator<Item = PageKey> {
         (self.first..self.end()).map(move |page| PageKey {
@@ -384,15 +393,7 @@ fn updatable(taken: &[&WriteNotice], updates: &[Update]) -> BTreeMap<PageKey, Ve
     }
     for n in taken {
         for run in &n.runs {
-            let from = PageKey {
-                region: run.region,
-                page: run.first,
-            };
-            let to = PageKey {
-                region: run.region,
-                page: run.end(),
-            };
-            for (_, (diffs, named, missing)) in pages.range_mut(from..to) {
+            for (_, (diffs, named, missing)) in pages.range_mut(run.keys()) {
                 *named += 1;
                 let with = diffs
                     .iter()
@@ -440,16 +441,8 @@ fn spare(invalidate: &mut Vec<PageRun>, spared: BTreeMap<PageKey, Vec<usize>>) -
     let mut kept = Vec::with_capacity(invalidate.len());
     let mut update = Vec::new();
     for run in invalidate.drain(..) {
-        let from = PageKey {
-            region: run.region,
-            page: run.first,
-        };
-        let to = PageKey {
-            region: run.region,
-            page: run.end(),
-        };
         let mut first = run.first;
-        for (page, diffs) in spared.range(from..to) {
+        for (page, diffs) in spared.range(run.keys()) {
             if page.page > first {
                 kept.push(PageRun {
                     region: run.region,
