@@ -824,7 +824,11 @@ fn bring_up_to_date(
         set_state(region.state(page), INVALID);
     }
     region.forget_twins(stale);
-    let discarded = stale.iter().try_for_each(|&page| region.discard(page));
+    // Every one is discarded even after a failure; the first error is reported.
+    let discarded = stale
+        .iter()
+        .map(|&page| region.discard(page))
+        .fold(Ok(()), Result::and);
     for &page in stale {
         release_busy(region, page);
     }
