@@ -56,6 +56,22 @@ impl std::fmt::Display for DiffError {
     }
 }
 
+/// How many bytes of `page` differ from `twin`, counted a word at a time up to the first word that takes
+/// the count past `limit` (a diff of more changed bytes than `limit` takes more than `limit` bytes
+/// encoded, so a caller that wants only small diffs stops looking at a page that changed much early).
+pub fn changed_up_to(twin: &[u8], page: &[u8], limit: usize) -> usize {
+    let mut changed = 0;
+    for (a, b) in twin.chunks_exact(WORD).zip(page.chunks_exact(WORD)) {
+        if a != b {
+            changed += a.iter().zip(b).filter(|(x, y)| x != y).count();
+            if changed > limit {
+                break;
+            }
+        }
+    }
+    changed
+}
+
 /// Appends to `out` the diff that turns `twin` into `page`; returns the number of bytes appended.
 pub fn encode(twin: &[u8], page: &[u8], out: &mut Vec<u8>) -> usize {
     assert!(
@@ -353,6 +369,23 @@ mod tests {
             }
         }
         assert!(written_mask(&[7]).is_err());
+    }
+
+    #[test]
+    fn changed_bytes_are_counted_exactly_up_to_the_limit_and_past_it_the_count_stops_early() {
+        let mut rng = StdRng::seed_from_u64(10);
+        let twin = page(&mut rng);
+        let mut p = twin.clone();
+        assert_eq!(changed_up_to(&twin, &p, 0), 0);
+        for i in [0, 1, 9, 4095] {
+            p[i] ^= 0x5a;
+        }
+        assert_eq!(changed_up_to(&twin, &p, 4), 4);
+        let mut d = Vec::new();
+        // Past the limit the count stops within a word of it, and the diff is larger than the limit.
+        let n = changed_up_to(&twin, &p, 1);
+        assert!((2..=3).contains(&n), "{n}");
+        assert!(encode(&twin, &p, &mut d) > 1);
     }
 
     #[test]

@@ -448,12 +448,7 @@ fn flush_pages(
             settled,
         );
         if why != Flush::Release {
-            // The interval's diff at its release will lack these writes: no update of it.
-            for &page in &delivered {
-                region
-                    .state(page)
-                    .fetch_or(marks::partial_after_flush(), Ordering::AcqRel);
-            }
+            sent_before_release(region, &delivered);
         }
         for page in outbox.pages() {
             release_busy(region, page);
@@ -461,6 +456,17 @@ fn flush_pages(
         sent?;
     }
     Ok(())
+}
+
+/// Marks `pages` (held BUSY), whose diffs their homes acknowledged before the interval closed (a selective
+/// release, an acquire's flush), `marks::partial_after_flush`: the interval's diff at its release will lack
+/// those writes, so it does not go as an update.
+fn sent_before_release(region: &RegionShared, pages: &[u64]) {
+    for &page in pages {
+        region
+            .state(page)
+            .fetch_or(marks::partial_after_flush(), Ordering::AcqRel);
+    }
 }
 
 /// A selective release of `pages` of `region`: this rank's writes to those of them homed elsewhere reach
@@ -564,13 +570,19 @@ fn settle(
         debug_assert!(s & DIFFED == 0 || clear & DIFFED != 0);
         // A DIFFED page is write-protected above: its bytes now are all it holds this interval, and
         // those that differ from its twin are the home's own writes.
+        // Encoded only when it may go as an update: a page the home rewrote whole (a boundary row) is
+        // counted a few words past the bound and left.
         let same = if s & DIFFED == 0 {
             false
         } else if settled.updates.is_some() {
-            own.clear();
-            diff::encode(region.twin(page), region.present_page(page), &mut own);
-            settled.offer(region.id, page, &own);
-            own.is_empty()
+            let (twin, bytes) = (region.twin(page), region.present_page(page));
+            let changed = diff::changed_up_to(twin, bytes, UPDATE_DIFF_MAX);
+            if (1..=UPDATE_DIFF_MAX).contains(&changed) {
+                own.clear();
+                diff::encode(twin, bytes, &mut own);
+                settled.offer(region.id, page, &own);
+            }
+            changed == 0
         } else {
             region.twin(page) == region.present_page(page)
         };
@@ -983,8 +995,7 @@ fn drop_claimed(shared: &Shared, region: &Arc<RegionShared>, page: u64) -> Resul
                 if outbox.add(region, page) {
                     send_diffs(shared, region.id, &outbox.batches, false).1?;
                     written = marks::cleared_at_diff();
-                    // The interval's diff at its release will lack these writes: no update of it.
-                    word.fetch_or(marks::partial_after_flush(), Ordering::AcqRel);
+                    sent_before_release(region, &[page]);
                 }
                 let was = word.fetch_and(!(TWINNED | written), Ordering::AcqRel);
                 if was & !written & AHEAD != 0 {
