@@ -140,7 +140,7 @@ pub(crate) struct Engine {
     /// at the barrier's end.
     arrival_notices: Vec<crate::protocol::release::WriteNotice>,
     arrival_horizon: VectorClock,
-    /// Release consistency: the updates the arrivals brought (`ALL_UPDATE_BYTES` of diffs at most), and
+    /// Release consistency: the updates the arrivals brought (`sync::all_update_bytes` of diffs at most), and
     /// their diffs' bytes.
     arrival_updates: Vec<crate::protocol::release::Update>,
     arrival_update_bytes: usize,
@@ -1555,6 +1555,65 @@ mod tests {
         assert_eq!((bytes(0), bytes(1), bytes(2)), (7, 7, 7));
         assert_eq!(dsm.stats().diffs_applied, 3);
         assert!(dsm.failed_ranks().is_empty());
+    }
+
+    #[test]
+    fn a_barrier_arrival_carrying_updates_of_another_rank_s_writes_fails_its_sender() {
+        use crate::protocol::release::{PageKey, Update};
+        let (dsm, fake, _other) = rank0_with_fake_peer();
+        let dsm = Arc::new(dsm);
+        // An arrival of rank 1 whose update names `writer` as the rank that wrote it.
+        let arrive = |writer: u32, epoch: u64| {
+            let twin = vec![0u8; PAGE_SIZE];
+            let mut page = twin.clone();
+            page[8] = 5;
+            let mut diff = Vec::new();
+            crate::protocol::diff::encode(&twin, &page, &mut diff);
+            let update = Update {
+                rank: Rank(writer),
+                interval: 1,
+                page: PageKey { region: 1, page: 0 },
+                diff,
+            };
+            let notices =
+                crate::rc::encode_notices_within(&[], &VectorClock::new(2), &[update], usize::MAX);
+            let request = Request::Barrier { epoch, tag: 0 };
+            write_frame(&dup(&fake), &request, &[&notices], &Counters::default()).unwrap();
+        };
+        // Its own writes' update goes through: the barrier ends, and hands it back.
+        let d = Arc::clone(&dsm);
+        let rank0 = std::thread::spawn(move || d.barrier());
+        arrive(1, 0);
+        let (reply, payload) = fake_reads(&fake);
+        assert!(matches!(reply, Reply::BarrierDone), "{reply:?}");
+        let (_, _, updates) = crate::rc::decode_exchange(&payload, Rank(0), 2).unwrap();
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].rank, Rank(1));
+        rank0.join().unwrap().unwrap();
+        // One naming rank 0 as the writer fails rank 1, and rank 0's next barrier says so.
+        arrive(0, 1);
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+        let e = dsm.barrier().unwrap_err().to_string();
+        assert!(e.contains("rank 1"), "{e}");
+    }
+
+    #[test]
+    fn a_barrier_hands_every_rank_at_most_a_mebibyte_of_updates_in_all() {
+        // Up to four ranks, four arrivals' worth each; past that, less, so that the total stays bounded.
+        for size in 1..=4 {
+            assert_eq!(
+                sync::all_update_bytes(size),
+                4 * crate::rc::UPDATE_BYTES,
+                "{size}"
+            );
+        }
+        for size in 1..=1024 {
+            let each = sync::all_update_bytes(size);
+            assert!(size * each <= 1 << 20, "{size} ranks, {each} bytes each");
+            // More ranks never get more each.
+            assert!(each <= sync::all_update_bytes(size.max(2) - 1), "{size}");
+        }
+        assert_eq!(sync::all_update_bytes(64), 16 << 10);
     }
 
     #[test]

@@ -23,9 +23,18 @@ pub(super) struct LockServer {
     pub(super) horizon: VectorClock,
 }
 
-/// The most diff bytes of updates a barrier hands every rank (`protocol::release::Update`): four ranks'
-/// worth of arrivals (`rc::UPDATE_BYTES` each). Sent to every rank, so bounded whatever the job's size.
-const ALL_UPDATE_BYTES: usize = 4 * crate::rc::UPDATE_BYTES;
+/// The most diff bytes of updates one barrier's answers carry in all, summed over the ranks they go to
+/// (rank 0 sends every rank all of them): 1 MiB, so that what updates add to rank 0's sending at a
+/// barrier stays bounded whatever the job's size.
+const FANOUT_UPDATE_BYTES: usize = 16 * crate::rc::UPDATE_BYTES;
+
+/// The most diff bytes of updates a barrier hands each rank of a job of `size` (`protocol::release::Update`):
+/// four ranks' worth of arrivals (`rc::UPDATE_BYTES` each, 256 KiB) in a job of up to four ranks, and
+/// `FANOUT_UPDATE_BYTES / size` in a larger one (128 KiB at 8 ranks, 16 KiB at 64). Updates left out
+/// cost only the fetch of their pages where a copy is held.
+pub(super) fn all_update_bytes(size: usize) -> usize {
+    (4 * crate::rc::UPDATE_BYTES).min(FANOUT_UPDATE_BYTES / size.max(1))
+}
 
 impl LockServer {
     /// A lock server whose horizon starts at `horizon` (what the servers let go of may have known).
@@ -190,12 +199,23 @@ impl Engine {
         }
         match crate::rc::decode_exchange(&notices, peer, self.shared.size) {
             Ok((n, horizon, updates)) => {
+                // An arrival carries the diffs of its own rank's writes only: an update naming another
+                // writer would change what every rank sees of a page under that writer's name.
+                if let Some(u) = updates.iter().find(|u| u.rank != peer) {
+                    let what = format!(
+                        "its barrier arrival carried an update of {}'s writes",
+                        u.rank
+                    );
+                    self.close(idx, &what);
+                    return;
+                }
                 self.arrival_notices.extend(n);
                 self.arrival_horizon.merge(&horizon);
                 // Every rank gets all of them: past a bound the rest are left out (their pages are
                 // dropped where cached, as without updates).
+                let budget = all_update_bytes(self.shared.size);
                 for u in updates {
-                    if self.arrival_update_bytes + u.diff.len() <= ALL_UPDATE_BYTES {
+                    if self.arrival_update_bytes + u.diff.len() <= budget {
                         self.arrival_update_bytes += u.diff.len();
                         self.arrival_updates.push(u);
                     }
