@@ -12,7 +12,7 @@ pub enum DsmError {
     )]
     UffdNotPermitted(Errno),
     /// userfaultfd exists but lacks a feature this crate needs.
-    #[error("userfaultfd on this kernel lacks {what}: dsm needs Linux 5.7 or newer with userfaultfd write-protect support")]
+    #[error("userfaultfd on this kernel lacks {what}: dsm needs Linux 5.11 or newer with userfaultfd write-protect support")]
     UffdUnsupported {
         /// The missing feature.
         what: &'static str,
