@@ -59,6 +59,10 @@ pub(crate) struct Shared {
     /// the loop rings it, with `woken` set, instead of writing `waker`.
     pub(crate) hosted: Option<Arc<Doorbell>>,
     pub(crate) woken: AtomicBool,
+    /// Ranks an answer sent from outside the service loop could not reach (a service's late answer,
+    /// `service::Responder`), with the reason: the loop fails them when it next wakes, as it fails a rank
+    /// its own reply cannot reach.
+    pub(crate) unreachable: Mutex<Vec<(Rank, String)>>,
     pub(crate) stop: AtomicBool,
     pub(crate) failed: Vec<AtomicBool>,
     /// The service loop's own connection to every rank's, for messages that expect no answer: heartbeats,

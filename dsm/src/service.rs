@@ -54,7 +54,9 @@ impl Responder {
     }
 
     /// Answers the request with the concatenation of `payload`'s slices. An error means the sender is gone,
-    /// or stopped reading for half the peer timeout (the service loop reports its failure separately).
+    /// or stopped reading for half the peer timeout: the rank is then failed, as when a reply of the service
+    /// loop's own cannot reach it (what it held is given back through [`Service::peer_failed`]; a
+    /// sender that lives on sees its connections end instead of an answer it would read only in part).
     ///
     /// A payload that lies in a shared region is copied out of it first (a thread answering later may
     /// send from there; the service loop's own thread may not, see [`Service`]): the kernel, writing the
@@ -68,8 +70,14 @@ impl Responder {
             // Part of the answer may have gone out: the connection ends, so that a sender that reads on
             // (one that was stopped, and resumes) sees it end instead of waiting for ever for the rest.
             self.link.shutdown(Shut::Write);
+            let reason = format!("answering its request failed: {e}");
             self.shared
-                .peer_failed_error(self.peer, format!("answering its request failed: {e}"))
+                .unreachable
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((self.peer, reason.clone()));
+            self.shared.wake_service();
+            self.shared.peer_failed_error(self.peer, reason)
         })
     }
 }

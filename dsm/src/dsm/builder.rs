@@ -332,6 +332,7 @@ impl DsmBuilder {
             waker,
             hosted: host.as_ref().map(|h| Doorbell::chained(h.bell.clone())),
             woken: AtomicBool::new(false),
+            unreachable: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             failed: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
             control: Mutex::new(control),

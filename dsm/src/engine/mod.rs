@@ -317,6 +317,16 @@ impl Engine {
     /// This rank's threads woke the loop: pages were unlocked (their queued requests can be served) or
     /// installed (requests deferred for them can be).
     fn woken(&mut self) {
+        let unreachable = std::mem::take(
+            &mut *self
+                .shared
+                .unreachable
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (peer, reason) in unreachable {
+            self.peer_failed(peer, &reason);
+        }
         self.serve_all_queues();
         for (idx, req, payload) in std::mem::take(&mut self.deferred) {
             self.handle(idx, req, payload);
@@ -1555,6 +1565,45 @@ mod tests {
         assert_eq!((bytes(0), bytes(1), bytes(2)), (7, 7, 7));
         assert_eq!(dsm.stats().diffs_applied, 3);
         assert!(dsm.failed_ranks().is_empty());
+    }
+
+    /// A service that keeps each request's responder, to answer later.
+    #[derive(Debug, Default)]
+    struct Keeper(std::sync::Mutex<Option<crate::service::Responder>>);
+
+    impl crate::service::Service for Keeper {
+        fn request(&self, _: Rank, _: Vec<u8>, reply: crate::service::Responder) {
+            *self.0.lock().unwrap() = Some(reply);
+        }
+    }
+
+    #[test]
+    fn a_rank_that_a_service_s_late_answer_cannot_reach_is_failed() {
+        let (dsm, fake, _other) = rank0_with_fake_peer();
+        let keeper = Arc::new(Keeper::default());
+        dsm.register_service(1, keeper.clone()).unwrap();
+        let ask = Request::Service { id: 1 };
+        write_frame(&dup(&fake), &ask, &[b"ask"], &Counters::default()).unwrap();
+        let t = Instant::now();
+        let reply = loop {
+            if let Some(r) = keeper.0.lock().unwrap().take() {
+                break r;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the request never came"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        // Rank 1 stops reading, as a rank that dies does: the answer cannot go.
+        fake.shutdown(std::net::Shutdown::Read).unwrap();
+        match reply.send(&[&[7u8; 64]]) {
+            Err(crate::DsmError::PeerFailed { rank, .. }) => assert_eq!(rank, Rank(1)),
+            other => panic!("the answer ended with {other:?}"),
+        }
+        // And the rank is failed (what it held given back by the services), not left to a peer timeout
+        // that its heartbeats, were it alive, would never let run out.
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
     }
 
     #[test]
