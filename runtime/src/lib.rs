@@ -91,6 +91,18 @@ pub enum RuntimeError {
         /// What went wrong.
         reason: String,
     },
+    /// A task of a task farm failed where it ran: its function panicked, the task did not decode as the
+    /// worker's type, or its result could not be put. It is not run again (another worker would most
+    /// likely fail the same way); the master's `results` reports it.
+    #[error("task {id} failed on {rank}: {reason} (the task farm does not run it again)")]
+    TaskFailed {
+        /// The task.
+        id: u64,
+        /// The rank whose worker ran it.
+        rank: Rank,
+        /// What went wrong there.
+        reason: String,
+    },
     /// A task farm's master waits for results that can never come: every other rank failed, and no
     /// worker serves on the master's own rank.
     #[error("every worker rank of the task farm failed, and none serves on the master's rank: {missing} result(s) will never come")]

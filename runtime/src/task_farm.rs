@@ -7,6 +7,13 @@
 //! master puts and collects without the network, and the bag is lost only with the master, which would end
 //! the farm anyway. Tasks and results are serde values, encoded with postcard.
 //!
+//! A task fails where its function panics, where it does not decode as the worker's type, or where its
+//! result cannot be put (too large for the space): the worker ends its lease with a failure in place of
+//! the result, and the master's [`TaskFarm::results`] reports it ([`RuntimeError::TaskFailed`]). It is not
+//! run again: another worker would most likely fail the same way, and a task that every worker in turn
+//! took and failed on would leave the master waiting for ever once none was left. The tasks the worker
+//! held after it go back to the bag.
+//!
 //! A task can name the rank it would best run on, where its data lives ([`TaskFarm::put_near`]): each
 //! worker takes the tasks near it first, then tasks for anyone, then the tasks of other ranks that are still
 //! waiting (so a slow or dead rank's share still gets done). Workers take several tasks per trip when tasks
@@ -35,12 +42,23 @@ use crate::{template, tuple, Lease, RuntimeError, TupleSpace};
 use dsm::Rank;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::any::Any;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The task id of the mark that tells workers to stop (each worker puts it back for the next).
 const STOP: u64 = u64::MAX;
+
+/// The most bytes of a failed task's reason (a panic's message, say) that go to the master.
+const MAX_REASON_BYTES: usize = 4096;
+
+/// Why a task failed where it ran.
+enum Failure {
+    Error(RuntimeError),
+    Panic(Box<dyn Any + Send>),
+}
 
 /// A bag of tasks named `name`, with its master.
 #[derive(Debug, Clone)]
@@ -178,8 +196,10 @@ impl TaskFarm {
     }
 
     /// Waits for `n` results and returns them as `(task id, result)`, in the order they came. Fails with
-    /// [`RuntimeError::NoWorkers`] instead of waiting for ever once every other rank has failed while no
-    /// `serve` runs on this rank (through this farm or a clone of it).
+    /// [`RuntimeError::TaskFailed`] when a task failed where it ran (once for each such task: the results
+    /// taken until then stay in the space, for the next call), and with [`RuntimeError::NoWorkers`]
+    /// instead of waiting for ever once every other rank has failed while no `serve` runs on this rank
+    /// (through this farm or a clone of it).
     ///
     /// Refused once the farm is stopped ([`TaskFarm::stop`]): workers that found the bag empty have left,
     /// and a task that a failed worker held, back in the bag, would wait for a worker that never comes.
@@ -191,7 +211,7 @@ impl TaskFarm {
                 reason: "results were asked for after the task farm was stopped: call stop() once the results are in (workers leave when they find the bag empty, and would not come back for a task a failed worker held)".into(),
             });
         }
-        let wanted = template!(self.results_key.as_str(), "result", ?u64, ?Vec<u8>);
+        let wanted = self.results_and_failures();
         let dsm = self.space.dsm();
         // Room for the results as they come (n is the caller's: it may be far more than will fit).
         let mut got = Vec::with_capacity(n.min(4096));
@@ -221,6 +241,9 @@ impl TaskFarm {
                 }
                 continue;
             };
+            if t.get::<String>(1).is_ok_and(|kind| kind == "failed") {
+                return fail(got, Self::failed_task(&t));
+            }
             got.push(t);
         }
         // Decoded once all are taken: a result that does not decode as `R` puts every one taken back
@@ -236,6 +259,71 @@ impl TaskFarm {
             Ok(results) => Ok(results),
             Err(e) => fail(got, e),
         }
+    }
+
+    /// Results and failures: `(results key, "result" | "failed", id, bytes)`.
+    fn results_and_failures(&self) -> Template {
+        template!(self.results_key.as_str(), ?String, ?u64, ?Vec<u8>)
+    }
+
+    /// What a worker puts in place of the result of task `id`, which failed there.
+    fn failure(&self, id: u64, failure: &Failure) -> Tuple {
+        let mut reason = match failure {
+            Failure::Error(e) => e.to_string(),
+            Failure::Panic(payload) => {
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("a panic whose payload is not a string");
+                format!("its function panicked: {message}")
+            }
+        };
+        if reason.len() > MAX_REASON_BYTES {
+            let mut end = MAX_REASON_BYTES;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+            reason.push_str("...");
+        }
+        // A u32 and a string of bounded length always encode.
+        let bytes = postcard::to_allocvec(&(self.me.0, reason)).unwrap_or_default();
+        tuple!(self.results_key.as_str(), "failed", id, bytes)
+    }
+
+    /// The error a failure tuple reports.
+    fn failed_task(t: &Tuple) -> RuntimeError {
+        let id = t.get::<u64>(2).unwrap_or(STOP);
+        let decoded = t
+            .get::<Vec<u8>>(3)
+            .ok()
+            .and_then(|b| postcard::from_bytes::<(u32, String)>(&b).ok());
+        match decoded {
+            Some((rank, reason)) => RuntimeError::TaskFailed {
+                id,
+                rank: Rank(rank),
+                reason,
+            },
+            None => RuntimeError::Codec {
+                what: format!("the failure of task {id}"),
+                reason: "does not decode".into(),
+            },
+        }
+    }
+
+    /// Runs task `id` (the tuple `task`) with `f`: its result, ready to put, or why it failed.
+    fn run_one<T: DeserializeOwned, R: Serialize>(
+        &self,
+        f: &mut impl FnMut(u64, T) -> R,
+        id: u64,
+        task: &Tuple,
+    ) -> Result<Tuple, Failure> {
+        let task = decode(task, "task", id).map_err(Failure::Error)?;
+        let result = catch_unwind(AssertUnwindSafe(|| f(id, task))).map_err(Failure::Panic)?;
+        let t = Self::encode(&self.results_key, "result", id, &result).map_err(Failure::Error)?;
+        t.check().map_err(|e| Failure::Error(e.into()))?;
+        Ok(t)
     }
 
     /// How often a master waiting for results looks whether any worker is left.
@@ -277,12 +365,15 @@ impl TaskFarm {
     pub fn close(&self) -> Result<bool, RuntimeError> {
         let mark = template!(self.stop_key.as_str(), "task", STOP, ?Vec<u8>);
         let found = self.space.inp(&mark)?.is_some();
-        let results = template!(self.results_key.as_str(), "result", ?u64, ?Vec<u8>);
+        let results = self.results_and_failures();
         while self.space.inp(&results)?.is_some() {}
         Ok(found)
     }
 
     /// Takes tasks and runs `f` on each until the farm stops; returns the number of tasks this worker did.
+    /// A task that fails here (see the module's documentation) is reported to the master in place of its
+    /// result, and this worker stops: `serve` returns the error, or, where `f` panicked, the panic goes on
+    /// from here.
     ///
     /// Tasks that take less time than a round trip to the bag are taken several at a time (see [`Batch`]):
     /// each trip ends the leases of the tasks just done, puts their results, and leases the next ones.
@@ -318,13 +409,20 @@ impl TaskFarm {
             }
             let started = Instant::now();
             let mut results = Vec::with_capacity(held.leases.len());
+            let mut failed = None;
             for lease in &held.leases {
                 let id = lease.tuple.get::<u64>(2)?;
-                let task = decode(&lease.tuple, "task", id)?;
-                results.push(Self::encode(&self.results_key, "result", id, &f(id, task))?);
+                match self.run_one(&mut f, id, &lease.tuple) {
+                    Ok(result) => results.push(result),
+                    Err(failure) => {
+                        results.push(self.failure(id, &failure));
+                        failed = Some(failure);
+                        break;
+                    }
+                }
             }
             let ran = results.len();
-            done += ran;
+            done += ran - usize::from(failed.is_some());
             // Results go to the space in requests of at most MAX_TUPLE_BYTES of data each (with the
             // leases they end), so that many large results never make one request too large to send.
             while let Some(k) = first_requests_worth(&results) {
@@ -336,6 +434,20 @@ impl TaskFarm {
                     return Err(e);
                 }
                 results = rest;
+            }
+            if let Some(failure) = failed {
+                // The failure goes in with the results before it; the tasks after it, not run, go back to
+                // the bag as `held` is dropped.
+                let mut leases: Vec<Lease> = held.leases.drain(..results.len()).collect();
+                if let Err(e) = self.space.complete_many(&mut leases, results) {
+                    held.leases.splice(0..0, leases);
+                    return Err(e);
+                }
+                drop(held);
+                return match failure {
+                    Failure::Error(e) => Err(e),
+                    Failure::Panic(payload) => resume_unwind(payload),
+                };
             }
             // The tasks stay held until their results are in: if that fails (a result too large for the
             // space, say), they go back to the bag instead of staying leased to this live rank for ever.

@@ -394,19 +394,31 @@ fn workers_take_tasks_near_them_first_and_the_rest_gets_done() {
 }
 
 #[test]
-fn tasks_held_by_a_worker_whose_function_panics_go_back_to_the_bag() {
+fn a_task_whose_function_panics_is_reported_failed_and_the_rest_of_its_batch_is_done() {
     job(3, plain, |rt, space| {
         let farm = TaskFarm::new(space, "fragile", Rank(0)).unwrap();
         match rt.rank().0 {
             0 => {
                 farm.put((0..200u64).map(|i| (i, i))).unwrap();
-                let mut results: Vec<(u64, u64)> = farm.results(200).unwrap();
+                let (failed, rank, reason) = match farm.results::<u64>(200) {
+                    Err(RuntimeError::TaskFailed { id, rank, reason }) => (id, rank, reason),
+                    other => panic!("results ended with {other:?}"),
+                };
+                assert_eq!(rank, Rank(1));
+                assert!(reason.contains("a task this worker cannot do"), "{reason}");
+                // Reported once; every other task is done once (those of the failed one's batch that it
+                // did not run too).
+                let mut results: Vec<(u64, u64)> = farm.results(199).unwrap();
                 farm.stop().unwrap();
                 results.sort();
-                assert_eq!(results, (0..200u64).map(|i| (i, i + 1)).collect::<Vec<_>>());
+                let expected: Vec<(u64, u64)> = (0..200u64)
+                    .filter(|i| *i != failed)
+                    .map(|i| (i, i + 1))
+                    .collect();
+                assert_eq!(results, expected);
             }
             1 => {
-                // Panics on its third task, holding it (and perhaps more of its batch).
+                // Panics on its third task (its batch may hold more).
                 let mut seen = 0;
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     farm.serve(|_, x: u64| {
@@ -513,7 +525,7 @@ fn results_that_do_not_decode_stay_in_the_space() {
 }
 
 #[test]
-fn a_result_too_large_for_the_space_fails_its_worker_and_the_task_goes_back() {
+fn a_result_too_large_for_the_space_fails_its_task_and_its_worker() {
     job(3, plain, |rt, space| {
         let farm = TaskFarm::new(space, "oversized", Rank(0)).unwrap();
         match rt.rank().0 {
@@ -522,11 +534,17 @@ fn a_result_too_large_for_the_space_fails_its_worker_and_the_task_goes_back() {
                 farm.put_near([(7u64, Rank(1), 7u64)]).unwrap();
                 farm.put((0..50u64).filter(|i| *i != 7).map(|i| (i, i)))
                     .unwrap();
-                let mut results: Vec<(u64, Vec<u8>)> = farm.results(50).unwrap();
+                match farm.results::<Vec<u8>>(50) {
+                    Err(RuntimeError::TaskFailed { id: 7, rank, .. }) => assert_eq!(rank, Rank(1)),
+                    other => panic!("results ended with {other:?}"),
+                }
+                let mut results: Vec<(u64, Vec<u8>)> = farm.results(49).unwrap();
                 farm.stop().unwrap();
                 results.sort();
-                let expected: Vec<(u64, Vec<u8>)> =
-                    (0..50u64).map(|i| (i, vec![i as u8])).collect();
+                let expected: Vec<(u64, Vec<u8>)> = (0..50u64)
+                    .filter(|i| *i != 7)
+                    .map(|i| (i, vec![i as u8]))
+                    .collect();
                 assert_eq!(results, expected);
             }
             1 => {
@@ -544,7 +562,7 @@ fn a_result_too_large_for_the_space_fails_its_worker_and_the_task_goes_back() {
             }
             _ => {
                 // Starts once rank 1, the only worker until then, has taken task 7 and failed on it; then
-                // does it (and the rest) with small results.
+                // does the rest (task 7 is not run again).
                 space.rd(&template!("oversized: rank 1 is out")).unwrap();
                 farm.serve(|_, x: u64| vec![x as u8]).unwrap();
             }
