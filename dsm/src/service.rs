@@ -45,12 +45,21 @@ pub struct Responder {
     pub(crate) link: Arc<Conn>,
     pub(crate) peer: Rank,
     pub(crate) shared: Arc<Shared>,
+    /// The request is a cancellation (`Request::ServiceCancel`), which is never answered.
+    pub(crate) cancel: bool,
 }
 
 impl Responder {
     /// The rank that sent the request.
     pub fn peer(&self) -> Rank {
         self.peer
+    }
+
+    /// Whether the request withdraws one sent before on its connection (a call that gave up waiting).
+    /// A cancellation is never answered: [`Responder::send`] sends nothing for it, since the requester
+    /// would read that answer as the reply to its next request on the connection.
+    pub fn cancels(&self) -> bool {
+        self.cancel
     }
 
     /// Answers the request with the concatenation of `payload`'s slices. An error means the sender is gone,
@@ -66,6 +75,9 @@ impl Responder {
     }
 
     fn write(&self, payload: &[&[u8]]) -> Result<()> {
+        if self.cancel {
+            return Ok(());
+        }
         write_frame(&self.link, &Reply::Service, payload, &self.shared.counters).map_err(|e| {
             // Part of the answer may have gone out: the connection ends, so that a sender that reads on
             // (one that was stopped, and resumes) sees it end instead of waiting for ever for the rest.

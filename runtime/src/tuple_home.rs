@@ -749,6 +749,19 @@ impl Home {
 impl Service for Home {
     fn request(&self, from: Rank, payload: Vec<u8>, reply: Responder) {
         match postcard::from_bytes::<Ask>(&payload) {
+            // A cancellation carries a cancel and nothing else, and a cancel comes only as one: anything
+            // else from a peer is its error. A request that came as a cancellation is not served (its
+            // answer could not go, and a tuple it took would be lost); a cancel that came as a request is
+            // refused.
+            Ok(ask) if reply.cancels() != matches!(ask, Ask::Cancel { .. }) => {
+                let _ = answer(
+                    reply,
+                    &Answer::Refused(
+                        "a tuple-space cancel must come as a cancellation, and only a cancel"
+                            .into(),
+                    ),
+                );
+            }
             Ok(ask) => self.serve(from, ask, reply),
             Err(e) => {
                 let _ = answer(

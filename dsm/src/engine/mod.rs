@@ -775,6 +775,7 @@ impl Engine {
                             link: self.conns[idx].link.clone(),
                             peer: self.conns[idx].peer,
                             shared: self.shared.clone(),
+                            cancel,
                         };
                         service.request(self.conns[idx].peer, payload, reply);
                     }
@@ -1604,6 +1605,48 @@ mod tests {
         // And the rank is failed (what it held given back by the services), not left to a peer timeout
         // that its heartbeats, were it alive, would never let run out.
         assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+    }
+
+    #[test]
+    fn a_service_never_answers_a_cancellation() {
+        let (dsm, fake, _other) = rank0_with_fake_peer();
+        let keeper = Arc::new(Keeper::default());
+        dsm.register_service(1, keeper.clone()).unwrap();
+        let cancel = Request::ServiceCancel { id: 1 };
+        write_frame(&dup(&fake), &cancel, &[b"withdrawn"], &Counters::default()).unwrap();
+        let t = Instant::now();
+        let reply = loop {
+            if let Some(r) = keeper.0.lock().unwrap().take() {
+                break r;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the cancellation never came"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert!(reply.cancels());
+        reply.send(&[b"an answer that must not go"]).unwrap();
+        // The next frame rank 1 reads is the answer to its next request (to a service not registered),
+        // not one to the cancellation.
+        write_frame(
+            &dup(&fake),
+            &Request::Service { id: 2 },
+            &[],
+            &Counters::default(),
+        )
+        .unwrap();
+        let (reply, _) = fake_reads(&fake);
+        assert!(
+            matches!(
+                reply,
+                Reply::Refused {
+                    reason: RefusedReason::UnknownService
+                }
+            ),
+            "{reply:?}"
+        );
+        assert!(dsm.failed_ranks().is_empty());
     }
 
     #[test]
