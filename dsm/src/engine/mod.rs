@@ -1578,24 +1578,29 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_rank_that_a_service_s_late_answer_cannot_reach_is_failed() {
-        let (dsm, fake, _other) = rank0_with_fake_peer();
+    /// Registers a [`Keeper`] as service 1 of rank 0, has the fake rank 1 send it `request`, and returns
+    /// the responder the service kept.
+    fn kept_responder(dsm: &Dsm, fake: &UnixStream, request: Request) -> crate::service::Responder {
         let keeper = Arc::new(Keeper::default());
         dsm.register_service(1, keeper.clone()).unwrap();
-        let ask = Request::Service { id: 1 };
-        write_frame(&dup(&fake), &ask, &[b"ask"], &Counters::default()).unwrap();
+        write_frame(&dup(fake), &request, &[b"ask"], &Counters::default()).unwrap();
         let t = Instant::now();
-        let reply = loop {
+        loop {
             if let Some(r) = keeper.0.lock().unwrap().take() {
-                break r;
+                return r;
             }
             assert!(
                 t.elapsed() < Duration::from_secs(5),
-                "the request never came"
+                "{request:?} never came"
             );
             std::thread::sleep(Duration::from_millis(1));
-        };
+        }
+    }
+
+    #[test]
+    fn a_rank_that_a_service_s_late_answer_cannot_reach_is_failed() {
+        let (dsm, fake, _other) = rank0_with_fake_peer();
+        let reply = kept_responder(&dsm, &fake, Request::Service { id: 1 });
         // Rank 1 stops reading, as a rank that dies does: the answer cannot go.
         fake.shutdown(std::net::Shutdown::Read).unwrap();
         match reply.send(&[&[7u8; 64]]) {
@@ -1610,21 +1615,7 @@ mod tests {
     #[test]
     fn a_service_never_answers_a_cancellation() {
         let (dsm, fake, _other) = rank0_with_fake_peer();
-        let keeper = Arc::new(Keeper::default());
-        dsm.register_service(1, keeper.clone()).unwrap();
-        let cancel = Request::ServiceCancel { id: 1 };
-        write_frame(&dup(&fake), &cancel, &[b"withdrawn"], &Counters::default()).unwrap();
-        let t = Instant::now();
-        let reply = loop {
-            if let Some(r) = keeper.0.lock().unwrap().take() {
-                break r;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "the cancellation never came"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        };
+        let reply = kept_responder(&dsm, &fake, Request::ServiceCancel { id: 1 });
         assert!(reply.cancels());
         reply.send(&[b"an answer that must not go"]).unwrap();
         // The next frame rank 1 reads is the answer to its next request (to a service not registered),
