@@ -81,6 +81,11 @@ pub(crate) struct Shared {
     /// then leaves unfinished under `FailurePolicy::Exit` lets the service loop end it as a failure's
     /// consequence (see `Dsm::shutdown`).
     pub(crate) heard_of_failure: AtomicBool,
+    /// Set when this rank met an error of its own that the others learn of from it and fail for (its
+    /// arena could not be mapped: they see its barrier tag). It leaves with that error: under
+    /// `FailurePolicy::Exit`, the failures that follow from it (a rank that leaves because of it) do not
+    /// end it first, as a consequence, before it could say why.
+    pub(crate) caused_failure: AtomicBool,
     /// Under `FailurePolicy::Exit`, how long a rank ending because another failed waits before it exits.
     pub(crate) exit_grace: Duration,
     pub(crate) service_priority: ServicePriority,
@@ -819,7 +824,10 @@ impl Dsm {
             s.barrier_tagged(ARENA_MAPPED + u64::from(result.is_ok())),
             result,
         ) {
-            (_, Err(e)) => Err(e),
+            (_, Err(e)) => {
+                s.caused_failure.store(true, Ordering::Release);
+                Err(e)
+            }
             (Err(DsmError::CollectiveMismatch { rank, .. }), Ok(())) => {
                 Err(DsmError::Config(format!(
                 "rank {} cannot map the shared arena at the address rank 0 chose; see its error",
@@ -996,6 +1004,7 @@ impl Dsm {
         if result.is_err()
             && s.policy == FailurePolicy::Exit
             && s.size > 1
+            && !s.caused_failure.load(Ordering::Acquire)
             && (s.heard_of_failure.load(Ordering::Acquire) || !self.failed_ranks().is_empty())
         {
             // This rank fails because another did (an error from it, returned from `main` or unwrapped,

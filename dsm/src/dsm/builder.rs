@@ -340,6 +340,7 @@ impl DsmBuilder {
             gone: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
             policy: self.policy,
             heard_of_failure: AtomicBool::new(false),
+            caused_failure: AtomicBool::new(false),
             exit_grace: self.exit_grace,
             service_priority: self.service_priority,
             uffd: OnceLock::new(),

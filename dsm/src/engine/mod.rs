@@ -499,7 +499,9 @@ impl Engine {
         for service in self.shared.services() {
             service.peer_failed(peer);
         }
-        if self.shared.policy == FailurePolicy::Exit {
+        if self.shared.policy == FailurePolicy::Exit
+            && !self.shared.caused_failure.load(Ordering::Acquire)
+        {
             // Tell the others which rank is gone before ending, so that they report it rather than this rank,
             // whose connections close next.
             let why = truncated(reason, MAX_LOST_REASON);
