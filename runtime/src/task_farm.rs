@@ -271,12 +271,7 @@ impl TaskFarm {
         let mut reason = match failure {
             Failure::Error(e) => e.to_string(),
             Failure::Panic(payload) => {
-                let message = payload
-                    .downcast_ref::<&str>()
-                    .copied()
-                    .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-                    .unwrap_or("a panic whose payload is not a string");
-                format!("its function panicked: {message}")
+                format!("its function panicked: {}", dsm::panic_message(&**payload))
             }
         };
         if reason.len() > MAX_REASON_BYTES {
@@ -427,22 +422,13 @@ impl TaskFarm {
             // leases they end), so that many large results never make one request too large to send.
             while let Some(k) = first_requests_worth(&results) {
                 let rest = results.split_off(k);
-                let mut leases: Vec<Lease> = held.leases.drain(..k).collect();
-                if let Err(e) = self.space.complete_many(&mut leases, results) {
-                    // Those tasks go back to the bag with the rest of the batch.
-                    held.leases.splice(0..0, leases);
-                    return Err(e);
-                }
+                held.complete_first(results)?;
                 results = rest;
             }
             if let Some(failure) = failed {
                 // The failure goes in with the results before it; the tasks after it, not run, go back to
                 // the bag as `held` is dropped.
-                let mut leases: Vec<Lease> = held.leases.drain(..results.len()).collect();
-                if let Err(e) = self.space.complete_many(&mut leases, results) {
-                    held.leases.splice(0..0, leases);
-                    return Err(e);
-                }
+                held.complete_first(results)?;
                 drop(held);
                 return match failure {
                     Failure::Error(e) => Err(e),
@@ -453,8 +439,7 @@ impl TaskFarm {
             // space, say), they go back to the bag instead of staying leased to this live rank for ever.
             if stopping {
                 if ran > 0 {
-                    self.space.complete_many(&mut held.leases, results)?;
-                    held.leases.clear();
+                    held.complete_first(results)?;
                 }
                 return Ok(done);
             }
@@ -498,6 +483,19 @@ impl Drop for Serving<'_> {
 struct Held<'a> {
     space: &'a TupleSpace,
     leases: Vec<Lease>,
+}
+
+impl Held<'_> {
+    /// Ends the leases of the first `results.len()` tasks held, putting `results` (one for each, in
+    /// order). If that fails, the tasks stay held, and go back to the bag with the rest.
+    fn complete_first(&mut self, results: Vec<Tuple>) -> Result<(), RuntimeError> {
+        let mut leases: Vec<Lease> = self.leases.drain(..results.len()).collect();
+        if let Err(e) = self.space.complete_many(&mut leases, results) {
+            self.leases.splice(0..0, leases);
+            return Err(e);
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Held<'_> {
