@@ -101,6 +101,9 @@ pub(crate) struct Shared {
     /// this rank may have dropped and fetched again a page with writes newer than the barrier's updates
     /// of it, which a selective acquire does without moving the rank's clock.
     pub(crate) selective_acquires: AtomicU64,
+    /// Release consistency, on ranks other than 0: the diffs a barrier arrival carries to rank 0 until it
+    /// has them (`rc::carry`). Taken under `rc` when both are.
+    pub(crate) carry: Mutex<crate::rc::carry::CarrySlot>,
     /// Release consistency: notices this cut covers are known to every rank, so the locks homed here need
     /// not keep them (see `RcRank::barrier_done`). Read by the service loop, hence a mutex of its own: a
     /// holder of `rc` may be waiting for this rank's service loop.
@@ -318,28 +321,39 @@ impl Shared {
         // (writes scattered over millions of pages), none and a horizon past them, as a lock release
         // does: the ranks that had not seen them then drop every page they cache from other homes.
         // (Refusing to arrive would leave the others waiting at the barrier.)
+        // The diffs for rank 0 that the arrival carries (`rc::carry`), ahead of the notices.
+        let (seq, carried) = crate::rc::carry::waiting(self).unwrap_or_default();
         let own = {
             let rc = self.rc.lock().unwrap_or_else(|p| p.into_inner());
             crate::rc::encode_notices_within(
                 rc.own_notices(),
                 &rc.own_horizon(),
                 updates,
-                MAX_SERVICE_REQUEST,
+                MAX_SERVICE_REQUEST - carried.len(),
             )
         };
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
         let root = Rank(0);
         let mut ch = self.channels.claim_for_wait();
-        ch.send(
-            &self.counters,
-            root,
-            &Request::Barrier { epoch, tag },
-            &[&own],
-        )
-        .map_err(|e| self.peer_error(root, crate::channel::RecvError::Sys(e)))?;
+        let arrive = Request::Barrier {
+            epoch,
+            tag,
+            carried: carried.len() as u32,
+        };
+        ch.send(&self.counters, root, &arrive, &[&carried, &own])
+            .map_err(|e| self.peer_error(root, crate::channel::RecvError::Sys(e)))?;
         let (reply, payload) = ch
             .recv_owned(&self.counters, root)
             .map_err(|e| self.peer_error(root, e))?;
+        // Rank 0 applies what an arrival carries before it answers it, whatever the answer.
+        if !carried.is_empty()
+            && matches!(
+                reply,
+                Reply::BarrierDone | Reply::BarrierMismatch { .. } | Reply::BarrierFailed { .. }
+            )
+        {
+            crate::rc::carry::arrived(self, seq);
+        }
         let notices = match reply {
             Reply::BarrierDone => Some(crate::rc::decode_exchange(&payload, root, self.size)?),
             _ => None,

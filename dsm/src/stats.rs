@@ -39,6 +39,7 @@ pub(crate) struct Counters {
     pub(crate) diffs: AtomicU64,
     pub(crate) diff_bytes: AtomicU64,
     pub(crate) diffs_applied: AtomicU64,
+    pub(crate) diffs_carried: AtomicU64,
     pub(crate) write_notices: AtomicU64,
     pub(crate) acquire_invalidations: AtomicU64,
     pub(crate) pages_updated: AtomicU64,
@@ -95,6 +96,7 @@ impl Counters {
             diffs: g(&self.diffs),
             diff_bytes: g(&self.diff_bytes),
             diffs_applied: g(&self.diffs_applied),
+            diffs_carried: g(&self.diffs_carried),
             write_notices: g(&self.write_notices),
             acquire_invalidations: g(&self.acquire_invalidations),
             pages_updated: g(&self.pages_updated),
@@ -176,6 +178,9 @@ pub struct Stats {
     pub diff_bytes: u64,
     /// Release consistency: diffs applied here as a home.
     pub diffs_applied: u64,
+    /// Release consistency: of the diffs sent, those for pages homed at rank 0 that went with a barrier
+    /// arrival instead of before it (a round trip fewer a barrier).
+    pub diffs_carried: u64,
     /// Release consistency: intervals closed with a write notice.
     pub write_notices: u64,
     /// Release consistency: pages dropped at acquires because others wrote them (or, at selective
@@ -278,8 +283,8 @@ impl fmt::Display for Stats {
         if self.twins + self.diffs_applied + self.write_notices > 0 {
             write!(
                 f,
-                "\nrelease consistency: {} twins ({} ahead), {} diffs sent ({} bytes), {} applied here, {} write notices, {} pages dropped at acquires, {} brought up to date at barriers",
-                self.twins, self.twins_ahead, self.diffs, self.diff_bytes, self.diffs_applied, self.write_notices, self.acquire_invalidations, self.pages_updated
+                "\nrelease consistency: {} twins ({} ahead), {} diffs sent ({} bytes, {} with barrier arrivals), {} applied here, {} write notices, {} pages dropped at acquires, {} brought up to date at barriers",
+                self.twins, self.twins_ahead, self.diffs, self.diff_bytes, self.diffs_carried, self.diffs_applied, self.write_notices, self.acquire_invalidations, self.pages_updated
             )?;
             if self.selective_releases + self.selective_acquires > 0 {
                 write!(

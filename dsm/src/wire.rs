@@ -43,8 +43,10 @@ pub(crate) enum Request {
     /// Give lock `lock` back; the payload holds the write notices to pass to the next holder.
     LockRelease { lock: u64 },
     /// Arrival at barrier `epoch`; `tag` must be equal on every rank (it checks collective arguments). The
-    /// payload holds the arriving rank's own write notices since the last barrier.
-    Barrier { epoch: u64, tag: u64 },
+    /// payload holds, in its first `carried` bytes, diffs for pages homed at rank 0 (`rc::carry::Carry`),
+    /// which rank 0 applies before it answers, then the arriving rank's own write notices since the last
+    /// barrier.
+    Barrier { epoch: u64, tag: u64, carried: u32 },
     /// Release consistency: send your copy of `count` pages homed here from `page` (zeros where never
     /// touched); the home may send fewer (read-ahead stops at a page it cannot take at once). `direct` as
     /// for `Acquire`.
@@ -62,6 +64,9 @@ pub(crate) enum Request {
         count: u32,
         selective: bool,
     },
+    /// Release consistency, rank 0: apply the diffs in the payload (`rc::carry::Carry`) unless they are
+    /// applied already, then ack once: a carry a barrier arrival is taking there too.
+    Carried,
     /// Rank 0: where is the shared arena?
     ArenaBase,
     /// The sender runs on the same host as the receiver may: process `pid`, whose userfaultfd is its

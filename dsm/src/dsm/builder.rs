@@ -351,6 +351,7 @@ impl DsmBuilder {
             notice_memory: self.notice_memory,
             twin_budget: AtomicU64::new((self.twin_memory / PAGE_SIZE) as u64),
             selective_acquires: AtomicU64::new(0),
+            carry: Mutex::new(Default::default()),
             lock_cut: Mutex::new(None),
             arena: Mutex::new(None),
             arena_base: self.arena_base,

@@ -136,6 +136,8 @@ pub(crate) struct Engine {
     deferred: Vec<(usize, Request, Vec<u8>)>,
     /// Barrier arrivals at rank 0: (connection, epoch, tag).
     arrivals: Vec<(usize, u64, u64)>,
+    /// Release consistency, at rank 0: the number of the last carry applied from each rank (`rc::carry`).
+    carries: Vec<u64>,
     /// Release consistency: the write notices the arrivals brought, and their horizons merged, for everyone
     /// at the barrier's end.
     arrival_notices: Vec<crate::protocol::release::WriteNotice>,
@@ -239,6 +241,7 @@ impl Engine {
             held_by: HashMap::new(),
             locks: HashMap::new(),
             deferred: Vec::new(),
+            carries: vec![0; shared.size],
             arrivals: Vec::new(),
             arrival_notices: Vec::new(),
             arrival_horizon: VectorClock::new(shared.size),
@@ -689,7 +692,12 @@ impl Engine {
                     self.grant_lock(lock, w, grant);
                 }
             }
-            Request::Barrier { epoch, tag } => self.barrier(idx, epoch, tag, payload),
+            Request::Barrier {
+                epoch,
+                tag,
+                carried,
+            } => self.barrier(idx, epoch, tag, carried, payload),
+            Request::Carried => self.carried(idx, payload),
             Request::FetchPage {
                 region,
                 page,
@@ -1418,7 +1426,11 @@ mod tests {
         ];
         let notices = crate::rc::encode_notices(&[], &VectorClock::new(size));
         for (epoch, tag) in (0..).zip(tags) {
-            let arrive = Request::Barrier { epoch, tag };
+            let arrive = Request::Barrier {
+                epoch,
+                tag,
+                carried: 0,
+            };
             write_frame(&dup(fake), &arrive, &[&notices], &Counters::default()).unwrap();
             let (reply, _) = fake_reads(fake);
             assert!(matches!(reply, Reply::BarrierDone), "{reply:?}");
@@ -1570,6 +1582,135 @@ mod tests {
         assert!(dsm.failed_ranks().is_empty());
     }
 
+    /// A carry (`rc::carry`) numbered `seq` of one diff that writes `value` at byte `at` of page 0 of
+    /// `region`.
+    fn carry_of(region: &RegionShared, seq: u64, at: usize, value: u8) -> Vec<u8> {
+        let twin = vec![0u8; PAGE_SIZE];
+        let mut page = twin.clone();
+        page[at] = value;
+        let mut bytes = Vec::new();
+        crate::protocol::diff::push_entry(0, &twin, &page, &mut bytes);
+        let carry = crate::rc::carry::Carry {
+            seq,
+            batches: vec![crate::rc::carry::CarriedBatch {
+                region: region.id,
+                count: 1,
+                bytes,
+            }],
+        };
+        postcard::to_allocvec(&carry).unwrap()
+    }
+
+    #[test]
+    fn rank_0_applies_each_carry_once_before_it_answers_the_barrier_that_carries_it() {
+        let (dsm, mut fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
+        let f = fakes.pop().unwrap();
+        let region = homed_region_with(&dsm, std::slice::from_ref(&f), 1, Consistency::Release);
+        let shared = &region.inner;
+        // SAFETY: the region is one page long, and its test's only user of it.
+        unsafe { std::ptr::write_bytes(region.as_ptr(), 1, PAGE_SIZE) };
+        let byte = || {
+            // SAFETY: the page is present here (written above); diffs write it only under its BUSY bit,
+            // checked free or held by this test when this reads.
+            unsafe { *region.as_ptr().add(100) }
+        };
+        let notices = crate::rc::encode_notices(&[], &VectorClock::new(2));
+        // The fake's barriers follow the four of the allocation.
+        let arrive = |epoch: u64, carry: &[u8]| {
+            let request = Request::Barrier {
+                epoch,
+                tag: 0,
+                carried: carry.len() as u32,
+            };
+            write_frame(
+                &dup(&f.fake),
+                &request,
+                &[carry, &notices],
+                &Counters::default(),
+            )
+            .unwrap();
+        };
+        let answered = || {
+            let (reply, _) = fake_reads(&f.fake);
+            assert!(matches!(reply, Reply::BarrierDone), "{reply:?}");
+        };
+        // Carry 1 sent on its own (as another thread's release sends it) is applied and acknowledged.
+        let first = carry_of(shared, 1, 100, 7);
+        write_frame(
+            &dup(&f.fake),
+            &Request::Carried,
+            &[&first],
+            &Counters::default(),
+        )
+        .unwrap();
+        assert!(matches!(fake_reads(&f.fake).0, Reply::Ack));
+        assert_eq!(byte(), 7);
+        // A later write of the same byte, synchronized after it, reaches the home as diffs.
+        fake_sends_diffs(&f.fake, shared, &[0], 100, 9);
+        assert!(matches!(fake_reads(&f.fake).0, Reply::Ack));
+        assert_eq!(byte(), 9);
+        // The barrier arrival that carried carry 1 too comes after: it is not applied again.
+        std::thread::scope(|sc| {
+            let rank0 = sc.spawn(|| dsm.barrier());
+            arrive(4, &first);
+            answered();
+            rank0.join().unwrap().unwrap();
+        });
+        assert_eq!(byte(), 9, "a carry was applied twice, over a later write");
+        assert_eq!(dsm.stats().diffs_applied, 2);
+        // A new carry goes with the next arrival; while a fault of rank 0 holds the page, the arrival waits
+        // and the barrier is not answered.
+        shared
+            .state(0)
+            .fetch_or(crate::region::BUSY, Ordering::AcqRel);
+        std::thread::scope(|sc| {
+            let rank0 = sc.spawn(|| dsm.barrier());
+            arrive(5, &carry_of(shared, 2, 100, 3));
+            let mut fake = &f.fake;
+            fake.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            assert!(
+                fake.read(&mut [0u8; 1]).is_err(),
+                "the barrier was answered before the diffs its arrival carried were applied"
+            );
+            assert_eq!(byte(), 9);
+            crate::fault::release_busy(shared, 0);
+            answered();
+            rank0.join().unwrap().unwrap();
+        });
+        assert_eq!(byte(), 3);
+        assert_eq!(dsm.stats().diffs_applied, 3);
+        assert!(dsm.failed_ranks().is_empty());
+    }
+
+    #[test]
+    fn a_carry_of_diffs_for_another_rank_s_pages_fails_its_sender() {
+        let (dsm, mut fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
+        let f = fakes.pop().unwrap();
+        // Page 0 of a region homed at rank 1.
+        let placement = Placement::At(Rank(1));
+        let len = PAGE_SIZE;
+        let fake = f.fake.try_clone().unwrap();
+        let arriving = std::thread::spawn(move || {
+            fake_allocates_first_with(&fake, 2, len, placement, Consistency::Release)
+        });
+        dsm.set_direct_install(false);
+        let region = dsm
+            .alloc_with(len, placement, Consistency::Release)
+            .unwrap();
+        arriving.join().unwrap();
+        let carry = carry_of(&region.inner, 1, 8, 5);
+        write_frame(
+            &dup(&f.fake),
+            &Request::Carried,
+            &[&carry],
+            &Counters::default(),
+        )
+        .unwrap();
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+        assert_eq!(dsm.stats().diffs_applied, 0);
+    }
+
     /// A service that keeps each request's responder, to answer later.
     #[derive(Debug, Default)]
     struct Keeper(std::sync::Mutex<Option<crate::service::Responder>>);
@@ -1662,7 +1803,11 @@ mod tests {
             };
             let notices =
                 crate::rc::encode_notices_within(&[], &VectorClock::new(2), &[update], usize::MAX);
-            let request = Request::Barrier { epoch, tag: 0 };
+            let request = Request::Barrier {
+                epoch,
+                tag: 0,
+                carried: 0,
+            };
             write_frame(&dup(&fake), &request, &[&notices], &Counters::default()).unwrap();
         };
         // Its own writes' update goes through: the barrier ends, and hands it back.

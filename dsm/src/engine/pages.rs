@@ -698,20 +698,134 @@ impl Engine {
             self.deferred.push((idx, req, batch));
             return;
         }
-        let entries = match diff::decode_batch(&batch, count) {
+        let Some(entries) = self.checked_batch(idx, region, &batch, count, false) else {
+            return;
+        };
+        // Exclude this rank's faults on the pages while they change; a fault in progress finishes first.
+        let Some(claimed) = claim_all(region, entries.iter().map(|(page, _)| *page)) else {
+            self.deferred.push((idx, req, batch));
+            return;
+        };
+        self.apply_claimed(region, &entries, &claimed, &batch, selective);
+        self.reply(idx, &Reply::Ack, &[]);
+    }
+
+    /// Rank 0: applies a carry sent on its own (`Request::Carried`) and acknowledges it.
+    pub(super) fn carried(&mut self, idx: usize, payload: Vec<u8>) {
+        if self.shared.me != Rank(0) {
+            self.refuse(idx, RefusedReason::WrongRank);
+            return;
+        }
+        // Behind a request of the same connection parked here, as for diffs.
+        if self.deferred.iter().any(|(i, _, _)| *i == idx) {
+            self.deferred.push((idx, Request::Carried, payload));
+            return;
+        }
+        match self.apply_carry(idx, &payload) {
+            CarryApplied::Yes => {
+                self.reply(idx, &Reply::Ack, &[]);
+            }
+            CarryApplied::Waits => self.deferred.push((idx, Request::Carried, payload)),
+            CarryApplied::SenderFailed => {}
+        }
+    }
+
+    /// Rank 0: applies the diffs a rank's barrier arrival carries (`rc::carry::Carry`), unless this rank
+    /// has applied them (or a later carry of that rank) already. Every batch is checked whole, and every
+    /// page taken, before any changes; while a thread of this rank holds one, none is taken and the carry
+    /// waits (the caller parks its request). A malformed carry fails its sender.
+    pub(super) fn apply_carry(&mut self, idx: usize, bytes: &[u8]) -> CarryApplied {
+        let peer = self.conns[idx].peer;
+        let carry: crate::rc::carry::Carry = match postcard::from_bytes(bytes) {
+            Ok(carry) => carry,
+            Err(e) => {
+                self.close(idx, &format!("carried diffs do not decode: {e}"));
+                return CarryApplied::SenderFailed;
+            }
+        };
+        if carry.seq <= self.carries[peer.index()] {
+            return CarryApplied::Yes;
+        }
+        let mut checked: Vec<(Arc<RegionShared>, Vec<Entry>)> =
+            Vec::with_capacity(carry.batches.len());
+        for batch in &carry.batches {
+            let region = match self.shared.region(batch.region) {
+                Some(r) if r.consistency == crate::Consistency::Release => r,
+                _ => {
+                    let what = format!(
+                        "carried diffs for region {}, not a release-consistency region here",
+                        batch.region
+                    );
+                    self.close(idx, &what);
+                    return CarryApplied::SenderFailed;
+                }
+            };
+            // A page twice would be taken twice, and wait for itself.
+            if checked.iter().any(|(r, _)| r.id == region.id) {
+                let what = format!("carried two batches of diffs for region {}", region.id);
+                self.close(idx, &what);
+                return CarryApplied::SenderFailed;
+            }
+            let Some(entries) = self.checked_batch(idx, &region, &batch.bytes, batch.count, true)
+            else {
+                return CarryApplied::SenderFailed;
+            };
+            checked.push((region, entries));
+        }
+        let mut claimed = Vec::with_capacity(checked.len());
+        for (region, entries) in &checked {
+            match claim_all(region, entries.iter().map(|(page, _)| *page)) {
+                Some(words) => claimed.push(words),
+                None => {
+                    for ((region, entries), _) in checked.iter().zip(&claimed) {
+                        for (page, _) in entries {
+                            crate::fault::release_busy(region, *page);
+                        }
+                    }
+                    return CarryApplied::Waits;
+                }
+            }
+        }
+        for (((region, entries), words), batch) in checked.iter().zip(&claimed).zip(&carry.batches)
+        {
+            self.apply_claimed(region, entries, words, &batch.bytes, false);
+        }
+        self.carries[peer.index()] = carry.seq;
+        CarryApplied::Yes
+    }
+
+    /// The entries of a batch of `count` diffs for pages of `region` homed here, checked whole; `None`
+    /// (the sender failed, or its request refused) when it is malformed, names a page past the region's
+    /// end, or one homed elsewhere. `carried`: the batch came with a barrier arrival.
+    fn checked_batch(
+        &mut self,
+        idx: usize,
+        region: &RegionShared,
+        batch: &[u8],
+        count: u32,
+        carried: bool,
+    ) -> Option<Vec<Entry>> {
+        let entries = match diff::decode_batch(batch, count) {
             Ok(entries) => entries,
             // The sender is broken. Nothing changed here.
             Err(e) => {
                 self.close(idx, &format!("diffs for region {}: {e}", region.id));
-                return;
+                return None;
             }
         };
-        if entries
-            .last()
-            .is_some_and(|(page, _)| *page >= region.pages)
-        {
-            self.refuse(idx, RefusedReason::PageOutOfRange);
-            return;
+        if let Some((page, _)) = entries.last().filter(|(page, _)| *page >= region.pages) {
+            // A request of its own is refused (the sender may have a stale view of the region); a
+            // barrier arrival cannot be, so its sender fails.
+            if carried {
+                let what = format!(
+                    "carried a diff for page {page} of region {}, past its end",
+                    region.id
+                );
+                self.close(idx, &what);
+            } else {
+                self.refuse(idx, RefusedReason::PageOutOfRange);
+            }
+            return None;
         }
         let me = self.shared.me;
         if let Some((page, _)) = entries.iter().find(|(page, _)| region.home(*page) != me) {
@@ -720,27 +834,26 @@ impl Engine {
                 region.id
             );
             self.close(idx, &what);
-            return;
+            return None;
         }
-        // Exclude this rank's faults on the pages while they change; a fault in progress finishes first.
-        let mut claimed = Vec::with_capacity(entries.len());
-        for (page, _) in &entries {
-            match claim_or_flag(region.state(*page), 0) {
-                Some(s) => claimed.push(s),
-                None => {
-                    for (page, _) in &entries[..claimed.len()] {
-                        crate::fault::release_busy(region, *page);
-                    }
-                    self.deferred.push((idx, req, batch));
-                    return;
-                }
-            }
-        }
+        Some(entries)
+    }
+
+    /// Applies checked diffs (`entries` of `batch`) to the home's copies of their pages, which this loop
+    /// holds BUSY (`claimed`: their words as taken), and lets the pages go. See `apply_diffs`.
+    fn apply_claimed(
+        &mut self,
+        region: &Arc<RegionShared>,
+        entries: &[Entry],
+        claimed: &[u32],
+        batch: &[u8],
+        selective: bool,
+    ) {
         let mut dropped_twins = Vec::new();
         let mut listed = Vec::new();
         let mut untouched = Vec::new();
         let mut protected = Vec::new();
-        for ((page, diff), &s) in entries.iter().zip(&claimed) {
+        for ((page, diff), &s) in entries.iter().zip(claimed) {
             let (page, diff) = (*page, &batch[diff.clone()]);
             let rule = marks::at_diff(s, selective);
             // Checked whole above: applying cannot fail.
@@ -799,14 +912,13 @@ impl Engine {
         if let Err((done, e)) = region.protect_runs(&protected, false) {
             self.not_writable(region, protected[done], e);
         }
-        for (page, diff) in &entries {
+        for (page, diff) in entries {
             set_state(region.state(*page), READ_WRITE);
             // Checked whole above: applying cannot fail.
             let _ = region.apply_diff(*page, &batch[diff.clone()]);
             crate::fault::release_busy(region, *page);
         }
         Counters::add(&self.shared.counters.diffs_applied, entries.len() as u64);
-        self.reply(idx, &Reply::Ack, &[]);
     }
 
     /// The kernel refused to make a page writable for a diff: this rank's own failure, not the sender's.
@@ -854,6 +966,25 @@ impl Engine {
     }
 }
 
+/// Takes the BUSY bits of `pages` (each once) and returns their words as they were; or, when a thread of
+/// this rank holds one, lets the others go, marks that one DEFERRED (as `claim_or_flag`) and returns
+/// `None`: the caller parks its request until the thread lets the page go.
+fn claim_all(region: &RegionShared, pages: impl Iterator<Item = u64> + Clone) -> Option<Vec<u32>> {
+    let mut claimed = Vec::new();
+    for page in pages.clone() {
+        match claim_or_flag(region.state(page), 0) {
+            Some(s) => claimed.push(s),
+            None => {
+                for page in pages.take(claimed.len()) {
+                    crate::fault::release_busy(region, page);
+                }
+                return None;
+            }
+        }
+    }
+    Some(claimed)
+}
+
 /// Takes a page's BUSY bit (setting `extra` with it) and returns its word as it was; or, when a thread of
 /// this rank holds the page, marks it DEFERRED (the thread wakes this loop when it lets the page go) and
 /// returns `None`.
@@ -886,4 +1017,17 @@ fn following_here(
     (1..u64::from(count))
         .map(move |k| page + k * stride)
         .take_while(move |&p| p < region.pages && region.home(p) == me)
+}
+
+/// A diff of a checked batch: its page, and where its bytes are in the batch.
+type Entry = (u64, std::ops::Range<usize>);
+
+/// What became of a carry of diffs at rank 0 (`Engine::apply_carry`).
+pub(super) enum CarryApplied {
+    /// Applied now, or before.
+    Yes,
+    /// A thread of this rank holds one of its pages: the request waits until it lets the page go.
+    Waits,
+    /// It was malformed: its sender is failed.
+    SenderFailed,
 }

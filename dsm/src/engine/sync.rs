@@ -1,11 +1,12 @@
 //! The lock and barrier servers of the service loop: a lock's queue of waiters and the write notices its
 //! holders pass on, and a barrier's arrivals, answered together once every rank has arrived.
 
+use super::pages::CarryApplied;
 use super::Engine;
 use crate::protocol::release::{self, NoticeSet, VectorClock};
 use crate::stats::Counters;
 use crate::types::Rank;
-use crate::wire::{RefusedReason, Reply};
+use crate::wire::{RefusedReason, Reply, Request};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
@@ -172,10 +173,40 @@ impl Engine {
         );
     }
 
-    pub(super) fn barrier(&mut self, idx: usize, epoch: u64, tag: u64, notices: Vec<u8>) {
+    pub(super) fn barrier(
+        &mut self,
+        idx: usize,
+        epoch: u64,
+        tag: u64,
+        carried: u32,
+        payload: Vec<u8>,
+    ) {
         if self.shared.me != Rank(0) {
             self.refuse(idx, RefusedReason::WrongRank);
             return;
+        }
+        // The diffs the arrival carries are applied first, whatever the answer, since the arriving rank
+        // counts them delivered once it has one (`rc::carry`). While a thread of this rank holds one of
+        // their pages the arrival waits, nothing of it taken yet.
+        let Some(notices) = payload.get(carried as usize..) else {
+            self.close(idx, "its barrier arrival's carried diffs overran it");
+            return;
+        };
+        if carried > 0 {
+            let request = Request::Barrier {
+                epoch,
+                tag,
+                carried,
+            };
+            let carry = &payload[..carried as usize];
+            match self.apply_carry(idx, carry) {
+                CarryApplied::Yes => {}
+                CarryApplied::Waits => {
+                    self.deferred.push((idx, request, payload));
+                    return;
+                }
+                CarryApplied::SenderFailed => return,
+            }
         }
         if let Some(dead) = self
             .shared
@@ -197,7 +228,7 @@ impl Engine {
             self.close(idx, "it arrived twice at one barrier");
             return;
         }
-        match crate::rc::decode_exchange(&notices, peer, self.shared.size) {
+        match crate::rc::decode_exchange(notices, peer, self.shared.size) {
             Ok((n, horizon, updates)) => {
                 // An arrival carries the diffs of its own rank's writes only: an update naming another
                 // writer would change what every rank sees of a page under that writer's name.

@@ -20,6 +20,7 @@ use crate::wire::{Reply, Request};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+pub(crate) mod carry;
 mod notices;
 
 pub(crate) use notices::{
@@ -245,15 +246,22 @@ fn release_collecting(shared: &Shared, collect: bool) -> Result<Vec<Update>> {
         return Ok(Vec::new());
     }
     let mut rc = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
+    carry::deliver(shared)?;
     let mut written: Vec<PageKey> = Vec::new();
-    let mut settled = Settled::collecting(collect);
+    // At a barrier, diffs for rank 0 go with the arrival (`carry`).
+    let mut settled = Settled::collecting(collect, collect && shared.me != Rank(0));
     let result = release_pages(shared, &regions, &mut written, &mut settled);
     let Settled {
         cleared,
         unannounced,
         updates,
+        carried,
         ..
     } = settled;
+    // Counted delivered below (their pages are cleared): they go with the arrival, whatever else failed.
+    if let Some(carried) = carried {
+        carry::hold(shared, carried);
+    }
     // Pages only other ranks' diffs wrote here: their writers announce them.
     written.retain(|k| !unannounced.contains(k));
     if result.is_err() {
@@ -321,15 +329,58 @@ struct Settled {
     /// (`marks::whole_interval`), to go with the arrival as updates, `UPDATE_BYTES` at most.
     updates: Option<Vec<(PageKey, Vec<u8>)>>,
     update_bytes: usize,
+    /// At a barrier's release on a rank other than 0: batches of diffs for rank 0 that the arrival carries
+    /// instead (`carry`), their pages counted delivered.
+    carried: Option<carry::Gathered>,
 }
 
 impl Settled {
-    /// A release's settled pages, collecting updates if `updates`.
-    fn collecting(updates: bool) -> Settled {
+    /// A release's settled pages, collecting updates if `updates` and diffs for rank 0 to carry if
+    /// `carry`.
+    fn collecting(updates: bool, carry: bool) -> Settled {
         Settled {
             updates: updates.then(Vec::new),
+            carried: carry.then(carry::Gathered::default),
             ..Settled::default()
         }
+    }
+
+    /// Moves the batches of `outbox` for rank 0 that the barrier's arrival can carry out of it, and
+    /// returns their pages (still held, their diffs as good as delivered).
+    fn carry_from(&mut self, shared: &Shared, region: u32, outbox: &mut Outbox) -> Vec<u64> {
+        let Some(gathered) = &mut self.carried else {
+            return Vec::new();
+        };
+        let mut pages = Vec::new();
+        let mut kept = Vec::with_capacity(outbox.batches.len());
+        for batch in std::mem::take(&mut outbox.batches) {
+            if batch.home != Rank(0) {
+                kept.push(batch);
+                continue;
+            }
+            let Batch {
+                home,
+                pages: batch_pages,
+                bytes,
+                diff_bytes,
+            } = batch;
+            match gathered.take(region, batch_pages.len() as u32, bytes) {
+                None => {
+                    carry::count(shared, batch_pages.len(), diff_bytes);
+                    pages.extend(batch_pages);
+                }
+                Some(bytes) => kept.push(Batch {
+                    home,
+                    pages: batch_pages,
+                    bytes,
+                    diff_bytes,
+                }),
+            }
+        }
+        outbox.batches = kept;
+        // `last` indexed the batches as they were; it is read only while they are added.
+        outbox.last = None;
+        pages
     }
 
     /// Offers the diff of this rank's writes to `page` in the interval that is closing as an update.
@@ -426,6 +477,10 @@ fn flush_pages(
         if failed.is_none() {
             failed = settle(region, &mut held, &mut outbox, clear, settled).err();
         }
+        let carried = match failed {
+            Some(_) => Vec::new(),
+            None => settled.carry_from(shared, region.id, &mut outbox),
+        };
         let (acked, sent) = match failed {
             Some(e) => (vec![false; outbox.batches.len()], Err(e)),
             None => send_diffs(shared, region.id, &outbox.batches, selective),
@@ -439,6 +494,7 @@ fn flush_pages(
             .zip(&acked)
             .filter(|(_, a)| **a)
             .flat_map(|(b, _)| b.pages.iter().copied())
+            .chain(carried.iter().copied())
             .collect();
         clear_settled(
             region,
@@ -450,7 +506,7 @@ fn flush_pages(
         if why != Flush::Release {
             sent_before_release(region, &delivered);
         }
-        for page in outbox.pages() {
+        for page in outbox.pages().chain(carried) {
             release_busy(region, page);
         }
         sent?;
@@ -490,6 +546,7 @@ pub(crate) fn release_range(
     // it waits for one another thread holds, so two flushes taking the same pages in different orders
     // would each wait for the other for ever.
     let _one_at_a_time = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
+    carry::deliver(shared)?;
     flush_pages(
         shared,
         region,
@@ -512,6 +569,7 @@ pub(crate) fn acquire_range(
     // One flush at a time on this rank (see `release_range`): the pages this rank wrote too are flushed
     // together at the end, held while their diffs are out.
     let _one_at_a_time = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
+    carry::deliver(shared)?;
     // A barrier of this rank in progress applies no updates now (`acquire`).
     shared.selective_acquires.fetch_add(1, Ordering::AcqRel);
     let mut dropper = Dropper {
@@ -675,6 +733,8 @@ pub(crate) fn acquire(
         return Ok(());
     }
     let mut rc = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
+    // The pages it drops are fetched again from their homes, rank 0 among them.
+    carry::deliver(shared)?;
     // Read under `rc`, under which selective acquires count themselves.
     let updates = match updates {
         Some((updates, selective))

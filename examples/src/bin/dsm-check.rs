@@ -12,6 +12,9 @@
 //!   without a release in between, takes a lock that rank 0 let go after writing its own words of the same
 //!   pages: rank 1's acquire sends its writes to those pages to their home in one batch (not one round trip
 //!   a page) before it drops them, and both ranks see both writes;
+//! - `carrylock`: (release consistency, 2 ranks) one thread of rank 1 writes a page homed at rank 0 before
+//!   each barrier (whose arrival carries the diff to rank 0) while another passes a lock on to rank 0:
+//!   what rank 0 reads under the lock includes the first thread's writes that the second had seen;
 //! - `selective`: (3 ranks or more) rank 1 writes pages homed at rank 2 and at itself, releases some of
 //!   them selectively and says so through a flag of sequential consistency; rank 0, which holds old copies,
 //!   sees the new bytes of exactly those pages once it acquires them selectively, and the rest after a
@@ -52,10 +55,11 @@
 
 use anyhow::{ensure, Context};
 use clap::Parser;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | latehome | homediffs | flushbatch | selective | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
+    /// counter | mp | sb | pages | latehome | homediffs | flushbatch | carrylock | selective | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
     /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | pause | diewriting | readerdies | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
@@ -613,6 +617,66 @@ fn main() -> anyhow::Result<()> {
                 locks / n
             );
             println!("manylocks ok: {} rounds", args.rounds);
+        }
+        "carrylock" => {
+            // Rank 1's first thread writes a word of a page homed at rank 0 and says so in its rank's own
+            // memory (an atomic), then arrives at a barrier, whose arrival carries the word's diff to rank
+            // 0. Rank 1's second thread meanwhile takes a lock, copies what the first said into shared
+            // memory and lets the lock go; rank 0's second thread takes the same lock and must find the
+            // word at least as new as the copy. A release passes on what another thread of its rank wrote
+            // before, even while that thread's barrier arrival is still carrying it. Rank 0 also writes
+            // another word of the page under the lock, so that rank 1's second thread drops its copy when
+            // it takes the lock, and must find its own rank's write in the copy it fetches again.
+            ensure!(n == 2, "carrylock needs 2 ranks");
+            // Page 0 is homed at rank 0, page 1 at rank 1.
+            let v = dsm.alloc_vec_in::<u64>(2 * WORDS_PER_PAGE, dsm::Placement::Block, model)?;
+            let (word, mark, said) = (8, 16, WORDS_PER_PAGE);
+            let published = AtomicU64::new(0);
+            let done = AtomicBool::new(false);
+            let looks = AtomicU64::new(0);
+            on_threads(2, |t| {
+                if t == 0 {
+                    let result = (1..=args.rounds as u64).try_for_each(|round| {
+                        if me == 1 {
+                            v.set(word, round);
+                            published.store(round, Ordering::Release);
+                        }
+                        dsm.barrier()
+                    });
+                    done.store(true, Ordering::Release);
+                    return Ok(result?);
+                }
+                while !done.load(Ordering::Acquire) {
+                    let guard = dsm.lock(3)?;
+                    let look = looks.fetch_add(1, Ordering::Relaxed) + 1;
+                    if me == 1 {
+                        let p = published.load(Ordering::Acquire);
+                        let w = v.get(word);
+                        ensure!(w >= p, "rank 1: the word is {w}, and this rank wrote {p}");
+                        v.set(said, p);
+                    } else {
+                        let (s, w) = (v.get(said), v.get(word));
+                        ensure!(
+                            w >= s,
+                            "rank 0: the word is {w}, and rank 1 said it wrote {s}"
+                        );
+                        v.set(mark, look);
+                    }
+                    guard.unlock()?;
+                }
+                Ok(())
+            })?;
+            dsm.barrier()?;
+            ensure!(
+                v.get(word) == args.rounds as u64,
+                "rank {me}: the word is {}",
+                v.get(word)
+            );
+            println!(
+                "carrylock ok: {} rounds, {} looks",
+                args.rounds,
+                looks.load(Ordering::Relaxed)
+            );
         }
         "mplock" => {
             // Message passing through a lock: rank 0 writes data then a flag under the lock; the others take
@@ -1534,7 +1598,7 @@ fn main() -> anyhow::Result<()> {
         })?,
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, homediffs, flushbatch, selective, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, homediffs, flushbatch, carrylock, selective, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
             )
         }
     }
