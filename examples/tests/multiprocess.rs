@@ -1624,6 +1624,23 @@ fn wordcount_reports_bad_input_and_an_existing_output() {
         assert!(out.contains("not valid UTF-8"), "{out}");
         assert!(!out_dir.exists(), "nothing written");
         let _ = std::fs::remove_file(&odd);
+        // A relative output in a working directory whose name is not UTF-8: the path the tasks carry is
+        // absolute, so it is refused just the same, and nothing is made.
+        let _ = std::fs::remove_dir_all(&odd);
+        std::fs::create_dir(&odd).unwrap();
+        let input = std::env::temp_dir().join(format!("dsm-wc-in-{}.txt", std::process::id()));
+        std::fs::write(&input, b"a b\n").unwrap();
+        let o = std::process::Command::new(WORDCOUNT)
+            .current_dir(&odd)
+            .args([input.as_os_str(), "--output".as_ref(), "counts".as_ref()])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!o.status.success(), "{out}");
+        assert!(out.contains("not valid UTF-8"), "{out}");
+        assert!(!odd.join("counts").exists(), "nothing written");
+        let _ = std::fs::remove_dir_all(&odd);
+        let _ = std::fs::remove_file(&input);
     }
     // Splits of one byte over many lines: refused at once for too many map tasks, not after reading the
     // input for every one of them.

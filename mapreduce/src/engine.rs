@@ -63,7 +63,7 @@ pub struct JobReport {
     pub total_time: Duration,
     /// The output files, in partition order.
     pub output_files: Vec<PathBuf>,
-    /// Ranks in the job, and threads per rank on the master.
+    /// Ranks in the job.
     pub ranks: usize,
     /// Threads each rank used inside a task (the master's setting).
     pub threads: usize,
@@ -556,12 +556,14 @@ impl MapReduce {
             file: absolute(&s.file),
             ..s.clone()
         }));
-        // Paths travel with the tasks as text: one that is not UTF-8 is refused here, naming it, before
-        // the output is touched (nothing is written or removed).
+        // Paths travel with the tasks as text, made absolute: one that is not UTF-8 (as given, or once
+        // the working directory is put before it) is refused here, naming it, before the output is
+        // touched (nothing is written or removed).
+        let output = absolute(&config.output);
         let paths = files.iter().map(|(p, _)| p);
-        let paths = paths.chain(config.splits.iter().map(|s| &s.file));
+        let paths = paths.chain(splits.iter().map(|s| &s.file));
         if let Some(p) = paths
-            .chain(std::iter::once(&config.output))
+            .chain(std::iter::once(&output))
             .find(|p| p.to_str().is_none())
         {
             return Err(MapReduceError::Config(format!(
@@ -627,8 +629,9 @@ impl MapReduce {
             }
         };
         // The reduces write into a directory of the job's own inside the output, moved into place once
-        // every part is there: a job that fails, or whose master dies, leaves an earlier output as it was
-        // and no partial one beside it.
+        // every part is there: a job that fails leaves an earlier output as it was and no partial one
+        // beside it (one whose master dies leaves this directory, which a later job's commit on this host
+        // removes: `remove_stale_staging_dirs`).
         let staging = out.join(self.staging_name(job_id));
         let staging_alive = std::fs::create_dir(&staging).and_then(|()| {
             lock_alive(&staging).inspect_err(|_| {

@@ -74,6 +74,9 @@ use std::path::PathBuf;
 
 /// Folds `value` into `total`, the value already held for the same key: a job's combiner. It must be
 /// associative and agree with `reduce` (reducing combined values gives what reducing the originals would).
+/// Values are folded in whatever order the tasks run in, which differs from run to run (and more so when a
+/// rank fails and its tasks run again): for the same output every time, it must be commutative too (a sum,
+/// a count, a maximum; not an append to a list, whose order would vary).
 pub type Combiner<V> = fn(&mut V, V);
 
 /// A MapReduce computation. Every rank runs the same job; its functions run on any rank, on any thread.
@@ -102,7 +105,8 @@ pub trait Job: Send + Sync {
         default_partition(key, partitions)
     }
 
-    /// Reduces all values of `key` (in no particular order). `None` writes nothing for the key.
+    /// Reduces all values of `key`, in no particular order (it varies from run to run: a reduce whose
+    /// output depends on it writes different part files each time). `None` writes nothing for the key.
     fn reduce(
         &self,
         key: &Self::Key,
