@@ -102,7 +102,8 @@ pub(crate) struct Shared {
     /// of it, which a selective acquire does without moving the rank's clock.
     pub(crate) selective_acquires: AtomicU64,
     /// Release consistency, on ranks other than 0: the diffs a barrier arrival carries to rank 0 until it
-    /// has them (`rc::carry`). Taken under `rc` when both are.
+    /// has them (`rc::carry`). Taken under `rc` when both are, and never while holding a channel:
+    /// `rc::carry::deliver` holds it across a round trip to rank 0 on a channel it claims.
     pub(crate) carry: Mutex<crate::rc::carry::CarrySlot>,
     /// Release consistency: notices this cut covers are known to every rank, so the locks homed here need
     /// not keep them (see `RcRank::barrier_done`). Read by the service loop, hence a mutex of its own: a
@@ -345,7 +346,9 @@ impl Shared {
         let (reply, payload) = ch
             .recv_owned(&self.counters, root)
             .map_err(|e| self.peer_error(root, e))?;
-        // Rank 0 applies what an arrival carries before it answers it, whatever the answer.
+        drop(ch);
+        // Rank 0 applies what an arrival carries before it answers it, whatever the answer. (After the
+        // channel is let go: `carry::deliver` holds the carry's lock while it claims one.)
         if !carried.is_empty()
             && matches!(
                 reply,
@@ -358,7 +361,6 @@ impl Shared {
             Reply::BarrierDone => Some(crate::rc::decode_exchange(&payload, root, self.size)?),
             _ => None,
         };
-        drop(ch);
         Ok((reply, notices))
     }
 }
@@ -440,12 +442,17 @@ impl LockGuard<'_> {
         // has seen) and grants each acquirer what its clock does not cover. Where those notices are too
         // many (a first pass through a lock, or more than one request holds), a horizon over them goes
         // instead (`notices_to_pass`, `encode_notices_within`).
-        let (notices, clock) = {
+        // Under the same hold of `rc` as the snapshot: a barrier's release by another thread of this rank
+        // may have closed an interval since this release, whose notices the snapshot takes, and whose
+        // diffs for rank 0 its arrival may still be carrying (`rc::carry`). (Passed on all the same when
+        // rank 0 failed: what it homed is lost, and reading it fails.)
+        let (delivered, notices, clock) = {
             let rc = s.rc.lock().unwrap_or_else(|p| p.into_inner());
+            let delivered = crate::rc::carry::deliver(s);
             let (notices, horizon, clock) = rc.notices_to_pass(self.id);
             let bytes =
                 crate::rc::encode_notices_within(&notices, &horizon, &[], MAX_SERVICE_REQUEST);
-            (bytes, clock)
+            (delivered, bytes, clock)
         };
         let ch = s.channels.claim();
         let sent = ch.send(
@@ -462,6 +469,7 @@ impl LockGuard<'_> {
                 .passed_through(self.id, clock);
         }
         released?;
+        delivered?;
         sent.map_err(|e| s.peer_error(home, crate::channel::RecvError::Sys(e)))
     }
 }

@@ -8,12 +8,15 @@
 //! barrier, and learn of the writes from its notices, before rank 0 holds them.
 //!
 //! Until rank 0 has applied them, this rank's own threads must not let anyone learn of those writes
-//! another way: a lock released (or a range released selectively) by another thread while the arrival is
-//! on its way passes on the barrier's notices too, and a page dropped at an acquire would be fetched again
+//! another way: a lock released by another thread while the arrival is on its way passes on the barrier's
+//! notices too (they are in the snapshot of notices it passes), a range released selectively promises
+//! that every write before it is at its home, and a page dropped at an acquire would be fetched again
 //! from a home that lacks them. So the carry waits in `Shared::carry` until the barrier's answer comes, and
-//! every release and acquire of this rank first delivers a carry still waiting there (`deliver`: the same
-//! bytes, in a request of their own). Rank 0 applies each carry once, by its number: whichever of the two
-//! copies comes second is passed over.
+//! every release (a lock's, under the same hold of `Shared::rc` as its snapshot of notices), selective
+//! release and acquire that takes in notices first delivers a carry still waiting there (`deliver`: the
+//! same bytes, in a request of their own). Rank 0 applies each carry once, by its number: whichever of the
+//! two copies comes second is passed over. When rank 0 has failed, these go on without it and fail
+//! naming it at the end (what it homed is lost with it).
 
 use crate::dsm::Shared;
 use crate::error::{DsmError, Result};
@@ -113,8 +116,9 @@ pub(crate) fn arrived(shared: &Shared, seq: u64) {
     }
 }
 
-/// Sends a carry still waiting to rank 0 and waits for its acknowledgement (see the module's comment).
-/// The caller holds `Shared::rc`. On an error the carry stays, for the next release or acquire to try.
+/// Sends a carry still waiting to rank 0 and waits for its acknowledgement (see the module's comment),
+/// holding the slot's lock throughout. The caller holds `Shared::rc`, and no channel. On an error the carry
+/// stays, for the next release or acquire to try, and no new one is made meanwhile.
 pub(crate) fn deliver(shared: &Shared) -> Result<()> {
     let mut slot = shared.carry.lock().unwrap_or_else(|p| p.into_inner());
     let Some((_, bytes)) = &slot.waiting else {

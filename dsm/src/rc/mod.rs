@@ -226,7 +226,9 @@ fn release_regions(shared: &Shared) -> Vec<Arc<RegionShared>> {
 ///
 /// Lock order, as in the fault path: a page's BUSY bit, then a channel; never the reverse. A twinned page
 /// stays BUSY until its home has acknowledged the diff (so no thread of this rank fetches it again from a home
-/// that lacks this rank's writes); other pages are released at once: a home must never keep its own pages BUSY
+/// that lacks this rank's writes; a diff a barrier's arrival carries to rank 0 instead is let go at once,
+/// and every release and acquire of this rank delivers a carry still waiting first: `carry`); other pages
+/// are released at once: a home must never keep its own pages BUSY
 /// while it waits for another rank, whose diffs for those pages would wait for them (a cycle). Pages are
 /// flushed `DIFF_WINDOW` at a time. On an error every page is marked written again, so nothing is
 /// forgotten.
@@ -246,11 +248,29 @@ fn release_collecting(shared: &Shared, collect: bool) -> Result<Vec<Update>> {
         return Ok(Vec::new());
     }
     let mut rc = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
-    carry::deliver(shared)?;
+    // A carry still waiting reaches rank 0 first. When it cannot (rank 0 failed), the release goes on
+    // for the other homes, carrying nothing itself, and fails naming rank 0 at the end.
+    let undelivered = carry::deliver(shared).err();
+    let carry = collect && shared.me != Rank(0) && undelivered.is_none();
+    let released = release_locked(shared, &mut rc, &regions, collect, carry);
+    match undelivered {
+        Some(e) => released.and(Err(e)),
+        None => released,
+    }
+}
+
+/// The work of `release_collecting`, under `Shared::rc`; at a barrier, diffs for rank 0 go with the
+/// arrival if `carry` (`carry`).
+fn release_locked(
+    shared: &Shared,
+    rc: &mut crate::protocol::release::RcRank,
+    regions: &[Arc<RegionShared>],
+    collect: bool,
+    carry: bool,
+) -> Result<Vec<Update>> {
     let mut written: Vec<PageKey> = Vec::new();
-    // At a barrier, diffs for rank 0 go with the arrival (`carry`).
-    let mut settled = Settled::collecting(collect, collect && shared.me != Rank(0));
-    let result = release_pages(shared, &regions, &mut written, &mut settled);
+    let mut settled = Settled::collecting(collect, carry);
+    let result = release_pages(shared, regions, &mut written, &mut settled);
     let Settled {
         cleared,
         unannounced,
@@ -258,7 +278,7 @@ fn release_collecting(shared: &Shared, collect: bool) -> Result<Vec<Update>> {
         carried,
         ..
     } = settled;
-    // Counted delivered below (their pages are cleared): they go with the arrival, whatever else failed.
+    // Their pages are cleared (counted delivered): they go with the arrival, whatever else failed.
     if let Some(carried) = carried {
         carry::hold(shared, carried);
     }
@@ -438,7 +458,8 @@ enum Flush {
 /// pages at a time, in page order. The caller holds the rank's release-consistency state (`Shared::rc`): a
 /// flush may hold pages while it waits for another, so two at once could wait for each other. A page is
 /// then cleared of `marks::cleared_at_release`'s marks (all of them only for `Flush::Release`) and added to
-/// `settled.cleared`, one with a diff once its home has acknowledged it.
+/// `settled.cleared`, one with a diff once its home has acknowledged it (or, at a barrier, once its diff is
+/// in the arrival's carry: `Settled::carry_from`).
 fn flush_pages(
     shared: &Shared,
     region: &Arc<RegionShared>,
@@ -546,14 +567,16 @@ pub(crate) fn release_range(
     // it waits for one another thread holds, so two flushes taking the same pages in different orders
     // would each wait for the other for ever.
     let _one_at_a_time = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
-    carry::deliver(shared)?;
-    flush_pages(
+    // Its promise is that the writes before it are at their homes: a carry still waiting among them.
+    let undelivered = carry::deliver(shared).err();
+    let flushed = flush_pages(
         shared,
         region,
         &unsent,
         Flush::Selective,
         &mut Settled::default(),
-    )
+    );
+    undelivered.map_or(flushed, Err)
 }
 
 /// A selective acquire of `pages` of `region`: this rank's copies of those of them homed elsewhere are
@@ -569,7 +592,9 @@ pub(crate) fn acquire_range(
     // One flush at a time on this rank (see `release_range`): the pages this rank wrote too are flushed
     // together at the end, held while their diffs are out.
     let _one_at_a_time = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
-    carry::deliver(shared)?;
+    // The pages it drops are fetched again from their homes, rank 0 among them (`carry`); when rank 0
+    // failed, the others are dropped all the same.
+    let undelivered = carry::deliver(shared).err();
     // A barrier of this rank in progress applies no updates now (`acquire`).
     shared.selective_acquires.fetch_add(1, Ordering::AcqRel);
     let mut dropper = Dropper {
@@ -585,6 +610,7 @@ pub(crate) fn acquire_range(
             dropper.add(region, page);
         }
     }
+    dropper.note(undelivered.map_or(Ok(()), Err));
     dropper.finish()
 }
 
@@ -733,8 +759,9 @@ pub(crate) fn acquire(
         return Ok(());
     }
     let mut rc = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
-    // The pages it drops are fetched again from their homes, rank 0 among them.
-    carry::deliver(shared)?;
+    // The pages it drops are fetched again from their homes, rank 0 among them (`carry`); when rank 0
+    // failed, the acquire goes on all the same (its pages are dropped, and reading them fails).
+    let undelivered = carry::deliver(shared).err();
     // Read under `rc`, under which selective acquires count themselves.
     let updates = match updates {
         Some((updates, selective))
@@ -784,7 +811,7 @@ pub(crate) fn acquire(
         shared,
         run: None,
         flush: Vec::new(),
-        first_error: None,
+        first_error: undelivered,
     };
     if plan.everything {
         Counters::add(&shared.counters.full_invalidations, 1);

@@ -12,9 +12,10 @@
 //!   without a release in between, takes a lock that rank 0 let go after writing its own words of the same
 //!   pages: rank 1's acquire sends its writes to those pages to their home in one batch (not one round trip
 //!   a page) before it drops them, and both ranks see both writes;
-//! - `carrylock`: (release consistency, 2 ranks) one thread of rank 1 writes a page homed at rank 0 before
-//!   each barrier (whose arrival carries the diff to rank 0) while another passes a lock on to rank 0:
-//!   what rank 0 reads under the lock includes the first thread's writes that the second had seen;
+//! - `carrylock`: (release consistency) one thread of rank 1 writes a page homed at rank 0 before each
+//!   barrier (whose arrival carries the diff to rank 0) while another passes a lock on to the others:
+//!   what they read under the lock includes the first thread's writes that the second had seen, and
+//!   after each barrier every rank sees its write;
 //! - `selective`: (3 ranks or more) rank 1 writes pages homed at rank 2 and at itself, releases some of
 //!   them selectively and says so through a flag of sequential consistency; rank 0, which holds old copies,
 //!   sees the new bytes of exactly those pages once it acquires them selectively, and the rest after a
@@ -622,12 +623,14 @@ fn main() -> anyhow::Result<()> {
             // Rank 1's first thread writes a word of a page homed at rank 0 and says so in its rank's own
             // memory (an atomic), then arrives at a barrier, whose arrival carries the word's diff to rank
             // 0. Rank 1's second thread meanwhile takes a lock, copies what the first said into shared
-            // memory and lets the lock go; rank 0's second thread takes the same lock and must find the
-            // word at least as new as the copy. A release passes on what another thread of its rank wrote
-            // before, even while that thread's barrier arrival is still carrying it. Rank 0 also writes
-            // another word of the page under the lock, so that rank 1's second thread drops its copy when
-            // it takes the lock, and must find its own rank's write in the copy it fetches again.
-            ensure!(n == 2, "carrylock needs 2 ranks");
+            // memory and lets the lock go; the other ranks' second threads take the same lock and must
+            // find the word at least as new as the copy. A release passes on what another thread of its
+            // rank wrote before, even while that thread's barrier arrival is still carrying it. Rank 0
+            // also writes another word of the page under the lock, so that rank 1's second thread drops
+            // its copy when it takes the lock, and must find its own rank's write in the copy it fetches
+            // again. After each barrier every rank must see that round's word (a third rank that fetched
+            // the page under the lock before rank 0 had the word would keep a stale copy).
+            ensure!(n >= 2, "carrylock needs 2 ranks or more");
             // Page 0 is homed at rank 0, page 1 at rank 1.
             let v = dsm.alloc_vec_in::<u64>(2 * WORDS_PER_PAGE, dsm::Placement::Block, model)?;
             let (word, mark, said) = (8, 16, WORDS_PER_PAGE);
@@ -641,10 +644,16 @@ fn main() -> anyhow::Result<()> {
                             v.set(word, round);
                             published.store(round, Ordering::Release);
                         }
-                        dsm.barrier()
+                        dsm.barrier()?;
+                        let w = v.get(word);
+                        ensure!(
+                            w >= round,
+                            "rank {me}: after barrier {round} the word is {w}"
+                        );
+                        Ok(())
                     });
                     done.store(true, Ordering::Release);
-                    return Ok(result?);
+                    return result;
                 }
                 while !done.load(Ordering::Acquire) {
                     let guard = dsm.lock(3)?;
@@ -658,9 +667,11 @@ fn main() -> anyhow::Result<()> {
                         let (s, w) = (v.get(said), v.get(word));
                         ensure!(
                             w >= s,
-                            "rank 0: the word is {w}, and rank 1 said it wrote {s}"
+                            "rank {me}: the word is {w}, and rank 1 said it wrote {s}"
                         );
-                        v.set(mark, look);
+                        if me == 0 {
+                            v.set(mark, look);
+                        }
                     }
                     guard.unlock()?;
                 }
