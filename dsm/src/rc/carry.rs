@@ -63,20 +63,19 @@ pub(crate) struct Gathered {
 }
 
 impl Gathered {
-    /// Takes `bytes` (a batch of `count` diffs of `region`'s pages homed at rank 0) if it fits, at most one
-    /// batch a region; gives it back if not.
-    pub(crate) fn take(&mut self, region: u32, count: u32, bytes: Vec<u8>) -> Option<Vec<u8>> {
-        if self.bytes + bytes.len() > CARRY_BYTES || self.batches.iter().any(|b| b.region == region)
-        {
-            return Some(bytes);
-        }
+    /// Whether a batch of `len` bytes of `region`'s diffs fits: at most one batch a region.
+    pub(crate) fn fits(&self, region: u32, len: usize) -> bool {
+        self.bytes + len <= CARRY_BYTES && !self.batches.iter().any(|b| b.region == region)
+    }
+
+    /// Adds `bytes`, a batch of `count` diffs of `region`'s pages homed at rank 0, which `fits`.
+    pub(crate) fn add(&mut self, region: u32, count: u32, bytes: Vec<u8>) {
         self.bytes += bytes.len();
         self.batches.push(CarriedBatch {
             region,
             count,
             bytes,
         });
-        None
     }
 }
 

@@ -374,27 +374,12 @@ impl Settled {
         let mut pages = Vec::new();
         let mut kept = Vec::with_capacity(outbox.batches.len());
         for batch in std::mem::take(&mut outbox.batches) {
-            if batch.home != Rank(0) {
+            if batch.home == Rank(0) && gathered.fits(region, batch.bytes.len()) {
+                carry::count(shared, batch.pages.len(), batch.diff_bytes);
+                gathered.add(region, batch.pages.len() as u32, batch.bytes);
+                pages.extend(batch.pages);
+            } else {
                 kept.push(batch);
-                continue;
-            }
-            let Batch {
-                home,
-                pages: batch_pages,
-                bytes,
-                diff_bytes,
-            } = batch;
-            match gathered.take(region, batch_pages.len() as u32, bytes) {
-                None => {
-                    carry::count(shared, batch_pages.len(), diff_bytes);
-                    pages.extend(batch_pages);
-                }
-                Some(bytes) => kept.push(Batch {
-                    home,
-                    pages: batch_pages,
-                    bytes,
-                    diff_bytes,
-                }),
             }
         }
         outbox.batches = kept;
