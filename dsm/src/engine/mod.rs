@@ -1454,7 +1454,17 @@ mod tests {
         pages: usize,
         model: Consistency,
     ) -> Region<'d> {
-        let placement = Placement::At(Rank(0));
+        region_at(dsm, fakes, pages, Placement::At(Rank(0)), model)
+    }
+
+    /// The same, of a region placed at `placement`.
+    fn region_at<'d>(
+        dsm: &'d Dsm,
+        fakes: &[FakeRank],
+        pages: usize,
+        placement: Placement,
+        model: Consistency,
+    ) -> Region<'d> {
         let size = fakes.len() + 1;
         let len = pages * PAGE_SIZE;
         let arriving: Vec<_> = fakes
@@ -1601,6 +1611,17 @@ mod tests {
         postcard::to_allocvec(&carry).unwrap()
     }
 
+    /// The fake rank sends `carry` in a request of its own, as another thread's release does.
+    fn fake_sends_carry(fake: &UnixStream, carry: &[u8]) {
+        write_frame(
+            &dup(fake),
+            &Request::Carried,
+            &[carry],
+            &Counters::default(),
+        )
+        .unwrap();
+    }
+
     #[test]
     fn rank_0_applies_each_carry_once_before_it_answers_the_barrier_that_carries_it() {
         let (dsm, mut fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
@@ -1636,13 +1657,7 @@ mod tests {
         };
         // Carry 1 sent on its own (as another thread's release sends it) is applied and acknowledged.
         let first = carry_of(shared, 1, 100, 7);
-        write_frame(
-            &dup(&f.fake),
-            &Request::Carried,
-            &[&first],
-            &Counters::default(),
-        )
-        .unwrap();
+        fake_sends_carry(&f.fake, &first);
         assert!(matches!(fake_reads(&f.fake).0, Reply::Ack));
         assert_eq!(byte(), 7);
         // A later write of the same byte, synchronized after it, reaches the home as diffs.
@@ -1689,24 +1704,14 @@ mod tests {
         let f = fakes.pop().unwrap();
         // Page 0 of a region homed at rank 1.
         let placement = Placement::At(Rank(1));
-        let len = PAGE_SIZE;
-        let fake = f.fake.try_clone().unwrap();
-        let arriving = std::thread::spawn(move || {
-            fake_allocates_first_with(&fake, 2, len, placement, Consistency::Release)
-        });
-        dsm.set_direct_install(false);
-        let region = dsm
-            .alloc_with(len, placement, Consistency::Release)
-            .unwrap();
-        arriving.join().unwrap();
-        let carry = carry_of(&region.inner, 1, 8, 5);
-        write_frame(
-            &dup(&f.fake),
-            &Request::Carried,
-            &[&carry],
-            &Counters::default(),
-        )
-        .unwrap();
+        let region = region_at(
+            &dsm,
+            std::slice::from_ref(&f),
+            1,
+            placement,
+            Consistency::Release,
+        );
+        fake_sends_carry(&f.fake, &carry_of(&region.inner, 1, 8, 5));
         assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
         assert_eq!(dsm.stats().diffs_applied, 0);
     }

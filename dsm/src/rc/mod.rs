@@ -228,9 +228,8 @@ fn release_regions(shared: &Shared) -> Vec<Arc<RegionShared>> {
 /// stays BUSY until its home has acknowledged the diff (so no thread of this rank fetches it again from a home
 /// that lacks this rank's writes; a diff a barrier's arrival carries to rank 0 instead is let go at once,
 /// and every release and acquire of this rank delivers a carry still waiting first: `carry`); other pages
-/// are released at once: a home must never keep its own pages BUSY
-/// while it waits for another rank, whose diffs for those pages would wait for them (a cycle). Pages are
-/// flushed `DIFF_WINDOW` at a time. On an error every page is marked written again, so nothing is
+/// are released at once: a home must never keep its own pages BUSY while it waits for another rank, whose
+/// diffs for those pages would wait for them (a cycle). Pages are flushed `DIFF_WINDOW` at a time. On an error every page is marked written again, so nothing is
 /// forgotten.
 pub(crate) fn release(shared: &Shared) -> Result<()> {
     release_collecting(shared, false).map(|_| ())
@@ -586,7 +585,7 @@ pub(crate) fn acquire_range(
         shared,
         run: None,
         flush: Vec::new(),
-        first_error: None,
+        first_error: undelivered,
     };
     for page in pages {
         if region.home(page) == shared.me {
@@ -595,7 +594,6 @@ pub(crate) fn acquire_range(
             dropper.add(region, page);
         }
     }
-    dropper.note(undelivered.map_or(Ok(()), Err));
     dropper.finish()
 }
 
