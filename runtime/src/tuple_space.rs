@@ -299,6 +299,12 @@ impl TupleSpace {
     }
 
     /// Takes a tuple matching `template`, waiting at most `timeout` (`None` when none came).
+    ///
+    /// When the tuple's home is another rank, the timeout withdraws the request there, and the call returns
+    /// with the home's answer to the withdrawal: either word that it was withdrawn, or the tuple, if the
+    /// home had handed it out already. That way no tuple is taken without reaching its taker, but a home
+    /// that does not answer (a stopped process, say) holds the call past `timeout`, until it answers or is
+    /// taken for failed (`DSM_PEER_TIMEOUT`).
     pub fn in_timeout(
         &self,
         template: &Template,
@@ -307,7 +313,8 @@ impl TupleSpace {
         self.find_within(template, Mode::Take, timeout)
     }
 
-    /// Reads a tuple matching `template`, waiting at most `timeout` (`None` when none came).
+    /// Reads a tuple matching `template`, waiting at most `timeout` (`None` when none came). Past the
+    /// timeout it waits for the home's answer, as [`TupleSpace::in_timeout`] does.
     pub fn rd_timeout(
         &self,
         template: &Template,
@@ -662,9 +669,11 @@ impl Inner {
                 .unwrap_or(Answer::TimedOut),
         };
         match answer {
-            Answer::Found { tuple, lease } => Ok(Some(Found { tuple, lease })),
+            Answer::Found { tuple, lease } if template.matches(&tuple) => {
+                Ok(Some(Found { tuple, lease }))
+            }
             Answer::NotFound | Answer::TimedOut => Ok(None),
-            other => Err(unexpected(home, other)),
+            other => Err(self.refuse(home, other)),
         }
     }
 
@@ -824,12 +833,9 @@ impl Inner {
         };
         match (answer, next) {
             (Answer::Done, None) => Ok(Vec::new()),
-            (Answer::Found { tuple, lease }, Some(n)) => {
-                Ok(vec![self.lease_of(
-                    &n[n.len() - 1],
-                    (Found { tuple, lease }, home),
-                )?])
-            }
+            (Answer::Found { tuple, lease }, Some(n)) if n.iter().any(|m| m.matches(&tuple)) => Ok(
+                vec![self.lease_of(&n[n.len() - 1], (Found { tuple, lease }, home))?],
+            ),
             (Answer::Leased(taken), Some(n)) => {
                 let fits = !taken.is_empty()
                     && taken.len() <= more as usize + 1
@@ -837,25 +843,27 @@ impl Inner {
                 if fits {
                     return Ok(taken.into_iter().map(leased).collect());
                 }
-                // Not what was asked for: whatever the home leased to this rank goes back.
-                let _ = self.give_back_at(home, taken.iter().map(|(_, id)| *id).collect());
-                Err(unexpected(home, Answer::Leased(taken)))
+                Err(self.refuse(home, Answer::Leased(taken)))
             }
-            (other, _) => {
-                // A lease in an answer that should carry none goes back too.
-                let ids: Vec<u64> = match &other {
-                    Answer::Found {
-                        lease: Some(id), ..
-                    } => vec![*id],
-                    Answer::Leased(taken) => taken.iter().map(|(_, id)| *id).collect(),
-                    _ => Vec::new(),
-                };
-                if !ids.is_empty() {
-                    let _ = self.give_back_at(home, ids);
-                }
-                Err(unexpected(home, other))
-            }
+            (other, _) => Err(self.refuse(home, other)),
         }
+    }
+
+    /// The error for `answer`, which `home` should not have given (not what was asked for, or a tuple that
+    /// does not match the template): whatever the home leased to this rank in it goes back first. (A tuple
+    /// it took for good is named in the error.)
+    fn refuse(&self, home: Rank, answer: Answer) -> RuntimeError {
+        let ids: Vec<u64> = match &answer {
+            Answer::Found {
+                lease: Some(id), ..
+            } => vec![*id],
+            Answer::Leased(taken) => taken.iter().map(|(_, id)| *id).collect(),
+            _ => Vec::new(),
+        };
+        if !ids.is_empty() {
+            let _ = self.give_back_at(home, ids);
+        }
+        unexpected(home, answer)
     }
 
     /// Asks `home` (another rank) to put back the tuples this rank holds there under `leases`.
@@ -959,5 +967,70 @@ mod tests {
             .any(|i| home_of(Some(&Value::I64(i)), 2, 4) != home_of(Some(&Value::I64(i)), 3, 4));
         assert!(differ, "arity takes part in the home");
         assert_eq!(home_of(None, 0, 1), Rank(0));
+    }
+
+    /// A home that answers every find with a tuple matching nothing asked for (leased when a lease was asked
+    /// for), and records the leases given back to it.
+    #[derive(Debug, Default)]
+    struct Liar {
+        given_back: Mutex<Vec<u64>>,
+    }
+
+    impl dsm::Service for Liar {
+        fn request(&self, _from: Rank, payload: Vec<u8>, reply: dsm::Responder) {
+            let answer = match postcard::from_bytes::<Ask>(&payload) {
+                Ok(Ask::Find { lease, .. }) => Answer::Found {
+                    tuple: tuple!("not", "asked", "for"),
+                    lease: lease.then_some(7),
+                },
+                Ok(Ask::GiveBack { leases }) => {
+                    self.given_back.lock().unwrap().extend(leases);
+                    Answer::Done
+                }
+                _ => Answer::Refused("not served by this test's home".into()),
+            };
+            let _ = reply.send(&[&postcard::to_allocvec(&answer).unwrap()]);
+        }
+    }
+
+    #[test]
+    fn a_found_tuple_that_does_not_match_its_template_is_an_error_and_its_lease_goes_back() {
+        let liar = Arc::new(Liar::default());
+        let seen = liar.clone();
+        crate::local::run_local_job(2, 3, move |rt| {
+            if rt.rank() == Rank(1) {
+                let dsm = rt.shared_dsm();
+                dsm.register_service(SERVICE, liar.clone()).unwrap();
+                dsm.barrier().unwrap(); // the barrier that ends rank 0's join
+            } else {
+                let space = TupleSpace::join(rt).unwrap();
+                let name = (0..)
+                    .map(|i| format!("t{i}"))
+                    .find(|n| space.home_of(Some(&Value::Str(n.clone())), 2) == Rank(1))
+                    .unwrap();
+                let t = crate::template!(name, ?i64);
+                let results = [
+                    space.inp(&t).map(|_| ()),
+                    space.in_(&t).map(|_| ()),
+                    space.rd_timeout(&t, Duration::from_secs(5)).map(|_| ()),
+                    space.in_leased(&t).map(|_| ()),
+                ];
+                for result in results {
+                    match result {
+                        Err(RuntimeError::Dsm(dsm::DsmError::Protocol { rank, what })) => {
+                            assert_eq!(rank, Rank(1));
+                            assert!(what.contains("\"not\""), "the tuple is named: {what}");
+                        }
+                        other => panic!("a tuple that does not match was taken: {other:?}"),
+                    }
+                }
+            }
+            rt.dsm().barrier().unwrap();
+        });
+        assert_eq!(
+            *seen.given_back.lock().unwrap(),
+            vec![7],
+            "the lease went back"
+        );
     }
 }
