@@ -31,7 +31,7 @@ pub struct MapReduce {
     outcomes_from: AtomicU64,
     /// The lock on the spill directory's [`ALIVE`] file, held for the engine's life: what tells other
     /// engines that the directory is in use (`None` on a file system without `flock`).
-    _alive: Option<Flock<std::fs::File>>,
+    alive: Option<Flock<std::fs::File>>,
 }
 
 /// What a job did, as the master saw it.
@@ -138,7 +138,7 @@ impl MapReduce {
             .and_then(|()| dsm.barrier());
         if let Err(e) = joined {
             // No engine owns the directory to remove it when dropped.
-            let _ = std::fs::remove_dir_all(&root);
+            remove_locked_dir(&root, alive);
             return Err(RuntimeError::from(e).into());
         }
         Ok(MapReduce {
@@ -147,7 +147,7 @@ impl MapReduce {
             shuffle: service,
             jobs: AtomicU64::new(0),
             outcomes_from: AtomicU64::new(0),
-            _alive: alive,
+            alive,
         })
     }
 
@@ -1044,7 +1044,7 @@ fn remove_stale_staging_dirs(out: &Path, host: &str) {
         else {
             continue;
         };
-        let (stale, _taken) = match alive(&entry.path()) {
+        let (stale, taken) = match alive(&entry.path()) {
             Alive::Free(taken) => (true, Some(taken)),
             Alive::Held => (false, None),
             Alive::Unknown => {
@@ -1059,7 +1059,7 @@ fn remove_stale_staging_dirs(out: &Path, host: &str) {
             }
         };
         if stale {
-            let _ = std::fs::remove_dir_all(entry.path());
+            remove_locked_dir(&entry.path(), taken);
         }
     }
 }
@@ -1098,21 +1098,43 @@ fn remove_stale_spill_dirs(dir: &Path, host: &str) {
         // A lock taken means nobody holds it; it is held until the directory is gone.
         // A hidden one without its file is being made (or its engine died in that moment): left alone.
         let by_pid = || !hidden && !Path::new(&format!("/proc/{pid}")).exists();
-        let (stale, _taken) = match alive(&entry.path()) {
+        let (stale, taken) = match alive(&entry.path()) {
             Alive::Free(taken) => (true, Some(taken)),
             Alive::Held => (false, None),
             Alive::Unknown => (by_pid(), None),
         };
         if stale {
-            let _ = std::fs::remove_dir_all(entry.path());
+            remove_locked_dir(&entry.path(), taken);
         }
     }
 }
 
 impl Drop for MapReduce {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
+        remove_locked_dir(&self.root, self.alive.take());
     }
+}
+
+/// Removes `dir`, whose [`ALIVE`] file is locked by `lock`: everything else first, with the lock held (no
+/// other engine takes the directory for a dead one's meanwhile), then the lock let go, then the rest. On
+/// NFS a file removed while open is only renamed (`.nfs*`) until it is closed, and the directory would
+/// stay with it. (Another engine may take the lock in between and remove the rest too: both removals
+/// end in the same place.)
+fn remove_locked_dir(dir: &Path, lock: Option<Flock<std::fs::File>>) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_name() == ALIVE {
+                continue;
+            }
+            let path = entry.path();
+            let _ = match entry.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+                _ => std::fs::remove_file(&path),
+            };
+        }
+    }
+    drop(lock);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The reduce partitions of a job that does not say: one per task slot (every rank running `threads` tasks
@@ -1161,5 +1183,23 @@ mod tests {
         left.sort();
         assert_eq!(left, [".part-00001", "notes.tmp", "part-00003"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+    #[test]
+    fn a_locked_directory_is_removed_whole_and_its_lock_let_go() {
+        let parent = std::env::temp_dir().join(format!("dsm-mr-locked-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        let (root, lock) = make_spill_dir(&parent, "engine").unwrap();
+        let lock = lock.expect("the temporary directory's file system has flock");
+        std::fs::create_dir_all(root.join("job-1/runs")).unwrap();
+        std::fs::write(root.join("job-1/runs/run-0"), b"x").unwrap();
+        std::fs::write(root.join("part"), b"y").unwrap();
+        // Another engine sees it alive while the lock is held.
+        assert!(matches!(alive(&root), Alive::Held));
+        let lock_file = std::fs::File::open(root.join(ALIVE)).unwrap();
+        remove_locked_dir(&root, Some(lock));
+        assert!(!root.exists(), "{} is gone", root.display());
+        // The lock went with the engine: the file, still open here, can be locked again.
+        assert!(Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).is_ok());
+        std::fs::remove_dir_all(&parent).unwrap();
     }
 }
