@@ -95,7 +95,7 @@ pub enum DsmError {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// A release could not announce its writes ([`crate::protocol::release::IntervalsExhausted`]).
-    #[error("{0}")]
+    #[error(transparent)]
     IntervalsExhausted(#[from] crate::protocol::release::IntervalsExhausted),
     /// The rank left the job from a thread that was panicking: it skipped the final barrier and said no
     /// goodbye, so the other ranks see it fail.
@@ -109,13 +109,13 @@ pub enum DsmError {
     #[error("shared regions need one rank per process; the in-process transport supports messaging, locks and barriers only")]
     RegionsNeedProcesses,
     /// An I/O error with context.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What was being done.
         context: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying error (in the message, so not also given as the error's `source`: error
+        /// reports would say it twice).
+        error: std::io::Error,
     },
 }
 
@@ -133,7 +133,7 @@ impl DsmError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> DsmError {
         DsmError::Io {
             context: context.into(),
-            source,
+            error: source,
         }
     }
 }

@@ -529,7 +529,7 @@ impl MapReduce {
         for s in &config.splits {
             let err = |source| MapReduceError::Input {
                 path: s.file.clone(),
-                source,
+                error: source,
             };
             // Its kind is looked at before it is opened: opening a FIFO would block the master for ever.
             let meta = std::fs::metadata(&s.file).map_err(err)?;
@@ -789,7 +789,7 @@ fn spawn_workers<'scope, 'env, J: Job>(
                         "starting worker thread {} of {n} (run the job with fewer threads)",
                         i + 1
                     ),
-                    source,
+                    error: source,
                 })
         })
         .collect()

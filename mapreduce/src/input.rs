@@ -106,7 +106,7 @@ impl Walk {
         use std::os::unix::fs::MetadataExt;
         let err = |source| MapReduceError::Input {
             path: path.to_path_buf(),
-            source,
+            error: source,
         };
         let meta = std::fs::metadata(path).map_err(err)?;
         if named && meta.is_file() {
@@ -192,7 +192,7 @@ pub(crate) fn cut(
     for (path, len) in files {
         let err = |source| MapReduceError::Input {
             path: path.clone(),
-            source,
+            error: source,
         };
         let mut f = File::open(path).map_err(err)?;
         let version = FileVersion::of(&f.metadata().map_err(err)?);

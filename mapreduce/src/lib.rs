@@ -128,23 +128,23 @@ pub fn default_partition<K: Hash>(key: &K, partitions: usize) -> usize {
 #[derive(Debug, thiserror::Error)]
 pub enum MapReduceError {
     /// An input file or directory cannot be used.
-    #[error("input {path}: {source} (check the path and its permissions)")]
+    #[error("input {path}: {error} (check the path and its permissions)")]
     Input {
         /// The file or directory.
         path: PathBuf,
-        /// What the system said.
-        source: std::io::Error,
+        /// What the system said (in the message, so not also given as the error's `source`).
+        error: std::io::Error,
     },
     /// The output directory exists and the job was not told to overwrite it.
     #[error("output directory {0} exists: choose another, remove it, or allow overwriting (JobConfig::overwrite, --overwrite)")]
     OutputExists(PathBuf),
     /// A file operation of the engine failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What the engine was doing.
         context: String,
-        /// What the system said.
-        source: std::io::Error,
+        /// What the system said (in the message, so not also given as the error's `source`).
+        error: std::io::Error,
     },
     /// The job failed: a map or reduce task failed (a panic in the job's code, an input that changed under
     /// the job), or, on ranks other than the master, the master could not start it (the master's own
@@ -166,7 +166,7 @@ impl MapReduceError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> MapReduceError {
         MapReduceError::Io {
             context: context.into(),
-            source,
+            error: source,
         }
     }
 }

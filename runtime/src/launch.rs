@@ -70,7 +70,7 @@ pub(crate) fn fresh_token() -> Result<[u8; 32], RuntimeError> {
         .and_then(|mut f| f.read_exact(&mut t))
         .map_err(|e| RuntimeError::Io {
             context: "reading /dev/urandom for the job token".into(),
-            source: e,
+            error: e,
         })?;
     Ok(t)
 }
@@ -401,11 +401,11 @@ pub fn launch(
     let token = crate::env::token_hex(&fresh_token()?);
     let listener = TcpListener::bind((opts.bind, 0)).map_err(|e| RuntimeError::Io {
         context: format!("binding the rendezvous listener on {}", opts.bind),
-        source: e,
+        error: e,
     })?;
     let at = listener.local_addr().map_err(|e| RuntimeError::Io {
         context: "rendezvous address".into(),
-        source: e,
+        error: e,
     })?;
     // A watcher per rank says when it has exited (without reaping it: that stays with `children`), so the
     // loop below wakes at once instead of polling; so does a signal to the launcher.
@@ -426,7 +426,7 @@ pub fn launch(
         .spawn(move || rendezvous(listener, ranks, server_token, stop_server, exits_told))
         .map_err(|e| RuntimeError::Io {
             context: "starting the rendezvous thread".into(),
-            source: e,
+            error: e,
         })?;
     // However the launch ends, the rendezvous thread ends with it (a program that launches jobs would
     // otherwise keep a thread and a listening port for every job that ended before all its ranks joined).
@@ -486,7 +486,7 @@ pub fn launch(
                 Some(libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR) => {
                     return Err(RuntimeError::CannotRun {
                         program: program.to_path_buf(),
-                        source: e,
+                        error: e,
                     });
                 }
                 Some(libc::EAGAIN | libc::ENOMEM | libc::EMFILE | libc::ENFILE) => {
@@ -499,7 +499,7 @@ pub fn launch(
                     "starting rank {r} of {ranks}: {}{advice}",
                     program.display()
                 ),
-                source: e,
+                error: e,
             });
         }
         if let Some(child) = children.last() {

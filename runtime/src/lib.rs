@@ -61,13 +61,12 @@ pub enum RuntimeError {
         max: usize,
     },
     /// The launcher could not start a rank's program: it is missing, not executable, or not a program.
-    #[error("{}: it cannot be run ({source}): give the path of an executable file", program.display())]
+    #[error("{}: it cannot be run ({error}): give the path of an executable file", program.display())]
     CannotRun {
         /// The program as given.
         program: std::path::PathBuf,
-        /// Why it could not be run.
-        #[source]
-        source: std::io::Error,
+        /// Why it could not be run (in the message, so not also given as the error's `source`).
+        error: std::io::Error,
     },
     /// The shared memory layer failed.
     #[error(transparent)]
@@ -114,13 +113,12 @@ pub enum RuntimeError {
     #[error("the runtime is still in use by {0} tuple-space handle(s): drop them before finish()")]
     InUse(usize),
     /// Launching failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What was being done.
         context: String,
-        /// The error.
-        #[source]
-        source: std::io::Error,
+        /// The error (in the message, so not also given as the error's `source`).
+        error: std::io::Error,
     },
 }
 

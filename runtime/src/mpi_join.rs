@@ -111,14 +111,14 @@ pub(crate) enum Carrier {
 fn build_id() -> Result<u64, RuntimeError> {
     let mut f = std::fs::File::open("/proc/self/exe").map_err(|e| RuntimeError::Io {
         context: "reading this program's executable (/proc/self/exe) to compare builds".into(),
-        source: e,
+        error: e,
     })?;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).map_err(|e| RuntimeError::Io {
             context: "reading this program's executable".into(),
-            source: e,
+            error: e,
         })?;
         if n == 0 {
             break;
@@ -336,13 +336,13 @@ fn connect(
         context: format!(
             "binding this rank's listener on {bind} (set DSM_BIND to an address of this host)"
         ),
-        source: e,
+        error: e,
     })?;
     let port = listener
         .local_addr()
         .map_err(|e| RuntimeError::Io {
             context: "listener address".into(),
-            source: e,
+            error: e,
         })?
         .port();
     let mine = advertised(bind, port)?.to_string();

@@ -20,11 +20,11 @@ pub(crate) fn join(
         context: format!(
             "binding this rank's listener on {bind} (set DSM_BIND to an address of this host)"
         ),
-        source: e,
+        error: e,
     })?;
     let mine = listener.local_addr().map_err(|e| RuntimeError::Io {
         context: "listener address".into(),
-        source: e,
+        error: e,
     })?;
     let mut s = TcpStream::connect_timeout(&at, timeout)
         .map_err(|e| RuntimeError::Rendezvous(format!("cannot reach the launcher at {at}: {e}")))?;

@@ -173,7 +173,7 @@ impl SpaceBuilder {
             })
             .map_err(|e| RuntimeError::Io {
                 context: "starting the eval thread".into(),
-                source: e,
+                error: e,
             })?;
         // Made before the barrier, so that a barrier that fails (another rank failed) stops the eval
         // thread again: it holds this rank's `Dsm`, which would otherwise never be let go of.

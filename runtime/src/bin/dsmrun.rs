@@ -71,8 +71,8 @@ fn main() {
             eprintln!("dsmrun: {e}");
             // As shells say it: 127 for a program not found, 126 for one found but not runnable.
             std::process::exit(match &e {
-                RuntimeError::CannotRun { source, .. }
-                    if source.kind() == std::io::ErrorKind::NotFound =>
+                RuntimeError::CannotRun { error, .. }
+                    if error.kind() == std::io::ErrorKind::NotFound =>
                 {
                     127
                 }
