@@ -461,6 +461,10 @@ impl LockGuard<'_> {
             &Request::LockRelease { lock: self.id },
             &[&notices],
         );
+        // The channel goes back before `rc` is taken: a thread holding `rc` may be waiting for a channel
+        // (sending diffs, delivering a carry), and with every channel held by a release waiting here for
+        // `rc`, neither would ever go on.
+        drop(ch);
         if sent.is_ok() {
             // The clock of the snapshot, not the rank's clock now: another thread may have learned notices
             // since, which this release did not pass.

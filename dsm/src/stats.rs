@@ -178,8 +178,10 @@ pub struct Stats {
     pub diff_bytes: u64,
     /// Release consistency: diffs applied here as a home.
     pub diffs_applied: u64,
-    /// Release consistency: of the diffs sent, those for pages homed at rank 0 that went with a barrier
-    /// arrival instead of before it (a round trip fewer a barrier).
+    /// Release consistency: of the diffs sent, those for pages homed at rank 0 that a barrier's release
+    /// gave its arrival to carry instead of sending them before it (a round trip fewer a barrier). A
+    /// release or acquire of another thread of the rank delivers them itself when it comes first (counted
+    /// here all the same).
     pub diffs_carried: u64,
     /// Release consistency: intervals closed with a write notice.
     pub write_notices: u64,

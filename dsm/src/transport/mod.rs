@@ -83,7 +83,7 @@ pub trait Transport: Send + std::fmt::Debug {
 }
 
 /// Bumped whenever the wire format or the protocol changes: ranks of different builds refuse each other.
-pub(crate) const PROTOCOL_VERSION: u32 = 10;
+pub(crate) const PROTOCOL_VERSION: u32 = 11;
 
 /// The connections a rank of `channels` channels opens to every rank: one per channel, and one more for
 /// its service loop's own messages (heartbeats, failure reports, `Goodbye`), which it can send whatever
