@@ -109,8 +109,8 @@ pub enum RuntimeError {
         /// Results still awaited.
         missing: usize,
     },
-    /// `finish` was called while tuple-space handles are alive.
-    #[error("the runtime is still in use by {0} tuple-space handle(s): drop them before finish()")]
+    /// `finish` was called while tuple-space handles (or leases not yet completed or given back) are alive.
+    #[error("the runtime is still in use by {0} tuple space(s): drop their handles, and complete or give back their leases, before finish()")]
     InUse(usize),
     /// Launching failed.
     #[error("{context}: {error}")]

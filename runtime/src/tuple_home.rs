@@ -40,7 +40,7 @@ pub(crate) enum Ask {
     /// The tasks held under `leases` are done: drop the leases and add `results` (homed here), in one
     /// step; then, with `next`, lease a tuple matching the first of its templates that has one here, with
     /// up to `more` further ones matching the same template (a worker taking several small tasks per
-    /// trip); when none has, wait for one matching the last.
+    /// trip); when none has, wait for the first tuple to come that matches any of them.
     Complete {
         leases: Vec<u64>,
         results: Vec<Tuple>,
@@ -51,6 +51,20 @@ pub(crate) enum Ask {
     Eval { function: String, args: Tuple },
     /// The tuples taken under `leases` go back into the space untouched (their holder will not use them).
     GiveBack { leases: Vec<u64> },
+}
+
+/// Why a `Complete`'s request for the next tuple would be refused (no template, or one the space cannot
+/// hold), if it would: checked before the completion's leases end, so that a completion that went
+/// through is never answered with an error.
+fn next_refused(next: Option<&(Vec<Template>, u64)>) -> Option<String> {
+    let (templates, _) = next?;
+    if templates.is_empty() {
+        return Some("no template to lease".into());
+    }
+    templates
+        .iter()
+        .find_map(|t| t.check().err())
+        .map(|e| e.to_string())
 }
 
 /// A home's answer.
@@ -246,7 +260,13 @@ impl State {
     /// a member, withdrawing the group's other members).
     fn deliver(&mut self, d: Delivery, outbox: &mut Outbox) -> Result<(), TupleError> {
         let Some(p) = self.pending.remove(&d.waiter) else {
-            return Ok(());
+            // Not reached: the store's waiters and `pending` change together. Were it reached, a tuple
+            // taken for nobody goes back rather than nowhere.
+            return if d.taken {
+                self.out(d.tuple, outbox)
+            } else {
+                Ok(())
+            };
         };
         let waiter = match p.waiter {
             Waiter::Member(g) => match self.dissolve(g) {
@@ -434,8 +454,8 @@ impl State {
     }
 
     /// Up to `most` tuples here now that match the first of `templates` that has any, leased to `holder`
-    /// (none when no template has a match); no more once they hold [`MAX_TUPLE_BYTES`] of data, so that
-    /// an answer of many large tuples stays the size of one.
+    /// (none when no template has a match); none after they hold [`MAX_TUPLE_BYTES`] of data, so that an
+    /// answer of many large tuples stays under the size of two.
     fn lease_first(
         &mut self,
         holder: Rank,
@@ -694,7 +714,9 @@ impl Home {
                 results,
                 next,
                 more,
-            } => match s.complete(from, &leases, results, &mut outbox) {
+            } => match next_refused(next.as_ref())
+                .map_or_else(|| s.complete(from, &leases, results, &mut outbox), Err)
+            {
                 Err(e) => Some((reply, Answer::Refused(e))),
                 Ok(()) => match next {
                     None => Some((reply, Answer::Done)),
@@ -705,14 +727,11 @@ impl Home {
                         match s.lease_first(from, &templates, wanted) {
                             Err(e) => Some((reply, Answer::Refused(e.to_string()))),
                             Ok(taken) if !taken.is_empty() => Some((reply, Answer::Leased(taken))),
-                            Ok(_) if templates.is_empty() => {
-                                Some((reply, Answer::Refused("no template to lease".into())))
-                            }
                             // Nothing here for any of them: wait for the first tuple matching one.
                             Ok(_) => {
                                 let waiter = Waiter::Remote { reply, ticket };
-                                // `lease_first` checked the templates, and checking is all this can
-                                // fail on.
+                                // The templates were checked (`next_refused`), and checking is all
+                                // this can fail on.
                                 let _ = s.wait_any(from, &templates, true, waiter);
                                 None
                             }

@@ -83,16 +83,29 @@ impl Drop for Evaluator {
 /// [`TupleSpace::give_back`]), and puts it back into the space if this rank fails first. A lease dropped
 /// without either (its holder returned early, or panicked) gives the tuple back as it is dropped, so that
 /// another rank can take it; that costs a round trip to the tuple's home, and a failure to reach the home
-/// is printed (the home puts the tuple back when it sees this rank fail).
-#[derive(Debug)]
+/// is printed (the home puts the tuple back when it sees this rank fail). A lease keeps this rank's part
+/// of the space in use until it ends, handles on the space dropped or not: `Runtime::finish` refuses
+/// while one lives, as it does while a handle does.
 #[must_use = "a leased tuple is given back when the lease is dropped: complete it"]
 pub struct Lease {
     /// The tuple taken.
     pub tuple: Tuple,
     home: Rank,
     id: u64,
-    /// Until the lease ends, the space that granted it, to give the tuple back to if it is dropped.
-    space: Option<Weak<Inner>>,
+    /// Until the lease ends, the space that granted it, to give the tuple back to if it is dropped: held,
+    /// so that it can be, even once every handle on the space is gone.
+    space: Option<Arc<Inner>>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("tuple", &self.tuple)
+            .field("home", &self.home)
+            .field("id", &self.id)
+            .field("ended", &self.space.is_none())
+            .finish()
+    }
 }
 
 impl Lease {
@@ -104,7 +117,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let Some(space) = self.space.take().and_then(|s| s.upgrade()) else {
+        let Some(space) = self.space.take() else {
             return;
         };
         if let Err(e) = space.give_back_to(self.home, vec![self.id]) {
@@ -482,8 +495,9 @@ impl TupleSpace {
 
     /// Ends every lease in `leases` and puts `results` (as [`TupleSpace::complete`]), then takes under
     /// leases tuples matching the first template in `next` that has any (with the first, up to `more`
-    /// further ones its home holds at that moment), or, when none has, waits for one matching the last.
-    /// One round trip when every template is homed where the leases are. Returns at least one lease. This
+    /// further ones its home holds at that moment), or, when none has, waits for the first tuple to come
+    /// that matches any of them. One round trip when every template is homed where the leases are (else
+    /// the templates are looked at one by one, and the wait is for one matching the last). Returns at least one lease. This
     /// is how a worker takes several small tasks per trip, its own first.
     pub(crate) fn complete_and_lease_many(
         &self,
@@ -714,7 +728,7 @@ impl Inner {
                 tuple: found.tuple,
                 home,
                 id,
-                space: Some(self.this.clone()),
+                space: self.this.upgrade(),
             }),
             None => Err(RuntimeError::Refused {
                 rank: home,
@@ -724,8 +738,8 @@ impl Inner {
     }
 
     /// Ends `leases` and puts `results`; then, with `next` homed where the leases are, leases tuples
-    /// matching the first of its templates that has any there (up to `more` + 1), or waits for one
-    /// matching the last. Returns what it leased: nothing when `next` is `None` or not all homed there
+    /// matching the first of its templates that has any there (up to `more` + 1), or waits for the first
+    /// to come that matches any of them. Returns what it leased: nothing when `next` is `None` or not all homed there
     /// (the caller asks for it itself).
     /// The leases are borrowed: a caller keeps them (to give them back) until this has succeeded; nothing
     /// is sent when a result is refused.
@@ -772,7 +786,7 @@ impl Inner {
             tuple,
             home,
             id,
-            space: Some(self.this.clone()),
+            space: self.this.upgrade(),
         };
         if home == self.me {
             self.home
@@ -991,6 +1005,37 @@ mod tests {
             };
             let _ = reply.send(&[&postcard::to_allocvec(&answer).unwrap()]);
         }
+    }
+
+    #[test]
+    fn a_completion_whose_next_request_is_refused_leaves_its_leases_held() {
+        crate::local::run_local_job(2, 3, |rt| {
+            let space = TupleSpace::join(rt).unwrap();
+            let name = (0..)
+                .map(|i| format!("c{i}"))
+                .find(|n| space.home_of(Some(&Value::Str(n.clone())), 2) == Rank(1))
+                .unwrap();
+            let t = crate::template!(name.clone(), ?i64);
+            if rt.rank() == Rank(0) {
+                space.out(crate::tuple!(name.clone(), 1i64)).unwrap();
+                let lease = space.in_leased(&t).unwrap();
+                // A completion asking for the next tuple with no template (the client refuses to send
+                // one; a peer of another mind might).
+                let ask = encode(&Ask::Complete {
+                    leases: vec![lease.id],
+                    results: Vec::new(),
+                    next: Some((Vec::new(), 1)),
+                    more: 0,
+                });
+                let answer = rt.dsm().call(Rank(1), SERVICE, &[&ask]).unwrap();
+                let answer = decode(Rank(1), &answer).unwrap();
+                assert!(matches!(answer, Answer::Refused(_)), "{answer:?}");
+                // The lease was not ended: completing it now goes through.
+                space.complete(lease, Vec::new()).unwrap();
+                assert_eq!(space.count(&t).unwrap(), 0);
+            }
+            rt.dsm().barrier().unwrap();
+        });
     }
 
     #[test]

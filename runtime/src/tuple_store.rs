@@ -4,8 +4,9 @@
 //! Tuples are kept in buckets by arity and first field, so a template whose first field is an actual value
 //! finds its candidates with one lookup; a template whose first field is formal scans every bucket of its
 //! arity (the documented slower path). Waiting requests are served in arrival order: an `out` offers its
-//! tuple to the matching waiters oldest first; every reader (`rd`) among them gets a copy, and the first
-//! taker (`in`) gets the tuple itself, which then never goes into the store. So a tuple is taken at most
+//! tuple to the matching waiters oldest first: every reader (`rd`) up to the first taker (`in`) gets a
+//! copy, and that taker gets the tuple itself, which then never goes into the store (readers that came
+//! after the taker wait on). So a tuple is taken at most
 //! once, and waiters on one template are served first come, first served. Several tuples put at once go
 //! in together, and then the waiters they concern are served oldest first, each with the oldest match:
 //! a request waiting on several templates gets the one it prefers among them (`put_quietly`).

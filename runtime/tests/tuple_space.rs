@@ -505,6 +505,30 @@ fn a_lease_dropped_unfinished_gives_its_tuple_back() {
 }
 
 #[test]
+fn a_lease_that_outlives_every_handle_on_its_space_still_gives_its_tuple_back() {
+    dsm_runtime::local::run_local_job(2, 3, |rt| {
+        let space = TupleSpace::join(rt).unwrap();
+        // Homed at rank 1: the give-back goes over the network, after rank 0 dropped its handle.
+        let key = (0..)
+            .map(|k| format!("outlives#{k}"))
+            .find(|k| space.home_of(Some(&k.as_str().into()), 2) == Rank(1))
+            .unwrap();
+        let tpl = template!(key.as_str(), ?i64);
+        if rt.rank().0 == 0 {
+            space.out(tuple!(key.as_str(), 7)).unwrap();
+            let lease = space.in_leased(&tpl).unwrap();
+            drop(space);
+            drop(lease);
+            rt.dsm().barrier().unwrap();
+        } else {
+            rt.dsm().barrier().unwrap();
+            assert_eq!(space.inp(&tpl).unwrap(), Some(tuple!(key.as_str(), 7)));
+        }
+        rt.dsm().barrier().unwrap();
+    });
+}
+
+#[test]
 fn results_that_do_not_decode_stay_in_the_space() {
     job(2, plain, |rt, space| {
         let farm = TaskFarm::new(space, "mistyped", Rank(0)).unwrap();
