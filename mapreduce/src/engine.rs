@@ -527,9 +527,9 @@ impl MapReduce {
                 .into_iter()
                 .unzip();
         for s in &config.splits {
-            let err = |source| MapReduceError::Input {
+            let err = |error| MapReduceError::Input {
                 path: s.file.clone(),
-                error: source,
+                error,
             };
             // Its kind is looked at before it is opened: opening a FIFO would block the master for ever.
             let meta = std::fs::metadata(&s.file).map_err(err)?;
@@ -784,12 +784,12 @@ fn spawn_workers<'scope, 'env, J: Job>(
             std::thread::Builder::new()
                 .name(format!("dsm-mr-worker-{i}"))
                 .spawn_scoped(s, || farm.serve(|id, task: Task| worker.run(id, task)))
-                .map_err(|source| RuntimeError::Io {
+                .map_err(|error| RuntimeError::Io {
                     context: format!(
                         "starting worker thread {} of {n} (run the job with fewer threads)",
                         i + 1
                     ),
-                    error: source,
+                    error,
                 })
         })
         .collect()
@@ -1184,6 +1184,7 @@ mod tests {
         assert_eq!(left, [".part-00001", "notes.tmp", "part-00003"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
     #[test]
     fn a_locked_directory_is_removed_whole_and_its_lock_let_go() {
         let parent = std::env::temp_dir().join(format!("dsm-mr-locked-{}", std::process::id()));

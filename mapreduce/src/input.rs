@@ -104,9 +104,9 @@ fn opened(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
 impl Walk {
     fn visit(&mut self, path: &Path, named: bool) -> Result<(), MapReduceError> {
         use std::os::unix::fs::MetadataExt;
-        let err = |source| MapReduceError::Input {
+        let err = |error| MapReduceError::Input {
             path: path.to_path_buf(),
-            error: source,
+            error,
         };
         let meta = std::fs::metadata(path).map_err(err)?;
         if named && meta.is_file() {
@@ -190,9 +190,9 @@ pub(crate) fn cut(
     };
     let mut remaining: u64 = files.iter().map(|(_, len)| len).sum();
     for (path, len) in files {
-        let err = |source| MapReduceError::Input {
+        let err = |error| MapReduceError::Input {
             path: path.clone(),
-            error: source,
+            error,
         };
         let mut f = File::open(path).map_err(err)?;
         let version = FileVersion::of(&f.metadata().map_err(err)?);

@@ -163,10 +163,10 @@ pub enum MapReduceError {
 }
 
 impl MapReduceError {
-    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> MapReduceError {
+    pub(crate) fn io(context: impl Into<String>, error: std::io::Error) -> MapReduceError {
         MapReduceError::Io {
             context: context.into(),
-            error: source,
+            error,
         }
     }
 }

@@ -497,8 +497,8 @@ impl TupleSpace {
     /// leases tuples matching the first template in `next` that has any (with the first, up to `more`
     /// further ones its home holds at that moment), or, when none has, waits for the first tuple to come
     /// that matches any of them. One round trip when every template is homed where the leases are (else
-    /// the templates are looked at one by one, and the wait is for one matching the last). Returns at least one lease. This
-    /// is how a worker takes several small tasks per trip, its own first.
+    /// the templates are looked at one by one, and the wait is for one matching the last). Returns at
+    /// least one lease. This is how a worker takes several small tasks per trip, its own first.
     pub(crate) fn complete_and_lease_many(
         &self,
         leases: &mut [Lease],
@@ -739,8 +739,8 @@ impl Inner {
 
     /// Ends `leases` and puts `results`; then, with `next` homed where the leases are, leases tuples
     /// matching the first of its templates that has any there (up to `more` + 1), or waits for the first
-    /// to come that matches any of them. Returns what it leased: nothing when `next` is `None` or not all homed there
-    /// (the caller asks for it itself).
+    /// to come that matches any of them. Returns what it leased: nothing when `next` is `None` or not all
+    /// homed there (the caller asks for it itself).
     /// The leases are borrowed: a caller keeps them (to give them back) until this has succeeded; nothing
     /// is sent when a result is refused.
     fn complete(
