@@ -130,10 +130,10 @@ impl DsmError {
         }
     }
 
-    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> DsmError {
+    pub(crate) fn io(context: impl Into<String>, error: std::io::Error) -> DsmError {
         DsmError::Io {
             context: context.into(),
-            error: source,
+            error,
         }
     }
 }

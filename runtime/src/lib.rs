@@ -109,8 +109,9 @@ pub enum RuntimeError {
         /// Results still awaited.
         missing: usize,
     },
-    /// `finish` was called while tuple-space handles (or leases not yet completed or given back) are alive.
-    #[error("the runtime is still in use by {0} tuple space(s): drop their handles, and complete or give back their leases, before finish()")]
+    /// `finish` was called while something still holds the rank's `Dsm`: a tuple-space handle, a lease
+    /// not yet completed or given back, or what holds either (the number is of those holders).
+    #[error("the runtime is still in use ({0} holder(s): tuple-space handles, leases not completed or given back): drop them before finish()")]
     InUse(usize),
     /// Launching failed.
     #[error("{context}: {error}")]
