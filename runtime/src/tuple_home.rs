@@ -149,6 +149,17 @@ struct State {
     /// Requests waiting on several templates, by group id.
     groups: HashMap<u64, Group>,
     next_group: u64,
+    /// Other ranks' waiting requests by (sender, ticket), for their cancels to find without a scan.
+    tickets: HashMap<(Rank, u64), Ticketed>,
+}
+
+/// Where a waiting request of another rank is.
+#[derive(Debug, Clone, Copy)]
+enum Ticketed {
+    /// In `pending`, as this store waiter.
+    Waiter(WaiterId),
+    /// In `groups`, as this group.
+    Group(u64),
 }
 
 /// Answers to send once the state lock is released: the waiter, what it gets, and whether the tuple
@@ -259,7 +270,7 @@ impl State {
     /// Hands a tuple the store gave a waiting request to that request's waiter (a group's own waiter for
     /// a member, withdrawing the group's other members).
     fn deliver(&mut self, d: Delivery, outbox: &mut Outbox) -> Result<(), TupleError> {
-        let Some(p) = self.pending.remove(&d.waiter) else {
+        let Some(p) = self.take_pending(d.waiter) else {
             // Not reached: the store's waiters and `pending` change together. Were it reached, a tuple
             // taken for nobody goes back rather than nowhere.
             return if d.taken {
@@ -282,15 +293,52 @@ impl State {
         Ok(())
     }
 
+    /// Removes the record of waiting request `id` (served or withdrawn), and its ticket.
+    fn take_pending(&mut self, id: WaiterId) -> Option<Pending> {
+        let p = self.pending.remove(&id)?;
+        if let Waiter::Remote { ticket, .. } = p.waiter {
+            self.tickets.remove(&(p.holder, ticket));
+        }
+        Some(p)
+    }
+
     /// Withdraws every member of group `g` still waiting; returns the group.
     fn dissolve(&mut self, g: u64) -> Option<Group> {
         let group = self.groups.remove(&g)?;
+        if let Waiter::Remote { ticket, .. } = group.waiter {
+            self.tickets.remove(&(group.holder, ticket));
+        }
         for id in &group.members {
             if self.pending.remove(id).is_some() {
                 self.store.cancel(*id);
             }
         }
         Some(group)
+    }
+
+    /// Why `from`'s request waiting under `ticket` would be refused: a request of its waits under that
+    /// ticket already (a peer's tickets are unique; a second would leave the first beyond its cancel).
+    fn ticket_refused(&self, from: Rank, ticket: u64) -> Option<String> {
+        self.tickets.contains_key(&(from, ticket)).then(|| {
+            format!("{from} has a request waiting under ticket {ticket} already: a rank's tickets must be unique")
+        })
+    }
+
+    /// Withdraws `from`'s request waiting under `ticket`; returns its responder, which the caller answers
+    /// `TimedOut`. `None` when it waits no more (it was served, and its answer is on the way).
+    fn withdraw(&mut self, from: Rank, ticket: u64) -> Option<Responder> {
+        let waiter = match self.tickets.get(&(from, ticket)).copied()? {
+            Ticketed::Group(g) => self.dissolve(g)?.waiter,
+            Ticketed::Waiter(id) => {
+                self.store.cancel(id);
+                self.take_pending(id)?.waiter
+            }
+        };
+        match waiter {
+            Waiter::Remote { reply, .. } => Some(reply),
+            // Not reached: only another rank's requests have tickets.
+            Waiter::Local(_) | Waiter::Member(_) => None,
+        }
     }
 
     /// Registers `waiter` for the next `out` matching any of `templates` (all taken under a lease when
@@ -315,6 +363,9 @@ impl State {
         let mut members = Vec::with_capacity(templates.len());
         for t in templates {
             members.push(self.wait(holder, t.clone(), Mode::Take, lease, Waiter::Member(g))?);
+        }
+        if let Waiter::Remote { ticket, .. } = waiter {
+            self.tickets.insert((holder, ticket), Ticketed::Group(g));
         }
         self.groups.insert(
             g,
@@ -349,6 +400,9 @@ impl State {
         waiter: Waiter,
     ) -> Result<WaiterId, TupleError> {
         let id = self.store.wait(template, mode)?;
+        if let Waiter::Remote { ticket, .. } = waiter {
+            self.tickets.insert((holder, ticket), Ticketed::Waiter(id));
+        }
         let pending = Pending {
             waiter,
             holder,
@@ -377,13 +431,16 @@ impl State {
         match self.find(from, &template, mode, lease) {
             Ok(Some(found)) => Some((reply, found.into())),
             Ok(None) => match wait {
-                // `find` checked the template, and checking is all `wait` can fail on.
-                Some(ticket) => {
-                    let waiter = Waiter::Remote { reply, ticket };
-                    let _ = self.wait(from, template, mode, lease, waiter);
-                    None
-                }
                 None => Some((reply, Answer::NotFound)),
+                Some(ticket) => match self.ticket_refused(from, ticket) {
+                    Some(why) => Some((reply, Answer::Refused(why))),
+                    // `find` checked the template, and checking is all `wait` can fail on.
+                    None => {
+                        let waiter = Waiter::Remote { reply, ticket };
+                        let _ = self.wait(from, template, mode, lease, waiter);
+                        None
+                    }
+                },
             },
             Err(e) => Some((reply, Answer::Refused(e.to_string()))),
         }
@@ -668,40 +725,12 @@ impl Home {
                 s.find_for(from, template, mode, lease, wait.then_some(ticket), reply)
             }
             Ask::Cancel { ticket } => {
-                let group = s.groups.iter().find_map(|(g, group)| match &group.waiter {
-                    Waiter::Remote { ticket: t, .. } if *t == ticket && group.holder == from => {
-                        Some(*g)
-                    }
-                    _ => None,
-                });
-                if let Some(Group {
-                    waiter: Waiter::Remote { reply, .. },
-                    ..
-                }) = group.and_then(|g| s.dissolve(g))
-                {
-                    drop(s);
-                    let _ = answer(reply, &Answer::TimedOut);
-                    return;
-                }
-                let id = s.pending.iter().find_map(|(id, p)| match &p.waiter {
-                    Waiter::Remote { ticket: t, .. } if *t == ticket && p.holder == from => {
-                        Some(*id)
-                    }
-                    _ => None,
-                });
                 // The cancel itself gets no answer; the waiting request gets `TimedOut`, unless it was
                 // served already (its answer is on the way and the requester takes it).
-                if let Some(id) = id {
-                    s.store.cancel(id);
-                    if let Some(Pending {
-                        waiter: Waiter::Remote { reply, .. },
-                        ..
-                    }) = s.pending.remove(&id)
-                    {
-                        drop(s);
-                        let _ = answer(reply, &Answer::TimedOut);
-                        return;
-                    }
+                let waiting = s.withdraw(from, ticket);
+                drop(s);
+                if let Some(reply) = waiting {
+                    let _ = answer(reply, &Answer::TimedOut);
                 }
                 return;
             }
@@ -715,6 +744,10 @@ impl Home {
                 next,
                 more,
             } => match next_refused(next.as_ref())
+                .or_else(|| {
+                    let (_, ticket) = next.as_ref()?;
+                    s.ticket_refused(from, *ticket)
+                })
                 .map_or_else(|| s.complete(from, &leases, results, &mut outbox), Err)
             {
                 Err(e) => Some((reply, Answer::Refused(e))),
@@ -810,6 +843,7 @@ impl Service for Home {
                 s.store.cancel(id);
             }
             s.groups.retain(|_, g| g.holder != rank);
+            s.tickets.retain(|(holder, _), _| *holder != rank);
             let held: Vec<u64> = s
                 .leases
                 .iter()

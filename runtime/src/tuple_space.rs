@@ -1039,6 +1039,67 @@ mod tests {
     }
 
     #[test]
+    fn a_second_waiting_request_under_one_ticket_is_refused() {
+        crate::local::run_local_job(2, 3, |rt| {
+            let space = TupleSpace::join(rt).unwrap();
+            let name = (0..)
+                .map(|i| format!("w{i}"))
+                .find(|n| space.home_of(Some(&Value::Str(n.clone())), 2) == Rank(1))
+                .unwrap();
+            let t = crate::template!(name.clone(), ?i64);
+            if rt.rank() == Rank(0) {
+                // Two waiting finds under one ticket (the client never reuses one; a peer of another mind
+                // might): whichever comes second is refused, so a cancel always finds the one it names.
+                let find = encode(&Ask::Find {
+                    template: t.clone(),
+                    take: true,
+                    wait: true,
+                    lease: false,
+                    ticket: 7,
+                });
+                let dsm = rt.shared_dsm();
+                let answers: Vec<Answer> = std::thread::scope(|s| {
+                    let asks: Vec<_> = (0..2)
+                        .map(|_| {
+                            s.spawn(|| {
+                                decode(Rank(1), &dsm.call(Rank(1), SERVICE, &[&find]).unwrap())
+                            })
+                        })
+                        .collect();
+                    // Two tuples, so that without the refusal both finds are served and the test ends.
+                    let served = |a: &Answer| matches!(a, Answer::Found { .. });
+                    // The refusal comes back at once; without it, both wait until the tuples come.
+                    let give_up = Instant::now() + Duration::from_secs(2);
+                    while !asks.iter().any(|a| a.is_finished()) && Instant::now() < give_up {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    space.out(crate::tuple!(name.clone(), 1i64)).unwrap();
+                    space.out(crate::tuple!(name.clone(), 2i64)).unwrap();
+                    let answers: Vec<Answer> = asks
+                        .into_iter()
+                        .map(|a| a.join().unwrap().unwrap())
+                        .collect();
+                    assert_eq!(
+                        answers.iter().filter(|a| served(a)).count(),
+                        1,
+                        "{answers:?}"
+                    );
+                    answers
+                });
+                let refused = answers.iter().find_map(|a| match a {
+                    Answer::Refused(why) => Some(why.clone()),
+                    _ => None,
+                });
+                let why = refused.expect("the second request is refused");
+                assert!(why.contains("ticket 7"), "{why}");
+                assert_eq!(space.count(&t).unwrap(), 1, "one tuple taken, one left");
+                space.in_(&t).unwrap();
+            }
+            rt.dsm().barrier().unwrap();
+        });
+    }
+
+    #[test]
     fn a_found_tuple_that_does_not_match_its_template_is_an_error_and_its_lease_goes_back() {
         let liar = Arc::new(Liar::default());
         let seen = liar.clone();

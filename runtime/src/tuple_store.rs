@@ -12,7 +12,7 @@
 //! a request waiting on several templates gets the one it prefers among them (`put_quietly`).
 
 use crate::tuple::{Template, Tuple, TupleError, Value};
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Identifies a waiting request.
 pub type WaiterId = u64;
@@ -39,10 +39,13 @@ pub struct Delivery {
 
 #[derive(Debug)]
 struct Waiter {
-    id: WaiterId,
     template: Template,
     mode: Mode,
 }
+
+/// Waiting requests by id, which grows with arrival: iteration is arrival order, and a request is
+/// withdrawn without a scan (a task farm's idle workers withdraw and wait again every few milliseconds).
+type Queue = BTreeMap<WaiterId, Waiter>;
 
 /// Arity and first field (none for the empty tuple).
 type Key = (usize, Option<Value>);
@@ -67,9 +70,9 @@ fn bucket_of(template: &Template) -> Option<Key> {
 pub struct TupleStore {
     buckets: HashMap<Key, VecDeque<Tuple>>,
     /// Waiters whose template has an actual first field (or no field), by bucket.
-    waiting: HashMap<Key, VecDeque<Waiter>>,
+    waiting: HashMap<Key, Queue>,
     /// Waiters whose template's first field is formal: every `out` of their arity looks at them.
-    waiting_formal: VecDeque<Waiter>,
+    waiting_formal: Queue,
     /// Where each waiter waits: its bucket's key, or `None` for the formal list (so that withdrawing one
     /// looks in its own queue only).
     waiter_keys: HashMap<WaiterId, Option<Key>>,
@@ -102,15 +105,15 @@ impl TupleStore {
         if let Some(q) = self.waiting.get(&key) {
             candidates.extend(
                 q.iter()
-                    .filter(|w| w.template.matches(&tuple))
-                    .map(|w| (w.id, true)),
+                    .filter(|(_, w)| w.template.matches(&tuple))
+                    .map(|(id, _)| (*id, true)),
             );
         }
         candidates.extend(
             self.waiting_formal
                 .iter()
-                .filter(|w| w.template.matches(&tuple))
-                .map(|w| (w.id, false)),
+                .filter(|(_, w)| w.template.matches(&tuple))
+                .map(|(id, _)| (*id, false)),
         );
         candidates.sort_unstable();
         let mut deliveries = Vec::new();
@@ -121,15 +124,13 @@ impl TupleStore {
             } else {
                 Some(&mut self.waiting_formal)
             };
-            let Some(queue) = queue else { continue };
-            let Some(pos) = queue.iter().position(|w| w.id == id) else {
+            let Some(waiter) = queue.and_then(|q| q.remove(&id)) else {
                 continue;
             };
-            let waiter = queue.remove(pos).expect("position is in range");
-            self.waiter_keys.remove(&waiter.id);
+            self.waiter_keys.remove(&id);
             let take = waiter.mode == Mode::Take;
             deliveries.push(Delivery {
-                waiter: waiter.id,
+                waiter: id,
                 tuple: tuple.clone(),
                 taken: take,
             });
@@ -165,8 +166,8 @@ impl TupleStore {
                 queues
                     .chain([&self.waiting_formal])
                     .flatten()
-                    .filter(|w| w.template.matches(&tuple))
-                    .map(|w| w.id),
+                    .filter(|(_, w)| w.template.matches(&tuple))
+                    .map(|(id, _)| *id),
             );
             self.buckets.entry(key).or_default().push_back(tuple);
             self.tuples += 1;
@@ -182,7 +183,7 @@ impl TupleStore {
             Some(key) => self.waiting.get(key)?,
             None => &self.waiting_formal,
         };
-        let waiter = queue.iter().find(|w| w.id == id)?;
+        let waiter = queue.get(&id)?;
         let (template, mode) = (waiter.template.clone(), waiter.mode);
         // Its template was checked when it began to wait.
         let tuple = self.find(&template, mode).ok().flatten()?;
@@ -246,15 +247,15 @@ impl TupleStore {
         let id = self.next_id;
         self.next_id += 1;
         let key = bucket_of(&template);
-        let waiter = Waiter { id, template, mode };
+        let waiter = Waiter { template, mode };
         match &key {
             Some(key) => self
                 .waiting
                 .entry(key.clone())
                 .or_default()
-                .push_back(waiter),
-            None => self.waiting_formal.push_back(waiter),
-        }
+                .insert(id, waiter),
+            None => self.waiting_formal.insert(id, waiter),
+        };
         self.waiter_keys.insert(id, key);
         Ok(id)
     }
@@ -270,13 +271,9 @@ impl TupleStore {
             Some(key) => self.waiting.get_mut(key),
             None => Some(&mut self.waiting_formal),
         };
-        let Some(queue) = queue else {
+        if queue.and_then(|q| q.remove(&id)).is_none() {
             return false;
-        };
-        let Some(pos) = queue.iter().position(|w| w.id == id) else {
-            return false;
-        };
-        queue.remove(pos);
+        }
         if let Some(key) = key.filter(|k| self.waiting.get(k).is_some_and(|q| q.is_empty())) {
             self.waiting.remove(&key);
         }
