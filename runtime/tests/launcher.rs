@@ -68,10 +68,11 @@ fn background_processes_of_the_ranks_neither_hold_the_launcher_nor_outlive_the_j
 }
 
 #[test]
-fn a_launcher_sent_sigterm_or_sigint_ends_every_rank_and_says_so() {
-    for (signal, code, name) in [
-        (nix::sys::signal::Signal::SIGTERM, 143, "SIGTERM"),
-        (nix::sys::signal::Signal::SIGINT, 130, "SIGINT"),
+fn a_launcher_sent_sigterm_or_sigint_ends_every_rank_says_so_and_dies_of_it() {
+    use std::os::unix::process::ExitStatusExt;
+    for (signal, name) in [
+        (nix::sys::signal::Signal::SIGTERM, "SIGTERM"),
+        (nix::sys::signal::Signal::SIGINT, "SIGINT"),
     ] {
         let words = ["sleep", "987003"];
         let child = Command::new(DSMRUN)
@@ -98,7 +99,8 @@ fn a_launcher_sent_sigterm_or_sigint_ends_every_rank_and_says_so() {
             "{name}: took {:?}",
             t.elapsed()
         );
-        assert_eq!(out.status.code(), Some(code), "{name}");
+        // As a program a Ctrl-C ended: a shell running it in a loop stops there too.
+        assert_eq!(out.status.signal(), Some(signal as i32), "{name}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             err.contains(&format!("interrupted by {name}")),
@@ -265,4 +267,72 @@ fn a_transport_the_ranks_would_refuse_is_refused_once_before_any_starts() {
         !String::from_utf8_lossy(&out.stdout).contains("started"),
         "a rank started"
     );
+}
+
+/// Runs `script` under bash with `$DSMRUN` set, bounded by a minute; returns its output and how long it took.
+fn bash(script: &str) -> (std::process::Output, Duration) {
+    let t = Instant::now();
+    let out = Command::new("timeout")
+        .args(["60", "bash", "-c", script])
+        .env("DSMRUN", DSMRUN)
+        .output()
+        .unwrap();
+    (out, t.elapsed())
+}
+
+#[test]
+fn a_reader_that_closes_its_end_ends_the_job_as_it_would_end_a_writer() {
+    // `yes | head -1`: the ranks see their output closed (SIGPIPE) instead of running on for ever.
+    let (out, took) = bash(r#"$DSMRUN -n 2 yes | head -1; echo "status ${PIPESTATUS[0]}" >&2"#);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(took < Duration::from_secs(30), "took {took:?}: {err}");
+    assert!(stdout == "[0] y\n" || stdout == "[1] y\n", "{stdout:?}");
+    assert!(err.contains("status 141"), "{err}");
+    assert!(
+        err.contains("was closed before rank"),
+        "the launcher says its output was closed: {err}"
+    );
+}
+
+#[test]
+fn output_that_cannot_be_written_fails_the_job_and_says_so() {
+    let (out, _) = bash(r#"$DSMRUN -n 1 echo hi > /dev/full; echo "status $?" >&2"#);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("status 1\n"), "{err}");
+    assert!(
+        err.contains("writing rank 0's standard output failed") && err.contains("lost"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_slow_reader_gets_every_line() {
+    // The rank's output (79 KB) fits in the pipes, so the rank ends at once; the reader then pauses
+    // longer than the launcher waits for a stream that stays quiet while nothing is being written.
+    let (out, _) = bash(r#"$DSMRUN -n 1 seq 15000 | (sleep 3; wc -l)"#);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "15000");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn output_goes_as_written_without_prefixes_and_long_lines_keep_one_prefix() {
+    // No newline added without prefixes.
+    let out = Command::new(DSMRUN)
+        .args(["-n", "1", "--no-prefix", "printf", "abc"])
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, b"abc");
+    // A line far longer than the launcher's chunk, then a line with no end: one prefix each.
+    let out = Command::new(DSMRUN)
+        .args(["-n", "1", "/bin/sh", "-c"])
+        .arg("head -c 300000 /dev/zero | tr '\\0' a; echo; printf tail")
+        .output()
+        .unwrap();
+    let want = [b"[0] ".as_slice(), &[b'a'; 300_000], b"\n[0] tail\n"].concat();
+    assert!(out.stdout == want, "{} bytes", out.stdout.len());
 }

@@ -4,6 +4,7 @@
 use clap::Parser;
 use dsm_runtime::launch::{launch, LaunchOptions};
 use dsm_runtime::RuntimeError;
+use nix::sys::signal::Signal;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -66,7 +67,15 @@ fn main() {
         keep_going: a.keep_going,
     };
     match launch(&opts, &a.program, &a.args) {
-        Ok(outcome) => std::process::exit(outcome.code),
+        Ok(outcome) => {
+            // The launch has restored the signal mask: a signal left at its default action ends this
+            // process now, as the shell expects; one ignored (a job started in the background by a
+            // script) does not, and the status says it instead.
+            if let Some(sig) = outcome.signal.and_then(|s| Signal::try_from(s).ok()) {
+                let _ = nix::sys::signal::raise(sig);
+            }
+            std::process::exit(outcome.code)
+        }
         Err(e) => {
             eprintln!("dsmrun: {e}");
             // As shells say it: 127 for a program not found, 126 for one found but not runnable.

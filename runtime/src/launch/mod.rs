@@ -1,14 +1,19 @@
 //! Launching a job of local processes, as `dsmrun` does: N ranks with rank, size, rendezvous address and a
 //! fresh secret token in their environment, output lines prefixed with the rank, and when one rank fails,
-//! the others are ended and its status is returned. No process is left behind: ranks also end themselves if
-//! the launcher dies (`DSM_LAUNCHER_PID`).
+//! the others are ended and its status is returned. No process is left behind while the launcher lives, and
+//! ranks end themselves if it dies (`DSM_LAUNCHER_PID`); processes a rank started do not, if it dies of
+//! SIGKILL (a launcher that can, ends their process groups first). The ranks' output is copied by
+//! the `output` module.
+
+mod output;
 
 use crate::RuntimeError;
 use nix::libc;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use output::{say, Output};
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -48,6 +53,10 @@ pub struct Outcome {
     pub reason: String,
     /// With `keep_going`: the ranks that failed while the job went on, and what happened to them.
     pub lost: Vec<(usize, String)>,
+    /// The signal (SIGINT, SIGTERM or SIGHUP) that ended the job by reaching the launcher, if one did
+    /// (`code` is then 128 + it). `dsmrun` dies of it itself once the ranks have ended, so that a shell
+    /// running it in a loop or a script stops there too, as it would for any program a Ctrl-C ended.
+    pub signal: Option<i32>,
 }
 
 impl Default for LaunchOptions {
@@ -249,65 +258,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Held while a forwarded line (or the launcher's own word) is written, so that lines of stdout and stderr
-/// never interleave inside one another when both go to one pipe (a line longer than the pipe's atomic
-/// write size is written in pieces).
-static WRITING: Mutex<()> = Mutex::new(());
-
-/// Copies a rank's output to ours line by line (prefixed), on a thread of its own that says on `done`
-/// when the rank's end of the pipe is closed and everything read was written.
-fn forward(
-    rank: usize,
-    stream: impl Read + Send + 'static,
-    to_stderr: bool,
-    prefix: bool,
-    capture: Option<Arc<Mutex<Vec<u8>>>>,
-    done: &std::sync::mpsc::Sender<()>,
-    forwarded: &Arc<std::sync::atomic::AtomicU64>,
-) -> std::io::Result<()> {
-    let done = done.clone();
-    let forwarded = forwarded.clone();
-    std::thread::Builder::new()
-        .name(format!("dsmrun-output-{rank}"))
-        .spawn(move || {
-            let mut reader = BufReader::new(stream);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match reader.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => {
-                        let _ = done.send(());
-                        return;
-                    }
-                    Ok(_) => {
-                        let mut out: Vec<u8> = Vec::with_capacity(line.len() + 8);
-                        if prefix {
-                            out.extend_from_slice(format!("[{rank}] ").as_bytes());
-                        }
-                        out.extend_from_slice(&line);
-                        if !out.ends_with(b"\n") {
-                            out.push(b'\n');
-                        }
-                        if let Some(c) = &capture {
-                            c.lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .extend_from_slice(&out);
-                        } else {
-                            let _writing = WRITING.lock().unwrap_or_else(|p| p.into_inner());
-                            let _ = if to_stderr {
-                                std::io::stderr().lock().write_all(&out)
-                            } else {
-                                std::io::stdout().lock().write_all(&out)
-                            };
-                        }
-                        forwarded.fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-            }
-        })
-        .map(drop)
-}
-
 /// Ends the rendezvous thread when dropped: sets its `stop` and connects once, to wake its `accept`.
 struct EndRendezvous {
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -319,13 +269,6 @@ impl Drop for EndRendezvous {
         self.stop.store(true, std::sync::atomic::Ordering::Release);
         let _ = std::net::TcpStream::connect_timeout(&self.at, Duration::from_secs(1));
     }
-}
-
-/// Says `what` on the launcher's standard error, between the ranks' lines (a standard error nobody reads
-/// any more is no reason to stop: eprintln! would panic).
-fn say(what: &str) {
-    let _writing = WRITING.lock().unwrap_or_else(|p| p.into_inner());
-    let _ = writeln!(std::io::stderr(), "{what}");
 }
 
 /// The status of `child` if it has exited, leaving it unreaped: a rank's pid stays taken (a zombie) until
@@ -433,9 +376,7 @@ pub fn launch(
     let _rendezvous = EndRendezvous { stop, at };
 
     let mut children: Vec<Child> = Vec::with_capacity(ranks);
-    let (pumped, pumps_done) = std::sync::mpsc::channel::<()>();
-    let forwarded = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut pumps = 0;
+    let mut output = Output::new(opts.prefix, opts.capture.clone());
     for r in 0..ranks {
         let mut cmd = Command::new(program);
         cmd.args(args)
@@ -465,17 +406,7 @@ pub fn launch(
             children.push(child);
             for (stream, to_stderr) in [(out, false), (err, true)] {
                 if let Some(stream) = stream {
-                    let capture = opts.capture.clone();
-                    forward(
-                        r,
-                        stream,
-                        to_stderr,
-                        opts.prefix,
-                        capture,
-                        &pumped,
-                        &forwarded,
-                    )?;
-                    pumps += 1;
+                    output.forward(r, stream, to_stderr)?;
                 }
             }
             Ok(())
@@ -664,7 +595,7 @@ pub fn launch(
     let never = lock(&exits_seen).never.filter(|_| ranks > 1);
     // Judged as each failure was seen (a rank joining after it would make the others meet).
     let never_came = root.and_then(|(r, _)| blame_for[r]);
-    let (outcome, message) = match (root, interrupts.signal()) {
+    let (mut outcome, message) = match (root, interrupts.signal()) {
         (_, None) if root_stopped => {
             let reason = format!(
                 "was stopped (SIGSTOP, or a debugger) for {} s after every other rank had ended",
@@ -676,6 +607,7 @@ pub fn launch(
                 failed_rank: Some(0),
                 reason,
                 lost,
+                signal: None,
             };
             (outcome, Some(message))
         }
@@ -688,6 +620,7 @@ pub fn launch(
                 failed_rank: None,
                 reason,
                 lost,
+                signal: Some(sig as i32),
             };
             (outcome, Some(message))
         }
@@ -698,6 +631,7 @@ pub fn launch(
                 failed_rank: None,
                 reason: format!("ran past its time limit of {limit} s"),
                 lost,
+                signal: None,
             };
             let message =
                 format!("dsmrun: the job ran past its time limit of {limit} s; ending it");
@@ -709,6 +643,7 @@ pub fn launch(
                 failed_rank: None,
                 reason: String::new(),
                 lost,
+                signal: None,
             };
             (outcome, None)
         }
@@ -751,31 +686,24 @@ pub fn launch(
                 failed_rank: Some(r),
                 reason: what,
                 lost,
+                signal: None,
             };
             (outcome, Some(message))
         }
     };
     end_all(&mut children);
-    // The ranks' last lines come out before the launcher's own word on the job, however slowly the reader
-    // takes them (for up to half a minute). A pipe that stays open and quiet ends the wait sooner: a
-    // process that left the ranks' groups but kept their output open holds the launcher for two seconds.
-    let mut ended = 0;
-    let mut seen = forwarded.load(std::sync::atomic::Ordering::Relaxed);
-    let give_up = Instant::now() + Duration::from_secs(30);
-    while ended < pumps && Instant::now() < give_up {
-        match pumps_done.recv_timeout(Duration::from_secs(2)) {
-            Ok(()) => ended += 1,
-            Err(_) => {
-                let now = forwarded.load(std::sync::atomic::Ordering::Relaxed);
-                if now == seen {
-                    break;
-                }
-                seen = now;
-            }
-        }
-    }
+    // The ranks' last lines come out before the launcher's own word on the job.
+    let unwritten = output.drain(opts.timeout.is_some());
     if let Some(m) = message {
         say(&m);
+    }
+    if let Some(u) = unwritten {
+        say(&format!("dsmrun: {}", u.what));
+        // Output lost fails a job that succeeded otherwise.
+        if outcome.code == 0 {
+            outcome.code = u.code;
+            outcome.reason = u.what;
+        }
     }
     // Only now: a second Ctrl-C pending since would otherwise end the launcher before it said why.
     drop(interrupts);
