@@ -460,6 +460,7 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
                 count_fetched(c, served, installed);
                 Ok(served)
             }
+            Reply::Refused { reason } => Err(FaultError::Protocol(home, reason.what())),
             _ => Err(FaultError::Protocol(
                 home,
                 "unexpected reply to a page fetch",
@@ -863,10 +864,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                 set_state(region.state(page), new_state(access));
                 Ok((1, true, false))
             }
-            Reply::Refused { .. } => Err(FaultError::Protocol(
-                home,
-                "the home refused the fault request",
-            )),
+            Reply::Refused { reason } => Err(FaultError::Protocol(home, reason.what())),
             _ => Err(FaultError::Protocol(
                 home,
                 "unexpected reply to a fault request",
@@ -1071,6 +1069,7 @@ fn run_grant(
                 *have = true;
                 Counters::add(&c.pages_fetched, 1);
             }
+            Reply::Refused { reason } => return Err(FaultError::Protocol(owner, reason.what())),
             _ => {
                 return Err(FaultError::Protocol(
                     owner,
@@ -1085,6 +1084,9 @@ fn run_grant(
             Err(RecvError::Eof) if left_the_job(r) => {}
             Err(RecvError::Sys(e)) if closed_send(e) && left_the_job(r) => {}
             Err(e) => return Err(FaultError::Peer(r, e)),
+            Ok((Reply::Refused { reason }, _, _)) => {
+                return Err(FaultError::Protocol(r, reason.what()))
+            }
             Ok(_) => {
                 return Err(FaultError::Protocol(
                     r,

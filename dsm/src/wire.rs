@@ -151,6 +151,33 @@ pub(crate) enum RefusedReason {
     UnknownService,
 }
 
+impl RefusedReason {
+    /// What a refusal of a page request means, and what to do, for the error of the fault it ends (a
+    /// static string: the fault path may not allocate).
+    pub(crate) fn what(self) -> &'static str {
+        match self {
+            RefusedReason::UnknownRegion => {
+                "refused the page request: it has no such region (every rank must allocate the same regions, in the same order)"
+            }
+            RefusedReason::PageOutOfRange => {
+                "refused the page request: the page lies outside the region as it knows it (every rank must allocate the same regions, of the same sizes)"
+            }
+            RefusedReason::NoCopyHere => {
+                "refused the page request: it has no copy of the page, so the ranks disagree about the page's state (a protocol error: please report it)"
+            }
+            RefusedReason::NoArena => {
+                "refused the page request: its shared arena is not reserved yet"
+            }
+            RefusedReason::WrongRank => {
+                "refused the page request: the page is not homed there (ranks of different builds, or of different placements for one region)"
+            }
+            RefusedReason::UnknownService => {
+                "refused the request: no service is registered under its id there"
+            }
+        }
+    }
+}
+
 /// Size of the fixed frame prefix.
 pub(crate) const PREFIX: usize = 6;
 /// Upper bound of an encoded header.
