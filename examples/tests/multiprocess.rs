@@ -124,6 +124,16 @@ fn a_rank_that_exits_before_joining_ends_the_job_at_once_naming_it() {
 }
 
 #[test]
+fn connections_to_the_rendezvous_that_send_nothing_hold_up_no_rank() {
+    // Rank 1 first opens three connections to the rendezvous that send nothing and stay open. Read one
+    // after the other, each for up to 5 s, they held rank 1's line past the ranks' 8 s connect timeout.
+    let idle = r#"for i in 1 2 3; do bash -c 'exec 3<>/dev/tcp/${DSM_RENDEZVOUS%:*}/${DSM_RENDEZVOUS##*:}; sleep 30' & done; sleep 0.3"#;
+    let (o, out) = hello_where_rank1_first(2, idle, &[("DSM_CONNECT_TIMEOUT", "8")]);
+    assert_eq!(o.code, 0, "{out}");
+    assert!(out.contains("of 2 sees"), "{out}");
+}
+
+#[test]
 fn a_rank_that_never_comes_to_the_rendezvous_is_named() {
     // Rank 1 is still busy before it joins when the others give up waiting for it: the launcher names
     // rank 1, not rank 0, whose error (the connect timeout) comes first.

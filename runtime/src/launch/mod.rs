@@ -135,10 +135,6 @@ const CAUSE_GRACE: Duration = Duration::from_secs(2);
 /// it ends those still running (stopped, or hung in their own code: the job went on without them).
 const KEEP_GOING_GRACE: Duration = Duration::from_secs(10);
 
-/// Serves the rendezvous: collects every rank's address, then sends the full table to each. Ends early
-/// once `stop` is set (and a connection wakes it): the job ended before every rank joined. A rank that
-/// exits before it joined (noted in `exits`) can never join: the ranks waiting, and any that come later,
-/// are told so at once, instead of waiting out their connect timeout.
 /// How long a connection to the rendezvous may take to send its line.
 const LINE_WITHIN: Duration = Duration::from_secs(5);
 
@@ -176,6 +172,55 @@ fn read_line_within(
     Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
 }
 
+/// The most connections to the rendezvous whose lines are awaited at once; more are refused.
+const MAX_READING: usize = 64;
+
+/// A connection to the rendezvous, with its first line (or why none came).
+type Arrival = (std::net::TcpStream, SocketAddr, std::io::Result<String>);
+
+/// Accepts connections to the rendezvous and reads their lines side by side, each on a thread of its own
+/// (a connection that sends nothing holds up no other), sending each connection with its line on
+/// `arrivals`. Ends once `stop` is set, at the next connection.
+fn accept_lines(
+    listener: TcpListener,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    arrivals: std::sync::mpsc::Sender<Arrival>,
+) {
+    let reading = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    while let Ok((stream, from)) = listener.accept() {
+        if stop.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        if reading.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= MAX_READING {
+            reading.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            say(&format!(
+                "dsmrun: refused a rendezvous from {from}: {MAX_READING} connections are sending theirs already"
+            ));
+            continue;
+        }
+        let (count, arrivals) = (reading.clone(), arrivals.clone());
+        let read = std::thread::Builder::new()
+            .name("dsmrun-rendezvous-line".into())
+            .spawn(move || {
+                // A rank sends its line at once: a connection that sends nothing, or a byte now and then,
+                // must not be waited for long, nor grow without bound.
+                let line = read_line_within(&stream, LINE_WITHIN, 512);
+                count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                let _ = arrivals.send((stream, from, line));
+            });
+        if read.is_err() {
+            reading.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            say(&format!(
+                "dsmrun: refused a rendezvous from {from}: no thread to read it"
+            ));
+        }
+    }
+}
+
+/// Serves the rendezvous: collects every rank's address, then sends the full table to each. Ends early
+/// once `stop` is set (and a connection wakes it): the job ended before every rank joined. A rank that
+/// exits before it joined (noted in `exits`) can never join: the ranks waiting, and any that come later,
+/// are told so at once, instead of waiting out their connect timeout.
 fn rendezvous(
     listener: TcpListener,
     ranks: usize,
@@ -183,12 +228,25 @@ fn rendezvous(
     stop: Arc<std::sync::atomic::AtomicBool>,
     exits: Exits,
 ) {
+    let (arrived, arrivals) = std::sync::mpsc::channel::<Arrival>();
+    let stop_accepting = stop.clone();
+    let accepting = std::thread::Builder::new()
+        .name("dsmrun-rendezvous-accept".into())
+        .spawn(move || accept_lines(listener, stop_accepting, arrived));
+    if let Err(e) = accepting {
+        // The ranks give up waiting (their connect timeout) and the launcher names them.
+        say(&format!(
+            "dsmrun: the rendezvous could not start ({e}): the ranks cannot join"
+        ));
+        return;
+    }
     let mut conns: Vec<Option<(std::net::TcpStream, SocketAddr)>> =
         (0..ranks).map(|_| None).collect();
     let mut have = 0;
     let mut never: Option<String> = None;
     while have < ranks {
-        let Ok((mut stream, from)) = listener.accept() else {
+        // Ends when the acceptor has stopped and no line is still being read.
+        let Ok((mut stream, from, line)) = arrivals.recv() else {
             return;
         };
         if stop.load(std::sync::atomic::Ordering::Acquire) {
@@ -213,9 +271,7 @@ fn rendezvous(
                 }
             }
         }
-        // A rank sends its line at once: a connection that sends nothing, or a byte now and then, must
-        // not hold the others up for long, nor grow without bound.
-        let Ok(line) = read_line_within(&stream, LINE_WITHIN, 512) else {
+        let Ok(line) = line else {
             say(&format!(
                 "dsmrun: rendezvous from {from}: no line received within {LINE_WITHIN:?}"
             ));
