@@ -1007,14 +1007,19 @@ mod tests {
         }
     }
 
+    /// A first field beginning with `prefix` whose tuples of two fields are homed at rank 1.
+    fn homed_at_rank_1(space: &TupleSpace, prefix: &str) -> String {
+        (0..)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|n| space.home_of(Some(&Value::Str(n.clone())), 2) == Rank(1))
+            .unwrap()
+    }
+
     #[test]
     fn a_completion_whose_next_request_is_refused_leaves_its_leases_held() {
         crate::local::run_local_job(2, 3, |rt| {
             let space = TupleSpace::join(rt).unwrap();
-            let name = (0..)
-                .map(|i| format!("c{i}"))
-                .find(|n| space.home_of(Some(&Value::Str(n.clone())), 2) == Rank(1))
-                .unwrap();
+            let name = homed_at_rank_1(&space, "c");
             let t = crate::template!(name.clone(), ?i64);
             if rt.rank() == Rank(0) {
                 space.out(crate::tuple!(name.clone(), 1i64)).unwrap();
@@ -1042,10 +1047,7 @@ mod tests {
     fn a_second_waiting_request_under_one_ticket_is_refused() {
         crate::local::run_local_job(2, 3, |rt| {
             let space = TupleSpace::join(rt).unwrap();
-            let name = (0..)
-                .map(|i| format!("w{i}"))
-                .find(|n| space.home_of(Some(&Value::Str(n.clone())), 2) == Rank(1))
-                .unwrap();
+            let name = homed_at_rank_1(&space, "w");
             let t = crate::template!(name.clone(), ?i64);
             if rt.rank() == Rank(0) {
                 // Two waiting finds under one ticket (the client never reuses one; a peer of another mind
@@ -1110,10 +1112,7 @@ mod tests {
                 dsm.barrier().unwrap(); // the barrier that ends rank 0's join
             } else {
                 let space = TupleSpace::join(rt).unwrap();
-                let name = (0..)
-                    .map(|i| format!("t{i}"))
-                    .find(|n| space.home_of(Some(&Value::Str(n.clone())), 2) == Rank(1))
-                    .unwrap();
+                let name = homed_at_rank_1(&space, "t");
                 let t = crate::template!(name, ?i64);
                 let results = [
                     space.inp(&t).map(|_| ()),
