@@ -336,3 +336,24 @@ fn output_goes_as_written_without_prefixes_and_long_lines_keep_one_prefix() {
     let want = [b"[0] ".as_slice(), &[b'a'; 300_000], b"\n[0] tail\n"].concat();
     assert!(out.stdout == want, "{} bytes", out.stdout.len());
 }
+
+#[test]
+fn processes_the_ranks_started_end_with_a_launcher_killed_by_sigkill() {
+    // SIGKILL gives the launcher no chance to end the ranks' process groups: the ranks die with it
+    // (their death signal), and its watchdog ends what they started.
+    let words = ["sleep", "987006"];
+    let mut launcher = Command::new(DSMRUN)
+        .args(["-n", "2", "/bin/sh", "-c", "sleep 987006 & wait"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    until_running(&words, 2);
+    assert_eq!(running(&words), 2, "both ranks started their sleep");
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    assert!(
+        gone(&words),
+        "a process a rank started outlived the launcher"
+    );
+}

@@ -1,9 +1,9 @@
 //! Launching a job of local processes, as `dsmrun` does: N ranks with rank, size, rendezvous address and a
 //! fresh secret token in their environment, output lines prefixed with the rank, and when one rank fails,
-//! the others are ended and its status is returned. No process is left behind while the launcher lives, and
-//! ranks end themselves if it dies (`DSM_LAUNCHER_PID`); processes a rank started do not, if it dies of
-//! SIGKILL (a launcher that can, ends their process groups first). The ranks' output is copied by
-//! the `output` module.
+//! the others are ended and its status is returned. No process is left behind: the ranks' process groups
+//! are ended with the job, ranks end themselves if the launcher dies (`DSM_LAUNCHER_PID`), and a
+//! watchdog (`Watchdog`) ends what they started if the launcher dies without ending it (SIGKILL). The ranks'
+//! output is copied by the `output` module.
 
 mod output;
 
@@ -432,6 +432,7 @@ pub fn launch(
     let _rendezvous = EndRendezvous { stop, at };
 
     let mut children: Vec<Child> = Vec::with_capacity(ranks);
+    let mut watchdog = Watchdog::start();
     let mut output = Output::new(opts.prefix, opts.capture.clone());
     for r in 0..ranks {
         let mut cmd = Command::new(program);
@@ -459,6 +460,9 @@ pub fn launch(
         let started = cmd.spawn().and_then(|mut child| {
             let out: Option<Box<dyn Read + Send>> = child.stdout.take().map(|s| Box::new(s) as _);
             let err: Option<Box<dyn Read + Send>> = child.stderr.take().map(|s| Box::new(s) as _);
+            if let Some(w) = &mut watchdog {
+                w.watch(child.id());
+            }
             children.push(child);
             for (stream, to_stderr) in [(out, false), (err, true)] {
                 if let Some(stream) = stream {
@@ -922,6 +926,59 @@ fn is_stopped(child: &Child) -> bool {
 /// Ends every rank still running and whatever the ranks started: SIGTERM to each rank's process group
 /// (and SIGCONT, which a stopped process needs to take it), then, once every rank has exited (at most two
 /// seconds later), SIGKILL to what is left of the groups, and reaps them.
+/// Ends what is left of the ranks' process groups should the launcher die without ending them itself
+/// (SIGKILL, the OOM killer, a signal it does not take): the ranks die with it (`PR_SET_PDEATHSIG`), but
+/// what they started would live on. A shell of its own, in a process group of its own (a terminal's
+/// Ctrl-C does not reach it), reads the groups' ids on a pipe only the launcher can write to; at the
+/// pipe's end without the launcher's `done`, it kills each group. (A group whose every process has gone
+/// could have had its id taken by a new group in the instant between; a group with a process left
+/// cannot.)
+struct Watchdog {
+    shell: Child,
+}
+
+/// The watchdog's script: the groups' ids come one per line, then `done` when the launcher has ended them.
+const WATCHDOG: &str = r#"groups=""
+while read -r line; do
+  case $line in
+    done) exit 0 ;;
+    *[!0-9]*|"") ;;
+    *) groups="$groups $line" ;;
+  esac
+done
+for g in $groups; do kill -s KILL -- "-$g" 2>/dev/null; done
+exit 0"#;
+
+impl Watchdog {
+    /// `None` when no shell can be started: the launch goes on without one.
+    fn start() -> Option<Watchdog> {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", WATCHDOG])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd.spawn().ok().map(|shell| Watchdog { shell })
+    }
+
+    /// Adds the process group `group` (a rank's, which it leads).
+    fn watch(&mut self, group: u32) {
+        if let Some(pipe) = &mut self.shell.stdin {
+            let _ = writeln!(pipe, "{group}");
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    /// The launcher ended the groups itself: the watchdog leaves them be, and is reaped.
+    fn drop(&mut self) {
+        if let Some(mut pipe) = self.shell.stdin.take() {
+            let _ = writeln!(pipe, "done");
+        }
+        let _ = self.shell.wait();
+    }
+}
+
 fn end_all(children: &mut [Child]) {
     // Each rank leads its own process group: signal the group, so that what the rank started ends too.
     let group = |c: &Child| Pid::from_raw(-(c.id() as i32));
