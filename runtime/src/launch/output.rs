@@ -6,6 +6,7 @@
 //! as it would writing to the failed file itself) and is reported in the job's outcome; and the launcher
 //! waits for a reader that is slow, however slow.
 
+use super::lock;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -48,10 +49,6 @@ fn writing_lock(to_stderr: bool) -> &'static Mutex<()> {
     } else {
         &STDOUT
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Writes `bytes` to the launcher's standard output or error, whole, under the stream's lock.
@@ -177,7 +174,7 @@ impl Output {
             } else {
                 Unwritten {
                     what: format!(
-                        "writing rank {}'s standard {stream} failed ({}); the rest of it is lost",
+                        "writing rank {}'s standard {stream} failed ({}); the rest of it is lost (see where the launcher's standard {stream} goes: a full disk, a device that refuses writes)",
                         f.rank, f.error
                     ),
                     code: 1,
@@ -196,8 +193,8 @@ impl Output {
     }
 }
 
-/// The status of a writer killed by SIGPIPE (128 + 13), which a job whose reader closed its end returns.
-const SIGPIPE_STATUS: i32 = 141;
+/// The status of a writer killed by SIGPIPE, which a job whose reader closed its end returns.
+const SIGPIPE_STATUS: i32 = 128 + nix::sys::signal::Signal::SIGPIPE as i32;
 
 /// Output of the ranks that was not written.
 #[derive(Debug)]
