@@ -71,10 +71,11 @@ pub(crate) struct Shared {
     pub(crate) control: Mutex<Vec<Conn>>,
     /// How long a rank may go unheard before it is taken for failed (`DsmBuilder::peer_timeout`).
     pub(crate) peer_timeout: Option<Duration>,
-    /// Ranks whose process is gone as far as this rank can tell: they closed (or reset) their connection
-    /// to this rank's service loop. A rank never closes its connections before it leaves the job, so this,
-    /// unlike `failed` (set on any broken connection, protocol errors included), means its memory went with
-    /// it: no copy of a page survives there to be kept coherent.
+    /// Ranks whose process is gone as far as this rank can tell: they closed (or reset) their service
+    /// loop's connection to this rank's (`Incoming::control`). A rank never ends that one before it leaves
+    /// the job (it cuts off its channels' connections to a rank it takes for failed, and lives on), so
+    /// this, unlike `failed` (set on any broken connection, protocol errors included), means its memory
+    /// went with it: no copy of a page survives there to be kept coherent.
     pub(crate) gone: Vec<AtomicBool>,
     pub(crate) policy: FailurePolicy,
     /// Set when an operation of this rank returned `PeerFailed` (`Shared::peer_failed_error`): a rank that

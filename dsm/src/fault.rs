@@ -1031,13 +1031,14 @@ fn run_grant(
             .map_err(|e| FaultError::Send(owner, e))?;
     }
     // A copy holder whose end of this channel's connection is closed (the connection was closed or reset
-    // by it) is gone, and its copy with it, once this rank's service loop has seen its connections end
-    // too (a rank closes them all when it leaves the job). Nothing more is asked of it. One taken for
-    // failed without that (unheard for the peer timeout, or a frame refused: this rank shut its
-    // connections to it itself, so sends to it fail the same way) may live on with its copy, as may one
-    // that only shut this connection, having taken this rank for failed (under `FailurePolicy::Report`):
-    // its copy cannot be dropped, and this fault ends with an error, as for any other error, rather than
-    // leave a stale copy readable (the home's `forget_readers` prunes on `gone` alone for the same reason).
+    // by it) is gone, and its copy with it, once this rank's service loop has seen its service-loop
+    // connection end too (`Shared::gone`: a rank ends that one only by leaving the job). Nothing more is
+    // asked of it. One taken for failed without that (unheard for the peer timeout, or a frame refused:
+    // this rank shut its connections to it itself, so sends to it fail the same way) may live on with
+    // its copy, as may one that only cut its channels' connections, having taken this rank for failed
+    // (under `FailurePolicy::Report`): its copy cannot be dropped, and this fault ends with an error, as
+    // for any other error, rather than leave a stale copy readable (the home's `forget_readers` prunes
+    // on `gone` alone for the same reason).
     let closed_send = |e: Errno| matches!(e, Errno::EPIPE | Errno::ECONNRESET);
     let left_the_job = |r: Rank| {
         let known = || shared.gone[r.index()].load(Ordering::Acquire);

@@ -26,7 +26,7 @@
 //! from another rank after a quiet spell.
 
 use dsm::transport::memory::{self, Doorbell, Shut};
-use dsm::transport::{Conn, Host, Mesh, Polled, ServiceLoop, Transport};
+use dsm::transport::{Conn, Host, Incoming, Mesh, Polled, ServiceLoop, Transport};
 use dsm::{DsmError, Rank};
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::topology::{Communicator, SimpleCommunicator};
@@ -151,7 +151,7 @@ impl Transport for MpiTransport {
                 if r == me.index() {
                     // Requests to this rank itself never leave the process.
                     out.push(Conn::from(app));
-                    incoming.push((me, Conn::from(other)));
+                    incoming.push(Incoming::new(me, c, channels, Conn::from(other)));
                     continue;
                 }
                 if c == channels - 1 {
@@ -167,7 +167,7 @@ impl Transport for MpiTransport {
                 let (app, other) = pair();
                 // The service loop's replies, written on the bridge thread.
                 app.never_wait_to_send();
-                incoming.push((Rank(r as u32), Conn::from(app)));
+                incoming.push(Incoming::new(Rank(r as u32), c, channels, Conn::from(app)));
                 route.insert((r as i32, tag(c, false)), links.len());
                 links.push(Link::new(r as i32, tag(c, true), tag(c, false), other));
             }

@@ -5,9 +5,12 @@
 //! queued, and the reply goes out when it can. That is what keeps the protocol free of distributed deadlock.
 //!
 //! It detects failures: a connection that closes without a `Goodbye`, or that carries a malformed frame,
-//! means its rank is gone, and so does a rank not heard from for the peer timeout (`Liveness`: each
+//! means its rank has failed, and so does a rank not heard from for the peer timeout (`Liveness`: each
 //! service loop sends the others heartbeats); waiting barriers are failed and, under
-//! `FailurePolicy::Exit`, the rank ends with an error naming the failed rank.
+//! `FailurePolicy::Exit`, the rank ends with an error naming the failed rank. Failed is not gone: only
+//! the end of a rank's service-loop connection (`Incoming::control`), which a rank never ends while it
+//! lives, says that it has left the job with its copies of pages (`Shared::gone`). A rank that took this
+//! one for failed cuts off its other connections and lives on, copies and all.
 //!
 //! This file holds the loop itself (connections, dispatch, failures); `pages` the pages homed here and
 //! this rank's copies; `sync` the lock and barrier servers.
@@ -21,7 +24,7 @@ use crate::protocol::swmr::{self, Access};
 use crate::region::{Consistency, RegionShared};
 use crate::stats::Counters;
 use crate::transport::memory::{Doorbell, Shut};
-use crate::transport::{Conn, Readiness};
+use crate::transport::{Conn, Incoming, Readiness};
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::ZERO_PAGE;
 use crate::wire::{self, RefusedReason, Reply, Request, MAX_HEADER};
@@ -55,6 +58,14 @@ struct Served {
     filled: usize,
     open: bool,
     goodbye: bool,
+    /// The peer's service-loop connection ([`Incoming::control`](crate::transport::Incoming)): its end
+    /// says that the peer has left the job.
+    control: bool,
+    /// The connection reached its end (or an error): nothing more will come on it.
+    ended: bool,
+    /// Closed, and still read for its end alone (what arrives is dropped): the service-loop connection of
+    /// a peer failed here, which may live on, and whose end says when it has left.
+    watched: bool,
 }
 
 /// When this rank last sent every other rank its heartbeat, and (with a peer timeout:
@@ -164,7 +175,7 @@ pub(crate) struct Engine {
 impl Engine {
     /// The service loop of the rank `shared` describes, serving `incoming`. Run by a transport's thread
     /// (`ServiceLoop`) when `shared.hosted` holds the loop's doorbell, else by [`Engine::run`].
-    pub(crate) fn new(shared: Arc<Shared>, incoming: Vec<(Rank, Conn)>) -> crate::Result<Engine> {
+    pub(crate) fn new(shared: Arc<Shared>, incoming: Vec<Incoming>) -> crate::Result<Engine> {
         let (epoll, doorbell) = match &shared.hosted {
             Some(bell) => (None, bell.clone()),
             None => {
@@ -190,8 +201,8 @@ impl Engine {
         if let Some(t) = shared.peer_timeout {
             // A reply to a rank that stopped reading (a stopped process: its socket buffer fills up) fails
             // after half a timeout instead of holding this loop, and with it this rank's heartbeats, for ever.
-            for (_, conn) in &incoming {
-                send_timeout(conn, t / 2)?;
+            for i in &incoming {
+                send_timeout(&i.conn, t / 2)?;
             }
         }
         // The loop's own messages (heartbeats go out with or without a timeout) are tiny: a rank that has
@@ -206,7 +217,15 @@ impl Engine {
         }
         let mut conns = Vec::with_capacity(incoming.len());
         let mut memory = Vec::new();
-        for (i, (peer, link)) in incoming.into_iter().enumerate() {
+        for (
+            i,
+            Incoming {
+                from,
+                control,
+                conn: link,
+            },
+        ) in incoming.into_iter().enumerate()
+        {
             match (link.socket(), link.memory()) {
                 (Some(fd), _) => match &epoll {
                     Some(epoll) => epoll
@@ -224,11 +243,14 @@ impl Engine {
             }
             conns.push(Served {
                 link: Arc::new(link),
-                peer,
+                peer: from,
                 buf: vec![0; 4 + 2 + MAX_HEADER],
                 filled: 0,
                 open: true,
                 goodbye: false,
+                control,
+                ended: false,
+                watched: false,
             });
         }
         Ok(Engine {
@@ -391,6 +413,9 @@ impl Engine {
         loop {
             let conn = &mut self.conns[idx];
             if !conn.open {
+                if conn.watched {
+                    self.watch_end(idx);
+                }
                 return;
             }
             let filled = conn.filled;
@@ -402,7 +427,7 @@ impl Engine {
             }
             match conn.link.recv(&mut conn.buf[filled..], false) {
                 Ok(Some(0)) => {
-                    self.shared.gone[conn.peer.index()].store(true, Ordering::Release);
+                    self.reached_end(idx, true);
                     self.close(idx, "connection closed");
                     return;
                 }
@@ -418,13 +443,42 @@ impl Engine {
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    if e == Errno::ECONNRESET {
-                        self.shared.gone[conn.peer.index()].store(true, Ordering::Release);
-                    }
+                    self.reached_end(idx, e == Errno::ECONNRESET);
                     self.close(idx, &format!("receive failed: {e}"));
                     return;
                 }
             }
+        }
+    }
+
+    /// Connection `idx` reached its end: closed by its peer (`closed`: the end of its stream, or a reset),
+    /// or failed. The end of a service-loop connection is the peer's leaving the job.
+    fn reached_end(&mut self, idx: usize, closed: bool) {
+        let conn = &mut self.conns[idx];
+        conn.ended = true;
+        if closed && conn.control {
+            self.shared.gone[conn.peer.index()].store(true, Ordering::Release);
+        }
+    }
+
+    /// Reads the watched connection `idx` (`Served::watched`) until it would wait, dropping what came,
+    /// and stops watching it at its end.
+    fn watch_end(&mut self, idx: usize) {
+        loop {
+            let conn = &mut self.conns[idx];
+            let result = conn.link.recv(&mut conn.buf, false);
+            match result {
+                Ok(Some(0)) | Err(Errno::ECONNRESET) => self.reached_end(idx, true),
+                Ok(Some(_)) => continue,
+                Ok(None) => return,
+                Err(_) => self.reached_end(idx, false),
+            }
+            let conn = &mut self.conns[idx];
+            conn.watched = false;
+            if let (Some(fd), Some(epoll)) = (conn.link.socket(), &self.epoll) {
+                let _ = epoll.delete(fd);
+            }
+            return;
         }
     }
 
@@ -465,16 +519,22 @@ impl Engine {
     }
 
     fn close(&mut self, idx: usize, reason: &str) {
+        let leaving = self.shared.stop.load(Ordering::Acquire);
+        let me = self.shared.me;
         let conn = &mut self.conns[idx];
         if !conn.open {
             return;
         }
         conn.open = false;
-        if let (Some(fd), Some(epoll)) = (conn.link.socket(), &self.epoll) {
+        let peer = conn.peer;
+        let expected = conn.goodbye || leaving || peer == me;
+        // A failed peer's service-loop connection is still read, for its end: whether the peer has left
+        // the job or lives on decides what becomes of its copies of pages.
+        conn.watched = conn.control && !conn.ended && !expected;
+        if let (false, Some(fd), Some(epoll)) = (conn.watched, conn.link.socket(), &self.epoll) {
             let _ = epoll.delete(fd);
         }
-        let peer = conn.peer;
-        if conn.goodbye || self.shared.stop.load(Ordering::Acquire) || peer == self.shared.me {
+        if expected {
             return;
         }
         // The connection is shut for writing, not just left unread: a peer that lives on (one whose
@@ -1012,7 +1072,8 @@ mod tests {
         (dsm, f.fake, f.other, f.control)
     }
 
-    /// One rank played by the test: its two connections to rank 0's service loop, and its end of the loop's
+    /// One rank played by the test: its two connections to rank 0's service loop (a channel's, and its
+    /// service loop's own, whose end says that it has left the job), and its end of rank 0's service loop's
     /// own connection to it.
     struct FakeRank {
         fake: UnixStream,
@@ -1039,14 +1100,26 @@ mod tests {
                 row.push(socket(to_fake));
             }
             outgoing.push(row);
-            incoming.push((Rank(0), socket(self_in)));
+            incoming.push(Incoming {
+                from: Rank(0),
+                control: set == 2,
+                conn: socket(self_in),
+            });
         }
         let mut fakes = Vec::new();
         for (r, control) in (1..size as u32).zip(controls) {
             let (fake, from_fake) = UnixStream::pair().unwrap();
-            incoming.push((Rank(r), socket(from_fake)));
+            incoming.push(Incoming {
+                from: Rank(r),
+                control: false,
+                conn: socket(from_fake),
+            });
             let (other, from_fake) = UnixStream::pair().unwrap();
-            incoming.push((Rank(r), socket(from_fake)));
+            incoming.push(Incoming {
+                from: Rank(r),
+                control: true,
+                conn: socket(from_fake),
+            });
             fakes.push(FakeRank {
                 fake,
                 other,
@@ -1973,6 +2046,63 @@ mod tests {
         fakes[0].fake.shutdown(std::net::Shutdown::Read).unwrap();
         fake_faults(&fakes[0].fake, shared, Access::Write);
         home_kept_it(&dsm, &region, before);
+    }
+
+    /// The fake rank `writer` asks rank 0 for write access to page 0 of `shared`, which rank 0 holds: the
+    /// ranks whose copies it must invalidate (none: the home completes the write itself).
+    fn copies_a_writer_invalidates(writer: &UnixStream, shared: &RegionShared) -> swmr::CopySet {
+        fake_faults(writer, shared, Access::Write);
+        match fake_reads(writer) {
+            (Reply::Granted { grant }, _) => grant.invalidate,
+            (Reply::Done { .. }, _) => swmr::CopySet::EMPTY,
+            (reply, _) => panic!("the write was answered with {reply:?}"),
+        }
+    }
+
+    #[test]
+    fn a_rank_that_cuts_this_one_off_lives_on_with_its_copies() {
+        let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
+        let region = home_page(&dsm, &fakes);
+        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        fake_reads_the_home_page(&fakes[0].fake, shared);
+        // Rank 1 takes rank 0 for failed (its silence, say) and cuts it off, as `Channels::cut_off`
+        // does: its channels' connections end both ways. Its service loop's own stays: it lives on.
+        fakes[0].fake.shutdown(std::net::Shutdown::Both).unwrap();
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+        // Its copy is still there, and a writer must have it invalidated (which fails while rank 1 is cut
+        // off) rather than leave it readable and stale.
+        let invalidate = copies_a_writer_invalidates(&fakes[1].fake, shared);
+        assert!(
+            invalidate.contains(Rank(1)),
+            "the home forgot the copy of a rank that lives on: {invalidate:?}"
+        );
+    }
+
+    #[test]
+    fn a_failed_rank_whose_service_loop_connection_ends_has_left_with_its_copies() {
+        let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
+        let region = home_page(&dsm, &fakes);
+        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        fake_reads_the_home_page(&fakes[0].fake, shared);
+        // Rank 1 dies, and rank 0 sees its channel's connection end first: it is failed, and its service
+        // loop's connection, ending later, still says that it has left the job.
+        let mut fakes = fakes.into_iter();
+        let (rank1, writer) = (fakes.next().unwrap(), fakes.next().unwrap());
+        drop(rank1.fake);
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+        std::thread::sleep(Duration::from_millis(100));
+        drop(rank1.other);
+        let gone = &shared.shared.gone[1];
+        let t = Instant::now();
+        while !gone.load(Ordering::Acquire) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Its copy went with it: a writer has nothing of it to invalidate.
+        let invalidate = copies_a_writer_invalidates(&writer.fake, shared);
+        assert!(
+            !invalidate.contains(Rank(1)),
+            "the home keeps the copy of a rank that has left: {invalidate:?}"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! process per rank (each rank maps the same addresses), so this backend serves fast tests of messaging,
 //! locks and barriers.
 
-use super::{channels_in, connections, memory, Conn, Host, Mesh, Polled, Transport};
+use super::{channels_in, connections, memory, Conn, Host, Incoming, Mesh, Polled, Transport};
 use crate::error::{DsmError, Result};
 use crate::types::Rank;
 use std::os::fd::OwnedFd;
@@ -78,7 +78,9 @@ pub fn local_cluster_with(
                     }
                 }
                 meshes[from].outgoing[ch].push(a);
-                meshes[to].incoming.push((Rank(from as u32), b));
+                meshes[to]
+                    .incoming
+                    .push(Incoming::new(Rank(from as u32), ch, sets, b));
             }
         }
     }
@@ -269,4 +271,24 @@ fn fail(why: &str) -> ! {
     // was seen to hang the test process instead of ending it.
     // SAFETY: `_exit` ends the process; it touches no memory of this program.
     unsafe { libc::_exit(101) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_rank_s_service_loop_connection_is_marked_as_such_at_the_other_end() {
+        for links in [Links::Sockets, Links::Memory] {
+            let (size, channels) = (3, 2);
+            let sets = connections(channels);
+            let meshes: Vec<Mesh> = local_cluster_with(links, size, channels)
+                .unwrap()
+                .into_iter()
+                .enumerate()
+                .map(|(me, t)| Box::new(t).establish(Rank(me as u32), size, sets).unwrap())
+                .collect();
+            super::super::assert_service_loop_connections_marked(&meshes, sets);
+        }
+    }
 }

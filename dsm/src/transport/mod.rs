@@ -28,12 +28,37 @@ pub struct Mesh {
     /// `outgoing[set][rank]`: requests from this rank to `rank`'s service loop; a set per channel, and the
     /// service loop's own last.
     pub outgoing: Vec<Vec<Conn>>,
-    /// Connections from other ranks' channels to this rank's service loop, with the rank at the other end.
-    pub incoming: Vec<(Rank, Conn)>,
+    /// Connections from every rank's sets (this rank's own included) to this rank's service loop.
+    pub incoming: Vec<Incoming>,
     /// A thread of the transport that runs this rank's service loop itself, in place of a thread of its
     /// own (`None`: the loop has its own thread). A transport whose thread carries the connections' bytes
     /// over another medium saves each request a wake-up and a hop that way.
     pub host: Option<Host>,
+}
+
+/// A connection from a rank to this rank's service loop.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The rank at the other end.
+    pub from: Rank,
+    /// Whether it is `from`'s service loop's own connection (the last set: [`connections`]). A rank
+    /// never ends that one while it lives, so its end, and its end alone, says that `from` has left the
+    /// job and taken its copies of pages with it. The others end too when `from` only takes this rank
+    /// for failed and cuts it off, living on with its copies.
+    pub control: bool,
+    /// The connection: requests from `from` come in on it, and replies go back on it.
+    pub conn: Conn,
+}
+
+impl Incoming {
+    /// The connection from `from`'s set `set` of `sets` (its channels' and its service loop's, last).
+    pub fn new(from: Rank, set: usize, sets: usize, conn: Conn) -> Incoming {
+        Incoming {
+            from,
+            control: set + 1 == sets,
+            conn,
+        }
+    }
 }
 
 /// A transport's offer to run the service loop ([`Mesh::host`]). The loop then serves in-memory
@@ -83,7 +108,7 @@ pub trait Transport: Send + std::fmt::Debug {
 }
 
 /// Bumped whenever the wire format or the protocol changes: ranks of different builds refuse each other.
-pub(crate) const PROTOCOL_VERSION: u32 = 11;
+pub(crate) const PROTOCOL_VERSION: u32 = 12;
 
 /// The connections a rank of `channels` channels opens to every rank: one per channel, and one more for
 /// its service loop's own messages (heartbeats, failure reports, `Goodbye`), which it can send whatever
@@ -96,4 +121,26 @@ pub(crate) fn connections(channels: usize) -> usize {
 /// [`connections`], for messages that speak in the user's terms).
 pub(crate) fn channels_in(connections: usize) -> usize {
     connections.saturating_sub(1)
+}
+
+/// Checks that every rank of `meshes` (a job's, of `sets` connection sets) marks one connection from each
+/// rank as its service loop's own, and that it is the other end of that rank's last set.
+#[cfg(test)]
+pub(crate) fn assert_service_loop_connections_marked(meshes: &[Mesh], sets: usize) {
+    for (me, mesh) in meshes.iter().enumerate() {
+        for (from, theirs) in meshes.iter().enumerate() {
+            let control: Vec<&Incoming> = mesh
+                .incoming
+                .iter()
+                .filter(|i| i.control && i.from == Rank(from as u32))
+                .collect();
+            assert_eq!(control.len(), 1, "rank {me}, from rank {from}");
+            let byte = [from as u8 + 1];
+            let mut bufs = [std::io::IoSlice::new(&byte)];
+            theirs.outgoing[sets - 1][me].write_all(&mut bufs).unwrap();
+            let mut got = [0u8; 1];
+            assert_eq!(control[0].conn.recv(&mut got, true).unwrap(), Some(1));
+            assert_eq!(got, byte, "rank {me}, from rank {from}");
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! proves knowledge of the job's secret token; a wrong token, protocol version or rank is refused and logged.
 //! Listeners bind to 127.0.0.1 unless the launcher is told otherwise (`DSM_BIND`).
 
-use super::{channels_in, Conn, Mesh, Transport, PROTOCOL_VERSION};
+use super::{channels_in, Conn, Incoming, Mesh, Transport, PROTOCOL_VERSION};
 use crate::error::{DsmError, Result};
 use crate::types::Rank;
 use nix::poll::{ppoll, PollFd, PollFlags};
@@ -46,18 +46,22 @@ impl TcpTransport {
 
 const MAGIC: &[u8; 4] = b"DSM\x01";
 /// A handshake: magic, protocol version, job token, rank, connections per rank (its channels and one
-/// more: `transport::connections`). The first 40 bytes (magic, version and
-/// token) keep this layout in every version, so that a rank of another build is still known for one of
-/// the job's (its token is right) and told why it is refused, instead of being taken for a stranger.
-const HELLO_LEN: usize = 4 + 4 + 32 + 4 + 4;
+/// more: `transport::connections`), and which of them this one is (its set: the service loop's own is
+/// the last). The first 40 bytes (magic, version and token: the preamble) keep this layout in every
+/// version, and are read and checked before the rest, so that a rank of another build, whose handshake
+/// may be of another length, is still known for one of the job's (its token is right) and told why it is
+/// refused, instead of being taken for a stranger.
+const HELLO_LEN: usize = PREAMBLE_LEN + 4 + 4 + 4;
+const PREAMBLE_LEN: usize = 4 + 4 + 32;
 
-fn hello(me: Rank, channels: usize, token: &Token) -> [u8; HELLO_LEN] {
+fn hello(me: Rank, channels: usize, set: usize, token: &Token) -> [u8; HELLO_LEN] {
     let mut h = [0u8; HELLO_LEN];
     h[..4].copy_from_slice(MAGIC);
     h[4..8].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     h[8..40].copy_from_slice(token);
     h[40..44].copy_from_slice(&me.0.to_le_bytes());
     h[44..48].copy_from_slice(&(channels as u32).to_le_bytes());
+    h[48..52].copy_from_slice(&(set as u32).to_le_bytes());
     h
 }
 
@@ -76,27 +80,39 @@ enum Refusal {
     Member(String),
 }
 
-/// Checks a handshake from a rank that means to join a job of `size` ranks with `channels` connections to
-/// each rank (its channels and one more); returns the peer's rank or why it is refused.
-fn check_hello(
-    h: &[u8; HELLO_LEN],
-    token: &Token,
-    size: usize,
-    channels: usize,
-) -> std::result::Result<Rank, Refusal> {
-    let word = |at: usize| u32::from_le_bytes(h[at..at + 4].try_into().expect("4 bytes"));
+fn word(h: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(h[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// Checks a handshake's preamble (its first [`PREAMBLE_LEN`] bytes): a connection of this job (magic and
+/// token), of this build (protocol version).
+fn check_preamble(h: &[u8], token: &Token) -> std::result::Result<(), Refusal> {
     if &h[..4] != MAGIC {
         return Err(Refusal::Stranger("not a dsm connection (bad magic)".into()));
     }
     if !same_token(&h[8..40], token) {
         return Err(Refusal::Stranger("wrong job token".into()));
     }
-    let (version, rank, theirs) = (word(4), word(40), word(44));
+    let version = word(h, 4);
     if version != PROTOCOL_VERSION {
         return Err(Refusal::Member(format!(
-            "rank {rank} speaks protocol version {version}, this rank {PROTOCOL_VERSION}: every rank must run the same build"
+            "a rank speaks protocol version {version}, this rank {PROTOCOL_VERSION}: every rank must run the same build"
         )));
     }
+    Ok(())
+}
+
+/// Checks a handshake from a rank that means to join a job of `size` ranks with `channels` connections to
+/// each rank (its channels and one more); returns the peer's rank and the connection's set, or why it is
+/// refused.
+fn check_hello(
+    h: &[u8; HELLO_LEN],
+    token: &Token,
+    size: usize,
+    channels: usize,
+) -> std::result::Result<(Rank, usize), Refusal> {
+    check_preamble(h, token)?;
+    let (rank, theirs, set) = (word(h, 40), word(h, 44), word(h, 48));
     if rank as usize >= size {
         return Err(Refusal::Member(format!(
             "rank {rank} is outside a job of {size}"
@@ -109,7 +125,12 @@ fn check_hello(
             channels_in(channels)
         )));
     }
-    Ok(Rank(rank))
+    if set >= theirs {
+        return Err(Refusal::Member(format!(
+            "rank {rank} opened connection {set} of {theirs}"
+        )));
+    }
+    Ok((Rank(rank), set as usize))
 }
 
 const ACK_OK: u8 = 0;
@@ -212,7 +233,10 @@ impl Setup {
     }
 }
 
-fn accept_all(listener: TcpListener, setup: Setup) -> Result<Vec<(Rank, OwnedFd)>> {
+/// A connection accepted from `from`'s set `set`.
+type Accepted = (Rank, usize, OwnedFd);
+
+fn accept_all(listener: TcpListener, setup: Setup) -> Result<Vec<Accepted>> {
     let result = accept_each(&listener, &setup);
     if result.is_err() {
         // Before the listener closes: the connections this rank's own connecting side has under way
@@ -223,7 +247,7 @@ fn accept_all(listener: TcpListener, setup: Setup) -> Result<Vec<(Rank, OwnedFd)
     result
 }
 
-fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<(Rank, OwnedFd)>> {
+fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<Accepted>> {
     let Setup {
         me,
         size,
@@ -237,24 +261,36 @@ fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<(Rank, Owned
         .set_nonblocking(true)
         .map_err(|e| DsmError::io("listener set_nonblocking", e))?;
     let mut accepted = Vec::with_capacity(expected);
+    let mut arrived = std::collections::HashSet::with_capacity(expected);
     while accepted.len() < expected {
         match listener.accept() {
             Ok((mut stream, addr)) => {
                 let _ = stream.set_nonblocking(false);
                 let mut h = [0u8; HELLO_LEN];
                 let until = (Instant::now() + HELLO_TIME).min(deadline);
-                let verdict = match read_by(&mut stream, &mut h, until, &|| setup.stopping()) {
-                    Ok(()) => check_hello(&h, token, size, channels),
-                    Err(e) => Err(Refusal::Stranger(format!("handshake not received: {e}"))),
+                let mut read = |part: &mut [u8]| {
+                    read_by(&mut stream, part, until, &|| setup.stopping())
+                        .map_err(|e| Refusal::Stranger(format!("handshake not received: {e}")))
                 };
+                // The preamble first: a rank of another build may send a handshake of another length.
+                let verdict = read(&mut h[..PREAMBLE_LEN])
+                    .and_then(|()| check_preamble(&h, token))
+                    .and_then(|()| read(&mut h[PREAMBLE_LEN..]))
+                    .and_then(|()| check_hello(&h, token, size, channels))
+                    .and_then(|(rank, set)| match arrived.insert((rank, set)) {
+                        true => Ok((rank, set)),
+                        false => Err(Refusal::Member(format!(
+                            "rank {rank} opened its connection {set} twice"
+                        ))),
+                    });
                 match verdict {
-                    Ok(rank) => {
+                    Ok((rank, set)) => {
                         stream
                             .write_all(&[ACK_OK])
                             .map_err(|e| DsmError::io(format!("handshake reply to {rank}"), e))?;
                         let _ = stream.set_read_timeout(None);
                         let _ = stream.set_nodelay(true);
-                        accepted.push((rank, OwnedFd::from(stream)));
+                        accepted.push((rank, set, OwnedFd::from(stream)));
                     }
                     Err(Refusal::Stranger(reason)) => {
                         tracing::warn!("{me}: refused a connection from {addr}: {reason}");
@@ -298,7 +334,8 @@ fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<(Rank, Owned
     Ok(accepted)
 }
 
-fn connect(setup: &Setup, to: Rank, addr: SocketAddr) -> Result<OwnedFd> {
+/// Opens this rank's connection of set `set` to rank `to`.
+fn connect(setup: &Setup, to: Rank, set: usize, addr: SocketAddr) -> Result<OwnedFd> {
     let me = setup.me;
     let mut stream = loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
@@ -328,7 +365,7 @@ fn connect(setup: &Setup, to: Rank, addr: SocketAddr) -> Result<OwnedFd> {
         .set_nodelay(true)
         .map_err(|e| DsmError::io("TCP_NODELAY", e))?;
     stream
-        .write_all(&hello(me, setup.channels, &setup.token))
+        .write_all(&hello(me, setup.channels, set, &setup.token))
         .map_err(|e| DsmError::io(format!("handshake to {to} at {addr}"), e))?;
     // Until the job's deadline: the other rank's accepting may be held up by a slow stranger's handshake.
     let mut ack = [0u8; 1];
@@ -377,10 +414,10 @@ impl Transport for TcpTransport {
             .map_err(|e| DsmError::io("spawning the accept thread", e))?;
         let mut outgoing = Vec::with_capacity(channels);
         let mut failure = None;
-        'outer: for _ in 0..channels {
+        'outer: for set in 0..channels {
             let mut row = Vec::with_capacity(size);
             for (r, addr) in peers.iter().enumerate() {
-                match connect(&setup, Rank(r as u32), *addr) {
+                match connect(&setup, Rank(r as u32), set, *addr) {
                     Ok(fd) => row.push(Conn::from(fd)),
                     Err(e) => {
                         setup.failed(CONNECTING);
@@ -400,7 +437,7 @@ impl Transport for TcpTransport {
                 outgoing,
                 incoming: incoming
                     .into_iter()
-                    .map(|(r, fd)| (r, Conn::from(fd)))
+                    .map(|(r, set, fd)| Incoming::new(r, set, channels, Conn::from(fd)))
                     .collect(),
                 host: None,
             }),
@@ -419,12 +456,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn handshake_checks_magic_token_version_rank_and_channels() {
+    fn handshake_checks_magic_token_version_rank_channels_and_set() {
         let token = [7u8; 32];
-        let good = hello(Rank(1), 4, &token);
-        assert_eq!(check_hello(&good, &token, 2, 4), Ok(Rank(1)));
+        let good = hello(Rank(1), 4, 3, &token);
+        assert_eq!(check_hello(&good, &token, 2, 4), Ok((Rank(1), 3)));
         let stranger = |r| matches!(r, Err(Refusal::Stranger(why)) if why.contains("token") || why.contains("magic"));
-        let member = |r: std::result::Result<Rank, Refusal>, what: &str| matches!(&r, Err(Refusal::Member(why)) if why.contains(what));
+        let member = |r: std::result::Result<(Rank, usize), Refusal>, what: &str| matches!(&r, Err(Refusal::Member(why)) if why.contains(what));
         assert!(stranger(check_hello(&good, &[8u8; 32], 2, 4)));
         let mut bad = good;
         bad[0] = b'X';
@@ -436,6 +473,10 @@ mod tests {
         assert!(member(
             check_hello(&good, &token, 2, 3),
             "rank 1 has 3 channels, this rank 2: give every rank the same DSM_CHANNELS"
+        ));
+        assert!(member(
+            check_hello(&hello(Rank(1), 4, 4, &token), &token, 2, 4),
+            "rank 1 opened connection 4 of 4"
         ));
         let mut old = good;
         old[4] = 99;
@@ -473,6 +514,64 @@ mod tests {
             .collect();
         let ended = ranks.into_iter().map(|r| r.join().unwrap()).collect();
         (ended, started.elapsed())
+    }
+
+    #[test]
+    fn each_rank_s_service_loop_connection_is_marked_as_such_at_the_other_end() {
+        let sets = 3;
+        let meshes: Vec<Mesh> = establish_all(&[sets, sets])
+            .0
+            .into_iter()
+            .map(|m| m.unwrap())
+            .collect();
+        super::super::assert_service_loop_connections_marked(&meshes, sets);
+    }
+
+    #[test]
+    fn a_rank_of_another_build_with_a_shorter_handshake_is_told_why_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = [4u8; 32];
+        // A build whose handshake is shorter than this one's (the preamble, then 4 bytes): it waits for
+        // the answer, which must come without the bytes this build would read after the preamble.
+        let mut old = hello(Rank(0), 2, 0, &token)[..PREAMBLE_LEN + 4].to_vec();
+        old[4..8].copy_from_slice(&(PROTOCOL_VERSION - 1).to_le_bytes());
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(&old).unwrap();
+        let t = Box::new(TcpTransport::new(
+            listener,
+            vec![addr],
+            token,
+            Duration::from_secs(20),
+        ));
+        let started = Instant::now();
+        let e = t.establish(Rank(0), 1, 2).unwrap_err().to_string();
+        assert!(e.contains("every rank must run the same build"), "{e}");
+        assert!(started.elapsed() < HELLO_TIME, "{:?}", started.elapsed());
+        let mut ack = [0u8; 1];
+        s.read_exact(&mut ack).unwrap();
+        assert_eq!(ack[0], ACK_REFUSED);
+        let reason = read_reason(&mut s);
+        assert!(reason.contains("protocol version"), "{reason}");
+    }
+
+    #[test]
+    fn a_connection_opened_twice_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = [6u8; 32];
+        // Rank 0 of a job of one opens its sets 0 and 1 to itself; a third connection, first in the
+        // backlog, says it is set 0 as well.
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(&hello(Rank(0), 2, 0, &token)).unwrap();
+        let t = Box::new(TcpTransport::new(
+            listener,
+            vec![addr],
+            token,
+            Duration::from_secs(20),
+        ));
+        let e = t.establish(Rank(0), 1, 2).unwrap_err().to_string();
+        assert!(e.contains("rank 0 opened its connection 0 twice"), "{e}");
     }
 
     #[test]
@@ -542,7 +641,7 @@ mod tests {
         // would take 24 s, and each read alone stays well within any per-read timeout.
         let mut s = TcpStream::connect(addr).unwrap();
         let stranger = std::thread::spawn(move || {
-            for b in hello(Rank(0), 2, &[2u8; 32]) {
+            for b in hello(Rank(0), 2, 0, &[2u8; 32]) {
                 if s.write_all(&[b]).is_err() {
                     return;
                 }
@@ -575,7 +674,7 @@ mod tests {
         // An intruder with the wrong token connects first (the backlog is FIFO); it must be refused and not
         // counted among the mesh's connections.
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(&hello(Rank(0), 2, &[2u8; 32])).unwrap();
+        s.write_all(&hello(Rank(0), 2, 0, &[2u8; 32])).unwrap();
         let intruder = std::thread::spawn(move || {
             let mut ack = [0u8; 1];
             s.read_exact(&mut ack).unwrap();
@@ -603,7 +702,7 @@ mod tests {
         let silent = TcpStream::connect(addr).unwrap();
         let mut truncated = TcpStream::connect(addr).unwrap();
         truncated
-            .write_all(&hello(Rank(0), 2, &token)[..HELLO_LEN / 2])
+            .write_all(&hello(Rank(0), 2, 0, &token)[..HELLO_LEN / 2])
             .unwrap();
         drop(truncated);
         let t = Box::new(TcpTransport::new(
