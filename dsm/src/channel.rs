@@ -476,8 +476,10 @@ impl Channels {
 
     /// Ends both sides of every channel's connection to `rank`, which has failed for its silence (stopped,
     /// hung, or cut off): a thread blocked sending it a large request (its socket buffer full) wakes with
-    /// an error too. A send that fails means that the receiver has left the job (its copies go with it),
-    /// which is how the job must treat a rank it has cut off: it can never take part again.
+    /// an error too, and so does every later request to it: it can never take part again. Its copies of
+    /// pages are not taken for gone (it may live on, and still read them): a fault that needs one
+    /// dropped fails instead, until its service-loop connection ends (`Shared::gone`). The rank, if it
+    /// lives on, sees these connections end and fails this one in turn, without taking it for gone.
     pub(crate) fn cut_off(&self, rank: Rank) {
         self.shut(rank, Shut::Both);
     }

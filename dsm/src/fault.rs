@@ -1002,7 +1002,7 @@ fn zeros(count: u64) -> &'static [u8] {
 }
 
 /// How long a fault waits, after a copy holder's connection ended, for this rank's service loop to see
-/// the holder's other connections end (it left the job) before taking it for a rank that lives on.
+/// the holder's service-loop connection end (it left the job) before taking it for a rank that lives on.
 const LEAVING: Duration = Duration::from_millis(500);
 
 /// Runs a granted transaction: asks the owner for the page (downgrading or dropping its copy) and every

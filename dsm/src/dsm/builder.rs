@@ -311,6 +311,26 @@ impl DsmBuilder {
                 self.channels
             )));
         }
+        // Each rank's service-loop connection, whose end alone says that the rank has left the job.
+        let mut marked = vec![0usize; self.size];
+        for i in &mesh.incoming {
+            match marked.get_mut(i.from.index()) {
+                Some(m) => *m += usize::from(i.control),
+                None => {
+                    return Err(DsmError::Config(format!(
+                        "the {transport_name} transport set up a connection from {}, outside a job of {}",
+                        i.from, self.size
+                    )))
+                }
+            }
+        }
+        if let Some(r) = marked.iter().position(|&m| m != 1) {
+            return Err(DsmError::Config(format!(
+                "the {transport_name} transport marked {} connections from {} as its service loop's, not one (`Incoming::control`)",
+                marked[r],
+                Rank(r as u32)
+            )));
+        }
         // The service loop's own set is the last.
         let control = mesh.outgoing.pop().unwrap_or_default();
         let waker =

@@ -8,8 +8,8 @@
 //! means its rank has failed, and so does a rank not heard from for the peer timeout (`Liveness`: each
 //! service loop sends the others heartbeats); waiting barriers are failed and, under
 //! `FailurePolicy::Exit`, the rank ends with an error naming the failed rank. Failed is not gone: only
-//! the end of a rank's service-loop connection (`Incoming::control`), which a rank never ends while it
-//! lives, says that it has left the job with its copies of pages (`Shared::gone`). A rank that took this
+//! the end of a rank's service-loop connection (`Incoming::control`), which a rank never ends before it
+//! leaves the job, says that it has left with its copies of pages (`Shared::gone`). A rank that took this
 //! one for failed cuts off its other connections and lives on, copies and all.
 //!
 //! This file holds the loop itself (connections, dispatch, failures); `pages` the pages homed here and
@@ -443,7 +443,7 @@ impl Engine {
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    self.reached_end(idx, e == Errno::ECONNRESET);
+                    self.reached_end(idx, false);
                     self.close(idx, &format!("receive failed: {e}"));
                     return;
                 }
@@ -451,8 +451,10 @@ impl Engine {
         }
     }
 
-    /// Connection `idx` reached its end: closed by its peer (`closed`: the end of its stream, or a reset),
-    /// or failed. The end of a service-loop connection is the peer's leaving the job.
+    /// Connection `idx` reached its end: the end of its stream (`closed`), or a reset or another error.
+    /// The end of a service-loop connection's stream is the peer's leaving the job. (Not a reset: nothing
+    /// is ever written to the peer on that connection, so its kernel closes it with a FIN when the
+    /// process ends, and a reset may come from the network while the peer lives on.)
     fn reached_end(&mut self, idx: usize, closed: bool) {
         let conn = &mut self.conns[idx];
         conn.ended = true;
@@ -468,7 +470,7 @@ impl Engine {
             let conn = &mut self.conns[idx];
             let result = conn.link.recv(&mut conn.buf, false);
             match result {
-                Ok(Some(0)) | Err(Errno::ECONNRESET) => self.reached_end(idx, true),
+                Ok(Some(0)) => self.reached_end(idx, true),
                 Ok(Some(_)) => continue,
                 Ok(None) => return,
                 Err(_) => self.reached_end(idx, false),
@@ -527,10 +529,11 @@ impl Engine {
         }
         conn.open = false;
         let peer = conn.peer;
+        // A peer's service-loop connection is still read, for its end, once it is closed (the peer failed
+        // here, or said goodbye and was failed before its connections ended): whether the peer has left the
+        // job or lives on decides what becomes of its copies of pages.
+        conn.watched = conn.control && !conn.ended && !leaving && peer != me;
         let expected = conn.goodbye || leaving || peer == me;
-        // A failed peer's service-loop connection is still read, for its end: whether the peer has left
-        // the job or lives on decides what becomes of its copies of pages.
-        conn.watched = conn.control && !conn.ended && !expected;
         if let (false, Some(fd), Some(epoll)) = (conn.watched, conn.link.socket(), &self.epoll) {
             let _ = epoll.delete(fd);
         }
@@ -540,8 +543,8 @@ impl Engine {
         // The connection is shut for writing, not just left unread: a peer that lives on (one whose
         // connection broke, or that sent a frame this rank could not take) then reads its end, and gets
         // an error for the requests it sent, instead of waiting for ever for replies that will not come.
-        // Only for writing: what it sends still goes in (unread), since a send that fails means that the
-        // receiving rank has left the job (`fault.rs` then counts its copies as gone with it).
+        // Only for writing: what it sends still goes in (unread), as to a rank that lives: its sends fail
+        // only once this rank has left the job.
         conn.link.shutdown(Shut::Write);
         self.peer_failed(peer, reason);
     }
@@ -1140,6 +1143,41 @@ mod tests {
             .build()
             .unwrap();
         (dsm, fakes)
+    }
+
+    #[test]
+    fn a_transport_that_does_not_mark_one_service_loop_connection_per_rank_is_refused() {
+        for marks in [0, 2] {
+            let mut outgoing = Vec::new();
+            let mut incoming = Vec::new();
+            for set in 0..3 {
+                let (out, inc) = UnixStream::pair().unwrap();
+                outgoing.push(vec![socket(out)]);
+                incoming.push(Incoming {
+                    from: Rank(0),
+                    control: set >= 3 - marks,
+                    conn: socket(inc),
+                });
+            }
+            let given: Box<dyn Transport> = Box::new(Given(Mesh {
+                outgoing,
+                incoming,
+                host: None,
+            }));
+            let e = Dsm::builder()
+                .rank(Rank(0), 1)
+                .channels(2)
+                .transport(given)
+                .build()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!(
+                    "marked {marks} connections from rank 0 as its service loop's, not one"
+                )),
+                "{e}"
+            );
+        }
     }
 
     fn failed_within(dsm: &Dsm, limit: Duration) -> Vec<Rank> {

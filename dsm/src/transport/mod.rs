@@ -42,9 +42,10 @@ pub struct Incoming {
     /// The rank at the other end.
     pub from: Rank,
     /// Whether it is `from`'s service loop's own connection (the last set: [`connections`]). A rank
-    /// never ends that one while it lives, so its end, and its end alone, says that `from` has left the
-    /// job and taken its copies of pages with it. The others end too when `from` only takes this rank
-    /// for failed and cuts it off, living on with its copies.
+    /// never ends that one before it leaves the job, so its end, and its end alone, says that `from` has
+    /// left and taken its copies of pages with it. The others end too when `from` only takes this rank
+    /// for failed and cuts it off, living on with its copies. Exactly one connection from each rank is
+    /// marked so (`DsmBuilder::build` checks).
     pub control: bool,
     /// The connection: requests from `from` come in on it, and replies go back on it.
     pub conn: Conn,

@@ -144,6 +144,9 @@ fn refuse(stream: &mut TcpStream, reason: &str) {
     reply.extend_from_slice(&(reason.len() as u16).to_le_bytes());
     reply.extend_from_slice(reason);
     let _ = stream.write_all(&reply);
+    // Ended before it is dropped: a handshake not read in full (a build of another length) would otherwise
+    // make the close a reset, which may come before the refusal is read.
+    let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
 /// The reason that follows a refusal, as far as it can be read within a second.
