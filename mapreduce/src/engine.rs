@@ -870,13 +870,22 @@ fn commit(
             )
         })?;
     }
+    // The parts' names are on disk before the marker that says they are all there, and the marker's
+    // after it (each part's bytes were synced by its reducer).
+    let sync_out = || {
+        std::fs::File::open(out)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| MapReduceError::io(format!("syncing {}", out.display()), e))
+    };
+    sync_out()?;
     drop(alive);
     let _ = std::fs::remove_dir_all(staging);
     remove_stale_staging_dirs(out, &spill_host());
     let marker = out.join(SUCCESS);
     std::fs::File::create(&marker)
         .and_then(|f| f.sync_all())
-        .map_err(|e| MapReduceError::io(format!("writing {}", marker.display()), e))
+        .map_err(|e| MapReduceError::io(format!("writing {}", marker.display()), e))?;
+    sync_out()
 }
 
 /// The empty file a job writes into its output directory once every part file is in place: its absence

@@ -107,6 +107,9 @@ pub trait Job: Send + Sync {
 
     /// Reduces all values of `key`, in no particular order (it varies from run to run: a reduce whose
     /// output depends on it writes different part files each time). `None` writes nothing for the key.
+    /// A key's values are all in memory for its call, whatever the memory budget: with a combiner they
+    /// are at most one for each run merged (`JobConfig::merge_fan_in`), and without one a key with more
+    /// values than the budget holds takes more memory than it.
     fn reduce(
         &self,
         key: &Self::Key,

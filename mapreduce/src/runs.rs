@@ -140,6 +140,11 @@ pub(crate) struct RunReader<K, V> {
     _pair: std::marker::PhantomData<fn() -> (K, V)>,
 }
 
+/// An error of reading the run `what`, naming it (the kind kept).
+fn reading(what: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("reading {what}: {e}"))
+}
+
 impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
     /// A reader of the run in `src`; `what` names it in errors.
     pub(crate) fn new(src: Box<dyn BufRead + Send>, what: String) -> RunReader<K, V> {
@@ -166,7 +171,12 @@ impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
                 self.what, self.records
             )));
         }
-        if !self.src.fill_buf()?.is_empty() {
+        if !self
+            .src
+            .fill_buf()
+            .map_err(|e| reading(&self.what, e))?
+            .is_empty()
+        {
             return Err(invalid(format!("{}: bytes after its end mark", self.what)));
         }
         self.ended = true;
@@ -179,7 +189,7 @@ impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
             return Ok(None);
         }
         // Usually the whole record is in the reader's buffer: decode it in place.
-        let buffered = self.src.fill_buf()?;
+        let buffered = self.src.fill_buf().map_err(|e| reading(&self.what, e))?;
         if buffered.is_empty() {
             return Err(invalid(format!(
                 "{}: cut off after {} records, without its end mark",
@@ -198,7 +208,7 @@ impl<K: DeserializeOwned, V: DeserializeOwned> RunReader<K, V> {
         let mut len: u32 = 0;
         for i in 0..5 {
             let mut b = [0u8; 1];
-            if self.src.read(&mut b)? == 0 {
+            if self.src.read(&mut b).map_err(|e| reading(&self.what, e))? == 0 {
                 return Err(invalid(format!(
                     "{}: cut off in a record length",
                     self.what

@@ -308,14 +308,14 @@ pub(crate) enum FetchError {
     Failed(String),
 }
 
-/// Fetches the runs `runs` from `holder`, handing each to `each` (with its index in `runs`) as soon as
-/// it is whole, so that no more than an answer and a run are held here at once (and the run being
-/// assembled: a run longer than an answer comes in several).
+/// Fetches the runs `runs` from `holder`, handing their bytes to `each` piece by piece as they come
+/// (with the run's index in `runs`, and whether the piece ends its run), so that no more than an answer
+/// is held here at once: where the runs go, memory or files, is `each`'s to say.
 pub(crate) fn fetch_all(
     dsm: &Dsm,
     holder: Rank,
     runs: &[RunId],
-    each: impl FnMut(usize, Vec<u8>) -> Result<(), FetchError>,
+    each: impl FnMut(usize, &[u8], bool) -> Result<(), FetchError>,
 ) -> Result<(), FetchError> {
     fetch_through(|request| call(dsm, holder, request), holder, runs, each)
 }
@@ -325,15 +325,16 @@ fn fetch_through(
     mut call: impl FnMut(&[u8]) -> Result<Vec<u8>, FetchError>,
     holder: Rank,
     runs: &[RunId],
-    mut each: impl FnMut(usize, Vec<u8>) -> Result<(), FetchError>,
+    mut each: impl FnMut(usize, &[u8], bool) -> Result<(), FetchError>,
 ) -> Result<(), FetchError> {
     let malformed = || FetchError::Failed(format!("{holder} sent a malformed answer to a fetch"));
     let mut at = 0usize;
-    let mut current = Vec::new();
+    // How much of run `at` has come.
+    let mut offset = 0u64;
     while at < runs.len() {
         let request = postcard::to_allocvec(&Request::Fetch(Fetch {
             runs: runs[at..].to_vec(),
-            offset: current.len() as u64,
+            offset,
         }))
         .map_err(|e| FetchError::Failed(format!("encoding a fetch: {e}")))?;
         let answer = call(&request)?;
@@ -361,9 +362,10 @@ fn fetch_through(
             {
                 return Err(malformed());
             }
-            current.extend_from_slice(piece.bytes);
+            each(first + k, piece.bytes, piece.last)?;
+            offset += piece.bytes.len() as u64;
             if piece.last {
-                each(first + k, std::mem::take(&mut current))?;
+                offset = 0;
                 at = first + k + 1;
             }
         }
@@ -381,6 +383,23 @@ mod tests {
             batch,
             partition: 0,
             run: 0,
+        }
+    }
+
+    /// A receiver of fetched pieces that puts each run, once whole, into `got` with its index (a run
+    /// whose pieces came out of order, or mixed with another's, fails the test).
+    fn whole_runs(
+        got: &mut Vec<(usize, Vec<u8>)>,
+    ) -> impl FnMut(usize, &[u8], bool) -> Result<(), FetchError> + '_ {
+        let mut current: Option<(usize, Vec<u8>)> = None;
+        move |index, bytes, last| {
+            let (i, run) = current.get_or_insert_with(|| (index, Vec::new()));
+            assert_eq!(*i, index, "a piece of run {index} within run {i}");
+            run.extend_from_slice(bytes);
+            if last {
+                got.push(current.take().expect("a run under way"));
+            }
+            Ok(())
         }
     }
 
@@ -413,10 +432,7 @@ mod tests {
             },
             Rank(1),
             &runs,
-            |index, bytes| {
-                got.push((index, bytes));
-                Ok(())
-            },
+            whole_runs(&mut got),
         )
         .unwrap();
         assert_eq!(got.len(), sizes.len());
@@ -435,7 +451,7 @@ mod tests {
             |r| Ok(serve_encoded(&root, r)),
             Rank(1),
             &runs,
-            |_, _| Ok(()),
+            |_, _, _| Ok(()),
         )
         .unwrap_err();
         let FetchError::Failed(what) = e else {
@@ -464,12 +480,12 @@ mod tests {
             bytes: &[1],
             last: true,
         }]);
-        let e = fetch_through(|_| Ok(wrong.clone()), Rank(2), &runs, |_, _| Ok(())).unwrap_err();
+        let e = fetch_through(|_| Ok(wrong.clone()), Rank(2), &runs, |_, _, _| Ok(())).unwrap_err();
         assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
         let empty = answer(Vec::new());
-        let e = fetch_through(|_| Ok(empty.clone()), Rank(2), &runs, |_, _| Ok(())).unwrap_err();
+        let e = fetch_through(|_| Ok(empty.clone()), Rank(2), &runs, |_, _, _| Ok(())).unwrap_err();
         assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
-        let e = fetch_through(|_| Ok(vec![9]), Rank(2), &runs, |_, _| Ok(())).unwrap_err();
+        let e = fetch_through(|_| Ok(vec![9]), Rank(2), &runs, |_, _, _| Ok(())).unwrap_err();
         assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
         // A piece past the runs asked for, one that brings nothing and ends nothing (asked again, it would
         // be asked for ever), and an unfinished piece before others: each is refused.
@@ -492,7 +508,7 @@ mod tests {
                 },
                 Rank(2),
                 &runs,
-                |_, _| Ok(()),
+                |_, _, _| Ok(()),
             )
             .unwrap_err();
             assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
@@ -501,23 +517,15 @@ mod tests {
         // A header cut short, a length past the answer's end, and an end flag neither 0 nor 1.
         let whole = answer(vec![piece(0, b"abc", true), piece(1, b"d", true)]);
         let mut got = Vec::new();
-        fetch_through(
-            |_| Ok(whole.clone()),
-            Rank(2),
-            &runs,
-            |i, b| {
-                got.push((i, b));
-                Ok(())
-            },
-        )
-        .unwrap();
+        fetch_through(|_| Ok(whole.clone()), Rank(2), &runs, whole_runs(&mut got)).unwrap();
         assert_eq!(got, vec![(0, b"abc".to_vec()), (1, b"d".to_vec())]);
         let mut long = whole.clone();
         long.truncate(long.len() - 1);
         let mut flag = whole.clone();
         flag[1 + 4] = 7;
         for bad in [vec![0, 0, 0], long, flag] {
-            let e = fetch_through(|_| Ok(bad.clone()), Rank(2), &runs, |_, _| Ok(())).unwrap_err();
+            let e =
+                fetch_through(|_| Ok(bad.clone()), Rank(2), &runs, |_, _, _| Ok(())).unwrap_err();
             assert!(matches!(e, FetchError::Failed(w) if w.contains("malformed")));
         }
     }

@@ -70,6 +70,8 @@ pub(crate) struct Batch<K, V> {
     sink: Arc<RunSink>,
     /// Written as runs: no map may fold into it any more.
     sealed: bool,
+    /// The map tasks folding into it now (joined, not yet finished or failed).
+    folding: BTreeSet<u64>,
     /// Why its output cannot be trusted (a map failed folding into it, or it could not be written).
     failed: Option<String>,
 }
@@ -92,6 +94,7 @@ impl<K, V> Batch<K, V> {
             tasks: BTreeSet::new(),
             sink: Arc::new(sink),
             sealed: false,
+            folding: BTreeSet::new(),
             failed: None,
         }
     }
@@ -99,6 +102,24 @@ impl<K, V> Batch<K, V> {
 
 /// A file being written, removed when dropped unless it was finished (`.0` taken).
 struct Unfinished(Option<PathBuf>);
+
+impl Unfinished {
+    fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new("(finished)"))
+    }
+
+    /// The file, kept.
+    fn finish(&mut self) -> PathBuf {
+        self.0.take().unwrap_or_default()
+    }
+}
+
+/// A fetched run coming in, piece by piece.
+enum Arriving {
+    Memory(Vec<u8>),
+    /// In a file of the reduce's own, being written.
+    File(Unfinished, File),
+}
 
 impl Drop for Unfinished {
     fn drop(&mut self) {
@@ -254,6 +275,7 @@ impl<J: Job> Folding<'_, J> {
         let b = batches
             .get_mut(&self.batch)
             .ok_or_else(|| format!("batch {} went while map task {} ran", self.batch, self.task))?;
+        b.folding.remove(&self.task);
         let problem = if b.sealed {
             Some(format!(
                 "map task {} ended after batch {} was written (it ran twice, or late)",
@@ -284,6 +306,7 @@ impl<J: Job> Drop for Folding<'_, J> {
     fn drop(&mut self) {
         if !self.finished {
             if let Some(b) = lock(&self.worker.batches).get_mut(&self.batch) {
+                b.folding.remove(&self.task);
                 b.failed.get_or_insert_with(|| {
                     format!(
                         "map task {} failed while folding into batch {}",
@@ -455,6 +478,11 @@ impl<J: Job> Worker<'_, J> {
                 lock(&b.sink.runs).len()
             ));
         }
+        if !b.folding.insert(task) {
+            return Err(format!(
+                "map task {task} is already folding into batch {batch} on this rank (it was delivered twice)"
+            ));
+        }
         let folding = Folding {
             worker: self,
             batch,
@@ -549,6 +577,16 @@ impl<J: Job> Worker<'_, J> {
             } else {
                 // Refused before anything changes: the batch stays open to the maps still to come.
                 b.holds_exactly(tasks, batch, me)?;
+                if !b.folding.is_empty() {
+                    // Maps the reduce does not expect: what they spilled is among the batch's runs
+                    // already, and would be read as the batch's.
+                    let what = format!(
+                        "map tasks {:?} were still folding into batch {batch} on {me} when a reduce read it, which expects only map tasks {tasks:?} (a task ran twice)",
+                        b.folding
+                    );
+                    b.failed.get_or_insert_with(|| what.clone());
+                    return Err(what);
+                }
                 b.sealed = true;
                 Some((std::mem::take(&mut b.idle), b.sink.clone()))
             }
@@ -654,23 +692,40 @@ impl<J: Job> Worker<'_, J> {
                     })
                 })
                 .collect();
-            let mut keep = |index: usize, got: Vec<u8>| -> Result<(), FetchError> {
+            // The run coming in: in memory while everything fetched fits in the budget, then in a file
+            // of this reduce's own (removed if the reduce fails before it is whole).
+            let mut arriving: Option<Arriving> = None;
+            let mut keep = |index: usize, bytes: &[u8], last: bool| -> Result<(), FetchError> {
                 let rid = &wanted[index];
-                fetched += got.len() as u64;
-                let source = if fetched <= self.budget {
-                    RunSource::Bytes(got)
-                } else {
+                fetched += bytes.len() as u64;
+                let run = arriving.get_or_insert_with(|| Arriving::Memory(Vec::new()));
+                if let (Arriving::Memory(held), true) = (&*run, fetched > self.budget) {
                     let path = shuffle::job_dir(self.root, self.job_id)
                         .join(format!("fetched-{id}-{holder}-{}-{}", rid.batch, rid.run));
-                    std::fs::write(&path, &got).map_err(|e| {
-                        FetchError::Failed(format!("writing {}: {e}", path.display()))
-                    })?;
-                    RunSource::Own(path)
-                };
-                runs.push(Located {
-                    source,
-                    what: what(holder, rid),
-                });
+                    let file = Unfinished(Some(path.clone()));
+                    let out = File::create(&path)
+                        .and_then(|mut out| out.write_all(held).map(|()| out))
+                        .map_err(|e| {
+                            FetchError::Failed(format!("writing {}: {e}", path.display()))
+                        })?;
+                    *run = Arriving::File(file, out);
+                }
+                match run {
+                    Arriving::Memory(held) => held.extend_from_slice(bytes),
+                    Arriving::File(file, out) => out.write_all(bytes).map_err(|e| {
+                        FetchError::Failed(format!("writing {}: {e}", file.path().display()))
+                    })?,
+                }
+                if last {
+                    let source = match arriving.take().expect("a run under way") {
+                        Arriving::Memory(held) => RunSource::Bytes(held),
+                        Arriving::File(mut file, _) => RunSource::Own(file.finish()),
+                    };
+                    runs.push(Located {
+                        source,
+                        what: what(holder, rid),
+                    });
+                }
                 Ok(())
             };
             shuffle::fetch_all(self.dsm, Rank(holder), &wanted, &mut keep).map_err(lost)?;
@@ -943,6 +998,15 @@ mod tests {
                 let e = w.seal(3, &[7], 0).unwrap_err();
                 assert!(e.contains("no partition for boom"), "{e}");
             }
+            // A map still folding into a batch that a reduce reads (a task delivered twice): the batch
+            // fails, rather than hand out what that map spilled as the batch's.
+            assert!(matches!(map(8, 0, 6, 4), TaskResult::Mapped { .. }));
+            let in_flight = w.join(9, 4, 2).unwrap();
+            assert!(w.join(9, 4, 2).err().unwrap().contains("already folding"));
+            let e = w.seal(4, &[8], 0).unwrap_err();
+            assert!(e.contains("map tasks {9} were still folding"), "{e}");
+            drop(in_flight);
+            assert!(w.seal(4, &[8], 0).is_err(), "the batch was taken for sound");
             // A batch this rank never had.
             assert!(w
                 .seal(9, &[1], 0)
