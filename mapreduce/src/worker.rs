@@ -121,6 +121,62 @@ enum Arriving {
     File(Unfinished, File),
 }
 
+/// Where a reduce keeps the runs it fetches: in memory while everything fetched fits in its budget, then
+/// in files of its own (a run under way when the budget is passed goes on in a file, with what came of it
+/// before). A run whose end never comes (the fetch failed) leaves no file behind.
+struct Keeping<'a> {
+    budget: u64,
+    fetched: &'a mut u64,
+    runs: &'a mut Vec<Located>,
+    arriving: Option<Arriving>,
+}
+
+impl Keeping<'_> {
+    /// Takes the next piece of the run under way (`last`: it ends the run); `file` names the run's file
+    /// should it need one, and `what` names the run.
+    fn piece(
+        &mut self,
+        bytes: &[u8],
+        last: bool,
+        file: impl FnOnce() -> PathBuf,
+        what: impl FnOnce() -> String,
+    ) -> Result<(), FetchError> {
+        *self.fetched += bytes.len() as u64;
+        let run = self
+            .arriving
+            .get_or_insert_with(|| Arriving::Memory(Vec::new()));
+        let writing = |path: &Path, e: std::io::Error| {
+            FetchError::Failed(format!("writing {}: {e}", path.display()))
+        };
+        if let (Arriving::Memory(held), true) = (&*run, *self.fetched > self.budget) {
+            let path = file();
+            let unfinished = Unfinished(Some(path.clone()));
+            let out = File::create(&path)
+                .and_then(|mut out| out.write_all(held).map(|()| out))
+                .map_err(|e| writing(&path, e))?;
+            *run = Arriving::File(unfinished, out);
+        }
+        match run {
+            Arriving::Memory(held) => held.extend_from_slice(bytes),
+            Arriving::File(file, out) => {
+                out.write_all(bytes).map_err(|e| writing(file.path(), e))?
+            }
+        }
+        if last {
+            let source = match self.arriving.take() {
+                Some(Arriving::File(mut file, _)) => RunSource::Own(file.finish()),
+                Some(Arriving::Memory(held)) => RunSource::Bytes(held),
+                None => RunSource::Bytes(Vec::new()),
+            };
+            self.runs.push(Located {
+                source,
+                what: what(),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Unfinished {
     fn drop(&mut self) {
         if let Some(path) = self.0.take() {
@@ -692,41 +748,19 @@ impl<J: Job> Worker<'_, J> {
                     })
                 })
                 .collect();
-            // The run coming in: in memory while everything fetched fits in the budget, then in a file
-            // of this reduce's own (removed if the reduce fails before it is whole).
-            let mut arriving: Option<Arriving> = None;
-            let mut keep = |index: usize, bytes: &[u8], last: bool| -> Result<(), FetchError> {
+            let mut keeping = Keeping {
+                budget: self.budget,
+                fetched: &mut fetched,
+                runs: &mut runs,
+                arriving: None,
+            };
+            let mut keep = |index: usize, bytes: &[u8], last: bool| {
                 let rid = &wanted[index];
-                fetched += bytes.len() as u64;
-                let run = arriving.get_or_insert_with(|| Arriving::Memory(Vec::new()));
-                if let (Arriving::Memory(held), true) = (&*run, fetched > self.budget) {
-                    let path = shuffle::job_dir(self.root, self.job_id)
-                        .join(format!("fetched-{id}-{holder}-{}-{}", rid.batch, rid.run));
-                    let file = Unfinished(Some(path.clone()));
-                    let out = File::create(&path)
-                        .and_then(|mut out| out.write_all(held).map(|()| out))
-                        .map_err(|e| {
-                            FetchError::Failed(format!("writing {}: {e}", path.display()))
-                        })?;
-                    *run = Arriving::File(file, out);
-                }
-                match run {
-                    Arriving::Memory(held) => held.extend_from_slice(bytes),
-                    Arriving::File(file, out) => out.write_all(bytes).map_err(|e| {
-                        FetchError::Failed(format!("writing {}: {e}", file.path().display()))
-                    })?,
-                }
-                if last {
-                    let source = match arriving.take().expect("a run under way") {
-                        Arriving::Memory(held) => RunSource::Bytes(held),
-                        Arriving::File(mut file, _) => RunSource::Own(file.finish()),
-                    };
-                    runs.push(Located {
-                        source,
-                        what: what(holder, rid),
-                    });
-                }
-                Ok(())
+                let file = || {
+                    shuffle::job_dir(self.root, self.job_id)
+                        .join(format!("fetched-{id}-{holder}-{}-{}", rid.batch, rid.run))
+                };
+                keeping.piece(bytes, last, file, || what(holder, rid))
             };
             shuffle::fetch_all(self.dsm, Rank(holder), &wanted, &mut keep).map_err(lost)?;
         }
@@ -1034,6 +1068,55 @@ mod tests {
         });
         assert!(!own.exists(), "a reduce's own file outlived it");
         assert!(kept.exists(), "map output went with a reduce");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn fetched_runs_stay_in_memory_within_the_budget_and_go_on_in_files_past_it() {
+        let dir = std::env::temp_dir().join(format!("dsm-mr-keeping-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (mut fetched, mut runs) = (0u64, Vec::new());
+        let mut keeping = Keeping {
+            budget: 10,
+            fetched: &mut fetched,
+            runs: &mut runs,
+            arriving: None,
+        };
+        let mut piece = |bytes: &[u8], last, name: &str| {
+            let path = dir.join(name);
+            keeping.piece(bytes, last, || path, || name.to_string())
+        };
+        // Within the budget; then a run that passes it halfway; then one past it from the start; then one
+        // whose end never comes.
+        piece(b"aaaaa", true, "a").unwrap();
+        piece(b"bbbb", false, "b").unwrap();
+        piece(b"BBBB", true, "b").unwrap();
+        piece(b"c", true, "c").unwrap();
+        piece(b"dd", false, "d").unwrap();
+        assert!(dir.join("d").exists());
+        drop(keeping);
+        assert!(
+            !dir.join("d").exists(),
+            "an unfinished run's file outlived it"
+        );
+        assert_eq!(fetched, 16);
+        let kept: Vec<(&str, Vec<u8>)> = runs
+            .iter()
+            .map(|r| match &r.source {
+                RunSource::Bytes(b) => ("memory", b.clone()),
+                RunSource::Own(path) => ("file", std::fs::read(path).unwrap()),
+                RunSource::Kept(_) => ("kept", Vec::new()),
+            })
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("memory", b"aaaaa".to_vec()),
+                ("file", b"bbbbBBBB".to_vec()),
+                ("file", b"c".to_vec())
+            ]
+        );
+        drop(runs);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
