@@ -220,7 +220,17 @@ impl Transport for MpiTransport {
                 // MPI_COMM_WORLD runs beside this one.
                 let comm = SimpleCommunicator::world().duplicate();
                 let _ = ready.send(());
-                bridge(&comm, bridging)
+                // A panic here (the service loop's, which this thread runs) would end every MPI message of
+                // the rank, and the others would learn of it only at their peer timeout: the job ends now.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    bridge(&comm, bridging)
+                }));
+                if let Err(panic) = ran {
+                    crate::mpi_join::abort_job(&crate::RuntimeError::Mpi(format!(
+                        "the MPI bridge thread panicked: {}",
+                        dsm::panic_message(&*panic)
+                    )));
+                }
             })
             .map_err(|e| DsmError::Config(format!("starting the MPI bridge thread: {e}")))?;
         started.recv().map_err(|_| {

@@ -174,7 +174,9 @@ pub(crate) fn join(
         RuntimeError::Mpi("MPI was initialized already by something else in this process".into())
     })?;
     if provided < needed {
-        return Err(RuntimeError::Mpi(format!(
+        // Ended for the whole job: ranks that need less (another DSM_TRANSPORT) are in the collective of
+        // joining already, which this rank's finalizing would wait for.
+        abort_job(&RuntimeError::Mpi(format!(
             "the MPI library provides thread level {provided:?}; dsm needs {needed:?} here: use an MPI library built with thread support{}",
             if carrier == Carrier::Mpi { ", or DSM_TRANSPORT=tcp" } else { "" }
         )));

@@ -170,6 +170,9 @@ pub(crate) struct Engine {
     /// rank could take, by rank: pages they ask for are installed into them directly (`direct.rs`).
     direct: Vec<Option<OwnedFd>>,
     liveness: Liveness,
+    /// The rank is ending for another's failure, on a thread of its own, while the transport's thread that
+    /// runs this loop carries what the loop sent last: nothing more is served.
+    ending: bool,
 }
 
 impl Engine {
@@ -274,6 +277,7 @@ impl Engine {
             scratch: vec![0; PAGE_SIZE],
             host: Host::this(),
             direct: (0..shared.size).map(|_| None).collect(),
+            ending: false,
             liveness: {
                 let now = Instant::now();
                 Liveness {
@@ -410,6 +414,9 @@ impl Engine {
     }
 
     fn read_conn(&mut self, idx: usize) {
+        if self.ending {
+            return;
+        }
         loop {
             let conn = &mut self.conns[idx];
             if !conn.open {
@@ -580,9 +587,24 @@ impl Engine {
                 "dsm: {}: {peer} failed ({reason}); ending this rank",
                 self.shared.me
             ));
-            // Nothing is served meanwhile (nor, when a transport's thread runs this loop, carried by that
-            // thread): the rank is ending (`DsmBuilder::exit_grace`).
-            std::thread::sleep(self.shared.exit_grace);
+            // Nothing is served meanwhile: the rank is ending (`DsmBuilder::exit_grace`).
+            let grace = self.shared.exit_grace;
+            if self.shared.hosted.is_some() {
+                // A transport's thread runs this loop, and carries the `PeerLost` just written: it must go
+                // on carrying while the rank waits, so the wait is another thread's, and the loop serves
+                // nothing more (`Engine::ending`).
+                self.ending = true;
+                let ends = std::thread::Builder::new()
+                    .name("dsm-ending".into())
+                    .spawn(move || {
+                        std::thread::sleep(grace);
+                        std::process::exit(crate::EXIT_PEER_FAILED)
+                    });
+                if ends.is_ok() {
+                    return;
+                }
+            }
+            std::thread::sleep(grace);
             std::process::exit(crate::EXIT_PEER_FAILED);
         }
         // Those waiting at a barrier are told it failed (not under `Exit`, where every rank ends for the
@@ -942,6 +964,9 @@ impl ServiceLoop {
     pub fn poll(&mut self) -> Polled {
         crate::fault::mark_serving();
         let e = &mut self.engine;
+        if e.ending {
+            return Polled::Idle;
+        }
         let mut polled = Polled::Idle;
         let seen = e.doorbell.seen();
         if seen != self.looked {
