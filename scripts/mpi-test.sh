@@ -139,6 +139,12 @@ for t in tcp mpi; do
     # The first to give up tells the other, which may then report that instead of its own silence, or be
     # ended by mpirun before it says anything.
     mentions "rank 2 failed (nothing heard from it for 2 s" "$out" "the silence ($t)"
+    # Only rank 0 has a peer timeout: rank 1 learns of the stopped rank from rank 0's report, which must
+    # leave rank 0 while it waits to end (under the MPI transport, its bridge thread carries it).
+    if out=$(DSM_TRANSPORT=$t timeout 60 mpirun -n 1 env DSM_PEER_TIMEOUT=2 $bin/dsm-check stop : -n 2 $bin/dsm-check stop 2>&1); then
+        fail "a job with a stopped rank succeeded ($t, one timeout): $out"
+    fi
+    mentions "rank 1: rank 2 failed (rank 0 gave up on it" "$out" "the report of the silence ($t)"
 done
 
 # A rank that returns an error from main while another waits for it outside any collective: it leaves as
