@@ -530,23 +530,25 @@ mod tests {
         super::super::assert_service_loop_connections_marked(&meshes, sets);
     }
 
-    #[test]
-    fn a_rank_of_another_build_with_a_shorter_handshake_is_told_why_at_once() {
+    /// The transport of a job of one rank (20 s to set up), and a connection to its listener that came
+    /// first and sent `first`.
+    fn a_rank_alone_after(first: &[u8], token: Token) -> (Box<TcpTransport>, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(first).unwrap();
+        let t = TcpTransport::new(listener, vec![addr], token, Duration::from_secs(20));
+        (Box::new(t), s)
+    }
+
+    #[test]
+    fn a_rank_of_another_build_with_a_shorter_handshake_is_told_why_at_once() {
         let token = [4u8; 32];
         // A build whose handshake is shorter than this one's (the preamble, then 4 bytes): it waits for
         // the answer, which must come without the bytes this build would read after the preamble.
         let mut old = hello(Rank(0), 2, 0, &token)[..PREAMBLE_LEN + 4].to_vec();
         old[4..8].copy_from_slice(&(PROTOCOL_VERSION - 1).to_le_bytes());
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(&old).unwrap();
-        let t = Box::new(TcpTransport::new(
-            listener,
-            vec![addr],
-            token,
-            Duration::from_secs(20),
-        ));
+        let (t, mut s) = a_rank_alone_after(&old, token);
         let started = Instant::now();
         let e = t.establish(Rank(0), 1, 2).unwrap_err().to_string();
         assert!(e.contains("every rank must run the same build"), "{e}");
@@ -560,19 +562,10 @@ mod tests {
 
     #[test]
     fn a_connection_opened_twice_is_refused() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
         let token = [6u8; 32];
         // Rank 0 of a job of one opens its sets 0 and 1 to itself; a third connection, first in the
         // backlog, says it is set 0 as well.
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(&hello(Rank(0), 2, 0, &token)).unwrap();
-        let t = Box::new(TcpTransport::new(
-            listener,
-            vec![addr],
-            token,
-            Duration::from_secs(20),
-        ));
+        let (t, _s) = a_rank_alone_after(&hello(Rank(0), 2, 0, &token), token);
         let e = t.establish(Rank(0), 1, 2).unwrap_err().to_string();
         assert!(e.contains("rank 0 opened its connection 0 twice"), "{e}");
     }
@@ -671,24 +664,15 @@ mod tests {
 
     #[test]
     fn a_wrong_token_is_refused_and_the_mesh_still_forms() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
         let token = [1u8; 32];
         // An intruder with the wrong token connects first (the backlog is FIFO); it must be refused and not
         // counted among the mesh's connections.
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(&hello(Rank(0), 2, 0, &[2u8; 32])).unwrap();
+        let (t, mut s) = a_rank_alone_after(&hello(Rank(0), 2, 0, &[2u8; 32]), token);
         let intruder = std::thread::spawn(move || {
             let mut ack = [0u8; 1];
             s.read_exact(&mut ack).unwrap();
             ack[0]
         });
-        let t = Box::new(TcpTransport::new(
-            listener,
-            vec![addr],
-            token,
-            Duration::from_secs(10),
-        ));
         let mesh = t.establish(Rank(0), 1, 2).unwrap();
         assert_eq!(intruder.join().unwrap(), ACK_REFUSED);
         assert_eq!(mesh.outgoing.len(), 2);
