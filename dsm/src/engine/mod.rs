@@ -473,21 +473,20 @@ impl Engine {
     /// Reads the watched connection `idx` (`Served::watched`) until it would wait, dropping what came,
     /// and stops watching it at its end.
     fn watch_end(&mut self, idx: usize) {
-        loop {
+        let closed = loop {
             let conn = &mut self.conns[idx];
-            let result = conn.link.recv(&mut conn.buf, false);
-            match result {
-                Ok(Some(0)) => self.reached_end(idx, true),
-                Ok(Some(_)) => continue,
+            match conn.link.recv(&mut conn.buf, false) {
+                Ok(Some(0)) => break true,
+                Ok(Some(_)) => {}
                 Ok(None) => return,
-                Err(_) => self.reached_end(idx, false),
+                Err(_) => break false,
             }
-            let conn = &mut self.conns[idx];
-            conn.watched = false;
-            if let (Some(fd), Some(epoll)) = (conn.link.socket(), &self.epoll) {
-                let _ = epoll.delete(fd);
-            }
-            return;
+        };
+        self.reached_end(idx, closed);
+        let conn = &mut self.conns[idx];
+        conn.watched = false;
+        if let (Some(fd), Some(epoll)) = (conn.link.socket(), &self.epoll) {
+            let _ = epoll.delete(fd);
         }
     }
 
