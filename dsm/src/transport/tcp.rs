@@ -127,7 +127,7 @@ fn check_hello(
     }
     if set >= theirs {
         return Err(Refusal::Member(format!(
-            "rank {rank} opened connection {set} of {theirs}"
+            "rank {rank} opened connection {set} of {theirs}: every rank must run the same build"
         )));
     }
     Ok((Rank(rank), set as usize))
@@ -283,7 +283,7 @@ fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<Accepted>> {
                     .and_then(|(rank, set)| match arrived.insert((rank, set)) {
                         true => Ok((rank, set)),
                         false => Err(Refusal::Member(format!(
-                            "rank {rank} opened its connection {set} twice"
+                            "rank {rank} opened its connection {set} twice: two processes of the job took rank {rank} (give each its own DSM_RANK), or another program has the job's token"
                         ))),
                     });
                 match verdict {
