@@ -531,6 +531,35 @@ fn a_sigbus_a_rank_ignores_stays_ignored() {
 }
 
 #[test]
+fn a_frozen_rank_that_runs_on_silent_is_named_after_the_peer_timeout() {
+    // Frozen, not stopped: the launcher sees it running, and every other rank ending for want of it.
+    let (outcome, out) = job_with_env(CHECK, 3, &["freeze"], &[("DSM_PEER_TIMEOUT", "2")]);
+    let frozen_in = out
+        .lines()
+        .find_map(|l| l.strip_prefix("[2] freeze: in "))
+        .map(str::to_string);
+    if let Some(dir) = &frozen_in {
+        // The rank was killed: its cgroup empties, and goes.
+        let gone = (0..50).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            std::fs::remove_dir(dir).is_ok()
+        });
+        assert!(gone, "{dir} was not removed");
+    }
+    if out.contains("freeze: no cgroup v2 freezer here") && frozen_in.is_none() {
+        eprintln!("skipped: this machine gives no cgroup v2 freezer to root:\n{out}");
+        return;
+    }
+    assert_eq!(outcome.failed_rank, Some(2), "{outcome:?}\n{out}");
+    assert!(
+        outcome
+            .reason
+            .starts_with("stopped answering the others while it ran on"),
+        "{outcome:?}\n{out}"
+    );
+}
+
+#[test]
 fn a_stopped_rank_is_given_up_on_after_the_peer_timeout_and_named() {
     // Its connections stay open: only its silence tells.
     let t = Instant::now();

@@ -251,6 +251,48 @@ fn a_program_that_cannot_be_run_is_said_to_be_one_with_the_shell_s_status() {
 }
 
 #[test]
+fn words_after_the_program_are_its_own_even_those_that_look_like_dsmrun_s() {
+    let out = Command::new(DSMRUN)
+        .args([
+            "-n",
+            "1",
+            "--no-prefix",
+            "/bin/echo",
+            "--timeout",
+            "5",
+            "--keep-going",
+        ])
+        .args(["-h", "-n", "9", "--", "--version"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "--timeout 5 --keep-going -h -n 9 -- --version\n"
+    );
+    // dsmrun's own options still come before the program, and a missing program is still an error.
+    let out = Command::new(DSMRUN).args(["-n", "1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("PROGRAM"), "{err}");
+}
+
+#[test]
+fn a_rank_that_fails_on_its_own_is_named_over_one_that_never_came_and_was_not_waited_for() {
+    // Neither rank is a dsm program: rank 1 ends at once, before it could join; rank 0 never waits for
+    // it, and fails with a status of its own.
+    let out = Command::new(DSMRUN)
+        .args(["-n", "2", "sh", "-c"])
+        .arg(r#"[ "$DSM_RANK" = 1 ] && exit 0; sleep 0.5; exit 3"#)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("rank 0 exited with status 3"), "{err}");
+}
+
+#[test]
 fn a_transport_the_ranks_would_refuse_is_refused_once_before_any_starts() {
     let out = Command::new(DSMRUN)
         .env("DSM_TRANSPORT", "mpi")
@@ -304,6 +346,20 @@ fn output_that_cannot_be_written_fails_the_job_and_says_so() {
         err.contains("writing rank 0's standard output failed") && err.contains("lost"),
         "{err}"
     );
+}
+
+#[test]
+fn a_signal_ends_the_wait_for_a_reader_that_takes_nothing() {
+    // The reader opens the launcher's output and never reads it: the rank's output fills the pipes and
+    // the launcher waits to write it, until a SIGTERM, which it dies of.
+    let (out, took) = bash(
+        r#"d=$(mktemp -d); mkfifo "$d/f"; sleep 40 < "$d/f" & s=$!
+        $DSMRUN -n 1 sh -c 'head -c 300000 /dev/zero | tr "\0" x' > "$d/f" & l=$!
+        sleep 1; kill -TERM $l; wait $l; echo "status $?" >&2; kill $s; rm -r "$d""#,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(took < Duration::from_secs(20), "took {took:?}: {err}");
+    assert!(err.contains("status 143"), "{err}");
 }
 
 #[test]

@@ -40,6 +40,9 @@
 //!   launcher names rank 0;
 //! - `stop`: one rank stops itself (SIGSTOP) mid-job, its connections open and silent; the others must end
 //!   with an error naming it once the peer timeout (`DSM_PEER_TIMEOUT`) has passed;
+//! - `freeze`: (as root, with a cgroup v2 hierarchy mounted) one rank freezes itself in a cgroup of its own
+//!   mid-job: it runs on but answers nothing, and it is not stopped (SIGSTOP) either; the others end once
+//!   the peer timeout has passed, and the launcher names it;
 //! - `partition`: (in a network namespace of its own, as root) rank 0 takes the loopback interface down
 //!   mid-job: connections stay open and sends succeed, but nothing arrives; every rank must end with an
 //!   error once the peer timeout (`DSM_PEER_TIMEOUT`) has passed;
@@ -61,7 +64,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | homediffs | flushbatch | carrylock | selective | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
-    /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | pause | diewriting | readerdies | diffhomedies | sentsigbus
+    /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | freeze | pause | diewriting | readerdies | diffhomedies | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -1600,6 +1603,10 @@ fn main() -> anyhow::Result<()> {
             })?;
             println!("stopkeep: rank {me} went on without the stopped rank");
         }
+        "freeze" => last_rank_leaves(dsm, "the frozen rank", || match freeze_self() {
+            Ok(()) => anyhow::anyhow!("rank {me} went on after freezing itself"),
+            Err(e) => e.context("freeze: no cgroup v2 freezer here"),
+        })?,
         "stop" => last_rank_leaves(dsm, "the stopped rank", || {
             // Stopped until the launcher kills it: it closes nothing and says nothing.
             match nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP) {
@@ -1609,7 +1616,7 @@ fn main() -> anyhow::Result<()> {
         })?,
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, homediffs, flushbatch, carrylock, selective, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, homediffs, flushbatch, carrylock, selective, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, freeze, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
             )
         }
     }
@@ -1749,6 +1756,29 @@ fn last_rank_leaves(
     }
     dsm.barrier()?;
     anyhow::bail!("rank {me}: a barrier completed without {who}")
+}
+
+/// Freezes this process in a cgroup of its own, made under the first cgroup v2 hierarchy mounted; says
+/// which first (its directory is left for the caller to remove once the process has been killed).
+fn freeze_self() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    let root = mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == "cgroup2")
+        .map(|f| f[1].to_string())
+        .context("no cgroup2 file system is mounted")?;
+    let me = std::process::id();
+    let dir = std::path::Path::new(&root).join(format!("dsm-check-freeze-{me}"));
+    std::fs::create_dir(&dir).with_context(|| format!("making {}", dir.display()))?;
+    println!("freeze: in {}", dir.display());
+    std::fs::write(dir.join("cgroup.procs"), me.to_string())
+        .with_context(|| format!("moving into {}", dir.display()))?;
+    std::fs::write(dir.join("cgroup.freeze"), "1")
+        .with_context(|| format!("freezing {}", dir.display()))?;
+    // Frozen on the way back from the write; should the freeze take a moment, it is waited for here.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    Ok(())
 }
 
 fn nix_kill_self() -> ! {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 /// Run a dsm program as a job of N local processes.
 #[derive(Debug, Parser)]
-#[command(name = "dsmrun", version, trailing_var_arg = true)]
+#[command(name = "dsmrun", version)]
 struct Args {
     /// Number of ranks.
     #[arg(short = 'n', long = "ranks", default_value_t = 1)]
@@ -29,11 +29,15 @@ struct Args {
     /// 0's (for programs that survive losing a worker, such as a task farm).
     #[arg(long)]
     keep_going: bool,
-    /// The program to run.
-    program: PathBuf,
-    /// Its arguments.
-    #[arg(allow_hyphen_values = true)]
-    args: Vec<OsString>,
+    /// The program to run and its arguments: everything from the program on is the program's, even words
+    /// that look like dsmrun's own options (`dsmrun -n 2 prog --timeout 5 -h` passes both to `prog`).
+    #[arg(
+        value_name = "PROGRAM [ARGS]",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    command: Vec<OsString>,
 }
 
 /// An IP address for `--bind`, which may come from `DSM_BIND`: the error names both.
@@ -57,6 +61,12 @@ fn seconds(s: &str) -> Result<std::time::Duration, String> {
 
 fn main() {
     let a = Args::parse();
+    // Clap requires the program; its absence is still an error here, not a panic.
+    let Some((program, args)) = a.command.split_first() else {
+        eprintln!("dsmrun: no program to run: give one, as in `dsmrun -n 2 ./my-program`");
+        std::process::exit(2);
+    };
+    let program = PathBuf::from(program);
     let opts = LaunchOptions {
         ranks: a.ranks,
         bind: a.bind,
@@ -66,7 +76,7 @@ fn main() {
         timeout: a.timeout,
         keep_going: a.keep_going,
     };
-    match launch(&opts, &a.program, &a.args) {
+    match launch(&opts, &program, args) {
         Ok(outcome) => {
             // The launch has restored the signal mask: a signal left at its default action ends this
             // process now, as the shell expects; one ignored (a job started in the background by a

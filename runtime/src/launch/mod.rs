@@ -473,6 +473,8 @@ pub fn launch(
         });
         if let Err(e) = started {
             end_all(&mut children);
+            // The last lines of the ranks already started come out before the launcher's error.
+            let _ = output.drain(true, &|| interrupts.signal().is_some());
             let advice = match e.raw_os_error() {
                 Some(libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR) => {
                     return Err(RuntimeError::CannotRun {
@@ -709,19 +711,37 @@ pub fn launch(
         }
         (Some(root), _) => {
             // A rank that ended before it joined (even with status 0) failed the ranks that waited for it:
-            // it is the one to name.
+            // it is the one to name, unless the failure to name is of a rank that never waited for it
+            // either, and failed on its own.
+            let waited = lock(&exits_seen)
+                .joined
+                .get(root.0)
+                .copied()
+                .flatten()
+                .is_some();
+            let own = root.1.code() != Some(dsm::EXIT_PEER_FAILED);
             let ((r, status), joined) = match never {
-                Some(n) => (n, false),
-                None => (root, true),
+                Some(n) if waited || !own => (n, false),
+                _ => (root, true),
             };
             let (mut what, code) = describe(status);
-            // Every rank that ended did so because of another: one that is stopped (it closes no connection,
-            // and the others gave up hearing from it) is the cause.
-            let stopped = (status.code() == Some(dsm::EXIT_PEER_FAILED))
-                .then(|| (0..ranks).find(|&s| !done[s] && is_stopped(&children[s])))
+            // Every rank that ended did so because of another: one still running (it closes no connection,
+            // and the others gave up hearing from it) is the cause, a stopped one first.
+            let silent = (status.code() == Some(dsm::EXIT_PEER_FAILED))
+                .then(|| {
+                    let running = || (0..ranks).filter(|&s| !done[s]);
+                    running()
+                        .find(|&s| is_stopped(&children[s]))
+                        .map(|s| (s, true))
+                        .or_else(|| running().next().map(|s| (s, false)))
+                })
                 .flatten();
-            let (r, message) = if let Some(s) = stopped {
-                what = "was stopped (SIGSTOP, or a debugger) and the others gave up waiting for it (DSM_PEER_TIMEOUT)".into();
+            let (r, message) = if let Some((s, stopped)) = silent {
+                what = if stopped {
+                    "was stopped (SIGSTOP, or a debugger) and the others gave up waiting for it (DSM_PEER_TIMEOUT)".into()
+                } else {
+                    "stopped answering the others while it ran on (hung, frozen, or stuck in the kernel), and they gave up waiting for it (DSM_PEER_TIMEOUT)".into()
+                };
                 (s, format!("dsmrun: rank {s} {what}; ending the job"))
             } else if let Some(s) = never_came.filter(|_| joined) {
                 what = format!(
@@ -752,10 +772,24 @@ pub fn launch(
         }
     };
     end_all(&mut children);
-    // The ranks' last lines come out before the launcher's own word on the job.
-    let unwritten = output.drain(opts.timeout.is_some());
+    // Every group is ended: should the launcher be killed from here on, the watchdog must not kill groups
+    // whose ids may since have been taken by others.
+    drop(watchdog.take());
+    // The ranks' last lines come out before the launcher's own word on the job, unless a signal says not
+    // to wait for a reader that takes none.
+    let unwritten = output.drain(opts.timeout.is_some(), &|| interrupts.signal().is_some());
     if let Some(m) = message {
         say(&m);
+    }
+    // A signal that came while the job was being ended is the launcher's end, as the shell expects of it
+    // (the job's own outcome has been said).
+    if let Some(sig) = interrupts.signal().filter(|_| outcome.signal.is_none()) {
+        say(&format!(
+            "dsmrun: the launcher was interrupted by {} while it ended the job",
+            sig.as_str()
+        ));
+        outcome.code = 128 + sig as i32;
+        outcome.signal = Some(sig as i32);
     }
     if let Some(u) = unwritten {
         say(&format!("dsmrun: {}", u.what));

@@ -144,21 +144,33 @@ impl Output {
     /// Waits, once the ranks have ended, for their last output to be written, however slowly the reader
     /// takes it; with `limited` (the job had a time limit) for at most [`DRAIN_LIMIT`]. A stream that
     /// stays open and quiet while nothing is being written ends the wait after [`QUIET`]. Returns what
-    /// was lost, if anything was.
-    pub(super) fn drain(&self, limited: bool) -> Option<Unwritten> {
+    /// was lost, if anything was. The wait also ends, within [`QUIET`], once `interrupted` says so (a
+    /// signal to the launcher, whose reader may take nothing more).
+    pub(super) fn drain(&self, limited: bool, interrupted: &dyn Fn() -> bool) -> Option<Unwritten> {
         let mut ended = 0;
         let mut seen = self.progress.read.load(Ordering::Relaxed);
-        let give_up = Instant::now() + DRAIN_LIMIT;
+        let mut looked = Instant::now();
+        let give_up = looked + DRAIN_LIMIT;
+        let mut cut_short = false;
         while ended < self.streams && (!limited || Instant::now() < give_up) {
-            match self.ended.recv_timeout(QUIET) {
+            if interrupted() {
+                cut_short = true;
+                break;
+            }
+            match self
+                .ended
+                .recv_timeout(QUIET.min(Duration::from_millis(100)))
+            {
                 Ok(()) => ended += 1,
-                Err(_) => {
+                Err(_) if looked.elapsed() >= QUIET => {
                     let now = self.progress.read.load(Ordering::Relaxed);
                     if now == seen && self.progress.writing.load(Ordering::Relaxed) == 0 {
                         break;
                     }
                     seen = now;
+                    looked = Instant::now();
                 }
+                Err(_) => {}
             }
         }
         if let Some(f) = lock(&self.progress.failed).as_ref() {
@@ -183,10 +195,14 @@ impl Output {
         }
         (ended < self.streams && self.progress.writing.load(Ordering::Relaxed) > 0).then(|| {
             Unwritten {
-                what: format!(
-                    "the ranks' output was still being written {} s after the job ended (nothing reads the launcher's output?); the rest of it is lost",
-                    DRAIN_LIMIT.as_secs()
-                ),
+                what: if cut_short {
+                    "a signal ended the wait for the ranks' last output, which was still being written (nothing reads the launcher's output?); the rest of it is lost".into()
+                } else {
+                    format!(
+                        "the ranks' output was still being written {} s after the job ended (nothing reads the launcher's output?); the rest of it is lost",
+                        DRAIN_LIMIT.as_secs()
+                    )
+                },
                 code: 1,
             }
         })
