@@ -47,6 +47,12 @@ pub(crate) fn join(
             rank.0
         )));
     }
+    if line.trim() == "busy" {
+        return Err(RuntimeError::Rendezvous(format!(
+            "the launcher at {at} refused rank {}: it was reading as many connections as it takes at once (is something else connecting to it?)",
+            rank.0
+        )));
+    }
     if let Some(why) = line.trim().strip_prefix("ended: ") {
         return Err(RuntimeError::Rendezvous(format!(
             "the job cannot start: {why} (see its output)"

@@ -172,7 +172,9 @@ fn read_line_within(
     Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
 }
 
-/// The most connections to the rendezvous whose lines are awaited at once; more are refused.
+/// The most connections to the rendezvous whose lines are awaited at once beyond one for each rank; more
+/// are refused (told `busy`), so that strangers cannot make the launcher start threads without bound while
+/// every rank of the job still has room.
 const MAX_READING: usize = 64;
 
 /// A connection to the rendezvous, with its first line (or why none came).
@@ -183,19 +185,25 @@ type Arrival = (std::net::TcpStream, SocketAddr, std::io::Result<String>);
 /// `arrivals`. Ends once `stop` is set, at the next connection.
 fn accept_lines(
     listener: TcpListener,
+    ranks: usize,
     stop: Arc<std::sync::atomic::AtomicBool>,
     arrivals: std::sync::mpsc::Sender<Arrival>,
 ) {
     let reading = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = ranks + MAX_READING;
     while let Ok((stream, from)) = listener.accept() {
         if stop.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        if reading.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= MAX_READING {
+        if reading.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= most {
             reading.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             say(&format!(
-                "dsmrun: refused a rendezvous from {from}: {MAX_READING} connections are sending theirs already"
+                "dsmrun: refused a rendezvous from {from}: {most} connections are sending theirs already"
             ));
+            // Told, so that a rank among them says why it cannot join (not written should the
+            // connection take nothing: it is dropped either way).
+            let _ = stream.set_nonblocking(true);
+            let _ = (&stream).write_all(b"busy\n");
             continue;
         }
         let (count, arrivals) = (reading.clone(), arrivals.clone());
@@ -232,7 +240,7 @@ fn rendezvous(
     let stop_accepting = stop.clone();
     let accepting = std::thread::Builder::new()
         .name("dsmrun-rendezvous-accept".into())
-        .spawn(move || accept_lines(listener, stop_accepting, arrived));
+        .spawn(move || accept_lines(listener, ranks, stop_accepting, arrived));
     if let Err(e) = accepting {
         // The ranks give up waiting (their connect timeout) and the launcher names them.
         say(&format!(
@@ -1059,6 +1067,34 @@ mod tests {
             std::thread::sleep(Duration::from_secs(1));
         });
         listener.accept().unwrap().0
+    }
+
+    #[test]
+    fn silent_connections_leave_every_rank_room_and_past_that_are_told_busy() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = listener.local_addr().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (arrived, arrivals) = std::sync::mpsc::channel();
+        let stopping = stop.clone();
+        std::thread::spawn(move || accept_lines(listener, 1, stopping, arrived));
+        let silent: Vec<_> = (0..MAX_READING)
+            .map(|_| std::net::TcpStream::connect(at).unwrap())
+            .collect();
+        // The job's one rank still gets its line read.
+        let mut rank = std::net::TcpStream::connect(at).unwrap();
+        rank.write_all(b"a rank's line\n").unwrap();
+        let (_, _, line) = arrivals.recv_timeout(Duration::from_secs(3)).unwrap();
+        assert_eq!(line.unwrap(), "a rank's line");
+        // The rank's reader is done; one more silent connection fills the room, and the next is told.
+        let _more = std::net::TcpStream::connect(at).unwrap();
+        let mut late = std::net::TcpStream::connect(at).unwrap();
+        late.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut told = String::new();
+        std::io::Read::read_to_string(&mut late, &mut told).unwrap();
+        assert_eq!(told, "busy\n");
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        drop(std::net::TcpStream::connect(at));
+        drop(silent);
     }
 
     #[test]
