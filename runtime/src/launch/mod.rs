@@ -456,7 +456,8 @@ pub fn launch(
             .stderr(Stdio::piped());
         // Each rank leads a process group of its own, so that ending the job ends whatever the rank started
         // too (a background process that kept the rank's output open would otherwise outlive the job and
-        // hold the launcher). The launcher passes on the signals a terminal sends (see `Interrupts`).
+        // hold the launcher). The launcher takes the signals a terminal sends and ends the ranks with SIGTERM
+        // (see `Interrupts`).
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         in_child_before_exec(&mut cmd, Pid::this());
         if opts.keep_going {
