@@ -12,7 +12,9 @@
 //! the result, and the master's [`TaskFarm::results`] reports it ([`RuntimeError::TaskFailed`]). It is not
 //! run again: another worker would most likely fail the same way, and a task that every worker in turn
 //! took and failed on would leave the master waiting for ever once none was left. The tasks the worker
-//! held after it go back to the bag.
+//! held after it go back to the bag. Should the failure itself not go in (its home refuses it, or cannot
+//! be reached), the failed task goes back to the bag too, and may be run again: kept leased by a rank
+//! that goes on, it would leave the master waiting for ever.
 //!
 //! A task can name the rank it would best run on, where its data lives ([`TaskFarm::put_near`]): each
 //! worker takes the tasks near it first, then tasks for anyone, then the tasks of other ranks that are still

@@ -61,6 +61,12 @@ fn next_refused(next: Option<&(Vec<Template>, u64)>) -> Option<String> {
     if templates.is_empty() {
         return Some("no template to lease".into());
     }
+    if templates.len() > MAX_NEXT_TEMPLATES {
+        return Some(format!(
+            "{} templates to lease the next tuple with: at most {MAX_NEXT_TEMPLATES}",
+            templates.len()
+        ));
+    }
     templates
         .iter()
         .find_map(|t| t.check().err())
@@ -99,14 +105,39 @@ pub(crate) struct Found {
 /// A function `eval` can run.
 pub(crate) type Function = Arc<dyn Fn(&Tuple) -> Tuple + Send + Sync>;
 
+/// The most templates a completion may lease its next tuple with (each is looked up, and waited on when
+/// nothing matches: a peer's request must not cost the home far more than its own size). The task farm
+/// asks with a few more than there are ranks.
+pub(crate) const MAX_NEXT_TEMPLATES: usize = 1024;
+
 /// The most evals that wait for a rank's evaluator at once.
 pub(crate) const MAX_QUEUED_EVALS: usize = 4096;
+/// The most bytes of arguments (strings and byte strings, and [`EVAL_OVERHEAD`] for each eval) that evals
+/// accepted here may hold until they have run: one eval of the largest arguments always fits.
+pub(crate) const MAX_QUEUED_EVAL_BYTES: usize = 64 << 20;
+/// What an eval is counted as holding beyond its arguments' strings and byte strings.
+const EVAL_OVERHEAD: usize = 256;
 
 /// An `eval` accepted here, for this rank's evaluator thread.
 pub(crate) struct EvalJob {
     pub(crate) function: Function,
     pub(crate) name: String,
     pub(crate) args: Tuple,
+    /// Its bytes, counted against [`MAX_QUEUED_EVAL_BYTES`] until the job is dropped (it has run).
+    _held: Held,
+}
+
+/// Bytes counted in a total while held.
+struct Held {
+    bytes: usize,
+    total: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.total
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug)]
@@ -223,6 +254,8 @@ pub(crate) struct Home {
     functions: HashMap<String, Function>,
     /// The evaluator's queue; `None` once this rank's tuple space has closed.
     evals: Mutex<Option<Sender<EvalJob>>>,
+    /// The bytes the evals accepted here hold until they have run.
+    eval_bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Home {
@@ -548,6 +581,7 @@ impl Home {
             state: Mutex::new(State::default()),
             functions,
             evals: Mutex::new(Some(evals)),
+            eval_bytes: Arc::default(),
         }
     }
 
@@ -660,8 +694,9 @@ impl Home {
         Ok(Err(rx))
     }
 
-    /// Queues an `eval` for this rank's evaluator (at most [`MAX_QUEUED_EVALS`] wait at once: past that the
-    /// eval is refused, so that a rank that sends evals faster than they run cannot fill this one's memory).
+    /// Queues an `eval` for this rank's evaluator (at most [`MAX_QUEUED_EVALS`] wait at once, holding at
+    /// most [`MAX_QUEUED_EVAL_BYTES`]: past that the eval is refused, so that a rank that sends evals faster
+    /// than they run cannot fill this one's memory).
     pub(crate) fn eval(&self, function: String, args: Tuple) -> Result<(), String> {
         // The caller checks them too; a peer's are checked here as well, as every tuple is.
         args.check().map_err(|e| e.to_string())?;
@@ -670,10 +705,25 @@ impl Home {
                 "no function {function:?} is registered: register it with TupleSpace::builder().function(..) on every rank"
             ));
         };
+        let bytes = args.byte_len() + function.len() + EVAL_OVERHEAD;
+        let before = self
+            .eval_bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::AcqRel);
+        // Counted from here; given back when the job is dropped: refused, or run.
+        let held = Held {
+            bytes,
+            total: self.eval_bytes.clone(),
+        };
+        if before > 0 && before + bytes > MAX_QUEUED_EVAL_BYTES {
+            return Err(format!(
+                "the evals waiting for its evaluator hold {before} bytes of arguments already (at most {MAX_QUEUED_EVAL_BYTES}): try again later, or spread the work with a task farm"
+            ));
+        }
         let job = EvalJob {
             function: f.clone(),
             name: function,
             args,
+            _held: held,
         };
         let evals = self.evals.lock().unwrap_or_else(|p| p.into_inner());
         match evals.as_ref().map(|tx| tx.try_send(job)) {
@@ -870,6 +920,35 @@ mod tests {
     /// A home of no functions, whose eval queue no one reads.
     fn home() -> Home {
         Home::new(HashMap::new(), crossbeam::channel::bounded(1).0)
+    }
+
+    #[test]
+    fn a_completion_leases_with_at_most_so_many_templates() {
+        let many = |n| Some((vec![crate::template!(?i64); n], 1));
+        assert_eq!(next_refused(many(MAX_NEXT_TEMPLATES).as_ref()), None);
+        let e = next_refused(many(MAX_NEXT_TEMPLATES + 1).as_ref()).unwrap();
+        assert!(e.contains("at most 1024"), "{e}");
+        assert!(next_refused(many(0).as_ref()).is_some());
+    }
+
+    #[test]
+    fn evals_waiting_to_run_are_bounded_by_their_bytes_and_room_comes_back_as_they_run() {
+        let (tx, rx) = crossbeam::channel::bounded(MAX_QUEUED_EVALS);
+        let f: Function = Arc::new(|t: &Tuple| t.clone());
+        let home = Home::new(HashMap::from([("f".to_string(), f)]), tx);
+        let args = tuple!(vec![7u8; 1 << 20]);
+        let accepted = (0..MAX_QUEUED_EVALS)
+            .take_while(|_| home.eval("f".into(), args.clone()).is_ok())
+            .count();
+        assert!(
+            accepted >= 32 && accepted << 20 <= MAX_QUEUED_EVAL_BYTES,
+            "{accepted} evals of 1 MiB accepted"
+        );
+        let e = home.eval("f".into(), args.clone()).unwrap_err();
+        assert!(e.contains("bytes of arguments already"), "{e}");
+        // The evaluator takes (and runs, and drops) them: the room is there again.
+        assert_eq!(rx.try_iter().count(), accepted);
+        home.eval("f".into(), args).unwrap();
     }
 
     #[test]

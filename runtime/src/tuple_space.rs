@@ -22,7 +22,9 @@
 //! ```
 
 use crate::tuple::{Template, Tuple, Value};
-use crate::tuple_home::{Answer, Ask, EvalJob, Found, Function, Home, MAX_QUEUED_EVALS, SERVICE};
+use crate::tuple_home::{
+    Answer, Ask, EvalJob, Found, Function, Home, MAX_NEXT_TEMPLATES, MAX_QUEUED_EVALS, SERVICE,
+};
 use crate::tuple_store::Mode;
 use crate::{Runtime, RuntimeError};
 use dsm::{Dsm, Rank};
@@ -434,7 +436,10 @@ impl TupleSpace {
     /// put first, so a failure between the two may put them twice: give results the leased tuple's first
     /// field and arity to have them put exactly once). On an error (a result over the limits, a home that
     /// cannot be reached) the lease is given back, if its home still holds it: the tuple returns to the
-    /// space instead of staying held by this rank, which could no longer name it.
+    /// space instead of staying held by this rank, which could no longer name it. The results homed at the
+    /// lease's home go with the lease's end in one request, of at most [`dsm::MAX_SERVICE_REQUEST`]
+    /// bytes: more is refused, and the same call would be refused again (put some of them first with
+    /// [`TupleSpace::out`], or large data in a shared region).
     pub fn complete(&self, lease: Lease, results: Vec<Tuple>) -> Result<(), RuntimeError> {
         let done = self
             .inner
@@ -512,6 +517,15 @@ impl TupleSpace {
                 reason: "no template to lease the next tuple with".into(),
             });
         };
+        if next.len() > MAX_NEXT_TEMPLATES {
+            return Err(RuntimeError::Refused {
+                rank: self.inner.me,
+                reason: format!(
+                    "{} templates to lease the next tuple with: at most {MAX_NEXT_TEMPLATES}",
+                    next.len()
+                ),
+            });
+        }
         for t in next {
             t.check()?;
         }
@@ -1038,6 +1052,35 @@ mod tests {
                 // The lease was not ended: completing it now goes through.
                 space.complete(lease, Vec::new()).unwrap();
                 assert_eq!(space.count(&t).unwrap(), 0);
+            }
+            rt.dsm().barrier().unwrap();
+        });
+    }
+
+    #[test]
+    fn results_more_than_a_request_carries_are_refused_with_nothing_put_and_the_tuple_back() {
+        crate::local::run_local_job(2, 3, |rt| {
+            let space = TupleSpace::join(rt).unwrap();
+            let name = homed_at_rank_1(&space, "big");
+            let t = crate::template!(name.clone(), ?i64);
+            if rt.rank() == Rank(0) {
+                space.out(crate::tuple!(name.clone(), 1i64)).unwrap();
+                let lease = space.in_leased(&t).unwrap();
+                // Each result is within the limits; all together, homed where the lease is, are more than
+                // one request carries.
+                let results = (0..=dsm::MAX_SERVICE_REQUEST >> 20)
+                    .map(|_| crate::tuple!(name.clone(), vec![0u8; 1 << 20]))
+                    .collect();
+                let e = space.complete(lease, results).unwrap_err();
+                assert!(e.to_string().contains("a request carries at most"), "{e}");
+                // Nothing was put, and the leased tuple is back.
+                assert_eq!(space.count(&t).unwrap(), 1);
+                assert_eq!(
+                    space
+                        .count(&crate::template!(name.clone(), ?Vec<u8>))
+                        .unwrap(),
+                    0
+                );
             }
             rt.dsm().barrier().unwrap();
         });
