@@ -1233,6 +1233,18 @@ fn a_release_with_a_dead_home_fails_and_leaves_the_channels_in_step() {
 }
 
 #[test]
+fn a_release_goes_on_past_a_dead_home_and_names_what_reached_the_others_once() {
+    let (o, out) = launch_captured(CHECK, 4, &["releaseafterdeath"], &[], true);
+    assert_eq!(o.code, 0, "{out}");
+    assert!(
+        out.contains("releaseafterdeath: rank 1's write reached its home past the dead one")
+            && out.contains("releaseafterdeath: every release of rank 1 failed naming rank 2")
+            && out.contains("releaseafterdeath: rank 3 dropped"),
+        "{out}"
+    );
+}
+
+#[test]
 fn tuples_taken_by_four_processes_are_taken_exactly_once() {
     let (o, out) = job(LINDA, 4, &["exactly-once", "--tuples", "100000"]);
     assert_eq!(o.code, 0, "{out}");

@@ -284,32 +284,25 @@ fn release_locked(
     // Pages only other ranks' diffs wrote here: their writers announce them.
     written.retain(|k| !unannounced.contains(k));
     if result.is_err() {
-        // Every page taken from the dirty lists goes back for the next release. A page still marked WRITTEN
-        // was never cleared, so it is in no list: push it. A page this release cleared is marked again and
-        // pushed unless a fault of this rank marked (and pushed) it meanwhile.
-        for k in &written {
-            let Some(region) = regions.iter().find(|r| r.id == k.region) else {
-                continue;
-            };
-            let was = region.state(k.page).fetch_or(WRITTEN, Ordering::AcqRel);
-            if !cleared.contains(k) || was & WRITTEN == 0 {
-                region
-                    .dirty
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(k.page);
+        let (delivered, undelivered): (Vec<PageKey>, Vec<PageKey>) =
+            written.iter().partition(|k| cleared.contains(k));
+        // A page whose writes did not reach its home is still marked WRITTEN, and in no list: it goes back
+        // for the next release.
+        relist(regions, &undelivered, false);
+        // The pages whose writes reached their homes are announced all the same, by an interval of their
+        // own: the lock whose release failed is passed on even so, and its next holder would keep a stale
+        // copy of them. They are not named again: while a home stays unreachable every release fails,
+        // and a page named at each would be dropped by every acquirer at each.
+        if !delivered.is_empty() {
+            match rc.close_interval(delivered.clone()) {
+                Ok(Some(_)) => Counters::add(&shared.counters.write_notices, 1),
+                Ok(None) => {}
+                Err(e) => {
+                    // Not announced: they go back, for the next release to name.
+                    relist(regions, &delivered, true);
+                    return Err(e.into());
+                }
             }
-        }
-        // The pages whose writes reached their homes are announced all the same: the lock whose release
-        // failed is passed on even so, and its next holder would keep a stale copy of them. (Naming them
-        // again at the next release, with the rest, is harmless.)
-        let delivered: Vec<PageKey> = written
-            .iter()
-            .filter(|k| cleared.contains(k))
-            .copied()
-            .collect();
-        if !delivered.is_empty() && rc.close_interval(delivered)?.is_some() {
-            Counters::add(&shared.counters.write_notices, 1);
         }
         return result.map(|()| Vec::new());
     }
@@ -402,13 +395,35 @@ impl Settled {
     }
 }
 
+/// Puts `pages` back on their regions' dirty lists for the next release; with `mark`, they are marked
+/// WRITTEN again first (a page cleared since), and one a fault of this rank marked (and listed) meanwhile
+/// is not listed twice.
+fn relist(regions: &[Arc<RegionShared>], pages: &[PageKey], mark: bool) {
+    for k in pages {
+        let Some(region) = regions.iter().find(|r| r.id == k.region) else {
+            continue;
+        };
+        if mark && region.state(k.page).fetch_or(WRITTEN, Ordering::AcqRel) & WRITTEN != 0 {
+            continue;
+        }
+        region
+            .dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(k.page);
+    }
+}
+
 /// The work of `release`; every page taken from a dirty list is added to `written` as soon as it is taken.
+/// A region whose flush fails (a home that failed) does not keep the others' writes from their homes: every
+/// region is flushed, and the first error returned.
 fn release_pages(
     shared: &Shared,
     regions: &[Arc<RegionShared>],
     written: &mut Vec<PageKey>,
     settled: &mut Settled,
 ) -> Result<()> {
+    let mut first_error = None;
     for region in regions {
         let pages: Vec<u64> = region
             .dirty
@@ -420,9 +435,11 @@ fn release_pages(
             region: region.id,
             page,
         }));
-        flush_pages(shared, region, &pages, Flush::Release, settled)?;
+        if let Err(e) = flush_pages(shared, region, &pages, Flush::Release, settled) {
+            first_error.get_or_insert(e);
+        }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// What a flush of pages is for.
@@ -457,6 +474,9 @@ fn flush_pages(
     pages.sort_unstable();
     // A page twice would be taken twice, and the second taking would wait for the first for ever.
     pages.dedup();
+    // A window whose diffs a home did not acknowledge (it failed) leaves the next windows to go on: their
+    // homes get their diffs all the same, and the first error is returned at the end.
+    let mut unsent = None;
     for batch in pages.chunks(DIFF_WINDOW) {
         // Twinned pages with their diffs, held BUSY until the diffs are acknowledged.
         let mut outbox = Outbox::default();
@@ -482,6 +502,8 @@ fn flush_pages(
         if failed.is_none() {
             failed = settle(region, &mut held, &mut outbox, clear, settled).err();
         }
+        // Write protection that failed here is this rank's own trouble, not a home's: nothing goes on.
+        let here = failed.is_some();
         let carried = match failed {
             Some(_) => Vec::new(),
             None => settled.carry_from(shared, region.id, &mut outbox),
@@ -514,9 +536,15 @@ fn flush_pages(
         for page in outbox.pages().chain(carried) {
             release_busy(region, page);
         }
-        sent?;
+        match sent {
+            Err(e) if here => return Err(unsent.unwrap_or(e)),
+            Err(e) => {
+                unsent.get_or_insert(e);
+            }
+            Ok(()) => {}
+        }
     }
-    Ok(())
+    unsent.map_or(Ok(()), Err)
 }
 
 /// Marks `pages` (held BUSY), whose diffs their homes acknowledged before the interval closed (a selective

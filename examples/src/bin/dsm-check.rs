@@ -52,6 +52,10 @@
 //!   rank, write them: neither waits for the dead reader nor fails for it;
 //! - `diffhomedies`: (under --keep-going, 3 ranks) a release sends diffs to two homes, one of them dead: it
 //!   fails naming the dead one, the live one applies its diff, and the releasing rank goes on;
+//! - `releaseafterdeath`: (under --keep-going, 4 ranks) rank 1 holds a write to a page homed at rank 2 when
+//!   rank 2 dies, so that every release of rank 1 fails from then on: its writes to rank 0's pages must
+//!   still reach their home (a release goes on past a home that failed), and be announced once, not again
+//!   at every release that fails after (rank 3, reading them under the lock, drops them only once);
 //! - `sentsigbus`: a SIGBUS sent to a rank (not a fault) kills it, as it would without dsm;
 //! - `diewriting`: (under --keep-going) a rank dies while it and another write one page in turn; the other
 //!   must finish or fail naming it, never hang.
@@ -64,7 +68,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | homediffs | flushbatch | carrylock | selective | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
-    /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | freeze | pause | diewriting | readerdies | diffhomedies | sentsigbus
+    /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | freeze | pause | diewriting | readerdies | diffhomedies | releaseafterdeath | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -1489,6 +1493,87 @@ fn main() -> anyhow::Result<()> {
             }
             std::process::exit(0);
         }
+        "releaseafterdeath" => {
+            anyhow::ensure!(n == 4, "releaseafterdeath needs 4 ranks");
+            const ROUNDS: u64 = 40;
+            // Allocated first, so flushed first: the page homed at rank 2.
+            let dead = dsm.alloc_vec_in::<u64>(
+                WORDS_PER_PAGE,
+                dsm::Placement::At(dsm::Rank(2)),
+                dsm::Consistency::Release,
+            )?;
+            // Page 0 (P) rank 1 writes once; page 1 (Q) at every round.
+            let v = dsm.alloc_vec_in::<u64>(
+                2 * WORDS_PER_PAGE,
+                dsm::Placement::At(dsm::Rank(0)),
+                dsm::Consistency::Release,
+            )?;
+            if me == 1 {
+                // A copy, so that writing it later needs no home.
+                ensure!(dead.get(0) == 0);
+            }
+            dsm.barrier()?;
+            let until = |what: &str, done: &dyn Fn() -> bool| within_30_s(me, what, done);
+            let failed = |r: u32| has_failed(dsm, r);
+            match me {
+                2 => nix_kill_self(),
+                1 => {
+                    until("rank 2's death was not noticed in 30 s", &|| failed(2))?;
+                    for round in 1..=ROUNDS {
+                        let guard = dsm.lock(0)?;
+                        if round == 1 {
+                            dead.set(0, 1);
+                            v.set(0, 42);
+                        }
+                        v.set(WORDS_PER_PAGE, round);
+                        let Err(e) = guard.unlock() else {
+                            anyhow::bail!("a release with a diff for a dead home succeeded");
+                        };
+                        ensure!(e.to_string().contains("rank 2"), "the release failed: {e}");
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                    println!("releaseafterdeath: every release of rank 1 failed naming rank 2");
+                    until("rank 3 did not finish in 30 s", &|| failed(3))?;
+                }
+                3 => {
+                    until("rank 2's death was not noticed in 30 s", &|| failed(2))?;
+                    // Under the lock, Q changes once for each of rank 1's releases seen: each time, the
+                    // copy of Q is dropped, and P's only the first time it is named.
+                    let (mut last, mut changes) = (0, 0u64);
+                    while last < ROUNDS {
+                        let guard = dsm.lock(0)?;
+                        let (p, q) = (v.get(0), v.get(WORDS_PER_PAGE));
+                        guard.unlock()?;
+                        ensure!(q == 0 || p == 42, "rank 3 read P stale ({p}) in round {q}");
+                        if q != last {
+                            (last, changes) = (q, changes + 1);
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    let dropped = dsm.stats().acquire_invalidations;
+                    ensure!(
+                        dropped <= changes + 2,
+                        "rank 3 dropped {dropped} copies at acquires for {changes} releases of rank 1 it saw: P named again at every one"
+                    );
+                    println!(
+                        "releaseafterdeath: rank 3 dropped {dropped} copies for {changes} releases"
+                    );
+                }
+                _ => {
+                    until(
+                        "rank 1's write of a page homed here did not arrive in 30 s",
+                        &|| v.get(0) == 42,
+                    )?;
+                    println!(
+                        "releaseafterdeath: rank 1's write reached its home past the dead one"
+                    );
+                    until("ranks 1 and 3 did not finish in 30 s", &|| {
+                        failed(1) && failed(3)
+                    })?;
+                }
+            }
+            std::process::exit(0);
+        }
         "sentsigbus" => {
             // A SIGBUS sent to a rank (not raised by a fault) must take its default action, killing the
             // rank, even though dsm handles SIGBUS for its page faults.
@@ -1616,7 +1701,7 @@ fn main() -> anyhow::Result<()> {
         })?,
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, homediffs, flushbatch, carrylock, selective, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, freeze, partition, pause, diewriting, readerdies, diffhomedies or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, homediffs, flushbatch, carrylock, selective, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, freeze, partition, pause, diewriting, readerdies, diffhomedies, releaseafterdeath or sentsigbus"
             )
         }
     }
