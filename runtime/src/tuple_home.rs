@@ -61,16 +61,20 @@ fn next_refused(next: Option<&(Vec<Template>, u64)>) -> Option<String> {
     if templates.is_empty() {
         return Some("no template to lease".into());
     }
-    if templates.len() > MAX_NEXT_TEMPLATES {
-        return Some(format!(
-            "{} templates to lease the next tuple with: at most {MAX_NEXT_TEMPLATES}",
-            templates.len()
-        ));
+    if let Some(why) = too_many_templates(templates.len()) {
+        return Some(why);
     }
     templates
         .iter()
         .find_map(|t| t.check().err())
         .map(|e| e.to_string())
+}
+
+/// Why `n` templates are too many to lease the next tuple with, if they are.
+pub(crate) fn too_many_templates(n: usize) -> Option<String> {
+    (n > MAX_NEXT_TEMPLATES).then(|| {
+        format!("{n} templates to lease the next tuple with: at most {MAX_NEXT_TEMPLATES}")
+    })
 }
 
 /// A home's answer.

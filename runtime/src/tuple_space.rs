@@ -23,7 +23,7 @@
 
 use crate::tuple::{Template, Tuple, Value};
 use crate::tuple_home::{
-    Answer, Ask, EvalJob, Found, Function, Home, MAX_NEXT_TEMPLATES, MAX_QUEUED_EVALS, SERVICE,
+    too_many_templates, Answer, Ask, EvalJob, Found, Function, Home, MAX_QUEUED_EVALS, SERVICE,
 };
 use crate::tuple_store::Mode;
 use crate::{Runtime, RuntimeError};
@@ -517,13 +517,10 @@ impl TupleSpace {
                 reason: "no template to lease the next tuple with".into(),
             });
         };
-        if next.len() > MAX_NEXT_TEMPLATES {
+        if let Some(reason) = too_many_templates(next.len()) {
             return Err(RuntimeError::Refused {
                 rank: self.inner.me,
-                reason: format!(
-                    "{} templates to lease the next tuple with: at most {MAX_NEXT_TEMPLATES}",
-                    next.len()
-                ),
+                reason,
             });
         }
         for t in next {

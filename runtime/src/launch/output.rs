@@ -20,6 +20,8 @@ const CHUNK: usize = 64 * 1024;
 /// How long the launcher waits, once every rank has ended, for output that stopped coming while no write
 /// was under way: a process that left the ranks' groups but kept their output open would hold it for ever.
 const QUIET: Duration = Duration::from_secs(2);
+/// How often the wait for the ranks' last output looks whether it was interrupted.
+const LOOK: Duration = Duration::from_millis(100);
 
 /// How long the launcher waits for the ranks' last output after a job with a time limit ended (a reader
 /// that stopped reading must not keep it past its limit by more than this).
@@ -144,7 +146,7 @@ impl Output {
     /// Waits, once the ranks have ended, for their last output to be written, however slowly the reader
     /// takes it; with `limited` (the job had a time limit) for at most [`DRAIN_LIMIT`]. A stream that
     /// stays open and quiet while nothing is being written ends the wait after [`QUIET`]. Returns what
-    /// was lost, if anything was. The wait also ends, within [`QUIET`], once `interrupted` says so (a
+    /// was lost, if anything was. The wait also ends, within [`LOOK`], once `interrupted` says so (a
     /// signal to the launcher, whose reader may take nothing more).
     pub(super) fn drain(&self, limited: bool, interrupted: &dyn Fn() -> bool) -> Option<Unwritten> {
         let mut ended = 0;
@@ -157,10 +159,7 @@ impl Output {
                 cut_short = true;
                 break;
             }
-            match self
-                .ended
-                .recv_timeout(QUIET.min(Duration::from_millis(100)))
-            {
+            match self.ended.recv_timeout(LOOK) {
                 Ok(()) => ended += 1,
                 Err(_) if looked.elapsed() >= QUIET => {
                     let now = self.progress.read.load(Ordering::Relaxed);
