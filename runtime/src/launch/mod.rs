@@ -94,6 +94,8 @@ struct Meeting {
     never: Option<(usize, ExitStatus)>,
     /// When each rank joined at the rendezvous (sent its address), by rank.
     joined: Vec<Option<Instant>>,
+    /// Ranks that came to the rendezvous: joined, or were told the job cannot start.
+    came: Vec<bool>,
     /// Whether every rank joined and the table was sent out.
     met: bool,
 }
@@ -288,18 +290,25 @@ fn rendezvous(
         if line.trim() == WAKE {
             continue;
         }
-        if let Some(why) = &never {
-            let _ = writeln!(stream, "{why}");
-            continue;
-        }
         let mut parts = line.split_whitespace();
         let (t, r, a) = (parts.next(), parts.next(), parts.next());
         let rank = r.and_then(|r| r.parse::<usize>().ok());
         let addr = a.and_then(|a| a.parse::<SocketAddr>().ok());
+        if let Some(why) = &never {
+            if let (Some(t), Some(r)) = (t, rank) {
+                if t == token && r < ranks {
+                    lock(&exits).came[r] = true;
+                }
+            }
+            let _ = writeln!(stream, "{why}");
+            continue;
+        }
         match (t, rank, addr) {
             (Some(t), Some(r), Some(addr)) if t == token && r < ranks && conns[r].is_none() => {
                 conns[r] = Some((stream, addr));
-                lock(&exits).joined[r] = Some(Instant::now());
+                let mut meeting = lock(&exits);
+                meeting.joined[r] = Some(Instant::now());
+                meeting.came[r] = true;
                 have += 1;
             }
             _ => {
@@ -425,6 +434,7 @@ pub fn launch(
     let stop_server = stop.clone();
     let exits_seen: Exits = Arc::new(Mutex::new(Meeting {
         joined: vec![None; ranks],
+        came: vec![false; ranks],
         ..Meeting::default()
     }));
     let exits_told = exits_seen.clone();
@@ -722,12 +732,7 @@ pub fn launch(
             // A rank that ended before it joined (even with status 0) failed the ranks that waited for it:
             // it is the one to name, unless the failure to name is of a rank that never waited for it
             // either, and failed on its own.
-            let waited = lock(&exits_seen)
-                .joined
-                .get(root.0)
-                .copied()
-                .flatten()
-                .is_some();
+            let waited = lock(&exits_seen).came.get(root.0).copied().unwrap_or(false);
             let own = root.1.code() != Some(dsm::EXIT_PEER_FAILED);
             let ((r, status), joined) = match never {
                 Some(n) if waited || !own => (n, false),
