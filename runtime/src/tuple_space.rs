@@ -1026,60 +1026,58 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn a_completion_whose_next_request_is_refused_leaves_its_leases_held() {
-        crate::local::run_local_job(2, 3, |rt| {
+    /// A 2-rank job in which rank 0 leases a tuple `(name, 1)` homed at rank 1 and runs `body` with the
+    /// runtime, the space, the name, the template `(name, ?i64)` and the lease; then both ranks meet.
+    fn with_a_lease_homed_at_rank_1(
+        prefix: &'static str,
+        body: impl Fn(&Runtime, &TupleSpace, &str, &Template, Lease) + Send + Sync + 'static,
+    ) {
+        crate::local::run_local_job(2, 3, move |rt| {
             let space = TupleSpace::join(rt).unwrap();
-            let name = homed_at_rank_1(&space, "c");
+            let name = homed_at_rank_1(&space, prefix);
             let t = crate::template!(name.clone(), ?i64);
             if rt.rank() == Rank(0) {
                 space.out(crate::tuple!(name.clone(), 1i64)).unwrap();
                 let lease = space.in_leased(&t).unwrap();
-                // A completion asking for the next tuple with no template (the client refuses to send
-                // one; a peer of another mind might).
-                let ask = encode(&Ask::Complete {
-                    leases: vec![lease.id],
-                    results: Vec::new(),
-                    next: Some((Vec::new(), 1)),
-                    more: 0,
-                });
-                let answer = rt.dsm().call(Rank(1), SERVICE, &[&ask]).unwrap();
-                let answer = decode(Rank(1), &answer).unwrap();
-                assert!(matches!(answer, Answer::Refused(_)), "{answer:?}");
-                // The lease was not ended: completing it now goes through.
-                space.complete(lease, Vec::new()).unwrap();
-                assert_eq!(space.count(&t).unwrap(), 0);
+                body(rt, &space, &name, &t, lease);
             }
             rt.dsm().barrier().unwrap();
         });
     }
 
     #[test]
+    fn a_completion_whose_next_request_is_refused_leaves_its_leases_held() {
+        with_a_lease_homed_at_rank_1("c", |rt, space, _, t, lease| {
+            // A completion asking for the next tuple with no template (the client refuses to send
+            // one; a peer of another mind might).
+            let ask = encode(&Ask::Complete {
+                leases: vec![lease.id],
+                results: Vec::new(),
+                next: Some((Vec::new(), 1)),
+                more: 0,
+            });
+            let answer = rt.dsm().call(Rank(1), SERVICE, &[&ask]).unwrap();
+            let answer = decode(Rank(1), &answer).unwrap();
+            assert!(matches!(answer, Answer::Refused(_)), "{answer:?}");
+            // The lease was not ended: completing it now goes through.
+            space.complete(lease, Vec::new()).unwrap();
+            assert_eq!(space.count(t).unwrap(), 0);
+        });
+    }
+
+    #[test]
     fn results_more_than_a_request_carries_are_refused_with_nothing_put_and_the_tuple_back() {
-        crate::local::run_local_job(2, 3, |rt| {
-            let space = TupleSpace::join(rt).unwrap();
-            let name = homed_at_rank_1(&space, "big");
-            let t = crate::template!(name.clone(), ?i64);
-            if rt.rank() == Rank(0) {
-                space.out(crate::tuple!(name.clone(), 1i64)).unwrap();
-                let lease = space.in_leased(&t).unwrap();
-                // Each result is within the limits; all together, homed where the lease is, are more than
-                // one request carries.
-                let results = (0..=dsm::MAX_SERVICE_REQUEST >> 20)
-                    .map(|_| crate::tuple!(name.clone(), vec![0u8; 1 << 20]))
-                    .collect();
-                let e = space.complete(lease, results).unwrap_err();
-                assert!(e.to_string().contains("a request carries at most"), "{e}");
-                // Nothing was put, and the leased tuple is back.
-                assert_eq!(space.count(&t).unwrap(), 1);
-                assert_eq!(
-                    space
-                        .count(&crate::template!(name.clone(), ?Vec<u8>))
-                        .unwrap(),
-                    0
-                );
-            }
-            rt.dsm().barrier().unwrap();
+        with_a_lease_homed_at_rank_1("big", |_, space, name, t, lease| {
+            // Each result is within the limits; all together, homed where the lease is, are more than
+            // one request carries.
+            let results = (0..=dsm::MAX_SERVICE_REQUEST >> 20)
+                .map(|_| crate::tuple!(name, vec![0u8; 1 << 20]))
+                .collect();
+            let e = space.complete(lease, results).unwrap_err();
+            assert!(e.to_string().contains("a request carries at most"), "{e}");
+            // Nothing was put, and the leased tuple is back.
+            assert_eq!(space.count(t).unwrap(), 1);
+            assert_eq!(space.count(&crate::template!(name, ?Vec<u8>)).unwrap(), 0);
         });
     }
 
