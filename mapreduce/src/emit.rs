@@ -130,7 +130,58 @@ impl<K: Hash + Eq, V> Held<K, V> {
         self.room = buckets * (pair + 1) + spare * pair;
     }
 
+    /// Everything held, unsorted, in one list per partition (`partitions` of them, `partition` giving each
+    /// key's), leaving it empty (the table keeps its allocation). Each key's partition is asked twice, to
+    /// count each partition's pairs and then to move each pair once into a list of its exact size: a
+    /// move into one list and then swaps into place cost more than the second hash (cache misses, 2-6 ms
+    /// of a 2-rank word count's seal). If `partition` fails, everything held is dropped (the caller
+    /// fails the task) and its error returned.
+    pub(crate) fn take_grouped(
+        &mut self,
+        partitions: usize,
+        partition: Partitioner<'_, K>,
+    ) -> Result<Vec<Vec<(K, V)>>, String> {
+        let grouped = self.group(partitions, partition);
+        if grouped.is_err() {
+            self.table.clear();
+            self.pairs.clear();
+        }
+        self.bytes = 0;
+        self.pairs = Vec::new();
+        self.measure_room();
+        grouped
+    }
+
+    fn group(
+        &mut self,
+        partitions: usize,
+        partition: Partitioner<'_, K>,
+    ) -> Result<Vec<Vec<(K, V)>>, String> {
+        let out_of_range =
+            |p: usize| format!("partition {p} of a key is not below the {partitions} partitions");
+        let mut counts = vec![0usize; partitions];
+        if partitions == 1 {
+            counts[0] = self.table.len() + self.pairs.len();
+        } else {
+            for key in self.table.keys().chain(self.pairs.iter().map(|(k, _)| k)) {
+                let p = partition(key)?;
+                *counts.get_mut(p).ok_or_else(|| out_of_range(p))? += 1;
+            }
+        }
+        let mut groups: Vec<Vec<(K, V)>> = counts.into_iter().map(Vec::with_capacity).collect();
+        let pairs = std::mem::take(&mut self.pairs);
+        for (key, value) in self.table.drain().chain(pairs) {
+            let p = partition(&key)?;
+            groups
+                .get_mut(p)
+                .ok_or_else(|| out_of_range(p))?
+                .push((key, value));
+        }
+        Ok(groups)
+    }
+
     /// Everything held, unsorted, leaving it empty (the table keeps its allocation).
+    #[cfg(test)]
     pub(crate) fn take(&mut self) -> Vec<(K, V)> {
         self.bytes = 0;
         let mut all: Vec<(K, V)> = self.table.drain().collect();
@@ -144,12 +195,20 @@ impl<K: Hash + Eq, V> Held<K, V> {
     }
 }
 
+/// A key's partition, or why it has none (the job's partitioner gave one out of range).
+pub(crate) type Partitioner<'a, K> = &'a dyn Fn(&K) -> Result<usize, String>;
+
+/// What a spill is given: the held pairs, unsorted, in one list per partition.
+pub(crate) type Spill<'a, K, V> = &'a mut dyn FnMut(Vec<Vec<(K, V)>>) -> Result<(), String>;
+
 /// Where `map` emits its pairs.
 pub struct Emitter<'a, K, V> {
     combiner: Option<Combiner<V>>,
     held: Held<K, V>,
     budget: u64,
-    spill: &'a mut dyn FnMut(Vec<(K, V)>) -> Result<(), String>,
+    partitions: usize,
+    partition: Partitioner<'a, K>,
+    spill: Spill<'a, K, V>,
     error: Option<String>,
     pub(crate) counters: Counters,
 }
@@ -179,26 +238,34 @@ where
     K: Hash + Eq + Serialize,
     V: Serialize,
 {
+    /// An emitter of one partition.
     #[cfg(test)]
     pub(crate) fn new(
         combiner: Option<Combiner<V>>,
         budget: u64,
-        spill: &'a mut dyn FnMut(Vec<(K, V)>) -> Result<(), String>,
+        spill: Spill<'a, K, V>,
     ) -> Emitter<'a, K, V> {
-        Emitter::folding_into(combiner, budget, spill, Held::default())
+        fn whole<K>(_: &K) -> Result<usize, String> {
+            Ok(0)
+        }
+        Emitter::folding_into(combiner, budget, (1, &whole::<K>), spill, Held::default())
     }
 
-    /// An emitter that folds into `held` (output earlier maps left, or nothing).
+    /// An emitter that folds into `held` (output earlier maps left, or nothing) and spills it cut into
+    /// `partitions.0` partitions by `partitions.1`.
     pub(crate) fn folding_into(
         combiner: Option<Combiner<V>>,
         budget: u64,
-        spill: &'a mut dyn FnMut(Vec<(K, V)>) -> Result<(), String>,
+        partitions: (usize, Partitioner<'a, K>),
+        spill: Spill<'a, K, V>,
         held: Held<K, V>,
     ) -> Emitter<'a, K, V> {
         Emitter {
             combiner,
             held,
             budget,
+            partitions: partitions.0,
+            partition: partitions.1,
             spill,
             error: None,
             counters: Counters::default(),
@@ -257,7 +324,7 @@ where
 
     fn spill_if_over(&mut self) {
         if self.held.memory() > self.budget && self.error.is_none() {
-            let held = self.held.take();
+            let held = self.held.take_grouped(self.partitions, self.partition);
             // The table keeps its buckets for what comes next, unless they alone take half the budget
             // (it grew just now): the next spill would come all the sooner, and with the whole budget
             // every entry would spill on its own.
@@ -265,7 +332,7 @@ where
                 self.held.table = FxHashMap::default();
                 self.held.measure_room();
             }
-            if let Err(e) = (self.spill)(held) {
+            if let Err(e) = held.and_then(|held| (self.spill)(held)) {
                 self.error = Some(e);
             }
         }
@@ -321,14 +388,67 @@ mod tests {
         *total += n;
     }
 
+    fn one(_: &String) -> Result<usize, String> {
+        Ok(0)
+    }
+
+    #[test]
+    fn held_output_is_taken_in_its_partitions_each_pair_once() {
+        let by_length = |k: &String| Ok(k.len() % 3);
+        let mut spilled = Vec::new();
+        let mut spill = |held: Vec<Vec<(String, u64)>>| {
+            spilled.push(held);
+            Ok(())
+        };
+        let mut e = Emitter::folding_into(
+            Some(add),
+            1 << 20,
+            (3, &by_length),
+            &mut spill,
+            super::Held::default(),
+        );
+        let keys: Vec<String> = (0..500).map(|i| "x".repeat(1 + i % 7)).collect();
+        for k in &keys {
+            e.emit_ref(k.as_str(), 1);
+        }
+        let mut held = e.into_held();
+        let groups = held.take_grouped(3, &by_length).unwrap();
+        assert_eq!(groups.len(), 3);
+        let mut seen = 0;
+        for (p, group) in groups.iter().enumerate() {
+            for (k, n) in group {
+                assert_eq!(k.len() % 3, p, "{k} in partition {p}");
+                assert_eq!(*n, keys.iter().filter(|x| *x == k).count() as u64);
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 7, "each of the 7 keys once");
+        assert_eq!(
+            (held.table.len(), held.memory() > 0),
+            (0, true),
+            "buckets kept"
+        );
+        assert!(spilled.is_empty());
+
+        // A partition out of range fails the take, and what was held is dropped, not kept for later.
+        let mut spill = |_: Vec<Vec<(String, u64)>>| Ok(());
+        let mut e = Emitter::folding_into(Some(add), 1 << 20, (3, &by_length), &mut spill, held);
+        e.emit_ref("abc", 1);
+        e.emit_ref("ab", 1);
+        let mut held = e.into_held();
+        let err = held.take_grouped(2, &by_length).unwrap_err();
+        assert!(err.contains("not below the 2 partitions"), "{err}");
+        assert_eq!((held.table.len(), held.bytes), (0, 0));
+    }
+
     /// Emits `keys` (each with count 1) through an emitter of `budget` bytes; returns the spills and
     /// what was still held at the end.
     type Held = Vec<(String, u64)>;
 
     fn emit_all(keys: &[String], budget: u64) -> (Vec<Held>, Held) {
         let mut spilled = Vec::new();
-        let mut spill = |held: Vec<(String, u64)>| {
-            spilled.push(held);
+        let mut spill = |held: Vec<Vec<(String, u64)>>| {
+            spilled.push(held.concat());
             Ok(())
         };
         let mut e = Emitter::new(Some(add as Combiner<u64>), budget, &mut spill);
@@ -360,7 +480,7 @@ mod tests {
     #[test]
     fn after_a_spill_fails_nothing_more_is_held() {
         let mut tries = 0;
-        let mut spill = |_: Vec<(String, u64)>| {
+        let mut spill = |_: Vec<Vec<(String, u64)>>| {
             tries += 1;
             Err("disk full".to_string())
         };
@@ -382,8 +502,8 @@ mod tests {
     #[test]
     fn a_second_emitter_folds_into_what_the_first_held_and_counts_its_memory() {
         let mut spilled: Vec<Held> = Vec::new();
-        let mut spill = |held: Vec<(String, u64)>| {
-            spilled.push(held);
+        let mut spill = |held: Vec<Vec<(String, u64)>>| {
+            spilled.push(held.concat());
             Ok(())
         };
         let mut first = Emitter::new(Some(add as Combiner<u64>), 2000, &mut spill);
@@ -393,7 +513,7 @@ mod tests {
         let held = first.into_held();
         let bytes = held.bytes;
         assert!(bytes > 0);
-        let mut second = Emitter::folding_into(Some(add), 2000, &mut spill, held);
+        let mut second = Emitter::folding_into(Some(add), 2000, (1, &one), &mut spill, held);
         second.emit_ref("a", 1);
         assert_eq!(
             second.held.bytes, bytes,
@@ -410,7 +530,7 @@ mod tests {
             third.emit_ref(k.as_str(), 1);
         }
         let held = third.into_held();
-        let mut fourth = Emitter::folding_into(Some(add), 2000, &mut spill, held);
+        let mut fourth = Emitter::folding_into(Some(add), 2000, (1, &one), &mut spill, held);
         for k in &many[20..] {
             fourth.emit_ref(k.as_str(), 1);
         }
@@ -426,8 +546,8 @@ mod tests {
         // entries) take more than the entries' own count; counted without them, a spill came at about
         // 1800 entries of 64 KiB, when the table already took 69 KiB.
         let mut spills = Vec::new();
-        let mut spill = |held: Vec<(u64, u64)>| {
-            spills.push(held.len());
+        let mut spill = |held: Vec<Vec<(u64, u64)>>| {
+            spills.push(held.concat().len());
             Ok(())
         };
         let budget = 64 << 10;
@@ -458,8 +578,8 @@ mod tests {
             total.extend(more);
         }
         let mut spills = Vec::new();
-        let mut spill = |held: Vec<(u32, Vec<u64>)>| {
-            spills.push(held.iter().map(|(_, v)| v.len()).sum::<usize>());
+        let mut spill = |held: Vec<Vec<(u32, Vec<u64>)>>| {
+            spills.push(held.concat().iter().map(|(_, v)| v.len()).sum::<usize>());
             Ok(())
         };
         let budget = 64 << 10;
@@ -479,7 +599,7 @@ mod tests {
 
     #[test]
     fn without_a_combiner_every_pair_is_kept_sorted() {
-        let mut spill = |_: Vec<(u32, u32)>| Err("no spill expected".to_string());
+        let mut spill = |_: Vec<Vec<(u32, u32)>>| Err("no spill expected".to_string());
         let mut e = Emitter::new(None, 1 << 20, &mut spill);
         for i in [3u32, 1, 2, 1] {
             e.emit(i, i * 10);

@@ -30,8 +30,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 type Pairs<J> = Vec<(<J as Job>::Key, <J as Job>::Value)>;
-/// One partition's pairs, in place: its number and its slice.
-type Slice<'a, J> = (usize, &'a mut [(<J as Job>::Key, <J as Job>::Value)]);
 type Readers<J> = Vec<RunReader<<J as Job>::Key, <J as Job>::Value>>;
 /// A job's map output held in memory.
 type HeldOf<J> = Held<<J as Job>::Key, <J as Job>::Value>;
@@ -411,74 +409,40 @@ impl<J: Job> Worker<'_, J> {
         bounded(result, kind, id)
     }
 
-    /// Groups `pairs` by partition and sorts each group by key, in place, and writes each partition's
-    /// pairs as one run (the partitions' sorts and writes in parallel when `parallel`). The pairs' keys
-    /// need no combining here: with a combiner they come from its table, one pair per key; without one,
-    /// all are kept.
+    /// The job's partitioner for `n` partitions, refusing a partition out of range.
+    fn partitioner(&self, n: usize) -> impl Fn(&J::Key) -> Result<usize, String> + '_ {
+        move |key| match self.job.partition(key, n) {
+            p if p < n => Ok(p),
+            p => Err(format!(
+                "the job's partition() gave {p} for key {key}, with {n} partitions"
+            )),
+        }
+    }
+
+    /// Sorts each partition's pairs (`groups`, by partition) by key and writes them as one run (the
+    /// partitions' sorts and writes in parallel when `parallel`). The pairs' keys need no combining
+    /// here: with a combiner they come from its table, one pair per key; without one, all are kept.
     fn write_runs(
         &self,
-        mut pairs: Pairs<J>,
-        n: usize,
+        groups: Vec<Pairs<J>>,
         sink: &RunSink,
         parallel: bool,
     ) -> Result<(), String> {
-        // Each key's partition, computed once; then each pair is swapped straight into its partition's
-        // place (a sort by partition took as long as the sorts by key that follow, for two partitions).
-        let mut parts = Vec::with_capacity(pairs.len());
-        let mut ends = vec![0usize; n];
-        for (k, _) in &pairs {
-            let p = self.job.partition(k, n);
-            if p >= n {
-                return Err(format!(
-                    "the job's partition() gave {p} for key {k}, with {n} partitions"
-                ));
-            }
-            ends[p] += 1;
-            parts.push(p);
-        }
-        let mut next = Vec::with_capacity(n);
-        let mut at = 0;
-        for end in ends.iter_mut() {
-            next.push(at);
-            at += *end;
-            *end = at;
-        }
-        for p in 0..n {
-            // The pairs before `next[p]` in partition p's place belong there. The one at `next[p]` does,
-            // or goes to the first unsettled place of its own partition (a later one: the earlier ones
-            // are full), whose pair comes here to be looked at in turn.
-            while next[p] < ends[p] {
-                let i = next[p];
-                let q = parts[i];
-                if q == p {
-                    next[p] += 1;
-                } else {
-                    let j = next[q];
-                    pairs.swap(i, j);
-                    parts.swap(i, j);
-                    next[q] += 1;
-                }
-            }
-        }
-        let mut slices: Vec<Slice<'_, J>> = Vec::new();
-        let mut rest: &mut [(J::Key, J::Value)] = &mut pairs;
-        let mut start = 0;
-        for (p, &end) in ends.iter().enumerate() {
-            let (mine, after) = std::mem::take(&mut rest).split_at_mut(end - start);
-            if !mine.is_empty() {
-                slices.push((p, mine));
-            }
-            rest = after;
-            start = end;
-        }
-        let each = |(p, slice): Slice<'_, J>| {
-            slice.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            sink.write(p, slice)
+        let each = |(p, mut pairs): (usize, Pairs<J>)| {
+            pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            sink.write(p, &pairs)
         };
+        let groups = groups
+            .into_iter()
+            .enumerate()
+            .filter(|(_, g)| !g.is_empty());
         if parallel {
-            slices.into_par_iter().try_for_each(each)
+            groups
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .try_for_each(each)
         } else {
-            slices.into_iter().try_for_each(each)
+            groups.into_iter().try_for_each(each)
         }
     }
 
@@ -578,10 +542,16 @@ impl<J: Job> Worker<'_, J> {
         partitions: usize,
     ) -> Result<(HeldOf<J>, Counters), String> {
         let combiner = self.job.combiner();
-        let mut spill = |held: Pairs<J>| -> Result<(), String> {
-            self.write_runs(held, partitions, sink, false)
-        };
-        let mut emit = Emitter::folding_into(combiner, self.budget, &mut spill, held);
+        let partition = self.partitioner(partitions);
+        let mut spill =
+            |groups: Vec<Pairs<J>>| -> Result<(), String> { self.write_runs(groups, sink, false) };
+        let mut emit = Emitter::folding_into(
+            combiner,
+            self.budget,
+            (partitions, &partition),
+            &mut spill,
+            held,
+        );
         let mut at = split.start;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             for (o, line) in input::lines(bytes) {
@@ -651,10 +621,12 @@ impl<J: Job> Worker<'_, J> {
             let partitions = lock(&sink.runs).len();
             // Each held output's partitions are sorted and written on the rank's threads. A panic (of
             // the job's partitioner) leaves the batch failed, not taken for written with runs missing.
+            let partition = self.partitioner(partitions);
             let written = catch_unwind(AssertUnwindSafe(|| {
                 self.pool.install(|| {
-                    held.into_iter()
-                        .try_for_each(|mut h| self.write_runs(h.take(), partitions, &sink, true))
+                    held.into_iter().try_for_each(|mut h| {
+                        self.write_runs(h.take_grouped(partitions, &partition)?, &sink, true)
+                    })
                 })
             }))
             .unwrap_or_else(|panic| {
