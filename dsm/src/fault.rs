@@ -665,6 +665,20 @@ fn install_chunks(
     .map_err(|e| FaultError::Sys("UFFDIO_COPY", e))
 }
 
+/// Refuses a payload on a reply that announces none (no data, zeros, a grant without the page). It is
+/// not read through: a length from a confused peer may be of bytes that never come, and a fault that
+/// fails ends this rank, so the channel need not stay aligned on frames.
+fn no_payload(home: Rank, payload_len: usize) -> Result<(), FaultError> {
+    if payload_len == 0 {
+        Ok(())
+    } else {
+        Err(FaultError::Protocol(
+            home,
+            "a reply carries bytes it does not announce",
+        ))
+    }
+}
+
 /// Refuses a grant that the home's manager could not have made: one that names this rank or the home as
 /// a rank to fetch from or to invalidate (this rank would ask its own service loop, which defers the
 /// request until this very fault ends: a wait for ever), or a read grant with copies to invalidate.
@@ -792,11 +806,11 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                         ))
                     }
                     Data::None => {
-                        ch.skip_payload(home, payload_len).map_err(peer)?;
+                        no_payload(home, payload_len)?;
                         upgrade_in_place(region, page, access)?
                     }
                     Data::Zero => {
-                        ch.skip_payload(home, payload_len).map_err(peer)?;
+                        no_payload(home, payload_len)?;
                         if served > 1 && access == Access::Write {
                             Counters::add(&c.pages_zero_filled, served - 1);
                         } else if served > 1 {
@@ -853,7 +867,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                     have = true;
                     Counters::add(&c.pages_fetched, 1);
                 } else {
-                    ch.skip_payload(home, payload_len).map_err(peer)?;
+                    no_payload(home, payload_len)?;
                 }
                 run_grant(&mut ch, region, page, access, &grant, &mut have)?;
                 if have {
