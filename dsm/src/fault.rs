@@ -928,7 +928,9 @@ fn local_transaction(region: &RegionShared, page: u64, access: Access) -> Result
         lock_slot(&slot.lock);
         let result = (|| {
             let mut entry = slot.load();
-            entry.forget_readers(|r| shared.gone[r.index()].load(Ordering::Acquire));
+            entry.forget_gone(shared.me, |r| {
+                shared.gone[r.index()].load(Ordering::Acquire)
+            });
             match swmr::decide(&mut entry, shared.me, shared.me, access) {
                 Decision::Done { data, .. } => {
                     match data {
@@ -1051,7 +1053,7 @@ fn run_grant(
     // this rank shut its connections to it itself, so sends to it fail the same way) may live on with
     // its copy, as may one that only cut its channels' connections, having taken this rank for failed
     // (under `FailurePolicy::Report`): its copy cannot be dropped, and this fault ends with an error, as
-    // for any other error, rather than leave a stale copy readable (the home's `forget_readers` prunes
+    // for any other error, rather than leave a stale copy readable (the home's `forget_gone` prunes
     // on `gone` alone for the same reason).
     let closed_send = |e: Errno| matches!(e, Errno::EPIPE | Errno::ECONNRESET);
     let left_the_job = |r: Rank| {

@@ -1211,6 +1211,19 @@ fn pages_a_dead_rank_read_can_be_written() {
     );
 }
 
+/// Under --keep-going, the pages of a dead owner that others read are read and written from their
+/// copies: the home's for a reader, a reader's for the home's write.
+#[test]
+fn pages_of_a_dead_owner_live_on_in_their_copies() {
+    let (o, out) = job_keep_going(CHECK, 3, &["ownerdies"]);
+    assert_eq!(o.code, 0, "{out}");
+    assert!(
+        out.contains("ownerdies: rank 1 read the dead owner's page from the home's copy")
+            && out.contains("ownerdies: the home wrote the dead owner's page from rank 1's copy"),
+        "{out}"
+    );
+}
+
 /// Under --keep-going, a release whose diffs go to a dead home and a live one fails naming the dead one;
 /// the live one applies its diff, and the releasing rank reads pages from it afterwards over the same
 /// channels (two of them, without read-ahead, so that the channel of the release is soon used again).

@@ -158,7 +158,7 @@ impl Engine {
         let slot = region.slot(page);
         let mut entry = slot.load();
         let gone = &self.shared.gone;
-        entry.forget_readers(|r| gone[r.index()].load(Ordering::Acquire));
+        entry.forget_gone(me, |r| gone[r.index()].load(Ordering::Acquire));
         let before = entry;
         match swmr::decide(&mut entry, me, requester, access) {
             Decision::Done { home_action, data } => {

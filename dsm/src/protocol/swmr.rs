@@ -73,11 +73,33 @@ impl Entry {
         self.owner == Some(rank) || self.copyset.contains(rank)
     }
 
-    /// Takes the ranks for which `gone` holds out of the copyset: a rank that left the job (or died) took
-    /// its read-only copy with it, and a writer told to have it dropped there would fail. (Such an owner
-    /// stays: its copy may have been the only one, and the next fault must say so.) Allocates nothing: the
-    /// fault path calls it.
-    pub fn forget_readers(&mut self, gone: impl Fn(Rank) -> bool) {
+    /// Forgets the copies of the ranks for which `gone` holds (they left the job, or died, and took their
+    /// copies with them), at the page's home `home`. Readers leave the copyset: a writer told to have
+    /// their copies dropped would fail. A gone owner is replaced by a rank that still holds a copy, the
+    /// home first: with copies elsewhere, the owner's was read-only and the same as theirs, and a fault
+    /// sent to fetch it from the gone owner would fail while a good copy lives on. (With no copy left,
+    /// the gone owner stays: its copy was the only one, and the next fault must say so.) Allocates
+    /// nothing: the fault path calls it.
+    pub fn forget_gone(&mut self, home: Rank, gone: impl Fn(Rank) -> bool) {
+        self.forget_readers(&gone);
+        let Some(owner) = self.owner else {
+            return;
+        };
+        if !gone(owner) {
+            return;
+        }
+        let heir = if self.copyset.contains(home) {
+            Some(home)
+        } else {
+            self.copyset.iter().next()
+        };
+        if let Some(heir) = heir {
+            self.copyset.remove(heir);
+            self.owner = Some(heir);
+        }
+    }
+
+    fn forget_readers(&mut self, gone: impl Fn(Rank) -> bool) {
         for (w, word) in self.copyset.0.iter_mut().enumerate() {
             let mut bits = *word;
             while bits != 0 {

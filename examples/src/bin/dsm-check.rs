@@ -50,6 +50,8 @@
 //!   while its ranks wait at a barrier, then resumed: no rank may take another for failed;
 //! - `readerdies`: (under --keep-going, 3 ranks) a rank that read two pages dies; the home, then another
 //!   rank, write them: neither waits for the dead reader nor fails for it;
+//! - `ownerdies`: (under --keep-going, 3 ranks) a rank that wrote two pages, which the home and another
+//!   rank then read, dies: the pages are read and written from the copies that live on;
 //! - `diffhomedies`: (under --keep-going, 3 ranks) a release sends diffs to two homes, one of them dead: it
 //!   fails naming the dead one, the live one applies its diff, and the releasing rank goes on;
 //! - `releaseafterdeath`: (under --keep-going, 4 ranks) rank 1 holds a write to a page homed at rank 2 when
@@ -68,7 +70,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | homediffs | flushbatch | carrylock | selective | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
-    /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | freeze | pause | diewriting | readerdies | diffhomedies | releaseafterdeath | sentsigbus
+    /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | freeze | pause | diewriting | readerdies | ownerdies | diffhomedies | releaseafterdeath | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -1427,6 +1429,55 @@ fn main() -> anyhow::Result<()> {
             }
             std::process::exit(0);
         }
+        "ownerdies" => {
+            // Rank 2 writes two pages homed at rank 0 (it owns them); rank 0 reads the first and rank 1
+            // the second (each a read-only copy, the owner's downgraded), and rank 2 dies. Rank 1 then
+            // reads the first and rank 0 writes the second: both used to be sent to fetch the page
+            // from the dead owner, and failed, while a copy lived on.
+            anyhow::ensure!(n == 3, "ownerdies needs 3 ranks");
+            let v =
+                dsm.alloc_vec_with::<u64>(2 * WORDS_PER_PAGE, dsm::Placement::At(dsm::Rank(0)))?;
+            let (first, second) = (0, WORDS_PER_PAGE);
+            if me == 2 {
+                v.set(first, 7);
+                v.set(second, 8);
+            }
+            dsm.barrier()?;
+            match me {
+                0 => ensure!(v.get(first) == 7, "the home read a stale page"),
+                1 => ensure!(v.get(second) == 8, "rank 1 read a stale page"),
+                _ => {}
+            }
+            dsm.barrier()?;
+            let until = |what: &str, done: &dyn Fn() -> bool| within_30_s(me, what, done);
+            let failed = |r: u32| has_failed(dsm, r);
+            if me == 2 {
+                nix_kill_self();
+            }
+            until("rank 2's death was not noticed in 30 s", &|| failed(2))?;
+            // A rank is failed at the end of its first connection, and gone (its copies with it) at the
+            // end of its service loop's, which the home reads in the same pass when a process dies.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if me == 1 {
+                ensure!(
+                    v.get(first) == 7,
+                    "rank 1 read a wrong copy of the dead owner's page"
+                );
+                println!("ownerdies: rank 1 read the dead owner's page from the home's copy");
+                until("rank 0's write did not show in 30 s", &|| {
+                    v.get(second) == 9
+                })?;
+                v.set(first, 11);
+                until("rank 0 did not leave in 30 s", &|| failed(0))?;
+            } else {
+                v.set(second, 9);
+                println!("ownerdies: the home wrote the dead owner's page from rank 1's copy");
+                until("rank 1's write did not show in 30 s", &|| {
+                    v.get(first) == 11
+                })?;
+            }
+            std::process::exit(0);
+        }
         "diffhomedies" => {
             // Rank 0 writes a page homed at rank 2, then one homed at rank 1, so that one release sends a
             // diff to each, rank 2's first; rank 2 has died by then. The release fails naming rank 2, rank
@@ -1701,7 +1752,7 @@ fn main() -> anyhow::Result<()> {
         })?,
         other => {
             anyhow::bail!(
-                "unknown check {other:?}: use counter, mp, sb, pages, latehome, homediffs, flushbatch, carrylock, selective, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, freeze, partition, pause, diewriting, readerdies, diffhomedies, releaseafterdeath or sentsigbus"
+                "unknown check {other:?}: use counter, mp, sb, pages, latehome, homediffs, flushbatch, carrylock, selective, bytes, mplock, manylocks, readahead, coalesce, firsttouch, lockfault, grantwait, panicwaited, errorwaited, quitwaited, servicefault, idle, ownmpi, die, stop, stopkeep, freeze, partition, pause, diewriting, readerdies, ownerdies, diffhomedies, releaseafterdeath or sentsigbus"
             )
         }
     }

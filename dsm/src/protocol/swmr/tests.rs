@@ -612,7 +612,7 @@ fn randomized_interleavings_keep_single_writer_and_fresh_reads() {
 }
 
 #[test]
-fn readers_that_failed_leave_the_copyset_and_the_owner_stays() {
+fn ranks_that_left_leave_the_copyset_and_a_reader_takes_over_from_a_gone_owner() {
     let mut e = Entry {
         owner: Some(Rank(3)),
         copyset: CopySet::EMPTY,
@@ -620,20 +620,59 @@ fn readers_that_failed_leave_the_copyset_and_the_owner_stays() {
     for r in [1, 63, 64, 65, 200, 255] {
         e.copyset.insert(Rank(r));
     }
-    e.forget_readers(|r| [3, 63, 65, 255].contains(&r.0));
+    e.forget_gone(Rank(0), |r| [3, 63, 65, 255].contains(&r.0));
     let left: Vec<u32> = e.copyset.iter().map(|r| r.0).collect();
-    assert_eq!(left, vec![1, 64, 200]);
-    assert_eq!(e.owner, Some(Rank(3)), "a failed owner is not forgotten");
-    // A write by rank 1 has no failed reader's copy dropped.
-    match decide(&mut e, Rank(0), Rank(1), Access::Write) {
+    assert_eq!(left, vec![64, 200]);
+    assert_eq!(
+        e.owner,
+        Some(Rank(1)),
+        "the owner's read-only copy lives on at a reader"
+    );
+    // A write by rank 2 has no gone rank's copy dropped, and fetches the page from the new owner.
+    match decide(&mut e, Rank(0), Rank(2), Access::Write) {
         Decision::Grant(g) => {
+            assert_eq!(g.fetch_from, Some(Rank(1)));
             let asked: Vec<u32> = g.invalidate.iter().map(|r| r.0).collect();
-            assert!(asked.contains(&64) && asked.contains(&200), "{asked:?}");
-            assert!(
-                !asked.iter().any(|r| [63, 65, 255].contains(r)),
-                "{asked:?}"
-            );
+            assert_eq!(asked, vec![64, 200]);
         }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_home_takes_over_from_a_gone_owner_whose_page_it_read() {
+    // The owner wrote the page, the home read it, and the owner died: the home's copy is the page.
+    let mut e = Entry {
+        owner: Some(Rank(2)),
+        copyset: CopySet::EMPTY,
+    };
+    e.copyset.insert(Rank(3));
+    e.copyset.insert(Rank(0));
+    e.forget_gone(Rank(0), |r| r == Rank(2));
+    assert_eq!(e.owner, Some(Rank(0)));
+    assert_eq!(e.copyset.iter().collect::<Vec<_>>(), vec![Rank(3)]);
+    // A reader gets the home's copy, not a grant to fetch it from the dead rank.
+    assert_eq!(
+        decide(&mut e, Rank(0), Rank(1), Access::Read),
+        Decision::Done {
+            home_action: HomeAction::Downgrade,
+            data: Data::Home
+        }
+    );
+}
+
+#[test]
+fn a_gone_owner_with_the_only_copy_stays_the_owner() {
+    let mut e = Entry {
+        owner: Some(Rank(2)),
+        copyset: CopySet::EMPTY,
+    };
+    e.copyset.insert(Rank(3));
+    e.forget_gone(Rank(0), |r| r == Rank(2) || r == Rank(3));
+    assert_eq!(e.owner, Some(Rank(2)), "its copy was the only one");
+    assert!(e.copyset.is_empty());
+    match decide(&mut e, Rank(0), Rank(1), Access::Read) {
+        Decision::Grant(g) => assert_eq!(g.fetch_from, Some(Rank(2))),
         other => panic!("{other:?}"),
     }
 }
