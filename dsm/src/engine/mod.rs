@@ -139,9 +139,10 @@ pub(crate) struct Engine {
     /// its page at once, and serving the queue from there again would recurse once per queued request.
     serving: HashSet<(u32, u64)>,
     /// Pages whose manager lock a transaction of another rank holds until its `Unlock` (a grant, or an
-    /// upgrade answered at once), by (region, page): the rank and its access. If that rank fails, the lock
-    /// is released here instead of being held for ever (see `peer_failed`).
-    held_by: HashMap<(u32, u64), (Rank, Access)>,
+    /// upgrade answered at once), by (region, page): the rank, its access, and whether it was granted
+    /// (its `Unlock` must say the same). If that rank fails, the lock is released here instead of being
+    /// held for ever (see `peer_failed`).
+    held_by: HashMap<(u32, u64), (Rank, Access, bool)>,
     locks: HashMap<u64, LockServer>,
     /// Leaf requests waiting for this rank to finish installing the page they name.
     deferred: Vec<(usize, Request, Vec<u8>)>,
@@ -638,8 +639,8 @@ impl Engine {
         let held: Vec<((u32, u64), Access)> = self
             .held_by
             .iter()
-            .filter(|(_, (r, _))| *r == peer)
-            .map(|(k, (_, a))| (*k, *a))
+            .filter(|(_, (r, _, _))| *r == peer)
+            .map(|(k, (_, a, _))| (*k, *a))
             .collect();
         for ((id, page), access) in held {
             self.held_by.remove(&(id, page));
@@ -689,7 +690,7 @@ impl Engine {
                 // duplicate or corrupt Unlock must not free a page lock another transaction holds.
                 let peer = self.conns[idx].peer;
                 let holder = self.held_by.get(&(region, page)).copied();
-                if count != 1 || holder != Some((peer, access)) {
+                if count != 1 || holder != Some((peer, access, granted)) {
                     self.close(
                         idx,
                         &format!(

@@ -244,7 +244,8 @@ impl Engine {
                 if sent && data == Data::None {
                     // An upgrade (or a read of a copy the requester holds): the lock stays held until the
                     // requester's Unlock, or its failure (`peer_failed`).
-                    self.held_by.insert((region.id, page), (requester, access));
+                    self.held_by
+                        .insert((region.id, page), (requester, access, false));
                 }
                 let may_hold_them = tried_direct && access == Access::Read;
                 if !sent && may_hold_them {
@@ -307,7 +308,8 @@ impl Engine {
                 if self.reply(idx, &Reply::Granted { grant }, &[payload]) {
                     // Held until the requester's Unlock; should the requester fail before, `peer_failed`
                     // ends the transaction as if it had completed (it may have invalidated the others).
-                    self.held_by.insert((region.id, page), (requester, access));
+                    self.held_by
+                        .insert((region.id, page), (requester, access, true));
                 } else {
                     // The requester never heard of the grant, so nothing changed anywhere but here.
                     if copied {
