@@ -184,7 +184,11 @@ impl MapReduce {
             });
         let pool = match setup {
             Ok(pool) => pool,
-            Err(e) => return Err(self.fail_early(job_id, &farm, e)),
+            Err(e) => {
+                // The job's directory may have been made before the threads failed to start.
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(self.fail_early(job_id, &farm, e));
+            }
         };
         let worker = Worker {
             job,
