@@ -144,7 +144,6 @@ impl<K: Hash + Eq, V> Held<K, V> {
         let grouped = self.group(partitions, partition);
         if grouped.is_err() {
             self.table.clear();
-            self.pairs.clear();
         }
         self.bytes = 0;
         self.pairs = Vec::new();

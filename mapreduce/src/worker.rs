@@ -432,17 +432,19 @@ impl<J: Job> Worker<'_, J> {
             pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             sink.write(p, &pairs)
         };
-        let groups = groups
-            .into_iter()
-            .enumerate()
-            .filter(|(_, g)| !g.is_empty());
+        let written = |(_, g): &(usize, Pairs<J>)| !g.is_empty();
         if parallel {
             groups
-                .collect::<Vec<_>>()
                 .into_par_iter()
+                .enumerate()
+                .filter(written)
                 .try_for_each(each)
         } else {
-            groups.into_iter().try_for_each(each)
+            groups
+                .into_iter()
+                .enumerate()
+                .filter(written)
+                .try_for_each(each)
         }
     }
 
