@@ -98,6 +98,16 @@ impl<K, V> Batch<K, V> {
     }
 }
 
+/// The batches older than the newest that hold output in memory and are not written yet.
+fn older_held<K, V>(batches: &HashMap<u64, Batch<K, V>>) -> Vec<u64> {
+    let newest = batches.keys().max().copied().unwrap_or(0);
+    batches
+        .iter()
+        .filter(|(n, b)| **n < newest && !b.sealed && !b.idle.is_empty())
+        .map(|(n, _)| *n)
+        .collect()
+}
+
 /// A file being written, removed when dropped unless it was finished (`.0` taken).
 struct Unfinished(Option<PathBuf>);
 
@@ -524,8 +534,12 @@ impl<J: Job> Worker<'_, J> {
         batch: u64,
     ) -> Result<TaskResult, String> {
         let (folding, held) = self.join(id, batch, partitions)?;
+        // A map of a newer batch (a map redone after reduces went out) starts while older batches may
+        // still hold their output in memory; a map of an older batch may end after one has started.
+        self.spill_older();
         let (held, counters) = self.map_lines(split, data, held, &folding.sink, partitions)?;
         folding.finish(held)?;
+        self.spill_older();
         Ok(TaskResult::Mapped {
             holder: self.dsm.rank().0,
             input_bytes: data.len() as u64,
@@ -584,6 +598,59 @@ impl<J: Job> Worker<'_, J> {
         Ok((emit.into_held(), counters))
     }
 
+    /// Writes as runs the output that batches older than this rank's newest hold in memory, so that what
+    /// a rank holds stays within the budget of one batch. Once a newer batch has started, an older one
+    /// only waits for its reduces (a map redone late may still fold into it, and is written when it
+    /// ends): held, its output would stay in memory beside the newer batch's, twice the budget. The
+    /// batch stays open: its runs are among those a reduce reads when it writes the rest. A failed
+    /// batch's output, which no reduce may read, is dropped instead. An error leaves that batch failed,
+    /// for its reduces to report.
+    fn spill_older(&self) {
+        if older_held(&lock(&self.batches)).is_empty() {
+            return;
+        }
+        // Under the seal's lock: a reduce that writes one of these batches waits until its runs are all
+        // there.
+        let _one = lock(&self.sealing);
+        let (mut to_write, mut dropped) = (Vec::new(), Vec::new());
+        {
+            let mut batches = lock(&self.batches);
+            for n in older_held(&batches) {
+                let Some(b) = batches.get_mut(&n) else {
+                    continue;
+                };
+                let held = std::mem::take(&mut b.idle);
+                match b.failed {
+                    None => to_write.push((n, held, b.sink.clone())),
+                    Some(_) => dropped.push(held),
+                }
+            }
+        }
+        drop(dropped);
+        for (batch, held, sink) in to_write {
+            if let Err(e) = self.write_held(held, &sink) {
+                if let Some(b) = lock(&self.batches).get_mut(&batch) {
+                    b.failed.get_or_insert(e);
+                }
+            }
+        }
+    }
+
+    /// Writes held outputs as runs, one per partition and held output, on the rank's threads. A panic
+    /// (of the job's partitioner) is an error.
+    fn write_held(&self, held: Vec<HeldOf<J>>, sink: &RunSink) -> Result<(), String> {
+        let partitions = lock(&sink.runs).len();
+        let partition = self.partitioner(partitions);
+        catch_unwind(AssertUnwindSafe(|| {
+            self.pool.install(|| {
+                held.into_iter().try_for_each(|mut h| {
+                    self.write_runs(h.take_grouped(partitions, &partition)?, sink, true)
+                })
+            })
+        }))
+        .unwrap_or_else(|panic| Err(format!("writing it panicked: {}", panic_message(&*panic))))
+    }
+
     /// Writes batch `batch`'s held output as runs, one per partition and held output (once: after that
     /// it is found written), checks that it holds exactly the map tasks `tasks`, and returns its runs of
     /// `partition`.
@@ -620,21 +687,9 @@ impl<J: Job> Worker<'_, J> {
             }
         };
         if let Some((held, sink)) = to_write {
-            let partitions = lock(&sink.runs).len();
-            // Each held output's partitions are sorted and written on the rank's threads. A panic (of
-            // the job's partitioner) leaves the batch failed, not taken for written with runs missing.
-            let partition = self.partitioner(partitions);
-            let written = catch_unwind(AssertUnwindSafe(|| {
-                self.pool.install(|| {
-                    held.into_iter().try_for_each(|mut h| {
-                        self.write_runs(h.take_grouped(partitions, &partition)?, &sink, true)
-                    })
-                })
-            }))
-            .unwrap_or_else(|panic| {
-                Err(format!("writing it panicked: {}", panic_message(&*panic)))
-            });
-            if let Err(e) = written {
+            // An error (a panic of the job's partitioner included) leaves the batch failed, not taken
+            // for written with runs missing.
+            if let Err(e) = self.write_held(held, &sink) {
                 if let Some(b) = lock(&self.batches).get_mut(&batch) {
                     b.failed.get_or_insert(e);
                 }
@@ -1020,6 +1075,98 @@ mod tests {
                 .seal(9, &[1], 0)
                 .unwrap_err()
                 .contains("no map output of batch 9"));
+            let _ = std::fs::remove_dir_all(&root);
+        });
+    }
+
+    #[test]
+    fn once_a_newer_batch_starts_older_ones_keep_nothing_in_memory_and_are_still_read_whole() {
+        dsm_runtime::local::run_local_job(1, 2, |rt| {
+            let root = std::env::temp_dir().join(format!("dsm-older-test-{}", std::process::id()));
+            std::fs::create_dir_all(shuffle::job_dir(&root, 0)).unwrap();
+            let input = root.join("in.txt");
+            std::fs::write(&input, "a b a\nc a\n").unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let w = Worker {
+                job: &Count,
+                dsm: rt.dsm(),
+                root: &root,
+                job_id: 0,
+                pool: &pool,
+                budget: 1 << 20,
+                fan_in: 8,
+                batches: Mutex::new(HashMap::new()),
+                sealing: Mutex::new(()),
+                buffers: Mutex::new(Vec::new()),
+            };
+            let map = |task: u64, start, end, batch| {
+                let split = Split {
+                    file: input.clone(),
+                    start,
+                    end,
+                };
+                w.run(
+                    task,
+                    Task::Map {
+                        index: 0,
+                        split,
+                        version: None,
+                        partitions: 2,
+                        batch,
+                    },
+                )
+            };
+            let held = |batch| lock(&w.batches)[&batch].idle.len();
+            let runs = |batch| {
+                let batches = lock(&w.batches);
+                (0..2)
+                    .flat_map(|p| batches[&batch].sink.ids(p))
+                    .collect::<Vec<_>>()
+            };
+            let words = |list: &[(&str, u64)]| {
+                list.iter()
+                    .map(|(k, n)| (k.to_string(), *n))
+                    .collect::<std::collections::BTreeMap<_, _>>()
+            };
+            assert!(matches!(map(1, 0, 6, 0), TaskResult::Mapped { .. }));
+            assert!(matches!(map(2, 6, 10, 0), TaskResult::Mapped { .. }));
+            // The newest batch keeps its output in memory.
+            assert_eq!((held(0), runs(0).len()), (1, 0));
+            // Batch 1 fails with output held: map 4 ends well, map 5 beside it fails.
+            let five = w.join(5, 1, 2).unwrap();
+            assert!(matches!(map(4, 0, 6, 1), TaskResult::Mapped { .. }));
+            drop(five);
+            assert_eq!(held(1), 1);
+            // A map of batch 2 starts: batch 0's output goes to runs, failed batch 1's is dropped.
+            assert!(matches!(map(6, 0, 6, 2), TaskResult::Mapped { .. }));
+            assert_eq!((held(0), held(1), held(2)), (0, 0, 1));
+            assert_eq!((runs(0).len(), runs(1).len(), runs(2).len()), (2, 0, 0));
+            assert_eq!(
+                read_runs(&root, &runs(0)),
+                words(&[("a", 3), ("b", 1), ("c", 1)])
+            );
+            // A map of batch 0 redone late: its output is written when it ends.
+            assert!(matches!(map(7, 0, 6, 0), TaskResult::Mapped { .. }));
+            assert_eq!(held(0), 0);
+            assert!(runs(0).len() > 2);
+            // A reduce reads batch 0 whole: the runs written early and nothing else.
+            let ids: Vec<RunId> = (0..2)
+                .flat_map(|p| w.seal(0, &[1, 2, 7], p).unwrap())
+                .collect();
+            assert_eq!(ids, runs(0));
+            assert_eq!(
+                read_runs(&root, &ids),
+                words(&[("a", 5), ("b", 2), ("c", 1)])
+            );
+            assert!(w
+                .seal(1, &[4], 0)
+                .unwrap_err()
+                .contains("map task 5 failed"));
+            let ids: Vec<RunId> = (0..2).flat_map(|p| w.seal(2, &[6], p).unwrap()).collect();
+            assert_eq!(read_runs(&root, &ids), words(&[("a", 2), ("b", 1)]));
             let _ = std::fs::remove_dir_all(&root);
         });
     }
