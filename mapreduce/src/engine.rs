@@ -245,13 +245,19 @@ impl MapReduce {
 
     /// `e`, which ended job `job_id` on this rank before its workers started. The master says so to every
     /// rank, which would otherwise wait for tasks for ever, once their workers (if any started) have
-    /// returned, and clears up as after any job.
+    /// returned, and clears up as after any job. Another rank tells the master, whose job then fails
+    /// with `e` (the others would otherwise do every task, and the job succeed while this rank reports
+    /// an error).
     fn fail_early(&self, job_id: u64, farm: &TaskFarm, e: MapReduceError) -> MapReduceError {
         if self.space.dsm().rank() == Rank(0) {
             if farm.stop().is_ok() && self.wait_for_workers(job_id).is_ok() {
                 let _ = self.clear_after(job_id, farm);
             }
             let _ = self.publish(job_id, &Err(e.to_string()));
+        } else {
+            // If this fails, the master is out of reach, and sees this rank fail once its connections
+            // end.
+            let _ = farm.cannot_serve(&e.to_string());
         }
         e
     }
@@ -351,8 +357,11 @@ impl MapReduce {
         let served: Vec<_> = std::thread::scope(|s| {
             let others = match spawn_workers(s, threads - 1, farm, worker) {
                 Ok(others) => others,
-                // This rank takes no task: the others do them all.
-                Err(e) => return vec![Err(e)],
+                // This rank takes no task, and the master fails the job.
+                Err(e) => {
+                    let _ = farm.cannot_serve(&e.to_string());
+                    return vec![Err(e)];
+                }
             };
             let mine = farm.serve(|id, task: Task| worker.run(id, task));
             let mut all: Vec<_> = others

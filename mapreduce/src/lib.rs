@@ -10,7 +10,9 @@
 //!
 //! A worker that dies loses nothing for good: the task it held goes back into the bag (the farm's leases), and
 //! map output it held is recomputed when a reducer finds it gone. The master's death ends the job with an
-//! error on every rank. Run a job that should survive a worker's death with `dsmrun --keep-going`.
+//! error on every rank. Run a job that should survive a worker's death with `dsmrun --keep-going`. A rank
+//! that is alive but cannot take part (its own settings are refused, its threads or its directory for
+//! runs cannot be made) fails the job on every rank, naming itself: the job does not go on without it.
 //!
 //! This crate never touches memory directly: no unsafe code, no shared regions; only the tuple space and
 //! services of `dsm-runtime` and `dsm`.

@@ -102,6 +102,15 @@ pub enum RuntimeError {
         /// What went wrong there.
         reason: String,
     },
+    /// A rank's workers of a task farm could not take part ([`TaskFarm::cannot_serve`]); the master's
+    /// `results` reports it.
+    #[error("the workers on {rank} could not take part in the task farm: {reason}")]
+    WorkerFailed {
+        /// The rank.
+        rank: Rank,
+        /// Why not.
+        reason: String,
+    },
     /// A task farm's master waits for results that can never come: every other rank failed, and no
     /// worker serves on the master's own rank.
     #[error("every worker rank of the task farm failed, and none serves on the master's rank: {missing} result(s) will never come")]

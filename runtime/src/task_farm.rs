@@ -268,14 +268,28 @@ impl TaskFarm {
         template!(self.results_key.as_str(), ?String, ?u64, ?Vec<u8>)
     }
 
+    /// Tells the master that this rank's workers cannot take part (whatever they needed to serve
+    /// could not be set up): the master's [`TaskFarm::results`] fails with
+    /// [`RuntimeError::WorkerFailed`], naming this rank and `reason`. Without it, the others would do
+    /// every task and the master would not know that a rank of its job had failed to set up.
+    pub fn cannot_serve(&self, reason: &str) -> Result<(), RuntimeError> {
+        self.space.out(self.failure_tuple(STOP, reason.to_string()))
+    }
+
     /// What a worker puts in place of the result of task `id`, which failed there.
     fn failure(&self, id: u64, failure: &Failure) -> Tuple {
-        let mut reason = match failure {
+        let reason = match failure {
             Failure::Error(e) => e.to_string(),
             Failure::Panic(payload) => {
                 format!("its function panicked: {}", dsm::panic_message(&**payload))
             }
         };
+        self.failure_tuple(id, reason)
+    }
+
+    /// The failure of task `id` (`STOP`: of the rank's workers) for `reason`, which is cut short past
+    /// `MAX_REASON_BYTES`.
+    fn failure_tuple(&self, id: u64, mut reason: String) -> Tuple {
         if reason.len() > MAX_REASON_BYTES {
             let mut end = MAX_REASON_BYTES;
             while !reason.is_char_boundary(end) {
@@ -297,6 +311,10 @@ impl TaskFarm {
             .ok()
             .and_then(|b| postcard::from_bytes::<(u32, String)>(&b).ok());
         match decoded {
+            Some((rank, reason)) if id == STOP => RuntimeError::WorkerFailed {
+                rank: Rank(rank),
+                reason,
+            },
             Some((rank, reason)) => RuntimeError::TaskFailed {
                 id,
                 rank: Rank(rank),

@@ -394,6 +394,27 @@ fn workers_take_tasks_near_them_first_and_the_rest_gets_done() {
 }
 
 #[test]
+fn a_rank_whose_workers_cannot_take_part_fails_the_masters_results() {
+    job(2, plain, |rt, space| {
+        let farm = TaskFarm::new(space, "unready", Rank(0)).unwrap();
+        if rt.rank() == Rank(0) {
+            farm.put((0..4u64).map(|i| (i, i))).unwrap();
+            match farm.results::<u64>(4) {
+                Err(e @ RuntimeError::WorkerFailed { rank, .. }) => {
+                    assert_eq!(rank, Rank(1));
+                    assert!(e.to_string().contains("no scratch space"), "{e}");
+                }
+                other => panic!("results ended with {other:?}"),
+            }
+            farm.stop().unwrap();
+        } else {
+            farm.cannot_serve("no scratch space").unwrap();
+        }
+        rt.dsm().barrier().unwrap();
+    });
+}
+
+#[test]
 fn a_task_whose_function_panics_is_reported_failed_and_the_rest_of_its_batch_is_done() {
     job(3, plain, |rt, space| {
         let farm = TaskFarm::new(space, "fragile", Rank(0)).unwrap();
