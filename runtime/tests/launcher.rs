@@ -1,5 +1,6 @@
 //! `dsmrun` as a user runs it: a job whose ranks start background processes, and a launcher that is sent
-//! SIGTERM or SIGINT, must end promptly and leave no process behind.
+//! SIGTERM, SIGINT or SIGQUIT, must end promptly and leave no process behind; a Ctrl-Z stops the ranks
+//! with the launcher.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -73,9 +74,19 @@ fn a_launcher_sent_sigterm_or_sigint_ends_every_rank_says_so_and_dies_of_it() {
     for (signal, name) in [
         (nix::sys::signal::Signal::SIGTERM, "SIGTERM"),
         (nix::sys::signal::Signal::SIGINT, "SIGINT"),
+        (nix::sys::signal::Signal::SIGQUIT, "SIGQUIT"),
     ] {
         let words = ["sleep", "987003"];
-        let child = Command::new(DSMRUN)
+        let mut cmd = Command::new(DSMRUN);
+        // A launcher that dies of SIGQUIT leaves no core file behind.
+        // SAFETY: setrlimit is async-signal-safe and the closure allocates nothing.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)?;
+                Ok(())
+            });
+        }
+        let child = cmd
             // (Bounded: a launcher that ignored the signal would otherwise hang the test.)
             .args([
                 "--timeout",
@@ -111,6 +122,72 @@ fn a_launcher_sent_sigterm_or_sigint_ends_every_rank_says_so_and_dies_of_it() {
 }
 
 /// Threads of this process whose name begins with `prefix` (names are cut to 15 bytes).
+/// The states (`/proc/PID/stat`: R, S, T, ...) of the processes whose command line is exactly `words`.
+fn states(words: &[&str]) -> Vec<char> {
+    let want: Vec<u8> = words
+        .iter()
+        .flat_map(|w| [w.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            stat.rsplit_once(')')?.1.trim_start().chars().next()
+        })
+        .collect()
+}
+
+#[test]
+fn ctrl_z_stops_every_rank_with_the_launcher_and_fg_continues_them() {
+    use nix::sys::signal::{kill, Signal};
+    // Each rank sleeps for about a second: stopped for longer, the sleeps are still there.
+    let words = ["sleep", "1.987"];
+    let child = Command::new(DSMRUN)
+        .args(["--timeout", "60", "-n", "2", "/bin/sh", "-c"])
+        .arg("sleep 1.987 && echo finished")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let launcher = nix::unistd::Pid::from_raw(child.id() as i32);
+    // A failed check leaves no stopped job behind: continued, it ends within seconds.
+    struct Continue(nix::unistd::Pid);
+    impl Drop for Continue {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
+    let _continue = Continue(launcher);
+    until_running(&words, 2);
+    kill(launcher, Signal::SIGTSTP).unwrap();
+    let t = Instant::now();
+    while states(&words) != ['T', 'T'] && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(states(&words), ['T', 'T'], "the ranks' sleeps stopped");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        states(&words),
+        ['T', 'T'],
+        "the ranks stayed stopped past their sleep"
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{launcher}/stat")).unwrap();
+    assert!(
+        stat.rsplit_once(')')
+            .unwrap()
+            .1
+            .trim_start()
+            .starts_with('T'),
+        "the launcher stopped: {stat}"
+    );
+    kill(launcher, Signal::SIGCONT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("finished").count(), 2, "{text}");
+}
+
 fn threads_named(prefix: &str) -> usize {
     std::fs::read_dir("/proc/self/task")
         .unwrap()

@@ -53,7 +53,7 @@ pub struct Outcome {
     pub reason: String,
     /// With `keep_going`: the ranks that failed while the job went on, and what happened to them.
     pub lost: Vec<(usize, String)>,
-    /// The signal (SIGINT, SIGTERM or SIGHUP) that ended the job by reaching the launcher, if one did
+    /// The signal (SIGINT, SIGTERM, SIGHUP or SIGQUIT) that ended the job by reaching the launcher, if one did
     /// (`code` is then 128 + it). `dsmrun` dies of it itself once the ranks have ended, so that a shell
     /// running it in a loop or a script stops there too, as it would for any program a Ctrl-C ended.
     pub signal: Option<i32>,
@@ -482,6 +482,7 @@ pub fn launch(
             if let Some(w) = &mut watchdog {
                 w.watch(child.id());
             }
+            interrupts.started(Pid::from_raw(child.id() as i32));
             children.push(child);
             for (stream, to_stderr) in [(out, false), (err, true)] {
                 if let Some(stream) = stream {
@@ -818,15 +819,22 @@ pub fn launch(
     Ok(outcome)
 }
 
-/// The signals a terminal or a job manager sends to end a job (SIGINT, SIGTERM, SIGHUP): while a launch
-/// runs they are blocked in its threads and taken by a thread of its own, which records the first and
-/// wakes the launcher, which then ends every rank (ranks lead process groups of their own, so the terminal
-/// no longer reaches them directly) and returns 128 + the signal. The calling thread's signal mask is
-/// restored when the launch ends, and the thread stops.
+/// The signals a terminal or a job manager sends to end a job (SIGINT, SIGTERM, SIGHUP, SIGQUIT): while a
+/// launch runs they are blocked in its threads and taken by a thread of its own, which records the first
+/// and wakes the launcher, which then ends every rank (ranks lead process groups of their own, so the
+/// terminal no longer reaches them directly) and returns 128 + the signal. The calling thread's signal
+/// mask is restored when the launch ends, and the thread stops.
+///
+/// The same thread takes SIGTSTP (Ctrl-Z) for the ranks too: it stops every rank's process group, then
+/// the launcher, and continues the groups when the launcher is continued (`fg`, `bg`). Without it a
+/// Ctrl-Z stopped only the launcher, and the ranks ran on until their output filled its pipes. (A rank's
+/// peer timeout does not count the time the whole job was stopped: `Engine::keep_time`.)
 struct Interrupts {
     got: Arc<std::sync::atomic::AtomicI32>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     restore: Option<nix::sys::signal::SigSet>,
+    /// The process groups of the ranks started (each rank leads its own), to stop and continue.
+    groups: Arc<Mutex<Vec<Pid>>>,
 }
 
 impl Interrupts {
@@ -835,11 +843,18 @@ impl Interrupts {
         use nix::sys::signalfd::{SfdFlags, SignalFd};
         let got = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let groups = Arc::new(Mutex::new(Vec::new()));
         let mut set = SigSet::empty();
         // A signal this process ignores stays ignored: `nohup` ignores SIGHUP, and a shell ignores SIGINT
         // in a script's background jobs. Blocked, it would still be taken here (a blocked signal stays
         // pending even when ignored) and end the job.
-        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        for s in [
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+            Signal::SIGTSTP,
+        ] {
             if !ignored(s) {
                 set.add(s);
             }
@@ -847,7 +862,7 @@ impl Interrupts {
         let mut restore = set.thread_swap_mask(SigmaskHow::SIG_BLOCK).ok();
         let flags = SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC;
         let taken = SignalFd::with_flags(&set, flags).ok().and_then(|fd| {
-            let (got, stop) = (got.clone(), stop.clone());
+            let (got, stop, groups) = (got.clone(), stop.clone(), groups.clone());
             std::thread::Builder::new()
                 .name("dsmrun-signals".into())
                 .stack_size(64 << 10)
@@ -860,6 +875,10 @@ impl Interrupts {
                         )];
                         let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u8));
                         if let Ok(Some(info)) = fd.read_signal() {
+                            if info.ssi_signo == Signal::SIGTSTP as u32 {
+                                suspend(&groups);
+                                continue;
+                            }
                             got.store(info.ssi_signo as i32, std::sync::atomic::Ordering::Release);
                             let _ = wake.send(());
                             return;
@@ -875,7 +894,17 @@ impl Interrupts {
                 let _ = old.thread_set_mask();
             }
         }
-        Interrupts { got, stop, restore }
+        Interrupts {
+            got,
+            stop,
+            restore,
+            groups,
+        }
+    }
+
+    /// Rank `pid`, the leader of its process group, has started.
+    fn started(&self, pid: Pid) {
+        lock(&self.groups).push(pid);
     }
 
     /// The first signal that came, if one did.
@@ -899,6 +928,22 @@ fn ignored(sig: Signal) -> bool {
     mask.is_some_and(|m| m >> (sig as u32 - 1) & 1 == 1)
 }
 
+/// Stops the ranks' process groups and then this process, as SIGTSTP would have had it not been taken,
+/// and continues the groups once this process is continued.
+fn suspend(groups: &Mutex<Vec<Pid>>) {
+    let groups = lock(groups).clone();
+    for g in &groups {
+        let _ = kill(Pid::from_raw(-g.as_raw()), Signal::SIGSTOP);
+    }
+    // The whole launcher stops here (every thread), and goes on when continued. Sent to this thread: it
+    // then takes the stop itself before it returns, where one sent to the process (`kill`) may be taken
+    // by another thread while this one goes on to continue the ranks at once.
+    let _ = nix::sys::signal::raise(Signal::SIGSTOP);
+    for g in &groups {
+        let _ = kill(Pid::from_raw(-g.as_raw()), Signal::SIGCONT);
+    }
+}
+
 impl Drop for Interrupts {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Release);
@@ -909,7 +954,8 @@ impl Drop for Interrupts {
 }
 
 /// Sets up a rank's process between its fork and its exec:
-/// - no signal blocked: the launcher blocks SIGINT, SIGTERM and SIGHUP on the thread that starts the ranks,
+/// - no signal blocked: the launcher blocks SIGINT, SIGTERM, SIGHUP, SIGQUIT and SIGTSTP on the thread that
+///   starts the ranks,
 ///   to take them through a signalfd (`Interrupts`), and a child keeps its parent's mask through exec. A
 ///   rank that inherited it ignored the SIGTERM that ends a job (it waited out the two seconds before
 ///   SIGKILL), and its own handlers never ran;
