@@ -17,8 +17,8 @@ use crate::protocol::release::marks;
 use crate::protocol::swmr::{self, Access, CopySet, Data, Decision, Grant};
 use crate::region::Sequential;
 use crate::region::{
-    self, Consistency, RegionShared, AHEAD, BUSY, DEFERRED, DIFFED, INVALID, LOCKED, LOCK_WAITERS,
-    QUEUED, READ_ONLY, READ_WRITE, STATE_MASK, TWINNED, WAITERS, WRITTEN,
+    self, Consistency, RegionShared, AHEAD, BUSY, DEFERRED, DIFFED, GRANTED, INVALID, LOCKED,
+    LOCK_WAITERS, QUEUED, READ_ONLY, READ_WRITE, REVOKED, STATE_MASK, TWINNED, WAITERS, WRITTEN,
 };
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
@@ -167,7 +167,10 @@ fn ask(
 /// Clears BUSY, wakes the threads that waited for the page, and the service loop if it deferred a request.
 pub(crate) fn release_busy(region: &RegionShared, page: u64) {
     let word = region.state(page);
-    let prev = word.fetch_and(!(BUSY | WAITERS | DEFERRED), Ordering::AcqRel);
+    let prev = word.fetch_and(
+        !(BUSY | WAITERS | DEFERRED | GRANTED | REVOKED),
+        Ordering::AcqRel,
+    );
     if prev & WAITERS != 0 {
         futex::wake_all(word);
     }
@@ -855,6 +858,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
             Reply::Granted { grant } => {
                 release_extras();
                 check_grant(&grant, shared.me, home, access)?;
+                mark_granted(region, page);
                 let mut have = false;
                 if grant.data_from_home {
                     if payload_len != PAGE_SIZE {
@@ -870,6 +874,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                     no_payload(home, payload_len)?;
                 }
                 run_grant(&mut ch, region, page, access, &grant, &mut have)?;
+                end_grant(region, page, home)?;
                 if have {
                     install(region, page, 1, &ch.page, access)?;
                 } else {
@@ -911,6 +916,40 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
     };
     ch.send(&shared.counters, home, &unlock, &[])
         .map_err(|e| FaultError::Send(home, e))
+}
+
+/// Marks the faulting page GRANTED while its grant runs. A leaf request of another transaction that
+/// reaches this rank meanwhile can only come from a transaction the home started after it ended this one
+/// early, taking this rank for failed (a home with a shorter peer timeout, under `FailurePolicy::Report`):
+/// the service loop answers a later writer's invalidation at once and revokes this transaction
+/// (`engine::pages`, `defer_or_refuse`), where deferring it until the install would wait for ever if this
+/// grant's own fetch waits, through its owner's fault, for the home lock that writer holds. A request the
+/// loop deferred before the mark is looked at again.
+pub(crate) fn mark_granted(region: &RegionShared, page: u64) {
+    let prev = region.state(page).fetch_or(GRANTED, Ordering::AcqRel);
+    if prev & DEFERRED != 0 {
+        region.shared.wake_service();
+    }
+}
+
+/// Ends the GRANTED mark of the faulting page before its install; an error if the transaction was revoked
+/// meanwhile (the page must not be installed: the home's entry no longer lists this rank's copy). After
+/// this only local work is left, so a leaf request that finds the page BUSY waits for it as usual.
+pub(crate) fn end_grant(region: &RegionShared, page: u64, home: Rank) -> Result<(), FaultError> {
+    let word = region.state(page);
+    let mut s = word.load(Ordering::Acquire);
+    loop {
+        if s & REVOKED != 0 {
+            return Err(FaultError::Protocol(
+                home,
+                "a later writer invalidated the page while this rank's grant ran: the home ended the transaction early, having taken this rank for failed",
+            ));
+        }
+        match word.compare_exchange(s, s & !GRANTED, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Ok(()),
+            Err(now) => s = now,
+        }
+    }
 }
 
 /// A fault on a page homed here: decided under the page's manager lock, and run under it too.

@@ -92,6 +92,14 @@ pub(crate) const AHEAD: u32 = 512;
 /// before the interval closed (a selective release, an acquire's flush), so the release's diff does not
 /// carry all of them and the page's barrier update is not sent (`protocol::release::Update`).
 pub(crate) const PARTIAL: u32 = 1024;
+/// Sequential consistency: the fault that holds BUSY has a grant from the page's home and runs it. The
+/// home keeps the page locked for that transaction until its Unlock, so no other transaction's leaf
+/// request can reach this rank for the page meanwhile, unless the home ended the transaction early,
+/// having taken this rank for failed (`engine::pages`, `defer_or_refuse`).
+pub(crate) const GRANTED: u32 = 2048;
+/// Sequential consistency: a later writer's invalidation reached this rank while its fault held a grant
+/// (GRANTED): the home ended the transaction, and the fault must not install the page.
+pub(crate) const REVOKED: u32 = 4096;
 
 // Manager lock word bits.
 /// A transaction on the page is in progress.

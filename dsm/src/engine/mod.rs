@@ -2122,6 +2122,91 @@ mod tests {
         }
     }
 
+    /// The next frame rank 0 sends the fake on `fake`, if one comes within `wait`.
+    fn fake_reads_within(fake: &UnixStream, wait: Duration) -> Option<Reply> {
+        use std::os::fd::AsRawFd;
+        let mut peek = [0u8; 1];
+        fake.set_read_timeout(Some(wait)).unwrap();
+        let peeked = nix::sys::socket::recv(
+            fake.as_raw_fd(),
+            &mut peek,
+            nix::sys::socket::MsgFlags::MSG_PEEK,
+        );
+        match peeked {
+            Ok(1) => Some(fake_reads(fake).0),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn an_invalidation_that_finds_a_grant_running_revokes_it_and_data_requests_wait() {
+        use crate::region::{BUSY, GRANTED, REVOKED};
+        let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
+        // Page 0 homed at rank 1; rank 2 plays a writer the home granted.
+        let region = region_at(
+            &dsm,
+            &fakes,
+            1,
+            Placement::At(Rank(1)),
+            Consistency::Sequential,
+        );
+        let shared = &region.inner;
+        let word = shared.state(0);
+        let writer = &fakes[1].fake;
+        let invalidate = |send_data| Request::Invalidate {
+            region: shared.id,
+            page: 0,
+            send_data,
+        };
+        let end = |page| crate::fault::end_grant(shared, page, Rank(1));
+        // A fault of rank 0 runs a grant for the page: the invalidation is answered at once and the
+        // transaction revoked, so that the fault installs nothing.
+        word.fetch_or(BUSY | GRANTED, Ordering::AcqRel);
+        fake_sends(writer, invalidate(false));
+        assert!(matches!(fake_reads(writer).0, Reply::Ack));
+        assert_ne!(word.load(Ordering::Acquire) & REVOKED, 0);
+        assert!(end(0).is_err(), "a revoked grant was installed");
+        crate::fault::release_busy(shared, 0);
+        assert_eq!(word.load(Ordering::Acquire), 0);
+        // Deferred while the fault has no grant yet (its home's answer may be on its way), and answered
+        // once the grant is marked.
+        word.fetch_or(BUSY, Ordering::AcqRel);
+        fake_sends(writer, invalidate(false));
+        assert!(fake_reads_within(writer, Duration::from_millis(300)).is_none());
+        crate::fault::mark_granted(shared, 0);
+        assert!(matches!(fake_reads(writer).0, Reply::Ack));
+        assert!(end(0).is_err());
+        crate::fault::release_busy(shared, 0);
+        // Requests that need this rank's copy wait for the fault, grant or not, and a grant that nothing
+        // revoked ends well.
+        word.fetch_or(BUSY | GRANTED, Ordering::AcqRel);
+        fake_sends(writer, invalidate(true));
+        fake_sends(
+            writer,
+            Request::Fetch {
+                region: shared.id,
+                page: 0,
+            },
+        );
+        assert!(fake_reads_within(writer, Duration::from_millis(300)).is_none());
+        assert!(end(0).is_ok());
+        assert_eq!(word.load(Ordering::Acquire) & (GRANTED | REVOKED), 0);
+        // (No copy was installed: both are refused once the fault is over.)
+        crate::fault::release_busy(shared, 0);
+        for _ in 0..2 {
+            let (reply, _) = fake_reads(writer);
+            assert!(
+                matches!(
+                    reply,
+                    Reply::Refused {
+                        reason: RefusedReason::NoCopyHere
+                    }
+                ),
+                "{reply:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_rank_that_cuts_this_one_off_lives_on_with_its_copies() {
         let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));

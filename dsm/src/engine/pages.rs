@@ -12,8 +12,8 @@ use crate::protocol::release::marks::{self, AtDiff};
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
 use crate::region::SHARED;
 use crate::region::{
-    RegionShared, BUSY, DEFERRED, DIFFED, INVALID, LOCKED, QUEUED, READ_ONLY, READ_WRITE,
-    STATE_MASK, WRITTEN,
+    RegionShared, BUSY, DEFERRED, DIFFED, GRANTED, INVALID, LOCKED, QUEUED, READ_ONLY, READ_WRITE,
+    REVOKED, STATE_MASK, WRITTEN,
 };
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
@@ -416,6 +416,14 @@ impl Engine {
     /// it and released the page before the install), the request waits for the install; returns true then.
     /// Otherwise the ranks disagree about the page, and the request is refused (also true: it is handled).
     /// Returns false when the page got installed meanwhile: serve the request now.
+    ///
+    /// An invalidation without data that finds the fault running a grant (GRANTED) comes from a writer the
+    /// home granted after it ended that fault's transaction early, having taken this rank for failed: it is
+    /// acknowledged at once (there is no copy yet) and the transaction revoked, so that the fault installs
+    /// nothing (`fault::end_grant`). Deferred, it could wait for ever: the grant's fetch may wait at an
+    /// owner whose own fault waits for the home lock that writer holds. (A request that needs this rank's
+    /// data can reach a running grant only after the home completed a failed write, and that grant ends
+    /// on its own.)
     fn defer_or_refuse(
         &mut self,
         idx: usize,
@@ -432,6 +440,24 @@ impl Engine {
             if s & BUSY == 0 {
                 self.refuse(idx, RefusedReason::NoCopyHere);
                 return true;
+            }
+            if s & GRANTED != 0
+                && matches!(
+                    req,
+                    Request::Invalidate {
+                        send_data: false,
+                        ..
+                    }
+                )
+            {
+                if word
+                    .compare_exchange(s, s | REVOKED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    self.reply(idx, &Reply::Ack, &[]);
+                    return true;
+                }
+                continue;
             }
             if word
                 .compare_exchange(s, s | DEFERRED, Ordering::AcqRel, Ordering::Acquire)
