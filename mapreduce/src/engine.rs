@@ -439,7 +439,12 @@ impl MapReduce {
             let all_stopped = match stopped {
                 Ok(()) => {
                     let waited = self.wait_for_workers(job_id).and_then(|()| {
-                        self.clear_after(job_id, farm).map_err(MapReduceError::from)
+                        // A rank that could not take part, and said so only once the others had done
+                        // every task (it came late), still fails the job.
+                        let late = farm.worker_failure().map_err(MapReduceError::from)?;
+                        self.clear_after(job_id, farm)
+                            .map_err(MapReduceError::from)?;
+                        late.map_or(Ok(()), |e| Err(MapReduceError::from(e)))
                     });
                     withdrawn.map_err(MapReduceError::from).and(waited)
                 }

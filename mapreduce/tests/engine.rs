@@ -520,26 +520,32 @@ fn bad_input_and_output_are_clear_errors_on_every_rank() {
         }
         // A setting that only one follower gets wrong (each rank has its own budget): that rank cannot
         // take part, and the job fails on every rank, naming it, instead of succeeding without it.
-        let budget = if me == Rank(1) { 10 } else { 64 << 20 };
-        let e = mr
-            .run(
-                &Words,
-                &JobConfig::new(dir.join("y"))
-                    .input(&files[0])
-                    .memory_budget(budget),
-            )
-            .unwrap_err();
-        assert!(e.to_string().contains("memory budget"), "{me}: {e}");
-        if me == Rank(0) {
-            assert!(e.to_string().contains("rank 1"), "{e}");
-        } else {
-            assert!(matches!(e, MapReduceError::Config(_)), "{e}");
+        // Also when that rank comes late, once the others have done every task.
+        for late in [false, true] {
+            let budget = if me == Rank(1) { 10 } else { 64 << 20 };
+            if late && me == Rank(1) {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+            let e = mr
+                .run(
+                    &Words,
+                    &JobConfig::new(dir.join("y"))
+                        .input(&files[0])
+                        .memory_budget(budget),
+                )
+                .unwrap_err();
+            assert!(e.to_string().contains("memory budget"), "{me}: {e}");
+            if me == Rank(0) {
+                assert!(e.to_string().contains("rank 1"), "late {late}: {e}");
+            } else {
+                assert!(matches!(e, MapReduceError::Config(_)), "{e}");
+            }
+            rt.dsm().barrier().unwrap();
+            assert!(
+                !dir.join("y").exists(),
+                "{me}, late {late}: the failed job left its output"
+            );
         }
-        rt.dsm().barrier().unwrap();
-        assert!(
-            !dir.join("y").exists(),
-            "{me}: the failed job left its output"
-        );
         // Splits larger than a map task may read: refused before anything is written.
         let e = mr
             .run(

@@ -199,7 +199,8 @@ impl TaskFarm {
 
     /// Waits for `n` results and returns them as `(task id, result)`, in the order they came. Fails with
     /// [`RuntimeError::TaskFailed`] when a task failed where it ran (once for each such task: the results
-    /// taken until then stay in the space, for the next call), and with [`RuntimeError::NoWorkers`]
+    /// taken until then stay in the space, for the next call), with [`RuntimeError::WorkerFailed`] when a
+    /// rank's workers could not take part ([`TaskFarm::cannot_serve`]), and with [`RuntimeError::NoWorkers`]
     /// instead of waiting for ever once every other rank has failed while no `serve` runs on this rank
     /// (through this farm or a clone of it).
     ///
@@ -274,6 +275,14 @@ impl TaskFarm {
     /// every task and the master would not know that a rank of its job had failed to set up.
     pub fn cannot_serve(&self, reason: &str) -> Result<(), RuntimeError> {
         self.space.out(self.failure_tuple(STOP, reason.to_string()))
+    }
+
+    /// Takes the word of a rank whose workers could not take part ([`TaskFarm::cannot_serve`]), if one is
+    /// in the space: for a master that got every result without it (that rank came late, say) and must
+    /// not take the farm for having run whole.
+    pub fn worker_failure(&self) -> Result<Option<RuntimeError>, RuntimeError> {
+        let said = template!(self.results_key.as_str(), "failed", STOP, ?Vec<u8>);
+        Ok(self.space.inp(&said)?.map(|t| Self::failed_task(&t)))
     }
 
     /// What a worker puts in place of the result of task `id`, which failed there.

@@ -121,7 +121,6 @@ fn a_launcher_sent_sigterm_or_sigint_ends_every_rank_says_so_and_dies_of_it() {
     }
 }
 
-/// Threads of this process whose name begins with `prefix` (names are cut to 15 bytes).
 /// The states (`/proc/PID/stat`: R, S, T, ...) of the processes whose command line is exactly `words`.
 fn states(words: &[&str]) -> Vec<char> {
     let want: Vec<u8> = words
@@ -188,6 +187,7 @@ fn ctrl_z_stops_every_rank_with_the_launcher_and_fg_continues_them() {
     assert_eq!(text.matches("finished").count(), 2, "{text}");
 }
 
+/// Threads of this process whose name begins with `prefix` (names are cut to 15 bytes).
 fn threads_named(prefix: &str) -> usize {
     std::fs::read_dir("/proc/self/task")
         .unwrap()

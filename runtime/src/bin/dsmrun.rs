@@ -82,6 +82,14 @@ fn main() {
             // process now, as the shell expects; one ignored (a job started in the background by a
             // script) does not, and the status says it instead.
             if let Some(sig) = outcome.signal.and_then(|s| Signal::try_from(s).ok()) {
+                if sig == Signal::SIGQUIT {
+                    // Without a core of the launcher's own, which says nothing about the job.
+                    let _ = nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_CORE,
+                        0,
+                        0,
+                    );
+                }
                 let _ = nix::sys::signal::raise(sig);
             }
             std::process::exit(outcome.code)

@@ -492,6 +492,7 @@ pub fn launch(
             Ok(())
         });
         if let Err(e) = started {
+            interrupts.forget_groups();
             end_all(&mut children);
             // The last lines of the ranks already started come out before the launcher's error.
             let _ = output.drain(true, &|| interrupts.signal().is_some());
@@ -786,6 +787,7 @@ pub fn launch(
             (outcome, Some(message))
         }
     };
+    interrupts.forget_groups();
     end_all(&mut children);
     // Every group is ended: should the launcher be killed from here on, the watchdog must not kill groups
     // whose ids may since have been taken by others.
@@ -833,8 +835,17 @@ struct Interrupts {
     got: Arc<std::sync::atomic::AtomicI32>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     restore: Option<nix::sys::signal::SigSet>,
-    /// The process groups of the ranks started (each rank leads its own), to stop and continue.
-    groups: Arc<Mutex<Vec<Pid>>>,
+    /// The process groups of the ranks started and not yet ended (each rank leads its own), to stop and
+    /// continue.
+    groups: Arc<Mutex<Groups>>,
+}
+
+/// The ranks' process groups, and whether they are being stopped.
+#[derive(Default)]
+struct Groups {
+    leaders: Vec<Pid>,
+    /// Between a SIGTSTP and the launcher's own stop: a rank started then is stopped as it starts.
+    stopping: bool,
 }
 
 impl Interrupts {
@@ -843,7 +854,7 @@ impl Interrupts {
         use nix::sys::signalfd::{SfdFlags, SignalFd};
         let got = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let groups = Arc::new(Mutex::new(Vec::new()));
+        let groups = Arc::new(Mutex::new(Groups::default()));
         let mut set = SigSet::empty();
         // A signal this process ignores stays ignored: `nohup` ignores SIGHUP, and a shell ignores SIGINT
         // in a script's background jobs. Blocked, it would still be taken here (a blocked signal stays
@@ -904,7 +915,17 @@ impl Interrupts {
 
     /// Rank `pid`, the leader of its process group, has started.
     fn started(&self, pid: Pid) {
-        lock(&self.groups).push(pid);
+        let mut groups = lock(&self.groups);
+        if groups.stopping {
+            let _ = kill(Pid::from_raw(-pid.as_raw()), Signal::SIGSTOP);
+        }
+        groups.leaders.push(pid);
+    }
+
+    /// The ranks are about to be ended (and reaped, after which their process groups' ids may be taken
+    /// by other processes): a Ctrl-Z from now on stops only the launcher.
+    fn forget_groups(&self) {
+        lock(&self.groups).leaders.clear();
     }
 
     /// The first signal that came, if one did.
@@ -929,17 +950,22 @@ fn ignored(sig: Signal) -> bool {
 }
 
 /// Stops the ranks' process groups and then this process, as SIGTSTP would have had it not been taken,
-/// and continues the groups once this process is continued.
-fn suspend(groups: &Mutex<Vec<Pid>>) {
-    let groups = lock(groups).clone();
-    for g in &groups {
-        let _ = kill(Pid::from_raw(-g.as_raw()), Signal::SIGSTOP);
+/// and continues the groups once this process is continued (those not ended meanwhile).
+fn suspend(groups: &Mutex<Groups>) {
+    {
+        let mut groups = lock(groups);
+        groups.stopping = true;
+        for g in &groups.leaders {
+            let _ = kill(Pid::from_raw(-g.as_raw()), Signal::SIGSTOP);
+        }
     }
     // The whole launcher stops here (every thread), and goes on when continued. Sent to this thread: it
     // then takes the stop itself before it returns, where one sent to the process (`kill`) may be taken
     // by another thread while this one goes on to continue the ranks at once.
     let _ = nix::sys::signal::raise(Signal::SIGSTOP);
-    for g in &groups {
+    let mut groups = lock(groups);
+    groups.stopping = false;
+    for g in &groups.leaders {
         let _ = kill(Pid::from_raw(-g.as_raw()), Signal::SIGCONT);
     }
 }
