@@ -964,6 +964,45 @@ mod tests {
         }
     }
 
+    /// A rayon pool of one thread.
+    fn one_thread() -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+    }
+
+    /// A worker of job 0 running `Count` on `dsm`, with its runs under `root`.
+    fn counting<'a>(
+        dsm: &'a Dsm,
+        root: &'a Path,
+        pool: &'a rayon::ThreadPool,
+    ) -> Worker<'a, Count> {
+        Worker {
+            job: &Count,
+            dsm,
+            root,
+            job_id: 0,
+            pool,
+            budget: 1 << 20,
+            fan_in: 8,
+            batches: Mutex::new(HashMap::new()),
+            sealing: Mutex::new(()),
+            buffers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A map task of `split` into two partitions, folding into batch `batch`.
+    fn map_of(split: Split, batch: u64) -> Task {
+        Task::Map {
+            index: 0,
+            split,
+            version: None,
+            partitions: 2,
+            batch,
+        }
+    }
+
     /// What the runs of `ids` hold, summed by key.
     fn read_runs(root: &Path, ids: &[RunId]) -> std::collections::BTreeMap<String, u64> {
         let mut all = std::collections::BTreeMap::new();
@@ -990,34 +1029,9 @@ mod tests {
                 start,
                 end,
             };
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .unwrap();
-            let w = Worker {
-                job: &Count,
-                dsm: rt.dsm(),
-                root: &root,
-                job_id: 0,
-                pool: &pool,
-                budget: 1 << 20,
-                fan_in: 8,
-                batches: Mutex::new(HashMap::new()),
-                sealing: Mutex::new(()),
-                buffers: Mutex::new(Vec::new()),
-            };
-            let map = |task: u64, start, end, batch| {
-                w.run(
-                    task,
-                    Task::Map {
-                        index: 0,
-                        split: split(start, end),
-                        version: None,
-                        partitions: 2,
-                        batch,
-                    },
-                )
-            };
+            let pool = one_thread();
+            let w = counting(rt.dsm(), &root, &pool);
+            let map = |task: u64, start, end, batch| w.run(task, map_of(split(start, end), batch));
             assert!(matches!(map(1, 0, 6, 0), TaskResult::Mapped { .. }));
             assert!(matches!(map(2, 6, 10, 0), TaskResult::Mapped { .. }));
             // The maps' output is folded: one run per partition, with both maps' counts.
@@ -1086,38 +1100,15 @@ mod tests {
             std::fs::create_dir_all(shuffle::job_dir(&root, 0)).unwrap();
             let input = root.join("in.txt");
             std::fs::write(&input, "a b a\nc a\n").unwrap();
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .unwrap();
-            let w = Worker {
-                job: &Count,
-                dsm: rt.dsm(),
-                root: &root,
-                job_id: 0,
-                pool: &pool,
-                budget: 1 << 20,
-                fan_in: 8,
-                batches: Mutex::new(HashMap::new()),
-                sealing: Mutex::new(()),
-                buffers: Mutex::new(Vec::new()),
-            };
+            let pool = one_thread();
+            let w = counting(rt.dsm(), &root, &pool);
             let map = |task: u64, start, end, batch| {
                 let split = Split {
                     file: input.clone(),
                     start,
                     end,
                 };
-                w.run(
-                    task,
-                    Task::Map {
-                        index: 0,
-                        split,
-                        version: None,
-                        partitions: 2,
-                        batch,
-                    },
-                )
+                w.run(task, map_of(split, batch))
             };
             let held = |batch| lock(&w.batches)[&batch].idle.len();
             let runs = |batch| {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 const DSMRUN: &str = env!("CARGO_BIN_EXE_dsmrun");
 
-/// Processes whose command line is exactly `words`.
-fn running(words: &[&str]) -> usize {
+/// The `/proc` directories of the processes whose command line is exactly `words`.
+fn processes(words: &[&str]) -> Vec<std::path::PathBuf> {
     let want: Vec<u8> = words
         .iter()
         .flat_map(|w| [w.as_bytes(), b"\0"].concat())
@@ -16,8 +16,14 @@ fn running(words: &[&str]) -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
-        .count()
+        .map(|e| e.path())
+        .filter(|p| std::fs::read(p.join("cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
+/// Processes whose command line is exactly `words`.
+fn running(words: &[&str]) -> usize {
+    processes(words).len()
 }
 
 /// Waits up to ten seconds for `n` processes with this command line to run.
@@ -123,16 +129,10 @@ fn a_launcher_sent_sigterm_or_sigint_ends_every_rank_says_so_and_dies_of_it() {
 
 /// The states (`/proc/PID/stat`: R, S, T, ...) of the processes whose command line is exactly `words`.
 fn states(words: &[&str]) -> Vec<char> {
-    let want: Vec<u8> = words
+    processes(words)
         .iter()
-        .flat_map(|w| [w.as_bytes(), b"\0"].concat())
-        .collect();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
-        .filter_map(|e| {
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(p.join("stat")).ok()?;
             stat.rsplit_once(')')?.1.trim_start().chars().next()
         })
         .collect()
