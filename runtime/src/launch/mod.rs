@@ -53,8 +53,8 @@ pub struct Outcome {
     pub reason: String,
     /// With `keep_going`: the ranks that failed while the job went on, and what happened to them.
     pub lost: Vec<(usize, String)>,
-    /// The signal (SIGINT, SIGTERM, SIGHUP or SIGQUIT) that ended the job by reaching the launcher, if one did
-    /// (`code` is then 128 + it). `dsmrun` dies of it itself once the ranks have ended, so that a shell
+    /// The signal (SIGINT, SIGTERM, SIGHUP or SIGQUIT) that ended the job by reaching the launcher, if one
+    /// did (`code` is then 128 + it). `dsmrun` dies of it itself once the ranks have ended, so that a shell
     /// running it in a loop or a script stops there too, as it would for any program a Ctrl-C ended.
     pub signal: Option<i32>,
 }
