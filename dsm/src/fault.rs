@@ -914,8 +914,12 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
         access,
         granted,
     };
-    ch.send(&shared.counters, home, &unlock, &[])
-        .map_err(|e| FaultError::Send(home, e))
+    match ch.send(&shared.counters, home, &unlock, &[]) {
+        // The page is installed: a home that has left the job since it answered took its entry for the
+        // page with it, and waits for no Unlock (under `FailurePolicy::Report` this rank lives on).
+        Err(e) if closed_send(e) && left_the_job(shared, home) => Ok(()),
+        sent => sent.map_err(|e| FaultError::Send(home, e)),
+    }
 }
 
 /// Marks the faulting page GRANTED while its grant runs. A leaf request of another transaction that
@@ -1060,6 +1064,22 @@ fn zeros(count: u64) -> &'static [u8] {
 /// the holder's service-loop connection end (it left the job) before taking it for a rank that lives on.
 const LEAVING: Duration = Duration::from_millis(500);
 
+/// A send that failed because the peer closed or reset the connection.
+fn closed_send(e: Errno) -> bool {
+    matches!(e, Errno::EPIPE | Errno::ECONNRESET)
+}
+
+/// Whether rank `r`, whose connection ended, has left the job (its memory with it): once this rank's
+/// service loop has seen its service-loop connection end (`Shared::gone`), waited for up to `LEAVING`.
+fn left_the_job(shared: &crate::dsm::Shared, r: Rank) -> bool {
+    let known = || shared.gone[r.index()].load(Ordering::Acquire);
+    let deadline = Instant::now() + LEAVING;
+    while !known() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    known()
+}
+
 /// Runs a granted transaction: asks the owner for the page (downgrading or dropping its copy) and every
 /// copy holder to drop theirs, all requests first and then all replies, so they proceed in parallel.
 fn run_grant(
@@ -1094,15 +1114,7 @@ fn run_grant(
     // (under `FailurePolicy::Report`): its copy cannot be dropped, and this fault ends with an error, as
     // for any other error, rather than leave a stale copy readable (the home's `forget_gone` prunes
     // on `gone` alone for the same reason).
-    let closed_send = |e: Errno| matches!(e, Errno::EPIPE | Errno::ECONNRESET);
-    let left_the_job = |r: Rank| {
-        let known = || shared.gone[r.index()].load(Ordering::Acquire);
-        let deadline = Instant::now() + LEAVING;
-        while !known() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        known()
-    };
+    let left_the_job = |r: Rank| left_the_job(shared, r);
     let mut asked = CopySet::EMPTY;
     for r in grant.invalidate.iter() {
         let req = Request::Invalidate {

@@ -1097,6 +1097,8 @@ mod tests {
     ) -> (Dsm, UnixStream, UnixStream, UnixStream) {
         let (dsm, mut fakes) = rank0_with_fakes(2, timeout);
         let f = fakes.pop().expect("one fake rank");
+        // Its ends of rank 0's channels stay open, unread, as a rank that lives keeps them.
+        std::mem::forget(f.channels);
         (dsm, f.fake, f.other, f.control)
     }
 
@@ -1107,6 +1109,8 @@ mod tests {
         fake: UnixStream,
         other: UnixStream,
         control: UnixStream,
+        /// Its ends of rank 0's channels' connections to it, by set: where rank 0's requests come.
+        channels: Vec<UnixStream>,
     }
 
     /// Rank 0 of a job of `size` ranks that reports failures, whose ranks 1 and up are played by the test.
@@ -1114,16 +1118,17 @@ mod tests {
         let mut outgoing = Vec::new();
         let mut incoming = Vec::new();
         let mut controls: Vec<UnixStream> = Vec::new();
+        let mut channel_ends: Vec<Vec<UnixStream>> = (1..size).map(|_| Vec::new()).collect();
         // Two channels and the service loop's own connections (the last set).
         for set in 0..3 {
             let (self_out, self_in) = UnixStream::pair().unwrap();
             let mut row = vec![socket(self_out)];
-            for _ in 1..size {
+            for ends in channel_ends.iter_mut() {
                 let (to_fake, fake_listens) = UnixStream::pair().unwrap();
                 if set == 2 {
                     controls.push(fake_listens);
                 } else {
-                    std::mem::forget(fake_listens);
+                    ends.push(fake_listens);
                 }
                 row.push(socket(to_fake));
             }
@@ -1135,7 +1140,7 @@ mod tests {
             });
         }
         let mut fakes = Vec::new();
-        for (r, control) in (1..size as u32).zip(controls) {
+        for ((r, control), channels) in (1..size as u32).zip(controls).zip(channel_ends) {
             let (fake, from_fake) = UnixStream::pair().unwrap();
             incoming.push(Incoming {
                 from: Rank(r),
@@ -1152,6 +1157,7 @@ mod tests {
                 fake,
                 other,
                 control,
+                channels,
             });
         }
         let given: Box<dyn Transport> = Box::new(Given(Mesh {
@@ -2120,6 +2126,78 @@ mod tests {
             (Reply::Done { .. }, _) => swmr::CopySet::EMPTY,
             (reply, _) => panic!("the write was answered with {reply:?}"),
         }
+    }
+
+    /// The next request rank 0 sends the fake on one of its channels (within ten seconds), and that
+    /// channel's end.
+    fn fake_takes_request(f: &FakeRank) -> (Request, &UnixStream) {
+        use std::os::fd::AsFd;
+        let mut fds: Vec<nix::poll::PollFd> = f
+            .channels
+            .iter()
+            .map(|c| nix::poll::PollFd::new(c.as_fd(), nix::poll::PollFlags::POLLIN))
+            .collect();
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16)).unwrap();
+        let ready = fds
+            .iter()
+            .position(|p| p.revents().is_some_and(|r| !r.is_empty()))
+            .expect("rank 0 sent no request within ten seconds");
+        let mut end = &f.channels[ready];
+        let mut header = [0u8; 4];
+        end.read_exact(&mut header).unwrap();
+        let mut body = vec![0u8; wire::body_len(header, usize::MAX >> 1).unwrap()];
+        end.read_exact(&mut body).unwrap();
+        (wire::decode::<Request>(&body).unwrap().0, end)
+    }
+
+    #[test]
+    fn a_fault_whose_home_leaves_before_its_unlock_keeps_the_page_and_the_rank_lives_on() {
+        let (dsm, fakes) = rank0_with_fakes(2, None);
+        let region = region_at(
+            &dsm,
+            &fakes,
+            1,
+            Placement::At(Rank(1)),
+            Consistency::Sequential,
+        );
+        let page = region.as_ptr() as usize;
+        // SAFETY: the region is one page long and outlives the thread (joined below).
+        let writer = std::thread::spawn(move || unsafe { (page as *mut u8).write_volatile(7) });
+        let f = &fakes[0];
+        let (request, end) = fake_takes_request(f);
+        assert!(
+            matches!(
+                request,
+                Request::Acquire {
+                    access: Access::Write,
+                    ..
+                }
+            ),
+            "{request:?}"
+        );
+        // The home reads nothing more on the channel, answers with the page, and leaves the job (its
+        // service-loop connection ends cleanly): rank 0's Unlock, after its install, finds the
+        // connection closed.
+        end.shutdown(std::net::Shutdown::Read).unwrap();
+        let grant = swmr::Grant {
+            home_action: swmr::HomeAction::Invalidate,
+            data_from_home: true,
+            fetch_from: None,
+            invalidate: swmr::CopySet::EMPTY,
+        };
+        write_frame(
+            &dup(end),
+            &Reply::Granted { grant },
+            &[&pattern()],
+            &Counters::default(),
+        )
+        .unwrap();
+        f.other.shutdown(std::net::Shutdown::Both).unwrap();
+        writer.join().unwrap();
+        // SAFETY: the page is installed (the write above returned) and nothing else uses it.
+        let (first, second) = unsafe { (*region.as_ptr(), *region.as_ptr().add(1)) };
+        assert_eq!((first, second), (7, pattern()[1]));
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
     }
 
     /// The next frame rank 0 sends the fake on `fake`, if one comes within `wait`.
