@@ -200,7 +200,7 @@ fi
 expect "built against another MPI library" 1 "$out"
 
 # Built without the feature: a clear error that says how to rebuild. (One rank: the error is the
-# program's own `Error:` line, which two ranks' merged error streams could run together.)
+# program's own `hello:` line, which two ranks' merged error streams could run together.)
 if out=$(timeout 60 mpirun -n 1 target/debug/hello 2>&1); then
     fail "hello built without the mpi feature ran under mpirun: $out"
 fi

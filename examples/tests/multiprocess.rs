@@ -848,7 +848,7 @@ fn an_arena_another_rank_cannot_map_is_a_clear_error_on_every_rank() {
     let (o, out) = hello_where_rank1_first(2, "ulimit -v 4000000", &[("RUST_BACKTRACE", "0")]);
     assert_ne!(o.code, 0, "{out}");
     assert!(
-        out.contains("[1] Error: rank 1 cannot map the shared arena at")
+        out.contains("[1] hello: rank 1 cannot map the shared arena at")
             && out.contains("DSM_ARENA_BASE"),
         "{out}"
     );
@@ -856,7 +856,7 @@ fn an_arena_another_rank_cannot_map_is_a_clear_error_on_every_rank() {
     // before rank 0's main thread has printed that, as on a loaded machine) its service loop's word on the
     // failed rank, which ends the process first.
     assert!(
-        (out.contains("[0] Error:")
+        (out.contains("[0] hello:")
             && out.contains("rank 1 cannot map the shared arena at the address rank 0 chose"))
             || out.contains("[0] dsm: rank 0: rank 1 failed"),
         "{out}"

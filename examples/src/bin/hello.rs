@@ -4,7 +4,11 @@
 //! Run: `cargo run --release --bin dsmrun -- -n 4 target/release/hello`
 #![forbid(unsafe_code)]
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    dsm_examples::exit_on_error("hello", run());
+}
+
+fn run() -> anyhow::Result<()> {
     let rt = dsm_runtime::Runtime::init()?;
     let dsm = rt.dsm();
     let (me, n) = (rt.rank().0 as u64, rt.size());

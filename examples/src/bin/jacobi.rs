@@ -49,7 +49,11 @@ struct Args {
 /// about `fuse` squared rows of its neighbours.
 const MAX_FUSE: usize = 64;
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    dsm_examples::exit_on_error("jacobi", run());
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
 
     anyhow::ensure!(args.n >= 3, "--n must be at least 3");

@@ -240,7 +240,11 @@ fn b_at(i: usize, j: usize) -> f64 {
     ((i * 5 + j * 13) % 7) as f64 - 3.0
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    dsm_examples::exit_on_error("matmul", run());
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.n >= 1, "--n must be at least 1");
     anyhow::ensure!(

@@ -405,7 +405,11 @@ fn spawn(procs: usize, keep_going: bool) -> anyhow::Result<i32> {
     Ok(outcome.code)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    dsm_examples::exit_on_error("wordcount", run());
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(procs) = args.procs {
         anyhow::ensure!(
