@@ -312,6 +312,25 @@ impl Greeting {
     }
 }
 
+/// Drops the `n` oldest connections whose handshakes are awaited, those that sent nothing yet first, and
+/// says so once.
+fn drop_oldest(greetings: &mut Vec<Greeting>, n: usize, me: Rank) {
+    let n = n.min(greetings.len());
+    if n == 0 {
+        return;
+    }
+    // A stable sort keeps the age order within each kind.
+    greetings.sort_by_key(|g| g.got > 0);
+    let dropped: Vec<Greeting> = greetings.drain(..n).collect();
+    greetings.sort_by_key(|g| g.until);
+    let why = format!(
+        "{n} connection(s) dropped (from {} first) whose handshakes had not come while others waited",
+        dropped[0].from
+    );
+    tracing::warn!("{me}: {why}");
+    eprintln!("dsm: {me}: {why}");
+}
+
 /// Accepts the job's connections and reads their handshakes side by side: a connection that sends
 /// nothing holds up no other (it is dropped after `HELLO_TIME`, or sooner when `MAX_GREETING` others
 /// wait behind it), so strangers on a listener open to the network cannot make the ranks' connections
@@ -333,20 +352,13 @@ fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<Accepted>> {
     let mut arrived = std::collections::HashSet::with_capacity(expected);
     let mut greetings: Vec<Greeting> = Vec::new();
     while accepted.len() < expected {
-        loop {
+        // At most a room's worth of new connections a pass, so that a flood of them still leaves time
+        // to read handshakes and to look at the deadline.
+        for _ in 0..MAX_GREETING {
             match listener.accept() {
                 Ok((stream, from)) => {
                     if stream.set_nonblocking(true).is_err() {
                         continue;
-                    }
-                    if greetings.len() >= expected + MAX_GREETING {
-                        let oldest = greetings.remove(0);
-                        let why = "handshake not received while others waited";
-                        tracing::warn!("{me}: dropped a connection from {}: {why}", oldest.from);
-                        eprintln!(
-                            "dsm: {me}: dropped a connection from {}: {why}",
-                            oldest.from
-                        );
                     }
                     greetings.push(Greeting {
                         stream,
@@ -357,19 +369,34 @@ fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<Accepted>> {
                     });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::ConnectionAborted
+                    ) => {}
+                // Out of descriptors: those held by handshakes still awaited make room, oldest first.
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+                        && !greetings.is_empty() =>
+                {
+                    let half = greetings.len() / 2 + 1;
+                    drop_oldest(&mut greetings, half, me);
+                    break;
+                }
                 Err(e) => return Err(DsmError::io("accept", e)),
             }
         }
+        // Handshakes are read before any is dropped for room: a rank's comes with its connection.
         let mut i = 0;
         while i < greetings.len() {
             let Some(verdict) = greetings[i].progress(token, size, channels) else {
                 i += 1;
                 continue;
             };
+            // (In order: the first is the oldest, which goes first when room is short.)
             let Greeting {
                 mut stream, from, ..
-            } = greetings.swap_remove(i);
+            } = greetings.remove(i);
             let verdict = verdict.and_then(|(rank, set)| match arrived.insert((rank, set)) {
                 true => Ok((rank, set)),
                 false => Err(Refusal::Member(format!(
@@ -402,6 +429,10 @@ fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<Accepted>> {
         }
         if accepted.len() == expected {
             break;
+        }
+        if greetings.len() > expected + MAX_GREETING {
+            let over = greetings.len() - expected - MAX_GREETING;
+            drop_oldest(&mut greetings, over, me);
         }
         if setup.stopping() {
             return Err(DsmError::Config(format!(
