@@ -259,9 +259,10 @@ struct Greeting {
     until: Instant,
 }
 
-/// The most connections whose handshakes are read at once beyond those the job expects. Past it the
-/// oldest is dropped: a rank sends its handshake as it connects, so only a connection that sends nothing
-/// (or a byte now and then) grows old.
+/// The most connections whose handshakes are read at once beyond those the job expects, and the most
+/// accepted in one pass of the loop. Past it the oldest are dropped, those that sent nothing first: a rank
+/// sends its handshake as it connects, so only a connection that sends nothing (or a byte now and then)
+/// grows old.
 const MAX_GREETING: usize = 64;
 
 impl Greeting {
