@@ -992,11 +992,15 @@ mod tests {
         }
     }
 
-    /// A map task of `split` into two partitions, folding into batch `batch`.
-    fn map_of(split: Split, batch: u64) -> Task {
+    /// A map task of bytes `start..end` of `file` into two partitions, folding into batch `batch`.
+    fn map_of(file: &Path, start: u64, end: u64, batch: u64) -> Task {
         Task::Map {
             index: 0,
-            split,
+            split: Split {
+                file: file.to_path_buf(),
+                start,
+                end,
+            },
             version: None,
             partitions: 2,
             batch,
@@ -1024,14 +1028,9 @@ mod tests {
             std::fs::create_dir_all(shuffle::job_dir(&root, 0)).unwrap();
             let input = root.join("in.txt");
             std::fs::write(&input, "a b a\nc a\npanic\nboom\n").unwrap();
-            let split = |start, end| Split {
-                file: input.clone(),
-                start,
-                end,
-            };
             let pool = one_thread();
             let w = counting(rt.dsm(), &root, &pool);
-            let map = |task: u64, start, end, batch| w.run(task, map_of(split(start, end), batch));
+            let map = |task: u64, start, end, batch| w.run(task, map_of(&input, start, end, batch));
             assert!(matches!(map(1, 0, 6, 0), TaskResult::Mapped { .. }));
             assert!(matches!(map(2, 6, 10, 0), TaskResult::Mapped { .. }));
             // The maps' output is folded: one run per partition, with both maps' counts.
@@ -1102,14 +1101,7 @@ mod tests {
             std::fs::write(&input, "a b a\nc a\n").unwrap();
             let pool = one_thread();
             let w = counting(rt.dsm(), &root, &pool);
-            let map = |task: u64, start, end, batch| {
-                let split = Split {
-                    file: input.clone(),
-                    start,
-                    end,
-                };
-                w.run(task, map_of(split, batch))
-            };
+            let map = |task: u64, start, end, batch| w.run(task, map_of(&input, start, end, batch));
             let held = |batch| lock(&w.batches)[&batch].idle.len();
             let runs = |batch| {
                 let batches = lock(&w.batches);
