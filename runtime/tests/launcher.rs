@@ -2,6 +2,7 @@
 //! SIGTERM, SIGINT or SIGQUIT, must end promptly and leave no process behind; a Ctrl-Z stops the ranks
 //! with the launcher.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -143,9 +144,12 @@ fn ctrl_z_stops_every_rank_with_the_launcher_and_fg_continues_them() {
     use nix::sys::signal::{kill, Signal};
     // Each rank sleeps for about a second: stopped for longer, the sleeps are still there.
     let words = ["sleep", "1.987"];
+    // The launcher leads a process group whose parent, this test, is in another group of the session,
+    // as a job a shell starts is: its group is not orphaned, however the tests were started.
     let child = Command::new(DSMRUN)
         .args(["--timeout", "60", "-n", "2", "/bin/sh", "-c"])
         .arg("sleep 1.987 && echo finished")
+        .process_group(0)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -185,6 +189,107 @@ fn ctrl_z_stops_every_rank_with_the_launcher_and_fg_continues_them() {
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("finished").count(), 2, "{text}");
+}
+
+/// The state (`/proc/PID/stat`: R, S, T, ...) of process `pid`, if it is there.
+fn state_of(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+#[test]
+fn a_ctrl_z_to_a_launcher_no_shell_would_continue_is_dropped_as_the_kernel_drops_it() {
+    use nix::sys::signal::{kill, Signal};
+    // A session of its own (`setsid`, which runs the launcher in place): its group is orphaned, as a job
+    // whose shell has gone is. Stopped, nothing would continue it.
+    let words = ["sleep", "1.986"];
+    let child = Command::new("setsid")
+        .args([DSMRUN, "--timeout", "60", "-n", "2", "/bin/sh", "-c"])
+        .arg("sleep 1.986 && echo finished")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let launcher = nix::unistd::Pid::from_raw(child.id() as i32);
+    struct Continue(nix::unistd::Pid);
+    impl Drop for Continue {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
+    let _continue = Continue(launcher);
+    until_running(&words, 2);
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{launcher}/comm"))
+            .unwrap()
+            .trim(),
+        "dsmrun",
+        "setsid ran the launcher in its own process"
+    );
+    kill(launcher, Signal::SIGTSTP).unwrap();
+    // Time for the signal thread to take it and stop everything, as it does within milliseconds when
+    // the group is not orphaned.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_ne!(state_of(child.id()), Some('T'), "the launcher stopped");
+    assert!(
+        !states(&words).contains(&'T'),
+        "a rank stopped: {:?}",
+        states(&words)
+    );
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("finished").count(), 2, "{text}");
+}
+
+#[test]
+fn a_ctrl_z_while_the_job_ends_does_not_stop_the_launcher_after_it() {
+    use nix::sys::signal::{kill, Signal};
+    // The ranks ignore SIGTERM (inherited through exec by `sleep`), so the launcher ends them with
+    // SIGKILL two seconds after a SIGTERM: the Ctrl-Z comes in between, after its signal thread ended.
+    let words = ["sleep", "30.985"];
+    let mut child = Command::new(DSMRUN)
+        .args(["-n", "2", "/bin/sh", "-c"])
+        .arg("trap '' TERM; sleep 30.985")
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let launcher = nix::unistd::Pid::from_raw(child.id() as i32);
+    struct Continue(nix::unistd::Pid);
+    impl Drop for Continue {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
+    let _continue = Continue(launcher);
+    until_running(&words, 2);
+    kill(launcher, Signal::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(child.try_wait().unwrap(), None, "still ending the ranks");
+    kill(launcher, Signal::SIGTSTP).unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            state_of(child.id()) != Some('T') || t.elapsed() < Duration::from_millis(500),
+            "the launcher stopped as the job ended"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the launcher did not end"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal().or(status.code().map(|c| c - 128)),
+        Some(Signal::SIGTERM as i32),
+        "{status:?}"
+    );
+    assert!(gone(&words));
 }
 
 /// Threads of this process whose name begins with `prefix` (names are cut to 15 bytes).

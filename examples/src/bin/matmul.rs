@@ -18,7 +18,8 @@
 //! same path (an FMA rounds once where a multiply and an add round twice: a job whose ranks run on CPUs
 //! with and without FMA gets products that differ in the last bits, and fails its check).
 //!
-//! Prints the time of the product (from the tasks being put to the last result) and GFLOP/s.
+//! Prints the time of the product (from the tasks being put to the last result), to a tenth of a
+//! millisecond (a 2-rank product of n = 1024 takes under 40 ms here), and GFLOP/s.
 //!
 //! Run: `dsmrun -n 2 target/release/matmul --n 1024 --block 32`
 
@@ -396,7 +397,7 @@ fn run() -> anyhow::Result<()> {
     if me == 0 {
         let gflops = 2.0 * (n as f64).powi(3) / secs / 1e9;
         println!(
-            "matmul: n={n} block={} ranks={size} consistency={:?}: {secs:.3} s, {gflops:.2} GFLOP/s",
+            "matmul: n={n} block={} ranks={size} consistency={:?}: {secs:.4} s, {gflops:.2} GFLOP/s",
             args.block, args.consistency
         );
         if !args.no_check {

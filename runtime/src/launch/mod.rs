@@ -951,7 +951,13 @@ fn ignored(sig: Signal) -> bool {
 
 /// Stops the ranks' process groups and then this process, as SIGTSTP would have had it not been taken,
 /// and continues the groups once this process is continued (those not ended meanwhile).
+///
+/// Like the kernel with a SIGTSTP it is left to act on, it does nothing when this process's group is
+/// orphaned (see [`group_orphaned`]): no shell would continue the job, which would stay stopped for good.
 fn suspend(groups: &Mutex<Groups>) {
+    if group_orphaned() == Some(true) {
+        return;
+    }
     {
         let mut groups = lock(groups);
         groups.stopping = true;
@@ -974,9 +980,78 @@ impl Drop for Interrupts {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Release);
         if let Some(old) = self.restore.take() {
+            // A Ctrl-Z that came after the signal thread ended (once an ending signal came) is dropped:
+            // let through by the restored mask it would stop the launcher as the job ends. An ending
+            // signal still pending is kept, and ends the launcher as it should.
+            discard_pending(Signal::SIGTSTP);
             let _ = old.thread_set_mask();
         }
     }
+}
+
+/// Takes `sig` off this thread's and this process's pending signals, if it is pending (and blocked).
+fn discard_pending(sig: Signal) {
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(sig);
+    if let Ok(fd) = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC) {
+        // One read takes it: a standard signal is pending at most once on each queue.
+        while let Ok(Some(_)) = fd.read_signal() {}
+    }
+}
+
+/// Whether this process's group is orphaned: no member's parent is in another group of the same session
+/// (POSIX; a parent that is process 1 does not count, as for the kernel). A shell that started the job
+/// is such a parent, and continues it after a Ctrl-Z; an orphaned group has none, and the kernel drops a
+/// SIGTSTP sent to it rather than stop it for good. `None` when `/proc` does not tell.
+fn group_orphaned() -> Option<bool> {
+    let me = stat_ids(std::process::id() as i32)?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // A process that ended while this ran is not a member any more.
+        let Some(member) = stat_ids(pid).filter(|m| m.pgrp == me.pgrp) else {
+            continue;
+        };
+        if member.ppid <= 1 {
+            continue;
+        }
+        if let Some(parent) = stat_ids(member.ppid) {
+            if parent.pgrp != me.pgrp && parent.session == me.session {
+                return Some(false);
+            }
+        }
+    }
+    Some(true)
+}
+
+/// A process's parent, process group and session, from `/proc/PID/stat`.
+struct StatIds {
+    ppid: i32,
+    pgrp: i32,
+    session: i32,
+}
+
+fn stat_ids(pid: i32) -> Option<StatIds> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_ids(&stat)
+}
+
+/// The fields after the command name (which is in parentheses, and may hold spaces and parentheses of
+/// its own): state, ppid, pgrp, session.
+fn parse_stat_ids(stat: &str) -> Option<StatIds> {
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(1);
+    let mut next = || fields.next()?.parse::<i32>().ok();
+    Some(StatIds {
+        ppid: next()?,
+        pgrp: next()?,
+        session: next()?,
+    })
 }
 
 /// Sets up a rank's process between its fork and its exec:
@@ -1128,6 +1203,17 @@ fn end_all(children: &mut [Child]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stat_ids_are_read_past_a_command_name_with_spaces_and_parentheses() {
+        let ids = parse_stat_ids("4242 (a (b) c) S 17 4242 99 34816 4242 4194304 0").unwrap();
+        assert_eq!((ids.ppid, ids.pgrp, ids.session), (17, 4242, 99));
+        assert!(parse_stat_ids("4242 (cut) S 17").is_none());
+        assert!(parse_stat_ids("no parentheses").is_none());
+        let me = stat_ids(std::process::id() as i32).unwrap();
+        assert_eq!(me.pgrp, nix::unistd::getpgrp().as_raw());
+        assert_eq!(me.ppid, nix::unistd::getppid().as_raw());
+    }
 
     /// A listener on loopback and a connection to it from a thread that sends `bytes`, one every
     /// `every`, then stays connected for a second.
