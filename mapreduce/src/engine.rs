@@ -410,8 +410,9 @@ impl MapReduce {
         // Whether this job made or cleared the output directory: only then are its part files its own, to
         // remove if it fails (a job refused up front leaves an earlier job's output alone).
         let mut ours_to_clear = false;
-        // Whether this job made the output directory: a failed job then removes it too.
-        let mut made_dir = false;
+        // The directories this job made for its output (the output and any parents it lacked), innermost
+        // first: a failed job removes them too.
+        let mut made_dirs = Vec::new();
         // The lock on the job's staging directory, held until the job is done with it: another job's
         // commit into the same output leaves the directory alone meanwhile. (Let go before the directory
         // is removed: on NFS a file removed while open stays, as `.nfs*`, and the directory with it.)
@@ -419,9 +420,9 @@ impl MapReduce {
         let outcome = std::thread::scope(|s| {
             let (ours, outcome) = match spawn_workers(s, threads, farm, worker) {
                 Ok(ours) => {
-                    let outcome = self.prepare(job_id, config).and_then(|prepared| {
+                    let outcome = self.prepare(job_id, config).and_then(|mut prepared| {
                         ours_to_clear = true;
-                        made_dir = prepared.made_dir;
+                        made_dirs = std::mem::take(&mut prepared.made_dirs);
                         staging_alive = prepared.staging_alive;
                         self.drive(prepared.master, farm, config, started)
                     });
@@ -477,10 +478,7 @@ impl MapReduce {
         if outcome.is_err() && ours_to_clear && !clearing {
             drop(staging_alive.take());
             let _ = std::fs::remove_dir_all(config.output.join(self.staging_name(job_id)));
-            if made_dir {
-                // Only if empty: a file of anyone else's that appeared in it meanwhile stays.
-                let _ = std::fs::remove_dir(&config.output);
-            }
+            remove_made_dirs(&made_dirs);
         }
         let said = match &outcome {
             Ok(_) => Ok(()),
@@ -624,24 +622,33 @@ impl MapReduce {
             // the old output is whole.
             Ok(_) => {
                 check_replaceable(out)?;
-                false
+                Vec::new()
             }
             Err(_) => {
                 // The directory itself with create_dir, which fails if it exists: of two jobs started at
                 // once on one new output directory, only one takes it (create_dir_all succeeds for both,
                 // and the failing one's clean-up would remove the other's parts).
+                let mut parents = Vec::new();
                 if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    parents = missing_dirs(parent);
                     std::fs::create_dir_all(parent).map_err(|e| {
                         MapReduceError::io(format!("creating {}", parent.display()), e)
                     })?;
                 }
+                let refused = |e| {
+                    remove_made_dirs(&parents);
+                    e
+                };
                 match std::fs::create_dir(out) {
-                    Ok(()) => true,
+                    Ok(()) => std::iter::once(out.clone()).chain(parents).collect(),
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        return Err(MapReduceError::OutputExists(out.clone()))
+                        return Err(refused(MapReduceError::OutputExists(out.clone())))
                     }
                     Err(e) => {
-                        return Err(MapReduceError::io(format!("creating {}", out.display()), e))
+                        return Err(refused(MapReduceError::io(
+                            format!("creating {}", out.display()),
+                            e,
+                        )))
                     }
                 }
             }
@@ -659,9 +666,7 @@ impl MapReduce {
         let staging_alive = match staging_alive {
             Ok(alive) => alive,
             Err(e) => {
-                if made {
-                    let _ = std::fs::remove_dir(out);
-                }
+                remove_made_dirs(&made);
                 return Err(MapReduceError::io(
                     format!("creating {}", staging.display()),
                     e,
@@ -671,7 +676,7 @@ impl MapReduce {
         Ok(Prepared {
             master: Master::new(splits, partitions as u32, absolute(&staging))
                 .with_versions(versions),
-            made_dir: made,
+            made_dirs: made,
             staging_alive,
         })
     }
@@ -834,12 +839,31 @@ fn remove_part_tmps(dir: &Path) {
     }
 }
 
-/// A job ready to run: its master, whether the job made the output directory, and the lock on its
-/// staging directory's [`ALIVE`] file (`None` on a file system without `flock`).
+/// A job ready to run: its master, the directories the job made for its output (innermost first), and
+/// the lock on its staging directory's [`ALIVE`] file (`None` on a file system without `flock`).
 struct Prepared {
     master: Master,
-    made_dir: bool,
+    made_dirs: Vec<PathBuf>,
     staging_alive: Option<Flock<std::fs::File>>,
+}
+
+/// The directories from `dir` up that do not exist, innermost first: those `create_dir_all(dir)` makes.
+fn missing_dirs(dir: &Path) -> Vec<PathBuf> {
+    dir.ancestors()
+        .filter(|a| !a.as_os_str().is_empty())
+        .take_while(|a| std::fs::symlink_metadata(a).is_err())
+        .map(Path::to_path_buf)
+        .collect()
+}
+
+/// Removes the directories a failed job made (`dirs`, innermost first), each only if empty: a file of
+/// anyone else's that appeared in one meanwhile stays, and so do the directories above it.
+fn remove_made_dirs(dirs: &[PathBuf]) {
+    for d in dirs {
+        if std::fs::remove_dir(d).is_err() {
+            return;
+        }
+    }
 }
 
 /// How the names of jobs' staging directories begin.

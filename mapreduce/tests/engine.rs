@@ -680,9 +680,15 @@ fn a_panic_in_the_job_fails_it_with_where_it_happened() {
     .unwrap();
     let reduce_input = dir.join("reduce.txt");
     std::fs::write(&reduce_input, b"a b\nbang c\nfar\n").unwrap();
+    // The first job's output has parents that do not exist, the second's one that does.
+    let kept = dir.join("kept");
+    std::fs::create_dir(&kept).unwrap();
     job(2, move |_rt, mr| {
         let e = mr
-            .run(&Fragile, &JobConfig::new(dir.join("m")).input(&map_input))
+            .run(
+                &Fragile,
+                &JobConfig::new(dir.join("new/parents/m")).input(&map_input),
+            )
             .unwrap_err();
         let text = e.to_string();
         assert!(text.contains("the map found a bomb"), "{text}");
@@ -693,7 +699,7 @@ fn a_panic_in_the_job_fails_it_with_where_it_happened() {
         let e = mr
             .run(
                 &Fragile,
-                &JobConfig::new(dir.join("r")).input(&reduce_input),
+                &JobConfig::new(kept.join("r")).input(&reduce_input),
             )
             .unwrap_err();
         let text = e.to_string();
@@ -711,11 +717,12 @@ fn a_panic_in_the_job_fails_it_with_where_it_happened() {
             text.contains("partition() gave") && text.contains("far"),
             "{text}"
         );
-        // A failed job leaves no output at all: the directory it made goes with it, once every rank's
-        // reduces have ended.
-        for failed in ["m", "r", "p"] {
+        // A failed job leaves no output at all: the directories it made go with it, once every rank's
+        // reduces have ended, and those that were there stay.
+        for failed in ["new", "kept/r", "p"] {
             assert!(!dir.join(failed).exists(), "{failed} left behind");
         }
+        assert!(kept.is_dir());
         // One that was there before (overwritten) stays, without the failed job's part files.
         let there = dir.join("there");
         std::fs::create_dir_all(&there).unwrap();
