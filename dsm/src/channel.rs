@@ -531,7 +531,7 @@ impl Channels {
     /// Takes a free channel for an exchange that completes without waiting for this rank's application
     /// threads (a fault, a release, a ping), waiting for one when all are in use.
     pub(crate) fn claim(&self) -> Claimed<'_> {
-        self.claim_from(0, None)
+        self.claim_from(0, None, || false)
             .expect("a claim without a deadline waits until it gets a channel")
     }
 
@@ -539,19 +539,26 @@ impl Channels {
     /// never take channel 0: if they held every channel, the thread that holds the lock they wait for could
     /// not resolve a fault, and the rank would hang. Faults use any channel and finish without waiting on
     /// application threads, so channel 0 always comes free for them.
-    pub(crate) fn claim_for_wait(&self) -> Claimed<'_> {
-        self.claim_for_wait_until(None)
-            .expect("a claim without a deadline waits until it gets a channel")
+    ///
+    /// The other channels may be held by calls that wait for ever (blocked `in`s of other threads), so
+    /// the wait gives up (`None`) once `deadline` passes or, looked at between naps, once `give_up` says
+    /// so: the rank the call is for failed, and the caller says so instead of waiting for ever.
+    pub(crate) fn claim_for_wait(
+        &self,
+        deadline: Option<Instant>,
+        give_up: impl Fn() -> bool,
+    ) -> Option<Claimed<'_>> {
+        self.claim_from(1.min(self.slots.len() - 1), deadline, give_up)
     }
 
-    /// `claim_for_wait`, giving up (`None`) once `deadline` passes: the other channels may be held by
-    /// calls that wait for ever (blocked `in`s of other threads).
-    pub(crate) fn claim_for_wait_until(&self, deadline: Option<Instant>) -> Option<Claimed<'_>> {
-        self.claim_from(1.min(self.slots.len() - 1), deadline)
-    }
-
-    /// Takes the first channel of `slots[first..]` to come free, or gives up at `deadline`.
-    fn claim_from(&self, first: usize, deadline: Option<Instant>) -> Option<Claimed<'_>> {
+    /// Takes the first channel of `slots[first..]` to come free, or gives up at `deadline` or when
+    /// `give_up` says so.
+    fn claim_from(
+        &self,
+        first: usize,
+        deadline: Option<Instant>,
+        give_up: impl Fn() -> bool,
+    ) -> Option<Claimed<'_>> {
         loop {
             if let Some(c) = self.try_claim_from(first) {
                 return Some(c);
@@ -574,7 +581,7 @@ impl Channels {
             if got.is_some() {
                 return got;
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if deadline.is_some_and(|d| Instant::now() >= d) || give_up() {
                 return self.try_claim_from(first);
             }
         }
@@ -662,10 +669,12 @@ mod tests {
         let p = pool(4);
         // Channels 1-3 are held (by calls that wait for ever, say): a waiting claim with a deadline gives
         // up at it, and channel 0 stays for faults.
-        let held: Vec<_> = (0..3).map(|_| p.claim_for_wait()).collect();
+        let held: Vec<_> = (0..3)
+            .map(|_| p.claim_for_wait(None, || false).unwrap())
+            .collect();
         let t0 = Instant::now();
         assert!(p
-            .claim_for_wait_until(Some(t0 + Duration::from_millis(30)))
+            .claim_for_wait(Some(t0 + Duration::from_millis(30)), || false)
             .is_none());
         let waited = t0.elapsed();
         assert!(
@@ -673,6 +682,20 @@ mod tests {
             "{waited:?}"
         );
         assert!(p.try_claim().is_some(), "channel 0 is free for faults");
+        // Without a deadline, the wait ends once `give_up` says so (the rank called failed), looked at
+        // between naps.
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(30));
+                failed.store(true, Ordering::Release);
+            });
+            let t0 = Instant::now();
+            assert!(p
+                .claim_for_wait(None, || failed.load(Ordering::Acquire))
+                .is_none());
+            assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        });
         drop(held);
         // The last channel given back goes to a waiting thread at once: woken by the give-back, not by its
         // next look (naps are made long here so that only the wake-up can be in time), and not only once
@@ -680,10 +703,12 @@ mod tests {
         let mut p = p;
         p.nap = Duration::from_secs(10);
         let p = p;
-        let mut held: Vec<_> = (0..3).map(|_| p.claim_for_wait()).collect();
+        let mut held: Vec<_> = (0..3)
+            .map(|_| p.claim_for_wait(None, || false).unwrap())
+            .collect();
         std::thread::scope(|s| {
             let waiter = s.spawn(|| {
-                let c = p.claim_for_wait_until(Some(Instant::now() + Duration::from_secs(5)));
+                let c = p.claim_for_wait(Some(Instant::now() + Duration::from_secs(5)), || false);
                 (Instant::now(), c.is_some())
             });
             std::thread::sleep(Duration::from_millis(50));

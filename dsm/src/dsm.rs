@@ -336,7 +336,15 @@ impl Shared {
         };
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
         let root = Rank(0);
-        let mut ch = self.channels.claim_for_wait();
+        let Some(mut ch) = self
+            .channels
+            .claim_for_wait(None, || self.failed[root.index()].load(Ordering::Acquire))
+        else {
+            return Err(self.peer_failed_error(
+                root,
+                "it failed while this rank waited for a channel to arrive at a barrier".into(),
+            ));
+        };
         let arrive = Request::Barrier {
             epoch,
             tag,
@@ -635,11 +643,18 @@ impl Dsm {
         outside_regions(payload, |payload| {
             // Other threads' calls may hold every channel for as long as they wait: the deadline also
             // bounds the wait for one.
-            let Some(mut ch) = self
-                .shared
-                .channels
-                .claim_for_wait_until(deadline.map(|(d, _)| d))
-            else {
+            let s = &self.shared;
+            if to.index() >= s.size {
+                return Err(not_in_job(to, s.size));
+            }
+            let failed = || s.failed[to.index()].load(Ordering::Acquire);
+            let Some(mut ch) = s.channels.claim_for_wait(deadline.map(|(d, _)| d), failed) else {
+                if failed() {
+                    return Err(s.peer_failed_error(
+                        to,
+                        "it failed while this call waited for a channel".into(),
+                    ));
+                }
                 return Err(DsmError::TimedOut {
                     what: format!(
                         "a call to service {id} of {to} waited for a channel (every one was taken by other threads' waiting calls; DSM_CHANNELS sets how many there are)"
@@ -660,10 +675,7 @@ impl Dsm {
     ) -> Result<Vec<u8>> {
         let s = &self.shared;
         if to.index() >= s.size {
-            return Err(DsmError::Config(format!(
-                "{to} is not in this job of {} ranks",
-                s.size
-            )));
+            return Err(not_in_job(to, s.size));
         }
         if s.failed[to.index()].load(Ordering::Acquire) {
             return Err(s.peer_failed_error(to, "it failed earlier in this job".into()));
@@ -747,7 +759,15 @@ impl Dsm {
                 .unwrap_or_else(|p| p.into_inner())
                 .clock()
                 .clone();
-        let mut ch = s.channels.claim_for_wait();
+        let Some(mut ch) = s
+            .channels
+            .claim_for_wait(None, || s.failed[home.index()].load(Ordering::Acquire))
+        else {
+            return Err(s.peer_failed_error(
+                home,
+                format!("it failed while this rank waited for a channel to ask it for lock {id}"),
+            ));
+        };
         let request = Request::LockAcquire { lock: id };
         ch.send(
             &s.counters,
@@ -1137,4 +1157,9 @@ pub(crate) fn outside_regions<R>(payload: &[&[u8]], f: impl FnOnce(&[&[u8]]) -> 
     } else {
         f(payload)
     }
+}
+
+/// The error for a call to a rank past the job's `size`.
+fn not_in_job(to: Rank, size: usize) -> DsmError {
+    DsmError::Config(format!("{to} is not in this job of {size} ranks"))
 }

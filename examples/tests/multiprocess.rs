@@ -1277,6 +1277,10 @@ fn a_blocked_in_returns_an_error_when_its_home_dies() {
         "{out}"
     );
     assert!(
+        out.contains("home-dies: with every channel held, in returned an error: rank 1 failed"),
+        "{out}"
+    );
+    assert!(
         out.contains("home-dies: evals and searches went on without the dead rank"),
         "{out}"
     );

@@ -4,7 +4,9 @@
 //!   rank takes its share out of each; rank 0 gathers each rank's count, sum and sum of squares and checks
 //!   that every tuple was taken exactly once.
 //! - `home-dies`: rank 0 waits in `in` for a tuple homed at rank 1, and rank 1 dies; the `in` must return
-//!   an error naming rank 1 (run with `dsmrun --keep-going`).
+//!   an error naming rank 1 (run with `dsmrun --keep-going`). Then, with every channel a waiting call may
+//!   take held by other threads' `in`s at rank 2, one more `in` homed at rank 1 must fail too, instead of
+//!   waiting for ever for a channel (run with 3 ranks and the default `DSM_CHANNELS`, 4).
 //! - `farm --tasks N [--near] [--die-rank R --die-after K]`: a task farm with rank 0 as master; rank R dies
 //!   while it holds its K-th task (after a pause in which the others run out of tasks and wait), and rank 0
 //!   checks that every task's result came back exactly once. `--near` puts task i near rank i % ranks. Rank 0
@@ -105,10 +107,38 @@ fn main() -> anyhow::Result<()> {
                 .expect("some name is homed at rank 1");
             rt.dsm().barrier()?;
             match me {
-                0 => match space.in_(&template!(name.as_str(), ?u64)) {
-                    Err(e) => println!("home-dies: in returned an error: {e}"),
-                    Ok(t) => anyhow::bail!("in returned {t:?} although its home died"),
-                },
+                0 => {
+                    match space.in_(&template!(name.as_str(), ?u64)) {
+                        Err(e) => println!("home-dies: in returned an error: {e}"),
+                        Ok(t) => anyhow::bail!("in returned {t:?} although its home died"),
+                    }
+                    let at2 = (0..)
+                        .map(|k| format!("at2-{k}"))
+                        .find(|n| space.home_of(Some(&n.as_str().into()), 2) == Rank(2))
+                        .expect("some name is homed at rank 2");
+                    // Three threads wait at rank 2, holding the three channels a waiting call may take
+                    // (the fourth is kept for faults), until this thread puts what they wait for.
+                    std::thread::scope(|s| -> anyhow::Result<()> {
+                        let waiters: Vec<_> = (0..3)
+                            .map(|_| s.spawn(|| space.in_(&template!(at2.as_str(), ?u64))))
+                            .collect();
+                        std::thread::sleep(Duration::from_millis(300));
+                        match space.in_(&template!(name.as_str(), ?u64)) {
+                            Err(e) => println!(
+                                "home-dies: with every channel held, in returned an error: {e}"
+                            ),
+                            Ok(t) => anyhow::bail!("in returned {t:?} although its home died"),
+                        }
+                        for k in 0..3u64 {
+                            space.out(tuple!(at2.as_str(), k))?;
+                        }
+                        for w in waiters {
+                            w.join()
+                                .map_err(|_| anyhow::anyhow!("a waiter panicked"))??;
+                        }
+                        Ok(())
+                    })?;
+                }
                 1 => {
                     std::thread::sleep(Duration::from_millis(200));
                     std::process::abort();
