@@ -128,6 +128,7 @@ impl TaskFarm {
 
     /// What a worker of this rank takes, in order of preference: tasks near it, tasks for anyone, tasks
     /// near the other ranks, the stop mark. When there is none of them, it waits for the first of any.
+    /// (One template per rank and two: within what a home takes in one request, for the largest job.)
     fn wanted(&self) -> Vec<Template> {
         let (me, n) = (self.me.index(), self.near.len());
         let mut order = vec![self.tasks_near(me), self.tasks()];
@@ -485,6 +486,10 @@ impl TaskFarm {
         }
     }
 }
+
+// A worker's templates (`TaskFarm::wanted`: one per rank and two) fit in one request to a home, in the
+// largest job.
+const _: () = assert!(dsm::protocol::swmr::MAX_RANKS + 2 <= crate::tuple_home::MAX_NEXT_TEMPLATES);
 
 /// How many of `results`, from the first, to send in a request of their own before the rest: `None` when
 /// all fit in one (at most [`MAX_TUPLE_BYTES`] of strings and byte strings in all). Always at least one.

@@ -64,6 +64,14 @@ fn next_refused(next: Option<&(Vec<Template>, u64)>) -> Option<String> {
     if let Some(why) = too_many_templates(templates.len()) {
         return Some(why);
     }
+    // Looked up in every bucket of its arity, each such template would cost this home work out of
+    // proportion to the request; a requester sends only templates homed here.
+    if templates.iter().any(|t| t.first_actual().is_none()) {
+        return Some(
+            "a template whose first field is formal: a completion leases its next tuple only with templates homed where its leases are"
+                .into(),
+        );
+    }
     templates
         .iter()
         .find_map(|t| t.check().err())
@@ -927,12 +935,21 @@ mod tests {
     }
 
     #[test]
-    fn a_completion_leases_with_at_most_so_many_templates() {
-        let many = |n| Some((vec![crate::template!(?i64); n], 1));
+    fn a_completion_leases_with_at_most_so_many_templates_each_with_its_first_field_given() {
+        let many = |n| Some((vec![crate::template!("task", ?i64); n], 1));
         assert_eq!(next_refused(many(MAX_NEXT_TEMPLATES).as_ref()), None);
         let e = next_refused(many(MAX_NEXT_TEMPLATES + 1).as_ref()).unwrap();
         assert!(e.contains("at most 1024"), "{e}");
         assert!(next_refused(many(0).as_ref()).is_some());
+        let formal = Some((
+            vec![
+                crate::template!("task", ?i64),
+                crate::template!(?String, ?i64),
+            ],
+            1,
+        ));
+        let e = next_refused(formal.as_ref()).unwrap();
+        assert!(e.contains("first field is formal"), "{e}");
     }
 
     #[test]
