@@ -111,7 +111,12 @@ impl JobConfig {
         self
     }
 
-    /// The memory a rank's map output may take before it is spilled to disk as sorted runs (default 256 MiB).
+    /// The memory a rank's map output may take before it is spilled to disk as sorted runs (default 256 MiB),
+    /// and a reduce's runs fetched from other ranks before they go to a file. Outside it, each of the
+    /// rank's threads holds the split it maps (up to the split size, 4 MiB by default) and each reduce the
+    /// answer being fetched (up to 4 MiB): a budget near the smallest (1 MiB) is exceeded several times
+    /// over by those, and one of 64 MiB keeps a rank of a 1 GB word count under 256 MiB
+    /// (docs/BENCHMARKS.md).
     pub fn memory_budget(mut self, bytes: u64) -> JobConfig {
         self.memory_budget = bytes;
         self
