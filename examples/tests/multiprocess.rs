@@ -1037,6 +1037,13 @@ fn a_home_announces_only_the_diffed_pages_it_wrote_itself() {
     passes_at(&[2], CHECK, &["homediffs", "--rounds", "200"]);
 }
 
+/// A home announces a page a fetch caught it writing, even when it wrote the page back to the bytes it had
+/// when another rank's diff came: the rank that fetched it drops the copy when it acquires that release.
+#[test]
+fn a_home_announces_a_write_a_fetch_caught_though_it_undid_it() {
+    passes_at(&[3], CHECK, &["revertedhome"]);
+}
+
 /// An acquire that drops pages this rank wrote too sends their diffs to their home in one batch first, and
 /// no write is lost.
 #[test]

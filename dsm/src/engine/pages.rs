@@ -626,12 +626,21 @@ impl Engine {
             set_state(region.state(p), READ_ONLY);
         }
         let mut bytes = vec![0u8; claimed.len() * PAGE_SIZE];
+        let mut exposed = Vec::new();
         for (i, (p, s)) in claimed.iter().enumerate() {
             if s & STATE_MASK == INVALID {
                 continue; // never touched here: zeros
             }
-            region.snapshot_page(*p, &mut bytes[i * PAGE_SIZE..]);
+            let copy = &mut bytes[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            region.snapshot_page(*p, copy);
+            // The copy may hold writes of this home's open interval that the home then undoes: see
+            // `marks::undiffed_at_fetch`.
+            if marks::undiffed_at_fetch(*s, || region.twin(*p) != &copy[..]) {
+                region.state(*p).fetch_and(!DIFFED, Ordering::AcqRel);
+                exposed.push(*p);
+            }
         }
+        region.drop_twins(&exposed);
         for (p, _) in &claimed {
             crate::fault::release_busy(region, *p);
         }

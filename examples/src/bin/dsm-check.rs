@@ -8,6 +8,11 @@
 //! - `homediffs`: (release consistency, 2 ranks) rank 1 writes pages homed at rank 0 under a lock, and rank
 //!   0 under the same lock writes one of them too: rank 1 sees rank 0's writes, and drops and fetches
 //!   again only the page rank 0 wrote (a home's notice does not name pages only others' diffs wrote);
+//! - `revertedhome`: (release consistency, 3 ranks) a page homed at rank 0 that rank 1's diff made writable
+//!   there is written by rank 0 under a lock, fetched by rank 2 while that write is in place, and written
+//!   back to its old bytes before the lock goes: rank 2, taking the lock next, must read the last bytes
+//!   written, not the ones its copy caught (a home that compared the page with its twin at the release
+//!   found them equal and did not announce it);
 //! - `flushbatch`: (release consistency, 2 ranks) rank 1 writes its words of pages homed at rank 0 and,
 //!   without a release in between, takes a lock that rank 0 let go after writing its own words of the same
 //!   pages: rank 1's acquire sends its writes to those pages to their home in one batch (not one round trip
@@ -69,7 +74,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// counter | mp | sb | pages | latehome | homediffs | flushbatch | carrylock | selective | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
+    /// counter | mp | sb | pages | latehome | homediffs | revertedhome | flushbatch | carrylock | selective | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
     /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | freeze | pause | diewriting | readerdies | ownerdies | diffhomedies | releaseafterdeath | sentsigbus
     check: String,
     /// Iterations or rounds.
@@ -399,6 +404,77 @@ fn main() -> anyhow::Result<()> {
             dsm.barrier()?;
             drop(v);
             println!("homediffs ok: {} rounds", args.rounds);
+        }
+        "revertedhome" => {
+            ensure!(n == 3, "revertedhome needs 3 ranks");
+            // One page homed at rank 0: word 0 is rank 0's, word 1 rank 1's, and word 2 is what rank 2
+            // reads to fetch the page.
+            let v = dsm.alloc_vec_in::<u64>(
+                WORDS_PER_PAGE,
+                dsm::Placement::At(dsm::Rank(0)),
+                dsm::Consistency::Release,
+            )?;
+            // The ranks take turns through flags of sequential consistency (coherent, and neither an
+            // acquire nor a release of `v`), each on a page of its own.
+            // (A barrier would do for none of them: it would tell rank 2 of rank 1's notice, which names
+            // the page, and rank 2 would drop its copy for it.)
+            let flags = dsm.alloc_vec_in::<u64>(
+                4 * WORDS_PER_PAGE,
+                dsm::Placement::At(dsm::Rank(0)),
+                dsm::Consistency::Sequential,
+            )?;
+            let [diffed, wrote, fetched, unlocked] = [0, 1, 2, 3].map(|k| k * WORDS_PER_PAGE);
+            let wait_for = |at: usize, what: &str| -> anyhow::Result<()> {
+                let t = std::time::Instant::now();
+                while flags.get(at) == 0 {
+                    ensure!(
+                        t.elapsed() < std::time::Duration::from_secs(20),
+                        "rank {me} waited 20 s for {what}"
+                    );
+                    std::thread::yield_now();
+                }
+                Ok(())
+            };
+            dsm.barrier()?;
+            match me {
+                1 => {
+                    // Fetched first, so that the home's copy is write-protected when the diff comes:
+                    // the home then twins it, to tell its own writes from the diff's.
+                    ensure!(v.get(1) == 0, "rank 1 read a word no one wrote");
+                    {
+                        let _g = dsm.lock(7)?;
+                        v.set(1, 5);
+                    }
+                    flags.set(diffed, 1);
+                }
+                0 => {
+                    wait_for(diffed, "rank 1's diff")?;
+                    {
+                        let _g = dsm.lock(1)?;
+                        v.set(0, 1);
+                        flags.set(wrote, 1);
+                        wait_for(fetched, "rank 2's fetch")?;
+                        // Back to the bytes the page had when the diff came.
+                        v.set(0, 0);
+                    }
+                    flags.set(unlocked, 1);
+                }
+                _ => {
+                    wait_for(wrote, "rank 0's write")?;
+                    ensure!(v.get(2) == 0, "rank 2 read a word no one wrote");
+                    flags.set(fetched, 1);
+                    wait_for(unlocked, "rank 0's release")?;
+                    let _g = dsm.lock(1)?;
+                    let x = v.get(0);
+                    ensure!(
+                        x == 0,
+                        "rank 2 read {x} under the lock rank 0 let go after writing 0: its copy, fetched while rank 0's 1 was in place, was not dropped"
+                    );
+                }
+            }
+            dsm.barrier()?;
+            drop((v, flags));
+            println!("revertedhome ok");
         }
         "flushbatch" => {
             ensure!(n == 2, "flushbatch needs 2 ranks");

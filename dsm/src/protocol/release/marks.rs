@@ -194,6 +194,16 @@ pub(crate) fn protect_for_fetch(state: u32) -> bool {
     state & STATE_MASK == READ_WRITE && state & WRITTEN == 0
 }
 
+/// At a home serving a fetch of a page it holds `DIFFED` (another rank's diff made it writable here, and
+/// its release announces it only if it then differs from its twin): whether it stops being `DIFFED`, its
+/// twin dropped, so that the release announces it as the home's own write whatever its bytes. When the
+/// copy going out differs from the twin (`differs`, asked only then): the copy holds writes of the home's
+/// open interval, which the home may write back to the twin's bytes before it releases, and the requester,
+/// acquiring that release, must drop the copy.
+pub(crate) fn undiffed_at_fetch(state: u32, differs: impl FnOnce() -> bool) -> bool {
+    state & DIFFED != 0 && differs()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

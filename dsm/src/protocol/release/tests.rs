@@ -212,6 +212,13 @@ impl Sim {
         } else {
             hs
         };
+        let differs = || self.twin[h][p].as_ref() != Some(&self.master[p]);
+        let hs = if marks::undiffed_at_fetch(hs, differs) {
+            self.twin[h][p] = None;
+            hs & !DIFFED
+        } else {
+            hs
+        };
         self.state[h][p] = hs | SHARED;
         self.local[r][p] = Some(self.master[p].clone());
         self.state[r][p] = with_state(self.state[r][p], READ_ONLY);
@@ -870,6 +877,40 @@ fn a_home_announces_its_write_over_a_selectively_released_diff_even_of_the_same_
     let notice = sim.release(home).expect("the home wrote the page");
     sim.acquire(reader, &[notice], &Z);
     assert_eq!(sim.read(reader, 0, 5), 1, "the reader kept its stale copy");
+}
+
+/// A home's write that a fetch caught and the home then undid, on a page another rank's diff made
+/// writable there: the home's release must announce the page although its bytes are its twin's again,
+/// or the rank that fetched it keeps the undone write after it acquires that release.
+#[test]
+fn a_home_write_a_fetch_caught_and_the_home_undid_is_announced() {
+    let mut sim = Sim::new(3, 1, DEFAULT_NOTICE_MEMORY, &mut StdRng::seed_from_u64(0));
+    let (home, writer, reader) = (0, 1, 2);
+    // The writer's copy write-protects the home's page; its diff then makes it DIFFED there.
+    sim.write(writer, 0, 1, 5);
+    sim.release(writer);
+    assert_ne!(sim.state[home][0] & DIFFED, 0);
+    sim.write(home, 0, 0, 1);
+    assert_eq!(
+        sim.read(reader, 0, 2),
+        0,
+        "the reader's fetch catches the home's 1"
+    );
+    assert_eq!(sim.local[reader][0].as_ref().unwrap()[0], 1);
+    sim.write(home, 0, 0, 0);
+    let notice = sim.release(home).expect("the home wrote the page");
+    sim.acquire(reader, &[notice], &Z);
+    assert_eq!(
+        sim.read(reader, 0, 0),
+        0,
+        "the reader kept the undone write"
+    );
+    // Caught by nothing, a write the home undoes is spared as before: its twin says nothing changed.
+    sim.write(writer, 0, 1, 6);
+    sim.release(writer);
+    sim.write(home, 0, 0, 1);
+    sim.write(home, 0, 0, 0);
+    assert_eq!(sim.release(home), None);
 }
 
 /// Runs 60 jobs of 2 to 4 ranks and 1 to 4 pages (the seeds from `first` on), 3000 random steps each
