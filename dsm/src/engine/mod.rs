@@ -1459,6 +1459,42 @@ mod tests {
     }
 
     #[test]
+    fn a_barrier_arrival_carrying_another_ranks_notices_or_horizon_cuts_its_sender_off() {
+        use crate::protocol::release::{PageRun, WriteNotice};
+        let others_notice = WriteNotice {
+            rank: Rank(0),
+            interval: 1_000_000,
+            runs: vec![PageRun {
+                region: 1,
+                first: 0,
+                len: 1,
+            }],
+        };
+        let own_notice = WriteNotice {
+            rank: Rank(1),
+            ..others_notice.clone()
+        };
+        let others_horizon = VectorClock(vec![1_000_000, 0]);
+        for (notices, horizon, foreign) in [
+            (vec![own_notice.clone()], VectorClock::new(2), false),
+            (vec![own_notice, others_notice], VectorClock::new(2), true),
+            (Vec::new(), others_horizon, true),
+        ] {
+            let (dsm, fake, _other) = rank0_with_fake_peer();
+            let payload = crate::rc::encode_notices(&notices, &horizon);
+            let request = Request::Barrier {
+                epoch: 0,
+                tag: 0,
+                carried: 0,
+            };
+            write_frame(&dup(&fake), &request, &[&payload], &Counters::default()).unwrap();
+            let failed = failed_within(&dsm, Duration::from_millis(500));
+            let want = if foreign { vec![Rank(1)] } else { Vec::new() };
+            assert_eq!(failed, want, "{notices:?} {horizon:?}");
+        }
+    }
+
+    #[test]
     fn those_waiting_for_a_lock_whose_holder_failed_are_told_and_later_takers_too() {
         let (dsm, fake, _other) = rank0_with_fake_peer();
         let dsm = Arc::new(dsm);
