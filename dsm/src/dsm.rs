@@ -218,6 +218,21 @@ impl Shared {
         self.peer_failed_error(rank, e.to_string())
     }
 
+    /// A channel for a call to `to` that waits on other application threads
+    /// (`Channels::claim_for_wait`), or the error saying `to` failed while this rank waited for one (`what`
+    /// the channel was for).
+    fn claim_for_waiting_on(
+        &self,
+        to: Rank,
+        what: impl FnOnce() -> String,
+    ) -> Result<crate::channel::Claimed<'_>, DsmError> {
+        let failed = || self.failed[to.index()].load(Ordering::Acquire);
+        self.channels.claim_for_wait(None, failed).ok_or_else(|| {
+            let reason = format!("it failed while this rank waited for a channel {}", what());
+            self.peer_failed_error(to, reason)
+        })
+    }
+
     /// The error of an operation that needed `rank`, which has failed (or whose connection broke).
     pub(crate) fn peer_failed_error(&self, rank: Rank, reason: String) -> DsmError {
         self.heard_of_failure.store(true, Ordering::Release);
@@ -336,15 +351,7 @@ impl Shared {
         };
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
         let root = Rank(0);
-        let Some(mut ch) = self
-            .channels
-            .claim_for_wait(None, || self.failed[root.index()].load(Ordering::Acquire))
-        else {
-            return Err(self.peer_failed_error(
-                root,
-                "it failed while this rank waited for a channel to arrive at a barrier".into(),
-            ));
-        };
+        let mut ch = self.claim_for_waiting_on(root, || "to arrive at a barrier".into())?;
         let arrive = Request::Barrier {
             epoch,
             tag,
@@ -759,15 +766,7 @@ impl Dsm {
                 .unwrap_or_else(|p| p.into_inner())
                 .clock()
                 .clone();
-        let Some(mut ch) = s
-            .channels
-            .claim_for_wait(None, || s.failed[home.index()].load(Ordering::Acquire))
-        else {
-            return Err(s.peer_failed_error(
-                home,
-                format!("it failed while this rank waited for a channel to ask it for lock {id}"),
-            ));
-        };
+        let mut ch = s.claim_for_waiting_on(home, || format!("to ask it for lock {id}"))?;
         let request = Request::LockAcquire { lock: id };
         ch.send(
             &s.counters,

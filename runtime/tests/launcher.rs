@@ -139,6 +139,16 @@ fn states(words: &[&str]) -> Vec<char> {
         .collect()
 }
 
+/// Continues a process when dropped: a failed check leaves no stopped job behind (continued, a job of
+/// these tests ends within seconds).
+struct ContinueOnDrop(nix::unistd::Pid);
+
+impl Drop for ContinueOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
 #[test]
 fn ctrl_z_stops_every_rank_with_the_launcher_and_fg_continues_them() {
     use nix::sys::signal::{kill, Signal};
@@ -154,14 +164,7 @@ fn ctrl_z_stops_every_rank_with_the_launcher_and_fg_continues_them() {
         .spawn()
         .unwrap();
     let launcher = nix::unistd::Pid::from_raw(child.id() as i32);
-    // A failed check leaves no stopped job behind: continued, it ends within seconds.
-    struct Continue(nix::unistd::Pid);
-    impl Drop for Continue {
-        fn drop(&mut self) {
-            let _ = kill(self.0, Signal::SIGCONT);
-        }
-    }
-    let _continue = Continue(launcher);
+    let _continue = ContinueOnDrop(launcher);
     until_running(&words, 2);
     kill(launcher, Signal::SIGTSTP).unwrap();
     let t = Instant::now();
@@ -175,15 +178,7 @@ fn ctrl_z_stops_every_rank_with_the_launcher_and_fg_continues_them() {
         ['T', 'T'],
         "the ranks stayed stopped past their sleep"
     );
-    let stat = std::fs::read_to_string(format!("/proc/{launcher}/stat")).unwrap();
-    assert!(
-        stat.rsplit_once(')')
-            .unwrap()
-            .1
-            .trim_start()
-            .starts_with('T'),
-        "the launcher stopped: {stat}"
-    );
+    assert_eq!(state_of(child.id()), Some('T'), "the launcher stopped");
     kill(launcher, Signal::SIGCONT).unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0));
@@ -210,13 +205,7 @@ fn a_ctrl_z_to_a_launcher_no_shell_would_continue_is_dropped_as_the_kernel_drops
         .spawn()
         .unwrap();
     let launcher = nix::unistd::Pid::from_raw(child.id() as i32);
-    struct Continue(nix::unistd::Pid);
-    impl Drop for Continue {
-        fn drop(&mut self) {
-            let _ = kill(self.0, Signal::SIGCONT);
-        }
-    }
-    let _continue = Continue(launcher);
+    let _continue = ContinueOnDrop(launcher);
     until_running(&words, 2);
     assert_eq!(
         std::fs::read_to_string(format!("/proc/{launcher}/comm"))
@@ -256,13 +245,7 @@ fn a_ctrl_z_while_the_job_ends_does_not_stop_the_launcher_after_it() {
         .spawn()
         .unwrap();
     let launcher = nix::unistd::Pid::from_raw(child.id() as i32);
-    struct Continue(nix::unistd::Pid);
-    impl Drop for Continue {
-        fn drop(&mut self) {
-            let _ = kill(self.0, Signal::SIGCONT);
-        }
-    }
-    let _continue = Continue(launcher);
+    let _continue = ContinueOnDrop(launcher);
     until_running(&words, 2);
     kill(launcher, Signal::SIGTERM).unwrap();
     std::thread::sleep(Duration::from_millis(500));
