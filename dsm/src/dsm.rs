@@ -218,18 +218,27 @@ impl Shared {
         self.peer_failed_error(rank, e.to_string())
     }
 
-    /// A channel for a call to `to` that waits on other application threads
-    /// (`Channels::claim_for_wait`), or the error saying `to` failed while this rank waited for one (`what`
-    /// the channel was for).
+    /// A channel for a call to `to` (in the job) that waits on other application threads
+    /// (`Channels::claim_for_wait`); if none comes free, the error saying `to` failed meanwhile, or that
+    /// `deadline` passed. `what` says what the channel was for.
     fn claim_for_waiting_on(
         &self,
         to: Rank,
+        deadline: Option<Instant>,
         what: impl FnOnce() -> String,
     ) -> Result<crate::channel::Claimed<'_>, DsmError> {
         let failed = || self.failed[to.index()].load(Ordering::Acquire);
-        self.channels.claim_for_wait(None, failed).ok_or_else(|| {
-            let reason = format!("it failed while this rank waited for a channel {}", what());
-            self.peer_failed_error(to, reason)
+        self.channels.claim_for_wait(deadline, failed).ok_or_else(|| {
+            if failed() {
+                let reason = format!("it failed while this rank waited for a channel {}", what());
+                return self.peer_failed_error(to, reason);
+            }
+            DsmError::TimedOut {
+                what: format!(
+                    "waiting for a channel {} (every one was taken by other threads' waiting calls; DSM_CHANNELS sets how many there are)",
+                    what()
+                ),
+            }
         })
     }
 
@@ -351,7 +360,7 @@ impl Shared {
         };
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed);
         let root = Rank(0);
-        let mut ch = self.claim_for_waiting_on(root, || "to arrive at a barrier".into())?;
+        let mut ch = self.claim_for_waiting_on(root, None, || "to arrive at a barrier".into())?;
         let arrive = Request::Barrier {
             epoch,
             tag,
@@ -654,20 +663,9 @@ impl Dsm {
             if to.index() >= s.size {
                 return Err(not_in_job(to, s.size));
             }
-            let failed = || s.failed[to.index()].load(Ordering::Acquire);
-            let Some(mut ch) = s.channels.claim_for_wait(deadline.map(|(d, _)| d), failed) else {
-                if failed() {
-                    return Err(s.peer_failed_error(
-                        to,
-                        "it failed while this call waited for a channel".into(),
-                    ));
-                }
-                return Err(DsmError::TimedOut {
-                    what: format!(
-                        "a call to service {id} of {to} waited for a channel (every one was taken by other threads' waiting calls; DSM_CHANNELS sets how many there are)"
-                    ),
-                });
-            };
+            let mut ch = s.claim_for_waiting_on(to, deadline.map(|(d, _)| d), || {
+                format!("for a call to service {id} of {to}")
+            })?;
             self.exchange(&mut ch, to, id, payload, deadline)
         })
     }
@@ -766,7 +764,7 @@ impl Dsm {
                 .unwrap_or_else(|p| p.into_inner())
                 .clock()
                 .clone();
-        let mut ch = s.claim_for_waiting_on(home, || format!("to ask it for lock {id}"))?;
+        let mut ch = s.claim_for_waiting_on(home, None, || format!("to ask it for lock {id}"))?;
         let request = Request::LockAcquire { lock: id };
         ch.send(
             &s.counters,

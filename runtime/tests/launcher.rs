@@ -132,11 +132,19 @@ fn a_launcher_sent_sigterm_or_sigint_ends_every_rank_says_so_and_dies_of_it() {
 fn states(words: &[&str]) -> Vec<char> {
     processes(words)
         .iter()
-        .filter_map(|p| {
-            let stat = std::fs::read_to_string(p.join("stat")).ok()?;
-            stat.rsplit_once(')')?.1.trim_start().chars().next()
-        })
+        .filter_map(|p| state_in(p))
         .collect()
+}
+
+/// The state of process `pid`, if it is there.
+fn state_of(pid: u32) -> Option<char> {
+    state_in(std::path::Path::new(&format!("/proc/{pid}")))
+}
+
+/// The state of the process whose `/proc` directory is `dir`.
+fn state_in(dir: &std::path::Path) -> Option<char> {
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 /// Continues a process when dropped: a failed check leaves no stopped job behind (continued, a job of
@@ -184,12 +192,6 @@ fn ctrl_z_stops_every_rank_with_the_launcher_and_fg_continues_them() {
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("finished").count(), 2, "{text}");
-}
-
-/// The state (`/proc/PID/stat`: R, S, T, ...) of process `pid`, if it is there.
-fn state_of(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 #[test]

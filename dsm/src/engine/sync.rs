@@ -243,18 +243,14 @@ impl Engine {
                 // And its own notices and horizon only: another rank's, with an interval past that
                 // rank's, would have every rank skip that rank's real notices up to it (stale reads
                 // everywhere). Lock releases pass others' notices on; barrier arrivals never do.
-                let others = |r: usize| r != peer.index();
-                let foreign = n
-                    .iter()
-                    .find(|x| x.rank != peer)
-                    .map(|x| x.rank)
-                    .or_else(|| {
-                        (0..horizon.0.len())
-                            .find(|&r| others(r) && horizon.0[r] != 0)
-                            .map(|r| Rank(r as u32))
-                    });
+                let foreign = n.iter().map(|x| x.rank).find(|&r| r != peer).or_else(|| {
+                    let r =
+                        (0..horizon.0.len()).find(|&r| r != peer.index() && horizon.0[r] != 0)?;
+                    Some(Rank(r as u32))
+                });
                 if let Some(r) = foreign {
-                    let what = format!("its barrier arrival carried {r}'s write notices");
+                    let what =
+                        format!("its barrier arrival carried {r}'s write notices or horizon");
                     self.close(idx, &what);
                     return;
                 }
