@@ -7,7 +7,9 @@
 //! satisfies it). Every request gets at most one answer; a request that expects none (a cancellation) is
 //! simply dropped. A requester sends on one channel and waits for the answer on it, so each connection has
 //! at most one request outstanding, and a late answer from an application thread never interleaves with
-//! another frame on its connection.
+//! another frame on its connection. The service loop holds peers to that: a request (other than a
+//! cancellation) that comes on a connection whose last request is still unanswered closes the connection,
+//! as any protocol error does, instead of holding one more waiting request here.
 
 use crate::channel::write_frame;
 use crate::dsm::Shared;
@@ -16,6 +18,7 @@ use crate::transport::memory::Shut;
 use crate::transport::Conn;
 use crate::types::Rank;
 use crate::wire::Reply;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Names a service; every rank registers the same services under the same ids.
@@ -45,8 +48,10 @@ pub struct Responder {
     pub(crate) link: Arc<Conn>,
     pub(crate) peer: Rank,
     pub(crate) shared: Arc<Shared>,
-    /// The request is a cancellation (`Request::ServiceCancel`), which is never answered.
-    pub(crate) cancel: bool,
+    /// The connection's mark that a request on it waits for its answer, cleared once this one is answered
+    /// (or dropped unanswered); `None` for a cancellation (`Request::ServiceCancel`), which is never
+    /// answered.
+    pub(crate) waiting: Option<Arc<AtomicBool>>,
 }
 
 impl Responder {
@@ -59,7 +64,7 @@ impl Responder {
     /// A cancellation is never answered: [`Responder::send`] sends nothing for it, since the requester
     /// would read that answer as the reply to its next request on the connection.
     pub fn cancels(&self) -> bool {
-        self.cancel
+        self.waiting.is_none()
     }
 
     /// Answers the request with the concatenation of `payload`'s slices. An error means the sender is gone,
@@ -70,12 +75,12 @@ impl Responder {
     /// A payload that lies in a shared region is copied out of it first (a thread answering later may
     /// send from there; the service loop's own thread may not, see [`Service`]): the kernel, writing the
     /// connection, would take a page not present here for a bad address, and the answer would fail.
-    pub fn send(self, payload: &[&[u8]]) -> Result<()> {
+    pub fn send(mut self, payload: &[&[u8]]) -> Result<()> {
         crate::dsm::outside_regions(payload, |payload| self.write(payload))
     }
 
-    fn write(&self, payload: &[&[u8]]) -> Result<()> {
-        if self.cancel {
+    fn write(&mut self, payload: &[&[u8]]) -> Result<()> {
+        if !self.answered() {
             return Ok(());
         }
         write_frame(&self.link, &Reply::Service, payload, &self.shared.counters).map_err(|e| {
@@ -91,5 +96,23 @@ impl Responder {
             self.shared.wake_service();
             self.shared.peer_failed_error(self.peer, reason)
         })
+    }
+
+    /// Clears the connection's mark for this request, before its answer goes out (the requester, once it
+    /// has the answer, may send its next request at once); false for a cancellation.
+    fn answered(&mut self) -> bool {
+        match self.waiting.take() {
+            Some(waiting) => {
+                waiting.store(false, Ordering::Release);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.answered();
     }
 }

@@ -32,7 +32,7 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,6 +66,10 @@ struct Served {
     /// Closed, and still read for its end alone (what arrives is dropped): the service-loop connection of
     /// a peer failed here, which may live on, and whose end says when it has left.
     watched: bool,
+    /// A service request that came on this connection waits for its answer (its `Responder` lives
+    /// unanswered). A requester waits for each answer before it sends again, so a second request meanwhile
+    /// is a peer breaking the protocol: each would hold memory here for as long as it waits.
+    service_waiting: Arc<AtomicBool>,
 }
 
 /// When this rank last sent every other rank its heartbeat, and (with a peer timeout:
@@ -255,6 +259,7 @@ impl Engine {
                 control,
                 ended: false,
                 watched: false,
+                service_waiting: Arc::new(AtomicBool::new(false)),
             });
         }
         Ok(Engine {
@@ -866,11 +871,27 @@ impl Engine {
             Request::Service { id } | Request::ServiceCancel { id } => {
                 match self.shared.service(id) {
                     Some(service) => {
+                        let conn = &self.conns[idx];
+                        // A cancellation withdraws the request that waits; anything else must come after
+                        // its answer.
+                        let waiting = (!cancel).then(|| conn.service_waiting.clone());
+                        if waiting
+                            .as_ref()
+                            .is_some_and(|w| w.swap(true, Ordering::AcqRel))
+                        {
+                            self.close(
+                                idx,
+                                &format!(
+                                    "a request to service {id} came before the answer to the one before it on the connection"
+                                ),
+                            );
+                            return;
+                        }
                         let reply = crate::service::Responder {
-                            link: self.conns[idx].link.clone(),
-                            peer: self.conns[idx].peer,
+                            link: conn.link.clone(),
+                            peer: conn.peer,
                             shared: self.shared.clone(),
-                            cancel,
+                            waiting,
                         };
                         service.request(self.conns[idx].peer, payload, reply);
                     }
@@ -1909,6 +1930,15 @@ mod tests {
     fn kept_responder(dsm: &Dsm, fake: &UnixStream, request: Request) -> crate::service::Responder {
         let keeper = Arc::new(Keeper::default());
         dsm.register_service(1, keeper.clone()).unwrap();
+        kept_next(&keeper, fake, request)
+    }
+
+    /// Has the fake rank 1 send `request` to `keeper`, and returns the responder it kept.
+    fn kept_next(
+        keeper: &Keeper,
+        fake: &UnixStream,
+        request: Request,
+    ) -> crate::service::Responder {
         write_frame(&dup(fake), &request, &[b"ask"], &Counters::default()).unwrap();
         let t = Instant::now();
         loop {
@@ -1936,6 +1966,33 @@ mod tests {
         // And the rank is failed (what it held given back by the services), not left to a peer timeout
         // that its heartbeats, were it alive, would never let run out.
         assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+    }
+
+    #[test]
+    fn a_service_request_before_the_answer_to_the_one_before_cuts_its_sender_off() {
+        let (dsm, fake, _other) = rank0_with_fake_peer();
+        let keeper = Arc::new(Keeper::default());
+        dsm.register_service(1, keeper.clone()).unwrap();
+        // A request, its cancellation, the answer, then the next request: the protocol as requesters
+        // follow it, served throughout.
+        let first = kept_next(&keeper, &fake, Request::Service { id: 1 });
+        let cancel = kept_next(&keeper, &fake, Request::ServiceCancel { id: 1 });
+        assert!(cancel.cancels() && !first.cancels());
+        drop(cancel);
+        first.send(&[b"one"]).unwrap();
+        assert!(matches!(fake_reads(&fake).0, Reply::Service));
+        let _second = kept_next(&keeper, &fake, Request::Service { id: 1 });
+        assert!(dsm.failed_ranks().is_empty());
+        // One more before `_second` is answered breaks it.
+        write_frame(
+            &dup(&fake),
+            &Request::Service { id: 1 },
+            &[b"more"],
+            &Counters::default(),
+        )
+        .unwrap();
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+        assert!(keeper.0.lock().unwrap().is_none());
     }
 
     #[test]
