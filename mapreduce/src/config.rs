@@ -46,8 +46,9 @@ pub const MAX_PARTITIONS: usize = 1 << 16;
 pub const MAX_MAPS: usize = 131_072;
 
 /// The most map outputs (splits times partitions) a job may have: every reduce task names every map task,
-/// so the reduce tasks the master puts hold this many ids (about 4 bytes each: 512 MiB at this bound, where
-/// the two limits above allow 8.6 billion).
+/// so the reduce tasks the master puts hold this many ids, encoded (about 4 bytes each: 512 MiB at this
+/// bound, where the two limits above allow 8.6 billion), in the task bag and at the master while it puts
+/// them. In memory the master keeps one list of the ids, which its reduce tasks share.
 pub const MAX_MAP_OUTPUTS: usize = 1 << 27;
 
 /// The most threads a rank runs a job with (`JobConfig::threads`): each is a worker and a thread of the

@@ -18,6 +18,7 @@ use crate::input::{FileVersion, Split};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// A task in the bag.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,10 +33,11 @@ pub(crate) enum Task {
         partitions: u32,
         batch: u64,
     },
-    /// Reduce `partition`, whose runs are at `sources`, into a file in `output`.
+    /// Reduce `partition`, whose runs are at `sources`, into a file in `output`. Every reduce put at once
+    /// reads the same batches: they share one list, which names every map task.
     Reduce {
         partition: u32,
-        sources: Vec<Source>,
+        sources: Arc<[Source]>,
         output: PathBuf,
     },
 }
@@ -225,7 +227,7 @@ impl Master {
                 batches.entry((*holder, *batch)).or_default().push(*task);
             }
         }
-        let sources: Vec<Source> = batches
+        let sources: Arc<[Source]> = batches
             .into_iter()
             .map(|((holder, batch), mut tasks)| {
                 tasks.sort_unstable();
@@ -241,7 +243,7 @@ impl Master {
             if !matches!(self.reduces[p], ReduceState::Blocked) {
                 continue;
             }
-            let sources = sources.clone();
+            let sources = Arc::clone(&sources);
             let id = self.fresh_id();
             self.reduces[p] = ReduceState::Running(id);
             put.push((
@@ -479,9 +481,10 @@ mod tests {
                 tasks: vec![first[0].0, first[2].0],
             },
         ];
-        // Every partition reads every batch.
+        // Every partition reads every batch, from one list the reduces share (at the bounds a job may
+        // have, a list each would take gigabytes).
         assert_eq!(sources(&reduces[0].1), expect);
-        assert_eq!(sources(&reduces[1].1), expect);
+        assert!(std::ptr::eq(sources(&reduces[0].1), sources(&reduces[1].1)));
         assert_eq!(
             m.on_result(reduces[0].0, &reduces[0].1, reduced()),
             Step::Put(vec![])
@@ -579,8 +582,8 @@ mod tests {
         };
         assert_eq!(*partition, 1);
         assert_eq!(
-            sources,
-            &vec![
+            &sources[..],
+            &[
                 Source {
                     holder: 0,
                     batch: 0,
