@@ -232,10 +232,11 @@ impl Located {
         let src: Box<dyn BufRead + Send> = match source {
             RunSource::Kept(path) => Box::new(BufReader::with_capacity(buffer, file(&path)?)),
             RunSource::Own(path) => {
-                let f = file(&path)?;
-                // Open, it stays readable; unlinked, its space goes back once it is read.
+                let opened = file(&path);
+                // Open, it stays readable; unlinked, its space goes back once it is read. One that would not
+                // open goes too: the reduce fails, and nothing else reads it.
                 let _ = std::fs::remove_file(&path);
-                Box::new(BufReader::with_capacity(buffer, f))
+                Box::new(BufReader::with_capacity(buffer, opened?))
             }
             RunSource::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes)),
         };
@@ -1155,7 +1156,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reduces_own_run_files_go_when_dropped_unopened_and_kept_ones_stay() {
+    fn a_reduces_own_run_files_go_when_dropped_or_failing_to_open_and_kept_ones_stay() {
         let dir = std::env::temp_dir().join(format!("dsm-mr-located-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (own, kept) = (dir.join("fetched"), dir.join("map-output"));
@@ -1172,6 +1173,19 @@ mod tests {
         });
         assert!(!own.exists(), "a reduce's own file outlived it");
         assert!(kept.exists(), "map output went with a reduce");
+        // One that is there but will not open (a socket: ENXIO, even for root) goes with the failure.
+        let unopenable = dir.join("socket");
+        let _listener = std::os::unix::net::UnixListener::bind(&unopenable).unwrap();
+        let failed = Located {
+            source: RunSource::Own(unopenable.clone()),
+            what: "a fetched run".into(),
+        }
+        .open::<String, u64>(4096);
+        assert!(failed.is_err_and(|e| e.contains("opening")));
+        assert!(
+            std::fs::symlink_metadata(&unopenable).is_err(),
+            "a reduce's own file outlived a failed open"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
