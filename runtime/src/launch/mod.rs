@@ -630,7 +630,7 @@ pub fn launch(
             && looked_stopped.elapsed() >= Duration::from_secs(1)
         {
             looked_stopped = Instant::now();
-            if !is_stopped(&children[0]) {
+            if !interrupts.stopped_alone(&children[0]) {
                 root_stopped_since = None;
             } else if root_stopped_since
                 .get_or_insert_with(Instant::now)
@@ -844,7 +844,8 @@ struct Interrupts {
 #[derive(Default)]
 struct Groups {
     leaders: Vec<Pid>,
-    /// Between a SIGTSTP and the launcher's own stop: a rank started then is stopped as it starts.
+    /// From a SIGTSTP until the ranks are continued, after the launcher's own stop: a rank started then is
+    /// stopped as it starts, and a stopped rank 0 is not taken to be stopped by itself.
     stopping: bool,
 }
 
@@ -926,6 +927,14 @@ impl Interrupts {
     /// by other processes): a Ctrl-Z from now on stops only the launcher.
     fn forget_groups(&self) {
         lock(&self.groups).leaders.clear();
+    }
+
+    /// Whether the rank `child` is stopped (see [`is_stopped`]), and not by a Ctrl-Z being passed on to the
+    /// ranks: between the ranks' stop and the launcher's own, and between the launcher going on and the
+    /// ranks' `SIGCONT`, every rank is stopped for a moment that says nothing of the rank itself.
+    fn stopped_alone(&self, child: &Child) -> bool {
+        let groups = lock(&self.groups);
+        !groups.stopping && is_stopped(child)
     }
 
     /// The first signal that came, if one did.
