@@ -124,6 +124,21 @@ fn a_rank_that_exits_before_joining_ends_the_job_at_once_naming_it() {
 }
 
 #[test]
+fn ranks_that_could_not_hold_their_connections_say_so_before_connecting() {
+    // 12 ranks take about 184 descriptors each; each rank here may open 100. Out of them midway, a rank
+    // dropped the others' connections, and they failed with resets that said nothing of why.
+    let line = format!("ulimit -n 100 && exec {}", env!("CARGO_BIN_EXE_hello"));
+    let (o, out) = job("/bin/bash", 12, &["-c", &line]);
+    assert_eq!(o.code, 1, "{out}");
+    assert!(
+        out.contains("needs about 184 open files at each rank")
+            && out.contains("may have at most 100")
+            && !out.contains("reset by peer"),
+        "{out}"
+    );
+}
+
+#[test]
 fn connections_to_the_rendezvous_that_send_nothing_hold_up_no_rank() {
     // Rank 1 first opens three connections to the rendezvous that send nothing and stay open. Read one
     // after the other, each for up to 5 s, they held rank 1's line past the ranks' 8 s connect timeout.

@@ -384,6 +384,12 @@ fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<Accepted>> {
                     drop_oldest(&mut greetings, half, me);
                     break;
                 }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    return Err(DsmError::io(
+                        format!("{me}: accepting the other ranks' connections (raise the open-file limit, `ulimit -n`, or run fewer ranks, or set a smaller DSM_CHANNELS)"),
+                        e,
+                    ))
+                }
                 Err(e) => return Err(DsmError::io("accept", e)),
             }
         }
@@ -512,6 +518,25 @@ fn connect(setup: &Setup, to: Rank, set: usize, addr: SocketAddr) -> Result<Owne
     Ok(OwnedFd::from(stream))
 }
 
+/// Descriptors a rank keeps open besides its connections: the standard streams, userfaultfd, epoll and
+/// event descriptors, the listener, and some for the program's own files.
+const FILES_BESIDES_CONNECTIONS: u64 = 64;
+
+/// Why this process cannot hold the connections of a job of `size` ranks with `sets` connections each way
+/// between two ranks (one per channel and the service loop's), if it cannot: its open-file limit (already raised as far as it goes, `DsmBuilder::build`) is below what they
+/// take. Said before connecting: a rank out of descriptors midway would drop other ranks' connections,
+/// and they would fail with resets that do not say why.
+fn too_few_open_files(me: Rank, size: usize, sets: usize) -> Option<String> {
+    use nix::sys::resource::{getrlimit, Resource};
+    let (limit, _) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    let needed = 2 * sets as u64 * size as u64 + FILES_BESIDES_CONNECTIONS;
+    (limit < needed).then(|| {
+        format!(
+            "{me}: a job of {size} ranks needs about {needed} open files at each rank ({sets} connections each way with every rank: one per channel and the service loop's), and this process may have at most {limit}: raise the limit (`ulimit -n`; the hard limit, `ulimit -Hn`, as root), or run fewer ranks, or set a smaller DSM_CHANNELS"
+        )
+    })
+}
+
 impl Transport for TcpTransport {
     fn establish(self: Box<Self>, me: Rank, size: usize, channels: usize) -> Result<Mesh> {
         if self.peers.len() != size {
@@ -519,6 +544,9 @@ impl Transport for TcpTransport {
                 "{} peer addresses for a job of {size} ranks",
                 self.peers.len()
             )));
+        }
+        if let Some(why) = too_few_open_files(me, size, channels) {
+            return Err(DsmError::Config(why));
         }
         let now = Instant::now();
         let deadline = now
