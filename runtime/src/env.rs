@@ -19,7 +19,7 @@
 //! | `DSM_TWIN_MEMORY` | release consistency: memory the twins of a rank's pages keep once their writes are released, so that a page written again in a later interval gets its twin without a page fault and a zeroed page, and a write fault twins the pages after its own that were written before too, making a run writable at once (suffixes K, M, G; 0 gives every twin's memory back at once and turns twinning ahead off) | 32M |
 //! | `DSM_SPIN_US` | microseconds a thread waiting for a reply polls before it sleeps, 0 to 1000000 | 50 when the job has 2 ranks or more and no more than the cores, else 0 (with `DSM_TRANSPORT=mpi` the thread yields between looks) |
 //! | `DSM_KEEP_AWAKE_US` | microseconds after each request during which `SCHED_IDLE` threads keep idle CPUs awake, 0 (off) to 1000000 | 0 |
-//! | `DSM_ON_PEER_FAILURE` | `exit`: a rank ends (status 75) when another fails; `report`: operations that need the failed rank return errors and the program decides (set by `dsmrun --keep-going`) | exit |
+//! | `DSM_ON_PEER_FAILURE` | `exit`: a rank ends (status 75) when another fails; `report`: operations that need the failed rank return errors and the program decides (set by `dsmrun --keep-going`; dsmrun refuses `report` without that flag, since it ends the job at the first failure) | exit |
 //! | `DSM_STATS` | `1`: print each rank's statistics when it leaves the job; `0`: do not | off |
 //! | `DSM_LAUNCHER_PID` | set by `dsmrun`: a rank ends itself when this process dies | unset |
 //! | `DSM_LOCAL_JOB_LIMIT` | tests only: seconds an in-process job (`run_local_job`) may run before it ends the test process as a failure | 120 |

@@ -137,7 +137,6 @@ pub enum RuntimeError {
 #[cfg(feature = "mpi")]
 const MPI_EXIT_GRACE: Duration = Duration::from_secs(2);
 
-/// `DSM_CONNECT_TIMEOUT`: whole seconds, at least one and at most a day; 30 when unset.
 /// What `DSM_TRANSPORT` may be for ranks that dsmrun starts, as an error says it.
 pub(crate) const DSMRUN_TRANSPORT: &str =
     "tcp: the ranks dsmrun starts connect over TCP (DSM_TRANSPORT=mpi is for jobs started by mpirun)";
@@ -145,6 +144,7 @@ pub(crate) const DSMRUN_TRANSPORT: &str =
 /// Seconds a rank waits at the rendezvous for the others when `DSM_CONNECT_TIMEOUT` does not say.
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: u64 = 30;
 
+/// `DSM_CONNECT_TIMEOUT`: whole seconds, at least one and at most a day; 30 when unset.
 fn connect_timeout() -> Result<u64, RuntimeError> {
     Ok(env::get("DSM_CONNECT_TIMEOUT", "seconds, 1 to 86400", |s| {
         env::number::<u64>(s).filter(|t| (1..=86_400).contains(t))

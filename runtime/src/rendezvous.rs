@@ -4,7 +4,7 @@
 use crate::RuntimeError;
 use dsm::transport::tcp::TcpTransport;
 use dsm::Rank;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
@@ -32,7 +32,10 @@ pub(crate) fn join(
     writeln!(s, "{} {} {}", crate::env::token_hex(&token), rank.0, mine)
         .map_err(|e| RuntimeError::Rendezvous(format!("sending to the launcher: {e}")))?;
     let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).map_err(|e| {
+    // At most every rank's address (an IPv6 one with its port and a space: 48 bytes): an address that is
+    // not the launcher's, sending without end, must not fill this rank's memory.
+    let longest = size as u64 * 64 + 64;
+    BufReader::new((&s).take(longest)).read_line(&mut line).map_err(|e| {
         RuntimeError::Rendezvous(match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
                 "not every rank joined within {} s: a rank failed before joining (see its error), or the ranks take longer than that to start (raise DSM_CONNECT_TIMEOUT)",
@@ -132,4 +135,36 @@ fn launcher_alive_since(pid: i32, since: Option<u64>) -> Option<u64> {
     let start: u64 = fields.get(19)?.parse().ok()?;
     let dead = *state == "Z" || *state == "X" || since.is_some_and(|s| s != start);
     (!dead).then_some(start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rendezvous_address_that_sends_without_end_is_refused_without_reading_it_all() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = server.local_addr().unwrap();
+        // Not a launcher: a service that answers anything with bytes and no line's end, for ever.
+        std::thread::spawn(move || {
+            let (mut s, _) = server.accept().unwrap();
+            let chunk = [b'x'; 64 << 10];
+            while s.write_all(&chunk).is_ok() {}
+        });
+        let joined = join(
+            Rank(0),
+            2,
+            at,
+            IpAddr::from([127, 0, 0, 1]),
+            [0; 32],
+            Duration::from_secs(10),
+        );
+        match joined {
+            Err(RuntimeError::Rendezvous(why)) => {
+                assert!(why.contains("0 addresses for a job of 2"), "{why}");
+                assert!(why.len() < 1024, "{why}");
+            }
+            other => panic!("joined with {:?}", other.map(|_| ())),
+        }
+    }
 }

@@ -460,6 +460,24 @@ fn a_rank_that_fails_on_its_own_is_named_over_one_that_never_came_and_was_not_wa
 }
 
 #[test]
+fn a_rank_ending_with_the_peer_failed_status_before_the_job_met_is_named_itself() {
+    // Status 75 says a rank ended because another failed, which no rank can see before the job has met:
+    // rank 1's is its own, and rank 0, still running, is not to be taken for a rank that hung.
+    let out = Command::new(DSMRUN)
+        .args(["--timeout", "60", "-n", "2", "sh", "-c"])
+        .arg(r#"[ "$DSM_RANK" = 1 ] && exit 75; sleep 30"#)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(
+        err.contains("rank 1 exited with status 75 before it joined the job"),
+        "{err}"
+    );
+    assert!(!err.contains("rank 0"), "{err}");
+}
+
+#[test]
 fn a_transport_the_ranks_would_refuse_is_refused_once_before_any_starts() {
     let out = Command::new(DSMRUN)
         .env("DSM_TRANSPORT", "mpi")
@@ -475,6 +493,34 @@ fn a_transport_the_ranks_would_refuse_is_refused_once_before_any_starts() {
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("started"),
         "a rank started"
+    );
+}
+
+#[test]
+fn ranks_told_to_go_on_after_a_failure_are_refused_unless_the_launcher_goes_on_too() {
+    let run = |extra: &[&str]| {
+        Command::new(DSMRUN)
+            .env("DSM_ON_PEER_FAILURE", "report")
+            .args(extra)
+            .args(["-n", "2", "/bin/sh", "-c", "echo started"])
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("DSM_ON_PEER_FAILURE=\"report\" is not valid") && err.contains("--keep-going"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("started"));
+    let out = run(&["--keep-going"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("started")
+            .count(),
+        2
     );
 }
 

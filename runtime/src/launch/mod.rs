@@ -378,7 +378,6 @@ fn describe(status: ExitStatus) -> (String, i32) {
     }
 }
 
-/// Runs `program args` as a job of `opts.ranks` local processes and returns how it ended.
 /// The value of `name` the ranks will see: the launch's environment for them, else the launcher's own.
 fn ranks_env(opts: &LaunchOptions, name: &str) -> Option<String> {
     opts.env
@@ -395,6 +394,7 @@ fn connect_timeout(opts: &LaunchOptions) -> Duration {
     Duration::from_secs(secs.unwrap_or(crate::DEFAULT_CONNECT_TIMEOUT))
 }
 
+/// Runs `program args` as a job of `opts.ranks` local processes and returns how it ended.
 pub fn launch(
     opts: &LaunchOptions,
     program: &Path,
@@ -413,6 +413,16 @@ pub fn launch(
             value: t,
             expected: crate::DSMRUN_TRANSPORT,
         });
+    }
+    // Ranks that go on after a failure, in a job the launcher ends at the first one.
+    if !opts.keep_going {
+        if let Some(p) = ranks_env(opts, "DSM_ON_PEER_FAILURE").filter(|p| p.trim() == "report") {
+            return Err(RuntimeError::Env {
+                var: "DSM_ON_PEER_FAILURE",
+                value: p,
+                expected: "exit: dsmrun ends the job at the first rank that fails; for a job that goes on without it, run dsmrun --keep-going (which sets DSM_ON_PEER_FAILURE=report for every rank)",
+            });
+        }
     }
     let token = crate::env::token_hex(&fresh_token()?);
     let listener = TcpListener::bind((opts.bind, 0)).map_err(|e| RuntimeError::Io {
@@ -742,8 +752,11 @@ pub fn launch(
             };
             let (mut what, code) = describe(status);
             // Every rank that ended did so because of another: one still running (it closes no connection,
-            // and the others gave up hearing from it) is the cause, a stopped one first.
-            let silent = (status.code() == Some(dsm::EXIT_PEER_FAILED))
+            // and the others gave up hearing from it) is the cause, a stopped one first. Only once the job
+            // met: before, no rank can have seen another fail, and the status is the rank's own (75 is also
+            // sysexits' EX_TEMPFAIL).
+            let met = lock(&exits_seen).met;
+            let silent = (status.code() == Some(dsm::EXIT_PEER_FAILED) && met)
                 .then(|| {
                     let running = || (0..ranks).filter(|&s| !done[s]);
                     running()
@@ -1127,9 +1140,6 @@ fn is_stopped(child: &Child) -> bool {
     })
 }
 
-/// Ends every rank still running and whatever the ranks started: SIGTERM to each rank's process group
-/// (and SIGCONT, which a stopped process needs to take it), then, once every rank has exited (at most two
-/// seconds later), SIGKILL to what is left of the groups, and reaps them.
 /// Ends what is left of the ranks' process groups should the launcher die without ending them itself
 /// (SIGKILL, the OOM killer, a signal it does not take): the ranks die with it (`PR_SET_PDEATHSIG`), but
 /// what they started would live on. A shell of its own, in a process group of its own (a terminal's
@@ -1183,6 +1193,9 @@ impl Drop for Watchdog {
     }
 }
 
+/// Ends every rank still running and whatever the ranks started: SIGTERM to each rank's process group
+/// (and SIGCONT, which a stopped process needs to take it), then, once every rank has exited (at most two
+/// seconds later), SIGKILL to what is left of the groups, and reaps them.
 fn end_all(children: &mut [Child]) {
     // Each rank leads its own process group: signal the group, so that what the rank started ends too.
     let group = |c: &Child| Pid::from_raw(-(c.id() as i32));
