@@ -900,6 +900,10 @@ impl RegionShared {
 /// A slot of the global table that the SIGBUS handler searches.
 #[derive(Debug)]
 struct RegistrySlot {
+    /// A sequence count, odd while the bounds and owner below change: the fault handler, which reads them
+    /// without a lock, takes them only as they stood together (a seqlock), never one region's start with
+    /// another's end and pointer.
+    seq: AtomicUsize,
     start: AtomicUsize,
     end: AtomicUsize,
     region: AtomicPtr<RegionShared>,
@@ -911,6 +915,7 @@ struct RegistrySlot {
 const REGISTRY_SLOTS: usize = 256;
 #[allow(clippy::declare_interior_mutable_const)]
 const EMPTY_SLOT: RegistrySlot = RegistrySlot {
+    seq: AtomicUsize::new(0),
     start: AtomicUsize::new(0),
     end: AtomicUsize::new(0),
     region: AtomicPtr::new(std::ptr::null_mut()),
@@ -932,10 +937,13 @@ fn register(region: &Arc<RegionShared>) -> Result<usize> {
             )
             .is_ok()
         {
-            slot.owner
-                .store(Arc::as_ptr(&region.shared) as usize, Ordering::Release);
-            slot.end.store(region.base + region.len, Ordering::Release);
-            slot.start.store(region.base, Ordering::Release);
+            // The slot is this thread's from the exchange on: no other writer until `unregister`.
+            slot.change(|| {
+                slot.owner
+                    .store(Arc::as_ptr(&region.shared) as usize, Ordering::Release);
+                slot.end.store(region.base + region.len, Ordering::Release);
+                slot.start.store(region.base, Ordering::Release);
+            });
             return Ok(i);
         }
         // SAFETY: `raw` came from `Arc::into_raw` just above and was not published.
@@ -948,11 +956,13 @@ fn register(region: &Arc<RegionShared>) -> Result<usize> {
 
 fn unregister(index: usize) {
     let slot = &REGISTRY[index];
-    slot.start.store(0, Ordering::Release);
-    slot.end.store(0, Ordering::Release);
-    // Cleared before the slot is free to be taken, so that a new occupant is never taken for this one's
-    // job.
-    slot.owner.store(0, Ordering::Release);
+    // Cleared before the slot is free to be taken (the pointer below), so that a new occupant is never
+    // taken for this one's job, and its `register` never changes the slot while this does.
+    slot.change(|| {
+        slot.start.store(0, Ordering::Release);
+        slot.end.store(0, Ordering::Release);
+        slot.owner.store(0, Ordering::Release);
+    });
     let raw = slot.region.swap(std::ptr::null_mut(), Ordering::AcqRel);
     if !raw.is_null() {
         // SAFETY: the pointer was published by `register` from `Arc::into_raw` and is removed exactly once.
@@ -973,6 +983,28 @@ pub(crate) fn unregister_all_of(shared: &crate::dsm::Shared) {
 }
 
 impl RegistrySlot {
+    /// Runs `write`, which changes the slot's bounds and owner, with the sequence count odd. One writer at a
+    /// time: the thread that took the slot (`register`), or the one letting it go (`unregister`).
+    fn change(&self, write: impl FnOnce()) {
+        let before = self.seq.fetch_add(1, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+        write();
+        self.seq.store(before.wrapping_add(2), Ordering::Release);
+    }
+
+    /// The slot's bounds and region as they stood together, or `None` while they change.
+    fn read(&self) -> Option<(usize, usize, *mut RegionShared)> {
+        let seq = self.seq.load(Ordering::Acquire);
+        if seq % 2 == 1 {
+            return None;
+        }
+        let start = self.start.load(Ordering::Acquire);
+        let end = self.end.load(Ordering::Acquire);
+        let region = self.region.load(Ordering::Acquire);
+        std::sync::atomic::fence(Ordering::Acquire);
+        (self.seq.load(Ordering::Relaxed) == seq).then_some((start, end, region))
+    }
+
     /// Whether the slot holds a region of the job whose shared state is `shared`. Called by the thread
     /// that ends that job (or its tests): only it or the region's own drop, on that job's threads, empties
     /// such a slot.
@@ -983,27 +1015,24 @@ impl RegistrySlot {
 }
 
 /// Finds the region that contains `addr`, for the SIGBUS handler: lock-free and allocation-free.
+///
+/// A slot that is changing, or changed while it was read, is passed over: it is not the region of the
+/// fault, whose slot stays as it is while the region lives (it was registered before the region was
+/// handed out, and is let go only when it is dropped).
 pub(crate) fn lookup<'a>(addr: usize) -> Option<&'a RegionShared> {
     for slot in REGISTRY.iter() {
-        let start = slot.start.load(Ordering::Acquire);
-        if start != 0 && addr >= start && addr < slot.end.load(Ordering::Acquire) {
-            let ptr = slot.region.load(Ordering::Acquire);
-            if ptr.is_null() {
-                continue;
-            }
-            // SAFETY: a published pointer holds a strong count until `unregister`, which happens only when the
-            // region is dropped collectively after a barrier: no access to the region (so no fault on it) is in
-            // flight then in a correct program, and the address range is made PROT_NONE right after. (The
-            // pointer of a slot emptied and taken again meanwhile, below, is a region just allocated: its
-            // own drop would need another barrier first.)
-            let region = unsafe { &*ptr };
-            // The slot's fields are read one by one: between two reads it may have been emptied and taken by
-            // a region allocated since (while this thread faults on another region), and the bounds read
-            // may mix the two. The region's own bounds decide.
-            if addr >= region.base && addr < region.base + region.len {
-                return Some(region);
-            }
+        let Some((start, end, ptr)) = slot.read() else {
+            continue;
+        };
+        if start == 0 || addr < start || addr >= end || ptr.is_null() {
+            continue;
         }
+        // SAFETY: `start..end` and `ptr` were the slot's together (`read`), so `ptr` is the region that holds
+        // `addr`, the address this thread faults on. A published pointer holds a strong count until
+        // `unregister`, which happens only when the region is dropped, collectively after a barrier: no
+        // access to the region (so no fault on it) is in flight then in a correct program, whichever job
+        // of this process frees a region meanwhile, and the address range is made PROT_NONE right after.
+        return Some(unsafe { &*ptr });
     }
     None
 }
@@ -1200,10 +1229,14 @@ impl Retired {
 
 /// Gives a region's range back to the arena's reservation: `PROT_NONE` memory in place of its pages (which
 /// are dropped, with the userfaultfd registration), so that a stray access is a plain segmentation fault.
+///
+/// Should the kernel refuse (out of memory maps, `vm.max_map_count`, when the arena's mapping must be
+/// split), the pages are still dropped, so that their memory comes back; the range stays mapped, and
+/// registered until the arena goes.
 fn unmap(region: &RegionShared) {
     // SAFETY: the range is this region's mapping inside the arena (no other memory of the process is
     // there); replacing it with PROT_NONE memory keeps the reservation.
-    unsafe {
+    let replaced = unsafe {
         libc::mmap(
             region.base as *mut libc::c_void,
             region.len,
@@ -1211,6 +1244,24 @@ fn unmap(region: &RegionShared) {
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
             -1,
             0,
+        )
+    };
+    if replaced == libc::MAP_FAILED {
+        let errno = Errno::last();
+        // SAFETY: as above; dropping the range's pages (no thread uses the region any more) changes no
+        // mapping.
+        unsafe {
+            libc::madvise(
+                region.base as *mut libc::c_void,
+                region.len,
+                libc::MADV_DONTNEED,
+            )
+        };
+        tracing::warn!(
+            "region {} at {:#x} ({} bytes) could not be unmapped ({errno}): its pages were dropped, and its range stays mapped until the job ends (raise vm.max_map_count, or free fewer, larger regions)",
+            region.id,
+            region.base,
+            region.len
         );
     }
 }

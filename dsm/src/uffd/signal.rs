@@ -24,12 +24,27 @@ pub(crate) type Resolver = fn(addr: usize, write: bool) -> bool;
 
 static RESOLVER: OnceLock<Resolver> = OnceLock::new();
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+/// How installing the handler went: tried once per process, and every later call says the same (a
+/// failure is not taken for a handler in place).
+static INSTALLED: OnceLock<std::result::Result<(), Errno>> = OnceLock::new();
 
-/// Installs the SIGBUS handler once per process; later calls return at once.
+/// Installs the SIGBUS handler once per process; later calls return how that went.
 pub(crate) fn install(resolver: Resolver) -> Result<()> {
-    if RESOLVER.set(resolver).is_err() {
-        return Ok(());
+    INSTALLED
+        .get_or_init(|| install_once(resolver))
+        .map_err(|errno| DsmError::sys("sigaction(SIGBUS)", errno))
+}
+
+fn install_once(resolver: Resolver) -> std::result::Result<(), Errno> {
+    // SAFETY: a zeroed sigaction is valid storage for the current action.
+    let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only reads the current one into `previous`, a valid sigaction struct.
+    if unsafe { libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut previous) } != 0 {
+        return Err(Errno::last());
     }
+    // Both in place before the handler can run: it resolves through the one and passes on to the other.
+    let _ = PREVIOUS.set(previous);
+    let _ = RESOLVER.set(resolver);
     // SAFETY: a zeroed sigaction is a valid "no handler" value; we fill the fields sigaction(2) reads.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
     action.sa_sigaction = on_sigbus as *const () as usize;
@@ -38,14 +53,11 @@ pub(crate) fn install(resolver: Resolver) -> Result<()> {
     action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
     // SAFETY: `action.sa_mask` is a valid sigset_t to initialize.
     unsafe { libc::sigemptyset(&mut action.sa_mask) };
-    // SAFETY: a zeroed sigaction is valid storage for the previous action.
-    let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: both pointers are to valid sigaction structs; `on_sigbus` has the SA_SIGINFO signature.
-    let rc = unsafe { libc::sigaction(libc::SIGBUS, &action, &mut previous) };
-    if rc != 0 {
-        return Err(DsmError::sys("sigaction(SIGBUS)", Errno::last()));
+    // SAFETY: `action` is a valid sigaction struct; `on_sigbus` has the SA_SIGINFO signature. The old
+    // action was read above.
+    if unsafe { libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) } != 0 {
+        return Err(Errno::last());
     }
-    let _ = PREVIOUS.set(previous);
     Ok(())
 }
 
