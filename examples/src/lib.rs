@@ -15,3 +15,52 @@ pub fn exit_on_error(program: &str, result: anyhow::Result<()>) {
         std::process::exit(1);
     }
 }
+
+/// Fails, saying what to change (`fix`), when `what` needs more than the `bytes` of memory this machine has
+/// available now (`MemAvailable` in `/proc/meminfo`; nothing is checked where it cannot be read): a clear
+/// error up front instead of an allocation that aborts, or the out-of-memory killer, midway.
+pub fn ensure_memory(what: &str, bytes: u128, fix: &str) -> anyhow::Result<()> {
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    let gib = |b: u128| b as f64 / f64::from(1u32 << 30);
+    anyhow::ensure!(
+        bytes <= available,
+        "{what} needs {:.1} GiB of memory, and this machine has {:.1} GiB available: {fix}",
+        gib(bytes),
+        gib(available)
+    );
+    Ok(())
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn available_memory() -> Option<u128> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u128>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn more_memory_than_the_machine_has_is_refused_saying_what_to_change() {
+        let available = available_memory().expect("/proc/meminfo has MemAvailable");
+        assert!(available > 0);
+        ensure_memory("a small job", 1 << 20, "give less").unwrap();
+        let e = ensure_memory("a huge job", available * 2, "give a smaller --n").unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.starts_with("a huge job needs") && e.ends_with("give a smaller --n"),
+            "{e}"
+        );
+    }
+}

@@ -69,6 +69,12 @@ fn run() -> anyhow::Result<()> {
         (1..=MAX_FUSE).contains(&args.fuse),
         "--fuse must be between 1 and {MAX_FUSE}"
     );
+    // Rank 0 sums the whole grid at the end: every page of it comes to rank 0.
+    dsm_examples::ensure_memory(
+        &format!("a {0} x {0} grid", args.n),
+        (args.n as u128).pow(2) * 8,
+        "give a smaller --n",
+    )?;
     let rt = dsm_runtime::Runtime::init()?;
     let dsm = rt.dsm();
     let (me, size, n) = (rt.rank().0 as usize, rt.size(), args.n);

@@ -39,9 +39,9 @@ struct Args {
     /// Matrix size (n x n).
     #[arg(long, default_value_t = 512)]
     n: usize,
-    /// Rows of C per task.
-    #[arg(long, default_value_t = 32)]
-    block: usize,
+    /// Rows of C per task [default: 32, or --n if smaller].
+    #[arg(long)]
+    block: Option<usize>,
     /// Consistency model of the matrices.
     #[arg(long, value_enum, default_value_t = Consistency::Sequential)]
     consistency: Consistency,
@@ -57,6 +57,8 @@ struct Args {
 /// at most 64 KiB: both stay in L2 while the tile is reused across the block's rows, so two ranks on two
 /// cores do not compete for the shared cache and memory bus.
 const K_TILE: usize = 64;
+/// Rows of C per task unless `--block` says.
+const DEFAULT_BLOCK: usize = 32;
 const J_TILE: usize = 256;
 
 /// C[rows] = A[rows] x B, where `a` holds the rows' part of A (rows x n) and `c` receives rows x n.
@@ -256,11 +258,20 @@ fn run() -> anyhow::Result<()> {
         "--n {} is too large: an n x n matrix of f64 would not fit in the address space",
         args.n
     );
+    let block = args.block.unwrap_or(DEFAULT_BLOCK.min(args.n));
     anyhow::ensure!(
-        (1..=args.n).contains(&args.block),
+        (1..=args.n).contains(&block),
         "--block must be between 1 and --n ({})",
         args.n
     );
+    // Every rank reads all of B; rank 0's check reads all of C too, and makes A, B, C and its own product
+    // in private memory.
+    let matrices = if args.no_check { 1 } else { 6 };
+    dsm_examples::ensure_memory(
+        &format!("a product of {0} x {0} matrices", args.n),
+        (args.n as u128).pow(2) * 8 * matrices,
+        "give a smaller --n",
+    )?;
     let rt = dsm_runtime::Runtime::init()?;
     let dsm = rt.dsm();
     let (me, size, n) = (rt.rank().0 as usize, rt.size(), args.n);
@@ -305,7 +316,7 @@ fn run() -> anyhow::Result<()> {
         c.region()
             .home_of(dsm::PageId((row * n * 8 / dsm::PAGE_SIZE) as u64))
     };
-    let blocks: Vec<(u64, (u64, u64))> = row_blocks(n, args.block, size, home_of_row)
+    let blocks: Vec<(u64, (u64, u64))> = row_blocks(n, block, size, home_of_row)
         .into_iter()
         .enumerate()
         .map(|(id, (lo, hi))| (id as u64, (lo as u64, hi as u64)))
@@ -398,7 +409,7 @@ fn run() -> anyhow::Result<()> {
         let gflops = 2.0 * (n as f64).powi(3) / secs / 1e9;
         println!(
             "matmul: n={n} block={} ranks={size} consistency={:?}: {secs:.4} s, {gflops:.2} GFLOP/s",
-            args.block, args.consistency
+            block, args.consistency
         );
         if !args.no_check {
             // The reference is the product of A and B as they were made, not as shared memory holds them
