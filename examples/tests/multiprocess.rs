@@ -1712,6 +1712,30 @@ fn wordcount_reports_bad_input_and_an_existing_output() {
         "{out}"
     );
     assert!(!out_dir.exists(), "nothing written");
+    // With --procs, the program that would start the ranks says it once, and starts none.
+    let o = std::process::Command::new(WORDCOUNT)
+        .args(["--procs", "2", "/no/such/corpus.txt", "--output"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.trim(),
+        "wordcount: input /no/such/corpus.txt: No such file or directory (os error 2) (check the path and its permissions)"
+    );
+    std::fs::create_dir(&out_dir).unwrap();
+    let o = std::process::Command::new(WORDCOUNT)
+        .args(["--procs", "2", "--output"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.lines().count() == 1 && err.contains("exists"),
+        "{err}"
+    );
+    std::fs::remove_dir(&out_dir).unwrap();
     // An input whose name is not UTF-8: refused, naming it, before the output is made.
     {
         use std::os::unix::ffi::OsStringExt;

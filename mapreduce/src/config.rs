@@ -3,6 +3,7 @@
 //! ones that count (it sends them with the tasks), the budget and threads are each rank's own.
 
 use crate::input::Split;
+use crate::MapReduceError;
 use std::path::{Path, PathBuf};
 
 /// When rank 0 shows a progress line on standard error.
@@ -150,6 +151,35 @@ impl JobConfig {
     pub fn progress(mut self, mode: ProgressMode) -> JobConfig {
         self.progress = mode;
         self
+    }
+
+    /// Checks, in this process alone, what a job would refuse first: the settings, the inputs (each there,
+    /// readable, and walked as the job walks them) and the output (absent, or a directory and
+    /// [`JobConfig::overwrite`] set). [`MapReduce::run`](crate::MapReduce::run) checks all this again, with
+    /// what depends on the job's ranks; a program that starts its ranks itself calls this first, so that a
+    /// mistyped path is said once, before any rank starts, and not by every rank.
+    pub fn validate(&self) -> Result<(), MapReduceError> {
+        self.check().map_err(MapReduceError::Config)?;
+        if self.inputs.is_empty() && self.splits.is_empty() {
+            return Err(MapReduceError::Config(
+                "no input: give input files, directories or splits".into(),
+            ));
+        }
+        crate::input::expand(&self.inputs)?;
+        for s in &self.splits {
+            std::fs::metadata(&s.file).map_err(|error| MapReduceError::Input {
+                path: s.file.clone(),
+                error,
+            })?;
+        }
+        match std::fs::metadata(&self.output) {
+            Ok(m) if !m.is_dir() => Err(MapReduceError::Config(format!(
+                "output {} exists and is not a directory",
+                self.output.display()
+            ))),
+            Ok(_) if !self.overwrite => Err(MapReduceError::OutputExists(self.output.clone())),
+            _ => Ok(()),
+        }
     }
 
     pub(crate) fn check(&self) -> Result<(), String> {

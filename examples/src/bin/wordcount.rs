@@ -374,7 +374,9 @@ fn peak_resident_kib() -> anyhow::Result<u64> {
 }
 
 /// Runs this program again as `procs` ranks, without `--procs`.
-fn spawn(procs: usize, keep_going: bool) -> anyhow::Result<i32> {
+fn spawn(procs: usize, keep_going: bool, config: &JobConfig) -> anyhow::Result<i32> {
+    // A mistyped input or an output that exists is said here, once, instead of by every rank.
+    config.validate()?;
     let mut args: Vec<OsString> = Vec::new();
     let mut skip = false;
     for a in std::env::args_os().skip(1) {
@@ -405,41 +407,20 @@ fn spawn(procs: usize, keep_going: bool) -> anyhow::Result<i32> {
     Ok(outcome.code)
 }
 
-fn main() {
-    dsm_examples::exit_on_error("wordcount", run());
+/// The inputs the command line names, or the sample text when it names none.
+fn inputs(args: &Args) -> anyhow::Result<Vec<PathBuf>> {
+    if args.inputs.is_empty() {
+        Ok(vec![sample_path()?])
+    } else {
+        Ok(args.inputs.clone())
+    }
 }
 
-fn run() -> anyhow::Result<()> {
-    let args = Args::parse();
-    if let Some(procs) = args.procs {
-        anyhow::ensure!(
-            !dsm_runtime::started_as_rank(),
-            "--procs starts ranks itself: leave it out under dsmrun or mpirun"
-        );
-        anyhow::ensure!(procs >= 1, "--procs must be at least 1");
-        std::process::exit(spawn(procs, args.keep_going)?);
-    }
-    let rt = Runtime::init()?;
-    let space = TupleSpace::join(&rt)?;
-    let mr = match &args.spill_dir {
-        Some(d) => MapReduce::with_spill_dir(&space, d)?,
-        None => MapReduce::new(&space)?,
-    };
-    let inputs = if args.inputs.is_empty() {
-        vec![sample_path()?]
-    } else {
-        args.inputs.clone()
-    };
-    // Without --output the counts go to a directory that rank 0 makes, new, and removes at the end (the
-    // master's output directory is the job's: the other ranks' goes unused).
-    let (output, temporary) = match &args.output {
-        Some(o) => (o.clone(), false),
-        None if rt.rank().0 == 0 => (fresh_dir()?, true),
-        None => (std::env::temp_dir(), false),
-    };
-    let mut config = JobConfig::new(&output)
-        .inputs(&inputs)
-        .overwrite(args.overwrite || temporary)
+/// The job the command line asks for, writing into `output`.
+fn job_config(args: &Args, inputs: &[PathBuf], output: &Path, overwrite: bool) -> JobConfig {
+    let mut config = JobConfig::new(output)
+        .inputs(inputs)
+        .overwrite(overwrite)
         .split_size(args.split_size)
         .memory_budget(args.memory_budget)
         .merge_fan_in(args.merge_fan_in)
@@ -454,6 +435,43 @@ fn run() -> anyhow::Result<()> {
     if let Some(t) = args.threads {
         config = config.threads(t);
     }
+    config
+}
+
+fn main() {
+    dsm_examples::exit_on_error("wordcount", run());
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(procs) = args.procs {
+        anyhow::ensure!(
+            !dsm_runtime::started_as_rank(),
+            "--procs starts ranks itself: leave it out under dsmrun or mpirun"
+        );
+        anyhow::ensure!(procs >= 1, "--procs must be at least 1");
+        // Without --output, rank 0 makes a directory of its own: there is none to look at yet.
+        let config = match &args.output {
+            Some(o) => job_config(&args, &inputs(&args)?, o, args.overwrite),
+            None => job_config(&args, &inputs(&args)?, &std::env::temp_dir(), true),
+        };
+        std::process::exit(spawn(procs, args.keep_going, &config)?);
+    }
+    let rt = Runtime::init()?;
+    let space = TupleSpace::join(&rt)?;
+    let mr = match &args.spill_dir {
+        Some(d) => MapReduce::with_spill_dir(&space, d)?,
+        None => MapReduce::new(&space)?,
+    };
+    let inputs = inputs(&args)?;
+    // Without --output the counts go to a directory that rank 0 makes, new, and removes at the end (the
+    // master's output directory is the job's: the other ranks' goes unused).
+    let (output, temporary) = match &args.output {
+        Some(o) => (o.clone(), false),
+        None if rt.rank().0 == 0 => (fresh_dir()?, true),
+        None => (std::env::temp_dir(), false),
+    };
+    let config = job_config(&args, &inputs, &output, args.overwrite || temporary);
     let dies = args.die_rank == Some(rt.rank().0);
     let job = WordCount {
         lines: AtomicU64::new(0),
