@@ -13,6 +13,7 @@ use clap::Parser;
 use dsm_mapreduce::{Combiner, Counters, Emitter, Job, JobConfig, MapReduce, ProgressMode, Record};
 use dsm_runtime::launch::{launch, LaunchOptions};
 use dsm_runtime::{Runtime, TupleSpace};
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -265,24 +266,100 @@ impl Job for WordCount {
     }
 }
 
-/// A new, empty directory for a job's counts, under the temporary directory: made here, so that removing it
-/// at the end removes nothing of anyone else's.
-fn fresh_dir() -> anyhow::Result<PathBuf> {
-    let base = std::env::temp_dir();
-    for n in 0..1000 {
-        let dir = base.join(format!("dsm-wordcount-{}-{n}", std::process::id()));
-        match std::fs::create_dir(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                return Err(e).with_context(|| format!("making the directory {}", dir.display()))
+/// A new, empty directory for a job's counts under the temporary directory (`dsm-wordcount-PID-N`), made
+/// here, so that removing it at the end removes nothing of anyone else's. Beside it, `dsm-wordcount-PID-N.lock`
+/// is locked while this process lives: a run ended before it could remove its directory (interrupted, or
+/// ended because another rank failed) leaves both, and the next run removes them.
+#[derive(Debug)]
+struct TemporaryOutput {
+    dir: PathBuf,
+    lock: PathBuf,
+    _held: Flock<std::fs::File>,
+}
+
+impl TemporaryOutput {
+    fn new() -> anyhow::Result<TemporaryOutput> {
+        let base = std::env::temp_dir();
+        remove_dead_runs_outputs(&base);
+        for n in 0..1000 {
+            let name = format!("dsm-wordcount-{}-{n}", std::process::id());
+            let (dir, lock) = (base.join(&name), base.join(format!("{name}.lock")));
+            // The lock first: a directory without one is another's being made, and is left alone.
+            let file = match std::fs::File::create_new(&lock) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("making the file {}", lock.display()))
+                }
+            };
+            let held = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, e)| e)
+                .with_context(|| format!("locking {}", lock.display()))?;
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {
+                    return Ok(TemporaryOutput {
+                        dir,
+                        lock,
+                        _held: held,
+                    })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let _ = std::fs::remove_file(&lock);
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&lock);
+                    return Err(e)
+                        .with_context(|| format!("making the directory {}", dir.display()));
+                }
             }
         }
+        anyhow::bail!(
+            "could not make a new directory for the counts under {}: give one with --output",
+            base.display()
+        )
     }
-    anyhow::bail!(
-        "could not make a new directory for the counts under {}: give one with --output",
-        base.display()
-    )
+}
+
+impl Drop for TemporaryOutput {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        // With the lock still held: nobody takes the directory for a dead run's meanwhile.
+        let _ = std::fs::remove_file(&self.lock);
+    }
+}
+
+/// Removes, under `base`, the counts directories of runs whose process has gone (its pid is not running
+/// here) and whose lock nobody holds (a process in another PID namespace sharing the directory holds its
+/// own).
+fn remove_dead_runs_outputs(base: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(run) = name
+            .strip_prefix("dsm-wordcount-")
+            .and_then(|rest| rest.strip_suffix(".lock"))
+        else {
+            continue;
+        };
+        let Some(Ok(pid)) = run.split('-').next().map(str::parse::<u32>) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(entry.path()) else {
+            continue;
+        };
+        if let Ok(_taken) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            let _ = std::fs::remove_dir_all(base.join(format!("dsm-wordcount-{run}")));
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The modification time of every copy of the sample text, whichever rank writes it. A job checks that
@@ -466,12 +543,21 @@ fn run() -> anyhow::Result<()> {
     let inputs = inputs(&args)?;
     // Without --output the counts go to a directory that rank 0 makes, new, and removes at the end (the
     // master's output directory is the job's: the other ranks' goes unused).
-    let (output, temporary) = match &args.output {
-        Some(o) => (o.clone(), false),
-        None if rt.rank().0 == 0 => (fresh_dir()?, true),
-        None => (std::env::temp_dir(), false),
+    let temporary = match &args.output {
+        None if rt.rank().0 == 0 => Some(TemporaryOutput::new()?),
+        _ => None,
     };
-    let config = job_config(&args, &inputs, &output, args.overwrite || temporary);
+    let output = match (&args.output, &temporary) {
+        (Some(o), _) => o.clone(),
+        (None, Some(t)) => t.dir.clone(),
+        (None, None) => std::env::temp_dir(),
+    };
+    let config = job_config(
+        &args,
+        &inputs,
+        &output,
+        args.overwrite || temporary.is_some(),
+    );
     let dies = args.die_rank == Some(rt.rank().0);
     let job = WordCount {
         lines: AtomicU64::new(0),
@@ -494,9 +580,7 @@ fn run() -> anyhow::Result<()> {
         }
         Ok(())
     });
-    if temporary && rt.rank().0 == 0 {
-        let _ = std::fs::remove_dir_all(&output);
-    }
+    drop(temporary);
     shown?;
     if args.peak_memory {
         println!(
@@ -516,19 +600,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_temporary_output_directory_is_always_a_new_one() {
+    fn a_temporary_output_directory_is_always_a_new_one_and_goes_with_its_run() {
         // Another job's directory under the name this process would try first stays as it is.
         let theirs = std::env::temp_dir().join(format!("dsm-wordcount-{}-0", std::process::id()));
         std::fs::create_dir_all(&theirs).unwrap();
         std::fs::write(theirs.join("part-00000"), "theirs\t1\n").unwrap();
-        let mine = fresh_dir().unwrap();
-        assert_ne!(mine, theirs);
-        assert_eq!(std::fs::read_dir(&mine).unwrap().count(), 0, "made new");
+        let mine = TemporaryOutput::new().unwrap();
+        assert_ne!(mine.dir, theirs);
+        assert_eq!(std::fs::read_dir(&mine.dir).unwrap().count(), 0, "made new");
         assert_eq!(
             std::fs::read_to_string(theirs.join("part-00000")).unwrap(),
             "theirs\t1\n"
         );
-        std::fs::remove_dir(&mine).unwrap();
+        let (dir, lock) = (mine.dir.clone(), mine.lock.clone());
+        std::fs::write(dir.join("part-00000"), "a\t1\n").unwrap();
+        drop(mine);
+        assert!(!dir.exists() && !lock.exists());
         std::fs::remove_dir_all(&theirs).unwrap();
+    }
+
+    #[test]
+    fn the_counts_of_a_run_that_died_are_removed_by_the_next_and_a_live_runs_are_kept() {
+        let base = std::env::temp_dir().join(format!("dsm-wc-sweep-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        // A run that died: a process that has exited (its pid is gone), its lock free.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let dead_dir = base.join(format!("dsm-wordcount-{dead}-0"));
+        std::fs::create_dir(&dead_dir).unwrap();
+        std::fs::write(dead_dir.join("part-00000"), "a\t1\n").unwrap();
+        std::fs::write(base.join(format!("dsm-wordcount-{dead}-0.lock")), "").unwrap();
+        // A live run: this process, holding its lock.
+        let live_dir = base.join(format!("dsm-wordcount-{}-0", std::process::id()));
+        std::fs::create_dir(&live_dir).unwrap();
+        let live_lock = base.join(format!("dsm-wordcount-{}-0.lock", std::process::id()));
+        let held = Flock::lock(
+            std::fs::File::create(&live_lock).unwrap(),
+            FlockArg::LockExclusiveNonblock,
+        )
+        .unwrap();
+        // One whose lock is held, though its pid is not running here (another PID namespace's).
+        let other_dir = base.join(format!("dsm-wordcount-{dead}-1"));
+        std::fs::create_dir(&other_dir).unwrap();
+        let other_lock = base.join(format!("dsm-wordcount-{dead}-1.lock"));
+        let other = Flock::lock(
+            std::fs::File::create(&other_lock).unwrap(),
+            FlockArg::LockExclusiveNonblock,
+        )
+        .unwrap();
+        remove_dead_runs_outputs(&base);
+        assert!(!dead_dir.exists(), "a dead run's counts stayed");
+        assert!(!base.join(format!("dsm-wordcount-{dead}-0.lock")).exists());
+        assert!(live_dir.exists() && live_lock.exists() && other_dir.exists());
+        drop((held, other));
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }
