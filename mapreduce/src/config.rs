@@ -160,11 +160,7 @@ impl JobConfig {
     /// mistyped path is said once, before any rank starts, and not by every rank.
     pub fn validate(&self) -> Result<(), MapReduceError> {
         self.check().map_err(MapReduceError::Config)?;
-        if self.inputs.is_empty() && self.splits.is_empty() {
-            return Err(MapReduceError::Config(
-                "no input: give input files, directories or splits".into(),
-            ));
-        }
+        self.has_input()?;
         crate::input::expand(&self.inputs)?;
         for s in &self.splits {
             std::fs::metadata(&s.file).map_err(|error| MapReduceError::Input {
@@ -173,13 +169,34 @@ impl JobConfig {
             })?;
         }
         match std::fs::metadata(&self.output) {
-            Ok(m) if !m.is_dir() => Err(MapReduceError::Config(format!(
+            Ok(there) => self.may_take_output(&there),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Refuses a job that names no input.
+    pub(crate) fn has_input(&self) -> Result<(), MapReduceError> {
+        if self.inputs.is_empty() && self.splits.is_empty() {
+            return Err(MapReduceError::Config(
+                "no input: give input files, directories or splits".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses an output that is there already (`there`, its metadata) unless it is a directory and the
+    /// job may overwrite it.
+    pub(crate) fn may_take_output(&self, there: &std::fs::Metadata) -> Result<(), MapReduceError> {
+        if !there.is_dir() {
+            return Err(MapReduceError::Config(format!(
                 "output {} exists and is not a directory",
                 self.output.display()
-            ))),
-            Ok(_) if !self.overwrite => Err(MapReduceError::OutputExists(self.output.clone())),
-            _ => Ok(()),
+            )));
         }
+        if !self.overwrite {
+            return Err(MapReduceError::OutputExists(self.output.clone()));
+        }
+        Ok(())
     }
 
     pub(crate) fn check(&self) -> Result<(), String> {

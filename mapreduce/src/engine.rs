@@ -518,11 +518,7 @@ impl MapReduce {
     /// took one that was there) and the job's staging directory in it; nothing is written if an input is
     /// missing or the output exists.
     fn prepare(&self, job_id: u64, config: &JobConfig) -> Result<Prepared, MapReduceError> {
-        if config.inputs.is_empty() && config.splits.is_empty() {
-            return Err(MapReduceError::Config(
-                "no input: give input files, directories or splits".into(),
-            ));
-        }
+        config.has_input()?;
         // Paths go to other ranks as the master names them: absolute, so that a rank started in another
         // working directory (mpirun on another host) reads and writes the same files.
         let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
@@ -610,17 +606,11 @@ impl MapReduce {
         }
         let out = &config.output;
         let made = match std::fs::metadata(out) {
-            Ok(m) if !m.is_dir() => {
-                return Err(MapReduceError::Config(format!(
-                    "output {} exists and is not a directory",
-                    out.display()
-                )))
-            }
-            Ok(_) if !config.overwrite => return Err(MapReduceError::OutputExists(out.clone())),
             // What it holds is replaced only when the job has succeeded (`commit`), which could then
             // fail halfway through on an entry it cannot remove: such entries are refused now, while
             // the old output is whole.
-            Ok(_) => {
+            Ok(there) => {
+                config.may_take_output(&there)?;
                 check_replaceable(out)?;
                 Vec::new()
             }

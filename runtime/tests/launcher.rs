@@ -188,6 +188,12 @@ fn ctrl_z_stops_every_rank_with_the_launcher_and_fg_continues_them() {
     );
     assert_eq!(state_of(child.id()), Some('T'), "the launcher stopped");
     kill(launcher, Signal::SIGCONT).unwrap();
+    ends_with_both_ranks_finished(child);
+}
+
+/// Waits for the launcher `child` of a two-rank job whose ranks print "finished", and checks that the job
+/// ended well with both.
+fn ends_with_both_ranks_finished(child: std::process::Child) {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -226,10 +232,7 @@ fn a_ctrl_z_to_a_launcher_no_shell_would_continue_is_dropped_as_the_kernel_drops
         "a rank stopped: {:?}",
         states(&words)
     );
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(0));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.matches("finished").count(), 2, "{text}");
+    ends_with_both_ranks_finished(child);
 }
 
 #[test]

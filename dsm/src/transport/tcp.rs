@@ -523,9 +523,10 @@ fn connect(setup: &Setup, to: Rank, set: usize, addr: SocketAddr) -> Result<Owne
 const FILES_BESIDES_CONNECTIONS: u64 = 64;
 
 /// Why this process cannot hold the connections of a job of `size` ranks with `sets` connections each way
-/// between two ranks (one per channel and the service loop's), if it cannot: its open-file limit (already raised as far as it goes, `DsmBuilder::build`) is below what they
-/// take. Said before connecting: a rank out of descriptors midway would drop other ranks' connections,
-/// and they would fail with resets that do not say why.
+/// between two ranks (one per channel and the service loop's), if it cannot: its open-file limit (already
+/// raised as far as it goes, `DsmBuilder::build`) is below what they take. Said before connecting: a rank
+/// out of descriptors midway would drop other ranks' connections, and they would fail with resets that
+/// do not say why.
 fn too_few_open_files(me: Rank, size: usize, sets: usize) -> Option<String> {
     use nix::sys::resource::{getrlimit, Resource};
     let (limit, _) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
