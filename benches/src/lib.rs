@@ -27,6 +27,10 @@ pub fn run_as_job_of(ranks: usize) {
     let opts = LaunchOptions {
         ranks,
         prefix: false,
+        name: me.file_name().map_or_else(
+            || me.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
         ..LaunchOptions::default()
     };
     match launch(&opts, &me, &args) {

@@ -1695,6 +1695,29 @@ fn wordcount_ends_with_a_clear_error_when_the_master_dies() {
 }
 
 #[test]
+fn wordcount_procs_says_a_failed_rank_in_its_own_name() {
+    // The user ran wordcount, not dsmrun: the launcher's lines say so, once.
+    let out_dir = fresh_output("own-name");
+    let o = std::process::Command::new(WORDCOUNT)
+        .arg(sample())
+        .args(["--procs", "2", "--split-size", "4096", "--output"])
+        .arg(&out_dir)
+        .args(["--die-rank", "1", "--die-after", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(128 + 9), "{err}");
+    let said: Vec<&str> = err.lines().filter(|l| l.contains("rank 1 was")).collect();
+    assert_eq!(
+        said,
+        ["wordcount: rank 1 was killed by SIGKILL; ending the job"],
+        "{err}"
+    );
+    assert!(!err.contains("dsmrun"), "{err}");
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+#[test]
 fn wordcount_reports_bad_input_and_an_existing_output() {
     let out_dir = fresh_output("bad");
     let (o, out) = job(
@@ -1736,6 +1759,32 @@ fn wordcount_reports_bad_input_and_an_existing_output() {
         "{err}"
     );
     std::fs::remove_dir(&out_dir).unwrap();
+    // A TMPDIR that names no directory is said, and not made.
+    let no_tmp = std::env::temp_dir().join(format!("dsm-wc-no-tmp-{}", std::process::id()));
+    let o = std::process::Command::new(WORDCOUNT)
+        .env("TMPDIR", &no_tmp)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "the system's temporary directory {} is not a directory (is TMPDIR set wrong?)",
+            no_tmp.display()
+        )),
+        "{err}"
+    );
+    assert!(!no_tmp.exists(), "made");
+    // --keep-going belongs to the launcher: without --procs there is none here to keep going.
+    let o = std::process::Command::new(WORDCOUNT)
+        .arg("--keep-going")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--keep-going goes with --procs"),
+        "{err}"
+    );
     // An input whose name is not UTF-8: refused, naming it, before the output is made.
     {
         use std::os::unix::ffi::OsStringExt;

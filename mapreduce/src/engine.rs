@@ -102,7 +102,16 @@ impl std::fmt::Display for JobReport {
 impl MapReduce {
     /// Creates this rank's engine, keeping map output under the system's temporary directory. Collective.
     pub fn new(space: &TupleSpace) -> Result<MapReduce, MapReduceError> {
-        MapReduce::with_spill_dir(space, std::env::temp_dir())
+        let tmp = std::env::temp_dir();
+        // Made for a spill directory that is asked for, not for the system's: a TMPDIR naming none is
+        // a mistake to say.
+        if !tmp.is_dir() {
+            return Err(MapReduceError::Config(format!(
+                "the system's temporary directory {} is not a directory (is TMPDIR set wrong?): set TMPDIR to one, or give the engine a spill directory (MapReduce::with_spill_dir)",
+                tmp.display()
+            )));
+        }
+        MapReduce::with_spill_dir(space, tmp)
     }
 
     /// Creates this rank's engine, keeping map output in a directory of its own under `dir` (a local disk
@@ -998,7 +1007,19 @@ fn make_spill_dir(
 ) -> Result<(PathBuf, Option<Flock<std::fs::File>>), MapReduceError> {
     use std::hash::{BuildHasher, Hasher};
     let io = |what: &Path, e| MapReduceError::io(format!("creating {}", what.display()), e);
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(MapReduceError::Config(format!(
+            "the spill directory {} is not a directory: give a directory, or a path to make one at",
+            dir.display()
+        )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?
+        }
+        Err(e) => return Err(io(dir, e)),
+    }
     let mut tries = 0;
     let (hidden, root) = loop {
         let nonce = std::collections::hash_map::RandomState::new()
@@ -1224,6 +1245,25 @@ mod tests {
         left.sort();
         assert_eq!(left, [".part-00001", "notes.tmp", "part-00003"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_spill_directory_is_made_when_missing_and_refused_when_a_file() {
+        let parent = std::env::temp_dir().join(format!("dsm-mr-spill-at-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        let (root, _lock) = make_spill_dir(&parent.join("a/b"), "engine").unwrap();
+        assert!(root.is_dir() && root.starts_with(parent.join("a/b")));
+        let file = parent.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let e = make_spill_dir(&file, "engine").unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "the spill directory {} is not a directory",
+                file.display()
+            )),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&parent).unwrap();
     }
 
     #[test]

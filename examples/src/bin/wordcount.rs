@@ -454,34 +454,38 @@ fn peak_resident_kib() -> anyhow::Result<u64> {
 fn spawn(procs: usize, keep_going: bool, config: &JobConfig) -> anyhow::Result<i32> {
     // A mistyped input or an output that exists is said here, once, instead of by every rank.
     config.validate()?;
-    let mut args: Vec<OsString> = Vec::new();
-    let mut skip = false;
-    for a in std::env::args_os().skip(1) {
-        if skip {
-            skip = false;
-            continue;
-        }
-        let s = a.to_string_lossy();
-        if s == "--procs" {
-            skip = true;
-        } else if !s.starts_with("--procs=") && s != "--keep-going" {
-            args.push(a);
-        }
-    }
+    let args = rank_args(std::env::args_os().skip(1));
     let opts = LaunchOptions {
         ranks: procs,
         keep_going,
+        name: "wordcount".into(),
         ..LaunchOptions::default()
     };
     let exe = std::env::current_exe().context("finding this program")?;
-    let outcome = launch(&opts, &exe, &args)?;
-    if outcome.code != 0 {
-        match outcome.failed_rank {
-            Some(r) => eprintln!("wordcount: the job failed: rank {r} {}", outcome.reason),
-            None => eprintln!("wordcount: the job failed: {}", outcome.reason),
+    // A job that failed has been said by the launcher ("wordcount: rank 1 ...").
+    Ok(launch(&opts, &exe, &args)?.code)
+}
+
+/// The command line of a rank that `--procs` starts: this one's (`given`, without the program) without
+/// `--procs N` and `--keep-going`, which are the launcher's. Past `--` every argument is an input, kept
+/// whatever its name.
+fn rank_args(mut given: impl Iterator<Item = OsString>) -> Vec<OsString> {
+    let mut args = Vec::new();
+    while let Some(a) = given.next() {
+        match a.to_str() {
+            Some("--") => {
+                args.push(a);
+                args.extend(given.by_ref());
+            }
+            Some("--procs") => {
+                given.next();
+            }
+            Some("--keep-going") => {}
+            Some(s) if s.starts_with("--procs=") => {}
+            _ => args.push(a),
         }
     }
-    Ok(outcome.code)
+    args
 }
 
 /// The inputs the command line names, or the sample text when it names none.
@@ -534,6 +538,10 @@ fn run() -> anyhow::Result<()> {
         };
         std::process::exit(spawn(procs, args.keep_going, &config)?);
     }
+    anyhow::ensure!(
+        !args.keep_going,
+        "--keep-going goes with --procs (the ranks it starts); under dsmrun, give it to dsmrun instead: dsmrun --keep-going -n N wordcount ..."
+    );
     let rt = Runtime::init()?;
     let space = TupleSpace::join(&rt)?;
     let mr = match &args.spill_dir {
@@ -598,6 +606,29 @@ fn run() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ranks_procs_starts_get_the_command_line_without_the_launchers_flags() {
+        let given = |a: &[&str]| rank_args(a.iter().map(OsString::from));
+        let want = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            given(&[
+                "--procs",
+                "2",
+                "a.txt",
+                "--keep-going",
+                "--procs=3",
+                "--top",
+                "5"
+            ]),
+            want(&["a.txt", "--top", "5"])
+        );
+        // Past `--`, inputs whose names look like the launcher's flags are inputs.
+        assert_eq!(
+            given(&["--procs", "2", "--", "--procs", "--keep-going", "b"]),
+            want(&["--", "--procs", "--keep-going", "b"])
+        );
+    }
 
     #[test]
     fn a_temporary_output_directory_is_always_a_new_one_and_goes_with_its_run() {

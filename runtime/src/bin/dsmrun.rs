@@ -75,6 +75,7 @@ fn main() {
         capture: None,
         timeout: a.timeout,
         keep_going: a.keep_going,
+        name: "dsmrun".into(),
     };
     match launch(&opts, &program, args) {
         Ok(outcome) => {

@@ -39,6 +39,10 @@ pub struct LaunchOptions {
     /// says otherwise), the job runs on, and its status is rank 0's. For programs that survive the loss
     /// of a worker (the task farm).
     pub keep_going: bool,
+    /// The name the launcher's own lines start with ("rank 1 was killed by SIGKILL"): that of the
+    /// program the user ran, which for a program that launches itself (`wordcount --procs 2`) is not
+    /// `dsmrun`.
+    pub name: String,
 }
 
 /// How a job ended.
@@ -69,6 +73,7 @@ impl Default for LaunchOptions {
             capture: None,
             timeout: None,
             keep_going: false,
+            name: "dsmrun".into(),
         }
     }
 }
@@ -186,6 +191,7 @@ type Arrival = (std::net::TcpStream, SocketAddr, std::io::Result<String>);
 /// (a connection that sends nothing holds up no other), sending each connection with its line on
 /// `arrivals`. Ends once `stop` is set, at the next connection.
 fn accept_lines(
+    name: &str,
     listener: TcpListener,
     ranks: usize,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -199,9 +205,12 @@ fn accept_lines(
         }
         if reading.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= most {
             reading.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            say(&format!(
-                "dsmrun: refused a rendezvous from {from}: {most} connections are sending theirs already"
-            ));
+            say(
+                name,
+                &format!(
+                "refused a rendezvous from {from}: {most} connections are sending theirs already"
+            ),
+            );
             // Told, so that a rank among them says why it cannot join (not written should the
             // connection take nothing: it is dropped either way).
             let _ = stream.set_nonblocking(true);
@@ -220,9 +229,10 @@ fn accept_lines(
             });
         if read.is_err() {
             reading.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            say(&format!(
-                "dsmrun: refused a rendezvous from {from}: no thread to read it"
-            ));
+            say(
+                name,
+                &format!("refused a rendezvous from {from}: no thread to read it"),
+            );
         }
     }
 }
@@ -232,6 +242,7 @@ fn accept_lines(
 /// exits before it joined (noted in `exits`) can never join: the ranks waiting, and any that come later,
 /// are told so at once, instead of waiting out their connect timeout.
 fn rendezvous(
+    name: String,
     listener: TcpListener,
     ranks: usize,
     token: String,
@@ -242,12 +253,16 @@ fn rendezvous(
     let stop_accepting = stop.clone();
     let accepting = std::thread::Builder::new()
         .name("dsmrun-rendezvous-accept".into())
-        .spawn(move || accept_lines(listener, ranks, stop_accepting, arrived));
+        .spawn({
+            let name = name.clone();
+            move || accept_lines(&name, listener, ranks, stop_accepting, arrived)
+        });
     if let Err(e) = accepting {
         // The ranks give up waiting (their connect timeout) and the launcher names them.
-        say(&format!(
-            "dsmrun: the rendezvous could not start ({e}): the ranks cannot join"
-        ));
+        say(
+            &name,
+            &format!("the rendezvous could not start ({e}): the ranks cannot join"),
+        );
         return;
     }
     let mut conns: Vec<Option<(std::net::TcpStream, SocketAddr)>> =
@@ -282,9 +297,10 @@ fn rendezvous(
             }
         }
         let Ok(line) = line else {
-            say(&format!(
-                "dsmrun: rendezvous from {from}: no line received within {LINE_WITHIN:?}"
-            ));
+            say(
+                &name,
+                &format!("rendezvous from {from}: no line received within {LINE_WITHIN:?}"),
+            );
             continue;
         };
         if line.trim() == WAKE {
@@ -312,9 +328,10 @@ fn rendezvous(
                 have += 1;
             }
             _ => {
-                say(&format!(
-                    "dsmrun: refused a rendezvous from {from}: wrong token, rank or address"
-                ));
+                say(
+                    &name,
+                    &format!("refused a rendezvous from {from}: wrong token, rank or address"),
+                );
                 let _ = (&stream).write_all(b"refused\n");
             }
         }
@@ -450,7 +467,10 @@ pub fn launch(
     let exits_told = exits_seen.clone();
     std::thread::Builder::new()
         .name("dsmrun-rendezvous".into())
-        .spawn(move || rendezvous(listener, ranks, server_token, stop_server, exits_told))
+        .spawn({
+            let name = opts.name.clone();
+            move || rendezvous(name, listener, ranks, server_token, stop_server, exits_told)
+        })
         .map_err(|e| RuntimeError::Io {
             context: "starting the rendezvous thread".into(),
             error: e,
@@ -596,20 +616,29 @@ pub fn launch(
                             (m.met, m.joined[r].is_some())
                         };
                         match unmet {
-                            _ if met => say(&format!(
-                                "dsmrun: rank {r} {what}; the job goes on (--keep-going)"
-                            )),
+                            _ if met => say(
+                                &opts.name,
+                                &format!("rank {r} {what}; the job goes on (--keep-going)"),
+                            ),
                             // The others wait for it at the rendezvous, and are told it will not come.
                             None if !joined => {
                                 unmet = Some(r);
-                                say(&format!(
-                                    "dsmrun: rank {r} {what} before it joined the job; the others cannot start"
+                                say(
+&opts.name,
+&format!(
+                                    "rank {r} {what} before it joined the job; the others cannot start"
                                 ));
                             }
-                            Some(f) => say(&format!(
-                                "dsmrun: rank {r} {what}: the job could not start without rank {f}"
-                            )),
-                            None => say(&format!("dsmrun: rank {r} {what} before the job started")),
+                            Some(f) => say(
+                                &opts.name,
+                                &format!(
+                                    "rank {r} {what}: the job could not start without rank {f}"
+                                ),
+                            ),
+                            None => say(
+                                &opts.name,
+                                &format!("rank {r} {what} before the job started"),
+                            ),
                         }
                         lost.push((r, what));
                     } else {
@@ -671,7 +700,7 @@ pub fn launch(
                     "was still running {} s after rank 0 ended (stopped, or hung), and was ended",
                     KEEP_GOING_GRACE.as_secs()
                 );
-                say(&format!("dsmrun: rank {r} {what}"));
+                say(&opts.name, &format!("rank {r} {what}"));
                 lost.push((r, what));
             }
         }
@@ -694,7 +723,7 @@ pub fn launch(
                 "was stopped (SIGSTOP, or a debugger) for {} s after every other rank had ended",
                 KEEP_GOING_GRACE.as_secs()
             );
-            let message = format!("dsmrun: rank 0 {reason}; ending the job");
+            let message = format!("rank 0 {reason}; ending the job");
             let outcome = Outcome {
                 code: 1,
                 failed_rank: Some(0),
@@ -706,7 +735,7 @@ pub fn launch(
         }
         (None, Some(sig)) => {
             let reason = format!("was interrupted by {}", sig.as_str());
-            let message = format!("dsmrun: the launcher {reason}; ending the job");
+            let message = format!("the launcher {reason}; ending the job");
             let code = 128 + sig as i32;
             let outcome = Outcome {
                 code,
@@ -726,8 +755,7 @@ pub fn launch(
                 lost,
                 signal: None,
             };
-            let message =
-                format!("dsmrun: the job ran past its time limit of {limit} s; ending it");
+            let message = format!("the job ran past its time limit of {limit} s; ending it");
             (outcome, Some(message))
         }
         (None, None) => {
@@ -771,23 +799,20 @@ pub fn launch(
                 } else {
                     "stopped answering the others while it ran on (hung, frozen, or stuck in the kernel), and they gave up waiting for it (DSM_PEER_TIMEOUT)".into()
                 };
-                (s, format!("dsmrun: rank {s} {what}; ending the job"))
+                (s, format!("rank {s} {what}; ending the job"))
             } else if let Some(s) = never_came.filter(|_| joined) {
                 what = format!(
                     "never joined the job: rank {r} gave up waiting for it at the rendezvous (DSM_CONNECT_TIMEOUT); is it stuck or slow before Runtime::init, or stopped?"
                 );
-                (s, format!("dsmrun: rank {s} {what}; ending the job"))
+                (s, format!("rank {s} {what}; ending the job"))
             } else if joined && status.success() {
                 what += " while the others ran, without leaving the job (Runtime::finish), and they could not go on without it";
-                (r, format!("dsmrun: rank {r} {what}; ending the job"))
+                (r, format!("rank {r} {what}; ending the job"))
             } else if joined {
-                (r, format!("dsmrun: rank {r} {what}; ending the job"))
+                (r, format!("rank {r} {what}; ending the job"))
             } else {
                 what += " before it joined the job";
-                (
-                    r,
-                    format!("dsmrun: rank {r} {what}; the others could not start"),
-                )
+                (r, format!("rank {r} {what}; the others could not start"))
             };
             let outcome = Outcome {
                 // Status 0 is no failure of the rank's own, but the job's.
@@ -809,20 +834,23 @@ pub fn launch(
     // to wait for a reader that takes none.
     let unwritten = output.drain(opts.timeout.is_some(), &|| interrupts.signal().is_some());
     if let Some(m) = message {
-        say(&m);
+        say(&opts.name, &m);
     }
     // A signal that came while the job was being ended is the launcher's end, as the shell expects of it
     // (the job's own outcome has been said).
     if let Some(sig) = interrupts.signal().filter(|_| outcome.signal.is_none()) {
-        say(&format!(
-            "dsmrun: the launcher was interrupted by {} while it ended the job",
-            sig.as_str()
-        ));
+        say(
+            &opts.name,
+            &format!(
+                "the launcher was interrupted by {} while it ended the job",
+                sig.as_str()
+            ),
+        );
         outcome.code = 128 + sig as i32;
         outcome.signal = Some(sig as i32);
     }
     if let Some(u) = unwritten {
-        say(&format!("dsmrun: {}", u.what));
+        say(&opts.name, &u.what);
         // Output lost fails a job that succeeded otherwise.
         if outcome.code == 0 {
             outcome.code = u.code;
@@ -1262,7 +1290,7 @@ mod tests {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (arrived, arrivals) = std::sync::mpsc::channel();
         let stopping = stop.clone();
-        std::thread::spawn(move || accept_lines(listener, 1, stopping, arrived));
+        std::thread::spawn(move || accept_lines("dsmrun", listener, 1, stopping, arrived));
         let silent: Vec<_> = (0..MAX_READING)
             .map(|_| std::net::TcpStream::connect(at).unwrap())
             .collect();

@@ -65,10 +65,10 @@ fn write_out(to_stderr: bool, bytes: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// Says `what` on the launcher's standard error, between the ranks' lines (a standard error nobody reads
-/// any more is no reason to stop: eprintln! would panic).
-pub(super) fn say(what: &str) {
-    let _ = write_out(true, format!("{what}\n").as_bytes());
+/// Says `what` on the launcher's standard error as `name: what`, between the ranks' lines (a standard
+/// error nobody reads any more is no reason to stop: eprintln! would panic).
+pub(super) fn say(name: &str, what: &str) {
+    let _ = write_out(true, format!("{name}: {what}\n").as_bytes());
 }
 
 /// A write of a rank's output that failed.
@@ -214,7 +214,7 @@ const SIGPIPE_STATUS: i32 = 128 + nix::sys::signal::Signal::SIGPIPE as i32;
 /// Output of the ranks that was not written.
 #[derive(Debug)]
 pub(super) struct Unwritten {
-    /// What happened, as the launcher says it (after "dsmrun: ").
+    /// What happened, as the launcher says it (after its name).
     pub(super) what: String,
     /// The job's status for it, if it succeeded otherwise.
     pub(super) code: i32,
