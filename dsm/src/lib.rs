@@ -43,7 +43,9 @@ pub use crate::service::{Responder, Service, ServiceId, MAX_SERVICES};
 pub use crate::stats::{Stats, LATENCY_BUCKETS};
 pub use crate::types::{GlobalAddr, PageId, Rank, PAGE_SIZE};
 
-/// Exit status of a rank that ends because another rank failed (so launchers can report the root cause).
+/// Exit status of a rank that ends because another rank failed (so launchers can report the root cause),
+/// under [`FailurePolicy::Exit`]: while the job runs, and while it is set up (`DsmBuilder::build`, when a
+/// rank it connects to has stopped setting up the job).
 pub const EXIT_PEER_FAILED: i32 = 75;
 /// Exit status of a rank that hit an error it cannot return to the program (for example a fault that could
 /// not be resolved: the memory access has no way to fail).

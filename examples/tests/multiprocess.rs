@@ -139,6 +139,48 @@ fn ranks_that_could_not_hold_their_connections_say_so_before_connecting() {
 }
 
 #[test]
+fn a_rank_whose_peer_is_gone_before_connecting_ends_as_for_a_peer_failure() {
+    // The test plays the launcher of a job of two, and the table it hands out gives rank 1 an address
+    // nobody listens at: rank 1 gone between the rendezvous and the connections. Rank 0 ends with the
+    // status that tells a launcher it is not the cause (with status 1 it could be blamed for rank 1).
+    use std::io::{BufRead, BufReader, Write};
+    let rendezvous = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone_at = gone.local_addr().unwrap();
+    drop(gone);
+    let rank0 = std::process::Command::new(env!("CARGO_BIN_EXE_hello"))
+        .env("DSM_RANK", "0")
+        .env("DSM_SIZE", "2")
+        .env(
+            "DSM_RENDEZVOUS",
+            rendezvous.local_addr().unwrap().to_string(),
+        )
+        .env("DSM_TOKEN", "ab".repeat(32))
+        .env("DSM_BIND", "127.0.0.1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (s, _) = rendezvous.accept().unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    let mine = line
+        .split_whitespace()
+        .nth(2)
+        .expect("token, rank, address");
+    writeln!(&s, "{mine} {gone_at}").unwrap();
+    let out = rank0.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(dsm::EXIT_PEER_FAILED), "{err}");
+    assert!(
+        err.contains(&format!(
+            "dsm: rank 0: rank 1 failed: rank 0 could not connect to it at {gone_at}"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
 fn connections_to_the_rendezvous_that_send_nothing_hold_up_no_rank() {
     // Rank 1 first opens three connections to the rendezvous that send nothing and stay open. Read one
     // after the other, each for up to 5 s, they held rank 1's line past the ranks' 8 s connect timeout.

@@ -1,6 +1,6 @@
 //! dsm-runtime: how a program joins a dsm job. `Runtime::init()` reads what the launcher (`dsmrun`) put in
 //! the environment, meets the other ranks, and returns the rank's [`dsm::Dsm`]. A program started directly,
-//! without a launcher, is a job of one rank. Every environment variable is documented in [`env`].
+//! without a launcher, is a job of one rank. Every environment variable is documented in [`env`](mod@env).
 // Unsafe code is refused everywhere but in one function of the launcher, which sets up a rank's process
 // between fork and exec (`launch::in_child_before_exec`).
 #![deny(unsafe_code)]

@@ -400,8 +400,9 @@ impl TaskFarm {
     /// result, and this worker stops: `serve` returns the error, or, where `f` panicked, the panic goes on
     /// from here.
     ///
-    /// Tasks that take less time than a round trip to the bag are taken several at a time (see [`Batch`]):
-    /// each trip ends the leases of the tasks just done, puts their results, and leases the next ones.
+    /// Tasks that take less time than a round trip to the bag are taken several at a time (a batch, sized
+    /// by the time tasks take): each trip ends the leases of the tasks just done, puts their results, and
+    /// leases the next ones.
     pub fn serve<T: DeserializeOwned, R: Serialize>(
         &self,
         mut f: impl FnMut(u64, T) -> R,

@@ -301,7 +301,17 @@ impl DsmBuilder {
         };
 
         let sets = connections(self.channels);
-        let mut mesh = transport.establish(self.rank, self.size, sets)?;
+        let mut mesh = match transport.establish(self.rank, self.size, sets) {
+            Ok(mesh) => mesh,
+            // A rank that stopped setting up the job (it failed, or was killed) fails this one as it would
+            // once the job runs: with `EXIT_PEER_FAILED`, which tells a launcher that this rank is not
+            // the cause (with a status of its own, it could be blamed instead of the rank that failed).
+            Err(e @ DsmError::PeerFailed { .. }) if self.policy == FailurePolicy::Exit => {
+                crate::engine::say(&format!("dsm: {}: {e}; ending this rank", self.rank));
+                std::process::exit(crate::EXIT_PEER_FAILED);
+            }
+            Err(e) => return Err(e),
+        };
         let host = mesh.host.take();
         if mesh.outgoing.len() != sets || mesh.outgoing.iter().any(|s| s.len() != self.size) {
             return Err(DsmError::Config(format!(

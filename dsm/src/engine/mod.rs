@@ -1031,7 +1031,7 @@ fn send_timeout(conn: &Conn, t: Duration) -> crate::Result<()> {
 /// Writes `line` and a newline to standard error in one `write`, so that the lines of ranks whose error
 /// streams a launcher merges (mpirun does, unbuffered) do not run into each other (`eprintln!` writes a
 /// formatted line piece by piece).
-fn say(line: &str) {
+pub(crate) fn say(line: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }

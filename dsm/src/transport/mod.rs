@@ -41,7 +41,7 @@ pub struct Mesh {
 pub struct Incoming {
     /// The rank at the other end.
     pub from: Rank,
-    /// Whether it is `from`'s service loop's own connection (the last set: [`connections`]). A rank
+    /// Whether it is `from`'s service loop's own connection (the last set of the `connections` the transport was asked for). A rank
     /// never ends that one before it leaves the job, so its end, and its end alone, says that `from` has
     /// left and taken its copies of pages with it. The others end too when `from` only takes this rank
     /// for failed and cuts it off, living on with its copies. Exactly one connection from each rank is
@@ -87,7 +87,7 @@ pub use crate::engine::{Polled, ServiceLoop};
 /// How ranks reach each other.
 pub trait Transport: Send + std::fmt::Debug {
     /// Connects this rank (`me` of `size`) to every rank with `connections` connections each (the rank's
-    /// channels and one more, [`connections`]), and accepts the same from every rank. Returns when the
+    /// channels and one more, for the service loop), and accepts the same from every rank. Returns when the
     /// whole mesh of this rank is up.
     fn establish(self: Box<Self>, me: Rank, size: usize, connections: usize) -> Result<Mesh>;
 

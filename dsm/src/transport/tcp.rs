@@ -481,10 +481,10 @@ fn connect(setup: &Setup, to: Rank, set: usize, addr: SocketAddr) -> Result<Owne
             // has stopped setting up the job (or a firewall rejects the connection). Retrying would only
             // wait out the timeout.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                return Err(DsmError::io(
-                    format!("{me}: connecting to {to} at {addr} (it has stopped setting up the job, or cannot be reached: see its error)"),
-                    e,
-                ))
+                return Err(DsmError::PeerFailed {
+                    rank: to,
+                    reason: format!("{me} could not connect to it at {addr}: {e} (it has stopped setting up the job, or cannot be reached: see its error)"),
+                })
             }
             Err(e) if Instant::now() < setup.deadline && !setup.stopping() => {
                 tracing::debug!("{me}: connect to {to} at {addr}: {e}; retrying");
@@ -503,11 +503,11 @@ fn connect(setup: &Setup, to: Rank, set: usize, addr: SocketAddr) -> Result<Owne
         .map_err(|e| DsmError::io("TCP_NODELAY", e))?;
     stream
         .write_all(&hello(me, setup.channels, set, &setup.token))
-        .map_err(|e| DsmError::io(format!("handshake to {to} at {addr}"), e))?;
+        .map_err(|e| handshake_failed(me, to, addr, "sending its handshake to", e))?;
     // Until the job's deadline: the other rank's accepting may be held up by a slow stranger's handshake.
     let mut ack = [0u8; 1];
     read_by(&mut stream, &mut ack, setup.deadline, &|| setup.stopping())
-        .map_err(|e| DsmError::io(format!("handshake reply from {to} at {addr}"), e))?;
+        .map_err(|e| handshake_failed(me, to, addr, "waiting for the handshake reply from", e))?;
     if ack[0] != ACK_OK {
         return Err(DsmError::BadHandshake(format!(
             "{me}: {to} at {addr} refused this rank's handshake: {}",
@@ -516,6 +516,32 @@ fn connect(setup: &Setup, to: Rank, set: usize, addr: SocketAddr) -> Result<Owne
     }
     let _ = stream.set_read_timeout(None);
     Ok(OwnedFd::from(stream))
+}
+
+/// Why this rank's handshake with rank `to` failed (while `what`, as in "sending its handshake to"): the
+/// peer's failure if it closed the connection (it stopped setting up the job: its own error says why), else this rank's
+/// error (a timeout, or this rank stopping).
+fn handshake_failed(
+    me: Rank,
+    to: Rank,
+    addr: SocketAddr,
+    what: &str,
+    e: std::io::Error,
+) -> DsmError {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    if matches!(
+        e.kind(),
+        BrokenPipe | ConnectionAborted | ConnectionReset | UnexpectedEof
+    ) {
+        DsmError::PeerFailed {
+            rank: to,
+            reason: format!(
+                "{me}, {what} it at {addr}: {e} (it has stopped setting up the job: see its error)"
+            ),
+        }
+    } else {
+        DsmError::io(format!("{me}: {what} {to} at {addr}"), e)
+    }
 }
 
 /// Descriptors a rank keeps open besides its connections: the standard streams, userfaultfd, epoll and
@@ -781,6 +807,46 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+        stand_in.join().unwrap();
+    }
+
+    #[test]
+    fn a_rank_that_stopped_setting_up_is_taken_for_failed() {
+        // Rank 1 gone before rank 0 connects (its listener closed), or gone during the handshake (it
+        // read rank 0's and closed): rank 0's error is rank 1's failure, not one of its own.
+        let gone = TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed = gone.local_addr().unwrap();
+        drop(gone);
+        let closing = TcpListener::bind("127.0.0.1:0").unwrap();
+        let closes = closing.local_addr().unwrap();
+        let stand_in = std::thread::spawn(move || {
+            let (mut s, _) = closing.accept().unwrap();
+            let mut h = [0u8; HELLO_LEN];
+            s.read_exact(&mut h).unwrap();
+        });
+        for (at, what) in [
+            (closed, "could not connect to it"),
+            (closes, "waiting for the handshake reply from it"),
+        ] {
+            let mine = TcpListener::bind("127.0.0.1:0").unwrap();
+            let peers = vec![mine.local_addr().unwrap(), at];
+            let t = Box::new(TcpTransport::new(
+                mine,
+                peers,
+                [3u8; 32],
+                Duration::from_secs(20),
+            ));
+            let started = Instant::now();
+            match t.establish(Rank(0), 2, 2) {
+                Err(e @ DsmError::PeerFailed { rank: Rank(1), .. }) => {
+                    let e = e.to_string();
+                    assert!(e.starts_with("rank 1 failed: rank 0"), "{e}");
+                    assert!(e.contains(&format!("{what} at {at}")), "{e}");
+                }
+                other => panic!("rank 1 at {at} ({what}): {:?}", other.map(|_| ())),
+            }
+            assert!(started.elapsed() < Duration::from_secs(10));
+        }
         stand_in.join().unwrap();
     }
 
