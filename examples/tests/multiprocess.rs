@@ -865,6 +865,33 @@ fn configuration_errors_are_clear() {
 }
 
 #[test]
+fn a_job_of_one_rank_refuses_the_meeting_settings_a_larger_one_would() {
+    // A job of one rank meets no one, but a mistyped setting is said there, not first at two ranks.
+    let hello = env!("CARGO_BIN_EXE_hello");
+    for (var, value) in [
+        ("DSM_CONNECT_TIMEOUT", "ten"),
+        ("DSM_BIND", "localhost:80"),
+        ("DSM_TOKEN", "abc"),
+        ("DSM_RENDEZVOUS", "127.0.0.1"),
+    ] {
+        for rank in [None, Some("0")] {
+            let mut cmd = std::process::Command::new(hello);
+            cmd.env(var, value);
+            if let Some(r) = rank {
+                cmd.env("DSM_RANK", r).env("DSM_SIZE", "1");
+            }
+            let out = cmd.output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{var} {rank:?}: {err}");
+            assert!(
+                err.contains(&format!("{var}={value:?} is not valid: expected")),
+                "{var} {rank:?}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
 fn an_arena_that_cannot_be_mapped_is_a_clear_error() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hello"))
         .env("DSM_ARENA_BASE", "0x800000000000") // beyond the 47-bit user address space

@@ -145,6 +145,34 @@ pub(crate) const DSMRUN_TRANSPORT: &str =
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: u64 = 30;
 
 /// `DSM_CONNECT_TIMEOUT`: whole seconds, at least one and at most a day; 30 when unset.
+/// How this rank meets the others under dsmrun (`DSM_RENDEZVOUS`, `DSM_TOKEN`, `DSM_BIND`,
+/// `DSM_CONNECT_TIMEOUT`).
+#[derive(Debug)]
+struct Meeting {
+    at: Option<std::net::SocketAddr>,
+    token: Option<[u8; 32]>,
+    bind: std::net::IpAddr,
+    timeout: Duration,
+}
+
+/// Reads how this rank meets the others. Read in a job of one rank too, which meets no one: a mistyped
+/// setting is said there, not first when the job grows.
+fn meeting() -> Result<Meeting, RuntimeError> {
+    Ok(Meeting {
+        at: env::get(
+            "DSM_RENDEZVOUS",
+            "an IP address and port, such as 127.0.0.1:4000",
+            |s| s.parse::<std::net::SocketAddr>().ok(),
+        )?,
+        token: env::get("DSM_TOKEN", "64 hex digits", env::token)?,
+        bind: env::get("DSM_BIND", "an IP address", |s| {
+            s.parse::<std::net::IpAddr>().ok()
+        })?
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
+        timeout: Duration::from_secs(connect_timeout()?),
+    })
+}
+
 fn connect_timeout() -> Result<u64, RuntimeError> {
     Ok(env::get("DSM_CONNECT_TIMEOUT", "seconds, 1 to 86400", |s| {
         env::number::<u64>(s).filter(|t| (1..=86_400).contains(t))
@@ -216,6 +244,7 @@ impl Runtime {
             env::get("DSM_TRANSPORT", "tcp or mpi", |s| {
                 matches!(s, "tcp" | "mpi").then_some(())
             })?;
+            meeting()?;
             return Ok(Runtime::from_dsm(Self::options()?.build()?));
         };
         env::get("DSM_TRANSPORT", DSMRUN_TRANSPORT, |s| {
@@ -243,28 +272,12 @@ impl Runtime {
             rendezvous::die_with_launcher(pid);
         }
         let mut builder = Self::options()?;
+        let meeting = meeting()?;
         if size > 1 {
-            let at = env::get(
-                "DSM_RENDEZVOUS",
-                "an IP address and port, such as 127.0.0.1:4000",
-                |s| s.parse::<std::net::SocketAddr>().ok(),
-            )?
-            .ok_or(RuntimeError::Missing("DSM_RENDEZVOUS"))?;
-            let token = env::get("DSM_TOKEN", "64 hex digits", env::token)?
-                .ok_or(RuntimeError::Missing("DSM_TOKEN"))?;
-            let bind = env::get("DSM_BIND", "an IP address", |s| {
-                s.parse::<std::net::IpAddr>().ok()
-            })?
-            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-            let timeout = connect_timeout()?;
-            let transport = rendezvous::join(
-                Rank(rank),
-                size,
-                at,
-                bind,
-                token,
-                Duration::from_secs(timeout),
-            )?;
+            let at = meeting.at.ok_or(RuntimeError::Missing("DSM_RENDEZVOUS"))?;
+            let token = meeting.token.ok_or(RuntimeError::Missing("DSM_TOKEN"))?;
+            let transport =
+                rendezvous::join(Rank(rank), size, at, meeting.bind, token, meeting.timeout)?;
             builder = builder.transport(Box::new(transport));
         }
         Ok(Runtime::from_dsm(builder.rank(Rank(rank), size).build()?))
