@@ -41,13 +41,33 @@
 use crate::RuntimeError;
 use std::str::FromStr;
 
-/// Reads `name`, parsing it with `parse`; a malformed value is an error naming the variable and the form.
+/// Where settings are read from: this process's environment ([`process`]), or, for a launcher checking
+/// them once for all its ranks, the environment the ranks will have.
+pub(crate) type Vars<'a> = &'a dyn Fn(&str) -> Result<String, std::env::VarError>;
+
+/// This process's environment.
+pub(crate) fn process(name: &str) -> Result<String, std::env::VarError> {
+    std::env::var(name)
+}
+
+/// Reads `name` from this process's environment, parsing it with `parse`; a malformed value is an error
+/// naming the variable and the form.
 pub(crate) fn get<T>(
     name: &'static str,
     expected: &'static str,
     parse: impl Fn(&str) -> Option<T>,
 ) -> Result<Option<T>, RuntimeError> {
-    match std::env::var(name) {
+    get_in(&process, name, expected, parse)
+}
+
+/// Reads `name` from `vars`, as [`get`] does from the environment.
+pub(crate) fn get_in<T>(
+    vars: Vars<'_>,
+    name: &'static str,
+    expected: &'static str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>, RuntimeError> {
+    match vars(name) {
         Ok(v) => parse(v.trim()).map(Some).ok_or(RuntimeError::Env {
             var: name,
             value: v,

@@ -174,10 +174,24 @@ fn meeting() -> Result<Meeting, RuntimeError> {
 }
 
 fn connect_timeout() -> Result<u64, RuntimeError> {
-    Ok(env::get("DSM_CONNECT_TIMEOUT", "seconds, 1 to 86400", |s| {
-        env::number::<u64>(s).filter(|t| (1..=86_400).contains(t))
-    })?
-    .unwrap_or(DEFAULT_CONNECT_TIMEOUT))
+    connect_timeout_in(&env::process)
+}
+
+fn connect_timeout_in(vars: env::Vars<'_>) -> Result<u64, RuntimeError> {
+    Ok(
+        env::get_in(vars, "DSM_CONNECT_TIMEOUT", "seconds, 1 to 86400", |s| {
+            env::number::<u64>(s).filter(|t| (1..=86_400).contains(t))
+        })?
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+    )
+}
+
+/// Checks the settings every rank reads from its environment (`vars`, what the ranks will have), as each
+/// rank would: a launcher says a bad one once, instead of every rank saying it.
+pub(crate) fn check_rank_settings(vars: env::Vars<'_>) -> Result<(), RuntimeError> {
+    Runtime::options_in(vars)?;
+    connect_timeout_in(vars)?;
+    Ok(())
 }
 
 /// A rank's membership in a job. End a job that went well with [`Runtime::finish`] (a final barrier with
@@ -361,28 +375,36 @@ impl Runtime {
         }
     }
 
+    /// This rank's options, from its environment.
     fn options() -> Result<dsm::DsmBuilder, RuntimeError> {
+        Self::options_in(&env::process)
+    }
+
+    /// The options of a rank whose environment is `vars`.
+    fn options_in(vars: env::Vars<'_>) -> Result<dsm::DsmBuilder, RuntimeError> {
         let mut b = Dsm::builder();
         // Ranges are checked here too (the builder checks them again), so that the error names the
         // variable.
-        if let Some(c) = env::get("DSM_CHANNELS", "a number of channels, 2 to 64", |s| {
+        if let Some(c) = env::get_in(vars, "DSM_CHANNELS", "a number of channels, 2 to 64", |s| {
             env::number::<usize>(s).filter(|c| (2..=64).contains(c))
         })? {
             b = b.channels(c);
         }
-        if let Some(t) = env::get(
+        if let Some(t) = env::get_in(
+            vars,
             "DSM_PEER_TIMEOUT",
             "whole seconds, 0 (never) or 2 to 86400",
             |s| env::number::<u64>(s).filter(|t| *t == 0 || (2..=86_400).contains(t)),
         )? {
             b = b.peer_timeout((t > 0).then(|| std::time::Duration::from_secs(t)));
         }
-        if let Some(r) = env::get("DSM_READAHEAD", "a number of pages, 1 to 1024", |s| {
+        if let Some(r) = env::get_in(vars, "DSM_READAHEAD", "a number of pages, 1 to 1024", |s| {
             env::number::<u32>(s).filter(|r| (1..=dsm::MAX_READAHEAD).contains(r))
         })? {
             b = b.readahead(r);
         }
-        let priority = env::get(
+        let priority = env::get_in(
+            vars,
             "DSM_SERVICE_PRIORITY",
             "favoured, nice or normal",
             |s| match s {
@@ -395,7 +417,7 @@ impl Runtime {
         if let Some(p) = priority {
             b = b.service_priority(p);
         }
-        let policy = env::get("DSM_ON_PEER_FAILURE", "exit or report", |s| match s {
+        let policy = env::get_in(vars, "DSM_ON_PEER_FAILURE", "exit or report", |s| match s {
             "exit" => Some(dsm::FailurePolicy::Exit),
             "report" => Some(dsm::FailurePolicy::Report),
             _ => None,
@@ -403,42 +425,53 @@ impl Runtime {
         if let Some(p) = policy {
             b = b.failure_policy(p);
         }
-        if let Some(us) = env::get("DSM_SPIN_US", "microseconds, 0 to 1000000", |s| {
+        if let Some(us) = env::get_in(vars, "DSM_SPIN_US", "microseconds, 0 to 1000000", |s| {
             env::number::<u64>(s).filter(|us| *us <= 1_000_000)
         })? {
             b = b.spin(Duration::from_micros(us));
         }
-        if let Some(us) = env::get("DSM_KEEP_AWAKE_US", "microseconds, 0 to 1000000", |s| {
-            env::number::<u64>(s).filter(|us| *us <= 1_000_000)
-        })? {
+        if let Some(us) = env::get_in(
+            vars,
+            "DSM_KEEP_AWAKE_US",
+            "microseconds, 0 to 1000000",
+            |s| env::number::<u64>(s).filter(|us| *us <= 1_000_000),
+        )? {
             b = b.keep_awake(Duration::from_micros(us));
         }
-        if let Some(on) = env::get("DSM_INSTALL_HELPER", "on or off", env::on_off)? {
+        if let Some(on) = env::get_in(vars, "DSM_INSTALL_HELPER", "on or off", env::on_off)? {
             b = b.install_helper(on);
         }
-        if let Some(on) = env::get("DSM_DIRECT_INSTALL", "on or off", env::on_off)? {
+        if let Some(on) = env::get_in(vars, "DSM_DIRECT_INSTALL", "on or off", env::on_off)? {
             b = b.direct_install(on);
         }
-        if let Some(m) = env::get(
+        if let Some(m) = env::get_in(
+            vars,
             "DSM_NOTICE_MEMORY",
             "a size such as 8M (at least 4K)",
             |s| env::bytes(s).filter(|m| *m >= dsm::MIN_NOTICE_MEMORY),
         )? {
             b = b.notice_memory(m);
         }
-        if let Some(m) = env::get("DSM_TWIN_MEMORY", "a size such as 32M, or 0", env::bytes)? {
+        if let Some(m) = env::get_in(
+            vars,
+            "DSM_TWIN_MEMORY",
+            "a size such as 32M, or 0",
+            env::bytes,
+        )? {
             b = b.twin_memory(m);
         }
         // Read by dsm itself when a rank leaves; checked here so that a typo is an error, not silence.
-        env::get("DSM_STATS", "1 or 0", |s| {
+        env::get_in(vars, "DSM_STATS", "1 or 0", |s| {
             matches!(s, "0" | "1").then_some(())
         })?;
-        let size = env::get(
+        let size = env::get_in(
+            vars,
             "DSM_ARENA_SIZE",
             "a size such as 64G (a multiple of the 4 KiB page)",
             |s| env::bytes(s).filter(|n| *n >= dsm::PAGE_SIZE && n % dsm::PAGE_SIZE == 0),
         )?;
-        let base = env::get(
+        let base = env::get_in(
+            vars,
             "DSM_ARENA_BASE",
             "a non-zero hexadecimal address, a multiple of the 4 KiB page (such as 0x100000000000)",
             |s| env::hex_addr(s).filter(|a| *a != 0 && a % dsm::PAGE_SIZE == 0),

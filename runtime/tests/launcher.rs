@@ -500,6 +500,41 @@ fn a_transport_the_ranks_would_refuse_is_refused_once_before_any_starts() {
 }
 
 #[test]
+fn a_setting_every_rank_would_refuse_is_said_once_before_any_starts() {
+    for (var, value) in [
+        ("DSM_CHANNELS", "abc"),
+        ("DSM_CONNECT_TIMEOUT", "0"),
+        ("DSM_ARENA_SIZE", "12345"),
+    ] {
+        let out = Command::new(DSMRUN)
+            .env(var, value)
+            .args(["-n", "3", "/bin/sh", "-c", "echo started"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}: {err}");
+        // One line, the launcher's: no rank said it.
+        assert_eq!(err.lines().count(), 1, "{var}: {err}");
+        assert!(
+            err.starts_with(&format!("dsmrun: {var}={value:?} is not valid: expected ")),
+            "{var}: {err}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("started"),
+            "{var}: a rank started"
+        );
+    }
+    // What the ranks will see counts: the launcher's own DSM_ON_PEER_FAILURE is not theirs under
+    // --keep-going, which sets it.
+    let out = Command::new(DSMRUN)
+        .env("DSM_ON_PEER_FAILURE", "sometimes")
+        .args(["--keep-going", "-n", "2", "/bin/sh", "-c", "echo started"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
 fn ranks_told_to_go_on_after_a_failure_are_refused_unless_the_launcher_goes_on_too() {
     let run = |extra: &[&str]| {
         Command::new(DSMRUN)

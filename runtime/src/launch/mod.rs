@@ -397,12 +397,17 @@ fn describe(status: ExitStatus) -> (String, i32) {
 
 /// The value of `name` the ranks will see: the launch's environment for them, else the launcher's own.
 fn ranks_env(opts: &LaunchOptions, name: &str) -> Option<String> {
-    opts.env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.clone())
-        .or_else(|| std::env::var(name).ok())
+    ranks_var(opts, name).ok()
+}
+
+/// The value of `name` the ranks will see, as `std::env::var` would read it there (for settings the
+/// launcher sets itself, such as `DSM_RANK`, the launcher's own).
+fn ranks_var(opts: &LaunchOptions, name: &str) -> Result<String, std::env::VarError> {
+    match opts.env.iter().rev().find(|(k, _)| k == name) {
+        Some((_, v)) => Ok(v.clone()),
+        None if opts.keep_going && name == "DSM_ON_PEER_FAILURE" => Ok("report".into()),
+        None => std::env::var(name),
+    }
 }
 
 /// The ranks' `DSM_CONNECT_TIMEOUT`, or its default.
@@ -441,6 +446,8 @@ pub fn launch(
             });
         }
     }
+    // Settings every rank would refuse: said once, here, instead of by every rank.
+    crate::check_rank_settings(&|name| ranks_var(opts, name))?;
     let token = crate::env::token_hex(&fresh_token()?);
     let listener = TcpListener::bind((opts.bind, 0)).map_err(|e| RuntimeError::Io {
         context: format!("binding the rendezvous listener on {}", opts.bind),
