@@ -1,4 +1,18 @@
 //! `dsmrun -n N [--] program [args]`: runs a dsm job of N local processes.
+//!
+//! | flag | meaning | default |
+//! |---|---|---|
+//! | `-n`, `--ranks N` | number of ranks | 1 |
+//! | `--bind ADDR` | the IP address the rendezvous and the ranks' listeners bind to (also `DSM_BIND`; the flag wins) | 127.0.0.1 |
+//! | `--timeout SECS` | ends the job with status 124 once it has run this long (fractions allowed) | none |
+//! | `--no-prefix` | the ranks' output as written, without `[rank] ` before each line | prefixed |
+//! | `--keep-going` | a failing rank does not end the job; the others get `DSM_ON_PEER_FAILURE=report` and the job's status is rank 0's | off |
+//! | `-h`, `--help`; `-V`, `--version` | help; version | |
+//!
+//! Everything from the program on is the program's, even words that look like these flags. The status is
+//! the job's: 0, or that of the rank that failed first (128 + the signal for one killed); 124 for
+//! `--timeout`; 127 for a program not found, 126 for one that cannot be run, and 2 for any other launch
+//! error, among them a `DSM_*` setting every rank would refuse (the ranks' variables: `dsm_runtime::env`).
 #![forbid(unsafe_code)]
 
 use clap::Parser;
