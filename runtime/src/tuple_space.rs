@@ -415,10 +415,10 @@ impl TupleSpace {
     }
 
     /// Puts leased tuples back into the space untouched, for others to take: for a holder that will not do
-    /// what it took (it failed, or is giving up).
+    /// what it took (it failed, or is giving up). Leases that have ended (completed) are passed over.
     pub fn give_back(&self, leases: Vec<Lease>) -> Result<(), RuntimeError> {
         let mut by_home: std::collections::BTreeMap<Rank, Vec<u64>> = Default::default();
-        for mut l in leases {
+        for mut l in leases.into_iter().filter(|l| l.space.is_some()) {
             by_home.entry(l.home).or_default().push(l.id);
             l.ended();
         }
@@ -463,10 +463,12 @@ impl TupleSpace {
     }
 
     /// [`TupleSpace::complete`], then [`TupleSpace::in_leased`] with `next` (homed where the lease is), in
-    /// one round trip. On an error the lease is given back, as by `complete`. Unlike `in_leased`, a wait
-    /// at another rank's home gives up its channel every 20 ms and asks again, each time at the end of
-    /// the template's queue: it is not served in FIFO order with the other waiters (the task farm's
-    /// workers wait this way, so that any number of them can wait on a few channels).
+    /// one round trip. An error in the completion gives the lease back, as `complete` does; once the
+    /// completion has gone through (`next` homed elsewhere, and its home failed, say), an error leaves
+    /// the results put and the lease ended. Unlike `in_leased`, a wait at another rank's home gives up
+    /// its channel every 20 ms and asks again, each time at the end of the template's queue: it is not
+    /// served in FIFO order with the other waiters (the task farm's workers wait this way, so that any
+    /// number of them can wait on a few channels).
     pub fn complete_and_lease(
         &self,
         mut lease: Lease,
@@ -503,7 +505,9 @@ impl TupleSpace {
     /// further ones its home holds at that moment), or, when none has, waits for the first tuple to come
     /// that matches any of them. One round trip when every template is homed where the leases are (else
     /// the templates are looked at one by one, and the wait is for one matching the last). Returns at
-    /// least one lease. This is how a worker takes several small tasks per trip, its own first.
+    /// least one lease. This is how a worker takes several small tasks per trip, its own first. On an
+    /// error, `leases` are still held if the completion failed, and ended (the results put) if it went
+    /// through and taking the next tuple failed: [`TupleSpace::give_back`] gives back only the former.
     pub(crate) fn complete_and_lease_many(
         &self,
         leases: &mut [Lease],
@@ -697,7 +701,8 @@ impl Inner {
             Answer::Found { tuple, lease } if template.matches(&tuple) => {
                 Ok(Some(Found { tuple, lease }))
             }
-            Answer::NotFound | Answer::TimedOut => Ok(None),
+            // A wait without a deadline ends with a tuple: an empty answer to it is the home's error.
+            Answer::NotFound | Answer::TimedOut if !matches!(wait, Wait::Until(None)) => Ok(None),
             other => Err(self.refuse(home, other)),
         }
     }
@@ -1066,6 +1071,26 @@ mod tests {
     }
 
     #[test]
+    fn leases_that_ended_are_not_given_back() {
+        with_a_lease_homed_at_rank_1("g", |_, space, name, t, lease| {
+            // Completed in place (as a worker's held leases are): giving them back afterwards (a worker
+            // whose next find failed, dropping what it holds) asks nothing of their home, which would
+            // refuse leases it no longer holds.
+            let mut leases = vec![lease];
+            space
+                .complete_many(&mut leases, vec![crate::tuple!(name, 2i64)])
+                .unwrap();
+            space.give_back(leases).unwrap();
+            assert_eq!(
+                space.count(t).unwrap(),
+                1,
+                "the result, not the leased tuple"
+            );
+            assert_eq!(space.in_(t).unwrap(), crate::tuple!(name, 2i64));
+        });
+    }
+
+    #[test]
     fn results_more_than_a_request_carries_are_refused_with_nothing_put_and_the_tuple_back() {
         with_a_lease_homed_at_rank_1("big", |_, space, name, t, lease| {
             // Each result is within the limits; all together, homed where the lease is, are more than
@@ -1134,6 +1159,65 @@ mod tests {
                 assert!(why.contains("ticket 7"), "{why}");
                 assert_eq!(space.count(&t).unwrap(), 1, "one tuple taken, one left");
                 space.in_(&t).unwrap();
+            }
+            rt.dsm().barrier().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_completion_leases_the_tuple_of_no_field_at_its_home_on_another_rank() {
+        crate::local::run_local_job(2, 3, |rt| {
+            let space = TupleSpace::join(rt).unwrap();
+            // The rank that is not the home of the tuple of no field completes a lease homed there.
+            let home = space.home_of(None, 0);
+            if rt.rank() != home {
+                let name = (0..)
+                    .map(|i| format!("e{i}"))
+                    .find(|n| space.home_of(Some(&Value::Str(n.clone())), 2) == home)
+                    .unwrap();
+                space.out(crate::tuple!(name.clone(), 1i64)).unwrap();
+                let lease = space.in_leased(&crate::template!(name, ?i64)).unwrap();
+                space.out(crate::tuple!()).unwrap();
+                let next = space
+                    .complete_and_lease(lease, Vec::new(), &crate::template!())
+                    .unwrap();
+                assert_eq!(next.tuple, crate::tuple!());
+                space.complete(next, Vec::new()).unwrap();
+                assert_eq!(space.count(&crate::template!()).unwrap(), 0);
+            }
+            rt.dsm().barrier().unwrap();
+        });
+    }
+
+    /// A home that answers a waiting find with "not found", which only a deadline allows.
+    #[derive(Debug)]
+    struct Empty;
+
+    impl dsm::Service for Empty {
+        fn request(&self, _from: Rank, _payload: Vec<u8>, reply: dsm::Responder) {
+            let _ = reply.send(&[&postcard::to_allocvec(&Answer::TimedOut).unwrap()]);
+        }
+    }
+
+    #[test]
+    fn a_home_answering_a_wait_without_a_deadline_with_nothing_is_named() {
+        crate::local::run_local_job(2, 3, |rt| {
+            if rt.rank() == Rank(1) {
+                let dsm = rt.shared_dsm();
+                dsm.register_service(SERVICE, Arc::new(Empty)).unwrap();
+                dsm.barrier().unwrap(); // the barrier that ends rank 0's join
+            } else {
+                let space = TupleSpace::join(rt).unwrap();
+                let t = crate::template!(homed_at_rank_1(&space, "n"), ?i64);
+                // With a deadline, nothing is an answer; without one, it is the home's error.
+                assert_eq!(space.rd_timeout(&t, Duration::from_secs(5)).unwrap(), None);
+                match space.in_(&t) {
+                    Err(RuntimeError::Dsm(dsm::DsmError::Protocol { rank, what })) => {
+                        assert_eq!(rank, Rank(1));
+                        assert!(what.contains("TimedOut"), "{what}");
+                    }
+                    other => panic!("an empty answer to a wait without a deadline: {other:?}"),
+                }
             }
             rt.dsm().barrier().unwrap();
         });

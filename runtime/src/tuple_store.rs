@@ -280,18 +280,19 @@ impl TupleStore {
         true
     }
 
-    /// The number of tuples matching `template`.
+    /// The number of tuples matching `template`: in its one bucket when its first field is given, else
+    /// in every bucket of its arity.
     pub fn count(&self, template: &Template) -> usize {
-        self.buckets
-            .iter()
-            .filter(|(k, _)| {
-                k.0 == template.arity()
-                    && template
-                        .first_actual()
-                        .is_none_or(|f| k.1.as_ref() == Some(f))
-            })
-            .map(|(_, b)| b.iter().filter(|t| template.matches(t)).count())
-            .sum()
+        let matching = |b: &VecDeque<Tuple>| b.iter().filter(|t| template.matches(t)).count();
+        match bucket_of(template) {
+            Some(key) => self.buckets.get(&key).map_or(0, matching),
+            None => self
+                .buckets
+                .iter()
+                .filter(|(k, _)| k.0 == template.arity())
+                .map(|(_, b)| matching(b))
+                .sum(),
+        }
     }
 }
 
