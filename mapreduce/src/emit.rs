@@ -52,10 +52,13 @@ pub(crate) struct Held<K, V> {
     bytes: u64,
     /// The memory of the table's buckets and the list's unused room (`Held::measure_room`).
     room: u64,
-    /// Combines into `table` until the next one is measured, and how many apart measured ones are (see
-    /// `COMBINE_SAMPLE`).
+    /// Combines into `table` until the next one is measured, how many apart measured ones are on average,
+    /// and how many apart the last two were (see `COMBINE_SAMPLE`).
     until_sample: u64,
     sample_every: u64,
+    interval: u64,
+    /// Draws each interval (`Held::next_interval`).
+    jitter: u64,
 }
 
 impl<K, V> Default for Held<K, V> {
@@ -67,18 +70,21 @@ impl<K, V> Default for Held<K, V> {
             room: 0,
             until_sample: COMBINE_SAMPLE,
             sample_every: COMBINE_SAMPLE,
+            interval: COMBINE_SAMPLE,
+            jitter: 0x9e37_79b9_7f4a_7c15,
         }
     }
 }
 
-/// One combine in at least this many is measured, and the growth of its total (in encoded bytes), times
-/// the combines since the last measured one, is counted against the budget: a combiner that grows its
-/// total (one that appends to a list, for an inverted index) would otherwise fill memory unseen, since
-/// only new keys are measured. Sampled, so that a cheap combine (word count's sum, run for nearly every
-/// word of the input) does not also pay for two size computations; and measured ones are further apart
-/// the larger the total measured last, as many as would grow it by a quarter at the growth measured,
-/// since measuring walks the whole total: its cost per combine stays a few times the growth of one,
-/// however long the lists get, and a total grows by about a quarter at most unmeasured.
+/// About one combine in this many is measured (the intervals are drawn from half to one and a half times
+/// it: `Held::next_interval`), and the growth of its total (in encoded bytes), times the combines since
+/// the last measured one, is counted against the budget: a combiner that grows its total (one that
+/// appends to a list, for an inverted index) would otherwise fill memory unseen, since only new keys are
+/// measured. Sampled, so that a cheap combine (word count's sum, run for nearly every word of the input)
+/// does not also pay for two size computations; and measured ones are further apart the larger the total
+/// measured last, as many as would grow it by a quarter at the growth measured, since measuring walks the
+/// whole total: its cost per combine stays a few times the growth of one, however long the lists get, and
+/// a total grows by about a quarter at most unmeasured.
 const COMBINE_SAMPLE: u64 = 256;
 
 impl<K: Hash + Eq, V: Serialize> Held<K, V> {
@@ -102,10 +108,22 @@ impl<K: Hash + Eq, V: Serialize> Held<K, V> {
         let grown = encoded_size(total).saturating_sub(before);
         self.bytes = self
             .bytes
-            .saturating_add(grown.saturating_mul(self.sample_every));
+            .saturating_add(grown.saturating_mul(self.interval));
         self.sample_every = (before / 4 / grown.max(1)).max(COMBINE_SAMPLE);
-        self.until_sample = self.sample_every;
+        self.interval = self.next_interval();
+        self.until_sample = self.interval;
         None
+    }
+
+    /// The combines until the next measured one: drawn from `sample_every / 2` to `3 * sample_every / 2`
+    /// (a xorshift). A fixed interval could fall in step with the order of the keys emitted (a map that
+    /// emits a few keys in turn), measuring the same key every time: one whose total does not grow,
+    /// while the others' grow unseen and nothing is ever spilled.
+    fn next_interval(&mut self) -> u64 {
+        self.jitter ^= self.jitter << 13;
+        self.jitter ^= self.jitter >> 7;
+        self.jitter ^= self.jitter << 17;
+        self.sample_every / 2 + self.jitter % (self.sample_every + 1)
     }
 }
 
@@ -594,6 +612,29 @@ mod tests {
         let most = spills.iter().copied().max().unwrap();
         assert!(most < 2 * budget as usize / 6, "a spill of {most} entries");
         assert_eq!(spills.iter().sum::<usize>() + held, emitted as usize);
+    }
+
+    #[test]
+    fn a_combiner_growing_one_key_of_several_emitted_in_turn_is_held_to_the_budget() {
+        // Two keys in turn: one whose list grows, one whose does not. Measured at fixed intervals, every
+        // measured combine was the second key's, and the first grew unseen, never spilled.
+        fn append(total: &mut Vec<u64>, more: Vec<u64>) {
+            total.extend(more);
+        }
+        let mut spills = 0;
+        let mut spill = |_: Vec<Vec<(u32, Vec<u64>)>>| {
+            spills += 1;
+            Ok(())
+        };
+        let budget = 64 << 10;
+        let mut e = Emitter::new(Some(append as Combiner<Vec<u64>>), budget, &mut spill);
+        for doc in 0..100_000u64 {
+            e.emit(0u32, vec![1 << 40 | doc]);
+            e.emit(1u32, Vec::new());
+        }
+        drop(e);
+        // About 600 KB of entries, each 6 bytes encoded, against a budget of 64 KiB.
+        assert!(spills >= 5, "{spills} spills");
     }
 
     #[test]

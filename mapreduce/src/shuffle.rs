@@ -240,7 +240,7 @@ fn counts_in(
             Ok(counts)
         }
         Some((1, message)) => Err(FetchError::Failed(format!(
-            "{holder} could not write its map output: {}",
+            "{holder} could not hand over its map output: {}",
             String::from_utf8_lossy(message)
         ))),
         _ => Err(malformed()),
@@ -261,11 +261,14 @@ pub(crate) fn serve(root: &Path, fetch: &Fetch) -> Vec<u8> {
     let read = || -> Result<Vec<u8>, String> {
         // Room for what the answer will carry (the runs' sizes on disk, up to the chunk), so that reading
         // them does not grow the buffer by doubling, copying what it holds each time.
-        let on_disk: u64 = fetch
-            .runs
-            .iter()
-            .map(|r| std::fs::metadata(r.path(root)).map_or(0, |m| m.len()))
-            .sum();
+        // Looked at only until they pass the chunk: a fetch may name many runs.
+        let mut on_disk = 0u64;
+        for r in &fetch.runs {
+            if on_disk.saturating_sub(fetch.offset) >= CHUNK as u64 {
+                break;
+            }
+            on_disk += std::fs::metadata(r.path(root)).map_or(0, |m| m.len());
+        }
         let carried = on_disk.saturating_sub(fetch.offset).min(CHUNK as u64) as usize;
         let headers = fetch.runs.len().saturating_mul(PIECE_HEADER);
         let mut out = Vec::with_capacity((1 + carried).saturating_add(headers).min(2 * CHUNK));
@@ -320,6 +323,9 @@ pub(crate) fn fetch_all(
     fetch_through(|request| call(dsm, holder, request), holder, runs, each)
 }
 
+/// The most runs one fetch names.
+const FETCH_RUNS: usize = 4096;
+
 /// `fetch_all` over `call`, which sends a fetch and returns the answer.
 fn fetch_through(
     mut call: impl FnMut(&[u8]) -> Result<Vec<u8>, FetchError>,
@@ -332,8 +338,11 @@ fn fetch_through(
     // How much of run `at` has come.
     let mut offset = 0u64;
     while at < runs.len() {
+        // The runs from `at`, at most `FETCH_RUNS` of them: a request's size, and the holder's work for
+        // it, do not grow with the runs left.
+        let end = runs.len().min(at + FETCH_RUNS);
         let request = postcard::to_allocvec(&Request::Fetch(Fetch {
-            runs: runs[at..].to_vec(),
+            runs: runs[at..end].to_vec(),
             offset,
         }))
         .map_err(|e| FetchError::Failed(format!("encoding a fetch: {e}")))?;
@@ -356,10 +365,7 @@ fn fetch_through(
         for (k, piece) in pieces.into_iter().enumerate() {
             // Pieces come in order from the position asked for, name only runs asked for, and only the
             // last may leave its run unfinished: anything else would misplace bytes.
-            if piece.index as usize != k
-                || first + k >= runs.len()
-                || (!piece.last && k + 1 < count)
-            {
+            if piece.index as usize != k || first + k >= end || (!piece.last && k + 1 < count) {
                 return Err(malformed());
             }
             each(first + k, piece.bytes, piece.last)?;
@@ -461,6 +467,38 @@ mod tests {
             what.contains("b4-p0-r0") && what.contains("rank 1"),
             "{what}"
         );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn many_runs_are_fetched_a_bounded_number_at_a_time() {
+        let root = std::env::temp_dir().join(format!("dsm-shuffle-many-{}", std::process::id()));
+        std::fs::create_dir_all(job_dir(&root, 0)).unwrap();
+        let count = FETCH_RUNS + FETCH_RUNS / 2;
+        let runs: Vec<RunId> = (0..count as u64).map(run).collect();
+        for (i, r) in runs.iter().enumerate() {
+            std::fs::write(r.path(&root), (i as u32).to_le_bytes()).unwrap();
+        }
+        let (mut answers, mut got) = (0, Vec::new());
+        fetch_through(
+            |request| {
+                let Ok(Request::Fetch(f)) = postcard::from_bytes(request) else {
+                    panic!("a fetch expected")
+                };
+                assert!(f.runs.len() <= FETCH_RUNS, "{} runs named", f.runs.len());
+                answers += 1;
+                Ok(serve(&root, &f))
+            },
+            Rank(1),
+            &runs,
+            whole_runs(&mut got),
+        )
+        .unwrap();
+        assert_eq!(answers, 2);
+        assert_eq!(got.len(), count);
+        for (i, (index, bytes)) in got.iter().enumerate() {
+            assert_eq!((*index, &bytes[..]), (i, &(i as u32).to_le_bytes()[..]));
+        }
         let _ = std::fs::remove_dir_all(&root);
     }
 

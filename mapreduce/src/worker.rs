@@ -173,7 +173,12 @@ impl Keeping<'_> {
         if last {
             let source = match self.arriving.take() {
                 Some(Arriving::File(mut file, _)) => RunSource::Own(file.finish()),
-                Some(Arriving::Memory(held)) => RunSource::Bytes(held),
+                // Only the run's bytes stay: grown a piece at a time, it may have room for nearly as
+                // many again, which the budget does not count.
+                Some(Arriving::Memory(mut held)) => {
+                    held.shrink_to_fit();
+                    RunSource::Bytes(held)
+                }
                 None => RunSource::Bytes(Vec::new()),
             };
             self.runs.push(Located {
@@ -420,12 +425,18 @@ impl<J: Job> Worker<'_, J> {
         bounded(result, kind, id)
     }
 
-    /// The job's partitioner for `n` partitions, refusing a partition out of range.
+    /// The job's partitioner for `n` partitions, refusing a partition out of range, and naming the key
+    /// it panicked on (it runs when held output is written, set off by a map's line or a reduce that are
+    /// not where it failed).
     fn partitioner(&self, n: usize) -> impl Fn(&J::Key) -> Result<usize, String> + '_ {
-        move |key| match self.job.partition(key, n) {
-            p if p < n => Ok(p),
-            p => Err(format!(
+        move |key| match catch_unwind(AssertUnwindSafe(|| self.job.partition(key, n))) {
+            Ok(p) if p < n => Ok(p),
+            Ok(p) => Err(format!(
                 "the job's partition() gave {p} for key {key}, with {n} partitions"
+            )),
+            Err(panic) => Err(format!(
+                "the job's partition() panicked on key {key}: {}",
+                panic_message(&*panic)
             )),
         }
     }
@@ -804,8 +815,9 @@ impl<J: Job> Worker<'_, J> {
         runs.into_iter().map(|r| r.open(buffer)).collect()
     }
 
-    /// Merges `group` into one run written to `path` (values of a key folded by the combiner, or all kept).
-    fn merge_runs(&self, group: Vec<Located>, path: &Path) -> Result<(), String> {
+    /// Merges `group`, runs of `partition`, into one run written to `path` (values of a key folded by the
+    /// combiner, or all kept). A panic of the combiner is an error naming the key.
+    fn merge_runs(&self, partition: u32, group: Vec<Located>, path: &Path) -> Result<(), String> {
         let readers = self.open_all(group)?;
         let io = |e: std::io::Error| format!("writing {}: {e}", path.display());
         let out = BufWriter::with_capacity(256 << 10, File::create(path).map_err(io)?);
@@ -815,12 +827,21 @@ impl<J: Job> Worker<'_, J> {
         // (a key with more values than the memory budget takes merges like any other).
         // The key as the group's first record has it, and the total so far.
         let mut total = None;
+        let mut panicked = None;
         runs::merge_records(readers, |key, value, more| {
             let Some(combine) = combiner else {
                 return run.push(&key, &value);
             };
             match &mut total {
-                Some((_, t)) => combine(t, value),
+                Some((_, t)) => {
+                    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| combine(t, value))) {
+                        panicked = Some(format!(
+                            "the combiner panicked on key {key} of partition {partition} (merging its runs): {}",
+                            panic_message(&*panic)
+                        ));
+                        return Err(std::io::Error::other("the combiner panicked"));
+                    }
+                }
                 None => total = Some((key, value)),
             }
             match total.take_if(|_| !more) {
@@ -828,7 +849,11 @@ impl<J: Job> Worker<'_, J> {
                 None => Ok(()),
             }
         })
-        .map_err(|e| format!("merging runs into {}: {e}", path.display()))?;
+        .map_err(|e| {
+            panicked
+                .take()
+                .unwrap_or_else(|| format!("merging runs into {}: {e}", path.display()))
+        })?;
         run.finish().map(drop).map_err(io)
     }
 
@@ -858,7 +883,7 @@ impl<J: Job> Worker<'_, J> {
                 source: RunSource::Own(path.clone()),
                 what: format!("intermediate merge {pass} of partition {partition}"),
             });
-            self.merge_runs(group, &path)?;
+            self.merge_runs(partition, group, &path)?;
         }
         let readers = self.open_all(runs)?;
         let name = format!("part-{partition:05}");
@@ -963,6 +988,74 @@ mod tests {
         fn reduce(&self, _: &String, counts: Vec<u64>, _: &mut Counters) -> Option<u64> {
             Some(counts.iter().sum())
         }
+    }
+
+    /// Counts words, with a combiner that panics on a total past 100.
+    struct Overflowing;
+
+    impl Job for Overflowing {
+        type Key = String;
+        type Value = u64;
+        type Output = u64;
+
+        fn map(&self, record: &Record<'_>, emit: &mut Emitter<'_, String, u64>) {
+            Count.map(record, emit)
+        }
+
+        fn combiner(&self) -> Option<crate::Combiner<u64>> {
+            Some(|total, n| {
+                *total += n;
+                assert!(*total <= 100, "a total past 100");
+            })
+        }
+
+        fn reduce(&self, _: &String, counts: Vec<u64>, _: &mut Counters) -> Option<u64> {
+            Some(counts.iter().sum())
+        }
+    }
+
+    #[test]
+    fn a_combiner_panicking_in_a_merge_of_runs_fails_it_naming_the_key() {
+        dsm_runtime::local::run_local_job(1, 2, |rt| {
+            let root = std::env::temp_dir().join(format!("dsm-merge-test-{}", std::process::id()));
+            std::fs::create_dir_all(&root).unwrap();
+            let pool = one_thread();
+            let w = Worker {
+                job: &Overflowing,
+                dsm: rt.dsm(),
+                root: &root,
+                job_id: 0,
+                pool: &pool,
+                budget: 1 << 20,
+                fan_in: 2,
+                batches: Mutex::new(HashMap::new()),
+                sealing: Mutex::new(()),
+                buffers: Mutex::new(Vec::new()),
+            };
+            // Two runs holding "x" 60 times each: their merge adds up to 120.
+            let run = |n: u64| {
+                let mut bytes = Vec::new();
+                let mut writer = runs::RunWriter::new(&mut bytes);
+                writer.push(&"w".to_string(), &1u64).unwrap();
+                writer.push(&"x".to_string(), &n).unwrap();
+                writer.finish().unwrap();
+                Located {
+                    source: RunSource::Bytes(bytes),
+                    what: format!("a run of {n}"),
+                }
+            };
+            let merged = root.join("merged");
+            let e = w
+                .merge_runs(3, vec![run(60), run(60)], &merged)
+                .unwrap_err();
+            assert!(
+                e.starts_with(
+                    "the combiner panicked on key x of partition 3 (merging its runs): a total past 100"
+                ),
+                "{e}"
+            );
+            std::fs::remove_dir_all(&root).unwrap();
+        });
     }
 
     /// A rayon pool of one thread.
@@ -1073,7 +1166,10 @@ mod tests {
             assert!(matches!(map(7, 16, 21, 3), TaskResult::Mapped { .. }));
             for _ in 0..2 {
                 let e = w.seal(3, &[7], 0).unwrap_err();
-                assert!(e.contains("no partition for boom"), "{e}");
+                assert!(
+                    e.contains("the job's partition() panicked on key boom: no partition for boom"),
+                    "{e}"
+                );
             }
             // A map still folding into a batch that a reduce reads (a task delivered twice): the batch
             // fails, rather than hand out what that map spilled as the batch's.
@@ -1234,6 +1330,27 @@ mod tests {
                 ("file", b"c".to_vec())
             ]
         );
+        drop(runs);
+        // A run kept in memory takes its own size, not the room its growing left.
+        let (mut fetched, mut runs) = (0u64, Vec::new());
+        let mut keeping = Keeping {
+            budget: 16 << 20,
+            fetched: &mut fetched,
+            runs: &mut runs,
+            arriving: None,
+        };
+        let path = dir.join("e");
+        keeping
+            .piece(&[1; 4 << 20], false, || path.clone(), || "e".into())
+            .unwrap();
+        keeping
+            .piece(&[2; 1 << 20], true, || path.clone(), || "e".into())
+            .unwrap();
+        let RunSource::Bytes(held) = &runs[0].source else {
+            panic!("kept in memory")
+        };
+        assert_eq!(held.len(), 5 << 20);
+        assert!(held.capacity() < (5 << 20) + 4096, "{}", held.capacity());
         drop(runs);
         std::fs::remove_dir_all(&dir).unwrap();
     }
