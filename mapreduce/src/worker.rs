@@ -1009,8 +1009,8 @@ mod tests {
             })
         }
 
-        fn reduce(&self, _: &String, counts: Vec<u64>, _: &mut Counters) -> Option<u64> {
-            Some(counts.iter().sum())
+        fn reduce(&self, k: &String, counts: Vec<u64>, c: &mut Counters) -> Option<u64> {
+            Count.reduce(k, counts, c)
         }
     }
 
@@ -1020,18 +1020,7 @@ mod tests {
             let root = std::env::temp_dir().join(format!("dsm-merge-test-{}", std::process::id()));
             std::fs::create_dir_all(&root).unwrap();
             let pool = one_thread();
-            let w = Worker {
-                job: &Overflowing,
-                dsm: rt.dsm(),
-                root: &root,
-                job_id: 0,
-                pool: &pool,
-                budget: 1 << 20,
-                fan_in: 2,
-                batches: Mutex::new(HashMap::new()),
-                sealing: Mutex::new(()),
-                buffers: Mutex::new(Vec::new()),
-            };
+            let w = worker(&Overflowing, rt.dsm(), &root, &pool);
             // Two runs holding "x" 60 times each: their merge adds up to 120.
             let run = |n: u64| {
                 let mut bytes = Vec::new();
@@ -1072,8 +1061,18 @@ mod tests {
         root: &'a Path,
         pool: &'a rayon::ThreadPool,
     ) -> Worker<'a, Count> {
+        worker(&Count, dsm, root, pool)
+    }
+
+    /// A worker of job 0 running `job` on `dsm`, with its runs under `root`.
+    fn worker<'a, J: Job>(
+        job: &'a J,
+        dsm: &'a Dsm,
+        root: &'a Path,
+        pool: &'a rayon::ThreadPool,
+    ) -> Worker<'a, J> {
         Worker {
-            job: &Count,
+            job,
             dsm,
             root,
             job_id: 0,
