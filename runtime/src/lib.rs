@@ -144,7 +144,6 @@ pub(crate) const DSMRUN_TRANSPORT: &str =
 /// Seconds a rank waits at the rendezvous for the others when `DSM_CONNECT_TIMEOUT` does not say.
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: u64 = 30;
 
-/// `DSM_CONNECT_TIMEOUT`: whole seconds, at least one and at most a day; 30 when unset.
 /// How this rank meets the others under dsmrun (`DSM_RENDEZVOUS`, `DSM_TOKEN`, `DSM_BIND`,
 /// `DSM_CONNECT_TIMEOUT`).
 #[derive(Debug)]
@@ -173,10 +172,12 @@ fn meeting() -> Result<Meeting, RuntimeError> {
     })
 }
 
+/// `DSM_CONNECT_TIMEOUT`: whole seconds, at least one and at most a day; 30 when unset.
 fn connect_timeout() -> Result<u64, RuntimeError> {
     connect_timeout_in(&env::process)
 }
 
+/// `DSM_CONNECT_TIMEOUT` as read from `vars`.
 fn connect_timeout_in(vars: env::Vars<'_>) -> Result<u64, RuntimeError> {
     Ok(
         env::get_in(vars, "DSM_CONNECT_TIMEOUT", "seconds, 1 to 86400", |s| {

@@ -39,9 +39,9 @@ pub struct LaunchOptions {
     /// says otherwise), the job runs on, and its status is rank 0's. For programs that survive the loss
     /// of a worker (the task farm).
     pub keep_going: bool,
-    /// The name the launcher's own lines start with ("rank 1 was killed by SIGKILL"): that of the
-    /// program the user ran, which for a program that launches itself (`wordcount --procs 2`) is not
-    /// `dsmrun`.
+    /// The name the launcher's own lines start with ("dsmrun: rank 1 was killed by SIGKILL; ending the
+    /// job"): that of the program the user ran, which for a program that launches itself (`wordcount
+    /// --procs 2`) is not `dsmrun`.
     pub name: String,
 }
 
@@ -400,8 +400,8 @@ fn ranks_env(opts: &LaunchOptions, name: &str) -> Option<String> {
     ranks_var(opts, name).ok()
 }
 
-/// The value of `name` the ranks will see, as `std::env::var` would read it there (for settings the
-/// launcher sets itself, such as `DSM_RANK`, the launcher's own).
+/// The value of `name` the ranks will see, as `std::env::var` would read it there (not for the variables
+/// the launcher sets for each rank, such as `DSM_RANK`: for those, the launcher's own value).
 fn ranks_var(opts: &LaunchOptions, name: &str) -> Result<String, std::env::VarError> {
     match opts.env.iter().rev().find(|(k, _)| k == name) {
         Some((_, v)) => Ok(v.clone()),
