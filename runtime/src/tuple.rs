@@ -301,6 +301,17 @@ impl Template {
         self.0.len() == t.0.len() && self.0.iter().zip(&t.0).all(|(f, v)| f.matches(v))
     }
 
+    /// The first field and arity of the tuples this template can match, when those are one home's (and
+    /// one bucket's there): for a template whose first field is given, and for the template of no field.
+    /// `None` for one whose first field is formal, whose tuples may be at any rank.
+    pub(crate) fn homed_by(&self) -> Option<(Option<&Value>, usize)> {
+        match self.0.first() {
+            Some(Field::Actual(v)) => Some((Some(v), self.arity())),
+            Some(_) => None,
+            None => Some((None, 0)),
+        }
+    }
+
     /// The first field when it is an actual value (the fast, indexed case).
     pub fn first_actual(&self) -> Option<&Value> {
         match self.0.first() {

@@ -65,12 +65,8 @@ fn next_refused(next: Option<&(Vec<Template>, u64)>) -> Option<String> {
         return Some(why);
     }
     // Looked up in every bucket of its arity, each such template would cost this home work out of
-    // proportion to the request; a requester sends only templates homed here. (The template of no field
-    // has a home, and one bucket, like one whose first field is given.)
-    if templates
-        .iter()
-        .any(|t| t.first_actual().is_none() && t.arity() > 0)
-    {
+    // proportion to the request; a requester sends only templates homed here.
+    if templates.iter().any(|t| t.homed_by().is_none()) {
         return Some(
             "a template whose first field is formal: a completion leases its next tuple only with templates homed where its leases are"
                 .into(),

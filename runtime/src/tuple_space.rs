@@ -355,11 +355,8 @@ impl TupleSpace {
     /// The number of tuples matching `template` now.
     pub fn count(&self, template: &Template) -> Result<usize, RuntimeError> {
         template.check()?;
-        match template.first_actual() {
-            Some(first) => self
-                .inner
-                .count_at(self.home_of(Some(first), template.arity()), template),
-            None if template.arity() == 0 => self.inner.count_at(self.home_of(None, 0), template),
+        match template.homed_by() {
+            Some((first, arity)) => self.inner.count_at(self.home_of(first, arity), template),
             // Every rank's share, less those of failed ranks (their tuples went with them).
             None => {
                 let failed = self.dsm().failed_ranks();
@@ -594,11 +591,9 @@ impl Inner {
     }
 
     fn template_home(&self, template: &Template) -> Option<Rank> {
-        match template.first_actual() {
-            Some(first) => Some(home_of(Some(first), template.arity(), self.size)),
-            None if template.arity() == 0 => Some(home_of(None, 0, self.size)),
-            None => None,
-        }
+        template
+            .homed_by()
+            .map(|(first, arity)| home_of(first, arity, self.size))
     }
 
     /// A find that waits (until `deadline`, or for ever): it returns a tuple or an error.

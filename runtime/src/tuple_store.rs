@@ -58,11 +58,9 @@ fn key_of(t: &Tuple) -> Key {
 /// with no field; `None` for a template whose first field is formal (it may match any bucket of its
 /// arity).
 fn bucket_of(template: &Template) -> Option<Key> {
-    match template.first_actual() {
-        Some(first) => Some((template.arity(), Some(first.clone()))),
-        None if template.arity() == 0 => Some((0, None)),
-        None => None,
-    }
+    template
+        .homed_by()
+        .map(|(first, arity)| (arity, first.cloned()))
 }
 
 /// One rank's share of the tuple space.

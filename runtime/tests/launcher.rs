@@ -157,6 +157,13 @@ impl Drop for ContinueOnDrop {
     }
 }
 
+/// Starts `cmd`, a launcher to be stopped, and returns it, its pid, and what continues it when dropped.
+fn stoppable(cmd: &mut Command) -> (std::process::Child, nix::unistd::Pid, ContinueOnDrop) {
+    let child = cmd.spawn().unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    (child, pid, ContinueOnDrop(pid))
+}
+
 #[test]
 fn ctrl_z_stops_every_rank_with_the_launcher_and_fg_continues_them() {
     use nix::sys::signal::{kill, Signal};
@@ -164,15 +171,13 @@ fn ctrl_z_stops_every_rank_with_the_launcher_and_fg_continues_them() {
     let words = ["sleep", "1.987"];
     // The launcher leads a process group whose parent, this test, is in another group of the session,
     // as a job a shell starts is: its group is not orphaned, however the tests were started.
-    let child = Command::new(DSMRUN)
-        .args(["--timeout", "60", "-n", "2", "/bin/sh", "-c"])
-        .arg("sleep 1.987 && echo finished")
-        .process_group(0)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let launcher = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _continue = ContinueOnDrop(launcher);
+    let (child, launcher, _continue) = stoppable(
+        Command::new(DSMRUN)
+            .args(["--timeout", "60", "-n", "2", "/bin/sh", "-c"])
+            .arg("sleep 1.987 && echo finished")
+            .process_group(0)
+            .stdout(Stdio::piped()),
+    );
     until_running(&words, 2);
     kill(launcher, Signal::SIGTSTP).unwrap();
     let t = Instant::now();
@@ -206,14 +211,12 @@ fn a_ctrl_z_to_a_launcher_no_shell_would_continue_is_dropped_as_the_kernel_drops
     // A session of its own (`setsid`, which runs the launcher in place): its group is orphaned, as a job
     // whose shell has gone is. Stopped, nothing would continue it.
     let words = ["sleep", "1.986"];
-    let child = Command::new("setsid")
-        .args([DSMRUN, "--timeout", "60", "-n", "2", "/bin/sh", "-c"])
-        .arg("sleep 1.986 && echo finished")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let launcher = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _continue = ContinueOnDrop(launcher);
+    let (child, launcher, _continue) = stoppable(
+        Command::new("setsid")
+            .args([DSMRUN, "--timeout", "60", "-n", "2", "/bin/sh", "-c"])
+            .arg("sleep 1.986 && echo finished")
+            .stdout(Stdio::piped()),
+    );
     until_running(&words, 2);
     assert_eq!(
         std::fs::read_to_string(format!("/proc/{launcher}/comm"))
@@ -241,16 +244,14 @@ fn a_ctrl_z_while_the_job_ends_does_not_stop_the_launcher_after_it() {
     // The ranks ignore SIGTERM (inherited through exec by `sleep`), so the launcher ends them with
     // SIGKILL two seconds after a SIGTERM: the Ctrl-Z comes in between, after its signal thread ended.
     let words = ["sleep", "30.985"];
-    let mut child = Command::new(DSMRUN)
-        .args(["-n", "2", "/bin/sh", "-c"])
-        .arg("trap '' TERM; sleep 30.985")
-        .process_group(0)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let launcher = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _continue = ContinueOnDrop(launcher);
+    let (mut child, launcher, _continue) = stoppable(
+        Command::new(DSMRUN)
+            .args(["-n", "2", "/bin/sh", "-c"])
+            .arg("trap '' TERM; sleep 30.985")
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
     until_running(&words, 2);
     kill(launcher, Signal::SIGTERM).unwrap();
     std::thread::sleep(Duration::from_millis(500));

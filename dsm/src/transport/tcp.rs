@@ -519,8 +519,8 @@ fn connect(setup: &Setup, to: Rank, set: usize, addr: SocketAddr) -> Result<Owne
 }
 
 /// Why this rank's handshake with rank `to` failed (while `what`, as in "sending its handshake to"): the
-/// peer's failure if it closed the connection (it stopped setting up the job: its own error says why), else this rank's
-/// error (a timeout, or this rank stopping).
+/// peer's failure if it closed the connection (it stopped setting up the job: its own error says why),
+/// else this rank's error (a timeout, or this rank stopping).
 fn handshake_failed(
     me: Rank,
     to: Rank,
