@@ -89,17 +89,20 @@ const fn word_bytes() -> [bool; 256] {
 }
 static WORD: [bool; 256] = word_bytes();
 
-/// A word as a map key: up to 23 bytes held inline (nearly every word), longer ones on the heap. Inline
-/// words compare and hash as three machine words, without following a pointer or calling `memcmp`, which
-/// is what the map's hash table spends its time on. The bytes are packed big-endian, zero-padded, with the
-/// length last, so comparing the words orders the words' bytes lexicographically.
+/// A word as a map key: up to 15 bytes held inline (all but about one word in 2000 of English text),
+/// longer ones on the heap. Inline words compare and hash as two machine words, without following a
+/// pointer or calling `memcmp`, which is what the map's hash table spends its time on; and a word is 24
+/// bytes, so that a table entry (word and count) is 32 and never straddles two cache lines: against 23
+/// bytes inline in three words (40-byte entries), the map phase of the 100 MB benchmark is about 8%
+/// faster. The bytes are packed big-endian, zero-padded, with the length last, so comparing the words
+/// orders the words' bytes lexicographically.
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum Word {
-    Inline([u64; 3]),
+    Inline([u64; 2]),
     Long(Box<[u8]>),
 }
 
-const INLINE: usize = 23;
+const INLINE: usize = 15;
 
 impl Word {
     /// The word of `bytes`, as they are (a key read back from a run).
@@ -118,20 +121,20 @@ impl Word {
         if bytes.len() > INLINE {
             return Word::Long(bytes.iter().map(|&b| each(b)).collect());
         }
-        let mut b = [0u8; 24];
+        let mut b = [0u8; 16];
         for (to, &from) in b.iter_mut().zip(bytes) {
             *to = each(from);
         }
         b[INLINE] = bytes.len() as u8;
         let word =
             |i: usize| u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or_default());
-        Word::Inline([word(0), word(1), word(2)])
+        Word::Inline([word(0), word(1)])
     }
 
     fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
         match self {
             Word::Inline(w) => {
-                let mut b = [0u8; 24];
+                let mut b = [0u8; 16];
                 for (i, x) in w.iter().enumerate() {
                     b[i * 8..i * 8 + 8].copy_from_slice(&x.to_be_bytes());
                 }
@@ -148,9 +151,7 @@ impl Ord for Word {
     #[inline]
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         match (self, other) {
-            (Word::Inline(a), Word::Inline(b)) => {
-                a[0].cmp(&b[0]).then(a[1].cmp(&b[1])).then(a[2].cmp(&b[2]))
-            }
+            (Word::Inline(a), Word::Inline(b)) => a[0].cmp(&b[0]).then(a[1].cmp(&b[1])),
             _ => self.cmp_bytes(other),
         }
     }
@@ -606,6 +607,36 @@ fn run() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn words_inline_and_long_order_and_compare_as_their_bytes() {
+        // Lengths on both sides of the inline limit, shared prefixes, bytes a run may hold (0, 255).
+        let mut all: Vec<Vec<u8>> = vec![vec![], vec![0], vec![255], b"a\0".to_vec()];
+        for len in [1, 7, 8, 9, 14, 15, 16, 17, 23, 24, 40] {
+            for last in [b'a', b'z', b'\''] {
+                let mut w = vec![b'm'; len];
+                w[len - 1] = last;
+                all.push(w.clone());
+                w.insert(0, b'b');
+                all.push(w);
+            }
+        }
+        assert_eq!(std::mem::size_of::<(Word, u64)>(), 32);
+        for a in &all {
+            let wa = Word::new(a);
+            assert_eq!(wa.with_bytes(<[u8]>::to_vec), *a);
+            assert_eq!(
+                format!("{wa:?}"),
+                format!("{:?}", String::from_utf8_lossy(a))
+            );
+            for b in &all {
+                let wb = Word::new(b);
+                assert_eq!(wa.cmp(&wb), a.cmp(b), "{a:?} against {b:?}");
+                assert_eq!(wa == wb, a == b, "{a:?} against {b:?}");
+            }
+        }
+        assert_eq!(Word::lowercase(b"Don'T"), Word::new(b"don't"));
+    }
 
     #[test]
     fn the_ranks_procs_starts_get_the_command_line_without_the_launchers_flags() {
