@@ -21,6 +21,11 @@ fail() {
     exit 1
 }
 
+# The checks below rely on MPICH's launcher (PMI_RANK in the ranks' environment, running as root): say so
+# plainly if `mpirun` is another MPI's, as it can be where both are installed.
+mpirun --version 2>&1 | grep -q HYDRA ||
+    fail "mpirun is not MPICH's (Hydra): these tests need MPICH's; point the mpirun alternative at it (update-alternatives --config mpirun)"
+
 # mpirun N PROGRAM ARGS...: the job's output; fails the test if the job fails or runs past 120 s.
 job() {
     local n=$1
@@ -66,6 +71,18 @@ $2"
     passed=$((passed + 1))
 }
 
+# fails_clearly MESSAGE COMMAND...: runs COMMAND (a job expected to fail) with a 60 s limit, leaving its
+# output in `out`; the test fails with MESSAGE if the job succeeds, and says so if it is still running at the
+# limit (the checks that follow look for words the ranks print before they would hang, so a job that printed
+# them and then hung would otherwise pass).
+fails_clearly() {
+    local message=$1 status=0
+    shift
+    out=$(timeout 60 "$@" 2>&1) || status=$?
+    [ "$status" != 0 ] || fail "$message: $out"
+    [ "$status" != 124 ] || fail "still running after 60 s, ended by timeout: $*: $out"
+}
+
 # Every check over the TCP transport (the default) and over the MPI transport.
 for transport in tcp mpi; do
 export DSM_TRANSPORT=$transport
@@ -99,23 +116,17 @@ same_as_pipeline "$out" examples/data/devils-dictionary.txt "wordcount with a sm
 passed=$((passed + 1))
 rm -rf "$out"
 # A buffer too small for the job's connections: a clear error naming the variable.
-if out=$(DSM_MPI_SEND_BUFFER=64K timeout 60 mpirun -n 3 $bin/hello 2>&1); then
-    fail "a send buffer too small for the job was accepted: $out"
-fi
+fails_clearly "a send buffer too small for the job was accepted" env DSM_MPI_SEND_BUFFER=64K mpirun -n 3 $bin/hello
 mentions "set DSM_MPI_SEND_BUFFER to at least" "$out" "the send buffer"
 unset DSM_TRANSPORT DSM_MPI_SEND_BUFFER
 
 # Over MPI a dead rank closes no connection: the policy that would wait for word of it is refused.
-if out=$(DSM_TRANSPORT=mpi DSM_ON_PEER_FAILURE=report timeout 60 mpirun -n 1 $bin/hello 2>&1); then
-    fail "DSM_ON_PEER_FAILURE=report was accepted with DSM_TRANSPORT=mpi: $out"
-fi
+fails_clearly "DSM_ON_PEER_FAILURE=report was accepted with DSM_TRANSPORT=mpi" env DSM_TRANSPORT=mpi DSM_ON_PEER_FAILURE=report mpirun -n 1 $bin/hello
 expect "DSM_ON_PEER_FAILURE=report needs DSM_TRANSPORT=tcp" 1 "$out"
 
 # A transport that does not exist: the variable named, with what it takes. One rank, so that the message
 # is not interleaved with another rank's copy of it (mpirun merges the ranks' standard error unbuffered).
-if out=$(DSM_TRANSPORT=udp timeout 60 mpirun -n 1 $bin/hello 2>&1); then
-    fail "DSM_TRANSPORT=udp was accepted: $out"
-fi
+fails_clearly "DSM_TRANSPORT=udp was accepted" env DSM_TRANSPORT=udp mpirun -n 1 $bin/hello
 expect "DSM_TRANSPORT=\"udp\" is not valid: expected tcp or mpi" 1 "$out"
 
 # The floor of a message-level MPI transport (a benchmark, run here only to see that it runs and reports
@@ -124,35 +135,27 @@ out=$(job 2 $bin/mpi-handoff --iters 200)
 expect "handed-off round trip, requester" 12 "$out"
 
 # A rank killed under mpirun: the others end at once, naming it; nothing hangs.
-if out=$(timeout 60 mpirun -n 3 $bin/dsm-check die 2>&1); then
-    fail "a job with a killed rank succeeded: $out"
-fi
+fails_clearly "a job with a killed rank succeeded" mpirun -n 3 $bin/dsm-check die
 # At least one survivor says so: mpirun may end the other before it does.
 mentions "rank 2 failed" "$out" "a survivor naming the killed rank"
 
 # A rank stopped under mpirun (SIGSTOP: its connections stay open and silent): the others give up on it
 # after the peer timeout, naming it, over either transport; mpirun then ends the job.
 for t in tcp mpi; do
-    if out=$(DSM_TRANSPORT=$t DSM_PEER_TIMEOUT=2 timeout 60 mpirun -n 3 $bin/dsm-check stop 2>&1); then
-        fail "a job with a stopped rank succeeded ($t): $out"
-    fi
+    fails_clearly "a job with a stopped rank succeeded ($t)" env DSM_TRANSPORT=$t DSM_PEER_TIMEOUT=2 mpirun -n 3 $bin/dsm-check stop
     # The first to give up tells the other, which may then report that instead of its own silence, or be
     # ended by mpirun before it says anything.
     mentions "rank 2 failed (nothing heard from it for 2 s" "$out" "the silence ($t)"
     # Only rank 0 has a peer timeout: rank 1 learns of the stopped rank from rank 0's report, which must
     # leave rank 0 while it waits to end (under the MPI transport, its bridge thread carries it).
-    if out=$(DSM_TRANSPORT=$t timeout 60 mpirun -n 1 env DSM_PEER_TIMEOUT=2 $bin/dsm-check stop : -n 2 $bin/dsm-check stop 2>&1); then
-        fail "a job with a stopped rank succeeded ($t, one timeout): $out"
-    fi
+    fails_clearly "a job with a stopped rank succeeded ($t, one timeout)" env DSM_TRANSPORT=$t mpirun -n 1 env DSM_PEER_TIMEOUT=2 $bin/dsm-check stop : -n 2 $bin/dsm-check stop
     mentions "rank 1: rank 2 failed (rank 0 gave up on it" "$out" "the report of the silence ($t)"
 done
 
 # A rank that returns an error from main while another waits for it outside any collective: it leaves as
 # a failed rank, without waiting (before, both waited for each other for ever).
 for t in tcp mpi; do
-    if out=$(DSM_TRANSPORT=$t timeout 60 mpirun -n 2 $bin/dsm-check errorwaited 2>&1); then
-        fail "a job whose rank returned an error succeeded ($t): $out"
-    fi
+    fails_clearly "a job whose rank returned an error succeeded ($t)" env DSM_TRANSPORT=$t mpirun -n 2 $bin/dsm-check errorwaited
     expect "rank 1 gives up on an error" 1 "$out"
     grep -q "neither wrote" <<<"$out" && fail "rank 0 waited out its time limit ($t): $out"
 done
@@ -160,50 +163,36 @@ done
 # A service that touches shared memory on the bridge thread (which would wait for ever for its own fault):
 # the rank ends saying why.
 for t in tcp mpi; do
-    if out=$(DSM_TRANSPORT=$t timeout 60 mpirun -n 2 $bin/dsm-check servicefault 2>&1); then
-        fail "a service touching shared memory was answered ($t): $out"
-    fi
+    fails_clearly "a service touching shared memory was answered ($t)" env DSM_TRANSPORT=$t mpirun -n 2 $bin/dsm-check servicefault
     mentions "a Service must not read or write shared regions" "$out" "the service's fault ($t)"
 done
 
 # Ranks running different executables (MPMD launch): stopped at join, each naming the other.
-if out=$(timeout 60 mpirun -n 1 $bin/hello : -n 1 $bin/dsm-check counter 2>&1); then
-    fail "ranks of different builds joined one job: $out"
-fi
+fails_clearly "ranks of different builds joined one job" mpirun -n 1 $bin/hello : -n 1 $bin/dsm-check counter
 # The first rank to see it aborts the MPI job, so the other may not get to say it too.
 mentions "runs a different build of this program" "$out" "the different builds"
 
 # Ranks given different DSM_CHANNELS (through a wrapper): stopped at join, saying so.
 line='if [ "$PMI_RANK" = 1 ]; then export DSM_CHANNELS=3; fi; exec '"$bin"'/hello'
-if out=$(timeout 60 mpirun -n 2 sh -c "$line" 2>&1); then
-    fail "ranks with different DSM_CHANNELS joined one job: $out"
-fi
+fails_clearly "ranks with different DSM_CHANNELS joined one job" mpirun -n 2 sh -c "$line"
 mentions "give every rank the same DSM_CHANNELS" "$out" "the channels"
 
 # Ranks given different transports, or different MPI send buffers: stopped at join, saying so.
 line='if [ "$PMI_RANK" = 1 ]; then export DSM_TRANSPORT=tcp; fi; exec '"$bin"'/hello'
-if out=$(DSM_TRANSPORT=mpi timeout 60 mpirun -n 2 sh -c "$line" 2>&1); then
-    fail "ranks with different DSM_TRANSPORT joined one job: $out"
-fi
+fails_clearly "ranks with different DSM_TRANSPORT joined one job" env DSM_TRANSPORT=mpi mpirun -n 2 sh -c "$line"
 mentions "give every rank the same DSM_TRANSPORT" "$out" "the transports"
 line='if [ "$PMI_RANK" = 1 ]; then export DSM_MPI_SEND_BUFFER=8M; fi; exec '"$bin"'/hello'
-if out=$(DSM_TRANSPORT=mpi timeout 60 mpirun -n 2 sh -c "$line" 2>&1); then
-    fail "ranks with different DSM_MPI_SEND_BUFFER joined one job: $out"
-fi
+fails_clearly "ranks with different DSM_MPI_SEND_BUFFER joined one job" env DSM_TRANSPORT=mpi mpirun -n 2 sh -c "$line"
 mentions "give every rank the same DSM_MPI_SEND_BUFFER" "$out" "the send buffers"
 
 # Started as if by the launcher of another MPI library (its variables say 2 ranks; this MPI sees a job of
 # one): a clear error instead of ranks that each compute alone.
-if out=$(PMI_SIZE=2 PMI_RANK=0 timeout 60 $bin/hello 2>&1); then
-    fail "a rank whose launcher and MPI disagree on the job's size ran: $out"
-fi
+fails_clearly "a rank whose launcher and MPI disagree on the job's size ran" env PMI_SIZE=2 PMI_RANK=0 $bin/hello
 expect "built against another MPI library" 1 "$out"
 
 # Built without the feature: a clear error that says how to rebuild. (One rank: the error is the
 # program's own `hello:` line, which two ranks' merged error streams could run together.)
-if out=$(timeout 60 mpirun -n 1 target/debug/hello 2>&1); then
-    fail "hello built without the mpi feature ran under mpirun: $out"
-fi
+fails_clearly "hello built without the mpi feature ran under mpirun" mpirun -n 1 target/debug/hello
 expect "built without MPI support: rebuild it with dsm-runtime's \`mpi\` feature" 1 "$out"
 
 echo "mpi tests: $passed passed, 0 failed"

@@ -24,7 +24,8 @@ if ! have_libclang; then
     need+=(libclang-dev)
 fi
 if [ "${DSM_WITH_MPI:-0}" = 1 ] || [ "${DSM_FOR_TESTS:-0}" = 1 ]; then
-    command -v mpicc >/dev/null 2>&1 || need+=(mpich libmpich-dev)
+    # MPICH itself: the MPI tests use its launcher (Hydra), and another MPI's `mpicc` does not stand in.
+    { command -v mpicc && command -v mpichversion; } >/dev/null 2>&1 || need+=(mpich libmpich-dev)
 fi
 if [ "${DSM_FOR_TESTS:-0}" = 1 ]; then
     command -v ip >/dev/null 2>&1 || need+=(iproute2)

@@ -343,9 +343,16 @@ impl Runtime {
         if let Some(t) = joined.transport {
             builder = builder.transport(t);
         }
-        let dsm = match builder.build() {
-            Ok(dsm) => Arc::new(dsm),
-            Err(e) => mpi_join::abort_job(&e.into()),
+        // A panic unwinding past here would drop the universe, finalizing MPI under the bridge thread
+        // that the transport has started: the job ends instead, saying why.
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder.build()));
+        let dsm = match built {
+            Ok(Ok(dsm)) => Arc::new(dsm),
+            Ok(Err(e)) => mpi_join::abort_job(&RuntimeError::from(e)),
+            Err(panic) => mpi_join::abort_job(&format!(
+                "setting up the DSM panicked: {}",
+                dsm::panic_message(&*panic)
+            )),
         };
         let finalizer = mpi_join::Finalizer {
             universe: Some(joined.universe),

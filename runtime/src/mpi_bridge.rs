@@ -226,10 +226,11 @@ impl Transport for MpiTransport {
                     bridge(&comm, bridging)
                 }));
                 if let Err(panic) = ran {
-                    crate::mpi_join::abort_job(&crate::RuntimeError::Mpi(format!(
+                    // Not a `RuntimeError::Mpi`, whose message speaks of joining: the job ran.
+                    crate::mpi_join::abort_job(&format!(
                         "the MPI bridge thread panicked: {}",
                         dsm::panic_message(&*panic)
-                    )));
+                    ));
                 }
             })
             .map_err(|e| DsmError::Config(format!("starting the MPI bridge thread: {e}")))?;

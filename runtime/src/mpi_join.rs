@@ -207,10 +207,11 @@ pub(crate) fn join(
     }
 }
 
-/// Ends the whole MPI job from this rank after a failure past joining, saying why: the other ranks may
-/// wait in a collective this rank will never join, and MPI may not be finalized under the transport's
-/// bridge thread.
-pub(crate) fn abort_job(e: &RuntimeError) -> ! {
+/// Ends the whole MPI job from this rank after a failure past joining, saying why (`e`, the whole reason:
+/// a `RuntimeError`, or a line of its own for a failure that is not the join's): the other ranks may wait
+/// in a collective this rank will never join, and MPI may not be finalized under the transport's bridge
+/// thread.
+pub(crate) fn abort_job(e: &dyn std::fmt::Display) -> ! {
     use std::io::Write;
     let world = mpi::topology::SimpleCommunicator::world();
     // One write (`eprintln!` writes a line in pieces, and another rank's abort may end this process between
