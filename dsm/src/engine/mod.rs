@@ -641,21 +641,25 @@ impl Engine {
         // rather than reading what may be stale. A reader is recorded as holding its copy: taken for
         // failed, it may live on and have installed the page, and a writer must then invalidate it (the
         // copy set forgets it once it is gone).
-        let held: Vec<((u32, u64), Access)> = self
+        // A transaction the home completed itself (`Done`, held only for the requester's install) was
+        // recorded when it was decided, as its Unlock would find it: only a grant is completed here.
+        let held: Vec<((u32, u64), Access, bool)> = self
             .held_by
             .iter()
             .filter(|(_, (r, _, _))| *r == peer)
-            .map(|(k, (_, a, _))| (*k, *a))
+            .map(|(k, (_, a, granted))| (*k, *a, *granted))
             .collect();
-        for ((id, page), access) in held {
+        for ((id, page), access, granted) in held {
             self.held_by.remove(&(id, page));
             let Some(region) = self.shared.region(id) else {
                 continue;
             };
             let slot = region.slot(page);
-            let mut e = slot.load();
-            swmr::complete(&mut e, peer, access);
-            slot.store(&e);
+            if granted {
+                let mut e = slot.load();
+                swmr::complete(&mut e, peer, access);
+                slot.store(&e);
+            }
             if unlock_slot(&slot.lock) {
                 self.serve_queue(&region, page);
             }
@@ -2394,6 +2398,40 @@ mod tests {
         assert!(
             invalidate.contains(Rank(1)),
             "the home forgot the copy of a rank that lives on: {invalidate:?}"
+        );
+    }
+
+    #[test]
+    fn an_owner_that_fails_reading_its_own_page_stays_its_owner_and_out_of_its_copies() {
+        let (dsm, fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
+        let region = home_page(&dsm, &fakes);
+        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        // Rank 1 writes the page (the home's copy goes to it), then asks to read it, as a rank whose copy
+        // was dropped under it would: the home answers that it holds the page, and waits for its Unlock.
+        let fake = &fakes[0].fake;
+        fake_faults(fake, shared, Access::Write);
+        let (reply, _) = fake_reads(fake);
+        assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
+        fake_faults(fake, shared, Access::Read);
+        let (reply, _) = fake_reads(fake);
+        assert!(
+            matches!(
+                reply,
+                Reply::Done {
+                    data: Data::None,
+                    ..
+                }
+            ),
+            "{reply:?}"
+        );
+        // It fails before its Unlock: the transaction ends as it was decided, rank 1 owning the page.
+        fake.shutdown(std::net::Shutdown::Both).unwrap();
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+        let entry = entry_when_free(shared, 0);
+        assert_eq!(entry.owner, Some(Rank(1)));
+        assert!(
+            !entry.copyset.contains(Rank(1)),
+            "the owner is listed among its own page's readers: {entry:?}"
         );
     }
 
