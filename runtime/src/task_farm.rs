@@ -62,6 +62,11 @@ enum Failure {
     Panic(Box<dyn Any + Send>),
 }
 
+/// The longest name a task farm may have, in bytes. A worker's request at the end of its tasks names
+/// what it takes next, a template for each rank's tasks holding the name: at most about 260 names
+/// (`MAX_RANKS` of 256, and the farm's own) of 4 KiB, 1 MiB in all, well inside one service request.
+pub const MAX_FARM_NAME: usize = 4096;
+
 /// A bag of tasks named `name`, with its master.
 #[derive(Debug, Clone)]
 pub struct TaskFarm {
@@ -84,9 +89,24 @@ pub struct TaskFarm {
 
 impl TaskFarm {
     /// The farm `name` whose master (and bag) is `master`. Every rank that takes part builds it with the
-    /// same arguments. Farms whose names differ are independent, as long as the names hold no NUL
-    /// character (the farm's own keys use it to add to the name).
+    /// same arguments; farms whose names differ are independent. A name holds at most [`MAX_FARM_NAME`]
+    /// bytes and no NUL character (the farm's own keys use it to add to the name).
     pub fn new(space: &TupleSpace, name: &str, master: Rank) -> Result<TaskFarm, RuntimeError> {
+        let refused = |reason: String| RuntimeError::Refused {
+            rank: space.dsm().rank(),
+            reason,
+        };
+        if name.len() > MAX_FARM_NAME {
+            return Err(refused(format!(
+                "a task farm's name holds at most {MAX_FARM_NAME} bytes, not {}: give it a shorter one",
+                name.len()
+            )));
+        }
+        if name.contains('\0') {
+            return Err(refused(format!(
+                "a task farm's name may not hold a NUL character (the farm adds to its name after one): {name:?}"
+            )));
+        }
         let size = space.dsm().size();
         if master.index() >= size {
             return Err(RuntimeError::Refused {

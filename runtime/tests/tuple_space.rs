@@ -634,6 +634,21 @@ fn tasks_near_a_rank_that_is_not_in_the_job_are_refused() {
 }
 
 #[test]
+fn task_farm_names_too_long_or_holding_a_nul_are_refused() {
+    job(1, plain, |_, space| {
+        let longest = "f".repeat(dsm_runtime::task_farm::MAX_FARM_NAME);
+        TaskFarm::new(space, &longest, Rank(0)).unwrap();
+        let e = TaskFarm::new(space, &format!("{longest}f"), Rank(0)).unwrap_err();
+        assert!(
+            e.to_string().contains("at most 4096 bytes, not 4097"),
+            "{e}"
+        );
+        let e = TaskFarm::new(space, "a\0results", Rank(0)).unwrap_err();
+        assert!(e.to_string().contains("NUL"), "{e}");
+    });
+}
+
+#[test]
 fn withdrawn_tasks_are_not_done() {
     job(2, plain, |rt, space| {
         let farm = TaskFarm::new(space, "withdrawn", Rank(0)).unwrap();
