@@ -550,6 +550,13 @@ impl Engine {
             let _ = epoll.delete(fd);
         }
         if expected {
+            // A rank that said goodbye on every connection to this one sends nothing more: a transaction
+            // it still holds (it left without its Unlock) would keep its page locked for ever.
+            let done =
+                conn.goodbye && peer != me && !self.conns.iter().any(|c| c.open && c.peer == peer);
+            if done {
+                self.end_transactions_of(peer);
+            }
             return;
         }
         // The connection is shut for writing, not just left unread: a peer that lives on (one whose
@@ -635,14 +642,18 @@ impl Engine {
         for w in told {
             self.reply(w, &Reply::LockFailed { rank: peer.0 }, &[]);
         }
-        // Transactions the failed rank held here end now, or their pages would stay locked for ever. One
-        // that was writing may have taken the only copy (it invalidated the others before it died): the
-        // page is recorded as the failed rank's, so that a later fault on it fails naming that rank
-        // rather than reading what may be stale. A reader is recorded as holding its copy: taken for
-        // failed, it may live on and have installed the page, and a writer must then invalidate it (the
-        // copy set forgets it once it is gone).
-        // A transaction the home completed itself (`Done`, held only for the requester's install) was
-        // recorded when it was decided, as its Unlock would find it: only a grant is completed here.
+        self.end_transactions_of(peer);
+    }
+
+    /// Ends the transactions `peer` holds here, which no Unlock will end: it failed, or left the job
+    /// without one. Otherwise their pages would stay locked for ever. One that was writing may have taken
+    /// the only copy (it invalidated the others first): the page is recorded as `peer`'s, so that a later
+    /// fault on it fails naming that rank rather than reading what may be stale. A reader is recorded as
+    /// holding its copy: taken for failed, it may live on and have installed the page, and a writer must
+    /// then invalidate it (the copy set forgets it once it is gone). A transaction the home completed
+    /// itself (`Done`, held only for the requester's install) was recorded when it was decided, as its
+    /// Unlock would find it: only a grant is completed here.
+    fn end_transactions_of(&mut self, peer: Rank) {
         let held: Vec<((u32, u64), Access, bool)> = self
             .held_by
             .iter()
@@ -2399,6 +2410,42 @@ mod tests {
             invalidate.contains(Rank(1)),
             "the home forgot the copy of a rank that lives on: {invalidate:?}"
         );
+    }
+
+    #[test]
+    fn a_rank_that_leaves_holding_a_grant_does_not_keep_its_page_locked() {
+        let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
+        let region = home_page(&dsm, &fakes);
+        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        // Rank 2 takes the page to write; rank 1 then asks to write it, and the home grants it (rank 1 is
+        // to fetch it from rank 2), holding the page locked until rank 1's Unlock.
+        fake_faults(&fakes[1].fake, shared, Access::Write);
+        let (reply, _) = fake_reads(&fakes[1].fake);
+        assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
+        fake_faults(&fakes[0].fake, shared, Access::Write);
+        let (reply, _) = fake_reads(&fakes[0].fake);
+        assert!(matches!(reply, Reply::Granted { .. }), "{reply:?}");
+        // Rank 1 leaves the job cleanly, without its Unlock: goodbye on each of its connections to rank 0.
+        let mut fakes = fakes.into_iter();
+        let (rank1, _rank2) = (fakes.next().unwrap(), fakes.next().unwrap());
+        for c in [&rank1.fake, &rank1.other] {
+            fake_sends(c, Request::Goodbye);
+            c.shutdown(std::net::Shutdown::Both).unwrap();
+        }
+        drop(rank1);
+        // The page is not left locked: the transaction ended as granted, rank 1 owning the page.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let addr = region.as_ptr() as usize;
+        // (A thread of its own, so that a page left locked fails the test instead of hanging it.)
+        std::thread::spawn(move || {
+            let shared = crate::region::lookup(addr).expect("the region is ours");
+            let _ = tx.send(entry_when_free(shared, 0));
+        });
+        let entry = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the page stays locked for a rank that has left");
+        assert_eq!(entry.owner, Some(Rank(1)));
+        assert_eq!(failed_within(&dsm, Duration::from_millis(200)), vec![]);
     }
 
     #[test]
