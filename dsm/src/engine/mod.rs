@@ -1725,6 +1725,12 @@ mod tests {
         fake_sends(fake, acquire);
     }
 
+    /// The fake rank asks rank 0 for page 0 of `region`: rank 0's answer.
+    fn fake_asks(fake: &UnixStream, region: &RegionShared, access: Access) -> Reply {
+        fake_faults(fake, region, access);
+        fake_reads(fake).0
+    }
+
     /// The fake rank reads page 0 of `region`, which the home answers with its copy, `pattern()`.
     fn fake_reads_the_home_page(fake: &UnixStream, region: &RegionShared) {
         fake_faults(fake, region, Access::Read);
@@ -2419,11 +2425,9 @@ mod tests {
         let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
         // Rank 2 takes the page to write; rank 1 then asks to write it, and the home grants it (rank 1 is
         // to fetch it from rank 2), holding the page locked until rank 1's Unlock.
-        fake_faults(&fakes[1].fake, shared, Access::Write);
-        let (reply, _) = fake_reads(&fakes[1].fake);
+        let reply = fake_asks(&fakes[1].fake, shared, Access::Write);
         assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
-        fake_faults(&fakes[0].fake, shared, Access::Write);
-        let (reply, _) = fake_reads(&fakes[0].fake);
+        let reply = fake_asks(&fakes[0].fake, shared, Access::Write);
         assert!(matches!(reply, Reply::Granted { .. }), "{reply:?}");
         // Rank 1 leaves the job cleanly, without its Unlock: goodbye on each of its connections to rank 0.
         let mut fakes = fakes.into_iter();
@@ -2456,21 +2460,17 @@ mod tests {
         // Rank 1 writes the page (the home's copy goes to it), then asks to read it, as a rank whose copy
         // was dropped under it would: the home answers that it holds the page, and waits for its Unlock.
         let fake = &fakes[0].fake;
-        fake_faults(fake, shared, Access::Write);
-        let (reply, _) = fake_reads(fake);
+        let reply = fake_asks(fake, shared, Access::Write);
         assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
-        fake_faults(fake, shared, Access::Read);
-        let (reply, _) = fake_reads(fake);
-        assert!(
-            matches!(
-                reply,
-                Reply::Done {
-                    data: Data::None,
-                    ..
-                }
-            ),
-            "{reply:?}"
+        let reply = fake_asks(fake, shared, Access::Read);
+        let held = matches!(
+            reply,
+            Reply::Done {
+                data: Data::None,
+                ..
+            }
         );
+        assert!(held, "{reply:?}");
         // It fails before its Unlock: the transaction ends as it was decided, rank 1 owning the page.
         fake.shutdown(std::net::Shutdown::Both).unwrap();
         assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
