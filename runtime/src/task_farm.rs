@@ -109,10 +109,9 @@ impl TaskFarm {
         }
         let size = space.dsm().size();
         if master.index() >= size {
-            return Err(RuntimeError::Refused {
-                rank: space.dsm().rank(),
-                reason: format!("a task farm's master must be a rank of the job: {master} is not in a job of {size} ranks"),
-            });
+            return Err(refused(format!(
+                "a task farm's master must be a rank of the job: {master} is not in a job of {size} ranks"
+            )));
         }
         // Tasks, results and the stop mark share one home, the master: a worker ends a lease and puts its
         // result in one step. Each kind has a first field of its own, so each has its own bucket there:
