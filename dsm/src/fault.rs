@@ -23,7 +23,7 @@ use crate::region::{
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::{futex, signal, ZERO_FILL_MAX, ZERO_PAGE, ZERO_PAGES};
-use crate::wire::{Reply, Request};
+use crate::wire::{RefusedReason, Reply, Request};
 use nix::errno::Errno;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -35,6 +35,16 @@ pub(crate) enum FaultError {
     Send(Rank, Errno),
     Sys(&'static str, Errno),
     Protocol(Rank, &'static str),
+    /// The page's only up-to-date copy left the job with this rank.
+    Lost(Rank),
+}
+
+/// The error of a fault whose request `peer` refused.
+fn refused(peer: Rank, reason: RefusedReason) -> FaultError {
+    match reason {
+        RefusedReason::DataLeftWith(r) => FaultError::Lost(r),
+        _ => FaultError::Protocol(peer, reason.what()),
+    }
 }
 
 thread_local! {
@@ -77,7 +87,7 @@ pub(crate) fn on_fault(addr: usize, write: bool) -> bool {
                 addr,
                 page,
                 region.id,
-                Explain(&e)
+                Explain(&e, region.shared.me)
             ),
         );
         signal::fatal(w.as_bytes());
@@ -85,15 +95,24 @@ pub(crate) fn on_fault(addr: usize, write: bool) -> bool {
     true
 }
 
-struct Explain<'a>(&'a FaultError);
+/// A fault's error as its rank `.1` tells it.
+struct Explain<'a>(&'a FaultError, Rank);
 
 impl std::fmt::Display for Explain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
+            // The page's home is this rank: its own record of the page disagrees with its memory.
+            FaultError::Protocol(r, what) if *r == self.1 => {
+                write!(f, "protocol error in this rank's own record of the page (it is the page's home): {what}")
+            }
             FaultError::Peer(r, e) => write!(f, "{r} failed ({e})"),
             FaultError::Send(r, e) => write!(f, "sending to {r} failed ({e})"),
             FaultError::Sys(call, e) => write!(f, "{call} failed ({e})"),
             FaultError::Protocol(r, what) => write!(f, "protocol error with {r}: {what}"),
+            FaultError::Lost(r) => write!(
+                f,
+                "its only up-to-date copy left the job with {r}, which owned it when it failed or left (its writes to the page are lost)"
+            ),
         }
     }
 }
@@ -463,7 +482,7 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
                 count_fetched(c, served, installed);
                 Ok(served)
             }
-            Reply::Refused { reason } => Err(FaultError::Protocol(home, reason.what())),
+            Reply::Refused { reason } => Err(refused(home, reason)),
             _ => Err(FaultError::Protocol(
                 home,
                 "unexpected reply to a page fetch",
@@ -883,7 +902,7 @@ fn remote_transaction(region: &RegionShared, page: u64, access: Access) -> Resul
                 set_state(region.state(page), new_state(access));
                 Ok((1, true, false))
             }
-            Reply::Refused { reason } => Err(FaultError::Protocol(home, reason.what())),
+            Reply::Refused { reason } => Err(refused(home, reason)),
             _ => Err(FaultError::Protocol(
                 home,
                 "unexpected reply to a fault request",
@@ -971,9 +990,10 @@ fn local_transaction(region: &RegionShared, page: u64, access: Access) -> Result
         lock_slot(&slot.lock);
         let result = (|| {
             let mut entry = slot.load();
-            entry.forget_gone(shared.me, |r| {
-                shared.gone[r.index()].load(Ordering::Acquire)
-            });
+            let gone = |r: Rank| shared.gone[r.index()].load(Ordering::Acquire);
+            if let Some(owner) = entry.forget_gone(shared.me, gone) {
+                return Err(FaultError::Lost(owner));
+            }
             match swmr::decide(&mut entry, shared.me, shared.me, access) {
                 Decision::Done { data, .. } => {
                     match data {
@@ -1102,8 +1122,14 @@ fn run_grant(
                 send_data: true,
             },
         };
-        ch.send(c, owner, &req, &[])
-            .map_err(|e| FaultError::Send(owner, e))?;
+        match ch.send(c, owner, &req, &[]) {
+            Ok(()) => {}
+            // The owner left the job after the home decided: the page's only up-to-date copy with it.
+            Err(e) if closed_send(e) && left_the_job(shared, owner) => {
+                return Err(FaultError::Lost(owner))
+            }
+            Err(e) => return Err(FaultError::Send(owner, e)),
+        }
     }
     // A copy holder whose end of this channel's connection is closed (the connection was closed or reset
     // by it) is gone, and its copy with it, once this rank's service loop has seen its service-loop
@@ -1129,15 +1155,21 @@ fn run_grant(
         }
     }
     if let Some(owner) = grant.fetch_from {
-        let (reply, payload, page_buf) =
-            ch.recv(c, owner).map_err(|e| FaultError::Peer(owner, e))?;
+        let (reply, payload, page_buf) = match ch.recv(c, owner) {
+            Ok(got) => got,
+            Err(RecvError::Eof) if left_the_job(owner) => return Err(FaultError::Lost(owner)),
+            Err(RecvError::Sys(e)) if closed_send(e) && left_the_job(owner) => {
+                return Err(FaultError::Lost(owner))
+            }
+            Err(e) => return Err(FaultError::Peer(owner, e)),
+        };
         match reply {
             Reply::Page if payload.len() >= PAGE_SIZE => {
                 page_buf.copy_from_slice(&payload[..PAGE_SIZE]);
                 *have = true;
                 Counters::add(&c.pages_fetched, 1);
             }
-            Reply::Refused { reason } => return Err(FaultError::Protocol(owner, reason.what())),
+            Reply::Refused { reason } => return Err(refused(owner, reason)),
             _ => {
                 return Err(FaultError::Protocol(
                     owner,
@@ -1152,9 +1184,7 @@ fn run_grant(
             Err(RecvError::Eof) if left_the_job(r) => {}
             Err(RecvError::Sys(e)) if closed_send(e) && left_the_job(r) => {}
             Err(e) => return Err(FaultError::Peer(r, e)),
-            Ok((Reply::Refused { reason }, _, _)) => {
-                return Err(FaultError::Protocol(r, reason.what()))
-            }
+            Ok((Reply::Refused { reason }, _, _)) => return Err(refused(r, reason)),
             Ok(_) => {
                 return Err(FaultError::Protocol(
                     r,

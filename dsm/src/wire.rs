@@ -6,6 +6,7 @@
 //! path (running in a SIGBUS handler) relies on. Every decode failure is an error, never a panic.
 
 use crate::protocol::swmr::{Access, Data, Grant};
+use crate::types::Rank;
 use serde::{Deserialize, Serialize};
 
 /// Requests: from a requester (fault path, locks, barriers) to a service loop.
@@ -149,6 +150,9 @@ pub(crate) enum RefusedReason {
     WrongRank,
     /// No service is registered under the id on this rank.
     UnknownService,
+    /// The page's only up-to-date copy left the job with this rank (it failed or left while it owned the
+    /// page, and no other rank holds a copy).
+    DataLeftWith(Rank),
 }
 
 impl RefusedReason {
@@ -173,6 +177,9 @@ impl RefusedReason {
             }
             RefusedReason::UnknownService => {
                 "refused the request: no service is registered under its id there"
+            }
+            RefusedReason::DataLeftWith(_) => {
+                "refused the page request: the page's only up-to-date copy left the job with a rank that failed or left"
             }
         }
     }

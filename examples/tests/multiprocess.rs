@@ -1318,6 +1318,26 @@ fn pages_of_a_dead_owner_live_on_in_their_copies() {
     );
 }
 
+/// Under --keep-going, a page whose only copy died with its owner fails the faults on it saying so, on a
+/// rank that asks its home and on the home itself.
+#[test]
+fn a_page_whose_only_copy_died_with_its_owner_fails_its_readers_naming_the_owner() {
+    let (o, out) = job_keep_going(CHECK, 3, &["datalost"]);
+    assert_ne!(o.code, 0, "{out}");
+    for r in 0..2 {
+        let said = out.lines().any(|l| {
+            l.starts_with(&format!(
+                "[{r}] dsm: rank {r}: cannot resolve the read fault"
+            )) && l.contains("its only up-to-date copy left the job with rank 2")
+        });
+        assert!(said, "rank {r}:\n{out}");
+    }
+    assert!(
+        !out.contains("from a page whose only copy left the job"),
+        "{out}"
+    );
+}
+
 /// Under --keep-going, a release whose diffs go to a dead home and a live one fails naming the dead one;
 /// the live one applies its diff, and the releasing rank reads pages from it afterwards over the same
 /// channels (two of them, without read-ahead, so that the channel of the release is soon used again).
@@ -1436,8 +1456,11 @@ fn a_rank_dying_while_writing_a_shared_page_leaves_nobody_hanging() {
             "{out}"
         );
         if out.contains("diewriting: rank 2 failed") {
+            // Rank 1 died mid-transaction, or holding the page's only copy.
             assert!(
-                out.contains("rank 2: cannot resolve") && out.contains("rank 1 failed"),
+                out.contains("rank 2: cannot resolve")
+                    && (out.contains("rank 1 failed")
+                        || out.contains("its only up-to-date copy left the job with rank 1")),
                 "rank 2 fails naming rank 1: {out}"
             );
         } else {

@@ -2483,6 +2483,39 @@ mod tests {
     }
 
     #[test]
+    fn a_page_whose_only_copy_left_with_its_owner_is_refused_naming_it() {
+        let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
+        let region = home_page(&dsm, &fakes);
+        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        // Rank 1 writes the page: the home's copy goes to it, and its copy is the only one.
+        let reply = fake_asks(&fakes[0].fake, shared, Access::Write);
+        assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
+        // Rank 1 dies, its service loop's connection ending too: it has left the job with the page.
+        let mut fakes = fakes.into_iter();
+        let (rank1, rank2) = (fakes.next().unwrap(), fakes.next().unwrap());
+        drop(rank1);
+        let gone = &shared.shared.gone[1];
+        let t = Instant::now();
+        while !gone.load(Ordering::Acquire) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(gone.load(Ordering::Acquire), "rank 1 was not seen to leave");
+        // Rank 2's faults are refused naming rank 1 (they were granted, to fetch the page from it, and
+        // failed to reach it), and leave the page unlocked for the next.
+        for access in [Access::Read, Access::Write, Access::Read] {
+            let reply = fake_asks(&rank2.fake, shared, access);
+            let refused = matches!(
+                reply,
+                Reply::Refused {
+                    reason: RefusedReason::DataLeftWith(Rank(1))
+                }
+            );
+            assert!(refused, "{access:?}: {reply:?}");
+        }
+        assert_eq!(entry_when_free(shared, 0).owner, Some(Rank(1)));
+    }
+
+    #[test]
     fn a_failed_rank_whose_service_loop_connection_ends_has_left_with_its_copies() {
         let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
         let region = home_page(&dsm, &fakes);

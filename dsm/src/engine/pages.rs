@@ -158,7 +158,14 @@ impl Engine {
         let slot = region.slot(page);
         let mut entry = slot.load();
         let gone = &self.shared.gone;
-        entry.forget_gone(me, |r| gone[r.index()].load(Ordering::Acquire));
+        if let Some(owner) = entry.forget_gone(me, |r| gone[r.index()].load(Ordering::Acquire)) {
+            // Nothing to grant: the page's data left the job with its owner.
+            if unlock_slot(&region.slot(page).lock) {
+                self.serve_queue(region, page);
+            }
+            self.refuse(idx, RefusedReason::DataLeftWith(owner));
+            return;
+        }
         let before = entry;
         match swmr::decide(&mut entry, me, requester, access) {
             Decision::Done { home_action, data } => {

@@ -77,25 +77,28 @@ impl Entry {
     /// copies with them), at the page's home `home`. Readers leave the copyset: a writer told to have
     /// their copies dropped would fail. A gone owner is replaced by a rank that still holds a copy, the
     /// home first: with copies elsewhere, the owner's was read-only and the same as theirs, and a fault
-    /// sent to fetch it from the gone owner would fail while a good copy lives on. (With no copy left,
-    /// the gone owner stays: its copy was the only one, and the next fault must say so.) Allocates
-    /// nothing: the fault path calls it.
-    pub fn forget_gone(&mut self, home: Rank, gone: impl Fn(Rank) -> bool) {
+    /// sent to fetch it from the gone owner would fail while a good copy lives on. With no copy left,
+    /// the gone owner stays, and is returned: its copy was the only one, the page's data left the job
+    /// with it, and the fault that asks for the page must fail saying so. Allocates nothing: the fault
+    /// path calls it.
+    pub fn forget_gone(&mut self, home: Rank, gone: impl Fn(Rank) -> bool) -> Option<Rank> {
         self.forget_readers(&gone);
-        let Some(owner) = self.owner else {
-            return;
-        };
+        let owner = self.owner?;
         if !gone(owner) {
-            return;
+            return None;
         }
         let heir = if self.copyset.contains(home) {
             Some(home)
         } else {
             self.copyset.iter().next()
         };
-        if let Some(heir) = heir {
-            self.copyset.remove(heir);
-            self.owner = Some(heir);
+        match heir {
+            Some(heir) => {
+                self.copyset.remove(heir);
+                self.owner = Some(heir);
+                None
+            }
+            None => Some(owner),
         }
     }
 

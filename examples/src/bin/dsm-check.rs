@@ -75,7 +75,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | homediffs | revertedhome | flushbatch | carrylock | selective | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
-    /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | freeze | pause | diewriting | readerdies | ownerdies | diffhomedies | releaseafterdeath | sentsigbus
+    /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | freeze | pause | diewriting | readerdies | ownerdies | datalost | diffhomedies | releaseafterdeath | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -1504,6 +1504,30 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             std::process::exit(0);
+        }
+        "datalost" => {
+            // Rank 2 writes a page homed at rank 0, so that it holds the page's only copy, and dies. Rank
+            // 1 then reads the page (a request to its home), and rank 0 once rank 1 has ended (its own
+            // fault path): each fault must end its rank saying that the page's data left the job with
+            // rank 2 (they used to say that sending to rank 2 failed).
+            anyhow::ensure!(n == 3, "datalost needs 3 ranks");
+            let v = dsm.alloc_vec_with::<u64>(WORDS_PER_PAGE, dsm::Placement::At(dsm::Rank(0)))?;
+            if me == 2 {
+                v.set(0, 7);
+            }
+            dsm.barrier()?;
+            let until = |what: &str, done: &dyn Fn() -> bool| within_30_s(me, what, done);
+            let failed = |r: u32| has_failed(dsm, r);
+            if me == 2 {
+                nix_kill_self();
+            }
+            until("rank 2's death was not noticed in 30 s", &|| failed(2))?;
+            if me == 0 {
+                until("rank 1 did not end in 30 s", &|| failed(1))?;
+            }
+            println!("datalost: rank {me} reads the page");
+            let got = v.get(0);
+            anyhow::bail!("rank {me} read {got} from a page whose only copy left the job");
         }
         "ownerdies" => {
             // Rank 2 writes two pages homed at rank 0 (it owns them); rank 0 reads the first and rank 1

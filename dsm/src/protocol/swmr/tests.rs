@@ -620,7 +620,10 @@ fn ranks_that_left_leave_the_copyset_and_a_reader_takes_over_from_a_gone_owner()
     for r in [1, 63, 64, 65, 200, 255] {
         e.copyset.insert(Rank(r));
     }
-    e.forget_gone(Rank(0), |r| [3, 63, 65, 255].contains(&r.0));
+    assert_eq!(
+        e.forget_gone(Rank(0), |r| [3, 63, 65, 255].contains(&r.0)),
+        None
+    );
     let left: Vec<u32> = e.copyset.iter().map(|r| r.0).collect();
     assert_eq!(left, vec![64, 200]);
     assert_eq!(
@@ -648,7 +651,7 @@ fn the_home_takes_over_from_a_gone_owner_whose_page_it_read() {
     };
     e.copyset.insert(Rank(3));
     e.copyset.insert(Rank(0));
-    e.forget_gone(Rank(0), |r| r == Rank(2));
+    assert_eq!(e.forget_gone(Rank(0), |r| r == Rank(2)), None);
     assert_eq!(e.owner, Some(Rank(0)));
     assert_eq!(e.copyset.iter().collect::<Vec<_>>(), vec![Rank(3)]);
     // A reader gets the home's copy, not a grant to fetch it from the dead rank.
@@ -662,17 +665,21 @@ fn the_home_takes_over_from_a_gone_owner_whose_page_it_read() {
 }
 
 #[test]
-fn a_gone_owner_with_the_only_copy_stays_the_owner() {
+fn a_gone_owner_with_the_only_copy_stays_the_owner_and_is_named_as_having_taken_the_data() {
     let mut e = Entry {
         owner: Some(Rank(2)),
         copyset: CopySet::EMPTY,
     };
     e.copyset.insert(Rank(3));
-    e.forget_gone(Rank(0), |r| r == Rank(2) || r == Rank(3));
-    assert_eq!(e.owner, Some(Rank(2)), "its copy was the only one");
+    let lost = e.forget_gone(Rank(0), |r| r == Rank(2) || r == Rank(3));
+    assert_eq!(lost, Some(Rank(2)), "its copy was the only one");
+    assert_eq!(e.owner, Some(Rank(2)));
     assert!(e.copyset.is_empty());
-    match decide(&mut e, Rank(0), Rank(1), Access::Read) {
-        Decision::Grant(g) => assert_eq!(g.fetch_from, Some(Rank(2))),
-        other => panic!("{other:?}"),
-    }
+    // Pages nobody has touched, or whose owner lives, have lost nothing.
+    assert_eq!(Entry::default().forget_gone(Rank(0), |_| true), None);
+    let mut live = Entry {
+        owner: Some(Rank(1)),
+        copyset: CopySet::EMPTY,
+    };
+    assert_eq!(live.forget_gone(Rank(0), |r| r == Rank(2)), None);
 }
