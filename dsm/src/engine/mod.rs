@@ -364,7 +364,11 @@ impl Engine {
         }
         self.serve_all_queues();
         for (idx, req, payload) in std::mem::take(&mut self.deferred) {
-            self.handle(idx, req, payload);
+            // Nothing a failed rank sent is served any more, as it would not be read now: its diffs, say,
+            // would change pages here for a release that it, and every rank after it, takes as failed.
+            if self.conns[idx].open {
+                self.handle(idx, req, payload);
+            }
         }
     }
 
@@ -1810,6 +1814,41 @@ mod tests {
         assert_eq!((bytes(0), bytes(1), bytes(2)), (7, 7, 7));
         assert_eq!(dsm.stats().diffs_applied, 3);
         assert!(dsm.failed_ranks().is_empty());
+    }
+
+    #[test]
+    fn a_batch_of_diffs_parked_here_is_not_applied_once_its_sender_has_failed() {
+        let (dsm, mut fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
+        let f = fakes.pop().unwrap();
+        let region = homed_region_with(&dsm, std::slice::from_ref(&f), 1, Consistency::Release);
+        let shared = &region.inner;
+        // SAFETY: the region is one page long, and its test's only user of it.
+        unsafe { std::ptr::write_bytes(region.as_ptr(), 1, PAGE_SIZE) };
+        // A fault of rank 0 holds the page: the batch is parked.
+        shared
+            .state(0)
+            .fetch_or(crate::region::BUSY, Ordering::AcqRel);
+        fake_sends_diffs(&f.fake, shared, &[0], 100, 7);
+        let mut fake = &f.fake;
+        fake.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        assert!(
+            fake.read(&mut [0u8; 1]).is_err(),
+            "the batch was answered while its page was held"
+        );
+        // Its sender fails (its connection breaks; it may live on), and then the page is let go.
+        drop(f.fake);
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+        crate::fault::release_busy(shared, 0);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            dsm.stats().diffs_applied,
+            0,
+            "a failed rank's diffs were applied"
+        );
+        // SAFETY: the page is present here (written above); nothing writes it any more (no diffs are
+        // applied, as the counter says, and this test's thread is the only other user).
+        assert_eq!(unsafe { *region.as_ptr().add(100) }, 1);
     }
 
     /// A carry (`rc::carry`) numbered `seq` of one diff that writes `value` at byte `at` of page 0 of
