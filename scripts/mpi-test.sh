@@ -160,6 +160,19 @@ for t in tcp mpi; do
     grep -q "neither wrote" <<<"$out" && fail "rank 0 waited out its time limit ($t): $out"
 done
 
+# The same under a launcher that lets the other ranks run on when one fails (Hydra's -disable-auto-cleanup,
+# as Slurm's srun with KillOnBadExit=0), with no peer timeout: the others learn of the failed rank only from
+# its connections' ends, which must reach them before it exits (over the MPI transport its bridge sends
+# them; without waiting for them, about half of these jobs ran into rank 0's 30 s limit). Several runs, as
+# that loss depends on timing.
+for t in tcp mpi mpi mpi; do
+    for check in errorwaited panicwaited; do
+        fails_clearly "a job whose rank gave up succeeded ($t, $check, no cleanup)" env DSM_TRANSPORT=$t DSM_PEER_TIMEOUT=0 RUST_BACKTRACE=0 mpirun -disable-auto-cleanup -n 3 $bin/dsm-check $check
+        mentions "rank 1 failed" "$out" "the others learning of rank 1's end ($t, $check)"
+        grep -q "neither wrote" <<<"$out" && fail "a rank waited out its time limit ($t, $check, no cleanup): $out"
+    done
+done
+
 # A service that touches shared memory on the bridge thread (which would wait for ever for its own fault):
 # the rank ends saying why.
 for t in tcp mpi; do

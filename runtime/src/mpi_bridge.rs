@@ -32,6 +32,7 @@ use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use nix::errno::Errno;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -62,8 +63,39 @@ const SPIN: Duration = Duration::from_micros(100);
 /// The longest sleep between looks at MPI when nothing happens.
 const MAX_NAP: Duration = Duration::from_micros(200);
 
-/// The bridge thread, once started: joined before MPI is finalized.
-pub(crate) type Bridge = Arc<Mutex<Option<JoinHandle<()>>>>;
+/// The bridge thread of a rank, shared with what finalizes MPI.
+pub(crate) type Bridge = Arc<BridgeState>;
+
+#[derive(Debug, Default)]
+pub(crate) struct BridgeState {
+    /// The thread, once started: joined before MPI is finalized.
+    pub(crate) thread: Mutex<Option<JoinHandle<()>>>,
+    /// Set once every connection of this rank has sent its end and the peer's bridge has acknowledged
+    /// everything sent on it, the end included (it has passed the end on to the peer's connection).
+    ends_acknowledged: AtomicBool,
+}
+
+impl BridgeState {
+    /// Waits up to `limit` for every connection's end to be acknowledged; whether they were.
+    pub(crate) fn wait_for_ends(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.ends_acknowledged.load(Ordering::Acquire) {
+                return true;
+            }
+            let finished = self
+                .thread
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_none_or(|t| t.is_finished());
+            if finished || Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
 
 /// The transport: establishing it starts the bridge thread.
 #[derive(Debug)]
@@ -197,6 +229,7 @@ impl Transport for MpiTransport {
             }),
         };
         let bridging = Bridging {
+            state: self.bridge.clone(),
             service: None,
             handed: Some(handed),
             links,
@@ -237,7 +270,7 @@ impl Transport for MpiTransport {
         started.recv().map_err(|_| {
             DsmError::Config("the MPI bridge thread ended before it started".into())
         })?;
-        *self.bridge.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        *self.bridge.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         Ok(Mesh {
             outgoing,
             incoming,
@@ -318,6 +351,8 @@ impl Link {
 
 /// Everything one look at MPI and the connections works on.
 struct Bridging {
+    /// Where the bridge says that its ends are out.
+    state: Bridge,
     /// The rank's service loop, which the bridge runs (`Mesh::host`), once handed over and until the rank
     /// stops.
     service: Option<ServiceLoop>,
@@ -455,8 +490,15 @@ impl Bridging {
         l.deliver(data);
     }
 
-    /// Every connection has ended on both sides and everything is acknowledged.
+    /// Every connection has ended on both sides and everything is acknowledged. Says so, too, once every
+    /// connection's own end is out and acknowledged (`BridgeState::wait_for_ends`).
     fn finished(&self) -> bool {
+        let state = &self.state.ends_acknowledged;
+        if !state.load(Ordering::Relaxed)
+            && self.links.iter().all(|l| l.local_done && l.in_flight == 0)
+        {
+            state.store(true, Ordering::Release);
+        }
         self.links.iter().all(Link::idle)
     }
 }

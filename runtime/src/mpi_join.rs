@@ -15,7 +15,7 @@ use mpi::Threading;
 use std::hash::Hasher;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// MPI, initialized.
@@ -34,6 +34,9 @@ pub(crate) struct Finalizer {
 
 /// How long MPI's finalization waits for the bridge thread to see every connection end.
 const BRIDGE_GRACE: Duration = Duration::from_secs(10);
+/// How long a rank that leaves the job as a failed one waits for the other ranks' bridges to acknowledge
+/// its connections' ends (a few milliseconds when they run; a stopped one is not waited for longer).
+const ENDS_GRACE: Duration = Duration::from_secs(2);
 
 impl Drop for Finalizer {
     fn drop(&mut self) {
@@ -51,14 +54,21 @@ impl Drop for Finalizer {
         if std::thread::panicking() || self.abandoned {
             // The rank is ending with a panic or an error: waiting for the bridge to see the other ranks'
             // ends would only delay that, and MPI's finalization may wait for ranks that wait for this one.
-            // The launcher sees a rank end without finalizing, and ends the job.
+            // The launcher sees a rank end without finalizing, and ends the job. One that lets the others
+            // run on (Slurm's `srun` with `KillOnBadExit=0`, Hydra's `-disable-auto-cleanup`) leaves them
+            // to learn of it from its connections' ends, which the bridge sends (buffered: a message still
+            // in the send buffer at exit is lost, and about half of such jobs of 3 ranks waited out their
+            // peer timeout, or for ever with none): they are given a moment to be acknowledged.
+            if let Some(b) = &self.bridge {
+                b.wait_for_ends(ENDS_GRACE);
+            }
             std::mem::forget(u.0);
             return;
         }
         let thread = self
             .bridge
             .as_ref()
-            .and_then(|b| b.lock().unwrap_or_else(|p| p.into_inner()).take());
+            .and_then(|b| b.thread.lock().unwrap_or_else(|p| p.into_inner()).take());
         if let Some(t) = thread {
             let deadline = std::time::Instant::now() + BRIDGE_GRACE;
             while !t.is_finished() && std::time::Instant::now() < deadline {
@@ -185,7 +195,7 @@ pub(crate) fn join(
         universe.set_buffer_size(send_buffer);
     }
     let world = universe.world();
-    let bridge: Bridge = Arc::new(Mutex::new(None));
+    let bridge: Bridge = Arc::default();
     let how = How {
         timeout,
         bind,
