@@ -317,6 +317,40 @@ fn a_launch_whose_ranks_never_join_leaves_no_rendezvous_thread_behind() {
 }
 
 #[test]
+fn a_dsm_bind_that_is_not_an_address_is_refused_naming_the_variable() {
+    use std::os::unix::ffi::OsStrExt;
+    let run = |bind: &std::ffi::OsStr, args: &[&str]| {
+        let out = Command::new(DSMRUN)
+            .env("DSM_BIND", bind)
+            .args(args)
+            .args(["-n", "1", "true"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Not UTF-8 (the argument parser said "invalid UTF-8 was detected in one or more arguments"), and
+    // not an address.
+    for bind in [&b"\xff"[..], b"localhost"] {
+        let (code, err) = run(std::ffi::OsStr::from_bytes(bind), &[]);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(
+            err.starts_with("dsmrun: DSM_BIND=") && err.contains("is not an IP address"),
+            "{err}"
+        );
+    }
+    // --bind wins over the variable; an address in the variable is taken.
+    let bad = std::ffi::OsStr::from_bytes(b"\xff");
+    assert_eq!(run(bad, &["--bind", "127.0.0.1"]).0, Some(0));
+    assert_eq!(run(std::ffi::OsStr::new("127.0.0.1"), &[]).0, Some(0));
+    let (code, err) = run(std::ffi::OsStr::new("127.0.0.1"), &["--bind", "nowhere"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not an IP address"), "{err}");
+}
+
+#[test]
 fn ranks_start_with_no_signal_blocked_and_end_at_the_first_sigterm() {
     // The launcher blocks the signals it takes through a signalfd; its ranks must not inherit that.
     let out = Command::new(DSMRUN)

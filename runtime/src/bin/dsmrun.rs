@@ -20,6 +20,7 @@ use dsm_runtime::launch::{launch, LaunchOptions};
 use dsm_runtime::RuntimeError;
 use nix::sys::signal::Signal;
 use std::ffi::OsString;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 /// Run a dsm program as a job of N local processes.
@@ -29,10 +30,9 @@ struct Args {
     /// Number of ranks.
     #[arg(short = 'n', long = "ranks", default_value_t = 1)]
     ranks: usize,
-    /// Address for the ranks' listeners, an IP address (default 127.0.0.1; also DSM_BIND, which a value
-    /// of --bind overrides).
-    #[arg(long, env = "DSM_BIND", default_value = "127.0.0.1", value_parser = ip_address)]
-    bind: std::net::IpAddr,
+    /// Address for the ranks' listeners, an IP address [default: DSM_BIND if set, or else 127.0.0.1].
+    #[arg(long, value_parser = ip_address)]
+    bind: Option<IpAddr>,
     /// End the job (status 124) if it runs longer than this many seconds.
     #[arg(long, value_parser = seconds)]
     timeout: Option<std::time::Duration>,
@@ -54,12 +54,26 @@ struct Args {
     command: Vec<OsString>,
 }
 
-/// An IP address for `--bind`, which may come from `DSM_BIND`: the error names both.
-fn ip_address(s: &str) -> Result<std::net::IpAddr, String> {
-    s.parse().map_err(|_| {
-        "not an IP address (from --bind, or DSM_BIND when --bind is not given); give one such as 127.0.0.1"
-            .to_string()
-    })
+/// An IP address for `--bind`.
+fn ip_address(s: &str) -> Result<IpAddr, String> {
+    s.parse()
+        .map_err(|_| "not an IP address; give one such as 127.0.0.1".to_string())
+}
+
+/// The address `DSM_BIND` gives (read here rather than by the argument parser, whose error for a value
+/// that is not UTF-8 speaks of arguments, not of the variable), or 127.0.0.1 when it is not set.
+fn bind_from_env() -> Result<IpAddr, String> {
+    let Some(value) = std::env::var_os("DSM_BIND") else {
+        return Ok(IpAddr::from([127, 0, 0, 1]));
+    };
+    value
+        .to_str()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "DSM_BIND={value:?} is not an IP address: set it to one such as 127.0.0.1, unset it, or give --bind"
+            )
+        })
 }
 
 /// A number of seconds, fractions allowed: finite, at least a millisecond, at most a year.
@@ -80,10 +94,17 @@ fn main() {
         eprintln!("dsmrun: no program to run: give one, as in `dsmrun -n 2 ./my-program`");
         std::process::exit(2);
     };
+    let bind = match a.bind.map_or_else(bind_from_env, Ok) {
+        Ok(bind) => bind,
+        Err(e) => {
+            eprintln!("dsmrun: {e}");
+            std::process::exit(2);
+        }
+    };
     let program = PathBuf::from(program);
     let opts = LaunchOptions {
         ranks: a.ranks,
-        bind: a.bind,
+        bind,
         prefix: !a.no_prefix,
         env: Vec::new(),
         capture: None,
