@@ -928,6 +928,29 @@ fn an_arena_base_of_zero_or_off_a_page_is_refused() {
     }
 }
 
+/// Ranks in PID namespaces of their own (started through `unshare --pid`, with their own `/proc`), where
+/// the launcher's pid names no process, or another one: they run, instead of taking the launcher for gone
+/// and ending at once. Needs root, to make the namespaces.
+#[test]
+fn ranks_in_pid_namespaces_of_their_own_run() {
+    let line = format!(
+        "exec unshare --pid --fork --mount-proc {}",
+        env!("CARGO_BIN_EXE_hello")
+    );
+    let (o, out) = job_with_env("/bin/sh", 2, &["-c", &line], &[]);
+    assert!(
+        !out.contains("unshare failed") && !out.contains("Operation not permitted"),
+        "this test needs root, to make a PID namespace: {out}"
+    );
+    assert_eq!(o.code, 0, "{out}");
+    for r in 0..2 {
+        assert!(
+            out.contains(&format!("[{r}] rank {r} of 2 sees [1000, 1001]")),
+            "{out}"
+        );
+    }
+}
+
 #[test]
 fn an_arena_another_rank_cannot_map_is_a_clear_error_on_every_rank() {
     // Rank 1 may have only 4 GB of address space (`ulimit -v`), so it cannot map the 1 TiB arena rank 0

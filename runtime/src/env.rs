@@ -22,6 +22,7 @@
 //! | `DSM_ON_PEER_FAILURE` | `exit`: a rank ends (status 75) when another fails; `report`: operations that need the failed rank return errors and the program decides (set by `dsmrun --keep-going`; dsmrun refuses `report` without that flag, since it ends the job at the first failure) | exit |
 //! | `DSM_STATS` | `1`: print each rank's statistics when it leaves the job; `0`: do not | off |
 //! | `DSM_LAUNCHER_PID` | set by `dsmrun`: a rank ends itself when this process dies | unset |
+//! | `DSM_LAUNCHER_PIDNS` | set by `dsmrun`: its PID namespace (`/proc/self/ns/pid`); a rank in another one cannot see the launcher's process by its pid, and leaves ending it to the parent-death signal and the launcher's watchdog | unset |
 //! | `DSM_LOCAL_JOB_LIMIT` | tests only: seconds an in-process job (`run_local_job`) may run before it ends the test process as a failure | 120 |
 //! | `DSM_TRANSPORT` | under `mpirun` (feature `mpi`): `tcp`, connections set up through MPI, or `mpi`, the job's traffic carried by MPI messages (slower here; see docs/BENCHMARKS.md); under `dsmrun` only `tcp`, and any other value is refused | tcp |
 //! | `DSM_MPI_SEND_BUFFER` | with `DSM_TRANSPORT=mpi`: bytes of the buffer attached for the bridge's buffered sends, shared among the job's connections by flow control, 64K to 2047M (suffixes K, M, G) | 64M |

@@ -284,7 +284,8 @@ impl Runtime {
             env::number::<i32>(s).filter(|pid| *pid > 0)
         })?;
         if let Some(pid) = launcher {
-            rendezvous::die_with_launcher(pid);
+            let ns = std::env::var("DSM_LAUNCHER_PIDNS").ok();
+            rendezvous::die_with_launcher(pid, ns.as_deref());
         }
         let mut builder = Self::options()?;
         let meeting = meeting()?;

@@ -87,8 +87,16 @@ pub(crate) fn join(
 /// instead. The launcher may have died before either was set up. It counts as gone when its process is
 /// no more, is a zombie (dead, its parent has not collected it yet), or is another process that got its
 /// pid (its start time differs).
-pub(crate) fn die_with_launcher(launcher: i32) {
+///
+/// A rank in a PID namespace other than the launcher's (`launcher_ns`, started through `unshare --pid`
+/// or a container's runtime) cannot look at the launcher by its pid, which may even be another process's
+/// there: the parent-death signal, and the launcher's watchdog, which ends each rank's process group if
+/// the launcher is killed, are left to end it.
+pub(crate) fn die_with_launcher(launcher: i32, launcher_ns: Option<&str>) {
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    if launcher_ns.is_some_and(|ns| pid_namespace().is_some_and(|mine| mine != ns)) {
+        return;
+    }
     let end = move || {
         // Not eprintln!: with the launcher gone, standard error is likely a pipe nobody reads, and
         // eprintln! panics when the write fails.
@@ -119,6 +127,12 @@ pub(crate) fn die_with_launcher(launcher: i32) {
             );
         }
     }
+}
+
+/// This process's PID namespace, as `/proc/self/ns/pid` names it (`pid:[4026531836]`), if it can be read.
+pub(crate) fn pid_namespace() -> Option<String> {
+    let link = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    link.into_os_string().into_string().ok()
 }
 
 /// The start time of process `pid` (in clock ticks since boot, from `/proc/PID/stat`) if it is alive, not

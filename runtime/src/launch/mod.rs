@@ -489,8 +489,12 @@ pub fn launch(
     let mut children: Vec<Child> = Vec::with_capacity(ranks);
     let mut watchdog = Watchdog::start();
     let mut output = Output::new(opts.prefix, opts.capture.clone());
+    let pid_namespace = crate::rendezvous::pid_namespace();
     for r in 0..ranks {
         let mut cmd = Command::new(program);
+        if let Some(ns) = &pid_namespace {
+            cmd.env("DSM_LAUNCHER_PIDNS", ns);
+        }
         cmd.args(args)
             .env("DSM_RANK", r.to_string())
             .env("DSM_SIZE", ranks.to_string())
