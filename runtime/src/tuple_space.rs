@@ -754,9 +754,41 @@ impl Inner {
     /// homed there (the caller asks for it itself).
     /// The leases are borrowed: a caller keeps them (to give them back) until this has succeeded; nothing
     /// is sent when a result is refused.
+    ///
+    /// Leases of several homes (a caller mixing tuples of several homes) end at the first one's home with
+    /// the results, and then, without results, at the others' homes, one by one; `next` is then left to
+    /// the caller. Ended before the results were in, a failure of that first step would leave their
+    /// tuples taken for good with no result put (a task farm's tasks lost); ended after, a failure leaves
+    /// them held, to be given back and done again (their results, put already, then put twice, as for a
+    /// failure between results homed elsewhere and the lease's end).
     fn complete(
         &self,
         leases: &[Lease],
+        results: Vec<Tuple>,
+        next: Option<&[Template]>,
+        more: u32,
+    ) -> Result<Vec<Lease>, RuntimeError> {
+        let Some(home) = leases.first().map(|l| l.home) else {
+            return self.complete_at(None, Vec::new(), results, next, more);
+        };
+        let (ours, others): (Vec<&Lease>, Vec<&Lease>) =
+            leases.iter().partition(|l| l.home == home);
+        let ids = ours.iter().map(|l| l.id).collect();
+        if others.is_empty() {
+            return self.complete_at(Some(home), ids, results, next, more);
+        }
+        self.complete_at(Some(home), ids, results, None, 0)?;
+        for other in others {
+            self.complete_at(Some(other.home), vec![other.id], Vec::new(), None, 0)?;
+        }
+        Ok(Vec::new())
+    }
+
+    /// [`Inner::complete`] for the leases `ids`, all of them homed at `leases_home` (`None` for none).
+    fn complete_at(
+        &self,
+        leases_home: Option<Rank>,
+        ids: Vec<u64>,
         results: Vec<Tuple>,
         next: Option<&[Template]>,
         more: u32,
@@ -771,19 +803,12 @@ impl Inner {
                 .all(|t| self.template_home(t) == Some(home))
                 .then_some(home)
         });
-        let Some(home) = leases.first().map(|l| l.home).or(templates_home) else {
+        let Some(home) = leases_home.or(templates_home) else {
             for t in results {
                 self.out(t)?;
             }
             return Ok(Vec::new());
         };
-        // Leases homed elsewhere (a caller mixing tuples of several homes) end one by one first.
-        let (ours, others): (Vec<&Lease>, Vec<&Lease>) =
-            leases.iter().partition(|l| l.home == home);
-        for other in others {
-            self.complete(std::slice::from_ref(other), Vec::new(), None, 0)?;
-        }
-        let ids: Vec<u64> = ours.iter().map(|l| l.id).collect();
         let (here, elsewhere): (Vec<Tuple>, Vec<Tuple>) = results
             .into_iter()
             .partition(|t| home_of(t.0.first(), t.arity(), self.size) == home);
@@ -1019,6 +1044,16 @@ mod tests {
     }
 
     /// A first field beginning with `prefix` whose tuples of two fields are homed at rank 1.
+    /// A name whose tuples of two fields are homed at rank 0, and the template `(name, ?i64)`.
+    fn homed_at_rank_0(space: &TupleSpace) -> (String, Template) {
+        let name = (0..)
+            .map(|i| format!("zero{i}"))
+            .find(|n| space.home_of(Some(&Value::Str(n.clone())), 2) == Rank(0))
+            .unwrap();
+        let t = crate::template!(name.clone(), ?i64);
+        (name, t)
+    }
+
     fn homed_at_rank_1(space: &TupleSpace, prefix: &str) -> String {
         (0..)
             .map(|i| format!("{prefix}{i}"))
@@ -1082,6 +1117,43 @@ mod tests {
                 "the result, not the leased tuple"
             );
             assert_eq!(space.in_(t).unwrap(), crate::tuple!(name, 2i64));
+        });
+    }
+
+    #[test]
+    fn leases_of_another_home_stay_held_when_the_completion_with_the_results_fails() {
+        with_a_lease_homed_at_rank_1("mixed", |_, space, name, t, lease| {
+            // A second lease, homed at rank 0, after the first: its end comes with no result.
+            let (mine, mine_t) = homed_at_rank_0(space);
+            space.out(crate::tuple!(mine.clone(), 1i64)).unwrap();
+            let mut leases = vec![lease, space.in_leased(&mine_t).unwrap()];
+            // The results (homed at rank 1, where the first lease is) are more than a request carries:
+            // the completion is refused.
+            let results = (0..=dsm::MAX_SERVICE_REQUEST >> 20)
+                .map(|_| crate::tuple!(name, vec![0u8; 1 << 20]))
+                .collect();
+            let e = space.complete_many(&mut leases, results).unwrap_err();
+            assert!(e.to_string().contains("a request carries at most"), "{e}");
+            // Both are still held (the one at rank 0 was ended first, its tuple taken for good with no
+            // result put): given back, both tuples are in the space again.
+            space.give_back(leases).unwrap();
+            assert_eq!(space.count(t).unwrap(), 1);
+            assert_eq!(space.count(&mine_t).unwrap(), 1, "a lease's tuple was lost");
+        });
+    }
+
+    #[test]
+    fn leases_of_two_homes_complete_with_their_results() {
+        with_a_lease_homed_at_rank_1("both", |_, space, name, t, lease| {
+            let (mine, mine_t) = homed_at_rank_0(space);
+            space.out(crate::tuple!(mine.clone(), 1i64)).unwrap();
+            let mut leases = vec![lease, space.in_leased(&mine_t).unwrap()];
+            let results = vec![crate::tuple!(name, 5i64), crate::tuple!(mine.clone(), 6i64)];
+            space.complete_many(&mut leases, results).unwrap();
+            space.give_back(leases).unwrap();
+            assert_eq!(space.in_(t).unwrap(), crate::tuple!(name, 5i64));
+            assert_eq!(space.in_(&mine_t).unwrap(), crate::tuple!(mine, 6i64));
+            assert_eq!(space.count(t).unwrap() + space.count(&mine_t).unwrap(), 0);
         });
     }
 
