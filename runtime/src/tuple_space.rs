@@ -1044,14 +1044,17 @@ mod tests {
     }
 
     /// A first field beginning with `prefix` whose tuples of two fields are homed at rank 1.
-    /// A name whose tuples of two fields are homed at rank 0, and the template `(name, ?i64)`.
-    fn homed_at_rank_0(space: &TupleSpace) -> (String, Template) {
+    /// `lease` and a lease of a tuple `(name, 1)` homed at rank 0, which this puts first; with the name
+    /// and the template `(name, ?i64)`.
+    fn and_one_homed_at_rank_0(space: &TupleSpace, lease: Lease) -> (String, Template, Vec<Lease>) {
         let name = (0..)
             .map(|i| format!("zero{i}"))
             .find(|n| space.home_of(Some(&Value::Str(n.clone())), 2) == Rank(0))
             .unwrap();
         let t = crate::template!(name.clone(), ?i64);
-        (name, t)
+        space.out(crate::tuple!(name.clone(), 1i64)).unwrap();
+        let leases = vec![lease, space.in_leased(&t).unwrap()];
+        (name, t, leases)
     }
 
     fn homed_at_rank_1(space: &TupleSpace, prefix: &str) -> String {
@@ -1124,9 +1127,7 @@ mod tests {
     fn leases_of_another_home_stay_held_when_the_completion_with_the_results_fails() {
         with_a_lease_homed_at_rank_1("mixed", |_, space, name, t, lease| {
             // A second lease, homed at rank 0, after the first: its end comes with no result.
-            let (mine, mine_t) = homed_at_rank_0(space);
-            space.out(crate::tuple!(mine.clone(), 1i64)).unwrap();
-            let mut leases = vec![lease, space.in_leased(&mine_t).unwrap()];
+            let (_, mine_t, mut leases) = and_one_homed_at_rank_0(space, lease);
             // The results (homed at rank 1, where the first lease is) are more than a request carries:
             // the completion is refused.
             let results = (0..=dsm::MAX_SERVICE_REQUEST >> 20)
@@ -1145,9 +1146,7 @@ mod tests {
     #[test]
     fn leases_of_two_homes_complete_with_their_results() {
         with_a_lease_homed_at_rank_1("both", |_, space, name, t, lease| {
-            let (mine, mine_t) = homed_at_rank_0(space);
-            space.out(crate::tuple!(mine.clone(), 1i64)).unwrap();
-            let mut leases = vec![lease, space.in_leased(&mine_t).unwrap()];
+            let (mine, mine_t, mut leases) = and_one_homed_at_rank_0(space, lease);
             let results = vec![crate::tuple!(name, 5i64), crate::tuple!(mine.clone(), 6i64)];
             space.complete_many(&mut leases, results).unwrap();
             space.give_back(leases).unwrap();

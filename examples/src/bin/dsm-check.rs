@@ -1516,14 +1516,9 @@ fn main() -> anyhow::Result<()> {
                 v.set(0, 7);
             }
             dsm.barrier()?;
-            let until = |what: &str, done: &dyn Fn() -> bool| within_30_s(me, what, done);
-            let failed = |r: u32| has_failed(dsm, r);
-            if me == 2 {
-                nix_kill_self();
-            }
-            until("rank 2's death was not noticed in 30 s", &|| failed(2))?;
+            rank_2_dies(dsm, me)?;
             if me == 0 {
-                until("rank 1 did not end in 30 s", &|| failed(1))?;
+                within_30_s(me, "rank 1 did not end in 30 s", &|| has_failed(dsm, 1))?;
             }
             println!("datalost: rank {me} reads the page");
             let got = v.get(0);
@@ -1551,10 +1546,7 @@ fn main() -> anyhow::Result<()> {
             dsm.barrier()?;
             let until = |what: &str, done: &dyn Fn() -> bool| within_30_s(me, what, done);
             let failed = |r: u32| has_failed(dsm, r);
-            if me == 2 {
-                nix_kill_self();
-            }
-            until("rank 2's death was not noticed in 30 s", &|| failed(2))?;
+            rank_2_dies(dsm, me)?;
             // A rank is failed at the end of its first connection, and gone (its copies with it) at the
             // end of its service loop's, which the home reads in the same pass when a process dies.
             std::thread::sleep(std::time::Duration::from_millis(100));
@@ -1955,6 +1947,16 @@ fn has_failed(dsm: &dsm::Dsm, r: u32) -> bool {
 }
 
 /// Waits (polling every millisecond) until `done` holds, or fails with `what` after 30 s.
+/// Rank 2 dies (SIGKILL); every other rank returns once it has seen it fail (within 30 s).
+fn rank_2_dies(dsm: &dsm::Dsm, me: usize) -> anyhow::Result<()> {
+    if me == 2 {
+        nix_kill_self();
+    }
+    within_30_s(me, "rank 2's death was not noticed in 30 s", &|| {
+        has_failed(dsm, 2)
+    })
+}
+
 fn within_30_s(me: usize, what: &str, done: &dyn Fn() -> bool) -> anyhow::Result<()> {
     let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !done() {
