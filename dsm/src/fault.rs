@@ -35,8 +35,10 @@ pub(crate) enum FaultError {
     Send(Rank, Errno),
     Sys(&'static str, Errno),
     Protocol(Rank, &'static str),
-    /// The page's only up-to-date copy left the job with this rank.
+    /// The page's only up-to-date copy left the job with this rank (its home found no other).
     Lost(Rank),
+    /// The page's owner, this rank, left the job while the fault was fetching the page from it.
+    OwnerLeft(Rank),
 }
 
 /// The error of a fault whose request `peer` refused.
@@ -111,7 +113,11 @@ impl std::fmt::Display for Explain<'_> {
             FaultError::Protocol(r, what) => write!(f, "protocol error with {r}: {what}"),
             FaultError::Lost(r) => write!(
                 f,
-                "its only up-to-date copy left the job with {r}, which owned it when it failed or left (its writes to the page are lost)"
+                "its only up-to-date copy left the job with {r}, which owned it when it failed or left (its writes to the page are lost; a program that survives failed ranks must not touch pages they may have written last)"
+            ),
+            FaultError::OwnerLeft(r) => write!(
+                f,
+                "its owner, {r}, left the job while this fault fetched the page from it (its writes to the page may have left with it)"
             ),
         }
     }
@@ -1124,9 +1130,10 @@ fn run_grant(
         };
         match ch.send(c, owner, &req, &[]) {
             Ok(()) => {}
-            // The owner left the job after the home decided: the page's only up-to-date copy with it.
+            // The owner left the job after the home decided (which other ranks hold copies of the page,
+            // only the home knows).
             Err(e) if closed_send(e) && left_the_job(shared, owner) => {
-                return Err(FaultError::Lost(owner))
+                return Err(FaultError::OwnerLeft(owner))
             }
             Err(e) => return Err(FaultError::Send(owner, e)),
         }
@@ -1157,9 +1164,9 @@ fn run_grant(
     if let Some(owner) = grant.fetch_from {
         let (reply, payload, page_buf) = match ch.recv(c, owner) {
             Ok(got) => got,
-            Err(RecvError::Eof) if left_the_job(owner) => return Err(FaultError::Lost(owner)),
+            Err(RecvError::Eof) if left_the_job(owner) => return Err(FaultError::OwnerLeft(owner)),
             Err(RecvError::Sys(e)) if closed_send(e) && left_the_job(owner) => {
-                return Err(FaultError::Lost(owner))
+                return Err(FaultError::OwnerLeft(owner))
             }
             Err(e) => return Err(FaultError::Peer(owner, e)),
         };

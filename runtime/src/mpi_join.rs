@@ -35,7 +35,8 @@ pub(crate) struct Finalizer {
 /// How long MPI's finalization waits for the bridge thread to see every connection end.
 const BRIDGE_GRACE: Duration = Duration::from_secs(10);
 /// How long a rank that leaves the job as a failed one waits for the other ranks' bridges to acknowledge
-/// its connections' ends (a few milliseconds when they run; a stopped one is not waited for longer).
+/// its connections' ends: a few milliseconds when they run; a rank that died or is stopped never does,
+/// and costs the whole wait.
 const ENDS_GRACE: Duration = Duration::from_secs(2);
 
 impl Drop for Finalizer {

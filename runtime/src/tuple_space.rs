@@ -437,10 +437,10 @@ impl TupleSpace {
     /// lease's home go with the lease's end in one request, of at most [`dsm::MAX_SERVICE_REQUEST`]
     /// bytes: more is refused, and the same call would be refused again (put some of them first with
     /// [`TupleSpace::out`], or large data in a shared region).
-    pub fn complete(&self, lease: Lease, results: Vec<Tuple>) -> Result<(), RuntimeError> {
+    pub fn complete(&self, mut lease: Lease, results: Vec<Tuple>) -> Result<(), RuntimeError> {
         let done = self
             .inner
-            .complete(std::slice::from_ref(&lease), results, None, 0);
+            .complete(std::slice::from_mut(&mut lease), results, None, 0);
         self.given_back_on_error(lease, done).map(|_| ())
     }
 
@@ -485,16 +485,15 @@ impl TupleSpace {
         })
     }
 
-    /// [`TupleSpace::complete`] for several leases and their results at once.
-    /// The leases stay the caller's until this has succeeded (to give them back), and then are ended.
+    /// [`TupleSpace::complete`] for several leases and their results at once. Each lease is marked
+    /// ended as it ends; on an error, those not ended are the caller's still, to give back (some may have
+    /// ended when they are of several homes: [`TupleSpace::give_back`] skips them).
     pub(crate) fn complete_many(
         &self,
         leases: &mut [Lease],
         results: Vec<Tuple>,
     ) -> Result<(), RuntimeError> {
-        self.inner.complete(leases, results, None, 0)?;
-        leases.iter_mut().for_each(Lease::ended);
-        Ok(())
+        self.inner.complete(leases, results, None, 0).map(drop)
     }
 
     /// Ends every lease in `leases` and puts `results` (as [`TupleSpace::complete`]), then takes under
@@ -503,8 +502,9 @@ impl TupleSpace {
     /// that matches any of them. One round trip when every template is homed where the leases are (else
     /// the templates are looked at one by one, and the wait is for one matching the last). Returns at
     /// least one lease. This is how a worker takes several small tasks per trip, its own first. On an
-    /// error, `leases` are still held if the completion failed, and ended (the results put) if it went
-    /// through and taking the next tuple failed: [`TupleSpace::give_back`] gives back only the former.
+    /// error, `leases` are still held if the completion failed (some of several homes may have ended
+    /// first), and ended (the results put) if it went through and taking the next tuple failed, each
+    /// marked so: [`TupleSpace::give_back`] gives back only those still held.
     pub(crate) fn complete_and_lease_many(
         &self,
         leases: &mut [Lease],
@@ -528,7 +528,6 @@ impl TupleSpace {
             t.check()?;
         }
         let taken = self.inner.complete(leases, results, Some(next), more)?;
-        leases.iter_mut().for_each(Lease::ended);
         if !taken.is_empty() {
             return Ok(taken);
         }
@@ -760,10 +759,11 @@ impl Inner {
     /// the caller. Ended before the results were in, a failure of that first step would leave their
     /// tuples taken for good with no result put (a task farm's tasks lost); ended after, a failure leaves
     /// them held, to be given back and done again (their results, put already, then put twice, as for a
-    /// failure between results homed elsewhere and the lease's end).
+    /// failure between results homed elsewhere and the lease's end). Those that end are marked ended as
+    /// they do, so that a caller gives back only the others.
     fn complete(
         &self,
-        leases: &[Lease],
+        leases: &mut [Lease],
         results: Vec<Tuple>,
         next: Option<&[Template]>,
         more: u32,
@@ -771,15 +771,23 @@ impl Inner {
         let Some(home) = leases.first().map(|l| l.home) else {
             return self.complete_at(None, Vec::new(), results, next, more);
         };
-        let (ours, others): (Vec<&Lease>, Vec<&Lease>) =
-            leases.iter().partition(|l| l.home == home);
-        let ids = ours.iter().map(|l| l.id).collect();
-        if others.is_empty() {
-            return self.complete_at(Some(home), ids, results, next, more);
+        let ids = leases
+            .iter()
+            .filter(|l| l.home == home)
+            .map(|l| l.id)
+            .collect();
+        if leases.iter().all(|l| l.home == home) {
+            let taken = self.complete_at(Some(home), ids, results, next, more)?;
+            leases.iter_mut().for_each(Lease::ended);
+            return Ok(taken);
         }
         self.complete_at(Some(home), ids, results, None, 0)?;
+        let (ours, others): (Vec<&mut Lease>, Vec<&mut Lease>) =
+            leases.iter_mut().partition(|l| l.home == home);
+        ours.into_iter().for_each(Lease::ended);
         for other in others {
             self.complete_at(Some(other.home), vec![other.id], Vec::new(), None, 0)?;
+            other.ended();
         }
         Ok(Vec::new())
     }
@@ -1043,7 +1051,6 @@ mod tests {
         }
     }
 
-    /// A first field beginning with `prefix` whose tuples of two fields are homed at rank 1.
     /// `lease` and a lease of a tuple `(name, 1)` homed at rank 0, which this puts first; with the name
     /// and the template `(name, ?i64)`.
     fn and_one_homed_at_rank_0(space: &TupleSpace, lease: Lease) -> (String, Template, Vec<Lease>) {
@@ -1057,6 +1064,7 @@ mod tests {
         (name, t, leases)
     }
 
+    /// A first field beginning with `prefix` whose tuples of two fields are homed at rank 1.
     fn homed_at_rank_1(space: &TupleSpace, prefix: &str) -> String {
         (0..)
             .map(|i| format!("{prefix}{i}"))
@@ -1135,11 +1143,33 @@ mod tests {
                 .collect();
             let e = space.complete_many(&mut leases, results).unwrap_err();
             assert!(e.to_string().contains("a request carries at most"), "{e}");
-            // Both are still held (the one at rank 0 was ended first, its tuple taken for good with no
-            // result put): given back, both tuples are in the space again.
+            // Both are still held (the one at rank 0 used to be ended first, its tuple taken for good
+            // with no result put): given back, both tuples are in the space again.
             space.give_back(leases).unwrap();
             assert_eq!(space.count(t).unwrap(), 1);
             assert_eq!(space.count(&mine_t).unwrap(), 1, "a lease's tuple was lost");
+        });
+    }
+
+    #[test]
+    fn leases_of_two_homes_that_end_are_marked_so_when_a_later_one_fails() {
+        with_a_lease_homed_at_rank_1("marked", |rt, space, name, t, lease| {
+            let (_, mine_t, mut leases) = and_one_homed_at_rank_0(space, lease);
+            // The lease at rank 0 is given back behind its holder's back: ending it will be refused.
+            let ask = encode(&Ask::GiveBack {
+                leases: vec![leases[1].id],
+            });
+            let answer = rt.dsm().call(Rank(0), SERVICE, &[&ask]).unwrap();
+            assert!(matches!(decode(Rank(0), &answer), Ok(Answer::Done)));
+            let result = crate::tuple!(name, 5i64);
+            assert!(space.complete_many(&mut leases, vec![result]).is_err());
+            // The first ended, with its result put; the second did not end (its home refused it).
+            let ended: Vec<bool> = leases.iter().map(|l| l.space.is_none()).collect();
+            assert_eq!(ended, vec![true, false]);
+            assert_eq!(space.in_(t).unwrap(), crate::tuple!(name, 5i64));
+            assert_eq!(space.count(&mine_t).unwrap(), 1);
+            // (Its home, which has it back already, refuses to take it back again.)
+            let _ = space.give_back(leases);
         });
     }
 

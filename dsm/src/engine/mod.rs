@@ -366,7 +366,8 @@ impl Engine {
         for (idx, req, payload) in std::mem::take(&mut self.deferred) {
             // Nothing a failed rank sent is served any more, as it would not be read now: its diffs, say,
             // would change pages here for a release that it, and every rank after it, takes as failed.
-            if self.conns[idx].open {
+            let peer = self.conns[idx].peer;
+            if !self.shared.failed[peer.index()].load(Ordering::Acquire) {
                 self.handle(idx, req, payload);
             }
         }

@@ -1946,7 +1946,6 @@ fn has_failed(dsm: &dsm::Dsm, r: u32) -> bool {
     dsm.failed_ranks().contains(&dsm::Rank(r))
 }
 
-/// Waits (polling every millisecond) until `done` holds, or fails with `what` after 30 s.
 /// Rank 2 dies (SIGKILL); every other rank returns once it has seen it fail (within 30 s).
 fn rank_2_dies(dsm: &dsm::Dsm, me: usize) -> anyhow::Result<()> {
     if me == 2 {
@@ -1957,6 +1956,7 @@ fn rank_2_dies(dsm: &dsm::Dsm, me: usize) -> anyhow::Result<()> {
     })
 }
 
+/// Waits (polling every millisecond) until `done` holds, or fails with `what` after 30 s.
 fn within_30_s(me: usize, what: &str, done: &dyn Fn() -> bool) -> anyhow::Result<()> {
     let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !done() {

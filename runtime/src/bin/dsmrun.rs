@@ -68,7 +68,7 @@ fn bind_from_env() -> Result<IpAddr, String> {
     };
     value
         .to_str()
-        .and_then(|v| v.parse().ok())
+        .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| {
             format!(
                 "DSM_BIND={value:?} is not an IP address: set it to one such as 127.0.0.1, unset it, or give --bind"

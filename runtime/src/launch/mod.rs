@@ -492,9 +492,11 @@ pub fn launch(
     let pid_namespace = crate::rendezvous::pid_namespace();
     for r in 0..ranks {
         let mut cmd = Command::new(program);
-        if let Some(ns) = &pid_namespace {
-            cmd.env("DSM_LAUNCHER_PIDNS", ns);
-        }
+        match &pid_namespace {
+            Some(ns) => cmd.env("DSM_LAUNCHER_PIDNS", ns),
+            // Not one a launcher around this one set.
+            None => cmd.env_remove("DSM_LAUNCHER_PIDNS"),
+        };
         cmd.args(args)
             .env("DSM_RANK", r.to_string())
             .env("DSM_SIZE", ranks.to_string())
