@@ -76,21 +76,19 @@ pub(crate) struct BridgeState {
 }
 
 impl BridgeState {
-    /// Waits up to `limit` for every connection's end to be acknowledged; whether they were.
-    pub(crate) fn wait_for_ends(&self, limit: Duration) -> bool {
+    /// Waits up to `limit` for every connection's end to be acknowledged (no longer once the bridge
+    /// thread has ended, or when it never started).
+    pub(crate) fn wait_for_ends(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        loop {
-            if self.ends_acknowledged.load(Ordering::Acquire) {
-                return true;
-            }
-            let finished = self
+        while !self.ends_acknowledged.load(Ordering::Acquire) && Instant::now() < deadline {
+            let running = self
                 .thread
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .as_ref()
-                .is_none_or(|t| t.is_finished());
-            if finished || Instant::now() >= deadline {
-                return false;
+                .is_some_and(|t| !t.is_finished());
+            if !running {
+                return;
             }
             std::thread::sleep(Duration::from_millis(1));
         }

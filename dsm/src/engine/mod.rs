@@ -1252,6 +1252,16 @@ mod tests {
         }
     }
 
+    /// Whether rank 0 sees `rank` leave the job (`Shared::gone`) within 5 s.
+    fn gone_within(region: &RegionShared, rank: Rank) -> bool {
+        let gone = &region.shared.gone[rank.index()];
+        let t = Instant::now();
+        while !gone.load(Ordering::Acquire) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        gone.load(Ordering::Acquire)
+    }
+
     fn failed_within(dsm: &Dsm, limit: Duration) -> Vec<Rank> {
         let t = Instant::now();
         while dsm.failed_ranks().is_empty() && t.elapsed() < limit {
@@ -2534,12 +2544,7 @@ mod tests {
         let mut fakes = fakes.into_iter();
         let (rank1, rank2) = (fakes.next().unwrap(), fakes.next().unwrap());
         drop(rank1);
-        let gone = &shared.shared.gone[1];
-        let t = Instant::now();
-        while !gone.load(Ordering::Acquire) && t.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(gone.load(Ordering::Acquire), "rank 1 was not seen to leave");
+        assert!(gone_within(shared, Rank(1)), "rank 1 was not seen to leave");
         // Rank 2's faults are refused naming rank 1 (they were granted, to fetch the page from it, and
         // failed to reach it), and leave the page unlocked for the next.
         for access in [Access::Read, Access::Write, Access::Read] {
@@ -2569,11 +2574,7 @@ mod tests {
         assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
         std::thread::sleep(Duration::from_millis(100));
         drop(rank1.other);
-        let gone = &shared.shared.gone[1];
-        let t = Instant::now();
-        while !gone.load(Ordering::Acquire) && t.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        gone_within(shared, Rank(1));
         // Its copy went with it: a writer has nothing of it to invalidate.
         let invalidate = copies_a_writer_invalidates(&writer.fake, shared);
         assert!(
