@@ -760,7 +760,9 @@ impl Inner {
     /// tuples taken for good with no result put (a task farm's tasks lost); ended after, a failure leaves
     /// them held, to be given back and done again (their results, put already, then put twice, as for a
     /// failure between results homed elsewhere and the lease's end). Those that end are marked ended as
-    /// they do, so that a caller gives back only the others.
+    /// they do, so that a caller gives back only the others. Leases of one home that ended before taking
+    /// `next` failed (the wait for it broke off) are marked ended too: they are no longer the caller's
+    /// to give back.
     fn complete(
         &self,
         leases: &mut [Lease],
@@ -769,7 +771,7 @@ impl Inner {
         more: u32,
     ) -> Result<Vec<Lease>, RuntimeError> {
         let Some(home) = leases.first().map(|l| l.home) else {
-            return self.complete_at(None, Vec::new(), results, next, more);
+            return self.complete_at(None, Vec::new(), results, next, more, &mut false);
         };
         let ids = leases
             .iter()
@@ -777,22 +779,34 @@ impl Inner {
             .map(|l| l.id)
             .collect();
         if leases.iter().all(|l| l.home == home) {
-            let taken = self.complete_at(Some(home), ids, results, next, more)?;
-            leases.iter_mut().for_each(Lease::ended);
-            return Ok(taken);
+            let mut ended = false;
+            let taken = self.complete_at(Some(home), ids, results, next, more, &mut ended);
+            if ended {
+                leases.iter_mut().for_each(Lease::ended);
+            }
+            return taken;
         }
-        self.complete_at(Some(home), ids, results, None, 0)?;
+        self.complete_at(Some(home), ids, results, None, 0, &mut false)?;
         let (ours, others): (Vec<&mut Lease>, Vec<&mut Lease>) =
             leases.iter_mut().partition(|l| l.home == home);
         ours.into_iter().for_each(Lease::ended);
         for other in others {
-            self.complete_at(Some(other.home), vec![other.id], Vec::new(), None, 0)?;
+            self.complete_at(
+                Some(other.home),
+                vec![other.id],
+                Vec::new(),
+                None,
+                0,
+                &mut false,
+            )?;
             other.ended();
         }
         Ok(Vec::new())
     }
 
     /// [`Inner::complete`] for the leases `ids`, all of them homed at `leases_home` (`None` for none).
+    /// Sets `ended` once their home has ended them and put the results, which an error after that (in
+    /// taking `next`) does not undo.
     fn complete_at(
         &self,
         leases_home: Option<Rank>,
@@ -800,6 +814,7 @@ impl Inner {
         results: Vec<Tuple>,
         next: Option<&[Template]>,
         more: u32,
+        ended: &mut bool,
     ) -> Result<Vec<Lease>, RuntimeError> {
         for t in &results {
             t.check()?;
@@ -839,6 +854,7 @@ impl Inner {
                     rank: self.me,
                     reason,
                 })?;
+            *ended = true;
             let Some(n) = next else {
                 return Ok(Vec::new());
             };
@@ -876,6 +892,8 @@ impl Inner {
                     // Not sent: the leases and results are still to go, in the same ask.
                     None => std::thread::yield_now(),
                     Some(Answer::TimedOut) => {
+                        // The home ended the leases and put the results before it waited.
+                        *ended = true;
                         std::thread::yield_now();
                         ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
                         ask = Ask::Complete {
@@ -889,6 +907,12 @@ impl Inner {
                 }
             },
         };
+        // Any answer but a refusal comes after the home ended the leases. (A refusal of a `next` it could
+        // not lease comes after it too, but the home checks the templates first, and that is all leasing
+        // fails on: a refusal means the leases are still held.)
+        if !matches!(answer, Answer::Refused(_)) {
+            *ended = true;
+        }
         match (answer, next) {
             (Answer::Done, None) => Ok(Vec::new()),
             (Answer::Found { tuple, lease }, Some(n)) if n.iter().any(|m| m.matches(&tuple)) => Ok(
@@ -1108,6 +1132,41 @@ mod tests {
             // The lease was not ended: completing it now goes through.
             space.complete(lease, Vec::new()).unwrap();
             assert_eq!(space.count(t).unwrap(), 0);
+        });
+    }
+
+    #[test]
+    fn leases_that_ended_before_the_wait_for_the_next_tuple_broke_off_are_marked_ended() {
+        dsm::transport::local::run_local_job(2, 3, |dsm| {
+            let rt = Runtime::from_dsm(dsm);
+            let space = TupleSpace::join(&rt).unwrap();
+            let name = homed_at_rank_1(&space, "broke");
+            let t = crate::template!(name.clone(), ?i64);
+            if rt.rank() == Rank(0) {
+                space.out(crate::tuple!(name.clone(), 1i64)).unwrap();
+                let mut leases = vec![space.in_leased(&t).unwrap()];
+                // Homed at rank 1 too (the same first field and arity), and nothing will match it: the
+                // completion goes in, then its wait for the next tuple breaks off as rank 1 leaves.
+                let next = crate::template!(name.clone(), ?String);
+                let result = crate::tuple!(name.clone(), 2i64);
+                let e = space
+                    .complete_and_lease_many(&mut leases, vec![result], &[next], 0)
+                    .unwrap_err();
+                assert!(e.to_string().contains("rank 1"), "{e}");
+                // Rank 1 ended the lease: it is not this rank's to give back (a worker giving it back
+                // was told the home refused it, as if its task were not done).
+                assert!(leases[0].space.is_none(), "the lease is still taken as held");
+            } else {
+                // The result is in (the lease ended with it); a waiting ask gives its channel up every
+                // 20 ms and is told so, by which its sender learns that the completion went through.
+                while space.count(&t).unwrap() == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            // Both leave without the final barrier: rank 1 as a failed rank, rank 0 once it saw that.
+            drop(space);
+            drop(rt);
         });
     }
 
