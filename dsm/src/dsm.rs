@@ -162,16 +162,33 @@ impl Shared {
 
     /// Sends `req` (a message that expects no answer) with `payload` on the service loop's own connection to
     /// every rank not failed here, but `except`. A rank that has not read for a second is not waited for
-    /// (its connection's send timeout): the message is dropped, and that rank's own silence is what fails
-    /// it.
+    /// (its connection's send timeout): it is failed, as a rank that a reply cannot reach is. Its
+    /// connection ends there, as part of the message may have gone out: the rest of the message never
+    /// follows, and neither does another message, which that rank would read from the middle of this one
+    /// as a malformed frame (taking this rank for the one that failed).
     pub(crate) fn tell_others(&self, req: &Request, payload: &[u8], except: Option<Rank>) {
         let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        let mut unreachable = Vec::new();
         for (r, conn) in control.iter().enumerate() {
             let to = Rank(r as u32);
             if to == self.me || except == Some(to) || self.failed[r].load(Ordering::Acquire) {
                 continue;
             }
-            let _ = crate::channel::write_frame(conn, req, &[payload], &self.counters);
+            if let Err(e) = crate::channel::write_frame(conn, req, &[payload], &self.counters) {
+                conn.shutdown(crate::transport::memory::Shut::Write);
+                unreachable.push((
+                    to,
+                    format!("sending it a message of this rank's service loop failed: {e}"),
+                ));
+            }
+        }
+        drop(control);
+        if !unreachable.is_empty() {
+            self.unreachable
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(unreachable);
+            self.wake_service();
         }
     }
 
@@ -426,7 +443,7 @@ pub(crate) fn alloc_tag(
 /// ```
 #[derive(Debug)]
 pub struct Dsm {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     service: Option<ServiceThread>,
     installer: Option<JoinHandle<()>>,
     awake: Vec<JoinHandle<()>>,

@@ -1155,7 +1155,10 @@ mod tests {
                 assert!(e.to_string().contains("rank 1"), "{e}");
                 // Rank 1 ended the lease: it is not this rank's to give back (a worker giving it back
                 // was told the home refused it, as if its task were not done).
-                assert!(leases[0].space.is_none(), "the lease is still taken as held");
+                assert!(
+                    leases[0].space.is_none(),
+                    "the lease is still taken as held"
+                );
             } else {
                 // The result is in (the lease ended with it); a waiting ask gives its channel up every
                 // 20 ms and is told so, by which its sender learns that the completion went through.

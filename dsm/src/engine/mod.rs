@@ -1252,6 +1252,54 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_rank_that_does_not_read_the_service_loop_s_messages_is_failed_and_its_connection_ends_on_the_cut_message(
+    ) {
+        let (dsm, fakes) = rank0_with_fakes(2, None);
+        // The fake rank 1 reads nothing of its connection from rank 0's service loop: the messages fill
+        // it until one goes out only in part, and its sending gives up after the second it may wait.
+        let reason = vec![b'x'; 64 << 10];
+        for _ in 0..64 {
+            if !dsm.failed_ranks().is_empty() {
+                break;
+            }
+            dsm.shared
+                .tell_others(&Request::PeerLost { rank: 1 }, &reason, None);
+        }
+        assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+        // What rank 1 reads, should it read on: whole messages, then at most the part of the last that
+        // went out, and then the connection's end, not another message after the cut one (which it would
+        // read from inside the cut one as a malformed frame, and take rank 0 for the failed rank).
+        let mut control = &fakes[0].control;
+        control
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut bytes = Vec::new();
+        let read = control.read_to_end(&mut bytes);
+        assert!(read.is_ok(), "the connection did not end: {read:?}");
+        let mut at = 0;
+        let mut whole = 0;
+        while at + 4 <= bytes.len() {
+            let header: [u8; 4] = bytes[at..at + 4].try_into().unwrap();
+            let len = wire::body_len(header, usize::MAX >> 1).unwrap();
+            if at + 4 + len > bytes.len() {
+                break;
+            }
+            let (req, payload) = wire::decode::<Request>(&bytes[at + 4..at + 4 + len]).unwrap();
+            assert!(
+                matches!(req, Request::PeerLost { rank: 1 }) && payload == &reason[..],
+                "{req:?}"
+            );
+            at += 4 + len;
+            whole += 1;
+        }
+        assert!(whole > 0, "no whole message went out");
+        assert!(
+            bytes.len() - at < 4 + reason.len(),
+            "more than one message's part after the last whole one"
+        );
+    }
+
     /// Whether rank 0 sees `rank` leave the job (`Shared::gone`) within 5 s.
     fn gone_within(region: &RegionShared, rank: Rank) -> bool {
         let gone = &region.shared.gone[rank.index()];
