@@ -213,8 +213,9 @@ impl Engine {
                 send_timeout(&i.conn, t / 2)?;
             }
         }
-        // The loop's own messages (heartbeats go out with or without a timeout) are tiny: a rank that has
-        // not read them for a second is not waited for.
+        // The loop's own messages (heartbeats go out with or without a timeout) are tiny: a rank that let
+        // them fill its connection and then makes no room for a second is not waited for, and is failed
+        // (`Shared::tell_others`).
         for conn in shared
             .control
             .lock()
