@@ -1254,8 +1254,7 @@ mod tests {
     }
 
     #[test]
-    fn a_rank_that_does_not_read_the_service_loop_s_messages_is_failed_and_its_connection_ends_on_the_cut_message(
-    ) {
+    fn a_message_cut_off_by_a_reader_that_stopped_fails_that_reader_and_ends_its_connection() {
         let (dsm, fakes) = rank0_with_fakes(2, None);
         // The fake rank 1 reads nothing of its connection from rank 0's service loop: the messages fill
         // it until one goes out only in part, and its sending gives up after the second it may wait.
