@@ -2257,7 +2257,7 @@ mod tests {
     /// (read-only: the copy was put back), with the manager's entry `expected`.
     fn home_kept_it(dsm: &Dsm, region: &Region<'_>, expected: swmr::Entry) {
         assert_eq!(failed_within(dsm, Duration::from_secs(5)), vec![Rank(1)]);
-        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        let shared = &region.inner;
         // The failure is recorded while the request is served, under the page's manager lock.
         let entry = entry_when_free(shared, 0);
         let state = || shared.state(0).load(Ordering::Acquire) & STATE_MASK;
@@ -2276,7 +2276,7 @@ mod tests {
     fn a_home_whose_page_cannot_reach_a_writer_keeps_it() {
         let (dsm, fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
         let region = home_page(&dsm, &fakes);
-        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        let shared = &region.inner;
         let before = shared.slot(0).load();
         assert_eq!(before.owner, Some(Rank(0)));
         // Rank 1 asks to write the page, then stops reading, as a rank that dies does: the page the home
@@ -2297,7 +2297,7 @@ mod tests {
     fn a_home_whose_grant_cannot_reach_a_writer_keeps_its_copy() {
         let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
         let region = home_page(&dsm, &fakes);
-        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        let shared = &region.inner;
         // Rank 2 reads the page: the home keeps a copy beside it.
         fake_reads_the_home_page(&fakes[1].fake, shared);
         // Rank 1 asks to write it, and stops reading: the grant (the home's copy, and rank 2's to
@@ -2317,7 +2317,7 @@ mod tests {
     fn a_home_whose_upgrade_cannot_reach_its_reader_keeps_its_copy() {
         let (dsm, fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
         let region = home_page(&dsm, &fakes);
-        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        let shared = &region.inner;
         // Rank 1 reads the page: the home keeps its copy, read-only, beside rank 1's.
         fake_reads_the_home_page(&fakes[0].fake, shared);
         let before = shared.slot(0).load();
@@ -2501,7 +2501,7 @@ mod tests {
     fn a_rank_that_cuts_this_one_off_lives_on_with_its_copies() {
         let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
         let region = home_page(&dsm, &fakes);
-        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        let shared = &region.inner;
         fake_reads_the_home_page(&fakes[0].fake, shared);
         // Rank 1 takes rank 0 for failed (its silence, say) and cuts it off, as `Channels::cut_off`
         // does: its channels' connections end both ways. Its service loop's own stays: it lives on.
@@ -2520,7 +2520,7 @@ mod tests {
     fn a_rank_that_leaves_holding_a_grant_does_not_keep_its_page_locked() {
         let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
         let region = home_page(&dsm, &fakes);
-        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        let shared = &region.inner;
         // Rank 2 takes the page to write; rank 1 then asks to write it, and the home grants it (rank 1 is
         // to fetch it from rank 2), holding the page locked until rank 1's Unlock.
         let reply = fake_asks(&fakes[1].fake, shared, Access::Write);
@@ -2537,11 +2537,10 @@ mod tests {
         drop(rank1);
         // The page is not left locked: the transaction ended as granted, rank 1 owning the page.
         let (tx, rx) = std::sync::mpsc::channel();
-        let addr = region.as_ptr() as usize;
+        let shared = region.inner.clone();
         // (A thread of its own, so that a page left locked fails the test instead of hanging it.)
         std::thread::spawn(move || {
-            let shared = crate::region::lookup(addr).expect("the region is ours");
-            let _ = tx.send(entry_when_free(shared, 0));
+            let _ = tx.send(entry_when_free(&shared, 0));
         });
         let entry = rx
             .recv_timeout(Duration::from_secs(5))
@@ -2554,7 +2553,7 @@ mod tests {
     fn an_owner_that_fails_reading_its_own_page_stays_its_owner_and_out_of_its_copies() {
         let (dsm, fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
         let region = home_page(&dsm, &fakes);
-        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        let shared = &region.inner;
         // Rank 1 writes the page (the home's copy goes to it), then asks to read it, as a rank whose copy
         // was dropped under it would: the home answers that it holds the page, and waits for its Unlock.
         let fake = &fakes[0].fake;
@@ -2584,7 +2583,7 @@ mod tests {
     fn a_page_whose_only_copy_left_with_its_owner_is_refused_naming_it() {
         let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
         let region = home_page(&dsm, &fakes);
-        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        let shared = &region.inner;
         // Rank 1 writes the page: the home's copy goes to it, and its copy is the only one.
         let reply = fake_asks(&fakes[0].fake, shared, Access::Write);
         assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
@@ -2612,7 +2611,7 @@ mod tests {
     fn a_failed_rank_whose_service_loop_connection_ends_has_left_with_its_copies() {
         let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
         let region = home_page(&dsm, &fakes);
-        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        let shared = &region.inner;
         fake_reads_the_home_page(&fakes[0].fake, shared);
         // Rank 1 dies, and rank 0 sees its channel's connection end first: it is failed, and its service
         // loop's connection, ending later, still says that it has left the job.
@@ -2636,7 +2635,7 @@ mod tests {
         let (dsm, fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
         let pages = 4;
         let region = homed_region(&dsm, &fakes, pages);
-        let shared = crate::region::lookup(region.as_ptr() as usize).expect("the region is ours");
+        let shared = &region.inner;
         // Rank 1 reads the first page, with read-ahead over the others, and stops reading: each would be
         // its (zeros, as their first toucher), but the answer cannot be sent.
         fakes[0].fake.shutdown(std::net::Shutdown::Read).unwrap();
