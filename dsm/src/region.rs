@@ -708,15 +708,27 @@ impl RegionShared {
         Ok(())
     }
 
-    /// Drops the local copy of `page`.
-    pub(crate) fn discard(&self, page: u64) -> Result<(), Errno> {
-        self.discard_run(page, 1)
-    }
-
-    /// Drops the local copies of `count` pages from `page`, with one system call.
-    pub(crate) fn discard_run(&self, page: u64, count: u64) -> Result<(), Errno> {
+    /// Drops this rank's (`me`) copies of `count` pages from `page`, with one system call; the caller has
+    /// marked them invalid, so that the next access faults and fetches them again. Should the kernel
+    /// refuse, the rank ends, saying so: a copy left in place would be read as it is, stale, for good,
+    /// since nothing makes a read of a present page fault.
+    pub(crate) fn drop_copies(&self, me: Rank, page: u64, count: u64) {
         assert!(page + count <= self.pages);
-        uffd::discard(self.addr(page), count as usize * PAGE_SIZE)
+        if let Err(e) = uffd::discard(self.addr(page), count as usize * PAGE_SIZE) {
+            let hint = if e == Errno::EINVAL {
+                " (the kernel refuses to drop locked memory: a program must not mlock or mlockall shared regions)"
+            } else {
+                ""
+            };
+            let pages = match count {
+                1 => format!("page {page}"),
+                _ => format!("pages {page}..{}", page + count),
+            };
+            crate::engine::end_rank(
+                me,
+                &format!("dropping {pages} of region {} failed: {e}{hint}", self.id),
+            )
+        }
     }
 
     /// The bytes of a page that is present here and write-protected (or otherwise not being written), for

@@ -1147,6 +1147,22 @@ fn a_home_announces_only_the_diffed_pages_it_wrote_itself() {
     passes_at(&[2], CHECK, &["homediffs", "--rounds", "200"]);
 }
 
+/// A rank whose memory is locked cannot drop its copies of shared pages: under either model, it ends
+/// saying why (and what to do) as soon as it must drop one, rather than go on reading the copy stale.
+#[test]
+fn a_rank_that_cannot_drop_a_copy_because_its_memory_is_locked_ends_saying_so() {
+    for model in ["sequential", "release"] {
+        let (o, out) = job(CHECK, 2, &["lockedcopy", "--consistency", model]);
+        assert_eq!(o.failed_rank, Some(0), "{model}: {out}");
+        assert_eq!(o.code, dsm::EXIT_INTERNAL, "{model}: {out}");
+        assert!(
+            out.contains("must not mlock or mlockall shared regions); ending this rank"),
+            "{model}: {out}"
+        );
+        assert!(!out.contains("went on"), "{model}: {out}");
+    }
+}
+
 /// A home announces a page a fetch caught it writing, even when it wrote the page back to the bytes it had
 /// when another rank's diff came: the rank that fetched it drops the copy when it acquires that release.
 #[test]

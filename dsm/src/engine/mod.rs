@@ -959,11 +959,7 @@ impl Engine {
     }
 
     fn die(&self, what: &str) -> ! {
-        say(&format!(
-            "dsm: {}: {what}; ending this rank",
-            self.shared.me
-        ));
-        std::process::exit(crate::EXIT_INTERNAL);
+        end_rank(self.shared.me, what)
     }
 }
 
@@ -1047,6 +1043,14 @@ fn truncated(s: &str, max: usize) -> &str {
 fn send_timeout(conn: &Conn, t: Duration) -> crate::Result<()> {
     conn.set_send_timeout(t)
         .map_err(|e| crate::DsmError::sys("setsockopt(SO_SNDTIMEO)", e))
+}
+
+/// Ends this rank (`me`) at once, saying `what` went wrong: for a failure that leaves it unable to keep its
+/// pages right, where going on could hand the program stale data. Its peers see it fail as they see any
+/// rank die.
+pub(crate) fn end_rank(me: Rank, what: &str) -> ! {
+    say(&format!("dsm: {me}: {what}; ending this rank"));
+    std::process::exit(crate::EXIT_INTERNAL)
 }
 
 /// Writes `line` and a newline to standard error in one `write`, so that the lines of ranks whose error

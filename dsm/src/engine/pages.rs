@@ -991,12 +991,7 @@ impl Engine {
     /// Drops this rank's copy: the state first (so that a new fault waits for the manager), then the page.
     fn drop_copy(&mut self, region: &RegionShared, page: u64) {
         set_state(region.state(page), INVALID);
-        if let Err(e) = region.discard(page) {
-            self.die(&format!(
-                "MADV_DONTNEED of page {page} of region {} failed: {e}",
-                region.id
-            ));
-        }
+        region.drop_copies(self.shared.me, page, 1);
         Counters::add(&self.shared.counters.invalidations, 1);
     }
 

@@ -934,12 +934,8 @@ fn bring_up_to_date(
         set_state(region.state(page), INVALID);
     }
     region.forget_twins(stale);
-    // Every one is discarded even after a failure; the first error is reported.
-    let discarded = stale
-        .iter()
-        .map(|&page| region.discard(page))
-        .fold(Ok(()), Result::and);
     for &page in stale {
+        region.drop_copies(shared.me, page, 1);
         release_busy(region, page);
     }
     Counters::add(&shared.counters.pages_updated, writable as u64);
@@ -954,8 +950,7 @@ fn bring_up_to_date(
             ),
             e,
         )
-    })?;
-    discarded.map_err(|e| DsmError::sys(format!("dropping a page of region {}", region.id), e))
+    })
 }
 
 /// Drops pages at an acquire, a run of neighbouring clean pages at a time: the pages are marked invalid
@@ -1014,21 +1009,11 @@ impl Dropper<'_> {
         let Some((region, first, len)) = self.run.take() else {
             return;
         };
-        let result = region.discard_run(first, len).map_err(|e| {
-            DsmError::sys(
-                format!(
-                    "dropping pages {first}..{} of region {} at an acquire",
-                    first + len,
-                    region.id
-                ),
-                e,
-            )
-        });
+        region.drop_copies(self.shared.me, first, len);
         Counters::add(&self.shared.counters.acquire_invalidations, len);
         for page in first..first + len {
             release_busy(&region, page);
         }
-        self.note(result);
     }
 
     fn note(&mut self, result: Result<()>) {
@@ -1107,12 +1092,7 @@ fn drop_claimed(shared: &Shared, region: &Arc<RegionShared>, page: u64) -> Resul
         }
         if result.is_ok() {
             set_state(word, INVALID);
-            result = region.discard(page).map_err(|e| {
-                DsmError::sys(
-                    format!("dropping page {page} of region {} at an acquire", region.id),
-                    e,
-                )
-            });
+            region.drop_copies(shared.me, page, 1);
             Counters::add(&shared.counters.acquire_invalidations, 1);
         }
     }

@@ -63,6 +63,10 @@
 //!   rank 2 dies, so that every release of rank 1 fails from then on: its writes to rank 0's pages must
 //!   still reach their home (a release goes on past a home that failed), and be announced once, not again
 //!   at every release that fails after (rank 3, reading them under the lock, drops them only once);
+//! - `lockedcopy`: (2 ranks) rank 0 holds a copy of a page homed at rank 1 and locks its memory
+//!   (`mlockall`), which the kernel will not then let it drop; rank 1 writes the page and rank 0 acquires
+//!   it (under release consistency, selectively after a barrier): rank 0 must end, saying why, rather than
+//!   go on reading its copy stale;
 //! - `sentsigbus`: a SIGBUS sent to a rank (not a fault) kills it, as it would without dsm;
 //! - `diewriting`: (under --keep-going) a rank dies while it and another write one page in turn; the other
 //!   must finish or fail naming it, never hang.
@@ -75,7 +79,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 #[derive(Debug, Parser)]
 struct Args {
     /// counter | mp | sb | pages | latehome | homediffs | revertedhome | flushbatch | carrylock | selective | bytes | mplock | manylocks | readahead | slices | coalesce | firsttouch | lockfault | grantwait | panicwaited |
-    /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | freeze | pause | diewriting | readerdies | ownerdies | datalost | diffhomedies | releaseafterdeath | sentsigbus
+    /// errorwaited | quitwaited | panicbarrier | servicefault | idle | ownmpi | die | stop | partition | freeze | pause | diewriting | readerdies | ownerdies | datalost | diffhomedies | releaseafterdeath | lockedcopy | sentsigbus
     check: String,
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
@@ -84,7 +88,7 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Memory model of the shared data: sequential or release (counter, pages, latehome, bytes, mplock,
-    /// firsttouch, readahead).
+    /// firsttouch, readahead, lockedcopy).
     #[arg(long, default_value = "sequential")]
     consistency: String,
 }
@@ -338,6 +342,32 @@ fn main() -> anyhow::Result<()> {
             }
             drop(v);
             println!("latehome ok: {} rounds", args.rounds);
+        }
+        "lockedcopy" => {
+            ensure!(n == 2, "lockedcopy needs 2 ranks");
+            let v =
+                dsm.alloc_vec_in::<u64>(WORDS_PER_PAGE, dsm::Placement::At(dsm::Rank(1)), model)?;
+            if me == 0 {
+                ensure!(v.get(0) == 0, "rank 0 read a fresh page as {}", v.get(0));
+                nix::sys::mman::mlockall(nix::sys::mman::MlockAllFlags::MCL_CURRENT)
+                    .context("mlockall (run the check as root)")?;
+            }
+            dsm.barrier()?;
+            if me == 1 {
+                // Sequential consistency: the write asks rank 0 to drop its copy.
+                v.set(0, 7);
+            }
+            dsm.barrier()?;
+            if me == 0 {
+                // Release consistency: the barrier may have brought the copy up to date in place; a
+                // selective acquire drops it whatever it holds.
+                v.acquire_range(0..1)?;
+                anyhow::bail!(
+                    "rank 0 went on with a copy it could not drop: it reads {}",
+                    v.get(0)
+                );
+            }
+            dsm.barrier()?;
         }
         "homediffs" => {
             ensure!(n == 2, "homediffs needs 2 ranks");
