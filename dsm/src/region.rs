@@ -156,28 +156,63 @@ unsafe impl<T: Sync> Sync for ZeroedArray<T> {}
 // SAFETY: the mapping is not tied to a thread.
 unsafe impl<T: Send> Send for ZeroedArray<T> {}
 
+/// Maps `len` bytes of fresh private anonymous memory, readable and writable and empty until touched: at
+/// `at`, replacing what is there, or where the kernel chooses. In a process that locked its future memory
+/// (`mlockall` with `MCL_FUTURE`) an accessible new mapping is locked and filled in at once: a region's
+/// pages with zeros before userfaultfd watches them, so that they would never be fetched from their homes,
+/// and an array of twins with as many pages as its region. So the mapping is made inaccessible, unlocked
+/// (nothing is filled in while it is inaccessible) and only then opened.
+///
+/// # Safety
+/// With `at`, `[at, at + len)` must be memory of this process that nothing uses: it is replaced. Should
+/// the call fail after replacing it, the range is left mapped inaccessible and empty.
+unsafe fn map_empty(at: Option<usize>, len: usize) -> Result<*mut libc::c_void, Errno> {
+    let (addr, fixed) = match at {
+        Some(a) => (a as *mut libc::c_void, libc::MAP_FIXED),
+        None => (std::ptr::null_mut(), 0),
+    };
+    // SAFETY: a private anonymous mapping where the kernel chooses (it aliases nothing), or at `at`, which
+    // the caller vouches nothing uses.
+    let ptr = unsafe {
+        libc::mmap(
+            addr,
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | fixed,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(Errno::last());
+    }
+    let opened = uffd::unlock(ptr as usize, len).and_then(|()| {
+        // SAFETY: the mapping made just above, which holds nothing yet.
+        match unsafe { libc::mprotect(ptr, len, libc::PROT_READ | libc::PROT_WRITE) } {
+            0 => Ok(()),
+            _ => Err(Errno::last()),
+        }
+    });
+    match opened {
+        Ok(()) => Ok(ptr),
+        Err(e) => {
+            if at.is_none() {
+                // SAFETY: the mapping made above, which nothing has seen.
+                unsafe { libc::munmap(ptr, len) };
+            }
+            Err(e)
+        }
+    }
+}
+
 impl<T> ZeroedArray<T> {
     /// # Safety
     /// The all-zero bit pattern must be a valid `T`.
     unsafe fn new(len: usize) -> Result<ZeroedArray<T>> {
         let bytes = (len.max(1) * std::mem::size_of::<T>()).next_multiple_of(PAGE_SIZE);
-        // SAFETY: a fresh private anonymous mapping at an address the kernel chooses; it aliases nothing.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(DsmError::sys(
-                format!("mmap of {bytes} bytes of page metadata"),
-                Errno::last(),
-            ));
-        }
+        // SAFETY: where the kernel chooses: nothing is replaced.
+        let ptr = unsafe { map_empty(None, bytes) }
+            .map_err(|e| DsmError::sys(format!("mapping {bytes} bytes of page metadata"), e))?;
         Ok(ZeroedArray {
             ptr: ptr.cast(),
             len,
@@ -709,24 +744,29 @@ impl RegionShared {
     }
 
     /// Drops this rank's (`me`) copies of `count` pages from `page`, with one system call; the caller has
-    /// marked them invalid, so that the next access faults and fetches them again. Should the kernel
-    /// refuse, the rank ends, saying so: a copy left in place would be read as it is, stale, for good,
-    /// since nothing makes a read of a present page fault.
+    /// marked them invalid, so that the next access faults and fetches them again. The kernel refuses to
+    /// drop locked pages (`EINVAL`): a program that locked its memory after the region was made
+    /// (`mlockall` with `MCL_CURRENT`) locked the region's too, which is unlocked, whole, and the drop
+    /// tried again. Should the kernel still refuse, the rank ends, saying so: a copy left in place would be
+    /// read as it is, stale, for good, since nothing makes a read of a present page fault.
     pub(crate) fn drop_copies(&self, me: Rank, page: u64, count: u64) {
         assert!(page + count <= self.pages);
-        if let Err(e) = uffd::discard(self.addr(page), count as usize * PAGE_SIZE) {
-            let hint = if e == Errno::EINVAL {
-                " (the kernel refuses to drop locked memory: a program must not mlock or mlockall shared regions)"
-            } else {
-                ""
-            };
+        let (addr, len) = (self.addr(page), count as usize * PAGE_SIZE);
+        let dropped = uffd::discard(addr, len).or_else(|e| match e {
+            Errno::EINVAL => {
+                uffd::unlock(self.base, self.len)?;
+                uffd::discard(addr, len)
+            }
+            e => Err(e),
+        });
+        if let Err(e) = dropped {
             let pages = match count {
                 1 => format!("page {page}"),
                 _ => format!("pages {page}..{}", page + count),
             };
             crate::engine::end_rank(
                 me,
-                &format!("dropping {pages} of region {} failed: {e}{hint}", self.id),
+                &format!("dropping {pages} of region {} failed: {e}", self.id),
             )
         }
     }
@@ -1067,26 +1107,16 @@ pub struct Region<'d> {
 impl<'d> Region<'d> {
     pub(crate) fn map(inner: Arc<RegionShared>) -> Result<Region<'d>> {
         // SAFETY: the range lies inside the arena reservation owned by this process's Dsm (PROT_NONE so far,
-        // holding no data); MAP_FIXED replaces only that reservation with fresh anonymous memory.
-        let ptr = unsafe {
-            libc::mmap(
-                inner.base as *mut libc::c_void,
-                inner.len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                -1,
-                0,
+        // holding no data): only that reservation is replaced. Should the mapping fail part-way, the range
+        // is left inaccessible and empty, as the reservation was.
+        let opened = unsafe { map_empty(Some(inner.base), inner.len) }.map_err(|e| {
+            DsmError::sys(
+                format!("mapping a {} byte region at {:#x}", inner.len, inner.base),
+                e,
             )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(DsmError::sys(
-                format!("mmap of a {} byte region at {:#x}", inner.len, inner.base),
-                Errno::last(),
-            ));
-        }
-        let registered = inner
-            .shared
-            .uffd()
+        });
+        let registered = opened
+            .and_then(|_| inner.shared.uffd())
             .and_then(|uffd| uffd.register(inner.base, inner.len))
             .and_then(|()| register(&inner));
         match registered {

@@ -222,6 +222,20 @@ pub(crate) fn discard(addr: usize, len: usize) -> Result<(), Errno> {
     }
 }
 
+/// Unlocks the pages of `[addr, addr + len)` (`munlock`), which a program's `mlock` or `mlockall` may have
+/// locked: the kernel will not drop locked pages (`discard` fails with `EINVAL`), and a shared region's
+/// copies must be droppable.
+pub(crate) fn unlock(addr: usize, len: usize) -> Result<(), Errno> {
+    // SAFETY: munlock only clears the lock of the range's mappings (this crate's); no page or content
+    // changes.
+    let rc = unsafe { libc::munlock(addr as *const libc::c_void, len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
+}
+
 /// The most untouched pages a first touch fills with zeros at once, and the most a home hands a first
 /// writer at once (see `fault::claim_zero_fill` and write-ahead in `fault::remote_transaction`).
 pub(crate) const ZERO_FILL_MAX: u64 = 64;

@@ -63,10 +63,10 @@
 //!   rank 2 dies, so that every release of rank 1 fails from then on: its writes to rank 0's pages must
 //!   still reach their home (a release goes on past a home that failed), and be announced once, not again
 //!   at every release that fails after (rank 3, reading them under the lock, drops them only once);
-//! - `lockedcopy`: (2 ranks) rank 0 holds a copy of a page homed at rank 1 and locks its memory
-//!   (`mlockall`), which the kernel will not then let it drop; rank 1 writes the page and rank 0 acquires
-//!   it (under release consistency, selectively after a barrier): rank 0 must end, saying why, rather than
-//!   go on reading its copy stale;
+//! - `lockedcopy`: (2 ranks) rank 0 locks its memory (`mlockall`, now and to come) between allocating two
+//!   regions homed at rank 1, which writes their pages round after round: rank 0 must read each round's
+//!   values, fetched (not a zero page the kernel filled in for the locked mapping) and dropped again when
+//!   written (locked pages cannot be dropped until unlocked);
 //! - `sentsigbus`: a SIGBUS sent to a rank (not a fault) kills it, as it would without dsm;
 //! - `diewriting`: (under --keep-going) a rank dies while it and another write one page in turn; the other
 //!   must finish or fail naming it, never hang.
@@ -345,29 +345,65 @@ fn main() -> anyhow::Result<()> {
         }
         "lockedcopy" => {
             ensure!(n == 2, "lockedcopy needs 2 ranks");
-            let v =
-                dsm.alloc_vec_in::<u64>(WORDS_PER_PAGE, dsm::Placement::At(dsm::Rank(1)), model)?;
+            // Rank 0 locks its memory, now and to come, between the two allocations: `early`'s mapping is
+            // locked by the call, `late`'s (64 MiB) as it is made. Every page is homed at rank 1.
+            let alloc =
+                |words| dsm.alloc_vec_in::<u64>(words, dsm::Placement::At(dsm::Rank(1)), model);
+            // A line of /proc/self/status, in KiB.
+            let status_kib = |field: &str| -> anyhow::Result<u64> {
+                let status = std::fs::read_to_string("/proc/self/status")?;
+                let line = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(field))
+                    .with_context(|| format!("no {field} in /proc/self/status"))?;
+                Ok(line.trim().trim_end_matches("kB").trim().parse()?)
+            };
+            let early = alloc(WORDS_PER_PAGE)?;
             if me == 0 {
-                ensure!(v.get(0) == 0, "rank 0 read a fresh page as {}", v.get(0));
-                nix::sys::mman::mlockall(nix::sys::mman::MlockAllFlags::MCL_CURRENT)
+                use nix::sys::mman::{mlockall, MlockAllFlags};
+                mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE)
                     .context("mlockall (run the check as root)")?;
             }
-            dsm.barrier()?;
-            if me == 1 {
-                // Sequential consistency: the write asks rank 0 to drop its copy.
-                v.set(0, 7);
-            }
-            dsm.barrier()?;
+            let (locked, before) = (status_kib("VmLck:")?, status_kib("VmRSS:")?);
+            let late = alloc(16384 * WORDS_PER_PAGE)?;
             if me == 0 {
-                // Release consistency: the barrier may have brought the copy up to date in place; a
-                // selective acquire drops it whatever it holds.
-                v.acquire_range(0..1)?;
-                anyhow::bail!(
-                    "rank 0 went on with a copy it could not drop: it reads {}",
-                    v.get(0)
+                ensure!(locked > 0, "mlockall locked nothing");
+                // Its metadata takes a few hundred KiB; its pages (and, under release consistency, its
+                // twins) nothing until used.
+                let grew = status_kib("VmRSS:")?.saturating_sub(before);
+                ensure!(
+                    grew < 8 << 10,
+                    "allocating a region of 64 MiB took {grew} KiB more of memory"
                 );
             }
-            dsm.barrier()?;
+            for value in 1..=args.rounds as u64 {
+                if me == 1 {
+                    early.set(0, value);
+                    late.set(0, value);
+                }
+                // Under sequential consistency rank 1's writes took rank 0's copies away; under release
+                // consistency the barrier updates them or drops them, and a selective acquire drops them.
+                dsm.barrier()?;
+                if me == 0 {
+                    for (name, v) in [("early", &early), ("late", &late)] {
+                        ensure!(
+                            v.get(0) == value,
+                            "rank 0 reads {} in {name}'s page, not {value}",
+                            v.get(0)
+                        );
+                        if model == dsm::Consistency::Release {
+                            v.acquire_range(0..1)?;
+                            ensure!(
+                                v.get(0) == value,
+                                "rank 0 fetched {} in {name}'s page, not {value}",
+                                v.get(0)
+                            );
+                        }
+                    }
+                }
+                dsm.barrier()?;
+            }
+            println!("lockedcopy ok: {}", args.rounds);
         }
         "homediffs" => {
             ensure!(n == 2, "homediffs needs 2 ranks");
