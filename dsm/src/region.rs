@@ -846,7 +846,13 @@ impl RegionShared {
         let Some(twins) = &self.twins else { return };
         let give_back = |(first, n): (u64, usize)| {
             let addr = twins.pages.as_slice()[first as usize].0.get() as usize;
-            let _ = uffd::discard(addr, n * PAGE_SIZE);
+            // Memory a program locked after the region was made (`mlockall`) is unlocked, as the
+            // region's is (`drop_copies`). A twin that stays is only memory not given back.
+            if uffd::discard(addr, n * PAGE_SIZE) == Err(Errno::EINVAL) {
+                let all = twins.pages.as_slice();
+                let _ = uffd::unlock(all.as_ptr() as usize, std::mem::size_of_val(all))
+                    .and_then(|()| uffd::discard(addr, n * PAGE_SIZE));
+            }
         };
         // The open run of twins whose memory goes back: its first page and length.
         let mut run: Option<(u64, usize)> = None;

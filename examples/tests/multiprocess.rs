@@ -1152,10 +1152,11 @@ fn a_home_announces_only_the_diffed_pages_it_wrote_itself() {
 #[test]
 fn a_rank_that_locks_its_memory_still_fetches_and_drops_shared_pages() {
     for model in ["sequential", "release"] {
-        let (o, out) = job(
+        let (o, out) = job_with_env(
             CHECK,
             2,
             &["lockedcopy", "--consistency", model, "--rounds", "20"],
+            &[("DSM_TWIN_MEMORY", "0")],
         );
         assert_eq!(o.code, 0, "{model}: {out}");
         assert!(out.contains("lockedcopy ok: 20"), "{model}: {out}");

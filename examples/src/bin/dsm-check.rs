@@ -345,8 +345,8 @@ fn main() -> anyhow::Result<()> {
         }
         "lockedcopy" => {
             ensure!(n == 2, "lockedcopy needs 2 ranks");
-            // Rank 0 locks its memory, now and to come, between the two allocations: `early`'s mapping is
-            // locked by the call, `late`'s (64 MiB) as it is made. Every page is homed at rank 1.
+            // Rank 0 locks its memory, now and to come, between the two allocations: `early`'s mapping (16
+            // MiB) is locked by the call, `late`'s (64 MiB) as it is made. Every page is homed at rank 1.
             let alloc =
                 |words| dsm.alloc_vec_in::<u64>(words, dsm::Placement::At(dsm::Rank(1)), model);
             // A line of /proc/self/status, in KiB.
@@ -358,7 +358,7 @@ fn main() -> anyhow::Result<()> {
                     .with_context(|| format!("no {field} in /proc/self/status"))?;
                 Ok(line.trim().trim_end_matches("kB").trim().parse()?)
             };
-            let early = alloc(WORDS_PER_PAGE)?;
+            let early = alloc(4096 * WORDS_PER_PAGE)?;
             if me == 0 {
                 use nix::sys::mman::{mlockall, MlockAllFlags};
                 mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE)
@@ -403,6 +403,23 @@ fn main() -> anyhow::Result<()> {
                 }
                 dsm.barrier()?;
             }
+            if model == dsm::Consistency::Release && me == 0 {
+                // `early`'s copies are all here (locking its mapping filled it in, fetching every page).
+                // Their twins (16 MiB) go back at the release (DSM_TWIN_MEMORY=0), though the array that
+                // holds them was locked.
+                let before = status_kib("VmRSS:")?;
+                for p in 0..4096 {
+                    early.set(p * WORDS_PER_PAGE + 1, 1);
+                }
+                let guard = dsm.lock(0)?;
+                guard.unlock()?;
+                let grew = status_kib("VmRSS:")?.saturating_sub(before);
+                ensure!(
+                    grew < 8 << 10,
+                    "writing 16 MiB of pages took {grew} KiB more of memory once released"
+                );
+            }
+            dsm.barrier()?;
             println!("lockedcopy ok: {}", args.rounds);
         }
         "homediffs" => {
