@@ -1115,14 +1115,16 @@ impl<'d> Region<'d> {
         // SAFETY: the range lies inside the arena reservation owned by this process's Dsm (PROT_NONE so far,
         // holding no data): only that reservation is replaced. Should the mapping fail part-way, the range
         // is left inaccessible and empty, as the reservation was.
-        let opened = unsafe { map_empty(Some(inner.base), inner.len) }.map_err(|e| {
-            DsmError::sys(
-                format!("mapping a {} byte region at {:#x}", inner.len, inner.base),
-                e,
-            )
-        });
+        let opened = unsafe { map_empty(Some(inner.base), inner.len) }
+            .and_then(|_| uffd::keep_from_children(inner.base, inner.len))
+            .map_err(|e| {
+                DsmError::sys(
+                    format!("mapping a {} byte region at {:#x}", inner.len, inner.base),
+                    e,
+                )
+            });
         let registered = opened
-            .and_then(|_| inner.shared.uffd())
+            .and_then(|()| inner.shared.uffd())
             .and_then(|uffd| uffd.register(inner.base, inner.len))
             .and_then(|()| register(&inner));
         match registered {

@@ -224,3 +224,30 @@ fn a_selective_range_outside_its_region_is_refused_and_an_empty_one_is_nothing()
         }
     }
 }
+
+#[test]
+fn a_child_process_forked_by_a_rank_has_no_shared_memory() {
+    let dsm = Dsm::builder().build().unwrap();
+    let v = dsm.alloc_vec::<u64>(1024).unwrap();
+    v.set(0, 7);
+    let word = v.region().as_ptr() as *const u64;
+    // SAFETY: the child only reads one word and ends with `_exit`, both async-signal-safe, so the locks
+    // other threads of this test process may have held at the fork do not matter.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: reading the region's first word, present in the parent: in the child the range must not
+        // be mapped at all, and the read must kill it.
+        let seen = unsafe { std::ptr::read_volatile(word) };
+        // SAFETY: ends the child at once, without running anything of the parent's.
+        unsafe { libc::_exit(if seen == 7 { 10 } else { 11 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child forked above.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV,
+        "the child read the region (status {status:#x}: exit 10 = its parent's copy, 11 = zeros)"
+    );
+    assert_eq!(v.get(0), 7);
+}

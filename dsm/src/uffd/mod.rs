@@ -236,6 +236,20 @@ pub(crate) fn unlock(addr: usize, len: usize) -> Result<(), Errno> {
     }
 }
 
+/// Keeps the pages of `[addr, addr + len)` out of child processes (`MADV_DONTFORK`): a child forked by a
+/// rank has no userfaultfd watching them, so it would read its parent's copies as they were and zeros for
+/// the rest. Without the range, touching it there is a segmentation fault.
+pub(crate) fn keep_from_children(addr: usize, len: usize) -> Result<(), Errno> {
+    // SAFETY: MADV_DONTFORK changes only whether fork copies the range (this crate's mapping) into a child;
+    // nothing in this process changes.
+    let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTFORK) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Errno::last())
+    }
+}
+
 /// The most untouched pages a first touch fills with zeros at once, and the most a home hands a first
 /// writer at once (see `fault::claim_zero_fill` and write-ahead in `fault::remote_transaction`).
 pub(crate) const ZERO_FILL_MAX: u64 = 64;
