@@ -644,6 +644,19 @@ impl Dsm {
         }
     }
 
+    /// Removes the service registered under `id` on this rank, returning it. Calls that arrive afterwards
+    /// are refused, as for an id never registered; a call being served finishes. Not collective: a
+    /// program that registers the service again under the same id does so on every rank, then `barrier`,
+    /// as the first time.
+    pub fn unregister_service(&self, id: ServiceId) -> Option<Arc<dyn Service>> {
+        let mut services = self
+            .shared
+            .services
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        services.get_mut(id as usize)?.take()
+    }
+
     /// Whether a service is registered under `id` on this rank.
     pub fn service_registered(&self, id: ServiceId) -> bool {
         self.shared.service(id).is_some()

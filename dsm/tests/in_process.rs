@@ -121,6 +121,43 @@ fn large_answers(links: Links) {
 }
 
 #[test]
+fn a_service_unregistered_is_refused_and_may_be_registered_again() {
+    run_local_job_with(Links::Sockets, 2, 2, |dsm| {
+        dsm.register_service(5, Arc::new(Echo)).unwrap();
+        dsm.barrier().unwrap();
+        if dsm.rank() == Rank(0) {
+            assert!(dsm.unregister_service(5).is_some());
+            assert!(!dsm.service_registered(5));
+            assert!(dsm.unregister_service(5).is_none());
+        }
+        dsm.barrier().unwrap();
+        if dsm.rank() == Rank(1) {
+            let e = dsm.call(Rank(0), 5, &[&3u64.to_le_bytes()]).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    DsmError::NoSuchService {
+                        rank: Rank(0),
+                        id: 5
+                    }
+                ),
+                "{e}"
+            );
+        }
+        dsm.barrier().unwrap();
+        if dsm.rank() == Rank(0) {
+            dsm.register_service(5, Arc::new(Echo)).unwrap();
+        }
+        dsm.barrier().unwrap();
+        if dsm.rank() == Rank(1) {
+            let answer = dsm.call(Rank(0), 5, &[&3u64.to_le_bytes()]).unwrap();
+            assert_eq!(answer, vec![7u8; 3]);
+        }
+        dsm.barrier().unwrap();
+    });
+}
+
+#[test]
 fn a_call_that_gives_up_on_a_service_not_there_leaves_its_connection_clean() {
     // Rank 1 calls a service rank 0 has not registered, with a deadline already past: the request and
     // its cancellation go out, and only the request is answered (refused). Every later call, on every

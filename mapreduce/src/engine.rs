@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// One rank's MapReduce engine: create one per rank (collectively), then run jobs on it, every rank the same
-/// jobs in the same order.
+/// jobs in the same order. A rank has one engine at a time; once every rank has dropped theirs, they may
+/// create new ones (collectively again).
 #[derive(Debug)]
 pub struct MapReduce {
     space: TupleSpace,
@@ -123,7 +124,7 @@ impl MapReduce {
         let dsm = space.dsm();
         if dsm.service_registered(shuffle::SERVICE) {
             return Err(MapReduceError::Config(format!(
-                "{} has a MapReduce engine already: create one per rank and run every job on it",
+                "{} has a MapReduce engine already: create one per rank and run every job on it (or drop it first)",
                 dsm.rank()
             )));
         }
@@ -146,7 +147,8 @@ impl MapReduce {
             .register_service(shuffle::SERVICE, service.clone())
             .and_then(|()| dsm.barrier());
         if let Err(e) = joined {
-            // No engine owns the directory to remove it when dropped.
+            // No engine owns the directory or the service to let them go when dropped.
+            dsm.unregister_service(shuffle::SERVICE);
             remove_locked_dir(&root, alive);
             return Err(RuntimeError::from(e).into());
         }
@@ -1173,6 +1175,8 @@ fn remove_stale_spill_dirs(dir: &Path, host: &str) {
 
 impl Drop for MapReduce {
     fn drop(&mut self) {
+        // This rank may make another engine (every rank does, collectively).
+        self.space.dsm().unregister_service(shuffle::SERVICE);
         remove_locked_dir(&self.root, self.alive.take());
     }
 }

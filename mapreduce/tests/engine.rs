@@ -994,6 +994,30 @@ fn one_engine_per_rank() {
 }
 
 #[test]
+fn an_engine_dropped_on_every_rank_makes_way_for_a_new_one() {
+    let scratch = Scratch::new("again");
+    let dir = scratch.path();
+    let files = write_inputs(&dir, 2, 200, 500);
+    let expect = expected_words(&files);
+    dsm_runtime::local::run_local_job(2, 3, move |rt| {
+        let space = TupleSpace::join(rt).unwrap();
+        for k in 0..2 {
+            let mr = MapReduce::new(&space).unwrap();
+            let out = dir.join(format!("out-{k}"));
+            let config = JobConfig::new(&out)
+                .inputs(&files)
+                .split_size(4 << 10)
+                .partitions(2)
+                .progress(ProgressMode::Never);
+            mr.run(&Words, &config).unwrap();
+            if rt.rank() == Rank(0) {
+                assert_eq!(read_output(&out, 2), expect, "engine {k}");
+            }
+        }
+    });
+}
+
+#[test]
 fn an_engine_whose_barrier_fails_leaves_no_spill_directory() {
     let scratch = Scratch::new("failed-barrier");
     let dir = scratch.path();
