@@ -129,11 +129,20 @@ pub fn default_partition<K: Hash>(key: &K, partitions: usize) -> usize {
     ((h as u128 * partitions as u128) >> 64) as usize
 }
 
+/// What to check about an input the system would not let the job find or open.
+fn path_hint(error: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind::{NotADirectory, NotFound, PermissionDenied};
+    match error.kind() {
+        NotFound | PermissionDenied | NotADirectory => " (check the path and its permissions)",
+        _ => "",
+    }
+}
+
 /// What went wrong with a MapReduce job.
 #[derive(Debug, thiserror::Error)]
 pub enum MapReduceError {
     /// An input file or directory cannot be used.
-    #[error("input {path}: {error} (check the path and its permissions)")]
+    #[error("input {path}: {error}{}", path_hint(error))]
     Input {
         /// The file or directory.
         path: PathBuf,
