@@ -8,8 +8,9 @@
 //! copy, and that taker gets the tuple itself, which then never goes into the store (readers that came
 //! after the taker wait on). So a tuple is taken at most
 //! once, and waiters on one template are served first come, first served. Several tuples put at once go
-//! in together, and then the waiters they concern are served oldest first, each with the oldest match:
-//! a request waiting on several templates gets the one it prefers among them (`put_quietly`).
+//! in together, and then the waiters they concern are served oldest first, each with the oldest match
+//! (of its bucket: a formal-first template's candidates come from every bucket of its arity, in no set
+//! order): a request waiting on several templates gets the one it prefers among them (`put_quietly`).
 
 use crate::tuple::{Template, Tuple, TupleError, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -174,7 +175,8 @@ impl TupleStore {
     }
 
     /// Serves waiting request `id` with the oldest tuple held that its template matches (a copy for a
-    /// reader), if there is one; it then waits no more. `None` when nothing matches or it waits no more.
+    /// reader; for a formal-first template, the oldest of some bucket, as [`TupleStore::find`]), if there is
+    /// one; it then waits no more. `None` when nothing matches or it waits no more.
     pub fn serve(&mut self, id: WaiterId) -> Option<Delivery> {
         let key = self.waiter_keys.get(&id)?.clone();
         let queue = match &key {
@@ -193,7 +195,8 @@ impl TupleStore {
         })
     }
 
-    /// Finds (oldest first within a bucket) and, for `Mode::Take`, removes a tuple matching `template`.
+    /// Finds (oldest first within a bucket; the buckets of a formal-first template's arity in no set order)
+    /// and, for `Mode::Take`, removes a tuple matching `template`.
     pub fn find(&mut self, template: &Template, mode: Mode) -> Result<Option<Tuple>, TupleError> {
         template.check()?;
         let arity = template.arity();
