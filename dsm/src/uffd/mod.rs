@@ -215,11 +215,7 @@ pub(crate) fn discard(addr: usize, len: usize) -> Result<(), Errno> {
     // SAFETY: MADV_DONTNEED on a private anonymous range that this crate mapped; the content is either no
     // longer needed or was read out by the caller. No Rust reference into the range is held by this crate.
     let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(Errno::last())
-    }
+    Errno::result(rc).map(drop)
 }
 
 /// Unlocks the pages of `[addr, addr + len)` (`munlock`), which a program's `mlock` or `mlockall` may have
@@ -229,11 +225,7 @@ pub(crate) fn unlock(addr: usize, len: usize) -> Result<(), Errno> {
     // SAFETY: munlock only clears the lock of the range's mappings (this crate's); no page or content
     // changes.
     let rc = unsafe { libc::munlock(addr as *const libc::c_void, len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(Errno::last())
-    }
+    Errno::result(rc).map(drop)
 }
 
 /// Keeps the pages of `[addr, addr + len)` out of child processes (`MADV_DONTFORK`): a child forked by a
@@ -243,11 +235,7 @@ pub(crate) fn keep_from_children(addr: usize, len: usize) -> Result<(), Errno> {
     // SAFETY: MADV_DONTFORK changes only whether fork copies the range (this crate's mapping) into a child;
     // nothing in this process changes.
     let rc = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTFORK) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(Errno::last())
-    }
+    Errno::result(rc).map(drop)
 }
 
 /// The most untouched pages a first touch fills with zeros at once, and the most a home hands a first
