@@ -188,10 +188,8 @@ unsafe fn map_empty(at: Option<usize>, len: usize) -> Result<*mut libc::c_void, 
     }
     let opened = uffd::unlock(ptr as usize, len).and_then(|()| {
         // SAFETY: the mapping made just above, which holds nothing yet.
-        match unsafe { libc::mprotect(ptr, len, libc::PROT_READ | libc::PROT_WRITE) } {
-            0 => Ok(()),
-            _ => Err(Errno::last()),
-        }
+        let rc = unsafe { libc::mprotect(ptr, len, libc::PROT_READ | libc::PROT_WRITE) };
+        Errno::result(rc).map(drop)
     });
     match opened {
         Ok(()) => Ok(ptr),
