@@ -143,12 +143,15 @@ impl MapReduce {
         // Each task slot's merge holds up to `merge_fan_in` run files open, and map tasks write theirs:
         // Joining the job (`DsmBuilder::build`) let the process have as many files as the system allows.
         let service = std::sync::Arc::new(shuffle::ShuffleService::default());
+        // No engine owns the directory, or the service once registered, to let them go when dropped.
         let joined = dsm
             .register_service(shuffle::SERVICE, service.clone())
-            .and_then(|()| dsm.barrier());
+            .and_then(|()| {
+                dsm.barrier().inspect_err(|_| {
+                    dsm.unregister_service(shuffle::SERVICE);
+                })
+            });
         if let Err(e) = joined {
-            // No engine owns the directory or the service to let them go when dropped.
-            dsm.unregister_service(shuffle::SERVICE);
             remove_locked_dir(&root, alive);
             return Err(RuntimeError::from(e).into());
         }

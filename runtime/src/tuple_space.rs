@@ -432,9 +432,9 @@ impl TupleSpace {
     /// Ends a lease and puts `results` in the same step at the lease's home (results homed elsewhere are
     /// put first, so a failure between the two may put them twice: give results a first field and arity
     /// that hash to the lease's home, the leased tuple's own for one, to have them put exactly once). On
-    /// an error (a result over the limits, a home that
-    /// cannot be reached) the lease is given back, if its home still holds it: the tuple returns to the
-    /// space instead of staying held by this rank, which could no longer name it. The results homed at the
+    /// an error (a result over the limits, a home that cannot be reached) the lease is given back, if its
+    /// home still holds it: the tuple returns to the space instead of staying held by this rank, which
+    /// could no longer name it. The results homed at the
     /// lease's home go with the lease's end in one request, of at most [`dsm::MAX_SERVICE_REQUEST`]
     /// bytes: more is refused, and the same call would be refused again (put some of them first with
     /// [`TupleSpace::out`], or large data in a shared region).
