@@ -77,6 +77,9 @@ pub(crate) struct Shared {
     /// this, unlike `failed` (set on any broken connection, protocol errors included), means its memory
     /// went with it: no copy of a page survives there to be kept coherent.
     pub(crate) gone: Vec<AtomicBool>,
+    /// Ranks whose programs are leaving the job: they said `Finishing` (at their final barrier) or
+    /// `Goodbye`.
+    pub(crate) finishing: Vec<AtomicBool>,
     pub(crate) policy: FailurePolicy,
     /// Set when an operation of this rank returned `PeerFailed` (`Shared::peer_failed_error`): a rank that
     /// then leaves unfinished under `FailurePolicy::Exit` lets the service loop end it as a failure's
@@ -752,6 +755,17 @@ impl Dsm {
             .collect()
     }
 
+    /// Ranks whose programs are leaving the job: they have reached their final barrier ([`Dsm::finish`],
+    /// or the drop of their `Dsm`) or passed it. Such a rank's program does nothing more in the job than
+    /// that barrier, though its service loop goes on answering the others until the job ends: a rank
+    /// that waits for work only such ranks could do would wait for ever.
+    pub fn finishing_ranks(&self) -> Vec<Rank> {
+        (0..self.shared.size)
+            .filter(|r| self.shared.finishing[*r].load(Ordering::Acquire))
+            .map(|r| Rank(r as u32))
+            .collect()
+    }
+
     /// Whether `rank` is seen failing (as [`Dsm::failed_ranks`] reports) within `within`: for telling,
     /// after an error from a call to `rank`, whether it is gone. A rank that dies is noticed at about the
     /// time its connections break; a connection that broke to a rank still alive gives the same error, and
@@ -1065,15 +1079,21 @@ impl Dsm {
             Err(DsmError::LeftWhilePanicking)
         } else if self.abandoned.load(Ordering::Acquire) {
             Err(DsmError::Abandoned)
-        } else if self.failed_ranks().is_empty() {
-            match s.barrier_tagged(0x5707) {
-                // A rank failed, and the barrier said so before this rank's own connections did: under
-                // `Report` that is the branch below (the others finish), however the news came.
-                Err(DsmError::PeerFailed { .. }) if s.policy == FailurePolicy::Report => Ok(()),
-                other => other,
-            }
         } else {
-            Ok(())
+            // The others learn that this rank's program does nothing more than leave: one that waits for
+            // work from it (a task farm's master, for its workers) can stop waiting
+            // (`Dsm::finishing_ranks`).
+            s.tell_others(&Request::Finishing, &[], None);
+            if self.failed_ranks().is_empty() {
+                match s.barrier_tagged(0x5707) {
+                    // A rank failed, and the barrier said so before this rank's own connections did:
+                    // under `Report` that is the branch below (the others finish), however the news came.
+                    Err(DsmError::PeerFailed { .. }) if s.policy == FailurePolicy::Report => Ok(()),
+                    other => other,
+                }
+            } else {
+                Ok(())
+            }
         };
         if result.is_err()
             && s.policy == FailurePolicy::Exit

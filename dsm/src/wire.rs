@@ -95,6 +95,9 @@ pub(crate) enum Request {
     /// (a call that gave up waiting), and is never answered here, even when no service `id` is registered
     /// (the request it withdraws got the refusal, and a second would be read as the next call's answer).
     ServiceCancel { id: u8 },
+    /// The sender's program is leaving the job: it has reached its final barrier and starts nothing more
+    /// of its own (its service loop goes on answering until it says `Goodbye`). No answer.
+    Finishing,
 }
 
 /// Replies, on the connection the request came on.

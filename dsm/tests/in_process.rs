@@ -158,6 +158,28 @@ fn a_service_unregistered_is_refused_and_may_be_registered_again() {
 }
 
 #[test]
+fn ranks_at_their_final_barrier_are_seen_leaving() {
+    job(3, |dsm| {
+        dsm.barrier().unwrap();
+        assert_eq!(dsm.finishing_ranks(), [], "nobody is leaving yet");
+        dsm.barrier().unwrap();
+        if dsm.rank() == Rank(0) {
+            // Ranks 1 and 2 wait at their final barrier for this rank, which sees them leaving.
+            let limit = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while dsm.finishing_ranks() != [Rank(1), Rank(2)] {
+                assert!(
+                    std::time::Instant::now() < limit,
+                    "{:?}",
+                    dsm.finishing_ranks()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        dsm.finish().unwrap();
+    });
+}
+
+#[test]
 fn a_call_that_gives_up_on_a_service_not_there_leaves_its_connection_clean() {
     // Rank 1 calls a service rank 0 has not registered, with a deadline already past: the request and
     // its cancellation go out, and only the request is answered (refused). Every later call, on every

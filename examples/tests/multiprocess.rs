@@ -1530,7 +1530,7 @@ fn a_master_whose_every_worker_died_says_so_instead_of_waiting() {
     assert_ne!(o.code, 0, "{out}");
     assert_eq!(o.lost, [(1, "was killed by SIGABRT".to_string())], "{out}");
     assert!(
-        out.contains("every worker rank of the task farm failed")
+        out.contains("every other rank of the job failed or is leaving it")
             && out.contains("result(s) will never come"),
         "{out}"
     );
@@ -1538,6 +1538,21 @@ fn a_master_whose_every_worker_died_says_so_instead_of_waiting() {
         started.elapsed() < std::time::Duration::from_secs(20),
         "{out}"
     );
+}
+
+/// A worker that stops at a failed task and leaves the job (it reaches its final barrier) leaves no
+/// worker: the master, asking for the results still missing, is told so instead of waiting for ever.
+#[test]
+fn a_master_whose_only_worker_stopped_and_left_says_so_instead_of_waiting() {
+    let started = Instant::now();
+    let (o, out) = job(LINDA, 2, &["farm-deserted"]);
+    assert_eq!(o.code, 0, "{out}");
+    assert!(
+        out.contains("farm-deserted: rank 1 stopped serving and leaves the job")
+            && out.contains("farm-deserted: the master was told: every other rank of the job failed or is leaving it, and no worker of the task farm serves on the master's rank: 9 result(s) will never come"),
+        "{out}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "{out}");
 }
 
 #[test]

@@ -111,9 +111,10 @@ pub enum RuntimeError {
         /// Why not.
         reason: String,
     },
-    /// A task farm's master waits for results that can never come: every other rank failed, and no
-    /// worker serves on the master's own rank.
-    #[error("every worker rank of the task farm failed, and none serves on the master's rank: {missing} result(s) will never come")]
+    /// A task farm's master waits for results that can never come: every other rank failed or is
+    /// leaving the job (its program reached its final barrier), and no worker serves on the master's own
+    /// rank.
+    #[error("every other rank of the job failed or is leaving it, and no worker of the task farm serves on the master's rank: {missing} result(s) will never come")]
     NoWorkers {
         /// Results still awaited.
         missing: usize,

@@ -221,7 +221,8 @@ impl TaskFarm {
     /// [`RuntimeError::TaskFailed`] when a task failed where it ran (once for each such task: the results
     /// taken until then stay in the space, for the next call), with [`RuntimeError::WorkerFailed`] when a
     /// rank's workers could not take part ([`TaskFarm::cannot_serve`]), and with [`RuntimeError::NoWorkers`]
-    /// instead of waiting for ever once every other rank has failed while no `serve` runs on this rank
+    /// instead of waiting for ever once every other rank has failed or is leaving the job (its program
+    /// reached its final barrier: [`dsm::Dsm::finishing_ranks`]) while no `serve` runs on this rank
     /// (through this farm or a clone of it).
     ///
     /// Refused once the farm is stopped ([`TaskFarm::stop`]): workers that found the bag empty have left,
@@ -252,7 +253,13 @@ impl TaskFarm {
                 Err(e) => return fail(got, e),
             };
             let Some(t) = t else {
-                let alone = dsm.failed_ranks().len() + 1 == dsm.size();
+                // Ranks that failed, and ranks whose programs are leaving the job (a worker that stopped
+                // at a failed task, and went on to finish), will serve no more.
+                let mut gone = dsm.failed_ranks();
+                gone.extend(dsm.finishing_ranks());
+                gone.sort_unstable();
+                gone.dedup();
+                let alone = gone.len() + 1 == dsm.size();
                 if alone && dsm.size() > 1 && self.serving.load(Ordering::Acquire) == 0 {
                     deserted += 1;
                     if deserted == 2 {

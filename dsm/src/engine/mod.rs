@@ -874,8 +874,14 @@ impl Engine {
                 self.reply(idx, &Reply::Pong, &[&ZERO_PAGE[..n]]);
             }
             Request::Goodbye => {
+                let peer = self.conns[idx].peer.index();
                 self.conns[idx].goodbye = true;
-                self.liveness.left[self.conns[idx].peer.index()] = true;
+                self.liveness.left[peer] = true;
+                self.shared.finishing[peer].store(true, Ordering::Release);
+            }
+            Request::Finishing => {
+                let peer = self.conns[idx].peer.index();
+                self.shared.finishing[peer].store(true, Ordering::Release);
             }
             Request::Heartbeat => {}
             Request::PeerLost { rank } if rank == self.shared.me.0 => {

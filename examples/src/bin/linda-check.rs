@@ -11,6 +11,9 @@
 //!   while it holds its K-th task (after a pause in which the others run out of tasks and wait), and rank 0
 //!   checks that every task's result came back exactly once. `--near` puts task i near rank i % ranks. Rank 0
 //!   leaves only once every live worker has said it is done (a barrier cannot hold it while a rank is gone).
+//! - `farm-deserted`: a task farm whose only worker, rank 1, stops at a task whose function panics and
+//!   goes on to leave the job; rank 0, told of the failure, asks for the other results, and must be told
+//!   that no worker is left instead of waiting for ever (run with 2 ranks).
 //! - `eval-fails --how panic|bad-result`: rank 0 has an eval run at rank 1 whose function panics (or returns
 //!   a tuple too large for the space) and waits in `in` for its result; the job must end with rank 1 failed,
 //!   not wait for ever.
@@ -47,6 +50,7 @@ enum Check {
         #[arg(long)]
         near: bool,
     },
+    FarmDeserted,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -205,6 +209,34 @@ fn main() -> anyhow::Result<()> {
                 space.out(tuple!(done.as_str()))?;
                 space.in_(&template!(heard.as_str()))?;
             }
+        }
+        Check::FarmDeserted => {
+            let farm = TaskFarm::new(&space, "deserted", Rank(0))?;
+            if me == 0 {
+                farm.put((0..10u64).map(|i| (i, i)))?;
+                match farm.results::<u64>(10) {
+                    Err(dsm_runtime::RuntimeError::TaskFailed { rank: Rank(1), .. }) => {}
+                    other => anyhow::bail!("farm-deserted: the first results: {other:?}"),
+                }
+                match farm.results::<u64>(9) {
+                    Err(e @ dsm_runtime::RuntimeError::NoWorkers { missing: 9 }) => {
+                        println!("farm-deserted: the master was told: {e}")
+                    }
+                    other => anyhow::bail!("farm-deserted: the other results: {other:?}"),
+                }
+                farm.stop()?;
+            } else {
+                let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    farm.serve(|_, _: u64| -> u64 { panic!("farm-deserted: this task fails") })
+                }));
+                anyhow::ensure!(served.is_err(), "farm-deserted: serve returned {served:?}");
+                println!("farm-deserted: rank 1 stopped serving and leaves the job");
+            }
+            // Straight to the final barrier: a barrier of the program's own would wait for the master.
+            drop(farm);
+            drop(space);
+            rt.finish()?;
+            return Ok(());
         }
         Check::Farm {
             tasks,
