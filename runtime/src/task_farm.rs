@@ -232,7 +232,7 @@ impl TaskFarm {
         if self.stopped.load(Ordering::Acquire) {
             return Err(RuntimeError::Refused {
                 rank: self.me,
-                reason: "results were asked for after the task farm was stopped: call stop() once the results are in (workers leave when they find the bag empty, and would not come back for a task a failed worker held)".into(),
+                reason: "results were asked for after stop() was called on the task farm (a stop() that returned an error counts: its mark may have gone in): call stop() once the results are in (workers leave when they find the bag empty, and would not come back for a task a failed worker held)".into(),
             });
         }
         let wanted = self.results_and_failures();
@@ -396,7 +396,8 @@ impl TaskFarm {
 
     /// Tells the workers to stop once the bag is empty: a worker takes the stop mark only when no task is
     /// left for it to take, its own, anyone's or other ranks'. Call it once the results are in
-    /// ([`TaskFarm::results`] is refused afterwards), or to give up on the tasks left.
+    /// ([`TaskFarm::results`] is refused afterwards, also when `stop` returned an error: the mark may
+    /// have gone in all the same), or to give up on the tasks left.
     pub fn stop(&self) -> Result<(), RuntimeError> {
         self.stopped.store(true, Ordering::Release);
         self.space.out(tuple!(

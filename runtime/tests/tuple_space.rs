@@ -661,7 +661,8 @@ fn withdrawn_tasks_are_not_done() {
             // Asked for after the stop, results are refused, not waited for (also through a clone).
             let e = farm.clone().results::<u64>(1).unwrap_err();
             assert!(
-                e.to_string().contains("after the task farm was stopped"),
+                e.to_string()
+                    .contains("after stop() was called on the task farm"),
                 "{e}"
             );
         }
