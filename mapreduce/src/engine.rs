@@ -735,10 +735,7 @@ impl MapReduce {
             match master.on_result(id, &task, result) {
                 Step::Put(list) => put(&mut tasks, list)?,
                 Step::Finished => break,
-                Step::Failed(what) => {
-                    progress.finish();
-                    return Err(MapReduceError::TaskFailed(what));
-                }
+                Step::Failed(what) => return Err(MapReduceError::TaskFailed(what)),
             }
         }
         progress.finish();
