@@ -1,8 +1,8 @@
 //! The `Dsm` handle: one rank's membership in a job. It owns the channels, the service loop, the arena and
 //! the userfaultfd, and offers collective allocation, barriers, distributed locks and statistics. Dropping
-//! it ends the rank's part in the job: a final barrier, `Goodbye` to every peer, and the service loop stops
-//! (from a thread unwinding a panic, or after [`Dsm::abandon`], neither barrier nor goodbye: the others see
-//! this rank fail).
+//! it ends the rank's part in the job: `Finishing` to every peer, a final barrier, `Goodbye` to every peer,
+//! and the service loop stops (from a thread unwinding a panic, or after [`Dsm::abandon`], none of them: the
+//! others see this rank fail).
 
 use crate::channel::{Channel, Channels, RecvError};
 use crate::engine::{ServicePriority, MAX_READAHEAD};
@@ -1052,9 +1052,10 @@ impl Dsm {
         Ok(GlobalVec::new(self.alloc(bytes, placement)?, len))
     }
 
-    /// Leaves the job: a final barrier (so that every rank is done with every page), then `Goodbye` on every
-    /// connection. Called by `drop`; call it yourself to see its error. Under [`FailurePolicy::Report`], a
-    /// job that has lost a rank skips the barrier (or has it fail) and the ranks left finish without error.
+    /// Leaves the job: `Finishing` to every rank ([`Dsm::finishing_ranks`]), a final barrier (so that every
+    /// rank is done with every page), then `Goodbye` on every connection. Called by `drop`; call it yourself
+    /// to see its error. Under [`FailurePolicy::Report`], a job that has lost a rank skips the barrier (or
+    /// has it fail) and the ranks left finish without error.
     pub fn finish(mut self) -> Result<()> {
         self.shutdown()
     }
