@@ -255,11 +255,11 @@ impl TaskFarm {
             let Some(t) = t else {
                 // Ranks that failed, and ranks whose programs are leaving the job (a worker that stopped
                 // at a failed task, and went on to finish), will serve no more.
-                let mut gone = dsm.failed_ranks();
-                gone.extend(dsm.finishing_ranks());
-                gone.sort_unstable();
-                gone.dedup();
-                let alone = gone.len() + 1 == dsm.size();
+                let (failed, leaving) = (dsm.failed_ranks(), dsm.finishing_ranks());
+                let alone = (0..dsm.size() as u32)
+                    .map(Rank)
+                    .filter(|r| *r != self.me)
+                    .all(|r| failed.contains(&r) || leaving.contains(&r));
                 if alone && dsm.size() > 1 && self.serving.load(Ordering::Acquire) == 0 {
                     deserted += 1;
                     if deserted == 2 {
