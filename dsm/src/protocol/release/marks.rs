@@ -22,7 +22,7 @@
 //! selective acquire of a range drops its pages as an acquire drops the pages notices name.
 //!
 //! These rules are the whole of how the marks change. The fault handler, a release, an acquire and a home's
-//! service loop follow them (`fault.rs`, `rc/`, `engine/pages.rs`), and so does the randomized whole-job
+//! service loop follow them (`fault/release.rs`, `rc/`, `engine/pages.rs`), and so does the randomized whole-job
 //! test beside this file, on its model of each rank's memory.
 
 use crate::region::{
