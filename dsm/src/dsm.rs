@@ -3,30 +3,43 @@
 //! it ends the rank's part in the job: `Finishing` to every peer, a final barrier, `Goodbye` to every peer,
 //! and the service loop stops (from a thread unwinding a panic, or after [`Dsm::abandon`], none of them: the
 //! others see this rank fail).
+//!
+//! Here: the handle, the state its threads share, and joining and leaving. Beside it: `builder` (joining a
+//! job), `alloc` (the arena and collective allocation), `sync` (barriers and locks) and `services`
+//! (programs' request handlers and calls to them).
 
-use crate::channel::{Channel, Channels, RecvError};
+use crate::channel::{Channels, RecvError};
 use crate::engine::{ServicePriority, MAX_READAHEAD};
 use crate::error::{DsmError, Result};
 use crate::installer::Installer;
 use crate::keepawake::KeepAwake;
 use crate::protocol::release::{RcRank, VectorClock, WriteNotice};
-use crate::region::{Arena, Consistency, GlobalVec, Placement, Region, RegionShared, Retired};
-use crate::service::{Service, ServiceId, MAX_SERVICES};
+use crate::region::{Arena, RegionShared, Retired};
+use crate::service::Service;
 use crate::stats::{Counters, Stats};
 use crate::transport::memory::Doorbell;
 use crate::transport::Conn;
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::{self, Uffd};
-use crate::wire::{RefusedReason, Reply, Request};
+use crate::wire::{Reply, Request};
 use nix::sys::eventfd::EventFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod alloc;
 mod builder;
+mod services;
+mod sync;
 
+// For the service loop's tests, which allocate as a rank does.
+#[cfg(test)]
+pub(crate) use alloc::{alloc_tag, ARENA_MAPPED, ARENA_RESERVED};
 pub use builder::{DsmBuilder, DEFAULT_PEER_TIMEOUT, DEFAULT_TWIN_MEMORY};
+pub(crate) use services::outside_regions;
+pub use services::MAX_SERVICE_REQUEST;
+pub use sync::LockGuard;
 
 /// Where rank 0 reserves the shared arena unless told otherwise.
 pub const DEFAULT_ARENA_BASE: usize = 0x1000_0000_0000;
@@ -414,26 +427,6 @@ impl Shared {
 /// loop to end it for that failure (`Dsm::shutdown`).
 const FAILURE_NOTICED_WITHIN: Duration = Duration::from_secs(2);
 
-/// The tag of the barrier after which rank 0 has reserved the shared arena (at a job's first allocation).
-pub(crate) const ARENA_RESERVED: u64 = 0xA7E40;
-/// The tag of the barrier after which every rank has mapped the arena, plus one on a rank that did.
-pub(crate) const ARENA_MAPPED: u64 = 0xA7E4A;
-
-/// The tag of the barriers that allocate region `id` of `len` bytes: ranks that allocate different regions
-/// at the same point of a program meet at barriers of different tags, and are told so.
-pub(crate) fn alloc_tag(
-    id: u32,
-    len: usize,
-    placement: Placement,
-    consistency: Consistency,
-) -> u64 {
-    let model = match consistency {
-        Consistency::Sequential => 0,
-        Consistency::Release => 1u64 << 47,
-    };
-    (u64::from(id) << 48) ^ (len as u64) ^ placement.code().rotate_left(40) ^ model
-}
-
 /// One rank's handle on a job's shared memory.
 ///
 /// ```no_run
@@ -454,103 +447,6 @@ pub struct Dsm {
     /// Set by [`Dsm::abandon`]: the rank leaves the job as a failed one.
     abandoned: AtomicBool,
 }
-
-/// A held distributed lock; released on drop.
-#[derive(Debug)]
-pub struct LockGuard<'d> {
-    dsm: &'d Dsm,
-    id: u64,
-}
-
-impl LockGuard<'_> {
-    /// Releases the lock and says whether the release went through, which dropping the guard can only
-    /// print: under release consistency a release sends this rank's writes to their homes, which fails
-    /// when a home has failed. The lock passes to its next holder either way, so that no rank waits for it
-    /// forever.
-    pub fn unlock(self) -> Result<()> {
-        let result = self.release_lock();
-        std::mem::forget(self);
-        result
-    }
-
-    fn release_lock(&self) -> Result<()> {
-        let s = &self.dsm.shared;
-        let home = self.dsm.lock_home(self.id);
-        // Releasing a lock is a release point: this rank's writes reach their homes first, and its write
-        // notices go to the lock's next holder.
-        let released = crate::rc::release(s);
-        // Every notice this rank knows since the last barrier, its earlier intervals included: vector clocks
-        // are sound only if learning a rank's interval k brings its intervals before k along. (Passing only
-        // what was new since the grant lost updates: an acquirer could learn interval k through this lock
-        // without interval k-1, issued under another lock, and later skip it.) Less what this rank passed
-        // through this same lock before: the lock's home keeps the union (forgetting only what every rank
-        // has seen) and grants each acquirer what its clock does not cover. Where those notices are too
-        // many (a first pass through a lock, or more than one request holds), a horizon over them goes
-        // instead (`notices_to_pass`, `encode_notices_within`).
-        // Under the same hold of `rc` as the snapshot: a barrier's release by another thread of this rank
-        // may have closed an interval since this release, whose notices the snapshot takes, and whose
-        // diffs for rank 0 its arrival may still be carrying (`rc::carry`). (Passed on all the same when
-        // rank 0 failed: what it homed is lost, and reading it fails.)
-        let (delivered, notices, clock) = {
-            let rc = s.rc.lock().unwrap_or_else(|p| p.into_inner());
-            let delivered = crate::rc::carry::deliver(s);
-            let (notices, horizon, clock) = rc.notices_to_pass(self.id);
-            let bytes =
-                crate::rc::encode_notices_within(&notices, &horizon, &[], MAX_SERVICE_REQUEST);
-            (delivered, bytes, clock)
-        };
-        let ch = s.channels.claim();
-        let sent = ch.send(
-            &s.counters,
-            home,
-            &Request::LockRelease { lock: self.id },
-            &[&notices],
-        );
-        // The channel goes back before `rc` is taken: a thread holding `rc` may be waiting for a channel
-        // (sending diffs, delivering a carry), and with every channel held by a release waiting here for
-        // `rc`, neither would ever go on.
-        drop(ch);
-        if sent.is_ok() {
-            // The clock of the snapshot, not the rank's clock now: another thread may have learned notices
-            // since, which this release did not pass.
-            s.rc.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .passed_through(self.id, clock);
-        }
-        released?;
-        delivered?;
-        sent.map_err(|e| s.peer_error(home, crate::channel::RecvError::Sys(e)))
-    }
-}
-
-impl Drop for LockGuard<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.release_lock() {
-            eprintln!(
-                "dsm: {}: releasing lock {}: {e}",
-                self.dsm.shared.me, self.id
-            );
-        }
-    }
-}
-
-/// The bytes of a shared array of `len` elements of `T`, which must fit the address space and be aligned
-/// by a region's start (regions start on a page).
-fn vec_bytes<T>(len: usize) -> Result<usize> {
-    if std::mem::align_of::<T>() > PAGE_SIZE {
-        return Err(DsmError::Config(format!(
-            "{} is aligned to {} bytes: shared arrays hold types aligned to at most a page ({PAGE_SIZE} bytes)",
-            std::any::type_name::<T>(),
-            std::mem::align_of::<T>()
-        )));
-    }
-    len.checked_mul(std::mem::size_of::<T>())
-        .ok_or_else(|| DsmError::Config(format!("{len} elements overflow the address space")))
-}
-
-/// The most payload bytes a service request (`Dsm::call`) carries: what a service loop accepts in one
-/// frame, less room for the header.
-pub const MAX_SERVICE_REQUEST: usize = crate::engine::MAX_REQUEST - 2 - crate::wire::MAX_HEADER;
 
 impl Dsm {
     /// Options for joining a job.
@@ -623,130 +519,6 @@ impl Dsm {
         self.shared.direct_install.store(on, Ordering::Relaxed);
     }
 
-    /// Registers `service` under `id` on this rank. Every rank registers the same services under the same
-    /// ids, and should do so before any rank calls them (a call that arrives first is refused): register,
-    /// then `barrier`.
-    pub fn register_service(&self, id: ServiceId, service: Arc<dyn Service>) -> Result<()> {
-        let mut services = self
-            .shared
-            .services
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        match services.get_mut(id as usize) {
-            Some(slot @ None) => {
-                *slot = Some(service);
-                Ok(())
-            }
-            Some(Some(_)) => Err(DsmError::Config(format!(
-                "service {id} is already registered on {}: register each service once per rank",
-                self.shared.me
-            ))),
-            None => Err(DsmError::Config(format!(
-                "service id {id} is out of range: use 0..{MAX_SERVICES}"
-            ))),
-        }
-    }
-
-    /// Removes the service registered under `id` on this rank, returning it. Calls that arrive afterwards
-    /// are refused, as for an id never registered; a call being served finishes. Not collective: a
-    /// program that registers the service again under the same id does so on every rank, then `barrier`,
-    /// as the first time.
-    pub fn unregister_service(&self, id: ServiceId) -> Option<Arc<dyn Service>> {
-        let mut services = self
-            .shared
-            .services
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        services.get_mut(id as usize)?.take()
-    }
-
-    /// Whether a service is registered under `id` on this rank.
-    pub fn service_registered(&self, id: ServiceId) -> bool {
-        self.shared.service(id).is_some()
-    }
-
-    /// Sends `payload` (the concatenation of its slices, at most [`MAX_SERVICE_REQUEST`] bytes; an answer
-    /// may be larger) to the service `id` of rank `to` and returns its answer. For requests the service
-    /// answers without waiting for anything else to happen; use [`Dsm::call_waiting`] for those it may
-    /// hold.
-    pub fn call(&self, to: Rank, id: ServiceId, payload: &[&[u8]]) -> Result<Vec<u8>> {
-        outside_regions(payload, |payload| {
-            let mut ch = self.shared.channels.claim();
-            self.exchange(&mut ch, to, id, payload, None)
-        })
-    }
-
-    /// Like [`Dsm::call`], for a request the service may hold until something else happens (a blocked
-    /// `in`). With a `deadline`, once it passes `cancel` is sent to the service on the same connection, and
-    /// the call returns the service's answer to the original request, which the service must then give
-    /// (either what was asked for, if it was already on its way, or word of the cancellation). Fails with
-    /// `TimedOut` if the deadline passes before the request could be sent (other threads' waiting calls
-    /// held every channel), and with `PeerFailed` if `to` fails meanwhile.
-    pub fn call_waiting(
-        &self,
-        to: Rank,
-        id: ServiceId,
-        payload: &[&[u8]],
-        deadline: Option<(Instant, &[u8])>,
-    ) -> Result<Vec<u8>> {
-        outside_regions(payload, |payload| {
-            // Other threads' calls may hold every channel for as long as they wait: the deadline also
-            // bounds the wait for one.
-            let s = &self.shared;
-            if to.index() >= s.size {
-                return Err(not_in_job(to, s.size));
-            }
-            let mut ch = s.claim_for_waiting_on(to, deadline.map(|(d, _)| d), || {
-                format!("for a call to service {id} of {to}")
-            })?;
-            self.exchange(&mut ch, to, id, payload, deadline)
-        })
-    }
-
-    fn exchange(
-        &self,
-        ch: &mut Channel,
-        to: Rank,
-        id: ServiceId,
-        payload: &[&[u8]],
-        deadline: Option<(Instant, &[u8])>,
-    ) -> Result<Vec<u8>> {
-        let s = &self.shared;
-        if to.index() >= s.size {
-            return Err(not_in_job(to, s.size));
-        }
-        if s.failed[to.index()].load(Ordering::Acquire) {
-            return Err(s.peer_failed_error(to, "it failed earlier in this job".into()));
-        }
-        let bytes: usize = payload.iter().map(|p| p.len()).sum();
-        if bytes > MAX_SERVICE_REQUEST {
-            return Err(DsmError::Config(format!(
-                "a service request of {bytes} bytes: a request carries at most {MAX_SERVICE_REQUEST} bytes (answers may be larger); put large data in a shared region and send where it is"
-            )));
-        }
-        let lost = |e: RecvError| s.peer_error(to, e);
-        let request = Request::Service { id };
-        ch.send(&s.counters, to, &request, payload)
-            .map_err(|e| lost(RecvError::Sys(e)))?;
-        if let Some((deadline, cancel)) = deadline {
-            if !ch.wait_readable(to, deadline).map_err(lost)? {
-                ch.send(&s.counters, to, &Request::ServiceCancel { id }, &[cancel])
-                    .map_err(|e| lost(RecvError::Sys(e)))?;
-            }
-        }
-        let (reply, answer) = ch.recv_owned(&s.counters, to).map_err(lost)?;
-        match reply {
-            Reply::Service => Ok(answer),
-            Reply::Refused {
-                reason: RefusedReason::UnknownService,
-            } => Err(DsmError::NoSuchService { rank: to, id }),
-            other => Err(DsmError::Protocol {
-                rank: to,
-                what: format!("unexpected answer to a service request: {other:?}"),
-            }),
-        }
-    }
-
     /// Ranks seen failing (under `FailurePolicy::Report`).
     pub fn failed_ranks(&self) -> Vec<Rank> {
         (0..self.shared.size)
@@ -789,67 +561,6 @@ impl Dsm {
         }
     }
 
-    /// Waits until every rank has called `barrier` as many times as this one.
-    pub fn barrier(&self) -> Result<()> {
-        self.shared.barrier_tagged(0)
-    }
-
-    fn lock_home(&self, id: u64) -> Rank {
-        Rank((id % self.shared.size as u64) as u32)
-    }
-
-    /// Takes distributed lock `id` (any number; its home is `id % size`), waiting for it in FIFO order.
-    pub fn lock(&self, id: u64) -> Result<LockGuard<'_>> {
-        let t0 = Instant::now();
-        let home = self.lock_home(id);
-        let s = &self.shared;
-        let clock =
-            s.rc.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clock()
-                .clone();
-        let mut ch = s.claim_for_waiting_on(home, None, || format!("to ask it for lock {id}"))?;
-        let request = Request::LockAcquire { lock: id };
-        ch.send(
-            &s.counters,
-            home,
-            &request,
-            &[&crate::rc::encode_clock(&clock)],
-        )
-        .map_err(|e| s.peer_error(home, crate::channel::RecvError::Sys(e)))?;
-        let (reply, payload) = ch
-            .recv_owned(&s.counters, home)
-            .map_err(|e| s.peer_error(home, e))?;
-        match reply {
-            Reply::LockGranted => {}
-            Reply::LockFailed { rank } => {
-                return Err(s.peer_failed_error(
-                    Rank(rank),
-                    format!(
-                    "it held lock {id} when it failed (what the lock protects may be half written)"
-                ),
-                ))
-            }
-            other => {
-                return Err(DsmError::Protocol {
-                    rank: home,
-                    what: format!("unexpected reply to a lock request: {other:?}"),
-                })
-            }
-        }
-        let grant = crate::rc::decode_notices(&payload, home, s.size);
-        drop(ch);
-        // The lock is ours from here: on any error below, dropping the guard gives it back, or every other
-        // rank would wait for it forever.
-        let guard = LockGuard { dsm: self, id };
-        // Acquiring a lock is an acquire point: drop the pages the notices name.
-        let (notices, horizon) = grant?;
-        crate::rc::acquire(s, &notices, &horizon, None)?;
-        Counters::add(&s.counters.lock_acquires, 1);
-        Counters::add(&s.counters.lock_wait_ns, t0.elapsed().as_nanos() as u64);
-        Ok(guard)
-    }
-
     /// One round trip to `to`'s service loop carrying a `reply_bytes` reply (at most a page): the raw cost
     /// of the transport under this rank's engine, for benchmarks.
     pub fn ping(&self, to: Rank, reply_bytes: u32) -> Result<Duration> {
@@ -867,189 +578,6 @@ impl Dsm {
                 what: format!("unexpected reply to a ping: {other:?}"),
             }),
         }
-    }
-
-    fn ensure_arena(&self) -> Result<()> {
-        let s = &self.shared;
-        if s.arena_base().is_some() {
-            return Ok(());
-        }
-        if s.in_process && s.size > 1 {
-            return Err(DsmError::RegionsNeedProcesses);
-        }
-        if s.me == Rank(0) {
-            // If rank 0 cannot reserve, it returns the error and ends; the others see it fail.
-            // The default base sits low in the address space (16 TiB), below where PIE executables, the heap,
-            // shared libraries and thread stacks go, so that every rank finds it free.
-            let a = match s.arena_base {
-                Some(base) => Arena::reserve(s.me, Some(base), s.arena_size)?,
-                None => Arena::reserve(s.me, Some(DEFAULT_ARENA_BASE), s.arena_size)
-                    .or_else(|_| Arena::reserve(s.me, None, s.arena_size))?,
-            };
-            *s.arena.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
-        }
-        s.barrier_tagged(ARENA_RESERVED)?;
-        let mut result = Ok(());
-        if s.me != Rank(0) {
-            let mut ch = s.channels.claim();
-            let (reply, _, _) = ch
-                .call(&s.counters, Rank(0), &Request::ArenaBase)
-                .map_err(|e| s.peer_error(Rank(0), e))?;
-            drop(ch);
-            result = match reply {
-                Reply::Arena { base, size } => {
-                    Arena::reserve(s.me, Some(base as usize), size as usize).map(|a| {
-                        *s.arena.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
-                    })
-                }
-                _ => Err(DsmError::Config(
-                    "rank 0 could not reserve the shared arena".into(),
-                )),
-            };
-        }
-        // A rank that could not map the arena says so through its barrier tag.
-        match (
-            s.barrier_tagged(ARENA_MAPPED + u64::from(result.is_ok())),
-            result,
-        ) {
-            (_, Err(e)) => {
-                s.caused_failure.store(true, Ordering::Release);
-                Err(e)
-            }
-            (Err(DsmError::CollectiveMismatch { rank, .. }), Ok(())) => {
-                Err(DsmError::Config(format!(
-                "rank {} cannot map the shared arena at the address rank 0 chose; see its error",
-                rank.0
-            )))
-            }
-            (Ok(()), Ok(())) => self.introduce(),
-            (r, Ok(())) => r,
-        }
-    }
-
-    /// Tells every other rank this process's pid and userfaultfd, so that ranks on the same host can
-    /// install pages here themselves (`direct.rs`). Each answers once it has taken the descriptor or
-    /// decided not to; every rank has done this before it arrives at the barrier of its first allocation,
-    /// so the first fault on a region finds every introduction handled.
-    fn introduce(&self) -> Result<()> {
-        let s = &self.shared;
-        if s.size == 1 || !s.direct_install.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let Some(host) = crate::direct::Host::this() else {
-            return Ok(());
-        };
-        let request = Request::Introduce {
-            pid: std::process::id(),
-            uffd: s.uffd()?.raw_fd(),
-            boot: host.boot,
-            pid_ns: host.pid_ns,
-        };
-        let mut ch = s.channels.claim();
-        for r in (0..s.size as u32).map(Rank).filter(|r| *r != s.me) {
-            let (reply, _, _) = ch
-                .call(&s.counters, r, &request)
-                .map_err(|e| s.peer_error(r, e))?;
-            match reply {
-                Reply::Introduced { accepted } => {
-                    Counters::add(&s.counters.peers_installing_here, u64::from(accepted))
-                }
-                other => {
-                    return Err(DsmError::Protocol {
-                        rank: r,
-                        what: format!("unexpected reply to an introduction: {other:?}"),
-                    })
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Allocates a shared region of at least `bytes` bytes, collectively: every rank calls `alloc` with the
-    /// same arguments in the same order and gets the same address.
-    pub fn alloc(&self, bytes: usize, placement: Placement) -> Result<Region<'_>> {
-        self.alloc_with(bytes, placement, Consistency::Sequential)
-    }
-
-    /// Allocates a shared region with the given memory model, collectively (see [`Dsm::alloc`]).
-    pub fn alloc_with(
-        &self,
-        bytes: usize,
-        placement: Placement,
-        consistency: Consistency,
-    ) -> Result<Region<'_>> {
-        let s = &self.shared;
-        if let Placement::At(r) = placement {
-            if r.index() >= s.size {
-                return Err(DsmError::Config(format!(
-                    "placement at {r} in a job of {} ranks",
-                    s.size
-                )));
-            }
-        }
-        self.ensure_arena()?;
-        let uffd = s.uffd()?.raw_fd();
-        let len = bytes
-            .max(1)
-            .checked_next_multiple_of(PAGE_SIZE)
-            .ok_or_else(|| DsmError::Config(format!("{bytes} bytes overflow the address space")))?;
-        let id = self.allocated.fetch_add(1, Ordering::Relaxed);
-        let tag = alloc_tag(id, len, placement, consistency);
-        s.barrier_tagged(tag)?;
-        let addr = {
-            let mut arena = s.arena.lock().unwrap_or_else(|p| p.into_inner());
-            arena.as_mut().expect("the arena is reserved").carve(len)?
-        };
-        let inner = Arc::new(RegionShared::new(
-            id,
-            addr,
-            len,
-            placement,
-            consistency,
-            uffd,
-            s.clone(),
-        )?);
-        {
-            let mut regions = s.regions.write().unwrap_or_else(|p| p.into_inner());
-            if regions.len() <= id as usize {
-                regions.resize(id as usize + 1, None);
-            }
-            regions[id as usize] = Some(Arc::downgrade(&inner));
-        }
-        let region = Region::map(inner)?;
-        // No rank may fault on the region before every rank can serve it.
-        s.barrier_tagged(tag ^ 1)?;
-        Ok(region)
-    }
-
-    /// Allocates a shared array of `len` elements with cyclic page placement, collectively.
-    pub fn alloc_vec<T: bytemuck::Pod>(&self, len: usize) -> Result<GlobalVec<'_, T>> {
-        self.alloc_vec_with(len, Placement::Cyclic)
-    }
-
-    /// Allocates a shared array of `len` elements with the given page placement and memory model,
-    /// collectively.
-    pub fn alloc_vec_in<T: bytemuck::Pod>(
-        &self,
-        len: usize,
-        placement: Placement,
-        consistency: Consistency,
-    ) -> Result<GlobalVec<'_, T>> {
-        let bytes = vec_bytes::<T>(len)?;
-        Ok(GlobalVec::new(
-            self.alloc_with(bytes, placement, consistency)?,
-            len,
-        ))
-    }
-
-    /// Allocates a shared array of `len` elements with the given page placement, collectively.
-    pub fn alloc_vec_with<T: bytemuck::Pod>(
-        &self,
-        len: usize,
-        placement: Placement,
-    ) -> Result<GlobalVec<'_, T>> {
-        let bytes = vec_bytes::<T>(len)?;
-        Ok(GlobalVec::new(self.alloc(bytes, placement)?, len))
     }
 
     /// Leaves the job: `Finishing` to every rank ([`Dsm::finishing_ranks`]), a final barrier (so that every
@@ -1186,28 +714,4 @@ impl Drop for Dsm {
             Ok(()) => {}
         }
     }
-}
-
-/// Runs `f` with a request's payload, copied out of shared memory first when a slice of it lies in a
-/// region (the error for an oversized request tells programs to send where data is, and some send it from
-/// there): the pages it touches fault here, before a channel is claimed, instead of while a claimed
-/// channel's connection is being written, where the fault would need a channel of its own and could wait
-/// for ever for one.
-pub(crate) fn outside_regions<R>(payload: &[&[u8]], f: impl FnOnce(&[&[u8]]) -> R) -> R {
-    let in_region = |p: &[u8]| {
-        let start = p.as_ptr() as usize;
-        !p.is_empty()
-            && (crate::region::lookup(start).is_some()
-                || crate::region::lookup(start + p.len() - 1).is_some())
-    };
-    if payload.iter().any(|p| in_region(p)) {
-        f(&[payload.concat().as_slice()])
-    } else {
-        f(payload)
-    }
-}
-
-/// The error for a call to a rank past the job's `size`.
-fn not_in_job(to: Rank, size: usize) -> DsmError {
-    DsmError::Config(format!("{to} is not in this job of {size} ranks"))
 }
