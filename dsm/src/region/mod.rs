@@ -26,11 +26,13 @@ mod twins;
 
 pub use global_vec::GlobalVec;
 use mapping::map_empty;
-pub(crate) use mapping::{Arena, ZeroedArray};
+pub(crate) use mapping::Arena;
+use mapping::ZeroedArray;
 pub(crate) use pages::RegionShared;
 pub(crate) use registry::{lookup, unregister_all_of};
 use registry::{register, unregister};
-pub(crate) use sequential::{Sequential, ANNOUNCED_RUNS};
+pub(crate) use sequential::Sequential;
+use sequential::ANNOUNCED_RUNS;
 use twins::Twins;
 
 /// The memory model of a region, chosen at allocation.
