@@ -30,6 +30,15 @@ pub(crate) enum Request {
         access: Access,
         granted: bool,
     },
+    /// End of a granted transaction on `page` that did not run: the owner the grant named left the job
+    /// before the page came, and the grant asked nobody else for anything. The home's entry for the page
+    /// stays as it was; the requester asks again (a home that has seen the owner leave answers from a copy
+    /// that lives on, or says that the page's data left the job).
+    Abandon {
+        region: u32,
+        page: u64,
+        access: Access,
+    },
     /// Owner: downgrade your copy to read-only and send it.
     Fetch { region: u32, page: u64 },
     /// Drop your copy, sending it first when `send_data`.

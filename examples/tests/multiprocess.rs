@@ -1359,6 +1359,11 @@ fn pages_of_a_dead_owner_live_on_in_their_copies() {
 
 /// Under --keep-going, a page whose only copy died with its owner fails the faults on it saying so, on a
 /// rank that asks its home and on the home itself.
+///
+/// A home that has not yet seen rank 2 leave when rank 1 asks (its service loop reads the ended
+/// connection a moment after rank 1's own does) grants a fetch from rank 2; rank 1 abandons it and asks
+/// again until the home answers that the page's only copy left (this raced, and failed CI once, before
+/// `Request::Abandon`).
 #[test]
 fn a_page_whose_only_copy_died_with_its_owner_fails_its_readers_naming_the_owner() {
     let (o, out) = job_keep_going(CHECK, 3, &["datalost"]);

@@ -124,6 +124,14 @@ mod sync;
 
 use sync::LockServer;
 
+/// How a requester ends a transaction that holds a page's manager lock here.
+enum Ending {
+    /// Its `Unlock`: `granted` says whether it ran a grant, which is recorded as done.
+    Unlock { count: u32, granted: bool },
+    /// Its `Abandon` of a grant that did not run (the owner it named left the job): nothing is recorded.
+    Abandon,
+}
+
 /// The state of the service loop of one rank.
 #[derive(Debug)]
 pub(crate) struct Engine {
@@ -683,6 +691,47 @@ impl Engine {
         }
     }
 
+    /// Ends the transaction on `page` that the rank on connection `idx` holds, as its request says. A
+    /// transaction holds one page, and only the rank it was granted to ends it: a stale, duplicate or
+    /// corrupt request must not free a page lock another transaction holds.
+    fn end_transaction(
+        &mut self,
+        idx: usize,
+        region: u32,
+        page: u64,
+        access: Access,
+        ending: Ending,
+    ) {
+        let (count, granted, completed, what) = match ending {
+            Ending::Unlock { count, granted } => (count, granted, granted, "an Unlock"),
+            Ending::Abandon => (1, true, false, "an Abandon"),
+        };
+        let peer = self.conns[idx].peer;
+        let holder = self.held_by.get(&(region, page)).copied();
+        if count != 1 || holder != Some((peer, access, granted)) {
+            self.close(
+                idx,
+                &format!(
+                    "{what} of {count} page(s) from page {page} of region {region}, which {peer} does not hold that way"
+                ),
+            );
+            return;
+        }
+        self.held_by.remove(&(region, page));
+        let Some(r) = self.shared.region(region) else {
+            return;
+        };
+        let slot = r.slot(page);
+        if completed {
+            let mut e = slot.load();
+            swmr::complete(&mut e, peer, access);
+            slot.store(&e);
+        }
+        if unlock_slot(&slot.lock) {
+            self.serve_queue(&r, page);
+        }
+    }
+
     /// Sends a reply on connection `idx`; false when it could not be sent (the connection is closed then).
     fn reply(&mut self, idx: usize, reply: &Reply, payload: &[&[u8]]) -> bool {
         let conn = &self.conns[idx];
@@ -711,34 +760,12 @@ impl Engine {
                 count,
                 access,
                 granted,
-            } => {
-                // A transaction holds one page, and only the rank it was granted to ends it: a stale,
-                // duplicate or corrupt Unlock must not free a page lock another transaction holds.
-                let peer = self.conns[idx].peer;
-                let holder = self.held_by.get(&(region, page)).copied();
-                if count != 1 || holder != Some((peer, access, granted)) {
-                    self.close(
-                        idx,
-                        &format!(
-                            "an Unlock of {count} page(s) from page {page} of region {region}, which {peer} does not hold that way"
-                        ),
-                    );
-                    return;
-                }
-                self.held_by.remove(&(region, page));
-                let Some(r) = self.shared.region(region) else {
-                    return;
-                };
-                let slot = r.slot(page);
-                if granted {
-                    let mut e = slot.load();
-                    swmr::complete(&mut e, peer, access);
-                    slot.store(&e);
-                }
-                if unlock_slot(&slot.lock) {
-                    self.serve_queue(&r, page);
-                }
-            }
+            } => self.end_transaction(idx, region, page, access, Ending::Unlock { count, granted }),
+            Request::Abandon {
+                region,
+                page,
+                access,
+            } => self.end_transaction(idx, region, page, access, Ending::Abandon),
             Request::Fetch { region, page } => {
                 let Some(r) = self.region_for(idx, region, page, Consistency::Sequential) else {
                     return;

@@ -1499,6 +1499,39 @@ fn a_page_whose_only_copy_left_with_its_owner_is_refused_naming_it() {
 }
 
 #[test]
+fn an_abandoned_grant_unlocks_its_page_as_it_was_and_only_its_holder_may_abandon_it() {
+    let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
+    let region = home_page(&dsm, &fakes);
+    let shared = &region.inner;
+    // Rank 1 writes the page: it owns the only copy.
+    let reply = fake_asks(&fakes[0].fake, shared, Access::Write);
+    assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
+    // Rank 2 asks to read it and is granted a fetch from rank 1, which (as rank 2 would find were rank
+    // 1 gone) it abandons; asked again, the home grants the same, so the first grant ended unrecorded.
+    // Had the Abandon left the page locked, the second request would wait, and its reply time out.
+    let abandon = Request::Abandon {
+        region: shared.id,
+        page: 0,
+        access: Access::Read,
+    };
+    for round in 0..2 {
+        let reply = fake_asks(&fakes[1].fake, shared, Access::Read);
+        let granted =
+            matches!(reply, Reply::Granted { grant } if grant.fetch_from == Some(Rank(1)));
+        assert!(granted, "round {round}: {reply:?}");
+        fake_sends(&fakes[1].fake, abandon);
+    }
+    let entry = entry_when_free(shared, 0);
+    assert_eq!(entry.owner, Some(Rank(1)));
+    assert_eq!(entry.copyset, swmr::CopySet::EMPTY, "{entry:?}");
+    assert_eq!(failed_within(&dsm, Duration::from_millis(200)), vec![]);
+    // An Abandon of a transaction rank 2 does not hold is a protocol error: it could free a page lock
+    // another transaction holds.
+    fake_sends(&fakes[1].fake, abandon);
+    assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(2)]);
+}
+
+#[test]
 fn a_failed_rank_whose_service_loop_connection_ends_has_left_with_its_copies() {
     let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
     let region = home_page(&dsm, &fakes);

@@ -47,6 +47,9 @@ pub(crate) enum FaultError {
     Lost(Rank),
     /// The page's owner, this rank, left the job while the fault was fetching the page from it.
     OwnerLeft(Rank),
+    /// As `OwnerLeft`, but the grant changed nothing anywhere: the fault asks again (`fault::sequential`
+    /// turns it into `OwnerLeft` once the home has had time to see the owner leave).
+    Abandoned(Rank),
 }
 
 /// The error of a fault whose request `peer` refused.
@@ -123,7 +126,7 @@ impl std::fmt::Display for Explain<'_> {
                 f,
                 "its only up-to-date copy left the job with {r}, which owned it when it failed or left (its writes to the page are lost; a program that survives failed ranks must not touch pages they may have written last)"
             ),
-            FaultError::OwnerLeft(r) => write!(
+            FaultError::OwnerLeft(r) | FaultError::Abandoned(r) => write!(
                 f,
                 "its owner, {r}, left the job while this fault fetched the page from it (its writes to the page may have left with it)"
             ),

@@ -15,7 +15,7 @@ use super::words::{
 };
 use super::{ask, refused, FaultError};
 use crate::channel::{Channel, RecvError};
-use crate::protocol::swmr::{self, Access, CopySet, Data, Decision, Grant};
+use crate::protocol::swmr::{self, Access, CopySet, Data, Decision, Grant, HomeAction};
 use crate::region::{
     RegionShared, DEFERRED, GRANTED, INVALID, READ_ONLY, READ_WRITE, REVOKED, STATE_MASK,
 };
@@ -67,11 +67,34 @@ fn new_state(access: Access) -> u32 {
     }
 }
 
+/// A fault on a page homed at another rank: asks the home, and runs the grant it may give.
+///
+/// A grant abandoned because its owner left the job (see [`run_grant`]) is asked for again, for as long
+/// as the home may take to see the owner leave (`LEAVING`): the home then answers from a copy that lives
+/// on, or says that the page's data left the job, instead of this fault failing for a race.
 pub(super) fn remote_transaction(
     region: &RegionShared,
     page: u64,
     access: Access,
 ) -> Result<(), FaultError> {
+    let mut deadline = None;
+    loop {
+        match ask_home(region, page, access) {
+            Err(FaultError::Abandoned(owner)) => {
+                let until = *deadline.get_or_insert_with(|| Instant::now() + LEAVING);
+                if Instant::now() >= until {
+                    return Err(FaultError::OwnerLeft(owner));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            done => return done,
+        }
+    }
+}
+
+/// One request to the home of a remote page and what follows it. A grant abandoned because its owner
+/// left (`FaultError::Abandoned`) is ended at the home here.
+fn ask_home(region: &RegionShared, page: u64, access: Access) -> Result<(), FaultError> {
     let shared = &*region.shared;
     let home = region.home(page);
     let missing = region.state(page).load(Ordering::Acquire) & STATE_MASK == INVALID;
@@ -201,7 +224,18 @@ pub(super) fn remote_transaction(
                 } else {
                     no_payload(home, payload_len)?;
                 }
-                run_grant(&mut ch, region, page, access, &grant, &mut have)?;
+                let ran = run_grant(&mut ch, region, page, access, &grant, &mut have);
+                if let Err(FaultError::Abandoned(_)) = ran {
+                    end_grant(region, page, home)?;
+                    let abandon = Request::Abandon {
+                        region: region.id,
+                        page,
+                        access,
+                    };
+                    ch.send(c, home, &abandon, &[])
+                        .map_err(|e| FaultError::Send(home, e))?;
+                }
+                ran?;
                 end_grant(region, page, home)?;
                 if have {
                     install(region, page, 1, &ch.page, access)?;
@@ -329,7 +363,15 @@ pub(super) fn local_transaction(
                         return Ok(false);
                     };
                     let mut have = false;
-                    run_grant(&mut ch, region, page, access, &grant, &mut have)?;
+                    match run_grant(&mut ch, region, page, access, &grant, &mut have) {
+                        // This rank, the home, has seen the owner leave (`left_the_job`): decided
+                        // again, the page comes from a copy that lives on, or is lost.
+                        Err(FaultError::Abandoned(_)) => {
+                            channel = Some(ch);
+                            return Ok(false);
+                        }
+                        ran => ran?,
+                    }
                     if have {
                         install(region, page, 1, &ch.page, access)?;
                     } else {
@@ -346,7 +388,7 @@ pub(super) fn local_transaction(
             shared.wake_service();
         }
         match result {
-            Ok(false) => channel = Some(shared.channels.claim()),
+            Ok(false) => channel = channel.or_else(|| Some(shared.channels.claim())),
             done => return done.map(|_| ()),
         }
     }
@@ -410,6 +452,11 @@ fn left_the_job(shared: &crate::dsm::Shared, r: Rank) -> bool {
 
 /// Runs a granted transaction: asks the owner for the page (downgrading or dropping its copy) and every
 /// copy holder to drop theirs, all requests first and then all replies, so they proceed in parallel.
+///
+/// An owner that left the job before it sent the page fails the grant with `Abandoned` when nothing
+/// changed anywhere (no copy holder was asked to drop its copy, and the home kept its own): the fault may
+/// then ask again. Otherwise the copies dropped may have been the page's last, and it fails with
+/// `OwnerLeft`.
 fn run_grant(
     ch: &mut Channel,
     region: &RegionShared,
@@ -421,6 +468,14 @@ fn run_grant(
     let shared = &*region.shared;
     let c = &shared.counters;
     let id = region.id;
+    let home_kept_its_copy = grant.home_action == HomeAction::None;
+    let owner_left = |owner: Rank, asked: CopySet| {
+        if home_kept_its_copy && asked == CopySet::EMPTY {
+            FaultError::Abandoned(owner)
+        } else {
+            FaultError::OwnerLeft(owner)
+        }
+    };
     if let Some(owner) = grant.fetch_from {
         let req = match access {
             Access::Read => Request::Fetch { region: id, page },
@@ -435,7 +490,7 @@ fn run_grant(
             // The owner left the job after the home decided (which other ranks hold copies of the page,
             // only the home knows).
             Err(e) if closed_send(e) && left_the_job(shared, owner) => {
-                return Err(FaultError::OwnerLeft(owner))
+                return Err(owner_left(owner, CopySet::EMPTY))
             }
             Err(e) => return Err(FaultError::Send(owner, e)),
         }
@@ -466,9 +521,9 @@ fn run_grant(
     if let Some(owner) = grant.fetch_from {
         let (reply, payload, page_buf) = match ch.recv(c, owner) {
             Ok(got) => got,
-            Err(RecvError::Eof) if left_the_job(owner) => return Err(FaultError::OwnerLeft(owner)),
+            Err(RecvError::Eof) if left_the_job(owner) => return Err(owner_left(owner, asked)),
             Err(RecvError::Sys(e)) if closed_send(e) && left_the_job(owner) => {
-                return Err(FaultError::OwnerLeft(owner))
+                return Err(owner_left(owner, asked))
             }
             Err(e) => return Err(FaultError::Peer(owner, e)),
         };

@@ -1631,7 +1631,10 @@ fn main() -> anyhow::Result<()> {
             let failed = |r: u32| has_failed(dsm, r);
             rank_2_dies(dsm, me)?;
             // A rank is failed at the end of its first connection, and gone (its copies with it) at the
-            // end of its service loop's, which the home reads in the same pass when a process dies.
+            // end of its service loop's, which the home reads in the same pass when a process dies. The
+            // pause lets the home see it gone before its own write: a write granted before would find
+            // the owner gone only after asking rank 1 to drop its copy, the page's last (rank 1's read
+            // needs no pause: a grant that asked nobody else is abandoned and asked again).
             std::thread::sleep(std::time::Duration::from_millis(100));
             if me == 1 {
                 ensure!(
