@@ -31,9 +31,10 @@ pub(crate) enum Request {
         granted: bool,
     },
     /// End of a granted transaction on `page` that did not run: the owner the grant named left the job
-    /// before the page came, and the grant asked nobody else for anything. The home's entry for the page
-    /// stays as it was; the requester asks again (a home that has seen the owner leave answers from a copy
-    /// that lives on, or says that the page's data left the job).
+    /// before the page came, and the grant dropped no copy (it asked no copy holder still in the job, and
+    /// the home kept its own). The home's entry for the page stays as it was; the requester asks again (a
+    /// home that has seen the owner leave answers from a copy that lives on, or says that the page's data
+    /// left the job).
     Abandon {
         region: u32,
         page: u64,

@@ -124,6 +124,16 @@ mod sync;
 
 use sync::LockServer;
 
+/// How a transaction of another rank holds a page's manager lock here (`Engine::held_by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Answered at once (an upgrade, or a read of a copy the requester holds), held for its `Unlock`.
+    Answered,
+    /// Granted, held for its `Unlock`; or, when the home kept its own copy (the grant dropped no copy
+    /// here), for its `Abandon` should the owner it names have left.
+    Granted { home_kept_its_copy: bool },
+}
+
 /// How a requester ends a transaction that holds a page's manager lock here.
 enum Ending {
     /// Its `Unlock`: `granted` says whether it ran a grant, which is recorded as done.
@@ -151,10 +161,10 @@ pub(crate) struct Engine {
     /// its page at once, and serving the queue from there again would recurse once per queued request.
     serving: HashSet<(u32, u64)>,
     /// Pages whose manager lock a transaction of another rank holds until its `Unlock` (a grant, or an
-    /// upgrade answered at once), by (region, page): the rank, its access, and whether it was granted
-    /// (its `Unlock` must say the same). If that rank fails, the lock is released here instead of being
-    /// held for ever (see `peer_failed`).
-    held_by: HashMap<(u32, u64), (Rank, Access, bool)>,
+    /// upgrade answered at once) or `Abandon` (a grant that did not run), by (region, page): the rank,
+    /// its access, and how it holds the page (its request must agree). If that rank fails, the lock is
+    /// released here instead of being held for ever (see `peer_failed`).
+    held_by: HashMap<(u32, u64), (Rank, Access, Held)>,
     locks: HashMap<u64, LockServer>,
     /// Leaf requests waiting for this rank to finish installing the page they name.
     deferred: Vec<(usize, Request, Vec<u8>)>,
@@ -659,8 +669,8 @@ impl Engine {
         self.end_transactions_of(peer);
     }
 
-    /// Ends the transactions `peer` holds here, which no Unlock will end: it failed, or left the job
-    /// without one. Otherwise their pages would stay locked for ever. One that was writing may have taken
+    /// Ends the transactions `peer` holds here, which no Unlock or Abandon will end: it failed, or left the
+    /// job without one. Otherwise their pages would stay locked for ever. One that was writing may have taken
     /// the only copy (it invalidated the others first): the page is recorded as `peer`'s, so that a later
     /// fault on it fails naming that rank rather than reading what may be stale. A reader is recorded as
     /// holding its copy: taken for failed, it may live on and have installed the page, and a writer must
@@ -668,19 +678,19 @@ impl Engine {
     /// itself (`Done`, held only for the requester's install) was recorded when it was decided, as its
     /// Unlock would find it: only a grant is completed here.
     fn end_transactions_of(&mut self, peer: Rank) {
-        let held: Vec<((u32, u64), Access, bool)> = self
+        let held: Vec<((u32, u64), Access, Held)> = self
             .held_by
             .iter()
             .filter(|(_, (r, _, _))| *r == peer)
-            .map(|(k, (_, a, granted))| (*k, *a, *granted))
+            .map(|(k, (_, a, held))| (*k, *a, *held))
             .collect();
-        for ((id, page), access, granted) in held {
+        for ((id, page), access, held) in held {
             self.held_by.remove(&(id, page));
             let Some(region) = self.shared.region(id) else {
                 continue;
             };
             let slot = region.slot(page);
-            if granted {
+            if held != Held::Answered {
                 let mut e = slot.load();
                 swmr::complete(&mut e, peer, access);
                 slot.store(&e);
@@ -693,7 +703,8 @@ impl Engine {
 
     /// Ends the transaction on `page` that the rank on connection `idx` holds, as its request says. A
     /// transaction holds one page, and only the rank it was granted to ends it: a stale, duplicate or
-    /// corrupt request must not free a page lock another transaction holds.
+    /// corrupt request must not free a page lock another transaction holds. Nor may a grant that dropped
+    /// the home's copy be abandoned: the entry, unchanged, would list a copy that is gone.
     fn end_transaction(
         &mut self,
         idx: usize,
@@ -702,13 +713,23 @@ impl Engine {
         access: Access,
         ending: Ending,
     ) {
-        let (count, granted, completed, what) = match ending {
-            Ending::Unlock { count, granted } => (count, granted, granted, "an Unlock"),
-            Ending::Abandon => (1, true, false, "an Abandon"),
-        };
         let peer = self.conns[idx].peer;
         let holder = self.held_by.get(&(region, page)).copied();
-        if count != 1 || holder != Some((peer, access, granted)) {
+        let held = holder.and_then(|(r, a, held)| (r == peer && a == access).then_some(held));
+        let (count, agrees, completed, what) = match ending {
+            Ending::Unlock { count, granted } => {
+                let agrees = held.is_some_and(|h| (h != Held::Answered) == granted);
+                (count, agrees, granted, "an Unlock")
+            }
+            Ending::Abandon => {
+                let agrees = held
+                    == Some(Held::Granted {
+                        home_kept_its_copy: true,
+                    });
+                (1, agrees, false, "an Abandon")
+            }
+        };
+        if count != 1 || !agrees {
             self.close(
                 idx,
                 &format!(

@@ -2,8 +2,8 @@
 //! or queued under the per-page manager lock, with read-ahead and write-ahead), the leaf operations on
 //! this rank's copies (send, downgrade, drop), page fetches and diffs under release consistency.
 
-use super::Engine;
 use super::MAX_READAHEAD;
+use super::{Engine, Held};
 use crate::channel::write_frame;
 use crate::direct::{self};
 use crate::fault::{give_untouched, lock_untouched, set_state, try_lock_slot, unlock_slot};
@@ -252,7 +252,7 @@ impl Engine {
                     // An upgrade (or a read of a copy the requester holds): the lock stays held until the
                     // requester's Unlock, or its failure (`peer_failed`).
                     self.held_by
-                        .insert((region.id, page), (requester, access, false));
+                        .insert((region.id, page), (requester, access, Held::Answered));
                 }
                 let may_hold_them = tried_direct && access == Access::Read;
                 if !sent && may_hold_them {
@@ -313,10 +313,14 @@ impl Engine {
                     &[]
                 };
                 if self.reply(idx, &Reply::Granted { grant }, &[payload]) {
-                    // Held until the requester's Unlock; should the requester fail before, `peer_failed`
-                    // ends the transaction as if it had completed (it may have invalidated the others).
+                    // Held until the requester's Unlock (or Abandon); should the requester fail before,
+                    // `peer_failed` ends the transaction as if it had completed (it may have invalidated
+                    // the others).
+                    let held = Held::Granted {
+                        home_kept_its_copy: grant.home_action == HomeAction::None,
+                    };
                     self.held_by
-                        .insert((region.id, page), (requester, access, true));
+                        .insert((region.id, page), (requester, access, held));
                 } else {
                     // The requester never heard of the grant, so nothing changed anywhere but here.
                     if copied {

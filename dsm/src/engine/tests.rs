@@ -1532,6 +1532,30 @@ fn an_abandoned_grant_unlocks_its_page_as_it_was_and_only_its_holder_may_abandon
 }
 
 #[test]
+fn a_grant_that_dropped_the_homes_copy_cannot_be_abandoned() {
+    let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
+    let region = home_page(&dsm, &fakes);
+    let shared = &region.inner;
+    // Rank 1 reads the home's page; rank 2 then asks to write it, and is granted with the home's copy,
+    // which the home drops as it grants (rank 1's is for rank 2 to invalidate).
+    fake_reads_the_home_page(&fakes[0].fake, shared);
+    let reply = fake_asks(&fakes[1].fake, shared, Access::Write);
+    let granted = matches!(
+        reply,
+        Reply::Granted { grant } if grant.home_action == swmr::HomeAction::Invalidate && grant.data_from_home
+    );
+    assert!(granted, "{reply:?}");
+    // Abandoned, the entry would still list the home's copy, which is gone: refused as a protocol error.
+    let abandon = Request::Abandon {
+        region: shared.id,
+        page: 0,
+        access: Access::Write,
+    };
+    fake_sends(&fakes[1].fake, abandon);
+    assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(2)]);
+}
+
+#[test]
 fn a_failed_rank_whose_service_loop_connection_ends_has_left_with_its_copies() {
     let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
     let region = home_page(&dsm, &fakes);

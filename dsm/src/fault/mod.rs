@@ -47,8 +47,9 @@ pub(crate) enum FaultError {
     Lost(Rank),
     /// The page's owner, this rank, left the job while the fault was fetching the page from it.
     OwnerLeft(Rank),
-    /// As `OwnerLeft`, but the grant changed nothing anywhere: the fault asks again (`fault::sequential`
-    /// turns it into `OwnerLeft` once the home has had time to see the owner leave).
+    /// As `OwnerLeft`, but the grant changed nothing anywhere: the fault asks again (a remote page's
+    /// fault turns it into `OwnerLeft` once its home has had time to see the owner leave; the home's own
+    /// fault decides again at once).
     Abandoned(Rank),
 }
 

@@ -300,7 +300,8 @@ pub(crate) fn mark_granted(region: &RegionShared, page: u64) {
 
 /// Ends the GRANTED mark of the faulting page before its install; an error if the transaction was revoked
 /// meanwhile (the page must not be installed: the home's entry no longer lists this rank's copy). After
-/// this only local work is left, so a leaf request that finds the page BUSY waits for it as usual.
+/// this only local work is left, or, for a grant abandoned because its owner left, a new request to the
+/// home, as at the start of a fault: a leaf request that finds the page BUSY waits for it as usual.
 pub(crate) fn end_grant(region: &RegionShared, page: u64, home: Rank) -> Result<(), FaultError> {
     let word = region.state(page);
     let mut s = word.load(Ordering::Acquire);
