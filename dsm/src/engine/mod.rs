@@ -12,18 +12,19 @@
 //! leaves the job, says that it has left with its copies of pages (`Shared::gone`). A rank that took this
 //! one for failed cuts off its other connections and lives on, copies and all.
 //!
-//! This file holds the loop itself (connections, dispatch, failures); `pages` the pages homed here and
-//! this rank's copies; `sync` the lock and barrier servers.
+//! This file holds the loop itself (connections and dispatch); `failure` heartbeats, ended connections
+//! and failed peers; `pages` the pages homed here and this rank's copies under sequential consistency,
+//! `release` the home's side of release consistency; `sync` the lock and barrier servers; `service_loop`
+//! the loop as a transport's thread runs it, and the loop thread's priority.
 
 use crate::channel::write_frame;
 use crate::direct::{self, Host};
-use crate::dsm::{FailurePolicy, Shared};
-use crate::fault::unlock_slot;
+use crate::dsm::Shared;
 use crate::protocol::release::VectorClock;
-use crate::protocol::swmr::{self, Access};
+use crate::protocol::swmr::Access;
 use crate::region::{Consistency, RegionShared};
 use crate::stats::Counters;
-use crate::transport::memory::{Doorbell, Shut};
+use crate::transport::memory::Doorbell;
 use crate::transport::{Conn, Incoming, Readiness};
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::ZERO_PAGE;
@@ -48,6 +49,19 @@ pub(crate) const MAX_REQUEST: usize = 16 << 20;
 const WAKER: u64 = u64::MAX;
 const MEMORY: u64 = u64::MAX - 1;
 
+mod failure;
+mod pages;
+mod release;
+mod service_loop;
+mod sync;
+
+pub use failure::MIN_PEER_TIMEOUT;
+use failure::{Liveness, MAX_LOST_REASON};
+use pages::{Ending, Held};
+use service_loop::favour_this_thread;
+pub use service_loop::{Polled, ServiceLoop, ServicePriority};
+use sync::LockServer;
+
 /// A connection the loop serves.
 #[derive(Debug)]
 struct Served {
@@ -70,76 +84,6 @@ struct Served {
     /// unanswered). A requester waits for each answer before it sends again, so a second request meanwhile
     /// is a peer breaking the protocol: each would hold memory here for as long as it waits.
     service_waiting: Arc<AtomicBool>,
-}
-
-/// When this rank last sent every other rank its heartbeat, and (with a peer timeout:
-/// `DsmBuilder::peer_timeout`) when it last heard from each.
-#[derive(Debug)]
-struct Liveness {
-    /// `None`: this rank takes nobody for failed on silence, but still sends heartbeats, for the ranks
-    /// that do.
-    timeout: Option<Duration>,
-    heard: Vec<Instant>,
-    /// Ranks that said `Goodbye`: they left the job and send nothing more.
-    left: Vec<bool>,
-    beat: Instant,
-    /// When the loop last looked at the time: a long gap means that the loop itself was held up.
-    looked: Instant,
-}
-
-/// The longest time between two heartbeats, whatever this rank's own timeout: ranks may be given
-/// different ones, and every timeout (at least [`MIN_PEER_TIMEOUT`]) must see two.
-const MAX_BEAT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// The shortest peer timeout a rank may be given (`DsmBuilder::peer_timeout`): two heartbeat intervals.
-pub const MIN_PEER_TIMEOUT: Duration = Duration::from_secs(2);
-
-impl Liveness {
-    /// How often heartbeats go out: four in this rank's timeout, and at least once a second.
-    fn interval(&self) -> Duration {
-        self.timeout
-            .map_or(MAX_BEAT_INTERVAL, |t| (t / 4).min(MAX_BEAT_INTERVAL))
-    }
-
-    /// The ranks not heard from for longer than the timeout at `now` (none without a timeout), other
-    /// than `me`, the ranks that left, and those `failed` already.
-    fn late(&self, now: Instant, me: usize, failed: impl Fn(usize) -> bool) -> Vec<Rank> {
-        let Some(timeout) = self.timeout else {
-            return Vec::new();
-        };
-        (0..self.heard.len())
-            .filter(|&r| {
-                r != me
-                    && !self.left[r]
-                    && !failed(r)
-                    && now.duration_since(self.heard[r]) > timeout
-            })
-            .map(|r| Rank(r as u32))
-            .collect()
-    }
-}
-
-mod pages;
-mod sync;
-
-use sync::LockServer;
-
-/// How a transaction of another rank holds a page's manager lock here (`Engine::held_by`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Held {
-    /// Answered at once (an upgrade, or a read of a copy the requester holds), held for its `Unlock`.
-    Answered,
-    /// Granted, held for its `Unlock`; or, when the home kept its own copy (the grant dropped no copy
-    /// here), for its `Abandon` should the owner it names have left.
-    Granted { home_kept_its_copy: bool },
-}
-
-/// How a requester ends a transaction that holds a page's manager lock here.
-enum Ending {
-    /// Its `Unlock`: `granted` says whether it ran a grant, which is recorded as done.
-    Unlock { count: u32, granted: bool },
-    /// Its `Abandon` of a grant that did not run (the owner it named left the job): nothing is recorded.
-    Abandon,
 }
 
 /// The state of the service loop of one rank.
@@ -392,50 +336,6 @@ impl Engine {
         }
     }
 
-    /// Sends heartbeats when they are due and, with a peer timeout, fails the ranks not heard from for it.
-    fn keep_time(&mut self) {
-        let me = self.shared.me;
-        let l = &mut self.liveness;
-        let now = Instant::now();
-        let beat = now.duration_since(l.beat) >= l.interval();
-        if beat {
-            l.beat = now;
-            self.shared.tell_others(&Request::Heartbeat, &[], None);
-        }
-        let Some(timeout) = l.timeout else {
-            return;
-        };
-        if now.duration_since(l.looked) > timeout / 2 {
-            // This loop was held up itself (the whole job stopped and resumed, the host paused, a reply
-            // that took long to go out): the others' silence in that time says nothing about them, and
-            // they are heard from again within an interval.
-            l.heard.fill(now);
-        }
-        l.looked = now;
-        let late = l.late(now, me.index(), |r| {
-            self.shared.failed[r].load(Ordering::Acquire)
-        });
-        for r in late {
-            self.peer_failed(
-                r,
-                &format!(
-                    "nothing heard from it for {} s (DSM_PEER_TIMEOUT): its process is stopped or hung, or its host or the network to it is down",
-                    timeout.as_secs_f64()
-                ),
-            );
-            // (Under `FailurePolicy::Report`.) A thread of this rank blocked sending to it would otherwise
-            // wait for ever: it does not read.
-            self.shared.channels.cut_off(r);
-        }
-    }
-
-    /// Something came from `peer`: it is alive.
-    fn heard(&mut self, peer: Rank) {
-        if self.liveness.timeout.is_some() {
-            self.liveness.heard[peer.index()] = Instant::now();
-        }
-    }
-
     /// Reads every in-memory connection (one with nothing waiting returns at once): their doorbell rang.
     fn read_memory(&mut self) {
         for i in 0..self.memory.len() {
@@ -488,38 +388,6 @@ impl Engine {
         }
     }
 
-    /// Connection `idx` reached its end: the end of its stream (`closed`), or a reset or another error.
-    /// The end of a service-loop connection's stream is the peer's leaving the job. (Not a reset: nothing
-    /// is ever written to the peer on that connection, so its kernel closes it with a FIN when the
-    /// process ends, and a reset may come from the network while the peer lives on.)
-    fn reached_end(&mut self, idx: usize, closed: bool) {
-        let conn = &mut self.conns[idx];
-        conn.ended = true;
-        if closed && conn.control {
-            self.shared.gone[conn.peer.index()].store(true, Ordering::Release);
-        }
-    }
-
-    /// Reads the watched connection `idx` (`Served::watched`) until it would wait, dropping what came,
-    /// and stops watching it at its end.
-    fn watch_end(&mut self, idx: usize) {
-        let closed = loop {
-            let conn = &mut self.conns[idx];
-            match conn.link.recv(&mut conn.buf, false) {
-                Ok(Some(0)) => break true,
-                Ok(Some(_)) => {}
-                Ok(None) => return,
-                Err(_) => break false,
-            }
-        };
-        self.reached_end(idx, closed);
-        let conn = &mut self.conns[idx];
-        conn.watched = false;
-        if let (Some(fd), Some(epoll)) = (conn.link.socket(), &self.epoll) {
-            let _ = epoll.delete(fd);
-        }
-    }
-
     /// Serves the whole frames read on connection `idx`, then moves what is left of a frame to the front of
     /// its buffer (once: moving the rest after each frame cost time quadratic in the frames a read brings).
     fn parse_frames(&mut self, idx: usize) -> Result<(), String> {
@@ -554,203 +422,6 @@ impl Engine {
         conn.buf.copy_within(at..conn.filled, 0);
         conn.filled -= at;
         parsed
-    }
-
-    fn close(&mut self, idx: usize, reason: &str) {
-        let leaving = self.shared.stop.load(Ordering::Acquire);
-        let me = self.shared.me;
-        let conn = &mut self.conns[idx];
-        if !conn.open {
-            return;
-        }
-        conn.open = false;
-        let peer = conn.peer;
-        // A peer's service-loop connection is still read, for its end, once it is closed (the peer failed
-        // here, or said goodbye and was failed before its connections ended): whether the peer has left the
-        // job or lives on decides what becomes of its copies of pages.
-        conn.watched = conn.control && !conn.ended && !leaving && peer != me;
-        let expected = conn.goodbye || leaving || peer == me;
-        if let (false, Some(fd), Some(epoll)) = (conn.watched, conn.link.socket(), &self.epoll) {
-            let _ = epoll.delete(fd);
-        }
-        if expected {
-            // A rank that said goodbye on every connection to this one sends nothing more: a transaction
-            // it still holds (it left without its Unlock) would keep its page locked for ever.
-            let done =
-                conn.goodbye && peer != me && !self.conns.iter().any(|c| c.open && c.peer == peer);
-            if done {
-                self.end_transactions_of(peer);
-            }
-            return;
-        }
-        // The connection is shut for writing, not just left unread: a peer that lives on (one whose
-        // connection broke, or that sent a frame this rank could not take) then reads its end, and gets
-        // an error for the requests it sent, instead of waiting for ever for replies that will not come.
-        // Only for writing: what it sends still goes in (unread), as to a rank that lives: its sends fail
-        // only once this rank has left the job.
-        conn.link.shutdown(Shut::Write);
-        self.peer_failed(peer, reason);
-    }
-
-    fn peer_failed(&mut self, peer: Rank, reason: &str) {
-        if self.shared.failed[peer.index()].swap(true, Ordering::AcqRel) {
-            return;
-        }
-        tracing::error!("{}: {peer} failed: {reason}", self.shared.me);
-        self.direct[peer.index()] = None;
-        // Its other connections end too: nothing it sends is served any more, and it must not wait.
-        let others: Vec<usize> = (0..self.conns.len())
-            .filter(|&i| self.conns[i].open && self.conns[i].peer == peer)
-            .collect();
-        for i in others {
-            self.close(i, reason);
-        }
-        for service in self.shared.services() {
-            service.peer_failed(peer);
-        }
-        if self.shared.policy == FailurePolicy::Exit
-            && !self.shared.caused_failure.load(Ordering::Acquire)
-        {
-            // Tell the others which rank is gone before ending, so that they report it rather than this rank,
-            // whose connections close next.
-            let why = truncated(reason, MAX_LOST_REASON);
-            self.shared.tell_others(
-                &Request::PeerLost { rank: peer.0 },
-                why.as_bytes(),
-                Some(peer),
-            );
-            say(&format!(
-                "dsm: {}: {peer} failed ({reason}); ending this rank",
-                self.shared.me
-            ));
-            // Nothing is served meanwhile: the rank is ending (`DsmBuilder::exit_grace`).
-            let grace = self.shared.exit_grace;
-            if self.shared.hosted.is_some() {
-                // A transport's thread runs this loop, and carries the `PeerLost` just written: it must go
-                // on carrying while the rank waits, so the wait is another thread's, and the loop serves
-                // nothing more (`Engine::ending`).
-                self.ending = true;
-                let ends = std::thread::Builder::new()
-                    .name("dsm-ending".into())
-                    .spawn(move || {
-                        std::thread::sleep(grace);
-                        std::process::exit(crate::EXIT_PEER_FAILED)
-                    });
-                if ends.is_ok() {
-                    return;
-                }
-            }
-            std::thread::sleep(grace);
-            std::process::exit(crate::EXIT_PEER_FAILED);
-        }
-        // Those waiting at a barrier are told it failed (not under `Exit`, where every rank ends for the
-        // failure with `EXIT_PEER_FAILED`: a waiter told first might end before that with a status of
-        // its own, which the launcher would take for a second failure).
-        let waiting: Vec<usize> = self.arrivals.drain(..).map(|(c, _, _)| c).collect();
-        for c in waiting {
-            self.reply(c, &Reply::BarrierFailed { rank: peer.0 }, &[]);
-        }
-        // Threads of this rank waiting for its replies are told, whether or not it lives on.
-        self.shared.channels.stop_reading_from(peer);
-        // Lock requests the failed rank left waiting are dropped: a grant to it would keep the lock for
-        // ever. A lock it holds stays held (what it protects may be half written), and those waiting for
-        // it, and any that ask later, are told so instead of waiting for ever.
-        let conns = &self.conns;
-        let mut told: Vec<usize> = Vec::new();
-        for l in self.locks.values_mut() {
-            l.waiters.retain(|(w, _)| conns[*w].peer != peer);
-            if l.held == Some(peer) {
-                told.extend(l.waiters.drain(..).map(|(w, _)| w));
-            }
-        }
-        for w in told {
-            self.reply(w, &Reply::LockFailed { rank: peer.0 }, &[]);
-        }
-        self.end_transactions_of(peer);
-    }
-
-    /// Ends the transactions `peer` holds here, which no Unlock or Abandon will end: it failed, or left the
-    /// job without one. Otherwise their pages would stay locked for ever. One that was writing may have taken
-    /// the only copy (it invalidated the others first): the page is recorded as `peer`'s, so that a later
-    /// fault on it fails naming that rank rather than reading what may be stale. A reader is recorded as
-    /// holding its copy: taken for failed, it may live on and have installed the page, and a writer must
-    /// then invalidate it (the copy set forgets it once it is gone). A transaction the home completed
-    /// itself (`Done`, held only for the requester's install) was recorded when it was decided, as its
-    /// Unlock would find it: only a grant is completed here.
-    fn end_transactions_of(&mut self, peer: Rank) {
-        let held: Vec<((u32, u64), Access, Held)> = self
-            .held_by
-            .iter()
-            .filter(|(_, (r, _, _))| *r == peer)
-            .map(|(k, (_, a, held))| (*k, *a, *held))
-            .collect();
-        for ((id, page), access, held) in held {
-            self.held_by.remove(&(id, page));
-            let Some(region) = self.shared.region(id) else {
-                continue;
-            };
-            let slot = region.slot(page);
-            if held != Held::Answered {
-                let mut e = slot.load();
-                swmr::complete(&mut e, peer, access);
-                slot.store(&e);
-            }
-            if unlock_slot(&slot.lock) {
-                self.serve_queue(&region, page);
-            }
-        }
-    }
-
-    /// Ends the transaction on `page` that the rank on connection `idx` holds, as its request says. A
-    /// transaction holds one page, and only the rank it was granted to ends it: a stale, duplicate or
-    /// corrupt request must not free a page lock another transaction holds. Nor may a grant that dropped
-    /// the home's copy be abandoned: the entry, unchanged, would list a copy that is gone.
-    fn end_transaction(
-        &mut self,
-        idx: usize,
-        region: u32,
-        page: u64,
-        access: Access,
-        ending: Ending,
-    ) {
-        let peer = self.conns[idx].peer;
-        let holder = self.held_by.get(&(region, page)).copied();
-        let held = holder.and_then(|(r, a, held)| (r == peer && a == access).then_some(held));
-        let (count, agrees, completed, what) = match ending {
-            Ending::Unlock { count, granted } => {
-                let agrees = held.is_some_and(|h| (h != Held::Answered) == granted);
-                (count, agrees, granted, "an Unlock")
-            }
-            Ending::Abandon => {
-                let agrees = held
-                    == Some(Held::Granted {
-                        home_kept_its_copy: true,
-                    });
-                (1, agrees, false, "an Abandon")
-            }
-        };
-        if count != 1 || !agrees {
-            self.close(
-                idx,
-                &format!(
-                    "{what} of {count} page(s) from page {page} of region {region}, which {peer} does not hold that way"
-                ),
-            );
-            return;
-        }
-        self.held_by.remove(&(region, page));
-        let Some(r) = self.shared.region(region) else {
-            return;
-        };
-        let slot = r.slot(page);
-        if completed {
-            let mut e = slot.load();
-            swmr::complete(&mut e, peer, access);
-            slot.store(&e);
-        }
-        if unlock_slot(&slot.lock) {
-            self.serve_queue(&r, page);
-        }
     }
 
     /// Sends a reply on connection `idx`; false when it could not be sent (the connection is closed then).
@@ -1017,82 +688,6 @@ impl Engine {
     }
 }
 
-/// A rank's service loop run by a thread of its transport ([`Mesh::host`](crate::transport::Mesh::host))
-/// instead of a thread of its own: the host calls [`ServiceLoop::poll`] whenever its doorbell rings, and
-/// now and then without (heartbeats go out at least once a second), until the rank stops; then it drops
-/// the loop, which ends its connections. The loop runs at the host thread's priority
-/// (`DsmBuilder::service_priority` does not apply).
-#[derive(Debug)]
-pub struct ServiceLoop {
-    engine: Engine,
-    /// The doorbell's count when the loop last looked at its connections.
-    looked: u32,
-    /// Dropped with the loop: the rank's shutdown waits for that.
-    _running: std::sync::mpsc::Sender<()>,
-}
-
-/// What one [`ServiceLoop::poll`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Polled {
-    /// Nothing had arrived.
-    Idle,
-    /// It served what had arrived (replies may be waiting to go out).
-    Served,
-    /// The rank has stopped: drop the loop.
-    Stopped,
-}
-
-impl ServiceLoop {
-    pub(crate) fn new(engine: Engine, running: std::sync::mpsc::Sender<()>) -> ServiceLoop {
-        ServiceLoop {
-            looked: engine.doorbell.seen().wrapping_sub(1),
-            engine,
-            _running: running,
-        }
-    }
-
-    /// Serves what has arrived on the loop's connections and what this rank's threads woke it for, and
-    /// sends heartbeats when they are due. Never waits.
-    pub fn poll(&mut self) -> Polled {
-        crate::fault::mark_serving();
-        let e = &mut self.engine;
-        if e.ending {
-            return Polled::Idle;
-        }
-        let mut polled = Polled::Idle;
-        let seen = e.doorbell.seen();
-        if seen != self.looked {
-            self.looked = seen;
-            if e.shared.woken.swap(false, Ordering::AcqRel) {
-                if e.shared.stop.load(Ordering::Acquire) {
-                    return Polled::Stopped;
-                }
-                e.woken();
-            }
-            e.read_memory();
-            e.shared.awake.touch();
-            polled = Polled::Served;
-        }
-        if e.shared.stop.load(Ordering::Acquire) {
-            return Polled::Stopped;
-        }
-        e.keep_time();
-        polled
-    }
-}
-
-/// The most bytes of the reason a `PeerLost` carries.
-const MAX_LOST_REASON: usize = 512;
-
-/// `s` cut to at most `max` bytes, at a character boundary.
-fn truncated(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 /// Makes sends on `conn` fail (`EAGAIN`) after `t` without progress instead of blocking for ever.
 fn send_timeout(conn: &Conn, t: Duration) -> crate::Result<()> {
     conn.set_send_timeout(t)
@@ -1113,42 +708,6 @@ pub(crate) fn end_rank(me: Rank, what: &str) -> ! {
 pub(crate) fn say(line: &str) {
     use std::io::Write;
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
-}
-
-/// How the service loop's thread is scheduled relative to the application's threads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ServicePriority {
-    /// Real-time `SCHED_FIFO` priority 1 when permitted (root or `CAP_SYS_NICE`), else nice -10 when
-    /// permitted, else normal. The loop only runs short bursts and never spins, so a real-time priority lets
-    /// it answer at once even when every core is busy computing, instead of after a scheduler slice.
-    #[default]
-    Favoured,
-    /// Nice -10 when permitted: favoured within the normal scheduler, which keeps its wake-up placement.
-    Nice,
-    /// The same scheduling as the application's threads.
-    Normal,
-}
-
-fn favour_this_thread(me: Rank, how: ServicePriority) {
-    if how == ServicePriority::Normal {
-        return;
-    }
-    let param = libc::sched_param { sched_priority: 1 };
-    if how == ServicePriority::Nice {
-        // SAFETY: setpriority on the calling thread (PRIO_PROCESS with who = 0 names the calling thread).
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
-        return;
-    }
-    // SAFETY: sched_setscheduler(0, ...) changes only the calling thread's policy; `param` is a valid
-    // sched_param that lives across the call.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
-        return;
-    }
-    // SAFETY: setpriority on the calling thread (who = 0 with PRIO_PROCESS names the calling thread on Linux).
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) } == 0 {
-        return;
-    }
-    tracing::debug!("{me}: the service loop runs at normal priority (no permission to raise it)");
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The lock and barrier servers of the service loop: a lock's queue of waiters and the write notices its
 //! holders pass on, and a barrier's arrivals, answered together once every rank has arrived.
 
-use super::pages::CarryApplied;
+use super::release::CarryApplied;
 use super::Engine;
 use crate::protocol::release::{self, NoticeSet, VectorClock};
 use crate::stats::Counters;

@@ -2,6 +2,7 @@
 //! raw sockets (`rank0_with_fakes`), so that each message's handling is checked on its own.
 
 use super::*;
+use crate::dsm::FailurePolicy;
 use crate::protocol::swmr::{self, Access, Data};
 use crate::region::{Placement, Region, RegionShared, READ_ONLY, READ_WRITE, STATE_MASK};
 use crate::transport::{Mesh, Transport};
