@@ -1557,6 +1557,38 @@ fn a_grant_that_dropped_the_homes_copy_cannot_be_abandoned() {
 }
 
 #[test]
+fn a_homes_fault_granted_before_it_saw_the_owner_leave_is_decided_again() {
+    let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
+    let region = home_page(&dsm, &fakes);
+    let shared = region.inner.clone();
+    // Rank 1 writes the page: the home's copy goes to it, and its copy is the only one.
+    let reply = fake_asks(&fakes[0].fake, &shared, Access::Write);
+    assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
+    // Rank 1 dies in two steps: the ends of rank 0's channels to it close at once (the fetch of the
+    // home's fault fails there), and its service loop's connection, whose end says that it has left the
+    // job, 100 ms later. The fault is decided while rank 1 is failed at most, not gone: it is granted a
+    // fetch from rank 1, which finds rank 1 gone once the home sees it leave.
+    let mut fakes = fakes.into_iter();
+    let rank1 = fakes.next().unwrap();
+    for c in rank1.channels.iter().chain([&rank1.fake]) {
+        c.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+    let leaves = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        drop(rank1);
+    });
+    let read = crate::fault::resolve(&shared, 0, false);
+    leaves.join().unwrap();
+    // Decided again once it was seen to leave, the page's only copy is known lost with rank 1 (the
+    // fault used to end saying that the owner left while it fetched, whether a copy lived on or not).
+    assert!(
+        matches!(read, Err(crate::fault::FaultError::Lost(Rank(1)))),
+        "{read:?}"
+    );
+    assert!(gone_within(&shared, Rank(1)));
+}
+
+#[test]
 fn a_failed_rank_whose_service_loop_connection_ends_has_left_with_its_copies() {
     let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
     let region = home_page(&dsm, &fakes);

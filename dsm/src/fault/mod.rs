@@ -177,7 +177,9 @@ fn ask(
     ch.recv_head(c, home).map_err(|e| FaultError::Peer(home, e))
 }
 
-fn resolve(region: &RegionShared, page: u64, write: bool) -> Result<(), FaultError> {
+/// Resolves a fault on `page` of `region` (the SIGBUS handler's work, without its ending the rank on an
+/// error; the engine's tests call it directly).
+pub(crate) fn resolve(region: &RegionShared, page: u64, write: bool) -> Result<(), FaultError> {
     let shared = &*region.shared;
     let c = &shared.counters;
     let word = region.state(page);
