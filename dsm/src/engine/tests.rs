@@ -1304,6 +1304,87 @@ fn a_fault_whose_home_leaves_before_its_unlock_keeps_the_page_and_the_rank_lives
     assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
 }
 
+#[test]
+fn a_grant_naming_an_owner_that_left_is_abandoned_and_asked_for_again() {
+    let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
+    // Page 0 homed at rank 1, whose only copy rank 2 owned when it left the job.
+    let region = region_at(
+        &dsm,
+        &fakes,
+        1,
+        Placement::At(Rank(1)),
+        Consistency::Sequential,
+    );
+    let shared = region.inner.clone();
+    let mut fakes = fakes.into_iter();
+    let (home, owner) = (fakes.next().unwrap(), fakes.next().unwrap());
+    drop(owner);
+    assert!(
+        gone_within(&shared, Rank(2)),
+        "rank 2 was not seen to leave"
+    );
+    let reading = shared.clone();
+    let reader = std::thread::spawn(move || crate::fault::resolve(&reading, 0, false));
+    // The home has not yet seen rank 2 leave: it grants a fetch from it.
+    let (request, end) = fake_takes_request(&home);
+    assert!(
+        matches!(
+            request,
+            Request::Acquire {
+                page: 0,
+                access: Access::Read,
+                ..
+            }
+        ),
+        "{request:?}"
+    );
+    let grant = swmr::Grant {
+        home_action: swmr::HomeAction::None,
+        data_from_home: false,
+        fetch_from: Some(Rank(2)),
+        invalidate: swmr::CopySet::EMPTY,
+    };
+    write_frame(
+        &dup(end),
+        &Reply::Granted { grant },
+        &[],
+        &Counters::default(),
+    )
+    .unwrap();
+    // Rank 0 finds rank 2 gone, abandons the grant, and asks again (perhaps on another channel, so the
+    // two may be read in either order); the home, having seen rank 2 leave by then, says the page is
+    // lost with it.
+    let mut abandoned = false;
+    let mut asked_again = None;
+    for _ in 0..2 {
+        let (request, end) = fake_takes_request(&home);
+        match request {
+            Request::Abandon {
+                page: 0,
+                access: Access::Read,
+                ..
+            } => abandoned = true,
+            Request::Acquire {
+                page: 0,
+                access: Access::Read,
+                ..
+            } => asked_again = Some(end),
+            other => panic!("unexpected request {other:?}"),
+        }
+    }
+    assert!(abandoned, "rank 0 did not abandon the grant");
+    let end = asked_again.expect("rank 0 did not ask again");
+    let refused = Reply::Refused {
+        reason: RefusedReason::DataLeftWith(Rank(2)),
+    };
+    write_frame(&dup(end), &refused, &[], &Counters::default()).unwrap();
+    let read = reader.join().unwrap();
+    assert!(
+        matches!(read, Err(crate::fault::FaultError::Lost(Rank(2)))),
+        "{read:?}"
+    );
+}
+
 /// The next frame rank 0 sends the fake on `fake`, if one comes within `wait`.
 fn fake_reads_within(fake: &UnixStream, wait: Duration) -> Option<Reply> {
     use std::os::fd::AsRawFd;
