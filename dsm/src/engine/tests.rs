@@ -696,6 +696,13 @@ fn fake_asks(fake: &UnixStream, region: &RegionShared, access: Access) -> Reply 
     fake_reads(fake).0
 }
 
+/// The fake rank writes page 0 of `region`, which its home (rank 0) hands over at once: the fake then
+/// owns the page, and its copy is the only one.
+fn fake_owns(fake: &UnixStream, region: &RegionShared) {
+    let reply = fake_asks(fake, region, Access::Write);
+    assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
+}
+
 /// The fake rank reads page 0 of `region`, which the home answers with its copy, `pattern()`.
 fn fake_reads_the_home_page(fake: &UnixStream, region: &RegionShared) {
     fake_faults(fake, region, Access::Read);
@@ -1496,8 +1503,7 @@ fn a_rank_that_leaves_holding_a_grant_does_not_keep_its_page_locked() {
     let shared = &region.inner;
     // Rank 2 takes the page to write; rank 1 then asks to write it, and the home grants it (rank 1 is
     // to fetch it from rank 2), holding the page locked until rank 1's Unlock.
-    let reply = fake_asks(&fakes[1].fake, shared, Access::Write);
-    assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
+    fake_owns(&fakes[1].fake, shared);
     let reply = fake_asks(&fakes[0].fake, shared, Access::Write);
     assert!(matches!(reply, Reply::Granted { .. }), "{reply:?}");
     // Rank 1 leaves the job cleanly, without its Unlock: goodbye on each of its connections to rank 0.
@@ -1530,8 +1536,7 @@ fn an_owner_that_fails_reading_its_own_page_stays_its_owner_and_out_of_its_copie
     // Rank 1 writes the page (the home's copy goes to it), then asks to read it, as a rank whose copy
     // was dropped under it would: the home answers that it holds the page, and waits for its Unlock.
     let fake = &fakes[0].fake;
-    let reply = fake_asks(fake, shared, Access::Write);
-    assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
+    fake_owns(fake, shared);
     let reply = fake_asks(fake, shared, Access::Read);
     let held = matches!(
         reply,
@@ -1558,8 +1563,7 @@ fn a_page_whose_only_copy_left_with_its_owner_is_refused_naming_it() {
     let region = home_page(&dsm, &fakes);
     let shared = &region.inner;
     // Rank 1 writes the page: the home's copy goes to it, and its copy is the only one.
-    let reply = fake_asks(&fakes[0].fake, shared, Access::Write);
-    assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
+    fake_owns(&fakes[0].fake, shared);
     // Rank 1 dies, its service loop's connection ending too: it has left the job with the page.
     let mut fakes = fakes.into_iter();
     let (rank1, rank2) = (fakes.next().unwrap(), fakes.next().unwrap());
@@ -1586,8 +1590,7 @@ fn an_abandoned_grant_unlocks_its_page_as_it_was_and_only_its_holder_may_abandon
     let region = home_page(&dsm, &fakes);
     let shared = &region.inner;
     // Rank 1 writes the page: it owns the only copy.
-    let reply = fake_asks(&fakes[0].fake, shared, Access::Write);
-    assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
+    fake_owns(&fakes[0].fake, shared);
     // Rank 2 asks to read it and is granted a fetch from rank 1, which (as rank 2 would find were rank
     // 1 gone) it abandons; asked again, the home grants the same, so the first grant ended unrecorded.
     // Had the Abandon left the page locked, the second request would wait, and its reply time out.
@@ -1643,8 +1646,7 @@ fn a_homes_fault_granted_before_it_saw_the_owner_leave_is_decided_again() {
     let region = home_page(&dsm, &fakes);
     let shared = region.inner.clone();
     // Rank 1 writes the page: the home's copy goes to it, and its copy is the only one.
-    let reply = fake_asks(&fakes[0].fake, &shared, Access::Write);
-    assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
+    fake_owns(&fakes[0].fake, &shared);
     // Rank 1 dies in two steps: the ends of rank 0's channels to it close at once (the fetch of the
     // home's fault fails there), and its service loop's connection, whose end says that it has left the
     // job, 100 ms later. The fault is decided while rank 1 is failed at most, not gone: it is granted a
