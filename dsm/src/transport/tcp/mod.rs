@@ -1,0 +1,141 @@
+//! TCP transport: a full mesh of `TCP_NODELAY` connections. Every connection starts with a handshake that
+//! proves knowledge of the job's secret token; a wrong token, protocol version or rank is refused and logged.
+//! Listeners bind to 127.0.0.1 unless the launcher is told otherwise (`DSM_BIND`).
+
+mod handshake;
+mod mesh;
+
+use super::{Conn, Incoming, Mesh, Transport};
+use crate::error::{DsmError, Result};
+use crate::types::Rank;
+use mesh::{accept_all, connect, Setup, ACCEPTING, CONNECTING, NO_FAILURE};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The secret every connection of a job must present.
+pub type Token = [u8; 32];
+
+/// The mesh of one rank over TCP.
+#[derive(Debug)]
+pub struct TcpTransport {
+    listener: TcpListener,
+    peers: Vec<SocketAddr>,
+    token: Token,
+    timeout: Duration,
+}
+
+impl TcpTransport {
+    /// `listener` is this rank's bound listener; `peers[r]` is rank r's listener address (this rank's
+    /// included); `timeout` bounds the whole establishment.
+    pub fn new(
+        listener: TcpListener,
+        peers: Vec<SocketAddr>,
+        token: Token,
+        timeout: Duration,
+    ) -> TcpTransport {
+        TcpTransport {
+            listener,
+            peers,
+            token,
+            timeout,
+        }
+    }
+}
+
+/// Descriptors a rank keeps open besides its connections: the standard streams, userfaultfd, epoll and
+/// event descriptors, the listener, and some for the program's own files.
+const FILES_BESIDES_CONNECTIONS: u64 = 64;
+
+/// Why this process cannot hold the connections of a job of `size` ranks with `sets` connections each way
+/// between two ranks (one per channel and the service loop's), if it cannot: its open-file limit (already
+/// raised as far as it goes, `DsmBuilder::build`) is below what they take. Said before connecting: a rank
+/// out of descriptors midway would drop other ranks' connections, and they would fail with resets that
+/// do not say why.
+fn too_few_open_files(me: Rank, size: usize, sets: usize) -> Option<String> {
+    use nix::sys::resource::{getrlimit, Resource};
+    let (limit, _) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    let needed = 2 * sets as u64 * size as u64 + FILES_BESIDES_CONNECTIONS;
+    (limit < needed).then(|| {
+        format!(
+            "{me}: a job of {size} ranks needs about {needed} open files at each rank ({sets} connections each way with every rank: one per channel and the service loop's), and this process may have at most {limit}: raise the limit (`ulimit -n`; the hard limit, `ulimit -Hn`, as root), or run fewer ranks, or set a smaller DSM_CHANNELS"
+        )
+    })
+}
+
+impl Transport for TcpTransport {
+    fn establish(self: Box<Self>, me: Rank, size: usize, channels: usize) -> Result<Mesh> {
+        if self.peers.len() != size {
+            return Err(DsmError::Config(format!(
+                "{} peer addresses for a job of {size} ranks",
+                self.peers.len()
+            )));
+        }
+        if let Some(why) = too_few_open_files(me, size, channels) {
+            return Err(DsmError::Config(why));
+        }
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(self.timeout)
+            .unwrap_or(now + Duration::from_secs(86_400));
+        let TcpTransport {
+            listener,
+            peers,
+            token,
+            ..
+        } = *self;
+        let setup = Setup {
+            me,
+            size,
+            channels,
+            token,
+            deadline,
+            first_failure: Arc::new(AtomicU8::new(NO_FAILURE)),
+        };
+        let accepting = setup.clone();
+        let acceptor = std::thread::Builder::new()
+            .name("dsm-accept".into())
+            .spawn(move || accept_all(listener, accepting))
+            .map_err(|e| DsmError::io("spawning the accept thread", e))?;
+        let mut outgoing = Vec::with_capacity(channels);
+        let mut failure = None;
+        'outer: for set in 0..channels {
+            let mut row = Vec::with_capacity(size);
+            for (r, addr) in peers.iter().enumerate() {
+                match connect(&setup, Rank(r as u32), set, *addr) {
+                    Ok(fd) => row.push(Conn::from(fd)),
+                    Err(e) => {
+                        setup.failed(CONNECTING);
+                        failure = Some(e);
+                        break 'outer;
+                    }
+                }
+            }
+            outgoing.push(row);
+        }
+        let incoming = acceptor
+            .join()
+            .map_err(|_| DsmError::Config("the accept thread panicked".into()))?;
+        // The side that failed first says why; the other only stopped because of it.
+        match (incoming, failure) {
+            (Ok(incoming), None) => Ok(Mesh {
+                outgoing,
+                incoming: incoming
+                    .into_iter()
+                    .map(|(r, set, fd)| Incoming::new(r, set, channels, Conn::from(fd)))
+                    .collect(),
+                host: None,
+            }),
+            (Err(e), Some(_)) if setup.first_failure.load(Ordering::Acquire) == ACCEPTING => Err(e),
+            (_, Some(e)) | (Err(e), None) => Err(e),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,307 @@
+use super::handshake::*;
+use super::mesh::*;
+use super::*;
+use crate::transport::PROTOCOL_VERSION;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+#[test]
+fn handshake_checks_magic_token_version_rank_channels_and_set() {
+    let token = [7u8; 32];
+    let good = hello(Rank(1), 4, 3, &token);
+    assert_eq!(check_hello(&good, &token, 2, 4), Ok((Rank(1), 3)));
+    let stranger = |r| matches!(r, Err(Refusal::Stranger(why)) if why.contains("token") || why.contains("magic"));
+    let member = |r: std::result::Result<(Rank, usize), Refusal>, what: &str| matches!(&r, Err(Refusal::Member(why)) if why.contains(what));
+    assert!(stranger(check_hello(&good, &[8u8; 32], 2, 4)));
+    let mut bad = good;
+    bad[0] = b'X';
+    assert!(stranger(check_hello(&bad, &token, 2, 4)));
+    assert!(member(
+        check_hello(&good, &token, 1, 4),
+        "outside a job of 1"
+    ));
+    assert!(member(
+        check_hello(&good, &token, 2, 3),
+        "rank 1 has 3 channels, this rank 2: give every rank the same DSM_CHANNELS"
+    ));
+    assert!(member(
+        check_hello(&hello(Rank(1), 4, 4, &token), &token, 2, 4),
+        "rank 1 opened connection 4 of 4"
+    ));
+    let mut old = good;
+    old[4] = 99;
+    assert!(member(
+        check_hello(&old, &token, 2, 4),
+        "protocol version 99"
+    ));
+    // Another build with the wrong token is a stranger: only a rank of this job is told why.
+    assert!(stranger(check_hello(&old, &[8u8; 32], 2, 4)));
+}
+
+/// Sets up a job of one rank per entry of `channels` (each with that many channels), each on a thread
+/// of its own; returns how each rank's setting up ended, and how long they all took.
+fn establish_all(channels: &[usize]) -> (Vec<Result<Mesh>>, Duration) {
+    let listeners: Vec<TcpListener> = channels
+        .iter()
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let started = Instant::now();
+    let size = channels.len();
+    let ranks: Vec<_> = listeners
+        .into_iter()
+        .zip(channels.iter().copied())
+        .enumerate()
+        .map(|(me, (listener, channels))| {
+            let t = Box::new(TcpTransport::new(
+                listener,
+                peers.clone(),
+                [3u8; 32],
+                Duration::from_secs(25),
+            ));
+            std::thread::spawn(move || t.establish(Rank(me as u32), size, channels))
+        })
+        .collect();
+    let ended = ranks.into_iter().map(|r| r.join().unwrap()).collect();
+    (ended, started.elapsed())
+}
+
+#[test]
+fn each_rank_s_service_loop_connection_is_marked_as_such_at_the_other_end() {
+    let sets = 3;
+    let meshes: Vec<Mesh> = establish_all(&[sets, sets])
+        .0
+        .into_iter()
+        .map(|m| m.unwrap())
+        .collect();
+    super::super::assert_service_loop_connections_marked(&meshes, sets);
+}
+
+/// The transport of a job of one rank (20 s to set up), and a connection to its listener that came
+/// first and sent `first`.
+fn a_rank_alone_after(first: &[u8], token: Token) -> (Box<TcpTransport>, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(first).unwrap();
+    let t = TcpTransport::new(listener, vec![addr], token, Duration::from_secs(20));
+    (Box::new(t), s)
+}
+
+#[test]
+fn a_rank_of_another_build_with_a_shorter_handshake_is_told_why_at_once() {
+    let token = [4u8; 32];
+    // A build whose handshake is shorter than this one's (the preamble, then 4 bytes): it waits for
+    // the answer, which must come without the bytes this build would read after the preamble.
+    let mut old = hello(Rank(0), 2, 0, &token)[..PREAMBLE_LEN + 4].to_vec();
+    old[4..8].copy_from_slice(&(PROTOCOL_VERSION - 1).to_le_bytes());
+    let (t, mut s) = a_rank_alone_after(&old, token);
+    let started = Instant::now();
+    let e = t.establish(Rank(0), 1, 2).unwrap_err().to_string();
+    assert!(e.contains("every rank must run the same build"), "{e}");
+    assert!(started.elapsed() < HELLO_TIME, "{:?}", started.elapsed());
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack[0], ACK_REFUSED);
+    let reason = read_reason(&mut s);
+    assert!(reason.contains("protocol version"), "{reason}");
+}
+
+#[test]
+fn a_connection_opened_twice_is_refused() {
+    let token = [6u8; 32];
+    // Rank 0 of a job of one opens its sets 0 and 1 to itself; a third connection, first in the
+    // backlog, says it is set 0 as well.
+    let (t, _s) = a_rank_alone_after(&hello(Rank(0), 2, 0, &token), token);
+    let e = t.establish(Rank(0), 1, 2).unwrap_err().to_string();
+    assert!(e.contains("rank 0 opened its connection 0 twice"), "{e}");
+}
+
+#[test]
+fn ranks_with_different_channel_counts_both_fail_at_once_saying_why() {
+    let (ended, took) = establish_all(&[4, 3]);
+    for rank in ended {
+        let e = rank.unwrap_err().to_string();
+        assert!(e.contains("give every rank the same DSM_CHANNELS"), "{e}");
+    }
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[test]
+fn a_rank_of_other_channels_among_three_stops_all_three_at_once() {
+    // Rank 2 has another number of channels. Ranks 0 and 1 may not hear it from rank 2 itself (a
+    // rank that refused it closes its listener): the one left must stop at the closed listener too,
+    // not retry until the timeout.
+    let (ended, took) = establish_all(&[2, 2, 3]);
+    for rank in ended {
+        assert!(rank.is_err());
+    }
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[test]
+fn a_rank_refused_by_another_stops_waiting_for_connections_and_says_why() {
+    // Rank 1 here is a stand-in that refuses rank 0's handshake and never connects: rank 0's accepting
+    // side must stop with its connecting side, not wait out the timeout for rank 1's connections.
+    let mine = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let peers = vec![mine.local_addr().unwrap(), other.local_addr().unwrap()];
+    let stand_in = std::thread::spawn(move || {
+        let (mut s, _) = other.accept().unwrap();
+        let mut h = [0u8; HELLO_LEN];
+        s.read_exact(&mut h).unwrap();
+        refuse(&mut s, "rank 1 is of another mind");
+        // Held open until rank 0 has read the refusal and gone.
+        let _ = s.read(&mut h);
+    });
+    let t = Box::new(TcpTransport::new(
+        mine,
+        peers,
+        [5u8; 32],
+        Duration::from_secs(20),
+    ));
+    let started = Instant::now();
+    let e = t.establish(Rank(0), 2, 2).unwrap_err().to_string();
+    assert!(
+        e.contains("refused this rank's handshake: rank 1 is of another mind"),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    stand_in.join().unwrap();
+}
+
+#[test]
+fn a_rank_that_stopped_setting_up_is_taken_for_failed() {
+    // Rank 1 gone before rank 0 connects (its listener closed), or gone during the handshake (it
+    // read rank 0's and closed): rank 0's error is rank 1's failure, not one of its own.
+    let gone = TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = gone.local_addr().unwrap();
+    drop(gone);
+    let closing = TcpListener::bind("127.0.0.1:0").unwrap();
+    let closes = closing.local_addr().unwrap();
+    let stand_in = std::thread::spawn(move || {
+        let (mut s, _) = closing.accept().unwrap();
+        let mut h = [0u8; HELLO_LEN];
+        s.read_exact(&mut h).unwrap();
+    });
+    for (at, what) in [
+        (closed, "could not connect to it"),
+        (closes, "waiting for the handshake reply from it"),
+    ] {
+        let mine = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peers = vec![mine.local_addr().unwrap(), at];
+        let t = Box::new(TcpTransport::new(
+            mine,
+            peers,
+            [3u8; 32],
+            Duration::from_secs(20),
+        ));
+        let started = Instant::now();
+        match t.establish(Rank(0), 2, 2) {
+            Err(e @ DsmError::PeerFailed { rank: Rank(1), .. }) => {
+                let e = e.to_string();
+                assert!(e.starts_with("rank 1 failed: rank 0"), "{e}");
+                assert!(e.contains(&format!("{what} at {at}")), "{e}");
+            }
+            other => panic!("rank 1 at {at} ({what}): {:?}", other.map(|_| ())),
+        }
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+    stand_in.join().unwrap();
+}
+
+#[test]
+fn a_stranger_sending_its_handshake_a_byte_at_a_time_does_not_hold_the_mesh_up() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = [1u8; 32];
+    // Connected first (the backlog is FIFO), it sends a byte every half second: its whole handshake
+    // would take 24 s, and each read alone stays well within any per-read timeout.
+    let mut s = TcpStream::connect(addr).unwrap();
+    let stranger = std::thread::spawn(move || {
+        for b in hello(Rank(0), 2, 0, &[2u8; 32]) {
+            if s.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    // Its handshake is read beside the rank's own connections, which do not wait for it.
+    drop(alone_at_once(listener, token));
+    stranger.join().unwrap();
+}
+
+/// Sets up a job of one rank (two channels) on `listener`, which must take less than half a
+/// handshake's time whatever else connected to it; returns its mesh.
+fn alone_at_once(listener: TcpListener, token: Token) -> Mesh {
+    let addr = listener.local_addr().unwrap();
+    let t = Box::new(TcpTransport::new(
+        listener,
+        vec![addr],
+        token,
+        Duration::from_secs(30),
+    ));
+    let started = Instant::now();
+    let mesh = t.establish(Rank(0), 1, 2).unwrap();
+    assert!(
+        started.elapsed() < HELLO_TIME / 2,
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(mesh.outgoing.len(), 2);
+    assert_eq!(mesh.incoming.len(), 2);
+    mesh
+}
+
+#[test]
+fn many_silent_strangers_do_not_hold_the_mesh_up() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = [1u8; 32];
+    // Connected first (the backlog is FIFO) and silent: read one after another, they held the mesh
+    // up for a handshake's time each, 40 s in all. Past the room for them, the oldest are dropped.
+    let silent: Vec<TcpStream> = (0..MAX_GREETING + 8)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    drop(alone_at_once(listener, token));
+    drop(silent);
+}
+
+#[test]
+fn a_wrong_token_is_refused_and_the_mesh_still_forms() {
+    let token = [1u8; 32];
+    // An intruder with the wrong token connects first (the backlog is FIFO); it must be refused and not
+    // counted among the mesh's connections.
+    let (t, mut s) = a_rank_alone_after(&hello(Rank(0), 2, 0, &[2u8; 32]), token);
+    let intruder = std::thread::spawn(move || {
+        let mut ack = [0u8; 1];
+        s.read_exact(&mut ack).unwrap();
+        ack[0]
+    });
+    let mesh = t.establish(Rank(0), 1, 2).unwrap();
+    assert_eq!(intruder.join().unwrap(), ACK_REFUSED);
+    assert_eq!(mesh.outgoing.len(), 2);
+    assert_eq!(mesh.incoming.len(), 2);
+}
+
+#[test]
+fn silent_and_truncated_handshakes_are_dropped_and_the_mesh_still_forms() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = [1u8; 32];
+    // A connection that sends nothing is read beside the others and dropped after its handshake's time;
+    // one that sends half a handshake and closes is refused at once. Neither counts among the mesh's
+    // connections, nor holds it up.
+    let silent = TcpStream::connect(addr).unwrap();
+    let mut truncated = TcpStream::connect(addr).unwrap();
+    truncated
+        .write_all(&hello(Rank(0), 2, 0, &token)[..HELLO_LEN / 2])
+        .unwrap();
+    drop(truncated);
+    drop(alone_at_once(listener, token));
+    drop(silent);
+}
