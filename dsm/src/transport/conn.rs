@@ -1,5 +1,5 @@
 //! What the fault path, the channels and the service loop do with a connection, whichever kind it is: a
-//! socket read and written with plain system calls, or an in-memory connection (`memory.rs`). Everything
+//! socket read and written with plain system calls, or an in-memory connection (`memory/`). Everything
 //! here is async-signal-safe.
 
 use super::memory::{self, Shut};
