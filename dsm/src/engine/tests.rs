@@ -1392,6 +1392,82 @@ fn a_grant_naming_an_owner_that_left_is_abandoned_and_asked_for_again() {
     );
 }
 
+#[test]
+fn a_thread_that_faults_on_a_page_being_fetched_waits_for_that_fetch() {
+    use crate::region::WAITERS;
+    let (dsm, fakes) = rank0_with_fakes(2, None);
+    // Page 0 homed at rank 1, which the test plays.
+    let region = region_at(
+        &dsm,
+        &fakes,
+        1,
+        Placement::At(Rank(1)),
+        Consistency::Sequential,
+    );
+    let shared = region.inner.clone();
+    let before = dsm.stats();
+    // Each reading thread says how its fault ended; a thread that asked the home again would wait for
+    // an answer that never comes, and the test fails on its silence instead of hanging.
+    let (done, ended) = std::sync::mpsc::channel();
+    let read = |shared: &Arc<RegionShared>| {
+        let (shared, done) = (shared.clone(), done.clone());
+        std::thread::spawn(move || {
+            let _ = done.send(crate::fault::resolve(&shared, 0, false));
+        });
+    };
+    read(&shared);
+    let (request, end) = fake_takes_request(&fakes[0]);
+    assert!(
+        matches!(
+            request,
+            Request::Acquire {
+                page: 0,
+                access: Access::Read,
+                ..
+            }
+        ),
+        "{request:?}"
+    );
+    // While the first thread's fetch is out, a second thread faults on the page: it marks the page's
+    // word as waited for and sleeps, instead of asking the home again.
+    read(&shared);
+    let word = shared.state(0);
+    let t = Instant::now();
+    while word.load(Ordering::Acquire) & WAITERS == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the second thread never waited for the first one's fetch"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let grant = swmr::Grant {
+        home_action: swmr::HomeAction::None,
+        data_from_home: true,
+        fetch_from: None,
+        invalidate: swmr::CopySet::EMPTY,
+    };
+    write_frame(
+        &dup(end),
+        &Reply::Granted { grant },
+        &[&pattern()],
+        &Counters::default(),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let ended = ended
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a reading thread's fault never ended");
+        assert!(ended.is_ok(), "{ended:?}");
+    }
+    let after = dsm.stats();
+    assert_eq!(after.read_faults - before.read_faults, 1);
+    assert_eq!(after.faults_coalesced - before.faults_coalesced, 1);
+    assert_eq!(after.pages_fetched - before.pages_fetched, 1);
+    // SAFETY: the page is installed (both faults ended) and nothing writes it.
+    let got = unsafe { std::slice::from_raw_parts(region.as_ptr(), PAGE_SIZE) };
+    assert_eq!(got, &pattern()[..]);
+}
+
 /// The next frame rank 0 sends the fake on `fake`, if one comes within `wait`.
 fn fake_reads_within(fake: &UnixStream, wait: Duration) -> Option<Reply> {
     use std::os::fd::AsRawFd;
