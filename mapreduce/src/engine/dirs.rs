@@ -92,20 +92,41 @@ pub(super) fn commit(
     }
     // The parts' names are on disk before the marker that says they are all there, and the marker's
     // after it (each part's bytes were synced by its reducer).
-    let sync_out = || {
+    // A directory that cannot be synced leaves its files in place: the error says what state they are in.
+    let sync_out = |state: &str| {
         std::fs::File::open(out)
             .and_then(|d| d.sync_all())
-            .map_err(|e| MapReduceError::io(format!("syncing {}", out.display()), e))
+            .map_err(|e| {
+                MapReduceError::io(
+                    format!(
+                        "syncing the output directory {} ({state}; a crash of the machine now could lose some of it: check the file system)",
+                        out.display()
+                    ),
+                    e,
+                )
+            })
     };
-    sync_out()?;
+    sync_out(&format!(
+        "every new part-* file is in place there, but not {SUCCESS}: the output is not marked complete; run the job again"
+    ))?;
     drop(alive);
     let _ = std::fs::remove_dir_all(staging);
     remove_stale_staging_dirs(out, &spill_host());
     let marker = out.join(SUCCESS);
     std::fs::File::create(&marker)
         .and_then(|f| f.sync_all())
-        .map_err(|e| MapReduceError::io(format!("writing {}", marker.display()), e))?;
-    sync_out()
+        .map_err(|e| {
+            MapReduceError::io(
+                format!(
+                    "writing {} (every new part-* file is in place, but the output is not marked complete; run the job again)",
+                    marker.display()
+                ),
+                e,
+            )
+        })?;
+    sync_out(&format!(
+        "the output is complete there, with its {SUCCESS} marker"
+    ))
 }
 
 /// The empty file a job writes into its output directory once every part file is in place: its absence
