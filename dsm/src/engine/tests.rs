@@ -636,6 +636,18 @@ fn homed_region_with<'d>(
     region_at(dsm, fakes, pages, Placement::At(Rank(0)), model)
 }
 
+/// Rank 0 and the `fakes` allocate a region of one page, under sequential consistency, homed at rank 1
+/// (a fake: the test plays its home).
+fn page_at_rank1<'d>(dsm: &'d Dsm, fakes: &[FakeRank]) -> Region<'d> {
+    region_at(
+        dsm,
+        fakes,
+        1,
+        Placement::At(Rank(1)),
+        Consistency::Sequential,
+    )
+}
+
 /// The same, of a region placed at `placement`.
 fn region_at<'d>(
     dsm: &'d Dsm,
@@ -1264,13 +1276,7 @@ fn fake_takes_request(f: &FakeRank) -> (Request, &UnixStream) {
 #[test]
 fn a_fault_whose_home_leaves_before_its_unlock_keeps_the_page_and_the_rank_lives_on() {
     let (dsm, fakes) = rank0_with_fakes(2, None);
-    let region = region_at(
-        &dsm,
-        &fakes,
-        1,
-        Placement::At(Rank(1)),
-        Consistency::Sequential,
-    );
+    let region = page_at_rank1(&dsm, &fakes);
     let page = region.as_ptr() as usize;
     // SAFETY: the region is one page long and outlives the thread (joined below).
     let writer = std::thread::spawn(move || unsafe { (page as *mut u8).write_volatile(7) });
@@ -1315,13 +1321,7 @@ fn a_fault_whose_home_leaves_before_its_unlock_keeps_the_page_and_the_rank_lives
 fn a_grant_naming_an_owner_that_left_is_abandoned_and_asked_for_again() {
     let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
     // Page 0 homed at rank 1, whose only copy rank 2 owned when it left the job.
-    let region = region_at(
-        &dsm,
-        &fakes,
-        1,
-        Placement::At(Rank(1)),
-        Consistency::Sequential,
-    );
+    let region = page_at_rank1(&dsm, &fakes);
     let shared = region.inner.clone();
     let mut fakes = fakes.into_iter();
     let (home, owner) = (fakes.next().unwrap(), fakes.next().unwrap());
@@ -1397,13 +1397,7 @@ fn a_thread_that_faults_on_a_page_being_fetched_waits_for_that_fetch() {
     use crate::region::WAITERS;
     let (dsm, fakes) = rank0_with_fakes(2, None);
     // Page 0 homed at rank 1, which the test plays.
-    let region = region_at(
-        &dsm,
-        &fakes,
-        1,
-        Placement::At(Rank(1)),
-        Consistency::Sequential,
-    );
+    let region = page_at_rank1(&dsm, &fakes);
     let shared = region.inner.clone();
     let before = dsm.stats();
     // Each reading thread says how its fault ended; a thread that asked the home again would wait for
@@ -1489,13 +1483,7 @@ fn an_invalidation_that_finds_a_grant_running_revokes_it_and_data_requests_wait(
     use crate::region::{BUSY, GRANTED, REVOKED};
     let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
     // Page 0 homed at rank 1; rank 2 plays a writer the home granted.
-    let region = region_at(
-        &dsm,
-        &fakes,
-        1,
-        Placement::At(Rank(1)),
-        Consistency::Sequential,
-    );
+    let region = page_at_rank1(&dsm, &fakes);
     let shared = &region.inner;
     let word = shared.state(0);
     let writer = &fakes[1].fake;
