@@ -1273,6 +1273,24 @@ fn fake_takes_request(f: &FakeRank) -> (Request, &UnixStream) {
     (wire::decode::<Request>(&body).unwrap().0, end)
 }
 
+/// The fake home's answer on `end` to rank 0's request for its page: granted, with `home_action`, and
+/// the page (`pattern()`) from the home.
+fn fake_grants_with_page(end: &UnixStream, home_action: swmr::HomeAction) {
+    let grant = swmr::Grant {
+        home_action,
+        data_from_home: true,
+        fetch_from: None,
+        invalidate: swmr::CopySet::EMPTY,
+    };
+    write_frame(
+        &dup(end),
+        &Reply::Granted { grant },
+        &[&pattern()],
+        &Counters::default(),
+    )
+    .unwrap();
+}
+
 #[test]
 fn a_fault_whose_home_leaves_before_its_unlock_keeps_the_page_and_the_rank_lives_on() {
     let (dsm, fakes) = rank0_with_fakes(2, None);
@@ -1296,19 +1314,7 @@ fn a_fault_whose_home_leaves_before_its_unlock_keeps_the_page_and_the_rank_lives
     // service-loop connection ends cleanly): rank 0's Unlock, after its install, finds the
     // connection closed.
     end.shutdown(std::net::Shutdown::Read).unwrap();
-    let grant = swmr::Grant {
-        home_action: swmr::HomeAction::Invalidate,
-        data_from_home: true,
-        fetch_from: None,
-        invalidate: swmr::CopySet::EMPTY,
-    };
-    write_frame(
-        &dup(end),
-        &Reply::Granted { grant },
-        &[&pattern()],
-        &Counters::default(),
-    )
-    .unwrap();
+    fake_grants_with_page(end, swmr::HomeAction::Invalidate);
     f.other.shutdown(std::net::Shutdown::Both).unwrap();
     writer.join().unwrap();
     // SAFETY: the page is installed (the write above returned) and nothing else uses it.
@@ -1434,19 +1440,7 @@ fn a_thread_that_faults_on_a_page_being_fetched_waits_for_that_fetch() {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-    let grant = swmr::Grant {
-        home_action: swmr::HomeAction::None,
-        data_from_home: true,
-        fetch_from: None,
-        invalidate: swmr::CopySet::EMPTY,
-    };
-    write_frame(
-        &dup(end),
-        &Reply::Granted { grant },
-        &[&pattern()],
-        &Counters::default(),
-    )
-    .unwrap();
+    fake_grants_with_page(end, swmr::HomeAction::None);
     for _ in 0..2 {
         let ended = ended
             .recv_timeout(Duration::from_secs(10))
