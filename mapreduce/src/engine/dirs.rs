@@ -107,7 +107,7 @@ pub(super) fn commit(
             })
     };
     sync_out(&format!(
-        "every new part-* file is in place there, but not {SUCCESS}: the output is not marked complete; run the job again"
+        "every new part-* file is in place there, but not {SUCCESS}: the output is not marked complete; run the job again, allowing it to overwrite this output (JobConfig::overwrite, --overwrite)"
     ))?;
     drop(alive);
     let _ = std::fs::remove_dir_all(staging);
@@ -118,7 +118,7 @@ pub(super) fn commit(
         .map_err(|e| {
             MapReduceError::io(
                 format!(
-                    "writing {} (every new part-* file is in place, but the output is not marked complete; run the job again)",
+                    "writing {} (every new part-* file is in place, but the output is not marked complete; run the job again, allowing it to overwrite this output (JobConfig::overwrite, --overwrite))",
                     marker.display()
                 ),
                 e,
