@@ -109,17 +109,7 @@ pub(crate) fn readahead(c: &Check) -> anyhow::Result<()> {
     let threads = args.threads;
     if threads > 1 {
         let per = 1024;
-        let v = dsm.alloc_vec_in::<u64>(
-            threads * per * WORDS_PER_PAGE,
-            dsm::Placement::At(dsm::Rank(1)),
-            model,
-        )?;
-        if me == 1 {
-            for p in 0..threads * per {
-                v.set(p * WORDS_PER_PAGE, p as u64 + 1);
-            }
-        }
-        dsm.barrier()?;
+        let v = marked_at_rank1(c, threads * per)?;
         if me == 0 {
             on_threads(threads, |t| {
                 for p in t * per..(t + 1) * per {
@@ -267,6 +257,23 @@ pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `pages` pages homed at rank 1, of the check's consistency model, whose first words rank 1 sets
+/// (page p's to p + 1) before the barrier that every rank then passes.
+fn marked_at_rank1<'d>(c: &Check<'d>, pages: usize) -> anyhow::Result<dsm::GlobalVec<'d, u64>> {
+    let v = c.dsm.alloc_vec_in::<u64>(
+        pages * WORDS_PER_PAGE,
+        dsm::Placement::At(dsm::Rank(1)),
+        c.model,
+    )?;
+    if c.me == 1 {
+        for p in 0..pages {
+            v.set(p * WORDS_PER_PAGE, p as u64 + 1);
+        }
+    }
+    c.dsm.barrier()?;
+    Ok(v)
+}
+
 /// Several threads of rank 0 read the same page of rank 1's at once, page after page: each page
 /// must be fetched once, whatever number of threads fault on it (the others wait for that
 /// fetch), and each thread must read the page's value.
@@ -279,29 +286,14 @@ pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
 /// (`a_thread_that_faults_on_a_page_being_fetched_waits_for_that_fetch`).
 pub(crate) fn coalesce(c: &Check) -> anyhow::Result<()> {
     let Check {
-        dsm,
-        me,
-        n,
-        model,
-        args,
-        ..
+        dsm, me, n, args, ..
     } = *c;
     ensure!(n > 1, "coalesce needs at least 2 ranks");
     let threads = args.threads.max(2);
     let pages = args.rounds;
     // Passes over fresh pages, until one has had threads wait for another's fetch.
     const PASSES: usize = 10;
-    let v = dsm.alloc_vec_in::<u64>(
-        PASSES * pages * WORDS_PER_PAGE,
-        dsm::Placement::At(dsm::Rank(1)),
-        model,
-    )?;
-    if me == 1 {
-        for p in 0..PASSES * pages {
-            v.set(p * WORDS_PER_PAGE, p as u64 + 1);
-        }
-    }
-    dsm.barrier()?;
+    let v = marked_at_rank1(c, PASSES * pages)?;
     if me == 0 {
         // One page per fetch, so that each page is exactly one fetch.
         dsm.set_readahead(1)?;
