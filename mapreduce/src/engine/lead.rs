@@ -392,11 +392,21 @@ impl MapReduce {
     }
 
     /// What jobs leave in the space once it is sure no rank needs it (rank 0, once every rank's workers of
-    /// job `job_id` have returned): the job's stop mark, and the outcomes of the jobs before it, which
-    /// every live rank read before its workers of this job started (those of jobs that ended before
-    /// this step included). So a program that runs many jobs keeps one outcome tuple, not one per job.
+    /// job `job_id` have returned): the farm's stop mark, the marks of ranks that failed after putting
+    /// theirs, and the outcomes of the jobs before it, which every live rank read before its workers of
+    /// this job started (those of jobs that ended before this step included). So a program that runs many
+    /// jobs keeps one outcome tuple, not one per job.
     pub(super) fn clear_after(&self, job_id: u64, farm: &TaskFarm) -> Result<(), RuntimeError> {
         farm.close()?;
+        // `wait_for_workers` took every live rank's mark; one still here is a rank's that failed before
+        // the master took it (it stopped waiting once it saw the rank fail). A mark still on its way from
+        // a rank that has just failed can come after this, and stays.
+        let stopped = self.stopped_key(job_id);
+        while self
+            .space
+            .inp(&template!(stopped.as_str(), ?u64))?
+            .is_some()
+        {}
         for earlier in self.outcomes_from.swap(job_id, Ordering::AcqRel)..job_id {
             let key = self.outcome_key(earlier);
             self.space.inp(&template!(key.as_str(), ?bool, ?String))?;
@@ -448,6 +458,30 @@ fn default_partitions(ranks: usize, threads: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dsm_runtime::TupleSpace;
+
+    #[test]
+    fn clearing_after_a_job_takes_the_marks_of_ranks_that_failed_after_putting_them() {
+        dsm_runtime::local::run_local_job(1, 3, |rt| {
+            let space = TupleSpace::join(rt).unwrap();
+            let mr = MapReduce::new(&space).unwrap();
+            let job_id = 7;
+            let farm = TaskFarm::new(&space, "mapreduce-7", Rank(0)).unwrap();
+            farm.stop().unwrap();
+            // Ranks 1 and 2 put their marks and failed before the master took them.
+            let key = mr.stopped_key(job_id);
+            for rank in [1u64, 2] {
+                space.out(tuple!(key.as_str(), rank)).unwrap();
+            }
+            // Another job's mark is not this job's to take.
+            let other = mr.stopped_key(job_id + 1);
+            space.out(tuple!(other.as_str(), 1u64)).unwrap();
+            mr.clear_after(job_id, &farm).unwrap();
+            let marks = |k: &str| space.count(&template!(k, ?u64)).unwrap();
+            assert_eq!(marks(&key), 0, "the job's marks are gone");
+            assert_eq!(marks(&other), 1, "the next job's mark stays");
+        });
+    }
 
     #[test]
     fn a_job_gets_a_partition_per_task_slot_within_the_limit() {
