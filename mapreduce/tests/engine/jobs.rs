@@ -1,5 +1,5 @@
 //! Jobs that succeed: counts against a plain count, with and without spilling, values without a
-//! combiner, and the tuples jobs leave behind.
+//! combiner, the tuples jobs leave behind, and an output overwritten only by a job that succeeds.
 
 use super::*;
 
@@ -232,6 +232,102 @@ fn every_value_reaches_its_key_without_a_combiner() {
                     }
                 }
             }
+        }
+    });
+}
+
+#[test]
+fn an_overwrite_replaces_the_output_only_when_it_succeeds() {
+    let scratch = Scratch::new("overwrite");
+    let dir = scratch.path();
+    let files = write_inputs(&dir, 2, 2_000, 1_000);
+    let expect = expected_words(&files);
+    let far = dir.join("far.txt");
+    std::fs::write(&far, "near far\n").unwrap();
+    job(2, move |rt, mr| {
+        let out = dir.join("out");
+        let config = |inputs: &[PathBuf], parts| {
+            JobConfig::new(&out)
+                .inputs(inputs)
+                .partitions(parts)
+                .overwrite(true)
+                .progress(ProgressMode::Never)
+        };
+        mr.run(&Words, &config(&files, 3)).unwrap();
+        // A job that fails (its partitioner is out of range for "far") leaves the earlier output as it
+        // was, complete, and nothing of its own.
+        let e = mr
+            .run(&BadPartition, &config(std::slice::from_ref(&far), 2))
+            .unwrap_err();
+        assert!(e.to_string().contains("partition"), "{e}");
+        let listing = |d: &Path| -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        if rt.rank() == Rank(0) {
+            assert_eq!(
+                listing(&out),
+                ["_SUCCESS", "part-00000", "part-00001", "part-00002"]
+            );
+            assert_eq!(read_output(&out, 3), expect);
+        }
+        // Staging directories of other jobs in the same output. Running ones: one of this host whose lock
+        // is held, one of this host without a lock file whose number names a running process. Those of
+        // masters of this host that died: one with its lock file nobody holds, one without a lock file
+        // whose number names no process. And another host's, with its lock file nobody holds here (a lock
+        // held there may not show here): left alone.
+        let host = this_host();
+        let staged =
+            |engine: String| out.join(format!(".dsm-job-dsm-mapreduce-{engine}-0-0-0000abcd-7"));
+        let me = std::process::id();
+        let running_locked = staged(format!("{host}-{me}-1"));
+        let running_here = staged(format!("{host}-{me}-2"));
+        let unlocked = staged(format!("{host}-{me}-3"));
+        let dead_here = staged(format!("{host}-{}-4", dead_pid()));
+        let elsewhere = staged("elsewhere-1-5".into());
+        let mut held = None;
+        if rt.rank() == Rank(0) {
+            for d in [
+                &running_locked,
+                &running_here,
+                &unlocked,
+                &dead_here,
+                &elsewhere,
+            ] {
+                std::fs::create_dir(d).unwrap();
+                std::fs::write(d.join("part-00000"), b"theirs\t1\n").unwrap();
+            }
+            std::fs::File::create(unlocked.join("alive.lock")).unwrap();
+            std::fs::File::create(elsewhere.join("alive.lock")).unwrap();
+            let lock = std::fs::File::create(running_locked.join("alive.lock")).unwrap();
+            held = Some(Flock::lock(lock, FlockArg::LockExclusiveNonblock).unwrap());
+        }
+        // One that succeeds replaces it whole: fewer partitions leave no part of the earlier output.
+        mr.run(&Words, &config(&files, 2)).unwrap();
+        if rt.rank() == Rank(0) {
+            for kept in [&running_locked, &running_here, &elsewhere] {
+                assert!(
+                    kept.join("part-00000").exists(),
+                    "{} was removed: {:?}",
+                    kept.display(),
+                    listing(&out)
+                );
+            }
+            assert!(
+                !unlocked.exists() && !dead_here.exists(),
+                "a dead master's staging directory stayed: {:?}",
+                listing(&out)
+            );
+            drop(held);
+            for kept in [&running_locked, &running_here, &elsewhere] {
+                std::fs::remove_dir_all(kept).unwrap();
+            }
+            assert_eq!(listing(&out), ["_SUCCESS", "part-00000", "part-00001"]);
+            assert_eq!(read_output(&out, 2), expect);
         }
     });
 }

@@ -199,3 +199,27 @@ fn one_rank() -> (Runtime, TupleSpace) {
     let space = TupleSpace::join(&rt).unwrap();
     (rt, space)
 }
+
+/// This host's name as the engine writes it in directory names.
+fn this_host() -> String {
+    nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The id of a process that has ended, and so no longer runs.
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    dead
+}
