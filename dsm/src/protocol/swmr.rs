@@ -5,7 +5,7 @@
 //!
 //! This module decides; it never performs I/O or touches memory. `decide` answers a fault request at the
 //! manager, `complete` records the end of a transaction the requester ran itself. Everything here is
-//! exercised by the randomized interleaving test at the bottom of the file.
+//! exercised by randomized interleavings of whole jobs, some with ranks that crash (`swmr/tests/`).
 
 use crate::types::Rank;
 use serde::{Deserialize, Serialize};
