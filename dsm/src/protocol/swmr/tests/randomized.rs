@@ -1,16 +1,18 @@
-//! Whole jobs in random interleavings (`sim`), without and with ranks that crash.
+//! Whole jobs in random interleavings (`sim`): without and with ranks that crash, without and with
+//! read-ahead.
 
-use super::sim::{run, Stats};
+use super::sim::{run, Job, Stats};
 
-/// Runs `seeds` jobs of 2 to 4 ranks on 1 to 3 pages and adds up what they did.
-fn jobs(seeds: u64, pages: u64, crashes: impl Fn(u64) -> usize) -> Stats {
+/// Runs `seeds` jobs of 2 to 4 ranks, each made by `job` from its seed and rank count, and adds up what
+/// they did.
+fn jobs(seeds: u64, job: impl Fn(u64, usize) -> Job) -> Stats {
     let mut total = Stats::default();
     for seed in 0..seeds {
         let ranks = 2 + (seed % 3) as usize;
-        let pages = 1 + (seed % pages) as usize;
-        let s = run(seed, ranks, pages, 3000, crashes(seed)).stats;
+        let s = run(seed, job(seed, ranks)).stats;
         total.reads += s.reads;
         total.writes += s.writes;
+        total.ahead += s.ahead;
         total.crashes += s.crashes;
         total.lost += s.lost;
         total.abandoned += s.abandoned;
@@ -22,17 +24,43 @@ fn jobs(seeds: u64, pages: u64, crashes: impl Fn(u64) -> usize) -> Stats {
     total
 }
 
+/// A job on a few pages in the cyclic layout, one page a fault.
+fn few_pages(seed: u64, ranks: usize, pages: u64, crashes: usize) -> Job {
+    Job {
+        ranks,
+        pages: 1 + (seed % pages) as usize,
+        run: 1,
+        window: 1,
+        steps: 3000,
+        crashes,
+    }
+}
+
+/// A job on runs of 2 or 3 pages with one home, faults asking for up to 2 to 4 pages.
+fn read_ahead(seed: u64, ranks: usize, crashes: usize) -> Job {
+    let run = 2 + (seed % 2) as usize;
+    Job {
+        ranks,
+        pages: run * ranks,
+        run,
+        window: 2 + (seed / 2 % 3) as usize,
+        steps: 3000,
+        crashes,
+    }
+}
+
 #[test]
 fn randomized_interleavings_keep_single_writer_and_fresh_reads() {
-    let s = jobs(300, 2, |_| 0);
+    let s = jobs(300, |seed, ranks| few_pages(seed, ranks, 2, 0));
     // The runs must have exercised both kinds of access many times, or the invariants were checked on nothing.
     assert!(s.reads > 50_000 && s.writes > 50_000, "{s:?}");
 }
 
 #[test]
 fn ranks_that_crash_leave_no_stale_copy_readable_and_no_fault_hanging() {
-    let s = jobs(1500, 3, |seed| 1 + (seed % 2) as usize);
-    eprintln!("{s:?}");
+    let s = jobs(1500, |seed, ranks| {
+        few_pages(seed, ranks, 3, 1 + (seed % 2) as usize)
+    });
     // Each way the engine handles a rank's failure must have been taken, or it was checked on nothing.
     assert!(
         s.crashes > 1500 && s.reads > 100_000 && s.writes > 100_000,
@@ -47,4 +75,21 @@ fn ranks_that_crash_leave_no_stale_copy_readable_and_no_fault_hanging() {
             && s.ended_for_failed > 50,
         "{s:?}"
     );
+}
+
+#[test]
+fn pages_handed_over_ahead_of_faults_keep_single_writer_and_fresh_reads() {
+    let s = jobs(600, |seed, ranks| read_ahead(seed, ranks, 0));
+    assert!(
+        s.reads > 100_000 && s.writes > 100_000 && s.ahead > 2_000,
+        "{s:?}"
+    );
+}
+
+#[test]
+fn pages_handed_over_ahead_of_faults_to_ranks_that_crash_leave_no_stale_copy_readable() {
+    let s = jobs(1500, |seed, ranks| {
+        read_ahead(seed, ranks, 1 + (seed % 2) as usize)
+    });
+    assert!(s.crashes > 1500 && s.ahead > 2_000 && s.lost > 50, "{s:?}");
 }

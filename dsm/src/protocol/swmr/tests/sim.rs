@@ -33,13 +33,21 @@
 //! A `Done` to a requester that holds no copy releases the page's lock at once (no `Unlock`); a leaf
 //! request that reaches that requester before its install is deferred until the install, as the engine
 //! does. Leaf requests only reach ranks that hold a copy (the engine refuses others, failing the fault).
+//!
+//! Jobs may fault with read-ahead (`Job::window`) on pages laid out in runs with one home (`Job::run`):
+//! the requester claims the following pages of the run it holds no copy of, and the home hands over
+//! with a `Done` those it can at once (`Sim::gather`); they are deferred on and installed as the page is.
 
 use super::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeSet, VecDeque};
 
+mod driver;
 mod failures;
+mod grants;
+
+pub(super) use driver::run;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Copy {
@@ -59,14 +67,18 @@ impl Copy {
 
 #[derive(Debug, Clone)]
 enum Msg {
+    /// `extras`: the following pages claimed for read-ahead or write-ahead.
     Acquire {
         page: usize,
         access: Access,
+        extras: usize,
     },
+    /// `ahead`: the following pages handed over with the page, with their content.
     Done {
         page: usize,
         data: Option<u64>,
         keep: bool,
+        ahead: Vec<(usize, u64)>,
     },
     Granted {
         page: usize,
@@ -143,6 +155,7 @@ enum Phase {
         data: Option<u64>,
         keep: bool,
         granted: bool,
+        ahead: Vec<(usize, u64)>,
     },
 }
 
@@ -151,15 +164,34 @@ struct Txn {
     page: usize,
     access: Access,
     phase: Phase,
+    /// Following pages held BUSY here (claimed for the request, then those the reply hands over, until
+    /// the install): a leaf request for one that finds no copy is deferred, as for `page`.
+    claimed: Vec<usize>,
+}
+
+/// A job: its ranks and pages, and how the pages and faults go.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Job {
+    pub ranks: usize,
+    pub pages: usize,
+    /// Consecutive pages with one home (the region's layout: 1 is cyclic).
+    pub run: usize,
+    /// The read-ahead window: a fault asks for up to this many pages (1: one).
+    pub window: usize,
+    pub steps: usize,
+    /// Ranks crashed at random steps.
+    pub crashes: usize,
 }
 
 pub(super) struct Sim {
     ranks: usize,
+    window: usize,
     rng: StdRng,
     home: Vec<u32>,
     entries: Vec<Entry>,
     locks: Vec<Option<Lock>>,
-    queues: Vec<VecDeque<(u32, Access)>>,
+    /// Requests waiting for a page's lock: requester, access, pages claimed after it.
+    queues: Vec<VecDeque<(u32, Access, usize)>>,
     copies: Vec<Vec<Copy>>,
     truth: Vec<u64>,
     txns: Vec<Option<Txn>>,
@@ -181,6 +213,8 @@ pub(super) struct Sim {
 pub(super) struct Stats {
     pub reads: u64,
     pub writes: u64,
+    /// Pages handed over ahead of a fault (read-ahead and write-ahead).
+    pub ahead: u64,
     /// Ranks crashed by the run (not by a fault that failed).
     pub crashes: u64,
     /// Faults refused because the page's data left with a crashed rank.
@@ -198,11 +232,13 @@ pub(super) struct Stats {
 }
 
 impl Sim {
-    fn new(seed: u64, ranks: usize, pages: usize) -> Sim {
+    fn new(seed: u64, job: &Job) -> Sim {
+        let Job { ranks, pages, .. } = *job;
         Sim {
             ranks,
+            window: job.window,
             rng: StdRng::seed_from_u64(seed),
-            home: (0..pages).map(|p| (p % ranks) as u32).collect(),
+            home: (0..pages).map(|p| (p / job.run % ranks) as u32).collect(),
             entries: vec![Entry::default(); pages],
             locks: vec![None; pages],
             queues: vec![VecDeque::new(); pages],
@@ -279,12 +315,33 @@ impl Sim {
             self.crash(rank);
             return;
         }
+        // Read-ahead (a read) or write-ahead (a first write) claims the following pages with the same
+        // home that hold no copy here (`claim_following`); the home's own faults take another path.
+        let missing = c == Copy::Invalid;
+        let mut claimed = Vec::new();
+        if home != rank && (access == Access::Read || missing) {
+            claimed = (page + 1..(page + self.window).min(self.truth.len()))
+                .take_while(|q| {
+                    self.home[*q] == home && self.copies[rank as usize][*q] == Copy::Invalid
+                })
+                .collect();
+        }
+        let extras = claimed.len();
         self.txns[rank as usize] = Some(Txn {
             page,
             access,
             phase: Phase::Waiting,
+            claimed,
         });
-        self.send(rank, home, Msg::Acquire { page, access });
+        self.send(
+            rank,
+            home,
+            Msg::Acquire {
+                page,
+                access,
+                extras,
+            },
+        );
     }
 
     fn home_copy_action(&mut self, home: u32, page: usize, action: HomeAction) -> Option<u64> {
@@ -304,7 +361,7 @@ impl Sim {
         before
     }
 
-    fn serve(&mut self, home: u32, page: usize, requester: u32, access: Access) {
+    fn serve(&mut self, home: u32, page: usize, requester: u32, access: Access, extras: usize) {
         assert!(self.locks[page].is_none());
         if self.failed[home as usize][requester as usize] {
             // A request queued by a rank that failed since: nobody waits for the answer.
@@ -320,11 +377,17 @@ impl Sim {
             Decision::Done { home_action, data } => {
                 self.entries[page] = entry;
                 let before = self.home_copy_action(home, page, home_action);
+                // Pages ahead go with a read that carries the page, and with a first write of zeros.
+                let carried = match access {
+                    Access::Read => data != Data::None,
+                    Access::Write => data == Data::Zero,
+                };
                 let (data, keep) = match data {
                     Data::None => (None, true),
                     Data::Zero => (Some(0), false),
                     Data::Home => (Some(before.expect("home data from an absent copy")), false),
                 };
+                let ahead = self.gather(home, page, requester, access, carried, extras);
                 if keep || requester == home {
                     let held = if keep {
                         Held::Answered
@@ -335,7 +398,16 @@ impl Sim {
                 }
                 // Otherwise the requester has no copy: the home leaves the page unlocked and the requester
                 // sends no Unlock. A leaf request that reaches it before its install is deferred.
-                self.send(home, requester, Msg::Done { page, data, keep });
+                self.send(
+                    home,
+                    requester,
+                    Msg::Done {
+                        page,
+                        data,
+                        keep,
+                        ahead,
+                    },
+                );
             }
             Decision::Grant(grant) => {
                 // The entry pruned of gone ranks is not kept: the Unlock completes the stored one, as in
@@ -358,6 +430,53 @@ impl Sim {
         }
     }
 
+    /// The following pages a home hands over with a `Done` that carries the page (the engine's
+    /// `gather_readahead` and `gather_untouched`), up to the `extras` the requester claimed: each with its
+    /// lock free, for as long as the decision for it is the same (for a read, the home's copy or zeros;
+    /// for a first write, zeros of a page nobody has touched). They are not locked: the requester held no
+    /// copy of them, and a leaf request that reaches it before the install is deferred.
+    fn gather(
+        &mut self,
+        home: u32,
+        page: usize,
+        requester: u32,
+        access: Access,
+        carried: bool,
+        extras: usize,
+    ) -> Vec<(usize, u64)> {
+        let mut ahead = Vec::new();
+        if !carried {
+            return ahead;
+        }
+        for q in page + 1..=page + extras {
+            assert_eq!(self.home[q], home, "page {q} claimed for the wrong home");
+            let mut entry = self.entries[q];
+            let untouched = entry.owner.is_none();
+            if self.locks[q].is_some() || (access == Access::Write && !untouched) {
+                break;
+            }
+            match decide(&mut entry, Rank(home), Rank(requester), access) {
+                Decision::Done {
+                    home_action,
+                    data: data @ (Data::Home | Data::Zero),
+                } => {
+                    self.entries[q] = entry;
+                    let before = self.home_copy_action(home, q, home_action);
+                    let value = match data {
+                        Data::Home => before.expect("read-ahead of an absent home copy"),
+                        _ => 0,
+                    };
+                    ahead.push((q, value));
+                }
+                _ => break,
+            }
+        }
+        if access == Access::Write {
+            assert!(ahead.iter().all(|(_, v)| *v == 0));
+        }
+        ahead
+    }
+
     fn lock(&mut self, page: usize, by: u32, access: Access, held: Held) {
         self.locks[page] = Some(Lock { by, access, held });
     }
@@ -365,11 +484,11 @@ impl Sim {
     fn unlock(&mut self, page: usize) {
         self.locks[page] = None;
         while self.locks[page].is_none() {
-            let Some((r, a)) = self.queues[page].pop_front() else {
+            let Some((r, a, extras)) = self.queues[page].pop_front() else {
                 break;
             };
             let home = self.home[page];
-            self.serve(home, page, r, a);
+            self.serve(home, page, r, a, extras);
         }
     }
 
@@ -399,7 +518,7 @@ impl Sim {
             Msg::Fetch { page } | Msg::Invalidate { page, .. } => {
                 let busy_here = self.txns[to as usize]
                     .as_ref()
-                    .is_some_and(|t| t.page == page);
+                    .is_some_and(|t| t.page == page || t.claimed.contains(&page));
                 if self.copies[to as usize][page] == Copy::Invalid && busy_here {
                     self.deferred[to as usize].push((from, msg));
                     return;
@@ -408,20 +527,33 @@ impl Sim {
             _ => {}
         }
         match msg {
-            Msg::Acquire { page, access } => {
+            Msg::Acquire {
+                page,
+                access,
+                extras,
+            } => {
                 if self.locks[page].is_some() {
-                    self.queues[page].push_back((from, access));
+                    self.queues[page].push_back((from, access, extras));
                 } else {
-                    self.serve(to, page, from, access);
+                    self.serve(to, page, from, access, extras);
                 }
             }
-            Msg::Done { page, data, keep } => {
+            Msg::Done {
+                page,
+                data,
+                keep,
+                ahead,
+            } => {
                 let txn = self.txns[to as usize].as_mut().unwrap();
                 assert_eq!(txn.page, page);
+                // The pages claimed and not handed over are released now; those handed over at the install.
+                assert!(ahead.iter().all(|(q, _)| txn.claimed.contains(q)));
+                txn.claimed = ahead.iter().map(|(q, _)| *q).collect();
                 txn.phase = Phase::Installing {
                     data,
                     keep,
                     granted: false,
+                    ahead,
                 };
             }
             Msg::Granted { page, grant, data } => self.run_grant(to, page, grant, data),
@@ -495,119 +627,13 @@ impl Sim {
         }
     }
 
-    /// Runs a grant at `rank` as `fault/sequential.rs`'s `run_grant` does: the request to the owner first
-    /// (the grant is abandoned, or fails, once the owner is known gone if that send fails), then the
-    /// invalidations (a copy holder that cannot be reached is waited on until it is known gone).
-    fn run_grant(&mut self, rank: u32, page: usize, grant: Grant, data: Option<u64>) {
-        let r = rank as usize;
-        let txn = self.txns[r].as_mut().unwrap();
-        assert_eq!(txn.page, page);
-        let access = txn.access;
-        let mut pending = BTreeSet::new();
-        let mut unreachable = BTreeSet::new();
-        let mut out = Vec::new();
-        let home_kept_its_copy = grant.home_action == HomeAction::None;
-        let fetch_from = grant.fetch_from.map(|o| o.0);
-        let mut asked = false;
-        if let Some(o) = fetch_from {
-            if self.failed[r][o as usize] {
-                // The send fails before any copy holder was asked.
-                unreachable.insert(o);
-            } else {
-                pending.insert(o);
-                let m = match access {
-                    Access::Read => Msg::Fetch { page },
-                    Access::Write => Msg::Invalidate { page, send: true },
-                };
-                out.push((o, m));
-            }
-        }
-        if unreachable.is_empty() {
-            for h in grant.invalidate.iter() {
-                if self.failed[r][h.index()] {
-                    unreachable.insert(h.0);
-                } else {
-                    pending.insert(h.0);
-                    asked = true;
-                    out.push((h.0, Msg::Invalidate { page, send: false }));
-                }
-            }
-        }
-        let keep = data.is_none() && fetch_from.is_none();
-        txn.phase = Phase::Collecting {
-            pending,
-            unreachable,
-            fetch_from,
-            asked,
-            home_kept_its_copy,
-            data,
-            keep,
-        };
-        for (dst, m) in out {
-            self.send(rank, dst, m);
-        }
-        self.advance(rank);
-    }
-
-    /// Moves `rank`'s grant on as far as what it knows allows.
-    fn advance(&mut self, rank: u32) {
-        let r = rank as usize;
-        let Some(Txn {
-            page,
-            access,
-            phase:
-                Phase::Collecting {
-                    pending,
-                    unreachable,
-                    fetch_from,
-                    asked,
-                    home_kept_its_copy,
-                    data,
-                    keep,
-                },
-        }) = &mut self.txns[r]
-        else {
-            return;
-        };
-        let (page, access) = (*page, *access);
-        let gone = &self.gone[r];
-        let left: Vec<u32> = unreachable
-            .iter()
-            .copied()
-            .filter(|h| gone[*h as usize])
-            .collect();
-        for h in left {
-            unreachable.remove(&h);
-            if Some(h) == *fetch_from {
-                // The page was to come from a rank that left with it.
-                let abandon = *home_kept_its_copy && !*asked;
-                if abandon {
-                    self.stats.abandoned += 1;
-                    self.abandon(rank, page, access);
-                } else {
-                    self.stats.owner_left += 1;
-                    self.crash(rank);
-                }
-                return;
-            }
-            self.stats.invalidations_gone += 1;
-        }
-        if pending.is_empty() && unreachable.is_empty() {
-            let (data, keep) = (*data, *keep);
-            self.txns[r].as_mut().unwrap().phase = Phase::Installing {
-                data,
-                keep,
-                granted: true,
-            };
-        }
-    }
-
     fn install(&mut self, rank: u32) {
         let txn = self.txns[rank as usize].take().unwrap();
         let Phase::Installing {
             data,
             keep,
             granted,
+            ahead,
         } = txn.phase
         else {
             unreachable!()
@@ -624,6 +650,14 @@ impl Sim {
             Access::Write => Copy::Writable(value),
         };
         self.access_locally(rank, page, txn.access);
+        self.stats.ahead += ahead.len() as u64;
+        for (q, value) in ahead {
+            assert_eq!(self.copies[rank as usize][q], Copy::Invalid);
+            self.copies[rank as usize][q] = match txn.access {
+                Access::Read => Copy::ReadOnly(value),
+                Access::Write => Copy::Writable(value),
+            };
+        }
         let home = self.home[page];
         let waiting = std::mem::take(&mut self.deferred[rank as usize]);
         let installed_remote_done = !granted && !keep && home != rank;
@@ -691,105 +725,5 @@ impl Sim {
                 }
             }
         }
-    }
-
-    /// The ranks alive that are in a fault.
-    fn faulting(&self) -> impl Iterator<Item = u32> + '_ {
-        (0..self.ranks as u32)
-            .filter(|r| self.alive[*r as usize] && self.txns[*r as usize].is_some())
-    }
-}
-
-/// Runs a job of `ranks` ranks faulting on `pages` pages for `steps` random steps, `crashes` of which (at
-/// random) end a rank; then lets every message and fault still under way finish, and checks that every
-/// fault of a rank alive did.
-pub(super) fn run(seed: u64, ranks: usize, pages: usize, steps: usize, crashes: usize) -> Sim {
-    let mut sim = Sim::new(seed, ranks, pages);
-    let crash_at: BTreeSet<usize> = (0..crashes)
-        .map(|_| sim.rng.random_range(0..steps))
-        .collect();
-    for step in 0..steps {
-        if crash_at.contains(&step) {
-            let live: Vec<u32> = (0..ranks as u32)
-                .filter(|r| sim.alive[*r as usize])
-                .collect();
-            if live.len() > 1 {
-                let victim = live[sim.rng.random_range(0..live.len())];
-                sim.stats.crashes += 1;
-                sim.crash(victim);
-                sim.check();
-            }
-        }
-        if !sim.step(true) {
-            assert!(
-                !sim.alive.iter().any(|a| *a),
-                "deadlock: no rank can move and no message is in flight"
-            );
-            break;
-        }
-        sim.check();
-    }
-    // Once ranks stop faulting, everything under way ends.
-    let mut left = 1_000_000;
-    while sim.step(false) {
-        sim.check();
-        left -= 1;
-        assert!(left > 0, "the job never settled");
-    }
-    let stuck: Vec<u32> = sim.faulting().collect();
-    assert!(
-        stuck.is_empty(),
-        "the faults of ranks {stuck:?} never ended"
-    );
-    sim
-}
-
-impl Sim {
-    /// Takes one random step: starts a fault or a local access on a rank alive and idle (when `start`),
-    /// delivers a message or installs. Returns false when nothing can move.
-    fn step(&mut self, start: bool) -> bool {
-        let idle: Vec<u32> = if start {
-            (0..self.ranks as u32)
-                .filter(|r| self.alive[*r as usize] && self.txns[*r as usize].is_none())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let installing: Vec<u32> = self
-            .faulting()
-            .filter(|r| {
-                matches!(
-                    self.txns[*r as usize],
-                    Some(Txn {
-                        phase: Phase::Installing { .. },
-                        ..
-                    })
-                )
-            })
-            .collect();
-        let deliverable = self.deliverable();
-        let choices = idle.len() + installing.len() + deliverable.len();
-        if choices == 0 {
-            return false;
-        }
-        let pages = self.truth.len();
-        let mut k = self.rng.random_range(0..choices);
-        if k < idle.len() {
-            let page = self.rng.random_range(0..pages);
-            let access = if self.rng.random_bool(0.5) {
-                Access::Read
-            } else {
-                Access::Write
-            };
-            self.start(idle[k], page, access);
-        } else {
-            k -= idle.len();
-            if k < installing.len() {
-                self.install(installing[k]);
-            } else {
-                self.deliver(deliverable[k - installing.len()]);
-            }
-        }
-        true
     }
 }

@@ -14,7 +14,16 @@ impl Sim {
         }
         self.txns[rank as usize].as_mut().unwrap().phase = Phase::Waiting;
         self.send(rank, home, Msg::Abandon { page, access });
-        self.send(rank, home, Msg::Acquire { page, access });
+        // (Asked again without read-ahead: the pages claimed were released when the grant came.)
+        self.send(
+            rank,
+            home,
+            Msg::Acquire {
+                page,
+                access,
+                extras: 0,
+            },
+        );
     }
 
     /// Rank `x` takes `r` for failed (`peer_failed`).

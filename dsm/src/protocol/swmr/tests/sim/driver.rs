@@ -1,0 +1,108 @@
+//! Runs a job: random steps, crashes at random steps, then everything under way to its end.
+
+use super::*;
+
+/// Runs `job` for its steps, with its crashes at random steps; then lets every message and fault still
+/// under way finish, and checks that every fault of a rank alive did.
+pub(in super::super) fn run(seed: u64, job: Job) -> Sim {
+    let Job {
+        ranks,
+        steps,
+        crashes,
+        ..
+    } = job;
+    let mut sim = Sim::new(seed, &job);
+    let crash_at: BTreeSet<usize> = (0..crashes)
+        .map(|_| sim.rng.random_range(0..steps))
+        .collect();
+    for step in 0..steps {
+        if crash_at.contains(&step) {
+            let live: Vec<u32> = (0..ranks as u32)
+                .filter(|r| sim.alive[*r as usize])
+                .collect();
+            if live.len() > 1 {
+                let victim = live[sim.rng.random_range(0..live.len())];
+                sim.stats.crashes += 1;
+                sim.crash(victim);
+                sim.check();
+            }
+        }
+        if !sim.step(true) {
+            assert!(
+                !sim.alive.iter().any(|a| *a),
+                "deadlock: no rank can move and no message is in flight"
+            );
+            break;
+        }
+        sim.check();
+    }
+    // Once ranks stop faulting, everything under way ends.
+    let mut left = 1_000_000;
+    while sim.step(false) {
+        sim.check();
+        left -= 1;
+        assert!(left > 0, "the job never settled");
+    }
+    let stuck: Vec<u32> = sim.faulting().collect();
+    assert!(
+        stuck.is_empty(),
+        "the faults of ranks {stuck:?} never ended"
+    );
+    sim
+}
+
+impl Sim {
+    /// The ranks alive that are in a fault.
+    fn faulting(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.ranks as u32)
+            .filter(|r| self.alive[*r as usize] && self.txns[*r as usize].is_some())
+    }
+
+    /// Takes one random step: starts a fault or a local access on a rank alive and idle (when `start`),
+    /// delivers a message or installs. Returns false when nothing can move.
+    fn step(&mut self, start: bool) -> bool {
+        let idle: Vec<u32> = if start {
+            (0..self.ranks as u32)
+                .filter(|r| self.alive[*r as usize] && self.txns[*r as usize].is_none())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let installing: Vec<u32> = self
+            .faulting()
+            .filter(|r| {
+                matches!(
+                    self.txns[*r as usize],
+                    Some(Txn {
+                        phase: Phase::Installing { .. },
+                        ..
+                    })
+                )
+            })
+            .collect();
+        let deliverable = self.deliverable();
+        let choices = idle.len() + installing.len() + deliverable.len();
+        if choices == 0 {
+            return false;
+        }
+        let pages = self.truth.len();
+        let mut k = self.rng.random_range(0..choices);
+        if k < idle.len() {
+            let page = self.rng.random_range(0..pages);
+            let access = if self.rng.random_bool(0.5) {
+                Access::Read
+            } else {
+                Access::Write
+            };
+            self.start(idle[k], page, access);
+        } else {
+            k -= idle.len();
+            if k < installing.len() {
+                self.install(installing[k]);
+            } else {
+                self.deliver(deliverable[k - installing.len()]);
+            }
+        }
+        true
+    }
+}
