@@ -333,15 +333,18 @@ impl Sim {
             phase: Phase::Waiting,
             claimed,
         });
-        self.send(
-            rank,
-            home,
-            Msg::Acquire {
-                page,
-                access,
-                extras,
-            },
-        );
+        self.ask(rank, page, access, extras);
+    }
+
+    /// Sends `rank`'s request for `page` to its home.
+    fn ask(&mut self, rank: u32, page: usize, access: Access, extras: usize) {
+        let home = self.home[page];
+        let request = Msg::Acquire {
+            page,
+            access,
+            extras,
+        };
+        self.send(rank, home, request);
     }
 
     fn home_copy_action(&mut self, home: u32, page: usize, action: HomeAction) -> Option<u64> {

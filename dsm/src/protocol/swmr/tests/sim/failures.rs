@@ -15,15 +15,7 @@ impl Sim {
         self.txns[rank as usize].as_mut().unwrap().phase = Phase::Waiting;
         self.send(rank, home, Msg::Abandon { page, access });
         // (Asked again without read-ahead: the pages claimed were released when the grant came.)
-        self.send(
-            rank,
-            home,
-            Msg::Acquire {
-                page,
-                access,
-                extras: 0,
-            },
-        );
+        self.ask(rank, page, access, 0);
     }
 
     /// Rank `x` takes `r` for failed (`peer_failed`).
