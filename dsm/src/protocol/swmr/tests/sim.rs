@@ -309,12 +309,6 @@ impl Sim {
             return;
         }
         let home = self.home[page];
-        if self.failed[rank as usize][home as usize] {
-            // The request cannot be sent: the fault ends with an error, and its rank with it.
-            self.stats.home_failed += 1;
-            self.crash(rank);
-            return;
-        }
         // Read-ahead (a read) or write-ahead (a first write) claims the following pages with the same
         // home that hold no copy here (`claim_following`); the home's own faults take another path.
         let missing = c == Copy::Invalid;
@@ -336,9 +330,15 @@ impl Sim {
         self.ask(rank, page, access, extras);
     }
 
-    /// Sends `rank`'s request for `page` to its home.
+    /// Sends `rank`'s request for `page` to its home; to a home it takes for failed, the request cannot
+    /// be sent, and the fault ends with an error, its rank with it.
     fn ask(&mut self, rank: u32, page: usize, access: Access, extras: usize) {
         let home = self.home[page];
+        if self.failed[rank as usize][home as usize] {
+            self.stats.home_failed += 1;
+            self.crash(rank);
+            return;
+        }
         let request = Msg::Acquire {
             page,
             access,

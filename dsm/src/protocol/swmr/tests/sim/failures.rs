@@ -4,14 +4,10 @@
 use super::*;
 
 impl Sim {
-    /// Ends a grant that did not run and asks the home again.
+    /// Ends a grant that did not run and asks the home again (`ask` fails the fault should the home be
+    /// taken for failed: the Abandon could not be sent either).
     pub(super) fn abandon(&mut self, rank: u32, page: usize, access: Access) {
         let home = self.home[page];
-        if self.failed[rank as usize][home as usize] {
-            self.stats.home_failed += 1;
-            self.crash(rank);
-            return;
-        }
         self.txns[rank as usize].as_mut().unwrap().phase = Phase::Waiting;
         self.send(rank, home, Msg::Abandon { page, access });
         // (Asked again without read-ahead: the pages claimed were released when the grant came.)
