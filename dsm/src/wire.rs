@@ -40,13 +40,20 @@ pub(crate) enum Request {
         page: u64,
         access: Access,
     },
-    /// Owner: downgrade your copy to read-only and send it.
-    Fetch { region: u32, page: u64 },
-    /// Drop your copy, sending it first when `send_data`.
+    /// Owner: downgrade your copy to read-only and send it. `wait_for_own`: as for `Invalidate`.
+    Fetch {
+        region: u32,
+        page: u64,
+        wait_for_own: bool,
+    },
+    /// Drop your copy, sending it first when `send_data`. `wait_for_own` (a request for the owner's copy
+    /// whose grant said `owner_failed`): served only once no fault of the receiver's own is resolving the
+    /// page, for such a fault may be one the home ended early.
     Invalidate {
         region: u32,
         page: u64,
         send_data: bool,
+        wait_for_own: bool,
     },
     /// Take lock `lock` (its home queues the request until it is free). The grant carries the write notices
     /// the last releaser passed on.
@@ -122,7 +129,10 @@ pub(crate) enum Reply {
     /// The answer to `Introduce`: whether the receiver will install pages into the sender.
     Introduced { accepted: bool },
     /// The requester runs the transaction; the payload holds the page when `grant.data_from_home`.
-    Granted { grant: Grant },
+    /// `owner_failed`: the home takes `grant.fetch_from` for failed, and so has ended any transaction of
+    /// that rank's on the page early, as if it had run (`Engine::end_transactions_of`), while the rank may
+    /// live on and still run it: the request for its copy says to wait for it (`wait_for_own`).
+    Granted { grant: Grant, owner_failed: bool },
     /// A page follows.
     Page,
     /// Done.
@@ -291,13 +301,17 @@ mod tests {
             invalidate,
         };
         let mut buf = [0u8; PREFIX + MAX_HEADER];
-        let n = encode(&Reply::Granted { grant }, 4096, &mut buf);
+        let granted = Reply::Granted {
+            grant,
+            owner_failed: true,
+        };
+        let n = encode(&granted, 4096, &mut buf);
         assert!(
             n > PREFIX + 32,
             "header of a full grant must be encoded, got {n} bytes"
         );
-        let (m, p) = roundtrip(Reply::Granted { grant }, &[7u8; 4096]);
-        assert!(matches!(m, Reply::Granted { grant: g } if g == grant));
+        let (m, p) = roundtrip(granted, &[7u8; 4096]);
+        assert!(matches!(m, Reply::Granted { grant: g, owner_failed: true } if g == grant));
         assert_eq!(p, vec![7u8; 4096]);
     }
 

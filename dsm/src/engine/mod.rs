@@ -458,21 +458,26 @@ impl Engine {
                 page,
                 access,
             } => self.end_transaction(idx, region, page, access, Ending::Abandon),
-            Request::Fetch { region, page } => {
+            Request::Fetch {
+                region,
+                page,
+                wait_for_own,
+            } => {
                 let Some(r) = self.region_for(idx, region, page, Consistency::Sequential) else {
                     return;
                 };
-                self.fetch(idx, &r, page);
+                self.fetch(idx, &r, page, wait_for_own);
             }
             Request::Invalidate {
                 region,
                 page,
                 send_data,
+                wait_for_own,
             } => {
                 let Some(r) = self.region_for(idx, region, page, Consistency::Sequential) else {
                     return;
                 };
-                self.invalidate(idx, &r, page, send_data);
+                self.invalidate(idx, &r, page, send_data, wait_for_own);
             }
             Request::LockAcquire { lock } => {
                 let peer = self.conns[idx].peer;

@@ -310,7 +310,17 @@ impl Engine {
                 } else {
                     &[]
                 };
-                if self.reply(idx, &Reply::Granted { grant }, &[payload]) {
+                let owner_failed = grant
+                    .fetch_from
+                    .is_some_and(|o| self.shared.failed[o.index()].load(Ordering::Acquire));
+                if self.reply(
+                    idx,
+                    &Reply::Granted {
+                        grant,
+                        owner_failed,
+                    },
+                    &[payload],
+                ) {
                     // Held until the requester's Unlock (or Abandon); should the requester fail before,
                     // `peer_failed` ends the transaction as if it had completed (it may have invalidated
                     // the others).
@@ -430,9 +440,17 @@ impl Engine {
     /// home granted after it ended that fault's transaction early, having taken this rank for failed: it is
     /// acknowledged at once (there is no copy yet) and the transaction revoked, so that the fault installs
     /// nothing (`fault::end_grant`). Deferred, it could wait for ever: the grant's fetch may wait at an
-    /// owner whose own fault waits for the home lock that writer holds. (A request that needs this rank's
-    /// data can reach a running grant only after the home completed a failed write, and that grant ends
-    /// on its own.)
+    /// owner whose own fault waits for the home lock that writer holds.
+    ///
+    /// A request for this rank's copy from such a later transaction (`wait_for_own`: the home granted it
+    /// while taking this rank for failed) waits while a fault of this rank resolves the page, copy or no
+    /// copy: the home ended that fault's transaction early and recorded it as done, so the page is to be
+    /// taken from this rank as that transaction leaves it. Served at once, it would hand out or take the
+    /// copy an upgrade keeps, which the upgrade then makes writable while the requester reads the old
+    /// bytes, or before the other copies the upgrade drops are gone. The fault ends on its own: it
+    /// installs, or fails (its home answers it no more). A request without the mark is served from a
+    /// copy here even then: it comes from a transaction the home decided before, which this rank's own
+    /// may be waiting for.
     fn defer_or_refuse(
         &mut self,
         idx: usize,
@@ -441,9 +459,19 @@ impl Engine {
         req: Request,
     ) -> bool {
         let word = region.state(page);
+        let wait_for_own = matches!(
+            req,
+            Request::Fetch {
+                wait_for_own: true,
+                ..
+            } | Request::Invalidate {
+                wait_for_own: true,
+                ..
+            }
+        );
         loop {
             let s = word.load(Ordering::Acquire);
-            if s & STATE_MASK != INVALID {
+            if s & STATE_MASK != INVALID && !(wait_for_own && s & BUSY != 0) {
                 return false;
             }
             if s & BUSY == 0 {
@@ -451,6 +479,7 @@ impl Engine {
                 return true;
             }
             if s & GRANTED != 0
+                && s & STATE_MASK == INVALID
                 && matches!(
                     req,
                     Request::Invalidate {
@@ -489,13 +518,20 @@ impl Engine {
         true
     }
 
-    pub(super) fn fetch(&mut self, idx: usize, region: &Arc<RegionShared>, page: u64) {
+    pub(super) fn fetch(
+        &mut self,
+        idx: usize,
+        region: &Arc<RegionShared>,
+        page: u64,
+        wait_for_own: bool,
+    ) {
         if self.leaf_request_at_home(idx, region, page) {
             return;
         }
         let req = Request::Fetch {
             region: region.id,
             page,
+            wait_for_own,
         };
         if self.defer_or_refuse(idx, region, page, req) {
             return;
@@ -516,6 +552,7 @@ impl Engine {
         region: &Arc<RegionShared>,
         page: u64,
         send_data: bool,
+        wait_for_own: bool,
     ) {
         if self.leaf_request_at_home(idx, region, page) {
             return;
@@ -524,6 +561,7 @@ impl Engine {
             region: region.id,
             page,
             send_data,
+            wait_for_own,
         };
         if self.defer_or_refuse(idx, region, page, req) {
             return;

@@ -206,7 +206,10 @@ fn ask_home(region: &RegionShared, page: u64, access: Access) -> Result<(), Faul
                 }
                 Ok((served, false, data == Data::None))
             }
-            Reply::Granted { grant } => {
+            Reply::Granted {
+                grant,
+                owner_failed,
+            } => {
                 release_extras();
                 check_grant(&grant, shared.me, home, access)?;
                 mark_granted(region, page);
@@ -224,7 +227,15 @@ fn ask_home(region: &RegionShared, page: u64, access: Access) -> Result<(), Faul
                 } else {
                     no_payload(home, payload_len)?;
                 }
-                let ran = run_grant(&mut ch, region, page, access, &grant, &mut have);
+                let ran = run_grant(
+                    &mut ch,
+                    region,
+                    page,
+                    access,
+                    &grant,
+                    owner_failed,
+                    &mut have,
+                );
                 if let Err(FaultError::Abandoned(_)) = ran {
                     end_grant(region, page, home)?;
                     let abandon = Request::Abandon {
@@ -364,7 +375,8 @@ pub(super) fn local_transaction(
                         return Ok(false);
                     };
                     let mut have = false;
-                    match run_grant(&mut ch, region, page, access, &grant, &mut have) {
+                    // (A rank this home takes for failed is not asked at all: sends to it fail.)
+                    match run_grant(&mut ch, region, page, access, &grant, false, &mut have) {
                         // This rank, the home, has seen the owner leave (`left_the_job`): decided
                         // again, the page comes from a copy that lives on, or is lost.
                         Err(FaultError::Abandoned(_)) => {
@@ -453,6 +465,8 @@ fn left_the_job(shared: &crate::dsm::Shared, r: Rank) -> bool {
 
 /// Runs a granted transaction: asks the owner for the page (downgrading or dropping its copy) and every
 /// copy holder to drop theirs, all requests first and then all replies, so they proceed in parallel.
+/// With `owner_failed` (the home takes the owner for failed) the owner is asked to serve the request
+/// only once no fault of its own is resolving the page (`wait_for_own`, `engine::pages`).
 ///
 /// An owner that left the job before it sent the page fails the grant with `Abandoned` when nothing
 /// changed anywhere (no copy holder was asked to drop its copy, and the home kept its own): the fault may
@@ -464,6 +478,7 @@ fn run_grant(
     page: u64,
     access: Access,
     grant: &Grant,
+    owner_failed: bool,
     have: &mut bool,
 ) -> Result<(), FaultError> {
     let shared = &*region.shared;
@@ -479,11 +494,16 @@ fn run_grant(
     };
     if let Some(owner) = grant.fetch_from {
         let req = match access {
-            Access::Read => Request::Fetch { region: id, page },
+            Access::Read => Request::Fetch {
+                region: id,
+                page,
+                wait_for_own: owner_failed,
+            },
             Access::Write => Request::Invalidate {
                 region: id,
                 page,
                 send_data: true,
+                wait_for_own: owner_failed,
             },
         };
         match ch.send(c, owner, &req, &[]) {
@@ -512,6 +532,7 @@ fn run_grant(
             region: id,
             page,
             send_data: false,
+            wait_for_own: false,
         };
         match ch.send(c, r, &req, &[]) {
             Ok(()) => asked.insert(r),

@@ -21,7 +21,7 @@ fn fake_owns(fake: &UnixStream, region: &RegionShared) {
 fn copies_a_writer_invalidates(writer: &UnixStream, shared: &RegionShared) -> swmr::CopySet {
     fake_faults(writer, shared, Access::Write);
     match fake_reads(writer) {
-        (Reply::Granted { grant }, _) => grant.invalidate,
+        (Reply::Granted { grant, .. }, _) => grant.invalidate,
         (Reply::Done { .. }, _) => swmr::CopySet::EMPTY,
         (reply, _) => panic!("the write was answered with {reply:?}"),
     }
@@ -43,6 +43,46 @@ fn a_rank_that_cuts_this_one_off_lives_on_with_its_copies() {
     assert!(
         invalidate.contains(Rank(1)),
         "the home forgot the copy of a rank that lives on: {invalidate:?}"
+    );
+}
+
+#[test]
+fn a_grant_to_fetch_from_a_rank_the_home_took_for_failed_says_so() {
+    let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
+    let region = home_page(&dsm, &fakes);
+    let shared = &region.inner;
+    // Rank 1 writes the page: it owns the only copy.
+    fake_owns(&fakes[0].fake, shared);
+    // Rank 2 asks to read it, is granted a fetch from rank 1, and abandons the grant (the page is
+    // unlocked as it was, for the next request): whether the grant said the home takes rank 1 for failed.
+    let reader = &fakes[1].fake;
+    let owner_failed = || {
+        let reply = fake_asks(reader, shared, Access::Read);
+        let Reply::Granted {
+            grant,
+            owner_failed,
+        } = reply
+        else {
+            panic!("the read was answered with {reply:?}")
+        };
+        assert_eq!(grant.fetch_from, Some(Rank(1)));
+        let abandon = Request::Abandon {
+            region: shared.id,
+            page: 0,
+            access: Access::Read,
+        };
+        fake_sends(reader, abandon);
+        owner_failed
+    };
+    assert!(!owner_failed());
+    // Rank 1 cuts rank 0 off and lives on: the home takes it for failed (ending any transaction of
+    // rank 1's on its pages early), and says so in a grant to fetch from it, so that rank 1 serves the
+    // fetch only after any fault of its own on the page.
+    fakes[0].fake.shutdown(std::net::Shutdown::Both).unwrap();
+    assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+    assert!(
+        owner_failed(),
+        "the grant did not say that its owner is taken for failed"
     );
 }
 
@@ -152,7 +192,7 @@ fn an_abandoned_grant_unlocks_its_page_as_it_was_and_only_its_holder_may_abandon
     for round in 0..2 {
         let reply = fake_asks(&fakes[1].fake, shared, Access::Read);
         let granted =
-            matches!(reply, Reply::Granted { grant } if grant.fetch_from == Some(Rank(1)));
+            matches!(reply, Reply::Granted { grant, .. } if grant.fetch_from == Some(Rank(1)));
         assert!(granted, "round {round}: {reply:?}");
         fake_sends(&fakes[1].fake, abandon);
     }
@@ -177,7 +217,7 @@ fn a_grant_that_dropped_the_homes_copy_cannot_be_abandoned() {
     let reply = fake_asks(&fakes[1].fake, shared, Access::Write);
     let granted = matches!(
         reply,
-        Reply::Granted { grant } if grant.home_action == swmr::HomeAction::Invalidate && grant.data_from_home
+        Reply::Granted { grant, .. } if grant.home_action == swmr::HomeAction::Invalidate && grant.data_from_home
     );
     assert!(granted, "{reply:?}");
     // Abandoned, the entry would still list the home's copy, which is gone: refused as a protocol error.

@@ -1,6 +1,7 @@
 //! Pages under sequential consistency at their home: what the home keeps when a page, grant or
 //! upgrade cannot reach its rank, faults whose home leaves, grants naming an owner that left, coalesced
-//! faults, and invalidations that find a grant running.
+//! faults, invalidations that find a grant running, and requests for the copy of a rank whose home took
+//! it for failed.
 
 use super::*;
 
@@ -125,7 +126,10 @@ fn fake_grants_with_page(end: &UnixStream, home_action: swmr::HomeAction) {
     };
     write_frame(
         &dup(end),
-        &Reply::Granted { grant },
+        &Reply::Granted {
+            grant,
+            owner_failed: false,
+        },
         &[&pattern()],
         &Counters::default(),
     )
@@ -200,7 +204,10 @@ fn a_grant_naming_an_owner_that_left_is_abandoned_and_asked_for_again() {
     };
     write_frame(
         &dup(end),
-        &Reply::Granted { grant },
+        &Reply::Granted {
+            grant,
+            owner_failed: false,
+        },
         &[],
         &Counters::default(),
     )
@@ -326,6 +333,7 @@ fn an_invalidation_that_finds_a_grant_running_revokes_it_and_data_requests_wait(
         region: shared.id,
         page: 0,
         send_data,
+        wait_for_own: false,
     };
     let end = |page| crate::fault::end_grant(shared, page, Rank(1));
     // A fault of rank 0 runs a grant for the page: the invalidation is answered at once and the
@@ -355,6 +363,7 @@ fn an_invalidation_that_finds_a_grant_running_revokes_it_and_data_requests_wait(
         Request::Fetch {
             region: shared.id,
             page: 0,
+            wait_for_own: false,
         },
     );
     assert!(fake_reads_within(writer, Duration::from_millis(300)).is_none());
@@ -374,4 +383,140 @@ fn an_invalidation_that_finds_a_grant_running_revokes_it_and_data_requests_wait(
             "{reply:?}"
         );
     }
+}
+
+#[test]
+fn a_request_for_the_copy_of_a_rank_its_home_took_for_failed_waits_for_that_ranks_own_fault() {
+    let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
+    // Page 0 homed at rank 1, which the test plays; rank 2 plays a writer the home granted.
+    let region = page_at_rank1(&dsm, &fakes);
+    let shared = region.inner.clone();
+    let (home, writer) = (&fakes[0], &fakes[1].fake);
+    let state = || shared.state(0).load(Ordering::Acquire) & STATE_MASK;
+    // Rank 0 reads the page: the home grants it with its copy, and rank 0 reports the install.
+    let reading = shared.clone();
+    let reader = std::thread::spawn(move || crate::fault::resolve(&reading, 0, false));
+    let (request, end) = fake_takes_request(home);
+    assert!(
+        matches!(
+            request,
+            Request::Acquire {
+                access: Access::Read,
+                ..
+            }
+        ),
+        "{request:?}"
+    );
+    fake_grants_with_page(end, swmr::HomeAction::None);
+    reader.join().unwrap().unwrap();
+    let (unlock, _) = fake_takes_request(home);
+    assert!(
+        matches!(unlock, Request::Unlock { granted: true, .. }),
+        "{unlock:?}"
+    );
+    // Rank 0 writes it: an upgrade of its copy, which the home holds for it and has not answered yet.
+    let writing = shared.clone();
+    let upgrade = std::thread::spawn(move || crate::fault::resolve(&writing, 0, true));
+    let (request, end) = fake_takes_request(home);
+    assert!(
+        matches!(
+            request,
+            Request::Acquire {
+                access: Access::Write,
+                ..
+            }
+        ),
+        "{request:?}"
+    );
+    // A request from a transaction the home decided before is served from the copy at once (the
+    // upgrade may be waiting for that transaction to end) ...
+    let fetch = |wait_for_own| Request::Fetch {
+        region: shared.id,
+        page: 0,
+        wait_for_own,
+    };
+    fake_sends(writer, fetch(false));
+    let (reply, page) = fake_reads(writer);
+    assert!(
+        matches!(reply, Reply::Page) && page == pattern(),
+        "{reply:?}"
+    );
+    // ... but one the home granted while it took rank 0 for failed (having ended the upgrade early, as
+    // if it had run) waits for the upgrade: served now, the copy would go out and then be written.
+    fake_sends(
+        writer,
+        Request::Invalidate {
+            region: shared.id,
+            page: 0,
+            send_data: true,
+            wait_for_own: true,
+        },
+    );
+    assert!(fake_reads_within(writer, Duration::from_millis(300)).is_none());
+    assert_eq!(state(), READ_ONLY);
+    // The home answers the upgrade: rank 0 makes its copy writable, and only then hands it over and
+    // drops it.
+    let done = Reply::Done {
+        data: swmr::Data::None,
+        count: 1,
+    };
+    write_frame(&dup(end), &done, &[], &Counters::default()).unwrap();
+    upgrade.join().unwrap().unwrap();
+    let (reply, page) = fake_reads(writer);
+    assert!(
+        matches!(reply, Reply::Page) && page.len() == PAGE_SIZE,
+        "{reply:?}"
+    );
+    assert_eq!(state(), crate::region::INVALID);
+}
+
+#[test]
+fn a_grant_that_says_its_owner_is_taken_for_failed_has_the_owner_wait_for_its_own_fault() {
+    let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
+    // Page 0 homed at rank 1, which the test plays, and owned by rank 2, played too.
+    let region = page_at_rank1(&dsm, &fakes);
+    let shared = region.inner.clone();
+    let reading = shared.clone();
+    let reader = std::thread::spawn(move || crate::fault::resolve(&reading, 0, false));
+    let (request, end) = fake_takes_request(&fakes[0]);
+    assert!(
+        matches!(
+            request,
+            Request::Acquire {
+                access: Access::Read,
+                ..
+            }
+        ),
+        "{request:?}"
+    );
+    // The home, taking rank 2 for failed, grants a fetch from it and says so.
+    let grant = swmr::Grant {
+        home_action: swmr::HomeAction::None,
+        data_from_home: false,
+        fetch_from: Some(Rank(2)),
+        invalidate: swmr::CopySet::EMPTY,
+    };
+    let granted = Reply::Granted {
+        grant,
+        owner_failed: true,
+    };
+    write_frame(&dup(end), &granted, &[], &Counters::default()).unwrap();
+    // Rank 0 asks rank 2 for the page, to be served only once no fault of rank 2's is on it.
+    let (fetch, end) = fake_takes_request(&fakes[1]);
+    assert!(
+        matches!(
+            fetch,
+            Request::Fetch {
+                page: 0,
+                wait_for_own: true,
+                ..
+            }
+        ),
+        "{fetch:?}"
+    );
+    write_frame(&dup(end), &Reply::Page, &[&pattern()], &Counters::default()).unwrap();
+    reader.join().unwrap().unwrap();
+    // SAFETY: the page is installed (the fault above ended well) and nothing else uses it.
+    let first = unsafe { *region.as_ptr() };
+    assert_eq!(first, pattern()[0]);
 }

@@ -1,5 +1,5 @@
-//! Whole jobs in random interleavings (`sim`): without and with ranks that crash, without and with
-//! read-ahead.
+//! Whole jobs in random interleavings (`sim`): without and with ranks that crash, or that are taken for
+//! failed while they live on, without and with read-ahead.
 
 use super::sim::{run, Job, Stats};
 
@@ -20,6 +20,12 @@ fn jobs(seeds: u64, job: impl Fn(u64, usize) -> Job) -> Stats {
         total.home_failed += s.home_failed;
         total.invalidations_gone += s.invalidations_gone;
         total.ended_for_failed += s.ended_for_failed;
+        total.suspicions += s.suspicions;
+        total.revoked += s.revoked;
+        total.timed_out += s.timed_out;
+        total.leaf_refused += s.leaf_refused;
+        total.upgrade_lost += s.upgrade_lost;
+        total.waited_for_own += s.waited_for_own;
     }
     total
 }
@@ -33,6 +39,7 @@ fn few_pages(seed: u64, ranks: usize, pages: u64, crashes: usize) -> Job {
         window: 1,
         steps: 3000,
         crashes,
+        suspicions: 0,
     }
 }
 
@@ -46,6 +53,7 @@ fn read_ahead(seed: u64, ranks: usize, crashes: usize) -> Job {
         window: 2 + (seed / 2 % 3) as usize,
         steps: 3000,
         crashes,
+        suspicions: 0,
     }
 }
 
@@ -92,4 +100,37 @@ fn pages_handed_over_ahead_of_faults_to_ranks_that_crash_leave_no_stale_copy_rea
         read_ahead(seed, ranks, 1 + (seed % 2) as usize)
     });
     assert!(s.crashes > 1500 && s.ahead > 2_000 && s.lost > 50, "{s:?}");
+}
+
+#[test]
+fn ranks_taken_for_failed_while_they_live_leave_no_stale_copy_readable_and_no_fault_hanging() {
+    // Jobs of both layouts, some with crashes too, in which ranks alive take others alive for failed
+    // (one to six times a job).
+    let s = jobs(3000, |seed, ranks| {
+        let crashes = (seed / 3 % 2) as usize;
+        let job = if seed % 2 == 0 {
+            few_pages(seed, ranks, 3, crashes)
+        } else {
+            read_ahead(seed, ranks, crashes)
+        };
+        Job {
+            suspicions: 1 + (seed / 7 % 6) as usize,
+            ..job
+        }
+    });
+    // Each way the engine handles a rank taken for failed that lives on must have been taken: the home
+    // ending its transactions early, faults giving up on it, later writers revoking its grants, its
+    // refusals, and requests for its copy waiting for its own faults.
+    assert!(
+        s.suspicions > 2000 && s.reads > 100_000 && s.writes > 100_000 && s.ahead > 2_000,
+        "{s:?}"
+    );
+    assert!(
+        s.ended_for_failed > 500
+            && s.timed_out > 500
+            && s.revoked > 0
+            && s.leaf_refused > 0
+            && s.waited_for_own > 0,
+        "{s:?}"
+    );
 }

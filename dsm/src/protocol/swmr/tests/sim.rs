@@ -19,6 +19,13 @@
 //! - a fault that ends with an error (its home failed, the page's data lost, the owner left mid-grant)
 //!   ends its rank, as the fault handler does: one more crash.
 //!
+//! Ranks alive may also take others alive for failed, as a peer timeout does (`Job::suspicions`): the
+//! rank that does ends the other's transactions on its pages early and cuts off its connections to it,
+//! and the other takes it for failed in turn on reading their end; neither is known gone, so faults that
+//! need one of them give up waiting (`LEAVING`) and fail. A grant the home ended early is revoked by a
+//! later writer's invalidation (`sim/leaves.rs`), and a request for the copy of an owner its home takes for
+//! failed waits for the owner's own fault on the page (`wait_for_own`).
+//!
 //! Invariants checked after every step, over the ranks alive:
 //! - at most one writable copy of a page, and no other valid copy while it exists;
 //! - every valid copy holds the last value written (so every read returns the last write, and a page
@@ -26,13 +33,15 @@
 //! - the manager's record covers every valid copy (no copy the manager would forget to invalidate),
 //!   unless the page is lost (its record names a crashed owner and no copy besides), when every fault
 //!   on it fails and a copy left over (a reader's, whose invalidation by a crashed writer never arrived
-//!   or was still unread when the reader took the writer for failed) can only ever be read;
+//!   or was still unread when the reader took the writer for failed) can only ever be read, or while a
+//!   grant the home ended early is under way (it drops the copies it was granted to drop);
 //! - no deadlock: some rank or message can always move; and once ranks stop faulting, every fault of a
 //!   rank alive ends.
 //!
 //! A `Done` to a requester that holds no copy releases the page's lock at once (no `Unlock`); a leaf
 //! request that reaches that requester before its install is deferred until the install, as the engine
-//! does. Leaf requests only reach ranks that hold a copy (the engine refuses others, failing the fault).
+//! does. Leaf requests only reach ranks that hold a copy (the engine refuses others, failing the fault),
+//! unless a rank alive was taken for failed.
 //!
 //! Jobs may fault with read-ahead (`Job::window`) on pages laid out in runs with one home (`Job::run`):
 //! the requester claims the following pages of the run it holds no copy of, and the home hands over
@@ -46,6 +55,7 @@ use std::collections::{BTreeSet, VecDeque};
 mod driver;
 mod failures;
 mod grants;
+mod leaves;
 
 pub(super) use driver::run;
 
@@ -80,26 +90,34 @@ enum Msg {
         keep: bool,
         ahead: Vec<(usize, u64)>,
     },
+    /// `owner_failed`: the home takes the rank to fetch from for failed (it ended that rank's own
+    /// transactions on its pages early, and serves it no more).
     Granted {
         page: usize,
         grant: Grant,
         data: Option<u64>,
+        owner_failed: bool,
     },
     /// The page's data left the job with `owner`.
     Refused {
         page: usize,
         owner: Rank,
     },
+    /// `wait_for_own`: served only once no fault of the receiver's own is resolving the page.
     Fetch {
         page: usize,
+        wait_for_own: bool,
     },
     Invalidate {
         page: usize,
         send: bool,
+        wait_for_own: bool,
     },
     LeafReply {
         data: Option<u64>,
     },
+    /// A leaf request refused: the rank holds no copy and runs no transaction on the page (`NoCopyHere`).
+    LeafRefused,
     Unlock {
         page: usize,
         access: Access,
@@ -164,6 +182,12 @@ struct Txn {
     page: usize,
     access: Access,
     phase: Phase,
+    /// A later writer's invalidation reached this rank while its grant ran (`REVOKED`): the home ended the
+    /// transaction early, and the grant must install nothing.
+    revoked: bool,
+    /// Its home ended the transaction as if it had run, having taken this rank for failed: until it ends
+    /// here, the copies it was granted to drop are recorded nowhere, and it is what drops them.
+    ended_early: bool,
     /// Following pages held BUSY here (claimed for the request, then those the reply hands over, until
     /// the install): a leaf request for one that finds no copy is deferred, as for `page`.
     claimed: Vec<usize>,
@@ -181,11 +205,16 @@ pub(super) struct Job {
     pub steps: usize,
     /// Ranks crashed at random steps.
     pub crashes: usize,
+    /// Times a rank takes another for failed while both live (the peer timeout), at random steps.
+    pub suspicions: usize,
 }
 
 pub(super) struct Sim {
     ranks: usize,
     window: usize,
+    /// Whether a fault waiting for a copy holder it cannot reach may give up (`LEAVING` passing): in jobs
+    /// where ranks are taken for failed while they live, such a holder may never be known gone.
+    timeouts: bool,
     rng: StdRng,
     home: Vec<u32>,
     entries: Vec<Entry>,
@@ -229,6 +258,19 @@ pub(super) struct Stats {
     pub invalidations_gone: u64,
     /// Transactions a home ended for a requester that failed.
     pub ended_for_failed: u64,
+    /// Times a rank took another for failed while both lived.
+    pub suspicions: u64,
+    /// Grants revoked by a later writer's invalidation (the home had ended them early).
+    pub revoked: u64,
+    /// Faults that gave up waiting for a copy holder, or a home, that was taken for failed and lives on.
+    pub timed_out: u64,
+    /// Leaf requests refused by a rank without a copy.
+    pub leaf_refused: u64,
+    /// Upgrades that found their copy taken by a later transaction (the home had ended them early).
+    pub upgrade_lost: u64,
+    /// Requests for a copy, from a transaction granted while the home took the copy's holder for failed,
+    /// that waited for a fault of the holder's own on the page.
+    pub waited_for_own: u64,
 }
 
 impl Sim {
@@ -237,6 +279,7 @@ impl Sim {
         Sim {
             ranks,
             window: job.window,
+            timeouts: job.suspicions > 0,
             rng: StdRng::seed_from_u64(seed),
             home: (0..pages).map(|p| (p / job.run % ranks) as u32).collect(),
             entries: vec![Entry::default(); pages],
@@ -325,6 +368,8 @@ impl Sim {
             page,
             access,
             phase: Phase::Waiting,
+            revoked: false,
+            ended_early: false,
             claimed,
         });
         self.ask(rank, page, access, extras);
@@ -428,7 +473,19 @@ impl Sim {
                     home_kept_its_copy: grant.home_action == HomeAction::None,
                 };
                 self.lock(page, requester, access, held);
-                self.send(home, requester, Msg::Granted { page, grant, data });
+                let owner_failed = grant
+                    .fetch_from
+                    .is_some_and(|o| self.failed[home as usize][o.index()]);
+                self.send(
+                    home,
+                    requester,
+                    Msg::Granted {
+                        page,
+                        grant,
+                        data,
+                        owner_failed,
+                    },
+                );
             }
         }
     }
@@ -518,14 +575,10 @@ impl Sim {
             Msg::End => return self.learn_failed(to, from),
             Msg::ServiceEnd => return self.learn_gone(to, from),
             _ if self.failed[to as usize][from as usize] => return,
-            Msg::Fetch { page } | Msg::Invalidate { page, .. } => {
-                let busy_here = self.txns[to as usize]
-                    .as_ref()
-                    .is_some_and(|t| t.page == page || t.claimed.contains(&page));
-                if self.copies[to as usize][page] == Copy::Invalid && busy_here {
-                    self.deferred[to as usize].push((from, msg));
-                    return;
-                }
+            Msg::Fetch { page, .. } | Msg::Invalidate { page, .. }
+                if self.defer_or_refuse(from, to, page, &msg) =>
+            {
+                return
             }
             _ => {}
         }
@@ -559,7 +612,12 @@ impl Sim {
                     ahead,
                 };
             }
-            Msg::Granted { page, grant, data } => self.run_grant(to, page, grant, data),
+            Msg::Granted {
+                page,
+                grant,
+                data,
+                owner_failed,
+            } => self.run_grant(to, page, grant, data, owner_failed),
             Msg::Refused { page, owner } => {
                 assert_eq!(self.txns[to as usize].as_ref().unwrap().page, page);
                 assert!(
@@ -569,12 +627,12 @@ impl Sim {
                 self.stats.lost += 1;
                 self.crash(to);
             }
-            Msg::Fetch { page } => {
+            Msg::Fetch { page, .. } => {
                 let v = self.leaf_copy(to, page).value().unwrap();
                 self.copies[to as usize][page] = Copy::ReadOnly(v);
                 self.send(to, from, Msg::LeafReply { data: Some(v) });
             }
-            Msg::Invalidate { page, send } => {
+            Msg::Invalidate { page, send, .. } => {
                 let v = self.leaf_copy(to, page).value().unwrap();
                 self.copies[to as usize][page] = Copy::Invalid;
                 self.send(
@@ -584,6 +642,15 @@ impl Sim {
                         data: send.then_some(v),
                     },
                 );
+            }
+            Msg::LeafRefused => {
+                let txn = self.txns[to as usize].as_ref().unwrap();
+                let Phase::Collecting { pending, .. } = &txn.phase else {
+                    panic!("leaf refusal outside a transaction")
+                };
+                assert!(pending.contains(&from));
+                // The grant fails with the refusal, and the fault with it.
+                self.crash(to);
             }
             Msg::LeafReply { data: d } => {
                 let txn = self.txns[to as usize].as_mut().unwrap();
@@ -644,7 +711,18 @@ impl Sim {
         let page = txn.page;
         let current = self.copies[rank as usize][page];
         let value = if keep {
-            current.value().expect("kept a copy that is not here")
+            let Some(v) = current.value() else {
+                // A later transaction took the copy this upgrade keeps (the home had ended the upgrade
+                // early): `upgrade_in_place` fails the fault.
+                assert!(
+                    self.stats.suspicions > 0,
+                    "page {page}: rank {rank} kept a copy that is not here"
+                );
+                self.stats.upgrade_lost += 1;
+                self.crash(rank);
+                return;
+            };
+            v
         } else {
             data.expect("install without data")
         };
@@ -671,7 +749,14 @@ impl Sim {
             }
             self.unlock(page);
         } else if !installed_remote_done {
-            // An Unlock to a home taken for failed counts as sent once it is gone (the page stays here).
+            // An Unlock to a home taken for failed counts as sent once it is known gone (the page stays
+            // here); a home that lives on is never known gone, and the fault gives up waiting.
+            let (r, h) = (rank as usize, home as usize);
+            if self.failed[r][h] && !self.gone[r][h] && self.alive[h] {
+                self.stats.timed_out += 1;
+                self.crash(rank);
+                return;
+            }
             let access = txn.access;
             self.send(
                 rank,
@@ -708,6 +793,11 @@ impl Sim {
                     "page {page}: a writable copy beside other copies"
                 );
             }
+            let ended_early = live.iter().any(|r| {
+                self.txns[*r]
+                    .as_ref()
+                    .is_some_and(|t| t.page == page && t.ended_early)
+            });
             let mut pruned = self.entries[page];
             let lost = pruned
                 .forget_gone(Rank(self.home[page]), |r| !self.alive[r.index()])
@@ -719,8 +809,13 @@ impl Sim {
                     "page {page}: rank {r} holds a stale copy"
                 );
                 // A copy the manager does not know of could never be invalidated. Copies in the middle of an
-                // unfinished transaction are covered by the manager's lock instead.
-                if self.locks[page].is_none() && self.alive[self.home[page] as usize] && !lost {
+                // unfinished transaction are covered by the manager's lock instead, or by the grant still
+                // under way that the home ended early (it drops the copies it was granted to drop).
+                if self.locks[page].is_none()
+                    && self.alive[self.home[page] as usize]
+                    && !lost
+                    && !ended_early
+                {
                     assert!(
                         self.entries[page].has_copy(Rank(*r as u32)),
                         "page {page}: rank {r} holds a copy the manager does not record"

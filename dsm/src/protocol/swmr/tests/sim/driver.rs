@@ -9,13 +9,20 @@ pub(in super::super) fn run(seed: u64, job: Job) -> Sim {
         ranks,
         steps,
         crashes,
+        suspicions,
         ..
     } = job;
     let mut sim = Sim::new(seed, &job);
     let crash_at: BTreeSet<usize> = (0..crashes)
         .map(|_| sim.rng.random_range(0..steps))
         .collect();
+    let suspect_at: BTreeSet<usize> = (0..suspicions)
+        .map(|_| sim.rng.random_range(0..steps))
+        .collect();
     for step in 0..steps {
+        if suspect_at.contains(&step) {
+            sim.suspect_one();
+        }
         if crash_at.contains(&step) {
             let live: Vec<u32> = (0..ranks as u32)
                 .filter(|r| sim.alive[*r as usize])
@@ -30,7 +37,8 @@ pub(in super::super) fn run(seed: u64, job: Job) -> Sim {
         if !sim.step(true) {
             assert!(
                 !sim.alive.iter().any(|a| *a),
-                "deadlock: no rank can move and no message is in flight"
+                "deadlock: no rank can move and no message is in flight: transactions {:?}, deferred {:?}, locks {:?}, queued {:?}, alive {:?}",
+                sim.txns, sim.deferred, sim.locks, sim.queues, sim.alive
             );
             break;
         }
@@ -52,6 +60,60 @@ pub(in super::super) fn run(seed: u64, job: Job) -> Sim {
 }
 
 impl Sim {
+    /// A rank alive takes another rank alive for failed, as its peer timeout does (both live on). Half
+    /// the time, if there is one, a home takes for failed a requester it granted a transaction to: the
+    /// narrow case where the home ends the grant early while it runs.
+    fn suspect_one(&mut self) {
+        let mut pairs: Vec<(u32, u32)> = (0..self.ranks as u32)
+            .flat_map(|x| (0..self.ranks as u32).map(move |r| (x, r)))
+            .filter(|&(x, r)| {
+                x != r
+                    && self.alive[x as usize]
+                    && self.alive[r as usize]
+                    && !self.failed[x as usize][r as usize]
+            })
+            .collect();
+        let granting: Vec<(u32, u32)> = (0..self.truth.len())
+            .filter_map(|p| match self.locks[p] {
+                Some(Lock {
+                    by,
+                    held: Held::Granted { .. },
+                    ..
+                }) => Some((self.home[p], by)),
+                _ => None,
+            })
+            .filter(|pair| pairs.contains(pair))
+            .collect();
+        if !granting.is_empty() && self.rng.random_bool(0.5) {
+            pairs = granting;
+        }
+        if pairs.is_empty() {
+            return;
+        }
+        let (x, r) = pairs[self.rng.random_range(0..pairs.len())];
+        self.stats.suspicions += 1;
+        self.learn_failed(x, r);
+        self.check();
+    }
+
+    /// The ranks alive whose grant waits for a copy holder they cannot reach and do not know gone: each
+    /// may give up (`LEAVING` passes), which fails its fault.
+    fn waiting_in_vain(&self) -> Vec<u32> {
+        if !self.timeouts {
+            return Vec::new();
+        }
+        self.faulting()
+            .filter(|r| {
+                let gone = &self.gone[*r as usize];
+                matches!(
+                    &self.txns[*r as usize],
+                    Some(Txn { phase: Phase::Collecting { unreachable, .. }, .. })
+                        if unreachable.iter().any(|h| !gone[*h as usize])
+                )
+            })
+            .collect()
+    }
+
     /// The ranks alive that are in a fault.
     fn faulting(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.ranks as u32)
@@ -81,7 +143,8 @@ impl Sim {
             })
             .collect();
         let deliverable = self.deliverable();
-        let choices = idle.len() + installing.len() + deliverable.len();
+        let giving_up = self.waiting_in_vain();
+        let choices = idle.len() + installing.len() + deliverable.len() + giving_up.len();
         if choices == 0 {
             return false;
         }
@@ -99,8 +162,11 @@ impl Sim {
             k -= idle.len();
             if k < installing.len() {
                 self.install(installing[k]);
-            } else {
+            } else if k - installing.len() < deliverable.len() {
                 self.deliver(deliverable[k - installing.len()]);
+            } else {
+                self.stats.timed_out += 1;
+                self.crash(giving_up[k - installing.len() - deliverable.len()]);
             }
         }
         true

@@ -21,6 +21,11 @@ impl Sim {
             return;
         }
         self.failed[xi][ri] = true;
+        if self.alive[ri] {
+            // `x` cuts off its connections to `r`, which lives on: `r` reads their end after what `x`
+            // sent, and takes `x` for failed in turn (`Channels::cut_off`). Neither is ever known gone.
+            self.wire.push((x, r, Msg::End));
+        }
         // What `r` sent and is still unread is never read.
         self.wire
             .retain(|(f, t, m)| !(*f == r && *t == x && !matches!(m, Msg::ServiceEnd)));
@@ -34,6 +39,9 @@ impl Sim {
             }
             if let Held::Granted { .. } = lock.held {
                 complete(&mut self.entries[page], Rank(r), lock.access);
+            }
+            if let Some(t) = self.txns[ri].as_mut().filter(|t| t.page == page) {
+                t.ended_early = true;
             }
             self.stats.ended_for_failed += 1;
             self.unlock(page);

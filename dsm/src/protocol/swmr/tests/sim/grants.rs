@@ -7,7 +7,14 @@ impl Sim {
     /// Runs a grant at `rank` as `fault/sequential.rs`'s `run_grant` does: the request to the owner first
     /// (the grant is abandoned, or fails, once the owner is known gone if that send fails), then the
     /// invalidations (a copy holder that cannot be reached is waited on until it is known gone).
-    pub(super) fn run_grant(&mut self, rank: u32, page: usize, grant: Grant, data: Option<u64>) {
+    pub(super) fn run_grant(
+        &mut self,
+        rank: u32,
+        page: usize,
+        grant: Grant,
+        data: Option<u64>,
+        owner_failed: bool,
+    ) {
         let r = rank as usize;
         let txn = self.txns[r].as_mut().unwrap();
         assert_eq!(txn.page, page);
@@ -27,8 +34,15 @@ impl Sim {
             } else {
                 pending.insert(o);
                 let m = match access {
-                    Access::Read => Msg::Fetch { page },
-                    Access::Write => Msg::Invalidate { page, send: true },
+                    Access::Read => Msg::Fetch {
+                        page,
+                        wait_for_own: owner_failed,
+                    },
+                    Access::Write => Msg::Invalidate {
+                        page,
+                        send: true,
+                        wait_for_own: owner_failed,
+                    },
                 };
                 out.push((o, m));
             }
@@ -40,7 +54,14 @@ impl Sim {
                 } else {
                     pending.insert(h.0);
                     asked = true;
-                    out.push((h.0, Msg::Invalidate { page, send: false }));
+                    out.push((
+                        h.0,
+                        Msg::Invalidate {
+                            page,
+                            send: false,
+                            wait_for_own: false,
+                        },
+                    ));
                 }
             }
         }
@@ -57,6 +78,7 @@ impl Sim {
         for (dst, m) in out {
             self.send(rank, dst, m);
         }
+        self.look_again_at_deferred(rank, page);
         self.advance(rank);
     }
 
@@ -66,6 +88,7 @@ impl Sim {
         let Some(Txn {
             page,
             access,
+            revoked,
             phase:
                 Phase::Collecting {
                     pending,
@@ -81,7 +104,7 @@ impl Sim {
         else {
             return;
         };
-        let (page, access) = (*page, *access);
+        let (page, access, revoked) = (*page, *access, *revoked);
         let gone = &self.gone[r];
         let left: Vec<u32> = unreachable
             .iter()
@@ -93,11 +116,14 @@ impl Sim {
             if Some(h) == *fetch_from {
                 // The page was to come from a rank that left with it.
                 let abandon = *home_kept_its_copy && !*asked;
-                if abandon {
+                if abandon && !revoked {
                     self.stats.abandoned += 1;
                     self.abandon(rank, page, access);
                 } else {
-                    self.stats.owner_left += 1;
+                    // (A revoked grant fails at `end_grant`, before it could abandon.)
+                    if !revoked {
+                        self.stats.owner_left += 1;
+                    }
                     self.crash(rank);
                 }
                 return;
@@ -105,6 +131,11 @@ impl Sim {
             self.stats.invalidations_gone += 1;
         }
         if pending.is_empty() && unreachable.is_empty() {
+            if revoked {
+                // `end_grant` fails the fault: the home ended the transaction early.
+                self.crash(rank);
+                return;
+            }
             let (data, keep) = (*data, *keep);
             self.txns[r].as_mut().unwrap().phase = Phase::Installing {
                 data,
