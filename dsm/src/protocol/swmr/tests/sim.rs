@@ -52,6 +52,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeSet, VecDeque};
 
+mod ahead;
+mod check;
 mod driver;
 mod failures;
 mod grants;
@@ -490,53 +492,6 @@ impl Sim {
         }
     }
 
-    /// The following pages a home hands over with a `Done` that carries the page (the engine's
-    /// `gather_readahead` and `gather_untouched`), up to the `extras` the requester claimed: each with its
-    /// lock free, for as long as the decision for it is the same (for a read, the home's copy or zeros;
-    /// for a first write, zeros of a page nobody has touched). They are not locked: the requester held no
-    /// copy of them, and a leaf request that reaches it before the install is deferred.
-    fn gather(
-        &mut self,
-        home: u32,
-        page: usize,
-        requester: u32,
-        access: Access,
-        carried: bool,
-        extras: usize,
-    ) -> Vec<(usize, u64)> {
-        let mut ahead = Vec::new();
-        if !carried {
-            return ahead;
-        }
-        for q in page + 1..=page + extras {
-            assert_eq!(self.home[q], home, "page {q} claimed for the wrong home");
-            let mut entry = self.entries[q];
-            let untouched = entry.owner.is_none();
-            if self.locks[q].is_some() || (access == Access::Write && !untouched) {
-                break;
-            }
-            match decide(&mut entry, Rank(home), Rank(requester), access) {
-                Decision::Done {
-                    home_action,
-                    data: data @ (Data::Home | Data::Zero),
-                } => {
-                    self.entries[q] = entry;
-                    let before = self.home_copy_action(home, q, home_action);
-                    let value = match data {
-                        Data::Home => before.expect("read-ahead of an absent home copy"),
-                        _ => 0,
-                    };
-                    ahead.push((q, value));
-                }
-                _ => break,
-            }
-        }
-        if access == Access::Write {
-            assert!(ahead.iter().all(|(_, v)| *v == 0));
-        }
-        ahead
-    }
-
     fn lock(&mut self, page: usize, by: u32, access: Access, held: Held) {
         self.locks[page] = Some(Lock { by, access, held });
     }
@@ -770,58 +725,6 @@ impl Sim {
         }
         for (from, msg) in waiting {
             self.handle(from, rank, msg);
-        }
-    }
-
-    fn check(&self) {
-        let live: Vec<usize> = (0..self.ranks).filter(|r| self.alive[*r]).collect();
-        for page in 0..self.truth.len() {
-            let writers = live
-                .iter()
-                .filter(|r| matches!(self.copies[**r][page], Copy::Writable(_)))
-                .count();
-            let holders: Vec<usize> = live
-                .iter()
-                .copied()
-                .filter(|r| self.copies[*r][page] != Copy::Invalid)
-                .collect();
-            assert!(writers <= 1, "page {page}: {writers} writable copies");
-            if writers == 1 {
-                assert_eq!(
-                    holders.len(),
-                    1,
-                    "page {page}: a writable copy beside other copies"
-                );
-            }
-            let ended_early = live.iter().any(|r| {
-                self.txns[*r]
-                    .as_ref()
-                    .is_some_and(|t| t.page == page && t.ended_early)
-            });
-            let mut pruned = self.entries[page];
-            let lost = pruned
-                .forget_gone(Rank(self.home[page]), |r| !self.alive[r.index()])
-                .is_some();
-            for r in &holders {
-                assert_eq!(
-                    self.copies[*r][page].value(),
-                    Some(self.truth[page]),
-                    "page {page}: rank {r} holds a stale copy"
-                );
-                // A copy the manager does not know of could never be invalidated. Copies in the middle of an
-                // unfinished transaction are covered by the manager's lock instead, or by the grant still
-                // under way that the home ended early (it drops the copies it was granted to drop).
-                if self.locks[page].is_none()
-                    && self.alive[self.home[page] as usize]
-                    && !lost
-                    && !ended_early
-                {
-                    assert!(
-                        self.entries[page].has_copy(Rank(*r as u32)),
-                        "page {page}: rank {r} holds a copy the manager does not record"
-                    );
-                }
-            }
         }
     }
 }

@@ -1,0 +1,52 @@
+//! A home handing over the following pages with a fault's answer: read-ahead and write-ahead.
+
+use super::*;
+
+impl Sim {
+    /// The following pages a home hands over with a `Done` that carries the page (the engine's
+    /// `gather_readahead` and `gather_untouched`), up to the `extras` the requester claimed: each with its
+    /// lock free, for as long as the decision for it is the same (for a read, the home's copy or zeros;
+    /// for a first write, zeros of a page nobody has touched). They are not locked: the requester held no
+    /// copy of them, and a leaf request that reaches it before the install is deferred.
+    pub(super) fn gather(
+        &mut self,
+        home: u32,
+        page: usize,
+        requester: u32,
+        access: Access,
+        carried: bool,
+        extras: usize,
+    ) -> Vec<(usize, u64)> {
+        let mut ahead = Vec::new();
+        if !carried {
+            return ahead;
+        }
+        for q in page + 1..=page + extras {
+            assert_eq!(self.home[q], home, "page {q} claimed for the wrong home");
+            let mut entry = self.entries[q];
+            let untouched = entry.owner.is_none();
+            if self.locks[q].is_some() || (access == Access::Write && !untouched) {
+                break;
+            }
+            match decide(&mut entry, Rank(home), Rank(requester), access) {
+                Decision::Done {
+                    home_action,
+                    data: data @ (Data::Home | Data::Zero),
+                } => {
+                    self.entries[q] = entry;
+                    let before = self.home_copy_action(home, q, home_action);
+                    let value = match data {
+                        Data::Home => before.expect("read-ahead of an absent home copy"),
+                        _ => 0,
+                    };
+                    ahead.push((q, value));
+                }
+                _ => break,
+            }
+        }
+        if access == Access::Write {
+            assert!(ahead.iter().all(|(_, v)| *v == 0));
+        }
+        ahead
+    }
+}
