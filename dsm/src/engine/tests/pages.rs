@@ -115,6 +115,33 @@ fn fake_takes_request(f: &FakeRank) -> (Request, &UnixStream) {
     (wire::decode::<Request>(&body).unwrap().0, end)
 }
 
+/// The next request rank 0 sends the fake (played as page 0's home), which must be a fault on page 0
+/// for `access`, and the channel's end to answer it on.
+fn fake_home_takes_fault(f: &FakeRank, access: Access) -> &UnixStream {
+    let (request, end) = fake_takes_request(f);
+    assert!(
+        matches!(request, Request::Acquire { page: 0, access: a, .. } if a == access),
+        "{request:?}"
+    );
+    end
+}
+
+/// The fake home's answer on `end` to rank 0's read of its page: granted, to fetch the page from `owner`
+/// (which the home says it takes for failed, with `owner_failed`).
+fn fake_grants_a_fetch_from(end: &UnixStream, owner: Rank, owner_failed: bool) {
+    let grant = swmr::Grant {
+        home_action: swmr::HomeAction::None,
+        data_from_home: false,
+        fetch_from: Some(owner),
+        invalidate: swmr::CopySet::EMPTY,
+    };
+    let granted = Reply::Granted {
+        grant,
+        owner_failed,
+    };
+    write_frame(&dup(end), &granted, &[], &Counters::default()).unwrap();
+}
+
 /// The fake home's answer on `end` to rank 0's request for its page: granted, with `home_action`, and
 /// the page (`pattern()`) from the home.
 fn fake_grants_with_page(end: &UnixStream, home_action: swmr::HomeAction) {
@@ -144,17 +171,7 @@ fn a_fault_whose_home_leaves_before_its_unlock_keeps_the_page_and_the_rank_lives
     // SAFETY: the region is one page long and outlives the thread (joined below).
     let writer = std::thread::spawn(move || unsafe { (page as *mut u8).write_volatile(7) });
     let f = &fakes[0];
-    let (request, end) = fake_takes_request(f);
-    assert!(
-        matches!(
-            request,
-            Request::Acquire {
-                access: Access::Write,
-                ..
-            }
-        ),
-        "{request:?}"
-    );
+    let end = fake_home_takes_fault(f, Access::Write);
     // The home reads nothing more on the channel, answers with the page, and leaves the job (its
     // service-loop connection ends cleanly): rank 0's Unlock, after its install, finds the
     // connection closed.
@@ -184,34 +201,8 @@ fn a_grant_naming_an_owner_that_left_is_abandoned_and_asked_for_again() {
     let reading = shared.clone();
     let reader = std::thread::spawn(move || crate::fault::resolve(&reading, 0, false));
     // The home has not yet seen rank 2 leave: it grants a fetch from it.
-    let (request, end) = fake_takes_request(&home);
-    assert!(
-        matches!(
-            request,
-            Request::Acquire {
-                page: 0,
-                access: Access::Read,
-                ..
-            }
-        ),
-        "{request:?}"
-    );
-    let grant = swmr::Grant {
-        home_action: swmr::HomeAction::None,
-        data_from_home: false,
-        fetch_from: Some(Rank(2)),
-        invalidate: swmr::CopySet::EMPTY,
-    };
-    write_frame(
-        &dup(end),
-        &Reply::Granted {
-            grant,
-            owner_failed: false,
-        },
-        &[],
-        &Counters::default(),
-    )
-    .unwrap();
+    let end = fake_home_takes_fault(&home, Access::Read);
+    fake_grants_a_fetch_from(end, Rank(2), false);
     // Rank 0 finds rank 2 gone, abandons the grant, and asks again (perhaps on another channel, so the
     // two may be read in either order); the home, having seen rank 2 leave by then, says the page is
     // lost with it.
@@ -264,18 +255,7 @@ fn a_thread_that_faults_on_a_page_being_fetched_waits_for_that_fetch() {
         });
     };
     read(&shared);
-    let (request, end) = fake_takes_request(&fakes[0]);
-    assert!(
-        matches!(
-            request,
-            Request::Acquire {
-                page: 0,
-                access: Access::Read,
-                ..
-            }
-        ),
-        "{request:?}"
-    );
+    let end = fake_home_takes_fault(&fakes[0], Access::Read);
     // While the first thread's fetch is out, a second thread faults on the page: it marks the page's
     // word as waited for and sleeps, instead of asking the home again.
     read(&shared);
@@ -396,17 +376,7 @@ fn a_request_for_the_copy_of_a_rank_its_home_took_for_failed_waits_for_that_rank
     // Rank 0 reads the page: the home grants it with its copy, and rank 0 reports the install.
     let reading = shared.clone();
     let reader = std::thread::spawn(move || crate::fault::resolve(&reading, 0, false));
-    let (request, end) = fake_takes_request(home);
-    assert!(
-        matches!(
-            request,
-            Request::Acquire {
-                access: Access::Read,
-                ..
-            }
-        ),
-        "{request:?}"
-    );
+    let end = fake_home_takes_fault(home, Access::Read);
     fake_grants_with_page(end, swmr::HomeAction::None);
     reader.join().unwrap().unwrap();
     let (unlock, _) = fake_takes_request(home);
@@ -417,17 +387,7 @@ fn a_request_for_the_copy_of_a_rank_its_home_took_for_failed_waits_for_that_rank
     // Rank 0 writes it: an upgrade of its copy, which the home holds for it and has not answered yet.
     let writing = shared.clone();
     let upgrade = std::thread::spawn(move || crate::fault::resolve(&writing, 0, true));
-    let (request, end) = fake_takes_request(home);
-    assert!(
-        matches!(
-            request,
-            Request::Acquire {
-                access: Access::Write,
-                ..
-            }
-        ),
-        "{request:?}"
-    );
+    let end = fake_home_takes_fault(home, Access::Write);
     // A request from a transaction the home decided before is served from the copy at once (the
     // upgrade may be waiting for that transaction to end) ...
     let fetch = |wait_for_own| Request::Fetch {
@@ -478,29 +438,9 @@ fn a_grant_that_says_its_owner_is_taken_for_failed_has_the_owner_wait_for_its_ow
     let shared = region.inner.clone();
     let reading = shared.clone();
     let reader = std::thread::spawn(move || crate::fault::resolve(&reading, 0, false));
-    let (request, end) = fake_takes_request(&fakes[0]);
-    assert!(
-        matches!(
-            request,
-            Request::Acquire {
-                access: Access::Read,
-                ..
-            }
-        ),
-        "{request:?}"
-    );
+    let end = fake_home_takes_fault(&fakes[0], Access::Read);
     // The home, taking rank 2 for failed, grants a fetch from it and says so.
-    let grant = swmr::Grant {
-        home_action: swmr::HomeAction::None,
-        data_from_home: false,
-        fetch_from: Some(Rank(2)),
-        invalidate: swmr::CopySet::EMPTY,
-    };
-    let granted = Reply::Granted {
-        grant,
-        owner_failed: true,
-    };
-    write_frame(&dup(end), &granted, &[], &Counters::default()).unwrap();
+    fake_grants_a_fetch_from(end, Rank(2), true);
     // Rank 0 asks rank 2 for the page, to be served only once no fault of rank 2's is on it.
     let (fetch, end) = fake_takes_request(&fakes[1]);
     assert!(
