@@ -162,11 +162,14 @@ impl Sim {
             k -= idle.len();
             if k < installing.len() {
                 self.install(installing[k]);
-            } else if k - installing.len() < deliverable.len() {
-                self.deliver(deliverable[k - installing.len()]);
+                return true;
+            }
+            k -= installing.len();
+            if k < deliverable.len() {
+                self.deliver(deliverable[k]);
             } else {
                 self.stats.timed_out += 1;
-                self.crash(giving_up[k - installing.len() - deliverable.len()]);
+                self.crash(giving_up[k - deliverable.len()]);
             }
         }
         true

@@ -115,15 +115,14 @@ impl Sim {
             unreachable.remove(&h);
             if Some(h) == *fetch_from {
                 // The page was to come from a rank that left with it.
-                let abandon = *home_kept_its_copy && !*asked;
-                if abandon && !revoked {
+                if revoked {
+                    // `end_grant` fails the fault before it could abandon.
+                    self.crash(rank);
+                } else if *home_kept_its_copy && !*asked {
                     self.stats.abandoned += 1;
                     self.abandon(rank, page, access);
                 } else {
-                    // (A revoked grant fails at `end_grant`, before it could abandon.)
-                    if !revoked {
-                        self.stats.owner_left += 1;
-                    }
+                    self.stats.owner_left += 1;
                     self.crash(rank);
                 }
                 return;

@@ -1,14 +1,15 @@
-//! A rank's service loop meeting a leaf request (`Fetch`, `Invalidate`) for a page it holds no copy of,
-//! as `engine/pages.rs`'s `defer_or_refuse` does: deferred until the install, revoking a grant that the
-//! home ended early, or refused.
+//! A rank's service loop meeting a leaf request (`Fetch`, `Invalidate`) it cannot serve at once, as
+//! `engine/pages.rs`'s `defer_or_refuse` does: deferred until the install (a request marked
+//! `wait_for_own`, copy or no copy), revoking a grant that the home ended early, or refused.
 
 use super::*;
 
 impl Sim {
-    /// Returns true if `rank` does not serve the leaf request `msg` from `from` for `page` now: it holds no
-    /// copy, and either a transaction of its own on the page (or on pages it claimed with it) makes the
-    /// request wait for the install, or a later writer's invalidation revokes its running grant, or,
-    /// with no transaction on the page, the request is refused.
+    /// Returns true if `rank` does not serve the leaf request `msg` from `from` for `page` now: the request
+    /// is marked `wait_for_own` and a transaction of `rank`'s own is on the page (or on pages it claimed
+    /// with it), or `rank` holds no copy, and either such a transaction makes the request wait for the
+    /// install, or a later writer's invalidation revokes its running grant, or, with no transaction on
+    /// the page, the request is refused.
     pub(super) fn defer_or_refuse(&mut self, from: u32, rank: u32, page: usize, msg: &Msg) -> bool {
         let r = rank as usize;
         let wait_for_own = matches!(
@@ -36,12 +37,10 @@ impl Sim {
         if self.copies[r][page] != Copy::Invalid {
             return false;
         }
-        let Some(txn) = self.txns[r].as_mut() else {
-            return self.refuse(from, rank, page);
-        };
-        if txn.page != page && !txn.claimed.contains(&page) {
+        if !own {
             return self.refuse(from, rank, page);
         }
+        let txn = self.txns[r].as_mut().expect("a transaction on the page");
         let granted = txn.page == page && matches!(txn.phase, Phase::Collecting { .. });
         if granted && matches!(msg, Msg::Invalidate { send: false, .. }) {
             // The home ended this grant early, having taken this rank for failed, and granted a writer that
