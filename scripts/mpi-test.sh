@@ -7,6 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DSM_WITH_MPI=1 bash scripts/setup.sh
+# MPICH's `mpirun` and `mpicc` first on PATH, whatever MPI those names point at: the checks below rely on
+# MPICH's launcher (PMI_RANK in the ranks' environment, running as root).
+. scripts/mpich.sh
+use_mpich target/mpi/mpich-bin
 # A target directory of its own, so that this build and `cargo test`'s do not undo each other.
 export CARGO_TARGET_DIR=target/mpi
 cargo clippy -q -p dsm-runtime -p dsm-benches --features mpi -- -D warnings
@@ -20,11 +24,6 @@ fail() {
     echo "mpi-test: FAILED: $*" >&2
     exit 1
 }
-
-# The checks below rely on MPICH's launcher (PMI_RANK in the ranks' environment, running as root): say so
-# plainly if `mpirun` is another MPI's, as it can be where both are installed.
-mpirun --version 2>&1 | grep -q HYDRA ||
-    fail "mpirun is not MPICH's (Hydra): these tests need MPICH's; point the mpirun alternative at it (update-alternatives --config mpirun)"
 
 # mpirun N PROGRAM ARGS...: the job's output; fails the test if the job fails or runs past 120 s.
 job() {

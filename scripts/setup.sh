@@ -4,6 +4,7 @@
 # use (MPICH, and iproute2's `ip` for the test that takes a network namespace's loopback down). Installs
 # with apt-get when run as root; otherwise prints the exact command.
 set -euo pipefail
+. "$(dirname "$0")/mpich.sh"
 
 need=()
 if ! command -v cargo >/dev/null 2>&1; then
@@ -24,8 +25,9 @@ if ! have_libclang; then
     need+=(libclang-dev)
 fi
 if [ "${DSM_WITH_MPI:-0}" = 1 ] || [ "${DSM_FOR_TESTS:-0}" = 1 ]; then
-    # MPICH itself: the MPI tests use its launcher (Hydra), and another MPI's `mpicc` does not stand in.
-    { command -v mpicc && command -v mpichversion; } >/dev/null 2>&1 || need+=(mpich libmpich-dev)
+    # MPICH itself: the MPI tests use its launcher (Hydra), and another MPI's `mpicc` does not stand in
+    # (another MPI beside it is fine: scripts/mpi-test.sh picks MPICH's by name).
+    { mpich_launcher && mpich_compiler; } >/dev/null || need+=(mpich libmpich-dev)
 fi
 if [ "${DSM_FOR_TESTS:-0}" = 1 ]; then
     command -v ip >/dev/null 2>&1 || need+=(iproute2)
