@@ -2,14 +2,16 @@
 # which may sit beside another MPI's (Debian gives Open MPI's the `mpirun` and `mpicc` names when both are
 # installed, and keeps MPICH's as `mpiexec.hydra`, `mpirun.mpich` and `mpicc.mpich`).
 
-# mpich_launcher: prints the path of MPICH's launcher, or nothing (status 1) when there is none.
-mpich_launcher() {
-    local c path out
-    for c in mpirun mpiexec mpiexec.hydra mpirun.mpich mpiexec.mpich; do
+# first_saying TEXT FLAG NAME...: prints the path of the first NAME on PATH whose output for FLAG holds
+# TEXT, or nothing (status 1) when none does.
+first_saying() {
+    local text=$1 flag=$2 c path out
+    shift 2
+    for c in "$@"; do
         path=$(command -v "$c" 2>/dev/null) || continue
-        # (Read whole, not piped to `grep -q`: under pipefail a launcher cut off by SIGPIPE fails the match.)
-        out=$("$path" --version 2>&1) || continue
-        if [[ $out == *HYDRA* ]]; then
+        # (Read whole, not piped to `grep -q`: under pipefail a command cut off by SIGPIPE fails the match.)
+        out=$("$path" "$flag" 2>&1) || continue
+        if [[ $out == *"$text"* ]]; then
             echo "$path"
             return 0
         fi
@@ -17,19 +19,22 @@ mpich_launcher() {
     return 1
 }
 
-# mpich_compiler: prints the path of MPICH's C compiler wrapper, or nothing (status 1) when there is none.
-# MPICH's links its programs with libmpich; Open MPI's with libmpi.
+# mpich_launcher: prints the path of MPICH's launcher (its version names Hydra), or fails.
+mpich_launcher() {
+    first_saying HYDRA --version mpirun mpiexec mpiexec.hydra mpirun.mpich mpiexec.mpich
+}
+
+# mpich_compiler: prints the path of MPICH's C compiler wrapper, or fails. MPICH's links its programs
+# with libmpich; Open MPI's with libmpi.
 mpich_compiler() {
-    local c path out
-    for c in mpicc mpicc.mpich; do
-        path=$(command -v "$c" 2>/dev/null) || continue
-        out=$("$path" -show 2>/dev/null) || continue
-        if [[ $out == *-lmpich* ]]; then
-            echo "$path"
-            return 0
-        fi
-    done
-    return 1
+    first_saying -lmpich -show mpicc mpicc.mpich
+}
+
+# exec_script PATH TARGET: writes PATH as a script that runs TARGET with its arguments.
+exec_script() {
+    printf '#!/bin/sh\nexec %q "$@"\n' "$2" >"$1.new"
+    chmod +x "$1.new"
+    mv -f "$1.new" "$1"
 }
 
 # use_mpich DIR: puts `mpirun`, `mpiexec` and `mpicc` in DIR as scripts that start MPICH's, and DIR first on
@@ -47,14 +52,9 @@ use_mpich() {
     }
     mkdir -p "$dir"
     # Scripts, not links: Hydra finds its proxy (hydra_pmi_proxy) beside the path it was started as.
-    local name target
-    for name in mpirun mpiexec mpicc; do
-        target=$run
-        [ "$name" = mpicc ] && target=$cc
-        printf '#!/bin/sh\nexec %q "$@"\n' "$target" >"$dir/$name.new"
-        chmod +x "$dir/$name.new"
-        mv -f "$dir/$name.new" "$dir/$name"
-    done
+    exec_script "$dir/mpirun" "$run"
+    exec_script "$dir/mpiexec" "$run"
+    exec_script "$dir/mpicc" "$cc"
     PATH="$(cd "$dir" && pwd):$PATH"
     export PATH
     export MPICC="$cc"
