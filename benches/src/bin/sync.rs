@@ -1,5 +1,5 @@
-//! Distributed locks and barriers: uncontended remote lock acquire+release, contended lock handoff, and
-//! barrier latency, beside the raw TCP round trip between two ranks measured in the same run.
+//! Distributed locks and barriers: uncontended remote and local lock acquire+release, contended lock
+//! handoff, and barrier latency, beside the raw TCP round trip between two ranks measured in the same run.
 //!
 //! Run: `cargo run --release --bin sync -- [--ranks N] [--json]` (it launches itself as N ranks, 2 by
 //! default; the docs record 2, 3 and 4).
@@ -45,6 +45,17 @@ fn main() -> anyhow::Result<()> {
     }
     dsm.barrier()?;
 
+    // Local: rank 0 takes and releases a lock homed at itself (its requests go to its own service loop).
+    let mut local = Vec::new();
+    if me == Rank(0) {
+        for _ in 0..args.ops {
+            let t = Instant::now();
+            drop(dsm.lock(n as u64)?); // lock `size` is homed at rank 0
+            local.push(us(t.elapsed()));
+        }
+    }
+    dsm.barrier()?;
+
     // Contended: every rank takes lock 1 in turn, `ops` times in all; time per handoff.
     let per_rank = args.ops / n;
     let t = Instant::now();
@@ -72,6 +83,14 @@ fn main() -> anyhow::Result<()> {
                 floor,
                 RAW_ROUND_TRIP,
                 &format!("<= 2.5 floors = {:.1}", 2.5 * floor),
+            ),
+            Measurement::new(
+                "uncontended local lock acquire+release, median",
+                quantile(&mut local, 0.5),
+                "us",
+                floor,
+                RAW_ROUND_TRIP,
+                "",
             ),
             Measurement::new(
                 &format!("contended lock handoff, {n} ranks"),
