@@ -161,12 +161,15 @@ fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<Accepted>> {
         deadline,
         ..
     } = *setup;
-    let expected = channels * size;
+    // From every other rank: a rank's connections to itself are in memory (`TcpTransport::establish`),
+    // and one that says it comes from this rank is refused as a second opening of a set.
+    let expected = channels * size.saturating_sub(1);
     listener
         .set_nonblocking(true)
         .map_err(|e| DsmError::io("listener set_nonblocking", e))?;
     let mut accepted = Vec::with_capacity(expected);
-    let mut arrived = std::collections::HashSet::with_capacity(expected);
+    let mut arrived: std::collections::HashSet<(Rank, usize)> =
+        (0..channels).map(|set| (me, set)).collect();
     let mut greetings: Vec<Greeting> = Vec::new();
     while accepted.len() < expected {
         // At most a room's worth of new connections a pass, so that a flood of them still leaves time

@@ -1,11 +1,14 @@
-//! TCP transport: a full mesh of `TCP_NODELAY` connections. Every connection starts with a handshake that
-//! proves knowledge of the job's secret token; a wrong token, protocol version or rank is refused and logged.
-//! Listeners bind to 127.0.0.1 unless the launcher is told otherwise (`DSM_BIND`).
+//! TCP transport: a full mesh of `TCP_NODELAY` connections between the ranks, and in-memory connections
+//! (`memory::pair`) from each rank to its own service loop, whose requests (locks homed here, faults on
+//! pages homed here, rank 0's barrier arrivals) then never go through the kernel's TCP stack. Every TCP
+//! connection starts with a handshake that proves knowledge of the job's secret token; a wrong token,
+//! protocol version or rank is refused and logged. Listeners bind to 127.0.0.1 unless the launcher is told
+//! otherwise (`DSM_BIND`).
 
 mod handshake;
 mod mesh;
 
-use super::{Conn, Incoming, Mesh, Transport};
+use super::{memory, Conn, Incoming, Mesh, Transport};
 use crate::error::{DsmError, Result};
 use crate::types::Rank;
 use mesh::{accept_all, connect, Setup, ACCEPTING, CONNECTING, NO_FAILURE};
@@ -99,10 +102,17 @@ impl Transport for TcpTransport {
             .spawn(move || accept_all(listener, accepting))
             .map_err(|e| DsmError::io("spawning the accept thread", e))?;
         let mut outgoing = Vec::with_capacity(channels);
+        let mut own = Vec::with_capacity(channels);
         let mut failure = None;
         'outer: for set in 0..channels {
             let mut row = Vec::with_capacity(size);
             for (r, addr) in peers.iter().enumerate() {
+                if r == me.index() {
+                    let (out, back) = memory::pair(memory::DEFAULT_CAPACITY);
+                    row.push(Conn::from(out));
+                    own.push(Incoming::new(me, set, channels, Conn::from(back)));
+                    continue;
+                }
                 match connect(&setup, Rank(r as u32), set, *addr) {
                     Ok(fd) => row.push(Conn::from(fd)),
                     Err(e) => {
@@ -121,9 +131,13 @@ impl Transport for TcpTransport {
         match (incoming, failure) {
             (Ok(incoming), None) => Ok(Mesh {
                 outgoing,
-                incoming: incoming
+                incoming: own
                     .into_iter()
-                    .map(|(r, set, fd)| Incoming::new(r, set, channels, Conn::from(fd)))
+                    .chain(
+                        incoming
+                            .into_iter()
+                            .map(|(r, set, fd)| Incoming::new(r, set, channels, Conn::from(fd))),
+                    )
                     .collect(),
                 host: None,
             }),

@@ -77,15 +77,29 @@ fn each_rank_s_service_loop_connection_is_marked_as_such_at_the_other_end() {
     super::super::assert_service_loop_connections_marked(&meshes, sets);
 }
 
-/// The transport of a job of one rank (20 s to set up), and a connection to its listener that came
-/// first and sent `first`.
-fn a_rank_alone_after(first: &[u8], token: Token) -> (Box<TcpTransport>, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut s = TcpStream::connect(addr).unwrap();
+/// Rank 1 of a job of two, setting up on a thread of its own.
+type Rank1 = std::thread::JoinHandle<Result<Mesh>>;
+
+/// Rank 0 of a job of two on loopback with two channels, listening on `mine` (its transport, to be set
+/// up, 20 s for it), and rank 1, setting up on a thread of its own. A rank's connections to itself are in
+/// memory, so the handshakes rank 0 reads are rank 1's (and those of whatever else connected to `mine`).
+fn two_ranks(mine: TcpListener, token: Token) -> (Box<TcpTransport>, Rank1) {
+    let theirs = TcpListener::bind("127.0.0.1:0").unwrap();
+    let peers = vec![mine.local_addr().unwrap(), theirs.local_addr().unwrap()];
+    let t = Duration::from_secs(20);
+    let one = Box::new(TcpTransport::new(theirs, peers.clone(), token, t));
+    let other = std::thread::spawn(move || one.establish(Rank(1), 2, 2));
+    (Box::new(TcpTransport::new(mine, peers, token, t)), other)
+}
+
+/// [`two_ranks`], with a connection to rank 0's listener that came before any of rank 1's and sent
+/// `first`.
+fn rank_0_of_two_after(first: &[u8], token: Token) -> (Box<TcpTransport>, TcpStream, Rank1) {
+    let mine = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut s = TcpStream::connect(mine.local_addr().unwrap()).unwrap();
     s.write_all(first).unwrap();
-    let t = TcpTransport::new(listener, vec![addr], token, Duration::from_secs(20));
-    (Box::new(t), s)
+    let (t, other) = two_ranks(mine, token);
+    (t, s, other)
 }
 
 #[test]
@@ -95,9 +109,9 @@ fn a_rank_of_another_build_with_a_shorter_handshake_is_told_why_at_once() {
     // the answer, which must come without the bytes this build would read after the preamble.
     let mut old = hello(Rank(0), 2, 0, &token)[..PREAMBLE_LEN + 4].to_vec();
     old[4..8].copy_from_slice(&(PROTOCOL_VERSION - 1).to_le_bytes());
-    let (t, mut s) = a_rank_alone_after(&old, token);
+    let (t, mut s, other) = rank_0_of_two_after(&old, token);
     let started = Instant::now();
-    let e = t.establish(Rank(0), 1, 2).unwrap_err().to_string();
+    let e = t.establish(Rank(0), 2, 2).unwrap_err().to_string();
     assert!(e.contains("every rank must run the same build"), "{e}");
     assert!(started.elapsed() < HELLO_TIME, "{:?}", started.elapsed());
     let mut ack = [0u8; 1];
@@ -105,16 +119,18 @@ fn a_rank_of_another_build_with_a_shorter_handshake_is_told_why_at_once() {
     assert_eq!(ack[0], ACK_REFUSED);
     let reason = read_reason(&mut s);
     assert!(reason.contains("protocol version"), "{reason}");
+    assert!(other.join().unwrap().is_err());
 }
 
 #[test]
 fn a_connection_opened_twice_is_refused() {
     let token = [6u8; 32];
-    // Rank 0 of a job of one opens its sets 0 and 1 to itself; a third connection, first in the
-    // backlog, says it is set 0 as well.
-    let (t, _s) = a_rank_alone_after(&hello(Rank(0), 2, 0, &token), token);
-    let e = t.establish(Rank(0), 1, 2).unwrap_err().to_string();
+    // Rank 0's sets to itself are in memory; a connection first in its backlog says it is rank 0's
+    // set 0, which only another process taking rank 0 would send.
+    let (t, _s, other) = rank_0_of_two_after(&hello(Rank(0), 2, 0, &token), token);
+    let e = t.establish(Rank(0), 2, 2).unwrap_err().to_string();
     assert!(e.contains("rank 0 opened its connection 0 twice"), "{e}");
+    assert!(other.join().unwrap().is_err());
 }
 
 #[test]
@@ -231,29 +247,25 @@ fn a_stranger_sending_its_handshake_a_byte_at_a_time_does_not_hold_the_mesh_up()
         }
     });
     // Its handshake is read beside the rank's own connections, which do not wait for it.
-    drop(alone_at_once(listener, token));
+    drop(at_once(listener, token));
     stranger.join().unwrap();
 }
 
-/// Sets up a job of one rank (two channels) on `listener`, which must take less than half a
+/// Sets up rank 0 of a job of two (two channels) on `listener`, which must take less than half a
 /// handshake's time whatever else connected to it; returns its mesh.
-fn alone_at_once(listener: TcpListener, token: Token) -> Mesh {
-    let addr = listener.local_addr().unwrap();
-    let t = Box::new(TcpTransport::new(
-        listener,
-        vec![addr],
-        token,
-        Duration::from_secs(30),
-    ));
+fn at_once(listener: TcpListener, token: Token) -> Mesh {
+    let (t, other) = two_ranks(listener, token);
     let started = Instant::now();
-    let mesh = t.establish(Rank(0), 1, 2).unwrap();
+    let mesh = t.establish(Rank(0), 2, 2).unwrap();
     assert!(
         started.elapsed() < HELLO_TIME / 2,
         "{:?}",
         started.elapsed()
     );
     assert_eq!(mesh.outgoing.len(), 2);
-    assert_eq!(mesh.incoming.len(), 2);
+    // Two from rank 1, and two from rank 0 itself (in memory).
+    assert_eq!(mesh.incoming.len(), 4);
+    other.join().unwrap().unwrap();
     mesh
 }
 
@@ -267,7 +279,7 @@ fn many_silent_strangers_do_not_hold_the_mesh_up() {
     let silent: Vec<TcpStream> = (0..MAX_GREETING + 8)
         .map(|_| TcpStream::connect(addr).unwrap())
         .collect();
-    drop(alone_at_once(listener, token));
+    drop(at_once(listener, token));
     drop(silent);
 }
 
@@ -276,16 +288,68 @@ fn a_wrong_token_is_refused_and_the_mesh_still_forms() {
     let token = [1u8; 32];
     // An intruder with the wrong token connects first (the backlog is FIFO); it must be refused and not
     // counted among the mesh's connections.
-    let (t, mut s) = a_rank_alone_after(&hello(Rank(0), 2, 0, &[2u8; 32]), token);
+    let (t, mut s, other) = rank_0_of_two_after(&hello(Rank(0), 2, 0, &[2u8; 32]), token);
     let intruder = std::thread::spawn(move || {
         let mut ack = [0u8; 1];
         s.read_exact(&mut ack).unwrap();
         ack[0]
     });
-    let mesh = t.establish(Rank(0), 1, 2).unwrap();
+    let mesh = t.establish(Rank(0), 2, 2).unwrap();
     assert_eq!(intruder.join().unwrap(), ACK_REFUSED);
     assert_eq!(mesh.outgoing.len(), 2);
-    assert_eq!(mesh.incoming.len(), 2);
+    assert_eq!(mesh.incoming.len(), 4);
+    other.join().unwrap().unwrap();
+}
+
+#[test]
+fn a_rank_s_connections_to_itself_are_in_memory_and_carry_bytes() {
+    // A job of one rank connects to nothing: it forms at once even where its listener is never looked
+    // at, and its connections, all to itself, are in memory.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = TcpTransport::new(listener, vec![addr], [1u8; 32], Duration::from_secs(20));
+    let alone = Box::new(t).establish(Rank(0), 1, 2).unwrap();
+    assert!(alone
+        .outgoing
+        .iter()
+        .flatten()
+        .all(|c| c.memory().is_some()));
+    assert!(alone.incoming.iter().all(|i| i.conn.memory().is_some()));
+    // In a job of two, the connections to the other rank are sockets, and each set's connection to
+    // itself reaches the incoming connection of the same set.
+    let meshes: Vec<Mesh> = establish_all(&[2, 2])
+        .0
+        .into_iter()
+        .map(|m| m.unwrap())
+        .collect();
+    for (me, mesh) in meshes.iter().enumerate() {
+        for (set, row) in mesh.outgoing.iter().enumerate() {
+            let other = 1 - me;
+            assert!(row[other].socket().is_some());
+            row[me]
+                .write_all(&mut [std::io::IoSlice::new(&[set as u8 + 10])])
+                .unwrap();
+        }
+        let own: Vec<&Incoming> = mesh
+            .incoming
+            .iter()
+            .filter(|i| i.from == Rank(me as u32))
+            .collect();
+        assert_eq!(own.len(), 2);
+        for (set, i) in own.iter().enumerate() {
+            assert!(i.conn.memory().is_some());
+            let mut got = [0u8; 1];
+            assert_eq!(i.conn.recv(&mut got, true), Ok(Some(1)));
+            assert_eq!(got[0], set as u8 + 10, "rank {me}, set {set}");
+        }
+        assert_eq!(
+            mesh.incoming
+                .iter()
+                .filter(|i| i.conn.socket().is_some())
+                .count(),
+            2
+        );
+    }
 }
 
 #[test]
@@ -302,6 +366,6 @@ fn silent_and_truncated_handshakes_are_dropped_and_the_mesh_still_forms() {
         .write_all(&hello(Rank(0), 2, 0, &token)[..HELLO_LEN / 2])
         .unwrap();
     drop(truncated);
-    drop(alone_at_once(listener, token));
+    drop(at_once(listener, token));
     drop(silent);
 }

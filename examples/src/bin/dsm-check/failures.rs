@@ -445,6 +445,20 @@ pub(crate) fn partition(c: &Check) -> anyhow::Result<()> {
             .context("running ip (iproute2)")?;
         ensure!(down.success(), "ip link set lo down: {down}");
     }
+    // Every rank arrives only once the link is down (the ranks share its network namespace), so that no
+    // arrival crosses before it: rank 0's own arrival goes to its own service loop in memory, and would
+    // otherwise complete the barrier with arrivals that came through in time.
+    let up = |flags: &str| {
+        u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).map(|f| f & 1 != 0)
+    };
+    let waiting = std::time::Instant::now();
+    while up(&std::fs::read_to_string("/sys/class/net/lo/flags")?)? {
+        ensure!(
+            waiting.elapsed() < std::time::Duration::from_secs(10),
+            "rank {me}: the loopback interface is still up 10 s after rank 0 took it down"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     // Nobody hears anybody from here: every rank waits at the barrier until it gives up.
     dsm.barrier()?;
     anyhow::bail!("rank {me}: a barrier completed across a network that is down");
