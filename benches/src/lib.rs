@@ -1,6 +1,6 @@
-//! What the benchmarks share: starting themselves under the launcher, the raw transport floor (a plain TCP
-//! connection between the same two processes, blocking reads), percentiles, and output as a table or as
-//! one JSON object per result.
+//! What the benchmarks share: starting themselves under the launcher, the raw transport floor (a plain
+//! socket connection between the same two processes, of the kind the runtime connects them with, blocking
+//! reads), percentiles, and output as a table or as one JSON object per result.
 #![forbid(unsafe_code)]
 
 use dsm::{Dsm, GlobalVec, Placement, Rank};
@@ -8,6 +8,8 @@ use dsm_runtime::launch::{launch, LaunchOptions};
 use serde::Serialize;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 /// When run directly (not as a rank), launches this program as a job of `ranks` processes and exits with
@@ -88,18 +90,63 @@ impl Measurement {
     }
 }
 
-/// What the benchmarks compare against: the raw TCP round trip between ranks 0 and 1, 64 B request and
-/// 4 KiB reply with blocking reads ([`RawLink::round_trips`]).
-pub const RAW_ROUND_TRIP: &str = "raw TCP round trip 64 B / 4 KiB";
+/// The kind of socket the runtime connects ranks 0 and 1 with, and so the raw floor's: a Unix-domain
+/// socket unless `DSM_UNIX_SOCKETS=off` or `DSM_TRANSPORT=mpi` (the ranks of a benchmark share a host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Medium {
+    Tcp,
+    Unix,
+}
+
+impl Medium {
+    /// The medium of this job's ranks, from their settings.
+    pub fn of_job() -> Medium {
+        let set = |var: &str, value: &str| std::env::var(var).is_ok_and(|v| v.trim() == value);
+        if set("DSM_UNIX_SOCKETS", "off") || set("DSM_TRANSPORT", "mpi") {
+            Medium::Tcp
+        } else {
+            Medium::Unix
+        }
+    }
+}
+
+/// `raw <medium> <what>`, naming a raw measurement over this job's medium ([`Medium::of_job`]), such as
+/// `raw Unix-socket streaming`.
+pub fn raw_label(what: &str) -> String {
+    let medium = match Medium::of_job() {
+        Medium::Tcp => "TCP",
+        Medium::Unix => "Unix-socket",
+    };
+    format!("raw {medium} {what}")
+}
+
+/// What the benchmarks compare against: the raw round trip between ranks 0 and 1 over a socket of the
+/// kind the runtime connects them with ([`Medium::of_job`]), 64 B request and 4 KiB reply with blocking
+/// reads ([`RawLink::round_trips`]).
+pub fn raw_round_trip() -> &'static str {
+    raw_round_trip_over(Medium::of_job())
+}
+
+/// [`raw_round_trip`] over `medium`.
+pub fn raw_round_trip_over(medium: Medium) -> &'static str {
+    match medium {
+        Medium::Tcp => "raw TCP round trip 64 B / 4 KiB",
+        Medium::Unix => "raw Unix-socket round trip 64 B / 4 KiB",
+    }
+}
 
 /// The table row of the floor itself: its median, in microseconds.
 pub fn floor_row(median_us: f64) -> Measurement {
-    Measurement::floor(
-        "raw TCP round trip, median",
-        median_us,
-        "us",
-        RAW_ROUND_TRIP,
-    )
+    floor_row_over(Medium::of_job(), median_us)
+}
+
+/// [`floor_row`] of a floor measured over `medium`.
+pub fn floor_row_over(medium: Medium, median_us: f64) -> Measurement {
+    let name = match medium {
+        Medium::Tcp => "raw TCP round trip, median",
+        Medium::Unix => "raw Unix-socket round trip, median",
+    };
+    Measurement::floor(name, median_us, "us", raw_round_trip_over(medium))
 }
 
 /// Prints the results: a readable table, or with `json` one object per line.
@@ -208,40 +255,78 @@ pub fn fresh_page_rate(bytes: usize) -> f64 {
     bytes as f64 / (1 << 20) as f64 / secs
 }
 
-/// A plain TCP connection between rank 0 (client) and rank 1 (server), set up through shared memory: the
-/// floor that the DSM's own costs are compared with.
+/// A byte stream both ways: a TCP or a Unix-domain socket.
+pub trait Duplex: Read + Write + std::fmt::Debug + Send {}
+
+impl Duplex for TcpStream {}
+
+impl Duplex for UnixStream {}
+
+/// A plain socket connection between rank 0 (client) and rank 1 (server), set up through shared memory:
+/// the floor that the DSM's own costs are compared with.
 #[derive(Debug)]
 pub enum RawLink {
     /// Rank 0's end.
-    Client(TcpStream),
+    Client(Box<dyn Duplex>),
     /// Rank 1's end.
-    Server(TcpStream),
+    Server(Box<dyn Duplex>),
     /// Ranks other than 0 and 1.
     None,
 }
 
-/// Connects rank 0 and rank 1 over loopback TCP (`TCP_NODELAY`), exchanging the port through a region.
+/// Connects rank 0 and rank 1 with a socket of the kind the runtime connects them with
+/// ([`Medium::of_job`]).
 pub fn raw_link(dsm: &Dsm) -> anyhow::Result<RawLink> {
+    raw_link_over(dsm, Medium::of_job())
+}
+
+/// Connects rank 0 and rank 1 over `medium`: loopback TCP (`TCP_NODELAY`), whose port goes through a
+/// region, or a Unix-domain socket named after rank 1's process id.
+pub fn raw_link_over(dsm: &Dsm, medium: Medium) -> anyhow::Result<RawLink> {
     let port: GlobalVec<'_, u64> = dsm.alloc_vec_with(1, Placement::At(Rank(1)))?;
+    let unix_name = |pid: u64| format!("dsm-bench-raw-{pid}");
+    enum Listener {
+        Tcp(TcpListener),
+        Unix(UnixListener),
+    }
     let listener = if dsm.rank() == Rank(1) {
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        port.set(0, u64::from(l.local_addr()?.port()));
-        Some(l)
+        Some(match medium {
+            Medium::Tcp => {
+                let l = TcpListener::bind("127.0.0.1:0")?;
+                port.set(0, u64::from(l.local_addr()?.port()));
+                Listener::Tcp(l)
+            }
+            Medium::Unix => {
+                let pid = u64::from(std::process::id());
+                let name = std::os::unix::net::SocketAddr::from_abstract_name(unix_name(pid))?;
+                let l = UnixListener::bind_addr(&name)?;
+                port.set(0, pid);
+                Listener::Unix(l)
+            }
+        })
     } else {
         None
     };
     dsm.barrier()?;
-    let link = match dsm.rank().0 {
-        0 => {
-            let s = TcpStream::connect(("127.0.0.1", port.get(0) as u16))?;
+    let link = match (dsm.rank().0, listener) {
+        (0, _) => RawLink::Client(match medium {
+            Medium::Tcp => {
+                let s = TcpStream::connect(("127.0.0.1", port.get(0) as u16))?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+            Medium::Unix => {
+                let name =
+                    std::os::unix::net::SocketAddr::from_abstract_name(unix_name(port.get(0)))?;
+                Box::new(UnixStream::connect_addr(&name)?)
+            }
+        }),
+        (1, Some(Listener::Tcp(l))) => {
+            let (s, _) = l.accept()?;
             s.set_nodelay(true)?;
-            RawLink::Client(s)
+            RawLink::Server(Box::new(s))
         }
-        1 => {
-            let (s, _) = listener.expect("rank 1 listens").accept()?;
-            s.set_nodelay(true)?;
-            RawLink::Server(s)
-        }
+        (1, Some(Listener::Unix(l))) => RawLink::Server(Box::new(l.accept()?.0)),
         _ => RawLink::None,
     };
     dsm.barrier()?;

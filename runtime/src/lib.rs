@@ -146,13 +146,14 @@ pub(crate) const DSMRUN_TRANSPORT: &str =
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: u64 = 30;
 
 /// How this rank meets the others under dsmrun (`DSM_RENDEZVOUS`, `DSM_TOKEN`, `DSM_BIND`,
-/// `DSM_CONNECT_TIMEOUT`).
+/// `DSM_CONNECT_TIMEOUT`, `DSM_UNIX_SOCKETS`).
 #[derive(Debug)]
 struct Meeting {
     at: Option<std::net::SocketAddr>,
     token: Option<[u8; 32]>,
     bind: std::net::IpAddr,
     timeout: Duration,
+    unix: bool,
 }
 
 /// Reads how this rank meets the others. Read in a job of one rank too, which meets no one: a mistyped
@@ -170,7 +171,14 @@ fn meeting() -> Result<Meeting, RuntimeError> {
         })?
         .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
         timeout: Duration::from_secs(connect_timeout()?),
+        unix: unix_sockets_in(&env::process)?,
     })
+}
+
+/// `DSM_UNIX_SOCKETS` as read from `vars`: whether ranks on one host connect through Unix-domain
+/// sockets; on when unset.
+fn unix_sockets_in(vars: env::Vars<'_>) -> Result<bool, RuntimeError> {
+    Ok(env::get_in(vars, "DSM_UNIX_SOCKETS", "on or off", env::on_off)?.unwrap_or(true))
 }
 
 /// `DSM_CONNECT_TIMEOUT`: whole seconds, at least one and at most a day; 30 when unset.
@@ -193,6 +201,7 @@ fn connect_timeout_in(vars: env::Vars<'_>) -> Result<u64, RuntimeError> {
 pub(crate) fn check_rank_settings(vars: env::Vars<'_>) -> Result<(), RuntimeError> {
     Runtime::options_in(vars)?;
     connect_timeout_in(vars)?;
+    unix_sockets_in(vars)?;
     Ok(())
 }
 
@@ -293,8 +302,15 @@ impl Runtime {
         if size > 1 {
             let at = meeting.at.ok_or(RuntimeError::Missing("DSM_RENDEZVOUS"))?;
             let token = meeting.token.ok_or(RuntimeError::Missing("DSM_TOKEN"))?;
-            let transport =
-                rendezvous::join(Rank(rank), size, at, meeting.bind, token, meeting.timeout)?;
+            let transport = rendezvous::join(
+                Rank(rank),
+                size,
+                at,
+                meeting.bind,
+                meeting.unix,
+                token,
+                meeting.timeout,
+            )?;
             builder = builder.transport(Box::new(transport));
         }
         Ok(Runtime::from_dsm(builder.rank(Rank(rank), size).build()?))
@@ -332,6 +348,7 @@ impl Runtime {
         let options = Self::options()?;
         let joined = mpi_join::join(
             bind,
+            unix_sockets_in(&env::process)?,
             Duration::from_secs(timeout),
             carrier,
             send_buffer,

@@ -7,14 +7,14 @@
 
 use crate::mpi_bridge::{Bridge, MpiTransport};
 use crate::RuntimeError;
-use dsm::transport::tcp::TcpTransport;
+use dsm::transport::tcp::PeerAddr;
 use dsm::transport::Transport;
 use dsm::Rank;
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 use mpi::Threading;
 use std::hash::Hasher;
 use std::io::Read;
-use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,8 +94,9 @@ impl std::fmt::Debug for Finalizer {
     }
 }
 
-/// The room one rank's listener address takes in the exchange.
-const ADDR_BYTES: usize = 64;
+/// The room one rank's listener addresses take in the exchange (an IPv6 address with its port and a Unix
+/// socket's name: 80 bytes at most).
+const ADDR_BYTES: usize = 96;
 
 /// What joining through MPI gives the runtime.
 pub(crate) struct Joined {
@@ -170,6 +171,7 @@ fn advertised(bind: IpAddr, port: u16) -> Result<SocketAddr, RuntimeError> {
 
 pub(crate) fn join(
     bind: Option<IpAddr>,
+    unix: bool,
     timeout: Duration,
     carrier: Carrier,
     send_buffer: usize,
@@ -200,6 +202,7 @@ pub(crate) fn join(
     let how = How {
         timeout,
         bind,
+        unix,
         carrier,
         send_buffer,
         channels,
@@ -240,6 +243,8 @@ type Connected = (Rank, usize, Option<Box<dyn Transport>>);
 struct How {
     timeout: Duration,
     bind: Option<IpAddr>,
+    /// Whether ranks on one host connect through Unix-domain sockets (`DSM_UNIX_SOCKETS`).
+    unix: bool,
     carrier: Carrier,
     send_buffer: usize,
     channels: usize,
@@ -254,6 +259,7 @@ fn connect(
     let How {
         timeout,
         bind,
+        unix,
         carrier,
         send_buffer,
         channels,
@@ -346,20 +352,9 @@ fn connect(
     } else {
         IpAddr::from([0, 0, 0, 0])
     });
-    let listener = TcpListener::bind((bind, 0)).map_err(|e| RuntimeError::Io {
-        context: format!(
-            "binding this rank's listener on {bind} (set DSM_BIND to an address of this host)"
-        ),
-        error: e,
-    })?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| RuntimeError::Io {
-            context: "listener address".into(),
-            error: e,
-        })?
-        .port();
-    let mine = advertised(bind, port)?.to_string();
+    let (transport, mut mine) = crate::rendezvous::listen(bind, unix, token, timeout)?;
+    mine.tcp = advertised(bind, mine.tcp.port())?;
+    let mine = mine.to_string();
     let mut slot = [0u8; ADDR_BYTES];
     slot[..mine.len()].copy_from_slice(mine.as_bytes());
     let mut all = vec![0u8; ADDR_BYTES * size];
@@ -370,7 +365,7 @@ fn connect(
         .map(|(r, c)| {
             let text = String::from_utf8_lossy(c);
             let text = text.trim_end_matches('\0');
-            text.parse::<SocketAddr>().map_err(|_| {
+            text.parse::<PeerAddr>().map_err(|_| {
                 RuntimeError::Mpi(format!("rank {r} sent an unreadable address {text:?}"))
             })
         })
@@ -378,6 +373,6 @@ fn connect(
     Ok((
         Rank(rank as u32),
         size,
-        Some(Box::new(TcpTransport::new(listener, peers, token, timeout))),
+        Some(Box::new(transport.with_peers(peers))),
     ))
 }

@@ -1,40 +1,71 @@
-//! Meeting the other ranks: each rank binds its listener, tells the launcher's rendezvous server its
-//! address (proving the job token), and receives every rank's address. The TCP transport takes it from there.
+//! Meeting the other ranks: each rank binds its listeners, tells the launcher's rendezvous server where it
+//! listens (proving the job token), and receives where every rank does. The TCP transport takes it from
+//! there.
 
 use crate::RuntimeError;
-use dsm::transport::tcp::TcpTransport;
+use dsm::transport::tcp::{PeerAddr, TcpTransport};
 use dsm::Rank;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-pub(crate) fn join(
-    rank: Rank,
-    size: usize,
-    at: SocketAddr,
+/// Binds this rank's TCP listener on `bind`, and its Unix-domain one when `unix`
+/// (`DSM_UNIX_SOCKETS`): the transport to set up, and where it listens.
+pub(crate) fn listen(
     bind: IpAddr,
+    unix: bool,
     token: [u8; 32],
     timeout: Duration,
-) -> Result<TcpTransport, RuntimeError> {
+) -> Result<(TcpTransport, PeerAddr), RuntimeError> {
     let listener = TcpListener::bind((bind, 0)).map_err(|e| RuntimeError::Io {
         context: format!(
             "binding this rank's listener on {bind} (set DSM_BIND to an address of this host)"
         ),
         error: e,
     })?;
-    let mine = listener.local_addr().map_err(|e| RuntimeError::Io {
+    let tcp = listener.local_addr().map_err(|e| RuntimeError::Io {
         context: "listener address".into(),
         error: e,
     })?;
+    // The addresses are filled in once every rank has said where it listens.
+    let transport = TcpTransport::new(listener, Vec::<PeerAddr>::new(), token, timeout);
+    if !unix {
+        return Ok((transport, PeerAddr { tcp, unix: None }));
+    }
+    let (listener, name) = dsm::transport::tcp::bind_unix().map_err(|e| {
+        RuntimeError::Rendezvous(format!(
+            "{e} (set DSM_UNIX_SOCKETS=off to connect over TCP only)"
+        ))
+    })?;
+    Ok((
+        transport.with_unix(listener),
+        PeerAddr {
+            tcp,
+            unix: Some(name),
+        },
+    ))
+}
+
+pub(crate) fn join(
+    rank: Rank,
+    size: usize,
+    at: SocketAddr,
+    bind: IpAddr,
+    unix: bool,
+    token: [u8; 32],
+    timeout: Duration,
+) -> Result<TcpTransport, RuntimeError> {
+    let (transport, mine) = listen(bind, unix, token, timeout)?;
     let mut s = TcpStream::connect_timeout(&at, timeout)
         .map_err(|e| RuntimeError::Rendezvous(format!("cannot reach the launcher at {at}: {e}")))?;
     s.set_read_timeout(Some(timeout)).ok();
     writeln!(s, "{} {} {}", crate::env::token_hex(&token), rank.0, mine)
         .map_err(|e| RuntimeError::Rendezvous(format!("sending to the launcher: {e}")))?;
     let mut line = String::new();
-    // At most every rank's address (an IPv6 one with its port and a space: 48 bytes): an address that is
-    // not the launcher's, sending without end, must not fill this rank's memory.
-    let longest = size as u64 * 64 + 64;
+    // At most every rank's address (an IPv6 one with its port, a Unix socket's name and a space: 82
+    // bytes): an address that is not the launcher's, sending without end, must not fill this rank's
+    // memory.
+    let longest = size as u64 * 96 + 64;
     BufReader::new((&s).take(longest)).read_line(&mut line).map_err(|e| {
         RuntimeError::Rendezvous(match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
@@ -66,7 +97,7 @@ pub(crate) fn join(
             "the launcher at {at} closed the connection before every rank had joined: it ended, or another rank failed first (see its error)"
         )));
     }
-    let peers: Vec<SocketAddr> = line
+    let peers: Vec<PeerAddr> = line
         .split_whitespace()
         .filter_map(|a| a.parse().ok())
         .collect();
@@ -76,7 +107,7 @@ pub(crate) fn join(
             peers.len()
         )));
     }
-    Ok(TcpTransport::new(listener, peers, token, timeout))
+    Ok(transport.with_peers(peers))
 }
 
 /// Ends this process when the launcher dies, so that no rank outlives its job.
@@ -170,6 +201,7 @@ mod tests {
             2,
             at,
             IpAddr::from([127, 0, 0, 1]),
+            true,
             [0; 32],
             Duration::from_secs(10),
         );

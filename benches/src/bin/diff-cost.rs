@@ -1,5 +1,5 @@
 //! The cost of release consistency's diffs per page, beside the network cost of a page measured in the
-//! same run (the raw TCP round trip of a 64 B request and a 4 KiB reply between two processes).
+//! same run (the raw round trip of a 64 B request and a 4 KiB reply between two processes).
 //!
 //! For several densities of change (one word, 10%, 50%, every byte of a page changed), rank 0 times
 //! `diff::encode` (twin against page) and `diff::apply` (at the home), and reports the encoded size.
@@ -16,7 +16,7 @@ use clap::Parser;
 use dsm::protocol::diff;
 use dsm::{Consistency, Placement, Rank, PAGE_SIZE};
 use dsm_benches::{
-    floor_row, quantile, raw_link, report, run_as_job, us, Measurement, RawLink, RAW_ROUND_TRIP,
+    floor_row, quantile, raw_link, raw_round_trip, report, run_as_job, us, Measurement, RawLink,
 };
 use std::hint::black_box;
 use std::time::Instant;
@@ -152,7 +152,7 @@ fn main() -> anyhow::Result<()> {
                 encode_us,
                 "us",
                 floor,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 target,
             ));
             out.push(Measurement::new(
@@ -160,7 +160,7 @@ fn main() -> anyhow::Result<()> {
                 apply_us,
                 "us",
                 floor,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 target,
             ));
             out.push(Measurement::new(
@@ -186,7 +186,7 @@ fn main() -> anyhow::Result<()> {
             (dropping - plain) / pages as f64,
             "us",
             floor,
-            RAW_ROUND_TRIP,
+            raw_round_trip(),
             "well under the floor",
         ));
         report(&out, args.json);

@@ -6,7 +6,7 @@
 //!   exchange through dsm's own channel and service loop (`Dsm::ping`);
 //! - read-fault latency (median, p99) with rank 1 idle, and with rank 1's main thread busy computing;
 //! - sequential read bandwidth of a remote region without read-ahead and with windows of 16 to 1024 pages
-//!   (`--windows` picks others; the target applies to the default window), beside raw TCP streaming
+//!   (`--windows` picks others; the target applies to the default window), beside raw streaming
 //!   bandwidth and the rate at which this process gets fresh pages from the kernel (each installed page
 //!   is one, and on a virtual machine that rate swings with the host); the default window is read three
 //!   times: as the job is set up (on one host, rank 1 installs the pages into rank 0 itself, with its
@@ -21,8 +21,8 @@
 use clap::Parser;
 use dsm::{Placement, Rank};
 use dsm_benches::{
-    floor_row, fresh_page_rate, quantile, raw_link, report, run_as_job, us, Measurement,
-    RAW_ROUND_TRIP,
+    floor_row, fresh_page_rate, quantile, raw_label, raw_link, raw_round_trip, report, run_as_job,
+    us, Measurement,
 };
 use std::hint::black_box;
 use std::time::Instant;
@@ -75,7 +75,7 @@ fn main() -> anyhow::Result<()> {
     let me = dsm.rank();
     let mut link = raw_link(dsm)?;
 
-    // Interleaved samples with the serving rank idle: in each step rank 0 takes one raw TCP round trip
+    // Interleaved samples with the serving rank idle: in each step rank 0 takes one raw round trip
     // (rank 1's main thread answers with blocking reads), one round trip through dsm's own channel and
     // service loop, and one read fault of a page homed and written by rank 1. The three see the same
     // scheduler conditions, and the fault is also reported as its excess over the raw round trip of the
@@ -299,11 +299,11 @@ fn main() -> anyhow::Result<()> {
         let mut out = vec![
             floor_row(raw_med),
             Measurement::new(
-                "raw TCP round trip, p99",
+                &raw_label("round trip, p99"),
                 raw_p99,
                 "us",
                 raw_med,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 "(floor)",
             ),
             Measurement::new(
@@ -311,7 +311,7 @@ fn main() -> anyhow::Result<()> {
                 eng_med,
                 "us",
                 raw_med,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 "",
             ),
             Measurement::new(
@@ -319,7 +319,7 @@ fn main() -> anyhow::Result<()> {
                 quantile(&mut excess, 0.5),
                 "us",
                 raw_med,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 "<= 15 us",
             ),
             Measurement::new(
@@ -327,7 +327,7 @@ fn main() -> anyhow::Result<()> {
                 idle_med,
                 "us",
                 raw_med,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 &format!("<= floor + 15 us = {:.1}", raw_med + 15.0),
             ),
             Measurement::new(
@@ -335,7 +335,7 @@ fn main() -> anyhow::Result<()> {
                 quantile(&mut idle_us, 0.99),
                 "us",
                 raw_med,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 "",
             ),
             Measurement::new(
@@ -343,7 +343,7 @@ fn main() -> anyhow::Result<()> {
                 quantile(&mut zero_us, 0.5),
                 "us",
                 raw_med,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 "",
             ),
             Measurement::new(
@@ -351,7 +351,7 @@ fn main() -> anyhow::Result<()> {
                 quantile(&mut busy_us, 0.5),
                 "us",
                 raw_med,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 &format!("<= 3 floors = {:.1}", 3.0 * raw_med),
             ),
             Measurement::new(
@@ -359,7 +359,7 @@ fn main() -> anyhow::Result<()> {
                 quantile(&mut busy_us, 0.99),
                 "us",
                 raw_med,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 "",
             ),
         ];
@@ -387,7 +387,7 @@ fn main() -> anyhow::Result<()> {
                 fresh_mibs,
                 "MiB/s",
                 raw_mibs,
-                "raw TCP streaming",
+                &raw_label("streaming"),
                 "",
             ));
         }
@@ -399,7 +399,7 @@ fn main() -> anyhow::Result<()> {
             cyclic_mibs,
             "MiB/s",
             raw_mibs,
-            "raw TCP streaming",
+            &raw_label("streaming"),
             "",
         ));
         for (window, mibs, kernel) in first_touch {
@@ -433,7 +433,7 @@ fn main() -> anyhow::Result<()> {
                 mibs,
                 "MiB/s",
                 raw_mibs,
-                "raw TCP streaming",
+                &raw_label("streaming"),
                 if default && mode == job {
                     ">= 0.30 of floor"
                 } else {

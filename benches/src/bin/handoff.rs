@@ -1,6 +1,6 @@
 //! Handing a block of pages from one rank to another under release consistency while the producer has
 //! also written other pages the consumer does not need: through a lock, and selectively
-//! (`Region::release_range` of the block, `Region::acquire_range` of it), beside the raw TCP round trip
+//! (`Region::release_range` of the block, `Region::acquire_range` of it), beside the raw round trip
 //! measured in the same run.
 //!
 //! Each round, rank 1 writes a word of each of `--block` pages and of `--dirty` other pages (homed at
@@ -25,7 +25,7 @@
 use clap::Parser;
 use dsm::{Consistency, GlobalVec, Placement, Rank, PAGE_SIZE};
 use dsm_benches::{
-    floor_row, quantile, raw_link, report, run_as_job, us, Measurement, RawLink, RAW_ROUND_TRIP,
+    floor_row, quantile, raw_link, raw_round_trip, report, run_as_job, us, Measurement, RawLink,
 };
 use std::time::Instant;
 
@@ -179,7 +179,7 @@ fn main() -> anyhow::Result<()> {
                     l,
                     "us",
                     floor,
-                    RAW_ROUND_TRIP,
+                    raw_round_trip(),
                     "",
                 ),
                 Measurement::new(
@@ -187,7 +187,7 @@ fn main() -> anyhow::Result<()> {
                     s,
                     "us",
                     floor,
-                    RAW_ROUND_TRIP,
+                    raw_round_trip(),
                     &format!("{:.2}x faster than through a lock", l / s),
                 ),
             ],

@@ -1,4 +1,4 @@
-//! Page shuttling, the cost each memory model pays for sharing a page, beside the raw TCP round trip of the
+//! Page shuttling, the cost each memory model pays for sharing a page, beside the raw round trip of the
 //! same run.
 //!
 //! - Default: two ranks alternately increment a counter in one page, each waiting for its turn by reading
@@ -17,7 +17,7 @@
 use clap::Parser;
 use dsm::{Placement, Rank};
 use dsm_benches::{
-    floor_row, quantile, raw_link, report, run_as_job_of, Measurement, RAW_ROUND_TRIP,
+    floor_row, quantile, raw_link, raw_round_trip, report, run_as_job_of, Measurement,
 };
 use std::time::Instant;
 
@@ -220,7 +220,7 @@ fn main() -> anyhow::Result<()> {
                 per_handoff_us,
                 "us",
                 raw_med,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 &format!("<= 4 floors = {:.1}", 4.0 * raw_med),
             ),
             Measurement::new(

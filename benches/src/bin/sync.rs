@@ -1,5 +1,5 @@
 //! Distributed locks and barriers: uncontended remote and local lock acquire+release, contended lock
-//! handoff, and barrier latency, beside the raw TCP round trip between two ranks measured in the same run.
+//! handoff, and barrier latency, beside the raw round trip between two ranks measured in the same run.
 //!
 //! Run: `cargo run --release --bin sync -- [--ranks N] [--json]` (it launches itself as N ranks, 2 by
 //! default; the docs record 2, 3 and 4).
@@ -7,7 +7,8 @@
 use clap::Parser;
 use dsm::Rank;
 use dsm_benches::{
-    floor_row, quantile, raw_link, report, run_as_job_of, us, Measurement, RAW_ROUND_TRIP,
+    floor_row, quantile, raw_link, raw_link_over, raw_round_trip, report, run_as_job_of, us,
+    Measurement, Medium,
 };
 use std::time::Instant;
 
@@ -32,6 +33,11 @@ fn main() -> anyhow::Result<()> {
     let (me, n) = (dsm.rank(), dsm.size());
     let mut link = raw_link(dsm)?;
     let mut raw = link.round_trips(args.ops, 64, 4096)?;
+    // Beside a floor over Unix sockets, the TCP one, which earlier measurements are against.
+    let mut raw_tcp = match Medium::of_job() {
+        Medium::Unix => raw_link_over(dsm, Medium::Tcp)?.round_trips(args.ops, 64, 4096)?,
+        Medium::Tcp => Vec::new(),
+    };
     dsm.barrier()?;
 
     // Uncontended: rank 0 takes and releases a lock homed at rank 1 while the others wait at a barrier.
@@ -74,14 +80,24 @@ fn main() -> anyhow::Result<()> {
 
     if me == Rank(0) {
         let floor = quantile(&mut raw, 0.5);
-        let out = vec![
-            floor_row(floor),
+        let mut out = vec![floor_row(floor)];
+        if !raw_tcp.is_empty() {
+            out.push(Measurement::new(
+                "raw TCP round trip, median",
+                quantile(&mut raw_tcp, 0.5),
+                "us",
+                floor,
+                raw_round_trip(),
+                "",
+            ));
+        }
+        out.extend([
             Measurement::new(
                 "uncontended remote lock acquire+release, median",
                 quantile(&mut uncontended, 0.5),
                 "us",
                 floor,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 &format!("<= 2.5 floors = {:.1}", 2.5 * floor),
             ),
             Measurement::new(
@@ -89,7 +105,7 @@ fn main() -> anyhow::Result<()> {
                 quantile(&mut local, 0.5),
                 "us",
                 floor,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 "",
             ),
             Measurement::new(
@@ -97,7 +113,7 @@ fn main() -> anyhow::Result<()> {
                 handoff,
                 "us",
                 floor,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 "",
             ),
             Measurement::new(
@@ -105,10 +121,10 @@ fn main() -> anyhow::Result<()> {
                 barrier,
                 "us",
                 floor,
-                RAW_ROUND_TRIP,
+                raw_round_trip(),
                 if n == 4 { "<= 4 floors" } else { "" },
             ),
-        ];
+        ]);
         report(&out, args.json);
     }
     rt.finish()?;

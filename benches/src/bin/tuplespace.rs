@@ -2,7 +2,7 @@
 //!
 //! - local `out` + `in` pairs on rank 0 for tuples homed at rank 0 (no network), beside a bare push and pop
 //!   on a mutex-protected queue;
-//! - remote `in` of a present tuple (rank 0 takes tuples homed at rank 1), beside the raw TCP round trip of
+//! - remote `in` of a present tuple (rank 0 takes tuples homed at rank 1), beside the raw round trip of
 //!   a 64-byte request and a 64-byte reply between the same two processes;
 //! - bag of tasks: empty tasks through the task farm, rank 0 the master and every rank (rank 0 too) a
 //!   worker, in tasks per second.
@@ -12,7 +12,7 @@
 
 use clap::Parser;
 use dsm::Rank;
-use dsm_benches::{quantile, raw_link, report, run_as_job_of, us, Measurement};
+use dsm_benches::{quantile, raw_label, raw_link, report, run_as_job_of, us, Measurement};
 use dsm_runtime::{template, tuple, TaskFarm, TupleSpace};
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -145,7 +145,7 @@ fn main() -> anyhow::Result<()> {
                     ">= 1000000",
                 ),
                 Measurement::floor(
-                    "raw TCP round trip 64 B / 64 B, median",
+                    &raw_label("round trip 64 B / 64 B, median"),
                     floor,
                     "us",
                     "the floor itself",
@@ -155,7 +155,7 @@ fn main() -> anyhow::Result<()> {
                     quantile(&mut remote, 0.5),
                     "us",
                     floor,
-                    "raw TCP round trip 64 B / 64 B",
+                    &raw_label("round trip 64 B / 64 B"),
                     &format!("<= 1.5 floors = {:.1}", 1.5 * floor),
                 ),
                 Measurement::new(

@@ -323,7 +323,18 @@ impl Engine {
                 .unwrap_or_else(|p| p.into_inner()),
         );
         for (peer, reason) in unreachable {
-            self.peer_failed(peer, &reason);
+            // A send fails at once to a rank whose end of the connection has closed (a Unix socket says
+            // so with the first send after, TCP often only with a later one): what that rank sent before
+            // it closed is read first, and a `Goodbye` there means it left the job, not that it failed.
+            let from_peer: Vec<usize> = (0..self.conns.len())
+                .filter(|&i| self.conns[i].open && self.conns[i].peer == peer)
+                .collect();
+            for i in from_peer {
+                self.read_conn(i);
+            }
+            if !self.liveness.left[peer.index()] {
+                self.peer_failed(peer, &reason);
+            }
         }
         self.serve_all_queues();
         for (idx, req, payload) in std::mem::take(&mut self.deferred) {

@@ -202,10 +202,11 @@ fn the_first_rank_to_give_up_on_a_silent_one_tells_the_others_why() {
 fn ranks_cut_off_by_a_network_that_went_down_give_up_after_the_peer_timeout() {
     // The whole job in a network namespace of its own, whose loopback interface rank 0 takes down
     // mid-job: TCP connections stay open and accept sends, but nothing arrives, as when a link or a switch
-    // fails between hosts. Needs root (to make the namespace) and iproute2 (scripts/setup.sh).
+    // fails between hosts. Needs root (to make the namespace) and iproute2 (scripts/setup.sh). The ranks
+    // connect over TCP only, as ranks on different hosts do: Unix sockets do not cross the interface.
     let dsmrun = Path::new(CHECK).with_file_name("dsmrun");
     let line = format!(
-        "ip link set lo up && exec {} -n 3 --timeout 60 -- env DSM_PEER_TIMEOUT=2 {CHECK} partition",
+        "ip link set lo up && exec {} -n 3 --timeout 60 -- env DSM_PEER_TIMEOUT=2 DSM_UNIX_SOCKETS=off {CHECK} partition",
         dsmrun.display()
     );
     let t = Instant::now();

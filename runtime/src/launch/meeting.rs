@@ -5,6 +5,7 @@
 use super::lock;
 use super::output::say;
 use super::ranks::describe;
+use dsm::transport::tcp::PeerAddr;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::process::ExitStatus;
@@ -178,7 +179,7 @@ pub(super) fn rendezvous(
         );
         return;
     }
-    let mut conns: Vec<Option<(std::net::TcpStream, SocketAddr)>> =
+    let mut conns: Vec<Option<(std::net::TcpStream, PeerAddr)>> =
         (0..ranks).map(|_| None).collect();
     let mut have = 0;
     let mut never: Option<String> = None;
@@ -222,7 +223,7 @@ pub(super) fn rendezvous(
         let mut parts = line.split_whitespace();
         let (t, r, a) = (parts.next(), parts.next(), parts.next());
         let rank = r.and_then(|r| r.parse::<usize>().ok());
-        let addr = a.and_then(|a| a.parse::<SocketAddr>().ok());
+        let addr = a.and_then(|a| a.parse::<PeerAddr>().ok());
         if let Some(why) = &never {
             if let (Some(t), Some(r)) = (t, rank) {
                 if t == token && r < ranks {

@@ -3,11 +3,11 @@
 //! the one-byte acknowledgement or the refusal with its reason that answers it. A read here is bounded in
 //! all, so that a peer sending a byte at a time holds no rank up.
 
+use super::stream::Stream;
 use super::Token;
 use crate::transport::{channels_in, PROTOCOL_VERSION};
 use crate::types::Rank;
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 const MAGIC: &[u8; 4] = b"DSM\x01";
@@ -108,7 +108,7 @@ pub(super) const ACK_REFUSED: u8 = 1;
 
 const MAX_REASON: usize = 1024;
 
-pub(super) fn refuse(stream: &mut TcpStream, reason: &str) {
+pub(super) fn refuse(stream: &mut Stream, reason: &str) {
     let mut reply = vec![ACK_REFUSED];
     let reason = &reason.as_bytes()[..reason.len().min(MAX_REASON)];
     reply.extend_from_slice(&(reason.len() as u16).to_le_bytes());
@@ -116,11 +116,11 @@ pub(super) fn refuse(stream: &mut TcpStream, reason: &str) {
     let _ = stream.write_all(&reply);
     // Ended before it is dropped: a handshake not read in full (a build of another length) would otherwise
     // make the close a reset, which may come before the refusal is read.
-    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.shutdown_write();
 }
 
 /// The reason that follows a refusal, as far as it can be read within a second.
-pub(super) fn read_reason(stream: &mut TcpStream) -> String {
+pub(super) fn read_reason(stream: &mut Stream) -> String {
     let until = Instant::now() + Duration::from_secs(1);
     let mut len = [0u8; 2];
     if read_by(stream, &mut len, until, &|| false).is_err() {
@@ -136,7 +136,7 @@ pub(super) fn read_reason(stream: &mut TcpStream) -> String {
 /// Reads `buf` in full by `until` (a bound on the whole, not on each read: a peer that sends a byte at a
 /// time holds the reader no longer), or gives up as soon as `give_up` says so.
 pub(super) fn read_by(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: &mut [u8],
     until: Instant,
     give_up: &dyn Fn() -> bool,

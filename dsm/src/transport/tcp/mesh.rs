@@ -3,14 +3,17 @@
 //! every rank), and the first failure of either stopping the other.
 
 use super::handshake::*;
+use super::stream::Stream;
+use super::unix::{connect_unix, PeerAddr};
 use super::Token;
 use crate::error::{DsmError, Result};
 use crate::types::Rank;
 use nix::poll::{ppoll, PollFd, PollFlags};
 use nix::sys::time::TimeSpec;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, OwnedFd};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,21 +58,61 @@ impl Setup {
 /// A connection accepted from `from`'s set `set`.
 type Accepted = (Rank, usize, OwnedFd);
 
-pub(super) fn accept_all(listener: TcpListener, setup: Setup) -> Result<Vec<Accepted>> {
-    let result = accept_each(&listener, &setup);
+/// A listener of the mesh: a rank's TCP one, or its Unix-domain one (`unix.rs`).
+trait Listener {
+    /// A connection and where it came from, as said in a refusal's log.
+    fn take(&self) -> std::io::Result<(Stream, String)>;
+    fn fd(&self) -> BorrowedFd<'_>;
+    fn set_nonblocking(&self) -> std::io::Result<()>;
+}
+
+impl Listener for TcpListener {
+    fn take(&self) -> std::io::Result<(Stream, String)> {
+        self.accept().map(|(s, from)| (s.into(), from.to_string()))
+    }
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.as_fd()
+    }
+    fn set_nonblocking(&self) -> std::io::Result<()> {
+        TcpListener::set_nonblocking(self, true)
+    }
+}
+
+impl Listener for UnixListener {
+    fn take(&self) -> std::io::Result<(Stream, String)> {
+        self.accept()
+            .map(|(s, _)| (s.into(), "a process on this host (Unix socket)".to_string()))
+    }
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.as_fd()
+    }
+    fn set_nonblocking(&self) -> std::io::Result<()> {
+        UnixListener::set_nonblocking(self, true)
+    }
+}
+
+pub(super) fn accept_all(
+    listener: TcpListener,
+    unix: Option<UnixListener>,
+    setup: Setup,
+) -> Result<Vec<Accepted>> {
+    let mut listeners: Vec<&dyn Listener> = vec![&listener];
+    listeners.extend(unix.as_ref().map(|l| l as &dyn Listener));
+    let result = accept_each(&listeners, &setup);
     if result.is_err() {
         // Before the listener closes: the connections this rank's own connecting side has under way
         // then fail, and they must not pass for the first failure.
         setup.failed(ACCEPTING);
     }
     drop(listener);
+    drop(unix);
     result
 }
 
 /// A connection whose handshake is being read: the bytes so far, and until when it may take.
 struct Greeting {
-    stream: TcpStream,
-    from: SocketAddr,
+    stream: Stream,
+    from: String,
     hello: [u8; HELLO_LEN],
     got: usize,
     until: Instant,
@@ -152,7 +195,7 @@ fn drop_oldest(greetings: &mut Vec<Greeting>, n: usize, me: Rank) {
 /// nothing holds up no other (it is dropped after `HELLO_TIME`, or sooner when `MAX_GREETING` others
 /// wait behind it), so strangers on a listener open to the network cannot make the ranks' connections
 /// wait out their timeout.
-fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<Accepted>> {
+fn accept_each(listeners: &[&dyn Listener], setup: &Setup) -> Result<Vec<Accepted>> {
     let Setup {
         me,
         size,
@@ -164,18 +207,20 @@ fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<Accepted>> {
     // From every other rank: a rank's connections to itself are in memory (`TcpTransport::establish`),
     // and one that says it comes from this rank is refused as a second opening of a set.
     let expected = channels * size.saturating_sub(1);
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| DsmError::io("listener set_nonblocking", e))?;
+    for l in listeners {
+        l.set_nonblocking()
+            .map_err(|e| DsmError::io("listener set_nonblocking", e))?;
+    }
     let mut accepted = Vec::with_capacity(expected);
     let mut arrived: std::collections::HashSet<(Rank, usize)> =
         (0..channels).map(|set| (me, set)).collect();
     let mut greetings: Vec<Greeting> = Vec::new();
     while accepted.len() < expected {
-        // At most a room's worth of new connections a pass, so that a flood of them still leaves time
-        // to read handshakes and to look at the deadline.
-        for _ in 0..MAX_GREETING {
-            match listener.accept() {
+        // At most a room's worth of new connections a pass from each listener, so that a flood of them
+        // still leaves time to read handshakes and to look at the deadline.
+        for listener in listeners {
+            for _ in 0..MAX_GREETING {
+                match listener.take() {
                 Ok((stream, from)) => {
                     if stream.set_nonblocking(true).is_err() {
                         continue;
@@ -211,6 +256,7 @@ fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<Accepted>> {
                 }
                 Err(e) => return Err(DsmError::io("accept", e)),
             }
+            }
         }
         // Handshakes are read before any is dropped for room: a rank's comes with its connection.
         let mut i = 0;
@@ -236,7 +282,7 @@ fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<Accepted>> {
                         .write_all(&[ACK_OK])
                         .map_err(|e| DsmError::io(format!("handshake reply to {rank}"), e))?;
                     let _ = stream.set_read_timeout(None);
-                    let _ = stream.set_nodelay(true);
+                    let _ = stream.set_nodelay();
                     accepted.push((rank, set, OwnedFd::from(stream)));
                 }
                 Err(Refusal::Stranger(reason)) => {
@@ -279,7 +325,10 @@ fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<Accepted>> {
             .iter()
             .map(|g| g.until.saturating_duration_since(now))
             .fold(left.min(ABORT_CHECK), Duration::min);
-        let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        let mut fds: Vec<PollFd> = listeners
+            .iter()
+            .map(|l| PollFd::new(l.fd(), PollFlags::POLLIN))
+            .collect();
         fds.extend(
             greetings
                 .iter()
@@ -290,10 +339,50 @@ fn accept_each(listener: &TcpListener, setup: &Setup) -> Result<Vec<Accepted>> {
     Ok(accepted)
 }
 
-/// Opens this rank's connection of set `set` to rank `to`.
-pub(super) fn connect(setup: &Setup, to: Rank, set: usize, addr: SocketAddr) -> Result<OwnedFd> {
+/// Opens this rank's connection of set `set` to rank `to`: through its Unix socket when `unix` and it
+/// has one on this host, else over TCP.
+pub(super) fn connect(
+    setup: &Setup,
+    to: Rank,
+    set: usize,
+    peer: PeerAddr,
+    unix: bool,
+) -> Result<OwnedFd> {
     let me = setup.me;
-    let mut stream = loop {
+    let local = match peer.unix.filter(|_| unix) {
+        Some(name) => connect_unix(name, setup.deadline, &|| setup.stopping())?
+            .map(|s| (Stream::from(s), format!("@dsm-{name} (its Unix socket)"))),
+        None => None,
+    };
+    let (mut stream, addr) = match local {
+        Some(local) => local,
+        None => (
+            Stream::from(connect_tcp(setup, to, peer.tcp)?),
+            peer.tcp.to_string(),
+        ),
+    };
+    let addr = addr.as_str();
+    stream
+        .write_all(&hello(me, setup.channels, set, &setup.token))
+        .map_err(|e| handshake_failed(me, to, addr, "sending its handshake to", e))?;
+    // Until the job's deadline: the other rank's accepting may be held up by a slow stranger's handshake.
+    let mut ack = [0u8; 1];
+    read_by(&mut stream, &mut ack, setup.deadline, &|| setup.stopping())
+        .map_err(|e| handshake_failed(me, to, addr, "waiting for the handshake reply from", e))?;
+    if ack[0] != ACK_OK {
+        return Err(DsmError::BadHandshake(format!(
+            "{me}: {to} at {addr} refused this rank's handshake: {}",
+            read_reason(&mut stream)
+        )));
+    }
+    let _ = stream.set_read_timeout(None);
+    Ok(OwnedFd::from(stream))
+}
+
+/// A TCP connection to rank `to` at `addr`, `TCP_NODELAY`.
+fn connect_tcp(setup: &Setup, to: Rank, addr: std::net::SocketAddr) -> Result<TcpStream> {
+    let me = setup.me;
+    let stream = loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
             Ok(s) => break s,
             // Its listener was bound before its address was handed out: refused means that the rank
@@ -320,33 +409,13 @@ pub(super) fn connect(setup: &Setup, to: Rank, set: usize, addr: SocketAddr) -> 
     stream
         .set_nodelay(true)
         .map_err(|e| DsmError::io("TCP_NODELAY", e))?;
-    stream
-        .write_all(&hello(me, setup.channels, set, &setup.token))
-        .map_err(|e| handshake_failed(me, to, addr, "sending its handshake to", e))?;
-    // Until the job's deadline: the other rank's accepting may be held up by a slow stranger's handshake.
-    let mut ack = [0u8; 1];
-    read_by(&mut stream, &mut ack, setup.deadline, &|| setup.stopping())
-        .map_err(|e| handshake_failed(me, to, addr, "waiting for the handshake reply from", e))?;
-    if ack[0] != ACK_OK {
-        return Err(DsmError::BadHandshake(format!(
-            "{me}: {to} at {addr} refused this rank's handshake: {}",
-            read_reason(&mut stream)
-        )));
-    }
-    let _ = stream.set_read_timeout(None);
-    Ok(OwnedFd::from(stream))
+    Ok(stream)
 }
 
 /// Why this rank's handshake with rank `to` failed (while `what`, as in "sending its handshake to"): the
 /// peer's failure if it closed the connection (it stopped setting up the job: its own error says why),
 /// else this rank's error (a timeout, or this rank stopping).
-fn handshake_failed(
-    me: Rank,
-    to: Rank,
-    addr: SocketAddr,
-    what: &str,
-    e: std::io::Error,
-) -> DsmError {
+fn handshake_failed(me: Rank, to: Rank, addr: &str, what: &str, e: std::io::Error) -> DsmError {
     use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
     if matches!(
         e.kind(),

@@ -1,21 +1,26 @@
-//! TCP transport: a full mesh of `TCP_NODELAY` connections between the ranks, and in-memory connections
+//! TCP transport: a full mesh of `TCP_NODELAY` connections between the ranks, through Unix-domain sockets
+//! instead between ranks on one host that listen on one (`unix.rs`), and in-memory connections
 //! (`memory::pair`) from each rank to its own service loop, whose requests (locks homed here, faults on
-//! pages homed here, rank 0's barrier arrivals) then never go through the kernel's TCP stack. Every TCP
-//! connection starts with a handshake that proves knowledge of the job's secret token; a wrong token,
-//! protocol version or rank is refused and logged. Listeners bind to 127.0.0.1 unless the launcher is told
-//! otherwise (`DSM_BIND`).
+//! pages homed here, rank 0's barrier arrivals) then never go through the kernel's network stack. Every
+//! socket connection starts with a handshake that proves knowledge of the job's secret token; a wrong
+//! token, protocol version or rank is refused and logged. Listeners bind to 127.0.0.1 unless the launcher
+//! is told otherwise (`DSM_BIND`).
 
 mod handshake;
 mod mesh;
+mod stream;
+mod unix;
 
 use super::{memory, Conn, Incoming, Mesh, Transport};
 use crate::error::{DsmError, Result};
 use crate::types::Rank;
 use mesh::{accept_all, connect, Setup, ACCEPTING, CONNECTING, NO_FAILURE};
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+pub use unix::{bind_unix, PeerAddr, UnixName};
 
 /// The secret every connection of a job must present.
 pub type Token = [u8; 32];
@@ -24,26 +29,44 @@ pub type Token = [u8; 32];
 #[derive(Debug)]
 pub struct TcpTransport {
     listener: TcpListener,
-    peers: Vec<SocketAddr>,
+    unix: Option<UnixListener>,
+    peers: Vec<PeerAddr>,
     token: Token,
     timeout: Duration,
 }
 
 impl TcpTransport {
-    /// `listener` is this rank's bound listener; `peers[r]` is rank r's listener address (this rank's
-    /// included); `timeout` bounds the whole establishment.
-    pub fn new(
+    /// `listener` is this rank's bound listener; `peers[r]` is where rank r listens (this rank's
+    /// included); `timeout` bounds the whole establishment. Over TCP only, unless given a Unix-domain
+    /// listener ([`TcpTransport::with_unix`]).
+    pub fn new<P: Into<PeerAddr>>(
         listener: TcpListener,
-        peers: Vec<SocketAddr>,
+        peers: impl IntoIterator<Item = P>,
         token: Token,
         timeout: Duration,
     ) -> TcpTransport {
         TcpTransport {
             listener,
-            peers,
+            unix: None,
+            peers: peers.into_iter().map(Into::into).collect(),
             token,
             timeout,
         }
+    }
+
+    /// Also accepts connections on `listener` (made by [`bind_unix`], its name advertised in this rank's
+    /// [`PeerAddr`]), and connects through the Unix socket of each rank that advertised one and is found
+    /// on this host. Without it, the rank ignores the other ranks' Unix sockets.
+    pub fn with_unix(mut self, listener: UnixListener) -> TcpTransport {
+        self.unix = Some(listener);
+        self
+    }
+
+    /// Where every rank listens (`peers[r]`, this rank's included), for a transport made before the
+    /// launcher said.
+    pub fn with_peers(mut self, peers: Vec<PeerAddr>) -> TcpTransport {
+        self.peers = peers;
+        self
     }
 }
 
@@ -84,10 +107,12 @@ impl Transport for TcpTransport {
             .unwrap_or(now + Duration::from_secs(86_400));
         let TcpTransport {
             listener,
+            unix,
             peers,
             token,
             ..
         } = *self;
+        let use_unix = unix.is_some();
         let setup = Setup {
             me,
             size,
@@ -99,7 +124,7 @@ impl Transport for TcpTransport {
         let accepting = setup.clone();
         let acceptor = std::thread::Builder::new()
             .name("dsm-accept".into())
-            .spawn(move || accept_all(listener, accepting))
+            .spawn(move || accept_all(listener, unix, accepting))
             .map_err(|e| DsmError::io("spawning the accept thread", e))?;
         let mut outgoing = Vec::with_capacity(channels);
         let mut own = Vec::with_capacity(channels);
@@ -113,7 +138,7 @@ impl Transport for TcpTransport {
                     own.push(Incoming::new(me, set, channels, Conn::from(back)));
                     continue;
                 }
-                match connect(&setup, Rank(r as u32), set, *addr) {
+                match connect(&setup, Rank(r as u32), set, *addr, use_unix) {
                     Ok(fd) => row.push(Conn::from(fd)),
                     Err(e) => {
                         setup.failed(CONNECTING);

@@ -1,9 +1,10 @@
 use super::handshake::*;
 use super::mesh::*;
+use super::stream::Stream;
 use super::*;
 use crate::transport::PROTOCOL_VERSION;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 
 #[test]
 fn handshake_checks_magic_token_version_rank_channels_and_set() {
@@ -117,7 +118,7 @@ fn a_rank_of_another_build_with_a_shorter_handshake_is_told_why_at_once() {
     let mut ack = [0u8; 1];
     s.read_exact(&mut ack).unwrap();
     assert_eq!(ack[0], ACK_REFUSED);
-    let reason = read_reason(&mut s);
+    let reason = read_reason(&mut Stream::from(s));
     assert!(reason.contains("protocol version"), "{reason}");
     assert!(other.join().unwrap().is_err());
 }
@@ -163,7 +164,7 @@ fn a_rank_refused_by_another_stops_waiting_for_connections_and_says_why() {
     let other = TcpListener::bind("127.0.0.1:0").unwrap();
     let peers = vec![mine.local_addr().unwrap(), other.local_addr().unwrap()];
     let stand_in = std::thread::spawn(move || {
-        let (mut s, _) = other.accept().unwrap();
+        let mut s = Stream::from(other.accept().unwrap().0);
         let mut h = [0u8; HELLO_LEN];
         s.read_exact(&mut h).unwrap();
         refuse(&mut s, "rank 1 is of another mind");
@@ -368,4 +369,105 @@ fn silent_and_truncated_handshakes_are_dropped_and_the_mesh_still_forms() {
     drop(truncated);
     drop(at_once(listener, token));
     drop(silent);
+}
+
+/// The address family of a socket connection.
+fn family(c: &Conn) -> nix::sys::socket::AddressFamily {
+    use nix::sys::socket::{getsockname, SockaddrLike, SockaddrStorage};
+    let fd = c.socket().expect("a socket connection");
+    getsockname::<SockaddrStorage>(std::os::fd::AsRawFd::as_raw_fd(&fd))
+        .unwrap()
+        .family()
+        .unwrap()
+}
+
+#[test]
+fn ranks_on_one_host_connect_through_unix_sockets_and_others_over_tcp() {
+    use nix::sys::socket::AddressFamily::{Inet, Unix};
+    // Ranks 0 and 1 listen on Unix sockets too. Rank 2 stands for a rank on another host: the name it
+    // advertises is not on this one (nothing listens there), and it has no Unix listener of its own.
+    let tcp: Vec<TcpListener> = (0..3)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let mut unix: Vec<(std::os::unix::net::UnixListener, UnixName)> =
+        (0..3).map(|_| bind_unix().unwrap()).collect();
+    let elsewhere = unix.pop().unwrap();
+    let peers: Vec<PeerAddr> = tcp
+        .iter()
+        .zip([unix[0].1, unix[1].1, elsewhere.1])
+        .map(|(l, name)| PeerAddr {
+            tcp: l.local_addr().unwrap(),
+            unix: Some(name),
+        })
+        .collect();
+    drop(elsewhere);
+    let mut unix = unix.into_iter().map(|(l, _)| Some(l)).chain([None]);
+    let ranks: Vec<_> = tcp
+        .into_iter()
+        .enumerate()
+        .map(|(me, listener)| {
+            let mut t =
+                TcpTransport::new(listener, peers.clone(), [9u8; 32], Duration::from_secs(20));
+            if let Some(l) = unix.next().unwrap() {
+                t = t.with_unix(l);
+            }
+            std::thread::spawn(move || Box::new(t).establish(Rank(me as u32), 3, 2))
+        })
+        .collect();
+    let meshes: Vec<Mesh> = ranks
+        .into_iter()
+        .map(|r| r.join().unwrap().unwrap())
+        .collect();
+    let local = |a: usize, b: usize| a < 2 && b < 2;
+    for (me, mesh) in meshes.iter().enumerate() {
+        for (set, row) in mesh.outgoing.iter().enumerate() {
+            for (to, c) in row.iter().enumerate().filter(|&(to, _)| to != me) {
+                let want = if local(me, to) { Unix } else { Inet };
+                assert_eq!(family(c), want, "{me} to {to}, set {set}");
+                c.write_all(&mut [std::io::IoSlice::new(&[(10 * me + to) as u8])])
+                    .unwrap();
+            }
+        }
+    }
+    for (me, mesh) in meshes.iter().enumerate() {
+        for i in mesh.incoming.iter().filter(|i| i.from.index() != me) {
+            let from = i.from.index();
+            let want = if local(me, from) { Unix } else { Inet };
+            assert_eq!(family(&i.conn), want, "{me} from {from}");
+            let mut got = [0u8; 1];
+            assert_eq!(i.conn.recv(&mut got, true), Ok(Some(1)));
+            assert_eq!(got[0], (10 * from + me) as u8, "{me} from {from}");
+        }
+    }
+}
+
+#[test]
+fn a_peer_address_reads_back_as_written_and_a_bad_one_says_why() {
+    let (_l, name) = bind_unix().unwrap();
+    for text in [
+        "127.0.0.1:4000".to_string(),
+        format!("127.0.0.1:4000/{name}"),
+        format!("[::1]:5/{name}"),
+    ] {
+        let a: PeerAddr = text.parse().unwrap();
+        assert_eq!(a.to_string(), text);
+    }
+    let a: PeerAddr = format!("10.0.0.2:7/{name}").parse().unwrap();
+    assert_eq!(a.unix, Some(name));
+    for (bad, why) in [
+        ("127.0.0.1", "not an address and port"),
+        ("127.0.0.1:4000/", "not a Unix socket name"),
+        ("127.0.0.1:4000/0123", "not a Unix socket name"),
+        (
+            "127.0.0.1:4000/0123456789abcdef0123456789abcdeg",
+            "32 hex digits",
+        ),
+        (
+            "127.0.0.1:4000/é123456789abcdef0123456789abcde",
+            "32 hex digits",
+        ),
+    ] {
+        let e = bad.parse::<PeerAddr>().unwrap_err();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
 }

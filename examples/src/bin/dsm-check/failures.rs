@@ -435,6 +435,10 @@ pub(crate) fn pause(c: &Check) -> anyhow::Result<()> {
 
 pub(crate) fn partition(c: &Check) -> anyhow::Result<()> {
     let Check { dsm, me, .. } = *c;
+    ensure!(
+        std::env::var("DSM_UNIX_SOCKETS").is_ok_and(|v| v == "off"),
+        "partition cuts the ranks' TCP connections: run it with DSM_UNIX_SOCKETS=off, or the ranks connect through Unix sockets, which taking the interface down does not cut"
+    );
     let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
     v.set(me, 1);
     dsm.barrier()?;

@@ -49,9 +49,9 @@
 //! - `freeze`: (as root, with a cgroup v2 hierarchy mounted) one rank freezes itself in a cgroup of its own
 //!   mid-job: it runs on but answers nothing, and it is not stopped (SIGSTOP) either; the others end once
 //!   the peer timeout has passed, and the launcher names it;
-//! - `partition`: (in a network namespace of its own, as root) rank 0 takes the loopback interface down
-//!   mid-job: connections stay open and sends succeed, but nothing arrives; every rank must end with an
-//!   error once the peer timeout (`DSM_PEER_TIMEOUT`) has passed;
+//! - `partition`: (in a network namespace of its own, as root, with `DSM_UNIX_SOCKETS=off`) rank 0 takes
+//!   the loopback interface down mid-job: connections stay open and sends succeed, but nothing arrives;
+//!   every rank must end with an error once the peer timeout (`DSM_PEER_TIMEOUT`) has passed;
 //! - `pause`: the whole job is stopped for twice the peer timeout (`DSM_PEER_TIMEOUT`, which must be set)
 //!   while its ranks wait at a barrier, then resumed: no rank may take another for failed;
 //! - `readerdies`: (under --keep-going, 3 ranks) a rank that read two pages dies; the home, then another
