@@ -309,3 +309,20 @@ fn a_rank_that_says_it_is_finishing_or_goodbye_is_seen_leaving_not_failed() {
     }
     assert_eq!(failed_within(&dsm, Duration::from_millis(200)), vec![]);
 }
+
+#[test]
+fn a_rank_that_said_goodbye_and_closed_has_left_though_a_send_to_it_then_fails() {
+    let (dsm, mut fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
+    let f = fakes.pop().unwrap();
+    // Rank 1 leaves as a rank does, `Goodbye` on each of its connections to rank 0, and its process
+    // ends: every end of its connections closes at once.
+    fake_sends(&f.fake, Request::Goodbye);
+    fake_sends(&f.other, Request::Goodbye);
+    drop(f);
+    // Rank 0's service loop then sends it a message: the send fails (a Unix socket whose other end has
+    // closed refuses it at once), whether or not the loop has read the goodbye yet.
+    dsm.shared.tell_others(&Request::Heartbeat, &[], None);
+    assert_eq!(failed_within(&dsm, Duration::from_millis(300)), vec![]);
+    // Rank 1 left without the final barrier that a rank's leaving waits for: rank 0 does not wait.
+    dsm.abandon();
+}
