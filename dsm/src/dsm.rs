@@ -190,6 +190,13 @@ impl Shared {
             if to == self.me || except == Some(to) || self.failed[r].load(Ordering::Acquire) {
                 continue;
             }
+            // A rank that has not read the last heartbeat hears from this one when it reads that: more
+            // would only fill the connection (a Unix socket's send buffer holds a few hundred small
+            // messages), and a rank stopped in a debugger (`DSM_PEER_TIMEOUT=0`) would be failed when
+            // one of them timed out.
+            if matches!(req, Request::Heartbeat) && conn.unread_by_peer() {
+                continue;
+            }
             if let Err(e) = crate::channel::write_frame(conn, req, &[payload], &self.counters) {
                 conn.shutdown(crate::transport::memory::Shut::Write);
                 unreachable.push((

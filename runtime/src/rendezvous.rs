@@ -77,7 +77,7 @@ pub(crate) fn join(
     })?;
     if line.trim() == "refused" {
         return Err(RuntimeError::Rendezvous(format!(
-            "the launcher at {at} refused rank {}: its DSM_TOKEN is not the job's, another process already joined as that rank, or its address {mine} did not parse (start ranks with dsmrun, which sets DSM_RANK and DSM_TOKEN)",
+            "the launcher at {at} refused rank {}: its DSM_TOKEN is not the job's, another process already joined as that rank, or its address {mine} did not parse (start ranks with dsmrun, which sets DSM_RANK and DSM_TOKEN; a dsmrun of an older build reads no Unix socket name in an address: use this build's, or set DSM_UNIX_SOCKETS=off)",
             rank.0
         )));
     }

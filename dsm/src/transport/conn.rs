@@ -166,6 +166,20 @@ impl Conn {
         }
     }
 
+    /// Whether bytes this end sent wait for the other end to take them (`SIOCOUTQ`: on a Unix socket,
+    /// what the other end has not read; over TCP, what it has not acknowledged). Never for an in-memory
+    /// connection.
+    pub(crate) fn unread_by_peer(&self) -> bool {
+        let Conn::Socket(fd) = self else {
+            return false;
+        };
+        let mut queued: libc::c_int = 0;
+        // SAFETY: `TIOCOUTQ` (`SIOCOUTQ`) writes one `int` through the pointer, which points at `queued`,
+        // alive for the call; the descriptor is this connection's own, open while `self` is.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        r == 0 && queued > 0
+    }
+
     /// The socket, for an epoll set.
     pub(crate) fn socket(&self) -> Option<BorrowedFd<'_>> {
         match self {

@@ -471,3 +471,17 @@ fn a_peer_address_reads_back_as_written_and_a_bad_one_says_why() {
         assert!(e.contains(why), "{bad}: {e}");
     }
 }
+
+#[test]
+fn a_socket_says_whether_its_peer_has_read_what_it_sent() {
+    let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let a = Conn::from(std::os::fd::OwnedFd::from(a));
+    assert!(!a.unread_by_peer());
+    a.write_all(&mut [std::io::IoSlice::new(&[7])]).unwrap();
+    assert!(a.unread_by_peer());
+    let mut got = [0u8; 1];
+    b.read_exact(&mut got).unwrap();
+    assert!(!a.unread_by_peer());
+    let (memory, _other) = crate::transport::memory::pair(64);
+    assert!(!Conn::from(memory).unread_by_peer());
+}

@@ -5,8 +5,11 @@
 //! and connects over TCP. A message between processes costs the kernel less through a Unix socket than
 //! through the loopback TCP stack (docs/BENCHMARKS.md, "Ranks on one host meet through Unix sockets").
 //!
-//! The name is bound before it is advertised, as the TCP listener is, so whatever answers at it during the
-//! job's setting up is the rank that advertised it.
+//! The name is bound before it is advertised, as the TCP port is, so on the rank's own host whatever
+//! answers at it is that rank. On another host anyone may bind the same name (names are listed to every
+//! user in `/proc/net/unix`), and the handshake carries the job's token: a rank sends it through a Unix
+//! socket only to a process of its own user (`SO_PEERCRED`), who can read the token anyway, and connects
+//! over TCP otherwise.
 
 use crate::error::{DsmError, Result};
 use nix::errno::Errno;
@@ -135,8 +138,34 @@ pub(super) fn connect_unix(
                 std::thread::sleep(Duration::from_millis(1));
             }
             Err(Errno::ECONNREFUSED | Errno::ENOENT) => return Ok(None),
-            Err(e) => return Err(DsmError::sys("connecting to a Unix socket", e)),
+            Err(e @ (Errno::EACCES | Errno::EPERM)) => {
+                tracing::warn!("connecting to @dsm-{name}: {e}; connecting over TCP instead");
+                return Ok(None);
+            }
+            Err(Errno::EAGAIN) => {
+                return Err(DsmError::Config(format!(
+                    "the Unix socket @dsm-{name} of a rank on this host kept its queue of connections full until the connect timeout: that rank is not accepting (raise DSM_CONNECT_TIMEOUT, or set DSM_UNIX_SOCKETS=off)"
+                )))
+            }
+            Err(e) => {
+                return Err(DsmError::sys(
+                    format!("connecting to the Unix socket @dsm-{name} of a rank (DSM_UNIX_SOCKETS=off connects over TCP only)"),
+                    e,
+                ))
+            }
         }
+    }
+    let peer = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| DsmError::sys("SO_PEERCRED of a Unix socket", e))?;
+    // SAFETY: `geteuid` takes nothing, touches no memory of the program, and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if peer.uid() != me {
+        tracing::warn!(
+            "@dsm-{name} belongs to user {} (pid {}), not to this rank's: connecting over TCP instead",
+            peer.uid(),
+            peer.pid()
+        );
+        return Ok(None);
     }
     let stream = UnixStream::from(fd);
     stream
