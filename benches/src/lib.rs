@@ -108,16 +108,21 @@ impl Medium {
             Medium::Unix
         }
     }
+
+    /// `raw <medium> <what>`, naming a raw measurement over this medium, such as `raw Unix-socket
+    /// streaming`.
+    pub fn label(self, what: &str) -> String {
+        let medium = match self {
+            Medium::Tcp => "TCP",
+            Medium::Unix => "Unix-socket",
+        };
+        format!("raw {medium} {what}")
+    }
 }
 
-/// `raw <medium> <what>`, naming a raw measurement over this job's medium ([`Medium::of_job`]), such as
-/// `raw Unix-socket streaming`.
+/// [`Medium::label`] over this job's medium ([`Medium::of_job`]).
 pub fn raw_label(what: &str) -> String {
-    let medium = match Medium::of_job() {
-        Medium::Tcp => "TCP",
-        Medium::Unix => "Unix-socket",
-    };
-    format!("raw {medium} {what}")
+    Medium::of_job().label(what)
 }
 
 /// What the benchmarks compare against: the raw round trip between ranks 0 and 1 over a socket of the
@@ -142,11 +147,12 @@ pub fn floor_row(median_us: f64) -> Measurement {
 
 /// [`floor_row`] of a floor measured over `medium`.
 pub fn floor_row_over(medium: Medium, median_us: f64) -> Measurement {
-    let name = match medium {
-        Medium::Tcp => "raw TCP round trip, median",
-        Medium::Unix => "raw Unix-socket round trip, median",
-    };
-    Measurement::floor(name, median_us, "us", raw_round_trip_over(medium))
+    Measurement::floor(
+        &medium.label("round trip, median"),
+        median_us,
+        "us",
+        raw_round_trip_over(medium),
+    )
 }
 
 /// Prints the results: a readable table, or with `json` one object per line.

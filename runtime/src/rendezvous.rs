@@ -62,7 +62,7 @@ pub(crate) fn join(
     writeln!(s, "{} {} {}", crate::env::token_hex(&token), rank.0, mine)
         .map_err(|e| RuntimeError::Rendezvous(format!("sending to the launcher: {e}")))?;
     let mut line = String::new();
-    // At most every rank's address (an IPv6 one with its port, a Unix socket's name and a space: 82
+    // At most every rank's address (an IPv6 one with its port, a Unix socket's name and a space: 81
     // bytes): an address that is not the launcher's, sending without end, must not fill this rank's
     // memory.
     let longest = size as u64 * 96 + 64;

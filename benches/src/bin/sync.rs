@@ -83,7 +83,7 @@ fn main() -> anyhow::Result<()> {
         let mut out = vec![floor_row(floor)];
         if !raw_tcp.is_empty() {
             out.push(Measurement::new(
-                "raw TCP round trip, median",
+                &Medium::Tcp.label("round trip, median"),
                 quantile(&mut raw_tcp, 0.5),
                 "us",
                 floor,

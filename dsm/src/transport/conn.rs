@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 /// One connection of a rank, as a transport establishes it.
 #[derive(Debug)]
 pub enum Conn {
-    /// A stream socket (TCP, or one end of a Unix socket pair).
+    /// A stream socket (TCP, or Unix-domain: a connected one, or one end of a socket pair).
     Socket(OwnedFd),
     /// An in-memory connection whose other end a thread of the transport serves.
     Memory(memory::End),

@@ -25,7 +25,7 @@ pub use unix::{bind_unix, PeerAddr, UnixName};
 /// The secret every connection of a job must present.
 pub type Token = [u8; 32];
 
-/// The mesh of one rank over TCP.
+/// The mesh of one rank over TCP, and Unix-domain sockets to ranks on its host.
 #[derive(Debug)]
 pub struct TcpTransport {
     listener: TcpListener,

@@ -463,6 +463,10 @@ fn a_peer_address_reads_back_as_written_and_a_bad_one_says_why() {
             "32 hex digits",
         ),
         (
+            "127.0.0.1:4000/+123456789abcdef0123456789abcdef",
+            "32 hex digits",
+        ),
+        (
             "127.0.0.1:4000/é123456789abcdef0123456789abcde",
             "32 hex digits",
         ),

@@ -43,7 +43,8 @@ impl FromStr for UnixName {
 
     fn from_str(s: &str) -> std::result::Result<UnixName, String> {
         let bad = || format!("{s:?} is not a Unix socket name (32 hex digits)");
-        if s.len() != 32 || !s.is_ascii() {
+        // Hex digits only: `from_str_radix` would also take a sign.
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
         let mut name = [0u8; 16];
