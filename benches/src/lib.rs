@@ -286,11 +286,12 @@ pub fn raw_link(dsm: &Dsm) -> anyhow::Result<RawLink> {
     raw_link_over(dsm, Medium::of_job())
 }
 
-/// Connects rank 0 and rank 1 over `medium`: loopback TCP (`TCP_NODELAY`), whose port goes through a
-/// region, or a Unix-domain socket named after rank 1's process id.
+/// Connects rank 0 and rank 1 over `medium`: loopback TCP (`TCP_NODELAY`), or a Unix-domain socket
+/// with a random abstract name as the runtime binds its own (`dsm::transport::tcp::bind_unix`); the port
+/// or the name goes through a region.
 pub fn raw_link_over(dsm: &Dsm, medium: Medium) -> anyhow::Result<RawLink> {
-    let port: GlobalVec<'_, u64> = dsm.alloc_vec_with(1, Placement::At(Rank(1)))?;
-    let unix_name = |pid: u64| format!("dsm-bench-raw-{pid}");
+    // A port, or a name's 32 hex digits.
+    let address: GlobalVec<'_, u8> = dsm.alloc_vec_with(32, Placement::At(Rank(1)))?;
     enum Listener {
         Tcp(TcpListener),
         Unix(UnixListener),
@@ -299,14 +300,12 @@ pub fn raw_link_over(dsm: &Dsm, medium: Medium) -> anyhow::Result<RawLink> {
         Some(match medium {
             Medium::Tcp => {
                 let l = TcpListener::bind("127.0.0.1:0")?;
-                port.set(0, u64::from(l.local_addr()?.port()));
+                address.write_slice(0, &l.local_addr()?.port().to_le_bytes());
                 Listener::Tcp(l)
             }
             Medium::Unix => {
-                let pid = u64::from(std::process::id());
-                let name = std::os::unix::net::SocketAddr::from_abstract_name(unix_name(pid))?;
-                let l = UnixListener::bind_addr(&name)?;
-                port.set(0, pid);
+                let (l, name) = dsm::transport::tcp::bind_unix()?;
+                address.write_slice(0, name.to_string().as_bytes());
                 Listener::Unix(l)
             }
         })
@@ -317,14 +316,19 @@ pub fn raw_link_over(dsm: &Dsm, medium: Medium) -> anyhow::Result<RawLink> {
     let link = match (dsm.rank().0, listener) {
         (0, _) => RawLink::Client(match medium {
             Medium::Tcp => {
-                let s = TcpStream::connect(("127.0.0.1", port.get(0) as u16))?;
+                let port = u16::from_le_bytes([address.get(0), address.get(1)]);
+                let s = TcpStream::connect(("127.0.0.1", port))?;
                 s.set_nodelay(true)?;
                 Box::new(s)
             }
             Medium::Unix => {
-                let name =
-                    std::os::unix::net::SocketAddr::from_abstract_name(unix_name(port.get(0)))?;
-                Box::new(UnixStream::connect_addr(&name)?)
+                let mut hex = [0u8; 32];
+                address.read_slice(0, &mut hex);
+                let name: dsm::transport::tcp::UnixName = std::str::from_utf8(&hex)?
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!(e))?;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.socket_name())?;
+                Box::new(UnixStream::connect_addr(&addr)?)
             }
         }),
         (1, Some(Listener::Tcp(l))) => {

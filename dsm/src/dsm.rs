@@ -93,6 +93,9 @@ pub(crate) struct Shared {
     /// Ranks whose programs are leaving the job: they said `Finishing` (at their final barrier) or
     /// `Goodbye`.
     pub(crate) finishing: Vec<AtomicBool>,
+    /// Ranks that said `Goodbye`: they left the job and read nothing more. Neither silence nor a failed
+    /// send to one of them means that it failed, and nothing more is sent to them.
+    pub(crate) left: Vec<AtomicBool>,
     pub(crate) policy: FailurePolicy,
     /// Set when an operation of this rank returned `PeerFailed` (`Shared::peer_failed_error`): a rank that
     /// then leaves unfinished under `FailurePolicy::Exit` lets the service loop end it as a failure's
@@ -177,8 +180,9 @@ impl Shared {
     }
 
     /// Sends `req` (a message that expects no answer) with `payload` on the service loop's own connection to
-    /// every rank not failed here, but `except`. A rank that has not read for a second is not waited for
-    /// (its connection's send timeout): it is failed, as a rank that a reply cannot reach is. Its
+    /// every rank neither failed here nor gone from the job with `Goodbye`, but `except`. A rank that has
+    /// not read for a second is not waited for (its connection's send timeout): it is failed, as a rank
+    /// that a reply cannot reach is. Its
     /// connection ends there, as part of the message may have gone out: the rest of the message never
     /// follows, and neither does another message, which that rank would read from the middle of this one
     /// as a malformed frame (taking this rank for the one that failed).
@@ -187,7 +191,11 @@ impl Shared {
         let mut unreachable = Vec::new();
         for (r, conn) in control.iter().enumerate() {
             let to = Rank(r as u32);
-            if to == self.me || except == Some(to) || self.failed[r].load(Ordering::Acquire) {
+            if to == self.me
+                || except == Some(to)
+                || self.failed[r].load(Ordering::Acquire)
+                || self.left[r].load(Ordering::Acquire)
+            {
                 continue;
             }
             // A rank that has not read the last heartbeat hears from this one when it reads that: more

@@ -369,6 +369,7 @@ impl DsmBuilder {
             peer_timeout: self.peer_timeout,
             gone: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
             finishing: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
+            left: (0..self.size).map(|_| AtomicBool::new(false)).collect(),
             policy: self.policy,
             heard_of_failure: AtomicBool::new(false),
             caused_failure: AtomicBool::new(false),

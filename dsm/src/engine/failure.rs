@@ -18,8 +18,6 @@ pub(super) struct Liveness {
     /// that do.
     pub(super) timeout: Option<Duration>,
     pub(super) heard: Vec<Instant>,
-    /// Ranks that said `Goodbye`: they left the job and send nothing more.
-    pub(super) left: Vec<bool>,
     pub(super) beat: Instant,
     /// When the loop last looked at the time: a long gap means that the loop itself was held up.
     pub(super) looked: Instant,
@@ -40,23 +38,13 @@ impl Liveness {
     }
 
     /// The ranks not heard from for longer than the timeout at `now` (none without a timeout), other
-    /// than `me`, the ranks that left, and those `failed` already.
-    pub(super) fn late(
-        &self,
-        now: Instant,
-        me: usize,
-        failed: impl Fn(usize) -> bool,
-    ) -> Vec<Rank> {
+    /// than `me` and those to `skip` (failed already, or left the job).
+    pub(super) fn late(&self, now: Instant, me: usize, skip: impl Fn(usize) -> bool) -> Vec<Rank> {
         let Some(timeout) = self.timeout else {
             return Vec::new();
         };
         (0..self.heard.len())
-            .filter(|&r| {
-                r != me
-                    && !self.left[r]
-                    && !failed(r)
-                    && now.duration_since(self.heard[r]) > timeout
-            })
+            .filter(|&r| r != me && !skip(r) && now.duration_since(self.heard[r]) > timeout)
             .map(|r| Rank(r as u32))
             .collect()
     }
@@ -97,6 +85,7 @@ impl Engine {
         l.looked = now;
         let late = l.late(now, me.index(), |r| {
             self.shared.failed[r].load(Ordering::Acquire)
+                || self.shared.left[r].load(Ordering::Acquire)
         });
         for r in late {
             self.peer_failed(

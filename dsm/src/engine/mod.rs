@@ -252,7 +252,6 @@ impl Engine {
                 Liveness {
                     timeout: shared.peer_timeout,
                     heard: vec![now; shared.size],
-                    left: vec![false; shared.size],
                     beat: now,
                     looked: now,
                 }
@@ -332,7 +331,7 @@ impl Engine {
             for i in from_peer {
                 self.read_conn(i);
             }
-            if !self.liveness.left[peer.index()] {
+            if !self.shared.left[peer.index()].load(Ordering::Acquire) {
                 self.peer_failed(peer, &reason);
             }
         }
@@ -611,7 +610,7 @@ impl Engine {
             Request::Goodbye => {
                 let peer = self.conns[idx].peer.index();
                 self.conns[idx].goodbye = true;
-                self.liveness.left[peer] = true;
+                self.shared.left[peer].store(true, Ordering::Release);
                 self.shared.finishing[peer].store(true, Ordering::Release);
             }
             Request::Finishing => {

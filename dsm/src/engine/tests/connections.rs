@@ -164,7 +164,6 @@ fn without_a_peer_timeout_no_silence_is_too_long() {
     let mut l = Liveness {
         timeout: None,
         heard: vec![t0; 3],
-        left: vec![false; 3],
         beat: t0,
         looked: t0,
     };
@@ -173,10 +172,9 @@ fn without_a_peer_timeout_no_silence_is_too_long() {
     l.timeout = Some(Duration::from_secs(2));
     assert_eq!(l.late(hour, 0, |_| false), [Rank(1), Rank(2)]);
     assert_eq!(l.late(t0 + Duration::from_secs(1), 0, |_| false), []);
-    // Neither a rank that left nor one already failed is failed again.
-    l.left[2] = true;
-    assert_eq!(l.late(hour, 0, |_| false), [Rank(1)]);
-    assert_eq!(l.late(hour, 0, |r| r == 1), []);
+    // A rank skipped (one that left, or one already failed) is not failed again.
+    assert_eq!(l.late(hour, 0, |r| r == 2), [Rank(1)]);
+    assert_eq!(l.late(hour, 0, |r| r >= 1), []);
 }
 
 #[test]
@@ -324,5 +322,39 @@ fn a_rank_that_said_goodbye_and_closed_has_left_though_a_send_to_it_then_fails()
     dsm.shared.tell_others(&Request::Heartbeat, &[], None);
     assert_eq!(failed_within(&dsm, Duration::from_millis(300)), vec![]);
     // Rank 1 left without the final barrier that a rank's leaving waits for: rank 0 does not wait.
+    dsm.abandon();
+}
+
+#[test]
+fn a_rank_that_said_goodbye_is_sent_nothing_more() {
+    let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
+    let (gone, stays) = (&fakes[0], &fakes[1]);
+    // Rank 1 leaves, but its end of rank 0's service loop's connection stays open (its process lives on
+    // a moment): a send to it would go in, and it would never be read.
+    fake_sends(&gone.fake, Request::Goodbye);
+    fake_sends(&gone.other, Request::Goodbye);
+    let t = Instant::now();
+    while dsm.finishing_ranks() != [Rank(1)] {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // What rank 0 sent it before (heartbeats) is read, and the connection is empty.
+    gone.control.set_nonblocking(true).unwrap();
+    let mut drained = [0u8; 4096];
+    while (&gone.control).read(&mut drained).is_ok() {}
+    dsm.shared.tell_others(&Request::Finishing, &[], None);
+    // Rank 2 is told,
+    let (req, _): (Request, _) = fake_reads_frame(&stays.control);
+    assert!(
+        matches!(req, Request::Heartbeat | Request::Finishing),
+        "{req:?}"
+    );
+    // and rank 1 is not.
+    let unread = (&gone.control).read(&mut drained);
+    assert!(
+        matches!(&unread, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "{unread:?}"
+    );
+    assert_eq!(dsm.failed_ranks(), []);
     dsm.abandon();
 }

@@ -169,15 +169,21 @@ fn dup(s: &UnixStream) -> Conn {
 }
 
 /// The fake rank 1 reads the next frame rank 0 sends it on `fake`.
-fn fake_reads(mut fake: &UnixStream) -> (Reply, Vec<u8>) {
+fn fake_reads(fake: &UnixStream) -> (Reply, Vec<u8>) {
+    fake_reads_frame(fake)
+}
+
+/// A fake rank reads the next frame rank 0 sends it on `fake` (a `Reply` to a request, or a `Request` of
+/// rank 0's service loop).
+fn fake_reads_frame<T: serde::de::DeserializeOwned>(mut fake: &UnixStream) -> (T, Vec<u8>) {
     fake.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let mut header = [0u8; 4];
     fake.read_exact(&mut header).unwrap();
     let mut body = vec![0u8; wire::body_len(header, usize::MAX >> 1).unwrap()];
     fake.read_exact(&mut body).unwrap();
-    let (reply, payload) = wire::decode::<Reply>(&body).unwrap();
-    (reply, payload.to_vec())
+    let (frame, payload) = wire::decode::<T>(&body).unwrap();
+    (frame, payload.to_vec())
 }
 
 /// A fake rank's side of rank 0's first `alloc` (of `len` bytes at `placement`, of `model`, with direct

@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 pub struct UnixName([u8; 16]);
 
 impl UnixName {
-    fn socket_name(&self) -> Vec<u8> {
+    /// The abstract socket name (without the leading NUL): `dsm-` and the 32 hex digits.
+    pub fn socket_name(&self) -> Vec<u8> {
         format!("dsm-{self}").into_bytes()
     }
 }
