@@ -290,57 +290,135 @@ pub fn raw_link(dsm: &Dsm) -> anyhow::Result<RawLink> {
 /// with a random abstract name as the runtime binds its own (`dsm::transport::tcp::bind_unix`); the port
 /// or the name goes through a region.
 pub fn raw_link_over(dsm: &Dsm, medium: Medium) -> anyhow::Result<RawLink> {
-    // A port, or a name's 32 hex digits.
-    let address: GlobalVec<'_, u8> = dsm.alloc_vec_with(32, Placement::At(Rank(1)))?;
-    enum Listener {
-        Tcp(TcpListener),
-        Unix(UnixListener),
-    }
-    let listener = if dsm.rank() == Rank(1) {
-        Some(match medium {
-            Medium::Tcp => {
-                let l = TcpListener::bind("127.0.0.1:0")?;
-                address.write_slice(0, &l.local_addr()?.port().to_le_bytes());
-                Listener::Tcp(l)
-            }
-            Medium::Unix => {
-                let (l, name) = dsm::transport::tcp::bind_unix()?;
-                address.write_slice(0, name.to_string().as_bytes());
-                Listener::Unix(l)
-            }
-        })
-    } else {
-        None
+    let address: GlobalVec<'_, u8> = dsm.alloc_vec_with(ADDRESS_BYTES, Placement::At(Rank(1)))?;
+    let listener = match dsm.rank() {
+        Rank(1) => Some(RawListener::bind(medium, &address)?),
+        _ => None,
     };
     dsm.barrier()?;
-    let link = match (dsm.rank().0, listener) {
-        (0, _) => RawLink::Client(match medium {
-            Medium::Tcp => {
-                let port = u16::from_le_bytes([address.get(0), address.get(1)]);
-                let s = TcpStream::connect(("127.0.0.1", port))?;
-                s.set_nodelay(true)?;
-                Box::new(s)
-            }
-            Medium::Unix => {
-                let mut hex = [0u8; 32];
-                address.read_slice(0, &mut hex);
-                let name: dsm::transport::tcp::UnixName = std::str::from_utf8(&hex)?
-                    .parse()
-                    .map_err(|e: String| anyhow::anyhow!(e))?;
-                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.socket_name())?;
-                Box::new(UnixStream::connect_addr(&addr)?)
-            }
-        }),
-        (1, Some(Listener::Tcp(l))) => {
-            let (s, _) = l.accept()?;
-            s.set_nodelay(true)?;
-            RawLink::Server(Box::new(s))
-        }
-        (1, Some(Listener::Unix(l))) => RawLink::Server(Box::new(l.accept()?.0)),
+    let link = match (dsm.rank(), listener) {
+        (Rank(0), _) => RawLink::Client(raw_connect(medium, &address)?),
+        (_, Some(l)) => RawLink::Server(l.accept()?),
         _ => RawLink::None,
     };
     dsm.barrier()?;
     Ok(link)
+}
+
+/// A port, or a Unix socket name's 32 hex digits, as it goes through a region.
+const ADDRESS_BYTES: usize = 32;
+
+/// A listener of a raw link, whose address its rank wrote in a region.
+enum RawListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl RawListener {
+    fn bind(medium: Medium, address: &GlobalVec<'_, u8>) -> anyhow::Result<RawListener> {
+        Ok(match medium {
+            Medium::Tcp => {
+                let l = TcpListener::bind("127.0.0.1:0")?;
+                address.write_slice(0, &l.local_addr()?.port().to_le_bytes());
+                RawListener::Tcp(l)
+            }
+            Medium::Unix => {
+                let (l, name) = dsm::transport::tcp::bind_unix()?;
+                address.write_slice(0, name.to_string().as_bytes());
+                RawListener::Unix(l)
+            }
+        })
+    }
+
+    fn accept(&self) -> anyhow::Result<Box<dyn Duplex>> {
+        Ok(match self {
+            RawListener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                s.set_nodelay(true)?;
+                Box::new(s)
+            }
+            RawListener::Unix(l) => Box::new(l.accept()?.0),
+        })
+    }
+}
+
+/// Connects to the listener whose address is in `address` (`RawListener::bind`).
+fn raw_connect(medium: Medium, address: &GlobalVec<'_, u8>) -> anyhow::Result<Box<dyn Duplex>> {
+    Ok(match medium {
+        Medium::Tcp => {
+            let port = u16::from_le_bytes([address.get(0), address.get(1)]);
+            let s = TcpStream::connect(("127.0.0.1", port))?;
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+        Medium::Unix => {
+            let mut hex = [0u8; ADDRESS_BYTES];
+            address.read_slice(0, &mut hex);
+            let name: dsm::transport::tcp::UnixName = std::str::from_utf8(&hex)?
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!(e))?;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.socket_name())?;
+            Box::new(UnixStream::connect_addr(&addr)?)
+        }
+    })
+}
+
+/// Plain sockets from every rank to rank 0, of the kind the runtime connects ranks with
+/// ([`Medium::of_job`]): the floor of a barrier, a central one with no runtime around it.
+#[derive(Debug)]
+pub enum RawStar {
+    /// Rank 0's ends, one for each other rank.
+    Center(Vec<Box<dyn Duplex>>),
+    /// Another rank's end.
+    Point(Box<dyn Duplex>),
+}
+
+/// Connects every rank to rank 0 ([`RawStar`]).
+pub fn raw_star(dsm: &Dsm) -> anyhow::Result<RawStar> {
+    let medium = Medium::of_job();
+    let address: GlobalVec<'_, u8> = dsm.alloc_vec_with(ADDRESS_BYTES, Placement::At(Rank(0)))?;
+    let listener = match dsm.rank() {
+        Rank(0) => Some(RawListener::bind(medium, &address)?),
+        _ => None,
+    };
+    dsm.barrier()?;
+    let star = match listener {
+        Some(l) => RawStar::Center(
+            (1..dsm.size())
+                .map(|_| l.accept())
+                .collect::<anyhow::Result<_>>()?,
+        ),
+        None => RawStar::Point(raw_connect(medium, &address)?),
+    };
+    dsm.barrier()?;
+    Ok(star)
+}
+
+impl RawStar {
+    /// `n` barriers with nothing but the sockets: every other rank sends rank 0 a byte and waits for one;
+    /// rank 0 reads a byte from each, then sends each one. Returns the mean time of a barrier in
+    /// microseconds.
+    pub fn barriers(&mut self, n: usize) -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let mut byte = [0u8; 1];
+        for _ in 0..n {
+            match self {
+                RawStar::Center(points) => {
+                    for p in points.iter_mut() {
+                        p.read_exact(&mut byte)?;
+                    }
+                    for p in points.iter_mut() {
+                        p.write_all(&byte)?;
+                    }
+                }
+                RawStar::Point(center) => {
+                    center.write_all(&byte)?;
+                    center.read_exact(&mut byte)?;
+                }
+            }
+        }
+        Ok(us(t.elapsed()) / n as f64)
+    }
 }
 
 impl RawLink {

@@ -7,8 +7,8 @@
 use clap::Parser;
 use dsm::Rank;
 use dsm_benches::{
-    floor_row, quantile, raw_link, raw_link_over, raw_round_trip, report, run_as_job_of, us,
-    Measurement, Medium,
+    floor_row, quantile, raw_label, raw_link, raw_link_over, raw_round_trip, raw_star, report,
+    run_as_job_of, us, Measurement, Medium,
 };
 use std::time::Instant;
 
@@ -71,6 +71,10 @@ fn main() -> anyhow::Result<()> {
     dsm.barrier()?;
     let handoff = us(t.elapsed()) / (per_rank * n) as f64;
 
+    // Barriers of the sockets alone, back to back: what a central barrier costs with no runtime.
+    let raw_barrier = raw_star(dsm)?.barriers(args.ops)?;
+    dsm.barrier()?;
+
     // Barriers back to back.
     let t = Instant::now();
     for _ in 0..args.ops {
@@ -111,6 +115,14 @@ fn main() -> anyhow::Result<()> {
             Measurement::new(
                 &format!("contended lock handoff, {n} ranks"),
                 handoff,
+                "us",
+                floor,
+                raw_round_trip(),
+                "",
+            ),
+            Measurement::new(
+                &raw_label(&format!("barrier of {n} processes, mean")),
+                raw_barrier,
                 "us",
                 floor,
                 raw_round_trip(),
