@@ -358,3 +358,22 @@ fn a_rank_that_said_goodbye_is_sent_nothing_more() {
     assert_eq!(dsm.failed_ranks(), []);
     dsm.abandon();
 }
+
+#[test]
+fn a_rank_that_said_goodbye_is_not_failed_for_its_silence() {
+    let (dsm, fakes) = rank0_with_fakes(3, Some(crate::MIN_PEER_TIMEOUT));
+    // Rank 1 leaves, its connections left open; rank 2 says nothing. Neither sends a heartbeat.
+    fake_sends(&fakes[0].fake, Request::Goodbye);
+    fake_sends(&fakes[0].other, Request::Goodbye);
+    let t = Instant::now();
+    while dsm.failed_ranks().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "rank 2 was never failed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Both were silent for as long when the timeout took rank 2.
+    assert_eq!(dsm.failed_ranks(), [Rank(2)]);
+    dsm.abandon();
+}
