@@ -364,7 +364,9 @@ fn raw_connect(medium: Medium, address: &GlobalVec<'_, u8>) -> anyhow::Result<Bo
 }
 
 /// Plain sockets from every rank to rank 0, of the kind the runtime connects ranks with
-/// ([`Medium::of_job`]): the floor of a barrier, a central one with no runtime around it.
+/// ([`Medium::of_job`]): a central barrier with no runtime around it, which the runtime's barrier is
+/// compared with. (Its reads block, as the raw round trip's do: where the runtime's waits poll first, at
+/// no more ranks than cores, the runtime's barrier can be the faster.)
 #[derive(Debug)]
 pub enum RawStar {
     /// Rank 0's ends, one for each other rank.
