@@ -93,8 +93,10 @@ pub(crate) struct Shared {
     /// Ranks whose programs are leaving the job: they said `Finishing` (at their final barrier) or
     /// `Goodbye`.
     pub(crate) finishing: Vec<AtomicBool>,
-    /// Ranks that said `Goodbye`: they left the job and read nothing more. Neither silence nor a failed
-    /// send to one of them means that it failed, and nothing more is sent to them.
+    /// Ranks that said `Goodbye`: they left the job. Neither silence nor a failed send to one of them means
+    /// that it failed, and they are sent no more heartbeats. (They read on until their service loop
+    /// stops: the `Goodbye` of a rank that leaves after them must still reach them, or they would take
+    /// its end for a failure.)
     pub(crate) left: Vec<AtomicBool>,
     pub(crate) policy: FailurePolicy,
     /// Set when an operation of this rank returned `PeerFailed` (`Shared::peer_failed_error`): a rank that
@@ -180,8 +182,7 @@ impl Shared {
     }
 
     /// Sends `req` (a message that expects no answer) with `payload` on the service loop's own connection to
-    /// every rank neither failed here nor gone from the job with `Goodbye`, but `except`. A rank that has
-    /// not read for a second is not waited for (its connection's send timeout): it is failed, as a rank
+    /// every rank not failed here, but `except`. A rank that has not read for a second is not waited for (its connection's send timeout): it is failed, as a rank
     /// that a reply cannot reach is. Its connection ends there, as part of the message may have gone
     /// out: the rest of the message never follows, and neither does another message, which that rank
     /// would read from the middle of this one as a malformed frame (taking this rank for the one that
@@ -191,18 +192,17 @@ impl Shared {
         let mut unreachable = Vec::new();
         for (r, conn) in control.iter().enumerate() {
             let to = Rank(r as u32);
-            if to == self.me
-                || except == Some(to)
-                || self.failed[r].load(Ordering::Acquire)
-                || self.left[r].load(Ordering::Acquire)
-            {
+            if to == self.me || except == Some(to) || self.failed[r].load(Ordering::Acquire) {
                 continue;
             }
             // A rank that has not read the last heartbeat hears from this one when it reads that: more
             // would only fill the connection (a Unix socket's send buffer holds a few hundred small
             // messages), and a rank stopped in a debugger (`DSM_PEER_TIMEOUT=0`) would be failed when
-            // one of them timed out.
-            if matches!(req, Request::Heartbeat) && conn.unread_by_peer() {
+            // one of them timed out. A rank that left needs none, and once it has closed, a Unix socket
+            // refuses them at once.
+            if matches!(req, Request::Heartbeat)
+                && (self.left[r].load(Ordering::Acquire) || conn.unread_by_peer())
+            {
                 continue;
             }
             if let Err(e) = crate::channel::write_frame(conn, req, &[payload], &self.counters) {

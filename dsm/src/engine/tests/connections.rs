@@ -326,11 +326,11 @@ fn a_rank_that_said_goodbye_and_closed_has_left_though_a_send_to_it_then_fails()
 }
 
 #[test]
-fn a_rank_that_said_goodbye_is_sent_nothing_more() {
+fn a_rank_that_said_goodbye_is_sent_no_more_heartbeats_but_still_the_goodbye() {
     let (dsm, fakes) = rank0_with_fakes(3, Some(crate::DEFAULT_PEER_TIMEOUT));
     let (gone, stays) = (&fakes[0], &fakes[1]);
-    // Rank 1 leaves, but its end of rank 0's service loop's connection stays open (its process lives on
-    // a moment): a send to it would go in, and it would never be read.
+    // Rank 1 leaves, its end of rank 0's service loop's connection still open (its process lives on a
+    // moment, its service loop reading until it stops).
     fake_sends(&gone.fake, Request::Goodbye);
     fake_sends(&gone.other, Request::Goodbye);
     let t = Instant::now();
@@ -338,23 +338,30 @@ fn a_rank_that_said_goodbye_is_sent_nothing_more() {
         assert!(t.elapsed() < Duration::from_secs(5));
         std::thread::sleep(Duration::from_millis(5));
     }
-    // What rank 0 sent it before (heartbeats) is read, and the connection is empty.
-    gone.control.set_nonblocking(true).unwrap();
+    // What rank 0 sent both before (heartbeats) is read: neither has a heartbeat unread.
     let mut drained = [0u8; 4096];
-    while matches!((&gone.control).read(&mut drained), Ok(n) if n > 0) {}
-    dsm.shared.tell_others(&Request::Finishing, &[], None);
-    // Rank 2 is told,
+    for fake in [gone, stays] {
+        fake.control.set_nonblocking(true).unwrap();
+        while matches!((&fake.control).read(&mut drained), Ok(n) if n > 0) {}
+        fake.control.set_nonblocking(false).unwrap();
+    }
+    dsm.shared.tell_others(&Request::Heartbeat, &[], None);
+    // Rank 2 hears it,
     let (req, _): (Request, _) = fake_reads_frame(&stays.control);
-    assert!(
-        matches!(req, Request::Heartbeat | Request::Finishing),
-        "{req:?}"
-    );
-    // and rank 1 is not.
+    assert!(matches!(req, Request::Heartbeat), "{req:?}");
+    // and rank 1 does not,
+    gone.control.set_nonblocking(true).unwrap();
     let unread = (&gone.control).read(&mut drained);
     assert!(
         matches!(&unread, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
         "{unread:?}"
     );
+    gone.control.set_nonblocking(false).unwrap();
+    // but rank 0's own goodbye still reaches it: without it, rank 1 would take rank 0's end for a
+    // failure.
+    dsm.shared.tell_others(&Request::Goodbye, &[], None);
+    let (req, _): (Request, _) = fake_reads_frame(&gone.control);
+    assert!(matches!(req, Request::Goodbye), "{req:?}");
     assert_eq!(dsm.failed_ranks(), []);
     dsm.abandon();
 }
