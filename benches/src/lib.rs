@@ -290,19 +290,41 @@ pub fn raw_link(dsm: &Dsm) -> anyhow::Result<RawLink> {
 /// with a random abstract name as the runtime binds its own (`dsm::transport::tcp::bind_unix`); the port
 /// or the name goes through a region.
 pub fn raw_link_over(dsm: &Dsm, medium: Medium) -> anyhow::Result<RawLink> {
-    let address: GlobalVec<'_, u8> = dsm.alloc_vec_with(ADDRESS_BYTES, Placement::At(Rank(1)))?;
-    let listener = match dsm.rank() {
-        Rank(1) => Some(RawListener::bind(medium, &address)?),
-        _ => None,
-    };
-    dsm.barrier()?;
-    let link = match (dsm.rank(), listener) {
-        (Rank(0), _) => RawLink::Client(raw_connect(medium, &address)?),
-        (_, Some(l)) => RawLink::Server(l.accept()?),
+    let me = dsm.rank();
+    let mut ends = meet(dsm, medium, Rank(1), me == Rank(0), 1)?;
+    Ok(match (me, ends.pop()) {
+        (Rank(0), Some(end)) => RawLink::Client(end),
+        (_, Some(end)) => RawLink::Server(end),
         _ => RawLink::None,
+    })
+}
+
+/// Connects the ranks for which `connects` is true to rank `center`, which accepts `accepts`
+/// connections, over `medium`; the listener's port or name goes through a region. Returns `center`'s
+/// ends, a connecting rank's one end, or none.
+fn meet(
+    dsm: &Dsm,
+    medium: Medium,
+    center: Rank,
+    connects: bool,
+    accepts: usize,
+) -> anyhow::Result<Vec<Box<dyn Duplex>>> {
+    let address: GlobalVec<'_, u8> = dsm.alloc_vec_with(ADDRESS_BYTES, Placement::At(center))?;
+    let listener = if dsm.rank() == center {
+        Some(RawListener::bind(medium, &address)?)
+    } else {
+        None
     };
     dsm.barrier()?;
-    Ok(link)
+    let ends = match (listener, connects) {
+        (Some(l), _) => (0..accepts)
+            .map(|_| l.accept())
+            .collect::<anyhow::Result<_>>()?,
+        (None, true) => vec![raw_connect(medium, &address)?],
+        (None, false) => Vec::new(),
+    };
+    dsm.barrier()?;
+    Ok(ends)
 }
 
 /// A port, or a Unix socket name's 32 hex digits, as it goes through a region.
@@ -377,23 +399,13 @@ pub enum RawStar {
 
 /// Connects every rank to rank 0 ([`RawStar`]).
 pub fn raw_star(dsm: &Dsm) -> anyhow::Result<RawStar> {
-    let medium = Medium::of_job();
-    let address: GlobalVec<'_, u8> = dsm.alloc_vec_with(ADDRESS_BYTES, Placement::At(Rank(0)))?;
-    let listener = match dsm.rank() {
-        Rank(0) => Some(RawListener::bind(medium, &address)?),
-        _ => None,
-    };
-    dsm.barrier()?;
-    let star = match listener {
-        Some(l) => RawStar::Center(
-            (1..dsm.size())
-                .map(|_| l.accept())
-                .collect::<anyhow::Result<_>>()?,
-        ),
-        None => RawStar::Point(raw_connect(medium, &address)?),
-    };
-    dsm.barrier()?;
-    Ok(star)
+    let center = dsm.rank() == Rank(0);
+    let mut ends = meet(dsm, Medium::of_job(), Rank(0), !center, dsm.size() - 1)?;
+    if center {
+        return Ok(RawStar::Center(ends));
+    }
+    let end = ends.pop().expect("a connecting rank has its one end");
+    Ok(RawStar::Point(end))
 }
 
 impl RawStar {

@@ -182,11 +182,11 @@ impl Shared {
     }
 
     /// Sends `req` (a message that expects no answer) with `payload` on the service loop's own connection to
-    /// every rank not failed here, but `except`. A rank that has not read for a second is not waited for (its connection's send timeout): it is failed, as a rank
-    /// that a reply cannot reach is. Its connection ends there, as part of the message may have gone
-    /// out: the rest of the message never follows, and neither does another message, which that rank
-    /// would read from the middle of this one as a malformed frame (taking this rank for the one that
-    /// failed).
+    /// every rank not failed here, but `except`. A rank that has not read for a second is not waited for
+    /// (its connection's send timeout): it is failed, as a rank that a reply cannot reach is. Its
+    /// connection ends there, as part of the message may have gone out: the rest of the message never
+    /// follows, and neither does another message, which that rank would read from the middle of this one
+    /// as a malformed frame (taking this rank for the one that failed).
     pub(crate) fn tell_others(&self, req: &Request, payload: &[u8], except: Option<Rank>) {
         let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
         let mut unreachable = Vec::new();
