@@ -26,6 +26,12 @@ fn jobs(seeds: u64, job: impl Fn(u64, usize) -> Job) -> Stats {
         total.leaf_refused += s.leaf_refused;
         total.upgrade_lost += s.upgrade_lost;
         total.waited_for_own += s.waited_for_own;
+        total.direct += s.direct;
+        total.woken += s.woken;
+        total.deferred_direct += s.deferred_direct;
+        total.unsent += s.unsent;
+        total.unsent_held += s.unsent_held;
+        total.zero_filled += s.zero_filled;
     }
     total
 }
@@ -40,6 +46,7 @@ fn few_pages(seed: u64, ranks: usize, pages: u64, crashes: usize) -> Job {
         steps: 3000,
         crashes,
         suspicions: 0,
+        direct: false,
     }
 }
 
@@ -54,6 +61,7 @@ fn read_ahead(seed: u64, ranks: usize, crashes: usize) -> Job {
         steps: 3000,
         crashes,
         suspicions: 0,
+        direct: false,
     }
 }
 
@@ -80,7 +88,8 @@ fn ranks_that_crash_leave_no_stale_copy_readable_and_no_fault_hanging() {
             && s.owner_left > 0
             && s.home_failed > 50
             && s.invalidations_gone > 50
-            && s.ended_for_failed > 50,
+            && s.ended_for_failed > 50
+            && s.unsent > 5,
         "{s:?}"
     );
 }
@@ -88,8 +97,9 @@ fn ranks_that_crash_leave_no_stale_copy_readable_and_no_fault_hanging() {
 #[test]
 fn pages_handed_over_ahead_of_faults_keep_single_writer_and_fresh_reads() {
     let s = jobs(600, |seed, ranks| read_ahead(seed, ranks, 0));
+    // Homes also filled untouched pages with zeros along with their own first touches.
     assert!(
-        s.reads > 100_000 && s.writes > 100_000 && s.ahead > 2_000,
+        s.reads > 100_000 && s.writes > 100_000 && s.ahead > 2_000 && s.zero_filled > 200,
         "{s:?}"
     );
 }
@@ -99,7 +109,11 @@ fn pages_handed_over_ahead_of_faults_to_ranks_that_crash_leave_no_stale_copy_rea
     let s = jobs(1500, |seed, ranks| {
         read_ahead(seed, ranks, 1 + (seed % 2) as usize)
     });
-    assert!(s.crashes > 1500 && s.ahead > 2_000 && s.lost > 50, "{s:?}");
+    // Answers to crashed requesters that the home could not send were taken back.
+    assert!(
+        s.crashes > 1500 && s.ahead > 2_000 && s.lost > 50 && s.unsent > 5 && s.zero_filled > 200,
+        "{s:?}"
+    );
 }
 
 #[test]
@@ -131,6 +145,36 @@ fn ranks_taken_for_failed_while_they_live_leave_no_stale_copy_readable_and_no_fa
             && s.revoked > 0
             && s.leaf_refused > 0
             && s.waited_for_own > 0,
+        "{s:?}"
+    );
+}
+
+#[test]
+fn pages_installed_straight_into_requesters_keep_single_writer_and_fresh_reads() {
+    // Jobs of both layouts in which homes install the pages they answer with straight into the
+    // requester, waking its fault before the answer is read: some with crashes, some with ranks taken
+    // for failed while they live.
+    let s = jobs(3000, |seed, ranks| {
+        let crashes = (seed / 3 % 3) as usize;
+        let job = if seed % 2 == 0 {
+            few_pages(seed, ranks, 3, crashes)
+        } else {
+            read_ahead(seed, ranks, crashes)
+        };
+        Job {
+            direct: true,
+            suspicions: (seed / 9 % 3) as usize,
+            ..job
+        }
+    });
+    // Pages installed that way, faults woken reading and writing them, leaf requests for them deferred
+    // until the answer's install, and answers to crashed requesters that a home took back after one.
+    assert!(
+        s.direct > 50_000 && s.woken > 100_000 && s.deferred_direct > 2_000,
+        "{s:?}"
+    );
+    assert!(
+        s.crashes > 500 && s.suspicions > 500 && s.unsent > 10 && s.unsent_held > 0,
         "{s:?}"
     );
 }

@@ -44,8 +44,18 @@
 //! unless a rank alive was taken for failed.
 //!
 //! Jobs may fault with read-ahead (`Job::window`) on pages laid out in runs with one home (`Job::run`):
-//! the requester claims the following pages of the run it holds no copy of, and the home hands over
-//! with a `Done` those it can at once (`Sim::gather`); they are deferred on and installed as the page is.
+//! the requester claims the following pages of the run it holds no copy of (again when it asks again
+//! after an abandoned grant), and the home hands over with a `Done` those it can at once (`Sim::gather`);
+//! they are deferred on and installed as the page is. A home's own first touch takes the untouched pages
+//! after it too, locked until its install (`Sim::zero_fill_ahead`).
+//!
+//! In jobs with direct installs (`Job::direct`), a home installs the pages of a `Done` that carries its
+//! copy (or several pages read ahead) straight into the requester: its fault wakes and reads or writes
+//! them before the answer is read, while leaf requests for them are deferred as for pages not there
+//! (`sim/direct.rs`). A home's answer to a requester whose connection reset may fail to send: the home
+//! takes back what it gave, as the engine does (pages a direct install may have put there stay recorded).
+//! A requester alive whose home could not answer it is not modelled: one that cuts its home off while
+//! waiting for it fails at once.
 
 use super::*;
 use rand::rngs::StdRng;
@@ -54,9 +64,11 @@ use std::collections::{BTreeSet, VecDeque};
 
 mod ahead;
 mod check;
+mod direct;
 mod driver;
 mod failures;
 mod grants;
+mod home;
 mod leaves;
 
 pub(super) use driver::run;
@@ -193,6 +205,10 @@ struct Txn {
     /// Following pages held BUSY here (claimed for the request, then those the reply hands over, until
     /// the install): a leaf request for one that finds no copy is deferred, as for `page`.
     claimed: Vec<usize>,
+    /// The home installed the answer's pages straight into this rank's memory (`Reply::Installed`),
+    /// which woke the fault: until the install, they are readable here (their copies are set) while
+    /// their state is still `INVALID | BUSY`, and leaf requests for them are deferred.
+    direct: bool,
 }
 
 /// A job: its ranks and pages, and how the pages and faults go.
@@ -209,11 +225,15 @@ pub(super) struct Job {
     pub crashes: usize,
     /// Times a rank takes another for failed while both live (the peer timeout), at random steps.
     pub suspicions: usize,
+    /// Homes install the pages of a `Done` that carries the home's copy straight into the requester
+    /// (`direct.rs`), waking its fault before the answer is read.
+    pub direct: bool,
 }
 
 pub(super) struct Sim {
     ranks: usize,
     window: usize,
+    direct: bool,
     /// Whether a fault waiting for a copy holder it cannot reach may give up (`LEAVING` passing): in jobs
     /// where ranks are taken for failed while they live, such a holder may never be known gone.
     timeouts: bool,
@@ -273,6 +293,18 @@ pub(super) struct Stats {
     /// Requests for a copy, from a transaction granted while the home took the copy's holder for failed,
     /// that waited for a fault of the holder's own on the page.
     pub waited_for_own: u64,
+    /// Pages a home installed straight into a requester.
+    pub direct: u64,
+    /// Accesses by a fault woken by a direct install, before its answer was read.
+    pub woken: u64,
+    /// Leaf requests deferred at a rank whose pages were installed there directly but not yet known.
+    pub deferred_direct: u64,
+    /// Answers a home could not send (the requester's connection reset), and took back.
+    pub unsent: u64,
+    /// Of those, answers after a direct install of a read, whose pages the requester may hold.
+    pub unsent_held: u64,
+    /// Untouched pages a home filled with zeros along with its own first touch of the page before them.
+    pub zero_filled: u64,
 }
 
 impl Sim {
@@ -281,6 +313,7 @@ impl Sim {
         Sim {
             ranks,
             window: job.window,
+            direct: job.direct,
             timeouts: job.suspicions > 0,
             rng: StdRng::seed_from_u64(seed),
             home: (0..pages).map(|p| (p / job.run % ranks) as u32).collect(),
@@ -353,18 +386,7 @@ impl Sim {
             self.access_locally(rank, page, access);
             return;
         }
-        let home = self.home[page];
-        // Read-ahead (a read) or write-ahead (a first write) claims the following pages with the same
-        // home that hold no copy here (`claim_following`); the home's own faults take another path.
-        let missing = c == Copy::Invalid;
-        let mut claimed = Vec::new();
-        if home != rank && (access == Access::Read || missing) {
-            claimed = (page + 1..(page + self.window).min(self.truth.len()))
-                .take_while(|q| {
-                    self.home[*q] == home && self.copies[rank as usize][*q] == Copy::Invalid
-                })
-                .collect();
-        }
+        let claimed = self.claim(rank, page, access);
         let extras = claimed.len();
         self.txns[rank as usize] = Some(Txn {
             page,
@@ -373,8 +395,24 @@ impl Sim {
             revoked: false,
             ended_early: false,
             claimed,
+            direct: false,
         });
         self.ask(rank, page, access, extras);
+    }
+
+    /// The pages a remote fault claims along with `page`: read-ahead (a read) or write-ahead (a first
+    /// write) claims the following pages with the same home that hold no copy here (`claim_following`).
+    /// The home's own faults claim at the home instead (`Sim::zero_fill_ahead`).
+    fn claim(&self, rank: u32, page: usize, access: Access) -> Vec<usize> {
+        let home = self.home[page];
+        let mine = &self.copies[rank as usize];
+        let missing = mine[page] == Copy::Invalid;
+        if home == rank || !(access == Access::Read || missing) {
+            return Vec::new();
+        }
+        (page + 1..(page + self.window).min(self.truth.len()))
+            .take_while(|q| self.home[*q] == home && mine[*q] == Copy::Invalid)
+            .collect()
     }
 
     /// Sends `rank`'s request for `page` to its home; to a home it takes for failed, the request cannot
@@ -392,119 +430,6 @@ impl Sim {
             extras,
         };
         self.send(rank, home, request);
-    }
-
-    fn home_copy_action(&mut self, home: u32, page: usize, action: HomeAction) -> Option<u64> {
-        let copy = &mut self.copies[home as usize][page];
-        let before = copy.value();
-        match action {
-            HomeAction::None => {}
-            HomeAction::Downgrade => {
-                let v = before.expect("downgrade of an absent home copy");
-                *copy = Copy::ReadOnly(v);
-            }
-            HomeAction::Invalidate => {
-                before.expect("invalidation of an absent home copy");
-                *copy = Copy::Invalid;
-            }
-        }
-        before
-    }
-
-    fn serve(&mut self, home: u32, page: usize, requester: u32, access: Access, extras: usize) {
-        assert!(self.locks[page].is_none());
-        if self.failed[home as usize][requester as usize] {
-            // A request queued by a rank that failed since: nobody waits for the answer.
-            return;
-        }
-        let mut entry = self.entries[page];
-        let gone = &self.gone[home as usize];
-        if let Some(owner) = entry.forget_gone(Rank(home), |r| gone[r.index()]) {
-            self.send(home, requester, Msg::Refused { page, owner });
-            return;
-        }
-        match decide(&mut entry, Rank(home), Rank(requester), access) {
-            Decision::Done { home_action, data } => {
-                self.entries[page] = entry;
-                let before = self.home_copy_action(home, page, home_action);
-                // Pages ahead go with a read that carries the page, and with a first write of zeros.
-                let carried = match access {
-                    Access::Read => data != Data::None,
-                    Access::Write => data == Data::Zero,
-                };
-                let (data, keep) = match data {
-                    Data::None => (None, true),
-                    Data::Zero => (Some(0), false),
-                    Data::Home => (Some(before.expect("home data from an absent copy")), false),
-                };
-                let ahead = self.gather(home, page, requester, access, carried, extras);
-                if keep || requester == home {
-                    let held = if keep {
-                        Held::Answered
-                    } else {
-                        Held::OwnInstall
-                    };
-                    self.lock(page, requester, access, held);
-                }
-                // Otherwise the requester has no copy: the home leaves the page unlocked and the requester
-                // sends no Unlock. A leaf request that reaches it before its install is deferred.
-                self.send(
-                    home,
-                    requester,
-                    Msg::Done {
-                        page,
-                        data,
-                        keep,
-                        ahead,
-                    },
-                );
-            }
-            Decision::Grant(grant) => {
-                // The entry pruned of gone ranks is not kept: the Unlock completes the stored one, as in
-                // the engine (the next decision prunes it again).
-                if requester == home {
-                    self.entries[page] = entry;
-                }
-                let before = self.home_copy_action(home, page, grant.home_action);
-                let data = if grant.data_from_home {
-                    Some(before.expect("grant data from an absent home copy"))
-                } else {
-                    None
-                };
-                let held = Held::Granted {
-                    home_kept_its_copy: grant.home_action == HomeAction::None,
-                };
-                self.lock(page, requester, access, held);
-                let owner_failed = grant
-                    .fetch_from
-                    .is_some_and(|o| self.failed[home as usize][o.index()]);
-                self.send(
-                    home,
-                    requester,
-                    Msg::Granted {
-                        page,
-                        grant,
-                        data,
-                        owner_failed,
-                    },
-                );
-            }
-        }
-    }
-
-    fn lock(&mut self, page: usize, by: u32, access: Access, held: Held) {
-        self.locks[page] = Some(Lock { by, access, held });
-    }
-
-    fn unlock(&mut self, page: usize) {
-        self.locks[page] = None;
-        while self.locks[page].is_none() {
-            let Some((r, a, extras)) = self.queues[page].pop_front() else {
-                break;
-            };
-            let home = self.home[page];
-            self.serve(home, page, r, a, extras);
-        }
     }
 
     fn leaf_copy(&self, rank: u32, page: usize) -> Copy {
@@ -665,7 +590,12 @@ impl Sim {
         };
         let page = txn.page;
         let current = self.copies[rank as usize][page];
-        let value = if keep {
+        let value = if txn.direct {
+            // Installed by the home already, and perhaps written since by the fault it woke.
+            current
+                .value()
+                .expect("a page installed directly is not here")
+        } else if keep {
             let Some(v) = current.value() else {
                 // A later transaction took the copy this upgrade keeps (the home had ended the upgrade
                 // early): `upgrade_in_place` fails the fault.
@@ -687,22 +617,29 @@ impl Sim {
         };
         self.access_locally(rank, page, txn.access);
         self.stats.ahead += ahead.len() as u64;
+        let ahead_pages: Vec<usize> = ahead.iter().map(|(q, _)| *q).collect();
         for (q, value) in ahead {
-            assert_eq!(self.copies[rank as usize][q], Copy::Invalid);
-            self.copies[rank as usize][q] = match txn.access {
+            let copy = match txn.access {
                 Access::Read => Copy::ReadOnly(value),
                 Access::Write => Copy::Writable(value),
             };
+            let here = if txn.direct { copy } else { Copy::Invalid };
+            assert_eq!(self.copies[rank as usize][q], here);
+            self.copies[rank as usize][q] = copy;
         }
         let home = self.home[page];
         let waiting = std::mem::take(&mut self.deferred[rank as usize]);
         let installed_remote_done = !granted && !keep && home != rank;
         if home == rank {
-            // The home's own transactions hold the lock until the install, as the fault path does.
+            // The home's own transactions hold the lock until the install, as the fault path does, and
+            // so do the pages it filled with zeros ahead.
             if granted {
                 complete(&mut self.entries[page], Rank(rank), txn.access);
             }
             self.unlock(page);
+            for q in ahead_pages {
+                self.unlock(q);
+            }
         } else if !installed_remote_done {
             // An Unlock to a home taken for failed counts as sent once it is known gone (the page stays
             // here); a home that lives on is never known gone, and the fault gives up waiting.

@@ -1,4 +1,5 @@
-//! A home handing over the following pages with a fault's answer: read-ahead and write-ahead.
+//! A home handing over the following pages with a fault's answer: read-ahead and write-ahead; and a
+//! home filling untouched pages with zeros along with its own first touch.
 
 use super::*;
 
@@ -47,6 +48,51 @@ impl Sim {
         if access == Access::Write {
             assert!(ahead.iter().all(|(_, v)| *v == 0));
         }
+        ahead
+    }
+
+    /// The untouched pages after `page` that the home takes along with its own first touch of `page`
+    /// (`zeros`: the decision gave zeros), as `fault/sequential.rs`'s `zero_fill_home` does: the
+    /// following pages of the run in the window that hold no copy here, claimed (`claim_zero_fill`), for
+    /// as long as each is untouched with its lock free and nothing queued on it (`lock_untouched`). Each
+    /// is decided for the home (`give_untouched`) and locked until the install.
+    pub(super) fn zero_fill_ahead(
+        &mut self,
+        home: u32,
+        page: usize,
+        access: Access,
+        zeros: bool,
+    ) -> Vec<(usize, u64)> {
+        let mut ahead = Vec::new();
+        if !zeros {
+            return ahead;
+        }
+        for q in page + 1..(page + self.window).min(self.truth.len()) {
+            let free = self.locks[q].is_none() && self.queues[q].is_empty();
+            let claimable = self.home[q] == home && self.copies[home as usize][q] == Copy::Invalid;
+            if !(claimable && free && self.entries[q].owner.is_none()) {
+                break;
+            }
+            let decided = decide(&mut self.entries[q], Rank(home), Rank(home), access);
+            assert!(
+                matches!(
+                    decided,
+                    Decision::Done {
+                        data: Data::Zero,
+                        ..
+                    }
+                ),
+                "page {q}: an untouched page decided as {decided:?}"
+            );
+            self.lock(q, home, access, Held::OwnInstall);
+            // Claimed by the home's fault (BUSY there) until the install.
+            let txn = self.txns[home as usize]
+                .as_mut()
+                .expect("the home's own fault");
+            txn.claimed.push(q);
+            ahead.push((q, 0));
+        }
+        self.stats.zero_filled += ahead.len() as u64;
         ahead
     }
 }

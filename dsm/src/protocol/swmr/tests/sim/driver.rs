@@ -115,7 +115,7 @@ impl Sim {
     }
 
     /// The ranks alive that are in a fault.
-    fn faulting(&self) -> impl Iterator<Item = u32> + '_ {
+    pub(super) fn faulting(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.ranks as u32)
             .filter(|r| self.alive[*r as usize] && self.txns[*r as usize].is_some())
     }
@@ -144,7 +144,11 @@ impl Sim {
             .collect();
         let deliverable = self.deliverable();
         let giving_up = self.waiting_in_vain();
-        let choices = idle.len() + installing.len() + deliverable.len() + giving_up.len();
+        // A fault woken by a direct install reads (or writes) what was installed, until its install;
+        // only while ranks still fault, so that the job settles.
+        let woken = if start { self.woken() } else { Vec::new() };
+        let choices =
+            idle.len() + installing.len() + deliverable.len() + giving_up.len() + woken.len();
         if choices == 0 {
             return false;
         }
@@ -165,6 +169,11 @@ impl Sim {
                 return true;
             }
             k -= installing.len();
+            if k < woken.len() {
+                self.woken_access(woken[k]);
+                return true;
+            }
+            k -= woken.len();
             if k < deliverable.len() {
                 self.deliver(deliverable[k]);
             } else {

@@ -8,10 +8,15 @@ impl Sim {
     /// taken for failed: the Abandon could not be sent either).
     pub(super) fn abandon(&mut self, rank: u32, page: usize, access: Access) {
         let home = self.home[page];
-        self.txns[rank as usize].as_mut().unwrap().phase = Phase::Waiting;
+        // Asked again as `ask_home` asks, with the following pages claimed again (the grant released
+        // those claimed before).
+        let claimed = self.claim(rank, page, access);
+        let extras = claimed.len();
+        let txn = self.txns[rank as usize].as_mut().unwrap();
+        txn.phase = Phase::Waiting;
+        txn.claimed = claimed;
         self.send(rank, home, Msg::Abandon { page, access });
-        // (Asked again without read-ahead: the pages claimed were released when the grant came.)
-        self.ask(rank, page, access, 0);
+        self.ask(rank, page, access, extras);
     }
 
     /// Rank `x` takes `r` for failed (`peer_failed`).

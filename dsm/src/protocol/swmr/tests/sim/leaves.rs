@@ -34,8 +34,13 @@ impl Sim {
             self.deferred[r].push((from, msg.clone()));
             return true;
         }
-        if self.copies[r][page] != Copy::Invalid {
+        let unknown = self.installed_unknown(rank, page);
+        if self.copies[r][page] != Copy::Invalid && !unknown {
             return false;
+        }
+        if unknown {
+            // Installed here by its home, the answer not yet read: the state is still INVALID | BUSY.
+            self.stats.deferred_direct += 1;
         }
         if !own {
             return self.refuse(from, rank, page);
