@@ -27,7 +27,7 @@ fn jobs(seeds: u64, job: impl Fn(u64, usize) -> Job) -> Stats {
         total.upgrade_lost += s.upgrade_lost;
         total.waited_for_own += s.waited_for_own;
         total.direct += s.direct;
-        total.woken += s.woken;
+        total.early_accesses += s.early_accesses;
         total.deferred_direct += s.deferred_direct;
         total.unsent += s.unsent;
         total.unsent_held += s.unsent_held;
@@ -152,7 +152,7 @@ fn ranks_taken_for_failed_while_they_live_leave_no_stale_copy_readable_and_no_fa
 #[test]
 fn pages_installed_straight_into_requesters_keep_single_writer_and_fresh_reads() {
     // Jobs of both layouts in which homes install the pages they answer with straight into the
-    // requester, waking its fault before the answer is read: some with crashes, some with ranks taken
+    // requester, whose threads use them before the answer is read: some with crashes, some with ranks taken
     // for failed while they live.
     let s = jobs(3000, |seed, ranks| {
         let crashes = (seed / 3 % 3) as usize;
@@ -167,10 +167,10 @@ fn pages_installed_straight_into_requesters_keep_single_writer_and_fresh_reads()
             ..job
         }
     });
-    // Pages installed that way, faults woken reading and writing them, leaf requests for them deferred
+    // Pages installed that way, read and written before the answer was read, leaf requests for them deferred
     // until the answer's install, and answers to crashed requesters that a home took back after one.
     assert!(
-        s.direct > 50_000 && s.woken > 100_000 && s.deferred_direct > 2_000,
+        s.direct > 50_000 && s.early_accesses > 100_000 && s.deferred_direct > 2_000,
         "{s:?}"
     );
     assert!(

@@ -50,8 +50,8 @@
 //! after it too, locked until its install (`Sim::zero_fill_ahead`).
 //!
 //! In jobs with direct installs (`Job::direct`), a home installs the pages of a `Done` that carries its
-//! copy (or several pages read ahead) straight into the requester: its fault wakes and reads or writes
-//! them before the answer is read, while leaf requests for them are deferred as for pages not there
+//! copy (or several pages read ahead) straight into the requester, whose threads read or write them
+//! before the answer is read, while leaf requests for them are deferred as for pages not there
 //! (`sim/direct.rs`). A home's answer to a requester whose connection reset may fail to send: the home
 //! takes back what it gave, as the engine does (pages a direct install may have put there stay recorded).
 //! A requester alive whose home could not answer it is not modelled: one that cuts its home off while
@@ -206,7 +206,7 @@ struct Txn {
     /// the install): a leaf request for one that finds no copy is deferred, as for `page`.
     claimed: Vec<usize>,
     /// The home installed the answer's pages straight into this rank's memory (`Reply::Installed`),
-    /// which woke the fault: until the install, they are readable here (their copies are set) while
+    /// where the rank's threads use them at once: until the install, they are readable here (their copies are set) while
     /// their state is still `INVALID | BUSY`, and leaf requests for them are deferred.
     direct: bool,
 }
@@ -295,8 +295,8 @@ pub(super) struct Stats {
     pub waited_for_own: u64,
     /// Pages a home installed straight into a requester.
     pub direct: u64,
-    /// Accesses by a fault woken by a direct install, before its answer was read.
-    pub woken: u64,
+    /// Accesses to pages a home installed directly, before the answer was read.
+    pub early_accesses: u64,
     /// Leaf requests deferred at a rank whose pages were installed there directly but not yet known.
     pub deferred_direct: u64,
     /// Answers a home could not send (the requester's connection reset), and took back.
@@ -591,7 +591,7 @@ impl Sim {
         let page = txn.page;
         let current = self.copies[rank as usize][page];
         let value = if txn.direct {
-            // Installed by the home already, and perhaps written since by the fault it woke.
+            // Installed by the home already, and perhaps written since by the rank's threads.
             current
                 .value()
                 .expect("a page installed directly is not here")

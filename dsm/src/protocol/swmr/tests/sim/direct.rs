@@ -1,12 +1,12 @@
-//! A home installing pages straight into a requester (`direct.rs`), which wakes its fault before the
-//! answer is read, and a home whose answer does not reach its requester (the connection reset) taking
+//! A home installing pages straight into a requester (`direct.rs`), where its threads use them before
+//! the answer is read (faults are resolved in SIGBUS handlers: only the faulting thread waits for it), and a home whose answer does not reach its requester (the connection reset) taking
 //! back what the answer gave, as `engine/pages.rs`'s `serve_acquire` does.
 
 use super::*;
 
 impl Sim {
-    /// The home installs the answer's pages (`page` with `value`, and `ahead`) into `rank`'s memory: its
-    /// fault wakes, and the pages are readable there (written, for a write) before the answer is read.
+    /// The home installs the answer's pages (`page` with `value`, and `ahead`) into `rank`'s memory: they
+    /// are readable there (writable, for a write) before the answer is read.
     pub(super) fn install_directly(
         &mut self,
         rank: u32,
@@ -35,25 +35,27 @@ impl Sim {
         self.stats.direct += 1 + ahead.len() as u64;
     }
 
-    /// The ranks alive whose fault a direct install woke, its answer not yet installed.
-    pub(super) fn woken(&self) -> Vec<u32> {
+    /// The ranks alive holding pages a home installed into them directly, the answer not yet installed.
+    pub(super) fn installed_early(&self) -> Vec<u32> {
         self.faulting()
             .filter(|r| self.txns[*r as usize].as_ref().is_some_and(|t| t.direct))
             .collect()
     }
 
-    /// The woken thread of `rank` accesses a page installed into it directly: the faulting page as its
-    /// fault asked, or a page read ahead with it.
-    pub(super) fn woken_access(&mut self, rank: u32) {
+    /// A thread of `rank` accesses a page installed into it directly before the answer is read: the
+    /// faulting page as the fault asked (its other threads), or a page read ahead with it.
+    pub(super) fn early_access(&mut self, rank: u32) {
         let r = rank as usize;
-        let txn = self.txns[r].as_ref().expect("a woken rank with no fault");
+        let txn = self.txns[r]
+            .as_ref()
+            .expect("pages installed early into a rank with no fault");
         let (page, access) = (txn.page, txn.access);
         let installed: Vec<usize> = std::iter::once(page)
             .chain(txn.claimed.iter().copied())
             .filter(|q| self.copies[r][*q] != Copy::Invalid)
             .collect();
         let q = installed[self.rng.random_range(0..installed.len())];
-        self.stats.woken += 1;
+        self.stats.early_accesses += 1;
         self.access_locally(rank, q, if q == page { access } else { Access::Read });
     }
 

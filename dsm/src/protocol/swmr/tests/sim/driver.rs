@@ -144,11 +144,16 @@ impl Sim {
             .collect();
         let deliverable = self.deliverable();
         let giving_up = self.waiting_in_vain();
-        // A fault woken by a direct install reads (or writes) what was installed, until its install;
+        // The threads of a rank a home installed pages into directly read (or write) them before the
+        // answer's install;
         // only while ranks still fault, so that the job settles.
-        let woken = if start { self.woken() } else { Vec::new() };
+        let early = if start {
+            self.installed_early()
+        } else {
+            Vec::new()
+        };
         let choices =
-            idle.len() + installing.len() + deliverable.len() + giving_up.len() + woken.len();
+            idle.len() + installing.len() + deliverable.len() + giving_up.len() + early.len();
         if choices == 0 {
             return false;
         }
@@ -169,11 +174,11 @@ impl Sim {
                 return true;
             }
             k -= installing.len();
-            if k < woken.len() {
-                self.woken_access(woken[k]);
+            if k < early.len() {
+                self.early_access(early[k]);
                 return true;
             }
-            k -= woken.len();
+            k -= early.len();
             if k < deliverable.len() {
                 self.deliver(deliverable[k]);
             } else {
