@@ -13,6 +13,7 @@ fn jobs(seeds: u64, job: impl Fn(u64, usize) -> Job) -> Stats {
         total.reads += s.reads;
         total.writes += s.writes;
         total.ahead += s.ahead;
+        total.ahead_strided += s.ahead_strided;
         total.crashes += s.crashes;
         total.lost += s.lost;
         total.abandoned += s.abandoned;
@@ -50,12 +51,13 @@ fn few_pages(seed: u64, ranks: usize, pages: u64, crashes: usize) -> Job {
     }
 }
 
-/// A job on runs of 2 or 3 pages with one home, faults asking for up to 2 to 4 pages.
+/// A job on runs of 2 or 3 pages with one home, or on 3 pages a home in the cyclic layout (read ahead a
+/// stride apart), faults asking for up to 2 to 4 pages.
 fn read_ahead(seed: u64, ranks: usize, crashes: usize) -> Job {
-    let run = 2 + (seed % 2) as usize;
+    let run = 1 + (seed / 6 % 3) as usize;
     Job {
         ranks,
-        pages: run * ranks,
+        pages: if run == 1 { 3 } else { run } * ranks,
         run,
         window: 2 + (seed / 2 % 3) as usize,
         steps: 3000,
@@ -97,11 +99,13 @@ fn ranks_that_crash_leave_no_stale_copy_readable_and_no_fault_hanging() {
 #[test]
 fn pages_handed_over_ahead_of_faults_keep_single_writer_and_fresh_reads() {
     let s = jobs(600, |seed, ranks| read_ahead(seed, ranks, 0));
-    // Homes also filled untouched pages with zeros along with their own first touches.
+    // Some of them a stride apart, in the cyclic layout; homes also filled untouched pages with zeros
+    // along with their own first touches.
     assert!(
-        s.reads > 100_000 && s.writes > 100_000 && s.ahead > 2_000 && s.zero_filled > 200,
+        s.reads > 100_000 && s.writes > 100_000 && s.ahead > 2_000 && s.ahead_strided > 500,
         "{s:?}"
     );
+    assert!(s.zero_filled > 200, "{s:?}");
 }
 
 #[test]

@@ -43,8 +43,9 @@
 //! does. Leaf requests only reach ranks that hold a copy (the engine refuses others, failing the fault),
 //! unless a rank alive was taken for failed.
 //!
-//! Jobs may fault with read-ahead (`Job::window`) on pages laid out in runs with one home (`Job::run`):
-//! the requester claims the following pages of the run it holds no copy of (again when it asks again
+//! Jobs may fault with read-ahead (`Job::window`) on pages laid out in runs with one home (`Job::run`), or
+//! cyclically, where the pages of one home are a stride apart: the requester claims the following pages
+//! with the page's home that it holds no copy of (again when it asks again
 //! after an abandoned grant), and the home hands over with a `Done` those it can at once (`Sim::gather`);
 //! they are deferred on and installed as the page is. A home's own first touch takes the untouched pages
 //! after it too, locked until its install (`Sim::zero_fill_ahead`).
@@ -233,6 +234,9 @@ pub(super) struct Job {
 pub(super) struct Sim {
     ranks: usize,
     window: usize,
+    /// From one page to the next with the same home, as read-ahead takes them (`home_stride`): the rank
+    /// count in the cyclic layout, 1 in runs.
+    stride: usize,
     direct: bool,
     /// Whether a fault waiting for a copy holder it cannot reach may give up (`LEAVING` passing): in jobs
     /// where ranks are taken for failed while they live, such a holder may never be known gone.
@@ -266,6 +270,8 @@ pub(super) struct Stats {
     pub writes: u64,
     /// Pages handed over ahead of a fault (read-ahead and write-ahead).
     pub ahead: u64,
+    /// Of those, pages a stride apart (the cyclic layout).
+    pub ahead_strided: u64,
     /// Ranks crashed by the run (not by a fault that failed).
     pub crashes: u64,
     /// Faults refused because the page's data left with a crashed rank.
@@ -313,6 +319,7 @@ impl Sim {
         Sim {
             ranks,
             window: job.window,
+            stride: if job.run == 1 { ranks } else { 1 },
             direct: job.direct,
             timeouts: job.suspicions > 0,
             rng: StdRng::seed_from_u64(seed),
@@ -410,9 +417,18 @@ impl Sim {
         if home == rank || !(access == Access::Read || missing) {
             return Vec::new();
         }
-        (page + 1..(page + self.window).min(self.truth.len()))
-            .take_while(|q| self.home[*q] == home && mine[*q] == Copy::Invalid)
+        self.following(page, self.window)
+            .take_while(|q| mine[*q] == Copy::Invalid)
             .collect()
+    }
+
+    /// The next pages after `page` with its home, up to `count` pages with it (`following_here`): a
+    /// stride apart, ending at the region's end or, in runs, at the run's.
+    pub(super) fn following(&self, page: usize, count: usize) -> impl Iterator<Item = usize> + '_ {
+        let home = self.home[page];
+        (1..count)
+            .map(move |k| page + k * self.stride)
+            .take_while(move |q| *q < self.truth.len() && self.home[*q] == home)
     }
 
     /// Sends `rank`'s request for `page` to its home; to a home it takes for failed, the request cannot
@@ -617,6 +633,9 @@ impl Sim {
         };
         self.access_locally(rank, page, txn.access);
         self.stats.ahead += ahead.len() as u64;
+        if self.stride > 1 {
+            self.stats.ahead_strided += ahead.len() as u64;
+        }
         let ahead_pages: Vec<usize> = ahead.iter().map(|(q, _)| *q).collect();
         for (q, value) in ahead {
             let copy = match txn.access {

@@ -22,8 +22,9 @@ impl Sim {
         if !carried {
             return ahead;
         }
-        for q in page + 1..=page + extras {
-            assert_eq!(self.home[q], home, "page {q} claimed for the wrong home");
+        let claimed: Vec<usize> = self.following(page, extras + 1).collect();
+        assert_eq!(claimed.len(), extras, "pages claimed past the run");
+        for q in claimed {
             let mut entry = self.entries[q];
             let untouched = entry.owner.is_none();
             if self.locks[q].is_some() || (access == Access::Write && !untouched) {
@@ -67,9 +68,10 @@ impl Sim {
         if !zeros {
             return ahead;
         }
-        for q in page + 1..(page + self.window).min(self.truth.len()) {
+        let following: Vec<usize> = self.following(page, self.window).collect();
+        for q in following {
             let free = self.locks[q].is_none() && self.queues[q].is_empty();
-            let claimable = self.home[q] == home && self.copies[home as usize][q] == Copy::Invalid;
+            let claimable = self.copies[home as usize][q] == Copy::Invalid;
             if !(claimable && free && self.entries[q].owner.is_none()) {
                 break;
             }
