@@ -67,6 +67,15 @@ fn read_ahead(seed: u64, ranks: usize, crashes: usize) -> Job {
     }
 }
 
+/// A job of `few_pages` (even seeds) or `read_ahead` (odd seeds).
+fn either_layout(seed: u64, ranks: usize, crashes: usize) -> Job {
+    if seed % 2 == 0 {
+        few_pages(seed, ranks, 3, crashes)
+    } else {
+        read_ahead(seed, ranks, crashes)
+    }
+}
+
 #[test]
 fn randomized_interleavings_keep_single_writer_and_fresh_reads() {
     let s = jobs(300, |seed, ranks| few_pages(seed, ranks, 2, 0));
@@ -124,17 +133,9 @@ fn pages_handed_over_ahead_of_faults_to_ranks_that_crash_leave_no_stale_copy_rea
 fn ranks_taken_for_failed_while_they_live_leave_no_stale_copy_readable_and_no_fault_hanging() {
     // Jobs of both layouts, some with crashes too, in which ranks alive take others alive for failed
     // (one to six times a job).
-    let s = jobs(3000, |seed, ranks| {
-        let crashes = (seed / 3 % 2) as usize;
-        let job = if seed % 2 == 0 {
-            few_pages(seed, ranks, 3, crashes)
-        } else {
-            read_ahead(seed, ranks, crashes)
-        };
-        Job {
-            suspicions: 1 + (seed / 7 % 6) as usize,
-            ..job
-        }
+    let s = jobs(3000, |seed, ranks| Job {
+        suspicions: 1 + (seed / 7 % 6) as usize,
+        ..either_layout(seed, ranks, (seed / 3 % 2) as usize)
     });
     // Each way the engine handles a rank taken for failed that lives on must have been taken: the home
     // ending its transactions early, faults giving up on it, later writers revoking its grants, its
@@ -156,20 +157,12 @@ fn ranks_taken_for_failed_while_they_live_leave_no_stale_copy_readable_and_no_fa
 #[test]
 fn pages_installed_straight_into_requesters_keep_single_writer_and_fresh_reads() {
     // Jobs of both layouts in which homes install the pages they answer with straight into the
-    // requester, whose threads use them before the answer is read: some with crashes, some with ranks taken
-    // for failed while they live.
-    let s = jobs(3000, |seed, ranks| {
-        let crashes = (seed / 3 % 3) as usize;
-        let job = if seed % 2 == 0 {
-            few_pages(seed, ranks, 3, crashes)
-        } else {
-            read_ahead(seed, ranks, crashes)
-        };
-        Job {
-            direct: true,
-            suspicions: (seed / 9 % 3) as usize,
-            ..job
-        }
+    // requester, whose threads use them before the answer is read: some with crashes, some with ranks
+    // taken for failed while they live.
+    let s = jobs(3000, |seed, ranks| Job {
+        direct: true,
+        suspicions: (seed / 9 % 3) as usize,
+        ..either_layout(seed, ranks, (seed / 3 % 3) as usize)
     });
     // Pages installed that way, read and written before the answer was read, leaf requests for them deferred
     // until the answer's install, and answers to crashed requesters that a home took back after one.
