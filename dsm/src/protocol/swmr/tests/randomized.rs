@@ -69,7 +69,7 @@ fn read_ahead(seed: u64, ranks: usize, crashes: usize) -> Job {
 
 /// A job of `few_pages` (even seeds) or `read_ahead` (odd seeds).
 fn either_layout(seed: u64, ranks: usize, crashes: usize) -> Job {
-    if seed % 2 == 0 {
+    if seed.is_multiple_of(2) {
         few_pages(seed, ranks, 3, crashes)
     } else {
         read_ahead(seed, ranks, crashes)
