@@ -1,6 +1,7 @@
 //! A home installing pages straight into a requester (`direct.rs`), where its threads use them before
-//! the answer is read (faults are resolved in SIGBUS handlers: only the faulting thread waits for it), and a home whose answer does not reach its requester (the connection reset) taking
-//! back what the answer gave, as `engine/pages.rs`'s `serve_acquire` does.
+//! the answer is read (faults are resolved in SIGBUS handlers: only the faulting thread waits for it);
+//! and a home whose answer does not reach its requester (the connection reset) taking back what the
+//! answer gave, as `engine/pages.rs`'s `serve_acquire` does.
 
 use super::*;
 
@@ -42,8 +43,9 @@ impl Sim {
             .collect()
     }
 
-    /// A thread of `rank` accesses a page installed into it directly before the answer is read: the
-    /// faulting page as the fault asked (its other threads), or a page read ahead with it.
+    /// A thread of `rank` accesses a page installed into it directly before the answer is read (one
+    /// other than the faulting thread, which waits for the answer): the faulting page as the fault
+    /// asked, or a page read ahead with it.
     pub(super) fn early_access(&mut self, rank: u32) {
         let r = rank as usize;
         let txn = self.txns[r]

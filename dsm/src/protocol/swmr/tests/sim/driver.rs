@@ -145,8 +145,7 @@ impl Sim {
         let deliverable = self.deliverable();
         let giving_up = self.waiting_in_vain();
         // The threads of a rank a home installed pages into directly read (or write) them before the
-        // answer's install;
-        // only while ranks still fault, so that the job settles.
+        // answer's install; only while ranks still fault, so that the job settles.
         let early = if start {
             self.installed_early()
         } else {
