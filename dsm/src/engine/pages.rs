@@ -216,8 +216,8 @@ impl Engine {
                 let count = pages.len() as u32;
                 let mut sent = false;
                 // Whether pages may be in the requester's memory whatever becomes of the reply: an
-                // install straight into it puts them where its threads use them at once, and one that failed may have
-                // put some there.
+                // install straight into it puts them where its threads use them at once, and one that
+                // failed may have put some there.
                 let mut tried_direct = false;
                 if self.conns[idx].open {
                     let writable = access == Access::Write;
@@ -273,9 +273,9 @@ impl Engine {
                     // Whatever a requester that never got its answer was to have goes back to the way it
                     // was, so that nobody later has to ask a failed rank for a page it never had, and the
                     // home keeps a copy it gave up. (A writer's page is taken back even if it was installed
-                    // straight into the requester's memory, where its threads may have written it: the home's copy may be the
-                    // only one, and the requester, failed, is out of the job; should it live on, what it
-                    // writes there is its own.)
+                    // straight into the requester's memory, where its threads may have written it: the
+                    // home's copy may be the only one, and the requester, failed, is out of the job; should
+                    // it live on, what it writes there is its own.)
                     if copied {
                         self.restore_home_copy(region, page, &owned);
                     }

@@ -164,8 +164,9 @@ fn pages_installed_straight_into_requesters_keep_single_writer_and_fresh_reads()
         suspicions: (seed / 9 % 3) as usize,
         ..either_layout(seed, ranks, (seed / 3 % 3) as usize)
     });
-    // Pages installed that way, read and written before the answer was read, leaf requests for them deferred
-    // until the answer's install, and answers to crashed requesters that a home took back after one.
+    // Pages installed that way, read and written before the answer was read, leaf requests for them
+    // deferred until the answer's install, and answers to crashed requesters that a home took back
+    // after one.
     assert!(
         s.direct > 50_000 && s.early_accesses > 100_000 && s.deferred_direct > 2_000,
         "{s:?}"

@@ -43,12 +43,12 @@
 //! does. Leaf requests only reach ranks that hold a copy (the engine refuses others, failing the fault),
 //! unless a rank alive was taken for failed.
 //!
-//! Jobs may fault with read-ahead (`Job::window`) on pages laid out in runs with one home (`Job::run`), or
-//! cyclically, where the pages of one home are a stride apart: the requester claims the following pages
-//! with the page's home that it holds no copy of (again when it asks again
-//! after an abandoned grant), and the home hands over with a `Done` those it can at once (`Sim::gather`);
-//! they are deferred on and installed as the page is. A home's own first touch takes the untouched pages
-//! after it too, locked until its install (`Sim::zero_fill_ahead`).
+//! Jobs may fault with read-ahead (`Job::window`) on pages laid out in runs with one home (`Job::run`),
+//! or cyclically, where the pages of one home are a stride apart: the requester claims the following
+//! pages with the page's home that it holds no copy of (again when it asks again after an abandoned
+//! grant), and the home hands over with a `Done` those it can at once (`Sim::gather`); they are deferred
+//! on and installed as the page is. A home's own first touch takes the untouched pages after it too,
+//! locked until its install (`Sim::zero_fill_ahead`).
 //!
 //! In jobs with direct installs (`Job::direct`), a home installs the pages of a `Done` that carries its
 //! copy (or several pages read ahead) straight into the requester, whose threads read or write them
@@ -207,8 +207,9 @@ struct Txn {
     /// the install): a leaf request for one that finds no copy is deferred, as for `page`.
     claimed: Vec<usize>,
     /// The home installed the answer's pages straight into this rank's memory (`Reply::Installed`),
-    /// where the rank's threads use them at once: until the install, they are readable here (their copies are set) while
-    /// their state is still `INVALID | BUSY`, and leaf requests for them are deferred.
+    /// where the rank's threads use them at once: until the install, they are readable here (their
+    /// copies are set) while their state is still `INVALID | BUSY`, and leaf requests for them are
+    /// deferred.
     direct: bool,
 }
 
@@ -227,7 +228,7 @@ pub(super) struct Job {
     /// Times a rank takes another for failed while both live (the peer timeout), at random steps.
     pub suspicions: usize,
     /// Homes install the pages of a `Done` that carries the home's copy straight into the requester
-    /// (`direct.rs`), waking its fault before the answer is read.
+    /// (`direct.rs`), whose threads may use them before the answer is read.
     pub direct: bool,
 }
 
@@ -237,6 +238,7 @@ pub(super) struct Sim {
     /// From one page to the next with the same home, as read-ahead takes them (`home_stride`): the rank
     /// count in the cyclic layout, 1 in runs.
     stride: usize,
+    /// The job's `Job::direct`.
     direct: bool,
     /// Whether a fault waiting for a copy holder it cannot reach may give up (`LEAVING` passing): in jobs
     /// where ranks are taken for failed while they live, such a holder may never be known gone.

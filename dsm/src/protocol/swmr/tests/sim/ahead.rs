@@ -54,9 +54,9 @@ impl Sim {
 
     /// The untouched pages after `page` that the home takes along with its own first touch of `page`
     /// (`zeros`: the decision gave zeros), as `fault/sequential.rs`'s `zero_fill_home` does: the
-    /// following pages with its home in the window that hold no copy here, claimed (`claim_zero_fill`), for
-    /// as long as each is untouched with its lock free and nothing queued on it (`lock_untouched`). Each
-    /// is decided for the home (`give_untouched`) and locked until the install.
+    /// following pages with its home in the window that hold no copy here, claimed (`claim_zero_fill`),
+    /// for as long as each is untouched with its lock free and nothing queued on it (`lock_untouched`).
+    /// Each is decided for the home (`give_untouched`) and locked until the install.
     pub(super) fn zero_fill_ahead(
         &mut self,
         home: u32,
