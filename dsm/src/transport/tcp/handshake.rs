@@ -1,50 +1,123 @@
-//! The handshake that opens every connection of the mesh: what the connecting rank sends (magic, protocol
-//! version, the job's token, its rank, channels and connection set), how the accepting rank checks it, and
-//! the one-byte acknowledgement or the refusal with its reason that answers it. A read here is bounded in
-//! all, so that a peer sending a byte at a time holds no rank up.
+//! The handshake that opens every socket connection of the mesh. Each side proves that it knows the
+//! job's token without sending it: the connecting rank sends a fresh nonce and MACs (HMAC-SHA256 keyed
+//! with the token) over all it sends; the accepting rank checks them and answers with a MAC of its own
+//! over the whole handshake, or with a refusal and its reason. Whoever answers at an address, or records
+//! a handshake on the network, learns nothing it could join the job with, and a handshake sent again is
+//! refused. A read here is bounded in all, so that a peer sending a byte at a time holds no rank up.
+//!
+//! The data that follows the handshake is not encrypted: a job across hosts trusts the network between
+//! them not to read or change it (docs/ARCHITECTURE.md, "Transports").
 
 use super::stream::Stream;
 use super::Token;
 use crate::transport::{channels_in, PROTOCOL_VERSION};
 use crate::types::Rank;
-use std::io::{Read, Write};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::io::Read;
 use std::time::{Duration, Instant};
 
-const MAGIC: &[u8; 4] = b"DSM\x01";
+/// The handshake's magic. Builds that sent the token itself began with `DSM\x01`.
+const MAGIC: &[u8; 4] = b"DSM\x02";
+const TOKEN_IN_CLEAR: &[u8; 4] = b"DSM\x01";
 
-/// A handshake: magic, protocol version, job token, rank, connections per rank (its channels and one
-/// more: `transport::connections`), and which of them this one is (its set: the service loop's own is
-/// the last). The first 40 bytes (magic, version and token: the preamble) keep this layout in every
-/// version, and are read and checked before the rest, so that a rank of another build, whose handshake
-/// may be of another length, is still known for one of the job's (its token is right) and told why it is
-/// refused, instead of being taken for a stranger.
-pub(super) const HELLO_LEN: usize = PREAMBLE_LEN + 4 + 4 + 4;
+/// A nonce, and a MAC's length (HMAC-SHA256).
+pub(super) const NONCE_LEN: usize = 32;
+const MAC_LEN: usize = 32;
 
-pub(super) const PREAMBLE_LEN: usize = 4 + 4 + 32;
+/// The preamble: magic, protocol version, the connecting rank's nonce, and its proof (a MAC over the
+/// three). Its layout stays the same in every version and is checked before the rest is read, so that
+/// a rank of another build, whose handshake may be of another length, is still known for one of the
+/// job's (its proof checks out) and told why it is refused, instead of being taken for a stranger.
+pub(super) const PREAMBLE_LEN: usize = 4 + 4 + NONCE_LEN + MAC_LEN;
 
-pub(super) fn hello(me: Rank, channels: usize, set: usize, token: &Token) -> [u8; HELLO_LEN] {
+/// A handshake: the preamble, then the rank it means to reach, the connecting rank, its connections
+/// per rank (its channels and one more: `transport::connections`), which of them this one is (its set:
+/// the service loop's own is the last), and a MAC over all of that and the preamble.
+pub(super) const HELLO_LEN: usize = PREAMBLE_LEN + 4 + 4 + 4 + 4 + MAC_LEN;
+
+/// What follows an `ACK_OK`: the accepting rank's MAC over the whole handshake it accepted.
+pub(super) const WELCOME_LEN: usize = MAC_LEN;
+
+const PROOF: &[u8] = b"dsm handshake: preamble\0";
+const TAG: &[u8] = b"dsm handshake: connection\0";
+const WELCOME: &[u8] = b"dsm handshake: welcome\0";
+
+/// HMAC-SHA256 of `label` and then `bytes`, keyed with the job's token.
+fn mac(token: &Token, label: &[u8], bytes: &[u8]) -> Hmac<Sha256> {
+    let mut m =
+        <Hmac<Sha256> as Mac>::new_from_slice(token).expect("HMAC takes keys of any length");
+    m.update(label);
+    m.update(bytes);
+    m
+}
+
+fn sign(token: &Token, label: &[u8], bytes: &[u8]) -> [u8; MAC_LEN] {
+    mac(token, label, bytes).finalize().into_bytes().into()
+}
+
+/// Whether `tag` is the MAC of `label` and `bytes` under `token`, compared in constant time, so that
+/// the time to refuse does not tell how much of a guess was right.
+fn signed(token: &Token, label: &[u8], bytes: &[u8], tag: &[u8]) -> bool {
+    mac(token, label, bytes).verify_slice(tag).is_ok()
+}
+
+/// The preamble of a handshake of protocol `version` made with `nonce`.
+pub(super) fn preamble(version: u32, token: &Token, nonce: [u8; NONCE_LEN]) -> [u8; PREAMBLE_LEN] {
+    let mut p = [0u8; PREAMBLE_LEN];
+    p[..4].copy_from_slice(MAGIC);
+    p[4..8].copy_from_slice(&version.to_le_bytes());
+    p[8..40].copy_from_slice(&nonce);
+    let proof = sign(token, PROOF, &p[..40]);
+    p[40..].copy_from_slice(&proof);
+    p
+}
+
+/// The handshake of `from`'s connection of set `set` to `to`, made with a fresh `nonce`.
+pub(super) fn hello(
+    from: Rank,
+    to: Rank,
+    channels: usize,
+    set: usize,
+    token: &Token,
+    nonce: [u8; NONCE_LEN],
+) -> [u8; HELLO_LEN] {
     let mut h = [0u8; HELLO_LEN];
-    h[..4].copy_from_slice(MAGIC);
-    h[4..8].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    h[8..40].copy_from_slice(token);
-    h[40..44].copy_from_slice(&me.0.to_le_bytes());
-    h[44..48].copy_from_slice(&(channels as u32).to_le_bytes());
-    h[48..52].copy_from_slice(&(set as u32).to_le_bytes());
+    h[..PREAMBLE_LEN].copy_from_slice(&preamble(PROTOCOL_VERSION, token, nonce));
+    let rest = PREAMBLE_LEN;
+    h[rest..rest + 4].copy_from_slice(&to.0.to_le_bytes());
+    h[rest + 4..rest + 8].copy_from_slice(&from.0.to_le_bytes());
+    h[rest + 8..rest + 12].copy_from_slice(&(channels as u32).to_le_bytes());
+    h[rest + 12..rest + 16].copy_from_slice(&(set as u32).to_le_bytes());
+    let tag = sign(token, TAG, &h[..rest + 16]);
+    h[rest + 16..].copy_from_slice(&tag);
     h
 }
 
-/// Constant-time comparison, so that the time to refuse does not reveal how much of a token was right.
-fn same_token(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The nonce a handshake was made with.
+pub(super) fn nonce_of(h: &[u8; HELLO_LEN]) -> [u8; NONCE_LEN] {
+    h[8..40].try_into().expect("32 bytes")
+}
+
+/// The accepting rank's answer to handshake `h`, which proves it knows the token.
+pub(super) fn welcome(h: &[u8; HELLO_LEN], token: &Token) -> [u8; WELCOME_LEN] {
+    sign(token, WELCOME, h)
+}
+
+/// Whether `w` is the answer to `h` of a rank that knows the token.
+pub(super) fn welcomed(h: &[u8; HELLO_LEN], w: &[u8; WELCOME_LEN], token: &Token) -> bool {
+    signed(token, WELCOME, h, w)
 }
 
 /// Why a handshake is refused.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Refusal {
-    /// Not a rank of this job (bad magic, wrong token): refused, and the mesh goes on forming.
+    /// Not a rank of this job (bad magic, a proof or tag that does not check out, a handshake sent
+    /// again): refused, and the mesh goes on forming.
     Stranger(String),
     /// A rank of this job that cannot be part of the mesh (another build, another number of channels, a
-    /// rank outside the job): the job cannot start, and every rank says why at once.
+    /// rank outside the job, one that meant to reach another rank): the job cannot start, and every
+    /// rank says why at once.
     Member(String),
 }
 
@@ -53,13 +126,21 @@ fn word(h: &[u8], at: usize) -> u32 {
 }
 
 /// Checks a handshake's preamble (its first [`PREAMBLE_LEN`] bytes): a connection of this job (magic and
-/// token), of this build (protocol version).
+/// a proof made with its token), of this build (protocol version).
 pub(super) fn check_preamble(h: &[u8], token: &Token) -> std::result::Result<(), Refusal> {
+    if &h[..4] == TOKEN_IN_CLEAR {
+        return Err(Refusal::Stranger(
+            "the handshake of an older dsm build, which sends the job's token itself: every rank must run the same build"
+                .into(),
+        ));
+    }
     if &h[..4] != MAGIC {
         return Err(Refusal::Stranger("not a dsm connection (bad magic)".into()));
     }
-    if !same_token(&h[8..40], token) {
-        return Err(Refusal::Stranger("wrong job token".into()));
+    if !signed(token, PROOF, &h[..40], &h[40..PREAMBLE_LEN]) {
+        return Err(Refusal::Stranger(
+            "wrong job token (its handshake's proof does not check out)".into(),
+        ));
     }
     let version = word(h, 4);
     if version != PROTOCOL_VERSION {
@@ -70,20 +151,38 @@ pub(super) fn check_preamble(h: &[u8], token: &Token) -> std::result::Result<(),
     Ok(())
 }
 
-/// Checks a handshake from a rank that means to join a job of `size` ranks with `channels` connections to
-/// each rank (its channels and one more); returns the peer's rank and the connection's set, or why it is
-/// refused.
+/// Checks a handshake that reached rank `me` from a rank that means to join a job of `size` ranks with
+/// `channels` connections to each rank (its channels and one more); returns the peer's rank and the
+/// connection's set, or why it is refused.
 pub(super) fn check_hello(
     h: &[u8; HELLO_LEN],
     token: &Token,
+    me: Rank,
     size: usize,
     channels: usize,
 ) -> std::result::Result<(Rank, usize), Refusal> {
     check_preamble(h, token)?;
-    let (rank, theirs, set) = (word(h, 40), word(h, 44), word(h, 48));
+    let rest = PREAMBLE_LEN;
+    if !signed(token, TAG, &h[..rest + 16], &h[rest + 16..]) {
+        return Err(Refusal::Stranger(
+            "its handshake was changed after it was made (the MAC over its ranks and set does not check out)"
+                .into(),
+        ));
+    }
+    let (to, rank, theirs, set) = (
+        word(h, rest),
+        word(h, rest + 4),
+        word(h, rest + 8),
+        word(h, rest + 12),
+    );
     if rank as usize >= size {
         return Err(Refusal::Member(format!(
             "rank {rank} is outside a job of {size}"
+        )));
+    }
+    if to != me.0 {
+        return Err(Refusal::Member(format!(
+            "rank {rank} meant to reach rank {to} and reached {me}: the ranks were told different addresses for one rank"
         )));
     }
     if theirs as usize != channels {
@@ -109,6 +208,7 @@ pub(super) const ACK_REFUSED: u8 = 1;
 const MAX_REASON: usize = 1024;
 
 pub(super) fn refuse(stream: &mut Stream, reason: &str) {
+    use std::io::Write;
     let mut reply = vec![ACK_REFUSED];
     let reason = &reason.as_bytes()[..reason.len().min(MAX_REASON)];
     reply.extend_from_slice(&(reason.len() as u16).to_le_bytes());

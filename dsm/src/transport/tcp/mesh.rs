@@ -5,7 +5,7 @@
 use super::handshake::*;
 use super::stream::Stream;
 use super::unix::{connect_unix, PeerAddr};
-use super::Token;
+use super::{random_bytes, Token};
 use crate::error::{DsmError, Result};
 use crate::types::Rank;
 use nix::poll::{ppoll, PollFd, PollFlags};
@@ -130,6 +130,7 @@ impl Greeting {
     fn progress(
         &mut self,
         token: &Token,
+        me: Rank,
         size: usize,
         channels: usize,
     ) -> Option<std::result::Result<(Rank, usize), Refusal>> {
@@ -156,7 +157,7 @@ impl Greeting {
                         }
                     }
                     if self.got == HELLO_LEN {
-                        return Some(check_hello(&self.hello, token, size, channels));
+                        return Some(check_hello(&self.hello, token, me, size, channels));
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -214,6 +215,8 @@ fn accept_each(listeners: &[&dyn Listener], setup: &Setup) -> Result<Vec<Accepte
     let mut accepted = Vec::with_capacity(expected);
     let mut arrived: std::collections::HashSet<(Rank, usize)> =
         (0..channels).map(|set| (me, set)).collect();
+    // The nonces of the handshakes taken: one sent again (recorded on its way and replayed) is refused.
+    let mut nonces = std::collections::HashSet::with_capacity(expected);
     let mut greetings: Vec<Greeting> = Vec::new();
     while accepted.len() < expected {
         // At most a room's worth of new connections a pass from each listener, so that a flood of them
@@ -261,25 +264,37 @@ fn accept_each(listeners: &[&dyn Listener], setup: &Setup) -> Result<Vec<Accepte
         // Handshakes are read before any is dropped for room: a rank's comes with its connection.
         let mut i = 0;
         while i < greetings.len() {
-            let Some(verdict) = greetings[i].progress(token, size, channels) else {
+            let Some(verdict) = greetings[i].progress(token, me, size, channels) else {
                 i += 1;
                 continue;
             };
             // (In order: the first is the oldest, which goes first when room is short.)
             let Greeting {
-                mut stream, from, ..
+                mut stream,
+                from,
+                hello,
+                ..
             } = greetings.remove(i);
-            let verdict = verdict.and_then(|(rank, set)| match arrived.insert((rank, set)) {
-                true => Ok((rank, set)),
-                false => Err(Refusal::Member(format!(
-                    "rank {rank} opened its connection {set} twice: two processes of the job took rank {rank} (give each its own DSM_RANK), or another program has the job's token"
-                ))),
-            });
+            let verdict = verdict
+                .and_then(|ok| match nonces.insert(nonce_of(&hello)) {
+                    true => Ok(ok),
+                    false => Err(Refusal::Stranger(
+                        "a handshake this rank has already taken, sent again".into(),
+                    )),
+                })
+                .and_then(|(rank, set)| match arrived.insert((rank, set)) {
+                    true => Ok((rank, set)),
+                    false => Err(Refusal::Member(format!(
+                        "rank {rank} opened its connection {set} twice: two processes of the job took rank {rank} (give each its own DSM_RANK), or another program has the job's token"
+                    ))),
+                });
             let _ = stream.set_nonblocking(false);
             match verdict {
                 Ok((rank, set)) => {
+                    let mut reply = [ACK_OK; 1 + WELCOME_LEN];
+                    reply[1..].copy_from_slice(&welcome(&hello, token));
                     stream
-                        .write_all(&[ACK_OK])
+                        .write_all(&reply)
                         .map_err(|e| DsmError::io(format!("handshake reply to {rank}"), e))?;
                     let _ = stream.set_read_timeout(None);
                     let _ = stream.set_nodelay();
@@ -362,8 +377,10 @@ pub(super) fn connect(
         ),
     };
     let addr = addr.as_str();
+    let nonce = random_bytes("a handshake's nonce")?;
+    let hello = hello(me, to, setup.channels, set, &setup.token, nonce);
     stream
-        .write_all(&hello(me, setup.channels, set, &setup.token))
+        .write_all(&hello)
         .map_err(|e| handshake_failed(me, to, addr, "sending its handshake to", e))?;
     // Until the job's deadline: the other rank's accepting may be held up by a slow stranger's handshake.
     let mut ack = [0u8; 1];
@@ -373,6 +390,16 @@ pub(super) fn connect(
         return Err(DsmError::BadHandshake(format!(
             "{me}: {to} at {addr} refused this rank's handshake: {}",
             read_reason(&mut stream)
+        )));
+    }
+    let mut proof = [0u8; WELCOME_LEN];
+    read_by(&mut stream, &mut proof, setup.deadline, &|| {
+        setup.stopping()
+    })
+    .map_err(|e| handshake_failed(me, to, addr, "waiting for the handshake reply from", e))?;
+    if !welcomed(&hello, &proof, &setup.token) {
+        return Err(DsmError::BadHandshake(format!(
+            "{me}: what answers at {addr}, where {to} listens, does not know the job's token: it is not {to} (another program took the address, which {to} may have left)"
         )));
     }
     let _ = stream.set_read_timeout(None);

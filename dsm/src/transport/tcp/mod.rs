@@ -2,8 +2,8 @@
 //! instead between ranks on one host that listen on one (`unix.rs`), and in-memory connections
 //! (`memory::pair`) from each rank to its own service loop, whose requests (locks homed here, faults on
 //! pages homed here, rank 0's barrier arrivals) then never go through the kernel's network stack. Every
-//! socket connection starts with a handshake that proves knowledge of the job's secret token; a wrong
-//! token, protocol version or rank is refused and logged. Listeners bind to 127.0.0.1 unless the launcher
+//! socket connection starts with a handshake in which both ends prove that they know the job's secret
+//! token, without sending it; a wrong token, protocol version or rank is refused and logged. Listeners bind to 127.0.0.1 unless the launcher
 //! is told otherwise (`DSM_BIND`).
 
 mod handshake;
@@ -22,8 +22,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 pub use unix::{bind_unix, PeerAddr, UnixName};
 
-/// The secret every connection of a job must present.
+/// The job's secret: every socket connection of the mesh starts with a handshake in which both ends
+/// prove that they know it, without sending it (`handshake.rs`).
 pub type Token = [u8; 32];
+
+/// `N` random bytes from the kernel (`/dev/urandom`), for `what`.
+fn random_bytes<const N: usize>(what: &str) -> Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .map_err(|e| DsmError::io(format!("reading /dev/urandom for {what}"), e))?;
+    Ok(bytes)
+}
 
 /// The mesh of one rank over TCP, and Unix-domain sockets to ranks on its host.
 #[derive(Debug)]

@@ -6,37 +6,95 @@ use crate::transport::PROTOCOL_VERSION;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
+/// A handshake from `from` to rank 0, of set `set` of two, made with `token` and a nonce of its own.
+fn hello_to_0(from: Rank, set: usize, token: &Token) -> [u8; HELLO_LEN] {
+    hello(
+        from,
+        Rank(0),
+        2,
+        set,
+        token,
+        [from.0 as u8 + 40 + set as u8; NONCE_LEN],
+    )
+}
+
 #[test]
-fn handshake_checks_magic_token_version_rank_channels_and_set() {
+fn handshake_checks_magic_proof_version_ranks_channels_and_set() {
     let token = [7u8; 32];
-    let good = hello(Rank(1), 4, 3, &token);
-    assert_eq!(check_hello(&good, &token, 2, 4), Ok((Rank(1), 3)));
-    let stranger = |r| matches!(r, Err(Refusal::Stranger(why)) if why.contains("token") || why.contains("magic"));
+    let good = hello(Rank(1), Rank(0), 4, 3, &token, [9u8; NONCE_LEN]);
+    assert_eq!(check_hello(&good, &token, Rank(0), 2, 4), Ok((Rank(1), 3)));
+    // The token itself never appears in a handshake: it is proved, not sent.
+    assert!(!good.windows(token.len()).any(|w| w == token));
+    let stranger = |r: std::result::Result<(Rank, usize), Refusal>, what: &str| matches!(&r, Err(Refusal::Stranger(why)) if why.contains(what));
     let member = |r: std::result::Result<(Rank, usize), Refusal>, what: &str| matches!(&r, Err(Refusal::Member(why)) if why.contains(what));
-    assert!(stranger(check_hello(&good, &[8u8; 32], 2, 4)));
+    assert!(stranger(
+        check_hello(&good, &[8u8; 32], Rank(0), 2, 4),
+        "wrong job token"
+    ));
     let mut bad = good;
     bad[0] = b'X';
-    assert!(stranger(check_hello(&bad, &token, 2, 4)));
+    assert!(stranger(check_hello(&bad, &token, Rank(0), 2, 4), "magic"));
+    bad[..4].copy_from_slice(b"DSM\x01");
+    assert!(stranger(
+        check_hello(&bad, &token, Rank(0), 2, 4),
+        "older dsm build, which sends the job's token itself"
+    ));
+    // Any byte changed, in the preamble or after it, breaks a MAC.
+    for at in [
+        8,
+        45,
+        PREAMBLE_LEN,
+        PREAMBLE_LEN + 4,
+        PREAMBLE_LEN + 12,
+        HELLO_LEN - 1,
+    ] {
+        let mut changed = good;
+        changed[at] ^= 1;
+        let r = check_hello(&changed, &token, Rank(0), 2, 4);
+        assert!(
+            stranger(r, "does not check out"),
+            "byte {at} changed: {:?}",
+            check_hello(&changed, &token, Rank(0), 2, 4)
+        );
+    }
     assert!(member(
-        check_hello(&good, &token, 1, 4),
+        check_hello(&good, &token, Rank(0), 1, 4),
         "outside a job of 1"
     ));
     assert!(member(
-        check_hello(&good, &token, 2, 3),
+        check_hello(&good, &token, Rank(2), 3, 4),
+        "rank 1 meant to reach rank 0 and reached rank 2"
+    ));
+    assert!(member(
+        check_hello(&good, &token, Rank(0), 2, 3),
         "rank 1 has 3 channels, this rank 2: give every rank the same DSM_CHANNELS"
     ));
     assert!(member(
-        check_hello(&hello(Rank(1), 4, 4, &token), &token, 2, 4),
+        check_hello(
+            &hello(Rank(1), Rank(0), 4, 4, &token, [9u8; NONCE_LEN]),
+            &token,
+            Rank(0),
+            2,
+            4
+        ),
         "rank 1 opened connection 4 of 4"
     ));
-    let mut old = good;
-    old[4] = 99;
+    // Another build of this job is told why; one with the wrong token is a stranger.
+    let mut other = good;
+    other[..PREAMBLE_LEN].copy_from_slice(&preamble(99, &token, [9u8; NONCE_LEN]));
     assert!(member(
-        check_hello(&old, &token, 2, 4),
+        check_hello(&other, &token, Rank(0), 2, 4),
         "protocol version 99"
     ));
-    // Another build with the wrong token is a stranger: only a rank of this job is told why.
-    assert!(stranger(check_hello(&old, &[8u8; 32], 2, 4)));
+    assert!(stranger(
+        check_hello(&other, &[8u8; 32], Rank(0), 2, 4),
+        "wrong job token"
+    ));
+    // The accepting rank's answer proves it knows the token, for this handshake only.
+    assert!(welcomed(&good, &welcome(&good, &token), &token));
+    assert!(!welcomed(&good, &welcome(&good, &[8u8; 32]), &token));
+    let again = hello(Rank(1), Rank(0), 4, 3, &token, [10u8; NONCE_LEN]);
+    assert!(!welcomed(&again, &welcome(&good, &token), &token));
 }
 
 /// Sets up a job of one rank per entry of `channels` (each with that many channels), each on a thread
@@ -108,8 +166,8 @@ fn a_rank_of_another_build_with_a_shorter_handshake_is_told_why_at_once() {
     let token = [4u8; 32];
     // A build whose handshake is shorter than this one's (the preamble, then 4 bytes): it waits for
     // the answer, which must come without the bytes this build would read after the preamble.
-    let mut old = hello(Rank(0), 2, 0, &token)[..PREAMBLE_LEN + 4].to_vec();
-    old[4..8].copy_from_slice(&(PROTOCOL_VERSION - 1).to_le_bytes());
+    let mut old = preamble(PROTOCOL_VERSION - 1, &token, [1u8; NONCE_LEN]).to_vec();
+    old.extend_from_slice(&[0u8; 4]);
     let (t, mut s, other) = rank_0_of_two_after(&old, token);
     let started = Instant::now();
     let e = t.establish(Rank(0), 2, 2).unwrap_err().to_string();
@@ -124,11 +182,100 @@ fn a_rank_of_another_build_with_a_shorter_handshake_is_told_why_at_once() {
 }
 
 #[test]
+fn a_handshake_sent_again_is_refused_and_the_mesh_still_forms() {
+    let token = [6u8; 32];
+    let mine = TcpListener::bind("127.0.0.1:0").unwrap();
+    let theirs = TcpListener::bind("127.0.0.1:0").unwrap();
+    let peers = vec![mine.local_addr().unwrap(), theirs.local_addr().unwrap()];
+    let at = peers[0];
+    let t = Box::new(TcpTransport::new(
+        mine,
+        peers,
+        token,
+        Duration::from_secs(20),
+    ));
+    let rank_0 = std::thread::spawn(move || t.establish(Rank(0), 2, 2));
+    // Rank 1, played by hand: it answers rank 0's two connections...
+    let answering = std::thread::spawn(move || {
+        (0..2)
+            .map(|_| {
+                let mut s = Stream::from(theirs.accept().unwrap().0);
+                let mut h = [0u8; HELLO_LEN];
+                s.read_exact(&mut h).unwrap();
+                assert!(matches!(
+                    check_hello(&h, &token, Rank(1), 2, 2),
+                    Ok((Rank(0), _))
+                ));
+                s.write_all(&[ACK_OK]).unwrap();
+                s.write_all(&welcome(&h, &token)).unwrap();
+                s
+            })
+            .collect::<Vec<Stream>>()
+    });
+    // ...and opens its own, the first of them twice, as whoever recorded it on its way could.
+    let open = |h: &[u8; HELLO_LEN]| {
+        let mut s = TcpStream::connect(at).unwrap();
+        s.write_all(h).unwrap();
+        let mut ack = [0u8; 1];
+        s.read_exact(&mut ack).unwrap();
+        (s, ack[0])
+    };
+    let first = hello(Rank(1), Rank(0), 2, 0, &token, [1u8; NONCE_LEN]);
+    let (set_0, ack) = open(&first);
+    assert_eq!(ack, ACK_OK);
+    let (again, ack) = open(&first);
+    assert_eq!(ack, ACK_REFUSED);
+    let reason = read_reason(&mut Stream::from(again));
+    assert!(reason.contains("already taken, sent again"), "{reason}");
+    let (set_1, ack) = open(&hello(Rank(1), Rank(0), 2, 1, &token, [2u8; NONCE_LEN]));
+    assert_eq!(ack, ACK_OK);
+    let mesh = rank_0.join().unwrap().unwrap();
+    // Two from rank 1, and two from rank 0 itself (in memory).
+    assert_eq!(mesh.incoming.len(), 4);
+    drop((set_0, set_1, answering.join().unwrap()));
+}
+
+#[test]
+fn what_answers_at_a_ranks_address_without_the_token_learns_nothing_and_is_not_taken_for_it() {
+    let token = [0x5au8; 32];
+    let mine = TcpListener::bind("127.0.0.1:0").unwrap();
+    let impostor = TcpListener::bind("127.0.0.1:0").unwrap();
+    let peers = vec![mine.local_addr().unwrap(), impostor.local_addr().unwrap()];
+    // Where rank 1 said it listens, another program: it says yes, with what it can make without the
+    // token.
+    let stand_in = std::thread::spawn(move || {
+        let mut s = Stream::from(impostor.accept().unwrap().0);
+        let mut h = [0u8; HELLO_LEN];
+        s.read_exact(&mut h).unwrap();
+        s.write_all(&[ACK_OK]).unwrap();
+        s.write_all(&welcome(&h, &[0u8; 32])).unwrap();
+        // Held open until rank 0 has gone.
+        let _ = s.read(&mut [0u8; 1]);
+        h
+    });
+    let t = Box::new(TcpTransport::new(
+        mine,
+        peers,
+        token,
+        Duration::from_secs(20),
+    ));
+    let started = Instant::now();
+    let e = t.establish(Rank(0), 2, 2).unwrap_err().to_string();
+    assert!(
+        e.contains("does not know the job's token: it is not rank 1"),
+        "{e}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let h = stand_in.join().unwrap();
+    assert!(!h.windows(token.len()).any(|w| w == token));
+}
+
+#[test]
 fn a_connection_opened_twice_is_refused() {
     let token = [6u8; 32];
     // Rank 0's sets to itself are in memory; a connection first in its backlog says it is rank 0's
     // set 0, which only another process taking rank 0 would send.
-    let (t, _s, other) = rank_0_of_two_after(&hello(Rank(0), 2, 0, &token), token);
+    let (t, _s, other) = rank_0_of_two_after(&hello_to_0(Rank(0), 0, &token), token);
     let e = t.establish(Rank(0), 2, 2).unwrap_err().to_string();
     assert!(e.contains("rank 0 opened its connection 0 twice"), "{e}");
     assert!(other.join().unwrap().is_err());
@@ -240,7 +387,7 @@ fn a_stranger_sending_its_handshake_a_byte_at_a_time_does_not_hold_the_mesh_up()
     // would take 24 s, and each read alone stays well within any per-read timeout.
     let mut s = TcpStream::connect(addr).unwrap();
     let stranger = std::thread::spawn(move || {
-        for b in hello(Rank(0), 2, 0, &[2u8; 32]) {
+        for b in hello_to_0(Rank(1), 0, &[2u8; 32]) {
             if s.write_all(&[b]).is_err() {
                 return;
             }
@@ -289,7 +436,7 @@ fn a_wrong_token_is_refused_and_the_mesh_still_forms() {
     let token = [1u8; 32];
     // An intruder with the wrong token connects first (the backlog is FIFO); it must be refused and not
     // counted among the mesh's connections.
-    let (t, mut s, other) = rank_0_of_two_after(&hello(Rank(0), 2, 0, &[2u8; 32]), token);
+    let (t, mut s, other) = rank_0_of_two_after(&hello_to_0(Rank(1), 0, &[2u8; 32]), token);
     let intruder = std::thread::spawn(move || {
         let mut ack = [0u8; 1];
         s.read_exact(&mut ack).unwrap();
@@ -364,7 +511,7 @@ fn silent_and_truncated_handshakes_are_dropped_and_the_mesh_still_forms() {
     let silent = TcpStream::connect(addr).unwrap();
     let mut truncated = TcpStream::connect(addr).unwrap();
     truncated
-        .write_all(&hello(Rank(0), 2, 0, &token)[..HELLO_LEN / 2])
+        .write_all(&hello_to_0(Rank(1), 0, &token)[..HELLO_LEN / 2])
         .unwrap();
     drop(truncated);
     drop(at_once(listener, token));

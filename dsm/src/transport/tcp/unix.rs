@@ -7,9 +7,10 @@
 //!
 //! The name is bound before it is advertised, as the TCP port is, so on the rank's own host whatever
 //! answers at it is that rank. On another host anyone may bind the same name (names are listed to every
-//! user in `/proc/net/unix`), and the handshake carries the job's token: a rank sends it through a Unix
-//! socket only to a process of its own user (`SO_PEERCRED`), who can read the token anyway, and connects
-//! over TCP otherwise.
+//! user in `/proc/net/unix`). Such a socket learns nothing from the handshake (the token is proved, never
+//! sent, `handshake.rs`) and could not answer it, but the rank would then fail to reach the rank it meant:
+//! it connects through a Unix socket only to a process of its own user (`SO_PEERCRED`), and over TCP
+//! otherwise.
 
 use crate::error::{DsmError, Result};
 use nix::errno::Errno;
@@ -98,10 +99,7 @@ impl FromStr for PeerAddr {
 pub fn bind_unix() -> Result<(UnixListener, UnixName)> {
     let mut tries = 0;
     loop {
-        let mut name = UnixName([0u8; 16]);
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut name.0))
-            .map_err(|e| DsmError::io("reading /dev/urandom for a Unix socket's name", e))?;
+        let name = UnixName(super::random_bytes("a Unix socket's name")?);
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.socket_name())
             .map_err(|e| DsmError::io("naming this rank's Unix socket", e))?;
         match UnixListener::bind_addr(&addr) {
