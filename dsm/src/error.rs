@@ -82,7 +82,7 @@ pub enum DsmError {
         /// The service id.
         id: u8,
     },
-    /// A connection did not present the job's token.
+    /// A connection's handshake was refused, or did not prove that its other end knows the job's token.
     #[error("connection refused: {0}")]
     BadHandshake(String),
     /// A call with a deadline could not even be sent before the deadline passed.

@@ -127,6 +127,17 @@ pub(crate) fn token(s: &str) -> Option<[u8; 32]> {
     Some(t)
 }
 
+/// Whether `given` is the job's token `job` (both as written in hex), compared in constant time, so
+/// that the time to refuse does not tell how much of a guess was right.
+pub(crate) fn same_token(given: &str, job: &str) -> bool {
+    given.len() == job.len()
+        && given
+            .bytes()
+            .zip(job.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 /// Formats a token as 64 hex digits.
 pub(crate) fn token_hex(t: &[u8; 32]) -> String {
     t.iter().map(|b| format!("{b:02x}")).collect()
@@ -145,6 +156,10 @@ mod tests {
         let t = [0xabu8; 32];
         assert_eq!(token(&token_hex(&t)), Some(t));
         assert_eq!(token("abc"), None);
+        let hex = token_hex(&t);
+        assert!(same_token(&hex, &hex));
+        assert!(!same_token(&token_hex(&[0xacu8; 32]), &hex));
+        assert!(!same_token(&hex[..63], &hex));
         assert_eq!(hex_addr("0x7f0000000000"), Some(0x7f00_0000_0000));
     }
 

@@ -226,7 +226,7 @@ pub(super) fn rendezvous(
         let addr = a.and_then(|a| a.parse::<PeerAddr>().ok());
         if let Some(why) = &never {
             if let (Some(t), Some(r)) = (t, rank) {
-                if t == token && r < ranks {
+                if crate::env::same_token(t, &token) && r < ranks {
                     lock(&exits).came[r] = true;
                 }
             }
@@ -234,7 +234,9 @@ pub(super) fn rendezvous(
             continue;
         }
         match (t, rank, addr) {
-            (Some(t), Some(r), Some(addr)) if t == token && r < ranks && conns[r].is_none() => {
+            (Some(t), Some(r), Some(addr))
+                if crate::env::same_token(t, &token) && r < ranks && conns[r].is_none() =>
+            {
                 conns[r] = Some((stream, addr));
                 let mut meeting = lock(&exits);
                 meeting.joined[r] = Some(Instant::now());

@@ -17,18 +17,24 @@ use sha2::Sha256;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-/// The handshake's magic. Builds that sent the token itself began with `DSM\x01`.
-const MAGIC: &[u8; 4] = b"DSM\x02";
-const TOKEN_IN_CLEAR: &[u8; 4] = b"DSM\x01";
+/// The handshake's magic.
+pub(super) const MAGIC: &[u8; 4] = b"DSM\x02";
+
+/// The magic of the builds before the proof (protocol 14 and older), which sent the token itself in a
+/// handshake of [`TOKEN_IN_CLEAR_LEN`] bytes (magic, version, token, rank, channels, set). Such a
+/// handshake is read whole and refused with the reason, so that the older rank is not left waiting.
+pub(super) const TOKEN_IN_CLEAR: &[u8; 4] = b"DSM\x01";
+pub(super) const TOKEN_IN_CLEAR_LEN: usize = 4 + 4 + 32 + 4 + 4 + 4;
 
 /// A nonce, and a MAC's length (HMAC-SHA256).
 pub(super) const NONCE_LEN: usize = 32;
 const MAC_LEN: usize = 32;
 
 /// The preamble: magic, protocol version, the connecting rank's nonce, and its proof (a MAC over the
-/// three). Its layout stays the same in every version and is checked before the rest is read, so that
-/// a rank of another build, whose handshake may be of another length, is still known for one of the
-/// job's (its proof checks out) and told why it is refused, instead of being taken for a stranger.
+/// three). Its layout, and how the proof is made (HMAC-SHA256, the label `PROOF`), stay the same in
+/// every version, and it is checked before the rest is read, so that a rank of another build, whose
+/// handshake may be of another length, is still known for one of the job's (its proof checks out) and
+/// told why it is refused, instead of being taken for a stranger.
 pub(super) const PREAMBLE_LEN: usize = 4 + 4 + NONCE_LEN + MAC_LEN;
 
 /// A handshake: the preamble, then the rank it means to reach, the connecting rank, its connections
@@ -112,12 +118,12 @@ pub(super) fn welcomed(h: &[u8; HELLO_LEN], w: &[u8; WELCOME_LEN], token: &Token
 /// Why a handshake is refused.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Refusal {
-    /// Not a rank of this job (bad magic, a proof or tag that does not check out, a handshake sent
-    /// again): refused, and the mesh goes on forming.
+    /// Not a rank of this job (bad magic, a proof or tag that does not check out), or a handshake that
+    /// anyone who recorded one could send (one sent again, or one meant for another rank): refused, and
+    /// the mesh goes on forming. A rank that sent it is told why, and fails.
     Stranger(String),
     /// A rank of this job that cannot be part of the mesh (another build, another number of channels, a
-    /// rank outside the job, one that meant to reach another rank): the job cannot start, and every
-    /// rank says why at once.
+    /// rank outside the job): the job cannot start, and every rank says why at once.
     Member(String),
 }
 
@@ -125,15 +131,28 @@ fn word(h: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(h[at..at + 4].try_into().expect("4 bytes"))
 }
 
+/// Checks the handshake of a build before the proof ([`TOKEN_IN_CLEAR_LEN`] bytes): always refused, as a
+/// rank of this job when it holds the job's token (compared in constant time).
+pub(super) fn check_token_in_clear(h: &[u8], token: &Token) -> Refusal {
+    let same = h[8..40]
+        .iter()
+        .zip(token)
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0;
+    let version = word(h, 4);
+    match same {
+        true => Refusal::Member(format!(
+            "a rank speaks protocol version {version}, which sends the job's token itself, this rank {PROTOCOL_VERSION}: every rank must run the same build"
+        )),
+        false => Refusal::Stranger(format!(
+            "a handshake of protocol version {version} with the wrong job token"
+        )),
+    }
+}
+
 /// Checks a handshake's preamble (its first [`PREAMBLE_LEN`] bytes): a connection of this job (magic and
 /// a proof made with its token), of this build (protocol version).
 pub(super) fn check_preamble(h: &[u8], token: &Token) -> std::result::Result<(), Refusal> {
-    if &h[..4] == TOKEN_IN_CLEAR {
-        return Err(Refusal::Stranger(
-            "the handshake of an older dsm build, which sends the job's token itself: every rank must run the same build"
-                .into(),
-        ));
-    }
     if &h[..4] != MAGIC {
         return Err(Refusal::Stranger("not a dsm connection (bad magic)".into()));
     }
@@ -180,8 +199,10 @@ pub(super) fn check_hello(
             "rank {rank} is outside a job of {size}"
         )));
     }
+    // A stranger's refusal: a handshake recorded on its way to another rank and sent here must not end
+    // the job. The rank that sent it, if it did, is told why and fails.
     if to != me.0 {
-        return Err(Refusal::Member(format!(
+        return Err(Refusal::Stranger(format!(
             "rank {rank} meant to reach rank {to} and reached {me}: the ranks were told different addresses for one rank"
         )));
     }
@@ -228,7 +249,11 @@ pub(super) fn read_reason(stream: &mut Stream) -> String {
     }
     let mut reason = vec![0u8; (u16::from_le_bytes(len) as usize).min(MAX_REASON)];
     match read_by(stream, &mut reason, until, &|| false) {
-        Ok(()) => String::from_utf8_lossy(&reason).into_owned(),
+        // Whatever answered wrote it, unchecked: no control characters reach the rank's terminal.
+        Ok(()) => String::from_utf8_lossy(&reason)
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect(),
         Err(_) => "no reason given".into(),
     }
 }

@@ -141,8 +141,14 @@ impl Greeting {
             ))))
         };
         loop {
-            // The preamble first: a rank of another build may send a handshake of another length.
-            let want = if self.got < PREAMBLE_LEN {
+            // The magic first, then the preamble: a rank of another build may send a handshake of
+            // another length, and one of a build before the proof sends a shorter one and waits.
+            let token_in_clear = self.got >= 4 && &self.hello[..4] == TOKEN_IN_CLEAR;
+            let want = if self.got < 4 {
+                4
+            } else if token_in_clear {
+                TOKEN_IN_CLEAR_LEN
+            } else if self.got < PREAMBLE_LEN {
                 PREAMBLE_LEN
             } else {
                 HELLO_LEN
@@ -151,6 +157,9 @@ impl Greeting {
                 Ok(0) => return not_received(ErrorKind::UnexpectedEof.into()),
                 Ok(n) => {
                     self.got += n;
+                    if token_in_clear && self.got == TOKEN_IN_CLEAR_LEN {
+                        return Some(Err(check_token_in_clear(&self.hello, token)));
+                    }
                     if self.got == PREAMBLE_LEN {
                         if let Err(r) = check_preamble(&self.hello, token) {
                             return Some(Err(r));

@@ -26,12 +26,11 @@ pub use unix::{bind_unix, PeerAddr, UnixName};
 /// prove that they know it, without sending it (`handshake.rs`).
 pub type Token = [u8; 32];
 
-/// `N` random bytes from the kernel (`/dev/urandom`), for `what`.
+/// `N` random bytes from the kernel (`getrandom(2)`: no descriptor needed), for `what`.
 fn random_bytes<const N: usize>(what: &str) -> Result<[u8; N]> {
     let mut bytes = [0u8; N];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .map_err(|e| DsmError::io(format!("reading /dev/urandom for {what}"), e))?;
+    getrandom::fill(&mut bytes)
+        .map_err(|e| DsmError::Config(format!("no random bytes for {what}: {e}")))?;
     Ok(bytes)
 }
 

@@ -34,11 +34,19 @@ fn handshake_checks_magic_proof_version_ranks_channels_and_set() {
     let mut bad = good;
     bad[0] = b'X';
     assert!(stranger(check_hello(&bad, &token, Rank(0), 2, 4), "magic"));
-    bad[..4].copy_from_slice(b"DSM\x01");
-    assert!(stranger(
-        check_hello(&bad, &token, Rank(0), 2, 4),
-        "older dsm build, which sends the job's token itself"
-    ));
+    // A build before the proof sent the token itself: a rank of the job if it is the job's.
+    let mut token_in_clear = [0u8; TOKEN_IN_CLEAR_LEN];
+    token_in_clear[..4].copy_from_slice(TOKEN_IN_CLEAR);
+    token_in_clear[4] = 14;
+    token_in_clear[8..40].copy_from_slice(&token);
+    assert!(
+        matches!(check_token_in_clear(&token_in_clear, &token), Refusal::Member(why)
+        if why.contains("protocol version 14, which sends the job's token itself") && why.contains("every rank must run the same build"))
+    );
+    assert!(
+        matches!(check_token_in_clear(&token_in_clear, &[8u8; 32]), Refusal::Stranger(why)
+        if why.contains("wrong job token"))
+    );
     // Any byte changed, in the preamble or after it, breaks a MAC.
     for at in [
         8,
@@ -61,7 +69,9 @@ fn handshake_checks_magic_proof_version_ranks_channels_and_set() {
         check_hello(&good, &token, Rank(0), 1, 4),
         "outside a job of 1"
     ));
-    assert!(member(
+    // Anyone who recorded a handshake on its way could send it to another rank: a stranger's refusal,
+    // which does not end the job there.
+    assert!(stranger(
         check_hello(&good, &token, Rank(2), 3, 4),
         "rank 1 meant to reach rank 0 and reached rank 2"
     ));
@@ -161,14 +171,11 @@ fn rank_0_of_two_after(first: &[u8], token: Token) -> (Box<TcpTransport>, TcpStr
     (t, s, other)
 }
 
-#[test]
-fn a_rank_of_another_build_with_a_shorter_handshake_is_told_why_at_once() {
-    let token = [4u8; 32];
-    // A build whose handshake is shorter than this one's (the preamble, then 4 bytes): it waits for
-    // the answer, which must come without the bytes this build would read after the preamble.
-    let mut old = preamble(PROTOCOL_VERSION - 1, &token, [1u8; NONCE_LEN]).to_vec();
-    old.extend_from_slice(&[0u8; 4]);
-    let (t, mut s, other) = rank_0_of_two_after(&old, token);
+/// Rank 0 of a job of two, whose listener first takes a connection that sends `first`, the handshake of
+/// a rank of this job of another build: both ranks stop at once saying why, and that connection is told
+/// `why`.
+fn another_build_is_told_why_at_once(first: &[u8], token: Token, why: &str) {
+    let (t, mut s, other) = rank_0_of_two_after(first, token);
     let started = Instant::now();
     let e = t.establish(Rank(0), 2, 2).unwrap_err().to_string();
     assert!(e.contains("every rank must run the same build"), "{e}");
@@ -177,8 +184,34 @@ fn a_rank_of_another_build_with_a_shorter_handshake_is_told_why_at_once() {
     s.read_exact(&mut ack).unwrap();
     assert_eq!(ack[0], ACK_REFUSED);
     let reason = read_reason(&mut Stream::from(s));
-    assert!(reason.contains("protocol version"), "{reason}");
+    assert!(reason.contains(why), "{reason}");
     assert!(other.join().unwrap().is_err());
+}
+
+#[test]
+fn a_rank_of_another_build_with_a_shorter_handshake_is_told_why_at_once() {
+    let token = [4u8; 32];
+    // A build whose handshake is shorter than this one's (the preamble, then 4 bytes): it waits for
+    // the answer, which must come without the bytes this build would read after the preamble.
+    let mut old = preamble(PROTOCOL_VERSION - 1, &token, [1u8; NONCE_LEN]).to_vec();
+    old.extend_from_slice(&[0u8; 4]);
+    another_build_is_told_why_at_once(&old, token, "protocol version");
+}
+
+#[test]
+fn a_rank_of_a_build_that_sent_the_token_itself_is_told_why_at_once() {
+    let token = [4u8; 32];
+    // Protocol 14's handshake, 52 bytes, shorter than this build's preamble: magic, version, the token
+    // itself, rank 1, 2 connections per rank, set 0. That build then waits for the answer.
+    let mut old = Vec::new();
+    old.extend_from_slice(TOKEN_IN_CLEAR);
+    old.extend_from_slice(&14u32.to_le_bytes());
+    old.extend_from_slice(&token);
+    for w in [1u32, 2, 0] {
+        old.extend_from_slice(&w.to_le_bytes());
+    }
+    assert_eq!(old.len(), TOKEN_IN_CLEAR_LEN);
+    another_build_is_told_why_at_once(&old, token, "which sends the job's token itself");
 }
 
 #[test]
@@ -432,21 +465,34 @@ fn many_silent_strangers_do_not_hold_the_mesh_up() {
 }
 
 #[test]
-fn a_wrong_token_is_refused_and_the_mesh_still_forms() {
+fn strangers_and_handshakes_meant_for_another_rank_are_refused_and_the_mesh_still_forms() {
     let token = [1u8; 32];
-    // An intruder with the wrong token connects first (the backlog is FIFO); it must be refused and not
-    // counted among the mesh's connections.
-    let (t, mut s, other) = rank_0_of_two_after(&hello_to_0(Rank(1), 0, &[2u8; 32]), token);
-    let intruder = std::thread::spawn(move || {
-        let mut ack = [0u8; 1];
-        s.read_exact(&mut ack).unwrap();
-        ack[0]
-    });
-    let mesh = t.establish(Rank(0), 2, 2).unwrap();
-    assert_eq!(intruder.join().unwrap(), ACK_REFUSED);
-    assert_eq!(mesh.outgoing.len(), 2);
-    assert_eq!(mesh.incoming.len(), 4);
-    other.join().unwrap().unwrap();
+    // Each connects first (the backlog is FIFO): one with the wrong token, and one sending a handshake
+    // of this job that rank 0 made for rank 1, as whoever recorded it on its way could. Each must be
+    // refused and not counted among the mesh's connections, and rank 0's mesh must form.
+    let meant_for_1 = hello(Rank(0), Rank(1), 2, 0, &token, [3u8; NONCE_LEN]);
+    for (first, why) in [
+        (hello_to_0(Rank(1), 0, &[2u8; 32]), "wrong job token"),
+        (
+            meant_for_1,
+            "rank 0 meant to reach rank 1 and reached rank 0",
+        ),
+    ] {
+        let (t, s, other) = rank_0_of_two_after(&first, token);
+        let intruder = std::thread::spawn(move || {
+            let mut s = Stream::from(s);
+            let mut ack = [0u8; 1];
+            s.read_exact(&mut ack).unwrap();
+            (ack[0], read_reason(&mut s))
+        });
+        let mesh = t.establish(Rank(0), 2, 2).unwrap();
+        let (ack, reason) = intruder.join().unwrap();
+        assert_eq!(ack, ACK_REFUSED);
+        assert!(reason.contains(why), "{reason}");
+        assert_eq!(mesh.outgoing.len(), 2);
+        assert_eq!(mesh.incoming.len(), 4);
+        other.join().unwrap().unwrap();
+    }
 }
 
 #[test]
