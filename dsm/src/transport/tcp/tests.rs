@@ -268,21 +268,22 @@ fn a_handshake_sent_again_is_refused_and_the_mesh_still_forms() {
     drop((set_0, set_1, answering.join().unwrap()));
 }
 
-#[test]
-fn what_answers_at_a_ranks_address_without_the_token_learns_nothing_and_is_not_taken_for_it() {
-    let token = [0x5au8; 32];
+/// Rank 0 of a job of two on loopback (two channels, 20 s to set up, `token`), where a stand-in listens
+/// at rank 1's address: it takes rank 0's first connection, reads its handshake, `answer`s it, and holds
+/// the connection open until rank 0 has gone. Returns how rank 0's setting up failed, how long it took,
+/// and the handshake the stand-in read.
+fn rank_0_failing_at_a_stand_in(
+    token: Token,
+    answer: impl FnOnce(&mut Stream, &[u8; HELLO_LEN]) + Send + 'static,
+) -> (String, Duration, [u8; HELLO_LEN]) {
     let mine = TcpListener::bind("127.0.0.1:0").unwrap();
-    let impostor = TcpListener::bind("127.0.0.1:0").unwrap();
-    let peers = vec![mine.local_addr().unwrap(), impostor.local_addr().unwrap()];
-    // Where rank 1 said it listens, another program: it says yes, with what it can make without the
-    // token.
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let peers = vec![mine.local_addr().unwrap(), other.local_addr().unwrap()];
     let stand_in = std::thread::spawn(move || {
-        let mut s = Stream::from(impostor.accept().unwrap().0);
+        let mut s = Stream::from(other.accept().unwrap().0);
         let mut h = [0u8; HELLO_LEN];
         s.read_exact(&mut h).unwrap();
-        s.write_all(&[ACK_OK]).unwrap();
-        s.write_all(&welcome(&h, &[0u8; 32])).unwrap();
-        // Held open until rank 0 has gone.
+        answer(&mut s, &h);
         let _ = s.read(&mut [0u8; 1]);
         h
     });
@@ -294,12 +295,24 @@ fn what_answers_at_a_ranks_address_without_the_token_learns_nothing_and_is_not_t
     ));
     let started = Instant::now();
     let e = t.establish(Rank(0), 2, 2).unwrap_err().to_string();
+    let took = started.elapsed();
+    (e, took, stand_in.join().unwrap())
+}
+
+#[test]
+fn what_answers_at_a_ranks_address_without_the_token_learns_nothing_and_is_not_taken_for_it() {
+    let token = [0x5au8; 32];
+    // Where rank 1 said it listens, another program: it says yes, with what it can make without the
+    // token.
+    let (e, took, h) = rank_0_failing_at_a_stand_in(token, |s, h| {
+        s.write_all(&[ACK_OK]).unwrap();
+        s.write_all(&welcome(h, &[0u8; 32])).unwrap();
+    });
     assert!(
         e.contains("does not know the job's token: it is not rank 1"),
         "{e}"
     );
-    assert!(started.elapsed() < Duration::from_secs(10));
-    let h = stand_in.join().unwrap();
+    assert!(took < Duration::from_secs(10), "{took:?}");
     assert!(!h.windows(token.len()).any(|w| w == token));
 }
 
@@ -340,35 +353,13 @@ fn a_rank_of_other_channels_among_three_stops_all_three_at_once() {
 fn a_rank_refused_by_another_stops_waiting_for_connections_and_says_why() {
     // Rank 1 here is a stand-in that refuses rank 0's handshake and never connects: rank 0's accepting
     // side must stop with its connecting side, not wait out the timeout for rank 1's connections.
-    let mine = TcpListener::bind("127.0.0.1:0").unwrap();
-    let other = TcpListener::bind("127.0.0.1:0").unwrap();
-    let peers = vec![mine.local_addr().unwrap(), other.local_addr().unwrap()];
-    let stand_in = std::thread::spawn(move || {
-        let mut s = Stream::from(other.accept().unwrap().0);
-        let mut h = [0u8; HELLO_LEN];
-        s.read_exact(&mut h).unwrap();
-        refuse(&mut s, "rank 1 is of another mind");
-        // Held open until rank 0 has read the refusal and gone.
-        let _ = s.read(&mut h);
-    });
-    let t = Box::new(TcpTransport::new(
-        mine,
-        peers,
-        [5u8; 32],
-        Duration::from_secs(20),
-    ));
-    let started = Instant::now();
-    let e = t.establish(Rank(0), 2, 2).unwrap_err().to_string();
+    let (e, took, _) =
+        rank_0_failing_at_a_stand_in([5u8; 32], |s, _| refuse(s, "rank 1 is of another mind"));
     assert!(
         e.contains("refused this rank's handshake: rank 1 is of another mind"),
         "{e}"
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
-    stand_in.join().unwrap();
+    assert!(took < Duration::from_secs(10), "{took:?}");
 }
 
 #[test]
