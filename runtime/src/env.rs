@@ -130,12 +130,7 @@ pub(crate) fn token(s: &str) -> Option<[u8; 32]> {
 /// Whether `given` is the job's token `job` (both as written in hex), compared in constant time, so
 /// that the time to refuse does not tell how much of a guess was right.
 pub(crate) fn same_token(given: &str, job: &str) -> bool {
-    given.len() == job.len()
-        && given
-            .bytes()
-            .zip(job.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    subtle::ConstantTimeEq::ct_eq(given.as_bytes(), job.as_bytes()).into()
 }
 
 /// Formats a token as 64 hex digits.

@@ -134,11 +134,7 @@ fn word(h: &[u8], at: usize) -> u32 {
 /// Checks the handshake of a build before the proof ([`TOKEN_IN_CLEAR_LEN`] bytes): always refused, as a
 /// rank of this job when it holds the job's token (compared in constant time).
 pub(super) fn check_token_in_clear(h: &[u8], token: &Token) -> Refusal {
-    let same = h[8..40]
-        .iter()
-        .zip(token)
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0;
+    let same: bool = subtle::ConstantTimeEq::ct_eq(&h[8..40], &token[..]).into();
     let version = word(h, 4);
     match same {
         true => Refusal::Member(format!(

@@ -3,8 +3,8 @@
 //! (`memory::pair`) from each rank to its own service loop, whose requests (locks homed here, faults on
 //! pages homed here, rank 0's barrier arrivals) then never go through the kernel's network stack. Every
 //! socket connection starts with a handshake in which both ends prove that they know the job's secret
-//! token, without sending it; a wrong token, protocol version or rank is refused and logged. Listeners bind to 127.0.0.1 unless the launcher
-//! is told otherwise (`DSM_BIND`).
+//! token, without sending it; a wrong token, protocol version or rank is refused and logged. Listeners
+//! bind to 127.0.0.1 unless the launcher is told otherwise (`DSM_BIND`).
 
 mod handshake;
 mod mesh;
