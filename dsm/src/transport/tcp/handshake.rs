@@ -18,7 +18,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 /// The handshake's magic.
-pub(super) const MAGIC: &[u8; 4] = b"DSM\x02";
+const MAGIC: &[u8; 4] = b"DSM\x02";
 
 /// The magic of the builds before the proof (protocol 14 and older), which sent the token itself in a
 /// handshake of [`TOKEN_IN_CLEAR_LEN`] bytes (magic, version, token, rank, channels, set). Such a
@@ -35,12 +35,18 @@ const MAC_LEN: usize = 32;
 /// every version, and it is checked before the rest is read, so that a rank of another build, whose
 /// handshake may be of another length, is still known for one of the job's (its proof checks out) and
 /// told why it is refused, instead of being taken for a stranger.
-pub(super) const PREAMBLE_LEN: usize = 4 + 4 + NONCE_LEN + MAC_LEN;
+pub(super) const PREAMBLE_LEN: usize = PROVED_LEN + MAC_LEN;
+
+/// The bytes of the preamble that its proof covers: magic, version and nonce.
+const PROVED_LEN: usize = 4 + 4 + NONCE_LEN;
 
 /// A handshake: the preamble, then the rank it means to reach, the connecting rank, its connections
 /// per rank (its channels and one more: `transport::connections`), which of them this one is (its set:
 /// the service loop's own is the last), and a MAC over all of that and the preamble.
-pub(super) const HELLO_LEN: usize = PREAMBLE_LEN + 4 + 4 + 4 + 4 + MAC_LEN;
+pub(super) const HELLO_LEN: usize = TAGGED_LEN + MAC_LEN;
+
+/// The bytes of a handshake that its tag covers: the preamble and the four words after it.
+const TAGGED_LEN: usize = PREAMBLE_LEN + 4 + 4 + 4 + 4;
 
 /// What follows an `ACK_OK`: the accepting rank's MAC over the whole handshake it accepted.
 pub(super) const WELCOME_LEN: usize = MAC_LEN;
@@ -73,9 +79,9 @@ pub(super) fn preamble(version: u32, token: &Token, nonce: [u8; NONCE_LEN]) -> [
     let mut p = [0u8; PREAMBLE_LEN];
     p[..4].copy_from_slice(MAGIC);
     p[4..8].copy_from_slice(&version.to_le_bytes());
-    p[8..40].copy_from_slice(&nonce);
-    let proof = sign(token, PROOF, &p[..40]);
-    p[40..].copy_from_slice(&proof);
+    p[8..PROVED_LEN].copy_from_slice(&nonce);
+    let proof = sign(token, PROOF, &p[..PROVED_LEN]);
+    p[PROVED_LEN..].copy_from_slice(&proof);
     p
 }
 
@@ -95,14 +101,14 @@ pub(super) fn hello(
     h[rest + 4..rest + 8].copy_from_slice(&from.0.to_le_bytes());
     h[rest + 8..rest + 12].copy_from_slice(&(channels as u32).to_le_bytes());
     h[rest + 12..rest + 16].copy_from_slice(&(set as u32).to_le_bytes());
-    let tag = sign(token, TAG, &h[..rest + 16]);
-    h[rest + 16..].copy_from_slice(&tag);
+    let tag = sign(token, TAG, &h[..TAGGED_LEN]);
+    h[TAGGED_LEN..].copy_from_slice(&tag);
     h
 }
 
 /// The nonce a handshake was made with.
 pub(super) fn nonce_of(h: &[u8; HELLO_LEN]) -> [u8; NONCE_LEN] {
-    h[8..40].try_into().expect("32 bytes")
+    h[8..PROVED_LEN].try_into().expect("32 bytes")
 }
 
 /// The accepting rank's answer to handshake `h`, which proves it knows the token.
@@ -152,7 +158,7 @@ pub(super) fn check_preamble(h: &[u8], token: &Token) -> std::result::Result<(),
     if &h[..4] != MAGIC {
         return Err(Refusal::Stranger("not a dsm connection (bad magic)".into()));
     }
-    if !signed(token, PROOF, &h[..40], &h[40..PREAMBLE_LEN]) {
+    if !signed(token, PROOF, &h[..PROVED_LEN], &h[PROVED_LEN..PREAMBLE_LEN]) {
         return Err(Refusal::Stranger(
             "wrong job token (its handshake's proof does not check out)".into(),
         ));
@@ -178,7 +184,7 @@ pub(super) fn check_hello(
 ) -> std::result::Result<(Rank, usize), Refusal> {
     check_preamble(h, token)?;
     let rest = PREAMBLE_LEN;
-    if !signed(token, TAG, &h[..rest + 16], &h[rest + 16..]) {
+    if !signed(token, TAG, &h[..TAGGED_LEN], &h[TAGGED_LEN..]) {
         return Err(Refusal::Stranger(
             "its handshake was changed after it was made (the MAC over its ranks and set does not check out)"
                 .into(),

@@ -59,10 +59,10 @@ fn handshake_checks_magic_proof_version_ranks_channels_and_set() {
         let mut changed = good;
         changed[at] ^= 1;
         let r = check_hello(&changed, &token, Rank(0), 2, 4);
+        let shown = format!("{r:?}");
         assert!(
             stranger(r, "does not check out"),
-            "byte {at} changed: {:?}",
-            check_hello(&changed, &token, Rank(0), 2, 4)
+            "byte {at} changed: {shown}"
         );
     }
     assert!(member(
@@ -171,6 +171,14 @@ fn rank_0_of_two_after(first: &[u8], token: Token) -> (Box<TcpTransport>, TcpStr
     (t, s, other)
 }
 
+/// The next connection to `listener`, and the handshake it sent.
+fn take_hello(listener: &TcpListener) -> (Stream, [u8; HELLO_LEN]) {
+    let mut s = Stream::from(listener.accept().unwrap().0);
+    let mut h = [0u8; HELLO_LEN];
+    s.read_exact(&mut h).unwrap();
+    (s, h)
+}
+
 /// Rank 0 of a job of two, whose listener first takes a connection that sends `first`, the handshake of
 /// a rank of this job of another build: both ranks stop at once saying why, and that connection is told
 /// `why`.
@@ -232,9 +240,7 @@ fn a_handshake_sent_again_is_refused_and_the_mesh_still_forms() {
     let answering = std::thread::spawn(move || {
         (0..2)
             .map(|_| {
-                let mut s = Stream::from(theirs.accept().unwrap().0);
-                let mut h = [0u8; HELLO_LEN];
-                s.read_exact(&mut h).unwrap();
+                let (mut s, h) = take_hello(&theirs);
                 assert!(matches!(
                     check_hello(&h, &token, Rank(1), 2, 2),
                     Ok((Rank(0), _))
@@ -280,9 +286,7 @@ fn rank_0_failing_at_a_stand_in(
     let other = TcpListener::bind("127.0.0.1:0").unwrap();
     let peers = vec![mine.local_addr().unwrap(), other.local_addr().unwrap()];
     let stand_in = std::thread::spawn(move || {
-        let mut s = Stream::from(other.accept().unwrap().0);
-        let mut h = [0u8; HELLO_LEN];
-        s.read_exact(&mut h).unwrap();
+        let (mut s, h) = take_hello(&other);
         answer(&mut s, &h);
         let _ = s.read(&mut [0u8; 1]);
         h
@@ -372,9 +376,8 @@ fn a_rank_that_stopped_setting_up_is_taken_for_failed() {
     let closing = TcpListener::bind("127.0.0.1:0").unwrap();
     let closes = closing.local_addr().unwrap();
     let stand_in = std::thread::spawn(move || {
-        let (mut s, _) = closing.accept().unwrap();
-        let mut h = [0u8; HELLO_LEN];
-        s.read_exact(&mut h).unwrap();
+        // Read, then closed.
+        drop(take_hello(&closing));
     });
     for (at, what) in [
         (closed, "could not connect to it"),
