@@ -45,6 +45,8 @@ pub(crate) struct Counters {
     pub(crate) pages_updated: AtomicU64,
     pub(crate) selective_releases: AtomicU64,
     pub(crate) selective_acquires: AtomicU64,
+    pub(crate) atomics: AtomicU64,
+    pub(crate) atomics_served: AtomicU64,
     pub(crate) full_invalidations: AtomicU64,
     pub(crate) notices_forgotten: AtomicU64,
     pub(crate) locks_let_go: AtomicU64,
@@ -102,6 +104,8 @@ impl Counters {
             pages_updated: g(&self.pages_updated),
             selective_releases: g(&self.selective_releases),
             selective_acquires: g(&self.selective_acquires),
+            atomics: g(&self.atomics),
+            atomics_served: g(&self.atomics_served),
             full_invalidations: g(&self.full_invalidations),
             notices_forgotten: g(&self.notices_forgotten),
             locks_let_go: g(&self.locks_let_go),
@@ -195,6 +199,12 @@ pub struct Stats {
     pub selective_releases: u64,
     /// Release consistency: selective acquires of a range ([`crate::Region::acquire_range`]).
     pub selective_acquires: u64,
+    /// Release consistency: atomic operations on shared words this rank asked of their homes
+    /// ([`crate::GlobalVec::fetch_add`] and the others).
+    pub atomics: u64,
+    /// Release consistency: atomic operations this rank performed as the home of their words, its own
+    /// threads' included.
+    pub atomics_served: u64,
     /// Release consistency: acquires that dropped every cached page not homed here, because notices this
     /// rank had not seen were forgotten before they reached it (see `DSM_NOTICE_MEMORY`).
     pub full_invalidations: u64,
@@ -282,7 +292,9 @@ impl fmt::Display for Stats {
         if self.locks_let_go > 0 {
             write!(f, "; {} idle lock servers let go of", self.locks_let_go)?;
         }
-        if self.twins + self.diffs_applied + self.write_notices > 0 {
+        if self.twins + self.diffs_applied + self.write_notices + self.atomics + self.atomics_served
+            > 0
+        {
             write!(
                 f,
                 "\nrelease consistency: {} twins ({} ahead), {} diffs sent ({} bytes, {} with barrier arrivals), {} applied here, {} write notices, {} pages dropped at acquires, {} brought up to date at barriers",
@@ -293,6 +305,13 @@ impl fmt::Display for Stats {
                     f,
                     "; {} selective releases, {} selective acquires",
                     self.selective_releases, self.selective_acquires
+                )?;
+            }
+            if self.atomics + self.atomics_served > 0 {
+                write!(
+                    f,
+                    "; {} atomic operations asked of homes, {} performed here as home",
+                    self.atomics, self.atomics_served
                 )?;
             }
             if self.notices_forgotten + self.full_invalidations > 0 {

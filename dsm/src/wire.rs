@@ -85,6 +85,14 @@ pub(crate) enum Request {
     /// Release consistency, rank 0: apply the diffs in the payload (`rc::carry::Carry`) unless they are
     /// applied already, then ack once: a carry a barrier arrival is taking there too.
     Carried,
+    /// Release consistency: perform `op` on the 8-byte word `word` of page `page`, homed here, in your copy
+    /// (the master), and answer `Reply::Atomic` with the word as it was (`rc::atomic`).
+    Atomic {
+        region: u32,
+        page: u64,
+        word: u16,
+        op: AtomicOp,
+    },
     /// Rank 0: where is the shared arena?
     ArenaBase,
     /// The sender runs on the same host as the receiver may: process `pid`, whose userfaultfd is its
@@ -156,6 +164,34 @@ pub(crate) enum Reply {
     Service,
     /// The request could not be served.
     Refused { reason: RefusedReason },
+    /// The answer to `Atomic`: the word before the operation.
+    Atomic { old: u64 },
+}
+
+/// A read-modify-write of one shared 8-byte word, as a home performs it (`Request::Atomic`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum AtomicOp {
+    /// Read the word; change nothing.
+    Load,
+    /// Add, wrapping around.
+    Add(u64),
+    /// Store the value.
+    Swap(u64),
+    /// Store `new` if the word is `current`.
+    CompareExchange { current: u64, new: u64 },
+}
+
+impl AtomicOp {
+    /// The word after the operation, given the word before it.
+    pub(crate) fn apply(self, old: u64) -> u64 {
+        match self {
+            AtomicOp::Load => old,
+            AtomicOp::Add(delta) => old.wrapping_add(delta),
+            AtomicOp::Swap(value) => value,
+            AtomicOp::CompareExchange { current, new } if old == current => new,
+            AtomicOp::CompareExchange { .. } => old,
+        }
+    }
 }
 
 /// Why a service loop refused a request.

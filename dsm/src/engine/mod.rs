@@ -554,6 +554,17 @@ impl Engine {
                 };
                 self.fetch_page(idx, &r, page, count, direct);
             }
+            Request::Atomic {
+                region,
+                page,
+                word,
+                op,
+            } => {
+                let Some(r) = self.region_for(idx, region, page, Consistency::Release) else {
+                    return;
+                };
+                self.atomic(idx, &r, page, word, op);
+            }
             Request::Diffs { region, .. } => {
                 let Some(r) = self.region_for(idx, region, 0, Consistency::Release) else {
                     return;

@@ -15,7 +15,7 @@ use crate::region::{
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::ZERO_PAGE;
-use crate::wire::{RefusedReason, Reply, Request};
+use crate::wire::{AtomicOp, RefusedReason, Reply, Request};
 use nix::errno::Errno;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -240,6 +240,60 @@ impl Engine {
         };
         self.apply_claimed(region, &entries, &claimed, &batch, selective);
         self.reply(idx, &Reply::Ack, &[]);
+    }
+
+    /// Release consistency, at the home: performs an atomic operation on a word of a page homed here, in
+    /// the home's copy, and answers with the word as it was (`rc::atomic`). This loop performs every atomic
+    /// operation on a word of its pages, the home's own threads' included, one at a time: that is what
+    /// makes them atomic. A change is applied as a diff of the word would be (`apply_claimed`): from another
+    /// rank, whose next write notice announces it, as that rank's diff; from this rank, as the home's own
+    /// write (its release announces it). The page is marked `SHARED` as for a fetch: the requester may
+    /// hold a copy, so the home's own writes to it are tracked from now on.
+    pub(super) fn atomic(
+        &mut self,
+        idx: usize,
+        region: &Arc<RegionShared>,
+        page: u64,
+        word: u16,
+        op: AtomicOp,
+    ) {
+        if region.home(page) != self.shared.me {
+            self.refuse(idx, RefusedReason::WrongRank);
+            return;
+        }
+        let at = usize::from(word);
+        if at >= PAGE_SIZE / 8 {
+            let what = format!(
+                "an atomic operation on word {word} of a page, which has {} words",
+                PAGE_SIZE / 8
+            );
+            self.close(idx, &what);
+            return;
+        }
+        let req = Request::Atomic {
+            region: region.id,
+            page,
+            word,
+            op,
+        };
+        let Some((s, _)) = self.claim_or_defer(idx, region, page, SHARED, req, Vec::new()) else {
+            return;
+        };
+        let old = if s & STATE_MASK == INVALID {
+            0 // never touched here: zeros
+        } else {
+            region.read_word(page, at)
+        };
+        let new = op.apply(old);
+        if new == old {
+            crate::fault::release_busy(region, page);
+        } else {
+            let diff = diff::run(at * 8, &new.to_ne_bytes());
+            let own = self.conns[idx].peer == self.shared.me;
+            self.apply_claimed(region, &[(page, 0..diff.len())], &[s], &diff, own);
+        }
+        Counters::add(&self.shared.counters.atomics_served, 1);
+        self.reply(idx, &Reply::Atomic { old }, &[]);
     }
 
     /// Rank 0: applies a carry sent on its own (`Request::Carried`) and acknowledges it.

@@ -90,6 +90,21 @@ pub fn encode(twin: &[u8], page: &[u8], out: &mut Vec<u8>) -> usize {
     out.len() - start
 }
 
+/// The diff that writes `bytes` at `offset` of a page, whatever the page holds there (one run): how a home
+/// performs an atomic operation on a word (`rc::atomic`).
+pub fn run(offset: usize, bytes: &[u8]) -> Vec<u8> {
+    assert!(
+        !bytes.is_empty() && offset + bytes.len() <= PAGE_SIZE,
+        "a run lies inside one page"
+    );
+    let mut out = Vec::with_capacity(1 + RUN_HEADER + bytes.len());
+    out.push(RUNS);
+    out.extend_from_slice(&(offset as u16).to_le_bytes());
+    out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+    out.extend_from_slice(bytes);
+    out
+}
+
 /// Appends the runs encoding (after its tag); returns the number of changed bytes.
 fn encode_runs(twin: &[u8], page: &[u8], out: &mut Vec<u8>) -> usize {
     let mut changed = 0;
@@ -369,6 +384,24 @@ mod tests {
             }
         }
         assert!(written_mask(&[7]).is_err());
+    }
+
+    #[test]
+    fn a_run_writes_its_bytes_whatever_the_page_holds_and_nothing_else() {
+        let mut rng = StdRng::seed_from_u64(10);
+        for offset in [0, 8, PAGE_SIZE - 8] {
+            let before = page(&mut rng);
+            let word = before[offset..offset + 8].to_vec(); // written over with what it holds
+            for bytes in [[0xa5u8; 8].to_vec(), word] {
+                let d = run(offset, &bytes);
+                assert_eq!(check(&d), Ok(8));
+                let mut p = before.clone();
+                apply(&mut p, &d).unwrap();
+                assert_eq!(&p[offset..offset + 8], &bytes[..]);
+                assert_eq!(p[..offset], before[..offset]);
+                assert_eq!(p[offset + 8..], before[offset + 8..]);
+            }
+        }
     }
 
     #[test]

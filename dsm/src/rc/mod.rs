@@ -19,12 +19,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 mod acquire;
+mod atomic;
 pub(crate) mod carry;
 mod dropper;
 mod notices;
 mod outbox;
 
 pub(crate) use acquire::{acquire, acquire_range};
+pub(crate) use atomic::atomic;
 use dropper::Dropper;
 use outbox::{send_diffs, Outbox};
 

@@ -43,7 +43,7 @@ impl<'d, T: bytemuck::Pod> GlobalVec<'d, T> {
         &self.region
     }
 
-    fn ptr(&self, i: usize) -> *mut T {
+    pub(super) fn ptr(&self, i: usize) -> *mut T {
         assert!(
             i < self.len,
             "index {i} out of range for a GlobalVec of {} elements",

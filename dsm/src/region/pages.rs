@@ -333,6 +333,16 @@ impl RegionShared {
         unsafe { std::slice::from_raw_parts(self.addr(page) as *const u8, PAGE_SIZE) }
     }
 
+    /// Release consistency, at the home: the 8-byte word `word` of a page present here (`rc::atomic`).
+    pub(crate) fn read_word(&self, page: u64, word: usize) -> u64 {
+        assert!(page < self.pages && word < PAGE_SIZE / 8);
+        // SAFETY: the word is inside the page (checked), the page inside the region's live mapping and present
+        // here (the caller holds it BUSY and checked its state), so the load cannot fault; it is 8-byte
+        // aligned (pages are). A volatile load through a raw pointer makes no reference to memory that other
+        // threads of this rank may write (other words of the page; this one only the service loop writes).
+        unsafe { (self.addr(page) as *const u64).add(word).read_volatile() }
+    }
+
     /// Release consistency, at the home: applies a diff to the page, which must be present and writable here.
     pub(crate) fn apply_diff(
         &self,

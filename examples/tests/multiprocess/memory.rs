@@ -3,6 +3,28 @@
 
 use super::*;
 
+/// Atomic operations on shared words, without locks: counters exact, tickets handed out once, and a swap
+/// under a lock seen by the lock's next holder's plain read, under both models, with two threads of every
+/// rank at once.
+#[test]
+fn atomic_operations_on_shared_words_are_exact_under_both_models() {
+    for model in ["sequential", "release"] {
+        passes_at(
+            &[2, 3, 4],
+            CHECK,
+            &[
+                "atomics",
+                "--rounds",
+                "150",
+                "--threads",
+                "2",
+                "--consistency",
+                model,
+            ],
+        );
+    }
+}
+
 #[test]
 fn lock_protected_counters_are_exact() {
     passes_at(&[2, 3, 4], CHECK, &["counter", "--rounds", "300"]);

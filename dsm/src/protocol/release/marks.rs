@@ -55,6 +55,15 @@ pub(crate) fn marked_at_write(state: u32) -> u32 {
     (state | WRITTEN) & !AHEAD
 }
 
+/// The marks a page homed elsewhere gets when its home has performed an atomic operation on one of its
+/// words for this rank (`rc::atomic`), after this rank's copy is dropped: a write of the open interval
+/// (`marked_at_write`, so not `AHEAD` any more: the notice must name it) whose diff is at the home already
+/// (`PARTIAL`: the release's diff, if the page is written again, lacks it). It is listed if it was not
+/// `WRITTEN`.
+pub(crate) fn marked_at_home_write(state: u32) -> u32 {
+    marked_at_write(state) | PARTIAL
+}
+
 /// Whether a page homed elsewhere may be twinned and made writable ahead of a write, beside a page a write
 /// faulted on: present read-only and neither written nor twinned in the open interval. It is then marked
 /// `WRITTEN | TWINNED | AHEAD` and listed, as a write would, with `AHEAD` saying that no write has been
@@ -256,6 +265,10 @@ mod tests {
             marked_at_write(READ_ONLY | AHEAD | TWINNED),
             READ_ONLY | WRITTEN | TWINNED
         );
+        // An atomic operation at the home: announced (not AHEAD), never sent whole as an update.
+        let s = marked_at_home_write(INVALID | WRITTEN | AHEAD);
+        assert!(announced_at_release(s, false) && !whole_interval(s));
+        assert!(at_write(s, false).twin);
     }
 
     #[test]

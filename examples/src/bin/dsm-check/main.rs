@@ -2,6 +2,8 @@
 //! (the others are described at their functions, in the modules by theme):
 //! - `counter`: lock-protected counters spread over pages reach exact totals (`--threads T`: T threads per
 //!   rank take the locks at once while one of them also calls barriers);
+//! - `atomics`: counters, tickets and a chain under a lock changed with atomic operations on shared words,
+//!   under either model, exact and handed out once (`--threads T` at once per rank);
 //! - `mp`: message passing (data then flag on different pages): a reader that sees the flag sees the data;
 //! - `sb`: store buffering: both ranks reading the other's old value is forbidden under sequential consistency;
 //! - `pages`: every rank writes its own words of the same pages; after a barrier everyone sees all writes;
@@ -73,6 +75,7 @@
 //!   must finish or fail naming it, never hang.
 #![forbid(unsafe_code)]
 
+mod atomics;
 mod coherence;
 mod failures;
 mod pages;
@@ -93,7 +96,7 @@ struct Args {
     /// Threads per rank (counter; readahead, coalesce: threads of rank 0 reading at once).
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Memory model of the shared data: sequential or release (counter, pages, latehome, bytes, mplock,
+    /// Memory model of the shared data: sequential or release (counter, atomics, pages, latehome, bytes, mplock,
     /// firsttouch, readahead, lockedcopy).
     #[arg(long, default_value = "sequential")]
     consistency: String,
@@ -165,6 +168,7 @@ struct Check<'a> {
 type CheckFn = fn(&Check) -> anyhow::Result<()>;
 const CHECKS: &[(&str, CheckFn)] = &[
     ("counter", coherence::counter),
+    ("atomics", atomics::atomics),
     ("mp", coherence::mp),
     ("sb", coherence::sb),
     ("pages", coherence::pages),

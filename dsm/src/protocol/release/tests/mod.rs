@@ -115,6 +115,12 @@ struct Sim {
     /// Diffs at barriers' releases kept from going as updates: some of their interval's writes went
     /// before (`PARTIAL`).
     partial_withheld: u64,
+    /// 1 in this many writes (and counter increments) is an atomic operation performed at the home (0:
+    /// none), as `rc::atomic` and the engine's `atomic` do it.
+    atomic_odds: u32,
+    /// Atomic writes performed at homes for other ranks, and for the homes themselves.
+    atomics_remote: u64,
+    atomics_own: u64,
 }
 
 fn with_state(word: u32, state: u32) -> u32 {
@@ -182,6 +188,9 @@ impl Sim {
             updates_sent: 0,
             pages_updated: 0,
             partial_withheld: 0,
+            atomic_odds: 0,
+            atomics_remote: 0,
+            atomics_own: 0,
         };
         sim.assign_owners(rng);
         sim
@@ -297,12 +306,19 @@ impl Sim {
             return d;
         }
         self.state[r][p] &= !marks::cleared_at_diff();
+        self.apply_at_home(p, &d, selective);
+        self.diffs_applied += 1;
+        d
+    }
+
+    /// The home of page `p` applies diff `d` to its copy, as `marks::at_diff` says.
+    fn apply_at_home(&mut self, p: usize, d: &[u8], selective: bool) {
         let h = self.home(p);
         let hs = self.state[h][p];
         match marks::at_diff(hs, selective) {
             AtDiff::Twin => {
                 let mut twin = self.master[p].clone();
-                diff::apply(&mut twin, &d).expect("a well-formed diff");
+                diff::apply(&mut twin, d).expect("a well-formed diff");
                 self.twin[h][p] = Some(twin);
                 if marks::at_write(hs, true).list {
                     self.listed[h].push(p);
@@ -311,7 +327,7 @@ impl Sim {
             }
             AtDiff::Both => {
                 let twin = self.twin[h][p].as_mut().expect("a DIFFED page has a twin");
-                diff::apply(twin, &d).expect("a well-formed diff");
+                diff::apply(twin, d).expect("a well-formed diff");
             }
             AtDiff::Own => {
                 if marks::at_write(hs, true).list {
@@ -321,9 +337,38 @@ impl Sim {
                 self.state[h][p] = with_state((hs | WRITTEN) & !DIFFED, READ_WRITE);
             }
         }
-        diff::apply(&mut self.master[p], &d).expect("a well-formed diff");
-        self.diffs_applied += 1;
-        d
+        diff::apply(&mut self.master[p], d).expect("a well-formed diff");
+    }
+
+    /// Rank `r` writes `bytes` at `offset` of page `p` with an atomic operation, as `rc::atomic` does: the
+    /// home applies it to its copy (as the home's own write when `r` is the home, else as `r`'s diff), and
+    /// `r` drops its copy (flushing its unsent writes first) and marks the page written, its diff at the
+    /// home already. An operation that leaves the bytes as they were changes nothing, as in the engine.
+    fn atomic_write(&mut self, r: usize, p: usize, offset: usize, bytes: &[u8]) {
+        let h = self.home(p);
+        // The home marks the page fetched (`SHARED`) as it takes it.
+        self.state[h][p] |= SHARED;
+        if self.master[p][offset..offset + bytes.len()] == *bytes {
+            return;
+        }
+        let d = diff::run(offset, bytes);
+        self.apply_at_home(p, &d, r == h);
+        if r == h {
+            self.atomics_own += 1;
+            return;
+        }
+        self.drop_copy(r, p);
+        let was = self.state[r][p];
+        if was & WRITTEN == 0 {
+            self.listed[r].push(p);
+        }
+        self.state[r][p] = marks::marked_at_home_write(was);
+        self.atomics_remote += 1;
+    }
+
+    /// Whether the next write is an atomic operation at the home.
+    fn atomic_now(&self, rng: &mut StdRng) -> bool {
+        self.atomic_odds > 0 && rng.random_range(0..self.atomic_odds) == 0
     }
 
     fn release(&mut self, r: usize) -> Option<WriteNotice> {
@@ -572,7 +617,11 @@ impl Sim {
                 let b = rng.random_range(0..PAGE_SIZE);
                 if self.owner[p][b] == r {
                     let v: u8 = rng.random();
-                    self.write(r, p, b, v);
+                    if self.atomic_now(rng) {
+                        self.atomic_write(r, p, b, &[v]);
+                    } else {
+                        self.write(r, p, b, v);
+                    }
                     self.model[p][b] = v;
                 }
             }
@@ -635,10 +684,15 @@ impl Sim {
         self.write(r, p, LOCK_DATA + lock, v);
         self.model[p][LOCK_DATA + lock] = v;
         let p = self.pages - 1;
-        for (i, byte) in (c + 1).to_le_bytes().into_iter().enumerate() {
-            self.write(r, p, COUNTER * lock + i, byte);
-            self.model[p][COUNTER * lock + i] = byte;
+        let bytes = (c + 1).to_le_bytes();
+        if self.atomic_now(rng) {
+            self.atomic_write(r, p, COUNTER * lock, &bytes);
+        } else {
+            for (i, byte) in bytes.into_iter().enumerate() {
+                self.write(r, p, COUNTER * lock + i, byte);
+            }
         }
+        self.model[p][COUNTER * lock..COUNTER * lock + 8].copy_from_slice(&bytes);
         self.counter_model[lock] = c + 1;
         self.release(r);
         let (passed, horizon, clock) = self.rc[r].notices_to_pass(lock as u64);

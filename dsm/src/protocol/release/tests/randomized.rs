@@ -91,6 +91,31 @@ fn randomized_jobs_whose_barriers_carry_updates_never_read_stale_data() {
 }
 
 #[test]
+fn randomized_jobs_with_atomic_operations_at_homes_never_read_stale_data() {
+    let (mut checks, mut remote, mut own, mut flushed, mut withheld) = (0, 0, 0, 0, 0);
+    let setup = |sim: &mut Sim| {
+        // Atomic writes among plain ones, under the lock (the counter, read by the lock's next holder
+        // with a plain read) and outside it, beside pages twinned ahead, updates carried by barriers and
+        // selective hand-overs.
+        sim.atomic_odds = 3;
+        sim.ahead_odds = 8;
+        sim.update_odds = 5;
+        sim.selective_odds = 16;
+    };
+    sixty_jobs(18000, setup, |sim| {
+        checks += sim.checks;
+        remote += sim.atomics_remote;
+        own += sim.atomics_own;
+        flushed += sim.flushed;
+        withheld += sim.partial_withheld;
+    });
+    assert!(
+        checks > 50_000 && remote > 1_000 && own > 500 && flushed > 100 && withheld > 10,
+        "checks {checks}, atomic writes for other ranks {remote}, for homes themselves {own}, flushed {flushed}, partial diffs withheld {withheld}"
+    );
+}
+
+#[test]
 fn a_page_is_brought_up_to_date_only_when_every_unseen_notice_of_it_comes_with_disjoint_bytes() {
     // Rank 0 acquires what ranks 1 and 2 wrote; rank 1's interval 1 was a lock's (no updates), its
     // interval 2 and rank 2's interval 1 a barrier's.
