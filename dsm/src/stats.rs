@@ -199,11 +199,12 @@ pub struct Stats {
     pub selective_releases: u64,
     /// Release consistency: selective acquires of a range ([`crate::Region::acquire_range`]).
     pub selective_acquires: u64,
-    /// Release consistency: atomic operations on shared words this rank asked of their homes
-    /// ([`crate::GlobalVec::fetch_add`] and the others).
+    /// Release consistency: atomic operations on shared words ([`crate::GlobalVec::fetch_add`] and the
+    /// others) this rank's threads asked of a service loop: another rank's, or this rank's own for a word
+    /// homed here whose page was not writable here.
     pub atomics: u64,
-    /// Release consistency: atomic operations this rank performed as the home of their words, its own
-    /// threads' included.
+    /// Release consistency: atomic operations this rank performed as the home of their words: its service
+    /// loop's for any rank, and its threads' own in place.
     pub atomics_served: u64,
     /// Release consistency: acquires that dropped every cached page not homed here, because notices this
     /// rank had not seen were forgotten before they reached it (see `DSM_NOTICE_MEMORY`).

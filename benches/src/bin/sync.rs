@@ -1,5 +1,7 @@
-//! Distributed locks and barriers: uncontended remote and local lock acquire+release, contended lock
-//! handoff, and barrier latency, beside the raw round trip between two ranks measured in the same run.
+//! Distributed locks, barriers and atomic operations on shared words: uncontended remote and local lock
+//! acquire+release, contended lock handoff, barrier latency, and `fetch_add` under each consistency model
+//! (uncontended on a word homed elsewhere and here, and every rank on one word at once, beside a counter
+//! incremented under a lock), beside the raw round trip between two ranks measured in the same run.
 //!
 //! Run: `cargo run --release --bin sync -- [--ranks N] [--json]` (it launches itself as N ranks, 2 by
 //! default; the docs record 2, 3 and 4).
@@ -71,6 +73,8 @@ fn main() -> anyhow::Result<()> {
     dsm.barrier()?;
     let handoff = us(t.elapsed()) / (per_rank * n) as f64;
 
+    let atomics = atomics(dsm, args.ops)?;
+
     // Barriers of the sockets alone, back to back: what a central barrier costs with no runtime.
     let raw_barrier = raw_star(dsm)?.barriers(args.ops)?;
     dsm.barrier()?;
@@ -137,8 +141,87 @@ fn main() -> anyhow::Result<()> {
                 if n == 4 { "<= 4 floors" } else { "" },
             ),
         ]);
+        for (label, value) in atomics {
+            out.push(Measurement::new(
+                &label,
+                value,
+                "us",
+                floor,
+                raw_round_trip(),
+                "",
+            ));
+        }
         report(&out, args.json);
     }
     rt.finish()?;
     Ok(())
 }
+
+/// `fetch_add` under each model, as rows for rank 0's table (empty on the other ranks): rank 0 alone on a
+/// word homed at rank 1 and on one homed at itself (medians), then every rank on one word homed at rank 1,
+/// `ops` operations in all (mean time per operation), and, under release consistency, the same counter
+/// incremented under a lock (plain read and write), which is what a program without atomics does.
+fn atomics(dsm: &dsm::Dsm, ops: usize) -> anyhow::Result<Vec<(String, f64)>> {
+    let (me, n) = (dsm.rank(), dsm.size());
+    let mut rows = Vec::new();
+    for (model, name) in [
+        (dsm::Consistency::Sequential, "sequential"),
+        (dsm::Consistency::Release, "release"),
+    ] {
+        // Page 0 homed at rank 0, page 1 at rank 1.
+        let words = dsm.alloc_vec_in::<u64>(2 * PER_PAGE, dsm::Placement::Cyclic, model)?;
+        let (here, there) = (0, PER_PAGE);
+        dsm.barrier()?;
+        for (at, whose) in [(there, "remote"), (here, "local")] {
+            let mut times = Vec::new();
+            if me == Rank(0) {
+                for _ in 0..ops {
+                    let t = Instant::now();
+                    words.fetch_add(at, 1)?;
+                    times.push(us(t.elapsed()));
+                }
+            }
+            dsm.barrier()?;
+            if me == Rank(0) {
+                let label = format!("{name} fetch_add, {whose} word, median");
+                rows.push((label, quantile(&mut times, 0.5)));
+            }
+        }
+        let per_rank = ops / n;
+        dsm.barrier()?;
+        let t = Instant::now();
+        for _ in 0..per_rank {
+            words.fetch_add(there + 1, 1)?;
+        }
+        dsm.barrier()?;
+        let contended = us(t.elapsed()) / (per_rank * n) as f64;
+        anyhow::ensure!(
+            words.load(there + 1)? == (per_rank * n) as u64,
+            "the contended counter is not exact"
+        );
+        rows.push((
+            format!("{name} fetch_add, {n} ranks on one word"),
+            contended,
+        ));
+        if model == dsm::Consistency::Release {
+            let t = Instant::now();
+            for _ in 0..per_rank {
+                let guard = dsm.lock(1)?;
+                words.set(there + 2, words.get(there + 2) + 1);
+                guard.unlock()?;
+            }
+            dsm.barrier()?;
+            let locked = us(t.elapsed()) / (per_rank * n) as f64;
+            anyhow::ensure!(
+                words.get(there + 2) == (per_rank * n) as u64,
+                "the counter under the lock is not exact"
+            );
+            rows.push((format!("{name} counter under a lock, {n} ranks"), locked));
+        }
+        drop(words);
+    }
+    Ok(if me == Rank(0) { rows } else { Vec::new() })
+}
+
+/// 8-byte words in a page.
+const PER_PAGE: usize = dsm::PAGE_SIZE / 8;

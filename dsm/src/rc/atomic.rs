@@ -13,15 +13,15 @@ use crate::dsm::Shared;
 use crate::error::{DsmError, Result};
 use crate::fault::release_busy;
 use crate::protocol::release::marks;
-use crate::region::{RegionShared, WRITTEN};
+use crate::region::{RegionShared, READ_WRITE, STATE_MASK, WRITTEN};
 use crate::stats::Counters;
 use crate::wire::{AtomicOp, Reply, Request};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Performs `op` on the 8-byte word `word` of `page` of `region` at the page's home, and returns the word
-/// as it was before. A page homed here is performed on by this rank's own service loop all the same, so
-/// that its threads' operations and other ranks' are one sequence.
+/// as it was before. On a page homed here that is writable here, this thread performs it in place;
+/// otherwise this rank's own service loop does, as for another rank's.
 pub(crate) fn atomic(
     shared: &Shared,
     region: &Arc<RegionShared>,
@@ -30,6 +30,12 @@ pub(crate) fn atomic(
     op: AtomicOp,
 ) -> Result<u64> {
     let home = region.home(page);
+    if home == shared.me {
+        if let Some(old) = in_place_at_home(region, page, word, op) {
+            Counters::add(&shared.counters.atomics_served, 1);
+            return Ok(old);
+        }
+    }
     Counters::add(&shared.counters.atomics, 1);
     let request = Request::Atomic {
         region: region.id,
@@ -62,6 +68,25 @@ pub(crate) fn atomic(
         written_at_home(shared, region, page)?;
     }
     Ok(old)
+}
+
+/// At the home: performs `op` in place when the page is writable here, holding it BUSY as the service loop
+/// holds it for every atomic operation it performs (so the two never act on the word at once), and returns
+/// the word before; `None` when it is not writable. A page writable at its home is one its threads write
+/// without a fault, every such write already accounted for (written unseen while no other rank has fetched
+/// it, or listed for the home's release): an atomic operation on it is one more such write.
+fn in_place_at_home(region: &RegionShared, page: u64, word: u16, op: AtomicOp) -> Option<u64> {
+    claim(region, page);
+    let writable = region.state(page).load(Ordering::Acquire) & STATE_MASK == READ_WRITE;
+    let old = writable.then(|| {
+        let at = region.addr(page) + usize::from(word) * 8;
+        // SAFETY: the word lies inside a page of the region (`word` < PAGE_SIZE / 8), 8-byte aligned, present
+        // and writable here, and this thread holds the page BUSY: the service loop performs no other atomic
+        // operation on it, and nothing protects or drops the page, until it is released.
+        unsafe { crate::region::atomics::in_place(at as *mut u64, op) }
+    });
+    release_busy(region, page);
+    old
 }
 
 /// After a home changed `page` for this rank: this rank's copy is dropped, as a selective acquire drops

@@ -10,6 +10,26 @@ use crate::types::PAGE_SIZE;
 use crate::wire::AtomicOp;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
+/// Performs `op` on the word at `ptr` with the processor's atomic instructions; returns the word before.
+///
+/// # Safety
+/// `ptr` must be 8-byte aligned and point into shared memory mapped for the duration of the call, whose
+/// page's coherence makes the instruction atomic across ranks: one writer at a time under sequential
+/// consistency, or, at a page's home under release consistency, the page held BUSY and writable here.
+pub(crate) unsafe fn in_place(ptr: *mut u64, op: AtomicOp) -> u64 {
+    // SAFETY: aligned and mapped (the caller's contract); every bit pattern is a valid `u64`. Other threads
+    // and ranks may access the word at once: that is what atomic instructions are for.
+    let word = unsafe { AtomicU64::from_ptr(ptr) };
+    match op {
+        AtomicOp::Load => word.load(SeqCst),
+        AtomicOp::Add(delta) => word.fetch_add(delta, SeqCst),
+        AtomicOp::Swap(value) => word.swap(value, SeqCst),
+        AtomicOp::CompareExchange { current, new } => word
+            .compare_exchange(current, new, SeqCst, SeqCst)
+            .unwrap_or_else(|found| found),
+    }
+}
+
 /// Atomic operations on elements, under either consistency model.
 ///
 /// Operations on one element are atomic with respect to each other on every rank: each takes effect at one
@@ -23,8 +43,8 @@ use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 /// Under [`Consistency::Sequential`] each is one atomic instruction on the shared memory, with a write
 /// fault when the page is not writable here: uncontended, as fast as a local atomic; contended by several
 /// ranks, the page moves between them at each. Under [`Consistency::Release`] each is a request to the
-/// element's home, which performs it on its copy (from the home itself too, through its own service
-/// loop): a round trip (measured in `docs/BENCHMARKS.md`). The calling rank sees the result in its own
+/// element's home, which performs it on its copy (the home's own threads perform it in place while the page is
+/// writable there, and otherwise ask their own service loop): a round trip (measured in `docs/BENCHMARKS.md`). The calling rank sees the result in its own
 /// reads at once; another rank's plain [`get`](Self::get) of the element sees it, as it would see a write,
 /// after acquiring a lock or passing a barrier that follows the caller's next release (lock release or
 /// barrier). [`load`](Self::load) reads the element at its home at any time.
@@ -64,22 +84,10 @@ impl GlobalVec<'_, u64> {
         let ptr = self.ptr(i);
         let inner = &self.region().inner;
         match inner.consistency {
-            Consistency::Sequential => {
-                // SAFETY: `ptr` is element `i` of the region (`ptr` checked the index), 8-byte aligned
-                // (regions are page aligned), and mapped for as long as `self` lives; every bit pattern is a
-                // valid `u64`. Other threads and ranks may access the word at once: that is what the atomic
-                // instructions are for (the coherence protocol gives the page to one writer at a time, and a
-                // fault is resolved by the SIGBUS handler before the instruction completes).
-                let word = unsafe { AtomicU64::from_ptr(ptr) };
-                Ok(match op {
-                    AtomicOp::Load => word.load(SeqCst),
-                    AtomicOp::Add(delta) => word.fetch_add(delta, SeqCst),
-                    AtomicOp::Swap(value) => word.swap(value, SeqCst),
-                    AtomicOp::CompareExchange { current, new } => word
-                        .compare_exchange(current, new, SeqCst, SeqCst)
-                        .unwrap_or_else(|found| found),
-                })
-            }
+            // SAFETY: `ptr` is element `i` of the region (`ptr` checked the index) and mapped for as long as
+            // `self` lives; the coherence protocol gives the page to one writer at a time, and a fault is
+            // resolved by the SIGBUS handler before the instruction completes.
+            Consistency::Sequential => Ok(unsafe { in_place(ptr, op) }),
             Consistency::Release => {
                 let at = i * std::mem::size_of::<u64>();
                 let page = (at / PAGE_SIZE) as u64;

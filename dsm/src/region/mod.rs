@@ -17,7 +17,7 @@ use nix::errno::Errno;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-mod atomics;
+pub(crate) mod atomics;
 mod global_vec;
 mod mapping;
 mod pages;

@@ -341,8 +341,8 @@ impl Sim {
     }
 
     /// Rank `r` writes `bytes` at `offset` of page `p` with an atomic operation, as `rc::atomic` does: the
-    /// home applies it to its copy (as the home's own write when `r` is the home, else as `r`'s diff), and
-    /// `r` drops its copy (flushing its unsent writes first) and marks the page written, its diff at the
+    /// home applies it to its copy (when `r` is the home, in place if the page is writable there, else as
+    /// the home's own write; else as `r`'s diff), and `r` drops its copy (flushing its unsent writes first) and marks the page written, its diff at the
     /// home already. An operation that leaves the bytes as they were changes nothing, as in the engine.
     fn atomic_write(&mut self, r: usize, p: usize, offset: usize, bytes: &[u8]) {
         let h = self.home(p);
@@ -351,12 +351,17 @@ impl Sim {
         if self.master[p][offset..offset + bytes.len()] == *bytes {
             return;
         }
-        let d = diff::run(offset, bytes);
-        self.apply_at_home(p, &d, r == h);
         if r == h {
+            // In place when writable here, as any write of the home's threads; else as its own write.
+            if self.state[h][p] & STATE_MASK == READ_WRITE {
+                self.master[p][offset..offset + bytes.len()].copy_from_slice(bytes);
+            } else {
+                self.apply_at_home(p, &diff::run(offset, bytes), true);
+            }
             self.atomics_own += 1;
             return;
         }
+        self.apply_at_home(p, &diff::run(offset, bytes), false);
         self.drop_copy(r, p);
         let was = self.state[r][p];
         if was & WRITTEN == 0 {
