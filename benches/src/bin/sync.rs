@@ -187,6 +187,19 @@ fn atomics(dsm: &dsm::Dsm, ops: usize) -> anyhow::Result<Vec<(String, f64)>> {
                 rows.push((label, quantile(&mut times, 0.5)));
             }
         }
+        // An atomic read of a word homed elsewhere: the round trip alone, with nothing changed to record.
+        let mut loads = Vec::new();
+        if me == Rank(0) {
+            for _ in 0..ops {
+                let t = Instant::now();
+                words.load(there)?;
+                loads.push(us(t.elapsed()));
+            }
+            rows.push((
+                format!("{name} load, remote word, median"),
+                quantile(&mut loads, 0.5),
+            ));
+        }
         let per_rank = ops / n;
         dsm.barrier()?;
         let t = Instant::now();
