@@ -239,6 +239,7 @@ impl Engine {
             return;
         };
         self.apply_claimed(region, &entries, &claimed, &batch, selective);
+        Counters::add(&self.shared.counters.diffs_applied, entries.len() as u64);
         self.reply(idx, &Reply::Ack, &[]);
     }
 
@@ -247,8 +248,7 @@ impl Engine {
     /// operation on a word of its pages, the home's own threads' included, one at a time: that is what
     /// makes them atomic. A change is applied as a diff of the word would be (`apply_claimed`): from another
     /// rank, whose next write notice announces it, as that rank's diff; from this rank, as the home's own
-    /// write (its release announces it). The page is marked `SHARED` as for a fetch: the requester may
-    /// hold a copy, so the home's own writes to it are tracked from now on.
+    /// write (its release announces it).
     pub(super) fn atomic(
         &mut self,
         idx: usize,
@@ -276,7 +276,7 @@ impl Engine {
             word,
             op,
         };
-        let Some((s, _)) = self.claim_or_defer(idx, region, page, SHARED, req, Vec::new()) else {
+        let Some((s, _)) = self.claim_or_defer(idx, region, page, 0, req, Vec::new()) else {
             return;
         };
         let old = if s & STATE_MASK == INVALID {
@@ -375,6 +375,7 @@ impl Engine {
         for (((region, entries), words), batch) in checked.iter().zip(&claimed).zip(&carry.batches)
         {
             self.apply_claimed(region, entries, words, &batch.bytes, false);
+            Counters::add(&self.shared.counters.diffs_applied, entries.len() as u64);
         }
         self.carries[peer.index()] = carry.seq;
         CarryApplied::Yes
@@ -504,7 +505,6 @@ impl Engine {
             let _ = region.apply_diff(*page, &batch[diff.clone()]);
             crate::fault::release_busy(region, *page);
         }
-        Counters::add(&self.shared.counters.diffs_applied, entries.len() as u64);
     }
 
     /// The kernel refused to make a page writable for a diff: this rank's own failure, not the sender's.

@@ -13,7 +13,7 @@ use crate::dsm::Shared;
 use crate::error::{DsmError, Result};
 use crate::fault::release_busy;
 use crate::protocol::release::marks;
-use crate::region::{RegionShared, READ_WRITE, STATE_MASK, WRITTEN};
+use crate::region::{RegionShared, TWINNED, WRITTEN};
 use crate::stats::Counters;
 use crate::wire::{AtomicOp, Reply, Request};
 use std::sync::atomic::Ordering;
@@ -37,6 +37,12 @@ pub(crate) fn atomic(
         }
     }
     Counters::add(&shared.counters.atomics, 1);
+    // This rank's unsent writes to the page reach the home first (a selective release of the page), so
+    // that the operation comes after them there, as it does in this thread's program order: sent later,
+    // when the copy is dropped, their diff would write over the operation's word if they wrote it too.
+    if home != shared.me && region.state(page).load(Ordering::Acquire) & TWINNED != 0 {
+        super::release_range(shared, region, page..page + 1)?;
+    }
     let request = Request::Atomic {
         region: region.id,
         page,
@@ -70,14 +76,12 @@ pub(crate) fn atomic(
     Ok(old)
 }
 
-/// At the home: performs `op` in place when the page is writable here, holding it BUSY as the service loop
-/// holds it for every atomic operation it performs (so the two never act on the word at once), and returns
-/// the word before; `None` when it is not writable. A page writable at its home is one its threads write
-/// without a fault, every such write already accounted for (written unseen while no other rank has fetched
-/// it, or listed for the home's release): an atomic operation on it is one more such write.
+/// At the home: performs `op` in place when `marks::in_place_at_home` allows it, holding the page BUSY as
+/// the service loop holds it for every atomic operation it performs (so the two never act on the word at
+/// once), and returns the word before; `None` otherwise.
 fn in_place_at_home(region: &RegionShared, page: u64, word: u16, op: AtomicOp) -> Option<u64> {
     claim(region, page);
-    let writable = region.state(page).load(Ordering::Acquire) & STATE_MASK == READ_WRITE;
+    let writable = marks::in_place_at_home(region.state(page).load(Ordering::Acquire));
     let old = writable.then(|| {
         let at = region.addr(page) + usize::from(word) * 8;
         // SAFETY: the word lies inside a page of the region (`word` < PAGE_SIZE / 8), 8-byte aligned, present

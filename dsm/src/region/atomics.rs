@@ -49,8 +49,12 @@ pub(crate) unsafe fn in_place(ptr: *mut u64, op: AtomicOp) -> u64 {
 /// after acquiring a lock or passing a barrier that follows the caller's next release (lock release or
 /// barrier). [`load`](Self::load) reads the element at its home at any time.
 ///
-/// An error means the home could not be reached or failed while answering: the operation may have taken
-/// effect there or not. Under the default failure policy the job is ending by then.
+/// Under release consistency a rank's own unsent writes to the element's page go to the home first (a
+/// selective release of that page), so that an operation follows the caller's earlier writes there too.
+///
+/// An error means the home could not be reached or failed while answering, or a home this rank had to
+/// send its writes to failed (before the operation, or as its copy of the page was dropped after it): the
+/// operation may have taken effect or not. Under the default failure policy the job is ending by then.
 impl GlobalVec<'_, u64> {
     /// Adds `delta` to element `i` (wrapping around) and returns the element as it was before.
     pub fn fetch_add(&self, i: usize, delta: u64) -> Result<u64> {

@@ -339,7 +339,8 @@ impl RegionShared {
         // SAFETY: the word is inside the page (checked), the page inside the region's live mapping and present
         // here (the caller holds it BUSY and checked its state), so the load cannot fault; it is 8-byte
         // aligned (pages are). A volatile load through a raw pointer makes no reference to memory that other
-        // threads of this rank may write (other words of the page; this one only the service loop writes).
+        // threads of this rank may write (other words of the page; this one only atomic operations write,
+        // the service loop's and the home's threads', each holding the page BUSY as the caller does).
         unsafe { (self.addr(page) as *const u64).add(word).read_volatile() }
     }
 

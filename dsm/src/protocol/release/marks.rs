@@ -64,6 +64,16 @@ pub(crate) fn marked_at_home_write(state: u32) -> u32 {
     marked_at_write(state) | PARTIAL
 }
 
+/// At the home, whether its own thread may perform an atomic operation on a word of the page in place:
+/// writable here (a write of its threads is accounted for: written unseen, or listed for the release), and
+/// not `DIFFED`. The release finds a `DIFFED` page's own writes by comparing it with its twin, and another
+/// rank's atomic operation on the same word, applied to page and twin alike (`AtDiff::Both`), would hide
+/// the home's: the service loop performs it instead, as the home's own write (`AtDiff::Own`), which ends
+/// `DIFFED`.
+pub(crate) fn in_place_at_home(state: u32) -> bool {
+    state & STATE_MASK == READ_WRITE && state & DIFFED == 0
+}
+
 /// Whether a page homed elsewhere may be twinned and made writable ahead of a write, beside a page a write
 /// faulted on: present read-only and neither written nor twinned in the open interval. It is then marked
 /// `WRITTEN | TWINNED | AHEAD` and listed, as a write would, with `AHEAD` saying that no write has been

@@ -45,6 +45,9 @@ const Z: VectorClock = VectorClock(Vec::new());
 const COUNTER: usize = 8; // counter `l` (of lock `l`) lives in bytes 8l..8l+8 of the last page
 const LOCK_DATA: usize = 64; // byte 64 + l of every page is data written and read only under lock `l`
 const LOCKS: usize = 2;
+/// Bytes 128..136 of every page: a counter every rank adds to with atomic operations at any time (with
+/// `atomic_odds`), never written plainly.
+const ATOMIC: usize = 128;
 
 struct Sim {
     ranks: usize,
@@ -121,6 +124,13 @@ struct Sim {
     /// Atomic writes performed at homes for other ranks, and for the homes themselves.
     atomics_remote: u64,
     atomics_own: u64,
+    /// Per rank and page, the least value of the page's atomic counter the rank may read: what its own
+    /// additions left, and what it learned through locks and barriers from others'.
+    floor: Vec<Vec<u64>>,
+    /// Per lock, the floors its releasers passed on.
+    lock_floor: Vec<Vec<u64>>,
+    /// Reads of atomic counters checked against a floor above zero.
+    floor_checks: u64,
 }
 
 fn with_state(word: u32, state: u32) -> u32 {
@@ -191,6 +201,9 @@ impl Sim {
             atomic_odds: 0,
             atomics_remote: 0,
             atomics_own: 0,
+            floor: vec![vec![0; pages]; ranks],
+            lock_floor: vec![vec![0; pages]; LOCKS],
+            floor_checks: 0,
         };
         sim.assign_owners(rng);
         sim
@@ -207,6 +220,7 @@ impl Sim {
                     .map(|b| {
                         if (p == self.pages - 1 && b < COUNTER * LOCKS)
                             || (LOCK_DATA..LOCK_DATA + LOCKS).contains(&b)
+                            || (ATOMIC..ATOMIC + 8).contains(&b)
                         {
                             usize::MAX // a counter, or a lock's data: written only under the lock
                         } else {
@@ -346,14 +360,17 @@ impl Sim {
     /// home already. An operation that leaves the bytes as they were changes nothing, as in the engine.
     fn atomic_write(&mut self, r: usize, p: usize, offset: usize, bytes: &[u8]) {
         let h = self.home(p);
-        // The home marks the page fetched (`SHARED`) as it takes it.
-        self.state[h][p] |= SHARED;
+        // This rank's unsent writes to the page reach the home first (a selective release of it).
+        if r != h && self.state[r][p] & TWINNED != 0 {
+            self.release_page(r, p);
+        }
         if self.master[p][offset..offset + bytes.len()] == *bytes {
             return;
         }
         if r == h {
-            // In place when writable here, as any write of the home's threads; else as its own write.
-            if self.state[h][p] & STATE_MASK == READ_WRITE {
+            // In place when writable here and not DIFFED, as any write of the home's threads; else as its
+            // own write.
+            if marks::in_place_at_home(self.state[h][p]) {
                 self.master[p][offset..offset + bytes.len()].copy_from_slice(bytes);
             } else {
                 self.apply_at_home(p, &diff::run(offset, bytes), true);
@@ -369,6 +386,28 @@ impl Sim {
         }
         self.state[r][p] = marks::marked_at_home_write(was);
         self.atomics_remote += 1;
+    }
+
+    /// Rank `r` adds 1 to page `p`'s atomic counter at its home.
+    fn atomic_add(&mut self, r: usize, p: usize) {
+        let at = ATOMIC..ATOMIC + 8;
+        let now = u64::from_le_bytes(self.master[p][at.clone()].try_into().unwrap()) + 1;
+        self.atomic_write(r, p, ATOMIC, &now.to_le_bytes());
+        self.model[p][at].copy_from_slice(&now.to_le_bytes());
+        self.floor[r][p] = now;
+    }
+
+    /// Rank `r` reads every page's atomic counter plainly: at least its floor.
+    fn check_floors(&mut self, r: usize, why: &str) {
+        for p in 0..self.pages {
+            let got = u64::from_le_bytes(std::array::from_fn(|i| self.read(r, p, ATOMIC + i)));
+            let floor = self.floor[r][p];
+            assert!(
+                got >= floor,
+                "rank {r} reads page {p}'s atomic counter {got} {why}, below {floor}"
+            );
+            self.floor_checks += u64::from(floor > 0);
+        }
     }
 
     /// Whether the next write is an atomic operation at the home.
@@ -615,14 +654,25 @@ impl Sim {
             let p = rng.random_range(0..self.pages);
             self.twin_ahead(r, p);
         }
+        if self.atomic_odds > 0 && rng.random_range(0..self.atomic_odds * 2) == 0 {
+            let p = rng.random_range(0..self.pages);
+            self.atomic_add(r, p);
+            return;
+        }
         match rng.random_range(0..10) {
             0..=4 => {
                 // Write one of my bytes.
                 let p = rng.random_range(0..self.pages);
-                let b = rng.random_range(0..PAGE_SIZE);
+                let mut b = rng.random_range(0..PAGE_SIZE);
+                let atomic = self.atomic_now(rng);
+                if atomic && rng.random_range(0..2) == 0 {
+                    // Often a byte this rank wrote plainly and has not sent yet: the atomic operation
+                    // must come after that write.
+                    b = self.unreleased[r][p].iter().next().copied().unwrap_or(b);
+                }
                 if self.owner[p][b] == r {
                     let v: u8 = rng.random();
-                    if self.atomic_now(rng) {
+                    if atomic {
                         self.atomic_write(r, p, b, &[v]);
                     } else {
                         self.write(r, p, b, v);
@@ -669,6 +719,17 @@ impl Sim {
         let grant = self.lock_notices[lock].unseen(&clock);
         let horizon = self.lock_horizons[lock].clone();
         self.acquire(r, &grant, &horizon);
+        if self.atomic_odds > 0 {
+            for p in 0..self.pages {
+                self.floor[r][p] = self.floor[r][p].max(self.lock_floor[lock][p]);
+            }
+            self.check_floors(r, "after acquiring a lock");
+            // Some critical sections add to a counter before they release.
+            if rng.random_range(0..2) == 0 {
+                let p = rng.random_range(0..self.pages);
+                self.atomic_add(r, p);
+            }
+        }
         let c = self.counter(r, lock);
         assert_eq!(
             c, self.counter_model[lock],
@@ -700,6 +761,9 @@ impl Sim {
         self.model[p][COUNTER * lock..COUNTER * lock + 8].copy_from_slice(&bytes);
         self.counter_model[lock] = c + 1;
         self.release(r);
+        for p in 0..self.pages {
+            self.lock_floor[lock][p] = self.lock_floor[lock][p].max(self.floor[r][p]);
+        }
         let (passed, horizon, clock) = self.rc[r].notices_to_pass(lock as u64);
         // As the engine's lock home: what the last stable cut covers every rank has seen.
         for n in passed {
@@ -786,6 +850,13 @@ impl Sim {
                 for b in 0..PAGE_SIZE {
                     self.check(r, p, b);
                 }
+            }
+        }
+        // And every atomic addition before it: each rank's floor is the counter's value.
+        for p in 0..self.pages {
+            let value = u64::from_le_bytes(self.model[p][ATOMIC..ATOMIC + 8].try_into().unwrap());
+            for r in 0..self.ranks {
+                self.floor[r][p] = value;
             }
         }
         self.assign_owners(rng);

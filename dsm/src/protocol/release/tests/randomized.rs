@@ -92,10 +92,12 @@ fn randomized_jobs_whose_barriers_carry_updates_never_read_stale_data() {
 
 #[test]
 fn randomized_jobs_with_atomic_operations_at_homes_never_read_stale_data() {
-    let (mut checks, mut remote, mut own, mut flushed, mut withheld) = (0, 0, 0, 0, 0);
+    let (mut checks, mut remote, mut own, mut flushed, mut withheld, mut floors) =
+        (0, 0, 0, 0, 0, 0);
     let setup = |sim: &mut Sim| {
         // Atomic writes among plain ones, under the lock (the counter, read by the lock's next holder
-        // with a plain read) and outside it, beside pages twinned ahead, updates carried by barriers and
+        // with a plain read) and outside it, and additions by every rank at any time to a counter on
+        // each page, which a lock's next holder must read at least as its last holder left it; beside pages twinned ahead, updates carried by barriers and
         // selective hand-overs.
         sim.atomic_odds = 3;
         sim.ahead_odds = 8;
@@ -108,10 +110,16 @@ fn randomized_jobs_with_atomic_operations_at_homes_never_read_stale_data() {
         own += sim.atomics_own;
         flushed += sim.flushed;
         withheld += sim.partial_withheld;
+        floors += sim.floor_checks;
     });
     assert!(
-        checks > 50_000 && remote > 1_000 && own > 500 && flushed > 100 && withheld > 10,
-        "checks {checks}, atomic writes for other ranks {remote}, for homes themselves {own}, flushed {flushed}, partial diffs withheld {withheld}"
+        checks > 50_000
+            && remote > 1_000
+            && own > 500
+            && flushed > 100
+            && withheld > 10
+            && floors > 10_000,
+        "checks {checks}, atomic writes for other ranks {remote}, for homes themselves {own}, flushed {flushed}, partial diffs withheld {withheld}, counters checked against floors {floors}"
     );
 }
 
