@@ -244,9 +244,9 @@ impl Engine {
     }
 
     /// Release consistency, at the home: performs an atomic operation on a word of a page homed here, in
-    /// the home's copy, and answers with the word as it was (`rc::atomic`). This loop performs every atomic
-    /// operation on a word of its pages, the home's own threads' included, one at a time: that is what
-    /// makes them atomic. A change is applied as a diff of the word would be (`apply_claimed`): from another
+    /// the home's copy, and answers with the word as it was (`rc::atomic`). This loop performs the atomic
+    /// operations on words of its pages one at a time, the home's own threads' too unless they act in
+    /// place (holding the page, as this loop does): that is what makes them atomic. A change is applied as a diff of the word would be (`apply_claimed`): from another
     /// rank, whose next write notice announces it, as that rank's diff; from this rank, as the home's own
     /// write (its release announces it).
     pub(super) fn atomic(

@@ -20,8 +20,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Performs `op` on the 8-byte word `word` of `page` of `region` at the page's home, and returns the word
-/// as it was before. On a page homed here that is writable here, this thread performs it in place;
-/// otherwise this rank's own service loop does, as for another rank's.
+/// as it was before. On a page homed here that `marks::in_place_at_home` allows, this thread performs it in
+/// place; otherwise this rank's own service loop does, as for another rank's.
 pub(crate) fn atomic(
     shared: &Shared,
     region: &Arc<RegionShared>,
