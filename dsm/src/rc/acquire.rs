@@ -29,6 +29,17 @@ pub(crate) fn acquire_range(
     // One flush at a time on this rank (see `release_range`): the pages this rank wrote too are flushed
     // together at the end, held while their diffs are out.
     let _one_at_a_time = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
+    drop_range(shared, region, pages)
+}
+
+/// The work of `acquire_range`, for a caller that holds the rank's release-consistency state
+/// (`Shared::rc`): drops this rank's copies of `pages` of `region` homed elsewhere, flushing its own
+/// unsent writes to them first.
+pub(super) fn drop_range(
+    shared: &Shared,
+    region: &Arc<RegionShared>,
+    pages: std::ops::Range<u64>,
+) -> Result<()> {
     // The pages it drops are fetched again from their homes, rank 0 among them (`carry`); when rank 0
     // failed, the others are dropped all the same.
     let undelivered = carry::deliver(shared).err();

@@ -8,7 +8,8 @@
 //! announces it to the ranks that synchronize with this one after its release. Runs in ordinary threads,
 //! never in the fault handler.
 
-use super::{carry, claim, Dropper};
+use super::acquire::drop_range;
+use super::claim;
 use crate::dsm::Shared;
 use crate::error::{DsmError, Result};
 use crate::fault::release_busy;
@@ -35,14 +36,14 @@ pub(crate) fn atomic(
             Counters::add(&shared.counters.atomics_served, 1);
             return Ok(old);
         }
-    }
-    Counters::add(&shared.counters.atomics, 1);
-    // This rank's unsent writes to the page reach the home first (a selective release of the page), so
-    // that the operation comes after them there, as it does in this thread's program order: sent later,
-    // when the copy is dropped, their diff would write over the operation's word if they wrote it too.
-    if home != shared.me && region.state(page).load(Ordering::Acquire) & TWINNED != 0 {
+    } else if region.state(page).load(Ordering::Acquire) & TWINNED != 0 {
+        // This rank's unsent writes to the page reach the home first (a selective release of the page),
+        // so that the operation comes after them there, as it does in this thread's program order: sent
+        // later, when the copy is dropped, their diff would write over the operation's word if they
+        // wrote it too.
         super::release_range(shared, region, page..page + 1)?;
     }
+    Counters::add(&shared.counters.atomics, 1);
     let request = Request::Atomic {
         region: region.id,
         page,
@@ -100,13 +101,7 @@ fn written_at_home(shared: &Shared, region: &Arc<RegionShared>, page: u64) -> Re
     // One flush at a time on this rank, as for every flush; and no release drains the written lists
     // while this one is marked.
     let _one_at_a_time = shared.rc.lock().unwrap_or_else(|p| p.into_inner());
-    // The page may be fetched again from rank 0, which must hold this rank's writes to it first.
-    let undelivered = carry::deliver(shared).err();
-    // A barrier of this rank in progress applies no updates now (as after a selective acquire).
-    shared.selective_acquires.fetch_add(1, Ordering::AcqRel);
-    let mut dropper = Dropper::new(shared, undelivered);
-    dropper.add(region, page);
-    let dropped = dropper.finish();
+    let dropped = drop_range(shared, region, page..page + 1);
     // Marked while held, as a fault marks it: a thread of this rank may have fetched the page again
     // since it was dropped, and be writing it.
     claim(region, page);

@@ -43,10 +43,11 @@ pub(crate) unsafe fn in_place(ptr: *mut u64, op: AtomicOp) -> u64 {
 /// Under [`Consistency::Sequential`] each is one atomic instruction on the shared memory, with a write
 /// fault when the page is not writable here: uncontended, as fast as a local atomic; contended by several
 /// ranks, the page moves between them at each. Under [`Consistency::Release`] each is a request to the
-/// element's home, which performs it on its copy (the home's own threads perform it in place while the page is
-/// writable there, and otherwise ask their own service loop): a round trip (measured in `docs/BENCHMARKS.md`). The calling rank sees the result in its own
-/// reads at once; another rank's plain [`get`](Self::get) of the element sees it, as it would see a write,
-/// after acquiring a lock or passing a barrier that follows the caller's next release (lock release or
+/// element's home, which performs it on its copy: a round trip (measured in `docs/BENCHMARKS.md`). The
+/// home's own threads perform theirs in place while the page is writable there (most of the time), and
+/// otherwise ask their own service loop. The calling rank sees the result in its own reads at once;
+/// another rank's plain [`get`](Self::get) of the element sees it, as it would see a write, after
+/// acquiring a lock or passing a barrier that follows the caller's next release (lock release or
 /// barrier). [`load`](Self::load) reads the element at its home at any time.
 ///
 /// Under release consistency a rank's own unsent writes to the element's page go to the home first (a
