@@ -131,6 +131,8 @@ fn bad_input_and_output_are_clear_errors_on_every_rank() {
                 !dir.join("y").exists(),
                 "{me}, late {late}: the failed job left its output"
             );
+            // Every rank has looked before rank 0 starts the next job, which makes `y` again.
+            rt.dsm().barrier().unwrap();
         }
         // Splits larger than a map task may read: refused before anything is written.
         let e = mr
