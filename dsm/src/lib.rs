@@ -38,7 +38,7 @@ pub use crate::dsm::{
 pub use crate::engine::{ServicePriority, MAX_READAHEAD, MIN_PEER_TIMEOUT};
 pub use crate::error::{panic_message, DsmError, Result};
 pub use crate::protocol::release::{DEFAULT_NOTICE_MEMORY, MIN_NOTICE_MEMORY};
-pub use crate::region::{Consistency, GlobalVec, Placement, Region};
+pub use crate::region::{AtomicElement, Consistency, GlobalVec, Placement, Region};
 pub use crate::service::{Responder, Service, ServiceId, MAX_SERVICES};
 pub use crate::stats::{Stats, LATENCY_BUCKETS};
 pub use crate::types::{GlobalAddr, PageId, Rank, PAGE_SIZE};

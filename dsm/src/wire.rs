@@ -85,12 +85,13 @@ pub(crate) enum Request {
     /// Release consistency, rank 0: apply the diffs in the payload (`rc::carry::Carry`) unless they are
     /// applied already, then ack once: a carry a barrier arrival is taking there too.
     Carried,
-    /// Release consistency: perform `op` on the 8-byte word `word` of page `page`, homed here, in your copy
-    /// (the master), and answer `Reply::Atomic` with the word as it was (`rc::atomic`).
+    /// Release consistency: perform `op` on the word of kind `kind` at byte `offset` of page `page`, homed
+    /// here, in your copy (the master), and answer `Reply::Atomic` with the word as it was (`rc::atomic`).
     Atomic {
         region: u32,
         page: u64,
-        word: u16,
+        offset: u16,
+        kind: WordKind,
         op: AtomicOp,
     },
     /// Rank 0: where is the shared arena?
@@ -164,33 +165,88 @@ pub(crate) enum Reply {
     Service,
     /// The request could not be served.
     Refused { reason: RefusedReason },
-    /// The answer to `Atomic`: the word before the operation.
+    /// The answer to `Atomic`: the word before the operation (its bits, zero-extended).
     Atomic { old: u64 },
 }
 
-/// A read-modify-write of one shared 8-byte word, as a home performs it (`Request::Atomic`).
+/// The type of a shared word an atomic operation acts on: its width, and whether `Max` and `Min` compare
+/// it as signed. A word travels as its bits, zero-extended to 64 (`AtomicOp`, `Reply::Atomic`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum WordKind {
+    U32,
+    I32,
+    U64,
+    I64,
+}
+
+impl WordKind {
+    /// The word's width in bytes.
+    pub(crate) fn width(self) -> usize {
+        match self {
+            WordKind::U32 | WordKind::I32 => 4,
+            WordKind::U64 | WordKind::I64 => 8,
+        }
+    }
+
+    /// The bits of a word of this kind: the low `width` bytes.
+    fn mask(self) -> u64 {
+        match self.width() {
+            4 => u64::from(u32::MAX),
+            _ => u64::MAX,
+        }
+    }
+
+    /// The word as a number that orders as the word does: sign-extended for the signed kinds.
+    fn ordered(self, bits: u64) -> i128 {
+        match self {
+            WordKind::U32 | WordKind::U64 => i128::from(bits),
+            WordKind::I32 => i128::from(bits as u32 as i32),
+            WordKind::I64 => i128::from(bits as i64),
+        }
+    }
+}
+
+/// A read-modify-write of one shared word, as a home performs it (`Request::Atomic`). Operands are the
+/// word kind's bits, zero-extended to 64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum AtomicOp {
     /// Read the word; change nothing.
     Load,
-    /// Add, wrapping around.
+    /// Add, wrapping around (a subtraction adds the operand's two's complement).
     Add(u64),
     /// Store the value.
     Swap(u64),
     /// Store `new` if the word is `current`.
-    CompareExchange { current: u64, new: u64 },
+    CompareExchange {
+        current: u64,
+        new: u64,
+    },
+    /// Bitwise and, or, exclusive or with the operand.
+    And(u64),
+    Or(u64),
+    Xor(u64),
+    /// Store the greater, or the lesser, of the word and the operand, compared as the word's kind.
+    Max(u64),
+    Min(u64),
 }
 
 impl AtomicOp {
-    /// The word after the operation, given the word before it.
-    pub(crate) fn apply(self, old: u64) -> u64 {
-        match self {
+    /// The word after the operation, given the word before it, both the bits of a word of `kind`.
+    pub(crate) fn apply(self, kind: WordKind, old: u64) -> u64 {
+        let mask = kind.mask();
+        let new = match self {
             AtomicOp::Load => old,
             AtomicOp::Add(delta) => old.wrapping_add(delta),
             AtomicOp::Swap(value) => value,
             AtomicOp::CompareExchange { current, new } if old == current => new,
             AtomicOp::CompareExchange { .. } => old,
-        }
+            AtomicOp::And(v) => old & v,
+            AtomicOp::Or(v) => old | v,
+            AtomicOp::Xor(v) => old ^ v,
+            AtomicOp::Max(v) => std::cmp::max_by_key(old, v & mask, |&b| kind.ordered(b)),
+            AtomicOp::Min(v) => std::cmp::min_by_key(old, v & mask, |&b| kind.ordered(b)),
+        };
+        new & mask
     }
 }
 

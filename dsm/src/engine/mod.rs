@@ -557,13 +557,14 @@ impl Engine {
             Request::Atomic {
                 region,
                 page,
-                word,
+                offset,
+                kind,
                 op,
             } => {
                 let Some(r) = self.region_for(idx, region, page, Consistency::Release) else {
                     return;
                 };
-                self.atomic(idx, &r, page, word, op);
+                self.atomic(idx, &r, page, offset, kind, op);
             }
             Request::Diffs { region, .. } => {
                 let Some(r) = self.region_for(idx, region, 0, Consistency::Release) else {

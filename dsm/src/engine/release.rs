@@ -15,7 +15,7 @@ use crate::region::{
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
 use crate::uffd::ZERO_PAGE;
-use crate::wire::{AtomicOp, RefusedReason, Reply, Request};
+use crate::wire::{AtomicOp, RefusedReason, Reply, Request, WordKind};
 use nix::errno::Errno;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -254,18 +254,18 @@ impl Engine {
         idx: usize,
         region: &Arc<RegionShared>,
         page: u64,
-        word: u16,
+        offset: u16,
+        kind: WordKind,
         op: AtomicOp,
     ) {
         if region.home(page) != self.shared.me {
             self.refuse(idx, RefusedReason::WrongRank);
             return;
         }
-        let at = usize::from(word);
-        if at >= PAGE_SIZE / 8 {
+        let (at, width) = (usize::from(offset), kind.width());
+        if !at.is_multiple_of(width) || at + width > PAGE_SIZE {
             let what = format!(
-                "an atomic operation on word {word} of a page, which has {} words",
-                PAGE_SIZE / 8
+                "an atomic operation on a word of {width} bytes at byte {at} of a page of {PAGE_SIZE}: not inside it, or not aligned"
             );
             self.close(idx, &what);
             return;
@@ -273,7 +273,8 @@ impl Engine {
         let req = Request::Atomic {
             region: region.id,
             page,
-            word,
+            offset,
+            kind,
             op,
         };
         let Some((s, _)) = self.claim_or_defer(idx, region, page, 0, req, Vec::new()) else {
@@ -282,13 +283,14 @@ impl Engine {
         let old = if s & STATE_MASK == INVALID {
             0 // never touched here: zeros
         } else {
-            region.read_word(page, at)
+            region.read_word(page, at, width)
         };
-        let new = op.apply(old);
+        let new = op.apply(kind, old);
         if new == old {
             crate::fault::release_busy(region, page);
         } else {
-            let diff = diff::run(at * 8, &new.to_ne_bytes());
+            let (four, eight) = ((new as u32).to_ne_bytes(), new.to_ne_bytes());
+            let diff = diff::run(at, if width == 4 { &four } else { &eight });
             let own = self.conns[idx].peer == self.shared.me;
             self.apply_claimed(region, &[(page, 0..diff.len())], &[s], &diff, own);
         }

@@ -16,23 +16,24 @@ use crate::fault::release_busy;
 use crate::protocol::release::marks;
 use crate::region::{RegionShared, TWINNED, WRITTEN};
 use crate::stats::Counters;
-use crate::wire::{AtomicOp, Reply, Request};
+use crate::wire::{AtomicOp, Reply, Request, WordKind};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// Performs `op` on the 8-byte word `word` of `page` of `region` at the page's home, and returns the word
-/// as it was before. On a page homed here that `marks::in_place_at_home` allows, this thread performs it in
+/// Performs `op` on the word of `kind` at byte `offset` of `page` of `region` at the page's home, and
+/// returns the word as it was before (its bits, zero-extended). On a page homed here that `marks::in_place_at_home` allows, this thread performs it in
 /// place; otherwise this rank's own service loop does, as for another rank's.
 pub(crate) fn atomic(
     shared: &Shared,
     region: &Arc<RegionShared>,
     page: u64,
-    word: u16,
+    offset: u16,
+    kind: WordKind,
     op: AtomicOp,
 ) -> Result<u64> {
     let home = region.home(page);
     if home == shared.me {
-        if let Some(old) = in_place_at_home(region, page, word, op) {
+        if let Some(old) = in_place_at_home(region, page, offset, kind, op) {
             Counters::add(&shared.counters.atomics_served, 1);
             return Ok(old);
         }
@@ -47,7 +48,8 @@ pub(crate) fn atomic(
     let request = Request::Atomic {
         region: region.id,
         page,
-        word,
+        offset,
+        kind,
         op,
     };
     // The channel goes back before `rc` is taken below: a thread holding `rc` may be waiting for a channel.
@@ -71,7 +73,7 @@ pub(crate) fn atomic(
         }
     };
     let old = answer?;
-    if home != shared.me && op.apply(old) != old {
+    if home != shared.me && op.apply(kind, old) != old {
         written_at_home(shared, region, page)?;
     }
     Ok(old)
@@ -80,15 +82,21 @@ pub(crate) fn atomic(
 /// At the home: performs `op` in place when `marks::in_place_at_home` allows it, holding the page BUSY as
 /// the service loop holds it for every atomic operation it performs (so the two never act on the word at
 /// once), and returns the word before; `None` otherwise.
-fn in_place_at_home(region: &RegionShared, page: u64, word: u16, op: AtomicOp) -> Option<u64> {
+fn in_place_at_home(
+    region: &RegionShared,
+    page: u64,
+    offset: u16,
+    kind: WordKind,
+    op: AtomicOp,
+) -> Option<u64> {
     claim(region, page);
     let writable = marks::in_place_at_home(region.state(page).load(Ordering::Acquire));
     let old = writable.then(|| {
-        let at = region.addr(page) + usize::from(word) * 8;
-        // SAFETY: the word lies inside a page of the region (`word` < PAGE_SIZE / 8), 8-byte aligned, present
-        // and writable here, and this thread holds the page BUSY: the service loop performs no other atomic
+        let at = region.addr(page) + usize::from(offset);
+        // SAFETY: the word lies inside a page of the region (the caller's offset is an element's, aligned for
+        // its width, pages being aligned), present and writable here, and this thread holds the page BUSY: the service loop performs no other atomic
         // operation on it, and nothing protects or drops the page, until it is released.
-        unsafe { crate::region::atomics::in_place(at as *mut u64, op) }
+        unsafe { crate::region::atomics::in_place(at as *mut u8, kind, op) }
     });
     release_busy(region, page);
     old

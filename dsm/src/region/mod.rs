@@ -18,6 +18,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 pub(crate) mod atomics;
+pub use atomics::AtomicElement;
 mod global_vec;
 mod mapping;
 mod pages;

@@ -333,15 +333,26 @@ impl RegionShared {
         unsafe { std::slice::from_raw_parts(self.addr(page) as *const u8, PAGE_SIZE) }
     }
 
-    /// Release consistency, at the home: the 8-byte word `word` of a page present here (`rc::atomic`).
-    pub(crate) fn read_word(&self, page: u64, word: usize) -> u64 {
-        assert!(page < self.pages && word < PAGE_SIZE / 8);
+    /// Release consistency, at the home: the word of `width` bytes (4 or 8) at byte `offset` of a page
+    /// present here, zero-extended (`rc::atomic`).
+    pub(crate) fn read_word(&self, page: u64, offset: usize, width: usize) -> u64 {
+        assert!(
+            page < self.pages && offset.is_multiple_of(width) && offset + width <= PAGE_SIZE,
+            "a word inside the page, aligned"
+        );
+        let at = self.addr(page) + offset;
         // SAFETY: the word is inside the page (checked), the page inside the region's live mapping and present
-        // here (the caller holds it BUSY and checked its state), so the load cannot fault; it is 8-byte
-        // aligned (pages are). A volatile load through a raw pointer makes no reference to memory that other
-        // threads of this rank may write (other words of the page; this one only atomic operations write,
-        // the service loop's and the home's threads', each holding the page BUSY as the caller does).
-        unsafe { (self.addr(page) as *const u64).add(word).read_volatile() }
+        // here (the caller holds it BUSY and checked its state), so the load cannot fault; it is aligned for
+        // its width (checked; pages are aligned). A volatile load through a raw pointer makes no reference to
+        // memory that other threads of this rank may write (other words of the page; this one only atomic
+        // operations write, the service loop's and the home's threads', each holding the page BUSY as the
+        // caller does).
+        unsafe {
+            match width {
+                4 => u64::from((at as *const u32).read_volatile()),
+                _ => (at as *const u64).read_volatile(),
+            }
+        }
     }
 
     /// Release consistency, at the home: applies a diff to the page, which must be present and writable here.

@@ -3,9 +3,9 @@
 
 use super::*;
 
-/// Atomic operations on shared words, without locks: counters exact, tickets handed out once, and a swap
-/// under a lock seen by the lock's next holder's plain read, under both models, with two threads of every
-/// rank at once.
+/// Atomic operations on shared words, without locks: counters exact, tickets handed out once, a swap under a
+/// lock seen by the lock's next holder's plain read, and every width and operation (`u32` beside a plain
+/// write, signed extremes, bits), under both models, with two threads of every rank at once.
 #[test]
 fn atomic_operations_on_shared_words_are_exact_under_both_models() {
     for model in ["sequential", "release"] {

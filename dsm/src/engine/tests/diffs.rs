@@ -320,3 +320,61 @@ fn a_malformed_batch_of_diffs_fails_its_sender_and_changes_nothing() {
         assert_eq!(dsm.stats().diffs_applied, 0);
     }
 }
+
+/// A home performs atomic operations on words of 4 and 8 bytes in place, changing no byte beside the
+/// word, and fails a sender that names a word outside the page or not aligned for its width.
+#[test]
+fn a_home_performs_atomic_operations_on_words_of_either_width_and_fails_a_misplaced_one() {
+    use crate::wire::{AtomicOp, WordKind};
+    let (dsm, mut fakes) = rank0_with_fakes(2, Some(crate::DEFAULT_PEER_TIMEOUT));
+    let f = fakes.pop().unwrap();
+    let region = homed_region_with(&dsm, std::slice::from_ref(&f), 1, Consistency::Release);
+    // SAFETY: the region is one page long, and its test's only user of it.
+    unsafe { std::ptr::write_bytes(region.as_ptr(), 0x11, PAGE_SIZE) };
+    let atomic = |offset: u16, kind: WordKind, op: AtomicOp| {
+        fake_sends(
+            &f.fake,
+            Request::Atomic {
+                region: region.inner.id,
+                page: 0,
+                offset,
+                kind,
+                op,
+            },
+        );
+        match fake_reads(&f.fake).0 {
+            Reply::Atomic { old } => old,
+            other => panic!("{kind:?} {op:?} at {offset}: {other:?}"),
+        }
+    };
+    // The upper half of an 8-byte word, then a whole word after it, signed.
+    assert_eq!(atomic(12, WordKind::U32, AtomicOp::Add(5)), 0x1111_1111);
+    assert_eq!(
+        atomic(16, WordKind::I64, AtomicOp::Min(u64::MAX)),
+        0x1111_1111_1111_1111
+    );
+    // SAFETY: the page is present here, and nothing else writes it now (the fake rank has its answers).
+    let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), PAGE_SIZE) };
+    assert_eq!(bytes[12..16], 0x1111_1116u32.to_ne_bytes());
+    assert_eq!(bytes[16..24], (-1i64).to_ne_bytes());
+    let untouched = bytes[..12].iter().chain(&bytes[24..]);
+    assert!(
+        untouched.into_iter().all(|&b| b == 0x11),
+        "a byte beside the words changed"
+    );
+    assert_eq!(dsm.stats().atomics_served, 2);
+    // A word of 8 bytes at byte 4: not aligned. The sender is failed, and the page stays as it was.
+    fake_sends(
+        &f.fake,
+        Request::Atomic {
+            region: region.inner.id,
+            page: 0,
+            offset: 4,
+            kind: WordKind::U64,
+            op: AtomicOp::Swap(0),
+        },
+    );
+    assert_eq!(failed_within(&dsm, Duration::from_secs(5)), vec![Rank(1)]);
+    assert_eq!(bytes[4..8], [0x11; 4]);
+    assert_eq!(dsm.stats().atomics_served, 2);
+}

@@ -11,7 +11,8 @@ use crate::*;
 ///   below the total is marked exactly once, and none past it;
 /// - a chain under a lock: the holder reads a word with a plain read and stores one more with `swap`, which
 ///   must return what the plain read saw: an atomic operation's result reaches the lock's next holder
-///   (under release consistency, through the write notice of the release that follows it).
+///   (under release consistency, through the write notice of the release that follows it);
+/// - the other widths and operations (`widths`).
 pub(crate) fn atomics(c: &Check) -> anyhow::Result<()> {
     const COUNTERS: usize = 4;
     let Check {
@@ -85,6 +86,145 @@ pub(crate) fn atomics(c: &Check) -> anyhow::Result<()> {
     if let Some(t) = seen.iter().position(|&m| m == 0) {
         anyhow::bail!("rank {me}: ticket {t} was never taken");
     }
+    widths(c)?;
     println!("atomics ok: {total} per counter, {total} tickets, chain {total}");
+    Ok(())
+}
+
+/// Words of 4 bytes, signed words, and every operation, on pages homed at each rank in turn, by every
+/// thread of every rank at once (thread `k` of the job is `me * threads + t`):
+/// - a `u32` counter (`fetch_add`) in the lower half of an 8-byte word whose upper half rank 0 writes
+///   plainly at the same time: neither loses the other's bytes;
+/// - an `i32` taken below zero (`fetch_sub`), and `i64` extremes (`fetch_max`, `fetch_min` of negative
+///   values): exact, compared as signed;
+/// - bits (`u64`): each thread sets bit `k % 64` of one word (`fetch_or`), clears it in another that starts
+///   all ones (`fetch_and`), and flips it in a third once a round (`fetch_xor`);
+/// - a `u32` flag stored and loaded (`store`, `load`) under a lock: the next holder loads what the last
+///   stored.
+fn widths(c: &Check) -> anyhow::Result<()> {
+    const WORDS32: usize = 2 * WORDS_PER_PAGE;
+    let Check {
+        dsm,
+        me,
+        n,
+        model,
+        args,
+        ..
+    } = *c;
+    let (threads, rounds) = (args.threads.max(1), args.rounds);
+    // Page p of each vector is homed at rank p mod n.
+    let pages = n.max(2);
+    let small = dsm.alloc_vec_in::<u32>(pages * WORDS32, dsm::Placement::Cyclic, model)?;
+    let signed32 = dsm.alloc_vec_in::<i32>(pages * WORDS32, dsm::Placement::Cyclic, model)?;
+    let signed64 =
+        dsm.alloc_vec_in::<i64>(pages * WORDS_PER_PAGE, dsm::Placement::Cyclic, model)?;
+    let bits = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, dsm::Placement::Cyclic, model)?;
+    // One word of each kind on every page; the u32 counter at word 0 beside rank 0's plain word 1.
+    let (or_at, and_at, xor_at) = (0, 1, 2);
+    let (max_at, min_at) = (0, 1);
+    if me == 0 {
+        for p in 0..pages {
+            bits.set(p * WORDS_PER_PAGE + and_at, u64::MAX);
+        }
+    }
+    dsm.barrier()?;
+    let flag_at = 7;
+    on_threads(threads, |t| {
+        let k = me * threads + t;
+        let bit = 1u64 << (k % 64);
+        for i in 0..rounds {
+            let p = (i + k) % pages;
+            small.fetch_add(p * WORDS32, 1)?;
+            if me == 0 && t == 0 {
+                small.set(p * WORDS32 + 1, i as u32);
+            }
+            signed32.fetch_sub(p * WORDS32 + 3, 1)?;
+            let value = (k * rounds + i) as i64;
+            signed64.fetch_max(p * WORDS_PER_PAGE + max_at, value)?;
+            signed64.fetch_min(p * WORDS_PER_PAGE + min_at, -value)?;
+            let b = (k % pages) * WORDS_PER_PAGE;
+            bits.fetch_or(b + or_at, bit)?;
+            bits.fetch_and(b + and_at, !bit)?;
+            bits.fetch_xor(b + xor_at, bit)?;
+            let guard = dsm.lock(8)?;
+            let was = small.load(flag_at)?;
+            ensure!(
+                was == small.get(flag_at),
+                "rank {me}: under the lock the flag loads {was} but reads {}",
+                small.get(flag_at)
+            );
+            small.store(flag_at, was + 1)?;
+            guard.unlock()?;
+        }
+        Ok(())
+    })?;
+    dsm.barrier()?;
+    let all = n * threads;
+    let total = all * rounds;
+    let share =
+        |p: usize| (0..all).map(move |k| (0..rounds).filter(|i| (i + k) % pages == p).count());
+    let (mut adds, mut max, mut min) = (0, i64::MIN, i64::MAX);
+    for p in 0..pages {
+        let mine: usize = share(p).sum();
+        adds += mine;
+        let counter = small.load(p * WORDS32)?;
+        ensure!(
+            counter as usize == mine && small.get(p * WORDS32) == counter,
+            "rank {me}: page {p}'s u32 counter {counter} (read {}), expected {mine}",
+            small.get(p * WORDS32)
+        );
+        let plain = small.get(p * WORDS32 + 1);
+        let last = (0..rounds).rev().find(|i| i % pages == p);
+        ensure!(
+            last.is_none_or(|i| plain == i as u32),
+            "rank {me}: page {p}'s plain word beside the counter reads {plain}, rank 0 wrote {last:?} last"
+        );
+        let below = signed32.get(p * WORDS32 + 3);
+        ensure!(
+            below == -(mine as i32) && signed32.load(p * WORDS32 + 3)? == below,
+            "rank {me}: page {p}'s i32 reads {below}, expected -{mine}"
+        );
+        let (hi, lo) = (
+            signed64.get(p * WORDS_PER_PAGE + max_at),
+            signed64.get(p * WORDS_PER_PAGE + min_at),
+        );
+        max = max.max(hi);
+        min = min.min(lo);
+        ensure!(
+            lo == -hi,
+            "rank {me}: page {p}'s maximum {hi} and minimum {lo}"
+        );
+    }
+    ensure!(adds == total, "rank {me}: {adds} additions of {total}");
+    let top = (total - 1) as i64;
+    ensure!(
+        max == top && min == -top,
+        "rank {me}: maximum {max} and minimum {min}, expected {top} and -{top}"
+    );
+    for p in 0..pages {
+        let b = p * WORDS_PER_PAGE;
+        let (mut or, mut xor) = (0u64, 0u64);
+        for k in (0..all).filter(|k| k % pages == p) {
+            or |= 1 << (k % 64);
+            if rounds % 2 == 1 {
+                xor ^= 1 << (k % 64);
+            }
+        }
+        let got = (
+            bits.get(b + or_at),
+            bits.get(b + and_at),
+            bits.get(b + xor_at),
+        );
+        ensure!(
+            got == (or, !or, xor),
+            "rank {me}: page {p}'s bit words {got:x?}, expected {:x?}",
+            (or, !or, xor)
+        );
+    }
+    let flag = small.get(flag_at);
+    ensure!(
+        flag as usize == total,
+        "rank {me}: flag {flag}, expected {total}"
+    );
     Ok(())
 }
