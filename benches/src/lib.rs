@@ -435,6 +435,75 @@ impl RawStar {
     }
 }
 
+/// Plain sockets between every two ranks, of the kind the runtime connects ranks with
+/// ([`Medium::of_job`]), for a dissemination barrier with no runtime around it: the other way to meet,
+/// beside the central one ([`RawStar`]). In round `r` each rank writes a byte to rank `me + 2^r` and reads
+/// one from rank `me - 2^r` (mod the size), so every rank knows of every other's arrival after
+/// `ceil(log2 size)` rounds, with no rank in the middle.
+#[derive(Debug)]
+pub struct RawMesh {
+    /// The end to each other rank, by rank (none for this rank's own).
+    ends: Vec<Option<Box<dyn Duplex>>>,
+    me: usize,
+}
+
+/// Connects every two ranks ([`RawMesh`]): each rank in turn accepts a connection from every rank below
+/// it, which names itself with its first byte.
+pub fn raw_mesh(dsm: &Dsm) -> anyhow::Result<RawMesh> {
+    let (me, n) = (dsm.rank().index(), dsm.size());
+    let mut ends: Vec<Option<Box<dyn Duplex>>> = (0..n).map(|_| None).collect();
+    for center in 0..n {
+        let got = meet(
+            dsm,
+            Medium::of_job(),
+            Rank(center as u32),
+            me < center,
+            center,
+        )?;
+        if me == center {
+            for mut end in got {
+                let mut who = [0u8; 1];
+                end.read_exact(&mut who)?;
+                ends[usize::from(who[0])] = Some(end);
+            }
+        } else if let Some(mut end) = got.into_iter().next() {
+            end.write_all(&[me as u8])?;
+            ends[center] = Some(end);
+        }
+    }
+    dsm.barrier()?;
+    Ok(RawMesh { ends, me })
+}
+
+impl RawMesh {
+    /// `n` dissemination barriers with nothing but the sockets (blocking reads, as [`RawStar`]'s). Returns
+    /// the mean time of a barrier in microseconds.
+    pub fn barriers(&mut self, n: usize) -> anyhow::Result<f64> {
+        let size = self.ends.len();
+        let mut byte = [0u8; 1];
+        let t = Instant::now();
+        for _ in 0..n {
+            let mut step = 1;
+            while step < size {
+                let (to, from) = ((self.me + step) % size, (self.me + size - step) % size);
+                let end = |ends: &mut Vec<Option<Box<dyn Duplex>>>, r: usize| {
+                    ends[r]
+                        .take()
+                        .ok_or_else(|| anyhow::anyhow!("no socket to rank {r}"))
+                };
+                let mut out = end(&mut self.ends, to)?;
+                out.write_all(&byte)?;
+                self.ends[to] = Some(out);
+                let mut inc = end(&mut self.ends, from)?;
+                inc.read_exact(&mut byte)?;
+                self.ends[from] = Some(inc);
+                step *= 2;
+            }
+        }
+        Ok(us(t.elapsed()) / n as f64)
+    }
+}
+
 impl RawLink {
     /// `n` round trips of a `request`-byte request and a `reply`-byte reply with blocking reads; rank 0
     /// returns the round-trip times in microseconds.

@@ -9,8 +9,8 @@
 use clap::Parser;
 use dsm::Rank;
 use dsm_benches::{
-    floor_row, quantile, raw_label, raw_link, raw_link_over, raw_round_trip, raw_star, report,
-    run_as_job_of, us, Measurement, Medium,
+    floor_row, quantile, raw_label, raw_link, raw_link_over, raw_mesh, raw_round_trip, raw_star,
+    report, run_as_job_of, us, Measurement, Medium,
 };
 use std::time::Instant;
 
@@ -78,6 +78,8 @@ fn main() -> anyhow::Result<()> {
     // Barriers of the sockets alone, back to back: what a central barrier costs with no runtime.
     let raw_barrier = raw_star(dsm)?.barriers(args.ops)?;
     dsm.barrier()?;
+    let raw_dissemination = raw_mesh(dsm)?.barriers(args.ops)?;
+    dsm.barrier()?;
 
     // Barriers back to back.
     let t = Instant::now();
@@ -127,6 +129,14 @@ fn main() -> anyhow::Result<()> {
             Measurement::new(
                 &raw_label(&format!("barrier of {n} processes, mean")),
                 raw_barrier,
+                "us",
+                floor,
+                raw_round_trip(),
+                "",
+            ),
+            Measurement::new(
+                &raw_label(&format!("dissemination barrier of {n} processes, mean")),
+                raw_dissemination,
                 "us",
                 floor,
                 raw_round_trip(),
