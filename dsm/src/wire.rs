@@ -207,7 +207,8 @@ impl WordKind {
 }
 
 /// A read-modify-write of one shared word, as a home performs it (`Request::Atomic`). Operands are the
-/// word kind's bits, zero-extended to 64.
+/// word kind's bits, zero-extended to 64; bits above the kind's width are ignored, as the processor's
+/// instruction on a narrower word ignores them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum AtomicOp {
     /// Read the word; change nothing.
@@ -238,7 +239,7 @@ impl AtomicOp {
             AtomicOp::Load => old,
             AtomicOp::Add(delta) => old.wrapping_add(delta),
             AtomicOp::Swap(value) => value,
-            AtomicOp::CompareExchange { current, new } if old == current => new,
+            AtomicOp::CompareExchange { current, new } if old == current & mask => new,
             AtomicOp::CompareExchange { .. } => old,
             AtomicOp::And(v) => old & v,
             AtomicOp::Or(v) => old | v,

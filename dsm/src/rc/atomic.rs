@@ -21,8 +21,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Performs `op` on the word of `kind` at byte `offset` of `page` of `region` at the page's home, and
-/// returns the word as it was before (its bits, zero-extended). On a page homed here that `marks::in_place_at_home` allows, this thread performs it in
-/// place; otherwise this rank's own service loop does, as for another rank's.
+/// returns the word as it was before (its bits, zero-extended). On a page homed here that
+/// `marks::in_place_at_home` allows, this thread performs it in place; otherwise this rank's own service
+/// loop does, as for another rank's.
 pub(crate) fn atomic(
     shared: &Shared,
     region: &Arc<RegionShared>,
@@ -93,9 +94,10 @@ fn in_place_at_home(
     let writable = marks::in_place_at_home(region.state(page).load(Ordering::Acquire));
     let old = writable.then(|| {
         let at = region.addr(page) + usize::from(offset);
-        // SAFETY: the word lies inside a page of the region (the caller's offset is an element's, aligned for
-        // its width, pages being aligned), present and writable here, and this thread holds the page BUSY: the service loop performs no other atomic
-        // operation on it, and nothing protects or drops the page, until it is released.
+        // SAFETY: the word lies inside a page of the region (the caller's offset is an element's, aligned
+        // for its width, pages being aligned), present and writable here, and this thread holds the page
+        // BUSY: the service loop performs no other atomic operation on it, and nothing protects or drops
+        // the page, until it is released.
         unsafe { crate::region::atomics::in_place(at as *mut u8, kind, op) }
     });
     release_busy(region, page);

@@ -4,8 +4,8 @@
 use super::*;
 
 /// Atomic operations on shared words, without locks: counters exact, tickets handed out once, a swap under a
-/// lock seen by the lock's next holder's plain read, and every width and operation (`u32` beside a plain
-/// write, signed extremes, bits), under both models, with two threads of every rank at once.
+/// lock seen by the lock's next holder's plain read, and each operation at one width or more (`u32`
+/// beside a plain write, signed maxima, bits), under both models, with two threads of every rank at once.
 #[test]
 fn atomic_operations_on_shared_words_are_exact_under_both_models() {
     for model in ["sequential", "release"] {

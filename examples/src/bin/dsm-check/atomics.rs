@@ -95,8 +95,11 @@ pub(crate) fn atomics(c: &Check) -> anyhow::Result<()> {
 /// thread of every rank at once (thread `k` of the job is `me * threads + t`):
 /// - a `u32` counter (`fetch_add`) in the lower half of an 8-byte word whose upper half rank 0 writes
 ///   plainly at the same time: neither loses the other's bytes;
-/// - an `i32` taken below zero (`fetch_sub`), and `i64` extremes (`fetch_max`, `fetch_min` of negative
-///   values): exact, compared as signed;
+/// - an `i32` taken below zero (`fetch_sub`); maxima and minima compared as signed (`fetch_max` of values
+///   of both signs on an `i32` that starts at `i32::MIN`, and of values from 0 up on an `i64` that starts
+///   at `i64::MIN`, where an unsigned compare would keep the start; `fetch_min` of their negatives from
+///   `i64::MAX`): each page's extreme exact;
+/// - a `u32` counter incremented by `compare_exchange` loops;
 /// - bits (`u64`): each thread sets bit `k % 64` of one word (`fetch_or`), clears it in another that starts
 ///   all ones (`fetch_and`), and flips it in a third once a round (`fetch_xor`);
 /// - a `u32` flag stored and loaded (`store`, `load`) under a lock: the next holder loads what the last
@@ -112,6 +115,12 @@ fn widths(c: &Check) -> anyhow::Result<()> {
         ..
     } = *c;
     let (threads, rounds) = (args.threads.max(1), args.rounds);
+    let (all, total) = (n * threads, n * threads * args.rounds);
+    if total == 0 {
+        return Ok(());
+    }
+    // Thread k's operand in round i goes to page (i + k) mod pages.
+    let half = (total / 2) as i64;
     // Page p of each vector is homed at rank p mod n.
     let pages = n.max(2);
     let small = dsm.alloc_vec_in::<u32>(pages * WORDS32, dsm::Placement::Cyclic, model)?;
@@ -121,10 +130,13 @@ fn widths(c: &Check) -> anyhow::Result<()> {
     let bits = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, dsm::Placement::Cyclic, model)?;
     // One word of each kind on every page; the u32 counter at word 0 beside rank 0's plain word 1.
     let (or_at, and_at, xor_at) = (0, 1, 2);
-    let (max_at, min_at) = (0, 1);
+    let (max_at, min_at, max32_at, cas_at) = (0, 1, 5, 9);
     if me == 0 {
         for p in 0..pages {
             bits.set(p * WORDS_PER_PAGE + and_at, u64::MAX);
+            signed64.set(p * WORDS_PER_PAGE + max_at, i64::MIN);
+            signed64.set(p * WORDS_PER_PAGE + min_at, i64::MAX);
+            signed32.set(p * WORDS32 + max32_at, i32::MIN);
         }
     }
     dsm.barrier()?;
@@ -142,6 +154,14 @@ fn widths(c: &Check) -> anyhow::Result<()> {
             let value = (k * rounds + i) as i64;
             signed64.fetch_max(p * WORDS_PER_PAGE + max_at, value)?;
             signed64.fetch_min(p * WORDS_PER_PAGE + min_at, -value)?;
+            signed32.fetch_max(p * WORDS32 + max32_at, (value - half) as i32)?;
+            let cas = (k % pages) * WORDS32 + cas_at;
+            loop {
+                let v = small.load(cas)?;
+                if small.compare_exchange(cas, v, v + 1)?.is_ok() {
+                    break;
+                }
+            }
             let b = (k % pages) * WORDS_PER_PAGE;
             bits.fetch_or(b + or_at, bit)?;
             bits.fetch_and(b + and_at, !bit)?;
@@ -159,13 +179,17 @@ fn widths(c: &Check) -> anyhow::Result<()> {
         Ok(())
     })?;
     dsm.barrier()?;
-    let all = n * threads;
-    let total = all * rounds;
-    let share =
-        |p: usize| (0..all).map(move |k| (0..rounds).filter(|i| (i + k) % pages == p).count());
-    let (mut adds, mut max, mut min) = (0, i64::MIN, i64::MAX);
+    // The operands page p got: thread k's in round i, numbered k * rounds + i.
+    let values = |p: usize| {
+        (0..all).flat_map(move |k| {
+            (0..rounds)
+                .filter(move |i| (i + k) % pages == p)
+                .map(move |i| (k * rounds + i) as i64)
+        })
+    };
+    let mut adds = 0;
     for p in 0..pages {
-        let mine: usize = share(p).sum();
+        let mine = values(p).count();
         adds += mine;
         let counter = small.load(p * WORDS32)?;
         ensure!(
@@ -184,23 +208,28 @@ fn widths(c: &Check) -> anyhow::Result<()> {
             below == -(mine as i32) && signed32.load(p * WORDS32 + 3)? == below,
             "rank {me}: page {p}'s i32 reads {below}, expected -{mine}"
         );
-        let (hi, lo) = (
+        let top = values(p).max();
+        let got = (
             signed64.get(p * WORDS_PER_PAGE + max_at),
             signed64.get(p * WORDS_PER_PAGE + min_at),
+            signed32.get(p * WORDS32 + max32_at),
         );
-        max = max.max(hi);
-        min = min.min(lo);
+        let want = match top {
+            Some(top) => (top, -top, (top - half) as i32),
+            None => (i64::MIN, i64::MAX, i32::MIN),
+        };
         ensure!(
-            lo == -hi,
-            "rank {me}: page {p}'s maximum {hi} and minimum {lo}"
+            got == want,
+            "rank {me}: page {p}'s i64 maximum, i64 minimum and i32 maximum are {got:?}, expected {want:?}"
+        );
+        let cas = small.get(p * WORDS32 + cas_at) as usize;
+        let want = (0..all).filter(|k| k % pages == p).count() * rounds;
+        ensure!(
+            cas == want,
+            "rank {me}: page {p}'s counter of compare_exchange loops {cas}, expected {want}"
         );
     }
     ensure!(adds == total, "rank {me}: {adds} additions of {total}");
-    let top = (total - 1) as i64;
-    ensure!(
-        max == top && min == -top,
-        "rank {me}: maximum {max} and minimum {min}, expected {top} and -{top}"
-    );
     for p in 0..pages {
         let b = p * WORDS_PER_PAGE;
         let (mut or, mut xor) = (0u64, 0u64);
