@@ -451,6 +451,9 @@ pub struct RawMesh {
 /// it, which names itself with its first byte.
 pub fn raw_mesh(dsm: &Dsm) -> anyhow::Result<RawMesh> {
     let (me, n) = (dsm.rank().index(), dsm.size());
+    // Each rank names itself to the ranks above it with one byte.
+    let name = u8::try_from(me)
+        .map_err(|_| anyhow::anyhow!("a mesh of bare sockets connects at most 256 ranks"))?;
     let mut ends: Vec<Option<Box<dyn Duplex>>> = (0..n).map(|_| None).collect();
     for center in 0..n {
         let got = meet(
@@ -467,7 +470,7 @@ pub fn raw_mesh(dsm: &Dsm) -> anyhow::Result<RawMesh> {
                 ends[usize::from(who[0])] = Some(end);
             }
         } else if let Some(mut end) = got.into_iter().next() {
-            end.write_all(&[me as u8])?;
+            end.write_all(&[name])?;
             ends[center] = Some(end);
         }
     }
@@ -476,6 +479,13 @@ pub fn raw_mesh(dsm: &Dsm) -> anyhow::Result<RawMesh> {
 }
 
 impl RawMesh {
+    /// The socket to rank `r`.
+    fn end(&mut self, r: usize) -> anyhow::Result<&mut Box<dyn Duplex>> {
+        self.ends[r]
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("no socket to rank {r}"))
+    }
+
     /// `n` dissemination barriers with nothing but the sockets (blocking reads, as [`RawStar`]'s). Returns
     /// the mean time of a barrier in microseconds.
     pub fn barriers(&mut self, n: usize) -> anyhow::Result<f64> {
@@ -486,17 +496,8 @@ impl RawMesh {
             let mut step = 1;
             while step < size {
                 let (to, from) = ((self.me + step) % size, (self.me + size - step) % size);
-                let end = |ends: &mut Vec<Option<Box<dyn Duplex>>>, r: usize| {
-                    ends[r]
-                        .take()
-                        .ok_or_else(|| anyhow::anyhow!("no socket to rank {r}"))
-                };
-                let mut out = end(&mut self.ends, to)?;
-                out.write_all(&byte)?;
-                self.ends[to] = Some(out);
-                let mut inc = end(&mut self.ends, from)?;
-                inc.read_exact(&mut byte)?;
-                self.ends[from] = Some(inc);
+                self.end(to)?.write_all(&byte)?;
+                self.end(from)?.read_exact(&mut byte)?;
                 step *= 2;
             }
         }
