@@ -222,10 +222,11 @@ pub(crate) enum AtomicOp {
         current: u64,
         new: u64,
     },
-    /// Bitwise and, or, exclusive or with the operand.
+    /// Bitwise and, or, exclusive or with the operand, and the negation of the and ("nand").
     And(u64),
     Or(u64),
     Xor(u64),
+    Nand(u64),
     /// Store the greater, or the lesser, of the word and the operand, compared as the word's kind.
     Max(u64),
     Min(u64),
@@ -244,6 +245,7 @@ impl AtomicOp {
             AtomicOp::And(v) => old & v,
             AtomicOp::Or(v) => old | v,
             AtomicOp::Xor(v) => old ^ v,
+            AtomicOp::Nand(v) => !(old & v),
             AtomicOp::Max(v) => std::cmp::max_by_key(old, v & mask, |&b| kind.ordered(b)),
             AtomicOp::Min(v) => std::cmp::min_by_key(old, v & mask, |&b| kind.ordered(b)),
         };

@@ -78,6 +78,7 @@ macro_rules! rmw {
             AtomicOp::And(x) => word.fetch_and(v(x), SeqCst),
             AtomicOp::Or(x) => word.fetch_or(v(x), SeqCst),
             AtomicOp::Xor(x) => word.fetch_xor(v(x), SeqCst),
+            AtomicOp::Nand(x) => word.fetch_nand(v(x), SeqCst),
             AtomicOp::Max(x) => word.fetch_max(v(x), SeqCst),
             AtomicOp::Min(x) => word.fetch_min(v(x), SeqCst),
         };
@@ -187,6 +188,12 @@ impl<T: AtomicElement> GlobalVec<'_, T> {
         self.atomic(i, AtomicOp::Xor(value.to_bits()))
     }
 
+    /// Bitwise "nand" of element `i` with `value` (the element becomes `!(element & value)`); returns the
+    /// element as it was before.
+    pub fn fetch_nand(&self, i: usize, value: T) -> Result<T> {
+        self.atomic(i, AtomicOp::Nand(value.to_bits()))
+    }
+
     /// Stores the greater of element `i` and `value` (signed comparison for `i32` and `i64`); returns the
     /// element as it was before.
     pub fn fetch_max(&self, i: usize, value: T) -> Result<T> {
@@ -203,6 +210,32 @@ impl<T: AtomicElement> GlobalVec<'_, T> {
     /// atomic operation on it so far (where [`get`](Self::get) may read this rank's older copy).
     pub fn load(&self, i: usize) -> Result<T> {
         self.atomic(i, AtomicOp::Load)
+    }
+
+    /// Replaces element `i` with what `f` makes of it, as `std`'s `fetch_update` does: `f` gets the element
+    /// and returns the new value, or `None` to leave it as it is. Returns `Ok(previous)` when it stored,
+    /// and `Err(value)` with the value `f` refused when `f` returned `None`.
+    ///
+    /// It is a loop of [`compare_exchange`](Self::compare_exchange) from a [`load`](Self::load), so `f`
+    /// runs again, on the newer value, each time another operation changed the element first: it must
+    /// not count on running once. Under release consistency each attempt is a round trip to the element's
+    /// home; an operation that has one of its own (`fetch_add`, `fetch_max`...) takes one round trip and
+    /// no retries.
+    pub fn fetch_update(
+        &self,
+        i: usize,
+        mut f: impl FnMut(T) -> Option<T>,
+    ) -> Result<std::result::Result<T, T>> {
+        let mut seen = self.load(i)?;
+        loop {
+            let Some(new) = f(seen) else {
+                return Ok(Err(seen));
+            };
+            match self.compare_exchange(i, seen, new)? {
+                Ok(previous) => return Ok(Ok(previous)),
+                Err(found) => seen = found,
+            }
+        }
     }
 
     fn atomic(&self, i: usize, op: AtomicOp) -> Result<T> {
@@ -275,7 +308,7 @@ mod tests {
                 } else {
                     a
                 };
-                let op = match rng.random_range(0..9) {
+                let op = match rng.random_range(0..10) {
                     0 => AtomicOp::Load,
                     1 => AtomicOp::Add(a),
                     2 => AtomicOp::Add(a.wrapping_neg()),
@@ -284,6 +317,7 @@ mod tests {
                     5 => AtomicOp::And(a),
                     6 => AtomicOp::Or(a),
                     7 => AtomicOp::Xor(a),
+                    8 => AtomicOp::Nand(a),
                     _ if rng.random_range(0..2) == 0 => AtomicOp::Max(a),
                     _ => AtomicOp::Min(a),
                 };

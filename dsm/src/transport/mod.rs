@@ -109,7 +109,7 @@ pub trait Transport: Send + std::fmt::Debug {
 }
 
 /// Bumped whenever the wire format or the protocol changes: ranks of different builds refuse each other.
-pub(crate) const PROTOCOL_VERSION: u32 = 17;
+pub(crate) const PROTOCOL_VERSION: u32 = 18;
 
 /// The connections a rank of `channels` channels opens to every rank: one per channel, and one more for
 /// its service loop's own messages (heartbeats, failure reports, `Goodbye`), which it can send whatever

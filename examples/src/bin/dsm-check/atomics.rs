@@ -99,9 +99,12 @@ pub(crate) fn atomics(c: &Check) -> anyhow::Result<()> {
 ///   of both signs on an `i32` that starts at `i32::MIN`, and of values from 0 up on an `i64` that starts
 ///   at `i64::MIN`, where an unsigned compare would keep the start; `fetch_min` of their negatives from
 ///   `i64::MAX`): each page's extreme exact;
-/// - a `u32` counter incremented by `compare_exchange` loops;
+/// - a `u32` counter incremented by `compare_exchange` loops, and one by `fetch_update` that refuses
+///   past a cap (half the page's attempts): it ends at the cap, and the callers' successes, counted in
+///   another word, add up to it;
 /// - bits (`u64`): each thread sets bit `k % 64` of one word (`fetch_or`), clears it in another that starts
-///   all ones (`fetch_and`), and flips it in a third once a round (`fetch_xor`);
+///   all ones (`fetch_and`), and flips it in a third once a round (`fetch_xor`); and it takes a word of
+///   its own through a sequence of `fetch_nand`s, each of whose results it checks against its own model;
 /// - a `u32` flag stored and loaded (`store`, `load`) under a lock: the next holder loads what the last
 ///   stored.
 fn widths(c: &Check) -> anyhow::Result<()> {
@@ -130,7 +133,18 @@ fn widths(c: &Check) -> anyhow::Result<()> {
     let bits = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, dsm::Placement::Cyclic, model)?;
     // One word of each kind on every page; the u32 counter at word 0 beside rank 0's plain word 1.
     let (or_at, and_at, xor_at) = (0, 1, 2);
-    let (max_at, min_at, max32_at, cas_at) = (0, 1, 5, 9);
+    // Thread k's own word for `fetch_nand`, on page k mod pages.
+    let nand_at = |k: usize| (k % pages) * WORDS_PER_PAGE + 16 + k / pages;
+    ensure!(
+        nand_at(all - 1) % WORDS_PER_PAGE > 16,
+        "atomics: --threads {threads} is too many for one word per thread on a page"
+    );
+    let (max_at, min_at, max32_at, cas_at, update_at, successes_at) = (0, 1, 5, 9, 11, 13);
+    // `fetch_nand` operands are this pattern rotated.
+    const NAND_OPERAND: u64 = 0x0123_4567_89ab_cdef;
+    // The page's attempts of thread k's `fetch_update`, and the cap it stops at.
+    let attempts = |p: usize| (0..all).filter(|k| k % pages == p).count() * rounds;
+    let cap = |p: usize| (attempts(p) / 2) as u32;
     if me == 0 {
         for p in 0..pages {
             bits.set(p * WORDS_PER_PAGE + and_at, u64::MAX);
@@ -144,6 +158,9 @@ fn widths(c: &Check) -> anyhow::Result<()> {
     on_threads(threads, |t| {
         let k = me * threads + t;
         let bit = 1u64 << (k % 64);
+        let mut successes = 0u32;
+        // Thread k's own word, as its `fetch_nand`s have left it (it starts at 0).
+        let mut nand = 0u64;
         for i in 0..rounds {
             let p = (i + k) % pages;
             small.fetch_add(p * WORDS32, 1)?;
@@ -162,10 +179,31 @@ fn widths(c: &Check) -> anyhow::Result<()> {
                     break;
                 }
             }
+            let (update, cap) = ((k % pages) * WORDS32 + update_at, cap(k % pages));
+            match small.fetch_update(update, |v| (v < cap).then_some(v + 1))? {
+                Ok(previous) => {
+                    ensure!(
+                        previous < cap,
+                        "rank {me}: fetch_update stored over {previous}, cap {cap}"
+                    );
+                    successes += 1;
+                }
+                Err(refused) => ensure!(
+                    refused >= cap,
+                    "rank {me}: fetch_update refused {refused}, under the cap {cap}"
+                ),
+            }
             let b = (k % pages) * WORDS_PER_PAGE;
             bits.fetch_or(b + or_at, bit)?;
             bits.fetch_and(b + and_at, !bit)?;
             bits.fetch_xor(b + xor_at, bit)?;
+            let operand = NAND_OPERAND.rotate_left((k + 7 * i) as u32 % 64);
+            let old = bits.fetch_nand(nand_at(k), operand)?;
+            ensure!(
+                old == nand,
+                "rank {me}: fetch_nand on thread {k}'s own word returned {old:#x}, expected {nand:#x}"
+            );
+            nand = !(nand & operand);
             let guard = dsm.lock(8)?;
             let was = small.load(flag_at)?;
             ensure!(
@@ -176,6 +214,7 @@ fn widths(c: &Check) -> anyhow::Result<()> {
             small.store(flag_at, was + 1)?;
             guard.unlock()?;
         }
+        small.fetch_add((k % pages) * WORDS32 + successes_at, successes)?;
         Ok(())
     })?;
     dsm.barrier()?;
@@ -219,6 +258,16 @@ fn widths(c: &Check) -> anyhow::Result<()> {
         ensure!(
             got == want,
             "rank {me}: page {p}'s i64 maximum, i64 minimum and i32 maximum are {got:?}, expected {want:?}"
+        );
+        let (updated, succeeded) = (
+            small.get(p * WORDS32 + update_at),
+            small.get(p * WORDS32 + successes_at),
+        );
+        let want = cap(p);
+        ensure!(
+            (updated, succeeded) == (want, want),
+            "rank {me}: page {p}'s capped counter {updated} after {succeeded} successful \
+             fetch_updates, expected {want} and {want}"
         );
         let cas = small.get(p * WORDS32 + cas_at) as usize;
         let want = (0..all).filter(|k| k % pages == p).count() * rounds;
