@@ -461,6 +461,8 @@ pub struct Dsm {
     allocated: AtomicU32,
     /// Set by [`Dsm::abandon`]: the rank leaves the job as a failed one.
     abandoned: AtomicBool,
+    /// `DSM_STATS=1`: print this rank's statistics when it leaves.
+    stats_at_exit: bool,
 }
 
 impl Dsm {
@@ -686,7 +688,7 @@ impl Dsm {
         for spinner in self.awake.drain(..) {
             let _ = spinner.join();
         }
-        if std::env::var("DSM_STATS").is_ok_and(|v| v.trim() == "1") {
+        if self.stats_at_exit {
             eprintln!("dsm stats, {}:\n{}", s.me, self.stats());
         }
         result

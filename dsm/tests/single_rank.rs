@@ -251,3 +251,54 @@ fn a_child_process_forked_by_a_rank_has_no_shared_memory() {
     );
     assert_eq!(v.get(0), 7);
 }
+
+/// `DSM_STATS` is read when a `Dsm` is built, so that a program that builds its own (not through
+/// `Runtime::init`, which checks it too) gets a misspelt value as an error, and `1` still prints the
+/// statistics as the rank leaves. The variable is the process's: each case runs in a child process of
+/// this test binary, running this test alone.
+#[test]
+fn dsm_stats_is_checked_by_the_builder_and_prints_at_exit() {
+    if std::env::var_os("DSM_STATS_TEST_CHILD").is_some() {
+        match Dsm::builder().build() {
+            Ok(dsm) => {
+                println!("built");
+                drop(dsm);
+            }
+            Err(e) => println!("refused: {e}"),
+        }
+        return;
+    }
+    let run = |value: &str| {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "dsm_stats_is_checked_by_the_builder_and_prints_at_exit",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env("DSM_STATS_TEST_CHILD", "1")
+            .env("DSM_STATS", value)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (stdout, _) = run("yes");
+    assert!(
+        stdout
+            .contains("refused: invalid configuration: DSM_STATS=\"yes\" is not valid: expected 1"),
+        "{stdout}"
+    );
+    let (stdout, stderr) = run("1");
+    assert!(stdout.contains("built"), "{stdout}");
+    assert!(stderr.contains("dsm stats, rank 0"), "{stderr}");
+    let (stdout, stderr) = run(" 0 ");
+    assert!(
+        stdout.contains("built") && !stderr.contains("dsm stats"),
+        "{stdout}{stderr}"
+    );
+}

@@ -251,6 +251,10 @@ impl Runtime {
     /// Joins the job this process belongs to.
     pub fn init() -> Result<Runtime, RuntimeError> {
         let rank = env::get("DSM_RANK", "a rank number", env::number::<u32>)?;
+        if rank.is_none() && std::env::var_os("DSM_SIZE").is_some() {
+            // Half of dsmrun's settings: every rank would run as a job of one rank, unaware of the others.
+            return Err(RuntimeError::Missing("DSM_RANK"));
+        }
         let Some(rank) = rank else {
             if MPI_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
                 return Self::init_mpi();
@@ -294,7 +298,11 @@ impl Runtime {
             env::number::<i32>(s).filter(|pid| *pid > 0)
         })?;
         if let Some(pid) = launcher {
-            let ns = std::env::var("DSM_LAUNCHER_PIDNS").ok();
+            let ns = env::get(
+                "DSM_LAUNCHER_PIDNS",
+                "a PID namespace, as /proc/self/ns/pid names it (pid:[N])",
+                |s| (!s.is_empty()).then(|| s.to_owned()),
+            )?;
             rendezvous::die_with_launcher(pid, ns.as_deref());
         }
         let mut builder = Self::options()?;

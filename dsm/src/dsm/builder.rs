@@ -267,6 +267,7 @@ impl DsmBuilder {
                 self.notice_memory
             )));
         }
+        let stats_at_exit = stats_at_exit()?;
         if self.peer_timeout.is_some_and(|t| t < MIN_PEER_TIMEOUT) {
             return Err(DsmError::Config(format!(
                 "a peer timeout of {:?} (DSM_PEER_TIMEOUT, or DsmBuilder::peer_timeout): use at least {:?}, or none",
@@ -451,7 +452,25 @@ impl DsmBuilder {
             awake,
             allocated: AtomicU32::new(0),
             abandoned: AtomicBool::new(false),
+            stats_at_exit,
         })
+    }
+}
+
+/// `DSM_STATS`: whether a rank prints its statistics when it leaves the job (read here, at joining, so
+/// that a program that builds its `Dsm` itself gets a misspelt value as an error too, as `Runtime::init`
+/// gives it).
+fn stats_at_exit() -> Result<bool> {
+    match std::env::var("DSM_STATS") {
+        Err(std::env::VarError::NotPresent) => Ok(false),
+        Ok(v) if v.trim() == "1" => Ok(true),
+        Ok(v) if v.trim() == "0" => Ok(false),
+        Ok(v) => Err(DsmError::Config(format!(
+            "DSM_STATS={v:?} is not valid: expected 1 (print each rank's statistics when it leaves) or 0"
+        ))),
+        Err(std::env::VarError::NotUnicode(v)) => Err(DsmError::Config(format!(
+            "DSM_STATS={v:?} is not valid: expected 1 or 0"
+        ))),
     }
 }
 

@@ -267,6 +267,15 @@ fn configuration_errors_are_clear() {
         assert!(err.contains(expected), "{err}");
     }
 
+    // Half of dsmrun's settings: refused, not run as a job of one rank that ignores the others.
+    let out = std::process::Command::new(hello)
+        .env("DSM_SIZE", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("DSM_RANK is not set"), "{err}");
+
     let out = std::process::Command::new(hello)
         .env("PMI_RANK", "0")
         .output()

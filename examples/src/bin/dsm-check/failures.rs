@@ -401,7 +401,7 @@ pub(crate) fn pause(c: &Check) -> anyhow::Result<()> {
     let Check { dsm, me, n, .. } = *c;
     let timeout: u64 = std::env::var("DSM_PEER_TIMEOUT")
         .ok()
-        .and_then(|t| t.parse().ok())
+        .and_then(|t| t.trim().parse().ok())
         .filter(|t| *t > 0)
         .context("the pause check needs DSM_PEER_TIMEOUT set to a few seconds")?;
     let pids = dsm.alloc_vec::<u64>(n)?;
@@ -436,7 +436,7 @@ pub(crate) fn pause(c: &Check) -> anyhow::Result<()> {
 pub(crate) fn partition(c: &Check) -> anyhow::Result<()> {
     let Check { dsm, me, .. } = *c;
     ensure!(
-        std::env::var("DSM_UNIX_SOCKETS").is_ok_and(|v| v == "off"),
+        std::env::var("DSM_UNIX_SOCKETS").is_ok_and(|v| v.trim() == "off"),
         "partition cuts the ranks' TCP connections: run it with DSM_UNIX_SOCKETS=off, or the ranks connect through Unix sockets, which taking the interface down does not cut"
     );
     let v = dsm.alloc_vec::<u64>(WORDS_PER_PAGE)?;
