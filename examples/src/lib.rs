@@ -7,13 +7,39 @@
 ///
 /// The line goes out in one write: `eprintln!` writes it a piece at a time, and a rank ended by the
 /// launcher (a SIGTERM as another rank's failure ends the job) could leave only its start.
+///
+/// An error that is a closed standard output ([`outln!`] to a reader that went away: `wordcount | head`)
+/// ends the program quietly with status 141, as the default action of SIGPIPE (which Rust programs
+/// ignore) would have: the reader took what it wanted.
 pub fn exit_on_error(program: &str, result: anyhow::Result<()>) {
     if let Err(e) = result {
         use std::io::Write;
+        if e.chain().any(|cause| {
+            cause
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        }) {
+            std::process::exit(128 + 13);
+        }
         let line = format!("{program}: {e:#}\n");
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
         std::process::exit(1);
     }
+}
+
+/// Writes a line to standard output in one write, as `println!` does, but returns a failure (a reader that
+/// went away, a full disk) as an error instead of panicking: `outln!("{x}")?`.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let line = ::std::format!("{}\n", ::std::format_args!($($arg)*));
+        ::std::io::stdout()
+            .lock()
+            .write_all(line.as_bytes())
+            .and_then(|()| ::std::io::stdout().lock().flush())
+            .map_err(|e| ::anyhow::Error::new(e).context("writing to standard output"))
+    }};
 }
 
 /// Fails, saying what to change (`fix`), when `what` needs more than the `bytes` of memory this machine has

@@ -337,7 +337,8 @@ fn a_dsm_bind_that_is_not_an_address_is_refused_naming_the_variable() {
         let (code, err) = run(std::ffi::OsStr::from_bytes(bind), &[]);
         assert_eq!(code, Some(2), "{err}");
         assert!(
-            err.starts_with("dsmrun: DSM_BIND=") && err.contains("is not an IP address"),
+            err.starts_with("dsmrun: DSM_BIND=")
+                && err.contains("is not valid: expected an IP address"),
             "{err}"
         );
     }
@@ -456,7 +457,7 @@ fn a_program_that_cannot_be_run_is_said_to_be_one_with_the_shell_s_status() {
 }
 
 #[test]
-fn words_after_the_program_are_its_own_even_those_that_look_like_dsmrun_s() {
+fn words_after_the_program_are_its_own_and_words_before_it_are_dsmrun_s() {
     let out = Command::new(DSMRUN)
         .args([
             "-n",
@@ -481,6 +482,21 @@ fn words_after_the_program_are_its_own_even_those_that_look_like_dsmrun_s() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("PROGRAM"), "{err}");
+    // Before the program, an option is one: attached values are taken (`-n2`), and an unknown option is
+    // an error of dsmrun's (status 2), not a program of that name that cannot be found (127).
+    let out = Command::new(DSMRUN)
+        .args(["-n2", "--no-prefix", "/bin/echo", "x"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "x\nx\n");
+    let out = Command::new(DSMRUN)
+        .args(["--nope", "/bin/echo"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("unexpected argument '--nope'"), "{err}");
 }
 
 #[test]

@@ -17,7 +17,7 @@ fn run() -> anyhow::Result<()> {
     slots.set(me as usize * 512, 1000 + me);
     dsm.barrier()?;
     let seen: Vec<u64> = (0..n).map(|r| slots.get(r * 512)).collect();
-    println!("rank {me} of {n} sees {seen:?}");
+    dsm_examples::outln!("rank {me} of {n} sees {seen:?}")?;
     for (r, v) in seen.iter().enumerate() {
         anyhow::ensure!(
             *v == 1000 + r as u64,

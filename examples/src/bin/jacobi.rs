@@ -129,11 +129,11 @@ fn run() -> anyhow::Result<()> {
         for i in 0..n * n {
             sum += last.get(i);
         }
-        println!(
+        dsm_examples::outln!(
             "jacobi {n}x{n}, {} iterations, {size} ranks: {secs:.3} s",
             args.iters
-        );
-        println!("checksum {sum:.17e} (bits {:#018x})", sum.to_bits());
+        )?;
+        dsm_examples::outln!("checksum {sum:.17e} (bits {:#018x})", sum.to_bits())?;
     }
     dsm.barrier()?;
     drop(grids);

@@ -399,18 +399,18 @@ fn run() -> anyhow::Result<()> {
     dsm.barrier()?;
     let secs = t.elapsed().as_secs_f64();
     match first {
-        Some(first) => println!(
+        Some(first) => dsm_examples::outln!(
             "matmul: rank {me} computed {done} of {} blocks (the first, as B's rows arrived, in {first:.3} s)",
             blocks.len()
-        ),
-        None => println!("matmul: rank {me} computed none of {} blocks", blocks.len()),
+        )?,
+        None => dsm_examples::outln!("matmul: rank {me} computed none of {} blocks", blocks.len())?,
     }
     if me == 0 {
         let gflops = 2.0 * (n as f64).powi(3) / secs / 1e9;
-        println!(
+        dsm_examples::outln!(
             "matmul: n={n} block={} ranks={size} consistency={:?}: {secs:.4} s, {gflops:.2} GFLOP/s",
             block, args.consistency
-        );
+        )?;
         if !args.no_check {
             // The reference is the product of A and B as they were made, not as shared memory holds them
             // now: a band lost or damaged at its home would otherwise be in both products alike.
@@ -425,7 +425,7 @@ fn run() -> anyhow::Result<()> {
                 wrong == 0,
                 "{wrong} elements of C differ from the single-rank product"
             );
-            println!("matmul: check passed: C equals the single-rank product");
+            dsm_examples::outln!("matmul: check passed: C equals the single-rank product")?;
         }
     }
     drop((a, b, c, farm, space));

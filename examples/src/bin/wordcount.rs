@@ -460,6 +460,7 @@ fn spawn(procs: usize, keep_going: bool, config: &JobConfig) -> anyhow::Result<i
         ranks: procs,
         keep_going,
         name: "wordcount".into(),
+        bind: LaunchOptions::bind_from_env()?,
         ..LaunchOptions::default()
     };
     let exe = std::env::current_exe().context("finding this program")?;
@@ -581,22 +582,22 @@ fn run() -> anyhow::Result<()> {
         };
         if args.top > 0 {
             for (count, word) in top_words(&output, &report.output_files, args.top)? {
-                println!("{count:>10} {word}");
+                dsm_examples::outln!("{count:>10} {word}")?;
             }
         }
         if !args.quiet {
-            println!("{report}");
+            dsm_examples::outln!("{report}")?;
         }
         Ok(())
     });
     drop(temporary);
     shown?;
     if args.peak_memory {
-        println!(
+        dsm_examples::outln!(
             "{} peak resident memory: {} KiB",
             rt.rank(),
             peak_resident_kib().context("reading /proc/self/status")?
-        );
+        )?;
     }
     drop(mr);
     drop(space);

@@ -585,3 +585,34 @@ fn ranks_behind_a_wrapper_end_when_the_launcher_is_killed() {
     }
     launcher.wait().unwrap();
 }
+
+/// The examples' output to a reader that goes away (`wordcount | head -1`) ends them quietly with
+/// SIGPIPE's status, and output that cannot be written (a full disk) is an error that says so: neither is
+/// a panic.
+#[test]
+fn examples_end_quietly_when_their_reader_goes_and_say_when_their_output_fails() {
+    let shell = |line: String| {
+        let out = std::process::Command::new("bash")
+            .args(["-c", &line])
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let wordcount = env!("CARGO_BIN_EXE_wordcount");
+    // Thousands of lines, of which `head` takes one: the later writes find the pipe closed.
+    let (stdout, stderr) = shell(format!(
+        "{wordcount} --top 5000 | head -1; echo status ${{PIPESTATUS[0]}}"
+    ));
+    assert!(stdout.ends_with("status 141\n"), "{stdout}{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let hello = env!("CARGO_BIN_EXE_hello");
+    let (stdout, stderr) = shell(format!("{hello} > /dev/full; echo status $?"));
+    assert_eq!(stdout, "status 1\n", "{stderr}");
+    assert!(
+        stderr.contains("hello: writing to standard output: No space left on device"),
+        "{stderr}"
+    );
+}

@@ -253,6 +253,32 @@ fn wordcount_procs_says_a_failed_rank_in_its_own_name() {
 }
 
 #[test]
+fn wordcount_procs_binds_where_dsm_bind_says_as_dsmrun_does() {
+    let run = |bind: &str| {
+        std::process::Command::new(WORDCOUNT)
+            .arg(sample())
+            .args(["--procs", "2", "--top", "1"])
+            .env("DSM_BIND", bind)
+            .env("DSM_UNIX_SOCKETS", "off")
+            .output()
+            .unwrap()
+    };
+    // An address of this host other than the default: the job runs there.
+    let o = run("127.0.0.2");
+    assert!(o.status.success(), "{o:?}");
+    // An address no interface has, and no address at all: refused, naming the variable for the second.
+    let o = run("192.0.2.1");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("192.0.2.1"), "{err}");
+    let o = run("nowhere");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("DSM_BIND=\"nowhere\" is not valid"),
+        "{err}"
+    );
+}
+
+#[test]
 fn wordcount_reports_bad_input_and_an_existing_output() {
     let out_dir = fresh_output("bad");
     let (o, out) = job(

@@ -48,8 +48,7 @@ struct Args {
     #[arg(
         value_name = "PROGRAM [ARGS]",
         required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true
+        trailing_var_arg = true
     )]
     command: Vec<OsString>,
 }
@@ -58,22 +57,6 @@ struct Args {
 fn ip_address(s: &str) -> Result<IpAddr, String> {
     s.parse()
         .map_err(|_| "not an IP address; give one such as 127.0.0.1".to_string())
-}
-
-/// The address `DSM_BIND` gives (read here rather than by the argument parser, whose error for a value
-/// that is not UTF-8 speaks of arguments, not of the variable), or 127.0.0.1 when it is not set.
-fn bind_from_env() -> Result<IpAddr, String> {
-    let Some(value) = std::env::var_os("DSM_BIND") else {
-        return Ok(IpAddr::from([127, 0, 0, 1]));
-    };
-    value
-        .to_str()
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| {
-            format!(
-                "DSM_BIND={value:?} is not an IP address: set it to one such as 127.0.0.1, unset it, or give --bind"
-            )
-        })
 }
 
 /// A number of seconds, fractions allowed: finite, at least a millisecond, at most a year.
@@ -94,10 +77,10 @@ fn main() {
         eprintln!("dsmrun: no program to run: give one, as in `dsmrun -n 2 ./my-program`");
         std::process::exit(2);
     };
-    let bind = match a.bind.map_or_else(bind_from_env, Ok) {
+    let bind = match a.bind.map_or_else(LaunchOptions::bind_from_env, Ok) {
         Ok(bind) => bind,
         Err(e) => {
-            eprintln!("dsmrun: {e}");
+            eprintln!("dsmrun: {e}; or give --bind");
             std::process::exit(2);
         }
     };

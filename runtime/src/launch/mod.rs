@@ -70,6 +70,20 @@ pub struct Outcome {
     pub signal: Option<i32>,
 }
 
+impl LaunchOptions {
+    /// The address `DSM_BIND` names, or 127.0.0.1 when it is not set: what `dsmrun` binds to without
+    /// `--bind`, and what a program that launches itself (`wordcount --procs 2`) should give as `bind`, so
+    /// that the variable means the same under both.
+    pub fn bind_from_env() -> Result<IpAddr, RuntimeError> {
+        Ok(crate::env::get(
+            "DSM_BIND",
+            "an IP address such as 127.0.0.1 (or unset it)",
+            |s| s.parse().ok(),
+        )?
+        .unwrap_or(IpAddr::from([127, 0, 0, 1])))
+    }
+}
+
 impl Default for LaunchOptions {
     fn default() -> Self {
         LaunchOptions {
