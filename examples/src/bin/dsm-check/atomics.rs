@@ -136,7 +136,7 @@ fn widths(c: &Check) -> anyhow::Result<()> {
     // Thread k's own word for `fetch_nand`, on page k mod pages.
     let nand_at = |k: usize| (k % pages) * WORDS_PER_PAGE + 16 + k / pages;
     ensure!(
-        nand_at(all - 1) % WORDS_PER_PAGE > 16,
+        16 + all.div_ceil(pages) <= WORDS_PER_PAGE,
         "atomics: --threads {threads} is too many for one word per thread on a page"
     );
     let (max_at, min_at, max32_at, cas_at, update_at, successes_at) = (0, 1, 5, 9, 11, 13);
