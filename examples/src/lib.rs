@@ -34,10 +34,9 @@ macro_rules! outln {
     ($($arg:tt)*) => {{
         use ::std::io::Write as _;
         let line = ::std::format!("{}\n", ::std::format_args!($($arg)*));
-        ::std::io::stdout()
-            .lock()
-            .write_all(line.as_bytes())
-            .and_then(|()| ::std::io::stdout().lock().flush())
+        let mut out = ::std::io::stdout().lock();
+        out.write_all(line.as_bytes())
+            .and_then(|()| out.flush())
             .map_err(|e| ::anyhow::Error::new(e).context("writing to standard output"))
     }};
 }

@@ -461,15 +461,14 @@ impl DsmBuilder {
 /// that a program that builds its `Dsm` itself gets a misspelt value as an error too, as `Runtime::init`
 /// gives it).
 fn stats_at_exit() -> Result<bool> {
-    match std::env::var("DSM_STATS") {
-        Err(std::env::VarError::NotPresent) => Ok(false),
-        Ok(v) if v.trim() == "1" => Ok(true),
-        Ok(v) if v.trim() == "0" => Ok(false),
-        Ok(v) => Err(DsmError::Config(format!(
-            "DSM_STATS={v:?} is not valid: expected 1 (print each rank's statistics when it leaves) or 0"
-        ))),
-        Err(std::env::VarError::NotUnicode(v)) => Err(DsmError::Config(format!(
-            "DSM_STATS={v:?} is not valid: expected 1 or 0"
+    let Some(value) = std::env::var_os("DSM_STATS") else {
+        return Ok(false);
+    };
+    match value.to_str().map(str::trim) {
+        Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        _ => Err(DsmError::Config(format!(
+            "DSM_STATS={value:?} is not valid: expected 1 (print each rank's statistics when it leaves) or 0"
         ))),
     }
 }

@@ -253,16 +253,17 @@ where
 /// How long an in-process job may run before [`run_local_job`] ends the process: `DSM_LOCAL_JOB_LIMIT`
 /// seconds (1 or more), 120 by default.
 pub fn local_job_limit() -> std::time::Duration {
-    let secs = match std::env::var("DSM_LOCAL_JOB_LIMIT") {
-        Err(std::env::VarError::NotPresent) => 120,
-        Err(std::env::VarError::NotUnicode(v)) => fail(&format!(
-            "DSM_LOCAL_JOB_LIMIT={v:?} is not a number of seconds: set it to one (1 or more), or unset it for 120"
-        )),
-        Ok(v) => v.trim().parse::<u64>().ok().filter(|s| *s > 0).unwrap_or_else(|| {
-            fail(&format!(
-                "DSM_LOCAL_JOB_LIMIT={v:?} is not a number of seconds (1 or more): set it to one, or unset it for 120"
-            ))
-        }),
+    let secs = match std::env::var_os("DSM_LOCAL_JOB_LIMIT") {
+        None => 120,
+        Some(v) => v
+            .to_str()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .filter(|s| *s > 0)
+            .unwrap_or_else(|| {
+                fail(&format!(
+                    "DSM_LOCAL_JOB_LIMIT={v:?} is not a number of seconds (1 or more): set it to one, or unset it for 120"
+                ))
+            }),
     };
     std::time::Duration::from_secs(secs)
 }
