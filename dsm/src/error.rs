@@ -37,6 +37,16 @@ pub enum DsmError {
         /// Why mmap refused.
         errno: Errno,
     },
+    /// No free range of the arena's size exists anywhere in rank 0's address space.
+    #[error("{rank} cannot reserve a shared arena of {size} bytes anywhere in its address space: {errno}; set a smaller DSM_ARENA_SIZE (the default, 1T, holds regions totalling 1 TiB)")]
+    ArenaTooLarge {
+        /// The rank that failed (rank 0, which places the arena).
+        rank: Rank,
+        /// The arena size asked for.
+        size: usize,
+        /// Why mmap refused.
+        errno: Errno,
+    },
     /// A collective allocation does not fit in the arena.
     #[error("allocating {requested} bytes exceeds the shared arena ({available} bytes left of {size}); set DSM_ARENA_SIZE larger")]
     ArenaExhausted {

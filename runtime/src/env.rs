@@ -79,13 +79,13 @@ pub(crate) fn get_in<T>(
         Ok(v) => parse(v.trim()).map(Some).ok_or(RuntimeError::Env {
             var: name,
             value: v,
-            expected,
+            expected: expected.into(),
         }),
         Err(std::env::VarError::NotPresent) => Ok(None),
         Err(std::env::VarError::NotUnicode(v)) => Err(RuntimeError::Env {
             var: name,
             value: v.to_string_lossy().into_owned(),
-            expected,
+            expected: expected.into(),
         }),
     }
 }

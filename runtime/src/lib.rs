@@ -38,7 +38,7 @@ pub enum RuntimeError {
         /// Its value.
         value: String,
         /// The form it must have.
-        expected: &'static str,
+        expected: std::borrow::Cow<'static, str>,
     },
     /// A variable the launcher sets is missing.
     #[error("{0} is not set: start multi-rank jobs with dsmrun -n N program")]
@@ -291,7 +291,7 @@ impl Runtime {
             return Err(RuntimeError::Env {
                 var: "DSM_RANK",
                 value: rank.to_string(),
-                expected: "a rank below DSM_SIZE (ranks count from 0)",
+                expected: "a rank below DSM_SIZE (ranks count from 0)".into(),
             });
         }
         let launcher = env::get("DSM_LAUNCHER_PID", "a process id (1 or more)", |s| {

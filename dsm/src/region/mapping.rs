@@ -138,11 +138,18 @@ impl Arena {
         };
         if ptr == libc::MAP_FAILED || base.is_some_and(|b| ptr as usize != b) {
             let errno = Errno::last();
-            return Err(DsmError::ArenaUnavailable {
-                rank: me,
-                addr: GlobalAddr(base.unwrap_or(0)),
-                size,
-                errno,
+            return Err(match base {
+                Some(b) => DsmError::ArenaUnavailable {
+                    rank: me,
+                    addr: GlobalAddr(b),
+                    size,
+                    errno,
+                },
+                None => DsmError::ArenaTooLarge {
+                    rank: me,
+                    size,
+                    errno,
+                },
             });
         }
         Ok(Arena {

@@ -361,6 +361,25 @@ fn an_arena_that_cannot_be_mapped_is_a_clear_error() {
 }
 
 #[test]
+fn an_arena_too_large_for_the_address_space_says_the_size_is_the_problem() {
+    // 200 TiB fits nowhere in the 128 TiB of user address space: the default base is refused, and so is
+    // any range the kernel could choose. The error once named address 0x0 and told to move the base.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hello"))
+        .env("DSM_ARENA_SIZE", "200T")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot reserve a shared arena of 219902325555200 bytes anywhere")
+            && err.contains("set a smaller DSM_ARENA_SIZE")
+            && !err.contains("DSM_ARENA_BASE"),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_arena_base_of_zero_or_off_a_page_is_refused() {
     // Address 0 mapped (root may map it) once made every fault on the arena a plain SIGBUS, unexplained.
     for base in ["0", "0x1001"] {

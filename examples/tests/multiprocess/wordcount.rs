@@ -279,6 +279,31 @@ fn wordcount_procs_binds_where_dsm_bind_says_as_dsmrun_does() {
 }
 
 #[test]
+fn wordcount_procs_refuses_ranks_that_go_on_in_a_job_it_ends_naming_itself() {
+    // Ranks told to go on after a failure, in a job that `--procs` ends at the first one: refused, the
+    // launcher named as the user ran it (once "dsmrun"), and the job runs with `--keep-going`.
+    let run = |extra: &[&str]| {
+        std::process::Command::new(WORDCOUNT)
+            .arg(sample())
+            .args(["--procs", "2", "--top", "1"])
+            .args(extra)
+            .env("DSM_ON_PEER_FAILURE", "report")
+            .output()
+            .unwrap()
+    };
+    let o = run(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err.contains("wordcount ends the job at the first rank that fails")
+            && err.contains("ask wordcount to keep going"),
+        "{err}"
+    );
+    let o = run(&["--keep-going"]);
+    assert!(o.status.success(), "{o:?}");
+}
+
+#[test]
 fn wordcount_reports_bad_input_and_an_existing_output() {
     let out_dir = fresh_output("bad");
     let (o, out) = job(

@@ -50,7 +50,7 @@ impl MapReduce {
         // a mistake to say.
         if !tmp.is_dir() {
             return Err(MapReduceError::Config(format!(
-                "the system's temporary directory {} is not a directory (is TMPDIR set wrong?): set TMPDIR to one, or give the engine a spill directory (MapReduce::with_spill_dir)",
+                "the system's temporary directory {} is not a directory (is TMPDIR set wrong?): set TMPDIR to one, or give the engine a spill directory (MapReduce::with_spill_dir, --spill-dir)",
                 tmp.display()
             )));
         }

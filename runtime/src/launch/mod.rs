@@ -258,16 +258,18 @@ fn check_options(opts: &LaunchOptions) -> Result<(), RuntimeError> {
         return Err(RuntimeError::Env {
             var: "DSM_TRANSPORT",
             value: t,
-            expected: crate::DSMRUN_TRANSPORT,
+            expected: crate::DSMRUN_TRANSPORT.into(),
         });
     }
-    // Ranks that go on after a failure, in a job the launcher ends at the first one.
+    // Ranks that go on after a failure, in a job the launcher ends at the first one. The launcher is
+    // named as the user ran it: dsmrun, or a program that starts its own ranks (`wordcount --procs`).
     if !opts.keep_going {
         if let Some(p) = ranks_env(opts, "DSM_ON_PEER_FAILURE").filter(|p| p.trim() == "report") {
+            let name = &opts.name;
             return Err(RuntimeError::Env {
                 var: "DSM_ON_PEER_FAILURE",
                 value: p,
-                expected: "exit: dsmrun ends the job at the first rank that fails; for a job that goes on without it, run dsmrun --keep-going (which sets DSM_ON_PEER_FAILURE=report for every rank)",
+                expected: format!("exit: {name} ends the job at the first rank that fails; for a job that goes on without it, ask {name} to keep going (dsmrun --keep-going; LaunchOptions::keep_going in a program that starts its own ranks), which sets DSM_ON_PEER_FAILURE=report for every rank").into(),
             });
         }
     }
