@@ -164,6 +164,12 @@ fn allocations_that_cannot_be_made_are_clear_errors() {
     }
     let e = dsm.alloc_vec::<TwoPages>(4).unwrap_err();
     assert!(e.to_string().contains("aligned to 8192 bytes"), "{e}");
+    let e = dsm.alloc(4096, Placement::BlockCyclic(0)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("Placement::BlockCyclic(n) with n >= 1"),
+        "{e}"
+    );
     // Still usable afterwards.
     let v = dsm.alloc_vec::<u64>(8).unwrap();
     v.set(3, 9);

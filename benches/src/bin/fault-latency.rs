@@ -12,7 +12,8 @@
 //!   times: as the job is set up (on one host, rank 1 installs the pages into rank 0 itself, with its
 //!   install helper), with the install helpers switched the other way, and with direct install the other
 //!   way (then the pages come over the connection and rank 0 installs them);
-//! - sequential read of a cyclic region (the default placement), whose remote pages are every other page;
+//! - sequential read of a cyclic region (the default placement), whose remote pages are every other page,
+//!   and of block-cyclic ones (blocks of 16 and 64 pages), whose remote pages are every other block;
 //! - first touch of pages homed at the faulting rank, without read-ahead (a fault per page) and with the
 //!   default window (untouched pages filled ahead), beside the kernel's first touch of plain memory.
 //!
@@ -44,6 +45,9 @@ struct Args {
 }
 
 const WORDS: usize = 512;
+
+/// The pages of a block in the block-cyclic regions read (ArgoDSM's default block size).
+const BLOCK: u64 = 16;
 
 /// How pages reach the sequential reader: installed by their home itself (on one host), and with the
 /// install helpers taking part.
@@ -241,35 +245,42 @@ fn main() -> anyhow::Result<()> {
         drop(region);
     }
 
-    // Sequential read of a cyclic region (the default placement), with the job's window: half its pages
-    // are homed at rank 1, every other page, which read-ahead fetches a stride apart.
-    let cyclic_mibs = {
+    // Sequential read of a cyclic region (the default placement) and of block-cyclic ones, with the
+    // job's window: half their pages are homed at rank 1, every other page or every other block, which
+    // read-ahead fetches a stride apart or block after block (each block's pages in one copy).
+    let mut interleaved = Vec::new();
+    for placement in [
+        Placement::Cyclic,
+        Placement::BlockCyclic(BLOCK),
+        Placement::BlockCyclic(4 * BLOCK),
+    ] {
         dsm.set_readahead(default_window)?;
-        let region = dsm.alloc_vec_with::<u64>(bytes / 8, Placement::Cyclic)?;
+        let region = dsm.alloc_vec_with::<u64>(bytes / 8, placement)?;
         let pages = bytes / 8 / WORDS;
+        let remote: Vec<usize> = (0..pages)
+            .filter(|&p| region.region().home_of(dsm::PageId(p as u64)) == Rank(1))
+            .collect();
         if me == Rank(1) {
-            for p in (1..pages).step_by(2) {
+            for &p in &remote {
                 region.set(p * WORDS, p as u64);
             }
         }
         dsm.barrier()?;
-        let mut mibs = 0.0;
         if me == Rank(0) {
             let t = Instant::now();
             // SAFETY: between two barriers nobody writes the region.
             let sum: u64 = unsafe { region.as_slice() }.iter().sum();
-            // Only rank 1's pages crossed the link: half of the region.
-            mibs = args.mib as f64 / 2.0 / t.elapsed().as_secs_f64();
-            let half = (pages / 2) as u64;
+            // Only rank 1's pages crossed the link.
+            let mib = (remote.len() * WORDS * 8) as f64 / (1 << 20) as f64;
+            interleaved.push((placement, mib, mib / t.elapsed().as_secs_f64()));
             anyhow::ensure!(
-                sum == half * half,
-                "the cyclic region read back wrong: sum {sum}"
+                sum == remote.iter().map(|&p| p as u64).sum::<u64>(),
+                "the {placement:?} region read back wrong: sum {sum}"
             );
         }
         dsm.barrier()?;
         drop(region);
-        mibs
-    };
+    }
 
     // First touch of pages homed here, written in order: one fault per page without read-ahead, and
     // with the job's window a fault fills the untouched pages after it with zeros (up to 64 pages), beside
@@ -391,17 +402,23 @@ fn main() -> anyhow::Result<()> {
                 "",
             ));
         }
-        out.push(Measurement::new(
-            &format!(
-                "sequential read {} MiB of a cyclic region, remote half, read-ahead {default_window}",
-                args.mib
-            ),
-            cyclic_mibs,
-            "MiB/s",
-            raw_mibs,
-            &raw_label("streaming"),
-            "",
-        ));
+        for (placement, mib, mibs) in interleaved {
+            let layout = match placement {
+                Placement::BlockCyclic(n) => format!("a block-cyclic region ({n}-page blocks)"),
+                _ => "a cyclic region".to_string(),
+            };
+            out.push(Measurement::new(
+                &format!(
+                    "sequential read {} MiB of {layout}, remote {mib:.0} MiB, read-ahead {default_window}",
+                    args.mib
+                ),
+                mibs,
+                "MiB/s",
+                raw_mibs,
+                &raw_label("streaming"),
+                "",
+            ));
+        }
         for (window, mibs, kernel) in first_touch {
             out.push(Measurement::new(
                 &format!("first touch of pages homed here, read-ahead {window}"),

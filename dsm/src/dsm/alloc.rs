@@ -157,14 +157,21 @@ impl Dsm {
         consistency: Consistency,
     ) -> Result<Region<'_>> {
         let s = &self.shared;
-        if let Placement::At(r) = placement {
-            if r.index() >= s.size {
+        match placement {
+            Placement::At(r) if r.index() >= s.size => {
                 return Err(DsmError::Config(format!(
                     "placement at {r} in a job of {} ranks",
                     s.size
-                )));
+                )))
             }
+            Placement::BlockCyclic(0) => {
+                return Err(DsmError::Config(
+                    "a block-cyclic placement's blocks hold at least one page: Placement::BlockCyclic(n) with n >= 1".into(),
+                ))
+            }
+            _ => {}
         }
+        let placement = placement.normalized();
         self.ensure_arena()?;
         let uffd = s.uffd()?.raw_fd();
         let len = bytes

@@ -57,6 +57,11 @@ pub enum Placement {
     Cyclic,
     /// The region is cut into `size` contiguous blocks, block `r` homed at rank `r`.
     Block,
+    /// The region is cut into blocks of this many pages, homed in turn: block `i` (pages `i * n` to
+    /// `(i + 1) * n - 1`) at rank `i % size`. The homes share the region as under [`Placement::Cyclic`],
+    /// while a sequential reader fetches each block's pages together, in one copy. At least 1;
+    /// `BlockCyclic(1)` is `Cyclic`.
+    BlockCyclic(u64),
     /// Every page is homed at one rank.
     At(Rank),
 }
@@ -69,7 +74,17 @@ impl Placement {
                 let per = pages.div_ceil(size as u64).max(1);
                 Rank((page / per) as u32)
             }
+            Placement::BlockCyclic(n) => Rank((page / n.max(1) % size as u64) as u32),
             Placement::At(r) => r,
+        }
+    }
+
+    /// The placement as every rank keeps it: the same homes, in the form the detectors of sequential
+    /// access know best (blocks of one page are the cyclic placement).
+    pub(crate) fn normalized(self) -> Placement {
+        match self {
+            Placement::BlockCyclic(1) => Placement::Cyclic,
+            p => p,
         }
     }
 
@@ -78,6 +93,8 @@ impl Placement {
             Placement::Cyclic => 1,
             Placement::Block => 2,
             Placement::At(r) => 3 + u64::from(r.0),
+            // Above every rank's code (ranks are 32-bit).
+            Placement::BlockCyclic(n) => (1 << 33) ^ n,
         }
     }
 }
@@ -362,5 +379,34 @@ mod tests {
         assert_eq!(Placement::Block.home(4, 10, 3), Rank(1));
         assert_eq!(Placement::Block.home(9, 10, 3), Rank(2));
         assert_eq!(Placement::At(Rank(1)).home(7, 10, 3), Rank(1));
+        // Blocks of 4 pages over 3 ranks: pages 0-3 at rank 0, 4-7 at 1, 8-11 at 2, 12-15 at 0 again.
+        let homes: Vec<u32> = (0..17)
+            .map(|p| Placement::BlockCyclic(4).home(p, 17, 3).0)
+            .collect();
+        assert_eq!(homes, [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0, 0, 0, 1]);
+        for p in 0..20 {
+            assert_eq!(
+                Placement::BlockCyclic(1).home(p, 20, 3),
+                Placement::Cyclic.home(p, 20, 3)
+            );
+        }
+        assert_eq!(Placement::BlockCyclic(1).normalized(), Placement::Cyclic);
+        assert_eq!(
+            Placement::BlockCyclic(4).normalized(),
+            Placement::BlockCyclic(4)
+        );
+    }
+
+    #[test]
+    fn placements_have_codes_of_their_own() {
+        // Ranks that allocate one region with different placements must meet at barriers of different
+        // tags (`alloc_tag`), so no two placements share a code.
+        let mut placements = vec![Placement::Cyclic, Placement::Block];
+        placements.extend((0..256).map(|r| Placement::At(Rank(r))));
+        placements.extend([1, 2, 3, 16, 256, 1 << 20, u64::MAX].map(Placement::BlockCyclic));
+        let mut codes: Vec<u64> = placements.iter().map(|p| p.code()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), placements.len());
     }
 }

@@ -61,8 +61,9 @@ pub(crate) struct RegionShared {
     pub(crate) manager: ZeroedArray<ManagerSlot>,
     pub(crate) shared: Arc<Shared>,
     /// Sequential access detectors: for read-ahead from other homes and for first writes of untouched
-    /// pages homed elsewhere (one per home in a cyclic region, whose homes take turns page by page, so that
-    /// a sequential reader or writer is seen as one by each), and for zero fills of this rank's own
+    /// pages homed elsewhere (one per home in a cyclic or block-cyclic region, whose homes take turns page
+    /// by page or block by block, so that a sequential reader or writer is seen as one by each), and for
+    /// zero fills of this rank's own
     /// untouched pages (kept apart, so that one kind of fault does not reset another's window).
     readahead: Vec<Sequential>,
     write_ahead: Vec<Sequential>,
@@ -98,11 +99,17 @@ impl RegionShared {
     ) -> Result<RegionShared> {
         let pages = (len / PAGE_SIZE) as u64;
         let size = shared.size;
-        let cyclic = placement == Placement::Cyclic && size > 1;
+        // The pages one home holds: every size-th page of a cyclic region; a block-cyclic region's in runs
+        // of a block, each the rest of the job's blocks before the next.
+        let (stride, blocks) = match placement {
+            Placement::Cyclic if size > 1 => (size as u64, None),
+            Placement::BlockCyclic(n) if size > 1 => (1, Some((n, (size as u64 - 1) * n))),
+            _ => (1, None),
+        };
         let per_home = |remember: bool| -> Vec<Sequential> {
-            if cyclic {
+            if stride > 1 || blocks.is_some() {
                 (0..size)
-                    .map(|_| Sequential::new(remember, size as u64))
+                    .map(|_| Sequential::new(remember, stride).in_blocks(blocks))
                     .collect()
             } else {
                 vec![Sequential::new(remember, 1)]
@@ -122,8 +129,7 @@ impl RegionShared {
             shared,
             readahead: per_home(true),
             write_ahead: per_home(false),
-            // The pages homed here are every size-th page of a cyclic region.
-            zero_fill: Sequential::new(false, if cyclic { size as u64 } else { 1 }),
+            zero_fill: Sequential::new(false, stride).in_blocks(blocks),
             consistency,
             twins: match consistency {
                 Consistency::Release => Some(Twins {
@@ -174,11 +180,8 @@ impl RegionShared {
         let (first, last) = ((start / PAGE_SIZE) as u64, ((end - 1) / PAGE_SIZE) as u64);
         // Only a missing page's fault takes pages with it (an upgrade of a copy here takes none).
         let faults = |p: u64| self.state(p).load(Ordering::Relaxed) & STATE_MASK == INVALID;
-        // The pages `from..=to`, `stride` apart, all homed at `home`.
-        let announce_run = |home: Rank, from: u64, to: u64, stride: u64| {
-            let Some(p) = (from..=to).step_by(stride as usize).find(|&p| faults(p)) else {
-                return;
-            };
+        // The pages of `home` from `from` (one of them) up to `to`, in the order its detector follows.
+        let announce_run = |home: Rank, from: u64, to: u64| {
             let detector = if home == self.shared.me {
                 &self.zero_fill
             } else if write && self.consistency == Consistency::Sequential {
@@ -187,13 +190,27 @@ impl RegionShared {
             } else {
                 self.readahead_for(home)
             };
-            detector.announce(p, (to - p) / stride + 1);
+            let Some(p) = std::iter::successors(Some(from), |&p| Some(detector.advance(p, 1)))
+                .take_while(|&p| p <= to)
+                .find(|&p| faults(p))
+            else {
+                return;
+            };
+            detector.announce(p, detector.pages_between(p, to + 1));
         };
-        let stride = self.home_stride();
-        if stride > 1 {
-            // Cyclic: each of the range's first `stride` pages starts its home's run.
-            for p in first..=last.min(first + stride - 1) {
-                announce_run(self.home(p), p, last, stride);
+        if self.readahead.len() > 1 {
+            // Cyclic or block-cyclic: each home has detectors of its own, and its run in the range
+            // starts at its first page there, in the range's first `size` runs of pages with one home.
+            let mut p = first;
+            for _ in 0..self.shared.size {
+                if p > last {
+                    break;
+                }
+                let home = self.home(p);
+                announce_run(home, p, last);
+                p = (p + 1..=last)
+                    .find(|&q| self.home(q) != home)
+                    .unwrap_or(last + 1);
             }
             return;
         }
@@ -208,7 +225,7 @@ impl RegionShared {
             let next = (p..=last)
                 .find(|&q| self.home(q) != home)
                 .unwrap_or(last + 1);
-            announce_run(home, p, next - 1, 1);
+            announce_run(home, p, next - 1);
             p = next;
         }
     }

@@ -17,6 +17,10 @@ pub(crate) struct Sequential {
     /// The distance between two pages of a run: 1, or the job's size in a cyclic region (read-ahead,
     /// write-ahead and the zero fill alike), where the pages one home holds are every size-th page.
     pub(crate) stride: u64,
+    /// In a block-cyclic region, the pages per block and the pages of other homes between two blocks of
+    /// one home: a run goes on from a block's last page to the home's next block (a fault takes pages
+    /// of one block at most: the next page is another home's).
+    blocks: Option<(u64, u64)>,
     /// The first page of the current run, and how many faults continued it.
     run_start: AtomicU64,
     run_faults: AtomicU32,
@@ -45,6 +49,7 @@ impl Sequential {
             last: AtomicU64::new(u64::MAX),
             window: AtomicU32::new(1),
             stride: stride.max(1),
+            blocks: None,
             run_start: AtomicU64::new(u64::MAX),
             run_faults: AtomicU32::new(0),
             runs: remember
@@ -53,6 +58,46 @@ impl Sequential {
             announced: std::array::from_fn(|_| AtomicU64::new(0)),
             next_announced: AtomicU32::new(0),
             announced_end: AtomicU64::new(0),
+        }
+    }
+
+    /// The detector for the pages of one home of a block-cyclic region (`blocks`: the pages of a block,
+    /// and the other homes' pages between two of this home's blocks), or as it is (`None`).
+    pub(crate) fn in_blocks(mut self, blocks: Option<(u64, u64)>) -> Sequential {
+        self.blocks = blocks.filter(|(n, _)| *n > 0);
+        self
+    }
+
+    /// The page of the same home that a sequential reader or writer reaches after `page`.
+    fn next_after(&self, page: u64) -> u64 {
+        self.advance(page, 1)
+    }
+
+    /// The page `k` pages of `page`'s home after it.
+    pub(crate) fn advance(&self, page: u64, k: u64) -> u64 {
+        match self.blocks {
+            Some((n, gap)) => {
+                let within = page % n + k;
+                (page - page % n)
+                    .saturating_add((within / n).saturating_mul(n + gap))
+                    .saturating_add(within % n)
+            }
+            None => page.wrapping_add(k.wrapping_mul(self.stride)),
+        }
+    }
+
+    /// How many pages of `page`'s home lie from `page` up to `end` (not included).
+    pub(crate) fn pages_between(&self, page: u64, end: u64) -> u64 {
+        if end <= page {
+            return 0;
+        }
+        match self.blocks {
+            Some((n, gap)) => {
+                let start = page - page % n;
+                let (periods, rest) = ((end - start) / (n + gap), (end - start) % (n + gap));
+                periods * n + rest.min(n) - page % n
+            }
+            None => (end - page).div_ceil(self.stride),
         }
     }
 
@@ -67,7 +112,7 @@ impl Sequential {
     pub(crate) fn window_at(&self, page: u64, max: u32) -> u32 {
         let last = self.last.load(Ordering::Relaxed);
         let announced = self.take_announced(page);
-        let continuing = last != u64::MAX && page == last.wrapping_add(self.stride);
+        let continuing = last != u64::MAX && page == self.next_after(last);
         let end = self.announced_end.load(Ordering::Relaxed);
         let window = if continuing {
             self.continue_run();
@@ -76,13 +121,11 @@ impl Sequential {
             self.start_run(page, last, max)
         };
         let window = if announced > 0 {
-            self.announced_end.store(
-                page.saturating_add(u64::from(announced) * self.stride),
-                Ordering::Relaxed,
-            );
+            self.announced_end
+                .store(self.advance(page, u64::from(announced)), Ordering::Relaxed);
             announced.min(max)
         } else if continuing && end > page {
-            u32::try_from((end - page).div_ceil(self.stride))
+            u32::try_from(self.pages_between(page, end))
                 .unwrap_or(u32::MAX)
                 .min(max)
         } else {
@@ -93,7 +136,8 @@ impl Sequential {
         window
     }
 
-    /// Announces that `pages` pages from `page` (`stride` apart) are about to be touched in order: the
+    /// Announces that `pages` pages of `page`'s home from `page` (`stride` apart, or block after block of
+    /// the home) are about to be touched in order: the
     /// fault at `page` covers them (up to the window's maximum), no fewer and no more, instead of a window
     /// that starts from one page and doubles. The latest [`ANNOUNCED_RUNS`] announcements are kept; they
     /// are hints: one that no fault takes is replaced by later ones, and a fault elsewhere leaves them.
@@ -144,7 +188,7 @@ impl Sequential {
                 .position(|(s, _)| s.load(Ordering::Relaxed) == start)
         };
         if continued && start != u64::MAX && last != u64::MAX && start <= last {
-            let len = u32::try_from((last - start) / self.stride + 1).unwrap_or(u32::MAX);
+            let len = u32::try_from(self.pages_between(start, last + 1)).unwrap_or(u32::MAX);
             let slot = slot_of(start).unwrap_or_else(|| {
                 self.next_slot.fetch_add(1, Ordering::Relaxed) as usize % REMEMBERED_RUNS
             });
@@ -184,6 +228,50 @@ mod tests {
         assert_eq!(d.window_at(30, 1024), 10);
         d.last.store(30, Ordering::Relaxed);
         assert_eq!(d.window_at(100, 1024), 1);
+    }
+
+    #[test]
+    fn a_block_cyclic_detector_goes_on_from_a_block_to_its_homes_next() {
+        // Blocks of 4 pages over 2 ranks: one home's pages are 0-3, 8-11, 16-19...
+        let d = Sequential::new(false, 1).in_blocks(Some((4, 4)));
+        assert_eq!(d.window_at(0, 1024), 1);
+        d.last.store(0, Ordering::Relaxed);
+        assert_eq!(d.window_at(1, 1024), 2);
+        d.last.store(2, Ordering::Relaxed);
+        assert_eq!(d.window_at(3, 1024), 4);
+        // The block's last page served, the run goes on at the next block, not at the other home's.
+        d.last.store(3, Ordering::Relaxed);
+        assert_eq!(d.window_at(8, 1024), 8);
+        d.last.store(11, Ordering::Relaxed);
+        assert_eq!(d.window_at(16, 1024), 16);
+        d.last.store(19, Ordering::Relaxed);
+        assert_eq!(
+            d.window_at(12, 1024),
+            1,
+            "the other home's block starts a run"
+        );
+        // Without blocks, the page after 3 is 4.
+        let plain = Sequential::new(false, 1);
+        plain.last.store(3, Ordering::Relaxed);
+        assert_eq!(plain.window_at(8, 1024), 1);
+
+        // A run announced from page 1 to page 17: the home's pages 1-3, 8-11 and 16-17. Each fault
+        // takes what is left of it (its claim stops at the block's end), and none goes past it.
+        let d = Sequential::new(false, 1).in_blocks(Some((4, 4)));
+        let between: Vec<u64> = [(1, 18), (8, 18), (16, 18), (3, 8), (3, 9), (0, 4), (5, 4)]
+            .map(|(p, end)| d.pages_between(p, end))
+            .into();
+        assert_eq!(between, [9, 6, 2, 1, 2, 4, 0]);
+        let advanced: Vec<u64> = [(1, 0), (1, 2), (1, 3), (1, 9), (3, 1), (8, 8)]
+            .map(|(p, k)| d.advance(p, k))
+            .into();
+        assert_eq!(advanced, [1, 3, 8, 18, 8, 24]);
+        d.announce(1, d.pages_between(1, 18));
+        assert_eq!(d.window_at(1, 1024), 9);
+        d.last.store(3, Ordering::Relaxed);
+        assert_eq!(d.window_at(8, 1024), 6);
+        d.last.store(11, Ordering::Relaxed);
+        assert_eq!(d.window_at(16, 1024), 2, "the announced run's end");
     }
 
     #[test]

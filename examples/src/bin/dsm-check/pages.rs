@@ -4,7 +4,8 @@
 use crate::*;
 
 /// Rank 0 reads other ranks' pages in order (read-ahead fetches them in growing windows: from
-/// one home, then from every home of a cyclic region, its pages a stride apart), then writes
+/// one home, then from every home of a cyclic region, its pages a stride apart, and of a
+/// block-cyclic one, a window going on from one block of a home to its next), then writes
 /// some of them, while the others write others back: pages that came by read-ahead must be
 /// ordinary read-only copies afterwards, writable here and invalidatable from elsewhere.
 /// Not a multiple of 2 or 3 ranks (a run ends on a partial stride), and long enough for replies
@@ -12,7 +13,9 @@ use crate::*;
 /// over the connection. When every other rank installs pages here directly (same host), the
 /// first two passes take them that way (at 2 ranks the cyclic one's replies of 256 pages a
 /// stride apart are shared with the home's helper) and the third, cyclic too, over the
-/// connections (direct install switched off for it), so that both paths are checked in one job.
+/// connections (direct install switched off for it), so that both paths are checked in one job;
+/// the block-cyclic pass (blocks of 7 pages, so that runs end on partial blocks too) takes them
+/// either way.
 pub(crate) fn readahead(c: &Check) -> anyhow::Result<()> {
     let Check {
         rt,
@@ -28,6 +31,7 @@ pub(crate) fn readahead(c: &Check) -> anyhow::Result<()> {
         (dsm::Placement::At(dsm::Rank(1)), true),
         (dsm::Placement::Cyclic, true),
         (dsm::Placement::Cyclic, false),
+        (dsm::Placement::BlockCyclic(7), true),
     ];
     for (placement, want_direct) in passes {
         let v = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, placement, model)?;
@@ -133,8 +137,10 @@ pub(crate) fn readahead(c: &Check) -> anyhow::Result<()> {
 /// Copies into and out of a region (`read_slice`, `write_slice`, `prefetch`) announce the pages
 /// they are about to touch: each run of them with one home comes in one fault, whatever its
 /// length (up to the window), where a sequential reader's window grows from one page. Checked
-/// on a region homed at rank 1, one placed in blocks (a copy across several homes) and a cyclic
-/// one, by counting rank 0's faults; the contents are checked everywhere.
+/// on a region homed at rank 1, one placed in blocks (a copy across several homes), a cyclic
+/// one and a block-cyclic one (a fault a block: the first few of each home's announced, the
+/// rest reached by a window that goes on from one of the home's blocks to its next), by
+/// counting rank 0's faults; the contents are checked everywhere.
 pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
     let Check {
         rt, dsm, me, model, ..
@@ -145,6 +151,7 @@ pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
         dsm::Placement::At(dsm::Rank(1)),
         dsm::Placement::Block,
         dsm::Placement::Cyclic,
+        dsm::Placement::BlockCyclic(16),
     ];
     for placement in placements {
         let v = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, placement, model)?;
@@ -159,6 +166,21 @@ pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
             h.sort();
             h.dedup();
             h.len() as u64
+        };
+        // The faults a copy of `pages` takes: one per home, or in a block-cyclic region one per run of
+        // pages with one home (a block, or the part of one in the range), leaving out this rank's as
+        // `homes` does.
+        let block_cyclic = matches!(placement, dsm::Placement::BlockCyclic(_));
+        let copy_faults = |pages: std::ops::Range<usize>, but_mine: bool| {
+            if !block_cyclic {
+                return homes(pages, but_mine);
+            }
+            let starts = pages
+                .clone()
+                .filter(|&p| p == pages.start || home(p) != home(p - 1));
+            starts
+                .filter(|&p| !(but_mine && home(p) == rt.rank()))
+                .count() as u64
         };
         let faults = || {
             let s = dsm.stats();
@@ -197,7 +219,7 @@ pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
             let mut got = vec![0; to - from];
             let before = faults();
             v.read_slice(from, &mut got);
-            let (reads, want) = (faults().0 - before.0, homes(3..341, true));
+            let (reads, want) = (faults().0 - before.0, copy_faults(3..341, true));
             ensure!(
                 reads == want,
                 "reading pages 3..=340 took {reads} faults, not {want} ({placement:?}, {model:?})"
@@ -211,7 +233,7 @@ pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
             let prefetched = 345 * WORDS_PER_PAGE..pages * WORDS_PER_PAGE;
             let before = faults();
             v.prefetch(prefetched.clone());
-            let (reads, want) = (faults().0 - before.0, homes(345..pages, true));
+            let (reads, want) = (faults().0 - before.0, copy_faults(345..pages, true));
             ensure!(
                 reads == want,
                 "prefetching pages 345..400 took {reads} faults, not {want} ({placement:?}, {model:?})"
@@ -235,7 +257,7 @@ pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
         if me == 0 {
             let before = faults();
             w.write_slice(from, &words(2..31));
-            let (writes, homes) = (faults().1 - before.1, homes(2..31, false));
+            let (writes, homes) = (faults().1 - before.1, copy_faults(2..31, false));
             if model == dsm::Consistency::Sequential {
                 ensure!(
                     writes == homes,
