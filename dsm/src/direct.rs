@@ -138,7 +138,7 @@ pub(crate) fn install(
                 source: sources[0].as_ptr(),
                 source_step,
                 first: pages[0],
-                stride,
+                steps: crate::region::Steps::strided(stride),
                 pages: pages.len() as u64,
                 writable,
                 target: Some(peer.as_raw_fd()),

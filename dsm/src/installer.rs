@@ -15,7 +15,7 @@
 //! a futex while there is nothing to help with, and serves one reply at a time; a fault that finds it busy
 //! (or switched off, `Dsm::set_install_helper`) installs alone.
 
-use crate::region::RegionShared;
+use crate::region::{RegionShared, Steps};
 use crate::stats::Counters;
 use crate::types::PAGE_SIZE;
 use crate::uffd::futex;
@@ -42,7 +42,8 @@ pub(crate) struct Board {
     /// Bytes from one page's source to the next one's.
     source_step: AtomicUsize,
     first: AtomicU64,
-    stride: AtomicU64,
+    /// How the reply's pages follow each other from `first`: `Steps` in the words of `Steps::words`.
+    steps: [AtomicU64; 3],
     writable: AtomicBool,
     /// The userfaultfd of the rank the pages go to, for a direct install into another rank (`direct.rs`);
     /// -1: this rank's own.
@@ -80,7 +81,9 @@ impl Board {
         self.source_step
             .store(incoming.source_step, Ordering::Relaxed);
         self.first.store(incoming.first, Ordering::Relaxed);
-        self.stride.store(incoming.stride, Ordering::Relaxed);
+        for (word, value) in self.steps.iter().zip(incoming.steps.words()) {
+            word.store(value, Ordering::Relaxed);
+        }
         self.writable.store(incoming.writable, Ordering::Relaxed);
         self.target
             .store(incoming.target.unwrap_or(-1), Ordering::Relaxed);
@@ -145,7 +148,7 @@ impl Board {
     unsafe fn install(&self, from: u64, count: u64, by_helper: bool) {
         // SAFETY: the caller guarantees the region outlives the reply.
         let region = unsafe { &*self.region.load(Ordering::Relaxed) };
-        let stride = self.stride.load(Ordering::Relaxed);
+        let steps = Steps::from_words(self.steps.each_ref().map(|w| w.load(Ordering::Relaxed)));
         let first = self.first.load(Ordering::Relaxed);
         let writable = self.writable.load(Ordering::Relaxed);
         let source = self.source.load(Ordering::Relaxed);
@@ -166,12 +169,15 @@ impl Board {
                 )
             }
         };
-        // Pages that follow each other in the region and in the source go in with one copy; pages a stride
-        // apart (a cyclic region) one by one.
-        let result = if stride == 1 && step == PAGE_SIZE {
-            put(from, count, first + from)
+        // Pages that follow each other in the region and in the source go in with one copy (a block of a
+        // block-cyclic region, every page of a band); pages a stride apart (a cyclic region), or from
+        // sources apart, one by one.
+        let result = if step == PAGE_SIZE {
+            steps
+                .groups(first, from, count)
+                .try_for_each(|(k, pages, page)| put(k, pages, page))
         } else {
-            (from..from + count).try_for_each(|k| put(k, 1, first + k * stride))
+            (from..from + count).try_for_each(|k| put(k, 1, steps.page(first, k)))
         };
         if by_helper && result.is_ok() {
             Counters::add(&region.shared.counters.pages_helper_installed, count);
@@ -351,9 +357,9 @@ pub(crate) struct Incoming<'a> {
     /// Bytes from one page's source to the next one's: a page for a receive buffer, more for the pages of a
     /// cyclic region installed from where they are.
     pub(crate) source_step: usize,
-    /// The page the first one goes to; the others follow `stride` pages apart.
+    /// The page the first one goes to; the others follow along `steps`.
     pub(crate) first: u64,
-    pub(crate) stride: u64,
+    pub(crate) steps: Steps,
     pub(crate) pages: u64,
     pub(crate) writable: bool,
     /// Another rank's userfaultfd when the pages go into that rank (a direct install, `direct.rs`); `None`:

@@ -657,17 +657,18 @@ impl Engine {
     }
 }
 
-/// The pages after `page` that a reply of up to `count` pages can carry with it: each a stride on (the
-/// next page, or in a cyclic region the next one with the same home), inside the region and homed at `me`.
+/// The pages after `page` that a reply of up to `count` pages can carry with it, along the home's steps
+/// (the next page, in a cyclic region the next one with the same home, in a block-cyclic one the rest
+/// of its block and then its next block), inside the region and homed at `me`.
 pub(super) fn following_here(
     region: &RegionShared,
     page: u64,
     count: u32,
     me: Rank,
 ) -> impl Iterator<Item = u64> + '_ {
-    let stride = region.home_stride();
+    let steps = region.home_steps();
     (1..u64::from(count))
-        .map(move |k| page + k * stride)
+        .map(move |k| steps.page(page, k))
         .take_while(move |&p| p < region.pages && region.home(p) == me)
 }
 

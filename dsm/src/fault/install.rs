@@ -7,23 +7,23 @@ use super::FaultError;
 use crate::channel::Channel;
 use crate::installer;
 use crate::protocol::swmr::{Access, Data};
-use crate::region::Sequential;
 use crate::region::{RegionShared, BUSY, INVALID};
+use crate::region::{Sequential, Steps};
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
-use crate::uffd::{ZERO_FILL_MAX, ZERO_PAGE, ZERO_PAGES};
+use crate::uffd::{ZERO_FILL_MAX, ZERO_PAGES};
 use crate::wire::Reply;
 use std::sync::atomic::Ordering;
 
 /// Marks up to `window - 1` following pages with the same home BUSY for read-ahead (not present, not in
-/// use): the next pages, or in a cyclic region every size-th page. Returns how many pages the request
-/// covers, `page` included, and the distance between them.
-pub(super) fn claim_readahead(region: &RegionShared, page: u64, home: Rank) -> (u32, u64) {
+/// use): the next pages, in a cyclic region every size-th page, in a block-cyclic one the home's blocks in
+/// turn. Returns how many pages the request covers, `page` included, and how they follow each other.
+pub(super) fn claim_readahead(region: &RegionShared, page: u64, home: Rank) -> (u32, Steps) {
     let max = region.shared.readahead.load(Ordering::Relaxed).max(1);
     let detector = region.readahead_for(home);
     (
         claim_following(region, detector, page, home, max),
-        detector.stride,
+        detector.steps,
     )
 }
 
@@ -47,44 +47,41 @@ pub(super) fn claim_zero_fill(
         .load(Ordering::Relaxed)
         .clamp(1, ZERO_FILL_MAX as u32);
     let detector = &region.zero_fill;
-    let stride = detector.stride;
+    let steps = detector.steps;
     let count = u64::from(claim_following(region, detector, page, me, max));
     // A claimed page that has been touched (at another rank, or by this one before it dropped its copy)
     // ends the fill there: it holds data, not zeros.
     let mut fill = 1;
-    while fill < count && untouched(page + fill * stride) {
+    while fill < count && untouched(steps.page(page, fill)) {
         fill += 1;
     }
     for k in fill..count {
-        release_busy(region, page + k * stride);
+        release_busy(region, steps.page(page, k));
     }
     detector
         .last
-        .store(page + (fill - 1) * stride, Ordering::Relaxed);
+        .store(steps.page(page, fill - 1), Ordering::Relaxed);
     fill
 }
 
-/// Installs `count` pages of zeros from `page`, `stride` apart (the pages of one home in a cyclic region):
-/// with one copy when they are contiguous.
+/// Installs `count` pages of zeros from `page`, along `steps` (the pages of one home): with one copy for
+/// each group of adjacent ones.
 pub(super) fn install_zeros(
     region: &RegionShared,
     page: u64,
     count: u64,
-    stride: u64,
+    steps: Steps,
     access: Access,
 ) -> Result<(), FaultError> {
-    if stride == 1 {
-        return install(region, page, count, zeros(count), access);
-    }
-    for k in 0..count {
-        install(region, page + k * stride, 1, &ZERO_PAGE, access)?;
+    for (_, pages, at) in steps.groups(page, 0, count) {
+        install(region, at, pages, zeros(pages), access)?;
     }
     Ok(())
 }
 
-/// Marks up to `window - 1` pages following `page` BUSY (one `detector.stride` apart, same home, not
-/// present, not in use), `window` doubling while faults are sequential, up to `max`, or the length of a
-/// run announced from `page` (up to `max`). Returns how many pages are covered, `page` included.
+/// Marks up to `window - 1` pages following `page` BUSY (along `detector.steps`, same home, not present,
+/// not in use), `window` doubling while faults are sequential, up to `max`, or the length of a run
+/// announced from `page` (up to `max`). Returns how many pages are covered, `page` included.
 pub(super) fn claim_following(
     region: &RegionShared,
     detector: &Sequential,
@@ -92,11 +89,11 @@ pub(super) fn claim_following(
     home: Rank,
     max: u32,
 ) -> u32 {
-    let stride = detector.stride;
+    let steps = detector.steps;
     let window = detector.window_at(page, max);
     let mut count = 1u32;
     while count < window {
-        let p = page + u64::from(count) * stride;
+        let p = steps.page(page, u64::from(count));
         if p >= region.pages || region.home(p) != home {
             break;
         }
@@ -124,7 +121,7 @@ pub(super) fn install(
         .map_err(|e| FaultError::Sys("UFFDIO_COPY", e))
 }
 
-/// Receives `served` pages of a reply's payload from `home` and installs them from `page`, `stride` apart,
+/// Receives `served` pages of a reply's payload from `home` and installs them from `page`, along `steps`,
 /// in pieces as they arrive, so that copying into pages overlaps with the rest of the transfer still in
 /// flight; a long reply is installed by this thread and the rank's install helper together
 /// (`installer.rs`).
@@ -134,7 +131,7 @@ pub(super) fn install_chunks(
     home: Rank,
     page: u64,
     served: u64,
-    stride: u64,
+    steps: Steps,
     access: Access,
 ) -> Result<(), FaultError> {
     let payload = ch
@@ -145,7 +142,7 @@ pub(super) fn install_chunks(
         source: payload.base(),
         source_step: PAGE_SIZE,
         first: page,
-        stride,
+        steps,
         pages: served,
         writable: access == Access::Write,
         target: None,

@@ -11,7 +11,7 @@ use super::{ask, refused, FaultError};
 use crate::protocol::release::marks;
 use crate::protocol::swmr::{Access, Data};
 use crate::region::{
-    RegionShared, AHEAD, BUSY, DIFFED, INVALID, READ_ONLY, READ_WRITE, TWINNED, WRITTEN,
+    RegionShared, Steps, AHEAD, BUSY, DIFFED, INVALID, READ_ONLY, READ_WRITE, TWINNED, WRITTEN,
 };
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
@@ -25,10 +25,10 @@ use std::sync::atomic::Ordering;
 fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), FaultError> {
     let shared = &*region.shared;
     let c = &shared.counters;
-    let (count, stride) = if shared.readahead.load(Ordering::Relaxed) > 1 {
+    let (count, steps) = if shared.readahead.load(Ordering::Relaxed) > 1 {
         claim_readahead(region, page, home)
     } else {
-        (1, 1)
+        (1, Steps::ADJACENT)
     };
     let mut ch = shared.channels.claim();
     let outcome = (|| {
@@ -62,7 +62,7 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
             {
                 let served = u64::from(served);
                 if !installed {
-                    install_chunks(&mut ch, region, home, page, served, stride, Access::Read)?;
+                    install_chunks(&mut ch, region, home, page, served, steps, Access::Read)?;
                 }
                 count_fetched(c, served, installed);
                 Ok(served)
@@ -76,7 +76,7 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
     })();
     let served = *outcome.as_ref().unwrap_or(&0);
     for k in 1..u64::from(count) {
-        let p = page + k * stride;
+        let p = steps.page(page, k);
         if k < served {
             set_state(region.state(p), READ_ONLY);
         }
@@ -86,7 +86,7 @@ fn fetch_from_home(region: &RegionShared, page: u64, home: Rank) -> Result<(), F
         region
             .readahead_for(home)
             .last
-            .store(page + (served - 1) * stride, Ordering::Relaxed);
+            .store(steps.page(page, served - 1), Ordering::Relaxed);
     }
     outcome.map(|_| ())
 }
@@ -111,12 +111,12 @@ pub(super) fn release_fault(
             // Untouched pages after it that no rank has fetched (claimed in exactly the INVALID state,
             // so without SHARED) are filled too, the same way.
             let count = claim_zero_fill(region, page, |_| true);
-            let stride = region.zero_fill.stride;
-            let installed = install_zeros(region, page, count, stride, Access::Write);
+            let steps = region.zero_fill.steps;
+            let installed = install_zeros(region, page, count, steps, Access::Write);
             if installed.is_ok() {
                 Counters::add(&shared.counters.pages_zero_filled, count - 1);
             }
-            for p in (1..count).map(|k| page + k * stride) {
+            for p in (1..count).map(|k| steps.page(page, k)) {
                 if installed.is_ok() {
                     set_state(region.state(p), READ_WRITE);
                 }

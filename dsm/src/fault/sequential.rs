@@ -17,7 +17,7 @@ use super::{ask, refused, FaultError};
 use crate::channel::{Channel, RecvError};
 use crate::protocol::swmr::{self, Access, CopySet, Data, Decision, Grant, HomeAction};
 use crate::region::{
-    RegionShared, DEFERRED, GRANTED, INVALID, READ_ONLY, READ_WRITE, REVOKED, STATE_MASK,
+    RegionShared, Steps, DEFERRED, GRANTED, INVALID, READ_ONLY, READ_WRITE, REVOKED, STATE_MASK,
 };
 use crate::stats::Counters;
 use crate::types::{Rank, PAGE_SIZE};
@@ -99,7 +99,7 @@ fn ask_home(region: &RegionShared, page: u64, access: Access) -> Result<(), Faul
     let home = region.home(page);
     let missing = region.state(page).load(Ordering::Acquire) & STATE_MASK == INVALID;
     let window = shared.readahead.load(Ordering::Relaxed);
-    let (count, stride) = match access {
+    let (count, steps) = match access {
         Access::Read if window > 1 => claim_readahead(region, page, home),
         // A first write of a page not here: the following pages with the same home are asked for too, in
         // the sequential window, and the home hands over those nobody has touched, as zeros (write-ahead;
@@ -114,10 +114,10 @@ fn ask_home(region: &RegionShared, page: u64, access: Access) -> Result<(), Faul
                     home,
                     window.min(ZERO_FILL_MAX as u32),
                 ),
-                detector.stride,
+                detector.steps,
             )
         }
-        _ => (1, 1),
+        _ => (1, Steps::ADJACENT),
     };
     let mut ch = shared.channels.claim();
     let direct = shared.direct_install.load(Ordering::Relaxed);
@@ -136,7 +136,7 @@ fn ask_home(region: &RegionShared, page: u64, access: Access) -> Result<(), Faul
     let release_extras = || {
         if extras_held.replace(false) {
             for k in 1..u64::from(count) {
-                release_busy(region, page + k * stride);
+                release_busy(region, steps.page(page, k));
             }
         }
     };
@@ -173,7 +173,7 @@ fn ask_home(region: &RegionShared, page: u64, access: Access) -> Result<(), Faul
                                 "several pages of zeros for a read fault",
                             ));
                         }
-                        install_zeros(region, page, served, stride, access)?
+                        install_zeros(region, page, served, steps, access)?
                     }
                     Data::Home => {
                         let payload = if installed {
@@ -196,13 +196,13 @@ fn ask_home(region: &RegionShared, page: u64, access: Access) -> Result<(), Faul
                         // Install in pieces as they arrive: copying into pages overlaps with the rest of
                         // the transfer still in flight.
                         if !installed {
-                            install_chunks(&mut ch, region, home, page, served, stride, access)?;
+                            install_chunks(&mut ch, region, home, page, served, steps, access)?;
                         }
                         count_fetched(c, served, installed);
                     }
                 }
                 for k in 0..served {
-                    set_state(region.state(page + k * stride), new_state(access));
+                    set_state(region.state(steps.page(page, k)), new_state(access));
                 }
                 Ok((served, false, data == Data::None))
             }
@@ -273,7 +273,7 @@ fn ask_home(region: &RegionShared, page: u64, access: Access) -> Result<(), Faul
     };
     if let Some(d) = detector {
         d.last
-            .store(page + (served - 1) * d.stride, Ordering::Relaxed);
+            .store(d.steps.page(page, served - 1), Ordering::Relaxed);
     }
     if !granted && !upgrade {
         // The home released the page when it answered: a rank without a copy needs no Unlock, because a
@@ -422,14 +422,14 @@ fn zero_fill_home(
     // while it has never been touched; its lock stays held until it is installed, so no request for it
     // is served meanwhile (the service loop queues them, and is woken below).
     let count = claim_zero_fill(region, page, |p| lock_untouched(region, p));
-    let stride = region.zero_fill.stride;
-    let installed = install_zeros(region, page, count, stride, access);
+    let steps = region.zero_fill.steps;
+    let installed = install_zeros(region, page, count, steps, access);
     if installed.is_ok() {
         Counters::add(&shared.counters.pages_zero_filled, count - 1);
         region.slot(page).store(&entry);
         set_state(region.state(page), new_state(access));
     }
-    for p in (1..count).map(|k| page + k * stride) {
+    for p in (1..count).map(|k| steps.page(page, k)) {
         if installed.is_ok() {
             // The same decision as for `page`: this rank becomes the owner of zeros.
             give_untouched(region, p, shared.me, access);

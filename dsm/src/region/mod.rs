@@ -24,6 +24,7 @@ mod mapping;
 mod pages;
 mod registry;
 mod sequential;
+mod steps;
 mod twins;
 
 pub use global_vec::GlobalVec;
@@ -35,6 +36,7 @@ pub(crate) use registry::{lookup, unregister_all_of};
 use registry::{register, unregister};
 pub(crate) use sequential::Sequential;
 use sequential::ANNOUNCED_RUNS;
+pub(crate) use steps::Steps;
 use twins::Twins;
 
 /// The memory model of a region, chosen at allocation.

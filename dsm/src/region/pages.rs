@@ -3,7 +3,8 @@
 //! It keeps the state that coherence decisions read and write; the decisions are `protocol`'s.
 
 use super::{
-    Consistency, Placement, Sequential, Twins, ZeroedArray, ANNOUNCED_RUNS, INVALID, STATE_MASK,
+    Consistency, Placement, Sequential, Steps, Twins, ZeroedArray, ANNOUNCED_RUNS, INVALID,
+    STATE_MASK,
 };
 use crate::dsm::Shared;
 use crate::error::Result;
@@ -99,20 +100,14 @@ impl RegionShared {
     ) -> Result<RegionShared> {
         let pages = (len / PAGE_SIZE) as u64;
         let size = shared.size;
-        // The pages one home holds: every size-th page of a cyclic region; a block-cyclic region's in runs
-        // of a block, each the rest of the job's blocks before the next.
-        let (stride, blocks) = match placement {
-            Placement::Cyclic if size > 1 => (size as u64, None),
-            Placement::BlockCyclic(n) if size > 1 => (1, Some((n, (size as u64 - 1) * n))),
-            _ => (1, None),
-        };
+        let steps = Steps::of(placement, size);
         let per_home = |remember: bool| -> Vec<Sequential> {
-            if stride > 1 || blocks.is_some() {
+            if steps.interleaved() {
                 (0..size)
-                    .map(|_| Sequential::new(remember, stride).in_blocks(blocks))
+                    .map(|_| Sequential::new(remember, steps))
                     .collect()
             } else {
-                vec![Sequential::new(remember, 1)]
+                vec![Sequential::new(remember, steps)]
             }
         };
         Ok(RegionShared {
@@ -129,7 +124,7 @@ impl RegionShared {
             shared,
             readahead: per_home(true),
             write_ahead: per_home(false),
-            zero_fill: Sequential::new(false, stride).in_blocks(blocks),
+            zero_fill: Sequential::new(false, steps),
             consistency,
             twins: match consistency {
                 Consistency::Release => Some(Twins {
@@ -152,13 +147,13 @@ impl RegionShared {
         self.placement.home(page, self.pages, self.shared.size)
     }
 
-    /// The distance from a page to the next one with the same home that read-ahead and write-ahead take:
-    /// 1, or the job's size in a cyclic region.
-    pub(crate) fn home_stride(&self) -> u64 {
-        self.readahead[0].stride
+    /// How a page leads to the next one with the same home that read-ahead and write-ahead take: the
+    /// next page, every size-th page in a cyclic region, or block after block in a block-cyclic one.
+    pub(crate) fn home_steps(&self) -> Steps {
+        self.readahead[0].steps
     }
 
-    /// The read-ahead detector for pages homed at `home`; its stride leads from one of them to the next.
+    /// The read-ahead detector for pages homed at `home`; its steps lead from one of them to the next.
     pub(crate) fn readahead_for(&self, home: Rank) -> &Sequential {
         &self.readahead[home.index() % self.readahead.len()]
     }
@@ -190,13 +185,13 @@ impl RegionShared {
             } else {
                 self.readahead_for(home)
             };
-            let Some(p) = std::iter::successors(Some(from), |&p| Some(detector.advance(p, 1)))
+            let Some(p) = std::iter::successors(Some(from), |&p| Some(detector.steps.page(p, 1)))
                 .take_while(|&p| p <= to)
                 .find(|&p| faults(p))
             else {
                 return;
             };
-            detector.announce(p, detector.pages_between(p, to + 1));
+            detector.announce(p, detector.steps.between(p, to + 1));
         };
         if self.readahead.len() > 1 {
             // Cyclic or block-cyclic: each home has detectors of its own, and its run in the range

@@ -2,6 +2,7 @@
 //! run of faults covered, how many pages the next fault may take. A heuristic on atomics, updated
 //! from the fault handler without a lock; it decides how far to look, never what a page holds.
 
+use super::Steps;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// A detector of sequential faults: the last page covered by a fault, and the window (in pages) that the
@@ -14,13 +15,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 pub(crate) struct Sequential {
     pub(crate) last: AtomicU64,
     pub(crate) window: AtomicU32,
-    /// The distance between two pages of a run: 1, or the job's size in a cyclic region (read-ahead,
-    /// write-ahead and the zero fill alike), where the pages one home holds are every size-th page.
-    pub(crate) stride: u64,
-    /// In a block-cyclic region, the pages per block and the pages of other homes between two blocks of
-    /// one home: a run goes on from a block's last page to the home's next block (a fault takes pages
-    /// of one block at most: the next page is another home's).
-    blocks: Option<(u64, u64)>,
+    /// How the pages of a run follow each other: the pages one home holds (read-ahead, write-ahead and
+    /// the zero fill alike), consecutive, every size-th page, or block after block.
+    pub(crate) steps: Steps,
     /// The first page of the current run, and how many faults continued it.
     run_start: AtomicU64,
     run_faults: AtomicU32,
@@ -44,12 +41,11 @@ pub(crate) const ANNOUNCED_RUNS: usize = 4;
 pub(crate) const REMEMBERED_RUNS: usize = 4;
 
 impl Sequential {
-    pub(crate) fn new(remember: bool, stride: u64) -> Sequential {
+    pub(crate) fn new(remember: bool, steps: Steps) -> Sequential {
         Sequential {
             last: AtomicU64::new(u64::MAX),
             window: AtomicU32::new(1),
-            stride: stride.max(1),
-            blocks: None,
+            steps,
             run_start: AtomicU64::new(u64::MAX),
             run_faults: AtomicU32::new(0),
             runs: remember
@@ -58,46 +54,6 @@ impl Sequential {
             announced: std::array::from_fn(|_| AtomicU64::new(0)),
             next_announced: AtomicU32::new(0),
             announced_end: AtomicU64::new(0),
-        }
-    }
-
-    /// The detector for the pages of one home of a block-cyclic region (`blocks`: the pages of a block,
-    /// and the other homes' pages between two of this home's blocks), or as it is (`None`).
-    pub(crate) fn in_blocks(mut self, blocks: Option<(u64, u64)>) -> Sequential {
-        self.blocks = blocks.filter(|(n, _)| *n > 0);
-        self
-    }
-
-    /// The page of the same home that a sequential reader or writer reaches after `page`.
-    fn next_after(&self, page: u64) -> u64 {
-        self.advance(page, 1)
-    }
-
-    /// The page `k` pages of `page`'s home after it.
-    pub(crate) fn advance(&self, page: u64, k: u64) -> u64 {
-        match self.blocks {
-            Some((n, gap)) => {
-                let within = page % n + k;
-                (page - page % n)
-                    .saturating_add((within / n).saturating_mul(n + gap))
-                    .saturating_add(within % n)
-            }
-            None => page.wrapping_add(k.wrapping_mul(self.stride)),
-        }
-    }
-
-    /// How many pages of `page`'s home lie from `page` up to `end` (not included).
-    pub(crate) fn pages_between(&self, page: u64, end: u64) -> u64 {
-        if end <= page {
-            return 0;
-        }
-        match self.blocks {
-            Some((n, gap)) => {
-                let start = page - page % n;
-                let (periods, rest) = ((end - start) / (n + gap), (end - start) % (n + gap));
-                periods * n + rest.min(n) - page % n
-            }
-            None => (end - page).div_ceil(self.stride),
         }
     }
 
@@ -112,7 +68,7 @@ impl Sequential {
     pub(crate) fn window_at(&self, page: u64, max: u32) -> u32 {
         let last = self.last.load(Ordering::Relaxed);
         let announced = self.take_announced(page);
-        let continuing = last != u64::MAX && page == self.next_after(last);
+        let continuing = last != u64::MAX && page == self.steps.page(last, 1);
         let end = self.announced_end.load(Ordering::Relaxed);
         let window = if continuing {
             self.continue_run();
@@ -121,11 +77,13 @@ impl Sequential {
             self.start_run(page, last, max)
         };
         let window = if announced > 0 {
-            self.announced_end
-                .store(self.advance(page, u64::from(announced)), Ordering::Relaxed);
+            self.announced_end.store(
+                self.steps.page(page, u64::from(announced)),
+                Ordering::Relaxed,
+            );
             announced.min(max)
         } else if continuing && end > page {
-            u32::try_from(self.pages_between(page, end))
+            u32::try_from(self.steps.between(page, end))
                 .unwrap_or(u32::MAX)
                 .min(max)
         } else {
@@ -136,10 +94,10 @@ impl Sequential {
         window
     }
 
-    /// Announces that `pages` pages of `page`'s home from `page` (`stride` apart, or block after block of
-    /// the home) are about to be touched in order: the
-    /// fault at `page` covers them (up to the window's maximum), no fewer and no more, instead of a window
-    /// that starts from one page and doubles. The latest [`ANNOUNCED_RUNS`] announcements are kept; they
+    /// Announces that `pages` pages of `page`'s home from `page` (along its steps: one after another, a
+    /// stride apart, or block after block) are about to be touched in order: the fault at `page` covers
+    /// them (up to the window's maximum), no fewer and no more, instead of a window that starts from one
+    /// page and doubles. The latest [`ANNOUNCED_RUNS`] announcements are kept; they
     /// are hints: one that no fault takes is replaced by later ones, and a fault elsewhere leaves them.
     pub(crate) fn announce(&self, page: u64, pages: u64) {
         if pages > 1 && page < 1 << 47 {
@@ -188,7 +146,7 @@ impl Sequential {
                 .position(|(s, _)| s.load(Ordering::Relaxed) == start)
         };
         if continued && start != u64::MAX && last != u64::MAX && start <= last {
-            let len = u32::try_from(self.pages_between(start, last + 1)).unwrap_or(u32::MAX);
+            let len = u32::try_from(self.steps.between(start, last + 1)).unwrap_or(u32::MAX);
             let slot = slot_of(start).unwrap_or_else(|| {
                 self.next_slot.fetch_add(1, Ordering::Relaxed) as usize % REMEMBERED_RUNS
             });
@@ -205,10 +163,11 @@ impl Sequential {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::region::Placement;
 
     #[test]
     fn a_fault_continuing_an_announced_run_takes_its_rest_and_no_more() {
-        let d = Sequential::new(false, 1);
+        let d = Sequential::new(false, Steps::ADJACENT);
         d.announce(10, 5);
         assert_eq!(d.window_at(10, 1024), 5);
         // The home served only page 10: the next fault, at 11, takes 11 to 14.
@@ -218,7 +177,7 @@ mod tests {
         d.last.store(14, Ordering::Relaxed);
         assert_eq!(d.window_at(15, 1024), 8);
         // A cyclic region's detector counts a home's pages, `stride` apart.
-        let d = Sequential::new(false, 3);
+        let d = Sequential::new(false, Steps::strided(3));
         d.announce(6, 4); // pages 6, 9, 12, 15
         assert_eq!(d.window_at(6, 1024), 4);
         d.last.store(9, Ordering::Relaxed);
@@ -233,7 +192,7 @@ mod tests {
     #[test]
     fn a_block_cyclic_detector_goes_on_from_a_block_to_its_homes_next() {
         // Blocks of 4 pages over 2 ranks: one home's pages are 0-3, 8-11, 16-19...
-        let d = Sequential::new(false, 1).in_blocks(Some((4, 4)));
+        let d = Sequential::new(false, Steps::of(Placement::BlockCyclic(4), 2));
         assert_eq!(d.window_at(0, 1024), 1);
         d.last.store(0, Ordering::Relaxed);
         assert_eq!(d.window_at(1, 1024), 2);
@@ -251,22 +210,22 @@ mod tests {
             "the other home's block starts a run"
         );
         // Without blocks, the page after 3 is 4.
-        let plain = Sequential::new(false, 1);
+        let plain = Sequential::new(false, Steps::ADJACENT);
         plain.last.store(3, Ordering::Relaxed);
         assert_eq!(plain.window_at(8, 1024), 1);
 
         // A run announced from page 1 to page 17: the home's pages 1-3, 8-11 and 16-17. Each fault
         // takes what is left of it (its claim stops at the block's end), and none goes past it.
-        let d = Sequential::new(false, 1).in_blocks(Some((4, 4)));
+        let d = Sequential::new(false, Steps::of(Placement::BlockCyclic(4), 2));
         let between: Vec<u64> = [(1, 18), (8, 18), (16, 18), (3, 8), (3, 9), (0, 4), (5, 4)]
-            .map(|(p, end)| d.pages_between(p, end))
+            .map(|(p, end)| d.steps.between(p, end))
             .into();
         assert_eq!(between, [9, 6, 2, 1, 2, 4, 0]);
         let advanced: Vec<u64> = [(1, 0), (1, 2), (1, 3), (1, 9), (3, 1), (8, 8)]
-            .map(|(p, k)| d.advance(p, k))
+            .map(|(p, k)| d.steps.page(p, k))
             .into();
         assert_eq!(advanced, [1, 3, 8, 18, 8, 24]);
-        d.announce(1, d.pages_between(1, 18));
+        d.announce(1, d.steps.between(1, 18));
         assert_eq!(d.window_at(1, 1024), 9);
         d.last.store(3, Ordering::Relaxed);
         assert_eq!(d.window_at(8, 1024), 6);
@@ -276,7 +235,7 @@ mod tests {
 
     #[test]
     fn an_announced_run_is_taken_once_by_the_fault_at_its_first_page() {
-        let d = Sequential::new(true, 1);
+        let d = Sequential::new(true, Steps::ADJACENT);
         assert_eq!(d.take_announced(7), 0);
         // One page is no run: nothing to announce.
         d.announce(7, 1);
@@ -301,7 +260,7 @@ mod tests {
 
     #[test]
     fn a_remembering_detector_starts_a_run_again_with_its_length_and_others_with_one_page() {
-        let d = Sequential::new(true, 1);
+        let d = Sequential::new(true, Steps::ADJACENT);
         // Starts a run at `page` after one that covered up to `last`; `more` faults continue the new one.
         let run = |page: u64, last: u64, more: u32| {
             let w = d.start_run(page, last, 1024);
@@ -343,7 +302,7 @@ mod tests {
         }
         assert_eq!(run(100, last, 0), 1);
 
-        let plain = Sequential::new(false, 1);
+        let plain = Sequential::new(false, Steps::ADJACENT);
         plain.start_run(100, u64::MAX, 1024);
         plain.continue_run();
         assert_eq!(plain.start_run(100, 106, 1024), 1);

@@ -5,7 +5,7 @@ use crate::*;
 
 /// Rank 0 reads other ranks' pages in order (read-ahead fetches them in growing windows: from
 /// one home, then from every home of a cyclic region, its pages a stride apart, and of a
-/// block-cyclic one, a window going on from one block of a home to its next), then writes
+/// block-cyclic one, block after block of a home), then writes
 /// some of them, while the others write others back: pages that came by read-ahead must be
 /// ordinary read-only copies afterwards, writable here and invalidatable from elsewhere.
 /// Not a multiple of 2 or 3 ranks (a run ends on a partial stride), and long enough for replies
@@ -14,8 +14,8 @@ use crate::*;
 /// first two passes take them that way (at 2 ranks the cyclic one's replies of 256 pages a
 /// stride apart are shared with the home's helper) and the third, cyclic too, over the
 /// connections (direct install switched off for it), so that both paths are checked in one job;
-/// the block-cyclic pass (blocks of 7 pages, so that runs end on partial blocks too) takes them
-/// either way.
+/// so do the two block-cyclic passes (blocks of 7 pages, so that runs end on partial blocks too;
+/// replies over the connection are installed a block at a time, by the helper too).
 pub(crate) fn readahead(c: &Check) -> anyhow::Result<()> {
     let Check {
         rt,
@@ -32,6 +32,7 @@ pub(crate) fn readahead(c: &Check) -> anyhow::Result<()> {
         (dsm::Placement::Cyclic, true),
         (dsm::Placement::Cyclic, false),
         (dsm::Placement::BlockCyclic(7), true),
+        (dsm::Placement::BlockCyclic(7), false),
     ];
     for (placement, want_direct) in passes {
         let v = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, placement, model)?;
@@ -138,9 +139,8 @@ pub(crate) fn readahead(c: &Check) -> anyhow::Result<()> {
 /// they are about to touch: each run of them with one home comes in one fault, whatever its
 /// length (up to the window), where a sequential reader's window grows from one page. Checked
 /// on a region homed at rank 1, one placed in blocks (a copy across several homes), a cyclic
-/// one and a block-cyclic one (a fault a block: the first few of each home's announced, the
-/// rest reached by a window that goes on from one of the home's blocks to its next), by
-/// counting rank 0's faults; the contents are checked everywhere.
+/// one and a block-cyclic one (whose runs go block after block of a home), by counting rank 0's
+/// faults; the contents are checked everywhere.
 pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
     let Check {
         rt, dsm, me, model, ..
@@ -167,21 +167,7 @@ pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
             h.dedup();
             h.len() as u64
         };
-        // The faults a copy of `pages` takes: one per home, or in a block-cyclic region one per run of
-        // pages with one home (a block, or the part of one in the range), leaving out this rank's as
-        // `homes` does.
-        let block_cyclic = matches!(placement, dsm::Placement::BlockCyclic(_));
-        let copy_faults = |pages: std::ops::Range<usize>, but_mine: bool| {
-            if !block_cyclic {
-                return homes(pages, but_mine);
-            }
-            let starts = pages
-                .clone()
-                .filter(|&p| p == pages.start || home(p) != home(p - 1));
-            starts
-                .filter(|&p| !(but_mine && home(p) == rt.rank()))
-                .count() as u64
-        };
+
         let faults = || {
             let s = dsm.stats();
             (s.read_faults, s.write_faults + s.upgrade_faults)
@@ -219,7 +205,7 @@ pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
             let mut got = vec![0; to - from];
             let before = faults();
             v.read_slice(from, &mut got);
-            let (reads, want) = (faults().0 - before.0, copy_faults(3..341, true));
+            let (reads, want) = (faults().0 - before.0, homes(3..341, true));
             ensure!(
                 reads == want,
                 "reading pages 3..=340 took {reads} faults, not {want} ({placement:?}, {model:?})"
@@ -233,7 +219,7 @@ pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
             let prefetched = 345 * WORDS_PER_PAGE..pages * WORDS_PER_PAGE;
             let before = faults();
             v.prefetch(prefetched.clone());
-            let (reads, want) = (faults().0 - before.0, copy_faults(345..pages, true));
+            let (reads, want) = (faults().0 - before.0, homes(345..pages, true));
             ensure!(
                 reads == want,
                 "prefetching pages 345..400 took {reads} faults, not {want} ({placement:?}, {model:?})"
@@ -257,7 +243,7 @@ pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
         if me == 0 {
             let before = faults();
             w.write_slice(from, &words(2..31));
-            let (writes, homes) = (faults().1 - before.1, copy_faults(2..31, false));
+            let (writes, homes) = (faults().1 - before.1, homes(2..31, false));
             if model == dsm::Consistency::Sequential {
                 ensure!(
                     writes == homes,
