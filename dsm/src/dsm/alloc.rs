@@ -171,7 +171,6 @@ impl Dsm {
             }
             _ => {}
         }
-        let placement = placement.normalized();
         self.ensure_arena()?;
         let uffd = s.uffd()?.raw_fd();
         let len = bytes

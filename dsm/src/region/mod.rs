@@ -61,8 +61,8 @@ pub enum Placement {
     Block,
     /// The region is cut into blocks of this many pages, homed in turn: block `i` (pages `i * n` to
     /// `(i + 1) * n - 1`) at rank `i % size`. The homes share the region as under [`Placement::Cyclic`],
-    /// while a sequential reader fetches each block's pages together, in one copy. At least 1;
-    /// `BlockCyclic(1)` is `Cyclic`.
+    /// while a sequential reader's fault takes several blocks of a home, each block in one copy. At
+    /// least 1; `BlockCyclic(1)` homes pages as `Cyclic` does.
     BlockCyclic(u64),
     /// Every page is homed at one rank.
     At(Rank),
@@ -78,15 +78,6 @@ impl Placement {
             }
             Placement::BlockCyclic(n) => Rank((page / n.max(1) % size as u64) as u32),
             Placement::At(r) => r,
-        }
-    }
-
-    /// The placement as every rank keeps it: the same homes, in the form the detectors of sequential
-    /// access know best (blocks of one page are the cyclic placement).
-    pub(crate) fn normalized(self) -> Placement {
-        match self {
-            Placement::BlockCyclic(1) => Placement::Cyclic,
-            p => p,
         }
     }
 
@@ -392,11 +383,6 @@ mod tests {
                 Placement::Cyclic.home(p, 20, 3)
             );
         }
-        assert_eq!(Placement::BlockCyclic(1).normalized(), Placement::Cyclic);
-        assert_eq!(
-            Placement::BlockCyclic(4).normalized(),
-            Placement::BlockCyclic(4)
-        );
     }
 
     #[test]

@@ -64,8 +64,8 @@ pub(crate) struct RegionShared {
     /// Sequential access detectors: for read-ahead from other homes and for first writes of untouched
     /// pages homed elsewhere (one per home in a cyclic or block-cyclic region, whose homes take turns page
     /// by page or block by block, so that a sequential reader or writer is seen as one by each), and for
-    /// zero fills of this rank's own
-    /// untouched pages (kept apart, so that one kind of fault does not reset another's window).
+    /// zero fills of this rank's own untouched pages (kept apart, so that one kind of fault does not reset
+    /// another's window).
     readahead: Vec<Sequential>,
     write_ahead: Vec<Sequential>,
     pub(crate) zero_fill: Sequential,

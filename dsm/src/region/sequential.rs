@@ -214,8 +214,9 @@ mod tests {
         plain.last.store(3, Ordering::Relaxed);
         assert_eq!(plain.window_at(8, 1024), 1);
 
-        // A run announced from page 1 to page 17: the home's pages 1-3, 8-11 and 16-17. Each fault
-        // takes what is left of it (its claim stops at the block's end), and none goes past it.
+        // A run announced from page 1 to page 17: the home's pages 1-3, 8-11 and 16-17, 9 in all. A
+        // fault that got fewer (the home served only part) leaves the next one the rest, and none goes
+        // past the run.
         let d = Sequential::new(false, Steps::of(Placement::BlockCyclic(4), 2));
         let between: Vec<u64> = [(1, 18), (8, 18), (16, 18), (3, 8), (3, 9), (0, 4), (5, 4)]
             .map(|(p, end)| d.steps.between(p, end))
