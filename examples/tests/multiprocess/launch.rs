@@ -344,15 +344,25 @@ fn a_job_of_one_rank_refuses_the_meeting_settings_a_larger_one_would() {
     }
 }
 
-#[test]
-fn an_arena_that_cannot_be_mapped_is_a_clear_error() {
+/// Runs `hello` as a job of one rank with `var=value` in its environment: its status and its standard
+/// error.
+fn hello_alone_with(var: &str, value: &str) -> (Option<i32>, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hello"))
-        .env("DSM_ARENA_BASE", "0x800000000000") // beyond the 47-bit user address space
+        .env(var, value)
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_arena_that_cannot_be_mapped_is_a_clear_error() {
+    // Beyond the 47-bit user address space.
+    let (code, err) = hello_alone_with("DSM_ARENA_BASE", "0x800000000000");
+    assert_ne!(code, Some(0), "{err}");
     assert!(
         err.contains("cannot map the shared arena at 0x800000000000")
             && err.contains("DSM_ARENA_BASE"),
@@ -364,13 +374,8 @@ fn an_arena_that_cannot_be_mapped_is_a_clear_error() {
 fn an_arena_too_large_for_the_address_space_says_the_size_is_the_problem() {
     // 200 TiB fits nowhere in the 128 TiB of user address space: the default base is refused, and so is
     // any range the kernel could choose. The error once named address 0x0 and told to move the base.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hello"))
-        .env("DSM_ARENA_SIZE", "200T")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let (code, err) = hello_alone_with("DSM_ARENA_SIZE", "200T");
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("cannot reserve a shared arena of 219902325555200 bytes anywhere")
             && err.contains("set a smaller DSM_ARENA_SIZE")
@@ -383,13 +388,8 @@ fn an_arena_too_large_for_the_address_space_says_the_size_is_the_problem() {
 fn an_arena_base_of_zero_or_off_a_page_is_refused() {
     // Address 0 mapped (root may map it) once made every fault on the arena a plain SIGBUS, unexplained.
     for base in ["0", "0x1001"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hello"))
-            .env("DSM_ARENA_BASE", base)
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{base}: {err}");
+        let (code, err) = hello_alone_with("DSM_ARENA_BASE", base);
+        assert_eq!(code, Some(1), "{base}: {err}");
         assert!(
             err.contains("DSM_ARENA_BASE") && err.contains("non-zero hexadecimal address"),
             "{base}: {err}"
