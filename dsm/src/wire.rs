@@ -94,6 +94,15 @@ pub(crate) enum Request {
         kind: WordKind,
         op: AtomicOp,
     },
+    /// A first-touch region, at the directory of pages `page..page + count` (one directory block): the
+    /// homes of those pages, the sender taking every untouched one from `page` on, up to `ahead` of them
+    /// and stopping at the first taken (`RegionShared::take_homes`). Answered with `Reply::Homes`.
+    Homes {
+        region: u32,
+        page: u64,
+        count: u32,
+        ahead: u32,
+    },
     /// Rank 0: where is the shared arena?
     ArenaBase,
     /// The sender runs on the same host as the receiver may: process `pid`, whose userfaultfd is its
@@ -167,6 +176,9 @@ pub(crate) enum Reply {
     Refused { reason: RefusedReason },
     /// The answer to `Atomic`: the word before the operation (its bits, zero-extended).
     Atomic { old: u64 },
+    /// The answer to `Homes`: the payload holds each page's home, 4 bytes little-endian, `u32::MAX` for
+    /// a page no rank has taken.
+    Homes,
 }
 
 /// The type of a shared word an atomic operation acts on: its width, and whether `Max` and `Min` compare

@@ -114,6 +114,48 @@ fn a_sequential_first_touch_fills_pages_ahead_and_a_scattered_one_does_not() {
 }
 
 #[test]
+fn a_first_touch_takes_its_own_page_or_the_run_a_copy_announced() {
+    use dsm::Consistency::{Release, Sequential};
+    use dsm::{PageId, Rank};
+    for model in [Sequential, Release] {
+        let dsm = Dsm::builder().build().unwrap();
+        let pages = 256;
+        let v = dsm
+            .alloc_vec_in::<u64>(pages * 512, Placement::FirstTouch, model)
+            .unwrap();
+        let home = |p: usize| v.region().home_of(PageId(p as u64));
+        assert!((0..pages).all(|p| home(p).is_none()), "{model:?}");
+        let faults = || {
+            let s = dsm.stats();
+            s.read_faults + s.write_faults + s.upgrade_faults
+        };
+        // One copy of 100 pages: its first fault takes all of them, and the fills cover them in
+        // windows of at most 64 pages.
+        let words: Vec<u64> = (0..100 * 512).map(|i| i as u64).collect();
+        v.write_slice(0, &words);
+        let copied = faults();
+        assert!(
+            copied <= 2,
+            "{model:?}: {copied} faults for a copy of 100 pages"
+        );
+        assert!((0..100).all(|p| home(p) == Some(Rank(0))), "{model:?}");
+        assert!((100..pages).all(|p| home(p).is_none()), "{model:?}");
+        // Page by page, in order: nothing announced, so each fault takes its own page only.
+        for p in 100..200 {
+            v.set(p * 512 + 3, p as u64);
+        }
+        assert_eq!(faults() - copied, 100, "{model:?}: {}", dsm.stats());
+        assert!((100..200).all(|p| home(p) == Some(Rank(0))), "{model:?}");
+        assert!((200..pages).all(|p| home(p).is_none()), "{model:?}");
+        for p in 0..200 {
+            let at = p * 512 + 3;
+            let want = if p < 100 { at as u64 } else { p as u64 };
+            assert_eq!(v.get(at), want, "{model:?}: page {p}");
+        }
+    }
+}
+
+#[test]
 fn a_large_region_costs_nothing_until_touched() {
     let dsm = Dsm::builder().build().unwrap();
     let v = dsm.alloc_vec_with::<u8>(4 << 30, Placement::Block).unwrap();

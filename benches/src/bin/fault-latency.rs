@@ -258,7 +258,7 @@ fn main() -> anyhow::Result<()> {
         let region = dsm.alloc_vec_with::<u64>(bytes / 8, placement)?;
         let pages = bytes / 8 / WORDS;
         let remote: Vec<usize> = (0..pages)
-            .filter(|&p| region.region().home_of(dsm::PageId(p as u64)) == Rank(1))
+            .filter(|&p| region.region().home_of(dsm::PageId(p as u64)) == Some(Rank(1)))
             .collect();
         if me == Rank(1) {
             for &p in &remote {
@@ -301,6 +301,37 @@ fn main() -> anyhow::Result<()> {
         drop(region);
     }
     dsm.set_readahead(default_window)?;
+
+    // First touch of a first-touch region by rank 0, with the job's window: the half whose directory
+    // is rank 0 itself, page by page; the half whose directory is rank 1, page by page (a round trip
+    // to learn each page's home) and in one copy (a round trip for each run of up to 1024 pages it
+    // announces). Each beside the kernel's first touch of plain memory, measured right before.
+    let mut first_touch_placed = Vec::new();
+    for (what, far, copy) in [
+        ("directory here, page by page", false, false),
+        ("directory at rank 1, page by page", true, false),
+        ("directory at rank 1, one copy", true, true),
+    ] {
+        let region = dsm.alloc_vec_with::<u64>(bytes / 8, Placement::FirstTouch)?;
+        if me == Rank(0) {
+            let half = bytes / 8 / 2;
+            let from = if far { half } else { 0 };
+            let source = if copy { vec![1u64; half] } else { Vec::new() };
+            let kernel = fresh_page_rate(bytes / 2);
+            let t = Instant::now();
+            if copy {
+                region.write_slice(from, &source);
+            } else {
+                for p in 0..half / WORDS {
+                    region.set(from + p * WORDS, 1);
+                }
+            }
+            let mibs = args.mib as f64 / 2.0 / t.elapsed().as_secs_f64();
+            first_touch_placed.push((what, mibs, kernel));
+        }
+        dsm.barrier()?;
+        drop(region);
+    }
 
     if me == Rank(0) {
         let raw_med = quantile(&mut raw, 0.5);
@@ -422,6 +453,16 @@ fn main() -> anyhow::Result<()> {
         for (window, mibs, kernel) in first_touch {
             out.push(Measurement::new(
                 &format!("first touch of pages homed here, read-ahead {window}"),
+                mibs,
+                "MiB/s",
+                kernel,
+                "the kernel's first touch",
+                "",
+            ));
+        }
+        for (what, mibs, kernel) in first_touch_placed {
+            out.push(Measurement::new(
+                &format!("first touch of a first-touch region, {what}"),
                 mibs,
                 "MiB/s",
                 kernel,

@@ -50,6 +50,7 @@ const WAKER: u64 = u64::MAX;
 const MEMORY: u64 = u64::MAX - 1;
 
 mod failure;
+mod homes;
 mod pages;
 mod release;
 mod service_loop;
@@ -572,6 +573,12 @@ impl Engine {
                 };
                 self.apply_diffs(idx, &r, req, payload);
             }
+            Request::Homes {
+                region,
+                page,
+                count,
+                ahead,
+            } => self.homes(idx, region, page, count, ahead),
             Request::ArenaBase => {
                 let reply = match self.shared.arena_base() {
                     Some((base, size)) => Reply::Arena {

@@ -146,7 +146,7 @@ impl Engine {
             }
             return;
         }
-        if region.home(page) != me {
+        if !region.accept_home(page) {
             if unlock_slot(&region.slot(page).lock) {
                 self.serve_queue(region, page);
             }

@@ -104,7 +104,7 @@ impl Engine {
         count: u32,
         direct: bool,
     ) {
-        if region.home(page) != self.shared.me {
+        if !region.accept_home(page) {
             self.refuse(idx, RefusedReason::WrongRank);
             return;
         }
@@ -258,7 +258,7 @@ impl Engine {
         kind: WordKind,
         op: AtomicOp,
     ) {
-        if region.home(page) != self.shared.me {
+        if !region.accept_home(page) {
             self.refuse(idx, RefusedReason::WrongRank);
             return;
         }
@@ -416,8 +416,7 @@ impl Engine {
             }
             return None;
         }
-        let me = self.shared.me;
-        if let Some((page, _)) = entries.iter().find(|(page, _)| region.home(*page) != me) {
+        if let Some((page, _)) = entries.iter().find(|(page, _)| !region.accept_home(*page)) {
             let what = format!(
                 "a diff for page {page} of region {}, not homed here",
                 region.id

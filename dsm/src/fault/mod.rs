@@ -9,6 +9,7 @@
 //! runs of pages a fault covers.
 
 use crate::channel::{Channel, RecvError};
+use crate::error::DsmError;
 use crate::protocol::swmr::Access;
 use crate::region::{self, Consistency, RegionShared, BUSY, READ_ONLY, READ_WRITE, STATE_MASK};
 use crate::stats::Counters;
@@ -19,6 +20,7 @@ use nix::errno::Errno;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+mod homes;
 mod install;
 mod release;
 mod sequential;
@@ -165,6 +167,32 @@ impl std::fmt::Write for StackWriter {
     }
 }
 
+/// The home of `page`, learned from its directory first in a first-touch region whose page this rank
+/// has not touched (which may make this rank its home), for an operation outside the fault handler that
+/// goes to the home (an atomic operation on a word).
+pub(crate) fn home_for_call(region: &RegionShared, page: u64) -> Result<Rank, DsmError> {
+    if !region.home_unknown(page) {
+        return Ok(region.home(page));
+    }
+    let shared = &*region.shared;
+    homes::learn_home(region, page).map_err(|e| {
+        let what = format!(
+            "learning the home of page {page} of region {}: {}",
+            region.id,
+            Explain(&e, shared.me)
+        );
+        match e {
+            FaultError::Peer(rank, _) | FaultError::Send(rank, _) => {
+                shared.peer_failed_error(rank, what)
+            }
+            _ => DsmError::Protocol {
+                rank: region.directory(page),
+                what,
+            },
+        }
+    })
+}
+
 /// Sends `request` to `home` on `ch` and reads the reply's header (its payload is left to read).
 fn ask(
     ch: &mut Channel,
@@ -182,6 +210,11 @@ fn ask(
 pub(crate) fn resolve(region: &RegionShared, page: u64, write: bool) -> Result<(), FaultError> {
     let shared = &*region.shared;
     let c = &shared.counters;
+    if region.home_unknown(page) {
+        // Before the page is BUSY: a page this rank is learning about is not held here, so an acquire
+        // meanwhile has nothing of it to drop.
+        homes::learn_home(region, page)?;
+    }
     let word = region.state(page);
     let mut waited = false;
     let before = loop {

@@ -32,7 +32,7 @@ pub(crate) fn atomic(
     kind: WordKind,
     op: AtomicOp,
 ) -> Result<u64> {
-    let home = region.home(page);
+    let home = crate::fault::home_for_call(region, page)?;
     if home == shared.me {
         if let Some(old) = in_place_at_home(region, page, offset, kind, op) {
             Counters::add(&shared.counters.atomics_served, 1);

@@ -66,6 +66,15 @@ pub enum Placement {
     BlockCyclic(u64),
     /// Every page is homed at one rank.
     At(Rank),
+    /// Each page is homed at the rank whose fault reaches it first, read or write (first touch): a
+    /// program whose ranks each start by touching the part they will work on has that part homed where
+    /// it is used, whatever its shape. A fault takes its own page only, unless a copy into or out of the
+    /// region ([`GlobalVec::write_slice`], [`GlobalVec::read_slice`]) announced the run of pages it
+    /// touches in order: its first fault then takes the run's untouched pages with it (page by page with
+    /// `DSM_READAHEAD=1`). Which rank took a page is recorded by its *directory*, the rank that would be
+    /// its home under [`Placement::Block`]; a rank learns a page's home from it once (a round trip when
+    /// the directory is another rank), along with the homes of up to 1024 pages after it.
+    FirstTouch,
 }
 
 impl Placement {
@@ -78,7 +87,17 @@ impl Placement {
             }
             Placement::BlockCyclic(n) => Rank((page / n.max(1) % size as u64) as u32),
             Placement::At(r) => r,
+            // Decided at run time; the region's table holds what this rank knows
+            // (`RegionShared::home`).
+            Placement::FirstTouch => NOBODY,
         }
+    }
+
+    /// The rank that records which rank took each page of a first-touch region: the page's home under
+    /// [`Placement::Block`], so that ranks touching their own part of a region first find its
+    /// directory at home.
+    pub(crate) fn directory(page: u64, pages: u64, size: usize) -> Rank {
+        Placement::Block.home(page, pages, size)
     }
 
     pub(crate) fn code(self) -> u64 {
@@ -88,9 +107,21 @@ impl Placement {
             Placement::At(r) => 3 + u64::from(r.0),
             // Above every rank's code (ranks are 32-bit).
             Placement::BlockCyclic(n) => (1 << 33) ^ n,
+            // The code `BlockCyclic(0)` would have, which is refused before any code is taken: every
+            // other value is some block-cyclic placement's.
+            Placement::FirstTouch => 1 << 33,
         }
     }
 }
+
+/// The home of a first-touch page that this rank has not learned yet (no rank's fault may have reached
+/// it). Never a rank: a message is never sent to it (a fault learns the page's home first), and it
+/// compares unequal to every rank.
+pub(crate) const NOBODY: Rank = Rank(u32::MAX);
+
+/// The most pages whose homes one question to a first-touch directory learns (`Request::Homes`): 4 KiB
+/// of answer.
+pub(crate) const LEARN_PAGES: u64 = 1024;
 
 // Local page state, one `AtomicU32` per page per rank.
 pub(crate) const INVALID: u32 = 0;
@@ -200,9 +231,11 @@ impl<'d> Region<'d> {
         self.inner.len == 0
     }
 
-    /// The home rank of a page of this region.
-    pub fn home_of(&self, page: PageId) -> Rank {
-        self.inner.home(page.0)
+    /// The home rank of a page of this region. Under [`Placement::FirstTouch`], `None` while this rank
+    /// has not learned it: no rank may have touched the page yet, or this rank has not asked (it learns
+    /// the homes of the pages it touches, and of those after them).
+    pub fn home_of(&self, page: PageId) -> Option<Rank> {
+        Some(self.inner.home(page.0)).filter(|&h| h != NOBODY)
     }
 
     /// The base pointer. Accesses through it are coherent shared memory; see [`GlobalVec`] for typed access.
@@ -391,7 +424,9 @@ mod tests {
         // tags (`alloc_tag`), so no two placements share a code.
         let mut placements = vec![Placement::Cyclic, Placement::Block];
         placements.extend((0..256).map(|r| Placement::At(Rank(r))));
-        placements.extend([1, 2, 3, 16, 256, 1 << 20, u64::MAX].map(Placement::BlockCyclic));
+        placements
+            .extend([1, 2, 3, 16, 256, 1 << 20, 3 << 33, u64::MAX].map(Placement::BlockCyclic));
+        placements.push(Placement::FirstTouch);
         let mut codes: Vec<u64> = placements.iter().map(|p| p.code()).collect();
         codes.sort_unstable();
         codes.dedup();

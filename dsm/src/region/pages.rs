@@ -3,7 +3,7 @@
 //! It keeps the state that coherence decisions read and write; the decisions are `protocol`'s.
 
 use super::{
-    Consistency, Placement, Sequential, Steps, Twins, ZeroedArray, ANNOUNCED_RUNS, INVALID,
+    Consistency, Placement, Sequential, Steps, Twins, ZeroedArray, ANNOUNCED_RUNS, INVALID, NOBODY,
     STATE_MASK,
 };
 use crate::dsm::Shared;
@@ -69,6 +69,13 @@ pub(crate) struct RegionShared {
     readahead: Vec<Sequential>,
     write_ahead: Vec<Sequential>,
     pub(crate) zero_fill: Sequential,
+    /// A first-touch region: the home of each page as far as this rank knows it, rank + 1 (0: not known
+    /// here yet); at a page's directory, the record of which rank took it. An entry is set once and
+    /// never changes. `None` for the other placements, whose homes follow from the page number.
+    homes: Option<ZeroedArray<AtomicU32>>,
+    /// A first-touch region: the runs of pages whose homes this rank does not know that a copy
+    /// announced (`announce`): a first touch at the start of one takes the run's untouched pages.
+    pub(crate) first_touch: Sequential,
     pub(crate) consistency: Consistency,
     /// Release consistency: one twin page per page, backed only where used.
     pub(super) twins: Option<Twins>,
@@ -125,6 +132,12 @@ impl RegionShared {
             readahead: per_home(true),
             write_ahead: per_home(false),
             zero_fill: Sequential::new(false, steps),
+            homes: match placement {
+                // SAFETY: an all-zero AtomicU32 is 0: no home known.
+                Placement::FirstTouch => Some(unsafe { ZeroedArray::new(pages as usize)? }),
+                _ => None,
+            },
+            first_touch: Sequential::new(false, Steps::ADJACENT),
             consistency,
             twins: match consistency {
                 Consistency::Release => Some(Twins {
@@ -143,8 +156,90 @@ impl RegionShared {
         })
     }
 
+    /// The page's home; in a first-touch region, [`NOBODY`] while this rank has not learned it (a
+    /// fault learns it before it asks the home anything: `fault::homes`).
     pub(crate) fn home(&self, page: u64) -> Rank {
-        self.placement.home(page, self.pages, self.shared.size)
+        match &self.homes {
+            None => self.placement.home(page, self.pages, self.shared.size),
+            Some(homes) => match homes.as_slice()[page as usize].load(Ordering::Acquire) {
+                0 => NOBODY,
+                h => Rank(h - 1),
+            },
+        }
+    }
+
+    /// Whether this rank must learn the page's home before a fault on it can ask the home: a
+    /// first-touch page whose home it does not know yet.
+    pub(crate) fn home_unknown(&self, page: u64) -> bool {
+        self.homes.is_some() && self.home(page) == NOBODY
+    }
+
+    /// A first-touch page's directory: the rank that records which rank took it.
+    pub(crate) fn directory(&self, page: u64) -> Rank {
+        Placement::directory(page, self.pages, self.shared.size)
+    }
+
+    /// The last page (exclusive) that the directory of `page` also records: its block's end.
+    pub(crate) fn directory_end(&self, page: u64) -> u64 {
+        let per = self.pages.div_ceil(self.shared.size as u64).max(1);
+        ((page / per + 1) * per).min(self.pages)
+    }
+
+    /// Records that `page` is homed at `home`, as its directory said; returns the home on record, which
+    /// is `home` unless another was recorded first (a directory never names two homes for one page, so
+    /// then the directory or its message is wrong).
+    pub(crate) fn record_home(&self, page: u64, home: Rank) -> Rank {
+        let Some(homes) = &self.homes else {
+            return self.home(page);
+        };
+        match homes.as_slice()[page as usize].compare_exchange(
+            0,
+            home.0 + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => home,
+            Err(h) => Rank(h - 1),
+        }
+    }
+
+    /// At the directory of pages `first..first + count` (inside one directory block): gives `taker`
+    /// every page from `first` that no rank has taken, up to `ahead` pages and stopping at the first
+    /// taken one, and writes the home of each of the `count` pages (`NOBODY` for one still untaken past
+    /// the run) to `out`. `first` itself always has a home afterwards.
+    pub(crate) fn take_homes(
+        &self,
+        first: u64,
+        count: u64,
+        ahead: u64,
+        taker: Rank,
+        mut out: impl FnMut(Rank),
+    ) {
+        let mut taking = true;
+        for (k, page) in (first..first + count).enumerate() {
+            let known = self.home(page);
+            let home = if known != NOBODY {
+                taking = false;
+                known
+            } else if taking && (k as u64) < ahead.max(1) {
+                self.record_home(page, taker)
+            } else {
+                taking = false;
+                NOBODY
+            };
+            out(home);
+        }
+    }
+
+    /// At a rank that a request for a page's home reached: whether this rank is the page's home. A
+    /// first-touch page not yet known here is recorded as homed here: a rank asks a page's home only
+    /// after its directory named it, and this rank's own fault may not have read that answer yet.
+    pub(crate) fn accept_home(&self, page: u64) -> bool {
+        let me = self.shared.me;
+        if self.home_unknown(page) {
+            return self.record_home(page, me) == me;
+        }
+        self.home(page) == me
     }
 
     /// How a page leads to the next one with the same home that read-ahead and write-ahead take: the
@@ -177,7 +272,10 @@ impl RegionShared {
         let faults = |p: u64| self.state(p).load(Ordering::Relaxed) & STATE_MASK == INVALID;
         // The pages of `home` from `from` (one of them) up to `to`, in the order its detector follows.
         let announce_run = |home: Rank, from: u64, to: u64| {
-            let detector = if home == self.shared.me {
+            let detector = if home == NOBODY {
+                // First touch: the run is this rank's to take (`fault::homes`).
+                &self.first_touch
+            } else if home == self.shared.me {
                 &self.zero_fill
             } else if write && self.consistency == Consistency::Sequential {
                 // Under release consistency a first write fetches the page as a read does.

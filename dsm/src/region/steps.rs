@@ -39,7 +39,7 @@ impl Steps {
                 blocks: Some((n, (size as u64 - 1) * n)),
             },
             Placement::BlockCyclic(_) => Steps::strided(size as u64),
-            Placement::Block | Placement::At(_) => Steps::ADJACENT,
+            Placement::Block | Placement::At(_) | Placement::FirstTouch => Steps::ADJACENT,
         }
     }
 

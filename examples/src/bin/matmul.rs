@@ -296,7 +296,7 @@ fn run() -> anyhow::Result<()> {
             first == end
                 || m.region()
                     .home_of(dsm::PageId((first * 8 / dsm::PAGE_SIZE) as u64))
-                    == rt.rank()
+                    == Some(rt.rank())
         );
         (first, end)
     };
@@ -315,6 +315,7 @@ fn run() -> anyhow::Result<()> {
     let home_of_row = |row: usize| {
         c.region()
             .home_of(dsm::PageId((row * n * 8 / dsm::PAGE_SIZE) as u64))
+            .expect("C is placed in blocks, which gives every page a home at allocation")
     };
     let blocks: Vec<(u64, (u64, u64))> = row_blocks(n, block, size, home_of_row)
         .into_iter()

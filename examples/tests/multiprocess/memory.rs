@@ -95,6 +95,12 @@ fn copies_take_each_run_of_pages_with_one_home_in_one_fault() {
     passes_at(&[2, 3], CHECK, &["slices", "--consistency", "release"]);
 }
 
+#[test]
+fn first_touch_pages_are_homed_where_they_were_touched_first() {
+    passes_at(&[2, 3, 4], CHECK, &["touchhomes"]);
+    passes_at(&[2, 3], CHECK, &["touchhomes", "--consistency", "release"]);
+}
+
 /// Whether this machine lets a process take a descriptor of a sibling process of the same user with
 /// `pidfd_getfd`, which direct install needs: root may; Yama's `ptrace_scope` (1 for an ordinary user, 3
 /// for everyone), a container's seccomp filter or an old kernel may forbid it. Tried on a child process

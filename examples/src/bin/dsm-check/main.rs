@@ -187,6 +187,7 @@ const CHECKS: &[(&str, CheckFn)] = &[
     ("slices", pages::slices),
     ("coalesce", pages::coalesce),
     ("firsttouch", pages::firsttouch),
+    ("touchhomes", pages::touchhomes),
     ("lockfault", coherence::lockfault),
     ("grantwait", coherence::grantwait),
     ("diewriting", failures::diewriting),

@@ -41,7 +41,7 @@ pub(crate) fn readahead(c: &Check) -> anyhow::Result<()> {
         let direct_now = direct && want_direct;
         dsm.set_direct_install(direct_now);
         let home = |p: usize| v.region().home_of(dsm::PageId(p as u64));
-        for p in (0..pages).filter(|&p| home(p) == rt.rank() && me != 0) {
+        for p in (0..pages).filter(|&p| home(p) == Some(rt.rank()) && me != 0) {
             v.set(p * WORDS_PER_PAGE, p as u64);
         }
         let home_before = dsm.stats();
@@ -49,7 +49,11 @@ pub(crate) fn readahead(c: &Check) -> anyhow::Result<()> {
         if me == 0 {
             let before = dsm.stats();
             for p in 0..pages {
-                let want = if home(p) == rt.rank() { 0 } else { p as u64 };
+                let want = if home(p) == Some(rt.rank()) {
+                    0
+                } else {
+                    p as u64
+                };
                 ensure!(
                     v.get(p * WORDS_PER_PAGE) == want,
                     "page {p} read wrong ({placement:?})"
@@ -161,7 +165,7 @@ pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
         let homes = |pages: std::ops::Range<usize>, but_mine: bool| {
             let mut h: Vec<_> = pages
                 .map(home)
-                .filter(|&h| !(but_mine && h == rt.rank()))
+                .filter(|&h| !(but_mine && h == Some(rt.rank())))
                 .collect();
             h.sort();
             h.dedup();
@@ -174,7 +178,7 @@ pub(crate) fn slices(c: &Check) -> anyhow::Result<()> {
         };
         // Each rank fills its own pages; rank 1 the first 50 pages of a region homed at it in one
         // copy (its untouched pages filled with zeros by one fault), then the rest.
-        let mine: Vec<usize> = (0..pages).filter(|&p| home(p) == rt.rank()).collect();
+        let mine: Vec<usize> = (0..pages).filter(|&p| home(p) == Some(rt.rank())).collect();
         let words = |pages: std::ops::Range<usize>| -> Vec<u64> {
             (pages.start * WORDS_PER_PAGE..pages.end * WORDS_PER_PAGE)
                 .map(value)
@@ -436,10 +440,11 @@ pub(crate) fn firsttouch(c: &Check) -> anyhow::Result<()> {
         )
     })?;
     dsm.barrier()?;
-    // A cyclic region: every rank first-touches the pages it homes, every n-th page, in order (its
-    // fills take pages a stride apart), after the other ranks touched some of rank 0's.
+    // A cyclic region: every rank first-touches the pages it homes, every n-th page (page p at
+    // rank p % n), in order (its fills take pages a stride apart), after the other ranks touched
+    // some of rank 0's.
     let c = dsm.alloc_vec_in::<u64>(pages * WORDS_PER_PAGE, dsm::Placement::Cyclic, model)?;
-    let home = |p: usize| c.region().home_of(dsm::PageId(p as u64)).0 as usize;
+    let home = |p: usize| p % n;
     let early = |p: usize| (1..n).find(|&r| home(p) == 0 && p % 23 == r);
     for p in (0..pages).filter(|&p| early(p) == Some(me)) {
         c.set(p * WORDS_PER_PAGE, mix(&[me as u64, p as u64, 9]));
@@ -526,5 +531,108 @@ pub(crate) fn firsttouch(c: &Check) -> anyhow::Result<()> {
         dsm.barrier()?;
     }
     println!("firsttouch ok");
+    Ok(())
+}
+
+/// First-touch placement: each page is homed at the rank that touched it first. Every rank writes
+/// a part of its own, of a size that grows with its rank, so that most parts lie partly or wholly
+/// in other ranks' directory blocks (the rank that records a page's home is its home under block
+/// placement): the first half in one copy (which takes the whole run at its first fault), the rest
+/// page by page. Then every rank reads a shared tail at once, each from another page on. After a
+/// barrier every rank reads every page's word, finds each page of the parts homed at its writer,
+/// and every rank has seen the same home for each page of the tail; and a rank's own part is homed
+/// here indeed: reading it again takes no fault.
+pub(crate) fn touchhomes(c: &Check) -> anyhow::Result<()> {
+    let Check {
+        dsm, me, n, model, ..
+    } = *c;
+    ensure!(n > 1, "touchhomes needs at least 2 ranks");
+    let (parts, tail) = (48 * n * n, 40);
+    let bound = |r: usize| parts * r * r / (n * n);
+    let writer = |p: usize| {
+        (0..n)
+            .find(|&r| p < bound(r + 1))
+            .expect("a page of the parts")
+    };
+    let value = |p: usize| mix(&[writer(p) as u64, p as u64]);
+    let v = dsm.alloc_vec_in::<u64>(
+        (parts + tail) * WORDS_PER_PAGE,
+        dsm::Placement::FirstTouch,
+        model,
+    )?;
+    let seen = dsm.alloc_vec_in::<u64>(n * tail, dsm::Placement::At(dsm::Rank(0)), model)?;
+    let home = |p: usize| v.region().home_of(dsm::PageId(p as u64));
+    ensure!(
+        (0..parts + tail).all(|p| home(p).is_none()),
+        "rank {me}: a page of a fresh first-touch region has a home before any rank touched it"
+    );
+    // (A directory learns of the pages others take as they take them.)
+    dsm.barrier()?;
+    let (start, end) = (bound(me), bound(me + 1));
+    let half = (start + end) / 2;
+    let words: Vec<u64> = (start * WORDS_PER_PAGE..half * WORDS_PER_PAGE)
+        .map(|i| {
+            if i % WORDS_PER_PAGE == 0 {
+                value(i / WORDS_PER_PAGE)
+            } else {
+                0
+            }
+        })
+        .collect();
+    v.write_slice(start * WORDS_PER_PAGE, &words);
+    for p in half..end {
+        v.set(p * WORDS_PER_PAGE, value(p));
+    }
+    for k in 0..tail {
+        let p = parts + (k + me * tail / n) % tail;
+        ensure!(
+            v.get(p * WORDS_PER_PAGE) == 0,
+            "rank {me}: page {p} of the tail, never written, is not zeros"
+        );
+        let h = home(p).with_context(|| format!("rank {me} read page {p} and knows no home"))?;
+        seen.set(me * tail + p - parts, u64::from(h.0));
+    }
+    dsm.barrier()?;
+    for p in 0..parts {
+        ensure!(
+            v.get(p * WORDS_PER_PAGE) == value(p),
+            "rank {me}: page {p}, written by rank {}, reads wrong",
+            writer(p)
+        );
+        ensure!(
+            home(p) == Some(dsm::Rank(writer(p) as u32)),
+            "rank {me}: page {p}, touched first by rank {}, is homed at {:?}",
+            writer(p),
+            home(p)
+        );
+    }
+    if me == 0 {
+        for k in 0..tail {
+            let homes: Vec<u64> = (0..n).map(|r| seen.get(r * tail + k)).collect();
+            ensure!(
+                homes.iter().all(|&h| h == homes[0] && h < n as u64),
+                "page {} of the tail, read by every rank at once, has the homes {homes:?}",
+                parts + k
+            );
+        }
+    }
+    let faults = || {
+        let s = dsm.stats();
+        s.read_faults + s.write_faults + s.upgrade_faults
+    };
+    let before = faults();
+    for p in start..end {
+        ensure!(
+            v.get(p * WORDS_PER_PAGE) == value(p),
+            "rank {me}: page {p} of its own part reads wrong"
+        );
+    }
+    ensure!(
+        faults() == before,
+        "rank {me}: reading its own part again took {} faults: its pages are not homed here",
+        faults() - before
+    );
+    dsm.barrier()?;
+    println!("touchhomes ok");
     Ok(())
 }
