@@ -29,7 +29,8 @@ pub(super) fn learn_home(region: &RegionShared, page: u64) -> Result<Rank, Fault
     }
     let directory = region.directory(page);
     if directory == me {
-        region.take_homes(page, count, ahead, me, |_| {});
+        // The table is the directory's own record: there is nothing past the run to learn.
+        region.take_homes(page, ahead, ahead, me, |_| {});
     } else {
         let request = Request::Homes {
             region: region.id,

@@ -81,16 +81,18 @@ impl Placement {
     pub(crate) fn home(self, page: u64, pages: u64, size: usize) -> Rank {
         match self {
             Placement::Cyclic => Rank((page % size as u64) as u32),
-            Placement::Block => {
-                let per = pages.div_ceil(size as u64).max(1);
-                Rank((page / per) as u32)
-            }
+            Placement::Block => Rank((page / Placement::band(pages, size)) as u32),
             Placement::BlockCyclic(n) => Rank((page / n.max(1) % size as u64) as u32),
             Placement::At(r) => r,
             // Decided at run time; the region's table holds what this rank knows
             // (`RegionShared::home`).
             Placement::FirstTouch => NOBODY,
         }
+    }
+
+    /// The pages of each rank's band under [`Placement::Block`] (the last band may be shorter).
+    pub(crate) fn band(pages: u64, size: usize) -> u64 {
+        pages.div_ceil(size as u64).max(1)
     }
 
     /// The rank that records which rank took each page of a first-touch region: the page's home under

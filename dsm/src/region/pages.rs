@@ -181,8 +181,8 @@ impl RegionShared {
 
     /// The last page (exclusive) that the directory of `page` also records: its block's end.
     pub(crate) fn directory_end(&self, page: u64) -> u64 {
-        let per = self.pages.div_ceil(self.shared.size as u64).max(1);
-        ((page / per + 1) * per).min(self.pages)
+        let band = Placement::band(self.pages, self.shared.size);
+        ((page / band + 1) * band).min(self.pages)
     }
 
     /// Records that `page` is homed at `home`, as its directory said; returns the home on record, which
