@@ -93,6 +93,10 @@ for n in 2 3; do
     expect_job "mplock ok: 30 rounds" "$n" "$n" $bin/dsm-check mplock --rounds 30
     expect_job "ownmpi ok: 200 rounds" "$n" "$n" $bin/dsm-check ownmpi --rounds 200
     expect_job "latehome ok: 300 rounds" "$n" "$n" $bin/dsm-check latehome --rounds 300 --consistency release
+    # First-touch homes, learned from directories through Homes requests over either transport.
+    expect_job "touchhomes ok" "$n" "$n" $bin/dsm-check touchhomes
+    expect_job "touchrace ok: 50 rounds" "$n" "$n" $bin/dsm-check touchrace --rounds 50 --threads 2
+    expect_job "touchrace ok: 50 rounds" "$n" "$n" $bin/dsm-check touchrace --rounds 50 --threads 2 --consistency release
     if [ "$n" = 2 ]; then
         # A task farm's only worker stops at a failed task and leaves the job: its master hears that it
         # is leaving (the service loop's Finishing, over either transport) instead of waiting for ever.

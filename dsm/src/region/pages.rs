@@ -314,8 +314,10 @@ impl RegionShared {
             if p > last {
                 break;
             }
+            // From the page after `p`: a first-touch page's home may be learned between two reads of it
+            // (by another thread's fault), and the run must not come out empty.
             let home = self.home(p);
-            let next = (p..=last)
+            let next = (p + 1..=last)
                 .find(|&q| self.home(q) != home)
                 .unwrap_or(last + 1);
             announce_run(home, p, next - 1);

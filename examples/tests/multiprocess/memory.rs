@@ -101,6 +101,17 @@ fn first_touch_pages_are_homed_where_they_were_touched_first() {
     passes_at(&[2, 3], CHECK, &["touchhomes", "--consistency", "release"]);
 }
 
+#[test]
+fn first_touches_at_random_by_every_thread_agree_on_one_home_a_toucher() {
+    let args = ["touchrace", "--rounds", "150", "--threads", "2"];
+    passes_at(&[2, 3, 4], CHECK, &args);
+    passes_at(
+        &[2, 3],
+        CHECK,
+        &[&args[..], &["--consistency", "release"]].concat(),
+    );
+}
+
 /// Whether this machine lets a process take a descriptor of a sibling process of the same user with
 /// `pidfd_getfd`, which direct install needs: root may; Yama's `ptrace_scope` (1 for an ordinary user, 3
 /// for everyone), a container's seccomp filter or an old kernel may forbid it. Tried on a child process

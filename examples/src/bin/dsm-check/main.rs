@@ -78,6 +78,7 @@
 mod atomics;
 mod coherence;
 mod failures;
+mod homes;
 mod pages;
 mod release;
 
@@ -93,11 +94,11 @@ struct Args {
     /// Iterations or rounds.
     #[arg(long, default_value_t = 200)]
     rounds: usize,
-    /// Threads per rank (counter; readahead, coalesce: threads of rank 0 reading at once).
+    /// Threads per rank (counter, touchrace; readahead, coalesce: threads of rank 0 reading at once).
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Memory model of the shared data: sequential or release (counter, atomics, pages, latehome, bytes, mplock,
-    /// firsttouch, readahead, lockedcopy).
+    /// firsttouch, touchhomes, touchrace, readahead, lockedcopy).
     #[arg(long, default_value = "sequential")]
     consistency: String,
 }
@@ -187,7 +188,8 @@ const CHECKS: &[(&str, CheckFn)] = &[
     ("slices", pages::slices),
     ("coalesce", pages::coalesce),
     ("firsttouch", pages::firsttouch),
-    ("touchhomes", pages::touchhomes),
+    ("touchhomes", homes::touchhomes),
+    ("touchrace", homes::touchrace),
     ("lockfault", coherence::lockfault),
     ("grantwait", coherence::grantwait),
     ("diewriting", failures::diewriting),
