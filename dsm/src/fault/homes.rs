@@ -13,7 +13,14 @@ use std::sync::atomic::Ordering;
 /// become the home of `page` and, when a copy into the region announced that it touches them next in
 /// order (`RegionShared::announce`), of the untouched pages after it in that run; a fault that nothing
 /// announced takes its own page only, so that each page goes to the rank that really touches it first.
-pub(super) fn learn_home(region: &RegionShared, page: u64) -> Result<Rank, FaultError> {
+/// The announced run, as far as its pages share the home learned, goes on to the detector that takes
+/// it for the fault that follows (`write`: a write fault): the zero fill of pages taken here, or the
+/// home's read-ahead or write-ahead.
+pub(super) fn learn_home(
+    region: &RegionShared,
+    page: u64,
+    write: bool,
+) -> Result<Rank, FaultError> {
     let shared = &*region.shared;
     let me = shared.me;
     let count = (region.directory_end(page) - page).min(LEARN_PAGES);
@@ -73,12 +80,14 @@ pub(super) fn learn_home(region: &RegionShared, page: u64) -> Result<Rank, Fault
             "the directory named no home for the page this rank touched",
         ));
     }
-    if home == me && ahead > 1 {
-        // The pages taken with it are filled with zeros by the fault's first fill, as far as it goes.
-        let taken = (page..page + ahead)
-            .take_while(|&p| region.home(p) == me)
+    if ahead > 1 {
+        // The fault fetches (or, for pages taken here, fills with zeros) the run in one go, as it would
+        // have had the home been known when the copy announced it; without this, a window growing from
+        // one page took the run and ran on past it.
+        let run = (page..page + ahead)
+            .take_while(|&p| region.home(p) == home)
             .count() as u64;
-        region.zero_fill.announce(page, taken);
+        region.announced_to(home, write).announce(page, run);
     }
     Ok(home)
 }

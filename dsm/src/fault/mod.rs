@@ -175,7 +175,8 @@ pub(crate) fn home_for_call(region: &RegionShared, page: u64) -> Result<Rank, Ds
         return Ok(region.home(page));
     }
     let shared = &*region.shared;
-    homes::learn_home(region, page).map_err(|e| {
+    // (An atomic operation fetches nothing: no copy announces a run for it to take.)
+    homes::learn_home(region, page, false).map_err(|e| {
         let what = format!(
             "learning the home of page {page} of region {}: {}",
             region.id,
@@ -213,7 +214,7 @@ pub(crate) fn resolve(region: &RegionShared, page: u64, write: bool) -> Result<(
     if region.home_unknown(page) {
         // Before the page is BUSY: a page this rank is learning about is not held here, so an acquire
         // meanwhile has nothing of it to drop.
-        homes::learn_home(region, page)?;
+        homes::learn_home(region, page, write)?;
     }
     let word = region.state(page);
     let mut waited = false;

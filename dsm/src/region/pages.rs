@@ -258,6 +258,22 @@ impl RegionShared {
         &self.write_ahead[home.index() % self.write_ahead.len()]
     }
 
+    /// The detector that takes an announced run of pages homed at `home` (`write`: to write them): the
+    /// first-touch one while the home is not known (the run is this rank's to take: `fault::homes`), the
+    /// zero fill for pages homed here, else the home's write-ahead or read-ahead.
+    pub(crate) fn announced_to(&self, home: Rank, write: bool) -> &Sequential {
+        if home == NOBODY {
+            &self.first_touch
+        } else if home == self.shared.me {
+            &self.zero_fill
+        } else if write && self.consistency == Consistency::Sequential {
+            // Under release consistency a first write fetches the page as a read does.
+            self.write_ahead_for(home)
+        } else {
+            self.readahead_for(home)
+        }
+    }
+
     /// Announces that this thread is about to touch the pages holding bytes `start..end` of the region in
     /// order (`write`: to write them): each run of them with one home is then taken by the fault at its
     /// first page that is not here yet, up to the window's maximum, instead of by a window growing from
@@ -272,17 +288,7 @@ impl RegionShared {
         let faults = |p: u64| self.state(p).load(Ordering::Relaxed) & STATE_MASK == INVALID;
         // The pages of `home` from `from` (one of them) up to `to`, in the order its detector follows.
         let announce_run = |home: Rank, from: u64, to: u64| {
-            let detector = if home == NOBODY {
-                // First touch: the run is this rank's to take (`fault::homes`).
-                &self.first_touch
-            } else if home == self.shared.me {
-                &self.zero_fill
-            } else if write && self.consistency == Consistency::Sequential {
-                // Under release consistency a first write fetches the page as a read does.
-                self.write_ahead_for(home)
-            } else {
-                self.readahead_for(home)
-            };
+            let detector = self.announced_to(home, write);
             let Some(p) = std::iter::successors(Some(from), |&p| Some(detector.steps.page(p, 1)))
                 .take_while(|&p| p <= to)
                 .find(|&p| faults(p))

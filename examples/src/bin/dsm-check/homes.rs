@@ -101,6 +101,36 @@ pub(crate) fn touchhomes(c: &Check) -> anyhow::Result<()> {
         "rank {me}: reading its own part again took {} faults: its pages are not homed here",
         faults() - before
     );
+    // A copy out of pages that another rank took, whose home this rank learns at the copy's first
+    // fault, reads them as it would in a region placed in blocks: the run, in one fault, and nothing
+    // past it (the home of a page fetched past it would track this rank's copy for good).
+    let (part, run) = (64, 16);
+    let w =
+        dsm.alloc_vec_in::<u64>(n * part * WORDS_PER_PAGE, dsm::Placement::FirstTouch, model)?;
+    w.write_slice(
+        me * part * WORDS_PER_PAGE,
+        &vec![me as u64 + 1; part * WORDS_PER_PAGE],
+    );
+    dsm.barrier()?;
+    let first = ((me + 1) % n * part + 8) * WORDS_PER_PAGE;
+    let (faults_before, fetched_before) = (faults(), dsm.stats().pages_fetched);
+    let mut copy = vec![0u64; run * WORDS_PER_PAGE];
+    w.read_slice(first, &mut copy);
+    let (faulted, fetched) = (
+        faults() - faults_before,
+        dsm.stats().pages_fetched - fetched_before,
+    );
+    ensure!(
+        copy.iter().all(|&x| x == ((me + 1) % n) as u64 + 1),
+        "rank {me}: a copy out of the part of rank {} reads wrong",
+        (me + 1) % n
+    );
+    ensure!(
+        faulted == 1 && fetched == run as u64,
+        "rank {me}: a copy of {run} pages of the part of rank {} took {faulted} faults and fetched \
+         {fetched} pages, where a region placed in blocks takes 1 fault and {run} pages",
+        (me + 1) % n
+    );
     dsm.barrier()?;
     println!("touchhomes ok");
     Ok(())
