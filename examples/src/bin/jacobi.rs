@@ -2,7 +2,9 @@
 //! rank, each iteration computes every interior point as the mean of its four neighbours into the other of
 //! two shared grids, and a barrier separates the steps. The top edge is held at 1.0, the others at 0.
 //! Pages are placed in blocks, so each rank's rows are homed at that rank and only the pages holding the
-//! rows next to a neighbour's block travel.
+//! rows next to a neighbour's block travel. `--placement first-touch` gets the same from the ranks'
+//! first writes (each rank writes its own rows before the first step), wherever the blocks of rows fall
+//! on pages; `--placement cyclic` spreads every rank's rows over every home, for comparison.
 //!
 //! One step runs `--fuse` iterations (temporal blocking): a rank reads the shared grid with `--fuse` rows
 //! of each neighbour's block around its own, relaxes the iterations between them in a few rows of private
@@ -43,6 +45,19 @@ struct Args {
     /// Consistency model of the grids.
     #[arg(long, value_enum, default_value_t = Consistency::Sequential)]
     consistency: Consistency,
+    /// Where the grids' pages are homed.
+    #[arg(long, value_enum, default_value_t = PagePlacement::Block)]
+    placement: PagePlacement,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PagePlacement {
+    /// In one block of pages per rank, in rank order.
+    Block,
+    /// Page after page on rank after rank.
+    Cyclic,
+    /// At the rank that touches each page first.
+    FirstTouch,
 }
 
 /// The largest `--fuse`: a step keeps three rows per fused iteration in private memory, and recomputes
@@ -82,17 +97,24 @@ fn run() -> anyhow::Result<()> {
         Consistency::Sequential => dsm::Consistency::Sequential,
         Consistency::Release => dsm::Consistency::Release,
     };
+    let placement = match args.placement {
+        PagePlacement::Block => Placement::Block,
+        PagePlacement::Cyclic => Placement::Cyclic,
+        PagePlacement::FirstTouch => Placement::FirstTouch,
+    };
     let grids = [
-        dsm.alloc_vec_in::<f64>(n * n, Placement::Block, model)?,
-        dsm.alloc_vec_in::<f64>(n * n, Placement::Block, model)?,
+        dsm.alloc_vec_in::<f64>(n * n, placement, model)?,
+        dsm.alloc_vec_in::<f64>(n * n, placement, model)?,
     ];
-    // This rank's rows: blocks as even as possible, in rank order.
+    // This rank's rows: blocks as even as possible, in rank order. Each rank writes its own rows of both
+    // grids (the top edge 1.0, the rest 0), which homes them here under first-touch placement.
     let lo = me * n / size;
     let hi = (me + 1) * n / size;
-    if lo == 0 {
-        for g in &grids {
-            g.write_slice(0, &vec![1.0; n]);
-        }
+    let start: Vec<f64> = (lo * n..hi * n)
+        .map(|x| if x < n { 1.0 } else { 0.0 })
+        .collect();
+    for g in &grids {
+        g.write_slice(lo * n, &start);
     }
     let mut levels = Levels::new(n, args.fuse);
     dsm.barrier()?;
@@ -130,8 +152,9 @@ fn run() -> anyhow::Result<()> {
             sum += last.get(i);
         }
         dsm_examples::outln!(
-            "jacobi {n}x{n}, {} iterations, {size} ranks: {secs:.3} s",
-            args.iters
+            "jacobi {n}x{n}, {} iterations, {size} ranks, {:?} placement: {secs:.3} s",
+            args.iters,
+            args.placement
         )?;
         dsm_examples::outln!("checksum {sum:.17e} (bits {:#018x})", sum.to_bits())?;
     }

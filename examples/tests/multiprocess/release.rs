@@ -18,20 +18,29 @@ fn jacobi_matches_a_single_rank_run() {
     let (one, out1) = job(jacobi, 1, &args);
     assert_eq!(one.code, 0, "{out1}");
     let expected = checksum(&out1);
+    // The checksum of a run at `n` ranks with `more` arguments, which must be a single rank's.
+    let same_as_one = |n: usize, more: &[&str]| {
+        let (o, out) = job(jacobi, n, &[&args[..], more].concat());
+        assert_eq!(o.code, 0, "{out}");
+        assert_eq!(
+            checksum(&out),
+            expected,
+            "jacobi at {n} ranks with {more:?}"
+        );
+    };
     for model in ["sequential", "release"] {
         // The default fusion (4 iterations a step), one iteration a step, one that does not divide 80 (the
         // last step has 3), and steps that reach past the next rank's block into the one after (16 rows a
         // rank at 4 ranks).
         for (n, fuse) in [(2, "4"), (3, "4"), (4, "4"), (2, "1"), (3, "7"), (4, "30")] {
-            let mut with_model = args.to_vec();
-            with_model.extend(["--consistency", model, "--fuse", fuse]);
-            let (o, out) = job(jacobi, n, &with_model);
-            assert_eq!(o.code, 0, "{out}");
-            assert_eq!(
-                checksum(&out),
-                expected,
-                "jacobi at {n} ranks under {model} consistency, {fuse} iterations a step"
-            );
+            same_as_one(n, &["--consistency", model, "--fuse", fuse]);
+        }
+    }
+    // Pages homed where each rank first wrote them, or spread over every rank, under either model. (64
+    // rows of 512 bytes: a page holds 8 rows, and at 3 ranks the blocks of rows end inside pages.)
+    for placement in ["first-touch", "cyclic"] {
+        for (n, model) in [(3, "sequential"), (3, "release"), (2, "release")] {
+            same_as_one(n, &["--placement", placement, "--consistency", model]);
         }
     }
     // One rank relaxing one iteration at a time computes the same bits as the fused default.
