@@ -112,25 +112,44 @@ pub(crate) fn touchhomes(c: &Check) -> anyhow::Result<()> {
         &vec![me as u64 + 1; part * WORDS_PER_PAGE],
     );
     dsm.barrier()?;
-    let first = ((me + 1) % n * part + 8) * WORDS_PER_PAGE;
-    let (faults_before, fetched_before) = (faults(), dsm.stats().pages_fetched);
+    // (Faults that fetch: under release consistency a write to a page fetched for it is an upgrade.)
+    let fetching = || {
+        let s = dsm.stats();
+        (s.read_faults + s.write_faults, s.pages_fetched)
+    };
+    let next = (me + 1) % n;
+    let before = fetching();
     let mut copy = vec![0u64; run * WORDS_PER_PAGE];
-    w.read_slice(first, &mut copy);
-    let (faulted, fetched) = (
-        faults() - faults_before,
-        dsm.stats().pages_fetched - fetched_before,
-    );
+    w.read_slice((next * part + 8) * WORDS_PER_PAGE, &mut copy);
+    let (faulted, fetched) = (fetching().0 - before.0, fetching().1 - before.1);
     ensure!(
-        copy.iter().all(|&x| x == ((me + 1) % n) as u64 + 1),
-        "rank {me}: a copy out of the part of rank {} reads wrong",
-        (me + 1) % n
+        copy.iter().all(|&x| x == next as u64 + 1),
+        "rank {me}: a copy out of the part of rank {next} reads wrong"
     );
     ensure!(
         faulted == 1 && fetched == run as u64,
-        "rank {me}: a copy of {run} pages of the part of rank {} took {faulted} faults and fetched \
-         {fetched} pages, where a region placed in blocks takes 1 fault and {run} pages",
-        (me + 1) % n
+        "rank {me}: a copy of {run} pages out of the part of rank {next} took {faulted} faults and \
+         fetched {fetched} pages, where a region placed in blocks takes 1 fault and {run} pages"
     );
+    // The same for a copy into the part of another rank, whose homes the read above did not learn.
+    // Under sequential consistency each page that rank wrote moves to this writer by a fault of its
+    // own, in any placement; under release consistency the run is fetched as for a read.
+    let prev = (me + n - 1) % n;
+    if prev != next {
+        let before = fetching();
+        w.write_slice((prev * part + 32) * WORDS_PER_PAGE, &copy);
+        let (faulted, fetched) = (fetching().0 - before.0, fetching().1 - before.1);
+        let faults_in_blocks = match model {
+            dsm::Consistency::Sequential => run as u64,
+            dsm::Consistency::Release => 1,
+        };
+        ensure!(
+            faulted == faults_in_blocks && fetched == run as u64,
+            "rank {me}: a copy of {run} pages into the part of rank {prev} took {faulted} faults and \
+             fetched {fetched} pages (in a region placed in blocks: {faults_in_blocks} faults, \
+             {run} pages)"
+        );
+    }
     dsm.barrier()?;
     println!("touchhomes ok");
     Ok(())
