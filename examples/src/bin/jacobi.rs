@@ -60,6 +60,9 @@ enum PagePlacement {
     FirstTouch,
 }
 
+/// How much of its rows a rank writes at a time before the first step.
+const PIECE_BYTES: usize = 1 << 20;
+
 /// The largest `--fuse`: a step keeps three rows per fused iteration in private memory, and recomputes
 /// about `fuse` squared rows of its neighbours.
 const MAX_FUSE: usize = 64;
@@ -107,14 +110,20 @@ fn run() -> anyhow::Result<()> {
         dsm.alloc_vec_in::<f64>(n * n, placement, model)?,
     ];
     // This rank's rows: blocks as even as possible, in rank order. Each rank writes its own rows of both
-    // grids (the top edge 1.0, the rest 0), which homes them here under first-touch placement.
+    // grids (the top edge 1.0, the rest 0), which homes them here under first-touch placement: a piece
+    // of rows at a time, since a rank's rows may take much of the machine's memory.
     let lo = me * n / size;
     let hi = (me + 1) * n / size;
-    let start: Vec<f64> = (lo * n..hi * n)
-        .map(|x| if x < n { 1.0 } else { 0.0 })
-        .collect();
-    for g in &grids {
-        g.write_slice(lo * n, &start);
+    let rows_a_piece = (PIECE_BYTES / 8 / n).max(1);
+    let mut piece = vec![0.0; rows_a_piece.min(hi - lo) * n];
+    for first in (lo..hi).step_by(rows_a_piece) {
+        let piece = &mut piece[..(hi - first).min(rows_a_piece) * n];
+        for (x, v) in (first * n..).zip(piece.iter_mut()) {
+            *v = if x < n { 1.0 } else { 0.0 };
+        }
+        for g in &grids {
+            g.write_slice(first * n, piece);
+        }
     }
     let mut levels = Levels::new(n, args.fuse);
     dsm.barrier()?;
