@@ -117,11 +117,16 @@ pub(crate) fn touchhomes(c: &Check) -> anyhow::Result<()> {
         let s = dsm.stats();
         (s.read_faults + s.write_faults, s.pages_fetched)
     };
+    // (The faults and pages fetched since `before`.)
+    let since = |before: (u64, u64)| {
+        let now = fetching();
+        (now.0 - before.0, now.1 - before.1)
+    };
     let next = (me + 1) % n;
     let before = fetching();
     let mut copy = vec![0u64; run * WORDS_PER_PAGE];
     w.read_slice((next * part + 8) * WORDS_PER_PAGE, &mut copy);
-    let (faulted, fetched) = (fetching().0 - before.0, fetching().1 - before.1);
+    let (faulted, fetched) = since(before);
     ensure!(
         copy.iter().all(|&x| x == next as u64 + 1),
         "rank {me}: a copy out of the part of rank {next} reads wrong"
@@ -138,7 +143,7 @@ pub(crate) fn touchhomes(c: &Check) -> anyhow::Result<()> {
     if prev != next {
         let before = fetching();
         w.write_slice((prev * part + 32) * WORDS_PER_PAGE, &copy);
-        let (faulted, fetched) = (fetching().0 - before.0, fetching().1 - before.1);
+        let (faulted, fetched) = since(before);
         let faults_in_blocks = match model {
             dsm::Consistency::Sequential => run as u64,
             dsm::Consistency::Release => 1,
@@ -211,25 +216,25 @@ impl Draws {
 }
 
 /// What one `touchrace` round does, drawn from the round's number alone, so that every rank knows every
-/// thread's plan: the runs a thread writes whole (`whole[p]` names the thread writing page `p`), and each
+/// thread's plan: which pages one thread writes whole (`whole[p]`, in a run of its plan's), and each
 /// thread's touches, in its order. Threads are numbered `rank * threads + thread`; thread `w` writes word
 /// `1 + w` of the pages nobody writes whole.
 struct Round {
-    whole: Vec<Option<usize>>,
+    whole: Vec<bool>,
     plans: Vec<Vec<Touch>>,
 }
 
 impl Round {
     fn draw(round: usize, writers: usize) -> Round {
         let mut d = Draws::new(&[0x70c4, round as u64]);
-        let mut whole = vec![None; RACE_PAGES];
+        let mut whole = vec![false; RACE_PAGES];
         let mut runs = vec![Vec::new(); writers];
         for segment in (0..RACE_PAGES).step_by(RACE_SEGMENT) {
             if d.below(3) == 0 {
                 let len = 1 + d.below(RACE_SEGMENT);
                 let start = segment + d.below(RACE_SEGMENT - len + 1);
                 let w = d.below(writers);
-                whole[start..start + len].fill(Some(w));
+                whole[start..start + len].fill(true);
                 runs[w].push(start..start + len);
             }
         }
@@ -244,7 +249,7 @@ impl Round {
                     .map(|i| {
                         let p = d.below(RACE_PAGES);
                         match d.below(8) {
-                            3 | 4 if whole[p].is_none() => {
+                            3 | 4 if !whole[p] => {
                                 Touch::Write(p, mix(&[round as u64, w as u64, i as u64]) | 1)
                             }
                             5 => Touch::Prefetch(run(&mut d)),
@@ -270,7 +275,7 @@ impl Round {
 
     /// What page `p`'s word `word` holds once every thread has done its plan.
     fn word(&self, round: usize, p: usize, word: usize) -> u64 {
-        if self.whole[p].is_some() {
+        if self.whole[p] {
             return Round::whole_word(round, p, word);
         }
         let Some(plan) = word.checked_sub(1).and_then(|w| self.plans.get(w)) else {
@@ -316,7 +321,10 @@ pub(crate) fn touchrace(c: &Check) -> anyhow::Result<()> {
         ..
     } = *c;
     ensure!(n > 1, "touchrace needs at least 2 ranks");
-    ensure!(n <= 64, "touchrace takes at most 64 ranks");
+    ensure!(
+        n <= 64,
+        "touchrace keeps the ranks that touched a page as 64 bits: run it at 64 ranks or fewer"
+    );
     let threads = args.threads;
     ensure!(
         (1..WORDS_PER_PAGE).contains(&(n * threads)),
