@@ -129,7 +129,8 @@ pub struct Stats {
     pub pages_fetched: u64,
     /// Pages sent to other ranks.
     pub pages_sent: u64,
-    /// Pages fetched ahead of a fault by sequential read-ahead.
+    /// Pages fetched ahead of a fault: by sequential read-ahead, or under sequential consistency by a
+    /// first write that took the following pages their home alone held, with their data (write-ahead).
     pub pages_readahead: u64,
     /// Untouched pages filled with zeros ahead of a sequential first touch: homed here, or handed over by
     /// their home with the page a first write faulted on (write-ahead).

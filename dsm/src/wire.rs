@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub(crate) enum Request {
     /// Fault on `count` consecutive pages starting at `page` (count > 1: read-ahead for a read,
-    /// write-ahead of untouched pages for a first write). `direct`: the home may install the pages it
+    /// write-ahead for a first write: of untouched pages, or of pages only the home holds when the home
+    /// gives up its copy of `page`). `direct`: the home may install the pages it
     /// sends straight into the requester's memory (`Reply::Installed`) if the requester introduced itself.
     Acquire {
         region: u32,

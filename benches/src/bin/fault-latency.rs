@@ -15,7 +15,10 @@
 //! - sequential read of a cyclic region (the default placement), whose remote pages are every other page,
 //!   and of block-cyclic ones (blocks of 16 and 64 pages), whose remote pages are every other block;
 //! - first touch of pages homed at the faulting rank, without read-ahead (a fault per page) and with the
-//!   default window (untouched pages filled ahead), beside the kernel's first touch of plain memory.
+//!   default window (untouched pages filled ahead), beside the kernel's first touch of plain memory;
+//! - writes under sequential consistency into pages that rank 1 wrote and alone holds: a word a page
+//!   without read-ahead (a fault per page) and with the default window (write-ahead takes the following
+//!   pages with their data), and in one copy.
 //!
 //! Run: `cargo run --release --bin fault-latency -- [--json]` (it launches itself as 2 ranks).
 
@@ -333,6 +336,56 @@ fn main() -> anyhow::Result<()> {
         drop(region);
     }
 
+    // Writes into pages that rank 1, their home, wrote and alone holds, under sequential consistency:
+    // one word of each page in order, without read-ahead (a fault per page, each taking the page and
+    // its data from the home) and with the job's window (write-ahead: a fault takes the following pages
+    // the home alone holds along, data and all); then the whole region in one copy. Beside the raw
+    // streaming floor.
+    let mut written = Vec::new();
+    for (window, copy) in [(1, false), (default_window, false), (default_window, true)] {
+        let region = dsm.alloc_vec_in::<u64>(
+            bytes / 8,
+            Placement::At(Rank(1)),
+            dsm::Consistency::Sequential,
+        )?;
+        let pages = bytes / 8 / WORDS;
+        if me == Rank(1) {
+            for p in 0..pages {
+                region.set(p * WORDS, p as u64);
+            }
+        }
+        dsm.barrier()?;
+        if me == Rank(0) {
+            dsm.set_readahead(window)?;
+            let source = if copy {
+                vec![1u64; bytes / 8]
+            } else {
+                Vec::new()
+            };
+            let before = dsm.stats();
+            let t = Instant::now();
+            if copy {
+                region.write_slice(0, &source);
+            } else {
+                for p in 0..pages {
+                    region.set(p * WORDS + 1, 1);
+                }
+            }
+            let mibs = args.mib as f64 / t.elapsed().as_secs_f64();
+            let faults = dsm.stats().write_faults - before.write_faults;
+            // The home's words came with the pages (the copy overwrote them).
+            let expected = |p: usize| if copy { 1 } else { p as u64 };
+            anyhow::ensure!(
+                (0..pages).all(|p| region.get(p * WORDS) == expected(p)),
+                "the pages written read back wrong"
+            );
+            written.push((window, copy, mibs, faults));
+        }
+        dsm.barrier()?;
+        drop(region);
+    }
+    dsm.set_readahead(default_window)?;
+
     if me == Rank(0) {
         let raw_med = quantile(&mut raw, 0.5);
         let idle_med = quantile(&mut idle_us, 0.5);
@@ -467,6 +520,21 @@ fn main() -> anyhow::Result<()> {
                 "MiB/s",
                 kernel,
                 "the kernel's first touch",
+                "",
+            ));
+        }
+        for (window, copy, mibs, faults) in written {
+            let how = if copy { "in one copy" } else { "a word a page" };
+            out.push(Measurement::new(
+                &format!(
+                    "write {} MiB that rank 1 wrote, sequential consistency, {how}, read-ahead \
+                     {window} ({faults} faults)",
+                    args.mib
+                ),
+                mibs,
+                "MiB/s",
+                raw_mibs,
+                &raw_label("streaming"),
                 "",
             ));
         }

@@ -98,7 +98,10 @@ impl DsmBuilder {
 
     /// The largest sequential read-ahead window in pages, 1 to [`MAX_READAHEAD`] (the default, 4 MiB; 1 turns
     /// read-ahead off). Read-ahead fetches the following pages with the same home when faults walk a region
-    /// in order; the window doubles from one page on each fault that continues the walk.
+    /// in order; the window doubles from one page on each fault that continues the walk. Under sequential
+    /// consistency it bounds write-ahead as well: a first write that walks a region takes the following
+    /// pages with the same home along, those nobody touched (zeros, up to 64 pages) or, when the home
+    /// gives up its copy of the page, those the home alone holds, with their data.
     pub fn readahead(mut self, pages: u32) -> Self {
         self.readahead = pages;
         self

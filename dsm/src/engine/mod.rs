@@ -49,6 +49,7 @@ pub(crate) const MAX_REQUEST: usize = 16 << 20;
 const WAKER: u64 = u64::MAX;
 const MEMORY: u64 = u64::MAX - 1;
 
+mod ahead;
 mod failure;
 mod homes;
 mod pages;
@@ -132,6 +133,10 @@ pub(crate) struct Engine {
     /// (their notices and horizons, as a horizon), which every new lock server starts with.
     let_go_horizon: VectorClock,
     scratch: Vec<u8>,
+    /// The home's copies of the pages a write fault takes along with its own (`gather_written`), one page
+    /// each after the faulting page's (up to the read-ahead window, 4 MiB, kept for the next); lent out
+    /// while an answer is built, as `scratch` is.
+    taken: Vec<u8>,
     /// The host this rank runs on, to compare with those of the ranks that introduce themselves.
     host: Option<Host>,
     /// The userfaultfds of the ranks on this host that introduced themselves and whose descriptor this
@@ -245,6 +250,7 @@ impl Engine {
             lock_notice_bytes: 0,
             let_go_horizon: VectorClock::new(shared.size),
             scratch: vec![0; PAGE_SIZE],
+            taken: Vec::new(),
             host: Host::this(),
             direct: (0..shared.size).map(|_| None).collect(),
             ending: false,

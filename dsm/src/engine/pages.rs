@@ -7,7 +7,7 @@ use super::Engine;
 use super::MAX_READAHEAD;
 use crate::channel::write_frame;
 use crate::direct::{self};
-use crate::fault::{give_untouched, lock_untouched, set_state, try_lock_slot, unlock_slot};
+use crate::fault::{set_state, unlock_slot};
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
 use crate::region::{
     RegionShared, BUSY, DEFERRED, GRANTED, INVALID, LOCKED, QUEUED, READ_ONLY, READ_WRITE, REVOKED,
@@ -170,6 +170,9 @@ impl Engine {
                 let copied = self.home_action(region, page, home_action);
                 slot.store(&entry);
                 let mut pages = vec![page];
+                // The entries of pages taken along with their data by a writer, as they were; their
+                // bytes are in `taken`, one page each after `page`'s.
+                let mut written_were = Vec::new();
                 if access == Access::Read && data != Data::None {
                     self.gather_readahead(
                         region,
@@ -186,10 +189,21 @@ impl Engine {
                         requester,
                         &mut pages,
                     );
+                } else if access == Access::Write && data == Data::Home {
+                    self.gather_written(
+                        region,
+                        page,
+                        count.min(MAX_READAHEAD),
+                        requester,
+                        &mut pages,
+                        &mut written_were,
+                    );
                 }
                 // One page, or several for read-ahead (each present here now, downgraded, or untouched:
-                // zeros), or several untouched pages for a first writer (zeros, no payload).
+                // zeros), or several untouched pages for a first writer (zeros, no payload), or several
+                // pages given up here for a writer (the home's copies, or zeros).
                 let owned = std::mem::take(&mut self.scratch);
+                let taken = std::mem::take(&mut self.taken);
                 let reply_data = if pages.len() > 1 && access == Access::Read {
                     Data::Home
                 } else {
@@ -198,9 +212,12 @@ impl Engine {
                 let slices: Vec<&[u8]> = match reply_data {
                     Data::Home => pages
                         .iter()
-                        .map(|p| {
+                        .enumerate()
+                        .map(|(k, p)| {
                             if *p == page && copied {
                                 &owned[..]
+                            } else if k > 0 && !written_were.is_empty() {
+                                &taken[(k - 1) * PAGE_SIZE..k * PAGE_SIZE]
                             } else if region.state(*p).load(Ordering::Acquire) & STATE_MASK
                                 == INVALID
                             {
@@ -280,14 +297,27 @@ impl Engine {
                         self.restore_home_copy(region, page, &owned);
                     }
                     slot.store(&before);
-                    for &p in &pages[1..] {
+                    for (k, &p) in pages[1..].iter().enumerate() {
                         let s = region.slot(p);
-                        let mut e = s.load();
-                        swmr::withdraw(&mut e, requester);
-                        s.store(&e);
+                        match written_were.get(k) {
+                            // A page given up here for a writer comes back, as the page itself does.
+                            Some(was) => {
+                                if was.owner == Some(me) {
+                                    let bytes = &taken[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
+                                    self.restore_home_copy(region, p, bytes);
+                                }
+                                s.store(was);
+                            }
+                            None => {
+                                let mut e = s.load();
+                                swmr::withdraw(&mut e, requester);
+                                s.store(&e);
+                            }
+                        }
                     }
                 }
                 self.scratch = owned;
+                self.taken = taken;
                 if data != Data::None || !sent {
                     // The requester held no copy (or never heard of the upgrade): release now; no Unlock
                     // follows (see `fault`).
@@ -341,94 +371,6 @@ impl Engine {
                 }
                 self.scratch = owned;
             }
-        }
-    }
-
-    /// Adds to `pages` the following pages that the home can hand out read-only at once: homed here, lock
-    /// free, and either untouched or owned by the home. Like the faulting page, they are released as soon as
-    /// the reply is sent (the requester held no copy of them; see `fault`).
-    fn gather_readahead(
-        &mut self,
-        region: &RegionShared,
-        page: u64,
-        count: u32,
-        requester: Rank,
-        pages: &mut Vec<u64>,
-    ) {
-        let me = self.shared.me;
-        let mut run: Option<(u64, u64)> = None;
-        for p in following_here(region, page, count, me) {
-            let lock = &region.slot(p).lock;
-            if !try_lock_slot(lock) {
-                break;
-            }
-            let slot = region.slot(p);
-            let mut entry = slot.load();
-            match swmr::decide(&mut entry, me, requester, Access::Read) {
-                Decision::Done {
-                    home_action,
-                    data: data @ (Data::Home | Data::Zero),
-                } => {
-                    // Untouched pages (zeros) change nothing here. Writable home copies are downgraded below,
-                    // one UFFDIO_WRITEPROTECT per contiguous run rather than one per page.
-                    let writable =
-                        region.state(p).load(Ordering::Acquire) & STATE_MASK == READ_WRITE;
-                    if data == Data::Home && home_action == HomeAction::Downgrade && writable {
-                        match &mut run {
-                            Some((start, len)) if *start + *len == p => *len += 1,
-                            _ => {
-                                self.downgrade_run(region, run.take());
-                                run = Some((p, 1));
-                            }
-                        }
-                    }
-                    slot.store(&entry);
-                    pages.push(p);
-                }
-                _ => {
-                    if unlock_slot(lock) {
-                        // A queued request for this page is served when the loop next looks at its queues.
-                        self.shared.wake_service();
-                    }
-                    break;
-                }
-            }
-        }
-        self.downgrade_run(region, run);
-    }
-
-    /// Adds to `pages` the following pages that nobody has touched, homed here with their manager locks
-    /// free, each handed to `requester` as its first writer (zeros): write-ahead for a sequential first
-    /// writer. Like the faulting page, they are released as soon as the reply is sent.
-    fn gather_untouched(
-        &mut self,
-        region: &RegionShared,
-        page: u64,
-        count: u32,
-        requester: Rank,
-        pages: &mut Vec<u64>,
-    ) {
-        for p in following_here(region, page, count, self.shared.me) {
-            if !lock_untouched(region, p) {
-                break;
-            }
-            give_untouched(region, p, requester, Access::Write);
-            pages.push(p);
-        }
-    }
-
-    /// Write-protects a run of writable home pages `(start, count)` with one ioctl and marks them read-only.
-    fn downgrade_run(&mut self, region: &RegionShared, run: Option<(u64, u64)>) {
-        let Some((start, count)) = run else { return };
-        if let Err(e) = region.protect(start, count, true) {
-            self.die(&format!(
-                "write-protecting pages {start}..{} of region {} failed: {e}",
-                start + count,
-                region.id
-            ));
-        }
-        for p in start..start + count {
-            set_state(region.state(p), READ_ONLY);
         }
     }
 
@@ -656,22 +598,6 @@ impl Engine {
         }
     }
 }
-
-/// The pages after `page` that a reply of up to `count` pages can carry with it, along the home's steps
-/// (the next page, in a cyclic region the next one with the same home, in a block-cyclic one the rest
-/// of its block and then its next block), inside the region and homed at `me`.
-pub(super) fn following_here(
-    region: &RegionShared,
-    page: u64,
-    count: u32,
-    me: Rank,
-) -> impl Iterator<Item = u64> + '_ {
-    let steps = region.home_steps();
-    (1..u64::from(count))
-        .map(move |k| steps.page(page, k))
-        .take_while(move |&p| p < region.pages && region.home(p) == me)
-}
-
 /// How a transaction of another rank holds a page's manager lock here (`Engine::held_by`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Held {

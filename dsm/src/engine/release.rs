@@ -1,7 +1,7 @@
 //! Release consistency at the home: whole-page fetches from it (`FetchPage`, with read-ahead and direct
 //! install), the diffs that releases send it, and the diffs a barrier arrival carries to rank 0.
 
-use super::pages::following_here;
+use super::ahead::following_here;
 use super::Engine;
 use super::MAX_READAHEAD;
 use crate::fault::set_state;

@@ -102,18 +102,13 @@ fn ask_home(region: &RegionShared, page: u64, access: Access) -> Result<(), Faul
     let (count, steps) = match access {
         Access::Read if window > 1 => claim_readahead(region, page, home),
         // A first write of a page not here: the following pages with the same home are asked for too, in
-        // the sequential window, and the home hands over those nobody has touched, as zeros (write-ahead;
-        // a page the home cannot take at once ends the run).
+        // the sequential window, and the home hands over those nobody has touched, as zeros, or, when it
+        // gives up its own copy of the page, those only it holds, with their data (write-ahead; a page
+        // the home cannot take at once ends the run).
         Access::Write if missing && window > 1 => {
             let detector = region.write_ahead_for(home);
             (
-                claim_following(
-                    region,
-                    detector,
-                    page,
-                    home,
-                    window.min(ZERO_FILL_MAX as u32),
-                ),
+                claim_following(region, detector, page, home, window),
                 detector.steps,
             )
         }
@@ -165,6 +160,12 @@ fn ask_home(region: &RegionShared, page: u64, access: Access) -> Result<(), Faul
                     }
                     Data::Zero => {
                         no_payload(home, payload_len)?;
+                        if served > ZERO_FILL_MAX {
+                            return Err(FaultError::Protocol(
+                                home,
+                                "more pages of zeros than a home hands out at once",
+                            ));
+                        }
                         if served > 1 && access == Access::Write {
                             Counters::add(&c.pages_zero_filled, served - 1);
                         } else if served > 1 {
@@ -187,12 +188,8 @@ fn ask_home(region: &RegionShared, page: u64, access: Access) -> Result<(), Faul
                                 "reply length does not match the pages it announces",
                             ));
                         }
-                        if served > 1 && access == Access::Write {
-                            return Err(FaultError::Protocol(
-                                home,
-                                "several pages of data for a write fault",
-                            ));
-                        }
+                        // (Several pages for a write fault: those its home gave up along with the one
+                        // asked for, or zeros of untouched ones, all writable here now.)
                         // Install in pieces as they arrive: copying into pages overlaps with the rest of
                         // the transfer still in flight.
                         if !installed {

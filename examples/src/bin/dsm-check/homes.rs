@@ -136,23 +136,42 @@ pub(crate) fn touchhomes(c: &Check) -> anyhow::Result<()> {
         "rank {me}: a copy of {run} pages out of the part of rank {next} took {faulted} faults and \
          fetched {fetched} pages, where a region placed in blocks takes 1 fault and {run} pages"
     );
-    // The same for a copy into the part of another rank, whose homes the read above did not learn.
-    // Under sequential consistency each page that rank wrote moves to this writer by a fault of its
-    // own, in any placement; under release consistency the run is fetched as for a read.
+    // The same for a copy into the part of another rank, whose homes the read above did not learn:
+    // the run in one fault. Under sequential consistency the home, which alone holds those pages,
+    // gives them up to this writer with the page that faulted (write-ahead); under release
+    // consistency the run is fetched as for a read.
     let prev = (me + n - 1) % n;
     if prev != next {
         let before = fetching();
         w.write_slice((prev * part + 32) * WORDS_PER_PAGE, &copy);
         let (faulted, fetched) = since(before);
-        let faults_in_blocks = match model {
-            dsm::Consistency::Sequential => run as u64,
-            dsm::Consistency::Release => 1,
+        ensure!(
+            faulted == 1 && fetched == run as u64,
+            "rank {me}: a copy of {run} pages into the part of rank {prev} took {faulted} faults and \
+             fetched {fetched} pages, where a region placed in blocks takes 1 fault and {run} pages"
+        );
+        // Then one word of each of the part's last pages, page after page: the faults after the first
+        // take the following pages along, with the home's data, which the rest of each page keeps.
+        for p in 48..part {
+            w.set((prev * part + p) * WORDS_PER_PAGE, 1000 + p as u64);
+        }
+    }
+    dsm.barrier()?;
+    // Every rank's part, as the rank after it left it (with two ranks nobody wrote into another's).
+    let writer_next = (me + 2) % n;
+    for p in 0..part {
+        let mut got = vec![0u64; WORDS_PER_PAGE];
+        w.read_slice((me * part + p) * WORDS_PER_PAGE, &mut got);
+        let written = n > 2;
+        let expected = |i: usize| match p {
+            32..48 if written => writer_next as u64 + 1,
+            48.. if written && i == 0 => 1000 + p as u64,
+            _ => me as u64 + 1,
         };
         ensure!(
-            faulted == faults_in_blocks && fetched == run as u64,
-            "rank {me}: a copy of {run} pages into the part of rank {prev} took {faulted} faults and \
-             fetched {fetched} pages (in a region placed in blocks: {faults_in_blocks} faults, \
-             {run} pages)"
+            (0..WORDS_PER_PAGE).all(|i| got[i] == expected(i)),
+            "rank {me}: page {p} of its own part reads wrong after rank {} wrote into the part",
+            (me + 1) % n
         );
     }
     dsm.barrier()?;

@@ -230,6 +230,10 @@ pub(super) struct Job {
     /// Homes install the pages of a `Done` that carries the home's copy straight into the requester
     /// (`direct.rs`), whose threads may use them before the answer is read.
     pub direct: bool,
+    /// A crash strikes, when there is one, a rank whose request for a write with pages claimed after it
+    /// is on its way to the home (which may then be unable to send an answer that gives up its copies),
+    /// rather than any rank.
+    pub crash_first_writers: bool,
 }
 
 pub(super) struct Sim {
@@ -311,8 +315,13 @@ pub(super) struct Stats {
     pub unsent: u64,
     /// Of those, answers after a direct install of a read, whose pages the requester may hold.
     pub unsent_held: u64,
+    /// Home copies given up for a writer along with the page it faulted on, in answers not sent, and put
+    /// back.
+    pub unsent_written: u64,
     /// Untouched pages a home filled with zeros along with its own first touch of the page before them.
     pub zero_filled: u64,
+    /// Pages a home gave up, with their data, to a first writer along with the page it faulted on.
+    pub written_ahead: u64,
 }
 
 impl Sim {

@@ -4,30 +4,34 @@
 use super::*;
 
 impl Sim {
-    /// The following pages a home hands over with a `Done` that carries the page (the engine's
-    /// `gather_readahead` and `gather_untouched`), up to the `extras` the requester claimed: each with its
-    /// lock free, for as long as the decision for it is the same (for a read, the home's copy or zeros;
-    /// for a first write, zeros of a page nobody has touched). They are not locked: the requester held no
-    /// copy of them, and a leaf request that reaches it before the install is deferred.
+    /// The following pages a home hands over with a `Done` that carries the page (`first`: zeros or
+    /// the home's copy; the engine's `gather_readahead`, `gather_untouched` and `gather_written`), up to
+    /// the `extras` the requester claimed: each with its lock free, for as long as the decision for it
+    /// is one such a run takes (for a read, the home's copy or zeros; for a first write after zeros,
+    /// zeros of a page nobody has touched; for a first write after the home's copy, that or the home's
+    /// copy of a page no other rank holds, which the home gives up). They are not locked: the requester
+    /// held no copy of them, and a leaf request that reaches it before the install is deferred. Each
+    /// comes with its entry as it was, to be put back should the answer not go.
     pub(super) fn gather(
         &mut self,
         home: u32,
         page: usize,
         requester: u32,
         access: Access,
-        carried: bool,
+        first: Option<Data>,
         extras: usize,
-    ) -> Vec<(usize, u64)> {
+    ) -> Vec<(usize, u64, Entry)> {
         let mut ahead = Vec::new();
-        if !carried {
+        let Some(first) = first else {
             return ahead;
-        }
+        };
         let claimed: Vec<usize> = self.following(page, extras + 1).collect();
         assert_eq!(claimed.len(), extras, "pages claimed past the run");
         for q in claimed {
             let mut entry = self.entries[q];
+            let before = entry;
             let untouched = entry.owner.is_none();
-            if self.locks[q].is_some() || (access == Access::Write && !untouched) {
+            if self.locks[q].is_some() || (zeros_only_run(access, first) && !untouched) {
                 break;
             }
             match decide(&mut entry, Rank(home), Rank(requester), access) {
@@ -36,18 +40,21 @@ impl Sim {
                     data: data @ (Data::Home | Data::Zero),
                 } => {
                     self.entries[q] = entry;
-                    let before = self.home_copy_action(home, q, home_action);
+                    let held = self.home_copy_action(home, q, home_action);
                     let value = match data {
-                        Data::Home => before.expect("read-ahead of an absent home copy"),
+                        Data::Home => held.expect("a page handed over from an absent home copy"),
                         _ => 0,
                     };
-                    ahead.push((q, value));
+                    if access == Access::Write && data == Data::Home {
+                        self.stats.written_ahead += 1;
+                    }
+                    ahead.push((q, value, before));
                 }
                 _ => break,
             }
         }
-        if access == Access::Write {
-            assert!(ahead.iter().all(|(_, v)| *v == 0));
+        if zeros_only_run(access, first) {
+            assert!(ahead.iter().all(|(_, v, _)| *v == 0));
         }
         ahead
     }
@@ -97,4 +104,9 @@ impl Sim {
         self.stats.zero_filled += ahead.len() as u64;
         ahead
     }
+}
+
+/// Whether a run after a page decided as `first` holds zeros only: a first write's after zeros.
+fn zeros_only_run(access: Access, first: Data) -> bool {
+    access == Access::Write && first == Data::Zero
 }

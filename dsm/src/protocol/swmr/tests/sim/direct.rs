@@ -78,12 +78,12 @@ impl Sim {
         !(reset && self.rng.random_bool(0.5))
     }
 
-    /// Takes back what a `Done` for `pages` (the page decided, then those handed over ahead) gave a
-    /// requester it never reached. After a direct install of a read, the requester may hold the pages
-    /// whatever became of the answer: they stay recorded as its copies, and the zeros of an untouched page
-    /// it was to own become the home's, read-only there. Otherwise the page's record goes back to
-    /// `before`, the home's copy (`home_copy`, if the decision dropped it) comes back read-only, and the
-    /// pages ahead are withdrawn.
+    /// Takes back what a `Done` for a page (`decided`: the page, its entry before the decision, and the
+    /// home's copy if the decision dropped it) and the pages handed over `ahead` of it (`ahead_were`:
+    /// their entries before) gave a requester it never reached. After a direct install of a read, the
+    /// requester may hold the pages whatever became of the answer: they stay recorded as its copies, and
+    /// the zeros of an untouched page it was to own become the home's, read-only there. Otherwise every
+    /// page's record goes back as it was, and a home copy given up comes back read-only.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn take_back(
         &mut self,
@@ -91,15 +91,16 @@ impl Sim {
         requester: u32,
         access: Access,
         tried_direct: bool,
-        before: Entry,
-        home_copy: Option<u64>,
-        pages: &[usize],
+        decided: (usize, Entry, Option<u64>),
+        ahead: &[(usize, u64)],
+        ahead_were: &[Entry],
     ) {
         self.stats.unsent += 1;
         let (h, req) = (home as usize, Rank(requester));
+        let (page, before, home_copy) = decided;
         if tried_direct && access == Access::Read {
             self.stats.unsent_held += 1;
-            for &p in pages {
+            for p in std::iter::once(page).chain(ahead.iter().map(|(q, _)| *q)) {
                 let e = &mut self.entries[p];
                 if e.owner == Some(req) {
                     self.copies[h][p] = Copy::ReadOnly(0);
@@ -111,11 +112,15 @@ impl Sim {
             return;
         }
         if let Some(v) = home_copy {
-            self.copies[h][pages[0]] = Copy::ReadOnly(v);
+            self.copies[h][page] = Copy::ReadOnly(v);
         }
-        self.entries[pages[0]] = before;
-        for &q in &pages[1..] {
-            withdraw(&mut self.entries[q], req);
+        self.entries[page] = before;
+        for (&(q, v), was) in ahead.iter().zip(ahead_were) {
+            if was.owner == Some(Rank(home)) {
+                self.copies[h][q] = Copy::ReadOnly(v);
+                self.stats.unsent_written += 1;
+            }
+            self.entries[q] = *was;
         }
     }
 }

@@ -10,6 +10,7 @@ pub(in super::super) fn run(seed: u64, job: Job) -> Sim {
         steps,
         crashes,
         suspicions,
+        crash_first_writers,
         ..
     } = job;
     let mut sim = Sim::new(seed, &job);
@@ -19,16 +20,29 @@ pub(in super::super) fn run(seed: u64, job: Job) -> Sim {
     let suspect_at: BTreeSet<usize> = (0..suspicions)
         .map(|_| sim.rng.random_range(0..steps))
         .collect();
+    // Crashes due (under `crash_first_writers`, one waits for a rank to strike).
+    let mut due = 0;
     for step in 0..steps {
         if suspect_at.contains(&step) {
             sim.suspect_one();
         }
         if crash_at.contains(&step) {
-            let live: Vec<u32> = (0..ranks as u32)
-                .filter(|r| sim.alive[*r as usize])
-                .collect();
-            if live.len() > 1 {
-                let victim = live[sim.rng.random_range(0..live.len())];
+            due += 1;
+        }
+        let live: Vec<u32> = (0..ranks as u32)
+            .filter(|r| sim.alive[*r as usize])
+            .collect();
+        if due > 0 && live.len() > 1 {
+            let aim: Vec<u32> = match crash_first_writers {
+                true => live
+                    .into_iter()
+                    .filter(|&r| sim.first_write_waiting(r))
+                    .collect(),
+                false => live,
+            };
+            if !aim.is_empty() {
+                let victim = aim[sim.rng.random_range(0..aim.len())];
+                due -= 1;
                 sim.stats.crashes += 1;
                 sim.crash(victim);
                 sim.check();
@@ -60,6 +74,21 @@ pub(in super::super) fn run(seed: u64, job: Job) -> Sim {
 }
 
 impl Sim {
+    /// Whether `rank` has a request on the wire for a write with pages claimed after it.
+    fn first_write_waiting(&self, rank: u32) -> bool {
+        self.wire.iter().any(|(from, _, msg)| {
+            *from == rank
+                && matches!(
+                    msg,
+                    Msg::Acquire {
+                        access: Access::Write,
+                        extras: 1..,
+                        ..
+                    }
+                )
+        })
+    }
+
     /// A rank alive takes another rank alive for failed, as its peer timeout does (both live on). Half
     /// the time, if there is one, a home takes for failed a requester it granted a transaction to: the
     /// narrow case where the home ends the grant early while it runs.

@@ -60,12 +60,9 @@ impl Sim {
                 self.entries[page] = entry;
                 let copied = home_action == HomeAction::Invalidate;
                 let held_here = self.home_copy_action(home, page, home_action);
-                // Pages ahead go with a read that carries the page, and with a first write of zeros; the
+                // Pages ahead go with an answer that carries the page (zeros, or the home's copy); the
                 // home's own first touch fills untouched pages after it with zeros.
-                let carried = match access {
-                    Access::Read => data != Data::None,
-                    Access::Write => data == Data::Zero,
-                };
+                let carried = (data != Data::None).then_some(data);
                 let reply_data = data;
                 let (data, keep) = match data {
                     Data::None => (None, true),
@@ -75,10 +72,14 @@ impl Sim {
                         false,
                     ),
                 };
-                let ahead = if requester == home {
-                    self.zero_fill_ahead(home, page, access, reply_data == Data::Zero)
+                let (ahead, ahead_were): (Vec<(usize, u64)>, Vec<Entry>) = if requester == home {
+                    let ahead = self.zero_fill_ahead(home, page, access, reply_data == Data::Zero);
+                    (ahead, Vec::new())
                 } else {
                     self.gather(home, page, requester, access, carried, extras)
+                        .into_iter()
+                        .map(|(q, v, was)| ((q, v), was))
+                        .unzip()
                 };
                 // The answer carries pages (the home's copy, or several read ahead) that the home installs
                 // straight into the requester when the job allows it.
@@ -90,18 +91,15 @@ impl Sim {
                     self.install_directly(requester, page, value, &ahead);
                 }
                 if !self.sent(home, requester) {
-                    let pages: Vec<usize> = std::iter::once(page)
-                        .chain(ahead.iter().map(|(q, _)| *q))
-                        .collect();
                     let home_copy = held_here.filter(|_| copied);
                     self.take_back(
                         home,
                         requester,
                         access,
                         tried_direct,
-                        before,
-                        home_copy,
-                        &pages,
+                        (page, before, home_copy),
+                        &ahead,
+                        &ahead_were,
                     );
                     return;
                 }
