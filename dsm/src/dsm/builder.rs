@@ -101,7 +101,8 @@ impl DsmBuilder {
     /// in order; the window doubles from one page on each fault that continues the walk. Under sequential
     /// consistency it bounds write-ahead as well: a first write that walks a region takes the following
     /// pages with the same home along, those nobody touched (zeros, up to 64 pages) or, when the home
-    /// gives up its copy of the page, those the home alone holds, with their data.
+    /// gives up its copy of the page, those the home alone holds, with their data (not under
+    /// [`FailurePolicy::Report`], where a failed writer would take them with it).
     pub fn readahead(mut self, pages: u32) -> Self {
         self.readahead = pages;
         self

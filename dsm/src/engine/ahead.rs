@@ -5,7 +5,7 @@
 //! the run, and takes it back if the answer does not go.
 
 use super::Engine;
-use crate::fault::{give_untouched, lock_untouched, set_state, try_lock_slot, unlock_slot};
+use crate::fault::{set_state, try_lock_slot, unlock_slot};
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
 use crate::region::{RegionShared, INVALID, READ_ONLY, READ_WRITE, STATE_MASK};
 use crate::stats::Counters;
@@ -24,46 +24,35 @@ impl Engine {
         requester: Rank,
         pages: &mut Vec<u64>,
     ) {
-        let me = self.shared.me;
-        let mut run: Option<(u64, u64)> = None;
-        for p in following_here(region, page, count, me) {
-            let lock = &region.slot(p).lock;
-            if !try_lock_slot(lock) {
-                break;
-            }
-            let slot = region.slot(p);
-            let mut entry = slot.load();
-            match swmr::decide(&mut entry, me, requester, Access::Read) {
+        // Untouched pages (zeros) change nothing here. Writable home copies are downgraded below, one
+        // UFFDIO_WRITEPROTECT per run of neighbours rather than one per page.
+        let mut writable = Vec::new();
+        self.take_following(
+            region,
+            (page, count),
+            requester,
+            Access::Read,
+            pages,
+            |p, here, decided| match decided {
                 Decision::Done {
                     home_action,
                     data: data @ (Data::Home | Data::Zero),
                 } => {
-                    // Untouched pages (zeros) change nothing here. Writable home copies are downgraded below,
-                    // one UFFDIO_WRITEPROTECT per contiguous run rather than one per page.
-                    let writable =
-                        region.state(p).load(Ordering::Acquire) & STATE_MASK == READ_WRITE;
-                    if data == Data::Home && home_action == HomeAction::Downgrade && writable {
-                        match &mut run {
-                            Some((start, len)) if *start + *len == p => *len += 1,
-                            _ => {
-                                self.downgrade_run(region, run.take());
-                                run = Some((p, 1));
-                            }
-                        }
+                    if data == Data::Home
+                        && home_action == HomeAction::Downgrade
+                        && here == READ_WRITE
+                    {
+                        writable.push(p);
                     }
-                    slot.store(&entry);
-                    pages.push(p);
+                    true
                 }
-                _ => {
-                    if unlock_slot(lock) {
-                        // A queued request for this page is served when the loop next looks at its queues.
-                        self.shared.wake_service();
-                    }
-                    break;
-                }
-            }
+                _ => false,
+            },
+        );
+        self.protect_runs(region, &writable);
+        for p in writable {
+            set_state(region.state(p), READ_ONLY);
         }
-        self.downgrade_run(region, run);
     }
 
     /// Adds to `pages` the following pages that nobody has touched, homed here with their manager locks
@@ -77,13 +66,22 @@ impl Engine {
         requester: Rank,
         pages: &mut Vec<u64>,
     ) {
-        for p in following_here(region, page, count, self.shared.me) {
-            if !lock_untouched(region, p) {
-                break;
-            }
-            give_untouched(region, p, requester, Access::Write);
-            pages.push(p);
-        }
+        self.take_following(
+            region,
+            (page, count),
+            requester,
+            Access::Write,
+            pages,
+            |_, _, decided| {
+                matches!(
+                    decided,
+                    Decision::Done {
+                        data: Data::Zero,
+                        ..
+                    }
+                )
+            },
+        );
     }
 
     /// Adds to `pages` the following pages that a writer with no copy of `page`, taking the home's copy
@@ -94,9 +92,9 @@ impl Engine {
     /// The home gives its copies up as it gives up the faulting page's (`home_action`): it write-protects
     /// the writable ones, copies them into `taken` (one page there for each page after `page`, zeros for
     /// an untouched one) and drops them, all before the answer goes, so that none of its threads reads a
-    /// copy that the writer is already changing. `was` receives each page's entry as it was, to be put
-    /// back if the answer does not reach the requester. Like the faulting page, they are released as soon
-    /// as the answer is sent.
+    /// copy that the writer is already changing. Returns each page's entry as it was, to be put back if
+    /// the answer does not reach the requester. Like the faulting page, they are released as soon as the
+    /// answer is sent.
     pub(super) fn gather_written(
         &mut self,
         region: &RegionShared,
@@ -104,60 +102,43 @@ impl Engine {
         count: u32,
         requester: Rank,
         pages: &mut Vec<u64>,
-        was: &mut Vec<swmr::Entry>,
-    ) {
-        let me = self.shared.me;
-        // The pages whose copy here goes to the writer (the others are untouched: zeros).
-        let mut given_up = Vec::new();
-        for p in following_here(region, page, count, me) {
-            let lock = &region.slot(p).lock;
-            if !try_lock_slot(lock) {
-                break;
-            }
-            let slot = region.slot(p);
-            let mut entry = slot.load();
-            let before = entry;
-            let here = region.state(p).load(Ordering::Acquire) & STATE_MASK;
-            match swmr::decide(&mut entry, me, requester, Access::Write) {
+    ) -> Vec<swmr::Entry> {
+        // The pages whose copy here goes to the writer (the others are untouched: zeros), and those of
+        // them writable here.
+        let (mut given_up, mut writable) = (Vec::new(), Vec::new());
+        let was = self.take_following(
+            region,
+            (page, count),
+            requester,
+            Access::Write,
+            pages,
+            |p, here, decided| match decided {
                 Decision::Done {
                     data: Data::Zero, ..
-                } => {}
+                } => true,
                 Decision::Done {
                     home_action: HomeAction::Invalidate,
                     data: Data::Home,
-                } if here != INVALID => given_up.push(p),
-                _ => {
-                    if unlock_slot(lock) {
-                        // A queued request for this page is served when the loop next looks at its queues.
-                        self.shared.wake_service();
+                } if here != INVALID => {
+                    given_up.push(p);
+                    if here == READ_WRITE {
+                        writable.push(p);
                     }
-                    break;
+                    true
                 }
-            }
-            slot.store(&entry);
-            was.push(before);
-            pages.push(p);
-        }
+                _ => false,
+            },
+        );
         let mut taken = std::mem::take(&mut self.taken);
-        taken.clear();
         taken.resize((pages.len() - 1) * PAGE_SIZE, 0);
-        let writable: Vec<u64> = given_up
-            .iter()
-            .copied()
-            .filter(|&p| region.state(p).load(Ordering::Acquire) & STATE_MASK == READ_WRITE)
-            .collect();
-        for (start, count) in runs(&writable) {
-            if let Err(e) = region.protect(start, count, true) {
-                self.die(&format!(
-                    "write-protecting pages {start}..{} of region {} failed: {e}",
-                    start + count,
-                    region.id
-                ));
-            }
-        }
-        for (k, &p) in pages[1..].iter().enumerate() {
-            if given_up.contains(&p) {
-                region.read_page(p, &mut taken[k * PAGE_SIZE..]);
+        self.protect_runs(region, &writable);
+        // (`given_up` is in the order of `pages`.)
+        let mut mine = given_up.iter().peekable();
+        for (&p, bytes) in pages[1..].iter().zip(taken.chunks_exact_mut(PAGE_SIZE)) {
+            if mine.next_if_eq(&&p).is_some() {
+                region.read_page(p, bytes);
+            } else {
+                bytes.fill(0);
             }
         }
         // The state first (a new fault here then waits for the manager lock, held), then the copies.
@@ -165,24 +146,59 @@ impl Engine {
             set_state(region.state(p), INVALID);
         }
         for (start, count) in runs(&given_up) {
-            region.drop_copies(me, start, count);
+            region.drop_copies(self.shared.me, start, count);
         }
         Counters::add(&self.shared.counters.invalidations, given_up.len() as u64);
         self.taken = taken;
+        was
     }
 
-    /// Write-protects a run of writable home pages `(start, count)` with one ioctl and marks them read-only.
-    fn downgrade_run(&mut self, region: &RegionShared, run: Option<(u64, u64)>) {
-        let Some((start, count)) = run else { return };
-        if let Err(e) = region.protect(start, count, true) {
-            self.die(&format!(
-                "write-protecting pages {start}..{} of region {} failed: {e}",
-                start + count,
-                region.id
-            ));
+    /// Decides, for `requester`'s `access`, the pages after `page` that an answer of up to `count` pages
+    /// can carry (`following_here`), each under its manager lock taken without waiting, for as long as
+    /// `takes` accepts the decision (given the page, its state here and the decision): stores the entries
+    /// of the pages taken, adds them to `pages` (their locks stay held), and returns their entries as
+    /// they were. The page that ends the run is left as it was, its lock free again.
+    fn take_following(
+        &mut self,
+        region: &RegionShared,
+        (page, count): (u64, u32),
+        requester: Rank,
+        access: Access,
+        pages: &mut Vec<u64>,
+        mut takes: impl FnMut(u64, u32, Decision) -> bool,
+    ) -> Vec<swmr::Entry> {
+        let me = self.shared.me;
+        let mut was = Vec::new();
+        for p in following_here(region, page, count, me) {
+            let slot = region.slot(p);
+            if !try_lock_slot(&slot.lock) {
+                break;
+            }
+            let before = slot.load();
+            let mut entry = before;
+            let here = region.state(p).load(Ordering::Acquire) & STATE_MASK;
+            if !takes(p, here, swmr::decide(&mut entry, me, requester, access)) {
+                if unlock_slot(&slot.lock) {
+                    // A queued request for this page is served when the loop next looks at its queues.
+                    self.shared.wake_service();
+                }
+                break;
+            }
+            slot.store(&entry);
+            was.push(before);
+            pages.push(p);
         }
-        for p in start..start + count {
-            set_state(region.state(p), READ_ONLY);
+        was
+    }
+
+    /// Write-protects home pages `pages` (ascending), one ioctl per run of neighbours; the rank ends if
+    /// the kernel refuses (a writable copy would be written behind the protocol's back).
+    fn protect_runs(&mut self, region: &RegionShared, pages: &[u64]) {
+        if let Err((done, e)) = region.protect_runs(pages, true) {
+            self.die(&format!(
+                "write-protecting page {} of region {} failed: {e}",
+                pages[done], region.id
+            ));
         }
     }
 }

@@ -7,6 +7,7 @@ use super::Engine;
 use super::MAX_READAHEAD;
 use crate::channel::write_frame;
 use crate::direct::{self};
+use crate::dsm::FailurePolicy;
 use crate::fault::{set_state, unlock_slot};
 use crate::protocol::swmr::{self, Access, Data, Decision, HomeAction};
 use crate::region::{
@@ -189,14 +190,18 @@ impl Engine {
                         requester,
                         &mut pages,
                     );
-                } else if access == Access::Write && data == Data::Home {
-                    self.gather_written(
+                } else if access == Access::Write
+                    && data == Data::Home
+                    && self.shared.policy == FailurePolicy::Exit
+                {
+                    // (Not in a job that lives on after a rank fails: a failed writer would take with it
+                    // the pages it was given ahead and never wrote, which the home alone held.)
+                    written_were = self.gather_written(
                         region,
                         page,
                         count.min(MAX_READAHEAD),
                         requester,
                         &mut pages,
-                        &mut written_were,
                     );
                 }
                 // One page, or several for read-ahead (each present here now, downgraded, or untouched:

@@ -29,9 +29,7 @@ mod words;
 use release::release_fault;
 use sequential::{local_transaction, remote_transaction};
 // For the service loop's tests, which play a fault's part.
-pub(crate) use words::{
-    claim_step, give_untouched, lock_untouched, release_busy, set_state, try_lock_slot, unlock_slot,
-};
+pub(crate) use words::{claim_step, release_busy, set_state, try_lock_slot, unlock_slot};
 #[cfg(test)]
 pub(crate) use {
     sequential::{end_grant, mark_granted},

@@ -80,8 +80,8 @@ pub(crate) fn try_lock_slot(lock: &AtomicU32) -> bool {
 
 /// Takes the manager lock of page `p`, homed here, at once if it is free and the page has never been
 /// touched anywhere; otherwise leaves it as it was (waking the service loop if a request was queued on it
-/// meanwhile). For untouched pages handed out along with another (zero fills, write-ahead).
-pub(crate) fn lock_untouched(region: &RegionShared, p: u64) -> bool {
+/// meanwhile). For untouched pages a home fills with zeros along with its own first touch of another.
+pub(super) fn lock_untouched(region: &RegionShared, p: u64) -> bool {
     let lock = &region.slot(p).lock;
     if !try_lock_slot(lock) {
         return false;
@@ -97,7 +97,7 @@ pub(crate) fn lock_untouched(region: &RegionShared, p: u64) -> bool {
 
 /// Makes `owner` the first toucher of page `p` (untouched, its manager lock taken by
 /// [`lock_untouched`]), as `swmr::decide` does for any untouched page: it owns zeros.
-pub(crate) fn give_untouched(region: &RegionShared, p: u64, owner: Rank, access: Access) {
+pub(super) fn give_untouched(region: &RegionShared, p: u64, owner: Rank, access: Access) {
     let slot = region.slot(p);
     let mut entry = slot.load();
     let decided = swmr::decide(&mut entry, region.shared.me, owner, access);

@@ -118,7 +118,9 @@ impl Sim {
         for (&(q, v), was) in ahead.iter().zip(ahead_were) {
             if was.owner == Some(Rank(home)) {
                 self.copies[h][q] = Copy::ReadOnly(v);
-                self.stats.unsent_written += 1;
+                if access == Access::Write {
+                    self.stats.unsent_written += 1;
+                }
             }
             self.entries[q] = *was;
         }
