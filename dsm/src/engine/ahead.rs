@@ -32,7 +32,7 @@ impl Engine {
             (page, count),
             requester,
             Access::Read,
-            pages,
+            (pages, None),
             |p, here, decided| match decided {
                 Decision::Done {
                     home_action,
@@ -71,7 +71,7 @@ impl Engine {
             (page, count),
             requester,
             Access::Write,
-            pages,
+            (pages, None),
             |_, _, decided| {
                 matches!(
                     decided,
@@ -106,12 +106,13 @@ impl Engine {
         // The pages whose copy here goes to the writer (the others are untouched: zeros), and those of
         // them writable here.
         let (mut given_up, mut writable) = (Vec::new(), Vec::new());
-        let was = self.take_following(
+        let mut was = Vec::new();
+        self.take_following(
             region,
             (page, count),
             requester,
             Access::Write,
-            pages,
+            (pages, Some(&mut was)),
             |p, here, decided| match decided {
                 Decision::Done {
                     data: Data::Zero, ..
@@ -145,9 +146,7 @@ impl Engine {
         for &p in &given_up {
             set_state(region.state(p), INVALID);
         }
-        for (start, count) in runs(&given_up) {
-            region.drop_copies(self.shared.me, start, count);
-        }
+        region.drop_copy_runs(self.shared.me, &given_up);
         Counters::add(&self.shared.counters.invalidations, given_up.len() as u64);
         self.taken = taken;
         was
@@ -156,19 +155,18 @@ impl Engine {
     /// Decides, for `requester`'s `access`, the pages after `page` that an answer of up to `count` pages
     /// can carry (`following_here`), each under its manager lock taken without waiting, for as long as
     /// `takes` accepts the decision (given the page, its state here and the decision): stores the entries
-    /// of the pages taken, adds them to `pages` (their locks stay held), and returns their entries as
-    /// they were. The page that ends the run is left as it was, its lock free again.
+    /// of the pages taken, adds them to `pages` (their locks stay held), and their entries as they were to
+    /// `was`, if given. The page that ends the run is left as it was, its lock free again.
     fn take_following(
         &mut self,
         region: &RegionShared,
         (page, count): (u64, u32),
         requester: Rank,
         access: Access,
-        pages: &mut Vec<u64>,
+        (pages, mut was): (&mut Vec<u64>, Option<&mut Vec<swmr::Entry>>),
         mut takes: impl FnMut(u64, u32, Decision) -> bool,
-    ) -> Vec<swmr::Entry> {
+    ) {
         let me = self.shared.me;
-        let mut was = Vec::new();
         for p in following_here(region, page, count, me) {
             let slot = region.slot(p);
             if !try_lock_slot(&slot.lock) {
@@ -185,10 +183,11 @@ impl Engine {
                 break;
             }
             slot.store(&entry);
-            was.push(before);
+            if let Some(was) = was.as_deref_mut() {
+                was.push(before);
+            }
             pages.push(p);
         }
-        was
     }
 
     /// Write-protects home pages `pages` (ascending), one ioctl per run of neighbours; the rank ends if
@@ -216,19 +215,4 @@ pub(super) fn following_here(
     (1..u64::from(count))
         .map(move |k| steps.page(page, k))
         .take_while(move |&p| p < region.pages && region.home(p) == me)
-}
-
-/// The runs of neighbouring pages in `pages` (ascending), as `(first, count)`: one system call each.
-fn runs(pages: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        let &first = pages.get(at)?;
-        let len = pages[at..]
-            .iter()
-            .zip(first..)
-            .take_while(|(&p, expected)| p == *expected)
-            .count();
-        at += len;
-        Some((first, len as u64))
-    })
 }

@@ -398,16 +398,19 @@ impl RegionShared {
     /// first) had been set, and the error.
     pub(crate) fn protect_runs(&self, pages: &[u64], on: bool) -> Result<(), (usize, Errno)> {
         let mut done = 0;
-        while let Some(&first) = pages.get(done) {
-            let len = pages[done..]
-                .iter()
-                .zip(first..)
-                .take_while(|(&p, expected)| p == *expected)
-                .count();
-            self.protect(first, len as u64, on).map_err(|e| (done, e))?;
-            done += len;
+        for (first, len) in runs(pages) {
+            self.protect(first, len, on).map_err(|e| (done, e))?;
+            done += len as usize;
         }
         Ok(())
+    }
+
+    /// [`drop_copies`](Self::drop_copies) of `pages` (in ascending order), one system call per run of
+    /// neighbours.
+    pub(crate) fn drop_copy_runs(&self, me: Rank, pages: &[u64]) {
+        for (first, len) in runs(pages) {
+            self.drop_copies(me, first, len);
+        }
     }
 
     /// Drops this rank's (`me`) copies of `count` pages from `page`, with one system call; the caller has
@@ -508,6 +511,21 @@ impl RegionShared {
     pub(crate) fn read_page(&self, page: u64, out: &mut [u8]) {
         out[..PAGE_SIZE].copy_from_slice(self.present_page(page));
     }
+}
+
+/// The runs of neighbouring pages in `pages` (ascending), as `(first, count)`.
+fn runs(pages: &[u64]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let &first = pages.get(at)?;
+        let len = pages[at..]
+            .iter()
+            .zip(first..)
+            .take_while(|(&p, expected)| p == *expected)
+            .count();
+        at += len;
+        Some((first, len as u64))
+    })
 }
 
 #[cfg(test)]

@@ -116,11 +116,10 @@ impl Sim {
         }
         self.entries[page] = before;
         for (&(q, v), was) in ahead.iter().zip(ahead_were) {
-            if was.owner == Some(Rank(home)) {
+            // (A read-ahead page stayed with the home, read-only.)
+            if access == Access::Write && was.owner == Some(Rank(home)) {
                 self.copies[h][q] = Copy::ReadOnly(v);
-                if access == Access::Write {
-                    self.stats.unsent_written += 1;
-                }
+                self.stats.unsent_written += 1;
             }
             self.entries[q] = *was;
         }

@@ -29,17 +29,11 @@ pub(in super::super) fn run(seed: u64, job: Job) -> Sim {
         if crash_at.contains(&step) {
             due += 1;
         }
-        let live: Vec<u32> = (0..ranks as u32)
-            .filter(|r| sim.alive[*r as usize])
-            .collect();
-        if due > 0 && live.len() > 1 {
-            let aim: Vec<u32> = match crash_first_writers {
-                true => live
-                    .into_iter()
-                    .filter(|&r| sim.first_write_waiting(r))
-                    .collect(),
-                false => live,
-            };
+        let live = || (0..ranks as u32).filter(|r| sim.alive[*r as usize]);
+        if due > 0 && live().count() > 1 {
+            let aim: Vec<u32> = live()
+                .filter(|&r| !crash_first_writers || sim.first_write_waiting(r))
+                .collect();
             if !aim.is_empty() {
                 let victim = aim[sim.rng.random_range(0..aim.len())];
                 due -= 1;
